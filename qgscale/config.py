@@ -1,0 +1,238 @@
+"""Typed configuration: one YAML file, one section per stage.
+
+Every section forbids unknown keys, so a typo fails with the key path, e.g.
+``configs/demo.yaml: teacher.score.batch_tokenz: Extra inputs are not permitted``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qgscale import storage
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RunConfig(Section):
+    name: str = "qgscale"
+    root: str = "runs/qgscale"  # storage root of every stage's output (local path or s3://)
+    seed: int = 13
+
+
+class StorageConfig(Section):
+    """S3 settings; unset fields fall back to the standard AWS environment variables."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = Field(default=None, repr=False)
+    secret_access_key: str | None = Field(default=None, repr=False)
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: start a local Ray; "auto": join a running cluster
+    num_cpus: int | None = None  # for a local Ray only
+    num_gpus: int | None = None
+
+
+class DataConfig(Section):
+    format: Literal["xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "jsonl"] = "xquad"
+    input: str = ""  # raw input (file or folder); relative paths resolve against the config
+    passages: str | None = None  # passage collection (xor-tydi)
+    query_langs: list[str] | None = None  # None: every language in the input
+    corpus_langs: list[str] | None = None
+    test_mod: int = 4  # xquad: article_idx % test_mod == 0 -> test split
+    shard_rows: int = 2000
+    on_error: Literal["fail", "skip"] = "fail"
+
+
+class ModelConfig(Section):
+    """A model: a hub id, local path or fsspec URI; or built from ``init`` with random weights."""
+
+    name_or_path: str | None = None
+    init: dict[str, Any] | None = None  # HF config kwargs, e.g. {model_type: t5, d_model: 64}
+    tokenizer: str | None = None  # defaults to name_or_path
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if not self.name_or_path and not self.init:
+            raise ValueError("give name_or_path or init")
+        return self
+
+
+class TrainConfig(Section):
+    """Shared knobs of every Ray Train + DeepSpeed run."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8  # per worker micro-batch (queries)
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    clip_grad: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    checkpoint_every: int = 200  # steps; a checkpoint is also taken at the end
+    max_failures: int = 0
+    log_every: int = 10
+    max_query_len: int = 64
+    max_passage_len: int = 256
+
+
+class QGTrainConfig(TrainConfig):
+    model: ModelConfig = ModelConfig(name_or_path="google/mt5-base")
+    prompt: str = "generate {lang} query: {passage}"
+
+
+class EncoderConfig(Section):
+    model: ModelConfig = ModelConfig(name_or_path="xlm-roberta-base")
+    pooling: Literal["cls", "mean"] = "cls"
+    normalize: bool = False
+    shared: bool = True
+    temperature: float = 1.0
+
+
+class LossConfig(Section):
+    """L = contrastive + alpha * KD + beta * align (see docs/method)."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    tau_t: float = 1.0
+    tau_s: float = 1.0
+    align: Literal["student_kl", "teacher_kl", "mse", "cosine"] = "student_kl"
+    symmetric: bool = False
+    n_candidates: int = 8
+    n_hard_negatives: int = 1
+
+
+class StudentTrainConfig(TrainConfig):
+    loss: LossConfig = LossConfig()
+
+
+class ScoreConfig(Section):
+    num_actors: int | None = None  # None: one per GPU, else one per spare CPU
+    batch_tokens: int = 16384
+    shard_pairs: int = 2000
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype on GPU
+    max_retries: int = 3
+
+
+class GenerateConfig(Section):
+    langs: list[str] = Field(default_factory=lambda: ["en"])
+    num_queries: int = 1
+    do_sample: bool = False
+    num_beams: int = 1
+    top_p: float = 0.95
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    shard_rows: int = 500
+
+
+class TeacherConfig(Section):
+    score: ScoreConfig = ScoreConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+
+class IndexConfig(Section):
+    factory: str = "Flat"  # faiss index_factory string, or "auto"
+    metric: Literal["ip", "l2"] = "ip"
+    dtype: Literal["float32", "float16"] = "float32"
+    num_actors: int | None = None
+    batch_size: int = 64
+    shard_rows: int = 5000
+    train_samples: int = 100_000
+    num_shards: int = 1  # index shards to search over; 1 -> merge into one index
+    nprobe: int = 16
+    ef_search: int = 64
+    max_memory_gb: float = 8.0
+
+
+class MineConfig(Section):
+    top_k: int = 30  # candidates per query kept for the teacher
+    n_negatives: int = 8
+    skip_top: int = 0  # rank window start (skip possible false negatives)
+
+
+class EvalConfig(Section):
+    k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20, 100])
+    top_k: int = 100
+    splits: list[str] = Field(default_factory=lambda: ["test"])
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    qg: QGTrainConfig = QGTrainConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    warmup: StudentTrainConfig = StudentTrainConfig(loss=LossConfig(alpha=0.0, beta=0.0))
+    distill: StudentTrainConfig = StudentTrainConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    index: IndexConfig = IndexConfig()
+    mine: MineConfig = MineConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def uri(self, *parts: str) -> str:
+        """URI of a stage folder under the run root."""
+        return storage.join(self.run.root, *parts)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{source}: {path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None
+
+
+def _resolve_relative(raw: dict[str, Any], base: Path) -> None:
+    """Make relative local paths absolute (Ray workers may run in another folder)."""
+    for section, key in [("data", "input"), ("data", "passages"), ("run", "root")]:
+        value = (raw.get(section) or {}).get(key)
+        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+            raw[section][key] = str((base / value).resolve())
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config; ``overrides`` are ``a.b.c=value`` strings (YAML-parsed values)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    _resolve_relative(raw, Path.cwd())
+    cfg = parse(raw, str(path))
+    storage.configure(**cfg.storage.model_dump())
+    return cfg

@@ -1,0 +1,1 @@
+"""Data: canonical parquet formats, readers/converters and shard IO."""

@@ -1,0 +1,32 @@
+"""Arrow schemas of qgscale's canonical parquet formats (documented in the README)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+CORPUS = pa.schema([("pid", pa.string()), ("lang", pa.string()), ("title", pa.string()),
+                    ("text", pa.string())])
+QUERIES = pa.schema([("qid", pa.string()), ("lang", pa.string()), ("text", pa.string())])
+QRELS = pa.schema([("qid", pa.string()), ("pid", pa.string()), ("rel", pa.int32())])
+TRAIN_EXAMPLES = pa.schema([("qid", pa.string()), ("pos_pids", pa.list_(pa.string())),
+                            ("neg_pids", pa.list_(pa.string()))])
+CANDIDATES = pa.schema([("qid", pa.string()), ("pids", pa.list_(pa.string())),
+                        ("scores", pa.list_(pa.float32()))])
+# Teacher outputs.
+SCORES = pa.schema([("qid", pa.string()), ("pid", pa.string()), ("score", pa.float32()),
+                    ("ntok", pa.int32())])
+GENERATED = pa.schema([("pid", pa.string()), ("lang", pa.string()), ("query", pa.string()),
+                       ("logprob", pa.float32())])
+# Answers (for R@kt metrics on XOR-TyDi / MKQA).
+ANSWERS = pa.schema([("qid", pa.string()), ("answers", pa.list_(pa.string()))])
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "corpus": CORPUS, "queries": QUERIES, "qrels": QRELS, "train": TRAIN_EXAMPLES,
+    "candidates": CANDIDATES, "scores": SCORES, "generated": GENERATED, "answers": ANSWERS,
+}
+
+
+def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    """Embedding shards: ``{pid, vector}`` with a fixed-size list of ``dim`` floats."""
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema([("pid", pa.string()), ("vector", pa.list_(value, dim))])

@@ -1,0 +1,1 @@
+"""Models: the query-generator teacher and the dual-encoder student."""

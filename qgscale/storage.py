@@ -1,0 +1,346 @@
+"""Storage: fsspec URIs, atomic shard writes, manifests and done markers.
+
+Every path in qgscale is an fsspec URI: a local path, ``file://``, ``s3://`` or ``memory://``.
+S3 endpoint and credentials come from the standard AWS variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``) or from the config's
+``storage`` block, which :func:`configure` copies into those variables so that Ray workers
+started from this process see them too. Credentials are never logged.
+
+A stage writes its output as shards into one folder::
+
+    out/part-00000.parquet      written atomically (temp name + rename; one PUT on S3)
+    out/_done/part-00000.json   done marker: rows and checksum of the shard
+    out/_manifest.json          shard list, row counts, checksums, config hash
+
+A re-run skips every shard with a done marker; the manifest is written once all are done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "_manifest.json"
+DONE_DIR = "_done"
+
+_S3_ENV = {
+    "endpoint_url": "AWS_ENDPOINT_URL",
+    "region": "AWS_DEFAULT_REGION",
+    "access_key_id": "AWS_ACCESS_KEY_ID",
+    "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+}
+
+
+def configure(endpoint_url: str | None = None, region: str | None = None,
+              access_key_id: str | None = None, secret_access_key: str | None = None) -> None:
+    """Set S3 settings for this process and the Ray workers it starts (via the environment)."""
+    given = dict(endpoint_url=endpoint_url, region=region, access_key_id=access_key_id,
+                 secret_access_key=secret_access_key)
+    for key, value in given.items():
+        if value:
+            os.environ[_S3_ENV[key]] = value
+    fsspec.config.conf.pop("s3", None)
+    _fs_cache.clear()
+
+
+def s3_options() -> dict[str, Any]:
+    """s3fs keyword arguments from the environment (endpoint passed explicitly, never implied)."""
+    opts: dict[str, Any] = {}
+    client_kwargs: dict[str, Any] = {}
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        client_kwargs["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    if os.environ.get("AWS_DEFAULT_REGION"):
+        client_kwargs["region_name"] = os.environ["AWS_DEFAULT_REGION"]
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        opts["key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        opts["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    return opts
+
+
+_fs_cache: dict[str, fsspec.AbstractFileSystem] = {}
+
+
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and in-filesystem path for ``uri``."""
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    if protocol in ("s3", "s3a"):
+        key = "s3|" + json.dumps(s3_options(), sort_keys=True)
+        if key not in _fs_cache:
+            _fs_cache[key] = fsspec.filesystem("s3", **s3_options())
+        fs = _fs_cache[key]
+        return fs, fs._strip_protocol(uri)
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (keeps the scheme)."""
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{posixpath.join(rest, *parts)}"
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = url_to_fs(uri)
+    return fs.exists(path)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = url_to_fs(uri)
+    if is_local(uri):
+        fs.makedirs(path, exist_ok=True)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Sorted URIs of the files directly under folder ``uri`` ending in ``suffix``."""
+    fs, path = url_to_fs(uri)
+    if not fs.exists(path):
+        return []
+    fs.invalidate_cache(path)
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(suffix))
+    return [join(uri, posixpath.basename(p)) for p in names]
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` so that readers see either nothing or the whole file.
+
+    Locally: write a hidden temp file in the same folder, fsync, rename. On object stores a
+    single PUT is already atomic (the object appears only when the upload completes).
+    """
+    fs, path = url_to_fs(uri)
+    if is_local(uri):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode())
+
+
+def table_to_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_parquet(uri: str, table: pa.Table) -> str:
+    """Write ``table`` atomically as parquet; returns its sha256."""
+    data = table_to_bytes(table)
+    write_bytes(uri, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one parquet file, or every ``*.parquet`` shard of a folder, as one table."""
+    fs, path = url_to_fs(uri)
+    if fs.isdir(path):
+        files = list_files(uri, ".parquet")
+        if not files:
+            raise FileNotFoundError(f"{uri}: no parquet shards in this folder")
+        return pa.concat_tables([read_parquet(f, columns) for f in files])
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a JSON-serialisable config (or pydantic model)."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def pyarrow_filesystem(uri: str):
+    """A pyarrow filesystem for ``uri`` (for Ray Data), with the S3 endpoint set explicitly.
+
+    pyarrow's S3 filesystem ignores ``AWS_ENDPOINT_URL``, so we pass ``endpoint_override``.
+    """
+    if is_local(uri):
+        return None
+    if uri.startswith(("s3://", "s3a://")):
+        from pyarrow import fs as pafs
+
+        kwargs: dict[str, Any] = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            scheme, host = endpoint.split("://", 1) if "://" in endpoint else ("https", endpoint)
+            kwargs.update(endpoint_override=host, scheme=scheme)
+        if os.environ.get("AWS_ACCESS_KEY_ID"):
+            kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                          secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+        kwargs["region"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+        return pafs.S3FileSystem(**kwargs)
+    from pyarrow.fs import PyFileSystem, FSSpecHandler
+
+    return PyFileSystem(FSSpecHandler(url_to_fs(uri)[0]))
+
+
+def ray_path(uri: str) -> str:
+    """The path form Ray Data expects together with :func:`pyarrow_filesystem`."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if uri.startswith(("s3://", "s3a://")):
+        return uri.split("://", 1)[1]
+    return uri
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    rows: int
+    sha256: str
+
+
+class ShardWriter:
+    """Writes a stage's shards into ``root`` with done markers and a final manifest.
+
+    ``done(name)`` tells whether a shard is finished; ``write(name, table)`` writes the shard
+    atomically and then its marker, so a crash between the two only re-does that shard.
+    """
+
+    def __init__(self, root: str, config_hash: str = ""):
+        self.root = root
+        self.config_hash = config_hash
+        makedirs(root)
+
+    def shard_uri(self, name: str) -> str:
+        return join(self.root, f"{name}.parquet")
+
+    def _marker(self, name: str) -> str:
+        return join(self.root, DONE_DIR, f"{name}.json")
+
+    def done(self, name: str) -> bool:
+        marker = self._marker(name)
+        if not exists(marker):
+            return False
+        return read_json(marker).get("config_hash", "") == self.config_hash
+
+    def write(self, name: str, table: pa.Table, **extra: Any) -> ShardInfo:
+        sha = write_parquet(self.shard_uri(name), table)
+        info = ShardInfo(name, table.num_rows, sha)
+        write_json(self._marker(name), {"name": name, "rows": table.num_rows, "sha256": sha,
+                                        "config_hash": self.config_hash, "time": time.time(),
+                                        **extra})
+        return info
+
+    def finished(self) -> list[ShardInfo]:
+        out = []
+        for marker in list_files(join(self.root, DONE_DIR), ".json"):
+            m = read_json(marker)
+            if m.get("config_hash", "") == self.config_hash:
+                out.append(ShardInfo(m["name"], m["rows"], m["sha256"]))
+        return sorted(out, key=lambda s: s.name)
+
+    def finalize(self, expected: Iterable[str] | None = None, **extra: Any) -> dict:
+        """Write ``_manifest.json`` once every expected shard is done; returns the manifest."""
+        shards = self.finished()
+        if expected is not None:
+            missing = sorted(set(expected) - {s.name for s in shards})
+            if missing:
+                raise RuntimeError(f"{self.root}: shards not finished: {missing[:10]}")
+        manifest = {
+            "shards": [s.__dict__ | {"file": f"{s.name}.parquet"} for s in shards],
+            "rows": sum(s.rows for s in shards),
+            "config_hash": self.config_hash,
+            "time": time.time(),
+            **extra,
+        }
+        write_json(join(self.root, MANIFEST), manifest)
+        return manifest
+
+
+def read_manifest(root: str) -> dict | None:
+    uri = join(root, MANIFEST)
+    return read_json(uri) if exists(uri) else None
+
+
+def stage_done(root: str, config_hash: str) -> bool:
+    """True when ``root`` holds a manifest written with ``config_hash``."""
+    m = read_manifest(root)
+    return m is not None and m.get("config_hash") == config_hash
+
+
+def write_manifest(root: str, config_hash: str, **extra: Any) -> dict:
+    """Manifest for a stage whose output is not parquet shards (a model, an index)."""
+    manifest = {"config_hash": config_hash, "time": time.time(), **extra}
+    write_json(join(root, MANIFEST), manifest)
+    return manifest
+
+
+def local_dir(uri: str, cache: str | None = None) -> str:
+    """A local folder holding the contents of folder ``uri`` (downloaded once if remote)."""
+    if is_local(uri):
+        return url_to_fs(uri)[1]
+    cache = cache or os.environ.get("QGSCALE_CACHE", os.path.expanduser("~/.cache/qgscale"))
+    dest = os.path.join(cache, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    if not os.path.exists(os.path.join(dest, ".complete")):
+        fs, path = url_to_fs(uri)
+        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        open(os.path.join(tmp, ".complete"), "w").close()
+        if os.path.exists(dest):
+            import shutil
+
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    return dest
+
+
+def upload_dir(local: str, uri: str) -> None:
+    """Copy local folder ``local`` to folder ``uri`` (file by file, each write atomic)."""
+    for dirpath, _, files in os.walk(local):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, local)
+            with open(full, "rb") as f:
+                write_bytes(join(uri, *rel.split(os.sep)), f.read())
