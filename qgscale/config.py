@@ -154,12 +154,19 @@ class IndexConfig(Section):
     nprobe: int = 16
     ef_search: int = 64
     max_memory_gb: float = 8.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # encode autocast dtype on GPU
+    cpus_per_actor: float = 1.0  # encode actors / add tasks (leave a CPU for the driver)
+    merge: Literal["memory", "ondisk"] = "memory"  # how IVF parts are merged into one index
+    search_actors: bool = False  # search: one Ray actor per index shard (else IndexShards)
+    max_retries: int = 2
 
 
 class MineConfig(Section):
     top_k: int = 30  # candidates per query kept for the teacher
     n_negatives: int = 8
     skip_top: int = 0  # rank window start (skip possible false negatives)
+    split: str = "train"  # queries/qrels split to mine for
+    shard_rows: int = 5000
 
 
 class EvalConfig(Section):
