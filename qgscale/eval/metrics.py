@@ -1,0 +1,243 @@
+"""Retrieval metrics as pure functions over run and qrels dicts.
+
+- ``run``:   ``{qid: {pid: score}}`` (higher score = better rank; ties broken by pid);
+- ``qrels``: ``{qid: {pid: rel}}`` (``rel > 0`` is relevant; graded gains for nDCG).
+
+Definitions follow trec_eval / ranx: ``recall@k`` = relevant in top k / all relevant,
+``mrr@k`` = 1 / rank of the first relevant in the top k, ``ndcg@k`` with linear gains
+(``rel / log2(rank + 1)``), ``map`` = average precision over the whole ranking. A query of the
+qrels with no relevant passage is not evaluated; a query missing from the run scores 0.
+
+``r@2kt`` / ``r@5kt`` are XOR-TyDi's answer recall: the fraction of queries for which an answer
+string occurs in the first 2,000 / 5,000 whitespace tokens of the retrieved passages
+concatenated in rank order. As in the official ``eval_xor_retrieve.py``: answers "yes"/"no" are
+skipped, a query with no other answer is not counted, the match is a case-sensitive substring
+test on the tokens joined by single spaces (the official script tokenises with NLTK; we use
+whitespace tokens, as the task definition states).
+
+Language views: :func:`evaluate_languages` computes the metrics per (query lang, corpus lang)
+pair, per query language over the pooled corpus, and macro averages over pairs: ``x->en``
+(cross-lingual pairs into English), ``cross_lingual`` (every pair with different languages)
+and ``monolingual`` (the diagonal).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+Run = Mapping[str, Mapping[str, float]]
+Qrels = Mapping[str, Mapping[str, int]]
+
+DEFAULT_METRICS = ("recall@1", "recall@5", "recall@10", "recall@20", "recall@100", "mrr@10",
+                   "ndcg@10", "map")
+YES_NO = frozenset({"yes", "no"})
+
+
+def ranking(scores: Mapping[str, float], k: int | None = None) -> list[str]:
+    """Pids by descending score (ties: ascending pid), cut at ``k``."""
+    ranked = sorted(scores, key=lambda pid: (-scores[pid], pid))
+    return ranked if k is None else ranked[:k]
+
+
+def recall_at_k(ranked: list[str], rels: Mapping[str, int], k: int) -> float:
+    relevant = {p for p, r in rels.items() if r > 0}
+    return sum(p in relevant for p in ranked[:k]) / len(relevant)
+
+
+def mrr_at_k(ranked: list[str], rels: Mapping[str, int], k: int) -> float:
+    for i, pid in enumerate(ranked[:k]):
+        if rels.get(pid, 0) > 0:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def ndcg_at_k(ranked: list[str], rels: Mapping[str, int], k: int) -> float:
+    dcg = sum(max(rels.get(p, 0), 0) / math.log2(i + 2) for i, p in enumerate(ranked[:k]))
+    ideal = sorted((r for r in rels.values() if r > 0), reverse=True)[:k]
+    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
+    return dcg / idcg
+
+
+def average_precision(ranked: list[str], rels: Mapping[str, int]) -> float:
+    n_rel = sum(r > 0 for r in rels.values())
+    hits, total = 0, 0.0
+    for i, pid in enumerate(ranked):
+        if rels.get(pid, 0) > 0:
+            hits += 1
+            total += hits / (i + 1)
+    return total / n_rel
+
+
+def _metric_fn(name: str):
+    base, _, cut = name.partition("@")
+    k = int(cut) if cut else None
+    if base == "recall" and k:
+        return lambda ranked, rels: recall_at_k(ranked, rels, k)
+    if base == "mrr" and k:
+        return lambda ranked, rels: mrr_at_k(ranked, rels, k)
+    if base == "ndcg" and k:
+        return lambda ranked, rels: ndcg_at_k(ranked, rels, k)
+    if base == "map" and k is None:
+        return average_precision
+    raise ValueError(f"unknown metric {name!r}: use recall@k, mrr@k, ndcg@k or map")
+
+
+def per_query(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS,
+              qids: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
+    """``{qid: {metric: value}}`` for every query of ``qrels`` (or ``qids``) with a relevant pid."""
+    fns = {m: _metric_fn(m) for m in metrics}
+    out: dict[str, dict[str, float]] = {}
+    for qid in qrels if qids is None else qids:
+        rels = qrels.get(qid, {})
+        if not any(r > 0 for r in rels.values()):
+            continue
+        ranked = ranking(run.get(qid, {}))
+        out[qid] = {m: fn(ranked, rels) for m, fn in fns.items()}
+    return out
+
+
+def mean(rows: Mapping[str, Mapping[str, float]], metrics: Iterable[str]) -> dict[str, float]:
+    """Mean of each metric over the queries of ``rows`` plus ``n`` (0.0 when empty)."""
+    metrics = list(metrics)
+    n = len(rows)
+    out = {m: (sum(r[m] for r in rows.values()) / n if n else 0.0) for m in metrics}
+    out["n"] = n
+    return out
+
+
+def evaluate(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS) -> dict[str, float]:
+    """Mean metrics over the evaluated queries (see the module docstring), with ``n``."""
+    metrics = list(metrics)
+    return mean(per_query(run, qrels, metrics), metrics)
+
+
+def answer_hit(texts: Iterable[str], answers: Iterable[str], max_tokens: int) -> bool | None:
+    """XOR-TyDi answer recall for one query: None when it has no span answer (not counted)."""
+    span = [a for a in answers if a not in YES_NO]
+    if not span:
+        return None
+    tokens: list[str] = []
+    for text in texts:
+        tokens.extend(text.split())
+        if len(tokens) >= max_tokens:
+            break
+    joined = " ".join(tokens[:max_tokens])
+    return any(a in joined for a in span)
+
+
+def answer_recall_per_query(run: Run, passages: Mapping[str, str],
+                            answers: Mapping[str, Iterable[str]],
+                            max_tokens: Iterable[int] = (2000, 5000),
+                            qids: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
+    """``{qid: {"r@2kt": 0/1, "r@5kt": 0/1}}`` over the queries of ``answers`` (or ``qids``).
+
+    ``passages`` maps pid -> text (title and text as the caller wants them matched).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for qid in answers if qids is None else qids:
+        if qid not in answers:
+            continue
+        ranked = ranking(run.get(qid, {}))
+        row = {}
+        for t in max_tokens:
+            hit = answer_hit((passages[p] for p in ranked), answers[qid], t)
+            if hit is None:
+                break
+            row[f"r@{t // 1000}kt"] = float(hit)
+        if row:
+            out[qid] = row
+    return out
+
+
+def _merge_rows(a: dict[str, dict[str, float]],
+                b: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per-query rows of both (a query keeps the metrics it has)."""
+    out = {q: dict(r) for q, r in a.items()}
+    for q, r in b.items():
+        out.setdefault(q, {}).update(r)
+    return out
+
+
+def _mean_present(rows: Mapping[str, Mapping[str, float]], metrics: list[str]) -> dict:
+    """Mean of each metric over the queries that have it; ``n`` (ranking metrics) and
+    ``n_kt`` (answer recall) count the queries of each family."""
+    out: dict[str, float] = {}
+    for m in metrics:
+        vals = [r[m] for r in rows.values() if m in r]
+        if vals:
+            out[m] = sum(vals) / len(vals)
+    out["n"] = sum(any(not m.endswith("kt") for m in r) for r in rows.values())
+    if any(m.endswith("kt") for m in metrics):
+        out["n_kt"] = sum(any(m.endswith("kt") for m in r) for r in rows.values())
+    return out
+
+
+def macro(values: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Unweighted mean over groups of each metric the groups share; ``groups`` = their count."""
+    values = list(values)
+    if not values:
+        return {"groups": 0}
+    keys = set.intersection(*(set(v) for v in values)) - {"n", "n_kt", "groups"}
+    out = {m: sum(v[m] for v in values) / len(values) for m in sorted(keys)}
+    out["groups"] = len(values)
+    return out
+
+
+def pair_key(query_lang: str, corpus_lang: str) -> str:
+    return f"{query_lang}->{corpus_lang}"
+
+
+def evaluate_languages(
+    pair_runs: Mapping[tuple[str, str], Run],
+    qrels: Qrels,
+    query_lang: Mapping[str, str],
+    passage_lang: Mapping[str, str],
+    pooled_run: Run | None = None,
+    metrics: Iterable[str] = DEFAULT_METRICS,
+    answers: Mapping[str, Iterable[str]] | None = None,
+    passages: Mapping[str, str] | None = None,
+) -> dict:
+    """Metrics per language pair, per query language and macro averages.
+
+    ``pair_runs[(ql, cl)]`` ranks passages of language ``cl`` for the queries of language
+    ``ql``; its qrels are those of ``qrels`` restricted to ``cl`` passages. ``pooled_run``
+    (optional) ranks the whole multilingual corpus for every query: the per-query-language
+    view. With ``answers`` and ``passages`` (pid -> text), R@2kt / R@5kt are added.
+    """
+    metrics = list(metrics)
+    names = metrics + (["r@2kt", "r@5kt"] if answers is not None else [])
+    if answers is not None and passages is None:
+        raise ValueError("answer recall needs passages (pid -> text)")
+
+    def rows_for(run: Run, qids: list[str], corpus_lang: str | None) -> dict:
+        sub = {q: ({p: r for p, r in qrels.get(q, {}).items()
+                    if corpus_lang is None or passage_lang.get(p) == corpus_lang})
+               for q in qids}
+        rows = per_query(run, sub, metrics)
+        if answers is not None:
+            rows = _merge_rows(rows, answer_recall_per_query(run, passages, answers, qids=qids))
+        return rows
+
+    by_lang: dict[str, list[str]] = {}
+    for qid, lang in query_lang.items():
+        by_lang.setdefault(lang, []).append(qid)
+
+    pairs = {}
+    for (ql, cl), run in sorted(pair_runs.items()):
+        pairs[pair_key(ql, cl)] = _mean_present(rows_for(run, by_lang.get(ql, []), cl), names)
+    out: dict = {"pairs": pairs}
+    if pooled_run is not None:
+        out["query_langs"] = {ql: _mean_present(rows_for(pooled_run, qids, None), names)
+                              for ql, qids in sorted(by_lang.items())}
+        out["query_langs_macro"] = macro(v for v in out["query_langs"].values()
+                                         if v["n"] or v.get("n_kt"))
+    evaluated = {k: v for k, v in pairs.items() if v["n"] or v.get("n_kt")}
+    split = {k: k.split("->") for k in evaluated}
+    out["macro"] = {
+        "x->en": macro(v for k, v in evaluated.items() if split[k][1] == "en"
+                       and split[k][0] != "en"),
+        "cross_lingual": macro(v for k, v in evaluated.items() if split[k][0] != split[k][1]),
+        "monolingual": macro(v for k, v in evaluated.items() if split[k][0] == split[k][1]),
+    }
+    return out

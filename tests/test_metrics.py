@@ -1,0 +1,141 @@
+"""Retrieval metrics: hand-computed values and a cross-check against ranx on the same runs."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from qgscale.eval import metrics as M
+
+QRELS = {"q1": {"a": 1, "c": 1}, "q2": {"x": 2, "y": 1}, "q3": {"m": 1}, "q4": {"p": 1},
+         "q5": {"zz": 0}}
+RUN = {"q1": {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.1},
+       "q2": {"y": 3.0, "z": 2.0, "x": 1.0},
+       "q3": {"n": 1.0, "o": 0.5}}  # q4 not retrieved at all; q5 has no relevant passage
+
+
+def test_per_query_hand_computed():
+    rows = M.per_query(RUN, QRELS, ["recall@1", "recall@3", "mrr@10", "ndcg@10", "map"])
+    assert set(rows) == {"q1", "q2", "q3", "q4"}  # q5: nothing relevant -> not evaluated
+    q1, q2 = rows["q1"], rows["q2"]
+    assert q1["recall@1"] == 0.5 and q1["recall@3"] == 1.0 and q1["mrr@10"] == 1.0
+    assert q1["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3)))
+    assert q1["map"] == pytest.approx((1 / 1 + 2 / 3) / 2)
+    # graded: x (rel 2) at rank 3, y (rel 1) at rank 1
+    assert q2["ndcg@10"] == pytest.approx((1 + 2 / 2) / (2 + 1 / math.log2(3)))
+    assert q2["mrr@10"] == 1.0 and q2["recall@1"] == 0.5
+    assert rows["q3"] == rows["q4"] == {"recall@1": 0.0, "recall@3": 0.0, "mrr@10": 0.0,
+                                         "ndcg@10": 0.0, "map": 0.0}
+    mean = M.evaluate(RUN, QRELS, ["recall@3", "mrr@10"])
+    assert mean == {"recall@3": 2 / 4, "mrr@10": 0.5, "n": 4}
+
+
+def test_cutoffs_and_ties():
+    run = {"q": {f"p{i}": 1.0 - i / 100 for i in range(20)}}
+    qrels = {"q": {"p12": 1}}
+    r = M.evaluate(run, qrels, ["mrr@10", "recall@10", "recall@20", "ndcg@10"])
+    assert r["mrr@10"] == 0 and r["recall@10"] == 0 and r["recall@20"] == 1
+    assert M.ranking({"b": 1.0, "a": 1.0, "c": 2.0}) == ["c", "a", "b"]
+    with pytest.raises(ValueError, match="unknown metric"):
+        M.evaluate(run, qrels, ["precision@3"])
+
+
+def _random_case(seed: int, n_q: int = 40, n_p: int = 60):
+    rng = random.Random(seed)
+    qrels, run = {}, {}
+    for q in range(n_q):
+        qid = f"q{q}"
+        rel = rng.sample(range(n_p), rng.randint(1, 4))
+        qrels[qid] = {f"p{p}": rng.choice([1, 1, 2, 3]) for p in rel}
+        ret = rng.sample(range(n_p), rng.randint(5, 30))
+        run[qid] = {f"p{p}": rng.random() for p in ret}  # distinct floats: no ties
+    return qrels, run
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_ranx(seed):
+    ranx = pytest.importorskip("ranx")
+    qrels, run = _random_case(seed)
+    names = ["recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10", "map"]
+    ours = M.evaluate(run, qrels, names)
+    theirs = ranx.evaluate(ranx.Qrels(qrels), ranx.Run(run), names)
+    assert ours["n"] == len(qrels)
+    for name in names:
+        assert ours[name] == pytest.approx(theirs[name], abs=1e-9), name
+    assert 0 < ours["mrr@10"] < 1  # the case is not degenerate
+
+
+def test_answer_recall_token_window():
+    # the answer starts at whitespace token 2000 (0-based) -> outside R@2kt, inside R@5kt
+    filler = " ".join(["w"] * 1000)
+    passages = {"p1": filler, "p2": filler + "  Mount\tEverest rises", "p3": "Mount Everest"}
+    run = {"q1": {"p1": 3.0, "p2": 2.0, "p3": 1.0},
+           "q2": {"p3": 3.0, "p1": 1.0},
+           "q3": {"p1": 1.0},
+           "q4": {"p3": 1.0}}
+    answers = {"q1": ["Mount Everest"], "q2": ["mount everest", "Mount Everest"],
+               "q3": ["yes"], "q4": ["Everest", "no"]}
+    rows = M.answer_recall_per_query(run, passages, answers)
+    assert rows["q1"] == {"r@2kt": 0.0, "r@5kt": 1.0}  # whitespace collapsed when joined
+    assert rows["q2"] == {"r@2kt": 1.0, "r@5kt": 1.0}  # case-sensitive; any answer hits
+    assert "q3" not in rows  # yes/no only: not counted, as in eval_xor_retrieve.py
+    assert rows["q4"] == {"r@2kt": 1.0, "r@5kt": 1.0}
+    assert M.answer_hit(["Mount Ever", "est"], ["Mount Everest"], 2000) is False
+    assert M.answer_hit(["a b c"], ["b c"], 2) is False and M.answer_hit(["a b c"], ["b"], 2)
+
+
+def test_evaluate_languages_pairs_and_macros():
+    # parallel corpus: passage i in en/de; queries in en/de, relevant to passage i in both
+    langs = ["en", "de"]
+    qrels, qlang, plang = {}, {}, {}
+    for ql in langs:
+        for i in range(2):
+            qid = f"{ql}:q{i}"
+            qlang[qid] = ql
+            qrels[qid] = {f"{cl}:p{i}": 1 for cl in langs}
+    for cl in langs:
+        for i in range(2):
+            plang[f"{cl}:p{i}"] = cl
+
+    def pair_run(ql, cl, right):  # `right` queries rank their own passage first
+        run = {}
+        for i in range(2):
+            own, other = f"{cl}:p{i}", f"{cl}:p{1 - i}"
+            good = i < right
+            run[f"{ql}:q{i}"] = {own: 2.0 if good else 1.0, other: 1.0 if good else 2.0}
+        return run
+
+    pair_runs = {("en", "en"): pair_run("en", "en", 2), ("de", "de"): pair_run("de", "de", 2),
+                 ("de", "en"): pair_run("de", "en", 1), ("en", "de"): pair_run("en", "de", 0)}
+    pooled = {q: {**{p: s + 0.5 for p, s in pair_runs[(ql, "en")][q].items()},
+                  **pair_runs[(ql, "de")][q]} for q, ql in qlang.items()}
+    out = M.evaluate_languages(pair_runs, qrels, qlang, plang, pooled_run=pooled,
+                               metrics=["recall@1", "mrr@10"])
+    assert out["pairs"]["de->en"] == {"recall@1": 0.5, "mrr@10": 0.75, "n": 2}
+    assert out["pairs"]["en->de"]["mrr@10"] == 0.5
+    assert out["pairs"]["en->en"]["recall@1"] == 1.0
+    assert out["macro"]["x->en"] == {"recall@1": 0.5, "mrr@10": 0.75, "groups": 1}
+    assert out["macro"]["cross_lingual"]["mrr@10"] == pytest.approx((0.75 + 0.5) / 2)
+    assert out["macro"]["monolingual"] == {"recall@1": 1.0, "mrr@10": 1.0, "groups": 2}
+    # pooled (en passages first): both languages' passages are relevant -> recall@1 <= 1/2
+    assert out["query_langs"]["en"]["recall@1"] == 0.5
+    assert out["query_langs"]["de"]["recall@1"] == 0.25
+    assert out["query_langs_macro"]["groups"] == 2
+
+
+def test_evaluate_languages_with_answers():
+    qrels = {"ja:1": {"en:a": 1}, "ja:2": {"en:b": 1}}
+    qlang = {"ja:1": "ja", "ja:2": "ja"}
+    plang = {"en:a": "en", "en:b": "en"}
+    run = {"ja:1": {"en:a": 1.0, "en:b": 0.5}, "ja:2": {"en:a": 1.0, "en:b": 0.5}}
+    texts = {"en:a": "Tokyo is large", "en:b": "Kyoto"}
+    out = M.evaluate_languages({("ja", "en"): run}, qrels, qlang, plang, metrics=["mrr@10"],
+                               answers={"ja:1": ["Kyoto"], "ja:2": ["no"]}, passages=texts)
+    pair = out["pairs"]["ja->en"]
+    assert pair["r@2kt"] == 1.0 and pair["n_kt"] == 1 and pair["n"] == 2
+    assert pair["mrr@10"] == pytest.approx(0.75)
+    assert out["macro"]["x->en"]["r@5kt"] == 1.0
+    with pytest.raises(ValueError, match="passages"):
+        M.evaluate_languages({("ja", "en"): run}, qrels, qlang, plang, answers={})
