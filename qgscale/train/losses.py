@@ -1,0 +1,161 @@
+"""Losses of the method (docs: /work/shared/design/method.md). One function per loss.
+
+Every function takes scores or embeddings and returns a scalar (mean over queries). Scores are
+float32 ``(B, C)`` matrices; ``mask`` (bool, True = real candidate) marks padded candidates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+NEG_INF = -1e4  # large negative for masked logits (finite: keeps 0 * -inf out of KL)
+
+
+def gather_across_workers(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every worker along dim 0 (local slice keeps its gradient).
+
+    Without ``torch.distributed`` (or with one worker) returns ``t``. The other workers'
+    slices are constants here; see :func:`contrastive_loss` for the gradient scaling.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.get_rank()] = t
+    return torch.cat(parts)
+
+
+def contrastive_loss(q: torch.Tensor, p: torch.Tensor, group_size: int,
+                     temperature: float = 1.0) -> torch.Tensor:
+    r"""InfoNCE with in-batch and hard negatives.
+
+    ``q``: (B, d) queries; ``p``: (B * group_size, d) passages laid out per query as
+    ``[pos_i, hardneg_i1, ..., hardneg_i(g-1)]``, so query i's positive is row ``i * g``.
+    Every other passage in the batch is a negative:
+
+    .. math::
+        L = -\frac{1}{B} \sum_i \log
+            \frac{\exp(\langle q_i, p_{ig} \rangle / \tau)}
+                 {\sum_j \exp(\langle q_i, p_j \rangle / \tau)}
+
+    To use negatives from all workers, pass ``gather_across_workers(q)`` and
+    ``gather_across_workers(p)`` and multiply the loss by the world size before backward
+    (each worker gets gradients only through its own slice; data-parallel averaging then
+    yields the gradient of this loss over the global batch).
+    """
+    if p.shape[0] != q.shape[0] * group_size:
+        raise ValueError(f"expected {q.shape[0] * group_size} passages for {q.shape[0]} "
+                         f"queries x group {group_size}, got {p.shape[0]}")
+    scores = q.float() @ p.float().T / temperature
+    labels = torch.arange(q.shape[0], device=q.device) * group_size
+    return F.cross_entropy(scores, labels)
+
+
+def _log_softmax(scores: torch.Tensor, tau: float, mask: torch.Tensor | None) -> torch.Tensor:
+    s = scores.float() / tau
+    if mask is not None:
+        s = s.masked_fill(~mask, NEG_INF)
+    return F.log_softmax(s, dim=-1)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over rows of KL(p || q) = sum_c p_c (log p_c - log q_c), from log-probabilities."""
+    terms = log_p.exp() * (log_p - log_q)
+    if mask is not None:
+        terms = terms.masked_fill(~mask, 0.0)
+    return terms.sum(-1).mean()
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, tau_s: float = 1.0,
+            tau_t: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Distillation from teacher scores over each query's candidate list.
+
+    .. math::
+        L_{KD} = \frac{1}{B} \sum_q KL\big(\mathrm{softmax}(s_T(q, C)/\tau_T)
+                 \,\|\, \mathrm{softmax}(s_S(q, C)/\tau_S)\big)
+
+    ``student``/``teacher``: (B, C) scores; the teacher side gets no gradient.
+    """
+    log_t = _log_softmax(teacher.detach(), tau_t, mask)
+    log_s = _log_softmax(student, tau_s, mask)
+    return _kl(log_t, log_s, mask)
+
+
+def align_student_kl(s_q: torch.Tensor, s_gen: torch.Tensor, tau_s: float = 1.0,
+                     symmetric: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Cross-lingual alignment, qgscale formulation (default).
+
+    With the student's distributions over the same candidates C(q) for the query q and its
+    generated cross-lingual paraphrase q':
+
+    .. math::
+        L_{align} = KL\big(P_S(\cdot|q) \,\|\, P_S(\cdot|q')\big), \quad
+        P_S(c|x) = \mathrm{softmax}_c(s_S(x, c)/\tau_S)
+
+    ``symmetric``: :math:`\frac12 [KL(P_S(.|q)||P_S(.|q')) + KL(P_S(.|q')||P_S(.|q))]`.
+    Both sides receive gradients.
+    """
+    log_q = _log_softmax(s_q, tau_s, mask)
+    log_g = _log_softmax(s_gen, tau_s, mask)
+    loss = _kl(log_q, log_g, mask)
+    if symmetric:
+        loss = 0.5 * (loss + _kl(log_g, log_q, mask))
+    return loss
+
+
+def align_teacher_kl(t_q: torch.Tensor, s_gen: torch.Tensor, tau_t: float = 1.0,
+                     tau_s: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Alignment variant: the target is the teacher's distribution for the original query.
+
+    .. math:: L_{align} = KL\big(\mathrm{softmax}(s_T(q, C)/\tau_T) \,\|\, P_S(\cdot|q')\big)
+    """
+    return kd_loss(s_gen, t_q, tau_s=tau_s, tau_t=tau_t, mask=mask)
+
+
+def align_mse(e_q: torch.Tensor, e_gen: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+    r"""Embedding-level alignment: :math:`\frac1B \sum_i \frac1d \|E_q(q_i) - E_q(q'_i)\|^2`.
+
+    ``symmetric=False`` treats E_q(q) as a fixed target (only q' moves).
+    """
+    target = e_q.float() if symmetric else e_q.float().detach()
+    return F.mse_loss(e_gen.float(), target)
+
+
+def align_cosine(e_q: torch.Tensor, e_gen: torch.Tensor,
+                 symmetric: bool = False) -> torch.Tensor:
+    r"""Embedding-level alignment: :math:`\frac1B \sum_i 1 - \cos(E_q(q_i), E_q(q'_i))`.
+
+    ``symmetric=False`` treats E_q(q) as a fixed target (only q' moves).
+    """
+    target = e_q.float() if symmetric else e_q.float().detach()
+    return (1 - F.cosine_similarity(e_gen.float(), target, dim=-1)).mean()
+
+
+def alignment_loss(kind: str, *, s_q: torch.Tensor, s_gen: torch.Tensor, t_q: torch.Tensor,
+                   e_q: torch.Tensor, e_gen: torch.Tensor, tau_s: float = 1.0,
+                   tau_t: float = 1.0, symmetric: bool = False,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatch on ``LossConfig.align``: student_kl | teacher_kl | mse | cosine."""
+    if kind == "student_kl":
+        return align_student_kl(s_q, s_gen, tau_s=tau_s, symmetric=symmetric, mask=mask)
+    if kind == "teacher_kl":
+        return align_teacher_kl(t_q, s_gen, tau_t=tau_t, tau_s=tau_s, mask=mask)
+    if kind == "mse":
+        return align_mse(e_q, e_gen, symmetric=symmetric)
+    if kind == "cosine":
+        return align_cosine(e_q, e_gen, symmetric=symmetric)
+    raise ValueError(f"unknown alignment loss {kind!r}")
+
+
+def total_loss(contrastive: torch.Tensor, kd: torch.Tensor | None = None,
+               align: torch.Tensor | None = None, alpha: float = 1.0,
+               beta: float = 1.0) -> torch.Tensor:
+    r""":math:`L = L_{contrastive} + \alpha L_{KD} + \beta L_{align}` (missing terms count 0)."""
+    loss = contrastive
+    if kd is not None and alpha:
+        loss = loss + alpha * kd
+    if align is not None and beta:
+        loss = loss + beta * align
+    return loss

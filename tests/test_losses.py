@@ -1,0 +1,131 @@
+"""Each loss against a hand computation on small tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qgscale.train import losses
+
+
+def _softmax(xs: list[float]) -> list[float]:
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True) if a > 0)
+
+
+def test_contrastive_matches_hand_computation():
+    q = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    # per query: [pos, hard neg]; query 0 -> rows 0,1; query 1 -> rows 2,3
+    p = torch.tensor([[1.0, 1.0], [0.5, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    tau = 0.5
+    loss = losses.contrastive_loss(q, p, group_size=2, temperature=tau)
+    s = (q @ p.T / tau).tolist()
+    hand = -(math.log(_softmax(s[0])[0]) + math.log(_softmax(s[1])[2])) / 2
+    assert loss.item() == pytest.approx(hand, rel=1e-6)
+
+
+def test_contrastive_checks_layout():
+    with pytest.raises(ValueError, match="expected 4 passages"):
+        losses.contrastive_loss(torch.zeros(2, 3), torch.zeros(3, 3), group_size=2)
+
+
+def test_gather_without_distributed_is_identity():
+    t = torch.randn(3, 4)
+    assert losses.gather_across_workers(t) is t
+
+
+def test_kd_matches_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
+    t = torch.tensor([[-1.0, -0.5, -3.0], [-2.0, -2.0, -1.0]])
+    tau_s, tau_t = 0.5, 2.0
+    loss = losses.kd_loss(s, t, tau_s=tau_s, tau_t=tau_t)
+    hand = sum(_kl(_softmax([x / tau_t for x in t[i].tolist()]),
+                   _softmax([x / tau_s for x in s[i].tolist()])) for i in range(2)) / 2
+    assert loss.item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_kd_mask_ignores_padded_candidates():
+    s = torch.tensor([[1.0, 2.0, 99.0]])
+    t = torch.tensor([[-1.0, -0.5, -99.0]])
+    mask = torch.tensor([[True, True, False]])
+    loss = losses.kd_loss(s, t, mask=mask)
+    hand = _kl(_softmax([-1.0, -0.5]), _softmax([1.0, 2.0]))
+    assert loss.item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_kd_zero_when_distributions_match_and_gradient_moves_toward_teacher():
+    t = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+    # equal distributions (scores differ by a constant; temperatures scale the same)
+    s_equal = (t * 2 + 7.0)
+    assert losses.kd_loss(s_equal, t, tau_s=2.0, tau_t=1.0).item() == pytest.approx(0, abs=1e-6)
+
+    s = torch.zeros(1, 4, requires_grad=True)
+    before = losses.kd_loss(s, t).item()
+    losses.kd_loss(s, t).backward()
+    # gradient of KL wrt student logits is P_S - P_T: descent raises where teacher is higher
+    p_t = torch.softmax(t, -1)
+    assert torch.allclose(s.grad, torch.softmax(s.detach(), -1) - p_t, atol=1e-6)
+    with torch.no_grad():
+        s -= 1.0 * s.grad
+    after = losses.kd_loss(s, t).item()
+    assert after < before
+    assert torch.argmax(s).item() == torch.argmax(t).item()
+
+
+def test_align_student_kl_plain_and_symmetric():
+    a = torch.tensor([[1.0, 0.0, -1.0]])
+    b = torch.tensor([[0.0, 2.0, 0.0]])
+    pa, pb = _softmax([x / 0.5 for x in a[0].tolist()]), _softmax([x / 0.5 for x in b[0].tolist()])
+    plain = losses.align_student_kl(a, b, tau_s=0.5)
+    assert plain.item() == pytest.approx(_kl(pa, pb), rel=1e-5)
+    sym = losses.align_student_kl(a, b, tau_s=0.5, symmetric=True)
+    assert sym.item() == pytest.approx(0.5 * (_kl(pa, pb) + _kl(pb, pa)), rel=1e-5)
+    # both the query and its generated paraphrase receive gradients
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    losses.align_student_kl(a, b).backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+def test_align_teacher_kl_targets_teacher_of_original_query():
+    t_q = torch.tensor([[-1.0, -3.0]])
+    s_gen = torch.tensor([[0.0, 1.0]])
+    loss = losses.align_teacher_kl(t_q, s_gen, tau_t=1.0, tau_s=1.0)
+    assert loss.item() == pytest.approx(_kl(_softmax([-1.0, -3.0]), _softmax([0.0, 1.0])),
+                                        rel=1e-5)
+
+
+def test_align_embedding_variants():
+    e_q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    e_g = torch.tensor([[1.0, 1.0], [0.0, -1.0]], requires_grad=True)
+    mse = losses.align_mse(e_q, e_g)
+    assert mse.item() == pytest.approx((1 + 0 + 0 + 4) / 4)
+    cos = losses.align_cosine(e_q, e_g)
+    assert cos.item() == pytest.approx(((1 - 1 / math.sqrt(2)) + 2) / 2, rel=1e-6)
+    e_q2 = e_q.clone().requires_grad_(True)
+    losses.align_cosine(e_q2, e_g).backward()
+    assert e_q2.grad is None  # non-symmetric: the original query is the fixed target
+    losses.align_mse(e_q2, e_g, symmetric=True).backward()
+    assert e_q2.grad is not None
+
+
+def test_alignment_dispatch_and_total():
+    s_q, s_g, t_q = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    e_q, e_g = torch.randn(2, 4), torch.randn(2, 4)
+    kw = dict(s_q=s_q, s_gen=s_g, t_q=t_q, e_q=e_q, e_gen=e_g)
+    assert losses.alignment_loss("student_kl", **kw) == losses.align_student_kl(s_q, s_g)
+    assert losses.alignment_loss("teacher_kl", **kw) == losses.align_teacher_kl(t_q, s_g)
+    assert losses.alignment_loss("mse", **kw) == losses.align_mse(e_q, e_g)
+    assert losses.alignment_loss("cosine", **kw) == losses.align_cosine(e_q, e_g)
+    with pytest.raises(ValueError, match="unknown alignment"):
+        losses.alignment_loss("nope", **kw)
+    c, k, a = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)
+    assert losses.total_loss(c, k, a, alpha=0.5, beta=0.1).item() == pytest.approx(2.3)
+    assert losses.total_loss(c, None, None).item() == 1.0
