@@ -213,12 +213,13 @@ def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
         raise ConfigError(_format_errors(source, e)) from None
 
 
-def _resolve_relative(raw: dict[str, Any], base: Path) -> None:
+def _resolve_relative(cfg: Config, base: Path) -> None:
     """Make relative local paths absolute (Ray workers may run in another folder)."""
     for section, key in [("data", "input"), ("data", "passages"), ("run", "root")]:
-        value = (raw.get(section) or {}).get(key)
-        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
-            raw[section][key] = str((base / value).resolve())
+        part = getattr(cfg, section)
+        value = getattr(part, key)
+        if value and "://" not in value and not Path(value).is_absolute():
+            setattr(part, key, str((base / value).resolve()))
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -239,7 +240,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value)
-    _resolve_relative(raw, Path.cwd())
     cfg = parse(raw, str(path))
+    _resolve_relative(cfg, Path.cwd())
     storage.configure(**cfg.storage.model_dump())
     return cfg

@@ -111,12 +111,14 @@ def makedirs(uri: str) -> None:
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
-    """Sorted URIs of the files directly under folder ``uri`` ending in ``suffix``."""
+    """Sorted URIs of the files directly under folder ``uri`` ending in ``suffix``
+    (hidden files, such as an unfinished write's temp file, are never listed)."""
     fs, path = url_to_fs(uri)
     if not fs.exists(path):
         return []
     fs.invalidate_cache(path)
-    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(suffix))
+    names = sorted(p for p in fs.ls(path, detail=False)
+                   if p.endswith(suffix) and not posixpath.basename(p).startswith("."))
     return [join(uri, posixpath.basename(p)) for p in names]
 
 
@@ -142,7 +144,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     if is_local(uri):
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -220,7 +222,7 @@ def pyarrow_filesystem(uri: str):
                           secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
         kwargs["region"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
         return pafs.S3FileSystem(**kwargs)
-    from pyarrow.fs import PyFileSystem, FSSpecHandler
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     return PyFileSystem(FSSpecHandler(url_to_fs(uri)[0]))
 

@@ -1,0 +1,96 @@
+"""``qgscale data prepare``: raw dataset -> canonical parquet shards (+ JSONL import/export)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from qgscale import storage
+from qgscale.data import readers
+from qgscale.data.schema import SCHEMAS
+
+FORMATS = ("xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "jsonl")
+
+
+def read(fmt: str, input: str, *, passages: str | None = None,
+         query_langs: list[str] | None = None, corpus_langs: list[str] | None = None,
+         test_mod: int = 4, kind: str | None = None, lang: str = "und",
+         rejects: readers.Rejects | None = None) -> readers.Tables:
+    """Read raw ``input`` of format ``fmt`` into canonical tables (kind path -> rows)."""
+    rejects = rejects or readers.Rejects()
+    if fmt == "xquad":
+        return readers.read_xquad(input, query_langs, corpus_langs, test_mod, rejects)
+    if fmt == "xor-tydi":
+        tables = readers.read_xor_queries(input, rejects)
+        if passages:
+            tables.update(readers.read_passages(passages, "en", rejects))
+        return tables
+    if fmt == "mkqa":
+        return readers.read_mkqa(input, query_langs, rejects)
+    if fmt == "tatoeba":
+        return readers.read_tatoeba(input, query_langs, rejects)
+    if fmt == "beir":
+        return readers.read_beir(input, lang, rejects)
+    if fmt == "jsonl":
+        if kind not in SCHEMAS:
+            raise ValueError(f"--kind must be one of {sorted(SCHEMAS)} for --format jsonl")
+        return readers.read_canonical_jsonl(input, kind, rejects)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def write_tables(tables: readers.Tables, output: str, shard_rows: int = 2000,
+                 config_hash: str = "") -> dict[str, Any]:
+    """Write each table as parquet shards under ``output/<kind>/`` with manifests."""
+    counts = {}
+    for kind, rows in tables.items():
+        schema = SCHEMAS[kind.rsplit("/", 1)[-1]]
+        writer = storage.ShardWriter(storage.join(output, *kind.split("/")), config_hash)
+        names = []
+        for i in tqdm(range(0, max(len(rows), 1), shard_rows), desc=f"write {kind}",
+                      unit="shard", disable=len(rows) < 10 * shard_rows):
+            name = f"part-{i // shard_rows:05d}"
+            names.append(name)
+            if not writer.done(name):
+                writer.write(name, pa.Table.from_pylist(rows[i:i + shard_rows], schema=schema))
+        writer.finalize(names)
+        counts[kind] = len(rows)
+    return counts
+
+
+def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
+            shard_rows: int = 2000, config_hash: str = "", **kw: Any) -> dict[str, Any]:
+    """Convert and write; returns the summary manifest (row counts, rejected rows)."""
+    rejects = readers.Rejects(on_error)
+    tables = read(fmt, input, rejects=rejects, **kw)
+    counts = write_tables(tables, output, shard_rows, config_hash)
+    rejected_uri = storage.join(output, "_rejected.jsonl")
+    if rejects.rows:
+        storage.write_bytes(rejected_uri, "".join(
+            json.dumps(r, ensure_ascii=False) + "\n" for r in rejects.rows).encode())
+    else:
+        storage.remove(rejected_uri)
+    return storage.write_manifest(output, config_hash, format=fmt, input=input, rows=counts,
+                                  rejected=len(rejects.rows))
+
+
+def run_prepare(cfg) -> dict[str, Any]:
+    """Stage function: ``cfg.data`` -> ``<run root>/data``; skipped when already done."""
+    d = cfg.data
+    out = cfg.uri("data")
+    h = storage.config_hash(d)
+    if storage.stage_done(out, h):
+        return storage.read_manifest(out)
+    return prepare(d.format, d.input, out, on_error=d.on_error, shard_rows=d.shard_rows,
+                   config_hash=h, passages=d.passages, query_langs=d.query_langs,
+                   corpus_langs=d.corpus_langs, test_mod=d.test_mod)
+
+
+def export_jsonl(parquet_uri: str, output: str) -> int:
+    """Export a canonical parquet file or shard folder to JSONL; returns the row count."""
+    table = storage.read_parquet(parquet_uri)
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in table.to_pylist()]
+    storage.write_bytes(output, "".join(lines).encode())
+    return len(lines)

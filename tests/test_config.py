@@ -1,0 +1,65 @@
+"""Config: YAML -> typed sections; errors name the key path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qgscale import config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _yaml(tmp_path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_every_shipped_config_validates():
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = config.load(f)
+        assert cfg.run.name
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("teacher:\n  score:\n    batch_tokenz: 4\n", r"c.yaml: teacher.score.batch_tokenz: Extra"),
+    ("warmup:\n  zero_stage: 5\n", r"c.yaml: warmup.zero_stage: Input should be 0, 1, 2 or 3"),
+    ("index:\n  nprobe: many\n", r"c.yaml: index.nprobe: Input should be a valid integer"),
+    ("qg:\n  model: {}\n", r"c.yaml: qg.model: Value error, give name_or_path or init"),
+    ("data:\n  format: csv\n", r"c.yaml: data.format: Input should be"),
+    ("run: [1, 2]\n", r"c.yaml: run: Input should be a valid dictionary"),
+])
+def test_errors_name_the_key_path(tmp_path, text, expected):
+    with pytest.raises(config.ConfigError, match=expected):
+        config.load(_yaml(tmp_path, text))
+
+
+def test_invalid_yaml_and_overrides(tmp_path):
+    with pytest.raises(config.ConfigError, match="invalid YAML"):
+        config.load(_yaml(tmp_path, "run: [unclosed\n"))
+    cfg = config.load(_yaml(tmp_path, "run:\n  name: x\n"), ["index.nprobe=4", "run.seed=7"])
+    assert cfg.index.nprobe == 4 and cfg.run.seed == 7
+    assert os.path.isabs(cfg.run.root)
+    with pytest.raises(config.ConfigError, match=r"index.nprobee: Extra"):
+        config.load(_yaml(tmp_path, "{}\n"), ["index.nprobee=4"])
+
+
+def test_cli_config_show_hides_secrets(tmp_path):
+    p = _yaml(tmp_path, "storage:\n  endpoint_url: http://127.0.0.1:9\n"
+                        "  secret_access_key: hunter2\n")
+    out = subprocess.run([sys.executable, "-m", "qgscale.cli", "config", "show", str(p)],
+                         capture_output=True, text=True,
+                         env=os.environ | {"AWS_SECRET_ACCESS_KEY": ""})
+    assert out.returncode == 0, out.stderr
+    assert "hunter2" not in out.stdout and "secret_access_key: '***'" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "qgscale.cli", "config", "show",
+                          str(_yaml(tmp_path, "index:\n  factoryy: Flat\n"))],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "index.factoryy: Extra inputs" in bad.stderr

@@ -1,0 +1,132 @@
+"""Storage layer: round trips on local disk and a real S3 endpoint, atomic writes, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pyarrow as pa
+import pytest
+
+from qgscale import storage
+
+
+def _table(n: int, start: int = 0) -> pa.Table:
+    return pa.table({"qid": [f"q{i}" for i in range(start, start + n)],
+                     "x": list(range(start, start + n))})
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    return storage.join(request.getfixturevalue("s3_bucket"), "out")
+
+
+def test_roundtrip(root):
+    sha = storage.write_parquet(storage.join(root, "a.parquet"), _table(5))
+    assert len(sha) == 64
+    storage.write_parquet(storage.join(root, "b.parquet"), _table(3, 5))
+    storage.write_json(storage.join(root, "meta.json"), {"k": [1, 2]})
+    assert storage.read_json(storage.join(root, "meta.json")) == {"k": [1, 2]}
+    assert [os.path.basename(u) for u in storage.list_files(root, ".parquet")] == \
+        ["a.parquet", "b.parquet"]
+    both = storage.read_parquet(root)  # a folder reads as all its shards, in order
+    assert both.column("x").to_pylist() == list(range(8))
+    assert storage.read_parquet(storage.join(root, "b.parquet"), ["qid"]).column_names == ["qid"]
+
+
+def test_unreadable_shard_names_the_file(root):
+    bad = storage.join(root, "bad.parquet")
+    storage.write_bytes(bad, b"this is not parquet")
+    with pytest.raises(OSError, match="bad.parquet: unreadable parquet shard"):
+        storage.read_parquet(bad)
+
+
+def test_shard_writer_resume(root):
+    w = storage.ShardWriter(root, config_hash="h1")
+    names = [f"part-{i:05d}" for i in range(4)]
+    for n in names[:2]:
+        w.write(n, _table(10))
+    with pytest.raises(RuntimeError, match="not finished"):
+        w.finalize(names)
+    # A re-run (new writer, same root and config) sees the finished shards and skips them.
+    again = storage.ShardWriter(root, config_hash="h1")
+    todo = [n for n in names if not again.done(n)]
+    assert todo == names[2:]
+    for n in todo:
+        again.write(n, _table(10))
+    manifest = again.finalize(names)
+    assert manifest["rows"] == 40 and len(manifest["shards"]) == 4
+    assert storage.stage_done(root, "h1") and not storage.stage_done(root, "h2")
+    # A changed config invalidates the done markers.
+    assert not storage.ShardWriter(root, config_hash="h2").done(names[0])
+
+
+WRITER = textwrap.dedent("""
+    import os, sys, time
+    from qgscale import storage
+    real_fsync = os.fsync
+    def slow_fsync(fd):  # hold the process inside the write so the test can kill it there
+        open(sys.argv[2], "w").close()
+        time.sleep(60)
+    os.fsync = slow_fsync
+    storage.write_bytes(sys.argv[1], b"x" * 1_000_000)
+""")
+
+
+def test_killed_local_writer_leaves_no_visible_shard(tmp_path):
+    target = tmp_path / "shards" / "part-00000.parquet"
+    flag = tmp_path / "in-write"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(flag)])
+    deadline = time.time() + 30
+    while not flag.exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()
+    assert storage.list_files(str(tmp_path / "shards"), ".parquet") == []
+    leftovers = os.listdir(tmp_path / "shards")
+    assert leftovers and all(n.startswith(".") for n in leftovers)  # only a hidden temp file
+
+
+S3_WRITER = textwrap.dedent("""
+    import sys
+    from qgscale import storage
+    print("start", flush=True)
+    storage.write_bytes(sys.argv[1], b"y" * 200_000_000)
+""")
+
+
+def test_killed_s3_writer_leaves_nothing_or_everything(s3_bucket):
+    uri = storage.join(s3_bucket, "big", "part-00000.parquet")
+    proc = subprocess.Popen([sys.executable, "-c", S3_WRITER, uri], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"start"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    fs, path = storage.url_to_fs(uri)
+    fs.invalidate_cache()
+    if fs.exists(path):  # a single PUT is all or nothing
+        assert fs.size(path) == 200_000_000
+    else:
+        assert storage.list_files(storage.join(s3_bucket, "big"), ".parquet") == []
+
+
+def test_config_hash_is_stable():
+    assert storage.config_hash({"a": 1, "b": [2]}) == storage.config_hash({"b": [2], "a": 1})
+    assert storage.config_hash({"a": 1}) != storage.config_hash({"a": 2})
+
+
+def test_local_dir_downloads_a_remote_folder(s3_bucket, tmp_path):
+    storage.write_bytes(storage.join(s3_bucket, "model", "config.json"), b"{}")
+    storage.write_bytes(storage.join(s3_bucket, "model", "sub", "w.bin"), b"123")
+    local = storage.local_dir(storage.join(s3_bucket, "model"), cache=str(tmp_path))
+    assert open(os.path.join(local, "sub", "w.bin"), "rb").read() == b"123"
+    storage.upload_dir(local, storage.join(s3_bucket, "copy"))
+    assert storage.read_bytes(storage.join(s3_bucket, "copy", "sub", "w.bin")) == b"123"
