@@ -112,6 +112,7 @@ class LossConfig(Section):
     symmetric: bool = False
     n_candidates: int = 8
     n_hard_negatives: int = 1
+    kd_on_generated: bool = False  # KD also on generated queries (needs teacher scores for them)
 
 
 class StudentTrainConfig(TrainConfig):
