@@ -1,0 +1,291 @@
+"""Training data: join canonical tables into self-contained training rows, and collators.
+
+The driver joins queries, passages, teacher scores and generated queries into one row per
+training query and writes them as parquet shards; Ray Data streams those shards to the
+workers, whose collators tokenise batches. Inputs (schemas in ``qgscale.data.schema``):
+
+- queries ``{qid, lang, text}``, corpus ``{pid, lang, title, text}``;
+- positives/negatives: training examples ``{qid, pos_pids, neg_pids}``, or qrels ``{qid, pid,
+  rel}`` (rel > 0 = positive) with negatives from the candidates or sampled from the corpus;
+- distillation: candidates ``{qid, pids, scores}`` (each query's list C(q)), teacher scores
+  ``{qid, pid, score, ntok}`` for every candidate, generated queries ``{pid, lang, query,
+  logprob}`` (cross-lingual paraphrases of each positive passage's queries).
+
+Bad input raises :class:`qgscale.data.readers.DataError` naming the table, qid/pid and field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from qgscale import storage
+from qgscale.data.readers import DataError
+
+STUDENT_ROWS = pa.schema([
+    ("qid", pa.string()), ("query", pa.string()),
+    ("passages", pa.list_(pa.string())),  # [positive, hard negatives...]
+    ("cand_texts", pa.list_(pa.string())), ("cand_scores", pa.list_(pa.float32())),
+    ("gen_query", pa.string()),  # "" when the query has no generated paraphrase
+    ("gen_scores", pa.list_(pa.float32())),  # teacher scores of gen_query on C(q), or []
+])
+QG_ROWS = pa.schema([("query", pa.string()), ("lang", pa.string()), ("passage", pa.string())])
+
+
+def passage_text(title: str | None, text: str | None) -> str:
+    """``title + " " + text`` (the same text the index encodes and the teacher scores)."""
+    title, text = (title or "").strip(), (text or "").strip()
+    return f"{title} {text}" if title else text
+
+
+def generated_qid(pid: str, lang: str, query: str) -> str:
+    """Stable id of a generated query (teacher scores for it use this ``qid``)."""
+    return "gen-" + hashlib.sha1(f"{pid}\t{lang}\t{query}".encode()).hexdigest()[:16]
+
+
+def _read(uri: str, what: str, columns: list[str] | None = None) -> pa.Table:
+    if not storage.exists(uri):
+        raise DataError(f"{uri}: {what} not found")
+    return storage.read_parquet(uri, columns)
+
+
+def _column_nonempty(table: pa.Table, uri: str, key: str, field: str) -> None:
+    for i, (k, v) in enumerate(zip(table.column(key).to_pylist(),
+                                   table.column(field).to_pylist(), strict=True)):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise DataError(f"{uri}: row {i} ({key}={k}): empty field {field!r}")
+
+
+def load_texts(queries_uri: str, corpus_uri: str) -> tuple[dict, dict]:
+    """``qid -> (lang, text)`` and ``pid -> passage text``; empty texts are errors."""
+    q = _read(queries_uri, "queries")
+    _column_nonempty(q, queries_uri, "qid", "text")
+    c = _read(corpus_uri, "corpus")
+    _column_nonempty(c, corpus_uri, "pid", "text")
+    queries = {r["qid"]: (r["lang"], r["text"]) for r in q.to_pylist()}
+    corpus = {r["pid"]: passage_text(r["title"], r["text"]) for r in c.to_pylist()}
+    return queries, corpus
+
+
+def positives_from(examples_uri: str | None, qrels_uri: str | None
+                   ) -> tuple[dict[str, list[str]], dict[str, list[str]], str]:
+    """``qid -> positive pids``, ``qid -> negative pids`` and the source table's URI."""
+    pos: dict[str, list[str]] = defaultdict(list)
+    neg: dict[str, list[str]] = defaultdict(list)
+    if examples_uri and storage.exists(examples_uri):
+        for i, r in enumerate(_read(examples_uri, "training examples").to_pylist()):
+            if not r["pos_pids"]:
+                raise DataError(f"{examples_uri}: row {i} (qid={r['qid']}): "
+                                "empty field 'pos_pids'")
+            pos[r["qid"]].extend(r["pos_pids"])
+            neg[r["qid"]].extend(r["neg_pids"] or [])
+        return dict(pos), dict(neg), examples_uri
+    if not qrels_uri:
+        raise DataError("training data needs training examples or qrels")
+    for r in _read(qrels_uri, "qrels").to_pylist():
+        if r["rel"] and r["rel"] > 0:
+            pos[r["qid"]].append(r["pid"])
+    if not pos:
+        raise DataError(f"{qrels_uri}: no positive (rel > 0) pairs")
+    return dict(pos), dict(neg), qrels_uri
+
+
+def load_teacher(candidates_uri: str, scores_uri: str
+                 ) -> tuple[dict[str, list[str]], dict[tuple[str, str], float]]:
+    """Candidate lists and teacher scores; every candidate must have a score."""
+    cands: dict[str, list[str]] = {}
+    for i, r in enumerate(_read(candidates_uri, "candidates").to_pylist()):
+        if not r["pids"]:
+            raise DataError(f"{candidates_uri}: row {i} (qid={r['qid']}): empty candidate "
+                            "list (field 'pids')")
+        cands[r["qid"]] = list(r["pids"])
+    scores: dict[tuple[str, str], float] = {}
+    for i, r in enumerate(_read(scores_uri, "teacher scores").to_pylist()):
+        if r["score"] is None or not np.isfinite(r["score"]):
+            raise DataError(f"{scores_uri}: row {i} (qid={r['qid']}, pid={r['pid']}): "
+                            f"field 'score' is {r['score']!r}")
+        scores[(r["qid"], r["pid"])] = float(r["score"])
+    return cands, scores
+
+
+def _score(scores: dict, qid: str, pid: str, scores_uri: str, candidates_uri: str) -> float:
+    try:
+        return scores[(qid, pid)]
+    except KeyError:
+        raise DataError(f"{scores_uri}: missing teacher score for qid={qid} pid={pid} "
+                        f"(a candidate in {candidates_uri})") from None
+
+
+def build_student_rows(queries_uri: str, corpus_uri: str, *, qrels_uri: str | None = None,
+                       examples_uri: str | None = None, candidates_uri: str | None = None,
+                       scores_uri: str | None = None, generated_uri: str | None = None,
+                       n_hard_negatives: int = 1, n_candidates: int = 8,
+                       kd_on_generated: bool = False, seed: int = 13
+                       ) -> tuple[pa.Table, dict[str, Any]]:
+    """Rows of :data:`STUDENT_ROWS` (one per training query) and counts for the manifest.
+
+    Hard negatives: the examples' ``neg_pids``, else the candidates that are not positives
+    (in rank order), else random corpus passages; the count of randomly filled negatives is
+    reported. With ``candidates_uri``/``scores_uri`` each row carries its first
+    ``n_candidates`` candidates and their teacher scores. With ``generated_uri`` a row gets
+    one generated query in another language, from one of its positive passages.
+    """
+    rng = random.Random(seed)
+    queries, corpus = load_texts(queries_uri, corpus_uri)
+    pos, neg, pos_uri = positives_from(examples_uri, qrels_uri)
+    cands: dict[str, list[str]] = {}
+    scores: dict[tuple[str, str], float] = {}
+    if candidates_uri or scores_uri:
+        if not (candidates_uri and scores_uri):
+            raise DataError("distillation needs both candidates and teacher scores")
+        cands, scores = load_teacher(candidates_uri, scores_uri)
+    gens: dict[str, list[tuple[str, str]]] = defaultdict(list)  # pid -> [(lang, query)]
+    if generated_uri:
+        g = _read(generated_uri, "generated queries")
+        _column_nonempty(g, generated_uri, "pid", "query")
+        for r in g.to_pylist():
+            gens[r["pid"]].append((r["lang"], r["query"]))
+    pids = sorted(corpus)
+    counts = {"rows": 0, "random_negatives": 0, "without_generated": 0}
+    rows = []
+    for qid in sorted(pos):
+        if qid not in queries:
+            raise DataError(f"{pos_uri}: qid={qid} not in queries {queries_uri}")
+        lang, qtext = queries[qid]
+        for pid in pos[qid]:
+            if pid not in corpus:
+                raise DataError(f"{pos_uri}: qid={qid}: positive pid={pid} not in corpus "
+                                f"{corpus_uri}")
+        positive = rng.choice(pos[qid])
+        pos_set = set(pos[qid])
+        cand = cands.get(qid)
+        if cands and cand is None:
+            raise DataError(f"{candidates_uri}: no candidate list for training qid={qid}")
+        pool = [p for p in (neg.get(qid) or cand or []) if p not in pos_set]
+        negs = pool[:n_hard_negatives]
+        while len(negs) < n_hard_negatives:  # random corpus passages (reported in counts)
+            p = rng.choice(pids)
+            if p not in pos_set and p not in negs:
+                negs.append(p)
+                counts["random_negatives"] += 1
+            elif len(pids) <= len(pos_set) + len(negs):
+                raise DataError(f"{corpus_uri}: too few passages for {n_hard_negatives} "
+                                "negatives")
+        for p in negs:
+            if p not in corpus:
+                raise DataError(f"{pos_uri}: qid={qid}: negative pid={p} not in corpus "
+                                f"{corpus_uri}")
+        cand_pids = (cand or [])[:n_candidates]
+        for p in cand_pids:
+            if p not in corpus:
+                raise DataError(f"{candidates_uri}: qid={qid}: candidate pid={p} not in corpus "
+                                f"{corpus_uri}")
+        cand_scores = [_score(scores, qid, p, scores_uri, candidates_uri) for p in cand_pids]
+        options = sorted((p, gl, gq) for p in set(pos[qid]) for gl, gq in gens.get(p, [])
+                         if gl != lang)
+        gen_query, gen_scores = "", []
+        if options:
+            gpid, gl, gen_query = rng.choice(options)
+            if kd_on_generated and cand_pids:
+                gq_id = generated_qid(gpid, gl, gen_query)
+                gen_scores = [_score(scores, gq_id, p, scores_uri, candidates_uri)
+                              for p in cand_pids]
+        elif generated_uri:
+            counts["without_generated"] += 1
+        rows.append({"qid": qid, "query": qtext,
+                     "passages": [corpus[positive]] + [corpus[p] for p in negs],
+                     "cand_texts": [corpus[p] for p in cand_pids], "cand_scores": cand_scores,
+                     "gen_query": gen_query, "gen_scores": gen_scores})
+    if generated_uri and counts["without_generated"] == len(rows):
+        raise DataError(f"{generated_uri}: no generated query in another language for any "
+                        "training query's positive passage")
+    counts["rows"] = len(rows)
+    return pa.Table.from_pylist(rows, schema=STUDENT_ROWS), counts
+
+
+def write_rows(table: pa.Table, uri: str, shard_rows: int, config_hash: str) -> list[str]:
+    """Write ``table`` as parquet shards under ``uri`` (done shards are kept); shard URIs."""
+    writer = storage.ShardWriter(uri, config_hash)
+    names = []
+    for i in range(0, max(table.num_rows, 1), shard_rows):
+        name = f"part-{i // shard_rows:05d}"
+        names.append(name)
+        if not writer.done(name):
+            writer.write(name, table.slice(i, shard_rows))
+    writer.finalize(names)
+    return [writer.shard_uri(n) for n in names]
+
+
+# --- collators (run on the workers; no Ray needed) ---------------------------------------
+def _as_list(x: Any) -> list:
+    return list(x.tolist() if isinstance(x, np.ndarray) else x)
+
+
+@dataclass
+class StudentCollator:
+    """Batch of :data:`STUDENT_ROWS` -> tensors for one forward pass of the dual encoder.
+
+    Queries are ``[originals; generated]`` (generated only when any row has one) and passages
+    are ``[contrastive groups; candidates]``; candidates are padded to ``n_candidates`` with
+    ``cand_mask`` False.
+    """
+
+    tokenizer: Any
+    max_query_len: int = 64
+    max_passage_len: int = 256
+    n_candidates: int = 0
+
+    def _tok(self, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def __call__(self, batch: dict[str, Iterable]) -> dict[str, Any]:
+        queries = [str(x) for x in _as_list(batch["query"])]
+        groups = [_as_list(p) for p in _as_list(batch["passages"])]
+        sizes = {len(g) for g in groups}
+        if len(sizes) != 1:
+            raise DataError(f"rows have different passage group sizes {sorted(sizes)}")
+        b = len(queries)
+        passages = [p for g in groups for p in g]
+        out: dict[str, Any] = {"batch_size": b, "group_size": sizes.pop()}
+        c = self.n_candidates
+        gens = [str(x) for x in _as_list(batch.get("gen_query", [""] * b))]
+        has_gen = torch.tensor([bool(g) for g in gens])
+        if c:
+            mask = torch.zeros(b, c, dtype=torch.bool)
+            teacher = torch.zeros(b, c)
+            gen_teacher = torch.zeros(b, c)
+            has_gen_scores = torch.zeros(b, dtype=torch.bool)
+            cand_texts = []
+            for i, (texts, scores, gscores) in enumerate(zip(
+                    _as_list(batch["cand_texts"]), _as_list(batch["cand_scores"]),
+                    _as_list(batch["gen_scores"]), strict=True)):
+                texts, scores, gscores = _as_list(texts), _as_list(scores), _as_list(gscores)
+                if not texts:
+                    raise DataError(f"training row qid={_as_list(batch['qid'])[i]}: "
+                                    "empty candidate list")
+                texts, scores = texts[:c], scores[:c]
+                n = len(texts)
+                mask[i, :n] = True
+                teacher[i, :n] = torch.tensor(scores, dtype=torch.float32)
+                if gscores:
+                    gen_teacher[i, :n] = torch.tensor(gscores[:c], dtype=torch.float32)
+                    has_gen_scores[i] = True
+                cand_texts += texts + [""] * (c - n)
+            passages += cand_texts
+            out.update(cand_mask=mask, teacher=teacher, gen_teacher=gen_teacher,
+                       has_gen_scores=has_gen_scores)
+        if has_gen.any():
+            queries += [g if g else q for g, q in zip(gens, queries, strict=True)]
+        out.update(has_gen=has_gen, query=self._tok(queries, self.max_query_len),
+                   passage=self._tok(passages, self.max_passage_len))
+        return out

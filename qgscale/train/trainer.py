@@ -1,0 +1,223 @@
+"""Ray Train driver (thin ``TorchTrainer`` wrapper) and the three training stages.
+
+Stage outputs (``<run root>/train/<stage>/``)::
+
+    data/part-*.parquet   training rows (joined texts, teacher scores, generated queries)
+    init/                 the starting model (built from the config, or copied from ``init``)
+    ray/run/checkpoint_*  Ray Train checkpoints (DeepSpeed ZeRO shards of every worker)
+    metrics.jsonl         per-step loss, samples/s, lr, ETA (rank 0)
+    model/                the trained model in HF format
+    _manifest.json
+
+Re-running a stage resumes from its latest checkpoint; a finished stage (manifest with the same
+config hash) is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from qgscale import storage
+from qgscale.data.readers import DataError
+from qgscale.train import data as tdata
+from qgscale.train.loop import train_loop_per_worker
+
+log = logging.getLogger("qgscale.train")
+_AWS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+def _storage_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in _AWS if os.environ.get(k)}
+
+
+def fit(task: str, rows_uri: str, n_rows: int, init_uri: str, output_uri: str, train: Any,
+        loss: Any = None, *, distill: bool = False, seed: int = 13,
+        extra: dict[str, Any] | None = None) -> Any:
+    """Run :func:`train_loop_per_worker` on ``train.num_workers`` Ray Train workers.
+
+    Checkpoints go to ``<output_uri>/ray`` (local or ``s3://``; rerunning resumes from the
+    latest one); ``FailureConfig(max_failures=train.max_failures)`` restarts the worker group
+    from it after a worker dies. Returns the ``ray.train.Result``.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    shards = [f for f in storage.list_files(rows_uri, ".parquet")]
+    if not shards:
+        raise DataError(f"{rows_uri}: no training shards")
+    dataset = ray.data.read_parquet([storage.ray_path(f) for f in shards],
+                                    filesystem=storage.pyarrow_filesystem(rows_uri))
+    ckpt_root = storage.join(output_uri, "ray")
+    storage.makedirs(ckpt_root)
+    if storage.is_local(ckpt_root):
+        ckpt_root = os.path.abspath(storage.url_to_fs(ckpt_root)[1])
+    config = {"task": task, "distill": distill, "train": train.model_dump(mode="json"),
+              "loss": loss.model_dump(mode="json") if loss is not None else None,
+              "init": init_uri, "output": output_uri, "rows": n_rows, "seed": seed,
+              "world_size": train.num_workers, "storage_env": _storage_env(), **(extra or {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker,
+                                  **({"GPU": 1} if train.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name="run", storage_path=storage.ray_path(ckpt_root),
+            storage_filesystem=storage.pyarrow_filesystem(ckpt_root),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset})
+    return trainer.fit()
+
+
+def ensure_ray(cfg: Any) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+                 include_dashboard=False)
+
+
+def _first_existing(*uris: str) -> str:
+    for u in uris:
+        if storage.exists(u):
+            return u
+    return uris[0]
+
+
+def _inputs(cfg: Any, queries: str | None, corpus: str | None, qrels: str | None
+            ) -> tuple[str, str, str]:
+    return (queries or cfg.uri("data", "train", "queries"),
+            corpus or _first_existing(cfg.uri("data", "train", "corpus"),
+                                      cfg.uri("data", "corpus")),
+            qrels or cfg.uri("data", "train", "qrels"))
+
+
+def _finish(cfg: Any, out: str, chash: str, result: Any, **extra: Any) -> dict[str, Any]:
+    metrics = dict(result.metrics or {})
+    return storage.write_manifest(out, chash, model=storage.join(out, "model"),
+                                  checkpoint=str(result.checkpoint.path) if result.checkpoint
+                                  else None, final_metrics=metrics, **extra)
+
+
+def _student_stage(cfg: Any, stage: str, *, init_uri: str | None, output_uri: str | None,
+                   queries_uri: str | None, corpus_uri: str | None, qrels_uri: str | None,
+                   examples_uri: str | None, candidates_uri: str | None, scores_uri: str | None,
+                   generated_uri: str | None, extra: dict[str, Any] | None) -> dict[str, Any]:
+    from qgscale.models.encoder import DualEncoder
+
+    sc = getattr(cfg, stage)
+    distill = stage == "distill"
+    out = output_uri or cfg.uri("train", stage)
+    q, c, r = _inputs(cfg, queries_uri, corpus_uri, qrels_uri)
+    if distill:
+        lc = sc.loss
+        if lc.align in ("student_kl", "teacher_kl") and lc.beta and not lc.n_candidates:
+            raise ValueError(f"distill.loss.align={lc.align} needs distill.loss.n_candidates > 0")
+    inputs = dict(queries_uri=q, corpus_uri=c, qrels_uri=r, examples_uri=examples_uri,
+                  candidates_uri=candidates_uri, scores_uri=scores_uri,
+                  generated_uri=generated_uri, init_uri=init_uri)
+    chash = storage.config_hash({"stage": stage, "encoder": cfg.encoder, "train": sc,
+                                 "inputs": inputs, "seed": cfg.run.seed})
+    if storage.stage_done(out, chash):
+        return storage.read_manifest(out)
+    table, counts = tdata.build_student_rows(
+        q, c, qrels_uri=r, examples_uri=examples_uri, candidates_uri=candidates_uri,
+        scores_uri=scores_uri, generated_uri=generated_uri,
+        n_hard_negatives=sc.loss.n_hard_negatives, n_candidates=sc.loss.n_candidates,
+        kd_on_generated=sc.loss.kd_on_generated, seed=cfg.run.seed)
+    log.info("%s: %s", stage, counts)
+    rows_uri = storage.join(out, "data")
+    tdata.write_rows(table, rows_uri, cfg.data.shard_rows, chash)
+    init = storage.join(out, "init")
+    if not storage.exists(storage.join(init, "dual_encoder.json")):
+        if init_uri:
+            model = DualEncoder.from_pretrained(init_uri)
+        else:
+            import torch
+
+            torch.manual_seed(cfg.run.seed)
+            model = DualEncoder.build(cfg.encoder, max_query_len=sc.max_query_len,
+                                      max_passage_len=sc.max_passage_len)
+        model.save_pretrained(init)
+    ensure_ray(cfg)
+    result = fit("student", rows_uri, table.num_rows, init, out, sc, sc.loss, distill=distill,
+                 seed=cfg.run.seed, extra=extra)
+    return _finish(cfg, out, chash, result, stage=stage, counts=counts, inputs=inputs)
+
+
+def run_train_warmup(cfg: Any, *, output_uri: str | None = None, init_uri: str | None = None,
+                     queries_uri: str | None = None, corpus_uri: str | None = None,
+                     qrels_uri: str | None = None, examples_uri: str | None = None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``qgscale train warmup``: contrastive training of the dual encoder (``cfg.warmup``).
+
+    Positives from ``examples_uri`` (``{qid, pos_pids, neg_pids}``) or qrels; hard negatives
+    from the examples or random corpus passages. Model: ``cfg.encoder`` (or ``init_uri``).
+    """
+    return _student_stage(cfg, "warmup", init_uri=init_uri, output_uri=output_uri,
+                          queries_uri=queries_uri, corpus_uri=corpus_uri, qrels_uri=qrels_uri,
+                          examples_uri=examples_uri, candidates_uri=None, scores_uri=None,
+                          generated_uri=None, extra=extra)
+
+
+def run_train_distill(cfg: Any, *, output_uri: str | None = None, init_uri: str | None = None,
+                      candidates_uri: str | None = None, scores_uri: str | None = None,
+                      generated_uri: str | None = None, queries_uri: str | None = None,
+                      corpus_uri: str | None = None, qrels_uri: str | None = None,
+                      examples_uri: str | None = None, extra: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """``qgscale train distill``: contrastive + alpha * KD + beta * alignment (``cfg.distill``).
+
+    Defaults: init = the warm-up model, candidates = ``<root>/mine/candidates``, teacher
+    scores = ``<root>/teacher/scores``, generated queries = ``<root>/teacher/generated``
+    (skipped when absent and ``beta == 0``).
+    """
+    generated = generated_uri or cfg.uri("teacher", "generated")
+    if cfg.distill.loss.beta == 0 and not generated_uri:
+        generated = None
+    return _student_stage(
+        cfg, "distill", init_uri=init_uri or cfg.uri("train", "warmup", "model"),
+        output_uri=output_uri, queries_uri=queries_uri, corpus_uri=corpus_uri,
+        qrels_uri=qrels_uri, examples_uri=examples_uri,
+        candidates_uri=candidates_uri or cfg.uri("mine", "candidates"),
+        scores_uri=scores_uri or cfg.uri("teacher", "scores"), generated_uri=generated,
+        extra=extra)
+
+
+def run_train_qg(cfg: Any, *, output_uri: str | None = None, queries_uri: str | None = None,
+                 corpus_uri: str | None = None, qrels_uri: str | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``qgscale train qg``: seq2seq fine-tuning of the query generator (``cfg.qg``) on
+    (prompt(lang, passage) -> query) pairs of the training qrels."""
+    from qgscale.models.generator import QueryGenerator, qg_examples
+
+    qc = cfg.qg
+    out = output_uri or cfg.uri("train", "qg")
+    q, c, r = _inputs(cfg, queries_uri, corpus_uri, qrels_uri)
+    inputs = dict(queries_uri=q, corpus_uri=c, qrels_uri=r)
+    chash = storage.config_hash({"stage": "qg", "qg": qc, "inputs": inputs, "seed": cfg.run.seed})
+    if storage.stage_done(out, chash):
+        return storage.read_manifest(out)
+    for uri, what in ((q, "queries"), (c, "corpus"), (r, "qrels")):
+        if not storage.exists(uri):
+            raise DataError(f"{uri}: {what} not found")
+    rows = list(qg_examples(storage.read_parquet(q), storage.read_parquet(c),
+                            storage.read_parquet(r)))
+    table = pa.Table.from_pylist(rows, schema=tdata.QG_ROWS)
+    rows_uri = storage.join(out, "data")
+    tdata.write_rows(table, rows_uri, cfg.data.shard_rows, chash)
+    init = storage.join(out, "init")
+    if not storage.exists(storage.join(init, "config.json")):
+        QueryGenerator.build(qc.model, qc.prompt, qc.max_passage_len, qc.max_query_len,
+                             seed=cfg.run.seed).save_pretrained(init)
+    ensure_ray(cfg)
+    result = fit("qg", rows_uri, table.num_rows, init, out, qc, None, seed=cfg.run.seed,
+                 extra=extra)
+    return _finish(cfg, out, chash, result, stage="qg", counts={"rows": table.num_rows},
+                   inputs=inputs)
