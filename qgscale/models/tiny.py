@@ -25,17 +25,17 @@ SPECIALS = ["<pad>", "</s>", "<unk>", "<cls>", "<sep>", "<mask>"]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> PreTrainedTokenizerFast:
-    """A multilingual Unigram tokenizer trained on ``texts`` (seconds on a few MB).
+    """A multilingual BPE tokenizer trained on ``texts`` (seconds on a few MB).
 
     Ids: <pad>=0, </s>=1, <unk>=2, <cls>=3, <sep>=4, <mask>=5, as T5 expects for pad/eos;
     every encoded text ends with </s>.
     """
-    tok = Tokenizer(models.Unigram())
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                      unk_token="<unk>", max_piece_length=12)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  limit_alphabet=3000)
     tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(  # T5-style: append </s>
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
