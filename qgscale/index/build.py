@@ -1,0 +1,373 @@
+"""Distributed FAISS build over embedding shards (the autofaiss recipe on Ray).
+
+1. sample training vectors uniformly across shards (distributed reservoir: each shard keeps
+   its ``k`` rows with the smallest random keys; the ``k`` smallest overall are a uniform
+   sample without replacement);
+2. train the index from a factory string (GPU clustering with faiss-gpu when present) and
+   save the trained empty index to storage;
+3. add each embedding shard in a parallel Ray task (global int64 id = row offset of the shard
+   + row), writing an index part and its id map ``{id, pid}`` (done marker last);
+4. merge the IVF parts into ``num_shards`` indexes (``faiss.merge_into`` in memory, or
+   ``faiss.contrib.ondisk.merge_ondisk``), or keep them as parts for sharded search.
+
+Layout under ``index_uri``::
+
+    trained.faiss  trained.json       trained empty index
+    parts/part-00000.faiss            one index part per embedding shard (or group)
+    ids/part-00000.parquet            its id map {id, pid}; ids/_done/ = done markers
+    shards/shard-00000.faiss          final index shard(s) (+ .ivfdata when on disk)
+    _manifest.json                    factory, metric, dim, ntotal, shard files, timings
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import posixpath
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qgscale import storage
+from qgscale.index.encode import apply_storage_env, read_vectors, storage_env
+
+FAULT_ENV = "QGSCALE_FAULT"  # "add:<part name>": SIGKILL that add task after its index part
+IDS_SCHEMA = pa.schema([("id", pa.int64()), ("pid", pa.string())])
+
+
+# ---------------------------------------------------------------- factory and estimates
+def metric_type(metric: str) -> int:
+    import faiss
+
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"index.metric: expected 'ip' or 'l2', got {metric!r}")
+    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+
+
+def is_ivf(factory: str) -> bool:
+    return "IVF" in factory
+
+
+def with_ids(factory: str) -> str:
+    """Non-IVF indexes need an IDMap2 wrapper to hold our global ids."""
+    return factory if is_ivf(factory) or factory.startswith("IDMap") else f"IDMap2,{factory}"
+
+
+def bytes_per_vector(factory: str, dim: int) -> float:
+    """Rough memory per indexed vector (codes + 8-byte id), as autofaiss estimates it."""
+    import re
+
+    pq_m = re.search(r"PQ(\d+)(?:x(\d+))?", factory)
+    if pq_m:
+        code = int(pq_m.group(1)) * int(pq_m.group(2) or 8) / 8
+    elif "SQ8" in factory:
+        code = dim
+    else:
+        code = 4 * dim
+    hnsw = re.search(r"HNSW(\d+)", factory)
+    graph = 2 * int(hnsw.group(1)) * 4 if hnsw and not is_ivf(factory) else 0
+    return code + graph + 8
+
+
+def estimate(factory: str, n: int, dim: int) -> dict:
+    import re
+
+    nlist_m = re.search(r"IVF(\d+)", factory)
+    nlist = int(nlist_m.group(1)) if nlist_m else 0
+    index_bytes = n * bytes_per_vector(factory, dim) + nlist * dim * 4
+    return {"factory": factory, "n_vectors": n, "dim": dim, "nlist": nlist,
+            "index_gb": index_bytes / 2**30,
+            "min_train_samples": 39 * nlist if nlist else 0}
+
+
+def auto_factory(n: int, dim: int, max_memory_gb: float) -> str:
+    """Pick a factory like autofaiss: exact for small corpora, IVF-Flat if it fits in half the
+    memory budget, else IVF-PQ with the largest code that fits; nlist ~ 4 sqrt(n)."""
+    budget = max_memory_gb * 2**30
+    if n <= 100_000 and n * (4 * dim + 8) <= 0.5 * budget:
+        return "Flat"
+    nlist = 2 ** max(4, round(math.log2(4 * math.sqrt(n))))
+    while nlist > 16 and 39 * nlist > n:
+        nlist //= 2
+    if n <= 2_000_000 and n * (4 * dim + 8) <= 0.5 * budget:
+        return f"IVF{nlist},Flat"
+    for m in (64, 48, 32, 24, 16, 12, 8, 4):
+        if dim % m == 0 and n * (m + 8) <= 0.8 * budget:
+            return f"IVF{nlist},PQ{m}"
+    raise ValueError(f"{n} vectors of dim {dim} do not fit index.max_memory_gb={max_memory_gb}")
+
+
+@contextlib.contextmanager
+def phase(timings: dict, name: str) -> Iterator[None]:
+    start = time.time()
+    yield
+    timings[name] = round(time.time() - start, 3)
+
+
+# ---------------------------------------------------------------- Ray tasks
+def _limit_threads(num_cpus: float) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(num_cpus)))
+
+
+def sample_shard(uri: str, k: int, seed: int, env: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows of one shard with the smallest uniform random keys: ``(keys, vectors)``."""
+    apply_storage_env(env)
+    _, vecs = read_vectors(uri)
+    keys = np.random.default_rng(seed).random(len(vecs))
+    keep = np.argsort(keys)[:k]
+    return keys[keep], vecs[keep]
+
+
+def train_index(factory: str, metric: str, dim: int, out_uri: str, env: dict,
+                *samples: tuple[np.ndarray, np.ndarray], k: int = 0) -> dict:
+    """Train ``factory`` on the ``k`` lowest-key sampled rows; write the empty index."""
+    import faiss
+
+    apply_storage_env(env)
+    index = faiss.index_factory(dim, with_ids(factory), metric_type(metric))
+    n_train = 0
+    if not index.is_trained:
+        keys = np.concatenate([s[0] for s in samples])
+        vecs = np.concatenate([s[1] for s in samples])
+        x = np.ascontiguousarray(vecs[np.argsort(keys)[:k]])
+        n_train = len(x)
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus():
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+        index.train(x)
+    storage.write_bytes(out_uri, faiss.serialize_index(index).tobytes())
+    return {"n_train": n_train}
+
+
+def add_part(trained_uri: str, shard_uris: list[str], offsets: list[int], index_uri: str,
+             name: str, chash: str, env: dict, num_cpus: float, fault: str = "") -> int:
+    """Add embedding shards to a copy of the trained index; write the part, then its id map."""
+    import faiss
+
+    apply_storage_env(env)
+    _limit_threads(num_cpus)
+    writer = storage.ShardWriter(storage.join(index_uri, "ids"), chash)
+    if writer.done(name):
+        return 0
+    index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(trained_uri), np.uint8))
+    all_ids, all_pids = [], []
+    for uri, offset in zip(shard_uris, offsets, strict=True):
+        pids, vecs = read_vectors(uri)
+        ids = np.arange(offset, offset + len(pids), dtype=np.int64)
+        index.add_with_ids(vecs, ids)
+        all_ids.append(ids)
+        all_pids.extend(pids)
+    storage.write_bytes(storage.join(index_uri, "parts", f"{name}.faiss"),
+                        faiss.serialize_index(index).tobytes())
+    if fault == f"add:{name}":  # a real crash between the part and its done marker
+        os.kill(os.getpid(), signal.SIGKILL)
+    ids_table = pa.table({"id": np.concatenate(all_ids), "pid": all_pids}, schema=IDS_SCHEMA)
+    writer.write(name, ids_table)
+    return index.ntotal
+
+
+def _read_index(uri: str, mmap_ok: bool = False):
+    import faiss
+
+    return faiss.deserialize_index(np.frombuffer(storage.read_bytes(uri), np.uint8))
+
+
+def merge_parts(trained_uri: str, part_uris: list[str], out_uri: str, mode: str, env: dict,
+                num_cpus: float) -> int:
+    """Merge index parts into one index at ``out_uri`` (inverted-list merge)."""
+    import faiss
+
+    apply_storage_env(env)
+    _limit_threads(num_cpus)
+    if mode == "ondisk":
+        from faiss.contrib.ondisk import merge_ondisk
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = []
+            for i, uri in enumerate(part_uris):
+                local.append(os.path.join(tmp, f"part-{i}.faiss"))
+                with open(local[-1], "wb") as f:
+                    f.write(storage.read_bytes(uri))
+            index = _read_index(trained_uri)
+            base = posixpath.basename(out_uri)
+            merge_ondisk(index, local, os.path.join(tmp, base + ".ivfdata"))
+            faiss.write_index(index, os.path.join(tmp, base))
+            ntotal = index.ntotal
+            del index
+            for suffix in (".ivfdata", ""):
+                with open(os.path.join(tmp, base + suffix), "rb") as f:
+                    storage.write_bytes(out_uri + suffix, f.read())
+        return ntotal
+    index = _read_index(trained_uri)
+    for uri in part_uris:
+        part = _read_index(uri)
+        if faiss.try_extract_index_ivf(index) is not None:
+            faiss.merge_into(index, part, False)
+        else:
+            index.merge_from(part, 0)
+    storage.write_bytes(out_uri, faiss.serialize_index(index).tobytes())
+    return index.ntotal
+
+
+# ---------------------------------------------------------------- driver
+@dataclass
+class BuildOptions:
+    factory: str = "auto"
+    metric: str = "ip"
+    train_samples: int = 100_000
+    num_shards: int = 1  # final index shards; 0 keeps every part as its own shard
+    merge: str = "memory"  # "memory" | "ondisk"
+    max_memory_gb: float = 8.0
+    cpus_per_task: float = 1.0
+    max_retries: int = 2
+    seed: int = 0
+
+
+def shard_rows(uris: list[str]) -> tuple[list[int], int]:
+    """Row count of every embedding shard and the vector dimension (parquet footers only)."""
+    counts, dim = [], 0
+    for uri in uris:
+        fs, path = storage.url_to_fs(uri)
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f)
+            counts.append(meta.metadata.num_rows)
+            if not dim:
+                vec = meta.schema_arrow.field("vector").type
+                if not pa.types.is_fixed_size_list(vec):
+                    raise ValueError(f"{uri}: field 'vector' must be a fixed-size list")
+                dim = vec.list_size
+    return counts, dim
+
+
+def _groups(n: int, k: int) -> list[list[int]]:
+    k = max(1, min(k, n))
+    bounds = np.linspace(0, n, k + 1).round().astype(int)
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+
+
+def _gather(refs: dict, what: str) -> dict:
+    """Wait for every task (so finished work is kept), then raise if any failed."""
+    import ray
+
+    results, failed = {}, {}
+    for name, ref in refs.items():
+        try:
+            results[name] = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - reported below with the part names
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    if failed:
+        raise RuntimeError(f"{what} failed for {sorted(failed)} (re-run to resume): "
+                           f"{next(iter(failed.values()))}")
+    return results
+
+
+def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
+                config_hash: str = "") -> dict:
+    """Build (or resume building) the index of every embedding shard under ``emb_uri``."""
+    import ray
+
+    opts = opts or BuildOptions()
+    if opts.merge not in ("memory", "ondisk"):
+        raise ValueError(f"index.merge: expected 'memory' or 'ondisk', got {opts.merge!r}")
+    if not ray.is_initialized():
+        ray.init()
+    chash = config_hash or storage.config_hash({"emb": emb_uri, **opts.__dict__})
+    if storage.stage_done(index_uri, chash):
+        return storage.read_manifest(index_uri)
+    uris = storage.list_files(emb_uri, ".parquet")
+    if not uris:
+        raise FileNotFoundError(f"{emb_uri}: no embedding shards")
+    counts, dim = shard_rows(uris)
+    n = int(sum(counts))
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+    factory = opts.factory
+    if factory == "auto":
+        factory = auto_factory(n, dim, opts.max_memory_gb)
+    est = estimate(factory, n, dim)
+    print(f"[index build] {n} vectors x {dim} -> {factory}: ~{est['index_gb']:.2f} GiB index, "
+          f"nlist={est['nlist']}, train samples={min(opts.train_samples, n)} "
+          f"(min {est['min_train_samples']})", flush=True)
+    env, timings = storage_env(), {}
+    task = ray.remote(num_cpus=opts.cpus_per_task, max_retries=opts.max_retries)
+
+    trained_uri = storage.join(index_uri, "trained.faiss")
+    info_uri = storage.join(index_uri, "trained.json")
+    with phase(timings, "train_s"):
+        trained_ok = storage.exists(info_uri) and storage.read_json(info_uri)["hash"] == chash
+        if not trained_ok:
+            import faiss
+
+            needs_training = not faiss.index_factory(dim, with_ids(factory),
+                                                     metric_type(opts.metric)).is_trained
+            k = min(opts.train_samples, n) if needs_training else 0
+            samples = [task(sample_shard).remote(u, k, opts.seed * 100_003 + i, env)
+                       for i, u in enumerate(uris)] if k else []
+            gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
+            train = ray.remote(num_cpus=opts.cpus_per_task, num_gpus=1 if gpu else 0)(
+                train_index)
+            info = ray.get(train.remote(factory, opts.metric, dim, trained_uri, env, *samples,
+                                        k=k))
+            storage.write_json(info_uri, {"hash": chash, "factory": factory, **info})
+
+    mergeable = is_ivf(factory) or opts.num_shards == 0 or "HNSW" not in factory
+    part_groups = ([[i] for i in range(len(uris))] if mergeable
+                   else _groups(len(uris), max(1, opts.num_shards)))
+    names = [f"part-{g[0]:05d}" for g in part_groups]
+    fault = os.environ.get(FAULT_ENV, "")
+    ids_writer = storage.ShardWriter(storage.join(index_uri, "ids"), chash)
+    with phase(timings, "add_s"):
+        refs = {name: task(add_part).remote(trained_uri, [uris[i] for i in g],
+                                            [offsets[i] for i in g], index_uri, name, chash,
+                                            env, opts.cpus_per_task, fault)
+                for name, g in zip(names, part_groups, strict=True)
+                if not ids_writer.done(name)}
+        _gather(refs, "index add")
+    ids_writer.finalize(names)
+
+    part_uris = [storage.join(index_uri, "parts", f"{nm}.faiss") for nm in names]
+    with phase(timings, "merge_s"):
+        if opts.num_shards == 0 or not mergeable or opts.num_shards >= len(names):
+            shard_files = [posixpath.join("parts", f"{nm}.faiss") for nm in names]
+            ondisk = False
+        else:
+            groups = _groups(len(names), opts.num_shards)
+            shard_files = [f"shards/shard-{j:05d}.faiss" for j in range(len(groups))]
+            ondisk = opts.merge == "ondisk" and is_ivf(factory)
+            refs = {f: task(merge_parts).remote(trained_uri, [part_uris[i] for i in g],
+                                                storage.join(index_uri, f),
+                                                "ondisk" if ondisk else "memory", env,
+                                                opts.cpus_per_task)
+                    for f, g in zip(shard_files, groups, strict=True)}
+            ntotals = _gather(refs, "index merge")
+            if sum(ntotals.values()) != n:
+                raise RuntimeError(f"{index_uri}: merged {sum(ntotals.values())} != {n} vectors")
+    rates = {f"{p[:-2]}_vectors_per_s": round(n / max(timings[p], 1e-9), 1)
+             for p in ("add_s", "merge_s")}
+    return storage.write_manifest(index_uri, chash, factory=factory, metric=opts.metric,
+                                  dim=dim, ntotal=n, shards=shard_files, ondisk=ondisk,
+                                  estimate=est, timings=timings | rates, embeddings=emb_uri)
+
+
+def run_build(cfg, tag: str = "de0", emb_uri: str | None = None,
+              index_uri: str | None = None) -> dict:
+    """Stage ``index build``: ``<root>/index/<tag>/embeddings`` -> ``<root>/index/<tag>/faiss``."""
+    ic = cfg.index
+    emb_uri = emb_uri or cfg.uri("index", tag, "embeddings")
+    index_uri = index_uri or cfg.uri("index", tag, "faiss")
+    opts = BuildOptions(factory=ic.factory, metric=ic.metric, train_samples=ic.train_samples,
+                        num_shards=ic.num_shards, merge=ic.merge, max_memory_gb=ic.max_memory_gb,
+                        cpus_per_task=ic.cpus_per_actor, max_retries=ic.max_retries,
+                        seed=cfg.run.seed)
+    emb_manifest = storage.read_manifest(emb_uri) or {}
+    chash = storage.config_hash({"opts": opts.__dict__,
+                                 "emb": emb_manifest.get("config_hash", emb_uri)})
+    return build_index(emb_uri, index_uri, opts, chash)

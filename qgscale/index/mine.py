@@ -1,0 +1,144 @@
+"""Candidate and hard-negative mining: top-k retrieval for training queries, positives dropped.
+
+Outputs under ``out_uri``:
+``candidates/`` CANDIDATES ``{qid, pids, scores}`` (top-k, positives removed; the teacher
+scores these) and ``train/`` TRAIN_EXAMPLES ``{qid, pos_pids, neg_pids}`` (hard negatives =
+candidates ranked ``skip_top .. skip_top + n_negatives``; queries without a positive get
+candidates but no training example, and are counted in the manifest).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from qgscale import storage
+from qgscale.data.schema import CANDIDATES, QRELS, QUERIES, TRAIN_EXAMPLES
+
+
+def read_positives(qrels_uri: str) -> dict[str, set[str]]:
+    """qid -> positive pids (rel > 0) from QRELS shards."""
+    table = storage.read_parquet(qrels_uri)
+    missing = [c for c in QRELS.names if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{qrels_uri}: qrels lack field(s) {missing}")
+    pos: dict[str, set[str]] = defaultdict(set)
+    for qid, pid, rel in zip(*(table.column(c).to_pylist() for c in QRELS.names), strict=True):
+        if rel is not None and rel > 0:
+            pos[qid].add(pid)
+    return pos
+
+
+def select(qids: list[str], pids: np.ndarray, scores: np.ndarray,
+           positives: dict[str, set[str]], top_k: int, n_negatives: int,
+           skip_top: int = 0) -> tuple[pa.Table, pa.Table, int]:
+    """Retrieved lists -> (CANDIDATES, TRAIN_EXAMPLES, #queries without positive).
+
+    Positives and missing hits are dropped first; candidates are the first ``top_k`` left,
+    negatives the ``n_negatives`` after the first ``skip_top``.
+    """
+    cand = {"qid": [], "pids": [], "scores": []}
+    train = {"qid": [], "pos_pids": [], "neg_pids": []}
+    no_pos = 0
+    for qid, row_p, row_s in zip(qids, pids, scores, strict=True):
+        pos = positives.get(qid, set())
+        ranked = [(p, float(s)) for p, s in zip(row_p, row_s, strict=True)
+                  if p is not None and p not in pos]
+        cand["qid"].append(qid)
+        cand["pids"].append([p for p, _ in ranked[:top_k]])
+        cand["scores"].append([s for _, s in ranked[:top_k]])
+        if not pos:
+            no_pos += 1
+            continue
+        train["qid"].append(qid)
+        train["pos_pids"].append(sorted(pos))
+        train["neg_pids"].append([p for p, _ in ranked[skip_top:skip_top + n_negatives]])
+    return (pa.Table.from_pydict(cand, schema=CANDIDATES),
+            pa.Table.from_pydict(train, schema=TRAIN_EXAMPLES), no_pos)
+
+
+def mine(queries: pa.Table, positives: dict[str, set[str]], encode: Callable, out_uri: str,
+         search_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], *,
+         top_k: int = 30, n_negatives: int = 8, skip_top: int = 0, shard_rows: int = 5000,
+         config_hash: str = "") -> dict:
+    """Mine query shards of ``shard_rows`` (resumable); ``encode(texts) -> float32 matrix``,
+    ``search_fn(vectors, k) -> (pids, scores)``. Returns the stage manifest."""
+    for c in QUERIES.names:
+        if c not in queries.column_names:
+            raise ValueError(f"queries lack field {c!r}")
+    qids, texts = queries.column("qid").to_pylist(), queries.column("text").to_pylist()
+    extra = max((len(positives.get(q, ())) for q in qids), default=0)
+    cand_w = storage.ShardWriter(storage.join(out_uri, "candidates"), config_hash)
+    train_w = storage.ShardWriter(storage.join(out_uri, "train"), config_hash)
+    names, no_pos = [], 0
+    for start in range(0, len(qids), shard_rows):
+        name = f"part-{start // shard_rows:05d}"
+        names.append(name)
+        if cand_w.done(name) and train_w.done(name):
+            continue
+        sl = slice(start, start + shard_rows)
+        k = max(top_k, skip_top + n_negatives) + extra
+        pids, scores = search_fn(encode(texts[sl]), k)
+        cand, train, n = select(qids[sl], pids, scores, positives, top_k, n_negatives, skip_top)
+        train_w.write(name, train, no_positive=n)
+        cand_w.write(name, cand)
+    for name in names:
+        no_pos += storage.read_json(storage.join(out_uri, "train", storage.DONE_DIR,
+                                                 f"{name}.json")).get("no_positive", 0)
+    m_train = train_w.finalize(names, no_positive=no_pos)
+    m_cand = cand_w.finalize(names)
+    return storage.write_manifest(out_uri, config_hash, queries=len(qids),
+                                  candidates=m_cand["rows"], train_examples=m_train["rows"],
+                                  no_positive=no_pos)
+
+
+def run_mine(cfg: Any, model_uri: str, tag: str = "de0", queries_uri: str | None = None,
+             qrels_uri: str | None = None, index_uri: str | None = None,
+             out_uri: str | None = None) -> dict:
+    """Stage ``index mine``: encode ``mine.split`` queries with ``model_uri``, search the index
+    of ``tag``, write ``<root>/mine/<tag>/{candidates,train}``."""
+    import ray
+
+    from qgscale.index.encode import EncodeActor, actor_resources, load_dual_encoder, storage_env
+    from qgscale.index.search import ShardedSearcher, search
+
+    mc, ic = cfg.mine, cfg.index
+    queries_uri = queries_uri or cfg.uri("data", mc.split, "queries")
+    qrels_uri = qrels_uri or cfg.uri("data", mc.split, "qrels")
+    index_uri = index_uri or cfg.uri("index", tag, "faiss")
+    out_uri = out_uri or cfg.uri("mine", tag)
+    index_m = storage.read_manifest(index_uri) or {}
+    chash = storage.config_hash({"mine": mc, "model": model_uri, "queries": queries_uri,
+                                 "index": index_m.get("config_hash", index_uri),
+                                 "nprobe": ic.nprobe, "ef": ic.ef_search})
+    if storage.stage_done(out_uri, chash):
+        return storage.read_manifest(out_uri)
+    if not ray.is_initialized():
+        ray.init()
+    _, res = actor_resources(1, ic.cpus_per_actor)
+    actor = ray.remote(**res)(EncodeActor).remote(
+        functools.partial(load_dual_encoder, model_uri), storage_env(), ic.batch_size,
+        "float32", ic.precision)
+    if ic.search_actors:
+        searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, ic.cpus_per_actor)
+        search_fn = searcher.search
+    else:
+        searcher, search_fn = None, functools.partial(_search, search, index_uri, ic)
+    try:
+        return mine(storage.read_parquet(queries_uri), read_positives(qrels_uri),
+                    lambda texts: ray.get(actor.encode_queries.remote(texts)), out_uri,
+                    search_fn, top_k=mc.top_k, n_negatives=mc.n_negatives,
+                    skip_top=mc.skip_top, shard_rows=mc.shard_rows, config_hash=chash)
+    finally:
+        ray.kill(actor)
+        if searcher is not None:
+            searcher.close()
+
+
+def _search(search: Callable, index_uri: str, ic: Any, x: np.ndarray, k: int):
+    return search(index_uri, x, k, nprobe=ic.nprobe, ef_search=ic.ef_search)
