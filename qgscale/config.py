@@ -171,9 +171,16 @@ class MineConfig(Section):
 
 
 class EvalConfig(Section):
-    k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20, 100])
-    top_k: int = 100
+    k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20, 100])  # recall@k cut-offs
+    top_k: int = 100  # passages retrieved per query (and per language pair)
     splits: list[str] = Field(default_factory=lambda: ["test"])
+    model: str | None = None  # student to evaluate; None: <root>/train/distill/model
+    index: str | None = None  # FAISS index of its corpus; None: <root>/index/de1/faiss
+    out: str | None = None  # report folder; None: <root>/eval
+    batch_size: int = 128  # query encoding batch
+    pairs: bool = True  # also search each corpus language alone: per (query, corpus) lang pair
+    answer_recall: bool = True  # R@2kt / R@5kt when the split has answers (XOR-TyDi, MKQA)
+    chart_metric: str = "mrr@10"  # metric of the per-pair bar chart
 
 
 class Config(Section):

@@ -1,0 +1,386 @@
+"""Evaluation job: encode a split's queries, search the index, compute metrics, write reports.
+
+Plain path (no Ray): :func:`evaluate_split` takes an encoder and a loaded index. The job
+(:func:`run_eval`, ``python -m qgscale.eval``) runs :func:`evaluate_uris` as one Ray task (on
+a GPU when the cluster has one), so ``ray job submit ... -- python -m qgscale.eval --config X``
+does the heavy work on the cluster; the driver writes ``metrics.json``, ``metrics.md`` and
+``pairs.png`` (bar chart per language pair) to ``eval.out`` (local or ``s3://``).
+
+Searches: the pooled corpus once (per-query-language view), and, when the corpus holds several
+languages and ``eval.pairs`` is on, each corpus language alone through a FAISS ``IDSelector``
+(exact restriction, no over-fetching): the per (query lang, corpus lang) pairs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qgscale import storage
+from qgscale.eval import metrics as M
+
+DEFAULT_TAG = "de1"  # the distilled student's index (``<root>/index/de1/faiss``)
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class EvalData:
+    """A split's queries, qrels and answers, and the corpus the index was built from."""
+
+    qids: list[str]
+    texts: list[str]
+    query_lang: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    corpus_uri: str
+    answers: dict[str, list[str]] | None = None
+    source: dict[str, str] = field(default_factory=dict)
+
+
+def _split_uri(data_uri: str, split: str, kind: str) -> str | None:
+    """``data/<split>/<kind>`` (xquad-style splits) or else ``data/<kind>`` (one split)."""
+    for uri in (storage.join(data_uri, split, kind), storage.join(data_uri, kind)):
+        if storage.exists(uri):
+            return uri
+    return None
+
+
+def _require(table: pa.Table, names: list[str], uri: str) -> None:
+    missing = [c for c in names if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{uri}: missing field(s) {missing}")
+
+
+def load_split(data_uri: str, split: str, corpus_uri: str | None = None,
+               answers: bool = True) -> EvalData:
+    """Read ``split`` of a prepared dataset (``qgscale data prepare`` layout)."""
+    q_uri = _split_uri(data_uri, split, "queries")
+    if q_uri is None:
+        raise FileNotFoundError(f"{data_uri}: no queries for split {split!r} "
+                                f"(looked for {split}/queries and queries)")
+    queries = storage.read_parquet(q_uri)
+    _require(queries, ["qid", "lang", "text"], q_uri)
+    qids = queries.column("qid").to_pylist()
+    if len(set(qids)) != len(qids):
+        raise ValueError(f"{q_uri}: duplicate qids")
+    qrels: dict[str, dict[str, int]] = defaultdict(dict)
+    r_uri = _split_uri(data_uri, split, "qrels")
+    if r_uri is not None:
+        table = storage.read_parquet(r_uri)
+        _require(table, ["qid", "pid", "rel"], r_uri)
+        for q, p, r in zip(*(table.column(c).to_pylist() for c in ("qid", "pid", "rel")),
+                           strict=True):
+            qrels[q][p] = int(r)
+    ans = None
+    a_uri = _split_uri(data_uri, split, "answers") if answers else None
+    if a_uri is not None:
+        table = storage.read_parquet(a_uri)
+        _require(table, ["qid", "answers"], a_uri)
+        ans = dict(zip(table.column("qid").to_pylist(), table.column("answers").to_pylist(),
+                       strict=True))
+    if r_uri is None and ans is None:
+        raise FileNotFoundError(f"{data_uri}: split {split!r} has neither qrels nor answers")
+    corpus_uri = corpus_uri or _split_uri(data_uri, split, "corpus")
+    if corpus_uri is None:
+        raise FileNotFoundError(f"{data_uri}: no corpus for split {split!r}")
+    return EvalData(qids, queries.column("text").to_pylist(),
+                    dict(zip(qids, queries.column("lang").to_pylist(), strict=True)),
+                    dict(qrels), corpus_uri, ans,
+                    {"queries": q_uri, "qrels": r_uri or "", "answers": a_uri or "",
+                     "corpus": corpus_uri})
+
+
+def corpus_langs(corpus_uri: str) -> list[str]:
+    """Distinct passage languages (reads only the ``lang`` column)."""
+    langs: set[str] = set()
+    for uri in storage.list_files(corpus_uri, ".parquet") or [corpus_uri]:
+        langs.update(pc.unique(storage.read_parquet(uri, ["lang"]).column("lang")).to_pylist())
+    return sorted(langs)
+
+
+def passage_fields(corpus_uri: str, pids: set[str] | None, text: bool) -> tuple[dict, dict]:
+    """``(pid -> lang, pid -> "title text")`` for ``pids`` (all when None), shard by shard."""
+    from qgscale.index.encode import passage_text
+
+    cols = ["pid", "lang"] + (["title", "text"] if text else [])
+    lang: dict[str, str] = {}
+    texts: dict[str, str] = {}
+    wanted = pa.array(sorted(pids), pa.string()) if pids is not None else None
+    for uri in storage.list_files(corpus_uri, ".parquet") or [corpus_uri]:
+        t = storage.read_parquet(uri, cols)
+        if wanted is not None:
+            t = t.filter(pc.is_in(t.column("pid"), value_set=wanted))
+        lang.update(zip(t.column("pid").to_pylist(), t.column("lang").to_pylist(), strict=True))
+        if text:
+            texts.update((p, passage_text(a, b)) for p, a, b in zip(
+                *(t.column(c).to_pylist() for c in ("pid", "title", "text")), strict=True))
+    return lang, texts
+
+
+# ---------------------------------------------------------------------------- search
+def _search_params(index: Any, sel: Any, nprobe: int | None, ef_search: int | None):
+    """FAISS search parameters with ``sel`` of the type the (wrapped) index expects."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(
+            index_params=_search_params(index.index, sel, nprobe, ef_search))
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return _search_params(index.index, sel, nprobe, ef_search)
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe or index.nprobe)
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search or index.hnsw.efSearch)
+    return faiss.SearchParameters(sel=sel)
+
+
+def restricted_search(loaded: Any, x: np.ndarray, k: int, ids: np.ndarray | None,
+                      nprobe: int | None = None, ef_search: int | None = None):
+    """Top-``k`` ``(pids, scores)`` of a ``qgscale.index.search.LoadedIndex`` among ``ids``
+    only (all when None). Index shards are searched one by one and merged (IndexShards does
+    not pass search parameters down)."""
+    import faiss
+
+    from qgscale.index.search import _to_results
+
+    if ids is None:
+        return loaded.search(x, k)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    sel = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+    heap = faiss.ResultHeap(len(x), k, keep_max=loaded.metric == "ip")
+    for part in loaded.parts or [loaded.index]:
+        dist, found = part.search(x, k, params=_search_params(part, sel, nprobe, ef_search))
+        heap.add_result(dist, found)
+    heap.finalize()
+    return _to_results(heap.D, heap.I, loaded.pids, loaded.metric)
+
+
+def to_run(qids: list[str], pids: np.ndarray, scores: np.ndarray) -> dict[str, dict]:
+    """Search results as a run ``{qid: {pid: score}}`` (missing hits dropped)."""
+    return {q: {p: float(s) for p, s in zip(row_p, row_s, strict=True) if p is not None}
+            for q, row_p, row_s in zip(qids, pids, scores, strict=True)}
+
+
+# ---------------------------------------------------------------------------- evaluation
+def metric_names(ks: list[int]) -> list[str]:
+    return [f"recall@{k}" for k in ks] + ["mrr@10", "ndcg@10", "map"]
+
+
+def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 100,
+                   ks: list[int] | None = None, batch_size: int = 128, pairs: bool = True,
+                   nprobe: int | None = None, ef_search: int | None = None,
+                   device: str = "cpu", precision: str = "fp32") -> dict:
+    """Encode ``data``'s queries with ``encoder``, search ``loaded``, compute every metric.
+
+    Returns ``{pairs, query_langs, query_langs_macro, macro, n_queries, corpus_langs, run}``
+    where ``run`` is the pooled top-k (``{qid: {pid: score}}``).
+    """
+    from qgscale.index.encode import encode_texts, token_lengths
+
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    lengths = token_lengths(getattr(encoder, "tokenizer", None), data.texts)
+    qvec = encode_texts(encoder.encode_queries, data.texts, batch_size, lengths, device,
+                        precision)
+    timings["encode_s"] = time.time() - t0
+    t0 = time.time()
+    langs = corpus_langs(data.corpus_uri)
+    pooled = to_run(data.qids, *restricted_search(loaded, qvec, top_k, None))
+    pair_runs: dict[tuple[str, str], dict] = {}
+    by_qlang: dict[str, list[int]] = defaultdict(list)
+    for i, q in enumerate(data.qids):
+        by_qlang[data.query_lang[q]].append(i)
+    if len(langs) == 1:  # the pooled corpus is the pair's corpus
+        for ql in by_qlang:
+            pair_runs[(ql, langs[0])] = pooled
+        plang_all = None
+    elif pairs:
+        plang_all, _ = passage_fields(data.corpus_uri, None, text=False)
+        index_langs = np.array([plang_all.get(p) for p in loaded.pids], dtype=object)
+        for cl in langs:
+            ids = np.flatnonzero(index_langs == cl).astype(np.int64)
+            for ql, rows in sorted(by_qlang.items()):
+                sub = [data.qids[i] for i in rows]
+                res = restricted_search(loaded, qvec[rows], top_k, ids, nprobe, ef_search)
+                pair_runs[(ql, cl)] = to_run(sub, *res)
+    else:
+        plang_all = None
+    timings["search_s"] = time.time() - t0
+    t0 = time.time()
+    needed = {p for r in [pooled, *pair_runs.values()] for ranked in r.values() for p in ranked}
+    needed |= {p for rels in data.qrels.values() for p in rels}
+    want_text = data.answers is not None
+    plang, ptext = passage_fields(data.corpus_uri, needed, text=want_text)
+    if plang_all is not None:
+        plang = {**plang_all, **plang}
+    # queries with neither qrels nor answers cannot be scored; keep only scored ones per view
+    out = M.evaluate_languages(pair_runs, data.qrels, data.query_lang, plang, pooled_run=pooled,
+                               metrics=metric_names(ks or [1, 5, 10, 20, 100]),
+                               answers=data.answers, passages=ptext if want_text else None)
+    timings["metrics_s"] = time.time() - t0
+    out.update(n_queries=len(data.qids), corpus_langs=langs, top_k=top_k, timings=timings,
+               run=pooled)
+    return out
+
+
+def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
+                  corpus_uri: str | None = None, env: dict | None = None,
+                  **kw: Any) -> dict:
+    """Load the student, the index and the split from storage and evaluate (a Ray task body)."""
+    from qgscale.index.encode import apply_storage_env, default_device, load_dual_encoder
+    from qgscale.index.search import load_index
+
+    if env:
+        apply_storage_env(env)
+    manifest = storage.read_manifest(index_uri) or {}
+    if corpus_uri is None and manifest.get("embeddings"):
+        corpus_uri = (storage.read_manifest(manifest["embeddings"]) or {}).get("corpus")
+    data = load_split(data_uri, split, corpus_uri, kw.pop("answers", True))
+    device = default_device()
+    encoder = load_dual_encoder(model_uri, device)
+    loaded = load_index(index_uri, kw.get("nprobe"), kw.get("ef_search"))
+    out = evaluate_split(encoder, loaded, data, device=device, **kw)
+    out.update(model=model_uri, index=index_uri, split=split, sources=data.source,
+               device=device, host=os.uname().nodename, python=sys.executable)
+    return out
+
+
+# ---------------------------------------------------------------------------- reports
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(result: dict, metrics: list[str]) -> str:
+    """One table: language pairs, then macro averages, then query languages (pooled corpus)."""
+    cols = [m for m in metrics if any(m in r for r in result["pairs"].values())]
+    rows: list[tuple[str, dict]] = [(k, v) for k, v in result["pairs"].items()]
+    rows += [(f"**macro {k}**", v) for k, v in result["macro"].items() if v.get("groups")]
+    rows += [(f"{k} -> pooled", v) for k, v in result.get("query_langs", {}).items()]
+    if result.get("query_langs_macro", {}).get("groups"):
+        rows.append(("**macro pooled**", result["query_langs_macro"]))
+    head = "| pair | n | " + " | ".join(cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    for name, r in rows:
+        n = r.get("n", r.get("groups", ""))
+        lines.append(f"| {name} | {n} | " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(result: dict, metric: str) -> bytes:
+    """PNG bar chart of ``metric`` per language pair (cross-lingual pairs darker)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [(k, v[metric]) for k, v in result["pairs"].items() if metric in v]
+    if not pairs:
+        raise ValueError(f"no language pair has metric {metric!r}")
+    names, values = zip(*pairs, strict=True)
+    colors = ["#1f77b4" if a != b else "#aec7e8" for a, b in (n.split("->") for n in names)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4))
+    ax.bar(range(len(names)), values, color=colors)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, max(1.0, max(values)))
+    ax.set_title(f"{metric} per (query -> corpus) language pair")
+    for key, ls in (("x->en", "--"), ("cross_lingual", ":")):
+        v = result["macro"].get(key, {}).get(metric)
+        if v is not None:
+            ax.axhline(v, color="k", linestyle=ls, linewidth=1, label=f"macro {key}: {v:.3f}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_reports(result: dict, out_uri: str, metrics: list[str], chart_metric: str) -> dict:
+    """Write ``metrics.json``, ``metrics.md``, ``pairs.png`` and ``run.parquet`` (pooled top-k)."""
+    run = result.pop("run", {})
+    storage.write_json(storage.join(out_uri, "metrics.json"), result)
+    storage.write_bytes(storage.join(out_uri, "metrics.md"),
+                        markdown_table(result, metrics + ["r@2kt", "r@5kt"]).encode())
+    storage.write_bytes(storage.join(out_uri, "pairs.png"), bar_chart(result, chart_metric))
+    from qgscale.data.schema import CANDIDATES
+    from qgscale.eval.metrics import ranking
+
+    ranked = {q: ranking(s) for q, s in run.items()}
+    table = pa.Table.from_pydict(
+        {"qid": list(ranked), "pids": list(ranked.values()),
+         "scores": [[run[q][p] for p in ps] for q, ps in ranked.items()]}, schema=CANDIDATES)
+    storage.write_parquet(storage.join(out_uri, "run.parquet"), table)
+    return result
+
+
+# ---------------------------------------------------------------------------- the job
+def _connect_ray(cfg: Any):
+    """Join the cluster of ``ray job submit`` (RAY_ADDRESS) or ``ray.address``; else start a
+    local Ray sized by ``ray.num_cpus``."""
+    import ray
+
+    if not ray.is_initialized():
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
+    return ray
+
+
+def run_eval(cfg: Any, model_uri: str | None = None, index_uri: str | None = None,
+             out_uri: str | None = None, tag: str = DEFAULT_TAG) -> dict:
+    """Stage ``eval``: evaluate ``model_uri`` with ``index_uri`` on ``cfg.eval.splits``.
+
+    Writes one report folder per split under ``out_uri`` (``<root>/eval/<split>/``) and a
+    ``_manifest.json``; returns ``{split: metrics}`` (the manifest's ``splits``).
+    """
+    from qgscale.index.encode import actor_resources, storage_env
+
+    ec = cfg.eval
+    model_uri = model_uri or ec.model or cfg.uri("train", "distill", "model")
+    index_uri = index_uri or ec.index or cfg.uri("index", tag, "faiss")
+    out_uri = out_uri or ec.out or cfg.uri("eval")
+    for what, uri in (("model", model_uri), ("index", index_uri)):
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"eval: {what} {uri} does not exist")
+    ray = _connect_ray(cfg)
+    _, res = actor_resources(1, cfg.index.cpus_per_actor)
+    task = ray.remote(**res)(evaluate_uris)
+    names = metric_names(ec.k)
+    results = {}
+    for split in ec.splits:
+        t0 = time.time()
+        result = ray.get(task.remote(
+            model_uri, index_uri, cfg.uri("data"), split, env=storage_env(), top_k=ec.top_k,
+            ks=ec.k, batch_size=ec.batch_size, pairs=ec.pairs, nprobe=cfg.index.nprobe,
+            ef_search=cfg.index.ef_search, precision=cfg.index.precision,
+            answers=ec.answer_recall))
+        result["timings"]["total_s"] = time.time() - t0
+        result["job"] = {"driver_python": sys.executable, "driver_host": os.uname().nodename,
+                         "ray_address": ray.get_runtime_context().gcs_address,
+                         "job_id": ray.get_runtime_context().get_job_id()}
+        write_reports(result, storage.join(out_uri, split), names, ec.chart_metric)
+        results[split] = result
+        print(markdown_table(result, names + ["r@2kt", "r@5kt"]), flush=True)
+    storage.write_manifest(out_uri, storage.config_hash(
+        {"eval": ec, "model": model_uri, "index": index_uri}), model=model_uri, index=index_uri,
+        splits={s: {"macro": r["macro"], "query_langs_macro": r.get("query_langs_macro")}
+                for s, r in results.items()})
+    return results
+
+
+def summary_json(results: dict) -> str:
+    return json.dumps({s: r["macro"] for s, r in results.items()}, indent=2)

@@ -1,0 +1,331 @@
+"""Evaluation: in-process on a tiny student + FAISS index over XQuAD test rows, and the real
+``ray job submit ... -- python -m qgscale.eval`` against a ``ray start --head`` cluster."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from qgscale import storage
+from qgscale.data import readers
+from qgscale.data.prepare import write_tables
+
+REPO = Path(__file__).resolve().parents[1]
+LANGS = ["en", "de"]
+N_QUERIES = 24  # per language
+
+
+def _answers(qids: set[str]) -> list[dict]:
+    """XQuAD answer strings (in the query's language) for R@kt."""
+    rows = []
+    for lang in LANGS:
+        with gzip.open(f"{readers.bundled('xquad')}/xquad.{lang}.json.gz", "rt") as f:
+            data = json.load(f)["data"]
+        for article in data:
+            for para in article["paragraphs"]:
+                for qa in para["qas"]:
+                    qid = f"{lang}:{qa['id']}"
+                    if qid in qids:
+                        rows.append({"qid": qid, "answers": [a["text"] for a in qa["answers"]]})
+    return rows
+
+
+def build_run(root: str, tokenizer) -> dict:
+    """Prepared data, a tiny student and its FAISS index in the pipeline's layout under root."""
+    import faiss
+
+    from qgscale.index.encode import encode_table
+    from qgscale.models.encoder import DualEncoder
+    from qgscale.models.tiny import tiny_bert
+
+    tables = readers.read_xquad(readers.bundled("xquad"), LANGS, LANGS)
+    queries = [q for lang in LANGS
+               for q in [r for r in tables["test/queries"] if r["lang"] == lang][:N_QUERIES]]
+    keep = {q["qid"] for q in queries}
+    qrels = [r for r in tables["test/qrels"] if r["qid"] in keep]
+    corpus = tables["test/corpus"]
+    data = storage.join(root, "data")
+    write_tables({"test/queries": queries, "test/qrels": qrels, "test/corpus": corpus,
+                  "test/answers": _answers(keep)}, data, shard_rows=100)
+
+    model_uri = storage.join(root, "train", "distill", "model")
+    encoder = DualEncoder(tiny_bert(tokenizer, seed=3), tokenizer=tokenizer, pooling="mean")
+    encoder.save_pretrained(model_uri)
+
+    corpus_uri = storage.join(data, "test", "corpus")
+    emb_uri = storage.join(root, "index", "de1", "embeddings")
+    emb = encode_table(encoder, storage.read_parquet(corpus_uri), batch_size=32)
+    w = storage.ShardWriter(emb_uri)
+    w.write("part-00000", emb)
+    w.finalize(["part-00000"], corpus=corpus_uri, dtype="float32")
+
+    vecs = np.stack(emb.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+    index_uri = storage.join(root, "index", "de1", "faiss")
+    index = faiss.index_factory(vecs.shape[1], "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.add_with_ids(vecs, np.arange(len(vecs), dtype=np.int64))
+    storage.write_bytes(storage.join(index_uri, "shards", "shard-00000.faiss"),
+                        faiss.serialize_index(index).tobytes())
+    ids = storage.ShardWriter(storage.join(index_uri, "ids"))
+    ids.write("part-00000", pa.table({"id": np.arange(len(vecs), dtype=np.int64),
+                                      "pid": emb.column("pid")}))
+    ids.finalize(["part-00000"])
+    storage.write_manifest(index_uri, "", factory="Flat", metric="ip", dim=vecs.shape[1],
+                           ntotal=len(vecs), shards=["shards/shard-00000.faiss"], ondisk=False,
+                           embeddings=emb_uri)
+    return {"model": model_uri, "index": index_uri, "data": data, "vecs": vecs,
+            "pids": emb.column("pid").to_pylist(), "encoder": encoder, "queries": queries,
+            "corpus": corpus}
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory, tokenizer):
+    root = str(tmp_path_factory.mktemp("evalrun") / "run")
+    return root, build_run(root, tokenizer)
+
+
+def _brute_force(qv, vecs, pids, allowed, k):
+    mask = np.array([p in allowed for p in pids])
+    scores = qv @ vecs[mask].T
+    sub = np.array(pids, dtype=object)[mask]
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [list(sub[row]) for row in order], np.take_along_axis(scores, order, 1)
+
+
+def test_restricted_search_matches_brute_force(run_root):
+    from qgscale.eval.evaluate import restricted_search
+    from qgscale.index.search import load_index
+
+    _, b = run_root
+    loaded = load_index(b["index"])
+    qv = b["encoder"].encode_queries([q["text"] for q in b["queries"]]).numpy()
+    for cl in LANGS:
+        allowed = {c["pid"] for c in b["corpus"] if c["lang"] == cl}
+        ids = np.array([i for i, p in enumerate(loaded.pids) if p in allowed], dtype=np.int64)
+        pids, scores = restricted_search(loaded, qv, 5, ids)
+        exp_pids, exp_scores = _brute_force(qv, b["vecs"], b["pids"], allowed, 5)
+        assert [list(r) for r in pids] == exp_pids
+        np.testing.assert_allclose(scores, exp_scores, rtol=1e-5, atol=1e-5)
+    pids, _ = restricted_search(loaded, qv, 5, None)  # unrestricted: the whole corpus
+    assert [list(r) for r in pids] == _brute_force(qv, b["vecs"], b["pids"], set(b["pids"]),
+                                                   5)[0]
+
+
+def test_evaluate_split(run_root):
+    from qgscale.eval import metrics as M
+    from qgscale.eval.evaluate import evaluate_split, load_split
+    from qgscale.index.search import load_index
+
+    _, b = run_root
+    data = load_split(b["data"], "test", storage.join(b["data"], "test", "corpus"))
+    assert len(data.qids) == 2 * N_QUERIES and data.answers
+    out = evaluate_split(b["encoder"], load_index(b["index"]), data, top_k=5, ks=[1, 5])
+    assert set(out["pairs"]) == {"en->en", "en->de", "de->en", "de->de"}
+    assert out["corpus_langs"] == sorted(LANGS) and out["n_queries"] == 2 * N_QUERIES
+    qv = b["encoder"].encode_queries(data.texts).numpy()
+    for ql in LANGS:
+        rows = [i for i, q in enumerate(data.qids) if data.query_lang[q] == ql]
+        for cl in LANGS:
+            allowed = {c["pid"] for c in b["corpus"] if c["lang"] == cl}
+            top, _ = _brute_force(qv[rows], b["vecs"], b["pids"], allowed, 5)
+            hits = [bool(set(data.qrels[data.qids[i]]) & set(t))
+                    for i, t in zip(rows, top, strict=True)]
+            pair = out["pairs"][f"{ql}->{cl}"]
+            assert pair["n"] == N_QUERIES
+            assert pair["recall@5"] == pytest.approx(np.mean(hits))
+    # pooled view: every query's top 5 over both languages; recall over both relevant passages
+    assert all(len(r) == 5 for r in out["run"].values())
+    direct = M.evaluate(out["run"], data.qrels, ["recall@5"])
+    pooled_macro = np.mean([out["query_langs"][lang]["recall@5"] for lang in LANGS])
+    assert direct["recall@5"] == pytest.approx(pooled_macro)  # equal-sized language groups
+    assert out["macro"]["x->en"]["groups"] == 1 and out["macro"]["monolingual"]["groups"] == 2
+    assert out["macro"]["x->en"]["mrr@10"] == out["pairs"]["de->en"]["mrr@10"]
+    assert out["pairs"]["de->de"]["n_kt"] == N_QUERIES and "r@5kt" in out["pairs"]["en->de"]
+
+
+def test_reports_written_to_s3(run_root, s3_bucket):
+    from qgscale.eval.evaluate import evaluate_split, load_split, metric_names, write_reports
+    from qgscale.index.search import load_index
+
+    _, b = run_root
+    data = load_split(b["data"], "test")
+    out = evaluate_split(b["encoder"], load_index(b["index"]), data, top_k=10, ks=[1, 10])
+    out_uri = f"{s3_bucket}/eval/test"
+    write_reports(out, out_uri, metric_names([1, 10]), "mrr@10")
+    got = storage.read_json(f"{out_uri}/metrics.json")
+    assert got["pairs"]["de->en"]["mrr@10"] == out["pairs"]["de->en"]["mrr@10"]
+    md = storage.read_bytes(f"{out_uri}/metrics.md").decode()
+    assert "| de->en |" in md and "macro x->en" in md and "r@2kt" in md
+    assert storage.read_bytes(f"{out_uri}/pairs.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    run = storage.read_parquet(f"{out_uri}/run.parquet")
+    assert run.num_rows == 2 * N_QUERIES and len(run.column("pids")[0]) == 10
+
+
+# ---------------------------------------------------------------------------- ray job submit
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _descendants(pid: int) -> set[int]:
+    """Processes whose ancestry leads to ``pid`` (from /proc; Linux)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - out
+        out |= frontier
+    return out
+
+
+def _marked(marker: str) -> set[int]:
+    """Processes whose command line names our cluster's unique temp dir."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        out.add(int(entry))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """``ray start --head --block`` on free ports, started from the venv (its ``python`` first
+    on PATH, as ``source .venv/bin/activate`` would). Teardown ends exactly this cluster's
+    processes (its process tree and those naming its temp dir), not other Ray instances:
+    ``ray stop`` would kill every Ray on the machine, including this session's ``ray_local``."""
+    venv_bin = os.path.dirname(sys.executable)
+    ray_bin = os.path.join(venv_bin, "ray")
+    temp_dir = f"/tmp/rayq-{os.getpid()}-{tmp_path.name[-12:]}"
+    (gcs, dash, client, node_mgr, obj_mgr, agent_grpc, agent_http, metrics, rt_env,
+     min_worker) = _free_ports(10)
+    env = dict(os.environ, PATH=f"{venv_bin}:{os.environ.get('PATH', '')}",
+               RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
+           "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+           "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+           "--dashboard-agent-grpc-port", str(agent_grpc),
+           "--dashboard-agent-listen-port", str(agent_http),
+           "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rt_env),
+           "--min-worker-port", str(min_worker), "--max-worker-port", str(min_worker + 50),
+           "--temp-dir", temp_dir, "--disable-usage-stats"]
+    log = open(tmp_path / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_dashboard(address, proc, tmp_path / "ray-start.log")
+        yield {"address": address, "env": env, "ray": ray_bin}
+    finally:
+        tree = _descendants(proc.pid) | _marked(temp_dir)
+        for pid in [proc.pid, *tree]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.time() + 10
+        for pid in tree:
+            while time.time() < deadline and os.path.exists(f"/proc/{pid}"):
+                time.sleep(0.2)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_dashboard(address: str, proc: subprocess.Popen, log: Path, timeout: float = 120):
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"Ray dashboard not up after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_eval(run_root, ray_head, tmp_path):
+    root, b = run_root
+    cfg_path = tmp_path / "eval.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "run": {"name": "eval-job", "root": root},
+        "data": {"format": "xquad", "query_langs": LANGS, "corpus_langs": LANGS},
+        "index": {"cpus_per_actor": 1},
+        "eval": {"k": [1, 5, 10], "top_k": 10},
+    }))
+    runtime_env = {"excludes": [".git", ".venv", "runs", "bench-out", "**/__pycache__",
+                                ".pytest_cache", ".ruff_cache"],
+                   "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    cmd = [ray_head["ray"], "job", "submit", "--address", ray_head["address"],
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
+           "--", "python", "-m", "qgscale.eval", "--config", str(cfg_path),
+           "eval.answer_recall=true"]
+    res = subprocess.run(cmd, env=ray_head["env"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "succeeded" in (res.stdout + res.stderr).lower()
+
+    report = storage.join(root, "eval", "test")
+    got = storage.read_json(storage.join(report, "metrics.json"))
+    # the job ran the venv's Python (the head was started from the venv)
+    assert got["job"]["driver_python"].startswith(os.path.dirname(sys.executable))
+    assert got["python"].startswith(os.path.dirname(sys.executable))
+    assert got["job"]["ray_address"]
+    # same numbers as evaluating in this process
+    from qgscale.eval.evaluate import evaluate_split, load_split
+    from qgscale.index.search import load_index
+
+    local = evaluate_split(b["encoder"], load_index(b["index"]), load_split(b["data"], "test"),
+                           top_k=10, ks=[1, 5, 10])
+    for pair, row in local["pairs"].items():
+        for m in ("recall@1", "recall@10", "mrr@10", "ndcg@10", "r@2kt"):
+            assert got["pairs"][pair][m] == pytest.approx(row[m], abs=1e-6), (pair, m)
+    assert set(got["macro"]) == {"x->en", "cross_lingual", "monolingual"}
+    assert storage.read_bytes(storage.join(report, "pairs.png"))[:4] == b"\x89PNG"
+    assert "| de->en |" in storage.read_bytes(storage.join(report, "metrics.md")).decode()
+    assert storage.read_manifest(storage.join(root, "eval"))["splits"]["test"]["macro"]
