@@ -1,0 +1,462 @@
+"""QueryGenerator: a seq2seq model (mT5/T5/BART/...) that writes and scores queries for passages.
+
+Input = the prompt filled with the query language and the passage (title + text), e.g.
+``"generate de query: <title> | <text>"``; target = the query. One model thus generates and
+scores queries in any language. The teacher score of a pair is
+
+    s(q, p) = (1/|q|) * sum_t log P(q_t | prompt(lang(q), p), q_<t)
+
+over the query's target tokens (the tokenizer's ids, including the final ``</s>``), padding
+excluded. :func:`score_pairs` is the fast path (plain torch, no Ray): distinct sources are
+encoded once and all their queries decoded against the shared encoder output, batches are
+length-bucketed and filled to a token budget, under ``torch.inference_mode`` and bf16/fp16
+autocast on GPU. :func:`score_naive` is the textbook loop the benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qgscale import storage
+from qgscale.models.loading import resolve
+
+DEFAULT_PROMPT = "generate {lang} query: {passage}"
+QG_META = "qgscale_qg.json"  # prompt and lengths saved beside the HF files
+Pair = tuple[str, str, str]  # (query, passage, query language)
+
+
+def passage_text(title: str | None, text: str) -> str:
+    """The passage as the QG reads it: ``"title | text"`` (just ``text`` without a title)."""
+    return f"{title} | {text}" if title else text
+
+
+@dataclass
+class Scores:
+    """Per-pair teacher scores: ``mean`` = ``sum`` / ``ntok`` (mean token log-probability)."""
+
+    mean: np.ndarray
+    sum: np.ndarray
+    ntok: np.ndarray
+
+
+# ---------------------------------------------------------------- plain torch scoring functions
+
+def _autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on CUDA; a no-op on CPU or for fp32 (scores stay exact there)."""
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _pad(seqs: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
+    length = length or max(len(s) for s in seqs)
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def _decoder_start(model: nn.Module) -> int:
+    start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError("model config has no decoder_start_token_id")
+    return int(start)
+
+
+def _token_logprobs(logits: torch.Tensor, labels: torch.Tensor,
+                    chunk_elems: int = 1 << 27) -> torch.Tensor:
+    """log P(label) per position in fp32 (0 where label == -100), chunked over rows."""
+    rows = max(1, chunk_elems // (logits.shape[1] * logits.shape[2]))
+    out = []
+    for i in range(0, logits.shape[0], rows):
+        lg, lb = logits[i:i + rows].float(), labels[i:i + rows]
+        lp = lg.log_softmax(-1).gather(-1, lb.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append(lp.masked_fill(lb < 0, 0.0))
+    return torch.cat(out)
+
+
+def _t5_cross_cache(model: nn.Module, enc: torch.Tensor, index: torch.Tensor) -> Any | None:
+    """Cross-attention keys/values computed once per distinct source, expanded to the targets.
+
+    For T5-family decoders (T5, mT5, ...), whose cross-attention reuses a pre-filled
+    ``EncoderDecoderCache``; ``None`` for other architectures (they get expanded encoder
+    states instead, so the K/V projections run once per target).
+    """
+    blocks = getattr(getattr(model, "decoder", None), "block", None)
+    if blocks is None or not all(hasattr(b.layer[1], "EncDecAttention") for b in blocks):
+        return None
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    cache = EncoderDecoderCache(DynamicCache(config=model.config),
+                                DynamicCache(config=model.config))
+    for i, block in enumerate(blocks):
+        att = block.layer[1].EncDecAttention
+        shape = (*enc.shape[:-1], -1, att.key_value_proj_dim)
+        k = att.k(enc).view(shape).transpose(1, 2).index_select(0, index)
+        v = att.v(enc).view(shape).transpose(1, 2).index_select(0, index)
+        cache.cross_attention_cache.update(k, v, i)
+        cache.is_updated[i] = True
+    return cache
+
+
+def _decode_scores(model: nn.Module, enc: torch.Tensor, enc_mask: torch.Tensor,
+                   index: torch.Tensor, targets: Sequence[Sequence[int]]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of target log-probs and token counts; target i reads source ``index[i]``."""
+    labels = _pad(targets, -100).to(enc.device)
+    dec_in = labels.new_full(labels.shape, _decoder_start(model))
+    dec_in[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] < 0, model.config.pad_token_id)
+    mask = enc_mask.index_select(0, index)
+    cache = _t5_cross_cache(model, enc, index)
+    if cache is None:
+        out = model(encoder_outputs=(enc.index_select(0, index),), attention_mask=mask,
+                    decoder_input_ids=dec_in, use_cache=False)
+    else:  # encoder states only give the mask its shape: K/V come from the cache
+        out = model(encoder_outputs=(enc[:1].expand(len(index), -1, -1),),
+                    attention_mask=mask, decoder_input_ids=dec_in, cache=cache, use_cache=True)
+    lp = _token_logprobs(out.logits, labels)
+    return lp.sum(-1).float(), (labels >= 0).sum(-1)
+
+
+@dataclass
+class Batch:
+    """One forward pass: distinct sources, and for each target the source it is decoded with."""
+
+    sources: list[int]  # indices into the source list
+    targets: list[int]  # indices into the pair list
+    target_source: list[int] = field(default_factory=list)  # position in ``sources`` per target
+
+
+def plan_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], pair_src: Sequence[int],
+                 batch_tokens: int, group: bool = True) -> list[Batch]:
+    """Length-bucketed batches filled to ``batch_tokens`` padded tokens (encoder + decoder).
+
+    Pairs are grouped by source (``group``: a source is encoded once per batch and all its
+    targets decode against it) and sorted by source length, then target length, so padding
+    stays small. A source with more targets than fit in one batch is split over batches.
+    Without ``group`` every pair carries its own copy of its source (plain bucketed path).
+    """
+    by_src: dict[int, list[int]] = {}
+    for j, s in enumerate(pair_src):
+        by_src.setdefault(s if group else -1 - j, []).append(j)
+    keys = sorted(by_src, key=lambda k: (src_lens[pair_src[by_src[k][0]]], k))
+    batches: list[Batch] = []
+    cur, ls, lt = Batch([], []), 0, 0
+
+    def cost(n_src: int, ls_: int, n_tgt: int, lt_: int) -> int:
+        return n_src * ls_ + n_tgt * lt_
+
+    for k in keys:
+        members = sorted(by_src[k], key=lambda j: tgt_lens[j])
+        s = pair_src[members[0]]
+        while members:
+            new_ls = max(ls, src_lens[s])
+            # How many of this source's targets fit next to the current batch?
+            n = 0
+            while n < len(members) and cost(
+                    len(cur.sources) + 1, new_ls, len(cur.targets) + n + 1,
+                    max(lt, tgt_lens[members[n]])) <= batch_tokens:
+                n += 1
+            if n == 0 and cur.targets:  # start a new batch
+                batches.append(cur)
+                cur, ls, lt = Batch([], []), 0, 0
+                continue
+            n = max(n, 1)  # a single pair over budget still runs, alone
+            cur.sources.append(s)
+            for j in members[:n]:
+                cur.targets.append(j)
+                cur.target_source.append(len(cur.sources) - 1)
+                lt = max(lt, tgt_lens[j])
+            ls = new_ls
+            members = members[n:]
+    if cur.targets:
+        batches.append(cur)
+    return batches
+
+
+@torch.inference_mode()
+def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
+                targets: Sequence[Sequence[int]], pair_src: Sequence[int], *,
+                batch_tokens: int = 16384, precision: str = "bf16", group: bool = True,
+                pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Fast path: (sum log P, ntok) of ``targets[j]`` given ``sources[pair_src[j]]``.
+
+    ``sources``/``targets`` are token id lists (already truncated). Encoder runs once per
+    distinct source per batch; its output is expanded (index_select) to the batch's targets.
+    """
+    device = next(model.parameters()).device
+    sums = np.zeros(len(targets), dtype=np.float64)
+    ntok = np.zeros(len(targets), dtype=np.int64)
+    src_lens = [len(s) for s in sources]
+    tgt_lens = [len(t) for t in targets]
+    for b in plan_batches(src_lens, tgt_lens, pair_src, batch_tokens, group):
+        ids = _pad([sources[s] for s in b.sources], pad_id).to(device)
+        mask = (ids != pad_id).long()
+        with _autocast(device, precision):
+            enc = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            index = torch.as_tensor(b.target_source, device=device)
+            s, n = _decode_scores(model, enc, mask, index, [targets[j] for j in b.targets])
+        sums[b.targets] = s.cpu().numpy()
+        ntok[b.targets] = n.cpu().numpy()
+    return sums, ntok
+
+
+@torch.inference_mode()
+def score_naive(model: nn.Module, sources: Sequence[Sequence[int]],
+                targets: Sequence[Sequence[int]], pair_src: Sequence[int], *,
+                batch_size: int = 32, max_source_len: int = 256, max_target_len: int = 64,
+                pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Baseline: fixed batches in input order, padded to the max lengths, fp32, no grouping."""
+    device = next(model.parameters()).device
+    sums = np.zeros(len(targets), dtype=np.float64)
+    ntok = np.zeros(len(targets), dtype=np.int64)
+    for i in range(0, len(targets), batch_size):
+        js = range(i, min(i + batch_size, len(targets)))
+        ids = _pad([sources[pair_src[j]] for j in js], pad_id, max_source_len).to(device)
+        labels = _pad([targets[j] for j in js], -100, max_target_len).to(device)
+        out = model(input_ids=ids, attention_mask=(ids != pad_id).long(), labels=labels,
+                    use_cache=False)
+        lp = _token_logprobs(out.logits, labels)
+        sums[i:i + len(js)] = lp.sum(-1).double().cpu().numpy()
+        ntok[i:i + len(js)] = (labels >= 0).sum(-1).cpu().numpy()
+    return sums, ntok
+
+
+# ------------------------------------------------------------------------------- the model
+
+class QueryGenerator(nn.Module):
+    """An HF seq2seq model + tokenizer + language prompt; ``forward(**batch)`` is the QG loss."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, prompt: str = DEFAULT_PROMPT,
+                 max_passage_len: int = 256, max_query_len: int = 64):
+        super().__init__()
+        if "{passage}" not in prompt or "{lang}" not in prompt:
+            raise ValueError(f"prompt {prompt!r} must contain {{lang}} and {{passage}}")
+        if not getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError(f"{type(model).__name__} is not an encoder-decoder model")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.max_passage_len = max_passage_len
+        self.max_query_len = max_query_len
+
+    # ---- construction and persistence
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, tokenizer: str | None = None,
+                        prompt: str | None = None, **model_kwargs: Any) -> QueryGenerator:
+        """Load from a hub id, local path, ``pkg:`` folder or fsspec URI (``s3://...``)."""
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        path = resolve(name_or_path)
+        meta: dict[str, Any] = {}
+        if os.path.exists(os.path.join(path, QG_META)):
+            with open(os.path.join(path, QG_META)) as f:
+                meta = json.load(f)
+        if prompt:
+            meta["prompt"] = prompt
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, **model_kwargs).eval()
+        tok = AutoTokenizer.from_pretrained(resolve(tokenizer) if tokenizer else path)
+        return cls(model, tok, **meta)
+
+    @classmethod
+    def build(cls, model_cfg: Any, prompt: str = DEFAULT_PROMPT, max_passage_len: int = 256,
+              max_query_len: int = 64, seed: int = 0) -> QueryGenerator:
+        """From a :class:`qgscale.config.ModelConfig`: load ``name_or_path``, or build ``init``
+        (HF config kwargs incl. ``model_type``) with random weights seeded by ``seed``."""
+        lens = dict(max_passage_len=max_passage_len, max_query_len=max_query_len)
+        if model_cfg.name_or_path:
+            qg = cls.from_pretrained(model_cfg.name_or_path, model_cfg.tokenizer,
+                                     prompt=prompt)
+            qg.max_passage_len, qg.max_query_len = max_passage_len, max_query_len
+            return qg
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        if not model_cfg.tokenizer:
+            raise ValueError("model.init needs model.tokenizer (a tokenizer path or hub id)")
+        tok = AutoTokenizer.from_pretrained(resolve(model_cfg.tokenizer))
+        kwargs = dict(model_cfg.init)
+        model_type = kwargs.pop("model_type", "t5")
+        kwargs.setdefault("vocab_size", len(tok))
+        kwargs.setdefault("pad_token_id", tok.pad_token_id)
+        kwargs.setdefault("eos_token_id", tok.eos_token_id)
+        kwargs.setdefault("decoder_start_token_id", tok.pad_token_id)
+        config = AutoConfig.for_model(model_type, **kwargs)
+        torch.manual_seed(seed)
+        model = AutoModelForSeq2SeqLM.from_config(config).eval()
+        return cls(model, tok, prompt, **lens)
+
+    def save_pretrained(self, uri: str) -> None:
+        """Write HF model + tokenizer + ``qgscale_qg.json`` to a local path or fsspec URI."""
+        meta = {"prompt": self.prompt, "max_passage_len": self.max_passage_len,
+                "max_query_len": self.max_query_len}
+        with tempfile.TemporaryDirectory() as tmp:
+            local = storage.url_to_fs(uri)[1] if storage.is_local(uri) else tmp
+            self.model.save_pretrained(local)
+            self.tokenizer.save_pretrained(local)
+            with open(os.path.join(local, QG_META), "w") as f:
+                json.dump(meta, f, indent=2)
+            if not storage.is_local(uri):
+                storage.upload_dir(tmp, uri)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- tokenization
+    def source(self, passage: str, lang: str) -> str:
+        return self.prompt.format(lang=lang, passage=passage)
+
+    def tokenize(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(list(texts), truncation=True, max_length=max_len,
+                              add_special_tokens=True)["input_ids"]
+
+    def _prepare(self, pairs: Sequence[Pair]
+                 ) -> tuple[list[list[int]], list[list[int]], list[int]]:
+        src_index: dict[str, int] = {}
+        pair_src = []
+        for _, p, lang in pairs:
+            pair_src.append(src_index.setdefault(self.source(p, lang), len(src_index)))
+        sources = self.tokenize(list(src_index), self.max_passage_len)
+        targets = self.tokenize([q for q, _, _ in pairs], self.max_query_len)
+        return sources, targets, pair_src
+
+    # ---- scoring and generation
+    def score(self, pairs: Sequence[Pair], *, batch_tokens: int = 16384,
+              precision: str = "bf16", fast: bool = True, group: bool = True,
+              batch_size: int = 32) -> Scores:
+        """Teacher scores of ``(query, passage, query_lang)`` pairs (see module docstring).
+
+        ``fast`` (default): :func:`score_pairs` (``group`` False disables passage grouping);
+        else :func:`score_naive` with ``batch_size``.
+        """
+        if not pairs:
+            return Scores(np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+        sources, targets, pair_src = self._prepare(pairs)
+        pad = self.tokenizer.pad_token_id
+        if fast:
+            sums, ntok = score_pairs(self.model, sources, targets, pair_src, pad_id=pad,
+                                     batch_tokens=batch_tokens, precision=precision,
+                                     group=group)
+        else:
+            sums, ntok = score_naive(self.model, sources, targets, pair_src, pad_id=pad,
+                                     batch_size=batch_size, max_source_len=self.max_passage_len,
+                                     max_target_len=self.max_query_len)
+        return Scores(sums / np.maximum(ntok, 1), sums, ntok)
+
+    @torch.inference_mode()
+    def generate(self, passages: Sequence[str], lang: str, *, num_queries: int = 1,
+                 do_sample: bool = False, num_beams: int = 1, top_p: float = 0.95,
+                 max_new_tokens: int = 32, batch_size: int = 32, precision: str = "bf16",
+                 seed: int | None = None) -> list[list[tuple[str, float]]]:
+        """``num_queries`` queries in ``lang`` per passage, each with its teacher score.
+
+        Beam search (``num_beams >= num_queries``) or nucleus sampling (``do_sample``); the
+        returned log-prob is the mean token log-prob of the decoded query (:meth:`score`), so it
+        is comparable with teacher scores. ``seed`` makes sampling reproducible.
+        """
+        if not do_sample and num_beams < num_queries:
+            raise ValueError(f"num_queries={num_queries} needs num_beams >= num_queries "
+                             f"(got {num_beams}) or do_sample=true")
+        if seed is not None:
+            torch.manual_seed(seed)
+        order = sorted(range(len(passages)), key=lambda i: len(passages[i]))
+        texts: list[list[str]] = [[] for _ in passages]
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids = _pad(self.tokenize([self.source(passages[i], lang) for i in idx],
+                                     self.max_passage_len), pad).to(self.device)
+            with _autocast(self.device, precision):
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=(ids != pad).long(), do_sample=do_sample,
+                    num_beams=num_beams, top_p=top_p if do_sample else None,
+                    num_return_sequences=num_queries, max_new_tokens=max_new_tokens)
+            decoded = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+            for k, i in enumerate(idx):
+                texts[i] = [d.strip() for d in decoded[k * num_queries:(k + 1) * num_queries]]
+        pairs = [(q, passages[i], lang) for i in range(len(passages)) for q in texts[i]]
+        means = iter(self.score(pairs, precision=precision).mean.tolist())
+        return [[(q, next(means)) for q in texts[i]] for i in range(len(passages))]
+
+    # ---- training
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor, **_: Any) -> torch.Tensor:
+        """Seq2seq cross-entropy of a :class:`QGCollator` batch (mean over target tokens)."""
+        return qg_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                    "labels": labels})
+
+
+# ------------------------------------------------------------------------ QG fine-tuning data
+
+@dataclass
+class QGCollator:
+    """Rows ``{query, lang, passage}`` (or ``title``+``text`` instead of ``passage``) ->
+    ``input_ids``, ``attention_mask`` (prompted passages) and ``labels`` (query ids, -100 pad).
+    """
+
+    tokenizer: Any
+    prompt: str = DEFAULT_PROMPT
+    max_passage_len: int = 256
+    max_query_len: int = 64
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sources, queries = [], []
+        for i, r in enumerate(rows):
+            for key in ("query", "lang"):
+                if not r.get(key):
+                    raise ValueError(f"QG training row {i}: field {key!r} missing or empty")
+            passage = r.get("passage") or passage_text(r.get("title"), r.get("text") or "")
+            if not passage:
+                raise ValueError(f"QG training row {i}: no passage text")
+            sources.append(self.prompt.format(lang=r["lang"], passage=passage))
+            queries.append(r["query"])
+        enc = self.tokenizer(sources, truncation=True, max_length=self.max_passage_len,
+                             padding=True, return_tensors="pt")
+        tgt = self.tokenizer(queries, truncation=True, max_length=self.max_query_len,
+                             padding=True, return_tensors="pt")
+        labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": labels}
+
+
+def qg_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L = -(1/N) sum_{i,t} log P(y_it | x_i, y_i,<t) over the N non-pad target tokens."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                labels=batch["labels"], use_cache=False)
+    logits = out.logits.float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                       batch["labels"].reshape(-1), ignore_index=-100)
+
+
+def qg_examples(queries: Any, corpus: Any, qrels: Any) -> Iterator[dict[str, str]]:
+    """QG training rows ``{query, lang, passage}`` from canonical tables (rel > 0 pairs).
+
+    ``lang`` is the query's language (the language the QG must write in).
+    """
+    qs = {r["qid"]: r for r in queries.to_pylist()}
+    ps = {r["pid"]: r for r in corpus.to_pylist()}
+    for i, r in enumerate(qrels.to_pylist()):
+        if r["rel"] <= 0:
+            continue
+        if r["qid"] not in qs:
+            raise KeyError(f"qrels row {i}: qid {r['qid']!r} not in queries")
+        if r["pid"] not in ps:
+            raise KeyError(f"qrels row {i}: pid {r['pid']!r} not in corpus")
+        q, p = qs[r["qid"]], ps[r["pid"]]
+        yield {"query": q["text"], "lang": q["lang"],
+               "passage": passage_text(p["title"], p["text"])}

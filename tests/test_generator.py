@@ -1,0 +1,201 @@
+"""QueryGenerator: exact scoring vs a per-pair reference, fast paths, persistence, QG training."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from qgscale.config import ModelConfig
+from qgscale.models.generator import (
+    QGCollator,
+    QueryGenerator,
+    passage_text,
+    plan_batches,
+    qg_examples,
+    qg_loss,
+)
+from qgscale.models.tiny import tiny_t5_config, xquad_texts
+
+
+def _t5(tokenizer, seed: int = 0, init: float = 0.05):
+    """Tiny T5 with a small init so log-probs look like a trained model's (about -8)."""
+    from transformers import T5ForConditionalGeneration
+
+    cfg = tiny_t5_config(len(tokenizer))
+    cfg.initializer_factor = init
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def _pairs(n_passages: int = 6, per: int = 4, seed: int = 0) -> list[tuple[str, str, str]]:
+    """Candidate-list-like pairs: each passage paired with several queries, mixed languages."""
+    rng = random.Random(seed)
+    texts = xquad_texts(["en", "de"])
+    paras = [t for t in texts if len(t) > 300][:n_passages]
+    questions = [t for t in texts if len(t) < 120][:60]
+    pairs = [(rng.choice(questions), p, rng.choice(["en", "de", "zh"]))
+             for p in paras for _ in range(per)]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _reference(qg: QueryGenerator, pairs) -> tuple[list[float], list[float], list[int]]:
+    """Textbook per-pair computation: one unpadded forward per pair, labels = query ids."""
+    means, sums, ntoks = [], [], []
+    for q, p, lang in pairs:
+        src = qg.tokenizer(qg.source(p, lang), truncation=True, max_length=qg.max_passage_len,
+                           return_tensors="pt").input_ids
+        tgt = qg.tokenizer(q, truncation=True, max_length=qg.max_query_len,
+                           return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = qg.model(input_ids=src, labels=tgt).logits[0]
+        lp = torch.log_softmax(logits, -1)[torch.arange(tgt.shape[1]), tgt[0]]
+        means.append(lp.mean().item())
+        sums.append(lp.sum().item())
+        ntoks.append(tgt.shape[1])
+    return means, sums, ntoks
+
+
+def test_scores_equal_per_pair_reference(tokenizer):
+    qg = QueryGenerator(_t5(tokenizer), tokenizer, max_passage_len=128, max_query_len=32)
+    pairs = _pairs()
+    means, sums, ntoks = _reference(qg, pairs)
+    assert -12 < np.mean(means) < -4  # realistic magnitude, not a degenerate model
+    assert np.ptp(means) > 0.01  # the pairs get different scores
+    for kwargs in [{}, {"group": False}, {"fast": False, "batch_size": 5},
+                   {"batch_tokens": 300}, {"batch_tokens": 1}]:
+        got = qg.score(pairs, **kwargs)
+        np.testing.assert_array_equal(got.ntok, ntoks, err_msg=str(kwargs))
+        np.testing.assert_allclose(got.mean, means, rtol=0, atol=1e-5, err_msg=str(kwargs))
+        np.testing.assert_allclose(got.sum, sums, rtol=0, atol=1e-4, err_msg=str(kwargs))
+
+
+def test_grouped_equals_plain_path_bart(tokenizer, tmp_path):
+    """Non-T5 architecture (no cross-attention cache shortcut), built from ModelConfig.init."""
+    tokenizer.save_pretrained(tmp_path / "tok")
+    mc = ModelConfig(init={"model_type": "bart", "d_model": 32, "encoder_layers": 1,
+                           "decoder_layers": 1, "encoder_attention_heads": 2,
+                           "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                           "decoder_ffn_dim": 64, "max_position_embeddings": 256,
+                           "init_std": 0.05},
+                     tokenizer=str(tmp_path / "tok"))
+    qg = QueryGenerator.build(mc, max_passage_len=128, max_query_len=32, seed=1)
+    assert type(qg.model).__name__ == "BartForConditionalGeneration"
+    assert QueryGenerator.build(mc, seed=1).model.state_dict()["lm_head.weight"].equal(
+        qg.model.state_dict()["lm_head.weight"])  # same seed -> same random weights
+    pairs = _pairs(4, 3, seed=2)
+    plain = qg.score(pairs, fast=False)
+    means, _, ntoks = _reference(qg, pairs)
+    np.testing.assert_allclose(plain.mean, means, atol=1e-5, rtol=0)
+    for kwargs in [{}, {"batch_tokens": 200}]:
+        got = qg.score(pairs, **kwargs)
+        np.testing.assert_array_equal(got.ntok, plain.ntok)
+        np.testing.assert_allclose(got.mean, plain.mean, atol=1e-5, rtol=0)
+
+
+def test_plan_batches_budget_grouping_and_coverage():
+    rng = random.Random(0)
+    src_lens = [rng.randint(20, 200) for _ in range(30)]
+    pair_src = [rng.randrange(30) for _ in range(400)]
+    tgt_lens = [rng.randint(3, 30) for _ in pair_src]
+    batches = plan_batches(src_lens, tgt_lens, pair_src, batch_tokens=2000)
+    seen = sorted(j for b in batches for j in b.targets)
+    assert seen == list(range(400))  # every pair exactly once
+    for b in batches:
+        assert len(set(b.sources)) == len(b.sources)  # a source encoded once per batch
+        assert [b.sources[k] for k in b.target_source] == [pair_src[j] for j in b.targets]
+        cost = (len(b.sources) * max(src_lens[s] for s in b.sources)
+                + len(b.targets) * max(tgt_lens[j] for j in b.targets))
+        assert cost <= 2000
+    n_enc = sum(len(b.sources) for b in batches)
+    assert n_enc < 60  # grouped: about one encoder row per distinct source, not per pair
+    plain = plan_batches(src_lens, tgt_lens, pair_src, batch_tokens=2000, group=False)
+    assert sum(len(b.sources) for b in plain) == 400
+
+
+def test_save_load_local_and_s3(tokenizer, tmp_path, s3_bucket):
+    qg = QueryGenerator(_t5(tokenizer, seed=3), tokenizer, prompt="q in {lang}: {passage}",
+                        max_passage_len=96, max_query_len=24)
+    pairs = _pairs(3, 2)
+    want = qg.score(pairs).mean
+    for uri in [str(tmp_path / "qg"), f"{s3_bucket}/models/qg"]:
+        qg.save_pretrained(uri)
+        back = QueryGenerator.from_pretrained(uri)
+        assert back.prompt == "q in {lang}: {passage}"
+        assert (back.max_passage_len, back.max_query_len) == (96, 24)
+        np.testing.assert_allclose(back.score(pairs).mean, want, atol=1e-6)
+        via_cfg = QueryGenerator.build(ModelConfig(name_or_path=uri), prompt=back.prompt,
+                                       max_passage_len=96, max_query_len=24)
+        np.testing.assert_allclose(via_cfg.score(pairs).mean, want, atol=1e-6)
+
+
+def test_prompt_must_name_lang_and_passage(tokenizer):
+    with pytest.raises(ValueError, match="lang"):
+        QueryGenerator(_t5(tokenizer), tokenizer, prompt="query: {passage}")
+
+
+def test_collator_labels_and_errors(tokenizer):
+    col = QGCollator(tokenizer, max_passage_len=64, max_query_len=16)
+    batch = col([{"query": "wer war es?", "lang": "de", "title": "T", "text": "ein Text"},
+                 {"query": "who was it in the end of all that?", "lang": "en",
+                  "passage": "a text"}])
+    assert batch["labels"].shape[0] == 2 and batch["labels"].shape[1] <= 16
+    assert (batch["labels"][0] == -100).any() and not (batch["labels"][1] == -100).any()
+    eos = tokenizer.eos_token_id
+    assert (batch["labels"][0] == eos).sum() == 1  # query ends with </s>, pad masked out
+    src0 = tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
+    assert src0.startswith("generate de query:") and "T | ein Text" in src0
+    with pytest.raises(ValueError, match="row 1: field 'lang'"):
+        col([{"query": "a", "lang": "en", "passage": "p"}, {"query": "b", "passage": "p"}])
+
+
+def test_qg_training_learns_language_prompt(tokenizer):
+    """Collator + loss fine-tune a tiny QG; the language in the prompt then selects the query."""
+    import pyarrow as pa
+
+    from qgscale.data.schema import CORPUS, QRELS, QUERIES
+
+    corpus = pa.Table.from_pylist([{"pid": "p1", "lang": "en", "title": "Berlin",
+                                    "text": "Berlin is the capital of Germany."}], schema=CORPUS)
+    queries = pa.Table.from_pylist([{"qid": "en:1", "lang": "en", "text": "capital of germany"},
+                                    {"qid": "de:1", "lang": "de",
+                                     "text": "Hauptstadt von Deutschland"}], schema=QUERIES)
+    qrels = pa.Table.from_pylist([{"qid": "en:1", "pid": "p1", "rel": 1},
+                                  {"qid": "de:1", "pid": "p1", "rel": 1}], schema=QRELS)
+    rows = list(qg_examples(queries, corpus, qrels))
+    assert rows[1] == {"query": "Hauptstadt von Deutschland", "lang": "de",
+                       "passage": passage_text("Berlin", "Berlin is the capital of Germany.")}
+    torch.manual_seed(0)
+    qg = QueryGenerator(_t5(tokenizer, init=1.0), tokenizer)
+    batch = QGCollator(tokenizer)(rows)
+    opt = torch.optim.Adam(qg.parameters(), lr=1e-2)
+    qg.train()
+    losses = []
+    for _ in range(60):
+        loss = qg(**batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    qg.eval()
+    assert losses[-1] < 0.1 * losses[0]
+    with torch.no_grad():
+        assert abs(qg_loss(qg.model, batch).item() - qg(**batch).item()) < 1e-6
+    passage = rows[0]["passage"]
+    out = {lang: qg.generate([passage], lang, num_queries=2, num_beams=2)[0]
+           for lang in ("en", "de")}
+    assert out["en"][0][0] == "capital of germany"
+    assert out["de"][0][0] == "Hauptstadt von Deutschland"
+    assert len(out["de"]) == 2
+    # the returned log-prob is the teacher score of the generated query
+    assert out["de"][0][1] == pytest.approx(
+        qg.score([("Hauptstadt von Deutschland", passage, "de")]).mean[0], abs=1e-5)
+    assert out["de"][0][1] > out["de"][1][1]  # the beam's best query scores highest
+    sampled = [qg.generate([passage], "de", num_queries=3, do_sample=True, seed=7)[0]
+               for _ in range(2)]
+    assert sampled[0] == sampled[1] and len(sampled[0]) == 3  # seeded sampling: reproducible
+    with pytest.raises(ValueError, match="num_beams"):
+        qg.generate([passage], "de", num_queries=2)
