@@ -99,10 +99,13 @@ def _inputs(cfg: Any, queries: str | None, corpus: str | None, qrels: str | None
 
 
 def _finish(cfg: Any, out: str, chash: str, result: Any, **extra: Any) -> dict[str, Any]:
-    metrics = dict(result.metrics or {})
-    return storage.write_manifest(out, chash, model=storage.join(out, "model"),
-                                  checkpoint=str(result.checkpoint.path) if result.checkpoint
-                                  else None, final_metrics=metrics, **extra)
+    ckpt = None
+    if result.checkpoint is not None:
+        ckpt = result.checkpoint.path
+        if not storage.is_local(out):  # pyarrow paths carry no scheme
+            ckpt = f"{out.split('://', 1)[0]}://{ckpt}"
+    return storage.write_manifest(out, chash, model=storage.join(out, "model"), checkpoint=ckpt,
+                                  final_metrics=dict(result.metrics or {}), **extra)
 
 
 def _student_stage(cfg: Any, stage: str, *, init_uri: str | None, output_uri: str | None,
@@ -126,6 +129,9 @@ def _student_stage(cfg: Any, stage: str, *, init_uri: str | None, output_uri: st
                                  "inputs": inputs, "seed": cfg.run.seed})
     if storage.stage_done(out, chash):
         return storage.read_manifest(out)
+    if init_uri and not init_uri.startswith("pkg:") and not storage.exists(init_uri):
+        raise FileNotFoundError(f"{init_uri}: initial model not found (for distill: run "
+                                "`qgscale train warmup` first, or pass init)")
     table, counts = tdata.build_student_rows(
         q, c, qrels_uri=r, examples_uri=examples_uri, candidates_uri=candidates_uri,
         scores_uri=scores_uri, generated_uri=generated_uri,
