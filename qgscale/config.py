@@ -121,6 +121,7 @@ class StudentTrainConfig(TrainConfig):
 
 class ScoreConfig(Section):
     num_actors: int | None = None  # None: one per GPU, else one per spare CPU
+    cpus_per_actor: float = 1.0  # CPU slots per actor without GPUs (fractions allowed)
     batch_tokens: int = 16384
     shard_pairs: int = 2000
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype on GPU
@@ -136,9 +137,14 @@ class GenerateConfig(Section):
     max_new_tokens: int = 32
     batch_size: int = 32
     shard_rows: int = 500
+    passages: Literal["positives", "corpus"] = "positives"  # qrels positives or every passage
+    num_actors: int | None = None  # as teacher.score
+    cpus_per_actor: float = 1.0
+    max_retries: int = 3
 
 
 class TeacherConfig(Section):
+    model: ModelConfig | None = None  # None: the fine-tuned QG, <run root>/train/qg/model
     score: ScoreConfig = ScoreConfig()
     generate: GenerateConfig = GenerateConfig()
 

@@ -1,7 +1,7 @@
 """QueryGenerator: a seq2seq model (mT5/T5/BART/...) that writes and scores queries for passages.
 
 Input = the prompt filled with the query language and the passage (title + text), e.g.
-``"generate de query: <title> | <text>"``; target = the query. One model thus generates and
+``"generate de query: <title> <text>"``; target = the query. One model thus generates and
 scores queries in any language. The teacher score of a pair is
 
     s(q, p) = (1/|q|) * sum_t log P(q_t | prompt(lang(q), p), q_<t)
@@ -35,9 +35,10 @@ QG_META = "qgscale_qg.json"  # prompt and lengths saved beside the HF files
 Pair = tuple[str, str, str]  # (query, passage, query language)
 
 
-def passage_text(title: str | None, text: str) -> str:
-    """The passage as the QG reads it: ``"title | text"`` (just ``text`` without a title)."""
-    return f"{title} | {text}" if title else text
+def passage_text(title: str | None, text: str | None) -> str:
+    """The passage as the QG reads it: ``"title text"`` (as the student and the index see it)."""
+    title, text = (title or "").strip(), (text or "").strip()
+    return f"{title} {text}" if title else text
 
 
 @dataclass
