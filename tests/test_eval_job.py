@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -228,8 +229,11 @@ def ray_head(tmp_path):
     temp_dir = f"/tmp/rayq-{os.getpid()}-{tmp_path.name[-12:]}"
     (gcs, dash, client, node_mgr, obj_mgr, agent_grpc, agent_http, metrics, rt_env,
      min_worker) = _free_ports(10)
+    token = tmp_path / "auth_token"  # Ray's token auth, with this cluster's own token
+    token.write_text(secrets.token_hex(32))
     env = dict(os.environ, PATH=f"{venv_bin}:{os.environ.get('PATH', '')}",
-               RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0")
+               RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     env.pop("RAY_ADDRESS", None)
     cmd = [ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
            "--node-ip-address", "127.0.0.1", "--port", str(gcs),
@@ -272,6 +276,7 @@ def ray_head(tmp_path):
 
 
 def _wait_dashboard(address: str, proc: subprocess.Popen, log: Path, timeout: float = 120):
+    import urllib.error
     import urllib.request
 
     deadline = time.time() + timeout
@@ -279,9 +284,10 @@ def _wait_dashboard(address: str, proc: subprocess.Popen, log: Path, timeout: fl
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                if r.status == 200:
-                    return
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:  # up, and asking for Ray's auth token (the CLI has it)
+            return
         except OSError:
             pass
         time.sleep(1)
