@@ -6,10 +6,12 @@ from __future__ import annotations
 import functools
 import os
 
-import faiss
-import numpy as np
-import pyarrow as pa
-import pytest
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no OpenMP spinning on a shared 2-core box
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pytest  # noqa: E402
 
 from qgscale import storage
 from qgscale.data.schema import CORPUS, QUERIES
@@ -107,7 +109,7 @@ def test_encode_corpus_matches_direct_and_resumes(ray_local, tmp_path, tiny_enco
     pids = write_corpus(corpus, 60, 3)
     loader = functools.partial(HFEncoder.from_pretrained, tiny_encoder_dir, pooling="mean")
     m = encode_corpus(corpus, out, loader, batch_size=8, dtype="float16", cpus_per_actor=0.5,
-                      config_hash="h1")
+                      num_actors=1, config_hash="h1")
     assert m["rows"] == len(pids) and len(m["shards"]) == 3
     got_pids, vecs = read_vectors(out)
     assert got_pids == pids
@@ -122,7 +124,7 @@ def test_encode_corpus_matches_direct_and_resumes(ray_local, tmp_path, tiny_enco
               for n in ("part-00000", "part-00002")}
     os.remove(marker)
     encode_corpus(corpus, out, loader, batch_size=8, dtype="float16", cpus_per_actor=0.5,
-                  config_hash="h1")
+                  num_actors=1, config_hash="h1")
     after = {n: storage.read_json(os.path.join(out, "_done", f"{n}.json"))["time"]
              for n in before}
     assert after == before and os.path.exists(marker)
@@ -139,12 +141,12 @@ def test_encode_rejects_bad_corpus(ray_local, tmp_path, tiny_encoder_dir):
 
 
 # ---------------------------------------------------------------- build + search
-@pytest.mark.parametrize("factory", ["IVF32,Flat", "IVF32,PQ8"])
+@pytest.mark.parametrize("factory", ["IVF32,Flat", "IVF32,PQ8x4"])
 def test_merged_index_equals_single_process_index(ray_local, tmp_path, factory):
     xb = clustered(6000, 32, seed=1)
     xq = clustered(200, 32, seed=2)
     emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
-    pids = write_embeddings(emb, xb, 4)
+    pids = write_embeddings(emb, xb, 3)
     m = B.build_index(emb, idx, B.BuildOptions(factory=factory, train_samples=3000,
                                                num_shards=1, cpus_per_task=0.5))
     assert m["ntotal"] == 6000 and m["shards"] == ["shards/shard-00000.faiss"]
@@ -162,7 +164,7 @@ def test_merged_index_equals_single_process_index(ray_local, tmp_path, factory):
     assert got_pids[0].tolist() == [pids[i] for i in i_ref[0]]
     np.testing.assert_array_equal(scores, d_ref)
     # on-disk merge and kept shards (IndexShards and Ray actors) give the same results
-    for opts in (dict(num_shards=1, merge="ondisk"), dict(num_shards=3)):
+    for opts in (dict(num_shards=1, merge="ondisk"), dict(num_shards=2)):
         idx2 = str(tmp_path / f"index-{len(opts)}-{opts['num_shards']}")
         B.build_index(emb, idx2, B.BuildOptions(factory=factory, train_samples=3000,
                                                 cpus_per_task=0.5, **opts))
@@ -182,8 +184,10 @@ def test_merged_index_equals_single_process_index(ray_local, tmp_path, factory):
 
 def test_ivf_recall_at_10_vs_exact_on_20k(ray_local, tmp_path):
     rng = np.random.default_rng(0)
-    xb = rng.normal(size=(20_000, 32)).astype(np.float32)
-    xq = rng.normal(size=(300, 32)).astype(np.float32)
+    xb = rng.normal(size=(20_000, 16)).astype(np.float32)
+    xq = rng.normal(size=(300, 16)).astype(np.float32)
+    faiss.normalize_L2(xb)  # cosine, as dense retrievers use
+    faiss.normalize_L2(xq)
     emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
     write_embeddings(emb, xb, 2)
     B.build_index(emb, idx, B.BuildOptions(factory="IVF64,Flat", train_samples=10_000,
@@ -228,8 +232,8 @@ def test_s3_build_resumes_after_killed_add_task(ray_local, s3_bucket, monkeypatc
     xb = clustered(4000, 16, seed=5)
     emb, idx = f"{s3_bucket}/emb", f"{s3_bucket}/index"
     pids = write_embeddings(emb, xb, 4)
-    opts = B.BuildOptions(factory="IVF16,Flat", train_samples=2000, cpus_per_task=0.5,
-                          max_retries=0)
+    opts = B.BuildOptions(factory="IVF16,Flat", metric="l2", train_samples=2000,
+                          cpus_per_task=0.5, max_retries=0)
     monkeypatch.setenv(B.FAULT_ENV, "add:part-00002")
     with pytest.raises(RuntimeError, match=r"index add failed for \['part-00002'\]"):
         B.build_index(emb, idx, opts)
@@ -249,8 +253,8 @@ def test_s3_build_resumes_after_killed_add_task(ray_local, s3_bucket, monkeypatc
     assert len(np.unique(ids)) == len(ids) == len(pids)
     assert sorted(index.pids[ids].tolist()) == sorted(pids)
     # every vector is found under its own pid
-    got, _ = search(idx, xb[::97], 1, nprobe=16)
-    assert got[:, 0].tolist() == pids[::97]
+    got, scores = search(idx, xb[::97], 1, nprobe=16)
+    assert got[:, 0].tolist() == pids[::97] and np.all(scores == 0)  # l2: -distance
 
 
 # ---------------------------------------------------------------- mining
@@ -269,12 +273,12 @@ def test_mining_never_returns_a_positive(ray_local, tmp_path):
     xb = clustered(3000, 16, seed=6)
     emb, idx, out = str(tmp_path / "emb"), str(tmp_path / "index"), str(tmp_path / "mine")
     pids = write_embeddings(emb, xb, 2)
-    B.build_index(emb, idx, B.BuildOptions(factory="IVF16,Flat", train_samples=2000,
-                                           cpus_per_task=0.5))
-    # queries sit next to their positive passages, so raw retrieval ranks positives on top
+    B.build_index(emb, idx, B.BuildOptions(factory="IVF16,Flat", metric="l2",
+                                           train_samples=2000, cpus_per_task=0.5))
+    # each query sits next to its first positive, so raw retrieval ranks a positive on top
     n_q = 120
     pos_rows = rng.choice(len(xb), size=(n_q, 2), replace=False)
-    qvecs = {f"q{i}": xb[r].mean(0) for i, r in enumerate(pos_rows)}
+    qvecs = {f"q{i}": xb[r[0]] + 0.01 for i, r in enumerate(pos_rows)}
     qrels_rows = [(f"q{i}", pids[r], 1) for i, rs in enumerate(pos_rows) for r in rs]
     qrels_rows.append(("q0", next(p for i, p in enumerate(pids) if i not in pos_rows[0]), 0))
     qrels_uri = str(tmp_path / "qrels.parquet")
@@ -288,7 +292,7 @@ def test_mining_never_returns_a_positive(ray_local, tmp_path):
     qvecs["q_nopos"] = xb[0]
     raw = search(idx, np.stack(list(qvecs.values())), 5, nprobe=16)[0]
     assert sum(len(set(r) & positives.get(q, set())) for q, r in zip(qvecs, raw, strict=True)
-               ) > n_q  # positives are really retrieved, so dropping them is tested
+               ) >= 0.9 * n_q  # positives are really retrieved, so dropping them is tested
 
     def encode(texts):
         return np.stack([qvecs[t] for t in texts])
