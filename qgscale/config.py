@@ -183,6 +183,7 @@ class EvalConfig(Section):
     model: str | None = None  # student to evaluate; None: <root>/train/distill/model
     index: str | None = None  # FAISS index of its corpus; None: <root>/index/de1/faiss
     out: str | None = None  # report folder; None: <root>/eval
+    data: str | None = None  # prepared data to evaluate (queries, qrels/answers); <root>/data
     batch_size: int = 128  # query encoding batch
     pairs: bool = True  # also search each corpus language alone: per (query, corpus) lang pair
     answer_recall: bool = True  # R@2kt / R@5kt when the split has answers (XOR-TyDi, MKQA)

@@ -283,9 +283,11 @@ def bar_chart(result: dict, metric: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = [(k, v[metric]) for k, v in result["pairs"].items() if metric in v]
+    groups = result["pairs"] or {f"{k}->pooled": v for k, v in
+                                 result.get("query_langs", {}).items()}
+    pairs = [(k, v[metric]) for k, v in groups.items() if metric in v]
     if not pairs:
-        raise ValueError(f"no language pair has metric {metric!r}")
+        raise ValueError(f"eval.chart_metric: no language pair has metric {metric!r}")
     names, values = zip(*pairs, strict=True)
     colors = ["#1f77b4" if a != b else "#aec7e8" for a, b in (n.split("->") for n in names)]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4))
@@ -364,10 +366,10 @@ def run_eval(cfg: Any, model_uri: str | None = None, index_uri: str | None = Non
     for split in ec.splits:
         t0 = time.time()
         result = ray.get(task.remote(
-            model_uri, index_uri, cfg.uri("data"), split, env=storage_env(), top_k=ec.top_k,
-            ks=ec.k, batch_size=ec.batch_size, pairs=ec.pairs, nprobe=cfg.index.nprobe,
-            ef_search=cfg.index.ef_search, precision=cfg.index.precision,
-            answers=ec.answer_recall))
+            model_uri, index_uri, ec.data or cfg.uri("data"), split, env=storage_env(),
+            top_k=ec.top_k, ks=ec.k, batch_size=ec.batch_size, pairs=ec.pairs,
+            nprobe=cfg.index.nprobe, ef_search=cfg.index.ef_search,
+            precision=cfg.index.precision, answers=ec.answer_recall))
         result["timings"]["total_s"] = time.time() - t0
         result["job"] = {"driver_python": sys.executable, "driver_host": os.uname().nodename,
                          "ray_address": ray.get_runtime_context().gcs_address,
