@@ -17,11 +17,11 @@ from qgscale import storage
 from qgscale.data.schema import CORPUS, QUERIES
 from qgscale.index import build as B
 from qgscale.index.encode import (
-    HFEncoder,
     embeddings_table,
     encode_corpus,
     encode_texts,
     length_batches,
+    load_dual_encoder,
     passage_text,
     read_vectors,
 )
@@ -70,15 +70,6 @@ def test_passage_text_and_length_batches():
     assert [b.tolist() for b in batches] == [[1, 3], [0, 2]]
 
 
-def test_encode_texts_restores_order(tokenizer):
-    enc = HFEncoder(__import__("qgscale.models.tiny", fromlist=["x"]).tiny_bert(tokenizer),
-                    tokenizer, pooling="mean")
-    texts = ["a short one", "a much longer passage " * 5, "mid length text here", "x"]
-    bucketed = encode_texts(enc.encode_passages, texts, 2)
-    one_by_one = np.concatenate([enc.encode_passages([t], 1).numpy() for t in texts])
-    np.testing.assert_allclose(bucketed, one_by_one, atol=1e-5)
-
-
 @pytest.fixture(scope="module")
 def tiny_encoder_dir(tmp_path_factory, tokenizer):
     from qgscale.models.tiny import tiny_bert
@@ -87,6 +78,14 @@ def tiny_encoder_dir(tmp_path_factory, tokenizer):
     tiny_bert(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def test_encode_texts_restores_order(tiny_encoder_dir):
+    enc = load_dual_encoder(tiny_encoder_dir, pooling="mean")
+    texts = ["a short one", "a much longer passage " * 5, "mid length text here", "x"]
+    bucketed = encode_texts(enc.encode_passages, texts, 2)
+    one_by_one = np.concatenate([enc.encode_passages([t], 1).numpy() for t in texts])
+    np.testing.assert_allclose(bucketed, one_by_one, atol=1e-5)
 
 
 def write_corpus(root: str, n: int, n_shards: int) -> list[str]:
@@ -107,7 +106,7 @@ def write_corpus(root: str, n: int, n_shards: int) -> list[str]:
 def test_encode_corpus_matches_direct_and_resumes(ray_local, tmp_path, tiny_encoder_dir):
     corpus, out = str(tmp_path / "corpus"), str(tmp_path / "emb")
     pids = write_corpus(corpus, 60, 3)
-    loader = functools.partial(HFEncoder.from_pretrained, tiny_encoder_dir, pooling="mean")
+    loader = functools.partial(load_dual_encoder, tiny_encoder_dir, pooling="mean")
     m = encode_corpus(corpus, out, loader, batch_size=8, dtype="float16", cpus_per_actor=0.5,
                       num_actors=1, config_hash="h1")
     assert m["rows"] == len(pids) and len(m["shards"]) == 3
@@ -134,7 +133,7 @@ def test_encode_rejects_bad_corpus(ray_local, tmp_path, tiny_encoder_dir):
     corpus = str(tmp_path / "corpus")
     storage.write_parquet(storage.join(corpus, "part-00000.parquet"),
                           pa.table({"pid": ["a"], "text": ["x"]}))
-    loader = functools.partial(HFEncoder.from_pretrained, tiny_encoder_dir)
+    loader = functools.partial(load_dual_encoder, tiny_encoder_dir)
     with pytest.raises(Exception, match=r"part-00000.parquet: corpus shard lacks field"):
         encode_corpus(corpus, str(tmp_path / "emb"), loader, cpus_per_actor=0.5,
                       max_retries=0)
@@ -310,3 +309,50 @@ def test_mining_never_returns_a_positive(ray_local, tmp_path):
     for t in train:
         assert set(t["pos_pids"]) == positives[t["qid"]]
         assert len(t["neg_pids"]) == 4 and not set(t["neg_pids"]) & set(t["pos_pids"])
+
+
+# ---------------------------------------------------------------- stages with a Config
+@pytest.mark.slow
+def test_stages_encode_build_mine_on_s3(ray_local, s3_bucket, tokenizer):
+    """run_encode -> run_build -> run_mine on a tiny DualEncoder, all storage on S3."""
+    from qgscale.config import Config
+    from qgscale.index import run_build, run_encode, run_mine
+    from qgscale.models.encoder import DualEncoder
+    from qgscale.models.tiny import tiny_bert, xquad_texts
+
+    cfg = Config.model_validate({
+        "run": {"root": f"{s3_bucket}/run"},
+        "index": {"factory": "IVF4,Flat", "train_samples": 500, "cpus_per_actor": 0.5,
+                  "num_actors": 1, "num_shards": 1, "nprobe": 4, "batch_size": 16},
+        "mine": {"top_k": 5, "n_negatives": 2, "shard_rows": 25}})
+    model_uri = cfg.uri("train", "warmup", "model")
+    DualEncoder(tiny_bert(tokenizer), None, tokenizer, pooling="mean",
+                normalize=True).save_pretrained(model_uri)
+    texts = [t[:60] for t in xquad_texts(["en"])[:120]]
+    pids = [f"d{i}" for i in range(len(texts))]
+    for j in range(3):
+        storage.write_parquet(cfg.uri("data", "corpus", f"part-{j:05d}.parquet"), pa.table(
+            {"pid": pids[j::3], "lang": ["en"] * 40, "title": [""] * 40, "text": texts[j::3]},
+            schema=CORPUS))
+    # queries are passage texts: with a shared, normalised tower each finds its passage first
+    qids = [f"q{i}" for i in range(0, 120, 2)]
+    storage.write_parquet(cfg.uri("data", "train", "queries", "part-00000.parquet"), pa.table(
+        {"qid": qids, "lang": ["en"] * 60, "text": texts[::2]}, schema=QUERIES))
+    storage.write_parquet(cfg.uri("data", "train", "qrels", "part-00000.parquet"), pa.table(
+        {"qid": qids, "pid": pids[::2], "rel": pa.array([1] * 60, pa.int32())}))
+
+    m_enc = run_encode(cfg, model_uri, tag="t")
+    assert m_enc["rows"] == 120 and len(m_enc["shards"]) == 3
+    m_idx = run_build(cfg, tag="t")
+    assert m_idx["ntotal"] == 120 and m_idx["factory"] == "IVF4,Flat"
+    assert run_build(cfg, tag="t")["time"] == m_idx["time"]  # done stage is skipped
+    qvec = load_dual_encoder(model_uri).encode_queries(texts[:20:2], 16).numpy()
+    top1 = search(cfg.uri("index", "t", "faiss"), qvec, 1, nprobe=4)[0][:, 0]
+    assert np.mean(top1 == np.array(pids[:20:2], dtype=object)) >= 0.8
+    m_mine = run_mine(cfg, model_uri, tag="t")
+    assert m_mine["train_examples"] == 60 and m_mine["candidates"] == 60
+    cand = storage.read_parquet(cfg.uri("mine", "t", "candidates")).to_pylist()
+    train = storage.read_parquet(cfg.uri("mine", "t", "train")).to_pylist()
+    pos = dict(zip(qids, pids[::2], strict=True))
+    assert all(pos[c["qid"]] not in c["pids"] and len(c["pids"]) == 5 for c in cand)
+    assert all(t["pos_pids"] == [pos[t["qid"]]] and len(t["neg_pids"]) == 2 for t in train)

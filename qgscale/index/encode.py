@@ -25,7 +25,7 @@ from qgscale.data.schema import CORPUS, embeddings_schema
 
 
 class TextEncoder(Protocol):
-    """What the encoder must offer (``qgscale.models.encoder.DualEncoder`` does)."""
+    """What :func:`encode_texts` callers need (``qgscale.models.encoder.DualEncoder``)."""
 
     tokenizer: Any
 
@@ -81,61 +81,14 @@ def encode_texts(encode_fn: Callable[[list[str], int], torch.Tensor], texts: lis
     return out
 
 
-class HFEncoder:
-    """A plain Hugging Face encoder (cls/mean pooling) with the DualEncoder interface.
+def load_dual_encoder(path: str, device: str | None = None, **overrides: Any) -> TextEncoder:
+    """``DualEncoder.from_pretrained(path, **overrides)`` in eval mode on ``device``.
 
-    For tests, benchmarks and off-the-shelf checkpoints (e.g. MiniLM); the project's trained
-    student is loaded with :func:`load_dual_encoder`.
+    A plain HF encoder folder works too (e.g. ``pooling="mean"`` for MiniLM).
     """
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, pooling: str = "mean",
-                 normalize: bool = False, max_len: int = 256, device: str = "cpu"):
-        self.model = model.to(device).eval()
-        self.tokenizer = tokenizer
-        self.pooling, self.normalize, self.max_len = pooling, normalize, max_len
-        self.device = torch.device(device)
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kw: Any) -> HFEncoder:
-        from transformers import AutoModel, AutoTokenizer
-
-        from qgscale.models.loading import resolve
-
-        local = resolve(path)
-        return cls(AutoModel.from_pretrained(local), AutoTokenizer.from_pretrained(local), **kw)
-
-    @torch.inference_mode()
-    def _encode(self, texts: list[str], batch_size: int) -> torch.Tensor:
-        outs = []
-        for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
-                                 max_length=self.max_len, return_tensors="pt").to(self.device)
-            hidden = self.model(**enc).last_hidden_state
-            if self.pooling == "cls":
-                emb = hidden[:, 0]
-            else:
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            if self.normalize:
-                emb = torch.nn.functional.normalize(emb, dim=-1)
-            outs.append(emb)
-        return torch.cat(outs)
-
-    encode_passages = _encode
-    encode_queries = _encode
-
-
-def load_dual_encoder(path: str, device: str | None = None) -> TextEncoder:
-    """The project's student encoder (``DualEncoder.from_pretrained``) on ``device``."""
     from qgscale.models.encoder import DualEncoder
 
-    device = device or default_device()
-    model = DualEncoder.from_pretrained(path)
-    if hasattr(model, "to"):
-        model = model.to(device)
-    if hasattr(model, "eval"):
-        model.eval()
-    return model
+    return DualEncoder.from_pretrained(path, **overrides).to(device or default_device()).eval()
 
 
 def default_device() -> str:
