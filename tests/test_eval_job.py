@@ -335,3 +335,17 @@ def test_ray_job_submit_eval(run_root, ray_head, tmp_path):
     assert storage.read_bytes(storage.join(report, "pairs.png"))[:4] == b"\x89PNG"
     assert "| de->en |" in storage.read_bytes(storage.join(report, "metrics.md")).decode()
     assert storage.read_manifest(storage.join(root, "eval"))["splits"]["test"]["macro"]
+
+
+def test_eval_cli_clear_errors(tmp_path):
+    """``python -m qgscale.eval``: a missing model or a bad config key -> exit 2, one line."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"root": str(tmp_path / "run")}}))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "qgscale.eval", "--config", str(cfg)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2
+    assert f"eval: model {tmp_path / 'run'}/train/distill/model does not exist" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "qgscale.eval", "--config", str(cfg),
+                          "eval.top_kk=3"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and "eval.top_kk: Extra inputs are not permitted" in res.stderr

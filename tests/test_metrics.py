@@ -83,6 +83,8 @@ def test_answer_recall_token_window():
     assert "q3" not in rows  # yes/no only: not counted, as in eval_xor_retrieve.py
     assert rows["q4"] == {"r@2kt": 1.0, "r@5kt": 1.0}
     assert M.answer_hit(["Mount Ever", "est"], ["Mount Everest"], 2000) is False
+    with pytest.raises(KeyError, match="no text for retrieved passage"):
+        M.answer_recall_per_query({"q1": {"p9": 1.0}}, passages, answers)
     assert M.answer_hit(["a b c"], ["b c"], 2) is False and M.answer_hit(["a b c"], ["b"], 2)
 
 

@@ -139,6 +139,10 @@ def answer_recall_per_query(run: Run, passages: Mapping[str, str],
         if qid not in answers:
             continue
         ranked = ranking(run.get(qid, {}))
+        missing = [p for p in ranked if p not in passages]
+        if missing:
+            raise KeyError(f"answer recall: no text for retrieved passage(s) {missing[:5]} "
+                           f"(query {qid}); is the index built from this corpus?")
         row = {}
         for t in max_tokens:
             hit = answer_hit((passages[p] for p in ranked), answers[qid], t)
