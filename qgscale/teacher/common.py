@@ -1,0 +1,100 @@
+"""Shared pieces of the teacher stages: the QG to load, its fingerprint, text lookups."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+from qgscale import storage
+from qgscale.data.readers import DataError
+
+
+@dataclass
+class QGSpec:
+    """How an actor builds the query generator (picklable; loaded once per actor)."""
+
+    model: dict[str, Any]  # ModelConfig fields
+    prompt: str
+    max_passage_len: int = 256
+    max_query_len: int = 64
+    seed: int = 0
+
+    def load(self):
+        import torch
+
+        from qgscale.config import ModelConfig
+        from qgscale.models.generator import QueryGenerator
+
+        qg = QueryGenerator.build(ModelConfig(**self.model), self.prompt, self.max_passage_len,
+                                  self.max_query_len, seed=self.seed)
+        if torch.cuda.is_available():
+            qg.model.to("cuda")
+        return qg.eval()
+
+    def fingerprint(self) -> Any:
+        """Identity of the weights for the config hash: a saved model's file sizes and times
+        (so a retrained QG at the same path invalidates old scores), else the spec itself."""
+        path = self.model.get("name_or_path")
+        if not path or not storage.exists(storage.join(path, "config.json")):
+            return self.model
+        fs, p = storage.url_to_fs(path)
+        files = sorted((posixpath.basename(f["name"]), f.get("size"),
+                        str(f.get("mtime") or f.get("LastModified") or ""))
+                       for f in fs.ls(p, detail=True) if f.get("type") == "file")
+        return {"path": path, "files": files}
+
+
+def qg_spec(cfg: Any, model: Any = None) -> QGSpec:
+    """The teacher QG of a run: ``model`` (a ModelConfig or path), else ``teacher.model``, else
+    the fine-tuned QG at ``<run root>/train/qg/model``."""
+    from qgscale.config import ModelConfig
+
+    if isinstance(model, str):
+        model = ModelConfig(name_or_path=model)
+    model = model or cfg.teacher.model
+    if model is None:
+        uri = cfg.uri("train", "qg", "model")
+        if not storage.exists(storage.join(uri, "config.json")):
+            raise FileNotFoundError(f"{uri}: no fine-tuned query generator; run `qgscale train "
+                                    "qg` first or set teacher.model")
+        model = ModelConfig(name_or_path=uri)
+    return QGSpec(model.model_dump(), cfg.qg.prompt, cfg.qg.max_passage_len,
+                  cfg.qg.max_query_len, cfg.run.seed)
+
+
+def first_existing(*uris: str) -> str:
+    for u in uris:
+        if storage.exists(u):
+            return u
+    return uris[0]
+
+
+def read_table(uri: str, what: str, columns: list[str] | None = None):
+    if not storage.exists(uri):
+        raise DataError(f"{uri}: {what} not found")
+    return storage.read_parquet(uri, columns)
+
+
+def load_queries(uri: str) -> dict[str, tuple[str, str]]:
+    """``qid -> (lang, text)``; an empty text or language is an error naming the row."""
+    out = {}
+    for i, r in enumerate(read_table(uri, "queries", ["qid", "lang", "text"]).to_pylist()):
+        for key in ("qid", "lang", "text"):
+            if not r[key] or not str(r[key]).strip():
+                raise DataError(f"{uri}: row {i} (qid={r['qid']}): empty field {key!r}")
+        out[r["qid"]] = (r["lang"], r["text"])
+    return out
+
+
+def load_corpus(uri: str) -> dict[str, str]:
+    """``pid -> passage text`` (title + text, as the QG reads it)."""
+    from qgscale.models.generator import passage_text
+
+    out = {}
+    for i, r in enumerate(read_table(uri, "corpus", ["pid", "title", "text"]).to_pylist()):
+        if not r["pid"] or not (r["text"] or "").strip():
+            raise DataError(f"{uri}: row {i} (pid={r['pid']}): empty field "
+                            f"{'pid' if not r['pid'] else 'text'!r}")
+        out[r["pid"]] = passage_text(r["title"], r["text"])
+    return out

@@ -1,0 +1,135 @@
+"""``qgscale teacher generate``: cross-lingual queries written by the QG for passages.
+
+For each passage (the training positives from qrels, or the whole corpus) and each target
+language, ``num_queries`` queries by beam search or nucleus sampling. Output shards
+``{pid, lang, query, logprob}`` (``qgscale.data.schema.GENERATED``; ``logprob`` = the query's
+teacher score, the mean token log-prob), written on the same actor pool with done markers and
+resume as scoring. Sampling is seeded per shard and language, so a retried shard is identical.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from qgscale import storage
+from qgscale.data.readers import DataError
+from qgscale.data.schema import GENERATED
+from qgscale.teacher.common import QGSpec, first_existing, load_corpus, qg_spec, read_table
+from qgscale.teacher.pool import Unit, ensure_ray, run_pool
+
+
+@dataclass
+class GenerateJob:
+    qg: QGSpec
+    corpus_uri: str
+    out_uri: str
+    config_hash: str
+    langs: list[str]
+    options: dict[str, Any] = field(default_factory=dict)  # QueryGenerator.generate kwargs
+    seed: int = 0
+
+    def setup(self) -> dict[str, Any]:
+        return {"qg": self.qg.load(), "corpus": load_corpus(self.corpus_uri),
+                "writer": storage.ShardWriter(self.out_uri, self.config_hash)}
+
+    def run(self, st: dict[str, Any], unit: Unit) -> int:
+        writer: storage.ShardWriter = st["writer"]
+        if writer.done(unit.name):
+            return 0
+        pids: list[str] = unit.payload
+        passages = [st["corpus"][p] for p in pids]
+        rows: dict[str, list] = {"pid": [], "lang": [], "query": [], "logprob": []}
+        for lang in self.langs:
+            seed = self.seed + zlib.crc32(f"{unit.name}\t{lang}".encode())
+            out = st["qg"].generate(passages, lang, seed=seed, **self.options)
+            for pid, queries in zip(pids, out, strict=True):
+                for query, logprob in queries:
+                    rows["pid"].append(pid)
+                    rows["lang"].append(lang)
+                    rows["query"].append(query)
+                    rows["logprob"].append(logprob)
+        table = pa.table(rows, schema=GENERATED)
+        writer.write(unit.name, table)
+        return table.num_rows
+
+
+def passage_ids(corpus_uri: str, qrels_uri: str | None) -> list[str]:
+    """Corpus pids in corpus order; with ``qrels_uri`` only the positives (rel > 0)."""
+    pids = read_table(corpus_uri, "corpus", ["pid"])["pid"].to_pylist()
+    if qrels_uri is None:
+        return list(dict.fromkeys(pids))
+    qrels = read_table(qrels_uri, "qrels", ["qid", "pid", "rel"]).to_pylist()
+    known = set(pids)
+    positive = set()
+    for i, r in enumerate(qrels):
+        if (r["rel"] or 0) > 0:
+            if r["pid"] not in known:
+                raise DataError(f"{qrels_uri}: row {i} (qid={r['qid']}): pid={r['pid']} not in "
+                                f"corpus {corpus_uri}")
+            positive.add(r["pid"])
+    return [p for p in dict.fromkeys(pids) if p in positive]
+
+
+def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, *, langs: list[str],
+                     qrels_uri: str | None = None, num_queries: int = 1,
+                     do_sample: bool = False, num_beams: int = 1, top_p: float = 0.95,
+                     max_new_tokens: int = 32, batch_size: int = 32, shard_rows: int = 500,
+                     precision: str = "bf16", num_actors: int | None = None,
+                     cpus_per_actor: float = 1.0, max_retries: int = 3, seed: int = 0,
+                     on_done: Any = None) -> dict[str, Any]:
+    """Plain API: generate for the passages of ``corpus_uri`` (positives of ``qrels_uri``
+    when given) into ``out_uri``; returns the manifest. Resumes like :mod:`scoring`."""
+    if not langs:
+        raise ValueError("teacher.generate.langs is empty")
+    if not do_sample and num_beams < num_queries:
+        raise ValueError(f"teacher.generate: num_queries={num_queries} needs num_beams >= "
+                         f"num_queries (num_beams={num_beams}) or do_sample=true")
+    options = dict(num_queries=num_queries, do_sample=do_sample, num_beams=num_beams,
+                   top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   precision=precision)
+    inputs = {"corpus": corpus_uri, "qrels": qrels_uri}
+    chash = storage.config_hash({"qg": qg.fingerprint(), "prompt": qg.prompt,
+                                 "lens": [qg.max_passage_len, qg.max_query_len],
+                                 "inputs": inputs, "langs": langs, "options": options,
+                                 "shard_rows": shard_rows, "seed": seed})
+    if storage.stage_done(out_uri, chash):
+        return storage.read_manifest(out_uri) | {"skipped": True}
+    pids = passage_ids(corpus_uri, qrels_uri)
+    units = [Unit(f"part-{k // shard_rows:05d}", len(pids[k:k + shard_rows]) * len(langs),
+                  pids[k:k + shard_rows]) for k in range(0, len(pids), shard_rows)]
+    writer = storage.ShardWriter(out_uri, chash)
+    todo = [u for u in units if not writer.done(u.name)]
+    ensure_ray()
+    job = GenerateJob(qg, corpus_uri, out_uri, chash, list(langs), options, seed)
+    stats = run_pool(job, todo, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+                     max_retries=max_retries, desc="teacher generate", unit="passage-lang",
+                     on_done=on_done)
+    return writer.finalize([u.name for u in units], stage="teacher-generate", inputs=inputs,
+                           passages=len(pids), langs=list(langs), run=stats)
+
+
+def run_generate(cfg: Any, *, corpus_uri: str | None = None, qrels_uri: str | None = None,
+                 out_uri: str | None = None, model: Any = None,
+                 on_done: Any = None) -> dict[str, Any]:
+    """Stage ``teacher generate`` (``cfg.teacher.generate``). Defaults: corpus
+    ``<root>/data/train/corpus``, qrels ``<root>/data/train/qrels`` (``passages: positives``),
+    output ``<root>/teacher/generated``."""
+    gc = cfg.teacher.generate
+    ensure_ray(cfg.ray)
+    corpus = corpus_uri or first_existing(cfg.uri("data", "train", "corpus"),
+                                          cfg.uri("data", "corpus"))
+    qrels = None
+    if gc.passages == "positives":
+        qrels = qrels_uri or cfg.uri("data", "train", "qrels")
+    return generate_queries(
+        qg_spec(cfg, model), corpus, out_uri or cfg.uri("teacher", "generated"),
+        langs=gc.langs, qrels_uri=qrels, num_queries=gc.num_queries, do_sample=gc.do_sample,
+        num_beams=gc.num_beams, top_p=gc.top_p, max_new_tokens=gc.max_new_tokens,
+        batch_size=gc.batch_size, shard_rows=gc.shard_rows,
+        precision=cfg.teacher.score.precision, num_actors=gc.num_actors,
+        cpus_per_actor=gc.cpus_per_actor, max_retries=gc.max_retries, seed=cfg.run.seed,
+        on_done=on_done)

@@ -1,0 +1,165 @@
+"""``qgscale teacher score``: teacher scores of every (query, candidate passage) pair.
+
+Input: candidate shards ``{qid, pids, scores?}`` + queries ``{qid, lang, text}`` + corpus
+``{pid, lang, title, text}`` (parquet, local or ``s3://``). Output: shards
+``{qid, pid, score, ntok}`` (``qgscale.data.schema.SCORES``), one per ~``shard_pairs`` pairs,
+in candidate order, with done markers and a manifest. Scoring runs on the actor pool of
+:mod:`qgscale.teacher.pool` with the passage-grouped fast path of
+:func:`qgscale.models.generator.score_pairs`; a re-run only does unfinished shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qgscale import storage
+from qgscale.data.readers import DataError
+from qgscale.data.schema import SCORES
+from qgscale.teacher.common import QGSpec, first_existing, load_corpus, load_queries, qg_spec
+from qgscale.teacher.pool import Unit, ensure_ray, run_pool
+
+
+@dataclass
+class CandidateSlice:
+    uri: str  # candidate shard file
+    start: int  # row range [start, stop)
+    stop: int
+
+
+def plan_units(candidates_uri: str, shard_pairs: int) -> list[Unit]:
+    """Split the candidate shards into output shards of about ``shard_pairs`` pairs.
+
+    Validates the lists on the way (null/empty qid, null list or pid, a pid twice in one list,
+    a qid in two rows), naming file, row and field.
+    """
+    fs, path = storage.url_to_fs(candidates_uri)
+    if not fs.exists(path):
+        raise DataError(f"{candidates_uri}: candidates not found")
+    files = storage.list_files(candidates_uri, ".parquet") if fs.isdir(path) else [candidates_uri]
+    if not files:
+        raise DataError(f"{candidates_uri}: no parquet shards")
+    units, seen = [], {}
+    for fi, f in enumerate(files):
+        t = storage.read_parquet(f, ["qid", "pids"])
+        for r, (qid, pids) in enumerate(zip(t["qid"].to_pylist(), t["pids"].to_pylist(),
+                                            strict=True)):
+            where = f"{f}: row {r} (qid={qid})"
+            if not qid:
+                raise DataError(f"{f}: row {r}: empty field 'qid'")
+            if qid in seen:
+                raise DataError(f"{where}: qid also in {seen[qid]} (one candidate list per qid)")
+            seen[qid] = f"{f} row {r}"
+            if pids is None:
+                raise DataError(f"{where}: field 'pids' is null")
+            if any(not p for p in pids):
+                raise DataError(f"{where}: field 'pids' holds an empty/null pid")
+            if len(set(pids)) != len(pids):
+                raise DataError(f"{where}: field 'pids' lists a pid twice")
+        lens = pc.fill_null(pc.list_value_length(t["pids"]), 0).to_pylist()
+        start, pairs, k = 0, 0, 0
+        for r, n in enumerate(lens):
+            pairs += n
+            if pairs >= shard_pairs or r == len(lens) - 1:
+                units.append(Unit(f"part-{fi:05d}-{k:04d}", pairs,
+                                  CandidateSlice(f, start, r + 1)))
+                start, pairs, k = r + 1, 0, k + 1
+    return units
+
+
+@dataclass
+class ScoreJob:
+    """Actor side: load QG + texts once; per shard read its candidate rows, score, write."""
+
+    qg: QGSpec
+    queries_uri: str
+    corpus_uri: str
+    out_uri: str
+    config_hash: str
+    batch_tokens: int = 16384
+    precision: str = "bf16"
+
+    def setup(self) -> dict[str, Any]:
+        return {"qg": self.qg.load(), "queries": load_queries(self.queries_uri),
+                "corpus": load_corpus(self.corpus_uri),
+                "writer": storage.ShardWriter(self.out_uri, self.config_hash)}
+
+    def run(self, st: dict[str, Any], unit: Unit) -> int:
+        writer: storage.ShardWriter = st["writer"]
+        if writer.done(unit.name):
+            return 0
+        sl: CandidateSlice = unit.payload
+        t = storage.read_parquet(sl.uri, ["qid", "pids"]).slice(sl.start, sl.stop - sl.start)
+        qids, pids, pairs = [], [], []
+        for r, (qid, plist) in enumerate(zip(t["qid"].to_pylist(), t["pids"].to_pylist(),
+                                             strict=True)):
+            if qid not in st["queries"]:
+                raise DataError(f"{sl.uri}: row {sl.start + r}: qid={qid} not in queries "
+                                f"{self.queries_uri}")
+            lang, text = st["queries"][qid]
+            for pid in plist:
+                if pid not in st["corpus"]:
+                    raise DataError(f"{sl.uri}: row {sl.start + r} (qid={qid}): pid={pid} not "
+                                    f"in corpus {self.corpus_uri}")
+                qids.append(qid)
+                pids.append(pid)
+                pairs.append((text, st["corpus"][pid], lang))
+        s = st["qg"].score(pairs, batch_tokens=self.batch_tokens, precision=self.precision)
+        table = pa.table({"qid": qids, "pid": pids, "score": s.mean.astype("float32"),
+                          "ntok": s.ntok.astype("int32")}, schema=SCORES)
+        writer.write(unit.name, table, source=sl.uri, rows_from=sl.start, rows_to=sl.stop)
+        return table.num_rows
+
+
+def score_candidates(qg: QGSpec, candidates_uri: str, queries_uri: str, corpus_uri: str,
+                     out_uri: str, *, batch_tokens: int = 16384, shard_pairs: int = 2000,
+                     precision: str = "bf16", num_actors: int | None = None,
+                     cpus_per_actor: float = 1.0, max_retries: int = 3,
+                     on_done: Any = None) -> dict[str, Any]:
+    """Plain API: score every candidate pair into ``out_uri``; returns the manifest.
+
+    Skips everything when ``out_uri`` already has a manifest with the same config hash, and
+    every shard with a done marker otherwise. Needs a running Ray (or starts a local one).
+    """
+    inputs = {"candidates": candidates_uri, "queries": queries_uri, "corpus": corpus_uri}
+    chash = storage.config_hash({"qg": qg.fingerprint(), "prompt": qg.prompt,
+                                 "lens": [qg.max_passage_len, qg.max_query_len],
+                                 "inputs": inputs, "shard_pairs": shard_pairs,
+                                 "precision": precision})
+    if storage.stage_done(out_uri, chash):
+        return storage.read_manifest(out_uri) | {"skipped": True}
+    units = plan_units(candidates_uri, shard_pairs)
+    writer = storage.ShardWriter(out_uri, chash)
+    todo = [u for u in units if not writer.done(u.name)]
+    ensure_ray()
+    job = ScoreJob(qg, queries_uri, corpus_uri, out_uri, chash, batch_tokens, precision)
+    stats = run_pool(job, todo, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+                     max_retries=max_retries, desc="teacher score", unit="pair",
+                     on_done=on_done)
+    pairs = sum(u.size for u in units)
+    manifest = writer.finalize([u.name for u in units], stage="teacher-score", inputs=inputs,
+                               pairs=pairs, run=stats)
+    if manifest["rows"] != pairs:
+        raise RuntimeError(f"{out_uri}: {manifest['rows']} scored rows for {pairs} pairs")
+    return manifest
+
+
+def run_score(cfg: Any, *, candidates_uri: str | None = None, queries_uri: str | None = None,
+              corpus_uri: str | None = None, out_uri: str | None = None, model: Any = None,
+              on_done: Any = None) -> dict[str, Any]:
+    """Stage ``teacher score`` (``cfg.teacher.score``). Defaults: candidates
+    ``<root>/mine/candidates``, queries/corpus ``<root>/data/train/...``, output
+    ``<root>/teacher/scores``, model :func:`qgscale.teacher.common.qg_spec`."""
+    sc = cfg.teacher.score
+    ensure_ray(cfg.ray)
+    return score_candidates(
+        qg_spec(cfg, model), candidates_uri or cfg.uri("mine", "candidates"),
+        queries_uri or cfg.uri("data", "train", "queries"),
+        corpus_uri or first_existing(cfg.uri("data", "train", "corpus"),
+                                     cfg.uri("data", "corpus")),
+        out_uri or cfg.uri("teacher", "scores"), batch_tokens=sc.batch_tokens,
+        shard_pairs=sc.shard_pairs, precision=sc.precision, num_actors=sc.num_actors,
+        cpus_per_actor=sc.cpus_per_actor, max_retries=sc.max_retries, on_done=on_done)

@@ -1,0 +1,147 @@
+"""Teacher stages on a real local Ray: scoring and generation over shards, killed actors,
+resume, local disk and the local S3 endpoint."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from qgscale import storage
+from qgscale.data.readers import DataError
+from qgscale.data.schema import CANDIDATES, CORPUS, QRELS, QUERIES
+from qgscale.models.generator import QueryGenerator, passage_text
+from qgscale.models.tiny import tiny_t5_config, xquad_texts
+from qgscale.teacher.common import QGSpec
+from qgscale.teacher.generation import generate_queries
+from qgscale.teacher.scoring import plan_units, score_candidates
+
+
+def _write_inputs(root: str, tokenizer, n_pass: int = 10, n_q: int = 16, k: int = 4):
+    """Tiny QG saved under root/qg + corpus, queries, qrels and 2 candidate shards."""
+    from transformers import T5ForConditionalGeneration
+
+    rng = random.Random(0)
+    texts = xquad_texts(["en", "de"])
+    paras = [t for t in texts if len(t) > 200][:n_pass]
+    questions = [t for t in texts if len(t) < 100][:n_q]
+    corpus = [{"pid": f"p{i}", "lang": "en", "title": f"T{i}", "text": t}
+              for i, t in enumerate(paras)]
+    queries = [{"qid": f"q{i}", "lang": rng.choice(["en", "de"]), "text": t}
+               for i, t in enumerate(questions)]
+    cands = [{"qid": q["qid"], "pids": rng.sample([c["pid"] for c in corpus], k),
+              "scores": None} for q in queries]
+    qrels = [{"qid": c["qid"], "pid": c["pids"][0], "rel": 1} for c in cands]
+    storage.write_parquet(storage.join(root, "corpus.parquet"),
+                          pa.Table.from_pylist(corpus, schema=CORPUS))
+    storage.write_parquet(storage.join(root, "queries.parquet"),
+                          pa.Table.from_pylist(queries, schema=QUERIES))
+    storage.write_parquet(storage.join(root, "qrels.parquet"),
+                          pa.Table.from_pylist(qrels, schema=QRELS))
+    half = len(cands) // 2
+    for i, part in enumerate([cands[:half], cands[half:]]):
+        storage.write_parquet(storage.join(root, "cands", f"part-{i:05d}.parquet"),
+                              pa.Table.from_pylist(part, schema=CANDIDATES))
+    cfg = tiny_t5_config(len(tokenizer))
+    cfg.initializer_factor = 0.05
+    torch.manual_seed(0)
+    qg = QueryGenerator(T5ForConditionalGeneration(cfg).eval(), tokenizer,
+                        max_passage_len=128, max_query_len=32)
+    qg.save_pretrained(storage.join(root, "qg"))
+    spec = QGSpec({"name_or_path": storage.join(root, "qg")}, qg.prompt, 128, 32)
+    return qg, spec, corpus, queries, cands
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "run")
+    return f"{request.getfixturevalue('s3_bucket')}/run"
+
+
+def test_score_kill_actor_exactly_once_and_resume(ray_local, tokenizer, root):
+    ray = ray_local
+    qg, spec, corpus, queries, cands = _write_inputs(root, tokenizer)
+    out = storage.join(root, "scores")
+    args = (spec, storage.join(root, "cands"), storage.join(root, "queries.parquet"),
+            storage.join(root, "corpus.parquet"), out)
+    killed = []
+
+    def kill_other(name: str, idx: int, actors: list) -> None:
+        if not killed:  # after the first finished shard, kill the other (busy) actor
+            killed.append(name)
+            ray.kill(actors[1 - idx])
+
+    kw = dict(shard_pairs=10, cpus_per_actor=0.5, batch_tokens=2000, precision="fp32")
+    m = score_candidates(*args, num_actors=2, on_done=kill_other, **kw)
+    pairs = [(c["qid"], p) for c in cands for p in c["pids"]]
+    assert len(m["shards"]) >= 4 and m["rows"] == len(pairs) == 64
+    assert killed and m["run"]["actor_failures"] >= 1
+    got = storage.read_parquet(out)
+    keys = list(zip(got["qid"].to_pylist(), got["pid"].to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(pairs)  # exactly once
+    # the scores are the model's: equal to scoring the same pairs in this process
+    qtext = {q["qid"]: (q["text"], q["lang"]) for q in queries}
+    ptext = {c["pid"]: passage_text(c["title"], c["text"]) for c in corpus}
+    want = qg.score([(qtext[q][0], ptext[p], qtext[q][1]) for q, p in keys])
+    np.testing.assert_allclose(got["score"].to_numpy(), want.mean, atol=1e-5)
+    np.testing.assert_array_equal(got["ntok"].to_numpy(), want.ntok)
+
+    markers = {f: storage.read_json(f) for f in storage.list_files(
+        storage.join(out, storage.DONE_DIR), ".json")}
+    again = score_candidates(*args, num_actors=2, **kw)
+    assert again["skipped"] and again["rows"] == 64  # everything done: no work at all
+    assert {f: storage.read_json(f) for f in markers} == markers
+
+    # lose the manifest and one shard's marker: only that shard is redone
+    storage.remove(storage.join(out, storage.MANIFEST))
+    lost = sorted(markers)[1]
+    storage.remove(lost)
+    third = score_candidates(*args, num_actors=1, **kw)
+    assert third["run"]["shards_run"] == 1 and third["rows"] == 64
+    assert len(storage.read_parquet(out)) == 64
+
+
+def test_generate_resumable(ray_local, tokenizer, tmp_path):
+    root = str(tmp_path / "gen")
+    _, spec, corpus, _, cands = _write_inputs(root, tokenizer, n_pass=6, n_q=8)
+    out = storage.join(root, "generated")
+    kw = dict(langs=["de", "zh"], qrels_uri=storage.join(root, "qrels.parquet"),
+              num_queries=2, do_sample=True, max_new_tokens=8, shard_rows=2, num_actors=1,
+              cpus_per_actor=1)
+    m = generate_queries(spec, storage.join(root, "corpus.parquet"), out, **kw)
+    positives = sorted({c["pids"][0] for c in cands})
+    assert m["passages"] == len(positives) and len(m["shards"]) == -(-len(positives) // 2)
+    got = storage.read_parquet(out)
+    assert got.num_rows == len(positives) * 2 * 2
+    assert sorted(set(got["pid"].to_pylist())) == positives
+    assert sorted(set(got["lang"].to_pylist())) == ["de", "zh"]
+    assert np.isfinite(got["logprob"].to_numpy()).all() and (got["logprob"].to_numpy() < 0).all()
+    # resume: drop one shard's marker and the manifest; only it is redone, identically
+    storage.remove(storage.join(out, storage.MANIFEST))
+    storage.remove(storage.join(out, storage.DONE_DIR, "part-00000.json"))
+    again = generate_queries(spec, storage.join(root, "corpus.parquet"), out, **kw)
+    assert again["run"]["shards_run"] == 1
+    assert storage.read_parquet(out).to_pylist() == got.to_pylist()  # seeded: same queries
+    assert generate_queries(spec, storage.join(root, "corpus.parquet"), out, **kw)["skipped"]
+
+
+def test_bad_candidates_named(ray_local, tokenizer, tmp_path):
+    root = str(tmp_path / "bad")
+    _, spec, _, _, _ = _write_inputs(root, tokenizer, n_pass=4, n_q=4)
+    bad = storage.join(root, "bad.parquet")
+    storage.write_parquet(bad, pa.Table.from_pylist(
+        [{"qid": "q0", "pids": ["p1", "p2", "p1"], "scores": None}], schema=CANDIDATES))
+    with pytest.raises(DataError, match=r"bad.parquet: row 0 \(qid=q0\).*pid twice"):
+        plan_units(bad, 10)
+    storage.write_parquet(bad, pa.Table.from_pylist(
+        [{"qid": "q0", "pids": ["p1"], "scores": None},
+         {"qid": "q1", "pids": ["p1", "nope"], "scores": None}], schema=CANDIDATES))
+    with pytest.raises(DataError, match=r"bad.parquet: row 1 \(qid=q1\): pid=nope not in corpus"):
+        score_candidates(spec, bad, storage.join(root, "queries.parquet"),
+                         storage.join(root, "corpus.parquet"), storage.join(root, "out"),
+                         num_actors=1, cpus_per_actor=0.5)
+    assert not storage.exists(storage.join(root, "out", storage.MANIFEST))
