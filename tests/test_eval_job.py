@@ -295,7 +295,9 @@ def _wait_dashboard(address: str, proc: subprocess.Popen, log: Path, timeout: fl
 
 
 @pytest.mark.slow
-def test_ray_job_submit_eval(run_root, ray_head, tmp_path):
+def test_ray_job_submit_eval(run_root, s3_bucket, ray_head, tmp_path):
+    """The job reads the run from local disk and writes its reports to the S3 endpoint (S3
+    settings handed to the job through the runtime env, as on a real cluster)."""
     root, b = run_root
     cfg_path = tmp_path / "eval.yaml"
     cfg_path.write_text(yaml.safe_dump({
@@ -306,17 +308,21 @@ def test_ray_job_submit_eval(run_root, ray_head, tmp_path):
     }))
     runtime_env = {"excludes": [".git", ".venv", "runs", "bench-out", "**/__pycache__",
                                 ".pytest_cache", ".ruff_cache"],
-                   "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+                   "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                **{k: os.environ[k] for k in (
+                                    "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                    "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}}
     cmd = [ray_head["ray"], "job", "submit", "--address", ray_head["address"],
            "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
            "--", "python", "-m", "qgscale.eval", "--config", str(cfg_path),
-           "eval.answer_recall=true"]
+           "--out", f"{s3_bucket}/eval", "eval.answer_recall=true"]
     res = subprocess.run(cmd, env=ray_head["env"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "succeeded" in (res.stdout + res.stderr).lower()
 
-    report = storage.join(root, "eval", "test")
+    report = f"{s3_bucket}/eval/test"
+    assert not os.path.exists(storage.join(root, "eval"))
     got = storage.read_json(storage.join(report, "metrics.json"))
     # the job ran the venv's Python (the head was started from the venv)
     assert got["job"]["driver_python"].startswith(os.path.dirname(sys.executable))
@@ -334,7 +340,7 @@ def test_ray_job_submit_eval(run_root, ray_head, tmp_path):
     assert set(got["macro"]) == {"x->en", "cross_lingual", "monolingual"}
     assert storage.read_bytes(storage.join(report, "pairs.png"))[:4] == b"\x89PNG"
     assert "| de->en |" in storage.read_bytes(storage.join(report, "metrics.md")).decode()
-    assert storage.read_manifest(storage.join(root, "eval"))["splits"]["test"]["macro"]
+    assert storage.read_manifest(f"{s3_bucket}/eval")["splits"]["test"]["macro"]
 
 
 def test_eval_cli_clear_errors(tmp_path):
@@ -349,3 +355,35 @@ def test_eval_cli_clear_errors(tmp_path):
     res = subprocess.run([sys.executable, "-m", "qgscale.eval", "--config", str(cfg),
                           "eval.top_kk=3"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2 and "eval.top_kk: Extra inputs are not permitted" in res.stderr
+
+
+@pytest.mark.parametrize("factory", ["IVF8,Flat", "IDMap2,HNSW16", "IDMap2,Flat"])
+def test_restricted_search_index_types_and_shards(factory):
+    """Selector search through IVF / HNSW / IDMap wrappers and over two index shards (which
+    faiss.IndexShards alone would search unrestricted) equals exact search over the subset."""
+    import faiss
+
+    from qgscale.eval.evaluate import restricted_search
+    from qgscale.index.search import LoadedIndex
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 16)).astype(np.float32)
+    q = rng.standard_normal((7, 16)).astype(np.float32)
+    pids = np.array([f"p{i}" for i in range(len(x))], dtype=object)
+    trained = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+    trained.train(x)
+    parts = []
+    for lo, hi in ((0, 300), (300, 600)):
+        part = faiss.clone_index(trained)
+        part.add_with_ids(x[lo:hi], np.arange(lo, hi, dtype=np.int64))
+        parts.append(part)
+    shards = faiss.IndexShards(16, True, False)
+    for p in parts:
+        shards.add_shard(p)
+    loaded = LoadedIndex(shards, pids, "ip", parts)
+    allowed = np.arange(1, 600, 3, dtype=np.int64)
+    got, scores = restricted_search(loaded, q, 10, allowed, nprobe=8, ef_search=600)
+    exact = q @ x[allowed].T
+    order = np.argsort(-exact, axis=1)[:, :10]
+    assert [list(r) for r in got] == [list(pids[allowed[o]]) for o in order]
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, order, 1), rtol=1e-4)
