@@ -180,10 +180,13 @@ def run_train_distill(cfg: Any, *, output_uri: str | None = None, init_uri: str 
                       ) -> dict[str, Any]:
     """``qgscale train distill``: contrastive + alpha * KD + beta * alignment (``cfg.distill``).
 
-    Defaults: init = the warm-up model, candidates = ``<root>/mine/candidates``, teacher
+    Defaults: init = the warm-up model, candidates = ``<root>/mine/candidates``, positives and
+    hard negatives = ``<root>/mine/train`` when present (else qrels + candidates), teacher
     scores = ``<root>/teacher/scores``, generated queries = ``<root>/teacher/generated``
-    (skipped when absent and ``beta == 0``).
+    (not read when ``beta == 0``).
     """
+    if examples_uri is None and storage.exists(cfg.uri("mine", "train")):
+        examples_uri = cfg.uri("mine", "train")  # mined {qid, pos_pids, neg_pids}
     generated = generated_uri or cfg.uri("teacher", "generated")
     if cfg.distill.loss.beta == 0 and not generated_uri:
         generated = None
