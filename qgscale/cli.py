@@ -16,8 +16,15 @@ app = typer.Typer(help="Cross-lingual dense retrieval with a query-generator tea
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Convert and inspect datasets.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
+train_app = typer.Typer(help="Ray Train + DeepSpeed training.", no_args_is_help=True)
+teacher_app = typer.Typer(help="Query-generator teacher on Ray actors.", no_args_is_help=True)
+index_app = typer.Typer(help="Encoding, FAISS indexes, search and mining.",
+                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+app.add_typer(train_app, name="train")
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(index_app, name="index")
 
 ConfigArg = Annotated[str, typer.Argument(help="YAML config file.")]
 Overrides = Annotated[list[str] | None, typer.Option(
@@ -108,6 +115,131 @@ def data_export(input: Annotated[str, typer.Option(help="Parquet file or shard f
     from qgscale.data.prepare import export_jsonl
 
     typer.echo(f"{export_jsonl(input, output)} rows -> {output}")
+
+
+@app.command("run")
+@clean_errors
+def run(config: ConfigArg, set: Overrides = None,
+        from_: Annotated[str | None, typer.Option("--from", help="Start at this stage.")] = None,
+        only: Annotated[str | None, typer.Option(help="Run only this stage.")] = None) -> None:
+    """Run the whole pipeline (each finished stage and shard is skipped on re-runs)."""
+    from qgscale import pipeline
+
+    cfg = load(config, set)
+    results = pipeline.run(cfg, start=from_, only=only)
+    if "eval" in results:
+        typer.echo(pipeline.summary_table(results["eval"]))
+
+
+@train_app.command("qg")
+@clean_errors
+def train_qg(config: ConfigArg, set: Overrides = None) -> None:
+    """Fine-tune the query generator (seq2seq CE with the language prompt)."""
+    from qgscale.train.trainer import run_train_qg
+
+    _print(run_train_qg(load(config, set)))
+
+
+@train_app.command("warmup")
+@clean_errors
+def train_warmup(config: ConfigArg, set: Overrides = None) -> None:
+    """Contrastive warm-up of the dual encoder."""
+    from qgscale import pipeline
+
+    _print(pipeline.run(load(config, set), only="warmup")["warmup"])
+
+
+@train_app.command("distill")
+@clean_errors
+def train_distill(config: ConfigArg, set: Overrides = None) -> None:
+    """Contrastive + KD + alignment training of the dual encoder."""
+    from qgscale import pipeline
+
+    _print(pipeline.run(load(config, set), only="distill")["distill"])
+
+
+@teacher_app.command("score")
+@clean_errors
+def teacher_score(config: ConfigArg, set: Overrides = None) -> None:
+    """Score every mined (query, candidate) pair with the QG teacher on Ray actors."""
+    from qgscale import pipeline
+
+    _print(pipeline.run(load(config, set), only="score")["score"])
+
+
+@teacher_app.command("generate")
+@clean_errors
+def teacher_generate(config: ConfigArg, set: Overrides = None) -> None:
+    """Generate queries in other languages for the training passages on Ray actors."""
+    from qgscale import pipeline
+
+    _print(pipeline.run(load(config, set), only="generate")["generate"])
+
+
+Stage = Annotated[str, typer.Option(help="Whose model: warmup or distill.")]
+Split = Annotated[str, typer.Option(help="Corpus split to encode/index.")]
+
+
+@index_app.command("encode")
+@clean_errors
+def index_encode(config: ConfigArg, set: Overrides = None, model: Stage = "warmup",
+                 split: Split = "train") -> None:
+    """Encode corpus shards into embedding shards on Ray actors."""
+    from qgscale import pipeline
+    from qgscale.index.encode import run_encode
+
+    cfg = load(config, set)
+    _print(run_encode(cfg, pipeline.model_uri(cfg, model), tag=f"{model}-{split}",
+                      corpus_uri=pipeline.split_uri(cfg, split, "corpus")))
+
+
+@index_app.command("build")
+@clean_errors
+def index_build(config: ConfigArg, set: Overrides = None, model: Stage = "warmup",
+                split: Split = "train") -> None:
+    """Train, fill and merge (or shard) a FAISS index over the embedding shards."""
+    from qgscale.index.build import run_build
+
+    _print(run_build(load(config, set), tag=f"{model}-{split}"))
+
+
+@index_app.command("search")
+@clean_errors
+def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
+                     help="Query text (repeatable).")],
+                 set: Overrides = None, model: Stage = "warmup", split: Split = "train",
+                 k: int = 10) -> None:
+    """Encode queries and search an index; prints pids and scores."""
+    from qgscale import pipeline
+    from qgscale.index.encode import load_dual_encoder
+    from qgscale.index.search import search
+
+    cfg = load(config, set)
+    enc = load_dual_encoder(pipeline.model_uri(cfg, model))
+    vecs = enc.encode_queries(query, cfg.index.batch_size).float().numpy()
+    pids, scores = search(cfg.uri("index", f"{model}-{split}", "faiss"), vecs, k,
+                          nprobe=cfg.index.nprobe)
+    _print([{"query": q, "hits": [[p, float(s)] for p, s in zip(pp, ss, strict=True)]}
+            for q, pp, ss in zip(query, pids.tolist(), scores.tolist(), strict=True)])
+
+
+@index_app.command("mine")
+@clean_errors
+def index_mine(config: ConfigArg, set: Overrides = None) -> None:
+    """Retrieve candidates and hard negatives for the training queries."""
+    from qgscale import pipeline
+
+    _print(pipeline.run(load(config, set), only="mine")["mine"])
+
+
+@app.command("eval")
+@clean_errors
+def eval_(config: ConfigArg, set: Overrides = None) -> None:
+    """Evaluate the warm-up and distilled students (see also ``python -m qgscale.eval``)."""
+    from qgscale import pipeline
+
+    results = pipeline.run(load(config, set), only="eval")["eval"]
+    typer.echo(pipeline.summary_table(results))
 
 
 def main() -> None:  # pragma: no cover
