@@ -56,6 +56,8 @@ class ModelConfig(Section):
 
     name_or_path: str | None = None
     init: dict[str, Any] | None = None  # HF config kwargs, e.g. {model_type: t5, d_model: 64}
+    overrides: dict[str, Any] | None = None  # config changes for pretrained weights, e.g.
+    # {num_hidden_layers: 3} keeps the first 3 layers
     tokenizer: str | None = None  # defaults to name_or_path
 
     @model_validator(mode="after")

@@ -42,7 +42,8 @@ def build_hf_model(model_cfg: Any, tokenizer: PreTrainedTokenizerBase | None = N
             raise ValueError(f"model.init needs model_type, got {sorted(init)}")
         hf_cfg = AutoConfig.for_model(model_type, **init)
         return _no_pooler(auto_cls.from_config, hf_cfg)
-    return _no_pooler(auto_cls.from_pretrained, resolve(model_cfg.name_or_path))
+    return _no_pooler(lambda *a, **kw: auto_cls.from_pretrained(
+        *a, **kw, **(model_cfg.overrides or {})), resolve(model_cfg.name_or_path))
 
 
 def _no_pooler(load: Any, *args: Any) -> torch.nn.Module:
