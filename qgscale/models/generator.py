@@ -195,8 +195,10 @@ def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
                 pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Fast path: (sum log P, ntok) of ``targets[j]`` given ``sources[pair_src[j]]``.
 
-    ``sources``/``targets`` are token id lists (already truncated). Encoder runs once per
-    distinct source per batch; its output is expanded (index_select) to the batch's targets.
+    ``sources``/``targets`` are token id lists (already truncated). The encoder runs once per
+    distinct source per batch; for T5-family models the decoder's cross-attention keys/values
+    are also computed once per source and shared by its targets (:func:`_t5_cross_cache`),
+    other models decode against the encoder output expanded to the targets.
     """
     device = next(model.parameters()).device
     sums = np.zeros(len(targets), dtype=np.float64)
