@@ -133,6 +133,7 @@ def train_index(factory: str, metric: str, dim: int, out_uri: str, env: dict,
     import faiss
 
     apply_storage_env(env)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # training runs alone: use the whole node
     index = faiss.index_factory(dim, with_ids(factory), metric_type(metric))
     n_train = 0
     if not index.is_trained:
@@ -227,9 +228,15 @@ class BuildOptions:
     num_shards: int = 1  # final index shards; 0 keeps every part as its own shard
     merge: str = "memory"  # "memory" | "ondisk"
     max_memory_gb: float = 8.0
-    cpus_per_task: float = 1.0
+    cpus_per_task: float = 1.0  # Ray CPUs (and faiss threads, at least 1) per task
+    add_workers: int | None = None  # add tasks in flight at once (None: as resources allow)
     max_retries: int = 2
     seed: int = 0
+
+    def content(self) -> dict:
+        """The fields that change the index (not how it is computed)."""
+        skip = ("cpus_per_task", "add_workers", "max_retries")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
 
 def shard_rows(uris: list[str]) -> tuple[list[int], int]:
@@ -254,14 +261,21 @@ def _groups(n: int, k: int) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
 
 
-def _gather(refs: dict, what: str) -> dict:
-    """Wait for every task (so finished work is kept), then raise if any failed."""
+def _gather(calls: dict, what: str, window: int | None = None) -> dict:
+    """Run ``name -> (remote_fn, args)`` with at most ``window`` in flight; wait for every task
+    (so finished work is kept), then raise if any failed."""
     import ray
 
-    results, failed = {}, {}
-    for name, ref in refs.items():
+    results, failed, pending = {}, {}, list(calls.items())
+    running: dict = {}
+    while pending or running:
+        while pending and (window is None or len(running) < window):
+            name, (fn, args) = pending.pop(0)
+            running[fn.remote(*args)] = name
+        ready, _ = ray.wait(list(running), num_returns=1)
+        name = running.pop(ready[0])
         try:
-            results[name] = ray.get(ref)
+            results[name] = ray.get(ready[0])
         except Exception as e:  # noqa: BLE001 - reported below with the part names
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if failed:
@@ -280,7 +294,7 @@ def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
         raise ValueError(f"index.merge: expected 'memory' or 'ondisk', got {opts.merge!r}")
     if not ray.is_initialized():
         ray.init()
-    chash = config_hash or storage.config_hash({"emb": emb_uri, **opts.__dict__})
+    chash = config_hash or storage.config_hash({"emb": emb_uri, **opts.content()})
     if storage.stage_done(index_uri, chash):
         return storage.read_manifest(index_uri)
     uris = storage.list_files(emb_uri, ".parquet")
@@ -325,12 +339,12 @@ def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
     fault = os.environ.get(FAULT_ENV, "")
     ids_writer = storage.ShardWriter(storage.join(index_uri, "ids"), chash)
     with phase(timings, "add_s"):
-        refs = {name: task(add_part).remote(trained_uri, [uris[i] for i in g],
-                                            [offsets[i] for i in g], index_uri, name, chash,
-                                            env, opts.cpus_per_task, fault)
-                for name, g in zip(names, part_groups, strict=True)
-                if not ids_writer.done(name)}
-        _gather(refs, "index add")
+        add = task(add_part)
+        calls = {name: (add, (trained_uri, [uris[i] for i in g], [offsets[i] for i in g],
+                              index_uri, name, chash, env, opts.cpus_per_task, fault))
+                 for name, g in zip(names, part_groups, strict=True)
+                 if not ids_writer.done(name)}
+        _gather(calls, "index add", opts.add_workers)
     ids_writer.finalize(names)
 
     part_uris = [storage.join(index_uri, "parts", f"{nm}.faiss") for nm in names]
@@ -342,12 +356,12 @@ def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
             groups = _groups(len(names), opts.num_shards)
             shard_files = [f"shards/shard-{j:05d}.faiss" for j in range(len(groups))]
             ondisk = opts.merge == "ondisk" and is_ivf(factory)
-            refs = {f: task(merge_parts).remote(trained_uri, [part_uris[i] for i in g],
-                                                storage.join(index_uri, f),
-                                                "ondisk" if ondisk else "memory", env,
-                                                opts.cpus_per_task)
-                    for f, g in zip(shard_files, groups, strict=True)}
-            ntotals = _gather(refs, "index merge")
+            merge = task(merge_parts)
+            calls = {f: (merge, (trained_uri, [part_uris[i] for i in g],
+                                 storage.join(index_uri, f), "ondisk" if ondisk else "memory",
+                                 env, opts.cpus_per_task))
+                     for f, g in zip(shard_files, groups, strict=True)}
+            ntotals = _gather(calls, "index merge")
             if sum(ntotals.values()) != n:
                 raise RuntimeError(f"{index_uri}: merged {sum(ntotals.values())} != {n} vectors")
     rates = {f"{p[:-2]}_vectors_per_s": round(n / max(timings[p], 1e-9), 1)
@@ -368,6 +382,6 @@ def run_build(cfg, tag: str = "de0", emb_uri: str | None = None,
                         cpus_per_task=ic.cpus_per_actor, max_retries=ic.max_retries,
                         seed=cfg.run.seed)
     emb_manifest = storage.read_manifest(emb_uri) or {}
-    chash = storage.config_hash({"opts": opts.__dict__,
+    chash = storage.config_hash({"opts": opts.content(),
                                  "emb": emb_manifest.get("config_hash", emb_uri)})
     return build_index(emb_uri, index_uri, opts, chash)
