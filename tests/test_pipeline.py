@@ -31,7 +31,7 @@ TINY = {
                 "max_query_len": 24, "checkpoint_every": 1000,
                 "loss": {"alpha": 1.0, "beta": 0.5, "n_candidates": 4}},
     "teacher": {"score": {"num_actors": 1, "shard_pairs": 1500, "precision": "fp32"},
-                "generate": {"langs": ["de"], "num_queries": 1, "max_new_tokens": 8}},
+                "generate": {"langs": ["en"], "num_queries": 1, "max_new_tokens": 8}},
     "index": {"factory": "Flat", "cpus_per_actor": 1},
     "mine": {"top_k": 4, "n_negatives": 2},
     "eval": {"k": [1, 5, 10], "top_k": 10},
@@ -59,7 +59,7 @@ def test_pipeline_end_to_end_and_resume(tmp_path, ray_local):
     assert len(set(zip(scores.column("qid").to_pylist(), scores.column("pid").to_pylist(),
                        strict=True))) == n_pairs
     generated = storage.read_parquet(cfg.uri("teacher", "generated"))
-    assert set(generated.column("lang").to_pylist()) == {"de"}
+    assert set(generated.column("lang").to_pylist()) == {"en"}
     for stage in ("qg", "warmup", "distill"):
         assert storage.exists(storage.join(pipeline.model_uri(cfg, stage), "config.json")) or \
             storage.list_files(pipeline.model_uri(cfg, stage))
