@@ -17,7 +17,8 @@ from qgscale.models.generator import QueryGenerator, passage_text
 from qgscale.models.tiny import tiny_t5_config, xquad_texts
 from qgscale.teacher.common import QGSpec
 from qgscale.teacher.generation import generate_queries
-from qgscale.teacher.scoring import plan_units, score_candidates
+from qgscale.teacher.scoring import generated_candidates, plan_units, score_candidates
+from qgscale.train.data import generated_qid
 
 
 def _write_inputs(root: str, tokenizer, n_pass: int = 10, n_q: int = 16, k: int = 4):
@@ -107,7 +108,7 @@ def test_score_kill_actor_exactly_once_and_resume(ray_local, tokenizer, root):
 
 def test_generate_resumable(ray_local, tokenizer, tmp_path):
     root = str(tmp_path / "gen")
-    _, spec, corpus, _, cands = _write_inputs(root, tokenizer, n_pass=6, n_q=8)
+    _, spec, corpus, queries, cands = _write_inputs(root, tokenizer, n_pass=6, n_q=8)
     out = storage.join(root, "generated")
     kw = dict(langs=["de", "zh"], qrels_uri=storage.join(root, "qrels.parquet"),
               num_queries=2, do_sample=True, max_new_tokens=8, shard_rows=2, num_actors=1,
@@ -116,7 +117,8 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
     positives = sorted({c["pids"][0] for c in cands})
     assert m["passages"] == len(positives) and len(m["shards"]) == -(-len(positives) // 2)
     got = storage.read_parquet(out)
-    assert got.num_rows == len(positives) * 2 * 2
+    assert got.num_rows + m["empty_queries_dropped"] == len(positives) * 2 * 2
+    assert got.num_rows >= len(positives) and all(got["query"].to_pylist())
     assert sorted(set(got["pid"].to_pylist())) == positives
     assert sorted(set(got["lang"].to_pylist())) == ["de", "zh"]
     assert np.isfinite(got["logprob"].to_numpy()).all() and (got["logprob"].to_numpy() < 0).all()
@@ -127,6 +129,26 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
     assert again["run"]["shards_run"] == 1
     assert storage.read_parquet(out).to_pylist() == got.to_pylist()  # seeded: same queries
     assert generate_queries(spec, storage.join(root, "corpus.parquet"), out, **kw)["skipped"]
+
+    # KD on generated queries: score them on the union of their source queries' candidates
+    c_uri, q_uri = generated_candidates(
+        storage.join(root, "cands"), storage.join(root, "queries.parquet"),
+        storage.join(root, "qrels.parquet"), out, storage.join(root, "gen_pairs"))
+    lang = {q["qid"]: q["lang"] for q in queries}
+    want = set()
+    for r in got.to_pylist():
+        for c in cands:  # qrels: c["pids"][0] is the positive of c["qid"]
+            if c["pids"][0] == r["pid"] and lang[c["qid"]] != r["lang"]:
+                want |= {(generated_qid(r["pid"], r["lang"], r["query"]), p) for p in c["pids"]}
+    assert want  # some generated query has candidates
+    sm = score_candidates(spec, [storage.join(root, "cands"), c_uri],
+                          [storage.join(root, "queries.parquet"), q_uri],
+                          storage.join(root, "corpus.parquet"), storage.join(root, "scores"),
+                          num_actors=1, precision="fp32")
+    s = storage.read_parquet(storage.join(root, "scores"))
+    keys = set(zip(s["qid"].to_pylist(), s["pid"].to_pylist(), strict=True))
+    assert sm["rows"] == len(keys) == len(want) + sum(len(c["pids"]) for c in cands)
+    assert want <= keys
 
 
 def test_bad_candidates_named(ray_local, tokenizer, tmp_path):

@@ -4,7 +4,9 @@ For each passage (the training positives from qrels, or the whole corpus) and ea
 language, ``num_queries`` queries by beam search or nucleus sampling. Output shards
 ``{pid, lang, query, logprob}`` (``qgscale.data.schema.GENERATED``; ``logprob`` = the query's
 teacher score, the mean token log-prob), written on the same actor pool with done markers and
-resume as scoring. Sampling is seeded per shard and language, so a retried shard is identical.
+resume as scoring. Empty generations (an immediate ``</s>``) are left out and counted in the
+manifest (``empty_queries_dropped``). Sampling is seeded per shard and language, so a
+retried shard is identical.
 """
 
 from __future__ import annotations
@@ -43,17 +45,21 @@ class GenerateJob:
         pids: list[str] = unit.payload
         passages = [st["corpus"][p] for p in pids]
         rows: dict[str, list] = {"pid": [], "lang": [], "query": [], "logprob": []}
+        empty = 0
         for lang in self.langs:
             seed = self.seed + zlib.crc32(f"{unit.name}\t{lang}".encode())
             out = st["qg"].generate(passages, lang, seed=seed, **self.options)
             for pid, queries in zip(pids, out, strict=True):
                 for query, logprob in queries:
+                    if not query:  # no query to train on: counted in the manifest
+                        empty += 1
+                        continue
                     rows["pid"].append(pid)
                     rows["lang"].append(lang)
                     rows["query"].append(query)
                     rows["logprob"].append(logprob)
         table = pa.table(rows, schema=GENERATED)
-        writer.write(unit.name, table)
+        writer.write(unit.name, table, empty_queries=empty)
         return table.num_rows
 
 
@@ -108,8 +114,11 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, *, langs: list[s
     stats = run_pool(job, todo, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
                      max_retries=max_retries, desc="teacher generate", unit="passage-lang",
                      on_done=on_done)
+    empty = sum(storage.read_json(storage.join(out_uri, storage.DONE_DIR, f"{u.name}.json"))
+                .get("empty_queries", 0) for u in units)
     return writer.finalize([u.name for u in units], stage="teacher-generate", inputs=inputs,
-                           passages=len(pids), langs=list(langs), run=stats)
+                           passages=len(pids), langs=list(langs), empty_queries_dropped=empty,
+                           run=stats)
 
 
 def run_generate(cfg: Any, *, corpus_uri: str | None = None, qrels_uri: str | None = None,

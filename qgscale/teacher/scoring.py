@@ -30,18 +30,24 @@ class CandidateSlice:
     stop: int
 
 
-def plan_units(candidates_uri: str, shard_pairs: int) -> list[Unit]:
+def _files(uri: str) -> list[str]:
+    fs, path = storage.url_to_fs(uri)
+    if not fs.exists(path):
+        raise DataError(f"{uri}: candidates not found")
+    files = storage.list_files(uri, ".parquet") if fs.isdir(path) else [uri]
+    if not files:
+        raise DataError(f"{uri}: no parquet shards")
+    return files
+
+
+def plan_units(candidates_uri: str | list[str], shard_pairs: int) -> list[Unit]:
     """Split the candidate shards into output shards of about ``shard_pairs`` pairs.
 
     Validates the lists on the way (null/empty qid, null list or pid, a pid twice in one list,
     a qid in two rows), naming file, row and field.
     """
-    fs, path = storage.url_to_fs(candidates_uri)
-    if not fs.exists(path):
-        raise DataError(f"{candidates_uri}: candidates not found")
-    files = storage.list_files(candidates_uri, ".parquet") if fs.isdir(path) else [candidates_uri]
-    if not files:
-        raise DataError(f"{candidates_uri}: no parquet shards")
+    uris = [candidates_uri] if isinstance(candidates_uri, str) else candidates_uri
+    files = [f for u in uris for f in _files(u)]
     units, seen = [], {}
     for fi, f in enumerate(files):
         t = storage.read_parquet(f, ["qid", "pids"])
@@ -75,7 +81,7 @@ class ScoreJob:
     """Actor side: load QG + texts once; per shard read its candidate rows, score, write."""
 
     qg: QGSpec
-    queries_uri: str
+    queries_uri: str | list[str]
     corpus_uri: str
     out_uri: str
     config_hash: str
@@ -83,7 +89,10 @@ class ScoreJob:
     precision: str = "bf16"
 
     def setup(self) -> dict[str, Any]:
-        return {"qg": self.qg.load(), "queries": load_queries(self.queries_uri),
+        queries: dict[str, tuple[str, str]] = {}
+        for uri in [self.queries_uri] if isinstance(self.queries_uri, str) else self.queries_uri:
+            queries.update(load_queries(uri))
+        return {"qg": self.qg.load(), "queries": queries,
                 "corpus": load_corpus(self.corpus_uri),
                 "writer": storage.ShardWriter(self.out_uri, self.config_hash)}
 
@@ -114,7 +123,55 @@ class ScoreJob:
         return table.num_rows
 
 
-def score_candidates(qg: QGSpec, candidates_uri: str, queries_uri: str, corpus_uri: str,
+def generated_candidates(candidates_uri: str, queries_uri: str, qrels_uri: str,
+                         generated_uri: str, out_uri: str) -> tuple[str, str]:
+    """Inputs to score the QG-generated queries too (KD on generated queries).
+
+    A generated query g (language l) from passage p gets qid ``generated_qid(p, l, g)`` and, as
+    candidate list, the union of C(q) over the training queries q with positive p and
+    language != l (the lists the student pairs it with). Writes ``out_uri/{candidates,
+    queries}/part-00000.parquet``; returns their URIs.
+    """
+    from qgscale.data.schema import CANDIDATES, QUERIES
+    from qgscale.train.data import generated_qid
+
+    lang = {q: v[0] for q, v in load_queries(queries_uri).items()}
+    cands = {}
+    for f in _files(candidates_uri):
+        t = storage.read_parquet(f, ["qid", "pids"])
+        cands.update(zip(t["qid"].to_pylist(), t["pids"].to_pylist(), strict=True))
+    by_pid: dict[str, list[str]] = {}
+    for r in read_table_rows(qrels_uri, "qrels"):
+        if (r["rel"] or 0) > 0 and r["qid"] in cands:
+            by_pid.setdefault(r["pid"], []).append(r["qid"])
+    lists: dict[str, list[str]] = {}
+    texts: dict[str, tuple[str, str]] = {}
+    for r in read_table_rows(generated_uri, "generated queries"):
+        if not (r["query"] or "").strip():
+            raise DataError(f"{generated_uri}: pid={r['pid']} lang={r['lang']}: empty query")
+        gid = generated_qid(r["pid"], r["lang"], r["query"])
+        texts[gid] = (r["lang"], r["query"])
+        pids = lists.setdefault(gid, [])
+        for q in by_pid.get(r["pid"], []):
+            if lang.get(q) != r["lang"]:
+                pids.extend(p for p in cands[q] if p not in pids)
+    q_uri, c_uri = storage.join(out_uri, "queries"), storage.join(out_uri, "candidates")
+    storage.write_parquet(storage.join(q_uri, "part-00000.parquet"), pa.Table.from_pylist(
+        [{"qid": g, "lang": lt[0], "text": lt[1]} for g, lt in texts.items()], schema=QUERIES))
+    storage.write_parquet(storage.join(c_uri, "part-00000.parquet"), pa.Table.from_pylist(
+        [{"qid": g, "pids": p, "scores": None} for g, p in lists.items() if p],
+        schema=CANDIDATES))
+    return c_uri, q_uri
+
+
+def read_table_rows(uri: str, what: str) -> list[dict[str, Any]]:
+    from qgscale.teacher.common import read_table
+
+    return read_table(uri, what).to_pylist()
+
+
+def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
+                     queries_uri: str | list[str], corpus_uri: str,
                      out_uri: str, *, batch_tokens: int = 16384, shard_pairs: int = 2000,
                      precision: str = "bf16", num_actors: int | None = None,
                      cpus_per_actor: float = 1.0, max_retries: int = 3,
@@ -123,6 +180,7 @@ def score_candidates(qg: QGSpec, candidates_uri: str, queries_uri: str, corpus_u
 
     Skips everything when ``out_uri`` already has a manifest with the same config hash, and
     every shard with a done marker otherwise. Needs a running Ray (or starts a local one).
+    Several candidate sets (with their queries) may be given as lists.
     """
     inputs = {"candidates": candidates_uri, "queries": queries_uri, "corpus": corpus_uri}
     chash = storage.config_hash({"qg": qg.fingerprint(), "prompt": qg.prompt,
@@ -149,15 +207,33 @@ def score_candidates(qg: QGSpec, candidates_uri: str, queries_uri: str, corpus_u
 
 def run_score(cfg: Any, *, candidates_uri: str | None = None, queries_uri: str | None = None,
               corpus_uri: str | None = None, out_uri: str | None = None, model: Any = None,
+              generated_uri: str | None = None, qrels_uri: str | None = None,
               on_done: Any = None) -> dict[str, Any]:
     """Stage ``teacher score`` (``cfg.teacher.score``). Defaults: candidates
-    ``<root>/mine/candidates``, queries/corpus ``<root>/data/train/...``, output
-    ``<root>/teacher/scores``, model :func:`qgscale.teacher.common.qg_spec`."""
+    ``<root>/mine/candidates``, queries/corpus/qrels ``<root>/data/train/...``, output
+    ``<root>/teacher/scores``, model :func:`qgscale.teacher.common.qg_spec`.
+
+    With ``distill.loss.kd_on_generated`` (or ``generated_uri``) the generated queries
+    (``<root>/teacher/generated``: run ``teacher generate`` first) are scored as well, on
+    the candidate lists of :func:`generated_candidates`, into the same output.
+    """
     sc = cfg.teacher.score
     ensure_ray(cfg.ray)
+    cands = [candidates_uri or cfg.uri("mine", "candidates")]
+    queries = [queries_uri or cfg.uri("data", "train", "queries")]
+    if generated_uri or cfg.distill.loss.kd_on_generated:
+        gen = generated_uri or cfg.uri("teacher", "generated")
+        if not storage.exists(storage.join(gen, storage.MANIFEST)):
+            raise DataError(f"{gen}: no generated queries; with distill.loss.kd_on_generated "
+                            "run `qgscale teacher generate` before `teacher score`")
+        c, q = generated_candidates(cands[0], queries[0],
+                                    qrels_uri or cfg.uri("data", "train", "qrels"), gen,
+                                    cfg.uri("teacher", "generated_pairs"))
+        cands.append(c)
+        queries.append(q)
     return score_candidates(
-        qg_spec(cfg, model), candidates_uri or cfg.uri("mine", "candidates"),
-        queries_uri or cfg.uri("data", "train", "queries"),
+        qg_spec(cfg, model), cands if len(cands) > 1 else cands[0],
+        queries if len(queries) > 1 else queries[0],
         corpus_uri or first_existing(cfg.uri("data", "train", "corpus"),
                                      cfg.uri("data", "corpus")),
         out_uri or cfg.uri("teacher", "scores"), batch_tokens=sc.batch_tokens,
