@@ -26,6 +26,18 @@ app.add_typer(train_app, name="train")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(index_app, name="index")
 
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False
+           ) -> None:
+    import logging
+    import os
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # Ray Data progress bars inside training workers flood the console; stage bars remain.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
 ConfigArg = Annotated[str, typer.Argument(help="YAML config file.")]
 Overrides = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config key: key.path=value (repeatable).")]
