@@ -141,6 +141,7 @@ def run_pool(job: Job, units: Sequence[Unit], *, num_actors: int | None = None,
                     raise RuntimeError(f"shard {u.name}: its actor died {attempts[u.name]} "
                                        f"times (max_retries={max_retries}): {e}") from e
                 pending.appendleft(u)
+                ray.kill(actors[i])  # an unavailable (not dead) actor must not write later
                 actors[i] = start()
                 idle.append(i)
                 continue
