@@ -30,3 +30,10 @@ def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     """Embedding shards: ``{pid, vector}`` with a fixed-size list of ``dim`` floats."""
     value = pa.float16() if dtype == "float16" else pa.float32()
     return pa.schema([("pid", pa.string()), ("vector", pa.list_(value, dim))])
+
+
+def passage_text(title: str | None, text: str | None) -> str:
+    """The text of a corpus row as every model sees it (student, index, teacher):
+    ``"title text"``, or the text alone when there is no title."""
+    title, text = (title or "").strip(), (text or "").strip()
+    return f"{title} {text}" if title else text

@@ -21,7 +21,11 @@ import pyarrow as pa
 import torch
 
 from qgscale import storage
-from qgscale.data.schema import CORPUS, embeddings_schema
+from qgscale.data.schema import (
+    CORPUS,
+    embeddings_schema,
+    passage_text,  # noqa: F401  (re-exported)
+)
 
 
 class TextEncoder(Protocol):
@@ -32,12 +36,6 @@ class TextEncoder(Protocol):
     def encode_passages(self, texts: list[str], batch_size: int) -> torch.Tensor: ...
 
     def encode_queries(self, texts: list[str], batch_size: int) -> torch.Tensor: ...
-
-
-def passage_text(title: str | None, text: str | None) -> str:
-    """The text a passage is encoded (and scored) as: ``title + " " + text``."""
-    title, text = (title or "").strip(), (text or "").strip()
-    return f"{title} {text}" if title else text
 
 
 # ---------------------------------------------------------------- plain torch fast path

@@ -28,17 +28,12 @@ import torch
 from torch import nn
 
 from qgscale import storage
+from qgscale.data.schema import passage_text  # noqa: F401  (re-exported)
 from qgscale.models.loading import resolve
 
 DEFAULT_PROMPT = "generate {lang} query: {passage}"
 QG_META = "qgscale_qg.json"  # prompt and lengths saved beside the HF files
 Pair = tuple[str, str, str]  # (query, passage, query language)
-
-
-def passage_text(title: str | None, text: str | None) -> str:
-    """The passage as the QG reads it: ``"title text"`` (as the student and the index see it)."""
-    title, text = (title or "").strip(), (text or "").strip()
-    return f"{title} {text}" if title else text
 
 
 @dataclass

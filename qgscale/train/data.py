@@ -29,6 +29,7 @@ import torch
 
 from qgscale import storage
 from qgscale.data.readers import DataError
+from qgscale.data.schema import passage_text  # noqa: F401  (re-exported)
 
 STUDENT_ROWS = pa.schema([
     ("qid", pa.string()), ("query", pa.string()),
@@ -38,12 +39,6 @@ STUDENT_ROWS = pa.schema([
     ("gen_scores", pa.list_(pa.float32())),  # teacher scores of gen_query on C(q), or []
 ])
 QG_ROWS = pa.schema([("query", pa.string()), ("lang", pa.string()), ("passage", pa.string())])
-
-
-def passage_text(title: str | None, text: str | None) -> str:
-    """``title + " " + text`` (the same text the index encodes and the teacher scores)."""
-    title, text = (title or "").strip(), (text or "").strip()
-    return f"{title} {text}" if title else text
 
 
 def generated_qid(pid: str, lang: str, query: str) -> str:
