@@ -159,6 +159,9 @@ def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[
     for name in (start, only):
         if name and name not in STAGE_NAMES:
             raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    from qgscale import raycluster
+
+    raycluster.connect(cfg.ray)
     stages = STAGES
     if only:
         stages = [s for s in STAGES if s.name == only]

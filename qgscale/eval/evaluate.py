@@ -328,20 +328,6 @@ def write_reports(result: dict, out_uri: str, metrics: list[str], chart_metric: 
 
 
 # ---------------------------------------------------------------------------- the job
-def _connect_ray(cfg: Any):
-    """Join the cluster of ``ray job submit`` (RAY_ADDRESS) or ``ray.address``; else start a
-    local Ray sized by ``ray.num_cpus``."""
-    import ray
-
-    if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
-    return ray
-
-
 def run_eval(cfg: Any, model_uri: str | None = None, index_uri: str | None = None,
              out_uri: str | None = None, tag: str = DEFAULT_TAG) -> dict:
     """Stage ``eval``: evaluate ``model_uri`` with ``index_uri`` on ``cfg.eval.splits``.
@@ -358,7 +344,11 @@ def run_eval(cfg: Any, model_uri: str | None = None, index_uri: str | None = Non
     for what, uri in (("model", model_uri), ("index", index_uri)):
         if not storage.exists(uri):
             raise FileNotFoundError(f"eval: {what} {uri} does not exist")
-    ray = _connect_ray(cfg)
+    import ray
+
+    from qgscale.raycluster import connect
+
+    connect(cfg.ray)
     _, res = actor_resources(1, cfg.index.cpus_per_actor)
     task = ray.remote(**res)(evaluate_uris)
     names = metric_names(ec.k)

@@ -23,17 +23,11 @@ import pyarrow as pa
 
 from qgscale import storage
 from qgscale.data.readers import DataError
+from qgscale.raycluster import connect, worker_env
 from qgscale.train import data as tdata
 from qgscale.train.loop import train_loop_per_worker
 
 log = logging.getLogger("qgscale.train")
-_AWS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-
-
-def _storage_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in _AWS if os.environ.get(k)}
-
-
 def fit(task: str, rows_uri: str, n_rows: int, init_uri: str, output_uri: str, train: Any,
         loss: Any = None, *, distill: bool = False, seed: int = 13,
         extra: dict[str, Any] | None = None) -> Any:
@@ -59,7 +53,7 @@ def fit(task: str, rows_uri: str, n_rows: int, init_uri: str, output_uri: str, t
     config = {"task": task, "distill": distill, "train": train.model_dump(mode="json"),
               "loss": loss.model_dump(mode="json") if loss is not None else None,
               "init": init_uri, "output": output_uri, "rows": n_rows, "seed": seed,
-              "world_size": train.num_workers, "storage_env": _storage_env(), **(extra or {})}
+              "world_size": train.num_workers, "storage_env": worker_env(), **(extra or {})}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
@@ -73,14 +67,6 @@ def fit(task: str, rows_uri: str, n_rows: int, init_uri: str, output_uri: str, t
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset})
     return trainer.fit()
-
-
-def ensure_ray(cfg: Any) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
-                 include_dashboard=False)
 
 
 def _first_existing(*uris: str) -> str:
@@ -151,7 +137,7 @@ def _student_stage(cfg: Any, stage: str, *, init_uri: str | None, output_uri: st
             model = DualEncoder.build(cfg.encoder, max_query_len=sc.max_query_len,
                                       max_passage_len=sc.max_passage_len)
         model.save_pretrained(init)
-    ensure_ray(cfg)
+    connect(cfg.ray)
     result = fit("student", rows_uri, table.num_rows, init, out, sc, sc.loss, distill=distill,
                  seed=cfg.run.seed, extra=extra)
     return _finish(cfg, out, chash, result, stage=stage, counts=counts, inputs=inputs)
@@ -225,7 +211,7 @@ def run_train_qg(cfg: Any, *, output_uri: str | None = None, queries_uri: str | 
     if not storage.exists(storage.join(init, "config.json")):
         QueryGenerator.build(qc.model, qc.prompt, qc.max_passage_len, qc.max_query_len,
                              seed=cfg.run.seed).save_pretrained(init)
-    ensure_ray(cfg)
+    connect(cfg.ray)
     result = fit("qg", rows_uri, table.num_rows, init, out, qc, None, seed=cfg.run.seed,
                  extra=extra)
     return _finish(cfg, out, chash, result, stage="qg", counts={"rows": table.num_rows},

@@ -1,0 +1,47 @@
+"""Joining Ray, and handing this process's settings to Ray workers.
+
+Workers of a Ray started earlier (by another stage, a test, or ``ray start``) do not see
+variables set later in this process, so storage and offline settings travel explicitly:
+stages pass :func:`worker_env` to their actors/tasks, which call :func:`apply_worker_env`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from qgscale import storage
+
+WORKER_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
+                   "QGSCALE_CACHE", "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY",
+                   "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_DATA_DISABLE_PROGRESS_BARS")
+
+
+def worker_env() -> dict[str, str]:
+    """The storage/offline/logging settings of this process."""
+    return {k: os.environ[k] for k in WORKER_ENV_KEYS if os.environ.get(k)}
+
+
+def apply_worker_env(env: dict[str, str]) -> None:
+    """In a worker: take the driver's settings (and rebuild S3 clients if they changed)."""
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.environ.update(env)
+        storage.configure()
+
+
+def connect(ray_cfg: Any = None) -> None:
+    """Join the cluster named by ``ray.address`` or ``RAY_ADDRESS`` (``ray job submit`` sets
+    it), else start a local Ray sized by ``ray.num_cpus``/``num_gpus``. No-op when connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        ray.init(num_cpus=getattr(ray_cfg, "num_cpus", None),
+                 num_gpus=getattr(ray_cfg, "num_gpus", None), include_dashboard=False,
+                 runtime_env=runtime_env)
