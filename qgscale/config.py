@@ -168,6 +168,10 @@ class IndexConfig(Section):
     merge: Literal["memory", "ondisk"] = "memory"  # how IVF parts are merged into one index
     search_actors: bool = False  # search: one Ray actor per index shard (else IndexShards)
     max_retries: int = 2
+    # re-rank the top k * k_factor with the exact vectors of the embedding shards
+    # (faiss.IndexRefine): "flat" float32, "fp16" half the memory; "none" off
+    refine: Literal["none", "flat", "fp16"] = "none"
+    k_factor: float = Field(4.0, ge=1.0)
 
 
 class MineConfig(Section):

@@ -306,6 +306,10 @@ def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
     factory = opts.factory
     if factory == "auto":
         factory = auto_factory(n, dim, opts.max_memory_gb)
+    if "RFlat" in factory or "Refine(" in factory:
+        raise ValueError(f"index.factory={factory!r}: the distributed build does not take a "
+                         "refine suffix; set index.refine / index.k_factor (search-time "
+                         "re-ranking with the embedding shards) instead")
     est = estimate(factory, n, dim)
     print(f"[index build] {n} vectors x {dim} -> {factory}: ~{est['index_gb']:.2f} GiB index, "
           f"nlist={est['nlist']}, train samples={min(opts.train_samples, n)} "

@@ -115,7 +115,8 @@ def run_mine(cfg: Any, model_uri: str, tag: str = "de0", queries_uri: str | None
     index_m = storage.read_manifest(index_uri) or {}
     chash = storage.config_hash({"mine": mc, "model": model_uri, "queries": queries_uri,
                                  "index": index_m.get("config_hash", index_uri),
-                                 "nprobe": ic.nprobe, "ef": ic.ef_search})
+                                 "nprobe": ic.nprobe, "ef": ic.ef_search,
+                                 "refine": [ic.refine, ic.k_factor]})
     if storage.stage_done(out_uri, chash):
         return storage.read_manifest(out_uri)
     if not ray.is_initialized():
@@ -125,7 +126,8 @@ def run_mine(cfg: Any, model_uri: str, tag: str = "de0", queries_uri: str | None
         functools.partial(load_dual_encoder, model_uri), storage_env(), ic.batch_size,
         "float32", ic.precision)
     if ic.search_actors:
-        searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, ic.cpus_per_actor)
+        searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, ic.cpus_per_actor,
+                                   ic.refine, ic.k_factor)
         search_fn = searcher.search
     else:
         searcher, search_fn = None, functools.partial(_search, search, index_uri, ic)
@@ -141,4 +143,5 @@ def run_mine(cfg: Any, model_uri: str, tag: str = "de0", queries_uri: str | None
 
 
 def _search(search: Callable, index_uri: str, ic: Any, x: np.ndarray, k: int):
-    return search(index_uri, x, k, nprobe=ic.nprobe, ef_search=ic.ef_search)
+    return search(index_uri, x, k, nprobe=ic.nprobe, ef_search=ic.ef_search, refine=ic.refine,
+                  k_factor=ic.k_factor)

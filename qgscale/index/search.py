@@ -3,6 +3,11 @@
 Two fan-outs: ``faiss.IndexShards`` in this process (default), or one Ray actor per shard
 (:class:`ShardSearcher`) with the top-k merged by ``faiss.ResultHeap``. Scores are
 higher-is-better: inner products, or negated squared L2 distances.
+
+Optional re-ranking (``refine="flat"|"fp16"``): the top ``k * k_factor`` candidates of the
+(compressed) index are re-scored with the exact vectors, read back in id order from the
+embedding shards the index was built from (``faiss.IndexRefine`` over the whole fan-out), so
+index files stay compact and every layout (merged, kept parts, on disk, actors) is refined.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from qgscale import storage
-from qgscale.index.encode import apply_storage_env, storage_env
+from qgscale.index.encode import apply_storage_env, read_vectors, storage_env
+
+REFINE_KINDS = ("none", "flat", "fp16")
 
 
 def set_search_params(index: Any, nprobe: int | None = None, ef_search: int | None = None):
@@ -56,6 +63,47 @@ def read_pids(index_uri: str) -> np.ndarray:
     return np.asarray(table.column("pid").to_pylist(), dtype=object)[order]
 
 
+def load_refine_store(index_uri: str, m: dict, pids: np.ndarray, kind: str):
+    """The exact vectors of an index in id order (``IndexFlat``, or ``SQfp16`` for ``fp16``),
+    read from the embedding shards of its manifest; their pids must match the id map."""
+    import faiss
+
+    from qgscale.index.build import metric_type
+
+    if kind not in REFINE_KINDS[1:]:
+        raise ValueError(f"index.refine: expected one of {REFINE_KINDS}, got {kind!r}")
+    emb = m.get("embeddings")
+    if not emb:
+        raise ValueError(f"{index_uri}/{storage.MANIFEST}: no 'embeddings' to refine with")
+    metric = metric_type(m["metric"])
+    store = (faiss.IndexFlat(m["dim"], metric) if kind == "flat" else
+             faiss.IndexScalarQuantizer(m["dim"], faiss.ScalarQuantizer.QT_fp16, metric))
+    for uri in storage.list_files(emb, ".parquet"):
+        shard_pids, vecs = read_vectors(uri)
+        start = store.ntotal
+        if pids[start:start + len(shard_pids)].tolist() != shard_pids:
+            raise ValueError(f"{uri}: pids differ from the id map of {index_uri} at ids "
+                             f"{start}..{start + len(shard_pids) - 1} (embeddings changed "
+                             "since the build?)")
+        store.add(vecs)
+    if store.ntotal != len(pids):
+        raise ValueError(f"{emb}: {store.ntotal} vectors, index {index_uri} has {len(pids)}")
+    return store
+
+
+def rerank(store, x: np.ndarray, ids: np.ndarray, k: int, metric: str):
+    """Re-score candidate ``ids`` (-1 = none) with the exact vectors of ``store``; top ``k``
+    ``(dist, ids)`` in faiss order (largest inner product / smallest L2 first)."""
+    ok = ids >= 0
+    vecs = store.reconstruct_batch(np.where(ok, ids, 0).ravel()).reshape(*ids.shape, -1)
+    dist = (np.einsum("qkd,qd->qk", vecs, x) if metric == "ip"
+            else ((vecs - x[:, None, :]) ** 2).sum(-1))
+    dist = np.where(ok, dist, -np.inf if metric == "ip" else np.inf).astype(np.float32)
+    order = np.argsort(-dist if metric == "ip" else dist, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(dist, order, 1)
+    return top, np.where(np.isfinite(top), np.take_along_axis(ids, order, 1), -1)
+
+
 def _to_results(dist: np.ndarray, ids: np.ndarray, pids: np.ndarray, metric: str):
     scores = dist if metric == "ip" else -dist
     out = np.full(ids.shape, None, dtype=object)
@@ -72,14 +120,17 @@ class LoadedIndex:
     pids: np.ndarray
     metric: str
     parts: list = field(default_factory=list)  # keep shard objects alive under IndexShards
+    store: Any = None  # exact vectors under an IndexRefine (refine != "none")
 
     def search(self, x: np.ndarray, k: int):
         dist, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k)
         return _to_results(dist, ids, self.pids, self.metric)
 
 
-def load_index(index_uri: str, nprobe: int | None = None,
-               ef_search: int | None = None) -> LoadedIndex:
+def load_index(index_uri: str, nprobe: int | None = None, ef_search: int | None = None,
+               refine: str = "none", k_factor: float = 4.0) -> LoadedIndex:
+    """Load every shard of an index (one index, or ``IndexShards``), optionally wrapped in an
+    ``IndexRefine`` that re-ranks the top ``k * k_factor`` with the exact vectors."""
     import faiss
 
     m = storage.read_manifest(index_uri)
@@ -94,20 +145,27 @@ def load_index(index_uri: str, nprobe: int | None = None,
         index = faiss.IndexShards(m["dim"], True, False)
         for p in parts:
             index.add_shard(p)
-    return LoadedIndex(index, read_pids(index_uri), m["metric"], parts)
+    pids = read_pids(index_uri)
+    store = None
+    if refine != "none":
+        store = load_refine_store(index_uri, m, pids, refine)
+        index = faiss.IndexRefine(index, store)
+        index.k_factor = k_factor
+    return LoadedIndex(index, pids, m["metric"], parts, store)
 
 
 _CACHE: dict[tuple, LoadedIndex] = {}
 
 
 def search(index_uri: str, query_vectors: np.ndarray, k: int, nprobe: int | None = None,
-           ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+           ef_search: int | None = None, refine: str = "none",
+           k_factor: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` ``(pids, scores)`` for each query row; ``pids`` is an object array (None where
     fewer than k hits), ``scores`` float32 (NaN there). The loaded index is cached."""
-    key = (index_uri, nprobe, ef_search)
+    key = (index_uri, nprobe, ef_search, refine, k_factor)
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = load_index(index_uri, nprobe, ef_search)
+        _CACHE[key] = load_index(index_uri, nprobe, ef_search, refine, k_factor)
     return _CACHE[key].search(query_vectors, k)
 
 
@@ -128,10 +186,11 @@ class ShardSearcher:
 
 
 class ShardedSearcher:
-    """Fan-out search over Ray actors (one per index shard); merge with ``faiss.ResultHeap``."""
+    """Fan-out search over Ray actors (one per index shard); merge with ``faiss.ResultHeap``;
+    with ``refine``, the merged top ``k * k_factor`` is re-ranked here with the exact vectors."""
 
     def __init__(self, index_uri: str, nprobe: int | None = None, ef_search: int | None = None,
-                 num_cpus: float = 1.0):
+                 num_cpus: float = 1.0, refine: str = "none", k_factor: float = 4.0):
         import ray
 
         m = storage.read_manifest(index_uri)
@@ -143,6 +202,9 @@ class ShardedSearcher:
                                     storage_env(), max(1, int(num_cpus)))
                        for rel in m["shards"]]
         self.pids = read_pids(index_uri)
+        self.store = (load_refine_store(index_uri, m, self.pids, refine)
+                      if refine != "none" else None)
+        self.k_factor = k_factor
 
     def search(self, x: np.ndarray, k: int):
         import faiss
@@ -150,11 +212,15 @@ class ShardedSearcher:
 
         x = np.ascontiguousarray(x, dtype=np.float32)
         ref = ray.put(x)
-        heap = faiss.ResultHeap(len(x), k, keep_max=self.metric == "ip")
-        for dist, ids in ray.get([a.search.remote(ref, k) for a in self.actors]):
+        k_base = int(k * self.k_factor) if self.store is not None else k
+        heap = faiss.ResultHeap(len(x), k_base, keep_max=self.metric == "ip")
+        for dist, ids in ray.get([a.search.remote(ref, k_base) for a in self.actors]):
             heap.add_result(dist, ids)
         heap.finalize()
-        return _to_results(heap.D, heap.I, self.pids, self.metric)
+        dist, ids = heap.D, heap.I
+        if self.store is not None:
+            dist, ids = rerank(self.store, x, ids, k, self.metric)
+        return _to_results(dist, ids, self.pids, self.metric)
 
     def close(self) -> None:
         import ray
