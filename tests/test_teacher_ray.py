@@ -167,3 +167,30 @@ def test_bad_candidates_named(ray_local, tokenizer, tmp_path):
                          storage.join(root, "corpus.parquet"), storage.join(root, "out"),
                          num_actors=1, cpus_per_actor=0.5)
     assert not storage.exists(storage.join(root, "out", storage.MANIFEST))
+
+
+def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
+    """The stage function the CLI/pipeline call: default locations under the run root."""
+    from qgscale.config import parse
+    from qgscale.teacher.common import qg_spec
+    from qgscale.teacher.scoring import run_score
+
+    root = str(tmp_path / "run")
+    cfg = parse({"run": {"root": root}, "qg": {"max_passage_len": 128, "max_query_len": 32},
+                 "teacher": {"score": {"num_actors": 1, "cpus_per_actor": 0.5,
+                                       "shard_pairs": 8}}})
+    with pytest.raises(FileNotFoundError, match="run `qgscale train qg` first"):
+        qg_spec(cfg)
+    src = str(tmp_path / "inputs")
+    _write_inputs(src, tokenizer, n_pass=4, n_q=4, k=2)
+    import shutil
+
+    shutil.copytree(f"{src}/qg", cfg.uri("train", "qg", "model"))
+    shutil.copytree(f"{src}/cands", cfg.uri("mine", "candidates"))
+    for kind in ("queries", "corpus"):
+        storage.write_parquet(cfg.uri("data", "train", kind, "part-00000.parquet"),
+                              storage.read_parquet(f"{src}/{kind}.parquet"))
+    m = run_score(cfg)
+    assert m["rows"] == 8 and len(m["shards"]) == 2
+    assert storage.read_parquet(cfg.uri("teacher", "scores")).num_rows == 8
+    assert run_score(cfg)["skipped"]
