@@ -13,7 +13,6 @@ or not at all, so every output row exists exactly once.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,9 +20,8 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-            "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "QGSCALE_CACHE",
-            "TOKENIZERS_PARALLELISM")
+from qgscale.raycluster import connect as ensure_ray  # noqa: F401  (used by the stages)
+from qgscale.raycluster import worker_env as actor_env
 
 
 @dataclass
@@ -60,22 +58,6 @@ class Worker:
 
     def run(self, unit: Unit) -> int:
         return self.job.run(self.state, unit)
-
-
-def actor_env() -> dict[str, str]:
-    """Storage/offline settings of this process, passed to actors explicitly (a Ray started
-    earlier, e.g. by another stage, would not have them in its workers' environment)."""
-    return {k: os.environ[k] for k in ENV_KEYS if os.environ.get(k)}
-
-
-def ensure_ray(ray_cfg: Any = None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=getattr(ray_cfg, "address", None),
-                 num_cpus=getattr(ray_cfg, "num_cpus", None),
-                 num_gpus=getattr(ray_cfg, "num_gpus", None), include_dashboard=False,
-                 runtime_env={"env_vars": actor_env()})
 
 
 def actor_resources(num_actors: int | None, cpus_per_actor: float) -> tuple[int, float, float]:
