@@ -1,7 +1,8 @@
 """``qgscale run``: the whole method as a sequence of resumable stages.
 
-prepare -> train QG -> warm-up DE -> encode + index -> mine candidates -> teacher scoring ->
-cross-lingual query generation -> distill DE -> re-encode + index -> eval.
+prepare -> train QG -> warm-up DE -> encode + index -> mine candidates -> cross-lingual query
+generation -> teacher scoring (of mined and, optionally, generated queries) -> distill DE ->
+re-encode + index -> eval.
 
 Each stage writes under ``run.root`` and returns at once when its manifest carries the same
 config hash; inside a stage, finished shards are skipped. A crashed run therefore resumes at
@@ -145,8 +146,8 @@ STAGES = [
     Stage("warmup", _warmup, "contrastive warm-up of the dual encoder"),
     Stage("index", _index0, "encode the training corpus and build its index"),
     Stage("mine", _mine, "retrieve candidates and hard negatives for training queries"),
-    Stage("score", _score, "teacher scores log P(q|p)/|q| for every candidate pair"),
     Stage("generate", _generate, "teacher-generated queries in other languages"),
+    Stage("score", _score, "teacher scores log P(q|p)/|q| for every candidate pair"),
     Stage("distill", _distill, "contrastive + KD + alignment training of the dual encoder"),
     Stage("reindex", _index1, "encode and index the evaluation corpus with both students"),
     Stage("eval", _eval, "metrics of the warm-up and the distilled student"),
