@@ -38,10 +38,9 @@ def connect(ray_cfg: Any = None) -> None:
     if ray.is_initialized():
         return
     address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": worker_env()}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env)
+    if address:  # a job's own runtime env (``ray job submit``) must not be overridden
+        ray.init(address=address)
     else:
         ray.init(num_cpus=getattr(ray_cfg, "num_cpus", None),
                  num_gpus=getattr(ray_cfg, "num_gpus", None), include_dashboard=False,
-                 runtime_env=runtime_env)
+                 runtime_env={"env_vars": worker_env()})
