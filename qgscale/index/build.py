@@ -113,9 +113,12 @@ def phase(timings: dict, name: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------- Ray tasks
 def _limit_threads(num_cpus: float) -> None:
+    """Use exactly this task's CPU share: faiss/OpenBLAS (OpenMP) and Arrow decode threads."""
     import faiss
 
-    faiss.omp_set_num_threads(max(1, int(num_cpus)))
+    threads = max(1, int(num_cpus))
+    faiss.omp_set_num_threads(threads)
+    pa.set_cpu_count(threads)
 
 
 def sample_shard(uri: str, k: int, seed: int, env: dict) -> tuple[np.ndarray, np.ndarray]:
