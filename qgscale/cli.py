@@ -150,9 +150,9 @@ def run(config: ConfigArg, set: Overrides = None,
 @clean_errors
 def train_qg(config: ConfigArg, set: Overrides = None) -> None:
     """Fine-tune the query generator (seq2seq CE with the language prompt)."""
-    from qgscale.train.trainer import run_train_qg
+    from qgscale import pipeline
 
-    _print(run_train_qg(load(config, set)))
+    _print(pipeline.run(load(config, set), only="train-qg")["train-qg"])
 
 
 @train_app.command("warmup")
@@ -202,8 +202,10 @@ def index_encode(config: ConfigArg, set: Overrides = None, model: Stage = "warmu
     """Encode corpus shards into embedding shards on Ray actors."""
     from qgscale import pipeline
     from qgscale.index.encode import run_encode
+    from qgscale.raycluster import connect
 
     cfg = load(config, set)
+    connect(cfg.ray)
     _print(run_encode(cfg, pipeline.model_uri(cfg, model), tag=f"{model}-{split}",
                       corpus_uri=pipeline.split_uri(cfg, split, "corpus")))
 
@@ -214,8 +216,11 @@ def index_build(config: ConfigArg, set: Overrides = None, model: Stage = "warmup
                 split: Split = "train") -> None:
     """Train, fill and merge (or shard) a FAISS index over the embedding shards."""
     from qgscale.index.build import run_build
+    from qgscale.raycluster import connect
 
-    _print(run_build(load(config, set), tag=f"{model}-{split}"))
+    cfg = load(config, set)
+    connect(cfg.ray)
+    _print(run_build(cfg, tag=f"{model}-{split}"))
 
 
 @index_app.command("search")
@@ -233,7 +238,8 @@ def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
     enc = load_dual_encoder(pipeline.model_uri(cfg, model))
     vecs = enc.encode_queries(query, cfg.index.batch_size).float().numpy()
     pids, scores = search(cfg.uri("index", f"{model}-{split}", "faiss"), vecs, k,
-                          nprobe=cfg.index.nprobe)
+                          nprobe=cfg.index.nprobe, ef_search=cfg.index.ef_search,
+                          refine=cfg.index.refine, k_factor=cfg.index.k_factor)
     _print([{"query": q, "hits": [[p, float(s)] for p, s in zip(pp, ss, strict=True)]}
             for q, pp, ss in zip(query, pids.tolist(), scores.tolist(), strict=True)])
 

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from qgscale import storage
 from qgscale.index.encode import apply_storage_env, read_vectors, storage_env
+from qgscale.raycluster import connect
 
 FAULT_ENV = "QGSCALE_FAULT"  # "add:<part name>": SIGKILL that add task after its index part
 IDS_SCHEMA = pa.schema([("id", pa.int64()), ("pid", pa.string())])
@@ -295,8 +296,7 @@ def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
     opts = opts or BuildOptions()
     if opts.merge not in ("memory", "ondisk"):
         raise ValueError(f"index.merge: expected 'memory' or 'ondisk', got {opts.merge!r}")
-    if not ray.is_initialized():
-        ray.init()
+    connect()
     chash = config_hash or storage.config_hash({"emb": emb_uri, **opts.content()})
     if storage.stage_done(index_uri, chash):
         return storage.read_manifest(index_uri)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import posixpath
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,9 @@ from qgscale.data.schema import (
     embeddings_schema,
     passage_text,  # noqa: F401  (re-exported)
 )
+from qgscale.raycluster import apply_worker_env as apply_storage_env  # noqa: F401
+from qgscale.raycluster import connect
+from qgscale.raycluster import worker_env as storage_env  # noqa: F401
 
 
 class TextEncoder(Protocol):
@@ -128,18 +130,6 @@ def read_vectors(uri: str) -> tuple[list[str], np.ndarray]:
     return table.column("pid").to_pylist(), np.ascontiguousarray(vecs)
 
 
-def storage_env() -> dict[str, str]:
-    """The S3 settings of this process, to hand to Ray workers started before they were set."""
-    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    return {k: os.environ[k] for k in keys if k in os.environ}
-
-
-def apply_storage_env(env: dict[str, str]) -> None:
-    if any(os.environ.get(k) != v for k, v in env.items()):
-        os.environ.update(env)
-        storage.configure()
-
-
 class EncodeActor:
     """Holds one encoder; encodes whole corpus shards into embedding shards."""
 
@@ -192,8 +182,7 @@ def encode_corpus(corpus_uri: str, out_uri: str, loader: Callable[[], TextEncode
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    if not ray.is_initialized():
-        ray.init()
+    connect()
     shards = storage.list_files(corpus_uri, ".parquet")
     if not shards:
         raise FileNotFoundError(f"{corpus_uri}: no corpus parquet shards")

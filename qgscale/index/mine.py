@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from qgscale import storage
 from qgscale.data.schema import CANDIDATES, QRELS, QUERIES, TRAIN_EXAMPLES
+from qgscale.raycluster import connect
 
 
 def read_positives(qrels_uri: str) -> dict[str, set[str]]:
@@ -119,8 +120,7 @@ def run_mine(cfg: Any, model_uri: str, tag: str = "de0", queries_uri: str | None
                                  "refine": [ic.refine, ic.k_factor]})
     if storage.stage_done(out_uri, chash):
         return storage.read_manifest(out_uri)
-    if not ray.is_initialized():
-        ray.init()
+    connect()
     _, res = actor_resources(1, ic.cpus_per_actor)
     actor = ray.remote(**res)(EncodeActor).remote(
         functools.partial(load_dual_encoder, model_uri), storage_env(), ic.batch_size,
