@@ -105,10 +105,7 @@ def main() -> int:
         out = cfg.uri("quality", name)
         from qgscale.train.trainer import run_train_distill
 
-        run_train_distill(vcfg, output_uri=out,
-                          queries_uri=pipeline.split_uri(cfg, "train", "queries"),
-                          corpus_uri=pipeline.split_uri(cfg, "train", "corpus"),
-                          qrels_uri=pipeline.split_uri(cfg, "train", "qrels"))
+        run_train_distill(vcfg, output_uri=out, **pipeline.train_inputs(cfg))
         model = storage.join(out, "model")
         x_en = evaluate(cfg, model, f"quality-{name}", storage.join(out, "eval-x-en"))
         multi = evaluate(pooled, model, f"quality-{name}", storage.join(out, "eval-pooled"))

@@ -30,6 +30,11 @@ def split_uri(cfg: Config, split: str, kind: str) -> str:
     return uri if storage.exists(uri) else cfg.uri("data", kind)
 
 
+def train_inputs(cfg: Config) -> dict[str, str]:
+    """The training split's queries, corpus and qrels, as the trainers' keyword arguments."""
+    return {f"{kind}_uri": split_uri(cfg, "train", kind) for kind in ("queries", "corpus", "qrels")}
+
+
 def model_uri(cfg: Config, stage: str) -> str:
     return cfg.uri("train", stage, "model")
 
@@ -49,9 +54,7 @@ def _train_qg(cfg: Config) -> dict:
 def _warmup(cfg: Config) -> dict:
     from qgscale.train.trainer import run_train_warmup
 
-    return run_train_warmup(cfg, queries_uri=split_uri(cfg, "train", "queries"),
-                            corpus_uri=split_uri(cfg, "train", "corpus"),
-                            qrels_uri=split_uri(cfg, "train", "qrels"))
+    return run_train_warmup(cfg, **train_inputs(cfg))
 
 
 def index_model(cfg: Config, stage: str, split: str) -> dict:
@@ -91,9 +94,7 @@ def _generate(cfg: Config) -> dict:
 def _distill(cfg: Config) -> dict:
     from qgscale.train.trainer import run_train_distill
 
-    return run_train_distill(cfg, queries_uri=split_uri(cfg, "train", "queries"),
-                             corpus_uri=split_uri(cfg, "train", "corpus"),
-                             qrels_uri=split_uri(cfg, "train", "qrels"))
+    return run_train_distill(cfg, **train_inputs(cfg))
 
 
 STUDENTS = ("warmup", "distill")
