@@ -181,6 +181,25 @@ def test_merged_index_equals_single_process_index(ray_local, tmp_path, factory):
     assert (p3 == got_pids).mean() > 0.99
 
 
+def test_opq_merged_index_equals_single_process_index(ray_local, tmp_path):
+    """OPQ pre-transform + IVF-PQ: the merged index matches one built in a single process."""
+    xb, xq = clustered(4000, 32, seed=6), clustered(100, 32, seed=7)
+    emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
+    write_embeddings(emb, xb, 2)
+    m = B.build_index(emb, idx, B.BuildOptions(factory="OPQ8,IVF16,PQ8x4", train_samples=2000,
+                                               num_shards=1, cpus_per_task=0.5))
+    assert m["ntotal"] == 4000
+    single = faiss.deserialize_index(np.frombuffer(
+        storage.read_bytes(os.path.join(idx, "trained.faiss")), np.uint8))
+    assert isinstance(faiss.downcast_index(single), faiss.IndexPreTransform)
+    single.add_with_ids(xb, np.arange(len(xb), dtype=np.int64))
+    faiss.extract_index_ivf(single).nprobe = 4
+    d_ref, i_ref = single.search(xq, 10)
+    d_got, i_got = load_index(idx, nprobe=4).index.search(xq, 10)
+    np.testing.assert_array_equal(i_got, i_ref)
+    np.testing.assert_array_equal(d_got, d_ref)
+
+
 def test_refined_merged_index_equals_single_process_refine(ray_local, tmp_path):
     """Search-time re-ranking with the exact vectors: merged, kept-shard and Ray-actor
     layouts give what faiss.IndexRefineFlat over one single-process index gives, and it lifts
