@@ -26,8 +26,7 @@ log = logging.getLogger("qgscale")
 
 def split_uri(cfg: Config, split: str, kind: str) -> str:
     """``data/<split>/<kind>`` when the dataset is split (XQuAD), else ``data/<kind>``."""
-    uri = cfg.uri("data", split, kind)
-    return uri if storage.exists(uri) else cfg.uri("data", kind)
+    return storage.first_existing(cfg.uri("data", split, kind), cfg.uri("data", kind))
 
 
 def train_inputs(cfg: Config) -> dict[str, str]:

@@ -104,6 +104,11 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def first_existing(*uris: str) -> str:
+    """The first of ``uris`` that exists (else the first, for the error message it leads to)."""
+    return next((u for u in uris if exists(u)), uris[0])
+
+
 def makedirs(uri: str) -> None:
     fs, path = url_to_fs(uri)
     if is_local(uri):

@@ -69,17 +69,10 @@ def fit(task: str, rows_uri: str, n_rows: int, init_uri: str, output_uri: str, t
     return trainer.fit()
 
 
-def _first_existing(*uris: str) -> str:
-    for u in uris:
-        if storage.exists(u):
-            return u
-    return uris[0]
-
-
 def _inputs(cfg: Any, queries: str | None, corpus: str | None, qrels: str | None
             ) -> tuple[str, str, str]:
     return (queries or cfg.uri("data", "train", "queries"),
-            corpus or _first_existing(cfg.uri("data", "train", "corpus"),
+            corpus or storage.first_existing(cfg.uri("data", "train", "corpus"),
                                       cfg.uri("data", "corpus")),
             qrels or cfg.uri("data", "train", "qrels"))
 
