@@ -126,7 +126,7 @@ class ScoreConfig(Section):
     cpus_per_actor: float = 1.0  # CPU slots per actor without GPUs (fractions allowed)
     batch_tokens: int = 16384
     shard_pairs: int = 2000
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype on GPU
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # QG weight dtype on GPU (CPU: fp32)
     max_retries: int = 3
 
 

@@ -14,6 +14,7 @@ from qgscale.models.generator import (
     QueryGenerator,
     passage_text,
     plan_batches,
+    prepare_for_inference,
     qg_examples,
     qg_loss,
 )
@@ -71,6 +72,21 @@ def test_scores_equal_per_pair_reference(tokenizer):
         np.testing.assert_array_equal(got.ntok, ntoks, err_msg=str(kwargs))
         np.testing.assert_allclose(got.mean, means, rtol=0, atol=1e-5, err_msg=str(kwargs))
         np.testing.assert_allclose(got.sum, sums, rtol=0, atol=1e-4, err_msg=str(kwargs))
+
+
+def test_prepare_for_inference_keeps_scores(tokenizer):
+    """Fused RMSNorm/GELU modules compute the same scores; generation still runs."""
+    qg = QueryGenerator(_t5(tokenizer), tokenizer, max_passage_len=128, max_query_len=32)
+    pairs = _pairs()
+    before = qg.score(pairs)
+    prepare_for_inference(qg.model, "cpu", "bf16")  # CPU: weights stay fp32
+    kinds = {type(m).__name__ for m in qg.model.modules()}
+    assert "RMSNorm" in kinds and "T5LayerNorm" not in kinds
+    assert "GELU" in kinds and "NewGELUActivation" not in kinds
+    assert next(qg.model.parameters()).dtype == torch.float32
+    after = qg.score(pairs)
+    np.testing.assert_allclose(after.mean, before.mean, rtol=0, atol=1e-5)
+    assert len(qg.generate([pairs[0][1]], "de", max_new_tokens=4)[0]) == 1
 
 
 def test_grouped_equals_plain_path_bart(tokenizer, tmp_path):

@@ -15,11 +15,12 @@ autocast on GPU. :func:`score_naive` is the textbook loop the benchmark compares
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,10 +79,74 @@ def _token_logprobs(logits: torch.Tensor, labels: torch.Tensor,
     rows = max(1, chunk_elems // (logits.shape[1] * logits.shape[2]))
     out = []
     for i in range(0, logits.shape[0], rows):
-        lg, lb = logits[i:i + rows].float(), labels[i:i + rows]
-        lp = lg.log_softmax(-1).gather(-1, lb.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        lg, lb = logits[i:i + rows], labels[i:i + rows]
+        lp = _target_logprobs(lg.flatten(0, 1), lb.flatten().clamp(min=0)).view(lb.shape)
         out.append(lp.masked_fill(lb < 0, 0.0))
     return torch.cat(out)
+
+
+def _logsumexp_fp32(x: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(x.float(), -1)
+
+
+_LSE = {"fn": None}
+
+
+def _lse(x: torch.Tensor) -> torch.Tensor:
+    """fp32 log-sum-exp over the vocabulary. For low-precision CUDA logits a compiled kernel
+    reads them once (no fp32 copy of a (N, 250k) matrix); eager elsewhere or if compiling
+    fails."""
+    if x.dtype == torch.float32 or x.device.type != "cuda":
+        return _logsumexp_fp32(x)
+    if _LSE["fn"] is None:
+        _LSE["fn"] = torch.compile(_logsumexp_fp32, dynamic=True)
+    try:
+        return _LSE["fn"](x)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, say so once
+        import logging
+
+        logging.getLogger(__name__).warning("compiled log-sum-exp failed (%s); eager", e)
+        _LSE["fn"] = _logsumexp_fp32
+        return _logsumexp_fp32(x)
+
+
+def _target_logprobs(logits: torch.Tensor, labels: torch.Tensor,
+                     chunk_elems: int = 1 << 28) -> torch.Tensor:
+    """``log P(labels[i])`` from logit rows ``logits[i]`` (N, V), in fp32, chunked over rows."""
+    rows = max(1, chunk_elems // logits.shape[-1])
+    out = []
+    for i in range(0, logits.shape[0], rows):
+        lg = logits[i:i + rows]
+        target = lg.gather(-1, labels[i:i + rows, None]).squeeze(-1).float()
+        out.append(target - _lse(lg))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+@contextmanager
+def _logits_at(model: nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """Run the LM head only on flat decoder positions ``rows`` (real target tokens).
+
+    A forward pre-hook on the output embedding turns its (B, T, d) input into (N, d), so the
+    model returns (N, V) logits: no vocabulary projection (the largest matmul of mT5) or
+    log-softmax for padding. Works for any head applied per position (T5, BART, BERT2BERT).
+    """
+    head = model.get_output_embeddings()
+
+    def select(_module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else \
+        "past_key_values"
 
 
 def _t5_cross_cache(model: nn.Module, enc: torch.Tensor, index: torch.Tensor) -> Any | None:
@@ -113,18 +178,29 @@ def _decode_scores(model: nn.Module, enc: torch.Tensor, enc_mask: torch.Tensor,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of target log-probs and token counts; target i reads source ``index[i]``."""
     labels = _pad(targets, -100).to(enc.device)
-    dec_in = labels.new_full(labels.shape, _decoder_start(model))
-    dec_in[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] < 0, model.config.pad_token_id)
+    dec_in = _decoder_inputs(model, labels)
     mask = enc_mask.index_select(0, index)
     cache = _t5_cross_cache(model, enc, index)
-    if cache is None:
-        out = model(encoder_outputs=(enc.index_select(0, index),), attention_mask=mask,
-                    decoder_input_ids=dec_in, use_cache=False)
-    else:  # encoder states only give the mask its shape: K/V come from the cache
-        out = model(encoder_outputs=(enc[:1].expand(len(index), -1, -1),),
-                    attention_mask=mask, decoder_input_ids=dec_in, cache=cache, use_cache=True)
-    lp = _token_logprobs(out.logits, labels)
-    return lp.sum(-1).float(), (labels >= 0).sum(-1)
+    real = labels >= 0
+    rows = real.flatten().nonzero().squeeze(-1)
+    with _logits_at(model, rows):
+        if cache is None:
+            out = model(encoder_outputs=(enc.index_select(0, index),), attention_mask=mask,
+                        decoder_input_ids=dec_in, use_cache=False)
+        else:  # encoder states only give the mask its shape: K/V come from the cache
+            out = model(encoder_outputs=(enc[:1].expand(len(index), -1, -1),),
+                        attention_mask=mask, decoder_input_ids=dec_in, use_cache=True,
+                        **{_cache_kwarg(model): cache})
+    lp = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    lp[real] = _target_logprobs(out.logits, labels[real])
+    return lp.sum(-1), real.sum(-1)
+
+
+def _decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Teacher-forcing decoder inputs: the start token, then the labels shifted right."""
+    dec_in = labels.new_full(labels.shape, _decoder_start(model))
+    dec_in[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] < 0, model.config.pad_token_id)
+    return dec_in
 
 
 @dataclass
@@ -216,8 +292,9 @@ def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
 def score_naive(model: nn.Module, sources: Sequence[Sequence[int]],
                 targets: Sequence[Sequence[int]], pair_src: Sequence[int], *,
                 batch_size: int = 32, max_source_len: int = 256, max_target_len: int = 64,
-                pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Baseline: fixed batches in input order, padded to the max lengths, fp32, no grouping."""
+                pad_id: int = 0, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """Baseline: fixed batches in input order, padded to the max lengths, no grouping, logits
+    at every position (``precision``: autocast on CUDA as in :func:`score_pairs`)."""
     device = next(model.parameters()).device
     sums = np.zeros(len(targets), dtype=np.float64)
     ntok = np.zeros(len(targets), dtype=np.int64)
@@ -225,12 +302,52 @@ def score_naive(model: nn.Module, sources: Sequence[Sequence[int]],
         js = range(i, min(i + batch_size, len(targets)))
         ids = _pad([sources[pair_src[j]] for j in js], pad_id, max_source_len).to(device)
         labels = _pad([targets[j] for j in js], -100, max_target_len).to(device)
-        out = model(input_ids=ids, attention_mask=(ids != pad_id).long(), labels=labels,
-                    use_cache=False)
+        with _autocast(device, precision):
+            out = model(input_ids=ids, attention_mask=(ids != pad_id).long(),
+                        decoder_input_ids=_decoder_inputs(model, labels), use_cache=False)
         lp = _token_logprobs(out.logits, labels)
         sums[i:i + len(js)] = lp.sum(-1).double().cpu().numpy()
         ntok[i:i + len(js)] = (labels >= 0).sum(-1).cpu().numpy()
     return sums, ntok
+
+
+@torch.inference_mode()
+def generate_ids(model: nn.Module, input_ids: torch.Tensor, pad_id: int, *, num_queries: int = 1,
+                 do_sample: bool = False, num_beams: int = 1, top_p: float = 0.95,
+                 max_new_tokens: int = 32, min_new_tokens: int | None = None,
+                 precision: str = "bf16") -> torch.Tensor:
+    """Query token ids for a batch of prompted passages (``num_queries`` rows per passage)."""
+    with _autocast(input_ids.device, precision):
+        return model.generate(
+            input_ids=input_ids, attention_mask=(input_ids != pad_id).long(),
+            do_sample=do_sample, num_beams=num_beams, top_p=top_p if do_sample else None,
+            num_return_sequences=num_queries, max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens)
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device | str,
+                          precision: str = "bf16") -> nn.Module:
+    """Ready a QG for scoring/generation: on ``device``, weights cast to bf16/fp16 on CUDA
+    (autocast over fp32 weights re-casts every weight on every forward and keeps the residual
+    stream in fp32), T5's RMSNorm and tanh-GELU swapped for PyTorch's fused kernels (the same
+    functions: ``nn.RMSNorm``, ``nn.GELU(approximate="tanh")``). In place; returns ``model``.
+    """
+    from transformers.activations import NewGELUActivation
+
+    device = torch.device(device)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child).__name__ in ("T5LayerNorm", "MT5LayerNorm"):
+                fused = nn.RMSNorm(child.weight.shape[0], eps=child.variance_epsilon,
+                                   device=child.weight.device, dtype=child.weight.dtype)
+                fused.weight = child.weight
+                setattr(parent, name, fused)
+            elif isinstance(child, NewGELUActivation):
+                setattr(parent, name, nn.GELU(approximate="tanh"))
+    model.to(device)
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        model.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------- the model
@@ -379,11 +496,9 @@ class QueryGenerator(nn.Module):
             idx = order[start:start + batch_size]
             ids = _pad(self.tokenize([self.source(passages[i], lang) for i in idx],
                                      self.max_passage_len), pad).to(self.device)
-            with _autocast(self.device, precision):
-                out = self.model.generate(
-                    input_ids=ids, attention_mask=(ids != pad).long(), do_sample=do_sample,
-                    num_beams=num_beams, top_p=top_p if do_sample else None,
-                    num_return_sequences=num_queries, max_new_tokens=max_new_tokens)
+            out = generate_ids(self.model, ids, pad, num_queries=num_queries,
+                               do_sample=do_sample, num_beams=num_beams, top_p=top_p,
+                               max_new_tokens=max_new_tokens, precision=precision)
             decoded = self.tokenizer.batch_decode(out, skip_special_tokens=True)
             for k, i in enumerate(idx):
                 texts[i] = [d.strip() for d in decoded[k * num_queries:(k + 1) * num_queries]]

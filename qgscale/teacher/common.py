@@ -19,17 +19,18 @@ class QGSpec:
     max_passage_len: int = 256
     max_query_len: int = 64
     seed: int = 0
+    precision: str = "bf16"  # on GPU: weights cast to this dtype (benchmarks/gpu_check.py)
 
     def load(self):
         import torch
 
         from qgscale.config import ModelConfig
-        from qgscale.models.generator import QueryGenerator
+        from qgscale.models.generator import QueryGenerator, prepare_for_inference
 
         qg = QueryGenerator.build(ModelConfig(**self.model), self.prompt, self.max_passage_len,
                                   self.max_query_len, seed=self.seed)
-        if torch.cuda.is_available():
-            qg.model.to("cuda")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        prepare_for_inference(qg.model, device, self.precision)
         return qg.eval()
 
     def fingerprint(self) -> Any:
@@ -60,7 +61,7 @@ def qg_spec(cfg: Any, model: Any = None) -> QGSpec:
                                     "qg` first or set teacher.model")
         model = ModelConfig(name_or_path=uri)
     return QGSpec(model.model_dump(), cfg.qg.prompt, cfg.qg.max_passage_len,
-                  cfg.qg.max_query_len, cfg.run.seed)
+                  cfg.qg.max_query_len, cfg.run.seed, cfg.teacher.score.precision)
 
 
 first_existing = storage.first_existing  # kept for the teacher modules' imports

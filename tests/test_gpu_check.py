@@ -1,0 +1,31 @@
+"""benchmarks/gpu_check.py runs end to end on CPU with --tiny (the GPU run is the same script)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_gpu_check_tiny(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny",
+                    "--out", str(tmp_path)], check=True, timeout=300)
+    out = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert out["device"] == "cpu"
+    ts = out["teacher_scoring"]
+    assert "error" not in ts
+    for key in ("naive_pairs_per_s", "fast_pairs_per_s", "speedup", "tflops",
+                "bf16_spearman_min", "peak_mem_gb"):
+        assert key in ts
+    # the fast path computes the naive loop's scores (fp32 on CPU: exact up to rounding)
+    assert ts["max_abs_diff_fast_vs_naive_fp32"] < 1e-4
+    assert ts["bf16_spearman_min"] > 0.999  # CPU: both runs are fp32
+    assert ts["pairs_per_passage"] > 1.5  # candidate lists share passages
+    assert ts["tflops"] > 0 and ts["fast_pairs_per_s"] > 0
+    assert out["student_step"]["samples_per_s"] > 0
+    assert out["encode"]["passages_per_s"] > 0
+    assert out["generate"]["queries_per_s_beam1"] > 0
+    assert out["generate"]["queries_per_s_beam4"] > 0
+    assert (tmp_path / "teacher_profile.txt").stat().st_size > 0
