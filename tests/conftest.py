@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 RESOURCES = REPO / "qgscale" / "resources"
+TEST_DATA = REPO / "tests" / "data"  # vendored fixtures; see each SOURCE.md
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,9 +1,10 @@
 """Every manifest in k8s/ validates against the KubeRay CRD OpenAPI schemas (ray.io/v1).
 
-The schemas are the CRDs' ``spec.versions[v1].schema.openAPIV3Schema`` from
-``../shared/schemas/kuberay/``. Validation is strict like ``kubectl apply --validate=strict``:
-an object schema that lists ``properties`` rejects unknown keys (unless it is marked
-``x-kubernetes-preserve-unknown-fields``), so a misspelt field fails instead of being pruned.
+The schemas are the CRDs' ``spec.versions[v1].schema.openAPIV3Schema`` from the KubeRay CRDs
+vendored in ``tests/data/kuberay/`` (source, commit and licence in its SOURCE.md). Validation is
+strict like ``kubectl apply --validate=strict``: an object schema that lists ``properties``
+rejects unknown keys (unless it is marked ``x-kubernetes-preserve-unknown-fields``), so a
+misspelt field fails instead of being pruned.
 ``x-kubernetes-int-or-string`` fields accept an integer or a string. CEL rules
 (``x-kubernetes-validations``) are not evaluated.
 """
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA_DIR = REPO.parent / "shared" / "schemas" / "kuberay"  # beside conftest.SHARED_DATA
+SCHEMA_DIR = REPO / "tests" / "data" / "kuberay"
 CRDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1-2 MB of YAML
 MANIFESTS = sorted((REPO / "k8s").glob("*.yaml"))
@@ -46,8 +47,8 @@ def _strict(node):
 @pytest.fixture(scope="module")
 def validators() -> dict[str, jsonschema.Draft7Validator]:
     if not SCHEMA_DIR.is_dir():
-        pytest.fail(f"KubeRay CRD schemas not found at {SCHEMA_DIR} (expected the shared "
-                    "folder next to the repository: <repo>/../shared/schemas/kuberay/)")
+        pytest.fail(f"KubeRay CRD schemas not found at {SCHEMA_DIR} (vendored in the repository "
+                    "under tests/data/kuberay/)")
     out = {}
     for kind, name in CRDS.items():
         crd = yaml.load((SCHEMA_DIR / name).read_text(), Loader=_LOADER)

@@ -1,8 +1,13 @@
-"""Readers on the real files in ../shared/data and on a corpus of broken inputs."""
+"""Readers on real upstream files and on a corpus of broken inputs.
+
+The real files are those the package bundles (``qgscale/resources/``) and the few vendored in
+``tests/data/`` (source, commit and licence in each folder's SOURCE.md).
+"""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from collections import defaultdict
 
@@ -13,13 +18,33 @@ from qgscale.data import readers
 from qgscale.data.prepare import export_jsonl, prepare, read
 from qgscale.data.readers import DataError
 
-from .conftest import SHARED_DATA
+from .conftest import RESOURCES, TEST_DATA
 
-XQUAD_SOURCES = [readers.bundled("xquad"), str(SHARED_DATA / "xquad")]
+MKQA = RESOURCES / "mkqa" / "test_mkqa.jsonl.gz"  # the upstream test fixture, byte for byte
+TATOEBA = TEST_DATA / "tatoeba"  # deu-eng and tha-eng, plain text as upstream
 
 
-@pytest.mark.parametrize("folder", XQUAD_SOURCES, ids=["bundled", "shared"])
-def test_xquad_counts_and_split(folder):
+@pytest.fixture(scope="module")
+def xquad_upstream(tmp_path_factory):
+    """The upstream XQuAD JSON files: the bundled .json.gz decompressed into a folder, each
+    checked against the upstream SHA-256 in tests/data/xquad/SHA256SUMS."""
+    out = tmp_path_factory.mktemp("xquad")
+    lines = (TEST_DATA / "xquad" / "SHA256SUMS").read_text().splitlines()
+    sums = {name: digest for digest, name in (line.split() for line in lines)}
+    assert sorted(sums) == sorted(f"xquad.{lang}.json" for lang in readers.XQUAD_LANGS)
+    for name, digest in sums.items():
+        data = gzip.decompress((RESOURCES / "xquad" / f"{name}.gz").read_bytes())
+        assert hashlib.sha256(data).hexdigest() == digest, f"{name}.gz is not the upstream file"
+        (out / name).write_bytes(data)
+    return out
+
+
+@pytest.mark.parametrize("source", ["bundled", "upstream"])
+def test_xquad_counts_and_split(source, request):
+    if source == "bundled":
+        folder = readers.bundled("xquad")
+    else:
+        folder = str(request.getfixturevalue("xquad_upstream"))
     t = read("xquad", folder)
     queries = t["train/queries"] + t["test/queries"]
     corpus = t["train/corpus"] + t["test/corpus"]
@@ -37,14 +62,14 @@ def test_xquad_counts_and_split(folder):
     assert not {q["qid"] for q in t["train/queries"]} & {q["qid"] for q in t["test/queries"]}
 
 
-def test_xquad_qrels_match_the_raw_json():
-    raw = json.load(open(SHARED_DATA / "xquad" / "xquad.ru.json", encoding="utf-8"))
+def test_xquad_qrels_match_the_raw_json(xquad_upstream):
+    raw = json.load(open(xquad_upstream / "xquad.ru.json", encoding="utf-8"))
     expected = {}
     for _a, article in enumerate(raw["data"]):
         for _p, para in enumerate(article["paragraphs"]):
             for qa in para["qas"]:
                 expected[f"ru:{qa['id']}"] = (para["context"].strip(), qa["question"].strip())
-    t = read("xquad", str(SHARED_DATA / "xquad"), query_langs=["ru"], corpus_langs=["ru", "en"])
+    t = read("xquad", str(xquad_upstream), query_langs=["ru"], corpus_langs=["ru", "en"])
     texts = {p["pid"]: p["text"] for s in ("train", "test") for p in t[f"{s}/corpus"]}
     queries = {q["qid"]: q["text"] for s in ("train", "test") for q in t[f"{s}/queries"]}
     qrels = defaultdict(set)
@@ -61,8 +86,8 @@ def test_xquad_qrels_match_the_raw_json():
 
 
 def test_mkqa_sample():
-    t = read("mkqa", str(SHARED_DATA / "mkqa" / "test_mkqa.jsonl.gz"))
-    raw = [json.loads(line) for line in gzip.open(SHARED_DATA / "mkqa" / "test_mkqa.jsonl.gz")]
+    t = read("mkqa", str(MKQA))
+    raw = [json.loads(line) for line in gzip.open(MKQA)]
     assert len(t["queries"]) == sum(len(r["queries"]) for r in raw)
     first = raw[0]
     q = {x["qid"]: x for x in t["queries"]}
@@ -70,16 +95,16 @@ def test_mkqa_sample():
     key = f"de:{first['example_id']}"
     assert q[key]["text"] == first["queries"]["de"].strip()
     assert first["answers"]["de"][0]["text"] in a[key]
-    only = read("mkqa", str(SHARED_DATA / "mkqa" / "test_mkqa.jsonl.gz"), query_langs=["ja"])
+    only = read("mkqa", str(MKQA), query_langs=["ja"])
     assert {x["lang"] for x in only["queries"]} == {"ja"} and len(only["queries"]) == len(raw)
 
 
 def test_tatoeba_pairs():
-    t = read("tatoeba", str(SHARED_DATA / "tatoeba"), query_langs=["deu", "tha"])
+    t = read("tatoeba", str(TATOEBA), query_langs=["deu", "tha"])
     assert len([q for q in t["queries"] if q["lang"] == "deu"]) == 1000
     assert len([q for q in t["queries"] if q["lang"] == "tha"]) == 548
-    deu = open(SHARED_DATA / "tatoeba" / "tatoeba.deu-eng.deu", encoding="utf-8").read()
-    eng = open(SHARED_DATA / "tatoeba" / "tatoeba.deu-eng.eng", encoding="utf-8").read()
+    deu = open(TATOEBA / "tatoeba.deu-eng.deu", encoding="utf-8").read()
+    eng = open(TATOEBA / "tatoeba.deu-eng.eng", encoding="utf-8").read()
     q = {x["qid"]: x["text"] for x in t["queries"]}
     c = {x["pid"]: x["text"] for x in t["corpus"]}
     assert q["deu:3"] == deu.splitlines()[3].strip() and c["eng-deu:3"] == eng.splitlines()[3]
