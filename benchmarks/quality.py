@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from qgscale import config as config_mod  # noqa: E402
 from qgscale import pipeline, storage  # noqa: E402
 from qgscale.data import readers  # noqa: E402
+from qgscale.layout import Layout  # noqa: E402
 
 VARIANTS = {"contrastive": (0.0, 0.0), "kd": (None, 0.0), "kd_align": (None, None)}
 
@@ -50,11 +51,12 @@ def evaluate(cfg, model_uri: str, tag: str, out_uri: str) -> dict:
     from qgscale.index.build import run_build
     from qgscale.index.encode import run_encode
 
-    run_encode(cfg, model_uri, tag=tag, corpus_uri=pipeline.split_uri(cfg, "test", "corpus"))
-    run_build(cfg, tag=tag)
-    one = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"splits": ["test"]})})
-    return run_eval(one, model_uri=model_uri, index_uri=cfg.uri("index", tag, "faiss"),
-                    out_uri=out_uri)["test"]
+    lay = Layout(cfg)
+    key = storage.config_hash([storage.fingerprint(model_uri), cfg.index])
+    emb, index = cfg.uri("index", tag, "embeddings"), cfg.uri("index", tag, "faiss")
+    run_encode(cfg, model_uri, lay.data("test", "corpus"), emb, key)
+    run_build(cfg, emb, index, key)
+    return run_eval(cfg, model_uri, index, lay.data_root, out_uri, ["test"])["test"]
 
 
 def alignment_accuracy(model_uri: str, langs: list[str]) -> dict[str, float]:
@@ -105,7 +107,12 @@ def main() -> int:
         out = cfg.uri("quality", name)
         from qgscale.train.trainer import run_train_distill
 
-        run_train_distill(vcfg, output_uri=out, **pipeline.train_inputs(cfg))
+        lay = Layout(cfg)
+        run_train_distill(
+            vcfg, out_uri=out, key=storage.config_hash(vcfg.distill), init_uri=lay.model("warmup"),
+            candidates_uri=lay.candidates, scores_uri=lay.scores,
+            generated_uri=lay.generated if vcfg.distill.loss.beta else None,
+            examples_uri=lay.mined_train, **lay.training_data())
         model = storage.join(out, "model")
         x_en = evaluate(cfg, model, f"quality-{name}", storage.join(out, "eval-x-en"))
         multi = evaluate(pooled, model, f"quality-{name}", storage.join(out, "eval-pooled"))

@@ -104,10 +104,10 @@ def data_prepare(
     set: Overrides = None,
 ) -> None:
     """Convert a raw dataset into canonical parquet shards."""
-    from qgscale.data.prepare import prepare, run_prepare
+    from qgscale.data.prepare import prepare
 
     if config:
-        _print(run_prepare(load(config, set)))
+        _stage(config, set, "prepare")
         return
     if not (format and input and output):
         raise typer.BadParameter("give --format, --input and --output (or --config)")
@@ -132,15 +132,31 @@ def data_export(input: Annotated[str, typer.Option(help="Parquet file or shard f
     typer.echo(f"{export_jsonl(input, output)} rows -> {output}")
 
 
+def _stage(config: str, overrides: list[str] | None, name: str) -> dict:
+    """Run one stage through the pipeline's runner (skipped when done) and print its summary."""
+    from qgscale import pipeline
+
+    summary = pipeline.run(load(config, overrides), only=name)[name]
+    _print(summary)
+    return summary
+
+
 @app.command("run")
 @clean_errors
 def run(config: ConfigArg, set: Overrides = None,
         from_: Annotated[str | None, typer.Option("--from", help="Start at this stage.")] = None,
-        only: Annotated[str | None, typer.Option(help="Run only this stage.")] = None) -> None:
-    """Run the whole pipeline (each finished stage and shard is skipped on re-runs)."""
+        only: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
+        dry_run: Annotated[bool, typer.Option(
+            "--dry-run", help="Print each stage's state (done, stale, missing); run nothing."
+        )] = False) -> None:
+    """Run the pipeline: every stage that is not done, in order (see ``--dry-run``)."""
     from qgscale import pipeline
 
     cfg = load(config, set)
+    if dry_run:
+        for status in pipeline.plan(cfg):
+            typer.echo(status.line())
+        return
     results = pipeline.run(cfg, start=from_, only=only)
     if "eval" in results:
         typer.echo(pipeline.summary_table(results["eval"]))
@@ -150,107 +166,82 @@ def run(config: ConfigArg, set: Overrides = None,
 @clean_errors
 def train_qg(config: ConfigArg, set: Overrides = None) -> None:
     """Fine-tune the query generator (seq2seq CE with the language prompt)."""
-    from qgscale import pipeline
-
-    _print(pipeline.run(load(config, set), only="train-qg")["train-qg"])
+    _stage(config, set, "train-qg")
 
 
 @train_app.command("warmup")
 @clean_errors
 def train_warmup(config: ConfigArg, set: Overrides = None) -> None:
     """Contrastive warm-up of the dual encoder."""
-    from qgscale import pipeline
-
-    _print(pipeline.run(load(config, set), only="warmup")["warmup"])
+    _stage(config, set, "warmup")
 
 
 @train_app.command("distill")
 @clean_errors
 def train_distill(config: ConfigArg, set: Overrides = None) -> None:
     """Contrastive + KD + alignment training of the dual encoder."""
-    from qgscale import pipeline
-
-    _print(pipeline.run(load(config, set), only="distill")["distill"])
+    _stage(config, set, "distill")
 
 
 @teacher_app.command("score")
 @clean_errors
 def teacher_score(config: ConfigArg, set: Overrides = None) -> None:
     """Score every mined (query, candidate) pair with the QG teacher on Ray actors."""
-    from qgscale import pipeline
-
-    _print(pipeline.run(load(config, set), only="score")["score"])
+    _stage(config, set, "score")
 
 
 @teacher_app.command("generate")
 @clean_errors
 def teacher_generate(config: ConfigArg, set: Overrides = None) -> None:
     """Generate queries in other languages for the training passages on Ray actors."""
-    from qgscale import pipeline
-
-    _print(pipeline.run(load(config, set), only="generate")["generate"])
-
-
-Stage = Annotated[str, typer.Option(help="Whose model: warmup or distill.")]
-Split = Annotated[str, typer.Option(help="Corpus split to encode/index.")]
-
-
-@index_app.command("encode")
-@clean_errors
-def index_encode(config: ConfigArg, set: Overrides = None, model: Stage = "warmup",
-                 split: Split = "train") -> None:
-    """Encode corpus shards into embedding shards on Ray actors."""
-    from qgscale import pipeline
-    from qgscale.index.encode import run_encode
-    from qgscale.raycluster import connect
-
-    cfg = load(config, set)
-    connect(cfg.ray)
-    _print(run_encode(cfg, pipeline.model_uri(cfg, model), tag=f"{model}-{split}",
-                      corpus_uri=pipeline.split_uri(cfg, split, "corpus")))
+    _stage(config, set, "generate")
 
 
 @index_app.command("build")
 @clean_errors
-def index_build(config: ConfigArg, set: Overrides = None, model: Stage = "warmup",
-                split: Split = "train") -> None:
-    """Train, fill and merge (or shard) a FAISS index over the embedding shards."""
-    from qgscale.index.build import run_build
-    from qgscale.raycluster import connect
-
-    cfg = load(config, set)
-    connect(cfg.ray)
-    _print(run_build(cfg, tag=f"{model}-{split}"))
+def index_build(config: ConfigArg, set: Overrides = None) -> None:
+    """Encode the training corpus with the warm-up student and build its FAISS index."""
+    _stage(config, set, "index")
 
 
-@index_app.command("search")
+@index_app.command("reindex")
 @clean_errors
-def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
-                     help="Query text (repeatable).")],
-                 set: Overrides = None, model: Stage = "warmup", split: Split = "train",
-                 k: int = 10) -> None:
-    """Encode queries and search an index; prints pids and scores."""
-    from qgscale import pipeline
-    from qgscale.index.encode import load_dual_encoder
-    from qgscale.index.search import search
-
-    cfg = load(config, set)
-    enc = load_dual_encoder(pipeline.model_uri(cfg, model))
-    vecs = enc.encode_queries(query, cfg.index.batch_size).float().numpy()
-    pids, scores = search(cfg.uri("index", f"{model}-{split}", "faiss"), vecs, k,
-                          nprobe=cfg.index.nprobe, ef_search=cfg.index.ef_search,
-                          refine=cfg.index.refine, k_factor=cfg.index.k_factor)
-    _print([{"query": q, "hits": [[p, float(s)] for p, s in zip(pp, ss, strict=True)]}
-            for q, pp, ss in zip(query, pids.tolist(), scores.tolist(), strict=True)])
+def index_reindex(config: ConfigArg, set: Overrides = None) -> None:
+    """Encode and index each eval split's corpus with the warm-up and distilled students."""
+    _stage(config, set, "reindex")
 
 
 @index_app.command("mine")
 @clean_errors
 def index_mine(config: ConfigArg, set: Overrides = None) -> None:
     """Retrieve candidates and hard negatives for the training queries."""
-    from qgscale import pipeline
+    _stage(config, set, "mine")
 
-    _print(pipeline.run(load(config, set), only="mine")["mine"])
+
+@index_app.command("search")
+@clean_errors
+def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
+                     help="Query text (repeatable).")],
+                 set: Overrides = None,
+                 model: Annotated[str, typer.Option(help="Student: warmup or distill.")
+                                  ] = "warmup",
+                 split: Annotated[str, typer.Option(help="Corpus split of the index.")
+                                  ] = "train",
+                 k: int = 10) -> None:
+    """Encode queries with a student and search its index (as the pipeline wrote them)."""
+    from qgscale.index.encode import load_dual_encoder
+    from qgscale.index.search import search
+    from qgscale.layout import Layout
+
+    cfg = load(config, set)
+    lay = Layout(cfg)
+    enc = load_dual_encoder(lay.model(model))
+    vecs = enc.encode_queries(query, cfg.index.batch_size).float().numpy()
+    pids, scores = search(lay.faiss(model, split), vecs, k, nprobe=cfg.index.nprobe,
+                          ef_search=cfg.index.ef_search, refine=cfg.index.refine,
+                          k_factor=cfg.index.k_factor)
+    _print([{"query": q, "hits": [[p, float(s)] for p, s in zip(pp, ss, strict=True)]}
+            for q, pp, ss in zip(query, pids.tolist(), scores.tolist(), strict=True)])
 
 
 @app.command("eval")

@@ -186,10 +186,11 @@ class EvalConfig(Section):
     k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20, 100])  # recall@k cut-offs
     top_k: int = 100  # passages retrieved per query (and per language pair)
     splits: list[str] = Field(default_factory=lambda: ["test"])
-    model: str | None = None  # student to evaluate; None: <root>/train/distill/model
-    index: str | None = None  # FAISS index of its corpus; None: <root>/index/de1/faiss
-    out: str | None = None  # report folder; None: <root>/eval
-    data: str | None = None  # prepared data to evaluate (queries, qrels/answers); <root>/data
+    # `python -m qgscale.eval` (the eval job): what to evaluate; None: what the pipeline wrote
+    model: str | None = None  # student; None: <root>/train/distill/model
+    index: str | None = None  # its FAISS index; None: <root>/index/distill-<split>/faiss
+    out: str | None = None  # report folder; None: <root>/eval/distill
+    data: str | None = None  # prepared data (queries, qrels/answers) to evaluate; <root>/data
     batch_size: int = 128  # query encoding batch
     pairs: bool = True  # also search each corpus language alone: per (query, corpus) lang pair
     answer_recall: bool = True  # R@2kt / R@5kt when the split has answers (XOR-TyDi, MKQA)

@@ -1,122 +1,365 @@
-"""``qgscale run``: the whole method as a sequence of resumable stages.
+"""``qgscale run``: the method as a graph of stages, and the one runner that decides what runs.
 
-prepare -> train QG -> warm-up DE -> encode + index -> mine candidates -> cross-lingual query
-generation -> teacher scoring (of mined and, optionally, generated queries) -> distill DE ->
-re-encode + index -> eval.
+prepare -> train-qg -> warmup -> index -> mine -> generate -> score -> distill -> reindex -> eval
 
-Each stage writes under ``run.root`` and returns at once when its manifest carries the same
-config hash; inside a stage, finished shards are skipped. A crashed run therefore resumes at
-the stage and shard where it stopped. ``--from STAGE`` starts at a stage (earlier outputs must
-exist), ``--only STAGE`` runs one.
+Each :class:`Stage` names its upstream stages, the config sections it reads, the raw inputs
+outside the run (data files, starting checkpoints) and the outputs downstream stages read. Its
+**key** hashes those config values, the raw inputs' fingerprints and the upstream outputs'
+fingerprints (:func:`qgscale.storage.fingerprint`: paths, sizes, modification times), so a
+change anywhere upstream, in the config or in a file rewritten at the same path, makes every
+descendant stale, and nothing else. The runner alone decides:
+
+- ``done``: a record under ``_stages/`` with the same key, outputs present: skipped;
+- ``stale``: the key changed: the stage's folders are cleared and it runs from scratch (a
+  training stage starts a fresh Ray Train run);
+- ``interrupted``: started with the same key and not finished: it runs again and resumes
+  (finished shards are skipped, training restarts from its last checkpoint);
+- ``missing``: never run.
+
+``qgscale run CONFIG --dry-run`` prints these states and runs nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qgscale import storage
 from qgscale.config import Config
+from qgscale.errors import MissingInputError
+from qgscale.layout import STUDENTS, Layout
 
 log = logging.getLogger("qgscale")
 
 
-def split_uri(cfg: Config, split: str, kind: str) -> str:
-    """``data/<split>/<kind>`` when the dataset is split (XQuAD), else ``data/<kind>``."""
-    return storage.first_existing(cfg.uri("data", split, kind), cfg.uri("data", kind))
-
-
-def train_inputs(cfg: Config) -> dict[str, str]:
-    """The training split's queries, corpus and qrels, as the trainers' keyword arguments."""
-    return {f"{kind}_uri": split_uri(cfg, "train", kind) for kind in ("queries", "corpus", "qrels")}
-
-
-def model_uri(cfg: Config, stage: str) -> str:
-    return cfg.uri("train", stage, "model")
-
-
-def _prepare(cfg: Config) -> dict:
+# ------------------------------------------------------------------------ stage functions
+def _prepare(cfg: Config, lay: Layout, key: str) -> dict:
     from qgscale.data.prepare import run_prepare
 
-    return run_prepare(cfg)
+    return run_prepare(cfg.data, lay.data_root, key)
 
 
-def _train_qg(cfg: Config) -> dict:
+def _train_qg(cfg: Config, lay: Layout, key: str) -> dict:
     from qgscale.train.trainer import run_train_qg
 
-    return run_train_qg(cfg)
+    return run_train_qg(cfg, out_uri=lay.train_dir("qg"), key=key, **lay.training_data())
 
 
-def _warmup(cfg: Config) -> dict:
+def _warmup(cfg: Config, lay: Layout, key: str) -> dict:
     from qgscale.train.trainer import run_train_warmup
 
-    return run_train_warmup(cfg, **train_inputs(cfg))
+    return run_train_warmup(cfg, out_uri=lay.train_dir("warmup"), key=key,
+                            **lay.training_data())
 
 
-def index_model(cfg: Config, stage: str, split: str) -> dict:
-    """Encode the ``split`` corpus with the ``stage`` model and build its index."""
+def index_model(cfg: Config, lay: Layout, student: str, split: str, key: str) -> dict:
+    """Encode the ``split`` corpus with the ``student`` model and build its index."""
     from qgscale.index.build import run_build
     from qgscale.index.encode import run_encode
 
-    tag = f"{stage}-{split}"
-    run_encode(cfg, model_uri(cfg, stage), tag=tag, corpus_uri=split_uri(cfg, split, "corpus"))
-    return run_build(cfg, tag=tag)
+    run_encode(cfg, lay.model(student), lay.data(split, "corpus"),
+               lay.embeddings(student, split), key)
+    return run_build(cfg, lay.embeddings(student, split), lay.faiss(student, split), key)
 
 
-def _index0(cfg: Config) -> dict:
-    return index_model(cfg, "warmup", "train")
+def _index(cfg: Config, lay: Layout, key: str) -> dict:
+    return index_model(cfg, lay, "warmup", "train", key)
 
 
-def _mine(cfg: Config) -> dict:
+def _mine(cfg: Config, lay: Layout, key: str) -> dict:
     from qgscale.index.mine import run_mine
 
-    return run_mine(cfg, model_uri(cfg, "warmup"), tag="warmup-train",
-                    queries_uri=split_uri(cfg, "train", "queries"),
-                    qrels_uri=split_uri(cfg, "train", "qrels"), out_uri=cfg.uri("mine"))
+    split = cfg.mine.split
+    return run_mine(cfg, lay.model("warmup"), lay.faiss("warmup", "train"),
+                    lay.data(split, "queries"), lay.data(split, "qrels"), lay.mine_dir, key)
 
 
-def _score(cfg: Config) -> dict:
-    from qgscale.teacher.scoring import run_score
-
-    return run_score(cfg)
-
-
-def _generate(cfg: Config) -> dict:
+def _generate(cfg: Config, lay: Layout, key: str) -> dict:
     from qgscale.teacher.generation import run_generate
 
-    return run_generate(cfg)
+    positives = cfg.teacher.generate.passages == "positives"
+    return run_generate(cfg, lay.teacher_model(), lay.data("train", "corpus"),
+                        lay.data("train", "qrels") if positives else None, lay.generated, key)
 
 
-def _distill(cfg: Config) -> dict:
+def _score(cfg: Config, lay: Layout, key: str) -> dict:
+    from qgscale.teacher.scoring import run_score
+
+    generated = lay.generated if cfg.distill.loss.kd_on_generated else None
+    return run_score(cfg, lay.teacher_model(), candidates_uri=lay.candidates,
+                     queries_uri=lay.data("train", "queries"),
+                     corpus_uri=lay.data("train", "corpus"), out_uri=lay.scores, key=key,
+                     generated_uri=generated, qrels_uri=lay.data("train", "qrels"),
+                     pairs_uri=lay.generated_pairs)
+
+
+def _distill(cfg: Config, lay: Layout, key: str) -> dict:
     from qgscale.train.trainer import run_train_distill
 
-    return run_train_distill(cfg, **train_inputs(cfg))
+    return run_train_distill(
+        cfg, out_uri=lay.train_dir("distill"), init_uri=lay.model("warmup"),
+        examples_uri=lay.mined_train, candidates_uri=lay.candidates, scores_uri=lay.scores,
+        generated_uri=lay.generated if cfg.distill.loss.beta else None, key=key,
+        **lay.training_data())
 
 
-STUDENTS = ("warmup", "distill")
-
-
-def _index1(cfg: Config) -> dict:
-    return {f"{s}-{split}": index_model(cfg, s, split) for s in STUDENTS
+def _reindex(cfg: Config, lay: Layout, key: str) -> dict:
+    return {f"{s}-{split}": index_model(cfg, lay, s, split, key) for s in STUDENTS
             for split in cfg.eval.splits}
 
 
-def _eval(cfg: Config) -> dict:
+def _eval(cfg: Config, lay: Layout, key: str) -> dict:
     """Each student on each eval split, against the index of that split's corpus."""
     from qgscale.eval.evaluate import run_eval
 
     out: dict[str, dict] = {}
-    for stage in STUDENTS:
+    for student in STUDENTS:
         for split in cfg.eval.splits:
-            one = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"splits": [split]})})
-            out.setdefault(stage, {}).update(run_eval(
-                one, model_uri=model_uri(cfg, stage),
-                index_uri=cfg.uri("index", f"{stage}-{split}", "faiss"),
-                out_uri=cfg.uri("eval", stage)))
+            out.setdefault(student, {}).update(run_eval(
+                cfg, lay.model(student), lay.faiss(student, split),
+                cfg.eval.data or lay.data_root, lay.eval_dir(student), [split]))
     return out
+
+
+# ---------------------------------------------------------------------------- the graph
+def _model_source(model: Any) -> list[str]:
+    return [model.name_or_path] if model is not None and model.name_or_path else []
+
+
+def _teacher_inputs(cfg: Config) -> tuple[str, ...]:
+    return () if cfg.teacher.model is not None else ("train-qg",)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A node of the graph: what it reads, what it writes, and the function that does it."""
+
+    name: str
+    help: str
+    run: Callable[[Config, Layout, str], dict]
+    sections: tuple[str, ...]  # dotted config paths in the key
+    inputs: Callable[[Config], tuple[str, ...]]  # upstream stages
+    outputs: Callable[[Config, Layout], list[str]]  # what downstream reads (fingerprinted)
+    owns: Callable[[Config, Layout], list[str]]  # folders cleared when the key changes
+    raw: Callable[[Config], list[str]] = field(default=lambda cfg: [])  # external inputs
+
+
+TEACHER = ("teacher.model", "qg.prompt", "qg.max_passage_len", "qg.max_query_len")
+STAGES = [
+    Stage("prepare", "raw data -> canonical parquet", _prepare, ("data",),
+          lambda c: (), lambda c, lay: [lay.data_root], lambda c, lay: [lay.data_root],
+          raw=lambda c: [u for u in (c.data.input, c.data.passages) if u]),
+    Stage("train-qg", "fine-tune the query generator (teacher)", _train_qg,
+          ("qg", "run.seed", "data.shard_rows"), lambda c: ("prepare",),
+          lambda c, lay: [lay.model("qg")], lambda c, lay: [lay.train_dir("qg")],
+          raw=lambda c: _model_source(c.qg.model)),
+    Stage("warmup", "contrastive warm-up of the dual encoder", _warmup,
+          ("encoder", "warmup", "run.seed", "data.shard_rows"), lambda c: ("prepare",),
+          lambda c, lay: [lay.model("warmup")], lambda c, lay: [lay.train_dir("warmup")],
+          raw=lambda c: _model_source(c.encoder.model)),
+    Stage("index", "encode the training corpus and build its index", _index,
+          ("index", "run.seed"), lambda c: ("prepare", "warmup"),
+          lambda c, lay: [lay.faiss("warmup", "train")],
+          lambda c, lay: [lay.index_dir("warmup", "train")]),
+    Stage("mine", "retrieve candidates and hard negatives for training queries", _mine,
+          ("mine", "index"), lambda c: ("prepare", "warmup", "index"),
+          lambda c, lay: [lay.candidates, lay.mined_train], lambda c, lay: [lay.mine_dir]),
+    Stage("generate", "teacher-generated queries in other languages", _generate,
+          ("teacher.generate", "teacher.score.precision", "run.seed", *TEACHER),
+          lambda c: ("prepare", *_teacher_inputs(c)), lambda c, lay: [lay.generated],
+          lambda c, lay: [lay.generated], raw=lambda c: _model_source(c.teacher.model)),
+    Stage("score", "teacher scores log P(q|p)/|q| for every candidate pair", _score,
+          ("teacher.score", "distill.loss.kd_on_generated", *TEACHER),
+          lambda c: ("prepare", "mine", *_teacher_inputs(c),
+                     *(("generate",) if c.distill.loss.kd_on_generated else ())),
+          lambda c, lay: [lay.scores], lambda c, lay: [lay.scores, lay.generated_pairs],
+          raw=lambda c: _model_source(c.teacher.model)),
+    Stage("distill", "contrastive + KD + alignment training of the dual encoder", _distill,
+          ("encoder", "distill", "run.seed", "data.shard_rows"),
+          lambda c: ("prepare", "warmup", "mine", "score",
+                     *(("generate",) if c.distill.loss.beta else ())),
+          lambda c, lay: [lay.model("distill")], lambda c, lay: [lay.train_dir("distill")]),
+    Stage("reindex", "encode and index the evaluation corpus with both students", _reindex,
+          ("index", "eval.splits", "run.seed"), lambda c: ("prepare", "warmup", "distill"),
+          lambda c, lay: [lay.faiss(s, split) for s in STUDENTS for split in c.eval.splits],
+          lambda c, lay: [lay.index_dir(s, split) for s in STUDENTS
+                          for split in c.eval.splits]),
+    Stage("eval", "metrics of the warm-up and the distilled student", _eval,
+          ("eval", "index"), lambda c: ("prepare", "warmup", "distill", "reindex"),
+          lambda c, lay: [lay.eval_dir(s) for s in STUDENTS],
+          lambda c, lay: [lay.eval_dir(s) for s in STUDENTS]),
+]
+STAGE_NAMES = [s.name for s in STAGES]
+BY_NAME = {s.name: s for s in STAGES}
+
+
+# ----------------------------------------------------------------------------- the runner
+def _section(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+def _raw_fingerprint(uri: str) -> str:
+    """A raw input's identity: its fingerprint when it is a file/folder, else the name (a hub
+    id, a generated tokenizer)."""
+    from qgscale.models.loading import PKG_PREFIX, resolve
+
+    path = resolve(uri) if uri.startswith(PKG_PREFIX) else uri
+    if ":" in path.split("/")[0] and "://" not in path:  # e.g. xquad-tokenizer:2000
+        return uri
+    try:
+        return storage.fingerprint(path) or uri
+    except (OSError, ValueError):
+        return uri
+
+
+def outputs_fingerprint(stage: Stage, cfg: Config, lay: Layout) -> str | None:
+    """Fingerprint of everything downstream reads from ``stage``; None if any part is gone."""
+    fps = [storage.fingerprint(u) for u in stage.outputs(cfg, lay)]
+    return None if any(f is None for f in fps) else storage.config_hash(fps)
+
+
+@dataclass
+class Status:
+    stage: str
+    state: str  # done | stale | interrupted | missing
+    reason: str = ""
+    key: str | None = None
+    parts: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return f"{self.stage}: {self.state}" + (f" ({self.reason})" if self.reason else "")
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _what_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """A short human account of which config keys, raw inputs or upstream outputs differ."""
+    changes = []
+    for dotted in sorted(set(old.get("config", {})) | set(new.get("config", {}))):
+        a = _flatten(old.get("config", {}).get(dotted), dotted)
+        b = _flatten(new.get("config", {}).get(dotted), dotted)
+        changes += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
+    for kind, label in (("raw", "file"), ("inputs", "input")):
+        o, n = old.get(kind, {}), new.get(kind, {})
+        changes += [f"{label} {k} changed" for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
+    if not changes:
+        return "key changed"
+    return "; ".join(changes[:3]) + (f"; +{len(changes) - 3} more" if len(changes) > 3 else "")
+
+
+def read_record(lay: Layout, name: str) -> dict | None:
+    uri = lay.record(name)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def stage_status(stage: Stage, cfg: Config, lay: Layout, upstream: dict[str, Status]) -> Status:
+    """Where ``stage`` stands, given its upstream stages' statuses (nothing is run)."""
+    record = read_record(lay, stage.name)
+    pending = [u for u in stage.inputs(cfg) if upstream[u].state != "done"]
+    if pending:
+        if record is None:
+            return Status(stage.name, "missing")
+        return Status(stage.name, "stale", f"input {pending[0]} will rerun")
+    parts = {"config": {s: _section(cfg, s) for s in stage.sections},
+             "raw": {u: _raw_fingerprint(u) for u in stage.raw(cfg)},
+             "inputs": {u: outputs_fingerprint(BY_NAME[u], cfg, lay)
+                        for u in stage.inputs(cfg)}}
+    key = storage.config_hash(parts)
+    if record is None:
+        return Status(stage.name, "missing", key=key, parts=parts)
+    if record.get("key") != key:
+        return Status(stage.name, "stale", _what_changed(record.get("parts", {}), parts), key,
+                      parts)
+    if record.get("state") != "done":
+        return Status(stage.name, "interrupted", "same key: resumes", key, parts)
+    if outputs_fingerprint(stage, cfg, lay) is None:
+        return Status(stage.name, "missing", "output deleted", key, parts)
+    return Status(stage.name, "done", key=key, parts=parts)
+
+
+def plan(cfg: Config) -> list[Status]:
+    """The status of every stage, in order (what ``--dry-run`` prints)."""
+    lay = Layout(cfg)
+    statuses: dict[str, Status] = {}
+    for stage in STAGES:
+        statuses[stage.name] = stage_status(stage, cfg, lay, statuses)
+    return list(statuses.values())
+
+
+def _select(start: str | None, only: str | None) -> list[Stage]:
+    for name in (start, only):
+        if name and name not in BY_NAME:
+            raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    if only:
+        return [BY_NAME[only]]
+    return STAGES[STAGE_NAMES.index(start):] if start else STAGES
+
+
+def _write_record(lay: Layout, stage: Stage, status: Status, **extra: Any) -> None:
+    record = {"stage": stage.name, "key": status.key, "parts": status.parts, **extra}
+    storage.write_bytes(lay.record(stage.name),
+                        json.dumps(record, indent=1, default=str).encode())
+
+
+def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[str, Any]:
+    """Run the stages that are not done (all, from ``start``, or ``only`` one), in order.
+
+    Returns each selected stage's summary (a done stage's from its record). A stage whose
+    upstream is not done and not selected is an error naming what to run first.
+    """
+    lay = Layout(cfg)
+    selected = {s.name for s in _select(start, only)}
+    statuses: dict[str, Status] = {}
+    results: dict[str, Any] = {}
+    connected = False
+    for stage in STAGES:
+        status = stage_status(stage, cfg, lay, statuses)
+        statuses[stage.name] = status
+        if stage.name not in selected:
+            continue
+        if status.state == "done":
+            log.info("stage %s: done, skipped", stage.name)
+            results[stage.name] = (read_record(lay, stage.name) or {}).get("summary")
+            continue
+        if status.key is None:  # an upstream stage outside the selection is not done
+            pending = [u for u in stage.inputs(cfg) if statuses[u].state != "done"]
+            raise MissingInputError(
+                f"stage {stage.name} needs stage {pending[0]} ({statuses[pending[0]].state}); "
+                f"run `qgscale run CONFIG --only {pending[0]}` (or the whole pipeline) first")
+        if not connected:
+            from qgscale import raycluster
+
+            raycluster.connect(cfg.ray)
+            connected = True
+        if status.state in ("stale", "missing"):
+            for uri in stage.owns(cfg, lay):  # a new key starts from scratch
+                storage.remove(uri, recursive=True)
+        log.info("stage %s: %s%s: %s", stage.name, status.state,
+                 f" ({status.reason})" if status.reason else "", stage.help)
+        t0 = time.time()
+        _write_record(lay, stage, status, state="running", started=t0)
+        summary = stage.run(cfg, lay, status.key)
+        _write_record(lay, stage, status, state="done", started=t0, wall_s=time.time() - t0,
+                      outputs=outputs_fingerprint(stage, cfg, lay), summary=summary)
+        statuses[stage.name] = Status(stage.name, "done", key=status.key, parts=status.parts)
+        results[stage.name] = summary
+        log.info("stage %s: done in %.1f s", stage.name, time.time() - t0)
+    return results
 
 
 def summary_table(results: dict[str, dict], metrics: tuple[str, ...] = (
@@ -131,47 +374,3 @@ def summary_table(results: dict[str, dict], metrics: tuple[str, ...] = (
                      for m in metrics]
             rows.append(f"| {stage} | {split} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-@dataclass
-class Stage:
-    name: str
-    fn: Callable[[Config], Any]
-    help: str
-
-
-STAGES = [
-    Stage("prepare", _prepare, "raw data -> canonical parquet"),
-    Stage("train-qg", _train_qg, "fine-tune the query generator (teacher)"),
-    Stage("warmup", _warmup, "contrastive warm-up of the dual encoder"),
-    Stage("index", _index0, "encode the training corpus and build its index"),
-    Stage("mine", _mine, "retrieve candidates and hard negatives for training queries"),
-    Stage("generate", _generate, "teacher-generated queries in other languages"),
-    Stage("score", _score, "teacher scores log P(q|p)/|q| for every candidate pair"),
-    Stage("distill", _distill, "contrastive + KD + alignment training of the dual encoder"),
-    Stage("reindex", _index1, "encode and index the evaluation corpus with both students"),
-    Stage("eval", _eval, "metrics of the warm-up and the distilled student"),
-]
-STAGE_NAMES = [s.name for s in STAGES]
-
-
-def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[str, Any]:
-    """Run the stages in order (or from ``start``, or ``only`` one); returns their results."""
-    for name in (start, only):
-        if name and name not in STAGE_NAMES:
-            raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
-    from qgscale import raycluster
-
-    raycluster.connect(cfg.ray)
-    stages = STAGES
-    if only:
-        stages = [s for s in STAGES if s.name == only]
-    elif start:
-        stages = STAGES[STAGE_NAMES.index(start):]
-    results: dict[str, Any] = {}
-    for stage in stages:
-        t0 = time.time()
-        log.info("stage %s: %s", stage.name, stage.help)
-        results[stage.name] = stage.fn(cfg)
-        log.info("stage %s done in %.1f s", stage.name, time.time() - t0)
-    return results

@@ -7,10 +7,13 @@ stages pass :func:`worker_env` to their actors/tasks, which call :func:`apply_wo
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from qgscale import storage
+
+log = logging.getLogger("qgscale")
 
 WORKER_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                    "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
@@ -32,15 +35,21 @@ def apply_worker_env(env: dict[str, str]) -> None:
 
 def connect(ray_cfg: Any = None) -> None:
     """Join the cluster named by ``ray.address`` or ``RAY_ADDRESS`` (``ray job submit`` sets
-    it), else start a local Ray sized by ``ray.num_cpus``/``num_gpus``. No-op when connected."""
+    it), else start this process's own local Ray sized by ``ray.num_cpus``/``num_gpus``, even
+    when another Ray runs on this machine (``ray start --head``): ``ray.address: null`` means
+    the embedded default. No-op when connected; logs which it did."""
     import ray
 
     if ray.is_initialized():
         return
     address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
     if address:  # a job's own runtime env (``ray job submit``) must not be overridden
-        ray.init(address=address)
+        ray.init(address=address, logging_level=logging.WARNING)
+        log.info("joined the Ray cluster at %s (%s CPUs, %s GPUs)", address,
+                 ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
     else:
-        ray.init(num_cpus=getattr(ray_cfg, "num_cpus", None),
+        ray.init(address="local", num_cpus=getattr(ray_cfg, "num_cpus", None),
                  num_gpus=getattr(ray_cfg, "num_gpus", None), include_dashboard=False,
-                 runtime_env={"env_vars": worker_env()})
+                 logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()})
+        log.info("started a local Ray (%s CPUs, %s GPUs; ray.address: null)",
+                 ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))

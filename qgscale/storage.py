@@ -311,6 +311,28 @@ def read_manifest(root: str) -> dict | None:
     return read_json(uri) if exists(uri) else None
 
 
+def fingerprint(uri: str) -> str | None:
+    """Identity of what is at ``uri`` now (a file or a folder tree): a hash of every file's
+    relative path, size and modification time / ETag, from one listing (no file is read).
+    ``None`` when nothing is there. A rewritten file changes it even at the same path."""
+    fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return None
+    if fs.isdir(path):
+        found = fs.find(path, detail=True)
+    else:
+        found = {path: fs.info(path)}
+    entries = []
+    for name, info in sorted(found.items()):
+        rel = posixpath.relpath(name, path) if name != path else posixpath.basename(path)
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # unfinished writes' temp files
+        stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+        entries.append([rel, info.get("size"), str(stamp)])
+    return config_hash(entries)
+
+
 def stage_done(root: str, config_hash: str) -> bool:
     """True when ``root`` holds a manifest written with ``config_hash``."""
     m = read_manifest(root)
@@ -325,11 +347,15 @@ def write_manifest(root: str, config_hash: str, **extra: Any) -> dict:
 
 
 def local_dir(uri: str, cache: str | None = None) -> str:
-    """A local folder holding the contents of folder ``uri`` (downloaded once if remote)."""
+    """A local folder holding the contents of folder ``uri`` (downloaded once if remote).
+
+    The cache is keyed by the URI *and* its :func:`fingerprint`, so a model retrained at the
+    same URI is downloaded again rather than served stale."""
     if is_local(uri):
         return url_to_fs(uri)[1]
     cache = cache or os.environ.get("QGSCALE_CACHE", os.path.expanduser("~/.cache/qgscale"))
-    dest = os.path.join(cache, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    key = f"{uri}\n{fingerprint(uri)}"
+    dest = os.path.join(cache, hashlib.sha256(key.encode()).hexdigest()[:16])
     if not os.path.exists(os.path.join(dest, ".complete")):
         fs, path = url_to_fs(uri)
         tmp = f"{dest}.tmp-{uuid.uuid4().hex}"

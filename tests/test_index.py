@@ -411,15 +411,16 @@ def test_stages_encode_build_mine_on_s3(ray_local, s3_bucket, tokenizer):
     storage.write_parquet(cfg.uri("data", "train", "qrels", "part-00000.parquet"), pa.table(
         {"qid": qids, "pid": pids[::2], "rel": pa.array([1] * 60, pa.int32())}))
 
-    m_enc = run_encode(cfg, model_uri, tag="t")
+    emb, index = cfg.uri("index", "t", "embeddings"), cfg.uri("index", "t", "faiss")
+    m_enc = run_encode(cfg, model_uri, cfg.uri("data", "corpus"), emb, "k1")
     assert m_enc["rows"] == 120 and len(m_enc["shards"]) == 3
-    m_idx = run_build(cfg, tag="t")
+    m_idx = run_build(cfg, emb, index, "k1")
     assert m_idx["ntotal"] == 120 and m_idx["factory"] == "IVF4,Flat"
-    assert run_build(cfg, tag="t")["time"] == m_idx["time"]  # done stage is skipped
     qvec = load_dual_encoder(model_uri).encode_queries(texts[:20:2], 16).numpy()
-    top1 = search(cfg.uri("index", "t", "faiss"), qvec, 1, nprobe=4)[0][:, 0]
+    top1 = search(index, qvec, 1, nprobe=4)[0][:, 0]
     assert np.mean(top1 == np.array(pids[:20:2], dtype=object)) >= 0.8
-    m_mine = run_mine(cfg, model_uri, tag="t")
+    m_mine = run_mine(cfg, model_uri, index, cfg.uri("data", "train", "queries"),
+                      cfg.uri("data", "train", "qrels"), cfg.uri("mine", "t"), "k1")
     assert m_mine["train_examples"] == 60 and m_mine["candidates"] == 60
     cand = storage.read_parquet(cfg.uri("mine", "t", "candidates")).to_pylist()
     train = storage.read_parquet(cfg.uri("mine", "t", "train")).to_pylist()

@@ -3,11 +3,14 @@ its resume: a second run finds every stage done and does no work."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
 from qgscale import config, pipeline, storage
 from qgscale.data import readers
+from qgscale.layout import STUDENTS, Layout
 
 TINY = {
     "run": {"name": "tiny", "seed": 3},
@@ -38,50 +41,153 @@ TINY = {
 }
 
 
-@pytest.mark.slow
-def test_pipeline_end_to_end_and_resume(tmp_path, ray_local):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, ray_local):
+    """The whole pipeline, run once on tiny models; the later tests read and change it."""
+    tmp_path = tmp_path_factory.mktemp("pipeline")
     raw = dict(TINY, run={**TINY["run"], "root": str(tmp_path / "run")})
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg = config.load(path)
-
     results = pipeline.run(cfg)
-    assert list(results) == pipeline.STAGE_NAMES
+    return path, cfg, results
 
-    # Every stage left its manifest, and the counts tie together.
+
+def _records(cfg) -> dict[str, dict]:
+    lay = Layout(cfg)
+    return {s: storage.read_json(lay.record(s)) for s in pipeline.STAGE_NAMES}
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_and_resume(finished_run):
+    _, cfg, results = finished_run
+    assert list(results) == pipeline.STAGE_NAMES
+    lay = Layout(cfg)
+
+    # Every stage left its output and record, and the counts tie together.
     data = storage.read_manifest(cfg.uri("data"))
     n_train_queries = data["rows"]["train/queries"]
-    candidates = storage.read_parquet(cfg.uri("mine", "candidates"))
+    candidates = storage.read_parquet(lay.candidates)
     assert candidates.num_rows == n_train_queries
     n_pairs = sum(len(p) for p in candidates.column("pids").to_pylist())
-    scores = storage.read_parquet(cfg.uri("teacher", "scores"))
+    scores = storage.read_parquet(lay.scores)
     assert scores.num_rows == n_pairs
     assert len(set(zip(scores.column("qid").to_pylist(), scores.column("pid").to_pylist(),
                        strict=True))) == n_pairs
-    generated = storage.read_parquet(cfg.uri("teacher", "generated"))
+    generated = storage.read_parquet(lay.generated)
     assert set(generated.column("lang").to_pylist()) == {"en"}
     for stage in ("qg", "warmup", "distill"):
-        assert storage.exists(storage.join(pipeline.model_uri(cfg, stage), "config.json")) or \
-            storage.list_files(pipeline.model_uri(cfg, stage))
-    for student in pipeline.STUDENTS:
-        metrics = storage.read_json(cfg.uri("eval", student, "test", "metrics.json"))
+        assert storage.list_files(lay.model(stage))
+    for student in STUDENTS:
+        metrics = storage.read_json(storage.join(lay.eval_dir(student), "test", "metrics.json"))
         assert metrics["n_queries"] == data["rows"]["test/queries"]
         mrr = metrics["query_langs_macro"]["mrr@10"]
         assert 0.0 <= mrr <= 1.0
     table = pipeline.summary_table(results["eval"])
     assert "| warmup | test |" in table and "| distill | test |" in table
+    records = _records(cfg)
+    assert all(r["state"] == "done" for r in records.values())
 
-    # Resume: a second run finds every manifest and redoes nothing.
-    before = {s: storage.read_json(u)["time"] for s, u in _manifests(cfg).items()}
-    pipeline.run(cfg)
-    after = {s: storage.read_json(u)["time"] for s, u in _manifests(cfg).items()}
-    assert before == after
+    # Resume: a second run finds every stage done and redoes nothing.
+    assert [s.state for s in pipeline.plan(cfg)] == ["done"] * len(pipeline.STAGE_NAMES)
+    again = pipeline.run(cfg)
+    assert _records(cfg) == records
+    assert pipeline.summary_table(again["eval"]) == table
 
 
-def _manifests(cfg) -> dict[str, str]:
-    folders = {"data": cfg.uri("data"), "qg": cfg.uri("train", "qg"),
-               "warmup": cfg.uri("train", "warmup"), "mine": cfg.uri("mine"),
-               "scores": cfg.uri("teacher", "scores"),
-               "generated": cfg.uri("teacher", "generated"),
-               "distill": cfg.uri("train", "distill")}
-    return {k: storage.join(v, storage.MANIFEST) for k, v in folders.items()}
+DESCENDANTS = {  # stage -> (a key of its config sections, the stages that must rerun)
+    "prepare": ("data.test_mod=3", pipeline.STAGE_NAMES),
+    "train-qg": ("qg.lr=0.0005", ["train-qg", "generate", "score", "distill", "reindex", "eval"]),
+    "warmup": ("warmup.lr=0.0005",
+               ["warmup", "index", "mine", "score", "distill", "reindex", "eval"]),
+    "index": ("index.nprobe=4", ["index", "mine", "score", "distill", "reindex", "eval"]),
+    "mine": ("mine.top_k=3", ["mine", "score", "distill", "reindex", "eval"]),
+    "generate": ("teacher.generate.max_new_tokens=6", ["generate", "distill", "reindex", "eval"]),
+    "score": ("teacher.score.shard_pairs=1000", ["score", "distill", "reindex", "eval"]),
+    "distill": ("distill.lr=0.0005", ["distill", "reindex", "eval"]),
+    "reindex": ("eval.splits=[test, train]", ["reindex", "eval"]),
+    "eval": ("eval.top_k=5", ["eval"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", pipeline.STAGE_NAMES)
+def test_changed_key_makes_exactly_stage_and_descendants_stale(finished_run, stage):
+    path, _, _ = finished_run
+    override, stale = DESCENDANTS[stage]
+    plan = {s.stage: s for s in pipeline.plan(config.load(path, [override]))}
+    assert {name for name, s in plan.items() if s.state != "done"} == set(stale)
+    assert plan[stage].state == "stale"
+    assert override.split("=")[0] in plan[stage].reason  # says what changed
+    assert all("will rerun" in plan[s].reason for s in stale if s != stage)
+
+
+@pytest.mark.slow
+def test_changed_upstream_file_invalidates_descendants(finished_run):
+    """Same URI, new content: the prepared training queries are rewritten (rows reversed)."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    _, cfg, _ = finished_run
+    shard = storage.list_files(cfg.uri("data", "train", "queries"), ".parquet")[0]
+    local = storage.url_to_fs(shard)[1]
+    before, stat = open(local, "rb").read(), os.stat(local)
+    table = pq.read_table(local)
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), local)
+    try:
+        plan = {s.stage: s for s in pipeline.plan(cfg)}
+        assert plan["prepare"].state == "done"  # its own key (the raw input) is unchanged
+        assert {n for n, s in plan.items() if s.state != "done"} == set(pipeline.STAGE_NAMES[1:])
+        assert plan["train-qg"].reason == "input prepare changed"
+    finally:
+        open(local, "wb").write(before)
+        os.utime(local, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert [s.state for s in pipeline.plan(cfg)] == ["done"] * len(pipeline.STAGE_NAMES)
+
+
+@pytest.mark.slow
+def test_interrupted_training_stage_with_same_key_resumes(finished_run):
+    """A distill run that died after its last checkpoint (record says running, no export):
+    the same key resumes from that checkpoint instead of training from step 0."""
+    _, cfg, _ = finished_run
+    lay = Layout(cfg)
+    record = storage.read_json(lay.record("distill"))
+    metrics_uri = storage.join(lay.train_dir("distill"), "metrics.jsonl")
+    steps_before = storage.read_bytes(metrics_uri).decode().count("\n")
+    storage.write_json(lay.record("distill"), dict(record, state="running"))
+    storage.remove(lay.model("distill"), recursive=True)
+    plan = {s.stage: s for s in pipeline.plan(cfg)}
+    assert plan["distill"].state == "interrupted"
+    assert plan["reindex"].state == "stale"
+    pipeline.run(cfg, only="distill")
+    assert storage.list_files(lay.model("distill"))  # exported again
+    assert storage.read_bytes(metrics_uri).decode().count("\n") == steps_before  # no step redone
+    assert storage.read_json(lay.record("distill"))["key"] == record["key"]
+
+
+@pytest.mark.slow
+def test_changed_key_reruns_stage_and_descendants_only(finished_run):
+    """warmup.lr changed: warm-up retrains from scratch (new weights), and exactly its
+    descendants rerun; prepare, train-qg and generate are untouched."""
+    import hashlib
+
+    path, cfg, _ = finished_run
+    lay = Layout(cfg)
+    before = _records(cfg)
+
+    def weights(stage: str) -> str:
+        files = storage.list_files(lay.model(stage), ".safetensors")
+        return hashlib.sha256(b"".join(storage.read_bytes(f) for f in files)).hexdigest()
+
+    old = {s: weights(s) for s in ("warmup", "distill")}
+    cfg2 = config.load(path, ["warmup.lr=0.0005"])
+    pipeline.run(cfg2)
+    after = _records(cfg2)
+    rerun = {s for s in pipeline.STAGE_NAMES if after[s]["started"] != before[s]["started"]}
+    assert rerun == set(DESCENDANTS["warmup"][1])
+    assert all(weights(s) != old[s] for s in old)  # both students changed
+    log = storage.read_bytes(storage.join(lay.train_dir("warmup"), "metrics.jsonl")).decode()
+    steps = [json.loads(x)["step"] for x in log.splitlines() if x.strip()]
+    assert steps and steps == sorted(set(steps))  # one fresh run's log, not appended to
+    assert [s.state for s in pipeline.plan(cfg2)] == ["done"] * len(pipeline.STAGE_NAMES)

@@ -68,7 +68,7 @@ def test_score_kill_actor_exactly_once_and_resume(ray_local, tokenizer, root):
     qg, spec, corpus, queries, cands = _write_inputs(root, tokenizer)
     out = storage.join(root, "scores")
     args = (spec, storage.join(root, "cands"), storage.join(root, "queries.parquet"),
-            storage.join(root, "corpus.parquet"), out)
+            storage.join(root, "corpus.parquet"), out, "k1")
     killed = []
 
     def kill_other(name: str, idx: int, actors: list) -> None:
@@ -94,7 +94,7 @@ def test_score_kill_actor_exactly_once_and_resume(ray_local, tokenizer, root):
     markers = {f: storage.read_json(f) for f in storage.list_files(
         storage.join(out, storage.DONE_DIR), ".json")}
     again = score_candidates(*args, num_actors=2, **kw)
-    assert again["skipped"] and again["rows"] == 64  # everything done: no work at all
+    assert again["run"]["shards_run"] == 0 and again["rows"] == 64  # every shard done
     assert {f: storage.read_json(f) for f in markers} == markers
 
     # lose the manifest and one shard's marker: only that shard is redone
@@ -113,7 +113,7 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
     kw = dict(langs=["de", "zh"], qrels_uri=storage.join(root, "qrels.parquet"),
               num_queries=2, do_sample=True, max_new_tokens=8, shard_rows=2, num_actors=1,
               cpus_per_actor=1)
-    m = generate_queries(spec, storage.join(root, "corpus.parquet"), out, **kw)
+    m = generate_queries(spec, storage.join(root, "corpus.parquet"), out, "k1", **kw)
     positives = sorted({c["pids"][0] for c in cands})
     assert m["passages"] == len(positives) and len(m["shards"]) == -(-len(positives) // 2)
     got = storage.read_parquet(out)
@@ -125,10 +125,11 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
     # resume: drop one shard's marker and the manifest; only it is redone, identically
     storage.remove(storage.join(out, storage.MANIFEST))
     storage.remove(storage.join(out, storage.DONE_DIR, "part-00000.json"))
-    again = generate_queries(spec, storage.join(root, "corpus.parquet"), out, **kw)
+    again = generate_queries(spec, storage.join(root, "corpus.parquet"), out, "k1", **kw)
     assert again["run"]["shards_run"] == 1
     assert storage.read_parquet(out).to_pylist() == got.to_pylist()  # seeded: same queries
-    assert generate_queries(spec, storage.join(root, "corpus.parquet"), out, **kw)["skipped"]
+    third = generate_queries(spec, storage.join(root, "corpus.parquet"), out, "k1", **kw)
+    assert third["run"]["shards_run"] == 0
 
     # KD on generated queries: score them on the union of their source queries' candidates
     c_uri, q_uri = generated_candidates(
@@ -144,7 +145,7 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
     sm = score_candidates(spec, [storage.join(root, "cands"), c_uri],
                           [storage.join(root, "queries.parquet"), q_uri],
                           storage.join(root, "corpus.parquet"), storage.join(root, "scores"),
-                          num_actors=1, precision="fp32")
+                          "k1", num_actors=1, precision="fp32")
     s = storage.read_parquet(storage.join(root, "scores"))
     keys = set(zip(s["qid"].to_pylist(), s["pid"].to_pylist(), strict=True))
     assert sm["rows"] == len(keys) == len(want) + sum(len(c["pids"]) for c in cands)
@@ -164,14 +165,16 @@ def test_bad_candidates_named(ray_local, tokenizer, tmp_path):
          {"qid": "q1", "pids": ["p1", "nope"], "scores": None}], schema=CANDIDATES))
     with pytest.raises(DataError, match=r"bad.parquet: row 1 \(qid=q1\): pid=nope not in corpus"):
         score_candidates(spec, bad, storage.join(root, "queries.parquet"),
-                         storage.join(root, "corpus.parquet"), storage.join(root, "out"),
+                         storage.join(root, "corpus.parquet"), storage.join(root, "out"), "k1",
                          num_actors=1, cpus_per_actor=0.5)
     assert not storage.exists(storage.join(root, "out", storage.MANIFEST))
 
 
 def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
-    """The stage function the CLI/pipeline call: default locations under the run root."""
+    """The stage function the pipeline calls, on the run layout's locations; a second call
+    with the same key finds every shard done and scores nothing again."""
     from qgscale.config import parse
+    from qgscale.layout import Layout
     from qgscale.teacher.common import qg_spec
     from qgscale.teacher.scoring import run_score
 
@@ -179,8 +182,9 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
     cfg = parse({"run": {"root": root}, "qg": {"max_passage_len": 128, "max_query_len": 32},
                  "teacher": {"score": {"num_actors": 1, "cpus_per_actor": 0.5,
                                        "shard_pairs": 8}}})
+    lay = Layout(cfg)
     with pytest.raises(FileNotFoundError, match="run `qgscale train qg` first"):
-        qg_spec(cfg)
+        qg_spec(cfg, lay.teacher_model())
     src = str(tmp_path / "inputs")
     _write_inputs(src, tokenizer, n_pass=4, n_q=4, k=2)
     import shutil
@@ -190,7 +194,13 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
     for kind in ("queries", "corpus"):
         storage.write_parquet(cfg.uri("data", "train", kind, "part-00000.parquet"),
                               storage.read_parquet(f"{src}/{kind}.parquet"))
-    m = run_score(cfg)
-    assert m["rows"] == 8 and len(m["shards"]) == 2
+    def score():
+        return run_score(cfg, lay.teacher_model(), candidates_uri=lay.candidates,
+                         queries_uri=lay.data("train", "queries"),
+                         corpus_uri=lay.data("train", "corpus"), out_uri=lay.scores, key="k1")
+
+    m = score()
+    assert m["rows"] == 8 and len(m["shards"]) == 2 and m["run"]["shards_run"] == 2
     assert storage.read_parquet(cfg.uri("teacher", "scores")).num_rows == 8
-    assert run_score(cfg)["skipped"]
+    again = score()
+    assert again["rows"] == 8 and again["run"]["shards_run"] == 0

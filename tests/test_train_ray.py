@@ -105,11 +105,11 @@ def test_warmup_on_s3_survives_killed_worker_resumes_and_learns(toy, ray_local, 
 
     marker = tmp_path / "failed-once"
     cfg = _cfg(f"{s3_bucket}/run", str(toy / "tok"), max_steps=8, max_failures=1)
-    m = run_train_warmup(cfg, extra={"fail_at_step": 6, "fail_marker": str(marker)},
-                         **_inputs(toy))
+    out = cfg.uri("train", "warmup")
+    m = run_train_warmup(cfg, out_uri=out, key="k1",
+                         extra={"fail_at_step": 6, "fail_marker": str(marker)}, **_inputs(toy))
     assert marker.exists()  # a worker really died
     assert m["final_metrics"]["step"] == 8
-    out = cfg.uri("train", "warmup")
     log = _metrics(storage.join(out, "metrics.jsonl"))
     assert [x["step"] for x in log] == [2, 4, 6, 8]  # step 6 re-done once after the restart
     assert all(x["samples_per_s"] > 0 and "eta_s" in x for x in log)
@@ -122,7 +122,7 @@ def test_warmup_on_s3_survives_killed_worker_resumes_and_learns(toy, ray_local, 
     assert de.encode_passages(["a b c"]).shape == (1, 32)
 
     cfg2 = _cfg(f"{s3_bucket}/run", str(toy / "tok"), max_steps=16, epochs=2)
-    m2 = run_train_warmup(cfg2, **_inputs(toy))
+    m2 = run_train_warmup(cfg2, out_uri=out, key="k1", **_inputs(toy))  # same key: resume
     log2 = _metrics(storage.join(out, "metrics.jsonl"))
     assert [x["step"] for x in log2] == list(range(2, 17, 2))  # resumed at 8, not from 0
     assert m2["final_metrics"]["step"] == 16
@@ -138,14 +138,15 @@ def test_distill_with_kd_and_alignment(toy, ray_local, tmp_path):
     cfg = _cfg(str(tmp_path / "run"), str(toy / "tok"), epochs=1, max_steps=4, loss=loss,
                zero_stage=3, precision="bf16", checkpoint_every=100)
     t = toy / "teacher"
+    teacher = dict(candidates_uri=str(t / "candidates"), scores_uri=str(t / "scores"),
+                   generated_uri=str(t / "generated"), examples_uri=None,
+                   out_uri=cfg.uri("train", "distill"), key="k1", **_inputs(toy))
     with pytest.raises(FileNotFoundError, match="train/warmup/model: initial model not found"):
-        run_train_distill(cfg, **_inputs(toy))
+        run_train_distill(cfg, init_uri=cfg.uri("train", "warmup", "model"), **teacher)
     from qgscale.models.encoder import DualEncoder
 
     DualEncoder.build(cfg.encoder).save_pretrained(str(tmp_path / "de0"))
-    m = run_train_distill(cfg, init_uri=str(tmp_path / "de0"), candidates_uri=str(t / "candidates"),
-                          scores_uri=str(t / "scores"), generated_uri=str(t / "generated"),
-                          **_inputs(toy))
+    m = run_train_distill(cfg, init_uri=str(tmp_path / "de0"), **teacher)
     assert m["counts"] == {"rows": N, "random_negatives": 0, "without_generated": 0}
     log = _metrics(storage.join(cfg.uri("train", "distill"), "metrics.jsonl"))
     assert log[-1]["step"] == 4
@@ -164,7 +165,7 @@ def test_qg_finetuning_lowers_ce(toy, ray_local, tmp_path):
         model=ModelConfig(init=T5, tokenizer=str(toy / "tok")), num_workers=2,
         cpus_per_worker=0.5, batch_size=8, lr=3e-3, warmup_ratio=0.0, epochs=1,
         log_every=2, checkpoint_every=100, max_query_len=16, max_passage_len=64))
-    m = run_train_qg(cfg, **_inputs(toy))
+    m = run_train_qg(cfg, out_uri=cfg.uri("train", "qg"), key="k1", **_inputs(toy))
     log = _metrics(storage.join(cfg.uri("train", "qg"), "metrics.jsonl"))
     assert log[-1]["step"] == 8
     assert log[-1]["loss"] < log[0]["loss"]

@@ -76,15 +76,11 @@ def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
                                   rejected=len(rejects.rows))
 
 
-def run_prepare(cfg) -> dict[str, Any]:
-    """Stage function: ``cfg.data`` -> ``<run root>/data``; skipped when already done."""
-    d = cfg.data
-    out = cfg.uri("data")
-    h = storage.config_hash(d)
-    if storage.stage_done(out, h):
-        return storage.read_manifest(out)
-    return prepare(d.format, d.input, out, on_error=d.on_error, shard_rows=d.shard_rows,
-                   config_hash=h, passages=d.passages, query_langs=d.query_langs,
+def run_prepare(data_cfg: Any, out_uri: str, key: str) -> dict[str, Any]:
+    """Stage function: the ``data`` config section -> canonical shards under ``out_uri``."""
+    d = data_cfg
+    return prepare(d.format, d.input, out_uri, on_error=d.on_error, shard_rows=d.shard_rows,
+                   config_hash=key, passages=d.passages, query_langs=d.query_langs,
                    corpus_langs=d.corpus_langs, test_mod=d.test_mod)
 
 

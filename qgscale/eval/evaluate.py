@@ -27,9 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
+from qgscale.errors import MissingInputError
 from qgscale.eval import metrics as M
-
-DEFAULT_TAG = "de1"  # the distilled student's index (``<root>/index/de1/faiss``)
 
 
 # ---------------------------------------------------------------------------- data
@@ -328,22 +327,20 @@ def write_reports(result: dict, out_uri: str, metrics: list[str], chart_metric: 
 
 
 # ---------------------------------------------------------------------------- the job
-def run_eval(cfg: Any, model_uri: str | None = None, index_uri: str | None = None,
-             out_uri: str | None = None, tag: str = DEFAULT_TAG) -> dict:
-    """Stage ``eval``: evaluate ``model_uri`` with ``index_uri`` on ``cfg.eval.splits``.
+def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: str,
+             splits: list[str]) -> dict:
+    """Stage function ``eval``: ``model_uri`` with ``index_uri`` on ``splits`` of the prepared
+    data at ``data_uri`` (``cfg.eval`` settings).
 
-    Writes one report folder per split under ``out_uri`` (``<root>/eval/<split>/``) and a
-    ``_manifest.json``; returns ``{split: metrics}`` (the manifest's ``splits``).
+    Writes one report folder per split under ``out_uri`` (``out_uri/<split>/``) and a
+    ``_manifest.json``; returns ``{split: metrics}``.
     """
     from qgscale.index.encode import actor_resources, storage_env
 
     ec = cfg.eval
-    model_uri = model_uri or ec.model or cfg.uri("train", "distill", "model")
-    index_uri = index_uri or ec.index or cfg.uri("index", tag, "faiss")
-    out_uri = out_uri or ec.out or cfg.uri("eval")
     for what, uri in (("model", model_uri), ("index", index_uri)):
         if not storage.exists(uri):
-            raise FileNotFoundError(f"eval: {what} {uri} does not exist")
+            raise MissingInputError(f"eval: {what} {uri} does not exist")
     import ray
 
     from qgscale.raycluster import connect
@@ -353,10 +350,10 @@ def run_eval(cfg: Any, model_uri: str | None = None, index_uri: str | None = Non
     task = ray.remote(**res)(evaluate_uris)
     names = metric_names(ec.k)
     results = {}
-    for split in ec.splits:
+    for split in splits:
         t0 = time.time()
         result = ray.get(task.remote(
-            model_uri, index_uri, ec.data or cfg.uri("data"), split, env=storage_env(),
+            model_uri, index_uri, data_uri, split, env=storage_env(),
             top_k=ec.top_k, ks=ec.k, batch_size=ec.batch_size, pairs=ec.pairs,
             nprobe=cfg.index.nprobe, ef_search=cfg.index.ef_search,
             precision=cfg.index.precision, answers=ec.answer_recall))
@@ -369,6 +366,7 @@ def run_eval(cfg: Any, model_uri: str | None = None, index_uri: str | None = Non
         print(markdown_table(result, names + ["r@2kt", "r@5kt"]), flush=True)
     storage.write_manifest(out_uri, storage.config_hash(
         {"eval": ec, "model": model_uri, "index": index_uri}), model=model_uri, index=index_uri,
+        data=data_uri,
         splits={s: {"macro": r["macro"], "query_langs_macro": r.get("query_langs_macro")}
                 for s, r in results.items()})
     return results

@@ -298,8 +298,6 @@ def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
         raise ValueError(f"index.merge: expected 'memory' or 'ondisk', got {opts.merge!r}")
     connect()
     chash = config_hash or storage.config_hash({"emb": emb_uri, **opts.content()})
-    if storage.stage_done(index_uri, chash):
-        return storage.read_manifest(index_uri)
     uris = storage.list_files(emb_uri, ".parquet")
     if not uris:
         raise FileNotFoundError(f"{emb_uri}: no embedding shards")
@@ -378,17 +376,12 @@ def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
                                   estimate=est, timings=timings | rates, embeddings=emb_uri)
 
 
-def run_build(cfg, tag: str = "de0", emb_uri: str | None = None,
-              index_uri: str | None = None) -> dict:
-    """Stage ``index build``: ``<root>/index/<tag>/embeddings`` -> ``<root>/index/<tag>/faiss``."""
+def run_build(cfg, emb_uri: str, index_uri: str, key: str) -> dict:
+    """Stage function ``index build``: embedding shards at ``emb_uri`` -> the FAISS index at
+    ``index_uri`` (``cfg.index`` settings)."""
     ic = cfg.index
-    emb_uri = emb_uri or cfg.uri("index", tag, "embeddings")
-    index_uri = index_uri or cfg.uri("index", tag, "faiss")
     opts = BuildOptions(factory=ic.factory, metric=ic.metric, train_samples=ic.train_samples,
                         num_shards=ic.num_shards, merge=ic.merge, max_memory_gb=ic.max_memory_gb,
                         cpus_per_task=ic.cpus_per_actor, max_retries=ic.max_retries,
                         seed=cfg.run.seed)
-    emb_manifest = storage.read_manifest(emb_uri) or {}
-    chash = storage.config_hash({"opts": opts.content(),
-                                 "emb": emb_manifest.get("config_hash", emb_uri)})
-    return build_index(emb_uri, index_uri, opts, chash)
+    return build_index(emb_uri, index_uri, opts, key)

@@ -210,17 +210,11 @@ def encode_corpus(corpus_uri: str, out_uri: str, loader: Callable[[], TextEncode
     return writer.finalize(names, corpus=corpus_uri, dtype=dtype)
 
 
-def run_encode(cfg: Any, model_uri: str, tag: str = "de0", corpus_uri: str | None = None,
-               out_uri: str | None = None) -> dict:
-    """Stage ``index encode``: corpus -> ``<root>/index/<tag>/embeddings``."""
-    corpus_uri = corpus_uri or cfg.uri("data", "corpus")
-    out_uri = out_uri or cfg.uri("index", tag, "embeddings")
+def run_encode(cfg: Any, model_uri: str, corpus_uri: str, out_uri: str, key: str) -> dict:
+    """Stage function ``index encode``: ``corpus_uri`` shards -> embedding shards at
+    ``out_uri`` with the dual encoder at ``model_uri`` (``cfg.index`` settings)."""
     ic = cfg.index
-    chash = storage.config_hash({"model": model_uri, "corpus": corpus_uri, "dtype": ic.dtype,
-                                 "encoder": cfg.encoder})
-    if storage.stage_done(out_uri, chash):
-        return storage.read_manifest(out_uri)
     loader = functools.partial(load_dual_encoder, model_uri)
     return encode_corpus(corpus_uri, out_uri, loader, batch_size=ic.batch_size, dtype=ic.dtype,
                          precision=ic.precision, num_actors=ic.num_actors,
-                         cpus_per_actor=ic.cpus_per_actor, config_hash=chash)
+                         cpus_per_actor=ic.cpus_per_actor, config_hash=key)

@@ -98,28 +98,16 @@ def mine(queries: pa.Table, positives: dict[str, set[str]], encode: Callable, ou
                                   no_positive=no_pos)
 
 
-def run_mine(cfg: Any, model_uri: str, tag: str = "de0", queries_uri: str | None = None,
-             qrels_uri: str | None = None, index_uri: str | None = None,
-             out_uri: str | None = None) -> dict:
-    """Stage ``index mine``: encode ``mine.split`` queries with ``model_uri``, search the index
-    of ``tag``, write ``<root>/mine/<tag>/{candidates,train}``."""
+def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_uri: str,
+             out_uri: str, key: str) -> dict:
+    """Stage function ``index mine``: encode the queries with ``model_uri``, search
+    ``index_uri``, write ``out_uri/{candidates,train}`` (``cfg.mine``, ``cfg.index``)."""
     import ray
 
     from qgscale.index.encode import EncodeActor, actor_resources, load_dual_encoder, storage_env
     from qgscale.index.search import ShardedSearcher, search
 
     mc, ic = cfg.mine, cfg.index
-    queries_uri = queries_uri or cfg.uri("data", mc.split, "queries")
-    qrels_uri = qrels_uri or cfg.uri("data", mc.split, "qrels")
-    index_uri = index_uri or cfg.uri("index", tag, "faiss")
-    out_uri = out_uri or cfg.uri("mine", tag)
-    index_m = storage.read_manifest(index_uri) or {}
-    chash = storage.config_hash({"mine": mc, "model": model_uri, "queries": queries_uri,
-                                 "index": index_m.get("config_hash", index_uri),
-                                 "nprobe": ic.nprobe, "ef": ic.ef_search,
-                                 "refine": [ic.refine, ic.k_factor]})
-    if storage.stage_done(out_uri, chash):
-        return storage.read_manifest(out_uri)
     connect()
     _, res = actor_resources(1, ic.cpus_per_actor)
     actor = ray.remote(**res)(EncodeActor).remote(
@@ -135,7 +123,7 @@ def run_mine(cfg: Any, model_uri: str, tag: str = "de0", queries_uri: str | None
         return mine(storage.read_parquet(queries_uri), read_positives(qrels_uri),
                     lambda texts: ray.get(actor.encode_queries.remote(texts)), out_uri,
                     search_fn, top_k=mc.top_k, n_negatives=mc.n_negatives,
-                    skip_top=mc.skip_top, shard_rows=mc.shard_rows, config_hash=chash)
+                    skip_top=mc.skip_top, shard_rows=mc.shard_rows, config_hash=key)
     finally:
         ray.kill(actor)
         if searcher is not None:

@@ -1,13 +1,12 @@
-"""Shared pieces of the teacher stages: the QG to load, its fingerprint, text lookups."""
+"""Shared pieces of the teacher stages: the QG to load, text lookups."""
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 from qgscale import storage
-from qgscale.data.readers import DataError
+from qgscale.errors import DataError, MissingInputError
 
 
 @dataclass
@@ -33,38 +32,21 @@ class QGSpec:
         prepare_for_inference(qg.model, device, self.precision)
         return qg.eval()
 
-    def fingerprint(self) -> Any:
-        """Identity of the weights for the config hash: a saved model's file sizes and times
-        (so a retrained QG at the same path invalidates old scores), else the spec itself."""
-        path = self.model.get("name_or_path")
-        if not path or not storage.exists(storage.join(path, "config.json")):
-            return self.model
-        fs, p = storage.url_to_fs(path)
-        files = sorted((posixpath.basename(f["name"]), f.get("size"),
-                        str(f.get("mtime") or f.get("LastModified") or ""))
-                       for f in fs.ls(p, detail=True) if f.get("type") == "file")
-        return {"path": path, "files": files}
 
-
-def qg_spec(cfg: Any, model: Any = None) -> QGSpec:
-    """The teacher QG of a run: ``model`` (a ModelConfig or path), else ``teacher.model``, else
-    the fine-tuned QG at ``<run root>/train/qg/model``."""
+def qg_spec(cfg: Any, model: Any) -> QGSpec:
+    """How actors load the QG ``model`` (a ``ModelConfig``, or a path) with the run's prompt,
+    lengths, seed and precision."""
     from qgscale.config import ModelConfig
 
     if isinstance(model, str):
         model = ModelConfig(name_or_path=model)
-    model = model or cfg.teacher.model
-    if model is None:
-        uri = cfg.uri("train", "qg", "model")
-        if not storage.exists(storage.join(uri, "config.json")):
-            raise FileNotFoundError(f"{uri}: no fine-tuned query generator; run `qgscale train "
-                                    "qg` first or set teacher.model")
-        model = ModelConfig(name_or_path=uri)
+    path = model.name_or_path
+    if path and "://" not in path and not path.startswith("pkg:") and path.startswith("/") \
+            and not storage.exists(storage.join(path, "config.json")):
+        raise MissingInputError(f"{path}: no query generator here; run `qgscale train qg` "
+                                "first or set teacher.model")
     return QGSpec(model.model_dump(), cfg.qg.prompt, cfg.qg.max_passage_len,
                   cfg.qg.max_query_len, cfg.run.seed, cfg.teacher.score.precision)
-
-
-first_existing = storage.first_existing  # kept for the teacher modules' imports
 
 
 def read_table(uri: str, what: str, columns: list[str] | None = None):

@@ -20,7 +20,7 @@ import pyarrow as pa
 from qgscale import storage
 from qgscale.data.readers import DataError
 from qgscale.data.schema import GENERATED
-from qgscale.teacher.common import QGSpec, first_existing, load_corpus, qg_spec, read_table
+from qgscale.teacher.common import QGSpec, load_corpus, qg_spec, read_table
 from qgscale.teacher.pool import Unit, ensure_ray, run_pool
 
 
@@ -80,7 +80,8 @@ def passage_ids(corpus_uri: str, qrels_uri: str | None) -> list[str]:
     return [p for p in dict.fromkeys(pids) if p in positive]
 
 
-def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, *, langs: list[str],
+def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str, *,
+                     langs: list[str],
                      qrels_uri: str | None = None, num_queries: int = 1,
                      do_sample: bool = False, num_beams: int = 1, top_p: float = 0.95,
                      max_new_tokens: int = 32, batch_size: int = 32, shard_rows: int = 500,
@@ -88,7 +89,8 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, *, langs: list[s
                      cpus_per_actor: float = 1.0, max_retries: int = 3, seed: int = 0,
                      on_done: Any = None) -> dict[str, Any]:
     """Plain API: generate for the passages of ``corpus_uri`` (positives of ``qrels_uri``
-    when given) into ``out_uri``; returns the manifest. Resumes like :mod:`scoring`."""
+    when given) into ``out_uri``; returns the manifest. Shards finished with the same
+    ``config_hash`` are skipped (resume), like :mod:`scoring`."""
     if not langs:
         raise ValueError("teacher.generate.langs is empty")
     if not do_sample and num_beams < num_queries:
@@ -98,12 +100,7 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, *, langs: list[s
                    top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
                    precision=precision)
     inputs = {"corpus": corpus_uri, "qrels": qrels_uri}
-    chash = storage.config_hash({"qg": qg.fingerprint(), "prompt": qg.prompt,
-                                 "lens": [qg.max_passage_len, qg.max_query_len],
-                                 "inputs": inputs, "langs": langs, "options": options,
-                                 "shard_rows": shard_rows, "seed": seed})
-    if storage.stage_done(out_uri, chash):
-        return storage.read_manifest(out_uri) | {"skipped": True}
+    chash = config_hash
     pids = passage_ids(corpus_uri, qrels_uri)
     units = [Unit(f"part-{k // shard_rows:05d}", len(pids[k:k + shard_rows]) * len(langs),
                   pids[k:k + shard_rows]) for k in range(0, len(pids), shard_rows)]
@@ -121,24 +118,17 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, *, langs: list[s
                            run=stats)
 
 
-def run_generate(cfg: Any, *, corpus_uri: str | None = None, qrels_uri: str | None = None,
-                 out_uri: str | None = None, model: Any = None,
-                 on_done: Any = None) -> dict[str, Any]:
-    """Stage ``teacher generate`` (``cfg.teacher.generate``). Defaults: corpus
-    ``<root>/data/train/corpus``, qrels ``<root>/data/train/qrels`` (``passages: positives``),
-    output ``<root>/teacher/generated``."""
+def run_generate(cfg: Any, model: Any, corpus_uri: str, qrels_uri: str | None, out_uri: str,
+                 key: str) -> dict[str, Any]:
+    """Stage function ``teacher generate`` (``cfg.teacher.generate``): queries in every
+    language of ``langs`` for the passages of ``corpus_uri`` (the positives of ``qrels_uri``
+    when given) with the QG ``model`` (a ``ModelConfig``), into ``out_uri``."""
     gc = cfg.teacher.generate
     ensure_ray(cfg.ray)
-    corpus = corpus_uri or first_existing(cfg.uri("data", "train", "corpus"),
-                                          cfg.uri("data", "corpus"))
-    qrels = None
-    if gc.passages == "positives":
-        qrels = qrels_uri or cfg.uri("data", "train", "qrels")
     return generate_queries(
-        qg_spec(cfg, model), corpus, out_uri or cfg.uri("teacher", "generated"),
-        langs=gc.langs, qrels_uri=qrels, num_queries=gc.num_queries, do_sample=gc.do_sample,
-        num_beams=gc.num_beams, top_p=gc.top_p, max_new_tokens=gc.max_new_tokens,
-        batch_size=gc.batch_size, shard_rows=gc.shard_rows,
-        precision=cfg.teacher.score.precision, num_actors=gc.num_actors,
-        cpus_per_actor=gc.cpus_per_actor, max_retries=gc.max_retries, seed=cfg.run.seed,
-        on_done=on_done)
+        qg_spec(cfg, model), corpus_uri, out_uri, key, langs=gc.langs, qrels_uri=qrels_uri,
+        num_queries=gc.num_queries, do_sample=gc.do_sample, num_beams=gc.num_beams,
+        top_p=gc.top_p, max_new_tokens=gc.max_new_tokens, batch_size=gc.batch_size,
+        shard_rows=gc.shard_rows, precision=cfg.teacher.score.precision,
+        num_actors=gc.num_actors, cpus_per_actor=gc.cpus_per_actor,
+        max_retries=gc.max_retries, seed=cfg.run.seed)

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
-from qgscale.data.readers import DataError
 from qgscale.data.schema import SCORES
-from qgscale.teacher.common import QGSpec, first_existing, load_corpus, load_queries, qg_spec
+from qgscale.errors import DataError, MissingInputError
+from qgscale.teacher.common import QGSpec, load_corpus, load_queries, qg_spec
 from qgscale.teacher.pool import Unit, ensure_ray, run_pool
 
 
@@ -172,23 +172,19 @@ def read_table_rows(uri: str, what: str) -> list[dict[str, Any]]:
 
 def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
                      queries_uri: str | list[str], corpus_uri: str,
-                     out_uri: str, *, batch_tokens: int = 16384, shard_pairs: int = 2000,
+                     out_uri: str, config_hash: str, *, batch_tokens: int = 16384,
+                     shard_pairs: int = 2000,
                      precision: str = "bf16", num_actors: int | None = None,
                      cpus_per_actor: float = 1.0, max_retries: int = 3,
                      on_done: Any = None) -> dict[str, Any]:
     """Plain API: score every candidate pair into ``out_uri``; returns the manifest.
 
-    Skips everything when ``out_uri`` already has a manifest with the same config hash, and
-    every shard with a done marker otherwise. Needs a running Ray (or starts a local one).
+    Skips every shard with a done marker of the same ``config_hash`` (resume). Needs a
+    running Ray (or starts a local one).
     Several candidate sets (with their queries) may be given as lists.
     """
     inputs = {"candidates": candidates_uri, "queries": queries_uri, "corpus": corpus_uri}
-    chash = storage.config_hash({"qg": qg.fingerprint(), "prompt": qg.prompt,
-                                 "lens": [qg.max_passage_len, qg.max_query_len],
-                                 "inputs": inputs, "shard_pairs": shard_pairs,
-                                 "precision": precision})
-    if storage.stage_done(out_uri, chash):
-        return storage.read_manifest(out_uri) | {"skipped": True}
+    chash = config_hash
     units = plan_units(candidates_uri, shard_pairs)
     writer = storage.ShardWriter(out_uri, chash)
     todo = [u for u in units if not writer.done(u.name)]
@@ -205,37 +201,31 @@ def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
     return manifest
 
 
-def run_score(cfg: Any, *, candidates_uri: str | None = None, queries_uri: str | None = None,
-              corpus_uri: str | None = None, out_uri: str | None = None, model: Any = None,
-              generated_uri: str | None = None, qrels_uri: str | None = None,
-              on_done: Any = None) -> dict[str, Any]:
-    """Stage ``teacher score`` (``cfg.teacher.score``). Defaults: candidates
-    ``<root>/mine/candidates``, queries/corpus/qrels ``<root>/data/train/...``, output
-    ``<root>/teacher/scores``, model :func:`qgscale.teacher.common.qg_spec`.
+def run_score(cfg: Any, model: Any, *, candidates_uri: str, queries_uri: str, corpus_uri: str,
+              out_uri: str, key: str, generated_uri: str | None = None,
+              qrels_uri: str | None = None, pairs_uri: str | None = None) -> dict[str, Any]:
+    """Stage function ``teacher score`` (``cfg.teacher.score``): every pair of
+    ``candidates_uri`` scored by the QG ``model`` (a ``ModelConfig``) into ``out_uri``.
 
-    With ``distill.loss.kd_on_generated`` (or ``generated_uri``) the generated queries
-    (``<root>/teacher/generated``: run ``teacher generate`` first) are scored as well, on
-    the candidate lists of :func:`generated_candidates`, into the same output.
+    With ``generated_uri`` (``distill.loss.kd_on_generated``) the generated queries are scored
+    as well, on the candidate lists of :func:`generated_candidates` (written to ``pairs_uri``,
+    using the positives of ``qrels_uri``), into the same output.
     """
     sc = cfg.teacher.score
     ensure_ray(cfg.ray)
-    cands = [candidates_uri or cfg.uri("mine", "candidates")]
-    queries = [queries_uri or cfg.uri("data", "train", "queries")]
-    if generated_uri or cfg.distill.loss.kd_on_generated:
-        gen = generated_uri or cfg.uri("teacher", "generated")
-        if not storage.exists(storage.join(gen, storage.MANIFEST)):
-            raise DataError(f"{gen}: no generated queries; with distill.loss.kd_on_generated "
-                            "run `qgscale teacher generate` before `teacher score`")
-        c, q = generated_candidates(cands[0], queries[0],
-                                    qrels_uri or cfg.uri("data", "train", "qrels"), gen,
-                                    cfg.uri("teacher", "generated_pairs"))
+    cands, queries = [candidates_uri], [queries_uri]
+    if generated_uri:
+        if not storage.exists(storage.join(generated_uri, storage.MANIFEST)):
+            raise MissingInputError(f"{generated_uri}: no generated queries; with distill.loss."
+                                    "kd_on_generated run `qgscale teacher generate` first")
+        if not (qrels_uri and pairs_uri):
+            raise ValueError("scoring generated queries needs qrels_uri and pairs_uri")
+        c, q = generated_candidates(cands[0], queries[0], qrels_uri, generated_uri, pairs_uri)
         cands.append(c)
         queries.append(q)
     return score_candidates(
         qg_spec(cfg, model), cands if len(cands) > 1 else cands[0],
-        queries if len(queries) > 1 else queries[0],
-        corpus_uri or first_existing(cfg.uri("data", "train", "corpus"),
-                                     cfg.uri("data", "corpus")),
-        out_uri or cfg.uri("teacher", "scores"), batch_tokens=sc.batch_tokens,
-        shard_pairs=sc.shard_pairs, precision=sc.precision, num_actors=sc.num_actors,
-        cpus_per_actor=sc.cpus_per_actor, max_retries=sc.max_retries, on_done=on_done)
+        queries if len(queries) > 1 else queries[0], corpus_uri, out_uri, key,
+        batch_tokens=sc.batch_tokens, shard_pairs=sc.shard_pairs, precision=sc.precision,
+        num_actors=sc.num_actors, cpus_per_actor=sc.cpus_per_actor,
+        max_retries=sc.max_retries)

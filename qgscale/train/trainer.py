@@ -9,8 +9,9 @@ Stage outputs (``<run root>/train/<stage>/``)::
     model/                the trained model in HF format
     _manifest.json
 
-Re-running a stage resumes from its latest checkpoint; a finished stage (manifest with the same
-config hash) is skipped.
+The pipeline's runner decides whether a stage runs (``qgscale.pipeline``): with a new key the
+folder is cleared and a fresh Ray Train run starts; an interrupted run with the same key
+resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from qgscale import storage
-from qgscale.data.readers import DataError
+from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.raycluster import connect, worker_env
 from qgscale.train import data as tdata
 from qgscale.train.loop import train_loop_per_worker
@@ -69,57 +70,45 @@ def fit(task: str, rows_uri: str, n_rows: int, init_uri: str, output_uri: str, t
     return trainer.fit()
 
 
-def _inputs(cfg: Any, queries: str | None, corpus: str | None, qrels: str | None
-            ) -> tuple[str, str, str]:
-    return (queries or cfg.uri("data", "train", "queries"),
-            corpus or storage.first_existing(cfg.uri("data", "train", "corpus"),
-                                      cfg.uri("data", "corpus")),
-            qrels or cfg.uri("data", "train", "qrels"))
-
-
-def _finish(cfg: Any, out: str, chash: str, result: Any, **extra: Any) -> dict[str, Any]:
+def _finish(out: str, key: str, result: Any, **extra: Any) -> dict[str, Any]:
     ckpt = None
     if result.checkpoint is not None:
         ckpt = result.checkpoint.path
         if not storage.is_local(out):  # pyarrow paths carry no scheme
             ckpt = f"{out.split('://', 1)[0]}://{ckpt}"
-    return storage.write_manifest(out, chash, model=storage.join(out, "model"), checkpoint=ckpt,
+    return storage.write_manifest(out, key, model=storage.join(out, "model"), checkpoint=ckpt,
                                   final_metrics=dict(result.metrics or {}), **extra)
 
 
-def _student_stage(cfg: Any, stage: str, *, init_uri: str | None, output_uri: str | None,
-                   queries_uri: str | None, corpus_uri: str | None, qrels_uri: str | None,
-                   examples_uri: str | None, candidates_uri: str | None, scores_uri: str | None,
-                   generated_uri: str | None, extra: dict[str, Any] | None) -> dict[str, Any]:
+def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: str | None,
+                   queries_uri: str, corpus_uri: str, qrels_uri: str | None,
+                   examples_uri: str | None, candidates_uri: str | None,
+                   scores_uri: str | None, generated_uri: str | None,
+                   extra: dict[str, Any] | None) -> dict[str, Any]:
     from qgscale.models.encoder import DualEncoder
 
     sc = getattr(cfg, stage)
     distill = stage == "distill"
-    out = output_uri or cfg.uri("train", stage)
-    q, c, r = _inputs(cfg, queries_uri, corpus_uri, qrels_uri)
     if distill:
         lc = sc.loss
         if lc.align in ("student_kl", "teacher_kl") and lc.beta and not lc.n_candidates:
-            raise ValueError(f"distill.loss.align={lc.align} needs distill.loss.n_candidates > 0")
-    inputs = dict(queries_uri=q, corpus_uri=c, qrels_uri=r, examples_uri=examples_uri,
-                  candidates_uri=candidates_uri, scores_uri=scores_uri,
-                  generated_uri=generated_uri, init_uri=init_uri)
-    chash = storage.config_hash({"stage": stage, "encoder": cfg.encoder, "train": sc,
-                                 "inputs": inputs, "seed": cfg.run.seed})
-    if storage.stage_done(out, chash):
-        return storage.read_manifest(out)
+            raise ConfigError(f"distill.loss.align={lc.align} needs distill.loss.n_candidates "
+                              "> 0")
+    inputs = dict(queries_uri=queries_uri, corpus_uri=corpus_uri, qrels_uri=qrels_uri,
+                  examples_uri=examples_uri, candidates_uri=candidates_uri,
+                  scores_uri=scores_uri, generated_uri=generated_uri, init_uri=init_uri)
     if init_uri and not init_uri.startswith("pkg:") and not storage.exists(init_uri):
-        raise FileNotFoundError(f"{init_uri}: initial model not found (for distill: run "
-                                "`qgscale train warmup` first, or pass init)")
+        raise MissingInputError(f"{init_uri}: initial model not found (for distill: run "
+                                "`qgscale train warmup` first)")
     table, counts = tdata.build_student_rows(
-        q, c, qrels_uri=r, examples_uri=examples_uri, candidates_uri=candidates_uri,
-        scores_uri=scores_uri, generated_uri=generated_uri,
+        queries_uri, corpus_uri, qrels_uri=qrels_uri, examples_uri=examples_uri,
+        candidates_uri=candidates_uri, scores_uri=scores_uri, generated_uri=generated_uri,
         n_hard_negatives=sc.loss.n_hard_negatives, n_candidates=sc.loss.n_candidates,
         kd_on_generated=sc.loss.kd_on_generated, seed=cfg.run.seed)
     log.info("%s: %s", stage, counts)
-    rows_uri = storage.join(out, "data")
-    tdata.write_rows(table, rows_uri, cfg.data.shard_rows, chash)
-    init = storage.join(out, "init")
+    rows_uri = storage.join(out_uri, "data")
+    tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
+    init = storage.join(out_uri, "init")
     if not storage.exists(storage.join(init, "dual_encoder.json")):
         if init_uri:
             model = DualEncoder.from_pretrained(init_uri)
@@ -131,81 +120,63 @@ def _student_stage(cfg: Any, stage: str, *, init_uri: str | None, output_uri: st
                                       max_passage_len=sc.max_passage_len)
         model.save_pretrained(init)
     connect(cfg.ray)
-    result = fit("student", rows_uri, table.num_rows, init, out, sc, sc.loss, distill=distill,
-                 seed=cfg.run.seed, extra=extra)
-    return _finish(cfg, out, chash, result, stage=stage, counts=counts, inputs=inputs)
+    result = fit("student", rows_uri, table.num_rows, init, out_uri, sc, sc.loss,
+                 distill=distill, seed=cfg.run.seed, extra=extra)
+    return _finish(out_uri, key, result, stage=stage, counts=counts, inputs=inputs)
 
 
-def run_train_warmup(cfg: Any, *, output_uri: str | None = None, init_uri: str | None = None,
-                     queries_uri: str | None = None, corpus_uri: str | None = None,
-                     qrels_uri: str | None = None, examples_uri: str | None = None,
-                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_train_warmup(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_uri: str,
+                     qrels_uri: str | None, examples_uri: str | None = None,
+                     init_uri: str | None = None, extra: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
     """``qgscale train warmup``: contrastive training of the dual encoder (``cfg.warmup``).
 
     Positives from ``examples_uri`` (``{qid, pos_pids, neg_pids}``) or qrels; hard negatives
     from the examples or random corpus passages. Model: ``cfg.encoder`` (or ``init_uri``).
+    Writes ``out_uri/model``; ``key`` marks the run (same key: resume from its checkpoint).
     """
-    return _student_stage(cfg, "warmup", init_uri=init_uri, output_uri=output_uri,
+    return _student_stage(cfg, "warmup", out_uri=out_uri, key=key, init_uri=init_uri,
                           queries_uri=queries_uri, corpus_uri=corpus_uri, qrels_uri=qrels_uri,
                           examples_uri=examples_uri, candidates_uri=None, scores_uri=None,
                           generated_uri=None, extra=extra)
 
 
-def run_train_distill(cfg: Any, *, output_uri: str | None = None, init_uri: str | None = None,
-                      candidates_uri: str | None = None, scores_uri: str | None = None,
-                      generated_uri: str | None = None, queries_uri: str | None = None,
-                      corpus_uri: str | None = None, qrels_uri: str | None = None,
-                      examples_uri: str | None = None, extra: dict[str, Any] | None = None
-                      ) -> dict[str, Any]:
-    """``qgscale train distill``: contrastive + alpha * KD + beta * alignment (``cfg.distill``).
-
-    Defaults: init = the warm-up model, candidates = ``<root>/mine/candidates``, positives and
-    hard negatives = ``<root>/mine/train`` when present (else qrels + candidates), teacher
-    scores = ``<root>/teacher/scores``, generated queries = ``<root>/teacher/generated``
-    (not read when ``beta == 0``).
-    """
-    if examples_uri is None and storage.exists(cfg.uri("mine", "train")):
-        examples_uri = cfg.uri("mine", "train")  # mined {qid, pos_pids, neg_pids}
-    generated = generated_uri or cfg.uri("teacher", "generated")
-    if cfg.distill.loss.beta == 0 and not generated_uri:
-        generated = None
-    return _student_stage(
-        cfg, "distill", init_uri=init_uri or cfg.uri("train", "warmup", "model"),
-        output_uri=output_uri, queries_uri=queries_uri, corpus_uri=corpus_uri,
-        qrels_uri=qrels_uri, examples_uri=examples_uri,
-        candidates_uri=candidates_uri or cfg.uri("mine", "candidates"),
-        scores_uri=scores_uri or cfg.uri("teacher", "scores"), generated_uri=generated,
-        extra=extra)
+def run_train_distill(cfg: Any, *, out_uri: str, key: str, init_uri: str, candidates_uri: str,
+                      scores_uri: str, generated_uri: str | None, queries_uri: str,
+                      corpus_uri: str, qrels_uri: str | None, examples_uri: str | None,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``qgscale train distill``: contrastive + alpha * KD + beta * alignment (``cfg.distill``)
+    from ``init_uri`` (the warm-up model) on the mined ``candidates_uri`` with teacher
+    ``scores_uri``, positives and hard negatives from ``examples_uri`` (else qrels +
+    candidates), generated queries from ``generated_uri`` (None when ``beta == 0``)."""
+    return _student_stage(cfg, "distill", out_uri=out_uri, key=key, init_uri=init_uri,
+                          queries_uri=queries_uri, corpus_uri=corpus_uri, qrels_uri=qrels_uri,
+                          examples_uri=examples_uri, candidates_uri=candidates_uri,
+                          scores_uri=scores_uri, generated_uri=generated_uri, extra=extra)
 
 
-def run_train_qg(cfg: Any, *, output_uri: str | None = None, queries_uri: str | None = None,
-                 corpus_uri: str | None = None, qrels_uri: str | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_uri: str,
+                 qrels_uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """``qgscale train qg``: seq2seq fine-tuning of the query generator (``cfg.qg``) on
-    (prompt(lang, passage) -> query) pairs of the training qrels."""
+    (prompt(lang, passage) -> query) pairs of the training qrels; writes ``out_uri/model``."""
     from qgscale.models.generator import QueryGenerator, qg_examples
 
     qc = cfg.qg
-    out = output_uri or cfg.uri("train", "qg")
-    q, c, r = _inputs(cfg, queries_uri, corpus_uri, qrels_uri)
-    inputs = dict(queries_uri=q, corpus_uri=c, qrels_uri=r)
-    chash = storage.config_hash({"stage": "qg", "qg": qc, "inputs": inputs, "seed": cfg.run.seed})
-    if storage.stage_done(out, chash):
-        return storage.read_manifest(out)
-    for uri, what in ((q, "queries"), (c, "corpus"), (r, "qrels")):
+    inputs = dict(queries_uri=queries_uri, corpus_uri=corpus_uri, qrels_uri=qrels_uri)
+    for uri, what in ((queries_uri, "queries"), (corpus_uri, "corpus"), (qrels_uri, "qrels")):
         if not storage.exists(uri):
-            raise DataError(f"{uri}: {what} not found")
-    rows = list(qg_examples(storage.read_parquet(q), storage.read_parquet(c),
-                            storage.read_parquet(r)))
+            raise MissingInputError(f"{uri}: {what} not found")
+    rows = list(qg_examples(storage.read_parquet(queries_uri), storage.read_parquet(corpus_uri),
+                            storage.read_parquet(qrels_uri)))
     table = pa.Table.from_pylist(rows, schema=tdata.QG_ROWS)
-    rows_uri = storage.join(out, "data")
-    tdata.write_rows(table, rows_uri, cfg.data.shard_rows, chash)
-    init = storage.join(out, "init")
+    rows_uri = storage.join(out_uri, "data")
+    tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
+    init = storage.join(out_uri, "init")
     if not storage.exists(storage.join(init, "config.json")):
         QueryGenerator.build(qc.model, qc.prompt, qc.max_passage_len, qc.max_query_len,
                              seed=cfg.run.seed).save_pretrained(init)
     connect(cfg.ray)
-    result = fit("qg", rows_uri, table.num_rows, init, out, qc, None, seed=cfg.run.seed,
+    result = fit("qg", rows_uri, table.num_rows, init, out_uri, qc, None, seed=cfg.run.seed,
                  extra=extra)
-    return _finish(cfg, out, chash, result, stage="qg", counts={"rows": table.num_rows},
+    return _finish(out_uri, key, result, stage="qg", counts={"rows": table.num_rows},
                    inputs=inputs)

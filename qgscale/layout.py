@@ -1,0 +1,101 @@
+"""Where a run keeps everything: one object resolves every URI under ``run.root``.
+
+The pipeline, the CLI, ``python -m qgscale.eval`` and the benchmarks ask a :class:`Layout`
+for paths; no stage function has path defaults of its own::
+
+    data/[<split>/]{corpus,queries,qrels,answers}   prepare (XQuAD-style data has splits)
+    train/{qg,warmup,distill}/model                 the trained models (HF format)
+    index/<student>-<split>/{embeddings,faiss}      corpus embeddings and FAISS index
+    mine/{candidates,train}                         mined candidate lists, training examples
+    teacher/{generated,scores,generated_pairs}      teacher outputs
+    eval/<student>/<split>/                         metrics.{json,md}, pairs.png
+    _stages/<stage>.json                            the runner's record of each stage
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qgscale import storage
+
+STUDENTS = ("warmup", "distill")
+
+
+class Layout:
+    """Every URI of the run configured by ``cfg``."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.root = cfg.run.root
+
+    def uri(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    # --- data
+    @property
+    def data_root(self) -> str:
+        return self.uri("data")
+
+    def data(self, split: str, kind: str) -> str:
+        """``data/<split>/<kind>`` when the dataset is split (XQuAD), else ``data/<kind>``."""
+        return storage.first_existing(self.uri("data", split, kind), self.uri("data", kind))
+
+    def training_data(self) -> dict[str, str]:
+        """The training split's queries, corpus and qrels (keyword arguments of the trainers)."""
+        return {f"{kind}_uri": self.data("train", kind) for kind in ("queries", "corpus", "qrels")}
+
+    # --- models
+    def train_dir(self, stage: str) -> str:
+        return self.uri("train", stage)
+
+    def model(self, stage: str) -> str:
+        """The trained model of ``qg``, ``warmup`` or ``distill``."""
+        return self.uri("train", stage, "model")
+
+    def teacher_model(self) -> Any:
+        """The teacher QG as a ``ModelConfig``: ``teacher.model``, else the fine-tuned QG."""
+        from qgscale.config import ModelConfig
+
+        return self.cfg.teacher.model or ModelConfig(name_or_path=self.model("qg"))
+
+    # --- index and mining
+    def index_dir(self, student: str, split: str) -> str:
+        return self.uri("index", f"{student}-{split}")
+
+    def embeddings(self, student: str, split: str) -> str:
+        return storage.join(self.index_dir(student, split), "embeddings")
+
+    def faiss(self, student: str, split: str) -> str:
+        return storage.join(self.index_dir(student, split), "faiss")
+
+    @property
+    def mine_dir(self) -> str:
+        return self.uri("mine")
+
+    @property
+    def candidates(self) -> str:
+        return self.uri("mine", "candidates")
+
+    @property
+    def mined_train(self) -> str:
+        return self.uri("mine", "train")
+
+    # --- teacher
+    @property
+    def generated(self) -> str:
+        return self.uri("teacher", "generated")
+
+    @property
+    def scores(self) -> str:
+        return self.uri("teacher", "scores")
+
+    @property
+    def generated_pairs(self) -> str:
+        return self.uri("teacher", "generated_pairs")
+
+    # --- eval and the runner's records
+    def eval_dir(self, student: str) -> str:
+        return self.uri("eval", student)
+
+    def record(self, stage: str) -> str:
+        return self.uri("_stages", f"{stage}.json")
