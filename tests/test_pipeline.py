@@ -11,6 +11,7 @@ import yaml
 from qgscale import config, pipeline, storage
 from qgscale.data import readers
 from qgscale.layout import STUDENTS, Layout
+from tests.conftest import REPO
 
 TINY = {
     "run": {"name": "tiny", "seed": 3},
@@ -93,6 +94,38 @@ def test_pipeline_end_to_end_and_resume(finished_run):
     again = pipeline.run(cfg)
     assert _records(cfg) == records
     assert pipeline.summary_table(again["eval"]) == table
+
+
+def readme_commands() -> list[list[str]]:
+    """The command lines of the README block marked as tested, CONFIG left as a word."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- tested:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_command_lines_run_on_a_finished_run(finished_run):
+    import subprocess
+    import sys
+
+    path, cfg, _ = finished_run
+    commands = readme_commands()
+    assert len(commands) >= 10 and {c[0] for c in commands} <= {"qgscale", "python"}
+    outputs = {}
+    for words in commands:
+        words = [str(path) if w == "CONFIG" else w for w in words]
+        argv = ([sys.executable, "-m", "qgscale.cli", *words[1:]] if words[0] == "qgscale"
+                else [sys.executable, *words[1:]])
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0, (words, proc.stderr[-2000:])
+        outputs[" ".join(words[1:4])] = proc.stdout
+    dry = outputs[f"run {path} --dry-run"].splitlines()
+    assert dry == [f"{s}: done" for s in pipeline.STAGE_NAMES]
+    assert "| distill | test |" in outputs[f"eval {path}"]
+    lay = Layout(cfg)
+    assert storage.exists(storage.join(lay.eval_dir("distill"), "test", "metrics.json"))
 
 
 DESCENDANTS = {  # stage -> (a key of its config sections, the stages that must rerun)
