@@ -48,7 +48,7 @@ Overrides = Annotated[list[str] | None, typer.Option(
 
 def clean_errors(fn):
     """Report bad input and bad config as one clear line (exit 2), not a traceback."""
-    from qgscale.data.readers import DataError
+    from qgscale.errors import DataError
 
     @wraps(fn)
     def wrapper(*args, **kwargs):

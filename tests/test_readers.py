@@ -11,7 +11,7 @@ import pytest
 from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.prepare import export_jsonl, prepare, read
-from qgscale.data.readers import DataError
+from qgscale.errors import DataError
 
 from .conftest import SHARED_DATA
 

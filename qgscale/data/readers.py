@@ -23,14 +23,11 @@ from typing import Any
 import fsspec
 
 from qgscale.data.schema import SCHEMAS
+from qgscale.errors import DataError
 
 XQUAD_LANGS = ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"]
 
 Tables = dict[str, list[dict[str, Any]]]  # kind ("corpus", "train/queries", ...) -> rows
-
-
-class DataError(ValueError):
-    """Bad input: the message names file, line and field."""
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qgscale import storage
-from qgscale.data.readers import DataError
+from qgscale.errors import DataError, MissingInputError
 
 
 @dataclass
@@ -57,7 +57,7 @@ def qg_spec(cfg: Any, model: Any = None) -> QGSpec:
     if model is None:
         uri = cfg.uri("train", "qg", "model")
         if not storage.exists(storage.join(uri, "config.json")):
-            raise FileNotFoundError(f"{uri}: no fine-tuned query generator; run `qgscale train "
+            raise MissingInputError(f"{uri}: no fine-tuned query generator; run `qgscale train "
                                     "qg` first or set teacher.model")
         model = ModelConfig(name_or_path=uri)
     return QGSpec(model.model_dump(), cfg.qg.prompt, cfg.qg.max_passage_len,
@@ -69,7 +69,7 @@ first_existing = storage.first_existing  # kept for the teacher modules' imports
 
 def read_table(uri: str, what: str, columns: list[str] | None = None):
     if not storage.exists(uri):
-        raise DataError(f"{uri}: {what} not found")
+        raise MissingInputError(f"{uri}: {what} not found")
     return storage.read_parquet(uri, columns)
 
 

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
-from qgscale.data.readers import DataError
 from qgscale.data.schema import SCORES
+from qgscale.errors import DataError, MissingInputError
 from qgscale.teacher.common import QGSpec, first_existing, load_corpus, load_queries, qg_spec
 from qgscale.teacher.pool import Unit, ensure_ray, run_pool
 
@@ -33,10 +33,11 @@ class CandidateSlice:
 def _files(uri: str) -> list[str]:
     fs, path = storage.url_to_fs(uri)
     if not fs.exists(path):
-        raise DataError(f"{uri}: candidates not found")
+        raise MissingInputError(f"{uri}: candidates not found (run `qgscale index mine` "
+                                "first)")
     files = storage.list_files(uri, ".parquet") if fs.isdir(path) else [uri]
     if not files:
-        raise DataError(f"{uri}: no parquet shards")
+        raise MissingInputError(f"{uri}: no parquet shards")
     return files
 
 
@@ -224,8 +225,9 @@ def run_score(cfg: Any, *, candidates_uri: str | None = None, queries_uri: str |
     if generated_uri or cfg.distill.loss.kd_on_generated:
         gen = generated_uri or cfg.uri("teacher", "generated")
         if not storage.exists(storage.join(gen, storage.MANIFEST)):
-            raise DataError(f"{gen}: no generated queries; with distill.loss.kd_on_generated "
-                            "run `qgscale teacher generate` before `teacher score`")
+            raise MissingInputError(f"{gen}: no generated queries; with "
+                                    "distill.loss.kd_on_generated run `qgscale teacher "
+                                    "generate` before `teacher score`")
         c, q = generated_candidates(cands[0], queries[0],
                                     qrels_uri or cfg.uri("data", "train", "qrels"), gen,
                                     cfg.uri("teacher", "generated_pairs"))

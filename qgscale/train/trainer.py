@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from qgscale import storage
-from qgscale.data.readers import DataError
+from qgscale.errors import DataError
 from qgscale.raycluster import connect, worker_env
 from qgscale.train import data as tdata
 from qgscale.train.loop import train_loop_per_worker
