@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from qgscale import config as config_mod
+from qgscale.errors import report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = config_mod.load(args.config, args.set + args.overrides)
-    except (config_mod.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from qgscale.eval.evaluate import run_eval
+        from qgscale.eval.evaluate import run_eval
 
-    try:
         run_eval(cfg, model_uri=args.model, index_uri=args.index, out_uri=args.out)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # a user error: one line and exit 2; a bug: the traceback
+        code = report(e)
+        if code is None:
+            raise
+        return code
     return 0
 
 
