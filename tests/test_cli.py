@@ -3,6 +3,7 @@ a bug keeps its traceback. Covers ``qgscale`` and ``python -m qgscale.eval``."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -98,6 +99,32 @@ def test_python_m_eval_without_the_split_data(tmp_path):
     cfg = _config(tmp_path, {"run": {"root": str(root)}})
     res = _run("-m", "qgscale.eval", "--config", str(cfg))
     _one_error_line(res, f"{root}/data: no queries for split 'test'", "eval.splits")
+
+
+def test_data_prepare_errors_and_skip(tmp_path):
+    rows = [{"qid": q, "lang": "de", "text": f"Frage {i}?"} for i, q in enumerate("abca")]
+    src = tmp_path / "q.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = ["data", "prepare", "--format", "jsonl", "--kind", "queries", "--input", str(src),
+            "--output", str(out)]
+    res = CliRunner().invoke(cli.app, args)
+    assert res.exit_code == 2
+    assert res.stderr.strip() == (f"qgscale: error: {src}:4: field 'qid': duplicate id 'a' "
+                                  "(first at line 1)")
+    res = CliRunner().invoke(cli.app, args + ["--on-error", "skip"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["rows"] == {"queries": 3} and summary["rejected"] == 1
+    assert "1 rows rejected" in res.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    res = CliRunner().invoke(cli.app, args[:-4] + ["--input", str(empty), "--output", str(out)])
+    assert res.exit_code == 2 and res.stderr.strip() == f"qgscale: error: {empty}: no rows " \
+                                                        "(empty file)"
+    res = CliRunner().invoke(cli.app, ["data", "prepare", "--format", "csv", "--input",
+                                       str(src), "--output", str(out)])
+    assert res.exit_code == 2 and res.stderr.startswith("qgscale: error: unknown format 'csv'")
 
 
 def test_unknown_stage_is_a_usage_error(tmp_path):
