@@ -1,19 +1,42 @@
-"""``qgscale``: one entry point; each subcommand is a thin wrapper over a stage function."""
+"""``qgscale``: one entry point; each subcommand is a thin wrapper over a stage function.
+
+A user error (:class:`qgscale.errors.QgscaleError`: bad config, bad data, a missing input or
+stage output) ends as one line on stderr, ``qgscale: error: <message>``, with exit code 2;
+any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from functools import wraps
 from typing import Annotated
 
+import click
 import typer
 import yaml
+from typer.core import TyperGroup
 
 from qgscale import config as config_mod
+from qgscale.errors import report
+
+
+class _Group(TyperGroup):
+    """The root command group: reports user errors of every subcommand as one line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:
+            code = report(e)
+            if code is None:
+                raise
+            raise typer.Exit(code) from None
+
 
 app = typer.Typer(help="Cross-lingual dense retrieval with a query-generator teacher, on Ray.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group)
 data_app = typer.Typer(help="Convert and inspect datasets.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 train_app = typer.Typer(help="Ray Train + DeepSpeed training.", no_args_is_help=True)
@@ -46,20 +69,6 @@ Overrides = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config key: key.path=value (repeatable).")]
 
 
-def clean_errors(fn):
-    """Report bad input and bad config as one clear line (exit 2), not a traceback."""
-    from qgscale.data.readers import DataError
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (DataError, config_mod.ConfigError, FileNotFoundError) as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
-            raise typer.Exit(2) from None
-    return wrapper
-
-
 def load(config: str, overrides: list[str] | None) -> config_mod.Config:
     return config_mod.load(config, overrides)
 
@@ -69,7 +78,6 @@ def _print(obj) -> None:
 
 
 @config_app.command("show")
-@clean_errors
 def config_show(config: ConfigArg, set: Overrides = None) -> None:
     """Print the resolved config (defaults filled in; secrets hidden)."""
     cfg = load(config, set)
@@ -85,7 +93,6 @@ def _langs(value: str | None) -> list[str] | None:
 
 
 @data_app.command("prepare")
-@clean_errors
 def data_prepare(
     format: Annotated[str | None, typer.Option(help="xquad, xor-tydi, mkqa, tatoeba, beir, "
                                                     "jsonl")] = None,
@@ -123,7 +130,6 @@ def data_prepare(
 
 
 @data_app.command("export")
-@clean_errors
 def data_export(input: Annotated[str, typer.Option(help="Parquet file or shard folder.")],
                 output: Annotated[str, typer.Option(help="JSONL file to write.")]) -> None:
     """Export canonical parquet to JSONL."""
@@ -142,7 +148,6 @@ def _stage(config: str, overrides: list[str] | None, name: str) -> dict:
 
 
 @app.command("run")
-@clean_errors
 def run(config: ConfigArg, set: Overrides = None,
         from_: Annotated[str | None, typer.Option("--from", help="Start at this stage.")] = None,
         only: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
@@ -152,6 +157,10 @@ def run(config: ConfigArg, set: Overrides = None,
     """Run the pipeline: every stage that is not done, in order (see ``--dry-run``)."""
     from qgscale import pipeline
 
+    for opt, name in (("--from", from_), ("--only", only)):
+        if name and name not in pipeline.STAGE_NAMES:
+            raise typer.BadParameter(f"unknown stage {name!r}; stages: "
+                                     f"{', '.join(pipeline.STAGE_NAMES)}", param_hint=opt)
     cfg = load(config, set)
     if dry_run:
         for status in pipeline.plan(cfg):
@@ -163,63 +172,54 @@ def run(config: ConfigArg, set: Overrides = None,
 
 
 @train_app.command("qg")
-@clean_errors
 def train_qg(config: ConfigArg, set: Overrides = None) -> None:
     """Fine-tune the query generator (seq2seq CE with the language prompt)."""
     _stage(config, set, "train-qg")
 
 
 @train_app.command("warmup")
-@clean_errors
 def train_warmup(config: ConfigArg, set: Overrides = None) -> None:
     """Contrastive warm-up of the dual encoder."""
     _stage(config, set, "warmup")
 
 
 @train_app.command("distill")
-@clean_errors
 def train_distill(config: ConfigArg, set: Overrides = None) -> None:
     """Contrastive + KD + alignment training of the dual encoder."""
     _stage(config, set, "distill")
 
 
 @teacher_app.command("score")
-@clean_errors
 def teacher_score(config: ConfigArg, set: Overrides = None) -> None:
     """Score every mined (query, candidate) pair with the QG teacher on Ray actors."""
     _stage(config, set, "score")
 
 
 @teacher_app.command("generate")
-@clean_errors
 def teacher_generate(config: ConfigArg, set: Overrides = None) -> None:
     """Generate queries in other languages for the training passages on Ray actors."""
     _stage(config, set, "generate")
 
 
 @index_app.command("build")
-@clean_errors
 def index_build(config: ConfigArg, set: Overrides = None) -> None:
     """Encode the training corpus with the warm-up student and build its FAISS index."""
     _stage(config, set, "index")
 
 
 @index_app.command("reindex")
-@clean_errors
 def index_reindex(config: ConfigArg, set: Overrides = None) -> None:
     """Encode and index each eval split's corpus with the warm-up and distilled students."""
     _stage(config, set, "reindex")
 
 
 @index_app.command("mine")
-@clean_errors
 def index_mine(config: ConfigArg, set: Overrides = None) -> None:
     """Retrieve candidates and hard negatives for the training queries."""
     _stage(config, set, "mine")
 
 
 @index_app.command("search")
-@clean_errors
 def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
                      help="Query text (repeatable).")],
                  set: Overrides = None,
@@ -245,7 +245,6 @@ def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
 
 
 @app.command("eval")
-@clean_errors
 def eval_(config: ConfigArg, set: Overrides = None) -> None:
     """Evaluate the warm-up and distilled students (see also ``python -m qgscale.eval``)."""
     from qgscale import pipeline

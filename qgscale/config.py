@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qgscale import storage
+from qgscale.errors import ConfigError, MissingInputError
 
 
 class Section(BaseModel):
@@ -216,10 +217,6 @@ class Config(Section):
         return storage.join(self.run.root, *parts)
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -248,7 +245,18 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a YAML config; ``overrides`` are ``a.b.c=value`` strings (YAML-parsed values)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MissingInputError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a YAML config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})"
+                          ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -259,9 +267,15 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         node = raw
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a "
+                                  "section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
     cfg = parse(raw, str(path))
     _resolve_relative(cfg, Path.cwd())
     storage.configure(**cfg.storage.model_dump())

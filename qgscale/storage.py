@@ -32,6 +32,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qgscale.errors import MissingInputError
+
 MANIFEST = "_manifest.json"
 DONE_DIR = "_done"
 
@@ -190,7 +192,7 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     if fs.isdir(path):
         files = list_files(uri, ".parquet")
         if not files:
-            raise FileNotFoundError(f"{uri}: no parquet shards in this folder")
+            raise MissingInputError(f"{uri}: no parquet shards in this folder")
         return pa.concat_tables([read_parquet(f, columns) for f in files])
     try:
         with fs.open(path, "rb") as f:

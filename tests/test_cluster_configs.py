@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from qgscale import config
+from qgscale.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def test_paper_scale_config(name, monkeypatch):
     assert cfg.eval.answer_recall and cfg.eval.chart_metric == "r@2kt"
     assert all(isinstance(x, str) for x in cfg.data.query_langs)  # YAML 'no' stays Norwegian
     assert "Resource needs" in path.read_text()
-    with pytest.raises(config.ConfigError, match="distill.zero_stage"):
+    with pytest.raises(ConfigError, match="distill.zero_stage"):
         config.load(path, ["distill.zero_stage=5"])
 
 

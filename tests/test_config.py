@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from qgscale import config
+from qgscale.errors import ConfigError, MissingInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,18 +38,33 @@ def test_every_shipped_config_validates():
     ("run: [1, 2]\n", r"c.yaml: run: Input should be a valid dictionary"),
 ])
 def test_errors_name_the_key_path(tmp_path, text, expected):
-    with pytest.raises(config.ConfigError, match=expected):
+    with pytest.raises(ConfigError, match=expected):
         config.load(_yaml(tmp_path, text))
 
 
 def test_invalid_yaml_and_overrides(tmp_path):
-    with pytest.raises(config.ConfigError, match="invalid YAML"):
+    with pytest.raises(ConfigError, match="invalid YAML"):
         config.load(_yaml(tmp_path, "run: [unclosed\n"))
     cfg = config.load(_yaml(tmp_path, "run:\n  name: x\n"), ["index.nprobe=4", "run.seed=7"])
     assert cfg.index.nprobe == 4 and cfg.run.seed == 7
     assert os.path.isabs(cfg.run.root)
-    with pytest.raises(config.ConfigError, match=r"index.nprobee: Extra"):
+    with pytest.raises(ConfigError, match=r"index.nprobee: Extra"):
         config.load(_yaml(tmp_path, "{}\n"), ["index.nprobee=4"])
+
+
+def test_load_errors_are_user_errors(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(MissingInputError, match=f"{missing}: config file not found"):
+        config.load(missing)
+    with pytest.raises(ConfigError, match=f"{tmp_path}: is a folder"):
+        config.load(tmp_path)
+    (tmp_path / "bin.yaml").write_bytes(b"run:\n  name: \xff\n")
+    with pytest.raises(ConfigError, match=r"bin.yaml: not a UTF-8 text file"):
+        config.load(tmp_path / "bin.yaml")
+    with pytest.raises(ConfigError, match=r"override 'run.name.x=1': run.name is not a section"):
+        config.load(_yaml(tmp_path, "run:\n  name: x\n"), ["run.name.x=1"])
+    with pytest.raises(ConfigError, match=r"override 'run.name=\[': invalid YAML value"):
+        config.load(_yaml(tmp_path, "{}\n"), ["run.name=["])
 
 
 def test_cli_config_show_hides_secrets(tmp_path):

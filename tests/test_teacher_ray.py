@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from qgscale import storage
-from qgscale.data.readers import DataError
 from qgscale.data.schema import CANDIDATES, CORPUS, QRELS, QUERIES
+from qgscale.errors import DataError, MissingInputError
 from qgscale.models.generator import QueryGenerator, passage_text
 from qgscale.models.tiny import tiny_t5_config, xquad_texts
 from qgscale.teacher.common import QGSpec
@@ -183,7 +183,8 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
                  "teacher": {"score": {"num_actors": 1, "cpus_per_actor": 0.5,
                                        "shard_pairs": 8}}})
     lay = Layout(cfg)
-    with pytest.raises(FileNotFoundError, match="run `qgscale train qg` first"):
+    with pytest.raises(MissingInputError, match=r"train/qg/model: no query generator here; "
+                                                r"run `qgscale train qg` first"):
         qg_spec(cfg, lay.teacher_model())
     src = str(tmp_path / "inputs")
     _write_inputs(src, tokenizer, n_pass=4, n_q=4, k=2)

@@ -19,8 +19,8 @@ from qgscale.config import (
     RunConfig,
     StudentTrainConfig,
 )
-from qgscale.data.readers import DataError
 from qgscale.data.schema import CANDIDATES, CORPUS, GENERATED, QRELS, QUERIES, SCORES
+from qgscale.errors import DataError
 from qgscale.train import data as tdata
 from qgscale.train.data import generated_qid
 from qgscale.train.trainer import run_train_distill, run_train_qg, run_train_warmup

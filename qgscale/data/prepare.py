@@ -11,6 +11,7 @@ from tqdm import tqdm
 from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.schema import SCHEMAS
+from qgscale.errors import ConfigError
 
 FORMATS = ("xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "jsonl")
 
@@ -36,9 +37,10 @@ def read(fmt: str, input: str, *, passages: str | None = None,
         return readers.read_beir(input, lang, rejects)
     if fmt == "jsonl":
         if kind not in SCHEMAS:
-            raise ValueError(f"--kind must be one of {sorted(SCHEMAS)} for --format jsonl")
+            raise ConfigError(f"--kind must be one of {sorted(SCHEMAS)} for --format jsonl, "
+                              f"got {kind!r}")
         return readers.read_canonical_jsonl(input, kind, rejects)
-    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    raise ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
 def write_tables(tables: readers.Tables, output: str, shard_rows: int = 2000,

@@ -1,10 +1,11 @@
 """Readers that convert raw datasets into qgscale's canonical tables.
 
-Every reader validates as it reads. A defect (malformed JSON, a missing or empty field, a
-wrong type, undecodable bytes) is reported through :class:`Rejects`: by default it raises
-:class:`DataError` naming file, line and field; with ``on_error="skip"`` the row is kept
-aside with its reason (written to ``_rejected.jsonl``) and counted. Nothing is dropped
-silently.
+Every reader validates as it reads. A defect of a row (malformed JSON, a missing or empty
+field, a wrong type, undecodable bytes, an id already seen earlier in the file) is reported
+through :class:`Rejects`: by default it raises :class:`~qgscale.errors.DataError` naming file,
+line and field; with ``on_error="skip"`` the row is kept aside with its reason (written to
+``_rejected.jsonl``) and counted. Nothing is dropped silently. A defect of a whole file (an
+empty file, corrupt or truncated gzip data, a missing file) always raises.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterator
+import zlib
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -23,14 +25,11 @@ from typing import Any
 import fsspec
 
 from qgscale.data.schema import SCHEMAS
+from qgscale.errors import DataError, MissingInputError
 
 XQUAD_LANGS = ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"]
 
 Tables = dict[str, list[dict[str, Any]]]  # kind ("corpus", "train/queries", ...) -> rows
-
-
-class DataError(ValueError):
-    """Bad input: the message names file, line and field."""
 
 
 @dataclass
@@ -50,15 +49,77 @@ class Rejects:
                           "raw": raw if isinstance(raw, str | type(None)) else repr(raw)[:2000]})
 
 
+class FirstSeen:
+    """Where each id of a table was first seen; a later row with the same id is a defect
+    (a duplicate query id would reach qrels and eval twice, a duplicate passage id the index).
+    """
+
+    def __init__(self, what: str = "id"):
+        self.what = what
+        self.first: dict[Hashable, tuple[str, int | str | None]] = {}
+
+    def new(self, key: Hashable, file: str, line: int | None, fld: str | None,
+            rejects: Rejects, raw: Any = None, loc: str | None = None) -> bool:
+        """True the first time ``key`` is seen; afterwards reports the row (naming both
+        places and the id) and returns False. ``loc`` locates a row of a whole-document
+        format without line numbers (``data[0].paragraphs[1].qas[2]``)."""
+        where = line if line is not None else loc
+        if key not in self.first:
+            self.first[key] = (file, where)
+            return True
+        f0, w0 = self.first[key]
+        first = f"line {w0}" if isinstance(w0, int) else str(w0)
+        if f0 != file:
+            first = f"{f0}:{w0}" if isinstance(w0, int) else f"{f0} {w0}"
+        rejects.bad(file, line, fld, f"duplicate {self.what} {key!r} (first at {first})", raw)
+        return False
+
+
+def no_rows(path: str, detail: str = "empty file") -> DataError:
+    return DataError(f"{path}: no rows ({detail})")
+
+
+_CORRUPT = (gzip.BadGzipFile, EOFError, zlib.error)  # bad or truncated compressed data
+
+
+def _corrupt(path: str, e: BaseException, lines: int | None = None) -> DataError:
+    after = f" after line {lines}" if lines else ""
+    what = "truncated compressed data" if isinstance(e, EOFError) else \
+        "corrupt compressed data"
+    kind = "zlib.error" if isinstance(e, zlib.error) else type(e).__name__
+    return DataError(f"{path}: {what}{after} ({kind}: {e}); re-download or re-compress "
+                     "the file")
+
+
 def bundled(name: str) -> str:
     """Path of a data folder bundled in the package (``xquad``, ``tatoeba``, ``mkqa``)."""
     return str(resources.files("qgscale") / "resources" / name)
 
 
+def _open(path: str):
+    """``fsspec.open`` in binary mode (gz etc. by suffix); a missing file names its path."""
+    fs, p = fsspec.core.url_to_fs(path)
+    if not fs.exists(p):
+        raise MissingInputError(f"{path}: input file not found")
+    if fs.isdir(p):
+        raise DataError(f"{path}: is a folder; this format reads a file")
+    return fsspec.open(path, "rb", compression="infer")
+
+
 def _open_text_lines(path: str, rejects: Rejects) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) for a text file; gz by suffix; bad bytes are reported."""
-    with fsspec.open(path, "rb", compression="infer") as f:
-        for n, raw in enumerate(f, start=1):
+    """(line number, decoded line) for a text file; gz by suffix; bad bytes are reported;
+    corrupt or truncated gzip data raises :class:`DataError` with the last whole line read."""
+    n = 0
+    with _open(path) as f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except _CORRUPT as e:
+                raise _corrupt(path, e, n) from None
+            n += 1
             try:
                 yield n, raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
@@ -67,10 +128,13 @@ def _open_text_lines(path: str, rejects: Rejects) -> Iterator[tuple[int, str]]:
 
 
 def iter_jsonl(path: str, rejects: Rejects) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of a JSONL(.gz) file."""
+    """(line number, object) for each non-blank line of a JSONL(.gz) file; a file without
+    any non-blank line raises :class:`DataError` ('no rows')."""
+    rows = 0
     for n, line in _open_text_lines(path, rejects):
         if not line.strip():
             continue
+        rows += 1
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -80,12 +144,20 @@ def iter_jsonl(path: str, rejects: Rejects) -> Iterator[tuple[int, dict[str, Any
             rejects.bad(path, n, None, f"expected a JSON object, got {type(obj).__name__}", line)
             continue
         yield n, obj
+    if rows == 0:
+        raise no_rows(path)
 
 
 def load_json(path: str) -> Any:
-    """A whole JSON document (gz by suffix); bad bytes or syntax fail with file and line."""
-    with fsspec.open(path, "rb", compression="infer") as f:
-        raw = f.read()
+    """A whole JSON document (gz by suffix); bad bytes or syntax, corrupt gzip data or an
+    empty file fail with file (and line)."""
+    with _open(path) as f:
+        try:
+            raw = f.read()
+        except _CORRUPT as e:
+            raise _corrupt(path, e) from None
+    if not raw.strip():
+        raise no_rows(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:  # a whole-document format cannot skip a line: always fail
@@ -148,7 +220,7 @@ def _xquad_file(folder: str, lang: str) -> str:
         fs, p = fsspec.core.url_to_fs(path)
         if fs.exists(p):
             return path
-    raise DataError(f"{folder}: no xquad.{lang}.json(.gz)")
+    raise MissingInputError(f"{folder}: no xquad.{lang}.json(.gz)")
 
 
 def read_xquad(folder: str, query_langs: list[str] | None = None,
@@ -174,6 +246,8 @@ def read_xquad(folder: str, query_langs: list[str] | None = None,
         if not isinstance(data, list):
             raise DataError(f"{path}: field 'data': missing or not a list (SQuAD v1.1 format)")
         shape = []
+        seen = FirstSeen("question id")
+        questions = 0
         for a_idx, article in enumerate(data):
             split = "test" if a_idx % test_mod == 0 else "train"
             title = str(article.get("title", "")).replace("_", " ")
@@ -187,13 +261,16 @@ def read_xquad(folder: str, query_langs: list[str] | None = None,
                         {"pid": pid, "lang": lang, "title": title, "text": context.strip()})
                 q_ids = []
                 for q_idx, qa in enumerate(para.get("qas", [])):
+                    questions += 1
                     qloc = f"{loc}.qas[{q_idx}]"
                     qa_id = get_id(qa, "id", path, None, rejects)
-                    question = get_str(qa, "question", path, None, rejects,
-                                       name=f"{qloc}.question")
+                    question = qa_id and get_str(qa, "question", path, None, rejects,
+                                                 name=f"{qloc}.question")
                     if qa_id is None or question is None:
                         continue
                     q_ids.append(qa_id)
+                    if not seen.new(qa_id, path, None, f"{qloc}.id", rejects, qa, loc=qloc):
+                        continue
                     if lang not in query_langs:
                         continue
                     qid = f"{lang}:{qa_id}"
@@ -204,6 +281,8 @@ def read_xquad(folder: str, query_langs: list[str] | None = None,
                         for c in corpus_langs)
                 ids.append(q_ids)
             shape.append(ids)
+        if questions == 0:
+            raise no_rows(path, "no questions under 'data'")
         if structure is None:
             structure = shape
         elif shape != structure:
@@ -226,12 +305,14 @@ def read_xor_queries(path: str, rejects: Rejects | None = None) -> Tables:
     """XOR-TyDi XOR-Retrieve queries: JSONL ``{"id", "lang", "question", "answers"}``."""
     rejects = rejects or Rejects()
     queries, answers = [], []
+    seen = FirstSeen()
     for n, obj in iter_jsonl(path, rejects):
+        # one reason per rejected row: stop at its first defect
         qid = get_id(obj, "id", path, n, rejects)
-        lang = get_str(obj, "lang", path, n, rejects)
-        text = get_str(obj, "question", path, n, rejects)
-        ans = _answers(obj.get("answers", []), path, n, "answers", rejects)
-        if None in (qid, lang, text) or ans is None:
+        lang = qid and get_str(obj, "lang", path, n, rejects)
+        text = lang and get_str(obj, "question", path, n, rejects)
+        ans = _answers(obj.get("answers", []), path, n, "answers", rejects) if text else None
+        if ans is None or not seen.new(qid, path, n, "id", rejects, obj):
             continue
         queries.append({"qid": qid, "lang": lang, "text": text.strip()})
         answers.append({"qid": qid, "answers": ans})
@@ -243,17 +324,20 @@ def read_passages(path: str, lang: str = "en", rejects: Rejects | None = None) -
     ``{"id"|"_id", "title", "text"}``."""
     rejects = rejects or Rejects()
     rows = []
+    seen = FirstSeen("passage id")
     if re.search(r"\.jsonl(\.gz)?$", path):
         for n, obj in iter_jsonl(path, rejects):
-            pid = get_id(obj, "_id" if "_id" in obj else "id", path, n, rejects)
-            text = get_str(obj, "text", path, n, rejects)
-            title = get_str(obj, "title", path, n, rejects, allow_empty=True) if "title" in obj \
-                else ""
-            if None not in (pid, text, title):
+            key = "_id" if "_id" in obj else "id"
+            pid = get_id(obj, key, path, n, rejects)
+            text = pid and get_str(obj, "text", path, n, rejects)
+            title = (get_str(obj, "title", path, n, rejects, allow_empty=True)
+                     if "title" in obj else "") if text else None
+            if title is not None and seen.new(pid, path, n, key, rejects, obj):
                 rows.append({"pid": pid, "lang": obj.get("lang", lang), "title": title,
                              "text": text})
         return {"corpus": rows}
     header: list[str] | None = None
+    read = 0
     for n, line in _open_text_lines(path, rejects):
         if not line.strip():
             continue
@@ -262,15 +346,18 @@ def read_passages(path: str, lang: str = "en", rejects: Rejects | None = None) -
             header = cells if cells and cells[0] == "id" else ["id", "text", "title"]
             if cells and cells[0] == "id":
                 continue
+        read += 1
         if len(cells) != len(header):
             rejects.bad(path, n, None, f"expected {len(header)} tab-separated columns "
                         f"({', '.join(header)}), got {len(cells)}", line)
             continue
         obj = dict(zip(header, cells, strict=True))
         pid = get_str(obj, "id", path, n, rejects)
-        text = get_str(obj, "text", path, n, rejects)
-        if pid is not None and text is not None:
+        text = pid and get_str(obj, "text", path, n, rejects)
+        if text is not None and seen.new(pid, path, n, "id", rejects, line):
             rows.append({"pid": pid, "lang": lang, "title": obj.get("title", ""), "text": text})
+    if read == 0:
+        raise no_rows(path, "only a header" if header else "empty file")
     return {"corpus": rows}
 
 
@@ -286,8 +373,11 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
     """
     rejects = rejects or Rejects()
     queries, answers = [], []
+    seen = FirstSeen("example_id")
     for n, obj in iter_jsonl(path, rejects):
         ex_id = get_id(obj, "example_id", path, n, rejects)
+        if ex_id is None:
+            continue
         per_lang = obj.get("queries")
         if not isinstance(per_lang, dict) or not per_lang:
             rejects.bad(path, n, "queries", "missing field or not an object of language -> text",
@@ -297,7 +387,7 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
         if not isinstance(ans_by_lang, dict):
             rejects.bad(path, n, "answers", "wrong type: expected an object", obj)
             continue
-        if ex_id is None:
+        if not seen.new(ex_id, path, n, "example_id", rejects, obj):
             continue
         for lang in sorted(per_lang):
             if query_langs and lang not in query_langs:
@@ -332,7 +422,8 @@ def read_tatoeba(folder: str, langs: list[str] | None = None,
                     for p in fs.ls(root, detail=False) if "tatoeba." in os.path.basename(p)})
     pairs = [p for p in found if p.endswith("-eng") and (not langs or p[:-4] in langs)]
     if not pairs:
-        raise DataError(f"{folder}: no tatoeba.X-eng files{' for ' + str(langs) if langs else ''}")
+        raise MissingInputError(f"{folder}: no tatoeba.X-eng files"
+                                f"{' for ' + str(langs) if langs else ''}")
     queries, corpus, qrels = [], [], []
     for pair in pairs:
         x = pair[:-4]
@@ -342,9 +433,11 @@ def read_tatoeba(folder: str, langs: list[str] | None = None,
             path = next((f"{folder.rstrip('/')}/{n}" for n in (name, name + ".gz")
                          if fs.exists(f"{root}/{n}")), None)
             if path is None:
-                raise DataError(f"{folder}: {name} is missing (pairs need both sides)")
+                raise MissingInputError(f"{folder}: {name} is missing (pairs need both sides)")
             sides[side] = [(n, t) for n, t in _open_text_lines(path, rejects)]
             sides[side + "_path"] = path
+            if not any(t.strip() for _, t in sides[side]):
+                raise no_rows(path)
         if len(sides[x]) != len(sides["eng"]):
             raise DataError(f"{sides[x + '_path']}: {len(sides[x])} lines but "
                             f"{sides['eng_path']} has {len(sides['eng'])}: sides must align")
@@ -370,10 +463,16 @@ def read_qrels_tsv(path: str, rejects: Rejects | None = None) -> list[dict[str, 
     ``qid 0 pid rel`` lines are accepted too)."""
     rejects = rejects or Rejects()
     rows = []
+    seen = FirstSeen("(query-id, corpus-id)")
+    read = header = 0
     for n, line in _open_text_lines(path, rejects):
         cells = line.split("\t") if "\t" in line else line.split()
-        if not line.strip() or (n == 1 and cells[0] in ("query-id", "qid", "query_id")):
+        if not line.strip():
             continue
+        if n == 1 and cells[0] in ("query-id", "qid", "query_id"):
+            header = 1
+            continue
+        read += 1
         if len(cells) == 4:
             cells = [cells[0], cells[2], cells[3]]
         if len(cells) != 3:
@@ -389,7 +488,11 @@ def read_qrels_tsv(path: str, rejects: Rejects | None = None) -> list[dict[str, 
         if not cells[0] or not cells[1]:
             rejects.bad(path, n, "query-id" if not cells[0] else "corpus-id", "empty id", line)
             continue
+        if not seen.new((cells[0], cells[1]), path, n, None, rejects, line):
+            continue
         rows.append({"qid": cells[0], "pid": cells[1], "rel": rel})
+    if read == 0:
+        raise no_rows(path, "only a header" if header else "empty file")
     return rows
 
 
@@ -403,20 +506,22 @@ def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None) ->
         for n in (name, name + ".gz"):
             if fs.exists(f"{root}/{n}"):
                 return f"{base}/{n}"
-        raise DataError(f"{folder}: {name} is missing")
+        raise MissingInputError(f"{folder}: {name} is missing")
 
     tables: Tables = dict(read_passages(find("corpus.jsonl"), lang, rejects))
     queries = []
     qpath = find("queries.jsonl")
+    seen = FirstSeen("query id")
     for n, obj in iter_jsonl(qpath, rejects):
-        qid = get_id(obj, "_id" if "_id" in obj else "id", qpath, n, rejects)
-        text = get_str(obj, "text", qpath, n, rejects)
-        if qid is not None and text is not None:
+        key = "_id" if "_id" in obj else "id"
+        qid = get_id(obj, key, qpath, n, rejects)
+        text = qid and get_str(obj, "text", qpath, n, rejects)
+        if text is not None and seen.new(qid, qpath, n, key, rejects, obj):
             queries.append({"qid": qid, "lang": obj.get("lang", lang), "text": text.strip()})
     qrel_files = sorted(p for p in fs.ls(f"{root}/qrels", detail=False)
                         if re.search(r"\.tsv(\.gz)?$", p)) if fs.exists(f"{root}/qrels") else []
     if not qrel_files:
-        raise DataError(f"{folder}: no qrels/*.tsv")
+        raise MissingInputError(f"{folder}: no qrels/*.tsv")
     split_of = {}
     for p in qrel_files:
         split = os.path.basename(p).split(".")[0]
@@ -431,6 +536,12 @@ def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None) ->
 # ---------------------------------------------------------------------------- canonical JSONL
 
 
+# The fields that identify a row of each canonical kind: a second row with the same values is
+# a duplicate. (Training examples and generated queries may repeat a qid/pid.)
+UNIQUE_KEYS = {"corpus": ("pid",), "queries": ("qid",), "answers": ("qid",),
+               "candidates": ("qid",), "qrels": ("qid", "pid"), "scores": ("qid", "pid")}
+
+
 def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -> Tables:
     """Import JSONL rows already in a canonical format (``corpus``, ``queries``, ...)."""
     import pyarrow as pa
@@ -438,6 +549,8 @@ def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -
     rejects = rejects or Rejects()
     schema = SCHEMAS[kind]
     rows = []
+    keys = UNIQUE_KEYS.get(kind, ())
+    seen = FirstSeen("id" if len(keys) == 1 else f"({', '.join(keys)})")
     for n, obj in iter_jsonl(path, rejects):
         row, ok = {}, True
         for f in schema:
@@ -473,6 +586,9 @@ def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -
             if not ok:
                 break
             row[f.name] = value
+        if ok and keys:
+            key = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
+            ok = seen.new(key, path, n, keys[0] if len(keys) == 1 else None, rejects, obj)
         if ok:
             rows.append(row)
     return {kind: rows}

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from qgscale import config as config_mod
+from qgscale.errors import report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,22 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = config_mod.load(args.config, args.set + args.overrides)
-    except (config_mod.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from qgscale.eval.evaluate import run_eval
-    from qgscale.layout import Layout
+        from qgscale.eval.evaluate import check_inputs, run_eval
+        from qgscale.layout import Layout
 
-    lay, ec = Layout(cfg), cfg.eval
-    try:
-        for split in ec.splits:
-            run_eval(cfg, args.model or ec.model or lay.model("distill"),
-                     args.index or ec.index or lay.faiss("distill", split),
-                     ec.data or lay.data_root, args.out or ec.out or lay.eval_dir("distill"),
+        lay, ec = Layout(cfg), cfg.eval
+        jobs = [(split, args.model or ec.model or lay.model("distill"),
+                 args.index or ec.index or lay.faiss("distill", split)) for split in ec.splits]
+        data = ec.data or lay.data_root
+        for split, model, index in jobs:  # every input checked before Ray starts
+            check_inputs(model, index, data, [split])
+        for split, model, index in jobs:
+            run_eval(cfg, model, index, data, args.out or ec.out or lay.eval_dir("distill"),
                      [split])
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # a user error: one line and exit 2; a bug: the traceback
+        code = report(e)
+        if code is None:
+            raise
+        return code
     return 0
 
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
-from qgscale.errors import MissingInputError
+from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.eval import metrics as M
 
 
@@ -53,24 +53,33 @@ def _split_uri(data_uri: str, split: str, kind: str) -> str | None:
     return None
 
 
+def _queries_uri(data_uri: str, split: str) -> str:
+    uri = _split_uri(data_uri, split, "queries")
+    if uri is None:
+        raise MissingInputError(f"{data_uri}: no queries for split {split!r} (looked for "
+                                f"{split}/queries and queries; see eval.splits, eval.data)")
+    return uri
+
+
 def _require(table: pa.Table, names: list[str], uri: str) -> None:
     missing = [c for c in names if c not in table.column_names]
     if missing:
-        raise ValueError(f"{uri}: missing field(s) {missing}")
+        raise DataError(f"{uri}: missing field(s) {missing}")
 
 
 def load_split(data_uri: str, split: str, corpus_uri: str | None = None,
                answers: bool = True) -> EvalData:
     """Read ``split`` of a prepared dataset (``qgscale data prepare`` layout)."""
-    q_uri = _split_uri(data_uri, split, "queries")
-    if q_uri is None:
-        raise FileNotFoundError(f"{data_uri}: no queries for split {split!r} "
-                                f"(looked for {split}/queries and queries)")
+    q_uri = _queries_uri(data_uri, split)
     queries = storage.read_parquet(q_uri)
     _require(queries, ["qid", "lang", "text"], q_uri)
     qids = queries.column("qid").to_pylist()
     if len(set(qids)) != len(qids):
-        raise ValueError(f"{q_uri}: duplicate qids")
+        first: dict[str, int] = {}
+        for i, q in enumerate(qids):
+            if q in first:
+                raise DataError(f"{q_uri}: rows {first[q]} and {i}: duplicate qid {q!r}")
+            first[q] = i
     qrels: dict[str, dict[str, int]] = defaultdict(dict)
     r_uri = _split_uri(data_uri, split, "qrels")
     if r_uri is not None:
@@ -87,10 +96,12 @@ def load_split(data_uri: str, split: str, corpus_uri: str | None = None,
         ans = dict(zip(table.column("qid").to_pylist(), table.column("answers").to_pylist(),
                        strict=True))
     if r_uri is None and ans is None:
-        raise FileNotFoundError(f"{data_uri}: split {split!r} has neither qrels nor answers")
+        raise MissingInputError(f"{data_uri}: split {split!r} has neither qrels nor answers "
+                                f"(looked for {split}/qrels, qrels, {split}/answers, answers)")
     corpus_uri = corpus_uri or _split_uri(data_uri, split, "corpus")
     if corpus_uri is None:
-        raise FileNotFoundError(f"{data_uri}: no corpus for split {split!r}")
+        raise MissingInputError(f"{data_uri}: no corpus for split {split!r} (looked for "
+                                f"{split}/corpus and corpus)")
     return EvalData(qids, queries.column("text").to_pylist(),
                     dict(zip(qids, queries.column("lang").to_pylist(), strict=True)),
                     dict(qrels), corpus_uri, ans,
@@ -286,7 +297,7 @@ def bar_chart(result: dict, metric: str) -> bytes:
                                  result.get("query_langs", {}).items()}
     pairs = [(k, v[metric]) for k, v in groups.items() if metric in v]
     if not pairs:
-        raise ValueError(f"eval.chart_metric: no language pair has metric {metric!r}")
+        raise ConfigError(f"eval.chart_metric: no language pair has metric {metric!r}")
     names, values = zip(*pairs, strict=True)
     colors = ["#1f77b4" if a != b else "#aec7e8" for a, b in (n.split("->") for n in names)]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4))
@@ -327,6 +338,25 @@ def write_reports(result: dict, out_uri: str, metrics: list[str], chart_metric: 
 
 
 # ---------------------------------------------------------------------------- the job
+_HOW = {"model": "set eval.model or --model, or train it first (`qgscale train distill`)",
+        "index": "set eval.index or --index, or build it first (`qgscale index build`, or "
+                 "`qgscale run --only reindex`)"}
+
+
+def check_inputs(model_uri: str, index_uri: str, data_uri: str | None = None,
+                 splits: list[str] | None = None) -> None:
+    """Fail at once (before Ray starts) when the student, its index or a split's queries do
+    not exist."""
+    for what, uri in (("model", model_uri), ("index", index_uri)):
+        if not storage.exists(uri):
+            raise MissingInputError(f"eval: {what} {uri} does not exist ({_HOW[what]})")
+        if what == "index" and storage.read_manifest(uri) is None:
+            raise MissingInputError(f"eval: index {uri} has no {storage.MANIFEST} (an "
+                                    f"unfinished build?); {_HOW['index']}")
+    for split in splits or []:
+        _queries_uri(data_uri, split)
+
+
 def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: str,
              splits: list[str]) -> dict:
     """Stage function ``eval``: ``model_uri`` with ``index_uri`` on ``splits`` of the prepared
@@ -338,9 +368,7 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
     from qgscale.index.encode import actor_resources, storage_env
 
     ec = cfg.eval
-    for what, uri in (("model", model_uri), ("index", index_uri)):
-        if not storage.exists(uri):
-            raise MissingInputError(f"eval: {what} {uri} does not exist")
+    check_inputs(model_uri, index_uri, data_uri, splits)
     import ray
 
     from qgscale.raycluster import connect

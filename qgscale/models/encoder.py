@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from qgscale import storage
+from qgscale.errors import ConfigError
 from qgscale.models.loading import resolve
 
 CONFIG_NAME = "dual_encoder.json"
@@ -39,7 +40,7 @@ def build_hf_model(model_cfg: Any, tokenizer: PreTrainedTokenizerBase | None = N
             init.setdefault("pad_token_id", tokenizer.pad_token_id)
         model_type = init.pop("model_type", None)
         if model_type is None:
-            raise ValueError(f"model.init needs model_type, got {sorted(init)}")
+            raise ConfigError(f"model.init needs model_type, got {sorted(init)}")
         hf_cfg = AutoConfig.for_model(model_type, **init)
         return _no_pooler(auto_cls.from_config, hf_cfg)
     return _no_pooler(lambda *a, **kw: auto_cls.from_pretrained(
@@ -59,7 +60,8 @@ def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
     """The tokenizer of a ``config.ModelConfig`` (``tokenizer`` or else ``name_or_path``)."""
     source = model_cfg.tokenizer or model_cfg.name_or_path
     if not source:
-        raise ValueError("model.init needs model.tokenizer (a saved tokenizer folder or hub id)")
+        raise ConfigError("model.init needs model.tokenizer (a saved tokenizer folder or hub "
+                          "id)")
     return AutoTokenizer.from_pretrained(resolve(source))
 
 
@@ -72,7 +74,7 @@ class DualEncoder(nn.Module):
                  max_query_len: int = 64, max_passage_len: int = 256):
         super().__init__()
         if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+            raise ConfigError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         self.query_model = query_model
         self.passage_model = passage_model  # None: shared tower
         self.tokenizer = tokenizer

@@ -30,6 +30,7 @@ from torch import nn
 
 from qgscale import storage
 from qgscale.data.schema import passage_text  # noqa: F401  (re-exported)
+from qgscale.errors import ConfigError, DataError
 from qgscale.models.loading import resolve
 
 DEFAULT_PROMPT = "generate {lang} query: {passage}"
@@ -359,9 +360,10 @@ class QueryGenerator(nn.Module):
                  max_passage_len: int = 256, max_query_len: int = 64):
         super().__init__()
         if "{passage}" not in prompt or "{lang}" not in prompt:
-            raise ValueError(f"prompt {prompt!r} must contain {{lang}} and {{passage}}")
+            raise ConfigError(f"qg.prompt {prompt!r} must contain {{lang}} and {{passage}}")
         if not getattr(model.config, "is_encoder_decoder", False):
-            raise ValueError(f"{type(model).__name__} is not an encoder-decoder model")
+            raise ConfigError(f"qg.model: {type(model).__name__} is not an encoder-decoder "
+                              "(seq2seq) model")
         self.model = model
         self.tokenizer = tokenizer
         self.prompt = prompt
@@ -400,7 +402,7 @@ class QueryGenerator(nn.Module):
         from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
         if not model_cfg.tokenizer:
-            raise ValueError("model.init needs model.tokenizer (a tokenizer path or hub id)")
+            raise ConfigError("model.init needs model.tokenizer (a tokenizer path or hub id)")
         tok = AutoTokenizer.from_pretrained(resolve(model_cfg.tokenizer))
         kwargs = dict(model_cfg.init)
         model_type = kwargs.pop("model_type", "t5")
@@ -485,7 +487,7 @@ class QueryGenerator(nn.Module):
         is comparable with teacher scores. ``seed`` makes sampling reproducible.
         """
         if not do_sample and num_beams < num_queries:
-            raise ValueError(f"num_queries={num_queries} needs num_beams >= num_queries "
+            raise ConfigError(f"num_queries={num_queries} needs num_beams >= num_queries "
                              f"(got {num_beams}) or do_sample=true")
         if seed is not None:
             torch.manual_seed(seed)
@@ -532,10 +534,10 @@ class QGCollator:
         for i, r in enumerate(rows):
             for key in ("query", "lang"):
                 if not r.get(key):
-                    raise ValueError(f"QG training row {i}: field {key!r} missing or empty")
+                    raise DataError(f"QG training row {i}: field {key!r} missing or empty")
             passage = r.get("passage") or passage_text(r.get("title"), r.get("text") or "")
             if not passage:
-                raise ValueError(f"QG training row {i}: no passage text")
+                raise DataError(f"QG training row {i}: no passage text")
             sources.append(self.prompt.format(lang=r["lang"], passage=passage))
             queries.append(r["query"])
         enc = self.tokenizer(sources, truncation=True, max_length=self.max_passage_len,
@@ -567,9 +569,9 @@ def qg_examples(queries: Any, corpus: Any, qrels: Any) -> Iterator[dict[str, str
         if r["rel"] <= 0:
             continue
         if r["qid"] not in qs:
-            raise KeyError(f"qrels row {i}: qid {r['qid']!r} not in queries")
+            raise DataError(f"qrels row {i}: qid {r['qid']!r} not in queries")
         if r["pid"] not in ps:
-            raise KeyError(f"qrels row {i}: pid {r['pid']!r} not in corpus")
+            raise DataError(f"qrels row {i}: pid {r['pid']!r} not in corpus")
         q, p = qs[r["qid"]], ps[r["pid"]]
         yield {"query": q["text"], "lang": q["lang"],
                "passage": passage_text(p["title"], p["text"])}

@@ -6,6 +6,7 @@ import importlib.util
 import os
 
 from qgscale import storage
+from qgscale.errors import MissingInputError
 
 PKG_PREFIX = "pkg:"
 TOKENIZER_PREFIX = "xquad-tokenizer:"
@@ -27,10 +28,10 @@ def resolve(name_or_path: str) -> str:
         module, _, sub = name_or_path[len(PKG_PREFIX):].partition("/")
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"{name_or_path}: package {module!r} is not installed")
+            raise MissingInputError(f"{name_or_path}: package {module!r} is not installed")
         path = os.path.join(list(spec.submodule_search_locations)[0], sub)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{name_or_path}: {path} does not exist")
+            raise MissingInputError(f"{name_or_path}: {path} does not exist")
         return path
     if "://" in name_or_path and not name_or_path.startswith("file://"):
         return storage.local_dir(name_or_path)

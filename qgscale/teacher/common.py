@@ -51,7 +51,7 @@ def qg_spec(cfg: Any, model: Any) -> QGSpec:
 
 def read_table(uri: str, what: str, columns: list[str] | None = None):
     if not storage.exists(uri):
-        raise DataError(f"{uri}: {what} not found")
+        raise MissingInputError(f"{uri}: {what} not found")
     return storage.read_parquet(uri, columns)
 
 

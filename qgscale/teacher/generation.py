@@ -18,8 +18,8 @@ from typing import Any
 import pyarrow as pa
 
 from qgscale import storage
-from qgscale.data.readers import DataError
 from qgscale.data.schema import GENERATED
+from qgscale.errors import ConfigError, DataError
 from qgscale.teacher.common import QGSpec, load_corpus, qg_spec, read_table
 from qgscale.teacher.pool import Unit, ensure_ray, run_pool
 
@@ -92,9 +92,9 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str
     when given) into ``out_uri``; returns the manifest. Shards finished with the same
     ``config_hash`` are skipped (resume), like :mod:`scoring`."""
     if not langs:
-        raise ValueError("teacher.generate.langs is empty")
+        raise ConfigError("teacher.generate.langs is empty")
     if not do_sample and num_beams < num_queries:
-        raise ValueError(f"teacher.generate: num_queries={num_queries} needs num_beams >= "
+        raise ConfigError(f"teacher.generate: num_queries={num_queries} needs num_beams >= "
                          f"num_queries (num_beams={num_beams}) or do_sample=true")
     options = dict(num_queries=num_queries, do_sample=do_sample, num_beams=num_beams,
                    top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -33,10 +33,11 @@ class CandidateSlice:
 def _files(uri: str) -> list[str]:
     fs, path = storage.url_to_fs(uri)
     if not fs.exists(path):
-        raise DataError(f"{uri}: candidates not found")
+        raise MissingInputError(f"{uri}: candidates not found (run `qgscale index mine` "
+                                "first)")
     files = storage.list_files(uri, ".parquet") if fs.isdir(path) else [uri]
     if not files:
-        raise DataError(f"{uri}: no parquet shards")
+        raise MissingInputError(f"{uri}: no parquet shards")
     return files
 
 

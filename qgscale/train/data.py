@@ -11,7 +11,7 @@ workers, whose collators tokenise batches. Inputs (schemas in ``qgscale.data.sch
   ``{qid, pid, score, ntok}`` for every candidate, generated queries ``{pid, lang, query,
   logprob}`` (cross-lingual paraphrases of each positive passage's queries).
 
-Bad input raises :class:`qgscale.data.readers.DataError` naming the table, qid/pid and field.
+Bad input raises :class:`qgscale.errors.DataError` naming the table, qid/pid and field.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import pyarrow as pa
 import torch
 
 from qgscale import storage
-from qgscale.data.readers import DataError
 from qgscale.data.schema import passage_text  # noqa: F401  (re-exported)
+from qgscale.errors import DataError
 
 STUDENT_ROWS = pa.schema([
     ("qid", pa.string()), ("query", pa.string()),
