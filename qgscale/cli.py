@@ -17,6 +17,7 @@ import yaml
 from typer.core import TyperGroup
 
 from qgscale import config as config_mod
+from qgscale import storage
 from qgscale.errors import report
 
 
@@ -52,11 +53,11 @@ app.add_typer(index_app, name="index")
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False
            ) -> None:
-    import logging
     import os
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from qgscale import logs
+
+    logs.console(verbose)
     # Per-worker progress bars and weight-loading reports flood the console (workers inherit
     # these variables); the stages' own progress bars remain.
     for key, value in (("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
@@ -70,7 +71,11 @@ Overrides = Annotated[list[str] | None, typer.Option(
 
 
 def load(config: str, overrides: list[str] | None) -> config_mod.Config:
-    return config_mod.load(config, overrides)
+    from qgscale import logs
+
+    cfg = config_mod.load(config, overrides)
+    logs.to_run_folder(cfg.run.root)
+    return cfg
 
 
 def _print(obj) -> None:
@@ -168,7 +173,20 @@ def run(config: ConfigArg, set: Overrides = None,
         return
     results = pipeline.run(cfg, start=from_, only=only)
     if "eval" in results:
-        typer.echo(pipeline.summary_table(results["eval"]))
+        _eval_summary(cfg, results["eval"])
+
+
+def _eval_summary(cfg: config_mod.Config, results: dict) -> None:
+    """The metrics table of every student, and where the reports and plots are."""
+    from qgscale import pipeline
+    from qgscale.layout import Layout
+
+    typer.echo(pipeline.summary_table(results))
+    lay = Layout(cfg)
+    for student, by_split in results.items():
+        for split in by_split:
+            typer.echo(f"{student}/{split}: {storage.join(lay.eval_dir(student), split)}/"
+                       "{metrics.md,pairs.png}")
 
 
 @train_app.command("qg")
@@ -249,8 +267,8 @@ def eval_(config: ConfigArg, set: Overrides = None) -> None:
     """Evaluate the warm-up and distilled students (see also ``python -m qgscale.eval``)."""
     from qgscale import pipeline
 
-    results = pipeline.run(load(config, set), only="eval")["eval"]
-    typer.echo(pipeline.summary_table(results))
+    cfg = load(config, set)
+    _eval_summary(cfg, pipeline.run(cfg, only="eval")["eval"])
 
 
 def main() -> None:  # pragma: no cover

@@ -6,6 +6,7 @@ Every section forbids unknown keys, so a typo fails with the key path, e.g.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -232,12 +233,22 @@ def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
         raise ConfigError(_format_errors(source, e)) from None
 
 
-def _resolve_relative(cfg: Config, base: Path) -> None:
-    """Make relative local paths absolute (Ray workers may run in another folder)."""
+def _resolve_relative(cfg: Config, base: Path, source: str) -> None:
+    """Make relative local paths absolute (Ray workers may run in another folder).
+
+    Inside a ``ray job submit`` job the working dir is a temporary unpacked copy, so a
+    relative ``run.root`` would write the run there and lose it: that is an error."""
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     for section, key in [("data", "input"), ("data", "passages"), ("run", "root")]:
         part = getattr(cfg, section)
         value = getattr(part, key)
         if value and "://" not in value and not Path(value).is_absolute():
+            if in_job and key == "root":
+                raise ConfigError(
+                    f"{source}: run.root: {value!r} is relative, and this is a `ray job "
+                    "submit` job running in a temporary copy of the working dir: set an "
+                    "absolute path or an s3:// URI (e.g. --set run.root=$PWD/runs/NAME from "
+                    "the submitting shell)")
             setattr(part, key, str((base / value).resolve()))
 
 
@@ -277,6 +288,6 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
     cfg = parse(raw, str(path))
-    _resolve_relative(cfg, Path.cwd())
+    _resolve_relative(cfg, Path.cwd(), str(path))
     storage.configure(**cfg.storage.model_dump())
     return cfg

@@ -67,14 +67,14 @@ def build_run(root: str, tokenizer) -> dict:
     encoder.save_pretrained(model_uri)
 
     corpus_uri = storage.join(data, "test", "corpus")
-    emb_uri = storage.join(root, "index", "de1", "embeddings")
+    emb_uri = storage.join(root, "index", "distill-test", "embeddings")
     emb = encode_table(encoder, storage.read_parquet(corpus_uri), batch_size=32)
     w = storage.ShardWriter(emb_uri)
     w.write("part-00000", emb)
     w.finalize(["part-00000"], corpus=corpus_uri, dtype="float32")
 
     vecs = np.stack(emb.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
-    index_uri = storage.join(root, "index", "de1", "faiss")
+    index_uri = storage.join(root, "index", "distill-test", "faiss")
     index = faiss.index_factory(vecs.shape[1], "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
     index.add_with_ids(vecs, np.arange(len(vecs), dtype=np.int64))
     storage.write_bytes(storage.join(index_uri, "shards", "shard-00000.faiss"),
@@ -306,12 +306,12 @@ def test_ray_job_submit_eval(run_root, s3_bucket, ray_head, tmp_path):
         "index": {"cpus_per_actor": 1},
         "eval": {"k": [1, 5, 10], "top_k": 10},
     }))
+    # S3 settings and credentials come from the environment `ray start` ran in (as the pods'
+    # environment on a cluster), not from the job's runtime env (visible in the dashboard)
+    assert "AWS_SECRET_ACCESS_KEY" in ray_head["env"]
     runtime_env = {"excludes": [".git", ".venv", "runs", "bench-out", "**/__pycache__",
                                 ".pytest_cache", ".ruff_cache"],
-                   "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                **{k: os.environ[k] for k in (
-                                    "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                    "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}}
+                   "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     cmd = [ray_head["ray"], "job", "submit", "--address", ray_head["address"],
            "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
            "--", "python", "-m", "qgscale.eval", "--config", str(cfg_path),
@@ -341,6 +341,80 @@ def test_ray_job_submit_eval(run_root, s3_bucket, ray_head, tmp_path):
     assert storage.read_bytes(storage.join(report, "pairs.png"))[:4] == b"\x89PNG"
     assert "| de->en |" in storage.read_bytes(storage.join(report, "metrics.md")).decode()
     assert storage.read_manifest(f"{s3_bucket}/eval")["splits"]["test"]["macro"]
+
+
+def _readme_job_recipe() -> list[str]:
+    """The README's `ray job submit` block as logical lines (continuations joined)."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("tests/test_eval_job.py runs this block", 1)[1]
+    block = block.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_job_submit_recipe(run_root, tmp_path):
+    """The README's sequence, run as written but for: free ports and a temp dir for this
+    cluster (other Rays run on this machine), the test's config and run root, a retry while
+    the dashboard agent starts, and this cluster's own teardown instead of `ray stop`."""
+    root, _ = run_root
+    cfg_path = tmp_path / "eval.yaml"
+    cfg_path.write_text(yaml.safe_dump({"run": {"name": "readme-job", "root": "runs/relative"},
+                                        "index": {"cpus_per_actor": 1},
+                                        "eval": {"k": [1, 5, 10], "top_k": 10}}))
+    lines = _readme_job_recipe()
+    assert lines[0] == "source .venv/bin/activate" and lines[-1].startswith("ray stop")
+    (gcs, dash, client, node_mgr, obj_mgr, agent_grpc, agent_http, metrics, rt_env,
+     min_worker) = _free_ports(10)
+    temp_dir = f"/tmp/rayr-{os.getpid()}-{tmp_path.name[-12:]}"
+    script = ["set -e"]
+    for line in lines:
+        line = line.replace("8265", str(dash)).replace("configs/demo.yaml", str(cfg_path))
+        line = line.replace("$PWD/runs/demo", root)
+        if line.startswith("ray start"):
+            line = (f"{line.split('#')[0]} --port {gcs} --num-cpus 2 --num-gpus 0 "
+                    f"--node-ip-address 127.0.0.1 --ray-client-server-port {client} "
+                    f"--node-manager-port {node_mgr} --object-manager-port {obj_mgr} "
+                    f"--dashboard-agent-grpc-port {agent_grpc} "
+                    f"--dashboard-agent-listen-port {agent_http} "
+                    f"--metrics-export-port {metrics} --runtime-env-agent-port {rt_env} "
+                    f"--min-worker-port {min_worker} --max-worker-port {min_worker + 50} "
+                    f"--temp-dir {temp_dir} --disable-usage-stats")
+        elif line.startswith("ray job submit"):
+            line = (f"for i in 1 2 3 4 5 6 7 8 9 10; do out=$({line.split(' #')[0]} 2>&1) "
+                    "&& break; echo \"$out\" | grep -q 'No available agent' || "
+                    "{ echo \"$out\"; exit 1; }; sleep 5; done; echo \"$out\"")
+        elif line.startswith("ray stop"):
+            continue
+        script.append(line)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VIRTUAL_ENV")}
+    env.update(HOME=str(tmp_path / "home"), RAY_USAGE_STATS_ENABLED="0")
+    (tmp_path / "home").mkdir()
+    try:
+        res = subprocess.run(["bash", "-c", "\n".join(script)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=500)
+    finally:
+        for pid in _marked(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "succeeded" in out.lower()
+    assert (tmp_path / "home" / ".ray" / "auth_token").exists()
+    metrics = storage.read_json(storage.join(root, "eval", "distill", "test", "metrics.json"))
+    assert metrics["n_queries"] == 2 * N_QUERIES
+
+
+def test_eval_job_relative_root_is_an_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"root": "runs/x"}}))
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_JOB_CONFIG_JSON_ENV_VAR="{}")
+    res = subprocess.run([sys.executable, "-m", "qgscale.eval", "--config", str(cfg)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2
+    assert "run.root: 'runs/x' is relative" in res.stderr and "--set run.root=" in res.stderr
 
 
 def test_eval_cli_clear_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""Losses of the method (docs: /work/shared/design/method.md). One function per loss.
+"""Losses of the method (README: "The method, as implemented"). One function per loss.
 
 Every function takes scores or embeddings and returns a scalar (mean over queries). Scores are
 float32 ``(B, C)`` matrices; ``mask`` (bool, True = real candidate) marks padded candidates.
