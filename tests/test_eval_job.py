@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -348,7 +349,8 @@ def _readme_job_recipe() -> list[str]:
     text = (REPO / "README.md").read_text()
     block = text.split("tests/test_eval_job.py runs this block", 1)[1]
     block = block.split("```bash\n", 1)[1].split("```", 1)[0]
-    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    lines = block.replace("\\\n", " ").splitlines()
+    return [re.sub(r"\s+#\s.*$", "", line).strip() for line in lines if line.strip()]
 
 
 @pytest.mark.slow
@@ -371,7 +373,7 @@ def test_readme_job_submit_recipe(run_root, tmp_path):
         line = line.replace("8265", str(dash)).replace("configs/demo.yaml", str(cfg_path))
         line = line.replace("$PWD/runs/demo", root)
         if line.startswith("ray start"):
-            line = (f"{line.split('#')[0]} --port {gcs} --num-cpus 2 --num-gpus 0 "
+            line = (f"{line} --port {gcs} --num-cpus 2 --num-gpus 0 "
                     f"--node-ip-address 127.0.0.1 --ray-client-server-port {client} "
                     f"--node-manager-port {node_mgr} --object-manager-port {obj_mgr} "
                     f"--dashboard-agent-grpc-port {agent_grpc} "
@@ -380,7 +382,7 @@ def test_readme_job_submit_recipe(run_root, tmp_path):
                     f"--min-worker-port {min_worker} --max-worker-port {min_worker + 50} "
                     f"--temp-dir {temp_dir} --disable-usage-stats")
         elif line.startswith("ray job submit"):
-            line = (f"for i in 1 2 3 4 5 6 7 8 9 10; do out=$({line.split(' #')[0]} 2>&1) "
+            line = (f"for i in 1 2 3 4 5 6 7 8 9 10; do out=$({line} 2>&1) "
                     "&& break; echo \"$out\" | grep -q 'No available agent' || "
                     "{ echo \"$out\"; exit 1; }; sleep 5; done; echo \"$out\"")
         elif line.startswith("ray stop"):
