@@ -5,10 +5,12 @@ for paths; no stage function has path defaults of its own::
 
     data/[<split>/]{corpus,queries,qrels,answers}   prepare (XQuAD-style data has splits)
     train/{qg,warmup,distill}/model                 the trained models (HF format)
+    train/warmup/init                               the student's untrained starting point
     index/<student>-<split>/{embeddings,faiss}      corpus embeddings and FAISS index
     mine/{candidates,train}                         mined candidate lists, training examples
     teacher/{generated,scores,generated_pairs}      teacher outputs
     eval/<student>/<split>/                         metrics.{json,md}, pairs.png
+    eval/<split>.{md,png}                           all students side by side per lang pair
     _stages/<stage>.json                            the runner's record of each stage
 """
 
@@ -18,7 +20,9 @@ from typing import Any
 
 from qgscale import storage
 
-STUDENTS = ("warmup", "distill")
+# the models every eval compares: the untrained starting checkpoint (zero-shot), the warm-up
+# and the distilled student
+STUDENTS = ("init", "warmup", "distill")
 
 
 class Layout:
@@ -49,7 +53,10 @@ class Layout:
         return self.uri("train", stage)
 
     def model(self, stage: str) -> str:
-        """The trained model of ``qg``, ``warmup`` or ``distill``."""
+        """The trained model of ``qg``, ``warmup`` or ``distill``; ``init``: the untrained
+        starting checkpoint of the student (saved by the warm-up stage)."""
+        if stage == "init":
+            return self.uri("train", "warmup", "init")
         return self.uri("train", stage, "model")
 
     def teacher_model(self) -> Any:
@@ -96,6 +103,10 @@ class Layout:
     # --- eval and the runner's records
     def eval_dir(self, student: str) -> str:
         return self.uri("eval", student)
+
+    def comparison(self, split: str, ext: str) -> str:
+        """``eval/<split>.{md,png}``: every student side by side per language pair."""
+        return self.uri("eval", f"{split}.{ext}")
 
     def record(self, stage: str) -> str:
         return self.uri("_stages", f"{stage}.json")

@@ -113,15 +113,21 @@ def _reindex(cfg: Config, lay: Layout, key: str) -> dict:
 
 
 def _eval(cfg: Config, lay: Layout, key: str) -> dict:
-    """Each student on each eval split, against the index of that split's corpus."""
-    from qgscale.eval.evaluate import run_eval
+    """Each student (and the untrained starting checkpoint) on each eval split, against the
+    index of that split's corpus; per split a side-by-side table and chart of all of them."""
+    from qgscale.eval.evaluate import comparison_chart, comparison_table, run_eval
 
     out: dict[str, dict] = {}
-    for student in STUDENTS:
-        for split in cfg.eval.splits:
+    for split in cfg.eval.splits:
+        for student in STUDENTS:
             out.setdefault(student, {}).update(run_eval(
                 cfg, lay.model(student), lay.faiss(student, split),
                 cfg.eval.data or lay.data_root, lay.eval_dir(student), [split]))
+        by_student = {s: out[s][split] for s in STUDENTS}
+        metric = cfg.eval.chart_metric
+        storage.write_bytes(lay.comparison(split, "png"), comparison_chart(by_student, metric))
+        storage.write_bytes(lay.comparison(split, "md"),
+                            comparison_table(by_student, metric).encode())
     return out
 
 
@@ -190,8 +196,7 @@ STAGES = [
                           for split in c.eval.splits]),
     Stage("eval", "metrics of the warm-up and the distilled student", _eval,
           ("eval", "index"), lambda c: ("prepare", "warmup", "distill", "reindex"),
-          lambda c, lay: [lay.eval_dir(s) for s in STUDENTS],
-          lambda c, lay: [lay.eval_dir(s) for s in STUDENTS]),
+          lambda c, lay: [lay.eval_dir(s) for s in STUDENTS], lambda c, lay: [lay.uri("eval")]),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 BY_NAME = {s.name: s for s in STAGES}

@@ -85,7 +85,11 @@ def test_pipeline_end_to_end_and_resume(finished_run):
         mrr = metrics["query_langs_macro"]["mrr@10"]
         assert 0.0 <= mrr <= 1.0
     table = pipeline.summary_table(results["eval"])
-    assert "| warmup | test |" in table and "| distill | test |" in table
+    assert all(f"| {s} | test |" in table for s in ("init", "warmup", "distill"))
+    side_by_side = storage.read_bytes(lay.comparison("test", "md")).decode()
+    assert side_by_side.startswith("| mrr@10 | init | warmup | distill |")
+    assert "| de->en |" in side_by_side
+    assert storage.read_bytes(lay.comparison("test", "png"))[:4] == b"\x89PNG"
     records = _records(cfg)
     assert all(r["state"] == "done" for r in records.values())
 

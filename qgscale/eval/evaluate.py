@@ -267,6 +267,8 @@ def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
 
 # ---------------------------------------------------------------------------- reports
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
@@ -317,6 +319,60 @@ def bar_chart(result: dict, metric: str) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _pair_metrics(result: dict, metric: str) -> dict[str, float]:
+    groups = result["pairs"] or {f"{k}->pooled": v for k, v in
+                                 result.get("query_langs", {}).items()}
+    return {k: v[metric] for k, v in groups.items() if metric in v}
+
+
+def comparison_chart(results: dict[str, dict], metric: str) -> bytes:
+    """PNG: ``metric`` per language pair, one bar per model side by side (e.g. the untrained
+    starting checkpoint, the warm-up and the distilled student)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_model = {name: _pair_metrics(r, metric) for name, r in results.items()}
+    pairs = sorted(set().union(*per_model.values()))
+    if not pairs:
+        raise ConfigError(f"eval.chart_metric: no language pair has metric {metric!r}")
+    width = 0.8 / len(per_model)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(pairs) * len(per_model) + 2), 4))
+    for i, (name, values) in enumerate(per_model.items()):
+        macro = results[name]["macro"].get("x->en", {}).get(metric)
+        label = f"{name} (x->en {macro:.3f})" if macro is not None else name
+        ax.bar([j + i * width for j in range(len(pairs))],
+               [values.get(p, 0.0) for p in pairs], width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(pairs))], pairs, rotation=90,
+                  fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1.0)
+    ax.set_title(f"{metric} per (query -> corpus) language pair")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def comparison_table(results: dict[str, dict], metric: str) -> str:
+    """Markdown: ``metric`` per language pair (rows) and model (columns), with macros."""
+    per_model = {name: _pair_metrics(r, metric) for name, r in results.items()}
+    pairs = sorted(set().union(*per_model.values()))
+    lines = [f"| {metric} | " + " | ".join(per_model) + " |",
+             "|---|" + "---|" * len(per_model)]
+    for key in ("x->en", "cross_lingual", "monolingual"):
+        cells = [results[m]["macro"].get(key, {}).get(metric) for m in per_model]
+        if any(c is not None for c in cells):
+            lines.append(f"| macro {key} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    for p in pairs:
+        lines.append(f"| {p} | " + " | ".join(_fmt(per_model[m].get(p)) for m in per_model)
+                     + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_reports(result: dict, out_uri: str, metrics: list[str], chart_metric: str) -> dict:
