@@ -287,8 +287,8 @@ def test_student_rows_and_collator(toy, tokenizer):
     table, counts = tdata.build_student_rows(
         inp["queries_uri"], inp["corpus_uri"], qrels_uri=inp["qrels_uri"],
         candidates_uri=str(t / "candidates"), scores_uri=str(t / "scores"),
-        generated_uri=str(t / "generated"), n_hard_negatives=2, n_candidates=3,
-        kd_on_generated=True)
+        generated_uri=str(t / "generated"),
+        loss=LossConfig(n_hard_negatives=2, n_candidates=3, kd_on_generated=True))
     assert counts == {"rows": N, "random_negatives": 0, "without_generated": 0}
     row = table.slice(0, 1).to_pylist()[0]
     assert row["qid"] == "q0" and len(row["passages"]) == 3
@@ -310,5 +310,6 @@ def test_student_rows_and_collator(toy, tokenizer):
     assert len(queries) == 8 and len(passages) == 4 * 3 + 4 * 3
     # without hard negatives in the data, random corpus passages are used and counted
     _, counts = tdata.build_student_rows(inp["queries_uri"], inp["corpus_uri"],
-                                         qrels_uri=inp["qrels_uri"], n_hard_negatives=2)
+                                         LossConfig(n_hard_negatives=2),
+                                         qrels_uri=inp["qrels_uri"])
     assert counts["random_negatives"] == 2 * N

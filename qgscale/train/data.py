@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 
 from qgscale import storage
-from qgscale.config import StudentTrainConfig
+from qgscale.config import LossConfig, StudentTrainConfig
 from qgscale.data.readers import DataError
 from qgscale.data.schema import passage_text  # noqa: F401  (re-exported)
 from qgscale.train.batch import StudentBatch, Tokens
@@ -121,20 +121,23 @@ def _score(scores: dict, qid: str, pid: str, scores_uri: str, candidates_uri: st
                         f"(a candidate in {candidates_uri})") from None
 
 
-def build_student_rows(queries_uri: str, corpus_uri: str, *, qrels_uri: str | None = None,
-                       examples_uri: str | None = None, candidates_uri: str | None = None,
-                       scores_uri: str | None = None, generated_uri: str | None = None,
-                       n_hard_negatives: int = 1, n_candidates: int = 8,
-                       kd_on_generated: bool = False, seed: int = 13
+def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | None = None, *,
+                       qrels_uri: str | None = None, examples_uri: str | None = None,
+                       candidates_uri: str | None = None, scores_uri: str | None = None,
+                       generated_uri: str | None = None, seed: int = 13
                        ) -> tuple[pa.Table, dict[str, Any]]:
     """Rows of :data:`STUDENT_ROWS` (one per training query) and counts for the manifest.
 
-    Hard negatives: the examples' ``neg_pids``, else the candidates that are not positives
-    (in rank order), else random corpus passages; the count of randomly filled negatives is
-    reported. With ``candidates_uri``/``scores_uri`` each row carries its first
-    ``n_candidates`` candidates and their teacher scores. With ``generated_uri`` a row gets
-    one generated query in another language, from one of its positive passages.
+    ``loss`` (the stage's :class:`~qgscale.config.LossConfig`; default ``LossConfig()``) gives
+    ``n_hard_negatives``, ``n_candidates`` and ``kd_on_generated``. Hard negatives: the
+    examples' ``neg_pids``, else the candidates that are not positives (in rank order), else
+    random corpus passages; the count of randomly filled negatives is reported. With
+    ``candidates_uri``/``scores_uri`` each row carries its first ``n_candidates`` candidates and
+    their teacher scores. With ``generated_uri`` a row gets one generated query in another
+    language, from one of its positive passages.
     """
+    loss = loss or LossConfig()
+    n_hard_negatives, n_candidates = loss.n_hard_negatives, loss.n_candidates
     rng = random.Random(seed)
     queries, corpus = load_texts(queries_uri, corpus_uri)
     pos, neg, pos_uri = positives_from(examples_uri, qrels_uri)
@@ -191,7 +194,7 @@ def build_student_rows(queries_uri: str, corpus_uri: str, *, qrels_uri: str | No
         gen_query, gen_scores = "", []
         if options:
             gpid, gl, gen_query = rng.choice(options)
-            if kd_on_generated and cand_pids:
+            if loss.kd_on_generated and cand_pids:
                 gq_id = generated_qid(gpid, gl, gen_query)
                 gen_scores = [_score(scores, gq_id, p, scores_uri, candidates_uri)
                               for p in cand_pids]

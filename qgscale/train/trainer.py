@@ -99,10 +99,9 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
         raise MissingInputError(f"{init_uri}: initial model not found (for distill: run "
                                 "`qgscale train warmup` first)")
     table, counts = tdata.build_student_rows(
-        queries_uri, corpus_uri, qrels_uri=qrels_uri, examples_uri=examples_uri,
+        queries_uri, corpus_uri, sc.loss, qrels_uri=qrels_uri, examples_uri=examples_uri,
         candidates_uri=candidates_uri, scores_uri=scores_uri, generated_uri=generated_uri,
-        n_hard_negatives=sc.loss.n_hard_negatives, n_candidates=sc.loss.n_candidates,
-        kd_on_generated=sc.loss.kd_on_generated, seed=cfg.run.seed)
+        seed=cfg.run.seed)
     log.info("%s: %s", stage, counts)
     rows_uri = storage.join(out_uri, "data")
     tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
