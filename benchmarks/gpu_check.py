@@ -11,7 +11,7 @@ random weights in real shapes, token ids drawn directly (no tokenizer or hub acc
    each in fp32 and bf16 autocast; ``batch_tokens`` swept for the fast bf16 path.
 2. **Student training step** (XLM-R-base shape, vocab 250,002): batch of 128 queries (8-32
    tokens), 1 positive + 3 hard negatives each (120-192 tokens), in-batch + hard negative
-   InfoNCE through :func:`qgscale.train.loop.student_step`, bf16 autocast, fused AdamW on
+   InfoNCE through :func:`qgscale.train.tasks.student_step`, bf16 autocast, fused AdamW on
    fp32 weights; eager and ``torch.compile``.
 3. **Corpus encoding**: passages of 256 tokens through the passage tower, fp16 embeddings
    copied to the host.
@@ -41,7 +41,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -49,6 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from qgscale.config import LossConfig  # noqa: E402
 from qgscale.models.encoder import DualEncoder  # noqa: E402
 from qgscale.models.generator import (  # noqa: E402
     generate_ids,
@@ -56,7 +56,8 @@ from qgscale.models.generator import (  # noqa: E402
     score_naive,
     score_pairs,
 )
-from qgscale.train.loop import student_step  # noqa: E402
+from qgscale.train.batch import StudentBatch, Tokens  # noqa: E402
+from qgscale.train.tasks import student_step  # noqa: E402
 
 DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
@@ -358,16 +359,17 @@ def teacher_compiled(args: argparse.Namespace, device: torch.device, out: dict) 
 
 
 def student_batch(cfg: Any, args: argparse.Namespace, device: torch.device,
-                  rng: np.random.Generator) -> tuple[dict[str, Any], list[int]]:
-    """A collated :class:`StudentCollator`-shaped batch of random ids, and its real lengths."""
+                  rng: np.random.Generator) -> tuple[StudentBatch, list[int]]:
+    """A :class:`StudentBatch` of random ids (queries and passage groups), and its real
+    lengths."""
     b, g = args.student_batch, args.group
     q_len, p_len = (32, 192)
     qs = [rand_ids(rng, int(rng.integers(8, q_len + 1)), cfg.vocab_size, None) for _ in range(b)]
     ps = [rand_ids(rng, int(rng.integers(120, p_len + 1)), cfg.vocab_size, None)
           for _ in range(b * g)]
-    batch = {"batch_size": b, "group_size": g, "has_gen": torch.zeros(b, dtype=torch.bool),
-             "query": pad_batch(qs, cfg.pad_token_id, q_len, device),
-             "passage": pad_batch(ps, cfg.pad_token_id, p_len, device)}
+    batch = StudentBatch(queries=Tokens(**pad_batch(qs, cfg.pad_token_id, q_len, device)),
+                         groups=Tokens(**pad_batch(ps, cfg.pad_token_id, p_len, device)),
+                         group_size=g)
     return batch, [len(s) for s in qs + ps]
 
 
@@ -382,7 +384,7 @@ def student_train_step(args: argparse.Namespace, device: torch.device, out: dict
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     rng = np.random.default_rng(1)
     batch, lens = student_batch(cfg, args, device, rng)
-    loss_cfg = SimpleNamespace(alpha=1.0, beta=0.0)  # contrastive only: no candidates here
+    loss_cfg = LossConfig(alpha=1.0, beta=0.0)  # contrastive only: no candidates here
     flops = encoder_train_flops(cfg, lens)
     res: dict[str, Any] = {"model": {"shape": "XLM-R-base" if not args.tiny else "tiny",
                                      "params_m": round(sum(

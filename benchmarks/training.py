@@ -1,6 +1,6 @@
 """Training throughput and memory per worker for DeepSpeed ZeRO 0/1/2/3.
 
-Runs the project's training step (``qgscale.train.loop.student_step``: dual encoder,
+Runs the project's training step (``qgscale.train.tasks.student_step``: dual encoder,
 contrastive loss with negatives gathered across workers) under ``deepspeed.initialize`` with
 the config ``qgscale.train.loop.deepspeed_config`` generates, in 2 processes (gloo on CPU;
 NCCL, one process per GPU, when GPUs exist). Ray Train adds scheduling around the same loop,
@@ -54,7 +54,9 @@ def _worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -> None
 
     from qgscale.config import LossConfig, TrainConfig
     from qgscale.models.encoder import DualEncoder
-    from qgscale.train.loop import deepspeed_config, student_step
+    from qgscale.train.batch import StudentBatch, Tokens
+    from qgscale.train.loop import deepspeed_config
+    from qgscale.train.tasks import student_step
 
     gpu = torch.cuda.is_available()
     if gpu:
@@ -72,13 +74,12 @@ def _worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -> None
     g, b, lq, lp = 2, args["batch"], args["qlen"], args["plen"]
     gen = torch.Generator().manual_seed(rank)
 
-    def batch() -> dict:
-        def toks(n: int, length: int) -> dict:
+    def batch() -> StudentBatch:
+        def toks(n: int, length: int) -> Tokens:
             ids = torch.randint(6, args["vocab"], (n, length), generator=gen)
-            return {"input_ids": ids.to(engine.device),
-                    "attention_mask": torch.ones_like(ids).to(engine.device)}
-        return {"batch_size": b, "group_size": g, "query": toks(b, lq),
-                "passage": toks(b * g, lp), "has_gen": torch.zeros(b, dtype=torch.bool)}
+            return Tokens(ids, torch.ones_like(ids))
+        return StudentBatch(queries=toks(b, lq), groups=toks(b * g, lp),
+                            group_size=g).to(engine.device)
 
     if gpu:
         torch.cuda.reset_peak_memory_stats()

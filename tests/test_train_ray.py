@@ -4,7 +4,10 @@ resume, recovery from a killed worker, distillation inputs, QG fine-tuning, bad 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import threading
 
 import pyarrow as pa
 import pytest
@@ -95,23 +98,89 @@ def _inputs(toy) -> dict[str, str]:
             "qrels_uri": str(d / "qrels")}
 
 
+def _train_workers(state: str | None = "ALIVE") -> list[int]:
+    """PIDs of the Ray Train worker actors of this Ray (``state`` None: also dead ones).
+
+    Read from the GCS actor table: ``ray.util.state`` needs the dashboard, which the test
+    Ray runs without."""
+    from ray._private import state as gcs
+
+    return sorted(a["Pid"] for a in gcs.actors().values()
+                  if a["ActorClassName"] == "RayTrainWorker" and state in (None, a["State"]))
+
+
+def _registered_step(out: str) -> int:
+    """Step of the latest checkpoint that Ray Train has registered for the run under ``out``
+    (what a restart resumes from); 0 before the first."""
+    import ray.train
+
+    run_dir = storage.join(out, "ray", "run")
+    try:
+        result = ray.train.Result.from_path(storage.ray_path(run_dir),
+                                            storage_filesystem=storage.pyarrow_filesystem(run_dir))
+    except (RuntimeError, OSError, ValueError):  # no checkpoint (snapshot) yet
+        return 0
+    return int((result.metrics or {}).get("step", 0))
+
+
+class KillWorkerAfter(threading.Thread):
+    """From outside the run: once Ray Train has registered a checkpoint of ``step`` or later
+    for the run under ``out``, SIGKILL one Ray Train worker process (a crash: no exception,
+    no clean-up)."""
+
+    def __init__(self, out: str, step: int) -> None:
+        super().__init__(daemon=True)
+        self.out, self.step = out, step
+        self.done = threading.Event()
+        self.killed: dict[str, int] = {}
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            registered = _registered_step(self.out)
+            pids = _train_workers() if registered >= self.step else []
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                self.killed = {"pid": pids[-1], "registered_step": registered}
+                return
+            self.done.wait(0.1)
+
+
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The `parse_obj` method is deprecated")  # Result.from_path
 def test_warmup_on_s3_survives_killed_worker_resumes_and_learns(toy, ray_local, s3_bucket,
-                                                                 tmp_path):
-    """ZeRO-2, 2 workers, checkpoints in S3. Run 1: a worker os._exit()s after step 6;
-    FailureConfig restarts from the step-4 checkpoint and the run finishes at step 8.
-    Run 2 (same folder, max_steps 16) resumes at step 8. The loss falls."""
+                                                                 monkeypatch):
+    """ZeRO-2, 2 workers, checkpoints in S3 every 2 steps. Run 1: the test SIGKILLs a worker
+    process once Ray Train has registered the step-2 checkpoint; FailureConfig restarts the
+    worker group from the last checkpoint and the run finishes at step 8. Run 2 (same folder,
+    max_steps 16) resumes at step 8. The loss falls."""
     from qgscale.models.encoder import DualEncoder
 
-    marker = tmp_path / "failed-once"
-    cfg = _cfg(f"{s3_bucket}/run", str(toy / "tok"), max_steps=8, max_failures=1)
+    cfg = _cfg(f"{s3_bucket}/run", str(toy / "tok"), max_steps=8, max_failures=1,
+               checkpoint_every=2)
     out = cfg.uri("train", "warmup")
-    m = run_train_warmup(cfg, out_uri=out, key="k1",
-                         extra={"fail_at_step": 6, "fail_marker": str(marker)}, **_inputs(toy))
-    assert marker.exists()  # a worker really died
+    # the controller collects reports (and registers checkpoints) every 0.2 s, not 2 s
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    workers_before = len(_train_workers(state=None))
+    killer = KillWorkerAfter(out, step=2)
+    killer.start()
+    try:
+        m = run_train_warmup(cfg, out_uri=out, key="k1", **_inputs(toy))
+    finally:
+        killer.done.set()
+        killer.join(30)
+    assert killer.killed, "no worker was killed before the run ended"
+    with pytest.raises(ProcessLookupError):  # a worker process really died ...
+        os.kill(killer.killed["pid"], 0)
+    # ... and FailureConfig(max_failures=1) replaced the worker group once (2 + 2 workers)
+    assert len(_train_workers(state=None)) - workers_before == 4
     assert m["final_metrics"]["step"] == 8
     log = _metrics(storage.join(out, "metrics.jsonl"))
-    assert [x["step"] for x in log] == [2, 4, 6, 8]  # step 6 re-done once after the restart
+    assert [x["step"] for x in log] == [2, 4, 6, 8]  # steps after the checkpoint re-done once
+    # the second attempt started from a checkpoint taken before the kill, not from step 0
+    resumed = max(x["start_step"] for x in log)
+    assert killer.killed["registered_step"] <= resumed < 8, (resumed, killer.killed)
+    assert [x["start_step"] for x in log] == [0 if x["step"] <= resumed else resumed
+                                              for x in log]
     assert all(x["samples_per_s"] > 0 and "eta_s" in x for x in log)
     # the checkpoint is in the S3 bucket, with the ZeRO-2 shards of both workers
     assert m["checkpoint"].startswith(f"{s3_bucket}/run/train/warmup/ray/run/checkpoint_")
@@ -125,6 +194,7 @@ def test_warmup_on_s3_survives_killed_worker_resumes_and_learns(toy, ray_local, 
     m2 = run_train_warmup(cfg2, out_uri=out, key="k1", **_inputs(toy))  # same key: resume
     log2 = _metrics(storage.join(out, "metrics.jsonl"))
     assert [x["step"] for x in log2] == list(range(2, 17, 2))  # resumed at 8, not from 0
+    assert all(x["start_step"] == 8 for x in log2 if x["step"] > 8)
     assert m2["final_metrics"]["step"] == 16
     epoch1 = [x["loss"] for x in log2 if x["step"] <= 8]
     epoch2 = [x["loss"] for x in log2 if x["step"] > 8]
@@ -217,8 +287,8 @@ def test_student_rows_and_collator(toy, tokenizer):
     table, counts = tdata.build_student_rows(
         inp["queries_uri"], inp["corpus_uri"], qrels_uri=inp["qrels_uri"],
         candidates_uri=str(t / "candidates"), scores_uri=str(t / "scores"),
-        generated_uri=str(t / "generated"), n_hard_negatives=2, n_candidates=3,
-        kd_on_generated=True)
+        generated_uri=str(t / "generated"),
+        loss=LossConfig(n_hard_negatives=2, n_candidates=3, kd_on_generated=True))
     assert counts == {"rows": N, "random_negatives": 0, "without_generated": 0}
     row = table.slice(0, 1).to_pylist()[0]
     assert row["qid"] == "q0" and len(row["passages"]) == 3
@@ -231,11 +301,15 @@ def test_student_rows_and_collator(toy, tokenizer):
     batch["cand_scores"][1] = batch["cand_scores"][1][:2]
     batch["gen_scores"][1] = batch["gen_scores"][1][:2]
     out = tdata.StudentCollator(tokenizer, 16, 64, n_candidates=3)(batch)
-    assert out["query"]["input_ids"].shape[0] == 8  # 4 queries + 4 generated
-    assert out["passage"]["input_ids"].shape[0] == 4 * 3 + 4 * 3
-    assert out["cand_mask"].tolist()[1] == [True, True, False]
-    assert out["teacher"][0].tolist() == [-1.0, -3.0, -5.0]
+    assert len(out) == 4 and len(out.generated) == 4 and out.gen_mask.all()
+    assert len(out.groups) == 4 * 3 and out.group_size == 3 and len(out.candidates) == 4 * 3
+    assert out.cand_mask.tolist()[1] == [True, True, False]
+    assert out.teacher_scores[0].tolist() == [-1.0, -3.0, -5.0]
+    assert out.gen_teacher_scores[1].tolist() == [-1.0, -3.0, 0.0] and out.gen_teacher_mask.all()
+    queries, passages = out.encoder_inputs()  # one encoder pass per side
+    assert len(queries) == 8 and len(passages) == 4 * 3 + 4 * 3
     # without hard negatives in the data, random corpus passages are used and counted
     _, counts = tdata.build_student_rows(inp["queries_uri"], inp["corpus_uri"],
-                                         qrels_uri=inp["qrels_uri"], n_hard_negatives=2)
+                                         LossConfig(n_hard_negatives=2),
+                                         qrels_uri=inp["qrels_uri"])
     assert counts["random_negatives"] == 2 * N

@@ -28,8 +28,10 @@ import pyarrow as pa
 import torch
 
 from qgscale import storage
+from qgscale.config import LossConfig, StudentTrainConfig
 from qgscale.data.schema import passage_text  # noqa: F401  (re-exported)
 from qgscale.errors import DataError
+from qgscale.train.batch import StudentBatch, Tokens
 
 STUDENT_ROWS = pa.schema([
     ("qid", pa.string()), ("query", pa.string()),
@@ -119,20 +121,23 @@ def _score(scores: dict, qid: str, pid: str, scores_uri: str, candidates_uri: st
                         f"(a candidate in {candidates_uri})") from None
 
 
-def build_student_rows(queries_uri: str, corpus_uri: str, *, qrels_uri: str | None = None,
-                       examples_uri: str | None = None, candidates_uri: str | None = None,
-                       scores_uri: str | None = None, generated_uri: str | None = None,
-                       n_hard_negatives: int = 1, n_candidates: int = 8,
-                       kd_on_generated: bool = False, seed: int = 13
+def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | None = None, *,
+                       qrels_uri: str | None = None, examples_uri: str | None = None,
+                       candidates_uri: str | None = None, scores_uri: str | None = None,
+                       generated_uri: str | None = None, seed: int = 13
                        ) -> tuple[pa.Table, dict[str, Any]]:
     """Rows of :data:`STUDENT_ROWS` (one per training query) and counts for the manifest.
 
-    Hard negatives: the examples' ``neg_pids``, else the candidates that are not positives
-    (in rank order), else random corpus passages; the count of randomly filled negatives is
-    reported. With ``candidates_uri``/``scores_uri`` each row carries its first
-    ``n_candidates`` candidates and their teacher scores. With ``generated_uri`` a row gets
-    one generated query in another language, from one of its positive passages.
+    ``loss`` (the stage's :class:`~qgscale.config.LossConfig`; default ``LossConfig()``) gives
+    ``n_hard_negatives``, ``n_candidates`` and ``kd_on_generated``. Hard negatives: the
+    examples' ``neg_pids``, else the candidates that are not positives (in rank order), else
+    random corpus passages; the count of randomly filled negatives is reported. With
+    ``candidates_uri``/``scores_uri`` each row carries its first ``n_candidates`` candidates and
+    their teacher scores. With ``generated_uri`` a row gets one generated query in another
+    language, from one of its positive passages.
     """
+    loss = loss or LossConfig()
+    n_hard_negatives, n_candidates = loss.n_hard_negatives, loss.n_candidates
     rng = random.Random(seed)
     queries, corpus = load_texts(queries_uri, corpus_uri)
     pos, neg, pos_uri = positives_from(examples_uri, qrels_uri)
@@ -189,7 +194,7 @@ def build_student_rows(queries_uri: str, corpus_uri: str, *, qrels_uri: str | No
         gen_query, gen_scores = "", []
         if options:
             gpid, gl, gen_query = rng.choice(options)
-            if kd_on_generated and cand_pids:
+            if loss.kd_on_generated and cand_pids:
                 gq_id = generated_qid(gpid, gl, gen_query)
                 gen_scores = [_score(scores, gq_id, p, scores_uri, candidates_uri)
                               for p in cand_pids]
@@ -226,61 +231,82 @@ def _as_list(x: Any) -> list:
 
 @dataclass
 class StudentCollator:
-    """Batch of :data:`STUDENT_ROWS` -> tensors for one forward pass of the dual encoder.
+    """Batch of :data:`STUDENT_ROWS` -> :class:`StudentBatch`.
 
-    Queries are ``[originals; generated]`` (generated only when any row has one) and passages
-    are ``[contrastive groups; candidates]``; candidates are padded to ``n_candidates`` with
-    ``cand_mask`` False.
+    Queries and generated queries are tokenised together (one padded length), as are the
+    passage groups and candidates, so that the step encodes each side in one pass.
+    ``n_candidates`` > 0 (distillation): candidate lists are cut or padded to that length.
     """
 
     tokenizer: Any
-    max_query_len: int = 64
-    max_passage_len: int = 256
+    max_query_len: int
+    max_passage_len: int
     n_candidates: int = 0
 
-    def _tok(self, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    @classmethod
+    def for_config(cls, tokenizer: Any, cfg: StudentTrainConfig,
+                   distill: bool) -> StudentCollator:
+        """The collator of a stage: lengths from ``cfg``, candidates when ``distill``."""
+        return cls(tokenizer, cfg.max_query_len, cfg.max_passage_len,
+                   cfg.loss.n_candidates if distill else 0)
+
+    def _tok(self, texts: list[str], max_len: int, sizes: list[int]) -> list[Tokens]:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len,
                              return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        ids, mask = enc["input_ids"].split(sizes), enc["attention_mask"].split(sizes)
+        return [Tokens(i, m) for i, m in zip(ids, mask, strict=True)]
 
-    def __call__(self, batch: dict[str, Iterable]) -> dict[str, Any]:
+    def _candidates(self, batch: dict[str, Iterable], b: int) -> tuple[list[str], dict]:
+        """Candidate texts (B x C, padded with "") and the named score tensors."""
+        c = self.n_candidates
+        mask = torch.zeros(b, c, dtype=torch.bool)
+        teacher = torch.zeros(b, c)
+        gen_teacher = torch.zeros(b, c)
+        has_gen_scores = torch.zeros(b, dtype=torch.bool)
+        cand_texts: list[str] = []
+        for i, (texts, scores, gscores) in enumerate(zip(
+                _as_list(batch["cand_texts"]), _as_list(batch["cand_scores"]),
+                _as_list(batch["gen_scores"]), strict=True)):
+            texts, scores, gscores = _as_list(texts), _as_list(scores), _as_list(gscores)
+            if not texts:
+                raise DataError(f"training row qid={_as_list(batch['qid'])[i]}: "
+                                "empty candidate list")
+            texts, scores = texts[:c], scores[:c]
+            n = len(texts)
+            mask[i, :n] = True
+            teacher[i, :n] = torch.tensor(scores, dtype=torch.float32)
+            if gscores:
+                gen_teacher[i, :n] = torch.tensor(gscores[:c], dtype=torch.float32)
+                has_gen_scores[i] = True
+            cand_texts += texts + [""] * (c - n)
+        return cand_texts, {"cand_mask": mask, "teacher_scores": teacher,
+                            "gen_teacher_scores": gen_teacher, "gen_teacher_mask": has_gen_scores}
+
+    def __call__(self, batch: dict[str, Iterable]) -> StudentBatch:
         queries = [str(x) for x in _as_list(batch["query"])]
         groups = [_as_list(p) for p in _as_list(batch["passages"])]
         sizes = {len(g) for g in groups}
         if len(sizes) != 1:
             raise DataError(f"rows have different passage group sizes {sorted(sizes)}")
-        b = len(queries)
-        passages = [p for g in groups for p in g]
-        out: dict[str, Any] = {"batch_size": b, "group_size": sizes.pop()}
-        c = self.n_candidates
+        b, g = len(queries), sizes.pop()
+        passages = [p for grp in groups for p in grp]
         gens = [str(x) for x in _as_list(batch.get("gen_query", [""] * b))]
-        has_gen = torch.tensor([bool(g) for g in gens])
-        if c:
-            mask = torch.zeros(b, c, dtype=torch.bool)
-            teacher = torch.zeros(b, c)
-            gen_teacher = torch.zeros(b, c)
-            has_gen_scores = torch.zeros(b, dtype=torch.bool)
-            cand_texts = []
-            for i, (texts, scores, gscores) in enumerate(zip(
-                    _as_list(batch["cand_texts"]), _as_list(batch["cand_scores"]),
-                    _as_list(batch["gen_scores"]), strict=True)):
-                texts, scores, gscores = _as_list(texts), _as_list(scores), _as_list(gscores)
-                if not texts:
-                    raise DataError(f"training row qid={_as_list(batch['qid'])[i]}: "
-                                    "empty candidate list")
-                texts, scores = texts[:c], scores[:c]
-                n = len(texts)
-                mask[i, :n] = True
-                teacher[i, :n] = torch.tensor(scores, dtype=torch.float32)
-                if gscores:
-                    gen_teacher[i, :n] = torch.tensor(gscores[:c], dtype=torch.float32)
-                    has_gen_scores[i] = True
-                cand_texts += texts + [""] * (c - n)
+        gen_mask = torch.tensor([bool(x) for x in gens], dtype=torch.bool)
+        fields: dict[str, Any] = {}
+        if self.n_candidates:
+            cand_texts, fields = self._candidates(batch, b)
             passages += cand_texts
-            out.update(cand_mask=mask, teacher=teacher, gen_teacher=gen_teacher,
-                       has_gen_scores=has_gen_scores)
-        if has_gen.any():
-            queries += [g if g else q for g, q in zip(gens, queries, strict=True)]
-        out.update(has_gen=has_gen, query=self._tok(queries, self.max_query_len),
-                   passage=self._tok(passages, self.max_passage_len))
-        return out
+        q_texts = queries
+        if gen_mask.any():
+            q_texts = queries + [x if x else q for x, q in zip(gens, queries, strict=True)]
+        q_blocks = self._tok(q_texts, self.max_query_len, [b] * (len(q_texts) // b))
+        p_blocks = self._tok(passages, self.max_passage_len,
+                             [b * g] + ([b * self.n_candidates] if self.n_candidates else []))
+        if self.n_candidates:
+            fields["gen_teacher_mask"] = fields["gen_teacher_mask"] & gen_mask
+            if not (gen_mask.any() and fields["gen_teacher_mask"].any()):
+                fields["gen_teacher_scores"] = fields["gen_teacher_mask"] = None
+        return StudentBatch(
+            queries=q_blocks[0], groups=p_blocks[0], group_size=g,
+            candidates=p_blocks[1] if self.n_candidates else None,
+            generated=q_blocks[1] if gen_mask.any() else None, gen_mask=gen_mask, **fields)

@@ -1,12 +1,12 @@
 """``train_loop_per_worker``: DeepSpeed inside a Ray Train worker.
 
-Steps: build the model from the run's init folder -> ``deepspeed.initialize`` with a config
-generated from :class:`qgscale.config.TrainConfig` -> resume from ``ray.train.get_checkpoint()``
--> stream batches from ``ray.train.get_dataset_shard("train")`` -> every ``checkpoint_every``
-optimizer steps ``engine.save_checkpoint`` into a folder reported as a ``ray.train.Checkpoint``
-(every worker writes its own ZeRO shard; Ray merges the folders) -> export the final model in
-HF format to storage. Rank 0 logs loss, samples/s and ETA, and keeps ``metrics.jsonl`` in the
-output folder.
+One :class:`TrainRun` (task, init folder, output, row count) reaches every worker, which
+sets up the DeepSpeed engine (config from :func:`deepspeed_config`) -> loads
+``ray.train.get_checkpoint()`` -> trains epochs over ``ray.train.get_dataset_shard("train")``
+-> every ``log_every`` optimizer steps reports metrics, every ``checkpoint_every`` also an
+``engine.save_checkpoint`` folder as a ``ray.train.Checkpoint`` (every worker writes its own
+ZeRO shard; Ray merges the folders) -> exports the final model in HF format to storage.
+Rank 0 logs loss, samples/s and ETA, and keeps ``metrics.jsonl`` in the output folder.
 """
 
 from __future__ import annotations
@@ -17,19 +17,43 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from qgscale import storage
-from qgscale.train import losses
+from qgscale.config import TrainConfig
+from qgscale.train.tasks import Task
 
 log = logging.getLogger("qgscale.train")
 CKPT_TAG = "ckpt"
 STATE_FILE = "qgscale_state.json"
 
 
-def deepspeed_config(tc: Any, world_size: int, total_steps: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainRun:
+    """Everything a worker needs: what to train (``task``, with its config section), the
+    init model folder URI, the output folder URI, the number of training rows, the seed and
+    the storage (S3) environment variables."""
+
+    task: Task
+    init_uri: str
+    output_uri: str
+    rows: int
+    seed: int = 13
+    storage_env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.task.config
+
+    @property
+    def metrics_uri(self) -> str:
+        return storage.join(self.output_uri, "metrics.jsonl")
+
+
+def deepspeed_config(tc: TrainConfig, world_size: int, total_steps: int) -> dict[str, Any]:
     """DeepSpeed config from a ``TrainConfig`` (ZeRO, precision, accumulation, clipping,
     AdamW, linear warm-up then linear decay)."""
     cfg: dict[str, Any] = {
@@ -57,8 +81,18 @@ def deepspeed_config(tc: Any, world_size: int, total_steps: int) -> dict[str, An
     return cfg
 
 
-def plan_steps(rows: int, world_size: int, tc: Any) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps); each worker gets ``rows // world`` rows."""
+@dataclass(frozen=True)
+class Plan:
+    """Optimizer steps per epoch and in all, for ``world`` workers."""
+
+    per_epoch: int
+    total: int
+    world: int
+    samples_per_step: int
+
+
+def plan_steps(rows: int, world_size: int, tc: TrainConfig) -> Plan:
+    """Each worker gets ``rows // world_size`` rows; ``max_steps`` caps the total."""
     micro = (rows // world_size) // tc.batch_size
     per_epoch = micro // tc.grad_accum
     if per_epoch == 0:
@@ -67,108 +101,118 @@ def plan_steps(rows: int, world_size: int, tc: Any) -> tuple[int, int]:
     total = per_epoch * tc.epochs
     if tc.max_steps:
         total = min(total, tc.max_steps)
-    return per_epoch, total
+    return Plan(per_epoch, total, world_size, tc.batch_size * tc.grad_accum * world_size)
 
 
-# --- per-task steps: (engine, collated batch) -> (loss to backprop, metrics to log) --------
-def student_step(engine: Any, batch: dict[str, Any], loss_cfg: Any, temperature: float,
-                 world_size: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Contrastive (+ KD + alignment) loss of one micro-batch of the dual encoder."""
-    b, g = batch["batch_size"], batch["group_size"]
-    q, p = engine(query=batch["query"], passage=batch["passage"])
-    q, p = q.float(), p.float()
-    q0 = q[:b]
-    con = losses.contrastive_loss(losses.gather_across_workers(q0),
-                                  losses.gather_across_workers(p[:b * g]), g, temperature)
-    parts = {"contrastive": con.item()}
-    backward = con * world_size  # see contrastive_loss: gradient through local slices only
-    kd = align = None
-    has_gen = batch["has_gen"].to(q.device)
-    if "cand_mask" in batch:
-        mask = batch["cand_mask"].to(q.device)
-        teacher = batch["teacher"].to(q.device)
-        cands = p[b * g:].view(b, mask.shape[1], -1)
-        s_q = torch.einsum("bd,bcd->bc", q0, cands) / temperature
-        s_gen = None
-        if has_gen.any():
-            s_gen = torch.einsum("bd,bcd->bc", q[b:], cands) / temperature
-        st, tt, mm = [s_q], [teacher], [mask]
-        gen_kd = batch["has_gen_scores"].to(q.device) & has_gen
-        if s_gen is not None and gen_kd.any():  # L_KD also on generated queries q'
-            st.append(s_gen[gen_kd])
-            tt.append(batch["gen_teacher"].to(q.device)[gen_kd])
-            mm.append(mask[gen_kd])
-        kd = losses.kd_loss(torch.cat(st), torch.cat(tt), tau_s=loss_cfg.tau_s,
-                            tau_t=loss_cfg.tau_t, mask=torch.cat(mm))
-        parts["kd"] = kd.item()
-        if s_gen is not None and loss_cfg.beta:
-            align = losses.alignment_loss(
-                loss_cfg.align, s_q=s_q[has_gen], s_gen=s_gen[has_gen], t_q=teacher[has_gen],
-                e_q=q0[has_gen], e_gen=q[b:][has_gen], tau_s=loss_cfg.tau_s,
-                tau_t=loss_cfg.tau_t, symmetric=loss_cfg.symmetric, mask=mask[has_gen])
-    elif has_gen.any() and loss_cfg.beta:  # embedding-level alignment needs no candidates
-        align = losses.alignment_loss(loss_cfg.align, s_q=None, s_gen=None, t_q=None,
-                                      e_q=q0[has_gen], e_gen=q[b:][has_gen],
-                                      symmetric=loss_cfg.symmetric)
-    if align is not None:
-        parts["align"] = align.item()
-    extra = losses.total_loss(torch.zeros((), device=q.device), kd, align, loss_cfg.alpha,
-                              loss_cfg.beta)
-    parts["loss"] = parts["contrastive"] + extra.item()
-    return backward + extra, parts
+@dataclass
+class Progress:
+    """Where this worker is: optimizer steps done, the step this attempt started from (0 or
+    the checkpoint it resumed), logged metrics (rank 0 writes them) and the per-micro-batch
+    metrics since the last logged step."""
+
+    step: int = 0
+    start_step: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+    window: list[dict[str, float]] = field(default_factory=list)
+    t0: float = field(default_factory=time.time)
 
 
-def qg_step(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Seq2seq cross-entropy of one QG micro-batch (``QueryGenerator.forward``)."""
-    loss = engine(**batch)
-    return loss, {"loss": loss.item()}
+# --- the steps of a worker -------------------------------------------------------------------
+def setup_engine(run: TrainRun, plan: Plan) -> tuple[Any, Callable[[dict[str, Any]], Any]]:
+    """The task's model under ``deepspeed.initialize``, and its collator."""
+    import deepspeed
+
+    model = run.task.build_model(run.init_uri)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
+                                      config=deepspeed_config(run.config, plan.world,
+                                                              plan.total))
+    return engine, run.task.collator(model)
 
 
-# --- the loop ----------------------------------------------------------------------------
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
+def load_checkpoint(engine: Any, run: TrainRun, checkpoint: Any) -> Progress:
+    """Resume from a ``ray.train.Checkpoint`` (None: start at step 0); rank 0 also reloads
+    the metrics logged up to that step."""
+    if checkpoint is None:
+        return Progress()
+    with checkpoint.as_directory() as d:
+        engine.load_checkpoint(d, tag=CKPT_TAG)
+        with open(os.path.join(d, STATE_FILE)) as f:
+            step = json.load(f)["step"]
+    log.info("rank %d resumed from step %d", engine.global_rank, step)
+    metrics: list[dict[str, Any]] = []
+    if engine.global_rank == 0 and step and storage.exists(run.metrics_uri):
+        metrics = [m for m in (json.loads(x) for x in
+                               storage.read_bytes(run.metrics_uri).splitlines() if x.strip())
+                   if m["step"] <= step]
+    return Progress(step=step, start_step=step, log=metrics)
 
 
-def train_config(config: dict[str, Any]) -> Any:
-    from qgscale.config import QGTrainConfig, StudentTrainConfig
+def train_epoch(engine: Any, run: TrainRun, collate: Callable[[dict[str, Any]], Any],
+                shard: Any, plan: Plan, prog: Progress) -> None:
+    """One pass over this worker's shard, from the micro-batch after the last one done in
+    this epoch (after a resume), until the shard or ``plan.total`` steps end."""
+    tc = run.config
+    skip = (prog.step % plan.per_epoch) * tc.grad_accum
+    seen = 0
+    for i, raw in enumerate(shard.iter_batches(batch_size=tc.batch_size, drop_last=True,
+                                               batch_format="numpy")):
+        seen += 1
+        if i < skip:
+            continue
+        loss, parts = run.task.step(engine, collate(raw).to(engine.device), plan.world)
+        engine.backward(loss)
+        engine.step()
+        prog.window.append(parts)
+        if engine.global_steps <= prog.step:  # inside a gradient-accumulation window
+            continue
+        prog.step = engine.global_steps
+        last = prog.step >= plan.total
+        if last or prog.step % tc.checkpoint_every == 0:
+            report(engine, run, plan, prog, checkpoint=True)
+        elif prog.step % tc.log_every == 0:
+            report(engine, run, plan, prog, checkpoint=False)
+        if last:
+            break
+    if seen == 0:
+        raise RuntimeError(f"rank {engine.global_rank}: the training data shard is empty")
 
-    cls = QGTrainConfig if config["task"] == "qg" else StudentTrainConfig
-    return cls.model_validate(config["train"])
+
+def _metrics(engine: Any, plan: Plan, prog: Progress) -> dict[str, Any]:
+    """Mean of the window's per-micro-batch metrics, and progress, rate, lr and ETA."""
+    elapsed = time.time() - prog.t0
+    rate = (prog.step - prog.start_step) * plan.samples_per_step / max(elapsed, 1e-9)
+    window, prog.window = prog.window, []
+    m: dict[str, Any] = {k: sum(w.get(k, 0.0) for w in window) / len(window)
+                         for k in window[0]}
+    m.update(step=prog.step, epoch=prog.step // plan.per_epoch, samples_per_s=rate,
+             lr=engine.get_lr()[0], eta_s=(plan.total - prog.step) * plan.samples_per_step
+             / max(rate, 1e-9), elapsed_s=elapsed, start_step=prog.start_step)
+    return m
 
 
-def _build(config: dict[str, Any]) -> tuple[torch.nn.Module, Callable, Callable]:
-    """Model, collator and step function for ``config["task"]`` (student | qg)."""
-    from qgscale.config import LossConfig
+def report(engine: Any, run: TrainRun, plan: Plan, prog: Progress, checkpoint: bool) -> None:
+    """``ray.train.report`` the metrics since the last report; with ``checkpoint`` also the
+    DeepSpeed checkpoint of every worker and (rank 0) ``metrics.jsonl``."""
+    import ray.train
 
-    tc = train_config(config)
-    if config["task"] == "qg":
-        from qgscale.models.generator import QGCollator, QueryGenerator
-
-        model = QueryGenerator.from_pretrained(config["init"])
-        model.model.train()
-        collate_rows = QGCollator(model.tokenizer, model.prompt, tc.max_passage_len,
-                                  tc.max_query_len)
-
-        def collate(batch: dict) -> dict:
-            n = len(batch["query"])
-            return collate_rows([{k: str(batch[k][i]) for k in ("query", "lang", "passage")}
-                                 for i in range(n)])
-        return model, collate, lambda engine, b, world: qg_step(engine, b)
-    from qgscale.models.encoder import DualEncoder
-    from qgscale.train.data import StudentCollator
-
-    loss_cfg = LossConfig.model_validate(config["loss"])
-    model = DualEncoder.from_pretrained(config["init"])
-    collate = StudentCollator(model.tokenizer, tc.max_query_len, tc.max_passage_len,
-                              loss_cfg.n_candidates if config.get("distill") else 0)
-
-    def step(engine: Any, b: dict, world: int) -> tuple[torch.Tensor, dict]:
-        return student_step(engine, b, loss_cfg, model.temperature, world)
-    return model, collate, step
+    m = _metrics(engine, plan, prog)
+    prog.log.append(m)
+    rank = engine.global_rank
+    if rank == 0:
+        log.info("step %d/%d loss %.4f %.1f samples/s eta %.0fs", prog.step, plan.total,
+                 m["loss"], m["samples_per_s"], m["eta_s"])
+    if not checkpoint:
+        ray.train.report(m)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=CKPT_TAG)
+        if rank == 0:
+            with open(os.path.join(d, STATE_FILE), "w") as f:
+                json.dump({"step": prog.step, **m}, f)
+            storage.write_bytes(run.metrics_uri,
+                                "".join(json.dumps(x) + "\n" for x in prog.log).encode())
+        ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def _export_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -182,119 +226,10 @@ def _export_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | Non
     return {k: v.detach().float().cpu() for k, v in state.items()}
 
 
-def _maybe_fail(config: dict[str, Any], step: int, rank: int) -> None:
-    """Fault injection for tests: the last worker exits hard once at ``fail_at_step``."""
-    marker, at = config.get("fail_marker"), config.get("fail_at_step")
-    if marker and at == step and rank == config["world_size"] - 1 and not os.path.exists(marker):
-        open(marker, "w").close()
-        log.warning("fault injection: worker %d exits at step %d", rank, step)
-        os._exit(1)
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry. ``config``: task (student | qg), distill, train / loss (config dicts),
-    init (model folder URI), output (URI), rows (training rows), world_size, seed,
-    storage_env (S3 variables), and for tests fail_at_step / fail_marker."""
-    import deepspeed
-    import ray.train
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    os.environ.update(config.get("storage_env", {}))
-    storage.configure()
-    tc = train_config(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config.get("seed", 13) + rank)
-    per_epoch, total = plan_steps(config["rows"], world, tc)
-    model, collate, step_fn = _build(config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
-                                      config=deepspeed_config(tc, world, total))
-    device = engine.device
-
-    step, metrics_log = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag=CKPT_TAG)
-            with open(os.path.join(d, STATE_FILE)) as f:
-                step = json.load(f)["step"]
-        log.info("rank %d resumed from step %d", rank, step)
-    metrics_uri = storage.join(config["output"], "metrics.jsonl")
-    if rank == 0 and step and storage.exists(metrics_uri):
-        metrics_log = [json.loads(x) for x in storage.read_bytes(metrics_uri).splitlines()
-                       if x.strip()]
-        metrics_log = [m for m in metrics_log if m["step"] <= step]
-
-    def save(metrics: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag=CKPT_TAG)
-            if rank == 0:
-                with open(os.path.join(d, STATE_FILE), "w") as f:
-                    json.dump({"step": step, **metrics}, f)
-                storage.write_bytes(metrics_uri, "".join(
-                    json.dumps(m) + "\n" for m in metrics_log).encode())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-    shard = ray.train.get_dataset_shard("train")
-    start_step, t0, window = step, time.time(), []
-    samples_per_step = tc.batch_size * tc.grad_accum * world
-    engine.train()
-    while step < total:
-        skip = (step % per_epoch) * tc.grad_accum  # micro-batches done in this epoch
-        seen = 0
-        for i, raw in enumerate(shard.iter_batches(batch_size=tc.batch_size, drop_last=True,
-                                                   batch_format="numpy")):
-            seen += 1
-            if i < skip:
-                continue
-            batch = _to_device(collate(raw), device)
-            loss, parts = step_fn(engine, batch, world)
-            engine.backward(loss)
-            engine.step()
-            window.append(parts)
-            if engine.global_steps <= step:  # inside a gradient-accumulation window
-                continue
-            step = engine.global_steps
-            _maybe_fail(config, step, rank)
-            last = step >= total
-            if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or last:
-                elapsed = time.time() - t0
-                rate = (step - start_step) * samples_per_step / max(elapsed, 1e-9)
-                m = {k: sum(w.get(k, 0.0) for w in window) / len(window) for k in window[0]}
-                m.update(step=step, epoch=step // per_epoch, samples_per_s=rate,
-                         lr=engine.get_lr()[0], eta_s=(total - step) * samples_per_step
-                         / max(rate, 1e-9), elapsed_s=elapsed)
-                window = []
-                metrics_log.append(m)
-                if rank == 0:
-                    log.info("step %d/%d loss %.4f %.1f samples/s eta %.0fs", step, total,
-                             m["loss"], rate, m["eta_s"])
-                if step % tc.checkpoint_every == 0 or last:
-                    save(m)
-                else:
-                    ray.train.report(m)
-            if step >= total:
-                break
-        if seen == 0:
-            raise RuntimeError(f"rank {rank}: the training data shard is empty")
-
-    state = _export_state(engine, tc.zero_stage)
-    if rank == 0:
-        export(config, state)
-
-
-def export(config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+def export(run: TrainRun, state: dict[str, torch.Tensor]) -> None:
     """Write the trained weights in HF format to ``<output>/model`` (rank 0)."""
-    uri = storage.join(config["output"], "model")
-    if config["task"] == "qg":
-        from qgscale.models.generator import QueryGenerator
-
-        fresh = QueryGenerator.from_pretrained(config["init"])
-    else:
-        from qgscale.models.encoder import DualEncoder
-
-        fresh = DualEncoder.from_pretrained(config["init"])
+    uri = storage.join(run.output_uri, "model")
+    fresh = run.task.build_model(run.init_uri)
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     loaded = {t.data_ptr() for k, t in fresh.state_dict().items() if k in state}
     untied = [k for k in missing if fresh.state_dict()[k].data_ptr() not in loaded]
@@ -302,3 +237,25 @@ def export(config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         raise RuntimeError(f"export: unexpected keys {unexpected[:5]}, missing {untied[:5]}")
     fresh.save_pretrained(uri)
     log.info("exported model to %s", uri)
+
+
+def train_loop_per_worker(config: dict[str, TrainRun]) -> None:
+    """Ray Train entry; ``config``: ``{"run": TrainRun}``."""
+    import ray.train
+
+    run = config["run"]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.update(run.storage_env)
+    storage.configure()
+    ctx = ray.train.get_context()
+    torch.manual_seed(run.seed + ctx.get_world_rank())
+    plan = plan_steps(run.rows, ctx.get_world_size(), run.config)
+    engine, collate = setup_engine(run, plan)
+    prog = load_checkpoint(engine, run, ray.train.get_checkpoint())
+    shard = ray.train.get_dataset_shard("train")
+    engine.train()
+    while prog.step < plan.total:
+        train_epoch(engine, run, collate, shard, plan, prog)
+    state = _export_state(engine, run.config.zero_stage)
+    if engine.global_rank == 0:
+        export(run, state)

@@ -53,6 +53,13 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, group_size: int,
     return F.cross_entropy(scores, labels)
 
 
+def candidate_scores(q: torch.Tensor, candidates: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
+    r"""Student scores of each query's own candidate list: ``q`` (B, d), ``candidates``
+    (B, C, d) -> :math:`\langle q_b, c_{bj} \rangle / \tau`, shape (B, C)."""
+    return torch.einsum("bd,bcd->bc", q, candidates) / temperature
+
+
 def _log_softmax(scores: torch.Tensor, tau: float, mask: torch.Tensor | None) -> torch.Tensor:
     s = scores.float() / tau
     if mask is not None:

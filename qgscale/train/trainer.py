@@ -26,45 +26,44 @@ from qgscale import storage
 from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.raycluster import connect, worker_env
 from qgscale.train import data as tdata
-from qgscale.train.loop import train_loop_per_worker
+from qgscale.train.loop import TrainRun, train_loop_per_worker
+from qgscale.train.tasks import QGTask, StudentTask
 
 log = logging.getLogger("qgscale.train")
-def fit(task: str, rows_uri: str, n_rows: int, init_uri: str, output_uri: str, train: Any,
-        loss: Any = None, *, distill: bool = False, seed: int = 13,
-        extra: dict[str, Any] | None = None) -> Any:
-    """Run :func:`train_loop_per_worker` on ``train.num_workers`` Ray Train workers.
 
-    Checkpoints go to ``<output_uri>/ray`` (local or ``s3://``; rerunning resumes from the
-    latest one); ``FailureConfig(max_failures=train.max_failures)`` restarts the worker group
-    from it after a worker dies. Returns the ``ray.train.Result``.
+
+def fit(run: TrainRun, rows_uri: str) -> Any:
+    """Run :func:`train_loop_per_worker` for ``run`` on ``run.config.num_workers`` Ray Train
+    workers over the training shards under ``rows_uri``.
+
+    Checkpoints go to ``<run.output_uri>/ray`` (local or ``s3://``; rerunning resumes from
+    the latest one); ``FailureConfig(max_failures=...)`` restarts the worker group from it
+    after a worker dies. Returns the ``ray.train.Result``.
     """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    tc = run.config
     shards = [f for f in storage.list_files(rows_uri, ".parquet")]
     if not shards:
         raise DataError(f"{rows_uri}: no training shards")
     dataset = ray.data.read_parquet([storage.ray_path(f) for f in shards],
                                     filesystem=storage.pyarrow_filesystem(rows_uri))
-    ckpt_root = storage.join(output_uri, "ray")
+    ckpt_root = storage.join(run.output_uri, "ray")
     storage.makedirs(ckpt_root)
     if storage.is_local(ckpt_root):
         ckpt_root = os.path.abspath(storage.url_to_fs(ckpt_root)[1])
-    config = {"task": task, "distill": distill, "train": train.model_dump(mode="json"),
-              "loss": loss.model_dump(mode="json") if loss is not None else None,
-              "init": init_uri, "output": output_uri, "rows": n_rows, "seed": seed,
-              "world_size": train.num_workers, "storage_env": worker_env(), **(extra or {})}
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=config,
+        train_loop_per_worker, train_loop_config={"run": run},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker,
-                                  **({"GPU": 1} if train.use_gpu else {})}),
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker,
+                                  **({"GPU": 1} if tc.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name="run", storage_path=storage.ray_path(ckpt_root),
             storage_filesystem=storage.pyarrow_filesystem(ckpt_root),
-            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset})
     return trainer.fit()
@@ -83,8 +82,7 @@ def _finish(out: str, key: str, result: Any, **extra: Any) -> dict[str, Any]:
 def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: str | None,
                    queries_uri: str, corpus_uri: str, qrels_uri: str | None,
                    examples_uri: str | None, candidates_uri: str | None,
-                   scores_uri: str | None, generated_uri: str | None,
-                   extra: dict[str, Any] | None) -> dict[str, Any]:
+                   scores_uri: str | None, generated_uri: str | None) -> dict[str, Any]:
     from qgscale.models.encoder import DualEncoder
 
     sc = getattr(cfg, stage)
@@ -101,10 +99,9 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
         raise MissingInputError(f"{init_uri}: initial model not found (for distill: run "
                                 "`qgscale train warmup` first)")
     table, counts = tdata.build_student_rows(
-        queries_uri, corpus_uri, qrels_uri=qrels_uri, examples_uri=examples_uri,
+        queries_uri, corpus_uri, sc.loss, qrels_uri=qrels_uri, examples_uri=examples_uri,
         candidates_uri=candidates_uri, scores_uri=scores_uri, generated_uri=generated_uri,
-        n_hard_negatives=sc.loss.n_hard_negatives, n_candidates=sc.loss.n_candidates,
-        kd_on_generated=sc.loss.kd_on_generated, seed=cfg.run.seed)
+        seed=cfg.run.seed)
     log.info("%s: %s", stage, counts)
     rows_uri = storage.join(out_uri, "data")
     tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
@@ -120,15 +117,15 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
                                       max_passage_len=sc.max_passage_len)
         model.save_pretrained(init)
     connect(cfg.ray)
-    result = fit("student", rows_uri, table.num_rows, init, out_uri, sc, sc.loss,
-                 distill=distill, seed=cfg.run.seed, extra=extra)
+    run = TrainRun(StudentTask(sc, distill=distill), init_uri=init, output_uri=out_uri,
+                   rows=table.num_rows, seed=cfg.run.seed, storage_env=worker_env())
+    result = fit(run, rows_uri)
     return _finish(out_uri, key, result, stage=stage, counts=counts, inputs=inputs)
 
 
 def run_train_warmup(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_uri: str,
                      qrels_uri: str | None, examples_uri: str | None = None,
-                     init_uri: str | None = None, extra: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
+                     init_uri: str | None = None) -> dict[str, Any]:
     """``qgscale train warmup``: contrastive training of the dual encoder (``cfg.warmup``).
 
     Positives from ``examples_uri`` (``{qid, pos_pids, neg_pids}``) or qrels; hard negatives
@@ -138,13 +135,13 @@ def run_train_warmup(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corp
     return _student_stage(cfg, "warmup", out_uri=out_uri, key=key, init_uri=init_uri,
                           queries_uri=queries_uri, corpus_uri=corpus_uri, qrels_uri=qrels_uri,
                           examples_uri=examples_uri, candidates_uri=None, scores_uri=None,
-                          generated_uri=None, extra=extra)
+                          generated_uri=None)
 
 
 def run_train_distill(cfg: Any, *, out_uri: str, key: str, init_uri: str, candidates_uri: str,
                       scores_uri: str, generated_uri: str | None, queries_uri: str,
-                      corpus_uri: str, qrels_uri: str | None, examples_uri: str | None,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                      corpus_uri: str, qrels_uri: str | None, examples_uri: str | None
+                      ) -> dict[str, Any]:
     """``qgscale train distill``: contrastive + alpha * KD + beta * alignment (``cfg.distill``)
     from ``init_uri`` (the warm-up model) on the mined ``candidates_uri`` with teacher
     ``scores_uri``, positives and hard negatives from ``examples_uri`` (else qrels +
@@ -152,11 +149,11 @@ def run_train_distill(cfg: Any, *, out_uri: str, key: str, init_uri: str, candid
     return _student_stage(cfg, "distill", out_uri=out_uri, key=key, init_uri=init_uri,
                           queries_uri=queries_uri, corpus_uri=corpus_uri, qrels_uri=qrels_uri,
                           examples_uri=examples_uri, candidates_uri=candidates_uri,
-                          scores_uri=scores_uri, generated_uri=generated_uri, extra=extra)
+                          scores_uri=scores_uri, generated_uri=generated_uri)
 
 
 def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_uri: str,
-                 qrels_uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 qrels_uri: str) -> dict[str, Any]:
     """``qgscale train qg``: seq2seq fine-tuning of the query generator (``cfg.qg``) on
     (prompt(lang, passage) -> query) pairs of the training qrels; writes ``out_uri/model``."""
     from qgscale.models.generator import QueryGenerator, qg_examples
@@ -176,7 +173,8 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
         QueryGenerator.build(qc.model, qc.prompt, qc.max_passage_len, qc.max_query_len,
                              seed=cfg.run.seed).save_pretrained(init)
     connect(cfg.ray)
-    result = fit("qg", rows_uri, table.num_rows, init, out_uri, qc, None, seed=cfg.run.seed,
-                 extra=extra)
+    run = TrainRun(QGTask(qc), init_uri=init, output_uri=out_uri, rows=table.num_rows,
+                   seed=cfg.run.seed, storage_env=worker_env())
+    result = fit(run, rows_uri)
     return _finish(out_uri, key, result, stage="qg", counts={"rows": table.num_rows},
                    inputs=inputs)

@@ -1,0 +1,159 @@
+"""What a training run trains: a task builds its model and collator and computes one step.
+
+:class:`StudentTask` (the dual encoder: warm-up and distillation) and :class:`QGTask` (the
+query generator) satisfy :class:`Task`. The steps are plain torch functions of (model or
+DeepSpeed engine, batch): :func:`student_step` runs without Ray or DeepSpeed too (see
+``benchmarks/gpu_check.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from qgscale.config import LossConfig, QGTrainConfig, StudentTrainConfig, TrainConfig
+from qgscale.train import losses
+from qgscale.train.batch import StudentBatch
+from qgscale.train.data import StudentCollator
+
+
+class Batch(Protocol):
+    def to(self, device: torch.device) -> Batch: ...
+
+
+class Task(Protocol):
+    """A training task: its config section, model, collator and step."""
+
+    @property
+    def config(self) -> TrainConfig: ...
+
+    def build_model(self, init_uri: str) -> nn.Module:
+        """The model from the run's init folder, in training mode."""
+
+    def collator(self, model: nn.Module) -> Callable[[dict[str, Any]], Batch]:
+        """Ray Data numpy batch (columns) -> a batch for :meth:`step`."""
+
+    def step(self, engine: Any, batch: Any, world_size: int
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss to backpropagate, metrics to log) of one micro-batch on the device."""
+
+
+# --- the student ---------------------------------------------------------------------------
+def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[rows]
+
+
+def student_step(engine: Any, batch: StudentBatch, loss_cfg: LossConfig, temperature: float,
+                 world_size: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = contrastive + alpha * KD + beta * align of one micro-batch of the dual encoder.
+
+    ``engine``: the :class:`~qgscale.models.encoder.DualEncoder` or a DeepSpeed engine around
+    it; one encoder pass over all queries and one over all passages. KD covers the queries
+    and, where they have teacher scores, their generated queries; alignment the rows with a
+    generated query. The contrastive term is backpropagated times ``world_size`` (negatives
+    gathered from every worker, gradient through the local slice: see
+    :func:`losses.contrastive_loss`); the logged ``loss`` is the unscaled sum.
+    """
+    queries, passages = batch.encoder_inputs()
+    q_emb, p_emb = engine(query=queries.inputs(), passage=passages.inputs())
+    q, gen = batch.split_queries(q_emb.float())
+    groups, cands = batch.split_passages(p_emb.float())
+    con = losses.contrastive_loss(losses.gather_across_workers(q),
+                                  losses.gather_across_workers(groups), batch.group_size,
+                                  temperature)
+    kd = align = s_q = s_gen = None
+    if cands is not None:
+        s_q = losses.candidate_scores(q, cands, temperature)
+        student, teacher, mask = s_q, batch.teacher_scores, batch.cand_mask
+        if gen is not None:
+            s_gen = losses.candidate_scores(gen, cands, temperature)
+            if batch.gen_teacher_scores is not None:  # KD also on generated queries q'
+                kd_rows = batch.gen_teacher_mask
+                student = torch.cat([s_q, s_gen[kd_rows]])
+                teacher = torch.cat([teacher, batch.gen_teacher_scores[kd_rows]])
+                mask = torch.cat([mask, mask[kd_rows]])
+        kd = losses.kd_loss(student, teacher, tau_s=loss_cfg.tau_s, tau_t=loss_cfg.tau_t,
+                            mask=mask)
+    if gen is not None and loss_cfg.beta:  # without candidates: embedding-level kinds only
+        rows = batch.gen_mask
+        align = losses.alignment_loss(
+            loss_cfg.align, s_q=_rows(s_q, rows), s_gen=_rows(s_gen, rows),
+            t_q=_rows(batch.teacher_scores, rows), e_q=q[rows], e_gen=gen[rows],
+            tau_s=loss_cfg.tau_s, tau_t=loss_cfg.tau_t, symmetric=loss_cfg.symmetric,
+            mask=_rows(batch.cand_mask, rows))
+    rest = losses.total_loss(torch.zeros((), device=q.device), kd, align, loss_cfg.alpha,
+                             loss_cfg.beta)
+    parts = {"contrastive": con.item()}
+    parts.update({k: v.item() for k, v in (("kd", kd), ("align", align)) if v is not None})
+    parts["loss"] = parts["contrastive"] + rest.item()
+    return con * world_size + rest, parts
+
+
+@dataclass(frozen=True)
+class StudentTask:
+    """The dual encoder (``warmup`` or, with ``distill``, ``distill``: candidates + KD)."""
+
+    config: StudentTrainConfig
+    distill: bool = False
+
+    def build_model(self, init_uri: str) -> nn.Module:
+        from qgscale.models.encoder import DualEncoder
+
+        return DualEncoder.from_pretrained(init_uri)
+
+    def collator(self, model: nn.Module) -> StudentCollator:
+        return StudentCollator.for_config(model.tokenizer, self.config, self.distill)
+
+    def step(self, engine: Any, batch: StudentBatch, world_size: int
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        model = getattr(engine, "module", engine)  # DeepSpeed engine or the model itself
+        return student_step(engine, batch, self.config.loss, model.temperature, world_size)
+
+
+# --- the query generator -------------------------------------------------------------------
+def qg_step(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Seq2seq cross-entropy of one QG micro-batch (``QueryGenerator.forward``)."""
+    loss = engine(**batch)
+    return loss, {"loss": loss.item()}
+
+
+@dataclass
+class _QGColumns:
+    """Ray Data columns ``{query, lang, passage}`` -> :class:`QGCollator` tensors."""
+
+    collate_rows: Any
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        from transformers import BatchEncoding  # a dict with .to(device)
+
+        n = len(batch["query"])
+        return BatchEncoding(self.collate_rows(
+            [{k: str(batch[k][i]) for k in ("query", "lang", "passage")} for i in range(n)]))
+
+
+@dataclass(frozen=True)
+class QGTask:
+    """Seq2seq fine-tuning of the query generator: prompt(lang, passage) -> query."""
+
+    config: QGTrainConfig
+
+    def build_model(self, init_uri: str) -> nn.Module:
+        from qgscale.models.generator import QueryGenerator
+
+        model = QueryGenerator.from_pretrained(init_uri)
+        model.model.train()
+        return model
+
+    def collator(self, model: nn.Module) -> _QGColumns:
+        from qgscale.models.generator import QGCollator
+
+        return _QGColumns(QGCollator(model.tokenizer, model.prompt, self.config.max_passage_len,
+                                     self.config.max_query_len))
+
+    def step(self, engine: Any, batch: dict[str, torch.Tensor], world_size: int
+             ) -> tuple[torch.Tensor, dict]:
+        return qg_step(engine, batch)
