@@ -16,8 +16,10 @@ resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +28,7 @@ from qgscale import storage
 from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.raycluster import connect, worker_env
 from qgscale.train import data as tdata
-from qgscale.train.loop import TrainRun, train_loop_per_worker
+from qgscale.train.loop import TrainRun, plan_steps, train_loop_per_worker
 from qgscale.train.tasks import QGTask, StudentTask
 
 log = logging.getLogger("qgscale.train")
@@ -66,7 +68,44 @@ def fit(run: TrainRun, rows_uri: str) -> Any:
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset})
-    return trainer.fit()
+    with _progress(run):
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def _progress(run: TrainRun, every_s: float = 2.0) -> Iterator[None]:
+    """One progress line on the driver (step/total, loss, samples/s, ETA) while the workers
+    train, read from rank 0's ``metrics.jsonl`` (worker logs stay out of the console)."""
+    import json
+    import threading
+
+    from tqdm import tqdm
+
+    total = plan_steps(run.rows, run.config.num_workers, run.config).total
+    name = {"QGTask": "qg"}.get(type(run.task).__name__, "student")
+    bar = tqdm(total=total, unit="step", desc=f"train {name}", leave=True)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                lines = storage.read_bytes(run.metrics_uri).decode().splitlines()
+                last = json.loads(lines[-1]) if lines else None
+            except (OSError, ValueError):
+                continue
+            if last and last.get("step", 0) >= bar.n:
+                bar.update(last["step"] - bar.n)
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}",
+                                samples_per_s=f"{last.get('samples_per_s', 0):.1f}")
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
 
 
 def _finish(out: str, key: str, result: Any, **extra: Any) -> dict[str, Any]:
