@@ -174,6 +174,11 @@ def run(config: ConfigArg, set: Overrides = None,
     results = pipeline.run(cfg, start=from_, only=only)
     if "eval" in results:
         _eval_summary(cfg, results["eval"])
+    for split, r in (results.get("rerank") or {}).items():
+        s, t = r["student"]["macro"]["mrr@10"], r["teacher"]["macro"]["mrr@10"]
+        typer.echo(f"teacher rerank of the warm-up top-{r['rerank_k']} ({split}): MRR@10 "
+                   f"{t:.4f} vs the student's own order {s:.4f}"
+                   + ("" if t > s else "  <- the teacher is not better"))
 
 
 def _eval_summary(cfg: config_mod.Config, results: dict) -> None:

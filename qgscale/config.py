@@ -197,6 +197,7 @@ class EvalConfig(Section):
     pairs: bool = True  # also search each corpus language alone: per (query, corpus) lang pair
     answer_recall: bool = True  # R@2kt / R@5kt when the split has answers (XOR-TyDi, MKQA)
     chart_metric: str = "mrr@10"  # metric of the per-pair bar chart
+    rerank_k: int = Field(20, ge=1)  # teacher quality: it reranks the warm-up student's top-k
 
 
 class Config(Section):

@@ -11,6 +11,7 @@ for paths; no stage function has path defaults of its own::
     teacher/{generated,scores,generated_pairs}      teacher outputs
     eval/<student>/<split>/                         metrics.{json,md}, pairs.png
     eval/<split>.{md,png}                           all students side by side per lang pair
+    rerank/<split>/metrics.{json,md}                teacher vs student order, same top-k
     _stages/<stage>.json                            the runner's record of each stage
 """
 
@@ -107,6 +108,10 @@ class Layout:
     def comparison(self, split: str, ext: str) -> str:
         """``eval/<split>.{md,png}``: every student side by side per language pair."""
         return self.uri("eval", f"{split}.{ext}")
+
+    def rerank_dir(self, split: str) -> str:
+        """``rerank/<split>``: the teacher's reranking of the warm-up student's top-k."""
+        return self.uri("rerank", split)
 
     def record(self, stage: str) -> str:
         return self.uri("_stages", f"{stage}.json")

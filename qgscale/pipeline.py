@@ -1,6 +1,7 @@
 """``qgscale run``: the method as a graph of stages, and the one runner that decides what runs.
 
 prepare -> train-qg -> warmup -> index -> mine -> generate -> score -> distill -> reindex -> eval
+-> rerank (the teacher's reranking of the warm-up student's top-k: is the teacher better?)
 
 Each :class:`Stage` names its upstream stages, the config sections it reads, the raw inputs
 outside the run (data files, starting checkpoints) and the outputs downstream stages read. Its
@@ -131,6 +132,16 @@ def _eval(cfg: Config, lay: Layout, key: str) -> dict:
     return out
 
 
+def _rerank(cfg: Config, lay: Layout, key: str) -> dict:
+    """The teacher's reranking of the warm-up student's top-k on each eval split."""
+    from qgscale.eval.rerank import run_rerank
+
+    return {split: run_rerank(cfg, lay.teacher_model(),
+                              storage.join(lay.eval_dir("warmup"), split, "run.parquet"),
+                              cfg.eval.data or lay.data_root, split, lay.rerank_dir(split), key)
+            for split in cfg.eval.splits}
+
+
 # ---------------------------------------------------------------------------- the graph
 def _model_source(model: Any) -> list[str]:
     return [model.name_or_path] if model is not None and model.name_or_path else []
@@ -197,6 +208,11 @@ STAGES = [
     Stage("eval", "metrics of the warm-up and the distilled student", _eval,
           ("eval", "index"), lambda c: ("prepare", "warmup", "distill", "reindex"),
           lambda c, lay: [lay.eval_dir(s) for s in STUDENTS], lambda c, lay: [lay.uri("eval")]),
+    Stage("rerank", "the teacher's reranking of the warm-up student's top-k (teacher quality)",
+          _rerank, ("eval.rerank_k", "eval.splits", "teacher.score", *TEACHER),
+          lambda c: ("prepare", "eval", *_teacher_inputs(c)),
+          lambda c, lay: [lay.rerank_dir(split) for split in c.eval.splits],
+          lambda c, lay: [lay.uri("rerank")], raw=lambda c: _model_source(c.teacher.model)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 BY_NAME = {s.name: s for s in STAGES}

@@ -141,3 +141,25 @@ def test_evaluate_languages_with_answers():
     assert out["macro"]["x->en"]["r@5kt"] == 1.0
     with pytest.raises(ValueError, match="passages"):
         M.evaluate_languages({("ja", "en"): run}, qrels, qlang, plang, answers={})
+
+
+def test_teacher_rerank_compares_orders_of_the_same_lists():
+    from qgscale.eval.rerank import compare_orders, markdown, rerank_metric_names
+
+    lists = {"q1": ["a", "b", "c"], "q2": ["d", "e", "f"], "q3": ["g", "h", "i"]}
+    student = {"q1": {"a": 3, "b": 2, "c": 1}, "q2": {"d": 3, "e": 2, "f": 1},
+               "q3": {"g": 3, "h": 2, "i": 1}}
+    teacher = {"q1": {"a": -5, "b": -1, "c": -3}, "q2": {"d": -1, "e": -2, "f": -3},
+               "q3": {"g": -1, "h": -2, "i": -3}}
+    qrels = {"q1": {"b": 1}, "q2": {"f": 1}, "q3": {"x": 1}}  # q3: relevant not in the list
+    names = rerank_metric_names(3)
+    assert names == ["mrr@10", "recall@1"]
+    r = compare_orders(lists, student, teacher, qrels, {"q1": "de", "q2": "de", "q3": "es"},
+                       names)
+    # de: student ranks b 2nd and f 3rd; the teacher ranks b 1st and f 3rd
+    assert r["student"]["query_langs"]["de"]["mrr@10"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert r["teacher"]["query_langs"]["de"]["mrr@10"] == pytest.approx((1 + 1 / 3) / 2)
+    assert r["teacher"]["query_langs"]["de"]["recall@1"] == pytest.approx(0.5)
+    assert r["student"]["query_langs"]["es"]["mrr@10"] == 0.0  # a miss for both orders
+    assert r["teacher"]["macro"]["mrr@10"] == pytest.approx(((1 + 1 / 3) / 2 + 0) / 2)
+    assert "| de | teacher | 0.6667 | 0.5000 |" in markdown(r, names, 3)

@@ -90,6 +90,11 @@ def test_pipeline_end_to_end_and_resume(finished_run):
     assert side_by_side.startswith("| mrr@10 | init | warmup | distill |")
     assert "| de->en |" in side_by_side
     assert storage.read_bytes(lay.comparison("test", "png"))[:4] == b"\x89PNG"
+    for split, r in results["rerank"].items():  # teacher vs student order, same top-k lists
+        assert split == "test" and r["n_queries"] == data["rows"]["test/queries"]
+        for who in ("student", "teacher"):
+            assert 0.0 <= r[who]["macro"]["mrr@10"] <= 1.0
+        assert set(r["teacher"]["query_langs"]) == {"de"}
     records = _records(cfg)
     assert all(r["state"] == "done" for r in records.values())
 
@@ -134,16 +139,21 @@ def test_readme_command_lines_run_on_a_finished_run(finished_run):
 
 DESCENDANTS = {  # stage -> (a key of its config sections, the stages that must rerun)
     "prepare": ("data.test_mod=3", pipeline.STAGE_NAMES),
-    "train-qg": ("qg.lr=0.0005", ["train-qg", "generate", "score", "distill", "reindex", "eval"]),
+    "train-qg": ("qg.lr=0.0005",
+                 ["train-qg", "generate", "score", "distill", "reindex", "eval", "rerank"]),
     "warmup": ("warmup.lr=0.0005",
-               ["warmup", "index", "mine", "score", "distill", "reindex", "eval"]),
-    "index": ("index.nprobe=4", ["index", "mine", "score", "distill", "reindex", "eval"]),
-    "mine": ("mine.top_k=3", ["mine", "score", "distill", "reindex", "eval"]),
-    "generate": ("teacher.generate.max_new_tokens=6", ["generate", "distill", "reindex", "eval"]),
-    "score": ("teacher.score.shard_pairs=1000", ["score", "distill", "reindex", "eval"]),
-    "distill": ("distill.lr=0.0005", ["distill", "reindex", "eval"]),
-    "reindex": ("eval.splits=[test, train]", ["reindex", "eval"]),
-    "eval": ("eval.top_k=5", ["eval"]),
+               ["warmup", "index", "mine", "score", "distill", "reindex", "eval", "rerank"]),
+    "index": ("index.nprobe=4",
+              ["index", "mine", "score", "distill", "reindex", "eval", "rerank"]),
+    "mine": ("mine.top_k=3", ["mine", "score", "distill", "reindex", "eval", "rerank"]),
+    "generate": ("teacher.generate.max_new_tokens=6",
+                 ["generate", "distill", "reindex", "eval", "rerank"]),
+    "score": ("teacher.score.batch_tokens=5000",
+              ["score", "distill", "reindex", "eval", "rerank"]),
+    "distill": ("distill.lr=0.0005", ["distill", "reindex", "eval", "rerank"]),
+    "reindex": ("eval.splits=[test, train]", ["reindex", "eval", "rerank"]),
+    "eval": ("eval.top_k=5", ["eval", "rerank"]),
+    "rerank": ("eval.rerank_k=5", ["rerank"]),
 }
 
 

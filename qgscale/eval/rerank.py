@@ -1,0 +1,103 @@
+"""Teacher quality: the QG teacher's reranking of the warm-up student's top-k, on eval data.
+
+Distillation only helps when the teacher ranks better than the student it teaches. For each
+eval split this scores every (query, passage) pair of the warm-up student's top
+``eval.rerank_k`` (its pooled ``run.parquet``) with the teacher (the same Ray actor job as
+``teacher score``) and compares, on the *same* lists, the student's order with the teacher's
+order (``log P(q|p) / |q|``): MRR@10 and Recall@k per query language and macro. Queries whose
+relevant passage is not in the list count as misses for both orders.
+
+Writes ``<out>/{candidates,scores}`` and ``<out>/metrics.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import pyarrow as pa
+
+from qgscale import storage
+from qgscale.data.schema import CANDIDATES
+from qgscale.eval import metrics as M
+
+log = logging.getLogger("qgscale.eval")
+
+
+def rerank_metric_names(k: int) -> list[str]:
+    return ["mrr@10"] + [f"recall@{c}" for c in (1, 5, 10) if c <= k]
+
+
+def compare_orders(lists: dict[str, list[str]], student: dict[str, dict[str, float]],
+                   teacher: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
+                   query_lang: dict[str, str], names: list[str]) -> dict[str, Any]:
+    """Metrics of the student's and the teacher's order of the same candidate lists, per
+    query language and as a macro average over languages."""
+    out: dict[str, Any] = {}
+    for who, scores in (("student", student), ("teacher", teacher)):
+        run = {q: {p: scores[q][p] for p in pids} for q, pids in lists.items()}
+        rows = M.per_query(run, {q: qrels.get(q, {}) for q in lists}, names)
+        by_lang: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+        for q, row in rows.items():
+            by_lang[query_lang[q]][q] = row
+        per_lang = {lang: M.mean(r, names) for lang, r in sorted(by_lang.items())}
+        out[who] = {"query_langs": per_lang, "macro": M.macro(per_lang.values())}
+    out["n_queries"] = len(lists)
+    return out
+
+
+def markdown(result: dict[str, Any], names: list[str], k: int) -> str:
+    lines = [f"| top-{k} of the warm-up student | order | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    langs = ["macro", *result["student"]["query_langs"]]
+    for lang in langs:
+        for who in ("student", "teacher"):
+            row = (result[who]["macro"] if lang == "macro"
+                   else result[who]["query_langs"][lang])
+            lines.append(f"| {lang} | {who} | " + " | ".join(f"{row[n]:.4f}" for n in names)
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split: str,
+               out_uri: str, key: str) -> dict[str, Any]:
+    """Stage function ``rerank`` for one split: teacher vs student order on the student's
+    top ``cfg.eval.rerank_k`` of ``run_uri`` (``CANDIDATES`` rows, ranked)."""
+    from qgscale.eval.evaluate import load_split
+    from qgscale.teacher.common import qg_spec
+    from qgscale.teacher.scoring import score_candidates
+
+    k, sc = cfg.eval.rerank_k, cfg.teacher.score
+    data = load_split(data_uri, split, answers=False)
+    run = storage.read_parquet(run_uri).to_pylist()
+    lists = {r["qid"]: list(r["pids"][:k]) for r in run if r["qid"] in data.qrels}
+    student = {r["qid"]: dict(zip(r["pids"][:k], r["scores"][:k], strict=True)) for r in run}
+    cand_uri = storage.join(out_uri, "candidates")
+    storage.write_parquet(storage.join(cand_uri, "part-00000.parquet"), pa.Table.from_pylist(
+        [{"qid": q, "pids": p, "scores": None} for q, p in lists.items()], schema=CANDIDATES))
+    scores_uri = storage.join(out_uri, "scores")
+    score_candidates(qg_spec(cfg, teacher_model), cand_uri, data.source["queries"],
+                     data.corpus_uri, scores_uri, key, batch_tokens=sc.batch_tokens,
+                     shard_pairs=sc.shard_pairs, precision=sc.precision,
+                     num_actors=sc.num_actors, cpus_per_actor=sc.cpus_per_actor,
+                     max_retries=sc.max_retries)
+    teacher: dict[str, dict[str, float]] = defaultdict(dict)
+    table = storage.read_parquet(scores_uri, ["qid", "pid", "score"])
+    for q, p, s in zip(*(table.column(c).to_pylist() for c in ("qid", "pid", "score")),
+                       strict=True):
+        teacher[q][p] = s
+    names = rerank_metric_names(k)
+    result = compare_orders(lists, student, teacher, data.qrels, data.query_lang, names)
+    result.update(split=split, rerank_k=k, student_run=run_uri)
+    storage.write_json(storage.join(out_uri, "metrics.json"), result)
+    storage.write_bytes(storage.join(out_uri, "metrics.md"), markdown(result, names, k).encode())
+    s_mrr, t_mrr = result["student"]["macro"]["mrr@10"], result["teacher"]["macro"]["mrr@10"]
+    if t_mrr <= s_mrr:
+        log.warning("split %s: the teacher reranks the warm-up student's top-%d WORSE than the "
+                    "student orders it (MRR@10 %.4f vs %.4f): distillation from this teacher "
+                    "cannot improve the student", split, k, t_mrr, s_mrr)
+    else:
+        log.info("split %s: teacher rerank MRR@10 %.4f vs student %.4f on its top-%d", split,
+                 t_mrr, s_mrr, k)
+    return result
