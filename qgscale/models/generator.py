@@ -150,25 +150,36 @@ def _cache_kwarg(model: nn.Module) -> str:
         "past_key_values"
 
 
-def _t5_cross_cache(model: nn.Module, enc: torch.Tensor, index: torch.Tensor) -> Any | None:
-    """Cross-attention keys/values computed once per distinct source, expanded to the targets.
-
-    For T5-family decoders (T5, mT5, ...), whose cross-attention reuses a pre-filled
-    ``EncoderDecoderCache``; ``None`` for other architectures (they get expanded encoder
-    states instead, so the K/V projections run once per target).
-    """
+def _cross_attentions(model: nn.Module) -> list[tuple[int, nn.Module, nn.Module, int]] | None:
+    """``(layer index, key proj, value proj, head dim)`` of each decoder cross-attention, for
+    decoders whose cross-attention reads a pre-filled ``EncoderDecoderCache``: T5-family (T5,
+    mT5) and BERT-style decoders (``EncoderDecoderModel``, e.g. BERT2BERT); else None."""
     blocks = getattr(getattr(model, "decoder", None), "block", None)
-    if blocks is None or not all(hasattr(b.layer[1], "EncDecAttention") for b in blocks):
+    if blocks is not None and all(hasattr(b.layer[1], "EncDecAttention") for b in blocks):
+        return [(i, b.layer[1].EncDecAttention.k, b.layer[1].EncDecAttention.v,
+                 b.layer[1].EncDecAttention.key_value_proj_dim) for i, b in enumerate(blocks)]
+    bert = getattr(getattr(model, "decoder", None), "bert", None)
+    layers = getattr(getattr(bert, "encoder", None), "layer", None)
+    if layers is not None and all(hasattr(layer, "crossattention") for layer in layers):
+        atts = [layer.crossattention.self for layer in layers]
+        return [(a.layer_idx, a.key, a.value, a.attention_head_size) for a in atts]
+    return None
+
+
+def _cross_cache(model: nn.Module, enc: torch.Tensor, index: torch.Tensor) -> Any | None:
+    """Cross-attention keys/values computed once per distinct source, expanded to the targets
+    (see :func:`_cross_attentions`); ``None`` for other architectures (they get expanded
+    encoder states instead, so the K/V projections run once per target)."""
+    layers = _cross_attentions(model)
+    if layers is None:
         return None
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-    cache = EncoderDecoderCache(DynamicCache(config=model.config),
-                                DynamicCache(config=model.config))
-    for i, block in enumerate(blocks):
-        att = block.layer[1].EncDecAttention
-        shape = (*enc.shape[:-1], -1, att.key_value_proj_dim)
-        k = att.k(enc).view(shape).transpose(1, 2).index_select(0, index)
-        v = att.v(enc).view(shape).transpose(1, 2).index_select(0, index)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    for i, key, value, head_dim in layers:
+        shape = (*enc.shape[:-1], -1, head_dim)
+        k = key(enc).view(shape).transpose(1, 2).index_select(0, index)
+        v = value(enc).view(shape).transpose(1, 2).index_select(0, index)
         cache.cross_attention_cache.update(k, v, i)
         cache.is_updated[i] = True
     return cache
@@ -181,7 +192,7 @@ def _decode_scores(model: nn.Module, enc: torch.Tensor, enc_mask: torch.Tensor,
     labels = _pad(targets, -100).to(enc.device)
     dec_in = _decoder_inputs(model, labels)
     mask = enc_mask.index_select(0, index)
-    cache = _t5_cross_cache(model, enc, index)
+    cache = _cross_cache(model, enc, index)
     real = labels >= 0
     rows = real.flatten().nonzero().squeeze(-1)
     with _logits_at(model, rows):
@@ -269,7 +280,7 @@ def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
 
     ``sources``/``targets`` are token id lists (already truncated). The encoder runs once per
     distinct source per batch; for T5-family models the decoder's cross-attention keys/values
-    are also computed once per source and shared by its targets (:func:`_t5_cross_cache`),
+    are also computed once per source and shared by its targets (:func:`_cross_cache`),
     other models decode against the encoder output expanded to the targets.
     """
     device = next(model.parameters()).device
@@ -351,6 +362,29 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str,
     return model.eval()
 
 
+def _warm_start(init: dict[str, Any], tokenizer: str | None, seed: int) -> tuple[Any, Any]:
+    """An ``EncoderDecoderModel`` from pretrained encoder-only checkpoints (BERT2BERT)."""
+    from transformers import AutoTokenizer, EncoderDecoderModel
+
+    init.pop("model_type")
+    try:
+        encoder, decoder = resolve(init.pop("encoder")), resolve(init.pop("decoder"))
+    except KeyError as e:
+        raise ConfigError(f"model.init (encoder-decoder): missing {e.args[0]!r}") from None
+    tok = AutoTokenizer.from_pretrained(resolve(tokenizer) if tokenizer else encoder)
+    torch.manual_seed(seed)  # the new cross-attention weights
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(encoder, decoder, **init)
+    start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+    if start is None or start == tok.pad_token_id:
+        raise ConfigError(f"{encoder}: tokenizer has no start token other than padding")
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = (
+            start, tok.pad_token_id, end)
+    model.config.vocab_size = model.config.decoder.vocab_size
+    return model.eval(), tok
+
+
 # ------------------------------------------------------------------------------- the model
 
 class QueryGenerator(nn.Module):
@@ -392,7 +426,13 @@ class QueryGenerator(nn.Module):
     def build(cls, model_cfg: Any, prompt: str = DEFAULT_PROMPT, max_passage_len: int = 256,
               max_query_len: int = 64, seed: int = 0) -> QueryGenerator:
         """From a :class:`qgscale.config.ModelConfig`: load ``name_or_path``, or build ``init``
-        (HF config kwargs incl. ``model_type``) with random weights seeded by ``seed``."""
+        (HF config kwargs incl. ``model_type``) with random weights seeded by ``seed``.
+
+        ``init: {model_type: encoder-decoder, encoder: PATH, decoder: PATH}`` warm-starts an
+        ``EncoderDecoderModel`` from pretrained encoder checkpoints (e.g. BERT2BERT from the
+        demo's MiniLM: encoder and decoder initialised from it, cross-attention new; other
+        keys such as ``decoder_num_hidden_layers`` go to ``from_encoder_decoder_pretrained``).
+        """
         lens = dict(max_passage_len=max_passage_len, max_query_len=max_query_len)
         if model_cfg.name_or_path:
             qg = cls.from_pretrained(model_cfg.name_or_path, model_cfg.tokenizer,
@@ -401,6 +441,9 @@ class QueryGenerator(nn.Module):
             return qg
         from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
+        if (model_cfg.init or {}).get("model_type") == "encoder-decoder":
+            model, tok = _warm_start(dict(model_cfg.init), model_cfg.tokenizer, seed)
+            return cls(model, tok, prompt, **lens)
         if not model_cfg.tokenizer:
             raise ConfigError("model.init needs model.tokenizer (a tokenizer path or hub id)")
         tok = AutoTokenizer.from_pretrained(resolve(model_cfg.tokenizer))
