@@ -149,6 +149,7 @@ class GenerateConfig(Section):
 
 class TeacherConfig(Section):
     model: ModelConfig | None = None  # None: the fine-tuned QG, <run root>/train/qg/model
+    rerank_k: int = Field(20, ge=1)  # teacher quality: it reranks the warm-up student's top-k
     score: ScoreConfig = ScoreConfig()
     generate: GenerateConfig = GenerateConfig()
 
@@ -190,14 +191,13 @@ class EvalConfig(Section):
     splits: list[str] = Field(default_factory=lambda: ["test"])
     # `python -m qgscale.eval` (the eval job): what to evaluate; None: what the pipeline wrote
     model: str | None = None  # student; None: <root>/train/distill/model
-    index: str | None = None  # its FAISS index; None: <root>/index/distill-<split>/faiss
+    index: str | None = None  # its FAISS index; None: <root>/index/distill-<split or all>/faiss
     out: str | None = None  # report folder; None: <root>/eval/distill
     data: str | None = None  # prepared data (queries, qrels/answers) to evaluate; <root>/data
     batch_size: int = 128  # query encoding batch
     pairs: bool = True  # also search each corpus language alone: per (query, corpus) lang pair
     answer_recall: bool = True  # R@2kt / R@5kt when the split has answers (XOR-TyDi, MKQA)
     chart_metric: str = "mrr@10"  # metric of the per-pair bar chart
-    rerank_k: int = Field(20, ge=1)  # teacher quality: it reranks the warm-up student's top-k
 
 
 class Config(Section):

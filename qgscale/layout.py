@@ -6,7 +6,8 @@ for paths; no stage function has path defaults of its own::
     data/[<split>/]{corpus,queries,qrels,answers}   prepare (XQuAD-style data has splits)
     train/{qg,warmup,distill}/model                 the trained models (HF format)
     train/warmup/init                               the student's untrained starting point
-    index/<student>-<split>/{embeddings,faiss}      corpus embeddings and FAISS index
+    index/<student>-<corpus>/{embeddings,faiss}     corpus embeddings and FAISS index
+                                                    (<corpus>: the split, or all if unsplit)
     mine/{candidates,train}                         mined candidate lists, training examples
     teacher/{generated,scores,generated_pairs}      teacher outputs
     eval/<student>/<split>/                         metrics.{json,md}, pairs.png
@@ -67,8 +68,15 @@ class Layout:
         return self.cfg.teacher.model or ModelConfig(name_or_path=self.model("qg"))
 
     # --- index and mining
+    def corpus_tag(self, split: str) -> str:
+        """``split`` when the data has a corpus of that split, else ``all`` (one corpus for
+        every split, as XOR-TyDi and MKQA: a model encodes it once, not once per split)."""
+        return split if storage.exists(self.uri("data", split, "corpus")) else "all"
+
     def index_dir(self, student: str, split: str) -> str:
-        return self.uri("index", f"{student}-{split}")
+        """``index/<student>-<corpus tag>``: the student's embeddings and index of the corpus
+        that ``split``'s queries search."""
+        return self.uri("index", f"{student}-{self.corpus_tag(split)}")
 
     def embeddings(self, student: str, split: str) -> str:
         return storage.join(self.index_dir(student, split), "embeddings")

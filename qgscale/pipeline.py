@@ -108,9 +108,20 @@ def _distill(cfg: Config, lay: Layout, key: str) -> dict:
         **lay.training_data())
 
 
+def reindexed(cfg: Config, lay: Layout) -> list[tuple[str, str]]:
+    """(student, split) pairs the reindex stage encodes: every student on every eval split's
+    corpus, except the warm-up student's index of the training corpus (the index stage's)."""
+    pairs: dict[str, tuple[str, str]] = {}
+    for student in STUDENTS:
+        for split in cfg.eval.splits:
+            if lay.index_dir(student, split) != lay.index_dir("warmup", "train"):
+                pairs.setdefault(lay.index_dir(student, split), (student, split))
+    return list(pairs.values())
+
+
 def _reindex(cfg: Config, lay: Layout, key: str) -> dict:
-    return {f"{s}-{split}": index_model(cfg, lay, s, split, key) for s in STUDENTS
-            for split in cfg.eval.splits}
+    return {f"{s}-{split}": index_model(cfg, lay, s, split, key)
+            for s, split in reindexed(cfg, lay)}
 
 
 def _eval(cfg: Config, lay: Layout, key: str) -> dict:
@@ -202,14 +213,13 @@ STAGES = [
           lambda c, lay: [lay.model("distill")], lambda c, lay: [lay.train_dir("distill")]),
     Stage("reindex", "encode and index the evaluation corpus with both students", _reindex,
           ("index", "eval.splits", "run.seed"), lambda c: ("prepare", "warmup", "distill"),
-          lambda c, lay: [lay.faiss(s, split) for s in STUDENTS for split in c.eval.splits],
-          lambda c, lay: [lay.index_dir(s, split) for s in STUDENTS
-                          for split in c.eval.splits]),
+          lambda c, lay: [lay.faiss(s, split) for s, split in reindexed(c, lay)],
+          lambda c, lay: [lay.index_dir(s, split) for s, split in reindexed(c, lay)]),
     Stage("eval", "metrics of the warm-up and the distilled student", _eval,
-          ("eval", "index"), lambda c: ("prepare", "warmup", "distill", "reindex"),
+          ("eval", "index"), lambda c: ("prepare", "warmup", "index", "distill", "reindex"),
           lambda c, lay: [lay.eval_dir(s) for s in STUDENTS], lambda c, lay: [lay.uri("eval")]),
     Stage("rerank", "the teacher's reranking of the warm-up student's top-k (teacher quality)",
-          _rerank, ("eval.rerank_k", "eval.splits", "teacher.score", *TEACHER),
+          _rerank, ("teacher.rerank_k", "eval.splits", "teacher.score", *TEACHER),
           lambda c: ("prepare", "eval", *_teacher_inputs(c)),
           lambda c, lay: [lay.rerank_dir(split) for split in c.eval.splits],
           lambda c, lay: [lay.uri("rerank")], raw=lambda c: _model_source(c.teacher.model)),

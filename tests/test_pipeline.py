@@ -153,7 +153,7 @@ DESCENDANTS = {  # stage -> (a key of its config sections, the stages that must 
     "distill": ("distill.lr=0.0005", ["distill", "reindex", "eval", "rerank"]),
     "reindex": ("eval.splits=[test, train]", ["reindex", "eval", "rerank"]),
     "eval": ("eval.top_k=5", ["eval", "rerank"]),
-    "rerank": ("eval.rerank_k=5", ["rerank"]),
+    "rerank": ("teacher.rerank_k=5", ["rerank"]),
 }
 
 

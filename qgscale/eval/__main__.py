@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="student to evaluate (default: eval.model, else the run's "
                     "distilled student, <run.root>/train/distill/model)")
     ap.add_argument("--index", help="FAISS index folder (default: eval.index, else the "
-                    "pipeline's index of that student, <run.root>/index/distill-<split>/faiss)")
+                    "pipeline's index of that student, "
+                    "<run.root>/index/distill-<split or all>/faiss)")
     ap.add_argument("--out", help="report folder (default: eval.out, else "
                     "<run.root>/eval/distill)")
     ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",

@@ -2,7 +2,7 @@
 
 Distillation only helps when the teacher ranks better than the student it teaches. For each
 eval split this scores every (query, passage) pair of the warm-up student's top
-``eval.rerank_k`` (its pooled ``run.parquet``) with the teacher (the same Ray actor job as
+``teacher.rerank_k`` (its pooled ``run.parquet``) with the teacher (the same Ray actor job as
 ``teacher score``) and compares, on the *same* lists, the student's order with the teacher's
 order (``log P(q|p) / |q|``): MRR@10 and Recall@k per query language and macro. Queries whose
 relevant passage is not in the list count as misses for both orders.
@@ -63,12 +63,12 @@ def markdown(result: dict[str, Any], names: list[str], k: int) -> str:
 def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split: str,
                out_uri: str, key: str) -> dict[str, Any]:
     """Stage function ``rerank`` for one split: teacher vs student order on the student's
-    top ``cfg.eval.rerank_k`` of ``run_uri`` (``CANDIDATES`` rows, ranked)."""
+    top ``cfg.teacher.rerank_k`` of ``run_uri`` (``CANDIDATES`` rows, ranked)."""
     from qgscale.eval.evaluate import load_split
     from qgscale.teacher.common import qg_spec
     from qgscale.teacher.scoring import score_candidates
 
-    k, sc = cfg.eval.rerank_k, cfg.teacher.score
+    k, sc = cfg.teacher.rerank_k, cfg.teacher.score
     data = load_split(data_uri, split, answers=False)
     run = storage.read_parquet(run_uri).to_pylist()
     lists = {r["qid"]: list(r["pids"][:k]) for r in run if r["qid"] in data.qrels}
