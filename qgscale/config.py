@@ -40,6 +40,10 @@ class RayConfig(Section):
     address: str | None = None  # None: start a local Ray; "auto": join a running cluster
     num_cpus: int | None = None  # for a local Ray only
     num_gpus: int | None = None
+    # forward every worker's stdout/stderr to this console (Ray's default). Off: the console
+    # shows qgscale's progress lines; worker logs stay in Ray's session folder
+    # (/tmp/ray/session_latest/logs) and errors still reach the driver as exceptions.
+    log_to_driver: bool = False
 
 
 class DataConfig(Section):
@@ -192,7 +196,7 @@ class EvalConfig(Section):
     # `python -m qgscale.eval` (the eval job): what to evaluate; None: what the pipeline wrote
     model: str | None = None  # student; None: <root>/train/distill/model
     index: str | None = None  # its FAISS index; None: <root>/index/distill-<split or all>/faiss
-    out: str | None = None  # report folder; None: <root>/eval/distill
+    out: str | None = None  # report folder; None: <root>/eval-job (not the eval stage's)
     data: str | None = None  # prepared data (queries, qrels/answers) to evaluate; <root>/data
     batch_size: int = 128  # query encoding batch
     pairs: bool = True  # also search each corpus language alone: per (query, corpus) lang pair

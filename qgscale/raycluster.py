@@ -44,12 +44,14 @@ def connect(ray_cfg: Any = None) -> None:
         return
     address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
     if address:  # a job's own runtime env (``ray job submit``) must not be overridden
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING,
+                 log_to_driver=getattr(ray_cfg, "log_to_driver", False))
         log.info("joined the Ray cluster at %s (%s CPUs, %s GPUs)", address,
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
     else:
         ray.init(address="local", num_cpus=getattr(ray_cfg, "num_cpus", None),
                  num_gpus=getattr(ray_cfg, "num_gpus", None), include_dashboard=False,
-                 logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()})
+                 logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()},
+                 log_to_driver=getattr(ray_cfg, "log_to_driver", False))
         log.info("started a local Ray (%s CPUs, %s GPUs; ray.address: null)",
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))

@@ -405,7 +405,7 @@ def test_readme_job_submit_recipe(run_root, tmp_path):
     assert res.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower()
     assert (tmp_path / "home" / ".ray" / "auth_token").exists()
-    metrics = storage.read_json(storage.join(root, "eval", "distill", "test", "metrics.json"))
+    metrics = storage.read_json(storage.join(root, "eval-job", "test", "metrics.json"))
     assert metrics["n_queries"] == 2 * N_QUERIES
 
 

@@ -134,7 +134,9 @@ def test_readme_command_lines_run_on_a_finished_run(finished_run):
     assert dry == [f"{s}: done" for s in pipeline.STAGE_NAMES]
     assert "| distill | test |" in outputs[f"eval {path}"]
     lay = Layout(cfg)
-    assert storage.exists(storage.join(lay.eval_dir("distill"), "test", "metrics.json"))
+    job = storage.read_json(storage.join(lay.uri("eval-job"), "test", "metrics.json"))
+    pipeline_eval = storage.read_json(storage.join(lay.eval_dir("distill"), "test", "metrics.json"))
+    assert job["macro"] == pipeline_eval["macro"]  # the job evaluates what the pipeline did
 
 
 DESCENDANTS = {  # stage -> (a key of its config sections, the stages that must rerun)

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                     "pipeline's index of that student, "
                     "<run.root>/index/distill-<split or all>/faiss)")
     ap.add_argument("--out", help="report folder (default: eval.out, else "
-                    "<run.root>/eval/distill)")
+                    "<run.root>/eval-job; the pipeline's eval stage keeps eval/)")
     ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                     help="config override (repeatable); bare KEY=VALUE arguments work too")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         for split, model, index in jobs:  # every input checked before Ray starts
             check_inputs(model, index, data, [split])
         for split, model, index in jobs:
-            run_eval(cfg, model, index, data, args.out or ec.out or lay.eval_dir("distill"),
+            run_eval(cfg, model, index, data, args.out or ec.out or lay.uri("eval-job"),
                      [split])
     except Exception as e:  # a user error: one line and exit 2; a bug: the traceback
         code = report(e)
