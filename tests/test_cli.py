@@ -69,7 +69,7 @@ def test_python_m_eval_without_an_index(tmp_path):
     (root / "train" / "distill" / "model").mkdir(parents=True)
     cfg = _config(tmp_path, {"run": {"root": str(root)}})
     res = _run("-m", "qgscale.eval", "--config", str(cfg))
-    _one_error_line(res, f"eval: index {root}/index/distill-test/faiss does not exist",
+    _one_error_line(res, f"eval: index {root}/index/distill-all/faiss does not exist",
                     "eval.index or --index")
     res = _run("-m", "qgscale.eval", "--config", str(cfg), "eval.index=" + str(tmp_path / "ix"))
     _one_error_line(res, f"eval: index {tmp_path / 'ix'} does not exist")
@@ -90,7 +90,7 @@ def test_qgscale_eval_before_its_inputs(tmp_path):
 def test_python_m_eval_without_the_split_data(tmp_path):
     root = tmp_path / "run"
     (root / "train" / "distill" / "model").mkdir(parents=True)
-    index = root / "index" / "distill-test" / "faiss"
+    index = root / "index" / "distill-all" / "faiss"  # no split folders: one corpus
     index.mkdir(parents=True)
     (index / "_manifest.json").write_text("{}")
     cfg = _config(tmp_path, {"run": {"root": str(root)}})
