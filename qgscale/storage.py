@@ -24,7 +24,7 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,6 +241,20 @@ def ray_path(uri: str) -> str:
     return uri
 
 
+def shard_name(index: int) -> str:
+    """The file stem of shard ``index``: ``part-00000``, ``part-00001``, ..."""
+    return f"part-{index:05d}"
+
+
+def shard_slices(n_rows: int, shard_rows: int) -> list[tuple[str, slice]]:
+    """Names and row ranges of ``n_rows`` rows cut into shards of ``shard_rows`` (no rows:
+    one empty shard, so that the folder still holds a readable table)."""
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows={shard_rows}: expected >= 1")
+    return [(shard_name(i // shard_rows), slice(i, min(i + shard_rows, n_rows)))
+            for i in range(0, max(n_rows, 1), shard_rows)]
+
+
 @dataclass
 class ShardInfo:
     name: str
@@ -280,6 +294,39 @@ class ShardWriter:
                                         **extra})
         return info
 
+    def write_shards(self, n_rows: int, shard_rows: int,
+                     make: Callable[[str, slice], pa.Table | tuple[pa.Table, dict]], *,
+                     desc: str | None = None, **manifest: Any) -> dict:
+        """Cut ``n_rows`` rows into shards (:func:`shard_slices`), write every shard not yet
+        done (``make(name, rows)`` builds it: its table, or ``(table, marker_extra)``), then
+        the manifest (with ``manifest`` fields); returns the manifest. A progress bar named
+        ``desc`` is shown for 10 shards or more."""
+        from tqdm import tqdm
+
+        plan = shard_slices(n_rows, shard_rows)
+        for name, rows in tqdm(plan, desc=desc, unit="shard",
+                               disable=desc is None or len(plan) < 10):
+            if self.done(name):
+                continue
+            out = make(name, rows)
+            table, extra = out if isinstance(out, tuple) else (out, {})
+            self.write(name, table, **extra)
+        return self.finalize([name for name, _ in plan], **manifest)
+
+    def write_table(self, table: pa.Table, shard_rows: int, *, desc: str | None = None,
+                    **manifest: Any) -> dict:
+        """``table`` as shards of ``shard_rows`` rows (see :meth:`write_shards`)."""
+        return self.write_shards(table.num_rows, shard_rows,
+                                 lambda _, r: table.slice(r.start, r.stop - r.start),
+                                 desc=desc, **manifest)
+
+    def write_rows(self, rows: Sequence[Mapping[str, Any]], shard_rows: int,
+                   schema: pa.Schema, *, desc: str | None = None, **manifest: Any) -> dict:
+        """Row dicts as shards of ``shard_rows`` rows of ``schema`` (see :meth:`write_shards`)."""
+        return self.write_shards(len(rows), shard_rows,
+                                 lambda _, r: pa.Table.from_pylist(rows[r], schema=schema),
+                                 desc=desc, **manifest)
+
     def finished(self) -> list[ShardInfo]:
         out = []
         for marker in list_files(join(self.root, DONE_DIR), ".json"):
@@ -289,12 +336,15 @@ class ShardWriter:
         return sorted(out, key=lambda s: s.name)
 
     def finalize(self, expected: Iterable[str] | None = None, **extra: Any) -> dict:
-        """Write ``_manifest.json`` once every expected shard is done; returns the manifest."""
+        """Write ``_manifest.json`` once every expected shard is done; returns the manifest
+        (listing the ``expected`` shards when given, else every finished one)."""
         shards = self.finished()
         if expected is not None:
-            missing = sorted(set(expected) - {s.name for s in shards})
+            want = set(expected)
+            missing = sorted(want - {s.name for s in shards})
             if missing:
                 raise RuntimeError(f"{self.root}: shards not finished: {missing[:10]}")
+            shards = [s for s in shards if s.name in want]
         manifest = {
             "shards": [s.__dict__ | {"file": f"{s.name}.parquet"} for s in shards],
             "rows": sum(s.rows for s in shards),
