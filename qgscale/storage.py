@@ -3,8 +3,9 @@
 Every path in qgscale is an fsspec URI: a local path, ``file://``, ``s3://`` or ``memory://``.
 S3 endpoint and credentials come from the standard AWS variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``) or from the config's
-``storage`` block, which :func:`configure` copies into those variables so that Ray workers
-started from this process see them too. Credentials are never logged.
+``storage`` block, which :func:`configure` copies into those variables. Credentials are never
+logged and never handed to Ray: workers read them from their own environment (see
+:mod:`qgscale.runtime` for the rule, local and on a cluster).
 
 A stage writes its output as shards into one folder::
 
@@ -13,6 +14,9 @@ A stage writes its output as shards into one folder::
     out/_manifest.json          shard list, row counts, checksums, config hash
 
 A re-run skips every shard with a done marker; the manifest is written once all are done.
+Shards are named ``part-%05d`` (:func:`shard_slices`); :meth:`ShardWriter.write_table`,
+:meth:`~ShardWriter.write_rows` and :meth:`~ShardWriter.write_shards` name, skip, write and
+finalize in one call, and :func:`qgscale.runtime.run_shards` writes shards from Ray actors.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ _S3_ENV = {
 
 def configure(endpoint_url: str | None = None, region: str | None = None,
               access_key_id: str | None = None, secret_access_key: str | None = None) -> None:
-    """Set S3 settings for this process and the Ray workers it starts (via the environment)."""
+    """Set S3 settings for this process (via the environment). A local Ray started after this
+    call (:func:`qgscale.runtime.connect`) passes them on to its workers by inheritance."""
     given = dict(endpoint_url=endpoint_url, region=region, access_key_id=access_key_id,
                  secret_access_key=secret_access_key)
     for key, value in given.items():
@@ -210,7 +215,8 @@ def config_hash(obj: Any) -> str:
 def pyarrow_filesystem(uri: str):
     """A pyarrow filesystem for ``uri`` (for Ray Data), with the S3 endpoint set explicitly.
 
-    pyarrow's S3 filesystem ignores ``AWS_ENDPOINT_URL``, so we pass ``endpoint_override``.
+    pyarrow's S3 filesystem ignores ``AWS_ENDPOINT_URL``, so we pass ``endpoint_override``;
+    it carries no credentials (each process finds its own, see :mod:`qgscale.runtime`).
     """
     if is_local(uri):
         return None
@@ -222,9 +228,8 @@ def pyarrow_filesystem(uri: str):
         if endpoint:
             scheme, host = endpoint.split("://", 1) if "://" in endpoint else ("https", endpoint)
             kwargs.update(endpoint_override=host, scheme=scheme)
-        if os.environ.get("AWS_ACCESS_KEY_ID"):
-            kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                          secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+        # credentials: the AWS default chain (environment, IAM role) wherever the filesystem
+        # is used; explicit keys would be pickled into every Ray Data task that gets it
         kwargs["region"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
         return pafs.S3FileSystem(**kwargs)
     from pyarrow.fs import FSSpecHandler, PyFileSystem
