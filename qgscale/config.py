@@ -129,7 +129,10 @@ class StudentTrainConfig(TrainConfig):
 
 class ScoreConfig(Section):
     num_actors: int | None = None  # None: one per GPU, else one per spare CPU
-    cpus_per_actor: float = 1.0  # CPU slots per actor without GPUs (fractions allowed)
+    cpus_per_actor: float = 1.0  # CPUs per actor (fractions allowed)
+    # GPUs per actor: None = 1 when the Ray cluster has (or can scale up to) GPUs, else CPU
+    # only (logged); 0 = CPU only; > 0 = required (fails at once on a cluster without GPUs)
+    gpus_per_actor: float | None = Field(None, ge=0)
     batch_tokens: int = 16384
     shard_pairs: int = 2000
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # QG weight dtype on GPU (CPU: fp32)
@@ -148,6 +151,7 @@ class GenerateConfig(Section):
     passages: Literal["positives", "corpus"] = "positives"  # qrels positives or every passage
     num_actors: int | None = None  # as teacher.score
     cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = Field(None, ge=0)  # as teacher.score
     max_retries: int = 3
 
 
@@ -172,6 +176,8 @@ class IndexConfig(Section):
     max_memory_gb: float = 8.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # encode autocast dtype on GPU
     cpus_per_actor: float = 1.0  # encode actors / add tasks (leave a CPU for the driver)
+    # GPUs of each encode actor (and of the index training task): as teacher.score
+    gpus_per_actor: float | None = Field(None, ge=0)
     merge: Literal["memory", "ondisk"] = "memory"  # how IVF parts are merged into one index
     search_actors: bool = False  # search: one Ray actor per index shard (else IndexShards)
     max_retries: int = 2

@@ -373,9 +373,9 @@ def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[
                 f"stage {stage.name} needs stage {pending[0]} ({statuses[pending[0]].state}); "
                 f"run `qgscale run CONFIG --only {pending[0]}` (or the whole pipeline) first")
         if not connected:
-            from qgscale import raycluster
+            from qgscale import runtime
 
-            raycluster.connect(cfg.ray)
+            runtime.connect(cfg.ray)
             connected = True
         if status.state in ("stale", "missing"):
             for uri in stage.owns(cfg, lay):  # a new key starts from scratch

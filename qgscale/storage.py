@@ -3,8 +3,9 @@
 Every path in qgscale is an fsspec URI: a local path, ``file://``, ``s3://`` or ``memory://``.
 S3 endpoint and credentials come from the standard AWS variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``) or from the config's
-``storage`` block, which :func:`configure` copies into those variables so that Ray workers
-started from this process see them too. Credentials are never logged.
+``storage`` block, which :func:`configure` copies into those variables. Credentials are never
+logged and never handed to Ray: workers read them from their own environment (see
+:mod:`qgscale.runtime` for the rule, local and on a cluster).
 
 A stage writes its output as shards into one folder::
 
@@ -13,6 +14,9 @@ A stage writes its output as shards into one folder::
     out/_manifest.json          shard list, row counts, checksums, config hash
 
 A re-run skips every shard with a done marker; the manifest is written once all are done.
+Shards are named ``part-%05d`` (:func:`shard_slices`); :meth:`ShardWriter.write_table`,
+:meth:`~ShardWriter.write_rows` and :meth:`~ShardWriter.write_shards` name, skip, write and
+finalize in one call, and :func:`qgscale.runtime.run_shards` writes shards from Ray actors.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +51,8 @@ _S3_ENV = {
 
 def configure(endpoint_url: str | None = None, region: str | None = None,
               access_key_id: str | None = None, secret_access_key: str | None = None) -> None:
-    """Set S3 settings for this process and the Ray workers it starts (via the environment)."""
+    """Set S3 settings for this process (via the environment). A local Ray started after this
+    call (:func:`qgscale.runtime.connect`) passes them on to its workers by inheritance."""
     given = dict(endpoint_url=endpoint_url, region=region, access_key_id=access_key_id,
                  secret_access_key=secret_access_key)
     for key, value in given.items():
@@ -212,7 +217,8 @@ def config_hash(obj: Any) -> str:
 def pyarrow_filesystem(uri: str):
     """A pyarrow filesystem for ``uri`` (for Ray Data), with the S3 endpoint set explicitly.
 
-    pyarrow's S3 filesystem ignores ``AWS_ENDPOINT_URL``, so we pass ``endpoint_override``.
+    pyarrow's S3 filesystem ignores ``AWS_ENDPOINT_URL``, so we pass ``endpoint_override``;
+    it carries no credentials (each process finds its own, see :mod:`qgscale.runtime`).
     """
     if is_local(uri):
         return None
@@ -224,9 +230,8 @@ def pyarrow_filesystem(uri: str):
         if endpoint:
             scheme, host = endpoint.split("://", 1) if "://" in endpoint else ("https", endpoint)
             kwargs.update(endpoint_override=host, scheme=scheme)
-        if os.environ.get("AWS_ACCESS_KEY_ID"):
-            kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                          secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+        # credentials: the AWS default chain (environment, IAM role) wherever the filesystem
+        # is used; explicit keys would be pickled into every Ray Data task that gets it
         kwargs["region"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
         return pafs.S3FileSystem(**kwargs)
     from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -241,6 +246,20 @@ def ray_path(uri: str) -> str:
     if uri.startswith(("s3://", "s3a://")):
         return uri.split("://", 1)[1]
     return uri
+
+
+def shard_name(index: int) -> str:
+    """The file stem of shard ``index``: ``part-00000``, ``part-00001``, ..."""
+    return f"part-{index:05d}"
+
+
+def shard_slices(n_rows: int, shard_rows: int) -> list[tuple[str, slice]]:
+    """Names and row ranges of ``n_rows`` rows cut into shards of ``shard_rows`` (no rows:
+    one empty shard, so that the folder still holds a readable table)."""
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows={shard_rows}: expected >= 1")
+    return [(shard_name(i // shard_rows), slice(i, min(i + shard_rows, n_rows)))
+            for i in range(0, max(n_rows, 1), shard_rows)]
 
 
 @dataclass
@@ -282,6 +301,39 @@ class ShardWriter:
                                         **extra})
         return info
 
+    def write_shards(self, n_rows: int, shard_rows: int,
+                     make: Callable[[str, slice], pa.Table | tuple[pa.Table, dict]], *,
+                     desc: str | None = None, **manifest: Any) -> dict:
+        """Cut ``n_rows`` rows into shards (:func:`shard_slices`), write every shard not yet
+        done (``make(name, rows)`` builds it: its table, or ``(table, marker_extra)``), then
+        the manifest (with ``manifest`` fields); returns the manifest. A progress bar named
+        ``desc`` is shown for 10 shards or more."""
+        from tqdm import tqdm
+
+        plan = shard_slices(n_rows, shard_rows)
+        for name, rows in tqdm(plan, desc=desc, unit="shard",
+                               disable=desc is None or len(plan) < 10):
+            if self.done(name):
+                continue
+            out = make(name, rows)
+            table, extra = out if isinstance(out, tuple) else (out, {})
+            self.write(name, table, **extra)
+        return self.finalize([name for name, _ in plan], **manifest)
+
+    def write_table(self, table: pa.Table, shard_rows: int, *, desc: str | None = None,
+                    **manifest: Any) -> dict:
+        """``table`` as shards of ``shard_rows`` rows (see :meth:`write_shards`)."""
+        return self.write_shards(table.num_rows, shard_rows,
+                                 lambda _, r: table.slice(r.start, r.stop - r.start),
+                                 desc=desc, **manifest)
+
+    def write_rows(self, rows: Sequence[Mapping[str, Any]], shard_rows: int,
+                   schema: pa.Schema, *, desc: str | None = None, **manifest: Any) -> dict:
+        """Row dicts as shards of ``shard_rows`` rows of ``schema`` (see :meth:`write_shards`)."""
+        return self.write_shards(len(rows), shard_rows,
+                                 lambda _, r: pa.Table.from_pylist(rows[r], schema=schema),
+                                 desc=desc, **manifest)
+
     def finished(self) -> list[ShardInfo]:
         out = []
         for marker in list_files(join(self.root, DONE_DIR), ".json"):
@@ -291,12 +343,15 @@ class ShardWriter:
         return sorted(out, key=lambda s: s.name)
 
     def finalize(self, expected: Iterable[str] | None = None, **extra: Any) -> dict:
-        """Write ``_manifest.json`` once every expected shard is done; returns the manifest."""
+        """Write ``_manifest.json`` once every expected shard is done; returns the manifest
+        (listing the ``expected`` shards when given, else every finished one)."""
         shards = self.finished()
         if expected is not None:
-            missing = sorted(set(expected) - {s.name for s in shards})
+            want = set(expected)
+            missing = sorted(want - {s.name for s in shards})
             if missing:
                 raise RuntimeError(f"{self.root}: shards not finished: {missing[:10]}")
+            shards = [s for s in shards if s.name in want]
         manifest = {
             "shards": [s.__dict__ | {"file": f"{s.name}.parquet"} for s in shards],
             "rows": sum(s.rows for s in shards),

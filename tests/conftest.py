@@ -30,7 +30,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A moto S3 server over HTTP on 127.0.0.1; sets the AWS variables for this process."""
+    """A moto S3 server over HTTP on 127.0.0.1; sets the AWS variables for this process.
+
+    The credentials are random (moto takes any), so that a test can look for them in what
+    Ray saw (they must be nowhere: workers inherit them, see :mod:`qgscale.runtime`)."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -46,8 +49,10 @@ def s3_server():
                 proc.kill()
                 raise RuntimeError("moto server did not start") from None
             time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {"AWS_ENDPOINT_URL": endpoint,
+           "AWS_ACCESS_KEY_ID": f"QGSTEST{uuid.uuid4().hex[:13].upper()}",
+           "AWS_SECRET_ACCESS_KEY": f"qgs-secret-{uuid.uuid4().hex}",
+           "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     from qgscale import storage
@@ -75,13 +80,15 @@ def s3_bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray instance for the whole session (2 CPUs, like CI)."""
+def ray_local(s3_server):
+    """One real local Ray instance for the whole session (2 CPUs, no GPU, like CI), started
+    after the S3 settings are in the environment: its workers inherit the credentials, which
+    never travel through Ray (the rule of :mod:`qgscale.runtime`)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -297,8 +297,9 @@ def _wait_dashboard(address: str, proc: subprocess.Popen, log: Path, timeout: fl
 
 @pytest.mark.slow
 def test_ray_job_submit_eval(run_root, s3_bucket, ray_head, tmp_path):
-    """The job reads the run from local disk and writes its reports to the S3 endpoint (S3
-    settings handed to the job through the runtime env, as on a real cluster)."""
+    """The job reads the run from local disk and writes its reports to the S3 endpoint. As on
+    a real cluster, the credentials come from the nodes' environment (``ray start`` ran with
+    them) and only non-secret settings go in the job's runtime env (the dashboard shows it)."""
     root, b = run_root
     cfg_path = tmp_path / "eval.yaml"
     cfg_path.write_text(yaml.safe_dump({
@@ -312,7 +313,9 @@ def test_ray_job_submit_eval(run_root, s3_bucket, ray_head, tmp_path):
     assert "AWS_SECRET_ACCESS_KEY" in ray_head["env"]
     runtime_env = {"excludes": [".git", ".venv", "runs", "bench-out", "**/__pycache__",
                                 ".pytest_cache", ".ruff_cache"],
-                   "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+                   "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                **{k: os.environ[k] for k in (
+                                    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}}}
     cmd = [ray_head["ray"], "job", "submit", "--address", ray_head["address"],
            "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
            "--", "python", "-m", "qgscale.eval", "--config", str(cfg_path),

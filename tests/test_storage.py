@@ -67,6 +67,42 @@ def test_shard_writer_resume(root):
     assert not storage.ShardWriter(root, config_hash="h2").done(names[0])
 
 
+def test_shard_writer_writes_names_skips_and_finalizes(root):
+    """write_table / write_rows / write_shards: ``part-%05d`` shards of ``shard_rows``, done
+    shards kept on a re-run, the manifest listing exactly this run's shards."""
+    assert storage.shard_slices(5, 2) == [("part-00000", slice(0, 2)),
+                                          ("part-00001", slice(2, 4)),
+                                          ("part-00002", slice(4, 5))]
+    assert storage.shard_slices(0, 2) == [("part-00000", slice(0, 0))]
+    table = _table(5)
+    m = storage.ShardWriter(root, "h1").write_table(table, 2, source="t")
+    assert [s["name"] for s in m["shards"]] == ["part-00000", "part-00001", "part-00002"]
+    assert m["rows"] == 5 and m["source"] == "t"
+    assert storage.read_parquet(root).to_pylist() == table.to_pylist()
+    times = {s["name"]: storage.read_json(storage.join(root, storage.DONE_DIR,
+                                                       f"{s['name']}.json"))["time"]
+             for s in m["shards"]}
+    storage.remove(storage.join(root, storage.DONE_DIR, "part-00001.json"))
+    made = []
+
+    def make(name: str, rows: slice):
+        made.append(name)
+        return table.slice(rows.start, rows.stop - rows.start), {"note": name}
+
+    again = storage.ShardWriter(root, "h1").write_shards(5, 2, make)
+    assert made == ["part-00001"] and again["rows"] == 5
+    redone = storage.read_json(storage.join(root, storage.DONE_DIR, "part-00001.json"))
+    assert redone["note"] == "part-00001" and redone["time"] > times["part-00001"]
+    # rows of dicts; no rows still gives one (empty) shard
+    empty = storage.join(root, "empty")
+    m = storage.ShardWriter(empty, "h1").write_rows([], 2, table.schema)
+    assert [s["name"] for s in m["shards"]] == ["part-00000"] and m["rows"] == 0
+    assert storage.read_parquet(empty).schema == table.schema
+    rows = storage.join(root, "rows")
+    m = storage.ShardWriter(rows, "h1").write_rows(table.to_pylist(), 4, table.schema)
+    assert len(m["shards"]) == 2 and storage.read_parquet(rows).equals(table)
+
+
 WRITER = textwrap.dedent("""
     import os, sys, time
     from qgscale import storage

@@ -3,6 +3,7 @@ resume, local disk and the local S3 endpoint."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -205,3 +206,80 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
     assert storage.read_parquet(cfg.uri("teacher", "scores")).num_rows == 8
     again = score()
     assert again["rows"] == 8 and again["run"]["shards_run"] == 0
+
+
+def test_s3_credentials_never_reach_ray(ray_local, tokenizer, s3_bucket, monkeypatch):
+    """A teacher scoring job on the S3 endpoint. The S3 credentials appear in no argument the
+    driver serialized for Ray (actor/task arguments, ``ray.put``), in no runtime env of the
+    job's actors and tasks (the GCS task events and actor table: what the dashboard and
+    ``ray.util.state`` list) and not in the job's runtime env; the endpoint does travel. A
+    control task given the secret the old way (argument + runtime env) is caught by the same
+    checks, so they can fail."""
+    import json
+    import time
+
+    from ray._private.serialization import SerializationContext
+    from ray._private.state import state
+
+    ray = ray_local
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
+    assert all(len(s) >= 16 for s in secrets)  # distinctive values (conftest)
+    sent: list[bytes] = []
+    serialize = SerializationContext.serialize
+
+    def spy(self, value):
+        out = serialize(self, value)
+        sent.append(value if isinstance(value, bytes) else out.to_bytes())
+        return out
+
+    monkeypatch.setattr(SerializationContext, "serialize", spy)
+
+    def task_events(names: tuple[str, ...]) -> list:
+        """Every task event in the GCS, once those of each of ``names`` have arrived."""
+        deadline = time.time() + 30
+        while True:
+            events = state._get_all_task_events()
+            seen = {e.task_info.func_or_class_name for e in events}
+            if all(n in seen for n in names):
+                return events
+            assert time.time() < deadline, f"no task events for {names}: {seen}"
+            time.sleep(0.5)
+
+    def leaks(events: list) -> list[str]:
+        """Where a credential is."""
+        actors = [state.get_actor_info(ray.ActorID(bytes.fromhex(a))) or b""
+                  for a in state.actor_table(None)]
+        job_env = json.dumps(ray.get_runtime_context().runtime_env)
+        jobs = json.dumps(state.job_table(), default=str)
+        found = []
+        for s in secrets:
+            found += [f"argument #{i}" for i, blob in enumerate(sent) if s.encode() in blob]
+            found += [f"runtime env of {e.task_info.func_or_class_name}" for e in events
+                      if s in e.task_info.runtime_env_info.serialized_runtime_env]
+            found += [f"actor #{i}" for i, info in enumerate(actors) if s.encode() in info]
+            found += ["job runtime env"] if s in job_env else []
+            found += ["job table"] if s in jobs else []
+        return found
+
+    root = f"{s3_bucket}/secret"
+    _, spec, _, _, _ = _write_inputs(root, tokenizer, n_pass=4, n_q=4, k=2)
+    m = score_candidates(spec, storage.join(root, "cands"), storage.join(root, "queries.parquet"),
+                         storage.join(root, "corpus.parquet"), storage.join(root, "scores"), "k1",
+                         num_actors=1, cpus_per_actor=0.5, precision="fp32")
+    assert m["rows"] == 8 and storage.read_parquet(storage.join(root, "scores")).num_rows == 8
+    events = task_events(("ShardActor.__init__", "ShardActor.run"))
+    assert sent and not leaks(events), leaks(events)
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    assert any(endpoint in e.task_info.runtime_env_info.serialized_runtime_env
+               for e in events if e.task_info.func_or_class_name == "ShardActor.__init__")
+
+    # control: credentials handed over the old way (an argument and a runtime env) are found
+    env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    leaky = ray.remote(num_cpus=0)(_echo).options(runtime_env={"env_vars": env})
+    assert ray.get(leaky.remote(env)) == env
+    found = leaks(task_events(("_echo",)))
+    assert "runtime env of _echo" in found and any(f.startswith("argument") for f in found)
+
+
+def _echo(x):
+    return x

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pyarrow as pa
-from tqdm import tqdm
-
 from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.schema import SCHEMAS
@@ -48,16 +45,9 @@ def write_tables(tables: readers.Tables, output: str, shard_rows: int = 2000,
     """Write each table as parquet shards under ``output/<kind>/`` with manifests."""
     counts = {}
     for kind, rows in tables.items():
-        schema = SCHEMAS[kind.rsplit("/", 1)[-1]]
         writer = storage.ShardWriter(storage.join(output, *kind.split("/")), config_hash)
-        names = []
-        for i in tqdm(range(0, max(len(rows), 1), shard_rows), desc=f"write {kind}",
-                      unit="shard", disable=len(rows) < 10 * shard_rows):
-            name = f"part-{i // shard_rows:05d}"
-            names.append(name)
-            if not writer.done(name):
-                writer.write(name, pa.Table.from_pylist(rows[i:i + shard_rows], schema=schema))
-        writer.finalize(names)
+        writer.write_rows(rows, shard_rows, SCHEMAS[kind.rsplit("/", 1)[-1]],
+                          desc=f"write {kind}")
         counts[kind] = len(rows)
     return counts
 

@@ -244,19 +244,19 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
 
 
 def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
-                  corpus_uri: str | None = None, env: dict | None = None,
+                  corpus_uri: str | None = None, device: str | None = None,
                   **kw: Any) -> dict:
-    """Load the student, the index and the split from storage and evaluate (a Ray task body)."""
-    from qgscale.index.encode import apply_storage_env, default_device, load_dual_encoder
+    """Load the student, the index and the split from storage and evaluate (a Ray task body;
+    ``device``: torch's default when not given)."""
+    from qgscale.index.encode import load_dual_encoder
     from qgscale.index.search import load_index
+    from qgscale.models.precision import default_device
 
-    if env:
-        apply_storage_env(env)
     manifest = storage.read_manifest(index_uri) or {}
     if corpus_uri is None and manifest.get("embeddings"):
         corpus_uri = (storage.read_manifest(manifest["embeddings"]) or {}).get("corpus")
     data = load_split(data_uri, split, corpus_uri, kw.pop("answers", True))
-    device = default_device()
+    device = device or default_device()
     encoder = load_dual_encoder(model_uri, device)
     loaded = load_index(index_uri, kw.get("nprobe"), kw.get("ef_search"))
     out = evaluate_split(encoder, loaded, data, device=device, **kw)
@@ -421,23 +421,21 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
     Writes one report folder per split under ``out_uri`` (``out_uri/<split>/``) and a
     ``_manifest.json``; returns ``{split: metrics}``.
     """
-    from qgscale.index.encode import actor_resources, storage_env
+    from qgscale.runtime import actor_resources, connect
 
     ec = cfg.eval
     check_inputs(model_uri, index_uri, data_uri, splits)
     import ray
 
-    from qgscale.raycluster import connect
-
     connect(cfg.ray)
-    _, res = actor_resources(1, cfg.index.cpus_per_actor)
-    task = ray.remote(**res)(evaluate_uris)
+    res = actor_resources("index", 1, cfg.index.cpus_per_actor, cfg.index.gpus_per_actor)
+    task = ray.remote(_evaluate_task).options(**res.options())
     names = metric_names(ec.k)
     results = {}
     for split in splits:
         t0 = time.time()
         result = ray.get(task.remote(
-            model_uri, index_uri, data_uri, split, env=storage_env(),
+            res.num_gpus, model_uri, index_uri, data_uri, split,
             top_k=ec.top_k, ks=ec.k, batch_size=ec.batch_size, pairs=ec.pairs,
             nprobe=cfg.index.nprobe, ef_search=cfg.index.ef_search,
             precision=cfg.index.precision, answers=ec.answer_recall))
@@ -454,6 +452,13 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
         splits={s: {"macro": r["macro"], "query_langs_macro": r.get("query_langs_macro")}
                 for s, r in results.items()})
     return results
+
+
+def _evaluate_task(num_gpus: float, *args: Any, **kw: Any) -> dict:
+    """:func:`evaluate_uris` as a Ray task given ``num_gpus`` GPUs."""
+    from qgscale.runtime import actor_device
+
+    return evaluate_uris(*args, device=actor_device(num_gpus), **kw)
 
 
 def summary_json(results: dict) -> str:

@@ -5,8 +5,9 @@
    sample without replacement);
 2. train the index from a factory string (GPU clustering with faiss-gpu when present) and
    save the trained empty index to storage;
-3. add each embedding shard in a parallel Ray task (global int64 id = row offset of the shard
-   + row), writing an index part and its id map ``{id, pid}`` (done marker last);
+3. add each embedding shard on a pool of Ray actors (:func:`qgscale.runtime.run_shards`;
+   global int64 id = row offset of the shard + row), writing an index part and its id map
+   ``{id, pid}`` (done marker last);
 4. merge the IVF parts into ``num_shards`` indexes (``faiss.merge_into`` in memory, or
    ``faiss.contrib.ondisk.merge_ondisk``), or keep them as parts for sharded search.
 
@@ -30,16 +31,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qgscale import storage
-from qgscale.index.encode import apply_storage_env, read_vectors, storage_env
-from qgscale.raycluster import connect
+from qgscale.index.encode import read_vectors
+from qgscale.runtime import Shard, actor_resources, connect, remote_options, run_shards
 
-FAULT_ENV = "QGSCALE_FAULT"  # "add:<part name>": SIGKILL that add task after its index part
+FAULT_ENV = "QGSCALE_FAULT"  # "add:<part name>": SIGKILL that add actor after its index part
 IDS_SCHEMA = pa.schema([("id", pa.int64()), ("pid", pa.string())])
 
 
@@ -112,7 +114,7 @@ def phase(timings: dict, name: str) -> Iterator[None]:
     timings[name] = round(time.time() - start, 3)
 
 
-# ---------------------------------------------------------------- Ray tasks
+# ---------------------------------------------------------------- Ray tasks and actors
 def _limit_threads(num_cpus: float) -> None:
     """Use exactly this task's CPU share: faiss/OpenBLAS (OpenMP) and Arrow decode threads."""
     import faiss
@@ -122,21 +124,19 @@ def _limit_threads(num_cpus: float) -> None:
     pa.set_cpu_count(threads)
 
 
-def sample_shard(uri: str, k: int, seed: int, env: dict) -> tuple[np.ndarray, np.ndarray]:
+def sample_shard(uri: str, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` rows of one shard with the smallest uniform random keys: ``(keys, vectors)``."""
-    apply_storage_env(env)
     _, vecs = read_vectors(uri)
     keys = np.random.default_rng(seed).random(len(vecs))
     keep = np.argsort(keys)[:k]
     return keys[keep], vecs[keep]
 
 
-def train_index(factory: str, metric: str, dim: int, out_uri: str, env: dict,
+def train_index(factory: str, metric: str, dim: int, out_uri: str,
                 *samples: tuple[np.ndarray, np.ndarray], k: int = 0) -> dict:
     """Train ``factory`` on the ``k`` lowest-key sampled rows; write the empty index."""
     import faiss
 
-    apply_storage_env(env)
     faiss.omp_set_num_threads(os.cpu_count() or 1)  # training runs alone: use the whole node
     index = faiss.index_factory(dim, with_ids(factory), metric_type(metric))
     n_train = 0
@@ -153,31 +153,37 @@ def train_index(factory: str, metric: str, dim: int, out_uri: str, env: dict,
     return {"n_train": n_train}
 
 
-def add_part(trained_uri: str, shard_uris: list[str], offsets: list[int], index_uri: str,
-             name: str, chash: str, env: dict, num_cpus: float, fault: str = "") -> int:
-    """Add embedding shards to a copy of the trained index; write the part, then its id map."""
-    import faiss
+@dataclass
+class AddJob:
+    """The shard job of the add step. Per group of embedding shards (the shard payload:
+    ``(uris, offsets)``): a copy of the trained index with their vectors under global ids,
+    written as ``parts/<name>.faiss``; the shard itself is its id map ``{id, pid}`` under
+    ``ids/`` (written with its done marker after the part)."""
 
-    apply_storage_env(env)
-    _limit_threads(num_cpus)
-    writer = storage.ShardWriter(storage.join(index_uri, "ids"), chash)
-    if writer.done(name):
-        return 0
-    index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(trained_uri), np.uint8))
-    all_ids, all_pids = [], []
-    for uri, offset in zip(shard_uris, offsets, strict=True):
-        pids, vecs = read_vectors(uri)
-        ids = np.arange(offset, offset + len(pids), dtype=np.int64)
-        index.add_with_ids(vecs, ids)
-        all_ids.append(ids)
-        all_pids.extend(pids)
-    storage.write_bytes(storage.join(index_uri, "parts", f"{name}.faiss"),
-                        faiss.serialize_index(index).tobytes())
-    if fault == f"add:{name}":  # a real crash between the part and its done marker
-        os.kill(os.getpid(), signal.SIGKILL)
-    ids_table = pa.table({"id": np.concatenate(all_ids), "pid": all_pids}, schema=IDS_SCHEMA)
-    writer.write(name, ids_table)
-    return index.ntotal
+    trained_uri: str
+    index_uri: str
+    fault: str = ""  # FAULT_ENV: "add:<name>" kills the actor between part and id map
+
+    def setup(self, device: str, threads: int) -> bytes:
+        _limit_threads(threads)
+        return storage.read_bytes(self.trained_uri)
+
+    def run(self, trained: bytes, shard: Shard) -> pa.Table:
+        import faiss
+
+        index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
+        all_ids, all_pids = [], []
+        for uri, offset in zip(*shard.payload, strict=True):
+            pids, vecs = read_vectors(uri)
+            ids = np.arange(offset, offset + len(pids), dtype=np.int64)
+            index.add_with_ids(vecs, ids)
+            all_ids.append(ids)
+            all_pids.extend(pids)
+        storage.write_bytes(storage.join(self.index_uri, "parts", f"{shard.name}.faiss"),
+                            faiss.serialize_index(index).tobytes())
+        if self.fault == f"add:{shard.name}":  # a real crash between the part and its ids
+            os.kill(os.getpid(), signal.SIGKILL)
+        return pa.table({"id": np.concatenate(all_ids), "pid": all_pids}, schema=IDS_SCHEMA)
 
 
 def _read_index(uri: str, mmap_ok: bool = False):
@@ -186,12 +192,11 @@ def _read_index(uri: str, mmap_ok: bool = False):
     return faiss.deserialize_index(np.frombuffer(storage.read_bytes(uri), np.uint8))
 
 
-def merge_parts(trained_uri: str, part_uris: list[str], out_uri: str, mode: str, env: dict,
+def merge_parts(trained_uri: str, part_uris: list[str], out_uri: str, mode: str,
                 num_cpus: float) -> int:
     """Merge index parts into one index at ``out_uri`` (inverted-list merge)."""
     import faiss
 
-    apply_storage_env(env)
     _limit_threads(num_cpus)
     if mode == "ondisk":
         from faiss.contrib.ondisk import merge_ondisk
@@ -232,14 +237,15 @@ class BuildOptions:
     num_shards: int = 1  # final index shards; 0 keeps every part as its own shard
     merge: str = "memory"  # "memory" | "ondisk"
     max_memory_gb: float = 8.0
-    cpus_per_task: float = 1.0  # Ray CPUs (and faiss threads, at least 1) per task
-    add_workers: int | None = None  # add tasks in flight at once (None: as resources allow)
+    cpus_per_task: float = 1.0  # Ray CPUs (and faiss threads, at least 1) per task/actor
+    add_workers: int | None = None  # add actors (None: as resources allow)
+    train_gpus: float | None = None  # GPUs of the training task (None: 1 if the cluster has)
     max_retries: int = 2
     seed: int = 0
 
     def content(self) -> dict:
         """The fields that change the index (not how it is computed)."""
-        skip = ("cpus_per_task", "add_workers", "max_retries")
+        skip = ("cpus_per_task", "add_workers", "train_gpus", "max_retries")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
 
@@ -263,29 +269,6 @@ def _groups(n: int, k: int) -> list[list[int]]:
     k = max(1, min(k, n))
     bounds = np.linspace(0, n, k + 1).round().astype(int)
     return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
-
-
-def _gather(calls: dict, what: str, window: int | None = None) -> dict:
-    """Run ``name -> (remote_fn, args)`` with at most ``window`` in flight; wait for every task
-    (so finished work is kept), then raise if any failed."""
-    import ray
-
-    results, failed, pending = {}, {}, list(calls.items())
-    running: dict = {}
-    while pending or running:
-        while pending and (window is None or len(running) < window):
-            name, (fn, args) = pending.pop(0)
-            running[fn.remote(*args)] = name
-        ready, _ = ray.wait(list(running), num_returns=1)
-        name = running.pop(ready[0])
-        try:
-            results[name] = ray.get(ready[0])
-        except Exception as e:  # noqa: BLE001 - reported below with the part names
-            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    if failed:
-        raise RuntimeError(f"{what} failed for {sorted(failed)} (re-run to resume): "
-                           f"{next(iter(failed.values()))}")
-    return results
 
 
 def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
@@ -315,8 +298,8 @@ def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
     print(f"[index build] {n} vectors x {dim} -> {factory}: ~{est['index_gb']:.2f} GiB index, "
           f"nlist={est['nlist']}, train samples={min(opts.train_samples, n)} "
           f"(min {est['min_train_samples']})", flush=True)
-    env, timings = storage_env(), {}
-    task = ray.remote(num_cpus=opts.cpus_per_task, max_retries=opts.max_retries)
+    timings: dict[str, Any] = {}
+    task_options = remote_options(opts.cpus_per_task, max_retries=opts.max_retries)
 
     trained_uri = storage.join(index_uri, "trained.faiss")
     info_uri = storage.join(index_uri, "trained.json")
@@ -328,29 +311,27 @@ def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
             needs_training = not faiss.index_factory(dim, with_ids(factory),
                                                      metric_type(opts.metric)).is_trained
             k = min(opts.train_samples, n) if needs_training else 0
-            samples = [task(sample_shard).remote(u, k, opts.seed * 100_003 + i, env)
+            sample = ray.remote(sample_shard).options(**task_options)
+            samples = [sample.remote(u, k, opts.seed * 100_003 + i)
                        for i, u in enumerate(uris)] if k else []
-            gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
-            train = ray.remote(num_cpus=opts.cpus_per_task, num_gpus=1 if gpu else 0)(
-                train_index)
-            info = ray.get(train.remote(factory, opts.metric, dim, trained_uri, env, *samples,
-                                        k=k))
+            res = actor_resources("index", 1, opts.cpus_per_task, opts.train_gpus)
+            train = ray.remote(train_index).options(**res.options())
+            info = ray.get(train.remote(factory, opts.metric, dim, trained_uri, *samples, k=k))
             storage.write_json(info_uri, {"hash": chash, "factory": factory, **info})
 
     mergeable = is_ivf(factory) or opts.num_shards == 0 or "HNSW" not in factory
     part_groups = ([[i] for i in range(len(uris))] if mergeable
                    else _groups(len(uris), max(1, opts.num_shards)))
     names = [f"part-{g[0]:05d}" for g in part_groups]
-    fault = os.environ.get(FAULT_ENV, "")
-    ids_writer = storage.ShardWriter(storage.join(index_uri, "ids"), chash)
+    ids_uri = storage.join(index_uri, "ids")
     with phase(timings, "add_s"):
-        add = task(add_part)
-        calls = {name: (add, (trained_uri, [uris[i] for i in g], [offsets[i] for i in g],
-                              index_uri, name, chash, env, opts.cpus_per_task, fault))
-                 for name, g in zip(names, part_groups, strict=True)
-                 if not ids_writer.done(name)}
-        _gather(calls, "index add", opts.add_workers)
-    ids_writer.finalize(names)
+        shards = [Shard(name, 1, ([uris[i] for i in g], [offsets[i] for i in g]))
+                  for name, g in zip(names, part_groups, strict=True)]
+        add_stats = run_shards(AddJob(trained_uri, index_uri, os.environ.get(FAULT_ENV, "")),
+                               shards, ids_uri, chash, stage="index", num_actors=opts.add_workers,
+                               cpus_per_actor=opts.cpus_per_task, gpus_per_actor=0,
+                               max_retries=opts.max_retries, desc="index add")
+    storage.ShardWriter(ids_uri, chash).finalize(names, run=add_stats)
 
     part_uris = [storage.join(index_uri, "parts", f"{nm}.faiss") for nm in names]
     with phase(timings, "merge_s"):
@@ -361,14 +342,13 @@ def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
             groups = _groups(len(names), opts.num_shards)
             shard_files = [f"shards/shard-{j:05d}.faiss" for j in range(len(groups))]
             ondisk = opts.merge == "ondisk" and is_ivf(factory)
-            merge = task(merge_parts)
-            calls = {f: (merge, (trained_uri, [part_uris[i] for i in g],
-                                 storage.join(index_uri, f), "ondisk" if ondisk else "memory",
-                                 env, opts.cpus_per_task))
-                     for f, g in zip(shard_files, groups, strict=True)}
-            ntotals = _gather(calls, "index merge")
-            if sum(ntotals.values()) != n:
-                raise RuntimeError(f"{index_uri}: merged {sum(ntotals.values())} != {n} vectors")
+            merge = ray.remote(merge_parts).options(**task_options)
+            merged = ray.get([merge.remote(trained_uri, [part_uris[i] for i in g],
+                                           storage.join(index_uri, f),
+                                           "ondisk" if ondisk else "memory", opts.cpus_per_task)
+                              for f, g in zip(shard_files, groups, strict=True)])
+            if sum(merged) != n:
+                raise RuntimeError(f"{index_uri}: merged {sum(merged)} != {n} vectors")
     rates = {f"{p[:-2]}_vectors_per_s": round(n / max(timings[p], 1e-9), 1)
              for p in ("add_s", "merge_s")}
     return storage.write_manifest(index_uri, chash, factory=factory, metric=opts.metric,
@@ -382,6 +362,6 @@ def run_build(cfg, emb_uri: str, index_uri: str, key: str) -> dict:
     ic = cfg.index
     opts = BuildOptions(factory=ic.factory, metric=ic.metric, train_samples=ic.train_samples,
                         num_shards=ic.num_shards, merge=ic.merge, max_memory_gb=ic.max_memory_gb,
-                        cpus_per_task=ic.cpus_per_actor, max_retries=ic.max_retries,
-                        seed=cfg.run.seed)
+                        cpus_per_task=ic.cpus_per_actor, train_gpus=ic.gpus_per_actor,
+                        max_retries=ic.max_retries, seed=cfg.run.seed)
     return build_index(emb_uri, index_uri, opts, key)

@@ -1,18 +1,18 @@
 """Corpus encoding: Ray actors turn CORPUS shards into embedding shards ``{pid, vector}``.
 
 The fast path is plain torch (:func:`encode_texts`: length bucketing + autocast) so a GPU box
-without Ray can run it; :class:`EncodeActor` wraps it and :func:`encode_corpus` fans shards
-out over an actor pool. Every embedding shard is written atomically with a done marker
-(:class:`qgscale.storage.ShardWriter`); a re-run skips finished shards.
+without Ray can run it; :class:`EncodeJob` wraps it for :func:`qgscale.runtime.run_shards`,
+which :func:`encode_corpus` runs over the corpus shards: every embedding shard is written
+atomically with a done marker (:class:`qgscale.storage.ShardWriter`); a re-run skips finished
+shards and a killed actor's shard is redone on a fresh one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import posixpath
-import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,9 +25,8 @@ from qgscale.data.schema import (
     embeddings_schema,
     passage_text,  # noqa: F401  (re-exported)
 )
-from qgscale.raycluster import apply_worker_env as apply_storage_env  # noqa: F401
-from qgscale.raycluster import connect
-from qgscale.raycluster import worker_env as storage_env  # noqa: F401
+from qgscale.models.precision import autocast, default_device
+from qgscale.runtime import Shard, actor_device, run_shards
 
 
 class TextEncoder(Protocol):
@@ -47,15 +46,6 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def autocast_context(device: torch.device | str, precision: str = "fp32"):
-    """``torch.autocast`` on CUDA for bf16/fp16; a no-op on CPU or for fp32."""
-    device = torch.device(device)
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
     if tokenizer is None:
         return [len(t) for t in texts]
@@ -71,7 +61,7 @@ def encode_texts(encode_fn: Callable[[list[str], int], torch.Tensor], texts: lis
         raise ValueError("encode_texts: no texts")
     lengths = lengths if lengths is not None else [len(t) for t in texts]
     out: np.ndarray | None = None
-    with autocast_context(device, precision):
+    with autocast(device, precision):
         for idx in length_batches(lengths, batch_size):
             emb = encode_fn([texts[i] for i in idx], len(idx)).float().cpu().numpy()
             if out is None:
@@ -89,10 +79,6 @@ def load_dual_encoder(path: str, device: str | None = None, **overrides: Any) ->
     from qgscale.models.encoder import DualEncoder
 
     return DualEncoder.from_pretrained(path, **overrides).to(device or default_device()).eval()
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------- one shard
@@ -130,25 +116,43 @@ def read_vectors(uri: str) -> tuple[list[str], np.ndarray]:
     return table.column("pid").to_pylist(), np.ascontiguousarray(vecs)
 
 
-class EncodeActor:
-    """Holds one encoder; encodes whole corpus shards into embedding shards."""
+def _on_device(loader: Callable[[], TextEncoder], device: str, threads: int) -> TextEncoder:
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    encoder = loader()
+    return encoder.to(device) if isinstance(encoder, torch.nn.Module) else encoder
 
-    def __init__(self, loader: Callable[[], TextEncoder], env: dict[str, str],
-                 batch_size: int, dtype: str, precision: str):
-        apply_storage_env(env)
-        self.device = default_device()
-        self.encoder = loader()
-        self.batch_size, self.dtype, self.precision = batch_size, dtype, precision
 
-    def encode_shard(self, corpus_uri: str, out_root: str, name: str, chash: str) -> int:
-        writer = storage.ShardWriter(out_root, chash)
-        if writer.done(name):
-            return 0
+@dataclass
+class EncodeJob:
+    """The shard job of :func:`encode_corpus`: load the encoder once per actor; per shard read
+    the corpus file of its payload and encode it."""
+
+    loader: Callable[[], TextEncoder]
+    batch_size: int
+    dtype: str
+    precision: str
+
+    def setup(self, device: str, threads: int) -> tuple[TextEncoder, str]:
+        return _on_device(self.loader, device, threads), device
+
+    def run(self, state: tuple[TextEncoder, str], shard: Shard) -> tuple[pa.Table, dict]:
+        encoder, device = state
+        corpus_uri: str = shard.payload
         table = storage.read_parquet(corpus_uri)
-        emb = encode_table(self.encoder, table, self.batch_size, self.dtype, self.device,
+        emb = encode_table(encoder, table, self.batch_size, self.dtype, device,
                            self.precision, source=corpus_uri)
-        writer.write(name, emb, source=corpus_uri)
-        return table.num_rows
+        return emb, {"source": corpus_uri}
+
+
+class QueryEncoder:
+    """Ray actor body holding one encoder for query batches (mining)."""
+
+    def __init__(self, loader: Callable[[], TextEncoder], batch_size: int, precision: str,
+                 num_gpus: float, threads: int):
+        self.device = actor_device(num_gpus)
+        self.encoder = _on_device(loader, self.device, threads)
+        self.batch_size, self.precision = batch_size, precision
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         lengths = token_lengths(getattr(self.encoder, "tokenizer", None), texts)
@@ -156,58 +160,26 @@ class EncodeActor:
                             self.device, self.precision)
 
 
-def actor_resources(num_actors: int | None, cpus_per_actor: float) -> tuple[int, dict]:
-    """One actor per GPU when the cluster has GPUs, else one per spare CPU (driver keeps one)."""
-    import ray
-
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    if gpus:
-        return num_actors or gpus, {"num_gpus": 1, "num_cpus": cpus_per_actor}
-    spare = max(1, int(res.get("CPU", 1) - 1))
-    return num_actors or max(1, int(spare // max(cpus_per_actor, 1e-6))), {
-        "num_cpus": cpus_per_actor}
-
-
 def encode_corpus(corpus_uri: str, out_uri: str, loader: Callable[[], TextEncoder], *,
                   batch_size: int = 64, dtype: str = "float32", precision: str = "fp32",
                   num_actors: int | None = None, cpus_per_actor: float = 1.0,
-                  config_hash: str = "", max_retries: int = 2) -> dict:
+                  gpus_per_actor: float | None = None, config_hash: str = "",
+                  max_retries: int = 2) -> dict:
     """Encode every ``*.parquet`` shard of ``corpus_uri`` into ``out_uri`` (resumable).
 
     ``loader`` builds the encoder inside each actor (e.g. ``functools.partial(
     load_dual_encoder, path)``). Returns the manifest of the embedding shards.
     """
-    import ray
-    from ray.util import ActorPool
-    from tqdm import tqdm
-
-    connect()
     shards = storage.list_files(corpus_uri, ".parquet")
     if not shards:
         raise FileNotFoundError(f"{corpus_uri}: no corpus parquet shards")
-    names = [posixpath.basename(s)[: -len(".parquet")] for s in shards]
-    writer = storage.ShardWriter(out_uri, config_hash)
-    todo = [(s, n) for s, n in zip(shards, names, strict=True) if not writer.done(n)]
-    if todo:
-        n_actors, res = actor_resources(num_actors, cpus_per_actor)
-        n_actors = min(n_actors, len(todo))
-        cls = ray.remote(max_restarts=max_retries, max_task_retries=max_retries, **res)(
-            EncodeActor)
-        actors = [cls.remote(loader, storage_env(), batch_size, dtype, precision)
-                  for _ in range(n_actors)]
-        pool = ActorPool(actors)
-        start, total = time.time(), 0
-        bar = tqdm(total=len(todo), unit="shard", desc="encode")
-        for rows in pool.map_unordered(
-                lambda a, t: a.encode_shard.remote(t[0], out_uri, t[1], config_hash), todo):
-            total += rows
-            bar.set_postfix(passages_per_s=f"{total / max(time.time() - start, 1e-9):.1f}")
-            bar.update(1)
-        bar.close()
-        for a in actors:
-            ray.kill(a)
-    return writer.finalize(names, corpus=corpus_uri, dtype=dtype)
+    units = [Shard(posixpath.basename(s)[: -len(".parquet")], 1, s) for s in shards]
+    stats = run_shards(EncodeJob(loader, batch_size, dtype, precision), units, out_uri,
+                       config_hash, stage="index", num_actors=num_actors,
+                       cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                       max_retries=max_retries, desc="encode")
+    return storage.ShardWriter(out_uri, config_hash).finalize(
+        [u.name for u in units], corpus=corpus_uri, dtype=dtype, run=stats)
 
 
 def run_encode(cfg: Any, model_uri: str, corpus_uri: str, out_uri: str, key: str) -> dict:
@@ -217,4 +189,5 @@ def run_encode(cfg: Any, model_uri: str, corpus_uri: str, out_uri: str, key: str
     loader = functools.partial(load_dual_encoder, model_uri)
     return encode_corpus(corpus_uri, out_uri, loader, batch_size=ic.batch_size, dtype=ic.dtype,
                          precision=ic.precision, num_actors=ic.num_actors,
-                         cpus_per_actor=ic.cpus_per_actor, config_hash=key)
+                         cpus_per_actor=ic.cpus_per_actor, gpus_per_actor=ic.gpus_per_actor,
+                         config_hash=key, max_retries=ic.max_retries)

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from qgscale import storage
 from qgscale.data.schema import CANDIDATES, QRELS, QUERIES, TRAIN_EXAMPLES
-from qgscale.raycluster import connect
+from qgscale.runtime import actor_resources
 
 
 def read_positives(qrels_uri: str) -> dict[str, set[str]]:
@@ -74,25 +74,26 @@ def mine(queries: pa.Table, positives: dict[str, set[str]], encode: Callable, ou
             raise ValueError(f"queries lack field {c!r}")
     qids, texts = queries.column("qid").to_pylist(), queries.column("text").to_pylist()
     extra = max((len(positives.get(q, ())) for q in qids), default=0)
+    k = max(top_k, skip_top + n_negatives) + extra
     cand_w = storage.ShardWriter(storage.join(out_uri, "candidates"), config_hash)
     train_w = storage.ShardWriter(storage.join(out_uri, "train"), config_hash)
-    names, no_pos = [], 0
-    for start in range(0, len(qids), shard_rows):
-        name = f"part-{start // shard_rows:05d}"
-        names.append(name)
-        if cand_w.done(name) and train_w.done(name):
-            continue
-        sl = slice(start, start + shard_rows)
-        k = max(top_k, skip_top + n_negatives) + extra
-        pids, scores = search_fn(encode(texts[sl]), k)
-        cand, train, n = select(qids[sl], pids, scores, positives, top_k, n_negatives, skip_top)
+
+    def shard(name: str, rows: slice) -> pa.Table:
+        """Both outputs of one query shard: the training examples first, so that a done
+        candidates shard means both are done."""
+        # no queries: one empty shard, nothing to search
+        pids, scores = search_fn(encode(texts[rows]), k) if rows.stop > rows.start else ([], [])
+        cand, train, n = select(qids[rows], pids, scores, positives, top_k, n_negatives,
+                                skip_top)
         train_w.write(name, train, no_positive=n)
-        cand_w.write(name, cand)
-    for name in names:
-        no_pos += storage.read_json(storage.join(out_uri, "train", storage.DONE_DIR,
-                                                 f"{name}.json")).get("no_positive", 0)
+        return cand
+
+    m_cand = cand_w.write_shards(len(qids), shard_rows, shard, desc="mine")
+    names = [s["name"] for s in m_cand["shards"]]
+    no_pos = sum(storage.read_json(storage.join(out_uri, "train", storage.DONE_DIR,
+                                                f"{name}.json")).get("no_positive", 0)
+                 for name in names)
     m_train = train_w.finalize(names, no_positive=no_pos)
-    m_cand = cand_w.finalize(names)
     return storage.write_manifest(out_uri, config_hash, queries=len(qids),
                                   candidates=m_cand["rows"], train_examples=m_train["rows"],
                                   no_positive=no_pos)
@@ -104,15 +105,14 @@ def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_u
     ``index_uri``, write ``out_uri/{candidates,train}`` (``cfg.mine``, ``cfg.index``)."""
     import ray
 
-    from qgscale.index.encode import EncodeActor, actor_resources, load_dual_encoder, storage_env
+    from qgscale.index.encode import QueryEncoder, load_dual_encoder
     from qgscale.index.search import ShardedSearcher, search
 
     mc, ic = cfg.mine, cfg.index
-    connect()
-    _, res = actor_resources(1, ic.cpus_per_actor)
-    actor = ray.remote(**res)(EncodeActor).remote(
-        functools.partial(load_dual_encoder, model_uri), storage_env(), ic.batch_size,
-        "float32", ic.precision)
+    res = actor_resources("index", 1, ic.cpus_per_actor, ic.gpus_per_actor)
+    actor = ray.remote(QueryEncoder).options(**res.options()).remote(
+        functools.partial(load_dual_encoder, model_uri), ic.batch_size, ic.precision,
+        res.num_gpus, res.threads)
     if ic.search_actors:
         searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, ic.cpus_per_actor,
                                    ic.refine, ic.k_factor)

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from qgscale import storage
-from qgscale.index.encode import apply_storage_env, read_vectors, storage_env
+from qgscale.index.encode import read_vectors
+from qgscale.runtime import remote_options
 
 REFINE_KINDS = ("none", "flat", "fp16")
 
@@ -173,10 +174,9 @@ class ShardSearcher:
     """Ray actor body: holds one index shard, returns raw ``(dist, ids)`` with global ids."""
 
     def __init__(self, index_uri: str, rel: str, ondisk: bool, nprobe: int | None,
-                 ef_search: int | None, env: dict, threads: int = 1):
+                 ef_search: int | None, threads: int = 1):
         import faiss
 
-        apply_storage_env(env)
         faiss.omp_set_num_threads(max(1, threads))
         self.index = read_index_file(index_uri, rel, ondisk)
         set_search_params(self.index, nprobe, ef_search)
@@ -197,9 +197,9 @@ class ShardedSearcher:
         if m is None:
             raise FileNotFoundError(f"{index_uri}: no {storage.MANIFEST}")
         self.metric = m["metric"]
-        actor = ray.remote(num_cpus=num_cpus)(ShardSearcher)
+        actor = ray.remote(ShardSearcher).options(**remote_options(num_cpus))
         self.actors = [actor.remote(index_uri, rel, m.get("ondisk", False), nprobe, ef_search,
-                                    storage_env(), max(1, int(num_cpus)))
+                                    max(1, int(num_cpus)))
                        for rel in m["shards"]]
         self.pids = read_pids(index_uri)
         self.store = (load_refine_store(index_uri, m, self.pids, refine)

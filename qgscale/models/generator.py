@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from qgscale import storage
 from qgscale.data.schema import passage_text  # noqa: F401  (re-exported)
 from qgscale.errors import ConfigError, DataError
 from qgscale.models.loading import resolve
+from qgscale.models.precision import autocast
 
 DEFAULT_PROMPT = "generate {lang} query: {passage}"
 QG_META = "qgscale_qg.json"  # prompt and lengths saved beside the HF files
@@ -48,14 +49,6 @@ class Scores:
 
 
 # ---------------------------------------------------------------- plain torch scoring functions
-
-def _autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast on CUDA; a no-op on CPU or for fp32 (scores stay exact there)."""
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
 
 def _pad(seqs: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
     length = length or max(len(s) for s in seqs)
@@ -291,7 +284,7 @@ def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
     for b in plan_batches(src_lens, tgt_lens, pair_src, batch_tokens, group):
         ids = _pad([sources[s] for s in b.sources], pad_id).to(device)
         mask = (ids != pad_id).long()
-        with _autocast(device, precision):
+        with autocast(device, precision):
             enc = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
             index = torch.as_tensor(b.target_source, device=device)
             s, n = _decode_scores(model, enc, mask, index, [targets[j] for j in b.targets])
@@ -314,7 +307,7 @@ def score_naive(model: nn.Module, sources: Sequence[Sequence[int]],
         js = range(i, min(i + batch_size, len(targets)))
         ids = _pad([sources[pair_src[j]] for j in js], pad_id, max_source_len).to(device)
         labels = _pad([targets[j] for j in js], -100, max_target_len).to(device)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             out = model(input_ids=ids, attention_mask=(ids != pad_id).long(),
                         decoder_input_ids=_decoder_inputs(model, labels), use_cache=False)
         lp = _token_logprobs(out.logits, labels)
@@ -329,7 +322,7 @@ def generate_ids(model: nn.Module, input_ids: torch.Tensor, pad_id: int, *, num_
                  max_new_tokens: int = 32, min_new_tokens: int | None = None,
                  precision: str = "bf16") -> torch.Tensor:
     """Query token ids for a batch of prompted passages (``num_queries`` rows per passage)."""
-    with _autocast(input_ids.device, precision):
+    with autocast(input_ids.device, precision):
         return model.generate(
             input_ids=input_ids, attention_mask=(input_ids != pad_id).long(),
             do_sample=do_sample, num_beams=num_beams, top_p=top_p if do_sample else None,

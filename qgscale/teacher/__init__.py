@@ -1,2 +1,2 @@
 """The query-generator teacher on Ray actors: scoring (``scoring``) and generation
-(``generation``) over shards, on the explicit actor pool of ``pool``."""
+(``generation``) over shards, as shard jobs of :func:`qgscale.runtime.run_shards`."""

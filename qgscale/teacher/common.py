@@ -20,15 +20,18 @@ class QGSpec:
     seed: int = 0
     precision: str = "bf16"  # on GPU: weights cast to this dtype (benchmarks/gpu_check.py)
 
-    def load(self):
+    def load(self, device: str, threads: int = 1):
+        """The QG on ``device`` (the actor's, :func:`qgscale.runtime.actor_device`); on CPU
+        with ``threads`` torch threads."""
         import torch
 
         from qgscale.config import ModelConfig
         from qgscale.models.generator import QueryGenerator, prepare_for_inference
 
+        if device == "cpu":
+            torch.set_num_threads(threads)
         qg = QueryGenerator.build(ModelConfig(**self.model), self.prompt, self.max_passage_len,
                                   self.max_query_len, seed=self.seed)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         prepare_for_inference(qg.model, device, self.precision)
         return qg.eval()
 

@@ -3,10 +3,11 @@
 For each passage (the training positives from qrels, or the whole corpus) and each target
 language, ``num_queries`` queries by beam search or nucleus sampling. Output shards
 ``{pid, lang, query, logprob}`` (``qgscale.data.schema.GENERATED``; ``logprob`` = the query's
-teacher score, the mean token log-prob), written on the same actor pool with done markers and
-resume as scoring. Empty generations (an immediate ``</s>``) are left out and counted in the
-manifest (``empty_queries_dropped``). Sampling is seeded per shard and language, so a
-retried shard is identical.
+teacher score, the mean token log-prob), written as a shard job
+(:func:`qgscale.runtime.run_shards`) with done markers and resume as scoring. Empty
+generations (an immediate ``</s>``) are left out and counted in the manifest
+(``empty_queries_dropped``). Sampling is seeded per shard and language, so a retried shard is
+identical.
 """
 
 from __future__ import annotations
@@ -20,34 +21,31 @@ import pyarrow as pa
 from qgscale import storage
 from qgscale.data.schema import GENERATED
 from qgscale.errors import ConfigError, DataError
+from qgscale.runtime import Shard, connect, run_shards
 from qgscale.teacher.common import QGSpec, load_corpus, qg_spec, read_table
-from qgscale.teacher.pool import Unit, ensure_ray, run_pool
 
 
 @dataclass
 class GenerateJob:
+    """The shard job: load QG + corpus once per actor; per shard (a slice of the passage ids)
+    generate in every language."""
+
     qg: QGSpec
     corpus_uri: str
-    out_uri: str
-    config_hash: str
     langs: list[str]
     options: dict[str, Any] = field(default_factory=dict)  # QueryGenerator.generate kwargs
     seed: int = 0
 
-    def setup(self) -> dict[str, Any]:
-        return {"qg": self.qg.load(), "corpus": load_corpus(self.corpus_uri),
-                "writer": storage.ShardWriter(self.out_uri, self.config_hash)}
+    def setup(self, device: str, threads: int) -> dict[str, Any]:
+        return {"qg": self.qg.load(device, threads), "corpus": load_corpus(self.corpus_uri)}
 
-    def run(self, st: dict[str, Any], unit: Unit) -> int:
-        writer: storage.ShardWriter = st["writer"]
-        if writer.done(unit.name):
-            return 0
-        pids: list[str] = unit.payload
+    def run(self, st: dict[str, Any], shard: Shard) -> tuple[pa.Table, dict]:
+        pids: list[str] = shard.payload
         passages = [st["corpus"][p] for p in pids]
         rows: dict[str, list] = {"pid": [], "lang": [], "query": [], "logprob": []}
         empty = 0
         for lang in self.langs:
-            seed = self.seed + zlib.crc32(f"{unit.name}\t{lang}".encode())
+            seed = self.seed + zlib.crc32(f"{shard.name}\t{lang}".encode())
             out = st["qg"].generate(passages, lang, seed=seed, **self.options)
             for pid, queries in zip(pids, out, strict=True):
                 for query, logprob in queries:
@@ -58,9 +56,7 @@ class GenerateJob:
                     rows["lang"].append(lang)
                     rows["query"].append(query)
                     rows["logprob"].append(logprob)
-        table = pa.table(rows, schema=GENERATED)
-        writer.write(unit.name, table, empty_queries=empty)
-        return table.num_rows
+        return pa.table(rows, schema=GENERATED), {"empty_queries": empty}
 
 
 def passage_ids(corpus_uri: str, qrels_uri: str | None) -> list[str]:
@@ -86,8 +82,9 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str
                      do_sample: bool = False, num_beams: int = 1, top_p: float = 0.95,
                      max_new_tokens: int = 32, batch_size: int = 32, shard_rows: int = 500,
                      precision: str = "bf16", num_actors: int | None = None,
-                     cpus_per_actor: float = 1.0, max_retries: int = 3, seed: int = 0,
-                     on_done: Any = None) -> dict[str, Any]:
+                     cpus_per_actor: float = 1.0, gpus_per_actor: float | None = None,
+                     max_retries: int = 3, seed: int = 0, on_done: Any = None
+                     ) -> dict[str, Any]:
     """Plain API: generate for the passages of ``corpus_uri`` (positives of ``qrels_uri``
     when given) into ``out_uri``; returns the manifest. Shards finished with the same
     ``config_hash`` are skipped (resume), like :mod:`scoring`."""
@@ -100,22 +97,19 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str
                    top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
                    precision=precision)
     inputs = {"corpus": corpus_uri, "qrels": qrels_uri}
-    chash = config_hash
     pids = passage_ids(corpus_uri, qrels_uri)
-    units = [Unit(f"part-{k // shard_rows:05d}", len(pids[k:k + shard_rows]) * len(langs),
-                  pids[k:k + shard_rows]) for k in range(0, len(pids), shard_rows)]
-    writer = storage.ShardWriter(out_uri, chash)
-    todo = [u for u in units if not writer.done(u.name)]
-    ensure_ray()
-    job = GenerateJob(qg, corpus_uri, out_uri, chash, list(langs), options, seed)
-    stats = run_pool(job, todo, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
-                     max_retries=max_retries, desc="teacher generate", unit="passage-lang",
-                     on_done=on_done)
+    units = [Shard(name, (rows.stop - rows.start) * len(langs), pids[rows])
+             for name, rows in storage.shard_slices(len(pids), shard_rows) if pids]
+    job = GenerateJob(qg, corpus_uri, list(langs), options, seed)
+    stats = run_shards(job, units, out_uri, config_hash, stage="teacher.generate",
+                       num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+                       gpus_per_actor=gpus_per_actor, max_retries=max_retries,
+                       desc="teacher generate", unit="passage-lang", on_done=on_done)
     empty = sum(storage.read_json(storage.join(out_uri, storage.DONE_DIR, f"{u.name}.json"))
                 .get("empty_queries", 0) for u in units)
-    return writer.finalize([u.name for u in units], stage="teacher-generate", inputs=inputs,
-                           passages=len(pids), langs=list(langs), empty_queries_dropped=empty,
-                           run=stats)
+    return storage.ShardWriter(out_uri, config_hash).finalize(
+        [u.name for u in units], stage="teacher-generate", inputs=inputs, passages=len(pids),
+        langs=list(langs), empty_queries_dropped=empty, run=stats)
 
 
 def run_generate(cfg: Any, model: Any, corpus_uri: str, qrels_uri: str | None, out_uri: str,
@@ -124,11 +118,11 @@ def run_generate(cfg: Any, model: Any, corpus_uri: str, qrels_uri: str | None, o
     language of ``langs`` for the passages of ``corpus_uri`` (the positives of ``qrels_uri``
     when given) with the QG ``model`` (a ``ModelConfig``), into ``out_uri``."""
     gc = cfg.teacher.generate
-    ensure_ray(cfg.ray)
+    connect(cfg.ray)
     return generate_queries(
         qg_spec(cfg, model), corpus_uri, out_uri, key, langs=gc.langs, qrels_uri=qrels_uri,
         num_queries=gc.num_queries, do_sample=gc.do_sample, num_beams=gc.num_beams,
         top_p=gc.top_p, max_new_tokens=gc.max_new_tokens, batch_size=gc.batch_size,
         shard_rows=gc.shard_rows, precision=cfg.teacher.score.precision,
         num_actors=gc.num_actors, cpus_per_actor=gc.cpus_per_actor,
-        max_retries=gc.max_retries, seed=cfg.run.seed)
+        gpus_per_actor=gc.gpus_per_actor, max_retries=gc.max_retries, seed=cfg.run.seed)

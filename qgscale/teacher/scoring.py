@@ -3,8 +3,8 @@
 Input: candidate shards ``{qid, pids, scores?}`` + queries ``{qid, lang, text}`` + corpus
 ``{pid, lang, title, text}`` (parquet, local or ``s3://``). Output: shards
 ``{qid, pid, score, ntok}`` (``qgscale.data.schema.SCORES``), one per ~``shard_pairs`` pairs,
-in candidate order, with done markers and a manifest. Scoring runs on the actor pool of
-:mod:`qgscale.teacher.pool` with the passage-grouped fast path of
+in candidate order, with done markers and a manifest. Scoring runs as a shard job
+(:func:`qgscale.runtime.run_shards`) with the passage-grouped fast path of
 :func:`qgscale.models.generator.score_pairs`; a re-run only does unfinished shards.
 """
 
@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 from qgscale import storage
 from qgscale.data.schema import SCORES
 from qgscale.errors import DataError, MissingInputError
+from qgscale.runtime import Shard, connect, run_shards
 from qgscale.teacher.common import QGSpec, load_corpus, load_queries, qg_spec
-from qgscale.teacher.pool import Unit, ensure_ray, run_pool
 
 
 @dataclass
@@ -41,7 +41,7 @@ def _files(uri: str) -> list[str]:
     return files
 
 
-def plan_units(candidates_uri: str | list[str], shard_pairs: int) -> list[Unit]:
+def plan_units(candidates_uri: str | list[str], shard_pairs: int) -> list[Shard]:
     """Split the candidate shards into output shards of about ``shard_pairs`` pairs.
 
     Validates the lists on the way (null/empty qid, null list or pid, a pid twice in one list,
@@ -71,7 +71,7 @@ def plan_units(candidates_uri: str | list[str], shard_pairs: int) -> list[Unit]:
         for r, n in enumerate(lens):
             pairs += n
             if pairs >= shard_pairs or r == len(lens) - 1:
-                units.append(Unit(f"part-{fi:05d}-{k:04d}", pairs,
+                units.append(Shard(f"part-{fi:05d}-{k:04d}", pairs,
                                   CandidateSlice(f, start, r + 1)))
                 start, pairs, k = r + 1, 0, k + 1
     return units
@@ -79,29 +79,24 @@ def plan_units(candidates_uri: str | list[str], shard_pairs: int) -> list[Unit]:
 
 @dataclass
 class ScoreJob:
-    """Actor side: load QG + texts once; per shard read its candidate rows, score, write."""
+    """The shard job: load QG + texts once per actor; per shard read its candidate rows and
+    score them."""
 
     qg: QGSpec
     queries_uri: str | list[str]
     corpus_uri: str
-    out_uri: str
-    config_hash: str
     batch_tokens: int = 16384
     precision: str = "bf16"
 
-    def setup(self) -> dict[str, Any]:
+    def setup(self, device: str, threads: int) -> dict[str, Any]:
         queries: dict[str, tuple[str, str]] = {}
         for uri in [self.queries_uri] if isinstance(self.queries_uri, str) else self.queries_uri:
             queries.update(load_queries(uri))
-        return {"qg": self.qg.load(), "queries": queries,
-                "corpus": load_corpus(self.corpus_uri),
-                "writer": storage.ShardWriter(self.out_uri, self.config_hash)}
+        return {"qg": self.qg.load(device, threads), "queries": queries,
+                "corpus": load_corpus(self.corpus_uri)}
 
-    def run(self, st: dict[str, Any], unit: Unit) -> int:
-        writer: storage.ShardWriter = st["writer"]
-        if writer.done(unit.name):
-            return 0
-        sl: CandidateSlice = unit.payload
+    def run(self, st: dict[str, Any], shard: Shard) -> tuple[pa.Table, dict]:
+        sl: CandidateSlice = shard.payload
         t = storage.read_parquet(sl.uri, ["qid", "pids"]).slice(sl.start, sl.stop - sl.start)
         qids, pids, pairs = [], [], []
         for r, (qid, plist) in enumerate(zip(t["qid"].to_pylist(), t["pids"].to_pylist(),
@@ -120,8 +115,7 @@ class ScoreJob:
         s = st["qg"].score(pairs, batch_tokens=self.batch_tokens, precision=self.precision)
         table = pa.table({"qid": qids, "pid": pids, "score": s.mean.astype("float32"),
                           "ntok": s.ntok.astype("int32")}, schema=SCORES)
-        writer.write(unit.name, table, source=sl.uri, rows_from=sl.start, rows_to=sl.stop)
-        return table.num_rows
+        return table, {"source": sl.uri, "rows_from": sl.start, "rows_to": sl.stop}
 
 
 def generated_candidates(candidates_uri: str, queries_uri: str, qrels_uri: str,
@@ -176,27 +170,24 @@ def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
                      out_uri: str, config_hash: str, *, batch_tokens: int = 16384,
                      shard_pairs: int = 2000,
                      precision: str = "bf16", num_actors: int | None = None,
-                     cpus_per_actor: float = 1.0, max_retries: int = 3,
-                     on_done: Any = None) -> dict[str, Any]:
+                     cpus_per_actor: float = 1.0, gpus_per_actor: float | None = None,
+                     max_retries: int = 3, on_done: Any = None) -> dict[str, Any]:
     """Plain API: score every candidate pair into ``out_uri``; returns the manifest.
 
     Skips every shard with a done marker of the same ``config_hash`` (resume). Needs a
-    running Ray (or starts a local one).
+    running Ray (or starts a local one); resources as :func:`qgscale.runtime.actor_resources`.
     Several candidate sets (with their queries) may be given as lists.
     """
     inputs = {"candidates": candidates_uri, "queries": queries_uri, "corpus": corpus_uri}
-    chash = config_hash
     units = plan_units(candidates_uri, shard_pairs)
-    writer = storage.ShardWriter(out_uri, chash)
-    todo = [u for u in units if not writer.done(u.name)]
-    ensure_ray()
-    job = ScoreJob(qg, queries_uri, corpus_uri, out_uri, chash, batch_tokens, precision)
-    stats = run_pool(job, todo, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
-                     max_retries=max_retries, desc="teacher score", unit="pair",
-                     on_done=on_done)
+    job = ScoreJob(qg, queries_uri, corpus_uri, batch_tokens, precision)
+    stats = run_shards(job, units, out_uri, config_hash, stage="teacher.score",
+                       num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+                       gpus_per_actor=gpus_per_actor, max_retries=max_retries,
+                       desc="teacher score", unit="pair", on_done=on_done)
     pairs = sum(u.size for u in units)
-    manifest = writer.finalize([u.name for u in units], stage="teacher-score", inputs=inputs,
-                               pairs=pairs, run=stats)
+    manifest = storage.ShardWriter(out_uri, config_hash).finalize(
+        [u.name for u in units], stage="teacher-score", inputs=inputs, pairs=pairs, run=stats)
     if manifest["rows"] != pairs:
         raise RuntimeError(f"{out_uri}: {manifest['rows']} scored rows for {pairs} pairs")
     return manifest
@@ -213,7 +204,7 @@ def run_score(cfg: Any, model: Any, *, candidates_uri: str, queries_uri: str, co
     using the positives of ``qrels_uri``), into the same output.
     """
     sc = cfg.teacher.score
-    ensure_ray(cfg.ray)
+    connect(cfg.ray)
     cands, queries = [candidates_uri], [queries_uri]
     if generated_uri:
         if not storage.exists(storage.join(generated_uri, storage.MANIFEST)):
@@ -229,4 +220,4 @@ def run_score(cfg: Any, model: Any, *, candidates_uri: str, queries_uri: str, co
         queries if len(queries) > 1 else queries[0], corpus_uri, out_uri, key,
         batch_tokens=sc.batch_tokens, shard_pairs=sc.shard_pairs, precision=sc.precision,
         num_actors=sc.num_actors, cpus_per_actor=sc.cpus_per_actor,
-        max_retries=sc.max_retries)
+        gpus_per_actor=sc.gpus_per_actor, max_retries=sc.max_retries)

@@ -214,14 +214,8 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
 def write_rows(table: pa.Table, uri: str, shard_rows: int, config_hash: str) -> list[str]:
     """Write ``table`` as parquet shards under ``uri`` (done shards are kept); shard URIs."""
     writer = storage.ShardWriter(uri, config_hash)
-    names = []
-    for i in range(0, max(table.num_rows, 1), shard_rows):
-        name = f"part-{i // shard_rows:05d}"
-        names.append(name)
-        if not writer.done(name):
-            writer.write(name, table.slice(i, shard_rows))
-    writer.finalize(names)
-    return [writer.shard_uri(n) for n in names]
+    manifest = writer.write_table(table, shard_rows)
+    return [writer.shard_uri(s["name"]) for s in manifest["shards"]]
 
 
 # --- collators (run on the workers; no Ray needed) ---------------------------------------

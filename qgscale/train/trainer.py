@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from qgscale import storage
 from qgscale.errors import ConfigError, DataError, MissingInputError
-from qgscale.raycluster import connect, worker_env
+from qgscale.runtime import connect, worker_env
 from qgscale.train import data as tdata
 from qgscale.train.loop import TrainRun, plan_steps, train_loop_per_worker
 from qgscale.train.tasks import QGTask, StudentTask

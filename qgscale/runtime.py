@@ -1,0 +1,394 @@
+"""How qgscale runs work on Ray: joining it, what workers receive, resources, shard jobs.
+
+**Joining** (:func:`connect`): the cluster named by ``ray.address`` or ``RAY_ADDRESS``, else
+this process's own local Ray.
+
+**Settings and credentials** (:func:`worker_env`, :func:`remote_options`): only non-secret
+settings travel through Ray, as the ``runtime_env`` of each actor and task (S3 endpoint and
+region, offline flags, cache folders, progress-bar switches). Credentials
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``) never do: they
+are in no task or actor argument and no runtime env, where anyone who can open the Ray
+dashboard could read them. A worker takes them from the environment it was started in:
+
+- on a cluster, the pods' environment (the Kubernetes Secret that ``k8s/*.yaml`` mount into
+  every Ray container) or an IAM role / instance profile;
+- with the local embedded Ray (``ray.address: null``), this process's environment when Ray
+  started: :func:`connect` starts it after :func:`qgscale.storage.configure` has put the
+  ``storage:`` settings into ``os.environ``, so its workers inherit them. A Ray started by
+  this process *before* the credentials were set (or changed) would run its workers with the
+  old ones; :func:`connect` checks for that and fails with what to do.
+
+**Resources** (:func:`actor_resources`): CPUs and GPUs per actor come from the stage's config
+(``cpus_per_actor``, ``gpus_per_actor``); a stage that asks for GPUs on a cluster that has
+none (and cannot scale up to any) fails at once naming the stage and the resource, and the
+automatic choice (``gpus_per_actor: null``) is logged. An autoscaler's limits are read from
+the cluster config it publishes; on a joined cluster that publishes none, a GPU stage waits
+for GPU nodes with a warning instead. An actor's device follows what Ray gave it
+(:func:`actor_device`).
+
+**Shard jobs** (:func:`run_shards`): the one runner of sharded work (corpus encoding, teacher
+scoring and generation, the index build's add step). Why an explicit actor pool and not Ray
+Data ``map_batches``: the unit of work is an *output shard* with a stable name, a done marker
+and a retry count. Ray Data's blocks have no stable identity across runs, so a re-run could not
+skip finished work shard by shard, and a block lost with its actor is retried inside Ray Data
+where we cannot see it or bound it. Here each actor sets up once (loads its model), takes one
+shard at a time and writes it atomically plus its done marker
+(:class:`qgscale.storage.ShardWriter`); the driver only moves shard descriptors. A killed
+actor's shard goes back to the queue (at most ``max_retries`` times) and a fresh actor
+replaces it; a shard is written whole or not at all, so every output row exists exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from qgscale import storage
+from qgscale.errors import QgscaleError
+
+log = logging.getLogger("qgscale")
+
+# settings every actor/task receives in its runtime env (never a credential)
+WORKER_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
+                   "TRANSFORMERS_OFFLINE", "HF_HOME", "QGSCALE_CACHE", "TOKENIZERS_PARALLELISM",
+                   "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS",
+                   "RAY_DATA_DISABLE_PROGRESS_BARS")
+# what a worker must find in its own environment
+SECRET_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+class ResourceError(QgscaleError, RuntimeError):
+    """A stage asks for resources (GPUs, CPUs per actor) that the Ray cluster cannot give."""
+
+
+class WorkerEnvError(QgscaleError, RuntimeError):
+    """The local Ray's workers run with other S3 credentials than this process."""
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards of a job failed on every try (the others are finished and kept)."""
+
+
+# ---------------------------------------------------------------- joining, worker settings
+def worker_env() -> dict[str, str]:
+    """The non-secret storage/offline/logging settings of this process (no credentials)."""
+    return {k: os.environ[k] for k in WORKER_ENV_KEYS if os.environ.get(k)}
+
+
+def remote_options(num_cpus: float = 1.0, num_gpus: float = 0.0, **extra: Any) -> dict:
+    """``.options()`` of a qgscale actor/task: its resources and :func:`worker_env` as its
+    runtime env (merged by Ray into the job's own runtime env)."""
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus,
+            "runtime_env": {"env_vars": worker_env()}, **extra}
+
+
+_checked_secrets: set[str] = set()  # digests the local Ray's workers are known to have
+
+
+def _secrets_digest() -> str:
+    """A digest of this process's credentials (compared, never sent anywhere)."""
+    h = hashlib.sha256()
+    for key in SECRET_ENV_KEYS:
+        h.update(f"{key}\0{os.environ.get(key, '')}\0".encode())
+    return h.hexdigest()
+
+
+def _started_here() -> bool:
+    """Whether this process started the Ray it is connected to (a local Ray)."""
+    import ray._private.worker as ray_worker
+
+    node = getattr(ray_worker, "_global_node", None)
+    return bool(node is not None and getattr(node, "head", False))
+
+
+def check_worker_secrets() -> None:
+    """With a Ray started by this process: fail if its workers (which inherited this
+    process's environment when Ray started) hold other credentials than this process now.
+    Runs one tiny task per credential value; a no-op on a cluster joined by address, whose
+    workers take credentials from their own pods."""
+    import ray
+
+    digest = _secrets_digest()
+    if digest in _checked_secrets or not _started_here():
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(_secrets_digest)
+    if ray.get(probe.remote()) != digest:
+        raise WorkerEnvError(
+            "the local Ray was started before this process's S3 credentials were set or "
+            f"changed ({'/'.join(SECRET_ENV_KEYS[:2])} differ in its workers), and workers "
+            "only inherit the environment Ray started with; credentials never travel through "
+            "Ray. Set them (environment or the config's storage: block) before Ray starts, "
+            "or ray.shutdown() and run again")
+    _checked_secrets.add(digest)
+
+
+def connect(ray_cfg: Any = None) -> None:
+    """Join the cluster named by ``ray.address`` or ``RAY_ADDRESS`` (``ray job submit`` sets
+    it), else start this process's own local Ray sized by ``ray.num_cpus``/``num_gpus``, even
+    when another Ray runs on this machine (``ray start --head``): ``ray.address: null`` means
+    the embedded default. Logs which it did. When already connected, only checks that a local
+    Ray's workers have this process's credentials (:func:`check_worker_secrets`)."""
+    import ray
+
+    if ray.is_initialized():
+        check_worker_secrets()
+        return
+    address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
+    if address:  # a job's own runtime env (``ray job submit``) must not be overridden
+        ray.init(address=address, logging_level=logging.WARNING,
+                 log_to_driver=getattr(ray_cfg, "log_to_driver", False))
+        log.info("joined the Ray cluster at %s (%s CPUs, %s GPUs)", address,
+                 ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+    else:  # workers inherit this process's environment, credentials included
+        ray.init(address="local", num_cpus=getattr(ray_cfg, "num_cpus", None),
+                 num_gpus=getattr(ray_cfg, "num_gpus", None), include_dashboard=False,
+                 logging_level=logging.WARNING,
+                 log_to_driver=getattr(ray_cfg, "log_to_driver", False))
+        _checked_secrets.add(_secrets_digest())
+        log.info("started a local Ray (%s CPUs, %s GPUs; ray.address: null)",
+                 ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+
+
+# ---------------------------------------------------------------- resources and device
+@dataclass(frozen=True)
+class Resources:
+    """What each actor of a stage gets, and how many actors to start."""
+
+    stage: str
+    num_actors: int
+    num_cpus: float
+    num_gpus: float
+
+    @property
+    def threads(self) -> int:
+        """Compute threads for a CPU actor (its CPU share, at least 1)."""
+        return max(1, int(self.num_cpus))
+
+    def options(self, **extra: Any) -> dict:
+        return remote_options(self.num_cpus, self.num_gpus, **extra)
+
+
+def cluster_capacity(resource: str) -> tuple[float, float | None]:
+    """``(now, most)``: the amount of ``resource`` the cluster has now, and the most it can
+    have: its autoscaler's node groups at their maximum (the cluster config an autoscaler
+    publishes), ``now`` for a Ray started by this process (no autoscaler), else ``None``
+    (a joined cluster whose autoscaler, if any, publishes no limits)."""
+    import ray
+
+    now = float(ray.cluster_resources().get(resource, 0))
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception as e:  # noqa: BLE001 - no autoscaler config readable
+        log.debug("no autoscaler limits (%s)", e)
+        limits = None
+    if limits is not None:
+        return now, max(now, float(limits.get(resource, 0) or 0))
+    return now, now if _started_here() else None
+
+
+def actor_resources(stage: str, num_actors: int | None = None, cpus_per_actor: float = 1.0,
+                    gpus_per_actor: float | None = None) -> Resources:
+    """Resources of each actor of ``stage`` (its config section, named in errors) and the
+    number of actors (``num_actors``, else as many as the cluster holds).
+
+    ``gpus_per_actor``: ``None`` = automatic (1 GPU per actor when the cluster has or can
+    scale up to GPUs, else CPU only; the choice is logged), ``0`` = CPU only, ``> 0`` = that
+    many GPUs per actor, a :class:`ResourceError` when the cluster cannot give them (on a
+    joined cluster whose autoscaler limits are unknown: a warning, the actors wait for GPU
+    nodes).
+    """
+    connect()
+    if num_actors is not None and num_actors < 1:
+        raise ResourceError(f"{stage}.num_actors={num_actors}: expected >= 1 (or null)")
+    if cpus_per_actor <= 0:
+        raise ResourceError(f"{stage}.cpus_per_actor={cpus_per_actor}: expected > 0")
+    if gpus_per_actor is not None and gpus_per_actor < 0:
+        raise ResourceError(f"{stage}.gpus_per_actor={gpus_per_actor}: expected >= 0 (or null)")
+    gpus_now, gpus_most = cluster_capacity("GPU")
+    cpus_now, cpus_most = cluster_capacity("CPU")
+    if cpus_most is not None and cpus_per_actor > cpus_most:
+        raise ResourceError(f"{stage}.cpus_per_actor={cpus_per_actor:g}: the Ray cluster has "
+                            f"{cpus_most:g} CPUs")
+    gpus_can = gpus_now if gpus_most is None else gpus_most
+    if gpus_per_actor is None:
+        gpus = 1.0 if gpus_can >= 1 else 0.0
+        if gpus:
+            log.info("%s: gpus_per_actor unset: 1 GPU per actor (the cluster has %g, up to "
+                     "%s)", stage, gpus_now, "?" if gpus_most is None else f"{gpus_most:g}")
+        elif gpus_most is None:
+            log.warning("%s: gpus_per_actor unset and the cluster has no GPU now: CPU only "
+                        "(an autoscaler might add GPU nodes: set %s.gpus_per_actor to wait "
+                        "for them)", stage, stage)
+        else:
+            log.info("%s: gpus_per_actor unset: CPU only (the Ray cluster has no GPUs)", stage)
+    elif gpus_per_actor > gpus_can:
+        if gpus_most is None:
+            log.warning("%s: gpus_per_actor=%g and the cluster has %g GPUs now (its autoscaler "
+                        "limits are unknown): waiting for GPU nodes", stage, gpus_per_actor,
+                        gpus_now)
+            gpus = float(gpus_per_actor)
+        else:
+            raise ResourceError(
+                f"{stage}: gpus_per_actor={gpus_per_actor:g} asks for GPUs but the Ray cluster "
+                f"has {gpus_now:g} GPUs"
+                f"{' and cannot scale up to more' if gpus_most == gpus_now else ''} (at most "
+                f"{gpus_most:g}); join a cluster with GPUs (ray.address) or set "
+                f"{stage}.gpus_per_actor: 0 to run on CPUs")
+    else:
+        gpus = float(gpus_per_actor)
+    if gpus:
+        count = gpus_can if gpus_can < sys.maxsize else gpus_now
+        n = num_actors or max(1, int(max(count, gpus) // gpus))
+    else:  # leave one CPU to the driver
+        n = num_actors or max(1, int(max(cpus_now - 1, cpus_per_actor) // cpus_per_actor))
+    return Resources(stage, n, float(cpus_per_actor), gpus)
+
+
+def actor_device(num_gpus: float) -> str:
+    """The torch device of an actor Ray gave ``num_gpus`` GPUs: ``"cuda"`` (checked to be
+    there) or ``"cpu"`` (even when the node has GPUs: they belong to other actors)."""
+    if not num_gpus:
+        return "cpu"
+    from qgscale.models.precision import default_device
+
+    if default_device() != "cuda":
+        raise ResourceError(f"this actor was given {num_gpus:g} GPU(s) by Ray but torch sees "
+                            "no CUDA device (a CPU build of torch?)")
+    return "cuda"
+
+
+# ---------------------------------------------------------------- shard jobs
+@dataclass
+class Shard:
+    """One output shard: ``name`` (file stem), ``size`` (for progress), job ``payload``."""
+
+    name: str
+    size: int
+    payload: Any
+
+
+class ShardJob(Protocol):
+    """What an actor runs: ``setup(device, threads)`` once (load the model and inputs), then
+    ``run(state, shard)`` per shard: the shard's output table, or ``(table, marker_extra)``.
+    The runner writes it (and its done marker); the job may write side files first."""
+
+    def setup(self, device: str, threads: int) -> Any: ...
+
+    def run(self, state: Any, shard: Shard) -> pa.Table | tuple[pa.Table, dict]: ...
+
+
+class ShardActor:
+    """The Ray actor of :func:`run_shards`: sets the job up once, writes shard after shard."""
+
+    def __init__(self, job: ShardJob, out_uri: str, config_hash: str, num_gpus: float,
+                 threads: int):
+        self.writer = storage.ShardWriter(out_uri, config_hash)
+        self.job = job
+        self.state = job.setup(actor_device(num_gpus), threads)
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, shard: Shard) -> int:
+        """Rows written (0 when the shard was already done: a retried shard is never
+        written twice)."""
+        if self.writer.done(shard.name):
+            return 0
+        out = self.job.run(self.state, shard)
+        table, extra = out if isinstance(out, tuple) else (out, {})
+        self.writer.write(shard.name, table, **extra)
+        return table.num_rows
+
+
+def run_shards(job: ShardJob, shards: Sequence[Shard], out_uri: str, config_hash: str, *,
+               stage: str, num_actors: int | None = None, cpus_per_actor: float = 1.0,
+               gpus_per_actor: float | None = None, max_retries: int = 3,
+               desc: str | None = None, unit: str = "shard",
+               on_done: Callable[[str, int, list], None] | None = None) -> dict[str, int]:
+    """Write every shard of ``shards`` not yet done (marker with ``config_hash``) into
+    ``out_uri`` on an actor pool; returns counts for the manifest (the caller finalizes).
+
+    Resources come from :func:`actor_resources` (``stage`` = the config section). A shard
+    whose actor dies is re-queued (at most ``max_retries`` times) on a fresh actor; a shard
+    that fails every try is reported after the others are done (:class:`ShardsFailed`,
+    finished shards are kept). An error raised by the job itself (bad input) propagates at
+    once. ``on_done(name, actor_index, actors)`` is called after each finished shard (a test
+    hook).
+    """
+    import ray
+    from ray.exceptions import RayActorError
+    from tqdm import tqdm
+
+    writer = storage.ShardWriter(out_uri, config_hash)
+    todo = [s for s in shards if not writer.done(s.name)]
+    stats = {"shards": len(shards), "shards_run": 0, "rows_written": 0, "actor_failures": 0}
+    if not todo:
+        return stats
+    res = actor_resources(stage, num_actors, cpus_per_actor, gpus_per_actor)
+    n = min(res.num_actors, len(todo))
+    log.info("%s: %d shard(s) to do on %d actor(s) x (%g CPU, %g GPU)", stage, len(todo), n,
+             res.num_cpus, res.num_gpus)
+    actor_cls = ray.remote(ShardActor).options(max_restarts=0, **res.options())
+
+    def start() -> Any:
+        return actor_cls.remote(job, out_uri, config_hash, res.num_gpus, res.threads)
+
+    actors = [start() for _ in range(n)]
+    pending = deque(todo)
+    attempts: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    inflight: dict[Any, tuple[int, Shard]] = {}
+    idle = list(range(n))
+    bar = tqdm(total=sum(s.size for s in todo), desc=desc or stage, unit=unit,
+               unit_scale=True, smoothing=0.1, mininterval=1.0)
+    try:
+        ray.get([a.ready.remote() for a in actors])  # setup errors surface here, once
+        while pending or inflight:
+            while pending and idle:
+                i, s = idle.pop(), pending.popleft()
+                if actors[i] is None:
+                    actors[i] = start()
+                inflight[actors[i].run.remote(s)] = (i, s)
+            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            i, s = inflight.pop(ref)
+            try:
+                rows = ray.get(ref)
+            except RayActorError as e:
+                stats["actor_failures"] += 1
+                attempts[s.name] = attempts.get(s.name, 0) + 1
+                ray.kill(actors[i])  # an unavailable (not dead) actor must not write later
+                actors[i] = None  # replaced when it gets its next shard
+                idle.append(i)
+                if attempts[s.name] > max_retries:
+                    failed[s.name] = (f"its actor died {attempts[s.name]} time(s) "
+                                      f"(max_retries={max_retries}): "
+                                      f"{str(e).strip().splitlines()[0][:300]}")
+                else:
+                    pending.appendleft(s)
+                continue
+            stats["shards_run"] += 1
+            stats["rows_written"] += rows
+            bar.update(s.size)
+            idle.append(i)
+            if on_done:
+                on_done(s.name, i, actors)
+    finally:
+        bar.close()
+        for a in actors:
+            if a is not None:
+                ray.kill(a)
+    if failed:
+        first = next(iter(failed))
+        raise ShardsFailed(f"{desc or stage} failed for {sorted(failed)} (re-run to resume; "
+                           f"the other shards are done): {first}: {failed[first]}")
+    return stats

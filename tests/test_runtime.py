@@ -1,0 +1,63 @@
+"""qgscale.runtime on a real local Ray (2 CPUs, 0 GPUs): explicit resources, worker settings
+without credentials, stale credentials of a Ray started too early."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pytest
+
+from qgscale import runtime, storage
+from qgscale.data.schema import CORPUS
+
+
+def test_gpu_stage_fails_fast_on_a_cluster_without_gpus(ray_local):
+    with pytest.raises(runtime.ResourceError,
+                       match=r"teacher\.score: gpus_per_actor=1 asks for GPUs but the Ray "
+                             r"cluster has 0 GPUs"):
+        runtime.actor_resources("teacher.score", None, 1.0, 1)
+    with pytest.raises(runtime.ResourceError, match=r"index\.cpus_per_actor=64: .* 2 CPUs"):
+        runtime.actor_resources("index", 1, 64, 0)
+    # explicit CPU, and the automatic choice (logged) on a cluster without GPUs
+    cpu = runtime.actor_resources("teacher.score", None, 0.5, 0)
+    assert (cpu.num_gpus, cpu.num_cpus, cpu.num_actors) == (0, 0.5, 2)  # 1 CPU left
+    assert runtime.actor_resources("index", None, 1.0, None).num_gpus == 0
+    assert runtime.actor_device(0) == "cpu"
+
+
+def test_stage_asking_for_gpus_fails_before_any_work(ray_local, tmp_path):
+    """The stage function with ``index.gpus_per_actor: 1`` from the config: the error names
+    the stage's config section and the resource; no actor ran, nothing was written."""
+    from qgscale.config import parse
+    from qgscale.index.encode import run_encode
+
+    corpus, out = str(tmp_path / "corpus"), str(tmp_path / "emb")
+    storage.write_parquet(storage.join(corpus, "part-00000.parquet"), pa.Table.from_pylist(
+        [{"pid": "d0", "lang": "en", "title": "", "text": "x"}], schema=CORPUS))
+    cfg = parse({"run": {"root": str(tmp_path)}, "index": {"gpus_per_actor": 1}})
+    with pytest.raises(runtime.ResourceError, match=r"index: gpus_per_actor=1 .* 0 GPUs"):
+        run_encode(cfg, str(tmp_path / "no-model"), corpus, out, "k1")
+    assert not storage.list_files(out, ".parquet")
+
+
+def test_worker_env_carries_settings_not_credentials(s3_server):
+    env = runtime.worker_env()
+    assert env["AWS_ENDPOINT_URL"] == s3_server
+    assert not set(runtime.SECRET_ENV_KEYS) & set(env)
+    options = runtime.remote_options(0.5, 0)
+    assert options["runtime_env"] == {"env_vars": env}
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in repr(options)
+
+
+def test_local_ray_started_before_the_credentials_is_refused(ray_local, monkeypatch):
+    """Workers of the local Ray hold the credentials it started with; other ones set later
+    would silently not reach them, so connect() (which every stage calls) says so."""
+    runtime.connect()  # the fixture started Ray after the S3 settings: fine
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "set-after-ray-started")
+    with pytest.raises(runtime.WorkerEnvError, match="started before this process's S3 "
+                                                     "credentials were set or changed"):
+        runtime.connect()
+    monkeypatch.undo()
+    runtime.connect()
