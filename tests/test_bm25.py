@@ -59,6 +59,15 @@ def test_three_shards_equal_one_index(xquad):
     for a, b in zip(got_scores, one_scores, strict=True):
         assert a.dtype == np.float32 and np.array_equal(a, b)  # bit for bit
     assert sum(len(p) == k for p in one_pids) > 350  # the test compares full top-k lists
+    # Statistics of the query tokens only (small to ship and merge): the same results.
+    vocab = bm25.query_vocab(queries)
+    small = bm25.merge_stats(bm25.shard_stats(t, vocab) for t, _ in shards)
+    assert len(small.df) < len(stats.df) / 5 and small.n_docs == stats.n_docs
+    assert small.df == {t: n for t, n in stats.df.items() if t in vocab}
+    assert bm25.index_shard(texts, pids).stats(vocab).df == small.df
+    again = bm25.merge_topk([bm25.search_shard(t, p, queries, small, k) for t, p in shards], k)
+    assert again[0] == one_pids
+    assert all(np.array_equal(a, b) for a, b in zip(again[1], one_scores, strict=True))
     # Each shard's own statistics give other scores: merging those is not one index.
     local = [bm25.search_shard(t, p, queries, bm25.shard_stats(t), k) for t, p in shards]
     loc_pids, loc_scores = bm25.merge_topk(local, k)
@@ -104,6 +113,8 @@ def test_stats_that_miss_a_shard_are_refused():
     only_a = bm25.shard_stats(a)
     with pytest.raises(ValueError, match="do not include this shard"):
         bm25.search_shard(a + b, ["1", "2", "3", "4"], ["fish"], only_a, 2)
+    with pytest.raises(ValueError, match="'blue' a document frequency of 0"):
+        bm25.search_shard(a, ["1", "2"], ["blue"], bm25.shard_stats(a, {"red"}), 2)
     both = bm25.merge_stats([only_a, bm25.shard_stats(b)])
     assert both.n_docs == 4 and both.df["fish"] == 4 and both.avgdl == 2.0
     other = bm25.Stats(tokenizer="whitespace")

@@ -3,7 +3,8 @@
 Plain functions: nothing here needs Ray. A caller that holds the corpus in shards (Ray tasks,
 one per shard) runs two passes::
 
-    stats = merge_stats([shard_stats(texts) for texts in shards])          # pass 1
+    vocab = query_vocab(queries)                                            # optional
+    stats = merge_stats([shard_stats(texts, vocab) for texts in shards])   # pass 1
     per_shard = [search_shard(texts, pids, queries, stats, k)               # pass 2
                  for texts, pids in shards]
     pids, scores = merge_topk(per_shard, k)
@@ -12,7 +13,9 @@ Document frequencies, the number of passages and their total length are summed o
 shards before any score is computed, so a passage's score does not depend on which shard it
 is in, and merging the shards' top-k lists gives exactly the top-k (ids and float32 scores)
 of one index over the whole corpus. :func:`index_shard` builds a shard's index once for a
-caller that searches it several times (its ``.stats()`` is pass 1, ``.search()`` pass 2).
+caller that searches it several times (its ``.stats()`` is pass 1, ``.search()`` pass 2);
+``search_shard`` tokenises the shard again. Throughput on one core (50k English passages of
+100 words): about 4-5k passages/s to tokenise and index, 500 queries/s to search.
 
 Scoring is Lucene's BM25 (Anserini / pyserini, and ``bm25s``' ``method="lucene"``), with
 pyserini's defaults ``k1=0.9``, ``b=0.4``::
@@ -55,7 +58,7 @@ import math
 import unicodedata
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,11 +164,14 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.pids)
 
-    def stats(self) -> Stats:
-        """This shard's statistics (to :func:`merge_stats` with the other shards')."""
+    def stats(self, only: Collection[str] | None = None) -> Stats:
+        """This shard's statistics (to :func:`merge_stats` with the other shards');
+        ``only``: document frequencies of these tokens only (see :func:`shard_stats`)."""
         df = np.diff(self.indptr).tolist()
-        return Stats(dict(zip(self.terms, df, strict=True)), len(self.pids),
-                     int(self.doc_len.sum()))
+        pairs = zip(self.terms, df, strict=True)
+        if only is not None:
+            pairs = ((t, n) for t, n in pairs if t in only)
+        return Stats(dict(pairs), len(self.pids), int(self.doc_len.sum()))
 
     def search(self, queries: Sequence[str], stats: Stats, k: int, k1: float = K1,
                b: float = B) -> Ranked:
@@ -181,28 +187,35 @@ class ShardIndex:
         avgdl = stats.avgdl or 1.0
         norm = k1 * (1.0 - b + b * self.doc_len / avgdl)
         acc = np.zeros(len(self.pids), dtype=np.float64)
+        weights: dict[int, np.ndarray] = {}  # token -> its postings' weights (frequent ones)
         out_pids: list[list[str]] = []
         out_scores: list[np.ndarray] = []
         for q in queries:
-            touched = []
+            matched = False
             for tok, qtf in sorted(Counter(tokenize(q)).items()):
                 t = self.term_id.get(tok)
                 if t is None:
                     continue
-                df = stats.df.get(tok, 0)
-                if df < self.indptr[t + 1] - self.indptr[t]:
-                    raise ValueError(f"statistics give token {tok!r} a document frequency "
-                                     f"of {df}, below this shard's: merge every shard's "
-                                     "stats first")
                 s, e = self.indptr[t], self.indptr[t + 1]
-                docs, tf = self.docs[s:e], self.tf[s:e].astype(np.float64)
-                acc[docs] += qtf * stats.idf(tok) * (tf / (tf + norm[docs]))
-                touched.append(docs)
-            if not touched:
+                docs = self.docs[s:e]
+                w = weights.get(t)
+                if w is None:
+                    df = stats.df.get(tok, 0)
+                    if df < e - s:
+                        raise ValueError(f"statistics give token {tok!r} a document "
+                                         f"frequency of {df}, below this shard's: merge every "
+                                         "shard's stats first")
+                    tf = self.tf[s:e].astype(np.float64)
+                    w = stats.idf(tok) * (tf / (tf + norm[docs]))
+                    if e - s >= 256:
+                        weights[t] = w
+                acc[docs] += w if qtf == 1 else qtf * w
+                matched = True
+            if not matched:
                 out_pids.append([])
                 out_scores.append(np.zeros(0, dtype=np.float32))
                 continue
-            cand = np.unique(np.concatenate(touched))
+            cand = np.flatnonzero(acc)  # every weight is > 0: the passages with a query token
             scores = acc[cand].astype(np.float32)
             acc[cand] = 0.0
             if len(cand) > k:
@@ -221,13 +234,23 @@ def index_shard(texts: Iterable[str], pids: Sequence[str]) -> ShardIndex:
     return ShardIndex(texts, pids)
 
 
-def shard_stats(texts: Iterable[str]) -> Stats:
-    """Pass 1: the term statistics of one shard's passage texts."""
+def query_vocab(queries: Iterable[str]) -> set[str]:
+    """The tokens of ``queries``: the only document frequencies their search reads."""
+    return {t for q in queries for t in tokenize(q)}
+
+
+def shard_stats(texts: Iterable[str], only: Collection[str] | None = None) -> Stats:
+    """Pass 1: the term statistics of one shard's passage texts.
+
+    ``only`` (e.g. ``query_vocab(queries)``): count document frequencies of these tokens
+    only -- exactly what searching those queries needs (N and lengths still count every
+    token), and far smaller than a Wikipedia vocabulary to send between tasks and merge.
+    """
     df: Counter[str] = Counter()
     n = total = 0
     for text in texts:
         toks = tokenize(text)
-        df.update(set(toks))
+        df.update(set(toks) if only is None else {t for t in toks if t in only})
         n += 1
         total += len(toks)
     return Stats(dict(df), n, total)
