@@ -595,7 +595,7 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
         loc = loc_of(i)
         q_key = next((k for k in ("question", "query") if k in obj), "question")
         id_key = next((k for k in DPR_QID_KEYS if k in obj), None)
-        qid = get_id(obj, id_key, path, n, rejects) if id_key else str(i)
+        qid = get_id(obj, id_key, path, n, rejects, name=loc + id_key) if id_key else str(i)
         text = qid and get_str(obj, q_key, path, n, rejects, name=loc + q_key)
         ans = (_answers(obj.get("answers", []), path, n, loc + "answers", rejects)
                if text else None)
