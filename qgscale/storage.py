@@ -28,7 +28,7 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -327,12 +327,34 @@ class ShardWriter:
                                  lambda _, r: table.slice(r.start, r.stop - r.start),
                                  desc=desc, **manifest)
 
-    def write_rows(self, rows: Sequence[Mapping[str, Any]], shard_rows: int,
+    def write_rows(self, rows: Iterable[Mapping[str, Any]], shard_rows: int,
                    schema: pa.Schema, *, desc: str | None = None, **manifest: Any) -> dict:
-        """Row dicts as shards of ``shard_rows`` rows of ``schema`` (see :meth:`write_shards`)."""
-        return self.write_shards(len(rows), shard_rows,
-                                 lambda _, r: pa.Table.from_pylist(rows[r], schema=schema),
-                                 desc=desc, **manifest)
+        """Row dicts (a list or a stream: only one shard is held at a time) as shards of
+        ``shard_rows`` rows of ``schema``, done shards skipped; returns the manifest."""
+        from tqdm import tqdm
+
+        if shard_rows < 1:
+            raise ValueError(f"shard_rows={shard_rows}: expected >= 1")
+        names: list[str] = []
+        chunk: list[Mapping[str, Any]] = []
+        bar = tqdm(desc=desc, unit="shard", disable=desc is None, delay=2.0)  # long ones only
+
+        def flush() -> None:
+            name = shard_name(len(names))
+            names.append(name)
+            if not self.done(name):
+                self.write(name, pa.Table.from_pylist(chunk, schema=schema))
+            bar.update(1)
+
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == shard_rows:
+                flush()
+                chunk = []
+        if chunk or not names:  # no rows at all: one empty shard, a readable table
+            flush()
+        bar.close()
+        return self.finalize(names, **manifest)
 
     def finished(self) -> list[ShardInfo]:
         out = []

@@ -27,6 +27,10 @@ from .conftest import RESOURCES, TEST_DATA
 
 MKQA = RESOURCES / "mkqa" / "test_mkqa.jsonl.gz"  # the upstream test fixture, byte for byte
 TATOEBA = TEST_DATA / "tatoeba"  # deu-eng and tha-eng, plain text as upstream
+DPR = TEST_DATA / "dpr" / "sample.json.gz"  # haystack's DPR sample (5 NQ dev records)
+PYSERINI = TEST_DATA / "pyserini" / "psgs_w100_pyserini_100.jsonl"
+XOR = TEST_DATA / "xor-tydi"
+MKQA_MIA = TEST_DATA / "mkqa-mia" / "mkqa_dev"
 
 
 @pytest.fixture(scope="module")
@@ -313,6 +317,38 @@ def _beir(part: str):
     return write
 
 
+def _passages(ext: str):
+    def write(tmp, ids, gz):
+        _, _, kw, path = _xor_passages(ext)(tmp, ids, gz)
+        return "passages", path, {"lang": "en"}, path
+    return write
+
+
+def _dpr_record(i: int, k: str) -> dict:
+    return {"id": k, "question": f"Frage {i}?", "answers": [f"a{i}"],
+            "positive_ctxs": [{"title": "T", "text": f"Passage {i}.", "passage_id": f"p{i}"}],
+            "hard_negative_ctxs": [{"title": "T", "text": "Other.", "passage_id": "n"}]}
+
+
+def _dpr(ext: str):
+    def write(tmp, ids, gz):
+        recs = [_dpr_record(i, k) for i, k in enumerate(ids)]
+        if ext == "json":  # one record per line: record i starts on line i + 1
+            text = "[" + ",\n".join(json.dumps(r) for r in recs) + "]\n" if ids else ""
+        else:
+            text = _jsonl(recs)
+        path = _gz(tmp / f"dpr.{ext}", text, gz)
+        return "dpr", path, {"lang": "de"}, path
+    return write
+
+
+def _mkqa_mia(tmp, ids, gz):
+    path = _gz(tmp / "mia" / "mkqa-de.jsonl", _jsonl(
+        {"id": f"{k}_de", "lang": "de", "question": f"Frage {i}?", "answers": ["a"]}
+        for i, k in enumerate(ids)), gz)
+    return "mkqa", str(tmp / "mia"), {}, path
+
+
 def _xquad(tmp, ids, gz):
     qas = [{"id": k, "question": f"Question {i}?"} for i, k in enumerate(ids)]
     doc = {"data": [{"title": "T", "paragraphs": [{"context": "Some text.", "qas": qas}]}]}
@@ -355,6 +391,21 @@ READERS = {
     "mkqa": Reader(
         _mkqa, _n("queries"),
         r"mkqa.jsonl:4: field 'example_id': duplicate example_id 'k0' \(first at line 1\)"),
+    "mkqa-per-language": Reader(
+        _mkqa_mia, _n("queries"),
+        r"mkqa-de.jsonl:4: field 'id': duplicate example id 'k0' \(first at line 1\)"),
+    "dpr-json": Reader(
+        _dpr("json"), _n("queries"),
+        r"dpr.json:4: field '\[3\]\.id': duplicate question id 'k0' \(first at line 1\)"),
+    "dpr-jsonl": Reader(
+        _dpr("jsonl"), _n("queries"),
+        r"dpr.jsonl:4: field 'id': duplicate question id 'k0' \(first at line 1\)"),
+    "passages-tsv": Reader(
+        _passages("tsv"), _n("corpus"),
+        r"psgs.tsv:5: field 'id': duplicate passage id 'k0' \(first at line 2\)", header=1),
+    "passages-jsonl": Reader(
+        _passages("jsonl"), _n("corpus"),
+        r"psgs.jsonl:4: field 'id': duplicate passage id 'k0' \(first at line 1\)"),
     "beir-queries": Reader(
         _beir("queries"), _n("queries"),
         r"queries.jsonl:4: field '_id': duplicate query id 'k0' \(first at line 1\)"),
@@ -463,3 +514,270 @@ def test_missing_input_file(tmp_path):
         read("jsonl", str(tmp_path / "nope.jsonl"), kind="queries")
     with pytest.raises(MissingInputError, match="no xquad.en.json"):
         read("xquad", str(tmp_path), query_langs=["en"], corpus_langs=["en"])
+
+
+# DPR / Tevatron training data, passage collections as streams, XOR-TyDi and MKQA quirks.
+
+
+def test_dpr_sample_against_the_raw_json():
+    data = gzip.decompress(DPR.read_bytes())
+    assert hashlib.sha256(data).hexdigest() == (
+        "744f58983e41f68bd3ff364d7e633f1b77c6df97ff50d65100e56b4b2eb84afd"), "not upstream"
+    raw = json.loads(data)
+    t = read("dpr", str(DPR), lang="en")
+    assert [q["qid"] for q in t["queries"]] == ["0", "1", "2", "3", "4"]
+    assert [q["text"] for q in t["queries"]] == [r["question"] for r in raw]
+    assert {q["lang"] for q in t["queries"]} == {"en"}
+    assert [a["answers"] for a in t["answers"]] == [r["answers"] for r in raw]
+    texts = {}
+    for i, (r, ex) in enumerate(zip(raw, t["examples"], strict=True)):
+        pos = list(dict.fromkeys(c["passage_id"] for c in r["positive_ctxs"]))
+        assert ex == {"qid": str(i), "pos_pids": pos, "neg_pids": [
+            p for p in dict.fromkeys(c["passage_id"] for c in r["hard_negative_ctxs"] +
+                                     r["negative_ctxs"]) if p not in pos]}
+        assert sorted(q["pid"] for q in t["qrels"] if q["qid"] == str(i)) == sorted(pos)
+        for key in ("positive_ctxs", "negative_ctxs", "hard_negative_ctxs"):
+            texts.update({c["passage_id"]: (c["title"], c["text"]) for c in r[key]})
+    # record 0: gold and BM25 copy of the same passage are one positive
+    assert raw[0]["positive_ctxs"][0]["passage_id"] == raw[0]["positive_ctxs"][1]["passage_id"]
+    assert len(t["examples"][0]["pos_pids"]) == len(raw[0]["positive_ctxs"]) - 1
+    assert len(t["corpus"]) == len(texts) == 751
+    assert {p["pid"]: (p["title"], p["text"]) for p in t["corpus"]} == {
+        k: (a.strip(), b.strip()) for k, (a, b) in texts.items()}
+    # XOR-TyDi style: questions in their language, passages in English
+    xor = read("dpr", str(DPR), lang="ja", corpus_langs=["en"])
+    assert {q["lang"] for q in xor["queries"]} == {"ja"}
+    assert {p["lang"] for p in xor["corpus"]} == {"en"}
+
+
+def test_dpr_plain_json_tevatron_jsonl_and_prepare(tmp_path):
+    raw = gzip.decompress(DPR.read_bytes())
+    plain = _write(tmp_path / "nq-dev.json", json.dumps(json.loads(raw), indent=4))
+    assert read("dpr", plain, lang="en") == read("dpr", str(DPR), lang="en")
+    tev = _write(tmp_path / "train.jsonl", _jsonl([
+        {"query_id": "q7", "query": "wer?", "answers": ["x"], "lang": " ar",
+         "positive_passages": [{"docid": "d1", "title": "T", "text": "x y"}],
+         "negative_passages": [{"docid": 2, "title": "", "text": "z"},
+                               {"docid": "d1", "title": "T", "text": "x y"}]}]))
+    t = read("dpr", tev)
+    assert t["queries"] == [{"qid": "q7", "lang": "ar", "text": "wer?"}]
+    assert t["examples"] == [{"qid": "q7", "pos_pids": ["d1"], "neg_pids": ["2"]}]
+    out = str(tmp_path / "out")
+    summary = prepare("dpr", str(DPR), out, lang="en", shard_rows=500)
+    assert summary["rows"] == {"queries": 5, "answers": 5, "qrels": 18, "examples": 5,
+                               "corpus": 751}
+    back = storage.read_parquet(f"{out}/examples").to_pylist()
+    assert back == read("dpr", str(DPR), lang="en")["examples"]
+
+
+DPR_DEFECTS = {  # record -> (location, message) with the record at index 1, line 2
+    "no_positive": ({"question": "q", "positive_ctxs": []},
+                    r"\[1\]\.positive_ctxs': empty list"),
+    "no_positive_key": ({"question": "q"}, r"\[1\]\.positive_ctxs': missing field"),
+    "no_passage_id": ({"question": "q", "positive_ctxs": [{"title": "T", "text": "x"}]},
+                      r"\[1\]\.positive_ctxs\[0\]\.passage_id': missing field"),
+    "empty_text": ({"question": "q", "positive_ctxs": [{"psg_id": "9", "text": " "}]},
+                   r"\[1\]\.positive_ctxs\[0\]\.text': empty text"),
+    "ctx_not_object": ({"question": "q", "positive_ctxs": ["9"]},
+                       r"\[1\]\.positive_ctxs\[0\]': wrong type: expected an object"),
+    "question": ({"question": 5, "positive_ctxs": []},
+                 r"\[1\]\.question': wrong type: expected string"),
+    "answers": ({"question": "q", "answers": "x", "positive_ctxs": []},
+                r"\[1\]\.answers': wrong type"),
+    "clash": ({"question": "q", "positive_ctxs": [
+        {"passage_id": "p0", "title": "T", "text": "Another text."}]},
+        r"\[1\]\.passage_id': passage 'p0' has a different title or text than its first "
+        r"copy \(at \[0\]\)"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(DPR_DEFECTS))
+def test_dpr_defects_name_file_line_record_and_field(tmp_path, defect):
+    record, pattern = DPR_DEFECTS[defect]
+    good = [_dpr_record(0, "k0"), record, _dpr_record(2, "k2")]
+    for r in good:
+        r.pop("id", None)
+    path = _write(tmp_path / "d.json", "[" + ",\n".join(json.dumps(r) for r in good) + "]")
+    with pytest.raises(DataError, match=f"d.json:2: field '{pattern}"):
+        read("dpr", path)
+    rejects = readers.Rejects("skip")
+    t = read("dpr", path, rejects=rejects)
+    assert [q["qid"] for q in t["queries"]] == ["0", "2"]  # positions, not renumbered
+    assert len(rejects.rows) == 1 and rejects.rows[0]["line"] == 2
+    assert sorted(p["pid"] for p in t["corpus"]) == ["n", "p0", "p2"]
+
+
+def test_dpr_whole_file_defects(tmp_path):
+    cases = {
+        '[{"question": "q", "positive_ctxs": [{"passage_id": "1", "text": "x"}]},\n{"q": ]':
+            r"x.json:2: malformed JSON: Expecting value",
+        '[{"question": "q", "positive_ctxs": [{"passage_id": "1", "text": "x"}]}\n{}]':
+            r"x.json:2: malformed JSON: expected ',' or ']' between records",
+        '[{"question": "q", "positive_ctxs": [{"passage_id": "1", "text": "x"}]}':
+            r"x.json:1: malformed JSON: unexpected end of file",
+        '[]': r"x.json: no rows \(an empty list\)",
+        '{"question": "q"}': r"x.json:1: expected a JSON list of records \(DPR format\), got",
+        '[{"question": "q", "positive_ctxs": [{"passage_id": "1", "text": "x"}]}] x':
+            r"x.json:1: malformed JSON: extra data after the list",
+    }
+    for text, pattern in cases.items():
+        with pytest.raises(DataError, match=pattern):
+            read("dpr", _write(tmp_path / "x.json", text), rejects=readers.Rejects("skip"))
+    rejects = readers.Rejects("skip")
+    t = read("dpr", _write(tmp_path / "x.json", '[7, {"question": "q", "positive_ctxs": '
+                                                '[{"passage_id": "1", "text": "x"}]}]'),
+             rejects=rejects)
+    assert [q["qid"] for q in t["queries"]] == ["1"]
+    assert rejects.rows[0]["field"] == "[0]" and "got int" in rejects.rows[0]["reason"]
+
+
+def test_json_list_is_streamed(tmp_path):
+    import tracemalloc
+
+    rec = {"question": "q" * 200, "positive_ctxs": [{"passage_id": "1", "text": "x" * 2000}]}
+    path = tmp_path / "big.json"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[" + ",\n".join(json.dumps(rec) for _ in range(5000)) + "]")
+    assert path.stat().st_size > 10_000_000
+    tracemalloc.start()
+    n = sum(1 for _ in readers.iter_json_list(str(path), readers.Rejects()))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == 5000 and peak < 2_000_000  # a few records, not the 10 MB document
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl"])
+def test_passages_are_streamed(tmp_path, fmt):
+    import tracemalloc
+
+    path = tmp_path / f"psgs.{fmt}"
+    with open(path, "w", encoding="utf-8") as f:
+        if fmt == "tsv":
+            f.write("id\ttext\ttitle\n")
+            f.writelines(f'{i}\t"Passage ""{i}"" {"w " * 100}"\tT{i}\n' for i in range(40000))
+        else:
+            f.writelines(json.dumps({"id": str(i), "contents": f"T{i}\tPassage {'w ' * 100}"})
+                         + "\n" for i in range(40000))
+    assert path.stat().st_size > 8_000_000
+    rows = readers.iter_passages(str(path), "en", unique=False)
+    first = next(rows)
+    assert first["pid"] == "0" and first["title"] == "T0"
+    assert fmt == "jsonl" or first["text"].startswith('Passage "0" w')  # CSV quoting undone
+    tracemalloc.start()
+    n = 1 + sum(1 for _ in rows)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == 40000 and peak < 1_000_000
+    # prepare writes a collection shard by shard as it reads it
+    out = str(tmp_path / "out")
+    summary = prepare("passages", str(path), out, lang="en", shard_rows=15000)
+    assert summary["rows"] == {"corpus": 40000}
+    assert len(storage.list_files(f"{out}/corpus", ".parquet")) == 3
+
+
+def test_passages_stream_until_a_defect(tmp_path):
+    path = _write(tmp_path / "p.jsonl", '{"id": "1", "text": "a"}\n{"id": "2", "text": "b"}\n'
+                                        '{"id": "3"}\n')
+    rows = readers.iter_passages(path)
+    assert [next(rows)["pid"], next(rows)["pid"]] == ["1", "2"]  # read before the bad line
+    with pytest.raises(DataError, match=r"p.jsonl:3: field 'text': missing field"):
+        next(rows)
+
+
+def test_pyserini_passages():
+    raw = [json.loads(x) for x in open(PYSERINI, encoding="utf-8")]
+    t = read("passages", str(PYSERINI), lang="en")
+    assert len(t["corpus"]) == len(raw) == 100
+    for r, p in zip(raw, t["corpus"], strict=True):
+        title, text = r["contents"].split("\t", 1)
+        assert p == {"pid": r["id"], "lang": "en", "title": title, "text": text}
+    assert t["corpus"][0]["title"] == "John Sawbridge"
+
+
+def test_passage_json_variants(tmp_path):
+    path = _write(tmp_path / "c.jsonl", _jsonl([
+        {"id": "a", "contents": "no tab here"},
+        {"_id": "b", "title": "", "text": "beir"},
+        {"docid": "c", "title": "T", "text": "tevatron", "lang": " ko"},
+        {"id": "d", "contents": "Title only\t  "}]))
+    rejects = readers.Rejects("skip")
+    rows = list(readers.iter_passages(path, "en", rejects))
+    assert rows == [{"pid": "a", "lang": "en", "title": "", "text": "no tab here"},
+                    {"pid": "b", "lang": "en", "title": "", "text": "beir"},
+                    {"pid": "c", "lang": "ko", "title": "T", "text": "tevatron"}]
+    assert rejects.rows[0]["line"] == 4 and rejects.rows[0]["field"] == "contents"
+
+
+def test_xor_tydi_real_rows_strip_the_lang_space():
+    path = XOR / "xor_train_retrieve_eng_span.sample.jsonl"
+    raw = [json.loads(x) for x in open(path, encoding="utf-8")]
+    assert sum(r["lang"] == " ar" for r in raw) == 3  # the upstream quirk is in the file
+    t = read("xor-tydi", str(path))
+    assert sorted({q["lang"] for q in t["queries"]}) == ["ar", "bn", "fi", "ja", "ko", "ru",
+                                                         "te"]
+    assert [q["qid"] for q in t["queries"]] == [r["id"] for r in raw]
+    dev = read("xor-tydi", str(XOR / "xor_dev_retrieve_eng_span_v1_1.head10.jsonl"),
+               passages=str(PYSERINI))
+    assert len(dev["queries"]) == 10 and len(dev["corpus"]) == 100
+    assert {p["lang"] for p in dev["corpus"]} == {"en"}
+
+
+def _mia_rows(lang: str) -> list[dict]:
+    return [json.loads(x) for x in open(MKQA_MIA / f"mkqa-{lang}.jsonl", encoding="utf-8")]
+
+
+def test_mkqa_per_language_folder_and_zip(tmp_path):
+    import zipfile
+
+    t = read("mkqa", str(MKQA_MIA))
+    en = {r["id"][:-3]: r for r in _mia_rows("en")}
+    assert len(t["queries"]) == 15
+    zh = [q for q in t["queries"] if q["lang"] == "zh_cn"]
+    assert [q["qid"] for q in zh] == [f"zh_cn:{r['id'][:-6]}" for r in _mia_rows("zh_cn")]
+    assert all(q["qid"].split(":", 1)[1] in en for q in t["queries"])  # one id per example
+    ans = {a["qid"]: a["answers"] for a in t["answers"]}
+    ja0 = _mia_rows("ja")[0]
+    assert ans[f"ja:{ja0['id'][:-3]}"] == ja0["answers"]  # own language by default
+    # English answers, joined on the id prefix even when the files' orders differ
+    shuffled = tmp_path / "mia"
+    for lang in ("en", "ja", "zh_cn"):
+        rows = _mia_rows(lang)
+        rows = rows[::-1] if lang == "en" else rows
+        _write(shuffled / f"mkqa-{lang}.jsonl", _jsonl(rows))
+    t = read("mkqa", str(shuffled), query_langs=["ja", "zh_cn"], answer_lang="en")
+    for a in t["answers"]:
+        assert a["answers"] == en[a["qid"].split(":", 1)[1]]["answers"]
+    assert {q["lang"] for q in t["queries"]} == {"ja", "zh_cn"}
+    # the zip as MIA ships it: members under a folder
+    zpath = tmp_path / "mkqa_dev.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for lang in ("en", "ja", "zh_cn"):
+            z.write(MKQA_MIA / f"mkqa-{lang}.jsonl", f"mkqa_dev/mkqa-{lang}.jsonl")
+        z.writestr("mkqa_dev/mkqa-pt.jsonl", "")
+    assert read("mkqa", str(zpath), query_langs=["en", "ja", "zh_cn"]) == read(
+        "mkqa", str(MKQA_MIA))
+    with pytest.raises(DataError, match=r"mkqa-pt.jsonl::.*mkqa_dev.zip: no rows \(empty "
+                                        r"file\); leave language 'pt' out"):
+        read("mkqa", str(zpath))
+    with pytest.raises(MissingInputError, match=r"no mkqa-\{lang\}.jsonl for \['de'\]"):
+        read("mkqa", str(zpath), query_langs=["de"])
+
+
+def test_mkqa_per_language_defects(tmp_path):
+    folder = tmp_path / "m"
+    _write(folder / "mkqa-ja.jsonl", _jsonl([
+        {"id": "1_ja", "lang": "ja", "question": "q1", "answers": ["a"]},
+        {"id": "2_en", "lang": "ja", "question": "q2", "answers": ["a"]},
+        {"id": "3_ja", "lang": "ko", "question": "q3", "answers": ["a"]},
+        {"id": "4_ja", "lang": "ja", "question": "q4", "answers": []}]))
+    _write(folder / "mkqa-en.jsonl", _jsonl([
+        {"id": "1_en", "lang": "en", "question": "q1", "answers": ["A"]}]))
+    with pytest.raises(DataError, match=r"mkqa-ja.jsonl:2: field 'id': '2_en' does not end "
+                                        r"with '_ja'"):
+        read("mkqa", str(folder))
+    rejects = readers.Rejects("skip")
+    t = read("mkqa", str(folder), query_langs=["ja"], answer_lang="en", rejects=rejects)
+    assert t["answers"] == [{"qid": "ja:1", "answers": ["A"]}]
+    assert [(r["line"], r["field"]) for r in rejects.rows] == [(2, "id"), (3, "lang"),
+                                                               (4, "id")]
+    assert "has no 'en' row" in rejects.rows[2]["reason"]

@@ -5,28 +5,60 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import fsspec
+
 from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.schema import SCHEMAS
 from qgscale.errors import ConfigError
 
-FORMATS = ("xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "jsonl")
+FORMATS = ("xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "dpr", "passages", "jsonl")
+
+
+def _is_folder_or_zip(path: str) -> bool:
+    if path.endswith(".zip"):
+        return True
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.isdir(p)
 
 
 def read(fmt: str, input: str, *, passages: str | None = None,
          query_langs: list[str] | None = None, corpus_langs: list[str] | None = None,
          test_mod: int = 4, kind: str | None = None, lang: str = "und",
+         answer_lang: str | None = None, stream: bool = False,
          rejects: readers.Rejects | None = None) -> readers.Tables:
-    """Read raw ``input`` of format ``fmt`` into canonical tables (kind path -> rows)."""
+    """Read raw ``input`` of format ``fmt`` into canonical tables (kind path -> rows).
+
+    - ``xor-tydi``: XOR-TyDi / MIA queries + answers; ``passages``: the English collection.
+    - ``mkqa``: the MKQA JSONL(.gz) file, or the MIA 2022 per-language files (a folder or
+      ``.zip``; ``answer_lang``: take each example's answers in that language).
+    - ``dpr``: DPR / Tevatron training data (queries, answers, qrels, examples, corpus of the
+      inline passages); ``lang``: the questions' language where records have no ``lang``;
+      ``corpus_langs=[x]``: the passages' language (default ``lang``).
+    - ``passages``: a passage collection alone (psgs_w100.tsv, pyserini / BEIR JSONL), in
+      language ``lang``.
+
+    With ``stream``, passage collections (``passages``, ``xor-tydi``'s ``passages``) are
+    generators, read while they are written: the whole collection is never in memory.
+    """
     rejects = rejects or readers.Rejects()
     if fmt == "xquad":
         return readers.read_xquad(input, query_langs, corpus_langs, test_mod, rejects)
     if fmt == "xor-tydi":
         tables = readers.read_xor_queries(input, rejects)
         if passages:
-            tables.update(readers.read_passages(passages, "en", rejects))
+            rows = readers.iter_passages(passages, "en", rejects)
+            tables["corpus"] = rows if stream else list(rows)
         return tables
+    if fmt == "passages":
+        rows = readers.iter_passages(input, lang, rejects)
+        return {"corpus": rows if stream else list(rows)}
+    if fmt == "dpr":
+        plang = corpus_langs[0] if corpus_langs and len(corpus_langs) == 1 else None
+        return readers.read_dpr(input, lang, rejects, passage_lang=plang)
     if fmt == "mkqa":
+        if _is_folder_or_zip(input):
+            return readers.read_mkqa_per_language(input, query_langs, answer_lang, rejects)
         return readers.read_mkqa(input, query_langs, rejects)
     if fmt == "tatoeba":
         return readers.read_tatoeba(input, query_langs, rejects)
@@ -42,13 +74,14 @@ def read(fmt: str, input: str, *, passages: str | None = None,
 
 def write_tables(tables: readers.Tables, output: str, shard_rows: int = 2000,
                  config_hash: str = "") -> dict[str, Any]:
-    """Write each table as parquet shards under ``output/<kind>/`` with manifests."""
+    """Write each table as parquet shards under ``output/<kind>/`` with manifests. A table
+    may be a list or any iterable of rows (a generator is consumed shard by shard)."""
     counts = {}
     for kind, rows in tables.items():
         writer = storage.ShardWriter(storage.join(output, *kind.split("/")), config_hash)
-        writer.write_rows(rows, shard_rows, SCHEMAS[kind.rsplit("/", 1)[-1]],
-                          desc=f"write {kind}")
-        counts[kind] = len(rows)
+        manifest = writer.write_rows(rows, shard_rows, SCHEMAS[kind.rsplit("/", 1)[-1]],
+                                     desc=f"write {kind}")
+        counts[kind] = manifest["rows"]
     return counts
 
 
@@ -56,7 +89,7 @@ def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
             shard_rows: int = 2000, config_hash: str = "", **kw: Any) -> dict[str, Any]:
     """Convert and write; returns the summary manifest (row counts, rejected rows)."""
     rejects = readers.Rejects(on_error)
-    tables = read(fmt, input, rejects=rejects, **kw)
+    tables = read(fmt, input, rejects=rejects, stream=True, **kw)
     counts = write_tables(tables, output, shard_rows, config_hash)
     rejected_uri = storage.join(output, "_rejected.jsonl")
     if rejects.rows:

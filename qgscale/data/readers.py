@@ -10,14 +10,16 @@ empty file, corrupt or truncated gzip data, a missing file) always raises.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
+import hashlib
 import io
 import json
 import os
 import re
 import zlib
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -190,12 +192,13 @@ def get_str(obj: dict, key: str, path: str, line: int | None, rejects: Rejects,
     return value
 
 
-def get_id(obj: dict, key: str, path: str, line: int | None, rejects: Rejects) -> str | None:
+def get_id(obj: dict, key: str, path: str, line: int | None, rejects: Rejects,
+           name: str | None = None) -> str | None:
     """An identifier: a non-empty string, or an integer (converted to a string)."""
     value = obj.get(key)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    return get_str(obj, key, path, line, rejects)
+    return get_str(obj, key, path, line, rejects, name=name)
 
 
 # ---------------------------------------------------------------------------- XQuAD
@@ -302,7 +305,9 @@ def _answers(value: Any, path: str, line: int, fld: str, rejects: Rejects) -> li
 
 
 def read_xor_queries(path: str, rejects: Rejects | None = None) -> Tables:
-    """XOR-TyDi XOR-Retrieve queries: JSONL ``{"id", "lang", "question", "answers"}``."""
+    """XOR-TyDi XOR-Retrieve queries: JSONL ``{"id", "lang", "question", "answers"}`` (also
+    the MIA 2022 XOR files, same fields). ``lang`` is stripped: the upstream train file has
+    ``" ar"`` (a leading space) on every Arabic row."""
     rejects = rejects or Rejects()
     queries, answers = [], []
     seen = FirstSeen()
@@ -314,28 +319,66 @@ def read_xor_queries(path: str, rejects: Rejects | None = None) -> Tables:
         ans = _answers(obj.get("answers", []), path, n, "answers", rejects) if text else None
         if ans is None or not seen.new(qid, path, n, "id", rejects, obj):
             continue
-        queries.append({"qid": qid, "lang": lang, "text": text.strip()})
+        queries.append({"qid": qid, "lang": lang.strip(), "text": text.strip()})
         answers.append({"qid": qid, "answers": ans})
     return {"queries": queries, "answers": answers}
 
 
-def read_passages(path: str, lang: str = "en", rejects: Rejects | None = None) -> Tables:
-    """A DPR-style passage collection: TSV ``id<TAB>text<TAB>title`` (header) or JSONL
-    ``{"id"|"_id", "title", "text"}``."""
+PASSAGE_ID_KEYS = ("_id", "docid", "id")  # BEIR, Tevatron / Mr. TyDi, DPR / pyserini
+
+
+def _passage_from_json(obj: dict, path: str, n: int, lang: str,
+                       rejects: Rejects) -> tuple[str, dict[str, Any]] | None:
+    """A JSONL passage: ``{"id"|"_id"|"docid", "title"?, "text"}`` (BEIR, DPR, Tevatron) or
+    pyserini's ``{"id", "contents"}``, where ``contents`` is ``title<TAB>text`` (DPR's
+    psgs_w100 as pyserini JSONL) or, without a tab, the text alone. Returns (id key, row)."""
+    key = next((k for k in PASSAGE_ID_KEYS if k in obj), "id")
+    pid = get_id(obj, key, path, n, rejects)
+    if pid is None:
+        return None
+    if "text" not in obj and "contents" in obj:
+        contents = get_str(obj, "contents", path, n, rejects)
+        if contents is None:
+            return None
+        title, tab, text = contents.partition("\t")
+        if not tab:
+            title, text = "", contents
+        if not text.strip():
+            rejects.bad(path, n, "contents", "empty text after the title and its tab", obj)
+            return None
+    else:
+        text = get_str(obj, "text", path, n, rejects)
+        title = (get_str(obj, "title", path, n, rejects, allow_empty=True)
+                 if "title" in obj else "") if text else None
+        if title is None:
+            return None
+    row_lang = obj.get("lang")
+    row_lang = row_lang.strip() if isinstance(row_lang, str) and row_lang.strip() else lang
+    return key, {"pid": pid, "lang": row_lang, "title": title, "text": text}
+
+
+def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
+                  unique: bool = True) -> Iterator[dict[str, Any]]:
+    """Corpus rows of a passage collection, streamed (a generator: one line in memory).
+
+    Formats, by suffix (``.gz`` allowed): ``.jsonl`` -- BEIR ``corpus.jsonl`` (``_id``),
+    DPR / pyserini ``{"id", "title", "text"}`` or ``{"id", "contents": "title<TAB>text"}``,
+    Tevatron / Mr. TyDi (``docid``); anything else -- DPR's ``psgs_w100.tsv``
+    (``id<TAB>text<TAB>title``, CSV quoting; the header line is optional). A row's own
+    ``lang`` field wins over ``lang``.
+
+    ``unique``: a passage id seen earlier in the file is a defect. The check keeps every id
+    read so far (about 100 bytes each: 2 GB for the 21M passages of psgs_w100); pass False
+    to stream in constant memory when the ids are known to be unique.
+    """
     rejects = rejects or Rejects()
-    rows = []
-    seen = FirstSeen("passage id")
+    seen = FirstSeen("passage id") if unique else None
     if re.search(r"\.jsonl(\.gz)?$", path):
         for n, obj in iter_jsonl(path, rejects):
-            key = "_id" if "_id" in obj else "id"
-            pid = get_id(obj, key, path, n, rejects)
-            text = pid and get_str(obj, "text", path, n, rejects)
-            title = (get_str(obj, "title", path, n, rejects, allow_empty=True)
-                     if "title" in obj else "") if text else None
-            if title is not None and seen.new(pid, path, n, key, rejects, obj):
-                rows.append({"pid": pid, "lang": obj.get("lang", lang), "title": title,
-                             "text": text})
-        return {"corpus": rows}
+            got = _passage_from_json(obj, path, n, lang, rejects)
+            if got and (seen is None or seen.new(got[1]["pid"], path, n, got[0], rejects, obj)):
+                yield got[1]
+        return
     header: list[str] | None = None
     read = 0
     for n, line in _open_text_lines(path, rejects):
@@ -354,11 +397,245 @@ def read_passages(path: str, lang: str = "en", rejects: Rejects | None = None) -
         obj = dict(zip(header, cells, strict=True))
         pid = get_str(obj, "id", path, n, rejects)
         text = pid and get_str(obj, "text", path, n, rejects)
-        if text is not None and seen.new(pid, path, n, "id", rejects, line):
-            rows.append({"pid": pid, "lang": lang, "title": obj.get("title", ""), "text": text})
+        if text is not None and (seen is None or seen.new(pid, path, n, "id", rejects, line)):
+            yield {"pid": pid, "lang": lang, "title": obj.get("title", ""), "text": text}
     if read == 0:
         raise no_rows(path, "only a header" if header else "empty file")
-    return {"corpus": rows}
+
+
+def read_passages(path: str, lang: str = "en", rejects: Rejects | None = None) -> Tables:
+    """A passage collection as a table (every row in memory): see :func:`iter_passages`,
+    which streams."""
+    return {"corpus": list(iter_passages(path, lang, rejects))}
+
+
+# ---------------------------------------------------------------------------- DPR training
+
+
+def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
+                   ) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(line, index, object) for each element of a file holding one JSON list (DPR's
+    ``nq-train.json``), streamed: one element in memory at a time, not the whole document.
+    ``line`` is where the element starts. An element that is not an object is a row defect;
+    bad syntax, undecodable bytes, corrupt gzip data, a record over 256 MiB or a file without
+    any element raise :class:`DataError` (a syntax error cannot be skipped: the reader
+    cannot find where the next element starts)."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[ \t\n\r]*")
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    buf, pos, base_line, lines_read, eof = "", 0, 1, 0, False
+
+    with _open(path) as f:
+        def more(size: int) -> bool:
+            nonlocal buf, pos, base_line, eof, lines_read
+            if eof:
+                return False
+            try:
+                raw = f.read(size)
+            except _CORRUPT as e:
+                raise _corrupt(path, e, lines_read) from None
+            eof = not raw
+            try:
+                text = utf8.decode(raw, final=eof)
+            except UnicodeDecodeError as e:
+                line = base_line + buf.count("\n") + raw[: max(e.start, 0)].count(b"\n")
+                raise DataError(f"{path}:{line}: undecodable bytes (not UTF-8): "
+                                f"{e.reason}") from None
+            lines_read += text.count("\n")
+            base_line += buf.count("\n", 0, pos)
+            buf, pos = buf[pos:] + text, 0
+            return not eof or bool(text)
+
+        def line_at(p: int) -> int:
+            return base_line + buf.count("\n", 0, p)
+
+        def skip_ws() -> str:
+            """The next non-blank character ('' at the end of the file)."""
+            nonlocal pos
+            while True:
+                pos = ws.match(buf, pos).end()
+                if pos < len(buf):
+                    return buf[pos]
+                if not more(chunk):
+                    return ""
+
+        def malformed(msg: str, p: int) -> DataError:
+            return DataError(f"{path}:{line_at(p)}: malformed JSON: {msg}")
+
+        first = skip_ws()
+        if first == "":
+            raise no_rows(path)
+        if first != "[":
+            raise DataError(f"{path}:{line_at(pos)}: expected a JSON list of records "
+                            f"(DPR format), got {first!r}")
+        pos += 1
+        index = 0
+        while True:
+            c = skip_ws()
+            if c == "]":
+                pos += 1
+                if skip_ws() != "":
+                    raise malformed("extra data after the list", pos)
+                break
+            if index:
+                if c != ",":
+                    raise malformed("expected ',' or ']' between records"
+                                    if c else "unexpected end of file", pos)
+                pos += 1
+                c = skip_ws()
+            if c == "":
+                raise malformed("unexpected end of file", pos)
+            size = chunk
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as e:
+                    if len(buf) - pos > 256 << 20:
+                        raise malformed(f"{e.msg} (or a record over 256 MiB)", e.pos) from None
+                    size = max(size, len(buf) - pos)  # doubles: linear time for big records
+                    if not more(size):
+                        raise malformed(e.msg, e.pos) from None
+            line = line_at(pos)
+            pos = end
+            if isinstance(obj, dict):
+                yield line, index, obj
+            else:
+                rejects.bad(path, line, f"[{index}]", "expected a JSON object, got "
+                            f"{type(obj).__name__}", json.dumps(obj)[:2000])
+            index += 1
+    if index == 0:
+        raise no_rows(path, "an empty list")
+
+
+DPR_QID_KEYS = ("id", "qid", "query_id", "question_id", "_id")
+DPR_PID_KEYS = ("passage_id", "psg_id", "docid", "id", "_id")
+DPR_POSITIVES = ("positive_ctxs", "positive_passages")  # DPR, Tevatron
+DPR_NEGATIVES = ("hard_negative_ctxs", "negative_ctxs", "negative_passages")  # in this order
+
+
+def _dpr_ctxs(obj: dict, keys: tuple[str, ...], loc: str, path: str, line: int,
+              rejects: Rejects, required: bool) -> list[tuple[str, str, str]] | None:
+    """``(pid, title, text)`` of the contexts under ``keys``; None after a reported defect."""
+    out: list[tuple[str, str, str]] = []
+    present = [k for k in keys if k in obj]
+    if required and not present:
+        rejects.bad(path, line, f"{loc}{keys[0]}", "missing field", obj)
+        return None
+    for key in present:
+        ctxs = obj[key]
+        if not isinstance(ctxs, list):
+            rejects.bad(path, line, f"{loc}{key}", "wrong type: expected a list of objects "
+                        f"(title, text, passage_id), got {type(ctxs).__name__}", obj)
+            return None
+        for j, ctx in enumerate(ctxs):
+            where = f"{loc}{key}[{j}]"
+            if not isinstance(ctx, dict):
+                rejects.bad(path, line, where, "wrong type: expected an object, got "
+                            f"{type(ctx).__name__}", obj)
+                return None
+            id_key = next((k for k in DPR_PID_KEYS if k in ctx), None)
+            if id_key is None:
+                rejects.bad(path, line, f"{where}.passage_id", "missing field (no "
+                            f"{' / '.join(DPR_PID_KEYS)})", obj)
+                return None
+            pid = get_id(ctx, id_key, path, line, rejects, name=f"{where}.{id_key}")
+            text = pid and get_str(ctx, "text", path, line, rejects, name=f"{where}.text")
+            title = (get_str(ctx, "title", path, line, rejects, allow_empty=True,
+                             name=f"{where}.title") if ctx.get("title") is not None else ""
+                     ) if text else None
+            if title is None:
+                return None
+            out.append((pid, title.strip(), text.strip()))
+    if required and not out:
+        rejects.bad(path, line, f"{loc}{present[0]}", "empty list (no positive passage)", obj)
+        return None
+    return out
+
+
+def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
+             corpus: bool = True, passage_lang: str | None = None) -> Tables:
+    """DPR / Tevatron retriever training data: the format of DPR's ``nq-train.json`` and of
+    the mDPR / XOR-TyDi training files.
+
+    A record: ``{"question", "answers", "positive_ctxs", "negative_ctxs",
+    "hard_negative_ctxs"}``, each context ``{"title", "text", "passage_id" | "psg_id"}``;
+    Tevatron's ``{"query_id", "query", "positive_passages", "negative_passages"}`` with
+    ``docid`` contexts is read too. ``.json(.gz)``: one JSON list, streamed record by record;
+    ``.jsonl(.gz)``: one record per line.
+
+    Tables: ``queries`` (qid: the record's ``id`` / ``qid`` / ``query_id`` / ``question_id``,
+    else its 0-based position: the index in the list, or for JSONL the line number - 1;
+    lang: the record's ``lang`` stripped, else ``lang``), ``answers``, ``qrels`` (each
+    positive, rel 1), ``examples`` (TRAIN_EXAMPLES: positives deduplicated in file order;
+    negatives = hard negatives then negatives, without repeats and without the positives)
+    and, with ``corpus``, ``corpus``: every inline passage once, in language
+    ``passage_lang`` (default ``lang``; XOR-TyDi's passages are English whatever the
+    question's language). A record without a positive, or with a passage id whose title or
+    text differ from an earlier copy, is a row defect.
+
+    Memory: the rows of every table, and 24 bytes + the id per distinct passage (to check
+    copies); ``corpus=False`` leaves the passages out (use the collection they come from,
+    e.g. psgs_w100, instead).
+    """
+    rejects = rejects or Rejects()
+    tables: Tables = {"queries": [], "answers": [], "qrels": [], "examples": []}
+    if corpus:
+        tables["corpus"] = []
+    seen_q = FirstSeen("question id")
+    seen_p: dict[str, tuple[bytes, int, int]] = {}  # pid -> (digest, line, index) of 1st copy
+    passage_lang = passage_lang or lang
+    if re.search(r"\.jsonl(\.gz)?$", path):
+        records = ((n, n - 1, obj) for n, obj in iter_jsonl(path, rejects))
+        loc_of = lambda i: ""  # noqa: E731  (lines locate JSONL records)
+    else:
+        records = iter_json_list(path, rejects)
+        loc_of = lambda i: f"[{i}]."  # noqa: E731
+    for n, i, obj in records:
+        loc = loc_of(i)
+        q_key = next((k for k in ("question", "query") if k in obj), "question")
+        id_key = next((k for k in DPR_QID_KEYS if k in obj), None)
+        qid = get_id(obj, id_key, path, n, rejects, name=loc + id_key) if id_key else str(i)
+        text = qid and get_str(obj, q_key, path, n, rejects, name=loc + q_key)
+        ans = (_answers(obj.get("answers", []), path, n, loc + "answers", rejects)
+               if text else None)
+        pos = (_dpr_ctxs(obj, DPR_POSITIVES, loc, path, n, rejects, required=True)
+               if ans is not None else None)
+        neg = (_dpr_ctxs(obj, DPR_NEGATIVES, loc, path, n, rejects, required=False)
+               if pos is not None else None)
+        if neg is None:
+            continue
+        new_rows: dict[str, dict[str, Any]] = {}
+        clash = None
+        for pid, title, body in pos + neg:
+            digest = hashlib.blake2b(f"{title}\t{body}".encode(), digest_size=8).digest()
+            first = seen_p.get(pid) or (new_rows.get(pid) and new_rows[pid]["_first"])
+            if first is None:
+                new_rows[pid] = {"pid": pid, "lang": passage_lang, "title": title,
+                                 "text": body, "_first": (digest, n, i)}
+            elif first[0] != digest:
+                clash = (pid, f"line {first[1]}" if not loc else f"[{first[2]}]")
+                break
+        if clash:
+            rejects.bad(path, n, f"{loc}passage_id", f"passage {clash[0]!r} has a different "
+                        f"title or text than its first copy (at {clash[1]})", obj)
+            continue
+        if id_key and not seen_q.new(qid, path, n, loc + id_key, rejects, obj):
+            continue
+        for pid, row in new_rows.items():
+            seen_p[pid] = row.pop("_first")
+        row_lang = obj.get("lang")
+        row_lang = row_lang.strip() if isinstance(row_lang, str) and row_lang.strip() else lang
+        pos_pids = list(dict.fromkeys(p for p, _, _ in pos))
+        positives = set(pos_pids)
+        neg_pids = [p for p in dict.fromkeys(p for p, _, _ in neg) if p not in positives]
+        tables["queries"].append({"qid": qid, "lang": row_lang, "text": text.strip()})
+        tables["answers"].append({"qid": qid, "answers": ans})
+        tables["qrels"].extend({"qid": qid, "pid": p, "rel": 1} for p in pos_pids)
+        tables["examples"].append({"qid": qid, "pos_pids": pos_pids, "neg_pids": neg_pids})
+        if corpus:
+            tables["corpus"].extend(new_rows.values())
+    return tables
 
 
 # ---------------------------------------------------------------------------- MKQA
@@ -403,6 +680,107 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
             qid = f"{lang}:{ex_id}"
             queries.append({"qid": qid, "lang": lang, "text": text.strip()})
             answers.append({"qid": qid, "answers": sorted(set(texts), key=texts.index)})
+    return {"queries": queries, "answers": answers}
+
+
+MIA_MKQA_FILE = re.compile(r"^mkqa-(.+)\.jsonl(\.gz)?$")
+
+
+def _listing(folder: str) -> tuple[Callable[[str], str], list[str]]:
+    """(member -> URI, member paths) of a folder or a ``.zip`` archive (members via fsspec's
+    ``zip://member::archive`` URLs)."""
+    if re.search(r"\.zip$", folder):
+        fs, p = fsspec.core.url_to_fs(folder)
+        if not fs.exists(p):
+            raise MissingInputError(f"{folder}: input file not found")
+        zfs = fsspec.filesystem("zip", fo=folder)
+        return (lambda m: f"zip://{m}::{folder}"), [m for m in zfs.find("")]
+    fs, root = fsspec.core.url_to_fs(folder)
+    if not fs.exists(root):
+        raise MissingInputError(f"{folder}: input folder not found")
+    base = folder.rstrip("/")
+    return (lambda m: f"{base}/{m}"), [os.path.relpath(m, root) for m in fs.find(root)]
+
+
+def _hint_empty(rows: Iterator[tuple[int, dict[str, Any]]], lang: str
+                ) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        yield from rows
+    except DataError as e:
+        if ": no rows" not in str(e):
+            raise
+        raise DataError(f"{e}; leave language {lang!r} out with query_langs "
+                        "(--query-langs)") from None
+
+
+def read_mkqa_per_language(folder: str, query_langs: list[str] | None = None,
+                           answer_lang: str | None = None,
+                           rejects: Rejects | None = None) -> Tables:
+    """MKQA as the MIA 2022 shared task ships it: one file per language,
+    ``mkqa-{lang}.jsonl`` with rows ``{"id": "<example_id>_<lang>", "lang", "question",
+    "answers"}``, in a folder or a ``.zip`` (``mkqa_dev.zip``).
+
+    qid ``{lang}:{example_id}`` (as :func:`read_mkqa`): the id minus its ``_{lang}`` suffix,
+    so one example has the same id in every language whatever the row order of each file
+    (``lang`` may contain ``_``: ``zh_cn`` rows have ids ``..._zh_cn``). Answers are the
+    row's own (in its language); with ``answer_lang`` (``"en"`` for an English corpus) they
+    are that language's answers of the same example, joined on the id prefix -- a row whose
+    example has no ``answer_lang`` row is a defect. An empty language file (MIA's test
+    ``mkqa-pt.jsonl``) raises: leave the language out with ``query_langs``.
+    """
+    rejects = rejects or Rejects()
+    uri, members = _listing(folder)
+    files = {}
+    for m in sorted(members):
+        hit = MIA_MKQA_FILE.match(os.path.basename(m))
+        if hit:
+            if hit.group(1) in files:
+                raise DataError(f"{folder}: two files for language {hit.group(1)!r}: "
+                                f"{files[hit.group(1)]} and {m}")
+            files[hit.group(1)] = m
+    langs = sorted(files if not query_langs else set(query_langs))
+    missing = [x for x in [*langs, answer_lang] if x and x not in files]
+    if missing:
+        raise MissingInputError(f"{folder}: no mkqa-{{lang}}.jsonl for {sorted(set(missing))} "
+                                f"(found: {sorted(files)})")
+    read_langs = sorted(set(langs) | ({answer_lang} if answer_lang else set()))
+    rows: dict[str, list[tuple[str, int, str, str, list[str]]]] = {}
+    for lang in read_langs:
+        path = uri(files[lang])
+        seen = FirstSeen("example id")
+        rows[lang] = []
+        for n, obj in _hint_empty(iter_jsonl(path, rejects), lang):
+            rid = get_id(obj, "id", path, n, rejects)
+            row_lang = rid and get_str(obj, "lang", path, n, rejects)
+            text = row_lang and get_str(obj, "question", path, n, rejects)
+            ans = _answers(obj.get("answers", []), path, n, "answers", rejects) if text else None
+            if ans is None:
+                continue
+            if row_lang.strip() != lang:
+                rejects.bad(path, n, "lang", f"{row_lang!r} in the file of language {lang!r}",
+                            obj)
+                continue
+            if not rid.endswith(f"_{lang}") or len(rid) == len(lang) + 1:
+                rejects.bad(path, n, "id", f"{rid!r} does not end with '_{lang}' "
+                            "(<example_id>_<lang>)", obj)
+                continue
+            ex_id = rid[: -len(lang) - 1]
+            if seen.new(ex_id, path, n, "id", rejects, obj):
+                rows[lang].append((path, n, ex_id, text.strip(), ans))
+    joined = {ex: ans for _, _, ex, _, ans in rows.get(answer_lang, [])} if answer_lang else {}
+    queries, answers = [], []
+    for lang in langs:
+        for path, n, ex_id, text, ans in rows[lang]:
+            if answer_lang:
+                if ex_id not in joined:
+                    rejects.bad(path, n, "id", f"example {ex_id!r} has no {answer_lang!r} row "
+                                f"in {uri(files[answer_lang])} (joined on the id "
+                                "prefix)")
+                    continue
+                ans = joined[ex_id]
+            qid = f"{lang}:{ex_id}"
+            queries.append({"qid": qid, "lang": lang, "text": text})
+            answers.append({"qid": qid, "answers": ans})
     return {"queries": queries, "answers": answers}
 
 

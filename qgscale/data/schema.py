@@ -23,6 +23,7 @@ ANSWERS = pa.schema([("qid", pa.string()), ("answers", pa.list_(pa.string()))])
 SCHEMAS: dict[str, pa.Schema] = {
     "corpus": CORPUS, "queries": QUERIES, "qrels": QRELS, "train": TRAIN_EXAMPLES,
     "candidates": CANDIDATES, "scores": SCORES, "generated": GENERATED, "answers": ANSWERS,
+    "examples": TRAIN_EXAMPLES,  # training examples of a prepared dataset (``--format dpr``)
 }
 
 

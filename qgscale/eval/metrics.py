@@ -9,11 +9,24 @@ Definitions follow trec_eval / ranx: ``recall@k`` = relevant in top k / all rele
 qrels with no relevant passage is not evaluated; a query missing from the run scores 0.
 
 ``r@2kt`` / ``r@5kt`` are XOR-TyDi's answer recall: the fraction of queries for which an answer
-string occurs in the first 2,000 / 5,000 whitespace tokens of the retrieved passages
-concatenated in rank order. As in the official ``eval_xor_retrieve.py``: answers "yes"/"no" are
-skipped, a query with no other answer is not counted, the match is a case-sensitive substring
-test on the tokens joined by single spaces (the official script tokenises with NLTK; we use
-whitespace tokens, as the task definition states).
+string occurs in the first 2,000 / 5,000 tokens of the retrieved passages concatenated in rank
+order. As in the official ``eval_xor_retrieve.py``: answers "yes"/"no" are skipped, a query
+with no other answer is not counted, the match is a case-sensitive substring test on the
+tokens joined by single spaces.
+
+Tokens: whitespace tokens by default. The official script uses NLTK's ``word_tokenize`` per
+passage, which splits punctuation off words (``"Portland, Oregon."`` -> ``Portland , Oregon
+.``; quotes become `````` / ``''``; ``don't`` -> ``do n't``) and needs NLTK's Punkt sentence
+model, a data download, so it is not the default here. The two differ in two ways (measured
+in ``benchmarks/results/rkt_tokens.json``, ``benchmarks/rkt_tokens.py``): NLTK counts 12-16 %
+more tokens on DPR's 100-word passages, so 2,000 tokens end after 17-18 passages instead of
+20 (on XQuAD with BM25 the cut falls in another passage for 95 % of the questions); and an
+answer with punctuation (``"Maharashtra, India"``, ``"St. Peter's Basilica"``) never occurs
+in NLTK's re-joined text (``Maharashtra , India``), while it does in whitespace tokens: no
+answer of 11.8 % of XOR-TyDi's dev questions survives NLTK's tokenisation (1.7 % for
+whitespace tokens), which is most of the 10-12 % of XQuAD questions whose hit differs. Pass
+``tokenize=nltk.word_tokenize`` (with the Punkt data installed) to
+:func:`answer_recall_per_query` / :func:`evaluate_languages` for the official numbers.
 
 Language views: :func:`evaluate_languages` computes the metrics per (query lang, corpus lang)
 pair, per query language over the pooled corpus, and macro averages over pairs: ``x->en``
@@ -24,7 +37,7 @@ and ``monolingual`` (the diagonal).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
@@ -112,14 +125,18 @@ def evaluate(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS) -
     return mean(per_query(run, qrels, metrics), metrics)
 
 
-def answer_hit(texts: Iterable[str], answers: Iterable[str], max_tokens: int) -> bool | None:
+Tokenizer = Callable[[str], list[str]]
+
+
+def answer_hit(texts: Iterable[str], answers: Iterable[str], max_tokens: int,
+               tokenize: Tokenizer = str.split) -> bool | None:
     """XOR-TyDi answer recall for one query: None when it has no span answer (not counted)."""
     span = [a for a in answers if a not in YES_NO]
     if not span:
         return None
     tokens: list[str] = []
     for text in texts:
-        tokens.extend(text.split())
+        tokens.extend(tokenize(text))
         if len(tokens) >= max_tokens:
             break
     joined = " ".join(tokens[:max_tokens])
@@ -129,10 +146,13 @@ def answer_hit(texts: Iterable[str], answers: Iterable[str], max_tokens: int) ->
 def answer_recall_per_query(run: Run, passages: Mapping[str, str],
                             answers: Mapping[str, Iterable[str]],
                             max_tokens: Iterable[int] = (2000, 5000),
-                            qids: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
+                            qids: Iterable[str] | None = None,
+                            tokenize: Tokenizer = str.split) -> dict[str, dict[str, float]]:
     """``{qid: {"r@2kt": 0/1, "r@5kt": 0/1}}`` over the queries of ``answers`` (or ``qids``).
 
-    ``passages`` maps pid -> text (title and text as the caller wants them matched).
+    ``passages`` maps pid -> text (title and text as the caller wants them matched; the
+    official XOR-Retrieve predictions hold the passage texts); ``tokenize``: see the module
+    docstring.
     """
     out: dict[str, dict[str, float]] = {}
     for qid in answers if qids is None else qids:
@@ -145,7 +165,7 @@ def answer_recall_per_query(run: Run, passages: Mapping[str, str],
                            f"(query {qid}); is the index built from this corpus?")
         row = {}
         for t in max_tokens:
-            hit = answer_hit((passages[p] for p in ranked), answers[qid], t)
+            hit = answer_hit((passages[p] for p in ranked), answers[qid], t, tokenize)
             if hit is None:
                 break
             row[f"r@{t // 1000}kt"] = float(hit)
@@ -201,13 +221,15 @@ def evaluate_languages(
     metrics: Iterable[str] = DEFAULT_METRICS,
     answers: Mapping[str, Iterable[str]] | None = None,
     passages: Mapping[str, str] | None = None,
+    tokenize: Tokenizer = str.split,
 ) -> dict:
     """Metrics per language pair, per query language and macro averages.
 
     ``pair_runs[(ql, cl)]`` ranks passages of language ``cl`` for the queries of language
     ``ql``; its qrels are those of ``qrels`` restricted to ``cl`` passages. ``pooled_run``
     (optional) ranks the whole multilingual corpus for every query: the per-query-language
-    view. With ``answers`` and ``passages`` (pid -> text), R@2kt / R@5kt are added.
+    view. With ``answers`` and ``passages`` (pid -> text), R@2kt / R@5kt are added
+    (``tokenize``: their tokens, see the module docstring).
     """
     metrics = list(metrics)
     names = metrics + (["r@2kt", "r@5kt"] if answers is not None else [])
@@ -220,7 +242,8 @@ def evaluate_languages(
                for q in qids}
         rows = per_query(run, sub, metrics)
         if answers is not None:
-            rows = _merge_rows(rows, answer_recall_per_query(run, passages, answers, qids=qids))
+            rows = _merge_rows(rows, answer_recall_per_query(run, passages, answers, qids=qids,
+                                                             tokenize=tokenize))
         return rows
 
     by_lang: dict[str, list[str]] = {}

@@ -1,0 +1,1 @@
+"""Sparse retrieval (BM25 over sharded corpora) and answer-match training data."""

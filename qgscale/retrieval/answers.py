@@ -1,0 +1,113 @@
+"""Training examples from answers: DPR's answer match over retrieved passages.
+
+A passage is a positive for a question when it contains one of the question's answers by
+DPR's definition (``dpr.data.qa_validation.has_answer`` with ``match_type="string"``, the
+one DPR used to build its NQ / TriviaQA training data and to score top-k retrieval accuracy):
+
+1. passage and answer are NFD-normalised (``unicodedata.normalize("NFD", ...)``);
+2. both are tokenised with DPR's ``SimpleTokenizer`` (DrQA's): a token is a run of letters,
+   digits and marks (``[\\p{L}\\p{N}\\p{M}]+``) or a single other non-space character, so
+   punctuation is kept, each mark its own token; nothing is removed (no article or
+   punctuation stripping: that is DPR's reader EM normalisation, not ``has_answer``);
+3. tokens are lower-cased, and the answer must occur as a contiguous token sequence.
+
+DPR matches the passage text without its title; pass the texts you want matched.
+
+Deviations, each on purpose: answers that tokenise to nothing (blank or only spaces) are
+ignored (DPR would match them everywhere), and so are ``yes`` / ``no`` (XOR-TyDi's boolean
+answers, which its evaluation skips too). ``match="dpr-chars"`` is an extension for text
+without spaces between words: DPR's tokens of Chinese, Japanese or Thai are whole clauses, so
+an answer almost never equals a token sequence there; this mode splits every token of those
+scripts into single characters (after NFD), on both sides, which for them is a substring
+test and for every other script is exactly ``match="dpr"``.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import regex
+
+# DPR's SimpleTokenizer (dpr/utils/tokenizers.py): ALPHA_NUM | NON_WS, same flags.
+_SIMPLE = regex.compile(r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])",
+                        flags=regex.IGNORECASE + regex.UNICODE + regex.MULTILINE)
+_NOSPACE = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\p{Thai}\p{Lao}"
+                         r"\p{Khmer}\p{Myanmar}\u30FC\u3005]")
+MATCHES = ("dpr", "dpr-chars")
+YES_NO = frozenset({"yes", "no"})
+
+
+def dpr_tokens(text: str, match: str = "dpr") -> tuple[str, ...]:
+    """The lower-cased tokens ``has_answer`` compares (see the module docstring)."""
+    if match not in MATCHES:
+        raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
+    words = [m.group().lower() for m in _SIMPLE.finditer(unicodedata.normalize("NFD", text))]
+    if match == "dpr-chars":
+        words = [c for w in words for c in (w if _NOSPACE.search(w) else (w,))]
+    return tuple(words)
+
+
+def _contains(text: tuple[str, ...], answer: tuple[str, ...]) -> bool:
+    n = len(answer)
+    first = answer[0]
+    return any(text[i:i + n] == answer
+               for i in range(len(text) - n + 1) if text[i] == first)
+
+
+def has_answer(answers: Iterable[str], text: str, match: str = "dpr") -> bool:
+    """DPR's ``has_answer(answers, text, SimpleTokenizer(), "string")`` (module docstring)."""
+    toks = dpr_tokens(text, match)
+    return any(_contains(toks, a) for a in _answer_tokens(answers, match))
+
+
+def _answer_tokens(answers: Iterable[str], match: str) -> list[tuple[str, ...]]:
+    out = []
+    for a in answers:
+        if a.strip().lower() in YES_NO:
+            continue
+        toks = dpr_tokens(a, match)
+        if toks:
+            out.append(toks)
+    return out
+
+
+def answer_match_examples(queries: Iterable[str], answers: Mapping[str, Sequence[str]],
+                          retrieved_pids: Mapping[str, Sequence[str]],
+                          passage_texts: Mapping[str, str], n_neg: int,
+                          n_pos: int | None = None, match: str = "dpr",
+                          cache_size: int = 100_000) -> list[dict[str, Any]]:
+    """TRAIN_EXAMPLES rows ``{qid, pos_pids, neg_pids}`` from answers and retrieval results.
+
+    For each qid of ``queries``: its retrieved pids (rank order) that contain an answer are
+    positives (the first ``n_pos``, default all), the first ``n_neg`` that do not are its
+    hard negatives. A query without a usable answer or without any positive gets no row (the
+    caller can count them: ``len(queries) - len(rows)``). ``passage_texts``: pid -> the text
+    to match (DPR: the passage text without its title); a retrieved pid without a text
+    raises KeyError. Tokenised passages are cached (``cache_size`` of them) across queries.
+    """
+    tokens = lru_cache(maxsize=cache_size)(lambda pid: dpr_tokens(passage_texts[pid], match))
+    rows = []
+    for qid in queries:
+        ans = _answer_tokens(answers.get(qid, ()), match)
+        if not ans:
+            continue
+        pos: list[str] = []
+        neg: list[str] = []
+        for pid in retrieved_pids.get(qid, ()):
+            if pid not in passage_texts:
+                raise KeyError(f"answer match: no text for retrieved passage {pid!r} "
+                               f"(query {qid})")
+            toks = tokens(pid)
+            if any(_contains(toks, a) for a in ans):
+                if n_pos is None or len(pos) < n_pos:
+                    pos.append(pid)
+            elif len(neg) < n_neg:
+                neg.append(pid)
+            if n_pos is not None and len(pos) >= n_pos and len(neg) >= n_neg:
+                break
+        if pos:
+            rows.append({"qid": qid, "pos_pids": pos, "neg_pids": neg})
+    return rows

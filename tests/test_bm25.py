@@ -1,0 +1,133 @@
+"""BM25 with global statistics: shards merged == one index; scores == bm25s' (Lucene BM25)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from qgscale.data import readers
+from qgscale.data.schema import passage_text
+from qgscale.retrieval import bm25
+
+LANGS = ["en", "zh", "th", "hi"]
+
+
+@pytest.fixture(scope="module")
+def xquad():
+    """The bundled XQuAD paragraphs (4 languages, 960 passages) and 400 of its questions."""
+    t = readers.read_xquad(readers.bundled("xquad"), LANGS, LANGS)
+    corpus = t["train/corpus"] + t["test/corpus"]
+    queries = t["train/queries"] + t["test/queries"]
+    pids = [p["pid"] for p in corpus]
+    texts = [passage_text(p["title"], p["text"]) for p in corpus]
+    return pids, texts, [q["text"] for q in queries[::len(queries) // 400]][:400]
+
+
+def test_tokenize_by_script():
+    assert bm25.tokenize("Straße, COVID-19 and iPhone12!") == [
+        "strasse", "covid", "19", "and", "iphone12"]
+    assert bm25.tokenize("東京タワー") == ["東京", "京タ", "タワ", "ワー"]  # ja: bigrams
+    assert bm25.tokenize("北京是首都") == ["北京", "京是", "是首", "首都"]  # zh
+    assert bm25.tokenize("서울에서 살아요") == ["서울", "울에", "에서", "살아", "아요"]  # ko
+    # th: bigrams of grapheme clusters (a tone mark stays on its consonant)
+    assert bm25.tokenize("ง่าย") == ["ง่า", "าย"]
+    assert bm25.tokenize("หิมะ") == ["หิม", "มะ"]
+    # hi: vowel signs are marks, not separators (Python's \w would split the word)
+    assert bm25.tokenize("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
+    assert bm25.tokenize("ｱｲ 日") == ["アイ", "日"]  # NFKC; a lone character is a unigram
+    assert bm25.tokenize("日本iPhone") == ["日本", "iphone"]  # a script change splits
+
+
+def test_three_shards_equal_one_index(xquad):
+    pids, texts, queries = xquad
+    k = 20
+    one_pids, one_scores = bm25.search(texts, pids, queries, k)
+    order = np.random.default_rng(0).permutation(len(pids))  # shards mix languages
+    cuts = [0, 100, 550, len(pids)]  # uneven shard sizes
+    shards = [([texts[i] for i in order[a:b]], [pids[i] for i in order[a:b]])
+              for a, b in zip(cuts, cuts[1:], strict=False)]
+    stats = bm25.merge_stats(pickle.loads(pickle.dumps(bm25.shard_stats(t)))
+                             for t, _ in shards)
+    whole = bm25.index_shard(texts, pids).stats()
+    assert (stats.df, stats.n_docs, stats.total_len) == (whole.df, whole.n_docs,
+                                                         whole.total_len)
+    per_shard = [bm25.search_shard(t, p, queries, stats, k) for t, p in shards]
+    got_pids, got_scores = bm25.merge_topk(per_shard, k)
+    assert got_pids == one_pids
+    for a, b in zip(got_scores, one_scores, strict=True):
+        assert a.dtype == np.float32 and np.array_equal(a, b)  # bit for bit
+    assert sum(len(p) == k for p in one_pids) > 350  # the test compares full top-k lists
+    # Statistics of the query tokens only (small to ship and merge): the same results.
+    vocab = bm25.query_vocab(queries)
+    small = bm25.merge_stats(bm25.shard_stats(t, vocab) for t, _ in shards)
+    assert len(small.df) < len(stats.df) / 5 and small.n_docs == stats.n_docs
+    assert small.df == {t: n for t, n in stats.df.items() if t in vocab}
+    assert bm25.index_shard(texts, pids).stats(vocab).df == small.df
+    again = bm25.merge_topk([bm25.search_shard(t, p, queries, small, k) for t, p in shards], k)
+    assert again[0] == one_pids
+    assert all(np.array_equal(a, b) for a, b in zip(again[1], one_scores, strict=True))
+    # Each shard's own statistics give other scores: merging those is not one index.
+    local = [bm25.search_shard(t, p, queries, bm25.shard_stats(t), k) for t, p in shards]
+    loc_pids, loc_scores = bm25.merge_topk(local, k)
+    assert loc_pids != one_pids
+    assert not all(np.array_equal(a, b) for a, b in zip(loc_scores, one_scores, strict=True))
+
+
+def test_ties_are_broken_by_pid_in_shards_and_merge():
+    texts = ["apple pie"] * 6 + ["apple"] * 2
+    pids = ["p5", "p0", "p3", "p1", "p4", "p2", "q1", "q0"]
+    one = bm25.search(texts, pids, ["apple pie"], 4)
+    assert one[0] == [["p0", "p1", "p2", "p3"]]
+    stats = bm25.shard_stats(texts)
+    shards = [bm25.search_shard(texts[a:b], pids[a:b], ["apple pie"], stats, 4)
+              for a, b in [(0, 3), (3, 5), (5, 8)]]
+    merged = bm25.merge_topk(shards, 4)
+    assert merged[0] == one[0] and np.array_equal(merged[1][0], one[1][0])
+
+
+def test_scores_match_bm25s_lucene(xquad):
+    import bm25s  # the reference implementation (test extra)
+    pids, texts, queries = xquad
+    tokens = [bm25.tokenize(t) for t in texts]
+    ref = bm25s.BM25(method="lucene", k1=bm25.K1, b=bm25.B)
+    ref.index(tokens, show_progress=False)
+    got_pids, got_scores = bm25.search(texts, pids, queries, len(pids))
+    pos = {p: i for i, p in enumerate(pids)}
+    checked = 0
+    for q, p, s in zip(queries, got_pids, got_scores, strict=True):
+        q_tokens = bm25.tokenize(q)
+        if not any(t in ref.vocab_dict for t in q_tokens):
+            assert p == []
+            continue
+        expected = ref.get_scores(q_tokens)
+        assert set(p) == {pids[i] for i in np.flatnonzero(expected)}  # every matching one
+        np.testing.assert_allclose(s, expected[[pos[x] for x in p]], rtol=2e-6)
+        checked += 1
+    assert checked > 390
+
+
+def test_stats_that_miss_a_shard_are_refused():
+    a, b = ["red fish", "blue fish"], ["one fish", "two fish"]
+    only_a = bm25.shard_stats(a)
+    with pytest.raises(ValueError, match="do not include this shard"):
+        bm25.search_shard(a + b, ["1", "2", "3", "4"], ["fish"], only_a, 2)
+    with pytest.raises(ValueError, match="'blue' a document frequency of 0"):
+        bm25.search_shard(a, ["1", "2"], ["blue"], bm25.shard_stats(a, {"red"}), 2)
+    both = bm25.merge_stats([only_a, bm25.shard_stats(b)])
+    assert both.n_docs == 4 and both.df["fish"] == 4 and both.avgdl == 2.0
+    other = bm25.Stats(tokenizer="whitespace")
+    with pytest.raises(ValueError, match="cannot merge"):
+        bm25.merge_stats([only_a, other])
+    with pytest.raises(ValueError, match="2 texts but 1 pids"):
+        bm25.index_shard(a, ["1"])
+
+
+def test_no_match_and_empty_inputs():
+    pids, scores = bm25.search(["alpha beta", ""], ["a", "b"], ["gamma", "", "beta"], 5)
+    assert pids == [[], [], ["a"]] and [len(s) for s in scores] == [0, 0, 1]
+    assert bm25.merge_topk([], 3) == ([], [])
+    empty = bm25.index_shard([], [])
+    got = empty.search(["alpha"], bm25.shard_stats(["alpha"]), 3)
+    assert got[0] == [[]] and len(got[1][0]) == 0
