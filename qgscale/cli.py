@@ -100,14 +100,15 @@ def _langs(value: str | None) -> list[str] | None:
 @data_app.command("prepare")
 def data_prepare(
     format: Annotated[str | None, typer.Option(help="xquad, xor-tydi, mkqa, tatoeba, beir, "
-                                                    "jsonl")] = None,
+                                                    "dpr, passages, jsonl")] = None,
     input: Annotated[str | None, typer.Option(help="Raw file or folder (path or URI).")] = None,
     output: Annotated[str | None, typer.Option(help="Output folder (path or URI).")] = None,
     passages: Annotated[str | None, typer.Option(help="Passage collection (xor-tydi).")] = None,
     query_langs: Annotated[str | None, typer.Option(help="Comma-separated.")] = None,
     corpus_langs: Annotated[str | None, typer.Option(help="Comma-separated.")] = None,
     kind: Annotated[str | None, typer.Option(help="Canonical kind for --format jsonl.")] = None,
-    lang: Annotated[str, typer.Option(help="Language of a beir dataset.")] = "und",
+    lang: Annotated[str, typer.Option(help="Language of a beir, dpr or passages dataset."
+                                      )] = "und",
     test_mod: Annotated[int, typer.Option(help="xquad: article % N == 0 -> test.")] = 4,
     shard_rows: Annotated[int, typer.Option(help="Rows per parquet shard.")] = 2000,
     on_error: Annotated[str, typer.Option(help="fail, or skip (bad rows -> _rejected.jsonl)."
