@@ -4,10 +4,13 @@ events, distillation inputs, QG fine-tuning, bad data."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import threading
 
 import pyarrow as pa
@@ -87,6 +90,12 @@ def _cfg(root: str, tok: str, **train) -> Config:
     return Config(run=RunConfig(root=root), encoder=enc,
                   warmup=StudentTrainConfig(loss=loss, **base),
                   distill=StudentTrainConfig(loss=loss, **base))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _metrics(uri: str) -> list[dict]:
@@ -383,28 +392,78 @@ def test_tensorboard_events(toy, reference_run):
 
 
 @pytest.mark.slow
-def test_elastic_resume(toy, ray_local, tmp_path):
+@pytest.mark.filterwarnings("ignore:The `parse_obj` method is deprecated")  # Result.from_path
+def test_elastic_resume(toy, ray_local, tmp_path, caplog, monkeypatch):
     """ZeRO-2 on 2 workers to step 4 (checkpointed), then the same run on 1 worker: it
     resumes from a DeepSpeed universal checkpoint (weights and AdamW state) at the same place
-    in the sample stream and finishes the epoch; the loss keeps falling."""
+    in the sample stream and finishes the epoch; the loss keeps falling. Then the other
+    option, fp32 weights with a fresh optimizer, on the 2-worker checkpoint."""
     root, tok = str(tmp_path / "run"), str(toy / "tok")
     base = dict(zero_stage=2, precision="fp32", epochs=1, log_every=1, checkpoint_every=4)
     cfg2 = _cfg(root, tok, max_steps=4, **base)
     out = cfg2.uri("train", "warmup")
     run_train_warmup(cfg2, out_uri=out, key="k1", **_inputs(toy))
+    ckpt2 = shutil.copytree(_registered_checkpoint(out), tmp_path / "ckpt2")
     cfg1 = _cfg(root, tok, num_workers=1, cpus_per_worker=1, **base)
     m = run_train_warmup(cfg1, out_uri=out, key="k1", **_inputs(toy))
     log = _metrics(storage.join(out, "metrics.jsonl"))
     # 4 steps of 16 samples, then the epoch's other 64 samples in steps of 8 on 1 worker
     assert [x["step"] for x in log] == list(range(1, 13))
     assert [x["world"] for x in log] == [2] * 4 + [1] * 8
-    assert all(x["start_step"] == 4 for x in log[4:])
+    assert all(x["start_step"] == 4 and x["resume"] == "universal" for x in log[4:])
     assert m["final_metrics"]["step"] == 12
     before = [x["loss"] for x in log[:4]]
     after = [x["loss"] for x in log[4:]]
     # no jump back up when the optimizer state is restored, and still falling
     assert after[0] < before[0]
     assert sum(after[4:]) / 4 < sum(after[:4]) / 4 < sum(before) / 4, (before, after)
+    _check_weights_resume(cfg1, ckpt2, caplog, monkeypatch)
+
+
+def _registered_checkpoint(out: str) -> str:
+    import ray.train
+
+    run_dir = storage.join(out, "ray", "run")
+    return ray.train.Result.from_path(run_dir).checkpoint.path
+
+
+def _check_weights_resume(cfg, ckpt_dir, caplog, monkeypatch) -> None:
+    """``elastic_resume: weights`` in this process (1 worker, gloo): the 2-worker ZeRO-2
+    checkpoint's consolidated fp32 weights are loaded with a fresh optimizer, and a warning
+    says what was lost."""
+    import logging
+
+    import torch
+    import torch.distributed as dist
+
+    from qgscale.train.loop import Restored, TrainRun, fp32_weights, restore
+    from qgscale.train.tasks import StudentTask
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    for k in ("RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(k, "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    tc = cfg.warmup.model_copy(update={"elastic_resume": "weights"})
+    out = cfg.uri("train", "warmup")
+    run = TrainRun(StudentTask(tc), init_uri=storage.join(out, "init"), output_uri=out,
+                   rows=N)
+    restored = Restored(str(ckpt_dir), json.loads((ckpt_dir / "qgscale_state.json").read_text()))
+    try:
+        with caplog.at_level(logging.WARNING, logger="qgscale.train"), \
+                contextlib.ExitStack() as stack:
+            engine, _, plan, at, mode = restore(run, 1, restored, stack)
+        assert mode == "weights" and (at.step, at.epoch, at.offset) == (4, 0, 64)
+        assert "LOST: the optimizer state" in caplog.text and "written by 2 workers" in caplog.text
+        want = fp32_weights(str(ckpt_dir))
+        got = dict(engine.module.named_parameters())
+        assert all(torch.equal(got[k].detach(), want[k]) for k in got)
+        assert engine.global_steps == 4 and plan.total == 12
+        moments = [st["exp_avg"] for st in engine.optimizer.optimizer.state.values()]
+        assert all(not m.any() for m in moments)  # a fresh AdamW state (ZeRO fills zeros)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.mark.slow

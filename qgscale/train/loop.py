@@ -161,6 +161,7 @@ class Progress:
     window: list[dict[str, float]] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
     mlflow_run_id: str | None = None
+    resume: str | None = None  # how this attempt resumed: see resume_mode
 
 
 # --- the steps of a worker -------------------------------------------------------------------
@@ -242,9 +243,10 @@ def setup_engine(run: TrainRun, plan: Plan, load_universal: bool = False,
 
 
 def restore(run: TrainRun, world: int, restored: Restored | None, stack: contextlib.ExitStack
-            ) -> tuple[Any, Callable[[dict[str, Any]], Any], Plan, Position]:
-    """Engine, collator, plan and start position of this attempt: fresh, or resumed from
-    ``restored`` (on the same worker count as saved, or another: see :func:`resume_mode`)."""
+            ) -> tuple[Any, Callable[[dict[str, Any]], Any], Plan, Position, str | None]:
+    """Engine, collator, plan, start position and resume mode (:func:`resume_mode`; after
+    a failed universal conversion "weights") of this attempt: fresh, or resumed from
+    ``restored`` (on the same worker count as saved, or another)."""
     tc = run.config
     at = restored.position if restored else Position()
     plan = plan_steps(run.rows, world, tc, at)
@@ -284,7 +286,7 @@ def restore(run: TrainRun, world: int, restored: Restored | None, stack: context
     if restored:
         log.info("rank %d resumed from step %d (epoch %d, sample %d)", engine.global_rank,
                  at.step, at.epoch, at.offset)
-    return engine, collate, plan, at
+    return engine, collate, plan, at, mode
 
 
 def reload_metrics(run: TrainRun, step: int) -> list[dict[str, Any]]:
@@ -339,7 +341,7 @@ def _metrics(engine: Any, plan: Plan, prog: Progress) -> dict[str, Any]:
     m.update(step=prog.step, epoch=prog.epoch, samples_per_s=rate,
              lr=engine.get_lr()[0], eta_s=(plan.total - prog.step) * plan.samples_per_step
              / max(rate, 1e-9), elapsed_s=elapsed, start_step=prog.start_step,
-             world=plan.world, time=time.time())
+             world=plan.world, resume=prog.resume, time=time.time())
     return m
 
 
@@ -473,8 +475,9 @@ def train_loop_per_worker(config: dict[str, TrainRun]) -> None:
     torch.manual_seed(run.seed + rank)
     with contextlib.ExitStack() as stack:
         restored = open_checkpoint(ray.train.get_checkpoint(), stack)
-        engine, collate, plan, at = restore(run, world, restored, stack)
-    prog = Progress(step=at.step, epoch=at.epoch, offset=at.offset, start_step=at.step)
+        engine, collate, plan, at, mode = restore(run, world, restored, stack)
+    prog = Progress(step=at.step, epoch=at.epoch, offset=at.offset, start_step=at.step,
+                    resume=mode)
     tracker = None
     if rank == 0:
         prog.log = reload_metrics(run, at.step)
