@@ -249,6 +249,10 @@ def restore(run: TrainRun, world: int, restored: Restored | None, stack: context
     ``restored`` (on the same worker count as saved, or another)."""
     tc = run.config
     at = restored.position if restored else Position()
+    if restored and "offset" not in restored.state:  # written before the position was kept
+        fresh = plan_steps(run.rows, world, tc)
+        at = Position(at.step, at.step // fresh.per_epoch,
+                      (at.step % fresh.per_epoch) * fresh.samples_per_step)
     plan = plan_steps(run.rows, world, tc, at)
     mode = resume_mode(restored, world, tc)
     weights = None
