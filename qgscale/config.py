@@ -94,6 +94,26 @@ class TrainConfig(Section):
     log_every: int = 10
     max_query_len: int = 64
     max_passage_len: int = 256
+    # DeepSpeed ZeRO communication (stages 1-3; see configs/xor-tydi.yaml for the reasons):
+    # overlap the gradient reduction with the backward pass, copy gradients into one
+    # contiguous buffer as they are produced, and reduce / all-gather in buckets of this many
+    # elements (larger: fewer, longer messages, better across nodes; more memory)
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = Field(200_000_000, gt=0)
+    allgather_bucket_size: int = Field(200_000_000, gt=0)
+    # input pipeline: micro-batches read and tokenised ahead of the step by a background
+    # thread on every worker; 0 tokenises inside the step
+    prefetch_batches: int = Field(2, ge=0)
+    # resuming on a different worker count: "universal" converts the ZeRO checkpoint into a
+    # DeepSpeed universal checkpoint (weights and optimizer state); "weights" reloads the
+    # consolidated fp32 weights with a fresh optimizer state (Adam moments lost: warned)
+    elastic_resume: Literal["universal", "weights"] = "universal"
+    export_bf16: bool = False  # also write <stage>/model-bf16 (the fp32 master weights in bf16)
+    # tracking: TensorBoard event files under <stage>/tensorboard always; MLflow when set
+    # (a tracking URI, e.g. file:///path/mlruns or http://host:5000; needs qgscale[tracking])
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "qgscale"
 
 
 class QGTrainConfig(TrainConfig):

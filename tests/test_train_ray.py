@@ -1,12 +1,16 @@
 """Ray Train + DeepSpeed on CPU (gloo), 2 workers, tiny models: learning, S3 checkpoints,
-resume, recovery from a killed worker, distillation inputs, QG fine-tuning, bad data."""
+resume, recovery from a killed worker, exact and elastic resume, fp32 export, TensorBoard
+events, distillation inputs, QG fine-tuning, bad data."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import threading
 
 import pyarrow as pa
@@ -86,6 +90,12 @@ def _cfg(root: str, tok: str, **train) -> Config:
     return Config(run=RunConfig(root=root), encoder=enc,
                   warmup=StudentTrainConfig(loss=loss, **base),
                   distill=StudentTrainConfig(loss=loss, **base))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _metrics(uri: str) -> list[dict]:
@@ -313,3 +323,179 @@ def test_student_rows_and_collator(toy, tokenizer):
                                          LossConfig(n_hard_negatives=2),
                                          qrels_uri=inp["qrels_uri"])
     assert counts["random_negatives"] == 2 * N
+
+
+# --- exact / elastic resume, fp32 export, tracking ------------------------------------------
+EXACT = dict(precision="fp32", zero_stage=2, epochs=2, max_steps=12, log_every=1,
+             checkpoint_every=2)  # 12 steps cross the epoch boundary (8 steps per epoch)
+
+
+@pytest.fixture(scope="module")
+def reference_run(toy, ray_local, tmp_path_factory):
+    """An uninterrupted ZeRO-2 fp32 warm-up on 2 workers, every step logged."""
+    cfg = _cfg(str(tmp_path_factory.mktemp("ref") / "run"), str(toy / "tok"), **EXACT)
+    out = cfg.uri("train", "warmup")
+    m = run_train_warmup(cfg, out_uri=out, key="k1", **_inputs(toy))
+    return out, m
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The `parse_obj` method is deprecated")  # Result.from_path
+def test_exact_resume(toy, reference_run, tmp_path, monkeypatch):
+    """A worker is SIGKILLed (from outside) after the step-4 checkpoint is registered; the
+    restarted worker group resumes from it. Every step's loss (dropout on) equals the
+    uninterrupted run's to 1e-5, and so do the exported weights."""
+    from qgscale.models.encoder import DualEncoder
+
+    ref_out, ref = reference_run
+    cfg = _cfg(str(tmp_path / "run"), str(toy / "tok"), max_failures=1, **EXACT)
+    out = cfg.uri("train", "warmup")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    killer = KillWorkerAfter(out, step=4)
+    killer.start()
+    try:
+        m = run_train_warmup(cfg, out_uri=out, key="k1", **_inputs(toy))
+    finally:
+        killer.done.set()
+        killer.join(30)
+    assert killer.killed, "no worker was killed before the run ended"
+    log, ref_log = _metrics(storage.join(out, "metrics.jsonl")), _metrics(
+        storage.join(ref_out, "metrics.jsonl"))
+    resumed = max(x["start_step"] for x in log)
+    assert 4 <= resumed < 12, (resumed, killer.killed)  # a restart from a checkpoint
+    assert [x["step"] for x in log] == [x["step"] for x in ref_log] == list(range(1, 13))
+    assert {x["epoch"] for x in log} == {0, 1}
+    for a, b in zip(log, ref_log, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+    assert m["final_metrics"]["step"] == 12
+    w, w_ref = (DualEncoder.from_pretrained(x["model"]).state_dict() for x in (m, ref))
+    assert max((w[k] - w_ref[k]).abs().max().item() for k in w) <= 1e-5
+
+
+@pytest.mark.slow
+def test_tensorboard_events(toy, reference_run):
+    """The stage folder's TensorBoard event file, read back with TensorBoard's reader, holds
+    the logged loss of every step, equal to metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = reference_run
+    log = _metrics(storage.join(out, "metrics.jsonl"))
+    acc = EventAccumulator(storage.join(out, "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/contrastive", "train/lr", "train/samples_per_s"} <= set(tags)
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == [x["step"] for x in log] == list(range(1, 13))
+    for e, x in zip(events, log, strict=True):
+        assert e.value == pytest.approx(x["loss"], rel=1e-6)  # stored as float32
+        assert e.wall_time == pytest.approx(x["time"], abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The `parse_obj` method is deprecated")  # Result.from_path
+def test_elastic_resume(toy, ray_local, tmp_path, caplog, monkeypatch):
+    """ZeRO-2 on 2 workers to step 4 (checkpointed), then the same run on 1 worker: it
+    resumes from a DeepSpeed universal checkpoint (weights and AdamW state) at the same place
+    in the sample stream and finishes the epoch; the loss keeps falling. Then the other
+    option, fp32 weights with a fresh optimizer, on the 2-worker checkpoint."""
+    root, tok = str(tmp_path / "run"), str(toy / "tok")
+    base = dict(zero_stage=2, precision="fp32", epochs=1, log_every=1, checkpoint_every=4)
+    cfg2 = _cfg(root, tok, max_steps=4, **base)
+    out = cfg2.uri("train", "warmup")
+    run_train_warmup(cfg2, out_uri=out, key="k1", **_inputs(toy))
+    ckpt2 = shutil.copytree(_registered_checkpoint(out), tmp_path / "ckpt2")
+    cfg1 = _cfg(root, tok, num_workers=1, cpus_per_worker=1, **base)
+    m = run_train_warmup(cfg1, out_uri=out, key="k1", **_inputs(toy))
+    log = _metrics(storage.join(out, "metrics.jsonl"))
+    # 4 steps of 16 samples, then the epoch's other 64 samples in steps of 8 on 1 worker
+    assert [x["step"] for x in log] == list(range(1, 13))
+    assert [x["world"] for x in log] == [2] * 4 + [1] * 8
+    assert all(x["start_step"] == 4 and x["resume"] == "universal" for x in log[4:])
+    assert m["final_metrics"]["step"] == 12
+    before = [x["loss"] for x in log[:4]]
+    after = [x["loss"] for x in log[4:]]
+    # no jump back up when the optimizer state is restored, and still falling
+    assert after[0] < before[0]
+    assert sum(after[4:]) / 4 < sum(after[:4]) / 4 < sum(before) / 4, (before, after)
+    _check_weights_resume(cfg1, ckpt2, caplog, monkeypatch)
+
+
+def _registered_checkpoint(out: str) -> str:
+    import ray.train
+
+    run_dir = storage.join(out, "ray", "run")
+    return ray.train.Result.from_path(run_dir).checkpoint.path
+
+
+def _check_weights_resume(cfg, ckpt_dir, caplog, monkeypatch) -> None:
+    """``elastic_resume: weights`` in this process (1 worker, gloo): the 2-worker ZeRO-2
+    checkpoint's consolidated fp32 weights are loaded with a fresh optimizer, and a warning
+    says what was lost."""
+    import logging
+
+    import torch
+    import torch.distributed as dist
+
+    from qgscale.train.loop import Restored, TrainRun, fp32_weights, restore
+    from qgscale.train.tasks import StudentTask
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    for k in ("RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(k, "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    tc = cfg.warmup.model_copy(update={"elastic_resume": "weights"})
+    out = cfg.uri("train", "warmup")
+    run = TrainRun(StudentTask(tc), init_uri=storage.join(out, "init"), output_uri=out,
+                   rows=N)
+    restored = Restored(str(ckpt_dir), json.loads((ckpt_dir / "qgscale_state.json").read_text()))
+    try:
+        with caplog.at_level(logging.WARNING, logger="qgscale.train"), \
+                contextlib.ExitStack() as stack:
+            engine, _, plan, at, mode = restore(run, 1, restored, stack)
+        assert mode == "weights" and (at.step, at.epoch, at.offset) == (4, 0, 64)
+        assert "LOST: the optimizer state" in caplog.text and "written by 2 workers" in caplog.text
+        want = fp32_weights(str(ckpt_dir))
+        got = dict(engine.module.named_parameters())
+        assert all(torch.equal(got[k].detach(), want[k]) for k in got)
+        assert engine.global_steps == 4 and plan.total == 12
+        moments = [st["exp_avg"] for st in engine.optimizer.optimizer.state.values()]
+        assert all(not m.any() for m in moments)  # a fresh AdamW state (ZeRO fills zeros)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fp32_export(toy, ray_local, tmp_path):
+    """bf16 ZeRO-2 on 2 workers: the exported model holds the fp32 master weights exactly
+    (max abs difference 0 to zero_to_fp32 of the final checkpoint), not the bf16 weights the
+    model computed with; model-bf16/ is their bf16 copy."""
+    import glob
+
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from qgscale.models.encoder import DualEncoder
+
+    cfg = _cfg(str(tmp_path / "run"), str(toy / "tok"), zero_stage=2, precision="bf16",
+               max_steps=4, checkpoint_every=100, export_bf16=True)
+    out = cfg.uri("train", "warmup")
+    m = run_train_warmup(cfg, out_uri=out, key="k1", **_inputs(toy))
+    master = get_fp32_state_dict_from_zero_checkpoint(m["checkpoint"], tag="ckpt")
+    exported = DualEncoder.from_pretrained(m["model"]).state_dict()
+    params = [k for k in master if k in exported]
+    assert len(params) > 10 and all(master[k].dtype == torch.float32 for k in params)
+    assert max((exported[k] - master[k]).abs().max().item() for k in params) == 0.0
+    # the masters are not bf16 values: a bf16 export would differ from them
+    assert max((master[k] - master[k].bfloat16().float()).abs().max().item()
+               for k in params) > 0
+    (bf16_file,) = glob.glob(os.path.join(out, "model-bf16", "*.safetensors"))
+    bf16 = load_file(bf16_file)
+    assert {v.dtype for v in bf16.values() if v.is_floating_point()} == {torch.bfloat16}
+    for k, v in bf16.items():
+        if v.is_floating_point():
+            assert torch.equal(v, exported["query_model." + k].bfloat16())
+    assert DualEncoder.from_pretrained(os.path.join(out, "model-bf16")).encode_queries(
+        ["x"]).shape == (1, 32)

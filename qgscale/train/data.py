@@ -1,8 +1,10 @@
 """Training data: join canonical tables into self-contained training rows, and collators.
 
 The driver joins queries, passages, teacher scores and generated queries into one row per
-training query and writes them as parquet shards; Ray Data streams those shards to the
-workers, whose collators tokenise batches. Inputs (schemas in ``qgscale.data.schema``):
+training query and writes them as parquet shards; every worker reads its micro-batches of
+the seeded sample stream from those shards (:mod:`qgscale.train.order`) and tokenises them
+with a collator in a prefetching thread, ahead of the training step. Inputs (schemas in
+``qgscale.data.schema``):
 
 - queries ``{qid, lang, text}``, corpus ``{pid, lang, title, text}``;
 - positives/negatives: training examples ``{qid, pos_pids, neg_pids}``, or qrels ``{qid, pid,

@@ -1,16 +1,27 @@
 """``train_loop_per_worker``: DeepSpeed inside a Ray Train worker.
 
-One :class:`TrainRun` (task, init folder, output, row count) reaches every worker, which
-sets up the DeepSpeed engine (config from :func:`deepspeed_config`) -> loads
-``ray.train.get_checkpoint()`` -> trains epochs over ``ray.train.get_dataset_shard("train")``
--> every ``log_every`` optimizer steps reports metrics, every ``checkpoint_every`` also an
-``engine.save_checkpoint`` folder as a ``ray.train.Checkpoint`` (every worker writes its own
-ZeRO shard; Ray merges the folders) -> exports the final model in HF format to storage.
-Rank 0 logs loss, samples/s and ETA, and keeps ``metrics.jsonl`` in the output folder.
+One :class:`TrainRun` (task, init folder, output, training shards) reaches every worker,
+which reads ``ray.train.get_checkpoint()`` (and the position in the sample stream it
+recorded) -> sets up the DeepSpeed engine (config from :func:`deepspeed_config`) and loads
+the checkpoint: as saved when the worker count is unchanged, else as a DeepSpeed universal
+checkpoint (or, with ``elastic_resume: weights``, the consolidated fp32 weights with a fresh
+optimizer state) -> trains over its micro-batches of the deterministic sample stream
+(:mod:`qgscale.train.order`: the data order is a function of the seed, the epoch and the
+global sample index; tokenisation runs ahead of the step in a prefetching thread) -> every
+``log_every`` optimizer steps reports metrics, every ``checkpoint_every`` also an
+``engine.save_checkpoint`` folder plus the stream position as a ``ray.train.Checkpoint``
+(every worker writes its own ZeRO shard; Ray merges the folders) -> exports the fp32 master
+weights in HF format (optionally also a bf16 copy). Rank 0 logs loss, samples/s and ETA, and
+writes ``metrics.jsonl``, TensorBoard event files and (optionally) MLflow metrics
+(:mod:`qgscale.train.tracking`).
+
+Random ops in the step (dropout) are seeded per micro-batch from (seed, epoch, sample
+index), so a resumed run repeats the uninterrupted run's steps exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +35,9 @@ import torch
 
 from qgscale import storage
 from qgscale.config import TrainConfig
+from qgscale.train.order import Loader, Shard, sample_seed
 from qgscale.train.tasks import Task
+from qgscale.train.tracking import Tracker
 
 log = logging.getLogger("qgscale.train")
 CKPT_TAG = "ckpt"
@@ -34,8 +47,8 @@ STATE_FILE = "qgscale_state.json"
 @dataclass(frozen=True)
 class TrainRun:
     """Everything a worker needs: what to train (``task``, with its config section), the
-    init model folder URI, the output folder URI, the number of training rows, the seed and
-    the storage (S3) environment variables."""
+    init model folder URI, the output folder URI, the number of training rows and the
+    parquet shards holding them, the seed and the storage (S3) environment variables."""
 
     task: Task
     init_uri: str
@@ -43,6 +56,7 @@ class TrainRun:
     rows: int
     seed: int = 13
     storage_env: dict[str, str] = field(default_factory=dict, repr=False)
+    shards: tuple[Shard, ...] = ()
 
     @property
     def config(self) -> TrainConfig:
@@ -53,9 +67,20 @@ class TrainRun:
         return storage.join(self.output_uri, "metrics.jsonl")
 
 
-def deepspeed_config(tc: TrainConfig, world_size: int, total_steps: int) -> dict[str, Any]:
-    """DeepSpeed config from a ``TrainConfig`` (ZeRO, precision, accumulation, clipping,
-    AdamW, linear warm-up then linear decay)."""
+def deepspeed_config(tc: TrainConfig, world_size: int, total_steps: int,
+                     load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed config from a ``TrainConfig`` (ZeRO with its communication settings,
+    precision, accumulation, clipping, AdamW, linear warm-up then linear decay);
+    ``load_universal``: the checkpoint to load is a universal one."""
+    zero: dict[str, Any] = {"stage": tc.zero_stage}
+    if tc.zero_stage:
+        zero.update(overlap_comm=tc.overlap_comm, contiguous_gradients=tc.contiguous_gradients,
+                    reduce_bucket_size=tc.reduce_bucket_size)
+        if tc.zero_stage == 3:  # ZeRO-3 all-gathers parameters ahead of use in these buckets
+            zero.update(stage3_prefetch_bucket_size=tc.allgather_bucket_size,
+                        stage3_gather_16bit_weights_on_model_save=True)
+        else:
+            zero.update(allgather_bucket_size=tc.allgather_bucket_size)
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tc.batch_size,
         "gradient_accumulation_steps": tc.grad_accum,
@@ -68,17 +93,27 @@ def deepspeed_config(tc: TrainConfig, world_size: int, total_steps: int) -> dict
             "total_num_steps": max(total_steps, 1), "warmup_min_lr": 0.0,
             "warmup_max_lr": tc.lr, "warmup_type": "linear",
             "warmup_num_steps": max(1, int(tc.warmup_ratio * total_steps))}},
-        "zero_optimization": {"stage": tc.zero_stage},
+        "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if tc.zero_stage == 3:
-        cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if load_universal:
+        cfg["checkpoint"] = {"load_universal": True}
     if tc.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif tc.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12}
     return cfg
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run is: optimizer steps done, the epoch, and the samples of that epoch
+    consumed (a multiple of the samples per step of the worker count that consumed them)."""
+
+    step: int = 0
+    epoch: int = 0
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,91 +126,213 @@ class Plan:
     samples_per_step: int
 
 
-def plan_steps(rows: int, world_size: int, tc: TrainConfig) -> Plan:
-    """Each worker gets ``rows // world_size`` rows; ``max_steps`` caps the total."""
-    micro = (rows // world_size) // tc.batch_size
-    per_epoch = micro // tc.grad_accum
+def plan_steps(rows: int, world_size: int, tc: TrainConfig, at: Position | None = None
+               ) -> Plan:
+    """Each optimizer step takes ``world x batch_size x grad_accum`` samples of the epoch's
+    stream (an incomplete last step is dropped); ``max_steps`` caps the total. ``at``: a
+    resumed run's position (possibly reached with another worker count)."""
+    sps = tc.batch_size * tc.grad_accum * world_size
+    per_epoch = rows // sps
     if per_epoch == 0:
         raise ValueError(f"{rows} training rows are too few for {world_size} workers x batch "
                          f"{tc.batch_size} x grad_accum {tc.grad_accum}")
     total = per_epoch * tc.epochs
+    if at is not None and at.step:
+        total = at.step + max(0, tc.epochs - at.epoch - 1) * per_epoch
+        if at.epoch < tc.epochs:
+            total += (rows - at.offset) // sps
     if tc.max_steps:
         total = min(total, tc.max_steps)
-    return Plan(per_epoch, total, world_size, tc.batch_size * tc.grad_accum * world_size)
+    return Plan(per_epoch, total, world_size, sps)
 
 
 @dataclass
 class Progress:
-    """Where this worker is: optimizer steps done, the step this attempt started from (0 or
-    the checkpoint it resumed), logged metrics (rank 0 writes them) and the per-micro-batch
-    metrics since the last logged step."""
+    """Where this worker is: optimizer steps done, the epoch and the samples of it consumed
+    (by all workers), the step this attempt started from (0 or the checkpoint it resumed),
+    logged metrics (rank 0 writes them) and the per-micro-batch metrics since the last
+    logged step."""
 
     step: int = 0
+    epoch: int = 0
+    offset: int = 0
     start_step: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
     window: list[dict[str, float]] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
+    mlflow_run_id: str | None = None
+    resume: str | None = None  # how this attempt resumed: see resume_mode
 
 
 # --- the steps of a worker -------------------------------------------------------------------
-def setup_engine(run: TrainRun, plan: Plan) -> tuple[Any, Callable[[dict[str, Any]], Any]]:
-    """The task's model under ``deepspeed.initialize``, and its collator."""
+@dataclass
+class Restored:
+    """A checkpoint to resume from: its local folder and the state rank 0 recorded."""
+
+    dir: str
+    state: dict[str, Any]
+
+    @property
+    def position(self) -> Position:
+        s = self.state
+        return Position(s["step"], s.get("epoch", 0), s.get("offset", 0))
+
+
+def open_checkpoint(checkpoint: Any, stack: contextlib.ExitStack) -> Restored | None:
+    """The ``ray.train.Checkpoint`` as a local folder (kept open by ``stack``), or None."""
+    if checkpoint is None:
+        return None
+    d = stack.enter_context(checkpoint.as_directory())
+    with open(os.path.join(d, STATE_FILE)) as f:
+        return Restored(d, json.load(f))
+
+
+def resume_mode(restored: Restored | None, world: int, tc: TrainConfig) -> str | None:
+    """None (fresh start), "same" (load the checkpoint as saved), "universal" or "weights"
+    (the worker count changed and the checkpoint holds per-worker partitions)."""
+    if restored is None:
+        return None
+    saved = restored.state.get("world", world)
+    partitioned = tc.zero_stage > 0 or tc.precision != "fp32"
+    if saved == world or not partitioned:
+        return "same"
+    return tc.elastic_resume
+
+
+def to_universal(ckpt_dir: str, out_root: str) -> str:
+    """Convert the DeepSpeed checkpoint ``<ckpt_dir>/<CKPT_TAG>`` into a universal checkpoint
+    under ``out_root`` (same tag; one process, no pool) and return ``out_root``."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=os.path.join(ckpt_dir, CKPT_TAG),
+        output_folder=os.path.join(out_root, CKPT_TAG), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal.main(args)
+    return out_root
+
+
+def fp32_weights(ckpt_dir: str) -> dict[str, torch.Tensor]:
+    """The consolidated fp32 weights of a DeepSpeed checkpoint (``zero_to_fp32``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=CKPT_TAG)
+
+
+def setup_engine(run: TrainRun, plan: Plan, load_universal: bool = False,
+                 weights: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[Any, Callable[[dict[str, Any]], Any]]:
+    """The task's model (with ``weights`` loaded, if given) under ``deepspeed.initialize``,
+    and its collator."""
     import deepspeed
 
     model = run.task.build_model(run.init_uri)
+    if weights is not None:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        names = {n for n, _ in model.named_parameters()}
+        if unexpected or names & set(missing):
+            raise RuntimeError(f"checkpoint weights do not fit the model: missing "
+                               f"{sorted(names & set(missing))[:5]}, unexpected {unexpected[:5]}")
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
-                                      config=deepspeed_config(run.config, plan.world,
-                                                              plan.total))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=params,
+        config=deepspeed_config(run.config, plan.world, plan.total, load_universal))
     return engine, run.task.collator(model)
 
 
-def load_checkpoint(engine: Any, run: TrainRun, checkpoint: Any) -> Progress:
-    """Resume from a ``ray.train.Checkpoint`` (None: start at step 0); rank 0 also reloads
-    the metrics logged up to that step."""
-    if checkpoint is None:
-        return Progress()
-    with checkpoint.as_directory() as d:
-        engine.load_checkpoint(d, tag=CKPT_TAG)
-        with open(os.path.join(d, STATE_FILE)) as f:
-            step = json.load(f)["step"]
-    log.info("rank %d resumed from step %d", engine.global_rank, step)
-    metrics: list[dict[str, Any]] = []
-    if engine.global_rank == 0 and step and storage.exists(run.metrics_uri):
-        metrics = [m for m in (json.loads(x) for x in
-                               storage.read_bytes(run.metrics_uri).splitlines() if x.strip())
-                   if m["step"] <= step]
-    return Progress(step=step, start_step=step, log=metrics)
-
-
-def train_epoch(engine: Any, run: TrainRun, collate: Callable[[dict[str, Any]], Any],
-                shard: Any, plan: Plan, prog: Progress) -> None:
-    """One pass over this worker's shard, from the micro-batch after the last one done in
-    this epoch (after a resume), until the shard or ``plan.total`` steps end."""
+def restore(run: TrainRun, world: int, restored: Restored | None, stack: contextlib.ExitStack
+            ) -> tuple[Any, Callable[[dict[str, Any]], Any], Plan, Position, str | None]:
+    """Engine, collator, plan, start position and resume mode (:func:`resume_mode`; after
+    a failed universal conversion "weights") of this attempt: fresh, or resumed from
+    ``restored`` (on the same worker count as saved, or another)."""
     tc = run.config
-    skip = (prog.step % plan.per_epoch) * tc.grad_accum
-    seen = 0
-    for i, raw in enumerate(shard.iter_batches(batch_size=tc.batch_size, drop_last=True,
-                                               batch_format="numpy")):
-        seen += 1
-        if i < skip:
+    at = restored.position if restored else Position()
+    if restored and "offset" not in restored.state:  # written before the position was kept
+        fresh = plan_steps(run.rows, world, tc)
+        at = Position(at.step, at.step // fresh.per_epoch,
+                      (at.step % fresh.per_epoch) * fresh.samples_per_step)
+    plan = plan_steps(run.rows, world, tc, at)
+    mode = resume_mode(restored, world, tc)
+    weights = None
+    load_dir = restored.dir if restored else None
+    if mode == "universal":
+        try:
+            load_dir = to_universal(restored.dir, stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="qgscale-universal-")))
+        except Exception as e:  # noqa: BLE001 -- any conversion failure: fall back below
+            log.warning("converting the checkpoint of step %d to a DeepSpeed universal "
+                        "checkpoint failed (%s: %s); falling back to its fp32 weights",
+                        at.step, type(e).__name__, e)
+            mode = "weights"
+    if mode == "weights":
+        weights = fp32_weights(restored.dir)
+        log.warning(
+            "elastic resume from step %d: the checkpoint was written by %s workers, this run "
+            "has %d; reloaded the consolidated fp32 weights only. LOST: the optimizer state "
+            "(AdamW moments and step counts start fresh) and the DeepSpeed loss-scaler state; "
+            "the learning-rate schedule continues at step %d", at.step,
+            restored.state.get("world"), world, at.step)
+    engine, collate = setup_engine(run, plan, load_universal=mode == "universal",
+                                   weights=weights)
+    if mode in ("same", "universal"):
+        engine.load_checkpoint(load_dir, tag=CKPT_TAG)
+        if mode == "universal":
+            log.info("rank %d: resumed from the universal checkpoint of step %d (%s -> %d "
+                     "workers)", engine.global_rank, at.step, restored.state.get("world"),
+                     world)
+    elif mode == "weights":
+        engine.global_steps = at.step
+        engine.global_samples = at.step * plan.samples_per_step
+        if engine.lr_scheduler is not None:
+            engine.lr_scheduler.step(at.step - 1)
+    if restored:
+        log.info("rank %d resumed from step %d (epoch %d, sample %d)", engine.global_rank,
+                 at.step, at.epoch, at.offset)
+    return engine, collate, plan, at, mode
+
+
+def reload_metrics(run: TrainRun, step: int) -> list[dict[str, Any]]:
+    """Metrics logged up to ``step`` by the attempts before this one."""
+    if not step or not storage.exists(run.metrics_uri):
+        return []
+    return [m for m in (json.loads(x) for x in
+                        storage.read_bytes(run.metrics_uri).splitlines() if x.strip())
+            if m["step"] <= step]
+
+
+def train(engine: Any, run: TrainRun, loader: Loader, plan: Plan, prog: Progress,
+          tracker: Tracker | None) -> None:
+    """Optimizer steps until ``plan.total``: this worker's micro-batches of the sample
+    stream from ``prog``'s position, epoch after epoch."""
+    tc = run.config
+    sps = plan.samples_per_step
+    while prog.step < plan.total:
+        steps = min((loader.rows - prog.offset) // sps, plan.total - prog.step)
+        if steps <= 0:  # the epoch's rest is too short for a step: next epoch
+            prog.epoch, prog.offset = prog.epoch + 1, 0
             continue
-        loss, parts = run.task.step(engine, collate(raw).to(engine.device), plan.world)
-        engine.backward(loss)
-        engine.step()
-        prog.window.append(parts)
-        if engine.global_steps <= prog.step:  # inside a gradient-accumulation window
-            continue
-        prog.step = engine.global_steps
-        last = prog.step >= plan.total
-        if last or prog.step % tc.checkpoint_every == 0:
-            report(engine, run, plan, prog, checkpoint=True)
-        elif prog.step % tc.log_every == 0:
-            report(engine, run, plan, prog, checkpoint=False)
-        if last:
-            break
-    if seen == 0:
-        raise RuntimeError(f"rank {engine.global_rank}: the training data shard is empty")
+        batches = loader.epoch(prog.epoch, prog.offset, steps * tc.grad_accum)
+        try:
+            for mb in batches:
+                torch.manual_seed(sample_seed(run.seed, mb.epoch, mb.sample))
+                loss, parts = run.task.step(engine, mb.batch.to(engine.device), plan.world)
+                boundary = engine.is_gradient_accumulation_boundary()
+                engine.backward(loss)
+                engine.step()
+                prog.window.append(parts)
+                if not boundary:
+                    continue
+                prog.step += 1
+                prog.offset += sps
+                last = prog.step >= plan.total
+                if last or prog.step % tc.checkpoint_every == 0:
+                    report(engine, run, plan, prog, tracker, checkpoint=True)
+                elif prog.step % tc.log_every == 0:
+                    report(engine, run, plan, prog, tracker, checkpoint=False)
+        finally:
+            batches.close()
 
 
 def _metrics(engine: Any, plan: Plan, prog: Progress) -> dict[str, Any]:
@@ -185,15 +342,18 @@ def _metrics(engine: Any, plan: Plan, prog: Progress) -> dict[str, Any]:
     window, prog.window = prog.window, []
     m: dict[str, Any] = {k: sum(w.get(k, 0.0) for w in window) / len(window)
                          for k in window[0]}
-    m.update(step=prog.step, epoch=prog.step // plan.per_epoch, samples_per_s=rate,
+    m.update(step=prog.step, epoch=prog.epoch, samples_per_s=rate,
              lr=engine.get_lr()[0], eta_s=(plan.total - prog.step) * plan.samples_per_step
-             / max(rate, 1e-9), elapsed_s=elapsed, start_step=prog.start_step)
+             / max(rate, 1e-9), elapsed_s=elapsed, start_step=prog.start_step,
+             world=plan.world, resume=prog.resume, time=time.time())
     return m
 
 
-def report(engine: Any, run: TrainRun, plan: Plan, prog: Progress, checkpoint: bool) -> None:
+def report(engine: Any, run: TrainRun, plan: Plan, prog: Progress, tracker: Tracker | None,
+           checkpoint: bool) -> None:
     """``ray.train.report`` the metrics since the last report; with ``checkpoint`` also the
-    DeepSpeed checkpoint of every worker and (rank 0) ``metrics.jsonl``."""
+    DeepSpeed checkpoint of every worker with the stream position, and (rank 0) the metric
+    files (``metrics.jsonl``, TensorBoard events)."""
     import ray.train
 
     m = _metrics(engine, plan, prog)
@@ -202,6 +362,8 @@ def report(engine: Any, run: TrainRun, plan: Plan, prog: Progress, checkpoint: b
     if rank == 0:
         log.info("step %d/%d loss %.4f %.1f samples/s eta %.0fs", prog.step, plan.total,
                  m["loss"], m["samples_per_s"], m["eta_s"])
+        if tracker is not None:
+            tracker.log(m)
     if not checkpoint:
         ray.train.report(m)
         return
@@ -209,34 +371,95 @@ def report(engine: Any, run: TrainRun, plan: Plan, prog: Progress, checkpoint: b
         engine.save_checkpoint(d, tag=CKPT_TAG)
         if rank == 0:
             with open(os.path.join(d, STATE_FILE), "w") as f:
-                json.dump({"step": prog.step, **m}, f)
-            storage.write_bytes(run.metrics_uri,
-                                "".join(json.dumps(x) + "\n" for x in prog.log).encode())
+                json.dump({**m, "step": prog.step, "epoch": prog.epoch, "offset": prog.offset,
+                           "world": plan.world, "seed": run.seed,
+                           "mlflow_run_id": prog.mlflow_run_id}, f)
+            if tracker is not None:
+                tracker.write(prog.log)
         ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _export_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Full float32 state dict on rank 0 (ZeRO-3 gathers the partitions); None elsewhere."""
-    if zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict()
-    if engine.global_rank != 0:
+# --- export --------------------------------------------------------------------------------
+def master_weights(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The full fp32 master weights (what the optimizer updates, not the bf16/fp16 copy the
+    model computes with) and the buffers, on rank 0; None elsewhere. Every rank must call it
+    (ZeRO gathers the partitions)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank0 = engine.global_rank == 0
+    state: dict[str, torch.Tensor] = {}
+    low_precision_copy: list[tuple[str, torch.dtype]] = []
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None and hasattr(p, "ds_id"):  # ZeRO-3 frozen parameter
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                full = p.data.clone()
+        if full is None:  # no ZeRO / mixed-precision partition: the parameter is the master
+            full = p.data
+            if full.dtype != torch.float32:
+                low_precision_copy.append((name, full.dtype))
+        if rank0:
+            state[name] = full.detach().float().cpu().clone()
+    if low_precision_copy and rank0:
+        log.warning("export: no fp32 master copy for %d parameters (e.g. %s); exported "
+                    "their %s values", len(low_precision_copy), *low_precision_copy[0])
+    if not rank0:
         return None
-    return {k: v.detach().float().cpu() for k, v in state.items()}
+    persistent = set(engine.module.state_dict())  # not e.g. BERT's position_ids
+    for name, b in engine.module.named_buffers():
+        if name in persistent:
+            state.setdefault(name, b.detach().cpu().clone())
+    return state
+
+
+def _bf16_copy(src: str, dst: str) -> None:
+    """Copy the HF model folder ``src`` to ``dst`` with its floating safetensors in bf16."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for dirpath, _, files in os.walk(src):
+        out_dir = os.path.join(dst, os.path.relpath(dirpath, src))
+        os.makedirs(out_dir, exist_ok=True)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if name.endswith(".safetensors"):
+                tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                           for k, v in load_file(path).items()}
+                save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+            elif name == "config.json":
+                with open(path) as f:
+                    cfg = json.load(f)
+                cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+                with open(os.path.join(out_dir, name), "w") as f:
+                    json.dump(cfg, f, indent=2)
+            else:
+                shutil.copy2(path, os.path.join(out_dir, name))
 
 
 def export(run: TrainRun, state: dict[str, torch.Tensor]) -> None:
-    """Write the trained weights in HF format to ``<output>/model`` (rank 0)."""
+    """Write the fp32 master weights in HF format to ``<output>/model`` (rank 0), and with
+    ``export_bf16`` a bf16 copy to ``<output>/model-bf16``."""
     uri = storage.join(run.output_uri, "model")
     fresh = run.task.build_model(run.init_uri)
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     loaded = {t.data_ptr() for k, t in fresh.state_dict().items() if k in state}
     untied = [k for k in missing if fresh.state_dict()[k].data_ptr() not in loaded]
-    if unexpected or untied:  # tied copies (e.g. T5 embeddings) may be absent from ZeRO-3
+    if unexpected or untied:  # tied copies (e.g. T5 embeddings) are listed once
         raise RuntimeError(f"export: unexpected keys {unexpected[:5]}, missing {untied[:5]}")
-    fresh.save_pretrained(uri)
-    log.info("exported model to %s", uri)
+    fresh.float()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "model")
+        fresh.save_pretrained(local)
+        storage.upload_dir(local, uri)
+        log.info("exported the fp32 master weights to %s", uri)
+        if run.config.export_bf16:
+            _bf16_copy(local, os.path.join(tmp, "model-bf16"))
+            storage.upload_dir(os.path.join(tmp, "model-bf16"),
+                               storage.join(run.output_uri, "model-bf16"))
+            log.info("exported a bf16 copy to %s", storage.join(run.output_uri, "model-bf16"))
 
 
 def train_loop_per_worker(config: dict[str, TrainRun]) -> None:
@@ -244,18 +467,34 @@ def train_loop_per_worker(config: dict[str, TrainRun]) -> None:
     import ray.train
 
     run = config["run"]
+    tc = run.config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.update(run.storage_env)
     storage.configure()
+    if sum(s.rows for s in run.shards) != run.rows:
+        raise ValueError(f"TrainRun: {run.rows} rows, but its shards hold "
+                         f"{sum(s.rows for s in run.shards)}")
     ctx = ray.train.get_context()
-    torch.manual_seed(run.seed + ctx.get_world_rank())
-    plan = plan_steps(run.rows, ctx.get_world_size(), run.config)
-    engine, collate = setup_engine(run, plan)
-    prog = load_checkpoint(engine, run, ray.train.get_checkpoint())
-    shard = ray.train.get_dataset_shard("train")
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    torch.manual_seed(run.seed + rank)
+    with contextlib.ExitStack() as stack:
+        restored = open_checkpoint(ray.train.get_checkpoint(), stack)
+        engine, collate, plan, at, mode = restore(run, world, restored, stack)
+    prog = Progress(step=at.step, epoch=at.epoch, offset=at.offset, start_step=at.step,
+                    resume=mode)
+    tracker = None
+    if rank == 0:
+        prog.log = reload_metrics(run, at.step)
+        prog.mlflow_run_id = restored.state.get("mlflow_run_id") if restored else None
+        tracker = Tracker(run.output_uri, tc.mlflow_uri, tc.mlflow_experiment,
+                          run_name=os.path.basename(run.output_uri.rstrip("/")),
+                          params=tc.model_dump(mode="json"), mlflow_run_id=prog.mlflow_run_id)
+        prog.mlflow_run_id = tracker.mlflow_run_id
+    loader = Loader(run.shards, run.seed, rank, world, tc.batch_size, collate,
+                    prefetch=tc.prefetch_batches)
     engine.train()
-    while prog.step < plan.total:
-        train_epoch(engine, run, collate, shard, plan, prog)
-    state = _export_state(engine, run.config.zero_stage)
-    if engine.global_rank == 0:
+    train(engine, run, loader, plan, prog, tracker)
+    state = master_weights(engine)
+    if rank == 0:
         export(run, state)
+        tracker.finish()

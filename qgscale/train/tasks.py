@@ -35,7 +35,7 @@ class Task(Protocol):
         """The model from the run's init folder, in training mode."""
 
     def collator(self, model: nn.Module) -> Callable[[dict[str, Any]], Batch]:
-        """Ray Data numpy batch (columns) -> a batch for :meth:`step`."""
+        """A micro-batch of training rows (columns of lists) -> a batch for :meth:`step`."""
 
     def step(self, engine: Any, batch: Any, world_size: int
              ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -123,7 +123,7 @@ def qg_step(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 @dataclass
 class _QGColumns:
-    """Ray Data columns ``{query, lang, passage}`` -> :class:`QGCollator` tensors."""
+    """Row columns ``{query, lang, passage}`` -> :class:`QGCollator` tensors."""
 
     collate_rows: Any
 

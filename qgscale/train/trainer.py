@@ -4,19 +4,24 @@ Stage outputs (``<run root>/train/<stage>/``)::
 
     data/part-*.parquet   training rows (joined texts, teacher scores, generated queries)
     init/                 the starting model (built from the config, or copied from ``init``)
-    ray/run/checkpoint_*  Ray Train checkpoints (DeepSpeed ZeRO shards of every worker)
+    ray/run/checkpoint_*  Ray Train checkpoints (DeepSpeed ZeRO shards of every worker, and
+                          the position in the sample stream: epoch, samples consumed)
     metrics.jsonl         per-step loss, samples/s, lr, ETA (rank 0)
-    model/                the trained model in HF format
+    tensorboard/          the same metrics as TensorBoard event files
+    model/                the trained model in HF format (the fp32 master weights)
+    model-bf16/           a bf16 copy of it (``export_bf16: true`` only)
     _manifest.json
 
 The pipeline's runner decides whether a stage runs (``qgscale.pipeline``): with a new key the
 folder is cleared and a fresh Ray Train run starts; an interrupted run with the same key
-resumes from its latest checkpoint.
+resumes from its latest checkpoint and repeats the uninterrupted run's steps (same data
+order, same losses), also when resumed on another worker count (universal checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -28,7 +33,9 @@ from qgscale import storage
 from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.runtime import connect, worker_env
 from qgscale.train import data as tdata
+from qgscale.train import tracking
 from qgscale.train.loop import TrainRun, plan_steps, train_loop_per_worker
+from qgscale.train.order import list_shards
 from qgscale.train.tasks import QGTask, StudentTask
 
 log = logging.getLogger("qgscale.train")
@@ -38,20 +45,26 @@ def fit(run: TrainRun, rows_uri: str) -> Any:
     """Run :func:`train_loop_per_worker` for ``run`` on ``run.config.num_workers`` Ray Train
     workers over the training shards under ``rows_uri``.
 
-    Checkpoints go to ``<run.output_uri>/ray`` (local or ``s3://``; rerunning resumes from
-    the latest one); ``FailureConfig(max_failures=...)`` restarts the worker group from it
-    after a worker dies. Returns the ``ray.train.Result``.
+    Every worker reads its micro-batches of the deterministic sample stream from the shards
+    itself (:mod:`qgscale.train.order`; no Ray Data split, whose row-to-worker assignment
+    and order are not reproducible). Checkpoints go to ``<run.output_uri>/ray`` (local or
+    ``s3://``; rerunning resumes from the latest one, also on another worker count);
+    ``FailureConfig(max_failures=...)`` restarts the worker group from it after a worker
+    dies. Returns the ``ray.train.Result``.
     """
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     tc = run.config
-    shards = [f for f in storage.list_files(rows_uri, ".parquet")]
+    if tc.mlflow_uri:
+        tracking.mlflow_module()  # a clear error here, before any worker starts
+    shards = list_shards(rows_uri)
     if not shards:
         raise DataError(f"{rows_uri}: no training shards")
-    dataset = ray.data.read_parquet([storage.ray_path(f) for f in shards],
-                                    filesystem=storage.pyarrow_filesystem(rows_uri))
+    if sum(s.rows for s in shards) != run.rows:
+        raise DataError(f"{rows_uri}: the shards hold {sum(s.rows for s in shards)} rows, "
+                        f"expected {run.rows}")
+    run = dataclasses.replace(run, shards=shards)
     ckpt_root = storage.join(run.output_uri, "ray")
     storage.makedirs(ckpt_root)
     if storage.is_local(ckpt_root):
@@ -66,8 +79,7 @@ def fit(run: TrainRun, rows_uri: str) -> Any:
             name="run", storage_path=storage.ray_path(ckpt_root),
             storage_filesystem=storage.pyarrow_filesystem(ckpt_root),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": dataset})
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
     with _progress(run):
         return trainer.fit()
 

@@ -1,0 +1,177 @@
+"""Deterministic training data order and the workers' prefetching input pipeline.
+
+The order of the training rows is a function of ``(seed, epoch, global sample index)`` only,
+not of which worker read what, so that a resumed run sees the rows an uninterrupted run
+would have seen, and a run resumed on another number of workers goes on where the global
+sample stream stopped:
+
+- epoch ``e`` visits the parquet shards in a seeded order (``seed, e``) and the rows of each
+  shard in a seeded order (``seed, e, shard``): sample ``g`` of the epoch is one row;
+- one optimizer step consumes ``world x batch_size x grad_accum`` consecutive samples; micro
+  batch ``j`` of worker ``r`` is samples ``[(j * world + r) * batch_size, ... + batch_size)``
+  of the epoch (the samples of an epoch's last, incomplete step are dropped);
+- the checkpoint records ``(epoch, offset)``: the samples of the epoch consumed so far.
+
+:class:`Loader` reads a worker's micro-batches from the shards (one cached shard table at a
+time, as the order is shard-major) and tokenises them with the task's collator; with
+``prefetch`` > 0 a background thread does both ahead of the training step (HF tokenizers
+release the GIL), ``prefetch`` = 0 collates inside the step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from qgscale import storage
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One parquet file of training rows."""
+
+    uri: str
+    rows: int
+
+
+def list_shards(rows_uri: str) -> tuple[Shard, ...]:
+    """The parquet shards under ``rows_uri`` with their row counts (from the footers)."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for uri in storage.list_files(rows_uri, ".parquet"):
+        fs, path = storage.url_to_fs(uri)
+        with fs.open(path, "rb") as f:
+            out.append(Shard(uri, pq.ParquetFile(f).metadata.num_rows))
+    return tuple(out)
+
+
+def epoch_order(shards: tuple[Shard, ...], seed: int, epoch: int) -> np.ndarray:
+    """Global row ids (shard start + row) in the order of epoch ``epoch``."""
+    starts = np.cumsum([0] + [s.rows for s in shards])
+    rng = np.random.default_rng([seed, epoch])
+    parts = []
+    for i in rng.permutation(len(shards)):
+        rows = np.random.default_rng([seed, epoch, int(i)]).permutation(shards[i].rows)
+        parts.append(starts[i] + rows)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def sample_seed(seed: int, epoch: int, sample: int) -> int:
+    """Seed of the random ops (dropout) of the micro-batch starting at ``sample``."""
+    return int(np.random.SeedSequence([seed, epoch, sample]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """A collated micro-batch and where it is in the sample stream."""
+
+    epoch: int
+    sample: int  # index in the epoch of its first sample
+    batch: Any
+
+
+class Loader:
+    """One worker's micro-batches of an epoch, from a sample offset, collated.
+
+    ``rank``/``world``: this worker and the worker count; ``batch_size`` rows per
+    micro-batch; ``steps`` optimizer steps of ``grad_accum`` micro-batches each are read.
+    """
+
+    def __init__(self, shards: tuple[Shard, ...], seed: int, rank: int, world: int,
+                 batch_size: int, collate: Callable[[dict[str, list]], Any],
+                 prefetch: int = 2) -> None:
+        self.shards, self.seed, self.rank, self.world = shards, seed, rank, world
+        self.batch_size, self.collate, self.prefetch = batch_size, collate, prefetch
+        self._starts = np.cumsum([0] + [s.rows for s in shards])
+        self._cached: tuple[int, pa.Table] | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self._starts[-1])
+
+    def _table(self, i: int) -> pa.Table:
+        if self._cached is None or self._cached[0] != i:
+            self._cached = (i, storage.read_parquet(self.shards[i].uri))
+        return self._cached[1]
+
+    def rows_of(self, ids: np.ndarray) -> dict[str, list]:
+        """The rows with global ids ``ids``, in that order, as columns of Python lists."""
+        shard = np.searchsorted(self._starts, ids, side="right") - 1
+        parts = []
+        i = 0
+        while i < len(ids):  # runs of the same shard (the order is shard-major)
+            j = i
+            while j < len(ids) and shard[j] == shard[i]:
+                j += 1
+            s = int(shard[i])
+            parts.append(self._table(s).take(pa.array(ids[i:j] - self._starts[s])))
+            i = j
+        return pa.concat_tables(parts).to_pydict()
+
+    def _raw(self, epoch: int, offset: int, micro_batches: int
+             ) -> Iterator[tuple[int, dict[str, list]]]:
+        order = epoch_order(self.shards, self.seed, epoch)
+        b, w = self.batch_size, self.world
+        for j in range(micro_batches):
+            start = offset + (j * w + self.rank) * b
+            yield start, self.rows_of(order[start:start + b])
+
+    def epoch(self, epoch: int, offset: int, micro_batches: int) -> Iterator[MicroBatch]:
+        """``micro_batches`` collated micro-batches of this worker in epoch ``epoch`` from
+        sample ``offset`` (a step boundary). Close the iterator (or exhaust it) to stop the
+        prefetching thread."""
+        raw = self._raw(epoch, offset, micro_batches)
+        if not self.prefetch:
+            for start, rows in raw:
+                yield MicroBatch(epoch, start, self.collate(rows))
+            return
+        yield from _prefetched(((s, r) for s, r in raw), self.collate, epoch, self.prefetch)
+
+
+_END = object()
+
+
+def _prefetched(raw: Iterator[tuple[int, dict[str, list]]], collate: Callable, epoch: int,
+                depth: int) -> Iterator[MicroBatch]:
+    """Read and collate ``raw`` in a background thread, ``depth`` micro-batches ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for start, rows in raw:
+                if not put(MicroBatch(epoch, start, collate(rows))):
+                    return
+            put(_END)
+        except BaseException as e:  # re-raised in the training thread
+            put(e)
+
+    thread = threading.Thread(target=work, name="qgscale-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(10)

@@ -1,0 +1,194 @@
+"""The training data order, the prefetching loader, step plans on resume and the metric
+sinks, without Ray."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from qgscale import storage
+from qgscale.config import StudentTrainConfig
+from qgscale.errors import ConfigError
+from qgscale.train.loop import Position, deepspeed_config, plan_steps
+from qgscale.train.order import Loader, epoch_order, list_shards, sample_seed
+from qgscale.train.tracking import Tracker, event_file_bytes
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """3 shards of 10, 7 and 13 rows; row ``i`` has ``id == i``."""
+    start = 0
+    for i, n in enumerate((10, 7, 13)):
+        table = pa.table({"id": list(range(start, start + n)),
+                          "text": [f"row {j}" for j in range(start, start + n)]})
+        storage.write_parquet(str(tmp_path / f"part-{i:05d}.parquet"), table)
+        start += n
+    return list_shards(str(tmp_path))
+
+
+def test_epoch_order_is_a_seeded_shard_major_permutation(shards):
+    assert [s.rows for s in shards] == [10, 7, 13]
+    o = epoch_order(shards, seed=13, epoch=0)
+    assert sorted(o.tolist()) == list(range(30))
+    assert np.array_equal(o, epoch_order(shards, seed=13, epoch=0))
+    assert not np.array_equal(o, epoch_order(shards, seed=13, epoch=1))
+    assert not np.array_equal(o, epoch_order(shards, seed=14, epoch=0))
+    shard_of = np.searchsorted([10, 17, 30], o, side="right")
+    runs = [int(shard_of[0])] + [int(b) for a, b in zip(shard_of[:-1], shard_of[1:],
+                                                        strict=True) if a != b]
+    assert sorted(runs) == [0, 1, 2]  # each shard read once, as one run
+    assert sample_seed(13, 0, 8) == sample_seed(13, 0, 8) != sample_seed(13, 0, 16)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_workers_split_the_stream_the_same_for_any_worker_count(shards, prefetch):
+    """Micro-batch j of worker r is samples [(j * world + r) * b, + b): 2 workers x batch 3
+    and 1 worker x batch 3 read the same stream, in the same order, from any offset."""
+    order = epoch_order(shards, 13, 1).tolist()
+
+    def ids(rows):
+        return rows["id"]
+
+    def stream(world, offset, n):
+        per = [list(Loader(shards, 13, r, world, 3, ids, prefetch).epoch(1, offset, n))
+               for r in range(world)]
+        out = []
+        for j in range(n):
+            for r in range(world):
+                mb = per[r][j]
+                assert mb.epoch == 1 and mb.sample == offset + (j * world + r) * 3
+                out += mb.batch
+        return out
+
+    assert stream(2, 0, 4) == order[:24]
+    assert stream(1, 0, 8) == order[:24]
+    assert stream(2, 12, 2) == order[12:24]  # resumed at sample 12, e.g. after 2 steps
+    assert stream(1, 12, 4) == order[12:24]  # ... on another worker count
+
+
+def test_prefetch_stops_and_reraises(shards):
+    def boom(rows):
+        if rows["id"][0] == epoch_order(shards, 13, 0)[6]:
+            raise ValueError("bad row")
+        return rows["id"]
+
+    it = Loader(shards, 13, 0, 1, 3, boom, prefetch=2).epoch(0, 0, 5)
+    assert len(next(it).batch) == 3
+    assert len(next(it).batch) == 3
+    with pytest.raises(ValueError, match="bad row"):
+        next(it)
+    it = Loader(shards, 13, 0, 1, 3, lambda r: r, prefetch=2).epoch(0, 0, 5)
+    next(it)
+    it.close()  # stops the thread (joined in the generator's finally)
+
+
+def test_plan_on_resume_with_another_worker_count():
+    tc = StudentTrainConfig(batch_size=8, epochs=2)
+    fresh = plan_steps(128, 2, tc)
+    assert (fresh.per_epoch, fresh.total, fresh.samples_per_step) == (8, 16, 16)
+    # same workers: the same total from any checkpoint
+    assert plan_steps(128, 2, tc, Position(step=5, epoch=0, offset=80)).total == 16
+    assert plan_steps(128, 2, tc, Position(step=11, epoch=1, offset=48)).total == 16
+    # 4 steps of 16 samples on 2 workers, then 1 worker: 64 samples left = 8 steps, + 16
+    assert plan_steps(128, 1, tc, Position(step=4, epoch=0, offset=64)).total == 4 + 8 + 16
+    capped = StudentTrainConfig(batch_size=8, epochs=2, max_steps=10)
+    assert plan_steps(128, 1, capped, Position(step=4, epoch=0, offset=64)).total == 10
+
+
+def test_deepspeed_config_comm_settings():
+    tc = StudentTrainConfig(zero_stage=2, grad_accum=4, reduce_bucket_size=5_000_000,
+                            overlap_comm=False)
+    z = deepspeed_config(tc, 8, 100)["zero_optimization"]
+    assert z == {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
+                 "reduce_bucket_size": 5_000_000, "allgather_bucket_size": 200_000_000}
+    assert deepspeed_config(tc, 8, 100)["train_batch_size"] == 8 * 8 * 4
+    z3 = deepspeed_config(tc.model_copy(update={"zero_stage": 3}), 8, 100)
+    assert z3["zero_optimization"]["stage3_prefetch_bucket_size"] == 200_000_000
+    assert deepspeed_config(tc.model_copy(update={"zero_stage": 0}), 8, 100)[
+        "zero_optimization"] == {"stage": 0}
+    assert deepspeed_config(tc, 1, 10, load_universal=True)["checkpoint"] == {
+        "load_universal": True}
+
+
+def _log(n):
+    return [{"step": i, "loss": 3.0 - 0.1 * i, "lr": 1e-3, "epoch": 0, "start_step": 0,
+             "time": 1_700_000_000.0 + i, "resume": None} for i in range(1, n + 1)]
+
+
+def test_tensorboard_file_from_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = str(tmp_path / "stage")
+    Tracker(out).write(_log(5))
+    Tracker(out).write(_log(3))  # a resumed attempt rewrites it from its metrics
+    assert len(storage.list_files(storage.join(out, "tensorboard"))) == 1
+    acc = EventAccumulator(storage.join(out, "tensorboard"))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"train/loss", "train/lr", "train/epoch"}
+    assert [(e.step, round(e.value, 5)) for e in acc.Scalars("train/loss")] == [
+        (1, 2.9), (2, 2.8), (3, 2.7)]
+    lines = storage.read_bytes(storage.join(out, "metrics.jsonl")).splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    assert event_file_bytes([])  # only the file header
+
+
+def test_mlflow_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"mlflow_uri is set but MLflow is not installed: "
+                                          r"pip install 'qgscale\[tracking\]'"):
+        Tracker(str(tmp_path), mlflow_uri=f"file://{tmp_path}/mlruns")
+
+
+def test_mlflow_calls(tmp_path, monkeypatch):
+    """Against a stand-in for the MLflow client API (MLflow is an optional extra): one run
+    per stage with the config as params, metrics per logged step, reopened on resume."""
+    calls = []
+
+    class Client:
+        def __init__(self, tracking_uri):
+            calls.append(("client", tracking_uri))
+
+        def get_experiment_by_name(self, name):
+            return None
+
+        def create_experiment(self, name):
+            calls.append(("experiment", name))
+            return "e1"
+
+        def create_run(self, exp_id, run_name, tags):
+            calls.append(("run", exp_id, run_name))
+            return types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
+
+        def log_param(self, run_id, k, v):
+            calls.append(("param", k, v))
+
+        def log_batch(self, run_id, metrics):
+            calls.append(("metrics", run_id, sorted((m.key, m.step) for m in metrics)))
+
+        def update_run(self, run_id, status):
+            calls.append(("reopen", run_id, status))
+
+        def set_terminated(self, run_id):
+            calls.append(("end", run_id))
+
+    mlflow = types.ModuleType("mlflow")
+    mlflow.tracking = types.SimpleNamespace(MlflowClient=Client)
+    entities = types.ModuleType("mlflow.entities")
+    entities.Metric = lambda key, value, timestamp, step: types.SimpleNamespace(
+        key=key, value=value, timestamp=timestamp, step=step)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    monkeypatch.setitem(sys.modules, "mlflow.entities", entities)
+    t = Tracker(str(tmp_path), mlflow_uri="file:///x", run_name="warmup", params={"lr": 0.1})
+    t.log(_log(1)[0])
+    t.finish()
+    assert calls == [("client", "file:///x"), ("experiment", "qgscale"),
+                     ("run", "e1", "warmup"), ("param", "lr", "0.1"),
+                     ("metrics", "r1", [("epoch", 1), ("loss", 1), ("lr", 1)]), ("end", "r1")]
+    calls.clear()
+    Tracker(str(tmp_path), mlflow_uri="file:///x", mlflow_run_id="r1")
+    assert calls == [("client", "file:///x"), ("reopen", "r1", "RUNNING")]
