@@ -295,9 +295,7 @@ def bar_chart(result: dict, metric: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = result["pairs"] or {f"{k}->pooled": v for k, v in
-                                 result.get("query_langs", {}).items()}
-    pairs = [(k, v[metric]) for k, v in groups.items() if metric in v]
+    pairs = list(_pair_metrics(result, metric).items())
     if not pairs:
         raise ConfigError(f"eval.chart_metric: no language pair has metric {metric!r}")
     names, values = zip(*pairs, strict=True)
@@ -314,6 +312,12 @@ def bar_chart(result: dict, metric: str) -> bytes:
             ax.axhline(v, color="k", linestyle=ls, linewidth=1, label=f"macro {key}: {v:.3f}")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -352,11 +356,7 @@ def comparison_chart(results: dict[str, dict], metric: str) -> bytes:
     ax.set_ylim(0, 1.0)
     ax.set_title(f"{metric} per (query -> corpus) language pair")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def comparison_table(results: dict[str, dict], metric: str) -> str:
