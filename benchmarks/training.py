@@ -51,11 +51,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -> None:
+def _join_group(rank: int, world: int, port: int) -> bool:
+    """This process as rank ``rank`` of a ``world``-process group on 127.0.0.1:``port``
+    (NCCL on GPU, gloo on CPU); its share of the CPU threads. Returns whether a GPU is used."""
+    import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    return gpu
+
+
+def _worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -> None:
+    gpu = _join_group(rank, world, port)
     import deepspeed
     import torch.distributed as dist
     from transformers import BertConfig, BertModel
@@ -66,11 +81,6 @@ def _worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -> None
     from qgscale.train.loop import deepspeed_config
     from qgscale.train.tasks import student_step
 
-    gpu = torch.cuda.is_available()
-    if gpu:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
     hf = BertConfig(vocab_size=args["vocab"], max_position_embeddings=512, pad_token_id=0,
                     **CONFIGS[args["config"]])
     model = DualEncoder(BertModel(hf, add_pooling_layer=False), pooling="cls")
@@ -180,11 +190,7 @@ def _input_data(root: Path, rows: int) -> tuple[str, str]:
 
 
 def _input_worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    gpu = _join_group(rank, world, port)
     import deepspeed
     import torch.distributed as dist
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -196,11 +202,6 @@ def _input_worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -
     from qgscale.train.order import Loader, list_shards
     from qgscale.train.tasks import student_step
 
-    gpu = torch.cuda.is_available()
-    if gpu:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args["tok"])
     hf = BertConfig(vocab_size=len(tok), max_position_embeddings=512, pad_token_id=0,
                     **CONFIGS[args["config"]])

@@ -133,6 +133,20 @@ def _registered_step(out: str) -> int:
     return int((result.metrics or {}).get("step", 0))
 
 
+def _warmup_killing_a_worker(cfg: Config, out: str, toy, step: int):
+    """The warm-up run, while a thread SIGKILLs one Ray Train worker once the checkpoint of
+    ``step`` is registered; returns the run's manifest and the killer (what it killed)."""
+    killer = KillWorkerAfter(out, step=step)
+    killer.start()
+    try:
+        m = run_train_warmup(cfg, out_uri=out, key="k1", **_inputs(toy))
+    finally:
+        killer.done.set()
+        killer.join(30)
+    assert killer.killed, "no worker was killed before the run ended"
+    return m, killer
+
+
 class KillWorkerAfter(threading.Thread):
     """From outside the run: once Ray Train has registered a checkpoint of ``step`` or later
     for the run under ``out``, SIGKILL one Ray Train worker process (a crash: no exception,
@@ -171,14 +185,7 @@ def test_warmup_on_s3_survives_killed_worker_resumes_and_learns(toy, ray_local, 
     # the controller collects reports (and registers checkpoints) every 0.2 s, not 2 s
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     workers_before = len(_train_workers(state=None))
-    killer = KillWorkerAfter(out, step=2)
-    killer.start()
-    try:
-        m = run_train_warmup(cfg, out_uri=out, key="k1", **_inputs(toy))
-    finally:
-        killer.done.set()
-        killer.join(30)
-    assert killer.killed, "no worker was killed before the run ended"
+    m, killer = _warmup_killing_a_worker(cfg, out, toy, step=2)
     with pytest.raises(ProcessLookupError):  # a worker process really died ...
         os.kill(killer.killed["pid"], 0)
     # ... and FailureConfig(max_failures=1) replaced the worker group once (2 + 2 workers)
@@ -351,14 +358,7 @@ def test_exact_resume(toy, reference_run, tmp_path, monkeypatch):
     cfg = _cfg(str(tmp_path / "run"), str(toy / "tok"), max_failures=1, **EXACT)
     out = cfg.uri("train", "warmup")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    killer = KillWorkerAfter(out, step=4)
-    killer.start()
-    try:
-        m = run_train_warmup(cfg, out_uri=out, key="k1", **_inputs(toy))
-    finally:
-        killer.done.set()
-        killer.join(30)
-    assert killer.killed, "no worker was killed before the run ended"
+    m, killer = _warmup_killing_a_worker(cfg, out, toy, step=4)
     log, ref_log = _metrics(storage.join(out, "metrics.jsonl")), _metrics(
         storage.join(ref_out, "metrics.jsonl"))
     resumed = max(x["start_step"] for x in log)
