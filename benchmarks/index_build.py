@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from qgscale.config import BuildConfig, EncodeConfig
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -94,7 +96,7 @@ def bench_encode(root: str, n: int, workers: tuple[int, ...]) -> dict:
     for w in workers:
         start = time.time()
         encode_corpus(corpus, os.path.join(root, f"emb-text-{w}"), loader,
-                      batch_size=32, num_actors=w, cpus_per_actor=1.0)
+                      EncodeConfig(batch_size=32, num_actors=w, cpus_per_actor=1.0))
         out[w] = n / (time.time() - start)
     return out
 
@@ -186,9 +188,9 @@ def main() -> None:
                 os.makedirs(idx, exist_ok=True)
                 for f in ("trained.faiss", "trained.json"):
                     shutil.copy(os.path.join(root, "index-1", f), os.path.join(idx, f))
-            opts = B.BuildOptions(factory=factory, train_samples=train_samples, num_shards=1,
-                                  cpus_per_task=1.0, add_workers=workers)
-            runs[workers] = B.build_index(emb, idx, opts)["timings"]
+            bc = BuildConfig(factory=factory, train_samples=train_samples, num_shards=1,
+                             cpus_per_actor=1.0, num_actors=workers)
+            runs[workers] = B.build_index(emb, idx, bc)["timings"]
             res["load_avg_1_5_15"][f"after_build_{workers}"] = load_avg()
             print(f"build with {workers} worker(s): {runs[workers]} "
                   f"(load {res['load_avg_1_5_15'][f'after_build_{workers}']})", flush=True)

@@ -260,10 +260,10 @@ def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
     cfg = load(config, set)
     lay = Layout(cfg)
     enc = load_dual_encoder(lay.model(model))
-    vecs = enc.encode_queries(query, cfg.index.batch_size).float().numpy()
-    pids, scores = search(lay.faiss(model, split), vecs, k, nprobe=cfg.index.nprobe,
-                          ef_search=cfg.index.ef_search, refine=cfg.index.refine,
-                          k_factor=cfg.index.k_factor)
+    sc = cfg.index.search
+    vecs = enc.encode_queries(query, sc.batch_size).float().numpy()
+    pids, scores = search(lay.faiss(model, split), vecs, k, nprobe=sc.nprobe,
+                          ef_search=sc.ef_search, refine=sc.refine, k_factor=sc.k_factor)
     _print([{"query": q, "hits": [[p, float(s)] for p, s in zip(pp, ss, strict=True)]}
             for q, pp, ss in zip(query, pids.tolist(), scores.tolist(), strict=True)])
 

@@ -147,19 +147,30 @@ class StudentTrainConfig(TrainConfig):
     loss: LossConfig = LossConfig()
 
 
-class ScoreConfig(Section):
+class Actors(Section):
+    """How a sharded stage runs on Ray: how many actors, their resources, retries. These
+    settings change how fast a stage runs, not what it writes, so they are not part of any
+    stage's key (:func:`key_values`): scaling out a crashed stage resumes it."""
+
     num_actors: int | None = None  # None: one per GPU, else one per spare CPU
     cpus_per_actor: float = 1.0  # CPUs per actor (fractions allowed)
     # GPUs per actor: None = 1 when the Ray cluster has (or can scale up to) GPUs, else CPU
     # only (logged); 0 = CPU only; > 0 = required (fails at once on a cluster without GPUs)
     gpus_per_actor: float | None = Field(None, ge=0)
+    max_retries: int = Field(3, ge=0)  # re-runs of a shard whose actor died
+
+
+class ScoreConfig(Actors):
+    """``teacher.score``: log P(query | passage) / |query| for every candidate pair."""
+
     batch_tokens: int = 16384
     shard_pairs: int = 2000
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # QG weight dtype on GPU (CPU: fp32)
-    max_retries: int = 3
 
 
-class GenerateConfig(Section):
+class GenerateConfig(Actors):
+    """``teacher.generate``: QG queries in other languages (alignment loss, KD on them)."""
+
     langs: list[str] = Field(default_factory=lambda: ["en"])
     num_queries: int = 1
     do_sample: bool = False
@@ -169,10 +180,7 @@ class GenerateConfig(Section):
     batch_size: int = 32
     shard_rows: int = 500
     passages: Literal["positives", "corpus"] = "positives"  # qrels positives or every passage
-    num_actors: int | None = None  # as teacher.score
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float | None = Field(None, ge=0)  # as teacher.score
-    max_retries: int = 3
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # QG weight dtype on GPU (CPU: fp32)
 
 
 class TeacherConfig(Section):
@@ -182,29 +190,50 @@ class TeacherConfig(Section):
     generate: GenerateConfig = GenerateConfig()
 
 
-class IndexConfig(Section):
-    factory: str = "Flat"  # faiss index_factory string, or "auto"
-    metric: Literal["ip", "l2"] = "ip"
-    dtype: Literal["float32", "float16"] = "float32"
-    num_actors: int | None = None
+class EncodeConfig(Actors):
+    """``index.encode``: the corpus embedded by Ray actors, one embedding shard per corpus
+    shard (``gpus_per_actor`` as ``teacher.score``)."""
+
     batch_size: int = 64
-    shard_rows: int = 5000
+    dtype: Literal["float32", "float16"] = "float32"  # stored embeddings
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype on GPU
+    max_retries: int = Field(2, ge=0)
+
+
+class BuildConfig(Actors):
+    """``index.build``: train once, add the embedding shards in parallel (``num_actors`` add
+    actors of ``cpus_per_actor``; ``gpus_per_actor``: the training task's), merge."""
+
+    factory: str = "auto"  # faiss index_factory string; "auto": by size and max_memory_gb
+    metric: Literal["ip", "l2"] = "ip"
     train_samples: int = 100_000
-    num_shards: int = 1  # index shards to search over; 1 -> merge into one index
+    num_shards: int = 1  # index shards to search over; 1: one index; 0: every part its own
+    merge: Literal["memory", "ondisk"] = "memory"  # how IVF parts are merged into one index
+    max_memory_gb: float = 8.0  # "auto" picks a factory whose index fits in this
+    max_retries: int = Field(2, ge=0)
+
+
+class SearchConfig(Section):
+    """``index.search``: searching a built index (mine, eval, ``qgscale search``), with the
+    queries encoded by one actor of ``cpus_per_actor`` / ``gpus_per_actor``."""
+
     nprobe: int = 16
     ef_search: int = 64
-    max_memory_gb: float = 8.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # encode autocast dtype on GPU
-    cpus_per_actor: float = 1.0  # encode actors / add tasks (leave a CPU for the driver)
-    # GPUs of each encode actor (and of the index training task): as teacher.score
-    gpus_per_actor: float | None = Field(None, ge=0)
-    merge: Literal["memory", "ondisk"] = "memory"  # how IVF parts are merged into one index
-    search_actors: bool = False  # search: one Ray actor per index shard (else IndexShards)
-    max_retries: int = 2
     # re-rank the top k * k_factor with the exact vectors of the embedding shards
     # (faiss.IndexRefine): "flat" float32, "fp16" half the memory; "none" off
     refine: Literal["none", "flat", "fp16"] = "none"
     k_factor: float = Field(4.0, ge=1.0)
+    shard_actors: bool = False  # one Ray actor per index shard (else all shards in-process)
+    batch_size: int = 128  # query encoding batch
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # query encoding autocast on GPU
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = Field(None, ge=0)
+
+
+class IndexConfig(Section):
+    encode: EncodeConfig = EncodeConfig()
+    build: BuildConfig = BuildConfig()
+    search: SearchConfig = SearchConfig()
 
 
 class MineConfig(Section):
@@ -224,7 +253,6 @@ class EvalConfig(Section):
     index: str | None = None  # its FAISS index; None: <root>/index/distill-<split or all>/faiss
     out: str | None = None  # report folder; None: <root>/eval-job (not the eval stage's)
     data: str | None = None  # prepared data (queries, qrels/answers) to evaluate; <root>/data
-    batch_size: int = 128  # query encoding batch
     pairs: bool = True  # also search each corpus language alone: per (query, corpus) lang pair
     answer_recall: bool = True  # R@2kt / R@5kt when the split has answers (XOR-TyDi, MKQA)
     chart_metric: str = "mrr@10"  # metric of the per-pair bar chart
@@ -247,6 +275,20 @@ class Config(Section):
     def uri(self, *parts: str) -> str:
         """URI of a stage folder under the run root."""
         return storage.join(self.run.root, *parts)
+
+
+def key_values(value: Any) -> Any:
+    """``value`` (a section, or a plain value) as JSON data for a stage key: every field
+    except the :class:`Actors` runtime settings."""
+    if isinstance(value, BaseModel):
+        skip = set(Actors.model_fields) if isinstance(value, Actors) else set()
+        return {k: key_values(getattr(value, k)) for k in type(value).model_fields
+                if k not in skip}
+    if isinstance(value, list | tuple):
+        return [key_values(v) for v in value]
+    if isinstance(value, dict):
+        return {k: key_values(v) for k, v in value.items()}
+    return value
 
 
 def _format_errors(source: str, err: ValidationError) -> str:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qgscale import storage
-from qgscale.config import Config
+from qgscale.config import Config, key_values
 from qgscale.errors import MissingInputError
 from qgscale.layout import STUDENTS, Layout
 
@@ -190,14 +190,14 @@ STAGES = [
           lambda c, lay: [lay.model("warmup")], lambda c, lay: [lay.train_dir("warmup")],
           raw=lambda c: _model_source(c.encoder.model)),
     Stage("index", "encode the training corpus and build its index", _index,
-          ("index", "run.seed"), lambda c: ("prepare", "warmup"),
+          ("index.encode", "index.build", "run.seed"), lambda c: ("prepare", "warmup"),
           lambda c, lay: [lay.faiss("warmup", "train")],
           lambda c, lay: [lay.index_dir("warmup", "train")]),
     Stage("mine", "retrieve candidates and hard negatives for training queries", _mine,
-          ("mine", "index"), lambda c: ("prepare", "warmup", "index"),
+          ("mine", "index.search"), lambda c: ("prepare", "warmup", "index"),
           lambda c, lay: [lay.candidates, lay.mined_train], lambda c, lay: [lay.mine_dir]),
     Stage("generate", "teacher-generated queries in other languages", _generate,
-          ("teacher.generate", "teacher.score.precision", "run.seed", *TEACHER),
+          ("teacher.generate", "run.seed", *TEACHER),
           lambda c: ("prepare", *_teacher_inputs(c)), lambda c, lay: [lay.generated],
           lambda c, lay: [lay.generated], raw=lambda c: _model_source(c.teacher.model)),
     Stage("score", "teacher scores log P(q|p)/|q| for every candidate pair", _score,
@@ -212,11 +212,13 @@ STAGES = [
                      *(("generate",) if c.distill.loss.beta else ())),
           lambda c, lay: [lay.model("distill")], lambda c, lay: [lay.train_dir("distill")]),
     Stage("reindex", "encode and index the evaluation corpus with both students", _reindex,
-          ("index", "eval.splits", "run.seed"), lambda c: ("prepare", "warmup", "distill"),
+          ("index.encode", "index.build", "eval.splits", "run.seed"),
+          lambda c: ("prepare", "warmup", "distill"),
           lambda c, lay: [lay.faiss(s, split) for s, split in reindexed(c, lay)],
           lambda c, lay: [lay.index_dir(s, split) for s, split in reindexed(c, lay)]),
     Stage("eval", "metrics of the warm-up and the distilled student", _eval,
-          ("eval", "index"), lambda c: ("prepare", "warmup", "index", "distill", "reindex"),
+          ("eval", "index.search"),
+          lambda c: ("prepare", "warmup", "index", "distill", "reindex"),
           lambda c, lay: [lay.eval_dir(s) for s in STUDENTS], lambda c, lay: [lay.uri("eval")]),
     Stage("rerank", "the teacher's reranking of the warm-up student's top-k (teacher quality)",
           _rerank, ("teacher.rerank_k", "eval.splits", "teacher.score", *TEACHER),
@@ -233,7 +235,7 @@ def _section(cfg: Config, dotted: str) -> Any:
     value: Any = cfg
     for part in dotted.split("."):
         value = getattr(value, part)
-    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return key_values(value)
 
 
 def _raw_fingerprint(uri: str) -> str:

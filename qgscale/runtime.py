@@ -45,13 +45,14 @@ import logging
 import os
 import sys
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
 
 from qgscale import storage
+from qgscale.config import Actors
 from qgscale.errors import QgscaleError
 
 log = logging.getLogger("qgscale")
@@ -310,20 +311,17 @@ class ShardActor:
         return table.num_rows
 
 
-def run_shards(job: ShardJob, shards: Sequence[Shard], out_uri: str, config_hash: str, *,
-               stage: str, num_actors: int | None = None, cpus_per_actor: float = 1.0,
-               gpus_per_actor: float | None = None, max_retries: int = 3,
-               desc: str | None = None, unit: str = "shard",
-               on_done: Callable[[str, int, list], None] | None = None) -> dict[str, int]:
+def run_shards(job: ShardJob, shards: Sequence[Shard], out_uri: str, config_hash: str,
+               actors: Actors, *, stage: str, desc: str | None = None,
+               unit: str = "shard") -> dict[str, int]:
     """Write every shard of ``shards`` not yet done (marker with ``config_hash``) into
     ``out_uri`` on an actor pool; returns counts for the manifest (the caller finalizes).
 
-    Resources come from :func:`actor_resources` (``stage`` = the config section). A shard
-    whose actor dies is re-queued (at most ``max_retries`` times) on a fresh actor; a shard
-    that fails every try is reported after the others are done (:class:`ShardsFailed`,
-    finished shards are kept). An error raised by the job itself (bad input) propagates at
-    once. ``on_done(name, actor_index, actors)`` is called after each finished shard (a test
-    hook).
+    ``actors`` (the stage's config section, named ``stage`` in errors) sizes the pool, via
+    :func:`actor_resources`. A shard whose actor dies is re-queued (at most
+    ``actors.max_retries`` times) on a fresh actor; a shard that fails every try is reported
+    after the others are done (:class:`ShardsFailed`, finished shards are kept). An error
+    raised by the job itself (bad input) propagates at once.
     """
     import ray
     from ray.exceptions import RayActorError
@@ -334,7 +332,9 @@ def run_shards(job: ShardJob, shards: Sequence[Shard], out_uri: str, config_hash
     stats = {"shards": len(shards), "shards_run": 0, "rows_written": 0, "actor_failures": 0}
     if not todo:
         return stats
-    res = actor_resources(stage, num_actors, cpus_per_actor, gpus_per_actor)
+    res = actor_resources(stage, actors.num_actors, actors.cpus_per_actor,
+                          actors.gpus_per_actor)
+    max_retries = actors.max_retries
     n = min(res.num_actors, len(todo))
     log.info("%s: %d shard(s) to do on %d actor(s) x (%g CPU, %g GPU)", stage, len(todo), n,
              res.num_cpus, res.num_gpus)
@@ -380,8 +380,6 @@ def run_shards(job: ShardJob, shards: Sequence[Shard], out_uri: str, config_hash
             stats["rows_written"] += rows
             bar.update(s.size)
             idle.append(i)
-            if on_done:
-                on_done(s.name, i, actors)
     finally:
         bar.close()
         for a in actors:

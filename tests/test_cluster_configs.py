@@ -26,10 +26,11 @@ def test_paper_scale_config(name, monkeypatch):
     for stage in (cfg.qg, cfg.warmup, cfg.distill):
         assert stage.use_gpu and stage.num_workers > 1
         assert stage.zero_stage == 2 and stage.precision == "bf16"
-    assert cfg.teacher.score.precision == "bf16" and cfg.index.precision == "bf16"
+    assert cfg.teacher.score.precision == cfg.teacher.generate.precision == "bf16"
+    assert cfg.index.encode.precision == cfg.index.search.precision == "bf16"
     # GPU stages say so: on a cluster without GPUs they fail instead of running on CPUs
     assert cfg.teacher.score.gpus_per_actor == cfg.teacher.generate.gpus_per_actor == 1
-    assert cfg.index.gpus_per_actor == 1
+    assert cfg.index.encode.gpus_per_actor == cfg.index.build.gpus_per_actor == 1
     assert cfg.ray.address == "auto"
     assert cfg.distill.loss.alpha > 0 and cfg.distill.loss.beta > 0
     assert cfg.warmup.loss.alpha == 0 and cfg.warmup.loss.beta == 0

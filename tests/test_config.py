@@ -32,7 +32,8 @@ def test_every_shipped_config_validates():
 @pytest.mark.parametrize("text,expected", [
     ("teacher:\n  score:\n    batch_tokenz: 4\n", r"c.yaml: teacher.score.batch_tokenz: Extra"),
     ("warmup:\n  zero_stage: 5\n", r"c.yaml: warmup.zero_stage: Input should be 0, 1, 2 or 3"),
-    ("index:\n  nprobe: many\n", r"c.yaml: index.nprobe: Input should be a valid integer"),
+    ("index:\n  search: {nprobe: many}\n",
+     r"c.yaml: index.search.nprobe: Input should be a valid integer"),
     ("qg:\n  model: {}\n", r"c.yaml: qg.model: Value error, give name_or_path or init"),
     ("data:\n  format: csv\n", r"c.yaml: data.format: Input should be"),
     ("run: [1, 2]\n", r"c.yaml: run: Input should be a valid dictionary"),
@@ -45,8 +46,9 @@ def test_errors_name_the_key_path(tmp_path, text, expected):
 def test_invalid_yaml_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="invalid YAML"):
         config.load(_yaml(tmp_path, "run: [unclosed\n"))
-    cfg = config.load(_yaml(tmp_path, "run:\n  name: x\n"), ["index.nprobe=4", "run.seed=7"])
-    assert cfg.index.nprobe == 4 and cfg.run.seed == 7
+    cfg = config.load(_yaml(tmp_path, "run:\n  name: x\n"),
+                      ["index.search.nprobe=4", "run.seed=7"])
+    assert cfg.index.search.nprobe == 4 and cfg.run.seed == 7
     assert os.path.isabs(cfg.run.root)
     with pytest.raises(ConfigError, match=r"index.nprobee: Extra"):
         config.load(_yaml(tmp_path, "{}\n"), ["index.nprobee=4"])

@@ -305,7 +305,7 @@ def test_ray_job_submit_eval(run_root, s3_bucket, ray_head, tmp_path):
     cfg_path.write_text(yaml.safe_dump({
         "run": {"name": "eval-job", "root": root},
         "data": {"format": "xquad", "query_langs": LANGS, "corpus_langs": LANGS},
-        "index": {"cpus_per_actor": 1},
+        "index": {"search": {"cpus_per_actor": 1}},
         "eval": {"k": [1, 5, 10], "top_k": 10},
     }))
     # S3 settings and credentials come from the environment `ray start` ran in (as the pods'
@@ -364,7 +364,7 @@ def test_readme_job_submit_recipe(run_root, tmp_path):
     root, _ = run_root
     cfg_path = tmp_path / "eval.yaml"
     cfg_path.write_text(yaml.safe_dump({"run": {"name": "readme-job", "root": "runs/relative"},
-                                        "index": {"cpus_per_actor": 1},
+                                        "index": {"search": {"cpus_per_actor": 1}},
                                         "eval": {"k": [1, 5, 10], "top_k": 10}}))
     lines = _readme_job_recipe()
     assert lines[0] == "source .venv/bin/activate" and lines[-1].startswith("ray stop")

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from qgscale.config import ModelConfig
+from qgscale.data.schema import passage_text
 from qgscale.errors import ConfigError
 from qgscale.models.generator import (
     QGCollator,
     QueryGenerator,
-    passage_text,
     plan_batches,
     prepare_for_inference,
     qg_examples,

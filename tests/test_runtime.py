@@ -27,7 +27,7 @@ def test_gpu_stage_fails_fast_on_a_cluster_without_gpus(ray_local):
 
 
 def test_stage_asking_for_gpus_fails_before_any_work(ray_local, tmp_path):
-    """The stage function with ``index.gpus_per_actor: 1`` from the config: the error names
+    """The stage function with ``index.encode.gpus_per_actor: 1`` from the config: the error names
     the stage's config section and the resource; no actor ran, nothing was written."""
     from qgscale.config import parse
     from qgscale.index.encode import run_encode
@@ -35,8 +35,9 @@ def test_stage_asking_for_gpus_fails_before_any_work(ray_local, tmp_path):
     corpus, out = str(tmp_path / "corpus"), str(tmp_path / "emb")
     storage.write_parquet(storage.join(corpus, "part-00000.parquet"), pa.Table.from_pylist(
         [{"pid": "d0", "lang": "en", "title": "", "text": "x"}], schema=CORPUS))
-    cfg = parse({"run": {"root": str(tmp_path)}, "index": {"gpus_per_actor": 1}})
-    with pytest.raises(runtime.ResourceError, match=r"index: gpus_per_actor=1 .* 0 GPUs"):
+    cfg = parse({"run": {"root": str(tmp_path)}, "index": {"encode": {"gpus_per_actor": 1}}})
+    with pytest.raises(runtime.ResourceError,
+                       match=r"index\.encode: gpus_per_actor=1 .* 0 GPUs"):
         run_encode(cfg, str(tmp_path / "no-model"), corpus, out, "k1")
     assert not storage.list_files(out, ".parquet")
 

@@ -12,14 +12,16 @@ import pytest
 import torch
 
 from qgscale import storage
-from qgscale.data.schema import CANDIDATES, CORPUS, QRELS, QUERIES
+from qgscale.config import GenerateConfig, ScoreConfig
+from qgscale.data.schema import CANDIDATES, CORPUS, QRELS, QUERIES, passage_text
 from qgscale.errors import DataError, MissingInputError
-from qgscale.models.generator import QueryGenerator, passage_text
+from qgscale.models.generator import QueryGenerator
 from qgscale.models.tiny import tiny_t5_config, xquad_texts
 from qgscale.teacher.common import QGSpec
 from qgscale.teacher.generation import generate_queries
 from qgscale.teacher.scoring import generated_candidates, plan_units, score_candidates
 from qgscale.train.data import generated_qid
+from tests.faults import KillShardActorAfter
 
 
 def _write_inputs(root: str, tokenizer, n_pass: int = 10, n_q: int = 16, k: int = 4):
@@ -65,23 +67,17 @@ def root(request, tmp_path):
 
 
 def test_score_kill_actor_exactly_once_and_resume(ray_local, tokenizer, root):
-    ray = ray_local
     qg, spec, corpus, queries, cands = _write_inputs(root, tokenizer)
     out = storage.join(root, "scores")
     args = (spec, storage.join(root, "cands"), storage.join(root, "queries.parquet"),
             storage.join(root, "corpus.parquet"), out, "k1")
-    killed = []
-
-    def kill_other(name: str, idx: int, actors: list) -> None:
-        if not killed:  # after the first finished shard, kill the other (busy) actor
-            killed.append(name)
-            ray.kill(actors[1 - idx])
-
-    kw = dict(shard_pairs=10, cpus_per_actor=0.5, batch_tokens=2000, precision="fp32")
-    m = score_candidates(*args, num_actors=2, on_done=kill_other, **kw)
+    sc = ScoreConfig(shard_pairs=4, cpus_per_actor=0.5, batch_tokens=2000, precision="fp32",
+                     num_actors=2)
+    with KillShardActorAfter(out, after=1) as killer:  # a crash, from outside the run
+        m = score_candidates(*args, sc)
     pairs = [(c["qid"], p) for c in cands for p in c["pids"]]
-    assert len(m["shards"]) >= 4 and m["rows"] == len(pairs) == 64
-    assert killed and m["run"]["actor_failures"] >= 1
+    assert len(m["shards"]) == 16 and m["rows"] == len(pairs) == 64
+    assert killer.killed and m["run"]["actor_failures"] == 1
     got = storage.read_parquet(out)
     keys = list(zip(got["qid"].to_pylist(), got["pid"].to_pylist(), strict=True))
     assert len(keys) == len(set(keys)) and sorted(keys) == sorted(pairs)  # exactly once
@@ -94,7 +90,7 @@ def test_score_kill_actor_exactly_once_and_resume(ray_local, tokenizer, root):
 
     markers = {f: storage.read_json(f) for f in storage.list_files(
         storage.join(out, storage.DONE_DIR), ".json")}
-    again = score_candidates(*args, num_actors=2, **kw)
+    again = score_candidates(*args, sc)
     assert again["run"]["shards_run"] == 0 and again["rows"] == 64  # every shard done
     assert {f: storage.read_json(f) for f in markers} == markers
 
@@ -102,7 +98,7 @@ def test_score_kill_actor_exactly_once_and_resume(ray_local, tokenizer, root):
     storage.remove(storage.join(out, storage.MANIFEST))
     lost = sorted(markers)[1]
     storage.remove(lost)
-    third = score_candidates(*args, num_actors=1, **kw)
+    third = score_candidates(*args, sc.model_copy(update={"num_actors": 1}))
     assert third["run"]["shards_run"] == 1 and third["rows"] == 64
     assert len(storage.read_parquet(out)) == 64
 
@@ -111,9 +107,9 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
     root = str(tmp_path / "gen")
     _, spec, corpus, queries, cands = _write_inputs(root, tokenizer, n_pass=6, n_q=8)
     out = storage.join(root, "generated")
-    kw = dict(langs=["de", "zh"], qrels_uri=storage.join(root, "qrels.parquet"),
-              num_queries=2, do_sample=True, max_new_tokens=8, shard_rows=2, num_actors=1,
-              cpus_per_actor=1)
+    gc = GenerateConfig(langs=["de", "zh"], num_queries=2, do_sample=True, max_new_tokens=8,
+                        shard_rows=2, num_actors=1, cpus_per_actor=1)
+    kw = dict(gc=gc, qrels_uri=storage.join(root, "qrels.parquet"))
     m = generate_queries(spec, storage.join(root, "corpus.parquet"), out, "k1", **kw)
     positives = sorted({c["pids"][0] for c in cands})
     assert m["passages"] == len(positives) and len(m["shards"]) == -(-len(positives) // 2)
@@ -146,7 +142,7 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
     sm = score_candidates(spec, [storage.join(root, "cands"), c_uri],
                           [storage.join(root, "queries.parquet"), q_uri],
                           storage.join(root, "corpus.parquet"), storage.join(root, "scores"),
-                          "k1", num_actors=1, precision="fp32")
+                          "k1", ScoreConfig(num_actors=1, precision="fp32"))
     s = storage.read_parquet(storage.join(root, "scores"))
     keys = set(zip(s["qid"].to_pylist(), s["pid"].to_pylist(), strict=True))
     assert sm["rows"] == len(keys) == len(want) + sum(len(c["pids"]) for c in cands)
@@ -167,7 +163,7 @@ def test_bad_candidates_named(ray_local, tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"bad.parquet: row 1 \(qid=q1\): pid=nope not in corpus"):
         score_candidates(spec, bad, storage.join(root, "queries.parquet"),
                          storage.join(root, "corpus.parquet"), storage.join(root, "out"), "k1",
-                         num_actors=1, cpus_per_actor=0.5)
+                         ScoreConfig(num_actors=1, cpus_per_actor=0.5))
     assert not storage.exists(storage.join(root, "out", storage.MANIFEST))
 
 
@@ -265,7 +261,7 @@ def test_s3_credentials_never_reach_ray(ray_local, tokenizer, s3_bucket, monkeyp
     _, spec, _, _, _ = _write_inputs(root, tokenizer, n_pass=4, n_q=4, k=2)
     m = score_candidates(spec, storage.join(root, "cands"), storage.join(root, "queries.parquet"),
                          storage.join(root, "corpus.parquet"), storage.join(root, "scores"), "k1",
-                         num_actors=1, cpus_per_actor=0.5, precision="fp32")
+                         ScoreConfig(num_actors=1, cpus_per_actor=0.5, precision="fp32"))
     assert m["rows"] == 8 and storage.read_parquet(storage.join(root, "scores")).num_rows == 8
     events = task_events(("ShardActor.__init__", "ShardActor.run"))
     assert sent and not leaks(events), leaks(events)

@@ -119,7 +119,7 @@ def corpus_langs(corpus_uri: str) -> list[str]:
 
 def passage_fields(corpus_uri: str, pids: set[str] | None, text: bool) -> tuple[dict, dict]:
     """``(pid -> lang, pid -> "title text")`` for ``pids`` (all when None), shard by shard."""
-    from qgscale.index.encode import passage_text
+    from qgscale.data.schema import passage_text
 
     cols = ["pid", "lang"] + (["title", "text"] if text else [])
     lang: dict[str, str] = {}
@@ -428,7 +428,8 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
     import ray
 
     connect(cfg.ray)
-    res = actor_resources("index", 1, cfg.index.cpus_per_actor, cfg.index.gpus_per_actor)
+    sc = cfg.index.search
+    res = actor_resources("index.search", 1, sc.cpus_per_actor, sc.gpus_per_actor)
     task = ray.remote(_evaluate_task).options(**res.options())
     names = metric_names(ec.k)
     results = {}
@@ -436,9 +437,9 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
         t0 = time.time()
         result = ray.get(task.remote(
             res.num_gpus, model_uri, index_uri, data_uri, split,
-            top_k=ec.top_k, ks=ec.k, batch_size=ec.batch_size, pairs=ec.pairs,
-            nprobe=cfg.index.nprobe, ef_search=cfg.index.ef_search,
-            precision=cfg.index.precision, answers=ec.answer_recall))
+            top_k=ec.top_k, ks=ec.k, batch_size=sc.batch_size, pairs=ec.pairs,
+            nprobe=sc.nprobe, ef_search=sc.ef_search, precision=sc.precision,
+            answers=ec.answer_recall))
         result["timings"]["total_s"] = time.time() - t0
         result["job"] = {"driver_python": sys.executable, "driver_host": os.uname().nodename,
                          "ray_address": ray.get_runtime_context().gcs_address,

@@ -78,10 +78,7 @@ def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split:
         [{"qid": q, "pids": p, "scores": None} for q, p in lists.items()], schema=CANDIDATES))
     scores_uri = storage.join(out_uri, "scores")
     score_candidates(qg_spec(cfg, teacher_model), cand_uri, data.source["queries"],
-                     data.corpus_uri, scores_uri, key, batch_tokens=sc.batch_tokens,
-                     shard_pairs=sc.shard_pairs, precision=sc.precision,
-                     num_actors=sc.num_actors, cpus_per_actor=sc.cpus_per_actor,
-                     max_retries=sc.max_retries)
+                     data.corpus_uri, scores_uri, key, sc)
     teacher: dict[str, dict[str, float]] = defaultdict(dict)
     table = storage.read_parquet(scores_uri, ["qid", "pid", "score"])
     for q, p, s in zip(*(table.column(c).to_pylist() for c in ("qid", "pid", "score")),

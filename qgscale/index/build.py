@@ -26,7 +26,6 @@ import contextlib
 import math
 import os
 import posixpath
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,10 +37,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qgscale import storage
+from qgscale.config import Actors, BuildConfig
 from qgscale.index.encode import read_vectors
 from qgscale.runtime import Shard, actor_resources, connect, remote_options, run_shards
 
-FAULT_ENV = "QGSCALE_FAULT"  # "add:<part name>": SIGKILL that add actor after its index part
 IDS_SCHEMA = pa.schema([("id", pa.int64()), ("pid", pa.string())])
 
 
@@ -50,7 +49,7 @@ def metric_type(metric: str) -> int:
     import faiss
 
     if metric not in ("ip", "l2"):
-        raise ValueError(f"index.metric: expected 'ip' or 'l2', got {metric!r}")
+        raise ValueError(f"index.build.metric: expected 'ip' or 'l2', got {metric!r}")
     return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
 
@@ -162,7 +161,6 @@ class AddJob:
 
     trained_uri: str
     index_uri: str
-    fault: str = ""  # FAULT_ENV: "add:<name>" kills the actor between part and id map
 
     def setup(self, device: str, threads: int) -> bytes:
         _limit_threads(threads)
@@ -181,8 +179,6 @@ class AddJob:
             all_pids.extend(pids)
         storage.write_bytes(storage.join(self.index_uri, "parts", f"{shard.name}.faiss"),
                             faiss.serialize_index(index).tobytes())
-        if self.fault == f"add:{shard.name}":  # a real crash between the part and its ids
-            os.kill(os.getpid(), signal.SIGKILL)
         return pa.table({"id": np.concatenate(all_ids), "pid": all_pids}, schema=IDS_SCHEMA)
 
 
@@ -229,24 +225,7 @@ def merge_parts(trained_uri: str, part_uris: list[str], out_uri: str, mode: str,
 
 
 # ---------------------------------------------------------------- driver
-@dataclass
-class BuildOptions:
-    factory: str = "auto"
-    metric: str = "ip"
-    train_samples: int = 100_000
-    num_shards: int = 1  # final index shards; 0 keeps every part as its own shard
-    merge: str = "memory"  # "memory" | "ondisk"
-    max_memory_gb: float = 8.0
-    cpus_per_task: float = 1.0  # Ray CPUs (and faiss threads, at least 1) per task/actor
-    add_workers: int | None = None  # add actors (None: as resources allow)
-    train_gpus: float | None = None  # GPUs of the training task (None: 1 if the cluster has)
-    max_retries: int = 2
-    seed: int = 0
-
-    def content(self) -> dict:
-        """The fields that change the index (not how it is computed)."""
-        skip = ("cpus_per_task", "add_workers", "train_gpus", "max_retries")
-        return {k: v for k, v in self.__dict__.items() if k not in skip}
+_RUNTIME = set(Actors.model_fields)  # how the build runs, not what it builds
 
 
 def shard_rows(uris: list[str]) -> tuple[list[int], int]:
@@ -271,35 +250,36 @@ def _groups(n: int, k: int) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
 
 
-def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
-                config_hash: str = "") -> dict:
-    """Build (or resume building) the index of every embedding shard under ``emb_uri``."""
+def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
+                config_hash: str = "", seed: int = 0) -> dict:
+    """Build (or resume building) the index of every embedding shard under ``emb_uri``
+    (settings ``bc``, the ``index.build`` section; defaults if None; ``seed``: the training
+    sample)."""
     import ray
 
-    opts = opts or BuildOptions()
-    if opts.merge not in ("memory", "ondisk"):
-        raise ValueError(f"index.merge: expected 'memory' or 'ondisk', got {opts.merge!r}")
+    bc = bc or BuildConfig()
     connect()
-    chash = config_hash or storage.config_hash({"emb": emb_uri, **opts.content()})
+    chash = config_hash or storage.config_hash(
+        {"emb": emb_uri, "seed": seed, **bc.model_dump(exclude=_RUNTIME)})
     uris = storage.list_files(emb_uri, ".parquet")
     if not uris:
         raise FileNotFoundError(f"{emb_uri}: no embedding shards")
     counts, dim = shard_rows(uris)
     n = int(sum(counts))
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
-    factory = opts.factory
+    factory = bc.factory
     if factory == "auto":
-        factory = auto_factory(n, dim, opts.max_memory_gb)
+        factory = auto_factory(n, dim, bc.max_memory_gb)
     if "RFlat" in factory or "Refine(" in factory:
-        raise ValueError(f"index.factory={factory!r}: the distributed build does not take a "
-                         "refine suffix; set index.refine / index.k_factor (search-time "
+        raise ValueError(f"index.build.factory={factory!r}: the distributed build does not "
+                         "take a refine suffix; set index.search.refine / k_factor (search-time "
                          "re-ranking with the embedding shards) instead")
     est = estimate(factory, n, dim)
     print(f"[index build] {n} vectors x {dim} -> {factory}: ~{est['index_gb']:.2f} GiB index, "
-          f"nlist={est['nlist']}, train samples={min(opts.train_samples, n)} "
+          f"nlist={est['nlist']}, train samples={min(bc.train_samples, n)} "
           f"(min {est['min_train_samples']})", flush=True)
     timings: dict[str, Any] = {}
-    task_options = remote_options(opts.cpus_per_task, max_retries=opts.max_retries)
+    task_options = remote_options(bc.cpus_per_actor, max_retries=bc.max_retries)
 
     trained_uri = storage.join(index_uri, "trained.faiss")
     info_uri = storage.join(index_uri, "trained.json")
@@ -309,59 +289,53 @@ def build_index(emb_uri: str, index_uri: str, opts: BuildOptions | None = None,
             import faiss
 
             needs_training = not faiss.index_factory(dim, with_ids(factory),
-                                                     metric_type(opts.metric)).is_trained
-            k = min(opts.train_samples, n) if needs_training else 0
+                                                     metric_type(bc.metric)).is_trained
+            k = min(bc.train_samples, n) if needs_training else 0
             sample = ray.remote(sample_shard).options(**task_options)
-            samples = [sample.remote(u, k, opts.seed * 100_003 + i)
+            samples = [sample.remote(u, k, seed * 100_003 + i)
                        for i, u in enumerate(uris)] if k else []
-            res = actor_resources("index", 1, opts.cpus_per_task, opts.train_gpus)
+            res = actor_resources("index.build", 1, bc.cpus_per_actor, bc.gpus_per_actor)
             train = ray.remote(train_index).options(**res.options())
-            info = ray.get(train.remote(factory, opts.metric, dim, trained_uri, *samples, k=k))
+            info = ray.get(train.remote(factory, bc.metric, dim, trained_uri, *samples, k=k))
             storage.write_json(info_uri, {"hash": chash, "factory": factory, **info})
 
-    mergeable = is_ivf(factory) or opts.num_shards == 0 or "HNSW" not in factory
+    mergeable = is_ivf(factory) or bc.num_shards == 0 or "HNSW" not in factory
     part_groups = ([[i] for i in range(len(uris))] if mergeable
-                   else _groups(len(uris), max(1, opts.num_shards)))
+                   else _groups(len(uris), max(1, bc.num_shards)))
     names = [f"part-{g[0]:05d}" for g in part_groups]
     ids_uri = storage.join(index_uri, "ids")
     with phase(timings, "add_s"):
         shards = [Shard(name, 1, ([uris[i] for i in g], [offsets[i] for i in g]))
                   for name, g in zip(names, part_groups, strict=True)]
-        add_stats = run_shards(AddJob(trained_uri, index_uri, os.environ.get(FAULT_ENV, "")),
-                               shards, ids_uri, chash, stage="index", num_actors=opts.add_workers,
-                               cpus_per_actor=opts.cpus_per_task, gpus_per_actor=0,
-                               max_retries=opts.max_retries, desc="index add")
+        add_stats = run_shards(AddJob(trained_uri, index_uri), shards, ids_uri, chash,
+                               bc.model_copy(update={"gpus_per_actor": 0}),
+                               stage="index.build", desc="index add")
     storage.ShardWriter(ids_uri, chash).finalize(names, run=add_stats)
 
     part_uris = [storage.join(index_uri, "parts", f"{nm}.faiss") for nm in names]
     with phase(timings, "merge_s"):
-        if opts.num_shards == 0 or not mergeable or opts.num_shards >= len(names):
+        if bc.num_shards == 0 or not mergeable or bc.num_shards >= len(names):
             shard_files = [posixpath.join("parts", f"{nm}.faiss") for nm in names]
             ondisk = False
         else:
-            groups = _groups(len(names), opts.num_shards)
+            groups = _groups(len(names), bc.num_shards)
             shard_files = [f"shards/shard-{j:05d}.faiss" for j in range(len(groups))]
-            ondisk = opts.merge == "ondisk" and is_ivf(factory)
+            ondisk = bc.merge == "ondisk" and is_ivf(factory)
             merge = ray.remote(merge_parts).options(**task_options)
             merged = ray.get([merge.remote(trained_uri, [part_uris[i] for i in g],
                                            storage.join(index_uri, f),
-                                           "ondisk" if ondisk else "memory", opts.cpus_per_task)
+                                           "ondisk" if ondisk else "memory", bc.cpus_per_actor)
                               for f, g in zip(shard_files, groups, strict=True)])
             if sum(merged) != n:
                 raise RuntimeError(f"{index_uri}: merged {sum(merged)} != {n} vectors")
     rates = {f"{p[:-2]}_vectors_per_s": round(n / max(timings[p], 1e-9), 1)
              for p in ("add_s", "merge_s")}
-    return storage.write_manifest(index_uri, chash, factory=factory, metric=opts.metric,
+    return storage.write_manifest(index_uri, chash, factory=factory, metric=bc.metric,
                                   dim=dim, ntotal=n, shards=shard_files, ondisk=ondisk,
                                   estimate=est, timings=timings | rates, embeddings=emb_uri)
 
 
 def run_build(cfg, emb_uri: str, index_uri: str, key: str) -> dict:
     """Stage function ``index build``: embedding shards at ``emb_uri`` -> the FAISS index at
-    ``index_uri`` (``cfg.index`` settings)."""
-    ic = cfg.index
-    opts = BuildOptions(factory=ic.factory, metric=ic.metric, train_samples=ic.train_samples,
-                        num_shards=ic.num_shards, merge=ic.merge, max_memory_gb=ic.max_memory_gb,
-                        cpus_per_task=ic.cpus_per_actor, train_gpus=ic.gpus_per_actor,
-                        max_retries=ic.max_retries, seed=cfg.run.seed)
-    return build_index(emb_uri, index_uri, opts, key)
+    ``index_uri`` (``cfg.index.build``)."""
+    return build_index(emb_uri, index_uri, cfg.index.build, key, cfg.run.seed)

@@ -20,11 +20,8 @@ import pyarrow as pa
 import torch
 
 from qgscale import storage
-from qgscale.data.schema import (
-    CORPUS,
-    embeddings_schema,
-    passage_text,  # noqa: F401  (re-exported)
-)
+from qgscale.config import EncodeConfig
+from qgscale.data.schema import CORPUS, embeddings_schema, passage_text
 from qgscale.models.precision import autocast, default_device
 from qgscale.runtime import Shard, actor_device, run_shards
 
@@ -160,34 +157,27 @@ class QueryEncoder:
                             self.device, self.precision)
 
 
-def encode_corpus(corpus_uri: str, out_uri: str, loader: Callable[[], TextEncoder], *,
-                  batch_size: int = 64, dtype: str = "float32", precision: str = "fp32",
-                  num_actors: int | None = None, cpus_per_actor: float = 1.0,
-                  gpus_per_actor: float | None = None, config_hash: str = "",
-                  max_retries: int = 2) -> dict:
-    """Encode every ``*.parquet`` shard of ``corpus_uri`` into ``out_uri`` (resumable).
+def encode_corpus(corpus_uri: str, out_uri: str, loader: Callable[[], TextEncoder],
+                  ec: EncodeConfig | None = None, config_hash: str = "") -> dict:
+    """Encode every ``*.parquet`` shard of ``corpus_uri`` into ``out_uri`` (resumable;
+    settings ``ec``, the ``index.encode`` section; defaults if None).
 
     ``loader`` builds the encoder inside each actor (e.g. ``functools.partial(
     load_dual_encoder, path)``). Returns the manifest of the embedding shards.
     """
+    ec = ec or EncodeConfig()
     shards = storage.list_files(corpus_uri, ".parquet")
     if not shards:
         raise FileNotFoundError(f"{corpus_uri}: no corpus parquet shards")
     units = [Shard(posixpath.basename(s)[: -len(".parquet")], 1, s) for s in shards]
-    stats = run_shards(EncodeJob(loader, batch_size, dtype, precision), units, out_uri,
-                       config_hash, stage="index", num_actors=num_actors,
-                       cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-                       max_retries=max_retries, desc="encode")
+    stats = run_shards(EncodeJob(loader, ec.batch_size, ec.dtype, ec.precision), units,
+                       out_uri, config_hash, ec, stage="index.encode", desc="encode")
     return storage.ShardWriter(out_uri, config_hash).finalize(
-        [u.name for u in units], corpus=corpus_uri, dtype=dtype, run=stats)
+        [u.name for u in units], corpus=corpus_uri, dtype=ec.dtype, run=stats)
 
 
 def run_encode(cfg: Any, model_uri: str, corpus_uri: str, out_uri: str, key: str) -> dict:
     """Stage function ``index encode``: ``corpus_uri`` shards -> embedding shards at
-    ``out_uri`` with the dual encoder at ``model_uri`` (``cfg.index`` settings)."""
-    ic = cfg.index
-    loader = functools.partial(load_dual_encoder, model_uri)
-    return encode_corpus(corpus_uri, out_uri, loader, batch_size=ic.batch_size, dtype=ic.dtype,
-                         precision=ic.precision, num_actors=ic.num_actors,
-                         cpus_per_actor=ic.cpus_per_actor, gpus_per_actor=ic.gpus_per_actor,
-                         config_hash=key, max_retries=ic.max_retries)
+    ``out_uri`` with the dual encoder at ``model_uri`` (``cfg.index.encode``)."""
+    return encode_corpus(corpus_uri, out_uri, functools.partial(load_dual_encoder, model_uri),
+                         cfg.index.encode, key)

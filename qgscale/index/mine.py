@@ -102,18 +102,18 @@ def mine(queries: pa.Table, positives: dict[str, set[str]], encode: Callable, ou
 def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_uri: str,
              out_uri: str, key: str) -> dict:
     """Stage function ``index mine``: encode the queries with ``model_uri``, search
-    ``index_uri``, write ``out_uri/{candidates,train}`` (``cfg.mine``, ``cfg.index``)."""
+    ``index_uri``, write ``out_uri/{candidates,train}`` (``cfg.mine``, ``cfg.index.search``)."""
     import ray
 
     from qgscale.index.encode import QueryEncoder, load_dual_encoder
     from qgscale.index.search import ShardedSearcher, search
 
-    mc, ic = cfg.mine, cfg.index
-    res = actor_resources("index", 1, ic.cpus_per_actor, ic.gpus_per_actor)
+    mc, ic = cfg.mine, cfg.index.search
+    res = actor_resources("index.search", 1, ic.cpus_per_actor, ic.gpus_per_actor)
     actor = ray.remote(QueryEncoder).options(**res.options()).remote(
         functools.partial(load_dual_encoder, model_uri), ic.batch_size, ic.precision,
         res.num_gpus, res.threads)
-    if ic.search_actors:
+    if ic.shard_actors:
         searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, ic.cpus_per_actor,
                                    ic.refine, ic.k_factor)
         search_fn = searcher.search

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from qgscale import storage
-from qgscale.data.schema import passage_text  # noqa: F401  (re-exported)
+from qgscale.data.schema import passage_text
 from qgscale.errors import ConfigError, DataError
 from qgscale.models.loading import resolve
 from qgscale.models.precision import autocast

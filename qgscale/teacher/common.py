@@ -18,11 +18,11 @@ class QGSpec:
     max_passage_len: int = 256
     max_query_len: int = 64
     seed: int = 0
-    precision: str = "bf16"  # on GPU: weights cast to this dtype (benchmarks/gpu_check.py)
 
-    def load(self, device: str, threads: int = 1):
-        """The QG on ``device`` (the actor's, :func:`qgscale.runtime.actor_device`); on CPU
-        with ``threads`` torch threads."""
+    def load(self, device: str, threads: int = 1, precision: str = "bf16"):
+        """The QG on ``device`` (the actor's, :func:`qgscale.runtime.actor_device`), its
+        weights cast to ``precision`` on GPU (benchmarks/gpu_check.py); on CPU fp32 with
+        ``threads`` torch threads."""
         import torch
 
         from qgscale.config import ModelConfig
@@ -32,13 +32,13 @@ class QGSpec:
             torch.set_num_threads(threads)
         qg = QueryGenerator.build(ModelConfig(**self.model), self.prompt, self.max_passage_len,
                                   self.max_query_len, seed=self.seed)
-        prepare_for_inference(qg.model, device, self.precision)
+        prepare_for_inference(qg.model, device, precision)
         return qg.eval()
 
 
 def qg_spec(cfg: Any, model: Any) -> QGSpec:
     """How actors load the QG ``model`` (a ``ModelConfig``, or a path) with the run's prompt,
-    lengths, seed and precision."""
+    lengths and seed."""
     from qgscale.config import ModelConfig
 
     if isinstance(model, str):
@@ -49,7 +49,7 @@ def qg_spec(cfg: Any, model: Any) -> QGSpec:
         raise MissingInputError(f"{path}: no query generator here; run `qgscale train qg` "
                                 "first or set teacher.model")
     return QGSpec(model.model_dump(), cfg.qg.prompt, cfg.qg.max_passage_len,
-                  cfg.qg.max_query_len, cfg.run.seed, cfg.teacher.score.precision)
+                  cfg.qg.max_query_len, cfg.run.seed)
 
 
 def read_table(uri: str, what: str, columns: list[str] | None = None):
@@ -71,7 +71,7 @@ def load_queries(uri: str) -> dict[str, tuple[str, str]]:
 
 def load_corpus(uri: str) -> dict[str, str]:
     """``pid -> passage text`` (title + text, as the QG reads it)."""
-    from qgscale.models.generator import passage_text
+    from qgscale.data.schema import passage_text
 
     out = {}
     for i, r in enumerate(read_table(uri, "corpus", ["pid", "title", "text"]).to_pylist()):

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from qgscale import storage
+from qgscale.config import GenerateConfig
 from qgscale.data.schema import GENERATED
 from qgscale.errors import ConfigError, DataError
 from qgscale.runtime import Shard, connect, run_shards
@@ -37,7 +38,8 @@ class GenerateJob:
     seed: int = 0
 
     def setup(self, device: str, threads: int) -> dict[str, Any]:
-        return {"qg": self.qg.load(device, threads), "corpus": load_corpus(self.corpus_uri)}
+        return {"qg": self.qg.load(device, threads, self.options.get("precision", "bf16")),
+                "corpus": load_corpus(self.corpus_uri)}
 
     def run(self, st: dict[str, Any], shard: Shard) -> tuple[pa.Table, dict]:
         pids: list[str] = shard.payload
@@ -76,35 +78,29 @@ def passage_ids(corpus_uri: str, qrels_uri: str | None) -> list[str]:
     return [p for p in dict.fromkeys(pids) if p in positive]
 
 
-def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str, *,
-                     langs: list[str],
-                     qrels_uri: str | None = None, num_queries: int = 1,
-                     do_sample: bool = False, num_beams: int = 1, top_p: float = 0.95,
-                     max_new_tokens: int = 32, batch_size: int = 32, shard_rows: int = 500,
-                     precision: str = "bf16", num_actors: int | None = None,
-                     cpus_per_actor: float = 1.0, gpus_per_actor: float | None = None,
-                     max_retries: int = 3, seed: int = 0, on_done: Any = None
-                     ) -> dict[str, Any]:
+def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str,
+                     gc: GenerateConfig | None = None, qrels_uri: str | None = None,
+                     seed: int = 0) -> dict[str, Any]:
     """Plain API: generate for the passages of ``corpus_uri`` (positives of ``qrels_uri``
-    when given) into ``out_uri``; returns the manifest. Shards finished with the same
-    ``config_hash`` are skipped (resume), like :mod:`scoring`."""
+    when given) into ``out_uri`` (settings ``gc``, the ``teacher.generate`` section; defaults
+    if None); returns the manifest. Shards finished with the same ``config_hash`` are skipped
+    (resume), like :mod:`scoring`."""
+    gc = gc or GenerateConfig()
+    langs = gc.langs
     if not langs:
         raise ConfigError("teacher.generate.langs is empty")
-    if not do_sample and num_beams < num_queries:
-        raise ConfigError(f"teacher.generate: num_queries={num_queries} needs num_beams >= "
-                         f"num_queries (num_beams={num_beams}) or do_sample=true")
-    options = dict(num_queries=num_queries, do_sample=do_sample, num_beams=num_beams,
-                   top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   precision=precision)
+    if not gc.do_sample and gc.num_beams < gc.num_queries:
+        raise ConfigError(f"teacher.generate: num_queries={gc.num_queries} needs num_beams >= "
+                          f"num_queries (num_beams={gc.num_beams}) or do_sample=true")
+    options = gc.model_dump(include={"num_queries", "do_sample", "num_beams", "top_p",
+                                     "max_new_tokens", "batch_size", "precision"})
     inputs = {"corpus": corpus_uri, "qrels": qrels_uri}
     pids = passage_ids(corpus_uri, qrels_uri)
     units = [Shard(name, (rows.stop - rows.start) * len(langs), pids[rows])
-             for name, rows in storage.shard_slices(len(pids), shard_rows) if pids]
+             for name, rows in storage.shard_slices(len(pids), gc.shard_rows) if pids]
     job = GenerateJob(qg, corpus_uri, list(langs), options, seed)
-    stats = run_shards(job, units, out_uri, config_hash, stage="teacher.generate",
-                       num_actors=num_actors, cpus_per_actor=cpus_per_actor,
-                       gpus_per_actor=gpus_per_actor, max_retries=max_retries,
-                       desc="teacher generate", unit="passage-lang", on_done=on_done)
+    stats = run_shards(job, units, out_uri, config_hash, gc, stage="teacher.generate",
+                       desc="teacher generate", unit="passage-lang")
     empty = sum(storage.read_json(storage.join(out_uri, storage.DONE_DIR, f"{u.name}.json"))
                 .get("empty_queries", 0) for u in units)
     return storage.ShardWriter(out_uri, config_hash).finalize(
@@ -119,10 +115,5 @@ def run_generate(cfg: Any, model: Any, corpus_uri: str, qrels_uri: str | None, o
     when given) with the QG ``model`` (a ``ModelConfig``), into ``out_uri``."""
     gc = cfg.teacher.generate
     connect(cfg.ray)
-    return generate_queries(
-        qg_spec(cfg, model), corpus_uri, out_uri, key, langs=gc.langs, qrels_uri=qrels_uri,
-        num_queries=gc.num_queries, do_sample=gc.do_sample, num_beams=gc.num_beams,
-        top_p=gc.top_p, max_new_tokens=gc.max_new_tokens, batch_size=gc.batch_size,
-        shard_rows=gc.shard_rows, precision=cfg.teacher.score.precision,
-        num_actors=gc.num_actors, cpus_per_actor=gc.cpus_per_actor,
-        gpus_per_actor=gc.gpus_per_actor, max_retries=gc.max_retries, seed=cfg.run.seed)
+    return generate_queries(qg_spec(cfg, model), corpus_uri, out_uri, key, gc, qrels_uri,
+                            seed=cfg.run.seed)

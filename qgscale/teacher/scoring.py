@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
+from qgscale.config import ScoreConfig
 from qgscale.data.schema import SCORES
 from qgscale.errors import DataError, MissingInputError
 from qgscale.runtime import Shard, connect, run_shards
@@ -92,7 +93,7 @@ class ScoreJob:
         queries: dict[str, tuple[str, str]] = {}
         for uri in [self.queries_uri] if isinstance(self.queries_uri, str) else self.queries_uri:
             queries.update(load_queries(uri))
-        return {"qg": self.qg.load(device, threads), "queries": queries,
+        return {"qg": self.qg.load(device, threads, self.precision), "queries": queries,
                 "corpus": load_corpus(self.corpus_uri)}
 
     def run(self, st: dict[str, Any], shard: Shard) -> tuple[pa.Table, dict]:
@@ -166,25 +167,21 @@ def read_table_rows(uri: str, what: str) -> list[dict[str, Any]]:
 
 
 def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
-                     queries_uri: str | list[str], corpus_uri: str,
-                     out_uri: str, config_hash: str, *, batch_tokens: int = 16384,
-                     shard_pairs: int = 2000,
-                     precision: str = "bf16", num_actors: int | None = None,
-                     cpus_per_actor: float = 1.0, gpus_per_actor: float | None = None,
-                     max_retries: int = 3, on_done: Any = None) -> dict[str, Any]:
-    """Plain API: score every candidate pair into ``out_uri``; returns the manifest.
+                     queries_uri: str | list[str], corpus_uri: str, out_uri: str,
+                     config_hash: str, sc: ScoreConfig | None = None) -> dict[str, Any]:
+    """Plain API: score every candidate pair into ``out_uri`` (settings ``sc``, the
+    ``teacher.score`` section; defaults if None); returns the manifest.
 
     Skips every shard with a done marker of the same ``config_hash`` (resume). Needs a
-    running Ray (or starts a local one); resources as :func:`qgscale.runtime.actor_resources`.
+    running Ray (or starts a local one); actors as :func:`qgscale.runtime.run_shards`.
     Several candidate sets (with their queries) may be given as lists.
     """
+    sc = sc or ScoreConfig()
     inputs = {"candidates": candidates_uri, "queries": queries_uri, "corpus": corpus_uri}
-    units = plan_units(candidates_uri, shard_pairs)
-    job = ScoreJob(qg, queries_uri, corpus_uri, batch_tokens, precision)
-    stats = run_shards(job, units, out_uri, config_hash, stage="teacher.score",
-                       num_actors=num_actors, cpus_per_actor=cpus_per_actor,
-                       gpus_per_actor=gpus_per_actor, max_retries=max_retries,
-                       desc="teacher score", unit="pair", on_done=on_done)
+    units = plan_units(candidates_uri, sc.shard_pairs)
+    job = ScoreJob(qg, queries_uri, corpus_uri, sc.batch_tokens, sc.precision)
+    stats = run_shards(job, units, out_uri, config_hash, sc, stage="teacher.score",
+                       desc="teacher score", unit="pair")
     pairs = sum(u.size for u in units)
     manifest = storage.ShardWriter(out_uri, config_hash).finalize(
         [u.name for u in units], stage="teacher-score", inputs=inputs, pairs=pairs, run=stats)
@@ -217,7 +214,4 @@ def run_score(cfg: Any, model: Any, *, candidates_uri: str, queries_uri: str, co
         queries.append(q)
     return score_candidates(
         qg_spec(cfg, model), cands if len(cands) > 1 else cands[0],
-        queries if len(queries) > 1 else queries[0], corpus_uri, out_uri, key,
-        batch_tokens=sc.batch_tokens, shard_pairs=sc.shard_pairs, precision=sc.precision,
-        num_actors=sc.num_actors, cpus_per_actor=sc.cpus_per_actor,
-        gpus_per_actor=sc.gpus_per_actor, max_retries=sc.max_retries)
+        queries if len(queries) > 1 else queries[0], corpus_uri, out_uri, key, sc)

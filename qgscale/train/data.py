@@ -31,7 +31,7 @@ import torch
 
 from qgscale import storage
 from qgscale.config import LossConfig, StudentTrainConfig
-from qgscale.data.schema import passage_text  # noqa: F401  (re-exported)
+from qgscale.data.schema import passage_text
 from qgscale.errors import DataError
 from qgscale.train.batch import StudentBatch, Tokens
 
