@@ -173,6 +173,18 @@ def test_changed_key_makes_exactly_stage_and_descendants_stale(finished_run, sta
 
 
 @pytest.mark.slow
+def test_runtime_settings_are_not_in_keys(finished_run):
+    """More actors, CPUs or retries change how a stage runs, not what it writes: nothing is
+    stale, so a crashed stage re-run on a bigger cluster resumes."""
+    path, _, _ = finished_run
+    plan = pipeline.plan(config.load(path, [
+        "teacher.score.num_actors=4", "teacher.generate.cpus_per_actor=0.5",
+        "index.encode.num_actors=3", "index.build.max_retries=5",
+        "index.search.cpus_per_actor=0.5"]))
+    assert [s.state for s in plan] == ["done"] * len(pipeline.STAGE_NAMES)
+
+
+@pytest.mark.slow
 def test_changed_upstream_file_invalidates_descendants(finished_run):
     """Same URI, new content: the prepared training queries are rewritten (rows reversed)."""
     import os

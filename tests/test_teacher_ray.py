@@ -19,7 +19,7 @@ from qgscale.models.generator import QueryGenerator
 from qgscale.models.tiny import tiny_t5_config, xquad_texts
 from qgscale.teacher.common import QGSpec
 from qgscale.teacher.generation import generate_queries
-from qgscale.teacher.scoring import generated_candidates, plan_units, score_candidates
+from qgscale.teacher.scoring import candidate_pairs, generated_candidates, score_candidates
 from qgscale.train.data import generated_qid
 from tests.faults import KillShardActorAfter
 
@@ -127,6 +127,13 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
     assert storage.read_parquet(out).to_pylist() == got.to_pylist()  # seeded: same queries
     third = generate_queries(spec, storage.join(root, "corpus.parquet"), out, "k1", **kw)
     assert third["run"]["shards_run"] == 0
+    # every corpus passage: units are row ranges of the corpus shards, read by the actors
+    every = generate_queries(spec, storage.join(root, "corpus.parquet"),
+                             storage.join(root, "gen-all"), "k1",
+                             gc.model_copy(update={"shard_rows": 4, "num_queries": 1}))
+    assert every["passages"] == len(corpus) and len(every["shards"]) == 2
+    assert set(storage.read_parquet(storage.join(root, "gen-all"))["pid"].to_pylist()) <= {
+        c["pid"] for c in corpus}
 
     # KD on generated queries: score them on the union of their source queries' candidates
     c_uri, q_uri = generated_candidates(
@@ -156,7 +163,7 @@ def test_bad_candidates_named(ray_local, tokenizer, tmp_path):
     storage.write_parquet(bad, pa.Table.from_pylist(
         [{"qid": "q0", "pids": ["p1", "p2", "p1"], "scores": None}], schema=CANDIDATES))
     with pytest.raises(DataError, match=r"bad.parquet: row 0 \(qid=q0\).*pid twice"):
-        plan_units(bad, 10)
+        candidate_pairs(bad)
     storage.write_parquet(bad, pa.Table.from_pylist(
         [{"qid": "q0", "pids": ["p1"], "scores": None},
          {"qid": "q1", "pids": ["p1", "nope"], "scores": None}], schema=CANDIDATES))
@@ -198,7 +205,8 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
                          corpus_uri=lay.data("train", "corpus"), out_uri=lay.scores, key="k1")
 
     m = score()
-    assert m["rows"] == 8 and len(m["shards"]) == 2 and m["run"]["shards_run"] == 2
+    # the work units follow the corpus shards (one here), cut at teacher.score.shard_pairs
+    assert m["rows"] == 8 and len(m["shards"]) == 1 and m["run"]["shards_run"] == 1
     assert storage.read_parquet(cfg.uri("teacher", "scores")).num_rows == 8
     again = score()
     assert again["rows"] == 8 and again["run"]["shards_run"] == 0

@@ -67,16 +67,3 @@ def load_queries(uri: str) -> dict[str, tuple[str, str]]:
                 raise DataError(f"{uri}: row {i} (qid={r['qid']}): empty field {key!r}")
         out[r["qid"]] = (r["lang"], r["text"])
     return out
-
-
-def load_corpus(uri: str) -> dict[str, str]:
-    """``pid -> passage text`` (title + text, as the QG reads it)."""
-    from qgscale.data.schema import passage_text
-
-    out = {}
-    for i, r in enumerate(read_table(uri, "corpus", ["pid", "title", "text"]).to_pylist()):
-        if not r["pid"] or not (r["text"] or "").strip():
-            raise DataError(f"{uri}: row {i} (pid={r['pid']}): empty field "
-                            f"{'pid' if not r['pid'] else 'text'!r}")
-        out[r["pid"]] = passage_text(r["title"], r["text"])
-    return out

@@ -17,38 +17,62 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from qgscale import storage
 from qgscale.config import GenerateConfig
-from qgscale.data.schema import GENERATED
+from qgscale.data.corpus import corpus_shards, read_passages
+from qgscale.data.schema import GENERATED, passage_text
 from qgscale.errors import ConfigError, DataError
 from qgscale.runtime import Shard, connect, run_shards
-from qgscale.teacher.common import QGSpec, load_corpus, qg_spec, read_table
+from qgscale.teacher.common import QGSpec, qg_spec, read_table
+
+
+@dataclass
+class Passages:
+    """A work unit's passages, sent with the unit: inline ``(pid, text)`` pairs (the
+    positives), or rows ``[start, stop)`` of one corpus shard (``passages: corpus``)."""
+
+    pairs: list[tuple[str, str]] | None = None
+    uri: str = ""
+    start: int = 0
+    stop: int = 0
+
+    def read(self) -> tuple[list[str], list[str]]:
+        if self.pairs is not None:
+            return [p for p, _ in self.pairs], [t for _, t in self.pairs]
+        t = storage.read_parquet(self.uri, ["pid", "title", "text"]).slice(
+            self.start, self.stop - self.start)
+        pids = t.column("pid").to_pylist()
+        texts = [passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
+                                                     t.column("text").to_pylist(), strict=True)]
+        for i, (pid, text) in enumerate(zip(pids, texts, strict=True)):
+            if not pid or not text:
+                raise DataError(f"{self.uri}: row {self.start + i} (pid={pid}): empty field "
+                                f"{'pid' if not pid else 'text'!r}")
+        return pids, texts
 
 
 @dataclass
 class GenerateJob:
-    """The shard job: load QG + corpus once per actor; per shard (a slice of the passage ids)
+    """The shard job: load the QG once per actor; per shard (its :class:`Passages`)
     generate in every language."""
 
     qg: QGSpec
-    corpus_uri: str
     langs: list[str]
     options: dict[str, Any] = field(default_factory=dict)  # QueryGenerator.generate kwargs
     seed: int = 0
 
-    def setup(self, device: str, threads: int) -> dict[str, Any]:
-        return {"qg": self.qg.load(device, threads, self.options.get("precision", "bf16")),
-                "corpus": load_corpus(self.corpus_uri)}
+    def setup(self, device: str, threads: int) -> Any:
+        return self.qg.load(device, threads, self.options.get("precision", "bf16"))
 
-    def run(self, st: dict[str, Any], shard: Shard) -> tuple[pa.Table, dict]:
-        pids: list[str] = shard.payload
-        passages = [st["corpus"][p] for p in pids]
+    def run(self, qg: Any, shard: Shard) -> tuple[pa.Table, dict]:
+        pids, passages = shard.payload.read()
         rows: dict[str, list] = {"pid": [], "lang": [], "query": [], "logprob": []}
         empty = 0
         for lang in self.langs:
             seed = self.seed + zlib.crc32(f"{shard.name}\t{lang}".encode())
-            out = st["qg"].generate(passages, lang, seed=seed, **self.options)
+            out = qg.generate(passages, lang, seed=seed, **self.options)
             for pid, queries in zip(pids, out, strict=True):
                 for query, logprob in queries:
                     if not query:  # no query to train on: counted in the manifest
@@ -61,21 +85,32 @@ class GenerateJob:
         return pa.table(rows, schema=GENERATED), {"empty_queries": empty}
 
 
-def passage_ids(corpus_uri: str, qrels_uri: str | None) -> list[str]:
-    """Corpus pids in corpus order; with ``qrels_uri`` only the positives (rel > 0)."""
-    pids = read_table(corpus_uri, "corpus", ["pid"])["pid"].to_pylist()
+def plan_units(corpus_uri: str, qrels_uri: str | None, shard_rows: int,
+               n_langs: int) -> tuple[list[Shard], int]:
+    """Work units of at most ``shard_rows`` passages and the passage count. With
+    ``qrels_uri``: the positives (rel > 0), in corpus order, their text read by the
+    semi-join and sent inline; without: row ranges of every corpus shard (parquet footers
+    only), read by the actor. The driver never holds the corpus."""
     if qrels_uri is None:
-        return list(dict.fromkeys(pids))
+        units = []
+        for fi, uri in enumerate(corpus_shards(corpus_uri)):
+            fs, path = storage.url_to_fs(uri)
+            with fs.open(path, "rb") as f:
+                n = pq.ParquetFile(f).metadata.num_rows
+            units += [Shard(f"part-{fi:05d}-{k:04d}", (r.stop - r.start) * n_langs,
+                            Passages(uri=uri, start=r.start, stop=r.stop))
+                      for k, (_, r) in enumerate(storage.shard_slices(n, shard_rows)) if n]
+        return units, sum(u.payload.stop - u.payload.start for u in units)
     qrels = read_table(qrels_uri, "qrels", ["qid", "pid", "rel"]).to_pylist()
-    known = set(pids)
-    positive = set()
-    for i, r in enumerate(qrels):
-        if (r["rel"] or 0) > 0:
-            if r["pid"] not in known:
-                raise DataError(f"{qrels_uri}: row {i} (qid={r['qid']}): pid={r['pid']} not in "
-                                f"corpus {corpus_uri}")
-            positive.add(r["pid"])
-    return [p for p in dict.fromkeys(pids) if p in positive]
+    positive = {r["pid"]: i for i, r in enumerate(qrels) if (r["rel"] or 0) > 0}
+    texts = read_passages(corpus_uri, positive)
+    for pid, i in positive.items():
+        if pid not in texts:
+            raise DataError(f"{qrels_uri}: row {i} (qid={qrels[i]['qid']}): pid={pid} not in "
+                            f"corpus {corpus_uri}")
+    pairs = list(texts.items())
+    return [Shard(name, (r.stop - r.start) * n_langs, Passages(pairs=pairs[r]))
+            for name, r in storage.shard_slices(len(pairs), shard_rows) if pairs], len(pairs)
 
 
 def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str,
@@ -95,16 +130,14 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str
     options = gc.model_dump(include={"num_queries", "do_sample", "num_beams", "top_p",
                                      "max_new_tokens", "batch_size", "precision"})
     inputs = {"corpus": corpus_uri, "qrels": qrels_uri}
-    pids = passage_ids(corpus_uri, qrels_uri)
-    units = [Shard(name, (rows.stop - rows.start) * len(langs), pids[rows])
-             for name, rows in storage.shard_slices(len(pids), gc.shard_rows) if pids]
-    job = GenerateJob(qg, corpus_uri, list(langs), options, seed)
+    units, n_passages = plan_units(corpus_uri, qrels_uri, gc.shard_rows, len(langs))
+    job = GenerateJob(qg, list(langs), options, seed)
     stats = run_shards(job, units, out_uri, config_hash, gc, stage="teacher.generate",
                        desc="teacher generate", unit="passage-lang")
     empty = sum(storage.read_json(storage.join(out_uri, storage.DONE_DIR, f"{u.name}.json"))
                 .get("empty_queries", 0) for u in units)
     return storage.ShardWriter(out_uri, config_hash).finalize(
-        [u.name for u in units], stage="teacher-generate", inputs=inputs, passages=len(pids),
+        [u.name for u in units], stage="teacher-generate", inputs=inputs, passages=n_passages,
         langs=list(langs), empty_queries_dropped=empty, run=stats)
 
 

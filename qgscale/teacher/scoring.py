@@ -3,9 +3,15 @@
 Input: candidate shards ``{qid, pids, scores?}`` + queries ``{qid, lang, text}`` + corpus
 ``{pid, lang, title, text}`` (parquet, local or ``s3://``). Output: shards
 ``{qid, pid, score, ntok}`` (``qgscale.data.schema.SCORES``), one per ~``shard_pairs`` pairs,
-in candidate order, with done markers and a manifest. Scoring runs as a shard job
-(:func:`qgscale.runtime.run_shards`) with the passage-grouped fast path of
-:func:`qgscale.models.generator.score_pairs`; a re-run only does unfinished shards.
+with done markers and a manifest.
+
+Two shard jobs (:func:`qgscale.runtime.run_shards`), both resumable:
+
+1. the join (:class:`PairJob`): per corpus shard, the candidate pairs of its passages with
+   both texts, written under ``<out>/_pairs/`` sorted by pid: the work units carry their text,
+   so no actor ever loads the corpus (each corpus shard is read once);
+2. scoring (:class:`ScoreJob`): per slice of a pair shard, the passage-grouped fast path of
+   :func:`qgscale.models.generator.score_pairs`.
 """
 
 from __future__ import annotations
@@ -18,17 +24,14 @@ import pyarrow.compute as pc
 
 from qgscale import storage
 from qgscale.config import ScoreConfig
-from qgscale.data.schema import SCORES
+from qgscale.data.corpus import corpus_shards, scan
+from qgscale.data.schema import SCORES, passage_text
 from qgscale.errors import DataError, MissingInputError
 from qgscale.runtime import Shard, connect, run_shards
-from qgscale.teacher.common import QGSpec, load_corpus, load_queries, qg_spec
+from qgscale.teacher.common import QGSpec, load_queries, qg_spec
 
-
-@dataclass
-class CandidateSlice:
-    uri: str  # candidate shard file
-    start: int  # row range [start, stop)
-    stop: int
+PAIRS = pa.schema([("qid", pa.string()), ("lang", pa.string()), ("query", pa.string()),
+                   ("pid", pa.string()), ("passage", pa.string())])
 
 
 def _files(uri: str) -> list[str]:
@@ -42,16 +45,16 @@ def _files(uri: str) -> list[str]:
     return files
 
 
-def plan_units(candidates_uri: str | list[str], shard_pairs: int) -> list[Shard]:
-    """Split the candidate shards into output shards of about ``shard_pairs`` pairs.
+def candidate_pairs(candidates_uri: str | list[str]) -> pa.Table:
+    """Every (qid, pid) candidate pair, with the file and row it came from (for errors).
 
     Validates the lists on the way (null/empty qid, null list or pid, a pid twice in one list,
-    a qid in two rows), naming file, row and field.
+    a qid in two rows), naming file, row and field. O(queries x k), never the corpus.
     """
     uris = [candidates_uri] if isinstance(candidates_uri, str) else candidates_uri
-    files = [f for u in uris for f in _files(u)]
-    units, seen = [], {}
-    for fi, f in enumerate(files):
+    seen: dict[str, str] = {}
+    parts = []
+    for f in (f for u in uris for f in _files(u)):
         t = storage.read_parquet(f, ["qid", "pids"])
         for r, (qid, pids) in enumerate(zip(t["qid"].to_pylist(), t["pids"].to_pylist(),
                                             strict=True)):
@@ -67,56 +70,128 @@ def plan_units(candidates_uri: str | list[str], shard_pairs: int) -> list[Shard]
                 raise DataError(f"{where}: field 'pids' holds an empty/null pid")
             if len(set(pids)) != len(pids):
                 raise DataError(f"{where}: field 'pids' lists a pid twice")
-        lens = pc.fill_null(pc.list_value_length(t["pids"]), 0).to_pylist()
-        start, pairs, k = 0, 0, 0
-        for r, n in enumerate(lens):
-            pairs += n
-            if pairs >= shard_pairs or r == len(lens) - 1:
-                units.append(Shard(f"part-{fi:05d}-{k:04d}", pairs,
-                                  CandidateSlice(f, start, r + 1)))
-                start, pairs, k = r + 1, 0, k + 1
-    return units
+        rows = pc.list_parent_indices(t["pids"])
+        parts.append(pa.table({"qid": t["qid"].take(rows), "pid": pc.list_flatten(t["pids"]),
+                               "file": pa.array([f] * len(rows), pa.string()), "row": rows}))
+    return pa.concat_tables(parts).combine_chunks()
+
+
+def query_table(queries_uri: str | list[str]) -> pa.Table:
+    """``{qid, lang, query}`` of one or several query tables (empty fields are errors)."""
+    rows = {}
+    for uri in [queries_uri] if isinstance(queries_uri, str) else queries_uri:
+        rows.update(load_queries(uri))
+    return pa.table({"qid": list(rows), "lang": [v[0] for v in rows.values()],
+                     "query": [v[1] for v in rows.values()]})
+
+
+@dataclass
+class PairJob:
+    """The join, as a shard job per corpus shard: the candidate pairs whose passage is in
+    the shard, with the query and passage texts, sorted by pid (so a scoring unit's pairs of
+    one passage are adjacent: :func:`qgscale.models.generator.score_pairs` encodes each
+    passage once). Each corpus shard is read once; an actor holds the pairs (O(queries x k))
+    and one corpus shard, never the corpus."""
+
+    pairs: Any  # ObjectRef of {qid, pid}
+    queries: Any  # ObjectRef of {qid, lang, query}
+
+    def setup(self, device: str, threads: int) -> tuple[pa.Table, pa.Table, pa.Array]:
+        import ray
+
+        pairs, queries = ray.get([self.pairs, self.queries])
+        return pairs, queries, pc.unique(pairs.column("pid"))
+
+    def run(self, st: tuple[pa.Table, pa.Table, pa.Array], shard: Shard) -> pa.Table:
+        pairs, queries, wanted = st
+        found = list(scan(shard.payload, wanted, ("pid", "title", "text")))
+        if not found:
+            return PAIRS.empty_table()
+        t = pa.concat_tables(found)
+        passages = pa.table({"pid": t.column("pid"), "passage": [
+            passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
+                                               t.column("text").to_pylist(), strict=True)]})
+        joined = pairs.join(passages, "pid", join_type="inner").join(queries, "qid",
+                                                                    join_type="inner")
+        return joined.select(PAIRS.names).cast(PAIRS).sort_by([("pid", "ascending"),
+                                                               ("qid", "ascending")])
+
+
+PAIRS_DIR = "_pairs"  # under the scores folder: the joined work units
+
+
+@dataclass
+class PairSlice:
+    uri: str  # pair shard file
+    start: int  # row range [start, stop)
+    stop: int
 
 
 @dataclass
 class ScoreJob:
-    """The shard job: load QG + texts once per actor; per shard read its candidate rows and
-    score them."""
+    """The shard job: load the QG once per actor; per shard, read its pairs (texts
+    included) and score them."""
 
     qg: QGSpec
-    queries_uri: str | list[str]
-    corpus_uri: str
     batch_tokens: int = 16384
     precision: str = "bf16"
 
-    def setup(self, device: str, threads: int) -> dict[str, Any]:
-        queries: dict[str, tuple[str, str]] = {}
-        for uri in [self.queries_uri] if isinstance(self.queries_uri, str) else self.queries_uri:
-            queries.update(load_queries(uri))
-        return {"qg": self.qg.load(device, threads, self.precision), "queries": queries,
-                "corpus": load_corpus(self.corpus_uri)}
+    def setup(self, device: str, threads: int) -> Any:
+        return self.qg.load(device, threads, self.precision)
 
-    def run(self, st: dict[str, Any], shard: Shard) -> tuple[pa.Table, dict]:
-        sl: CandidateSlice = shard.payload
-        t = storage.read_parquet(sl.uri, ["qid", "pids"]).slice(sl.start, sl.stop - sl.start)
-        qids, pids, pairs = [], [], []
-        for r, (qid, plist) in enumerate(zip(t["qid"].to_pylist(), t["pids"].to_pylist(),
-                                             strict=True)):
-            if qid not in st["queries"]:
-                raise DataError(f"{sl.uri}: row {sl.start + r}: qid={qid} not in queries "
-                                f"{self.queries_uri}")
-            lang, text = st["queries"][qid]
-            for pid in plist:
-                if pid not in st["corpus"]:
-                    raise DataError(f"{sl.uri}: row {sl.start + r} (qid={qid}): pid={pid} not "
-                                    f"in corpus {self.corpus_uri}")
-                qids.append(qid)
-                pids.append(pid)
-                pairs.append((text, st["corpus"][pid], lang))
-        s = st["qg"].score(pairs, batch_tokens=self.batch_tokens, precision=self.precision)
-        table = pa.table({"qid": qids, "pid": pids, "score": s.mean.astype("float32"),
-                          "ntok": s.ntok.astype("int32")}, schema=SCORES)
+    def run(self, qg: Any, shard: Shard) -> tuple[pa.Table, dict]:
+        sl: PairSlice = shard.payload
+        t = storage.read_parquet(sl.uri).slice(sl.start, sl.stop - sl.start)
+        cols = {c: t.column(c).to_pylist() for c in PAIRS.names}
+        pairs = list(zip(cols["query"], cols["passage"], cols["lang"], strict=True))
+        s = qg.score(pairs, batch_tokens=self.batch_tokens, precision=self.precision)
+        table = pa.table({"qid": cols["qid"], "pid": cols["pid"],
+                          "score": s.mean.astype("float32"), "ntok": s.ntok.astype("int32")},
+                         schema=SCORES)
         return table, {"source": sl.uri, "rows_from": sl.start, "rows_to": sl.stop}
+
+
+def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
+               corpus_uri: str, out_uri: str, config_hash: str, sc: ScoreConfig) -> dict:
+    """Write the scoring work units: pair shards ``{qid, lang, query, pid, passage}`` under
+    ``out_uri`` (one per corpus shard, :class:`PairJob`, resumable); returns their manifest.
+    A candidate whose qid is not in the queries, or whose pid is not in the corpus, is a
+    DataError naming the candidate file, row and id."""
+    import ray
+
+    pairs = candidate_pairs(candidates_uri)
+    queries = query_table(queries_uri)
+    known = pc.is_in(pairs.column("qid"), value_set=queries.column("qid"))
+    if not pc.all(known).as_py():
+        i = pc.index(known, False).as_py()
+        raise DataError(f"{pairs['file'][i]}: row {pairs['row'][i]}: qid={pairs['qid'][i]} "
+                        f"not in queries {queries_uri}")
+    units = [Shard(f"part-{i:05d}", 1, uri) for i, uri in enumerate(corpus_shards(corpus_uri))]
+    job = PairJob(ray.put(pairs.select(["qid", "pid"])), ray.put(queries))
+    stats = run_shards(job, units, out_uri, config_hash,
+                       sc.model_copy(update={"gpus_per_actor": 0}), stage="teacher.score",
+                       desc="join pairs", unit="corpus shard")
+    manifest = storage.ShardWriter(out_uri, config_hash).finalize(
+        [u.name for u in units], pairs=pairs.num_rows, run=stats)
+    if manifest["rows"] != pairs.num_rows:  # some candidate passage is not in the corpus
+        got = storage.read_parquet(out_uri, ["pid"]).column("pid")
+        missing = pc.invert(pc.is_in(pairs.column("pid"), value_set=got))
+        i = pc.index(missing, True).as_py()
+        raise DataError(f"{pairs['file'][i]}: row {pairs['row'][i]} (qid={pairs['qid'][i]}): "
+                        f"pid={pairs['pid'][i]} not in corpus {corpus_uri}")
+    return manifest
+
+
+def plan_units(pairs_manifest: dict, pairs_uri: str, shard_pairs: int) -> list[Shard]:
+    """Scoring units of about ``shard_pairs`` pairs: row ranges of the pair shards."""
+    units = []
+    for sh in pairs_manifest["shards"]:
+        uri = storage.join(pairs_uri, sh["file"])
+        units += [Shard(f"{sh['name']}-{k:04d}", r.stop - r.start, PairSlice(uri, r.start,
+                                                                              r.stop))
+                  for k, (_, r) in enumerate(storage.shard_slices(sh["rows"], shard_pairs))
+                  if sh["rows"]]
+    return units
 
 
 def generated_candidates(candidates_uri: str, queries_uri: str, qrels_uri: str,
@@ -177,9 +252,12 @@ def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
     Several candidate sets (with their queries) may be given as lists.
     """
     sc = sc or ScoreConfig()
+    connect()
     inputs = {"candidates": candidates_uri, "queries": queries_uri, "corpus": corpus_uri}
-    units = plan_units(candidates_uri, sc.shard_pairs)
-    job = ScoreJob(qg, queries_uri, corpus_uri, sc.batch_tokens, sc.precision)
+    pairs_uri = storage.join(out_uri, PAIRS_DIR)
+    joined = join_pairs(candidates_uri, queries_uri, corpus_uri, pairs_uri, config_hash, sc)
+    units = plan_units(joined, pairs_uri, sc.shard_pairs)
+    job = ScoreJob(qg, sc.batch_tokens, sc.precision)
     stats = run_shards(job, units, out_uri, config_hash, sc, stage="teacher.score",
                        desc="teacher score", unit="pair")
     pairs = sum(u.size for u in units)

@@ -31,7 +31,7 @@ import torch
 
 from qgscale import storage
 from qgscale.config import LossConfig, StudentTrainConfig
-from qgscale.data.schema import passage_text
+from qgscale.data.corpus import read_passages, sample_pids
 from qgscale.errors import DataError
 from qgscale.train.batch import StudentBatch, Tokens
 
@@ -63,15 +63,11 @@ def _column_nonempty(table: pa.Table, uri: str, key: str, field: str) -> None:
             raise DataError(f"{uri}: row {i} ({key}={k}): empty field {field!r}")
 
 
-def load_texts(queries_uri: str, corpus_uri: str) -> tuple[dict, dict]:
-    """``qid -> (lang, text)`` and ``pid -> passage text``; empty texts are errors."""
+def load_queries(queries_uri: str) -> dict[str, tuple[str, str]]:
+    """``qid -> (lang, text)``; empty texts are errors."""
     q = _read(queries_uri, "queries")
     _column_nonempty(q, queries_uri, "qid", "text")
-    c = _read(corpus_uri, "corpus")
-    _column_nonempty(c, corpus_uri, "pid", "text")
-    queries = {r["qid"]: (r["lang"], r["text"]) for r in q.to_pylist()}
-    corpus = {r["pid"]: passage_text(r["title"], r["text"]) for r in c.to_pylist()}
-    return queries, corpus
+    return {r["qid"]: (r["lang"], r["text"]) for r in q.to_pylist()}
 
 
 def positives_from(examples_uri: str | None, qrels_uri: str | None
@@ -141,7 +137,7 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
     loss = loss or LossConfig()
     n_hard_negatives, n_candidates = loss.n_hard_negatives, loss.n_candidates
     rng = random.Random(seed)
-    queries, corpus = load_texts(queries_uri, corpus_uri)
+    queries = load_queries(queries_uri)
     pos, neg, pos_uri = positives_from(examples_uri, qrels_uri)
     cands: dict[str, list[str]] = {}
     scores: dict[tuple[str, str], float] = {}
@@ -155,41 +151,19 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
         _column_nonempty(g, generated_uri, "pid", "query")
         for r in g.to_pylist():
             gens[r["pid"]].append((r["lang"], r["query"]))
-    pids = sorted(corpus)
     counts = {"rows": 0, "random_negatives": 0, "without_generated": 0}
-    rows = []
+    plans = []  # per training query, the pids of its row (texts are read once, below)
     for qid in sorted(pos):
         if qid not in queries:
             raise DataError(f"{pos_uri}: qid={qid} not in queries {queries_uri}")
         lang, qtext = queries[qid]
-        for pid in pos[qid]:
-            if pid not in corpus:
-                raise DataError(f"{pos_uri}: qid={qid}: positive pid={pid} not in corpus "
-                                f"{corpus_uri}")
         positive = rng.choice(pos[qid])
         pos_set = set(pos[qid])
         cand = cands.get(qid)
         if cands and cand is None:
             raise DataError(f"{candidates_uri}: no candidate list for training qid={qid}")
         pool = [p for p in (neg.get(qid) or cand or []) if p not in pos_set]
-        negs = pool[:n_hard_negatives]
-        while len(negs) < n_hard_negatives:  # random corpus passages (reported in counts)
-            p = rng.choice(pids)
-            if p not in pos_set and p not in negs:
-                negs.append(p)
-                counts["random_negatives"] += 1
-            elif len(pids) <= len(pos_set) + len(negs):
-                raise DataError(f"{corpus_uri}: too few passages for {n_hard_negatives} "
-                                "negatives")
-        for p in negs:
-            if p not in corpus:
-                raise DataError(f"{pos_uri}: qid={qid}: negative pid={p} not in corpus "
-                                f"{corpus_uri}")
         cand_pids = (cand or [])[:n_candidates]
-        for p in cand_pids:
-            if p not in corpus:
-                raise DataError(f"{candidates_uri}: qid={qid}: candidate pid={p} not in corpus "
-                                f"{corpus_uri}")
         cand_scores = [_score(scores, qid, p, scores_uri, candidates_uri) for p in cand_pids]
         options = sorted((p, gl, gq) for p in set(pos[qid]) for gl, gq in gens.get(p, [])
                          if gl != lang)
@@ -202,15 +176,61 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
                               for p in cand_pids]
         elif generated_uri:
             counts["without_generated"] += 1
-        rows.append({"qid": qid, "query": qtext,
-                     "passages": [corpus[positive]] + [corpus[p] for p in negs],
-                     "cand_texts": [corpus[p] for p in cand_pids], "cand_scores": cand_scores,
-                     "gen_query": gen_query, "gen_scores": gen_scores})
-    if generated_uri and counts["without_generated"] == len(rows):
+        plans.append({"qid": qid, "query": qtext, "positive": positive, "pos": pos_set,
+                      "negs": pool[:n_hard_negatives], "cand_pids": cand_pids,
+                      "cand_scores": cand_scores, "gen_query": gen_query,
+                      "gen_scores": gen_scores})
+    if generated_uri and counts["without_generated"] == len(plans):
         raise DataError(f"{generated_uri}: no generated query in another language for any "
                         "training query's positive passage")
+    counts["random_negatives"] = _fill_random_negatives(plans, corpus_uri, n_hard_negatives,
+                                                        seed)
+    # the semi-join: read only the passages the rows use, one corpus shard at a time
+    needed = {p for r in plans for p in (*r["pos"], *r["negs"], *r["cand_pids"])}
+    texts = read_passages(corpus_uri, needed)
+    rows = []
+    for r in plans:
+        for where, field, pids in ((pos_uri, "positive", r["pos"]),
+                                   (pos_uri, "negative", r["negs"]),
+                                   (candidates_uri, "candidate", r["cand_pids"])):
+            for p in sorted(pids):
+                if p not in texts:
+                    raise DataError(f"{where}: qid={r['qid']}: {field} pid={p} not in corpus "
+                                    f"{corpus_uri}")
+        rows.append({"qid": r["qid"], "query": r["query"],
+                     "passages": [texts[p] for p in (r["positive"], *r["negs"])],
+                     "cand_texts": [texts[p] for p in r["cand_pids"]],
+                     "cand_scores": r["cand_scores"], "gen_query": r["gen_query"],
+                     "gen_scores": r["gen_scores"]})
     counts["rows"] = len(rows)
     return pa.Table.from_pylist(rows, schema=STUDENT_ROWS), counts
+
+
+def _fill_random_negatives(plans: list[dict], corpus_uri: str, n: int, seed: int) -> int:
+    """Top up every row to ``n`` negatives with random corpus passages (not its positives,
+    no repeats), drawn from a seeded uniform sample of the pid column (never the whole
+    corpus in memory); returns how many were added."""
+    short = sum(max(0, n - len(r["negs"])) for r in plans)
+    if not short:
+        return 0
+    most = max(len(r["pos"]) + n for r in plans)
+    sample = sample_pids(corpus_uri, min(short, 100_000) + most, seed)
+    rng = random.Random(seed + 1)
+    added = 0
+    for r in plans:
+        negs = list(r["negs"])
+        if len(sample) < 2 * (len(r["pos"]) + n):  # a small corpus: check there are enough
+            options = [p for p in sample if p not in r["pos"] and p not in negs]
+            if len(options) < n - len(negs):
+                raise DataError(f"{corpus_uri}: too few passages for {n} negatives "
+                                f"(qid={r['qid']})")
+        while len(negs) < n:
+            p = rng.choice(sample)
+            if p not in r["pos"] and p not in negs:
+                negs.append(p)
+                added += 1
+        r["negs"] = negs
+    return added
 
 
 def write_rows(table: pa.Table, uri: str, shard_rows: int, config_hash: str) -> list[str]:

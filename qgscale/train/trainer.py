@@ -28,8 +28,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qgscale import storage
+from qgscale.data.corpus import read_rows
 from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.runtime import connect, worker_env
 from qgscale.train import data as tdata
@@ -214,8 +216,10 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
     for uri, what in ((queries_uri, "queries"), (corpus_uri, "corpus"), (qrels_uri, "qrels")):
         if not storage.exists(uri):
             raise MissingInputError(f"{uri}: {what} not found")
-    rows = list(qg_examples(storage.read_parquet(queries_uri), storage.read_parquet(corpus_uri),
-                            storage.read_parquet(qrels_uri)))
+    qrels = storage.read_parquet(qrels_uri)
+    positives = pc.filter(qrels.column("pid"), pc.greater(qrels.column("rel"), 0))
+    rows = list(qg_examples(storage.read_parquet(queries_uri),  # the semi-join: positives only
+                            read_rows(corpus_uri, positives.to_pylist()), qrels))
     table = pa.Table.from_pylist(rows, schema=tdata.QG_ROWS)
     rows_uri = storage.join(out_uri, "data")
     tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)

@@ -1,0 +1,102 @@
+"""Reading passages from a sharded corpus without holding the corpus.
+
+Every stage that needs passage text needs a few of them (the positives, negatives and
+candidates of its queries), so it collects their pids first and scans the corpus shards one at
+a time, keeping only the matching rows (a semi-join). Memory: one shard plus the passages
+asked for, never the corpus; at 18M passages in shards of 20k rows a stage holding 150k
+training passages peaks at about one shard (~15 MB) + 150k texts (~100 MB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qgscale import storage
+from qgscale.data.schema import CORPUS, passage_text
+from qgscale.errors import DataError, MissingInputError
+
+
+def corpus_shards(corpus_uri: str) -> list[str]:
+    """The corpus parquet shards (a folder of ``*.parquet``, or one file)."""
+    fs, path = storage.url_to_fs(corpus_uri)
+    if fs.isfile(path):
+        return [corpus_uri]
+    files = storage.list_files(corpus_uri, ".parquet")
+    if not files:
+        raise MissingInputError(f"{corpus_uri}: corpus not found (no parquet shards)")
+    return files
+
+
+def scan(corpus_uri: str, pids: Iterable[str] | pa.Array | None,
+         columns: tuple[str, ...] = ("pid", "lang", "title", "text")) -> Iterator[pa.Table]:
+    """Per corpus shard, its rows whose pid is in ``pids`` (every row when None), with
+    ``columns``: one shard in memory at a time. With ``pids``, each shard's pid column is read
+    first and its other columns only when some pid matches. Empty pid or text is a DataError
+    naming the shard and row."""
+    if pids is None or isinstance(pids, pa.Array):
+        wanted = pids
+    else:
+        wanted = pa.array(sorted(set(pids)), pa.string())
+    cols = list(dict.fromkeys(("pid", *columns)))
+    for uri in corpus_shards(corpus_uri):
+        if wanted is None:
+            t, rows = storage.read_parquet(uri, cols), None
+        else:
+            mask = pc.is_in(storage.read_parquet(uri, ["pid"]).column("pid"),
+                            value_set=wanted)
+            if not pc.any(mask).as_py():
+                continue
+            rows = pc.indices_nonzero(mask)
+            t = storage.read_parquet(uri, cols).take(rows)
+        _check(t, uri, rows)
+        yield t.select(list(columns))
+
+
+def _check(t: pa.Table, uri: str, rows: pa.Array | None) -> None:
+    """Empty pid / text: a DataError naming the shard and the row (in the shard)."""
+    for field in ("pid", "text"):
+        if field not in t.column_names:
+            continue
+        bad = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t.column(field)), ""), True)
+        if pc.any(bad).as_py():
+            i = pc.index(bad, True).as_py()
+            row = i if rows is None else rows[i].as_py()
+            raise DataError(f"{uri}: row {row} (pid={t.column('pid')[i].as_py()}): empty "
+                            f"field {field!r}")
+
+
+def read_rows(corpus_uri: str, pids: Iterable[str]) -> pa.Table:
+    """The corpus rows of ``pids`` (those the corpus has), as one table."""
+    parts = [t.cast(CORPUS) for t in scan(corpus_uri, pids)]
+    return pa.concat_tables(parts) if parts else CORPUS.empty_table()
+
+
+def read_passages(corpus_uri: str, pids: Iterable[str]) -> dict[str, str]:
+    """``pid -> "title text"`` (the text the models read) for the ``pids`` the corpus has;
+    the caller names the ones it lacks."""
+    out: dict[str, str] = {}
+    for t in scan(corpus_uri, pids, ("pid", "title", "text")):
+        out.update((p, passage_text(a, b)) for p, a, b in zip(
+            *(t.column(c).to_pylist() for c in ("pid", "title", "text")), strict=True))
+    return out
+
+
+def sample_pids(corpus_uri: str, k: int, seed: int) -> list[str]:
+    """``k`` pids drawn uniformly without replacement (all if the corpus is smaller), reading
+    only the pid column, one shard at a time: the bottom-k of seeded random keys, so memory
+    is O(k + shard) and the sample depends only on ``seed`` and the corpus."""
+    rng = np.random.default_rng(seed)
+    keys, kept = np.empty(0), pa.array([], pa.string())
+    if k <= 0:
+        return []
+    for t in scan(corpus_uri, None, ("pid",)):
+        keys = np.concatenate([keys, rng.random(t.num_rows)])
+        kept = pa.concat_arrays([kept, t.column("pid").combine_chunks()])
+        if len(keys) > k:
+            top = np.argpartition(keys, k - 1)[:k]
+            keys, kept = keys[top], kept.take(pa.array(top))
+    return kept.take(pa.array(np.argsort(keys, kind="stable"))).to_pylist()

@@ -1,0 +1,173 @@
+"""The semi-join: training rows read only the passages they use, never the whole corpus."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pyarrow as pa
+import pytest
+
+from qgscale import storage
+from qgscale.config import LossConfig
+from qgscale.data import corpus as C
+from qgscale.data.schema import (
+    CANDIDATES,
+    CORPUS,
+    GENERATED,
+    QRELS,
+    QUERIES,
+    SCORES,
+    passage_text,
+)
+from qgscale.errors import DataError
+from qgscale.train import data as tdata
+
+N_SHARDS, PER_SHARD = 10, 50
+
+
+@pytest.fixture()
+def data(tmp_path):
+    """10 corpus shards of 50 passages; 20 queries whose positives, examples' negatives and
+    candidates all live in shards 2 and 7."""
+    root = str(tmp_path)
+    rng = random.Random(1)
+    for s in range(N_SHARDS):
+        rows = [{"pid": f"s{s}-{i}", "lang": "en", "title": f"T{s}.{i}",
+                 "text": f"passage {i} of shard {s} " + " ".join(rng.choices("abcdefg", k=8))}
+                for i in range(PER_SHARD)]
+        storage.write_parquet(f"{root}/corpus/part-{s:05d}.parquet",
+                              pa.Table.from_pylist(rows, schema=CORPUS))
+    used = [f"s{s}-{i}" for s in (2, 7) for i in range(PER_SHARD)]
+    queries, qrels, cands, scores, gen = [], [], [], [], []
+    for q in range(20):
+        qid, lang = f"q{q}", ("de", "es")[q % 2]
+        queries.append({"qid": qid, "lang": lang, "text": f"question {q}"})
+        pos = rng.sample(used, 2)
+        qrels += [{"qid": qid, "pid": p, "rel": 1} for p in pos]
+        cand = [pos[0]] + rng.sample([p for p in used if p not in pos], 5)
+        cands.append({"qid": qid, "pids": cand, "scores": None})
+        scores += [{"qid": qid, "pid": p, "score": -float(r), "ntok": 3}
+                   for r, p in enumerate(cand)]
+        gen.append({"pid": pos[0], "lang": "en", "query": f"gen {q}", "logprob": -1.0})
+    for name, rows, schema in (("queries", queries, QUERIES), ("qrels", qrels, QRELS),
+                               ("cands", cands, CANDIDATES), ("scores", scores, SCORES),
+                               ("gen", gen, GENERATED)):
+        storage.write_parquet(f"{root}/{name}/part-00000.parquet",
+                              pa.Table.from_pylist(rows, schema=schema))
+    return {k: f"{root}/{k}" for k in ("corpus", "queries", "qrels", "cands", "scores", "gen")}
+
+
+def _count_reads(monkeypatch) -> Counter:
+    """Rows read from corpus shards, per (shard, read of text columns or not)."""
+    reads: Counter = Counter()
+    read = storage.read_parquet
+
+    def counting(uri, columns=None):
+        t = read(uri, columns)
+        if "/corpus/" in uri:
+            reads[(uri.rsplit("/", 1)[1], "text" in (columns or ["text"]))] += t.num_rows
+        return t
+
+    monkeypatch.setattr(storage, "read_parquet", counting)
+    return reads
+
+
+def _driver_join(d: dict, loss: LossConfig, seed: int) -> list[dict]:
+    """The reference: the whole corpus in one dict, joined row by row (the old driver join:
+    random positive, candidates that are not positives as hard negatives in rank order, the
+    first candidates with their teacher scores, one generated query in another language)."""
+    corpus = {r["pid"]: passage_text(r["title"], r["text"])
+              for r in storage.read_parquet(d["corpus"]).to_pylist()}
+    queries = {r["qid"]: r for r in storage.read_parquet(d["queries"]).to_pylist()}
+    pos: dict[str, list[str]] = {}
+    for r in storage.read_parquet(d["qrels"]).to_pylist():
+        pos.setdefault(r["qid"], []).append(r["pid"])
+    cands = {r["qid"]: r["pids"] for r in storage.read_parquet(d["cands"]).to_pylist()}
+    scores = {(r["qid"], r["pid"]): r["score"]
+              for r in storage.read_parquet(d["scores"]).to_pylist()}
+    gens: dict[str, list] = {}
+    for r in storage.read_parquet(d["gen"]).to_pylist():
+        gens.setdefault(r["pid"], []).append((r["lang"], r["query"]))
+    rng, rows = random.Random(seed), []
+    for qid in sorted(pos):
+        positive = rng.choice(pos[qid])
+        negs = [p for p in cands[qid] if p not in pos[qid]][:loss.n_hard_negatives]
+        top = cands[qid][:loss.n_candidates]
+        options = sorted((p, gl, gq) for p in set(pos[qid]) for gl, gq in gens.get(p, [])
+                         if gl != queries[qid]["lang"])
+        gen_query = rng.choice(options)[2] if options else ""
+        rows.append({"qid": qid, "query": queries[qid]["text"],
+                     "passages": [corpus[p] for p in [positive, *negs]],
+                     "cand_texts": [corpus[p] for p in top],
+                     "cand_scores": [scores[(qid, p)] for p in top], "gen_query": gen_query,
+                     "gen_scores": []})
+    return rows
+
+
+def test_rows_read_only_the_passages_they_use(data, monkeypatch):
+    loss = LossConfig(n_hard_negatives=3, n_candidates=4)
+    want = _driver_join(data, loss, seed=5)
+    reads = _count_reads(monkeypatch)
+    table, counts = tdata.build_student_rows(
+        data["queries"], data["corpus"], loss, qrels_uri=data["qrels"],
+        candidates_uri=data["cands"], scores_uri=data["scores"], generated_uri=data["gen"],
+        seed=5)
+    assert table.to_pylist() == want  # identical to the whole-corpus driver join
+    assert counts == {"rows": 20, "random_negatives": 0, "without_generated": 0}
+    # every shard's pid column is scanned; text is read only from the two shards in use
+    assert {s for (s, text) in reads if text} == {"part-00002.parquet", "part-00007.parquet"}
+    assert sum(n for (s, text), n in reads.items() if not text) == N_SHARDS * PER_SHARD
+    needed = {p for r in storage.read_parquet(data["cands"]).to_pylist() for p in r["pids"]}
+    needed |= {r["pid"] for r in storage.read_parquet(data["qrels"]).to_pylist()}
+    assert len(C.read_passages(data["corpus"], needed)) == len(needed)
+
+
+def test_random_negatives_from_a_sample_of_the_pid_column(data, monkeypatch):
+    reads = _count_reads(monkeypatch)
+    loss = LossConfig(n_hard_negatives=4)
+    table, counts = tdata.build_student_rows(data["queries"], data["corpus"], loss,
+                                             qrels_uri=data["qrels"], seed=3)
+    assert counts["random_negatives"] == 20 * 4
+    # the sample reads pid columns only; text is read once per shard in use
+    assert all(n == PER_SHARD for (s, text), n in reads.items() if text)
+    texts = {passage_text(r["title"], r["text"]): r["pid"]
+             for r in storage.read_parquet(data["corpus"]).to_pylist()}
+    pos: dict[str, set] = {}
+    for r in storage.read_parquet(data["qrels"]).to_pylist():
+        pos.setdefault(r["qid"], set()).add(r["pid"])
+    drawn = set()
+    for row in table.to_pylist():
+        pids = [texts[t] for t in row["passages"]]
+        assert pids[0] in pos[row["qid"]] and len(set(pids[1:])) == 4
+        assert not set(pids[1:]) & pos[row["qid"]]
+        drawn |= set(pids[1:])
+    assert len({p.split("-")[0] for p in drawn}) >= 5  # drawn from the whole corpus
+    again, _ = tdata.build_student_rows(data["queries"], data["corpus"], loss,
+                                        qrels_uri=data["qrels"], seed=3)
+    assert again.to_pylist() == table.to_pylist()  # seeded
+
+
+def test_sample_pids_uniform_bounded_and_seeded(data):
+    a = C.sample_pids(data["corpus"], 100, seed=1)
+    assert len(a) == len(set(a)) == 100 and a == C.sample_pids(data["corpus"], 100, seed=1)
+    assert a != C.sample_pids(data["corpus"], 100, seed=2)
+    per_shard = Counter(p.split("-")[0] for p in a)
+    assert len(per_shard) == N_SHARDS and max(per_shard.values()) <= 25
+    assert sorted(C.sample_pids(data["corpus"], 10_000, seed=1)) == sorted(
+        f"s{s}-{i}" for s in range(N_SHARDS) for i in range(PER_SHARD))
+
+
+def test_missing_or_empty_passages_are_named(data, tmp_path):
+    storage.write_parquet(f"{data['qrels']}/part-00000.parquet", pa.Table.from_pylist(
+        [{"qid": "q0", "pid": "nope", "rel": 1}], schema=QRELS))
+    with pytest.raises(DataError, match=r"qid=q0: positive pid=nope not in corpus"):
+        tdata.build_student_rows(data["queries"], data["corpus"], qrels_uri=data["qrels"])
+    bad = str(tmp_path / "bad")
+    storage.write_parquet(f"{bad}/part-00000.parquet", pa.Table.from_pylist(
+        [{"pid": "a", "lang": "en", "title": "", "text": "fine"},
+         {"pid": "b", "lang": "en", "title": "", "text": "  "}], schema=CORPUS))
+    with pytest.raises(DataError, match=r"bad/part-00000.parquet: row 1 \(pid=b\): empty "
+                                        r"field 'text'"):
+        C.read_passages(bad, {"a", "b"})
+    assert C.read_passages(bad, {"a"}) == {"a": passage_text("", "fine")}
