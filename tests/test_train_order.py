@@ -15,7 +15,7 @@ from qgscale.config import StudentTrainConfig
 from qgscale.errors import ConfigError
 from qgscale.train.loop import Position, deepspeed_config, plan_steps
 from qgscale.train.order import Loader, epoch_order, list_shards, sample_seed
-from qgscale.train.tracking import Tracker, event_file_bytes
+from qgscale.train.tracking import Tracker, event_file_bytes, mlflow_client
 
 
 @pytest.fixture
@@ -143,10 +143,23 @@ def test_mlflow_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
         Tracker(str(tmp_path), mlflow_uri=f"file://{tmp_path}/mlruns")
 
 
-def _mlflow_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    from mlflow.tracking import MlflowClient
+def test_mlflow_telemetry_off(tmp_path):
+    """No usage telemetry (network) from MLflow: in a clean process (none of the CI/test
+    variables that also switch it off) the tracker's import leaves no telemetry client."""
+    import os
+    import subprocess
 
-    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+    code = (f"from qgscale.train import tracking; tracking.mlflow_client('file://{tmp_path}'); "
+            "from mlflow.telemetry import get_telemetry_client; "
+            "print(get_telemetry_client())")
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH") if k in os.environ}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == "None"
+
+
+def _mlflow_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in mlflow_client(uri).get_metric_history(run_id, key)]
 
 
 def test_mlflow_file_store(tmp_path, caplog):
@@ -154,8 +167,6 @@ def test_mlflow_file_store(tmp_path, caplog):
     config as flat params; steps sent once, also across a resumed attempt (the run reopened,
     the steps it holds not sent again); a run left without metrics by an attempt that died
     before its first checkpoint is taken over, not duplicated."""
-    from mlflow.tracking import MlflowClient
-
     uri = f"file://{tmp_path}/mlruns"
     out = str(tmp_path / "warmup")
     params = {"lr": 0.1, "loss": {"alpha": 1.0, "align": "student_kl"}, "max_steps": None}
@@ -170,7 +181,7 @@ def test_mlflow_file_store(tmp_path, caplog):
     assert t2.mlflow_run_id == t.mlflow_run_id
     t2.sync(_log(6))
     t2.finish()
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     run = client.get_run(t.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "warmup"
     assert run.data.tags["qgscale.output"] == out
