@@ -12,8 +12,8 @@ reloaded from ``metrics.jsonl``). At every checkpoint it writes, into the stage 
 
 With ``mlflow_uri`` set, the same steps also go to MLflow (experiment ``mlflow_experiment``,
 one MLflow run per training stage, tagged with the stage folder, the training config as
-params), also at every checkpoint, once it is uploaded: MLflow holds the steps a restart
-resumes from. A resumed attempt reopens the run (its id is in the checkpoint) and sends only
+params). They are sent at every checkpoint, once it is uploaded, so MLflow holds the steps a
+restart resumes from. A resumed attempt reopens the run (its id is in the checkpoint) and sends only
 the steps after the last one MLflow holds, so no step appears twice. MLflow is an
 optional dependency (``pip install 'qgscale[tracking]'``: mlflow-skinny). Its usage telemetry
 is off unless ``MLFLOW_DISABLE_TELEMETRY`` says otherwise, and a local ``file://`` store (in
@@ -124,9 +124,10 @@ class Tracker:
                                                 flat_params(params or {}))
         self._sent = self._last_step()
         if self._sent > start_step:
-            logger.warning("MLflow run %s already holds steps %d-%d, sent by an attempt that "
-                        "died before Ray Train registered their checkpoint; they are kept, "
-                        "not sent again", self.mlflow_run_id, start_step + 1, self._sent)
+            logger.warning("MLflow run %s already holds steps %d-%d, sent by an attempt "
+                           "that died before Ray Train registered their checkpoint; they are "
+                           "kept, not sent again", self.mlflow_run_id, start_step + 1,
+                           self._sent)
         self.sync(log or [])
 
     def _open_run(self, experiment: str, run_name: str, params: dict[str, str]) -> str:
