@@ -16,7 +16,7 @@ $(VENV)/.demo: $(PY) pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.demo
-	$(PIP) -e '.[test,demo]'
+	$(PIP) -e '.[test,demo,tracking]'
 	touch $@
 
 demo: $(VENV)/.demo

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +15,7 @@ from qgscale.config import StudentTrainConfig
 from qgscale.errors import ConfigError
 from qgscale.train.loop import Position, deepspeed_config, plan_steps
 from qgscale.train.order import Loader, epoch_order, list_shards, sample_seed
-from qgscale.train.tracking import Tracker, event_file_bytes
+from qgscale.train.tracking import Tracker, event_file_bytes, mlflow_client
 
 
 @pytest.fixture
@@ -144,51 +143,70 @@ def test_mlflow_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
         Tracker(str(tmp_path), mlflow_uri=f"file://{tmp_path}/mlruns")
 
 
-def test_mlflow_calls(tmp_path, monkeypatch):
-    """Against a stand-in for the MLflow client API (MLflow is an optional extra): one run
-    per stage with the config as params, metrics per logged step, reopened on resume."""
-    calls = []
+def test_mlflow_telemetry_off(tmp_path):
+    """No usage telemetry (network) from MLflow: in a clean process (none of the CI/test
+    variables that also switch it off) the tracker's import leaves no telemetry client."""
+    import os
+    import subprocess
 
-    class Client:
-        def __init__(self, tracking_uri):
-            calls.append(("client", tracking_uri))
+    code = (f"from qgscale.train import tracking; tracking.mlflow_client('file://{tmp_path}'); "
+            "from mlflow.telemetry import get_telemetry_client; "
+            "print(get_telemetry_client())")
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH") if k in os.environ}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == "None"
 
-        def get_experiment_by_name(self, name):
-            return None
 
-        def create_experiment(self, name):
-            calls.append(("experiment", name))
-            return "e1"
+def _mlflow_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in mlflow_client(uri).get_metric_history(run_id, key)]
 
-        def create_run(self, exp_id, run_name, tags):
-            calls.append(("run", exp_id, run_name))
-            return types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
 
-        def log_param(self, run_id, k, v):
-            calls.append(("param", k, v))
-
-        def log_batch(self, run_id, metrics):
-            calls.append(("metrics", run_id, sorted((m.key, m.step) for m in metrics)))
-
-        def update_run(self, run_id, status):
-            calls.append(("reopen", run_id, status))
-
-        def set_terminated(self, run_id):
-            calls.append(("end", run_id))
-
-    mlflow = types.ModuleType("mlflow")
-    mlflow.tracking = types.SimpleNamespace(MlflowClient=Client)
-    entities = types.ModuleType("mlflow.entities")
-    entities.Metric = lambda key, value, timestamp, step: types.SimpleNamespace(
-        key=key, value=value, timestamp=timestamp, step=step)
-    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
-    monkeypatch.setitem(sys.modules, "mlflow.entities", entities)
-    t = Tracker(str(tmp_path), mlflow_uri="file:///x", run_name="warmup", params={"lr": 0.1})
-    t.log(_log(1)[0])
-    t.finish()
-    assert calls == [("client", "file:///x"), ("experiment", "qgscale"),
-                     ("run", "e1", "warmup"), ("param", "lr", "0.1"),
-                     ("metrics", "r1", [("epoch", 1), ("loss", 1), ("lr", 1)]), ("end", "r1")]
-    calls.clear()
-    Tracker(str(tmp_path), mlflow_uri="file:///x", mlflow_run_id="r1")
-    assert calls == [("client", "file:///x"), ("reopen", "r1", "RUNNING")]
+def test_mlflow_file_store(tmp_path, caplog):
+    """Real MLflow (mlflow-skinny), a local file store: one run per stage folder with the
+    config as flat params; steps sent once, also across a resumed attempt (the run reopened,
+    the steps it holds not sent again); a run left without metrics by an attempt that died
+    before its first checkpoint is taken over, not duplicated."""
+    uri = f"file://{tmp_path}/mlruns"
+    out = str(tmp_path / "warmup")
+    params = {"lr": 0.1, "loss": {"alpha": 1.0, "align": "student_kl"}, "max_steps": None}
+    dead = Tracker(out, mlflow_uri=uri, run_name="warmup", params=params)
+    t = Tracker(out, mlflow_uri=uri, run_name="warmup", params=params)
+    assert t.mlflow_run_id == dead.mlflow_run_id  # no metrics yet: the same run
+    t.sync(_log(2))
+    t.sync(_log(4))  # a later checkpoint: steps 3 and 4 only
+    # the attempt dies; the next one resumes from the step-4 checkpoint
+    t2 = Tracker(out, mlflow_uri=uri, run_name="warmup", params=params,
+                 mlflow_run_id=t.mlflow_run_id, log=_log(4), start_step=4)
+    assert t2.mlflow_run_id == t.mlflow_run_id
+    t2.sync(_log(6))
+    t2.finish()
+    client = mlflow_client(uri)
+    run = client.get_run(t.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "warmup"
+    assert run.data.tags["qgscale.output"] == out
+    assert run.data.params == {"lr": "0.1", "loss.alpha": "1.0", "loss.align": "student_kl",
+                               "max_steps": "null"}
+    want = [(x["step"], x["loss"]) for x in _log(6)]
+    assert _mlflow_history(uri, t.mlflow_run_id, "loss") == want
+    assert [m.timestamp for m in client.get_metric_history(t.mlflow_run_id, "lr")] == [
+        int(1000 * x["time"]) for x in _log(6)]
+    assert set(run.data.metrics) == {"loss", "lr", "epoch"}  # no step/time/start_step
+    exp = client.get_experiment_by_name("qgscale")
+    assert len(client.search_runs([exp.experiment_id])) == 1
+    # catch-up: the attempt resumed at step 8 sends the steps 7-8 MLflow lacks
+    Tracker(out, mlflow_uri=uri, mlflow_run_id=t.mlflow_run_id, log=_log(8), start_step=8)
+    assert _mlflow_history(uri, t.mlflow_run_id, "loss") == [
+        (x["step"], x["loss"]) for x in _log(8)]
+    # MLflow ahead of the checkpoint resumed from (its report never registered): warned,
+    # those steps kept, the later ones sent once
+    with caplog.at_level("WARNING", logger="qgscale.train"):
+        t4 = Tracker(out, mlflow_uri=uri, mlflow_run_id=t.mlflow_run_id, log=_log(6),
+                     start_step=6)
+    assert f"MLflow run {t.mlflow_run_id} already holds steps 7-8" in caplog.text
+    t4.sync(_log(10))
+    assert [s for s, _ in _mlflow_history(uri, t.mlflow_run_id, "loss")] == list(range(1, 11))
+    # a new run of the stage (its folder cleared: a new key) gets a new MLflow run
+    t3 = Tracker(out, mlflow_uri=uri, run_name="warmup", params=params)
+    assert t3.mlflow_run_id != t.mlflow_run_id
+    assert len(client.search_runs([exp.experiment_id])) == 2

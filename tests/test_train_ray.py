@@ -1,6 +1,6 @@
 """Ray Train + DeepSpeed on CPU (gloo), 2 workers, tiny models: learning, S3 checkpoints,
 resume, recovery from a killed worker, exact and elastic resume, fp32 export, TensorBoard
-events, distillation inputs, QG fine-tuning, bad data."""
+events and MLflow runs, distillation inputs, QG fine-tuning, bad data."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from qgscale.config import (
 from qgscale.data.schema import CANDIDATES, CORPUS, GENERATED, QRELS, QUERIES, SCORES
 from qgscale.errors import DataError
 from qgscale.train import data as tdata
+from qgscale.train import tracking
 from qgscale.train.data import generated_qid
 from qgscale.train.trainer import run_train_distill, run_train_qg, run_train_warmup
 
@@ -339,11 +340,25 @@ EXACT = dict(precision="fp32", zero_stage=2, epochs=2, max_steps=12, log_every=1
 
 @pytest.fixture(scope="module")
 def reference_run(toy, ray_local, tmp_path_factory):
-    """An uninterrupted ZeRO-2 fp32 warm-up on 2 workers, every step logged."""
-    cfg = _cfg(str(tmp_path_factory.mktemp("ref") / "run"), str(toy / "tok"), **EXACT)
+    """An uninterrupted ZeRO-2 fp32 warm-up on 2 workers, every step logged (also to MLflow,
+    a local file store): (stage folder, manifest, MLflow tracking URI)."""
+    root = tmp_path_factory.mktemp("ref")
+    mlruns = f"file://{root}/mlruns"
+    cfg = _cfg(str(root / "run"), str(toy / "tok"), mlflow_uri=mlruns, **EXACT)
     out = cfg.uri("train", "warmup")
     m = run_train_warmup(cfg, out_uri=out, key="k1", **_inputs(toy))
-    return out, m
+    return out, m, mlruns
+
+
+def _mlflow_run(uri: str):
+    """(client, the only run of the ``qgscale`` experiment) of the MLflow store ``uri``."""
+    client = tracking.mlflow_client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("qgscale").experiment_id])
+    return client, run
+
+
+def _mlflow_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
 @pytest.mark.slow
@@ -351,11 +366,14 @@ def reference_run(toy, ray_local, tmp_path_factory):
 def test_exact_resume(toy, reference_run, tmp_path, monkeypatch):
     """A worker is SIGKILLed (from outside) after the step-4 checkpoint is registered; the
     restarted worker group resumes from it. Every step's loss (dropout on) equals the
-    uninterrupted run's to 1e-5, and so do the exported weights."""
+    uninterrupted run's to 1e-5, and so do the exported weights. The restarted attempt
+    reopens the MLflow run: every step in it once."""
     from qgscale.models.encoder import DualEncoder
 
-    ref_out, ref = reference_run
-    cfg = _cfg(str(tmp_path / "run"), str(toy / "tok"), max_failures=1, **EXACT)
+    ref_out, ref, _ = reference_run
+    mlruns = f"file://{tmp_path}/mlruns"
+    cfg = _cfg(str(tmp_path / "run"), str(toy / "tok"), max_failures=1, mlflow_uri=mlruns,
+               **EXACT)
     out = cfg.uri("train", "warmup")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     m, killer = _warmup_killing_a_worker(cfg, out, toy, step=4)
@@ -370,6 +388,16 @@ def test_exact_resume(toy, reference_run, tmp_path, monkeypatch):
     assert m["final_metrics"]["step"] == 12
     w, w_ref = (DualEncoder.from_pretrained(x["model"]).state_dict() for x in (m, ref))
     assert max((w[k] - w_ref[k]).abs().max().item() for k in w) <= 1e-5
+    client, run = _mlflow_run(mlruns)  # one MLflow run, reopened, finished
+    assert run.info.status == "FINISHED"
+    for key in ("loss", "lr", "samples_per_s"):
+        hist = _mlflow_history(client, run.info.run_id, key)
+        assert [s for s, _ in hist] == list(range(1, 13)), key  # no step twice
+    for (step, v), x in zip(_mlflow_history(client, run.info.run_id, "loss"), log, strict=True):
+        assert abs(v - x["loss"]) <= 1e-5, (step, v, x["loss"])
+    # steps up to the checkpoint resumed from: the values metrics.jsonl kept, exactly
+    elapsed = dict(_mlflow_history(client, run.info.run_id, "elapsed_s"))
+    assert all(elapsed[x["step"]] == x["elapsed_s"] for x in log if x["step"] <= resumed)
 
 
 @pytest.mark.slow
@@ -378,7 +406,7 @@ def test_tensorboard_events(toy, reference_run):
     the logged loss of every step, equal to metrics.jsonl."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out, _ = reference_run
+    out, _, _ = reference_run
     log = _metrics(storage.join(out, "metrics.jsonl"))
     acc = EventAccumulator(storage.join(out, "tensorboard"))
     acc.Reload()
@@ -389,6 +417,29 @@ def test_tensorboard_events(toy, reference_run):
     for e, x in zip(events, log, strict=True):
         assert e.value == pytest.approx(x["loss"], rel=1e-6)  # stored as float32
         assert e.wall_time == pytest.approx(x["time"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_mlflow_tracking(toy, reference_run):
+    """The warm-up's MLflow run (a local file store, written by rank 0), read back with
+    MLflow's client: one finished run of the stage with the training config as params, and
+    every metric's history equal to metrics.jsonl, step by step."""
+    out, _, mlruns = reference_run
+    log = _metrics(storage.join(out, "metrics.jsonl"))
+    client, run = _mlflow_run(mlruns)  # rank 0 only: one run
+    assert run.info.status == "FINISHED" and run.info.run_name == "warmup"
+    assert run.data.tags["qgscale.output"] == out
+    p = run.data.params
+    assert (p["lr"], p["max_steps"], p["zero_stage"], p["loss.n_hard_negatives"]) == (
+        "0.003", "12", "2", "1")
+    keys = set(tracking.scalars(log[0]))
+    assert {"loss", "contrastive", "lr", "samples_per_s", "eta_s"} <= keys
+    assert set(run.data.metrics) == keys
+    for key in keys:
+        hist = client.get_metric_history(run.info.run_id, key)
+        assert [(h.step, h.value) for h in hist] == [(x["step"], float(x[key])) for x in log]
+        assert [h.timestamp for h in hist] == [int(1000 * x["time"]) for x in log]
+    assert [x["step"] for x in log] == list(range(1, 13))
 
 
 @pytest.mark.slow

@@ -353,7 +353,8 @@ def report(engine: Any, run: TrainRun, plan: Plan, prog: Progress, tracker: Trac
            checkpoint: bool) -> None:
     """``ray.train.report`` the metrics since the last report; with ``checkpoint`` also the
     DeepSpeed checkpoint of every worker with the stream position, and (rank 0) the metric
-    files (``metrics.jsonl``, TensorBoard events)."""
+    files (``metrics.jsonl``, TensorBoard events) and, once the checkpoint is uploaded, the
+    steps MLflow lacks."""
     import ray.train
 
     m = _metrics(engine, plan, prog)
@@ -362,8 +363,6 @@ def report(engine: Any, run: TrainRun, plan: Plan, prog: Progress, tracker: Trac
     if rank == 0:
         log.info("step %d/%d loss %.4f %.1f samples/s eta %.0fs", prog.step, plan.total,
                  m["loss"], m["samples_per_s"], m["eta_s"])
-        if tracker is not None:
-            tracker.log(m)
     if not checkpoint:
         ray.train.report(m)
         return
@@ -377,6 +376,8 @@ def report(engine: Any, run: TrainRun, plan: Plan, prog: Progress, tracker: Trac
             if tracker is not None:
                 tracker.write(prog.log)
         ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d))
+    if tracker is not None:  # the checkpoint is uploaded: its steps go to MLflow
+        tracker.sync(prog.log)
 
 
 # --- export --------------------------------------------------------------------------------
@@ -488,12 +489,19 @@ def train_loop_per_worker(config: dict[str, TrainRun]) -> None:
         prog.mlflow_run_id = restored.state.get("mlflow_run_id") if restored else None
         tracker = Tracker(run.output_uri, tc.mlflow_uri, tc.mlflow_experiment,
                           run_name=os.path.basename(run.output_uri.rstrip("/")),
-                          params=tc.model_dump(mode="json"), mlflow_run_id=prog.mlflow_run_id)
+                          params=tc.model_dump(mode="json"), mlflow_run_id=prog.mlflow_run_id,
+                          log=prog.log, start_step=at.step)
         prog.mlflow_run_id = tracker.mlflow_run_id
     loader = Loader(run.shards, run.seed, rank, world, tc.batch_size, collate,
                     prefetch=tc.prefetch_batches)
     engine.train()
-    train(engine, run, loader, plan, prog, tracker)
+    try:
+        train(engine, run, loader, plan, prog, tracker)
+    except BaseException:
+        if tracker is not None:  # a resumed attempt reopens the MLflow run
+            with contextlib.suppress(Exception):
+                tracker.finish("FAILED")
+        raise
     state = master_weights(engine)
     if rank == 0:
         export(run, state)
