@@ -215,7 +215,9 @@ class BuildConfig(Actors):
 
 class SearchConfig(Section):
     """``index.search``: searching a built index (mine, eval, ``qgscale search``), with the
-    queries encoded by one actor of ``cpus_per_actor`` / ``gpus_per_actor``."""
+    queries encoded by one actor of ``cpus_per_actor`` / ``gpus_per_actor``. Mining searches
+    with one Ray actor per index shard (of ``cpus_per_actor``), each holding its shard and
+    the pids of its ids."""
 
     nprobe: int = 16
     ef_search: int = 64
@@ -223,7 +225,6 @@ class SearchConfig(Section):
     # (faiss.IndexRefine): "flat" float32, "fp16" half the memory; "none" off
     refine: Literal["none", "flat", "fp16"] = "none"
     k_factor: float = Field(4.0, ge=1.0)
-    shard_actors: bool = False  # one Ray actor per index shard (else all shards in-process)
     batch_size: int = 128  # query encoding batch
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # query encoding autocast on GPU
     cpus_per_actor: float = 1.0

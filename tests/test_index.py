@@ -27,7 +27,7 @@ from qgscale.index.encode import (
     read_vectors,
 )
 from qgscale.index.mine import mine, read_positives, select
-from qgscale.index.search import ShardedSearcher, load_index, search
+from qgscale.index.search import ShardedSearcher, index_ids, load_index, search
 from tests.faults import KillShardActorAfter
 
 
@@ -51,17 +51,6 @@ def exact_topk(xb: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:
     index = faiss.IndexFlatIP(xb.shape[1])
     index.add(xb)
     return index.search(xq, k)[1]
-
-
-def all_ids(index) -> np.ndarray:
-    """Every id stored in an index (IVF inverted lists, or an IDMap's id table)."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:
-        return faiss.vector_to_array(faiss.downcast_index(index).id_map)
-    inv = ivf.invlists
-    out = [faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).copy()
-           for i in range(ivf.nlist) if inv.list_size(i)]
-    return np.concatenate(out)
 
 
 # ---------------------------------------------------------------- encoding
@@ -318,7 +307,7 @@ def test_s3_build_resumes_after_killed_add_actor(ray_local, s3_bucket):
     m = B.build_index(emb, idx, opts)
     assert {d: storage.read_json(d)["time"] for d in done} == times  # not redone
     index = load_index(idx)
-    ids = all_ids(index.index)
+    ids = index_ids(index.index)
     assert index.index.ntotal == m["ntotal"] == len(pids)
     assert len(np.unique(ids)) == len(ids) == len(pids)
     assert sorted(index.pids[ids].tolist()) == sorted(pids)

@@ -120,6 +120,9 @@ def test_cluster_shape():
         assert isinstance(yaml.safe_load(js["runtimeEnvYAML"]), dict)
         assert "qgscale" in js["entrypoint"]
         _gpu_group(js["rayClusterSpec"])
+        # the head runs the driver only: no CPU of it is offered to tasks and actors
+        assert js["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
 @pytest.mark.parametrize("breakage, expected", [

@@ -106,30 +106,20 @@ def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_u
     import ray
 
     from qgscale.index.encode import QueryEncoder, load_dual_encoder
-    from qgscale.index.search import ShardedSearcher, search
+    from qgscale.index.search import ShardedSearcher
 
     mc, ic = cfg.mine, cfg.index.search
     res = actor_resources("index.search", 1, ic.cpus_per_actor, ic.gpus_per_actor)
     actor = ray.remote(QueryEncoder).options(**res.options()).remote(
         functools.partial(load_dual_encoder, model_uri), ic.batch_size, ic.precision,
         res.num_gpus, res.threads)
-    if ic.shard_actors:
-        searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, ic.cpus_per_actor,
-                                   ic.refine, ic.k_factor)
-        search_fn = searcher.search
-    else:
-        searcher, search_fn = None, functools.partial(_search, search, index_uri, ic)
+    searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, ic.cpus_per_actor,
+                               ic.refine, ic.k_factor)
     try:
         return mine(storage.read_parquet(queries_uri), read_positives(qrels_uri),
                     lambda texts: ray.get(actor.encode_queries.remote(texts)), out_uri,
-                    search_fn, top_k=mc.top_k, n_negatives=mc.n_negatives,
+                    searcher.search, top_k=mc.top_k, n_negatives=mc.n_negatives,
                     skip_top=mc.skip_top, shard_rows=mc.shard_rows, config_hash=key)
     finally:
         ray.kill(actor)
-        if searcher is not None:
-            searcher.close()
-
-
-def _search(search: Callable, index_uri: str, ic: Any, x: np.ndarray, k: int):
-    return search(index_uri, x, k, nprobe=ic.nprobe, ef_search=ic.ef_search, refine=ic.refine,
-                  k_factor=ic.k_factor)
+        searcher.close()

@@ -1,7 +1,9 @@
 """Search a built index: fan out over its shards, merge top-k by score, map ids to pids.
 
-Two fan-outs: ``faiss.IndexShards`` in this process (default), or one Ray actor per shard
-(:class:`ShardSearcher`) with the top-k merged by ``faiss.ResultHeap``. Scores are
+Two fan-outs: ``faiss.IndexShards`` in this process (:func:`search`, for a process whose job
+is to hold the index: an eval task, ``qgscale search``), or one Ray actor per shard
+(:class:`ShardedSearcher`, mining) that also holds the pids of its shard's ids, with the top-k
+merged by ``faiss.ResultHeap``: there the caller holds neither index nor id map. Scores are
 higher-is-better: inner products, or negated squared L2 distances.
 
 Optional re-ranking (``refine="flat"|"fp16"``): the top ``k * k_factor`` candidates of the
@@ -62,6 +64,53 @@ def read_pids(index_uri: str) -> np.ndarray:
     if not np.array_equal(ids[order], np.arange(len(ids))):
         raise ValueError(f"{index_uri}/ids: ids are not exactly 0..{len(ids) - 1}")
     return np.asarray(table.column("pid").to_pylist(), dtype=object)[order]
+
+
+def index_ids(index: Any) -> np.ndarray:
+    """Every id stored in an index (IVF inverted lists, or an IDMap's id table)."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return faiss.vector_to_array(faiss.downcast_index(index).id_map)
+    inv = ivf.invlists
+    out = [faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).copy()
+           for i in range(ivf.nlist) if inv.list_size(i)]
+    return np.concatenate(out) if out else np.empty(0, np.int64)
+
+
+@dataclass
+class PidMap:
+    """The pids of some ids (one index shard's): sorted ids and their pids."""
+
+    ids: np.ndarray
+    pids: np.ndarray
+
+    @classmethod
+    def read(cls, index_uri: str, ids: np.ndarray) -> PidMap:
+        """Read the id map shard by shard, keeping only ``ids``: memory O(this shard)."""
+        want = np.unique(ids)
+        got_ids, got_pids = [], []
+        for uri in storage.list_files(storage.join(index_uri, "ids"), ".parquet"):
+            t = storage.read_parquet(uri)
+            tid = t.column("id").to_numpy()
+            pos = np.minimum(np.searchsorted(want, tid), max(len(want) - 1, 0))
+            keep = np.flatnonzero(want[pos] == tid) if len(want) else np.empty(0, int)
+            got_ids.append(tid[keep])
+            got_pids.append(np.asarray(t.column("pid").take(keep).to_pylist(), dtype=object))
+        all_ids = np.concatenate(got_ids) if got_ids else np.empty(0, np.int64)
+        order = np.argsort(all_ids)
+        if not np.array_equal(all_ids[order], want):
+            raise ValueError(f"{index_uri}/ids: the id map lacks or repeats ids of this shard")
+        return cls(all_ids[order], np.concatenate(got_pids)[order] if got_pids else
+                   np.empty(0, object))
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Pids of ``ids`` (None for -1, no hit)."""
+        out = np.full(ids.shape, None, dtype=object)
+        ok = ids >= 0
+        out[ok] = self.pids[np.searchsorted(self.ids, ids[ok])]
+        return out
 
 
 def load_refine_store(index_uri: str, m: dict, pids: np.ndarray, kind: str):
@@ -171,7 +220,8 @@ def search(index_uri: str, query_vectors: np.ndarray, k: int, nprobe: int | None
 
 
 class ShardSearcher:
-    """Ray actor body: holds one index shard, returns raw ``(dist, ids)`` with global ids."""
+    """Ray actor body: holds one index shard and the pids of its ids; returns raw
+    ``(dist, ids)`` with global ids and their pids."""
 
     def __init__(self, index_uri: str, rel: str, ondisk: bool, nprobe: int | None,
                  ef_search: int | None, threads: int = 1):
@@ -180,14 +230,18 @@ class ShardSearcher:
         faiss.omp_set_num_threads(max(1, threads))
         self.index = read_index_file(index_uri, rel, ondisk)
         set_search_params(self.index, nprobe, ef_search)
+        self.pid_map = PidMap.read(index_uri, index_ids(self.index))
 
-    def search(self, x: np.ndarray, k: int):
-        return self.index.search(x, k)
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dist, ids = self.index.search(x, k)
+        return dist, ids, self.pid_map.lookup(ids)
 
 
 class ShardedSearcher:
-    """Fan-out search over Ray actors (one per index shard); merge with ``faiss.ResultHeap``;
-    with ``refine``, the merged top ``k * k_factor`` is re-ranked here with the exact vectors."""
+    """Fan-out search over Ray actors (one per index shard, each holding its shard's pids:
+    this process holds neither the index nor the id map); merge with ``faiss.ResultHeap``.
+    With ``refine``, the merged top ``k * k_factor`` is re-ranked here with the exact vectors
+    (this process then holds them: one float32/fp16 vector per passage)."""
 
     def __init__(self, index_uri: str, nprobe: int | None = None, ef_search: int | None = None,
                  num_cpus: float = 1.0, refine: str = "none", k_factor: float = 4.0):
@@ -201,8 +255,7 @@ class ShardedSearcher:
         self.actors = [actor.remote(index_uri, rel, m.get("ondisk", False), nprobe, ef_search,
                                     max(1, int(num_cpus)))
                        for rel in m["shards"]]
-        self.pids = read_pids(index_uri)
-        self.store = (load_refine_store(index_uri, m, self.pids, refine)
+        self.store = (load_refine_store(index_uri, m, read_pids(index_uri), refine)
                       if refine != "none" else None)
         self.k_factor = k_factor
 
@@ -214,13 +267,19 @@ class ShardedSearcher:
         ref = ray.put(x)
         k_base = int(k * self.k_factor) if self.store is not None else k
         heap = faiss.ResultHeap(len(x), k_base, keep_max=self.metric == "ip")
-        for dist, ids in ray.get([a.search.remote(ref, k_base) for a in self.actors]):
+        pid_of: dict[int, str] = {}
+        for dist, ids, pids in ray.get([a.search.remote(ref, k_base) for a in self.actors]):
             heap.add_result(dist, ids)
+            pid_of.update(zip(ids[ids >= 0].tolist(), pids[ids >= 0].tolist(), strict=True))
         heap.finalize()
         dist, ids = heap.D, heap.I
         if self.store is not None:
             dist, ids = rerank(self.store, x, ids, k, self.metric)
-        return _to_results(dist, ids, self.pids, self.metric)
+        scores = dist if self.metric == "ip" else -dist
+        out = np.full(ids.shape, None, dtype=object)
+        ok = ids >= 0
+        out[ok] = [pid_of[i] for i in ids[ok].tolist()]
+        return out, np.where(ok, scores, np.nan).astype(np.float32)
 
     def close(self) -> None:
         import ray

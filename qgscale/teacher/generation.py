@@ -7,7 +7,9 @@ teacher score, the mean token log-prob), written as a shard job
 (:func:`qgscale.runtime.run_shards`) with done markers and resume as scoring. Empty
 generations (an immediate ``</s>``) are left out and counted in the manifest
 (``empty_queries_dropped``). Sampling is seeded per shard and language, so a retried shard is
-identical.
+identical. Work units carry their passages (the positives' texts, read by the semi-join of
+:mod:`qgscale.data.corpus`), or name a row range of one corpus shard (``passages: corpus``):
+no actor loads the corpus.
 """
 
 from __future__ import annotations
