@@ -179,6 +179,10 @@ def run(config: ConfigArg, set: Overrides = None,
     if "eval" in results:
         _eval_summary(cfg, results["eval"])
     for split, r in (results.get("rerank") or {}).items():
+        if not r.get("n_queries"):
+            typer.echo(f"teacher rerank ({split}): no query with a relevant passage in the "
+                       "warm-up top-k")
+            continue
         s, t = r["student"]["macro"]["mrr@10"], r["teacher"]["macro"]["mrr@10"]
         typer.echo(f"teacher rerank of the warm-up top-{r['rerank_k']} ({split}): MRR@10 "
                    f"{t:.4f} vs the student's own order {s:.4f}"
