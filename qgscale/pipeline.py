@@ -192,7 +192,8 @@ def _rerank(cfg: Config, lay: Layout, key: str) -> dict:
 
     return {split: run_rerank(cfg, lay.teacher_model(),
                               storage.join(lay.eval_dir("warmup"), split, "run.parquet"),
-                              cfg.eval.data or lay.data_root, split, lay.rerank_dir(split), key)
+                              cfg.eval.data or lay.data_root, split, lay.rerank_dir(split), key,
+                              corpus_uri=lay.data(split, "corpus"))
             for split in cfg.eval.splits}
 
 

@@ -80,15 +80,16 @@ def answer_qrels(run: list[dict], k: int, data: Any) -> dict[str, dict[str, int]
 
 
 def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split: str,
-               out_uri: str, key: str) -> dict[str, Any]:
+               out_uri: str, key: str, corpus_uri: str | None = None) -> dict[str, Any]:
     """Stage function ``rerank`` for one split: teacher vs student order on the student's
-    top ``cfg.teacher.rerank_k`` of ``run_uri`` (``CANDIDATES`` rows, ranked)."""
+    top ``cfg.teacher.rerank_k`` of ``run_uri`` (``CANDIDATES`` rows, ranked); ``corpus_uri``:
+    the corpus the run retrieved from (default: the split's own)."""
     from qgscale.eval.evaluate import load_split
     from qgscale.teacher.common import qg_spec
     from qgscale.teacher.scoring import score_candidates
 
     k, sc = cfg.teacher.rerank_k, cfg.teacher.score
-    data = load_split(data_uri, split)
+    data = load_split(data_uri, split, corpus_uri)
     run = storage.read_parquet(run_uri).to_pylist()
     qrels = data.qrels or answer_qrels(run, k, data)
     lists = {r["qid"]: list(r["pids"][:k]) for r in run if r["qid"] in qrels}
