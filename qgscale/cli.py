@@ -110,6 +110,8 @@ def data_prepare(
     lang: Annotated[str, typer.Option(help="Language of a beir, dpr or passages dataset."
                                       )] = "und",
     test_mod: Annotated[int, typer.Option(help="xquad: article % N == 0 -> test.")] = 4,
+    answer_lang: Annotated[str | None, typer.Option(
+        help="mkqa: every question's answers in this language (e.g. en).")] = None,
     shard_rows: Annotated[int, typer.Option(help="Rows per parquet shard.")] = 2000,
     on_error: Annotated[str, typer.Option(help="fail, or skip (bad rows -> _rejected.jsonl)."
                                           )] = "fail",
@@ -128,7 +130,8 @@ def data_prepare(
         raise typer.BadParameter("--on-error must be fail or skip")
     summary = prepare(format, input, output, on_error=on_error, shard_rows=shard_rows,
                       passages=passages, query_langs=_langs(query_langs),
-                      corpus_langs=_langs(corpus_langs), test_mod=test_mod, kind=kind, lang=lang)
+                      corpus_langs=_langs(corpus_langs), test_mod=test_mod, kind=kind, lang=lang,
+                      answer_lang=answer_lang)
     _print(summary)
     if summary["rejected"]:
         typer.secho(f"{summary['rejected']} rows rejected: see {output}/_rejected.jsonl",
@@ -176,6 +179,10 @@ def run(config: ConfigArg, set: Overrides = None,
     if "eval" in results:
         _eval_summary(cfg, results["eval"])
     for split, r in (results.get("rerank") or {}).items():
+        if not r.get("n_queries"):
+            typer.echo(f"teacher rerank ({split}): no query with a relevant passage in the "
+                       "warm-up top-k")
+            continue
         s, t = r["student"]["macro"]["mrr@10"], r["teacher"]["macro"]["mrr@10"]
         typer.echo(f"teacher rerank of the warm-up top-{r['rerank_k']} ({split}): MRR@10 "
                    f"{t:.4f} vs the student's own order {s:.4f}"

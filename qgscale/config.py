@@ -53,6 +53,9 @@ class DataConfig(Section):
     query_langs: list[str] | None = None  # None: every language in the input
     corpus_langs: list[str] | None = None
     test_mod: int = 4  # xquad: article_idx % test_mod == 0 -> test split
+    # mkqa: take every question's answers in this language (e.g. "en" for an English corpus);
+    # None: each question's own language
+    answer_lang: str | None = None
     shard_rows: int = 2000
     on_error: Literal["fail", "skip"] = "fail"
 
@@ -245,6 +248,32 @@ class MineConfig(Section):
     shard_rows: int = 5000
 
 
+class BM25Config(Actors):
+    """The BM25 first stage (``qgscale.retrieval.bm25``: Lucene BM25, global statistics over
+    the corpus shards). Stage ``bm25``: training examples from answers (a retrieved passage
+    containing an answer is a positive, the top non-matching ones hard negatives), for data
+    with answers but no gold passages. Stage ``bm25-eval``: the BM25 row of every eval table.
+    """
+
+    # training positives: "answers" (answer match over BM25's top_k), "off" (the data's own
+    # qrels / examples), "auto": "answers" for the formats whose readers write answers and no
+    # positives (xor-tydi, mkqa), else "off"
+    positives: Literal["auto", "answers", "off"] = "auto"
+    # the training split's BM25 query: the question alone, or the question followed by its
+    # answers (distant supervision: a question in another language than the corpus shares
+    # few tokens with it; never used for the eval baseline)
+    train_query: Literal["question", "question+answers"] = "question+answers"
+    top_k: int = Field(100, ge=1)  # passages retrieved per training query
+    n_negatives: int = Field(8, ge=0)  # hard negatives: the first non-matching passages
+    n_positives: int | None = Field(None, ge=1)  # the first n matching ones (None: all)
+    match: Literal["dpr", "dpr-chars"] = "dpr"  # qgscale.retrieval.answers
+    k1: float = 0.9
+    b: float = 0.4
+    baseline: bool = True  # bm25-eval: a BM25 row in the eval tables (eval.top_k passages)
+    gpus_per_actor: float | None = Field(0, ge=0)  # CPU work
+    max_retries: int = Field(2, ge=0)
+
+
 class EvalConfig(Section):
     k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20, 100])  # recall@k cut-offs
     top_k: int = 100  # passages retrieved per query (and per language pair)
@@ -254,6 +283,9 @@ class EvalConfig(Section):
     index: str | None = None  # its FAISS index; None: <root>/index/distill-<split or all>/faiss
     out: str | None = None  # report folder; None: <root>/eval-job (not the eval stage's)
     data: str | None = None  # prepared data (queries, qrels/answers) to evaluate; <root>/data
+    # zero-shot: the run root (local or s3://) whose students, indexes and corpus are
+    # evaluated on this config's data (MKQA with the XOR-TyDi run); None: this run
+    students_from: str | None = None
     pairs: bool = True  # also search each corpus language alone: per (query, corpus) lang pair
     answer_recall: bool = True  # R@2kt / R@5kt when the split has answers (XOR-TyDi, MKQA)
     chart_metric: str = "mrr@10"  # metric of the per-pair bar chart
@@ -271,6 +303,7 @@ class Config(Section):
     teacher: TeacherConfig = TeacherConfig()
     index: IndexConfig = IndexConfig()
     mine: MineConfig = MineConfig()
+    bm25: BM25Config = BM25Config()
     eval: EvalConfig = EvalConfig()
 
     def uri(self, *parts: str) -> str:
@@ -313,13 +346,14 @@ def _resolve_relative(cfg: Config, base: Path, source: str) -> None:
     Inside a ``ray job submit`` job the working dir is a temporary unpacked copy, so a
     relative ``run.root`` would write the run there and lose it: that is an error."""
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    for section, key in [("data", "input"), ("data", "passages"), ("run", "root")]:
+    for section, key in [("data", "input"), ("data", "passages"), ("run", "root"),
+                         ("eval", "data"), ("eval", "students_from")]:
         part = getattr(cfg, section)
         value = getattr(part, key)
         if value and "://" not in value and not Path(value).is_absolute():
-            if in_job and key == "root":
+            if in_job and key in ("root", "students_from"):
                 raise ConfigError(
-                    f"{source}: run.root: {value!r} is relative, and this is a `ray job "
+                    f"{source}: {section}.{key}: {value!r} is relative, and this is a `ray job "
                     "submit` job running in a temporary copy of the working dir: set an "
                     "absolute path or an s3:// URI (e.g. --set run.root=$PWD/runs/NAME from "
                     "the submitting shell)")

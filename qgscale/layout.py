@@ -3,7 +3,10 @@
 The pipeline, the CLI, ``python -m qgscale.eval`` and the benchmarks ask a :class:`Layout`
 for paths; no stage function has path defaults of its own::
 
-    data/[<split>/]{corpus,queries,qrels,answers}   prepare (XQuAD-style data has splits)
+    data/[<split>/]{corpus,queries,qrels,answers}   prepare (XQuAD-style data has splits;
+                                                    DPR-format data also has examples)
+    bm25/train/{examples,qrels}                     answer-match training data (bm25)
+    bm25/eval/<split>/run.parquet                   the BM25 baseline's run (bm25-eval)
     train/{qg,warmup,distill}/model                 the trained models (HF format)
     train/warmup/init                               the student's untrained starting point
     index/<student>-<corpus>/{embeddings,faiss}     corpus embeddings and FAISS index
@@ -25,6 +28,16 @@ from qgscale import storage
 # the models every eval compares: the untrained starting checkpoint (zero-shot), the warm-up
 # and the distilled student
 STUDENTS = ("init", "warmup", "distill")
+BASELINE = "bm25"  # the eval tables' first row (eval/bm25/<split>/)
+# data formats whose readers write answers and no positives: training examples come from
+# BM25 + answer match (the bm25 stage) unless bm25.positives says otherwise
+ANSWER_FORMATS = ("xor-tydi", "mkqa")
+
+
+def answer_positives(cfg: Any) -> bool:
+    """Whether the training positives are made by the bm25 stage (``bm25.positives``)."""
+    mode = cfg.bm25.positives
+    return mode == "answers" or (mode == "auto" and cfg.data.format in ANSWER_FORMATS)
 
 
 class Layout:
@@ -46,9 +59,44 @@ class Layout:
         """``data/<split>/<kind>`` when the dataset is split (XQuAD), else ``data/<kind>``."""
         return storage.first_existing(self.uri("data", split, kind), self.uri("data", kind))
 
-    def training_data(self) -> dict[str, str]:
-        """The training split's queries, corpus and qrels (keyword arguments of the trainers)."""
-        return {f"{kind}_uri": self.data("train", kind) for kind in ("queries", "corpus", "qrels")}
+    def train(self, kind: str, split: str = "train") -> str:
+        """The training ``split``'s ``kind`` (queries, corpus, answers, qrels, examples): the
+        bm25 stage's ``qrels`` / ``examples`` when it makes the positives
+        (:func:`answer_positives`), else the prepared data's."""
+        if kind in ("qrels", "examples") and answer_positives(self.cfg):
+            return storage.join(self.bm25_train, kind)
+        return self.data(split, kind)
+
+    def training_data(self, examples: bool = False) -> dict[str, str]:
+        """The training split's queries, corpus and qrels (keyword arguments of the trainers);
+        with ``examples``, its training examples too where there are any (the bm25 stage's,
+        or a DPR-format dataset's ``examples``), else ``examples_uri`` None."""
+        out = {f"{kind}_uri": self.train(kind) for kind in ("queries", "corpus", "qrels")}
+        if examples:
+            uri = self.train("examples")
+            out["examples_uri"] = (uri if answer_positives(self.cfg) or storage.exists(uri)
+                                   else None)
+        return out
+
+    # --- BM25
+    @property
+    def bm25_train(self) -> str:
+        """``bm25/train``: answer-match training examples and their qrels."""
+        return self.uri("bm25", "train")
+
+    def bm25_eval(self, split: str | None = None) -> str:
+        """``bm25/eval[/<split>]``: the BM25 baseline's run of an eval split."""
+        return self.uri("bm25", "eval", *([split] if split else []))
+
+    def students(self) -> Layout:
+        """The layout of the run whose students (and their indexes and corpus) are evaluated:
+        ``eval.students_from`` (zero-shot, e.g. MKQA with the XOR-TyDi run), else this one."""
+        src = getattr(self.cfg.eval, "students_from", None)
+        if not src or src == self.root:
+            return self
+        other = Layout.__new__(Layout)
+        other.cfg, other.root = self.cfg, src
+        return other
 
     # --- models
     def train_dir(self, stage: str) -> str:

@@ -1,7 +1,14 @@
 """``qgscale run``: the method as a graph of stages, and the one runner that decides what runs.
 
-prepare -> train-qg -> warmup -> index -> mine -> generate -> score -> distill -> reindex -> eval
--> rerank (the teacher's reranking of the warm-up student's top-k: is the teacher better?)
+prepare -> bm25 -> bm25-eval -> train-qg -> warmup -> index -> mine -> generate -> score ->
+distill -> reindex -> eval -> rerank (the teacher's reranking of the warm-up student's top-k: is
+the teacher better?)
+
+``bm25`` makes the training examples from answers (XOR-TyDi, MKQA: data with answers and no
+gold passages) and is a no-op for data with its own positives; only then do the training
+stages read it. ``bm25-eval`` computes the BM25 run of every eval split, the first row of
+every eval table. Two stages, not one, so that a change of the eval splits reruns the cheap
+baseline and the eval, and not every training stage.
 
 Each :class:`Stage` names its upstream stages, the config sections it reads, the raw inputs
 outside the run (data files, starting checkpoints) and the outputs downstream stages read. Its
@@ -32,7 +39,7 @@ from typing import Any
 from qgscale import storage
 from qgscale.config import Config, key_values
 from qgscale.errors import MissingInputError
-from qgscale.layout import STUDENTS, Layout
+from qgscale.layout import BASELINE, STUDENTS, Layout, answer_positives
 
 log = logging.getLogger("qgscale")
 
@@ -42,6 +49,32 @@ def _prepare(cfg: Config, lay: Layout, key: str) -> dict:
     from qgscale.data.prepare import run_prepare
 
     return run_prepare(cfg.data, lay.data_root, key)
+
+
+def _bm25(cfg: Config, lay: Layout, key: str) -> dict:
+    """Answer-match training examples over BM25's top-k (when :func:`answer_positives`)."""
+    from qgscale.retrieval.sharded import run_bm25_train
+
+    if not answer_positives(cfg):
+        return storage.write_manifest(
+            lay.bm25_train, key, skipped=f"bm25.positives={cfg.bm25.positives}, data.format="
+            f"{cfg.data.format}: the training data's own positives are used")
+    return run_bm25_train(cfg, lay.data("train", "queries"), lay.data("train", "answers"),
+                          lay.data("train", "corpus"), lay.bm25_train, key)
+
+
+def _bm25_eval(cfg: Config, lay: Layout, key: str) -> dict:
+    """The BM25 baseline's run of every eval split over that split's corpus."""
+    from qgscale.eval.evaluate import _queries_uri
+    from qgscale.retrieval.sharded import run_bm25_eval
+
+    if not cfg.bm25.baseline:
+        return storage.write_manifest(lay.bm25_eval(), key, skipped="bm25.baseline: false")
+    out = {split: run_bm25_eval(cfg, _queries_uri(cfg.eval.data or lay.data_root, split),
+                                lay.data(split, "corpus"), lay.bm25_eval(split), key)
+           for split in cfg.eval.splits}
+    storage.write_manifest(lay.bm25_eval(), key, splits=list(out))
+    return out
 
 
 def _train_qg(cfg: Config, lay: Layout, key: str) -> dict:
@@ -54,7 +87,7 @@ def _warmup(cfg: Config, lay: Layout, key: str) -> dict:
     from qgscale.train.trainer import run_train_warmup
 
     return run_train_warmup(cfg, out_uri=lay.train_dir("warmup"), key=key,
-                            **lay.training_data())
+                            **lay.training_data(examples=True))
 
 
 def index_model(cfg: Config, lay: Layout, student: str, split: str, key: str) -> dict:
@@ -76,7 +109,7 @@ def _mine(cfg: Config, lay: Layout, key: str) -> dict:
 
     split = cfg.mine.split
     return run_mine(cfg, lay.model("warmup"), lay.faiss("warmup", "train"),
-                    lay.data(split, "queries"), lay.data(split, "qrels"), lay.mine_dir, key)
+                    lay.data(split, "queries"), lay.train("qrels", split), lay.mine_dir, key)
 
 
 def _generate(cfg: Config, lay: Layout, key: str) -> dict:
@@ -84,7 +117,7 @@ def _generate(cfg: Config, lay: Layout, key: str) -> dict:
 
     positives = cfg.teacher.generate.passages == "positives"
     return run_generate(cfg, lay.teacher_model(), lay.data("train", "corpus"),
-                        lay.data("train", "qrels") if positives else None, lay.generated, key)
+                        lay.train("qrels") if positives else None, lay.generated, key)
 
 
 def _score(cfg: Config, lay: Layout, key: str) -> dict:
@@ -94,7 +127,7 @@ def _score(cfg: Config, lay: Layout, key: str) -> dict:
     return run_score(cfg, lay.teacher_model(), candidates_uri=lay.candidates,
                      queries_uri=lay.data("train", "queries"),
                      corpus_uri=lay.data("train", "corpus"), out_uri=lay.scores, key=key,
-                     generated_uri=generated, qrels_uri=lay.data("train", "qrels"),
+                     generated_uri=generated, qrels_uri=lay.train("qrels"),
                      pairs_uri=lay.generated_pairs)
 
 
@@ -127,15 +160,25 @@ def _reindex(cfg: Config, lay: Layout, key: str) -> dict:
 def _eval(cfg: Config, lay: Layout, key: str) -> dict:
     """Each student (and the untrained starting checkpoint) on each eval split, against the
     index of that split's corpus; per split a side-by-side table and chart of all of them."""
-    from qgscale.eval.evaluate import comparison_chart, comparison_table, run_eval
+    from qgscale.eval.evaluate import (
+        comparison_chart,
+        comparison_table,
+        evaluate_baseline,
+        run_eval,
+    )
 
     out: dict[str, dict] = {}
+    data = cfg.eval.data or lay.data_root
     for split in cfg.eval.splits:
+        if cfg.bm25.baseline:  # BM25 first: the row every table starts from
+            out.setdefault(BASELINE, {})[split] = evaluate_baseline(
+                cfg, storage.join(lay.bm25_eval(split), "run.parquet"), data, split,
+                lay.data(split, "corpus"), lay.eval_dir(BASELINE))
         for student in STUDENTS:
             out.setdefault(student, {}).update(run_eval(
-                cfg, lay.model(student), lay.faiss(student, split),
-                cfg.eval.data or lay.data_root, lay.eval_dir(student), [split]))
-        by_student = {s: out[s][split] for s in STUDENTS}
+                cfg, lay.model(student), lay.faiss(student, split), data,
+                lay.eval_dir(student), [split]))
+        by_student = {s: out[s][split] for s in _compared(cfg)}
         metric = cfg.eval.chart_metric
         storage.write_bytes(lay.comparison(split, "png"), comparison_chart(by_student, metric))
         storage.write_bytes(lay.comparison(split, "md"),
@@ -149,11 +192,25 @@ def _rerank(cfg: Config, lay: Layout, key: str) -> dict:
 
     return {split: run_rerank(cfg, lay.teacher_model(),
                               storage.join(lay.eval_dir("warmup"), split, "run.parquet"),
-                              cfg.eval.data or lay.data_root, split, lay.rerank_dir(split), key)
+                              cfg.eval.data or lay.data_root, split, lay.rerank_dir(split), key,
+                              corpus_uri=lay.data(split, "corpus"))
             for split in cfg.eval.splits}
 
 
 # ---------------------------------------------------------------------------- the graph
+def _compared(cfg: Config) -> tuple[str, ...]:
+    """What every eval table compares: BM25 (``bm25.baseline``) and the students."""
+    return ((BASELINE,) if cfg.bm25.baseline else ()) + STUDENTS
+
+
+def _positives(cfg: Config) -> tuple[str, ...]:
+    """The stages the training positives come from."""
+    return ("prepare", "bm25") if answer_positives(cfg) else ("prepare",)
+
+
+def _raw_eval_data(cfg: Config) -> list[str]:
+    return [cfg.eval.data] if cfg.eval.data else []
+
 def _model_source(model: Any) -> list[str]:
     return [model.name_or_path] if model is not None and model.name_or_path else []
 
@@ -177,16 +234,26 @@ class Stage:
 
 
 TEACHER = ("teacher.model", "qg.prompt", "qg.max_passage_len", "qg.max_query_len")
+BM25_KEY = ("bm25.k1", "bm25.b")  # what a BM25 ranking depends on (besides its inputs)
 STAGES = [
     Stage("prepare", "raw data -> canonical parquet", _prepare, ("data",),
           lambda c: (), lambda c, lay: [lay.data_root], lambda c, lay: [lay.data_root],
           raw=lambda c: [u for u in (c.data.input, c.data.passages) if u]),
+    Stage("bm25", "BM25 + answer match: training examples for data without positives", _bm25,
+          ("bm25.positives", "bm25.train_query", "bm25.top_k", "bm25.n_negatives",
+           "bm25.n_positives", "bm25.match", *BM25_KEY, "data.format", "data.shard_rows"),
+          lambda c: ("prepare",), lambda c, lay: [lay.bm25_train],
+          lambda c, lay: [lay.bm25_train]),
+    Stage("bm25-eval", "the BM25 baseline's run of every eval split", _bm25_eval,
+          ("bm25.baseline", *BM25_KEY, "eval.splits", "eval.data", "eval.top_k", "eval.pairs"),
+          lambda c: ("prepare",), lambda c, lay: [lay.bm25_eval()],
+          lambda c, lay: [lay.bm25_eval()], raw=_raw_eval_data),
     Stage("train-qg", "fine-tune the query generator (teacher)", _train_qg,
-          ("qg", "run.seed", "data.shard_rows"), lambda c: ("prepare",),
+          ("qg", "run.seed", "data.shard_rows"), _positives,
           lambda c, lay: [lay.model("qg")], lambda c, lay: [lay.train_dir("qg")],
           raw=lambda c: _model_source(c.qg.model)),
     Stage("warmup", "contrastive warm-up of the dual encoder", _warmup,
-          ("encoder", "warmup", "run.seed", "data.shard_rows"), lambda c: ("prepare",),
+          ("encoder", "warmup", "run.seed", "data.shard_rows"), _positives,
           lambda c, lay: [lay.model("warmup")], lambda c, lay: [lay.train_dir("warmup")],
           raw=lambda c: _model_source(c.encoder.model)),
     Stage("index", "encode the training corpus and build its index", _index,
@@ -194,21 +261,21 @@ STAGES = [
           lambda c, lay: [lay.faiss("warmup", "train")],
           lambda c, lay: [lay.index_dir("warmup", "train")]),
     Stage("mine", "retrieve candidates and hard negatives for training queries", _mine,
-          ("mine", "index.search"), lambda c: ("prepare", "warmup", "index"),
+          ("mine", "index.search"), lambda c: (*_positives(c), "warmup", "index"),
           lambda c, lay: [lay.candidates, lay.mined_train], lambda c, lay: [lay.mine_dir]),
     Stage("generate", "teacher-generated queries in other languages", _generate,
           ("teacher.generate", "run.seed", *TEACHER),
-          lambda c: ("prepare", *_teacher_inputs(c)), lambda c, lay: [lay.generated],
+          lambda c: (*_positives(c), *_teacher_inputs(c)), lambda c, lay: [lay.generated],
           lambda c, lay: [lay.generated], raw=lambda c: _model_source(c.teacher.model)),
     Stage("score", "teacher scores log P(q|p)/|q| for every candidate pair", _score,
           ("teacher.score", "distill.loss.kd_on_generated", *TEACHER),
-          lambda c: ("prepare", "mine", *_teacher_inputs(c),
+          lambda c: (*_positives(c), "mine", *_teacher_inputs(c),
                      *(("generate",) if c.distill.loss.kd_on_generated else ())),
           lambda c, lay: [lay.scores], lambda c, lay: [lay.scores, lay.generated_pairs],
           raw=lambda c: _model_source(c.teacher.model)),
     Stage("distill", "contrastive + KD + alignment training of the dual encoder", _distill,
           ("encoder", "distill", "run.seed", "data.shard_rows"),
-          lambda c: ("prepare", "warmup", "mine", "score",
+          lambda c: (*_positives(c), "warmup", "mine", "score",
                      *(("generate",) if c.distill.loss.beta else ())),
           lambda c, lay: [lay.model("distill")], lambda c, lay: [lay.train_dir("distill")]),
     Stage("reindex", "encode and index the evaluation corpus with both students", _reindex,
@@ -216,10 +283,12 @@ STAGES = [
           lambda c: ("prepare", "warmup", "distill"),
           lambda c, lay: [lay.faiss(s, split) for s, split in reindexed(c, lay)],
           lambda c, lay: [lay.index_dir(s, split) for s, split in reindexed(c, lay)]),
-    Stage("eval", "metrics of the warm-up and the distilled student", _eval,
-          ("eval", "index.search"),
-          lambda c: ("prepare", "warmup", "index", "distill", "reindex"),
-          lambda c, lay: [lay.eval_dir(s) for s in STUDENTS], lambda c, lay: [lay.uri("eval")]),
+    Stage("eval", "metrics of BM25, the untrained, warm-up and distilled students", _eval,
+          ("eval", "index.search", "bm25.baseline"),
+          lambda c: ("prepare", *(("bm25-eval",) if c.bm25.baseline else ()), "warmup",
+                     "index", "distill", "reindex"),
+          lambda c, lay: [lay.eval_dir(s) for s in _compared(c)],
+          lambda c, lay: [lay.uri("eval")], raw=_raw_eval_data),
     Stage("rerank", "the teacher's reranking of the warm-up student's top-k (teacher quality)",
           _rerank, ("teacher.rerank_k", "eval.splits", "teacher.score", *TEACHER),
           lambda c: ("prepare", "eval", *_teacher_inputs(c)),
@@ -397,7 +466,12 @@ def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[
 
 def summary_table(results: dict[str, dict], metrics: tuple[str, ...] = (
         "mrr@10", "recall@1", "recall@10", "ndcg@10")) -> str:
-    """Markdown table: macro metrics of each student on each split, side by side."""
+    """Markdown table: macro metrics of each student on each split, side by side (plus
+    R@2kt / R@5kt where answers were scored)."""
+    macros = [r.get("query_langs_macro") or r.get("macro") or {}
+              for by_split in results.values() for r in by_split.values()]
+    metrics = tuple(metrics) + tuple(m for m in ("r@2kt", "r@5kt")
+                                     if m not in metrics and any(m in x for x in macros))
     rows = ["| student | split | " + " | ".join(metrics) + " |",
             "|---|---|" + "---|" * len(metrics)]
     for stage, by_split in results.items():

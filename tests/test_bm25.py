@@ -131,3 +131,45 @@ def test_no_match_and_empty_inputs():
     empty = bm25.index_shard([], [])
     got = empty.search(["alpha"], bm25.shard_stats(["alpha"]), 3)
     assert got[0] == [[]] and len(got[1][0]) == 0
+
+
+def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
+        xquad, tmp_path, ray_local):
+    """The bm25 stages' driver (``qgscale.retrieval.sharded.retrieve``: statistics and search
+    as Ray shard jobs over 4 parquet shards, folded top-k) gives one index's ranking; the
+    per-language lists equal one index of that language searched with the whole corpus'
+    statistics; answer hits are DPR's match on the passage text."""
+    from qgscale import storage
+    from qgscale.config import BM25Config
+    from qgscale.data.schema import CORPUS
+    from qgscale.retrieval.answers import has_answer
+    from qgscale.retrieval.sharded import retrieve
+
+    t = readers.read_xquad(readers.bundled("xquad"), LANGS, LANGS)
+    corpus = t["train/corpus"] + t["test/corpus"]
+    queries = (t["train/queries"] + t["test/queries"])[::97][:40]
+    uri = str(tmp_path / "corpus")
+    storage.ShardWriter(uri).write_rows(corpus, 250, CORPUS)
+    qids, texts = [q["qid"] for q in queries], [q["text"] for q in queries]
+    pids, ptexts = xquad[0], xquad[1]
+    want_p, want_s = bm25.search(ptexts, pids, texts, 10)
+    bare = {p["pid"]: p["text"] for p in corpus}
+    # answers: two words of the 4th passage each query retrieves (a hit at rank 4 at least)
+    answers = {q: [" ".join(bare[want_p[i][3]].split()[5:7])] if len(want_p[i]) > 3 else []
+               for i, q in enumerate(qids)}
+    cfg = BM25Config(num_actors=1)
+    got = retrieve(uri, qids, texts, 10, str(tmp_path / "work"), "k", cfg, by_lang=True,
+                   answers=answers)
+    assert any(h for q in qids for _, _, h in got[(q, "")])  # some passage has an answer
+    for i, q in enumerate(qids):
+        ranked = got[(q, "")]
+        assert [p for _, p, _ in ranked] == want_p[i]
+        assert np.array_equal(np.float32([-s for s, _, _ in ranked]), want_s[i])
+        assert [h for _, _, h in ranked] == [has_answer(answers[q], bare[p]) for _, p, _ in
+                                             ranked]
+    stats = bm25.merge_stats([bm25.shard_stats(ptexts)])
+    for lang in LANGS:
+        keep = [i for i, p in enumerate(corpus) if p["lang"] == lang]
+        index = bm25.index_shard([ptexts[i] for i in keep], [pids[i] for i in keep])
+        lp, _ = index.search(texts, stats, 10)
+        assert [[p for _, p, _ in got.get((q, lang), [])] for q in qids] == lp

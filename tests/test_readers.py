@@ -781,3 +781,30 @@ def test_mkqa_per_language_defects(tmp_path):
     assert [(r["line"], r["field"]) for r in rejects.rows] == [(2, "id"), (3, "lang"),
                                                                (4, "id")]
     assert "has no 'en' row" in rejects.rows[2]["reason"]
+
+
+def test_mkqa_answer_lang_from_the_config(tmp_path):
+    """data.answer_lang reaches both MKQA readers: every question gets its example's answers
+    in that language (English answers for an English corpus)."""
+    from qgscale import storage
+    from qgscale.config import DataConfig
+    from qgscale.data.prepare import run_prepare
+
+    records = [json.loads(x) for x in gzip.decompress(MKQA.read_bytes()).decode().splitlines()]
+    en = {str(r["example_id"]): sorted({t for a in r["answers"]["en"]
+                                        for t in [a.get("text"), *(a.get("aliases") or [])]
+                                        if t}) for r in records}
+    for input, langs in ((str(MKQA), ["ja", "de"]),
+                         (str(TEST_DATA / "mkqa-mia" / "mkqa_dev"), ["ja", "zh_cn"])):
+        out = str(tmp_path / langs[1])
+        cfg = DataConfig(format="mkqa", input=input, query_langs=langs, answer_lang="en")
+        run_prepare(cfg, out, "k")
+        rows = storage.read_parquet(out + "/answers").to_pylist()
+        assert len(rows) >= 10 and {r["qid"].split(":")[0] for r in rows} == set(langs)
+        if input == str(MKQA):
+            assert all(sorted(r["answers"]) == en[r["qid"].split(":", 1)[1]] for r in rows)
+        else:
+            en_rows = [json.loads(x) for x in (TEST_DATA / "mkqa-mia" / "mkqa_dev" /
+                                              "mkqa-en.jsonl").read_text().splitlines()]
+            by_id = {r["id"][: -len("_en")]: r["answers"] for r in en_rows}
+            assert all(r["answers"] == by_id[r["qid"].split(":", 1)[1]] for r in rows)

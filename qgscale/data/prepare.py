@@ -31,7 +31,7 @@ def read(fmt: str, input: str, *, passages: str | None = None,
 
     - ``xor-tydi``: XOR-TyDi / MIA queries + answers; ``passages``: the English collection.
     - ``mkqa``: the MKQA JSONL(.gz) file, or the MIA 2022 per-language files (a folder or
-      ``.zip``; ``answer_lang``: take each example's answers in that language).
+      ``.zip``); ``answer_lang``: take each example's answers in that language.
     - ``dpr``: DPR / Tevatron training data (queries, answers, qrels, examples, corpus of the
       inline passages); ``lang``: the questions' language where records have no ``lang``;
       ``corpus_langs=[x]``: the passages' language (default ``lang``).
@@ -59,7 +59,7 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     if fmt == "mkqa":
         if _is_folder_or_zip(input):
             return readers.read_mkqa_per_language(input, query_langs, answer_lang, rejects)
-        return readers.read_mkqa(input, query_langs, rejects)
+        return readers.read_mkqa(input, query_langs, rejects, answer_lang)
     if fmt == "tatoeba":
         return readers.read_tatoeba(input, query_langs, rejects)
     if fmt == "beir":
@@ -106,7 +106,8 @@ def run_prepare(data_cfg: Any, out_uri: str, key: str) -> dict[str, Any]:
     d = data_cfg
     return prepare(d.format, d.input, out_uri, on_error=d.on_error, shard_rows=d.shard_rows,
                    config_hash=key, passages=d.passages, query_langs=d.query_langs,
-                   corpus_langs=d.corpus_langs, test_mod=d.test_mod)
+                   corpus_langs=d.corpus_langs, test_mod=d.test_mod,
+                   answer_lang=d.answer_lang)
 
 
 def export_jsonl(parquet_uri: str, output: str) -> int:

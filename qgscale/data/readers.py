@@ -642,11 +642,12 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
 
 
 def read_mkqa(path: str, query_langs: list[str] | None = None,
-              rejects: Rejects | None = None) -> Tables:
+              rejects: Rejects | None = None, answer_lang: str | None = None) -> Tables:
     """MKQA JSONL(.gz): one record per example with ``queries`` and ``answers`` per language.
 
     qid ``{lang}:{example_id}``; answers are each answer's text and aliases (MKQA's R@kt uses
-    them). Answer-less (unanswerable) languages keep an empty answer list.
+    them), in the query's language, or in ``answer_lang`` for every query (``"en"`` for an
+    English corpus). Answer-less (unanswerable) languages keep an empty answer list.
     """
     rejects = rejects or Rejects()
     queries, answers = [], []
@@ -673,7 +674,7 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
             if text is None:
                 continue
             texts: list[str] = []
-            for a in ans_by_lang.get(lang) or []:
+            for a in ans_by_lang.get(answer_lang or lang) or []:
                 if isinstance(a, dict):
                     texts.extend(t for t in [a.get("text"), *(a.get("aliases") or [])]
                                  if isinstance(t, str) and t)

@@ -8,9 +8,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from qgscale import config as config_mod
+from qgscale import storage
 from qgscale.errors import report
+
+
+def baseline_beside(cfg: Any, result: dict, data_uri: str, split: str, out_uri: str) -> None:
+    """The BM25 baseline of ``split`` over the evaluated index's corpus (``bm25-eval``'s run
+    written under ``out_uri/bm25/run/<split>``, resumable), its reports in
+    ``out_uri/bm25/<split>/`` and ``out_uri/<split>.md``: BM25 and the student side by side."""
+    from qgscale.eval.evaluate import _queries_uri, comparison_table, evaluate_baseline
+    from qgscale.retrieval.sharded import run_bm25_eval
+
+    corpus = result["sources"]["corpus"]
+    queries = _queries_uri(data_uri, split)
+    run_dir = storage.join(out_uri, "bm25", "run", split)
+    key = storage.config_hash({"queries": storage.fingerprint(queries), "corpus": corpus,
+                               "bm25": [cfg.bm25.k1, cfg.bm25.b],
+                               "eval": [cfg.eval.top_k, cfg.eval.pairs]})
+    if not storage.stage_done(run_dir, key):
+        run_bm25_eval(cfg, queries, corpus, run_dir, key)
+    base = evaluate_baseline(cfg, storage.join(run_dir, "run.parquet"), data_uri, split,
+                             corpus, storage.join(out_uri, "bm25"))
+    table = comparison_table({"bm25": base, "student": result}, cfg.eval.chart_metric)
+    storage.write_bytes(storage.join(out_uri, f"{split}.md"), table.encode())
+    print(table, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,14 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         from qgscale.layout import Layout
 
         lay, ec = Layout(cfg), cfg.eval
-        jobs = [(split, args.model or ec.model or lay.model("distill"),
-                 args.index or ec.index or lay.faiss("distill", split)) for split in ec.splits]
+        src = lay.students()  # eval.students_from: another run's students (zero-shot)
+        jobs = [(split, args.model or ec.model or src.model("distill"),
+                 args.index or ec.index or src.faiss("distill", split)) for split in ec.splits]
         data = ec.data or lay.data_root
         for split, model, index in jobs:  # every input checked before Ray starts
             check_inputs(model, index, data, [split])
+        out = args.out or ec.out or lay.uri("eval-job")
         for split, model, index in jobs:
-            run_eval(cfg, model, index, data, args.out or ec.out or lay.uri("eval-job"),
-                     [split])
+            result = run_eval(cfg, model, index, data, out, [split])[split]
+            if cfg.bm25.baseline:
+                baseline_beside(cfg, result, data, split, out)
     except Exception as e:  # a user error: one line and exit 2; a bug: the traceback
         code = report(e)
         if code is None:

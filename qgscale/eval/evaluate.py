@@ -227,6 +227,17 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
         plang_all = None
     timings["search_s"] = time.time() - t0
     t0 = time.time()
+    out = score_runs(data, pooled, pair_runs, ks, plang_all)
+    timings["metrics_s"] = time.time() - t0
+    out.update(n_queries=len(data.qids), corpus_langs=langs, top_k=top_k, timings=timings,
+               run=pooled)
+    return out
+
+
+def score_runs(data: EvalData, pooled: dict, pair_runs: dict, ks: list[int] | None = None,
+               plang_all: dict | None = None) -> dict:
+    """Every metric of a pooled run and its per language pair runs (``{(query lang, corpus
+    lang): run}``) on ``data`` (:func:`qgscale.eval.metrics.evaluate_languages`)."""
     needed = {p for r in [pooled, *pair_runs.values()] for ranked in r.values() for p in ranked}
     needed |= {p for rels in data.qrels.values() for p in rels}
     want_text = data.answers is not None
@@ -234,12 +245,38 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
     if plang_all is not None:
         plang = {**plang_all, **plang}
     # queries with neither qrels nor answers cannot be scored; keep only scored ones per view
-    out = M.evaluate_languages(pair_runs, data.qrels, data.query_lang, plang, pooled_run=pooled,
-                               metrics=metric_names(ks or [1, 5, 10, 20, 100]),
-                               answers=data.answers, passages=ptext if want_text else None)
-    timings["metrics_s"] = time.time() - t0
-    out.update(n_queries=len(data.qids), corpus_langs=langs, top_k=top_k, timings=timings,
-               run=pooled)
+    return M.evaluate_languages(pair_runs, data.qrels, data.query_lang, plang, pooled_run=pooled,
+                                metrics=metric_names(ks or [1, 5, 10, 20, 100]),
+                                answers=data.answers, passages=ptext if want_text else None)
+
+
+def evaluate_baseline(cfg: Any, run_uri: str, data_uri: str, split: str, corpus_uri: str,
+                      out_uri: str) -> dict:
+    """The BM25 baseline of ``split``: the metrics of its run (``bm25-eval``'s
+    ``run.parquet``, :data:`qgscale.retrieval.sharded.RUN`) on the split's queries, with the
+    same metric code as the students; reports in ``out_uri/<split>/``."""
+    from qgscale.retrieval.sharded import read_run
+
+    ec = cfg.eval
+    t0 = time.time()
+    data = load_split(data_uri, split, corpus_uri, ec.answer_recall)
+    pooled, per_lang = read_run(run_uri)
+    missing = [q for q in data.qids if q not in pooled]
+    if missing:
+        raise DataError(f"{run_uri}: no BM25 result for query {missing[0]!r} of {data_uri} "
+                        f"split {split!r} ({len(missing)} missing): rerun stage bm25-eval")
+    langs = corpus_langs(data.corpus_uri)
+    pair_runs: dict[tuple[str, str], dict] = {}
+    for ql in sorted(set(data.query_lang.values())):
+        if len(langs) == 1:
+            pair_runs[(ql, langs[0])] = pooled
+        else:
+            pair_runs.update({(ql, cl): run for cl, run in per_lang.items()})
+    out = score_runs(data, pooled, pair_runs, ec.k)
+    out.update(n_queries=len(data.qids), corpus_langs=langs, top_k=ec.top_k,
+               timings={"total_s": time.time() - t0}, run=pooled, model="bm25",
+               bm25_run=run_uri, split=split, sources=data.source)
+    write_reports(out, storage.join(out_uri, split), metric_names(ec.k), ec.chart_metric)
     return out
 
 

@@ -60,19 +60,47 @@ def markdown(result: dict[str, Any], names: list[str], k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def answer_qrels(run: list[dict], k: int, data: Any) -> dict[str, dict[str, int]]:
+    """For a split with answers and no qrels (XOR-TyDi, MKQA): the passages of each query's
+    top ``k`` that contain an answer (DPR's match, ``qgscale.retrieval.answers``, on "title
+    text") are its relevant ones; queries without any are left out."""
+    from qgscale.eval.evaluate import passage_fields
+    from qgscale.retrieval.answers import has_answer
+
+    answers = data.answers or {}
+    pids = {p for r in run if answers.get(r["qid"]) for p in r["pids"][:k]}
+    _, texts = passage_fields(data.corpus_uri, pids, text=True)
+    out: dict[str, dict[str, int]] = {}
+    for r in run:
+        rel = {p: 1 for p in r["pids"][:k] if answers.get(r["qid"])
+               and has_answer(answers[r["qid"]], texts[p])}
+        if rel:
+            out[r["qid"]] = rel
+    return out
+
+
 def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split: str,
-               out_uri: str, key: str) -> dict[str, Any]:
+               out_uri: str, key: str, corpus_uri: str | None = None) -> dict[str, Any]:
     """Stage function ``rerank`` for one split: teacher vs student order on the student's
-    top ``cfg.teacher.rerank_k`` of ``run_uri`` (``CANDIDATES`` rows, ranked)."""
+    top ``cfg.teacher.rerank_k`` of ``run_uri`` (``CANDIDATES`` rows, ranked); ``corpus_uri``:
+    the corpus the run retrieved from (default: the split's own)."""
     from qgscale.eval.evaluate import load_split
     from qgscale.teacher.common import qg_spec
     from qgscale.teacher.scoring import score_candidates
 
     k, sc = cfg.teacher.rerank_k, cfg.teacher.score
-    data = load_split(data_uri, split, answers=False)
+    data = load_split(data_uri, split, corpus_uri)
     run = storage.read_parquet(run_uri).to_pylist()
-    lists = {r["qid"]: list(r["pids"][:k]) for r in run if r["qid"] in data.qrels}
+    qrels = data.qrels or answer_qrels(run, k, data)
+    lists = {r["qid"]: list(r["pids"][:k]) for r in run if r["qid"] in qrels}
     student = {r["qid"]: dict(zip(r["pids"][:k], r["scores"][:k], strict=True)) for r in run}
+    if not lists:  # nothing to compare: say so instead of scoring
+        log.warning("split %s: no query has a relevant passage in the warm-up student's top-%d:"
+                    " no teacher rerank", split, k)
+        result = {"split": split, "rerank_k": k, "student_run": run_uri, "n_queries": 0,
+                  "student": {"macro": {}}, "teacher": {"macro": {}}}
+        storage.write_json(storage.join(out_uri, "metrics.json"), result)
+        return result
     cand_uri = storage.join(out_uri, "candidates")
     storage.write_parquet(storage.join(cand_uri, "part-00000.parquet"), pa.Table.from_pylist(
         [{"qid": q, "pids": p, "scores": None} for q, p in lists.items()], schema=CANDIDATES))
@@ -85,7 +113,7 @@ def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split:
                        strict=True):
         teacher[q][p] = s
     names = rerank_metric_names(k)
-    result = compare_orders(lists, student, teacher, data.qrels, data.query_lang, names)
+    result = compare_orders(lists, student, teacher, qrels, data.query_lang, names)
     result.update(split=split, rerank_k=k, student_run=run_uri)
     storage.write_json(storage.join(out_uri, "metrics.json"), result)
     storage.write_bytes(storage.join(out_uri, "metrics.md"), markdown(result, names, k).encode())
