@@ -313,9 +313,9 @@ class Config(Section):
 
 def key_values(value: Any) -> Any:
     """``value`` (a section, or a plain value) as JSON data for a stage key: every field
-    except the :class:`Actors` runtime settings."""
-    if isinstance(value, BaseModel):
-        skip = set(Actors.model_fields) if isinstance(value, Actors) else set()
+    except the runtime settings named as in :class:`Actors` (actors, CPUs, GPUs, retries)."""
+    if isinstance(value, BaseModel):  # the runtime settings of any section (search's too)
+        skip = set(Actors.model_fields)
         return {k: key_values(getattr(value, k)) for k in type(value).model_fields
                 if k not in skip}
     if isinstance(value, list | tuple):

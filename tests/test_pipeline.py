@@ -155,7 +155,7 @@ DESCENDANTS = {  # stage -> (a key of its config sections, the stages that must 
     "index": ("index.build.metric=l2",
               ["index", "mine", "score", "distill", "reindex", "eval", "rerank"]),
     "mine": ("index.search.nprobe=4",
-             ["mine", "score", "distill", "reindex", "eval", "rerank"], ["eval"]),
+             ["mine", "score", "distill", "reindex", "eval", "rerank"]),
     "generate": ("teacher.generate.max_new_tokens=6",
                  ["generate", "distill", "reindex", "eval", "rerank"]),
     "score": ("teacher.score.batch_tokens=5000",

@@ -1,8 +1,8 @@
 """Distributed FAISS build over embedding shards (the autofaiss recipe on Ray).
 
-1. sample training vectors uniformly across shards (distributed reservoir: each shard keeps
-   its ``k`` rows with the smallest random keys; the ``k`` smallest overall are a uniform
-   sample without replacement);
+1. sample training vectors across shards: each shard sends its ``ceil(k * n_i / n * 1.05)``
+   rows with the smallest random keys (float16), the training task keeps the ``k`` smallest
+   keys overall: it receives about ``1.05 k`` rows whatever the corpus size;
 2. train the index from a factory string (GPU clustering with faiss-gpu when present) and
    save the trained empty index to storage;
 3. add each embedding shard on a pool of Ray actors (:func:`qgscale.runtime.run_shards`;
@@ -123,33 +123,44 @@ def _limit_threads(num_cpus: float) -> None:
     pa.set_cpu_count(threads)
 
 
-def sample_shard(uri: str, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` rows of one shard with the smallest uniform random keys: ``(keys, vectors)``."""
+def sample_shard(uri: str, quota: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``quota`` rows of one shard with the smallest uniform random keys: ``(keys,
+    vectors)``, the vectors in float16 (half the memory until training)."""
     _, vecs = read_vectors(uri)
     keys = np.random.default_rng(seed).random(len(vecs))
-    keep = np.argsort(keys)[:k]
-    return keys[keep], vecs[keep]
+    keep = np.argsort(keys)[:quota]
+    return keys[keep], vecs[keep].astype(np.float16)
+
+
+def sample_quotas(counts: list[int], k: int, slack: float = 1.05) -> list[int]:
+    """Rows each shard sends for a training sample of ``k``: ``ceil(k * n_i / n * slack)``
+    (at most ``n_i``), so the training task receives about ``slack * k`` rows, whatever N."""
+    n = sum(counts)
+    return [min(c, math.ceil(k * c / n * slack)) if n else 0 for c in counts]
 
 
 def train_index(factory: str, metric: str, dim: int, out_uri: str,
-                *samples: tuple[np.ndarray, np.ndarray], k: int = 0) -> dict:
-    """Train ``factory`` on the ``k`` lowest-key sampled rows; write the empty index."""
+                *samples: tuple[np.ndarray, np.ndarray], k: int = 0, threads: int = 1) -> dict:
+    """Train ``factory`` on the ``k`` lowest-key sampled rows (``threads``: this task's CPU
+    share); write the empty index."""
     import faiss
 
-    faiss.omp_set_num_threads(os.cpu_count() or 1)  # training runs alone: use the whole node
+    faiss.omp_set_num_threads(max(1, threads))
     index = faiss.index_factory(dim, with_ids(factory), metric_type(metric))
-    n_train = 0
+    n_train = n_received = 0
     if not index.is_trained:
         keys = np.concatenate([s[0] for s in samples])
-        vecs = np.concatenate([s[1] for s in samples])
-        x = np.ascontiguousarray(vecs[np.argsort(keys)[:k]])
+        n_received = len(keys)
+        top = np.argsort(keys)[:k]
+        x = np.ascontiguousarray(np.concatenate([s[1] for s in samples])[top],
+                                 dtype=np.float32)
         n_train = len(x)
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus():
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
         index.train(x)
     storage.write_bytes(out_uri, faiss.serialize_index(index).tobytes())
-    return {"n_train": n_train}
+    return {"n_train": n_train, "n_received": n_received}
 
 
 @dataclass
@@ -292,11 +303,13 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
                                                      metric_type(bc.metric)).is_trained
             k = min(bc.train_samples, n) if needs_training else 0
             sample = ray.remote(sample_shard).options(**task_options)
-            samples = [sample.remote(u, k, seed * 100_003 + i)
-                       for i, u in enumerate(uris)] if k else []
+            samples = [sample.remote(u, q, seed * 100_003 + i) for i, (u, q) in
+                       enumerate(zip(uris, sample_quotas(counts, k), strict=True)) if q] \
+                if k else []
             res = actor_resources("index.build", 1, bc.cpus_per_actor, bc.gpus_per_actor)
             train = ray.remote(train_index).options(**res.options())
-            info = ray.get(train.remote(factory, bc.metric, dim, trained_uri, *samples, k=k))
+            info = ray.get(train.remote(factory, bc.metric, dim, trained_uri, *samples, k=k,
+                                        threads=res.threads))
             storage.write_json(info_uri, {"hash": chash, "factory": factory, **info})
 
     mergeable = is_ivf(factory) or bc.num_shards == 0 or "HNSW" not in factory
