@@ -270,15 +270,17 @@ def pipeline_config(data_dir: str, root: str, shard_rows: int = 10_000,
     }
 
 
-def drive(config_path: str) -> None:
-    """The driver process: run the whole pipeline of ``config_path``."""
+def drive(config_path: str, until: str | None = None) -> None:
+    """The driver process: run the pipeline of ``config_path`` (up to stage ``until``)."""
     sys.path.insert(0, str(REPO))
     from qgscale import config, logs, pipeline
 
     logs.console()
     cfg = config.load(config_path)
     logs.to_run_folder(cfg.run.root)
-    pipeline.run(cfg)
+    names = pipeline.STAGE_NAMES
+    for name in names[:names.index(until) + 1] if until else [None]:
+        pipeline.run(cfg, only=name)
 
 
 def stage_rows(stage: str, rec: dict[str, Any], n: int, data: dict[str, Any]
@@ -323,7 +325,8 @@ def run_one(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     load0 = [round(v, 2) for v in os.getloadavg()]
     t0 = time.time()
     with open(work / f"driver-{n}.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--drive", str(cfg_path)],
+        until = ["--until", args.until] if args.until else []
+        proc = subprocess.Popen([sys.executable, __file__, "--drive", str(cfg_path), *until],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         sampler = RssSampler(proc.pid, args.interval).start()
         rc = proc.wait()
@@ -339,7 +342,7 @@ def run_one(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from qgscale.pipeline import STAGE_NAMES
 
     stages = {}
-    for name in STAGE_NAMES:
+    for name in [s for s in STAGE_NAMES if s in records]:
         rec = records[name]
         st, w = rec["started"], rec["wall_s"]
         rows, unit = stage_rows(name, rec, n, data)
@@ -421,6 +424,7 @@ def table(results: list[dict[str, Any]], g: dict[str, Any] | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--drive", help=argparse.SUPPRESS)
+    ap.add_argument("--until", default=None, help="run the stages up to this one only")
     ap.add_argument("--quick", action="store_true", help="N = 20k and 200k")
     ap.add_argument("--sizes", default=None, help="comma-separated corpus sizes")
     ap.add_argument("--train-queries", type=int, default=1000)
@@ -434,7 +438,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.drive:
-        return drive(args.drive)
+        return drive(args.drive, args.until)
     sizes = ([int(x) for x in args.sizes.split(",")] if args.sizes
              else [20_000, 200_000] if args.quick else [100_000, 1_000_000])
     out_path = Path(args.out or REPO / "benchmarks" / "results" /
