@@ -346,7 +346,7 @@ def run_one(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
         rec = records[name]
         st, w = rec["started"], rec["wall_s"]
         rows, unit = stage_rows(name, rec, n, data)
-        stages[name] = {"wall_s": round(w, 2), **peaks(samples, st, st + w),
+        stages[name] = {"started": st, "wall_s": round(w, 2), **peaks(samples, st, st + w),
                         "rows": rows, "rows_unit": unit,
                         "rows_per_s": round(rows / w, 1) if rows else None}
     out = {"n": n, "data": gen, "total_wall_s": round(wall, 1),
@@ -370,8 +370,8 @@ def growth(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
                       ("wall_s", "wall_growth")):
         per = {s: round(large["stages"][s][key] / small["stages"][s][key], 3)
                for s in small["stages"] if small["stages"][s][key]}
-        worst = max(per, key=per.get)
-        out[name] = {"max": per[worst], "max_stage": worst, "per_stage": per}
+        worst = max(per, key=per.get) if per else None
+        out[name] = {"max": per.get(worst), "max_stage": worst, "per_stage": per}
     fits: dict[str, Any] = {}
     for s in small["stages"]:
         fits[s] = {}
