@@ -153,6 +153,13 @@ def test_beir_folder(tmp_path):
     assert t["test/qrels"] == [{"qid": "q1", "pid": "d1", "rel": 1}]
     assert t["dev/queries"] == [{"qid": "q2", "lang": "sw", "text": "b?"}]
     assert len(t["corpus"]) == 2
+    # prepare streams the corpus (a generator, written shard by shard) to the same rows
+    streamed = read("beir", str(tmp_path / "b"), lang="sw", stream=True)
+    assert not isinstance(streamed["corpus"], list)
+    assert list(streamed["corpus"]) == t["corpus"]
+    prepare("beir", str(tmp_path / "b"), str(tmp_path / "out"), lang="sw", shard_rows=1)
+    assert storage.read_parquet(str(tmp_path / "out" / "corpus")).to_pylist() == t["corpus"]
+    assert len(storage.list_files(str(tmp_path / "out" / "corpus"), ".parquet")) == 2
 
 
 # Broken inputs: each defect must give an error naming file, line and field.

@@ -38,8 +38,9 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     - ``passages``: a passage collection alone (psgs_w100.tsv, pyserini / BEIR JSONL), in
       language ``lang``.
 
-    With ``stream``, passage collections (``passages``, ``xor-tydi``'s ``passages``) are
-    generators, read while they are written: the whole collection is never in memory.
+    With ``stream``, passage collections (``passages``, ``xor-tydi``'s ``passages``, ``beir``'s
+    ``corpus.jsonl``) are generators, read while they are written: the whole collection is
+    never in memory.
     """
     rejects = rejects or readers.Rejects()
     if fmt == "xquad":
@@ -63,7 +64,7 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     if fmt == "tatoeba":
         return readers.read_tatoeba(input, query_langs, rejects)
     if fmt == "beir":
-        return readers.read_beir(input, lang, rejects)
+        return readers.read_beir(input, lang, rejects, stream=stream)
     if fmt == "jsonl":
         if kind not in SCHEMAS:
             raise ConfigError(f"--kind must be one of {sorted(SCHEMAS)} for --format jsonl, "

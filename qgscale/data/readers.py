@@ -875,8 +875,11 @@ def read_qrels_tsv(path: str, rejects: Rejects | None = None) -> list[dict[str, 
     return rows
 
 
-def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None) -> Tables:
-    """A BEIR/MIRACL folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/{split}.tsv``."""
+def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None,
+              stream: bool = False) -> Tables:
+    """A BEIR/MIRACL folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/{split}.tsv``.
+    With ``stream`` the corpus is a generator (:func:`iter_passages`), read while it is
+    written; queries and qrels are read at once."""
     rejects = rejects or Rejects()
     fs, root = fsspec.core.url_to_fs(folder)
     base = folder.rstrip("/")
@@ -887,7 +890,8 @@ def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None) ->
                 return f"{base}/{n}"
         raise MissingInputError(f"{folder}: {name} is missing")
 
-    tables: Tables = dict(read_passages(find("corpus.jsonl"), lang, rejects))
+    passages = iter_passages(find("corpus.jsonl"), lang, rejects)
+    tables: Tables = {"corpus": passages if stream else list(passages)}
     queries = []
     qpath = find("queries.jsonl")
     seen = FirstSeen("query id")
