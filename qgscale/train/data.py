@@ -43,6 +43,10 @@ STUDENT_ROWS = pa.schema([
     ("gen_scores", pa.list_(pa.float32())),  # teacher scores of gen_query on C(q), or []
 ])
 QG_ROWS = pa.schema([("query", pa.string()), ("lang", pa.string()), ("passage", pa.string())])
+QG_RANK_ROWS = pa.schema([
+    ("qid", pa.string()), ("query", pa.string()), ("lang", pa.string()),
+    ("passages", pa.list_(pa.string())),  # [positive, hard negatives...] (up to 1 + N)
+])
 
 
 def generated_qid(pid: str, lang: str, query: str) -> str:
@@ -211,6 +215,40 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
                         "training query's positive passage")
     counts["rows"] = len(rows)
     return pa.Table.from_pylist(rows, schema=STUDENT_ROWS), counts
+
+
+def build_qg_rank_rows(queries_uri: str, corpus_uri: str, examples_uri: str,
+                       n_negatives: int, seed: int = 13) -> tuple[pa.Table, dict[str, Any]]:
+    """Rows of :data:`QG_RANK_ROWS` for the teacher's ranking fine-tune, one per training
+    example ``{qid, pos_pids, neg_pids}`` (``mine/train``): the query, its language, one of
+    its positives (seeded choice) and its first ``n_negatives`` mined hard negatives.
+
+    A query with fewer negatives keeps the ones it has (the collator masks the rest); the
+    counts (``short_lists``, ``no_negatives``) go to the manifest.
+    """
+    rng = random.Random(seed)
+    queries, corpus = load_texts(queries_uri, corpus_uri)
+    pos, neg, pos_uri = positives_from(examples_uri, None)
+    counts = {"rows": 0, "short_lists": 0, "no_negatives": 0}
+    rows = []
+    for qid in sorted(pos):
+        if qid not in queries:
+            raise DataError(f"{pos_uri}: qid={qid} not in queries {queries_uri}")
+        lang, qtext = queries[qid]
+        pos_set = set(pos[qid])
+        negs = [p for p in neg.get(qid, []) if p not in pos_set][:n_negatives]
+        for p in [*pos[qid], *negs]:
+            if p not in corpus:
+                raise DataError(f"{pos_uri}: qid={qid}: pid={p} not in corpus {corpus_uri}")
+        counts["short_lists"] += len(negs) < n_negatives
+        counts["no_negatives"] += not negs
+        positive = rng.choice(pos[qid])
+        rows.append({"qid": qid, "query": qtext, "lang": lang,
+                     "passages": [corpus[positive]] + [corpus[p] for p in negs]})
+    if not rows:
+        raise DataError(f"{pos_uri}: no training examples")
+    counts["rows"] = len(rows)
+    return pa.Table.from_pylist(rows, schema=QG_RANK_ROWS), counts
 
 
 def write_rows(table: pa.Table, uri: str, shard_rows: int, config_hash: str) -> list[str]:
