@@ -28,6 +28,8 @@ TINY = {
                                    "intermediate_size": 64},
                           "tokenizer": "xquad-tokenizer:2000"},
                 "pooling": "mean", "normalize": True, "temperature": 0.1},
+    "qg_rank": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "n_negatives": 2,
+                "gen_weight": 0.5, "checkpoint_every": 1000},
     "warmup": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "max_passage_len": 96,
                "max_query_len": 24, "checkpoint_every": 1000,
                "loss": {"alpha": 0.0, "beta": 0.0}},
@@ -77,8 +79,16 @@ def test_pipeline_end_to_end_and_resume(finished_run):
                        strict=True))) == n_pairs
     generated = storage.read_parquet(lay.generated)
     assert set(generated.column("lang").to_pylist()) == {"en"}
-    for stage in ("qg", "warmup", "distill"):
+    for stage in ("qg", "qg-rank", "warmup", "distill"):
         assert storage.list_files(lay.model(stage))
+    # the teacher's ranking fine-tune: every training example, its loss logged by parts
+    n_examples = storage.read_parquet(lay.mined_train).num_rows
+    assert results["qg-rank"]["counts"]["rows"] == n_examples
+    rank_log = [json.loads(x) for x in storage.read_bytes(storage.join(
+        lay.train_dir("qg-rank"), "metrics.jsonl")).decode().splitlines() if x.strip()]
+    assert rank_log[-1]["step"] == 4
+    assert all(abs(x["loss"] - x["rank"] - 0.5 * x["gen"]) < 1e-3 for x in rank_log)
+    assert lay.teacher_model().name_or_path == lay.model("qg-rank")  # score/rerank use it
     for student in STUDENTS:
         metrics = storage.read_json(storage.join(lay.eval_dir(student), "test", "metrics.json"))
         assert metrics["n_queries"] == data["rows"]["test/queries"]
@@ -141,13 +151,16 @@ def test_readme_command_lines_run_on_a_finished_run(finished_run):
 
 DESCENDANTS = {  # stage -> (a key of its config sections, the stages that must rerun)
     "prepare": ("data.test_mod=3", pipeline.STAGE_NAMES),
-    "train-qg": ("qg.lr=0.0005",
-                 ["train-qg", "generate", "score", "distill", "reindex", "eval", "rerank"]),
-    "warmup": ("warmup.lr=0.0005",
-               ["warmup", "index", "mine", "score", "distill", "reindex", "eval", "rerank"]),
+    "train-qg": ("qg.lr=0.0005", ["train-qg", "qg-rank", "generate", "score", "distill",
+                                  "reindex", "eval", "rerank"]),
+    "warmup": ("warmup.lr=0.0005", ["warmup", "index", "mine", "qg-rank", "score", "distill",
+                                    "reindex", "eval", "rerank"]),
     "index": ("index.nprobe=4",
-              ["index", "mine", "score", "distill", "reindex", "eval", "rerank"]),
-    "mine": ("mine.top_k=3", ["mine", "score", "distill", "reindex", "eval", "rerank"]),
+              ["index", "mine", "qg-rank", "score", "distill", "reindex", "eval", "rerank"]),
+    "mine": ("mine.top_k=3",
+             ["mine", "qg-rank", "score", "distill", "reindex", "eval", "rerank"]),
+    "qg-rank": ("qg_rank.gen_weight=0.25",
+                ["qg-rank", "score", "distill", "reindex", "eval", "rerank"]),
     "generate": ("teacher.generate.max_new_tokens=6",
                  ["generate", "distill", "reindex", "eval", "rerank"]),
     "score": ("teacher.score.batch_tokens=5000",
