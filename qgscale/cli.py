@@ -208,6 +208,12 @@ def train_qg(config: ConfigArg, set: Overrides = None) -> None:
     _stage(config, set, "train-qg")
 
 
+@train_app.command("qg-rank")
+def train_qg_rank(config: ConfigArg, set: Overrides = None) -> None:
+    """Ranking fine-tune of the QG teacher on the mined hard negatives (listwise + gen NLL)."""
+    _stage(config, set, "qg-rank")
+
+
 @train_app.command("warmup")
 def train_warmup(config: ConfigArg, set: Overrides = None) -> None:
     """Contrastive warm-up of the dual encoder."""

@@ -124,6 +124,28 @@ class QGTrainConfig(TrainConfig):
     prompt: str = "generate {lang} query: {passage}"
 
 
+class QGRankConfig(TrainConfig):
+    """``train qg-rank``: the teacher's ranking fine-tune (the paper's QG-as-ranker step).
+
+    Starts from the QG (``train/qg/model``, or ``teacher.model`` when set) and minimises a
+    listwise softmax cross-entropy over the length-normalised log-likelihoods
+    ``log P(q|p) / |q|`` of each training query's positive and its first ``n_negatives``
+    mined hard negatives (``mine/train``), plus ``gen_weight`` times the generation NLL of
+    the positive, so the teacher still generates. The result is the teacher that ``score``
+    and ``rerank`` use; ``generate`` keeps the generation-only QG. ``enabled: false``: the
+    stage does nothing and the QG itself is the teacher.
+    """
+
+    enabled: bool = True
+    n_negatives: int = Field(4, ge=1)
+    gen_weight: float = Field(1.0, ge=0.0)
+    tau: float = Field(1.0, gt=0.0)  # softmax temperature over the candidates' scores
+    # None: the QG's own lengths (the qg section's, what scoring uses)
+    max_query_len: int | None = None  # type: ignore[assignment]
+    max_passage_len: int | None = None  # type: ignore[assignment]
+    lr: float = 1e-4
+
+
 class EncoderConfig(Section):
     model: ModelConfig = ModelConfig(name_or_path="xlm-roberta-base")
     pooling: Literal["cls", "mean"] = "cls"
@@ -297,6 +319,7 @@ class Config(Section):
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
     qg: QGTrainConfig = QGTrainConfig()
+    qg_rank: QGRankConfig = QGRankConfig()
     encoder: EncoderConfig = EncoderConfig()
     warmup: StudentTrainConfig = StudentTrainConfig(loss=LossConfig(alpha=0.0, beta=0.0))
     distill: StudentTrainConfig = StudentTrainConfig()

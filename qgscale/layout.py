@@ -7,7 +7,7 @@ for paths; no stage function has path defaults of its own::
                                                     DPR-format data also has examples)
     bm25/train/{examples,qrels}                     answer-match training data (bm25)
     bm25/eval/<split>/run.parquet                   the BM25 baseline's run (bm25-eval)
-    train/{qg,warmup,distill}/model                 the trained models (HF format)
+    train/{qg,qg-rank,warmup,distill}/model         the trained models (HF format)
     train/warmup/init                               the student's untrained starting point
     index/<student>-<corpus>/{embeddings,faiss}     corpus embeddings and FAISS index
                                                     (<corpus>: the split, or all if unsplit)
@@ -103,17 +103,27 @@ class Layout:
         return self.uri("train", stage)
 
     def model(self, stage: str) -> str:
-        """The trained model of ``qg``, ``warmup`` or ``distill``; ``init``: the untrained
-        starting checkpoint of the student (saved by the warm-up stage)."""
+        """The trained model of ``qg``, ``qg-rank``, ``warmup`` or ``distill``; ``init``: the
+        untrained starting checkpoint of the student (saved by the warm-up stage)."""
         if stage == "init":
             return self.uri("train", "warmup", "init")
         return self.uri("train", stage, "model")
 
-    def teacher_model(self) -> Any:
-        """The teacher QG as a ``ModelConfig``: ``teacher.model``, else the fine-tuned QG."""
+    def qg_model(self) -> Any:
+        """The query generator as a ``ModelConfig``: ``teacher.model``, else the fine-tuned QG
+        (``train/qg/model``). It generates queries, and the ranking fine-tune starts from it."""
         from qgscale.config import ModelConfig
 
         return self.cfg.teacher.model or ModelConfig(name_or_path=self.model("qg"))
+
+    def teacher_model(self) -> Any:
+        """The teacher that scores pairs, as a ``ModelConfig``: the ranking fine-tuned QG
+        (``train/qg-rank/model``) when ``qg_rank.enabled``, else :meth:`qg_model`."""
+        from qgscale.config import ModelConfig
+
+        if self.cfg.qg_rank.enabled:
+            return ModelConfig(name_or_path=self.model("qg-rank"))
+        return self.qg_model()
 
     # --- index and mining
     def corpus_tag(self, split: str) -> str:

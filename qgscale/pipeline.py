@@ -1,8 +1,9 @@
 """``qgscale run``: the method as a graph of stages, and the one runner that decides what runs.
 
-prepare -> bm25 -> bm25-eval -> train-qg -> warmup -> index -> mine -> generate -> score ->
-distill -> reindex -> eval -> rerank (the teacher's reranking of the warm-up student's top-k: is
-the teacher better?)
+prepare -> bm25 -> bm25-eval -> train-qg -> warmup -> index -> mine -> qg-rank (the
+teacher's ranking fine-tune on the mined hard negatives) -> generate -> score -> distill ->
+reindex -> eval -> rerank (the teacher's reranking of the warm-up student's top-k: is the
+teacher better?)
 
 ``bm25`` makes the training examples from answers (XOR-TyDi, MKQA: data with answers and no
 gold passages) and is a no-op for data with its own positives; only then do the training
@@ -112,11 +113,27 @@ def _mine(cfg: Config, lay: Layout, key: str) -> dict:
                     lay.data(split, "queries"), lay.train("qrels", split), lay.mine_dir, key)
 
 
+def _qg_rank(cfg: Config, lay: Layout, key: str) -> dict:
+    """The teacher's ranking fine-tune; with ``qg_rank.enabled: false`` nothing (the QG
+    itself is then the teacher)."""
+    if not cfg.qg_rank.enabled:
+        return {"enabled": False}
+    from qgscale.train.trainer import run_train_qg_rank
+
+    return run_train_qg_rank(cfg, out_uri=lay.train_dir("qg-rank"), key=key,
+                             qg_model=lay.qg_model(), examples_uri=lay.mined_train,
+                             queries_uri=lay.data("train", "queries"),
+                             corpus_uri=lay.data("train", "corpus"))
+
+
 def _generate(cfg: Config, lay: Layout, key: str) -> dict:
+    """Generated queries come from the generation-only QG, not the ranking fine-tuned
+    teacher: its one objective is generation, and generation then does not depend on the
+    student (warm-up, index, mine) nor rerun when the ranking fine-tune changes."""
     from qgscale.teacher.generation import run_generate
 
     positives = cfg.teacher.generate.passages == "positives"
-    return run_generate(cfg, lay.teacher_model(), lay.data("train", "corpus"),
+    return run_generate(cfg, lay.qg_model(), lay.data("train", "corpus"),
                         lay.train("qrels") if positives else None, lay.generated, key)
 
 
@@ -215,8 +232,14 @@ def _model_source(model: Any) -> list[str]:
     return [model.name_or_path] if model is not None and model.name_or_path else []
 
 
-def _teacher_inputs(cfg: Config) -> tuple[str, ...]:
+def _qg_inputs(cfg: Config) -> tuple[str, ...]:
+    """The stage that provides the query generator (none with an external teacher.model)."""
     return () if cfg.teacher.model is not None else ("train-qg",)
+
+
+def _teacher_inputs(cfg: Config) -> tuple[str, ...]:
+    """The stages that provide the scoring teacher: the QG, then its ranking fine-tune."""
+    return (*_qg_inputs(cfg), *(("qg-rank",) if cfg.qg_rank.enabled else ()))
 
 
 @dataclass(frozen=True)
@@ -263,9 +286,15 @@ STAGES = [
     Stage("mine", "retrieve candidates and hard negatives for training queries", _mine,
           ("mine", "index.search"), lambda c: (*_positives(c), "warmup", "index"),
           lambda c, lay: [lay.candidates, lay.mined_train], lambda c, lay: [lay.mine_dir]),
+    Stage("qg-rank", "ranking fine-tune of the teacher on mined hard negatives", _qg_rank,
+          ("qg_rank", "run.seed", "data.shard_rows", *TEACHER),
+          lambda c: ("prepare", *_qg_inputs(c), "mine"),
+          lambda c, lay: [lay.model("qg-rank")] if c.qg_rank.enabled else [],
+          lambda c, lay: [lay.train_dir("qg-rank")],
+          raw=lambda c: _model_source(c.teacher.model)),
     Stage("generate", "teacher-generated queries in other languages", _generate,
           ("teacher.generate", "run.seed", *TEACHER),
-          lambda c: (*_positives(c), *_teacher_inputs(c)), lambda c, lay: [lay.generated],
+          lambda c: (*_positives(c), *_qg_inputs(c)), lambda c, lay: [lay.generated],
           lambda c, lay: [lay.generated], raw=lambda c: _model_source(c.teacher.model)),
     Stage("score", "teacher scores log P(q|p)/|q| for every candidate pair", _score,
           ("teacher.score", "distill.loss.kd_on_generated", *TEACHER),

@@ -23,7 +23,8 @@ def test_paper_scale_config(name, monkeypatch):
     assert cfg.qg.model.name_or_path == "google/mt5-base"
     assert cfg.encoder.model.name_or_path == "xlm-roberta-base"
     assert cfg.run.root.startswith("s3://") and cfg.data.input.startswith("s3://")
-    for stage in (cfg.qg, cfg.warmup, cfg.distill):
+    assert cfg.qg_rank.enabled and cfg.qg_rank.n_negatives <= cfg.mine.n_negatives
+    for stage in (cfg.qg, cfg.qg_rank, cfg.warmup, cfg.distill):
         assert stage.use_gpu and stage.num_workers > 1
         assert stage.zero_stage == 2 and stage.precision == "bf16"
     assert cfg.teacher.score.precision == cfg.teacher.generate.precision == "bf16"

@@ -129,3 +129,24 @@ def test_alignment_dispatch_and_total():
     c, k, a = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)
     assert losses.total_loss(c, k, a, alpha=0.5, beta=0.1).item() == pytest.approx(2.3)
     assert losses.total_loss(c, None, None).item() == 1.0
+
+
+def test_listwise_loss_matches_hand_computation_and_masks():
+    s = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, 5.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    loss = losses.listwise_loss(s, mask, tau=0.5)
+    hand = -(math.log(_softmax([-2.0, -4.0, -1.0])[0]) + math.log(_softmax([-0.4, -6.0])[0])) / 2
+    assert loss.item() == pytest.approx(hand, rel=1e-5)  # the masked 5.0 does not count
+
+
+def test_qg_rank_loss_normalises_by_length_and_adds_generation_nll():
+    sums = torch.tensor([[-4.0, -3.0], [-6.0, -20.0]], requires_grad=True)
+    ntok = torch.tensor([[4, 2], [3, 10]])
+    loss, parts = losses.qg_rank_loss(sums, ntok, gen_weight=0.5)
+    # scores log P / |q|: [-1, -1.5] and [-2, -2]; generation NLL of the positives 10 / 7
+    rank = -(math.log(_softmax([-1.0, -1.5])[0]) + math.log(_softmax([-2.0, -2.0])[0])) / 2
+    assert parts["rank"].item() == pytest.approx(rank, rel=1e-6)
+    assert parts["gen"].item() == pytest.approx(10 / 7, rel=1e-6)
+    assert loss.item() == pytest.approx(rank + 0.5 * 10 / 7, rel=1e-6)
+    loss.backward()
+    assert sums.grad[0, 0] < 0 < sums.grad[0, 1]  # raise the positive, lower the negative

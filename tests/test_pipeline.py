@@ -28,6 +28,8 @@ TINY = {
                                    "intermediate_size": 64},
                           "tokenizer": "xquad-tokenizer:2000"},
                 "pooling": "mean", "normalize": True, "temperature": 0.1},
+    "qg_rank": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "n_negatives": 2,
+                "gen_weight": 0.5, "checkpoint_every": 1000},
     "warmup": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "max_passage_len": 96,
                "max_query_len": 24, "checkpoint_every": 1000,
                "loss": {"alpha": 0.0, "beta": 0.0}},
@@ -77,8 +79,16 @@ def test_pipeline_end_to_end_and_resume(finished_run):
                        strict=True))) == n_pairs
     generated = storage.read_parquet(lay.generated)
     assert set(generated.column("lang").to_pylist()) == {"en"}
-    for stage in ("qg", "warmup", "distill"):
+    for stage in ("qg", "qg-rank", "warmup", "distill"):
         assert storage.list_files(lay.model(stage))
+    # the teacher's ranking fine-tune: every training example, its loss logged by parts
+    n_examples = storage.read_parquet(lay.mined_train).num_rows
+    assert results["qg-rank"]["counts"]["rows"] == n_examples
+    rank_log = [json.loads(x) for x in storage.read_bytes(storage.join(
+        lay.train_dir("qg-rank"), "metrics.jsonl")).decode().splitlines() if x.strip()]
+    assert rank_log[-1]["step"] == 4
+    assert all(abs(x["loss"] - x["rank"] - 0.5 * x["gen"]) < 1e-3 for x in rank_log)
+    assert lay.teacher_model().name_or_path == lay.model("qg-rank")  # score/rerank use it
     # XQuAD has gold positives: bm25 makes no training data, only the baseline row
     assert "skipped" in storage.read_manifest(lay.bm25_train)
     assert not storage.exists(storage.join(lay.bm25_train, "examples"))
@@ -148,14 +158,16 @@ DESCENDANTS = {  # stage -> (a key of its config sections, the stages that must 
     # XQuAD has gold positives: no training stage reads bm25
     "bm25": ("bm25.top_k=50", ["bm25"]),
     "bm25-eval": ("eval.pairs=false", ["bm25-eval", "eval", "rerank"]),
-    "train-qg": ("qg.lr=0.0005",
-                 ["train-qg", "generate", "score", "distill", "reindex", "eval", "rerank"]),
-    "warmup": ("warmup.lr=0.0005",
-               ["warmup", "index", "mine", "score", "distill", "reindex", "eval", "rerank"]),
+    "train-qg": ("qg.lr=0.0005", ["train-qg", "qg-rank", "generate", "score", "distill",
+                                  "reindex", "eval", "rerank"]),
+    "warmup": ("warmup.lr=0.0005", ["warmup", "index", "mine", "qg-rank", "score", "distill",
+                                    "reindex", "eval", "rerank"]),
     "index": ("index.build.metric=l2",
-              ["index", "mine", "score", "distill", "reindex", "eval", "rerank"]),
+              ["index", "mine", "qg-rank", "score", "distill", "reindex", "eval", "rerank"]),
     "mine": ("index.search.nprobe=4",
-             ["mine", "score", "distill", "reindex", "eval", "rerank"]),
+             ["mine", "qg-rank", "score", "distill", "reindex", "eval", "rerank"]),
+    "qg-rank": ("qg_rank.gen_weight=0.25",
+                ["qg-rank", "score", "distill", "reindex", "eval", "rerank"]),
     "generate": ("teacher.generate.max_new_tokens=6",
                  ["generate", "distill", "reindex", "eval", "rerank"]),
     "score": ("teacher.score.batch_tokens=5000",

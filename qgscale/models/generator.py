@@ -546,8 +546,12 @@ class QueryGenerator(nn.Module):
 
     # ---- training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor, **_: Any) -> torch.Tensor:
-        """Seq2seq cross-entropy of a :class:`QGCollator` batch (mean over target tokens)."""
+                labels: torch.Tensor, sequence_scores: bool = False, **_: Any) -> Any:
+        """Seq2seq cross-entropy of a :class:`QGCollator` batch (mean over target tokens);
+        ``sequence_scores``: per row (sum of target log-probs, target token count) instead,
+        differentiable (:func:`sequence_logprobs`: the teacher's ranking fine-tune)."""
+        if sequence_scores:
+            return sequence_logprobs(self.model, input_ids, attention_mask, labels)
         return qg_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
                                     "labels": labels})
 
@@ -592,6 +596,22 @@ def qg_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = out.logits.float()
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                        batch["labels"].reshape(-1), ignore_index=-100)
+
+
+def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the sum of ``log P(labels_t | source, labels_<t)`` over the real (``>= 0``)
+    labels, and their count, with gradients (training; :func:`score_pairs` is the
+    inference path). Like the fast path, the LM head runs only on real target positions."""
+    real = labels >= 0
+    rows = real.flatten().nonzero().squeeze(-1)
+    with _logits_at(model, rows):
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    decoder_input_ids=_decoder_inputs(model, labels), use_cache=False)
+    logits = out.logits.float()  # (N real tokens, V)
+    lp = logits.gather(-1, labels[real][:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    sums = lp.new_zeros(labels.shape[0]).index_add(0, rows // labels.shape[1], lp)
+    return sums, real.sum(-1)
 
 
 def qg_examples(queries: Any, corpus: Any, qrels: Any) -> Iterator[dict[str, str]]:

@@ -43,6 +43,10 @@ STUDENT_ROWS = pa.schema([
     ("gen_scores", pa.list_(pa.float32())),  # teacher scores of gen_query on C(q), or []
 ])
 QG_ROWS = pa.schema([("query", pa.string()), ("lang", pa.string()), ("passage", pa.string())])
+QG_RANK_ROWS = pa.schema([
+    ("qid", pa.string()), ("query", pa.string()), ("lang", pa.string()),
+    ("passages", pa.list_(pa.string())),  # [positive, hard negatives...] (up to 1 + N)
+])
 
 
 def generated_qid(pid: str, lang: str, query: str) -> str:
@@ -231,6 +235,40 @@ def _fill_random_negatives(plans: list[dict], corpus_uri: str, n: int, seed: int
                 added += 1
         r["negs"] = negs
     return added
+
+
+def build_qg_rank_rows(queries_uri: str, corpus_uri: str, examples_uri: str,
+                       n_negatives: int, seed: int = 13) -> tuple[pa.Table, dict[str, Any]]:
+    """Rows of :data:`QG_RANK_ROWS` for the teacher's ranking fine-tune, one per training
+    example ``{qid, pos_pids, neg_pids}`` (``mine/train``): the query, its language, one of
+    its positives (seeded choice) and its first ``n_negatives`` mined hard negatives.
+
+    A query with fewer negatives keeps the ones it has (the collator masks the rest); the
+    counts (``short_lists``, ``no_negatives``) go to the manifest.
+    """
+    rng = random.Random(seed)
+    queries = load_queries(queries_uri)
+    pos, neg, pos_uri = positives_from(examples_uri, None)
+    negs = {q: [p for p in neg.get(q, []) if p not in set(pos[q])][:n_negatives] for q in pos}
+    corpus = read_passages(corpus_uri, {p for q in pos for p in (*pos[q], *negs[q])})
+    counts = {"rows": 0, "short_lists": 0, "no_negatives": 0}
+    rows = []
+    for qid in sorted(pos):
+        if qid not in queries:
+            raise DataError(f"{pos_uri}: qid={qid} not in queries {queries_uri}")
+        lang, qtext = queries[qid]
+        for p in [*pos[qid], *negs[qid]]:
+            if p not in corpus:
+                raise DataError(f"{pos_uri}: qid={qid}: pid={p} not in corpus {corpus_uri}")
+        counts["short_lists"] += len(negs[qid]) < n_negatives
+        counts["no_negatives"] += not negs[qid]
+        positive = rng.choice(pos[qid])
+        rows.append({"qid": qid, "query": qtext, "lang": lang,
+                     "passages": [corpus[positive]] + [corpus[p] for p in negs[qid]]})
+    if not rows:
+        raise DataError(f"{pos_uri}: no training examples")
+    counts["rows"] = len(rows)
+    return pa.Table.from_pylist(rows, schema=QG_RANK_ROWS), counts
 
 
 def write_rows(table: pa.Table, uri: str, shard_rows: int, config_hash: str) -> list[str]:

@@ -166,3 +166,36 @@ def total_loss(contrastive: torch.Tensor, kd: torch.Tensor | None = None,
     if align is not None and beta:
         loss = loss + beta * align
     return loss
+
+
+def listwise_loss(scores: torch.Tensor, mask: torch.Tensor | None = None,
+                  tau: float = 1.0) -> torch.Tensor:
+    r"""Listwise softmax cross-entropy with the positive at index 0 of every row.
+
+    .. math:: L = -\frac1B \sum_b \log \mathrm{softmax}(s_b / \tau)_0
+
+    ``scores``: (B, 1 + N) (positive, then N negatives); ``mask`` (B, 1 + N) marks real
+    candidates (a row may have fewer negatives; the positive must be real).
+    """
+    return -_log_softmax(scores, tau, mask)[:, 0].mean()
+
+
+def qg_rank_loss(logp_sum: torch.Tensor, ntok: torch.Tensor, mask: torch.Tensor | None = None,
+                 gen_weight: float = 1.0, tau: float = 1.0
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""The teacher's ranking fine-tune: listwise loss over its scores plus generation NLL.
+
+    ``logp_sum``/``ntok``: (B, 1 + N) summed target log-probabilities of query b given each
+    of its passages (the positive at index 0, then its hard negatives) and the query's token
+    count. The teacher score is the length-normalised :math:`s = \log P(q|p) / |q|`, and
+
+    .. math:: L = L_{list}(s) + w_{gen} \cdot
+              \Big(-\frac{\sum_b \log P(q_b | p_b^+)}{\sum_b |q_b|}\Big)
+
+    (the generation term is the token-mean NLL of the positives, as in QG training).
+    Returns (loss, parts ``{rank, gen}``).
+    """
+    ntok = ntok.to(logp_sum.dtype).clamp(min=1)
+    rank = listwise_loss(logp_sum / ntok, mask, tau)
+    gen = -logp_sum[:, 0].sum() / ntok[:, 0].sum()
+    return rank + gen_weight * gen, {"rank": rank, "gen": gen}

@@ -1,7 +1,8 @@
 """What a training run trains: a task builds its model and collator and computes one step.
 
-:class:`StudentTask` (the dual encoder: warm-up and distillation) and :class:`QGTask` (the
-query generator) satisfy :class:`Task`. The steps are plain torch functions of (model or
+:class:`StudentTask` (the dual encoder: warm-up and distillation), :class:`QGTask` (the
+query generator) and :class:`QGRankTask` (the teacher's ranking fine-tune) satisfy
+:class:`Task`. The steps are plain torch functions of (model or
 DeepSpeed engine, batch): :func:`student_step` runs without Ray or DeepSpeed too (see
 ``benchmarks/gpu_check.py``).
 """
@@ -15,7 +16,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from qgscale.config import LossConfig, QGTrainConfig, StudentTrainConfig, TrainConfig
+from qgscale.config import (
+    LossConfig,
+    QGRankConfig,
+    QGTrainConfig,
+    StudentTrainConfig,
+    TrainConfig,
+)
+from qgscale.errors import DataError
 from qgscale.train import losses
 from qgscale.train.batch import StudentBatch
 from qgscale.train.data import StudentCollator
@@ -157,3 +165,89 @@ class QGTask:
     def step(self, engine: Any, batch: dict[str, torch.Tensor], world_size: int
              ) -> tuple[torch.Tensor, dict]:
         return qg_step(engine, batch)
+
+
+# --- the teacher's ranking fine-tune -------------------------------------------------------
+def qg_rank_step(engine: Any, batch: dict[str, torch.Tensor], gen_weight: float,
+                 tau: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Listwise loss over the teacher scores of each query's positive and hard negatives plus
+    ``gen_weight`` x the positive's generation NLL (:func:`losses.qg_rank_loss`).
+
+    ``batch``: a :class:`QGRankCollator` batch: B x (1 + N) (prompted passage, query) rows,
+    query-major, and ``cand_mask`` (B, 1 + N). One forward pass over all rows."""
+    mask = batch["cand_mask"]
+    sums, ntok = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"], sequence_scores=True)
+    sums, ntok = sums.view(mask.shape), ntok.view(mask.shape)
+    loss, parts = losses.qg_rank_loss(sums, ntok, mask, gen_weight, tau)
+    with torch.no_grad():  # the positive scores above every real negative
+        s = (sums / ntok.clamp(min=1)).masked_fill(~mask, float("-inf"))
+        first = (s[:, 1:] < s[:, :1]).all(-1).float().mean() if s.shape[1] > 1 else s.new_ones(())
+    return loss, {"loss": loss.item(), "rank": parts["rank"].item(),
+                  "gen": parts["gen"].item(), "pos_first": first.item()}
+
+
+@dataclass
+class QGRankCollator:
+    """Rows ``{query, lang, passages}`` (``passages``: positive, then up to ``n_negatives``
+    hard negatives) -> ``input_ids``/``attention_mask`` of the B x (1 + N) prompted passages
+    (query-major), ``labels`` (each query repeated 1 + N times, -100 padding) and
+    ``cand_mask`` (B, 1 + N; False where a row has fewer negatives)."""
+
+    tokenizer: Any
+    prompt: str
+    max_passage_len: int
+    max_query_len: int
+    n_negatives: int
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        from transformers import BatchEncoding  # a dict with .to(device)
+
+        from qgscale.train.data import _as_list
+
+        queries = [str(q) for q in _as_list(batch["query"])]
+        langs = [str(x) for x in _as_list(batch["lang"])]
+        width = 1 + self.n_negatives
+        mask = torch.zeros(len(queries), width, dtype=torch.bool)
+        sources = []
+        for i, (lang, passages) in enumerate(zip(langs, _as_list(batch["passages"]),
+                                                 strict=True)):
+            passages = [str(p) for p in _as_list(passages)][:width]
+            if not passages:
+                raise DataError(f"qg-rank row qid={_as_list(batch['qid'])[i]}: no passages")
+            mask[i, :len(passages)] = True
+            passages += [""] * (width - len(passages))  # masked out
+            sources += [self.prompt.format(lang=lang, passage=p) for p in passages]
+        enc = self.tokenizer(sources, truncation=True, max_length=self.max_passage_len,
+                             padding=True, return_tensors="pt")
+        tgt = self.tokenizer(queries, truncation=True, max_length=self.max_query_len,
+                             padding=True, return_tensors="pt")
+        labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
+        return BatchEncoding({"input_ids": enc["input_ids"],
+                              "attention_mask": enc["attention_mask"],
+                              "labels": labels.repeat_interleave(width, dim=0),
+                              "cand_mask": mask})
+
+
+@dataclass(frozen=True)
+class QGRankTask:
+    """The teacher's ranking fine-tune of the QG (``qg_rank``; its lengths resolved)."""
+
+    config: QGRankConfig
+
+    def build_model(self, init_uri: str) -> nn.Module:
+        from qgscale.models.generator import QueryGenerator
+
+        model = QueryGenerator.from_pretrained(init_uri)
+        model.model.train()
+        return model
+
+    def collator(self, model: nn.Module) -> QGRankCollator:
+        c = self.config
+        return QGRankCollator(model.tokenizer, model.prompt,
+                              c.max_passage_len or model.max_passage_len,
+                              c.max_query_len or model.max_query_len, c.n_negatives)
+
+    def step(self, engine: Any, batch: dict[str, torch.Tensor], world_size: int
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        return qg_rank_step(engine, batch, self.config.gen_weight, self.config.tau)

@@ -1,4 +1,4 @@
-"""Ray Train driver (thin ``TorchTrainer`` wrapper) and the three training stages.
+"""Ray Train driver (thin ``TorchTrainer`` wrapper) and the four training stages.
 
 Stage outputs (``<run root>/train/<stage>/``)::
 
@@ -38,7 +38,7 @@ from qgscale.train import data as tdata
 from qgscale.train import tracking
 from qgscale.train.loop import TrainRun, plan_steps, train_loop_per_worker
 from qgscale.train.order import list_shards
-from qgscale.train.tasks import QGTask, StudentTask
+from qgscale.train.tasks import QGRankTask, QGTask, StudentTask
 
 log = logging.getLogger("qgscale.train")
 
@@ -96,7 +96,7 @@ def _progress(run: TrainRun, every_s: float = 2.0) -> Iterator[None]:
     from tqdm import tqdm
 
     total = plan_steps(run.rows, run.config.num_workers, run.config).total
-    name = {"QGTask": "qg"}.get(type(run.task).__name__, "student")
+    name = {"QGTask": "qg", "QGRankTask": "qg-rank"}.get(type(run.task).__name__, "student")
     bar = tqdm(total=total, unit="step", desc=f"train {name}", leave=True)
     stop = threading.Event()
 
@@ -233,3 +233,41 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
     result = fit(run, rows_uri)
     return _finish(out_uri, key, result, stage="qg", counts={"rows": table.num_rows},
                    inputs=inputs)
+
+
+def run_train_qg_rank(cfg: Any, *, out_uri: str, key: str, qg_model: Any, examples_uri: str,
+                      queries_uri: str, corpus_uri: str) -> dict[str, Any]:
+    """``qgscale train qg-rank``: the teacher's ranking fine-tune (``cfg.qg_rank``).
+
+    Starts from ``qg_model`` (a ``ModelConfig``: the fine-tuned QG or ``teacher.model``) and
+    trains :class:`QGRankTask` on each training query's positive and its first
+    ``n_negatives`` mined hard negatives (``examples_uri``: ``mine/train``); writes
+    ``out_uri/model``, the teacher that ``score`` and ``rerank`` use.
+    """
+    from qgscale.models.generator import QueryGenerator
+
+    rc = cfg.qg_rank
+    if rc.n_negatives > cfg.mine.n_negatives:
+        raise ConfigError(f"qg_rank.n_negatives={rc.n_negatives} > mine.n_negatives="
+                          f"{cfg.mine.n_negatives}: the mined examples hold at most "
+                          f"{cfg.mine.n_negatives} hard negatives per query")
+    if not storage.exists(examples_uri):
+        raise MissingInputError(f"{examples_uri}: mined training examples not found (run "
+                                "`qgscale index mine` first)")
+    inputs = dict(queries_uri=queries_uri, corpus_uri=corpus_uri, examples_uri=examples_uri,
+                  qg_model=qg_model.model_dump())
+    table, counts = tdata.build_qg_rank_rows(queries_uri, corpus_uri, examples_uri,
+                                             rc.n_negatives, seed=cfg.run.seed)
+    log.info("qg-rank: %s", counts)
+    rows_uri = storage.join(out_uri, "data")
+    tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
+    init = storage.join(out_uri, "init")
+    if not storage.exists(storage.join(init, "config.json")):
+        qc = cfg.qg
+        QueryGenerator.build(qg_model, qc.prompt, qc.max_passage_len, qc.max_query_len,
+                             seed=cfg.run.seed).save_pretrained(init)
+    connect(cfg.ray)
+    run = TrainRun(QGRankTask(rc), init_uri=init, output_uri=out_uri, rows=table.num_rows,
+                   seed=cfg.run.seed, storage_env=worker_env())
+    result = fit(run, rows_uri)
+    return _finish(out_uri, key, result, stage="qg-rank", counts=counts, inputs=inputs)
