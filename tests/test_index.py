@@ -318,7 +318,10 @@ def test_s3_build_resumes_after_killed_add_actor(ray_local, s3_bucket):
     assert killer.killed
     failed = re.search(r"\['(part-\d{5})'\]", str(e.value)).group(1)
     done = storage.list_files(f"{idx}/ids/_done", ".json")
-    assert len(done) == 15 and f"{failed}.json" not in [os.path.basename(d) for d in done]
+    # the others are done; the killed one too if the kill came after its marker was written
+    # (then a re-run keeps it: the marker is the proof of a complete shard)
+    assert {os.path.basename(d) for d in done} >= {f"part-{i:05d}.json" for i in range(16)
+                                                    if f"part-{i:05d}" != failed}
     times = {d: storage.read_json(d)["time"] for d in done}
     assert storage.read_manifest(idx) is None
     m = B.build_index(emb, idx, opts)

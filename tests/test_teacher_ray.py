@@ -184,6 +184,7 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
 
     root = str(tmp_path / "run")
     cfg = parse({"run": {"root": root}, "qg": {"max_passage_len": 128, "max_query_len": 32},
+                 "qg_rank": {"enabled": False},  # the QG itself is the teacher
                  "teacher": {"score": {"num_actors": 1, "cpus_per_actor": 0.5,
                                        "shard_pairs": 8}}})
     lay = Layout(cfg)

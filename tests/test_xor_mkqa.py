@@ -44,6 +44,7 @@ XOR_SET = {
                              "gpus_per_actor": 0, "num_actors": 1}},
     "mine": {"top_k": 4, "n_negatives": 2, "skip_top": 0},
     "bm25": {"top_k": 20},
+    "qg_rank": {**TRAIN, "n_negatives": 2},  # as many as mine keeps
 }
 MKQA_SET = {"data": {"input": str(TEST_DATA / "mkqa-mia" / "mkqa_dev"),
                      "query_langs": ["ja", "zh_cn"]}}
