@@ -44,7 +44,7 @@ def scan(corpus_uri: str, pids: Iterable[str] | pa.Array | None,
     cols = list(dict.fromkeys(("pid", *columns)))
     for uri in corpus_shards(corpus_uri):
         if wanted is None:
-            t, rows = storage.read_parquet(uri, cols), None
+            t, rows = storage.read_parquet(uri, cols), 0
         else:
             mask = pc.is_in(storage.read_parquet(uri, ["pid"]).column("pid"),
                             value_set=wanted)
@@ -52,19 +52,20 @@ def scan(corpus_uri: str, pids: Iterable[str] | pa.Array | None,
                 continue
             rows = pc.indices_nonzero(mask)
             t = storage.read_parquet(uri, cols).take(rows)
-        _check(t, uri, rows)
+        check(t, uri, rows)
         yield t.select(list(columns))
 
 
-def _check(t: pa.Table, uri: str, rows: pa.Array | None) -> None:
-    """Empty pid / text: a DataError naming the shard and the row (in the shard)."""
+def check(t: pa.Table, uri: str, rows: pa.Array | int = 0) -> None:
+    """Empty pid / text: a DataError naming the shard and the row in the shard (``rows``: the
+    shard rows of ``t``'s rows, or the shard row of its first)."""
     for field in ("pid", "text"):
         if field not in t.column_names:
             continue
         bad = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t.column(field)), ""), True)
         if pc.any(bad).as_py():
             i = pc.index(bad, True).as_py()
-            row = i if rows is None else rows[i].as_py()
+            row = rows + i if isinstance(rows, int) else rows[i].as_py()
             raise DataError(f"{uri}: row {row} (pid={t.column('pid')[i].as_py()}): empty "
                             f"field {field!r}")
 

@@ -118,17 +118,15 @@ def corpus_langs(corpus_uri: str) -> list[str]:
 
 
 def passage_fields(corpus_uri: str, pids: set[str] | None, text: bool) -> tuple[dict, dict]:
-    """``(pid -> lang, pid -> "title text")`` for ``pids`` (all when None), shard by shard."""
+    """``(pid -> lang, pid -> "title text")`` for ``pids`` (all when None), shard by shard
+    (:func:`qgscale.data.corpus.scan`)."""
+    from qgscale.data.corpus import scan
     from qgscale.data.schema import passage_text
 
-    cols = ["pid", "lang"] + (["title", "text"] if text else [])
+    cols = ("pid", "lang") + (("title", "text") if text else ())
     lang: dict[str, str] = {}
     texts: dict[str, str] = {}
-    wanted = pa.array(sorted(pids), pa.string()) if pids is not None else None
-    for uri in storage.list_files(corpus_uri, ".parquet") or [corpus_uri]:
-        t = storage.read_parquet(uri, cols)
-        if wanted is not None:
-            t = t.filter(pc.is_in(t.column("pid"), value_set=wanted))
+    for t in scan(corpus_uri, pids, cols):
         lang.update(zip(t.column("pid").to_pylist(), t.column("lang").to_pylist(), strict=True))
         if text:
             texts.update((p, passage_text(a, b)) for p, a, b in zip(

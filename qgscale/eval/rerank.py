@@ -64,12 +64,12 @@ def answer_qrels(run: list[dict], k: int, data: Any) -> dict[str, dict[str, int]
     """For a split with answers and no qrels (XOR-TyDi, MKQA): the passages of each query's
     top ``k`` that contain an answer (DPR's match, ``qgscale.retrieval.answers``, on "title
     text") are its relevant ones; queries without any are left out."""
-    from qgscale.eval.evaluate import passage_fields
+    from qgscale.data.corpus import read_passages
     from qgscale.retrieval.answers import has_answer
 
     answers = data.answers or {}
     pids = {p for r in run if answers.get(r["qid"]) for p in r["pids"][:k]}
-    _, texts = passage_fields(data.corpus_uri, pids, text=True)
+    texts = read_passages(data.corpus_uri, pids)
     out: dict[str, dict[str, int]] = {}
     for r in run:
         rel = {p: 1 for p in r["pids"][:k] if answers.get(r["qid"])

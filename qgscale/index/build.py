@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qgscale import storage
-from qgscale.config import Actors, BuildConfig
+from qgscale.config import BuildConfig, key_values
 from qgscale.index.encode import read_vectors
 from qgscale.runtime import Shard, actor_resources, connect, remote_options, run_shards
 
@@ -236,9 +236,6 @@ def merge_parts(trained_uri: str, part_uris: list[str], out_uri: str, mode: str,
 
 
 # ---------------------------------------------------------------- driver
-_RUNTIME = set(Actors.model_fields)  # how the build runs, not what it builds
-
-
 def shard_rows(uris: list[str]) -> tuple[list[int], int]:
     """Row count of every embedding shard and the vector dimension (parquet footers only)."""
     counts, dim = [], 0
@@ -271,7 +268,7 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
     bc = bc or BuildConfig()
     connect()
     chash = config_hash or storage.config_hash(
-        {"emb": emb_uri, "seed": seed, **bc.model_dump(exclude=_RUNTIME)})
+        {"emb": emb_uri, "seed": seed, **key_values(bc)})
     uris = storage.list_files(emb_uri, ".parquet")
     if not uris:
         raise FileNotFoundError(f"{emb_uri}: no embedding shards")

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from qgscale import storage
 from qgscale.config import GenerateConfig
-from qgscale.data.corpus import corpus_shards, read_passages
+from qgscale.data.corpus import check, corpus_shards, read_passages
 from qgscale.data.schema import GENERATED, passage_text
 from qgscale.errors import ConfigError, DataError
 from qgscale.runtime import Shard, connect, run_shards
@@ -45,14 +45,10 @@ class Passages:
             return [p for p, _ in self.pairs], [t for _, t in self.pairs]
         t = storage.read_parquet(self.uri, ["pid", "title", "text"]).slice(
             self.start, self.stop - self.start)
-        pids = t.column("pid").to_pylist()
-        texts = [passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
-                                                     t.column("text").to_pylist(), strict=True)]
-        for i, (pid, text) in enumerate(zip(pids, texts, strict=True)):
-            if not pid or not text:
-                raise DataError(f"{self.uri}: row {self.start + i} (pid={pid}): empty field "
-                                f"{'pid' if not pid else 'text'!r}")
-        return pids, texts
+        check(t, self.uri, self.start)
+        return t.column("pid").to_pylist(), [
+            passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
+                                               t.column("text").to_pylist(), strict=True)]
 
 
 @dataclass

@@ -33,6 +33,7 @@ from qgscale import storage
 from qgscale.config import LossConfig, StudentTrainConfig
 from qgscale.data.corpus import read_passages, sample_pids
 from qgscale.errors import DataError
+from qgscale.teacher.common import load_queries
 from qgscale.train.batch import StudentBatch, Tokens
 
 STUDENT_ROWS = pa.schema([
@@ -65,13 +66,6 @@ def _column_nonempty(table: pa.Table, uri: str, key: str, field: str) -> None:
                                    table.column(field).to_pylist(), strict=True)):
         if v is None or (isinstance(v, str) and not v.strip()):
             raise DataError(f"{uri}: row {i} ({key}={k}): empty field {field!r}")
-
-
-def load_queries(queries_uri: str) -> dict[str, tuple[str, str]]:
-    """``qid -> (lang, text)``; empty texts are errors."""
-    q = _read(queries_uri, "queries")
-    _column_nonempty(q, queries_uri, "qid", "text")
-    return {r["qid"]: (r["lang"], r["text"]) for r in q.to_pylist()}
 
 
 def positives_from(examples_uri: str | None, qrels_uri: str | None

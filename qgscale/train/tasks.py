@@ -143,6 +143,15 @@ class _QGColumns:
             [{k: str(batch[k][i]) for k in ("query", "lang", "passage")} for i in range(n)]))
 
 
+def _trainable_qg(init_uri: str) -> nn.Module:
+    """The query generator at ``init_uri``, in training mode (QG and qg-rank tasks)."""
+    from qgscale.models.generator import QueryGenerator
+
+    model = QueryGenerator.from_pretrained(init_uri)
+    model.model.train()
+    return model
+
+
 @dataclass(frozen=True)
 class QGTask:
     """Seq2seq fine-tuning of the query generator: prompt(lang, passage) -> query."""
@@ -150,11 +159,7 @@ class QGTask:
     config: QGTrainConfig
 
     def build_model(self, init_uri: str) -> nn.Module:
-        from qgscale.models.generator import QueryGenerator
-
-        model = QueryGenerator.from_pretrained(init_uri)
-        model.model.train()
-        return model
+        return _trainable_qg(init_uri)
 
     def collator(self, model: nn.Module) -> _QGColumns:
         from qgscale.models.generator import QGCollator
@@ -236,11 +241,7 @@ class QGRankTask:
     config: QGRankConfig
 
     def build_model(self, init_uri: str) -> nn.Module:
-        from qgscale.models.generator import QueryGenerator
-
-        model = QueryGenerator.from_pretrained(init_uri)
-        model.model.train()
-        return model
+        return _trainable_qg(init_uri)
 
     def collator(self, model: nn.Module) -> QGRankCollator:
         c = self.config
