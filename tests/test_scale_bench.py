@@ -82,6 +82,7 @@ def test_sampler_sees_a_child_grow(scale):
          "c.wait()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     sampler = scale.RssSampler(parent.pid, interval=0.05).start()
+    samples = None
     try:
         assert parent.stdout.readline().strip() == "ready"
         time.sleep(0.5)
@@ -91,11 +92,13 @@ def test_sampler_sees_a_child_grow(scale):
         assert parent.stdout.readline().strip() == "grown"
         time.sleep(0.5)
         t_end = time.time()
+        samples = sampler.stop()  # before the processes exit: every sample sees them alive
         parent.stdin.write("\n")
         parent.stdin.flush()
         parent.wait(timeout=20)
     finally:
-        samples = sampler.stop()
+        if samples is None:
+            samples = sampler.stop()
         parent.kill()
     assert len(samples) >= 10
     child = [s for s in samples if s["procs"]]
