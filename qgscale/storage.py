@@ -21,14 +21,16 @@ finalize in one call, and :func:`qgscale.runtime.run_shards` writes shards from 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import posixpath
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +170,59 @@ def write_bytes(uri: str, data: bytes) -> None:
                 os.remove(tmp)
     else:
         fs.pipe_file(path, data)
+
+
+@contextlib.contextmanager
+def writing_file(uri: str) -> Iterator[str]:
+    """A local path to write the file ``uri`` into (a library that writes files itself, e.g.
+    ``faiss.write_index``); on success it appears at ``uri`` whole: locally a temp name in the
+    same folder, fsync, rename; remote: streamed from a temp file by ``put_file`` (multipart
+    on S3), never held in memory."""
+    fs, path = url_to_fs(uri)
+    if is_local(uri):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    with tempfile.TemporaryDirectory(prefix="qgs-put-") as folder:
+        tmp = os.path.join(folder, posixpath.basename(path))
+        yield tmp
+        fs.put_file(tmp, path)
+
+
+def put_file(local: str, uri: str) -> None:
+    """Copy local file ``local`` to ``uri`` streaming (atomic as :func:`writing_file`)."""
+    import shutil
+
+    with writing_file(uri) as tmp:
+        shutil.copyfile(local, tmp)
+
+
+@contextlib.contextmanager
+def reading_file(uri: str, folder: str | None = None) -> Iterator[str]:
+    """A local path holding the file ``uri`` (itself if local, else streamed by ``get_file``
+    into ``folder`` or a temp folder, removed on exit unless ``folder`` was given)."""
+    fs, path = url_to_fs(uri)
+    if is_local(uri):
+        yield path
+        return
+    if folder is not None:
+        dest = os.path.join(folder, posixpath.basename(path))
+        fs.get_file(path, dest)
+        yield dest
+        return
+    with tempfile.TemporaryDirectory(prefix="qgs-get-") as tmp:
+        dest = os.path.join(tmp, posixpath.basename(path))
+        fs.get_file(path, dest)
+        yield dest
 
 
 def read_json(uri: str) -> Any:
@@ -454,5 +509,4 @@ def upload_dir(local: str, uri: str) -> None:
         for name in files:
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, local)
-            with open(full, "rb") as f:
-                write_bytes(join(uri, *rel.split(os.sep)), f.read())
+            put_file(full, join(uri, *rel.split(os.sep)))

@@ -139,6 +139,12 @@ def test_merged_index_equals_single_process_index(ray_local, tmp_path, factory):
     m = B.build_index(emb, idx, BuildConfig(factory=factory, train_samples=3000,
                                                num_shards=1, cpus_per_actor=0.5))
     assert m["ntotal"] == 6000 and m["shards"] == ["shards/shard-00000.faiss"]
+    # parts hold only their inverted lists: the coarse quantizer lives in trained.faiss
+    parts = storage.list_files(os.path.join(idx, "parts"), ".faiss")
+    assert len(parts) == 3
+    for part in parts:
+        ivf = faiss.extract_index_ivf(faiss.read_index(part))
+        assert ivf.quantizer.ntotal == 0 and ivf.ntotal == 2000
     # the same trained quantizer, every vector added in one process
     single = faiss.deserialize_index(np.frombuffer(
         storage.read_bytes(os.path.join(idx, "trained.faiss")), np.uint8))
@@ -169,6 +175,34 @@ def test_merged_index_equals_single_process_index(ray_local, tmp_path, factory):
         searcher.close()
     np.testing.assert_array_equal(s3, d_ref)
     assert (p3 == got_pids).mean() > 0.99
+
+
+@pytest.mark.parametrize("factory", ["Flat", "SQfp16"])
+def test_exact_sharded_search_equals_single_process(ray_local, tmp_path, factory):
+    """Exact search split over index shards (Flat, or Flat in fp16: the paper-scale preset):
+    the Ray actors, one per shard, return what one index over every vector returns."""
+    xb, xq = clustered(3000, 16, seed=3), clustered(50, 16, seed=4)
+    emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
+    pids = write_embeddings(emb, xb, 3)
+    m = B.build_index(emb, idx, BuildConfig(factory=factory, num_shards=2,
+                                               cpus_per_actor=0.5))
+    assert m["ntotal"] == 3000 and len(m["shards"]) == 2
+    single = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+    single.train(xb)  # fp16 and flat need no training: a no-op
+    single.add(xb)
+    d_ref, i_ref = single.search(xq, 10)
+    if factory == "Flat":
+        np.testing.assert_array_equal(i_ref, exact_topk(xb, xq, 10))
+    searcher = ShardedSearcher(idx, num_cpus=0.5)
+    try:
+        got, scores = searcher.search(xq, 10)
+    finally:
+        searcher.close()
+    assert got.tolist() == [[pids[i] for i in row] for row in i_ref]
+    np.testing.assert_array_equal(scores, d_ref)
+    got2, scores2 = search(idx, xq, 10)  # IndexShards in this process: the same
+    assert got2.tolist() == got.tolist()
+    np.testing.assert_array_equal(scores2, d_ref)
 
 
 def test_opq_merged_index_equals_single_process_index(ray_local, tmp_path):

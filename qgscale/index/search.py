@@ -45,12 +45,19 @@ def set_search_params(index: Any, nprobe: int | None = None, ef_search: int | No
 
 
 def read_index_file(index_uri: str, rel: str, ondisk: bool):
-    """Read one index shard; on-disk IVF shards are fetched next to their .ivfdata and mmapped."""
+    """Read one index shard; on-disk IVF shards are fetched next to their .ivfdata and mmapped.
+    A kept part (written without its coarse quantizer) gets the trained one back."""
     import faiss
+
+    from qgscale.index.build import has_quantizer, read_index, restore_quantizer
 
     uri = storage.join(index_uri, rel)
     if not ondisk:
-        return faiss.deserialize_index(np.frombuffer(storage.read_bytes(uri), np.uint8))
+        index = read_index(uri)
+        if not has_quantizer(index):
+            index = restore_quantizer(index, read_index(storage.join(index_uri,
+                                                                     "trained.faiss")))
+        return index
     folder = storage.local_dir(storage.join(index_uri, os.path.dirname(rel)))
     return faiss.read_index(os.path.join(folder, os.path.basename(rel)),
                             faiss.IO_FLAG_ONDISK_SAME_DIR)
