@@ -238,6 +238,19 @@ def peaks(samples: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]
                                      sorted(by_title.items(), key=lambda kv: -kv[1])}}
 
 
+def title_peaks(samples: list[dict[str, Any]], t0: float, t1: float) -> dict[str, float]:
+    """Peak RSS (MB) per Ray worker title in [t0, t1], each sample counted under the title the
+    process had *at that sample* (a pooled worker's memory goes to the task it was running
+    then, not to every task it ran in the window)."""
+    out: dict[str, int] = {}
+    for s in samples:
+        if t0 <= s["t"] <= t1:
+            for _, kind, title, rss in s["procs"]:
+                if kind == "worker":
+                    out[title] = max(out.get(title, 0), rss)
+    return {k: round(v / MB, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
 # --------------------------------------------------------------------------- pipeline
 def pipeline_config(data_dir: str, root: str, shard_rows: int = 10_000,
                     num_cpus: int = 2) -> dict[str, Any]:

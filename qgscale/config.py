@@ -227,7 +227,9 @@ class EncodeConfig(Actors):
 
 class BuildConfig(Actors):
     """``index.build``: train once, add the embedding shards in parallel (``num_actors`` add
-    actors of ``cpus_per_actor``; ``gpus_per_actor``: the training task's), merge."""
+    actors of ``cpus_per_actor``; ``gpus_per_actor``: the training task's, unset = GPU k-means
+    where the cluster has GPUs; set > 0 the add actors run on GPUs too and faiss must have
+    GPU support, see :mod:`qgscale.index.gpu`), merge."""
 
     factory: str = "auto"  # faiss index_factory string; "auto": by size and max_memory_gb
     metric: Literal["ip", "l2"] = "ip"
@@ -241,8 +243,9 @@ class BuildConfig(Actors):
 class SearchConfig(Section):
     """``index.search``: searching a built index (mine, eval, ``qgscale search``), with the
     queries encoded by one actor of ``cpus_per_actor`` / ``gpus_per_actor``. Mining searches
-    with one Ray actor per index shard (of ``cpus_per_actor``), each holding its shard and
-    the pids of its ids."""
+    with one Ray actor per index shard (of ``cpus_per_actor`` and the same GPUs as the
+    encoder: FAISS on GPU there, the shard in fp16 for Flat), each holding its shard and the
+    pids of its ids."""
 
     nprobe: int = 16
     ef_search: int = 64

@@ -338,6 +338,51 @@ def test_auto_factory_and_estimate(capsys):
         B.auto_factory(10**9, 384, 1)
 
 
+def test_memory_plan_of_paper_scale_presets():
+    """The plan printed before a build: exact fp16 Flat over 8 GPUs holds 18M x 768 in
+    ~3.2 GiB per GPU (the issue's 3.5 GB); per-shard memory falls with the shard count while
+    the training task's stays O(train_samples x dim), whatever N."""
+    gpu = B.memory_plan("Flat", 18_000_000, 768, num_shards=8, nodes=1, gpu=True)
+    assert gpu["search_actor_gpu_gb"] == pytest.approx(18e6 / 8 * 768 * 2 / 2**30, rel=1e-3)
+    assert gpu["search_per_node_gpu_gb"] == pytest.approx(8 * gpu["search_actor_gpu_gb"], rel=1e-3)
+    assert gpu["train_task_gb"] == 0  # Flat needs no training
+    sixteen = B.memory_plan("Flat", 18_000_000, 768, num_shards=16, nodes=2, gpu=True)
+    assert sixteen["search_actor_gpu_gb"] == pytest.approx(gpu["search_actor_gpu_gb"] / 2, rel=1e-3)
+    assert sixteen["search_per_node_gpu_gb"] == pytest.approx(gpu["search_per_node_gpu_gb"] / 2,
+                                                              rel=1e-3)
+    pq = [B.memory_plan("IVF16384,PQ64", n, 768, train_samples=1_000_000, refine="fp16")
+          for n in (18_000_000, 1_000_000_000)]
+    assert pq[0]["train_task_gb"] == pq[1]["train_task_gb"] < 5
+    assert pq[0]["search_caller_refine_gb"] == pytest.approx(18e6 * 768 * 2 / 2**30, rel=1e-3)
+    assert pq[0]["index_shard_gb"] < 1.3 < pq[1]["index_shard_gb"]
+    line = B.format_plan(gpu)
+    assert "per shard 6.45" in line and "GPU 3.22 per shard" in line, line
+
+
+def test_gpu_faiss_required_but_missing_is_a_config_error(tmp_path):
+    """GPUs asked for explicitly and a faiss without GPU support (this machine's faiss-cpu):
+    one line naming the stage, from the training task, the add actor and a search actor;
+    GPUs given only by default fall back to the CPU."""
+    from qgscale.errors import ConfigError, one_line
+    from qgscale.index.gpu import faiss_gpus, use_gpu
+    from qgscale.index.search import ShardSearcher
+
+    if faiss_gpus():
+        pytest.skip("this faiss has GPU support")
+    assert use_gpu("index.search", 1, explicit=False) is False
+    assert use_gpu("index.search", 0, explicit=True) is False
+    with pytest.raises(ConfigError, match=r"^index.build.gpus_per_actor=1: this faiss has no "
+                                          r"GPU support") as e:
+        B.train_index("IVF4,Flat", "ip", 8, str(tmp_path / "t.faiss"), k=0, gpus=1,
+                      gpus_explicit=True)
+    assert "\n" not in one_line(e.value) and "qgscale[gpu]" in str(e.value)
+    with pytest.raises(ConfigError, match=r"^index.build.gpus_per_actor"):
+        B.AddJob(str(tmp_path / "t.faiss"), str(tmp_path)).setup("cuda", 1)
+    with pytest.raises(ConfigError, match=r"^index.search.gpus_per_actor=0.5"):
+        ShardSearcher(str(tmp_path), "x.faiss", False, None, None, gpus=0.5,
+                      gpus_explicit=True)
+
+
 def test_s3_build_resumes_after_killed_add_actor(ray_local, s3_bucket):
     """An add actor SIGKILLed from outside (no retries): that part fails, the others finish;
     a re-run adds only the failed part, and the index holds every vector exactly once."""

@@ -71,6 +71,8 @@ def bytes_per_vector(factory: str, dim: int) -> float:
         code = int(pq_m.group(1)) * int(pq_m.group(2) or 8) / 8
     elif "SQ8" in factory:
         code = dim
+    elif "fp16" in factory or "bf16" in factory:
+        code = 2 * dim
     else:
         code = 4 * dim
     hnsw = re.search(r"HNSW(\d+)", factory)
@@ -87,6 +89,55 @@ def estimate(factory: str, n: int, dim: int) -> dict:
     return {"factory": factory, "n_vectors": n, "dim": dim, "nlist": nlist,
             "index_gb": index_bytes / 2**30,
             "min_train_samples": 39 * nlist if nlist else 0}
+
+
+def memory_plan(factory: str, n: int, dim: int, num_shards: int = 1, nodes: int = 1,
+                train_samples: int = 100_000, shard_rows: int = 100_000, gpu: bool = False,
+                refine: str = "none", pid_bytes: int = 64) -> dict:
+    """Memory (GiB) of each stage's processes for ``n`` vectors of ``dim`` in ``num_shards``
+    index shards spread over ``nodes`` nodes (``shard_rows``: rows of one embedding shard;
+    ``pid_bytes``: one id-map entry in a search actor). ``gpu``: search on GPUs (a Flat shard
+    is held in fp16 there). Measured constants (benchmarks/index_build.py) add the process
+    baseline, ~0.3-0.45 GiB per Ray worker, on top."""
+    gib = 2**30
+    est = estimate(factory, n, dim)
+    shards = max(1, num_shards)
+    quantizer = est["nlist"] * dim * 4
+    index_shard = (est["index_gb"] * gib - quantizer) / shards + quantizer
+    gpu_shard = (n / shards * (2 * dim if factory in ("Flat", "IDMap2,Flat") else
+                               bytes_per_vector(factory, dim) - 8) + quantizer) if gpu else 0
+    trains = any(t in factory for t in ("IVF", "PQ", "SQ4", "SQ6", "SQ8"))
+    train = (min(train_samples, n) * dim * (1.05 * 2 + 4) + quantizer  # fp16 sample + fp32
+             if trains else 0)
+    add = shard_rows * dim * 4 * 2 + shard_rows * bytes_per_vector(factory, dim) + quantizer
+    search_host = index_shard + n / shards * pid_bytes
+    refine_bytes = {"none": 0, "flat": 4, "fp16": 2}[refine] * n * dim
+    per_node = math.ceil(shards / max(1, nodes))
+    return {"factory": factory, "n_vectors": n, "dim": dim, "num_shards": shards,
+            "nodes": nodes, "index_gb": round(est["index_gb"], 3),
+            "index_shard_gb": round(index_shard / gib, 3),
+            "train_task_gb": round(train / gib, 3), "add_task_gb": round(add / gib, 3),
+            "merge_task_gb": round(index_shard / gib, 3),
+            "search_actor_host_gb": round(search_host / gib, 3),
+            "search_actor_gpu_gb": round(gpu_shard / gib, 3),
+            "search_caller_refine_gb": round(refine_bytes / gib, 3),
+            "search_per_node_host_gb": round(per_node * search_host / gib, 3),
+            "search_per_node_gpu_gb": round(per_node * gpu_shard / gib, 3)}
+
+
+def format_plan(plan: dict) -> str:
+    """One log line of :func:`memory_plan`."""
+    gpu = (f", GPU {plan['search_actor_gpu_gb']:.2f} per shard"
+           if plan["search_actor_gpu_gb"] else "")
+    return (f"[index build] memory plan ({plan['factory']}, {plan['n_vectors']} x "
+            f"{plan['dim']}, {plan['num_shards']} shard(s) on {plan['nodes']} node(s)), GiB: "
+            f"index {plan['index_gb']:.2f}, per shard {plan['index_shard_gb']:.2f}; train task "
+            f"{plan['train_task_gb']:.2f}, add task {plan['add_task_gb']:.2f}, merge task "
+            f"{plan['merge_task_gb']:.2f}; search actor {plan['search_actor_host_gb']:.2f} "
+            f"host{gpu}; per node {plan['search_per_node_host_gb']:.2f} host"
+            + (f" + {plan['search_per_node_gpu_gb']:.2f} GPU" if gpu else "")
+            + (f"; refine vectors in the caller {plan['search_caller_refine_gb']:.2f}"
+               if plan["search_caller_refine_gb"] else ""))
 
 
 def auto_factory(n: int, dim: int, max_memory_gb: float) -> str:
@@ -125,11 +176,24 @@ def _limit_threads(num_cpus: float) -> None:
 
 def sample_shard(uri: str, quota: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``quota`` rows of one shard with the smallest uniform random keys: ``(keys,
-    vectors)``, the vectors in float16 (half the memory until training)."""
-    _, vecs = read_vectors(uri)
-    keys = np.random.default_rng(seed).random(len(vecs))
-    keep = np.argsort(keys)[:quota]
-    return keys[keep], vecs[keep].astype(np.float16)
+    vectors)``, the vectors in float16 (half the memory until training). Streams the shard
+    by record batches: memory O(quota x dim), not O(shard)."""
+    fs, path = storage.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        keys = np.random.default_rng(seed).random(pf.metadata.num_rows)
+        rows = np.sort(np.argsort(keys)[:quota])
+        out, start = [], 0
+        for batch in pf.iter_batches(batch_size=16_384, columns=["vector"]):
+            lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
+            if hi > lo:
+                col = batch.column(0)
+                flat = col.flatten().to_numpy(zero_copy_only=False)
+                out.append(flat.reshape(-1, col.type.list_size)[rows[lo:hi] - start]
+                           .astype(np.float16))
+            start += batch.num_rows
+    dim = pf.schema_arrow.field("vector").type.list_size
+    return keys[rows], (np.concatenate(out) if out else np.empty((0, dim), np.float16))
 
 
 def sample_quotas(counts: list[int], k: int, slack: float = 1.05) -> list[int]:
@@ -140,11 +204,16 @@ def sample_quotas(counts: list[int], k: int, slack: float = 1.05) -> list[int]:
 
 
 def train_index(factory: str, metric: str, dim: int, out_uri: str,
-                *samples: tuple[np.ndarray, np.ndarray], k: int = 0, threads: int = 1) -> dict:
+                *samples: tuple[np.ndarray, np.ndarray], k: int = 0, threads: int = 1,
+                gpus: float = 0.0, gpus_explicit: bool = False) -> dict:
     """Train ``factory`` on the ``k`` lowest-key sampled rows (``threads``: this task's CPU
-    share); write the empty index."""
+    share; ``gpus``: its GPUs, used for the k-means when faiss has GPU support, required when
+    ``gpus_explicit``); write the empty index."""
     import faiss
 
+    from qgscale.index.gpu import use_gpu
+
+    on_gpu = use_gpu("index.build", gpus, gpus_explicit)
     faiss.omp_set_num_threads(max(1, threads))
     index = faiss.index_factory(dim, with_ids(factory), metric_type(metric))
     n_train = n_received = 0
@@ -156,7 +225,7 @@ def train_index(factory: str, metric: str, dim: int, out_uri: str,
                                  dtype=np.float32)
         n_train = len(x)
         ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus():
+        if ivf is not None and on_gpu:
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
         index.train(x)
     write_index(index, out_uri)
@@ -173,14 +242,22 @@ class AddJob:
     trained_uri: str
     index_uri: str
 
-    def setup(self, device: str, threads: int) -> bytes:
-        _limit_threads(threads)
-        return storage.read_bytes(self.trained_uri)
+    def setup(self, device: str, threads: int) -> tuple[bytes, bool]:
+        from qgscale.index.gpu import use_gpu
 
-    def run(self, trained: bytes, shard: Shard) -> pa.Table:
+        on_gpu = use_gpu("index.build", 1.0 if device == "cuda" else 0.0, explicit=True)
+        _limit_threads(threads)
+        return storage.read_bytes(self.trained_uri), on_gpu
+
+    def run(self, state: tuple[bytes, bool], shard: Shard) -> pa.Table:
         import faiss
 
+        from qgscale.index.gpu import to_cpu, to_gpu
+
+        trained, on_gpu = state
         index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
+        if on_gpu:
+            index = to_gpu(index, fp16=False)
         all_ids, all_pids = [], []
         for uri, offset in zip(*shard.payload, strict=True):
             pids, vecs = read_vectors(uri)
@@ -189,6 +266,8 @@ class AddJob:
             all_ids.append(ids)
             all_pids.extend(pids)
             del vecs
+        if on_gpu:
+            index = to_cpu(index)
         strip_quantizer(index)
         write_index(index, storage.join(self.index_uri, "parts", f"{shard.name}.faiss"))
         return pa.table({"id": np.concatenate(all_ids), "pid": all_pids}, schema=IDS_SCHEMA)
@@ -341,6 +420,10 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
     print(f"[index build] {n} vectors x {dim} -> {factory}: ~{est['index_gb']:.2f} GiB index, "
           f"nlist={est['nlist']}, train samples={min(bc.train_samples, n)} "
           f"(min {est['min_train_samples']})", flush=True)
+    nodes = sum(1 for nd in ray.nodes() if nd.get("Alive"))
+    plan = memory_plan(factory, n, dim, bc.num_shards or len(uris), max(1, nodes),
+                       bc.train_samples, max(counts), gpu=bool(bc.gpus_per_actor))
+    print(format_plan(plan), flush=True)
     timings: dict[str, Any] = {}
     task_options = remote_options(bc.cpus_per_actor, max_retries=bc.max_retries)
 
@@ -361,7 +444,8 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
             res = actor_resources("index.build", 1, bc.cpus_per_actor, bc.gpus_per_actor)
             train = ray.remote(train_index).options(**res.options())
             info = ray.get(train.remote(factory, bc.metric, dim, trained_uri, *samples, k=k,
-                                        threads=res.threads))
+                                        threads=res.threads, gpus=res.num_gpus,
+                                        gpus_explicit=bool(bc.gpus_per_actor)))
             storage.write_json(info_uri, {"hash": chash, "factory": factory, **info})
 
     mergeable = is_ivf(factory) or bc.num_shards == 0 or "HNSW" not in factory
@@ -373,7 +457,9 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
         shards = [Shard(name, 1, ([uris[i] for i in g], [offsets[i] for i in g]))
                   for name, g in zip(names, part_groups, strict=True)]
         add_stats = run_shards(AddJob(trained_uri, index_uri), shards, ids_uri, chash,
-                               bc.model_copy(update={"gpus_per_actor": 0}),
+                               # add on GPUs only when asked for explicitly
+                               bc.model_copy(update={"gpus_per_actor":
+                                                      bc.gpus_per_actor or 0}),
                                stage="index.build", desc="index add")
     storage.ShardWriter(ids_uri, chash).finalize(names, run=add_stats)
 
@@ -397,7 +483,8 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
              for p in ("add_s", "merge_s")}
     return storage.write_manifest(index_uri, chash, factory=factory, metric=bc.metric,
                                   dim=dim, ntotal=n, shards=shard_files, ondisk=ondisk,
-                                  estimate=est, timings=timings | rates, embeddings=emb_uri)
+                                  estimate=est, memory_plan=plan, timings=timings | rates,
+                                  embeddings=emb_uri)
 
 
 def run_build(cfg, emb_uri: str, index_uri: str, key: str) -> dict:

@@ -114,7 +114,8 @@ def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_u
         functools.partial(load_dual_encoder, model_uri), ic.batch_size, ic.precision,
         res.num_gpus, res.threads)
     searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, ic.cpus_per_actor,
-                               ic.refine, ic.k_factor)
+                               ic.refine, ic.k_factor, num_gpus=res.num_gpus,
+                               gpus_explicit=bool(ic.gpus_per_actor))
     try:
         return mine(storage.read_parquet(queries_uri), read_positives(qrels_uri),
                     lambda texts: ray.get(actor.encode_queries.remote(texts)), out_uri,

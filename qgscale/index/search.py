@@ -231,13 +231,19 @@ class ShardSearcher:
     ``(dist, ids)`` with global ids and their pids."""
 
     def __init__(self, index_uri: str, rel: str, ondisk: bool, nprobe: int | None,
-                 ef_search: int | None, threads: int = 1):
+                 ef_search: int | None, threads: int = 1, gpus: float = 0.0,
+                 gpus_explicit: bool = False):
         import faiss
 
+        from qgscale.index.gpu import to_gpu, use_gpu
+
+        on_gpu = use_gpu("index.search", gpus, gpus_explicit)
         faiss.omp_set_num_threads(max(1, threads))
         self.index = read_index_file(index_uri, rel, ondisk)
-        set_search_params(self.index, nprobe, ef_search)
         self.pid_map = PidMap.read(index_uri, index_ids(self.index))
+        if on_gpu:
+            self.index = to_gpu(self.index)  # Flat: an fp16 copy (GpuIndexFlat useFloat16)
+        set_search_params(self.index, nprobe, ef_search)
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         dist, ids = self.index.search(x, k)
@@ -251,16 +257,17 @@ class ShardedSearcher:
     (this process then holds them: one float32/fp16 vector per passage)."""
 
     def __init__(self, index_uri: str, nprobe: int | None = None, ef_search: int | None = None,
-                 num_cpus: float = 1.0, refine: str = "none", k_factor: float = 4.0):
+                 num_cpus: float = 1.0, refine: str = "none", k_factor: float = 4.0,
+                 num_gpus: float = 0.0, gpus_explicit: bool = False):
         import ray
 
         m = storage.read_manifest(index_uri)
         if m is None:
             raise FileNotFoundError(f"{index_uri}: no {storage.MANIFEST}")
         self.metric = m["metric"]
-        actor = ray.remote(ShardSearcher).options(**remote_options(num_cpus))
+        actor = ray.remote(ShardSearcher).options(**remote_options(num_cpus, num_gpus))
         self.actors = [actor.remote(index_uri, rel, m.get("ondisk", False), nprobe, ef_search,
-                                    max(1, int(num_cpus)))
+                                    max(1, int(num_cpus)), num_gpus, gpus_explicit)
                        for rel in m["shards"]]
         self.store = (load_refine_store(index_uri, m, read_pids(index_uri), refine)
                       if refine != "none" else None)
