@@ -258,6 +258,7 @@ def main() -> None:
                     help="comma-separated corpus sizes of the memory run (0: skip it)")
     ap.add_argument("--mem-factory", default=None)
     ap.add_argument("--shard-rows", type=int, default=None, help="memory run: rows per shard")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory run")
     args = ap.parse_args()
     q = args.quick
     n = args.n or (100_000 if q else 1_000_000)
@@ -289,89 +290,90 @@ def main() -> None:
     res: dict = {"n_vectors": n, "dim": args.dim, "factory": factory, "shards": n_shards,
                  "cpus": cpus, "quick": q, "refine": "flat", "load_avg_1_5_15": {}}
     try:
-        t = time.time()
-        enc = bench_encode(root, 100 if q else 4000, (2,) if q else (1, 2))  # quick: one run
-        res["encode_passages_per_s"] = {str(k): round(v, 1) for k, v in enc.items()}
-        res["encode_scaling_1_to_2"] = round(enc[2] / enc[1], 3) if 1 in enc else None
-        print(f"encode done in {time.time() - t:.1f}s", flush=True)
+        if not args.memory_only:
+            t = time.time()
+            enc = bench_encode(root, 100 if q else 4000, (2,) if q else (1, 2))  # quick: one run
+            res["encode_passages_per_s"] = {str(k): round(v, 1) for k, v in enc.items()}
+            res["encode_scaling_1_to_2"] = round(enc[2] / enc[1], 3) if 1 in enc else None
+            print(f"encode done in {time.time() - t:.1f}s", flush=True)
 
-        t = time.time()
-        emb = os.path.join(root, "emb")
-        xb = write_shards(emb, n, args.dim, n_shards)
-        res["write_shards_s"] = round(time.time() - t, 1)
-        print(f"wrote {n} vectors in {res['write_shards_s']}s", flush=True)
+            t = time.time()
+            emb = os.path.join(root, "emb")
+            xb = write_shards(emb, n, args.dim, n_shards)
+            res["write_shards_s"] = round(time.time() - t, 1)
+            print(f"wrote {n} vectors in {res['write_shards_s']}s", flush=True)
 
-        runs = {}
-        res["load_avg_1_5_15"]["start"] = load_avg()
-        wait_for_quiet(args.max_load, wait_s)
-        res["load_avg_1_5_15"]["before_build"] = load_avg()
-        for workers in (1, 2):
-            idx = os.path.join(root, f"index-{workers}")
-            if workers == 2:  # reuse the trained index: only add/merge are compared
-                os.makedirs(idx, exist_ok=True)
-                for f in ("trained.faiss", "trained.json"):
-                    shutil.copy(os.path.join(root, "index-1", f), os.path.join(idx, f))
-            bc = BuildConfig(factory=factory, train_samples=train_samples, num_shards=1,
-                             cpus_per_actor=1.0, num_actors=workers)
-            runs[workers] = B.build_index(emb, idx, bc)["timings"]
-            res["load_avg_1_5_15"][f"after_build_{workers}"] = load_avg()
-            print(f"build with {workers} worker(s): {runs[workers]} "
-                  f"(load {res['load_avg_1_5_15'][f'after_build_{workers}']})", flush=True)
-        res["train_vectors_per_s"] = round(min(train_samples, n) / runs[1]["train_s"], 1)
-        res["add_vectors_per_s"] = {str(w): runs[w]["add_vectors_per_s"] for w in runs}
-        res["merge_vectors_per_s"] = {str(w): runs[w]["merge_vectors_per_s"] for w in runs}
-        res["add_scaling_1_to_2"] = round(runs[2]["add_vectors_per_s"]
-                                          / runs[1]["add_vectors_per_s"], 3)
-        res["timings"] = {str(w): runs[w] for w in runs}
-        index_file = os.path.join(root, "index-2", "shards", "shard-00000.faiss")
-        res["index_bytes"] = os.path.getsize(index_file)
-        res["estimate_gb"] = round(B.estimate(factory, n, args.dim)["index_gb"], 3)
+            runs = {}
+            res["load_avg_1_5_15"]["start"] = load_avg()
+            wait_for_quiet(args.max_load, wait_s)
+            res["load_avg_1_5_15"]["before_build"] = load_avg()
+            for workers in (1, 2):
+                idx = os.path.join(root, f"index-{workers}")
+                if workers == 2:  # reuse the trained index: only add/merge are compared
+                    os.makedirs(idx, exist_ok=True)
+                    for f in ("trained.faiss", "trained.json"):
+                        shutil.copy(os.path.join(root, "index-1", f), os.path.join(idx, f))
+                bc = BuildConfig(factory=factory, train_samples=train_samples, num_shards=1,
+                                 cpus_per_actor=1.0, num_actors=workers)
+                runs[workers] = B.build_index(emb, idx, bc)["timings"]
+                res["load_avg_1_5_15"][f"after_build_{workers}"] = load_avg()
+                print(f"build with {workers} worker(s): {runs[workers]} "
+                      f"(load {res['load_avg_1_5_15'][f'after_build_{workers}']})", flush=True)
+            res["train_vectors_per_s"] = round(min(train_samples, n) / runs[1]["train_s"], 1)
+            res["add_vectors_per_s"] = {str(w): runs[w]["add_vectors_per_s"] for w in runs}
+            res["merge_vectors_per_s"] = {str(w): runs[w]["merge_vectors_per_s"] for w in runs}
+            res["add_scaling_1_to_2"] = round(runs[2]["add_vectors_per_s"]
+                                              / runs[1]["add_vectors_per_s"], 3)
+            res["timings"] = {str(w): runs[w] for w in runs}
+            index_file = os.path.join(root, "index-2", "shards", "shard-00000.faiss")
+            res["index_bytes"] = os.path.getsize(index_file)
+            res["estimate_gb"] = round(B.estimate(factory, n, args.dim)["index_gb"], 3)
 
-        rng = np.random.default_rng(1)
-        src = rng.choice(n, nq, replace=False)
-        xq = xb[src] + 0.02 * rng.normal(size=(nq, args.dim)).astype(np.float32)
-        xq /= np.linalg.norm(xq, axis=1, keepdims=True)
-        faiss.omp_set_num_threads(cpus)
-        exact = faiss.IndexFlatIP(args.dim)
-        exact.add(xb)
-        del xb
-        exact_qps, truth = qps(exact, xq)
-        exact_planted = float(np.mean([s in row for s, row in zip(src, truth, strict=True)]))
-        del exact
-        res["exact_qps"] = round(exact_qps, 1)
-        t = time.time()
-        loaded = load_index(os.path.join(root, "index-2"), refine="flat")
-        res["refine_load_s"] = round(time.time() - t, 1)
-        res["load_avg_1_5_15"]["before_search"] = load_avg()
-        sweep = []
-        for nprobe in nprobes:
-            faiss.extract_index_ivf(loaded.parts[0]).nprobe = nprobe
-            for k_factor in [None, *k_factors]:  # None: the PQ index alone
-                if k_factor:
-                    loaded.index.k_factor = k_factor
-                v, ids = qps(loaded.index if k_factor else loaded.parts[0], xq)
-                planted = float(np.mean([s in row for s, row in zip(src, ids, strict=True)]))
-                sweep.append({"nprobe": nprobe, "k_factor": k_factor, "qps": round(v, 1),
-                              "recall_at_10": round(recall(ids, truth), 4),
-                              "qps_ratio_vs_exact": round(v / exact_qps, 2),
-                              "planted_recall_ratio": round(planted / max(exact_planted, 1e-9),
-                                                            4)})
-        res["load_avg_1_5_15"]["after_search"] = load_avg()
-        res["sweep"] = sweep
-        fast = [s for s in sweep if s["qps_ratio_vs_exact"] >= min_ratio] or sweep[:1]
-        best = max(fast, key=lambda s: s["recall_at_10"])  # best recall at >= 20x exact QPS
-        res.update(recall_at_10=best["recall_at_10"], nprobe=best["nprobe"],
-                   k_factor=best["k_factor"],
-                   qps_ratio_vs_exact=best["qps_ratio_vs_exact"],
-                   planted_recall_ratio=best["planted_recall_ratio"])
-        res["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                          / 1024, 1)
-        del loaded
-        target = 0.9 if q else 0.99
-        res["targets"] = {"add_scaling_1_to_2>=1.7": res["add_scaling_1_to_2"] >= 1.7,
-                          f"recall_at_10>={target}_at_{min_ratio}x_qps":
-                          best["recall_at_10"] >= target
-                          and best["qps_ratio_vs_exact"] >= min_ratio}
+            rng = np.random.default_rng(1)
+            src = rng.choice(n, nq, replace=False)
+            xq = xb[src] + 0.02 * rng.normal(size=(nq, args.dim)).astype(np.float32)
+            xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+            faiss.omp_set_num_threads(cpus)
+            exact = faiss.IndexFlatIP(args.dim)
+            exact.add(xb)
+            del xb
+            exact_qps, truth = qps(exact, xq)
+            exact_planted = float(np.mean([s in row for s, row in zip(src, truth, strict=True)]))
+            del exact
+            res["exact_qps"] = round(exact_qps, 1)
+            t = time.time()
+            loaded = load_index(os.path.join(root, "index-2"), refine="flat")
+            res["refine_load_s"] = round(time.time() - t, 1)
+            res["load_avg_1_5_15"]["before_search"] = load_avg()
+            sweep = []
+            for nprobe in nprobes:
+                faiss.extract_index_ivf(loaded.parts[0]).nprobe = nprobe
+                for k_factor in [None, *k_factors]:  # None: the PQ index alone
+                    if k_factor:
+                        loaded.index.k_factor = k_factor
+                    v, ids = qps(loaded.index if k_factor else loaded.parts[0], xq)
+                    planted = float(np.mean([s in row for s, row in zip(src, ids, strict=True)]))
+                    sweep.append({"nprobe": nprobe, "k_factor": k_factor, "qps": round(v, 1),
+                                  "recall_at_10": round(recall(ids, truth), 4),
+                                  "qps_ratio_vs_exact": round(v / exact_qps, 2),
+                                  "planted_recall_ratio": round(planted / max(exact_planted, 1e-9),
+                                                                4)})
+            res["load_avg_1_5_15"]["after_search"] = load_avg()
+            res["sweep"] = sweep
+            fast = [s for s in sweep if s["qps_ratio_vs_exact"] >= min_ratio] or sweep[:1]
+            best = max(fast, key=lambda s: s["recall_at_10"])  # best recall at >= 20x exact QPS
+            res.update(recall_at_10=best["recall_at_10"], nprobe=best["nprobe"],
+                       k_factor=best["k_factor"],
+                       qps_ratio_vs_exact=best["qps_ratio_vs_exact"],
+                       planted_recall_ratio=best["planted_recall_ratio"])
+            res["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                              / 1024, 1)
+            del loaded
+            target = 0.9 if q else 0.99
+            res["targets"] = {"add_scaling_1_to_2>=1.7": res["add_scaling_1_to_2"] >= 1.7,
+                              f"recall_at_10>={target}_at_{min_ratio}x_qps":
+                              best["recall_at_10"] >= target
+                              and best["qps_ratio_vs_exact"] >= min_ratio}
         if mem_sizes:
             res["load_avg_1_5_15"]["before_memory"] = load_avg()
             mem = bench_memory(root, mem_sizes, args.dim, mem_factory, train_samples,
@@ -380,14 +382,15 @@ def main() -> None:
             res["memory"] = mem
             res["train_task_peak_rss_mb"] = mem["train_task_peak_rss_mb"]
             res["train_task_rss_growth"] = mem["train_task_rss_growth"]
-            res["targets"]["train_task_rss_growth<=1.2"] = (
+            res.setdefault("targets", {})["train_task_rss_growth<=1.2"] = (
                 mem["train_task_rss_growth"] is not None and mem["train_task_rss_growth"] <= 1.2)
     finally:
         ray.shutdown()
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)
 
-    rows = [("vectors", f"{n} x {args.dim} ({factory}, {n_shards} shards, {cpus} CPUs)"),
+    rows = [] if args.memory_only else [
+            ("vectors", f"{n} x {args.dim} ({factory}, {n_shards} shards, {cpus} CPUs)"),
             ("encode passages/s by actors (tiny BERT)",
              f"{res['encode_passages_per_s']} (1 -> 2: {res['encode_scaling_1_to_2']}x)"),
             ("train vectors/s (sample + train)", res["train_vectors_per_s"]),
@@ -416,7 +419,7 @@ def main() -> None:
     rows += [(f"nprobe={s['nprobe']} refine k_factor={s['k_factor'] or '-'}: "
               "QPS (x exact) / recall@10 / planted",
               f"{s['qps']} ({s['qps_ratio_vs_exact']}x) / {s['recall_at_10']:.3f} / "
-              f"{s['planted_recall_ratio']:.3f}") for s in sweep]
+              f"{s['planted_recall_ratio']:.3f}") for s in res.get("sweep", [])]
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{a:<{width}}  {b}" for a, b in rows))
     print("targets:", res["targets"])

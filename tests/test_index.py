@@ -205,6 +205,34 @@ def test_exact_sharded_search_equals_single_process(ray_local, tmp_path, factory
     np.testing.assert_array_equal(scores2, d_ref)
 
 
+@pytest.mark.parametrize("factory,rows", [("IVF1,PQ8x4fs", 128), ("IVF4,PQ16x4fs", 700)])
+def test_fast_scan_merge_at_block_boundaries(tmp_path, factory, rows):
+    """Fast-scan parts whose lists end on a block boundary (128 rows = 128-byte blocks of
+    PQ8x4fs): faiss.merge_into corrupts the heap there (BlockInvertedLists::add_entries);
+    merge_parts gives exactly the index of one process."""
+    x = clustered(5 * rows, 32, seed=8)
+    trained = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
+    trained.train(clustered(4000, 32, seed=9))
+    tr = str(tmp_path / "trained.faiss")
+    faiss.write_index(trained, tr)
+    parts = []
+    for i in range(5):
+        part = faiss.read_index(tr)
+        part.add_with_ids(x[i * rows:(i + 1) * rows], np.arange(i * rows, (i + 1) * rows))
+        B.strip_quantizer(part)
+        parts.append(str(tmp_path / f"part-{i}.faiss"))
+        B.write_index(part, parts[-1])
+    assert B.merge_parts(tr, parts, str(tmp_path / "out.faiss"), "memory", 1) == 5 * rows
+    merged, single = faiss.read_index(str(tmp_path / "out.faiss")), faiss.read_index(tr)
+    single.add_with_ids(x, np.arange(len(x)))
+    for index in (merged, single):
+        faiss.extract_index_ivf(index).nprobe = 4
+    d_got, i_got = merged.search(x[:50], 10)
+    d_ref, i_ref = single.search(x[:50], 10)
+    np.testing.assert_array_equal(i_got, i_ref)
+    np.testing.assert_array_equal(d_got, d_ref)
+
+
 def test_opq_merged_index_equals_single_process_index(ray_local, tmp_path):
     """OPQ pre-transform + IVF-PQ: the merged index matches one built in a single process."""
     xb, xq = clustered(4000, 32, seed=6), clustered(100, 32, seed=7)

@@ -166,3 +166,25 @@ def test_local_dir_downloads_a_remote_folder(s3_bucket, tmp_path):
     assert open(os.path.join(local, "sub", "w.bin"), "rb").read() == b"123"
     storage.upload_dir(local, storage.join(s3_bucket, "copy"))
     assert storage.read_bytes(storage.join(s3_bucket, "copy", "sub", "w.bin")) == b"123"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_file_writes_and_reads_stream_through_local_files(where, tmp_path, s3_bucket):
+    """``writing_file``: a library writes a local file that appears at the URI whole
+    (``put_file`` from the local file on S3); nothing appears when the writer fails;
+    ``reading_file`` gives a local copy."""
+    root = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/out"
+    uri = storage.join(root, "big.bin")
+    data = os.urandom(12 << 20)
+    with storage.writing_file(uri) as local:
+        assert not storage.exists(uri)
+        with open(local, "wb") as f:
+            f.write(data)
+    with storage.reading_file(uri) as local, open(local, "rb") as f:
+        assert f.read() == data
+    with pytest.raises(RuntimeError), storage.writing_file(storage.join(root, "no.bin")) as local:
+        with open(local, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("writer failed")
+    assert not storage.exists(storage.join(root, "no.bin"))
+    assert [os.path.basename(u) for u in storage.list_files(root)] == ["big.bin"]

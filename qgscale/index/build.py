@@ -353,7 +353,9 @@ def merge_parts(trained_uri: str, part_uris: list[str], out_uri: str, mode: str,
                 storage.put_file(os.path.join(tmp, base + suffix), out_uri + suffix)
         return ntotal
     ivf = faiss.try_extract_index_ivf(index)
-    for uri in part_uris:
+    if ivf is not None and is_block_lists(ivf):
+        merge_block_lists(index, [read_index(uri) for uri in part_uris])
+    for uri in part_uris if not (ivf is not None and is_block_lists(ivf)) else []:
         part = read_index(uri)
         if ivf is not None:
             p_ivf = faiss.extract_index_ivf(part)
@@ -367,6 +369,61 @@ def merge_parts(trained_uri: str, part_uris: list[str], out_uri: str, mode: str,
         del part
     write_index(index, out_uri)
     return index.ntotal
+
+
+def is_block_lists(ivf: Any) -> bool:
+    """Fast-scan IVF (``PQ..x4fs``): codes packed in blocks (``BlockInvertedLists``)."""
+    import faiss
+
+    return isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.BlockInvertedLists)
+
+
+def merge_block_lists(index: Any, parts: list) -> None:
+    """Merge fast-scan parts into the empty trained ``index``, list by list, each list added
+    once to an empty list. (faiss 1.15's ``BlockInvertedLists::add_entries`` appending to a
+    non-empty list whose size is a multiple of its block size in bytes copies past the end
+    of the list: heap corruption, seen as SIGSEGV / "corrupted double-linked list" in merge
+    tasks; ``merge_into`` and ``merge_from`` go through it.) Codes are unpacked per block of
+    ``packer.nvec`` with faiss' ``CodePacker`` and packed again."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    if ivf.ntotal:
+        raise ValueError("merge_block_lists: the trained index must be empty")
+    packer = ivf.get_CodePacker()
+    nvec, bs, cs = packer.nvec, packer.block_size, packer.code_size
+    invs = []
+    for part in parts:
+        p_ivf = faiss.extract_index_ivf(part)
+        if p_ivf.nlist != ivf.nlist or p_ivf.code_size != ivf.code_size:
+            raise ValueError("index part does not match the trained index")
+        invs.append(p_ivf.invlists)
+    for j in range(ivf.nlist):
+        sizes = [inv.list_size(j) for inv in invs]
+        total = sum(sizes)
+        if not total:
+            continue
+        ids = np.empty(total, np.int64)
+        flat = np.zeros(((total + nvec - 1) // nvec) * nvec * cs, np.uint8)
+        row = 0
+        for inv, n in zip(invs, sizes, strict=True):
+            if not n:
+                continue
+            ids[row:row + n] = faiss.rev_swig_ptr(inv.get_ids(j), n)
+            nb = (n + nvec - 1) // nvec
+            packed = faiss.rev_swig_ptr(inv.get_codes(j), nb * bs)
+            unpacked = np.empty(nb * nvec * cs, np.uint8)
+            for b in range(nb):
+                packer.unpack_all(faiss.swig_ptr(packed[b * bs:]),
+                                  faiss.swig_ptr(unpacked[b * nvec * cs:]))
+            flat[row * cs:(row + n) * cs] = unpacked[:n * cs]
+            row += n
+        blocks = np.zeros(len(flat) // (nvec * cs) * bs, np.uint8)
+        for b in range(len(flat) // (nvec * cs)):
+            packer.pack_all(faiss.swig_ptr(flat[b * nvec * cs:]),
+                            faiss.swig_ptr(blocks[b * bs:]))
+        ivf.invlists.add_entries(j, total, faiss.swig_ptr(ids), faiss.swig_ptr(blocks))
+    ivf.ntotal = index.ntotal = sum(inv.compute_ntotal() for inv in invs)
 
 
 # ---------------------------------------------------------------- driver
@@ -416,6 +473,9 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
         raise ValueError(f"index.build.factory={factory!r}: the distributed build does not "
                          "take a refine suffix; set index.search.refine / k_factor (search-time "
                          "re-ranking with the embedding shards) instead")
+    if bc.merge == "ondisk" and "fs" in factory.split(",")[-1]:
+        raise ValueError(f"index.build.merge=ondisk: fast-scan factory {factory!r} keeps codes "
+                         "in blocks that OnDiskInvertedLists cannot hold; use merge: memory")
     est = estimate(factory, n, dim)
     print(f"[index build] {n} vectors x {dim} -> {factory}: ~{est['index_gb']:.2f} GiB index, "
           f"nlist={est['nlist']}, train samples={min(bc.train_samples, n)} "
