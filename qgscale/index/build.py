@@ -6,10 +6,13 @@
 2. train the index from a factory string (GPU clustering with faiss-gpu when present) and
    save the trained empty index to storage;
 3. add each embedding shard on a pool of Ray actors (:func:`qgscale.runtime.run_shards`;
-   global int64 id = row offset of the shard + row), writing an index part and its id map
-   ``{id, pid}`` (done marker last);
-4. merge the IVF parts into ``num_shards`` indexes (``faiss.merge_into`` in memory, or
-   ``faiss.contrib.ondisk.merge_ondisk``), or keep them as parts for sharded search.
+   global int64 id = row offset of the shard + row), writing an index part (IVF: only its
+   inverted lists, the coarse quantizer emptied) and its id map ``{id, pid}`` (done marker
+   last);
+4. merge the parts into ``num_shards`` indexes, one Ray task per output shard (inverted
+   lists appended to the trained index in memory, or ``faiss.contrib.ondisk.merge_ondisk``
+   over mmapped parts), or keep them as parts for sharded search (the trained quantizer is
+   restored at load). Index files go through local files, streamed to storage.
 
 Layout under ``index_uri``::
 
