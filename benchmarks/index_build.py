@@ -1,8 +1,17 @@
 """Index benchmark: encode / train / add / merge throughput with 1 and 2 workers, memory,
 search QPS and recall@10 of the built index against exact search, one table + JSON.
 
-    python benchmarks/index_build.py --quick            # < 60 s on 2 cores
-    python benchmarks/index_build.py --out index.json   # 1M x 384 synthetic clustered vectors
+    python benchmarks/index_build.py --quick            # 100k; memory run at 50k and 500k
+    python benchmarks/index_build.py --out index.json   # 1M; memory run at 500k and 5M
+    python benchmarks/index_build.py --memory-only      # only the memory run
+
+Memory run (:func:`bench_memory`): builds at each of ``--mem-sizes`` (shards of a fixed
+``--shard-rows``, so a bigger corpus has more shards; the same ``train_samples``) while
+``scale.RssSampler`` samples the RSS of this process tree from outside; per Ray task/actor
+title (:func:`scale.title_peaks`) the peaks of the sampling, training, add and merge tasks
+and of the search actors (``ShardedSearcher``, 2 index shards), ``train_task_peak_rss_mb``
+per size, ``train_task_rss_growth`` (largest over smallest) and the 1 -> 2 worker add
+scaling at the largest size.
 
 Data: synthetic clustered vectors with low intrinsic dimension (cluster centre + a 48-d
 latent offset + small noise, L2-normalised), as dense-retrieval embeddings are; queries are
