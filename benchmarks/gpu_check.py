@@ -334,6 +334,58 @@ def teacher_profile(args: argparse.Namespace, device: torch.device, out: dict) -
     out["teacher_profile"] = {"file": "teacher_profile.txt", "pairs": len(data[1])}
 
 
+def teacher_sdpa(args: argparse.Namespace, device: torch.device, out: dict) -> None:
+    """Which SDPA kernel each attention call of the fast path can use, and why not.
+
+    The first H100 profile showed most attention time in ``_scaled_dot_product_attention_math``
+    (24 of 36 calls). One call of each kind in a fast-path batch (self/cross, mask broadcast
+    over the batch or not, dtypes, K contiguous; its shapes and strides recorded) is re-run
+    with only the flash / memory-efficient kernel allowed, and PyTorch's own reasons for
+    refusing it are recorded.
+    """
+    import warnings
+
+    import torch.nn.functional as F  # noqa: N812
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    t = teacher_setup(args, device)
+    data = t["shard"](range(min(2, args.queries)))
+    calls: dict[str, tuple] = {}
+    orig = F.scaled_dot_product_attention
+
+    def sig(x: torch.Tensor | None) -> str:
+        return "None" if x is None else f"{tuple(x.shape)}/{x.stride()}/{x.dtype}"
+
+    def record(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        kind = (q.shape[2] == k.shape[2], None if attn_mask is None else attn_mask.shape[0] == 1,
+                q.dtype, None if attn_mask is None else attn_mask.dtype, k.is_contiguous())
+        calls.setdefault(str(kind), (" ".join((sig(q), sig(k), sig(attn_mask),
+                                               f"causal={is_causal}", f"scale={scale}")),
+                                     q, k, v, attn_mask, is_causal, scale))
+        return orig(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                    scale=scale, **kw)
+
+    F.scaled_dot_product_attention = record
+    try:
+        score_pairs(t["fast_model"], *data, batch_tokens=args.batch_tokens[0], precision="bf16")
+    finally:
+        F.scaled_dot_product_attention = orig
+    res: dict[str, Any] = {"distinct_calls": len(calls), "calls": []}
+    for key, (signature, q, k, v, mask, causal, scale) in calls.items():
+        entry: dict[str, Any] = {"kind": key, "example": signature}
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            with warnings.catch_warnings(record=True) as caught, sdpa_kernel([backend]):
+                warnings.simplefilter("always")
+                try:
+                    orig(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+                    entry[backend.name] = "ok"
+                except RuntimeError as e:
+                    why = [str(w.message)[:300] for w in caught] or [str(e)[:300]]
+                    entry[backend.name] = why
+        res["calls"].append(entry)
+    out["teacher_sdpa"] = res
+
+
 def teacher_compiled(args: argparse.Namespace, device: torch.device, out: dict) -> None:
     """The fast path with the encoder and decoder stacks under ``torch.compile``."""
     t = teacher_setup(args, device)
@@ -481,7 +533,8 @@ def generation(args: argparse.Namespace, device: torch.device, out: dict) -> Non
 # Cheap and essential first; profiling and the compiled variants (slow to compile) last.
 SECTIONS = {"teacher_scoring": teacher_scoring, "generate": generation,
             "encode": corpus_encoding, "student_step": student_train_step,
-            "teacher_profile": teacher_profile, "teacher_compiled": teacher_compiled,
+            "teacher_profile": teacher_profile, "teacher_sdpa": teacher_sdpa,
+            "teacher_compiled": teacher_compiled,
             "student_step_compiled": student_compiled}
 
 

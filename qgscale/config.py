@@ -58,6 +58,11 @@ class DataConfig(Section):
     answer_lang: str | None = None
     shard_rows: int = 2000
     on_error: Literal["fail", "skip"] = "fail"
+    # Training rows are joined on the driver up to this many training queries, above it by
+    # Ray Data workers (qgscale.train.rows_dataset: the same rows; 0 = always Ray Data).
+    # A runtime setting: not part of any stage's key.
+    ray_rows_from: int = Field(1_000_000, ge=0)
+    ray_rows_partitions: int = Field(64, ge=1)  # hash partitions of each Ray Data join
 
 
 class ModelConfig(Section):
@@ -337,11 +342,15 @@ class Config(Section):
         return storage.join(self.run.root, *parts)
 
 
+RUNTIME_FIELDS = {"ray_rows_from", "ray_rows_partitions"}  # how, not what: not in keys
+
+
 def key_values(value: Any) -> Any:
     """``value`` (a section, or a plain value) as JSON data for a stage key: every field
-    except the runtime settings named as in :class:`Actors` (actors, CPUs, GPUs, retries)."""
+    except the runtime settings named as in :class:`Actors` (actors, CPUs, GPUs, retries) and
+    :data:`RUNTIME_FIELDS`."""
     if isinstance(value, BaseModel):  # the runtime settings of any section (search's too)
-        skip = set(Actors.model_fields)
+        skip = set(Actors.model_fields) | RUNTIME_FIELDS
         return {k: key_values(getattr(value, k)) for k in type(value).model_fields
                 if k not in skip}
     if isinstance(value, list | tuple):

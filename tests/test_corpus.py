@@ -76,7 +76,8 @@ def _count_reads(monkeypatch) -> Counter:
 def _driver_join(d: dict, loss: LossConfig, seed: int) -> list[dict]:
     """The reference: the whole corpus in one dict, joined row by row (the old driver join:
     random positive, candidates that are not positives as hard negatives in rank order, the
-    first candidates with their teacher scores, one generated query in another language)."""
+    first candidates with their teacher scores, one generated query in another language), with
+    each query's draws seeded by (seed, qid)."""
     corpus = {r["pid"]: passage_text(r["title"], r["text"])
               for r in storage.read_parquet(d["corpus"]).to_pylist()}
     queries = {r["qid"]: r for r in storage.read_parquet(d["queries"]).to_pylist()}
@@ -89,8 +90,9 @@ def _driver_join(d: dict, loss: LossConfig, seed: int) -> list[dict]:
     gens: dict[str, list] = {}
     for r in storage.read_parquet(d["gen"]).to_pylist():
         gens.setdefault(r["pid"], []).append((r["lang"], r["query"]))
-    rng, rows = random.Random(seed), []
+    rows = []
     for qid in sorted(pos):
+        rng = random.Random(f"{seed}:row:{qid}")  # each query's own seeded stream
         positive = rng.choice(pos[qid])
         negs = [p for p in cands[qid] if p not in pos[qid]][:loss.n_hard_negatives]
         top = cands[qid][:loss.n_candidates]

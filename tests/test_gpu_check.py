@@ -29,3 +29,14 @@ def test_gpu_check_tiny(tmp_path):
     assert out["generate"]["queries_per_s_beam1"] > 0
     assert out["generate"]["queries_per_s_beam4"] > 0
     assert (tmp_path / "teacher_profile.txt").stat().st_size > 0
+    # the SDPA probe saw the three kinds of T5 attention (encoder self, decoder self and
+    # cross) and recorded, per kind, whether the fused kernels accept the call or why not
+    sdpa = out["teacher_sdpa"]
+    assert "error" not in sdpa and sdpa["distinct_calls"] >= 3
+    assert any(c["kind"].startswith("(False") for c in sdpa["calls"])  # cross-attention
+    for c in sdpa["calls"]:
+        for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+            verdict = c[backend]
+            assert verdict == "ok" or (isinstance(verdict, list) and verdict
+                                       and all(isinstance(w, str) and w for w in verdict))
+

@@ -117,12 +117,108 @@ def _score(scores: dict, qid: str, pid: str, scores_uri: str, candidates_uri: st
                         f"(a candidate in {candidates_uri})") from None
 
 
+def query_rng(seed: int, qid: str, what: str) -> random.Random:
+    """The seeded random stream of one training query's ``what`` ("row", "neg"): a row's
+    draws depend on the seed and its qid only, so rows built on the driver, or by Ray Data
+    workers in any order (:mod:`qgscale.train.rows_dataset`), are identical."""
+    return random.Random(f"{seed}:{what}:{qid}")
+
+
+def plan_row(qid: str, lang: str, query: str, pos: list[str], neg: list[str] | None,
+             cand: list[str] | None, gens: list[tuple[str, str, str]], loss: LossConfig,
+             seed: int) -> dict[str, Any]:
+    """One training query's row as pids: a seeded positive, hard negatives (``neg``, else
+    the non-positive candidates in rank order), the first ``n_candidates`` candidates and
+    one generated query in another language drawn from ``gens`` ``(pid, lang, query)`` of
+    its positives (``gen_qid`` names its teacher scores when ``kd_on_generated``)."""
+    rng = query_rng(seed, qid, "row")
+    positive = rng.choice(pos)
+    pos_set = sorted(set(pos))
+    pool = [p for p in (neg or cand or []) if p not in pos_set]
+    cand_pids = (cand or [])[:loss.n_candidates]
+    options = sorted(g for g in gens if g[1] != lang)
+    gen_query, gen_qid = "", ""
+    if options:
+        gpid, gl, gen_query = rng.choice(options)
+        if loss.kd_on_generated and cand_pids:
+            gen_qid = generated_qid(gpid, gl, gen_query)
+    return {"qid": qid, "query": query, "positive": positive, "pos": pos_set,
+            "negs": pool[:loss.n_hard_negatives], "cand_pids": cand_pids,
+            "gen_query": gen_query, "gen_qid": gen_qid, "has_generated": bool(options)}
+
+
+def fill_negatives(plan: dict[str, Any], sample: list[str], n: int, seed: int,
+                   corpus_uri: str) -> int:
+    """Top ``plan`` up to ``n`` negatives with random passages from ``sample`` (a seeded
+    uniform sample of the corpus pid column, :func:`random_negative_sample`): not its
+    positives, no repeats; returns how many were added."""
+    negs, pos = list(plan["negs"]), set(plan["pos"])
+    if len(negs) >= n:
+        return 0
+    if len(sample) < 2 * (len(pos) + n):  # a small corpus: check there are enough
+        options = [p for p in sample if p not in pos and p not in negs]
+        if len(options) < n - len(negs):
+            raise DataError(f"{corpus_uri}: too few passages for {n} negatives "
+                            f"(qid={plan['qid']})")
+    rng, added = query_rng(seed, plan["qid"], "neg"), 0
+    while len(negs) < n:
+        p = rng.choice(sample)
+        if p not in pos and p not in negs:
+            negs.append(p)
+            added += 1
+    plan["negs"] = negs
+    return added
+
+
+RANDOM_NEGATIVE_SAMPLE = 100_000
+
+
+def random_negative_sample(corpus_uri: str, seed: int) -> list[str]:
+    """The pids random negatives are drawn from: a seeded uniform sample of at most
+    :data:`RANDOM_NEGATIVE_SAMPLE` (O(sample) memory, never the corpus)."""
+    return sample_pids(corpus_uri, RANDOM_NEGATIVE_SAMPLE, seed)
+
+
+def attach_scores(plan: dict[str, Any], score: Any) -> None:
+    """The teacher scores of the row's candidates for its query and its generated query;
+    ``score(qid, pid)`` raises a DataError naming a missing one."""
+    plan["cand_scores"] = [score(plan["qid"], p) for p in plan["cand_pids"]]
+    plan["gen_scores"] = [score(plan["gen_qid"], p) for p in plan["cand_pids"]] \
+        if plan["gen_qid"] else []
+
+
+def needed_pids(plan: dict[str, Any]) -> list[str]:
+    """Every passage the row reads."""
+    return [*plan["pos"], *plan["negs"], *plan["cand_pids"]]
+
+
+def assemble_row(plan: dict[str, Any], texts: Any, corpus_uri: str, pos_uri: str,
+                 candidates_uri: str | None) -> dict[str, Any]:
+    """The :data:`STUDENT_ROWS` row of ``plan`` with the passage ``texts`` (pid -> text); a
+    pid the corpus lacks is a DataError naming the table, query and field."""
+    for where, field, pids in ((pos_uri, "positive", plan["pos"]),
+                               (pos_uri, "negative", plan["negs"]),
+                               (candidates_uri, "candidate", plan["cand_pids"])):
+        for p in sorted(pids):
+            if p not in texts:
+                raise DataError(f"{where}: qid={plan['qid']}: {field} pid={p} not in corpus "
+                                f"{corpus_uri}")
+    return {"qid": plan["qid"], "query": plan["query"],
+            "passages": [texts[p] for p in (plan["positive"], *plan["negs"])],
+            "cand_texts": [texts[p] for p in plan["cand_pids"]],
+            "cand_scores": plan["cand_scores"], "gen_query": plan["gen_query"],
+            "gen_scores": plan["gen_scores"]}
+
+
 def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | None = None, *,
                        qrels_uri: str | None = None, examples_uri: str | None = None,
                        candidates_uri: str | None = None, scores_uri: str | None = None,
                        generated_uri: str | None = None, seed: int = 13
                        ) -> tuple[pa.Table, dict[str, Any]]:
-    """Rows of :data:`STUDENT_ROWS` (one per training query) and counts for the manifest.
+    """Rows of :data:`STUDENT_ROWS` (one per training query, in qid order) and counts for
+    the manifest, joined on the driver: O(training queries x passages per row) memory, the
+    corpus read by the semi-join. :mod:`qgscale.train.rows_dataset` builds the same rows
+    with Ray Data when the query side is too large for one process.
 
     ``loss`` (the stage's :class:`~qgscale.config.LossConfig`; default ``LossConfig()``) gives
     ``n_hard_negatives``, ``n_candidates`` and ``kd_on_generated``. Hard negatives: the
@@ -130,11 +226,9 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
     random corpus passages; the count of randomly filled negatives is reported. With
     ``candidates_uri``/``scores_uri`` each row carries its first ``n_candidates`` candidates and
     their teacher scores. With ``generated_uri`` a row gets one generated query in another
-    language, from one of its positive passages.
+    language, from one of its positive passages (:func:`plan_row`).
     """
     loss = loss or LossConfig()
-    n_hard_negatives, n_candidates = loss.n_hard_negatives, loss.n_candidates
-    rng = random.Random(seed)
     queries = load_queries(queries_uri)
     pos, neg, pos_uri = positives_from(examples_uri, qrels_uri)
     cands: dict[str, list[str]] = {}
@@ -143,92 +237,37 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
         if not (candidates_uri and scores_uri):
             raise DataError("distillation needs both candidates and teacher scores")
         cands, scores = load_teacher(candidates_uri, scores_uri)
-    gens: dict[str, list[tuple[str, str]]] = defaultdict(list)  # pid -> [(lang, query)]
+    gens: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # pid -> [(pid, l, q)]
     if generated_uri:
         g = _read(generated_uri, "generated queries")
         _column_nonempty(g, generated_uri, "pid", "query")
         for r in g.to_pylist():
-            gens[r["pid"]].append((r["lang"], r["query"]))
+            gens[r["pid"]].append((r["pid"], r["lang"], r["query"]))
     counts = {"rows": 0, "random_negatives": 0, "without_generated": 0}
     plans = []  # per training query, the pids of its row (texts are read once, below)
     for qid in sorted(pos):
         if qid not in queries:
             raise DataError(f"{pos_uri}: qid={qid} not in queries {queries_uri}")
-        lang, qtext = queries[qid]
-        positive = rng.choice(pos[qid])
-        pos_set = set(pos[qid])
-        cand = cands.get(qid)
-        if cands and cand is None:
+        if cands and qid not in cands:
             raise DataError(f"{candidates_uri}: no candidate list for training qid={qid}")
-        pool = [p for p in (neg.get(qid) or cand or []) if p not in pos_set]
-        cand_pids = (cand or [])[:n_candidates]
-        cand_scores = [_score(scores, qid, p, scores_uri, candidates_uri) for p in cand_pids]
-        options = sorted((p, gl, gq) for p in set(pos[qid]) for gl, gq in gens.get(p, [])
-                         if gl != lang)
-        gen_query, gen_scores = "", []
-        if options:
-            gpid, gl, gen_query = rng.choice(options)
-            if loss.kd_on_generated and cand_pids:
-                gq_id = generated_qid(gpid, gl, gen_query)
-                gen_scores = [_score(scores, gq_id, p, scores_uri, candidates_uri)
-                              for p in cand_pids]
-        elif generated_uri:
-            counts["without_generated"] += 1
-        plans.append({"qid": qid, "query": qtext, "positive": positive, "pos": pos_set,
-                      "negs": pool[:n_hard_negatives], "cand_pids": cand_pids,
-                      "cand_scores": cand_scores, "gen_query": gen_query,
-                      "gen_scores": gen_scores})
+        lang, qtext = queries[qid]
+        plan = plan_row(qid, lang, qtext, pos[qid], neg.get(qid), cands.get(qid),
+                        [g for p in set(pos[qid]) for g in gens.get(p, [])], loss, seed)
+        attach_scores(plan, lambda q, p: _score(scores, q, p, scores_uri, candidates_uri))
+        counts["without_generated"] += bool(generated_uri) and not plan["has_generated"]
+        plans.append(plan)
     if generated_uri and counts["without_generated"] == len(plans):
         raise DataError(f"{generated_uri}: no generated query in another language for any "
                         "training query's positive passage")
-    counts["random_negatives"] = _fill_random_negatives(plans, corpus_uri, n_hard_negatives,
-                                                        seed)
+    if any(len(r["negs"]) < loss.n_hard_negatives for r in plans):
+        sample = random_negative_sample(corpus_uri, seed)
+        counts["random_negatives"] = sum(
+            fill_negatives(r, sample, loss.n_hard_negatives, seed, corpus_uri) for r in plans)
     # the semi-join: read only the passages the rows use, one corpus shard at a time
-    needed = {p for r in plans for p in (*r["pos"], *r["negs"], *r["cand_pids"])}
-    texts = read_passages(corpus_uri, needed)
-    rows = []
-    for r in plans:
-        for where, field, pids in ((pos_uri, "positive", r["pos"]),
-                                   (pos_uri, "negative", r["negs"]),
-                                   (candidates_uri, "candidate", r["cand_pids"])):
-            for p in sorted(pids):
-                if p not in texts:
-                    raise DataError(f"{where}: qid={r['qid']}: {field} pid={p} not in corpus "
-                                    f"{corpus_uri}")
-        rows.append({"qid": r["qid"], "query": r["query"],
-                     "passages": [texts[p] for p in (r["positive"], *r["negs"])],
-                     "cand_texts": [texts[p] for p in r["cand_pids"]],
-                     "cand_scores": r["cand_scores"], "gen_query": r["gen_query"],
-                     "gen_scores": r["gen_scores"]})
+    texts = read_passages(corpus_uri, {p for r in plans for p in needed_pids(r)})
+    rows = [assemble_row(r, texts, corpus_uri, pos_uri, candidates_uri) for r in plans]
     counts["rows"] = len(rows)
     return pa.Table.from_pylist(rows, schema=STUDENT_ROWS), counts
-
-
-def _fill_random_negatives(plans: list[dict], corpus_uri: str, n: int, seed: int) -> int:
-    """Top up every row to ``n`` negatives with random corpus passages (not its positives,
-    no repeats), drawn from a seeded uniform sample of the pid column (never the whole
-    corpus in memory); returns how many were added."""
-    short = sum(max(0, n - len(r["negs"])) for r in plans)
-    if not short:
-        return 0
-    most = max(len(r["pos"]) + n for r in plans)
-    sample = sample_pids(corpus_uri, min(short, 100_000) + most, seed)
-    rng = random.Random(seed + 1)
-    added = 0
-    for r in plans:
-        negs = list(r["negs"])
-        if len(sample) < 2 * (len(r["pos"]) + n):  # a small corpus: check there are enough
-            options = [p for p in sample if p not in r["pos"] and p not in negs]
-            if len(options) < n - len(negs):
-                raise DataError(f"{corpus_uri}: too few passages for {n} negatives "
-                                f"(qid={r['qid']})")
-        while len(negs) < n:
-            p = rng.choice(sample)
-            if p not in r["pos"] and p not in negs:
-                negs.append(p)
-                added += 1
-        r["negs"] = negs
-    return added
 
 
 def build_qg_rank_rows(queries_uri: str, corpus_uri: str, examples_uri: str,
@@ -265,10 +304,12 @@ def build_qg_rank_rows(queries_uri: str, corpus_uri: str, examples_uri: str,
     return pa.Table.from_pylist(rows, schema=QG_RANK_ROWS), counts
 
 
-def write_rows(table: pa.Table, uri: str, shard_rows: int, config_hash: str) -> list[str]:
-    """Write ``table`` as parquet shards under ``uri`` (done shards are kept); shard URIs."""
+def write_rows(table: pa.Table, uri: str, shard_rows: int, config_hash: str,
+               **manifest: Any) -> list[str]:
+    """Write ``table`` as parquet shards under ``uri`` (done shards are kept), the manifest
+    with ``manifest`` fields; shard URIs."""
     writer = storage.ShardWriter(uri, config_hash)
-    manifest = writer.write_table(table, shard_rows)
+    manifest = writer.write_table(table, shard_rows, **manifest)
     return [writer.shard_uri(s["name"]) for s in manifest["shards"]]
 
 

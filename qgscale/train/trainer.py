@@ -151,13 +151,24 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
     if init_uri and not init_uri.startswith("pkg:") and not storage.exists(init_uri):
         raise MissingInputError(f"{init_uri}: initial model not found (for distill: run "
                                 "`qgscale train warmup` first)")
-    table, counts = tdata.build_student_rows(
-        queries_uri, corpus_uri, sc.loss, qrels_uri=qrels_uri, examples_uri=examples_uri,
-        candidates_uri=candidates_uri, scores_uri=scores_uri, generated_uri=generated_uri,
-        seed=cfg.run.seed)
-    log.info("%s: %s", stage, counts)
     rows_uri = storage.join(out_uri, "data")
-    tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
+    sources = dict(qrels_uri=qrels_uri, examples_uri=examples_uri,
+                   candidates_uri=candidates_uri, scores_uri=scores_uri,
+                   generated_uri=generated_uri, seed=cfg.run.seed)
+    manifest = storage.read_manifest(rows_uri)
+    if manifest and manifest.get("config_hash") == key:  # rows of this key: built already
+        counts = {k: manifest[k] for k in ("rows", "random_negatives", "without_generated")}
+    elif _training_queries(examples_uri, qrels_uri) >= cfg.data.ray_rows_from:
+        connect(cfg.ray)
+        from qgscale.train.rows_dataset import build_student_rows_dataset
+
+        counts = build_student_rows_dataset(
+            queries_uri, corpus_uri, rows_uri, key, sc.loss, shard_rows=cfg.data.shard_rows,
+            num_partitions=cfg.data.ray_rows_partitions, **sources)
+    else:
+        table, counts = tdata.build_student_rows(queries_uri, corpus_uri, sc.loss, **sources)
+        tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key, **counts)
+    log.info("%s: %s", stage, counts)
     init = storage.join(out_uri, "init")
     if not storage.exists(storage.join(init, "dual_encoder.json")):
         if init_uri:
@@ -171,9 +182,18 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
         model.save_pretrained(init)
     connect(cfg.ray)
     run = TrainRun(StudentTask(sc, distill=distill), init_uri=init, output_uri=out_uri,
-                   rows=table.num_rows, seed=cfg.run.seed, storage_env=worker_env())
+                   rows=counts["rows"], seed=cfg.run.seed, storage_env=worker_env())
     result = fit(run, rows_uri)
     return _finish(out_uri, key, result, stage=stage, counts=counts, inputs=inputs)
+
+
+def _training_queries(examples_uri: str | None, qrels_uri: str | None) -> int:
+    """An upper bound of the training queries from the parquet footers of their positives
+    (examples, else qrels): picks the driver or the Ray Data row join."""
+    from qgscale.train.order import list_shards
+
+    uri = examples_uri if examples_uri and storage.exists(examples_uri) else qrels_uri
+    return sum(s.rows for s in list_shards(uri)) if uri and storage.exists(uri) else 0
 
 
 def run_train_warmup(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_uri: str,

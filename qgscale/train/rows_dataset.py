@@ -1,0 +1,322 @@
+"""Training rows built with Ray Data, for query sides too large for one process.
+
+:func:`qgscale.train.data.build_student_rows` plans every row on the driver: O(training
+queries x passages per row) memory, fine for XOR-TyDi's ~100k queries, not for 100M. Here the
+same rows (the same per-query functions, the same seeded draws: identical output) come from
+hash-partitioned Ray Data joins, and workers write the shards:
+
+1. positives (examples or qrels, grouped by qid in table order) join queries, candidates and
+   the generated queries of their positive passages on qid, and each row is planned
+   (:func:`~qgscale.train.data.plan_row`);
+2. teacher scores, grouped by qid, join the plans on the query's and on the generated query's
+   id (:func:`~qgscale.train.data.attach_scores`); rows short of hard negatives draw from one
+   seeded pid sample (:func:`~qgscale.train.data.fill_negatives`);
+3. the (qid, pid) pairs of every row join the corpus on pid, are grouped back by qid and
+   assembled (:func:`~qgscale.train.data.assemble_row`); rows sorted by qid are written as
+   shards by the workers.
+
+No process holds the corpus or the query side: the driver holds the negative sample (100k
+pids) and the shard list. Input tables are read by the workers from their shard URIs (no
+filesystem object, so no credentials, travels in the dataset). Bad input raises the same
+DataError as the driver join.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qgscale import storage
+from qgscale.config import LossConfig
+from qgscale.data.corpus import check as check_corpus
+from qgscale.data.corpus import corpus_shards
+from qgscale.data.schema import passage_text
+from qgscale.errors import DataError
+from qgscale.train import data as tdata
+
+PLAN = pa.schema([
+    ("qid", pa.string()), ("query", pa.string()), ("positive", pa.string()),
+    ("pos", pa.list_(pa.string())), ("negs", pa.list_(pa.string())),
+    ("cand_pids", pa.list_(pa.string())), ("gen_query", pa.string()), ("gen_qid", pa.string()),
+    ("has_generated", pa.bool_()),
+])
+SCORED = PLAN.append(pa.field("cand_scores", pa.list_(pa.float32()))).append(
+    pa.field("gen_scores", pa.list_(pa.float32()))).append(pa.field("added", pa.int64()))
+ROWS_AND_COUNTS = tdata.STUDENT_ROWS.append(pa.field("_added", pa.int64())).append(
+    pa.field("_generated", pa.bool_()))
+
+
+def _dataset(uri: str, what: str, columns: list[str], check: Any = None) -> Any:
+    """A dataset of the parquet shards of ``uri``, read by the workers (one shard a block),
+    with ``_row`` = (shard index, row) for errors and ordering; ``check(table, uri)`` raises
+    on bad rows."""
+    import ray
+
+    files = corpus_shards(uri) if what == "corpus" else storage.list_files(uri, ".parquet")
+    if not files:
+        raise DataError(f"{uri}: {what} not found")
+
+    def read(batch: dict[str, Any]) -> pa.Table:
+        out = []
+        for i, u in zip(batch["i"], batch["uri"], strict=True):
+            t = storage.read_parquet(str(u), columns)
+            if check is not None:
+                check(t, str(u))
+            out.append(t.append_column("_row", pa.array(
+                int(i) * (1 << 32) + np.arange(t.num_rows, dtype=np.int64))))
+        return pa.concat_tables(out)
+
+    items = [{"i": i, "uri": f} for i, f in enumerate(files)]
+    return ray.data.from_items(items, override_num_blocks=len(files)).map_batches(
+        read, batch_size=1, batch_format="numpy")
+
+
+def _check_queries(t: pa.Table, uri: str) -> None:
+    for key in ("qid", "lang", "text"):
+        bad = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t.column(key)), ""), True)
+        if pc.any(bad).as_py():
+            i = pc.index(bad, True).as_py()
+            raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}): empty field "
+                            f"{key!r}")
+
+
+def _check_nonempty_list(key: str, field: str, what: str) -> Any:
+    def check(t: pa.Table, uri: str) -> None:
+        lens = pc.fill_null(pc.list_value_length(t.column(field)), 0)
+        if pc.any(pc.equal(lens, 0)).as_py():
+            i = pc.index(pc.equal(lens, 0), True).as_py()
+            raise DataError(f"{uri}: row {i} ({key}={t.column(key)[i].as_py()}): {what} "
+                            f"(field {field!r})")
+    return check
+
+
+def _check_scores(t: pa.Table, uri: str) -> None:
+    score = t.column("score")
+    bad = pc.fill_null(pc.invert(pc.is_finite(score)), True)
+    if pc.any(bad).as_py():
+        i = pc.index(bad, True).as_py()
+        raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}, "
+                        f"pid={t.column('pid')[i].as_py()}): field 'score' is "
+                        f"{score[i].as_py()!r}")
+
+
+def _check_generated(t: pa.Table, uri: str) -> None:
+    bad = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t.column("query")), ""), True)
+    if pc.any(bad).as_py():
+        i = pc.index(bad, True).as_py()
+        raise DataError(f"{uri}: row {i} (pid={t.column('pid')[i].as_py()}): empty field "
+                        "'query'")
+
+
+def _grouped(ds: Any, key: str, fields: dict[str, str], parts: int) -> Any:
+    """Per ``key``: the lists of ``fields`` (new name -> column), in table order."""
+    def collect(t: pa.Table) -> pa.Table:
+        t = t.sort_by("_row")
+        return pa.table({key: [t.column(key)[0].as_py()],
+                         **{new: [t.column(c).to_pylist()] for new, c in fields.items()}})
+    return ds.groupby(key, num_partitions=parts).map_groups(collect, batch_format="pyarrow")
+
+
+def _positives(examples_uri: str | None, qrels_uri: str | None, parts: int
+               ) -> tuple[Any, str]:
+    """``{qid, pos, neg}`` per training query (lists concatenated in table order, as
+    :func:`~qgscale.train.data.positives_from`) and the source table's URI."""
+    if examples_uri and storage.exists(examples_uri):
+        ds = _dataset(examples_uri, "training examples", ["qid", "pos_pids", "neg_pids"],
+                      _check_nonempty_list("qid", "pos_pids", "empty positive list"))
+
+        def flat(t: pa.Table) -> pa.Table:
+            t = t.sort_by("_row")
+            return pa.table({"qid": [t.column("qid")[0].as_py()],
+                             "pos": [[p for ps in t.column("pos_pids").to_pylist() for p in ps]],
+                             "neg": [[p for ps in t.column("neg_pids").to_pylist()
+                                      for p in ps or []]]})
+        grouped = ds.groupby("qid", num_partitions=parts)
+        return grouped.map_groups(flat, batch_format="pyarrow"), examples_uri
+    if not qrels_uri:
+        raise DataError("training data needs training examples or qrels")
+    ds = _dataset(qrels_uri, "qrels", ["qid", "pid", "rel"]).map_batches(
+        lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)),
+        batch_format="pyarrow")
+    grouped = _grouped(ds, "qid", {"pos": "pid"}, parts)
+    return grouped.map_batches(lambda t: t.append_column(
+        "neg", pa.array([[]] * t.num_rows, pa.list_(pa.string()))), batch_format="pyarrow"), \
+        qrels_uri
+
+
+def build_student_rows_dataset(queries_uri: str, corpus_uri: str, out_uri: str,
+                               config_hash: str, loss: LossConfig | None = None, *,
+                               qrels_uri: str | None = None, examples_uri: str | None = None,
+                               candidates_uri: str | None = None,
+                               scores_uri: str | None = None, generated_uri: str | None = None,
+                               seed: int = 13, num_partitions: int = 16,
+                               shard_rows: int = 2000) -> dict[str, Any]:
+    """The rows of :func:`qgscale.train.data.build_student_rows` written by Ray Data workers
+    as parquet shards under ``out_uri`` (sorted by qid, ``shard_rows`` rows each, with the
+    shard writer's markers and manifest); returns the counts. ``num_partitions``: hash
+    partitions of each join."""
+    try:
+        return _build(queries_uri, corpus_uri, out_uri, config_hash, loss or LossConfig(),
+                      qrels_uri=qrels_uri, examples_uri=examples_uri,
+                      candidates_uri=candidates_uri, scores_uri=scores_uri,
+                      generated_uri=generated_uri, seed=seed, parts=num_partitions,
+                      shard_rows=shard_rows)
+    except DataError:
+        raise
+    except Exception as e:  # a worker's DataError arrives wrapped by Ray
+        cause = _data_error(e)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _data_error(e: BaseException) -> DataError | None:
+    """The worker's DataError inside Ray Data's wrapping (its exception chain, or the text
+    of the worker's traceback, which Ray Data passes on as a string)."""
+    todo: list[Any] = [e]
+    seen: set[int] = set()
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, DataError):
+            return DataError(str(x.args[0]) if x.args else str(x))
+        found = re.search(r"qgscale\.errors\.DataError: ([^\n]+)",
+                          f"{x}\n{getattr(x, 'traceback_str', '')}")
+        if found:
+            return DataError(found.group(1))
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
+
+
+def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
+           loss: LossConfig, *, qrels_uri: str | None, examples_uri: str | None,
+           candidates_uri: str | None, scores_uri: str | None, generated_uri: str | None,
+           seed: int, parts: int, shard_rows: int) -> dict[str, Any]:
+    if (candidates_uri or scores_uri) and not (candidates_uri and scores_uri):
+        raise DataError("distillation needs both candidates and teacher scores")
+
+    def join(left: Any, right: Any, on: str, right_on: str | None = None) -> Any:
+        return left.join(right, join_type="left_outer", num_partitions=parts, on=(on,),
+                         right_on=(right_on or on,))
+
+    pos, pos_uri = _positives(examples_uri, qrels_uri, parts)
+    queries = _dataset(queries_uri, "queries", ["qid", "lang", "text"], _check_queries
+                       ).drop_columns(["_row"])
+    rows = join(pos, queries, "qid")
+    if candidates_uri:
+        cands = _dataset(candidates_uri, "candidates", ["qid", "pids"], _check_nonempty_list(
+            "qid", "pids", "empty candidate list")).drop_columns(["_row"])
+        rows = join(rows, cands, "qid")
+    if generated_uri:  # the generated queries of each training query's positive passages
+        gen = _dataset(generated_uri, "generated queries", ["pid", "lang", "query"],
+                       _check_generated).rename_columns({"lang": "glang", "query": "gquery"})
+        qp = pos.flat_map(lambda r: [{"qid": r["qid"], "pid": p} for p in sorted(set(r["pos"]))])
+        pairs = qp.join(gen, join_type="inner", num_partitions=parts, on=("pid",))
+        rows = join(rows, _grouped(pairs, "qid", {"g_pid": "pid", "g_lang": "glang",
+                                                  "g_query": "gquery"}, parts), "qid")
+
+    def plan(t: pa.Table) -> pa.Table:
+        out = []
+        for r in t.to_pylist():
+            if r.get("lang") is None:
+                raise DataError(f"{pos_uri}: qid={r['qid']} not in queries {queries_uri}")
+            if candidates_uri and r.get("pids") is None:
+                raise DataError(f"{candidates_uri}: no candidate list for training "
+                                f"qid={r['qid']}")
+            gens = list(zip(r.get("g_pid") or [], r.get("g_lang") or [],
+                            r.get("g_query") or [], strict=True))
+            out.append(tdata.plan_row(r["qid"], r["lang"], r["text"], r["pos"], r["neg"],
+                                      r.get("pids"), gens, loss, seed))
+        return pa.Table.from_pylist(out, schema=PLAN)
+
+    plans = rows.map_batches(plan, batch_format="pyarrow")
+    if scores_uri:
+        scores = _grouped(_dataset(scores_uri, "teacher scores", ["qid", "pid", "score"],
+                                   _check_scores), "qid", {"s_pid": "pid", "s_score": "score"},
+                          parts)
+        plans = join(plans, scores, "qid")
+        plans = join(plans, scores.rename_columns(
+            {"qid": "gen_qid", "s_pid": "gs_pid", "s_score": "gs_score"}), "gen_qid")
+
+    n = loss.n_hard_negatives
+    sample = tdata.random_negative_sample(corpus_uri, seed) if n else []
+
+    def scored(t: pa.Table) -> pa.Table:
+        out = []
+        for r in t.to_pylist():
+            known = {(r["qid"], p): s for p, s in zip(r.get("s_pid") or [],
+                                                      r.get("s_score") or [], strict=True)}
+            known.update({(r["gen_qid"], p): s for p, s in zip(
+                r.get("gs_pid") or [], r.get("gs_score") or [], strict=True)})
+            tdata.attach_scores(r, lambda q, p, k=known: tdata._score(
+                k, q, p, scores_uri, candidates_uri))
+            r["added"] = tdata.fill_negatives(r, sample, n, seed, corpus_uri)
+            out.append({k: r[k] for k in SCORED.names})
+        return pa.Table.from_pylist(out, schema=SCORED)
+
+    plans = plans.map_batches(scored, batch_format="pyarrow")
+    # the text join: every row's (qid, pid) pairs against the corpus, hash-partitioned on pid
+    need = plans.flat_map(lambda r: [{"qid": r["qid"], "pid": p}
+                                     for p in sorted(set(tdata.needed_pids(r)))])
+    corpus = _dataset(corpus_uri, "corpus", ["pid", "title", "text"], check_corpus)
+    corpus = corpus.map_batches(lambda t: pa.table({"pid": t.column("pid"), "passage": [
+        passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
+                                           t.column("text").to_pylist(), strict=True)]}),
+        batch_format="pyarrow")
+    texts = need.join(corpus, join_type="left_outer", num_partitions=parts, on=("pid",))
+    texts = texts.groupby("qid", num_partitions=parts).map_groups(lambda t: pa.table({
+        "qid": [t.column("qid")[0].as_py()], "t_pid": [t.column("pid").to_pylist()],
+        "t_text": [t.column("passage").to_pylist()]}), batch_format="pyarrow")
+    full = join(plans, texts, "qid")
+
+    def assemble(t: pa.Table) -> pa.Table:
+        out = []
+        for r in t.to_pylist():
+            found = {p: x for p, x in zip(r["t_pid"], r["t_text"], strict=True)
+                     if x is not None}
+            row = tdata.assemble_row(r, found, corpus_uri, pos_uri, candidates_uri)
+            out.append(row | {"_added": r["added"], "_generated": r["has_generated"]})
+        return pa.Table.from_pylist(out, schema=ROWS_AND_COUNTS)
+
+    counts = _write(full.map_batches(assemble, batch_format="pyarrow").sort("qid"), out_uri,
+                    config_hash, shard_rows, generated=bool(generated_uri))
+    if not counts["rows"]:
+        raise DataError(f"{pos_uri}: no training examples")
+    if generated_uri and counts["without_generated"] == counts["rows"]:
+        raise DataError(f"{generated_uri}: no generated query in another language for any "
+                        "training query's positive passage")
+    storage.ShardWriter(out_uri, config_hash).finalize(counts.pop("shards"), **counts)
+    return counts
+
+
+def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
+           generated: bool) -> dict[str, Any]:
+    """Workers write ``ds`` (sorted by qid) as shards of ``shard_rows`` rows, named in qid
+    order by their first qid, and return their counts; the rows dir is cleared first (rows
+    are rebuilt whole, never mixed with an interrupted build's shards)."""
+    fs, path = storage.url_to_fs(out_uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+    def write(t: pa.Table) -> pa.Table:
+        first = t.column("qid")[0].as_py().encode()
+        name = f"part-{first.hex()[:32]}-{hashlib.sha1(first).hexdigest()[:8]}"
+        storage.ShardWriter(out_uri, config_hash).write(
+            name, t.drop_columns(["_added", "_generated"]))
+        return pa.table({"name": [name], "rows": [t.num_rows],
+                         "added": [pc.sum(t.column("_added")).as_py() or 0],
+                         "generated": [pc.sum(pc.cast(t.column("_generated"), pa.int64()))
+                                       .as_py() or 0]})
+
+    done = ds.map_batches(write, batch_size=shard_rows, batch_format="pyarrow").take_all()
+    rows = sum(r["rows"] for r in done)
+    return {"rows": rows, "random_negatives": sum(r["added"] for r in done),
+            "without_generated": rows - sum(r["generated"] for r in done) if generated else 0,
+            "shards": [r["name"] for r in done]}

@@ -1,0 +1,55 @@
+"""Training rows built with Ray Data equal the driver join, row for row (real local Ray)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from qgscale import storage
+from qgscale.config import LossConfig
+from qgscale.data.schema import QRELS, SCORES
+from qgscale.errors import DataError
+from qgscale.train import data as tdata
+from qgscale.train.rows_dataset import build_student_rows_dataset
+from tests.test_corpus import data  # noqa: F401 - the shared fixture
+
+
+def _both(d: dict, tmp_path, loss: LossConfig, **inputs) -> tuple[list, dict, list, dict]:
+    want, want_counts = tdata.build_student_rows(d["queries"], d["corpus"], loss, seed=7,
+                                                 **inputs)
+    out = str(tmp_path / "rows")
+    counts = build_student_rows_dataset(d["queries"], d["corpus"], out, "k1", loss, seed=7,
+                                        num_partitions=2, shard_rows=6, **inputs)
+    manifest = storage.read_manifest(out)
+    assert manifest["rows"] == counts["rows"] and len(manifest["shards"]) >= 3
+    return want.to_pylist(), want_counts, storage.read_parquet(out).to_pylist(), counts
+
+
+@pytest.mark.timeout(1500)  # ~10 Ray Data shuffles: minutes on a loaded 2-core machine
+def test_distill_rows_equal_the_driver_join(data, tmp_path, ray_local):  # noqa: F811
+    # teacher scores of the generated queries too, so the gen_qid join is exercised
+    gen = storage.read_parquet(data["gen"]).to_pylist()
+    cands = {r["qid"]: r["pids"] for r in storage.read_parquet(data["cands"]).to_pylist()}
+    extra = [{"qid": tdata.generated_qid(g["pid"], g["lang"], g["query"]), "pid": p,
+              "score": -0.5 * k, "ntok": 2}
+             for g in gen for p in {p for pids in cands.values() for p in pids}
+             for k in [len(p)]]
+    storage.write_parquet(f"{data['scores']}/part-00001.parquet",
+                          pa.Table.from_pylist(extra, schema=SCORES))
+    # 6 hard negatives: the 5 non-positive candidates, then one random passage per row
+    loss = LossConfig(n_hard_negatives=6, n_candidates=4, kd_on_generated=True)
+    want, want_counts, got, counts = _both(
+        data, tmp_path, loss, qrels_uri=data["qrels"], candidates_uri=data["cands"],
+        scores_uri=data["scores"], generated_uri=data["gen"])
+    assert got == want and counts == want_counts
+    assert len(got) == 20 and all(len(r["gen_scores"]) == 4 for r in got)
+    assert counts["random_negatives"] > 0 and all(len(r["passages"]) == 7 for r in got)
+
+
+@pytest.mark.timeout(1500)
+def test_bad_input_is_named_as_by_the_driver_join(data, tmp_path, ray_local):  # noqa: F811
+    storage.write_parquet(f"{data['qrels']}/part-00001.parquet", pa.Table.from_pylist(
+        [{"qid": "q0", "pid": "nope", "rel": 1}], schema=QRELS))
+    with pytest.raises(DataError, match=r"qid=q0: positive pid=nope not in corpus"):
+        build_student_rows_dataset(data["queries"], data["corpus"], str(tmp_path / "r"), "k",
+                                   qrels_uri=data["qrels"], num_partitions=2)
