@@ -67,7 +67,7 @@ def write_inputs(lang: str, folder: Path) -> tuple[Path, Path, dict[str, str]]:
 def overrides(root: Path, queries: Path, passages: Path, num_cpus: int) -> list[str]:
     return [f"run.root={root}", "ray.address=null", f"ray.num_cpus={num_cpus}",
             f"data.input={queries}", f"data.passages={passages}", "data.shard_rows=80",
-            "bm25.num_actors=1"]
+            "bm25.num_actors=1", "eval.data=null"]
 
 
 def measure(examples: list[dict], gold: dict[str, str]) -> dict:
