@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
 
 from qgscale.eval.wordtok import word_tokenize
 
@@ -150,9 +151,10 @@ def answer_recall_per_query(run: Run, passages: Mapping[str, str],
 
     ``passages`` maps pid -> text (title and text as the caller wants them matched; the
     official XOR-Retrieve predictions hold the passage texts); ``tokenize``: see the module
-    docstring.
+    docstring (its tokens of a text are cached: passages recur across queries and cut-offs).
     """
     out: dict[str, dict[str, float]] = {}
+    cached = lru_cache(maxsize=20_000)(lambda text: tuple(tokenize(text)))
     for qid in answers if qids is None else qids:
         if qid not in answers:
             continue
@@ -163,7 +165,7 @@ def answer_recall_per_query(run: Run, passages: Mapping[str, str],
                            f"(query {qid}); is the index built from this corpus?")
         row = {}
         for t in max_tokens:
-            hit = answer_hit((passages[p] for p in ranked), answers[qid], t, tokenize)
+            hit = answer_hit((passages[p] for p in ranked), answers[qid], t, cached)
             if hit is None:
                 break
             row[f"r@{t // 1000}kt"] = float(hit)
