@@ -1,24 +1,27 @@
-"""R@2kt / R@5kt: whitespace tokens (qgscale) vs NLTK's word_tokenize (XOR-TyDi's script).
+"""R@2kt / R@5kt tokens: NLTK's word_tokenize (XOR-TyDi's script, qgscale's metric) vs
+cheaper stand-ins.
 
 XOR-TyDi's ``eval_xor_retrieve.py`` tokenises each retrieved passage with NLTK's
 ``word_tokenize``, keeps the first 2,000 / 5,000 tokens, joins them with spaces and tests
-``answer in joined``. ``word_tokenize`` = Punkt sentence splitting (a data download, not
-done here) + NLTK's Treebank-style word tokenizer per sentence (``NLTKWordTokenizer``, pure
-regexes). Without Punkt, the exact token sequence is bracketed by two data-free variants
-that differ only in sentence-final periods inside a passage (Punkt splits them off as "."):
+``answer in joined``. ``word_tokenize`` = Punkt sentence splitting with NLTK's English model +
+NLTK's Treebank-style word tokenizer per sentence (``NLTKWordTokenizer``). Tokenisations:
 
-- ``nltk_line``: ``NLTKWordTokenizer`` on the whole passage (no sentence split: fewest
-  tokens; ``word_tokenize(text, preserve_line=True)``);
+- ``nltk``: exactly ``word_tokenize`` (:func:`qgscale.eval.wordtok.word_tokenize`, the
+  bundled punkt_tab parameters): what qgscale's metric uses;
+- ``nltk_line``: ``NLTKWordTokenizer`` on the whole passage (no sentence split, no data;
+  ``word_tokenize(text, preserve_line=True)``): only sentence-final periods inside a passage
+  differ (``left.`` vs ``left .``);
 - ``nltk_sent``: the same after splitting at every ``[.!?]`` + space + capital/digit/quote
-  (a superset of Punkt's boundaries bar abbreviation rules: most tokens).
+  (a naive sentence splitter, no abbreviation rules);
+- ``whitespace``: ``str.split`` (qgscale's tokens before the exact one).
 
-Measured on (1) 100 real DPR ``psgs_w100`` passages (tokens per 100-word passage),
+Measured on (1) 300 real DPR ``psgs_w100`` passages (tokens per 100-word passage),
 (2) XQuAD English: the 1,190 questions ranked over the 240 paragraphs with qgscale's BM25,
 R@2kt / R@5kt with each tokenisation and how often the passage where the token cut falls
 differs, (3) XOR-TyDi dev answers (optional file): queries none of whose answers can ever
 match the re-joined tokens (e.g. ``"Maharashtra, India"`` becomes ``Maharashtra , India``).
 
-    pip install -c constraints.txt nltk   # the word tokenizer only; no data download
+    pip install -c constraints.txt nltk   # a dependency of qgscale; no data download
     python benchmarks/rkt_tokens.py --xor-dev xor_dev_retrieve_eng_span_v1_1.jsonl \\
         --out benchmarks/results/rkt_tokens.json
 """
@@ -36,11 +39,12 @@ import nltk
 from nltk.tokenize import NLTKWordTokenizer
 
 from qgscale.data import readers
+from qgscale.eval import wordtok
 from qgscale.eval.metrics import YES_NO
 from qgscale.retrieval import bm25
 
 REPO = Path(__file__).resolve().parents[1]
-PSGS = REPO / "tests" / "data" / "pyserini" / "psgs_w100_pyserini_100.jsonl"
+PSGS = REPO / "tests" / "data" / "xor-tydi" / "psgs_w100.sample.tsv"
 _WORDS = NLTKWordTokenizer()
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 
@@ -53,7 +57,8 @@ def nltk_sent(text: str) -> list[str]:
     return [t for s in _SENT.split(text) for t in _WORDS.tokenize(s)]
 
 
-TOKENIZERS = {"whitespace": str.split, "nltk_line": nltk_line, "nltk_sent": nltk_sent}
+TOKENIZERS = {"nltk": wordtok.word_tokenize, "nltk_line": nltk_line, "nltk_sent": nltk_sent,
+              "whitespace": str.split}
 
 
 def cut(texts: list[str], tokenize, max_tokens: int) -> tuple[int, str]:
@@ -90,9 +95,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/rkt_tokens.json")
     args = ap.parse_args()
     out: dict = {"nltk": nltk.__version__, "tokenizers": {
-        "whitespace": "str.split (qgscale's default)",
+        "nltk": "nltk.word_tokenize exactly (bundled punkt_tab english; qgscale's metric)",
         "nltk_line": "NLTKWordTokenizer, whole passage (word_tokenize, preserve_line=True)",
-        "nltk_sent": "NLTKWordTokenizer after a naive [.!?] sentence split"}}
+        "nltk_sent": "NLTKWordTokenizer after a naive [.!?] sentence split",
+        "whitespace": "str.split"}}
 
     # (1) real 100-word passages
     psgs = [r["text"] for r in readers.iter_passages(str(PSGS))]
@@ -100,6 +106,8 @@ def main() -> None:
     out["psgs_w100_sample"] = {
         "passages": len(psgs), "tokens_per_passage": {n: round(v, 2) for n, v in per.items()},
         "ratio_to_whitespace": {n: round(v / per["whitespace"], 4) for n, v in per.items()},
+        "passages_whose_tokens_differ_from_nltk": {
+            n: sum(f(t) != wordtok.word_tokenize(t) for t in psgs) for n, f in TOKENIZERS.items()},
         "passages_in_2000_tokens": {n: round(2000 / v, 2) for n, v in per.items()}}
 
     # (2) XQuAD en, BM25 top-k over its paragraphs
@@ -118,17 +126,17 @@ def main() -> None:
             n: round(statistics.mean(h), 4) for n, h in hits.items()}
         res.setdefault("passages_in_window_mean", {})[key] = {
             n: round(statistics.mean(i + 1 for i, _ in c), 2) for n, c in cuts.items()}
-        ws = cuts["whitespace"]
-        for n in ("nltk_line", "nltk_sent"):
-            shift = [w[0] - x[0] for w, x in zip(ws, cuts[n], strict=True)]
-            res.setdefault("vs_whitespace", {}).setdefault(n, {})[key] = {
+        exact = cuts["nltk"]
+        for n in ("nltk_line", "nltk_sent", "whitespace"):
+            shift = [x[0] - e[0] for e, x in zip(exact, cuts[n], strict=True)]
+            res.setdefault("vs_nltk", {}).setdefault(n, {})[key] = {
                 "cut_in_other_passage": round(statistics.mean(s != 0 for s in shift), 4),
-                "mean_passages_earlier": round(statistics.mean(shift), 3),
+                "mean_passages_later": round(statistics.mean(shift), 3),
                 "hit_differs": round(statistics.mean(
-                    a != b for a, b in zip(hits["whitespace"], hits[n], strict=True)), 4)}
+                    a != b for a, b in zip(hits["nltk"], hits[n], strict=True)), 4)}
     res["no_answer_survives_tokenisation"] = {
         n: round(statistics.mean(all(" ".join(f(a)) != a for a in ans) for ans in answers), 4)
-        for n, f in (("whitespace", str.split), ("nltk", nltk_line))}
+        for n, f in (("whitespace", str.split), ("nltk", wordtok.word_tokenize))}
     out["xquad_en_bm25"] = res
 
     # (3) answers that can never match the re-joined tokens
@@ -137,7 +145,7 @@ def main() -> None:
         spans = [[a for a in r["answers"] if a not in YES_NO] for r in rows]
         spans = [s for s in spans if s]
         never = {n: sum(all(" ".join(f(a)) != a for a in s) for s in spans)
-                 for n, f in (("whitespace", str.split), ("nltk", nltk_line))}
+                 for n, f in (("whitespace", str.split), ("nltk", wordtok.word_tokenize))}
         out["xor_dev_answers"] = {
             "file": Path(args.xor_dev).name, "queries_with_span_answers": len(spans),
             "no_answer_survives_tokenisation": never,

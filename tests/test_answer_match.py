@@ -63,16 +63,20 @@ def test_answer_match_examples():
 
 
 def test_answer_recall_with_another_tokenizer():
-    """R@kt with NLTK-style tokens: punctuation split off, so an answer with a comma can no
-    longer match the joined tokens, and more tokens mean an earlier cut."""
+    """R@kt tokens: NLTK's word_tokenize by default (punctuation split off, so an answer with
+    a comma can no longer match the joined tokens, and more tokens mean an earlier cut);
+    whitespace tokens or any other tokenizer on request."""
     def split_punct(text: str) -> list[str]:
         return text.replace(",", " ,").replace(".", " .").split()
 
     texts = ["Portland, Oregon is a city.", "x " * 10]
-    assert M.answer_hit(texts, ["Portland, Oregon"], 2000)
+    assert M.answer_hit(texts, ["Portland, Oregon"], 2000, tokenize=str.split)
+    assert not M.answer_hit(texts, ["Portland, Oregon"], 2000)  # NLTK: "Portland , Oregon"
     assert not M.answer_hit(texts, ["Portland, Oregon"], 2000, tokenize=split_punct)
-    assert M.answer_hit(texts, ["city"], 5) and not M.answer_hit(texts, ["city"], 5,
-                                                                  tokenize=split_punct)
+    assert M.answer_hit(texts, ["city"], 5, tokenize=str.split)
+    assert not M.answer_hit(texts, ["city"], 5) and not M.answer_hit(texts, ["city"], 5,
+                                                                      tokenize=split_punct)
+    assert M.answer_hit(texts, ["city"], 6)  # Portland , Oregon is a city
     rows = M.answer_recall_per_query({"q": {"a": 1.0}}, {"a": texts[0]}, {"q": ["city"]},
                                      max_tokens=(5,), tokenize=split_punct)
     assert rows == {"q": {"r@0kt": 0.0}}

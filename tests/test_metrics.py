@@ -68,7 +68,7 @@ def test_matches_ranx(seed):
 
 
 def test_answer_recall_token_window():
-    # the answer starts at whitespace token 2000 (0-based) -> outside R@2kt, inside R@5kt
+    # the answer starts at token 2000 (0-based) -> outside R@2kt, inside R@5kt
     filler = " ".join(["w"] * 1000)
     passages = {"p1": filler, "p2": filler + "  Mount\tEverest rises", "p3": "Mount Everest"}
     run = {"q1": {"p1": 3.0, "p2": 2.0, "p3": 1.0},
@@ -86,6 +86,42 @@ def test_answer_recall_token_window():
     with pytest.raises(KeyError, match="no text for retrieved passage"):
         M.answer_recall_per_query({"q1": {"p9": 1.0}}, passages, answers)
     assert M.answer_hit(["a b c"], ["b c"], 2) is False and M.answer_hit(["a b c"], ["b"], 2)
+
+
+def test_rkt_tokens_are_nltk_word_tokenize(tmp_path, monkeypatch):
+    """The metric's tokens are nltk.word_tokenize's, Punkt sentence split included: checked
+    against NLTK itself loading the same punkt_tab files from an nltk_data folder."""
+    import shutil
+
+    import nltk
+
+    from qgscale.data import readers
+    from qgscale.eval import wordtok
+    from tests.conftest import TEST_DATA
+
+    shutil.copytree(wordtok.punkt_dir(), tmp_path / "tokenizers" / "punkt_tab" / "english")
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    nltk.tokenize._get_punkt_tokenizer.cache_clear()
+    try:
+        texts = [r["title"] + " " + r["text"] for r in readers.iter_passages(
+            str(TEST_DATA / "pyserini" / "psgs_w100_pyserini_100.jsonl"))]
+        texts.append('Mr. Smith paid $3.5m in Jan. 1999. He said "don\'t". It ended.')
+        split = 0
+        for text in texts:
+            assert wordtok.word_tokenize(text) == nltk.word_tokenize(text)
+            split += wordtok.word_tokenize(text) != wordtok.line_tokenize(text)
+        assert split >= 10  # the sentence split changes the tokens of many passages
+    finally:
+        nltk.tokenize._get_punkt_tokenizer.cache_clear()
+    assert wordtok.word_tokenize(texts[-1]) == [
+        "Mr.", "Smith", "paid", "$", "3.5m", "in", "Jan.", "1999", ".", "He", "said", "``",
+        "do", "n't", "''", ".", "It", "ended", "."]
+    # punctuation split off: an answer with a comma never matches, as in the official script
+    passages = {"p": "Pune is in Maharashtra, India. It grew."}
+    rows = M.answer_recall_per_query({"q": {"p": 1.0}, "r": {"p": 1.0}}, passages,
+                                     {"q": ["Maharashtra, India"], "r": ["India ."]})
+    assert rows == {"q": {"r@2kt": 0.0, "r@5kt": 0.0}, "r": {"r@2kt": 1.0, "r@5kt": 1.0}}
+    assert M.answer_hit(passages.values(), ["Maharashtra, India"], 10, str.split)
 
 
 def test_evaluate_languages_pairs_and_macros():

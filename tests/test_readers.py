@@ -738,7 +738,7 @@ def test_mkqa_per_language_folder_and_zip(tmp_path):
 
     t = read("mkqa", str(MKQA_MIA))
     en = {r["id"][:-3]: r for r in _mia_rows("en")}
-    assert len(t["queries"]) == 15
+    assert len(t["queries"]) == 24  # 8 examples x en, ja, zh_cn
     zh = [q for q in t["queries"] if q["lang"] == "zh_cn"]
     assert [q["qid"] for q in zh] == [f"zh_cn:{r['id'][:-6]}" for r in _mia_rows("zh_cn")]
     assert all(q["qid"].split(":", 1)[1] in en for q in t["queries"])  # one id per example

@@ -14,19 +14,15 @@ order. As in the official ``eval_xor_retrieve.py``: answers "yes"/"no" are skipp
 with no other answer is not counted, the match is a case-sensitive substring test on the
 tokens joined by single spaces.
 
-Tokens: whitespace tokens by default. The official script uses NLTK's ``word_tokenize`` per
-passage, which splits punctuation off words (``"Portland, Oregon."`` -> ``Portland , Oregon
-.``; quotes become `````` / ``''``; ``don't`` -> ``do n't``) and needs NLTK's Punkt sentence
-model, a data download, so it is not the default here. The two differ in two ways (measured
-in ``benchmarks/results/rkt_tokens.json``, ``benchmarks/rkt_tokens.py``): NLTK counts 12-16 %
-more tokens on DPR's 100-word passages, so 2,000 tokens end after 17-18 passages instead of
-20 (on XQuAD with BM25 the cut falls in another passage for 95 % of the questions); and an
-answer with punctuation (``"Maharashtra, India"``, ``"St. Peter's Basilica"``) never occurs
-in NLTK's re-joined text (``Maharashtra , India``), while it does in whitespace tokens: no
-answer of 11.8 % of XOR-TyDi's dev questions survives NLTK's tokenisation (1.7 % for
-whitespace tokens), which is most of the 10-12 % of XQuAD questions whose hit differs. Pass
-``tokenize=nltk.word_tokenize`` (with the Punkt data installed) to
-:func:`answer_recall_per_query` / :func:`evaluate_languages` for the official numbers.
+Tokens: NLTK's ``word_tokenize``, as the official script (:mod:`qgscale.eval.wordtok`: the
+same function with NLTK's English Punkt parameters shipped in the package, no download). It
+splits punctuation off words (``"Portland, Oregon."`` -> ``Portland , Oregon .``; quotes
+become `````` / ``''``; ``don't`` -> ``do n't``), so an answer with punctuation
+(``"Maharashtra, India"``) never matches the re-joined text, exactly as in the published
+numbers. Whitespace tokens (``tokenize=str.split``) give other numbers: on 300 of DPR's
+100-word passages NLTK counts 18.5 % more tokens (2,000 tokens end after 16.9 passages, not
+20), and on XQuAD en with BM25 R@2kt is 0.992 with whitespace tokens against 0.884 with NLTK's
+(``benchmarks/results/rkt_tokens.json``, ``benchmarks/rkt_tokens.py``).
 
 Language views: :func:`evaluate_languages` computes the metrics per (query lang, corpus lang)
 pair, per query language over the pooled corpus, and macro averages over pairs: ``x->en``
@@ -38,6 +34,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
+
+from qgscale.eval.wordtok import word_tokenize
 
 Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
@@ -129,7 +128,7 @@ Tokenizer = Callable[[str], list[str]]
 
 
 def answer_hit(texts: Iterable[str], answers: Iterable[str], max_tokens: int,
-               tokenize: Tokenizer = str.split) -> bool | None:
+               tokenize: Tokenizer = word_tokenize) -> bool | None:
     """XOR-TyDi answer recall for one query: None when it has no span answer (not counted)."""
     span = [a for a in answers if a not in YES_NO]
     if not span:
@@ -147,14 +146,15 @@ def answer_recall_per_query(run: Run, passages: Mapping[str, str],
                             answers: Mapping[str, Iterable[str]],
                             max_tokens: Iterable[int] = (2000, 5000),
                             qids: Iterable[str] | None = None,
-                            tokenize: Tokenizer = str.split) -> dict[str, dict[str, float]]:
+                            tokenize: Tokenizer = word_tokenize) -> dict[str, dict[str, float]]:
     """``{qid: {"r@2kt": 0/1, "r@5kt": 0/1}}`` over the queries of ``answers`` (or ``qids``).
 
     ``passages`` maps pid -> text (title and text as the caller wants them matched; the
     official XOR-Retrieve predictions hold the passage texts); ``tokenize``: see the module
-    docstring.
+    docstring (its tokens of a text are cached: passages recur across queries and cut-offs).
     """
     out: dict[str, dict[str, float]] = {}
+    cached = lru_cache(maxsize=20_000)(lambda text: tuple(tokenize(text)))
     for qid in answers if qids is None else qids:
         if qid not in answers:
             continue
@@ -165,7 +165,7 @@ def answer_recall_per_query(run: Run, passages: Mapping[str, str],
                            f"(query {qid}); is the index built from this corpus?")
         row = {}
         for t in max_tokens:
-            hit = answer_hit((passages[p] for p in ranked), answers[qid], t, tokenize)
+            hit = answer_hit((passages[p] for p in ranked), answers[qid], t, cached)
             if hit is None:
                 break
             row[f"r@{t // 1000}kt"] = float(hit)
@@ -221,7 +221,7 @@ def evaluate_languages(
     metrics: Iterable[str] = DEFAULT_METRICS,
     answers: Mapping[str, Iterable[str]] | None = None,
     passages: Mapping[str, str] | None = None,
-    tokenize: Tokenizer = str.split,
+    tokenize: Tokenizer = word_tokenize,
 ) -> dict:
     """Metrics per language pair, per query language and macro averages.
 
