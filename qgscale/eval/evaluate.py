@@ -458,7 +458,8 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
     Writes one report folder per split under ``out_uri`` (``out_uri/<split>/``) and a
     ``_manifest.json``; returns ``{split: metrics}``.
     """
-    from qgscale.runtime import actor_resources, connect
+    from qgscale.index.search import search_bundles
+    from qgscale.runtime import actor_resources, bundles, connect, requesting
 
     ec = cfg.eval
     check_inputs(model_uri, index_uri, data_uri, splits)
@@ -472,11 +473,13 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
     results = {}
     for split in splits:
         t0 = time.time()
-        result = ray.get(task.remote(
-            res.num_gpus, model_uri, index_uri, data_uri, split,
-            top_k=ec.top_k, ks=ec.k, batch_size=sc.batch_size, pairs=ec.pairs,
-            nprobe=sc.nprobe, ef_search=sc.ef_search, precision=sc.precision,
-            answers=ec.answer_recall, search_cpus=sc.cpus_per_actor))
+        with requesting("index.search",
+                        bundles(res) + search_bundles(index_uri, sc.cpus_per_actor)):
+            result = ray.get(task.remote(
+                res.num_gpus, model_uri, index_uri, data_uri, split,
+                top_k=ec.top_k, ks=ec.k, batch_size=sc.batch_size, pairs=ec.pairs,
+                nprobe=sc.nprobe, ef_search=sc.ef_search, precision=sc.precision,
+                answers=ec.answer_recall, search_cpus=sc.cpus_per_actor))
         result["timings"]["total_s"] = time.time() - t0
         result["job"] = {"driver_python": sys.executable, "driver_host": os.uname().nodename,
                          "ray_address": ray.get_runtime_context().gcs_address,

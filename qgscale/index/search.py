@@ -288,6 +288,13 @@ class ShardSearcher:
         return dist, ids, self.pid_map.lookup(ids)
 
 
+def search_bundles(index_uri: str, num_cpus: float = 1.0) -> list[dict[str, float]]:
+    """The resource shapes of a :class:`ShardedSearcher`'s actors (one per index shard), for
+    :func:`qgscale.runtime.requesting`."""
+    n = len((storage.read_manifest(index_uri) or {}).get("shards", []))
+    return [{"CPU": float(num_cpus)} for _ in range(n)]
+
+
 class ShardedSearcher:
     """Fan-out search over Ray actors (one per index shard, each holding its shard's pids:
     this process holds neither the index nor the id map); merge with ``faiss.ResultHeap``.
