@@ -269,6 +269,7 @@ def pipeline_config(data_dir: str, root: str, shard_rows: int = 10_000,
                                        "num_hidden_layers": 1, "num_attention_heads": 4,
                                        "intermediate_size": 64}, "tokenizer": tok},
                     "pooling": "mean", "normalize": True, "temperature": 0.1},
+        "qg_rank": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "n_negatives": 2, **lengths},
         "warmup": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, **lengths,
                    "loss": {"alpha": 0.0, "beta": 0.0}},
         "distill": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, **lengths,
@@ -306,7 +307,7 @@ def stage_rows(stage: str, rec: dict[str, Any], n: int, data: dict[str, Any]
     if stage in ("index", "reindex"):
         k = 1 if stage == "index" else max(1, len(s) if isinstance(s, dict) else 1)
         return n * k, "passages encoded + indexed"
-    if stage in ("train-qg", "warmup", "distill"):
+    if stage in ("train-qg", "qg-rank", "warmup", "distill"):
         counts = s.get("counts") or {}
         return counts.get("rows"), "training rows built"
     if stage == "mine":

@@ -208,7 +208,7 @@ class GenerateConfig(Actors):
     top_p: float = 0.95
     max_new_tokens: int = 32
     batch_size: int = 32
-    shard_rows: int = 500
+    shard_rows: int = 500  # passages per work unit at most (fewer: 2 units per actor at least)
     passages: Literal["positives", "corpus"] = "positives"  # qrels positives or every passage
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # QG weight dtype on GPU (CPU: fp32)
 

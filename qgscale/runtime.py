@@ -45,7 +45,8 @@ import logging
 import os
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -255,6 +256,41 @@ def actor_resources(stage: str, num_actors: int | None = None, cpus_per_actor: f
     return Resources(stage, n, float(cpus_per_actor), gpus)
 
 
+def bundles(res: Resources, n: int | None = None) -> list[dict[str, float]]:
+    """The resource shapes of ``n`` actors of ``res`` (default: ``res.num_actors``), as
+    ``ray.autoscaler.sdk.request_resources`` takes them: ``{"CPU": c[, "GPU": g]}`` each."""
+    one = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+    return [dict(one) for _ in range(res.num_actors if n is None else n)]
+
+
+@contextmanager
+def requesting(stage: str, shapes: list[dict[str, float]]) -> Iterator[None]:
+    """Ask the autoscaler for ``shapes`` (:func:`bundles`) while the block runs: the
+    cluster scales up to fit them at once (KubeRay, the cluster launcher), not only after it
+    notices pending actors, and does not scale the GPU group down while a stage waits for
+    it. The request is replaced by an empty one when the block ends. It is a hint: on a
+    cluster without autoscaler it changes nothing, and a failing request only logs."""
+    from ray.autoscaler.sdk import request_resources
+
+    def send(b: list[dict[str, float]]) -> bool:
+        try:
+            request_resources(bundles=b)
+            return True
+        except Exception as e:  # noqa: BLE001 - a hint: never fails the stage
+            log.warning("%s: could not request resources from the autoscaler (%s)", stage, e)
+            return False
+
+    sent = bool(shapes) and send(shapes)
+    if sent:
+        log.debug("%s: requested %d bundle(s) of %s from the autoscaler", stage, len(shapes),
+                  shapes[0])
+    try:
+        yield
+    finally:
+        if sent:
+            send([])
+
+
 def actor_device(num_gpus: float) -> str:
     """The torch device of an actor Ray gave ``num_gpus`` GPUs: ``"cuda"`` (checked to be
     there) or ``"cpu"`` (even when the node has GPUs: they belong to other actors)."""
@@ -322,10 +358,10 @@ def run_shards(job: ShardJob, shards: Sequence[Shard], out_uri: str, config_hash
     ``actors.max_retries`` times) on a fresh actor; a shard that fails every try is reported
     after the others are done (:class:`ShardsFailed`, finished shards are kept). An error
     raised by the job itself (bad input) propagates at once.
+    The pool's resources are requested from the autoscaler while it runs
+    (:func:`requesting`).
     """
     import ray
-    from ray.exceptions import RayActorError
-    from tqdm import tqdm
 
     writer = storage.ShardWriter(out_uri, config_hash)
     todo = [s for s in shards if not writer.done(s.name)]
@@ -343,13 +379,24 @@ def run_shards(job: ShardJob, shards: Sequence[Shard], out_uri: str, config_hash
     def start() -> Any:
         return actor_cls.remote(job, out_uri, config_hash, res.num_gpus, res.threads)
 
+    with requesting(stage, bundles(res, n)):
+        return _run_pool(start, n, todo, stats, max_retries, desc or stage, unit)
+
+
+def _run_pool(start: Any, n: int, todo: list[Shard], stats: dict[str, int],
+              max_retries: int, desc: str, unit: str) -> dict[str, int]:
+    """:func:`run_shards`' loop: ``n`` actors from ``start()`` write the ``todo`` shards."""
+    import ray
+    from ray.exceptions import RayActorError
+    from tqdm import tqdm
+
     actors = [start() for _ in range(n)]
     pending = deque(todo)
     attempts: dict[str, int] = {}
     failed: dict[str, str] = {}
     inflight: dict[Any, tuple[int, Shard]] = {}
     idle = list(range(n))
-    bar = tqdm(total=sum(s.size for s in todo), desc=desc or stage, unit=unit,
+    bar = tqdm(total=sum(s.size for s in todo), desc=desc, unit=unit,
                unit_scale=True, smoothing=0.1, mininterval=1.0)
     try:
         ray.get([a.ready.remote() for a in actors])  # setup errors surface here, once
@@ -387,6 +434,6 @@ def run_shards(job: ShardJob, shards: Sequence[Shard], out_uri: str, config_hash
                 ray.kill(a)
     if failed:
         first = next(iter(failed))
-        raise ShardsFailed(f"{desc or stage} failed for {sorted(failed)} (re-run to resume; "
+        raise ShardsFailed(f"{desc} failed for {sorted(failed)} (re-run to resume; "
                            f"the other shards are done): {first}: {failed[first]}")
     return stats

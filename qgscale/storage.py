@@ -339,11 +339,11 @@ class ShardWriter:
     def shard_uri(self, name: str) -> str:
         return join(self.root, f"{name}.parquet")
 
-    def _marker(self, name: str) -> str:
+    def marker_uri(self, name: str) -> str:
         return join(self.root, DONE_DIR, f"{name}.json")
 
     def done(self, name: str) -> bool:
-        marker = self._marker(name)
+        marker = self.marker_uri(name)
         if not exists(marker):
             return False
         return read_json(marker).get("config_hash", "") == self.config_hash
@@ -351,7 +351,7 @@ class ShardWriter:
     def write(self, name: str, table: pa.Table, **extra: Any) -> ShardInfo:
         sha = write_parquet(self.shard_uri(name), table)
         info = ShardInfo(name, table.num_rows, sha)
-        write_json(self._marker(name), {"name": name, "rows": table.num_rows, "sha256": sha,
+        write_json(self.marker_uri(name), {"name": name, "rows": table.num_rows, "sha256": sha,
                                         "config_hash": self.config_hash, "time": time.time(),
                                         **extra})
         return info
@@ -383,9 +383,13 @@ class ShardWriter:
                                  desc=desc, **manifest)
 
     def write_rows(self, rows: Iterable[Mapping[str, Any]], shard_rows: int,
-                   schema: pa.Schema, *, desc: str | None = None, **manifest: Any) -> dict:
+                   schema: pa.Schema, *, desc: str | None = None,
+                   check: Callable[[list[str]], None] | None = None,
+                   **manifest: Any) -> dict:
         """Row dicts (a list or a stream: only one shard is held at a time) as shards of
-        ``shard_rows`` rows of ``schema``, done shards skipped; returns the manifest."""
+        ``shard_rows`` rows of ``schema``, done shards skipped; returns the manifest.
+        ``check(names)`` runs once every shard is written, before the manifest (it may
+        raise, or rewrite shards)."""
         from tqdm import tqdm
 
         if shard_rows < 1:
@@ -409,6 +413,8 @@ class ShardWriter:
         if chunk or not names:  # no rows at all: one empty shard, a readable table
             flush()
         bar.close()
+        if check is not None:
+            check(names)
         return self.finalize(names, **manifest)
 
     def finished(self) -> list[ShardInfo]:

@@ -466,3 +466,51 @@ def test_restricted_search_index_types_and_shards(factory):
     order = np.argsort(-exact, axis=1)[:, :10]
     assert [list(r) for r in got] == [list(pids[allowed[o]]) for o in order]
     np.testing.assert_allclose(scores, np.take_along_axis(exact, order, 1), rtol=1e-4)
+
+
+def test_sharded_search_eval_equals_the_loaded_index(run_root, ray_local, tmp_path):
+    """The eval task's search (one Ray actor per index shard, each restricting to a corpus
+    language with the ids it finds in the corpus's pid/lang columns) gives the runs and
+    metrics of the index loaded in one process, here over two index shards."""
+    import faiss
+
+    from qgscale.eval.evaluate import evaluate_split, load_split
+    from qgscale.index.search import ShardedSearcher, load_index
+
+    _, b = run_root
+    data = load_split(b["data"], "test")
+    local = evaluate_split(b["encoder"], load_index(b["index"]), data, top_k=5, ks=[1, 5])
+    idx = str(tmp_path / "faiss2")
+    vecs, n = b["vecs"], len(b["vecs"])
+    for j, (lo, hi) in enumerate(((0, n // 3), (n // 3, n))):  # interleaved languages
+        part = faiss.index_factory(vecs.shape[1], "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+        part.add_with_ids(vecs[lo:hi], np.arange(lo, hi, dtype=np.int64))
+        storage.write_bytes(f"{idx}/shards/shard-{j:05d}.faiss",
+                            faiss.serialize_index(part).tobytes())
+    ids = storage.ShardWriter(f"{idx}/ids")
+    ids.write("part-00000", pa.table({"id": np.arange(n, dtype=np.int64), "pid": b["pids"]}))
+    ids.finalize(["part-00000"])
+    storage.write_manifest(idx, "", factory="Flat", metric="ip", dim=vecs.shape[1], ntotal=n,
+                           shards=["shards/shard-00000.faiss", "shards/shard-00001.faiss"],
+                           ondisk=False)
+    searcher = ShardedSearcher(idx, num_cpus=0.5, corpus_uri=data.corpus_uri)
+    try:
+        got = evaluate_split(b["encoder"], searcher, data, top_k=5, ks=[1, 5])
+    finally:
+        searcher.close()
+    assert set(got["pairs"]) == {"en->en", "en->de", "de->en", "de->de"}
+    for pair, row in local["pairs"].items():
+        for m in ("recall@1", "recall@5", "mrr@10", "r@2kt"):
+            assert got["pairs"][pair][m] == pytest.approx(row[m], abs=1e-6), (pair, m)
+    assert {q: list(r) for q, r in got["run"].items()} == \
+        {q: list(r) for q, r in local["run"].items()}
+    # a restricted search returns only that language's passages
+    lang = {c["pid"]: c["lang"] for c in b["corpus"]}
+    searcher = ShardedSearcher(idx, num_cpus=0.5, corpus_uri=data.corpus_uri)
+    try:
+        qv = b["encoder"].encode_queries(data.texts[:4]).numpy()
+        for cl in LANGS:
+            pids, _ = searcher.search(qv, 5, lang=cl)
+            assert {lang[p] for row in pids for p in row} == {cl}
+    finally:
+        searcher.close()

@@ -3,6 +3,7 @@ without credentials, stale credentials of a Ray started too early."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pyarrow as pa
@@ -40,6 +41,52 @@ def test_stage_asking_for_gpus_fails_before_any_work(ray_local, tmp_path):
                        match=r"index\.encode: gpus_per_actor=1 .* 0 GPUs"):
         run_encode(cfg, str(tmp_path / "no-model"), corpus, out, "k1")
     assert not storage.list_files(out, ".parquet")
+
+
+class _RecordRequest:
+    """A shard job whose output is what the autoscaler was asked for while it ran."""
+
+    def setup(self, device: str, threads: int) -> None:
+        return None
+
+    def run(self, state: None, shard: runtime.Shard) -> pa.Table:
+        return pa.table({"requested": [_requested()]})
+
+
+def _requested() -> str:
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    got = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return got.decode() if got is not None else ""
+
+
+def test_stage_requests_its_resources_from_the_autoscaler(ray_local, tmp_path):
+    """While a shard pool runs, the autoscaler has been asked (``request_resources``) for one
+    bundle per actor from the config; the request is cleared when the stage ends. (The local
+    Ray has no autoscaler: the request is recorded in the cluster's KV store, where the
+    autoscaler reads it, and the run is otherwise unchanged.)"""
+    from qgscale.config import Actors
+
+    assert runtime.bundles(runtime.Resources("s", 3, 0.5, 0.0)) == [{"CPU": 0.5}] * 3
+    assert runtime.bundles(runtime.Resources("s", 8, 4.0, 1.0), 2) == [
+        {"CPU": 4.0, "GPU": 1.0}] * 2
+    out = str(tmp_path / "out")
+    shards = [runtime.Shard(f"part-{i:05d}", 1, i) for i in range(3)]
+    stats = runtime.run_shards(_RecordRequest(), shards, out, "k",
+                               Actors(num_actors=2, cpus_per_actor=0.5, gpus_per_actor=0),
+                               stage="test.pool")
+    assert stats["shards_run"] == 3
+    seen = storage.read_parquet(out).column("requested").to_pylist()
+    assert [json.loads(x) for x in seen] == [[{"CPU": 0.5}, {"CPU": 0.5}]] * 3
+    assert json.loads(_requested()) == []  # cleared
+    with runtime.requesting("test", [{"CPU": 1.0}]):
+        assert json.loads(_requested()) == [{"CPU": 1.0}]
+        with pytest.raises(ValueError):
+            with runtime.requesting("test.inner", []):  # nothing asked: nothing changed
+                assert json.loads(_requested()) == [{"CPU": 1.0}]
+                raise ValueError
+    assert json.loads(_requested()) == []  # cleared on the way out
 
 
 def test_worker_env_carries_settings_not_credentials(s3_server):

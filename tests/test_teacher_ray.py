@@ -18,7 +18,7 @@ from qgscale.errors import DataError, MissingInputError
 from qgscale.models.generator import QueryGenerator
 from qgscale.models.tiny import tiny_t5_config, xquad_texts
 from qgscale.teacher.common import QGSpec
-from qgscale.teacher.generation import generate_queries
+from qgscale.teacher.generation import generate_queries, plan_units
 from qgscale.teacher.scoring import candidate_pairs, generated_candidates, score_candidates
 from qgscale.train.data import generated_qid
 from tests.faults import KillShardActorAfter
@@ -125,8 +125,10 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
     again = generate_queries(spec, storage.join(root, "corpus.parquet"), out, "k1", **kw)
     assert again["run"]["shards_run"] == 1
     assert storage.read_parquet(out).to_pylist() == got.to_pylist()  # seeded: same queries
-    third = generate_queries(spec, storage.join(root, "corpus.parquet"), out, "k1", **kw)
-    assert third["run"]["shards_run"] == 0
+    # more actors on resume: the first run's units are kept (their shards are done)
+    third = generate_queries(spec, storage.join(root, "corpus.parquet"), out, "k1",
+                             gc=gc.model_copy(update={"num_actors": 2}), qrels_uri=kw["qrels_uri"])
+    assert third["run"]["shards_run"] == 0 and third["unit_rows"] == m["unit_rows"] == 2
     # every corpus passage: units are row ranges of the corpus shards, read by the actors
     every = generate_queries(spec, storage.join(root, "corpus.parquet"),
                              storage.join(root, "gen-all"), "k1",
@@ -288,3 +290,38 @@ def test_s3_credentials_never_reach_ray(ray_local, tokenizer, s3_bucket, monkeyp
 
 def _echo(x):
     return x
+
+
+def test_generation_units_give_every_actor_work(tmp_path):
+    """Units hold ``shard_rows`` passages, or fewer so that every actor gets at least two
+    (the positives inline, or row ranges of the corpus shards); no passage is lost or
+    repeated."""
+    corpus = [{"pid": f"p{i}", "lang": "en", "title": "", "text": f"passage {i}"}
+              for i in range(45)]
+    for j in range(3):  # 3 corpus shards of 15 rows
+        storage.write_parquet(str(tmp_path / "corpus" / f"part-{j:05d}.parquet"),
+                              pa.Table.from_pylist(corpus[15 * j:15 * j + 15], schema=CORPUS))
+    qrels = [{"qid": f"q{i}", "pid": f"p{i}", "rel": 1} for i in range(0, 45, 3)]  # 15
+    storage.write_parquet(str(tmp_path / "qrels.parquet"),
+                          pa.Table.from_pylist(qrels, schema=QRELS))
+    c_uri, r_uri = str(tmp_path / "corpus"), str(tmp_path / "qrels.parquet")
+
+    def passages(units):
+        return [p for u in units for p in u.payload.read()[0]]
+
+    # 15 positives at 5 per unit would be 3 units for 8 actors: 1 per unit, 15 units
+    units, n, rows = plan_units(c_uri, r_uri, 5, 2, num_actors=8)
+    assert (n, rows, len(units)) == (15, 1, 15) and len(units) >= 8
+    assert passages(units) == [q["pid"] for q in qrels] and units[0].size == 2
+    units, n, rows = plan_units(c_uri, r_uri, 5, 2, num_actors=2)  # ceil(15 / 4) = 4
+    assert (rows, [len(u.payload.pairs) for u in units]) == (4, [4, 4, 4, 3])
+    units, _, rows = plan_units(c_uri, r_uri, 5, 2, num_actors=1)  # shard_rows caps: 5
+    assert (rows, len(units)) == (5, 3)
+    # every corpus passage: 45 rows, 8 actors -> ranges of ceil(45 / 16) = 3 rows
+    units, n, rows = plan_units(c_uri, None, 20, 1, num_actors=8)
+    assert (n, rows, len(units)) == (45, 3, 15)  # >= 8: every actor gets work
+    assert passages(units) == [c["pid"] for c in corpus]
+    assert len({u.name for u in units}) == len(units)
+    units, _, rows = plan_units(c_uri, None, 20, 1, num_actors=1)  # 23 > 15: one per shard
+    assert (rows, len(units)) == (20, 3)
+    assert plan_units(c_uri, None, 20, 1, num_actors=8, rows=7)[2] == 7  # a kept plan

@@ -6,10 +6,12 @@ import json
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 
 from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.schema import SCHEMAS
+from qgscale.data.unique import SpilledIds
 from qgscale.errors import ConfigError
 
 FORMATS = ("xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "dpr", "passages", "jsonl")
@@ -26,7 +28,8 @@ def read(fmt: str, input: str, *, passages: str | None = None,
          query_langs: list[str] | None = None, corpus_langs: list[str] | None = None,
          test_mod: int = 4, kind: str | None = None, lang: str = "und",
          answer_lang: str | None = None, stream: bool = False,
-         rejects: readers.Rejects | None = None) -> readers.Tables:
+         rejects: readers.Rejects | None = None,
+         ids: SpilledIds | None = None) -> readers.Tables:
     """Read raw ``input`` of format ``fmt`` into canonical tables (kind path -> rows).
 
     - ``xor-tydi``: XOR-TyDi / MIA queries + answers; ``passages``: the English collection.
@@ -40,19 +43,21 @@ def read(fmt: str, input: str, *, passages: str | None = None,
 
     With ``stream``, passage collections (``passages``, ``xor-tydi``'s ``passages``, ``beir``'s
     ``corpus.jsonl``) are generators, read while they are written: the whole collection is
-    never in memory.
+    never in memory. Their passage ids are checked for duplicates in memory, or, given
+    ``ids``, recorded there to be checked after the stream (:func:`write_tables`).
     """
     rejects = rejects or readers.Rejects()
+    unique: bool | SpilledIds = ids if ids is not None else True
     if fmt == "xquad":
         return readers.read_xquad(input, query_langs, corpus_langs, test_mod, rejects)
     if fmt == "xor-tydi":
         tables = readers.read_xor_queries(input, rejects)
         if passages:
-            rows = readers.iter_passages(passages, "en", rejects)
+            rows = readers.iter_passages(passages, "en", rejects, unique)
             tables["corpus"] = rows if stream else list(rows)
         return tables
     if fmt == "passages":
-        rows = readers.iter_passages(input, lang, rejects)
+        rows = readers.iter_passages(input, lang, rejects, unique)
         return {"corpus": rows if stream else list(rows)}
     if fmt == "dpr":
         plang = corpus_langs[0] if corpus_langs and len(corpus_langs) == 1 else None
@@ -64,7 +69,7 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     if fmt == "tatoeba":
         return readers.read_tatoeba(input, query_langs, rejects)
     if fmt == "beir":
-        return readers.read_beir(input, lang, rejects, stream=stream)
+        return readers.read_beir(input, lang, rejects, stream=stream, unique=unique)
     if fmt == "jsonl":
         if kind not in SCHEMAS:
             raise ConfigError(f"--kind must be one of {sorted(SCHEMAS)} for --format jsonl, "
@@ -74,24 +79,65 @@ def read(fmt: str, input: str, *, passages: str | None = None,
 
 
 def write_tables(tables: readers.Tables, output: str, shard_rows: int = 2000,
-                 config_hash: str = "") -> dict[str, Any]:
+                 config_hash: str = "", *, ids: SpilledIds | None = None,
+                 rejects: readers.Rejects | None = None) -> dict[str, Any]:
     """Write each table as parquet shards under ``output/<kind>/`` with manifests. A table
-    may be a list or any iterable of rows (a generator is consumed shard by shard)."""
+    may be a list or any iterable of rows (a generator is consumed shard by shard).
+    ``ids``: what the streamed ``corpus`` table's reader recorded (:func:`read`); once the
+    table is written its duplicate ids fail through ``rejects``, naming both rows, or (skip)
+    are recorded there and dropped from their shards, the first copy kept."""
     counts = {}
     for kind, rows in tables.items():
         writer = storage.ShardWriter(storage.join(output, *kind.split("/")), config_hash)
+        check = None
+        if ids is not None and kind == "corpus":
+            def check(names: list[str], writer: storage.ShardWriter = writer) -> None:
+                drop_duplicates(writer, names, shard_rows, ids, rejects or readers.Rejects())
         manifest = writer.write_rows(rows, shard_rows, SCHEMAS[kind.rsplit("/", 1)[-1]],
-                                     desc=f"write {kind}")
+                                     desc=f"write {kind}", check=check)
         counts[kind] = manifest["rows"]
     return counts
+
+
+def drop_duplicates(writer: storage.ShardWriter, names: list[str], shard_rows: int,
+                    ids: SpilledIds, rejects: readers.Rejects) -> int:
+    """The duplicates ``ids`` found among the rows written as ``names`` (shards of
+    ``shard_rows`` rows, in stream order): in ``fail`` mode the first one in the stream
+    raises; in ``skip`` mode each is recorded in ``rejects`` and dropped from its shard.
+    Returns the number dropped. Memory: O(duplicates + one shard)."""
+    first = None
+    by_shard: dict[int, list[Any]] = {}
+    for d in ids.duplicates():
+        if rejects.mode != "skip":
+            first = d if first is None or d.seq < first.seq else first
+        else:
+            by_shard.setdefault(d.seq // shard_rows, []).append(d)
+    if first is not None:
+        rejects.bad(first.file, first.line, first.fld, ids.reason(first))
+    for i, dups in sorted(by_shard.items()):
+        dups.sort(key=lambda d: d.seq)
+        offsets = [d.seq - i * shard_rows for d in dups]
+        done = storage.read_json(writer.marker_uri(names[i])).get("dropped") == offsets
+        table = None if done else storage.read_parquet(writer.shard_uri(names[i]))
+        for d, at in zip(dups, offsets, strict=True):  # raw: the row as it was written
+            raw = None if table is None else json.dumps(table.slice(at, 1).to_pylist()[0],
+                                                        ensure_ascii=False)
+            rejects.bad(d.file, d.line, d.fld, ids.reason(d), raw)
+        if table is not None:  # not dropped yet (done by an interrupted run otherwise)
+            drop = set(offsets)
+            keep = pa.array([j not in drop for j in range(table.num_rows)])
+            writer.write(names[i], table.filter(keep), dropped=offsets)
+    return sum(len(d) for d in by_shard.values())
 
 
 def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
             shard_rows: int = 2000, config_hash: str = "", **kw: Any) -> dict[str, Any]:
     """Convert and write; returns the summary manifest (row counts, rejected rows)."""
     rejects = readers.Rejects(on_error)
-    tables = read(fmt, input, rejects=rejects, stream=True, **kw)
-    counts = write_tables(tables, output, shard_rows, config_hash)
+    with SpilledIds("passage id") as ids:
+        tables = read(fmt, input, rejects=rejects, stream=True, ids=ids, **kw)
+        counts = write_tables(tables, output, shard_rows, config_hash, ids=ids,
+                              rejects=rejects)
     rejected_uri = storage.join(output, "_rejected.jsonl")
     if rejects.rows:
         storage.write_bytes(rejected_uri, "".join(

@@ -27,6 +27,7 @@ from typing import Any
 import fsspec
 
 from qgscale.data.schema import SCHEMAS
+from qgscale.data.unique import SpilledIds, duplicate_reason
 from qgscale.errors import DataError, MissingInputError
 
 XQUAD_LANGS = ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"]
@@ -70,10 +71,7 @@ class FirstSeen:
             self.first[key] = (file, where)
             return True
         f0, w0 = self.first[key]
-        first = f"line {w0}" if isinstance(w0, int) else str(w0)
-        if f0 != file:
-            first = f"{f0}:{w0}" if isinstance(w0, int) else f"{f0} {w0}"
-        rejects.bad(file, line, fld, f"duplicate {self.what} {key!r} (first at {first})", raw)
+        rejects.bad(file, line, fld, duplicate_reason(self.what, key, file, f0, w0), raw)
         return False
 
 
@@ -358,7 +356,7 @@ def _passage_from_json(obj: dict, path: str, n: int, lang: str,
 
 
 def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
-                  unique: bool = True) -> Iterator[dict[str, Any]]:
+                  unique: bool | SpilledIds = True) -> Iterator[dict[str, Any]]:
     """Corpus rows of a passage collection, streamed (a generator: one line in memory).
 
     Formats, by suffix (``.gz`` allowed): ``.jsonl`` -- BEIR ``corpus.jsonl`` (``_id``),
@@ -367,16 +365,25 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
     (``id<TAB>text<TAB>title``, CSV quoting; the header line is optional). A row's own
     ``lang`` field wins over ``lang``.
 
-    ``unique``: a passage id seen earlier in the file is a defect. The check keeps every id
-    read so far (about 100 bytes each: 2 GB for the 21M passages of psgs_w100); pass False
-    to stream in constant memory when the ids are known to be unique.
+    ``unique``: a passage id seen earlier in the file is a defect. ``True`` checks it in
+    memory (every id read so far, about 100 bytes each: 2 GB for the 21M passages of
+    psgs_w100); a :class:`~qgscale.data.unique.SpilledIds` records each yielded row's id,
+    file and line instead, checked after the stream in bounded memory (``qgscale data
+    prepare``); ``False`` does not check.
     """
     rejects = rejects or Rejects()
-    seen = FirstSeen("passage id") if unique else None
+    spill = unique if isinstance(unique, SpilledIds) else None
+    seen = FirstSeen("passage id") if unique is True else None
+
+    def new(pid: str, n: int, fld: str | None, raw: Any) -> bool:
+        if spill is not None:
+            spill.add(pid, path, n, fld)
+        return seen is None or seen.new(pid, path, n, fld, rejects, raw)
+
     if re.search(r"\.jsonl(\.gz)?$", path):
         for n, obj in iter_jsonl(path, rejects):
             got = _passage_from_json(obj, path, n, lang, rejects)
-            if got and (seen is None or seen.new(got[1]["pid"], path, n, got[0], rejects, obj)):
+            if got and new(got[1]["pid"], n, got[0], obj):
                 yield got[1]
         return
     header: list[str] | None = None
@@ -397,7 +404,7 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
         obj = dict(zip(header, cells, strict=True))
         pid = get_str(obj, "id", path, n, rejects)
         text = pid and get_str(obj, "text", path, n, rejects)
-        if text is not None and (seen is None or seen.new(pid, path, n, "id", rejects, line)):
+        if text is not None and new(pid, n, "id", line):
             yield {"pid": pid, "lang": lang, "title": obj.get("title", ""), "text": text}
     if read == 0:
         raise no_rows(path, "only a header" if header else "empty file")
@@ -876,10 +883,10 @@ def read_qrels_tsv(path: str, rejects: Rejects | None = None) -> list[dict[str, 
 
 
 def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None,
-              stream: bool = False) -> Tables:
+              stream: bool = False, unique: bool | SpilledIds = True) -> Tables:
     """A BEIR/MIRACL folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/{split}.tsv``.
-    With ``stream`` the corpus is a generator (:func:`iter_passages`), read while it is
-    written; queries and qrels are read at once."""
+    With ``stream`` the corpus is a generator (:func:`iter_passages`, which takes
+    ``unique``), read while it is written; queries and qrels are read at once."""
     rejects = rejects or Rejects()
     fs, root = fsspec.core.url_to_fs(folder)
     base = folder.rstrip("/")
@@ -890,7 +897,7 @@ def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None,
                 return f"{base}/{n}"
         raise MissingInputError(f"{folder}: {name} is missing")
 
-    passages = iter_passages(find("corpus.jsonl"), lang, rejects)
+    passages = iter_passages(find("corpus.jsonl"), lang, rejects, unique)
     tables: Tables = {"corpus": passages if stream else list(passages)}
     queries = []
     qpath = find("queries.jsonl")

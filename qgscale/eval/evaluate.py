@@ -2,9 +2,11 @@
 
 Plain path (no Ray): :func:`evaluate_split` takes an encoder and a loaded index. The job
 (:func:`run_eval`, ``python -m qgscale.eval``) runs :func:`evaluate_uris` as one Ray task (on
-a GPU when the cluster has one), so ``ray job submit ... -- python -m qgscale.eval --config X``
-does the heavy work on the cluster; the driver writes ``metrics.json``, ``metrics.md`` and
-``pairs.png`` (bar chart per language pair) to ``eval.out`` (local or ``s3://``).
+a GPU when the cluster has one) that searches through one Ray actor per index shard (the task
+holds the queries' top-k, never the index or a corpus-sized map), so ``ray job submit ...
+-- python -m qgscale.eval --config X`` does the heavy work on the cluster; the driver writes
+``metrics.json``, ``metrics.md`` and ``pairs.png`` (bar chart per language pair) to
+``eval.out`` (local or ``s3://``).
 
 Searches: the pooled corpus once (per-query-language view), and, when the corpus holds several
 languages and ``eval.pairs`` is on, each corpus language alone through a FAISS ``IDSelector``
@@ -135,23 +137,6 @@ def passage_fields(corpus_uri: str, pids: set[str] | None, text: bool) -> tuple[
 
 
 # ---------------------------------------------------------------------------- search
-def _search_params(index: Any, sel: Any, nprobe: int | None, ef_search: int | None):
-    """FAISS search parameters with ``sel`` of the type the (wrapped) index expects."""
-    import faiss
-
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexPreTransform):
-        return faiss.SearchParametersPreTransform(
-            index_params=_search_params(index.index, sel, nprobe, ef_search))
-    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        return _search_params(index.index, sel, nprobe, ef_search)
-    if isinstance(index, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe or index.nprobe)
-    if isinstance(index, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search or index.hnsw.efSearch)
-    return faiss.SearchParameters(sel=sel)
-
-
 def restricted_search(loaded: Any, x: np.ndarray, k: int, ids: np.ndarray | None,
                       nprobe: int | None = None, ef_search: int | None = None):
     """Top-``k`` ``(pids, scores)`` of a ``qgscale.index.search.LoadedIndex`` among ``ids``
@@ -159,7 +144,7 @@ def restricted_search(loaded: Any, x: np.ndarray, k: int, ids: np.ndarray | None
     not pass search parameters down)."""
     import faiss
 
-    from qgscale.index.search import _to_results
+    from qgscale.index.search import _to_results, search_params
 
     if ids is None:
         return loaded.search(x, k)
@@ -167,7 +152,7 @@ def restricted_search(loaded: Any, x: np.ndarray, k: int, ids: np.ndarray | None
     sel = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
     heap = faiss.ResultHeap(len(x), k, keep_max=loaded.metric == "ip")
     for part in loaded.parts or [loaded.index]:
-        dist, found = part.search(x, k, params=_search_params(part, sel, nprobe, ef_search))
+        dist, found = part.search(x, k, params=search_params(part, sel, nprobe, ef_search))
         heap.add_result(dist, found)
     heap.finalize()
     return _to_results(heap.D, heap.I, loaded.pids, loaded.metric)
@@ -190,10 +175,16 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
                    device: str = "cpu", precision: str = "fp32") -> dict:
     """Encode ``data``'s queries with ``encoder``, search ``loaded``, compute every metric.
 
+    ``loaded``: an index held here (``qgscale.index.search.LoadedIndex``), or a
+    ``ShardedSearcher`` (one Ray actor per index shard, built with the corpus: this process
+    then holds only the queries' top-k and their passages' fields, not the index, its id
+    map nor a pid -> language map of the corpus).
+
     Returns ``{pairs, query_langs, query_langs_macro, macro, n_queries, corpus_langs, run}``
     where ``run`` is the pooled top-k (``{qid: {pid: score}}``).
     """
     from qgscale.index.encode import encode_texts, token_lengths
+    from qgscale.index.search import ShardedSearcher
 
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -203,7 +194,7 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
     timings["encode_s"] = time.time() - t0
     t0 = time.time()
     langs = corpus_langs(data.corpus_uri)
-    pooled = to_run(data.qids, *restricted_search(loaded, qvec, top_k, None))
+    pooled = to_run(data.qids, *loaded.search(qvec, top_k))
     pair_runs: dict[tuple[str, str], dict] = {}
     by_qlang: dict[str, list[int]] = defaultdict(list)
     for i, q in enumerate(data.qids):
@@ -212,6 +203,12 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
         for ql in by_qlang:
             pair_runs[(ql, langs[0])] = pooled
         plang_all = None
+    elif pairs and isinstance(loaded, ShardedSearcher):  # the actors restrict by language
+        plang_all = None
+        for cl in langs:
+            for ql, rows in sorted(by_qlang.items()):
+                res = loaded.search(qvec[rows], top_k, lang=cl)
+                pair_runs[(ql, cl)] = to_run([data.qids[i] for i in rows], *res)
     elif pairs:
         plang_all, _ = passage_fields(data.corpus_uri, None, text=False)
         index_langs = np.array([plang_all.get(p) for p in loaded.pids], dtype=object)
@@ -280,11 +277,12 @@ def evaluate_baseline(cfg: Any, run_uri: str, data_uri: str, split: str, corpus_
 
 def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
                   corpus_uri: str | None = None, device: str | None = None,
-                  **kw: Any) -> dict:
-    """Load the student, the index and the split from storage and evaluate (a Ray task body;
-    ``device``: torch's default when not given)."""
+                  search_cpus: float = 1.0, **kw: Any) -> dict:
+    """Load the student and the split from storage and evaluate, searching the index with
+    one Ray actor per index shard of ``search_cpus`` CPUs (a Ray task body: it holds
+    O(queries x k), not the index; ``device``: torch's default when not given)."""
     from qgscale.index.encode import load_dual_encoder
-    from qgscale.index.search import load_index
+    from qgscale.index.search import ShardedSearcher
     from qgscale.models.precision import default_device
 
     manifest = storage.read_manifest(index_uri) or {}
@@ -293,8 +291,12 @@ def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
     data = load_split(data_uri, split, corpus_uri, kw.pop("answers", True))
     device = device or default_device()
     encoder = load_dual_encoder(model_uri, device)
-    loaded = load_index(index_uri, kw.get("nprobe"), kw.get("ef_search"))
-    out = evaluate_split(encoder, loaded, data, device=device, **kw)
+    searcher = ShardedSearcher(index_uri, kw.get("nprobe"), kw.get("ef_search"),
+                               search_cpus, corpus_uri=data.corpus_uri)
+    try:
+        out = evaluate_split(encoder, searcher, data, device=device, **kw)
+    finally:
+        searcher.close()
     out.update(model=model_uri, index=index_uri, split=split, sources=data.source,
                device=device, host=os.uname().nodename, python=sys.executable)
     return out
@@ -456,7 +458,8 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
     Writes one report folder per split under ``out_uri`` (``out_uri/<split>/``) and a
     ``_manifest.json``; returns ``{split: metrics}``.
     """
-    from qgscale.runtime import actor_resources, connect
+    from qgscale.index.search import search_bundles
+    from qgscale.runtime import actor_resources, bundles, connect, requesting
 
     ec = cfg.eval
     check_inputs(model_uri, index_uri, data_uri, splits)
@@ -470,11 +473,13 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
     results = {}
     for split in splits:
         t0 = time.time()
-        result = ray.get(task.remote(
-            res.num_gpus, model_uri, index_uri, data_uri, split,
-            top_k=ec.top_k, ks=ec.k, batch_size=sc.batch_size, pairs=ec.pairs,
-            nprobe=sc.nprobe, ef_search=sc.ef_search, precision=sc.precision,
-            answers=ec.answer_recall))
+        with requesting("index.search",
+                        bundles(res) + search_bundles(index_uri, sc.cpus_per_actor)):
+            result = ray.get(task.remote(
+                res.num_gpus, model_uri, index_uri, data_uri, split,
+                top_k=ec.top_k, ks=ec.k, batch_size=sc.batch_size, pairs=ec.pairs,
+                nprobe=sc.nprobe, ef_search=sc.ef_search, precision=sc.precision,
+                answers=ec.answer_recall, search_cpus=sc.cpus_per_actor))
         result["timings"]["total_s"] = time.time() - t0
         result["job"] = {"driver_python": sys.executable, "driver_host": os.uname().nodename,
                          "ray_address": ray.get_runtime_context().gcs_address,

@@ -42,7 +42,15 @@ import pyarrow.parquet as pq
 from qgscale import storage
 from qgscale.config import BuildConfig, key_values
 from qgscale.index.encode import read_vectors
-from qgscale.runtime import Shard, actor_resources, connect, remote_options, run_shards
+from qgscale.runtime import (
+    Shard,
+    actor_resources,
+    bundles,
+    connect,
+    remote_options,
+    requesting,
+    run_shards,
+)
 
 IDS_SCHEMA = pa.schema([("id", pa.int64()), ("pid", pa.string())])
 
@@ -506,9 +514,10 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
                 if k else []
             res = actor_resources("index.build", 1, bc.cpus_per_actor, bc.gpus_per_actor)
             train = ray.remote(train_index).options(**res.options())
-            info = ray.get(train.remote(factory, bc.metric, dim, trained_uri, *samples, k=k,
-                                        threads=res.threads, gpus=res.num_gpus,
-                                        gpus_explicit=bool(bc.gpus_per_actor)))
+            with requesting("index.build", bundles(res)):
+                info = ray.get(train.remote(factory, bc.metric, dim, trained_uri, *samples,
+                                            k=k, threads=res.threads, gpus=res.num_gpus,
+                                            gpus_explicit=bool(bc.gpus_per_actor)))
             storage.write_json(info_uri, {"hash": chash, "factory": factory, **info})
 
     mergeable = is_ivf(factory) or bc.num_shards == 0 or "HNSW" not in factory

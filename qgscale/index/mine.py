@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from qgscale import storage
 from qgscale.data.schema import CANDIDATES, QRELS, QUERIES, TRAIN_EXAMPLES
-from qgscale.runtime import actor_resources
+from qgscale.runtime import actor_resources, bundles, requesting
 
 
 def read_positives(qrels_uri: str) -> dict[str, set[str]]:
@@ -106,21 +106,23 @@ def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_u
     import ray
 
     from qgscale.index.encode import QueryEncoder, load_dual_encoder
-    from qgscale.index.search import ShardedSearcher
+    from qgscale.index.search import ShardedSearcher, search_bundles
 
     mc, ic = cfg.mine, cfg.index.search
     res = actor_resources("index.search", 1, ic.cpus_per_actor, ic.gpus_per_actor)
-    actor = ray.remote(QueryEncoder).options(**res.options()).remote(
-        functools.partial(load_dual_encoder, model_uri), ic.batch_size, ic.precision,
-        res.num_gpus, res.threads)
-    searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, ic.cpus_per_actor,
-                               ic.refine, ic.k_factor, num_gpus=res.num_gpus,
-                               gpus_explicit=bool(ic.gpus_per_actor))
-    try:
-        return mine(storage.read_parquet(queries_uri), read_positives(qrels_uri),
-                    lambda texts: ray.get(actor.encode_queries.remote(texts)), out_uri,
-                    searcher.search, top_k=mc.top_k, n_negatives=mc.n_negatives,
-                    skip_top=mc.skip_top, shard_rows=mc.shard_rows, config_hash=key)
-    finally:
-        ray.kill(actor)
-        searcher.close()
+    with requesting("index.search",
+                    bundles(res) + search_bundles(index_uri, ic.cpus_per_actor)):
+        actor = ray.remote(QueryEncoder).options(**res.options()).remote(
+            functools.partial(load_dual_encoder, model_uri), ic.batch_size, ic.precision,
+            res.num_gpus, res.threads)
+        searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, ic.cpus_per_actor,
+                                   ic.refine, ic.k_factor, num_gpus=res.num_gpus,
+                                   gpus_explicit=bool(ic.gpus_per_actor))
+        try:
+            return mine(storage.read_parquet(queries_uri), read_positives(qrels_uri),
+                        lambda texts: ray.get(actor.encode_queries.remote(texts)), out_uri,
+                        searcher.search, top_k=mc.top_k, n_negatives=mc.n_negatives,
+                        skip_top=mc.skip_top, shard_rows=mc.shard_rows, config_hash=key)
+        finally:
+            ray.kill(actor)
+            searcher.close()

@@ -226,13 +226,34 @@ def search(index_uri: str, query_vectors: np.ndarray, k: int, nprobe: int | None
     return _CACHE[key].search(query_vectors, k)
 
 
+def search_params(index: Any, sel: Any, nprobe: int | None = None,
+                  ef_search: int | None = None):
+    """FAISS search parameters with the id selector ``sel``, of the type the (wrapped)
+    index expects (through PreTransform / IDMap wrappers)."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(
+            index_params=search_params(index.index, sel, nprobe, ef_search))
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return search_params(index.index, sel, nprobe, ef_search)
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe or index.nprobe)
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search or index.hnsw.efSearch)
+    return faiss.SearchParameters(sel=sel)
+
+
 class ShardSearcher:
     """Ray actor body: holds one index shard and the pids of its ids; returns raw
-    ``(dist, ids)`` with global ids and their pids."""
+    ``(dist, ids)`` with global ids and their pids. Given ``corpus_uri``, a search may be
+    restricted to the passages of one language (the ids of each language in this shard are
+    found by scanning the corpus's ``pid, lang`` columns shard by shard: O(this shard))."""
 
     def __init__(self, index_uri: str, rel: str, ondisk: bool, nprobe: int | None,
                  ef_search: int | None, threads: int = 1, gpus: float = 0.0,
-                 gpus_explicit: bool = False):
+                 gpus_explicit: bool = False, corpus_uri: str | None = None):
         import faiss
 
         from qgscale.index.gpu import to_gpu, use_gpu
@@ -244,10 +265,47 @@ class ShardSearcher:
         if on_gpu:
             self.index = to_gpu(self.index)  # Flat: an fp16 copy (GpuIndexFlat useFloat16)
         set_search_params(self.index, nprobe, ef_search)
+        self.nprobe, self.ef_search = nprobe, ef_search
+        self.corpus_uri = corpus_uri
+        self._lang_ids: dict[str, np.ndarray] | None = None
 
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        dist, ids = self.index.search(x, k)
+    def lang_ids(self) -> dict[str, np.ndarray]:
+        """``{lang: ids of this shard's passages in that language}`` (computed once)."""
+        if self._lang_ids is None:
+            from qgscale.data.corpus import scan
+
+            if self.corpus_uri is None:
+                raise ValueError("a language-restricted search needs the corpus_uri")
+            id_of = dict(zip(self.pid_map.pids.tolist(), self.pid_map.ids.tolist(),
+                             strict=True))
+            found: dict[str, list[int]] = {}
+            for t in scan(self.corpus_uri, None, ("pid", "lang")):
+                for p, lang in zip(t.column("pid").to_pylist(), t.column("lang").to_pylist(),
+                                   strict=True):
+                    if p in id_of:
+                        found.setdefault(lang, []).append(id_of[p])
+            self._lang_ids = {k: np.array(sorted(v), np.int64) for k, v in found.items()}
+        return self._lang_ids
+
+    def search(self, x: np.ndarray, k: int, lang: str | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-``k`` of this shard (among ``lang``'s passages only when given)."""
+        if lang is None:
+            dist, ids = self.index.search(x, k)
+        else:
+            import faiss
+
+            sel = faiss.IDSelectorBatch(self.lang_ids().get(lang, np.empty(0, np.int64)))
+            dist, ids = self.index.search(x, k, params=search_params(
+                self.index, sel, self.nprobe, self.ef_search))
         return dist, ids, self.pid_map.lookup(ids)
+
+
+def search_bundles(index_uri: str, num_cpus: float = 1.0) -> list[dict[str, float]]:
+    """The resource shapes of a :class:`ShardedSearcher`'s actors (one per index shard), for
+    :func:`qgscale.runtime.requesting`."""
+    n = len((storage.read_manifest(index_uri) or {}).get("shards", []))
+    return [{"CPU": float(num_cpus)} for _ in range(n)]
 
 
 class ShardedSearcher:
@@ -258,7 +316,8 @@ class ShardedSearcher:
 
     def __init__(self, index_uri: str, nprobe: int | None = None, ef_search: int | None = None,
                  num_cpus: float = 1.0, refine: str = "none", k_factor: float = 4.0,
-                 num_gpus: float = 0.0, gpus_explicit: bool = False):
+                 num_gpus: float = 0.0, gpus_explicit: bool = False,
+                 corpus_uri: str | None = None):
         import ray
 
         m = storage.read_manifest(index_uri)
@@ -267,13 +326,16 @@ class ShardedSearcher:
         self.metric = m["metric"]
         actor = ray.remote(ShardSearcher).options(**remote_options(num_cpus, num_gpus))
         self.actors = [actor.remote(index_uri, rel, m.get("ondisk", False), nprobe, ef_search,
-                                    max(1, int(num_cpus)), num_gpus, gpus_explicit)
+                                    max(1, int(num_cpus)), num_gpus, gpus_explicit,
+                                    corpus_uri)
                        for rel in m["shards"]]
         self.store = (load_refine_store(index_uri, m, read_pids(index_uri), refine)
                       if refine != "none" else None)
         self.k_factor = k_factor
 
-    def search(self, x: np.ndarray, k: int):
+    def search(self, x: np.ndarray, k: int, lang: str | None = None):
+        """Top-``k`` ``(pids, scores)`` as :func:`search`; ``lang``: among the passages of
+        that language only (exact restriction: ``corpus_uri`` must be given)."""
         import faiss
         import ray
 
@@ -282,7 +344,8 @@ class ShardedSearcher:
         k_base = int(k * self.k_factor) if self.store is not None else k
         heap = faiss.ResultHeap(len(x), k_base, keep_max=self.metric == "ip")
         pid_of: dict[int, str] = {}
-        for dist, ids, pids in ray.get([a.search.remote(ref, k_base) for a in self.actors]):
+        for dist, ids, pids in ray.get([a.search.remote(ref, k_base, lang)
+                                        for a in self.actors]):
             heap.add_result(dist, ids)
             pid_of.update(zip(ids[ids >= 0].tolist(), pids[ids >= 0].tolist(), strict=True))
         heap.finalize()

@@ -1,0 +1,102 @@
+"""Prepare's passage-id check in bounded memory (``qgscale.data.unique``): sorted runs on
+disk and a k-way merge find the same duplicates as the in-memory check, name both rows, and
+``skip`` keeps the first copy."""
+
+from __future__ import annotations
+
+import json
+import random
+import tracemalloc
+
+import pytest
+
+from qgscale import storage
+from qgscale.data import readers
+from qgscale.data.prepare import prepare, read
+from qgscale.data.unique import SpilledIds
+from qgscale.errors import DataError
+
+
+def _ids(n: int, dups: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    ids = [f"p{i}" for i in range(n)]
+    for _ in range(dups):  # a later copy of an earlier id, at a random place
+        at = rng.randrange(1, len(ids))
+        ids.insert(at, ids[rng.randrange(at)])
+    return ids
+
+
+def _in_memory(ids: list[str], file: str, first_line: int = 1) -> list[tuple]:
+    seen, rejects = readers.FirstSeen("passage id"), readers.Rejects("skip")
+    for n, k in enumerate(ids, first_line):
+        seen.new(k, file, n, "id", rejects)
+    return [(r["line"], r["reason"]) for r in rejects.rows]
+
+
+@pytest.mark.parametrize("run_rows,fan_in", [(7, 3), (1000, 64)])  # 3: merged in rounds
+def test_spilled_ids_find_what_the_in_memory_check_finds(run_rows, fan_in):
+    ids = _ids(500, 40)
+    with SpilledIds("passage id", run_rows=run_rows, fan_in=fan_in, batch_rows=5) as s:
+        for n, k in enumerate(ids, 1):
+            s.add(k, "c.tsv", n, "id")
+        got = sorted((d.line, s.reason(d)) for d in s.duplicates())
+        if run_rows == 7:
+            assert len(s._runs) <= fan_in  # compacted
+    assert got == sorted(_in_memory(ids, "c.tsv"))
+    assert len(got) == 40 and all("(first at line " in r for _, r in got)
+
+
+def test_spilled_ids_memory_is_bounded_by_the_run():
+    def peak(n: int) -> int:
+        with SpilledIds(run_rows=2000, fan_in=8, batch_rows=256) as s:
+            tracemalloc.start()
+            for i in range(n):
+                s.add(f"passage-{i:09d}", "c.tsv", i + 1, "id")
+            assert list(s.duplicates()) == []
+            p = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        return p
+    peak(2000)  # first-use imports
+    small, big = peak(20_000), peak(200_000)  # 10 and 100 runs: both merged in rounds
+    assert big < 1.25 * small, (small, big)  # an in-memory set grows ~10x
+    assert big < 4_000_000  # FirstSeen: 38 MB for these 200k ids
+
+
+def _tsv(tmp_path, ids):
+    path = tmp_path / "psgs.tsv"
+    path.write_text("id\ttext\ttitle\n" + "".join(f"{k}\tPassage {i}.\tT{i}\n"
+                                                  for i, k in enumerate(ids)))
+    return str(path)
+
+
+def test_prepare_fails_on_the_first_duplicate_naming_both_lines(tmp_path):
+    ids = ["a", "b", "c", "d", "e", "c", "f", "a"]  # c: lines 4 and 7, a: lines 2 and 9
+    path = _tsv(tmp_path, ids)
+    with pytest.raises(DataError, match=r"psgs.tsv:7: field 'id': duplicate passage id 'c' "
+                                        r"\(first at line 4\)$"):
+        prepare("passages", path, str(tmp_path / "out"), shard_rows=3)
+    assert storage.read_manifest(str(tmp_path / "out" / "corpus")) is None  # no manifest
+
+
+def test_prepare_skip_drops_later_copies_across_shards(tmp_path):
+    ids = _ids(300, 25, seed=3)
+    path = _tsv(tmp_path, ids)
+    out = str(tmp_path / "out")
+    summary = prepare("passages", path, out, on_error="skip", shard_rows=16)
+    kept = storage.read_parquet(f"{out}/corpus").to_pylist()
+    # the same rows, in the same order, as the in-memory check (first copy kept)
+    want = read("passages", path, rejects=readers.Rejects("skip"))["corpus"]
+    assert kept == want and len(kept) == 300
+    rejected = [json.loads(x) for x in open(f"{out}/_rejected.jsonl", encoding="utf-8")]
+    assert summary["rejected"] == len(rejected) == 25
+    assert sorted((r["line"], r["reason"]) for r in rejected) == sorted(
+        _in_memory(ids, path, first_line=2))  # line 1: the header
+    for r in rejected:  # raw: the dropped row as read
+        row = json.loads(r["raw"])
+        assert row["pid"] in r["reason"] and row["text"] == f"Passage {r['line'] - 2}."
+    m = storage.read_manifest(f"{out}/corpus")
+    assert m["rows"] == 300 and sum(s["rows"] for s in m["shards"]) == 300
+    # resumed: shards already deduplicated are not cut again
+    again = prepare("passages", path, out, on_error="skip", shard_rows=16)
+    assert again["rows"] == summary["rows"]
+    assert storage.read_parquet(f"{out}/corpus").to_pylist() == want
