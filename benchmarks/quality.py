@@ -169,11 +169,19 @@ def student_row(cfg, model_uri: str, tag: str, out_uri: str, langs: list[str],
 
 def shared_rows(cfg, langs: list[str], pooled) -> dict:
     """BM25, the starting checkpoint (zero-shot), the warm-up student, and the teacher's
-    reranking of the warm-up student's top-k on the test articles."""
+    reranking of the warm-up student's top-k on the test articles; kept in
+    ``quality/shared.json`` with the fingerprints of those models (read back while they are
+    unchanged, e.g. when seeds are added)."""
     from qgscale.eval.evaluate import evaluate_baseline
     from qgscale.eval.rerank import run_rerank
 
     lay = Layout(cfg)
+    key = storage.config_hash([storage.fingerprint(u) for u in (
+        lay.model("init"), lay.model("warmup"), lay.teacher_model().name_or_path,
+        lay.bm25_eval())] + [pooled is not None, cfg.eval, cfg.teacher.rerank_k])
+    done = cfg.uri("quality", "shared.json")
+    if storage.exists(done) and storage.read_json(done).get("key") == key:
+        return storage.read_json(done)["rows"]
     out = {}
     if cfg.bm25.baseline:
         bm25 = evaluate_baseline(cfg, storage.join(lay.bm25_eval(SPLIT), "run.parquet"),
@@ -190,6 +198,7 @@ def shared_rows(cfg, langs: list[str], pooled) -> dict:
                     cfg.uri("quality", "rerank"), key, corpus_uri=lay.data(SPLIT, "corpus"))
     out["rerank"] = {"k": rr["rerank_k"], "teacher_mrr10": rr["teacher"]["macro"]["mrr@10"],
                      "student_mrr10_same_lists": rr["student"]["macro"]["mrr@10"]}
+    storage.write_json(done, {"key": key, "rows": out})
     return out
 
 

@@ -1,6 +1,7 @@
 """benchmarks/quality.py: the statistics, and a ``--tiny`` run end to end (real Ray,
 DeepSpeed and FAISS, tiny random models): every variant and seed distils from the same
-warm-up weights, the JSON holds what the issue names, and a re-run reuses finished runs."""
+warm-up weights, the JSON holds what the issue names, and a re-run reuses finished runs
+and the shared rows."""
 
 from __future__ import annotations
 
@@ -79,9 +80,9 @@ def test_tiny_run_writes_the_report(quality, tmp_path, ray_local):
     assert blobs[0] and blobs[0] != blobs[1]
 
     # a re-run reads the finished (variant, seed) runs back: same numbers, nothing retrained
-    done = root / "quality" / "kd-s1" / "result.json"
-    mtime = done.stat().st_mtime
+    kept = [root / "quality" / "kd-s1" / "result.json", root / "quality" / "shared.json"]
+    mtimes = [p.stat().st_mtime for p in kept]
     assert quality.main(argv) == 0
     again = json.loads(out.read_text())
-    assert again["variants"] == res["variants"]
-    assert done.stat().st_mtime == mtime
+    assert again["variants"] == res["variants"] and again["shared"] == res["shared"]
+    assert [p.stat().st_mtime for p in kept] == mtimes
