@@ -176,11 +176,14 @@ def shared_rows(cfg, langs: list[str], pooled) -> dict:
     from qgscale.eval.rerank import run_rerank
 
     lay = Layout(cfg)
-    key = storage.config_hash([storage.fingerprint(u) for u in (
-        lay.model("init"), lay.model("warmup"), lay.teacher_model().name_or_path,
-        lay.bm25_eval())] + [pooled is not None, cfg.eval, cfg.teacher.rerank_k])
+
+    def shared_key() -> str:
+        return storage.config_hash([storage.fingerprint(u) for u in (
+            lay.model("init"), lay.model("warmup"), lay.teacher_model().name_or_path,
+            lay.bm25_eval())] + [pooled is not None, cfg.eval, cfg.teacher.rerank_k])
+
     done = cfg.uri("quality", "shared.json")
-    if storage.exists(done) and storage.read_json(done).get("key") == key:
+    if storage.exists(done) and storage.read_json(done).get("key") == shared_key():
         return storage.read_json(done)["rows"]
     out = {}
     if cfg.bm25.baseline:
@@ -198,7 +201,7 @@ def shared_rows(cfg, langs: list[str], pooled) -> dict:
                     cfg.uri("quality", "rerank"), key, corpus_uri=lay.data(SPLIT, "corpus"))
     out["rerank"] = {"k": rr["rerank_k"], "teacher_mrr10": rr["teacher"]["macro"]["mrr@10"],
                      "student_mrr10_same_lists": rr["student"]["macro"]["mrr@10"]}
-    storage.write_json(done, {"key": key, "rows": out})
+    storage.write_json(done, {"key": shared_key(), "rows": out})
     return out
 
 

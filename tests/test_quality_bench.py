@@ -38,6 +38,7 @@ def test_paired_differences_and_standard_error(quality):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # 9 Ray Train runs (+ a re-run): over 600 s on a loaded 2-core box
 def test_tiny_run_writes_the_report(quality, tmp_path, ray_local):
     out = tmp_path / "quality.json"
     argv = ["--tiny", "--out", str(out), "--set", f"run.root={tmp_path / 'run'}"]
