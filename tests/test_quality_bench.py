@@ -1,0 +1,89 @@
+"""benchmarks/quality.py: the statistics, and a ``--tiny`` run end to end (real Ray,
+DeepSpeed and FAISS, tiny random models): every variant and seed distils from the same
+warm-up weights, the JSON holds what the issue names, and a re-run reuses finished runs
+and the shared rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+
+from qgscale import storage
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench",
+                                                  REPO / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paired_differences_and_standard_error(quality):
+    d = quality.paired([0.50, 0.70, 0.40], [0.45, 0.60, 0.41])
+    assert d["per_seed"] == pytest.approx([0.05, 0.10, -0.01])
+    assert d["mean"] == pytest.approx(0.14 / 3)
+    std = math.sqrt(sum((x - 0.14 / 3) ** 2 for x in (0.05, 0.10, -0.01)) / 2)
+    assert d["std"] == pytest.approx(std)
+    assert d["se"] == pytest.approx(std / math.sqrt(3))
+    assert d["t"] == pytest.approx(d["mean"] / d["se"])
+    assert quality.stats([0.3])["std"] == 0.0
+    assert quality.paired([0.2, 0.2], [0.1, 0.1])["t"] is None  # no spread: no ratio
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # 9 Ray Train runs (+ a re-run): over 600 s on a loaded 2-core box
+def test_tiny_run_writes_the_report(quality, tmp_path, ray_local):
+    out = tmp_path / "quality.json"
+    argv = ["--tiny", "--out", str(out), "--set", f"run.root={tmp_path / 'run'}"]
+    assert quality.main(argv) == 0
+    res = json.loads(out.read_text())
+
+    assert res["seeds"] == quality.TINY_SEEDS
+    for key in ("zero_shot_mrr10", "warmup_mrr10", "teacher_rerank_mrr10", "bm25_mrr10"):
+        assert 0.0 <= res[key] <= 1.0, key
+    assert res["rerank"]["k"] == 10
+    assert 0.0 <= res["rerank"]["student_mrr10_same_lists"] <= 1.0
+    assert set(res["variants"]) == {"contrastive", "kd", "kd_align"}
+    for name, v in res["variants"].items():
+        for metric in ("mrr10_x_en", "align_acc1"):
+            per_seed = v[metric]["per_seed"]
+            assert len(per_seed) == 2 and all(0.0 <= x <= 1.0 for x in per_seed)
+            assert v[metric]["mean"] == pytest.approx(np.mean(per_seed))
+            assert v[metric]["std"] == pytest.approx(np.std(per_seed, ddof=1))
+        assert [r["seed"] for r in res["runs"][name]] == quality.TINY_SEEDS
+    kd, con = res["variants"]["kd"]["mrr10_x_en"], res["variants"]["contrastive"]["mrr10_x_en"]
+    diff = res["paired_differences"]["kd-contrastive"]["mrr10_x_en"]
+    assert diff["per_seed"] == pytest.approx(np.subtract(kd["per_seed"], con["per_seed"]))
+    assert res["steps"]["distill"] == 3 and res["seconds"] > 0
+
+    # the loss weights of each variant, and every run starts from the one warm-up model
+    loss = {n: rows[0]["loss"] for n, rows in res["runs"].items()}
+    assert loss["contrastive"] == {"alpha": 0.0, "beta": 0.0}
+    assert loss["kd"]["alpha"] > 0 and loss["kd"]["beta"] == 0.0
+    assert loss["kd_align"]["alpha"] > 0 and loss["kd_align"]["beta"] > 0
+    root = tmp_path / "run"
+    warmup = storage.join(str(root), "train", "warmup", "model")
+    for name in quality.VARIANTS:
+        for seed in quality.TINY_SEEDS:
+            manifest = storage.read_manifest(str(root / "quality" / f"{name}-s{seed}"))
+            assert manifest["inputs"]["init_uri"] == warmup
+    # the seed reaches training: the two seeds' kd students differ
+    blobs = [b"".join(p.read_bytes() for p in sorted(
+        (root / "quality" / f"kd-s{seed}" / "model").rglob("*.safetensors")))
+        for seed in quality.TINY_SEEDS]
+    assert blobs[0] and blobs[0] != blobs[1]
+
+    # a re-run reads the finished (variant, seed) runs back: same numbers, nothing retrained
+    kept = [root / "quality" / "kd-s1" / "result.json", root / "quality" / "shared.json"]
+    mtimes = [p.stat().st_mtime for p in kept]
+    assert quality.main(argv) == 0
+    again = json.loads(out.read_text())
+    assert again["variants"] == res["variants"] and again["shared"] == res["shared"]
+    assert [p.stat().st_mtime for p in kept] == mtimes
