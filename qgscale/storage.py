@@ -154,21 +154,11 @@ def write_bytes(uri: str, data: bytes) -> None:
     Locally: write a hidden temp file in the same folder, fsync, rename. On object stores a
     single PUT is already atomic (the object appears only when the upload completes).
     """
-    fs, path = url_to_fs(uri)
     if is_local(uri):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with writing_file(uri) as tmp, open(tmp, "wb") as f:
+            f.write(data)
     else:
+        fs, path = url_to_fs(uri)
         fs.pipe_file(path, data)
 
 

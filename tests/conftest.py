@@ -100,3 +100,14 @@ def tokenizer():
 
     return train_tokenizer(xquad_texts(["en", "de", "ru", "zh", "ar", "hi"])[:3000],
                            vocab_size=3000)
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench",
+                                                  REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

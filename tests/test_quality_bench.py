@@ -5,7 +5,6 @@ and the shared rows."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -13,16 +12,12 @@ import numpy as np
 import pytest
 
 from qgscale import storage
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_bench",
-                                                  REPO / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality")
 
 
 def test_paired_differences_and_standard_error(quality):

@@ -4,7 +4,6 @@ memory grow) and the per-window peak and growth arithmetic."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,16 +12,12 @@ import time
 import pytest
 
 from qgscale.data import readers
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def scale():
-    spec = importlib.util.spec_from_file_location("scale_bench",
-                                                  REPO / "benchmarks" / "scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("scale")
 
 
 def test_generated_data_reads_back_with_positives(scale, tmp_path):

@@ -76,13 +76,16 @@ def _dataset(uri: str, what: str, columns: list[str], check: Any = None) -> Any:
         read, batch_size=1, batch_format="numpy")
 
 
-def _check_queries(t: pa.Table, uri: str) -> None:
-    for key in ("qid", "lang", "text"):
-        bad = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t.column(key)), ""), True)
-        if pc.any(bad).as_py():
-            i = pc.index(bad, True).as_py()
-            raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}): empty field "
-                            f"{key!r}")
+def _check_text(key: str, fields: tuple[str, ...]) -> Any:
+    """A check that no ``fields`` value is empty, naming the row by ``key``."""
+    def check(t: pa.Table, uri: str) -> None:
+        for field in fields:
+            bad = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t.column(field)), ""), True)
+            if pc.any(bad).as_py():
+                i = pc.index(bad, True).as_py()
+                raise DataError(f"{uri}: row {i} ({key}={t.column(key)[i].as_py()}): empty "
+                                f"field {field!r}")
+    return check
 
 
 def _check_nonempty_list(key: str, field: str, what: str) -> Any:
@@ -103,14 +106,6 @@ def _check_scores(t: pa.Table, uri: str) -> None:
         raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}, "
                         f"pid={t.column('pid')[i].as_py()}): field 'score' is "
                         f"{score[i].as_py()!r}")
-
-
-def _check_generated(t: pa.Table, uri: str) -> None:
-    bad = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t.column("query")), ""), True)
-    if pc.any(bad).as_py():
-        i = pc.index(bad, True).as_py()
-        raise DataError(f"{uri}: row {i} (pid={t.column('pid')[i].as_py()}): empty field "
-                        "'query'")
 
 
 def _grouped(ds: Any, key: str, fields: dict[str, str], parts: int) -> Any:
@@ -202,13 +197,12 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
     if (candidates_uri or scores_uri) and not (candidates_uri and scores_uri):
         raise DataError("distillation needs both candidates and teacher scores")
 
-    def join(left: Any, right: Any, on: str, right_on: str | None = None) -> Any:
-        return left.join(right, join_type="left_outer", num_partitions=parts, on=(on,),
-                         right_on=(right_on or on,))
+    def join(left: Any, right: Any, on: str) -> Any:
+        return left.join(right, join_type="left_outer", num_partitions=parts, on=(on,))
 
     pos, pos_uri = _positives(examples_uri, qrels_uri, parts)
-    queries = _dataset(queries_uri, "queries", ["qid", "lang", "text"], _check_queries
-                       ).drop_columns(["_row"])
+    queries = _dataset(queries_uri, "queries", ["qid", "lang", "text"],
+                       _check_text("qid", ("qid", "lang", "text"))).drop_columns(["_row"])
     rows = join(pos, queries, "qid")
     if candidates_uri:
         cands = _dataset(candidates_uri, "candidates", ["qid", "pids"], _check_nonempty_list(
@@ -216,7 +210,8 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
         rows = join(rows, cands, "qid")
     if generated_uri:  # the generated queries of each training query's positive passages
         gen = _dataset(generated_uri, "generated queries", ["pid", "lang", "query"],
-                       _check_generated).rename_columns({"lang": "glang", "query": "gquery"})
+                       _check_text("pid", ("query",))
+                       ).rename_columns({"lang": "glang", "query": "gquery"})
         qp = pos.flat_map(lambda r: [{"qid": r["qid"], "pid": p} for p in sorted(set(r["pos"]))])
         pairs = qp.join(gen, join_type="inner", num_partitions=parts, on=("pid",))
         rows = join(rows, _grouped(pairs, "qid", {"g_pid": "pid", "g_lang": "glang",
