@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from qgscale import storage
 from qgscale.index.encode import read_vectors
@@ -88,10 +90,11 @@ def index_ids(index: Any) -> np.ndarray:
 
 @dataclass
 class PidMap:
-    """The pids of some ids (one index shard's): sorted ids and their pids."""
+    """The pids of some ids (one index shard's): sorted int64 ids and an Arrow string array of
+    their pids (no Python object per passage)."""
 
     ids: np.ndarray
-    pids: np.ndarray
+    pids: pa.Array
 
     @classmethod
     def read(cls, index_uri: str, ids: np.ndarray) -> PidMap:
@@ -104,20 +107,27 @@ class PidMap:
             pos = np.minimum(np.searchsorted(want, tid), max(len(want) - 1, 0))
             keep = np.flatnonzero(want[pos] == tid) if len(want) else np.empty(0, int)
             got_ids.append(tid[keep])
-            got_pids.append(np.asarray(t.column("pid").take(keep).to_pylist(), dtype=object))
+            got_pids.append(pc.cast(t.column("pid").take(keep), pa.large_string()))
         all_ids = np.concatenate(got_ids) if got_ids else np.empty(0, np.int64)
         order = np.argsort(all_ids)
         if not np.array_equal(all_ids[order], want):
             raise ValueError(f"{index_uri}/ids: the id map lacks or repeats ids of this shard")
-        return cls(all_ids[order], np.concatenate(got_pids)[order] if got_pids else
-                   np.empty(0, object))
+        pids = (pa.chunked_array(got_pids, pa.large_string()).combine_chunks()
+                if got_pids else pa.array([], pa.large_string()))
+        return cls(all_ids[order], pids.take(pa.array(order)))
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
-        """Pids of ``ids`` (None for -1, no hit)."""
+        """Pids of ``ids`` (None for -1, no hit), as an object array shaped like ``ids``."""
         out = np.full(ids.shape, None, dtype=object)
         ok = ids >= 0
-        out[ok] = self.pids[np.searchsorted(self.ids, ids[ok])]
+        pos = np.searchsorted(self.ids, ids[ok])
+        out[ok] = self.pids.take(pa.array(pos)).to_numpy(zero_copy_only=False)
         return out
+
+    def ids_of(self, pids: pa.Array) -> np.ndarray:
+        """The ids of those of ``pids`` that are in this map (others are skipped)."""
+        pos = pc.index_in(pids, value_set=self.pids).drop_null().to_numpy()
+        return self.ids[pos]
 
 
 def load_refine_store(index_uri: str, m: dict, pids: np.ndarray, kind: str):
@@ -276,15 +286,15 @@ class ShardSearcher:
 
             if self.corpus_uri is None:
                 raise ValueError("a language-restricted search needs the corpus_uri")
-            id_of = dict(zip(self.pid_map.pids.tolist(), self.pid_map.ids.tolist(),
-                             strict=True))
-            found: dict[str, list[int]] = {}
+            found: dict[str, list[np.ndarray]] = {}
             for t in scan(self.corpus_uri, None, ("pid", "lang")):
-                for p, lang in zip(t.column("pid").to_pylist(), t.column("lang").to_pylist(),
-                                   strict=True):
-                    if p in id_of:
-                        found.setdefault(lang, []).append(id_of[p])
-            self._lang_ids = {k: np.array(sorted(v), np.int64) for k, v in found.items()}
+                pid = pc.cast(t.column("pid"), pa.large_string())
+                lang = t.column("lang")
+                for value in pc.unique(lang).to_pylist():
+                    mask = pc.equal(lang, value)
+                    found.setdefault(value, []).append(self.pid_map.ids_of(pid.filter(mask)))
+            self._lang_ids = {k: np.sort(np.concatenate(v)).astype(np.int64)
+                              for k, v in found.items()}
         return self._lang_ids
 
     def search(self, x: np.ndarray, k: int, lang: str | None = None
