@@ -253,14 +253,17 @@ def title_peaks(samples: list[dict[str, Any]], t0: float, t1: float) -> dict[str
 
 # --------------------------------------------------------------------------- pipeline
 def pipeline_config(data_dir: str, root: str, shard_rows: int = 10_000,
-                    num_cpus: int = 2) -> dict[str, Any]:
-    """The tiny config of tests/test_pipeline.py on the synthetic BEIR-layout data."""
+                    num_cpus: int = 2, ray_rows: bool = False) -> dict[str, Any]:
+    """The tiny config of tests/test_pipeline.py on the synthetic BEIR-layout data
+    (``ray_rows``: every training stage builds its rows with Ray Data, ``data.ray_rows_from:
+    0``, instead of the driver's semi-join)."""
     tok = "xquad-tokenizer:2000"
     lengths = {"max_passage_len": 128, "max_query_len": 24, "checkpoint_every": 1000}
     return {
         "run": {"name": "scale", "seed": 3, "root": root},
         "ray": {"num_cpus": num_cpus},
-        "data": {"format": "beir", "input": data_dir, "shard_rows": shard_rows},
+        "data": {"format": "beir", "input": data_dir, "shard_rows": shard_rows,
+                 **({"ray_rows_from": 0, "ray_rows_partitions": 8} if ray_rows else {})},
         "qg": {"model": {"init": {"model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 64,
                                   "num_layers": 1, "num_decoder_layers": 1, "num_heads": 4},
                          "tokenizer": tok},
@@ -333,7 +336,8 @@ def run_one(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
           f"({gen['corpus_bytes'] / MB:.0f} MB corpus)", flush=True)
     cfg_path = work / f"scale-{n}.yaml"
     cfg_path.write_text(yaml.safe_dump(pipeline_config(str(data_dir), str(root),
-                                                       args.shard_rows, args.num_cpus)))
+                                                       args.shard_rows, args.num_cpus,
+                                                       args.ray_rows)))
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     load0 = [round(v, 2) for v in os.getloadavg()]
@@ -446,6 +450,8 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=10_000)
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--interval", type=float, default=0.2)
+    ap.add_argument("--ray-rows", action="store_true",
+                    help="training rows built with Ray Data (data.ray_rows_from: 0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="working folder (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep data and runs")
@@ -459,7 +465,7 @@ def main() -> None:
                     ("scale_quick.json" if args.quick else "scale.json"))
     work = Path(args.work or tempfile.mkdtemp(prefix="qgscale-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"sizes": sizes, "cpus": os.cpu_count(),
+    report: dict[str, Any] = {"sizes": sizes, "cpus": os.cpu_count(), "ray_rows": args.ray_rows,
                               "train_queries": args.train_queries,
                               "test_queries": args.test_queries, "shard_rows": args.shard_rows,
                               "interval_s": args.interval,

@@ -347,6 +347,31 @@ class ShardActor:
         return table.num_rows
 
 
+UNITS_PER_ACTOR = 2  # work units per actor at least (load balance), shard_rows permitting
+PLAN = "_plan.json"  # under a shard job's output: the unit size of its first run
+
+
+def unit_rows(n: int, shard_rows: int, num_actors: int) -> int:
+    """Rows per work unit: ``shard_rows``, or fewer so that ``n`` rows make at least
+    ``UNITS_PER_ACTOR`` units per actor (every actor gets work)."""
+    return max(1, min(shard_rows, -(-n // (UNITS_PER_ACTOR * max(1, num_actors)))))
+
+
+def planned_unit_rows(out_uri: str, config_hash: str, n: int, shard_rows: int,
+                      actors: Actors, stage: str) -> int:
+    """The unit size of a shard job writing ``out_uri``: that of its first run with the same
+    ``config_hash`` (kept in ``PLAN``, so a resume with another actor count keeps the same
+    shards), else :func:`unit_rows` for the actor pool ``actors`` would start."""
+    uri = storage.join(out_uri, PLAN)
+    plan = storage.read_json(uri) if storage.exists(uri) else {}
+    rows = plan.get("unit_rows") if plan.get("config_hash") == config_hash else None
+    if not rows:
+        rows = unit_rows(n, shard_rows, actor_resources(
+            stage, actors.num_actors, actors.cpus_per_actor, actors.gpus_per_actor).num_actors)
+        storage.write_json(uri, {"config_hash": config_hash, "unit_rows": rows})
+    return rows
+
+
 def run_shards(job: ShardJob, shards: Sequence[Shard], out_uri: str, config_hash: str,
                actors: Actors, *, stage: str, desc: str | None = None,
                unit: str = "shard") -> dict[str, int]:

@@ -53,3 +53,44 @@ def test_bad_input_is_named_as_by_the_driver_join(data, tmp_path, ray_local):  #
     with pytest.raises(DataError, match=r"qid=q0: positive pid=nope not in corpus"):
         build_student_rows_dataset(data["queries"], data["corpus"], str(tmp_path / "r"), "k",
                                    qrels_uri=data["qrels"], num_partitions=2)
+
+
+@pytest.mark.timeout(1500)
+def test_qg_and_qg_rank_rows_equal_the_driver_join(data, tmp_path, ray_local):  # noqa: F811
+    """The teacher's rows built with Ray Data: QG rows (every positive qrels pair) and
+    qg-rank rows (a seeded positive, the first 3 mined negatives that are not positives; two
+    example rows of one qid are concatenated) equal the driver's, and are sorted by qid."""
+    from qgscale.data.corpus import read_rows
+    from qgscale.data.schema import TRAIN_EXAMPLES
+    from qgscale.models.generator import qg_examples
+    from qgscale.train.rows_dataset import build_qg_rank_rows_dataset, build_qg_rows_dataset
+
+    qrels = storage.read_parquet(data["qrels"])
+    want = sorted(tuple(r.values()) for r in qg_examples(
+        storage.read_parquet(data["queries"]), read_rows(data["corpus"],
+                                                         qrels.column("pid").to_pylist()),
+        qrels))
+    out = str(tmp_path / "qg")
+    counts = build_qg_rows_dataset(data["queries"], data["corpus"], data["qrels"], out, "k1",
+                                   num_partitions=2, shard_rows=6)
+    got = storage.read_parquet(out)
+    assert counts == {"rows": 40} and storage.read_manifest(out)["rows"] == 40
+    assert got.column_names == tdata.QG_ROWS.names
+    assert sorted(tuple(r.values()) for r in got.to_pylist()) == want
+
+    pos: dict[str, list[str]] = {}
+    for r in qrels.to_pylist():
+        pos.setdefault(r["qid"], []).append(r["pid"])
+    examples = [{"qid": r["qid"], "pos_pids": pos[r["qid"]][:1], "neg_pids": r["pids"]}
+                for r in storage.read_parquet(data["cands"]).to_pylist()]
+    examples += [{"qid": "q3", "pos_pids": pos["q3"][1:], "neg_pids": []}]  # a second row
+    ex_uri = str(tmp_path / "examples")
+    storage.write_parquet(f"{ex_uri}/part-00000.parquet",
+                          pa.Table.from_pylist(examples, schema=TRAIN_EXAMPLES))
+    want_t, want_counts = tdata.build_qg_rank_rows(data["queries"], data["corpus"], ex_uri, 3,
+                                                   seed=7)
+    out = str(tmp_path / "qg-rank")
+    counts = build_qg_rank_rows_dataset(data["queries"], data["corpus"], ex_uri, 3, out, "k1",
+                                        seed=7, num_partitions=2, shard_rows=6)
+    assert counts == want_counts == {"rows": 20, "short_lists": 0, "no_negatives": 0}
+    assert storage.read_parquet(out).to_pylist() == want_t.to_pylist()

@@ -43,6 +43,28 @@ def test_stage_asking_for_gpus_fails_before_any_work(ray_local, tmp_path):
     assert not storage.list_files(out, ".parquet")
 
 
+def test_training_stage_asking_for_gpus_fails_before_any_work(ray_local, tmp_path):
+    """A Ray Train stage with ``use_gpu: true`` on a cluster without GPUs fails at once,
+    naming the section and the resource, before its rows are built (Ray Train would wait for
+    the GPUs forever); the shapes it requests otherwise are one bundle per worker."""
+    from qgscale.config import TrainConfig, parse
+    from qgscale.train.trainer import run_train_qg, worker_bundles
+
+    cfg = parse({"run": {"root": str(tmp_path)}, "qg": {"use_gpu": True}})
+    out = str(tmp_path / "qg")
+    with pytest.raises(runtime.ResourceError,
+                       match=r"^qg: num_workers=1 x use_gpu=True asks for 1 GPUs but the Ray "
+                             r"cluster has 0 .* set qg\.use_gpu: false"):
+        run_train_qg(cfg, out_uri=out, key="k", queries_uri="q", corpus_uri="c",
+                     qrels_uri="r")
+    assert not storage.exists(out)
+    with pytest.raises(runtime.ResourceError, match=r"warmup: num_workers=3 x "
+                                                    r"cpus_per_worker=1 asks for 3 CPUs"):
+        worker_bundles(TrainConfig(num_workers=3), "warmup")
+    assert worker_bundles(TrainConfig(num_workers=2, cpus_per_worker=0.5), "warmup") == [
+        {"CPU": 0.5}, {"CPU": 0.5}]
+
+
 class _RecordRequest:
     """A shard job whose output is what the autoscaler was asked for while it ran."""
 

@@ -209,7 +209,8 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
 
     m = score()
     # the work units follow the corpus shards (one here), cut at teacher.score.shard_pairs
-    assert m["rows"] == 8 and len(m["shards"]) == 1 and m["run"]["shards_run"] == 1
+    # or smaller, so that the one actor gets two units (runtime.unit_rows)
+    assert m["rows"] == 8 and len(m["shards"]) == 2 and m["run"]["shards_run"] == 2
     assert storage.read_parquet(cfg.uri("teacher", "scores")).num_rows == 8
     again = score()
     assert again["rows"] == 8 and again["run"]["shards_run"] == 0
@@ -324,4 +325,20 @@ def test_generation_units_give_every_actor_work(tmp_path):
     assert len({u.name for u in units}) == len(units)
     units, _, rows = plan_units(c_uri, None, 20, 1, num_actors=1)  # 23 > 15: one per shard
     assert (rows, len(units)) == (20, 3)
-    assert plan_units(c_uri, None, 20, 1, num_actors=8, rows=7)[2] == 7  # a kept plan
+    assert plan_units(c_uri, None, 20, 1, num_actors=8, rows_of=lambda n: 7)[2] == 7  # a kept plan
+
+
+def test_scoring_units_give_every_actor_work(ray_local, tokenizer, tmp_path):
+    """64 pairs with ``shard_pairs`` far above them still make two units per actor; a resume
+    with another actor count keeps the first run's units (its shards are done)."""
+    root = str(tmp_path / "run")
+    _, spec, *_ = _write_inputs(root, tokenizer)
+    out = storage.join(root, "scores")
+    args = (spec, storage.join(root, "cands"), storage.join(root, "queries.parquet"),
+            storage.join(root, "corpus.parquet"), out, "k1")
+    sc = ScoreConfig(shard_pairs=10_000, cpus_per_actor=0.5, batch_tokens=2000,
+                     precision="fp32", num_actors=2)
+    m = score_candidates(*args, sc)
+    assert m["rows"] == 64 and [s["rows"] for s in m["shards"]] == [16] * 4
+    again = score_candidates(*args, sc.model_copy(update={"num_actors": 1}))
+    assert again["run"]["shards_run"] == 0 and again["shards"] == m["shards"]

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from qgscale import storage
 from qgscale.config import BuildConfig, key_values
-from qgscale.index.encode import read_vectors
+from qgscale.index.encode import iter_vectors
 from qgscale.runtime import (
     Shard,
     actor_resources,
@@ -104,12 +104,13 @@ def estimate(factory: str, n: int, dim: int) -> dict:
 
 def memory_plan(factory: str, n: int, dim: int, num_shards: int = 1, nodes: int = 1,
                 train_samples: int = 100_000, shard_rows: int = 100_000, gpu: bool = False,
-                refine: str = "none", pid_bytes: int = 64) -> dict:
+                refine: str = "none", pid_bytes: int = 32) -> dict:
     """Memory (GiB) of each stage's processes for ``n`` vectors of ``dim`` in ``num_shards``
     index shards spread over ``nodes`` nodes (``shard_rows``: rows of one embedding shard;
-    ``pid_bytes``: one id-map entry in a search actor). ``gpu``: search on GPUs (a Flat shard
-    is held in fp16 there). Measured constants (benchmarks/index_build.py) add the process
-    baseline, ~0.3-0.45 GiB per Ray worker, on top."""
+    ``pid_bytes``: one id-map entry in a search actor: int64 id, Arrow offset, ~16-byte pid).
+    ``gpu``: search on GPUs (a Flat shard is held in fp16 there). Measured constants
+    (benchmarks/index_build.py) add the process baseline, ~0.3-0.45 GiB per Ray worker, on
+    top."""
     gib = 2**30
     est = estimate(factory, n, dim)
     shards = max(1, num_shards)
@@ -271,17 +272,19 @@ class AddJob:
             index = to_gpu(index, fp16=False)
         all_ids, all_pids = [], []
         for uri, offset in zip(*shard.payload, strict=True):
-            pids, vecs = read_vectors(uri)
-            ids = np.arange(offset, offset + len(pids), dtype=np.int64)
-            index.add_with_ids(vecs, ids)
-            all_ids.append(ids)
-            all_pids.extend(pids)
-            del vecs
+            for pids, vecs in iter_vectors(uri):  # one float32 block at a time
+                ids = np.arange(offset, offset + len(pids), dtype=np.int64)
+                index.add_with_ids(vecs, ids)
+                all_ids.append(ids)
+                all_pids.append(pids.cast(pa.string()))
+                offset += len(pids)
+                del vecs
         if on_gpu:
             index = to_cpu(index)
         strip_quantizer(index)
         write_index(index, storage.join(self.index_uri, "parts", f"{shard.name}.faiss"))
-        return pa.table({"id": np.concatenate(all_ids), "pid": all_pids}, schema=IDS_SCHEMA)
+        return pa.table({"id": np.concatenate(all_ids),
+                         "pid": pa.chunked_array(all_pids, pa.string())}, schema=IDS_SCHEMA)
 
 
 def strip_quantizer(index: Any) -> None:

@@ -10,12 +10,14 @@ generations (an immediate ``</s>``) are left out and counted in the manifest
 identical. Work units carry their passages (the positives' texts, read by the semi-join of
 :mod:`qgscale.data.corpus`), or name a row range of one corpus shard (``passages: corpus``):
 no actor loads the corpus. Units hold ``shard_rows`` passages, or fewer so that every actor
-of the pool gets work (:func:`unit_rows`); a resumed run keeps the first run's unit size.
+of the pool gets work (:func:`qgscale.runtime.unit_rows`); a resumed run keeps the first
+run's unit size.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +29,7 @@ from qgscale.config import GenerateConfig
 from qgscale.data.corpus import check, corpus_shards, read_passages
 from qgscale.data.schema import GENERATED, passage_text
 from qgscale.errors import ConfigError, DataError
-from qgscale.runtime import Shard, actor_resources, connect, run_shards
+from qgscale.runtime import Shard, connect, planned_unit_rows, run_shards, unit_rows
 from qgscale.teacher.common import QGSpec, qg_spec, read_table
 
 
@@ -84,23 +86,17 @@ class GenerateJob:
         return pa.table(rows, schema=GENERATED), {"empty_queries": empty}
 
 
-UNITS_PER_ACTOR = 2  # work units per actor at least (load balance), shard_rows permitting
-PLAN = "_plan.json"  # the unit size of the first run, kept for resume
-
-
-def unit_rows(n: int, shard_rows: int, num_actors: int) -> int:
-    """Passages per work unit: ``shard_rows``, or fewer so that ``n`` passages make at least
-    ``UNITS_PER_ACTOR`` units per actor (every actor gets work)."""
-    return max(1, min(shard_rows, -(-n // (UNITS_PER_ACTOR * max(1, num_actors)))))
-
-
 def plan_units(corpus_uri: str, qrels_uri: str | None, shard_rows: int, n_langs: int,
-               num_actors: int = 1, rows: int | None = None) -> tuple[list[Shard], int, int]:
-    """Work units, the passage count and the passages per unit (``rows``, else
-    :func:`unit_rows` of ``shard_rows`` and ``num_actors``). With ``qrels_uri``: the
-    positives (rel > 0), in corpus order, their text read by the semi-join and sent inline;
-    without: row ranges of every corpus shard (parquet footers only), read by the actor. The
-    driver never holds the corpus."""
+               num_actors: int = 1, rows_of: Callable[[int], int] | None = None
+               ) -> tuple[list[Shard], int, int]:
+    """Work units, the passage count and the passages per unit (``rows_of(n)`` of the ``n``
+    passages, else :func:`qgscale.runtime.unit_rows` of ``shard_rows`` and ``num_actors``).
+    With ``qrels_uri``: the positives (rel > 0), in corpus order, their text read by the
+    semi-join and sent inline; without: row ranges of every corpus shard (parquet footers
+    only), read by the actor. The driver never holds the corpus."""
+    def rows_default(n: int) -> int:
+        return unit_rows(n, shard_rows, num_actors)
+
     if qrels_uri is None:
         counts = []
         for uri in corpus_shards(corpus_uri):
@@ -108,7 +104,7 @@ def plan_units(corpus_uri: str, qrels_uri: str | None, shard_rows: int, n_langs:
             with fs.open(path, "rb") as f:
                 counts.append((uri, pq.ParquetFile(f).metadata.num_rows))
         n_all = sum(n for _, n in counts)
-        rows = rows or unit_rows(n_all, shard_rows, num_actors)
+        rows = (rows_of or rows_default)(n_all)
         units = []
         for fi, (uri, n) in enumerate(counts):
             units += [Shard(f"part-{fi:05d}-{k:04d}", (r.stop - r.start) * n_langs,
@@ -123,7 +119,7 @@ def plan_units(corpus_uri: str, qrels_uri: str | None, shard_rows: int, n_langs:
             raise DataError(f"{qrels_uri}: row {i} (qid={qrels[i]['qid']}): pid={pid} not in "
                             f"corpus {corpus_uri}")
     pairs = list(texts.items())
-    rows = rows or unit_rows(len(pairs), shard_rows, num_actors)
+    rows = (rows_of or rows_default)(len(pairs))
     return [Shard(name, (r.stop - r.start) * n_langs, Passages(pairs=pairs[r]))
             for name, r in storage.shard_slices(len(pairs), rows) if pairs], len(pairs), rows
 
@@ -145,15 +141,9 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str
     options = gc.model_dump(include={"num_queries", "do_sample", "num_beams", "top_p",
                                      "max_new_tokens", "batch_size", "precision"})
     inputs = {"corpus": corpus_uri, "qrels": qrels_uri}
-    # units sized to the actor pool; a resumed run keeps the first run's size (its shards)
-    plan_uri = storage.join(out_uri, PLAN)
-    plan = storage.read_json(plan_uri) if storage.exists(plan_uri) else {}
-    rows = plan.get("unit_rows") if plan.get("config_hash") == config_hash else None
-    n_actors = 1 if rows else actor_resources(
-        "teacher.generate", gc.num_actors, gc.cpus_per_actor, gc.gpus_per_actor).num_actors
-    units, n_passages, rows = plan_units(corpus_uri, qrels_uri, gc.shard_rows, len(langs),
-                                         n_actors, rows)
-    storage.write_json(plan_uri, {"config_hash": config_hash, "unit_rows": rows})
+    units, n_passages, rows = plan_units(  # units sized to the actor pool, kept on resume
+        corpus_uri, qrels_uri, gc.shard_rows, len(langs), rows_of=lambda n: planned_unit_rows(
+            out_uri, config_hash, n, gc.shard_rows, gc, "teacher.generate"))
     job = GenerateJob(qg, list(langs), options, seed)
     stats = run_shards(job, units, out_uri, config_hash, gc, stage="teacher.generate",
                        desc="teacher generate", unit="passage-lang")

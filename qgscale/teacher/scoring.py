@@ -10,7 +10,8 @@ Two shard jobs (:func:`qgscale.runtime.run_shards`), both resumable:
 1. the join (:class:`PairJob`): per corpus shard, the candidate pairs of its passages with
    both texts, written under ``<out>/_pairs/`` sorted by pid: the work units carry their text,
    so no actor ever loads the corpus (each corpus shard is read once);
-2. scoring (:class:`ScoreJob`): per slice of a pair shard, the passage-grouped fast path of
+2. scoring (:class:`ScoreJob`): per slice of a pair shard (``shard_pairs`` pairs, or fewer
+   so that every actor gets at least two slices), the passage-grouped fast path of
    :func:`qgscale.models.generator.score_pairs`.
 """
 
@@ -27,7 +28,7 @@ from qgscale.config import ScoreConfig
 from qgscale.data.corpus import corpus_shards, scan
 from qgscale.data.schema import SCORES, passage_text
 from qgscale.errors import DataError, MissingInputError
-from qgscale.runtime import Shard, connect, run_shards
+from qgscale.runtime import Shard, connect, planned_unit_rows, run_shards
 from qgscale.teacher.common import QGSpec, load_queries, qg_spec
 
 PAIRS = pa.schema([("qid", pa.string()), ("lang", pa.string()), ("query", pa.string()),
@@ -182,14 +183,14 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
     return manifest
 
 
-def plan_units(pairs_manifest: dict, pairs_uri: str, shard_pairs: int) -> list[Shard]:
-    """Scoring units of about ``shard_pairs`` pairs: row ranges of the pair shards."""
+def plan_units(pairs_manifest: dict, pairs_uri: str, unit_pairs: int) -> list[Shard]:
+    """Scoring units of at most ``unit_pairs`` pairs: row ranges of the pair shards."""
     units = []
     for sh in pairs_manifest["shards"]:
         uri = storage.join(pairs_uri, sh["file"])
         units += [Shard(f"{sh['name']}-{k:04d}", r.stop - r.start, PairSlice(uri, r.start,
                                                                               r.stop))
-                  for k, (_, r) in enumerate(storage.shard_slices(sh["rows"], shard_pairs))
+                  for k, (_, r) in enumerate(storage.shard_slices(sh["rows"], unit_pairs))
                   if sh["rows"]]
     return units
 
@@ -256,7 +257,9 @@ def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
     inputs = {"candidates": candidates_uri, "queries": queries_uri, "corpus": corpus_uri}
     pairs_uri = storage.join(out_uri, PAIRS_DIR)
     joined = join_pairs(candidates_uri, queries_uri, corpus_uri, pairs_uri, config_hash, sc)
-    units = plan_units(joined, pairs_uri, sc.shard_pairs)
+    rows = planned_unit_rows(out_uri, config_hash, joined["rows"], sc.shard_pairs, sc,
+                             "teacher.score")  # sized to the actor pool, kept on resume
+    units = plan_units(joined, pairs_uri, rows)
     job = ScoreJob(qg, sc.batch_tokens, sc.precision)
     stats = run_shards(job, units, out_uri, config_hash, sc, stage="teacher.score",
                        desc="teacher score", unit="pair")

@@ -270,34 +270,44 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
     return pa.Table.from_pylist(rows, schema=STUDENT_ROWS), counts
 
 
+def qg_rank_pids(qid: str, pos: list[str], neg: list[str], n_negatives: int, seed: int
+                 ) -> tuple[str, list[str]]:
+    """One training query's qg-rank passages: a positive (seeded by ``(seed, qid)``) and its
+    first ``n_negatives`` mined negatives that are not positives."""
+    positives = set(pos)
+    return (query_rng(seed, qid, "qg-rank").choice(pos),
+            [p for p in neg if p not in positives][:n_negatives])
+
+
 def build_qg_rank_rows(queries_uri: str, corpus_uri: str, examples_uri: str,
                        n_negatives: int, seed: int = 13) -> tuple[pa.Table, dict[str, Any]]:
     """Rows of :data:`QG_RANK_ROWS` for the teacher's ranking fine-tune, one per training
     example ``{qid, pos_pids, neg_pids}`` (``mine/train``): the query, its language, one of
-    its positives (seeded choice) and its first ``n_negatives`` mined hard negatives.
+    its positives and its first ``n_negatives`` mined hard negatives (:func:`qg_rank_pids`).
 
     A query with fewer negatives keeps the ones it has (the collator masks the rest); the
-    counts (``short_lists``, ``no_negatives``) go to the manifest.
+    counts (``short_lists``, ``no_negatives``) go to the manifest. The driver join, for up to
+    ``data.ray_rows_from`` queries; :mod:`qgscale.train.rows_dataset` builds the same rows
+    with Ray Data.
     """
-    rng = random.Random(seed)
     queries = load_queries(queries_uri)
     pos, neg, pos_uri = positives_from(examples_uri, None)
-    negs = {q: [p for p in neg.get(q, []) if p not in set(pos[q])][:n_negatives] for q in pos}
-    corpus = read_passages(corpus_uri, {p for q in pos for p in (*pos[q], *negs[q])})
+    picked = {q: qg_rank_pids(q, pos[q], neg.get(q, []), n_negatives, seed) for q in pos}
+    corpus = read_passages(corpus_uri, {p for pp, nn in picked.values() for p in (pp, *nn)})
     counts = {"rows": 0, "short_lists": 0, "no_negatives": 0}
     rows = []
     for qid in sorted(pos):
         if qid not in queries:
             raise DataError(f"{pos_uri}: qid={qid} not in queries {queries_uri}")
         lang, qtext = queries[qid]
-        for p in [*pos[qid], *negs[qid]]:
+        positive, negs = picked[qid]
+        for p in (positive, *negs):
             if p not in corpus:
                 raise DataError(f"{pos_uri}: qid={qid}: pid={p} not in corpus {corpus_uri}")
-        counts["short_lists"] += len(negs[qid]) < n_negatives
-        counts["no_negatives"] += not negs[qid]
-        positive = rng.choice(pos[qid])
+        counts["short_lists"] += len(negs) < n_negatives
+        counts["no_negatives"] += not negs
         rows.append({"qid": qid, "query": qtext, "lang": lang,
-                     "passages": [corpus[positive]] + [corpus[p] for p in negs[qid]]})
+                     "passages": [corpus[positive]] + [corpus[p] for p in negs]})
     if not rows:
         raise DataError(f"{pos_uri}: no training examples")
     counts["rows"] = len(rows)

@@ -15,6 +15,11 @@ hash-partitioned Ray Data joins, and workers write the shards:
    assembled (:func:`~qgscale.train.data.assemble_row`); rows sorted by qid are written as
    shards by the workers.
 
+The query generator's rows (:func:`build_qg_rows_dataset`: positive qrels pairs joined with
+queries and corpus) and the teacher's ranking rows (:func:`build_qg_rank_rows_dataset`: a
+seeded positive and the mined negatives of each query, as
+:func:`~qgscale.train.data.build_qg_rank_rows`) are built the same way.
+
 No process holds the corpus or the query side: the driver holds the negative sample (100k
 pids) and the shard list. Input tables are read by the workers from their shard URIs (no
 filesystem object, so no credentials, travels in the dataset). Bad input raises the same
@@ -155,12 +160,38 @@ def build_student_rows_dataset(queries_uri: str, corpus_uri: str, out_uri: str,
     as parquet shards under ``out_uri`` (sorted by qid, ``shard_rows`` rows each, with the
     shard writer's markers and manifest); returns the counts. ``num_partitions``: hash
     partitions of each join."""
-    try:
-        return _build(queries_uri, corpus_uri, out_uri, config_hash, loss or LossConfig(),
-                      qrels_uri=qrels_uri, examples_uri=examples_uri,
+    return _unwrapped(_build, queries_uri, corpus_uri, out_uri, config_hash,
+                      loss or LossConfig(), qrels_uri=qrels_uri, examples_uri=examples_uri,
                       candidates_uri=candidates_uri, scores_uri=scores_uri,
                       generated_uri=generated_uri, seed=seed, parts=num_partitions,
                       shard_rows=shard_rows)
+
+
+def build_qg_rows_dataset(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
+                          config_hash: str, *, num_partitions: int = 16,
+                          shard_rows: int = 2000) -> dict[str, Any]:
+    """The query generator's training rows (:data:`~qgscale.train.data.QG_ROWS`, one per
+    positive qrels pair: the query, its language, the passage) written by Ray Data workers
+    under ``out_uri``, sorted by (qid, pid); returns the counts."""
+    return _unwrapped(_build_qg, queries_uri, corpus_uri, qrels_uri, out_uri, config_hash,
+                      parts=num_partitions, shard_rows=shard_rows)
+
+
+def build_qg_rank_rows_dataset(queries_uri: str, corpus_uri: str, examples_uri: str,
+                               n_negatives: int, out_uri: str, config_hash: str, *,
+                               seed: int = 13, num_partitions: int = 16,
+                               shard_rows: int = 2000) -> dict[str, Any]:
+    """The rows of :func:`qgscale.train.data.build_qg_rank_rows` written by Ray Data workers
+    under ``out_uri`` (sorted by qid); returns the counts."""
+    return _unwrapped(_build_qg_rank, queries_uri, corpus_uri, examples_uri, n_negatives,
+                      out_uri, config_hash, seed=seed, parts=num_partitions,
+                      shard_rows=shard_rows)
+
+
+def _unwrapped(build: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``build(*args, **kwargs)``, a worker's DataError re-raised as itself."""
+    try:
+        return build(*args, **kwargs)
     except DataError:
         raise
     except Exception as e:  # a worker's DataError arrives wrapped by Ray
@@ -201,9 +232,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
         return left.join(right, join_type="left_outer", num_partitions=parts, on=(on,))
 
     pos, pos_uri = _positives(examples_uri, qrels_uri, parts)
-    queries = _dataset(queries_uri, "queries", ["qid", "lang", "text"],
-                       _check_text("qid", ("qid", "lang", "text"))).drop_columns(["_row"])
-    rows = join(pos, queries, "qid")
+    rows = join(pos, _queries(queries_uri), "qid")
     if candidates_uri:
         cands = _dataset(candidates_uri, "candidates", ["qid", "pids"], _check_nonempty_list(
             "qid", "pids", "empty candidate list")).drop_columns(["_row"])
@@ -257,19 +286,9 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
         return pa.Table.from_pylist(out, schema=SCORED)
 
     plans = plans.map_batches(scored, batch_format="pyarrow")
-    # the text join: every row's (qid, pid) pairs against the corpus, hash-partitioned on pid
-    need = plans.flat_map(lambda r: [{"qid": r["qid"], "pid": p}
-                                     for p in sorted(set(tdata.needed_pids(r)))])
-    corpus = _dataset(corpus_uri, "corpus", ["pid", "title", "text"], check_corpus)
-    corpus = corpus.map_batches(lambda t: pa.table({"pid": t.column("pid"), "passage": [
-        passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
-                                           t.column("text").to_pylist(), strict=True)]}),
-        batch_format="pyarrow")
-    texts = need.join(corpus, join_type="left_outer", num_partitions=parts, on=("pid",))
-    texts = texts.groupby("qid", num_partitions=parts).map_groups(lambda t: pa.table({
-        "qid": [t.column("qid")[0].as_py()], "t_pid": [t.column("pid").to_pylist()],
-        "t_text": [t.column("passage").to_pylist()]}), batch_format="pyarrow")
-    full = join(plans, texts, "qid")
+    full = join(plans, _texts(plans.flat_map(lambda r: [
+        {"qid": r["qid"], "pid": p} for p in sorted(set(tdata.needed_pids(r)))]),
+        corpus_uri, parts), "qid")
 
     def assemble(t: pa.Table) -> pa.Table:
         out = []
@@ -280,8 +299,12 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
             out.append(row | {"_added": r["added"], "_generated": r["has_generated"]})
         return pa.Table.from_pylist(out, schema=ROWS_AND_COUNTS)
 
-    counts = _write(full.map_batches(assemble, batch_format="pyarrow").sort("qid"), out_uri,
-                    config_hash, shard_rows, generated=bool(generated_uri))
+    done = _write(full.map_batches(assemble, batch_format="pyarrow").sort("qid"), out_uri,
+                  config_hash, shard_rows, tdata.STUDENT_ROWS.names)
+    counts = {"rows": done["rows"], "random_negatives": done.get("_added", 0),
+              "without_generated": (done["rows"] - done.get("_generated", 0)
+                                    if generated_uri else 0),
+              "shards": done["shards"]}
     if not counts["rows"]:
         raise DataError(f"{pos_uri}: no training examples")
     if generated_uri and counts["without_generated"] == counts["rows"]:
@@ -291,27 +314,130 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
     return counts
 
 
+def _queries(queries_uri: str) -> Any:
+    """``{qid, lang, text}`` of the queries (empty fields are DataErrors)."""
+    return _dataset(queries_uri, "queries", ["qid", "lang", "text"],
+                    _check_text("qid", ("qid", "lang", "text"))).drop_columns(["_row"])
+
+
+def _passages(corpus_uri: str) -> Any:
+    """``{pid, passage}`` of the corpus (title and text joined, as the models read them)."""
+    corpus = _dataset(corpus_uri, "corpus", ["pid", "title", "text"], check_corpus)
+    return corpus.map_batches(lambda t: pa.table({"pid": t.column("pid"), "passage": [
+        passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
+                                           t.column("text").to_pylist(), strict=True)]}),
+        batch_format="pyarrow")
+
+
+def _texts(need: Any, corpus_uri: str, parts: int) -> Any:
+    """Per qid of ``need`` (``{qid, pid}`` rows): ``t_pid`` and ``t_text`` (None where the
+    pid is not in the corpus), joined on a hash-partitioned pid."""
+    texts = need.join(_passages(corpus_uri), join_type="left_outer", num_partitions=parts,
+                      on=("pid",))
+    return texts.groupby("qid", num_partitions=parts).map_groups(lambda t: pa.table({
+        "qid": [t.column("qid")[0].as_py()], "t_pid": [t.column("pid").to_pylist()],
+        "t_text": [t.column("passage").to_pylist()]}), batch_format="pyarrow")
+
+
+def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
+              config_hash: str, *, parts: int, shard_rows: int) -> dict[str, Any]:
+    qrels = _dataset(qrels_uri, "qrels", ["qid", "pid", "rel"]).map_batches(
+        lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)),
+        batch_format="pyarrow")
+    rows = qrels.join(_queries(queries_uri), join_type="left_outer", num_partitions=parts,
+                      on=("qid",))
+    rows = rows.join(_passages(corpus_uri), join_type="left_outer", num_partitions=parts,
+                     on=("pid",))
+
+    def check(t: pa.Table) -> pa.Table:
+        for field, what, uri in (("lang", "qid", queries_uri), ("passage", "pid", corpus_uri)):
+            missing = pc.is_null(t.column(field))
+            if pc.any(missing).as_py():
+                i = pc.index(missing, True).as_py()
+                raise DataError(f"{qrels_uri}: qid={t.column('qid')[i].as_py()}: "
+                                f"{what}={t.column(what)[i].as_py()} not in "
+                                f"{'queries' if what == 'qid' else 'corpus'} {uri}")
+        return t.select(["qid", "pid", "lang", "passage"]).append_column(
+            "query", t.column("text"))
+
+    done = _write(rows.map_batches(check, batch_format="pyarrow").sort(["qid", "pid"]),
+                  out_uri, config_hash, shard_rows, tdata.QG_ROWS.names)
+    if not done["rows"]:
+        raise DataError(f"{qrels_uri}: no positive (rel > 0) pairs")
+    storage.ShardWriter(out_uri, config_hash).finalize(done["shards"], rows=done["rows"])
+    return {"rows": done["rows"]}
+
+
+def _build_qg_rank(queries_uri: str, corpus_uri: str, examples_uri: str, n_negatives: int,
+                   out_uri: str, config_hash: str, *, seed: int, parts: int,
+                   shard_rows: int) -> dict[str, Any]:
+    pos, pos_uri = _positives(examples_uri, None, parts)
+    rows = pos.join(_queries(queries_uri), join_type="left_outer", num_partitions=parts,
+                    on=("qid",))
+
+    def plan(r: dict[str, Any]) -> dict[str, Any]:
+        if r.get("lang") is None:
+            raise DataError(f"{pos_uri}: qid={r['qid']} not in queries {queries_uri}")
+        positive, negs = tdata.qg_rank_pids(r["qid"], list(r["pos"]), list(r["neg"]),
+                                            n_negatives, seed)
+        return {"qid": r["qid"], "query": r["text"], "lang": r["lang"],
+                "pids": [positive, *negs]}
+
+    plans = rows.map(plan)
+    full = plans.join(_texts(plans.flat_map(lambda r: [
+        {"qid": r["qid"], "pid": p} for p in sorted(set(r["pids"]))]), corpus_uri, parts),
+        join_type="left_outer", num_partitions=parts, on=("qid",))
+
+    def assemble(t: pa.Table) -> pa.Table:
+        out = []
+        for r in t.to_pylist():
+            found = {p: x for p, x in zip(r["t_pid"], r["t_text"], strict=True)
+                     if x is not None}
+            for p in r["pids"]:
+                if p not in found:
+                    raise DataError(f"{pos_uri}: qid={r['qid']}: pid={p} not in corpus "
+                                    f"{corpus_uri}")
+            negs = len(r["pids"]) - 1
+            out.append({"qid": r["qid"], "query": r["query"], "lang": r["lang"],
+                        "passages": [found[p] for p in r["pids"]],
+                        "_short": int(negs < n_negatives), "_none": int(not negs)})
+        return pa.Table.from_pylist(out, schema=tdata.QG_RANK_ROWS.append(
+            pa.field("_short", pa.int64())).append(pa.field("_none", pa.int64())))
+
+    done = _write(full.map_batches(assemble, batch_format="pyarrow").sort("qid"), out_uri,
+                  config_hash, shard_rows, tdata.QG_RANK_ROWS.names)
+    if not done["rows"]:
+        raise DataError(f"{pos_uri}: no training examples")
+    counts = {"rows": done["rows"], "short_lists": done.get("_short", 0),
+              "no_negatives": done.get("_none", 0)}
+    storage.ShardWriter(out_uri, config_hash).finalize(done["shards"], **counts)
+    return counts
+
+
 def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
-           generated: bool) -> dict[str, Any]:
-    """Workers write ``ds`` (sorted by qid) as shards of ``shard_rows`` rows, named in qid
-    order by their first qid, and return their counts; the rows dir is cleared first (rows
-    are rebuilt whole, never mixed with an interrupted build's shards)."""
+           columns: list[str]) -> dict[str, Any]:
+    """Workers write ``columns`` of ``ds`` (sorted by qid) as shards of ``shard_rows`` rows,
+    named in qid order by their first qid (and pid); returns the rows, the shard names and
+    the sum of every ``_``-prefixed count column. The rows dir is cleared first (rows are
+    rebuilt whole, never mixed with an interrupted build's shards)."""
     fs, path = storage.url_to_fs(out_uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
     def write(t: pa.Table) -> pa.Table:
         first = t.column("qid")[0].as_py().encode()
-        name = f"part-{first.hex()[:32]}-{hashlib.sha1(first).hexdigest()[:8]}"
-        storage.ShardWriter(out_uri, config_hash).write(
-            name, t.drop_columns(["_added", "_generated"]))
-        return pa.table({"name": [name], "rows": [t.num_rows],
-                         "added": [pc.sum(t.column("_added")).as_py() or 0],
-                         "generated": [pc.sum(pc.cast(t.column("_generated"), pa.int64()))
-                                       .as_py() or 0]})
+        key = first + (b"\t" + t.column("pid")[0].as_py().encode()  # a qid of many rows
+                       if "pid" in t.column_names else b"")
+        name = f"part-{first.hex()[:32]}-{hashlib.sha1(key).hexdigest()[:8]}"
+        storage.ShardWriter(out_uri, config_hash).write(name, t.select(columns))
+        return pa.table({"name": [name], "rows": [t.num_rows], **{
+            c: [pc.sum(pc.cast(t.column(c), pa.int64())).as_py() or 0]
+            for c in t.column_names if c.startswith("_")}})
 
     done = ds.map_batches(write, batch_size=shard_rows, batch_format="pyarrow").take_all()
-    rows = sum(r["rows"] for r in done)
-    return {"rows": rows, "random_negatives": sum(r["added"] for r in done),
-            "without_generated": rows - sum(r["generated"] for r in done) if generated else 0,
-            "shards": [r["name"] for r in done]}
+    counts: dict[str, Any] = {"rows": sum(r["rows"] for r in done),
+                              "shards": [r["name"] for r in done]}
+    for c in (done[0] if done else {}):
+        if c.startswith("_"):
+            counts[c] = sum(r[c] for r in done)
+    return counts

@@ -31,9 +31,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
+from qgscale.config import TrainConfig
 from qgscale.data.corpus import read_rows
 from qgscale.errors import ConfigError, DataError, MissingInputError
-from qgscale.runtime import connect, worker_env
+from qgscale.runtime import ResourceError, cluster_capacity, connect, requesting, worker_env
 from qgscale.train import data as tdata
 from qgscale.train import tracking
 from qgscale.train.loop import TrainRun, plan_steps, train_loop_per_worker
@@ -43,9 +44,13 @@ from qgscale.train.tasks import QGRankTask, QGTask, StudentTask
 log = logging.getLogger("qgscale.train")
 
 
-def fit(run: TrainRun, rows_uri: str) -> Any:
+def fit(run: TrainRun, rows_uri: str, stage: str) -> Any:
     """Run :func:`train_loop_per_worker` for ``run`` on ``run.config.num_workers`` Ray Train
     workers over the training shards under ``rows_uri``.
+
+    The workers' resources are checked first (:func:`worker_bundles`: ``use_gpu`` on a
+    cluster that cannot have the GPUs fails here, naming ``stage``, the config section) and
+    requested from the autoscaler while the run lasts (:func:`qgscale.runtime.requesting`).
 
     Every worker reads its micro-batches of the deterministic sample stream from the shards
     itself (:mod:`qgscale.train.order`; no Ray Data split, whose row-to-worker assignment
@@ -82,8 +87,28 @@ def fit(run: TrainRun, rows_uri: str) -> Any:
             storage_filesystem=storage.pyarrow_filesystem(ckpt_root),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-    with _progress(run):
+    with requesting(stage, worker_bundles(tc, stage)), _progress(run):
         return trainer.fit()
+
+
+def worker_bundles(tc: TrainConfig, stage: str) -> list[dict[str, float]]:
+    """The resource shapes of the Ray Train workers of ``tc`` (section ``stage``), checked
+    against what the cluster can have: a :class:`qgscale.runtime.ResourceError` when it
+    cannot (a Ray Train run would otherwise wait for them forever)."""
+    n = tc.num_workers
+    if n < 1:
+        raise ResourceError(f"{stage}.num_workers={n}: expected >= 1")
+    for what, need, knob in (("CPU", tc.cpus_per_worker * n, "cpus_per_worker"),
+                             ("GPU", float(n) if tc.use_gpu else 0.0, "use_gpu")):
+        now, most = cluster_capacity(what)
+        if need and most is not None and need > most:
+            raise ResourceError(
+                f"{stage}: num_workers={n} x {knob}={getattr(tc, knob)} asks for {need:g} "
+                f"{what}s but the Ray cluster has {now:g} (at most {most:g}); join a cluster "
+                f"with them (ray.address) or lower {stage}.num_workers"
+                + (f" or set {stage}.use_gpu: false" if what == "GPU" else ""))
+    return [{"CPU": float(tc.cpus_per_worker), **({"GPU": 1.0} if tc.use_gpu else {})}
+            for _ in range(n)]
 
 
 @contextlib.contextmanager
@@ -139,6 +164,8 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
     from qgscale.models.encoder import DualEncoder
 
     sc = getattr(cfg, stage)
+    connect(cfg.ray)
+    worker_bundles(sc, stage)  # fail fast, before the rows are built
     distill = stage == "distill"
     if distill:
         lc = sc.loss
@@ -183,7 +210,7 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
     connect(cfg.ray)
     run = TrainRun(StudentTask(sc, distill=distill), init_uri=init, output_uri=out_uri,
                    rows=counts["rows"], seed=cfg.run.seed, storage_env=worker_env())
-    result = fit(run, rows_uri)
+    result = fit(run, rows_uri, stage)
     return _finish(out_uri, key, result, stage=stage, counts=counts, inputs=inputs)
 
 
@@ -232,26 +259,39 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
     from qgscale.models.generator import QueryGenerator, qg_examples
 
     qc = cfg.qg
+    connect(cfg.ray)
+    worker_bundles(qc, "qg")  # fail fast, before the rows are built
     inputs = dict(queries_uri=queries_uri, corpus_uri=corpus_uri, qrels_uri=qrels_uri)
     for uri, what in ((queries_uri, "queries"), (corpus_uri, "corpus"), (qrels_uri, "qrels")):
         if not storage.exists(uri):
             raise MissingInputError(f"{uri}: {what} not found")
-    qrels = storage.read_parquet(qrels_uri)
-    positives = pc.filter(qrels.column("pid"), pc.greater(qrels.column("rel"), 0))
-    rows = list(qg_examples(storage.read_parquet(queries_uri),  # the semi-join: positives only
-                            read_rows(corpus_uri, positives.to_pylist()), qrels))
-    table = pa.Table.from_pylist(rows, schema=tdata.QG_ROWS)
     rows_uri = storage.join(out_uri, "data")
-    tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
+    manifest = storage.read_manifest(rows_uri)
+    if manifest and manifest.get("config_hash") == key:  # rows of this key: built already
+        n_rows = manifest["rows"]
+    elif _training_queries(None, qrels_uri) >= cfg.data.ray_rows_from:
+        from qgscale.train.rows_dataset import build_qg_rows_dataset
+
+        n_rows = build_qg_rows_dataset(
+            queries_uri, corpus_uri, qrels_uri, rows_uri, key, shard_rows=cfg.data.shard_rows,
+            num_partitions=cfg.data.ray_rows_partitions)["rows"]
+    else:
+        qrels = storage.read_parquet(qrels_uri)
+        positives = pc.filter(qrels.column("pid"), pc.greater(qrels.column("rel"), 0))
+        rows = list(qg_examples(storage.read_parquet(queries_uri),  # the semi-join
+                                read_rows(corpus_uri, positives.to_pylist()), qrels))
+        table = pa.Table.from_pylist(rows, schema=tdata.QG_ROWS)
+        tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
+        n_rows = table.num_rows
     init = storage.join(out_uri, "init")
     if not storage.exists(storage.join(init, "config.json")):
         QueryGenerator.build(qc.model, qc.prompt, qc.max_passage_len, qc.max_query_len,
                              seed=cfg.run.seed).save_pretrained(init)
     connect(cfg.ray)
-    run = TrainRun(QGTask(qc), init_uri=init, output_uri=out_uri, rows=table.num_rows,
+    run = TrainRun(QGTask(qc), init_uri=init, output_uri=out_uri, rows=n_rows,
                    seed=cfg.run.seed, storage_env=worker_env())
-    result = fit(run, rows_uri)
-    return _finish(out_uri, key, result, stage="qg", counts={"rows": table.num_rows},
+    result = fit(run, rows_uri, "qg")
+    return _finish(out_uri, key, result, stage="qg", counts={"rows": n_rows},
                    inputs=inputs)
 
 
@@ -267,6 +307,8 @@ def run_train_qg_rank(cfg: Any, *, out_uri: str, key: str, qg_model: Any, exampl
     from qgscale.models.generator import QueryGenerator
 
     rc = cfg.qg_rank
+    connect(cfg.ray)
+    worker_bundles(rc, "qg_rank")  # fail fast, before the rows are built
     if rc.n_negatives > cfg.mine.n_negatives:
         raise ConfigError(f"qg_rank.n_negatives={rc.n_negatives} > mine.n_negatives="
                           f"{cfg.mine.n_negatives}: the mined examples hold at most "
@@ -276,18 +318,29 @@ def run_train_qg_rank(cfg: Any, *, out_uri: str, key: str, qg_model: Any, exampl
                                 "`qgscale index mine` first)")
     inputs = dict(queries_uri=queries_uri, corpus_uri=corpus_uri, examples_uri=examples_uri,
                   qg_model=qg_model.model_dump())
-    table, counts = tdata.build_qg_rank_rows(queries_uri, corpus_uri, examples_uri,
-                                             rc.n_negatives, seed=cfg.run.seed)
-    log.info("qg-rank: %s", counts)
     rows_uri = storage.join(out_uri, "data")
-    tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
+    manifest = storage.read_manifest(rows_uri)
+    if manifest and manifest.get("config_hash") == key:  # rows of this key: built already
+        counts = {k: manifest[k] for k in ("rows", "short_lists", "no_negatives")}
+    elif _training_queries(examples_uri, None) >= cfg.data.ray_rows_from:
+        from qgscale.train.rows_dataset import build_qg_rank_rows_dataset
+
+        counts = build_qg_rank_rows_dataset(
+            queries_uri, corpus_uri, examples_uri, rc.n_negatives, rows_uri, key,
+            seed=cfg.run.seed, shard_rows=cfg.data.shard_rows,
+            num_partitions=cfg.data.ray_rows_partitions)
+    else:
+        table, counts = tdata.build_qg_rank_rows(queries_uri, corpus_uri, examples_uri,
+                                                 rc.n_negatives, seed=cfg.run.seed)
+        tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key, **counts)
+    log.info("qg-rank: %s", counts)
     init = storage.join(out_uri, "init")
     if not storage.exists(storage.join(init, "config.json")):
         qc = cfg.qg
         QueryGenerator.build(qg_model, qc.prompt, qc.max_passage_len, qc.max_query_len,
                              seed=cfg.run.seed).save_pretrained(init)
     connect(cfg.ray)
-    run = TrainRun(QGRankTask(rc), init_uri=init, output_uri=out_uri, rows=table.num_rows,
+    run = TrainRun(QGRankTask(rc), init_uri=init, output_uri=out_uri, rows=counts["rows"],
                    seed=cfg.run.seed, storage_env=worker_env())
-    result = fit(run, rows_uri)
+    result = fit(run, rows_uri, "qg_rank")
     return _finish(out_uri, key, result, stage="qg-rank", counts=counts, inputs=inputs)
