@@ -1,6 +1,6 @@
 """GPU check: qgscale's model-level hot paths on one GPU, in one short call.
 
-Plain torch + transformers + qgscale's model code (no Ray, DeepSpeed or FAISS on this path),
+Plain torch + transformers + qgscale's model code (no Ray or DeepSpeed; FAISS only in 5.),
 random weights in real shapes, token ids drawn directly (no tokenizer or hub access needed):
 
 1. **Teacher scoring** (mT5-base shape: d 768, 12+12 layers, d_ff 2048, vocab 250,112):
@@ -17,6 +17,8 @@ random weights in real shapes, token ids drawn directly (no tokenizer or hub acc
    copied to the host.
 4. **Generation**: cross-lingual query generation with the teacher, 24 new tokens, greedy
    (beam 1) and beam 4.
+5. **FAISS on the GPU** (``faiss_gpu``, last; only where faiss with GPU support is
+   installed, e.g. the cluster image, else recorded as skipped): the index's GPU path.
 
 MFU = model FLOPs / time / peak, with the FLOPs the work needs (2 per multiply-add): teacher
 = encoder once per *distinct* passage (+ its cross-attention K/V) + decoder per pair on real
@@ -530,12 +532,62 @@ def generation(args: argparse.Namespace, device: torch.device, out: dict) -> Non
     reset_peak(device)
 
 
+def faiss_gpu(args: argparse.Namespace, device: torch.device, out: dict) -> None:
+    """The index's GPU path (:mod:`qgscale.index.gpu`) where faiss with GPU support is
+    installed (the cluster image; the check's own image has no faiss, so it is recorded as
+    skipped): an exact fp16 Flat shard on the GPU (``to_gpu``, as a search actor holds it)
+    against exact fp32 search on the CPU (recall@10 of the top-10), and IVF k-means with the
+    GPU clustering index of the build's training task."""
+    res: dict[str, Any] = {}
+    out["faiss_gpu"] = res
+    try:
+        import faiss
+    except ImportError:
+        res["skipped"] = "faiss is not installed in this image"
+        return
+    from qgscale.index.gpu import faiss_gpus, to_gpu
+
+    if device.type != "cuda" or faiss_gpus() < 1:
+        res["skipped"] = "this faiss has no GPU support (or there is no GPU)"
+        return
+    n, d, nq = (20_000, 64, 100) if args.tiny else (2_000_000, 768, 1000)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    xq = x[rng.choice(n, nq, replace=False)] + 0.05 * rng.standard_normal((nq, d),
+                                                                         dtype=np.float32)
+    cpu = faiss.IndexFlatIP(d)
+    cpu.add(x)
+    t = time.perf_counter()
+    _, truth = cpu.search(xq, 10)
+    res["cpu_exact_qps"] = nq / (time.perf_counter() - t)
+    t = time.perf_counter()
+    gpu = to_gpu(cpu)  # fp16 Flat
+    res["to_gpu_s"] = time.perf_counter() - t
+    gpu.search(xq[:10], 10)
+    t = time.perf_counter()
+    _, got = gpu.search(xq, 10)
+    res["gpu_fp16_qps"] = nq / (time.perf_counter() - t)
+    res["recall_at_10_fp16_vs_fp32"] = float(np.mean(
+        [len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)]))
+    res["n_vectors"], res["dim"] = n, d
+    del gpu, cpu
+    nlist = 256 if args.tiny else 4096
+    ivf = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    faiss.extract_index_ivf(ivf).clustering_index = faiss.index_cpu_to_all_gpus(
+        faiss.IndexFlatL2(d))
+    sample = x[: min(n, 50 * nlist)]
+    t = time.perf_counter()
+    ivf.train(sample)
+    res["ivf_train_s"], res["ivf_train_vectors"] = time.perf_counter() - t, len(sample)
+
+
 # Cheap and essential first; profiling and the compiled variants (slow to compile) last.
 SECTIONS = {"teacher_scoring": teacher_scoring, "generate": generation,
             "encode": corpus_encoding, "student_step": student_train_step,
             "teacher_profile": teacher_profile, "teacher_sdpa": teacher_sdpa,
             "teacher_compiled": teacher_compiled,
-            "student_step_compiled": student_compiled}
+            "student_step_compiled": student_compiled, "faiss_gpu": faiss_gpu}
 
 
 def main() -> None:

@@ -40,3 +40,5 @@ def test_gpu_check_tiny(tmp_path):
             assert verdict == "ok" or (isinstance(verdict, list) and verdict
                                        and all(isinstance(w, str) and w for w in verdict))
 
+    # the index's GPU section needs faiss with GPU support: on CPU it says why it is skipped
+    assert "faiss has no GPU support" in out["faiss_gpu"]["skipped"]
