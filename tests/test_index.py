@@ -24,10 +24,10 @@ from qgscale.index.encode import (
     encode_texts,
     length_batches,
     load_dual_encoder,
-    read_vectors,
 )
 from qgscale.index.mine import mine, read_positives, select
 from qgscale.index.search import ShardedSearcher, index_ids, load_index, search
+from qgscale.index.vectors import read_vectors
 from tests.faults import KillShardActorAfter
 
 

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from qgscale import storage
 from qgscale.config import BuildConfig, key_values
-from qgscale.index.encode import iter_vectors
+from qgscale.index.vectors import iter_vectors
 from qgscale.runtime import (
     Shard,
     actor_resources,

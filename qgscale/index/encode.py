@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import posixpath
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -102,28 +102,6 @@ def embeddings_table(pids: list[str], vecs: np.ndarray, dtype: str = "float32") 
     vec = pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1])
     return pa.Table.from_arrays([pa.array(pids, pa.string()), vec],
                                 schema=embeddings_schema(vecs.shape[1], dtype))
-
-
-def read_vectors(uri: str) -> tuple[list[str], np.ndarray]:
-    """An embedding shard as ``(pids, float32 matrix)``."""
-    table = storage.read_parquet(uri)
-    return table.column("pid").to_pylist(), _float32(table.column("vector"))
-
-
-def iter_vectors(uri: str, rows: int = 16384) -> Iterator[tuple[pa.Array, np.ndarray]]:
-    """An embedding shard as ``(pids, float32 matrix)`` blocks of ``rows`` rows: the shard is
-    held as stored (fp16/fp32) and only one block in float32."""
-    table = storage.read_parquet(uri)
-    for start in range(0, table.num_rows, rows):
-        block = table.slice(start, rows)
-        yield block.column("pid").combine_chunks(), _float32(block.column("vector"))
-
-
-def _float32(column: pa.ChunkedArray) -> np.ndarray:
-    col = column.combine_chunks()
-    dim = col.type.list_size
-    vecs = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    return np.ascontiguousarray(vecs, dtype=np.float32)
 
 
 def _on_device(loader: Callable[[], TextEncoder], device: str, threads: int) -> TextEncoder:

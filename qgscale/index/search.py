@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
-from qgscale.index.encode import read_vectors
+from qgscale.index.vectors import read_vectors
 from qgscale.runtime import remote_options
 
 REFINE_KINDS = ("none", "flat", "fp16")
