@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from qgscale import storage
 
@@ -18,12 +19,16 @@ def read_vectors(uri: str) -> tuple[list[str], np.ndarray]:
 
 
 def iter_vectors(uri: str, rows: int = 16384) -> Iterator[tuple[pa.Array, np.ndarray]]:
-    """An embedding shard as ``(pids, float32 matrix)`` blocks of ``rows`` rows: the shard is
-    held as stored (fp16/fp32) and only one block in float32."""
-    table = storage.read_parquet(uri)
-    for start in range(0, table.num_rows, rows):
-        block = table.slice(start, rows)
-        yield block.column("pid").combine_chunks(), _float32(block.column("vector"))
+    """An embedding shard as ``(pids, float32 matrix)`` blocks of ``rows`` rows, streamed
+    from the file (``iter_batches``): one block is held, as stored and in float32."""
+    fs, path = storage.url_to_fs(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
+                yield (batch.column("pid"),
+                       _float32(pa.chunked_array([batch.column("vector")])))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise OSError(f"{uri}: unreadable embedding shard: {e}") from e
 
 
 def _float32(column: pa.ChunkedArray) -> np.ndarray:
