@@ -109,7 +109,7 @@ def memory_plan(factory: str, n: int, dim: int, num_shards: int = 1, nodes: int 
     index shards spread over ``nodes`` nodes (``shard_rows``: rows of one embedding shard;
     ``pid_bytes``: one id-map entry in a search actor: int64 id, Arrow offset, ~16-byte pid).
     ``gpu``: search on GPUs (a Flat shard is held in fp16 there). Measured constants
-    (benchmarks/index_build.py) add the process baseline, ~0.3-0.45 GiB per Ray worker, on
+    (benchmarks/index_build.py) add the process baseline, ~0.2-0.45 GiB per Ray worker, on
     top."""
     gib = 2**30
     est = estimate(factory, n, dim)
