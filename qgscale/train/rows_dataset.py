@@ -140,10 +140,7 @@ def _positives(examples_uri: str | None, qrels_uri: str | None, parts: int
         return grouped.map_groups(flat, batch_format="pyarrow"), examples_uri
     if not qrels_uri:
         raise DataError("training data needs training examples or qrels")
-    ds = _dataset(qrels_uri, "qrels", ["qid", "pid", "rel"]).map_batches(
-        lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)),
-        batch_format="pyarrow")
-    grouped = _grouped(ds, "qid", {"pos": "pid"}, parts)
+    grouped = _grouped(_positive_qrels(qrels_uri), "qid", {"pos": "pid"}, parts)
     return grouped.map_batches(lambda t: t.append_column(
         "neg", pa.array([[]] * t.num_rows, pa.list_(pa.string()))), batch_format="pyarrow"), \
         qrels_uri
@@ -314,6 +311,13 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
     return counts
 
 
+def _positive_qrels(qrels_uri: str) -> Any:
+    """The qrels rows with ``rel > 0``."""
+    return _dataset(qrels_uri, "qrels", ["qid", "pid", "rel"]).map_batches(
+        lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)),
+        batch_format="pyarrow")
+
+
 def _queries(queries_uri: str) -> Any:
     """``{qid, lang, text}`` of the queries (empty fields are DataErrors)."""
     return _dataset(queries_uri, "queries", ["qid", "lang", "text"],
@@ -341,11 +345,8 @@ def _texts(need: Any, corpus_uri: str, parts: int) -> Any:
 
 def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
               config_hash: str, *, parts: int, shard_rows: int) -> dict[str, Any]:
-    qrels = _dataset(qrels_uri, "qrels", ["qid", "pid", "rel"]).map_batches(
-        lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)),
-        batch_format="pyarrow")
-    rows = qrels.join(_queries(queries_uri), join_type="left_outer", num_partitions=parts,
-                      on=("qid",))
+    rows = _positive_qrels(qrels_uri).join(_queries(queries_uri), join_type="left_outer",
+                                           num_partitions=parts, on=("qid",))
     rows = rows.join(_passages(corpus_uri), join_type="left_outer", num_partitions=parts,
                      on=("pid",))
 

@@ -44,13 +44,13 @@ from qgscale.train.tasks import QGRankTask, QGTask, StudentTask
 log = logging.getLogger("qgscale.train")
 
 
-def fit(run: TrainRun, rows_uri: str, stage: str) -> Any:
+def fit(run: TrainRun, rows_uri: str, stage: str, bundles: list[dict[str, float]]) -> Any:
     """Run :func:`train_loop_per_worker` for ``run`` on ``run.config.num_workers`` Ray Train
     workers over the training shards under ``rows_uri``.
 
-    The workers' resources are checked first (:func:`worker_bundles`: ``use_gpu`` on a
-    cluster that cannot have the GPUs fails here, naming ``stage``, the config section) and
-    requested from the autoscaler while the run lasts (:func:`qgscale.runtime.requesting`).
+    ``bundles`` (:func:`worker_bundles`, checked by the stage before it built its rows) are
+    requested from the autoscaler while the run lasts (:func:`qgscale.runtime.requesting`,
+    named ``stage``, the config section).
 
     Every worker reads its micro-batches of the deterministic sample stream from the shards
     itself (:mod:`qgscale.train.order`; no Ray Data split, whose row-to-worker assignment
@@ -87,7 +87,7 @@ def fit(run: TrainRun, rows_uri: str, stage: str) -> Any:
             storage_filesystem=storage.pyarrow_filesystem(ckpt_root),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-    with requesting(stage, worker_bundles(tc, stage)), _progress(run):
+    with requesting(stage, bundles), _progress(run):
         return trainer.fit()
 
 
@@ -165,7 +165,7 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
 
     sc = getattr(cfg, stage)
     connect(cfg.ray)
-    worker_bundles(sc, stage)  # fail fast, before the rows are built
+    bundles = worker_bundles(sc, stage)  # fail fast, before the rows are built
     distill = stage == "distill"
     if distill:
         lc = sc.loss
@@ -182,17 +182,14 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
     sources = dict(qrels_uri=qrels_uri, examples_uri=examples_uri,
                    candidates_uri=candidates_uri, scores_uri=scores_uri,
                    generated_uri=generated_uri, seed=cfg.run.seed)
-    manifest = storage.read_manifest(rows_uri)
-    if manifest and manifest.get("config_hash") == key:  # rows of this key: built already
-        counts = {k: manifest[k] for k in ("rows", "random_negatives", "without_generated")}
-    elif _training_queries(examples_uri, qrels_uri) >= cfg.data.ray_rows_from:
-        connect(cfg.ray)
+    counts = _built_rows(rows_uri, key, ("rows", "random_negatives", "without_generated"))
+    if counts is None and _training_queries(examples_uri, qrels_uri) >= cfg.data.ray_rows_from:
         from qgscale.train.rows_dataset import build_student_rows_dataset
 
         counts = build_student_rows_dataset(
             queries_uri, corpus_uri, rows_uri, key, sc.loss, shard_rows=cfg.data.shard_rows,
             num_partitions=cfg.data.ray_rows_partitions, **sources)
-    else:
+    elif counts is None:
         table, counts = tdata.build_student_rows(queries_uri, corpus_uri, sc.loss, **sources)
         tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key, **counts)
     log.info("%s: %s", stage, counts)
@@ -207,11 +204,19 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
             model = DualEncoder.build(cfg.encoder, max_query_len=sc.max_query_len,
                                       max_passage_len=sc.max_passage_len)
         model.save_pretrained(init)
-    connect(cfg.ray)
     run = TrainRun(StudentTask(sc, distill=distill), init_uri=init, output_uri=out_uri,
                    rows=counts["rows"], seed=cfg.run.seed, storage_env=worker_env())
-    result = fit(run, rows_uri, stage)
+    result = fit(run, rows_uri, stage, bundles)
     return _finish(out_uri, key, result, stage=stage, counts=counts, inputs=inputs)
+
+
+def _built_rows(rows_uri: str, key: str, fields: tuple[str, ...]) -> dict[str, Any] | None:
+    """The counts ``fields`` of the rows under ``rows_uri`` if they were built with ``key``
+    (a re-run reuses them), else None."""
+    manifest = storage.read_manifest(rows_uri)
+    if manifest and manifest.get("config_hash") == key:
+        return {k: manifest[k] for k in fields}
+    return None
 
 
 def _training_queries(examples_uri: str | None, qrels_uri: str | None) -> int:
@@ -260,37 +265,35 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
 
     qc = cfg.qg
     connect(cfg.ray)
-    worker_bundles(qc, "qg")  # fail fast, before the rows are built
+    bundles = worker_bundles(qc, "qg")  # fail fast, before the rows are built
     inputs = dict(queries_uri=queries_uri, corpus_uri=corpus_uri, qrels_uri=qrels_uri)
     for uri, what in ((queries_uri, "queries"), (corpus_uri, "corpus"), (qrels_uri, "qrels")):
         if not storage.exists(uri):
             raise MissingInputError(f"{uri}: {what} not found")
     rows_uri = storage.join(out_uri, "data")
-    manifest = storage.read_manifest(rows_uri)
-    if manifest and manifest.get("config_hash") == key:  # rows of this key: built already
-        n_rows = manifest["rows"]
-    elif _training_queries(None, qrels_uri) >= cfg.data.ray_rows_from:
+    built = _built_rows(rows_uri, key, ("rows",))
+    if built is None and _training_queries(None, qrels_uri) >= cfg.data.ray_rows_from:
         from qgscale.train.rows_dataset import build_qg_rows_dataset
 
-        n_rows = build_qg_rows_dataset(
+        built = build_qg_rows_dataset(
             queries_uri, corpus_uri, qrels_uri, rows_uri, key, shard_rows=cfg.data.shard_rows,
-            num_partitions=cfg.data.ray_rows_partitions)["rows"]
-    else:
+            num_partitions=cfg.data.ray_rows_partitions)
+    elif built is None:
         qrels = storage.read_parquet(qrels_uri)
         positives = pc.filter(qrels.column("pid"), pc.greater(qrels.column("rel"), 0))
         rows = list(qg_examples(storage.read_parquet(queries_uri),  # the semi-join
                                 read_rows(corpus_uri, positives.to_pylist()), qrels))
         table = pa.Table.from_pylist(rows, schema=tdata.QG_ROWS)
         tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
-        n_rows = table.num_rows
+        built = {"rows": table.num_rows}
+    n_rows = built["rows"]
     init = storage.join(out_uri, "init")
     if not storage.exists(storage.join(init, "config.json")):
         QueryGenerator.build(qc.model, qc.prompt, qc.max_passage_len, qc.max_query_len,
                              seed=cfg.run.seed).save_pretrained(init)
-    connect(cfg.ray)
     run = TrainRun(QGTask(qc), init_uri=init, output_uri=out_uri, rows=n_rows,
                    seed=cfg.run.seed, storage_env=worker_env())
-    result = fit(run, rows_uri, "qg")
+    result = fit(run, rows_uri, "qg", bundles)
     return _finish(out_uri, key, result, stage="qg", counts={"rows": n_rows},
                    inputs=inputs)
 
@@ -308,7 +311,7 @@ def run_train_qg_rank(cfg: Any, *, out_uri: str, key: str, qg_model: Any, exampl
 
     rc = cfg.qg_rank
     connect(cfg.ray)
-    worker_bundles(rc, "qg_rank")  # fail fast, before the rows are built
+    bundles = worker_bundles(rc, "qg_rank")  # fail fast, before the rows are built
     if rc.n_negatives > cfg.mine.n_negatives:
         raise ConfigError(f"qg_rank.n_negatives={rc.n_negatives} > mine.n_negatives="
                           f"{cfg.mine.n_negatives}: the mined examples hold at most "
@@ -319,17 +322,15 @@ def run_train_qg_rank(cfg: Any, *, out_uri: str, key: str, qg_model: Any, exampl
     inputs = dict(queries_uri=queries_uri, corpus_uri=corpus_uri, examples_uri=examples_uri,
                   qg_model=qg_model.model_dump())
     rows_uri = storage.join(out_uri, "data")
-    manifest = storage.read_manifest(rows_uri)
-    if manifest and manifest.get("config_hash") == key:  # rows of this key: built already
-        counts = {k: manifest[k] for k in ("rows", "short_lists", "no_negatives")}
-    elif _training_queries(examples_uri, None) >= cfg.data.ray_rows_from:
+    counts = _built_rows(rows_uri, key, ("rows", "short_lists", "no_negatives"))
+    if counts is None and _training_queries(examples_uri, None) >= cfg.data.ray_rows_from:
         from qgscale.train.rows_dataset import build_qg_rank_rows_dataset
 
         counts = build_qg_rank_rows_dataset(
             queries_uri, corpus_uri, examples_uri, rc.n_negatives, rows_uri, key,
             seed=cfg.run.seed, shard_rows=cfg.data.shard_rows,
             num_partitions=cfg.data.ray_rows_partitions)
-    else:
+    elif counts is None:
         table, counts = tdata.build_qg_rank_rows(queries_uri, corpus_uri, examples_uri,
                                                  rc.n_negatives, seed=cfg.run.seed)
         tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key, **counts)
@@ -339,8 +340,7 @@ def run_train_qg_rank(cfg: Any, *, out_uri: str, key: str, qg_model: Any, exampl
         qc = cfg.qg
         QueryGenerator.build(qg_model, qc.prompt, qc.max_passage_len, qc.max_query_len,
                              seed=cfg.run.seed).save_pretrained(init)
-    connect(cfg.ray)
     run = TrainRun(QGRankTask(rc), init_uri=init, output_uri=out_uri, rows=counts["rows"],
                    seed=cfg.run.seed, storage_env=worker_env())
-    result = fit(run, rows_uri, "qg_rank")
+    result = fit(run, rows_uri, "qg_rank", bundles)
     return _finish(out_uri, key, result, stage="qg-rank", counts=counts, inputs=inputs)
