@@ -75,6 +75,41 @@ def test_scores_equal_per_pair_reference(tokenizer):
         np.testing.assert_allclose(got.sum, sums, rtol=0, atol=1e-4, err_msg=str(kwargs))
 
 
+@pytest.mark.parametrize("model_type,tied,ff", [("t5", True, "relu"), ("t5", False, "gated-gelu"),
+                                                ("mt5", False, "gated-gelu"),
+                                                ("mt5", True, "gated-gelu")])
+def test_t5_scoring_forward_equals_hf(tokenizer, monkeypatch, model_type, tied, ff):
+    """The T5-family scoring forward (qgscale.models.t5_scoring) is what the fast path runs
+    for T5 and mT5, and it equals the per-pair HF reference: tied heads (scaled or not,
+    whichever the installed transformers does), gated and plain feed-forward, 3 layers."""
+    from transformers import MT5Config, MT5ForConditionalGeneration, T5ForConditionalGeneration
+
+    from qgscale.models import t5_scoring
+
+    kw = dict(vocab_size=len(tokenizer), d_model=48, d_kv=12, d_ff=96, num_layers=3,
+              num_decoder_layers=3, num_heads=4, pad_token_id=0, eos_token_id=1,
+              decoder_start_token_id=0, feed_forward_proj=ff, tie_word_embeddings=tied,
+              initializer_factor=1.0 if tied else 0.05)  # tied T5 heads scale by d**-0.5
+    cls, cfg_cls = ((T5ForConditionalGeneration, type(tiny_t5_config(8))) if model_type == "t5"
+                    else (MT5ForConditionalGeneration, MT5Config))
+    torch.manual_seed(1)
+    qg = QueryGenerator(cls(cfg_cls(**kw)).eval(), tokenizer, max_passage_len=128,
+                        max_query_len=32)
+    assert t5_scoring.supports(qg.model)
+    calls = []
+    real = t5_scoring.score_batch
+    monkeypatch.setattr(t5_scoring, "score_batch",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    pairs = _pairs(seed=3)
+    means, sums, ntoks = _reference(qg, pairs)
+    assert np.ptp(means) > 0.01
+    for kwargs in [{}, {"group": False}, {"batch_tokens": 300}]:
+        got = qg.score(pairs, **kwargs)
+        np.testing.assert_array_equal(got.ntok, ntoks, err_msg=str(kwargs))
+        np.testing.assert_allclose(got.mean, means, rtol=0, atol=1e-5, err_msg=str(kwargs))
+    assert len(calls) >= 3
+
+
 def _bert2bert(tokenizer, seed: int = 0):
     """Tiny BERT encoder + BERT decoder with new cross-attention (EncoderDecoderModel)."""
     from transformers import EncoderDecoderConfig, EncoderDecoderModel

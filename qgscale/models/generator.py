@@ -31,6 +31,7 @@ from torch import nn
 from qgscale import storage
 from qgscale.data.schema import passage_text
 from qgscale.errors import ConfigError, DataError
+from qgscale.models import t5_scoring
 from qgscale.models.loading import resolve
 from qgscale.models.precision import autocast
 
@@ -51,10 +52,15 @@ class Scores:
 # ---------------------------------------------------------------- plain torch scoring functions
 
 def _pad(seqs: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
-    length = length or max(len(s) for s in seqs)
-    out = torch.full((len(seqs), length), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return torch.from_numpy(_pad_np(seqs, value, length))
+
+
+def _pad_np(seqs: Sequence[Sequence[int]], value: int, length: int | None = None) -> np.ndarray:
+    """Right-padded (len(seqs), ``length`` or longest) int64 array, without a per-row loop."""
+    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    out = np.full((len(seqs), length or int(lens.max())), value, dtype=np.int64)
+    out[np.arange(out.shape[1]) < lens[:, None]] = np.fromiter(
+        (t for s in seqs for t in s), dtype=np.int64, count=int(lens.sum()))
     return out
 
 
@@ -268,29 +274,68 @@ def plan_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], pair_src: Seq
 def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
                 targets: Sequence[Sequence[int]], pair_src: Sequence[int], *,
                 batch_tokens: int = 16384, precision: str = "bf16", group: bool = True,
-                pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                pad_id: int = 0, compiled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Fast path: (sum log P, ntok) of ``targets[j]`` given ``sources[pair_src[j]]``.
 
     ``sources``/``targets`` are token id lists (already truncated). The encoder runs once per
-    distinct source per batch; for T5-family models the decoder's cross-attention keys/values
-    are also computed once per source and shared by its targets (:func:`_cross_cache`),
-    other models decode against the encoder output expanded to the targets.
+    distinct source per batch. T5 and mT5 run :mod:`qgscale.models.t5_scoring` (fused
+    attention, cross-attention K/V once per source, LM head on real tokens; ``compiled``:
+    its encoder and decoder under ``torch.compile``); other models run the HF forward with
+    the decoder's cross-attention K/V computed once per source where the architecture allows
+    (:func:`_cross_cache`), else against the encoder output expanded to the targets.
     """
     device = next(model.parameters()).device
     sums = np.zeros(len(targets), dtype=np.float64)
     ntok = np.zeros(len(targets), dtype=np.int64)
     src_lens = [len(s) for s in sources]
     tgt_lens = [len(t) for t in targets]
+    t5 = t5_scoring.supports(model)
+    fns = _compiled_t5() if t5 and compiled else {}
+    pending: list[tuple[Batch, torch.Tensor, torch.Tensor]] = []
     for b in plan_batches(src_lens, tgt_lens, pair_src, batch_tokens, group):
-        ids = _pad([sources[s] for s in b.sources], pad_id).to(device)
+        ids = _to_device(_pad_np([sources[s] for s in b.sources], pad_id), device)
         mask = (ids != pad_id).long()
+        index = _to_device(np.asarray(b.target_source, dtype=np.int64), device)
         with autocast(device, precision):
-            enc = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-            index = torch.as_tensor(b.target_source, device=device)
-            s, n = _decode_scores(model, enc, mask, index, [targets[j] for j in b.targets])
-        sums[b.targets] = s.cpu().numpy()
-        ntok[b.targets] = n.cpu().numpy()
+            if t5:  # no host sync: the next batch is prepared while this one runs
+                labels = _pad_np([targets[j] for j in b.targets], -100)
+                rows = _to_device(np.flatnonzero(labels.ravel() >= 0), device)
+                labels = _to_device(labels, device)
+                s, n = t5_scoring.score_batch(model, ids, mask, index, labels,
+                                              _decoder_inputs(model, labels), rows, _lse, **fns)
+            else:
+                enc = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+                s, n = _decode_scores(model, enc, mask, index, [targets[j] for j in b.targets])
+        pending.append((b, s, n))
+        if len(pending) > 1:
+            _collect(pending.pop(0), sums, ntok)
+    for item in pending:
+        _collect(item, sums, ntok)
     return sums, ntok
+
+
+def _collect(item: tuple[Batch, torch.Tensor, torch.Tensor], sums: np.ndarray,
+             ntok: np.ndarray) -> None:
+    b, s, n = item
+    sums[b.targets] = s.cpu().numpy()
+    ntok[b.targets] = n.cpu().numpy()
+
+
+def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array to ``device``; on CUDA through pinned memory, so the copy is asynchronous."""
+    t = torch.from_numpy(x)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+_COMPILED_T5: dict[str, Any] = {}
+
+
+def _compiled_t5() -> dict[str, Any]:
+    """:func:`t5_scoring.encode`/``decode`` under ``torch.compile`` (dynamic shapes), once."""
+    if not _COMPILED_T5:
+        _COMPILED_T5.update(encode_fn=torch.compile(t5_scoring.encode, dynamic=True),
+                            decode_fn=torch.compile(t5_scoring.decode, dynamic=True))
+    return _COMPILED_T5
 
 
 @torch.inference_mode()
