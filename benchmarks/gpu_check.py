@@ -290,6 +290,21 @@ def teacher_scoring(args: argparse.Namespace, device: torch.device, out: dict) -
     for name, model in (("fast_autocast", t["model"]), ("fast_cast_only", t["cast_model"])):
         sec, _ = timed(lambda m=model: fast(full, "bf16", best[1], model=m), device)
         res[f"{name}_pairs_per_s"] = len(full[1]) / sec
+    # the attention kernels PyTorch may pick for the biased T5 attention, one at a time
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        backends = {}
+        for name in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            t5_scoring.SDPA_BACKENDS = [getattr(SDPBackend, name), SDPBackend.MATH]
+            try:
+                sec, _ = timed(lambda: fast(full, "bf16", best[1]), device)
+                backends[name] = round(len(full[1]) / sec, 1)
+            except Exception as e:  # noqa: BLE001 - record why a kernel cannot run
+                backends[name] = f"{type(e).__name__}: {str(e)[:200]}"
+            finally:
+                t5_scoring.SDPA_BACKENDS = None
+        res["sdpa_backend_pairs_per_s"] = backends
     # the same batches through the HF forward (the fast path before qgscale.models.t5_scoring)
     supports, t5_scoring.supports = t5_scoring.supports, lambda _model: False
     try:
@@ -414,6 +429,10 @@ def teacher_compiled(args: argparse.Namespace, device: torch.device, out: dict) 
     sec, _ = timed(lambda: score_pairs(model, *t["shard"](range(4)), batch_tokens=bt,
                                        precision="bf16", compiled=True), device)
     res["compile_s"] = sec
+    from torch._dynamo.utils import counters
+
+    res["dynamo_after_compile"] = {k: dict(v) for k, v in counters.items()
+                                   if k in ("stats", "graph_break", "recompiles")}
     reset_peak(device)
     sec, (sums, ntok) = timed(lambda: score_pairs(model, *full, batch_tokens=bt,
                                                   precision="bf16", compiled=True), device)
@@ -421,6 +440,8 @@ def teacher_compiled(args: argparse.Namespace, device: torch.device, out: dict) 
                 "peak_mem_gb": peak_mem_gb(device)})
     if "best_bf16_means" in t:
         res["max_abs_diff_vs_eager"] = float(np.abs(sums / ntok - t["best_bf16_means"]).max())
+    res["dynamo_after_run"] = {k: dict(v) for k, v in counters.items()
+                               if k in ("stats", "graph_break", "recompiles")}
     add_mfu(res, out)
     reset_peak(device)
 

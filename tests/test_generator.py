@@ -101,13 +101,32 @@ def test_t5_scoring_forward_equals_hf(tokenizer, monkeypatch, model_type, tied, 
     monkeypatch.setattr(t5_scoring, "score_batch",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     pairs = _pairs(seed=3)
-    means, sums, ntoks = _reference(qg, pairs)
-    assert np.ptp(means) > 0.01
-    for kwargs in [{}, {"group": False}, {"batch_tokens": 300}]:
-        got = qg.score(pairs, **kwargs)
-        np.testing.assert_array_equal(got.ntok, ntoks, err_msg=str(kwargs))
-        np.testing.assert_allclose(got.mean, means, rtol=0, atol=1e-5, err_msg=str(kwargs))
-    assert len(calls) >= 3
+    skewed = [(q, pairs[0][1], lang) for q, _, lang in pairs[:9]] + pairs[9:]  # 9 on one
+    for data in (pairs, skewed):
+        means, sums, ntoks = _reference(qg, data)
+        assert np.ptp(means) > 0.01
+        for kwargs in [{}, {"group": False}, {"batch_tokens": 300}]:
+            got = qg.score(data, **kwargs)
+            np.testing.assert_array_equal(got.ntok, ntoks, err_msg=str(kwargs))
+            np.testing.assert_allclose(got.mean, means, rtol=0, atol=1e-5, err_msg=str(kwargs))
+    assert len(calls) >= 6
+
+
+def test_plan_slots_packs_each_target_once_beside_its_source():
+    from qgscale.models.t5_scoring import plan_slots
+
+    rng = np.random.default_rng(0)
+    for n_src, n_tgt in [(1, 1), (5, 5), (7, 30), (40, 90), (3, 100)]:
+        target_source = np.sort(rng.integers(0, n_src, n_tgt))
+        target_source[:n_src] = np.arange(min(n_src, n_tgt))  # every source has a target
+        target_source = np.sort(target_source)
+        place, slot_src, size = plan_slots(target_source, n_src)
+        assert 1 <= size <= 8 and size == min(8, -(-n_tgt // n_src))
+        assert len(set(place.tolist())) == n_tgt  # one place per target
+        assert place.max() < len(slot_src) * size
+        np.testing.assert_array_equal(slot_src[place // size], target_source)
+        counts = np.bincount(target_source, minlength=n_src)
+        assert len(slot_src) == np.maximum(1, -(-counts // size)).sum()
 
 
 def _bert2bert(tokenizer, seed: int = 0):

@@ -8,7 +8,8 @@ scoring many queries against few distinct passages:
   in the activations' dtype, allocated 16-aligned, so ``scaled_dot_product_attention`` can use
   its fused memory-efficient kernel (the HF path fell back to the unfused math kernel);
 - the decoder's cross-attention keys/values are projected once per distinct passage per layer
-  and gathered to its queries (one layer at a time, not all layers' caches at once);
+  and never copied per query: the queries of a passage are packed into its slots
+  (:class:`Slots`), so one attention call serves all of them;
 - the LM head runs only on real query tokens, in row chunks fused with the log-softmax, so
   no (tokens, vocabulary) matrix larger than one chunk exists.
 
@@ -19,12 +20,16 @@ it equals the HF forward (tests compare them in fp32).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 ALIGN = 16  # fused SDPA kernels want the bias's row stride a multiple of 16 elements
+# SDPA kernels to use, in order of priority; None: PyTorch's own choice (cuDNN on Hopper).
+SDPA_BACKENDS: list | None = None
 
 
 def supports(model: nn.Module) -> bool:
@@ -57,8 +62,18 @@ def _attend(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor,
         v = attn.v(x).view(b, n, heads, dk).transpose(1, 2)
     else:
         k, v = kv
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    out = _sdpa(q, k, v, bias)
     return attn.o(out.transpose(1, 2).reshape(b, n, heads * dk))
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """T5's attention (no 1/sqrt(d) scaling) with an additive bias, on :data:`SDPA_BACKENDS`."""
+    if SDPA_BACKENDS is None or q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
 def _clamp(x: torch.Tensor) -> torch.Tensor:
@@ -93,31 +108,75 @@ def encode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return stack.final_layer_norm(x)
 
 
-def decode(model: nn.Module, enc: torch.Tensor, enc_bias: torch.Tensor, index: torch.Tensor,
+@dataclass
+class Slots:
+    """Cross-attention layout of one batch: the targets of an encoder row are packed ``size``
+    to a slot, so one attention call per slot reads that row's keys/values directly (no copy
+    of them per target, and ``size`` x more query rows per call for the fused kernel)."""
+
+    place: torch.Tensor  # (T,) row of each target in the (n * size) packed layout
+    source: torch.Tensor | None  # (n,) encoder row of each slot; None: slot i reads row i
+    n: int
+    size: int
+
+
+def plan_slots(target_source: np.ndarray, n_sources: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(place, slot source, slot size) for targets reading encoder rows ``target_source``.
+    The slot size is the mean number of targets per row (1..8); a row with more targets gets
+    more slots."""
+    target_source = np.asarray(target_source, dtype=np.int64)
+    size = int(min(8, max(1, -(-len(target_source) // max(1, n_sources)))))
+    counts = np.bincount(target_source, minlength=n_sources)
+    per_row = np.maximum(1, -(-counts // size))
+    first_slot = np.cumsum(per_row) - per_row
+    first_target = np.cumsum(counts) - counts
+    order = np.argsort(target_source, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - first_target[target_source[order]]
+    place = (first_slot[target_source] + rank // size) * size + rank % size
+    return place, np.repeat(np.arange(n_sources), per_row), size
+
+
+def decode(model: nn.Module, enc: torch.Tensor, enc_bias: torch.Tensor, slots: Slots,
            dec_in: torch.Tensor) -> torch.Tensor:
-    """Decoder states (T, Lt, d) of teacher-forced inputs ``dec_in``; target i reads encoder
-    row ``index[i]``; ``enc_bias`` = :func:`key_bias` of the encoder rows."""
+    """Decoder states (T, Lt, d) of teacher-forced inputs ``dec_in``; ``slots`` says which
+    encoder row each target reads; ``enc_bias`` = :func:`key_bias` of the encoder rows."""
     stack = model.decoder
     y = stack.embed_tokens(dec_in)
-    n = dec_in.shape[1]
+    t, n = dec_in.shape
     pos = stack.block[0].layer[0].SelfAttention.compute_bias(n, n, device=dec_in.device)
     causal = torch.ones(n, n, dtype=torch.bool, device=dec_in.device).triu(1)
     dtype = _act_dtype(y)
     self_bias = _aligned(1, pos.shape[1], n, n, dtype=dtype, device=dec_in.device)
     self_bias.copy_(pos.to(dtype).masked_fill(causal, torch.finfo(dtype).min))
-    s, ls = enc.shape[:2]
-    cross_bias = _aligned(len(index), 1, 1, ls, dtype=enc_bias.dtype, device=enc.device)
-    cross_bias.copy_(enc_bias.index_select(0, index))
+    if slots.source is not None:  # rows with more targets than a slot holds: once per batch
+        enc = enc.index_select(0, slots.source)
+        enc_bias = enc_bias.index_select(0, slots.source)
+    cross_bias = _aligned(slots.n, 1, 1, enc.shape[1], dtype=enc_bias.dtype, device=enc.device)
+    cross_bias.copy_(enc_bias)
     for block in stack.block:
         sa, ca = block.layer[0], block.layer[1]
         y = _clamp(y + _attend(sa.SelfAttention, sa.layer_norm(y), self_bias))
-        att = ca.EncDecAttention
-        heads, dk = att.n_heads, att.key_value_proj_dim
-        k = att.k(enc).view(s, ls, heads, dk).transpose(1, 2).index_select(0, index)
-        v = att.v(enc).view(s, ls, heads, dk).transpose(1, 2).index_select(0, index)
-        y = _clamp(y + _attend(att, ca.layer_norm(y), cross_bias, (k, v)))
+        y = _clamp(y + _cross_attend(ca.EncDecAttention, ca.layer_norm(y), enc, cross_bias,
+                                     slots))
         y = _clamp(block.layer[-1](y))
     return y
+
+
+def _cross_attend(attn: nn.Module, x: torch.Tensor, enc: torch.Tensor, bias: torch.Tensor,
+                  slots: Slots) -> torch.Tensor:
+    """Cross-attention of targets ``x`` (T, Lt, d) packed into slots over the slots' encoder
+    rows ``enc`` (n, Ls, d); padding rows of a slot attend too and are dropped."""
+    t, lt, _ = x.shape
+    heads, dk = attn.n_heads, attn.key_value_proj_dim
+    inner = heads * dk
+    q = attn.q(x)
+    packed = q.new_zeros(slots.n * slots.size, lt, inner).index_copy_(0, slots.place, q)
+    q = packed.view(slots.n, slots.size * lt, heads, dk).transpose(1, 2)
+    k = attn.k(enc).view(slots.n, -1, heads, dk).transpose(1, 2)
+    v = attn.v(enc).view(slots.n, -1, heads, dk).transpose(1, 2)
+    out = _sdpa(q, k, v, bias).transpose(1, 2).reshape(slots.n * slots.size, lt, inner)
+    return attn.o(out.index_select(0, slots.place))
 
 
 def head_scale(model: nn.Module) -> float:
@@ -165,19 +224,19 @@ def target_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def score_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, index: torch.Tensor,
+def score_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, slots: Slots,
                 labels: torch.Tensor, dec_in: torch.Tensor, rows: torch.Tensor,
                 lse: Callable[[torch.Tensor], torch.Tensor],
                 encode_fn: Callable = encode, decode_fn: Callable = decode
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target log-probs, real target tokens) per target of one planned batch.
 
-    ``rows``: flat positions of the real tokens in ``labels`` (computed on the host, so the
-    batch runs without a device-to-host sync). ``encode_fn``/``decode_fn``: :func:`encode`/
-    :func:`decode` or compiled versions of them.
+    ``slots``: :func:`plan_slots` as tensors; ``rows``: flat positions of the real tokens in
+    ``labels``. Both are computed on the host, so the batch runs without a device-to-host
+    sync. ``encode_fn``/``decode_fn``: :func:`encode`/:func:`decode` or compiled versions.
     """
     enc = encode_fn(model, ids, mask)
-    hidden = decode_fn(model, enc, key_bias(mask, _act_dtype(enc)), index, dec_in)
+    hidden = decode_fn(model, enc, key_bias(mask, _act_dtype(enc)), slots, dec_in)
     real = labels.flatten().index_select(0, rows)
     lp = target_logprobs(model, hidden.flatten(0, 1).index_select(0, rows), real, lse)
     out = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
