@@ -300,9 +300,8 @@ def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
         with autocast(device, precision):
             if t5:  # no host sync: the next batch is prepared while this one runs
                 place, slot_src, size = t5_scoring.plan_slots(b.target_source, len(b.sources))
-                slots = t5_scoring.Slots(
-                    _to_device(place, device), None if len(slot_src) == len(b.sources)
-                    else _to_device(slot_src, device), len(slot_src), size)
+                slots = t5_scoring.Slots(_to_device(place, device),
+                                         _to_device(slot_src, device), size)
                 labels = _pad_np([targets[j] for j in b.targets], -100)
                 rows = _to_device(np.flatnonzero(labels.ravel() >= 0), device)
                 labels = _to_device(labels, device)

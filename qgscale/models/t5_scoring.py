@@ -115,9 +115,12 @@ class Slots:
     of them per target, and ``size`` x more query rows per call for the fused kernel)."""
 
     place: torch.Tensor  # (T,) row of each target in the (n * size) packed layout
-    source: torch.Tensor | None  # (n,) encoder row of each slot; None: slot i reads row i
-    n: int
+    source: torch.Tensor  # (n,) encoder row of each slot
     size: int
+
+    @property
+    def n(self) -> int:
+        return self.source.shape[0]
 
 
 def plan_slots(target_source: np.ndarray, n_sources: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -149,11 +152,9 @@ def decode(model: nn.Module, enc: torch.Tensor, enc_bias: torch.Tensor, slots: S
     dtype = _act_dtype(y)
     self_bias = _aligned(1, pos.shape[1], n, n, dtype=dtype, device=dec_in.device)
     self_bias.copy_(pos.to(dtype).masked_fill(causal, torch.finfo(dtype).min))
-    if slots.source is not None:  # rows with more targets than a slot holds: once per batch
-        enc = enc.index_select(0, slots.source)
-        enc_bias = enc_bias.index_select(0, slots.source)
+    enc = enc.index_select(0, slots.source)  # once per batch, not per layer
     cross_bias = _aligned(slots.n, 1, 1, enc.shape[1], dtype=enc_bias.dtype, device=enc.device)
-    cross_bias.copy_(enc_bias)
+    cross_bias.copy_(enc_bias.index_select(0, slots.source))
     for block in stack.block:
         sa, ca = block.layer[0], block.layer[1]
         y = _clamp(y + _attend(sa.SelfAttention, sa.layer_norm(y), self_bias))
