@@ -382,8 +382,9 @@ def teacher_sdpa(args: argparse.Namespace, device: torch.device, out: dict) -> N
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     t = teacher_setup(args, device)
-    data = t["shard"](range(min(2, args.queries)))
+    data = t["shard"](range(min(10, args.queries)))
     calls: dict[str, tuple] = {}
+    counts: dict[str, int] = {}
     orig = F.scaled_dot_product_attention
 
     def sig(x: torch.Tensor | None) -> str:
@@ -395,17 +396,33 @@ def teacher_sdpa(args: argparse.Namespace, device: torch.device, out: dict) -> N
         calls.setdefault(str(kind), (" ".join((sig(q), sig(k), sig(attn_mask),
                                                f"causal={is_causal}", f"scale={scale}")),
                                      q, k, v, attn_mask, is_causal, scale))
+        counts[str(kind)] = counts.get(str(kind), 0) + 1
         return orig(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                     scale=scale, **kw)
 
     F.scaled_dot_product_attention = record
     try:
-        score_pairs(t["fast_model"], *data, batch_tokens=args.batch_tokens[0], precision="bf16")
+        score_pairs(t["fast_model"], *data, precision="bf16",
+                    batch_tokens=t.get("best_batch_tokens", args.batch_tokens[0]))
     finally:
         F.scaled_dot_product_attention = orig
-    res: dict[str, Any] = {"distinct_calls": len(calls), "calls": []}
+    res: dict[str, Any] = {"distinct_calls": len(calls), "pairs": len(data[1]), "calls": []}
     for key, (signature, q, k, v, mask, causal, scale) in calls.items():
-        entry: dict[str, Any] = {"kind": key, "example": signature}
+        entry: dict[str, Any] = {"kind": key, "example": signature, "calls": counts[key]}
+        # ms per call of this kind (first call's shapes): PyTorch's pick and each fused kernel
+        for name, backends in (("default", None), ("efficient", [SDPBackend.EFFICIENT_ATTENTION]),
+                               ("cudnn", [SDPBackend.CUDNN_ATTENTION])):
+            if device.type != "cuda" and backends is not None:
+                continue
+            try:
+                with (sdpa_kernel(backends) if backends else warnings.catch_warnings()):
+                    def call(q=q, k=k, v=v, mask=mask, causal=causal, scale=scale):
+                        return orig(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+                    call()
+                    sec, _ = timed(lambda call=call: [call() for _ in range(10)], device)
+                entry[f"ms_{name}"] = round(sec * 100, 3)
+            except RuntimeError as e:
+                entry[f"ms_{name}"] = f"{type(e).__name__}: {str(e)[:120]}"
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
             with warnings.catch_warnings(record=True) as caught, sdpa_kernel([backend]):
                 warnings.simplefilter("always")
