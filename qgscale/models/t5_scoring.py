@@ -5,13 +5,13 @@ blocks, Q/K/V/O projections, relative position bias), with the attention plumbin
 scoring many queries against few distinct passages:
 
 - the relative position bias and the key padding are folded into one additive bias per batch,
-  in the activations' dtype, allocated 16-aligned, so ``scaled_dot_product_attention`` can use
-  its fused memory-efficient kernel (the HF path fell back to the unfused math kernel);
+  in the activations' dtype, allocated 16-aligned, so ``scaled_dot_product_attention`` runs a
+  fused kernel (cuDNN's on Hopper; the HF path fell back to the unfused fp32 math kernel);
 - the decoder's cross-attention keys/values are projected once per distinct passage per layer
   and never copied per query: the queries of a passage are packed into its slots
   (:class:`Slots`), so one attention call serves all of them;
-- the LM head runs only on real query tokens, in row chunks fused with the log-softmax, so
-  no (tokens, vocabulary) matrix larger than one chunk exists.
+- the LM head runs only on real query tokens, in row chunks each followed by its
+  log-sum-exp, so no (tokens, vocabulary) matrix larger than one chunk exists.
 
 :func:`score_batch` is what :func:`qgscale.models.generator.score_pairs` calls for these models;
 it equals the HF forward (tests compare them in fp32).
@@ -146,7 +146,7 @@ def decode(model: nn.Module, enc: torch.Tensor, enc_bias: torch.Tensor, slots: S
     encoder row each target reads; ``enc_bias`` = :func:`key_bias` of the encoder rows."""
     stack = model.decoder
     y = stack.embed_tokens(dec_in)
-    t, n = dec_in.shape
+    n = dec_in.shape[1]
     pos = stack.block[0].layer[0].SelfAttention.compute_bias(n, n, device=dec_in.device)
     causal = torch.ones(n, n, dtype=torch.bool, device=dec_in.device).triu(1)
     dtype = _act_dtype(y)
@@ -168,7 +168,7 @@ def _cross_attend(attn: nn.Module, x: torch.Tensor, enc: torch.Tensor, bias: tor
                   slots: Slots) -> torch.Tensor:
     """Cross-attention of targets ``x`` (T, Lt, d) packed into slots over the slots' encoder
     rows ``enc`` (n, Ls, d); padding rows of a slot attend too and are dropped."""
-    t, lt, _ = x.shape
+    lt = x.shape[1]
     heads, dk = attn.n_heads, attn.key_value_proj_dim
     inner = heads * dk
     q = attn.q(x)
