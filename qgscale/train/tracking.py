@@ -117,15 +117,9 @@ class Tracker:
             return
         self._client = mlflow_client(mlflow_uri)
         if mlflow_run_id:
-            try:
-                self._client.update_run(mlflow_run_id, status="RUNNING")
-                self.mlflow_run_id = mlflow_run_id
-            except Exception as e:  # noqa: BLE001 - a worker killed mid-write (MLflow's file
-                # store rewrites meta.yaml in place) leaves the run unreadable: keep training
-                logger.warning("MLflow run %s cannot be reopened (%s: %s); this attempt logs "
-                               "to a new run, starting with the %d steps of its checkpoint",
-                               mlflow_run_id, type(e).__name__, str(e)[:200], start_step)
-        if self.mlflow_run_id is None:
+            self._client.update_run(mlflow_run_id, status="RUNNING")
+            self.mlflow_run_id = mlflow_run_id
+        else:
             self.mlflow_run_id = self._open_run(experiment, run_name,
                                                 flat_params(params or {}))
         self._sent = self._last_step()
@@ -144,13 +138,8 @@ class Tracker:
         exp = c.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
         uri = self.output_uri
-        try:
-            found = [] if "'" in uri else c.search_runs(
-                [exp_id], filter_string=f"tags.`qgscale.output` = '{uri}'")
-        except Exception as e:  # noqa: BLE001 - an unreadable run in the store: start anew
-            logger.warning("MLflow runs of %s cannot be searched (%s: %s); a new run is "
-                           "opened", uri, type(e).__name__, str(e)[:200])
-            found = []
+        found = [] if "'" in uri else c.search_runs(
+            [exp_id], filter_string=f"tags.`qgscale.output` = '{uri}'")
         for r in found:
             if not r.data.metrics and r.data.params == params:
                 c.update_run(r.info.run_id, status="RUNNING")
