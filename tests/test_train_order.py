@@ -210,3 +210,26 @@ def test_mlflow_file_store(tmp_path, caplog):
     t3 = Tracker(out, mlflow_uri=uri, run_name="warmup", params=params)
     assert t3.mlflow_run_id != t.mlflow_run_id
     assert len(client.search_runs([exp.experiment_id])) == 2
+
+
+def test_mlflow_failed_stage_marked_by_the_driver(tmp_path):
+    """A failed stage's MLflow run is marked FAILED by ``mark_failed`` (the driver, after
+    ``trainer.fit`` raised; the workers, which may be killed mid-write, no longer write it):
+    only RUNNING runs of that stage folder; a resumed attempt reopens the run."""
+    from qgscale.train.tracking import mark_failed
+
+    uri = f"file://{tmp_path}/mlruns"
+    out, other = str(tmp_path / "warmup"), str(tmp_path / "distill")
+    t = Tracker(out, mlflow_uri=uri, run_name="warmup", params={"lr": 0.1})
+    t.sync(_log(2))
+    done = Tracker(other, mlflow_uri=uri, run_name="distill", params={"lr": 0.1})
+    done.finish()
+    assert mark_failed(uri, "qgscale", out) == [t.mlflow_run_id]
+    client = mlflow_client(uri)
+    assert client.get_run(t.mlflow_run_id).info.status == "FAILED"
+    assert client.get_run(done.mlflow_run_id).info.status == "FINISHED"
+    assert mark_failed(uri, "qgscale", out) == []  # no RUNNING run left
+    assert mark_failed(uri, "no-such-experiment", out) == []
+    t2 = Tracker(out, mlflow_uri=uri, mlflow_run_id=t.mlflow_run_id, log=_log(2),
+                 start_step=2)
+    assert client.get_run(t2.mlflow_run_id).info.status == "RUNNING"

@@ -495,13 +495,10 @@ def train_loop_per_worker(config: dict[str, TrainRun]) -> None:
     loader = Loader(run.shards, run.seed, rank, world, tc.batch_size, collate,
                     prefetch=tc.prefetch_batches)
     engine.train()
-    try:
-        train(engine, run, loader, plan, prog, tracker)
-    except BaseException:
-        if tracker is not None:  # a resumed attempt reopens the MLflow run
-            with contextlib.suppress(Exception):
-                tracker.finish("FAILED")
-        raise
+    # a failed attempt's MLflow run is marked FAILED by the driver (trainer.fit), not here:
+    # this process may be killed mid-write, and MLflow's file store rewrites the run's
+    # meta.yaml in place (a killed write left it empty and the resumed attempt failed)
+    train(engine, run, loader, plan, prog, tracker)
     state = master_weights(engine)
     if rank == 0:
         export(run, state)

@@ -186,7 +186,21 @@ class Tracker:
                             "".join(json.dumps(x) + "\n" for x in log).encode())
         storage.write_bytes(self.events_uri, event_file_bytes(log))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Mark the MLflow run ``status`` (FINISHED, or FAILED: a resumed attempt reopens it)."""
+    def finish(self) -> None:
+        """Mark the MLflow run FINISHED."""
         if self._client is not None:
-            self._client.set_terminated(self.mlflow_run_id, status=status)
+            self._client.set_terminated(self.mlflow_run_id, status="FINISHED")
+
+
+def mark_failed(mlflow_uri: str, experiment: str, output_uri: str) -> list[str]:
+    """Mark FAILED the RUNNING MLflow runs of the stage folder ``output_uri`` (a rerun
+    reopens them); the driver calls this when a training stage fails. Returns their ids."""
+    client = mlflow_client(mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or "'" in output_uri:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`qgscale.output` = '{output_uri}' and attributes.status = 'RUNNING'"))
+    for r in runs:
+        client.set_terminated(r.info.run_id, status="FAILED")
+    return [r.info.run_id for r in runs]

@@ -88,7 +88,13 @@ def fit(run: TrainRun, rows_uri: str, stage: str, bundles: list[dict[str, float]
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
     with requesting(stage, bundles), _progress(run):
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except BaseException:
+            if tc.mlflow_uri:  # the workers leave it RUNNING: see train_loop_per_worker
+                with contextlib.suppress(Exception):
+                    tracking.mark_failed(tc.mlflow_uri, tc.mlflow_experiment, run.output_uri)
+            raise
 
 
 def worker_bundles(tc: TrainConfig, stage: str) -> list[dict[str, float]]:
