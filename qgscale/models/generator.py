@@ -306,7 +306,8 @@ def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
                 rows = _to_device(np.flatnonzero(labels.ravel() >= 0), device)
                 labels = _to_device(labels, device)
                 s, n = t5_scoring.score_batch(model, ids, mask, slots, labels,
-                                              _decoder_inputs(model, labels), rows, _lse, **fns)
+                                              _decoder_inputs(model, labels), rows,
+                                              _target_logprobs, **fns)
             else:
                 index = torch.as_tensor(b.target_source, device=device)
                 enc = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state

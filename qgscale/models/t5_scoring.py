@@ -100,7 +100,7 @@ def encode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     pos = stack.block[0].layer[0].SelfAttention.compute_bias(n, n, device=ids.device)
     dtype = _act_dtype(x)
     bias = _aligned(ids.shape[0], pos.shape[1], n, n, dtype=dtype, device=ids.device)
-    bias.copy_(pos.to(dtype) + key_bias(mask, dtype))
+    torch.add(pos.to(dtype), key_bias(mask, dtype), out=bias)
     for block in stack.block:
         sa = block.layer[0]
         x = _clamp(x + _attend(sa.SelfAttention, sa.layer_norm(x), bias))
@@ -208,38 +208,37 @@ def head_scale(model: nn.Module) -> float:
 
 
 def target_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                    lse: Callable[[torch.Tensor], torch.Tensor],
+                    logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                     chunk_elems: int = 1 << 28) -> torch.Tensor:
     """fp32 ``log P(labels[i])`` from decoder states ``hidden`` (N, d) of real target tokens:
-    final layer norm and LM head per row chunk, log-sum-exp by ``lse``."""
+    final layer norm and LM head per row chunk, each chunk's logits to ``logprobs``."""
     hidden = model.decoder.final_layer_norm(hidden)
     scale = head_scale(model)
     if scale != 1.0:
         hidden = hidden * scale
     rows = max(1, chunk_elems // model.lm_head.out_features)
-    out = []
-    for i in range(0, hidden.shape[0], rows):
-        logits = model.lm_head(hidden[i:i + rows])
-        target = logits.gather(-1, labels[i:i + rows, None]).squeeze(-1).float()
-        out.append(target - lse(logits))
+    out = [logprobs(model.lm_head(hidden[i:i + rows]), labels[i:i + rows])
+           for i in range(0, hidden.shape[0], rows)]
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def score_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, slots: Slots,
                 labels: torch.Tensor, dec_in: torch.Tensor, rows: torch.Tensor,
-                lse: Callable[[torch.Tensor], torch.Tensor],
+                logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 encode_fn: Callable = encode, decode_fn: Callable = decode
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target log-probs, real target tokens) per target of one planned batch.
 
     ``slots``: :func:`plan_slots` as tensors; ``rows``: flat positions of the real tokens in
     ``labels``. Both are computed on the host, so the batch runs without a device-to-host
-    sync. ``encode_fn``/``decode_fn``: :func:`encode`/:func:`decode` or compiled versions.
+    sync. ``logprobs(logits, labels)``: fp32 log-probabilities of the labels (the fast
+    path's log-sum-exp). ``encode_fn``/``decode_fn``: :func:`encode`/:func:`decode` or
+    compiled versions of them.
     """
     enc = encode_fn(model, ids, mask)
     hidden = decode_fn(model, enc, key_bias(mask, _act_dtype(enc)), slots, dec_in)
     real = labels.flatten().index_select(0, rows)
-    lp = target_logprobs(model, hidden.flatten(0, 1).index_select(0, rows), real, lse)
+    lp = target_logprobs(model, hidden.flatten(0, 1).index_select(0, rows), real, logprobs)
     out = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
     out.index_copy_(0, rows, lp)
     return out.view(labels.shape).sum(-1), (labels >= 0).sum(-1)

@@ -137,10 +137,7 @@ class Tracker:
         c = self._client
         exp = c.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
-        uri = self.output_uri
-        found = [] if "'" in uri else c.search_runs(
-            [exp_id], filter_string=f"tags.`qgscale.output` = '{uri}'")
-        for r in found:
+        for r in _stage_runs(c, exp_id, self.output_uri):
             if not r.data.metrics and r.data.params == params:
                 c.update_run(r.info.run_id, status="RUNNING")
                 return r.info.run_id
@@ -197,10 +194,17 @@ def mark_failed(mlflow_uri: str, experiment: str, output_uri: str) -> list[str]:
     reopens them); the driver calls this when a training stage fails. Returns their ids."""
     client = mlflow_client(mlflow_uri)
     exp = client.get_experiment_by_name(experiment)
-    if exp is None or "'" in output_uri:
-        return []
-    runs = client.search_runs([exp.experiment_id], filter_string=(
-        f"tags.`qgscale.output` = '{output_uri}' and attributes.status = 'RUNNING'"))
+    runs = [] if exp is None else _stage_runs(client, exp.experiment_id, output_uri,
+                                              "attributes.status = 'RUNNING'")
     for r in runs:
         client.set_terminated(r.info.run_id, status="FAILED")
     return [r.info.run_id for r in runs]
+
+
+def _stage_runs(client: Any, exp_id: str, output_uri: str, where: str = "") -> list[Any]:
+    """The MLflow runs of the stage folder ``output_uri`` (tag ``qgscale.output``), ``where``
+    an extra filter; none for a folder name MLflow's filter syntax cannot quote."""
+    if "'" in output_uri:
+        return []
+    query = f"tags.`qgscale.output` = '{output_uri}'" + (f" and {where}" if where else "")
+    return client.search_runs([exp_id], filter_string=query)
