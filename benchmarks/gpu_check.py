@@ -437,9 +437,10 @@ def teacher_sdpa(args: argparse.Namespace, device: torch.device, out: dict) -> N
 
 
 def teacher_compiled(args: argparse.Namespace, device: torch.device, out: dict) -> None:
-    """The fast path with the T5 scoring forward's encoder and decoder under
-    ``torch.compile`` (``score_pairs(compiled=True)``; dynamic shapes, compiled once) against
-    eager on the same pairs (a quarter of the queries: the first H200 run of it ran at 3% of
+    """The fast path with the T5 scoring forward's encoder and decoder blocks under
+    ``torch.compile`` (``score_pairs(compiled=True)``: regional compilation with dynamic
+    shapes, :func:`qgscale.models.t5_scoring.block_fns`) against eager on the same pairs (a
+    quarter of the queries: the first H200 run, which compiled the whole forward, ran at 3% of
     eager's speed, so it is bounded), with dynamo's graph and recompile counters."""
     from torch._dynamo.utils import counters
 

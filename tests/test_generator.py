@@ -114,6 +114,34 @@ def test_t5_scoring_forward_equals_hf(tokenizer, monkeypatch, model_type, tied, 
     assert len(calls) >= 6
 
 
+def test_compiled_t5_blocks_equal_eager_without_recompiling(tokenizer):
+    """``score_pairs(compiled=True)`` compiles the T5 encoder and decoder blocks (regional
+    compilation): the same scores as eager, and a bounded set of graphs (dynamo's 0/1
+    specialisations: a batch of one passage, slots of one target) serves every layer and
+    every later batch plan and slot layout, instead of recompiling per shape."""
+    from torch._dynamo.utils import counters
+
+    from qgscale.models.generator import score_pairs
+
+    qg = QueryGenerator(_t5(tokenizer), tokenizer, max_passage_len=128, max_query_len=32)
+
+    def check(data, batch_tokens: int) -> None:
+        got = [score_pairs(qg.model, *qg._prepare(data), batch_tokens=batch_tokens,
+                           precision="fp32", compiled=c) for c in (True, False)]
+        np.testing.assert_allclose(*(s / n for s, n in got), rtol=0, atol=1e-5)
+
+    counters.clear()
+    pairs = _pairs(n_passages=8, per=5, seed=4)
+    check(pairs[:1], 2000)  # one passage, one target
+    check(pairs, 2000)
+    check([(q, pairs[0][1], lang) for q, _, lang in pairs[:12]] + pairs[12:], 450)  # skewed
+    graphs = counters["stats"]["unique_graphs"]
+    assert 2 <= graphs <= 6
+    for seed, per, batch_tokens in ((5, 3, 700), (6, 7, 1500), (7, 2, 3000)):
+        check(_pairs(n_passages=7, per=per, seed=seed), batch_tokens)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_plan_slots_packs_each_target_once_beside_its_source():
     from qgscale.models.t5_scoring import plan_slots
 

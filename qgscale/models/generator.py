@@ -282,7 +282,7 @@ def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
     ``sources``/``targets`` are token id lists (already truncated). The encoder runs once per
     distinct source per batch. T5 and mT5 run :mod:`qgscale.models.t5_scoring` (fused
     attention, cross-attention K/V once per source, LM head on real tokens; ``compiled``:
-    its encoder and decoder under ``torch.compile``); other models run the HF forward with
+    its encoder and decoder blocks under ``torch.compile``); other models run the HF forward with
     the decoder's cross-attention K/V computed once per source where the architecture allows
     (:func:`_cross_cache`), else against the encoder output expanded to the targets.
     """
@@ -292,7 +292,7 @@ def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
     src_lens = [len(s) for s in sources]
     tgt_lens = [len(t) for t in targets]
     t5 = t5_scoring.supports(model)
-    fns = _compiled_t5() if t5 and compiled else {}
+    blocks = t5_scoring.block_fns(compiled)
     pending: list[tuple[Batch, torch.Tensor, torch.Tensor]] = []
     for b in plan_batches(src_lens, tgt_lens, pair_src, batch_tokens, group):
         ids = _to_device(_pad_np([sources[s] for s in b.sources], pad_id), device)
@@ -307,7 +307,7 @@ def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
                 labels = _to_device(labels, device)
                 s, n = t5_scoring.score_batch(model, ids, mask, slots, labels,
                                               _decoder_inputs(model, labels), rows,
-                                              _target_logprobs, **fns)
+                                              _target_logprobs, blocks)
             else:
                 index = torch.as_tensor(b.target_source, device=device)
                 enc = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -331,17 +331,6 @@ def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host array to ``device``; on CUDA through pinned memory, so the copy is asynchronous."""
     t = torch.from_numpy(x)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-_COMPILED_T5: dict[str, Any] = {}
-
-
-def _compiled_t5() -> dict[str, Any]:
-    """:func:`t5_scoring.encode`/``decode`` under ``torch.compile`` (dynamic shapes), once."""
-    if not _COMPILED_T5:
-        _COMPILED_T5.update(encode_fn=torch.compile(t5_scoring.encode, dynamic=True),
-                            decode_fn=torch.compile(t5_scoring.decode, dynamic=True))
-    return _COMPILED_T5
 
 
 @torch.inference_mode()

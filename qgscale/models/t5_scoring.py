@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,15 +39,17 @@ def supports(model: nn.Module) -> bool:
         model, "lm_head")
 
 
-def _aligned(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero tensor of ``shape`` whose last-dim storage is padded to :data:`ALIGN`."""
-    last = -(-shape[-1] // ALIGN) * ALIGN
+def _aligned(*shape: int, dtype: torch.dtype, device: torch.device, align: int = ALIGN
+             ) -> torch.Tensor:
+    """A zero tensor of ``shape`` whose last-dim storage is padded to ``align``."""
+    last = -(-shape[-1] // align) * align
     return torch.zeros(*shape[:-1], last, dtype=dtype, device=device)[..., :shape[-1]]
 
 
-def key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def key_bias(mask: torch.Tensor, dtype: torch.dtype, align: int = ALIGN) -> torch.Tensor:
     """(B, 1, 1, L) additive bias: 0 for real keys, the dtype's minimum for padding (as HF)."""
-    out = _aligned(mask.shape[0], 1, 1, mask.shape[1], dtype=dtype, device=mask.device)
+    out = _aligned(mask.shape[0], 1, 1, mask.shape[1], dtype=dtype, device=mask.device,
+                   align=align)
     out.masked_fill_(mask[:, None, None, :] == 0, torch.finfo(dtype).min)
     return out
 
@@ -92,20 +95,30 @@ def _act_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def encode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Encoder states (B, L, d) of prompted passages ``ids`` with padding ``mask``."""
+def encode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+           blocks: Blocks | None = None) -> torch.Tensor:
+    """Encoder states (B, L, d) of prompted passages ``ids`` with padding ``mask``;
+    ``blocks``: :func:`block_fns` (default: eager)."""
+    blocks = blocks or EAGER
     stack = model.get_encoder()
     x = stack.embed_tokens(ids)
     n = ids.shape[1]
     pos = stack.block[0].layer[0].SelfAttention.compute_bias(n, n, device=ids.device)
     dtype = _act_dtype(x)
-    bias = _aligned(ids.shape[0], pos.shape[1], n, n, dtype=dtype, device=ids.device)
-    torch.add(pos.to(dtype), key_bias(mask, dtype), out=bias)
+    bias = _aligned(ids.shape[0], pos.shape[1], n, n, dtype=dtype, device=ids.device,
+                    align=blocks.align)
+    torch.add(pos.to(dtype), key_bias(mask, dtype, blocks.align), out=bias)
     for block in stack.block:
-        sa = block.layer[0]
-        x = _clamp(x + _attend(sa.SelfAttention, sa.layer_norm(x), bias))
-        x = _clamp(block.layer[-1](x))
+        x = blocks.encoder(block, x, bias)
     return stack.final_layer_norm(x)
+
+
+def encoder_block(block: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One T5 encoder block: self-attention and feed-forward sublayers, each pre-norm with a
+    residual."""
+    sa = block.layer[0]
+    x = _clamp(x + _attend(sa.SelfAttention, sa.layer_norm(x), bias))
+    return _clamp(block.layer[-1](x))
 
 
 @dataclass
@@ -141,43 +154,57 @@ def plan_slots(target_source: np.ndarray, n_sources: int) -> tuple[np.ndarray, n
 
 
 def decode(model: nn.Module, enc: torch.Tensor, enc_bias: torch.Tensor, slots: Slots,
-           dec_in: torch.Tensor) -> torch.Tensor:
+           dec_in: torch.Tensor, blocks: Blocks | None = None) -> torch.Tensor:
     """Decoder states (T, Lt, d) of teacher-forced inputs ``dec_in``; ``slots`` says which
-    encoder row each target reads; ``enc_bias`` = :func:`key_bias` of the encoder rows."""
+    encoder row each target reads; ``enc_bias`` = :func:`key_bias` of the encoder rows;
+    ``blocks``: :func:`block_fns` (default: eager)."""
+    blocks = blocks or EAGER
     stack = model.decoder
     y = stack.embed_tokens(dec_in)
     n = dec_in.shape[1]
     pos = stack.block[0].layer[0].SelfAttention.compute_bias(n, n, device=dec_in.device)
     causal = torch.ones(n, n, dtype=torch.bool, device=dec_in.device).triu(1)
     dtype = _act_dtype(y)
-    self_bias = _aligned(1, pos.shape[1], n, n, dtype=dtype, device=dec_in.device)
+    self_bias = _aligned(1, pos.shape[1], n, n, dtype=dtype, device=dec_in.device,
+                         align=blocks.align)
     self_bias.copy_(pos.to(dtype).masked_fill(causal, torch.finfo(dtype).min))
     enc = enc.index_select(0, slots.source)  # once per batch, not per layer
-    cross_bias = _aligned(slots.n, 1, 1, enc.shape[1], dtype=enc_bias.dtype, device=enc.device)
+    cross_bias = _aligned(slots.n, 1, 1, enc.shape[1], dtype=enc_bias.dtype, device=enc.device,
+                          align=blocks.align)
     cross_bias.copy_(enc_bias.index_select(0, slots.source))
     for block in stack.block:
-        sa, ca = block.layer[0], block.layer[1]
-        y = _clamp(y + _attend(sa.SelfAttention, sa.layer_norm(y), self_bias))
-        y = _clamp(y + _cross_attend(ca.EncDecAttention, ca.layer_norm(y), enc, cross_bias,
-                                     slots))
-        y = _clamp(block.layer[-1](y))
+        y = blocks.decoder(block, y, self_bias, enc, cross_bias, slots.place, slots.size)
     return y
 
 
+def decoder_block(block: nn.Module, y: torch.Tensor, self_bias: torch.Tensor,
+                  enc: torch.Tensor, cross_bias: torch.Tensor, place: torch.Tensor,
+                  size: int) -> torch.Tensor:
+    """One T5 decoder block: causal self-attention, cross-attention of the targets packed
+    into slots (``place``, ``size``: :class:`Slots`) over the slots' encoder rows ``enc``,
+    and feed-forward; each pre-norm with a residual."""
+    sa, ca = block.layer[0], block.layer[1]
+    y = _clamp(y + _attend(sa.SelfAttention, sa.layer_norm(y), self_bias))
+    y = _clamp(y + _cross_attend(ca.EncDecAttention, ca.layer_norm(y), enc, cross_bias,
+                                 place, size))
+    return _clamp(block.layer[-1](y))
+
+
 def _cross_attend(attn: nn.Module, x: torch.Tensor, enc: torch.Tensor, bias: torch.Tensor,
-                  slots: Slots) -> torch.Tensor:
-    """Cross-attention of targets ``x`` (T, Lt, d) packed into slots over the slots' encoder
-    rows ``enc`` (n, Ls, d); padding rows of a slot attend too and are dropped."""
-    lt = x.shape[1]
+                  place: torch.Tensor, size: int) -> torch.Tensor:
+    """Cross-attention of targets ``x`` (T, Lt, d) packed ``size`` to a slot at rows
+    ``place`` over the slots' encoder rows ``enc`` (n, Ls, d); padding rows of a slot attend
+    too and are dropped."""
+    n, lt = enc.shape[0], x.shape[1]
     heads, dk = attn.n_heads, attn.key_value_proj_dim
     inner = heads * dk
     q = attn.q(x)
-    packed = q.new_zeros(slots.n * slots.size, lt, inner).index_copy_(0, slots.place, q)
-    q = packed.view(slots.n, slots.size * lt, heads, dk).transpose(1, 2)
-    k = attn.k(enc).view(slots.n, -1, heads, dk).transpose(1, 2)
-    v = attn.v(enc).view(slots.n, -1, heads, dk).transpose(1, 2)
-    out = _sdpa(q, k, v, bias).transpose(1, 2).reshape(slots.n * slots.size, lt, inner)
-    return attn.o(out.index_select(0, slots.place))
+    packed = q.new_zeros(n * size, lt, inner).index_copy_(0, place, q)
+    q = packed.view(n, size * lt, heads, dk).transpose(1, 2)
+    k = attn.k(enc).view(n, -1, heads, dk).transpose(1, 2)
+    v = attn.v(enc).view(n, -1, heads, dk).transpose(1, 2)
+    out = _sdpa(q, k, v, bias).transpose(1, 2).reshape(n * size, lt, inner)
+    return attn.o(out.index_select(0, place))
 
 
 def head_scale(model: nn.Module) -> float:
@@ -225,20 +252,47 @@ def target_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor
 def score_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, slots: Slots,
                 labels: torch.Tensor, dec_in: torch.Tensor, rows: torch.Tensor,
                 logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                encode_fn: Callable = encode, decode_fn: Callable = decode
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                blocks: Blocks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target log-probs, real target tokens) per target of one planned batch.
 
     ``slots``: :func:`plan_slots` as tensors; ``rows``: flat positions of the real tokens in
     ``labels``. Both are computed on the host, so the batch runs without a device-to-host
     sync. ``logprobs(logits, labels)``: fp32 log-probabilities of the labels (the fast
-    path's log-sum-exp). ``encode_fn``/``decode_fn``: :func:`encode`/:func:`decode` or
-    compiled versions of them.
+    path's log-sum-exp). ``blocks``: :func:`block_fns` (default: eager).
     """
-    enc = encode_fn(model, ids, mask)
-    hidden = decode_fn(model, enc, key_bias(mask, _act_dtype(enc)), slots, dec_in)
+    blocks = blocks or EAGER
+    enc = encode(model, ids, mask, blocks)
+    hidden = decode(model, enc, key_bias(mask, _act_dtype(enc), blocks.align), slots, dec_in,
+                    blocks)
     real = labels.flatten().index_select(0, rows)
     lp = target_logprobs(model, hidden.flatten(0, 1).index_select(0, rows), real, logprobs)
     out = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
     out.index_copy_(0, rows, lp)
     return out.view(labels.shape).sum(-1), (labels >= 0).sum(-1)
+
+
+class Blocks(NamedTuple):
+    """The block functions a forward runs, and the row alignment of the biases it builds."""
+
+    encoder: Callable
+    decoder: Callable
+    align: int
+
+
+EAGER = Blocks(encoder_block, decoder_block, ALIGN)
+_COMPILED: list[Blocks] = []
+
+
+def block_fns(compiled: bool) -> Blocks:
+    """:func:`encoder_block` and :func:`decoder_block`, eager or under ``torch.compile`` with
+    dynamic shapes: regional compilation, one graph per block kind for every layer (modules
+    are graph inputs) and batch shape, fusing the element-wise work around the matmuls
+    (RMSNorm, gated GELU, residual adds) while the batch plan and slot layout, which vary
+    per batch, stay outside the graphs. Compiled blocks take contiguous biases (a padded row
+    stride would be guarded and recompiled on); inductor aligns them for the fused kernel."""
+    if not compiled:
+        return EAGER
+    if not _COMPILED:
+        _COMPILED.append(Blocks(torch.compile(encoder_block, dynamic=True),
+                                torch.compile(decoder_block, dynamic=True), 1))
+    return _COMPILED[0]
