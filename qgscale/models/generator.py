@@ -292,7 +292,7 @@ def score_pairs(model: nn.Module, sources: Sequence[Sequence[int]],
     src_lens = [len(s) for s in sources]
     tgt_lens = [len(t) for t in targets]
     t5 = t5_scoring.supports(model)
-    blocks = t5_scoring.block_fns(compiled)
+    blocks = t5_scoring.block_fns(t5 and compiled)
     pending: list[tuple[Batch, torch.Tensor, torch.Tensor]] = []
     for b in plan_batches(src_lens, tgt_lens, pair_src, batch_tokens, group):
         ids = _to_device(_pad_np([sources[s] for s in b.sources], pad_id), device)

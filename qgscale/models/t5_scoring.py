@@ -19,6 +19,7 @@ it equals the HF forward (tests compare them in fp32).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,10 +47,9 @@ def _aligned(*shape: int, dtype: torch.dtype, device: torch.device, align: int =
     return torch.zeros(*shape[:-1], last, dtype=dtype, device=device)[..., :shape[-1]]
 
 
-def key_bias(mask: torch.Tensor, dtype: torch.dtype, align: int = ALIGN) -> torch.Tensor:
+def key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, 1, L) additive bias: 0 for real keys, the dtype's minimum for padding (as HF)."""
-    out = _aligned(mask.shape[0], 1, 1, mask.shape[1], dtype=dtype, device=mask.device,
-                   align=align)
+    out = _aligned(mask.shape[0], 1, 1, mask.shape[1], dtype=dtype, device=mask.device)
     out.masked_fill_(mask[:, None, None, :] == 0, torch.finfo(dtype).min)
     return out
 
@@ -95,11 +95,42 @@ def _act_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def encoder_block(block: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One T5 encoder block: self-attention and feed-forward sublayers, each pre-norm with a
+    residual."""
+    sa = block.layer[0]
+    x = _clamp(x + _attend(sa.SelfAttention, sa.layer_norm(x), bias))
+    return _clamp(block.layer[-1](x))
+
+
+def decoder_block(block: nn.Module, y: torch.Tensor, self_bias: torch.Tensor,
+                  enc: torch.Tensor, cross_bias: torch.Tensor, place: torch.Tensor,
+                  size: int) -> torch.Tensor:
+    """One T5 decoder block: causal self-attention, cross-attention of the targets packed
+    into slots (``place``, ``size``: :class:`Slots`) over the slots' encoder rows ``enc``,
+    and feed-forward; each pre-norm with a residual."""
+    sa, ca = block.layer[0], block.layer[1]
+    y = _clamp(y + _attend(sa.SelfAttention, sa.layer_norm(y), self_bias))
+    y = _clamp(y + _cross_attend(ca.EncDecAttention, ca.layer_norm(y), enc, cross_bias,
+                                 place, size))
+    return _clamp(block.layer[-1](y))
+
+
+class Blocks(NamedTuple):
+    """The block functions a forward runs, and the row alignment of the biases it builds."""
+
+    encoder: Callable
+    decoder: Callable
+    align: int
+
+
+EAGER = Blocks(encoder_block, decoder_block, ALIGN)
+
+
 def encode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-           blocks: Blocks | None = None) -> torch.Tensor:
+           blocks: Blocks = EAGER) -> torch.Tensor:
     """Encoder states (B, L, d) of prompted passages ``ids`` with padding ``mask``;
     ``blocks``: :func:`block_fns` (default: eager)."""
-    blocks = blocks or EAGER
     stack = model.get_encoder()
     x = stack.embed_tokens(ids)
     n = ids.shape[1]
@@ -107,18 +138,10 @@ def encode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     dtype = _act_dtype(x)
     bias = _aligned(ids.shape[0], pos.shape[1], n, n, dtype=dtype, device=ids.device,
                     align=blocks.align)
-    torch.add(pos.to(dtype), key_bias(mask, dtype, blocks.align), out=bias)
+    torch.add(pos.to(dtype), key_bias(mask, dtype), out=bias)
     for block in stack.block:
         x = blocks.encoder(block, x, bias)
     return stack.final_layer_norm(x)
-
-
-def encoder_block(block: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """One T5 encoder block: self-attention and feed-forward sublayers, each pre-norm with a
-    residual."""
-    sa = block.layer[0]
-    x = _clamp(x + _attend(sa.SelfAttention, sa.layer_norm(x), bias))
-    return _clamp(block.layer[-1](x))
 
 
 @dataclass
@@ -154,11 +177,10 @@ def plan_slots(target_source: np.ndarray, n_sources: int) -> tuple[np.ndarray, n
 
 
 def decode(model: nn.Module, enc: torch.Tensor, enc_bias: torch.Tensor, slots: Slots,
-           dec_in: torch.Tensor, blocks: Blocks | None = None) -> torch.Tensor:
+           dec_in: torch.Tensor, blocks: Blocks = EAGER) -> torch.Tensor:
     """Decoder states (T, Lt, d) of teacher-forced inputs ``dec_in``; ``slots`` says which
     encoder row each target reads; ``enc_bias`` = :func:`key_bias` of the encoder rows;
     ``blocks``: :func:`block_fns` (default: eager)."""
-    blocks = blocks or EAGER
     stack = model.decoder
     y = stack.embed_tokens(dec_in)
     n = dec_in.shape[1]
@@ -175,19 +197,6 @@ def decode(model: nn.Module, enc: torch.Tensor, enc_bias: torch.Tensor, slots: S
     for block in stack.block:
         y = blocks.decoder(block, y, self_bias, enc, cross_bias, slots.place, slots.size)
     return y
-
-
-def decoder_block(block: nn.Module, y: torch.Tensor, self_bias: torch.Tensor,
-                  enc: torch.Tensor, cross_bias: torch.Tensor, place: torch.Tensor,
-                  size: int) -> torch.Tensor:
-    """One T5 decoder block: causal self-attention, cross-attention of the targets packed
-    into slots (``place``, ``size``: :class:`Slots`) over the slots' encoder rows ``enc``,
-    and feed-forward; each pre-norm with a residual."""
-    sa, ca = block.layer[0], block.layer[1]
-    y = _clamp(y + _attend(sa.SelfAttention, sa.layer_norm(y), self_bias))
-    y = _clamp(y + _cross_attend(ca.EncDecAttention, ca.layer_norm(y), enc, cross_bias,
-                                 place, size))
-    return _clamp(block.layer[-1](y))
 
 
 def _cross_attend(attn: nn.Module, x: torch.Tensor, enc: torch.Tensor, bias: torch.Tensor,
@@ -252,7 +261,7 @@ def target_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor
 def score_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, slots: Slots,
                 labels: torch.Tensor, dec_in: torch.Tensor, rows: torch.Tensor,
                 logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                blocks: Blocks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                blocks: Blocks = EAGER) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target log-probs, real target tokens) per target of one planned batch.
 
     ``slots``: :func:`plan_slots` as tensors; ``rows``: flat positions of the real tokens in
@@ -260,27 +269,13 @@ def score_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, slots: 
     sync. ``logprobs(logits, labels)``: fp32 log-probabilities of the labels (the fast
     path's log-sum-exp). ``blocks``: :func:`block_fns` (default: eager).
     """
-    blocks = blocks or EAGER
     enc = encode(model, ids, mask, blocks)
-    hidden = decode(model, enc, key_bias(mask, _act_dtype(enc), blocks.align), slots, dec_in,
-                    blocks)
+    hidden = decode(model, enc, key_bias(mask, _act_dtype(enc)), slots, dec_in, blocks)
     real = labels.flatten().index_select(0, rows)
     lp = target_logprobs(model, hidden.flatten(0, 1).index_select(0, rows), real, logprobs)
     out = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
     out.index_copy_(0, rows, lp)
     return out.view(labels.shape).sum(-1), (labels >= 0).sum(-1)
-
-
-class Blocks(NamedTuple):
-    """The block functions a forward runs, and the row alignment of the biases it builds."""
-
-    encoder: Callable
-    decoder: Callable
-    align: int
-
-
-EAGER = Blocks(encoder_block, decoder_block, ALIGN)
-_COMPILED: list[Blocks] = []
 
 
 def block_fns(compiled: bool) -> Blocks:
@@ -290,9 +285,10 @@ def block_fns(compiled: bool) -> Blocks:
     (RMSNorm, gated GELU, residual adds) while the batch plan and slot layout, which vary
     per batch, stay outside the graphs. Compiled blocks take contiguous biases (a padded row
     stride would be guarded and recompiled on); inductor aligns them for the fused kernel."""
-    if not compiled:
-        return EAGER
-    if not _COMPILED:
-        _COMPILED.append(Blocks(torch.compile(encoder_block, dynamic=True),
-                                torch.compile(decoder_block, dynamic=True), 1))
-    return _COMPILED[0]
+    return _compiled_blocks() if compiled else EAGER
+
+
+@functools.cache
+def _compiled_blocks() -> Blocks:
+    return Blocks(torch.compile(encoder_block, dynamic=True),
+                  torch.compile(decoder_block, dynamic=True), 1)
