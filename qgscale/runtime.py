@@ -263,32 +263,71 @@ def bundles(res: Resources, n: int | None = None) -> list[dict[str, float]]:
     return [dict(one) for _ in range(res.num_actors if n is None else n)]
 
 
+#: How long a stage's autoscaler request outlives its last renewal (a driver that dies
+#: mid-stage leaves it to lapse), and how often a running stage renews it: Ray Train's values.
+REQUEST_EXPIRE_S = 180.0
+REQUEST_RENEW_S = 20.0
+
+
 @contextmanager
 def requesting(stage: str, shapes: list[dict[str, float]]) -> Iterator[None]:
     """Ask the autoscaler for ``shapes`` (:func:`bundles`) while the block runs: the
     cluster scales up to fit them at once (KubeRay, the cluster launcher), not only after it
-    notices pending actors, and does not scale the GPU group down while a stage waits for
-    it. The request is replaced by an empty one when the block ends. It is a hint: on a
-    cluster without autoscaler it changes nothing, and a failing request only logs."""
-    from ray.autoscaler.sdk import request_resources
+    notices pending actors, and does not scale the GPU group down while a stage waits for it.
 
-    def send(b: list[dict[str, float]]) -> bool:
+    The request goes through Ray's ``AutoscalingCoordinator``, the cluster-wide actor with
+    which Ray Data and Ray Train register theirs: it sends the autoscaler the merge of every
+    live requester's bundles. (A bare ``request_resources`` replaces the one cluster-wide
+    request: the coordinator's next merge, every 20 s, would drop it, and clearing it would
+    drop everyone else's.) The request is renewed every :data:`REQUEST_RENEW_S` while the
+    block runs and cancelled when it ends; a driver that dies leaves it to expire. It is a
+    hint: on a cluster without autoscaler it changes nothing, and a failing request only
+    logs."""
+    if not shapes:
+        yield
+        return
+    import threading
+    import uuid
+
+    import ray
+
+    requester = f"qgscale-{stage}-{uuid.uuid4().hex[:8]}"
+    coordinator: Any = None
+
+    def call(method: str, **kwargs: Any) -> None:
+        nonlocal coordinator
         try:
-            request_resources(bundles=b)
-            return True
+            if coordinator is None:
+                from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                    get_or_create_autoscaling_coordinator,
+                )
+                coordinator = get_or_create_autoscaling_coordinator()
+            ray.get(getattr(coordinator, method).remote(requester_id=requester, **kwargs),
+                    timeout=10)
         except Exception as e:  # noqa: BLE001 - a hint: never fails the stage
-            log.warning("%s: could not request resources from the autoscaler (%s)", stage, e)
-            return False
+            log.warning("%s: could not %s from the autoscaler (%s)", stage,
+                        method.replace("_", " "), e)
 
-    sent = bool(shapes) and send(shapes)
-    if sent:
-        log.debug("%s: requested %d bundle(s) of %s from the autoscaler", stage, len(shapes),
-                  shapes[0])
+    def ask() -> None:
+        call("request_resources", resources=shapes, expire_after_s=REQUEST_EXPIRE_S)
+
+    ask()
+    log.debug("%s: requested %d bundle(s) of %s from the autoscaler", stage, len(shapes),
+              shapes[0])
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(REQUEST_RENEW_S):
+            ask()
+
+    renewer = threading.Thread(target=renew, name=f"{requester}-renew", daemon=True)
+    renewer.start()
     try:
         yield
     finally:
-        if sent:
-            send([])
+        done.set()
+        renewer.join()
+        call("cancel_request")
 
 
 def actor_device(num_gpus: float) -> str:

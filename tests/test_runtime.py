@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pyarrow as pa
 import pytest
@@ -46,9 +47,9 @@ def test_stage_asking_for_gpus_fails_before_any_work(ray_local, tmp_path):
 def test_training_stage_asking_for_gpus_fails_before_any_work(ray_local, tmp_path):
     """A Ray Train stage with ``use_gpu: true`` on a cluster without GPUs fails at once,
     naming the section and the resource, before its rows are built (Ray Train would wait for
-    the GPUs forever); the shapes it requests otherwise are one bundle per worker."""
+    the GPUs forever)."""
     from qgscale.config import TrainConfig, parse
-    from qgscale.train.trainer import run_train_qg, worker_bundles
+    from qgscale.train.trainer import check_workers, run_train_qg
 
     cfg = parse({"run": {"root": str(tmp_path)}, "qg": {"use_gpu": True}})
     out = str(tmp_path / "qg")
@@ -60,9 +61,8 @@ def test_training_stage_asking_for_gpus_fails_before_any_work(ray_local, tmp_pat
     assert not storage.exists(out)
     with pytest.raises(runtime.ResourceError, match=r"warmup: num_workers=3 x "
                                                     r"cpus_per_worker=1 asks for 3 CPUs"):
-        worker_bundles(TrainConfig(num_workers=3), "warmup")
-    assert worker_bundles(TrainConfig(num_workers=2, cpus_per_worker=0.5), "warmup") == [
-        {"CPU": 0.5}, {"CPU": 0.5}]
+        check_workers(TrainConfig(num_workers=3), "warmup")
+    check_workers(TrainConfig(num_workers=2, cpus_per_worker=0.5), "warmup")
 
 
 class _RecordRequest:
@@ -72,22 +72,26 @@ class _RecordRequest:
         return None
 
     def run(self, state: None, shard: runtime.Shard) -> pa.Table:
-        return pa.table({"requested": [_requested()]})
+        return pa.table({"requested": [json.dumps(_requested())]})
 
 
-def _requested() -> str:
+def _requested() -> list[dict[str, float]]:
+    """The cluster's one resource request, as the autoscaler reads it (the local Ray has no
+    autoscaler: the request is recorded in the cluster's KV store)."""
     from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
     from ray.experimental.internal_kv import _internal_kv_get
 
     got = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
-    return got.decode() if got is not None else ""
+    return json.loads(got) if got else []
+
+
+def _count(shape: dict[str, float], request: list[dict[str, float]]) -> int:
+    return sum(b == shape for b in request)
 
 
 def test_stage_requests_its_resources_from_the_autoscaler(ray_local, tmp_path):
-    """While a shard pool runs, the autoscaler has been asked (``request_resources``) for one
-    bundle per actor from the config; the request is cleared when the stage ends. (The local
-    Ray has no autoscaler: the request is recorded in the cluster's KV store, where the
-    autoscaler reads it, and the run is otherwise unchanged.)"""
+    """While a shard pool runs, the autoscaler has been asked for one bundle per actor from
+    the config; the request is withdrawn when the stage ends."""
     from qgscale.config import Actors
 
     assert runtime.bundles(runtime.Resources("s", 3, 0.5, 0.0)) == [{"CPU": 0.5}] * 3
@@ -96,19 +100,53 @@ def test_stage_requests_its_resources_from_the_autoscaler(ray_local, tmp_path):
     out = str(tmp_path / "out")
     shards = [runtime.Shard(f"part-{i:05d}", 1, i) for i in range(3)]
     stats = runtime.run_shards(_RecordRequest(), shards, out, "k",
-                               Actors(num_actors=2, cpus_per_actor=0.5, gpus_per_actor=0),
+                               Actors(num_actors=2, cpus_per_actor=0.375, gpus_per_actor=0),
                                stage="test.pool")
     assert stats["shards_run"] == 3
     seen = storage.read_parquet(out).column("requested").to_pylist()
-    assert [json.loads(x) for x in seen] == [[{"CPU": 0.5}, {"CPU": 0.5}]] * 3
-    assert json.loads(_requested()) == []  # cleared
-    with runtime.requesting("test", [{"CPU": 1.0}]):
-        assert json.loads(_requested()) == [{"CPU": 1.0}]
-        with pytest.raises(ValueError):
-            with runtime.requesting("test.inner", []):  # nothing asked: nothing changed
-                assert json.loads(_requested()) == [{"CPU": 1.0}]
-                raise ValueError
-    assert json.loads(_requested()) == []  # cleared on the way out
+    assert [_count({"CPU": 0.375}, json.loads(x)) for x in seen] == [2, 2, 2]
+    assert _count({"CPU": 0.375}, _requested()) == 0  # withdrawn
+
+
+def test_stage_requests_merge_with_other_requesters(ray_local, monkeypatch):
+    """Requests are merged with every other requester's on the cluster (Ray Data, Ray
+    Train, nested stages, other drivers), not written over them: a stage's request survives
+    the coordinator's periodic merge, and ending it withdraws only its own bundles. A request
+    is renewed while its stage runs."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    other, outer, inner = {"CPU": 0.125}, {"CPU": 0.625}, {"CPU": 0.875}
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.get(coordinator.request_resources.remote(  # e.g. a Ray Data job of another driver
+        requester_id="another-driver", resources=[other], expire_after_s=600))
+    monkeypatch.setattr(runtime, "REQUEST_RENEW_S", 0.2)
+
+    def expiry(self) -> float:  # run in the coordinator: when test.outer's request lapses
+        [t] = [r.expiration_time for rid, r in self._ongoing_reqs.items()
+               if rid.startswith("qgscale-test.outer-")]
+        return t
+
+    try:
+        with runtime.requesting("test.outer", [outer] * 2):
+            with runtime.requesting("test.inner", [inner]):
+                assert [_count(s, _requested()) for s in (other, outer, inner)] == [1, 2, 1]
+            assert [_count(s, _requested()) for s in (other, outer, inner)] == [1, 2, 0]
+            ray.get(coordinator.__ray_call__.remote(lambda self: self._tick()))  # re-sends
+            assert [_count(s, _requested()) for s in (other, outer, inner)] == [1, 2, 0]
+            with pytest.raises(ValueError):
+                with runtime.requesting("test.nothing", []):  # nothing asked: nothing sent
+                    assert _count(outer, _requested()) == 2
+                    raise ValueError
+            first = ray.get(coordinator.__ray_call__.remote(expiry))
+            time.sleep(1.0)
+            assert ray.get(coordinator.__ray_call__.remote(expiry)) > first  # renewed
+        assert [_count(s, _requested()) for s in (other, outer, inner)] == [1, 0, 0]
+    finally:
+        ray.get(coordinator.cancel_request.remote("another-driver"))
+    assert _count(other, _requested()) == 0
 
 
 def test_worker_env_carries_settings_not_credentials(s3_server):

@@ -34,7 +34,7 @@ from qgscale import storage
 from qgscale.config import TrainConfig
 from qgscale.data.corpus import read_rows
 from qgscale.errors import ConfigError, DataError, MissingInputError
-from qgscale.runtime import ResourceError, cluster_capacity, connect, requesting, worker_env
+from qgscale.runtime import ResourceError, cluster_capacity, connect, worker_env
 from qgscale.train import data as tdata
 from qgscale.train import tracking
 from qgscale.train.loop import TrainRun, plan_steps, train_loop_per_worker
@@ -44,13 +44,14 @@ from qgscale.train.tasks import QGRankTask, QGTask, StudentTask
 log = logging.getLogger("qgscale.train")
 
 
-def fit(run: TrainRun, rows_uri: str, stage: str, bundles: list[dict[str, float]]) -> Any:
+def fit(run: TrainRun, rows_uri: str) -> Any:
     """Run :func:`train_loop_per_worker` for ``run`` on ``run.config.num_workers`` Ray Train
     workers over the training shards under ``rows_uri``.
 
-    ``bundles`` (:func:`worker_bundles`, checked by the stage before it built its rows) are
-    requested from the autoscaler while the run lasts (:func:`qgscale.runtime.requesting`,
-    named ``stage``, the config section).
+    Ray Train asks the autoscaler for the worker group itself (through Ray's
+    ``AutoscalingCoordinator``, as :func:`qgscale.runtime.requesting` does for the other
+    stages); the stage checked the cluster can hold it (:func:`check_workers`) before it
+    built its rows.
 
     Every worker reads its micro-batches of the deterministic sample stream from the shards
     itself (:mod:`qgscale.train.order`; no Ray Data split, whose row-to-worker assignment
@@ -87,7 +88,7 @@ def fit(run: TrainRun, rows_uri: str, stage: str, bundles: list[dict[str, float]
             storage_filesystem=storage.pyarrow_filesystem(ckpt_root),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-    with requesting(stage, bundles), _progress(run):
+    with _progress(run):
         try:
             return trainer.fit()
         except BaseException:
@@ -97,10 +98,10 @@ def fit(run: TrainRun, rows_uri: str, stage: str, bundles: list[dict[str, float]
             raise
 
 
-def worker_bundles(tc: TrainConfig, stage: str) -> list[dict[str, float]]:
-    """The resource shapes of the Ray Train workers of ``tc`` (section ``stage``), checked
-    against what the cluster can have: a :class:`qgscale.runtime.ResourceError` when it
-    cannot (a Ray Train run would otherwise wait for them forever)."""
+def check_workers(tc: TrainConfig, stage: str) -> None:
+    """Check the Ray Train workers of ``tc`` (section ``stage``) against what the cluster
+    can have: a :class:`qgscale.runtime.ResourceError` when it cannot (a Ray Train run
+    would otherwise wait for them forever)."""
     n = tc.num_workers
     if n < 1:
         raise ResourceError(f"{stage}.num_workers={n}: expected >= 1")
@@ -113,8 +114,6 @@ def worker_bundles(tc: TrainConfig, stage: str) -> list[dict[str, float]]:
                 f"{what}s but the Ray cluster has {now:g} (at most {most:g}); join a cluster "
                 f"with them (ray.address) or lower {stage}.num_workers"
                 + (f" or set {stage}.use_gpu: false" if what == "GPU" else ""))
-    return [{"CPU": float(tc.cpus_per_worker), **({"GPU": 1.0} if tc.use_gpu else {})}
-            for _ in range(n)]
 
 
 @contextlib.contextmanager
@@ -171,7 +170,7 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
 
     sc = getattr(cfg, stage)
     connect(cfg.ray)
-    bundles = worker_bundles(sc, stage)  # fail fast, before the rows are built
+    check_workers(sc, stage)  # fail fast, before the rows are built
     distill = stage == "distill"
     if distill:
         lc = sc.loss
@@ -212,7 +211,7 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
         model.save_pretrained(init)
     run = TrainRun(StudentTask(sc, distill=distill), init_uri=init, output_uri=out_uri,
                    rows=counts["rows"], seed=cfg.run.seed, storage_env=worker_env())
-    result = fit(run, rows_uri, stage, bundles)
+    result = fit(run, rows_uri)
     return _finish(out_uri, key, result, stage=stage, counts=counts, inputs=inputs)
 
 
@@ -271,7 +270,7 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
 
     qc = cfg.qg
     connect(cfg.ray)
-    bundles = worker_bundles(qc, "qg")  # fail fast, before the rows are built
+    check_workers(qc, "qg")  # fail fast, before the rows are built
     inputs = dict(queries_uri=queries_uri, corpus_uri=corpus_uri, qrels_uri=qrels_uri)
     for uri, what in ((queries_uri, "queries"), (corpus_uri, "corpus"), (qrels_uri, "qrels")):
         if not storage.exists(uri):
@@ -299,7 +298,7 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
                              seed=cfg.run.seed).save_pretrained(init)
     run = TrainRun(QGTask(qc), init_uri=init, output_uri=out_uri, rows=n_rows,
                    seed=cfg.run.seed, storage_env=worker_env())
-    result = fit(run, rows_uri, "qg", bundles)
+    result = fit(run, rows_uri)
     return _finish(out_uri, key, result, stage="qg", counts={"rows": n_rows},
                    inputs=inputs)
 
@@ -317,7 +316,7 @@ def run_train_qg_rank(cfg: Any, *, out_uri: str, key: str, qg_model: Any, exampl
 
     rc = cfg.qg_rank
     connect(cfg.ray)
-    bundles = worker_bundles(rc, "qg_rank")  # fail fast, before the rows are built
+    check_workers(rc, "qg_rank")  # fail fast, before the rows are built
     if rc.n_negatives > cfg.mine.n_negatives:
         raise ConfigError(f"qg_rank.n_negatives={rc.n_negatives} > mine.n_negatives="
                           f"{cfg.mine.n_negatives}: the mined examples hold at most "
@@ -348,5 +347,5 @@ def run_train_qg_rank(cfg: Any, *, out_uri: str, key: str, qg_model: Any, exampl
                              seed=cfg.run.seed).save_pretrained(init)
     run = TrainRun(QGRankTask(rc), init_uri=init, output_uri=out_uri, rows=counts["rows"],
                    seed=cfg.run.seed, storage_env=worker_env())
-    result = fit(run, rows_uri, "qg_rank", bundles)
+    result = fit(run, rows_uri)
     return _finish(out_uri, key, result, stage="qg-rank", counts=counts, inputs=inputs)
