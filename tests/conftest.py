@@ -111,3 +111,15 @@ def load_benchmark(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def autoscaler_request() -> list[dict[str, float]]:
+    """The cluster's one resource request, as the autoscaler reads it (the local Ray has no
+    autoscaler: the request is recorded in the cluster's KV store)."""
+    import json
+
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    got = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(got) if got else []

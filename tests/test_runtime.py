@@ -12,6 +12,7 @@ import pytest
 
 from qgscale import runtime, storage
 from qgscale.data.schema import CORPUS
+from tests.conftest import autoscaler_request
 
 
 def test_gpu_stage_fails_fast_on_a_cluster_without_gpus(ray_local):
@@ -72,21 +73,7 @@ class _RecordRequest:
         return None
 
     def run(self, state: None, shard: runtime.Shard) -> pa.Table:
-        return pa.table({"requested": [json.dumps(_requested())]})
-
-
-def _requested() -> list[dict[str, float]]:
-    """The cluster's one resource request, as the autoscaler reads it (the local Ray has no
-    autoscaler: the request is recorded in the cluster's KV store)."""
-    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    got = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
-    return json.loads(got) if got else []
-
-
-def _count(shape: dict[str, float], request: list[dict[str, float]]) -> int:
-    return sum(b == shape for b in request)
+        return pa.table({"requested": [json.dumps(autoscaler_request())]})
 
 
 def test_stage_requests_its_resources_from_the_autoscaler(ray_local, tmp_path):
@@ -104,8 +91,8 @@ def test_stage_requests_its_resources_from_the_autoscaler(ray_local, tmp_path):
                                stage="test.pool")
     assert stats["shards_run"] == 3
     seen = storage.read_parquet(out).column("requested").to_pylist()
-    assert [_count({"CPU": 0.375}, json.loads(x)) for x in seen] == [2, 2, 2]
-    assert _count({"CPU": 0.375}, _requested()) == 0  # withdrawn
+    assert [json.loads(x).count({"CPU": 0.375}) for x in seen] == [2, 2, 2]
+    assert autoscaler_request().count({"CPU": 0.375}) == 0  # withdrawn
 
 
 def test_stage_requests_merge_with_other_requesters(ray_local, monkeypatch):
@@ -119,6 +106,11 @@ def test_stage_requests_merge_with_other_requesters(ray_local, monkeypatch):
     )
 
     other, outer, inner = {"CPU": 0.125}, {"CPU": 0.625}, {"CPU": 0.875}
+
+    def counts() -> list[int]:
+        request = autoscaler_request()
+        return [request.count(s) for s in (other, outer, inner)]
+
     coordinator = get_or_create_autoscaling_coordinator()
     ray.get(coordinator.request_resources.remote(  # e.g. a Ray Data job of another driver
         requester_id="another-driver", resources=[other], expire_after_s=600))
@@ -132,21 +124,21 @@ def test_stage_requests_merge_with_other_requesters(ray_local, monkeypatch):
     try:
         with runtime.requesting("test.outer", [outer] * 2):
             with runtime.requesting("test.inner", [inner]):
-                assert [_count(s, _requested()) for s in (other, outer, inner)] == [1, 2, 1]
-            assert [_count(s, _requested()) for s in (other, outer, inner)] == [1, 2, 0]
+                assert counts() == [1, 2, 1]
+            assert counts() == [1, 2, 0]
             ray.get(coordinator.__ray_call__.remote(lambda self: self._tick()))  # re-sends
-            assert [_count(s, _requested()) for s in (other, outer, inner)] == [1, 2, 0]
+            assert counts() == [1, 2, 0]
             with pytest.raises(ValueError):
                 with runtime.requesting("test.nothing", []):  # nothing asked: nothing sent
-                    assert _count(outer, _requested()) == 2
+                    assert autoscaler_request().count(outer) == 2
                     raise ValueError
             first = ray.get(coordinator.__ray_call__.remote(expiry))
             time.sleep(1.0)
             assert ray.get(coordinator.__ray_call__.remote(expiry)) > first  # renewed
-        assert [_count(s, _requested()) for s in (other, outer, inner)] == [1, 0, 0]
+        assert counts() == [1, 0, 0]
     finally:
         ray.get(coordinator.cancel_request.remote("another-driver"))
-    assert _count(other, _requested()) == 0
+    assert autoscaler_request().count(other) == 0
 
 
 def test_worker_env_carries_settings_not_credentials(s3_server):

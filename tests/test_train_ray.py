@@ -47,6 +47,7 @@ from qgscale.train.trainer import (
     run_train_qg_rank,
     run_train_warmup,
 )
+from tests.conftest import autoscaler_request
 
 BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
         "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
@@ -268,12 +269,26 @@ def test_qg_finetuning_lowers_ce(toy, ray_local, tmp_path):
         model=ModelConfig(init=T5, tokenizer=str(toy / "tok")), num_workers=2,
         cpus_per_worker=0.5, batch_size=8, lr=3e-3, warmup_ratio=0.0, epochs=1,
         log_every=2, checkpoint_every=100, max_query_len=16, max_passage_len=64))
-    m = run_train_qg(cfg, out_uri=cfg.uri("train", "qg"), key="k1", **_inputs(toy))
+    seen, done = [], threading.Event()
+
+    def watch() -> None:  # what the autoscaler is asked for while the stage runs
+        while not done.wait(0.2):
+            seen.append(sum(b == {"CPU": 0.5} for b in autoscaler_request()))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        m = run_train_qg(cfg, out_uri=cfg.uri("train", "qg"), key="k1", **_inputs(toy))
+    finally:
+        done.set()
+        watcher.join()
     log = _metrics(storage.join(cfg.uri("train", "qg"), "metrics.jsonl"))
     assert log[-1]["step"] == 8
     assert log[-1]["loss"] < log[0]["loss"]
     qg = QueryGenerator.from_pretrained(m["model"])
     assert qg.prompt == cfg.qg.prompt
+    # Ray Train asked the autoscaler for the two workers itself, and withdrew the request
+    assert max(seen) == 2 and autoscaler_request().count({"CPU": 0.5}) == 0
 
 
 def _positive_first(qg, toy, examples: list[dict]) -> float:
