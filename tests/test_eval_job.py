@@ -260,11 +260,11 @@ def ray_head(tmp_path):
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        try:
-            proc.wait(20)
+        try:  # a throwaway cluster: a short grace, then SIGKILL (its temp dir goes too)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
-        deadline = time.time() + 10
+        deadline = time.time() + 3
         for pid in tree:
             while time.time() < deadline and os.path.exists(f"/proc/{pid}"):
                 time.sleep(0.2)
