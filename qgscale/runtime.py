@@ -290,18 +290,15 @@ def requesting(stage: str, shapes: list[dict[str, float]]) -> Iterator[None]:
     import uuid
 
     import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
 
     requester = f"qgscale-{stage}-{uuid.uuid4().hex[:8]}"
-    coordinator: Any = None
 
     def call(method: str, **kwargs: Any) -> None:
-        nonlocal coordinator
         try:
-            if coordinator is None:
-                from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-                    get_or_create_autoscaling_coordinator,
-                )
-                coordinator = get_or_create_autoscaling_coordinator()
+            coordinator = get_or_create_autoscaling_coordinator()  # a named-actor lookup
             ray.get(getattr(coordinator, method).remote(requester_id=requester, **kwargs),
                     timeout=10)
         except Exception as e:  # noqa: BLE001 - a hint: never fails the stage

@@ -273,7 +273,7 @@ def test_qg_finetuning_lowers_ce(toy, ray_local, tmp_path):
 
     def watch() -> None:  # what the autoscaler is asked for while the stage runs
         while not done.wait(0.2):
-            seen.append(sum(b == {"CPU": 0.5} for b in autoscaler_request()))
+            seen.append(autoscaler_request().count({"CPU": 0.5}))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
