@@ -51,28 +51,29 @@ SHARED = ("prepare", "bm25-eval", "train-qg", "warmup", "index", "mine", "qg-ran
           "generate", "score")
 SPLIT = "test"
 
-# --tiny: tiny random models (the test suite's sizes), 2 seeds: the machinery in a minute
+# --tiny: tiny random models, 2 seeds: the machinery in minutes. The test suite's pipeline
+# tests run the same config (tests/conftest.py::tiny_run), and the quality test runs on a copy
+# of that run, so only the variants train there.
 TINY = {
-    "run": {"name": "quality-tiny", "seed": 3, "root": "runs/quality-tiny"},
+    "run": {"name": "tiny", "seed": 3, "root": "runs/tiny"},
     "ray": {"num_cpus": 2},
-    "data": {"format": "xquad", "input": "qgscale/resources/xquad", "query_langs": ["de"],
-             "corpus_langs": ["en"]},
+    "data": {"format": "xquad", "query_langs": ["de"], "corpus_langs": ["en"]},  # + input
     "qg": {"model": {"init": {"model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 64,
                               "num_layers": 1, "num_decoder_layers": 1, "num_heads": 4},
                      "tokenizer": "xquad-tokenizer:2000"},
-           "max_steps": 4, "batch_size": 8, "lr": 1e-3, "max_passage_len": 96,
+           "max_steps": 6, "batch_size": 8, "lr": 1e-3, "max_passage_len": 96,
            "max_query_len": 24, "checkpoint_every": 1000},
-    "qg_rank": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "n_negatives": 2,
-                "checkpoint_every": 1000},
+    "qg_rank": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "n_negatives": 2,
+                "gen_weight": 0.5, "checkpoint_every": 1000},
     "encoder": {"model": {"init": {"model_type": "bert", "hidden_size": 32,
                                    "num_hidden_layers": 1, "num_attention_heads": 4,
                                    "intermediate_size": 64},
                           "tokenizer": "xquad-tokenizer:2000"},
                 "pooling": "mean", "normalize": True, "temperature": 0.1},
-    "warmup": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "max_passage_len": 96,
+    "warmup": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "max_passage_len": 96,
                "max_query_len": 24, "checkpoint_every": 1000,
                "loss": {"alpha": 0.0, "beta": 0.0}},
-    "distill": {"max_steps": 3, "batch_size": 8, "lr": 1e-3, "max_passage_len": 96,
+    "distill": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "max_passage_len": 96,
                 "max_query_len": 24, "checkpoint_every": 1000,
                 "loss": {"alpha": 1.0, "beta": 0.5, "n_candidates": 4}},
     "teacher": {"score": {"num_actors": 1, "shard_pairs": 1500, "precision": "fp32"},
@@ -83,6 +84,14 @@ TINY = {
     "eval": {"k": [1, 5, 10], "top_k": 10, "splits": [SPLIT]},
 }
 TINY_SEEDS = [1, 2]
+
+
+def write_tiny_config(path: str | Path) -> str:
+    """Write the ``--tiny`` config (:data:`TINY`, the bundled XQuAD) as YAML to ``path``."""
+    raw = dict(TINY, data={**TINY["data"], "input": readers.bundled("xquad")})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(raw))
+    return str(path)
 
 
 def variant_cfg(cfg, alpha, beta, seed: int):
@@ -287,10 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     config = args.config
     if args.tiny:
         seeds = TINY_SEEDS if args.seeds == ap.get_default("seeds") else seeds
-        config = str(Path(args.out).with_suffix(".tiny.yaml"))
-        Path(config).parent.mkdir(parents=True, exist_ok=True)
-        raw = dict(TINY, data={**TINY["data"], "input": str(REPO / TINY["data"]["input"])})
-        Path(config).write_text(yaml.safe_dump(raw))
+        config = write_tiny_config(Path(args.out).with_suffix(".tiny.yaml"))
     cfg = config_mod.load(config, args.set)
     langs = [x for x in cfg.data.query_langs or readers.XQUAD_LANGS if x != "en"]
     load0, t0 = os.getloadavg(), time.time()

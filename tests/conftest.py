@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RESOURCES = REPO / "qgscale" / "resources"
@@ -100,6 +101,33 @@ def tokenizer():
 
     return train_tokenizer(xquad_texts(["en", "de", "ru", "zh", "ar", "hi"])[:3000],
                            vocab_size=3000)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, ray_local) -> tuple[Path, dict]:
+    """The whole pipeline, run once per session on tiny random models (real Ray, DeepSpeed and
+    FAISS): ``benchmarks/quality.py --tiny``'s config. Returns (config path, stage results).
+    Read-only: a test that changes a run works on a :func:`copy_run` of it."""
+    from qgscale import config, pipeline
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    path = Path(load_benchmark("quality").write_tiny_config(tmp / "tiny.yaml"))
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(dict(raw, run={**raw["run"], "root": str(tmp / "run")})))
+    return path, pipeline.run(config.load(path))
+
+
+def copy_run(config_path: Path, dest: Path) -> Path:
+    """A copy of the run of ``config_path`` under ``dest`` (``dest/run``), with its config
+    (``dest/<name>``, run.root changed); returns the new config's path. Finished stages stay
+    finished: their keys hash the files' modification times, which the copy keeps."""
+    import shutil
+
+    raw = yaml.safe_load(Path(config_path).read_text())
+    shutil.copytree(raw["run"]["root"], dest / "run")  # copy2: modification times kept
+    out = dest / Path(config_path).name
+    out.write_text(yaml.safe_dump(dict(raw, run={**raw["run"], "root": str(dest / "run")})))
+    return out
 
 
 def load_benchmark(name: str):

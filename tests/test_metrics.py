@@ -54,9 +54,18 @@ def _random_case(seed: int, n_q: int = 40, n_p: int = 60):
     return qrels, run
 
 
+@pytest.fixture(scope="module")
+def ranx():
+    """ranx, its numba kernels run as plain Python: the same code, without the ~60 s of JIT
+    compilation it cost the suite for 40 queries. numba reads the switch when ranx decorates
+    its kernels (at import) and when ranx builds its typed lists, so it stays set."""
+    numba = pytest.importorskip("numba")
+    numba.config.DISABLE_JIT = True
+    return pytest.importorskip("ranx")
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_ranx(seed):
-    ranx = pytest.importorskip("ranx")
+def test_matches_ranx(seed, ranx):
     qrels, run = _random_case(seed)
     names = ["recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10", "map"]
     ours = M.evaluate(run, qrels, names)

@@ -6,54 +6,19 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from qgscale import config, pipeline, storage
-from qgscale.data import readers
 from qgscale.layout import STUDENTS, Layout
-from tests.conftest import REPO
-
-TINY = {
-    "run": {"name": "tiny", "seed": 3},
-    "ray": {"num_cpus": 2},
-    "data": {"format": "xquad", "input": readers.bundled("xquad"), "query_langs": ["de"],
-             "corpus_langs": ["en"]},
-    "qg": {"model": {"init": {"model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 64,
-                              "num_layers": 1, "num_decoder_layers": 1, "num_heads": 4},
-                     "tokenizer": "xquad-tokenizer:2000"},
-           "max_steps": 6, "batch_size": 8, "lr": 1e-3, "max_passage_len": 96,
-           "max_query_len": 24, "checkpoint_every": 1000},
-    "encoder": {"model": {"init": {"model_type": "bert", "hidden_size": 32,
-                                   "num_hidden_layers": 1, "num_attention_heads": 4,
-                                   "intermediate_size": 64},
-                          "tokenizer": "xquad-tokenizer:2000"},
-                "pooling": "mean", "normalize": True, "temperature": 0.1},
-    "qg_rank": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "n_negatives": 2,
-                "gen_weight": 0.5, "checkpoint_every": 1000},
-    "warmup": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "max_passage_len": 96,
-               "max_query_len": 24, "checkpoint_every": 1000,
-               "loss": {"alpha": 0.0, "beta": 0.0}},
-    "distill": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "max_passage_len": 96,
-                "max_query_len": 24, "checkpoint_every": 1000,
-                "loss": {"alpha": 1.0, "beta": 0.5, "n_candidates": 4}},
-    "teacher": {"score": {"num_actors": 1, "shard_pairs": 1500, "precision": "fp32"},
-                "generate": {"langs": ["en"], "num_queries": 1, "max_new_tokens": 8}},
-    "index": {"encode": {"cpus_per_actor": 1}, "build": {"factory": "Flat"}},
-    "mine": {"top_k": 4, "n_negatives": 2},
-    "eval": {"k": [1, 5, 10], "top_k": 10},
-}
+from tests.conftest import REPO, copy_run
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, ray_local):
-    """The whole pipeline, run once on tiny models; the later tests read and change it."""
-    tmp_path = tmp_path_factory.mktemp("pipeline")
-    raw = dict(TINY, run={**TINY["run"], "root": str(tmp_path / "run")})
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    cfg = config.load(path)
-    results = pipeline.run(cfg)
-    return path, cfg, results
+def finished_run(tiny_run, tmp_path_factory):
+    """A copy of the session's tiny pipeline run (every stage, tiny models); the later tests
+    read and change it."""
+    path, results = tiny_run
+    path = copy_run(path, tmp_path_factory.mktemp("pipeline"))
+    return path, config.load(path), results
 
 
 def _records(cfg) -> dict[str, dict]:
@@ -252,8 +217,10 @@ def test_interrupted_training_stage_with_same_key_resumes(finished_run):
 
 @pytest.mark.slow
 def test_changed_key_reruns_stage_and_descendants_only(finished_run):
-    """warmup.lr changed: warm-up retrains from scratch (new weights), and exactly its
-    descendants rerun; prepare, train-qg and generate are untouched."""
+    """qg_rank.gen_weight changed: the teacher's ranking fine-tune retrains from scratch (new
+    weights, a fresh log), the stages downstream of it rerun (the new teacher's scores make a
+    new student), and nothing else: prepare, train-qg, warmup, index, mine and generate are
+    untouched."""
     import hashlib
 
     path, cfg, _ = finished_run
@@ -264,14 +231,14 @@ def test_changed_key_reruns_stage_and_descendants_only(finished_run):
         files = storage.list_files(lay.model(stage), ".safetensors")
         return hashlib.sha256(b"".join(storage.read_bytes(f) for f in files)).hexdigest()
 
-    old = {s: weights(s) for s in ("warmup", "distill")}
-    cfg2 = config.load(path, ["warmup.lr=0.0005"])
+    old = {s: weights(s) for s in ("qg-rank", "distill")}
+    cfg2 = config.load(path, ["qg_rank.gen_weight=0.25"])
     pipeline.run(cfg2)
     after = _records(cfg2)
     rerun = {s for s in pipeline.STAGE_NAMES if after[s]["started"] != before[s]["started"]}
-    assert rerun == set(DESCENDANTS["warmup"][1])
-    assert all(weights(s) != old[s] for s in old)  # both students changed
-    log = storage.read_bytes(storage.join(lay.train_dir("warmup"), "metrics.jsonl")).decode()
+    assert rerun == set(DESCENDANTS["qg-rank"][1])
+    assert all(weights(s) != old[s] for s in old)  # the teacher and the student changed
+    log = storage.read_bytes(storage.join(lay.train_dir("qg-rank"), "metrics.jsonl")).decode()
     steps = [json.loads(x)["step"] for x in log.splitlines() if x.strip()]
     assert steps and steps == sorted(set(steps))  # one fresh run's log, not appended to
     assert [s.state for s in pipeline.plan(cfg2)] == ["done"] * len(pipeline.STAGE_NAMES)

@@ -14,6 +14,20 @@ from qgscale.train.rows_dataset import build_student_rows_dataset
 from tests.test_corpus import data  # noqa: F401 - the shared fixture
 
 
+@pytest.fixture(autouse=True)
+def one_aggregator_per_shuffle():
+    """Each join's 2 hash partitions go to one aggregator actor, not one each: the partitioning
+    is the same, and the ~10 joins start half as many actor processes (most of these tests'
+    time on a 2-core machine)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    old = ctx.max_hash_shuffle_aggregators
+    ctx.max_hash_shuffle_aggregators = 1
+    yield
+    ctx.max_hash_shuffle_aggregators = old
+
+
 def _both(d: dict, tmp_path, loss: LossConfig, **inputs) -> tuple[list, dict, list, dict]:
     want, want_counts = tdata.build_student_rows(d["queries"], d["corpus"], loss, seed=7,
                                                  **inputs)
