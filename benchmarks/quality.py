@@ -86,9 +86,11 @@ TINY = {
 TINY_SEEDS = [1, 2]
 
 
-def write_tiny_config(path: str | Path) -> str:
-    """Write the ``--tiny`` config (:data:`TINY`, the bundled XQuAD) as YAML to ``path``."""
-    raw = dict(TINY, data={**TINY["data"], "input": readers.bundled("xquad")})
+def write_tiny_config(path: str | Path, root: str | None = None) -> str:
+    """Write the ``--tiny`` config (:data:`TINY`, the bundled XQuAD; ``run.root`` = ``root``
+    when given) as YAML to ``path``."""
+    raw = dict(TINY, data={**TINY["data"], "input": readers.bundled("xquad")},
+               run={**TINY["run"], **({"root": root} if root else {})})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(raw))
     return str(path)

@@ -111,9 +111,7 @@ def tiny_run(tmp_path_factory, ray_local) -> tuple[Path, dict]:
     from qgscale import config, pipeline
 
     tmp = tmp_path_factory.mktemp("tiny-run")
-    path = Path(load_benchmark("quality").write_tiny_config(tmp / "tiny.yaml"))
-    raw = yaml.safe_load(path.read_text())
-    path.write_text(yaml.safe_dump(dict(raw, run={**raw["run"], "root": str(tmp / "run")})))
+    path = Path(load_benchmark("quality").write_tiny_config(tmp / "tiny.yaml", str(tmp / "run")))
     return path, pipeline.run(config.load(path))
 
 
