@@ -128,10 +128,15 @@ def data_prepare(
         raise typer.BadParameter("give --format, --input and --output (or --config)")
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter("--on-error must be fail or skip")
+    args = dict(passages=passages, query_langs=_langs(query_langs),
+                corpus_langs=_langs(corpus_langs), test_mod=test_mod, kind=kind, lang=lang,
+                answer_lang=answer_lang)
+    # what is prepared: a re-run of it resumes, anything else starts the output afresh
+    key = storage.config_hash({"format": format, "on_error": on_error, "shard_rows": shard_rows,
+                               **args, "input": input, "input_fp": storage.fingerprint(input),
+                               "passages_fp": passages and storage.fingerprint(passages)})
     summary = prepare(format, input, output, on_error=on_error, shard_rows=shard_rows,
-                      passages=passages, query_langs=_langs(query_langs),
-                      corpus_langs=_langs(corpus_langs), test_mod=test_mod, kind=kind, lang=lang,
-                      answer_lang=answer_lang)
+                      config_hash=key, **args)
     _print(summary)
     if summary["rejected"]:
         typer.secho(f"{summary['rejected']} rows rejected: see {output}/_rejected.jsonl",

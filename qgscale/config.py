@@ -47,16 +47,18 @@ class RayConfig(Section):
 
 
 class DataConfig(Section):
-    format: Literal["xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "jsonl"] = "xquad"
+    # a whole dataset (corpus, queries, qrels); a canonical JSONL file of one kind is imported
+    # with the CLI (qgscale data prepare --format jsonl --kind ...)
+    format: Literal["xquad", "xor-tydi", "mkqa", "tatoeba", "beir"] = "xquad"
     input: str = ""  # raw input (file or folder); relative paths resolve against the config
     passages: str | None = None  # passage collection (xor-tydi)
     query_langs: list[str] | None = None  # None: every language in the input
     corpus_langs: list[str] | None = None
-    test_mod: int = 4  # xquad: article_idx % test_mod == 0 -> test split
+    test_mod: int = Field(4, ge=1)  # xquad: article_idx % test_mod == 0 -> test split
     # mkqa: take every question's answers in this language (e.g. "en" for an English corpus);
     # None: each question's own language
     answer_lang: str | None = None
-    shard_rows: int = 2000
+    shard_rows: int = Field(2000, ge=1)
     on_error: Literal["fail", "skip"] = "fail"
     # Training rows are joined on the driver up to this many training queries, above it by
     # Ray Data workers (qgscale.train.rows_dataset: the same rows; 0 = always Ray Data).
@@ -84,24 +86,24 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     """Shared knobs of every Ray Train + DeepSpeed run."""
 
-    num_workers: int = 1
+    num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 8  # per worker micro-batch (queries)
-    grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    clip_grad: float = 1.0
+    cpus_per_worker: float = Field(1, gt=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)  # per worker micro-batch (queries)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    clip_grad: float = Field(1.0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    checkpoint_every: int = 200  # steps; a checkpoint is also taken at the end
-    max_failures: int = 0
-    log_every: int = 10
-    max_query_len: int = 64
-    max_passage_len: int = 256
+    checkpoint_every: int = Field(200, ge=1)  # steps; a checkpoint is also taken at the end
+    max_failures: int = Field(0, ge=-1)
+    log_every: int = Field(10, ge=1)
+    max_query_len: int = Field(64, ge=1)
+    max_passage_len: int = Field(256, ge=1)
     # DeepSpeed ZeRO communication (stages 1-3; see configs/xor-tydi.yaml for the reasons):
     # overlap the gradient reduction with the backward pass, copy gradients into one
     # contiguous buffer as they are produced, and reduce / all-gather in buckets of this many
@@ -146,9 +148,9 @@ class QGRankConfig(TrainConfig):
     gen_weight: float = Field(1.0, ge=0.0)
     tau: float = Field(1.0, gt=0.0)  # softmax temperature over the candidates' scores
     # None: the QG's own lengths (the qg section's, what scoring uses)
-    max_query_len: int | None = None  # type: ignore[assignment]
-    max_passage_len: int | None = None  # type: ignore[assignment]
-    lr: float = 1e-4
+    max_query_len: int | None = Field(None, ge=1)  # type: ignore[assignment]
+    max_passage_len: int | None = Field(None, ge=1)  # type: ignore[assignment]
+    lr: float = Field(1e-4, gt=0)
 
 
 class EncoderConfig(Section):
@@ -156,20 +158,20 @@ class EncoderConfig(Section):
     pooling: Literal["cls", "mean"] = "cls"
     normalize: bool = False
     shared: bool = True
-    temperature: float = 1.0
+    temperature: float = Field(1.0, gt=0)
 
 
 class LossConfig(Section):
     """L = contrastive + alpha * KD + beta * align (see docs/method)."""
 
-    alpha: float = 1.0
-    beta: float = 1.0
-    tau_t: float = 1.0
-    tau_s: float = 1.0
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(1.0, ge=0)
+    tau_t: float = Field(1.0, gt=0)
+    tau_s: float = Field(1.0, gt=0)
     align: Literal["student_kl", "teacher_kl", "mse", "cosine"] = "student_kl"
     symmetric: bool = False
-    n_candidates: int = 8
-    n_hard_negatives: int = 1
+    n_candidates: int = Field(8, ge=1)
+    n_hard_negatives: int = Field(1, ge=0)
     kd_on_generated: bool = False  # KD also on generated queries (needs teacher scores for them)
 
 
@@ -182,8 +184,8 @@ class Actors(Section):
     settings change how fast a stage runs, not what it writes, so they are not part of any
     stage's key (:func:`key_values`): scaling out a crashed stage resumes it."""
 
-    num_actors: int | None = None  # None: one per GPU, else one per spare CPU
-    cpus_per_actor: float = 1.0  # CPUs per actor (fractions allowed)
+    num_actors: int | None = Field(None, ge=1)  # None: one per GPU, else one per spare CPU
+    cpus_per_actor: float = Field(1.0, gt=0)  # CPUs per actor (fractions allowed)
     # GPUs per actor: None = 1 when the Ray cluster has (or can scale up to) GPUs, else CPU
     # only (logged); 0 = CPU only; > 0 = required (fails at once on a cluster without GPUs)
     gpus_per_actor: float | None = Field(None, ge=0)
@@ -193,8 +195,8 @@ class Actors(Section):
 class ScoreConfig(Actors):
     """``teacher.score``: log P(query | passage) / |query| for every candidate pair."""
 
-    batch_tokens: int = 16384
-    shard_pairs: int = 2000
+    batch_tokens: int = Field(16384, ge=1)
+    shard_pairs: int = Field(2000, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # QG weight dtype on GPU (CPU: fp32)
 
 
@@ -202,13 +204,14 @@ class GenerateConfig(Actors):
     """``teacher.generate``: QG queries in other languages (alignment loss, KD on them)."""
 
     langs: list[str] = Field(default_factory=lambda: ["en"])
-    num_queries: int = 1
+    num_queries: int = Field(1, ge=1)
     do_sample: bool = False
-    num_beams: int = 1
-    top_p: float = 0.95
-    max_new_tokens: int = 32
-    batch_size: int = 32
-    shard_rows: int = 500  # passages per work unit at most (fewer: 2 units per actor at least)
+    num_beams: int = Field(1, ge=1)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)
+    # passages per work unit at most (fewer: 2 units per actor at least)
+    shard_rows: int = Field(500, ge=1)
     passages: Literal["positives", "corpus"] = "positives"  # qrels positives or every passage
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # QG weight dtype on GPU (CPU: fp32)
 
@@ -224,7 +227,7 @@ class EncodeConfig(Actors):
     """``index.encode``: the corpus embedded by Ray actors, one embedding shard per corpus
     shard (``gpus_per_actor`` as ``teacher.score``)."""
 
-    batch_size: int = 64
+    batch_size: int = Field(64, ge=1)
     dtype: Literal["float32", "float16"] = "float32"  # stored embeddings
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype on GPU
     max_retries: int = Field(2, ge=0)
@@ -238,10 +241,11 @@ class BuildConfig(Actors):
 
     factory: str = "auto"  # faiss index_factory string; "auto": by size and max_memory_gb
     metric: Literal["ip", "l2"] = "ip"
-    train_samples: int = 100_000
-    num_shards: int = 1  # index shards to search over; 1: one index; 0: every part its own
+    train_samples: int = Field(100_000, ge=1)
+    # index shards to search over; 1: one index; 0: every part its own
+    num_shards: int = Field(1, ge=0)
     merge: Literal["memory", "ondisk"] = "memory"  # how IVF parts are merged into one index
-    max_memory_gb: float = 8.0  # "auto" picks a factory whose index fits in this
+    max_memory_gb: float = Field(8.0, gt=0)  # "auto" picks a factory whose index fits in this
     max_retries: int = Field(2, ge=0)
 
 
@@ -252,15 +256,15 @@ class SearchConfig(Section):
     encoder: FAISS on GPU there, the shard in fp16 for Flat), each holding its shard and the
     pids of its ids."""
 
-    nprobe: int = 16
-    ef_search: int = 64
+    nprobe: int = Field(16, ge=1)
+    ef_search: int = Field(64, ge=1)
     # re-rank the top k * k_factor with the exact vectors of the embedding shards
     # (faiss.IndexRefine): "flat" float32, "fp16" half the memory; "none" off
     refine: Literal["none", "flat", "fp16"] = "none"
     k_factor: float = Field(4.0, ge=1.0)
-    batch_size: int = 128  # query encoding batch
+    batch_size: int = Field(128, ge=1)  # query encoding batch
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # query encoding autocast on GPU
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float | None = Field(None, ge=0)
 
 
@@ -271,11 +275,11 @@ class IndexConfig(Section):
 
 
 class MineConfig(Section):
-    top_k: int = 30  # candidates per query kept for the teacher
-    n_negatives: int = 8
-    skip_top: int = 0  # rank window start (skip possible false negatives)
+    top_k: int = Field(30, ge=1)  # candidates per query kept for the teacher
+    n_negatives: int = Field(8, ge=0)
+    skip_top: int = Field(0, ge=0)  # rank window start (skip possible false negatives)
     split: str = "train"  # queries/qrels split to mine for
-    shard_rows: int = 5000
+    shard_rows: int = Field(5000, ge=1)
 
 
 class BM25Config(Actors):
@@ -297,8 +301,8 @@ class BM25Config(Actors):
     n_negatives: int = Field(8, ge=0)  # hard negatives: the first non-matching passages
     n_positives: int | None = Field(None, ge=1)  # the first n matching ones (None: all)
     match: Literal["dpr", "dpr-chars"] = "dpr"  # qgscale.retrieval.answers
-    k1: float = 0.9
-    b: float = 0.4
+    k1: float = Field(0.9, ge=0)
+    b: float = Field(0.4, ge=0, le=1)
     baseline: bool = True  # bm25-eval: a BM25 row in the eval tables (eval.top_k passages)
     gpus_per_actor: float | None = Field(0, ge=0)  # CPU work
     max_retries: int = Field(2, ge=0)
@@ -306,7 +310,7 @@ class BM25Config(Actors):
 
 class EvalConfig(Section):
     k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20, 100])  # recall@k cut-offs
-    top_k: int = 100  # passages retrieved per query (and per language pair)
+    top_k: int = Field(100, ge=1)  # passages retrieved per query (and per language pair)
     splits: list[str] = Field(default_factory=lambda: ["test"])
     # `python -m qgscale.eval` (the eval job): what to evaluate; None: what the pipeline wrote
     model: str | None = None  # student; None: <root>/train/distill/model

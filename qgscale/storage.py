@@ -247,6 +247,8 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     try:
         with fs.open(path, "rb") as f:
             return pq.read_table(f, columns=columns)
+    except FileNotFoundError:
+        raise MissingInputError(f"{uri}: parquet file not found") from None
     except (pa.ArrowInvalid, OSError) as e:
         raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
 
@@ -486,16 +488,26 @@ def local_dir(uri: str, cache: str | None = None) -> str:
     cache = cache or os.environ.get("QGSCALE_CACHE", os.path.expanduser("~/.cache/qgscale"))
     key = f"{uri}\n{fingerprint(uri)}"
     dest = os.path.join(cache, hashlib.sha256(key.encode()).hexdigest()[:16])
-    if not os.path.exists(os.path.join(dest, ".complete")):
-        fs, path = url_to_fs(uri)
-        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-        open(os.path.join(tmp, ".complete"), "w").close()
-        if os.path.exists(dest):
-            import shutil
+    done = os.path.join(dest, ".complete")
+    if os.path.exists(done):
+        return dest
+    import shutil
 
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+    fs, path = url_to_fs(uri)
+    tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+    fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+    open(os.path.join(tmp, ".complete"), "w").close()
+    if os.path.isdir(dest) and not os.path.exists(done):  # an unfinished copy: set it aside
+        trash = f"{dest}.old-{uuid.uuid4().hex}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(dest, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    try:  # several processes on a node may download at once: the first rename wins
+        os.rename(tmp, dest)
+    except OSError:
+        if not os.path.exists(done):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process's complete copy is in place
     return dest
 
 

@@ -37,6 +37,16 @@ def test_every_shipped_config_validates():
     ("qg:\n  model: {}\n", r"c.yaml: qg.model: Value error, give name_or_path or init"),
     ("data:\n  format: csv\n", r"c.yaml: data.format: Input should be"),
     ("run: [1, 2]\n", r"c.yaml: run: Input should be a valid dictionary"),
+    # values that would fail deep inside a stage (a division by zero, an empty batch) or
+    # could never run (a canonical JSONL file is one kind, not a dataset)
+    ("data:\n  test_mod: 0\n", r"c.yaml: data.test_mod: Input should be greater than or equal"),
+    ("data:\n  shard_rows: 0\n", r"c.yaml: data.shard_rows: Input should be greater"),
+    ("data:\n  format: jsonl\n", r"c.yaml: data.format: Input should be"),
+    ("distill:\n  batch_size: 0\n", r"c.yaml: distill.batch_size: Input should be greater"),
+    ("distill:\n  loss: {tau_t: 0}\n", r"c.yaml: distill.loss.tau_t: Input should be greater"),
+    ("teacher:\n  score: {num_actors: 0}\n", r"c.yaml: teacher.score.num_actors: Input should"),
+    ("index:\n  search: {nprobe: 0}\n", r"c.yaml: index.search.nprobe: Input should be greater"),
+    ("mine:\n  top_k: 0\n", r"c.yaml: mine.top_k: Input should be greater"),
 ])
 def test_errors_name_the_key_path(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected):

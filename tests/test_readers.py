@@ -815,3 +815,156 @@ def test_mkqa_answer_lang_from_the_config(tmp_path):
                                               "mkqa-en.jsonl").read_text().splitlines()]
             by_id = {r["id"][: -len("_en")]: r["answers"] for r in en_rows}
             assert all(r["answers"] == by_id[r["qid"].split(":", 1)[1]] for r in rows)
+
+
+# Row defects that were once read without a word: each is now reported with file, line and
+# field (or, in skip mode, recorded), and no row is paired, split or typed wrongly.
+MKQA_ANSWERS = {"de": [{"type": "entity", "text": "a", "aliases": ["b"]}]}
+ROW_DEFECTS = {
+    "canonical unknown field": (
+        "jsonl", "c.jsonl", '{"pid": "p1", "lang": "en", "Title": "T", "text": "x"}\n',
+        {"kind": "corpus"}, r"c.jsonl:1: field 'Title': unknown field for corpus rows"),
+    "mkqa answers missing": (
+        "mkqa", "m.jsonl", '{"example_id": 1, "queries": {"de": "Wer?"}}\n', {},
+        r"m.jsonl:1: field 'answers': missing field"),
+    "mkqa answers of the language missing": (
+        "mkqa", "m.jsonl", '{"example_id": 1, "queries": {"de": "Wer?"}, "answers": {"en": '
+        '[{"text": "a"}]}}\n', {}, r"m.jsonl:1: field 'answers.de': missing field"),
+    "mkqa answers mistyped": (
+        "mkqa", "m.jsonl", '{"example_id": 1, "queries": {"de": "Wer?"}, "answers": {"de": '
+        '"Paris"}}\n', {}, r"m.jsonl:1: field 'answers.de': wrong type"),
+    "passage lang not a string": (
+        "passages", "p.jsonl", '{"id": "p1", "text": "x", "lang": 7}\n', {},
+        r"p.jsonl:1: field 'lang': wrong type: expected string, got int"),
+    "dpr lang null": (
+        "dpr", "d.jsonl", json.dumps({**_dpr_record(0, "q0"), "lang": None}) + "\n", {},
+        r"d.jsonl:1: field 'lang': missing field"),
+    "dpr positional id collides": (
+        "dpr", "d.jsonl", json.dumps({**_dpr_record(0, "q0"), "id": "1"}) + "\n"
+        + json.dumps({k: v for k, v in _dpr_record(1, "q1").items() if k != "id"}) + "\n", {},
+        r"d.jsonl:2: field '\(position: no id field\)': duplicate question id '1'"),
+    "tsv line of tabs": (
+        "passages", "p.tsv", "id\ttext\ttitle\n1\tok\tT\n\t\t\n", {},
+        r"p.tsv:3: field 'id': empty text"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(ROW_DEFECTS))
+def test_row_defects_are_reported_not_defaulted(tmp_path, defect):
+    fmt, name, text, kw, pattern = ROW_DEFECTS[defect]
+    path = _write(tmp_path / name, text)
+    with pytest.raises(DataError, match=pattern):
+        t = read(fmt, path, **kw)
+        list(t.get("corpus", []))  # a streamed collection is read when iterated
+
+
+def test_mkqa_unanswerable_keeps_an_empty_answer_list(tmp_path):
+    path = _write(tmp_path / "m.jsonl", json.dumps(
+        {"example_id": 1, "queries": {"de": "Wer?", "en": "Who?"},
+         "answers": {"de": [{"type": "unanswerable", "text": None}], "en": [
+             {"type": "entity", "text": "Ann", "aliases": ["Anne", "Ann"]}]}}) + "\n")
+    t = read("mkqa", path)
+    assert t["answers"] == [{"qid": "de:1", "answers": []},
+                            {"qid": "en:1", "answers": ["Ann", "Anne"]}]
+
+
+def test_xquad_missing_or_mistyped_structure(tmp_path):
+    for i, (doc, field) in enumerate([
+            ({"data": [{"title": "T"}]}, r"data\[0\].paragraphs': missing field"),
+            ({"data": [{"title": "T", "paragraphs": [{"context": "c"}]}]},
+             r"data\[0\].paragraphs\[0\].qas': missing field"),
+            ({"data": [{"title": "T", "paragraphs": ["c"]}]},
+             r"data\[0\].paragraphs\[0\]': wrong type: expected an object, got str"),
+            ({"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [7]}]}]},
+             r"data\[0\].paragraphs\[0\].qas\[0\]': wrong type")]):
+        folder = tmp_path / str(i)
+        _write(folder / "xquad.en.json", json.dumps(doc))
+        with pytest.raises(DataError, match=rf"xquad.en.json: field '{field}"):
+            read("xquad", str(folder), query_langs=["en"], corpus_langs=["en"])
+
+
+def test_tsv_header_after_a_byte_order_mark(tmp_path):
+    path = _write(tmp_path / "p.tsv", "\ufeffid\ttitle\ttext\n1\tT\tone\n".encode())
+    assert list(read("passages", path, lang="en")["corpus"]) == [
+        {"pid": "1", "lang": "en", "title": "T", "text": "one"}]
+
+
+def test_tatoeba_pairs_by_line_when_a_side_has_bad_bytes(tmp_path):
+    folder = tmp_path / "tt"
+    _write(folder / "tatoeba.deu-eng.deu", b"eins\n\xff zwei\ndrei\nvier\n")
+    _write(folder / "tatoeba.deu-eng.eng", b"one\ntwo\n\xff three\nfour\n")
+    rejects = readers.Rejects("skip")
+    t = read("tatoeba", str(folder), query_langs=["deu"], rejects=rejects)
+    pairs = {q["text"]: c["text"] for q, c in zip(t["queries"], t["corpus"], strict=True)}
+    assert pairs == {"eins": "one", "vier": "four"}
+    # each undecodable line, and the line it pairs with, is accounted for
+    assert sorted((r["file"].rsplit(".", 1)[-1], r["line"]) for r in rejects.rows) == [
+        ("deu", 2), ("deu", 3), ("eng", 2), ("eng", 3)]
+
+
+def test_beir_query_judged_in_two_splits(tmp_path):
+    b = tmp_path / "b"
+    _write(b / "corpus.jsonl", '{"_id": "d1", "text": "alpha"}\n{"_id": "d2", "text": "b"}\n')
+    _write(b / "queries.jsonl", '{"_id": "q1", "text": "a?"}\n')
+    _write(b / "qrels" / "dev.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    _write(b / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\td2\t1\n")
+    with pytest.raises(DataError, match=r"qrels/test.tsv:2: field 'query-id': query 'q1' is "
+                                        r"judged in split 'dev' too \(.*qrels/dev.tsv:2\)"):
+        read("beir", str(b))
+    _write(b / "queries.jsonl", '{"_id": "q1", "text": "a?", "lang": null}\n')
+    _write(b / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    b2 = tmp_path / "b2"
+    for f in ("corpus.jsonl", "queries.jsonl", "qrels/dev.tsv"):
+        _write(b2 / f, (b / f).read_text())
+    with pytest.raises(DataError, match=r"queries.jsonl:1: field 'lang': missing field"):
+        read("beir", str(b2))
+
+
+def test_prepare_resumes_a_duplicate_drop_cut_short(tmp_path, monkeypatch):
+    """A run that rewrote a shard without its duplicate and died before the shard's marker:
+    the re-run marks it done and drops nothing more (it once dropped a good row there)."""
+    rows = [f"p{i}\ttext {i}\tT\n" for i in range(6)]
+    src = _write(tmp_path / "c.tsv", "".join(rows[:2] + ["p1\tcopy\tT\n"] + rows[2:]))
+    out = str(tmp_path / "out")
+    write = storage.ShardWriter.write
+
+    def dies_after_the_shard(self, name, table, **extra):
+        if "dropped" in extra:  # the rewrite without the duplicate lands, then the crash
+            storage.write_parquet(self.shard_uri(name), table)
+            raise KeyboardInterrupt
+        return write(self, name, table, **extra)
+
+    monkeypatch.setattr(storage.ShardWriter, "write", dies_after_the_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("passages", src, out, shard_rows=2, on_error="skip")
+    monkeypatch.setattr(storage.ShardWriter, "write", write)
+    summary = prepare("passages", src, out, shard_rows=2, on_error="skip")
+    assert storage.read_parquet(f"{out}/corpus").column("pid").to_pylist() == [
+        f"p{i}" for i in range(6)]
+    assert summary["rows"] == {"corpus": 6} and summary["rejected"] == 1
+
+
+def test_prepare_again_on_other_input_starts_afresh(tmp_path):
+    """The CLI names what it prepares (arguments and the input's fingerprint): a re-run after
+    the input is mended rewrites the output, where it once kept the failed run's shards."""
+    from typer.testing import CliRunner
+
+    from qgscale import cli
+
+    rows = [f"p{i}\ttext {i}\tT\n" for i in range(6)]
+    src = tmp_path / "c.tsv"
+    src.write_text("".join(rows[:3] + ["p1\tcopy\tT\n"] + rows[3:]))
+    out = tmp_path / "out"
+    args = ["data", "prepare", "--format", "passages", "--input", str(src), "--output", str(out),
+            "--shard-rows", "2"]
+    assert CliRunner().invoke(cli.app, args).exit_code == 2  # the duplicate
+    src.write_text("".join(rows))
+    res = CliRunner().invoke(cli.app, args)
+    assert res.exit_code == 0, res.output
+    corpus = storage.read_parquet(str(out / "corpus"))
+    assert corpus.column("pid").to_pylist() == [f"p{i}" for i in range(6)]
+    assert len(storage.list_files(str(out / "corpus"), ".parquet")) == 3
+    started = storage.read_json(str(out / "corpus" / "_done" / "part-00000.json"))["time"]
+    assert CliRunner().invoke(cli.app, args).exit_code == 0  # the same again: resumed, kept
+    assert storage.read_json(str(out / "corpus" / "_done" / "part-00000.json"))["time"] == \
+        started

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import pyarrow as pa
 import pytest
@@ -166,6 +167,38 @@ def test_local_dir_downloads_a_remote_folder(s3_bucket, tmp_path):
     assert open(os.path.join(local, "sub", "w.bin"), "rb").read() == b"123"
     storage.upload_dir(local, storage.join(s3_bucket, "copy"))
     assert storage.read_bytes(storage.join(s3_bucket, "copy", "sub", "w.bin")) == b"123"
+
+
+LOAD_MODEL = """
+import os, sys, time, uuid
+from qgscale import storage
+model, cache, flags, n, procs = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:])
+local = storage.local_dir(model, cache=cache)
+open(os.path.join(flags, uuid.uuid4().hex), "w").close()
+deadline = time.time() + 60
+while len(os.listdir(flags)) < procs and time.time() < deadline:  # read while others fetch
+    for i in range(n):
+        with open(os.path.join(local, f"f{i}.bin"), "rb") as f:
+            assert f.read() == str(i).encode(), i
+"""
+
+
+def test_local_dir_downloaded_by_several_processes_at_once(s3_bucket, tmp_path):
+    """Actors on one node may fetch the same model together: every one gets the whole
+    folder, and none deletes files another is reading (each once ran rmtree on the folder).
+    Each process reads its copy until every process has one."""
+    model, n, procs = storage.join(s3_bucket, f"model-{uuid.uuid4().hex}"), 40, 4
+    for i in range(n):
+        storage.write_bytes(storage.join(model, f"f{i}.bin"), str(i).encode())
+    cache, flags = tmp_path / "cache", tmp_path / "flags"
+    flags.mkdir()
+    running = [subprocess.Popen([sys.executable, "-c", LOAD_MODEL, model, str(cache),
+                                 str(flags), str(n), str(procs)], stderr=subprocess.PIPE,
+                                text=True) for _ in range(procs)]
+    failed = [err for p in running for err in [p.communicate()[1]] if p.returncode]
+    assert failed == []
+    local = storage.local_dir(model, cache=str(cache))
+    assert [p.name for p in cache.iterdir()] == [os.path.basename(local)]  # no temp copy
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

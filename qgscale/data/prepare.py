@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import fsspec
@@ -12,7 +13,9 @@ from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.schema import SCHEMAS
 from qgscale.data.unique import SpilledIds
-from qgscale.errors import ConfigError
+from qgscale.errors import ConfigError, DataError, MissingInputError
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "dpr", "passages", "jsonl")
 
@@ -75,7 +78,11 @@ def read(fmt: str, input: str, *, passages: str | None = None,
             raise ConfigError(f"--kind must be one of {sorted(SCHEMAS)} for --format jsonl, "
                               f"got {kind!r}")
         return readers.read_canonical_jsonl(input, kind, rejects)
-    raise ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    raise _unknown(fmt)
+
+
+def _unknown(fmt: str) -> ConfigError:
+    return ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
 def write_tables(tables: readers.Tables, output: str, shard_rows: int = 2000,
@@ -117,8 +124,18 @@ def drop_duplicates(writer: storage.ShardWriter, names: list[str], shard_rows: i
     for i, dups in sorted(by_shard.items()):
         dups.sort(key=lambda d: d.seq)
         offsets = [d.seq - i * shard_rows for d in dups]
-        done = storage.read_json(writer.marker_uri(names[i])).get("dropped") == offsets
-        table = None if done else storage.read_parquet(writer.shard_uri(names[i]))
+        marker = storage.read_json(writer.marker_uri(names[i]))
+        table = None
+        if marker.get("dropped") != offsets:
+            table = storage.read_parquet(writer.shard_uri(names[i]))
+            if table.num_rows == marker["rows"] - len(offsets):
+                # filtered by a run that died before its marker: mark it, do not filter again
+                writer.write(names[i], table, dropped=offsets)
+                table = None
+            elif table.num_rows != marker["rows"]:
+                raise DataError(f"{writer.shard_uri(names[i])}: {table.num_rows} rows, its "
+                                f"marker says {marker['rows']}: remove {writer.root} and "
+                                "prepare again")
         for d, at in zip(dups, offsets, strict=True):  # raw: the row as it was written
             raw = None if table is None else json.dumps(table.slice(at, 1).to_pylist()[0],
                                                         ensure_ascii=False)
@@ -132,7 +149,19 @@ def drop_duplicates(writer: storage.ShardWriter, names: list[str], shard_rows: i
 
 def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
             shard_rows: int = 2000, config_hash: str = "", **kw: Any) -> dict[str, Any]:
-    """Convert and write; returns the summary manifest (row counts, rejected rows)."""
+    """Convert and write; returns the summary manifest (row counts, rejected rows).
+
+    ``config_hash`` names what is prepared (format, arguments, the input's fingerprint): a
+    re-run with the same one resumes, keeping finished shards; ``output`` holding a prepare
+    of another one is cleared first, so that no shard of other input or arguments is kept.
+    """
+    if fmt not in FORMATS:  # before anything is cleared
+        raise _unknown(fmt)
+    record = storage.join(output, "_prepare.json")
+    if storage.exists(record) and storage.read_json(record)["config_hash"] != config_hash:
+        log.info("%s held a prepare of other input or arguments: cleared", output)
+        storage.remove(output, recursive=True)
+    storage.write_json(record, {"config_hash": config_hash, "format": fmt, "input": input})
     rejects = readers.Rejects(on_error)
     with SpilledIds("passage id") as ids:
         tables = read(fmt, input, rejects=rejects, stream=True, ids=ids, **kw)
@@ -158,8 +187,21 @@ def run_prepare(data_cfg: Any, out_uri: str, key: str) -> dict[str, Any]:
 
 
 def export_jsonl(parquet_uri: str, output: str) -> int:
-    """Export a canonical parquet file or shard folder to JSONL; returns the row count."""
-    table = storage.read_parquet(parquet_uri)
-    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in table.to_pylist()]
-    storage.write_bytes(output, "".join(lines).encode())
-    return len(lines)
+    """Export a canonical parquet file or shard folder to JSONL; returns the row count.
+    Streamed: one record batch of one shard in memory at a time."""
+    import pyarrow.parquet as pq
+
+    fs, path = fsspec.core.url_to_fs(parquet_uri)
+    shards = storage.list_files(parquet_uri, ".parquet") if fs.isdir(path) else [parquet_uri]
+    if not shards:
+        raise MissingInputError(f"{parquet_uri}: no parquet shards in this folder")
+    rows = 0
+    with storage.writing_file(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for uri in shards:
+            storage.read_parquet(uri, columns=[])  # an unreadable shard fails naming it
+            with fsspec.open(uri, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=10_000):
+                    for r in batch.to_pylist():
+                        out.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    rows += batch.num_rows
+    return rows

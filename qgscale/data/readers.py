@@ -106,8 +106,10 @@ def _open(path: str):
     return fsspec.open(path, "rb", compression="infer")
 
 
-def _open_text_lines(path: str, rejects: Rejects) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) for a text file; gz by suffix; bad bytes are reported;
+def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False
+                     ) -> Iterator[tuple[int, str | None]]:
+    """(line number, decoded line) for a text file; gz by suffix; a UTF-8 byte-order mark
+    on line 1 is dropped; bad bytes are reported (and, with ``keep_bad``, yielded as None);
     corrupt or truncated gzip data raises :class:`DataError` with the last whole line read."""
     n = 0
     with _open(path) as f:
@@ -121,10 +123,14 @@ def _open_text_lines(path: str, rejects: Rejects) -> Iterator[tuple[int, str]]:
                 raise _corrupt(path, e, n) from None
             n += 1
             try:
-                yield n, raw.decode("utf-8").rstrip("\r\n")
+                text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 rejects.bad(path, n, None, f"undecodable bytes (not UTF-8): {e.reason} at "
                             f"byte {e.start}", raw.decode("utf-8", "replace"))
+                if keep_bad:
+                    yield n, None
+                continue
+            yield n, text.removeprefix("\ufeff") if n == 1 else text
 
 
 def iter_jsonl(path: str, rejects: Rejects) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -170,6 +176,16 @@ def load_json(path: str) -> Any:
 
 
 _MISSING = object()
+
+
+def get_lang(obj: dict, default: str, path: str, line: int | None, rejects: Rejects,
+             name: str = "lang") -> str | None:
+    """A row's own ``lang`` (a non-empty string, stripped), ``default`` when the row has no
+    ``lang`` field; a ``lang`` of another type, null or empty is reported (None)."""
+    if "lang" not in obj:
+        return default
+    value = get_str(obj, "lang", path, line, rejects, name=name)
+    return value and value.strip()
 
 
 def get_str(obj: dict, key: str, path: str, line: int | None, rejects: Rejects,
@@ -224,6 +240,21 @@ def _xquad_file(folder: str, lang: str) -> str:
     raise MissingInputError(f"{folder}: no xquad.{lang}.json(.gz)")
 
 
+def _xquad_list(obj: Any, key: str, loc: str, path: str, rejects: Rejects) -> list | None:
+    """``obj[key]``, a list, of the object at ``loc``; else reported (None)."""
+    if not isinstance(obj, dict):
+        rejects.bad(path, None, loc, f"wrong type: expected an object, got {type(obj).__name__}",
+                    obj)
+        return None
+    value = obj.get(key)
+    if not isinstance(value, list):
+        what = "missing field" if value is None else \
+            f"wrong type: expected a list, got {type(value).__name__}"
+        rejects.bad(path, None, f"{loc}.{key}", what, obj)
+        return None
+    return value
+
+
 def read_xquad(folder: str, query_langs: list[str] | None = None,
                corpus_langs: list[str] | None = None, test_mod: int = 4,
                rejects: Rejects | None = None) -> Tables:
@@ -251,19 +282,28 @@ def read_xquad(folder: str, query_langs: list[str] | None = None,
         questions = 0
         for a_idx, article in enumerate(data):
             split = "test" if a_idx % test_mod == 0 else "train"
-            title = str(article.get("title", "")).replace("_", " ")
             ids = []
-            for p_idx, para in enumerate(article.get("paragraphs", [])):
+            paras = _xquad_list(article, "paragraphs", f"data[{a_idx}]", path, rejects)
+            title = str(article.get("title", "")).replace("_", " ") if paras else ""
+            for p_idx, para in enumerate(paras or []):
                 loc = f"data[{a_idx}].paragraphs[{p_idx}]"
+                qas = _xquad_list(para, "qas", loc, path, rejects)
+                if qas is None:
+                    ids.append(None)
+                    continue
                 pid = f"{lang}:{a_idx}-{p_idx}"
                 context = get_str(para, "context", path, None, rejects, name=f"{loc}.context")
                 if lang in corpus_langs and context is not None:
                     tables[f"{split}/corpus"].append(
                         {"pid": pid, "lang": lang, "title": title, "text": context.strip()})
                 q_ids = []
-                for q_idx, qa in enumerate(para.get("qas", [])):
+                for q_idx, qa in enumerate(qas):
                     questions += 1
                     qloc = f"{loc}.qas[{q_idx}]"
+                    if not isinstance(qa, dict):
+                        rejects.bad(path, None, qloc, "wrong type: expected an object, got "
+                                    f"{type(qa).__name__}", qa)
+                        continue
                     qa_id = get_id(qa, "id", path, None, rejects)
                     question = qa_id and get_str(qa, "question", path, None, rejects,
                                                  name=f"{qloc}.question")
@@ -350,8 +390,9 @@ def _passage_from_json(obj: dict, path: str, n: int, lang: str,
                  if "title" in obj else "") if text else None
         if title is None:
             return None
-    row_lang = obj.get("lang")
-    row_lang = row_lang.strip() if isinstance(row_lang, str) and row_lang.strip() else lang
+    row_lang = get_lang(obj, lang, path, n, rejects)
+    if row_lang is None:
+        return None
     return key, {"pid": pid, "lang": row_lang, "title": title, "text": text}
 
 
@@ -389,7 +430,7 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
     header: list[str] | None = None
     read = 0
     for n, line in _open_text_lines(path, rejects):
-        if not line.strip():
+        if not line.strip() and "\t" not in line:  # blank; a line of tabs is a row of blanks
             continue
         cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
         if header is None:
@@ -604,8 +645,9 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
         id_key = next((k for k in DPR_QID_KEYS if k in obj), None)
         qid = get_id(obj, id_key, path, n, rejects, name=loc + id_key) if id_key else str(i)
         text = qid and get_str(obj, q_key, path, n, rejects, name=loc + q_key)
+        row_lang = text and get_lang(obj, lang, path, n, rejects, name=loc + "lang")
         ans = (_answers(obj.get("answers", []), path, n, loc + "answers", rejects)
-               if text else None)
+               if row_lang else None)
         pos = (_dpr_ctxs(obj, DPR_POSITIVES, loc, path, n, rejects, required=True)
                if ans is not None else None)
         neg = (_dpr_ctxs(obj, DPR_NEGATIVES, loc, path, n, rejects, required=False)
@@ -627,12 +669,12 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
             rejects.bad(path, n, f"{loc}passage_id", f"passage {clash[0]!r} has a different "
                         f"title or text than its first copy (at {clash[1]})", obj)
             continue
-        if id_key and not seen_q.new(qid, path, n, loc + id_key, rejects, obj):
+        # a positional qid may collide with another record's explicit one
+        if not seen_q.new(qid, path, n, loc + (id_key or "(position: no id field)"), rejects,
+                          obj):
             continue
         for pid, row in new_rows.items():
             seen_p[pid] = row.pop("_first")
-        row_lang = obj.get("lang")
-        row_lang = row_lang.strip() if isinstance(row_lang, str) and row_lang.strip() else lang
         pos_pids = list(dict.fromkeys(p for p, _, _ in pos))
         positives = set(pos_pids)
         neg_pids = [p for p in dict.fromkeys(p for p, _, _ in neg) if p not in positives]
@@ -654,7 +696,9 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
 
     qid ``{lang}:{example_id}``; answers are each answer's text and aliases (MKQA's R@kt uses
     them), in the query's language, or in ``answer_lang`` for every query (``"en"`` for an
-    English corpus). Answer-less (unanswerable) languages keep an empty answer list.
+    English corpus). Unanswerable questions (answers whose ``text`` is null) keep an empty
+    answer list; a record without ``answers``, or without the answer language's list, is a
+    row defect.
     """
     rejects = rejects or Rejects()
     queries, answers = [], []
@@ -668,9 +712,10 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
             rejects.bad(path, n, "queries", "missing field or not an object of language -> text",
                         obj)
             continue
-        ans_by_lang = obj.get("answers", {})
+        ans_by_lang = obj.get("answers")
         if not isinstance(ans_by_lang, dict):
-            rejects.bad(path, n, "answers", "wrong type: expected an object", obj)
+            rejects.bad(path, n, "answers", "missing field" if ans_by_lang is None else
+                        "wrong type: expected an object of language -> answers", obj)
             continue
         if not seen.new(ex_id, path, n, "example_id", rejects, obj):
             continue
@@ -678,17 +723,31 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
             if query_langs and lang not in query_langs:
                 continue
             text = get_str(per_lang, lang, path, n, rejects, name=f"queries.{lang}")
-            if text is None:
+            texts = text and _mkqa_answers(ans_by_lang, answer_lang or lang, path, n, rejects)
+            if texts is None:
                 continue
-            texts: list[str] = []
-            for a in ans_by_lang.get(answer_lang or lang) or []:
-                if isinstance(a, dict):
-                    texts.extend(t for t in [a.get("text"), *(a.get("aliases") or [])]
-                                 if isinstance(t, str) and t)
             qid = f"{lang}:{ex_id}"
             queries.append({"qid": qid, "lang": lang, "text": text.strip()})
-            answers.append({"qid": qid, "answers": sorted(set(texts), key=texts.index)})
+            answers.append({"qid": qid, "answers": texts})
     return {"queries": queries, "answers": answers}
+
+
+def _mkqa_answers(by_lang: dict, lang: str, path: str, n: int,
+                  rejects: Rejects) -> list[str] | None:
+    """The texts and aliases of ``by_lang[lang]`` (a list of ``{"type", "text", "aliases"}``;
+    ``text`` null for an unanswerable question); a missing or mistyped one is reported."""
+    fld = f"answers.{lang}"
+    items = by_lang.get(lang)
+    ok = isinstance(items, list) and all(
+        isinstance(a, dict) and isinstance(a.get("text"), str | type(None))
+        and isinstance(a.get("aliases", []), list)
+        and all(isinstance(t, str) for t in a.get("aliases", [])) for a in items)
+    if not ok:
+        rejects.bad(path, n, fld, "missing field" if items is None else "wrong type: expected "
+                    'a list of {"text": string or null, "aliases": [string]}', by_lang)
+        return None
+    texts = [t for a in items for t in [a.get("text"), *a.get("aliases", [])] if t]
+    return sorted(set(texts), key=texts.index)
 
 
 MIA_MKQA_FILE = re.compile(r"^mkqa-(.+)\.jsonl(\.gz)?$")
@@ -820,14 +879,22 @@ def read_tatoeba(folder: str, langs: list[str] | None = None,
                          if fs.exists(f"{root}/{n}")), None)
             if path is None:
                 raise MissingInputError(f"{folder}: {name} is missing (pairs need both sides)")
-            sides[side] = [(n, t) for n, t in _open_text_lines(path, rejects)]
+            # undecodable lines stay in place (None), so that the two sides pair by line
+            sides[side] = list(_open_text_lines(path, rejects, keep_bad=True))
             sides[side + "_path"] = path
-            if not any(t.strip() for _, t in sides[side]):
+            if not any(t and t.strip() for _, t in sides[side]):
                 raise no_rows(path)
         if len(sides[x]) != len(sides["eng"]):
             raise DataError(f"{sides[x + '_path']}: {len(sides[x])} lines but "
                             f"{sides['eng_path']} has {len(sides['eng'])}: sides must align")
         for (n, src), (_, eng) in zip(sides[x], sides["eng"], strict=True):
+            if src is None or eng is None:  # reported; its pair goes with it, reported too
+                path, other = ((sides["eng_path"], sides[x + "_path"]) if src is None else
+                               (sides[x + "_path"], sides["eng_path"]))
+                if (src, eng) != (None, None):
+                    rejects.bad(path, n, "text", f"its pair, line {n} of {other}, was "
+                                "rejected (undecodable bytes)", src or eng)
+                continue
             if not src.strip():
                 rejects.bad(sides[x + "_path"], n, "text", "empty text")
                 continue
@@ -847,8 +914,11 @@ def read_tatoeba(folder: str, langs: list[str] | None = None,
 def read_qrels_tsv(path: str, rejects: Rejects | None = None) -> list[dict[str, Any]]:
     """BEIR qrels TSV: ``query-id<TAB>corpus-id<TAB>score`` with a header line (TREC
     ``qid 0 pid rel`` lines are accepted too)."""
-    rejects = rejects or Rejects()
-    rows = []
+    return [row for _, row in _iter_qrels_tsv(path, rejects or Rejects())]
+
+
+def _iter_qrels_tsv(path: str, rejects: Rejects) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) of :func:`read_qrels_tsv`."""
     seen = FirstSeen("(query-id, corpus-id)")
     read = header = 0
     for n, line in _open_text_lines(path, rejects):
@@ -876,10 +946,9 @@ def read_qrels_tsv(path: str, rejects: Rejects | None = None) -> list[dict[str, 
             continue
         if not seen.new((cells[0], cells[1]), path, n, None, rejects, line):
             continue
-        rows.append({"qid": cells[0], "pid": cells[1], "rel": rel})
+        yield n, {"qid": cells[0], "pid": cells[1], "rel": rel}
     if read == 0:
         raise no_rows(path, "only a header" if header else "empty file")
-    return rows
 
 
 def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None,
@@ -906,20 +975,29 @@ def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None,
         key = "_id" if "_id" in obj else "id"
         qid = get_id(obj, key, qpath, n, rejects)
         text = qid and get_str(obj, "text", qpath, n, rejects)
-        if text is not None and seen.new(qid, qpath, n, key, rejects, obj):
-            queries.append({"qid": qid, "lang": obj.get("lang", lang), "text": text.strip()})
+        q_lang = text and get_lang(obj, lang, qpath, n, rejects)
+        if q_lang and seen.new(qid, qpath, n, key, rejects, obj):
+            queries.append({"qid": qid, "lang": q_lang, "text": text.strip()})
     qrel_files = sorted(p for p in fs.ls(f"{root}/qrels", detail=False)
                         if re.search(r"\.tsv(\.gz)?$", p)) if fs.exists(f"{root}/qrels") else []
     if not qrel_files:
         raise MissingInputError(f"{folder}: no qrels/*.tsv")
-    split_of = {}
+    split_of: dict[str, tuple[str, str, int]] = {}  # qid -> (split, file, line of 1st qrel)
     for p in qrel_files:
         split = os.path.basename(p).split(".")[0]
-        rows = read_qrels_tsv(f"{base}/qrels/{os.path.basename(p)}", rejects)
+        path = f"{base}/qrels/{os.path.basename(p)}"
+        rows = []
+        for n, r in _iter_qrels_tsv(path, rejects):
+            first = split_of.setdefault(r["qid"], (split, path, n))
+            if first[0] == split:
+                rows.append(r)
+            else:  # one query in two splits: its judgements would leak across them
+                rejects.bad(path, n, "query-id", f"query {r['qid']!r} is judged in split "
+                            f"{first[0]!r} too ({first[1]}:{first[2]})", r)
         tables[f"{split}/qrels"] = rows
-        split_of.update({r["qid"]: split for r in rows})
     for q in queries:
-        tables.setdefault(f"{split_of.get(q['qid'], 'unjudged')}/queries", []).append(q)
+        split = split_of.get(q["qid"], ("unjudged",))[0]
+        tables.setdefault(f"{split}/queries", []).append(q)
     return tables
 
 
@@ -933,7 +1011,8 @@ UNIQUE_KEYS = {"corpus": ("pid",), "queries": ("qid",), "answers": ("qid",),
 
 
 def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -> Tables:
-    """Import JSONL rows already in a canonical format (``corpus``, ``queries``, ...)."""
+    """Import JSONL rows already in a canonical format (``corpus``, ``queries``, ...); a field
+    the kind does not have (a misspelt ``Title``) is a row defect, not left out."""
     import pyarrow as pa
 
     rejects = rejects or Rejects()
@@ -942,6 +1021,11 @@ def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -
     keys = UNIQUE_KEYS.get(kind, ())
     seen = FirstSeen("id" if len(keys) == 1 else f"({', '.join(keys)})")
     for n, obj in iter_jsonl(path, rejects):
+        unknown = sorted(set(obj) - set(schema.names))
+        if unknown:
+            rejects.bad(path, n, unknown[0], f"unknown field for {kind} rows (fields: "
+                        f"{', '.join(schema.names)})", obj)
+            continue
         row, ok = {}, True
         for f in schema:
             value = obj.get(f.name, _MISSING)
