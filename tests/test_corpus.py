@@ -91,7 +91,7 @@ def _driver_join(d: dict, loss: LossConfig, seed: int) -> list[dict]:
     for r in storage.read_parquet(d["gen"]).to_pylist():
         gens.setdefault(r["pid"], []).append((r["lang"], r["query"]))
     rows = []
-    for qid in sorted(pos):
+    for qid in sorted(pos, key=tdata.row_order):  # written in a hash order of the qids
         rng = random.Random(f"{seed}:row:{qid}")  # each query's own seeded stream
         positive = rng.choice(pos[qid])
         negs = [p for p in cands[qid] if p not in pos[qid]][:loss.n_hard_negatives]

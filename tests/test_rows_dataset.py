@@ -73,24 +73,24 @@ def test_bad_input_is_named_as_by_the_driver_join(data, tmp_path, ray_local):  #
 def test_qg_and_qg_rank_rows_equal_the_driver_join(data, tmp_path, ray_local):  # noqa: F811
     """The teacher's rows built with Ray Data: QG rows (every positive qrels pair) and
     qg-rank rows (a seeded positive, the first 3 mined negatives that are not positives; two
-    example rows of one qid are concatenated) equal the driver's, and are sorted by qid."""
+    example rows of one qid are concatenated) equal the driver's, in the same order."""
     from qgscale.data.corpus import read_rows
     from qgscale.data.schema import TRAIN_EXAMPLES
     from qgscale.models.generator import qg_examples
     from qgscale.train.rows_dataset import build_qg_rank_rows_dataset, build_qg_rows_dataset
 
     qrels = storage.read_parquet(data["qrels"])
-    want = sorted(tuple(r.values()) for r in qg_examples(
+    want = list(qg_examples(  # as run_train_qg joins them on the driver
         storage.read_parquet(data["queries"]), read_rows(data["corpus"],
                                                          qrels.column("pid").to_pylist()),
-        qrels))
+        tdata.in_row_order(qrels, ("qid", "pid"))))
     out = str(tmp_path / "qg")
     counts = build_qg_rows_dataset(data["queries"], data["corpus"], data["qrels"], out, "k1",
                                    num_partitions=2, shard_rows=6)
     got = storage.read_parquet(out)
     assert counts == {"rows": 40} and storage.read_manifest(out)["rows"] == 40
     assert got.column_names == tdata.QG_ROWS.names
-    assert sorted(tuple(r.values()) for r in got.to_pylist()) == want
+    assert got.to_pylist() == want
 
     pos: dict[str, list[str]] = {}
     for r in qrels.to_pylist():

@@ -11,10 +11,12 @@ import pyarrow as pa
 import pytest
 
 from qgscale import storage
-from qgscale.config import StudentTrainConfig
+from qgscale.config import LossConfig, StudentTrainConfig
+from qgscale.data.schema import CORPUS, QRELS, QUERIES, TRAIN_EXAMPLES
 from qgscale.errors import ConfigError
+from qgscale.train import data as tdata
 from qgscale.train.loop import Position, deepspeed_config, plan_steps
-from qgscale.train.order import Loader, epoch_order, list_shards, sample_seed
+from qgscale.train.order import EpochOrder, Loader, Shard, epoch_order, list_shards, sample_seed
 from qgscale.train.tracking import Tracker, event_file_bytes, mlflow_client
 
 
@@ -84,6 +86,50 @@ def test_prefetch_stops_and_reraises(shards):
     it = Loader(shards, 13, 0, 1, 3, lambda r: r, prefetch=2).epoch(0, 0, 5)
     next(it)
     it.close()  # stops the thread (joined in the generator's finally)
+
+
+@pytest.mark.parametrize("sizes", [(10, 7, 13), (2000, 0, 1999, 1, 5000), ()])
+def test_lazy_epoch_order_equals_the_materialised_one(sizes):
+    """Loader reads the order one shard at a time: any slice equals the whole permutation
+    (shard order seeded by (seed, epoch), rows by (seed, epoch, shard)) that exact resume
+    depends on."""
+    shards = tuple(Shard(f"s{i}", n) for i, n in enumerate(sizes))
+    starts = np.cumsum([0, *sizes])
+    want = [starts[i] + np.random.default_rng([13, 2, int(i)]).permutation(sizes[i])
+            for i in np.random.default_rng([13, 2]).permutation(len(sizes))]
+    want = np.concatenate(want) if want else np.zeros(0, dtype=np.int64)
+    assert np.array_equal(epoch_order(shards, 13, 2), want)
+    order = EpochOrder(shards, 13, 2)
+    for start, stop in [(0, 3), (5, 40), (1995, 2010), (0, len(want) + 5), (len(want), 9999)]:
+        assert np.array_equal(order.take(start, stop), want[start:stop])
+
+
+def test_written_rows_mix_languages_in_every_shard(tmp_path):
+    """Readers prefix qids with the language: rows in qid order made each shard, so each
+    micro-batch (its in-batch negatives) and runs of steps, one language. Student, qg-rank
+    and QG rows are written in a hash order of the qids: every shard mixes languages."""
+    qids = [f"{lang}:{i:03d}" for lang in ("de", "en", "ja") for i in range(40)]
+    tables = {
+        "queries": ([{"qid": q, "lang": q[:2], "text": f"query {q}"} for q in qids], QUERIES),
+        "corpus": ([{"pid": f"p-{q}", "lang": q[:2], "title": "", "text": f"passage {q}"}
+                    for q in qids], CORPUS),
+        "qrels": ([{"qid": q, "pid": f"p-{q}", "rel": 1} for q in qids], QRELS),
+        "examples": ([{"qid": q, "pos_pids": [f"p-{q}"], "neg_pids": []} for q in qids],
+                     TRAIN_EXAMPLES)}
+    uri = {k: str(tmp_path / k) for k in tables}
+    for k, (rows, schema) in tables.items():
+        storage.write_parquet(f"{uri[k]}/part-00000.parquet", pa.Table.from_pylist(rows, schema))
+    student, _ = tdata.build_student_rows(uri["queries"], uri["corpus"],
+                                          LossConfig(n_hard_negatives=0), qrels_uri=uri["qrels"])
+    rank, _ = tdata.build_qg_rank_rows(uri["queries"], uri["corpus"], uri["examples"], 0)
+    qg = tdata.in_row_order(storage.read_parquet(uri["qrels"]), ("qid", "pid"))  # run_train_qg
+    for name, table in (("student", student), ("qg-rank", rank), ("qg", qg)):
+        tdata.write_rows(table, str(tmp_path / name), 10, "k")
+        shards = list_shards(str(tmp_path / name))
+        assert len(shards) == 12
+        for s in shards:
+            langs = {q[:2] for q in storage.read_parquet(s.uri).column("qid").to_pylist()}
+            assert len(langs) > 1, (name, s.uri, langs)
 
 
 def test_plan_on_resume_with_another_worker_count():

@@ -1,7 +1,8 @@
 """Training data: join canonical tables into self-contained training rows, and collators.
 
 The driver joins queries, passages, teacher scores and generated queries into one row per
-training query and writes them as parquet shards; every worker reads its micro-batches of
+training query and writes them as parquet shards, in a hash order of the qids that mixes
+languages in every shard (:func:`row_order`); every worker reads its micro-batches of
 the seeded sample stream from those shards (:mod:`qgscale.train.order`) and tokenises them
 with a collator in a prefetching thread, ahead of the training step. Inputs (schemas in
 ``qgscale.data.schema``):
@@ -53,6 +54,35 @@ QG_RANK_ROWS = pa.schema([
 def generated_qid(pid: str, lang: str, query: str) -> str:
     """Stable id of a generated query (teacher scores for it use this ``qid``)."""
     return "gen-" + hashlib.sha1(f"{pid}\t{lang}\t{query}".encode()).hexdigest()[:16]
+
+
+ORDER = "order"  # the column training rows are sorted by before they are written
+
+
+def order_key(qid: str) -> int:
+    """Where a training query's rows go among the written rows: a stable 63-bit hash of its
+    ``qid`` (blake2b). Every reader prefixes qids with the language, so rows in qid order
+    would give shards, micro-batches (in-batch negatives) and runs of steps of one language;
+    in hash order each shard mixes them."""
+    return int.from_bytes(hashlib.blake2b(qid.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def row_order(qid: str) -> tuple[int, str]:
+    """The sort key of a training query's rows: :func:`order_key`, then the qid."""
+    return order_key(qid), qid
+
+
+def with_order(table: pa.Table) -> pa.Table:
+    """``table`` with the :data:`ORDER` column, :func:`order_key` of each row's ``qid``."""
+    return table.append_column(ORDER, pa.array(
+        [order_key(q) for q in table.column("qid").to_pylist()], pa.int64()))
+
+
+def in_row_order(table: pa.Table, keys: tuple[str, ...] = ("qid",)) -> pa.Table:
+    """``table`` sorted as training rows are written: by :func:`order_key` of ``qid``, then
+    ``keys``."""
+    return with_order(table).sort_by([(k, "ascending") for k in (ORDER, *keys)]
+                                      ).drop_columns([ORDER])
 
 
 def _read(uri: str, what: str, columns: list[str] | None = None) -> pa.Table:
@@ -215,7 +245,7 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
                        candidates_uri: str | None = None, scores_uri: str | None = None,
                        generated_uri: str | None = None, seed: int = 13
                        ) -> tuple[pa.Table, dict[str, Any]]:
-    """Rows of :data:`STUDENT_ROWS` (one per training query, in qid order) and counts for
+    """Rows of :data:`STUDENT_ROWS` (one per training query, in :func:`row_order`) and counts for
     the manifest, joined on the driver: O(training queries x passages per row) memory, the
     corpus read by the semi-join. :mod:`qgscale.train.rows_dataset` builds the same rows
     with Ray Data when the query side is too large for one process.
@@ -245,7 +275,7 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
             gens[r["pid"]].append((r["pid"], r["lang"], r["query"]))
     counts = {"rows": 0, "random_negatives": 0, "without_generated": 0}
     plans = []  # per training query, the pids of its row (texts are read once, below)
-    for qid in sorted(pos):
+    for qid in sorted(pos):  # bad input is named in qid order
         if qid not in queries:
             raise DataError(f"{pos_uri}: qid={qid} not in queries {queries_uri}")
         if cands and qid not in cands:
@@ -256,6 +286,7 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
         attach_scores(plan, lambda q, p: _score(scores, q, p, scores_uri, candidates_uri))
         counts["without_generated"] += bool(generated_uri) and not plan["has_generated"]
         plans.append(plan)
+    plans.sort(key=lambda r: row_order(r["qid"]))
     if generated_uri and counts["without_generated"] == len(plans):
         raise DataError(f"{generated_uri}: no generated query in another language for any "
                         "training query's positive passage")
@@ -282,8 +313,9 @@ def qg_rank_pids(qid: str, pos: list[str], neg: list[str], n_negatives: int, see
 def build_qg_rank_rows(queries_uri: str, corpus_uri: str, examples_uri: str,
                        n_negatives: int, seed: int = 13) -> tuple[pa.Table, dict[str, Any]]:
     """Rows of :data:`QG_RANK_ROWS` for the teacher's ranking fine-tune, one per training
-    example ``{qid, pos_pids, neg_pids}`` (``mine/train``): the query, its language, one of
-    its positives and its first ``n_negatives`` mined hard negatives (:func:`qg_rank_pids`).
+    example ``{qid, pos_pids, neg_pids}`` (``mine/train``) in :func:`row_order`: the query, its
+    language, one of its positives and its first ``n_negatives`` mined hard negatives
+    (:func:`qg_rank_pids`).
 
     A query with fewer negatives keeps the ones it has (the collator masks the rest); the
     counts (``short_lists``, ``no_negatives``) go to the manifest. The driver join, for up to
@@ -308,6 +340,7 @@ def build_qg_rank_rows(queries_uri: str, corpus_uri: str, examples_uri: str,
         counts["no_negatives"] += not negs
         rows.append({"qid": qid, "query": qtext, "lang": lang,
                      "passages": [corpus[positive]] + [corpus[p] for p in negs]})
+    rows.sort(key=lambda r: row_order(r["qid"]))
     if not rows:
         raise DataError(f"{pos_uri}: no training examples")
     counts["rows"] = len(rows)

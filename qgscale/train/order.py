@@ -52,15 +52,46 @@ def list_shards(rows_uri: str) -> tuple[Shard, ...]:
     return tuple(out)
 
 
+class EpochOrder:
+    """The global row ids (shard start + row) in the order of epoch ``epoch``, built lazily:
+    the shard permutation, the sample where each visited shard ends, and the rows of one
+    shard at a time (not the whole order: 8 bytes a training row, in every worker)."""
+
+    def __init__(self, shards: tuple[Shard, ...], seed: int, epoch: int) -> None:
+        self.seed, self.epoch = seed, epoch
+        self.rows = np.array([s.rows for s in shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.rows)])  # row id of shard i's row 0
+        self.visit = np.random.default_rng([seed, epoch]).permutation(len(shards))
+        self.ends = np.cumsum(self.rows[self.visit])  # sample after the k-th visited shard
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _shard(self, i: int) -> np.ndarray:
+        """Shard ``i``'s row ids in the epoch's order."""
+        if self._cached is None or self._cached[0] != i:
+            rows = np.random.default_rng([self.seed, self.epoch, i]).permutation(self.rows[i])
+            self._cached = (i, self.starts[i] + rows)
+        return self._cached[1]
+
+    def take(self, start: int, stop: int) -> np.ndarray:
+        """The row ids of samples ``[start, stop)`` of the epoch (clipped to its end)."""
+        stop, parts = min(stop, len(self)), []
+        while start < stop:
+            k = int(np.searchsorted(self.ends, start, side="right"))
+            i = int(self.visit[k])
+            first = int(self.ends[k] - self.rows[i])  # the shard's first sample
+            end = min(stop, int(self.ends[k]))
+            parts.append(self._shard(i)[start - first:end - first])
+            start = end
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def epoch_order(shards: tuple[Shard, ...], seed: int, epoch: int) -> np.ndarray:
-    """Global row ids (shard start + row) in the order of epoch ``epoch``."""
-    starts = np.cumsum([0] + [s.rows for s in shards])
-    rng = np.random.default_rng([seed, epoch])
-    parts = []
-    for i in rng.permutation(len(shards)):
-        rows = np.random.default_rng([seed, epoch, int(i)]).permutation(shards[i].rows)
-        parts.append(starts[i] + rows)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    """Global row ids (shard start + row) in the order of epoch ``epoch``, all of them."""
+    order = EpochOrder(shards, seed, epoch)
+    return order.take(0, len(order))
 
 
 def sample_seed(seed: int, epoch: int, sample: int) -> int:
@@ -117,11 +148,11 @@ class Loader:
 
     def _raw(self, epoch: int, offset: int, micro_batches: int
              ) -> Iterator[tuple[int, dict[str, list]]]:
-        order = epoch_order(self.shards, self.seed, epoch)
+        order = EpochOrder(self.shards, self.seed, epoch)
         b, w = self.batch_size, self.world
         for j in range(micro_batches):
             start = offset + (j * w + self.rank) * b
-            yield start, self.rows_of(order[start:start + b])
+            yield start, self.rows_of(order.take(start, start + b))
 
     def epoch(self, epoch: int, offset: int, micro_batches: int) -> Iterator[MicroBatch]:
         """``micro_batches`` collated micro-batches of this worker in epoch ``epoch`` from

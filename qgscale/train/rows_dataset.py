@@ -12,8 +12,9 @@ hash-partitioned Ray Data joins, and workers write the shards:
    id (:func:`~qgscale.train.data.attach_scores`); rows short of hard negatives draw from one
    seeded pid sample (:func:`~qgscale.train.data.fill_negatives`);
 3. the (qid, pid) pairs of every row join the corpus on pid, are grouped back by qid and
-   assembled (:func:`~qgscale.train.data.assemble_row`); rows sorted by qid are written as
-   shards by the workers.
+   assembled (:func:`~qgscale.train.data.assemble_row`); rows sorted as the driver's
+   (:func:`~qgscale.train.data.row_order`: a hash of the qid, so that shards mix languages)
+   are written as shards by the workers.
 
 The query generator's rows (:func:`build_qg_rows_dataset`: positive qrels pairs joined with
 queries and corpus) and the teacher's ranking rows (:func:`build_qg_rank_rows_dataset`: a
@@ -154,7 +155,7 @@ def build_student_rows_dataset(queries_uri: str, corpus_uri: str, out_uri: str,
                                seed: int = 13, num_partitions: int = 16,
                                shard_rows: int = 2000) -> dict[str, Any]:
     """The rows of :func:`qgscale.train.data.build_student_rows` written by Ray Data workers
-    as parquet shards under ``out_uri`` (sorted by qid, ``shard_rows`` rows each, with the
+    as parquet shards under ``out_uri`` (in the same order, ``shard_rows`` rows each, with the
     shard writer's markers and manifest); returns the counts. ``num_partitions``: hash
     partitions of each join."""
     return _unwrapped(_build, queries_uri, corpus_uri, out_uri, config_hash,
@@ -169,7 +170,8 @@ def build_qg_rows_dataset(queries_uri: str, corpus_uri: str, qrels_uri: str, out
                           shard_rows: int = 2000) -> dict[str, Any]:
     """The query generator's training rows (:data:`~qgscale.train.data.QG_ROWS`, one per
     positive qrels pair: the query, its language, the passage) written by Ray Data workers
-    under ``out_uri``, sorted by (qid, pid); returns the counts."""
+    under ``out_uri``, sorted by (:func:`~qgscale.train.data.order_key` of the qid, qid,
+    pid); returns the counts."""
     return _unwrapped(_build_qg, queries_uri, corpus_uri, qrels_uri, out_uri, config_hash,
                       parts=num_partitions, shard_rows=shard_rows)
 
@@ -179,7 +181,7 @@ def build_qg_rank_rows_dataset(queries_uri: str, corpus_uri: str, examples_uri: 
                                seed: int = 13, num_partitions: int = 16,
                                shard_rows: int = 2000) -> dict[str, Any]:
     """The rows of :func:`qgscale.train.data.build_qg_rank_rows` written by Ray Data workers
-    under ``out_uri`` (sorted by qid); returns the counts."""
+    under ``out_uri`` (in the same order); returns the counts."""
     return _unwrapped(_build_qg_rank, queries_uri, corpus_uri, examples_uri, n_negatives,
                       out_uri, config_hash, seed=seed, parts=num_partitions,
                       shard_rows=shard_rows)
@@ -296,7 +298,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
             out.append(row | {"_added": r["added"], "_generated": r["has_generated"]})
         return pa.Table.from_pylist(out, schema=ROWS_AND_COUNTS)
 
-    done = _write(full.map_batches(assemble, batch_format="pyarrow").sort("qid"), out_uri,
+    done = _write(_in_row_order(full.map_batches(assemble, batch_format="pyarrow")), out_uri,
                   config_hash, shard_rows, tdata.STUDENT_ROWS.names)
     counts = {"rows": done["rows"], "random_negatives": done.get("_added", 0),
               "without_generated": (done["rows"] - done.get("_generated", 0)
@@ -361,7 +363,7 @@ def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
         return t.select(["qid", "pid", "lang", "passage"]).append_column(
             "query", t.column("text"))
 
-    done = _write(rows.map_batches(check, batch_format="pyarrow").sort(["qid", "pid"]),
+    done = _write(_in_row_order(rows.map_batches(check, batch_format="pyarrow"), ("qid", "pid")),
                   out_uri, config_hash, shard_rows, tdata.QG_ROWS.names)
     if not done["rows"]:
         raise DataError(f"{qrels_uri}: no positive (rel > 0) pairs")
@@ -405,7 +407,7 @@ def _build_qg_rank(queries_uri: str, corpus_uri: str, examples_uri: str, n_negat
         return pa.Table.from_pylist(out, schema=tdata.QG_RANK_ROWS.append(
             pa.field("_short", pa.int64())).append(pa.field("_none", pa.int64())))
 
-    done = _write(full.map_batches(assemble, batch_format="pyarrow").sort("qid"), out_uri,
+    done = _write(_in_row_order(full.map_batches(assemble, batch_format="pyarrow")), out_uri,
                   config_hash, shard_rows, tdata.QG_RANK_ROWS.names)
     if not done["rows"]:
         raise DataError(f"{pos_uri}: no training examples")
@@ -415,11 +417,18 @@ def _build_qg_rank(queries_uri: str, corpus_uri: str, examples_uri: str, n_negat
     return counts
 
 
+def _in_row_order(ds: Any, keys: tuple[str, ...] = ("qid",)) -> Any:
+    """``ds`` sorted as :func:`~qgscale.train.data.in_row_order`: by the int64 order key
+    column of each row's qid, then ``keys``."""
+    return ds.map_batches(tdata.with_order, batch_format="pyarrow").sort([tdata.ORDER, *keys])
+
+
 def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
            columns: list[str]) -> dict[str, Any]:
-    """Workers write ``columns`` of ``ds`` (sorted by qid) as shards of ``shard_rows`` rows,
-    named in qid order by their first qid (and pid); returns the rows, the shard names and
-    the sum of every ``_``-prefixed count column. The rows dir is cleared first (rows are
+    """Workers write ``columns`` of ``ds`` (:func:`_in_row_order`) as shards of
+    ``shard_rows`` rows, named in that order by their first row's order key (and a hash of
+    its qid and pid); returns the rows, the shard names and the sum of every ``_``-prefixed
+    count column. The rows dir is cleared first (rows are
     rebuilt whole, never mixed with an interrupted build's shards)."""
     fs, path = storage.url_to_fs(out_uri)
     if fs.exists(path):
@@ -429,7 +438,8 @@ def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
         first = t.column("qid")[0].as_py().encode()
         key = first + (b"\t" + t.column("pid")[0].as_py().encode()  # a qid of many rows
                        if "pid" in t.column_names else b"")
-        name = f"part-{first.hex()[:32]}-{hashlib.sha1(key).hexdigest()[:8]}"
+        order = t.column(tdata.ORDER)[0].as_py()  # >= 0: its hex sorts as the number
+        name = f"part-{order:016x}-{hashlib.sha1(key).hexdigest()[:8]}"
         storage.ShardWriter(out_uri, config_hash).write(name, t.select(columns))
         return pa.table({"name": [name], "rows": [t.num_rows], **{
             c: [pc.sum(pc.cast(t.column(c), pa.int64())).as_py() or 0]
