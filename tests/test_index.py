@@ -443,6 +443,45 @@ def test_s3_build_resumes_after_killed_add_actor(ray_local, s3_bucket):
     assert got[:, 0].tolist() == pids[::97] and np.all(scores == 0)  # l2: -distance
 
 
+def test_search_actor_searches_at_nprobe_on_cpu_and_gpu(ray_local, tmp_path, monkeypatch):
+    """A search actor searches at ``nprobe``, though every index file stores nprobe=1. On GPUs
+    the index is a clone (index_cpu_to_all_gpus: a GpuIndexIVF, or an IndexShards of them on
+    several GPUs) that copies the CPU index's nprobe; faiss-cpu here, so a CPU clone in an
+    IndexShards stands in for it. A wrapper set_search_params cannot see into is an error."""
+    from qgscale.index import gpu
+    from qgscale.index.search import ShardSearcher, set_search_params
+
+    xb, xq = clustered(4000, 16, seed=10), clustered(50, 16, seed=11)
+    emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
+    write_embeddings(emb, xb, 2)
+    m = B.build_index(emb, idx, BuildConfig(factory="IVF32,Flat", train_samples=2000,
+                                               cpus_per_actor=0.5))
+    ref = faiss.read_index(os.path.join(idx, m["shards"][0]))
+    assert faiss.extract_index_ivf(ref).nprobe == 1
+    i_one = ref.search(xq, 10)[1]
+    set_search_params(ref, nprobe=8)
+    d_ref, i_ref = ref.search(xq, 10)
+    assert not np.array_equal(i_one, i_ref)  # nprobe matters here
+
+    def multi_gpu_clone(index):
+        shards = faiss.IndexShards(index.d, True, False)
+        shards.add_shard(faiss.clone_index(index))
+        return shards
+
+    threads = faiss.omp_get_max_threads()  # the actor body sets this process's OpenMP threads
+    cpu = ShardSearcher(idx, m["shards"][0], False, 8, None, threads)
+    monkeypatch.setattr(gpu, "use_gpu", lambda *a: True)
+    monkeypatch.setattr(gpu, "to_gpu", multi_gpu_clone)
+    on_gpu = ShardSearcher(idx, m["shards"][0], False, 8, None, threads, gpus=1)
+    assert faiss.downcast_index(on_gpu.index.at(0)).nprobe == 8
+    for searcher in (cpu, on_gpu):
+        dist, ids, _ = searcher.search(xq, 10)
+        np.testing.assert_array_equal(ids, i_ref)
+        np.testing.assert_array_equal(dist, d_ref)
+    with pytest.raises(ValueError, match="nprobe=8: cannot set it .* IndexRowwiseMinMax"):
+        set_search_params(faiss.IndexRowwiseMinMax(ref), nprobe=8)
+
+
 # ---------------------------------------------------------------- mining
 def test_select_drops_positives_and_windows_negatives():
     pids = np.array([["a", "p", "b", "c", None]], dtype=object)

@@ -29,21 +29,46 @@ from qgscale.runtime import remote_options
 REFINE_KINDS = ("none", "flat", "fp16")
 
 
+_WRAPPER_ATTRS = ("index", "base_index", "index_ivf", "sub_indexes", "at")  # sub-index holders
+
+
+def _inner_indexes(index: Any) -> list | None:
+    """The indexes directly inside a wrapper (PreTransform, IDMap, IDMap2; a Refine's base) or
+    a fan-out (IndexShards, IndexReplicas: also what a multi-GPU clone is); None otherwise."""
+    import faiss
+
+    if isinstance(index, faiss.IndexRefine):
+        inner = [index.base_index]
+    elif isinstance(index, (faiss.IndexPreTransform, faiss.IndexIDMap)):
+        inner = [index.index]
+    elif isinstance(index, faiss.ThreadedIndexBase):
+        inner = [index.at(i) for i in range(index.count())]
+    else:
+        return None
+    return [faiss.downcast_index(i) for i in inner]
+
+
 def set_search_params(index: Any, nprobe: int | None = None, ef_search: int | None = None):
-    """Set ``nprobe`` (IVF) / ``efSearch`` (HNSW) through IDMap / PreTransform wrappers."""
+    """Set ``nprobe`` on every IVF index (CPU ``IndexIVF``, GPU ``GpuIndexIVF*``) and
+    ``efSearch`` on every HNSW inside ``index``, through :func:`_inner_indexes`. Given
+    ``nprobe``, an index wrapping others in a way not known here is a ``ValueError``: it may
+    hold IVF lists, which would be searched at their stored nprobe (1 in every index file)."""
     import faiss
 
     index = faiss.downcast_index(index)
-    if nprobe is not None and faiss.try_extract_index_ivf(index) is not None:
-        faiss.extract_index_ivf(index).nprobe = nprobe
-    if ef_search is not None:
-        node = index
-        while node is not None:
-            if hasattr(node, "hnsw"):
-                node.hnsw.efSearch = ef_search
-                break
-            inner = getattr(node, "index", None)
-            node = faiss.downcast_index(inner) if inner is not None else None
+    inner = _inner_indexes(index)
+    if inner is not None:
+        for sub in inner:
+            set_search_params(sub, nprobe, ef_search)
+    elif hasattr(index, "nprobe"):  # faiss.IndexIVFInterface
+        if nprobe is not None:
+            index.nprobe = nprobe
+    elif hasattr(index, "hnsw"):
+        if ef_search is not None:
+            index.hnsw.efSearch = ef_search
+    elif nprobe is not None and any(hasattr(index, a) for a in _WRAPPER_ATTRS):
+        raise ValueError(f"nprobe={nprobe}: cannot set it on the indexes inside "
+                         f"{type(index).__name__}, a wrapper set_search_params does not know")
 
 
 def read_index_file(index_uri: str, rel: str, ondisk: bool):
@@ -272,9 +297,11 @@ class ShardSearcher:
         faiss.omp_set_num_threads(max(1, threads))
         self.index = read_index_file(index_uri, rel, ondisk)
         self.pid_map = PidMap.read(index_uri, index_ids(self.index))
+        # on the CPU index: the GPU clone copies nprobe (GpuIndexIVF::copyFrom)
+        set_search_params(self.index, nprobe, ef_search)
         if on_gpu:
             self.index = to_gpu(self.index)  # Flat: an fp16 copy (GpuIndexFlat useFloat16)
-        set_search_params(self.index, nprobe, ef_search)
+            set_search_params(self.index, nprobe)  # each GpuIndexIVF; raises if it can't
         self.nprobe, self.ef_search = nprobe, ef_search
         self.corpus_uri = corpus_uri
         self._lang_ids: dict[str, np.ndarray] | None = None
