@@ -514,3 +514,50 @@ def test_sharded_search_eval_equals_the_loaded_index(run_root, ray_local, tmp_pa
             assert {lang[p] for row in pids for p in row} == {cl}
     finally:
         searcher.close()
+
+
+def test_eval_refines_as_index_search_says(run_root, ray_local, tmp_path):
+    """``index.search.refine`` / ``k_factor`` reach eval: the stage's Ray actors and the
+    per-language pair searches, also of an index held here (:func:`restricted_search`). 4-bit
+    PQ re-ranked over every passage (``k * k_factor >= n``) with the exact vectors ranks as
+    the exact Flat index does; unrefined it does not."""
+    import faiss
+
+    from qgscale.config import parse
+    from qgscale.eval.evaluate import evaluate_split, load_split, run_eval
+    from qgscale.index.search import load_index
+
+    root, b = run_root
+    data = load_split(b["data"], "test")
+    exact = evaluate_split(b["encoder"], load_index(b["index"]), data, top_k=5, ks=[1, 5])
+    vecs, n = b["vecs"], len(b["vecs"])
+    pq = faiss.index_factory(vecs.shape[1], "IVF1,PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    pq.train(vecs)
+    pq.add_with_ids(vecs, np.arange(n, dtype=np.int64))
+    idx = str(tmp_path / "pq")
+    storage.write_bytes(f"{idx}/shards/shard-00000.faiss", faiss.serialize_index(pq).tobytes())
+    ids = storage.ShardWriter(f"{idx}/ids")
+    ids.write("part-00000", pa.table({"id": np.arange(n, dtype=np.int64), "pid": b["pids"]}))
+    ids.finalize(["part-00000"])
+    storage.write_manifest(idx, "", factory="IVF1,PQ4x4", metric="ip", dim=vecs.shape[1],
+                           ntotal=n, shards=["shards/shard-00000.faiss"], ondisk=False,
+                           embeddings=storage.read_manifest(b["index"])["embeddings"])
+
+    def ranked(run: dict) -> dict:
+        return {q: list(r) for q, r in run.items()}
+
+    plain = evaluate_split(b["encoder"], load_index(idx), data, top_k=5, ks=[1, 5])
+    assert ranked(plain["run"]) != ranked(exact["run"])
+    held = evaluate_split(b["encoder"], load_index(idx, refine="flat", k_factor=n), data,
+                          top_k=5, ks=[1, 5])
+    cfg = parse({"run": {"root": root}, "eval": {"k": [1, 5], "top_k": 5},
+                 "index": {"search": {"refine": "flat", "k_factor": n, "cpus_per_actor": 0.5}}})
+    stage = run_eval(cfg, b["model"], idx, b["data"], str(tmp_path / "eval"), ["test"])["test"]
+    run = storage.read_parquet(str(tmp_path / "eval" / "test" / "run.parquet")).to_pylist()
+    assert {r["qid"]: r["pids"] for r in run} == ranked(exact["run"])
+    assert ranked(held["run"]) == ranked(exact["run"])
+    assert len(exact["pairs"]) == 4
+    for pair, row in exact["pairs"].items():
+        for m in ("recall@1", "recall@5", "mrr@10"):
+            assert held["pairs"][pair][m] == pytest.approx(row[m], abs=1e-6), (pair, m)
+            assert stage["pairs"][pair][m] == pytest.approx(row[m], abs=1e-6), (pair, m)

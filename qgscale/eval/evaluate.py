@@ -141,21 +141,27 @@ def restricted_search(loaded: Any, x: np.ndarray, k: int, ids: np.ndarray | None
                       nprobe: int | None = None, ef_search: int | None = None):
     """Top-``k`` ``(pids, scores)`` of a ``qgscale.index.search.LoadedIndex`` among ``ids``
     only (all when None). Index shards are searched one by one and merged (IndexShards does
-    not pass search parameters down)."""
+    not pass search parameters down); with the index's refine store, the merged top
+    ``k * k_factor`` is re-ranked with the exact vectors, as its IndexRefine does."""
     import faiss
 
-    from qgscale.index.search import _to_results, search_params
+    from qgscale.index.search import _to_results, rerank, search_params
 
     if ids is None:
         return loaded.search(x, k)
     x = np.ascontiguousarray(x, dtype=np.float32)
     sel = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
-    heap = faiss.ResultHeap(len(x), k, keep_max=loaded.metric == "ip")
+    k_base = int(k * loaded.k_factor) if loaded.store is not None else k
+    heap = faiss.ResultHeap(len(x), k_base, keep_max=loaded.metric == "ip")
     for part in loaded.parts or [loaded.index]:
-        dist, found = part.search(x, k, params=search_params(part, sel, nprobe, ef_search))
+        dist, found = part.search(x, k_base,
+                                  params=search_params(part, sel, nprobe, ef_search))
         heap.add_result(dist, found)
     heap.finalize()
-    return _to_results(heap.D, heap.I, loaded.pids, loaded.metric)
+    dist, found = heap.D, heap.I
+    if loaded.store is not None:
+        dist, found = rerank(loaded.store, x, found, k, loaded.metric)
+    return _to_results(dist, found, loaded.pids, loaded.metric)
 
 
 def to_run(qids: list[str], pids: np.ndarray, scores: np.ndarray) -> dict[str, dict]:
@@ -277,10 +283,12 @@ def evaluate_baseline(cfg: Any, run_uri: str, data_uri: str, split: str, corpus_
 
 def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
                   corpus_uri: str | None = None, device: str | None = None,
-                  search_cpus: float = 1.0, **kw: Any) -> dict:
+                  search_cpus: float = 1.0, refine: str = "none", k_factor: float = 4.0,
+                  **kw: Any) -> dict:
     """Load the student and the split from storage and evaluate, searching the index with
     one Ray actor per index shard of ``search_cpus`` CPUs (a Ray task body: it holds
-    O(queries x k), not the index; ``device``: torch's default when not given)."""
+    O(queries x k), not the index, but the exact vectors with ``refine``, as mining does;
+    ``device``: torch's default when not given)."""
     from qgscale.index.encode import load_dual_encoder
     from qgscale.index.search import ShardedSearcher
     from qgscale.models.precision import default_device
@@ -292,7 +300,7 @@ def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
     device = device or default_device()
     encoder = load_dual_encoder(model_uri, device)
     searcher = ShardedSearcher(index_uri, kw.get("nprobe"), kw.get("ef_search"),
-                               search_cpus, corpus_uri=data.corpus_uri)
+                               search_cpus, refine, k_factor, corpus_uri=data.corpus_uri)
     try:
         out = evaluate_split(encoder, searcher, data, device=device, **kw)
     finally:
@@ -478,8 +486,9 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
             result = ray.get(task.remote(
                 res.num_gpus, model_uri, index_uri, data_uri, split,
                 top_k=ec.top_k, ks=ec.k, batch_size=sc.batch_size, pairs=ec.pairs,
-                nprobe=sc.nprobe, ef_search=sc.ef_search, precision=sc.precision,
-                answers=ec.answer_recall, search_cpus=sc.cpus_per_actor))
+                nprobe=sc.nprobe, ef_search=sc.ef_search, refine=sc.refine,
+                k_factor=sc.k_factor, precision=sc.precision, answers=ec.answer_recall,
+                search_cpus=sc.cpus_per_actor))
         result["timings"]["total_s"] = time.time() - t0
         result["job"] = {"driver_python": sys.executable, "driver_host": os.uname().nodename,
                          "ray_address": ray.get_runtime_context().gcs_address,

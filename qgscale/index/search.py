@@ -213,6 +213,7 @@ class LoadedIndex:
     metric: str
     parts: list = field(default_factory=list)  # keep shard objects alive under IndexShards
     store: Any = None  # exact vectors under an IndexRefine (refine != "none")
+    k_factor: float = 4.0  # the IndexRefine's: re-rank the top k * k_factor
 
     def search(self, x: np.ndarray, k: int):
         dist, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k)
@@ -243,7 +244,7 @@ def load_index(index_uri: str, nprobe: int | None = None, ef_search: int | None 
         store = load_refine_store(index_uri, m, pids, refine)
         index = faiss.IndexRefine(index, store)
         index.k_factor = k_factor
-    return LoadedIndex(index, pids, m["metric"], parts, store)
+    return LoadedIndex(index, pids, m["metric"], parts, store, k_factor)
 
 
 _CACHE: dict[tuple, LoadedIndex] = {}
