@@ -114,7 +114,11 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
     positives = sorted({c["pids"][0] for c in cands})
     assert m["passages"] == len(positives) and len(m["shards"]) == -(-len(positives) // 2)
     got = storage.read_parquet(out)
-    assert got.num_rows + m["empty_queries_dropped"] == len(positives) * 2 * 2
+    assert got.num_rows + m["empty_queries_dropped"] + m["repeated_queries_dropped"] == \
+        len(positives) * 2 * 2
+    keys = list(zip(got["pid"].to_pylist(), got["lang"].to_pylist(), got["query"].to_pylist(),
+                    strict=True))
+    assert len(set(keys)) == len(keys)  # no query twice for one passage and language
     assert got.num_rows >= len(positives) and all(got["query"].to_pylist())
     assert sorted(set(got["pid"].to_pylist())) == positives
     assert sorted(set(got["lang"].to_pylist())) == ["de", "zh"]

@@ -352,15 +352,33 @@ def _write(path, rows, schema) -> str:
     return str(path)
 
 
+def test_driver_rows_read_only_the_scores_they_carry(tmp_path):
+    """The scores table holds every candidate (``mine.top_k``) of every query; the driver
+    keeps the pairs its rows carry, one shard at a time, and still checks every score."""
+    rows = [{"qid": f"q{i}", "pid": f"p{j}", "score": -float(j), "ntok": 3}
+            for i in range(4) for j in range(30)]
+    uri = str(tmp_path / "s")
+    storage.write_parquet(f"{uri}/part-00000.parquet", pa.Table.from_pylist(rows[:60], SCORES))
+    storage.write_parquet(f"{uri}/part-00001.parquet", pa.Table.from_pylist(rows[60:], SCORES))
+    wanted = {("q0", "p1"), ("q3", "p29"), ("q9", "p0")}
+    assert tdata.load_scores(uri, wanted) == {("q0", "p1"): -1.0, ("q3", "p29"): -29.0}
+    rows[100]["score"] = float("inf")  # a pair no row uses
+    storage.write_parquet(f"{uri}/part-00001.parquet", pa.Table.from_pylist(rows[60:], SCORES))
+    with pytest.raises(DataError, match=r"part-00001.parquet: row 40 \(qid=q3, pid=p10\)"):
+        tdata.load_scores(uri, wanted)
+
+
 def test_bad_training_data_names_the_problem(toy, tmp_path):
     inp = _inputs(toy)
     good_c = [{"qid": "q0", "pids": ["p0", "p1"], "scores": [1.0, 0.5]}]
     scores = _write(tmp_path / "s", [{"qid": "q0", "pid": "p0", "score": -1.0, "ntok": 3}],
                     SCORES)
     cands = _write(tmp_path / "c", good_c, CANDIDATES)
+    every = _write(tmp_path / "a", good_c + [{"qid": f"q{i}", "pids": [f"p{i}"], "scores": [0.0]}
+                                             for i in range(1, N)], CANDIDATES)
     with pytest.raises(DataError, match=r"missing teacher score for qid=q0 pid=p1"):
         tdata.build_student_rows(inp["queries_uri"], inp["corpus_uri"],
-                                 qrels_uri=inp["qrels_uri"], candidates_uri=cands,
+                                 qrels_uri=inp["qrels_uri"], candidates_uri=every,
                                  scores_uri=scores)
     empty = _write(tmp_path / "e", [{"qid": "q3", "pids": [], "scores": []}], CANDIDATES)
     with pytest.raises(DataError, match=r"/e: row 0 \(qid=q3\): empty candidate list"):
@@ -369,9 +387,10 @@ def test_bad_training_data_names_the_problem(toy, tmp_path):
                                  scores_uri=scores)
     nan = _write(tmp_path / "n", [{"qid": "q0", "pid": "p0", "score": float("nan"),
                                    "ntok": 3}], SCORES)
-    with pytest.raises(DataError, match=r"/n: row 0 \(qid=q0, pid=p0\): field 'score'"):
+    with pytest.raises(DataError, match=r"/n/part-00000.parquet: row 0 \(qid=q0, pid=p0\): "
+                                        r"field 'score'"):
         tdata.build_student_rows(inp["queries_uri"], inp["corpus_uri"],
-                                 qrels_uri=inp["qrels_uri"], candidates_uri=cands,
+                                 qrels_uri=inp["qrels_uri"], candidates_uri=every,
                                  scores_uri=nan)
     with pytest.raises(DataError, match=r"no candidate list for training qid=q1"):
         tdata.build_student_rows(inp["queries_uri"], inp["corpus_uri"],

@@ -5,8 +5,9 @@ language, ``num_queries`` queries by beam search or nucleus sampling. Output sha
 ``{pid, lang, query, logprob}`` (``qgscale.data.schema.GENERATED``; ``logprob`` = the query's
 teacher score, the mean token log-prob), written as a shard job
 (:func:`qgscale.runtime.run_shards`) with done markers and resume as scoring. Empty
-generations (an immediate ``</s>``) are left out and counted in the manifest
-(``empty_queries_dropped``). Sampling is seeded per shard and language, so a retried shard is
+generations (an immediate ``</s>``) and repeats of a query already kept for the same passage
+and language are left out and counted in the manifest (``empty_queries_dropped``,
+``repeated_queries_dropped``). Sampling is seeded per shard and language, so a retried shard is
 identical. Work units carry their passages (the positives' texts, read by the semi-join of
 :mod:`qgscale.data.corpus`), or name a row range of one corpus shard (``passages: corpus``):
 no actor loads the corpus. Units hold ``shard_rows`` passages, or fewer so that every actor
@@ -70,20 +71,27 @@ class GenerateJob:
     def run(self, qg: Any, shard: Shard) -> tuple[pa.Table, dict]:
         pids, passages = shard.payload.read()
         rows: dict[str, list] = {"pid": [], "lang": [], "query": [], "logprob": []}
-        empty = 0
+        empty = repeated = 0
         for lang in self.langs:
             seed = self.seed + zlib.crc32(f"{shard.name}\t{lang}".encode())
             out = qg.generate(passages, lang, seed=seed, **self.options)
             for pid, queries in zip(pids, out, strict=True):
+                seen = set()
                 for query, logprob in queries:
-                    if not query:  # no query to train on: counted in the manifest
-                        empty += 1
+                    # no query to train on, or one already kept (sampling, or beams that
+                    # differ only in special tokens or spaces): counted in the manifest; a
+                    # repeat would be drawn more often as the row's generated query
+                    if not query or query in seen:
+                        empty += not query
+                        repeated += bool(query)
                         continue
+                    seen.add(query)
                     rows["pid"].append(pid)
                     rows["lang"].append(lang)
                     rows["query"].append(query)
                     rows["logprob"].append(logprob)
-        return pa.table(rows, schema=GENERATED), {"empty_queries": empty}
+        return pa.table(rows, schema=GENERATED), {"empty_queries": empty,
+                                                  "repeated_queries": repeated}
 
 
 def plan_units(corpus_uri: str, qrels_uri: str | None, shard_rows: int, n_langs: int,
@@ -147,11 +155,13 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str
     job = GenerateJob(qg, list(langs), options, seed)
     stats = run_shards(job, units, out_uri, config_hash, gc, stage="teacher.generate",
                        desc="teacher generate", unit="passage-lang")
-    empty = sum(storage.read_json(storage.join(out_uri, storage.DONE_DIR, f"{u.name}.json"))
-                .get("empty_queries", 0) for u in units)
+    marks = [storage.read_json(storage.join(out_uri, storage.DONE_DIR, f"{u.name}.json"))
+             for u in units]
     return storage.ShardWriter(out_uri, config_hash).finalize(
         [u.name for u in units], stage="teacher-generate", inputs=inputs, passages=n_passages,
-        langs=list(langs), empty_queries_dropped=empty, unit_rows=rows, run=stats)
+        langs=list(langs), empty_queries_dropped=sum(m.get("empty_queries", 0) for m in marks),
+        repeated_queries_dropped=sum(m.get("repeated_queries", 0) for m in marks),
+        unit_rows=rows, run=stats)
 
 
 def run_generate(cfg: Any, model: Any, corpus_uri: str, qrels_uri: str | None, out_uri: str,

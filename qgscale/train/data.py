@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from qgscale import storage
@@ -59,30 +60,33 @@ def generated_qid(pid: str, lang: str, query: str) -> str:
 ORDER = "order"  # the column training rows are sorted by before they are written
 
 
-def order_key(qid: str) -> int:
-    """Where a training query's rows go among the written rows: a stable 63-bit hash of its
-    ``qid`` (blake2b). Every reader prefixes qids with the language, so rows in qid order
-    would give shards, micro-batches (in-batch negatives) and runs of steps of one language;
-    in hash order each shard mixes them."""
-    return int.from_bytes(hashlib.blake2b(qid.encode(), digest_size=8).digest(), "big") >> 1
+def order_key(*ids: str) -> int:
+    """Where a training row goes among the written rows: a stable 63-bit hash (blake2b) of
+    the ids that name it (its ``qid``; ``qid, pid`` for the QG's rows, several per query).
+    Every reader prefixes qids with the language, so rows in qid order would give shards,
+    micro-batches (in-batch negatives) and runs of steps of one language; in hash order each
+    shard mixes them. Rows have distinct keys, so that shards named by their first row's key
+    list in row order."""
+    blob = "\t".join(ids).encode()
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "big") >> 1
 
 
 def row_order(qid: str) -> tuple[int, str]:
-    """The sort key of a training query's rows: :func:`order_key`, then the qid."""
+    """The sort key of a training query's row: :func:`order_key`, then the qid."""
     return order_key(qid), qid
 
 
-def with_order(table: pa.Table) -> pa.Table:
-    """``table`` with the :data:`ORDER` column, :func:`order_key` of each row's ``qid``."""
-    return table.append_column(ORDER, pa.array(
-        [order_key(q) for q in table.column("qid").to_pylist()], pa.int64()))
+def with_order(table: pa.Table, keys: tuple[str, ...] = ("qid",)) -> pa.Table:
+    """``table`` with the :data:`ORDER` column: :func:`order_key` of each row's ``keys``."""
+    ids = zip(*(table.column(k).to_pylist() for k in keys), strict=True)
+    return table.append_column(ORDER, pa.array([order_key(*i) for i in ids], pa.int64()))
 
 
 def in_row_order(table: pa.Table, keys: tuple[str, ...] = ("qid",)) -> pa.Table:
-    """``table`` sorted as training rows are written: by :func:`order_key` of ``qid``, then
+    """``table`` sorted as training rows are written: by :func:`order_key` of ``keys``, then
     ``keys``."""
-    return with_order(table).sort_by([(k, "ascending") for k in (ORDER, *keys)]
-                                      ).drop_columns([ORDER])
+    return with_order(table, keys).sort_by([(k, "ascending") for k in (ORDER, *keys)]
+                                            ).drop_columns([ORDER])
 
 
 def _read(uri: str, what: str, columns: list[str] | None = None) -> pa.Table:
@@ -121,22 +125,48 @@ def positives_from(examples_uri: str | None, qrels_uri: str | None
     return dict(pos), dict(neg), qrels_uri
 
 
-def load_teacher(candidates_uri: str, scores_uri: str
-                 ) -> tuple[dict[str, list[str]], dict[tuple[str, str], float]]:
-    """Candidate lists and teacher scores; every candidate must have a score."""
+def load_candidates(candidates_uri: str) -> dict[str, list[str]]:
+    """Each query's candidate list (none may be empty)."""
     cands: dict[str, list[str]] = {}
-    for i, r in enumerate(_read(candidates_uri, "candidates").to_pylist()):
+    for i, r in enumerate(_read(candidates_uri, "candidates", ["qid", "pids"]).to_pylist()):
         if not r["pids"]:
             raise DataError(f"{candidates_uri}: row {i} (qid={r['qid']}): empty candidate "
                             "list (field 'pids')")
         cands[r["qid"]] = list(r["pids"])
-    scores: dict[tuple[str, str], float] = {}
-    for i, r in enumerate(_read(scores_uri, "teacher scores").to_pylist()):
-        if r["score"] is None or not np.isfinite(r["score"]):
-            raise DataError(f"{scores_uri}: row {i} (qid={r['qid']}, pid={r['pid']}): "
-                            f"field 'score' is {r['score']!r}")
-        scores[(r["qid"], r["pid"])] = float(r["score"])
-    return cands, scores
+    return cands
+
+
+def check_scores(t: pa.Table, uri: str) -> None:
+    """Every ``score`` of ``t`` (read from ``uri``) is a finite number."""
+    score = t.column("score")
+    bad = pc.fill_null(pc.invert(pc.is_finite(score)), True)
+    if pc.any(bad).as_py():
+        i = pc.index(bad, True).as_py()
+        raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}, "
+                        f"pid={t.column('pid')[i].as_py()}): field 'score' is "
+                        f"{score[i].as_py()!r}")
+
+
+def load_scores(scores_uri: str, pairs: set[tuple[str, str]]
+                ) -> dict[tuple[str, str], float]:
+    """The teacher scores of the ``(qid, pid)`` ``pairs`` that rows use, read one shard at a
+    time and filtered in Arrow: memory O(pairs), not the scores table (every candidate of
+    every query and generated query, ``mine.top_k`` of them, where rows keep
+    ``n_candidates``). Every score read is checked (:func:`check_scores`)."""
+    if not storage.exists(scores_uri):
+        raise DataError(f"{scores_uri}: teacher scores not found")
+    fs, path = storage.url_to_fs(scores_uri)
+    files = storage.list_files(scores_uri, ".parquet") if fs.isdir(path) else [scores_uri]
+    wanted = pa.array(sorted(f"{q}\t{p}" for q, p in pairs), pa.string())
+    out: dict[tuple[str, str], float] = {}
+    for uri in files:
+        t = storage.read_parquet(uri, ["qid", "pid", "score"])
+        check_scores(t, uri)
+        t = t.filter(pc.is_in(pc.binary_join_element_wise(
+            t.column("qid"), t.column("pid"), "\t"), value_set=wanted))
+        out.update(zip(zip(t.column("qid").to_pylist(), t.column("pid").to_pylist(),
+                           strict=True), t.column("score").to_pylist(), strict=True))
+    return out
 
 
 def _score(scores: dict, qid: str, pid: str, scores_uri: str, candidates_uri: str) -> float:
@@ -262,11 +292,10 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
     queries = load_queries(queries_uri)
     pos, neg, pos_uri = positives_from(examples_uri, qrels_uri)
     cands: dict[str, list[str]] = {}
-    scores: dict[tuple[str, str], float] = {}
     if candidates_uri or scores_uri:
         if not (candidates_uri and scores_uri):
             raise DataError("distillation needs both candidates and teacher scores")
-        cands, scores = load_teacher(candidates_uri, scores_uri)
+        cands = load_candidates(candidates_uri)
     gens: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # pid -> [(pid, l, q)]
     if generated_uri:
         g = _read(generated_uri, "generated queries")
@@ -283,9 +312,16 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
         lang, qtext = queries[qid]
         plan = plan_row(qid, lang, qtext, pos[qid], neg.get(qid), cands.get(qid),
                         [g for p in set(pos[qid]) for g in gens.get(p, [])], loss, seed)
-        attach_scores(plan, lambda q, p: _score(scores, q, p, scores_uri, candidates_uri))
         counts["without_generated"] += bool(generated_uri) and not plan["has_generated"]
         plans.append(plan)
+    if scores_uri:  # only the scores the rows carry
+        scores = load_scores(scores_uri, {(q, p) for r in plans for q in (r["qid"], r["gen_qid"])
+                                          if q for p in r["cand_pids"]})
+        for r in plans:
+            attach_scores(r, lambda q, p: _score(scores, q, p, scores_uri, candidates_uri))
+    else:
+        for r in plans:
+            r["cand_scores"], r["gen_scores"] = [], []
     plans.sort(key=lambda r: row_order(r["qid"]))
     if generated_uri and counts["without_generated"] == len(plans):
         raise DataError(f"{generated_uri}: no generated query in another language for any "

@@ -104,16 +104,6 @@ def _check_nonempty_list(key: str, field: str, what: str) -> Any:
     return check
 
 
-def _check_scores(t: pa.Table, uri: str) -> None:
-    score = t.column("score")
-    bad = pc.fill_null(pc.invert(pc.is_finite(score)), True)
-    if pc.any(bad).as_py():
-        i = pc.index(bad, True).as_py()
-        raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}, "
-                        f"pid={t.column('pid')[i].as_py()}): field 'score' is "
-                        f"{score[i].as_py()!r}")
-
-
 def _grouped(ds: Any, key: str, fields: dict[str, str], parts: int) -> Any:
     """Per ``key``: the lists of ``fields`` (new name -> column), in table order."""
     def collect(t: pa.Table) -> pa.Table:
@@ -170,7 +160,7 @@ def build_qg_rows_dataset(queries_uri: str, corpus_uri: str, qrels_uri: str, out
                           shard_rows: int = 2000) -> dict[str, Any]:
     """The query generator's training rows (:data:`~qgscale.train.data.QG_ROWS`, one per
     positive qrels pair: the query, its language, the passage) written by Ray Data workers
-    under ``out_uri``, sorted by (:func:`~qgscale.train.data.order_key` of the qid, qid,
+    under ``out_uri``, sorted by (:func:`~qgscale.train.data.order_key` of qid and pid, qid,
     pid); returns the counts."""
     return _unwrapped(_build_qg, queries_uri, corpus_uri, qrels_uri, out_uri, config_hash,
                       parts=num_partitions, shard_rows=shard_rows)
@@ -262,7 +252,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
     plans = rows.map_batches(plan, batch_format="pyarrow")
     if scores_uri:
         scores = _grouped(_dataset(scores_uri, "teacher scores", ["qid", "pid", "score"],
-                                   _check_scores), "qid", {"s_pid": "pid", "s_score": "score"},
+                                   tdata.check_scores), "qid", {"s_pid": "pid", "s_score": "score"},
                           parts)
         plans = join(plans, scores, "qid")
         plans = join(plans, scores.rename_columns(
@@ -419,17 +409,18 @@ def _build_qg_rank(queries_uri: str, corpus_uri: str, examples_uri: str, n_negat
 
 def _in_row_order(ds: Any, keys: tuple[str, ...] = ("qid",)) -> Any:
     """``ds`` sorted as :func:`~qgscale.train.data.in_row_order`: by the int64 order key
-    column of each row's qid, then ``keys``."""
-    return ds.map_batches(tdata.with_order, batch_format="pyarrow").sort([tdata.ORDER, *keys])
+    column of each row's ``keys``, then ``keys``."""
+    return ds.map_batches(tdata.with_order, fn_args=(keys,), batch_format="pyarrow").sort(
+        [tdata.ORDER, *keys])
 
 
 def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
            columns: list[str]) -> dict[str, Any]:
     """Workers write ``columns`` of ``ds`` (:func:`_in_row_order`) as shards of
-    ``shard_rows`` rows, named in that order by their first row's order key (and a hash of
-    its qid and pid); returns the rows, the shard names and the sum of every ``_``-prefixed
-    count column. The rows dir is cleared first (rows are
-    rebuilt whole, never mixed with an interrupted build's shards)."""
+    ``shard_rows`` rows, named in that order by their first row's order key (distinct per
+    row), then a hash of its qid and pid; returns the rows, the shard names and the sum of
+    every ``_``-prefixed count column. The rows dir is cleared first (rows are rebuilt whole,
+    never mixed with an interrupted build's shards)."""
     fs, path = storage.url_to_fs(out_uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
