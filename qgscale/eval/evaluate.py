@@ -286,9 +286,9 @@ def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
                   search_cpus: float = 1.0, refine: str = "none", k_factor: float = 4.0,
                   **kw: Any) -> dict:
     """Load the student and the split from storage and evaluate, searching the index with
-    one Ray actor per index shard of ``search_cpus`` CPUs (a Ray task body: it holds
-    O(queries x k), not the index, but the exact vectors with ``refine``, as mining does;
-    ``device``: torch's default when not given)."""
+    one Ray actor per index shard of ``search_cpus`` CPUs, which re-rank with their shard's
+    exact vectors under ``refine`` (a Ray task body: it holds O(queries x k), not the index
+    nor its vectors; ``device``: torch's default when not given)."""
     from qgscale.index.encode import load_dual_encoder
     from qgscale.index.search import ShardedSearcher
     from qgscale.models.precision import default_device

@@ -108,7 +108,8 @@ def memory_plan(factory: str, n: int, dim: int, num_shards: int = 1, nodes: int 
     """Memory (GiB) of each stage's processes for ``n`` vectors of ``dim`` in ``num_shards``
     index shards spread over ``nodes`` nodes (``shard_rows``: rows of one embedding shard;
     ``pid_bytes``: one id-map entry in a search actor: int64 id, Arrow offset, ~16-byte pid).
-    ``gpu``: search on GPUs (a Flat shard is held in fp16 there). Measured constants
+    ``gpu``: search on GPUs (a Flat shard is held in fp16 there); ``refine``: every search
+    actor also holds its shard's exact vectors (4 or 2 bytes a dimension). Measured constants
     (benchmarks/index_build.py) add the process baseline, ~0.2-0.45 GiB per Ray worker, on
     top."""
     gib = 2**30
@@ -122,8 +123,8 @@ def memory_plan(factory: str, n: int, dim: int, num_shards: int = 1, nodes: int 
     train = (min(train_samples, n) * dim * (1.05 * 2 + 4) + quantizer  # fp16 sample + fp32
              if trains else 0)
     add = shard_rows * dim * 4 * 2 + shard_rows * bytes_per_vector(factory, dim) + quantizer
-    search_host = index_shard + n / shards * pid_bytes
-    refine_bytes = {"none": 0, "flat": 4, "fp16": 2}[refine] * n * dim
+    refine_shard = {"none": 0, "flat": 4, "fp16": 2}[refine] * n / shards * dim
+    search_host = index_shard + n / shards * pid_bytes + refine_shard
     per_node = math.ceil(shards / max(1, nodes))
     return {"factory": factory, "n_vectors": n, "dim": dim, "num_shards": shards,
             "nodes": nodes, "index_gb": round(est["index_gb"], 3),
@@ -132,7 +133,7 @@ def memory_plan(factory: str, n: int, dim: int, num_shards: int = 1, nodes: int 
             "merge_task_gb": round(index_shard / gib, 3),
             "search_actor_host_gb": round(search_host / gib, 3),
             "search_actor_gpu_gb": round(gpu_shard / gib, 3),
-            "search_caller_refine_gb": round(refine_bytes / gib, 3),
+            "search_actor_refine_gb": round(refine_shard / gib, 3),
             "search_per_node_host_gb": round(per_node * search_host / gib, 3),
             "search_per_node_gpu_gb": round(per_node * gpu_shard / gib, 3)}
 
@@ -148,8 +149,8 @@ def format_plan(plan: dict) -> str:
             f"{plan['merge_task_gb']:.2f}; search actor {plan['search_actor_host_gb']:.2f} "
             f"host{gpu}; per node {plan['search_per_node_host_gb']:.2f} host"
             + (f" + {plan['search_per_node_gpu_gb']:.2f} GPU" if gpu else "")
-            + (f"; refine vectors in the caller {plan['search_caller_refine_gb']:.2f}"
-               if plan["search_caller_refine_gb"] else ""))
+            + (f" (with refine vectors {plan['search_actor_refine_gb']:.2f} per shard)"
+               if plan["search_actor_refine_gb"] else ""))
 
 
 def auto_factory(n: int, dim: int, max_memory_gb: float) -> str:

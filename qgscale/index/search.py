@@ -8,8 +8,10 @@ higher-is-better: inner products, or negated squared L2 distances.
 
 Optional re-ranking (``refine="flat"|"fp16"``): the top ``k * k_factor`` candidates of the
 (compressed) index are re-scored with the exact vectors, read back in id order from the
-embedding shards the index was built from (``faiss.IndexRefine`` over the whole fan-out), so
-index files stay compact and every layout (merged, kept parts, on disk, actors) is refined.
+embedding shards the index was built from, so index files stay compact and every layout is
+refined: in this process a ``faiss.IndexRefine`` over the whole fan-out; with actors, each
+actor re-ranks its own shard's top ``k * k_factor`` with its shard's vectors (no process holds
+every vector), and the exact scores are merged.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
-from qgscale.index.vectors import read_vectors
+from qgscale.index.vectors import iter_vectors
 from qgscale.runtime import remote_options
 
 REFINE_KINDS = ("none", "flat", "fp16")
@@ -155,9 +157,13 @@ class PidMap:
         return self.ids[pos]
 
 
-def load_refine_store(index_uri: str, m: dict, pids: np.ndarray, kind: str):
-    """The exact vectors of an index in id order (``IndexFlat``, or ``SQfp16`` for ``fp16``),
-    read from the embedding shards of its manifest; their pids must match the id map."""
+def load_refine_store(index_uri: str, m: dict, pids: Any, kind: str,
+                      ids: np.ndarray | None = None):
+    """The exact vectors of ``ids`` (sorted global ids; None: every id) in id order
+    (``IndexFlat``, or ``SQfp16`` for ``fp16``), streamed from the embedding shards of the
+    index's manifest (global id = row number across them), keeping only those rows: memory
+    O(len(ids)). ``pids``: the pids of ``ids`` (of every id when None), which the rows' pids
+    must match."""
     import faiss
 
     from qgscale.index.build import metric_type
@@ -170,16 +176,24 @@ def load_refine_store(index_uri: str, m: dict, pids: np.ndarray, kind: str):
     metric = metric_type(m["metric"])
     store = (faiss.IndexFlat(m["dim"], metric) if kind == "flat" else
              faiss.IndexScalarQuantizer(m["dim"], faiss.ScalarQuantizer.QT_fp16, metric))
+    want = np.arange(len(pids)) if ids is None else ids
+    start = 0  # global id of the block's first row
     for uri in storage.list_files(emb, ".parquet"):
-        shard_pids, vecs = read_vectors(uri)
-        start = store.ntotal
-        if pids[start:start + len(shard_pids)].tolist() != shard_pids:
-            raise ValueError(f"{uri}: pids differ from the id map of {index_uri} at ids "
-                             f"{start}..{start + len(shard_pids) - 1} (embeddings changed "
-                             "since the build?)")
-        store.add(vecs)
-    if store.ntotal != len(pids):
-        raise ValueError(f"{emb}: {store.ntotal} vectors, index {index_uri} has {len(pids)}")
+        for block_pids, vecs in iter_vectors(uri):
+            lo, hi = np.searchsorted(want, [start, start + len(vecs)])
+            rows = want[lo:hi] - start
+            got = block_pids.take(pa.array(rows)).to_pylist()
+            expected = pids[lo:hi]
+            if got != (expected.to_pylist() if isinstance(expected, pa.Array)
+                       else list(expected)):
+                raise ValueError(f"{uri}: pids differ from the id map of {index_uri} at ids "
+                                 f"{start}..{start + len(vecs) - 1} (embeddings changed "
+                                 "since the build?)")
+            if len(rows):
+                store.add(np.ascontiguousarray(vecs[rows]))
+            start += len(vecs)
+    if start != m["ntotal"] or store.ntotal != len(want):
+        raise ValueError(f"{emb}: {start} vectors, index {index_uri} has {m['ntotal']}")
     return store
 
 
@@ -289,15 +303,22 @@ class ShardSearcher:
 
     def __init__(self, index_uri: str, rel: str, ondisk: bool, nprobe: int | None,
                  ef_search: int | None, threads: int = 1, gpus: float = 0.0,
-                 gpus_explicit: bool = False, corpus_uri: str | None = None):
+                 gpus_explicit: bool = False, corpus_uri: str | None = None,
+                 refine: str = "none", k_factor: float = 4.0):
         import faiss
 
         from qgscale.index.gpu import to_gpu, use_gpu
 
         on_gpu = use_gpu("index.search", gpus, gpus_explicit)
         faiss.omp_set_num_threads(max(1, threads))
+        m = storage.read_manifest(index_uri)
+        self.metric = m["metric"]
         self.index = read_index_file(index_uri, rel, ondisk)
         self.pid_map = PidMap.read(index_uri, index_ids(self.index))
+        # this shard's exact vectors, in the order of pid_map.ids (refine: None when "none")
+        self.store = (load_refine_store(index_uri, m, self.pid_map.pids, refine,
+                                        self.pid_map.ids) if refine != "none" else None)
+        self.k_factor = k_factor
         # on the CPU index: the GPU clone copies nprobe (GpuIndexIVF::copyFrom)
         set_search_params(self.index, nprobe, ef_search)
         if on_gpu:
@@ -327,15 +348,21 @@ class ShardSearcher:
 
     def search(self, x: np.ndarray, k: int, lang: str | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top-``k`` of this shard (among ``lang``'s passages only when given)."""
+        """Top-``k`` of this shard (among ``lang``'s passages only when given); with a
+        refine store, its top ``k * k_factor`` re-ranked with the exact vectors."""
+        k_base = int(k * self.k_factor) if self.store is not None else k
         if lang is None:
-            dist, ids = self.index.search(x, k)
+            dist, ids = self.index.search(x, k_base)
         else:
             import faiss
 
             sel = faiss.IDSelectorBatch(self.lang_ids().get(lang, np.empty(0, np.int64)))
-            dist, ids = self.index.search(x, k, params=search_params(
+            dist, ids = self.index.search(x, k_base, params=search_params(
                 self.index, sel, self.nprobe, self.ef_search))
+        if self.store is not None:  # global ids -> rows of the store, and back
+            rows = np.where(ids >= 0, np.searchsorted(self.pid_map.ids, ids), -1)
+            dist, rows = rerank(self.store, x, rows, k, self.metric)
+            ids = np.where(rows >= 0, self.pid_map.ids[np.maximum(rows, 0)], -1)
         return dist, ids, self.pid_map.lookup(ids)
 
 
@@ -349,8 +376,9 @@ def search_bundles(index_uri: str, num_cpus: float = 1.0) -> list[dict[str, floa
 class ShardedSearcher:
     """Fan-out search over Ray actors (one per index shard, each holding its shard's pids:
     this process holds neither the index nor the id map); merge with ``faiss.ResultHeap``.
-    With ``refine``, the merged top ``k * k_factor`` is re-ranked here with the exact vectors
-    (this process then holds them: one float32/fp16 vector per passage)."""
+    With ``refine``, every actor also holds its shard's exact vectors and re-ranks its top
+    ``k * k_factor`` with them; the exact scores are merged (a superset of the candidates one
+    refined fan-out would re-rank: the same or a better top-k)."""
 
     def __init__(self, index_uri: str, nprobe: int | None = None, ef_search: int | None = None,
                  num_cpus: float = 1.0, refine: str = "none", k_factor: float = 4.0,
@@ -365,11 +393,8 @@ class ShardedSearcher:
         actor = ray.remote(ShardSearcher).options(**remote_options(num_cpus, num_gpus))
         self.actors = [actor.remote(index_uri, rel, m.get("ondisk", False), nprobe, ef_search,
                                     max(1, int(num_cpus)), num_gpus, gpus_explicit,
-                                    corpus_uri)
+                                    corpus_uri, refine, k_factor)
                        for rel in m["shards"]]
-        self.store = (load_refine_store(index_uri, m, read_pids(index_uri), refine)
-                      if refine != "none" else None)
-        self.k_factor = k_factor
 
     def search(self, x: np.ndarray, k: int, lang: str | None = None):
         """Top-``k`` ``(pids, scores)`` as :func:`search`; ``lang``: among the passages of
@@ -379,17 +404,13 @@ class ShardedSearcher:
 
         x = np.ascontiguousarray(x, dtype=np.float32)
         ref = ray.put(x)
-        k_base = int(k * self.k_factor) if self.store is not None else k
-        heap = faiss.ResultHeap(len(x), k_base, keep_max=self.metric == "ip")
+        heap = faiss.ResultHeap(len(x), k, keep_max=self.metric == "ip")
         pid_of: dict[int, str] = {}
-        for dist, ids, pids in ray.get([a.search.remote(ref, k_base, lang)
-                                        for a in self.actors]):
+        for dist, ids, pids in ray.get([a.search.remote(ref, k, lang) for a in self.actors]):
             heap.add_result(dist, ids)
             pid_of.update(zip(ids[ids >= 0].tolist(), pids[ids >= 0].tolist(), strict=True))
         heap.finalize()
         dist, ids = heap.D, heap.I
-        if self.store is not None:
-            dist, ids = rerank(self.store, x, ids, k, self.metric)
         scores = dist if self.metric == "ip" else -dist
         out = np.full(ids.shape, None, dtype=object)
         ok = ids >= 0
