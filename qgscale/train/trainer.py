@@ -284,7 +284,7 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
             queries_uri, corpus_uri, qrels_uri, rows_uri, key, shard_rows=cfg.data.shard_rows,
             num_partitions=cfg.data.ray_rows_partitions)
     elif built is None:
-        # rows in the order of the Ray Data build (a hash of the qid: languages mixed)
+        # rows in the order of the Ray Data build (a hash of qid and pid: languages mixed)
         qrels = tdata.in_row_order(storage.read_parquet(qrels_uri), ("qid", "pid"))
         positives = pc.filter(qrels.column("pid"), pc.greater(qrels.column("rel"), 0))
         rows = list(qg_examples(storage.read_parquet(queries_uri),  # the semi-join
