@@ -253,6 +253,18 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
         raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
 
 
+def parquet_files(uri: str) -> list[str]:
+    """``[uri]`` for a parquet file, its ``*.parquet`` shards for a folder; an empty folder is
+    a :class:`MissingInputError`."""
+    fs, path = url_to_fs(uri)
+    if not fs.isdir(path):
+        return [uri]
+    files = list_files(uri, ".parquet")
+    if not files:
+        raise MissingInputError(f"{uri}: no parquet shards in this folder")
+    return files
+
+
 def config_hash(obj: Any) -> str:
     """Stable short hash of a JSON-serialisable config (or pydantic model)."""
     if hasattr(obj, "model_dump"):

@@ -13,7 +13,7 @@ from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.schema import SCHEMAS
 from qgscale.data.unique import SpilledIds
-from qgscale.errors import ConfigError, DataError, MissingInputError
+from qgscale.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -188,20 +188,11 @@ def run_prepare(data_cfg: Any, out_uri: str, key: str) -> dict[str, Any]:
 
 def export_jsonl(parquet_uri: str, output: str) -> int:
     """Export a canonical parquet file or shard folder to JSONL; returns the row count.
-    Streamed: one record batch of one shard in memory at a time."""
-    import pyarrow.parquet as pq
-
-    fs, path = fsspec.core.url_to_fs(parquet_uri)
-    shards = storage.list_files(parquet_uri, ".parquet") if fs.isdir(path) else [parquet_uri]
-    if not shards:
-        raise MissingInputError(f"{parquet_uri}: no parquet shards in this folder")
+    Streamed: one shard in memory at a time, written to the output file as it goes."""
     rows = 0
     with storage.writing_file(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for uri in shards:
-            storage.read_parquet(uri, columns=[])  # an unreadable shard fails naming it
-            with fsspec.open(uri, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=10_000):
-                    for r in batch.to_pylist():
-                        out.write(json.dumps(r, ensure_ascii=False) + "\n")
-                    rows += batch.num_rows
+        for uri in storage.parquet_files(parquet_uri):
+            for r in storage.read_parquet(uri).to_pylist():
+                out.write(json.dumps(r, ensure_ascii=False) + "\n")
+                rows += 1
     return rows

@@ -40,10 +40,7 @@ def _files(uri: str) -> list[str]:
     if not fs.exists(path):
         raise MissingInputError(f"{uri}: candidates not found (run `qgscale index mine` "
                                 "first)")
-    files = storage.list_files(uri, ".parquet") if fs.isdir(path) else [uri]
-    if not files:
-        raise MissingInputError(f"{uri}: no parquet shards")
-    return files
+    return storage.parquet_files(uri)
 
 
 def candidate_pairs(candidates_uri: str | list[str]) -> pa.Table:

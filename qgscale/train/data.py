@@ -155,11 +155,9 @@ def load_scores(scores_uri: str, pairs: set[tuple[str, str]]
     ``n_candidates``). Every score read is checked (:func:`check_scores`)."""
     if not storage.exists(scores_uri):
         raise DataError(f"{scores_uri}: teacher scores not found")
-    fs, path = storage.url_to_fs(scores_uri)
-    files = storage.list_files(scores_uri, ".parquet") if fs.isdir(path) else [scores_uri]
     wanted = pa.array(sorted(f"{q}\t{p}" for q, p in pairs), pa.string())
     out: dict[tuple[str, str], float] = {}
-    for uri in files:
+    for uri in storage.parquet_files(scores_uri):
         t = storage.read_parquet(uri, ["qid", "pid", "score"])
         check_scores(t, uri)
         t = t.filter(pc.is_in(pc.binary_join_element_wise(
@@ -314,14 +312,11 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
                         [g for p in set(pos[qid]) for g in gens.get(p, [])], loss, seed)
         counts["without_generated"] += bool(generated_uri) and not plan["has_generated"]
         plans.append(plan)
-    if scores_uri:  # only the scores the rows carry
-        scores = load_scores(scores_uri, {(q, p) for r in plans for q in (r["qid"], r["gen_qid"])
-                                          if q for p in r["cand_pids"]})
-        for r in plans:
-            attach_scores(r, lambda q, p: _score(scores, q, p, scores_uri, candidates_uri))
-    else:
-        for r in plans:
-            r["cand_scores"], r["gen_scores"] = [], []
+    scores = load_scores(scores_uri, {  # only the scores the rows carry
+        (q, p) for r in plans for q in (r["qid"], r["gen_qid"]) if q for p in r["cand_pids"]}
+    ) if scores_uri else {}
+    for r in plans:
+        attach_scores(r, lambda q, p: _score(scores, q, p, scores_uri, candidates_uri))
     plans.sort(key=lambda r: row_order(r["qid"]))
     if generated_uri and counts["without_generated"] == len(plans):
         raise DataError(f"{generated_uri}: no generated query in another language for any "
