@@ -18,6 +18,7 @@ import ray  # noqa: E402
 from qgscale import storage
 from qgscale.config import BuildConfig, EncodeConfig
 from qgscale.data.schema import CORPUS, QUERIES, passage_text
+from qgscale.errors import DataError
 from qgscale.index import build as B
 from qgscale.index.encode import (
     embeddings_table,
@@ -26,7 +27,7 @@ from qgscale.index.encode import (
     length_batches,
     load_dual_encoder,
 )
-from qgscale.index.mine import mine, read_positives, select
+from qgscale.index.mine import AnswerFilter, mine, read_positives, select
 from qgscale.index.search import ShardedSearcher, index_ids, load_index, search
 from qgscale.index.vectors import read_vectors
 from tests.faults import KillShardActorAfter
@@ -495,11 +496,39 @@ def test_search_actor_searches_at_nprobe_on_cpu_and_gpu(ray_local, tmp_path, mon
 def test_select_drops_positives_and_windows_negatives():
     pids = np.array([["a", "p", "b", "c", None]], dtype=object)
     scores = np.array([[5, 4, 3, 2, np.nan]], dtype=np.float32)
-    cand, train, no_pos = select(["q"], pids, scores, {"q": {"p"}}, top_k=2, n_negatives=2,
-                                 skip_top=1)
+    cand, train, no_pos, dropped = select(["q"], pids, scores, {"q": {"p"}}, top_k=2,
+                                          n_negatives=2, skip_top=1)
     assert cand.to_pylist() == [{"qid": "q", "pids": ["a", "b"], "scores": [5.0, 3.0]}]
     assert train.to_pylist() == [{"qid": "q", "pos_pids": ["p"], "neg_pids": ["b", "c"]}]
-    assert no_pos == 0
+    assert no_pos == 0 and dropped == 0
+
+
+def test_answer_passages_are_not_negatives(tmp_path):
+    """With answer-match positives, a retrieved passage containing the query's answer is kept
+    out of the hard negatives (the next ones fill the window) but stays a candidate; the
+    corpus is read over several shards; a pid missing from it is an error."""
+    corpus = str(tmp_path / "corpus")
+    rows = [("a", "Paris", "the capital of France"), ("b", "Lyon", "a city on the Rhone"),
+            ("c", "", "Marie Curie was born in Warsaw"), ("d", "Nice", "on the coast"),
+            ("e", "Rome", "capital of Italy"), ("p", "", "The capital of France is Paris.")]
+    for i in range(2):
+        storage.write_parquet(f"{corpus}/part-{i:05d}.parquet", pa.table(
+            {k: [r[j] for r in rows[i * 3:i * 3 + 3]] for j, k in
+             enumerate(("pid", "title", "text"))} | {"lang": ["en"] * 3}))
+    filt = AnswerFilter({"q1": ["Paris"], "q2": ["warsaw"], "q3": []}, corpus)
+    lists = [["a", "p", "b", "c", "d"], ["b", "c", "e", None, None], ["a", "b", "c", "d", "e"]]
+    hits = filt.hits(["q1", "q2", "q3"], lists)
+    assert hits == {("q1", "a"), ("q1", "p"), ("q2", "c")}  # title matches too; q3: no answers
+    scores = np.tile(np.arange(5, 0, -1, dtype=np.float32), (3, 1))
+    cand, train, no_pos, dropped = select(
+        ["q1", "q2", "q3"], np.array(lists, dtype=object), scores,
+        {"q1": {"p"}, "q2": {"e"}, "q3": {"e"}}, top_k=4, n_negatives=2, answer_hits=hits)
+    assert [c["pids"] for c in cand.to_pylist()] == [["a", "b", "c", "d"], ["b", "c"],
+                                                     ["a", "b", "c", "d"]]
+    assert [t["neg_pids"] for t in train.to_pylist()] == [["b", "c"], ["b"], ["a", "b"]]
+    assert no_pos == 0 and dropped == 2  # q1's "a", q2's "c"
+    with pytest.raises(DataError, match=r"1 retrieved pid\(s\) not in the corpus .*'zz'"):
+        filt.hits(["q1"], [["a", "zz"]])
 
 
 def test_mining_never_returns_a_positive(ray_local, tmp_path):

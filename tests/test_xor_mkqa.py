@@ -156,6 +156,13 @@ def test_xor_tydi_then_mkqa_zero_shot(tmp_path, ray_local, nltk_word_tokenize):
     qrels = storage.read_parquet(lay.train("qrels"))
     assert qrels.num_rows == bm["positives"]
     assert storage.read_parquet(lay.candidates).num_rows == 21  # mine: every training query
+    # mine: a passage containing the answer ("title text") is never a hard negative
+    titled = {r["pid"]: f"{r['title']} {r['text']}" for r in
+              storage.read_parquet(lay.data("train", "corpus")).to_pylist()}
+    mined = storage.read_parquet(lay.mined_train).to_pylist()
+    assert results["mine"]["answer_filter"] and len(mined) == len(examples)
+    for ex in mined:
+        assert not any(has_answer(answers[ex["qid"]], titled[p]) for p in ex["neg_pids"])
 
     # eval: the BM25 row first, then the students; R@kt as computed here
     table = storage.read_bytes(lay.comparison("test", "md")).decode()

@@ -93,10 +93,9 @@ def load_split(data_uri: str, split: str, corpus_uri: str | None = None,
     ans = None
     a_uri = _split_uri(data_uri, split, "answers") if answers else None
     if a_uri is not None:
-        table = storage.read_parquet(a_uri)
-        _require(table, ["qid", "answers"], a_uri)
-        ans = dict(zip(table.column("qid").to_pylist(), table.column("answers").to_pylist(),
-                       strict=True))
+        from qgscale.retrieval.answers import read_answers
+
+        ans = read_answers(a_uri)
     if r_uri is None and ans is None:
         raise MissingInputError(f"{data_uri}: split {split!r} has neither qrels nor answers "
                                 f"(looked for {split}/qrels, qrels, {split}/answers, answers)")

@@ -5,20 +5,28 @@ Outputs under ``out_uri``:
 scores these) and ``train/`` TRAIN_EXAMPLES ``{qid, pos_pids, neg_pids}`` (hard negatives =
 candidates ranked ``skip_top .. skip_top + n_negatives``; queries without a positive get
 candidates but no training example, and are counted in the manifest).
+
+For answer-supervised data (XOR-TyDi, MKQA: positives made by answer match, the ``bm25``
+stage) an :class:`AnswerFilter` keeps retrieved passages that contain one of the query's
+answers out of the hard negatives: the dense index finds answer passages beyond BM25's top-k
+(and ``bm25.n_positives`` keeps only the first few), and training would push them away as
+negatives. They stay among the candidates, which the teacher scores.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from qgscale import storage
-from qgscale.data.schema import CANDIDATES, QRELS, QUERIES, TRAIN_EXAMPLES
+from qgscale.data.schema import CANDIDATES, QRELS, QUERIES, TRAIN_EXAMPLES, passage_text
+from qgscale.errors import DataError
 from qgscale.runtime import actor_resources, bundles, requesting
 
 
@@ -35,17 +43,58 @@ def read_positives(qrels_uri: str) -> dict[str, set[str]]:
     return pos
 
 
+@dataclass(frozen=True)
+class AnswerFilter:
+    """The retrieved passages that contain one of their query's answers (DPR's match on
+    "title text", ``qgscale.retrieval.answers``): not hard negatives."""
+
+    answers: Mapping[str, Sequence[str]]
+    corpus_uri: str
+    match: str = "dpr"
+
+    def hits(self, qids: Sequence[str], lists: Sequence[Sequence[str | None]]
+             ) -> set[tuple[str, str]]:
+        """The (qid, pid) pairs of the lists whose passage contains an answer; the corpus is
+        streamed shard by shard (only the listed pids' rows are read, no text is kept)."""
+        from qgscale.data.corpus import scan
+        from qgscale.retrieval.answers import has_answer
+
+        asked: dict[str, list[str]] = defaultdict(list)  # pid -> qids with answers
+        for qid, row in zip(qids, lists, strict=True):
+            if self.answers.get(qid):
+                for p in dict.fromkeys(p for p in row if p is not None):
+                    asked[p].append(qid)
+        out: set[tuple[str, str]] = set()
+        seen: set[str] = set()
+        for t in scan(self.corpus_uri, asked, ("pid", "title", "text")):
+            for pid, title, text in zip(*(t.column(c).to_pylist()
+                                          for c in ("pid", "title", "text")), strict=True):
+                seen.add(pid)
+                body = passage_text(title, text)
+                out.update((q, pid) for q in asked[pid]
+                           if has_answer(self.answers[q], body, self.match))
+        if len(seen) < len(asked):
+            lost = sorted(set(asked) - seen)
+            raise DataError(f"{self.corpus_uri}: {len(lost)} retrieved pid(s) not in the corpus "
+                            f"the answers are matched on (e.g. {lost[:3]}): the index was "
+                            "built from another corpus")
+        return out
+
+
 def select(qids: list[str], pids: np.ndarray, scores: np.ndarray,
            positives: dict[str, set[str]], top_k: int, n_negatives: int,
-           skip_top: int = 0) -> tuple[pa.Table, pa.Table, int]:
-    """Retrieved lists -> (CANDIDATES, TRAIN_EXAMPLES, #queries without positive).
+           skip_top: int = 0, answer_hits: set[tuple[str, str]] = frozenset()
+           ) -> tuple[pa.Table, pa.Table, int, int]:
+    """Retrieved lists -> (CANDIDATES, TRAIN_EXAMPLES, #queries without positive, #answer
+    passages kept out of the negatives).
 
     Positives and missing hits are dropped first; candidates are the first ``top_k`` left,
-    negatives the ``n_negatives`` after the first ``skip_top``.
+    negatives the first ``n_negatives`` after the first ``skip_top`` that are not in
+    ``answer_hits`` (:meth:`AnswerFilter.hits`).
     """
     cand = {"qid": [], "pids": [], "scores": []}
     train = {"qid": [], "pos_pids": [], "neg_pids": []}
-    no_pos = 0
+    no_pos = dropped = 0
     for qid, row_p, row_s in zip(qids, pids, scores, strict=True):
         pos = positives.get(qid, set())
         ranked = [(p, float(s)) for p, s in zip(row_p, row_s, strict=True)
@@ -58,17 +107,26 @@ def select(qids: list[str], pids: np.ndarray, scores: np.ndarray,
             continue
         train["qid"].append(qid)
         train["pos_pids"].append(sorted(pos))
-        train["neg_pids"].append([p for p, _ in ranked[skip_top:skip_top + n_negatives]])
+        negs: list[str] = []
+        for p, _ in ranked[skip_top:]:
+            if len(negs) == n_negatives:
+                break
+            if (qid, p) in answer_hits:
+                dropped += 1
+            else:
+                negs.append(p)
+        train["neg_pids"].append(negs)
     return (pa.Table.from_pydict(cand, schema=CANDIDATES),
-            pa.Table.from_pydict(train, schema=TRAIN_EXAMPLES), no_pos)
+            pa.Table.from_pydict(train, schema=TRAIN_EXAMPLES), no_pos, dropped)
 
 
 def mine(queries: pa.Table, positives: dict[str, set[str]], encode: Callable, out_uri: str,
          search_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], *,
          top_k: int = 30, n_negatives: int = 8, skip_top: int = 0, shard_rows: int = 5000,
-         config_hash: str = "") -> dict:
+         config_hash: str = "", answers: AnswerFilter | None = None) -> dict:
     """Mine query shards of ``shard_rows`` (resumable); ``encode(texts) -> float32 matrix``,
-    ``search_fn(vectors, k) -> (pids, scores)``. Returns the stage manifest."""
+    ``search_fn(vectors, k) -> (pids, scores)``; ``answers``: keep answer passages out of the
+    negatives (one streamed pass over the corpus per query shard). Returns the manifest."""
     for c in QUERIES.names:
         if c not in queries.column_names:
             raise ValueError(f"queries lack field {c!r}")
@@ -83,26 +141,30 @@ def mine(queries: pa.Table, positives: dict[str, set[str]], encode: Callable, ou
         candidates shard means both are done."""
         # no queries: one empty shard, nothing to search
         pids, scores = search_fn(encode(texts[rows]), k) if rows.stop > rows.start else ([], [])
-        cand, train, n = select(qids[rows], pids, scores, positives, top_k, n_negatives,
-                                skip_top)
-        train_w.write(name, train, no_positive=n)
+        hits = answers.hits(qids[rows], pids) if answers and len(pids) else set()
+        cand, train, n, dropped = select(qids[rows], pids, scores, positives, top_k,
+                                         n_negatives, skip_top, hits)
+        train_w.write(name, train, no_positive=n, answer_negatives_dropped=dropped)
         return cand
 
     m_cand = cand_w.write_shards(len(qids), shard_rows, shard, desc="mine")
     names = [s["name"] for s in m_cand["shards"]]
-    no_pos = sum(storage.read_json(storage.join(out_uri, "train", storage.DONE_DIR,
-                                                f"{name}.json")).get("no_positive", 0)
-                 for name in names)
-    m_train = train_w.finalize(names, no_positive=no_pos)
+    marks = [storage.read_json(storage.join(out_uri, "train", storage.DONE_DIR,
+                                            f"{name}.json")) for name in names]
+    no_pos = sum(m.get("no_positive", 0) for m in marks)
+    dropped = sum(m.get("answer_negatives_dropped", 0) for m in marks)
+    m_train = train_w.finalize(names, no_positive=no_pos, answer_negatives_dropped=dropped)
     return storage.write_manifest(out_uri, config_hash, queries=len(qids),
                                   candidates=m_cand["rows"], train_examples=m_train["rows"],
-                                  no_positive=no_pos)
+                                  no_positive=no_pos, answer_negatives_dropped=dropped,
+                                  answer_filter=answers is not None)
 
 
 def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_uri: str,
-             out_uri: str, key: str) -> dict:
+             out_uri: str, key: str, answers: AnswerFilter | None = None) -> dict:
     """Stage function ``index mine``: encode the queries with ``model_uri``, search
-    ``index_uri``, write ``out_uri/{candidates,train}`` (``cfg.mine``, ``cfg.index.search``)."""
+    ``index_uri``, write ``out_uri/{candidates,train}`` (``cfg.mine``, ``cfg.index.search``;
+    ``answers``: see :class:`AnswerFilter`)."""
     import ray
 
     from qgscale.index.encode import QueryEncoder, load_dual_encoder
@@ -122,7 +184,8 @@ def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_u
             return mine(storage.read_parquet(queries_uri), read_positives(qrels_uri),
                         lambda texts: ray.get(actor.encode_queries.remote(texts)), out_uri,
                         searcher.search, top_k=mc.top_k, n_negatives=mc.n_negatives,
-                        skip_top=mc.skip_top, shard_rows=mc.shard_rows, config_hash=key)
+                        skip_top=mc.skip_top, shard_rows=mc.shard_rows, config_hash=key,
+                        answers=answers)
         finally:
             ray.kill(actor)
             searcher.close()

@@ -31,6 +31,9 @@ from typing import Any
 
 import regex
 
+from qgscale import storage
+from qgscale.errors import DataError
+
 # DPR's SimpleTokenizer (dpr/utils/tokenizers.py): ALPHA_NUM | NON_WS, same flags.
 _SIMPLE = regex.compile(r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])",
                         flags=regex.IGNORECASE + regex.UNICODE + regex.MULTILINE)
@@ -111,3 +114,13 @@ def answer_match_examples(queries: Iterable[str], answers: Mapping[str, Sequence
         if pos:
             rows.append({"qid": qid, "pos_pids": pos, "neg_pids": neg})
     return rows
+
+
+def read_answers(uri: str) -> dict[str, list[str]]:
+    """qid -> answers from a prepared split's ``answers`` table (ANSWERS)."""
+    table = storage.read_parquet(uri)
+    missing = [c for c in ("qid", "answers") if c not in table.column_names]
+    if missing:
+        raise DataError(f"{uri}: missing field(s) {missing}")
+    return dict(zip(table.column("qid").to_pylist(), table.column("answers").to_pylist(),
+                    strict=True))

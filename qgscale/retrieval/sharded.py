@@ -35,7 +35,7 @@ from qgscale import storage
 from qgscale.data.schema import QRELS, TRAIN_EXAMPLES, passage_text
 from qgscale.errors import DataError, MissingInputError
 from qgscale.retrieval import bm25 as B
-from qgscale.retrieval.answers import YES_NO, answer_match_examples
+from qgscale.retrieval.answers import YES_NO, answer_match_examples, read_answers
 from qgscale.runtime import Shard, run_shards
 
 log = logging.getLogger("qgscale")
@@ -221,9 +221,10 @@ def run_bm25_train(cfg: Any, queries_uri: str, answers_uri: str, corpus_uri: str
     positives, rel 1) for the stages that read qrels."""
     bc = cfg.bm25
     q = _read_table(queries_uri, "training queries")
-    a = _read_table(answers_uri, "answers (bm25.positives: answers needs them)")
-    answers = dict(zip(a.column("qid").to_pylist(), a.column("answers").to_pylist(),
-                       strict=True))
+    if not storage.exists(answers_uri):
+        raise MissingInputError(f"{answers_uri}: answers (bm25.positives: answers needs them) "
+                                "not found")
+    answers = read_answers(answers_uri)
     qids, texts = q.column("qid").to_pylist(), q.column("text").to_pylist()
     queries = [training_query(t, answers.get(i) or [], bc.train_query)
                for i, t in zip(qids, texts, strict=True)]
