@@ -7,6 +7,7 @@ Every section forbids unknown keys, so a typo fails with the key path, e.g.
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +51,7 @@ class DataConfig(Section):
     # a whole dataset (corpus, queries, qrels); a canonical JSONL file of one kind is imported
     # with the CLI (qgscale data prepare --format jsonl --kind ...)
     format: Literal["xquad", "xor-tydi", "mkqa", "tatoeba", "beir"] = "xquad"
-    input: str = ""  # raw input (file or folder); relative paths resolve against the config
+    input: str = ""  # raw input (file or folder); a relative path resolves against the working dir
     passages: str | None = None  # passage collection (xor-tydi)
     query_langs: list[str] | None = None  # None: every language in the input
     corpus_langs: list[str] | None = None
@@ -346,17 +347,33 @@ class Config(Section):
         return storage.join(self.run.root, *parts)
 
 
-RUNTIME_FIELDS = {"ray_rows_from", "ray_rows_partitions"}  # how, not what: not in keys
+# how a stage runs, not what it writes: not in stage keys, so changing one resumes the stage
+RUNTIME_FIELDS = {
+    "ray_rows_from", "ray_rows_partitions",
+    # training (TrainConfig): resources, retries, logging, tracking, checkpoint cadence, input
+    # prefetch, DeepSpeed communication, and how to resume on another worker count
+    "cpus_per_worker", "max_failures", "log_every", "checkpoint_every", "mlflow_uri",
+    "mlflow_experiment", "prefetch_batches", "overlap_comm", "contiguous_gradients",
+    "reduce_bucket_size", "allgather_bucket_size", "elastic_resume"}
+EVAL_JOB_FIELDS = {"model", "index", "out"}  # the eval job's (python -m qgscale.eval) only
 
 
 def key_values(value: Any) -> Any:
     """``value`` (a section, or a plain value) as JSON data for a stage key: every field
     except the runtime settings named as in :class:`Actors` (actors, CPUs, GPUs, retries) and
-    :data:`RUNTIME_FIELDS`."""
+    :data:`RUNTIME_FIELDS`. A training section keys its samples per micro-step
+    (``num_workers x batch_size``: the in-batch negatives and the samples of each step, see
+    ``qgscale.train.order``) instead of the two factors, so a crashed run resumes on another
+    worker count with the same samples per micro-step (``elastic_resume``)."""
     if isinstance(value, BaseModel):  # the runtime settings of any section (search's too)
         skip = set(Actors.model_fields) | RUNTIME_FIELDS
-        return {k: key_values(getattr(value, k)) for k in type(value).model_fields
-                if k not in skip}
+        if isinstance(value, EvalConfig):
+            skip |= EVAL_JOB_FIELDS
+        out = {k: key_values(getattr(value, k)) for k in type(value).model_fields
+               if k not in skip}
+        if isinstance(value, TrainConfig):
+            out["samples_per_micro_step"] = out.pop("num_workers") * out.pop("batch_size")
+        return out
     if isinstance(value, list | tuple):
         return [key_values(v) for v in value]
     if isinstance(value, dict):
@@ -386,17 +403,35 @@ def _resolve_relative(cfg: Config, base: Path, source: str) -> None:
     relative ``run.root`` would write the run there and lose it: that is an error."""
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     for section, key in [("data", "input"), ("data", "passages"), ("run", "root"),
-                         ("eval", "data"), ("eval", "students_from")]:
+                         ("eval", "data"), ("eval", "students_from"), ("eval", "model"),
+                         ("eval", "index"), ("eval", "out")]:
         part = getattr(cfg, section)
         value = getattr(part, key)
         if value and "://" not in value and not Path(value).is_absolute():
-            if in_job and key in ("root", "students_from"):
+            if in_job and key in ("root", "students_from", "out"):
                 raise ConfigError(
                     f"{source}: {section}.{key}: {value!r} is relative, and this is a `ray job "
                     "submit` job running in a temporary copy of the working dir: set an "
                     "absolute path or an s3:// URI (e.g. --set run.root=$PWD/runs/NAME from "
                     "the submitting shell)")
             setattr(part, key, str((base / value).resolve()))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (the plain
+    loader keeps the last one: a second ``run:`` block would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            if isinstance(key, Hashable):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -414,7 +449,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(raw, dict):

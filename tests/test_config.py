@@ -47,6 +47,10 @@ def test_every_shipped_config_validates():
     ("teacher:\n  score: {num_actors: 0}\n", r"c.yaml: teacher.score.num_actors: Input should"),
     ("index:\n  search: {nprobe: 0}\n", r"c.yaml: index.search.nprobe: Input should be greater"),
     ("mine:\n  top_k: 0\n", r"c.yaml: mine.top_k: Input should be greater"),
+    # a key given twice: PyYAML would keep the second block and drop the first
+    ("run:\n  root: /tmp/r\n  seed: 5\ndata: {format: xquad}\nrun:\n  name: x\n",
+     r"c.yaml: invalid YAML: key 'run' given twice \(first on line 1\)(.|\n)*line 5"),
+    ("warmup:\n  lr: 0.1\n  lr: 0.2\n", r"key 'lr' given twice \(first on line 2\)"),
 ])
 def test_errors_name_the_key_path(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected):

@@ -420,6 +420,13 @@ def test_eval_job_relative_root_is_an_error(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2
     assert "run.root: 'runs/x' is relative" in res.stderr and "--set run.root=" in res.stderr
+    # the report folder too, from the config or --out: the reports would be lost with the copy
+    for args in (["--set", "eval.out=reports/x"], ["--out", "reports/x"]):
+        res = subprocess.run([sys.executable, "-m", "qgscale.eval", "--config", str(cfg),
+                              "--set", f"run.root={tmp_path}/run", *args],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "eval.out: 'reports/x' is relative" in res.stderr
 
 
 def test_eval_cli_clear_errors(tmp_path):

@@ -163,12 +163,26 @@ def test_changed_key_makes_exactly_stage_and_descendants_stale(finished_run, sta
 def test_runtime_settings_are_not_in_keys(finished_run):
     """More actors, CPUs or retries change how a stage runs, not what it writes: nothing is
     stale, so a crashed stage re-run on a bigger cluster resumes."""
-    path, _, _ = finished_run
+    path, cfg, _ = finished_run
+    b = cfg.warmup.batch_size
+    assert cfg.warmup.num_workers == 1 and b % 2 == 0
     plan = pipeline.plan(config.load(path, [
         "teacher.score.num_actors=4", "teacher.generate.cpus_per_actor=0.5",
         "index.encode.num_actors=3", "index.build.max_retries=5",
-        "index.search.cpus_per_actor=0.5"]))
+        "index.search.cpus_per_actor=0.5",
+        # training: twice the workers with the same samples per micro-step (elastic resume),
+        # logging, checkpoint cadence, retries, tracking, prefetch, ZeRO communication
+        "warmup.num_workers=2", f"warmup.batch_size={b // 2}", "distill.log_every=3",
+        "qg.checkpoint_every=7", "qg_rank.max_failures=2", "distill.cpus_per_worker=0.5",
+        "warmup.prefetch_batches=0", "distill.mlflow_uri=file:///tmp/mlruns",
+        "qg.reduce_bucket_size=1000", "warmup.elastic_resume=weights",
+        # the eval job's own inputs and outputs
+        "eval.out=/tmp/elsewhere", "eval.model=/tmp/m", "eval.index=/tmp/i"]))
     assert [s.state for s in plan] == ["done"] * len(pipeline.STAGE_NAMES)
+    # more workers with the same micro-batch: more samples per step, a new key
+    plan = {s.stage: s for s in pipeline.plan(config.load(path, ["warmup.num_workers=2"]))}
+    assert plan["warmup"].state == "stale"
+    assert plan["warmup"].reason == (f"warmup.samples_per_micro_step: {b} -> {2 * b}")
 
 
 @pytest.mark.slow

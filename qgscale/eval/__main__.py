@@ -52,18 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     try:
-        cfg = config_mod.load(args.config, args.set + args.overrides)
+        flags = [f"eval.{k}={v}" for k, v in (("model", args.model), ("index", args.index),
+                                              ("out", args.out)) if v]  # = --set eval.KEY
+        cfg = config_mod.load(args.config, args.set + args.overrides + flags)
         from qgscale.eval.evaluate import check_inputs, run_eval
         from qgscale.layout import Layout
 
         lay, ec = Layout(cfg), cfg.eval
         src = lay.students()  # eval.students_from: another run's students (zero-shot)
-        jobs = [(split, args.model or ec.model or src.model("distill"),
-                 args.index or ec.index or src.faiss("distill", split)) for split in ec.splits]
+        jobs = [(split, ec.model or src.model("distill"), ec.index or src.faiss("distill", split))
+                for split in ec.splits]
         data = ec.data or lay.data_root
         for split, model, index in jobs:  # every input checked before Ray starts
             check_inputs(model, index, data, [split])
-        out = args.out or ec.out or lay.uri("eval-job")
+        out = ec.out or lay.uri("eval-job")
         for split, model, index in jobs:
             result = run_eval(cfg, model, index, data, out, [split])[split]
             if cfg.bm25.baseline:
