@@ -290,14 +290,15 @@ def requesting(stage: str, shapes: list[dict[str, float]]) -> Iterator[None]:
     import uuid
 
     import ray
-    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-        get_or_create_autoscaling_coordinator,
-    )
 
     requester = f"qgscale-{stage}-{uuid.uuid4().hex[:8]}"
 
     def call(method: str, **kwargs: Any) -> None:
-        try:
+        try:  # a Ray without the coordinator (private module) only logs, as any failure
+            from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                get_or_create_autoscaling_coordinator,
+            )
+
             coordinator = get_or_create_autoscaling_coordinator()  # a named-actor lookup
             ray.get(getattr(coordinator, method).remote(requester_id=requester, **kwargs),
                     timeout=10)

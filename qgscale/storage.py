@@ -77,6 +77,8 @@ def s3_options() -> dict[str, Any]:
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         opts["key"] = os.environ["AWS_ACCESS_KEY_ID"]
         opts["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if os.environ.get("AWS_SESSION_TOKEN"):  # temporary keys (STS, SSO, assumed roles)
+            opts["token"] = os.environ["AWS_SESSION_TOKEN"]
     return opts
 
 

@@ -143,3 +143,17 @@ def test_broken_manifest_rejected(validators, breakage, expected):
     breakage(broken)
     errors = _errors(validators, broken)
     assert errors and any(expected in e for e in errors), errors
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_operator_accepts_idle_timeouts(path):
+    """KubeRay's own check (validateWorkerGroupIdleTimeout, v1.6+; not in the CRD schema): a
+    worker group's ``idleTimeoutSeconds`` needs autoscaler v2 (``autoscalerOptions.version:
+    v2``), else the operator rejects the whole cluster (InvalidRayClusterSpec) and starts no
+    pod. The release timeout belongs in ``autoscalerOptions.idleTimeoutSeconds``."""
+    for doc in _docs(path):
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        v2 = (spec.get("autoscalerOptions") or {}).get("version") == "v2"
+        for group in spec.get("workerGroupSpecs", []):
+            assert v2 or "idleTimeoutSeconds" not in group, group["groupName"]
+        assert (spec.get("autoscalerOptions") or {}).get("idleTimeoutSeconds") == 600

@@ -21,7 +21,7 @@ import pytest
 from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.prepare import FORMATS, export_jsonl, prepare, read
-from qgscale.errors import DataError, MissingInputError
+from qgscale.errors import ConfigError, DataError, MissingInputError
 
 from .conftest import RESOURCES, TEST_DATA
 
@@ -140,6 +140,12 @@ def test_xor_tydi_and_dpr_passages(tmp_path):
     assert t["answers"][1]["answers"] == ["Helsinki", "Helsingfors"]
     assert t["corpus"][1] == {"pid": "2", "lang": "en", "title": "Helsinki",
                               "text": "Helsinki is the capital of Finland."}
+    # data.query_langs keeps those languages (with their answers); the corpus is English
+    t = read("xor-tydi", q, passages=p, query_langs=["fi"], corpus_langs=["en"])
+    assert [x["qid"] for x in t["queries"]] == ["-1002"]
+    assert [x["qid"] for x in t["answers"]] == ["-1002"] and len(t["corpus"]) == 2
+    with pytest.raises(ConfigError, match=r"data.corpus_langs=\['ja'\]: the XOR-Retrieve"):
+        read("xor-tydi", q, passages=p, corpus_langs=["ja"])
 
 
 def test_beir_folder(tmp_path):

@@ -221,3 +221,17 @@ def test_file_writes_and_reads_stream_through_local_files(where, tmp_path, s3_bu
         raise RuntimeError("writer failed")
     assert not storage.exists(storage.join(root, "no.bin"))
     assert [os.path.basename(u) for u in storage.list_files(root)] == ["big.bin"]
+
+
+def test_s3_session_token_is_passed(s3_bucket, monkeypatch):
+    """Temporary credentials (STS, SSO, an assumed role) are key + secret + session token:
+    the token reaches the filesystem with the keys, which pass them to every request."""
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-123")
+    storage._fs_cache.clear()
+    try:
+        fs, _ = storage.url_to_fs(f"{s3_bucket}/t.json")
+        assert fs.key and fs.token == "session-token-123"
+        storage.write_json(f"{s3_bucket}/t.json", {"a": 1})  # moto takes any token
+        assert storage.read_json(f"{s3_bucket}/t.json") == {"a": 1}
+    finally:
+        storage._fs_cache.clear()

@@ -54,7 +54,10 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     if fmt == "xquad":
         return readers.read_xquad(input, query_langs, corpus_langs, test_mod, rejects)
     if fmt == "xor-tydi":
-        tables = readers.read_xor_queries(input, rejects)
+        if corpus_langs and corpus_langs != ["en"]:
+            raise ConfigError(f"data.corpus_langs={corpus_langs}: the XOR-Retrieve corpus is "
+                              "English Wikipedia (psgs_w100): leave it out or give [en]")
+        tables = readers.read_xor_queries(input, rejects, query_langs)
         if passages:
             rows = readers.iter_passages(passages, "en", rejects, unique)
             tables["corpus"] = rows if stream else list(rows)

@@ -342,10 +342,12 @@ def _answers(value: Any, path: str, line: int, fld: str, rejects: Rejects) -> li
     return value
 
 
-def read_xor_queries(path: str, rejects: Rejects | None = None) -> Tables:
+def read_xor_queries(path: str, rejects: Rejects | None = None,
+                     query_langs: list[str] | None = None) -> Tables:
     """XOR-TyDi XOR-Retrieve queries: JSONL ``{"id", "lang", "question", "answers"}`` (also
-    the MIA 2022 XOR files, same fields). ``lang`` is stripped: the upstream train file has
-    ``" ar"`` (a leading space) on every Arabic row."""
+    the MIA 2022 XOR files, same fields), only those in ``query_langs`` when given. ``lang``
+    is stripped: the upstream train file has ``" ar"`` (a leading space) on every Arabic
+    row."""
     rejects = rejects or Rejects()
     queries, answers = [], []
     seen = FirstSeen()
@@ -356,6 +358,8 @@ def read_xor_queries(path: str, rejects: Rejects | None = None) -> Tables:
         text = lang and get_str(obj, "question", path, n, rejects)
         ans = _answers(obj.get("answers", []), path, n, "answers", rejects) if text else None
         if ans is None or not seen.new(qid, path, n, "id", rejects, obj):
+            continue
+        if query_langs and lang.strip() not in query_langs:
             continue
         queries.append({"qid": qid, "lang": lang.strip(), "text": text.strip()})
         answers.append({"qid": qid, "answers": ans})
