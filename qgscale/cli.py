@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from collections.abc import Iterable
+from typing import Annotated, Literal
 
 import click
 import typer
@@ -18,7 +19,8 @@ from typer.core import TyperGroup
 
 from qgscale import config as config_mod
 from qgscale import storage
-from qgscale.errors import report
+from qgscale.errors import ConfigError, MissingInputError, report
+from qgscale.layout import STUDENTS, Layout
 
 
 class _Group(TyperGroup):
@@ -97,8 +99,17 @@ def _langs(value: str | None) -> list[str] | None:
     return [x.strip() for x in value.split(",") if x.strip()] if value else None
 
 
+def _given(ctx: typer.Context, names: Iterable[str]) -> list[str]:
+    """The options among the parameters ``names`` given on the command line, as flags."""
+    names = set(names)
+    # by name: typer vendors its own click, whose ParameterSource is not click's
+    return [p.opts[0] for p in ctx.command.params if p.name in names
+            and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"]
+
+
 @data_app.command("prepare")
 def data_prepare(
+    ctx: typer.Context,
     format: Annotated[str | None, typer.Option(help="xquad, xor-tydi, mkqa, tatoeba, beir, "
                                                     "dpr, passages, jsonl")] = None,
     input: Annotated[str | None, typer.Option(help="Raw file or folder (path or URI).")] = None,
@@ -109,23 +120,35 @@ def data_prepare(
     kind: Annotated[str | None, typer.Option(help="Canonical kind for --format jsonl.")] = None,
     lang: Annotated[str, typer.Option(help="Language of a beir, dpr or passages dataset."
                                       )] = "und",
-    test_mod: Annotated[int, typer.Option(help="xquad: article % N == 0 -> test.")] = 4,
+    test_mod: Annotated[int, typer.Option(help="xquad: article % N == 0 -> test.", min=1)
+                        ] = 4,
     answer_lang: Annotated[str | None, typer.Option(
         help="mkqa: every question's answers in this language (e.g. en).")] = None,
-    shard_rows: Annotated[int, typer.Option(help="Rows per parquet shard.")] = 2000,
+    shard_rows: Annotated[int, typer.Option(help="Rows per parquet shard.", min=1)] = 2000,
     on_error: Annotated[str, typer.Option(help="fail, or skip (bad rows -> _rejected.jsonl)."
                                           )] = "fail",
     config: Annotated[str | None, typer.Option(help="Take the data section of a config.")] = None,
     set: Overrides = None,
 ) -> None:
     """Convert a raw dataset into canonical parquet shards."""
-    from qgscale.data.prepare import prepare
+    from qgscale.data.prepare import READ_ARGS, prepare
 
     if config:
+        ignored = _given(ctx, (p.name for p in ctx.command.params
+                               if p.name not in ("config", "set")))
+        if ignored:
+            raise ConfigError(f"--config takes every setting from the config's data section: "
+                              f"leave out {', '.join(ignored)} (or --config)")
         _stage(config, set, "prepare")
         return
+    if set:
+        raise ConfigError("--set overrides a config: give it with --config")
     if not (format and input and output):
         raise typer.BadParameter("give --format, --input and --output (or --config)")
+    if format in READ_ARGS:  # an unknown format: prepare's error
+        unused = {n for args in READ_ARGS.values() for n in args} - {*READ_ARGS[format]}
+        if ignored := _given(ctx, unused):
+            raise ConfigError(f"--format {format} does not use {', '.join(ignored)}")
     if on_error not in ("fail", "skip"):
         raise typer.BadParameter("--on-error must be fail or skip")
     args = dict(passages=passages, query_langs=_langs(query_langs),
@@ -175,6 +198,7 @@ def run(config: ConfigArg, set: Overrides = None,
         if name and name not in pipeline.STAGE_NAMES:
             raise typer.BadParameter(f"unknown stage {name!r}; stages: "
                                      f"{', '.join(pipeline.STAGE_NAMES)}", param_hint=opt)
+    pipeline.select(from_, only)  # --from with --only: an error before anything loads
     cfg = load(config, set)
     if dry_run:
         for status in pipeline.plan(cfg):
@@ -197,7 +221,6 @@ def run(config: ConfigArg, set: Overrides = None,
 def _eval_summary(cfg: config_mod.Config, results: dict) -> None:
     """The metrics table of every student, and where the reports and plots are."""
     from qgscale import pipeline
-    from qgscale.layout import Layout
 
     typer.echo(pipeline.summary_table(results))
     lay = Layout(cfg)
@@ -261,11 +284,38 @@ def index_mine(config: ConfigArg, set: Overrides = None) -> None:
     _stage(config, set, "mine")
 
 
+def _search_inputs(cfg: config_mod.Config, lay: Layout, student: str, split: str
+                   ) -> tuple[str, str]:
+    """The model and index URIs ``index search`` reads; an error naming the stage that writes
+    one when it is missing, or when no stage builds an index of ``student`` on ``split``."""
+    from qgscale import pipeline
+
+    index_dir = lay.index_dir(student, split)
+    if index_dir == lay.index_dir("warmup", "train"):
+        index_stage = "index"
+    elif index_dir in {lay.index_dir(s, sp) for s, sp in pipeline.reindexed(cfg, lay)}:
+        index_stage = "reindex"
+    else:
+        raise ConfigError(f"--model {student} --split {split}: no stage builds that index "
+                          f"(index: warmup on train; reindex: {', '.join(STUDENTS)} on "
+                          f"eval.splits {', '.join(cfg.eval.splits)})")
+    model_uri, index_uri = lay.model(student), lay.faiss(student, split)
+    model_stage = "distill" if student == "distill" else "warmup"  # init: saved by warmup
+    for what, uri, stage, present in (
+            ("model", model_uri, model_stage, storage.exists(model_uri)),
+            ("index", index_uri, index_stage, storage.read_manifest(index_uri) is not None)):
+        if not present:
+            raise MissingInputError(f"index search: {what} {uri} does not exist; stage {stage} "
+                                    f"writes it: run `qgscale run CONFIG --only {stage}` (or the "
+                                    "whole pipeline) first")
+    return model_uri, index_uri
+
+
 @index_app.command("search")
 def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
                      help="Query text (repeatable).")],
                  set: Overrides = None,
-                 model: Annotated[str, typer.Option(help="Student: warmup or distill.")
+                 model: Annotated[Literal[STUDENTS], typer.Option(help="Student.")
                                   ] = "warmup",
                  split: Annotated[str, typer.Option(help="Corpus split of the index.")
                                   ] = "train",
@@ -273,14 +323,14 @@ def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
     """Encode queries with a student and search its index (as the pipeline wrote them)."""
     from qgscale.index.encode import load_dual_encoder
     from qgscale.index.search import search
-    from qgscale.layout import Layout
 
     cfg = load(config, set)
     lay = Layout(cfg)
-    enc = load_dual_encoder(lay.model(model))
+    model_uri, index_uri = _search_inputs(cfg, lay, model, split)
+    enc = load_dual_encoder(model_uri)
     sc = cfg.index.search
     vecs = enc.encode_queries(query, sc.batch_size).float().numpy()
-    pids, scores = search(lay.faiss(model, split), vecs, k, nprobe=sc.nprobe,
+    pids, scores = search(index_uri, vecs, k, nprobe=sc.nprobe,
                           ef_search=sc.ef_search, refine=sc.refine, k_factor=sc.k_factor)
     _print([{"query": q, "hits": [[p, float(s)] for p, s in zip(pp, ss, strict=True)]}
             for q, pp, ss in zip(query, pids.tolist(), scores.tolist(), strict=True)])

@@ -39,7 +39,7 @@ from typing import Any
 
 from qgscale import storage
 from qgscale.config import Config, key_values
-from qgscale.errors import MissingInputError
+from qgscale.errors import ConfigError, MissingInputError
 from qgscale.layout import BASELINE, STUDENTS, Layout, answer_positives
 
 log = logging.getLogger("qgscale")
@@ -438,10 +438,14 @@ def plan(cfg: Config) -> list[Status]:
     return list(statuses.values())
 
 
-def _select(start: str | None, only: str | None) -> list[Stage]:
+def select(start: str | None, only: str | None) -> list[Stage]:
+    """The stages to run: all, from ``start`` on, or ``only`` one (not both)."""
     for name in (start, only):
         if name and name not in BY_NAME:
             raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    if start and only:
+        raise ConfigError(f"--from {start} and --only {only}: give one of them (--from runs "
+                          "a stage and every later one, --only that stage alone)")
     if only:
         return [BY_NAME[only]]
     return STAGES[STAGE_NAMES.index(start):] if start else STAGES
@@ -460,7 +464,7 @@ def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[
     upstream is not done and not selected is an error naming what to run first.
     """
     lay = Layout(cfg)
-    selected = {s.name for s in _select(start, only)}
+    selected = {s.name for s in select(start, only)}
     statuses: dict[str, Status] = {}
     results: dict[str, Any] = {}
     connected = False

@@ -167,3 +167,91 @@ def test_user_error_inside_a_ray_task():
         raise OSError("s3://b/t: unreadable parquet shard") from missing
     except OSError as e:
         assert user_error(e) is None
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--test-mod", "0"], "'--test-mod': Input should be greater than or equal to 1"),
+    (["--shard-rows", "0"], "'--shard-rows': Input should be greater than or equal to 1"),
+], ids=["test-mod", "shard-rows"])
+def test_data_prepare_rejects_counts_below_one(tmp_path, extra, expected):
+    args = ["data", "prepare", "--format", "xquad", "--input", str(tmp_path / "raw"),
+            "--output", str(tmp_path / "out"), *extra]
+    res = CliRunner().invoke(cli.app, args)
+    assert res.exit_code == 2 and expected in res.output, res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "CFG", "--format", "xquad", "--test-mod", "3", "-s", "run.seed=1"],
+     "--config takes every setting from the config's data section: leave out --format, "
+     "--test-mod (or --config)"),
+    (["--config", "CFG", "--output", "OUT", "--shard-rows", "10"],
+     "--config takes every setting from the config's data section: leave out --output, "
+     "--shard-rows (or --config)"),
+    (["--format", "xquad", "--input", "IN", "--output", "OUT", "--passages", "p", "--lang",
+      "de", "--kind", "queries"], "--format xquad does not use --passages, --kind, --lang"),
+    (["--format", "jsonl", "--kind", "queries", "--input", "IN", "--output", "OUT",
+      "--test-mod", "4", "--query-langs", "de"],
+     "--format jsonl does not use --query-langs, --test-mod"),
+    (["--format", "xor-tydi", "--input", "IN", "--output", "OUT", "--answer-lang", "en"],
+     "--format xor-tydi does not use --answer-lang"),
+    (["--format", "jsonl", "--kind", "queries", "--input", "IN", "--output", "OUT", "-s",
+      "data.shard_rows=5"], "--set overrides a config: give it with --config"),
+], ids=["config-format", "config-output", "xquad", "jsonl", "xor-tydi", "set-without-config"])
+def test_data_prepare_ignored_options_are_errors(tmp_path, args, message):
+    """Options that the chosen path would ignore: one line naming them; nothing is read or
+    written (no Ray, no output folder)."""
+    cfg = _config(tmp_path, {"run": {"root": str(tmp_path / "run")}})
+    src = tmp_path / "q.jsonl"
+    src.write_text(json.dumps({"qid": "a", "lang": "de", "text": "Frage?"}) + "\n")
+    out = tmp_path / "out"
+    subst = {"CFG": str(cfg), "IN": str(src), "OUT": str(out)}
+    res = CliRunner().invoke(cli.app, ["data", "prepare", *(subst.get(a, a) for a in args)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip() == f"qgscale: error: {message}"
+    assert not out.exists() and not (tmp_path / "run" / "data").exists()
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_run_from_with_only_is_an_error(tmp_path, dry_run):
+    cfg = _config(tmp_path, {"run": {"root": str(tmp_path / "run")}})
+    res = CliRunner().invoke(cli.app, ["run", str(cfg), "--from", "warmup", "--only", "eval",
+                                       *dry_run])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip() == ("qgscale: error: --from warmup and --only eval: give one of "
+                                  "them (--from runs a stage and every later one, --only that "
+                                  "stage alone)")
+
+
+def test_index_search_before_its_inputs(tmp_path):
+    """``index search`` on a run without the student or its index: one line naming the
+    missing path and the stage that writes it; a student or split no stage indexes is an
+    error too. Nothing is loaded."""
+    root = tmp_path / "run"
+    for split in ("train", "test"):  # split data: one corpus per split
+        (root / "data" / split / "corpus").mkdir(parents=True)
+    cfg = _config(tmp_path, {"run": {"root": str(root)}})
+
+    def search(*args: str) -> str:
+        res = CliRunner().invoke(cli.app, ["index", "search", str(cfg), "--query", "q", *args])
+        assert res.exit_code == 2, (res.output, res.exception)
+        return res.stderr.strip().splitlines()[-1]
+
+    how = "run `qgscale run CONFIG --only {0}` (or the whole pipeline) first"
+    assert search() == (f"qgscale: error: index search: model {root}/train/warmup/model does "
+                        "not exist; stage warmup writes it: " + how.format("warmup"))
+    (root / "train" / "warmup" / "model").mkdir(parents=True)
+    assert search() == (f"qgscale: error: index search: index {root}/index/warmup-train/faiss "
+                        "does not exist; stage index writes it: " + how.format("index"))
+    (root / "train" / "warmup" / "init").mkdir(parents=True)
+    assert search("--model", "init", "--split", "test") == (
+        f"qgscale: error: index search: index {root}/index/init-test/faiss does not exist; "
+        "stage reindex writes it: " + how.format("reindex"))
+    assert search("--model", "distill", "--split", "test") == (
+        f"qgscale: error: index search: model {root}/train/distill/model does not exist; "
+        "stage distill writes it: " + how.format("distill"))
+    assert search("--model", "distill", "--split", "train") == (
+        "qgscale: error: --model distill --split train: no stage builds that index (index: "
+        "warmup on train; reindex: init, warmup, distill on eval.splits test)")
+    res = CliRunner().invoke(cli.app, ["index", "search", str(cfg), "--query", "q", "--model",
+                                       "bm25"])
+    assert res.exit_code == 2 and "'--model'" in res.output and "'bm25'" in res.output

@@ -18,6 +18,11 @@ from qgscale.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 FORMATS = ("xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "dpr", "passages", "jsonl")
+# the keyword arguments of :func:`read` that each format uses (it ignores the others)
+READ_ARGS = {"xquad": ("query_langs", "corpus_langs", "test_mod"), "xor-tydi": ("passages",),
+             "mkqa": ("query_langs", "answer_lang"), "tatoeba": ("query_langs",),
+             "beir": ("lang",), "dpr": ("lang", "corpus_langs"), "passages": ("lang",),
+             "jsonl": ("kind",)}
 
 
 def _is_folder_or_zip(path: str) -> bool:
