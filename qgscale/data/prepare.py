@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "dpr", "passages", "jsonl")
 # the keyword arguments of :func:`read` that each format uses (it ignores the others)
-READ_ARGS = {"xquad": ("query_langs", "corpus_langs", "test_mod"), "xor-tydi": ("passages",),
+READ_ARGS = {"xquad": ("query_langs", "corpus_langs", "test_mod"),
+             "xor-tydi": ("passages", "query_langs", "corpus_langs"),
              "mkqa": ("query_langs", "answer_lang"), "tatoeba": ("query_langs",),
              "beir": ("lang",), "dpr": ("lang", "corpus_langs"), "passages": ("lang",),
              "jsonl": ("kind",)}
