@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -417,6 +418,49 @@ def _resolve_relative(cfg: Config, base: Path, source: str) -> None:
             setattr(part, key, str((base / value).resolve()))
 
 
+def _annotation(path: list[str]) -> Any:
+    """The type annotation of the config field at ``path`` (None: not a field)."""
+    model: Any = Config
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
+            return None
+        if i == len(path) - 1:
+            return field.annotation
+        model = field.annotation
+    return None
+
+
+def _is_text(annotation: Any) -> bool:
+    """str, a Literal of strings, a list of them, or any of these or None."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if annotation is str:
+        return True
+    if get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in args)
+    if get_origin(annotation) is list:
+        return len(args) == 1 and _is_text(args[0])
+    return isinstance(annotation, UnionType) and len(args) == 1 and _is_text(args[0])
+
+
+def _override_value(path: list[str], value: str) -> Any:
+    """An override's value: YAML, except that a text field (str, a Literal of strings, or a
+    list of them) keeps its words as written: ``qg.prompt=q in {lang}: {passage}`` is not a
+    mapping, ``run.name=2024`` not a number and ``bm25.positives=off`` not False. ``null``
+    (or nothing) is None where the field allows it."""
+    ann = _annotation(path)
+    if not _is_text(ann):
+        return yaml.safe_load(value)
+    text = value.strip()
+    if text in ("", "null", "~") and type(None) in get_args(ann):
+        return None
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # quoted: YAML's string
+        return yaml.safe_load(text)
+    if get_origin(ann) is list or list in map(get_origin, get_args(ann)):
+        return yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 (a list of strings)
+    return value
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, but a key given twice in one mapping is an error (the plain
     loader keeps the last one: a second ``run:`` block would silently replace the first)."""
@@ -466,7 +510,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
                 raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a "
                                   "section")
         try:
-            node[leaf] = yaml.safe_load(value)
+            node[leaf] = _override_value(key.split("."), value)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
     cfg = parse(raw, str(path))

@@ -79,8 +79,8 @@ def test_load_errors_are_user_errors(tmp_path):
         config.load(tmp_path / "bin.yaml")
     with pytest.raises(ConfigError, match=r"override 'run.name.x=1': run.name is not a section"):
         config.load(_yaml(tmp_path, "run:\n  name: x\n"), ["run.name.x=1"])
-    with pytest.raises(ConfigError, match=r"override 'run.name=\[': invalid YAML value"):
-        config.load(_yaml(tmp_path, "{}\n"), ["run.name=["])
+    with pytest.raises(ConfigError, match=r"override 'run.seed=\[': invalid YAML value"):
+        config.load(_yaml(tmp_path, "{}\n"), ["run.seed=["])
 
 
 def test_cli_config_show_hides_secrets(tmp_path):
@@ -95,3 +95,17 @@ def test_cli_config_show_hides_secrets(tmp_path):
                           str(_yaml(tmp_path, "index:\n  factoryy: Flat\n"))],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "index.factoryy: Extra inputs" in bad.stderr
+
+
+def test_text_overrides_keep_their_words(tmp_path):
+    """A text field's override is the text as typed, not YAML's reading of it: a prompt with
+    ": " is not a mapping, 2024 not a number, off/no not False; quotes and null still work;
+    other fields stay YAML (numbers, mappings)."""
+    cfg = config.load(_yaml(tmp_path, "run:\n  name: x\n"), [
+        "qg.prompt=query in {lang}: {passage}", "run.name=2024", "data.query_langs=[de,no]",
+        "bm25.positives=off", "eval.out=null", "eval.data='s3://b/x'", "warmup.lr=1e-4",
+        "qg.model.init={model_type: t5, d_model: 8}"])
+    assert cfg.qg.prompt == "query in {lang}: {passage}" and cfg.run.name == "2024"
+    assert cfg.data.query_langs == ["de", "no"] and cfg.bm25.positives == "off"
+    assert cfg.eval.out is None and cfg.eval.data == "s3://b/x" and cfg.warmup.lr == 1e-4
+    assert cfg.qg.model.init == {"model_type": "t5", "d_model": 8}
