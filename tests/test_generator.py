@@ -20,6 +20,7 @@ from qgscale.models.generator import (
     qg_loss,
 )
 from qgscale.models.tiny import tiny_t5_config, xquad_texts
+from qgscale.teacher.common import QGSpec
 
 
 def _t5(tokenizer, seed: int = 0, init: float = 0.05):
@@ -260,6 +261,12 @@ def test_save_load_local_and_s3(tokenizer, tmp_path, s3_bucket):
         via_cfg = QueryGenerator.build(ModelConfig(name_or_path=uri), prompt=back.prompt,
                                        max_passage_len=96, max_query_len=24)
         np.testing.assert_allclose(via_cfg.score(pairs).mean, want, atol=1e-6)
+        # a teacher actor with another prompt than the trained one would score other inputs
+        spec = QGSpec({"name_or_path": uri}, "generate {lang} query: {passage}", 96, 24)
+        with pytest.raises(ConfigError, match=r"trained with prompt 'q in \{lang\}: "
+                           r"\{passage\}', the config gives qg.prompt 'generate"):
+            spec.load("cpu")
+        assert spec.__class__(spec.model, back.prompt, 96, 24).load("cpu").prompt == back.prompt
 
 
 def test_prompt_must_name_lang_and_passage(tokenizer):

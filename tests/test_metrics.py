@@ -208,3 +208,13 @@ def test_teacher_rerank_compares_orders_of_the_same_lists():
     assert r["student"]["query_langs"]["es"]["mrr@10"] == 0.0  # a miss for both orders
     assert r["teacher"]["macro"]["mrr@10"] == pytest.approx(((1 + 1 / 3) / 2 + 0) / 2)
     assert "| de | teacher | 0.6667 | 0.5000 |" in markdown(r, names, 3)
+
+
+def test_macro_averages_each_metric_over_the_groups_that_have_it():
+    """A pair with answers but no qrels (R@kt, no MRR) neither drops MRR from the macro nor
+    counts as 0 in it; the groups behind a metric that only some have are counted."""
+    de = {"mrr@10": 0.5, "r@2kt": 1.0, "n": 4, "n_kt": 4}
+    te = {"r@2kt": 0.0, "n": 0, "n_kt": 3}
+    out = M.macro([de, te])
+    assert out == {"mrr@10": 0.5, "groups:mrr@10": 1, "r@2kt": 0.5, "groups": 2}
+    assert M.macro([]) == {"groups": 0}

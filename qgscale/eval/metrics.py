@@ -198,12 +198,18 @@ def _mean_present(rows: Mapping[str, Mapping[str, float]], metrics: list[str]) -
 
 
 def macro(values: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Unweighted mean over groups of each metric the groups share; ``groups`` = their count."""
+    """Unweighted mean of each metric over the groups that have it (a language pair with
+    answers but no qrels has R@kt and no MRR: it neither drops MRR from the macro nor counts
+    as 0 in it); ``groups`` = their count, and ``groups:<metric>`` the count of a metric that
+    only some groups have."""
     values = list(values)
-    if not values:
-        return {"groups": 0}
-    keys = set.intersection(*(set(v) for v in values)) - {"n", "n_kt", "groups"}
-    out = {m: sum(v[m] for v in values) / len(values) for m in sorted(keys)}
+    out: dict[str, float] = {}
+    names = sorted({k for v in values for k in v} - {"n", "n_kt", "groups"})
+    for m in names:
+        have = [v[m] for v in values if m in v]
+        out[m] = sum(have) / len(have)
+        if len(have) < len(values):
+            out[f"groups:{m}"] = len(have)
     out["groups"] = len(values)
     return out
 

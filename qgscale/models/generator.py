@@ -418,6 +418,15 @@ def _warm_start(init: dict[str, Any], tokenizer: str | None, seed: int) -> tuple
     return model.eval(), tok
 
 
+def saved_meta(path: str) -> dict[str, Any]:
+    """The prompt and lengths saved beside a QG in local folder ``path`` (``qgscale_qg.json``,
+    :meth:`QueryGenerator.save_pretrained`); {} for a model saved otherwise."""
+    if not os.path.exists(os.path.join(path, QG_META)):
+        return {}
+    with open(os.path.join(path, QG_META)) as f:
+        return json.load(f)
+
+
 # ------------------------------------------------------------------------------- the model
 
 class QueryGenerator(nn.Module):
@@ -445,10 +454,7 @@ class QueryGenerator(nn.Module):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         path = resolve(name_or_path)
-        meta: dict[str, Any] = {}
-        if os.path.exists(os.path.join(path, QG_META)):
-            with open(os.path.join(path, QG_META)) as f:
-                meta = json.load(f)
+        meta = saved_meta(path)
         if prompt:
             meta["prompt"] = prompt
         model = AutoModelForSeq2SeqLM.from_pretrained(path, **model_kwargs).eval()

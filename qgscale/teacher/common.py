@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qgscale import storage
-from qgscale.errors import DataError, MissingInputError
+from qgscale.errors import ConfigError, DataError, MissingInputError
 
 
 @dataclass
@@ -26,8 +26,15 @@ class QGSpec:
         import torch
 
         from qgscale.config import ModelConfig
-        from qgscale.models.generator import QueryGenerator, prepare_for_inference
+        from qgscale.models.generator import QueryGenerator, prepare_for_inference, saved_meta
+        from qgscale.models.loading import resolve
 
+        if self.model.get("name_or_path"):  # its scores are log P(q | its prompt(p))
+            trained = saved_meta(resolve(self.model["name_or_path"])).get("prompt")
+            if trained and trained != self.prompt:
+                raise ConfigError(f"{self.model['name_or_path']}: this query generator was "
+                                  f"trained with prompt {trained!r}, the config gives qg.prompt "
+                                  f"{self.prompt!r}: set qg.prompt to the trained one")
         if device == "cpu":
             torch.set_num_threads(threads)
         qg = QueryGenerator.build(ModelConfig(**self.model), self.prompt, self.max_passage_len,
