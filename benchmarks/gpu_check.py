@@ -326,8 +326,10 @@ def teacher_scoring(args: argparse.Namespace, device: torch.device, out: dict) -
         "naive_pairs_per_s": rates["naive_bf16"], "naive_fp32_pairs_per_s": rates["naive_fp32"],
         "fast_fp32_pairs_per_s": rates["fast_fp32"], "fast_pairs_per_s": best[0],
         "fast_pairs_per_s_naive_subset": rates["fast_bf16"],
-        "speedup": best[0] / rates["naive_bf16"],
-        "speedup_same_pairs": rates["fast_bf16"] / rates["naive_bf16"],
+        # the target's ratio: both paths on the same pairs (the full set reuses passages more,
+        # 2.3 pairs per passage vs 1.05 in the naive subset, so best / naive overstates it)
+        "speedup": rates["fast_bf16"] / rates["naive_bf16"],
+        "speedup_full_set_vs_naive_subset": best[0] / rates["naive_bf16"],
         "speedup_fp32": rates["fast_fp32"] / rates["naive_fp32"],
         "best_batch_tokens": best[1], "batch_tokens_sweep_pairs_per_s": sweep,
         "model_tflop": t["flops"] / 1e12, "tflops": t["flops"] / best[2] / 1e12,
