@@ -216,28 +216,46 @@ def shared_rows(cfg, langs: list[str], pooled) -> dict:
     return out
 
 
+def variant_key(cfg, name: str, seed: int) -> str:
+    """What a (variant, seed) run depends on: its distill settings and seed, and the
+    fingerprints of its inputs (the warm-up weights, candidates, hard negatives, teacher
+    scores, generated queries), so that a re-run pipeline stage retrains it."""
+    alpha, beta = VARIANTS[name]
+    lay = Layout(cfg)
+    inputs = [lay.model("warmup"), lay.candidates, lay.mined_train, lay.scores,
+              *([lay.generated] if beta else [])]
+    return storage.config_hash([variant_cfg(cfg, alpha, beta, seed).distill, seed,
+                                *(storage.fingerprint(u) for u in inputs)])
+
+
 def run_variant(cfg, name: str, seed: int, langs: list[str], pooled) -> dict:
     """Distil one (variant, seed) from the warm-up weights and evaluate it; kept in
-    ``quality/<name>-s<seed>/result.json`` (a finished one is read back, not rerun)."""
+    ``quality/<name>-s<seed>/result.json`` (a finished one with the same
+    :func:`variant_key` is read back, not rerun; one with another key is removed first)."""
     from qgscale.train.trainer import run_train_distill
 
     alpha, beta = VARIANTS[name]
     vcfg = variant_cfg(cfg, alpha, beta, seed)
     out = cfg.uri("quality", f"{name}-s{seed}")
-    done = storage.join(out, "result.json")
-    if storage.exists(done):
+    done, key = storage.join(out, "result.json"), variant_key(cfg, name, seed)
+    mark = storage.join(out, "_variant_key.json")
+    if storage.exists(done) and storage.read_json(done).get("key") == key:
         return storage.read_json(done)
+    if storage.exists(out) and not (storage.exists(mark)
+                                    and storage.read_json(mark)["key"] == key):
+        storage.remove(out, recursive=True)  # another warm-up, teacher or settings
+    storage.write_json(mark, {"key": key})
     lay = Layout(cfg)
     t0 = time.time()
     summary = run_train_distill(
-        vcfg, out_uri=out, key=storage.config_hash([vcfg.distill, seed]),
+        vcfg, out_uri=out, key=key,
         init_uri=lay.model("warmup"), candidates_uri=lay.candidates, scores_uri=lay.scores,
         generated_uri=lay.generated if vcfg.distill.loss.beta else None,
         examples_uri=lay.mined_train, **lay.training_data())
     train_s = time.time() - t0
     row = student_row(cfg, storage.join(out, "model"), f"quality-{name}-s{seed}", out, langs,
                       pooled)
-    row.update(seed=seed, train_s=round(train_s, 1),
+    row.update(key=key, seed=seed, train_s=round(train_s, 1),
                final_metrics=summary.get("final_metrics"),
                loss={"alpha": vcfg.distill.loss.alpha, "beta": vcfg.distill.loss.beta})
     storage.write_json(done, row)

@@ -364,3 +364,15 @@ def test_warm_start_bert2bert_from_the_demo_minilm(tmp_path):
     with pytest.raises(ConfigError, match="missing 'decoder'"):
         QueryGenerator.build(ModelConfig(init={"model_type": "encoder-decoder",
                                                "encoder": mini}))
+    # cross_attention: self starts each cross-attention as its layer's self-attention
+    layer = qg.model.decoder.bert.encoder.layer[0]
+    assert not torch.equal(layer.crossattention.self.query.weight,
+                           layer.attention.self.query.weight)  # new: random
+    warm = QueryGenerator.build(ModelConfig(init={**mc.init, "cross_attention": "self"}),
+                                seed=1).model.decoder.bert.encoder.layer[0]
+    for name, w in warm.attention.state_dict().items():
+        assert torch.equal(warm.crossattention.state_dict()[name], w), name
+    assert torch.equal(warm.attention.self.query.weight, src.encoder.layer[0].attention.self
+                       .query.weight)  # the checkpoint's own
+    with pytest.raises(ConfigError, match="cross_attention: 'copy': expected new or self"):
+        QueryGenerator.build(ModelConfig(init={**mc.init, "cross_attention": "copy"}))

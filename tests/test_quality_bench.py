@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -39,7 +40,8 @@ def test_tiny_run_writes_the_report(quality, tmp_path, tiny_run):
     from qgscale import config, pipeline
     from qgscale.layout import Layout
 
-    lay = Layout(config.load(copy_run(tiny_run[0], tmp_path)))
+    cfg = config.load(copy_run(tiny_run[0], tmp_path))
+    lay = Layout(cfg)
     root = tmp_path / "run"
 
     def started() -> dict[str, float]:
@@ -94,3 +96,21 @@ def test_tiny_run_writes_the_report(quality, tmp_path, tiny_run):
     again = json.loads(out.read_text())
     assert again["variants"] == res["variants"] and again["shared"] == res["shared"]
     assert [p.stat().st_mtime for p in kept] == mtimes
+
+    # a run's inputs are in its key: rewritten teacher scores are a new key for every variant
+    shard = storage.list_files(lay.scores, ".parquet")[0]
+    keys = {n: quality.variant_key(cfg, n, 1) for n in quality.VARIANTS}
+    st = os.stat(shard)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        assert all(quality.variant_key(cfg, n, 1) != k for n, k in keys.items())
+    finally:
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # a finished run of another key is not read back: it is retrained (only that one)
+    row = json.loads(kept[0].read_text())
+    kept[0].write_text(json.dumps(dict(row, key="from another warm-up")))
+    assert quality.main(argv) == 0
+    assert json.loads(kept[0].read_text())["key"] == row["key"]
+    assert kept[0].stat().st_mtime > mtimes[0] and kept[1].stat().st_mtime == mtimes[1]
+    assert json.loads(out.read_text())["variants"]["contrastive"] == res["variants"][
+        "contrastive"]

@@ -396,10 +396,17 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str,
 
 
 def _warm_start(init: dict[str, Any], tokenizer: str | None, seed: int) -> tuple[Any, Any]:
-    """An ``EncoderDecoderModel`` from pretrained encoder-only checkpoints (BERT2BERT)."""
+    """An ``EncoderDecoderModel`` from pretrained encoder-only checkpoints (BERT2BERT).
+
+    ``cross_attention``: ``new`` (random, as in HF) or ``self``: each decoder layer's
+    cross-attention starts as a copy of its own pretrained self-attention, so that query
+    tokens attend to passage tokens by the checkpoint's similarity from the first step."""
     from transformers import AutoTokenizer, EncoderDecoderModel
 
     init.pop("model_type")
+    cross = init.pop("cross_attention", "new")
+    if cross not in ("new", "self"):
+        raise ConfigError(f"model.init.cross_attention: {cross!r}: expected new or self")
     try:
         encoder, decoder = resolve(init.pop("encoder")), resolve(init.pop("decoder"))
     except KeyError as e:
@@ -407,6 +414,13 @@ def _warm_start(init: dict[str, Any], tokenizer: str | None, seed: int) -> tuple
     tok = AutoTokenizer.from_pretrained(resolve(tokenizer) if tokenizer else encoder)
     torch.manual_seed(seed)  # the new cross-attention weights
     model = EncoderDecoderModel.from_encoder_decoder_pretrained(encoder, decoder, **init)
+    if cross == "self":
+        layers = [m for m in model.decoder.modules() if hasattr(m, "crossattention")]
+        if not layers:
+            raise ConfigError(f"{decoder}: no BERT-style decoder layers (crossattention) to "
+                              "copy self-attention into")
+        for layer in layers:
+            layer.crossattention.load_state_dict(layer.attention.state_dict())
     start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
     end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
     if start is None or start == tok.pad_token_id:
