@@ -76,14 +76,18 @@ def read_rows(corpus_uri: str, pids: Iterable[str]) -> pa.Table:
     return pa.concat_tables(parts) if parts else CORPUS.empty_table()
 
 
-def read_passages(corpus_uri: str, pids: Iterable[str]) -> dict[str, str]:
-    """``pid -> "title text"`` (the text the models read) for the ``pids`` the corpus has;
-    the caller names the ones it lacks."""
-    out: dict[str, str] = {}
+def iter_passages(corpus_uri: str, pids: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """``(pid, "title text")`` (the text the models read) of the ``pids`` the corpus has,
+    one corpus shard in memory at a time."""
     for t in scan(corpus_uri, pids, ("pid", "title", "text")):
-        out.update((p, passage_text(a, b)) for p, a, b in zip(
+        yield from ((p, passage_text(a, b)) for p, a, b in zip(
             *(t.column(c).to_pylist() for c in ("pid", "title", "text")), strict=True))
-    return out
+
+
+def read_passages(corpus_uri: str, pids: Iterable[str]) -> dict[str, str]:
+    """``pid -> "title text"`` for the ``pids`` the corpus has; the caller names the ones it
+    lacks."""
+    return dict(iter_passages(corpus_uri, pids))
 
 
 def sample_pids(corpus_uri: str, k: int, seed: int) -> list[str]:

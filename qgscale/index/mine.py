@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from qgscale import storage
-from qgscale.data.schema import CANDIDATES, QRELS, QUERIES, TRAIN_EXAMPLES, passage_text
+from qgscale.data.schema import CANDIDATES, QRELS, QUERIES, TRAIN_EXAMPLES
 from qgscale.errors import DataError
 from qgscale.runtime import actor_resources, bundles, requesting
 
@@ -56,7 +56,7 @@ class AnswerFilter:
              ) -> set[tuple[str, str]]:
         """The (qid, pid) pairs of the lists whose passage contains an answer; the corpus is
         streamed shard by shard (only the listed pids' rows are read, no text is kept)."""
-        from qgscale.data.corpus import scan
+        from qgscale.data.corpus import iter_passages
         from qgscale.retrieval.answers import has_answer
 
         asked: dict[str, list[str]] = defaultdict(list)  # pid -> qids with answers
@@ -66,13 +66,10 @@ class AnswerFilter:
                     asked[p].append(qid)
         out: set[tuple[str, str]] = set()
         seen: set[str] = set()
-        for t in scan(self.corpus_uri, asked, ("pid", "title", "text")):
-            for pid, title, text in zip(*(t.column(c).to_pylist()
-                                          for c in ("pid", "title", "text")), strict=True):
-                seen.add(pid)
-                body = passage_text(title, text)
-                out.update((q, pid) for q in asked[pid]
-                           if has_answer(self.answers[q], body, self.match))
+        for pid, body in iter_passages(self.corpus_uri, asked):
+            seen.add(pid)
+            out.update((q, pid) for q in asked[pid] if has_answer(self.answers[q], body,
+                                                                  self.match))
         if len(seen) < len(asked):
             lost = sorted(set(asked) - seen)
             raise DataError(f"{self.corpus_uri}: {len(lost)} retrieved pid(s) not in the corpus "
@@ -141,9 +138,13 @@ def mine(queries: pa.Table, positives: dict[str, set[str]], encode: Callable, ou
         candidates shard means both are done."""
         # no queries: one empty shard, nothing to search
         pids, scores = search_fn(encode(texts[rows]), k) if rows.stop > rows.start else ([], [])
-        hits = answers.hits(qids[rows], pids) if answers and len(pids) else set()
-        cand, train, n, dropped = select(qids[rows], pids, scores, positives, top_k,
-                                         n_negatives, skip_top, hits)
+        batch = qids[rows]
+        # only queries with a positive get negatives (select), so only theirs are matched
+        with_pos = [i for i, q in enumerate(batch) if q in positives]
+        hits = (answers.hits([batch[i] for i in with_pos], [pids[i] for i in with_pos])
+                if answers and with_pos else set())
+        cand, train, n, dropped = select(batch, pids, scores, positives, top_k, n_negatives,
+                                         skip_top, hits)
         train_w.write(name, train, no_positive=n, answer_negatives_dropped=dropped)
         return cand
 
