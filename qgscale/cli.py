@@ -201,7 +201,7 @@ def run(config: ConfigArg, set: Overrides = None,
     pipeline.select(from_, only)  # --from with --only: an error before anything loads
     cfg = load(config, set)
     if dry_run:
-        for status in pipeline.plan(cfg):
+        for status in pipeline.plan(cfg, from_, only):
             typer.echo(status.line())
         return
     results = pipeline.run(cfg, start=from_, only=only)

@@ -369,9 +369,11 @@ class Status:
     reason: str = ""
     key: str | None = None
     parts: dict[str, Any] = field(default_factory=dict)
+    selected: bool = True  # in the stages a run with --from / --only runs
 
     def line(self) -> str:
-        return f"{self.stage}: {self.state}" + (f" ({self.reason})" if self.reason else "")
+        return (f"{self.stage}: {self.state}" + (f" ({self.reason})" if self.reason else "")
+                + ("" if self.selected else " [not selected]"))
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -429,12 +431,23 @@ def stage_status(stage: Stage, cfg: Config, lay: Layout, upstream: dict[str, Sta
     return Status(stage.name, "done", key=key, parts=parts)
 
 
-def plan(cfg: Config) -> list[Status]:
-    """The status of every stage, in order (what ``--dry-run`` prints)."""
+def plan(cfg: Config, start: str | None = None, only: str | None = None) -> list[Status]:
+    """The status of every stage, in order (what ``--dry-run`` prints). With ``start`` or
+    ``only`` (:func:`select`), the other stages are marked not selected, and a selected stage
+    that is not done and waits on an unselected one that is not done says that a run stops
+    there (:func:`run` raises ``MissingInputError``)."""
     lay = Layout(cfg)
+    selected = {s.name for s in select(start, only)}
     statuses: dict[str, Status] = {}
     for stage in STAGES:
-        statuses[stage.name] = stage_status(stage, cfg, lay, statuses)
+        status = stage_status(stage, cfg, lay, statuses)
+        status.selected = stage.name in selected
+        blocked = [u for u in stage.inputs(cfg)
+                   if u not in selected and statuses[u].state != "done"]
+        if status.selected and status.state != "done" and blocked:
+            status.reason = (f"needs stage {blocked[0]} ({statuses[blocked[0]].state}), not "
+                             "selected: the run stops here")
+        statuses[stage.name] = status
     return list(statuses.values())
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from qgscale import config, pipeline, storage
+from qgscale.errors import MissingInputError
 from qgscale.layout import STUDENTS, Layout
 from tests.conftest import REPO, copy_run
 
@@ -183,6 +184,26 @@ def test_runtime_settings_are_not_in_keys(finished_run):
     plan = {s.stage: s for s in pipeline.plan(config.load(path, ["warmup.num_workers=2"]))}
     assert plan["warmup"].state == "stale"
     assert plan["warmup"].reason == (f"warmup.samples_per_micro_step: {b} -> {2 * b}")
+
+
+@pytest.mark.slow
+def test_dry_run_shows_the_selection(finished_run):
+    """``--dry-run`` with ``--only`` / ``--from``: the stages outside the selection are marked,
+    and a selected stage whose unselected upstream is not done says the run stops there."""
+    path, _, _ = finished_run
+    cfg = config.load(path, ["warmup.lr=0.0005"])  # warmup and its descendants stale
+    lines = [s.line() for s in pipeline.plan(cfg, only="index")]
+    assert lines[pipeline.STAGE_NAMES.index("index")] == (
+        "index: stale (needs stage warmup (stale), not selected: the run stops here)")
+    assert lines[pipeline.STAGE_NAMES.index("warmup")].endswith(" [not selected]")
+    assert sum(not line.endswith("[not selected]") for line in lines) == 1
+    with pytest.raises(MissingInputError, match="needs stage warmup"):  # what run would do
+        pipeline.run(cfg, only="index")
+    plan = pipeline.plan(cfg, start="warmup")  # warmup runs first: nothing stops
+    assert all(s.selected == (i >= pipeline.STAGE_NAMES.index("warmup"))
+               and "stops here" not in s.reason for i, s in enumerate(plan))
+    assert [(s.state, s.reason) for s in plan] == [
+        (s.state, s.reason) for s in pipeline.plan(cfg)]  # the selection only marks stages
 
 
 @pytest.mark.slow

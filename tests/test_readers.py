@@ -561,6 +561,9 @@ def test_dpr_sample_against_the_raw_json():
     xor = read("dpr", str(DPR), lang="ja", corpus_langs=["en"])
     assert {q["lang"] for q in xor["queries"]} == {"ja"}
     assert {p["lang"] for p in xor["corpus"]} == {"en"}
+    # one language for all the passages: several would be read as the question's language
+    with pytest.raises(ConfigError, match=r"corpus_langs=\['en', 'ja'\]: a DPR file"):
+        read("dpr", str(DPR), lang="ja", corpus_langs=["en", "ja"])
 
 
 def test_dpr_plain_json_tevatron_jsonl_and_prepare(tmp_path):

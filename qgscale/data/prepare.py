@@ -72,7 +72,10 @@ def read(fmt: str, input: str, *, passages: str | None = None,
         rows = readers.iter_passages(input, lang, rejects, unique)
         return {"corpus": rows if stream else list(rows)}
     if fmt == "dpr":
-        plang = corpus_langs[0] if corpus_langs and len(corpus_langs) == 1 else None
+        if corpus_langs and len(corpus_langs) > 1:
+            raise ConfigError(f"data.corpus_langs={corpus_langs}: a DPR file's passages carry "
+                              "no language, so give one (the language of all its passages)")
+        plang = corpus_langs[0] if corpus_langs else None
         return readers.read_dpr(input, lang, rejects, passage_lang=plang)
     if fmt == "mkqa":
         if _is_folder_or_zip(input):
