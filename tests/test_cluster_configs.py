@@ -64,3 +64,8 @@ def test_dockerfile_builds_the_gpu_image():
     assert "faiss-gpu-cu12" in text and "pip uninstall -y faiss-cpu" in text
     assert any(ln.startswith("COPY qgscale") for ln in lines)
     assert "PATH=/opt/venv/bin:$PATH" in text  # ray start and job entrypoints use this Python
+    # torch on the image's CUDA 12 line, not PyPI's default CUDA build, and checked
+    index = next(ln for ln in lines if ln.startswith("ARG TORCH_INDEX="))
+    assert index.endswith("/whl/cu128")
+    assert '--index-url "$TORCH_INDEX" "$TORCH"' in text
+    assert "torch.version.cuda.startswith('12.')" in text
