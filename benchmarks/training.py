@@ -1,6 +1,8 @@
 """Training benchmarks, in 2 processes (gloo on CPU; NCCL, one process per GPU, with GPUs):
 
-- ``zero``: throughput and memory per worker for DeepSpeed ZeRO 0/1/2/3;
+- ``zero``: throughput and memory per worker for DeepSpeed ZeRO 0/1/2/3 (peak RSS of each
+  worker's process tree sampled from this process with psutil; on GPU also the allocator's
+  peak GPU memory);
 - ``input``: samples/s with tokenisation inside the training step vs prefetched (the
   workers' input pipeline, :class:`qgscale.train.order.Loader`, ``prefetch_batches`` 0 vs 2)
   on real text rows read from parquet shards;
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import sys
 import time
@@ -121,26 +122,36 @@ def _worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -> None
         torch.cuda.synchronize()
     dist.barrier()
     elapsed = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    out.put({"rank": rank, "elapsed": elapsed, "peak_mem_mb": peak, "step_s": step_times,
+    out.put({"rank": rank, "elapsed": elapsed, "step_s": step_times,
+             "peak_gpu_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else None,
              "params_m": sum(p.numel() for p in model.parameters()) / 1e6
              if args["stage"] < 3 else None})
     dist.destroy_process_group()
 
 
 def _spawn(target, world: int, args: dict) -> list[dict]:
+    """Runs ``target`` as ranks 0..world-1 in spawned processes; their result rows (sorted by
+    rank), each with ``peak_rss_mb``: the peak RSS of that worker's process tree, sampled
+    from this process every 0.1 s (psutil, :class:`scale.RssSampler`), not the worker's own
+    account of itself."""
+    from scale import RssSampler
+
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=target, args=(r, world, port, args, q)) for r in range(world)]
+    samplers = []
     for p in procs:
         p.start()
-    rows = [q.get(timeout=900) for _ in procs]
+        samplers.append(RssSampler(p.pid, interval=0.1).start())
+    rows = sorted((q.get(timeout=900) for _ in procs), key=lambda r: r["rank"])
     for p in procs:
         p.join(60)
         if p.exitcode:
             raise RuntimeError(f"benchmark worker exited with {p.exitcode}")
+    for row, sampler in zip(rows, samplers, strict=True):
+        tree = [s["driver"] + sum(rss for *_, rss in s["procs"]) for s in sampler.stop()]
+        row["peak_rss_mb"] = max(tree) / 2**20 if tree else None
     return rows
 
 
@@ -157,7 +168,9 @@ def run_one(config: str, stage: int, world: int, steps: int, batch: int,
             "step_ms_mean": 1000 * elapsed / steps,
             "step_ms_median": 1000 * sorted(step_s)[len(step_s) // 2],
             "overlap_comm": overlap,
-            "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+            "peak_gpu_mem_mb": max(r["peak_gpu_mem_mb"] for r in rows) if rows[0][
+                "peak_gpu_mem_mb"] is not None else None,
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
@@ -213,7 +226,7 @@ def _input_worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=deepspeed_config(tc, world, 1000))
     collate = StudentCollator.for_config(tok, tc, distill=False)
-    result = {"rank": rank}
+    result: dict = {"rank": rank}
     for prefetch in args["order"]:
         loader = Loader(list_shards(args["data"]), 13, rank, world, tc.batch_size, collate,
                         prefetch=prefetch)
@@ -293,10 +306,10 @@ def main() -> None:
                 doc["results"].append(r)
                 print(f"  {config} zero{stage}: {r['samples_per_s']:.1f} samples/s", flush=True)
         print(f"\n{'config':<6} {'zero':>4} {'workers':>7} {'samples/s':>10} {'vs zero0':>8} "
-              f"{'peak MB/worker':>14}")
+              f"{'peak RSS MB/worker':>18}")
         for r in doc["results"]:
             print(f"{r['config']:<6} {r['zero_stage']:>4} {r['workers']:>7} "
-                  f"{r['samples_per_s']:>10.1f} {r['vs_zero0']:>8.2f} {r['peak_mem_mb']:>14.0f}")
+                  f"{r['samples_per_s']:>10.1f} {r['vs_zero0']:>8.2f} {r['peak_rss_mb']:>18.0f}")
     if "input" in sections:
         config = "tiny" if a.quick else "small"
         rows = run_input(config, world, 10 if a.quick else 30, 16, a.repeats)
