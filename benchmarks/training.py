@@ -193,7 +193,9 @@ def _input_data(root: Path, rows: int) -> tuple[str, str]:
         words = paras[i % len(paras)].split()
         out.append({"qid": f"q{i}", "query": " ".join(words[i % 20:i % 20 + 8]),
                     "passages": [paras[i % len(paras)], paras[(i * 7 + 3) % len(paras)]],
-                    "cand_texts": [], "cand_scores": [], "gen_query": "", "gen_scores": []})
+                    "cand_texts": [], "cand_scores": [], "gen_query": "", "gen_scores": [],
+                    "passage_ids": [i % len(paras), (i * 7 + 3) % len(paras)],
+                    "positive_ids": [i % len(paras)]})
     table = pa.Table.from_pylist(out, schema=STUDENT_ROWS)
     for k in range(4):
         n = rows // 4

@@ -103,7 +103,9 @@ def _driver_join(d: dict, loss: LossConfig, seed: int) -> list[dict]:
                      "passages": [corpus[p] for p in [positive, *negs]],
                      "cand_texts": [corpus[p] for p in top],
                      "cand_scores": [scores[(qid, p)] for p in top], "gen_query": gen_query,
-                     "gen_scores": []})
+                     "gen_scores": [],
+                     "passage_ids": [tdata.pid_key(p) for p in [positive, *negs]],
+                     "positive_ids": [tdata.pid_key(p) for p in sorted(set(pos[qid]))]})
     return rows
 
 

@@ -31,6 +31,23 @@ def test_contrastive_matches_hand_computation():
     assert loss.item() == pytest.approx(hand, rel=1e-6)
 
 
+def test_contrastive_exclude_leaves_shared_positives_out_of_the_negatives():
+    """Two queries on one passage (rows 0 and 2 are the same passage): each query's copy of
+    the other's positive is no negative, and its own label stays whatever ``exclude`` says."""
+    q = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    shared = torch.tensor([[1, 0, 1, 0], [1, 0, 1, 0]], dtype=torch.bool)  # incl. labels
+    loss = losses.contrastive_loss(q, p, group_size=2, exclude=shared)
+    s = (q @ p.T).tolist()
+    hand = -(math.log(_softmax([s[0][0], s[0][1], s[0][3]])[0])
+             + math.log(_softmax([s[1][1], s[1][2], s[1][3]])[1])) / 2
+    assert loss.item() == pytest.approx(hand, rel=1e-6)
+    assert losses.contrastive_loss(q, p, 2).item() > loss.item()  # the copy was a negative
+    grad_q = q.clone().requires_grad_()
+    losses.contrastive_loss(grad_q, p, 2, exclude=shared).backward()
+    assert torch.isfinite(grad_q.grad).all()
+
+
 def test_contrastive_checks_layout():
     with pytest.raises(ValueError, match="expected 4 passages"):
         losses.contrastive_loss(torch.zeros(2, 3), torch.zeros(3, 3), group_size=2)

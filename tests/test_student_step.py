@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qgscale.config import EncoderConfig, LossConfig, ModelConfig, StudentTrainConfig
+from qgscale.errors import DataError
 from qgscale.models.encoder import DualEncoder
 from qgscale.train import losses
 from qgscale.train.batch import StudentBatch, Tokens
@@ -127,6 +128,37 @@ def test_student_step_backward_in_plain_torch(tokenizer, model):
     loss3, parts3 = StudentTask(StudentTrainConfig(loss=lc)).step(model, hand, 1)
     assert set(parts3) == {"contrastive", "loss"}
     assert parts3["contrastive"] == pytest.approx(parts["contrastive"], abs=1e-6)
+
+
+def test_shared_positives_are_no_negatives(tokenizer, model):
+    """Rows 0 and 2 are parallel queries with one positive passage (rows written with
+    ``passage_ids`` / ``positive_ids``): the step leaves each one's copy of that passage out of
+    the other's negatives; rows without the ids mask nothing; a row missing them is an error."""
+    rows = _rows(gen=(0, 0, 0, 0), gen_scores=(0,) * 4)
+    rows["passages"][2][0] = rows["passages"][0][0]
+    rows["passage_ids"] = [[100, 10], [101, 11], [100, 12], [103, 13]]
+    rows["positive_ids"] = [[100], [101], [100, 7], [103]]
+    batch = StudentCollator(tokenizer, 16, 48)(rows)
+    lc = LossConfig(alpha=0.0, beta=0.0)
+    _, parts = student_step(model, batch, lc, model.temperature, world_size=1)
+    assert parts["shared_positives"] == pytest.approx(0.5)  # rows 0 and 2: one copy each
+    q = model.encode_query(**batch.queries.inputs())
+    groups = model.encode_passage(**batch.groups.inputs())
+    exclude = torch.zeros(4, 8, dtype=torch.bool)
+    exclude[0, 4] = exclude[2, 0] = True
+    t = model.temperature
+    masked = losses.contrastive_loss(q, groups, 2, t, exclude).item()
+    assert parts["contrastive"] == pytest.approx(masked, abs=1e-5)
+    assert masked < losses.contrastive_loss(q, groups, 2, t).item()
+    del rows["passage_ids"], rows["positive_ids"]
+    plain = StudentCollator(tokenizer, 16, 48)(rows)
+    assert plain.group_ids is None
+    _, parts = student_step(model, plain, lc, model.temperature, world_size=1)
+    assert "shared_positives" not in parts
+    rows["passage_ids"] = [[100, 10], None, [100, 12], [103, 13]]
+    rows["positive_ids"] = [[100], [101], [100], [103]]
+    with pytest.raises(DataError, match="qid=q1: fields 'passage_ids'"):
+        StudentCollator(tokenizer, 16, 48)(rows)
 
 
 def test_train_run_pickles_and_hides_storage_secrets():

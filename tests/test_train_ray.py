@@ -418,6 +418,8 @@ def test_student_rows_and_collator(toy, tokenizer):
     # candidates p1, p2 (not positive) are the hard negatives, in rank order
     corpus = {r["pid"]: r["text"] for r in storage.read_parquet(inp["corpus_uri"]).to_pylist()}
     assert row["passages"] == [corpus["p0"], corpus["p1"], corpus["p2"]]
+    assert row["passage_ids"] == [tdata.pid_key(p) for p in ("p0", "p1", "p2")]
+    assert row["positive_ids"] == [tdata.pid_key("p0")]
     batch = {k: table.column(k).to_pylist()[:4] for k in table.column_names}
     batch["cand_texts"][1] = batch["cand_texts"][1][:2]  # a shorter candidate list is padded
     batch["cand_scores"][1] = batch["cand_scores"][1][:2]
@@ -428,6 +430,8 @@ def test_student_rows_and_collator(toy, tokenizer):
     assert out.cand_mask.tolist()[1] == [True, True, False]
     assert out.teacher_scores[0].tolist() == [-1.0, -3.0, -5.0]
     assert out.gen_teacher_scores[1].tolist() == [-1.0, -3.0, 0.0] and out.gen_teacher_mask.all()
+    assert out.group_ids.tolist() == [x for r in batch["passage_ids"] for x in r]
+    assert out.positive_ids.tolist() == batch["positive_ids"]
     queries, passages = out.encoder_inputs()  # one encoder pass per side
     assert len(queries) == 8 and len(passages) == 4 * 3 + 4 * 3
     # without hard negatives in the data, random corpus passages are used and counted

@@ -60,7 +60,11 @@ class StudentBatch:
     - ``generated`` (B: each query's generated paraphrase q', the query itself where it has
       none) and ``gen_mask`` (B; True = the row has a q'): None / all False when no row has
       one; ``gen_teacher_scores`` (B, C) with ``gen_teacher_mask`` (B; the row has a q' and
-      teacher scores for it): None when no row has them.
+      teacher scores for it): None when no row has them;
+    - ``group_ids`` (B x G) and ``positive_ids`` (B, P; -1 = padding): ids of the groups'
+      passages and of each query's positives (:func:`qgscale.train.data.pid_key`), to keep
+      another query's copy of a query's positive out of its negatives (:meth:`shares_positive`);
+      None for rows written without them.
     """
 
     queries: Tokens
@@ -73,6 +77,8 @@ class StudentBatch:
     gen_mask: torch.Tensor | None = None
     gen_teacher_scores: torch.Tensor | None = None
     gen_teacher_mask: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    positive_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.gen_mask is None:
@@ -104,6 +110,11 @@ class StudentBatch:
             return emb[:n], None
         return emb[:n], emb[n:].view(len(self), self.n_candidates, -1)
 
+    def shares_positive(self, passage_ids: torch.Tensor) -> torch.Tensor:
+        """(B, N) bool: passage n (of ``passage_ids``, e.g. every worker's ``group_ids``)
+        is one of query b's positives."""
+        return (self.positive_ids[:, :, None] == passage_ids[None, None, :]).any(1)
+
     def to(self, device: torch.device | str) -> StudentBatch:
         return StudentBatch(
             queries=self.queries.to(device), groups=self.groups.to(device),
@@ -113,4 +124,5 @@ class StudentBatch:
             generated=self.generated.to(device) if self.generated is not None else None,
             gen_mask=_to(self.gen_mask, device),
             gen_teacher_scores=_to(self.gen_teacher_scores, device),
-            gen_teacher_mask=_to(self.gen_teacher_mask, device))
+            gen_teacher_mask=_to(self.gen_teacher_mask, device),
+            group_ids=_to(self.group_ids, device), positive_ids=_to(self.positive_ids, device))

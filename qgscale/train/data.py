@@ -44,6 +44,10 @@ STUDENT_ROWS = pa.schema([
     ("cand_texts", pa.list_(pa.string())), ("cand_scores", pa.list_(pa.float32())),
     ("gen_query", pa.string()),  # "" when the query has no generated paraphrase
     ("gen_scores", pa.list_(pa.float32())),  # teacher scores of gen_query on C(q), or []
+    # pid_key of each of ``passages`` and of every positive of the query: the contrastive
+    # loss does not count another query's positive that is also one of this query's as a
+    # negative (parallel queries, several questions on one passage)
+    ("passage_ids", pa.list_(pa.int64())), ("positive_ids", pa.list_(pa.int64())),
 ])
 QG_ROWS = pa.schema([("query", pa.string()), ("lang", pa.string()), ("passage", pa.string())])
 QG_RANK_ROWS = pa.schema([
@@ -69,6 +73,12 @@ def order_key(*ids: str) -> int:
     list in row order."""
     blob = "\t".join(ids).encode()
     return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "big") >> 1
+
+
+def pid_key(pid: str) -> int:
+    """A passage's id in training rows (:func:`order_key` of the pid): batches compare
+    passages by it across workers (``passage_ids``, ``positive_ids``)."""
+    return order_key(pid)
 
 
 def row_order(qid: str) -> tuple[int, str]:
@@ -265,7 +275,9 @@ def assemble_row(plan: dict[str, Any], texts: Any, corpus_uri: str, pos_uri: str
             "passages": [texts[p] for p in (plan["positive"], *plan["negs"])],
             "cand_texts": [texts[p] for p in plan["cand_pids"]],
             "cand_scores": plan["cand_scores"], "gen_query": plan["gen_query"],
-            "gen_scores": plan["gen_scores"]}
+            "gen_scores": plan["gen_scores"],
+            "passage_ids": [pid_key(p) for p in (plan["positive"], *plan["negs"])],
+            "positive_ids": [pid_key(p) for p in plan["pos"]]}
 
 
 def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | None = None, *,
@@ -392,6 +404,25 @@ def _as_list(x: Any) -> list:
     return list(x.tolist() if isinstance(x, np.ndarray) else x)
 
 
+def _passage_ids(batch: dict[str, Iterable], g: int) -> dict[str, torch.Tensor]:
+    """``group_ids`` (B x G) and ``positive_ids`` (B, P; padded with -1) of rows that carry
+    ``passage_ids`` / ``positive_ids``; a row without them is a DataError (rows are
+    written with both, or, before they existed, neither)."""
+    qids = _as_list(batch["qid"])
+    ids = _as_list(batch["passage_ids"])
+    pos = _as_list(batch.get("positive_ids", [None] * len(qids)))
+    for i, (a, b) in enumerate(zip(ids, pos, strict=True)):
+        if a is None or b is None or len(_as_list(a)) != g or not len(_as_list(b)):
+            raise DataError(f"training row qid={qids[i]}: fields 'passage_ids' / "
+                            f"'positive_ids' missing or not matching its {g} passages")
+    width = max(len(_as_list(b)) for b in pos)
+    positive = torch.full((len(pos), width), -1, dtype=torch.long)
+    for i, b in enumerate(pos):
+        positive[i, :len(_as_list(b))] = torch.tensor(_as_list(b), dtype=torch.long)
+    return {"group_ids": torch.tensor([x for a in ids for x in _as_list(a)], dtype=torch.long),
+            "positive_ids": positive}
+
+
 @dataclass
 class StudentCollator:
     """Batch of :data:`STUDENT_ROWS` -> :class:`StudentBatch`.
@@ -469,6 +500,8 @@ class StudentCollator:
             fields["gen_teacher_mask"] = fields["gen_teacher_mask"] & gen_mask
             if not (gen_mask.any() and fields["gen_teacher_mask"].any()):
                 fields["gen_teacher_scores"] = fields["gen_teacher_mask"] = None
+        if "passage_ids" in batch:
+            fields.update(_passage_ids(batch, g))
         return StudentBatch(
             queries=q_blocks[0], groups=p_blocks[0], group_size=g,
             candidates=p_blocks[1] if self.n_candidates else None,

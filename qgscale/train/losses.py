@@ -28,7 +28,8 @@ def gather_across_workers(t: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(q: torch.Tensor, p: torch.Tensor, group_size: int,
-                     temperature: float = 1.0) -> torch.Tensor:
+                     temperature: float = 1.0, exclude: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     r"""InfoNCE with in-batch and hard negatives.
 
     ``q``: (B, d) queries; ``p``: (B * group_size, d) passages laid out per query as
@@ -44,12 +45,19 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, group_size: int,
     ``gather_across_workers(p)`` and multiply the loss by the world size before backward
     (each worker gets gradients only through its own slice; data-parallel averaging then
     yields the gradient of this loss over the global batch).
+
+    ``exclude`` (B, B * group_size) bool: passages that are not negatives of query i (another
+    query's copy of one of its positives); they leave the denominator, the label stays.
     """
     if p.shape[0] != q.shape[0] * group_size:
         raise ValueError(f"expected {q.shape[0] * group_size} passages for {q.shape[0]} "
                          f"queries x group {group_size}, got {p.shape[0]}")
     scores = q.float() @ p.float().T / temperature
     labels = torch.arange(q.shape[0], device=q.device) * group_size
+    if exclude is not None:
+        exclude = exclude.clone()
+        exclude[torch.arange(q.shape[0], device=q.device), labels] = False
+        scores = scores.masked_fill(exclude, float("-inf"))
     return F.cross_entropy(scores, labels)
 
 

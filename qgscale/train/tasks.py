@@ -70,9 +70,13 @@ def student_step(engine: Any, batch: StudentBatch, loss_cfg: LossConfig, tempera
     q_emb, p_emb = engine(query=queries.inputs(), passage=passages.inputs())
     q, gen = batch.split_queries(q_emb.float())
     groups, cands = batch.split_passages(p_emb.float())
+    exclude = None
+    if batch.group_ids is not None:  # another query's copy of a positive is no negative
+        shared = batch.shares_positive(losses.gather_across_workers(batch.group_ids))
+        exclude = losses.gather_across_workers(shared.to(torch.uint8)).bool()
     con = losses.contrastive_loss(losses.gather_across_workers(q),
                                   losses.gather_across_workers(groups), batch.group_size,
-                                  temperature)
+                                  temperature, exclude)
     kd = align = s_q = s_gen = None
     if cands is not None:
         s_q = losses.candidate_scores(q, cands, temperature)
@@ -96,6 +100,8 @@ def student_step(engine: Any, batch: StudentBatch, loss_cfg: LossConfig, tempera
     rest = losses.total_loss(torch.zeros((), device=q.device), kd, align, loss_cfg.alpha,
                              loss_cfg.beta)
     parts = {"contrastive": con.item()}
+    if exclude is not None:  # per query: in-batch copies of its positives (label excluded)
+        parts["shared_positives"] = exclude.sum().item() / exclude.shape[0] - 1
     parts.update({k: v.item() for k, v in (("kd", kd), ("align", align)) if v is not None})
     parts["loss"] = parts["contrastive"] + rest.item()
     return con * world_size + rest, parts
