@@ -3,6 +3,7 @@ named blocks, and ``student_step`` against the losses computed block by block.""
 
 from __future__ import annotations
 
+import logging
 import pickle
 
 import pytest
@@ -130,7 +131,7 @@ def test_student_step_backward_in_plain_torch(tokenizer, model):
     assert parts3["contrastive"] == pytest.approx(parts["contrastive"], abs=1e-6)
 
 
-def test_shared_positives_are_no_negatives(tokenizer, model):
+def test_shared_positives_are_no_negatives(tokenizer, model, caplog):
     """Rows 0 and 2 are parallel queries with one positive passage (rows written with
     ``passage_ids`` / ``positive_ids``): the step leaves each one's copy of that passage out of
     the other's negatives; rows without the ids mask nothing; a row missing them is an error."""
@@ -151,8 +152,9 @@ def test_shared_positives_are_no_negatives(tokenizer, model):
     assert parts["contrastive"] == pytest.approx(masked, abs=1e-5)
     assert masked < losses.contrastive_loss(q, groups, 2, t).item()
     del rows["passage_ids"], rows["positive_ids"]
-    plain = StudentCollator(tokenizer, 16, 48)(rows)
-    assert plain.group_ids is None
+    with caplog.at_level(logging.WARNING, "qgscale.train.data"):
+        plain = StudentCollator(tokenizer, 16, 48)(rows)
+    assert plain.group_ids is None and "without passage_ids" in caplog.text
     _, parts = student_step(model, plain, lc, model.temperature, world_size=1)
     assert "shared_positives" not in parts
     rows["passage_ids"] = [[100, 10], None, [100, 12], [103, 13]]

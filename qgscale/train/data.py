@@ -19,7 +19,9 @@ Bad input raises :class:`qgscale.errors.DataError` naming the table, qid/pid and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import random
 from collections import defaultdict
 from collections.abc import Iterable
@@ -37,6 +39,8 @@ from qgscale.data.corpus import read_passages, sample_pids
 from qgscale.errors import DataError
 from qgscale.teacher.common import load_queries
 from qgscale.train.batch import StudentBatch, Tokens
+
+log = logging.getLogger(__name__)
 
 STUDENT_ROWS = pa.schema([
     ("qid", pa.string()), ("query", pa.string()),
@@ -436,6 +440,7 @@ class StudentCollator:
     max_query_len: int
     max_passage_len: int
     n_candidates: int = 0
+    _warned: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     @classmethod
     def for_config(cls, tokenizer: Any, cfg: StudentTrainConfig,
@@ -502,6 +507,11 @@ class StudentCollator:
                 fields["gen_teacher_scores"] = fields["gen_teacher_mask"] = None
         if "passage_ids" in batch:
             fields.update(_passage_ids(batch, g))
+        elif not self._warned:
+            self._warned = True
+            log.warning("training rows without passage_ids (written before qgscale masked "
+                        "shared positives): in-batch copies of a query's positive count as "
+                        "its negatives; delete the stage's rows folder to rebuild them")
         return StudentBatch(
             queries=q_blocks[0], groups=p_blocks[0], group_size=g,
             candidates=p_blocks[1] if self.n_candidates else None,
