@@ -77,6 +77,29 @@ def test_kd_mask_ignores_padded_candidates():
     assert loss.item() == pytest.approx(hand, rel=1e-5)
 
 
+def test_mask_is_exact_whatever_the_scale_of_the_scores():
+    # teacher log-probs / tau_t = -30000, -25000: far below any fixed "large negative" fill
+    t, s = torch.tensor([[-3.0, -2.5]]), torch.tensor([[1.0, 2.0]])
+    t_pad, s_pad = torch.tensor([[-3.0, -2.5, 0.0]]), torch.tensor([[1.0, 2.0, 5.0]])
+    mask = torch.tensor([[True, True, False]])
+    kd = losses.kd_loss(s, t, tau_t=1e-4)
+    assert kd.item() == pytest.approx(-math.log(_softmax([1.0, 2.0])[1]), rel=1e-5)
+    s_pad.requires_grad_(True)
+    kd_pad = losses.kd_loss(s_pad, t_pad, tau_t=1e-4, mask=mask)
+    assert kd_pad.item() == pytest.approx(kd.item(), rel=1e-6)
+    kd_pad.backward()
+    assert torch.isfinite(s_pad.grad).all() and s_pad.grad[0, 2] == 0
+    # the other users of the mask: student alignment and the listwise (QG ranking) loss
+    g, g_pad = t.flip(-1), torch.tensor([[-2.5, -3.0, 0.0]])
+    al = losses.align_student_kl(t, g, tau_s=1e-4)
+    assert al.item() == pytest.approx(5000.0, rel=1e-5)
+    al_pad = losses.align_student_kl(t_pad, g_pad, tau_s=1e-4, mask=mask)
+    assert al_pad.item() == pytest.approx(al.item(), rel=1e-6)
+    lw = losses.listwise_loss(t, tau=1e-4)
+    assert losses.listwise_loss(t_pad, mask, tau=1e-4).item() == pytest.approx(lw.item(), rel=1e-6)
+    assert lw.item() == pytest.approx(5000.0, rel=1e-5)
+
+
 def test_kd_zero_when_distributions_match_and_gradient_moves_toward_teacher():
     t = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
     # equal distributions (scores differ by a constant; temperatures scale the same)

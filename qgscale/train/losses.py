@@ -10,8 +10,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-NEG_INF = -1e4  # large negative for masked logits (finite: keeps 0 * -inf out of KL)
-
 
 def gather_across_workers(t: torch.Tensor) -> torch.Tensor:
     """Concatenate ``t`` from every worker along dim 0 (local slice keeps its gradient).
@@ -69,9 +67,17 @@ def candidate_scores(q: torch.Tensor, candidates: torch.Tensor,
 
 
 def _log_softmax(scores: torch.Tensor, tau: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """Log-softmax of ``scores / tau`` over the last dim; padded candidates get probability 0.
+
+    Each row is first shifted so its largest real entry is 0 (softmax is shift-invariant),
+    then padded entries are set to the dtype's most negative finite value: exp underflows to
+    exactly 0 whatever the scale of the scores, and the log stays finite, which keeps
+    ``0 * -inf`` (NaN) out of the KL and its gradient. A row with no real entry is uniform.
+    """
     s = scores.float() / tau
     if mask is not None:
-        s = s.masked_fill(~mask, NEG_INF)
+        top = s.masked_fill(~mask, float("-inf")).amax(dim=-1, keepdim=True).detach()
+        s = (s - top.nan_to_num(0.0, neginf=0.0)).masked_fill(~mask, torch.finfo(s.dtype).min)
     return F.log_softmax(s, dim=-1)
 
 
