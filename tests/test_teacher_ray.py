@@ -180,6 +180,31 @@ def test_bad_candidates_named(ray_local, tokenizer, tmp_path):
     assert not storage.exists(storage.join(root, "out", storage.MANIFEST))
 
 
+def test_non_finite_teacher_score_is_never_written(tokenizer, tmp_path):
+    """A real NaN/inf score (the tiny QG's output layer set to inf) stops the scoring unit
+    with the pair-shard file, its row, qid and pid, before anything is written."""
+    from transformers import T5ForConditionalGeneration
+
+    from qgscale.runtime import Shard
+    from qgscale.teacher.scoring import PAIRS, PairSlice, ScoreJob
+
+    torch.manual_seed(0)
+    qg = QueryGenerator(T5ForConditionalGeneration(tiny_t5_config(len(tokenizer))).eval(),
+                        tokenizer, max_passage_len=64, max_query_len=16)
+    uri = str(tmp_path / "_pairs" / "part-00000.parquet")
+    storage.write_parquet(uri, pa.Table.from_pylist(
+        [{"qid": f"q{i}", "lang": "en", "query": "Who wrote it?", "pid": f"p{i}",
+          "passage": "A short passage about a book."} for i in range(3)], schema=PAIRS))
+    job = ScoreJob(QGSpec({}, qg.prompt), precision="fp32")  # setup unused: qg is given
+    shard = Shard("part-00000-0000", 2, PairSlice(uri, 1, 3))
+    assert np.isfinite(job.run(qg, shard)[0]["score"].to_numpy()).all()
+    with torch.no_grad():
+        qg.model.lm_head.weight.fill_(float("inf"))
+    with pytest.raises(DataError, match=r"_pairs/part-00000.parquet: row 1 \(qid=q1, pid=p1\): "
+                                        r"teacher score is nan"):
+        job.run(qg, shard)
+
+
 def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
     """The stage function the pipeline calls, on the run layout's locations; a second call
     with the same key finds every shard done and scores nothing again."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -143,9 +144,16 @@ class ScoreJob:
         cols = {c: t.column(c).to_pylist() for c in PAIRS.names}
         pairs = list(zip(cols["query"], cols["passage"], cols["lang"], strict=True))
         s = qg.score(pairs, batch_tokens=self.batch_tokens, precision=self.precision)
+        score = s.mean.astype("float32")
+        bad = np.flatnonzero(~np.isfinite(score))
+        if bad.size:  # e.g. an fp16 overflow: never written, so never trained on
+            i = int(bad[0])
+            raise DataError(f"{sl.uri}: row {sl.start + i} (qid={cols['qid'][i]}, "
+                            f"pid={cols['pid'][i]}): teacher score is {score[i]} ({bad.size} "
+                            f"non-finite of {len(score)} in rows {sl.start}-{sl.stop - 1}; "
+                            f"teacher.score.precision={self.precision})")
         table = pa.table({"qid": cols["qid"], "pid": cols["pid"],
-                          "score": s.mean.astype("float32"), "ntok": s.ntok.astype("int32")},
-                         schema=SCORES)
+                          "score": score, "ntok": s.ntok.astype("int32")}, schema=SCORES)
         return table, {"source": sl.uri, "rows_from": sl.start, "rows_to": sl.stop}
 
 
