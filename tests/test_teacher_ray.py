@@ -205,6 +205,34 @@ def test_non_finite_teacher_score_is_never_written(tokenizer, tmp_path):
         job.run(qg, shard)
 
 
+def test_duplicate_or_empty_query_named_by_file_and_row(tmp_path):
+    """A qid twice (in one folder's shards, or in two query tables) names both rows; every
+    row number is the row in its own file, not in the concatenated folder."""
+    from qgscale.teacher.common import load_queries
+    from qgscale.teacher.scoring import query_table
+
+    def write(folder: str, qids: list[str], texts: list[str] | None = None) -> str:
+        """Shards of two rows each: part-00000 holds qids[0:2], part-00001 qids[2:4]."""
+        rows = [{"qid": q, "lang": "en", "text": t} for q, t in zip(qids, texts or qids,
+                                                                    strict=True)]
+        for i in range(0, len(rows), 2):
+            storage.write_parquet(str(tmp_path / folder / f"part-{i // 2:05d}.parquet"),
+                                  pa.Table.from_pylist(rows[i:i + 2], schema=QUERIES))
+        return str(tmp_path / folder)
+
+    a, b = write("a", ["q0", "q1", "q2", "q3"]), write("b", ["g0", "q2"])
+    assert list(load_queries(a)) == ["q0", "q1", "q2", "q3"]
+    with pytest.raises(DataError, match=r"b/part-00000.parquet: row 1 \(qid=q2\): qid also in "
+                                        r"\S*a/part-00001.parquet row 0"):
+        query_table([a, b])
+    with pytest.raises(DataError, match=r"c/part-00001.parquet: row 1 \(qid=q1\): qid also in "
+                                        r"\S*c/part-00000.parquet row 1"):
+        load_queries(write("c", ["q0", "q1", "q2", "q1"]))
+    with pytest.raises(DataError, match=r"d/part-00001.parquet: row 1 \(qid=q3\): "
+                                        r"empty field 'text'"):
+        load_queries(write("d", ["q0", "q1", "q2", "q3"], ["x", "y", "z", " "]))
+
+
 def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
     """The stage function the pipeline calls, on the run layout's locations; a second call
     with the same key finds every shard done and scores nothing again."""

@@ -399,7 +399,8 @@ def test_bad_training_data_names_the_problem(toy, tmp_path):
                                      {"qid": "q0", "pid": p, "score": -1.0, "ntok": 3}
                                      for p in ("p0", "p1")], SCORES))
     bad_q = _write(tmp_path / "bq", [{"qid": "q0", "lang": "en", "text": ""}], QUERIES)
-    with pytest.raises(DataError, match=r"/bq: row 0 \(qid=q0\): empty field 'text'"):
+    with pytest.raises(DataError, match=r"/bq/part-00000.parquet: row 0 \(qid=q0\): "
+                                        r"empty field 'text'"):
         tdata.build_student_rows(bad_q, inp["corpus_uri"], qrels_uri=inp["qrels_uri"])
 
 

@@ -65,12 +65,23 @@ def read_table(uri: str, what: str, columns: list[str] | None = None):
     return storage.read_parquet(uri, columns)
 
 
-def load_queries(uri: str) -> dict[str, tuple[str, str]]:
-    """``qid -> (lang, text)``; an empty text or language is an error naming the row."""
-    out = {}
-    for i, r in enumerate(read_table(uri, "queries", ["qid", "lang", "text"]).to_pylist()):
-        for key in ("qid", "lang", "text"):
-            if not r[key] or not str(r[key]).strip():
-                raise DataError(f"{uri}: row {i} (qid={r['qid']}): empty field {key!r}")
-        out[r["qid"]] = (r["lang"], r["text"])
+def load_queries(uris: str | list[str]) -> dict[str, tuple[str, str]]:
+    """``qid -> (lang, text)`` of one or several query tables (each a file or a folder of
+    shards). An empty field, or a qid in two rows (of one table or two), is a DataError naming
+    the file and its row (both rows for a duplicate)."""
+    out: dict[str, tuple[str, str]] = {}
+    seen: dict[str, str] = {}
+    for uri in [uris] if isinstance(uris, str) else uris:
+        if not storage.exists(uri):
+            raise MissingInputError(f"{uri}: queries not found")
+        for f in storage.parquet_files(uri):
+            for i, r in enumerate(storage.read_parquet(f, ["qid", "lang", "text"]).to_pylist()):
+                where = f"{f}: row {i} (qid={r['qid']})"
+                for key in ("qid", "lang", "text"):
+                    if not r[key] or not str(r[key]).strip():
+                        raise DataError(f"{where}: empty field {key!r}")
+                if r["qid"] in seen:
+                    raise DataError(f"{where}: qid also in {seen[r['qid']]} (one row per qid)")
+                seen[r["qid"]] = f"{f} row {i}"
+                out[r["qid"]] = (r["lang"], r["text"])
     return out

@@ -76,10 +76,9 @@ def candidate_pairs(candidates_uri: str | list[str]) -> pa.Table:
 
 
 def query_table(queries_uri: str | list[str]) -> pa.Table:
-    """``{qid, lang, query}`` of one or several query tables (empty fields are errors)."""
-    rows = {}
-    for uri in [queries_uri] if isinstance(queries_uri, str) else queries_uri:
-        rows.update(load_queries(uri))
+    """``{qid, lang, query}`` of one or several query tables (empty fields and a qid twice,
+    in one table or across them, are errors: :func:`~qgscale.teacher.common.load_queries`)."""
+    rows = load_queries(queries_uri)
     return pa.table({"qid": list(rows), "lang": [v[0] for v in rows.values()],
                      "query": [v[1] for v in rows.values()]})
 
