@@ -250,7 +250,13 @@ def test_distill_with_kd_and_alignment(toy, ray_local, tmp_path):
     from qgscale.models.encoder import DualEncoder
 
     DualEncoder.build(cfg.encoder).save_pretrained(str(tmp_path / "de0"))
+    # a crash while the stage saved its init: the small files are there, the weights are not
+    crashed = storage.join(cfg.uri("train", "distill"), "init")
+    storage.makedirs(crashed)
+    for name in ("config.json", "dual_encoder.json"):
+        shutil.copy(tmp_path / "de0" / name, storage.join(crashed, name))
     m = run_train_distill(cfg, init_uri=str(tmp_path / "de0"), **teacher)
+    assert storage.exists(storage.join(crashed, "model.safetensors"))  # written again
     assert m["counts"] == {"rows": N, "random_negatives": 0, "without_generated": 0}
     log = _metrics(storage.join(cfg.uri("train", "distill"), "metrics.jsonl"))
     assert log[-1]["step"] == 4
@@ -261,6 +267,35 @@ def test_distill_with_kd_and_alignment(toy, ray_local, tmp_path):
     assert DualEncoder.from_pretrained(m["model"]).encode_queries(["x"]).shape == (1, 32)
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_half_written_init_is_rebuilt(tokenizer, tmp_path, where, request):
+    """A crash while the init model was saved (HF writes ``config.json`` before the weights)
+    leaves ``init/config.json`` alone: a resume writes the init again instead of taking it
+    as finished; a complete init (its manifest is written last) is kept."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from qgscale.models.generator import QueryGenerator
+    from qgscale.models.tiny import tiny_t5_config
+    from qgscale.train.trainer import init_model
+
+    out = str(tmp_path / "qg") if where == "local" else \
+        f"{request.getfixturevalue('s3_bucket')}/train/qg"
+    torch.manual_seed(0)
+    qg = QueryGenerator(T5ForConditionalGeneration(tiny_t5_config(len(tokenizer))).eval(),
+                        tokenizer, max_passage_len=64, max_query_len=16)
+    storage.write_bytes(storage.join(out, "init", "config.json"),
+                        qg.model.config.to_json_string().encode())  # the crash: no weights
+    built = []
+    init = init_model(out, "k1", lambda: built.append(1) or qg)
+    assert built == [1] and storage.stage_done(init, "k1")
+    assert storage.exists(storage.join(init, "model.safetensors"))
+    again = QueryGenerator.from_pretrained(init)
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
+                                                 qg.model.state_dict().values(), strict=True))
+    assert init_model(out, "k1", lambda: built.append(2) or qg) == init and built == [1]
+
+
 @pytest.mark.slow
 def test_qg_finetuning_lowers_ce(toy, ray_local, tmp_path):
     from qgscale.models.generator import QueryGenerator
@@ -269,6 +304,10 @@ def test_qg_finetuning_lowers_ce(toy, ray_local, tmp_path):
         model=ModelConfig(init=T5, tokenizer=str(toy / "tok")), num_workers=2,
         cpus_per_worker=0.5, batch_size=8, lr=3e-3, warmup_ratio=0.0, epochs=1,
         log_every=2, checkpoint_every=100, max_query_len=16, max_passage_len=64))
+    # a crash while the stage saved its init: HF wrote config.json, not yet the weights
+    crashed = storage.join(cfg.uri("train", "qg"), "init", "config.json")
+    storage.write_bytes(crashed, QueryGenerator.build(cfg.qg.model).model.config
+                        .to_json_string().encode())
     seen, done = [], threading.Event()
 
     def watch() -> None:  # what the autoscaler is asked for while the stage runs

@@ -3,7 +3,8 @@
 Stage outputs (``<run root>/train/<stage>/``)::
 
     data/part-*.parquet   training rows (joined texts, teacher scores, generated queries)
-    init/                 the starting model (built from the config, or copied from ``init``)
+    init/                 the starting model (built from the config, or copied from ``init``;
+                          complete once its _manifest.json is written, after the model)
     ray/run/checkpoint_*  Ray Train checkpoints (DeepSpeed ZeRO shards of every worker, and
                           the position in the sample stream: epoch, samples consumed)
     metrics.jsonl         per-step loss, samples/s, lr, ETA (rank 0)
@@ -24,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -198,21 +199,34 @@ def _student_stage(cfg: Any, stage: str, *, out_uri: str, key: str, init_uri: st
         table, counts = tdata.build_student_rows(queries_uri, corpus_uri, sc.loss, **sources)
         tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key, **counts)
     log.info("%s: %s", stage, counts)
-    init = storage.join(out_uri, "init")
-    if not storage.exists(storage.join(init, "dual_encoder.json")):
-        if init_uri:
-            model = DualEncoder.from_pretrained(init_uri)
-        else:
-            import torch
 
-            torch.manual_seed(cfg.run.seed)
-            model = DualEncoder.build(cfg.encoder, max_query_len=sc.max_query_len,
-                                      max_passage_len=sc.max_passage_len)
-        model.save_pretrained(init)
+    def build() -> DualEncoder:
+        if init_uri:
+            return DualEncoder.from_pretrained(init_uri)
+        import torch
+
+        torch.manual_seed(cfg.run.seed)
+        return DualEncoder.build(cfg.encoder, max_query_len=sc.max_query_len,
+                                 max_passage_len=sc.max_passage_len)
+
+    init = init_model(out_uri, key, build)
     run = TrainRun(StudentTask(sc, distill=distill), init_uri=init, output_uri=out_uri,
                    rows=counts["rows"], seed=cfg.run.seed, storage_env=worker_env())
     result = fit(run, rows_uri)
     return _finish(out_uri, key, result, stage=stage, counts=counts, inputs=inputs)
+
+
+def init_model(out_uri: str, key: str, build: Callable[[], Any]) -> str:
+    """``out_uri/init``, the stage's starting model: ``build()`` saved there, unless a
+    complete one is there already (its manifest, with ``key``, is written after every file
+    of the model). A half-written one (a crash mid-save: HF writes ``config.json`` before the
+    weights, an upload goes file by file) is removed and written again."""
+    init = storage.join(out_uri, "init")
+    if not storage.stage_done(init, key):
+        storage.remove(init, recursive=True)
+        build().save_pretrained(init)
+        storage.write_manifest(init, key, what="initial model")
+    return init
 
 
 def _built_rows(rows_uri: str, key: str, fields: tuple[str, ...]) -> dict[str, Any] | None:
@@ -293,10 +307,8 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
         tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
         built = {"rows": table.num_rows}
     n_rows = built["rows"]
-    init = storage.join(out_uri, "init")
-    if not storage.exists(storage.join(init, "config.json")):
-        QueryGenerator.build(qc.model, qc.prompt, qc.max_passage_len, qc.max_query_len,
-                             seed=cfg.run.seed).save_pretrained(init)
+    init = init_model(out_uri, key, lambda: QueryGenerator.build(
+        qc.model, qc.prompt, qc.max_passage_len, qc.max_query_len, seed=cfg.run.seed))
     run = TrainRun(QGTask(qc), init_uri=init, output_uri=out_uri, rows=n_rows,
                    seed=cfg.run.seed, storage_env=worker_env())
     result = fit(run, rows_uri)
@@ -341,11 +353,9 @@ def run_train_qg_rank(cfg: Any, *, out_uri: str, key: str, qg_model: Any, exampl
                                                  rc.n_negatives, seed=cfg.run.seed)
         tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key, **counts)
     log.info("qg-rank: %s", counts)
-    init = storage.join(out_uri, "init")
-    if not storage.exists(storage.join(init, "config.json")):
-        qc = cfg.qg
-        QueryGenerator.build(qg_model, qc.prompt, qc.max_passage_len, qc.max_query_len,
-                             seed=cfg.run.seed).save_pretrained(init)
+    qc = cfg.qg
+    init = init_model(out_uri, key, lambda: QueryGenerator.build(
+        qg_model, qc.prompt, qc.max_passage_len, qc.max_query_len, seed=cfg.run.seed))
     run = TrainRun(QGRankTask(rc), init_uri=init, output_uri=out_uri, rows=counts["rows"],
                    seed=cfg.run.seed, storage_env=worker_env())
     result = fit(run, rows_uri)
