@@ -178,6 +178,16 @@ def test_bad_candidates_named(ray_local, tokenizer, tmp_path):
                          storage.join(root, "corpus.parquet"), storage.join(root, "out"), "k1",
                          ScoreConfig(num_actors=1, cpus_per_actor=0.5))
     assert not storage.exists(storage.join(root, "out", storage.MANIFEST))
+    # a candidate's pid on two corpus rows (two shards): named, not blamed on another pair
+    corpus = storage.read_parquet(storage.join(root, "corpus.parquet"))
+    for k in range(2):
+        storage.write_parquet(storage.join(root, "corpus2", f"part-{k:05d}.parquet"), corpus)
+    storage.write_parquet(bad, pa.Table.from_pylist(
+        [{"qid": "q1", "pids": ["p1"], "scores": None}], schema=CANDIDATES))
+    with pytest.raises(DataError, match=r"corpus2: pid=p1 \(a candidate of qid=q1\) is on 2 "):
+        score_candidates(spec, bad, storage.join(root, "queries.parquet"),
+                         storage.join(root, "corpus2"), storage.join(root, "out2"), "k1",
+                         ScoreConfig(num_actors=1, cpus_per_actor=0.5))
 
 
 def test_non_finite_teacher_score_is_never_written(tokenizer, tmp_path):

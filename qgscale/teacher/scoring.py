@@ -178,12 +178,18 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
                        desc="join pairs", unit="corpus shard")
     manifest = storage.ShardWriter(out_uri, config_hash).finalize(
         [u.name for u in units], pairs=pairs.num_rows, run=stats)
-    if manifest["rows"] != pairs.num_rows:  # some candidate passage is not in the corpus
-        got = storage.read_parquet(out_uri, ["pid"]).column("pid")
-        missing = pc.invert(pc.is_in(pairs.column("pid"), value_set=got))
-        i = pc.index(missing, True).as_py()
-        raise DataError(f"{pairs['file'][i]}: row {pairs['row'][i]} (qid={pairs['qid'][i]}): "
-                        f"pid={pairs['pid'][i]} not in corpus {corpus_uri}")
+    if manifest["rows"] != pairs.num_rows:  # a candidate passage not in the corpus, or twice
+        got = storage.read_parquet(out_uri, ["qid", "pid"])
+        missing = pc.invert(pc.is_in(pairs.column("pid"), value_set=got.column("pid")))
+        if pc.any(missing).as_py():
+            i = pc.index(missing, True).as_py()
+            raise DataError(f"{pairs['file'][i]}: row {pairs['row'][i]} "
+                            f"(qid={pairs['qid'][i]}): pid={pairs['pid'][i]} not in corpus "
+                            f"{corpus_uri}")
+        n = got.group_by(["qid", "pid"]).aggregate([([], "count_all")])
+        dup = n.filter(pc.greater(n.column("count_all"), 1)).slice(0, 1).to_pylist()[0]
+        raise DataError(f"{corpus_uri}: pid={dup['pid']} (a candidate of qid={dup['qid']}) "
+                        f"is on {dup['count_all']} corpus rows: a pid names one passage")
     return manifest
 
 
