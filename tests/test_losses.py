@@ -36,8 +36,10 @@ def test_contrastive_exclude_leaves_shared_positives_out_of_the_negatives():
     the other's positive is no negative, and its own label stays whatever ``exclude`` says."""
     q = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
     p = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
-    shared = torch.tensor([[1, 0, 1, 0], [1, 0, 1, 0]], dtype=torch.bool)  # incl. labels
-    loss = losses.contrastive_loss(q, p, group_size=2, exclude=shared)
+    shared = losses.shared_positives(torch.tensor([[7], [7]]), torch.tensor([7, 3, 7, 4]))
+    assert sorted(zip(*(t.tolist() for t in shared), strict=True)) == [
+        (0, 0), (0, 2), (1, 0), (1, 2)]
+    loss = losses.contrastive_loss(q, p, group_size=2, exclude=shared)  # labels stay
     s = (q @ p.T).tolist()
     hand = -(math.log(_softmax([s[0][0], s[0][1], s[0][3]])[0])
              + math.log(_softmax([s[1][1], s[1][2], s[1][3]])[1])) / 2
@@ -46,6 +48,21 @@ def test_contrastive_exclude_leaves_shared_positives_out_of_the_negatives():
     grad_q = q.clone().requires_grad_()
     losses.contrastive_loss(grad_q, p, 2, exclude=shared).backward()
     assert torch.isfinite(grad_q.grad).all()
+
+
+def test_shared_positives_match_a_dense_comparison():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 12, (40,), generator=g)  # repeated ids: several copies each
+    pos = torch.randint(0, 15, (6, 3), generator=g)
+    pos[2, 1:] = -1  # padding matches nothing
+    rows, cols = losses.shared_positives(pos, ids)
+    dense = (pos[:, :, None] == ids[None, None, :]).any(1)
+    got = torch.zeros_like(dense)
+    got[rows, cols] = True
+    assert torch.equal(got, dense) and len(rows) == int((pos[:, :, None] == ids).sum())
+    empty = losses.shared_positives(torch.full((2, 1), -1), ids)
+    assert len(empty[0]) == len(empty[1]) == 0
+    assert torch.equal(losses.pad_across_workers(pos), pos)  # no process group: as is
 
 
 def test_contrastive_checks_layout():
@@ -190,3 +207,34 @@ def test_qg_rank_loss_normalises_by_length_and_adds_generation_nll():
     assert loss.item() == pytest.approx(rank + 0.5 * 10 / 7, rel=1e-6)
     loss.backward()
     assert sums.grad[0, 0] < 0 < sums.grad[0, 1]  # raise the positive, lower the negative
+
+
+def _two_workers(rank: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        positive = [torch.tensor([[5], [6]]), torch.tensor([[5, 9], [8, -1]])][rank]
+        groups = [torch.tensor([5, 1, 6, 2]), torch.tensor([5, 3, 8, 9])][rank]
+        rows, cols = losses.shared_positives(
+            losses.gather_across_workers(losses.pad_across_workers(positive)),
+            losses.gather_across_workers(groups))
+        torch.save(sorted(zip(rows.tolist(), cols.tolist(), strict=True)), f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_shared_positives_across_workers_of_different_widths(tmp_path):
+    """Two gloo workers whose queries have 1 and 2 positives: both find the same index pairs
+    over the gathered batch (queries 0-3, passages 0-7)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_workers, args=(port, str(tmp_path / "pairs")), nprocs=2)
+    want = [(0, 0), (0, 4), (1, 2), (2, 0), (2, 4), (2, 7), (3, 6)]
+    assert [torch.load(tmp_path / f"pairs.{r}") for r in (0, 1)] == [want, want]

@@ -145,8 +145,7 @@ def test_shared_positives_are_no_negatives(tokenizer, model, caplog):
     assert parts["shared_positives"] == pytest.approx(0.5)  # rows 0 and 2: one copy each
     q = model.encode_query(**batch.queries.inputs())
     groups = model.encode_passage(**batch.groups.inputs())
-    exclude = torch.zeros(4, 8, dtype=torch.bool)
-    exclude[0, 4] = exclude[2, 0] = True
+    exclude = (torch.tensor([0, 2]), torch.tensor([4, 0]))
     t = model.temperature
     masked = losses.contrastive_loss(q, groups, 2, t, exclude).item()
     assert parts["contrastive"] == pytest.approx(masked, abs=1e-5)

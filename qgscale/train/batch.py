@@ -63,7 +63,8 @@ class StudentBatch:
       teacher scores for it): None when no row has them;
     - ``group_ids`` (B x G) and ``positive_ids`` (B, P; -1 = padding): ids of the groups'
       passages and of each query's positives (:func:`qgscale.train.data.pid_key`), to keep
-      another query's copy of a query's positive out of its negatives (:meth:`shares_positive`);
+      another query's copy of a query's positive out of its negatives
+      (:func:`qgscale.train.losses.shared_positives`);
       None for rows written without them.
     """
 
@@ -109,11 +110,6 @@ class StudentBatch:
         if self.candidates is None:
             return emb[:n], None
         return emb[:n], emb[n:].view(len(self), self.n_candidates, -1)
-
-    def shares_positive(self, passage_ids: torch.Tensor) -> torch.Tensor:
-        """(B, N) bool: passage n (of ``passage_ids``, e.g. every worker's ``group_ids``)
-        is one of query b's positives."""
-        return (self.positive_ids[:, :, None] == passage_ids[None, None, :]).any(1)
 
     def to(self, device: torch.device | str) -> StudentBatch:
         return StudentBatch(

@@ -72,11 +72,12 @@ def student_step(engine: Any, batch: StudentBatch, loss_cfg: LossConfig, tempera
     groups, cands = batch.split_passages(p_emb.float())
     exclude = None
     if batch.group_ids is not None:  # another query's copy of a positive is no negative
-        shared = batch.shares_positive(losses.gather_across_workers(batch.group_ids))
-        exclude = losses.gather_across_workers(shared.to(torch.uint8)).bool()
-    con = losses.contrastive_loss(losses.gather_across_workers(q),
-                                  losses.gather_across_workers(groups), batch.group_size,
-                                  temperature, exclude)
+        exclude = losses.shared_positives(
+            losses.gather_across_workers(losses.pad_across_workers(batch.positive_ids)),
+            losses.gather_across_workers(batch.group_ids))
+    all_q = losses.gather_across_workers(q)
+    con = losses.contrastive_loss(all_q, losses.gather_across_workers(groups),
+                                  batch.group_size, temperature, exclude)
     kd = align = s_q = s_gen = None
     if cands is not None:
         s_q = losses.candidate_scores(q, cands, temperature)
@@ -101,7 +102,8 @@ def student_step(engine: Any, batch: StudentBatch, loss_cfg: LossConfig, tempera
                              loss_cfg.beta)
     parts = {"contrastive": con.item()}
     if exclude is not None:  # per query: in-batch copies of its positives (label excluded)
-        parts["shared_positives"] = exclude.sum().item() / exclude.shape[0] - 1
+        rows, cols = exclude
+        parts["shared_positives"] = (cols != rows * batch.group_size).sum().item() / len(all_q)
     parts.update({k: v.item() for k, v in (("kd", kd), ("align", align)) if v is not None})
     parts["loss"] = parts["contrastive"] + rest.item()
     return con * world_size + rest, parts
