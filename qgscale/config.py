@@ -195,7 +195,8 @@ class Actors(Section):
 
 
 class ScoreConfig(Actors):
-    """``teacher.score``: log P(query | passage) / |query| for every candidate pair."""
+    """``teacher.score``: log P(query | passage) / |query| of the candidate pairs that
+    distillation reads (each list's first ``distill.loss.n_candidates``)."""
 
     batch_tokens: int = Field(16384, ge=1)
     shard_pairs: int = Field(2000, ge=1)
@@ -277,7 +278,8 @@ class IndexConfig(Section):
 
 
 class MineConfig(Section):
-    top_k: int = Field(30, ge=1)  # candidates per query kept for the teacher
+    # candidates kept per query; the teacher scores the first distill.loss.n_candidates
+    top_k: int = Field(30, ge=1)
     n_negatives: int = Field(8, ge=0)
     skip_top: int = Field(0, ge=0)  # rank window start (skip possible false negatives)
     split: str = "train"  # queries/qrels split to mine for

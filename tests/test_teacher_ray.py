@@ -152,6 +152,14 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
             if c["pids"][0] == r["pid"] and lang[c["qid"]] != r["lang"]:
                 want |= {(generated_qid(r["pid"], r["lang"], r["query"]), p) for p in c["pids"]}
     assert want  # some generated query has candidates
+    c2, _ = generated_candidates(  # the first 2 of each list (distill.loss.n_candidates)
+        storage.join(root, "cands"), storage.join(root, "queries.parquet"),
+        storage.join(root, "qrels.parquet"), out, storage.join(root, "gen_pairs2"), first=2)
+    want2 = {(generated_qid(r["pid"], r["lang"], r["query"]), p) for r in got.to_pylist()
+             for c in cands if c["pids"][0] == r["pid"] and lang[c["qid"]] != r["lang"]
+             for p in c["pids"][:2]}
+    got2 = {(r["qid"], p) for r in storage.read_parquet(c2).to_pylist() for p in r["pids"]}
+    assert got2 == want2 and got2 < want
     sm = score_candidates(spec, [storage.join(root, "cands"), c_uri],
                           [storage.join(root, "queries.parquet"), q_uri],
                           storage.join(root, "corpus.parquet"), storage.join(root, "scores"),
@@ -244,8 +252,9 @@ def test_duplicate_or_empty_query_named_by_file_and_row(tmp_path):
 
 
 def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
-    """The stage function the pipeline calls, on the run layout's locations; a second call
-    with the same key finds every shard done and scores nothing again."""
+    """The stage function the pipeline calls, on the run layout's locations: it scores the
+    first ``distill.loss.n_candidates`` of each list (2 of 3), the pairs rows read; a second
+    call with the same key finds every shard done and scores nothing again."""
     from qgscale.config import parse
     from qgscale.layout import Layout
     from qgscale.teacher.common import qg_spec
@@ -255,13 +264,14 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
     cfg = parse({"run": {"root": root}, "qg": {"max_passage_len": 128, "max_query_len": 32},
                  "qg_rank": {"enabled": False},  # the QG itself is the teacher
                  "teacher": {"score": {"num_actors": 1, "cpus_per_actor": 0.5,
-                                       "shard_pairs": 8}}})
+                                       "shard_pairs": 8}},
+                 "distill": {"loss": {"n_candidates": 2}}})
     lay = Layout(cfg)
     with pytest.raises(MissingInputError, match=r"train/qg/model: no query generator here; "
                                                 r"run `qgscale train qg` first"):
         qg_spec(cfg, lay.teacher_model())
     src = str(tmp_path / "inputs")
-    _write_inputs(src, tokenizer, n_pass=4, n_q=4, k=2)
+    *_, cands = _write_inputs(src, tokenizer, n_pass=4, n_q=4, k=3)
     import shutil
 
     shutil.copytree(f"{src}/qg", cfg.uri("train", "qg", "model"))
@@ -278,7 +288,10 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
     # the work units follow the corpus shards (one here), cut at teacher.score.shard_pairs
     # or smaller, so that the one actor gets two units (runtime.unit_rows)
     assert m["rows"] == 8 and len(m["shards"]) == 2 and m["run"]["shards_run"] == 2
-    assert storage.read_parquet(cfg.uri("teacher", "scores")).num_rows == 8
+    scored = storage.read_parquet(cfg.uri("teacher", "scores"))
+    assert sorted(zip(scored["qid"].to_pylist(), scored["pid"].to_pylist(), strict=True)) == \
+        sorted((c["qid"], p) for c in cands for p in c["pids"][:2])
+    assert m["first_candidates"] == 2
     again = score()
     assert again["rows"] == 8 and again["run"]["shards_run"] == 0
 

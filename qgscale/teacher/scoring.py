@@ -44,8 +44,10 @@ def _files(uri: str) -> list[str]:
     return storage.parquet_files(uri)
 
 
-def candidate_pairs(candidates_uri: str | list[str]) -> pa.Table:
-    """Every (qid, pid) candidate pair, with the file and row it came from (for errors).
+def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -> pa.Table:
+    """Every (qid, pid) candidate pair, with the file and row it came from (for errors);
+    with ``first``, only the first ``first`` of each list (the ones training rows read:
+    ``distill.loss.n_candidates``).
 
     Validates the lists on the way (null/empty qid, null list or pid, a pid twice in one list,
     a qid in two rows), naming file, row and field. O(queries x k), never the corpus.
@@ -69,8 +71,9 @@ def candidate_pairs(candidates_uri: str | list[str]) -> pa.Table:
                 raise DataError(f"{where}: field 'pids' holds an empty/null pid")
             if len(set(pids)) != len(pids):
                 raise DataError(f"{where}: field 'pids' lists a pid twice")
-        rows = pc.list_parent_indices(t["pids"])
-        parts.append(pa.table({"qid": t["qid"].take(rows), "pid": pc.list_flatten(t["pids"]),
+        kept = pc.list_slice(t["pids"], 0, first) if first else t["pids"]
+        rows = pc.list_parent_indices(kept)
+        parts.append(pa.table({"qid": t["qid"].take(rows), "pid": pc.list_flatten(kept),
                                "file": pa.array([f] * len(rows), pa.string()), "row": rows}))
     return pa.concat_tables(parts).combine_chunks()
 
@@ -157,14 +160,16 @@ class ScoreJob:
 
 
 def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
-               corpus_uri: str, out_uri: str, config_hash: str, sc: ScoreConfig) -> dict:
+               corpus_uri: str, out_uri: str, config_hash: str, sc: ScoreConfig,
+               first: int | None = None) -> dict:
     """Write the scoring work units: pair shards ``{qid, lang, query, pid, passage}`` under
-    ``out_uri`` (one per corpus shard, :class:`PairJob`, resumable); returns their manifest.
+    ``out_uri`` (one per corpus shard, :class:`PairJob`, resumable) of each list's first
+    ``first`` candidates (all without it); returns their manifest.
     A candidate whose qid is not in the queries, or whose pid is not in the corpus, is a
     DataError naming the candidate file, row and id."""
     import ray
 
-    pairs = candidate_pairs(candidates_uri)
+    pairs = candidate_pairs(candidates_uri, first)
     queries = query_table(queries_uri)
     known = pc.is_in(pairs.column("qid"), value_set=queries.column("qid"))
     if not pc.all(known).as_py():
@@ -206,13 +211,14 @@ def plan_units(pairs_manifest: dict, pairs_uri: str, unit_pairs: int) -> list[Sh
 
 
 def generated_candidates(candidates_uri: str, queries_uri: str, qrels_uri: str,
-                         generated_uri: str, out_uri: str) -> tuple[str, str]:
+                         generated_uri: str, out_uri: str, first: int | None = None
+                         ) -> tuple[str, str]:
     """Inputs to score the QG-generated queries too (KD on generated queries).
 
     A generated query g (language l) from passage p gets qid ``generated_qid(p, l, g)`` and, as
-    candidate list, the union of C(q) over the training queries q with positive p and
-    language != l (the lists the student pairs it with). Writes ``out_uri/{candidates,
-    queries}/part-00000.parquet``; returns their URIs.
+    candidate list, the union of C(q) (its first ``first``) over the training queries q with
+    positive p and language != l (the lists the student pairs it with). Writes
+    ``out_uri/{candidates, queries}/part-00000.parquet``; returns their URIs.
     """
     from qgscale.data.schema import CANDIDATES, QUERIES
     from qgscale.train.data import generated_qid
@@ -221,7 +227,8 @@ def generated_candidates(candidates_uri: str, queries_uri: str, qrels_uri: str,
     cands = {}
     for f in _files(candidates_uri):
         t = storage.read_parquet(f, ["qid", "pids"])
-        cands.update(zip(t["qid"].to_pylist(), t["pids"].to_pylist(), strict=True))
+        cands.update((q, p[:first] if first else p) for q, p in zip(
+            t["qid"].to_pylist(), t["pids"].to_pylist(), strict=True))
     by_pid: dict[str, list[str]] = {}
     for r in read_table_rows(qrels_uri, "qrels"):
         if (r["rel"] or 0) > 0 and r["qid"] in cands:
@@ -254,9 +261,11 @@ def read_table_rows(uri: str, what: str) -> list[dict[str, Any]]:
 
 def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
                      queries_uri: str | list[str], corpus_uri: str, out_uri: str,
-                     config_hash: str, sc: ScoreConfig | None = None) -> dict[str, Any]:
-    """Plain API: score every candidate pair into ``out_uri`` (settings ``sc``, the
-    ``teacher.score`` section; defaults if None); returns the manifest.
+                     config_hash: str, sc: ScoreConfig | None = None,
+                     first: int | None = None) -> dict[str, Any]:
+    """Plain API: score every candidate pair (or the first ``first`` of each list) into
+    ``out_uri`` (settings ``sc``, the ``teacher.score`` section; defaults if None); returns
+    the manifest.
 
     Skips every shard with a done marker of the same ``config_hash`` (resume). Needs a
     running Ray (or starts a local one); actors as :func:`qgscale.runtime.run_shards`.
@@ -266,7 +275,8 @@ def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
     connect()
     inputs = {"candidates": candidates_uri, "queries": queries_uri, "corpus": corpus_uri}
     pairs_uri = storage.join(out_uri, PAIRS_DIR)
-    joined = join_pairs(candidates_uri, queries_uri, corpus_uri, pairs_uri, config_hash, sc)
+    joined = join_pairs(candidates_uri, queries_uri, corpus_uri, pairs_uri, config_hash, sc,
+                        first)
     rows = planned_unit_rows(out_uri, config_hash, joined["rows"], sc.shard_pairs, sc,
                              "teacher.score")  # sized to the actor pool, kept on resume
     units = plan_units(joined, pairs_uri, rows)
@@ -275,7 +285,8 @@ def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
                        desc="teacher score", unit="pair")
     pairs = sum(u.size for u in units)
     manifest = storage.ShardWriter(out_uri, config_hash).finalize(
-        [u.name for u in units], stage="teacher-score", inputs=inputs, pairs=pairs, run=stats)
+        [u.name for u in units], stage="teacher-score", inputs=inputs, pairs=pairs,
+        first_candidates=first, run=stats)
     if manifest["rows"] != pairs:
         raise RuntimeError(f"{out_uri}: {manifest['rows']} scored rows for {pairs} pairs")
     return manifest
@@ -284,14 +295,16 @@ def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
 def run_score(cfg: Any, model: Any, *, candidates_uri: str, queries_uri: str, corpus_uri: str,
               out_uri: str, key: str, generated_uri: str | None = None,
               qrels_uri: str | None = None, pairs_uri: str | None = None) -> dict[str, Any]:
-    """Stage function ``teacher score`` (``cfg.teacher.score``): every pair of
-    ``candidates_uri`` scored by the QG ``model`` (a ``ModelConfig``) into ``out_uri``.
+    """Stage function ``teacher score`` (``cfg.teacher.score``): the pairs of
+    ``candidates_uri`` that distillation reads (each list's first ``distill.loss.
+    n_candidates``; ``mine.top_k`` may keep more) scored by the QG ``model`` (a
+    ``ModelConfig``) into ``out_uri``.
 
     With ``generated_uri`` (``distill.loss.kd_on_generated``) the generated queries are scored
     as well, on the candidate lists of :func:`generated_candidates` (written to ``pairs_uri``,
     using the positives of ``qrels_uri``), into the same output.
     """
-    sc = cfg.teacher.score
+    sc, first = cfg.teacher.score, cfg.distill.loss.n_candidates
     connect(cfg.ray)
     cands, queries = [candidates_uri], [queries_uri]
     if generated_uri:
@@ -300,9 +313,10 @@ def run_score(cfg: Any, model: Any, *, candidates_uri: str, queries_uri: str, co
                                     "kd_on_generated run `qgscale teacher generate` first")
         if not (qrels_uri and pairs_uri):
             raise ValueError("scoring generated queries needs qrels_uri and pairs_uri")
-        c, q = generated_candidates(cands[0], queries[0], qrels_uri, generated_uri, pairs_uri)
+        c, q = generated_candidates(cands[0], queries[0], qrels_uri, generated_uri, pairs_uri,
+                                    first)
         cands.append(c)
         queries.append(q)
     return score_candidates(
         qg_spec(cfg, model), cands if len(cands) > 1 else cands[0],
-        queries if len(queries) > 1 else queries[0], corpus_uri, out_uri, key, sc)
+        queries if len(queries) > 1 else queries[0], corpus_uri, out_uri, key, sc, first)
