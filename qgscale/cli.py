@@ -256,7 +256,7 @@ def train_distill(config: ConfigArg, set: Overrides = None) -> None:
 
 @teacher_app.command("score")
 def teacher_score(config: ConfigArg, set: Overrides = None) -> None:
-    """Score every mined (query, candidate) pair with the QG teacher on Ray actors."""
+    """Score the mined (query, candidate) pairs distillation reads with the QG teacher."""
     _stage(config, set, "score")
 
 

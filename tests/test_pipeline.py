@@ -38,7 +38,8 @@ def test_pipeline_end_to_end_and_resume(finished_run):
     n_train_queries = data["rows"]["train/queries"]
     candidates = storage.read_parquet(lay.candidates)
     assert candidates.num_rows == n_train_queries
-    n_pairs = sum(len(p) for p in candidates.column("pids").to_pylist())
+    n_pairs = sum(min(len(p), cfg.distill.loss.n_candidates)  # the pairs rows read
+                  for p in candidates.column("pids").to_pylist())
     scores = storage.read_parquet(lay.scores)
     assert scores.num_rows == n_pairs
     assert len(set(zip(scores.column("qid").to_pylist(), scores.column("pid").to_pylist(),
@@ -204,6 +205,16 @@ def test_dry_run_shows_the_selection(finished_run):
                and "stops here" not in s.reason for i, s in enumerate(plan))
     assert [(s.state, s.reason) for s in plan] == [
         (s.state, s.reason) for s in pipeline.plan(cfg)]  # the selection only marks stages
+
+
+@pytest.mark.slow
+def test_more_candidates_rescore(finished_run):
+    """The teacher scores the candidates distillation reads: another n_candidates re-scores."""
+    path, _, _ = finished_run
+    plan = {s.stage: s for s in pipeline.plan(config.load(path, ["distill.loss.n_candidates=3"]))}
+    assert {n for n, s in plan.items() if s.state != "done"} == {
+        "score", "distill", "reindex", "eval", "rerank"}
+    assert "distill.loss.n_candidates" in plan["score"].reason
 
 
 @pytest.mark.slow

@@ -70,18 +70,28 @@ def load_queries(uris: str | list[str]) -> dict[str, tuple[str, str]]:
     shards). An empty field, or a qid in two rows (of one table or two), is a DataError naming
     the file and its row (both rows for a duplicate)."""
     out: dict[str, tuple[str, str]] = {}
-    seen: dict[str, str] = {}
+    files: list[str] = []
     for uri in [uris] if isinstance(uris, str) else uris:
         if not storage.exists(uri):
             raise MissingInputError(f"{uri}: queries not found")
-        for f in storage.parquet_files(uri):
-            for i, r in enumerate(storage.read_parquet(f, ["qid", "lang", "text"]).to_pylist()):
-                where = f"{f}: row {i} (qid={r['qid']})"
-                for key in ("qid", "lang", "text"):
-                    if not r[key] or not str(r[key]).strip():
-                        raise DataError(f"{where}: empty field {key!r}")
-                if r["qid"] in seen:
-                    raise DataError(f"{where}: qid also in {seen[r['qid']]} (one row per qid)")
-                seen[r["qid"]] = f"{f} row {i}"
-                out[r["qid"]] = (r["lang"], r["text"])
+        files += storage.parquet_files(uri)
+    for n, f in enumerate(files):
+        for i, r in enumerate(storage.read_parquet(f, ["qid", "lang", "text"]).to_pylist()):
+            where = f"{f}: row {i} (qid={r['qid']})"
+            for key in ("qid", "lang", "text"):
+                if not r[key] or not str(r[key]).strip():
+                    raise DataError(f"{where}: empty field {key!r}")
+            if r["qid"] in out:  # found again: where it was first (no location kept per qid)
+                first = _first_row(files[:n + 1], r["qid"])
+                raise DataError(f"{where}: qid also in {first} (one row per qid)")
+            out[r["qid"]] = (r["lang"], r["text"])
     return out
+
+
+def _first_row(files: list[str], qid: str) -> str:
+    """``"<file> row <i>"`` of the first row of ``qid`` in ``files``."""
+    for f in files:
+        qids = storage.read_parquet(f, ["qid"]).column("qid").to_pylist()
+        if qid in qids:
+            return f"{f} row {qids.index(qid)}"
+    raise AssertionError(qid)

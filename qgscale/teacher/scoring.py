@@ -1,4 +1,5 @@
-"""``qgscale teacher score``: teacher scores of every (query, candidate passage) pair.
+"""``qgscale teacher score``: teacher scores of the (query, candidate passage) pairs that
+distillation reads (each candidate list's first ``distill.loss.n_candidates``).
 
 Input: candidate shards ``{qid, pids, scores?}`` + queries ``{qid, lang, text}`` + corpus
 ``{pid, lang, title, text}`` (parquet, local or ``s3://``). Output: shards
@@ -227,7 +228,7 @@ def generated_candidates(candidates_uri: str, queries_uri: str, qrels_uri: str,
     cands = {}
     for f in _files(candidates_uri):
         t = storage.read_parquet(f, ["qid", "pids"])
-        cands.update((q, p[:first] if first else p) for q, p in zip(
+        cands.update((q, p[:first] if first and p else p) for q, p in zip(
             t["qid"].to_pylist(), t["pids"].to_pylist(), strict=True))
     by_pid: dict[str, list[str]] = {}
     for r in read_table_rows(qrels_uri, "qrels"):

@@ -164,9 +164,9 @@ def check_scores(t: pa.Table, uri: str) -> None:
 def load_scores(scores_uri: str, pairs: set[tuple[str, str]]
                 ) -> dict[tuple[str, str], float]:
     """The teacher scores of the ``(qid, pid)`` ``pairs`` that rows use, read one shard at a
-    time and filtered in Arrow: memory O(pairs), not the scores table (every candidate of
-    every query and generated query, ``mine.top_k`` of them, where rows keep
-    ``n_candidates``). Every score read is checked (:func:`check_scores`)."""
+    time and filtered in Arrow: memory O(pairs), not the scores table (the first
+    ``n_candidates`` of every query's and generated query's list, the pairs of every row).
+    Every score read is checked (:func:`check_scores`)."""
     if not storage.exists(scores_uri):
         raise DataError(f"{scores_uri}: teacher scores not found")
     wanted = pa.array(sorted(f"{q}\t{p}" for q, p in pairs), pa.string())

@@ -85,8 +85,8 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, group_size: int,
     if exclude is not None:
         rows, cols = exclude
         other = cols != labels[rows]
-        scores = scores.index_put((rows[other], cols[other]),
-                                  torch.tensor(float("-inf"), device=scores.device))
+        scores.index_put_((rows[other], cols[other]),  # in place: no second (B, N) matrix
+                          torch.tensor(float("-inf"), device=scores.device))
     return F.cross_entropy(scores, labels)
 
 
