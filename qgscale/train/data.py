@@ -413,17 +413,17 @@ def _passage_ids(batch: dict[str, Iterable], g: int) -> dict[str, torch.Tensor]:
     ``passage_ids`` / ``positive_ids``; a row without them is a DataError (rows are
     written with both, or, before they existed, neither)."""
     qids = _as_list(batch["qid"])
-    ids = _as_list(batch["passage_ids"])
-    pos = _as_list(batch.get("positive_ids", [None] * len(qids)))
+    ids = [None if a is None else _as_list(a) for a in _as_list(batch["passage_ids"])]
+    pos = [None if b is None else _as_list(b)
+           for b in _as_list(batch.get("positive_ids", [None] * len(qids)))]
     for i, (a, b) in enumerate(zip(ids, pos, strict=True)):
-        if a is None or b is None or len(_as_list(a)) != g or not len(_as_list(b)):
+        if a is None or b is None or len(a) != g or not b:
             raise DataError(f"training row qid={qids[i]}: fields 'passage_ids' / "
                             f"'positive_ids' missing or not matching its {g} passages")
-    width = max(len(_as_list(b)) for b in pos)
-    positive = torch.full((len(pos), width), -1, dtype=torch.long)
+    positive = torch.full((len(pos), max(map(len, pos))), -1, dtype=torch.long)
     for i, b in enumerate(pos):
-        positive[i, :len(_as_list(b))] = torch.tensor(_as_list(b), dtype=torch.long)
-    return {"group_ids": torch.tensor([x for a in ids for x in _as_list(a)], dtype=torch.long),
+        positive[i, :len(b)] = torch.tensor(b, dtype=torch.long)
+    return {"group_ids": torch.tensor([x for a in ids for x in a], dtype=torch.long),
             "positive_ids": positive}
 
 

@@ -11,13 +11,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def _one_worker() -> bool:
+    """No ``torch.distributed`` process group, or one of a single worker."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+
+
 def gather_across_workers(t: torch.Tensor) -> torch.Tensor:
     """Concatenate ``t`` from every worker along dim 0 (local slice keeps its gradient).
 
     Without ``torch.distributed`` (or with one worker) returns ``t``. The other workers'
     slices are constants here; see :func:`contrastive_loss` for the gradient scaling.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _one_worker():
         return t
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.detach().contiguous())
@@ -29,7 +34,7 @@ def pad_across_workers(t: torch.Tensor, value: int = -1) -> torch.Tensor:
     """``t`` (B, P) right-padded with ``value`` to the widest P of any worker (one scalar
     all-reduce), so that :func:`gather_across_workers` can stack it; ``t`` itself without
     ``torch.distributed``."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _one_worker():
         return t
     width = torch.tensor([t.shape[1]], device=t.device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
