@@ -112,6 +112,18 @@ def _driver_join(d: dict, loss: LossConfig, seed: int) -> list[dict]:
 def test_rows_read_only_the_passages_they_use(data, monkeypatch):
     loss = LossConfig(n_hard_negatives=3, n_candidates=4)
     want = _driver_join(data, loss, seed=5)
+    # generated queries of passages no training query has as positive (as with
+    # teacher.generate.passages: corpus): a shard of them is never read past its pid column
+    positives = {r["pid"] for r in storage.read_parquet(data["qrels"]).to_pylist()}
+    storage.write_parquet(f"{data['gen']}/part-00001.parquet", pa.Table.from_pylist(
+        [{"pid": f"s{s}-{i}", "lang": "fr", "query": f"other {s}.{i}", "logprob": -1.0}
+         for s in range(N_SHARDS) for i in range(PER_SHARD) if f"s{s}-{i}" not in positives],
+        schema=GENERATED))
+    gen_reads: Counter = Counter()
+    read = storage.read_parquet
+    monkeypatch.setattr(storage, "read_parquet", lambda uri, columns=None: (
+        gen_reads.update([(uri.rsplit("/", 1)[1], tuple(columns or ()))])
+        if "/gen/" in uri else None) or read(uri, columns))
     reads = _count_reads(monkeypatch)
     table, counts = tdata.build_student_rows(
         data["queries"], data["corpus"], loss, qrels_uri=data["qrels"],
@@ -119,12 +131,26 @@ def test_rows_read_only_the_passages_they_use(data, monkeypatch):
         seed=5)
     assert table.to_pylist() == want  # identical to the whole-corpus driver join
     assert counts == {"rows": 20, "random_negatives": 0, "without_generated": 0}
+    assert gen_reads == {("part-00000.parquet", ("pid",)): 1,
+                         ("part-00000.parquet", ("pid", "lang", "query")): 1,
+                         ("part-00001.parquet", ("pid",)): 1}
     # every shard's pid column is scanned; text is read only from the two shards in use
     assert {s for (s, text) in reads if text} == {"part-00002.parquet", "part-00007.parquet"}
     assert sum(n for (s, text), n in reads.items() if not text) == N_SHARDS * PER_SHARD
     needed = {p for r in storage.read_parquet(data["cands"]).to_pylist() for p in r["pids"]}
     needed |= {r["pid"] for r in storage.read_parquet(data["qrels"]).to_pylist()}
     assert len(C.read_passages(data["corpus"], needed)) == len(needed)
+
+
+def test_empty_generated_query_of_a_positive_is_named(data):
+    pid = storage.read_parquet(data["qrels"]).to_pylist()[1]["pid"]
+    storage.write_parquet(f"{data['gen']}/part-00001.parquet", pa.Table.from_pylist(
+        [{"pid": pid, "lang": "fr", "query": "fine", "logprob": -1.0},
+         {"pid": pid, "lang": "it", "query": " ", "logprob": -1.0}], schema=GENERATED))
+    with pytest.raises(DataError, match=rf"gen/part-00001.parquet: row 1 \(pid={pid}\): "
+                                        r"empty field 'query'"):
+        tdata.build_student_rows(data["queries"], data["corpus"], qrels_uri=data["qrels"],
+                                 generated_uri=data["gen"])
 
 
 def test_random_negatives_from_a_sample_of_the_pid_column(data, monkeypatch):

@@ -160,6 +160,17 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
              for p in c["pids"][:2]}
     got2 = {(r["qid"], p) for r in storage.read_parquet(c2).to_pylist() for p in r["pids"]}
     assert got2 == want2 and got2 < want
+    # generated from every corpus passage: only the queries that get a list are written
+    c3, q3 = generated_candidates(
+        storage.join(root, "cands"), storage.join(root, "queries.parquet"),
+        storage.join(root, "qrels.parquet"), storage.join(root, "gen-all"),
+        storage.join(root, "gen_pairs3"))
+    every_gen = storage.read_parquet(storage.join(root, "gen-all")).to_pylist()
+    listed = {generated_qid(r["pid"], r["lang"], r["query"]) for r in every_gen for c in cands
+              if c["pids"][0] == r["pid"] and lang[c["qid"]] != r["lang"]}
+    assert set(storage.read_parquet(q3)["qid"].to_pylist()) == listed
+    assert set(storage.read_parquet(c3)["qid"].to_pylist()) == listed
+    assert 0 < len(listed) < len(every_gen)
     sm = score_candidates(spec, [storage.join(root, "cands"), c_uri],
                           [storage.join(root, "queries.parquet"), q_uri],
                           storage.join(root, "corpus.parquet"), storage.join(root, "scores"),

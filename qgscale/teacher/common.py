@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from qgscale import storage
 from qgscale.errors import ConfigError, DataError, MissingInputError
@@ -95,3 +99,27 @@ def _first_row(files: list[str], qid: str) -> str:
         if qid in qids:
             return f"{f} row {qids.index(qid)}"
     raise AssertionError(qid)
+
+
+def generated_of(generated_uri: str, pids: Iterable[str]) -> list[tuple[str, str, str]]:
+    """``(pid, lang, query)`` of the generated queries of the passages ``pids``, in table
+    order. File by file: each file's pid column is read first, its other columns only where a
+    pid matches, so memory follows those rows, not the table (which, with
+    ``teacher.generate.passages: corpus``, has rows for every corpus passage and language).
+    An empty lang or query among them is a DataError naming the file and row."""
+    if not storage.exists(generated_uri):
+        raise MissingInputError(f"{generated_uri}: generated queries not found")
+    wanted = pa.array(sorted(set(pids)), pa.string())
+    out: list[tuple[str, str, str]] = []
+    for f in storage.parquet_files(generated_uri):
+        rows = pc.indices_nonzero(pc.is_in(storage.read_parquet(f, ["pid"]).column("pid"),
+                                           value_set=wanted)).to_pylist()
+        if not rows:
+            continue
+        t = storage.read_parquet(f, ["pid", "lang", "query"]).take(rows)
+        for i, r in zip(rows, t.to_pylist(), strict=True):
+            for key in ("lang", "query"):
+                if not r[key] or not r[key].strip():
+                    raise DataError(f"{f}: row {i} (pid={r['pid']}): empty field {key!r}")
+            out.append((r["pid"], r["lang"], r["query"]))
+    return out

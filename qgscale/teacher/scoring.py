@@ -31,7 +31,7 @@ from qgscale.data.corpus import corpus_shards, scan
 from qgscale.data.schema import SCORES, passage_text
 from qgscale.errors import DataError, MissingInputError
 from qgscale.runtime import Shard, connect, planned_unit_rows, run_shards
-from qgscale.teacher.common import QGSpec, load_queries, qg_spec
+from qgscale.teacher.common import QGSpec, generated_of, load_queries, qg_spec
 
 PAIRS = pa.schema([("qid", pa.string()), ("lang", pa.string()), ("query", pa.string()),
                    ("pid", pa.string()), ("passage", pa.string())])
@@ -236,20 +236,19 @@ def generated_candidates(candidates_uri: str, queries_uri: str, qrels_uri: str,
             by_pid.setdefault(r["pid"], []).append(r["qid"])
     lists: dict[str, list[str]] = {}
     texts: dict[str, tuple[str, str]] = {}
-    for r in read_table_rows(generated_uri, "generated queries"):
-        if not (r["query"] or "").strip():
-            raise DataError(f"{generated_uri}: pid={r['pid']} lang={r['lang']}: empty query")
-        gid = generated_qid(r["pid"], r["lang"], r["query"])
-        texts[gid] = (r["lang"], r["query"])
+    for pid, glang, query in generated_of(generated_uri, by_pid):  # only positives' queries
+        gid = generated_qid(pid, glang, query)
         pids = lists.setdefault(gid, [])
-        for q in by_pid.get(r["pid"], []):
-            if lang.get(q) != r["lang"]:
+        for q in by_pid[pid]:
+            if lang.get(q) != glang:
                 pids.extend(p for p in cands[q] if p not in pids)
+        if pids:  # a query with no list is neither scored nor trained on
+            texts[gid] = (glang, query)
     q_uri, c_uri = storage.join(out_uri, "queries"), storage.join(out_uri, "candidates")
     storage.write_parquet(storage.join(q_uri, "part-00000.parquet"), pa.Table.from_pylist(
         [{"qid": g, "lang": lt[0], "text": lt[1]} for g, lt in texts.items()], schema=QUERIES))
     storage.write_parquet(storage.join(c_uri, "part-00000.parquet"), pa.Table.from_pylist(
-        [{"qid": g, "pids": p, "scores": None} for g, p in lists.items() if p],
+        [{"qid": g, "pids": lists[g], "scores": None} for g in texts],
         schema=CANDIDATES))
     return c_uri, q_uri
 

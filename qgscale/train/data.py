@@ -37,7 +37,7 @@ from qgscale import storage
 from qgscale.config import LossConfig, StudentTrainConfig
 from qgscale.data.corpus import read_passages, sample_pids
 from qgscale.errors import DataError
-from qgscale.teacher.common import load_queries
+from qgscale.teacher.common import generated_of, load_queries
 from qgscale.train.batch import StudentBatch, Tokens
 
 log = logging.getLogger(__name__)
@@ -107,13 +107,6 @@ def _read(uri: str, what: str, columns: list[str] | None = None) -> pa.Table:
     if not storage.exists(uri):
         raise DataError(f"{uri}: {what} not found")
     return storage.read_parquet(uri, columns)
-
-
-def _column_nonempty(table: pa.Table, uri: str, key: str, field: str) -> None:
-    for i, (k, v) in enumerate(zip(table.column(key).to_pylist(),
-                                   table.column(field).to_pylist(), strict=True)):
-        if v is None or (isinstance(v, str) and not v.strip()):
-            raise DataError(f"{uri}: row {i} ({key}={k}): empty field {field!r}")
 
 
 def positives_from(examples_uri: str | None, qrels_uri: str | None
@@ -311,11 +304,9 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
             raise DataError("distillation needs both candidates and teacher scores")
         cands = load_candidates(candidates_uri)
     gens: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # pid -> [(pid, l, q)]
-    if generated_uri:
-        g = _read(generated_uri, "generated queries")
-        _column_nonempty(g, generated_uri, "pid", "query")
-        for r in g.to_pylist():
-            gens[r["pid"]].append((r["pid"], r["lang"], r["query"]))
+    if generated_uri:  # only those of the positive passages (not of the whole table)
+        for g in generated_of(generated_uri, {p for ps in pos.values() for p in ps}):
+            gens[g[0]].append(g)
     counts = {"rows": 0, "random_negatives": 0, "without_generated": 0}
     plans = []  # per training query, the pids of its row (texts are read once, below)
     for qid in sorted(pos):  # bad input is named in qid order
