@@ -7,8 +7,9 @@ import pytest
 
 from qgscale import storage
 from qgscale.config import LossConfig
-from qgscale.data.schema import QRELS, SCORES
+from qgscale.data.schema import QRELS, QUERIES, SCORES
 from qgscale.errors import DataError
+from qgscale.teacher.common import load_queries
 from qgscale.train import data as tdata
 from qgscale.train.rows_dataset import build_student_rows_dataset
 from tests.test_corpus import data  # noqa: F401 - the shared fixture
@@ -66,6 +67,16 @@ def test_bad_input_is_named_as_by_the_driver_join(data, tmp_path, ray_local):  #
         [{"qid": "q0", "pid": "nope", "rel": 1}], schema=QRELS))
     with pytest.raises(DataError, match=r"qid=q0: positive pid=nope not in corpus"):
         build_student_rows_dataset(data["queries"], data["corpus"], str(tmp_path / "r"), "k",
+                                   qrels_uri=data["qrels"], num_partitions=2)
+    q = storage.read_parquet(data["queries"]).to_pylist()
+    storage.write_parquet(f"{data['queries']}/part-00001.parquet", pa.Table.from_pylist(
+        [dict(q[5], text="asked again")], schema=QUERIES))
+    want = (rf"queries/part-00001.parquet: row 0 \(qid={q[5]['qid']}\): qid also in "
+            rf"\S+/queries/part-00000.parquet row 5 \(one row per qid\)")
+    with pytest.raises(DataError, match=want):
+        load_queries(data["queries"])  # the driver's message
+    with pytest.raises(DataError, match=want):
+        build_student_rows_dataset(data["queries"], data["corpus"], str(tmp_path / "r2"), "k",
                                    qrels_uri=data["qrels"], num_partitions=2)
 
 

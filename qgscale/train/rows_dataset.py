@@ -221,7 +221,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
         return left.join(right, join_type="left_outer", num_partitions=parts, on=(on,))
 
     pos, pos_uri = _positives(examples_uri, qrels_uri, parts)
-    rows = join(pos, _queries(queries_uri), "qid")
+    rows = join(pos, _queries(queries_uri, parts), "qid")
     if candidates_uri:
         cands = _dataset(candidates_uri, "candidates", ["qid", "pids"], _check_nonempty_list(
             "qid", "pids", "empty candidate list")).drop_columns(["_row"])
@@ -310,10 +310,33 @@ def _positive_qrels(qrels_uri: str) -> Any:
         batch_format="pyarrow")
 
 
-def _queries(queries_uri: str) -> Any:
-    """``{qid, lang, text}`` of the queries (empty fields are DataErrors)."""
-    return _dataset(queries_uri, "queries", ["qid", "lang", "text"],
-                    _check_text("qid", ("qid", "lang", "text"))).drop_columns(["_row"])
+def _queries(queries_uri: str, parts: int) -> Any:
+    """``{qid, lang, text}`` of the queries (empty fields, and a qid in two rows, are
+    DataErrors naming file and row, as :func:`~qgscale.teacher.common.load_queries`)."""
+    ds = _dataset(queries_uri, "queries", ["qid", "lang", "text"],
+                  _check_text("qid", ("qid", "lang", "text")))
+    _unique(ds, "qid", queries_uri, parts)
+    return ds.drop_columns(["_row"])
+
+
+def _unique(ds: Any, key: str, uri: str, parts: int) -> None:
+    """A ``key`` on two rows of ``ds`` (a :func:`_dataset`) is a DataError naming both (file
+    and row). Runs now: a shuffle of the key column only."""
+    def twice(t: pa.Table) -> pa.Table:
+        rows = t.column("_row").to_numpy()
+        if len(rows) < 2:
+            return pa.table({key: pa.array([], pa.string()), "first": pa.array([], pa.int64()),
+                             "again": pa.array([], pa.int64())})
+        a, b = np.sort(rows)[:2]
+        return pa.table({key: [t.column(key)[0].as_py()], "first": [int(a)], "again": [int(b)]})
+
+    found = ds.select_columns([key, "_row"]).groupby(key, num_partitions=parts).map_groups(
+        twice, batch_format="pyarrow").take(1)
+    if found:
+        files, d = storage.list_files(uri, ".parquet"), found[0]
+        a, b = d["first"], d["again"]
+        raise DataError(f"{files[b >> 32]}: row {b & 0xFFFFFFFF} ({key}={d[key]}): {key} also "
+                        f"in {files[a >> 32]} row {a & 0xFFFFFFFF} (one row per {key})")
 
 
 def _passages(corpus_uri: str) -> Any:
@@ -337,7 +360,8 @@ def _texts(need: Any, corpus_uri: str, parts: int) -> Any:
 
 def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
               config_hash: str, *, parts: int, shard_rows: int) -> dict[str, Any]:
-    rows = _positive_qrels(qrels_uri).join(_queries(queries_uri), join_type="left_outer",
+    queries = _queries(queries_uri, parts)
+    rows = _positive_qrels(qrels_uri).join(queries, join_type="left_outer",
                                            num_partitions=parts, on=("qid",))
     rows = rows.join(_passages(corpus_uri), join_type="left_outer", num_partitions=parts,
                      on=("pid",))
@@ -365,7 +389,7 @@ def _build_qg_rank(queries_uri: str, corpus_uri: str, examples_uri: str, n_negat
                    out_uri: str, config_hash: str, *, seed: int, parts: int,
                    shard_rows: int) -> dict[str, Any]:
     pos, pos_uri = _positives(examples_uri, None, parts)
-    rows = pos.join(_queries(queries_uri), join_type="left_outer", num_partitions=parts,
+    rows = pos.join(_queries(queries_uri, parts), join_type="left_outer", num_partitions=parts,
                     on=("qid",))
 
     def plan(r: dict[str, Any]) -> dict[str, Any]:
