@@ -227,6 +227,8 @@ def setup_engine(run: TrainRun, plan: Plan, load_universal: bool = False,
     """The task's model (with ``weights`` loaded, if given) under ``deepspeed.initialize``,
     and its collator."""
     import deepspeed
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
     model = run.task.build_model(run.init_uri)
     if weights is not None:
@@ -235,6 +237,11 @@ def setup_engine(run: TrainRun, plan: Plan, load_universal: bool = False,
         if unexpected or names & set(missing):
             raise RuntimeError(f"checkpoint weights do not fit the model: missing "
                                f"{sorted(names & set(missing))[:5]}, unexpected {unexpected[:5]}")
+    if get_accelerator().device_name() == "cpu":
+        # DeepSpeed's shared-memory all-reduce serves CPU inference only (training reduces
+        # through torch.distributed); marked unbuildable, it is not JIT-compiled (about a
+        # minute of C++ on the first engine of every new environment: CI, a first demo)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=params,
