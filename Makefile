@@ -30,7 +30,7 @@ demo: $(VENV)/.demo
 	HF_HUB_OFFLINE=1 $(VENV)/bin/qgscale run configs/demo.yaml
 
 test: $(VENV)/.test
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -p no:cacheprovider --durations=25
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check qgscale tests benchmarks
