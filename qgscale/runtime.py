@@ -132,6 +132,12 @@ def check_worker_secrets() -> None:
     _checked_secrets.add(digest)
 
 
+# Set (unless already set) for a local Ray this process starts: its Ray Train controller
+# polls the workers every 0.2 s, not 2 s, so a training stage starts and ends sooner (about
+# 5 s a stage on 2 cores). Joined clusters keep Ray's default (one call per worker per poll).
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
 def connect(ray_cfg: Any = None) -> None:
     """Join the cluster named by ``ray.address`` or ``RAY_ADDRESS`` (``ray job submit`` sets
     it), else start this process's own local Ray sized by ``ray.num_cpus``/``num_gpus``, even
@@ -150,6 +156,8 @@ def connect(ray_cfg: Any = None) -> None:
         log.info("joined the Ray cluster at %s (%s CPUs, %s GPUs)", address,
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
     else:  # workers inherit this process's environment, credentials included
+        for k, v in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(k, v)
         ray.init(address="local", num_cpus=getattr(ray_cfg, "num_cpus", None),
                  num_gpus=getattr(ray_cfg, "num_gpus", None), include_dashboard=False,
                  logging_level=logging.WARNING,
