@@ -68,6 +68,7 @@ def test_bad_input_is_named_as_by_the_driver_join(data, tmp_path, ray_local):  #
     with pytest.raises(DataError, match=r"qid=q0: positive pid=nope not in corpus"):
         build_student_rows_dataset(data["queries"], data["corpus"], str(tmp_path / "r"), "k",
                                    qrels_uri=data["qrels"], num_partitions=2)
+    storage.remove(f"{data['qrels']}/part-00001.parquet")
     q = storage.read_parquet(data["queries"]).to_pylist()
     storage.write_parquet(f"{data['queries']}/part-00001.parquet", pa.Table.from_pylist(
         [dict(q[5], text="asked again")], schema=QUERIES))

@@ -30,6 +30,7 @@ DataError as the driver join.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from typing import Any
 
@@ -221,7 +222,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
         return left.join(right, join_type="left_outer", num_partitions=parts, on=(on,))
 
     pos, pos_uri = _positives(examples_uri, qrels_uri, parts)
-    rows = join(pos, _queries(queries_uri, parts), "qid")
+    rows = join(pos, _queries(queries_uri), "qid")
     if candidates_uri:
         cands = _dataset(candidates_uri, "candidates", ["qid", "pids"], _check_nonempty_list(
             "qid", "pids", "empty candidate list")).drop_columns(["_row"])
@@ -290,6 +291,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
 
     done = _write(_in_row_order(full.map_batches(assemble, batch_format="pyarrow")), out_uri,
                   config_hash, shard_rows, tdata.STUDENT_ROWS.names)
+    _check_duplicate(done, queries_uri)
     counts = {"rows": done["rows"], "random_negatives": done.get("_added", 0),
               "without_generated": (done["rows"] - done.get("_generated", 0)
                                     if generated_uri else 0),
@@ -310,33 +312,27 @@ def _positive_qrels(qrels_uri: str) -> Any:
         batch_format="pyarrow")
 
 
-def _queries(queries_uri: str, parts: int) -> Any:
-    """``{qid, lang, text}`` of the queries (empty fields, and a qid in two rows, are
-    DataErrors naming file and row, as :func:`~qgscale.teacher.common.load_queries`)."""
-    ds = _dataset(queries_uri, "queries", ["qid", "lang", "text"],
-                  _check_text("qid", ("qid", "lang", "text")))
-    _unique(ds, "qid", queries_uri, parts)
-    return ds.drop_columns(["_row"])
+def _queries(queries_uri: str) -> Any:
+    """``{qid, lang, text}`` of the queries (empty fields are DataErrors; a qid on two rows
+    is found in the written rows, :func:`_check_duplicate`)."""
+    return _dataset(queries_uri, "queries", ["qid", "lang", "text"],
+                    _check_text("qid", ("qid", "lang", "text"))).drop_columns(["_row"])
 
 
-def _unique(ds: Any, key: str, uri: str, parts: int) -> None:
-    """A ``key`` on two rows of ``ds`` (a :func:`_dataset`) is a DataError naming both (file
-    and row). Runs now: a shuffle of the key column only."""
-    def twice(t: pa.Table) -> pa.Table:
-        rows = t.column("_row").to_numpy()
-        if len(rows) < 2:
-            return pa.table({key: pa.array([], pa.string()), "first": pa.array([], pa.int64()),
-                             "again": pa.array([], pa.int64())})
-        a, b = np.sort(rows)[:2]
-        return pa.table({key: [t.column(key)[0].as_py()], "first": [int(a)], "again": [int(b)]})
-
-    found = ds.select_columns([key, "_row"]).groupby(key, num_partitions=parts).map_groups(
-        twice, batch_format="pyarrow").take(1)
-    if found:
-        files, d = storage.list_files(uri, ".parquet"), found[0]
-        a, b = d["first"], d["again"]
-        raise DataError(f"{files[b >> 32]}: row {b & 0xFFFFFFFF} ({key}={d[key]}): {key} also "
-                        f"in {files[a >> 32]} row {a & 0xFFFFFFFF} (one row per {key})")
+def _check_duplicate(done: dict[str, Any], queries_uri: str) -> None:
+    """A row key :func:`_write` found twice whose qid is on two rows of the queries is a
+    DataError naming both (file and row), as :func:`~qgscale.teacher.common.load_queries`
+    (only then are the query files scanned, qid column only)."""
+    if not done["duplicate"]:
+        return
+    qid, rows = done["duplicate"].split("\t")[0], []
+    for f in storage.list_files(queries_uri, ".parquet"):
+        qids = storage.read_parquet(f, ["qid"]).column("qid")
+        rows += [(f, i) for i in pc.indices_nonzero(pc.equal(qids, qid)).to_pylist()]
+        if len(rows) > 1:
+            (f0, i0), (f1, i1) = rows[:2]
+            raise DataError(f"{f1}: row {i1} (qid={qid}): qid also in {f0} row {i0} (one row "
+                            "per qid)")
 
 
 def _passages(corpus_uri: str) -> Any:
@@ -360,8 +356,7 @@ def _texts(need: Any, corpus_uri: str, parts: int) -> Any:
 
 def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
               config_hash: str, *, parts: int, shard_rows: int) -> dict[str, Any]:
-    queries = _queries(queries_uri, parts)
-    rows = _positive_qrels(qrels_uri).join(queries, join_type="left_outer",
+    rows = _positive_qrels(qrels_uri).join(_queries(queries_uri), join_type="left_outer",
                                            num_partitions=parts, on=("qid",))
     rows = rows.join(_passages(corpus_uri), join_type="left_outer", num_partitions=parts,
                      on=("pid",))
@@ -379,6 +374,7 @@ def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
 
     done = _write(_in_row_order(rows.map_batches(check, batch_format="pyarrow"), ("qid", "pid")),
                   out_uri, config_hash, shard_rows, tdata.QG_ROWS.names)
+    _check_duplicate(done, queries_uri)
     if not done["rows"]:
         raise DataError(f"{qrels_uri}: no positive (rel > 0) pairs")
     storage.ShardWriter(out_uri, config_hash).finalize(done["shards"], rows=done["rows"])
@@ -389,7 +385,7 @@ def _build_qg_rank(queries_uri: str, corpus_uri: str, examples_uri: str, n_negat
                    out_uri: str, config_hash: str, *, seed: int, parts: int,
                    shard_rows: int) -> dict[str, Any]:
     pos, pos_uri = _positives(examples_uri, None, parts)
-    rows = pos.join(_queries(queries_uri, parts), join_type="left_outer", num_partitions=parts,
+    rows = pos.join(_queries(queries_uri), join_type="left_outer", num_partitions=parts,
                     on=("qid",))
 
     def plan(r: dict[str, Any]) -> dict[str, Any]:
@@ -423,6 +419,7 @@ def _build_qg_rank(queries_uri: str, corpus_uri: str, examples_uri: str, n_negat
 
     done = _write(_in_row_order(full.map_batches(assemble, batch_format="pyarrow")), out_uri,
                   config_hash, shard_rows, tdata.QG_RANK_ROWS.names)
+    _check_duplicate(done, queries_uri)
     if not done["rows"]:
         raise DataError(f"{pos_uri}: no training examples")
     counts = {"rows": done["rows"], "short_lists": done.get("_short", 0),
@@ -450,19 +447,26 @@ def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
         fs.rm(path, recursive=True)
 
     def write(t: pa.Table) -> pa.Table:
-        first = t.column("qid")[0].as_py().encode()
-        key = first + (b"\t" + t.column("pid")[0].as_py().encode()  # a qid of many rows
-                       if "pid" in t.column_names else b"")
+        keys = t.column("qid").to_pylist()
+        if "pid" in t.column_names:  # a qid of many rows
+            keys = [f"{q}\t{p}" for q, p in zip(keys, t.column("pid").to_pylist(), strict=True)]
         order = t.column(tdata.ORDER)[0].as_py()  # >= 0: its hex sorts as the number
-        name = f"part-{order:016x}-{hashlib.sha1(key).hexdigest()[:8]}"
+        name = f"part-{order:016x}-{hashlib.sha1(keys[0].encode()).hexdigest()[:8]}"
         storage.ShardWriter(out_uri, config_hash).write(name, t.select(columns))
-        return pa.table({"name": [name], "rows": [t.num_rows], **{
+        twice = next((a for a, b in itertools.pairwise(keys) if a == b), None)
+        return pa.table({"name": [name], "rows": [t.num_rows], "first": [keys[0]],
+                         "last": [keys[-1]], "twice": pa.array([twice], pa.string()), **{
             c: [pc.sum(pc.cast(t.column(c), pa.int64())).as_py() or 0]
             for c in t.column_names if c.startswith("_")}})
 
-    done = ds.map_batches(write, batch_size=shard_rows, batch_format="pyarrow").take_all()
+    done = sorted(ds.map_batches(write, batch_size=shard_rows, batch_format="pyarrow"
+                                 ).take_all(), key=lambda r: r["name"])
+    # rows are sorted by key: a key twice is on adjacent rows, of one shard or two
+    twice = [r["twice"] for r in done if r["twice"]] + [
+        a["last"] for a, b in itertools.pairwise(done) if a["last"] == b["first"]]
     counts: dict[str, Any] = {"rows": sum(r["rows"] for r in done),
-                              "shards": [r["name"] for r in done]}
+                              "shards": [r["name"] for r in done],
+                              "duplicate": twice[0] if twice else None}
     for c in (done[0] if done else {}):
         if c.startswith("_"):
             counts[c] = sum(r[c] for r in done)
