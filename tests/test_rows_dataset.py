@@ -78,7 +78,8 @@ def test_bad_input_is_named_as_by_the_driver_join(data, tmp_path, ray_local):  #
         load_queries(data["queries"])  # the driver's message
     with pytest.raises(DataError, match=want):
         build_student_rows_dataset(data["queries"], data["corpus"], str(tmp_path / "r2"), "k",
-                                   qrels_uri=data["qrels"], num_partitions=2)
+                                   qrels_uri=data["qrels"], num_partitions=2,
+                                   shard_rows=1)  # the two rows in two shards
 
 
 @pytest.mark.timeout(1500)

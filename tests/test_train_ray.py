@@ -419,6 +419,11 @@ def test_bad_training_data_names_the_problem(toy, tmp_path):
         tdata.build_student_rows(inp["queries_uri"], inp["corpus_uri"],
                                  qrels_uri=inp["qrels_uri"], candidates_uri=every,
                                  scores_uri=scores)
+    twice = _write(tmp_path / "t", good_c + good_c, CANDIDATES)
+    with pytest.raises(DataError, match=r"/t: qid=q0 has two rows \(one candidate list"):
+        tdata.build_student_rows(inp["queries_uri"], inp["corpus_uri"],
+                                 qrels_uri=inp["qrels_uri"], candidates_uri=twice,
+                                 scores_uri=scores)
     empty = _write(tmp_path / "e", [{"qid": "q3", "pids": [], "scores": []}], CANDIDATES)
     with pytest.raises(DataError, match=r"/e: row 0 \(qid=q3\): empty candidate list"):
         tdata.build_student_rows(inp["queries_uri"], inp["corpus_uri"],

@@ -103,10 +103,12 @@ def _first_row(files: list[str], qid: str) -> str:
 
 def generated_of(generated_uri: str, pids: Iterable[str]) -> list[tuple[str, str, str]]:
     """``(pid, lang, query)`` of the generated queries of the passages ``pids``, in table
-    order. File by file: each file's pid column is read first, its other columns only where a
-    pid matches, so memory follows those rows, not the table (which, with
+    order. File by file: each file's pid column is read first, its other columns only when a
+    pid matches (then the file's, one file at a time), and only the matching rows are kept:
+    memory is one file plus those rows, not the table (which, with
     ``teacher.generate.passages: corpus``, has rows for every corpus passage and language).
-    An empty lang or query among them is a DataError naming the file and row."""
+    An empty lang or query among those rows is a DataError naming the file and row (other
+    rows are not read for it)."""
     if not storage.exists(generated_uri):
         raise MissingInputError(f"{generated_uri}: generated queries not found")
     wanted = pa.array(sorted(set(pids)), pa.string())

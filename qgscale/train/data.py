@@ -133,12 +133,15 @@ def positives_from(examples_uri: str | None, qrels_uri: str | None
 
 
 def load_candidates(candidates_uri: str) -> dict[str, list[str]]:
-    """Each query's candidate list (none may be empty)."""
+    """Each query's candidate list (none may be empty; one per qid)."""
     cands: dict[str, list[str]] = {}
     for i, r in enumerate(_read(candidates_uri, "candidates", ["qid", "pids"]).to_pylist()):
         if not r["pids"]:
             raise DataError(f"{candidates_uri}: row {i} (qid={r['qid']}): empty candidate "
                             "list (field 'pids')")
+        if r["qid"] in cands:
+            raise DataError(f"{candidates_uri}: qid={r['qid']} has two rows (one candidate "
+                            "list per qid)")
         cands[r["qid"]] = list(r["pids"])
     return cands
 

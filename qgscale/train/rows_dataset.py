@@ -24,7 +24,9 @@ seeded positive and the mined negatives of each query, as
 No process holds the corpus or the query side: the driver holds the negative sample (100k
 pids) and the shard list. Input tables are read by the workers from their shard URIs (no
 filesystem object, so no credentials, travels in the dataset). Bad input raises the same
-DataError as the driver join.
+DataError as the driver join, with two differences: a qid on two query rows is found only
+where the rows use it (after they are written: :func:`_check_duplicate`), and every
+generated-query row is checked where the driver checks those of the positive passages.
 """
 
 from __future__ import annotations
@@ -229,7 +231,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
         rows = join(rows, cands, "qid")
     if generated_uri:  # the generated queries of each training query's positive passages
         gen = _dataset(generated_uri, "generated queries", ["pid", "lang", "query"],
-                       _check_text("pid", ("query",))
+                       _check_text("pid", ("lang", "query"))
                        ).rename_columns({"lang": "glang", "query": "gquery"})
         qp = pos.flat_map(lambda r: [{"qid": r["qid"], "pid": p} for p in sorted(set(r["pos"]))])
         pairs = qp.join(gen, join_type="inner", num_partitions=parts, on=("pid",))
@@ -291,7 +293,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
 
     done = _write(_in_row_order(full.map_batches(assemble, batch_format="pyarrow")), out_uri,
                   config_hash, shard_rows, tdata.STUDENT_ROWS.names)
-    _check_duplicate(done, queries_uri)
+    _check_duplicate(done, queries_uri, candidates_uri)
     counts = {"rows": done["rows"], "random_negatives": done.get("_added", 0),
               "without_generated": (done["rows"] - done.get("_generated", 0)
                                     if generated_uri else 0),
@@ -319,20 +321,26 @@ def _queries(queries_uri: str) -> Any:
                     _check_text("qid", ("qid", "lang", "text"))).drop_columns(["_row"])
 
 
-def _check_duplicate(done: dict[str, Any], queries_uri: str) -> None:
-    """A row key :func:`_write` found twice whose qid is on two rows of the queries is a
-    DataError naming both (file and row), as :func:`~qgscale.teacher.common.load_queries`
-    (only then are the query files scanned, qid column only)."""
-    if not done["duplicate"]:
+def _check_duplicate(done: dict[str, Any], queries_uri: str, lists_uri: str | None) -> None:
+    """The row keys :func:`_write` found twice: a qid on two rows of the queries is a
+    DataError naming both (file and row), as :func:`~qgscale.teacher.common.load_queries`;
+    otherwise, with ``lists_uri`` (the candidates: one list per qid), one naming it. Only
+    then are the query files scanned (qid column). The Ray path checks the qids its rows
+    use; the driver's ``load_queries`` checks every row."""
+    if not done["duplicates"]:
         return
-    qid, rows = done["duplicate"].split("\t")[0], []
+    qids = sorted({k.split("\t")[0] for k in done["duplicates"]})
+    seen: dict[str, tuple[str, int]] = {}
     for f in storage.list_files(queries_uri, ".parquet"):
-        qids = storage.read_parquet(f, ["qid"]).column("qid")
-        rows += [(f, i) for i in pc.indices_nonzero(pc.equal(qids, qid)).to_pylist()]
-        if len(rows) > 1:
-            (f0, i0), (f1, i1) = rows[:2]
-            raise DataError(f"{f1}: row {i1} (qid={qid}): qid also in {f0} row {i0} (one row "
-                            "per qid)")
+        col = storage.read_parquet(f, ["qid"]).column("qid")
+        for i in pc.indices_nonzero(pc.is_in(col, value_set=pa.array(qids))).to_pylist():
+            q = col[i].as_py()
+            if q in seen:
+                raise DataError(f"{f}: row {i} (qid={q}): qid also in {seen[q][0]} row "
+                                f"{seen[q][1]} (one row per qid)")
+            seen[q] = (f, i)
+    if lists_uri:
+        raise DataError(f"{lists_uri}: qid={qids[0]} has two rows (one candidate list per qid)")
 
 
 def _passages(corpus_uri: str) -> Any:
@@ -374,7 +382,7 @@ def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
 
     done = _write(_in_row_order(rows.map_batches(check, batch_format="pyarrow"), ("qid", "pid")),
                   out_uri, config_hash, shard_rows, tdata.QG_ROWS.names)
-    _check_duplicate(done, queries_uri)
+    _check_duplicate(done, queries_uri, None)
     if not done["rows"]:
         raise DataError(f"{qrels_uri}: no positive (rel > 0) pairs")
     storage.ShardWriter(out_uri, config_hash).finalize(done["shards"], rows=done["rows"])
@@ -419,7 +427,7 @@ def _build_qg_rank(queries_uri: str, corpus_uri: str, examples_uri: str, n_negat
 
     done = _write(_in_row_order(full.map_batches(assemble, batch_format="pyarrow")), out_uri,
                   config_hash, shard_rows, tdata.QG_RANK_ROWS.names)
-    _check_duplicate(done, queries_uri)
+    _check_duplicate(done, queries_uri, None)
     if not done["rows"]:
         raise DataError(f"{pos_uri}: no training examples")
     counts = {"rows": done["rows"], "short_lists": done.get("_short", 0),
@@ -435,13 +443,18 @@ def _in_row_order(ds: Any, keys: tuple[str, ...] = ("qid",)) -> Any:
         [tdata.ORDER, *keys])
 
 
+MAX_REPORTED = 100  # duplicated row keys kept for the error
+
+
 def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
            columns: list[str]) -> dict[str, Any]:
     """Workers write ``columns`` of ``ds`` (:func:`_in_row_order`) as shards of
     ``shard_rows`` rows, named in that order by their first row's order key (distinct per
-    row), then a hash of its qid and pid; returns the rows, the shard names and the sum of
-    every ``_``-prefixed count column. The rows dir is cleared first (rows are rebuilt whole,
-    never mixed with an interrupted build's shards)."""
+    row), then a hash of its qid and pid; returns the rows, the shard names, the sum of
+    every ``_``-prefixed count column and ``duplicates``: row keys (qid, or qid and pid) found
+    on two rows (adjacent in the sorted rows: in one shard or at the end of one and the
+    start of the next), at most :data:`MAX_REPORTED`. The rows dir is cleared first (rows
+    are rebuilt whole, never mixed with an interrupted build's shards)."""
     fs, path = storage.url_to_fs(out_uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
@@ -453,20 +466,21 @@ def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
         order = t.column(tdata.ORDER)[0].as_py()  # >= 0: its hex sorts as the number
         name = f"part-{order:016x}-{hashlib.sha1(keys[0].encode()).hexdigest()[:8]}"
         storage.ShardWriter(out_uri, config_hash).write(name, t.select(columns))
-        twice = next((a for a, b in itertools.pairwise(keys) if a == b), None)
+        twice = sorted({a for a, b in itertools.pairwise(keys) if a == b})[:MAX_REPORTED]
         return pa.table({"name": [name], "rows": [t.num_rows], "first": [keys[0]],
-                         "last": [keys[-1]], "twice": pa.array([twice], pa.string()), **{
+                         "last": [keys[-1]], "twice": pa.array([twice], pa.list_(pa.string())),
+                         **{
             c: [pc.sum(pc.cast(t.column(c), pa.int64())).as_py() or 0]
             for c in t.column_names if c.startswith("_")}})
 
     done = sorted(ds.map_batches(write, batch_size=shard_rows, batch_format="pyarrow"
                                  ).take_all(), key=lambda r: r["name"])
     # rows are sorted by key: a key twice is on adjacent rows, of one shard or two
-    twice = [r["twice"] for r in done if r["twice"]] + [
-        a["last"] for a, b in itertools.pairwise(done) if a["last"] == b["first"]]
+    twice = {k for r in done for k in r["twice"]} | {
+        a["last"] for a, b in itertools.pairwise(done) if a["last"] == b["first"]}
     counts: dict[str, Any] = {"rows": sum(r["rows"] for r in done),
                               "shards": [r["name"] for r in done],
-                              "duplicate": twice[0] if twice else None}
+                              "duplicates": sorted(twice)[:MAX_REPORTED]}
     for c in (done[0] if done else {}):
         if c.startswith("_"):
             counts[c] = sum(r[c] for r in done)
