@@ -234,21 +234,17 @@ def generated_candidates(candidates_uri: str, queries_uri: str, qrels_uri: str,
     for r in read_table_rows(qrels_uri, "qrels"):
         if (r["rel"] or 0) > 0 and r["qid"] in cands:
             by_pid.setdefault(r["pid"], []).append(r["qid"])
-    lists: dict[str, list[str]] = {}
-    texts: dict[str, tuple[str, str]] = {}
+    listed: dict[str, tuple[str, str, list[str]]] = {}  # gid -> (lang, query, its list)
     for pid, glang, query in generated_of(generated_uri, by_pid):  # only positives' queries
-        gid = generated_qid(pid, glang, query)
-        pids = lists.setdefault(gid, [])
-        for q in by_pid[pid]:
-            if lang.get(q) != glang:
-                pids.extend(p for p in cands[q] if p not in pids)
+        pids = dict.fromkeys(p for q in by_pid[pid] if lang.get(q) != glang for p in cands[q])
         if pids:  # a query with no list is neither scored nor trained on
-            texts[gid] = (glang, query)
+            listed[generated_qid(pid, glang, query)] = (glang, query, list(pids))
     q_uri, c_uri = storage.join(out_uri, "queries"), storage.join(out_uri, "candidates")
     storage.write_parquet(storage.join(q_uri, "part-00000.parquet"), pa.Table.from_pylist(
-        [{"qid": g, "lang": lt[0], "text": lt[1]} for g, lt in texts.items()], schema=QUERIES))
+        [{"qid": g, "lang": lt, "text": t} for g, (lt, t, _) in listed.items()],
+        schema=QUERIES))
     storage.write_parquet(storage.join(c_uri, "part-00000.parquet"), pa.Table.from_pylist(
-        [{"qid": g, "pids": lists[g], "scores": None} for g in texts],
+        [{"qid": g, "pids": p, "scores": None} for g, (_, _, p) in listed.items()],
         schema=CANDIDATES))
     return c_uri, q_uri
 

@@ -36,7 +36,7 @@ from qgscale.config import TrainConfig
 from qgscale.data.corpus import read_rows
 from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.runtime import ResourceError, cluster_capacity, connect, worker_env
-from qgscale.teacher.common import load_queries
+from qgscale.teacher.scoring import query_table
 from qgscale.train import data as tdata
 from qgscale.train import tracking
 from qgscale.train.loop import TrainRun, plan_steps, train_loop_per_worker
@@ -302,11 +302,9 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
         # rows in the order of the Ray Data build (a hash of qid and pid: languages mixed)
         qrels = tdata.in_row_order(storage.read_parquet(qrels_uri), ("qid", "pid"))
         positives = pc.filter(qrels.column("pid"), pc.greater(qrels.column("rel"), 0))
-        queries = load_queries(queries_uri)  # empty fields, a qid twice: DataErrors
-        rows = list(qg_examples(pa.table({  # the semi-join
-            "qid": list(queries), "lang": [v[0] for v in queries.values()],
-            "text": [v[1] for v in queries.values()]}),
-            read_rows(corpus_uri, positives.to_pylist()), qrels))
+        queries = query_table(queries_uri)  # empty fields, a qid twice: DataErrors
+        rows = list(qg_examples(queries.rename_columns(["qid", "lang", "text"]),  # semi-join
+                                read_rows(corpus_uri, positives.to_pylist()), qrels))
         table = pa.Table.from_pylist(rows, schema=tdata.QG_ROWS)
         tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
         built = {"rows": table.num_rows}
