@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from qgscale import storage
+from qgscale.errors import ConfigError
 
 # the models every eval compares: the untrained starting checkpoint (zero-shot), the warm-up
 # and the distilled student
@@ -87,6 +88,25 @@ class Layout:
     def bm25_eval(self, split: str | None = None) -> str:
         """``bm25/eval[/<split>]``: the BM25 baseline's run of an eval split."""
         return self.uri("bm25", "eval", *([split] if split else []))
+
+    def eval_data(self) -> str:
+        """The prepared data the eval splits are read from: ``eval.data``, else the run's own
+        (``data/<split>/``). A run that trains on its data and names no ``eval.data`` while
+        that data has no such split (``data/queries`` only: XOR-TyDi, DPR) would evaluate on
+        its training queries: a ConfigError. (With ``eval.students_from`` the run's data is
+        an eval set: MKQA zero-shot.)"""
+        if self.cfg.eval.data:
+            return self.cfg.eval.data
+        if not getattr(self.cfg.eval, "students_from", None) and \
+                storage.exists(self.uri("data", "queries")):
+            for split in self.cfg.eval.splits:
+                if not storage.exists(self.uri("data", split, "queries")):
+                    raise ConfigError(
+                        f"eval.splits: the run's data {self.data_root} has no {split!r} split "
+                        f"(its queries, {self.uri('data', 'queries')}, are the training "
+                        "queries): set eval.data to a prepared eval set (e.g. `qgscale data "
+                        "prepare` of the dev file)")
+        return self.data_root
 
     def students(self) -> Layout:
         """The layout of the run whose students (and their indexes and corpus) are evaluated:

@@ -71,7 +71,7 @@ def _bm25_eval(cfg: Config, lay: Layout, key: str) -> dict:
 
     if not cfg.bm25.baseline:
         return storage.write_manifest(lay.bm25_eval(), key, skipped="bm25.baseline: false")
-    out = {split: run_bm25_eval(cfg, _queries_uri(cfg.eval.data or lay.data_root, split),
+    out = {split: run_bm25_eval(cfg, _queries_uri(lay.eval_data(), split),
                                 lay.data(split, "corpus"), lay.bm25_eval(split), key)
            for split in cfg.eval.splits}
     storage.write_manifest(lay.bm25_eval(), key, splits=list(out))
@@ -191,7 +191,7 @@ def _eval(cfg: Config, lay: Layout, key: str) -> dict:
     )
 
     out: dict[str, dict] = {}
-    data = cfg.eval.data or lay.data_root
+    data = lay.eval_data()
     for split in cfg.eval.splits:
         if cfg.bm25.baseline:  # BM25 first: the row every table starts from
             out.setdefault(BASELINE, {})[split] = evaluate_baseline(
@@ -215,7 +215,7 @@ def _rerank(cfg: Config, lay: Layout, key: str) -> dict:
 
     return {split: run_rerank(cfg, lay.teacher_model(),
                               storage.join(lay.eval_dir("warmup"), split, "run.parquet"),
-                              cfg.eval.data or lay.data_root, split, lay.rerank_dir(split), key,
+                              lay.eval_data(), split, lay.rerank_dir(split), key,
                               corpus_uri=lay.data(split, "corpus"))
             for split in cfg.eval.splits}
 

@@ -42,6 +42,9 @@ from qgscale.errors import MissingInputError
 
 MANIFEST = "_manifest.json"
 DONE_DIR = "_done"
+# rows per parquet row group of the files qgscale writes: a row-range read (:func:`read_rows`,
+# a work unit's slice of a shard) reads its rows' groups only, at most 2 x this many extra rows
+ROW_GROUP_ROWS = 1024
 
 _S3_ENV = {
     "endpoint_url": "AWS_ENDPOINT_URL",
@@ -227,7 +230,7 @@ def write_json(uri: str, obj: Any) -> None:
 
 def table_to_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     return buf.getvalue()
 
 
@@ -253,6 +256,32 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
         raise MissingInputError(f"{uri}: parquet file not found") from None
     except (pa.ArrowInvalid, OSError) as e:
         raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
+
+
+def read_rows(uri: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows ``[start, stop)`` of one parquet file, reading only the row groups that hold them
+    (a work unit's slice of a shard costs its own rows, not the shard: :data:`ROW_GROUP_ROWS`).
+    A range past the file's end is an error naming the file."""
+    fs, path = url_to_fs(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            groups, first, at = [], 0, 0
+            for i in range(pf.num_row_groups):
+                n = pf.metadata.row_group(i).num_rows
+                if at < stop and at + n > start:
+                    first = at if not groups else first
+                    groups.append(i)
+                at += n
+            if not 0 <= start <= stop <= at:
+                raise ValueError(f"{uri}: rows {start}-{stop} asked of a file with {at} rows")
+            t = pf.read_row_groups(groups, columns=columns) if groups else \
+                pf.schema_arrow.empty_table().select(columns or pf.schema_arrow.names)
+    except FileNotFoundError:
+        raise MissingInputError(f"{uri}: parquet file not found") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
+    return t.slice(start - first, stop - start)
 
 
 def parquet_files(uri: str) -> list[str]:

@@ -109,3 +109,28 @@ def test_text_overrides_keep_their_words(tmp_path):
     assert cfg.data.query_langs == ["de", "no"] and cfg.bm25.positives == "off"
     assert cfg.eval.out is None and cfg.eval.data == "s3://b/x" and cfg.warmup.lr == 1e-4
     assert cfg.qg.model.init == {"model_type": "t5", "d_model": 8}
+
+
+def test_eval_never_falls_back_to_the_training_queries(tmp_path):
+    """A run that trains on unsplit data (XOR-TyDi: data/queries) and names no eval.data has
+    no test split to evaluate: an error, not an eval on the training queries."""
+    import pyarrow as pa
+
+    from qgscale import storage
+    from qgscale.layout import Layout
+
+    def layout(*sets: str) -> Layout:
+        return Layout(config.load(_yaml(tmp_path, "run:\n  name: x\n"),
+                                  [f"run.root={tmp_path / 'run'}", *sets]))
+
+    storage.write_parquet(str(tmp_path / "run" / "data" / "queries" / "part-00000.parquet"),
+                          pa.table({"qid": ["q1"]}))
+    with pytest.raises(ConfigError, match=r"eval.splits: the run's data \S+ has no 'test' "
+                                          r"split \(its queries, \S+/data/queries, are the "
+                                          r"training queries\): set eval.data"):
+        layout().eval_data()
+    assert layout("eval.data=/elsewhere/dev").eval_data() == "/elsewhere/dev"
+    assert layout("eval.students_from=/xor-run").eval_data() == str(tmp_path / "run" / "data")
+    storage.write_parquet(str(tmp_path / "run" / "data" / "test" / "queries" / "p.parquet"),
+                          pa.table({"qid": ["q2"]}))
+    assert layout().eval_data() == str(tmp_path / "run" / "data")

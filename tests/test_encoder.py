@@ -106,3 +106,29 @@ def test_bad_options_fail_clearly(tok_dir):
         DualEncoder(_build(tok_dir).query_model, pooling="max")
     with pytest.raises(ValueError, match="model.init needs model.tokenizer"):
         DualEncoder.build(EncoderConfig(model=ModelConfig(init=BERT)))
+
+
+def test_nonfinite_embeddings_are_errors_naming_the_row(tok_dir):
+    """An embedding that overflows fp16 storage (or a NaN from a diverged model) is never
+    written: FAISS would leave that passage out of every result list."""
+    import pyarrow as pa
+
+    from qgscale.data.schema import CORPUS
+    from qgscale.errors import DataError
+    from qgscale.index.encode import encode_table
+
+    de = _build(tok_dir, pooling="mean", normalize=False)
+    table = pa.Table.from_pylist([{"pid": f"p{i}", "lang": "en", "title": "", "text": t}
+                                  for i, t in enumerate(TEXTS)], schema=CORPUS)
+    ln = de.query_model.encoder.layer[-1].output.LayerNorm
+    with torch.no_grad():
+        ln.weight.mul_(1e6)  # |embedding| ~ 1e6: finite in fp32, inf in fp16
+    assert encode_table(de, table, 2, "float32", source="c.parquet").num_rows == 4
+    with pytest.raises(DataError, match=r"c.parquet: row \d \(pid=p\d\): non-finite embedding "
+                                        r"\(4 of 4 rows; index.encode.precision=fp32, "
+                                        r"dtype=float16\)"):
+        encode_table(de, table, 2, "float16", source="c.parquet")
+    with torch.no_grad():
+        ln.bias[0] = float("nan")
+    with pytest.raises(DataError, match=r"non-finite embedding \(4 of 4 rows"):
+        encode_table(de, table, 2, "float32", source="c.parquet")

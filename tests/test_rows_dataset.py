@@ -83,6 +83,30 @@ def test_bad_input_is_named_as_by_the_driver_join(data, tmp_path, ray_local):  #
 
 
 @pytest.mark.timeout(1500)
+def test_qg_rows_with_a_pair_twice_are_an_error_on_both_paths(data, tmp_path,  # noqa: F811
+                                                            ray_local):
+    """A (qid, pid) qrels pair on two rows (qrels written without `qgscale prepare`, which
+    rejects it) would train the QG on it twice: both builds name it (the Ray build with the
+    two copies in two shards)."""
+    from qgscale.data.corpus import read_rows
+    from qgscale.models.generator import qg_examples
+    from qgscale.train.rows_dataset import build_qg_rows_dataset
+
+    first = storage.read_parquet(data["qrels"]).slice(0, 1)
+    storage.write_parquet(f"{data['qrels']}/part-00001.parquet", first)
+    qrels = storage.read_parquet(data["qrels"])
+    want = (rf"qrels: qid={first['qid'][0]}, pid={first['pid'][0]} has two rows \(one row "
+            r"per \(qid, pid\) pair\)")
+    with pytest.raises(DataError, match=want):
+        list(qg_examples(storage.read_parquet(data["queries"]),
+                         read_rows(data["corpus"], qrels.column("pid").to_pylist()),
+                         tdata.in_row_order(qrels, ("qid", "pid")), data["qrels"]))
+    with pytest.raises(DataError, match=want):
+        build_qg_rows_dataset(data["queries"], data["corpus"], data["qrels"],
+                              str(tmp_path / "qg"), "k1", num_partitions=2, shard_rows=1)
+
+
+@pytest.mark.timeout(1500)
 def test_qg_and_qg_rank_rows_equal_the_driver_join(data, tmp_path, ray_local):  # noqa: F811
     """The teacher's rows built with Ray Data: QG rows (every positive qrels pair) and
     qg-rank rows (a seeded positive, the first 3 mined negatives that are not positives; two

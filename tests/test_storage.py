@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 import uuid
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from qgscale import storage
@@ -46,6 +48,32 @@ def test_unreadable_shard_names_the_file(root):
     storage.write_bytes(bad, b"this is not parquet")
     with pytest.raises(OSError, match="bad.parquet: unreadable parquet shard"):
         storage.read_parquet(bad)
+
+
+def test_read_rows_reads_only_the_row_groups_of_its_range(root):
+    """A work unit's slice of a shard: the same rows as slicing the whole file, and only its
+    row groups are read (a group outside the range is corrupted and the read still works)."""
+    n, g = 3000, storage.ROW_GROUP_ROWS
+    uri = storage.join(root, "a.parquet")
+    storage.write_parquet(uri, _table(n))
+    whole = storage.read_parquet(uri)
+    for start, stop in [(0, 10), (g - 5, g + 5), (g, 2 * g), (2 * g + 1, n), (0, n), (7, 7)]:
+        assert storage.read_rows(uri, start, stop).equals(whole.slice(start, stop - start))
+    assert storage.read_rows(uri, 5, 9, ["x"]).to_pydict() == {"x": [5, 6, 7, 8]}
+    with pytest.raises(ValueError, match=r"a.parquet: rows 2990-3010 asked of a file with 3000"):
+        storage.read_rows(uri, 2990, 3010)
+    data = bytearray(storage.read_bytes(uri))
+    meta = pq.ParquetFile(io.BytesIO(bytes(data))).metadata
+    assert meta.num_row_groups == 3
+    for c in range(meta.num_columns):  # garble the pages of row group 0
+        col = meta.row_group(0).column(c)
+        at = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+        size = col.total_compressed_size
+        data[at:at + size] = b"\xff" * size
+    storage.write_bytes(uri, bytes(data))
+    assert storage.read_rows(uri, g + 3, n).column("x").to_pylist() == list(range(g + 3, n))
+    with pytest.raises(OSError, match="a.parquet: unreadable parquet shard"):
+        storage.read_rows(uri, 0, 10)
 
 
 def test_shard_writer_resume(root):

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         src = lay.students()  # eval.students_from: another run's students (zero-shot)
         jobs = [(split, ec.model or src.model("distill"), ec.index or src.faiss("distill", split))
                 for split in ec.splits]
-        data = ec.data or lay.data_root
+        data = lay.eval_data()
         for split, model, index in jobs:  # every input checked before Ray starts
             check_inputs(model, index, data, [split])
         out = ec.out or lay.uri("eval-job")

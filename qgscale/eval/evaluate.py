@@ -188,7 +188,7 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
     Returns ``{pairs, query_langs, query_langs_macro, macro, n_queries, corpus_langs, run}``
     where ``run`` is the pooled top-k (``{qid: {pid: score}}``).
     """
-    from qgscale.index.encode import encode_texts, token_lengths
+    from qgscale.index.encode import encode_texts, nonfinite_rows, token_lengths
     from qgscale.index.search import ShardedSearcher
 
     timings: dict[str, float] = {}
@@ -196,6 +196,10 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
     lengths = token_lengths(getattr(encoder, "tokenizer", None), data.texts)
     qvec = encode_texts(encoder.encode_queries, data.texts, batch_size, lengths, device,
                         precision)
+    bad = nonfinite_rows(qvec)
+    if bad.size:  # FAISS would return nothing for it: an empty run scored as a miss
+        raise DataError(f"qid={data.qids[int(bad[0])]}: non-finite query embedding "
+                        f"({bad.size} of {len(qvec)} queries; precision={precision})")
     timings["encode_s"] = time.time() - t0
     t0 = time.time()
     langs = corpus_langs(data.corpus_uri)

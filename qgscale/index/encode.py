@@ -22,6 +22,7 @@ import torch
 from qgscale import storage
 from qgscale.config import EncodeConfig
 from qgscale.data.schema import CORPUS, embeddings_schema, passage_text
+from qgscale.errors import DataError
 from qgscale.models.precision import autocast, default_device
 from qgscale.runtime import Shard, actor_device, run_shards
 
@@ -93,7 +94,21 @@ def encode_table(encoder: TextEncoder, table: pa.Table, batch_size: int, dtype: 
                                                  table.column("text").to_pylist(), strict=True)]
     lengths = token_lengths(getattr(encoder, "tokenizer", None), texts)
     vecs = encode_texts(encoder.encode_passages, texts, batch_size, lengths, device, precision)
+    with np.errstate(over="ignore"):  # an overflow is reported below, row and pid
+        vecs = vecs.astype(np.float16 if dtype == "float16" else np.float32, copy=False)
+    bad = nonfinite_rows(vecs)
+    if bad.size:  # never indexed: FAISS would drop it from every result list
+        i = int(bad[0])
+        raise DataError(f"{source}: row {i} (pid={pids[i]}): non-finite embedding ({bad.size} "
+                        f"of {len(pids)} rows; index.encode.precision={precision}, "
+                        f"dtype={dtype})")
     return embeddings_table(pids, vecs, dtype)
+
+
+def nonfinite_rows(vecs: np.ndarray) -> np.ndarray:
+    """The rows of ``vecs`` holding a NaN or an infinity (an overflow in fp16 autocast or
+    storage, or a diverged model)."""
+    return np.flatnonzero(~np.isfinite(vecs).all(axis=1))
 
 
 def embeddings_table(pids: list[str], vecs: np.ndarray, dtype: str = "float32") -> pa.Table:
@@ -143,9 +158,15 @@ class QueryEncoder:
         self.batch_size, self.precision = batch_size, precision
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """Embeddings of ``texts``; a non-finite one is a DataError naming the query."""
         lengths = token_lengths(getattr(self.encoder, "tokenizer", None), texts)
-        return encode_texts(self.encoder.encode_queries, texts, self.batch_size, lengths,
+        vecs = encode_texts(self.encoder.encode_queries, texts, self.batch_size, lengths,
                             self.device, self.precision)
+        bad = nonfinite_rows(vecs)
+        if bad.size:
+            raise DataError(f"query {texts[int(bad[0])]!r}: non-finite embedding ({bad.size} "
+                            f"of {len(texts)} queries; precision={self.precision})")
+        return vecs
 
 
 def encode_corpus(corpus_uri: str, out_uri: str, loader: Callable[[], TextEncoder],

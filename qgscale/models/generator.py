@@ -674,20 +674,30 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     return sums, real.sum(-1)
 
 
-def qg_examples(queries: Any, corpus: Any, qrels: Any) -> Iterator[dict[str, str]]:
+def qg_examples(queries: Any, corpus: Any, qrels: Any, qrels_uri: str = "qrels",
+                queries_uri: str = "queries", corpus_uri: str = "corpus"
+                ) -> Iterator[dict[str, str]]:
     """QG training rows ``{query, lang, passage}`` from canonical tables (rel > 0 pairs).
 
-    ``lang`` is the query's language (the language the QG must write in).
+    ``lang`` is the query's language (the language the QG must write in). A pair whose qid
+    or pid is missing from its table, or a (qid, pid) pair on two rows, is a DataError naming
+    the tables (``*_uri``), as the Ray Data rows (:mod:`qgscale.train.rows_dataset`) do.
     """
     qs = {r["qid"]: r for r in queries.to_pylist()}
     ps = {r["pid"]: r for r in corpus.to_pylist()}
-    for i, r in enumerate(qrels.to_pylist()):
-        if r["rel"] <= 0:
+    seen: set[tuple[str, str]] = set()
+    for r in qrels.to_pylist():
+        if (r["rel"] or 0) <= 0:
             continue
+        where = f"{qrels_uri}: qid={r['qid']}"
         if r["qid"] not in qs:
-            raise DataError(f"qrels row {i}: qid {r['qid']!r} not in queries")
+            raise DataError(f"{where}: qid={r['qid']} not in queries {queries_uri}")
         if r["pid"] not in ps:
-            raise DataError(f"qrels row {i}: pid {r['pid']!r} not in corpus")
+            raise DataError(f"{where}: pid={r['pid']} not in corpus {corpus_uri}")
+        if (r["qid"], r["pid"]) in seen:
+            raise DataError(f"{qrels_uri}: qid={r['qid']}, pid={r['pid']} has two rows (one "
+                            "row per (qid, pid) pair)")
+        seen.add((r["qid"], r["pid"]))
         q, p = qs[r["qid"]], ps[r["pid"]]
         yield {"query": q["text"], "lang": q["lang"],
                "passage": passage_text(p["title"], p["text"])}

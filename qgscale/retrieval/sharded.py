@@ -153,14 +153,15 @@ def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: in
     run_shards(StatsJob(frozenset(B.query_vocab(queries))), shards, stats_uri, key,
                desc="bm25 statistics", **common)
     writer = storage.ShardWriter(stats_uri, key)
-    parts = []
-    for s in shards:
+
+    def shard_stats(s: Shard) -> B.Stats:
         marker = storage.read_json(storage.join(stats_uri, storage.DONE_DIR, f"{s.name}.json"))
         t = storage.read_parquet(writer.shard_uri(s.name))
-        parts.append(B.Stats(dict(zip(t.column("token").to_pylist(), t.column("df").to_pylist(),
-                                      strict=True)), marker["n_docs"], marker["total_len"],
-                             marker["tokenizer"]))
-    stats = B.merge_stats(parts)
+        return B.Stats(dict(zip(t.column("token").to_pylist(), t.column("df").to_pylist(),
+                                strict=True)), marker["n_docs"], marker["total_len"],
+                       marker["tokenizer"])
+
+    stats = B.merge_stats(shard_stats(s) for s in shards)  # one shard's counts at a time
     log.info("bm25: %d passages in %d shard(s), %d query tokens, avgdl %.1f", stats.n_docs,
              len(shards), len(stats.df), stats.avgdl)
     ans = {q: list(a) for q, a in answers.items()} if answers is not None else None

@@ -9,10 +9,10 @@ generations (an immediate ``</s>``) and repeats of a query already kept for the 
 and language are left out and counted in the manifest (``empty_queries_dropped``,
 ``repeated_queries_dropped``). Sampling is seeded per shard and language, so a retried shard is
 identical. Work units carry their passages (the positives' texts, read by the semi-join of
-:mod:`qgscale.data.corpus`), or name a row range of one corpus shard (``passages: corpus``):
-no actor loads the corpus. Units hold ``shard_rows`` passages, or fewer so that every actor
-of the pool gets work (:func:`qgscale.runtime.unit_rows`); a resumed run keeps the first
-run's unit size.
+:mod:`qgscale.data.corpus`), or name a row range of one corpus shard (``passages: corpus``,
+read as its row groups: :func:`qgscale.storage.read_rows`): no actor loads the corpus, nor a
+whole shard. Units hold ``shard_rows`` passages, or fewer so that every actor of the pool gets
+work (:func:`qgscale.runtime.unit_rows`); a resumed run keeps the first run's unit size.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ class Passages:
     def read(self) -> tuple[list[str], list[str]]:
         if self.pairs is not None:
             return [p for p, _ in self.pairs], [t for _, t in self.pairs]
-        t = storage.read_parquet(self.uri, ["pid", "title", "text"]).slice(
-            self.start, self.stop - self.start)
+        t = storage.read_rows(self.uri, self.start, self.stop, ["pid", "title", "text"])
         check(t, self.uri, self.start)
         return t.column("pid").to_pylist(), [
             passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),

@@ -143,7 +143,7 @@ class ScoreJob:
 
     def run(self, qg: Any, shard: Shard) -> tuple[pa.Table, dict]:
         sl: PairSlice = shard.payload
-        t = storage.read_parquet(sl.uri).slice(sl.start, sl.stop - sl.start)
+        t = storage.read_rows(sl.uri, sl.start, sl.stop)  # its row groups, not the shard
         cols = {c: t.column(c).to_pylist() for c in PAIRS.names}
         pairs = list(zip(cols["query"], cols["passage"], cols["lang"], strict=True))
         s = qg.score(pairs, batch_tokens=self.batch_tokens, precision=self.precision)

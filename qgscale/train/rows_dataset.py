@@ -321,12 +321,14 @@ def _queries(queries_uri: str) -> Any:
                     _check_text("qid", ("qid", "lang", "text"))).drop_columns(["_row"])
 
 
-def _check_duplicate(done: dict[str, Any], queries_uri: str, lists_uri: str | None) -> None:
+def _check_duplicate(done: dict[str, Any], queries_uri: str, lists_uri: str | None,
+                     per: str = "one candidate list per qid") -> None:
     """The row keys :func:`_write` found twice: a qid on two rows of the queries is a
     DataError naming both (file and row), as :func:`~qgscale.teacher.common.load_queries`;
-    otherwise, with ``lists_uri`` (the candidates: one list per qid), one naming it. Only
-    then are the query files scanned (qid column). The Ray path checks the qids its rows
-    use; the driver's ``load_queries`` checks every row."""
+    otherwise, with ``lists_uri`` (the candidates, or the QG rows' qrels), one naming it and
+    the key (``per``: what it holds one row of). Only then are the query files scanned (qid
+    column). The Ray path checks the qids its rows use; the driver's ``load_queries`` checks
+    every row."""
     if not done["duplicates"]:
         return
     qids = sorted({k.split("\t")[0] for k in done["duplicates"]})
@@ -340,7 +342,10 @@ def _check_duplicate(done: dict[str, Any], queries_uri: str, lists_uri: str | No
                                 f"{seen[q][1]} (one row per qid)")
             seen[q] = (f, i)
     if lists_uri:
-        raise DataError(f"{lists_uri}: qid={qids[0]} has two rows (one candidate list per qid)")
+        key = ", ".join(f"{k}={v}" for k, v in zip(("qid", "pid"),
+                                                   done["duplicates"][0].split("\t"),
+                                                   strict=False))  # qid, or qid and pid
+        raise DataError(f"{lists_uri}: {key} has two rows ({per})")
 
 
 def _passages(corpus_uri: str) -> Any:
@@ -382,7 +387,7 @@ def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
 
     done = _write(_in_row_order(rows.map_batches(check, batch_format="pyarrow"), ("qid", "pid")),
                   out_uri, config_hash, shard_rows, tdata.QG_ROWS.names)
-    _check_duplicate(done, queries_uri, None)
+    _check_duplicate(done, queries_uri, qrels_uri, "one row per (qid, pid) pair")
     if not done["rows"]:
         raise DataError(f"{qrels_uri}: no positive (rel > 0) pairs")
     storage.ShardWriter(out_uri, config_hash).finalize(done["shards"], rows=done["rows"])
@@ -449,12 +454,13 @@ MAX_REPORTED = 100  # duplicated row keys kept for the error
 def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
            columns: list[str]) -> dict[str, Any]:
     """Workers write ``columns`` of ``ds`` (:func:`_in_row_order`) as shards of
-    ``shard_rows`` rows, named in that order by their first row's order key (distinct per
-    row), then a hash of its qid and pid; returns the rows, the shard names, the sum of
-    every ``_``-prefixed count column and ``duplicates``: row keys (qid, or qid and pid) found
-    on two rows (adjacent in the sorted rows: in one shard or at the end of one and the
-    start of the next), at most :data:`MAX_REPORTED`. The rows dir is cleared first (rows
-    are rebuilt whole, never mixed with an interrupted build's shards)."""
+    ``shard_rows`` rows, named in that order by their first row's order key, then a hash of
+    all its row keys (two shards share a name only if they hold the same keys); returns the
+    rows, the shard names, the sum of every ``_``-prefixed count column and ``duplicates``:
+    row keys (qid, or qid and pid) found on two rows (adjacent in the sorted rows: in one
+    shard or at the end of one and the start of the next), at most :data:`MAX_REPORTED`. The
+    rows dir is cleared first (rows are rebuilt whole, never mixed with an interrupted
+    build's shards)."""
     fs, path = storage.url_to_fs(out_uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
@@ -464,7 +470,8 @@ def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
         if "pid" in t.column_names:  # a qid of many rows
             keys = [f"{q}\t{p}" for q, p in zip(keys, t.column("pid").to_pylist(), strict=True)]
         order = t.column(tdata.ORDER)[0].as_py()  # >= 0: its hex sorts as the number
-        name = f"part-{order:016x}-{hashlib.sha1(keys[0].encode()).hexdigest()[:8]}"
+        digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:8]
+        name = f"part-{order:016x}-{digest}"
         storage.ShardWriter(out_uri, config_hash).write(name, t.select(columns))
         twice = sorted({a for a, b in itertools.pairwise(keys) if a == b})[:MAX_REPORTED]
         return pa.table({"name": [name], "rows": [t.num_rows], "first": [keys[0]],

@@ -304,7 +304,8 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
         positives = pc.filter(qrels.column("pid"), pc.greater(qrels.column("rel"), 0))
         queries = query_table(queries_uri)  # empty fields, a qid twice: DataErrors
         rows = list(qg_examples(queries.rename_columns(["qid", "lang", "text"]),  # semi-join
-                                read_rows(corpus_uri, positives.to_pylist()), qrels))
+                                read_rows(corpus_uri, positives.to_pylist()), qrels,
+                                qrels_uri, queries_uri, corpus_uri))
         table = pa.Table.from_pylist(rows, schema=tdata.QG_ROWS)
         tdata.write_rows(table, rows_uri, cfg.data.shard_rows, key)
         built = {"rows": table.num_rows}
