@@ -833,6 +833,22 @@ ROW_DEFECTS = {
     "canonical unknown field": (
         "jsonl", "c.jsonl", '{"pid": "p1", "lang": "en", "Title": "T", "text": "x"}\n',
         {"kind": "corpus"}, r"c.jsonl:1: field 'Title': unknown field for corpus rows"),
+    "canonical score NaN": (
+        "jsonl", "s.jsonl", '{"qid": "q", "pid": "p", "score": NaN, "ntok": 3}\n',
+        {"kind": "scores"}, r"s.jsonl:1: field 'score': nan is not a finite float number"),
+    "canonical score overflows": (
+        "jsonl", "s.jsonl", '{"qid": "q", "pid": "p", "score": 1e400, "ntok": 3}\n',
+        {"kind": "scores"}, r"s.jsonl:1: field 'score': inf is not a finite float number"),
+    "canonical rel out of int32": (
+        "jsonl", "r.jsonl", '{"qid": "q", "pid": "p", "rel": 3000000000}\n',
+        {"kind": "qrels"}, r"r.jsonl:1: field 'rel': 3000000000 is out of range for int32"),
+    "canonical empty pid in a list": (
+        "jsonl", "c.jsonl", '{"qid": "q", "pids": ["p1", " "]}\n',
+        {"kind": "candidates"}, r"c.jsonl:1: field 'pids': empty id at list position 1"),
+    "canonical infinite candidate score": (
+        "jsonl", "c.jsonl", '{"qid": "q", "pids": ["p1", "p2"], "scores": [1.0, -Infinity]}\n',
+        {"kind": "candidates"}, r"c.jsonl:1: field 'scores': list position 1: -inf is not a "
+        r"finite float number"),
     "mkqa answers missing": (
         "mkqa", "m.jsonl", '{"example_id": 1, "queries": {"de": "Wer?"}}\n', {},
         r"m.jsonl:1: field 'answers': missing field"),

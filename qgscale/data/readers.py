@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import zlib
@@ -25,6 +26,7 @@ from importlib import resources
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 
 from qgscale.data.schema import SCHEMAS
 from qgscale.data.unique import SpilledIds, duplicate_reason
@@ -1014,10 +1016,28 @@ UNIQUE_KEYS = {"corpus": ("pid",), "queries": ("qid",), "answers": ("qid",),
                "candidates": ("qid",), "qrels": ("qid", "pid"), "scores": ("qid", "pid")}
 
 
+def _number_problem(value: Any, typ: pa.DataType) -> str | None:
+    """Why ``value`` (parsed JSON) cannot be stored as ``typ`` (an integer or float type):
+    not a number, a float for an integer, out of the type's range, NaN or an infinity (JSON
+    parsers read ``NaN``, ``Infinity`` and ``1e400``); None when it can."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        want = "integer" if pa.types.is_integer(typ) else "number"
+        return f"wrong type: expected {want}, got {type(value).__name__}"
+    if pa.types.is_integer(typ):
+        if not isinstance(value, int):
+            return f"wrong type: expected integer, got {type(value).__name__}"
+        bits = typ.bit_width - 1
+        if not -(1 << bits) <= value < (1 << bits):
+            return f"{value} is out of range for {typ}"
+        return None
+    if not math.isfinite(value) or (typ.bit_width == 32 and abs(value) > 3.4028234e38):
+        return f"{value} is not a finite {typ} number"
+    return None
+
+
 def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -> Tables:
     """Import JSONL rows already in a canonical format (``corpus``, ``queries``, ...); a field
     the kind does not have (a misspelt ``Title``) is a row defect, not left out."""
-    import pyarrow as pa
 
     rejects = rejects or Rejects()
     schema = SCHEMAS[kind]
@@ -1045,21 +1065,26 @@ def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -
                 value = get_str(obj, f.name, path, n, rejects, allow_empty=f.name == "title")
                 ok = value is not None
             elif pa.types.is_integer(f.type) or pa.types.is_floating(f.type):
-                is_num = isinstance(value, int | float) and not isinstance(value, bool)
-                if not is_num or (pa.types.is_integer(f.type) and not isinstance(value, int)):
-                    want = "integer" if pa.types.is_integer(f.type) else "number"
-                    rejects.bad(path, n, f.name, f"wrong type: expected {want}, got "
-                                f"{type(value).__name__}", obj)
+                problem = _number_problem(value, f.type)
+                if problem:
+                    rejects.bad(path, n, f.name, problem, obj)
                     ok = False
             elif pa.types.is_list(f.type):
                 item = f.type.value_type
                 want = str if pa.types.is_string(item) else (int, float)
-                if not isinstance(value, list) or not all(
-                        isinstance(v, want) and not isinstance(v, bool) for v in value):
-                    rejects.bad(path, n, f.name, f"wrong type: expected a list of {item}", obj)
-                    ok = False
-                elif not value and f.name in ("pos_pids", "pids"):
-                    rejects.bad(path, n, f.name, "empty list", obj)
+                problems = [] if isinstance(value, list) and all(
+                    isinstance(v, want) and not isinstance(v, bool) for v in value) else [
+                    f"wrong type: expected a list of {item}"]
+                if not problems and want is str:
+                    problems = [f"empty id at list position {i}" for i, v in enumerate(value)
+                                if not v.strip()]
+                elif not problems:
+                    problems = [f"list position {i}: {p}" for i, v in enumerate(value)
+                                if (p := _number_problem(v, item))]
+                if not problems and not value and f.name in ("pos_pids", "pids"):
+                    problems = ["empty list"]
+                if problems:
+                    rejects.bad(path, n, f.name, problems[0], obj)
                     ok = False
             if not ok:
                 break
