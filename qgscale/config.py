@@ -10,7 +10,7 @@ import os
 from collections.abc import Hashable
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -40,8 +40,8 @@ class StorageConfig(Section):
 
 class RayConfig(Section):
     address: str | None = None  # None: start a local Ray; "auto": join a running cluster
-    num_cpus: int | None = None  # for a local Ray only
-    num_gpus: int | None = None
+    num_cpus: int | None = Field(None, ge=0)  # for a local Ray only
+    num_gpus: int | None = Field(None, ge=0)
     # forward every worker's stdout/stderr to this console (Ray's default). Off: the console
     # shows qgscale's progress lines; worker logs stay in Ray's session folder
     # (/tmp/ray/session_latest/logs) and errors still reach the driver as exceptions.
@@ -313,7 +313,8 @@ class BM25Config(Actors):
 
 
 class EvalConfig(Section):
-    k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20, 100])  # recall@k cut-offs
+    # recall@k cut-offs
+    k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5, 10, 20, 100])
     top_k: int = Field(100, ge=1)  # passages retrieved per query (and per language pair)
     splits: list[str] = Field(default_factory=lambda: ["test"])
     # `python -m qgscale.eval` (the eval job): what to evaluate; None: what the pipeline wrote
@@ -327,6 +328,18 @@ class EvalConfig(Section):
     pairs: bool = True  # also search each corpus language alone: per (query, corpus) lang pair
     answer_recall: bool = True  # R@2kt / R@5kt when the split has answers (XOR-TyDi, MKQA)
     chart_metric: str = "mrr@10"  # metric of the per-pair bar chart
+
+    @model_validator(mode="after")
+    def _metrics(self) -> EvalConfig:
+        from qgscale.eval.metrics import metric_names
+
+        if self.k and max(self.k) > self.top_k:
+            raise ValueError(f"k: recall@{max(self.k)} needs top_k >= {max(self.k)} passages "
+                             f"per query (top_k={self.top_k})")
+        names = [*metric_names(self.k), "r@2kt", "r@5kt"]
+        if self.chart_metric not in names:
+            raise ValueError(f"chart_metric: {self.chart_metric!r} is not one of {names}")
+        return self
 
 
 class Config(Section):

@@ -47,6 +47,12 @@ def test_every_shipped_config_validates():
     ("teacher:\n  score: {num_actors: 0}\n", r"c.yaml: teacher.score.num_actors: Input should"),
     ("index:\n  search: {nprobe: 0}\n", r"c.yaml: index.search.nprobe: Input should be greater"),
     ("mine:\n  top_k: 0\n", r"c.yaml: mine.top_k: Input should be greater"),
+    ("eval:\n  k: [1, -1]\n", r"c.yaml: eval.k.1: Input should be greater than or equal to 1"),
+    ("eval:\n  k: [1, 200]\n", r"c.yaml: eval(.|\n)*k: recall@200 needs top_k >= 200 passages "
+     r"per query \(top_k=100\)"),
+    ("eval:\n  chart_metric: mrr@100\n", r"c.yaml: eval(.|\n)*chart_metric: 'mrr@100' is not "
+     r"one of \['recall@1'"),
+    ("ray:\n  num_cpus: -2\n", r"c.yaml: ray.num_cpus: Input should be greater"),
     # a key given twice: PyYAML would keep the second block and drop the first
     ("run:\n  root: /tmp/r\n  seed: 5\ndata: {format: xquad}\nrun:\n  name: x\n",
      r"c.yaml: invalid YAML: key 'run' given twice \(first on line 1\)(.|\n)*line 5"),

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from qgscale import storage
 from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.eval import metrics as M
+from qgscale.eval.metrics import metric_names
 
 
 # ---------------------------------------------------------------------------- data
@@ -170,10 +171,6 @@ def to_run(qids: list[str], pids: np.ndarray, scores: np.ndarray) -> dict[str, d
 
 
 # ---------------------------------------------------------------------------- evaluation
-def metric_names(ks: list[int]) -> list[str]:
-    return [f"recall@{k}" for k in ks] + ["mrr@10", "ndcg@10", "map"]
-
-
 def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 100,
                    ks: list[int] | None = None, batch_size: int = 128, pairs: bool = True,
                    nprobe: int | None = None, ef_search: int | None = None,

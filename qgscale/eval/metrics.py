@@ -46,6 +46,12 @@ DEFAULT_METRICS = ("recall@1", "recall@5", "recall@10", "recall@20", "recall@100
 YES_NO = frozenset({"yes", "no"})
 
 
+def metric_names(ks: list[int]) -> list[str]:
+    """The ranking metrics of every eval table, for the recall cut-offs ``ks``
+    (``eval.k``); splits with answers add ``r@2kt`` and ``r@5kt``."""
+    return [f"recall@{k}" for k in ks] + ["mrr@10", "ndcg@10", "map"]
+
+
 def ranking(scores: Mapping[str, float], k: int | None = None) -> list[str]:
     """Pids by descending score (ties: ascending pid), cut at ``k``."""
     ranked = sorted(scores, key=lambda pid: (-scores[pid], pid))
