@@ -434,7 +434,8 @@ def run_shards(job: ShardJob, shards: Sequence[Shard], out_uri: str, config_hash
     import ray
 
     writer = storage.ShardWriter(out_uri, config_hash)
-    todo = [s for s in shards if not writer.done(s.name)]
+    done = writer.markers()
+    todo = [s for s in shards if s.name not in done]
     stats = {"shards": len(shards), "shards_run": 0, "rows_written": 0, "actor_failures": 0}
     if not todo:
         return stats

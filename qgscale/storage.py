@@ -13,7 +13,9 @@ A stage writes its output as shards into one folder::
     out/_done/part-00000.json   done marker: rows and checksum of the shard
     out/_manifest.json          shard list, row counts, checksums, config hash
 
-A re-run skips every shard with a done marker; the manifest is written once all are done.
+A re-run skips every shard with a done marker (of the same config hash) and its file; the
+manifest is written once all are done. A folder whose manifest lists a shard that is gone has
+no :func:`fingerprint`: the pipeline redoes its stage.
 Shards are named ``part-%05d`` (:func:`shard_slices`); :meth:`ShardWriter.write_table`,
 :meth:`~ShardWriter.write_rows` and :meth:`~ShardWriter.write_shards` name, skip, write and
 finalize in one call, and :func:`qgscale.runtime.run_shards` writes shards from Ray actors.
@@ -378,10 +380,25 @@ class ShardWriter:
         return join(self.root, DONE_DIR, f"{name}.json")
 
     def done(self, name: str) -> bool:
+        """Whether shard ``name`` is finished: its marker has this config hash and its file
+        is there (a deleted shard is redone)."""
         marker = self.marker_uri(name)
-        if not exists(marker):
+        if not exists(marker) or not exists(self.shard_uri(name)):
             return False
         return read_json(marker).get("config_hash", "") == self.config_hash
+
+    def markers(self) -> dict[str, dict[str, Any]]:
+        """``name -> marker`` of every finished shard (as :meth:`done`), from one listing of
+        the shards and one of the markers, the markers read by a thread pool: at 10k shards
+        a few seconds on S3, not a round trip per shard after another."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        files = {posixpath.basename(u) for u in list_files(self.root, ".parquet")}
+        uris = [u for u in list_files(join(self.root, DONE_DIR), ".json")
+                if posixpath.basename(u)[: -len(".json")] + ".parquet" in files]
+        with ThreadPoolExecutor(min(16, len(uris) or 1)) as pool:
+            found = list(pool.map(read_json, uris))
+        return {m["name"]: m for m in found if m.get("config_hash", "") == self.config_hash}
 
     def write(self, name: str, table: pa.Table, **extra: Any) -> ShardInfo:
         sha = write_parquet(self.shard_uri(name), table)
@@ -401,9 +418,10 @@ class ShardWriter:
         from tqdm import tqdm
 
         plan = shard_slices(n_rows, shard_rows)
+        done = self.markers()
         for name, rows in tqdm(plan, desc=desc, unit="shard",
                                disable=desc is None or len(plan) < 10):
-            if self.done(name):
+            if name in done:
                 continue
             out = make(name, rows)
             table, extra = out if isinstance(out, tuple) else (out, {})
@@ -432,11 +450,12 @@ class ShardWriter:
         names: list[str] = []
         chunk: list[Mapping[str, Any]] = []
         bar = tqdm(desc=desc, unit="shard", disable=desc is None, delay=2.0)  # long ones only
+        done = self.markers()
 
         def flush() -> None:
             name = shard_name(len(names))
             names.append(name)
-            if not self.done(name):
+            if name not in done:
                 self.write(name, pa.Table.from_pylist(chunk, schema=schema))
             bar.update(1)
 
@@ -453,12 +472,8 @@ class ShardWriter:
         return self.finalize(names, **manifest)
 
     def finished(self) -> list[ShardInfo]:
-        out = []
-        for marker in list_files(join(self.root, DONE_DIR), ".json"):
-            m = read_json(marker)
-            if m.get("config_hash", "") == self.config_hash:
-                out.append(ShardInfo(m["name"], m["rows"], m["sha256"]))
-        return sorted(out, key=lambda s: s.name)
+        return sorted((ShardInfo(m["name"], m["rows"], m["sha256"])
+                       for m in self.markers().values()), key=lambda s: s.name)
 
     def finalize(self, expected: Iterable[str] | None = None, **extra: Any) -> dict:
         """Write ``_manifest.json`` once every expected shard is done; returns the manifest
@@ -488,8 +503,10 @@ def read_manifest(root: str) -> dict | None:
 
 def fingerprint(uri: str) -> str | None:
     """Identity of what is at ``uri`` now (a file or a folder tree): a hash of every file's
-    relative path, size and modification time / ETag, from one listing (no file is read).
-    ``None`` when nothing is there. A rewritten file changes it even at the same path."""
+    relative path, size and modification time / ETag, from one listing (only manifests are
+    read). ``None`` when nothing is there, or when a shard that a folder's manifest lists is
+    gone (a lost object: the output is incomplete). A rewritten file changes it even at the
+    same path."""
     fs, path = url_to_fs(uri)
     fs.invalidate_cache(path)
     if not fs.exists(path):
@@ -498,6 +515,12 @@ def fingerprint(uri: str) -> str | None:
         found = fs.find(path, detail=True)
     else:
         found = {path: fs.info(path)}
+    for name in [n for n in found if posixpath.basename(n) == MANIFEST]:
+        folder = posixpath.dirname(name)
+        shards = json.loads(fs.cat_file(name)).get("shards", [])
+        if any(isinstance(sh, dict) and "file" in sh
+               and posixpath.join(folder, sh["file"]) not in found for sh in shards):
+            return None
     entries = []
     for name, info in sorted(found.items()):
         rel = posixpath.relpath(name, path) if name != path else posixpath.basename(path)

@@ -94,6 +94,13 @@ def test_shard_writer_resume(root):
     assert storage.stage_done(root, "h1") and not storage.stage_done(root, "h2")
     # A changed config invalidates the done markers.
     assert not storage.ShardWriter(root, config_hash="h2").done(names[0])
+    # A shard file deleted after its marker (a lost object) is not done: it is redone.
+    storage.remove(again.shard_uri(names[1]))
+    assert not again.done(names[1]) and again.done(names[0])
+    assert sorted(again.markers()) == [names[0], *names[2:]]
+    assert again.markers()[names[0]]["rows"] == 10
+    with pytest.raises(RuntimeError, match=r"not finished: \['part-00001'\]"):
+        again.finalize(names)
 
 
 def test_shard_writer_writes_names_skips_and_finalizes(root):
@@ -181,6 +188,19 @@ def test_killed_s3_writer_leaves_nothing_or_everything(s3_bucket):
         assert fs.size(path) == 200_000_000
     else:
         assert storage.list_files(storage.join(s3_bucket, "big"), ".parquet") == []
+
+
+def test_fingerprint_of_a_folder_missing_a_manifest_shard_is_none(root):
+    """A stage's output with a shard gone (a lost object, a deleted file) is not there: the
+    pipeline sees the stage as missing and redoes it, instead of its descendants rerunning
+    on the incomplete output."""
+    m = storage.ShardWriter(storage.join(root, "a"), "h").write_table(_table(5), 2)
+    storage.write_json(storage.join(root, "b", "meta.json"), {"k": 1})
+    before = storage.fingerprint(root)
+    assert before is not None and storage.fingerprint(root) == before
+    storage.remove(storage.join(root, "a", m["shards"][1]["file"]))
+    assert storage.fingerprint(root) is None
+    assert storage.fingerprint(storage.join(root, "b")) is not None
 
 
 def test_config_hash_is_stable():

@@ -150,8 +150,8 @@ def mine(queries: pa.Table, positives: dict[str, set[str]], encode: Callable, ou
 
     m_cand = cand_w.write_shards(len(qids), shard_rows, shard, desc="mine")
     names = [s["name"] for s in m_cand["shards"]]
-    marks = [storage.read_json(storage.join(out_uri, "train", storage.DONE_DIR,
-                                            f"{name}.json")) for name in names]
+    done = train_w.markers()
+    marks = [done.get(name, {}) for name in names]  # finalize names a missing one
     no_pos = sum(m.get("no_positive", 0) for m in marks)
     dropped = sum(m.get("answer_negatives_dropped", 0) for m in marks)
     m_train = train_w.finalize(names, no_positive=no_pos, answer_negatives_dropped=dropped)

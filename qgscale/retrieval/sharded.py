@@ -153,9 +153,10 @@ def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: in
     run_shards(StatsJob(frozenset(B.query_vocab(queries))), shards, stats_uri, key,
                desc="bm25 statistics", **common)
     writer = storage.ShardWriter(stats_uri, key)
+    markers = writer.markers()
 
     def shard_stats(s: Shard) -> B.Stats:
-        marker = storage.read_json(storage.join(stats_uri, storage.DONE_DIR, f"{s.name}.json"))
+        marker = markers[s.name]
         t = storage.read_parquet(writer.shard_uri(s.name))
         return B.Stats(dict(zip(t.column("token").to_pylist(), t.column("df").to_pylist(),
                                 strict=True)), marker["n_docs"], marker["total_len"],

@@ -154,9 +154,10 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str
     job = GenerateJob(qg, list(langs), options, seed)
     stats = run_shards(job, units, out_uri, config_hash, gc, stage="teacher.generate",
                        desc="teacher generate", unit="passage-lang")
-    marks = [storage.read_json(storage.join(out_uri, storage.DONE_DIR, f"{u.name}.json"))
-             for u in units]
-    return storage.ShardWriter(out_uri, config_hash).finalize(
+    writer = storage.ShardWriter(out_uri, config_hash)
+    done = writer.markers()
+    marks = [done.get(u.name, {}) for u in units]  # finalize names a missing one
+    return writer.finalize(
         [u.name for u in units], stage="teacher-generate", inputs=inputs, passages=n_passages,
         langs=list(langs), empty_queries_dropped=sum(m.get("empty_queries", 0) for m in marks),
         repeated_queries_dropped=sum(m.get("repeated_queries", 0) for m in marks),
