@@ -623,3 +623,39 @@ def test_stages_encode_build_mine_on_s3(ray_local, s3_bucket, tokenizer):
     pos = dict(zip(qids, pids[::2], strict=True))
     assert all(pos[c["qid"]] not in c["pids"] and len(c["pids"]) == 5 for c in cand)
     assert all(t["pos_pids"] == [pos[t["qid"]]] and len(t["neg_pids"]) == 2 for t in train)
+
+
+def test_shard_language_ids_looked_up_in_groups(tmp_path, monkeypatch):
+    """A shard's ids per corpus language: the corpus's (pid, lang) rows are looked up in the
+    shard's pids in groups (here of 12 rows: several corpus files per lookup, a file split
+    from the next), and every id lands in its language, none from another shard."""
+    from qgscale.index import search as S
+
+    d, n = 4, 30
+    corpus = str(tmp_path / "corpus")
+    for f in range(3):  # 3 files of 10 passages, languages interleaved
+        storage.write_parquet(f"{corpus}/part-{f:05d}.parquet", pa.Table.from_pylist(
+            [{"pid": f"p{i}", "lang": ("en", "de", "es")[i % 3], "title": "", "text": "x"}
+             for i in range(10 * f, 10 * f + 10)], schema=CORPUS))
+    idx = str(tmp_path / "faiss")
+    mine_ids = np.arange(0, n, 2, dtype=np.int64)[:12]  # this shard: 12 of the 30 ids
+    part = faiss.index_factory(d, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+    part.add_with_ids(np.random.default_rng(0).normal(size=(12, d)).astype(np.float32),
+                      mine_ids)
+    storage.write_bytes(f"{idx}/shards/shard-00000.faiss", faiss.serialize_index(part).tobytes())
+    ids = storage.ShardWriter(f"{idx}/ids")
+    ids.write("part-00000", pa.table({"id": np.arange(n, dtype=np.int64),
+                                      "pid": [f"p{i}" for i in range(n)]}))
+    ids.finalize(["part-00000"])
+    storage.write_manifest(idx, "", factory="Flat", metric="ip", dim=d, ntotal=n,
+                           shards=["shards/shard-00000.faiss"], ondisk=False)
+    monkeypatch.setattr(S, "LANG_LOOKUP_ROWS", 0)  # groups of max(12 shard pids, 0) rows
+    lookups = []
+    index_in = S.pc.index_in
+    monkeypatch.setattr(S.pc, "index_in", lambda *a, **k: lookups.append(1) or index_in(*a, **k))
+    got = S.ShardSearcher(idx, "shards/shard-00000.faiss", False, None, None,
+                          corpus_uri=corpus).lang_ids()
+    assert len(lookups) == 2  # 20 rows, then the last 10
+    assert {k: v.tolist() for k, v in got.items()} == {
+        lang: [i for i in mine_ids.tolist() if ("en", "de", "es")[i % 3] == lang]
+        for lang in ("en", "de", "es")}

@@ -151,11 +151,6 @@ class PidMap:
         out[ok] = self.pids.take(pa.array(pos)).to_numpy(zero_copy_only=False)
         return out
 
-    def ids_of(self, pids: pa.Array) -> np.ndarray:
-        """The ids of those of ``pids`` that are in this map (others are skipped)."""
-        pos = pc.index_in(pids, value_set=self.pids).drop_null().to_numpy()
-        return self.ids[pos]
-
 
 def load_refine_store(index_uri: str, m: dict, pids: Any, kind: str,
                       ids: np.ndarray | None = None):
@@ -295,6 +290,9 @@ def search_params(index: Any, sel: Any, nprobe: int | None = None,
     return faiss.SearchParameters(sel=sel)
 
 
+LANG_LOOKUP_ROWS = 1 << 20  # corpus rows per lookup of a shard's language ids, at least
+
+
 class ShardSearcher:
     """Ray actor body: holds one index shard and the pids of its ids; returns raw
     ``(dist, ids)`` with global ids and their pids. Given ``corpus_uri``, a search may be
@@ -329,19 +327,39 @@ class ShardSearcher:
         self._lang_ids: dict[str, np.ndarray] | None = None
 
     def lang_ids(self) -> dict[str, np.ndarray]:
-        """``{lang: ids of this shard's passages in that language}`` (computed once)."""
+        """``{lang: ids of this shard's passages in that language}`` (computed once). The
+        corpus's ``(pid, lang)`` columns are looked up in the shard's pids in groups of about
+        as many rows as the shard holds: each lookup hashes the shard's pids once, so the
+        work is O(corpus) in all, not O(corpus files x shard)."""
         if self._lang_ids is None:
             from qgscale.data.corpus import scan
 
             if self.corpus_uri is None:
                 raise ValueError("a language-restricted search needs the corpus_uri")
             found: dict[str, list[np.ndarray]] = {}
-            for t in scan(self.corpus_uri, None, ("pid", "lang")):
-                pid = pc.cast(t.column("pid"), pa.large_string())
-                lang = t.column("lang")
+            group: list[pa.Table] = []
+
+            def lookup() -> None:
+                t = pa.concat_tables(group).combine_chunks()
+                group.clear()
+                pos = pc.index_in(pc.cast(t.column("pid"), pa.large_string()),
+                                  value_set=self.pid_map.pids)
+                ids = self.pid_map.ids[pos.drop_null().to_numpy()]
+                lang = t.column("lang").filter(pc.is_valid(pos))
                 for value in pc.unique(lang).to_pylist():
-                    mask = pc.equal(lang, value)
-                    found.setdefault(value, []).append(self.pid_map.ids_of(pid.filter(mask)))
+                    mask = pc.fill_null(pc.equal(lang, value), False).to_numpy(
+                        zero_copy_only=False)
+                    found.setdefault(value, []).append(ids[mask])
+
+            rows, batch = 0, max(len(self.pid_map.pids), LANG_LOOKUP_ROWS)
+            for t in scan(self.corpus_uri, None, ("pid", "lang")):
+                group.append(t)
+                rows += t.num_rows
+                if rows >= batch:
+                    lookup()
+                    rows = 0
+            if group:
+                lookup()
             self._lang_ids = {k: np.sort(np.concatenate(v)).astype(np.int64)
                               for k, v in found.items()}
         return self._lang_ids

@@ -54,7 +54,7 @@ def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -
     a qid in two rows), naming file, row and field. O(queries x k), never the corpus.
     """
     uris = [candidates_uri] if isinstance(candidates_uri, str) else candidates_uri
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, int]] = {}  # qid -> its file (one string per file) and row
     parts = []
     for f in (f for u in uris for f in _files(u)):
         t = storage.read_parquet(f, ["qid", "pids"])
@@ -64,8 +64,9 @@ def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -
             if not qid:
                 raise DataError(f"{f}: row {r}: empty field 'qid'")
             if qid in seen:
-                raise DataError(f"{where}: qid also in {seen[qid]} (one candidate list per qid)")
-            seen[qid] = f"{f} row {r}"
+                raise DataError(f"{where}: qid also in {seen[qid][0]} row {seen[qid][1]} (one "
+                                "candidate list per qid)")
+            seen[qid] = (f, r)
             if pids is None:
                 raise DataError(f"{where}: field 'pids' is null")
             if any(not p for p in pids):
@@ -75,7 +76,9 @@ def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -
         kept = pc.list_slice(t["pids"], 0, first) if first else t["pids"]
         rows = pc.list_parent_indices(kept)
         parts.append(pa.table({"qid": t["qid"].take(rows), "pid": pc.list_flatten(kept),
-                               "file": pa.array([f] * len(rows), pa.string()), "row": rows}))
+                               "file": pa.DictionaryArray.from_arrays(  # the URI once
+                                   pa.array(np.zeros(len(rows), np.int32)), pa.array([f])),
+                               "row": rows}))
     return pa.concat_tables(parts).combine_chunks()
 
 
