@@ -116,7 +116,10 @@ def join(uri: str, *parts: str) -> str:
 
 
 def exists(uri: str) -> bool:
+    """Whether ``uri`` is there now: never from a cached listing (s3fs answers from the
+    parent folder's listing when it has one, and other processes write shards and markers)."""
     fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)
     return fs.exists(path)
 
 
@@ -135,9 +138,9 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     """Sorted URIs of the files directly under folder ``uri`` ending in ``suffix``
     (hidden files, such as an unfinished write's temp file, are never listed)."""
     fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)  # first: other processes write here (s3fs caches listings)
     if not fs.exists(path):
         return []
-    fs.invalidate_cache(path)
     names = sorted(p for p in fs.ls(path, detail=False)
                    if p.endswith(suffix) and not posixpath.basename(p).startswith("."))
     return [join(uri, posixpath.basename(p)) for p in names]

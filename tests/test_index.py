@@ -20,6 +20,7 @@ from qgscale.config import BuildConfig, EncodeConfig
 from qgscale.data.schema import CORPUS, QUERIES, passage_text
 from qgscale.errors import DataError
 from qgscale.index import build as B
+from qgscale.index import search as S
 from qgscale.index.encode import (
     embeddings_table,
     encode_corpus,
@@ -180,7 +181,8 @@ def test_merged_index_equals_single_process_index(ray_local, tmp_path, factory):
 
 
 @pytest.mark.parametrize("factory", ["Flat", "SQfp16"])
-def test_exact_sharded_search_equals_single_process(ray_local, tmp_path, factory):
+def test_exact_sharded_search_equals_single_process(ray_local, tmp_path, factory,
+                                                     monkeypatch):
     """Exact search split over index shards (Flat, or Flat in fp16: the paper-scale preset):
     the Ray actors, one per shard, return what one index over every vector returns."""
     xb, xq = clustered(3000, 16, seed=3), clustered(50, 16, seed=4)
@@ -198,10 +200,14 @@ def test_exact_sharded_search_equals_single_process(ray_local, tmp_path, factory
     searcher = ShardedSearcher(idx, num_cpus=0.5)
     try:
         got, scores = searcher.search(xq, 10)
+        monkeypatch.setattr(S, "SEARCH_BLOCK", 7)  # queries fanned out in blocks of 7
+        blocked, blocked_scores = searcher.search(xq, 10)
     finally:
         searcher.close()
     assert got.tolist() == [[pids[i] for i in row] for row in i_ref]
     np.testing.assert_array_equal(scores, d_ref)
+    assert len(xq) % 7 and blocked.tolist() == got.tolist()
+    np.testing.assert_array_equal(blocked_scores, d_ref)
     got2, scores2 = search(idx, xq, 10)  # IndexShards in this process: the same
     assert got2.tolist() == got.tolist()
     np.testing.assert_array_equal(scores2, d_ref)
@@ -354,7 +360,12 @@ def test_flat_and_hnsw_builds(ray_local, tmp_path, factory, num_shards):
 def test_training_sample_is_bounded_by_quotas(ray_local, tmp_path):
     """Shards hold far more rows than the training sample: the training task receives about
     1.05 k rows in total (per-shard quotas), not k per shard."""
-    assert B.sample_quotas([2000, 2000, 3000, 1000], 1000) == [263, 263, 394, 132]
+    q = B.sample_quotas([2000, 2000, 3000, 1000], 1000)  # 262.5, 262.5, 393.75, 131.25
+    assert sum(q) == 1050 and all(a - b in (0, 1) for a, b in zip(q, [262, 262, 393, 131],
+                                                                  strict=True))
+    # 50k shards of 20 rows, a sample of 1,000: 1,050 shards send one row, the others none
+    q = B.sample_quotas([20] * 50_000, 1000, seed=3)
+    assert sum(q) == 1050 and set(q) == {0, 1} and q != B.sample_quotas([20] * 50_000, 1000)
     emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
     write_embeddings(emb, clustered(8000, 16, seed=3), 4)
     B.build_index(emb, idx, BuildConfig(factory="IVF16,Flat", train_samples=1000,
@@ -629,8 +640,6 @@ def test_shard_language_ids_looked_up_in_groups(tmp_path, monkeypatch):
     """A shard's ids per corpus language: the corpus's (pid, lang) rows are looked up in the
     shard's pids in groups (here of 12 rows: several corpus files per lookup, a file split
     from the next), and every id lands in its language, none from another shard."""
-    from qgscale.index import search as S
-
     d, n = 4, 30
     corpus = str(tmp_path / "corpus")
     for f in range(3):  # 3 files of 10 passages, languages interleaved

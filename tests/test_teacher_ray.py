@@ -402,13 +402,25 @@ def test_generation_units_give_every_actor_work(tmp_path):
         return [p for u in units for p in u.payload.read()[0]]
 
     # 15 positives at 5 per unit would be 3 units for 8 actors: 1 per unit, 15 units
-    units, n, rows = plan_units(c_uri, r_uri, 5, 2, num_actors=8)
+    work = {"work_uri": str(tmp_path / "work"), "config_hash": "k"}
+    units, n, rows = plan_units(c_uri, r_uri, 5, 2, num_actors=8, **work)
     assert (n, rows, len(units)) == (15, 1, 15) and len(units) >= 8
     assert passages(units) == [q["pid"] for q in qrels] and units[0].size == 2
-    units, n, rows = plan_units(c_uri, r_uri, 5, 2, num_actors=2)  # ceil(15 / 4) = 4
-    assert (rows, [len(u.payload.pairs) for u in units]) == (4, [4, 4, 4, 3])
-    units, _, rows = plan_units(c_uri, r_uri, 5, 2, num_actors=1)  # shard_rows caps: 5
+    units, n, rows = plan_units(c_uri, r_uri, 5, 2, num_actors=2, **work)  # ceil(15 / 4) = 4
+    assert (rows, [u.payload.stop for u in units]) == (4, [4, 4, 4, 3])
+    # the positives' texts: one work shard per unit, kept for a resume of the same plan
+    assert [u.payload.uri.rsplit("/", 1)[1] for u in units] == [
+        f"part-{i:05d}.parquet" for i in range(4)]
+    assert storage.read_manifest(work["work_uri"])["unit_rows"] == 4
+    units, _, rows = plan_units(c_uri, r_uri, 5, 2, num_actors=1, **work)  # shard_rows caps: 5
     assert (rows, len(units)) == (5, 3)
+    assert passages(units) == [q["pid"] for q in qrels]
+    storage.write_parquet(str(tmp_path / "qrels.parquet"), pa.Table.from_pylist(
+        [*qrels, {"qid": "q9", "pid": "nope", "rel": 0}, {"qid": "q8", "pid": "gone", "rel": 1}],
+        schema=QRELS))
+    with pytest.raises(DataError, match=r"qrels.parquet: row 16 \(qid=q8\): pid=gone not in "
+                                        r"corpus"):
+        plan_units(c_uri, r_uri, 5, 2, num_actors=1, **work)
     # every corpus passage: 45 rows, 8 actors -> ranges of ceil(45 / 16) = 3 rows
     units, n, rows = plan_units(c_uri, None, 20, 1, num_actors=8)
     assert (n, rows, len(units)) == (45, 3, 15)  # >= 8: every actor gets work

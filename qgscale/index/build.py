@@ -209,11 +209,19 @@ def sample_shard(uri: str, quota: int, seed: int) -> tuple[np.ndarray, np.ndarra
     return keys[rows], (np.concatenate(out) if out else np.empty((0, dim), np.float16))
 
 
-def sample_quotas(counts: list[int], k: int, slack: float = 1.05) -> list[int]:
-    """Rows each shard sends for a training sample of ``k``: ``ceil(k * n_i / n * slack)``
-    (at most ``n_i``), so the training task receives about ``slack * k`` rows, whatever N."""
+def sample_quotas(counts: list[int], k: int, seed: int = 0, slack: float = 1.05) -> list[int]:
+    """Rows each shard sends for a training sample of ``k``: ``x_i = k * n_i / n * slack``
+    rounded down or up by systematic sampling (one seeded offset), so the quotas sum to
+    ``round(slack * k)`` whatever N and however many shards: with more shards than rows to
+    draw, most send none (and start no task), each with probability by its size."""
     n = sum(counts)
-    return [min(c, math.ceil(k * c / n * slack)) if n else 0 for c in counts]
+    if not n:
+        return [0] * len(counts)
+    cum = np.cumsum([k * c / n * slack for c in counts])
+    u = np.random.default_rng(seed).random()
+    ends = np.floor(cum - u).astype(np.int64)
+    starts = np.concatenate([[np.floor(-u)], ends[:-1]]).astype(np.int64)
+    return [min(c, int(q)) for c, q in zip(counts, ends - starts, strict=True)]
 
 
 def train_index(factory: str, metric: str, dim: int, out_uri: str,
@@ -514,7 +522,7 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
             k = min(bc.train_samples, n) if needs_training else 0
             sample = ray.remote(sample_shard).options(**task_options)
             samples = [sample.remote(u, q, seed * 100_003 + i) for i, (u, q) in
-                       enumerate(zip(uris, sample_quotas(counts, k), strict=True)) if q] \
+                       enumerate(zip(uris, sample_quotas(counts, k, seed), strict=True)) if q] \
                 if k else []
             res = actor_resources("index.build", 1, bc.cpus_per_actor, bc.gpus_per_actor)
             train = ray.remote(train_index).options(**res.options())

@@ -291,6 +291,7 @@ def search_params(index: Any, sel: Any, nprobe: int | None = None,
 
 
 LANG_LOOKUP_ROWS = 1 << 20  # corpus rows per lookup of a shard's language ids, at least
+SEARCH_BLOCK = 4096  # queries per fan-out of a sharded search
 
 
 class ShardSearcher:
@@ -416,15 +417,29 @@ class ShardedSearcher:
 
     def search(self, x: np.ndarray, k: int, lang: str | None = None):
         """Top-``k`` ``(pids, scores)`` as :func:`search`; ``lang``: among the passages of
-        that language only (exact restriction: ``corpus_uri`` must be given)."""
-        import faiss
+        that language only (exact restriction: ``corpus_uri`` must be given). Queries go out
+        in blocks of :data:`SEARCH_BLOCK` (all submitted at once, so the actors never wait),
+        and each block's shard results are merged one at a time: this process holds one
+        shard's result for one block, not every shard's for every query."""
         import ray
 
         x = np.ascontiguousarray(x, dtype=np.float32)
-        ref = ray.put(x)
-        heap = faiss.ResultHeap(len(x), k, keep_max=self.metric == "ip")
+        blocks = [x[i:i + SEARCH_BLOCK] for i in range(0, len(x), SEARCH_BLOCK)] or [x]
+        pending = []
+        for b in blocks:
+            ref = ray.put(b)
+            pending.append((len(b), [a.search.remote(ref, k, lang) for a in self.actors]))
+        parts = [self._merge(n, k, futures) for n, futures in pending]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _merge(self, n: int, k: int, futures: list) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+        import ray
+
+        heap = faiss.ResultHeap(n, k, keep_max=self.metric == "ip")
         pid_of: dict[int, str] = {}
-        for dist, ids, pids in ray.get([a.search.remote(ref, k, lang) for a in self.actors]):
+        for f in futures:
+            dist, ids, pids = ray.get(f)
             heap.add_result(dist, ids)
             pid_of.update(zip(ids[ids >= 0].tolist(), pids[ids >= 0].tolist(), strict=True))
         heap.finalize()

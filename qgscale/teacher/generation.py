@@ -8,11 +8,13 @@ teacher score, the mean token log-prob), written as a shard job
 generations (an immediate ``</s>``) and repeats of a query already kept for the same passage
 and language are left out and counted in the manifest (``empty_queries_dropped``,
 ``repeated_queries_dropped``). Sampling is seeded per shard and language, so a retried shard is
-identical. Work units carry their passages (the positives' texts, read by the semi-join of
-:mod:`qgscale.data.corpus`), or name a row range of one corpus shard (``passages: corpus``,
-read as its row groups: :func:`qgscale.storage.read_rows`): no actor loads the corpus, nor a
-whole shard. Units hold ``shard_rows`` passages, or fewer so that every actor of the pool gets
-work (:func:`qgscale.runtime.unit_rows`); a resumed run keeps the first run's unit size.
+identical. A work unit names a row range of one shard, read as its row groups
+(:func:`qgscale.storage.read_rows`): a shard of the positives' texts, which the driver streams
+out of the corpus (the semi-join of :mod:`qgscale.data.corpus`) into ``_passages/``, or of a
+corpus shard (``passages: corpus``): no process holds the corpus or every positive's text,
+and no actor reads a whole corpus shard for one unit. Units hold ``shard_rows`` passages, or
+fewer so that every actor of the pool gets work (:func:`qgscale.runtime.unit_rows`); a resumed
+run keeps the first run's unit size.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qgscale import storage
 from qgscale.config import GenerateConfig
-from qgscale.data.corpus import check, corpus_shards, read_passages
+from qgscale.data.corpus import check, corpus_shards, iter_passages
 from qgscale.data.schema import GENERATED, passage_text
 from qgscale.errors import ConfigError, DataError
 from qgscale.runtime import Shard, connect, planned_unit_rows, run_shards, unit_rows
@@ -36,22 +39,29 @@ from qgscale.teacher.common import QGSpec, qg_spec, read_table
 
 @dataclass
 class Passages:
-    """A work unit's passages, sent with the unit: inline ``(pid, text)`` pairs (the
-    positives), or rows ``[start, stop)`` of one corpus shard (``passages: corpus``)."""
+    """A work unit's passages: rows ``[start, stop)`` of one parquet shard, read as its row
+    groups (:func:`qgscale.storage.read_rows`): a corpus shard (``passages: corpus``), or a
+    shard of the positives' texts that the driver streamed to ``_passages/`` (columns
+    ``pid, passage``)."""
 
-    pairs: list[tuple[str, str]] | None = None
-    uri: str = ""
+    uri: str
     start: int = 0
     stop: int = 0
+    corpus: bool = True  # a corpus shard (pid, title, text), else a positives' shard
 
     def read(self) -> tuple[list[str], list[str]]:
-        if self.pairs is not None:
-            return [p for p, _ in self.pairs], [t for _, t in self.pairs]
+        if not self.corpus:
+            t = storage.read_rows(self.uri, self.start, self.stop, ["pid", "passage"])
+            return t.column("pid").to_pylist(), t.column("passage").to_pylist()
         t = storage.read_rows(self.uri, self.start, self.stop, ["pid", "title", "text"])
         check(t, self.uri, self.start)
         return t.column("pid").to_pylist(), [
             passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
                                                t.column("text").to_pylist(), strict=True)]
+
+
+PASSAGES_DIR = "_passages"  # under the generated folder: the positives' texts, for the units
+POSITIVES = pa.schema([("pid", pa.string()), ("passage", pa.string())])
 
 
 @dataclass
@@ -94,13 +104,14 @@ class GenerateJob:
 
 
 def plan_units(corpus_uri: str, qrels_uri: str | None, shard_rows: int, n_langs: int,
-               num_actors: int = 1, rows_of: Callable[[int], int] | None = None
-               ) -> tuple[list[Shard], int, int]:
+               num_actors: int = 1, rows_of: Callable[[int], int] | None = None,
+               work_uri: str = "", config_hash: str = "") -> tuple[list[Shard], int, int]:
     """Work units, the passage count and the passages per unit (``rows_of(n)`` of the ``n``
     passages, else :func:`qgscale.runtime.unit_rows` of ``shard_rows`` and ``num_actors``).
-    With ``qrels_uri``: the positives (rel > 0), in corpus order, their text read by the
-    semi-join and sent inline; without: row ranges of every corpus shard (parquet footers
-    only), read by the actor. The driver never holds the corpus."""
+    With ``qrels_uri``: the positives (rel > 0), in corpus order, their texts streamed by the
+    semi-join into shards of one unit each under ``work_uri`` (kept with ``config_hash``, so a
+    resume reads them again); without: row ranges of every corpus shard (parquet footers
+    only). The driver holds the positives' pids and one shard of texts, never the corpus."""
     def rows_default(n: int) -> int:
         return unit_rows(n, shard_rows, num_actors)
 
@@ -115,20 +126,35 @@ def plan_units(corpus_uri: str, qrels_uri: str | None, shard_rows: int, n_langs:
         units = []
         for fi, (uri, n) in enumerate(counts):
             units += [Shard(f"part-{fi:05d}-{k:04d}", (r.stop - r.start) * n_langs,
-                            Passages(uri=uri, start=r.start, stop=r.stop))
+                            Passages(uri, r.start, r.stop))
                       for k, (_, r) in enumerate(storage.shard_slices(n, rows)) if n]
         return units, n_all, rows
-    qrels = read_table(qrels_uri, "qrels", ["qid", "pid", "rel"]).to_pylist()
-    positive = {r["pid"]: i for i, r in enumerate(qrels) if (r["rel"] or 0) > 0}
-    texts = read_passages(corpus_uri, positive)
-    for pid, i in positive.items():
-        if pid not in texts:
-            raise DataError(f"{qrels_uri}: row {i} (qid={qrels[i]['qid']}): pid={pid} not in "
-                            f"corpus {corpus_uri}")
-    pairs = list(texts.items())
-    rows = (rows_of or rows_default)(len(pairs))
-    return [Shard(name, (r.stop - r.start) * n_langs, Passages(pairs=pairs[r]))
-            for name, r in storage.shard_slices(len(pairs), rows) if pairs], len(pairs), rows
+    if not work_uri:
+        raise ValueError("plan_units: the positives' texts need a work_uri")
+    qrels = read_table(qrels_uri, "qrels", ["qid", "pid", "rel"])
+    positive = qrels.filter(pc.fill_null(pc.greater(qrels.column("rel"), 0), False))
+    pids = pc.unique(positive.column("pid"))
+    rows = (rows_of or rows_default)(len(pids))
+    m = storage.read_manifest(work_uri)
+    if not (m and m.get("config_hash") == config_hash and m.get("unit_rows") == rows):
+        storage.remove(work_uri, recursive=True)  # another plan: written again
+        m = storage.ShardWriter(work_uri, config_hash).write_rows(
+            ({"pid": p, "passage": t} for p, t in iter_passages(corpus_uri, pids)), rows,
+            POSITIVES, unit_rows=rows)
+    if m["rows"] != len(pids):  # a positive passage not in the corpus, or on two rows
+        got = storage.read_parquet(work_uri, ["pid"]).column("pid")
+        missing = pc.and_(pc.fill_null(pc.greater(qrels.column("rel"), 0), False),
+                          pc.invert(pc.is_in(qrels.column("pid"), value_set=got)))
+        if pc.any(missing).as_py():
+            i = pc.index(missing, True).as_py()
+            raise DataError(f"{qrels_uri}: row {i} (qid={qrels['qid'][i]}): pid="
+                            f"{qrels['pid'][i]} not in corpus {corpus_uri}")
+        twice = pc.value_counts(got).filter(pc.greater(pc.value_counts(got).field("counts"), 1))
+        raise DataError(f"{corpus_uri}: pid={twice[0]['values']} is on {twice[0]['counts']} "
+                        "corpus rows: a pid names one passage")
+    return [Shard(sh["name"], sh["rows"] * n_langs,
+                  Passages(storage.join(work_uri, sh["file"]), 0, sh["rows"], corpus=False))
+            for sh in m["shards"] if sh["rows"]], m["rows"], rows
 
 
 def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str,
@@ -150,7 +176,8 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str
     inputs = {"corpus": corpus_uri, "qrels": qrels_uri}
     units, n_passages, rows = plan_units(  # units sized to the actor pool, kept on resume
         corpus_uri, qrels_uri, gc.shard_rows, len(langs), rows_of=lambda n: planned_unit_rows(
-            out_uri, config_hash, n, gc.shard_rows, gc, "teacher.generate"))
+            out_uri, config_hash, n, gc.shard_rows, gc, "teacher.generate"),
+        work_uri=storage.join(out_uri, PASSAGES_DIR), config_hash=config_hash)
     job = GenerateJob(qg, list(langs), options, seed)
     stats = run_shards(job, units, out_uri, config_hash, gc, stage="teacher.generate",
                        desc="teacher generate", unit="passage-lang")
