@@ -157,6 +157,39 @@ def test_evaluate_split(run_root):
     assert out["pairs"]["de->de"]["n_kt"] == N_QUERIES and "r@5kt" in out["pairs"]["en->de"]
 
 
+def test_qrels_defects_are_named(run_root, tmp_path, caplog):
+    """An empty qrels field is an error naming the file and row; a positive whose passage is
+    not in the corpus (a miss for every model) is logged with its count and an example."""
+    import logging
+
+    from qgscale.data.schema import QRELS
+    from qgscale.errors import DataError
+    from qgscale.eval.evaluate import evaluate_split, load_split
+    from qgscale.index.search import load_index
+
+    _, b = run_root
+    data, corpus = str(tmp_path / "data"), storage.join(b["data"], "test", "corpus")
+    qrels = storage.read_parquet(storage.join(b["data"], "test", "qrels")).to_pylist()
+    storage.write_parquet(f"{data}/test/queries/part-00000.parquet",
+                          storage.read_parquet(storage.join(b["data"], "test", "queries")))
+    first = qrels[0]["qid"]
+    for extra, ok in (({"qid": first, "pid": "en:gone", "rel": 1}, True),
+                      ({"qid": first, "pid": "en:x", "rel": None}, False)):
+        storage.write_parquet(f"{data}/test/qrels/part-00000.parquet",
+                              pa.Table.from_pylist([*qrels, extra], schema=QRELS))
+        if not ok:
+            with pytest.raises(DataError, match=rf"qrels/part-00000.parquet: row {len(qrels)} "
+                                                rf"\(qid={first}\): empty field 'rel'"):
+                load_split(data, "test", corpus, answers=False)
+            continue
+        with caplog.at_level(logging.WARNING, logger="qgscale"):
+            evaluate_split(b["encoder"], load_index(b["index"]),
+                           load_split(data, "test", corpus, answers=False), top_k=5, ks=[1, 5])
+        assert re.search(rf"1 positive qrels pair\(s\) of the evaluated queries name a passage "
+                         rf"not in the corpus \S+ \(e.g. qid={first}, pid=en:gone\)",
+                         caplog.text)
+
+
 def test_reports_written_to_s3(run_root, s3_bucket):
     from qgscale.eval.evaluate import evaluate_split, load_split, metric_names, write_reports
     from qgscale.index.search import load_index

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.eval import metrics as M
 from qgscale.eval.metrics import metric_names
 
+log = logging.getLogger("qgscale")
 
 # ---------------------------------------------------------------------------- data
 @dataclass
@@ -86,11 +88,15 @@ def load_split(data_uri: str, split: str, corpus_uri: str | None = None,
     qrels: dict[str, dict[str, int]] = defaultdict(dict)
     r_uri = _split_uri(data_uri, split, "qrels")
     if r_uri is not None:
-        table = storage.read_parquet(r_uri)
-        _require(table, ["qid", "pid", "rel"], r_uri)
-        for q, p, r in zip(*(table.column(c).to_pylist() for c in ("qid", "pid", "rel")),
-                           strict=True):
-            qrels[q][p] = int(r)
+        for f in storage.parquet_files(r_uri):
+            table = storage.read_parquet(f)
+            _require(table, ["qid", "pid", "rel"], f)
+            for i, (q, p, r) in enumerate(zip(*(table.column(c).to_pylist()
+                                                for c in ("qid", "pid", "rel")), strict=True)):
+                if not q or not p or r is None:
+                    field = "qid" if not q else "pid" if not p else "rel"
+                    raise DataError(f"{f}: row {i} (qid={q}): empty field {field!r}")
+                qrels[q][p] = int(r)
     ans = None
     a_uri = _split_uri(data_uri, split, "answers") if answers else None
     if a_uri is not None:
@@ -243,6 +249,12 @@ def score_runs(data: EvalData, pooled: dict, pair_runs: dict, ks: list[int] | No
     needed |= {p for rels in data.qrels.values() for p in rels}
     want_text = data.answers is not None
     plang, ptext = passage_fields(data.corpus_uri, needed, text=want_text)
+    gone = [(q, p) for q, rels in data.qrels.items() if q in data.query_lang
+            for p, r in rels.items() if r > 0 and p not in plang]
+    if gone:  # a positive no index can return: every metric counts it as a miss
+        log.warning("%s: %d positive qrels pair(s) of the evaluated queries name a passage "
+                    "not in the corpus %s (e.g. qid=%s, pid=%s): they count as misses",
+                    data.source.get("qrels") or "qrels", len(gone), data.corpus_uri, *gone[0])
     if plang_all is not None:
         plang = {**plang_all, **plang}
     # queries with neither qrels nor answers cannot be scored; keep only scored ones per view
