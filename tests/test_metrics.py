@@ -210,6 +210,29 @@ def test_teacher_rerank_compares_orders_of_the_same_lists():
     assert "| de | teacher | 0.6667 | 0.5000 |" in markdown(r, names, 3)
 
 
+def test_answer_qrels_of_a_run_name_a_passage_not_in_the_corpus(tmp_path):
+    """Answer-match relevance (XOR-TyDi, MKQA) reads the run's top-k passages: those with an
+    answer are relevant; a pid the corpus lacks (a run from another corpus) is an error."""
+    import pyarrow as pa
+
+    from qgscale import storage
+    from qgscale.data.schema import CORPUS
+    from qgscale.errors import DataError
+    from qgscale.eval.evaluate import EvalData
+    from qgscale.eval.rerank import answer_qrels
+
+    corpus = str(tmp_path / "corpus")
+    storage.write_parquet(f"{corpus}/part-00000.parquet", pa.Table.from_pylist(
+        [{"pid": "a", "lang": "en", "title": "", "text": "Paris is in France"},
+         {"pid": "b", "lang": "en", "title": "", "text": "Berlin is in Germany"}],
+        schema=CORPUS))
+    data = EvalData(["q1"], ["Where?"], {"q1": "de"}, {}, corpus, {"q1": ["Paris"]})
+    assert answer_qrels([{"qid": "q1", "pids": ["b", "a"]}], 2, data) == {"q1": {"a": 1}}
+    with pytest.raises(DataError, match=r"corpus: pid=zz of the run's lists is not in the "
+                                        r"corpus \(1 missing\)"):
+        answer_qrels([{"qid": "q1", "pids": ["b", "zz"]}], 2, data)
+
+
 def test_macro_averages_each_metric_over_the_groups_that_have_it():
     """A pair with answers but no qrels (R@kt, no MRR) neither drops MRR from the macro nor
     counts as 0 in it; the groups behind a metric that only some have are counted."""

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from qgscale import storage
 from qgscale.data.schema import CANDIDATES
+from qgscale.errors import DataError
 from qgscale.eval import metrics as M
 
 log = logging.getLogger("qgscale.eval")
@@ -70,6 +71,10 @@ def answer_qrels(run: list[dict], k: int, data: Any) -> dict[str, dict[str, int]
     answers = data.answers or {}
     pids = {p for r in run if answers.get(r["qid"]) for p in r["pids"][:k]}
     texts = read_passages(data.corpus_uri, pids)
+    if len(texts) < len(pids):  # the run retrieved from another corpus than this split's
+        missing = sorted(pids - set(texts))
+        raise DataError(f"{data.corpus_uri}: pid={missing[0]} of the run's lists is not in "
+                        f"the corpus ({len(missing)} missing)")
     out: dict[str, dict[str, int]] = {}
     for r in run:
         rel = {p: 1 for p in r["pids"][:k] if answers.get(r["qid"])
