@@ -201,3 +201,35 @@ def test_missing_or_empty_passages_are_named(data, tmp_path):
                                         r"field 'text'"):
         C.read_passages(bad, {"a", "b"})
     assert C.read_passages(bad, {"a"}) == {"a": passage_text("", "fine")}
+
+
+def test_empty_ids_in_training_positives_are_named(tmp_path):
+    """A null qid or pid in hand-made examples or qrels is an error naming the row and field
+    (it used to fail inside a sort, or train on a None pid)."""
+    from qgscale.data.schema import TRAIN_EXAMPLES
+    from qgscale.train.rows_dataset import _check_ids, _check_text
+
+    ex, qr = str(tmp_path / "examples"), str(tmp_path / "qrels")
+    for rows, want in (([{"qid": None, "pos_pids": ["a"], "neg_pids": []}],
+                        r"examples(/part-00000.parquet)?: row 0: empty field 'qid'"),
+                       ([{"qid": "q1", "pos_pids": ["a"], "neg_pids": ["b", None]}],
+                        r"examples(/part-00000.parquet)?: row 0 \(qid=q1\): field 'neg_pids' "
+                        r"holds an empty/null pid"),
+                       ([{"qid": "q1", "pos_pids": [""], "neg_pids": None}],
+                        r"examples(/part-00000.parquet)?: row 0 \(qid=q1\): field 'pos_pids' "
+                        r"holds an empty")):
+        storage.write_parquet(f"{ex}/part-00000.parquet",
+                              pa.Table.from_pylist(rows, schema=TRAIN_EXAMPLES))
+        with pytest.raises(DataError, match=want):
+            tdata.positives_from(ex, None)
+        with pytest.raises(DataError, match=want):  # the Ray Data rows' check of each file
+            _check_ids("qid", ("pos_pids", "neg_pids"))(
+                storage.read_parquet(ex), f"{ex}/part-00000.parquet")
+    storage.write_parquet(f"{qr}/part-00000.parquet", pa.Table.from_pylist(
+        [{"qid": "q1", "pid": "a", "rel": 1}, {"qid": "q2", "pid": None, "rel": 1}],
+        schema=QRELS))
+    with pytest.raises(DataError, match=r"qrels: row 1 \(qid=q2\): empty field 'pid'"):
+        tdata.positives_from(None, qr)
+    with pytest.raises(DataError, match=r"qrels/part-00000.parquet: row 1 \(qid=q2\): empty "
+                                        r"field 'pid'"):
+        _check_text("qid", ("qid", "pid"))(storage.read_parquet(qr), f"{qr}/part-00000.parquet")

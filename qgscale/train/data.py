@@ -116,16 +116,24 @@ def positives_from(examples_uri: str | None, qrels_uri: str | None
     neg: dict[str, list[str]] = defaultdict(list)
     if examples_uri and storage.exists(examples_uri):
         for i, r in enumerate(_read(examples_uri, "training examples").to_pylist()):
+            where = f"{examples_uri}: row {i} (qid={r['qid']})"
+            if not r["qid"]:
+                raise DataError(f"{examples_uri}: row {i}: empty field 'qid'")
             if not r["pos_pids"]:
-                raise DataError(f"{examples_uri}: row {i} (qid={r['qid']}): "
-                                "empty field 'pos_pids'")
+                raise DataError(f"{where}: empty field 'pos_pids'")
+            for field in ("pos_pids", "neg_pids"):
+                if any(not p for p in r[field] or []):
+                    raise DataError(f"{where}: field {field!r} holds an empty/null pid")
             pos[r["qid"]].extend(r["pos_pids"])
             neg[r["qid"]].extend(r["neg_pids"] or [])
         return dict(pos), dict(neg), examples_uri
     if not qrels_uri:
         raise DataError("training data needs training examples or qrels")
-    for r in _read(qrels_uri, "qrels").to_pylist():
+    for i, r in enumerate(_read(qrels_uri, "qrels").to_pylist()):
         if r["rel"] and r["rel"] > 0:
+            if not r["qid"] or not r["pid"]:
+                raise DataError(f"{qrels_uri}: row {i} (qid={r['qid']}): empty field "
+                                f"{'qid' if not r['qid'] else 'pid'!r}")
             pos[r["qid"]].append(r["pid"])
     if not pos:
         raise DataError(f"{qrels_uri}: no positive (rel > 0) pairs")

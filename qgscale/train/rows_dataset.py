@@ -107,6 +107,23 @@ def _check_nonempty_list(key: str, field: str, what: str) -> Any:
     return check
 
 
+def _check_ids(key: str, lists: tuple[str, ...]) -> Any:
+    """A check that no ``key`` is empty and no list of ``lists`` holds an empty or null id
+    (as :func:`~qgscale.train.data.positives_from`)."""
+    def check(t: pa.Table, uri: str) -> None:
+        bad = pc.fill_null(pc.equal(t.column(key), ""), True)
+        if pc.any(bad).as_py():
+            raise DataError(f"{uri}: row {pc.index(bad, True).as_py()}: empty field {key!r}")
+        for field in lists:
+            col = t.column(field).combine_chunks()
+            bad = pc.fill_null(pc.equal(pc.list_flatten(col), ""), True)
+            if pc.any(bad).as_py():
+                i = pc.list_parent_indices(col)[pc.index(bad, True).as_py()].as_py()
+                raise DataError(f"{uri}: row {i} ({key}={t.column(key)[i].as_py()}): field "
+                                f"{field!r} holds an empty/null pid")
+    return check
+
+
 def _grouped(ds: Any, key: str, fields: dict[str, str], parts: int) -> Any:
     """Per ``key``: the lists of ``fields`` (new name -> column), in table order."""
     def collect(t: pa.Table) -> pa.Table:
@@ -121,8 +138,10 @@ def _positives(examples_uri: str | None, qrels_uri: str | None, parts: int
     """``{qid, pos, neg}`` per training query (lists concatenated in table order, as
     :func:`~qgscale.train.data.positives_from`) and the source table's URI."""
     if examples_uri and storage.exists(examples_uri):
+        nonempty = _check_nonempty_list("qid", "pos_pids", "empty positive list")
+        ids = _check_ids("qid", ("pos_pids", "neg_pids"))
         ds = _dataset(examples_uri, "training examples", ["qid", "pos_pids", "neg_pids"],
-                      _check_nonempty_list("qid", "pos_pids", "empty positive list"))
+                      lambda t, uri: (nonempty(t, uri), ids(t, uri)))
 
         def flat(t: pa.Table) -> pa.Table:
             t = t.sort_by("_row")
@@ -309,7 +328,8 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
 
 def _positive_qrels(qrels_uri: str) -> Any:
     """The qrels rows with ``rel > 0``."""
-    return _dataset(qrels_uri, "qrels", ["qid", "pid", "rel"]).map_batches(
+    return _dataset(qrels_uri, "qrels", ["qid", "pid", "rel"],
+                    _check_text("qid", ("qid", "pid"))).map_batches(
         lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)),
         batch_format="pyarrow")
 
