@@ -20,7 +20,8 @@ from qgscale.errors import ConfigError, MissingInputError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # unknown keys are errors; so are NaN and infinities (YAML reads .nan and .inf as floats)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class RunConfig(Section):

@@ -53,6 +53,9 @@ def test_every_shipped_config_validates():
     ("eval:\n  chart_metric: mrr@100\n", r"c.yaml: eval(.|\n)*chart_metric: 'mrr@100' is not "
      r"one of \['recall@1'"),
     ("ray:\n  num_cpus: -2\n", r"c.yaml: ray.num_cpus: Input should be greater"),
+    ("distill:\n  lr: .inf\n", r"c.yaml: distill.lr: Input should be a finite number"),
+    ("distill:\n  loss: {alpha: .nan}\n", r"c.yaml: distill.loss.alpha: Input should be a "
+     r"finite number"),
     # a key given twice: PyYAML would keep the second block and drop the first
     ("run:\n  root: /tmp/r\n  seed: 5\ndata: {format: xquad}\nrun:\n  name: x\n",
      r"c.yaml: invalid YAML: key 'run' given twice \(first on line 1\)(.|\n)*line 5"),
