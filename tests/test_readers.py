@@ -893,6 +893,25 @@ def test_mkqa_unanswerable_keeps_an_empty_answer_list(tmp_path):
                             {"qid": "en:1", "answers": ["Ann", "Anne"]}]
 
 
+def test_xquad_rejected_paragraph_takes_its_qrels_with_it(tmp_path):
+    """Skip mode: a paragraph whose context is rejected has no passage, so no qrels pair may
+    name it (every language's questions would point at it); the dropped pairs are recorded."""
+    doc = {"data": [{"title": "T", "paragraphs": [
+        {"context": "Berlin is big.", "qas": [{"id": "a", "question": "Big?"}]},
+        {"context": "", "qas": [{"id": "b", "question": "Small?"}]}]}]}
+    for lang in ("en", "de"):
+        _write(tmp_path / f"xquad.{lang}.json", json.dumps(doc))
+    rejects = readers.Rejects("skip")
+    t = readers.read_xquad(str(tmp_path), ["en", "de"], ["en", "de"], test_mod=1,
+                           rejects=rejects)
+    pids = {r["pid"] for r in t["test/corpus"]}
+    assert pids == {"en:0-0", "de:0-0"} and {r["pid"] for r in t["test/qrels"]} == pids
+    assert len(t["test/qrels"]) == 4 and len(t["test/queries"]) == 4
+    assert sorted(r["reason"] for r in rejects.rows if r["reason"].startswith("no passage")) \
+        == ["no passage de:0-1: its 2 qrels pair(s) are left out",
+            "no passage en:0-1: its 2 qrels pair(s) are left out"]
+
+
 def test_xquad_missing_or_mistyped_structure(tmp_path):
     for i, (doc, field) in enumerate([
             ({"data": [{"title": "T"}]}, r"data\[0\].paragraphs': missing field"),

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import zlib
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -273,6 +274,7 @@ def read_xquad(folder: str, query_langs: list[str] | None = None,
     tables: Tables = {f"{s}/{k}": [] for s in ("train", "test")
                       for k in ("corpus", "queries", "qrels")}
     structure: list[list[list[str]]] | None = None  # article -> paragraph -> question ids
+    no_passage: dict[str, tuple[str, str]] = {}  # pid -> (file, field) of a rejected context
     for lang in sorted(set(query_langs) | set(corpus_langs)):
         path = _xquad_file(folder, lang)
         doc = load_json(path)
@@ -298,6 +300,8 @@ def read_xquad(folder: str, query_langs: list[str] | None = None,
                 if lang in corpus_langs and context is not None:
                     tables[f"{split}/corpus"].append(
                         {"pid": pid, "lang": lang, "title": title, "text": context.strip()})
+                elif lang in corpus_langs:  # rejected (skip mode): no qrels may point at it
+                    no_passage[pid] = (path, f"{loc}.context")
                 q_ids = []
                 for q_idx, qa in enumerate(qas):
                     questions += 1
@@ -331,6 +335,13 @@ def read_xquad(folder: str, query_langs: list[str] | None = None,
         elif shape != structure:
             raise DataError(f"{path}: articles/paragraphs/question ids are not parallel to the "
                             "other languages' files (XQuAD files must be fully parallel)")
+    for split in ("train", "test"):  # skip mode: the qrels of a rejected paragraph go too
+        rows = tables[f"{split}/qrels"]
+        dropped = Counter(r["pid"] for r in rows if r["pid"] in no_passage)
+        tables[f"{split}/qrels"] = [r for r in rows if r["pid"] not in no_passage]
+        for pid, n in dropped.items():
+            file, fld = no_passage[pid]
+            rejects.bad(file, None, fld, f"no passage {pid}: its {n} qrels pair(s) are left out")
     return tables
 
 
