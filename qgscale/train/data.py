@@ -398,8 +398,11 @@ def build_qg_rank_rows(queries_uri: str, corpus_uri: str, examples_uri: str,
 
 def write_rows(table: pa.Table, uri: str, shard_rows: int, config_hash: str,
                **manifest: Any) -> list[str]:
-    """Write ``table`` as parquet shards under ``uri`` (done shards are kept), the manifest
-    with ``manifest`` fields; shard URIs."""
+    """Write ``table`` as parquet shards under ``uri``, the manifest with ``manifest``
+    fields; shard URIs. The folder is cleared first: the table is the whole set of rows, and
+    training reads every shard of the folder (an interrupted Ray Data build leaves shards of
+    other names)."""
+    storage.remove(uri, recursive=True)
     writer = storage.ShardWriter(uri, config_hash)
     manifest = writer.write_table(table, shard_rows, **manifest)
     return [writer.shard_uri(s["name"]) for s in manifest["shards"]]
