@@ -371,6 +371,7 @@ class Status:
     key: str | None = None
     parts: dict[str, Any] = field(default_factory=dict)
     selected: bool = True  # in the stages a run with --from / --only runs
+    outputs: str | None = None  # a done stage's outputs fingerprint (what descendants key on)
 
     def line(self) -> str:
         return (f"{self.stage}: {self.state}" + (f" ({self.reason})" if self.reason else "")
@@ -417,8 +418,8 @@ def stage_status(stage: Stage, cfg: Config, lay: Layout, upstream: dict[str, Sta
         return Status(stage.name, "stale", f"input {pending[0]} will rerun")
     parts = {"config": {s: _section(cfg, s) for s in stage.sections},
              "raw": {u: _raw_fingerprint(u) for u in stage.raw(cfg)},
-             "inputs": {u: outputs_fingerprint(BY_NAME[u], cfg, lay)
-                        for u in stage.inputs(cfg)}}
+             "inputs": {u: upstream[u].outputs or outputs_fingerprint(BY_NAME[u], cfg, lay)
+                        for u in stage.inputs(cfg)}}  # each listed once per planning pass
     key = storage.config_hash(parts)
     if record is None:
         return Status(stage.name, "missing", key=key, parts=parts)
@@ -427,9 +428,10 @@ def stage_status(stage: Stage, cfg: Config, lay: Layout, upstream: dict[str, Sta
                       parts)
     if record.get("state") != "done":
         return Status(stage.name, "interrupted", "same key: resumes", key, parts)
-    if outputs_fingerprint(stage, cfg, lay) is None:
+    outputs = outputs_fingerprint(stage, cfg, lay)
+    if outputs is None:
         return Status(stage.name, "missing", "output deleted", key, parts)
-    return Status(stage.name, "done", key=key, parts=parts)
+    return Status(stage.name, "done", key=key, parts=parts, outputs=outputs)
 
 
 def plan(cfg: Config, start: str | None = None, only: str | None = None) -> list[Status]:
@@ -510,8 +512,10 @@ def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[
         _write_record(lay, stage, status, state="running", started=t0)
         summary = stage.run(cfg, lay, status.key)
         _write_record(lay, stage, status, state="done", started=t0, wall_s=time.time() - t0,
-                      outputs=outputs_fingerprint(stage, cfg, lay), summary=summary)
-        statuses[stage.name] = Status(stage.name, "done", key=status.key, parts=status.parts)
+                      outputs=(outputs := outputs_fingerprint(stage, cfg, lay)),
+                      summary=summary)
+        statuses[stage.name] = Status(stage.name, "done", key=status.key, parts=status.parts,
+                                      outputs=outputs)
         results[stage.name] = summary
         log.info("stage %s: done in %.1f s", stage.name, time.time() - t0)
     return results

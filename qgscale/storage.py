@@ -148,6 +148,7 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
 
 def remove(uri: str, recursive: bool = False) -> None:
     fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)  # as exists(): a cached listing must not skip the removal
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
 
@@ -474,14 +475,18 @@ class ShardWriter:
             check(names)
         return self.finalize(names, **manifest)
 
-    def finished(self) -> list[ShardInfo]:
-        return sorted((ShardInfo(m["name"], m["rows"], m["sha256"])
-                       for m in self.markers().values()), key=lambda s: s.name)
+    def finished(self, markers: dict[str, dict[str, Any]] | None = None) -> list[ShardInfo]:
+        """The finished shards, by name (``markers``: those :meth:`markers` just read)."""
+        found = self.markers() if markers is None else markers
+        return sorted((ShardInfo(m["name"], m["rows"], m["sha256"]) for m in found.values()),
+                      key=lambda s: s.name)
 
-    def finalize(self, expected: Iterable[str] | None = None, **extra: Any) -> dict:
+    def finalize(self, expected: Iterable[str] | None = None,
+                 markers: dict[str, dict[str, Any]] | None = None, **extra: Any) -> dict:
         """Write ``_manifest.json`` once every expected shard is done; returns the manifest
-        (listing the ``expected`` shards when given, else every finished one)."""
-        shards = self.finished()
+        (listing the ``expected`` shards when given, else every finished one). ``markers``:
+        those the caller read after the last write (:meth:`markers`), not read again."""
+        shards = self.finished(markers)
         if expected is not None:
             want = set(expected)
             missing = sorted(want - {s.name for s in shards})

@@ -204,10 +204,10 @@ def test_missing_or_empty_passages_are_named(data, tmp_path):
 
 
 def test_empty_ids_in_training_positives_are_named(tmp_path):
-    """A null qid or pid in hand-made examples or qrels is an error naming the row and field
-    (it used to fail inside a sort, or train on a None pid)."""
+    """A null qid or pid in hand-made examples or positive qrels rows is an error naming the
+    file, row and field, on the driver join and in the Ray Data rows' per-file check (it used
+    to fail inside a sort, or train on a None pid)."""
     from qgscale.data.schema import TRAIN_EXAMPLES
-    from qgscale.train.rows_dataset import _check_ids, _check_text
 
     ex, qr = str(tmp_path / "examples"), str(tmp_path / "qrels")
     for rows, want in (([{"qid": None, "pos_pids": ["a"], "neg_pids": []}],
@@ -223,13 +223,17 @@ def test_empty_ids_in_training_positives_are_named(tmp_path):
         with pytest.raises(DataError, match=want):
             tdata.positives_from(ex, None)
         with pytest.raises(DataError, match=want):  # the Ray Data rows' check of each file
-            _check_ids("qid", ("pos_pids", "neg_pids"))(
-                storage.read_parquet(ex), f"{ex}/part-00000.parquet")
+            tdata.check_examples(storage.read_parquet(ex), f"{ex}/part-00000.parquet")
+    # qrels: only positive rows are pairs (a blank pid of a rel 0 row is never read)
     storage.write_parquet(f"{qr}/part-00000.parquet", pa.Table.from_pylist(
-        [{"qid": "q1", "pid": "a", "rel": 1}, {"qid": "q2", "pid": None, "rel": 1}],
-        schema=QRELS))
-    with pytest.raises(DataError, match=r"qrels: row 1 \(qid=q2\): empty field 'pid'"):
+        [{"qid": "q1", "pid": "a", "rel": 1}, {"qid": "q3", "pid": " ", "rel": 0},
+         {"qid": "q2", "pid": None, "rel": 1}], schema=QRELS))
+    want = r"qrels/part-00000.parquet: row 2 \(qid=q2\): empty field 'pid'"
+    with pytest.raises(DataError, match=want):
         tdata.positives_from(None, qr)
-    with pytest.raises(DataError, match=r"qrels/part-00000.parquet: row 1 \(qid=q2\): empty "
-                                        r"field 'pid'"):
-        _check_text("qid", ("qid", "pid"))(storage.read_parquet(qr), f"{qr}/part-00000.parquet")
+    with pytest.raises(DataError, match=want):
+        tdata.check_positive_qrels(storage.read_parquet(qr), f"{qr}/part-00000.parquet")
+    storage.write_parquet(f"{qr}/part-00000.parquet", pa.Table.from_pylist(
+        [{"qid": "q1", "pid": "a", "rel": 1}, {"qid": "q3", "pid": " ", "rel": 0}],
+        schema=QRELS))
+    assert tdata.positives_from(None, qr)[0] == {"q1": ["a"]}

@@ -844,7 +844,7 @@ ROW_DEFECTS = {
         {"kind": "qrels"}, r"r.jsonl:1: field 'rel': 3000000000 is out of range for int32"),
     "canonical empty pid in a list": (
         "jsonl", "c.jsonl", '{"qid": "q", "pids": ["p1", " "]}\n',
-        {"kind": "candidates"}, r"c.jsonl:1: field 'pids': empty id at list position 1"),
+        {"kind": "candidates"}, r"c.jsonl:1: field 'pids': empty string at list position 1"),
     "canonical infinite candidate score": (
         "jsonl", "c.jsonl", '{"qid": "q", "pids": ["p1", "p2"], "scores": [1.0, -Infinity]}\n',
         {"kind": "candidates"}, r"c.jsonl:1: field 'scores': list position 1: -inf is not a "

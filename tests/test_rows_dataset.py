@@ -7,7 +7,7 @@ import pytest
 
 from qgscale import storage
 from qgscale.config import LossConfig
-from qgscale.data.schema import QRELS, QUERIES, SCORES
+from qgscale.data.schema import CORPUS, QRELS, QUERIES, SCORES
 from qgscale.errors import DataError
 from qgscale.teacher.common import load_queries
 from qgscale.train import data as tdata
@@ -87,7 +87,7 @@ def test_qg_rows_with_a_pair_twice_are_an_error_on_both_paths(data, tmp_path,  #
                                                             ray_local):
     """A (qid, pid) qrels pair on two rows (qrels written without `qgscale prepare`, which
     rejects it) would train the QG on it twice: both builds name it (the Ray build with the
-    two copies in two shards)."""
+    two copies in two shards). A pair whose passage is on two corpus rows names the corpus."""
     from qgscale.data.corpus import read_rows
     from qgscale.models.generator import qg_examples
     from qgscale.train.rows_dataset import build_qg_rows_dataset
@@ -104,6 +104,19 @@ def test_qg_rows_with_a_pair_twice_are_an_error_on_both_paths(data, tmp_path,  #
     with pytest.raises(DataError, match=want):
         build_qg_rows_dataset(data["queries"], data["corpus"], data["qrels"],
                               str(tmp_path / "qg"), "k1", num_partitions=2, shard_rows=1)
+    # the pair once, its passage on two corpus rows: the corpus is named, not the qrels
+    storage.remove(f"{data['qrels']}/part-00001.parquet")
+    pid = first["pid"][0].as_py()
+    row = [r for r in storage.read_parquet(data["corpus"]).to_pylist() if r["pid"] == pid]
+    storage.write_parquet(f"{data['corpus']}/part-00099.parquet",
+                          pa.Table.from_pylist(row, schema=CORPUS))
+    want = rf"corpus: pid={pid} is on two corpus rows"
+    with pytest.raises(DataError, match=want):
+        list(qg_examples(storage.read_parquet(data["queries"]), read_rows(data["corpus"], [pid]),
+                         first, data["qrels"], corpus_uri=data["corpus"]))
+    with pytest.raises(DataError, match=want):
+        build_qg_rows_dataset(data["queries"], data["corpus"], data["qrels"],
+                              str(tmp_path / "qg2"), "k1", num_partitions=2, shard_rows=1)
 
 
 @pytest.mark.timeout(1500)

@@ -418,9 +418,18 @@ def test_generation_units_give_every_actor_work(tmp_path):
     storage.write_parquet(str(tmp_path / "qrels.parquet"), pa.Table.from_pylist(
         [*qrels, {"qid": "q9", "pid": "nope", "rel": 0}, {"qid": "q8", "pid": "gone", "rel": 1}],
         schema=QRELS))
+    work = {"work_uri": str(tmp_path / "work2"), "config_hash": "k2"}  # other inputs: a new key
     with pytest.raises(DataError, match=r"qrels.parquet: row 16 \(qid=q8\): pid=gone not in "
                                         r"corpus"):
         plan_units(c_uri, r_uri, 5, 2, num_actors=1, **work)
+    storage.write_parquet(str(tmp_path / "corpus" / "part-00003.parquet"),  # p3 again
+                          pa.Table.from_pylist(corpus[3:4], schema=CORPUS))
+    storage.write_parquet(str(tmp_path / "qrels.parquet"),
+                          pa.Table.from_pylist(qrels, schema=QRELS))
+    work = {"work_uri": str(tmp_path / "work3"), "config_hash": "k3"}
+    with pytest.raises(DataError, match=r"corpus: pid=p3 is on two corpus rows"):
+        plan_units(c_uri, r_uri, 5, 2, num_actors=1, **work)
+    storage.remove(str(tmp_path / "corpus" / "part-00003.parquet"))
     # every corpus passage: 45 rows, 8 actors -> ranges of ceil(45 / 16) = 3 rows
     units, n, rows = plan_units(c_uri, None, 20, 1, num_actors=8)
     assert (n, rows, len(units)) == (45, 3, 15)  # >= 8: every actor gets work

@@ -1087,8 +1087,8 @@ def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -
                     isinstance(v, want) and not isinstance(v, bool) for v in value) else [
                     f"wrong type: expected a list of {item}"]
                 if not problems and want is str:
-                    problems = [f"empty id at list position {i}" for i, v in enumerate(value)
-                                if not v.strip()]
+                    problems = [f"empty string at list position {i}"
+                                for i, v in enumerate(value) if not v.strip()]
                 elif not problems:
                     problems = [f"list position {i}: {p}" for i, v in enumerate(value)
                                 if (p := _number_problem(v, item))]

@@ -212,8 +212,9 @@ def sample_shard(uri: str, quota: int, seed: int) -> tuple[np.ndarray, np.ndarra
 def sample_quotas(counts: list[int], k: int, seed: int = 0, slack: float = 1.05) -> list[int]:
     """Rows each shard sends for a training sample of ``k``: ``x_i = k * n_i / n * slack``
     rounded down or up by systematic sampling (one seeded offset), so the quotas sum to
-    ``round(slack * k)`` whatever N and however many shards: with more shards than rows to
-    draw, most send none (and start no task), each with probability by its size."""
+    ``slack * k`` rounded down or up (less only where a quota is cut to its shard's rows)
+    whatever N and however many shards: with more shards than rows to draw, most send none
+    (and start no task), each with a probability by its size."""
     n = sum(counts)
     if not n:
         return [0] * len(counts)

@@ -154,7 +154,8 @@ def mine(queries: pa.Table, positives: dict[str, set[str]], encode: Callable, ou
     marks = [done.get(name, {}) for name in names]  # finalize names a missing one
     no_pos = sum(m.get("no_positive", 0) for m in marks)
     dropped = sum(m.get("answer_negatives_dropped", 0) for m in marks)
-    m_train = train_w.finalize(names, no_positive=no_pos, answer_negatives_dropped=dropped)
+    m_train = train_w.finalize(names, done, no_positive=no_pos,
+                               answer_negatives_dropped=dropped)
     return storage.write_manifest(out_uri, config_hash, queries=len(qids),
                                   candidates=m_cand["rows"], train_examples=m_train["rows"],
                                   no_positive=no_pos, answer_negatives_dropped=dropped,

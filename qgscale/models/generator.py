@@ -680,11 +680,17 @@ def qg_examples(queries: Any, corpus: Any, qrels: Any, qrels_uri: str = "qrels",
     """QG training rows ``{query, lang, passage}`` from canonical tables (rel > 0 pairs).
 
     ``lang`` is the query's language (the language the QG must write in). A pair whose qid
-    or pid is missing from its table, or a (qid, pid) pair on two rows, is a DataError naming
-    the tables (``*_uri``), as the Ray Data rows (:mod:`qgscale.train.rows_dataset`) do.
+    or pid is missing from its table, a (qid, pid) pair on two rows, or a pid on two corpus
+    rows, is a DataError naming the table (``*_uri``), as the Ray Data rows
+    (:mod:`qgscale.train.rows_dataset`) do.
     """
     qs = {r["qid"]: r for r in queries.to_pylist()}
-    ps = {r["pid"]: r for r in corpus.to_pylist()}
+    ps: dict[str, dict] = {}
+    for r in corpus.to_pylist():
+        if r["pid"] in ps:
+            raise DataError(f"{corpus_uri}: pid={r['pid']} is on two corpus rows: a pid names "
+                            "one passage")
+        ps[r["pid"]] = r
     seen: set[tuple[str, str]] = set()
     for r in qrels.to_pylist():
         if (r["rel"] or 0) <= 0:

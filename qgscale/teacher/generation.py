@@ -20,7 +20,7 @@ run keeps the first run's unit size.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,22 +139,30 @@ def plan_units(corpus_uri: str, qrels_uri: str | None, shard_rows: int, n_langs:
     if not (m and m.get("config_hash") == config_hash and m.get("unit_rows") == rows):
         storage.remove(work_uri, recursive=True)  # another plan: written again
         m = storage.ShardWriter(work_uri, config_hash).write_rows(
-            ({"pid": p, "passage": t} for p, t in iter_passages(corpus_uri, pids)), rows,
-            POSITIVES, unit_rows=rows)
-    if m["rows"] != len(pids):  # a positive passage not in the corpus, or on two rows
+            _once(iter_passages(corpus_uri, pids), corpus_uri), rows, POSITIVES,
+            unit_rows=rows)
+    if m["rows"] != len(pids):  # a positive passage not in the corpus
         got = storage.read_parquet(work_uri, ["pid"]).column("pid")
         missing = pc.and_(pc.fill_null(pc.greater(qrels.column("rel"), 0), False),
                           pc.invert(pc.is_in(qrels.column("pid"), value_set=got)))
-        if pc.any(missing).as_py():
-            i = pc.index(missing, True).as_py()
-            raise DataError(f"{qrels_uri}: row {i} (qid={qrels['qid'][i]}): pid="
-                            f"{qrels['pid'][i]} not in corpus {corpus_uri}")
-        twice = pc.value_counts(got).filter(pc.greater(pc.value_counts(got).field("counts"), 1))
-        raise DataError(f"{corpus_uri}: pid={twice[0]['values']} is on {twice[0]['counts']} "
-                        "corpus rows: a pid names one passage")
+        i = pc.index(missing, True).as_py()
+        raise DataError(f"{qrels_uri}: row {i} (qid={qrels['qid'][i]}): pid="
+                        f"{qrels['pid'][i]} not in corpus {corpus_uri}")
     return [Shard(sh["name"], sh["rows"] * n_langs,
                   Passages(storage.join(work_uri, sh["file"]), 0, sh["rows"], corpus=False))
             for sh in m["shards"] if sh["rows"]], m["rows"], rows
+
+
+def _once(passages: Iterator[tuple[str, str]], corpus_uri: str) -> Iterator[dict[str, str]]:
+    """The ``{pid, passage}`` rows of ``passages``; a pid on two corpus rows is a DataError
+    (its queries would be generated twice)."""
+    seen: set[str] = set()
+    for pid, text in passages:
+        if pid in seen:
+            raise DataError(f"{corpus_uri}: pid={pid} is on two corpus rows: a pid names one "
+                            "passage")
+        seen.add(pid)
+        yield {"pid": pid, "passage": text}
 
 
 def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str,
@@ -185,7 +193,8 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str
     done = writer.markers()
     marks = [done.get(u.name, {}) for u in units]  # finalize names a missing one
     return writer.finalize(
-        [u.name for u in units], stage="teacher-generate", inputs=inputs, passages=n_passages,
+        [u.name for u in units], done, stage="teacher-generate", inputs=inputs,
+        passages=n_passages,
         langs=list(langs), empty_queries_dropped=sum(m.get("empty_queries", 0) for m in marks),
         repeated_queries_dropped=sum(m.get("repeated_queries", 0) for m in marks),
         unit_rows=rows, run=stats)

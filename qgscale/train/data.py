@@ -109,31 +109,74 @@ def _read(uri: str, what: str, columns: list[str] | None = None) -> pa.Table:
     return storage.read_parquet(uri, columns)
 
 
+def _blank(col: Any) -> Any:
+    """Where a string column is null, empty or blank."""
+    return pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True)
+
+
+def check_positive_qrels(t: pa.Table, uri: str) -> None:
+    """Every positive (rel > 0) row of qrels ``t`` (one file, ``uri``) has a qid and a pid:
+    else a DataError naming the file, row and field (other rows are never read as pairs)."""
+    pos = pc.fill_null(pc.greater(t.column("rel"), 0), False)
+    for field in ("qid", "pid"):
+        bad = pc.and_(pos, _blank(t.column(field)))
+        if pc.any(bad).as_py():
+            i = pc.index(bad, True).as_py()
+            raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}): empty field "
+                            f"{field!r}")
+
+
+def check_examples(t: pa.Table, uri: str) -> None:
+    """Every row of training examples ``t`` (one file, ``uri``) has a qid, a positive, and no
+    null or blank pid in ``pos_pids`` / ``neg_pids``: else a DataError naming file, row and
+    field."""
+    bad = _blank(t.column("qid"))
+    if pc.any(bad).as_py():
+        raise DataError(f"{uri}: row {pc.index(bad, True).as_py()}: empty field 'qid'")
+    for field in ("pos_pids", "neg_pids"):
+        col = t.column(field).combine_chunks()
+        if field == "pos_pids":
+            empty = pc.fill_null(pc.equal(pc.list_value_length(col), 0), True)
+            if pc.any(empty).as_py():
+                i = pc.index(empty, True).as_py()
+                raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}): empty "
+                                "field 'pos_pids'")
+        bad = _blank(pc.list_flatten(col))
+        if pc.any(bad).as_py():
+            i = pc.list_parent_indices(col)[pc.index(bad, True).as_py()].as_py()
+            raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}): field "
+                            f"{field!r} holds an empty/null pid")
+
+
+def read_checked(uri: str, what: str, check: Any, columns: list[str] | None = None
+                 ) -> pa.Table:
+    """The table at ``uri`` (a file or a folder of shards), each file checked by
+    ``check(table, file)`` (:func:`check_positive_qrels`, :func:`check_examples`)."""
+    if not storage.exists(uri):
+        raise DataError(f"{uri}: {what} not found")
+    parts = []
+    for f in storage.parquet_files(uri):
+        t = storage.read_parquet(f, columns)
+        check(t, f)
+        parts.append(t)
+    return pa.concat_tables(parts)
+
+
 def positives_from(examples_uri: str | None, qrels_uri: str | None
                    ) -> tuple[dict[str, list[str]], dict[str, list[str]], str]:
     """``qid -> positive pids``, ``qid -> negative pids`` and the source table's URI."""
     pos: dict[str, list[str]] = defaultdict(list)
     neg: dict[str, list[str]] = defaultdict(list)
     if examples_uri and storage.exists(examples_uri):
-        for i, r in enumerate(_read(examples_uri, "training examples").to_pylist()):
-            where = f"{examples_uri}: row {i} (qid={r['qid']})"
-            if not r["qid"]:
-                raise DataError(f"{examples_uri}: row {i}: empty field 'qid'")
-            if not r["pos_pids"]:
-                raise DataError(f"{where}: empty field 'pos_pids'")
-            for field in ("pos_pids", "neg_pids"):
-                if any(not p for p in r[field] or []):
-                    raise DataError(f"{where}: field {field!r} holds an empty/null pid")
+        t = read_checked(examples_uri, "training examples", check_examples)
+        for r in t.to_pylist():
             pos[r["qid"]].extend(r["pos_pids"])
             neg[r["qid"]].extend(r["neg_pids"] or [])
         return dict(pos), dict(neg), examples_uri
     if not qrels_uri:
         raise DataError("training data needs training examples or qrels")
-    for i, r in enumerate(_read(qrels_uri, "qrels").to_pylist()):
+    for r in read_checked(qrels_uri, "qrels", check_positive_qrels).to_pylist():
         if r["rel"] and r["rel"] > 0:
-            if not r["qid"] or not r["pid"]:
-                raise DataError(f"{qrels_uri}: row {i} (qid={r['qid']}): empty field "
-                                f"{'qid' if not r['qid'] else 'pid'!r}")
             pos[r["qid"]].append(r["pid"])
     if not pos:
         raise DataError(f"{qrels_uri}: no positive (rel > 0) pairs")

@@ -107,23 +107,6 @@ def _check_nonempty_list(key: str, field: str, what: str) -> Any:
     return check
 
 
-def _check_ids(key: str, lists: tuple[str, ...]) -> Any:
-    """A check that no ``key`` is empty and no list of ``lists`` holds an empty or null id
-    (as :func:`~qgscale.train.data.positives_from`)."""
-    def check(t: pa.Table, uri: str) -> None:
-        bad = pc.fill_null(pc.equal(t.column(key), ""), True)
-        if pc.any(bad).as_py():
-            raise DataError(f"{uri}: row {pc.index(bad, True).as_py()}: empty field {key!r}")
-        for field in lists:
-            col = t.column(field).combine_chunks()
-            bad = pc.fill_null(pc.equal(pc.list_flatten(col), ""), True)
-            if pc.any(bad).as_py():
-                i = pc.list_parent_indices(col)[pc.index(bad, True).as_py()].as_py()
-                raise DataError(f"{uri}: row {i} ({key}={t.column(key)[i].as_py()}): field "
-                                f"{field!r} holds an empty/null pid")
-    return check
-
-
 def _grouped(ds: Any, key: str, fields: dict[str, str], parts: int) -> Any:
     """Per ``key``: the lists of ``fields`` (new name -> column), in table order."""
     def collect(t: pa.Table) -> pa.Table:
@@ -138,10 +121,8 @@ def _positives(examples_uri: str | None, qrels_uri: str | None, parts: int
     """``{qid, pos, neg}`` per training query (lists concatenated in table order, as
     :func:`~qgscale.train.data.positives_from`) and the source table's URI."""
     if examples_uri and storage.exists(examples_uri):
-        nonempty = _check_nonempty_list("qid", "pos_pids", "empty positive list")
-        ids = _check_ids("qid", ("pos_pids", "neg_pids"))
         ds = _dataset(examples_uri, "training examples", ["qid", "pos_pids", "neg_pids"],
-                      lambda t, uri: (nonempty(t, uri), ids(t, uri)))
+                      tdata.check_examples)
 
         def flat(t: pa.Table) -> pa.Table:
             t = t.sort_by("_row")
@@ -329,7 +310,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
 def _positive_qrels(qrels_uri: str) -> Any:
     """The qrels rows with ``rel > 0``."""
     return _dataset(qrels_uri, "qrels", ["qid", "pid", "rel"],
-                    _check_text("qid", ("qid", "pid"))).map_batches(
+                    tdata.check_positive_qrels).map_batches(
         lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)),
         batch_format="pyarrow")
 
@@ -341,14 +322,12 @@ def _queries(queries_uri: str) -> Any:
                     _check_text("qid", ("qid", "lang", "text"))).drop_columns(["_row"])
 
 
-def _check_duplicate(done: dict[str, Any], queries_uri: str, lists_uri: str | None,
-                     per: str = "one candidate list per qid") -> None:
+def _check_duplicate(done: dict[str, Any], queries_uri: str, lists_uri: str | None) -> None:
     """The row keys :func:`_write` found twice: a qid on two rows of the queries is a
     DataError naming both (file and row), as :func:`~qgscale.teacher.common.load_queries`;
-    otherwise, with ``lists_uri`` (the candidates, or the QG rows' qrels), one naming it and
-    the key (``per``: what it holds one row of). Only then are the query files scanned (qid
-    column). The Ray path checks the qids its rows use; the driver's ``load_queries`` checks
-    every row."""
+    otherwise, with ``lists_uri`` (the candidates: one list per qid), one naming it. Only
+    then are the query files scanned (qid column). The Ray path checks the qids its rows
+    use; the driver's ``load_queries`` checks every row."""
     if not done["duplicates"]:
         return
     qids = sorted({k.split("\t")[0] for k in done["duplicates"]})
@@ -362,10 +341,7 @@ def _check_duplicate(done: dict[str, Any], queries_uri: str, lists_uri: str | No
                                 f"{seen[q][1]} (one row per qid)")
             seen[q] = (f, i)
     if lists_uri:
-        key = ", ".join(f"{k}={v}" for k, v in zip(("qid", "pid"),
-                                                   done["duplicates"][0].split("\t"),
-                                                   strict=False))  # qid, or qid and pid
-        raise DataError(f"{lists_uri}: {key} has two rows ({per})")
+        raise DataError(f"{lists_uri}: qid={qids[0]} has two rows (one candidate list per qid)")
 
 
 def _passages(corpus_uri: str) -> Any:
@@ -407,7 +383,18 @@ def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
 
     done = _write(_in_row_order(rows.map_batches(check, batch_format="pyarrow"), ("qid", "pid")),
                   out_uri, config_hash, shard_rows, tdata.QG_ROWS.names)
-    _check_duplicate(done, queries_uri, qrels_uri, "one row per (qid, pid) pair")
+    _check_duplicate(done, queries_uri, None)  # a query twice
+    if done["duplicates"]:  # else a qrels pair twice, or its passage on two corpus rows
+        qid, pid = done["duplicates"][0].split("\t")
+        pairs = storage.read_parquet(qrels_uri, ["qid", "pid", "rel"])
+        n = pc.sum(pc.and_(pc.and_(pc.equal(pairs.column("qid"), qid),
+                                   pc.equal(pairs.column("pid"), pid)),
+                           pc.fill_null(pc.greater(pairs.column("rel"), 0), False))).as_py()
+        if n and n > 1:
+            raise DataError(f"{qrels_uri}: qid={qid}, pid={pid} has two rows (one row per "
+                            "(qid, pid) pair)")
+        raise DataError(f"{corpus_uri}: pid={pid} is on two corpus rows: a pid names one "
+                        "passage")
     if not done["rows"]:
         raise DataError(f"{qrels_uri}: no positive (rel > 0) pairs")
     storage.ShardWriter(out_uri, config_hash).finalize(done["shards"], rows=done["rows"])

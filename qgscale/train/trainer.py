@@ -300,7 +300,8 @@ def run_train_qg(cfg: Any, *, out_uri: str, key: str, queries_uri: str, corpus_u
             num_partitions=cfg.data.ray_rows_partitions)
     elif built is None:
         # rows in the order of the Ray Data build (a hash of qid and pid: languages mixed)
-        qrels = tdata.in_row_order(storage.read_parquet(qrels_uri), ("qid", "pid"))
+        qrels = tdata.in_row_order(  # empty ids of positive rows: DataErrors, file and row
+            tdata.read_checked(qrels_uri, "qrels", tdata.check_positive_qrels), ("qid", "pid"))
         positives = pc.filter(qrels.column("pid"), pc.greater(qrels.column("rel"), 0))
         queries = query_table(queries_uri)  # empty fields, a qid twice: DataErrors
         rows = list(qg_examples(queries.rename_columns(["qid", "lang", "text"]),  # semi-join
