@@ -283,3 +283,17 @@ def test_s3_session_token_is_passed(s3_bucket, monkeypatch):
         assert storage.read_json(f"{s3_bucket}/t.json") == {"a": 1}
     finally:
         storage._fs_cache.clear()
+
+
+def test_unit_reads_benchmark_reads_less_by_row_group(tmp_path):
+    """benchmarks/unit_reads.py on a small shard: both ways read every row; by row group a
+    unit reads about its own rows' share of the file."""
+    from tests.conftest import load_benchmark
+
+    bench = load_benchmark("unit_reads")
+    path = str(tmp_path / "part-00000.parquet")
+    bench.pair_shard(path, 12_000)
+    res = bench.measure(path, 12_000, 1000)
+    whole, groups = res["whole shard, sliced"], res["its row groups (read_rows)"]
+    assert whole["units"] == groups["units"] == 12
+    assert groups["mb_read"] * 4 < whole["mb_read"]  # 1-2 groups of ~12 per unit
