@@ -71,7 +71,8 @@ def _bm25_eval(cfg: Config, lay: Layout, key: str) -> dict:
 
     if not cfg.bm25.baseline:
         return storage.write_manifest(lay.bm25_eval(), key, skipped="bm25.baseline: false")
-    out = {split: run_bm25_eval(cfg, _queries_uri(lay.eval_data(), split),
+    data = lay.eval_data()
+    out = {split: run_bm25_eval(cfg, _queries_uri(data, split),
                                 lay.data(split, "corpus"), lay.bm25_eval(split), key)
            for split in cfg.eval.splits}
     storage.write_manifest(lay.bm25_eval(), key, splits=list(out))
@@ -213,9 +214,10 @@ def _rerank(cfg: Config, lay: Layout, key: str) -> dict:
     """The teacher's reranking of the warm-up student's top-k on each eval split."""
     from qgscale.eval.rerank import run_rerank
 
+    data = lay.eval_data()
     return {split: run_rerank(cfg, lay.teacher_model(),
                               storage.join(lay.eval_dir("warmup"), split, "run.parquet"),
-                              lay.eval_data(), split, lay.rerank_dir(split), key,
+                              data, split, lay.rerank_dir(split), key,
                               corpus_uri=lay.data(split, "corpus"))
             for split in cfg.eval.splits}
 

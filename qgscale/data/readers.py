@@ -1049,7 +1049,6 @@ def _number_problem(value: Any, typ: pa.DataType) -> str | None:
 def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -> Tables:
     """Import JSONL rows already in a canonical format (``corpus``, ``queries``, ...); a field
     the kind does not have (a misspelt ``Title``) is a row defect, not left out."""
-
     rejects = rejects or Rejects()
     schema = SCHEMAS[kind]
     rows = []

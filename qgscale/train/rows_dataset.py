@@ -468,9 +468,7 @@ def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
     shard or at the end of one and the start of the next), at most :data:`MAX_REPORTED`. The
     rows dir is cleared first (rows are rebuilt whole, never mixed with an interrupted
     build's shards)."""
-    fs, path = storage.url_to_fs(out_uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    storage.remove(out_uri, recursive=True)
 
     def write(t: pa.Table) -> pa.Table:
         keys = t.column("qid").to_pylist()
