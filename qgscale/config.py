@@ -10,18 +10,44 @@ import os
 from collections.abc import Hashable
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from qgscale import storage
 from qgscale.errors import ConfigError, MissingInputError
 
 
+def _is_number(annotation: Any) -> bool:
+    """int, float or a Literal of numbers, or any of these or None."""
+    if get_origin(annotation) is Annotated:
+        return _is_number(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return len(args) == 1 and _is_number(args[0])
+    if get_origin(annotation) is Literal:
+        return all(type(a) in (int, float) for a in get_args(annotation))
+    return annotation in (int, float)
+
+
 class Section(BaseModel):
     # unknown keys are errors; so are NaN and infinities (YAML reads .nan and .inf as floats)
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A boolean is an error where a number is expected (a number field, or a list of
+        numbers): pydantic would read YAML's ``true`` as 1 (``batch_size: yes`` -> 1)."""
+        ann = cls.model_fields[info.field_name].annotation
+        items = value if isinstance(value, list) and get_origin(ann) is list else [value]
+        if get_origin(ann) is list:
+            ann = get_args(ann)[0]
+        if _is_number(ann) and any(isinstance(v, bool) for v in items):
+            raise ValueError(f"expected a number, got the boolean {value!r}")
+        return value
 
 
 class RunConfig(Section):

@@ -56,6 +56,12 @@ def test_every_shipped_config_validates():
     ("distill:\n  lr: .inf\n", r"c.yaml: distill.lr: Input should be a finite number"),
     ("distill:\n  loss: {alpha: .nan}\n", r"c.yaml: distill.loss.alpha: Input should be a "
      r"finite number"),
+    # YAML's true / yes / on are booleans, which pydantic would read as 1 for a number
+    ("distill:\n  batch_size: yes\n", r"c.yaml: distill.batch_size: Value error, expected a "
+     r"number, got the boolean True"),
+    ("distill:\n  zero_stage: true\n", r"c.yaml: distill.zero_stage: .*boolean True"),
+    ("eval:\n  k: [1, on]\n", r"c.yaml: eval.k: .*boolean \[1, True\]"),
+    ("ray:\n  num_gpus: false\n", r"c.yaml: ray.num_gpus: .*boolean False"),
     # a key given twice: PyYAML would keep the second block and drop the first
     ("run:\n  root: /tmp/r\n  seed: 5\ndata: {format: xquad}\nrun:\n  name: x\n",
      r"c.yaml: invalid YAML: key 'run' given twice \(first on line 1\)(.|\n)*line 5"),
