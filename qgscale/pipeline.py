@@ -334,6 +334,17 @@ STAGES = [
           lambda c, lay: [lay.uri("rerank")], raw=lambda c: _model_source(c.teacher.model)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
+
+
+def key_sections(stage: Stage, cfg: Config) -> tuple[str, ...]:
+    """The config paths in ``stage``'s key: its sections, and ``run.seed`` where it reads a
+    ``teacher.model`` built from ``init`` (random weights drawn with the run's seed)."""
+    model = cfg.teacher.model
+    random_teacher = model is not None and not model.name_or_path
+    if random_teacher and "teacher.model" in stage.sections and "run.seed" not in stage.sections:
+        return (*stage.sections, "run.seed")
+    return stage.sections
+
 BY_NAME = {s.name: s for s in STAGES}
 
 
@@ -418,7 +429,7 @@ def stage_status(stage: Stage, cfg: Config, lay: Layout, upstream: dict[str, Sta
         if record is None:
             return Status(stage.name, "missing")
         return Status(stage.name, "stale", f"input {pending[0]} will rerun")
-    parts = {"config": {s: _section(cfg, s) for s in stage.sections},
+    parts = {"config": {s: _section(cfg, s) for s in key_sections(stage, cfg)},
              "raw": {u: _raw_fingerprint(u) for u in stage.raw(cfg)},
              "inputs": {u: upstream[u].outputs or outputs_fingerprint(BY_NAME[u], cfg, lay)
                         for u in stage.inputs(cfg)}}  # each listed once per planning pass

@@ -288,3 +288,17 @@ def test_changed_key_reruns_stage_and_descendants_only(finished_run):
     steps = [json.loads(x)["step"] for x in log.splitlines() if x.strip()]
     assert steps and steps == sorted(set(steps))  # one fresh run's log, not appended to
     assert [s.state for s in pipeline.plan(cfg2)] == ["done"] * len(pipeline.STAGE_NAMES)
+
+
+def test_a_random_init_teacher_keys_on_the_seed():
+    """A ``teacher.model`` built from ``init`` draws its weights with ``run.seed``: the stages
+    that read it (score, rerank) rerun when the seed changes; a named checkpoint does not."""
+    random = config.parse({"teacher": {"model": {"init": {"model_type": "t5", "d_model": 8}}}})
+    named = config.parse({"teacher": {"model": {"name_or_path": "google/mt5-base"}}})
+    for name in ("score", "rerank"):
+        stage = pipeline.BY_NAME[name]
+        assert "run.seed" not in stage.sections
+        assert "run.seed" in pipeline.key_sections(stage, random)
+        assert pipeline.key_sections(stage, named) == stage.sections
+    generate = pipeline.BY_NAME["generate"]  # keyed on the seed already: listed once
+    assert pipeline.key_sections(generate, random).count("run.seed") == 1
