@@ -170,6 +170,12 @@ def test_evaluate_languages_pairs_and_macros():
     assert out["query_langs"]["en"]["recall@1"] == 0.5
     assert out["query_langs"]["de"]["recall@1"] == 0.25
     assert out["query_langs_macro"]["groups"] == 2
+    # a block of queries at a time (one en query, then the rest): the same numbers
+    acc = M.LanguageMetrics(["recall@1", "mrr@10"])
+    for block in (["en:q0"], ["en:q1", "de:q0", "de:q1"]):
+        acc.add({k: {q: r[q] for q in block if q in r} for k, r in pair_runs.items()}, qrels,
+                {q: qlang[q] for q in block}, plang, {q: pooled[q] for q in block})
+    assert acc.result() == out
 
 
 def test_evaluate_languages_with_answers():

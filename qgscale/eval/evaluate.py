@@ -177,90 +177,169 @@ def to_run(qids: list[str], pids: np.ndarray, scores: np.ndarray) -> dict[str, d
 
 
 # ---------------------------------------------------------------------------- evaluation
+def run_table(run: dict[str, dict[str, float]]) -> pa.Table:
+    """A run as rows ``{qid, pids, scores}`` (:data:`qgscale.data.schema.CANDIDATES`), each
+    list in rank order (:func:`qgscale.eval.metrics.ranking`)."""
+    from qgscale.data.schema import CANDIDATES
+
+    ranked = {q: M.ranking(s) for q, s in run.items()}
+    return pa.Table.from_pydict(
+        {"qid": list(ranked), "pids": list(ranked.values()),
+         "scores": [[run[q][p] for p in ps] for q, ps in ranked.items()]}, schema=CANDIDATES)
+
+
+class RunSink:
+    """Where a split's pooled run goes, block by block: a parquet file written as it comes
+    (``uri``; whole on success, :func:`qgscale.storage.writing_file`), or, without ``uri``,
+    a dict kept in memory (``run``: small splits, tests)."""
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri
+        self.run: dict[str, dict] | None = None if uri else {}
+        self._writer: Any = None
+
+    def __enter__(self) -> RunSink:
+        if self.uri:
+            import pyarrow.parquet as pq
+
+            from qgscale.data.schema import CANDIDATES
+
+            self._file = storage.writing_file(self.uri)
+            self._writer = pq.ParquetWriter(self._file.__enter__(), CANDIDATES,
+                                            compression="zstd")
+        return self
+
+    def add(self, run: dict[str, dict]) -> None:
+        if self._writer is None:
+            self.run.update(run)
+        else:
+            self._writer.write_table(run_table(run), row_group_size=storage.ROW_GROUP_ROWS)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._file.__exit__(*exc)
+
+
+EVAL_BLOCK = 16_384  # queries encoded, searched and scored at a time
+
+
+class BlockScorer:
+    """Every metric of a split's runs, added a block of queries at a time
+    (:class:`qgscale.eval.metrics.LanguageMetrics`): per block, the fields (language; text
+    for answer recall) of the passages its runs and qrels name are read from the corpus
+    (:func:`passage_fields`), so nothing corpus-sized nor run-sized is held."""
+
+    def __init__(self, data: EvalData, ks: list[int] | None = None) -> None:
+        self.data = data
+        self.acc = M.LanguageMetrics(metric_names(ks or [1, 5, 10, 20, 100]),
+                                     answers=data.answers is not None)
+        self.gone: list[tuple[str, str]] = []  # the first positive not in the corpus
+        self.n_gone = 0
+
+    def add(self, qids: list[str], pooled: dict, pair_runs: dict,
+            plang_all: dict | None = None) -> None:
+        """Score the queries ``qids``: ``pooled`` (their run over the whole corpus) and
+        ``pair_runs`` (``{(query lang, corpus lang): run}``)."""
+        d = self.data
+        qrels = {q: d.qrels[q] for q in qids if q in d.qrels}
+        runs = {id(r): r for r in [pooled, *pair_runs.values()]}.values()
+        needed = {p for r in runs for q in qids for p in r.get(q, ())}
+        needed |= {p for rels in qrels.values() for p in rels}
+        want_text = d.answers is not None
+        plang, ptext = passage_fields(d.corpus_uri, needed, text=want_text)
+        gone = [(q, p) for q, rels in qrels.items() for p, r in rels.items()
+                if r > 0 and p not in plang]
+        self.n_gone += len(gone)
+        self.gone = self.gone or gone[:1]
+        if plang_all is not None:
+            plang = {**plang_all, **plang}
+        # queries with neither qrels nor answers cannot be scored; keep only scored ones
+        self.acc.add(pair_runs, qrels, {q: d.query_lang[q] for q in qids}, plang, pooled,
+                     d.answers, ptext if want_text else None)
+
+    def result(self) -> dict:
+        if self.n_gone:  # a positive no index can return: every metric counts it as a miss
+            log.warning("%s: %d positive qrels pair(s) of the evaluated queries name a passage "
+                        "not in the corpus %s (e.g. qid=%s, pid=%s): they count as misses",
+                        self.data.source.get("qrels") or "qrels", self.n_gone,
+                        self.data.corpus_uri, *self.gone[0])
+        return self.acc.result()
+
+
 def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 100,
                    ks: list[int] | None = None, batch_size: int = 128, pairs: bool = True,
                    nprobe: int | None = None, ef_search: int | None = None,
-                   device: str = "cpu", precision: str = "fp32") -> dict:
+                   device: str = "cpu", precision: str = "fp32", run_uri: str | None = None,
+                   block: int = EVAL_BLOCK) -> dict:
     """Encode ``data``'s queries with ``encoder``, search ``loaded``, compute every metric.
 
     ``loaded``: an index held here (``qgscale.index.search.LoadedIndex``), or a
     ``ShardedSearcher`` (one Ray actor per index shard, built with the corpus: this process
-    then holds only the queries' top-k and their passages' fields, not the index, its id
-    map nor a pid -> language map of the corpus).
+    then holds neither the index, its id map nor a pid -> language map of the corpus).
+    Queries go ``block`` at a time (:class:`BlockScorer`): this process holds one block's
+    vectors and top-k, and running sums of the metrics, never the whole run. The pooled
+    top-k goes to ``run_uri`` (parquet, :func:`run_table` rows) when given, else into the
+    result as ``run`` (``{qid: {pid: score}}``).
 
-    Returns ``{pairs, query_langs, query_langs_macro, macro, n_queries, corpus_langs, run}``
-    where ``run`` is the pooled top-k (``{qid: {pid: score}}``).
+    Returns ``{pairs, query_langs, query_langs_macro, macro, n_queries, corpus_langs, top_k,
+    timings}`` (and ``run``).
     """
     from qgscale.index.encode import encode_texts, nonfinite_rows, token_lengths
     from qgscale.index.search import ShardedSearcher
 
-    timings: dict[str, float] = {}
-    t0 = time.time()
-    lengths = token_lengths(getattr(encoder, "tokenizer", None), data.texts)
-    qvec = encode_texts(encoder.encode_queries, data.texts, batch_size, lengths, device,
-                        precision)
-    bad = nonfinite_rows(qvec)
-    if bad.size:  # FAISS would return nothing for it: an empty run scored as a miss
-        raise DataError(f"qid={data.qids[int(bad[0])]}: non-finite query embedding "
-                        f"({bad.size} of {len(qvec)} queries; precision={precision})")
-    timings["encode_s"] = time.time() - t0
-    t0 = time.time()
+    if not data.qids:
+        raise DataError(f"{data.source.get('queries') or 'eval data'}: no queries")
+    timings: dict[str, float] = defaultdict(float)
     langs = corpus_langs(data.corpus_uri)
-    pooled = to_run(data.qids, *loaded.search(qvec, top_k))
-    pair_runs: dict[tuple[str, str], dict] = {}
-    by_qlang: dict[str, list[int]] = defaultdict(list)
-    for i, q in enumerate(data.qids):
-        by_qlang[data.query_lang[q]].append(i)
-    if len(langs) == 1:  # the pooled corpus is the pair's corpus
-        for ql in by_qlang:
-            pair_runs[(ql, langs[0])] = pooled
-        plang_all = None
-    elif pairs and isinstance(loaded, ShardedSearcher):  # the actors restrict by language
-        plang_all = None
-        for cl in langs:
-            for ql, rows in sorted(by_qlang.items()):
-                res = loaded.search(qvec[rows], top_k, lang=cl)
-                pair_runs[(ql, cl)] = to_run([data.qids[i] for i in rows], *res)
-    elif pairs:
-        plang_all, _ = passage_fields(data.corpus_uri, None, text=False)
+    plang_all, lang_ids = None, {}
+    if pairs and len(langs) > 1 and not isinstance(loaded, ShardedSearcher):
+        plang_all, _ = passage_fields(data.corpus_uri, None, text=False)  # a local index
         index_langs = np.array([plang_all.get(p) for p in loaded.pids], dtype=object)
-        for cl in langs:
-            ids = np.flatnonzero(index_langs == cl).astype(np.int64)
+        lang_ids = {cl: np.flatnonzero(index_langs == cl).astype(np.int64) for cl in langs}
+    scorer = BlockScorer(data, ks)
+    with RunSink(run_uri) as sink:
+        for start in range(0, len(data.qids), block):
+            qids = data.qids[start:start + block]
+            texts = data.texts[start:start + block]
+            t0 = time.time()
+            lengths = token_lengths(getattr(encoder, "tokenizer", None), texts)
+            qvec = encode_texts(encoder.encode_queries, texts, batch_size, lengths, device,
+                                precision)
+            bad = nonfinite_rows(qvec)
+            if bad.size:  # FAISS would return nothing for it: an empty run scored as a miss
+                raise DataError(f"qid={qids[int(bad[0])]}: non-finite query embedding "
+                                f"({bad.size} of {len(qvec)} queries in a block; "
+                                f"precision={precision})")
+            timings["encode_s"] += time.time() - t0
+            t0 = time.time()
+            pooled = to_run(qids, *loaded.search(qvec, top_k))
+            pair_runs: dict[tuple[str, str], dict] = {}
+            by_qlang: dict[str, list[int]] = defaultdict(list)
+            for i, q in enumerate(qids):
+                by_qlang[data.query_lang[q]].append(i)
             for ql, rows in sorted(by_qlang.items()):
-                sub = [data.qids[i] for i in rows]
-                res = restricted_search(loaded, qvec[rows], top_k, ids, nprobe, ef_search)
-                pair_runs[(ql, cl)] = to_run(sub, *res)
-    else:
-        plang_all = None
-    timings["search_s"] = time.time() - t0
-    t0 = time.time()
-    out = score_runs(data, pooled, pair_runs, ks, plang_all)
-    timings["metrics_s"] = time.time() - t0
-    out.update(n_queries=len(data.qids), corpus_langs=langs, top_k=top_k, timings=timings,
-               run=pooled)
+                sub = [qids[i] for i in rows]
+                for cl in langs:
+                    if len(langs) == 1:  # the pooled corpus is the pair's corpus
+                        pair_runs[(ql, cl)] = pooled
+                    elif pairs and isinstance(loaded, ShardedSearcher):  # actors restrict
+                        pair_runs[(ql, cl)] = to_run(sub, *loaded.search(qvec[rows], top_k,
+                                                                         lang=cl))
+                    elif pairs:
+                        pair_runs[(ql, cl)] = to_run(sub, *restricted_search(
+                            loaded, qvec[rows], top_k, lang_ids[cl], nprobe, ef_search))
+            timings["search_s"] += time.time() - t0
+            t0 = time.time()
+            scorer.add(qids, pooled, pair_runs, plang_all)
+            sink.add(pooled)
+            timings["metrics_s"] += time.time() - t0
+    out = scorer.result()
+    out.update(n_queries=len(data.qids), corpus_langs=langs, top_k=top_k,
+               timings=dict(timings))
+    if sink.run is not None:
+        out["run"] = sink.run
     return out
-
-
-def score_runs(data: EvalData, pooled: dict, pair_runs: dict, ks: list[int] | None = None,
-               plang_all: dict | None = None) -> dict:
-    """Every metric of a pooled run and its per language pair runs (``{(query lang, corpus
-    lang): run}``) on ``data`` (:func:`qgscale.eval.metrics.evaluate_languages`)."""
-    needed = {p for r in [pooled, *pair_runs.values()] for ranked in r.values() for p in ranked}
-    needed |= {p for rels in data.qrels.values() for p in rels}
-    want_text = data.answers is not None
-    plang, ptext = passage_fields(data.corpus_uri, needed, text=want_text)
-    gone = [(q, p) for q, rels in data.qrels.items() if q in data.query_lang
-            for p, r in rels.items() if r > 0 and p not in plang]
-    if gone:  # a positive no index can return: every metric counts it as a miss
-        log.warning("%s: %d positive qrels pair(s) of the evaluated queries name a passage "
-                    "not in the corpus %s (e.g. qid=%s, pid=%s): they count as misses",
-                    data.source.get("qrels") or "qrels", len(gone), data.corpus_uri, *gone[0])
-    if plang_all is not None:
-        plang = {**plang_all, **plang}
-    # queries with neither qrels nor answers cannot be scored; keep only scored ones per view
-    return M.evaluate_languages(pair_runs, data.qrels, data.query_lang, plang, pooled_run=pooled,
-                                metrics=metric_names(ks or [1, 5, 10, 20, 100]),
-                                answers=data.answers, passages=ptext if want_text else None)
 
 
 def evaluate_baseline(cfg: Any, run_uri: str, data_uri: str, split: str, corpus_uri: str,
@@ -285,7 +364,10 @@ def evaluate_baseline(cfg: Any, run_uri: str, data_uri: str, split: str, corpus_
             pair_runs[(ql, langs[0])] = pooled
         else:
             pair_runs.update({(ql, cl): run for cl, run in per_lang.items()})
-    out = score_runs(data, pooled, pair_runs, ec.k)
+    scorer = BlockScorer(data, ec.k)
+    for start in range(0, len(data.qids), EVAL_BLOCK):  # the passage fields of one block
+        scorer.add(data.qids[start:start + EVAL_BLOCK], pooled, pair_runs)
+    out = scorer.result()
     out.update(n_queries=len(data.qids), corpus_langs=langs, top_k=ec.top_k,
                timings={"total_s": time.time() - t0}, run=pooled, model="bm25",
                bm25_run=run_uri, split=split, sources=data.source)
@@ -299,8 +381,9 @@ def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
                   **kw: Any) -> dict:
     """Load the student and the split from storage and evaluate, searching the index with
     one Ray actor per index shard of ``search_cpus`` CPUs, which re-rank with their shard's
-    exact vectors under ``refine`` (a Ray task body: it holds O(queries x k), not the index
-    nor its vectors; ``device``: torch's default when not given)."""
+    exact vectors under ``refine`` (a Ray task body: it holds one block of queries' top-k,
+    not the index nor its vectors, and writes the run to ``run_uri`` when given; ``device``:
+    torch's default when not given)."""
     from qgscale.index.encode import load_dual_encoder
     from qgscale.index.search import ShardedSearcher
     from qgscale.models.precision import default_device
@@ -433,20 +516,15 @@ def comparison_table(results: dict[str, dict], metric: str) -> str:
 
 
 def write_reports(result: dict, out_uri: str, metrics: list[str], chart_metric: str) -> dict:
-    """Write ``metrics.json``, ``metrics.md``, ``pairs.png`` and ``run.parquet`` (pooled top-k)."""
-    run = result.pop("run", {})
+    """Write ``metrics.json``, ``metrics.md``, ``pairs.png``, and ``run.parquet`` (pooled
+    top-k) when ``result`` holds its ``run`` (else :func:`evaluate_split` wrote it)."""
+    run = result.pop("run", None)
     storage.write_json(storage.join(out_uri, "metrics.json"), result)
     storage.write_bytes(storage.join(out_uri, "metrics.md"),
                         markdown_table(result, metrics + ["r@2kt", "r@5kt"]).encode())
     storage.write_bytes(storage.join(out_uri, "pairs.png"), bar_chart(result, chart_metric))
-    from qgscale.data.schema import CANDIDATES
-    from qgscale.eval.metrics import ranking
-
-    ranked = {q: ranking(s) for q, s in run.items()}
-    table = pa.Table.from_pydict(
-        {"qid": list(ranked), "pids": list(ranked.values()),
-         "scores": [[run[q][p] for p in ps] for q, ps in ranked.items()]}, schema=CANDIDATES)
-    storage.write_parquet(storage.join(out_uri, "run.parquet"), table)
+    if run is not None:
+        storage.write_parquet(storage.join(out_uri, "run.parquet"), run_table(run))
     return result
 
 
@@ -500,7 +578,8 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
                 top_k=ec.top_k, ks=ec.k, batch_size=sc.batch_size, pairs=ec.pairs,
                 nprobe=sc.nprobe, ef_search=sc.ef_search, refine=sc.refine,
                 k_factor=sc.k_factor, precision=sc.precision, answers=ec.answer_recall,
-                search_cpus=sc.cpus_per_actor))
+                search_cpus=sc.cpus_per_actor,
+                run_uri=storage.join(out_uri, split, "run.parquet")))
         result["timings"]["total_s"] = time.time() - t0
         result["job"] = {"driver_python": sys.executable, "driver_host": os.uname().nodename,
                          "ray_address": ray.get_runtime_context().gcs_address,

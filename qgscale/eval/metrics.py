@@ -33,6 +33,7 @@ and ``monolingual`` (the diagonal).
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 
@@ -189,18 +190,31 @@ def _merge_rows(a: dict[str, dict[str, float]],
     return out
 
 
-def _mean_present(rows: Mapping[str, Mapping[str, float]], metrics: list[str]) -> dict:
-    """Mean of each metric over the queries that have it; ``n`` (ranking metrics) and
-    ``n_kt`` (answer recall) count the queries of each family."""
-    out: dict[str, float] = {}
-    for m in metrics:
-        vals = [r[m] for r in rows.values() if m in r]
-        if vals:
-            out[m] = sum(vals) / len(vals)
-    out["n"] = sum(any(not m.endswith("kt") for m in r) for r in rows.values())
-    if any(m.endswith("kt") for m in metrics):
-        out["n_kt"] = sum(any(m.endswith("kt") for m in r) for r in rows.values())
-    return out
+class Means:
+    """Running means of per-query metric rows, block by block: each metric's mean over the
+    queries that have it; ``n`` (ranking metrics) and ``n_kt`` (answer recall) count the
+    queries of each family. Holds two numbers per metric, not the rows."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.n = self.n_kt = 0
+
+    def add(self, rows: Mapping[str, Mapping[str, float]]) -> None:
+        for r in rows.values():
+            for m, v in r.items():
+                self.sums[m] += v
+                self.counts[m] += 1
+            self.n += any(not m.endswith("kt") for m in r)
+            self.n_kt += any(m.endswith("kt") for m in r)
+
+    def result(self, metrics: list[str]) -> dict:
+        out: dict[str, float] = {m: self.sums[m] / self.counts[m] for m in metrics
+                                 if self.counts.get(m)}
+        out["n"] = self.n
+        if any(m.endswith("kt") for m in metrics):
+            out["n_kt"] = self.n_kt
+        return out
 
 
 def macro(values: Iterable[Mapping[str, float]]) -> dict[str, float]:
@@ -224,6 +238,78 @@ def pair_key(query_lang: str, corpus_lang: str) -> str:
     return f"{query_lang}->{corpus_lang}"
 
 
+class LanguageMetrics:
+    """Metrics per language pair, per query language and macro averages, added a block of
+    queries at a time (:meth:`add`): it holds running sums per view, not the runs.
+
+    ``pair_runs[(ql, cl)]`` ranks passages of language ``cl`` for the queries of language
+    ``ql``; its qrels are those of ``qrels`` restricted to ``cl`` passages. ``pooled_run``
+    (optional) ranks the whole multilingual corpus for every query: the per-query-language
+    view. With ``answers`` (True: :meth:`add` gets answers and passages, pid -> text),
+    R@2kt / R@5kt are added (``tokenize``: their tokens, see the module docstring).
+    """
+
+    def __init__(self, metrics: Iterable[str] = DEFAULT_METRICS, answers: bool = False,
+                 tokenize: Tokenizer = word_tokenize) -> None:
+        self.metrics = list(metrics)
+        self.names = self.metrics + (["r@2kt", "r@5kt"] if answers else [])
+        self.answers = answers
+        self.tokenize = tokenize
+        self.pairs: dict[tuple[str, str], Means] = defaultdict(Means)
+        self.query_langs: dict[str, Means] | None = None
+
+    def add(self, pair_runs: Mapping[tuple[str, str], Run], qrels: Qrels,
+            query_lang: Mapping[str, str], passage_lang: Mapping[str, str],
+            pooled_run: Run | None = None,
+            answers: Mapping[str, Iterable[str]] | None = None,
+            passages: Mapping[str, str] | None = None) -> None:
+        """Add the queries of ``query_lang`` (qid -> language): a block of the split."""
+        if self.answers and (answers is None or passages is None):
+            raise ValueError("answer recall needs answers and passages (pid -> text)")
+
+        def rows_for(run: Run, qids: list[str], corpus_lang: str | None) -> dict:
+            sub = {q: ({p: r for p, r in qrels.get(q, {}).items()
+                        if corpus_lang is None or passage_lang.get(p) == corpus_lang})
+                   for q in qids}
+            rows = per_query(run, sub, self.metrics)
+            if self.answers:
+                rows = _merge_rows(rows, answer_recall_per_query(
+                    run, passages, answers, qids=qids, tokenize=self.tokenize))
+            return rows
+
+        by_lang: dict[str, list[str]] = {}
+        for qid, lang in query_lang.items():
+            by_lang.setdefault(lang, []).append(qid)
+        for (ql, cl), run in sorted(pair_runs.items()):
+            self.pairs[(ql, cl)].add(rows_for(run, by_lang.get(ql, []), cl))
+        if pooled_run is not None:
+            self.query_langs = self.query_langs if self.query_langs is not None else \
+                defaultdict(Means)
+            for ql, qids in sorted(by_lang.items()):
+                self.query_langs[ql].add(rows_for(pooled_run, qids, None))
+
+    def result(self) -> dict:
+        """``{pairs, query_langs, query_langs_macro, macro}`` over every query added."""
+        pairs = {pair_key(ql, cl): m.result(self.names) for (ql, cl), m in
+                 sorted(self.pairs.items())}
+        out: dict = {"pairs": pairs}
+        if self.query_langs is not None:
+            out["query_langs"] = {ql: m.result(self.names)
+                                  for ql, m in sorted(self.query_langs.items())}
+            out["query_langs_macro"] = macro(v for v in out["query_langs"].values()
+                                             if v["n"] or v.get("n_kt"))
+        evaluated = {k: v for k, v in pairs.items() if v["n"] or v.get("n_kt")}
+        split = {k: k.split("->") for k in evaluated}
+        out["macro"] = {
+            "x->en": macro(v for k, v in evaluated.items() if split[k][1] == "en"
+                           and split[k][0] != "en"),
+            "cross_lingual": macro(v for k, v in evaluated.items()
+                                   if split[k][0] != split[k][1]),
+            "monolingual": macro(v for k, v in evaluated.items() if split[k][0] == split[k][1]),
+        }
+        return out
+
+
 def evaluate_languages(
     pair_runs: Mapping[tuple[str, str], Run],
     qrels: Qrels,
@@ -235,48 +321,7 @@ def evaluate_languages(
     passages: Mapping[str, str] | None = None,
     tokenize: Tokenizer = word_tokenize,
 ) -> dict:
-    """Metrics per language pair, per query language and macro averages.
-
-    ``pair_runs[(ql, cl)]`` ranks passages of language ``cl`` for the queries of language
-    ``ql``; its qrels are those of ``qrels`` restricted to ``cl`` passages. ``pooled_run``
-    (optional) ranks the whole multilingual corpus for every query: the per-query-language
-    view. With ``answers`` and ``passages`` (pid -> text), R@2kt / R@5kt are added
-    (``tokenize``: their tokens, see the module docstring).
-    """
-    metrics = list(metrics)
-    names = metrics + (["r@2kt", "r@5kt"] if answers is not None else [])
-    if answers is not None and passages is None:
-        raise ValueError("answer recall needs passages (pid -> text)")
-
-    def rows_for(run: Run, qids: list[str], corpus_lang: str | None) -> dict:
-        sub = {q: ({p: r for p, r in qrels.get(q, {}).items()
-                    if corpus_lang is None or passage_lang.get(p) == corpus_lang})
-               for q in qids}
-        rows = per_query(run, sub, metrics)
-        if answers is not None:
-            rows = _merge_rows(rows, answer_recall_per_query(run, passages, answers, qids=qids,
-                                                             tokenize=tokenize))
-        return rows
-
-    by_lang: dict[str, list[str]] = {}
-    for qid, lang in query_lang.items():
-        by_lang.setdefault(lang, []).append(qid)
-
-    pairs = {}
-    for (ql, cl), run in sorted(pair_runs.items()):
-        pairs[pair_key(ql, cl)] = _mean_present(rows_for(run, by_lang.get(ql, []), cl), names)
-    out: dict = {"pairs": pairs}
-    if pooled_run is not None:
-        out["query_langs"] = {ql: _mean_present(rows_for(pooled_run, qids, None), names)
-                              for ql, qids in sorted(by_lang.items())}
-        out["query_langs_macro"] = macro(v for v in out["query_langs"].values()
-                                         if v["n"] or v.get("n_kt"))
-    evaluated = {k: v for k, v in pairs.items() if v["n"] or v.get("n_kt")}
-    split = {k: k.split("->") for k in evaluated}
-    out["macro"] = {
-        "x->en": macro(v for k, v in evaluated.items() if split[k][1] == "en"
-                       and split[k][0] != "en"),
-        "cross_lingual": macro(v for k, v in evaluated.items() if split[k][0] != split[k][1]),
-        "monolingual": macro(v for k, v in evaluated.items() if split[k][0] == split[k][1]),
-    }
-    return out
+    """:class:`LanguageMetrics` of one block: every query of ``query_lang``."""
+    acc = LanguageMetrics(metrics, answers is not None, tokenize)
+    acc.add(pair_runs, qrels, query_lang, passage_lang, pooled_run, answers, passages)
+    return acc.result()
