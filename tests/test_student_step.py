@@ -13,8 +13,7 @@ from qgscale.config import EncoderConfig, LossConfig, ModelConfig, StudentTrainC
 from qgscale.errors import DataError
 from qgscale.models.encoder import DualEncoder
 from qgscale.train import losses
-from qgscale.train.batch import StudentBatch, Tokens
-from qgscale.train.data import StudentCollator
+from qgscale.train.batch import StudentBatch, StudentCollator, Tokens
 from qgscale.train.loop import TrainRun, plan_steps
 from qgscale.train.tasks import StudentTask, student_step
 
@@ -151,7 +150,7 @@ def test_shared_positives_are_no_negatives(tokenizer, model, caplog):
     assert parts["contrastive"] == pytest.approx(masked, abs=1e-5)
     assert masked < losses.contrastive_loss(q, groups, 2, t).item()
     del rows["passage_ids"], rows["positive_ids"]
-    with caplog.at_level(logging.WARNING, "qgscale.train.data"):
+    with caplog.at_level(logging.WARNING, "qgscale.train.batch"):
         plain = StudentCollator(tokenizer, 16, 48)(rows)
     assert plain.group_ids is None and "without passage_ids" in caplog.text
     _, parts = student_step(model, plain, lc, model.temperature, world_size=1)

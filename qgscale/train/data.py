@@ -1,4 +1,5 @@
-"""Training data: join canonical tables into self-contained training rows, and collators.
+"""Training data: join canonical tables into self-contained training rows (no torch here:
+Ray Data workers import this module; the collator is :mod:`qgscale.train.batch`'s).
 
 The driver joins queries, passages, teacher scores and generated queries into one row per
 training query and writes them as parquet shards, in a hash order of the qids that mixes
@@ -19,26 +20,21 @@ Bad input raises :class:`qgscale.errors.DataError` naming the table, qid/pid and
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from qgscale import storage
-from qgscale.config import LossConfig, StudentTrainConfig
+from qgscale.config import LossConfig
 from qgscale.data.corpus import read_passages, sample_pids
 from qgscale.errors import DataError
 from qgscale.teacher.common import generated_of, load_queries
-from qgscale.train.batch import StudentBatch, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -451,116 +447,5 @@ def write_rows(table: pa.Table, uri: str, shard_rows: int, config_hash: str,
     return [writer.shard_uri(s["name"]) for s in manifest["shards"]]
 
 
-# --- collators (run on the workers; no Ray needed) ---------------------------------------
 def _as_list(x: Any) -> list:
     return list(x.tolist() if isinstance(x, np.ndarray) else x)
-
-
-def _passage_ids(batch: dict[str, Iterable], g: int) -> dict[str, torch.Tensor]:
-    """``group_ids`` (B x G) and ``positive_ids`` (B, P; padded with -1) of rows that carry
-    ``passage_ids`` / ``positive_ids``; a row without them is a DataError (rows are
-    written with both, or, before they existed, neither)."""
-    qids = _as_list(batch["qid"])
-    ids = [None if a is None else _as_list(a) for a in _as_list(batch["passage_ids"])]
-    pos = [None if b is None else _as_list(b)
-           for b in _as_list(batch.get("positive_ids", [None] * len(qids)))]
-    for i, (a, b) in enumerate(zip(ids, pos, strict=True)):
-        if a is None or b is None or len(a) != g or not b:
-            raise DataError(f"training row qid={qids[i]}: fields 'passage_ids' / "
-                            f"'positive_ids' missing or not matching its {g} passages")
-    positive = torch.full((len(pos), max(map(len, pos))), -1, dtype=torch.long)
-    for i, b in enumerate(pos):
-        positive[i, :len(b)] = torch.tensor(b, dtype=torch.long)
-    return {"group_ids": torch.tensor([x for a in ids for x in a], dtype=torch.long),
-            "positive_ids": positive}
-
-
-@dataclass
-class StudentCollator:
-    """Batch of :data:`STUDENT_ROWS` -> :class:`StudentBatch`.
-
-    Queries and generated queries are tokenised together (one padded length), as are the
-    passage groups and candidates, so that the step encodes each side in one pass.
-    ``n_candidates`` > 0 (distillation): candidate lists are cut or padded to that length.
-    """
-
-    tokenizer: Any
-    max_query_len: int
-    max_passage_len: int
-    n_candidates: int = 0
-    _warned: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
-
-    @classmethod
-    def for_config(cls, tokenizer: Any, cfg: StudentTrainConfig,
-                   distill: bool) -> StudentCollator:
-        """The collator of a stage: lengths from ``cfg``, candidates when ``distill``."""
-        return cls(tokenizer, cfg.max_query_len, cfg.max_passage_len,
-                   cfg.loss.n_candidates if distill else 0)
-
-    def _tok(self, texts: list[str], max_len: int, sizes: list[int]) -> list[Tokens]:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len,
-                             return_tensors="pt")
-        ids, mask = enc["input_ids"].split(sizes), enc["attention_mask"].split(sizes)
-        return [Tokens(i, m) for i, m in zip(ids, mask, strict=True)]
-
-    def _candidates(self, batch: dict[str, Iterable], b: int) -> tuple[list[str], dict]:
-        """Candidate texts (B x C, padded with "") and the named score tensors."""
-        c = self.n_candidates
-        mask = torch.zeros(b, c, dtype=torch.bool)
-        teacher = torch.zeros(b, c)
-        gen_teacher = torch.zeros(b, c)
-        has_gen_scores = torch.zeros(b, dtype=torch.bool)
-        cand_texts: list[str] = []
-        for i, (texts, scores, gscores) in enumerate(zip(
-                _as_list(batch["cand_texts"]), _as_list(batch["cand_scores"]),
-                _as_list(batch["gen_scores"]), strict=True)):
-            texts, scores, gscores = _as_list(texts), _as_list(scores), _as_list(gscores)
-            if not texts:
-                raise DataError(f"training row qid={_as_list(batch['qid'])[i]}: "
-                                "empty candidate list")
-            texts, scores = texts[:c], scores[:c]
-            n = len(texts)
-            mask[i, :n] = True
-            teacher[i, :n] = torch.tensor(scores, dtype=torch.float32)
-            if gscores:
-                gen_teacher[i, :n] = torch.tensor(gscores[:c], dtype=torch.float32)
-                has_gen_scores[i] = True
-            cand_texts += texts + [""] * (c - n)
-        return cand_texts, {"cand_mask": mask, "teacher_scores": teacher,
-                            "gen_teacher_scores": gen_teacher, "gen_teacher_mask": has_gen_scores}
-
-    def __call__(self, batch: dict[str, Iterable]) -> StudentBatch:
-        queries = [str(x) for x in _as_list(batch["query"])]
-        groups = [_as_list(p) for p in _as_list(batch["passages"])]
-        sizes = {len(g) for g in groups}
-        if len(sizes) != 1:
-            raise DataError(f"rows have different passage group sizes {sorted(sizes)}")
-        b, g = len(queries), sizes.pop()
-        passages = [p for grp in groups for p in grp]
-        gens = [str(x) for x in _as_list(batch.get("gen_query", [""] * b))]
-        gen_mask = torch.tensor([bool(x) for x in gens], dtype=torch.bool)
-        fields: dict[str, Any] = {}
-        if self.n_candidates:
-            cand_texts, fields = self._candidates(batch, b)
-            passages += cand_texts
-        q_texts = queries
-        if gen_mask.any():
-            q_texts = queries + [x if x else q for x, q in zip(gens, queries, strict=True)]
-        q_blocks = self._tok(q_texts, self.max_query_len, [b] * (len(q_texts) // b))
-        p_blocks = self._tok(passages, self.max_passage_len,
-                             [b * g] + ([b * self.n_candidates] if self.n_candidates else []))
-        if self.n_candidates:
-            fields["gen_teacher_mask"] = fields["gen_teacher_mask"] & gen_mask
-            if not (gen_mask.any() and fields["gen_teacher_mask"].any()):
-                fields["gen_teacher_scores"] = fields["gen_teacher_mask"] = None
-        if "passage_ids" in batch:
-            fields.update(_passage_ids(batch, g))
-        elif not self._warned:
-            self._warned = True
-            log.warning("training rows without passage_ids (written before qgscale masked "
-                        "shared positives): in-batch copies of a query's positive count as "
-                        "its negatives; delete the stage's rows folder to rebuild them")
-        return StudentBatch(
-            queries=q_blocks[0], groups=p_blocks[0], group_size=g,
-            candidates=p_blocks[1] if self.n_candidates else None,
-            generated=q_blocks[1] if gen_mask.any() else None, gen_mask=gen_mask, **fields)

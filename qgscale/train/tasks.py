@@ -25,8 +25,7 @@ from qgscale.config import (
 )
 from qgscale.errors import DataError
 from qgscale.train import losses
-from qgscale.train.batch import StudentBatch
-from qgscale.train.data import StudentCollator
+from qgscale.train.batch import StudentBatch, StudentCollator
 
 
 class Batch(Protocol):
