@@ -132,10 +132,15 @@ def check_worker_secrets() -> None:
     _checked_secrets.add(digest)
 
 
-# Set (unless already set) for a local Ray this process starts: its Ray Train controller
-# polls the workers every 0.2 s, not 2 s, so a training stage starts and ends sooner (about
-# 5 s a stage on 2 cores). Joined clusters keep Ray's default (one call per worker per poll).
-LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# Set (unless already set) for a local Ray this process starts; joined clusters keep Ray's
+# defaults. Its Ray Train controller polls the workers every 0.2 s, not 2 s, so a training
+# stage starts and ends sooner (about 5 s a stage on 2 cores; the default costs one call per
+# worker per poll). It keeps up to 6 idle worker processes, not one per CPU: on a small
+# machine Ray Data's operators (map tasks, a join's aggregator actor, a sort) otherwise kill
+# and restart workers between operators, each start re-importing pyarrow, Ray Data and
+# qgscale (the four Ray Data training-row tests: 264 s -> 35 s on 2 cores). A big node's
+# limit (its CPU count) is already above its operators' needs.
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_num_workers_soft_limit": "6"}
 
 
 def connect(ray_cfg: Any = None) -> None:
