@@ -212,7 +212,7 @@ def _input_worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -
 
     from qgscale.config import LossConfig, StudentTrainConfig
     from qgscale.models.encoder import DualEncoder
-    from qgscale.train.data import StudentCollator
+    from qgscale.train.batch import StudentCollator
     from qgscale.train.loop import deepspeed_config
     from qgscale.train.order import Loader, list_shards
     from qgscale.train.tasks import student_step

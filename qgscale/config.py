@@ -49,6 +49,9 @@ class Section(BaseModel):
         """A boolean is an error where a number is expected (a number field, or a list of
         numbers): pydantic would read YAML's ``true`` as 1 (``batch_size: yes`` -> 1)."""
         ann = cls.model_fields[info.field_name].annotation
+        if get_origin(ann) in (Union, UnionType):  # X | None
+            args = [a for a in get_args(ann) if a is not type(None)]
+            ann = args[0] if len(args) == 1 else ann
         items = value if isinstance(value, list) and get_origin(ann) is list else [value]
         if get_origin(ann) is list:
             ann = get_args(ann)[0]

@@ -334,6 +334,7 @@ STAGES = [
           lambda c, lay: [lay.uri("rerank")], raw=lambda c: _model_source(c.teacher.model)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
+BY_NAME = {s.name: s for s in STAGES}
 
 
 def key_sections(stage: Stage, cfg: Config) -> tuple[str, ...]:
@@ -344,8 +345,6 @@ def key_sections(stage: Stage, cfg: Config) -> tuple[str, ...]:
     if random_teacher and "teacher.model" in stage.sections and "run.seed" not in stage.sections:
         return (*stage.sections, "run.seed")
     return stage.sections
-
-BY_NAME = {s.name: s for s in STAGES}
 
 
 # ----------------------------------------------------------------------------- the runner

@@ -132,15 +132,19 @@ def check_worker_secrets() -> None:
     _checked_secrets.add(digest)
 
 
-# Set (unless already set) for a local Ray this process starts; joined clusters keep Ray's
-# defaults. Its Ray Train controller polls the workers every 0.2 s, not 2 s, so a training
-# stage starts and ends sooner (about 5 s a stage on 2 cores; the default costs one call per
-# worker per poll). It keeps up to 6 idle worker processes, not one per CPU: on a small
-# machine Ray Data's operators (map tasks, a join's aggregator actor, a sort) otherwise kill
-# and restart workers between operators, each start re-importing pyarrow, Ray Data and
-# qgscale (the four Ray Data training-row tests: 264 s -> 35 s on 2 cores). A big node's
-# limit (its CPU count) is already above its operators' needs.
-LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_num_workers_soft_limit": "6"}
+def local_ray_env(num_cpus: int | None = None) -> dict[str, str]:
+    """Environment set (unless already set) for a local Ray of ``num_cpus`` CPUs (None: the
+    machine's) that this process starts; joined clusters keep Ray's defaults.
+
+    Its Ray Train controller polls the workers every 0.2 s, not 2 s, so a training stage
+    starts and ends sooner (about 5 s a stage on 2 cores; the default costs one call per worker
+    per poll). It keeps at least 6 idle worker processes, not one per CPU: on a small machine
+    Ray Data's operators (map tasks, a join's aggregator actor, a sort) otherwise kill and
+    restart workers between operators, each start re-importing pyarrow, Ray Data and qgscale
+    (the four Ray Data training-row tests: 264 s -> 35 s on 2 cores)."""
+    cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
+    return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+            "RAY_num_workers_soft_limit": str(max(6, cpus))}
 
 
 def connect(ray_cfg: Any = None) -> None:
@@ -161,7 +165,7 @@ def connect(ray_cfg: Any = None) -> None:
         log.info("joined the Ray cluster at %s (%s CPUs, %s GPUs)", address,
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
     else:  # workers inherit this process's environment, credentials included
-        for k, v in LOCAL_RAY_ENV.items():
+        for k, v in local_ray_env(getattr(ray_cfg, "num_cpus", None)).items():
             os.environ.setdefault(k, v)
         ray.init(address="local", num_cpus=getattr(ray_cfg, "num_cpus", None),
                  num_gpus=getattr(ray_cfg, "num_gpus", None), include_dashboard=False,

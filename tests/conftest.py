@@ -87,10 +87,10 @@ def ray_local(s3_server):
     never travel through Ray (the rule of :mod:`qgscale.runtime`)."""
     import ray
 
-    from qgscale.runtime import LOCAL_RAY_ENV
+    from qgscale.runtime import local_ray_env
 
     if not ray.is_initialized():
-        for k, v in LOCAL_RAY_ENV.items():  # as qgscale's own local Ray (runtime.connect)
+        for k, v in local_ray_env(2).items():  # as qgscale's own local Ray (runtime.connect)
             os.environ.setdefault(k, v)
         ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)

@@ -554,7 +554,7 @@ def test_sharded_search_eval_equals_the_loaded_index(run_root, ray_local, tmp_pa
                            ondisk=False)
     searcher = ShardedSearcher(idx, num_cpus=0.5, corpus_uri=data.corpus_uri)
     try:
-        got = evaluate_split(b["encoder"], searcher, data, top_k=5, ks=[1, 5])
+        got = evaluate_split(b["encoder"], searcher, data, top_k=5, ks=[1, 5], block=7)
     finally:
         searcher.close()
     assert set(got["pairs"]) == {"en->en", "en->de", "de->en", "de->de"}

@@ -40,6 +40,7 @@ from qgscale.data.schema import (
 from qgscale.errors import ConfigError, DataError
 from qgscale.train import data as tdata
 from qgscale.train import tracking
+from qgscale.train.batch import StudentCollator
 from qgscale.train.data import generated_qid
 from qgscale.train.trainer import (
     run_train_distill,
@@ -469,7 +470,7 @@ def test_student_rows_and_collator(toy, tokenizer):
     batch["cand_texts"][1] = batch["cand_texts"][1][:2]  # a shorter candidate list is padded
     batch["cand_scores"][1] = batch["cand_scores"][1][:2]
     batch["gen_scores"][1] = batch["gen_scores"][1][:2]
-    out = tdata.StudentCollator(tokenizer, 16, 64, n_candidates=3)(batch)
+    out = StudentCollator(tokenizer, 16, 64, n_candidates=3)(batch)
     assert len(out) == 4 and len(out.generated) == 4 and out.gen_mask.all()
     assert len(out.groups) == 4 * 3 and out.group_size == 3 and len(out.candidates) == 4 * 3
     assert out.cand_mask.tolist()[1] == [True, True, False]

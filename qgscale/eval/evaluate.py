@@ -1,12 +1,16 @@
 """Evaluation job: encode a split's queries, search the index, compute metrics, write reports.
 
+Queries go :data:`EVAL_BLOCK` at a time (:class:`BlockScorer`, :func:`run_sink`): a block is
+encoded, searched and scored, and its pooled top-k written to ``run.parquet``, so the eval
+task never holds the whole run.
+
 Plain path (no Ray): :func:`evaluate_split` takes an encoder and a loaded index. The job
 (:func:`run_eval`, ``python -m qgscale.eval``) runs :func:`evaluate_uris` as one Ray task (on
 a GPU when the cluster has one) that searches through one Ray actor per index shard (the task
-holds the queries' top-k, never the index or a corpus-sized map), so ``ray job submit ...
--- python -m qgscale.eval --config X`` does the heavy work on the cluster; the driver writes
-``metrics.json``, ``metrics.md`` and ``pairs.png`` (bar chart per language pair) to
-``eval.out`` (local or ``s3://``).
+holds a block's top-k, never the index or a corpus-sized map) and writes ``run.parquet``, so
+``ray job submit ... -- python -m qgscale.eval --config X`` does the heavy work on the
+cluster; the driver writes ``metrics.json``, ``metrics.md`` and ``pairs.png`` (bar chart per
+language pair) to ``eval.out`` (local or ``s3://``).
 
 Searches: the pooled corpus once (per-query-language view), and, when the corpus holds several
 languages and ``eval.pairs`` is on, each corpus language alone through a FAISS ``IDSelector``
@@ -15,13 +19,15 @@ languages and ``eval.pairs`` is on, each corpus language alone through a FAISS `
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import sys
 import time
-from collections import defaultdict
+from collections import ChainMap, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,37 +194,24 @@ def run_table(run: dict[str, dict[str, float]]) -> pa.Table:
          "scores": [[run[q][p] for p in ps] for q, ps in ranked.items()]}, schema=CANDIDATES)
 
 
-class RunSink:
-    """Where a split's pooled run goes, block by block: a parquet file written as it comes
-    (``uri``; whole on success, :func:`qgscale.storage.writing_file`), or, without ``uri``,
-    a dict kept in memory (``run``: small splits, tests)."""
+@contextlib.contextmanager
+def run_sink(uri: str | None) -> Iterator[tuple[Callable[[dict], None], dict | None]]:
+    """Where a split's pooled run goes, block by block: ``(add, run)``. With ``uri``, a
+    parquet file of :func:`run_table` rows written as it comes (whole on success,
+    :func:`qgscale.storage.writing_file`) and ``run`` None; else ``add`` fills the dict
+    ``run`` (small splits, tests)."""
+    if not uri:
+        run: dict[str, dict] = {}
+        yield run.update, run
+        return
+    import pyarrow.parquet as pq
 
-    def __init__(self, uri: str | None) -> None:
-        self.uri = uri
-        self.run: dict[str, dict] | None = None if uri else {}
-        self._writer: Any = None
+    from qgscale.data.schema import CANDIDATES
 
-    def __enter__(self) -> RunSink:
-        if self.uri:
-            import pyarrow.parquet as pq
-
-            from qgscale.data.schema import CANDIDATES
-
-            self._file = storage.writing_file(self.uri)
-            self._writer = pq.ParquetWriter(self._file.__enter__(), CANDIDATES,
-                                            compression="zstd")
-        return self
-
-    def add(self, run: dict[str, dict]) -> None:
-        if self._writer is None:
-            self.run.update(run)
-        else:
-            self._writer.write_table(run_table(run), row_group_size=storage.ROW_GROUP_ROWS)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._file.__exit__(*exc)
+    with storage.writing_file(uri) as path, \
+            pq.ParquetWriter(path, CANDIDATES, compression="zstd") as writer:
+        yield (lambda r: writer.write_table(run_table(r),
+                                            row_group_size=storage.ROW_GROUP_ROWS)), None
 
 
 EVAL_BLOCK = 16_384  # queries encoded, searched and scored at a time
@@ -228,19 +221,21 @@ class BlockScorer:
     """Every metric of a split's runs, added a block of queries at a time
     (:class:`qgscale.eval.metrics.LanguageMetrics`): per block, the fields (language; text
     for answer recall) of the passages its runs and qrels name are read from the corpus
-    (:func:`passage_fields`), so nothing corpus-sized nor run-sized is held."""
+    (:func:`passage_fields`): it holds one block's passage fields and running sums, not the
+    runs' (the caller may hold a run: the BM25 baseline's, read whole)."""
 
     def __init__(self, data: EvalData, ks: list[int] | None = None) -> None:
         self.data = data
         self.acc = M.LanguageMetrics(metric_names(ks or [1, 5, 10, 20, 100]),
-                                     answers=data.answers is not None)
+                                     with_answers=data.answers is not None)
         self.gone: list[tuple[str, str]] = []  # the first positive not in the corpus
         self.n_gone = 0
 
     def add(self, qids: list[str], pooled: dict, pair_runs: dict,
             plang_all: dict | None = None) -> None:
         """Score the queries ``qids``: ``pooled`` (their run over the whole corpus) and
-        ``pair_runs`` (``{(query lang, corpus lang): run}``)."""
+        ``pair_runs`` (``{(query lang, corpus lang): run}``); ``plang_all``: every indexed
+        passage's language, when the caller holds it (a local index)."""
         d = self.data
         qrels = {q: d.qrels[q] for q in qids if q in d.qrels}
         runs = {id(r): r for r in [pooled, *pair_runs.values()]}.values()
@@ -252,8 +247,8 @@ class BlockScorer:
                 if r > 0 and p not in plang]
         self.n_gone += len(gone)
         self.gone = self.gone or gone[:1]
-        if plang_all is not None:
-            plang = {**plang_all, **plang}
+        if plang_all is not None:  # a pair run may rank passages of no qrels of this block
+            plang = ChainMap(plang, plang_all)
         # queries with neither qrels nor answers cannot be scored; keep only scored ones
         self.acc.add(pair_runs, qrels, {q: d.query_lang[q] for q in qids}, plang, pooled,
                      d.answers, ptext if want_text else None)
@@ -298,7 +293,7 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
         index_langs = np.array([plang_all.get(p) for p in loaded.pids], dtype=object)
         lang_ids = {cl: np.flatnonzero(index_langs == cl).astype(np.int64) for cl in langs}
     scorer = BlockScorer(data, ks)
-    with RunSink(run_uri) as sink:
+    with run_sink(run_uri) as (add_run, run):
         for start in range(0, len(data.qids), block):
             qids = data.qids[start:start + block]
             texts = data.texts[start:start + block]
@@ -332,13 +327,13 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
             timings["search_s"] += time.time() - t0
             t0 = time.time()
             scorer.add(qids, pooled, pair_runs, plang_all)
-            sink.add(pooled)
+            add_run(pooled)
             timings["metrics_s"] += time.time() - t0
     out = scorer.result()
     out.update(n_queries=len(data.qids), corpus_langs=langs, top_k=top_k,
                timings=dict(timings))
-    if sink.run is not None:
-        out["run"] = sink.run
+    if run is not None:
+        out["run"] = run
     return out
 
 

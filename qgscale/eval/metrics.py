@@ -24,8 +24,9 @@ numbers. Whitespace tokens (``tokenize=str.split``) give other numbers: on 300 o
 20), and on XQuAD en with BM25 R@2kt is 0.992 with whitespace tokens against 0.884 with NLTK's
 (``benchmarks/results/rkt_tokens.json``, ``benchmarks/rkt_tokens.py``).
 
-Language views: :func:`evaluate_languages` computes the metrics per (query lang, corpus lang)
-pair, per query language over the pooled corpus, and macro averages over pairs: ``x->en``
+Language views: :class:`LanguageMetrics` (added a block of queries at a time, holding running
+sums) and :func:`evaluate_languages` (one block) compute the metrics per (query lang, corpus
+lang) pair, per query language over the pooled corpus, and macro averages over pairs: ``x->en``
 (cross-lingual pairs into English), ``cross_lingual`` (every pair with different languages)
 and ``monolingual`` (the diagonal).
 """
@@ -245,15 +246,15 @@ class LanguageMetrics:
     ``pair_runs[(ql, cl)]`` ranks passages of language ``cl`` for the queries of language
     ``ql``; its qrels are those of ``qrels`` restricted to ``cl`` passages. ``pooled_run``
     (optional) ranks the whole multilingual corpus for every query: the per-query-language
-    view. With ``answers`` (True: :meth:`add` gets answers and passages, pid -> text),
-    R@2kt / R@5kt are added (``tokenize``: their tokens, see the module docstring).
+    view. ``with_answers``: :meth:`add` gets answers and passages (pid -> text), and R@2kt /
+    R@5kt are added (``tokenize``: their tokens, see the module docstring).
     """
 
-    def __init__(self, metrics: Iterable[str] = DEFAULT_METRICS, answers: bool = False,
+    def __init__(self, metrics: Iterable[str] = DEFAULT_METRICS, with_answers: bool = False,
                  tokenize: Tokenizer = word_tokenize) -> None:
         self.metrics = list(metrics)
-        self.names = self.metrics + (["r@2kt", "r@5kt"] if answers else [])
-        self.answers = answers
+        self.names = self.metrics + (["r@2kt", "r@5kt"] if with_answers else [])
+        self.with_answers = with_answers
         self.tokenize = tokenize
         self.pairs: dict[tuple[str, str], Means] = defaultdict(Means)
         self.query_langs: dict[str, Means] | None = None
@@ -264,7 +265,7 @@ class LanguageMetrics:
             answers: Mapping[str, Iterable[str]] | None = None,
             passages: Mapping[str, str] | None = None) -> None:
         """Add the queries of ``query_lang`` (qid -> language): a block of the split."""
-        if self.answers and (answers is None or passages is None):
+        if self.with_answers and (answers is None or passages is None):
             raise ValueError("answer recall needs answers and passages (pid -> text)")
 
         def rows_for(run: Run, qids: list[str], corpus_lang: str | None) -> dict:
@@ -272,7 +273,7 @@ class LanguageMetrics:
                         if corpus_lang is None or passage_lang.get(p) == corpus_lang})
                    for q in qids}
             rows = per_query(run, sub, self.metrics)
-            if self.answers:
+            if self.with_answers:
                 rows = _merge_rows(rows, answer_recall_per_query(
                     run, passages, answers, qids=qids, tokenize=self.tokenize))
             return rows
@@ -283,8 +284,8 @@ class LanguageMetrics:
         for (ql, cl), run in sorted(pair_runs.items()):
             self.pairs[(ql, cl)].add(rows_for(run, by_lang.get(ql, []), cl))
         if pooled_run is not None:
-            self.query_langs = self.query_langs if self.query_langs is not None else \
-                defaultdict(Means)
+            if self.query_langs is None:
+                self.query_langs = defaultdict(Means)
             for ql, qids in sorted(by_lang.items()):
                 self.query_langs[ql].add(rows_for(pooled_run, qids, None))
 

@@ -13,12 +13,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from qgscale.config import StudentTrainConfig
 from qgscale.errors import DataError
-from qgscale.train.data import _as_list
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +135,19 @@ class StudentBatch:
 
 
 # --- the collator (runs on the workers; no Ray needed) ---------------------------------------
+def as_list(x: Any) -> list:
+    """A row field as a list (Ray Data hands numpy arrays, pyarrow lists)."""
+    return list(x.tolist() if isinstance(x, np.ndarray) else x)
+
+
 def _passage_ids(batch: dict[str, Iterable], g: int) -> dict[str, torch.Tensor]:
     """``group_ids`` (B x G) and ``positive_ids`` (B, P; padded with -1) of rows that carry
     ``passage_ids`` / ``positive_ids``; a row without them is a DataError (rows are
     written with both, or, before they existed, neither)."""
-    qids = _as_list(batch["qid"])
-    ids = [None if a is None else _as_list(a) for a in _as_list(batch["passage_ids"])]
-    pos = [None if b is None else _as_list(b)
-           for b in _as_list(batch.get("positive_ids", [None] * len(qids)))]
+    qids = as_list(batch["qid"])
+    ids = [None if a is None else as_list(a) for a in as_list(batch["passage_ids"])]
+    pos = [None if b is None else as_list(b)
+           for b in as_list(batch.get("positive_ids", [None] * len(qids)))]
     for i, (a, b) in enumerate(zip(ids, pos, strict=True)):
         if a is None or b is None or len(a) != g or not b:
             raise DataError(f"training row qid={qids[i]}: fields 'passage_ids' / "
@@ -191,11 +196,11 @@ class StudentCollator:
         has_gen_scores = torch.zeros(b, dtype=torch.bool)
         cand_texts: list[str] = []
         for i, (texts, scores, gscores) in enumerate(zip(
-                _as_list(batch["cand_texts"]), _as_list(batch["cand_scores"]),
-                _as_list(batch["gen_scores"]), strict=True)):
-            texts, scores, gscores = _as_list(texts), _as_list(scores), _as_list(gscores)
+                as_list(batch["cand_texts"]), as_list(batch["cand_scores"]),
+                as_list(batch["gen_scores"]), strict=True)):
+            texts, scores, gscores = as_list(texts), as_list(scores), as_list(gscores)
             if not texts:
-                raise DataError(f"training row qid={_as_list(batch['qid'])[i]}: "
+                raise DataError(f"training row qid={as_list(batch['qid'])[i]}: "
                                 "empty candidate list")
             texts, scores = texts[:c], scores[:c]
             n = len(texts)
@@ -209,14 +214,14 @@ class StudentCollator:
                             "gen_teacher_scores": gen_teacher, "gen_teacher_mask": has_gen_scores}
 
     def __call__(self, batch: dict[str, Iterable]) -> StudentBatch:
-        queries = [str(x) for x in _as_list(batch["query"])]
-        groups = [_as_list(p) for p in _as_list(batch["passages"])]
+        queries = [str(x) for x in as_list(batch["query"])]
+        groups = [as_list(p) for p in as_list(batch["passages"])]
         sizes = {len(g) for g in groups}
         if len(sizes) != 1:
             raise DataError(f"rows have different passage group sizes {sorted(sizes)}")
         b, g = len(queries), sizes.pop()
         passages = [p for grp in groups for p in grp]
-        gens = [str(x) for x in _as_list(batch.get("gen_query", [""] * b))]
+        gens = [str(x) for x in as_list(batch.get("gen_query", [""] * b))]
         gen_mask = torch.tensor([bool(x) for x in gens], dtype=torch.bool)
         fields: dict[str, Any] = {}
         if self.n_candidates:

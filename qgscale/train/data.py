@@ -26,7 +26,6 @@ import random
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -445,7 +444,3 @@ def write_rows(table: pa.Table, uri: str, shard_rows: int, config_hash: str,
     writer = storage.ShardWriter(uri, config_hash)
     manifest = writer.write_table(table, shard_rows, **manifest)
     return [writer.shard_uri(s["name"]) for s in manifest["shards"]]
-
-
-def _as_list(x: Any) -> list:
-    return list(x.tolist() if isinstance(x, np.ndarray) else x)

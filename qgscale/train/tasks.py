@@ -25,7 +25,7 @@ from qgscale.config import (
 )
 from qgscale.errors import DataError
 from qgscale.train import losses
-from qgscale.train.batch import StudentBatch, StudentCollator
+from qgscale.train.batch import StudentBatch, StudentCollator, as_list
 
 
 class Batch(Protocol):
@@ -215,18 +215,16 @@ class QGRankCollator:
     def __call__(self, batch: dict[str, Any]) -> Any:
         from transformers import BatchEncoding  # a dict with .to(device)
 
-        from qgscale.train.data import _as_list
-
-        queries = [str(q) for q in _as_list(batch["query"])]
-        langs = [str(x) for x in _as_list(batch["lang"])]
+        queries = [str(q) for q in as_list(batch["query"])]
+        langs = [str(x) for x in as_list(batch["lang"])]
         width = 1 + self.n_negatives
         mask = torch.zeros(len(queries), width, dtype=torch.bool)
         sources = []
-        for i, (lang, passages) in enumerate(zip(langs, _as_list(batch["passages"]),
+        for i, (lang, passages) in enumerate(zip(langs, as_list(batch["passages"]),
                                                  strict=True)):
-            passages = [str(p) for p in _as_list(passages)][:width]
+            passages = [str(p) for p in as_list(passages)][:width]
             if not passages:
-                raise DataError(f"qg-rank row qid={_as_list(batch['qid'])[i]}: no passages")
+                raise DataError(f"qg-rank row qid={as_list(batch['qid'])[i]}: no passages")
             mask[i, :len(passages)] = True
             passages += [""] * (width - len(passages))  # masked out
             sources += [self.prompt.format(lang=lang, passage=p) for p in passages]
