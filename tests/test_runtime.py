@@ -161,3 +161,17 @@ def test_local_ray_started_before_the_credentials_is_refused(ray_local, monkeypa
         runtime.connect()
     monkeypatch.undo()
     runtime.connect()
+
+
+def test_local_ray_keeps_idle_workers_and_ray_data_workers_skip_torch(ray_local):
+    """A local Ray keeps at least 6 idle workers (one per CPU on a bigger machine), so Ray
+    Data does not restart workers between operators; the modules its row-building workers
+    import (``qgscale.train.rows_dataset``, ``train.data``) do not import torch."""
+    import subprocess
+    import sys
+
+    assert runtime.local_ray_env(2)["RAY_num_workers_soft_limit"] == "6"
+    assert runtime.local_ray_env(32)["RAY_num_workers_soft_limit"] == "32"
+    code = ("import sys, qgscale.train.rows_dataset, qgscale.teacher.scoring; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
