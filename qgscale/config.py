@@ -27,13 +27,19 @@ from qgscale import storage
 from qgscale.errors import ConfigError, MissingInputError
 
 
-def _is_number(annotation: Any) -> bool:
-    """int, float or a Literal of numbers, or any of these or None."""
+def _unwrap(annotation: Any) -> Any:
+    """``X`` of ``Annotated[X, ...]`` and of ``X | None``."""
     if get_origin(annotation) is Annotated:
-        return _is_number(get_args(annotation)[0])
+        return _unwrap(get_args(annotation)[0])
     if get_origin(annotation) in (Union, UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
-        return len(args) == 1 and _is_number(args[0])
+        return _unwrap(args[0]) if len(args) == 1 else annotation
+    return annotation
+
+
+def _is_number(annotation: Any) -> bool:
+    """int, float or a Literal of numbers, or any of these or None."""
+    annotation = _unwrap(annotation)
     if get_origin(annotation) is Literal:
         return all(type(a) in (int, float) for a in get_args(annotation))
     return annotation in (int, float)
@@ -48,10 +54,7 @@ class Section(BaseModel):
     def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """A boolean is an error where a number is expected (a number field, or a list of
         numbers): pydantic would read YAML's ``true`` as 1 (``batch_size: yes`` -> 1)."""
-        ann = cls.model_fields[info.field_name].annotation
-        if get_origin(ann) in (Union, UnionType):  # X | None
-            args = [a for a in get_args(ann) if a is not type(None)]
-            ann = args[0] if len(args) == 1 else ann
+        ann = _unwrap(cls.model_fields[info.field_name].annotation)
         items = value if isinstance(value, list) and get_origin(ann) is list else [value]
         if get_origin(ann) is list:
             ann = get_args(ann)[0]

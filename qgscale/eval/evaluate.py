@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from collections import ChainMap, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,8 +228,8 @@ class BlockScorer:
         self.data = data
         self.acc = M.LanguageMetrics(metric_names(ks or [1, 5, 10, 20, 100]),
                                      with_answers=data.answers is not None)
-        self.gone: list[tuple[str, str]] = []  # the first positive not in the corpus
-        self.n_gone = 0
+        self.n_gone = 0  # positives not in the corpus, and the first of them
+        self.first_gone: tuple[str, str] | None = None
 
     def add(self, qids: list[str], pooled: dict, pair_runs: dict,
             plang_all: dict | None = None) -> None:
@@ -246,9 +246,9 @@ class BlockScorer:
         gone = [(q, p) for q, rels in qrels.items() for p, r in rels.items()
                 if r > 0 and p not in plang]
         self.n_gone += len(gone)
-        self.gone = self.gone or gone[:1]
-        if plang_all is not None:  # a pair run may rank passages of no qrels of this block
-            plang = ChainMap(plang, plang_all)
+        self.first_gone = self.first_gone or (gone[0] if gone else None)
+        if plang_all is not None:  # every indexed passage (plang: this block's)
+            plang = plang_all
         # queries with neither qrels nor answers cannot be scored; keep only scored ones
         self.acc.add(pair_runs, qrels, {q: d.query_lang[q] for q in qids}, plang, pooled,
                      d.answers, ptext if want_text else None)
@@ -258,7 +258,7 @@ class BlockScorer:
             log.warning("%s: %d positive qrels pair(s) of the evaluated queries name a passage "
                         "not in the corpus %s (e.g. qid=%s, pid=%s): they count as misses",
                         self.data.source.get("qrels") or "qrels", self.n_gone,
-                        self.data.corpus_uri, *self.gone[0])
+                        self.data.corpus_uri, *self.first_gone)
         return self.acc.result()
 
 
