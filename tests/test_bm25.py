@@ -134,16 +134,18 @@ def test_no_match_and_empty_inputs():
 
 
 def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
-        xquad, tmp_path, ray_local):
+        xquad, tmp_path, ray_local, monkeypatch):
     """The bm25 stages' driver (``qgscale.retrieval.sharded.retrieve``: statistics and search
     as Ray shard jobs over 4 parquet shards, folded top-k) gives one index's ranking; the
     per-language lists equal one index of that language searched with the whole corpus'
-    statistics; answer hits are DPR's match on the passage text."""
+    statistics; answer hits are DPR's match on the passage text. Actors search in blocks of
+    9 queries and the driver folds blocks of 7 (short last blocks): the same lists, in the
+    queries' order."""
     from qgscale import storage
     from qgscale.config import BM25Config
     from qgscale.data.schema import CORPUS
+    from qgscale.retrieval import sharded
     from qgscale.retrieval.answers import has_answer
-    from qgscale.retrieval.sharded import retrieve
 
     t = readers.read_xquad(readers.bundled("xquad"), LANGS, LANGS)
     corpus = t["train/corpus"] + t["test/corpus"]
@@ -158,8 +160,12 @@ def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
     answers = {q: [" ".join(bare[want_p[i][3]].split()[5:7])] if len(want_p[i]) > 3 else []
                for i, q in enumerate(qids)}
     cfg = BM25Config(num_actors=1)
-    got = retrieve(uri, qids, texts, 10, str(tmp_path / "work"), "k", cfg, by_lang=True,
-                   answers=answers)
+    monkeypatch.setattr(sharded, "SEARCH_BLOCK", 9)
+    blocks = list(sharded.retrieve(uri, qids, texts, 10, str(tmp_path / "work"), "k", cfg,
+                                   langs=LANGS, answers=answers, block=7))
+    assert [len(b) for b in blocks] == [7 * (1 + len(LANGS))] * 5 + [5 * (1 + len(LANGS))]
+    got = {key: ranked for b in blocks for key, ranked in b.items()}
+    assert [q for q, lang in got if not lang] == qids  # the queries' order
     assert any(h for q in qids for _, _, h in got[(q, "")])  # some passage has an answer
     for i, q in enumerate(qids):
         ranked = got[(q, "")]
@@ -172,4 +178,74 @@ def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
         keep = [i for i, p in enumerate(corpus) if p["lang"] == lang]
         index = bm25.index_shard([ptexts[i] for i in keep], [pids[i] for i in keep])
         lp, _ = index.search(texts, stats, 10)
-        assert [[p for _, p, _ in got.get((q, lang), [])] for q in qids] == lp
+        assert [[p for _, p, _ in got[(q, lang)]] for q in qids] == lp
+
+
+def test_bm25_eval_run_per_language_scored_in_blocks(tmp_path, ray_local):
+    """Stage bm25-eval over a 4-language corpus (``eval.pairs``): each query's pooled row,
+    then one row per corpus language, sorted by qid; the BM25 baseline reading that run 3
+    queries at a time gives the metrics of one in-memory pass over the runs of one index
+    (pooled) and one per language, all with the whole corpus' statistics."""
+    from pathlib import Path
+
+    from qgscale import config, storage
+    from qgscale.data.schema import CORPUS, QRELS, QUERIES
+    from qgscale.eval import metrics
+    from qgscale.eval.evaluate import evaluate_baseline, metric_names
+    from qgscale.retrieval.sharded import run_bm25_eval
+
+    t = readers.read_xquad(readers.bundled("xquad"), LANGS, LANGS)
+    corpus = t["test/corpus"]
+    queries = [q for lang in LANGS for q in [x for x in t["test/queries"]
+                                             if x["lang"] == lang][::31][:5]]
+    assert {q["lang"] for q in queries} == set(LANGS)
+    qids = [q["qid"] for q in queries]
+    qrels = [r for r in t["test/qrels"] if r["qid"] in set(qids)]
+    data = tmp_path / "data"
+    for name, rows, schema, n in (("corpus", corpus, CORPUS, 50), ("queries", queries,
+                                  QUERIES, 20), ("qrels", qrels, QRELS, 100)):
+        storage.ShardWriter(str(data / "test" / name)).write_rows(rows, n, schema)
+    cfg = config.load(Path(__file__).parents[1] / "configs" / "demo.yaml",
+                      [f"run.root={tmp_path / 'run'}", "eval.top_k=10", "eval.k=[1,5,10]",
+                       "bm25.num_actors=1"])
+    out = str(tmp_path / "bm25-eval")
+    manifest = run_bm25_eval(cfg, str(data / "test" / "queries"), str(data / "test" / "corpus"),
+                             out, "k")
+    assert manifest["by_lang"] and manifest["rows"] == 20 * 5
+    run = storage.read_parquet(storage.join(out, "run.parquet")).to_pylist()
+    assert [(r["qid"], r["lang"]) for r in run] == [(q, x) for q in sorted(qids)
+                                                    for x in ["", *sorted(LANGS)]]
+    got = evaluate_baseline(cfg, storage.join(out, "run.parquet"), str(data), "test",
+                            str(data / "test" / "corpus"), str(tmp_path / "reports"), block=3)
+
+    pids, ptexts = [p["pid"] for p in corpus], [passage_text(p["title"], p["text"])
+                                                for p in corpus]
+    texts = [q["text"] for q in queries]
+    stats = bm25.merge_stats([bm25.shard_stats(ptexts)])
+
+    def as_run(found: tuple, which: list[int]) -> dict:
+        return {qids[i]: dict(zip(found[0][i], found[1][i].tolist(), strict=True))
+                for i in which}
+
+    everyone = list(range(len(qids)))
+    pooled = as_run(bm25.search(ptexts, pids, texts, 10), everyone)
+    pair_runs = {}
+    for cl in LANGS:
+        keep = [i for i, p in enumerate(corpus) if p["lang"] == cl]
+        found = bm25.index_shard([ptexts[i] for i in keep], [pids[i] for i in keep]).search(
+            texts, stats, 10)
+        for ql in LANGS:
+            pair_runs[(ql, cl)] = as_run(found, [i for i in everyone
+                                                 if queries[i]["lang"] == ql])
+    rels: dict = {}
+    for r in qrels:
+        rels.setdefault(r["qid"], {})[r["pid"]] = r["rel"]
+    want = metrics.evaluate_languages(pair_runs, rels, {q["qid"]: q["lang"] for q in queries},
+                                      {p["pid"]: p["lang"] for p in corpus}, pooled,
+                                      metric_names([1, 5, 10]))
+    assert set(got["pairs"]) == {f"{a}->{b}" for a in LANGS for b in LANGS}
+    for key in ("pairs", "macro", "query_langs"):
+        assert set(got[key]) == set(want[key]), key
+        for name, row in want[key].items():
+            assert got[key][name] == pytest.approx(row), (key, name)
+    assert got["macro"]["monolingual"]["mrr@10"] > 0.5  # BM25 finds same-language positives

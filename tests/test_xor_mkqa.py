@@ -181,6 +181,20 @@ def test_xor_tydi_then_mkqa_zero_shot(tmp_path, ray_local, nltk_word_tokenize):
         assert te["n_kt"] == len(hand)
         for i, name in enumerate(("r@2kt", "r@5kt")):
             assert te[name] == pytest.approx(sum(h[i] for h in hand.values()) / len(hand))
+    # the BM25 baseline read and scored 3 queries at a time: the same metrics to the last bit
+    # and the same run as the stage's (one block of EVAL_BLOCK)
+    from qgscale.eval.evaluate import evaluate_baseline
+
+    bm25_run = storage.join(lay.bm25_eval("test"), "run.parquet")
+    assert storage.read_parquet(bm25_run).num_rows == 10  # 4 blocks of 3, the last short
+    evaluate_baseline(cfg, bm25_run, lay.eval_data(), "test", lay.data("test", "corpus"),
+                      str(tmp_path / "bm25-blocks"), block=3)
+    whole, blocks = (storage.read_json(storage.join(d, "test", "metrics.json"))
+                     for d in (lay.eval_dir("bm25"), str(tmp_path / "bm25-blocks")))
+    for key in ("pairs", "macro", "query_langs", "query_langs_macro", "n_queries"):
+        assert blocks[key] == whole[key], key
+    assert storage.read_parquet(str(tmp_path / "bm25-blocks" / "test" / "run.parquet")).equals(
+        storage.read_parquet(storage.join(lay.eval_dir("bm25"), "test", "run.parquet")))
     assert [s.state for s in pipeline.plan(cfg)] == ["done"] * len(pipeline.STAGE_NAMES)
 
     # MKQA zero-shot: its queries (English answers) against the XOR-TyDi run's student,

@@ -222,7 +222,7 @@ class BlockScorer:
     (:class:`qgscale.eval.metrics.LanguageMetrics`): per block, the fields (language; text
     for answer recall) of the passages its runs and qrels name are read from the corpus
     (:func:`passage_fields`): it holds one block's passage fields and running sums, not the
-    runs' (the caller may hold a run: the BM25 baseline's, read whole)."""
+    runs' (the caller may hold a run)."""
 
     def __init__(self, data: EvalData, ks: list[int] | None = None) -> None:
         self.data = data
@@ -338,34 +338,40 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
 
 
 def evaluate_baseline(cfg: Any, run_uri: str, data_uri: str, split: str, corpus_uri: str,
-                      out_uri: str) -> dict:
+                      out_uri: str, block: int = EVAL_BLOCK) -> dict:
     """The BM25 baseline of ``split``: the metrics of its run (``bm25-eval``'s
     ``run.parquet``, :data:`qgscale.retrieval.sharded.RUN`) on the split's queries, with the
-    same metric code as the students; reports in ``out_uri/<split>/``."""
+    same metric code as the students, read and scored ``block`` queries at a time; reports
+    (and the split's queries' run) in ``out_uri/<split>/``."""
     from qgscale.retrieval.sharded import read_run
 
     ec = cfg.eval
     t0 = time.time()
     data = load_split(data_uri, split, corpus_uri, ec.answer_recall)
-    pooled, per_lang = read_run(run_uri)
-    missing = [q for q in data.qids if q not in pooled]
-    if missing:
-        raise DataError(f"{run_uri}: no BM25 result for query {missing[0]!r} of {data_uri} "
-                        f"split {split!r} ({len(missing)} missing): rerun stage bm25-eval")
+    wanted, seen = set(data.qids), set()
     langs = corpus_langs(data.corpus_uri)
-    pair_runs: dict[tuple[str, str], dict] = {}
-    for ql in sorted(set(data.query_lang.values())):
-        if len(langs) == 1:
-            pair_runs[(ql, langs[0])] = pooled
-        else:
-            pair_runs.update({(ql, cl): run for cl, run in per_lang.items()})
     scorer = BlockScorer(data, ec.k)
-    for start in range(0, len(data.qids), EVAL_BLOCK):  # the passage fields of one block
-        scorer.add(data.qids[start:start + EVAL_BLOCK], pooled, pair_runs)
+    with run_sink(storage.join(out_uri, split, "run.parquet")) as (add_run, _):
+        for pooled, per_lang in read_run(run_uri, block):
+            qids = [q for q in pooled if q in wanted]
+            seen.update(qids)
+            pair_runs: dict[tuple[str, str], dict] = {}
+            for ql in sorted({data.query_lang[q] for q in qids}):
+                if len(langs) == 1:
+                    pair_runs[(ql, langs[0])] = pooled
+                else:
+                    pair_runs.update({(ql, cl): run for cl, run in per_lang.items()})
+            scorer.add(qids, pooled, pair_runs)
+            add_run({q: pooled[q] for q in qids})
+        missing = [q for q in data.qids if q not in seen]
+        if missing:  # raised inside: no run file is written
+            raise DataError(f"{run_uri}: no BM25 result for query {missing[0]!r} of "
+                            f"{data_uri} split {split!r} ({len(missing)} missing): rerun "
+                            "stage bm25-eval")
     out = scorer.result()
     out.update(n_queries=len(data.qids), corpus_langs=langs, top_k=ec.top_k,
-               timings={"total_s": time.time() - t0}, run=pooled, model="bm25",
-               bm25_run=run_uri, split=split, sources=data.source)
+               timings={"total_s": time.time() - t0}, model="bm25", bm25_run=run_uri,
+               split=split, sources=data.source)
     write_reports(out, storage.join(out_uri, split), metric_names(ec.k), ec.chart_metric)
     return out
 

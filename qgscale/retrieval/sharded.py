@@ -14,9 +14,14 @@ shard retried) over the corpus shards, with the plain functions of
    whether each retrieved passage contains one (``qgscale.retrieval.answers``, DPR's match,
    on the passage text without its title, as DPR built its training data).
 
-The driver folds the shards' lists into the overall top-k one shard at a time (ties by pid,
-the order of one index over the whole corpus): it holds queries x k entries, never the
-corpus. The work folders are removed once the merged result is written.
+Every shard's search output has the same rows in the same order (query-major: each query's
+pooled row, or one row per corpus language, empty where the shard has none of it), so the
+driver folds the shards' lists into the overall top-k a block of queries at a time, reading
+each shard's rows of that block only (ties by pid, the order of one index over the whole
+corpus): it holds one block's lists (:data:`FOLD_ENTRIES`), never the corpus nor every
+query's top-k, and the stages stream the blocks to their output. An actor holds its shard
+and that shard's top-k for every query (Arrow, built :data:`SEARCH_BLOCK` queries at a
+time). The work folders are removed once the merged result is written.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import heapq
 import itertools
 import logging
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from qgscale import storage
@@ -48,6 +55,11 @@ RUN = pa.schema([("qid", pa.string()), ("lang", pa.string()), ("pids", pa.list_(
                  ("scores", pa.list_(pa.float32()))])
 
 Ranked = list[tuple[float, str, bool]]  # (-score, pid, has answer), best first
+Block = dict[tuple[str, str], Ranked]  # {(qid, "" or corpus lang): ranked} of some queries
+
+SEARCH_BLOCK = 8192  # queries an actor searches before turning their lists into Arrow
+FOLD_ENTRIES = 1 << 20  # ranked entries the driver folds at a time (block x views x k)
+WORK_FORMAT = "v2"  # search work rows: query-major, every view (older work is redone)
 
 
 def _corpus_shards(corpus_uri: str) -> list[Shard]:
@@ -85,8 +97,9 @@ class StatsJob:
 
 @dataclass
 class SearchJob:
-    """Pass 2: a corpus shard's top ``k`` per query with the global ``stats``; per corpus
-    language with ``by_lang``; answer hits with ``answers``."""
+    """Pass 2: a corpus shard's top ``k`` per query with the global ``stats``, for each view
+    of ``views`` (``[""]``: the pooled shard; else every corpus language, each indexed
+    alone); answer hits with ``answers``. Rows: query-major, a row per (query, view)."""
 
     qids: list[str]
     queries: list[str]
@@ -94,37 +107,47 @@ class SearchJob:
     k: int
     k1: float
     b: float
-    by_lang: bool
+    views: list[str]
     answers: dict[str, list[str]] | None
     match: str
+    block: int  # queries searched before their lists become Arrow (:data:`SEARCH_BLOCK`)
 
     def setup(self, device: str, threads: int) -> None:
         return None
 
     def run(self, state: None, shard: Shard) -> pa.Table:
         pids, langs, texts, bare = _read_corpus(shard.payload)
-        groups: dict[str, list[int]] = {}
+        groups: dict[str, list[int]] = {v: [] for v in self.views}
         for i, lang in enumerate(langs):
-            groups.setdefault(lang if self.by_lang else "", []).append(i)
-        out: dict[str, list] = {c: [] for c in HITS.names}
-        for lang, rows in sorted(groups.items()):
+            view = lang if self.views != [""] else ""
+            if view not in groups:
+                raise DataError(f"{shard.payload}: passage {pids[i]!r} has language {lang!r}, "
+                                f"not one of the corpus languages {self.views} this search "
+                                "was planned for (the corpus changed under it?)")
+            groups[view].append(i)
+        parts = []
+        for view in self.views:  # view-major here, reordered below
+            rows = groups[view]
             index = B.index_shard([texts[i] for i in rows], [pids[i] for i in rows])
-            found, scores = index.search(self.queries, self.stats, self.k, self.k1, self.b)
-            hits: dict[str, set[str]] = {}
-            if self.answers is not None:
-                wanted = {p for ps in found for p in ps}
-                text_of = {pids[i]: bare[i] for i in rows if pids[i] in wanted}
-                retrieved = dict(zip(self.qids, found, strict=True))
-                hits = {r["qid"]: set(r["pos_pids"]) for r in answer_match_examples(
-                    self.qids, self.answers, retrieved, text_of, n_neg=0, match=self.match)}
-            for qid, ps, ss in zip(self.qids, found, scores, strict=True):
-                h = hits.get(qid, set())
-                out["qid"].append(qid)
-                out["lang"].append(lang)
-                out["pids"].append(ps)
-                out["scores"].append(ss.tolist())
-                out["hits"].append([p in h for p in ps])
-        return pa.table(out, schema=HITS)
+            row_of = {pids[i]: i for i in rows} if self.answers is not None else {}
+            for start in range(0, len(self.qids), self.block):
+                qids = self.qids[start:start + self.block]
+                found, scores = index.search(self.queries[start:start + self.block],
+                                             self.stats, self.k, self.k1, self.b)
+                hits: dict[str, set[str]] = {}
+                if self.answers is not None:
+                    text_of = {p: bare[row_of[p]] for ps in found for p in ps}
+                    hits = {r["qid"]: set(r["pos_pids"]) for r in answer_match_examples(
+                        qids, self.answers, dict(zip(qids, found, strict=True)), text_of,
+                        n_neg=0, match=self.match)}
+                parts.append(pa.table({
+                    "qid": qids, "lang": [view] * len(qids), "pids": found,
+                    "scores": [s.tolist() for s in scores],
+                    "hits": [[p in hits.get(q, ()) for p in ps]
+                             for q, ps in zip(qids, found, strict=True)]}, schema=HITS))
+        table = pa.concat_tables(parts) if parts else HITS.empty_table()
+        nv, nq = len(self.views), len(self.qids)
+        return table.take(np.arange(nv * nq).reshape(nv, nq).T.ravel())
 
 
 def _fold(into: dict[tuple[str, str], Ranked], table: pa.Table, k: int) -> None:
@@ -137,12 +160,15 @@ def _fold(into: dict[tuple[str, str], Ranked], table: pa.Table, k: int) -> None:
 
 
 def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: int,
-             work_uri: str, key: str, bm25_cfg: Any, *, by_lang: bool = False,
-             answers: Mapping[str, Sequence[str]] | None = None,
-             ) -> dict[tuple[str, str], Ranked]:
-    """Top ``k`` of every query over the corpus at ``corpus_uri`` (global statistics):
-    ``{(qid, ""): ranked}``, plus ``{(qid, corpus lang): ranked}`` with ``by_lang``. Work
-    shards go under ``work_uri`` (resumable with the same ``key``; removed at the end)."""
+             work_uri: str, key: str, bm25_cfg: Any, *, langs: Sequence[str] | None = None,
+             answers: Mapping[str, Sequence[str]] | None = None, block: int | None = None,
+             ) -> Iterator[Block]:
+    """Top ``k`` of every query over the corpus at ``corpus_uri`` (global statistics), in
+    blocks of queries in the order given: ``{(qid, ""): ranked}``, plus ``{(qid, lang):
+    ranked}`` for each corpus language of ``langs`` (each key in that order). ``block``:
+    queries per block (default: :data:`FOLD_ENTRIES` ranked entries). Work shards go under
+    ``work_uri`` (resumable with the same ``key``; the caller removes them: :func:`cleanup`).
+    """
     if len(set(qids)) != len(qids):
         raise DataError(f"BM25: duplicate query ids in {len(qids)} queries")
     shards = _corpus_shards(corpus_uri)
@@ -166,21 +192,32 @@ def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: in
     log.info("bm25: %d passages in %d shard(s), %d query tokens, avgdl %.1f", stats.n_docs,
              len(shards), len(stats.df), stats.avgdl)
     ans = {q: list(a) for q, a in answers.items()} if answers is not None else None
-    run_shards(SearchJob(list(qids), list(queries), stats, k, bc.k1, bc.b, by_lang, ans,
-                         bc.match), shards, search_uri, key, desc="bm25 search", **common)
-    merged: dict[tuple[str, str], Ranked] = {}
-    writer = storage.ShardWriter(search_uri, key)
-    for s in shards:
-        _fold(merged, storage.read_parquet(writer.shard_uri(s.name)), k)
-    if by_lang:  # the pooled list of each query: the best of its per-language lists
-        pooled: dict[str, list[Ranked]] = {}
-        for (qid, _), ranked in merged.items():
-            pooled.setdefault(qid, []).append(ranked)
-        merged.update({(qid, ""): list(itertools.islice(heapq.merge(*lists), k))
-                       for qid, lists in pooled.items()})
-    for qid in qids:
-        merged.setdefault((qid, ""), [])
-    return merged
+    views = sorted(langs) if langs else [""]
+    search_key = f"{key}/{WORK_FORMAT}"
+    job = SearchJob(list(qids), list(queries), stats, k, bc.k1, bc.b, views, ans, bc.match,
+                    SEARCH_BLOCK)
+    run_shards(job, shards, search_uri, search_key, desc="bm25 search", **common)
+    uris = [storage.ShardWriter(search_uri, search_key).shard_uri(s.name) for s in shards]
+    nv = len(views)
+    block = block or max(1, FOLD_ENTRIES // (nv * k))
+    for start in range(0, len(qids), block):
+        part = list(qids[start:start + block])
+        want = [q for q in part for _ in views]
+        merged: Block = {}
+        for uri in uris:  # one shard's rows of this block at a time
+            table = storage.read_rows(uri, start * nv, (start + len(part)) * nv)
+            if table.column("qid").to_pylist() != want:
+                raise DataError(f"{uri}: its rows are not the queries of this search (a work "
+                                f"file of another run?): remove {work_uri} and rerun")
+            _fold(merged, table, k)
+        out: Block = {}
+        for qid in part:
+            lists = [merged[(qid, v)] for v in views]
+            out[(qid, "")] = (list(itertools.islice(heapq.merge(*lists), k)) if langs
+                              else lists[0])
+            if langs:
+                out.update({(qid, v): lst for v, lst in zip(views, lists, strict=True)})
+        yield out
 
 
 def cleanup(work_uri: str) -> None:
@@ -219,8 +256,9 @@ def answer_examples(ranked: Mapping[str, Ranked], n_pos: int | None, n_neg: int
 def run_bm25_train(cfg: Any, queries_uri: str, answers_uri: str, corpus_uri: str,
                    out_uri: str, key: str) -> dict[str, Any]:
     """Stage ``bm25``: answer-match training examples of the training queries over BM25's
-    top ``bm25.top_k``: ``out_uri/examples`` (TRAIN_EXAMPLES) and ``out_uri/qrels`` (their
-    positives, rel 1) for the stages that read qrels."""
+    top ``bm25.top_k``: ``out_uri/examples`` (TRAIN_EXAMPLES, streamed block by block) and
+    ``out_uri/qrels`` (their positives, rel 1, read back from the examples) for the stages
+    that read qrels."""
     bc = cfg.bm25
     q = _read_table(queries_uri, "training queries")
     if not storage.exists(answers_uri):
@@ -230,28 +268,44 @@ def run_bm25_train(cfg: Any, queries_uri: str, answers_uri: str, corpus_uri: str
     qids, texts = q.column("qid").to_pylist(), q.column("text").to_pylist()
     queries = [training_query(t, answers.get(i) or [], bc.train_query)
                for i, t in zip(qids, texts, strict=True)]
+    del q, texts
     work = storage.join(out_uri, "work")
-    ranked = retrieve(corpus_uri, qids, queries, bc.top_k, work, key, bc, answers=answers)
-    rows = answer_examples({qid: ranked[(qid, "")] for qid in qids}, bc.n_positives,
-                           bc.n_negatives)
-    if not rows:
+    counts: Counter[str] = Counter()
+
+    def examples() -> Iterator[dict[str, Any]]:
+        for ranked in retrieve(corpus_uri, qids, queries, bc.top_k, work, key, bc,
+                               answers=answers):
+            for row in answer_examples({qid: lst for (qid, _), lst in ranked.items()},
+                                       bc.n_positives, bc.n_negatives):
+                counts.update(examples=1, positives=len(row["pos_pids"]),
+                              negatives=len(row["neg_pids"]))
+                yield row
+
+    examples_uri = storage.join(out_uri, "examples")
+    storage.ShardWriter(examples_uri, key).write_rows(examples(), cfg.data.shard_rows,
+                                                      TRAIN_EXAMPLES)
+    if not counts["examples"]:
         raise DataError(f"{queries_uri}: no training query has an answer in any of its top "
                         f"{bc.top_k} BM25 passages of {corpus_uri} (bm25.top_k, "
                         "bm25.train_query)")
-    storage.ShardWriter(storage.join(out_uri, "examples"), key).write_rows(
-        rows, cfg.data.shard_rows, TRAIN_EXAMPLES)
+
+    def qrels() -> Iterator[dict[str, Any]]:
+        for uri in storage.list_files(examples_uri, ".parquet"):  # one shard at a time
+            t = storage.read_parquet(uri, ["qid", "pos_pids"])
+            for qid, pos in zip(*(t.column(c).to_pylist() for c in t.column_names),
+                                strict=True):
+                yield from ({"qid": qid, "pid": p, "rel": 1} for p in pos)
+
     storage.ShardWriter(storage.join(out_uri, "qrels"), key).write_rows(
-        ({"qid": r["qid"], "pid": p, "rel": 1} for r in rows for p in r["pos_pids"]),
-        cfg.data.shard_rows, QRELS)
+        qrels(), cfg.data.shard_rows, QRELS)
     cleanup(work)
     with_answers = sum(1 for qid in qids if any(
         x.strip().lower() not in YES_NO and x.strip() for x in answers.get(qid) or []))
-    n_pos = sum(len(r["pos_pids"]) for r in rows)
-    summary = {"queries": len(qids), "with_span_answers": with_answers, "examples": len(rows),
-               "no_positive": len(qids) - len(rows), "positives": n_pos,
-               "negatives": sum(len(r["neg_pids"]) for r in rows)}
+    summary = {"queries": len(qids), "with_span_answers": with_answers,
+               "examples": counts["examples"], "no_positive": len(qids) - counts["examples"],
+               "positives": counts["positives"], "negatives": counts["negatives"]}
     log.info("bm25: %d of %d training queries have an answer-matching passage in their top "
-             "%d (%d positives)", len(rows), len(qids), bc.top_k, n_pos)
+             "%d (%d positives)", counts["examples"], len(qids), bc.top_k, counts["positives"])
     return storage.write_manifest(out_uri, key, **summary)
 
 
@@ -260,36 +314,60 @@ def run_bm25_eval(cfg: Any, queries_uri: str, corpus_uri: str, out_uri: str, key
                   ) -> dict[str, Any]:
     """The BM25 run of one eval split: ``out_uri/run.parquet`` (:data:`RUN`: ``eval.top_k``
     per query over the pooled corpus, lang ""; with ``eval.pairs`` and several corpus
-    languages also per corpus language)."""
+    languages also per corpus language), sorted by (qid, lang), streamed a block at a time."""
+    import pyarrow.parquet as pq
+
     from qgscale.eval.evaluate import corpus_langs
 
-    q = _read_table(queries_uri, "eval queries")
+    q = _read_table(queries_uri, "eval queries").sort_by("qid")
     qids, texts = q.column("qid").to_pylist(), q.column("text").to_pylist()
-    by_lang = cfg.eval.pairs and len(corpus_langs(corpus_uri)) > 1
+    del q
+    langs = corpus_langs(corpus_uri)
+    langs = langs if cfg.eval.pairs and len(langs) > 1 else None
     work = storage.join(out_uri, "work")
-    ranked = retrieve(corpus_uri, qids, texts, cfg.eval.top_k, work, key, cfg.bm25,
-                      by_lang=by_lang)
-    rows = sorted(ranked.items())
-    table = pa.table({"qid": [q for (q, _), _ in rows], "lang": [x for (_, x), _ in rows],
-                      "pids": [[p for _, p, _ in r] for _, r in rows],
-                      "scores": [[-s for s, _, _ in r] for _, r in rows]}, schema=RUN)
-    storage.write_parquet(storage.join(out_uri, "run.parquet"), table)
+    rows = 0
+    with storage.writing_file(storage.join(out_uri, "run.parquet")) as path, \
+            pq.ParquetWriter(path, RUN, compression="zstd") as writer:
+        for ranked in retrieve(corpus_uri, qids, texts, cfg.eval.top_k, work, key, cfg.bm25,
+                               langs=langs):
+            keys = list(ranked)  # (qid, "") first, then its languages: sorted
+            writer.write_table(pa.table({
+                "qid": [q for q, _ in keys], "lang": [x for _, x in keys],
+                "pids": [[p for _, p, _ in ranked[x]] for x in keys],
+                "scores": [[-s for s, _, _ in ranked[x]] for x in keys]}, schema=RUN),
+                row_group_size=storage.ROW_GROUP_ROWS)
+            rows += len(keys)
     cleanup(work)
     return storage.write_manifest(out_uri, key, queries=queries_uri, corpus=corpus_uri,
-                                  by_lang=by_lang, rows=table.num_rows)
+                                  by_lang=langs is not None, rows=rows)
 
 
-def read_run(uri: str) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict]]]:
-    """A :data:`RUN` file as ``(pooled run, {corpus lang: run})`` (runs: ``{qid: {pid:
-    score}}``)."""
-    t = storage.read_parquet(uri)
+def read_run(uri: str, block: int) -> Iterator[tuple[dict[str, dict[str, float]],
+                                                      dict[str, dict[str, dict]]]]:
+    """A :data:`RUN` file (a query's rows together, as :func:`run_bm25_eval` writes them)
+    ``block`` queries at a time: ``(pooled run, {corpus lang: run})`` (runs: ``{qid: {pid:
+    score}}``), read a row group at a time."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.url_to_fs(uri)
+    if not fs.exists(path):
+        raise MissingInputError(f"{uri}: BM25 run not found (run stage bm25-eval)")
     pooled: dict[str, dict[str, float]] = {}
     per_lang: dict[str, dict[str, dict[str, float]]] = {}
-    for qid, lang, pids, scores in zip(*(t.column(c).to_pylist() for c in RUN.names),
-                                       strict=True):
-        run = dict(zip(pids, scores, strict=True))
-        if lang:
-            per_lang.setdefault(lang, {})[qid] = run
-        else:
-            pooled[qid] = run
-    return pooled, per_lang
+    last = None
+    with fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=storage.ROW_GROUP_ROWS,
+                                                    columns=RUN.names):
+            for qid, lang, pids, scores in zip(*(batch.column(c).to_pylist()
+                                                 for c in RUN.names), strict=True):
+                if qid != last and len(pooled) >= block:
+                    yield pooled, per_lang
+                    pooled, per_lang = {}, {}
+                last = qid
+                run = dict(zip(pids, scores, strict=True))
+                if lang:
+                    per_lang.setdefault(lang, {})[qid] = run
+                else:
+                    pooled[qid] = run
+    if pooled or per_lang:
+        yield pooled, per_lang
