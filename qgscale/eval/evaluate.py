@@ -242,7 +242,10 @@ class BlockScorer:
         needed = {p for r in runs for q in qids for p in r.get(q, ())}
         needed |= {p for rels in qrels.values() for p in rels}
         want_text = d.answers is not None
-        plang, ptext = passage_fields(d.corpus_uri, needed, text=want_text)
+        if plang_all is not None and not want_text:  # held: no corpus scan
+            plang, ptext = plang_all, {}
+        else:
+            plang, ptext = passage_fields(d.corpus_uri, needed, text=want_text)
         gone = [(q, p) for q, rels in qrels.items() for p, r in rels.items()
                 if r > 0 and p not in plang]
         self.n_gone += len(gone)
