@@ -159,6 +159,9 @@ def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
     # answers: two words of the 4th passage each query retrieves (a hit at rank 4 at least)
     answers = {q: [" ".join(bare[want_p[i][3]].split()[5:7])] if len(want_p[i]) > 3 else []
                for i, q in enumerate(qids)}
+    shard_langs = [set(storage.read_parquet(f, ["lang"]).column("lang").to_pylist())
+                   for f in storage.list_files(uri, ".parquet")]
+    assert any(x != set(LANGS) for x in shard_langs)  # a shard without some language
     cfg = BM25Config(num_actors=1)
     monkeypatch.setattr(sharded, "SEARCH_BLOCK", 9)
     blocks = list(sharded.retrieve(uri, qids, texts, 10, str(tmp_path / "work"), "k", cfg,
@@ -179,6 +182,12 @@ def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
         index = bm25.index_shard([ptexts[i] for i in keep], [pids[i] for i in keep])
         lp, _ = index.search(texts, stats, 10)
         assert [[p for _, p, _ in got[(q, lang)]] for q in qids] == lp
+    # the same work folder and key for other queries: its rows are not theirs, an error
+    from qgscale.errors import DataError
+
+    with pytest.raises(DataError, match="not the queries x views of this search"):
+        list(sharded.retrieve(uri, qids[::-1], texts[::-1], 10, str(tmp_path / "work"), "k",
+                              cfg, langs=LANGS, answers=answers))
 
 
 def test_bm25_eval_run_per_language_scored_in_blocks(tmp_path, ray_local):
@@ -249,3 +258,31 @@ def test_bm25_eval_run_per_language_scored_in_blocks(tmp_path, ray_local):
         for name, row in want[key].items():
             assert got[key][name] == pytest.approx(row), (key, name)
     assert got["macro"]["monolingual"]["mrr@10"] > 0.5  # BM25 finds same-language positives
+
+    # a query of the split without a BM25 result: an error naming it, and no run copy
+    from qgscale.errors import DataError, MissingInputError
+
+    storage.ShardWriter(str(data / "more" / "queries")).write_rows(
+        [*queries, {"qid": "en:new", "lang": "en", "text": "a new question"}], 100, QUERIES)
+    storage.ShardWriter(str(data / "more" / "qrels")).write_rows(qrels, 100, QRELS)
+    with pytest.raises(DataError, match="no BM25 result for query 'en:new'"):
+        evaluate_baseline(cfg, storage.join(out, "run.parquet"), str(data), "more",
+                          str(data / "test" / "corpus"), str(tmp_path / "reports"))
+    assert not storage.exists(str(tmp_path / "reports" / "more" / "run.parquet"))
+    with pytest.raises(MissingInputError, match="BM25 run not found"):
+        evaluate_baseline(cfg, str(tmp_path / "none.parquet"), str(data), "test",
+                          str(data / "test" / "corpus"), str(tmp_path / "reports"))
+
+
+    # stage bm25: answers that no passage contains give no training example, an error, and
+    # no examples folder left behind as if it were output
+    from qgscale.data.schema import ANSWERS
+    from qgscale.retrieval.sharded import run_bm25_train
+
+    storage.ShardWriter(str(data / "answers")).write_rows(
+        [{"qid": q, "answers": ["zzqx nowhere"]} for q in qids], 100, ANSWERS)
+    train_out = tmp_path / "bm25-train"
+    with pytest.raises(DataError, match="no training query has an answer"):
+        run_bm25_train(cfg, str(data / "test" / "queries"), str(data / "answers"),
+                       str(data / "test" / "corpus"), str(train_out), "k")
+    assert not (train_out / "examples").exists() and not (train_out / "qrels").exists()

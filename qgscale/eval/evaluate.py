@@ -221,8 +221,9 @@ class BlockScorer:
     """Every metric of a split's runs, added a block of queries at a time
     (:class:`qgscale.eval.metrics.LanguageMetrics`): per block, the fields (language; text
     for answer recall) of the passages its runs and qrels name are read from the corpus
-    (:func:`passage_fields`): it holds one block's passage fields and running sums, not the
-    runs' (the caller may hold a run)."""
+    (:func:`passage_fields`; not the languages when the caller holds every passage's, and no
+    text is needed): it holds one block's passage fields and running sums, not the runs'
+    (the caller may hold a run)."""
 
     def __init__(self, data: EvalData, ks: list[int] | None = None) -> None:
         self.data = data
@@ -357,6 +358,8 @@ def evaluate_baseline(cfg: Any, run_uri: str, data_uri: str, split: str, corpus_
     with run_sink(storage.join(out_uri, split, "run.parquet")) as (add_run, _):
         for pooled, per_lang in read_run(run_uri, block):
             qids = [q for q in pooled if q in wanted]
+            if not qids:  # none of the split's queries: nothing to read or score
+                continue
             seen.update(qids)
             pair_runs: dict[tuple[str, str], dict] = {}
             for ql in sorted({data.query_lang[q] for q in qids}):

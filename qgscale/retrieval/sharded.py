@@ -132,8 +132,11 @@ class SearchJob:
             row_of = {pids[i]: i for i in rows} if self.answers is not None else {}
             for start in range(0, len(self.qids), self.block):
                 qids = self.qids[start:start + self.block]
-                found, scores = index.search(self.queries[start:start + self.block],
-                                             self.stats, self.k, self.k1, self.b)
+                if not rows:  # none of this language here: empty lists, nothing to search
+                    found, scores = [[] for _ in qids], [np.zeros(0, np.float32)] * len(qids)
+                else:
+                    found, scores = index.search(self.queries[start:start + self.block],
+                                                 self.stats, self.k, self.k1, self.b)
                 hits: dict[str, set[str]] = {}
                 if self.answers is not None:
                     text_of = {p: bare[row_of[p]] for ps in found for p in ps}
@@ -192,7 +195,7 @@ def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: in
     log.info("bm25: %d passages in %d shard(s), %d query tokens, avgdl %.1f", stats.n_docs,
              len(shards), len(stats.df), stats.avgdl)
     ans = {q: list(a) for q, a in answers.items()} if answers is not None else None
-    views = sorted(langs) if langs else [""]
+    views = sorted(set(langs)) if langs else [""]
     search_key = f"{key}/{WORK_FORMAT}"
     job = SearchJob(list(qids), list(queries), stats, k, bc.k1, bc.b, views, ans, bc.match,
                     SEARCH_BLOCK)
@@ -202,13 +205,17 @@ def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: in
     block = block or max(1, FOLD_ENTRIES // (nv * k))
     for start in range(0, len(qids), block):
         part = list(qids[start:start + block])
-        want = [q for q in part for _ in views]
+        want_q, want_v = [q for q in part for _ in views], views * len(part)
         merged: Block = {}
         for uri in uris:  # one shard's rows of this block at a time
-            table = storage.read_rows(uri, start * nv, (start + len(part)) * nv)
-            if table.column("qid").to_pylist() != want:
-                raise DataError(f"{uri}: its rows are not the queries of this search (a work "
-                                f"file of another run?): remove {work_uri} and rerun")
+            try:
+                table = storage.read_rows(uri, start * nv, (start + len(part)) * nv)
+            except ValueError:  # fewer rows than the queries x views of this search
+                table = None
+            if table is None or table.column("qid").to_pylist() != want_q or \
+                    table.column("lang").to_pylist() != want_v:
+                raise DataError(f"{uri}: its rows are not the queries x views of this search "
+                                f"(a work file of another run?): remove {work_uri} and rerun")
             _fold(merged, table, k)
         out: Block = {}
         for qid in part:
@@ -282,16 +289,18 @@ def run_bm25_train(cfg: Any, queries_uri: str, answers_uri: str, corpus_uri: str
                 yield row
 
     examples_uri = storage.join(out_uri, "examples")
-    storage.ShardWriter(examples_uri, key).write_rows(examples(), cfg.data.shard_rows,
-                                                      TRAIN_EXAMPLES)
+    written = storage.ShardWriter(examples_uri, key).write_rows(examples(), cfg.data.shard_rows,
+                                                                TRAIN_EXAMPLES)
     if not counts["examples"]:
+        storage.remove(examples_uri, recursive=True)  # not a finished output
         raise DataError(f"{queries_uri}: no training query has an answer in any of its top "
                         f"{bc.top_k} BM25 passages of {corpus_uri} (bm25.top_k, "
                         "bm25.train_query)")
 
     def qrels() -> Iterator[dict[str, Any]]:
-        for uri in storage.list_files(examples_uri, ".parquet"):  # one shard at a time
-            t = storage.read_parquet(uri, ["qid", "pos_pids"])
+        for shard in written["shards"]:  # one shard at a time
+            t = storage.read_parquet(storage.join(examples_uri, shard["file"]),
+                                     ["qid", "pos_pids"])
             for qid, pos in zip(*(t.column(c).to_pylist() for c in t.column_names),
                                 strict=True):
                 yield from ({"qid": qid, "pid": p, "rel": 1} for p in pos)
@@ -322,8 +331,8 @@ def run_bm25_eval(cfg: Any, queries_uri: str, corpus_uri: str, out_uri: str, key
     q = _read_table(queries_uri, "eval queries").sort_by("qid")
     qids, texts = q.column("qid").to_pylist(), q.column("text").to_pylist()
     del q
-    langs = corpus_langs(corpus_uri)
-    langs = langs if cfg.eval.pairs and len(langs) > 1 else None
+    langs = corpus_langs(corpus_uri) if cfg.eval.pairs else []
+    langs = langs if len(langs) > 1 else None
     work = storage.join(out_uri, "work")
     rows = 0
     with storage.writing_file(storage.join(out_uri, "run.parquet")) as path, \
