@@ -12,7 +12,9 @@ hash-partitioned Ray Data joins, and workers write the shards:
    id (:func:`~qgscale.train.data.attach_scores`); rows short of hard negatives draw from one
    seeded pid sample (:func:`~qgscale.train.data.fill_negatives`);
 3. the (qid, pid) pairs of every row join the corpus on pid, are grouped back by qid and
-   assembled (:func:`~qgscale.train.data.assemble_row`); rows sorted as the driver's
+   assembled (:func:`~qgscale.train.data.assemble_row`); the corpus rows are filtered as
+   they are read by a Bloom filter of those pids (:func:`pid_filter`), so the join shuffles
+   the passages the rows use (and ~1% of the others), not the corpus; rows sorted as the driver's
    (:func:`~qgscale.train.data.row_order`: a hash of the qid, so that shards mix languages)
    are written as shards by the workers.
 
@@ -22,7 +24,9 @@ seeded positive and the mined negatives of each query, as
 :func:`~qgscale.train.data.build_qg_rank_rows`) are built the same way.
 
 No process holds the corpus or the query side: the driver holds the negative sample (100k
-pids) and the shard list. Input tables are read by the workers from their shard URIs (no
+pids), the shard list and a Bloom filter (1.25 bytes per needed pid). The datasets read twice
+(the row plans: for their pids, then joined with the texts; the pairs the filter is built
+from) are materialized in the object store (spilled to disk when large). Input tables are read by the workers from their shard URIs (no
 filesystem object, so no credentials, travels in the dataset). Bad input raises the same
 DataError as the driver join, with two differences: a qid on two query rows is found only
 where the rows use it (after they are written: :func:`_check_duplicate`), and every
@@ -44,6 +48,7 @@ from qgscale import storage
 from qgscale.config import LossConfig
 from qgscale.data.corpus import check as check_corpus
 from qgscale.data.corpus import corpus_shards
+from qgscale.data.pidfilter import PidFilter, pid_hashes
 from qgscale.data.schema import passage_text
 from qgscale.errors import DataError
 from qgscale.train import data as tdata
@@ -224,16 +229,20 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
         return left.join(right, join_type="left_outer", num_partitions=parts, on=(on,))
 
     pos, pos_uri = _positives(examples_uri, qrels_uri, parts)
+    if generated_uri:  # read twice: joined with the queries, and its positives' pids
+        pos = pos.materialize()
     rows = join(pos, _queries(queries_uri), "qid")
     if candidates_uri:
         cands = _dataset(candidates_uri, "candidates", ["qid", "pids"], _check_nonempty_list(
             "qid", "pids", "empty candidate list")).drop_columns(["_row"])
         rows = join(rows, cands, "qid")
     if generated_uri:  # the generated queries of each training query's positive passages
+        qp = pos.flat_map(lambda r: [{"qid": r["qid"], "pid": p} for p in sorted(set(r["pos"]))]
+                          ).materialize()
         gen = _dataset(generated_uri, "generated queries", ["pid", "lang", "query"],
-                       _check_text("pid", ("lang", "query"))
-                       ).rename_columns({"lang": "glang", "query": "gquery"})
-        qp = pos.flat_map(lambda r: [{"qid": r["qid"], "pid": p} for p in sorted(set(r["pos"]))])
+                       _check_text("pid", ("lang", "query"))).map_batches(
+            _kept, fn_args=(pid_filter(qp),), batch_format="pyarrow"
+        ).rename_columns({"lang": "glang", "query": "gquery"})  # those of the positives
         pairs = qp.join(gen, join_type="inner", num_partitions=parts, on=("pid",))
         rows = join(rows, _grouped(pairs, "qid", {"g_pid": "pid", "g_lang": "glang",
                                                   "g_query": "gquery"}, parts), "qid")
@@ -277,9 +286,9 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
             out.append({k: r[k] for k in SCORED.names})
         return pa.Table.from_pylist(out, schema=SCORED)
 
-    plans = plans.map_batches(scored, batch_format="pyarrow")
+    plans = plans.map_batches(scored, batch_format="pyarrow").materialize()  # read twice
     full = join(plans, _texts(plans.flat_map(lambda r: [
-        {"qid": r["qid"], "pid": p} for p in sorted(set(tdata.needed_pids(r)))]),
+        {"qid": r["qid"], "pid": p} for p in sorted(set(tdata.needed_pids(r)))]).materialize(),
         corpus_uri, parts), "qid")
 
     def assemble(t: pa.Table) -> pa.Table:
@@ -344,20 +353,40 @@ def _check_duplicate(done: dict[str, Any], queries_uri: str, lists_uri: str | No
         raise DataError(f"{lists_uri}: qid={qids[0]} has two rows (one candidate list per qid)")
 
 
-def _passages(corpus_uri: str) -> Any:
-    """``{pid, passage}`` of the corpus (title and text joined, as the models read them)."""
+def pid_filter(ds: Any) -> PidFilter:
+    """A :class:`~qgscale.data.pidfilter.PidFilter` of the ``pid`` column of ``ds`` (a
+    materialized dataset: counted, then its hashes streamed here). Passed to a map as an
+    argument, Ray Data ships it once per operator (in the object store with the map)."""
+    hashes = ds.select_columns(["pid"]).map_batches(
+        lambda t: pa.table({"h": pid_hashes(t.column("pid"))}), batch_format="pyarrow")
+    return PidFilter.build(ds.count(), (b["h"] for b in hashes.iter_batches(
+        batch_format="numpy", batch_size=None)))
+
+
+def _kept(t: pa.Table, keep: PidFilter | None, column: str = "pid") -> pa.Table:
+    return t if keep is None else t.filter(pa.array(keep.contains(t.column(column))))
+
+
+def _passages(corpus_uri: str, keep: PidFilter | None = None) -> Any:
+    """``{pid, passage}`` of the corpus (title and text joined, as the models read them);
+    ``keep`` (:func:`pid_filter`): only the rows whose pid it may hold (every row is still
+    checked), so a join shuffles the passages it needs, not the corpus."""
     corpus = _dataset(corpus_uri, "corpus", ["pid", "title", "text"], check_corpus)
-    return corpus.map_batches(lambda t: pa.table({"pid": t.column("pid"), "passage": [
-        passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
-                                           t.column("text").to_pylist(), strict=True)]}),
-        batch_format="pyarrow")
+
+    def passages(t: pa.Table, keep: PidFilter | None) -> pa.Table:
+        t = _kept(t, keep)
+        return pa.table({"pid": t.column("pid"), "passage": [
+            passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
+                                               t.column("text").to_pylist(), strict=True)]})
+    return corpus.map_batches(passages, fn_args=(keep,), batch_format="pyarrow")
 
 
 def _texts(need: Any, corpus_uri: str, parts: int) -> Any:
-    """Per qid of ``need`` (``{qid, pid}`` rows): ``t_pid`` and ``t_text`` (None where the
-    pid is not in the corpus), joined on a hash-partitioned pid."""
-    texts = need.join(_passages(corpus_uri), join_type="left_outer", num_partitions=parts,
-                      on=("pid",))
+    """Per qid of ``need`` (``{qid, pid}`` rows, materialized): ``t_pid`` and ``t_text``
+    (None where the pid is not in the corpus), joined on a hash-partitioned pid with the
+    corpus rows of ``need``'s pids (:func:`pid_filter`)."""
+    texts = need.join(_passages(corpus_uri, pid_filter(need)), join_type="left_outer",
+                      num_partitions=parts, on=("pid",))
     return texts.groupby("qid", num_partitions=parts).map_groups(lambda t: pa.table({
         "qid": [t.column("qid")[0].as_py()], "t_pid": [t.column("pid").to_pylist()],
         "t_text": [t.column("passage").to_pylist()]}), batch_format="pyarrow")
@@ -365,10 +394,11 @@ def _texts(need: Any, corpus_uri: str, parts: int) -> Any:
 
 def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
               config_hash: str, *, parts: int, shard_rows: int) -> dict[str, Any]:
-    rows = _positive_qrels(qrels_uri).join(_queries(queries_uri), join_type="left_outer",
-                                           num_partitions=parts, on=("qid",))
-    rows = rows.join(_passages(corpus_uri), join_type="left_outer", num_partitions=parts,
-                     on=("pid",))
+    pairs = _positive_qrels(qrels_uri).materialize()
+    rows = pairs.join(_queries(queries_uri), join_type="left_outer", num_partitions=parts,
+                      on=("qid",))
+    rows = rows.join(_passages(corpus_uri, pid_filter(pairs)), join_type="left_outer",
+                     num_partitions=parts, on=("pid",))
 
     def check(t: pa.Table) -> pa.Table:
         for field, what, uri in (("lang", "qid", queries_uri), ("passage", "pid", corpus_uri)):
@@ -416,10 +446,10 @@ def _build_qg_rank(queries_uri: str, corpus_uri: str, examples_uri: str, n_negat
         return {"qid": r["qid"], "query": r["text"], "lang": r["lang"],
                 "pids": [positive, *negs]}
 
-    plans = rows.map(plan)
+    plans = rows.map(plan).materialize()  # read twice: its pids, then joined with their texts
     full = plans.join(_texts(plans.flat_map(lambda r: [
-        {"qid": r["qid"], "pid": p} for p in sorted(set(r["pids"]))]), corpus_uri, parts),
-        join_type="left_outer", num_partitions=parts, on=("qid",))
+        {"qid": r["qid"], "pid": p} for p in sorted(set(r["pids"]))]).materialize(),
+        corpus_uri, parts), join_type="left_outer", num_partitions=parts, on=("qid",))
 
     def assemble(t: pa.Table) -> pa.Table:
         out = []
