@@ -1012,3 +1012,30 @@ def test_prepare_again_on_other_input_starts_afresh(tmp_path):
     assert CliRunner().invoke(cli.app, args).exit_code == 0  # the same again: resumed, kept
     assert storage.read_json(str(out / "corpus" / "_done" / "part-00000.json"))["time"] == \
         started
+
+
+def test_canonical_jsonl_corpus_is_streamed(tmp_path):
+    """``--format jsonl --kind corpus``: rows streamed (one line in memory), written shard by
+    shard by prepare, the pids checked after the stream (a duplicate names both lines)."""
+    import tracemalloc
+
+    path = tmp_path / "corpus.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"pid": str(i), "lang": "en", "title": f"T{i}",
+                                 "text": f"Passage {'w ' * 100}"}) + "\n" for i in range(40000))
+    assert path.stat().st_size > 8_000_000
+    rows = readers.iter_canonical_jsonl(str(path), "corpus", unique=False)
+    tracemalloc.start()
+    n = sum(1 for _ in rows)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == 40000 and peak < 1_000_000
+    out = str(tmp_path / "out")
+    assert prepare("jsonl", str(path), out, kind="corpus", shard_rows=15000)["rows"] == {
+        "corpus": 40000}
+    assert len(storage.list_files(f"{out}/corpus", ".parquet")) == 3
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"pid": "7", "lang": "en", "text": "again"}) + "\n")
+    with pytest.raises(DataError, match=r"corpus.jsonl:40001: field 'pid': duplicate .*'7'.* "
+                                        r"line 8"):
+        prepare("jsonl", str(path), str(tmp_path / "out2"), kind="corpus", shard_rows=15000)

@@ -51,9 +51,10 @@ def read(fmt: str, input: str, *, passages: str | None = None,
       language ``lang``.
 
     With ``stream``, passage collections (``passages``, ``xor-tydi``'s ``passages``, ``beir``'s
-    ``corpus.jsonl``) are generators, read while they are written: the whole collection is
-    never in memory. Their passage ids are checked for duplicates in memory, or, given
-    ``ids``, recorded there to be checked after the stream (:func:`write_tables`).
+    ``corpus.jsonl``, ``jsonl`` of kind ``corpus``) are generators, read while they are
+    written: the whole collection is never in memory. Their passage ids are checked for
+    duplicates in memory, or, given ``ids``, recorded there to be checked after the stream
+    (:func:`write_tables`).
     """
     rejects = rejects or readers.Rejects()
     unique: bool | SpilledIds = ids if ids is not None else True
@@ -89,7 +90,9 @@ def read(fmt: str, input: str, *, passages: str | None = None,
         if kind not in SCHEMAS:
             raise ConfigError(f"--kind must be one of {sorted(SCHEMAS)} for --format jsonl, "
                               f"got {kind!r}")
-        return readers.read_canonical_jsonl(input, kind, rejects)
+        rows = readers.iter_canonical_jsonl(input, kind, rejects,
+                                            unique if kind == "corpus" else True)
+        return {kind: rows if stream else list(rows)}
     raise _unknown(fmt)
 
 

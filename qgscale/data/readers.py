@@ -1047,13 +1047,25 @@ def _number_problem(value: Any, typ: pa.DataType) -> str | None:
 
 
 def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -> Tables:
-    """Import JSONL rows already in a canonical format (``corpus``, ``queries``, ...); a field
-    the kind does not have (a misspelt ``Title``) is a row defect, not left out."""
+    """Import JSONL rows already in a canonical format (every row in memory): see
+    :func:`iter_canonical_jsonl`, which streams."""
+    return {kind: list(iter_canonical_jsonl(path, kind, rejects))}
+
+
+def iter_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None,
+                         unique: bool | SpilledIds = True) -> Iterator[dict[str, Any]]:
+    """JSONL rows already in a canonical format (``corpus``, ``queries``, ...), streamed (one
+    line in memory); a field the kind does not have (a misspelt ``Title``) is a row defect,
+    not left out. ``unique``: a row whose key (pid, qid, (qid, pid)) an earlier row had is a
+    defect, checked in memory (the keys read so far) with ``True``; for the corpus a
+    :class:`~qgscale.data.unique.SpilledIds` records the pids instead, checked after the
+    stream in bounded memory (``qgscale data prepare``: a 1B-passage corpus file)."""
     rejects = rejects or Rejects()
     schema = SCHEMAS[kind]
-    rows = []
     keys = UNIQUE_KEYS.get(kind, ())
-    seen = FirstSeen("id" if len(keys) == 1 else f"({', '.join(keys)})")
+    spill = unique if isinstance(unique, SpilledIds) and keys == ("pid",) else None
+    seen = FirstSeen("id" if len(keys) == 1 else f"({', '.join(keys)})") \
+        if keys and spill is None and unique is not False else None
     for n, obj in iter_jsonl(path, rejects):
         unknown = sorted(set(obj) - set(schema.names))
         if unknown:
@@ -1099,9 +1111,10 @@ def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -
             if not ok:
                 break
             row[f.name] = value
-        if ok and keys:
+        if ok and spill is not None:
+            spill.add(row["pid"], path, n, "pid")
+        elif ok and seen is not None:
             key = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
             ok = seen.new(key, path, n, keys[0] if len(keys) == 1 else None, rejects, obj)
         if ok:
-            rows.append(row)
-    return {kind: rows}
+            yield row

@@ -26,8 +26,9 @@ seeded positive and the mined negatives of each query, as
 No process holds the corpus or the query side: the driver holds the negative sample (100k
 pids), the shard list and a Bloom filter (1.25 bytes per needed pid). The datasets read twice
 (the row plans: for their pids, then joined with the texts; the pairs the filter is built
-from) are materialized in the object store (spilled to disk when large). Input tables are read by the workers from their shard URIs (no
-filesystem object, so no credentials, travels in the dataset). Bad input raises the same
+from) are materialized in the object store (spilled to disk when large). Input tables are
+read by the workers from their shard URIs (no filesystem object, so no credentials, travels
+in the dataset). Bad input raises the same
 DataError as the driver join, with two differences: a qid on two query rows is found only
 where the rows use it (after they are written: :func:`_check_duplicate`), and every
 generated-query row is checked where the driver checks those of the positive passages.
