@@ -320,9 +320,12 @@ def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
                  split: Annotated[str, typer.Option(help="Corpus split of the index.")
                                   ] = "train",
                  k: int = 10) -> None:
-    """Encode queries with a student and search its index (as the pipeline wrote them)."""
+    """Encode queries with a student and search its index (as the pipeline wrote them), one
+    Ray actor per index shard (``ray.address``; this process holds neither the index nor its
+    id map)."""
     from qgscale.index.encode import load_dual_encoder
-    from qgscale.index.search import search
+    from qgscale.index.search import ShardedSearcher
+    from qgscale.runtime import connect
 
     cfg = load(config, set)
     lay = Layout(cfg)
@@ -330,8 +333,13 @@ def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
     enc = load_dual_encoder(model_uri)
     sc = cfg.index.search
     vecs = enc.encode_queries(query, sc.batch_size).float().numpy()
-    pids, scores = search(index_uri, vecs, k, nprobe=sc.nprobe,
-                          ef_search=sc.ef_search, refine=sc.refine, k_factor=sc.k_factor)
+    connect(cfg.ray)
+    searcher = ShardedSearcher(index_uri, sc.nprobe, sc.ef_search, sc.cpus_per_actor,
+                               sc.refine, sc.k_factor)
+    try:
+        pids, scores = searcher.search(vecs, k)
+    finally:
+        searcher.close()
     _print([{"query": q, "hits": [[p, float(s)] for p, s in zip(pp, ss, strict=True)]}
             for q, pp, ss in zip(query, pids.tolist(), scores.tolist(), strict=True)])
 

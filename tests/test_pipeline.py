@@ -117,6 +117,20 @@ def test_readme_command_lines_run_on_a_finished_run(finished_run):
     job = storage.read_json(storage.join(lay.uri("eval-job"), "test", "metrics.json"))
     pipeline_eval = storage.read_json(storage.join(lay.eval_dir("distill"), "test", "metrics.json"))
     assert job["macro"] == pipeline_eval["macro"]  # the job evaluates what the pipeline did
+    # index search (one Ray actor per index shard) == the index loaded in this process
+    import json
+
+    from qgscale.index.encode import load_dual_encoder
+    from qgscale.index.search import search
+
+    words = next(c for c in commands if c[1:3] == ["index", "search"])
+    query = words[words.index("--query") + 1]
+    got = json.loads(outputs[f"index search {path}"])
+    vecs = load_dual_encoder(lay.model("distill")).encode_queries([query]).float().numpy()
+    pids, scores = search(lay.faiss("distill", "test"), vecs, 10)
+    assert [q["query"] for q in got] == [query] and len(got[0]["hits"]) == 10
+    assert [p for p, _ in got[0]["hits"]] == pids[0].tolist()
+    assert [s for _, s in got[0]["hits"]] == pytest.approx(scores[0].tolist(), abs=1e-5)
 
 
 DESCENDANTS = {  # stage -> (a key of its config sections, the stages that must rerun[, other
