@@ -195,7 +195,7 @@ def test_evaluate_languages_with_answers():
 
 
 def test_teacher_rerank_compares_orders_of_the_same_lists():
-    from qgscale.eval.rerank import compare_orders, markdown, rerank_metric_names
+    from qgscale.eval.rerank import OrderMetrics, compare_orders, markdown, rerank_metric_names
 
     lists = {"q1": ["a", "b", "c"], "q2": ["d", "e", "f"], "q3": ["g", "h", "i"]}
     student = {"q1": {"a": 3, "b": 2, "c": 1}, "q2": {"d": 3, "e": 2, "f": 1},
@@ -214,6 +214,12 @@ def test_teacher_rerank_compares_orders_of_the_same_lists():
     assert r["student"]["query_langs"]["es"]["mrr@10"] == 0.0  # a miss for both orders
     assert r["teacher"]["macro"]["mrr@10"] == pytest.approx(((1 + 1 / 3) / 2 + 0) / 2)
     assert "| de | teacher | 0.6667 | 0.5000 |" in markdown(r, names, 3)
+    # a block of queries at a time (q1, then q2 and q3): the same numbers
+    acc = OrderMetrics(names)
+    for block in (["q1"], ["q2", "q3"]):
+        acc.add({q: lists[q] for q in block}, student, teacher, qrels,
+                {"q1": "de", "q2": "de", "q3": "es"})
+    assert acc.result() == r
 
 
 def test_answer_qrels_of_a_run_name_a_passage_not_in_the_corpus(tmp_path):

@@ -28,7 +28,7 @@ def _records(cfg) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_and_resume(finished_run):
+def test_pipeline_end_to_end_and_resume(finished_run, tmp_path, monkeypatch):
     _, cfg, results = finished_run
     assert list(results) == pipeline.STAGE_NAMES
     lay = Layout(cfg)
@@ -75,6 +75,17 @@ def test_pipeline_end_to_end_and_resume(finished_run):
         for who in ("student", "teacher"):
             assert 0.0 <= r[who]["macro"]["mrr@10"] <= 1.0
         assert set(r["teacher"]["query_langs"]) == {"de"}
+    # the same rerank compared 7 queries at a time: the same result, to the last bit
+    from qgscale.eval import rerank
+
+    monkeypatch.setattr(rerank, "RERANK_BLOCK", 7)
+    assert data["rows"]["test/queries"] % 7
+    again = rerank.run_rerank(cfg, lay.teacher_model(), storage.join(
+        lay.eval_dir("warmup"), "test", "run.parquet"), lay.eval_data(), "test",
+        str(tmp_path / "rerank"), "blocks", corpus_uri=lay.data("test", "corpus"))
+    want = results["rerank"]["test"]  # of the original run, before this copy of it
+    assert again.pop("student_run") != want["student_run"]
+    assert again == {k: v for k, v in want.items() if k != "student_run"}
     records = _records(cfg)
     assert all(r["state"] == "done" for r in records.values())
 

@@ -7,6 +7,11 @@ eval split this scores every (query, passage) pair of the warm-up student's top
 order (``log P(q|p) / |q|``): MRR@10 and Recall@k per query language and macro. Queries whose
 relevant passage is not in the list count as misses for both orders.
 
+The run is read as Arrow, its lists cut to ``rerank_k``; the orders are compared
+:data:`RERANK_BLOCK` queries at a time (their lists and teacher scores as Python, running means
+of the metrics), so the process holds queries x ``rerank_k`` Arrow entries, not the run as
+Python objects.
+
 Writes ``<out>/{candidates,scores}`` and ``<out>/metrics.{json,md}``.
 """
 
@@ -17,6 +22,7 @@ from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qgscale import storage
 from qgscale.data.schema import CANDIDATES
@@ -30,22 +36,47 @@ def rerank_metric_names(k: int) -> list[str]:
     return ["mrr@10"] + [f"recall@{c}" for c in (1, 5, 10) if c <= k]
 
 
+RERANK_BLOCK = 16_384  # queries whose orders are compared at a time
+WHO = ("student", "teacher")
+
+
+class OrderMetrics:
+    """The metrics of :func:`compare_orders`, added a block of queries at a time (running
+    means per query language, :class:`qgscale.eval.metrics.Means`)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.acc: dict[str, dict[str, M.Means]] = {w: defaultdict(M.Means) for w in WHO}
+        self.n = 0
+
+    def add(self, lists: dict[str, list[str]], student: dict[str, dict[str, float]],
+            teacher: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
+            query_lang: dict[str, str]) -> None:
+        for who, scores in (("student", student), ("teacher", teacher)):
+            run = {q: {p: scores[q][p] for p in pids} for q, pids in lists.items()}
+            rows = M.per_query(run, {q: qrels.get(q, {}) for q in lists}, self.names)
+            for q, row in rows.items():
+                self.acc[who][query_lang[q]].add({q: row})
+        self.n += len(lists)
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for who in WHO:
+            per_lang = {lang: m.result(self.names) for lang, m in sorted(self.acc[who].items())}
+            out[who] = {"query_langs": per_lang, "macro": M.macro(per_lang.values())}
+        out["n_queries"] = self.n
+        return out
+
+
 def compare_orders(lists: dict[str, list[str]], student: dict[str, dict[str, float]],
                    teacher: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
                    query_lang: dict[str, str], names: list[str]) -> dict[str, Any]:
     """Metrics of the student's and the teacher's order of the same candidate lists, per
-    query language and as a macro average over languages."""
-    out: dict[str, Any] = {}
-    for who, scores in (("student", student), ("teacher", teacher)):
-        run = {q: {p: scores[q][p] for p in pids} for q, pids in lists.items()}
-        rows = M.per_query(run, {q: qrels.get(q, {}) for q in lists}, names)
-        by_lang: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
-        for q, row in rows.items():
-            by_lang[query_lang[q]][q] = row
-        per_lang = {lang: M.mean(r, names) for lang, r in sorted(by_lang.items())}
-        out[who] = {"query_langs": per_lang, "macro": M.macro(per_lang.values())}
-    out["n_queries"] = len(lists)
-    return out
+    query language and as a macro average over languages (:class:`OrderMetrics` of one
+    block)."""
+    acc = OrderMetrics(names)
+    acc.add(lists, student, teacher, qrels, query_lang)
+    return acc.result()
 
 
 def markdown(result: dict[str, Any], names: list[str], k: int) -> str:
@@ -95,11 +126,18 @@ def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split:
 
     k, sc = cfg.teacher.rerank_k, cfg.teacher.score
     data = load_split(data_uri, split, corpus_uri)
-    run = storage.read_parquet(run_uri).to_pylist()
-    qrels = data.qrels or answer_qrels(run, k, data)
-    lists = {r["qid"]: list(r["pids"][:k]) for r in run if r["qid"] in qrels}
-    student = {r["qid"]: dict(zip(r["pids"][:k], r["scores"][:k], strict=True)) for r in run}
-    if not lists:  # nothing to compare: say so instead of scoring
+    run = storage.read_parquet(run_uri, ["qid", "pids", "scores"])
+    run = pa.table({"qid": run.column("qid"), "pids": pc.list_slice(run.column("pids"), 0, k),
+                    "scores": pc.list_slice(run.column("scores"), 0, k)})
+    qrels = data.qrels
+    if not qrels:  # answer match, a block's passages at a time
+        qrels = {}
+        for start in range(0, run.num_rows, RERANK_BLOCK):
+            qrels.update(answer_qrels(run.slice(start, RERANK_BLOCK).to_pylist(), k, data))
+    lists = run.filter(pc.is_in(run.column("qid"), value_set=pa.array(list(qrels),
+                                                                       pa.string())))
+    del run
+    if not lists.num_rows:  # nothing to compare: say so instead of scoring
         log.warning("split %s: no query has a relevant passage in the warm-up student's top-%d:"
                     " no teacher rerank", split, k)
         result = {"split": split, "rerank_k": k, "student_run": run_uri, "n_queries": 0,
@@ -107,18 +145,29 @@ def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split:
         storage.write_json(storage.join(out_uri, "metrics.json"), result)
         return result
     cand_uri = storage.join(out_uri, "candidates")
-    storage.write_parquet(storage.join(cand_uri, "part-00000.parquet"), pa.Table.from_pylist(
-        [{"qid": q, "pids": p, "scores": None} for q, p in lists.items()], schema=CANDIDATES))
+    storage.write_parquet(storage.join(cand_uri, "part-00000.parquet"), pa.table({
+        "qid": lists.column("qid"), "pids": lists.column("pids"),
+        "scores": pa.nulls(lists.num_rows, CANDIDATES.field("scores").type)}, schema=CANDIDATES))
     scores_uri = storage.join(out_uri, "scores")
     score_candidates(qg_spec(cfg, teacher_model), cand_uri, data.source["queries"],
                      data.corpus_uri, scores_uri, key, sc)
-    teacher: dict[str, dict[str, float]] = defaultdict(dict)
     table = storage.read_parquet(scores_uri, ["qid", "pid", "score"])
-    for q, p, s in zip(*(table.column(c).to_pylist() for c in ("qid", "pid", "score")),
-                       strict=True):
-        teacher[q][p] = s
     names = rerank_metric_names(k)
-    result = compare_orders(lists, student, teacher, qrels, data.query_lang, names)
+    acc = OrderMetrics(names)
+    for start in range(0, lists.num_rows, RERANK_BLOCK):
+        block = lists.slice(start, RERANK_BLOCK)
+        qids, pids, scores = (block.column(c).to_pylist() for c in ("qid", "pids", "scores"))
+        mine = table.filter(pc.is_in(table.column("qid"),
+                                     value_set=block.column("qid").combine_chunks()))
+        teacher: dict[str, dict[str, float]] = defaultdict(dict)
+        for q, p, s in zip(*(mine.column(c).to_pylist() for c in ("qid", "pid", "score")),
+                           strict=True):
+            teacher[q][p] = s
+        acc.add(dict(zip(qids, pids, strict=True)),
+                {q: dict(zip(ps, ss, strict=True)) for q, ps, ss in zip(qids, pids, scores,
+                                                                        strict=True)},
+                teacher, qrels, data.query_lang)
+    result = acc.result()
     result.update(split=split, rerank_k=k, student_run=run_uri)
     storage.write_json(storage.join(out_uri, "metrics.json"), result)
     storage.write_bytes(storage.join(out_uri, "metrics.md"), markdown(result, names, k).encode())
