@@ -324,8 +324,8 @@ def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
     Ray actor per index shard (``ray.address``; this process holds neither the index nor its
     id map)."""
     from qgscale.index.encode import load_dual_encoder
-    from qgscale.index.search import ShardedSearcher
-    from qgscale.runtime import connect
+    from qgscale.index.search import ShardedSearcher, search_bundles
+    from qgscale.runtime import connect, requesting
 
     cfg = load(config, set)
     lay = Layout(cfg)
@@ -334,12 +334,13 @@ def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
     sc = cfg.index.search
     vecs = enc.encode_queries(query, sc.batch_size).float().numpy()
     connect(cfg.ray)
-    searcher = ShardedSearcher(index_uri, sc.nprobe, sc.ef_search, sc.cpus_per_actor,
-                               sc.refine, sc.k_factor)
-    try:
-        pids, scores = searcher.search(vecs, k)
-    finally:
-        searcher.close()
+    with requesting("index.search", search_bundles(index_uri, sc.cpus_per_actor)):
+        searcher = ShardedSearcher(index_uri, sc.nprobe, sc.ef_search, sc.cpus_per_actor,
+                                   sc.refine, sc.k_factor)
+        try:
+            pids, scores = searcher.search(vecs, k)
+        finally:
+            searcher.close()
     _print([{"query": q, "hits": [[p, float(s)] for p, s in zip(pp, ss, strict=True)]}
             for q, pp, ss in zip(query, pids.tolist(), scores.tolist(), strict=True)])
 

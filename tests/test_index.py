@@ -210,6 +210,13 @@ def test_exact_sharded_search_equals_single_process(ray_local, tmp_path, factory
     np.testing.assert_array_equal(blocked_scores, d_ref)
     got2, scores2 = search(idx, xq, 10)  # IndexShards in this process: the same
     assert got2.tolist() == got.tolist()
+    if factory == "Flat":  # 2 shards x 1.5 CPUs on a 2-CPU Ray: an error, not a hang
+        from qgscale.runtime import ResourceError
+
+        with pytest.raises(ResourceError, match=r"has 2 shards, one search actor each of "
+                                                r"index.search.cpus_per_actor=1.5 CPUs \(3 in "
+                                                r"all\), and the Ray cluster has at most 2 CPUs"):
+            ShardedSearcher(idx, num_cpus=1.5)
     np.testing.assert_array_equal(scores2, d_ref)
 
 

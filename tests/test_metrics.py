@@ -253,3 +253,22 @@ def test_macro_averages_each_metric_over_the_groups_that_have_it():
     out = M.macro([de, te])
     assert out == {"mrr@10": 0.5, "groups:mrr@10": 1, "r@2kt": 0.5, "groups": 2}
     assert M.macro([]) == {"groups": 0}
+
+
+def test_rerank_of_a_run_with_a_query_twice_is_an_error(tmp_path):
+    """A run lists each query once; a qid on two rows would be compared (and scored) twice."""
+    import pyarrow as pa
+
+    from qgscale import config, storage
+    from qgscale.data.schema import CANDIDATES
+    from qgscale.errors import DataError
+    from qgscale.eval.rerank import run_rerank
+    from tests.conftest import REPO
+
+    run = str(tmp_path / "run.parquet")
+    storage.write_parquet(run, pa.Table.from_pylist(
+        [{"qid": q, "pids": ["a"], "scores": [1.0]} for q in ("q1", "q2", "q1")],
+        schema=CANDIDATES))
+    cfg = config.load(REPO / "configs" / "demo.yaml", [f"run.root={tmp_path / 'root'}"])
+    with pytest.raises(DataError, match=r"run.parquet: a qid on two rows"):
+        run_rerank(cfg, None, run, str(tmp_path / "data"), "test", str(tmp_path / "out"), "k")

@@ -138,7 +138,9 @@ def test_readme_command_lines_run_on_a_finished_run(finished_run):
     query = words[words.index("--query") + 1]
     got = json.loads(outputs[f"index search {path}"])
     vecs = load_dual_encoder(lay.model("distill")).encode_queries([query]).float().numpy()
-    pids, scores = search(lay.faiss("distill", "test"), vecs, 10)
+    sc = cfg.index.search
+    pids, scores = search(lay.faiss("distill", "test"), vecs, 10, nprobe=sc.nprobe,
+                          ef_search=sc.ef_search, refine=sc.refine, k_factor=sc.k_factor)
     assert [q["query"] for q in got] == [query] and len(got[0]["hits"]) == 10
     assert [p for p, _ in got[0]["hits"]] == pids[0].tolist()
     assert [s for _, s in got[0]["hits"]] == pytest.approx(scores[0].tolist(), abs=1e-5)

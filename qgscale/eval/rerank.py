@@ -125,8 +125,10 @@ def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split:
     from qgscale.teacher.scoring import score_candidates
 
     k, sc = cfg.teacher.rerank_k, cfg.teacher.score
-    data = load_split(data_uri, split, corpus_uri)
     run = storage.read_parquet(run_uri, ["qid", "pids", "scores"])
+    if pc.count_distinct(run.column("qid")).as_py() != run.num_rows:
+        raise DataError(f"{run_uri}: a qid on two rows (one ranked list per query)")
+    data = load_split(data_uri, split, corpus_uri)
     run = pa.table({"qid": run.column("qid"), "pids": pc.list_slice(run.column("pids"), 0, k),
                     "scores": pc.list_slice(run.column("scores"), 0, k)})
     qrels = data.qrels

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from qgscale import storage
 from qgscale.index.vectors import iter_vectors
-from qgscale.runtime import remote_options
+from qgscale.runtime import ResourceError, cluster_capacity, remote_options
 
 REFINE_KINDS = ("none", "flat", "fp16")
 
@@ -409,6 +409,13 @@ class ShardedSearcher:
         if m is None:
             raise FileNotFoundError(f"{index_uri}: no {storage.MANIFEST}")
         self.metric = m["metric"]
+        need, (_, most) = len(m["shards"]) * num_cpus, cluster_capacity("CPU")
+        if most is not None and need > most:  # some actors would wait for CPUs forever
+            raise ResourceError(
+                f"index.search: {index_uri} has {len(m['shards'])} shards, one search actor "
+                f"each of index.search.cpus_per_actor={num_cpus:g} CPUs ({need:g} in all), and "
+                f"the Ray cluster has at most {most:g} CPUs: lower cpus_per_actor (fractions "
+                "are allowed) or build the index in fewer shards (index.build.num_shards)")
         actor = ray.remote(ShardSearcher).options(**remote_options(num_cpus, num_gpus))
         self.actors = [actor.remote(index_uri, rel, m.get("ondisk", False), nprobe, ef_search,
                                     max(1, int(num_cpus)), num_gpus, gpus_explicit,

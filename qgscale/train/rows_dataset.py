@@ -24,14 +24,15 @@ seeded positive and the mined negatives of each query, as
 :func:`~qgscale.train.data.build_qg_rank_rows`) are built the same way.
 
 No process holds the corpus or the query side: the driver holds the negative sample (100k
-pids), the shard list and a Bloom filter (1.25 bytes per needed pid). The datasets read twice
-(the row plans: for their pids, then joined with the texts; the pairs the filter is built
-from) are materialized in the object store (spilled to disk when large). Input tables are
-read by the workers from their shard URIs (no filesystem object, so no credentials, travels
-in the dataset). Bad input raises the same
-DataError as the driver join, with two differences: a qid on two query rows is found only
-where the rows use it (after they are written: :func:`_check_duplicate`), and every
-generated-query row is checked where the driver checks those of the positive passages.
+pids), the shard list and a Bloom filter (1.25 bytes per needed (qid, pid) pair). The
+datasets read twice (the row plans: for their pids, then joined with the texts; the pairs
+the filter is built from; the grouped teacher scores, joined on qid and on the generated
+query's id) are materialized in the object store (spilled to disk when large). Input tables
+are read by the workers from their shard URIs (no filesystem object, so no credentials,
+travels in the dataset). Bad input raises the same DataError as the driver join, with two
+differences: a qid on two query rows is found only where the rows use it (after they are
+written: :func:`_check_duplicate`), and every generated-query row is checked where the
+driver checks those of the positive passages.
 """
 
 from __future__ import annotations
@@ -266,7 +267,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
     if scores_uri:
         scores = _grouped(_dataset(scores_uri, "teacher scores", ["qid", "pid", "score"],
                                    tdata.check_scores), "qid", {"s_pid": "pid", "s_score": "score"},
-                          parts)
+                          parts).materialize()  # joined twice: on qid and on gen_qid
         plans = join(plans, scores, "qid")
         plans = join(plans, scores.rename_columns(
             {"qid": "gen_qid", "s_pid": "gs_pid", "s_score": "gs_score"}), "gen_qid")
@@ -358,10 +359,13 @@ def pid_filter(ds: Any) -> PidFilter:
     """A :class:`~qgscale.data.pidfilter.PidFilter` of the ``pid`` column of ``ds`` (a
     materialized dataset: counted, then its hashes streamed here). Passed to a map as an
     argument, Ray Data ships it once per operator (in the object store with the map)."""
+    n = ds.count()  # pairs: at least the distinct pids (a filter a little larger)
+    if not n:
+        return PidFilter.build(0, [])
     hashes = ds.select_columns(["pid"]).map_batches(
         lambda t: pa.table({"h": pid_hashes(t.column("pid"))}), batch_format="pyarrow")
-    return PidFilter.build(ds.count(), (b["h"] for b in hashes.iter_batches(
-        batch_format="numpy", batch_size=None)))
+    return PidFilter.build(n, (b["h"] for b in hashes.iter_batches(
+        batch_format="numpy", batch_size=1 << 20)))
 
 
 def _kept(t: pa.Table, keep: PidFilter | None, column: str = "pid") -> pa.Table:
