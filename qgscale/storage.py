@@ -199,6 +199,15 @@ def writing_file(uri: str) -> Iterator[str]:
         fs.put_file(tmp, path)
 
 
+@contextlib.contextmanager
+def parquet_sink(uri: str, schema: pa.Schema) -> Iterator[Callable[[pa.Table], None]]:
+    """``write(table)``: a parquet file of ``schema`` at ``uri`` written table by table as
+    it comes (zstd, :data:`ROW_GROUP_ROWS` row groups), appearing whole on success
+    (:func:`writing_file`): one table in memory at a time, not the file."""
+    with writing_file(uri) as path, pq.ParquetWriter(path, schema, compression="zstd") as w:
+        yield lambda t: w.write_table(t, row_group_size=ROW_GROUP_ROWS)
+
+
 def put_file(local: str, uri: str) -> None:
     """Copy local file ``local`` to ``uri`` streaming (atomic as :func:`writing_file`)."""
     import shutil

@@ -30,8 +30,7 @@ def pid_hashes(pids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """64-bit hashes (uint64) of a string column."""
     import pandas as pd
 
-    values = pids.to_numpy(zero_copy_only=False) if hasattr(pids, "to_numpy") else pids
-    return pd.util.hash_array(np.asarray(values, dtype=object))
+    return pd.util.hash_array(np.asarray(pids.to_numpy(zero_copy_only=False), dtype=object))
 
 
 def _positions(h: np.ndarray, m: int) -> np.ndarray:

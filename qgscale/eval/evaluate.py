@@ -197,21 +197,17 @@ def run_table(run: dict[str, dict[str, float]]) -> pa.Table:
 @contextlib.contextmanager
 def run_sink(uri: str | None) -> Iterator[tuple[Callable[[dict], None], dict | None]]:
     """Where a split's pooled run goes, block by block: ``(add, run)``. With ``uri``, a
-    parquet file of :func:`run_table` rows written as it comes (whole on success,
-    :func:`qgscale.storage.writing_file`) and ``run`` None; else ``add`` fills the dict
+    parquet file of :func:`run_table` rows written as it comes
+    (:func:`qgscale.storage.parquet_sink`) and ``run`` None; else ``add`` fills the dict
     ``run`` (small splits, tests)."""
     if not uri:
         run: dict[str, dict] = {}
         yield run.update, run
         return
-    import pyarrow.parquet as pq
-
     from qgscale.data.schema import CANDIDATES
 
-    with storage.writing_file(uri) as path, \
-            pq.ParquetWriter(path, CANDIDATES, compression="zstd") as writer:
-        yield (lambda r: writer.write_table(run_table(r),
-                                            row_group_size=storage.ROW_GROUP_ROWS)), None
+    with storage.parquet_sink(uri, CANDIDATES) as write:
+        yield (lambda r: write(run_table(r))), None
 
 
 EVAL_BLOCK = 16_384  # queries encoded, searched and scored at a time

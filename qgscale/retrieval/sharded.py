@@ -324,8 +324,6 @@ def run_bm25_eval(cfg: Any, queries_uri: str, corpus_uri: str, out_uri: str, key
     """The BM25 run of one eval split: ``out_uri/run.parquet`` (:data:`RUN`: ``eval.top_k``
     per query over the pooled corpus, lang ""; with ``eval.pairs`` and several corpus
     languages also per corpus language), sorted by (qid, lang), streamed a block at a time."""
-    import pyarrow.parquet as pq
-
     from qgscale.eval.evaluate import corpus_langs
 
     q = _read_table(queries_uri, "eval queries").sort_by("qid")
@@ -335,16 +333,14 @@ def run_bm25_eval(cfg: Any, queries_uri: str, corpus_uri: str, out_uri: str, key
     langs = langs if len(langs) > 1 else None
     work = storage.join(out_uri, "work")
     rows = 0
-    with storage.writing_file(storage.join(out_uri, "run.parquet")) as path, \
-            pq.ParquetWriter(path, RUN, compression="zstd") as writer:
+    with storage.parquet_sink(storage.join(out_uri, "run.parquet"), RUN) as write:
         for ranked in retrieve(corpus_uri, qids, texts, cfg.eval.top_k, work, key, cfg.bm25,
                                langs=langs):
             keys = list(ranked)  # (qid, "") first, then its languages: sorted
-            writer.write_table(pa.table({
-                "qid": [q for q, _ in keys], "lang": [x for _, x in keys],
-                "pids": [[p for _, p, _ in ranked[x]] for x in keys],
-                "scores": [[-s for s, _, _ in ranked[x]] for x in keys]}, schema=RUN),
-                row_group_size=storage.ROW_GROUP_ROWS)
+            write(pa.table({"qid": [q for q, _ in keys], "lang": [x for _, x in keys],
+                            "pids": [[p for _, p, _ in ranked[x]] for x in keys],
+                            "scores": [[-s for s, _, _ in ranked[x]] for x in keys]},
+                           schema=RUN))
             rows += len(keys)
     cleanup(work)
     return storage.write_manifest(out_uri, key, queries=queries_uri, corpus=corpus_uri,
