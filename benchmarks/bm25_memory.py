@@ -92,12 +92,14 @@ def child(phase: str, data: str, out: str) -> None:
     print(json.dumps({"wall_s": round(time.time() - t0, 2), **extra}), flush=True)
 
 
-def measure(src: Path, phase: str, data: Path, out: Path) -> dict[str, Any]:
-    """Run ``phase`` in a child with ``src`` first on PYTHONPATH, sampling its RSS."""
+def measure(src: Path, phase: str, data: Path, out: Path, script: str = __file__
+            ) -> dict[str, Any]:
+    """Run ``script --child phase data out`` with ``src`` first on PYTHONPATH, sampling its
+    RSS and its largest Ray worker's."""
     import psutil
 
     env = dict(os.environ, PYTHONPATH=f"{src}:{REPO}", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, __file__, "--child", phase, str(data), str(out)]
+    cmd = [sys.executable, script, "--child", phase, str(data), str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=src)
     peak = {"driver": 0, "actor": 0}
     done = threading.Event()

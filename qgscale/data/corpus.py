@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
+from qgscale.data.keyindex import KeyIndex
 from qgscale.data.schema import CORPUS, passage_text
 from qgscale.errors import DataError, MissingInputError
 
@@ -31,26 +32,32 @@ def corpus_shards(corpus_uri: str) -> list[str]:
     return files
 
 
-def scan(corpus_uri: str, pids: Iterable[str] | pa.Array | None,
+def wanted_index(pids: Iterable[str] | pa.Array | KeyIndex) -> KeyIndex:
+    """``pids`` as a :class:`~qgscale.data.keyindex.KeyIndex` (built once, probed per shard:
+    a shard costs O(shard x log pids), not O(pids))."""
+    if isinstance(pids, KeyIndex):
+        return pids
+    if not isinstance(pids, pa.Array):
+        pids = pa.array(list(set(pids)), pa.string())
+    return KeyIndex.build(pids, "pid")
+
+
+def scan(corpus_uri: str, pids: Iterable[str] | pa.Array | KeyIndex | None,
          columns: tuple[str, ...] = ("pid", "lang", "title", "text")) -> Iterator[pa.Table]:
     """Per corpus shard, its rows whose pid is in ``pids`` (every row when None), with
     ``columns``: one shard in memory at a time. With ``pids``, each shard's pid column is read
     first and its other columns only when some pid matches. Empty pid or text is a DataError
     naming the shard and row."""
-    if pids is None or isinstance(pids, pa.Array):
-        wanted = pids
-    else:
-        wanted = pa.array(sorted(set(pids)), pa.string())
+    wanted = None if pids is None else wanted_index(pids)
     cols = list(dict.fromkeys(("pid", *columns)))
     for uri in corpus_shards(corpus_uri):
         if wanted is None:
             t, rows = storage.read_parquet(uri, cols), 0
         else:
-            mask = pc.is_in(storage.read_parquet(uri, ["pid"]).column("pid"),
-                            value_set=wanted)
-            if not pc.any(mask).as_py():
+            mask = wanted.contains(storage.read_parquet(uri, ["pid"]).column("pid"))
+            if not mask.any():
                 continue
-            rows = pc.indices_nonzero(mask)
+            rows = pa.array(np.flatnonzero(mask))
             t = storage.read_parquet(uri, cols).take(rows)
         check(t, uri, rows)
         yield t.select(list(columns))

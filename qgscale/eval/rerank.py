@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
+from qgscale.data.keyindex import KeyIndex
 from qgscale.data.schema import CANDIDATES
 from qgscale.errors import DataError
 from qgscale.eval import metrics as M
@@ -153,14 +154,13 @@ def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split:
     scores_uri = storage.join(out_uri, "scores")
     score_candidates(qg_spec(cfg, teacher_model), cand_uri, data.source["queries"],
                      data.corpus_uri, scores_uri, key, sc)
-    table = storage.read_parquet(scores_uri, ["qid", "pid", "score"])
+    table = KeyIndex.build(storage.read_parquet(scores_uri, ["qid", "pid", "score"]), "qid")
     names = rerank_metric_names(k)
     acc = OrderMetrics(names)
     for start in range(0, lists.num_rows, RERANK_BLOCK):
         block = lists.slice(start, RERANK_BLOCK)
         qids, pids, scores = (block.column(c).to_pylist() for c in ("qid", "pids", "scores"))
-        mine = table.filter(pc.is_in(table.column("qid"),
-                                     value_set=block.column("qid").combine_chunks()))
+        mine = table.table.take(pa.array(table.find(block.column("qid"))[1]))
         teacher: dict[str, dict[str, float]] = defaultdict(dict)
         for q, p, s in zip(*(mine.column(c).to_pylist() for c in ("qid", "pid", "score")),
                            strict=True):

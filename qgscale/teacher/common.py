@@ -6,10 +6,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from qgscale import storage
+from qgscale.data.corpus import wanted_index
 from qgscale.errors import ConfigError, DataError, MissingInputError
 
 
@@ -111,15 +112,14 @@ def generated_of(generated_uri: str, pids: Iterable[str]) -> list[tuple[str, str
     rows are not read for it)."""
     if not storage.exists(generated_uri):
         raise MissingInputError(f"{generated_uri}: generated queries not found")
-    wanted = pa.array(sorted(set(pids)), pa.string())
+    wanted = wanted_index(pids)
     out: list[tuple[str, str, str]] = []
     for f in storage.parquet_files(generated_uri):
-        rows = pc.indices_nonzero(pc.is_in(storage.read_parquet(f, ["pid"]).column("pid"),
-                                           value_set=wanted)).to_pylist()
-        if not rows:
+        rows = np.flatnonzero(wanted.contains(storage.read_parquet(f, ["pid"]).column("pid")))
+        if not rows.size:
             continue
-        t = storage.read_parquet(f, ["pid", "lang", "query"]).take(rows)
-        for i, r in zip(rows, t.to_pylist(), strict=True):
+        t = storage.read_parquet(f, ["pid", "lang", "query"]).take(pa.array(rows))
+        for i, r in zip(rows.tolist(), t.to_pylist(), strict=True):
             for key in ("lang", "query"):
                 if not r[key] or not r[key].strip():
                     raise DataError(f"{f}: row {i} (pid={r['pid']}): empty field {key!r}")

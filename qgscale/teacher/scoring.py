@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from qgscale import storage
 from qgscale.config import ScoreConfig
 from qgscale.data.corpus import corpus_shards, scan
+from qgscale.data.keyindex import KeyIndex
 from qgscale.data.schema import SCORES, passage_text
 from qgscale.errors import DataError, MissingInputError
 from qgscale.runtime import Shard, connect, planned_unit_rows, run_shards
@@ -95,31 +96,36 @@ class PairJob:
     """The join, as a shard job per corpus shard: the candidate pairs whose passage is in
     the shard, with the query and passage texts, sorted by pid (so a scoring unit's pairs of
     one passage are adjacent: :func:`qgscale.models.generator.score_pairs` encodes each
-    passage once). Each corpus shard is read once; an actor holds the pairs (O(queries x k))
-    and one corpus shard, never the corpus."""
+    passage once). Each corpus shard is read once. The pairs and queries come indexed
+    (:class:`~qgscale.data.keyindex.KeyIndex`, built once on the driver), so a shard costs
+    O(shard x log pairs + its pairs), not O(pairs); an actor holds them (O(queries x k), one
+    copy per node in the object store) and one corpus shard, never the corpus."""
 
-    pairs: Any  # ObjectRef of {qid, pid}
-    queries: Any  # ObjectRef of {qid, lang, query}
+    pairs: Any  # ObjectRef of a KeyIndex of {qid, pid} by pid
+    queries: Any  # ObjectRef of a KeyIndex of {qid, lang, query} by qid
 
-    def setup(self, device: str, threads: int) -> tuple[pa.Table, pa.Table, pa.Array]:
+    def setup(self, device: str, threads: int) -> tuple[KeyIndex, KeyIndex]:
         import ray
 
-        pairs, queries = ray.get([self.pairs, self.queries])
-        return pairs, queries, pc.unique(pairs.column("pid"))
+        return tuple(ray.get([self.pairs, self.queries]))
 
-    def run(self, st: tuple[pa.Table, pa.Table, pa.Array], shard: Shard) -> pa.Table:
-        pairs, queries, wanted = st
-        found = list(scan(shard.payload, wanted, ("pid", "title", "text")))
+    def run(self, st: tuple[KeyIndex, KeyIndex], shard: Shard) -> pa.Table:
+        pairs, queries = st
+        found = list(scan(shard.payload, pairs, ("pid", "title", "text")))
         if not found:
             return PAIRS.empty_table()
         t = pa.concat_tables(found)
-        passages = pa.table({"pid": t.column("pid"), "passage": [
-            passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
-                                               t.column("text").to_pylist(), strict=True)]})
-        joined = pairs.join(passages, "pid", join_type="inner").join(queries, "qid",
-                                                                    join_type="inner")
-        return joined.select(PAIRS.names).cast(PAIRS).sort_by([("pid", "ascending"),
-                                                               ("qid", "ascending")])
+        passages = pa.array([passage_text(a, b) for a, b in zip(
+            t.column("title").to_pylist(), t.column("text").to_pylist(), strict=True)])
+        at, pair = pairs.find(t.column("pid"))  # passage row, pair row
+        qids = pairs.table.column("qid").take(pa.array(pair))
+        i, q = queries.find(qids)  # every qid is known (checked by join_pairs)
+        at = pa.array(at[i])
+        joined = pa.table({"qid": qids.take(pa.array(i)),
+                           "lang": queries.table.column("lang").take(pa.array(q)),
+                           "query": queries.table.column("query").take(pa.array(q)),
+                           "pid": t.column("pid").take(at), "passage": passages.take(at)})
+        return joined.cast(PAIRS).sort_by([("pid", "ascending"), ("qid", "ascending")])
 
 
 PAIRS_DIR = "_pairs"  # under the scores folder: the joined work units
@@ -181,7 +187,8 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
         raise DataError(f"{pairs['file'][i]}: row {pairs['row'][i]}: qid={pairs['qid'][i]} "
                         f"not in queries {queries_uri}")
     units = [Shard(f"part-{i:05d}", 1, uri) for i, uri in enumerate(corpus_shards(corpus_uri))]
-    job = PairJob(ray.put(pairs.select(["qid", "pid"])), ray.put(queries))
+    job = PairJob(ray.put(KeyIndex.build(pairs.select(["qid", "pid"]), "pid")),
+                  ray.put(KeyIndex.build(queries, "qid")))
     stats = run_shards(job, units, out_uri, config_hash,
                        sc.model_copy(update={"gpus_per_actor": 0}), stage="teacher.score",
                        desc="join pairs", unit="corpus shard")

@@ -1,0 +1,54 @@
+"""KeyIndex: a table found by a string key (exact matches, hash collisions included)."""
+
+import pickle
+import random
+
+import numpy as np
+import pyarrow as pa
+
+from qgscale.data import keyindex
+from qgscale.data.keyindex import KeyIndex
+
+
+def _brute(keys: list, probe: list) -> list[tuple[int, int]]:
+    return sorted((i, j) for i, p in enumerate(probe) for j, k in enumerate(keys)
+                  if p is not None and p == k)
+
+
+def _matches(ix: KeyIndex, probe: pa.ChunkedArray) -> list[tuple[int, int]]:
+    """(probe row, built row) of every match."""
+    rows, at = ix.find(probe)
+    return sorted(zip(rows.tolist(), ix.table.column("row").take(pa.array(at)).to_pylist(),
+                      strict=True))
+
+
+def test_find_is_the_join_of_equal_keys():
+    rng = random.Random(0)
+    keys = [rng.choice([None, *(f"p{i}" for i in range(300))]) for _ in range(1000)]
+    probe = [rng.choice([None, "", *(f"p{i}" for i in range(400))]) for _ in range(700)]
+    ix = KeyIndex.build(pa.table({"pid": keys, "row": list(range(len(keys)))}), "pid")
+    chunked = pa.chunked_array([probe[:123], probe[123:], []], pa.string())
+    want = _brute(keys, probe)
+    assert len(want) > 500 and _matches(ix, chunked) == want
+    assert ix.contains(chunked).tolist() == [p is not None and p in keys for p in probe]
+    back = pickle.loads(pickle.dumps(ix))  # what ray.put ships to the actors
+    assert _matches(back, chunked) == want
+
+
+def test_every_hash_colliding_still_matches_exactly(monkeypatch):
+    """64-bit collisions cannot be caused for real here: every key hashes to 0."""
+    monkeypatch.setattr(keyindex, "pid_hashes", lambda a: np.zeros(len(a), np.uint64))
+    keys = ["a", "b", "a", "c"]
+    ix = KeyIndex.build(pa.table({"pid": keys, "row": [0, 1, 2, 3]}), "pid")
+    probe = pa.chunked_array([["c", "x", "a"]])
+    assert _matches(ix, probe) == [(0, 3), (2, 0), (2, 2)]
+    assert ix.contains(probe).tolist() == [True, False, True]
+
+
+def test_empty_sides():
+    empty = KeyIndex.build(pa.array([], pa.string()), "pid")
+    assert len(empty) == 0 and empty.contains(pa.array(["a"])).tolist() == [False]
+    ix = KeyIndex.build(pa.array(["a"]), "pid")
+    rows, at = ix.find(pa.array([], pa.string()))
+    assert rows.size == at.size == 0
+    assert ix.contains(pa.array(["b", "a"])).tolist() == [False, True]
