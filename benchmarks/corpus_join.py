@@ -10,14 +10,20 @@ must not grow with what is needed: at 1B passages there are 10k shards or more.
 
 Data (synthetic, written once): a corpus of ``--shards`` x ``--shard-rows`` passages of 12
 words (``benchmarks/scale.py``'s word frequencies); for each ``--queries`` size, that many
-queries with 30 candidate pids each, drawn uniformly from the corpus (so the needed pids
-grow with the queries, as in training). Per (source tree, size), two child processes:
-``scan`` (``list(scan(corpus, needed pids))`` in the child: wall time per shard) and
-``join`` (``join_pairs`` on a local Ray of 2 CPUs with 2 actors: the stage's wall time;
-every pair joined). A sampler thread here reads every 0.1 s the resident memory (RSS,
-psutil) of the child and of its largest ``ray::`` worker. ``--baseline-src`` runs the same
-children with another tree first on ``PYTHONPATH`` (its commit recorded): before/after in
-one run. Prints a table; writes JSON.
+queries with 30 candidate pids each. Per (source tree, size), three child processes:
+
+- ``scan``: ``list(scan(corpus, needed pids))``: wall time per shard;
+- ``join``: one ``PairJob`` (built as the tree's ``join_pairs`` builds it) run on every
+  shard in the child (a local Ray of 1 CPU holds its inputs): setup and wall per shard;
+- ``stage``: ``join_pairs`` itself on a local Ray of 2 CPUs and 2 actors: wall and memory.
+
+For ``scan`` and ``join`` the candidates are drawn from a notional corpus ``--notional``
+times larger (the shards here are its first ones), so a shard matches what a shard of a
+large corpus matches while the needed set grows; ``stage`` draws them from the corpus here
+(it checks that every candidate is in the corpus). A sampler thread here reads every 0.1 s
+the resident memory (RSS, psutil) of the child and of its largest ``ray::`` worker.
+``--baseline-src`` runs the same children with another tree first on ``PYTHONPATH`` (its
+commit recorded): before/after in one run. Prints a table; writes JSON.
 """
 
 from __future__ import annotations
@@ -54,22 +60,25 @@ def write_corpus(root: Path, shards: int, shard_rows: int, seed: int = 0) -> Non
 
 
 def write_pairs(root: Path, n_passages: int, n_queries: int, seed: int = 1) -> None:
+    """``root/queries`` and ``root/candidates``, one folder per pid range: ``notional``
+    (drawn from ``n_passages``, most of them beyond the corpus) and ``in_corpus``."""
     import pyarrow as pa
 
     from qgscale import storage
     from qgscale.data.schema import CANDIDATES, QUERIES
 
     rng = np.random.default_rng(seed)
-    pids = [[f"en:{p}" for p in rng.choice(n_passages, K, replace=False)]
-            for _ in range(n_queries)]
     qids = [f"q{j}" for j in range(n_queries)]
     storage.write_parquet(str(root / "queries" / "part-00000.parquet"), pa.table(
         {"qid": qids, "lang": ["de"] * n_queries, "text": [f"query {j}" for j in qids]},
         schema=QUERIES))
-    storage.write_parquet(str(root / "candidates" / "part-00000.parquet"), pa.table(
-        {"qid": qids, "pids": pids, "scores": pa.nulls(n_queries,
-                                                       CANDIDATES.field("scores").type)},
-        schema=CANDIDATES))
+    for name, n in (("notional", n_passages), ("in_corpus", None)):
+        n = n or int(storage.read_json(str(root.parent / "corpus_size.json"))["passages"])
+        pids = [[f"en:{p}" for p in rng.choice(n, K, replace=False)] for _ in qids]
+        storage.write_parquet(str(root / "candidates" / name / "part-00000.parquet"), pa.table(
+            {"qid": qids, "pids": pids, "scores": pa.nulls(n_queries,
+                                                           CANDIDATES.field("scores").type)},
+            schema=CANDIDATES))
 
 
 def child(phase: str, data: str, out: str) -> None:
@@ -78,27 +87,50 @@ def child(phase: str, data: str, out: str) -> None:
 
     from qgscale import storage
     from qgscale.data.corpus import corpus_shards, scan
+    from qgscale.runtime import connect
 
     corpus = str(Path(data).parent / "corpus")
+    shards = corpus_shards(corpus)
+    cands = f"{data}/candidates/" + ("in_corpus" if phase == "stage" else "notional")
+    extra = {}
     if phase == "scan":
-        needed = pc.unique(pc.list_flatten(storage.read_parquet(
-            f"{data}/candidates", ["pids"]).column("pids")))
+        needed = pc.unique(pc.list_flatten(storage.read_parquet(cands, ["pids"])
+                                           .column("pids")))
         t0 = time.time()
         rows = sum(t.num_rows for t in scan(corpus, needed, ("pid", "title", "text")))
         extra = {"needed_pids": len(needed), "rows": rows}
+    elif phase == "join":
+        import ray
+
+        from qgscale.runtime import Shard
+        from qgscale.teacher import scoring
+
+        connect(type("R", (), {"num_cpus": 1})())
+        pairs = scoring.candidate_pairs(cands)
+        queries = scoring.query_table(f"{data}/queries")
+        t_setup = time.time()
+        if hasattr(scoring, "pair_job"):
+            job = scoring.pair_job(pairs, queries)
+        else:  # trees before the KeyIndex: the pairs and queries put as they are
+            job = scoring.PairJob(ray.put(pairs.select(["qid", "pid"])), ray.put(queries))
+        del pairs, queries
+        st = job.setup("cpu", 1)
+        t0 = time.time()
+        rows = sum(job.run(st, Shard(f"part-{i:05d}", 1, u)).num_rows
+                   for i, u in enumerate(shards))
+        extra = {"setup_s": round(t0 - t_setup, 2), "rows": rows}
     else:
         from qgscale.config import ScoreConfig
-        from qgscale.runtime import connect
         from qgscale.teacher.scoring import join_pairs
 
         connect(type("R", (), {"num_cpus": 2})())
         t0 = time.time()
-        m = join_pairs(f"{data}/candidates", f"{data}/queries", corpus, f"{out}/pairs",
-                       "bench", ScoreConfig(num_actors=2))
+        m = join_pairs(cands, f"{data}/queries", corpus, f"{out}/pairs", "bench",
+                       ScoreConfig(num_actors=2))
         extra = {"rows": m["rows"]}
     wall = time.time() - t0
-    print(json.dumps({"wall_s": round(wall, 2), "per_shard_s": round(
-        wall / len(corpus_shards(corpus)), 3), **extra}), flush=True)
+    print(json.dumps({"wall_s": round(wall, 2), "per_shard_s": round(wall / len(shards), 3),
+                      **extra}), flush=True)
 
 
 def main() -> None:
@@ -107,6 +139,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=40)
     ap.add_argument("--shard-rows", type=int, default=50_000)
     ap.add_argument("--queries", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--notional", type=int, default=25)
     ap.add_argument("--baseline-src", type=Path, default=None)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "corpus_join.json"))
     args = ap.parse_args()
@@ -117,12 +150,14 @@ def main() -> None:
         [("this", REPO)]
     rows, load = [], os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qgs-corpus-join-") as tmp:
+        n = args.shards * args.shard_rows
         write_corpus(Path(tmp), args.shards, args.shard_rows)
+        (Path(tmp) / "corpus_size.json").write_text(json.dumps({"passages": n}))
         for nq in args.queries:
             data = Path(tmp) / f"q{nq}"
-            write_pairs(data, args.shards * args.shard_rows, nq)
+            write_pairs(data, n * args.notional, nq)
             for name, src in trees:
-                for phase in ("scan", "join"):
+                for phase in ("scan", "join", "stage"):
                     r = measure(src, phase, data, Path(tmp) / f"{name}-{phase}-q{nq}",
                                 script=__file__)
                     rows.append({"tree": name, "commit": commit(src), "queries": nq,
@@ -135,6 +170,7 @@ def main() -> None:
               f"{r['per_shard_s']:8.3f} {r['driver_peak_rss_mb']:10.1f} "
               f"{r['actor_peak_rss_mb']:9.1f}")
     result = {"passages": args.shards * args.shard_rows, "shards": args.shards,
+              "notional_passages": args.shards * args.shard_rows * args.notional,
               "candidates_per_query": K, "cpus": 2, "rows": rows, "load_avg_start": load,
               "load_avg_end": os.getloadavg()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def test_find_is_the_join_of_equal_keys():
 
 def test_every_hash_colliding_still_matches_exactly(monkeypatch):
     """64-bit collisions cannot be caused for real here: every key hashes to 0."""
-    monkeypatch.setattr(keyindex, "pid_hashes", lambda a: np.zeros(len(a), np.uint64))
+    monkeypatch.setattr(keyindex, "key_hashes", lambda a: np.zeros(len(a), np.uint64))
     keys = ["a", "b", "a", "c"]
     ix = KeyIndex.build(pa.table({"pid": keys, "row": [0, 1, 2, 3]}), "pid")
     probe = pa.chunked_array([["c", "x", "a"]])
@@ -52,3 +52,31 @@ def test_empty_sides():
     rows, at = ix.find(pa.array([], pa.string()))
     assert rows.size == at.size == 0
     assert ix.contains(pa.array(["b", "a"])).tolist() == [False, True]
+
+
+def test_hashes_are_the_same_in_chunks(monkeypatch):
+    from qgscale.data import pidfilter
+
+    keys = pa.chunked_array([[f"k{i}" for i in range(10)], [None, "k3"]])
+    whole = pidfilter.key_hashes(keys)
+    monkeypatch.setattr(pidfilter, "CHUNK", 3)
+    assert pidfilter.key_hashes(keys).tolist() == whole.tolist()
+    assert whole[3] == whole[11] and len(set(whole[:10].tolist())) == 10
+
+
+def test_scan_takes_any_form_of_the_pids(tmp_path):
+    """A set with repeats, an Arrow array, a chunked column or a built index: the same rows."""
+    from qgscale import storage
+    from qgscale.data.corpus import scan
+    from qgscale.data.schema import CORPUS
+
+    rows = [{"pid": f"p{i}", "lang": "en", "title": "", "text": f"text {i}"} for i in range(9)]
+    for s in range(3):
+        storage.write_parquet(str(tmp_path / f"part-{s:05d}.parquet"),
+                              pa.Table.from_pylist(rows[s * 3:s * 3 + 3], schema=CORPUS))
+    want = ["p1", "p4", "p5", "p8"]
+    asked = ["p8", "p1", "p4", "p5", "p1", "nope"]
+    for pids in (asked, pa.array(asked), pa.chunked_array([asked[:2], asked[2:]]),
+                 KeyIndex.of(asked)):
+        got = [p for t in scan(str(tmp_path), pids, ("pid", "text")) for p in t["pid"].to_pylist()]
+        assert got == want, type(pids)

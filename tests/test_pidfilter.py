@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from qgscale.data.pidfilter import BITS_PER_PID, PidFilter, pid_hashes
+from qgscale.data.pidfilter import BITS_PER_PID, PidFilter, key_hashes
 
 
 def _filter(pids: list[str], chunks: int = 3) -> PidFilter:
     arrays = np.array_split(np.array(pids, dtype=object), chunks)
-    return PidFilter.build(len(pids), (pid_hashes(pa.array(list(a))) for a in arrays))
+    return PidFilter.build(len(pids), (key_hashes(pa.array(list(a))) for a in arrays))
 
 
 def test_every_pid_passes_and_few_others_do():
@@ -33,7 +33,7 @@ def test_odd_sizes_and_an_undersized_filter_drop_no_needed_pid():
         pids = [f"p{i}" for i in range(n)]
         assert _filter(pids, chunks=2).contains(pa.array(pids)).all()
     pids = [f"q{i}" for i in range(5000)]
-    small = PidFilter.build(100, [pid_hashes(pa.array(pids))])  # 50x more pids than sized
+    small = PidFilter.build(100, [key_hashes(pa.array(pids))])  # 50x more pids than sized
     assert small.contains(pa.array(pids)).all()
 
 
@@ -41,8 +41,8 @@ def test_hashes_are_the_same_in_another_process():
     """Workers test pids against a filter built on the driver: the hash must not be salted
     per process (Python's ``hash`` of a str is)."""
     pids = ["en:1-0", "zh:文章-3", "", "th:๑-2"]
-    code = ("import pyarrow as pa; from qgscale.data.pidfilter import pid_hashes; "
-            f"print(pid_hashes(pa.array({pids!r})).tolist())")
+    code = ("import pyarrow as pa; from qgscale.data.pidfilter import key_hashes; "
+            f"print(key_hashes(pa.array({pids!r})).tolist())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=".")
-    assert eval(out.stdout) == pid_hashes(pa.array(pids)).tolist()
+    assert eval(out.stdout) == key_hashes(pa.array(pids)).tolist()

@@ -454,3 +454,77 @@ def test_scoring_units_give_every_actor_work(ray_local, tokenizer, tmp_path):
     assert m["rows"] == 64 and [s["rows"] for s in m["shards"]] == [16] * 4
     again = score_candidates(*args, sc.model_copy(update={"num_actors": 1}))
     assert again["run"]["shards_run"] == 0 and again["shards"] == m["shards"]
+
+
+def test_pair_join_equals_the_hash_join(ray_local, tmp_path):
+    """One corpus shard through PairJob.run (indexed pairs and queries) gives the rows of
+    Arrow's hash join of the same pairs, in the same order, a pid twice in the shard included
+    (two rows per pair, which join_pairs then names)."""
+    import ray
+
+    from qgscale.data.keyindex import KeyIndex
+    from qgscale.runtime import Shard
+    from qgscale.teacher.scoring import PAIRS, PairJob
+
+    rng = random.Random(1)
+    corpus = [{"pid": f"p{i}", "lang": "en", "title": f"T{i}", "text": f"text {i}"}
+              for i in range(40)] + [{"pid": "p7", "lang": "en", "title": "", "text": "again"}]
+    uri = str(tmp_path / "part-00000.parquet")
+    storage.write_parquet(uri, pa.Table.from_pylist(corpus, schema=CORPUS))
+    queries = pa.table({"qid": [f"q{j}" for j in range(30)], "lang": ["de"] * 30,
+                        "query": [f"query {j}" for j in range(30)]})
+    pairs = pa.table({"qid": [f"q{j}" for j in range(30) for _ in range(5)],
+                      "pid": [f"p{rng.randrange(80)}" for _ in range(150)]})  # half not here
+    passages = pa.table({"pid": [c["pid"] for c in corpus], "passage": [
+        passage_text(c["title"], c["text"]) for c in corpus]})
+    want = pairs.join(passages, "pid", join_type="inner").join(
+        queries, "qid", join_type="inner").select(PAIRS.names).cast(PAIRS).sort_by(
+        [("pid", "ascending"), ("qid", "ascending")])
+    refs = [ray.put(KeyIndex.build(pairs, "pid")), ray.put(KeyIndex.build(queries, "qid"))]
+    job = PairJob(*refs)
+    got = job.run(job.setup("cpu", 1), Shard("part-00000", 1, uri))
+    assert got.num_rows == want.num_rows > 20
+    assert sorted(got.to_pylist(), key=str) == sorted(want.to_pylist(), key=str)
+    assert got.select(["pid", "qid"]).to_pylist() == want.select(["pid", "qid"]).to_pylist()
+    assert sum(r["pid"] == "p7" for r in got.to_pylist()) == 2 * pairs["pid"].to_pylist().count(
+        "p7") > 0
+
+
+@pytest.mark.parametrize(("lists", "error"), [
+    ([{"qid": " ", "pids": ["p1"]}], r"c.parquet: row 0: empty field 'qid'"),
+    ([{"qid": "q0", "pids": ["p1"]}, {"qid": "q1", "pids": None}],
+     r"c.parquet: row 1 \(qid=q1\): field 'pids' is null"),
+    ([{"qid": "q0", "pids": ["p1", ""]}], r"row 0 \(qid=q0\): field 'pids' holds an empty/null"),
+    ([{"qid": "q0", "pids": ["p1", None]}], r"row 0 \(qid=q0\): field 'pids' holds an empty/nu"),
+    ([{"qid": "q0", "pids": ["p1"]}, {"qid": "q1", "pids": ["p2", "p3", "p2"]},
+      {"qid": "q2", "pids": ["p1", "p1"]}], r"row 1 \(qid=q1\): field 'pids' lists a pid twice"),
+    ([{"qid": "q0", "pids": []}, {"qid": "q1", "pids": ["p1"]}, {"qid": "q0", "pids": ["p2"]}],
+     r"c.parquet: row 2 \(qid=q0\): qid also in \S*c.parquet row 0"),
+])
+def test_bad_candidate_lists_named(tmp_path, lists, error):
+    f = str(tmp_path / "c.parquet")
+    storage.write_parquet(f, pa.Table.from_pylist([{**r, "scores": None} for r in lists],
+                                                  schema=CANDIDATES))
+    with pytest.raises(DataError, match=error):
+        candidate_pairs(f)
+
+
+def test_candidate_pairs_across_files(tmp_path):
+    """Pairs keep their file and row; the first ``first`` of each list; a qid in two files
+    names both."""
+    a, b = str(tmp_path / "a" / "part-00000.parquet"), str(tmp_path / "b" / "part-00000.parquet")
+    storage.write_parquet(a, pa.Table.from_pylist(
+        [{"qid": "q0", "pids": ["p1", "p2", "p3"], "scores": None},
+         {"qid": "q1", "pids": ["p4"], "scores": None}], schema=CANDIDATES))
+    storage.write_parquet(b, pa.Table.from_pylist(
+        [{"qid": "q2", "pids": ["p2", "p5"], "scores": None}], schema=CANDIDATES))
+    t = candidate_pairs([str(tmp_path / "a"), str(tmp_path / "b")], first=2)
+    assert list(zip(*(t[c].to_pylist() for c in ("qid", "pid", "file", "row")),
+                    strict=True)) == [("q0", "p1", a, 0), ("q0", "p2", a, 0), ("q1", "p4", a, 1),
+                                      ("q2", "p2", b, 0), ("q2", "p5", b, 0)]
+    storage.write_parquet(b, pa.Table.from_pylist(
+        [{"qid": "q2", "pids": ["p2"], "scores": None},
+         {"qid": "q1", "pids": ["p5"], "scores": None}], schema=CANDIDATES))
+    with pytest.raises(DataError, match=r"b/part-00000.parquet: row 1 \(qid=q1\): qid also in "
+                                        r"\S*a/part-00000.parquet row 1"):
+        candidate_pairs([str(tmp_path / "a"), str(tmp_path / "b")])

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from qgscale import storage
 from qgscale.data.keyindex import KeyIndex
-from qgscale.data.schema import CORPUS, passage_text
+from qgscale.data.schema import CORPUS, blank, passage_text
 from qgscale.errors import DataError, MissingInputError
 
 
@@ -32,23 +32,13 @@ def corpus_shards(corpus_uri: str) -> list[str]:
     return files
 
 
-def wanted_index(pids: Iterable[str] | pa.Array | KeyIndex) -> KeyIndex:
-    """``pids`` as a :class:`~qgscale.data.keyindex.KeyIndex` (built once, probed per shard:
-    a shard costs O(shard x log pids), not O(pids))."""
-    if isinstance(pids, KeyIndex):
-        return pids
-    if not isinstance(pids, pa.Array):
-        pids = pa.array(list(set(pids)), pa.string())
-    return KeyIndex.build(pids, "pid")
-
-
 def scan(corpus_uri: str, pids: Iterable[str] | pa.Array | KeyIndex | None,
          columns: tuple[str, ...] = ("pid", "lang", "title", "text")) -> Iterator[pa.Table]:
     """Per corpus shard, its rows whose pid is in ``pids`` (every row when None), with
     ``columns``: one shard in memory at a time. With ``pids``, each shard's pid column is read
     first and its other columns only when some pid matches. Empty pid or text is a DataError
     naming the shard and row."""
-    wanted = None if pids is None else wanted_index(pids)
+    wanted = None if pids is None else KeyIndex.of(pids)
     cols = list(dict.fromkeys(("pid", *columns)))
     for uri in corpus_shards(corpus_uri):
         if wanted is None:
@@ -69,7 +59,7 @@ def check(t: pa.Table, uri: str, rows: pa.Array | int = 0) -> None:
     for field in ("pid", "text"):
         if field not in t.column_names:
             continue
-        bad = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t.column(field)), ""), True)
+        bad = blank(t.column(field))
         if pc.any(bad).as_py():
             i = pc.index(bad, True).as_py()
             row = rows + i if isinstance(rows, int) else rows[i].as_py()

@@ -4,7 +4,7 @@
 call, so a stage that probes each corpus shard against the passages it needs pays for all of
 them per shard: O(needed) per shard, and O(shards x needed) in all (0.6 s a shard for 3M
 needed pids; a 1B-passage corpus has 10k shards or more). :class:`KeyIndex` sorts the keys'
-64-bit hashes once (:func:`~qgscale.data.pidfilter.pid_hashes`); a probe hashes its own keys
+64-bit hashes once (:func:`~qgscale.data.pidfilter.key_hashes`); a probe hashes its own keys
 and binary-searches them, O(probe x log n), then compares the keys it found exactly, so a
 hash collision never makes a false match. Picklable: built on the driver and ``ray.put``
 once, its arrays are read by the actors of a node from one shared copy.
@@ -12,18 +12,17 @@ once, its arrays are read by the actors of a node from one shared copy.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qgscale.data.pidfilter import pid_hashes
-
-Keys = pa.Array | pa.ChunkedArray
+from qgscale.data.pidfilter import Keys, key_hashes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KeyIndex:
     """``table`` (any columns) in the order of its ``key`` column's hashes (``hashes``)."""
 
@@ -36,9 +35,18 @@ class KeyIndex:
         """The index of ``table`` by ``key`` (a bare key column is indexed as ``{key}``)."""
         if not isinstance(table, pa.Table):
             table = pa.table({key: table})
-        h = pid_hashes(table.column(key)) if table.num_rows else np.zeros(0, np.uint64)
+        h = key_hashes(table.column(key))
         order = np.argsort(h, kind="stable")
-        return cls(table.take(pa.array(order)).combine_chunks(), key, h[order])
+        return cls(table.take(pa.array(order)), key, h[order])
+
+    @classmethod
+    def of(cls, keys: KeyIndex | Keys | Iterable[str], key: str = "pid") -> KeyIndex:
+        """``keys`` as an index: an index as it is, an Arrow column, or distinct strings."""
+        if isinstance(keys, KeyIndex):
+            return keys
+        if not isinstance(keys, pa.Array | pa.ChunkedArray):
+            keys = pa.array(list(set(keys)), pa.string())
+        return cls.build(keys, key)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -48,10 +56,11 @@ class KeyIndex:
         table holds several times matches each of them."""
         if not len(probe) or not len(self):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        h = pid_hashes(probe)
+        h = key_hashes(probe)
         lo = np.searchsorted(self.hashes, h, "left")
-        n = np.searchsorted(self.hashes, h, "right") - lo
+        n = np.searchsorted(self.hashes, h, "right") - lo  # candidates of each probe key
         rows = np.repeat(np.arange(len(h)), n)
+        # the j-th candidate of a probe key is table row lo + j
         at = np.repeat(lo - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
         if not len(rows):
             return rows, at

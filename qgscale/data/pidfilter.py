@@ -26,11 +26,20 @@ HASHES = 7
 CHUNK = 1 << 20  # hashes set into the bits at a time (their positions: 56 MB)
 
 
-def pid_hashes(pids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """64-bit hashes (uint64) of a string column."""
+Keys = pa.Array | pa.ChunkedArray
+
+
+def key_hashes(keys: Keys) -> np.ndarray:
+    """64-bit hashes (uint64) of a string column, ``CHUNK`` strings at a time (as Python
+    objects: about 60 MB a chunk)."""
     import pandas as pd
 
-    return pd.util.hash_array(np.asarray(pids.to_numpy(zero_copy_only=False), dtype=object))
+    out = np.empty(len(keys), np.uint64)
+    for i in range(0, len(keys), CHUNK):
+        part = keys.slice(i, CHUNK).to_numpy(zero_copy_only=False)
+        out[i:i + len(part)] = pd.util.hash_array(np.asarray(part, dtype=object),
+                                                  categorize=False)
+    return out
 
 
 def _positions(h: np.ndarray, m: int) -> np.ndarray:
@@ -50,7 +59,7 @@ class PidFilter:
 
     @classmethod
     def build(cls, n: int, hashes: Iterable[np.ndarray]) -> PidFilter:
-        """A filter sized for ``n`` pids, holding every hash of ``hashes`` (:func:`pid_hashes`
+        """A filter sized for ``n`` pids, holding every hash of ``hashes`` (:func:`key_hashes`
         of the pids, in as many arrays as they come; set ``CHUNK`` at a time)."""
         m = -(-max(64, int(n) * BITS_PER_PID) // 8) * 8  # whole bytes: m == self.m
         bits = np.zeros(m // 8, dtype=np.uint8)
@@ -65,10 +74,10 @@ class PidFilter:
     def m(self) -> int:
         return len(self.bits) * 8
 
-    def contains(self, pids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    def contains(self, pids: Keys) -> np.ndarray:
         """Whether each pid may be one of the filter's (no false negatives)."""
         if not len(pids):
             return np.zeros(0, dtype=bool)
-        pos = _positions(pid_hashes(pids), self.m)
+        pos = _positions(key_hashes(pids), self.m)
         hit = (self.bits[pos >> np.uint64(3)] >> (pos & np.uint64(7)).astype(np.uint8)) & 1
         return hit.all(axis=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 CORPUS = pa.schema([("pid", pa.string()), ("lang", pa.string()), ("title", pa.string()),
                     ("text", pa.string())])
@@ -38,3 +39,8 @@ def passage_text(title: str | None, text: str | None) -> str:
     ``"title text"``, or the text alone when there is no title."""
     title, text = (title or "").strip(), (text or "").strip()
     return f"{title} {text}" if title else text
+
+
+def blank(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Where a string column is null, empty or only whitespace (a boolean column)."""
+    return pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True)

@@ -154,13 +154,13 @@ def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split:
     scores_uri = storage.join(out_uri, "scores")
     score_candidates(qg_spec(cfg, teacher_model), cand_uri, data.source["queries"],
                      data.corpus_uri, scores_uri, key, sc)
-    table = KeyIndex.build(storage.read_parquet(scores_uri, ["qid", "pid", "score"]), "qid")
+    by_qid = KeyIndex.build(storage.read_parquet(scores_uri, ["qid", "pid", "score"]), "qid")
     names = rerank_metric_names(k)
     acc = OrderMetrics(names)
     for start in range(0, lists.num_rows, RERANK_BLOCK):
         block = lists.slice(start, RERANK_BLOCK)
         qids, pids, scores = (block.column(c).to_pylist() for c in ("qid", "pids", "scores"))
-        mine = table.table.take(pa.array(table.find(block.column("qid"))[1]))
+        mine = by_qid.table.take(pa.array(by_qid.find(block.column("qid"))[1]))
         teacher: dict[str, dict[str, float]] = defaultdict(dict)
         for q, p, s in zip(*(mine.column(c).to_pylist() for c in ("qid", "pid", "score")),
                            strict=True):

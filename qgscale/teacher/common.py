@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from qgscale import storage
-from qgscale.data.corpus import wanted_index
+from qgscale.data.keyindex import KeyIndex
 from qgscale.errors import ConfigError, DataError, MissingInputError
 
 
@@ -112,7 +112,7 @@ def generated_of(generated_uri: str, pids: Iterable[str]) -> list[tuple[str, str
     rows are not read for it)."""
     if not storage.exists(generated_uri):
         raise MissingInputError(f"{generated_uri}: generated queries not found")
-    wanted = wanted_index(pids)
+    wanted = KeyIndex.of(pids)
     out: list[tuple[str, str, str]] = []
     for f in storage.parquet_files(generated_uri):
         rows = np.flatnonzero(wanted.contains(storage.read_parquet(f, ["pid"]).column("pid")))

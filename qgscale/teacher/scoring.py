@@ -29,7 +29,7 @@ from qgscale import storage
 from qgscale.config import ScoreConfig
 from qgscale.data.corpus import corpus_shards, scan
 from qgscale.data.keyindex import KeyIndex
-from qgscale.data.schema import SCORES, passage_text
+from qgscale.data.schema import SCORES, blank, passage_text
 from qgscale.errors import DataError, MissingInputError
 from qgscale.runtime import Shard, connect, planned_unit_rows, run_shards
 from qgscale.teacher.common import QGSpec, generated_of, load_queries, qg_spec
@@ -51,36 +51,67 @@ def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -
     with ``first``, only the first ``first`` of each list (the ones training rows read:
     ``distill.loss.n_candidates``).
 
-    Validates the lists on the way (null/empty qid, null list or pid, a pid twice in one list,
-    a qid in two rows), naming file, row and field. O(queries x k), never the corpus.
+    Validates the lists on the way (:func:`check_lists`; a qid in two rows), naming file, row
+    and field. O(queries x k) in Arrow, never the corpus.
     """
     uris = [candidates_uri] if isinstance(candidates_uri, str) else candidates_uri
-    seen: dict[str, tuple[str, int]] = {}  # qid -> its file (one string per file) and row
-    parts = []
-    for f in (f for u in uris for f in _files(u)):
-        t = storage.read_parquet(f, ["qid", "pids"])
-        for r, (qid, pids) in enumerate(zip(t["qid"].to_pylist(), t["pids"].to_pylist(),
-                                            strict=True)):
-            where = f"{f}: row {r} (qid={qid})"
-            if not qid:
-                raise DataError(f"{f}: row {r}: empty field 'qid'")
-            if qid in seen:
-                raise DataError(f"{where}: qid also in {seen[qid][0]} row {seen[qid][1]} (one "
-                                "candidate list per qid)")
-            seen[qid] = (f, r)
-            if pids is None:
-                raise DataError(f"{where}: field 'pids' is null")
-            if any(not p for p in pids):
-                raise DataError(f"{where}: field 'pids' holds an empty/null pid")
-            if len(set(pids)) != len(pids):
-                raise DataError(f"{where}: field 'pids' lists a pid twice")
+    files = [f for u in uris for f in _files(u)]
+    parts, lists = [], []
+    for n, f in enumerate(files):
+        t = storage.read_parquet(f, ["qid", "pids"]).combine_chunks()
+        check_lists(t, f)
         kept = pc.list_slice(t["pids"], 0, first) if first else t["pids"]
         rows = pc.list_parent_indices(kept)
         parts.append(pa.table({"qid": t["qid"].take(rows), "pid": pc.list_flatten(kept),
                                "file": pa.DictionaryArray.from_arrays(  # the URI once
                                    pa.array(np.zeros(len(rows), np.int32)), pa.array([f])),
                                "row": rows}))
+        lists.append(pa.table({"qid": t["qid"], "file": np.full(t.num_rows, n, np.int32),
+                               "row": np.arange(t.num_rows)}))
+    _one_list_per_qid(pa.concat_tables(lists), files)
     return pa.concat_tables(parts).combine_chunks()
+
+
+def _one_list_per_qid(lists: pa.Table, files: list[str]) -> None:
+    """A qid on two rows of ``lists`` (``{qid, file, row}``: ``files[file]``, in file and row
+    order) is a DataError naming both."""
+    if pc.count_distinct(lists.column("qid")).as_py() == lists.num_rows:
+        return
+    n = lists.group_by("qid").aggregate([([], "count_all")])
+    dup = lists.filter(pc.is_in(lists.column("qid"), value_set=n.filter(
+        pc.greater(n.column("count_all"), 1)).column("qid")))
+    seen: dict[str, tuple[int, int]] = {}
+    for q, f, r in zip(*(dup.column(c).to_pylist() for c in ("qid", "file", "row")),
+                       strict=True):
+        if q in seen:
+            raise DataError(f"{files[f]}: row {r} (qid={q}): qid also in {files[seen[q][0]]} "
+                            f"row {seen[q][1]} (one candidate list per qid)")
+        seen[q] = (f, r)
+
+
+def check_lists(t: pa.Table, f: str) -> None:
+    """In candidate lists ``t`` (file ``f``): an empty qid, a null list, an empty or null
+    pid, a pid twice in one list are DataErrors naming the file, row and field."""
+    qid, pids = t.column("qid"), t.column("pids")
+    bad = blank(qid)
+    if pc.any(bad).as_py():
+        raise DataError(f"{f}: row {pc.index(bad, True).as_py()}: empty field 'qid'")
+
+    def fail(row: int, what: str) -> None:
+        raise DataError(f"{f}: row {row} (qid={qid[row].as_py()}): field 'pids' {what}")
+
+    null = pc.is_null(pids)
+    if pc.any(null).as_py():
+        fail(pc.index(null, True).as_py(), "is null")
+    flat, parent = pc.list_flatten(pids), pc.list_parent_indices(pids)
+    bad = blank(flat)
+    if pc.any(bad).as_py():
+        fail(parent[pc.index(bad, True).as_py()].as_py(), "holds an empty/null pid")
+    n = pa.table({"row": parent, "pid": flat}).group_by(["row", "pid"]).aggregate(
+        [([], "count_all")])
+    twice = n.filter(pc.greater(n.column("count_all"), 1))
+    if twice.num_rows:
+        fail(pc.min(twice.column("row")).as_py(), "lists a pid twice")
 
 
 def query_table(queries_uri: str | list[str]) -> pa.Table:
@@ -101,7 +132,7 @@ class PairJob:
     O(shard x log pairs + its pairs), not O(pairs); an actor holds them (O(queries x k), one
     copy per node in the object store) and one corpus shard, never the corpus."""
 
-    pairs: Any  # ObjectRef of a KeyIndex of {qid, pid} by pid
+    pairs: Any  # ObjectRef of a KeyIndex of {qid, pid, ...} by pid
     queries: Any  # ObjectRef of a KeyIndex of {qid, lang, query} by qid
 
     def setup(self, device: str, threads: int) -> tuple[KeyIndex, KeyIndex]:
@@ -126,6 +157,14 @@ class PairJob:
                            "query": queries.table.column("query").take(pa.array(q)),
                            "pid": t.column("pid").take(at), "passage": passages.take(at)})
         return joined.cast(PAIRS).sort_by([("pid", "ascending"), ("qid", "ascending")])
+
+
+def pair_job(pairs: pa.Table, queries: pa.Table) -> PairJob:
+    """The join's job: ``pairs`` (:func:`candidate_pairs`) indexed by pid and ``queries``
+    (:func:`query_table`) by qid, each put in the object store once."""
+    import ray
+
+    return PairJob(ray.put(KeyIndex.build(pairs, "pid")), ray.put(KeyIndex.build(queries, "qid")))
 
 
 PAIRS_DIR = "_pairs"  # under the scores folder: the joined work units
@@ -187,14 +226,16 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
         raise DataError(f"{pairs['file'][i]}: row {pairs['row'][i]}: qid={pairs['qid'][i]} "
                         f"not in queries {queries_uri}")
     units = [Shard(f"part-{i:05d}", 1, uri) for i, uri in enumerate(corpus_shards(corpus_uri))]
-    job = PairJob(ray.put(KeyIndex.build(pairs.select(["qid", "pid"]), "pid")),
-                  ray.put(KeyIndex.build(queries, "qid")))
+    n_pairs = pairs.num_rows
+    job = pair_job(pairs, queries)  # the driver drops its own copies (the errors below read
+    del pairs, queries  # the object store's)
     stats = run_shards(job, units, out_uri, config_hash,
                        sc.model_copy(update={"gpus_per_actor": 0}), stage="teacher.score",
                        desc="join pairs", unit="corpus shard")
     manifest = storage.ShardWriter(out_uri, config_hash).finalize(
-        [u.name for u in units], pairs=pairs.num_rows, run=stats)
-    if manifest["rows"] != pairs.num_rows:  # a candidate passage not in the corpus, or twice
+        [u.name for u in units], pairs=n_pairs, run=stats)
+    if manifest["rows"] != n_pairs:  # a candidate passage not in the corpus, or twice
+        pairs = ray.get(job.pairs).table
         got = storage.read_parquet(out_uri, ["qid", "pid"])
         missing = pc.invert(pc.is_in(pairs.column("pid"), value_set=got.column("pid")))
         if pc.any(missing).as_py():

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from qgscale import storage
 from qgscale.config import LossConfig
 from qgscale.data.corpus import read_passages, sample_pids
+from qgscale.data.schema import blank
 from qgscale.errors import DataError
 from qgscale.teacher.common import generated_of, load_queries
 
@@ -104,17 +105,12 @@ def _read(uri: str, what: str, columns: list[str] | None = None) -> pa.Table:
     return storage.read_parquet(uri, columns)
 
 
-def _blank(col: Any) -> Any:
-    """Where a string column is null, empty or blank."""
-    return pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True)
-
-
 def check_positive_qrels(t: pa.Table, uri: str) -> None:
     """Every positive (rel > 0) row of qrels ``t`` (one file, ``uri``) has a qid and a pid:
     else a DataError naming the file, row and field (other rows are never read as pairs)."""
     pos = pc.fill_null(pc.greater(t.column("rel"), 0), False)
     for field in ("qid", "pid"):
-        bad = pc.and_(pos, _blank(t.column(field)))
+        bad = pc.and_(pos, blank(t.column(field)))
         if pc.any(bad).as_py():
             i = pc.index(bad, True).as_py()
             raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}): empty field "
@@ -125,7 +121,7 @@ def check_examples(t: pa.Table, uri: str) -> None:
     """Every row of training examples ``t`` (one file, ``uri``) has a qid, a positive, and no
     null or blank pid in ``pos_pids`` / ``neg_pids``: else a DataError naming file, row and
     field."""
-    bad = _blank(t.column("qid"))
+    bad = blank(t.column("qid"))
     if pc.any(bad).as_py():
         raise DataError(f"{uri}: row {pc.index(bad, True).as_py()}: empty field 'qid'")
     for field in ("pos_pids", "neg_pids"):
@@ -136,7 +132,7 @@ def check_examples(t: pa.Table, uri: str) -> None:
                 i = pc.index(empty, True).as_py()
                 raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}): empty "
                                 "field 'pos_pids'")
-        bad = _blank(pc.list_flatten(col))
+        bad = blank(pc.list_flatten(col))
         if pc.any(bad).as_py():
             i = pc.list_parent_indices(col)[pc.index(bad, True).as_py()].as_py()
             raise DataError(f"{uri}: row {i} (qid={t.column('qid')[i].as_py()}): field "

@@ -50,8 +50,8 @@ from qgscale import storage
 from qgscale.config import LossConfig
 from qgscale.data.corpus import check as check_corpus
 from qgscale.data.corpus import corpus_shards
-from qgscale.data.pidfilter import PidFilter, pid_hashes
-from qgscale.data.schema import passage_text
+from qgscale.data.pidfilter import PidFilter, key_hashes
+from qgscale.data.schema import blank, passage_text
 from qgscale.errors import DataError
 from qgscale.train import data as tdata
 
@@ -96,7 +96,7 @@ def _check_text(key: str, fields: tuple[str, ...]) -> Any:
     """A check that no ``fields`` value is empty, naming the row by ``key``."""
     def check(t: pa.Table, uri: str) -> None:
         for field in fields:
-            bad = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t.column(field)), ""), True)
+            bad = blank(t.column(field))
             if pc.any(bad).as_py():
                 i = pc.index(bad, True).as_py()
                 raise DataError(f"{uri}: row {i} ({key}={t.column(key)[i].as_py()}): empty "
@@ -363,7 +363,7 @@ def pid_filter(ds: Any) -> PidFilter:
     if not n:
         return PidFilter.build(0, [])
     hashes = ds.select_columns(["pid"]).map_batches(
-        lambda t: pa.table({"h": pid_hashes(t.column("pid"))}), batch_format="pyarrow")
+        lambda t: pa.table({"h": key_hashes(t.column("pid"))}), batch_format="pyarrow")
     return PidFilter.build(n, (b["h"] for b in hashes.iter_batches(
         batch_format="numpy", batch_size=1 << 20)))
 
