@@ -107,11 +107,13 @@ def check_lists(t: pa.Table, f: str) -> None:
     bad = blank(flat)
     if pc.any(bad).as_py():
         fail(parent[pc.index(bad, True).as_py()].as_py(), "holds an empty/null pid")
-    n = pa.table({"row": parent, "pid": flat}).group_by(["row", "pid"]).aggregate(
-        [([], "count_all")])
-    twice = n.filter(pc.greater(n.column("count_all"), 1))
-    if twice.num_rows:
-        fail(pc.min(twice.column("row")).as_py(), "lists a pid twice")
+    # a pid twice in a list: adjacent once sorted by (row, pid) (a group_by took 5x the memory)
+    order = pc.sort_indices(pa.table({"row": parent, "pid": flat}),
+                            sort_keys=[("row", "ascending"), ("pid", "ascending")])
+    row, pid = parent.take(order), flat.take(order)
+    twice = pc.and_(pc.equal(row[1:], row[:-1]), pc.equal(pid[1:], pid[:-1]))
+    if pc.any(twice).as_py():
+        fail(row[pc.index(twice, True).as_py()].as_py(), "lists a pid twice")
 
 
 def query_table(queries_uri: str | list[str]) -> pa.Table:
