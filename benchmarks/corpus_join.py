@@ -14,7 +14,8 @@ queries with 30 candidate pids each. Per (source tree, size), three child proces
 
 - ``scan``: ``list(scan(corpus, needed pids))``: wall time per shard;
 - ``join``: one ``PairJob`` (built as the tree's ``join_pairs`` builds it) run on every
-  shard in the child (a local Ray of 1 CPU holds its inputs): setup and wall per shard;
+  shard in the child (a local Ray of 1 CPU holds its inputs): setup (reading and checking
+  the candidates, what the driver puts, the actor's setup) and wall per shard;
 - ``stage``: ``join_pairs`` itself on a local Ray of 2 CPUs and 2 actors: wall and memory.
 
 For ``scan`` and ``join`` the candidates are drawn from a notional corpus ``--notional``
@@ -106,14 +107,14 @@ def child(phase: str, data: str, out: str) -> None:
         from qgscale.teacher import scoring
 
         connect(type("R", (), {"num_cpus": 1})())
-        pairs = scoring.candidate_pairs(cands)
-        queries = scoring.query_table(f"{data}/queries")
-        t_setup = time.time()
+        t_setup = time.time()  # the driver's part and the actor's setup
         if hasattr(scoring, "pair_job"):
-            job = scoring.pair_job(pairs, queries)
+            job, _ = scoring.pair_job(cands, f"{data}/queries")
         else:  # trees before the KeyIndex: the pairs and queries put as they are
-            job = scoring.PairJob(ray.put(pairs.select(["qid", "pid"])), ray.put(queries))
-        del pairs, queries
+            pairs = scoring.candidate_pairs(cands)
+            job = scoring.PairJob(ray.put(pairs.select(["qid", "pid"])),
+                                  ray.put(scoring.query_table(f"{data}/queries")))
+            del pairs
         st = job.setup("cpu", 1)
         t0 = time.time()
         rows = sum(job.run(st, Shard(f"part-{i:05d}", 1, u)).num_rows

@@ -161,12 +161,26 @@ class PairJob:
         return joined.cast(PAIRS).sort_by([("pid", "ascending"), ("qid", "ascending")])
 
 
-def pair_job(pairs: pa.Table, queries: pa.Table) -> PairJob:
-    """The join's job: ``pairs`` (:func:`candidate_pairs`) indexed by pid and ``queries``
-    (:func:`query_table`) by qid, each put in the object store once."""
+def pair_job(candidates_uri: str | list[str], queries_uri: str | list[str],
+             first: int | None = None) -> tuple[PairJob, int]:
+    """The join's job and its number of pairs: the candidate pairs (:func:`candidate_pairs`)
+    indexed by pid (with their file and row, for errors) and the queries by qid, each put in
+    the object store once; this process keeps no copy of its own. A candidate qid not in the
+    queries is a DataError naming the candidate file and row."""
     import ray
 
-    return PairJob(ray.put(KeyIndex.build(pairs, "pid")), ray.put(KeyIndex.build(queries, "qid")))
+    pairs = candidate_pairs(candidates_uri, first)
+    queries = query_table(queries_uri)
+    known = pc.is_in(pairs.column("qid"), value_set=queries.column("qid"))
+    if not pc.all(known).as_py():
+        i = pc.index(known, False).as_py()
+        raise DataError(f"{pairs['file'][i]}: row {pairs['row'][i]}: qid={pairs['qid'][i]} "
+                        f"not in queries {queries_uri}")
+    n, by_pid = pairs.num_rows, KeyIndex.build(pairs, "pid")
+    del pairs  # before the put: one copy here at a time
+    by_qid = KeyIndex.build(queries, "qid")
+    del queries
+    return PairJob(ray.put(by_pid), ray.put(by_qid)), n
 
 
 PAIRS_DIR = "_pairs"  # under the scores folder: the joined work units
@@ -220,17 +234,8 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
     DataError naming the candidate file, row and id."""
     import ray
 
-    pairs = candidate_pairs(candidates_uri, first)
-    queries = query_table(queries_uri)
-    known = pc.is_in(pairs.column("qid"), value_set=queries.column("qid"))
-    if not pc.all(known).as_py():
-        i = pc.index(known, False).as_py()
-        raise DataError(f"{pairs['file'][i]}: row {pairs['row'][i]}: qid={pairs['qid'][i]} "
-                        f"not in queries {queries_uri}")
+    job, n_pairs = pair_job(candidates_uri, queries_uri, first)
     units = [Shard(f"part-{i:05d}", 1, uri) for i, uri in enumerate(corpus_shards(corpus_uri))]
-    n_pairs = pairs.num_rows
-    job = pair_job(pairs, queries)  # the driver drops its own copies (the errors below read
-    del pairs, queries  # the object store's)
     stats = run_shards(job, units, out_uri, config_hash,
                        sc.model_copy(update={"gpus_per_actor": 0}), stage="teacher.score",
                        desc="join pairs", unit="corpus shard")
