@@ -191,7 +191,15 @@ def test_bad_candidates_named(ray_local, tokenizer, tmp_path):
         candidate_pairs(bad)
     storage.write_parquet(bad, pa.Table.from_pylist(
         [{"qid": "q0", "pids": ["p1"], "scores": None},
-         {"qid": "q1", "pids": ["p1", "nope"], "scores": None}], schema=CANDIDATES))
+         {"qid": "zz", "pids": ["p1"], "scores": None}], schema=CANDIDATES))
+    with pytest.raises(DataError, match=r"bad.parquet: row 1: qid=zz not in queries"):
+        score_candidates(spec, bad, storage.join(root, "queries.parquet"),
+                         storage.join(root, "corpus.parquet"), storage.join(root, "out"), "k1")
+    storage.write_parquet(bad, pa.Table.from_pylist(  # the first missing pid in file order
+        [{"qid": "q0", "pids": ["p1"], "scores": None},
+         {"qid": "q1", "pids": ["p1", "nope"], "scores": None},
+         *({"qid": f"q{i}", "pids": [f"nope{i}"], "scores": None} for i in range(2, 4))],
+        schema=CANDIDATES))
     with pytest.raises(DataError, match=r"bad.parquet: row 1 \(qid=q1\): pid=nope not in corpus"):
         score_candidates(spec, bad, storage.join(root, "queries.parquet"),
                          storage.join(root, "corpus.parquet"), storage.join(root, "out"), "k1",
@@ -500,6 +508,14 @@ def test_pair_join_equals_the_hash_join(ray_local, tmp_path):
       {"qid": "q2", "pids": ["p1", "p1"]}], r"row 1 \(qid=q1\): field 'pids' lists a pid twice"),
     ([{"qid": "q0", "pids": []}, {"qid": "q1", "pids": ["p1"]}, {"qid": "q0", "pids": ["p2"]}],
      r"c.parquet: row 2 \(qid=q0\): qid also in \S*c.parquet row 0"),
+    ([{"qid": "q0", "pids": ["p1", " "]}], r"row 0 \(qid=q0\): field 'pids' holds an empty"),
+    # several defects: the first bad row, whatever its kind
+    ([{"qid": "q0", "pids": None}, {"qid": "", "pids": ["p1"]}], r"row 0 \(qid=q0\): field "
+     r"'pids' is null"),
+    ([{"qid": "q0", "pids": ["p1"]}, {"qid": "q0", "pids": ["p2"]}, {"qid": "q2", "pids": [
+        "p3", "p3"]}], r"row 1 \(qid=q0\): qid also in \S*c.parquet row 0"),
+    ([{"qid": "q0", "pids": ["p1"]}, {"qid": "q1", "pids": ["p2", "p2"]},
+      {"qid": "q0", "pids": ["p3"]}], r"row 1 \(qid=q1\): field 'pids' lists a pid twice"),
 ])
 def test_bad_candidate_lists_named(tmp_path, lists, error):
     f = str(tmp_path / "c.parquet")

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from qgscale import storage
 from qgscale.data.keyindex import KeyIndex
+from qgscale.data.pidfilter import Keys
 from qgscale.data.schema import CORPUS, blank, passage_text
 from qgscale.errors import DataError, MissingInputError
 
@@ -32,11 +33,13 @@ def corpus_shards(corpus_uri: str) -> list[str]:
     return files
 
 
-def scan(corpus_uri: str, pids: Iterable[str] | pa.Array | KeyIndex | None,
+def scan(corpus_uri: str, pids: Iterable[str] | Keys | KeyIndex | None,
          columns: tuple[str, ...] = ("pid", "lang", "title", "text")) -> Iterator[pa.Table]:
     """Per corpus shard, its rows whose pid is in ``pids`` (every row when None), with
     ``columns``: one shard in memory at a time. With ``pids``, each shard's pid column is read
-    first and its other columns only when some pid matches. Empty pid or text is a DataError
+    first and its other columns only when some pid matches; ``pids`` are indexed once per call
+    (:class:`~qgscale.data.keyindex.KeyIndex`; pass one to reuse it), so a shard costs
+    O(shard x log pids). Empty pid or text is a DataError
     naming the shard and row."""
     wanted = None if pids is None else KeyIndex.of(pids)
     cols = list(dict.fromkeys(("pid", *columns)))

@@ -31,7 +31,7 @@ class KeyIndex:
     hashes: np.ndarray  # uint64, ascending
 
     @classmethod
-    def build(cls, table: pa.Table | Keys, key: str = "key") -> KeyIndex:
+    def build(cls, table: pa.Table | Keys, key: str) -> KeyIndex:
         """The index of ``table`` by ``key`` (a bare key column is indexed as ``{key}``)."""
         if not isinstance(table, pa.Table):
             table = pa.table({key: table})

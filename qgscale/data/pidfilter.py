@@ -8,9 +8,10 @@ to the driver (a chunk of hashes at a time, set straight into the packed bits), 
 tested by the corpus readers before the shuffle. No needed pid is ever
 dropped; about 1% of the others pass (``HASHES`` hash functions), and the join drops them.
 
-Hashes: pandas' ``hash_array`` (SipHash with a fixed key: the same in every process),
-positions ``(h + i * h2) mod m`` with ``h2`` its odd upper half (Kirsch and Mitzenmacher;
-64-bit arithmetic, so filters past 2^32 bits still spread).
+Hashes (:func:`key_hashes`, which :class:`~qgscale.data.keyindex.KeyIndex` uses too):
+pandas' ``hash_array`` (SipHash with a fixed key: the same in every process), positions
+``(h + i * h2) mod m`` with ``h2`` its odd upper half (Kirsch and Mitzenmacher; 64-bit
+arithmetic, so filters past 2^32 bits still spread).
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -
     with ``first``, only the first ``first`` of each list (the ones training rows read:
     ``distill.loss.n_candidates``).
 
-    Validates the lists on the way (:func:`check_lists`; a qid in two rows), naming file, row
-    and field. O(queries x k) in Arrow, never the corpus.
+    Validates the lists on the way, naming file, row and field: :func:`check_lists` file by
+    file, then a qid on two rows over all files. O(queries x k) in Arrow, never the corpus.
     """
     uris = [candidates_uri] if isinstance(candidates_uri, str) else candidates_uri
     files = [f for u in uris for f in _files(u)]
@@ -66,17 +66,24 @@ def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -
                                "file": pa.DictionaryArray.from_arrays(  # the URI once
                                    pa.array(np.zeros(len(rows), np.int32)), pa.array([f])),
                                "row": rows}))
-        lists.append(pa.table({"qid": t["qid"], "file": np.full(t.num_rows, n, np.int32),
-                               "row": np.arange(t.num_rows)}))
-    _one_list_per_qid(pa.concat_tables(lists), files)
+        lists.append(_lists(t, n))
+    repeat = _repeated_qid(pa.concat_tables(lists), files)
+    if repeat:
+        raise DataError(repeat[1])
     return pa.concat_tables(parts).combine_chunks()
 
 
-def _one_list_per_qid(lists: pa.Table, files: list[str]) -> None:
-    """A qid on two rows of ``lists`` (``{qid, file, row}``: ``files[file]``, in file and row
-    order) is a DataError naming both."""
+def _lists(t: pa.Table, n: int) -> pa.Table:
+    """``{qid, file, row}`` of candidate lists ``t`` read from file number ``n``."""
+    return pa.table({"qid": t["qid"], "file": np.full(t.num_rows, n, np.int32),
+                     "row": np.arange(t.num_rows)})
+
+
+def _repeated_qid(lists: pa.Table, files: list[str]) -> tuple[int, str] | None:
+    """The first row of ``lists`` (:func:`_lists`, in file and row order) whose qid an
+    earlier row has, as ``(row, message naming both)``; None when every qid is once."""
     if pc.count_distinct(lists.column("qid")).as_py() == lists.num_rows:
-        return
+        return None
     n = lists.group_by("qid").aggregate([([], "count_all")])
     dup = lists.filter(pc.is_in(lists.column("qid"), value_set=n.filter(
         pc.greater(n.column("count_all"), 1)).column("qid")))
@@ -84,36 +91,42 @@ def _one_list_per_qid(lists: pa.Table, files: list[str]) -> None:
     for q, f, r in zip(*(dup.column(c).to_pylist() for c in ("qid", "file", "row")),
                        strict=True):
         if q in seen:
-            raise DataError(f"{files[f]}: row {r} (qid={q}): qid also in {files[seen[q][0]]} "
-                            f"row {seen[q][1]} (one candidate list per qid)")
+            return r, (f"{files[f]}: row {r} (qid={q}): qid also in {files[seen[q][0]]} row "
+                       f"{seen[q][1]} (one candidate list per qid)")
         seen[q] = (f, r)
+    raise AssertionError("count_distinct found a repeat")
 
 
 def check_lists(t: pa.Table, f: str) -> None:
-    """In candidate lists ``t`` (file ``f``): an empty qid, a null list, an empty or null
-    pid, a pid twice in one list are DataErrors naming the file, row and field."""
+    """In candidate lists ``t`` (file ``f``): an empty qid, a qid on two rows, a null list,
+    an empty or null pid, a pid twice in one list. The first bad row is a DataError naming
+    the file, row and field."""
     qid, pids = t.column("qid"), t.column("pids")
+    found: list[tuple[int, str]] = []  # the first row of each kind of defect
+
+    def first(mask: Any, what: str, rows: Any = None) -> None:
+        if pc.any(mask).as_py():
+            i = pc.index(mask, True).as_py()
+            row = i if rows is None else rows[i].as_py()
+            found.append((row, f"{f}: row {row} (qid={qid[row].as_py()}): field 'pids' {what}"))
+
     bad = blank(qid)
     if pc.any(bad).as_py():
-        raise DataError(f"{f}: row {pc.index(bad, True).as_py()}: empty field 'qid'")
-
-    def fail(row: int, what: str) -> None:
-        raise DataError(f"{f}: row {row} (qid={qid[row].as_py()}): field 'pids' {what}")
-
-    null = pc.is_null(pids)
-    if pc.any(null).as_py():
-        fail(pc.index(null, True).as_py(), "is null")
+        i = pc.index(bad, True).as_py()
+        found.append((i, f"{f}: row {i}: empty field 'qid'"))
+    else:
+        found += [r for r in [_repeated_qid(_lists(t, 0), [f])] if r]
+    first(pc.is_null(pids), "is null")
     flat, parent = pc.list_flatten(pids), pc.list_parent_indices(pids)
-    bad = blank(flat)
-    if pc.any(bad).as_py():
-        fail(parent[pc.index(bad, True).as_py()].as_py(), "holds an empty/null pid")
+    first(blank(flat), "holds an empty/null pid", parent)
     # a pid twice in a list: adjacent once sorted by (row, pid) (a group_by took 5x the memory)
     order = pc.sort_indices(pa.table({"row": parent, "pid": flat}),
                             sort_keys=[("row", "ascending"), ("pid", "ascending")])
     row, pid = parent.take(order), flat.take(order)
-    twice = pc.and_(pc.equal(row[1:], row[:-1]), pc.equal(pid[1:], pid[:-1]))
-    if pc.any(twice).as_py():
-        fail(row[pc.index(twice, True).as_py()].as_py(), "lists a pid twice")
+    first(pc.and_(pc.equal(row[1:], row[:-1]), pc.equal(pid[1:], pid[:-1])),
+          "lists a pid twice", row)
+    if found:
+        raise DataError(min(found)[1])
 
 
 def query_table(queries_uri: str | list[str]) -> pa.Table:
@@ -134,13 +147,14 @@ class PairJob:
     O(shard x log pairs + its pairs), not O(pairs); an actor holds them (O(queries x k), one
     copy per node in the object store) and one corpus shard, never the corpus."""
 
-    pairs: Any  # ObjectRef of a KeyIndex of {qid, pid, ...} by pid
+    pairs: Any  # ObjectRef of a KeyIndex of {qid, pid} by pid
     queries: Any  # ObjectRef of a KeyIndex of {qid, lang, query} by qid
 
     def setup(self, device: str, threads: int) -> tuple[KeyIndex, KeyIndex]:
         import ray
 
-        return tuple(ray.get([self.pairs, self.queries]))
+        pairs, queries = ray.get([self.pairs, self.queries])
+        return pairs, queries
 
     def run(self, st: tuple[KeyIndex, KeyIndex], shard: Shard) -> pa.Table:
         pairs, queries = st
@@ -152,7 +166,7 @@ class PairJob:
             t.column("title").to_pylist(), t.column("text").to_pylist(), strict=True)])
         at, pair = pairs.find(t.column("pid"))  # passage row, pair row
         qids = pairs.table.column("qid").take(pa.array(pair))
-        i, q = queries.find(qids)  # every qid is known (checked by join_pairs)
+        i, q = queries.find(qids)  # every qid is known (checked by pair_job)
         at = pa.array(at[i])
         joined = pa.table({"qid": qids.take(pa.array(i)),
                            "lang": queries.table.column("lang").take(pa.array(q)),
@@ -164,8 +178,8 @@ class PairJob:
 def pair_job(candidates_uri: str | list[str], queries_uri: str | list[str],
              first: int | None = None) -> tuple[PairJob, int]:
     """The join's job and its number of pairs: the candidate pairs (:func:`candidate_pairs`)
-    indexed by pid (with their file and row, for errors) and the queries by qid, each put in
-    the object store once; this process keeps no copy of its own. A candidate qid not in the
+    indexed by pid and the queries by qid, each put in the object store once; this process
+    keeps no copy of its own. A candidate qid not in the
     queries is a DataError naming the candidate file and row."""
     import ray
 
@@ -176,6 +190,7 @@ def pair_job(candidates_uri: str | list[str], queries_uri: str | list[str],
         i = pc.index(known, False).as_py()
         raise DataError(f"{pairs['file'][i]}: row {pairs['row'][i]}: qid={pairs['qid'][i]} "
                         f"not in queries {queries_uri}")
+    pairs = pairs.select(["qid", "pid"])  # file and row: read again on an error only
     n, by_pid = pairs.num_rows, KeyIndex.build(pairs, "pid")
     del pairs  # before the put: one copy here at a time
     by_qid = KeyIndex.build(queries, "qid")
@@ -232,7 +247,6 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
     ``first`` candidates (all without it); returns their manifest.
     A candidate whose qid is not in the queries, or whose pid is not in the corpus, is a
     DataError naming the candidate file, row and id."""
-    import ray
 
     job, n_pairs = pair_job(candidates_uri, queries_uri, first)
     units = [Shard(f"part-{i:05d}", 1, uri) for i, uri in enumerate(corpus_shards(corpus_uri))]
@@ -242,7 +256,7 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
     manifest = storage.ShardWriter(out_uri, config_hash).finalize(
         [u.name for u in units], pairs=n_pairs, run=stats)
     if manifest["rows"] != n_pairs:  # a candidate passage not in the corpus, or twice
-        pairs = ray.get(job.pairs).table
+        pairs = candidate_pairs(candidates_uri, first)  # with their file and row
         got = storage.read_parquet(out_uri, ["qid", "pid"])
         missing = pc.invert(pc.is_in(pairs.column("pid"), value_set=got.column("pid")))
         if pc.any(missing).as_py():

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from qgscale import storage
 from qgscale.config import LossConfig
 from qgscale.data.corpus import read_passages, sample_pids
+from qgscale.data.keyindex import KeyIndex
 from qgscale.data.schema import blank
 from qgscale.errors import DataError
 from qgscale.teacher.common import generated_of, load_queries
@@ -207,13 +208,13 @@ def load_scores(scores_uri: str, pairs: set[tuple[str, str]]
     Every score read is checked (:func:`check_scores`)."""
     if not storage.exists(scores_uri):
         raise DataError(f"{scores_uri}: teacher scores not found")
-    wanted = pa.array(sorted(f"{q}\t{p}" for q, p in pairs), pa.string())
+    wanted = KeyIndex.of((f"{q}\t{p}" for q, p in pairs), "key")  # built once, not per shard
     out: dict[tuple[str, str], float] = {}
     for uri in storage.parquet_files(scores_uri):
         t = storage.read_parquet(uri, ["qid", "pid", "score"])
         check_scores(t, uri)
-        t = t.filter(pc.is_in(pc.binary_join_element_wise(
-            t.column("qid"), t.column("pid"), "\t"), value_set=wanted))
+        t = t.filter(wanted.contains(pc.binary_join_element_wise(
+            t.column("qid"), t.column("pid"), "\t")))
         out.update(zip(zip(t.column("qid").to_pylist(), t.column("pid").to_pylist(),
                            strict=True), t.column("score").to_pylist(), strict=True))
     return out
