@@ -2,9 +2,11 @@
 
 Every stage that needs passage text needs a few of them (the positives, negatives and
 candidates of its queries), so it collects their pids first and scans the corpus shards one at
-a time, keeping only the matching rows (a semi-join). Memory: one shard plus the passages
-asked for, never the corpus; at 18M passages in shards of 20k rows a stage holding 150k
-training passages peaks at about one shard (~15 MB) + 150k texts (~100 MB).
+a time, keeping only the matching rows (a semi-join: the pids indexed once by
+:class:`~qgscale.data.keyindex.KeyIndex`, each shard's probed in O(shard x log pids)).
+Memory: one shard plus the passages asked for, never the corpus; at 18M passages in shards
+of 20k rows a stage holding 150k training passages peaks at about one shard (~15 MB) + 150k
+texts (~100 MB).
 """
 
 from __future__ import annotations
