@@ -41,8 +41,7 @@ def scan(corpus_uri: str, pids: Iterable[str] | Keys | KeyIndex | None,
     ``columns``: one shard in memory at a time. With ``pids``, each shard's pid column is read
     first and its other columns only when some pid matches; ``pids`` are indexed once per call
     (:class:`~qgscale.data.keyindex.KeyIndex`; pass one to reuse it), so a shard costs
-    O(shard x log pids). Empty pid or text is a DataError
-    naming the shard and row."""
+    O(shard x log pids). Empty pid or text is a DataError naming the shard and row."""
     wanted = None if pids is None else KeyIndex.of(pids)
     cols = list(dict.fromkeys(("pid", *columns)))
     for uri in corpus_shards(corpus_uri):

@@ -179,8 +179,8 @@ def pair_job(candidates_uri: str | list[str], queries_uri: str | list[str],
              first: int | None = None) -> tuple[PairJob, int]:
     """The join's job and its number of pairs: the candidate pairs (:func:`candidate_pairs`)
     indexed by pid and the queries by qid, each put in the object store once; this process
-    keeps no copy of its own. A candidate qid not in the
-    queries is a DataError naming the candidate file and row."""
+    keeps no copy of its own. A candidate qid not in the queries is a DataError naming the
+    candidate file and row."""
     import ray
 
     pairs = candidate_pairs(candidates_uri, first)
@@ -247,7 +247,6 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
     ``first`` candidates (all without it); returns their manifest.
     A candidate whose qid is not in the queries, or whose pid is not in the corpus, is a
     DataError naming the candidate file, row and id."""
-
     job, n_pairs = pair_job(candidates_uri, queries_uri, first)
     units = [Shard(f"part-{i:05d}", 1, uri) for i, uri in enumerate(corpus_shards(corpus_uri))]
     stats = run_shards(job, units, out_uri, config_hash,
