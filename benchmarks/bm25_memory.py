@@ -21,21 +21,17 @@ writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-MB = 1 << 20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from before_after import REPO, commit, measure, parser, save, trees  # noqa: E402
 
 
 def write_data(root: Path, n_passages: int, n_queries: int, seed: int = 0) -> None:
@@ -92,72 +88,23 @@ def child(phase: str, data: str, out: str) -> None:
     print(json.dumps({"wall_s": round(time.time() - t0, 2), **extra}), flush=True)
 
 
-def measure(src: Path, phase: str, data: Path, out: Path, script: str = __file__
-            ) -> dict[str, Any]:
-    """Run ``script --child phase data out`` with ``src`` first on PYTHONPATH, sampling its
-    RSS and its largest Ray worker's."""
-    import psutil
-
-    env = dict(os.environ, PYTHONPATH=f"{src}:{REPO}", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, script, "--child", phase, str(data), str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=src)
-    peak = {"driver": 0, "actor": 0}
-    done = threading.Event()
-
-    def sample() -> None:
-        p = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                peak["driver"] = max(peak["driver"], p.memory_info().rss)
-                for c in p.children(recursive=True):
-                    try:
-                        if c.cmdline()[:1] and c.cmdline()[0].startswith("ray::"):
-                            peak["actor"] = max(peak["actor"], c.memory_info().rss)
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
-            time.sleep(0.1)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    stdout, _ = proc.communicate()
-    done.set()
-    thread.join()
-    if proc.returncode:
-        raise RuntimeError(f"{phase} with {src} failed (exit {proc.returncode})")
-    res = json.loads(stdout.strip().splitlines()[-1])
-    return {**res, "driver_peak_rss_mb": round(peak["driver"] / MB, 1),
-            "actor_peak_rss_mb": round(peak["actor"] / MB, 1)}
-
-
-def commit(src: Path) -> str:
-    return subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True).stdout.strip() or "?"
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--child", nargs=3, metavar=("PHASE", "DATA", "OUT"), help=argparse.SUPPRESS)
+    ap = parser(__doc__, "bm25_memory.json")
     ap.add_argument("--passages", type=int, default=20_000)
     ap.add_argument("--queries", type=int, nargs="+", default=[4_000, 40_000])
-    ap.add_argument("--baseline-src", type=Path, default=None)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bm25_memory.json"))
     args = ap.parse_args()
     if args.child:
         child(*args.child)
         return
-    trees = ([("baseline", args.baseline_src.resolve())] if args.baseline_src else []) + \
-        [("this", REPO)]
     rows, load = [], os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qgs-bm25-mem-") as tmp:
         for nq in args.queries:
             data = Path(tmp) / "data" / f"q{nq}"
             write_data(data, args.passages, nq)
-            for name, src in trees:
+            for name, src in trees(args.baseline_src):
                 out = Path(tmp) / f"{name}-q{nq}"
                 for phase in ("bm25-eval", "baseline-eval"):
-                    r = measure(src, phase, data, out)
+                    r = measure(src, phase, data, out, __file__)
                     rows.append({"tree": name, "commit": commit(src), "queries": nq,
                                  "phase": phase, **r})
                     print(rows[-1], flush=True)
@@ -166,12 +113,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['tree']:9} {r['commit']:8} {r['queries']:8d} {r['phase']:14} "
               f"{r['wall_s']:7.1f} {r['driver_peak_rss_mb']:10.1f} {r['actor_peak_rss_mb']:9.1f}")
-    result = {"passages": args.passages, "top_k": 100, "cpus": 2, "rows": rows,
-              "load_avg_start": load,
-              "load_avg_end": os.getloadavg()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    save(args.out, {"passages": args.passages, "top_k": 100, "cpus": 2, "rows": rows,
+                    "load_avg_start": load, "load_avg_end": os.getloadavg()})
 
 
 if __name__ == "__main__":

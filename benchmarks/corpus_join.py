@@ -29,7 +29,6 @@ commit recorded): before/after in one run. Prints a table; writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bm25_memory import REPO, commit, measure  # noqa: E402
+from before_after import commit, measure, parser, save, trees  # noqa: E402
 
 K = 30  # candidates per query
 
@@ -135,20 +134,15 @@ def child(phase: str, data: str, out: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--child", nargs=3, metavar=("PHASE", "DATA", "OUT"), help=argparse.SUPPRESS)
+    ap = parser(__doc__, "corpus_join.json")
     ap.add_argument("--shards", type=int, default=40)
     ap.add_argument("--shard-rows", type=int, default=50_000)
-    ap.add_argument("--queries", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--queries", type=int, nargs="+", default=[10_000, 100_000, 300_000])
     ap.add_argument("--notional", type=int, default=25)
-    ap.add_argument("--baseline-src", type=Path, default=None)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "corpus_join.json"))
     args = ap.parse_args()
     if args.child:
         child(*args.child)
         return
-    trees = ([("baseline", args.baseline_src.resolve())] if args.baseline_src else []) + \
-        [("this", REPO)]
     rows, load = [], os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qgs-corpus-join-") as tmp:
         n = args.shards * args.shard_rows
@@ -157,10 +151,9 @@ def main() -> None:
         for nq in args.queries:
             data = Path(tmp) / f"q{nq}"
             write_pairs(data, n * args.notional, nq)
-            for name, src in trees:
+            for name, src in trees(args.baseline_src):
                 for phase in ("scan", "join", "stage"):
-                    r = measure(src, phase, data, Path(tmp) / f"{name}-{phase}-q{nq}",
-                                script=__file__)
+                    r = measure(src, phase, data, Path(tmp) / f"{name}-{phase}-q{nq}", __file__)
                     rows.append({"tree": name, "commit": commit(src), "queries": nq,
                                  "pairs": nq * K, "phase": phase, **r})
                     print(rows[-1], flush=True)
@@ -170,13 +163,9 @@ def main() -> None:
         print(f"{r['tree']:9} {r['commit']:8} {r['pairs']:9d} {r['phase']:5} {r['wall_s']:7.1f} "
               f"{r['per_shard_s']:8.3f} {r['driver_peak_rss_mb']:10.1f} "
               f"{r['actor_peak_rss_mb']:9.1f}")
-    result = {"passages": args.shards * args.shard_rows, "shards": args.shards,
-              "notional_passages": args.shards * args.shard_rows * args.notional,
-              "candidates_per_query": K, "cpus": 2, "rows": rows, "load_avg_start": load,
-              "load_avg_end": os.getloadavg()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    save(args.out, {"passages": n, "shards": args.shards, "notional_passages": n * args.notional,
+                    "candidates_per_query": K, "cpus": 2, "rows": rows, "load_avg_start": load,
+                    "load_avg_end": os.getloadavg()})
 
 
 if __name__ == "__main__":
