@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,15 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
     ap.add_argument("--baseline-src", type=Path, default=None)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / out))
     return ap
+
+
+def parse(ap: argparse.ArgumentParser, child: Callable[..., None]) -> argparse.Namespace:
+    """The arguments; with ``--child``, runs ``child(phase, data, out)`` and exits."""
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        sys.exit(0)
+    return args
 
 
 def trees(baseline_src: Path | None) -> list[tuple[str, Path]]:

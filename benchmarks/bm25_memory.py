@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from before_after import REPO, commit, measure, parser, save, trees  # noqa: E402
+from before_after import REPO, commit, measure, parse, parser, save, trees  # noqa: E402
 
 
 def write_data(root: Path, n_passages: int, n_queries: int, seed: int = 0) -> None:
@@ -92,10 +92,7 @@ def main() -> None:
     ap = parser(__doc__, "bm25_memory.json")
     ap.add_argument("--passages", type=int, default=20_000)
     ap.add_argument("--queries", type=int, nargs="+", default=[4_000, 40_000])
-    args = ap.parse_args()
-    if args.child:
-        child(*args.child)
-        return
+    args = parse(ap, child)
     rows, load = [], os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qgs-bm25-mem-") as tmp:
         for nq in args.queries:

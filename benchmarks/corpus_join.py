@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from before_after import commit, measure, parser, save, trees  # noqa: E402
+from before_after import commit, measure, parse, parser, save, trees  # noqa: E402
 
 K = 30  # candidates per query
 
@@ -139,10 +139,7 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=50_000)
     ap.add_argument("--queries", type=int, nargs="+", default=[10_000, 100_000, 300_000])
     ap.add_argument("--notional", type=int, default=25)
-    args = ap.parse_args()
-    if args.child:
-        child(*args.child)
-        return
+    args = parse(ap, child)
     rows, load = [], os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qgs-corpus-join-") as tmp:
         n = args.shards * args.shard_rows
