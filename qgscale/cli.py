@@ -114,7 +114,8 @@ def data_prepare(
                                                     "dpr, passages, jsonl")] = None,
     input: Annotated[str | None, typer.Option(help="Raw file or folder (path or URI).")] = None,
     output: Annotated[str | None, typer.Option(help="Output folder (path or URI).")] = None,
-    passages: Annotated[str | None, typer.Option(help="Passage collection (xor-tydi).")] = None,
+    passages: Annotated[str | None, typer.Option(
+        help="Passage collection (xor-tydi; dpr: the corpus instead of inline passages).")] = None,
     query_langs: Annotated[str | None, typer.Option(help="Comma-separated.")] = None,
     corpus_langs: Annotated[str | None, typer.Option(help="Comma-separated.")] = None,
     kind: Annotated[str | None, typer.Option(help="Canonical kind for --format jsonl.")] = None,

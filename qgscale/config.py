@@ -91,9 +91,12 @@ class RayConfig(Section):
 class DataConfig(Section):
     # a whole dataset (corpus, queries, qrels); a canonical JSONL file of one kind is imported
     # with the CLI (qgscale data prepare --format jsonl --kind ...)
-    format: Literal["xquad", "xor-tydi", "mkqa", "tatoeba", "beir"] = "xquad"
+    format: Literal["xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "dpr"] = "xquad"
     input: str = ""  # raw input (file or folder); a relative path resolves against the working dir
-    passages: str | None = None  # passage collection (xor-tydi)
+    # the passage collection (psgs_w100.tsv, pyserini / BEIR JSONL), streamed as the corpus:
+    # xor-tydi; dpr (instead of the training file's inline passages, each of them checked)
+    passages: str | None = None
+    lang: str = "und"  # dpr: the questions' language where a record has none; beir: all text
     query_langs: list[str] | None = None  # None: every language in the input
     corpus_langs: list[str] | None = None
     test_mod: int = Field(4, ge=1)  # xquad: article_idx % test_mod == 0 -> test split
@@ -107,6 +110,21 @@ class DataConfig(Section):
     # A runtime setting: not part of any stage's key.
     ray_rows_from: int = Field(1_000_000, ge=0)
     ray_rows_partitions: int = Field(64, ge=1)  # hash partitions of each Ray Data join
+
+    @model_validator(mode="after")
+    def _read_by_format(self) -> DataConfig:
+        if self.passages and self.format not in ("xor-tydi", "dpr"):
+            raise ValueError(f"passages: format {self.format} reads no passage collection "
+                             "(xor-tydi and dpr do)")
+        if self.lang != "und" and self.format not in ("dpr", "beir"):
+            raise ValueError(f"lang: format {self.format} takes each row's language from "
+                             "the data (lang is read by dpr and beir)")
+        if not self.lang.strip():
+            raise ValueError("lang: empty")
+        if self.query_langs and self.format in ("dpr", "beir"):
+            raise ValueError(f"query_langs: format {self.format} reads every query of its "
+                             "input (leave query_langs out)")
+        return self
 
 
 class ModelConfig(Section):

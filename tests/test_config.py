@@ -42,6 +42,12 @@ def test_every_shipped_config_validates():
     ("data:\n  test_mod: 0\n", r"c.yaml: data.test_mod: Input should be greater than or equal"),
     ("data:\n  shard_rows: 0\n", r"c.yaml: data.shard_rows: Input should be greater"),
     ("data:\n  format: jsonl\n", r"c.yaml: data.format: Input should be"),
+    # a data option the format does not read is an error, not ignored
+    ("data:\n  passages: p.tsv\n", r"c.yaml: data(.|\n)*passages: format xquad reads no "
+     r"passage collection"),
+    ("data:\n  lang: en\n", r"c.yaml: data(.|\n)*lang: format xquad takes each row's"),
+    ("data:\n  {format: dpr, query_langs: [de]}\n", r"query_langs: format dpr reads every"),
+    ("data:\n  {format: dpr, lang: ' '}\n", r"c.yaml: data(.|\n)*lang: empty"),
     ("distill:\n  batch_size: 0\n", r"c.yaml: distill.batch_size: Input should be greater"),
     ("distill:\n  loss: {tau_t: 0}\n", r"c.yaml: distill.loss.tau_t: Input should be greater"),
     ("teacher:\n  score: {num_actors: 0}\n", r"c.yaml: teacher.score.num_actors: Input should"),

@@ -22,8 +22,8 @@ FORMATS = ("xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "dpr", "passages", "j
 READ_ARGS = {"xquad": ("query_langs", "corpus_langs", "test_mod"),
              "xor-tydi": ("passages", "query_langs", "corpus_langs"),
              "mkqa": ("query_langs", "answer_lang"), "tatoeba": ("query_langs",),
-             "beir": ("lang",), "dpr": ("lang", "corpus_langs"), "passages": ("lang",),
-             "jsonl": ("kind",)}
+             "beir": ("lang",), "dpr": ("passages", "lang", "corpus_langs"),
+             "passages": ("lang",), "jsonl": ("kind",)}
 
 
 def _is_folder_or_zip(path: str) -> bool:
@@ -46,15 +46,17 @@ def read(fmt: str, input: str, *, passages: str | None = None,
       ``.zip``); ``answer_lang``: take each example's answers in that language.
     - ``dpr``: DPR / Tevatron training data (queries, answers, qrels, examples, corpus of the
       inline passages); ``lang``: the questions' language where records have no ``lang``;
-      ``corpus_langs=[x]``: the passages' language (default ``lang``).
+      ``corpus_langs=[x]``: the passages' language (default ``lang``); ``passages``: the
+      collection the passages come from (psgs_w100) as the corpus instead, streamed, every
+      passage the examples name checked to be in it.
     - ``passages``: a passage collection alone (psgs_w100.tsv, pyserini / BEIR JSONL), in
       language ``lang``.
 
-    With ``stream``, passage collections (``passages``, ``xor-tydi``'s ``passages``, ``beir``'s
-    ``corpus.jsonl``, ``jsonl`` of kind ``corpus``) are generators, read while they are
-    written: the whole collection is never in memory. Their passage ids are checked for
-    duplicates in memory, or, given ``ids``, recorded there to be checked after the stream
-    (:func:`write_tables`).
+    With ``stream``, passage collections (``passages``, ``xor-tydi``'s and ``dpr``'s
+    ``passages``, ``beir``'s ``corpus.jsonl``, ``jsonl`` of kind ``corpus``) are generators,
+    read while they are written: the whole collection is never in memory. Their passage ids
+    are checked for duplicates in memory, or, given ``ids``, recorded there to be checked
+    after the stream (:func:`write_tables`).
     """
     rejects = rejects or readers.Rejects()
     unique: bool | SpilledIds = ids if ids is not None else True
@@ -77,7 +79,11 @@ def read(fmt: str, input: str, *, passages: str | None = None,
             raise ConfigError(f"data.corpus_langs={corpus_langs}: a DPR file's passages carry "
                               "no language, so give one (the language of all its passages)")
         plang = corpus_langs[0] if corpus_langs else None
-        return readers.read_dpr(input, lang, rejects, passage_lang=plang)
+        if not passages:
+            return readers.read_dpr(input, lang, rejects, passage_lang=plang)
+        rows = readers.iter_passages(passages, plang or lang, rejects, unique)
+        streams = readers.dpr_on_collection(input, passages, rows, lang, rejects)
+        return streams if stream else {k: list(v) for k, v in streams.items()}  # corpus first
     if fmt == "mkqa":
         if _is_folder_or_zip(input):
             return readers.read_mkqa_per_language(input, query_langs, answer_lang, rejects)
@@ -198,7 +204,7 @@ def run_prepare(data_cfg: Any, out_uri: str, key: str) -> dict[str, Any]:
     return prepare(d.format, d.input, out_uri, on_error=d.on_error, shard_rows=d.shard_rows,
                    config_hash=key, passages=d.passages, query_langs=d.query_langs,
                    corpus_langs=d.corpus_langs, test_mod=d.test_mod,
-                   answer_lang=d.answer_lang)
+                   answer_lang=d.answer_lang, lang=d.lang)
 
 
 def export_jsonl(parquet_uri: str, output: str) -> int:

@@ -21,7 +21,7 @@ import os
 import re
 import zlib
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -618,8 +618,21 @@ def _dpr_ctxs(obj: dict, keys: tuple[str, ...], loc: str, path: str, line: int,
     return out
 
 
+def dpr_records(path: str, rejects: Rejects) -> Iterator[tuple[int, int, str, dict]]:
+    """``(line, index, loc, record)`` of a DPR / Tevatron file, in file order: ``.json(.gz)``
+    is one JSON list, streamed record by record (``loc`` ``"[index]."`` prefixes a field
+    name); ``.jsonl(.gz)`` one record per line (``loc`` ``""``, index = line - 1)."""
+    if re.search(r"\.jsonl(\.gz)?$", path):
+        for n, obj in iter_jsonl(path, rejects):
+            yield n, n - 1, "", obj
+    else:
+        for n, i, obj in iter_json_list(path, rejects):
+            yield n, i, f"[{i}].", obj
+
+
 def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
-             corpus: bool = True, passage_lang: str | None = None) -> Tables:
+             corpus: bool = True, passage_lang: str | None = None,
+             positions: list[int] | None = None) -> Tables:
     """DPR / Tevatron retriever training data: the format of DPR's ``nq-train.json`` and of
     the mDPR / XOR-TyDi training files.
 
@@ -636,12 +649,13 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
     negatives = hard negatives then negatives, without repeats and without the positives)
     and, with ``corpus``, ``corpus``: every inline passage once, in language
     ``passage_lang`` (default ``lang``; XOR-TyDi's passages are English whatever the
-    question's language). A record without a positive, or with a passage id whose title or
-    text differ from an earlier copy, is a row defect.
+    question's language). A record without a positive, or (with ``corpus``) with a passage
+    id whose title or text differ from an earlier copy, is a row defect. ``positions``, if
+    given, gets each kept record's 0-based position in the file (one per ``examples`` row).
 
-    Memory: the rows of every table, and 24 bytes + the id per distinct passage (to check
-    copies); ``corpus=False`` leaves the passages out (use the collection they come from,
-    e.g. psgs_w100, instead).
+    Memory: the rows of every table, and (with ``corpus``) 24 bytes + the id per distinct
+    passage (to check copies); ``corpus=False`` leaves the passages out (use the collection
+    they come from, e.g. psgs_w100, instead: :func:`dpr_on_collection`).
     """
     rejects = rejects or Rejects()
     tables: Tables = {"queries": [], "answers": [], "qrels": [], "examples": []}
@@ -650,14 +664,7 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
     seen_q = FirstSeen("question id")
     seen_p: dict[str, tuple[bytes, int, int]] = {}  # pid -> (digest, line, index) of 1st copy
     passage_lang = passage_lang or lang
-    if re.search(r"\.jsonl(\.gz)?$", path):
-        records = ((n, n - 1, obj) for n, obj in iter_jsonl(path, rejects))
-        loc_of = lambda i: ""  # noqa: E731  (lines locate JSONL records)
-    else:
-        records = iter_json_list(path, rejects)
-        loc_of = lambda i: f"[{i}]."  # noqa: E731
-    for n, i, obj in records:
-        loc = loc_of(i)
+    for n, i, loc, obj in dpr_records(path, rejects):
         q_key = next((k for k in ("question", "query") if k in obj), "question")
         id_key = next((k for k in DPR_QID_KEYS if k in obj), None)
         qid = get_id(obj, id_key, path, n, rejects, name=loc + id_key) if id_key else str(i)
@@ -673,7 +680,7 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
             continue
         new_rows: dict[str, dict[str, Any]] = {}
         clash = None
-        for pid, title, body in pos + neg:
+        for pid, title, body in (pos + neg) if corpus else ():
             digest = hashlib.blake2b(f"{title}\t{body}".encode(), digest_size=8).digest()
             first = seen_p.get(pid) or (new_rows.get(pid) and new_rows[pid]["_first"])
             if first is None:
@@ -699,9 +706,78 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
         tables["answers"].append({"qid": qid, "answers": ans})
         tables["qrels"].extend({"qid": qid, "pid": p, "rel": 1} for p in pos_pids)
         tables["examples"].append({"qid": qid, "pos_pids": pos_pids, "neg_pids": neg_pids})
+        if positions is not None:
+            positions.append(i)
         if corpus:
             tables["corpus"].extend(new_rows.values())
     return tables
+
+
+def dpr_on_collection(path: str, collection: str, rows: Iterable[dict[str, Any]],
+                      lang: str = "und", rejects: Rejects | None = None
+                      ) -> dict[str, Iterator[dict[str, Any]]]:
+    """The DPR file ``path`` (:func:`read_dpr`, its inline passages left out) over the
+    passage collection ``collection`` (its corpus rows ``rows``, e.g. :func:`iter_passages`
+    of psgs_w100: streamed, never held).
+
+    Returns generators, ``corpus`` first: it passes the collection's rows through, crossing
+    off the passage ids the training examples name. The other tables are checked when the
+    first of them is read, after the corpus: a record naming a passage id the collection
+    lacks is a row defect (its line and context field, e.g. ``[3].hard_negative_ctxs[7].
+    passage_id``); in skip mode its rows are left out of every table. Memory: the query
+    tables, and the examples' distinct passage ids while the collection streams.
+    """
+    rejects = rejects or Rejects()
+    positions: list[int] = []
+    tables = read_dpr(path, lang, rejects, corpus=False, positions=positions)
+    missing = {p for ex in tables["examples"] for p in (*ex["pos_pids"], *ex["neg_pids"])}
+    state: dict[str, Any] = {"read": False, "dropped": None}
+
+    def corpus() -> Iterator[dict[str, Any]]:
+        for row in rows:
+            missing.discard(row["pid"])
+            yield row
+        state["read"] = True
+
+    def dropped() -> set[str]:
+        if state["dropped"] is None:
+            if not state["read"]:
+                raise RuntimeError("read the corpus before the other DPR tables")
+            bad = {positions[k]: ex["qid"] for k, ex in enumerate(tables["examples"])
+                   if not missing.isdisjoint(ex["pos_pids"]) or
+                   not missing.isdisjoint(ex["neg_pids"])}
+            if bad:
+                _report_missing(path, collection, bad, missing, rejects)
+            state["dropped"] = set(bad.values())
+            missing.clear()
+        return state["dropped"]
+
+    def checked(kind: str) -> Iterator[dict[str, Any]]:
+        drop = dropped()
+        yield from (r for r in tables[kind] if r["qid"] not in drop)
+
+    return {"corpus": corpus(), **{k: checked(k) for k in tables}}
+
+
+def _report_missing(path: str, collection: str, bad: dict[int, str], missing: set[str],
+                    rejects: Rejects) -> None:
+    """Report the records at positions ``bad`` (re-read from ``path``) that name a passage
+    id in ``missing``: the first such context of each, in file order."""
+    quiet = Rejects("skip")  # the read reported each defect already; these records have none
+    for n, i, loc, obj in dpr_records(path, quiet):
+        if i not in bad:
+            continue
+        for key in (*DPR_POSITIVES, *DPR_NEGATIVES):
+            if key not in obj:
+                continue
+            ctxs = _dpr_ctxs(obj, (key,), loc, path, n, quiet, required=False) or []
+            hit = next((j for j, (p, _, _) in enumerate(ctxs) if p in missing), None)
+            if hit is not None:
+                id_key = next(k for k in DPR_PID_KEYS if k in obj[key][hit])
+                rejects.bad(path, n, f"{loc}{key}[{hit}].{id_key}",
+                            f"passage {ctxs[hit][0]!r} is not in the passage collection "
+                            f"{collection}", obj)
+                break
 
 
 # ---------------------------------------------------------------------------- MKQA
