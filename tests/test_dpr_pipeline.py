@@ -143,3 +143,21 @@ def test_pipeline_trains_on_dpr_data_over_a_collection(tmp_path, ray_local):
     assert got["query_langs"]["en"]["n_kt"] == 2 and {"mrr@10", "r@2kt"} <= set(
         got["query_langs"]["en"])
     assert [s.state for s in pipeline.plan(cfg)] == ["done"] * len(pipeline.STAGE_NAMES)
+
+
+def test_dpr_prepare_benchmark_runs(tmp_path):
+    """benchmarks/dpr_prepare.py at a tiny size: every phase prepares the rows it should."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "b.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "dpr_prepare.py"), "--sizes",
+                    "400", "2000", "--queries", "10", "--negatives", "3", "--out", str(out)],
+                   check=True, cwd=REPO, capture_output=True)
+    got = json.loads(out.read_text())
+    assert [(r["mode"], r["collection"], r["rows"]["corpus"]) for r in got["runs"]] == [
+        ("inline", None, 40), ("passages", 400, 400), ("collection", 400, 400),
+        ("passages", 2000, 2000), ("collection", 2000, 2000)]
+    assert all(r["rows"].get("examples", 10) == 10 and r["driver_peak_rss_mb"] > 0
+               for r in got["runs"])
+    assert set(got["dpr_over_collection_vs_alone_mb"]) == {"400", "2000"}
