@@ -76,7 +76,7 @@ def child(phase: str, data: str, out: str) -> None:
         summary = prepare("passages", coll, out, lang="en", shard_rows=SHARD_ROWS)
     else:
         summary = prepare("dpr", str(Path(data) / "train.json"), out, lang="en",
-                          passages=coll if mode == "collection" else None,
+                          corpus_langs=["en"], passages=coll if mode == "collection" else None,
                           shard_rows=SHARD_ROWS)
     print(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "rows": summary["rows"]}))
 

@@ -124,6 +124,15 @@ class DataConfig(Section):
         if self.query_langs and self.format in ("dpr", "beir"):
             raise ValueError(f"query_langs: format {self.format} reads every query of its "
                              "input (leave query_langs out)")
+        if self.answer_lang and self.format != "mkqa":
+            raise ValueError(f"answer_lang: format {self.format} has one answer list per "
+                             "question (answer_lang is read by mkqa)")
+        if self.format == "dpr" and len(self.corpus_langs or []) > 1:
+            raise ValueError(f"corpus_langs={self.corpus_langs}: a DPR file's passages carry "
+                             "no language, so give one (the language of all its passages)")
+        if self.format == "dpr" and self.passages and not self.corpus_langs:
+            raise ValueError("corpus_langs: give the passage collection's language (e.g. "
+                             "[en] for psgs_w100)")
         return self
 
 
@@ -419,6 +428,14 @@ class Config(Section):
     def uri(self, *parts: str) -> str:
         """URI of a stage folder under the run root."""
         return storage.join(self.run.root, *parts)
+
+    @model_validator(mode="after")
+    def _dpr_eval_data(self) -> Config:
+        if self.data.format == "dpr" and not (self.eval.data or self.eval.students_from):
+            raise ValueError("eval.data: a DPR file is training data with no eval split: "
+                             "set eval.data to a prepared eval set (e.g. `qgscale data "
+                             "prepare` of the dev file)")
+        return self
 
 
 # how a stage runs, not what it writes: not in stage keys, so changing one resumes the stage

@@ -48,6 +48,11 @@ def test_every_shipped_config_validates():
     ("data:\n  lang: en\n", r"c.yaml: data(.|\n)*lang: format xquad takes each row's"),
     ("data:\n  {format: dpr, query_langs: [de]}\n", r"query_langs: format dpr reads every"),
     ("data:\n  {format: dpr, lang: ' '}\n", r"c.yaml: data(.|\n)*lang: empty"),
+    ("data:\n  answer_lang: en\n", r"answer_lang: format xquad has one answer list"),
+    ("data:\n  {format: dpr, corpus_langs: [en, de]}\n", r"a DPR file's passages carry no"),
+    ("data:\n  {format: dpr, passages: p.tsv}\n", r"corpus_langs: give the passage "
+     r"collection's language"),
+    ("data:\n  {format: dpr}\n", r"eval.data: a DPR file is training data with no eval"),
     ("distill:\n  batch_size: 0\n", r"c.yaml: distill.batch_size: Input should be greater"),
     ("distill:\n  loss: {tau_t: 0}\n", r"c.yaml: distill.loss.tau_t: Input should be greater"),
     ("teacher:\n  score: {num_actors: 0}\n", r"c.yaml: teacher.score.num_actors: Input should"),
@@ -155,3 +160,12 @@ def test_eval_never_falls_back_to_the_training_queries(tmp_path):
     storage.write_parquet(str(tmp_path / "run" / "data" / "test" / "queries" / "p.parquet"),
                           pa.table({"qid": ["q2"]}))
     assert layout().eval_data() == str(tmp_path / "run" / "data")
+
+
+def test_dpr_data_with_a_collection_validates(tmp_path):
+    cfg = config.load(_yaml(tmp_path, "data:\n  {format: dpr, input: t.json, passages: p.tsv, "
+                                      "lang: en, corpus_langs: [en]}\neval:\n  {data: dev}\n"))
+    assert (cfg.data.format, cfg.data.lang, cfg.eval.data.rsplit("/", 1)[-1]) == (
+        "dpr", "en", "dev")
+    with pytest.raises(ConfigError, match="data.lang: Input should be a valid string"):
+        config.load(_yaml(tmp_path, "data:\n  {format: dpr, lang: [en]}\neval: {data: d}\n"))

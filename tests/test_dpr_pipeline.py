@@ -53,51 +53,131 @@ def collection(path: Path, records: list[dict], drop: set[str] = frozenset(),
     return out
 
 
+def _only_in(records: list[dict], i: int, key: str) -> str:
+    """The first passage id under ``records[i][key]`` that no other context names."""
+    count: dict[str, int] = {}
+    for r in records:
+        for k in CTXS:
+            for c in r[k]:
+                count[str(c["passage_id"])] = count.get(str(c["passage_id"]), 0) + 1
+    return next(str(c["passage_id"]) for c in records[i][key]
+                if count[str(c["passage_id"])] == 1)
+
+
 def test_dpr_over_a_collection_streams_it_and_checks_every_passage(tmp_path):
     records = _records()
     coll = tmp_path / "psgs_w100.tsv"
-    neg = str(records[2]["hard_negative_ctxs"][5]["passage_id"])
-    pos = str(records[4]["positive_ctxs"][0]["passage_id"])
-    assert not any(str(c["passage_id"]) == neg for k in CTXS for c in records[1][k])
-    texts = collection(coll, records, drop={neg, pos})
+    neg = _only_in(records, 2, "hard_negative_ctxs")
+    neg2 = _only_in(records, 2, "negative_ctxs")
+    pos = _only_in(records, 4, "positive_ctxs")
+    texts = collection(coll, records, drop={neg, neg2, pos})
+    neg_at = next(j for j, c in enumerate(records[2]["hard_negative_ctxs"])
+                  if str(c["passage_id"]) == neg)
+    pos_at = next(j for j, c in enumerate(records[4]["positive_ctxs"])
+                  if str(c["passage_id"]) == pos)
+    en = {"passages": str(coll), "lang": "en", "corpus_langs": ["en"]}
     # streamed: the collection is a generator, read (and crossed off) before the other tables
-    tables = read("dpr", str(DPR), passages=str(coll), lang="en", stream=True)
+    tables = read("dpr", str(DPR), **en, stream=True)
     assert list(tables)[0] == "corpus" and not isinstance(tables["corpus"], list)
     with pytest.raises(RuntimeError, match="read the corpus before"):
         next(iter(tables["queries"]))
-    # fail: the first record in file order naming a passage the collection lacks
-    with pytest.raises(DataError, match=rf"sample.json.gz:1: field '\[2\]\.hard_negative_ctxs"
-                       rf"\[5\]\.passage_id': passage '{neg}' is not in the passage "
-                       rf"collection {coll}"):
-        read("dpr", str(DPR), passages=str(coll), lang="en")
-    # skip: both records are rejected, their rows left out of every table
+    # fail: the first record in file order naming a passage the collection lacks, with totals
+    with pytest.raises(DataError, match=(
+            rf"sample.json.gz:1: field '\[2\]\.hard_negative_ctxs\[{neg_at}\]\.passage_id': "
+            rf"2 negative passages \('{neg}', \.\.\.\) are not in the passage collection "
+            rf"{coll} \(missing in all: 3 passages, named by 2 records\)$")):
+        read("dpr", str(DPR), **en)
+    # skip: the missing negatives leave their example; a missing positive, its record
     rejects = readers.Rejects("skip")
-    got = read("dpr", str(DPR), passages=str(coll), lang="en", corpus_langs=["en"],
-               rejects=rejects)
-    assert [(r["line"], r["field"]) for r in rejects.rows] == [
-        (1, "[2].hard_negative_ctxs[5].passage_id"), (1, "[4].positive_ctxs[0].passage_id")]
+    got = read("dpr", str(DPR), **en, rejects=rejects)
+    assert [(r["line"], r["field"], r["reason"].rsplit(": ", 1)[-1]) for r in rejects.rows] == [
+        (1, f"[2].hard_negative_ctxs[{neg_at}].passage_id", "left out of the example"),
+        (1, f"[4].positive_ctxs[{pos_at}].passage_id", "the record is left out")]
     whole = read("dpr", str(DPR), lang="en")
-    kept = {r["qid"] for r in whole["queries"]} - {"2", "4"}
-    assert {r["qid"] for r in got["queries"]} == kept == {"0", "1", "3"}
-    for kind in ("queries", "answers", "qrels", "examples"):
-        assert got[kind] == [r for r in whole[kind] if r["qid"] in kept], kind
-    # the corpus is the collection, row for row, whatever the inline copies hold
+    for kind in ("queries", "answers", "qrels"):
+        assert got[kind] == [r for r in whole[kind] if r["qid"] != "4"], kind
+    fewer = {**whole["examples"][2], "neg_pids": [
+        p for p in whole["examples"][2]["neg_pids"] if p not in (neg, neg2)]}
+    assert got["examples"] == [*whole["examples"][:2], fewer, whole["examples"][3]]
+    assert len(fewer["neg_pids"]) == len(whole["examples"][2]["neg_pids"]) - 2
+    # the corpus is the collection, row for row
     assert [(r["pid"], r["title"], r["text"]) for r in got["corpus"]] == [
         (p, t, x) for p, (t, x) in texts.items()]
     assert {r["lang"] for r in got["corpus"]} == {"en"}
-    # prepare writes the same, and its summary counts the two rejected records
-    summary = prepare("dpr", str(DPR), str(tmp_path / "out"), passages=str(coll), lang="en",
-                      on_error="skip", shard_rows=200)
-    assert summary["rows"] == {"corpus": len(texts), "queries": 3, "answers": 3,
-                               "qrels": len(got["qrels"]), "examples": 3}
+    # prepare writes the same, with the two rejects in _rejected.jsonl
+    out = tmp_path / "out"
+    summary = prepare("dpr", str(DPR), str(out), **en, on_error="skip", shard_rows=200)
+    assert summary["rows"] == {"corpus": len(texts), "queries": 4, "answers": 4,
+                               "qrels": len(got["qrels"]), "examples": 4}
     assert summary["rejected"] == 2
-    assert storage.read_parquet(str(tmp_path / "out" / "examples")).to_pylist() == \
-        got["examples"]
-    # the CLI takes --passages with --format dpr, and its error names the record's field
-    res = CliRunner().invoke(cli.app, [
-        "data", "prepare", "--format", "dpr", "--input", str(DPR), "--passages", str(coll),
-        "--lang", "en", "--output", str(tmp_path / "cli")])
-    assert res.exit_code != 0 and "[2].hard_negative_ctxs[5].passage_id" in res.output
+    assert storage.read_parquet(str(out / "examples")).to_pylist() == got["examples"]
+    rejected = [json.loads(x) for x in (out / "_rejected.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["field"], r["reason"]) for r in rejected] == [
+        (str(DPR), r["field"], r["reason"]) for r in rejects.rows]
+    # resume after a crash that lost the last tables: the same rows and rejects again
+    storage.remove(str(out / "examples"), recursive=True)
+    storage.remove(str(out / "_manifest.json"))
+    assert prepare("dpr", str(DPR), str(out), **en, on_error="skip",
+                   shard_rows=200)["rows"] == summary["rows"]
+    assert storage.read_parquet(str(out / "examples")).to_pylist() == got["examples"]
+    assert [json.loads(x) for x in (out / "_rejected.jsonl").read_text().splitlines()] == \
+        rejected
+    # the CLI takes --passages with --format dpr (and the collection's language)
+    args = ["data", "prepare", "--format", "dpr", "--input", str(DPR), "--passages",
+            str(coll), "--lang", "en", "--output", str(tmp_path / "cli")]
+    res = CliRunner().invoke(cli.app, args)
+    assert res.exit_code != 0 and "--corpus-langs" in res.output
+    res = CliRunner().invoke(cli.app, [*args, "--corpus-langs", "en"])
+    assert res.exit_code != 0 and f"[2].hard_negative_ctxs[{neg_at}]" in res.output
+
+
+def test_dpr_jsonl_over_a_collection_ids_alone_copies_and_duplicates(tmp_path, caplog):
+    """JSONL records (lines locate them), a context holding its id alone, inline copies
+    that differ from the collection's, a passage twice in the collection."""
+    records = _records()
+    records[1]["negative_ctxs"][0] = {"passage_id": records[1]["negative_ctxs"][0][
+        "passage_id"]}  # id alone
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    coll = tmp_path / "psgs.tsv"
+    pos = _only_in(records, 3, "positive_ctxs")
+    retitled = str(records[0]["positive_ctxs"][0]["passage_id"])
+    texts = collection(coll, _records(), drop={pos}, retitle=retitled)
+    en = {"passages": str(coll), "lang": "en", "corpus_langs": ["en"]}
+    with pytest.raises(DataError, match=r"train.jsonl:4: field 'positive_ctxs\[\d+\]\."
+                       rf"passage_id': positive passage '{pos}' is not in the passage"):
+        read("dpr", str(path), **en)
+    rejects = readers.Rejects("skip")
+    with caplog.at_level("WARNING", logger="qgscale.data.readers"):
+        got = read("dpr", str(path), **en, rejects=rejects)
+    assert [r["qid"] for r in got["queries"]] == ["0", "1", "2", "4"]
+    assert [(r["line"], r["reason"].endswith("the record is left out")) for r in rejects.rows
+            ] == [(4, True)]
+    # the inline copy that differs is counted and named; the collection's is the corpus
+    assert f"1 of the {len(texts)} passages it names have another title or text" in \
+        caplog.text and repr(retitled) in caplog.text
+    # without the collection an id alone is a defect (the corpus needs its text)
+    with pytest.raises(DataError, match=r"train.jsonl:2: field 'negative_ctxs\[0\]\.text'"):
+        read("dpr", str(path), lang="en")
+    # a collection whose passages miss every positive leaves no record: an error
+    other = tmp_path / "other.tsv"
+    other.write_text("id\ttext\ttitle\nx1\tsome text\tT\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no record left: each names a positive passage not "
+                       "in the passage collection"):
+        read("dpr", str(path), passages=str(other), lang="en", corpus_langs=["en"],
+             rejects=readers.Rejects("skip"))
+    # a passage twice in the collection: an error naming both lines; skip keeps the first
+    twice = tmp_path / "twice.tsv"
+    lines = coll.read_text(encoding="utf-8").splitlines(keepends=True)
+    twice.write_text("".join(lines) + lines[1], encoding="utf-8")
+    dup = lines[1].split("\t")[0]
+    with pytest.raises(DataError, match=rf"twice.tsv:{len(lines) + 1}: field 'id': duplicate "
+                       rf"passage id '{dup}' \(first at line 2\)"):
+        prepare("dpr", str(path), str(tmp_path / "out-fail"), passages=str(twice), lang="en",
+                corpus_langs=["en"])
+    summary = prepare("dpr", str(path), str(tmp_path / "out"), passages=str(twice), lang="en",
+                      corpus_langs=["en"], on_error="skip")
+    assert summary["rows"]["corpus"] == len(texts) and summary["rejected"] == 2
 
 
 @pytest.mark.slow

@@ -46,9 +46,9 @@ def read(fmt: str, input: str, *, passages: str | None = None,
       ``.zip``); ``answer_lang``: take each example's answers in that language.
     - ``dpr``: DPR / Tevatron training data (queries, answers, qrels, examples, corpus of the
       inline passages); ``lang``: the questions' language where records have no ``lang``;
-      ``corpus_langs=[x]``: the passages' language (default ``lang``); ``passages``: the
-      collection the passages come from (psgs_w100) as the corpus instead, streamed, every
-      passage the examples name checked to be in it.
+      ``corpus_langs=[x]``: the passages' language (default ``lang``; required with
+      ``passages``); ``passages``: the collection the passages come from (psgs_w100) as the
+      corpus instead, streamed, every passage the file names checked to be in it.
     - ``passages``: a passage collection alone (psgs_w100.tsv, pyserini / BEIR JSONL), in
       language ``lang``.
 
@@ -81,7 +81,10 @@ def read(fmt: str, input: str, *, passages: str | None = None,
         plang = corpus_langs[0] if corpus_langs else None
         if not passages:
             return readers.read_dpr(input, lang, rejects, passage_lang=plang)
-        rows = readers.iter_passages(passages, plang or lang, rejects, unique)
+        if not plang:
+            raise ConfigError(f"data.passages={passages}: give the collection's language as "
+                              "data.corpus_langs (--corpus-langs), e.g. [en] for psgs_w100")
+        rows = readers.iter_passages(passages, plang, rejects, unique)
         streams = readers.dpr_on_collection(input, passages, rows, lang, rejects)
         return streams if stream else {k: list(v) for k, v in streams.items()}  # corpus first
     if fmt == "mkqa":

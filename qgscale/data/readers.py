@@ -16,12 +16,13 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
 import zlib
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -35,6 +36,7 @@ from qgscale.errors import DataError, MissingInputError
 
 XQUAD_LANGS = ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"]
 
+log = logging.getLogger(__name__)
 Tables = dict[str, list[dict[str, Any]]]  # kind ("corpus", "train/queries", ...) -> rows
 
 
@@ -580,9 +582,11 @@ DPR_NEGATIVES = ("hard_negative_ctxs", "negative_ctxs", "negative_passages")  # 
 
 
 def _dpr_ctxs(obj: dict, keys: tuple[str, ...], loc: str, path: str, line: int,
-              rejects: Rejects, required: bool) -> list[tuple[str, str, str]] | None:
-    """``(pid, title, text)`` of the contexts under ``keys``; None after a reported defect."""
-    out: list[tuple[str, str, str]] = []
+              rejects: Rejects, required: bool, need_text: bool = True
+              ) -> list[tuple[str, str | None, str | None]] | None:
+    """``(pid, title, text)`` of the contexts under ``keys``; None after a reported defect.
+    Without ``need_text`` a context may hold its id alone (title and text None)."""
+    out: list[tuple[str, str | None, str | None]] = []
     present = [k for k in keys if k in obj]
     if required and not present:
         rejects.bad(path, line, f"{loc}{keys[0]}", "missing field", obj)
@@ -605,6 +609,9 @@ def _dpr_ctxs(obj: dict, keys: tuple[str, ...], loc: str, path: str, line: int,
                             f"{' / '.join(DPR_PID_KEYS)})", obj)
                 return None
             pid = get_id(ctx, id_key, path, line, rejects, name=f"{where}.{id_key}")
+            if pid and not need_text and ctx.get("text") in (None, ""):
+                out.append((pid, None, None))
+                continue
             text = pid and get_str(ctx, "text", path, line, rejects, name=f"{where}.text")
             title = (get_str(ctx, "title", path, line, rejects, allow_empty=True,
                              name=f"{where}.title") if ctx.get("title") is not None else ""
@@ -632,7 +639,8 @@ def dpr_records(path: str, rejects: Rejects) -> Iterator[tuple[int, int, str, di
 
 def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
              corpus: bool = True, passage_lang: str | None = None,
-             positions: list[int] | None = None) -> Tables:
+             positions: list[int] | None = None,
+             digests: dict[str, int] | None = None) -> Tables:
     """DPR / Tevatron retriever training data: the format of DPR's ``nq-train.json`` and of
     the mDPR / XOR-TyDi training files.
 
@@ -650,19 +658,23 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
     and, with ``corpus``, ``corpus``: every inline passage once, in language
     ``passage_lang`` (default ``lang``; XOR-TyDi's passages are English whatever the
     question's language). A record without a positive, or (with ``corpus``) with a passage
-    id whose title or text differ from an earlier copy, is a row defect. ``positions``, if
-    given, gets each kept record's 0-based position in the file (one per ``examples`` row).
+    id whose title or text differ from an earlier copy, is a row defect.
+
+    ``corpus=False`` leaves the passages out (use the collection they come from, e.g.
+    psgs_w100, instead: :func:`dpr_on_collection`); a context may then hold its id alone.
+    ``positions``, if given, gets each kept record's 0-based position in the file (one per
+    ``examples`` row); ``digests`` each named passage's :func:`passage_digest` of its first
+    inline copy (0 without text).
 
     Memory: the rows of every table, and (with ``corpus``) 24 bytes + the id per distinct
-    passage (to check copies); ``corpus=False`` leaves the passages out (use the collection
-    they come from, e.g. psgs_w100, instead: :func:`dpr_on_collection`).
+    passage (to check copies).
     """
     rejects = rejects or Rejects()
     tables: Tables = {"queries": [], "answers": [], "qrels": [], "examples": []}
     if corpus:
         tables["corpus"] = []
     seen_q = FirstSeen("question id")
-    seen_p: dict[str, tuple[bytes, int, int]] = {}  # pid -> (digest, line, index) of 1st copy
+    seen_p: dict[str, tuple[int, int, int]] = {}  # pid -> (digest, line, index) of 1st copy
     passage_lang = passage_lang or lang
     for n, i, loc, obj in dpr_records(path, rejects):
         q_key = next((k for k in ("question", "query") if k in obj), "question")
@@ -672,16 +684,16 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
         row_lang = text and get_lang(obj, lang, path, n, rejects, name=loc + "lang")
         ans = (_answers(obj.get("answers", []), path, n, loc + "answers", rejects)
                if row_lang else None)
-        pos = (_dpr_ctxs(obj, DPR_POSITIVES, loc, path, n, rejects, required=True)
-               if ans is not None else None)
-        neg = (_dpr_ctxs(obj, DPR_NEGATIVES, loc, path, n, rejects, required=False)
-               if pos is not None else None)
+        pos = (_dpr_ctxs(obj, DPR_POSITIVES, loc, path, n, rejects, required=True,
+                         need_text=corpus) if ans is not None else None)
+        neg = (_dpr_ctxs(obj, DPR_NEGATIVES, loc, path, n, rejects, required=False,
+                         need_text=corpus) if pos is not None else None)
         if neg is None:
             continue
         new_rows: dict[str, dict[str, Any]] = {}
         clash = None
         for pid, title, body in (pos + neg) if corpus else ():
-            digest = hashlib.blake2b(f"{title}\t{body}".encode(), digest_size=8).digest()
+            digest = passage_digest(title, body)
             first = seen_p.get(pid) or (new_rows.get(pid) and new_rows[pid]["_first"])
             if first is None:
                 new_rows[pid] = {"pid": pid, "lang": passage_lang, "title": title,
@@ -708,9 +720,19 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
         tables["examples"].append({"qid": qid, "pos_pids": pos_pids, "neg_pids": neg_pids})
         if positions is not None:
             positions.append(i)
+        if digests is not None:
+            for pid, title, body in pos + neg:
+                if pid not in digests:
+                    digests[pid] = 0 if body is None else passage_digest(title, body)
         if corpus:
             tables["corpus"].extend(new_rows.values())
     return tables
+
+
+def passage_digest(title: str, text: str) -> int:
+    """An 8-byte digest of a passage's stripped title and text (nonzero): tells copies apart."""
+    raw = hashlib.blake2b(f"{title.strip()}\t{text.strip()}".encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "little") or 1
 
 
 def dpr_on_collection(path: str, collection: str, rows: Iterable[dict[str, Any]],
@@ -721,63 +743,108 @@ def dpr_on_collection(path: str, collection: str, rows: Iterable[dict[str, Any]]
     of psgs_w100: streamed, never held).
 
     Returns generators, ``corpus`` first: it passes the collection's rows through, crossing
-    off the passage ids the training examples name. The other tables are checked when the
-    first of them is read, after the corpus: a record naming a passage id the collection
-    lacks is a row defect (its line and context field, e.g. ``[3].hard_negative_ctxs[7].
-    passage_id``); in skip mode its rows are left out of every table. Memory: the query
-    tables, and the examples' distinct passage ids while the collection streams.
+    off the passages the file names; a named passage whose inline copy has another title or
+    text than the collection's is counted, and logged as a warning once the collection is
+    read (the collection's copy is the corpus). The other tables are checked when the first
+    of them is read, after the corpus: a passage the collection lacks is a row defect of the
+    record naming it (its line and context field, e.g. ``[3].hard_negative_ctxs[7].
+    passage_id``). In skip mode, a record with a missing positive is left out of every table
+    and a missing negative is left out of its example, each reported. Memory: the file's
+    query tables and a digest per passage it names, never the collection.
     """
     rejects = rejects or Rejects()
     positions: list[int] = []
-    tables = read_dpr(path, lang, rejects, corpus=False, positions=positions)
-    missing = {p for ex in tables["examples"] for p in (*ex["pos_pids"], *ex["neg_pids"])}
-    state: dict[str, Any] = {"read": False, "dropped": None}
+    named: dict[str, int] = {}  # the passages not yet seen in the collection -> digest
+    tables = read_dpr(path, lang, rejects, corpus=False, positions=positions, digests=named)
+    n_named = len(named)
+    state: dict[str, Any] = {"read": False, "fixed": None}
 
     def corpus() -> Iterator[dict[str, Any]]:
+        other, first = 0, None
         for row in rows:
-            missing.discard(row["pid"])
+            digest = named.pop(row["pid"], 0)
+            if digest and digest != passage_digest(row["title"], row["text"]):
+                other, first = other + 1, first or row["pid"]
             yield row
+        if other:
+            log.warning("%s: %d of the %d passages it names have another title or text in "
+                        "the collection %s (first: %r); the collection's copies are the "
+                        "corpus: is it the collection the file's passage ids come from?",
+                        path, other, n_named - len(named), collection, first)
         state["read"] = True
 
-    def dropped() -> set[str]:
-        if state["dropped"] is None:
+    def fixed() -> tuple[set[str], dict[str, list[str]]]:
+        """The qids left out, and the qids whose negatives lose some (-> the lost ones)."""
+        if state["fixed"] is None:
             if not state["read"]:
                 raise RuntimeError("read the corpus before the other DPR tables")
-            bad = {positions[k]: ex["qid"] for k, ex in enumerate(tables["examples"])
-                   if not missing.isdisjoint(ex["pos_pids"]) or
-                   not missing.isdisjoint(ex["neg_pids"])}
-            if bad:
-                _report_missing(path, collection, bad, missing, rejects)
-            state["dropped"] = set(bad.values())
-            missing.clear()
-        return state["dropped"]
+            state["fixed"] = _check_named(path, collection, tables["examples"], positions,
+                                          named, rejects)
+            named.clear()
+        return state["fixed"]
 
     def checked(kind: str) -> Iterator[dict[str, Any]]:
-        drop = dropped()
-        yield from (r for r in tables[kind] if r["qid"] not in drop)
+        drop, lost = fixed()
+        for r in tables[kind]:
+            if r["qid"] in drop:
+                continue
+            if kind == "examples" and r["qid"] in lost:
+                gone = set(lost[r["qid"]])
+                r = {**r, "neg_pids": [p for p in r["neg_pids"] if p not in gone]}
+            yield r
 
     return {"corpus": corpus(), **{k: checked(k) for k in tables}}
 
 
-def _report_missing(path: str, collection: str, bad: dict[int, str], missing: set[str],
-                    rejects: Rejects) -> None:
-    """Report the records at positions ``bad`` (re-read from ``path``) that name a passage
-    id in ``missing``: the first such context of each, in file order."""
+def _check_named(path: str, collection: str, examples: list[dict[str, Any]],
+                 positions: list[int], missing: Mapping[str, Any], rejects: Rejects
+                 ) -> tuple[set[str], dict[str, list[str]]]:
+    """Report each record of ``examples`` (at ``positions`` of ``path``, re-read on this path
+    only) that names a passage in ``missing``, in file order: a missing positive rejects
+    the record (its qid is returned to be left out), missing negatives are left out of its
+    example (qid -> them). Raises in fail mode, at the first."""
+    drop: dict[int, str] = {}
+    lost: dict[int, tuple[str, list[str]]] = {}
+    for k, ex in enumerate(examples):
+        if any(p in missing for p in ex["pos_pids"]):
+            drop[positions[k]] = ex["qid"]
+        elif gone := [p for p in ex["neg_pids"] if p in missing]:
+            lost[positions[k]] = (ex["qid"], gone)
+    if not drop and not lost:
+        return set(), {}
+    hint = (" (or its row there was rejected: see the rejected rows)"
+            if any(r["file"] == collection for r in rejects.rows) else "")
+    totals = f"missing in all: {len(missing)} passages, named by {len(drop) + len(lost)} records"
     quiet = Rejects("skip")  # the read reported each defect already; these records have none
+    reported = 0
     for n, i, loc, obj in dpr_records(path, quiet):
-        if i not in bad:
+        if i not in drop and i not in lost:
             continue
-        for key in (*DPR_POSITIVES, *DPR_NEGATIVES):
-            if key not in obj:
-                continue
-            ctxs = _dpr_ctxs(obj, (key,), loc, path, n, quiet, required=False) or []
-            hit = next((j for j, (p, _, _) in enumerate(ctxs) if p in missing), None)
-            if hit is not None:
-                id_key = next(k for k in DPR_PID_KEYS if k in obj[key][hit])
-                rejects.bad(path, n, f"{loc}{key}[{hit}].{id_key}",
-                            f"passage {ctxs[hit][0]!r} is not in the passage collection "
-                            f"{collection}", obj)
-                break
+        keys = DPR_POSITIVES if i in drop else DPR_NEGATIVES
+        hits = [(f"{loc}{key}[{j}].{next(k for k in DPR_PID_KEYS if k in obj[key][j])}", p)
+                for key in keys if key in obj
+                for j, (p, _, _) in enumerate(_dpr_ctxs(
+                    obj, (key,), loc, path, n, quiet, required=False, need_text=False) or [])
+                if p in missing]
+        if not hits:
+            continue
+        n_lost = len(lost[i][1]) if i in lost else 0
+        what = (f"positive passage {hits[0][1]!r} is" if i in drop else
+                f"negative passage {hits[0][1]!r} is" if n_lost == 1 else
+                f"{n_lost} negative passages ({hits[0][1]!r}, ...) are")
+        done = ("" if rejects.mode != "skip" else ": the record is left out" if i in drop
+                else ": left out of the example")
+        rejects.bad(path, n, hits[0][0], f"{what} not in the passage collection "
+                    f"{collection}{hint} ({totals}){done}", obj)
+        reported += 1
+    if reported != len(drop) + len(lost):
+        raise DataError(f"{path}: {len(drop) + len(lost)} records name passages not in "
+                        f"{collection}, {reported} found again: did the file change?")
+    if len(drop) == len(examples):
+        raise DataError(f"{path}: no record left: each names a positive passage not in the "
+                        f"passage collection {collection} ({totals}): is it the collection "
+                        "the file's passage ids come from?")
+    return set(drop.values()), dict(lost.values())
 
 
 # ---------------------------------------------------------------------------- MKQA

@@ -99,7 +99,7 @@ class SpilledIds:
                           "line": pa.array(lines, pa.int64()),
                           "fld": pa.array(flds, pa.int32())}).sort_by(_SORT)
         path = self._path()
-        pq.write_table(table, path)
+        pq.write_table(table, path, row_group_size=self.batch_rows)  # what a merge reads
         self._runs.append(path)
         self._buf = ([], [], [], [], [])
 
