@@ -4,7 +4,8 @@ A DPR-format training file (``--queries`` questions, each 1 positive + ``--negat
 negatives with their inline text) is prepared over collections of each size in ``--sizes``
 (psgs_w100.tsv layout, ~100-word passages of random words), each in a child process whose
 RSS is sampled from outside (psutil, every 0.1 s). ``collection``: ``--passages`` given, the
-corpus is the collection, streamed; ``inline``: the file's own passages, held until written;
+corpus is the collection, streamed; ``inline``: the file's own passages, streamed from a
+second read of the file (with ``--baseline-src DIR`` also measured with that older checkout);
 ``passages``, the baseline: the same collection prepared alone (``--format passages``, the
 streamed reader). The file names the same passages at every size, so over a streamed
 collection the driver's peak should grow as the collection alone does, not with its size.
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from before_after import REPO, commit, measure, parse, parser, save  # noqa: E402
+from before_after import REPO, commit, measure, parse, parser, save, trees  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(20_000)]
 SHARD_ROWS = 20_000  # a shard of rows is what the writer holds
@@ -94,11 +95,12 @@ def main() -> None:
         paths = make_data(data, args.sizes, args.queries, args.negatives)
         print(f"data made in {time.perf_counter() - t0:.0f} s")
         runs = []
-        phases = [("inline", min(args.sizes))] + [
-            (mode, n) for n in args.sizes for mode in ("passages", "collection")]
-        for mode, size in phases:
-            res = measure(REPO, f"{mode}:{size}", data, data / f"out-{mode}-{size}", script)
-            res.update(mode=mode, collection=size if mode != "inline" else None,
+        phases = [("inline", min(args.sizes), tree) for tree in trees(args.baseline_src)] + [
+            (mode, n, ("this", REPO)) for n in args.sizes for mode in ("passages", "collection")]
+        for mode, size, (tree, src) in phases:
+            res = measure(src, f"{mode}:{size}", data, data / f"out-{mode}-{size}-{tree}", script)
+            res.update(mode=mode, tree=tree, commit=commit(src),
+                       collection=size if mode != "inline" else None,
                        collection_mb=round(paths[size].stat().st_size / (1 << 20), 1))
             runs.append(res)
             print(json.dumps(res))
@@ -114,7 +116,7 @@ def main() -> None:
           "driver peak MB |")
     print("|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {MODES[r['mode']]} | {r['collection'] or '-'} | "
+        print(f"| {MODES[r['mode']]} ({r['commit']}) | {r['collection'] or '-'} | "
               f"{r['collection_mb'] if r['collection'] else '-'} | "
               f"{r['rows']['corpus']:,} | {r['seconds']} | {r['driver_peak_rss_mb']} |")
     summary = {"driver_peak_growth": growth("collection"),

@@ -241,3 +241,32 @@ def test_dpr_prepare_benchmark_runs(tmp_path):
     assert all(r["rows"].get("examples", 10) == 10 and r["driver_peak_rss_mb"] > 0
                for r in got["runs"])
     assert set(got["dpr_over_collection_vs_alone_mb"]) == {"400", "2000"}
+
+
+def test_dpr_inline_passages_stream_from_a_second_read(tmp_path):
+    """Without a collection the corpus is the inline passages, each at its first copy, read
+    from the file a second time (not held); a file changed between the reads is an error."""
+    records = _records()
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    tables = read("dpr", str(path), lang="en", stream=True)
+    assert not isinstance(tables["corpus"], list) and isinstance(tables["queries"], list)
+    rows = list(tables["corpus"])
+    first: dict[str, tuple[str, str]] = {}
+    for r in records:  # file order: positives, then hard negatives, then negatives
+        for k in CTXS:
+            for c in r[k]:
+                first.setdefault(str(c["passage_id"]), (c["title"].strip(), c["text"].strip()))
+    assert [(r["pid"], r["title"], r["text"]) for r in rows] == [
+        (p, t, x) for p, (t, x) in first.items()]
+    assert len(rows) == 751 and {r["lang"] for r in rows} == {"en"}
+    # the file changed after the first read: a passage of it is not found again
+    tables = read("dpr", str(path), lang="en", stream=True)
+    records[4]["positive_ctxs"] = records[4]["positive_ctxs"][:1]
+    gone = {str(c["passage_id"]) for c in _records()[4]["positive_ctxs"]} - {
+        str(c["passage_id"]) for r in records for k in CTXS for c in r[k]}
+    assert gone
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{len(gone)} passages of the first read not found "
+                       "again .*did the file change"):
+        list(tables["corpus"])

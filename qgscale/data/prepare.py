@@ -80,7 +80,8 @@ def read(fmt: str, input: str, *, passages: str | None = None,
                               "no language, so give one (the language of all its passages)")
         plang = corpus_langs[0] if corpus_langs else None
         if not passages:
-            return readers.read_dpr(input, lang, rejects, passage_lang=plang)
+            tables = readers.read_dpr(input, lang, rejects, passage_lang=plang)
+            return tables if stream else {**tables, "corpus": list(tables["corpus"])}
         if not plang:
             raise ConfigError(f"data.passages={passages}: give the collection's language as "
                               "data.corpus_langs (--corpus-langs), e.g. [en] for psgs_w100")

@@ -655,10 +655,11 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
     lang: the record's ``lang`` stripped, else ``lang``), ``answers``, ``qrels`` (each
     positive, rel 1), ``examples`` (TRAIN_EXAMPLES: positives deduplicated in file order;
     negatives = hard negatives then negatives, without repeats and without the positives)
-    and, with ``corpus``, ``corpus``: every inline passage once, in language
-    ``passage_lang`` (default ``lang``; XOR-TyDi's passages are English whatever the
-    question's language). A record without a positive, or (with ``corpus``) with a passage
-    id whose title or text differ from an earlier copy, is a row defect.
+    and, with ``corpus``, ``corpus``: every inline passage once, at its first copy, in
+    language ``passage_lang`` (default ``lang``; XOR-TyDi's passages are English whatever
+    the question's language): a generator that reads the file a second time, so that the
+    passages are streamed, not held. A record without a positive, or (with ``corpus``) with
+    a passage id whose title or text differ from an earlier copy, is a row defect.
 
     ``corpus=False`` leaves the passages out (use the collection they come from, e.g.
     psgs_w100, instead: :func:`dpr_on_collection`); a context may then hold its id alone.
@@ -666,16 +667,14 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
     ``examples`` row); ``digests`` each named passage's :func:`passage_digest` of its first
     inline copy (0 without text).
 
-    Memory: the rows of every table, and (with ``corpus``) 24 bytes + the id per distinct
-    passage (to check copies).
+    Memory: the query tables, and (with ``corpus``) a digest and the id per distinct
+    passage, to check copies (about 150 bytes; the passages' texts are never held).
     """
     rejects = rejects or Rejects()
     tables: Tables = {"queries": [], "answers": [], "qrels": [], "examples": []}
-    if corpus:
-        tables["corpus"] = []
+    kept: list[int] = [] if positions is None else positions
     seen_q = FirstSeen("question id")
-    seen_p: dict[str, tuple[int, int, int]] = {}  # pid -> (digest, line, index) of 1st copy
-    passage_lang = passage_lang or lang
+    first: dict[str, tuple[int, int]] = {}  # pid -> (digest, record index) of its 1st copy
     for n, i, loc, obj in dpr_records(path, rejects):
         q_key = next((k for k in ("question", "query") if k in obj), "question")
         id_key = next((k for k in DPR_QID_KEYS if k in obj), None)
@@ -690,16 +689,15 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
                          need_text=corpus) if pos is not None else None)
         if neg is None:
             continue
-        new_rows: dict[str, dict[str, Any]] = {}
+        new: dict[str, tuple[int, int]] = {}
         clash = None
         for pid, title, body in (pos + neg) if corpus else ():
             digest = passage_digest(title, body)
-            first = seen_p.get(pid) or (new_rows.get(pid) and new_rows[pid]["_first"])
-            if first is None:
-                new_rows[pid] = {"pid": pid, "lang": passage_lang, "title": title,
-                                 "text": body, "_first": (digest, n, i)}
-            elif first[0] != digest:
-                clash = (pid, f"line {first[1]}" if not loc else f"[{first[2]}]")
+            copy = first.get(pid) or new.get(pid)
+            if copy is None:
+                new[pid] = (digest, i)
+            elif copy[0] != digest:
+                clash = (pid, f"line {copy[1] + 1}" if not loc else f"[{copy[1]}]")
                 break
         if clash:
             rejects.bad(path, n, f"{loc}passage_id", f"passage {clash[0]!r} has a different "
@@ -709,8 +707,7 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
         if not seen_q.new(qid, path, n, loc + (id_key or "(position: no id field)"), rejects,
                           obj):
             continue
-        for pid, row in new_rows.items():
-            seen_p[pid] = row.pop("_first")
+        first.update(new)
         pos_pids = list(dict.fromkeys(p for p, _, _ in pos))
         positives = set(pos_pids)
         neg_pids = [p for p in dict.fromkeys(p for p, _, _ in neg) if p not in positives]
@@ -718,15 +715,33 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
         tables["answers"].append({"qid": qid, "answers": ans})
         tables["qrels"].extend({"qid": qid, "pid": p, "rel": 1} for p in pos_pids)
         tables["examples"].append({"qid": qid, "pos_pids": pos_pids, "neg_pids": neg_pids})
-        if positions is not None:
-            positions.append(i)
+        kept.append(i)
         if digests is not None:
             for pid, title, body in pos + neg:
                 if pid not in digests:
                     digests[pid] = 0 if body is None else passage_digest(title, body)
-        if corpus:
-            tables["corpus"].extend(new_rows.values())
+    if corpus:
+        tables["corpus"] = _inline_passages(path, kept, first, passage_lang or lang)
     return tables
+
+
+def _inline_passages(path: str, kept: list[int], first: dict[str, Any], lang: str
+                     ) -> Iterator[dict[str, Any]]:
+    """The second read of a DPR file: each inline passage of the ``kept`` records (their
+    positions) once, at its first copy (``first``: each passage's first copy, popped as it
+    is yielded), in file order."""
+    want = set(kept)
+    quiet = Rejects("skip")  # the first read reported each defect; these records have none
+    for n, i, loc, obj in dpr_records(path, quiet):
+        if i not in want:
+            continue
+        for keys in (DPR_POSITIVES, DPR_NEGATIVES):
+            for pid, title, text in _dpr_ctxs(obj, keys, loc, path, n, quiet, False) or []:
+                if first.pop(pid, None) is not None:
+                    yield {"pid": pid, "lang": lang, "title": title, "text": text}
+    if first:
+        raise DataError(f"{path}: {len(first)} passages of the first read not found again "
+                        f"(first: {next(iter(first))!r}): did the file change?")
 
 
 def passage_digest(title: str, text: str) -> int:
