@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 from qgscale import cli, config, pipeline, storage
 from qgscale.data import readers
 from qgscale.data.prepare import prepare, read
-from qgscale.errors import DataError
+from qgscale.errors import ConfigError, DataError
 from qgscale.layout import Layout
 from tests.conftest import REPO, TEST_DATA
 from tests.test_xor_mkqa import CPU, XOR_SET, merged, overrides
@@ -154,8 +155,9 @@ def test_dpr_jsonl_over_a_collection_ids_alone_copies_and_duplicates(tmp_path, c
     assert [(r["line"], r["reason"].endswith("the record is left out")) for r in rejects.rows
             ] == [(4, True)]
     # the inline copy that differs is counted and named; the collection's is the corpus
-    assert f"1 of the {len(texts)} passages it names have another title or text" in \
-        caplog.text and repr(retitled) in caplog.text
+    assert re.search(r"1 of the 7\d\d passages compared \(those the file names with their "
+                     r"text\) have another title or text", caplog.text)
+    assert repr(retitled) in caplog.text and len(texts) == 750
     # without the collection an id alone is a defect (the corpus needs its text)
     with pytest.raises(DataError, match=r"train.jsonl:2: field 'negative_ctxs\[0\]\.text'"):
         read("dpr", str(path), lang="en")
@@ -270,3 +272,58 @@ def test_dpr_inline_passages_stream_from_a_second_read(tmp_path):
     with pytest.raises(DataError, match=rf"{len(gone)} passages of the first read not found "
                        "again .*did the file change"):
         list(tables["corpus"])
+
+
+def _tsv(path: Path, rows: dict[str, tuple[str, str]]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["id", "text", "title"])
+        w.writerows([pid, text, title] for pid, (title, text) in rows.items())
+
+
+def test_dpr_collection_copies_spacing_other_texts_tevatron_and_checks_first(tmp_path,
+                                                                              caplog):
+    records = _records()
+    texts = collection(tmp_path / "c.tsv", records)
+    en = {"lang": "en", "corpus_langs": ["en"]}
+    # other spacing inside a text is the same passage: no warning
+    spaced = tmp_path / "spaced.tsv"
+    _tsv(spaced, {p: (t, " " + x.replace(" ", "   ") + "  ") for p, (t, x) in texts.items()})
+    with caplog.at_level("WARNING", logger="qgscale.data.readers"):
+        read("dpr", str(DPR), passages=str(spaced), **en)
+    assert "another title or text" not in caplog.text
+    # most copies differ: the wrong collection, an error (a warning with skip)
+    other = tmp_path / "other.tsv"
+    _tsv(other, {p: ("Other " + t, x) for p, (t, x) in texts.items()})
+    with pytest.raises(DataError, match=rf"751 of the 751 passages compared .* have another "
+                       rf"title or text in the collection {other} .*is it the collection"):
+        read("dpr", str(DPR), passages=str(other), **en)
+    with caplog.at_level("WARNING", logger="qgscale.data.readers"):
+        got = read("dpr", str(DPR), passages=str(other), **en, rejects=readers.Rejects("skip"))
+    assert "751 of the 751 passages compared" in caplog.text and len(got["examples"]) == 5
+    # a record with a missing positive and missing negatives: reported once, for the positive
+    pos, neg = _only_in(records, 1, "positive_ctxs"), _only_in(records, 1, "negative_ctxs")
+    part = tmp_path / "part.tsv"
+    _tsv(part, {p: v for p, v in texts.items() if p not in (pos, neg)})
+    rejects = readers.Rejects("skip")
+    got = read("dpr", str(DPR), passages=str(part), **en, rejects=rejects)
+    assert [r["field"][:18] for r in rejects.rows] == ["[1].positive_ctxs["]
+    assert "positive passage" in rejects.rows[0]["reason"] and "1" not in {
+        r["qid"] for r in got["queries"]}
+    # Tevatron records (query_id, docid contexts) over the collection
+    tev = tmp_path / "tev.jsonl"
+    tev.write_text("".join(json.dumps({
+        "query_id": f"t{i}", "query": r["question"],
+        "positive_passages": [{"docid": str(c["passage_id"]), "title": c["title"],
+                               "text": c["text"]} for c in r["positive_ctxs"]],
+        "negative_passages": [{"docid": str(c["passage_id"])} for c in r["hard_negative_ctxs"]],
+    }) + "\n" for i, r in enumerate(records)), encoding="utf-8")
+    got = read("dpr", str(tev), passages=str(part), **en, rejects=readers.Rejects("skip"))
+    assert [r["qid"] for r in got["queries"]] == ["t0", "t2", "t3", "t4"]
+    # a format argument no reader could use fails before the output of another prepare is
+    # cleared
+    out = tmp_path / "out"
+    prepare("dpr", str(DPR), str(out), **en)
+    with pytest.raises(ConfigError, match="give the collection's language"):
+        prepare("dpr", str(DPR), str(out), passages=str(part), lang="en")
+    assert storage.read_parquet(str(out / "examples")).num_rows == 5

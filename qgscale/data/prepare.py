@@ -58,14 +58,12 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     are checked for duplicates in memory, or, given ``ids``, recorded there to be checked
     after the stream (:func:`write_tables`).
     """
+    check_args(fmt, passages=passages, corpus_langs=corpus_langs, kind=kind)
     rejects = rejects or readers.Rejects()
     unique: bool | SpilledIds = ids if ids is not None else True
     if fmt == "xquad":
         return readers.read_xquad(input, query_langs, corpus_langs, test_mod, rejects)
     if fmt == "xor-tydi":
-        if corpus_langs and corpus_langs != ["en"]:
-            raise ConfigError(f"data.corpus_langs={corpus_langs}: the XOR-Retrieve corpus is "
-                              "English Wikipedia (psgs_w100): leave it out or give [en]")
         tables = readers.read_xor_queries(input, rejects, query_langs)
         if passages:
             rows = readers.iter_passages(passages, "en", rejects, unique)
@@ -75,16 +73,10 @@ def read(fmt: str, input: str, *, passages: str | None = None,
         rows = readers.iter_passages(input, lang, rejects, unique)
         return {"corpus": rows if stream else list(rows)}
     if fmt == "dpr":
-        if corpus_langs and len(corpus_langs) > 1:
-            raise ConfigError(f"data.corpus_langs={corpus_langs}: a DPR file's passages carry "
-                              "no language, so give one (the language of all its passages)")
         plang = corpus_langs[0] if corpus_langs else None
         if not passages:
             tables = readers.read_dpr(input, lang, rejects, passage_lang=plang)
             return tables if stream else {**tables, "corpus": list(tables["corpus"])}
-        if not plang:
-            raise ConfigError(f"data.passages={passages}: give the collection's language as "
-                              "data.corpus_langs (--corpus-langs), e.g. [en] for psgs_w100")
         rows = readers.iter_passages(passages, plang, rejects, unique)
         streams = readers.dpr_on_collection(input, passages, rows, lang, rejects)
         return streams if stream else {k: list(v) for k, v in streams.items()}  # corpus first
@@ -97,13 +89,30 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     if fmt == "beir":
         return readers.read_beir(input, lang, rejects, stream=stream, unique=unique)
     if fmt == "jsonl":
-        if kind not in SCHEMAS:
-            raise ConfigError(f"--kind must be one of {sorted(SCHEMAS)} for --format jsonl, "
-                              f"got {kind!r}")
         rows = readers.iter_canonical_jsonl(input, kind, rejects,
                                             unique if kind == "corpus" else True)
         return {kind: rows if stream else list(rows)}
     raise _unknown(fmt)
+
+
+def check_args(fmt: str, *, passages: str | None = None,
+               corpus_langs: list[str] | None = None, kind: str | None = None) -> None:
+    """The arguments of :func:`read` that no reader could use: a ConfigError before anything
+    is read or cleared."""
+    if fmt not in FORMATS:
+        raise _unknown(fmt)
+    if fmt == "xor-tydi" and corpus_langs and corpus_langs != ["en"]:
+        raise ConfigError(f"data.corpus_langs={corpus_langs}: the XOR-Retrieve corpus is "
+                          "English Wikipedia (psgs_w100): leave it out or give [en]")
+    if fmt == "dpr" and corpus_langs and len(corpus_langs) > 1:
+        raise ConfigError(f"data.corpus_langs={corpus_langs}: a DPR file's passages carry no "
+                          "language, so give one (the language of all its passages)")
+    if fmt == "dpr" and passages and not corpus_langs:
+        raise ConfigError(f"data.passages={passages}: give the collection's language as "
+                          "data.corpus_langs (--corpus-langs), e.g. [en] for psgs_w100")
+    if fmt == "jsonl" and kind not in SCHEMAS:
+        raise ConfigError(f"--kind must be one of {sorted(SCHEMAS)} for --format jsonl, "
+                          f"got {kind!r}")
 
 
 def _unknown(fmt: str) -> ConfigError:
@@ -180,9 +189,8 @@ def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
     re-run with the same one resumes, keeping finished shards; ``output`` holding a prepare
     of another one is cleared first, so that no shard of other input or arguments is kept.
     """
-    if fmt not in FORMATS:  # before anything is cleared
-        raise _unknown(fmt)
-    record = storage.join(output, "_prepare.json")
+    check_args(fmt, **{k: kw.get(k) for k in ("passages", "corpus_langs", "kind")})
+    record = storage.join(output, "_prepare.json")  # after the checks: nothing cleared yet
     if storage.exists(record) and storage.read_json(record)["config_hash"] != config_hash:
         log.info("%s held a prepare of other input or arguments: cleared", output)
         storage.remove(output, recursive=True)

@@ -609,7 +609,9 @@ def _dpr_ctxs(obj: dict, keys: tuple[str, ...], loc: str, path: str, line: int,
                             f"{' / '.join(DPR_PID_KEYS)})", obj)
                 return None
             pid = get_id(ctx, id_key, path, line, rejects, name=f"{where}.{id_key}")
-            if pid and not need_text and ctx.get("text") in (None, ""):
+            blank = ctx.get("text") is None or (isinstance(ctx["text"], str)
+                                                 and not ctx["text"].strip())
+            if pid and not need_text and blank:
                 out.append((pid, None, None))
                 continue
             text = pid and get_str(ctx, "text", path, line, rejects, name=f"{where}.text")
@@ -665,7 +667,7 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
     psgs_w100, instead: :func:`dpr_on_collection`); a context may then hold its id alone.
     ``positions``, if given, gets each kept record's 0-based position in the file (one per
     ``examples`` row); ``digests`` each named passage's :func:`passage_digest` of its first
-    inline copy (0 without text).
+    inline copy with text (0 if none has).
 
     Memory: the query tables, and (with ``corpus``) a digest and the id per distinct
     passage, to check copies (about 150 bytes; the passages' texts are never held).
@@ -718,7 +720,7 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
         kept.append(i)
         if digests is not None:
             for pid, title, body in pos + neg:
-                if pid not in digests:
+                if not digests.get(pid):  # the first copy with its text
                     digests[pid] = 0 if body is None else passage_digest(title, body)
     if corpus:
         tables["corpus"] = _inline_passages(path, kept, first, passage_lang or lang)
@@ -745,9 +747,10 @@ def _inline_passages(path: str, kept: list[int], first: dict[str, Any], lang: st
 
 
 def passage_digest(title: str, text: str) -> int:
-    """An 8-byte digest of a passage's stripped title and text (nonzero): tells copies apart."""
-    raw = hashlib.blake2b(f"{title.strip()}\t{text.strip()}".encode(), digest_size=8).digest()
-    return int.from_bytes(raw, "little") or 1
+    """An 8-byte digest (nonzero) of a passage's title and text with their whitespace runs
+    made single spaces: tells copies apart, not spacing."""
+    norm = f"{' '.join(title.split())}\t{' '.join(text.split())}"
+    return int.from_bytes(hashlib.blake2b(norm.encode(), digest_size=8).digest(), "little") or 1
 
 
 def dpr_on_collection(path: str, collection: str, rows: Iterable[dict[str, Any]],
@@ -758,34 +761,41 @@ def dpr_on_collection(path: str, collection: str, rows: Iterable[dict[str, Any]]
     of psgs_w100: streamed, never held).
 
     Returns generators, ``corpus`` first: it passes the collection's rows through, crossing
-    off the passages the file names; a named passage whose inline copy has another title or
-    text than the collection's is counted, and logged as a warning once the collection is
-    read (the collection's copy is the corpus). The other tables are checked when the first
-    of them is read, after the corpus: a passage the collection lacks is a row defect of the
-    record naming it (its line and context field, e.g. ``[3].hard_negative_ctxs[7].
-    passage_id``). In skip mode, a record with a missing positive is left out of every table
-    and a missing negative is left out of its example, each reported. Memory: the file's
-    query tables and a digest per passage it names, never the collection.
+    off the passages the file names and comparing the named ones' inline copies (where they
+    have text) with the collection's (:func:`passage_digest`): once the collection is read,
+    those that differ are logged as a warning (the collection's copy is the corpus), or, when
+    they are more than half of those compared, raise in fail mode (the wrong collection).
+    The other tables are checked when the first of them is read, after the corpus: a passage
+    the collection lacks is a row defect of the record naming it (its line and context
+    field, e.g. ``[3].hard_negative_ctxs[7].passage_id``). In skip mode, a record with a
+    missing positive is left out of every table and a missing negative is left out of its
+    example, each reported. Memory: the file's query tables and a digest per passage it
+    names (about 70 bytes), never the collection.
     """
     rejects = rejects or Rejects()
     positions: list[int] = []
     named: dict[str, int] = {}  # the passages not yet seen in the collection -> digest
     tables = read_dpr(path, lang, rejects, corpus=False, positions=positions, digests=named)
-    n_named = len(named)
     state: dict[str, Any] = {"read": False, "fixed": None}
 
     def corpus() -> Iterator[dict[str, Any]]:
-        other, first = 0, None
+        compared, other, first = 0, 0, None
         for row in rows:
             digest = named.pop(row["pid"], 0)
-            if digest and digest != passage_digest(row["title"], row["text"]):
-                other, first = other + 1, first or row["pid"]
+            if digest:
+                compared += 1
+                if digest != passage_digest(row["title"], row["text"]):
+                    other, first = other + 1, first or row["pid"]
             yield row
         if other:
-            log.warning("%s: %d of the %d passages it names have another title or text in "
-                        "the collection %s (first: %r); the collection's copies are the "
-                        "corpus: is it the collection the file's passage ids come from?",
-                        path, other, n_named - len(named), collection, first)
+            msg = (f"{path}: {other} of the {compared} passages compared (those the file names "
+                   f"with their text) have another title or text in the collection "
+                   f"{collection} (first: {first!r})")
+            if 2 * other > compared and rejects.mode != "skip":
+                raise DataError(f"{msg}: is it the collection the file's passage ids come "
+                                "from? (with on_error skip: a warning, the collection's "
+                                "copies kept)")
+            log.warning("%s; the collection's copies are the corpus", msg)
         state["read"] = True
 
     def fixed() -> tuple[set[str], dict[str, list[str]]]:
@@ -852,6 +862,8 @@ def _check_named(path: str, collection: str, examples: list[dict[str, Any]],
         rejects.bad(path, n, hits[0][0], f"{what} not in the passage collection "
                     f"{collection}{hint} ({totals}){done}", obj)
         reported += 1
+        if reported == len(drop) + len(lost):
+            break  # the rest of the file names no missing passage
     if reported != len(drop) + len(lost):
         raise DataError(f"{path}: {len(drop) + len(lost)} records name passages not in "
                         f"{collection}, {reported} found again: did the file change?")

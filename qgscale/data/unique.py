@@ -60,7 +60,9 @@ def _table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
 class SpilledIds:
     """Records ``(id, file, line, field)`` of each streamed row (:meth:`add`, in stream
     order); :meth:`duplicates` yields every row whose id an earlier row had, in id order.
-    Memory: ``run_rows`` ids while streaming, ``fan_in x batch_rows`` while merging."""
+    Memory: ``run_rows`` ids while streaming, ``fan_in x batch_rows`` while merging the
+    runs (written in row groups of ``batch_rows``), ``fan_in x 8,192`` while merging merged
+    runs (more than ``fan_in x run_rows`` ids)."""
 
     def __init__(self, what: str = "id", run_rows: int = 20_000, fan_in: int = 64,
                  batch_rows: int = 1024):
