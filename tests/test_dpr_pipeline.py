@@ -47,11 +47,16 @@ def collection(path: Path, records: list[dict], drop: set[str] = frozenset(),
         out.pop(pid)
     if retitle:
         out[retitle] = ("Collection: " + out[retitle][0], out[retitle][1])
+    _tsv(path, out)
+    return out
+
+
+def _tsv(path: Path, rows: dict[str, tuple[str, str]]) -> None:
+    """``rows`` (pid -> (title, text)) as DPR's ``psgs_w100.tsv``."""
     with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["id", "text", "title"])
-        w.writerows([pid, text, title] for pid, (title, text) in out.items())
-    return out
+        w.writerows([pid, text, title] for pid, (title, text) in rows.items())
 
 
 def _only_in(records: list[dict], i: int, key: str) -> str:
@@ -272,13 +277,6 @@ def test_dpr_inline_passages_stream_from_a_second_read(tmp_path):
     with pytest.raises(DataError, match=rf"{len(gone)} passages of the first read not found "
                        "again .*did the file change"):
         list(tables["corpus"])
-
-
-def _tsv(path: Path, rows: dict[str, tuple[str, str]]) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(["id", "text", "title"])
-        w.writerows([pid, text, title] for pid, (title, text) in rows.items())
 
 
 def test_dpr_collection_copies_spacing_other_texts_tevatron_and_checks_first(tmp_path,
