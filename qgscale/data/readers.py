@@ -609,9 +609,7 @@ def _dpr_ctxs(obj: dict, keys: tuple[str, ...], loc: str, path: str, line: int,
                             f"{' / '.join(DPR_PID_KEYS)})", obj)
                 return None
             pid = get_id(ctx, id_key, path, line, rejects, name=f"{where}.{id_key}")
-            blank = ctx.get("text") is None or (isinstance(ctx["text"], str)
-                                                 and not ctx["text"].strip())
-            if pid and not need_text and blank:
+            if pid and not need_text and _no_text(ctx.get("text")):
                 out.append((pid, None, None))
                 continue
             text = pid and get_str(ctx, "text", path, line, rejects, name=f"{where}.text")
@@ -625,6 +623,10 @@ def _dpr_ctxs(obj: dict, keys: tuple[str, ...], loc: str, path: str, line: int,
         rejects.bad(path, line, f"{loc}{present[0]}", "empty list (no positive passage)", obj)
         return None
     return out
+
+
+def _no_text(text: Any) -> bool:
+    return text is None or (isinstance(text, str) and not text.strip())
 
 
 def dpr_records(path: str, rejects: Rejects) -> Iterator[tuple[int, int, str, dict]]:
@@ -840,26 +842,22 @@ def _check_named(path: str, collection: str, examples: list[dict[str, Any]],
     hint = (" (or its row there was rejected: see the rejected rows)"
             if any(r["file"] == collection for r in rejects.rows) else "")
     totals = f"missing in all: {len(missing)} passages, named by {len(drop) + len(lost)} records"
-    quiet = Rejects("skip")  # the read reported each defect already; these records have none
     reported = 0
-    for n, i, loc, obj in dpr_records(path, quiet):
+    for n, i, loc, obj in dpr_records(path, Rejects("skip")):  # reported by the first read
         if i not in drop and i not in lost:
             continue
-        keys = DPR_POSITIVES if i in drop else DPR_NEGATIVES
-        hits = [(f"{loc}{key}[{j}].{next(k for k in DPR_PID_KEYS if k in obj[key][j])}", p)
-                for key in keys if key in obj
-                for j, (p, _, _) in enumerate(_dpr_ctxs(
-                    obj, (key,), loc, path, n, quiet, required=False, need_text=False) or [])
-                if p in missing]
-        if not hits:
+        hit = _first_named(obj, DPR_POSITIVES if i in drop else DPR_NEGATIVES, loc, path, n,
+                           missing)
+        if hit is None:
             continue
+        fld, pid = hit
         n_lost = len(lost[i][1]) if i in lost else 0
-        what = (f"positive passage {hits[0][1]!r} is" if i in drop else
-                f"negative passage {hits[0][1]!r} is" if n_lost == 1 else
-                f"{n_lost} negative passages ({hits[0][1]!r}, ...) are")
+        what = (f"positive passage {pid!r} is" if i in drop else
+                f"negative passage {pid!r} is" if n_lost == 1 else
+                f"{n_lost} negative passages ({pid!r}, ...) are")
         done = ("" if rejects.mode != "skip" else ": the record is left out" if i in drop
                 else ": left out of the example")
-        rejects.bad(path, n, hits[0][0], f"{what} not in the passage collection "
+        rejects.bad(path, n, fld, f"{what} not in the passage collection "
                     f"{collection}{hint} ({totals}){done}", obj)
         reported += 1
         if reported == len(drop) + len(lost):
@@ -872,6 +870,18 @@ def _check_named(path: str, collection: str, examples: list[dict[str, Any]],
                         f"passage collection {collection} ({totals}): is it the collection "
                         "the file's passage ids come from?")
     return set(drop.values()), dict(lost.values())
+
+
+def _first_named(obj: dict, keys: tuple[str, ...], loc: str, path: str, line: int,
+                 pids: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(field, pid)`` of the first context of record ``obj`` under ``keys`` whose passage
+    id is in ``pids``; None if none is."""
+    for key in keys:
+        ctxs = _dpr_ctxs(obj, (key,), loc, path, line, Rejects("skip"), False, False) or []
+        for j, (pid, _, _) in enumerate(ctxs):
+            if pid in pids:
+                return f"{loc}{key}[{j}].{next(k for k in DPR_PID_KEYS if k in obj[key][j])}", pid
+    return None
 
 
 # ---------------------------------------------------------------------------- MKQA

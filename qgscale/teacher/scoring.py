@@ -114,8 +114,8 @@ def check_lists(t: pa.Table, f: str) -> None:
     if pc.any(bad).as_py():
         i = pc.index(bad, True).as_py()
         found.append((i, f"{f}: row {i}: empty field 'qid'"))
-    else:
-        found += [r for r in [_repeated_qid(_lists(t, 0), [f])] if r]
+    elif repeat := _repeated_qid(_lists(t, 0), [f]):
+        found.append(repeat)
     first(pc.is_null(pids), "is null")
     flat, parent = pc.list_flatten(pids), pc.list_parent_indices(pids)
     first(blank(flat), "holds an empty/null pid", parent)
