@@ -88,7 +88,7 @@ class RayConfig(Section):
     log_to_driver: bool = False
 
 
-DATA_FORMATS = Literal["xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "dpr"]
+DATA_FORMATS = Literal["xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "dpr", "qas"]
 # the data options some formats do not read (prepare.READ_ARGS), and what such a format does
 # instead: given to one of them, an option is an error, not ignored (corpus_langs is left out:
 # configs/mkqa.yaml names the language of the corpus it is evaluated against)
@@ -134,12 +134,15 @@ class DataConfig(Section):
                 by = [f for f in get_args(DATA_FORMATS) if name in READ_ARGS[f]]
                 raise ValueError(f"{name}: format {self.format} {why} (read by "
                                  f"{', '.join(by)}: leave {name} out)")
-        if self.format == "dpr" and len(self.corpus_langs or []) > 1:
+        if self.format in ("dpr", "qas") and len(self.corpus_langs or []) > 1:
             raise ValueError(f"corpus_langs={self.corpus_langs}: a DPR file's passages carry "
                              "no language, so give one (the language of all its passages)")
-        if self.format == "dpr" and self.passages and not self.corpus_langs:
+        if self.format in ("dpr", "qas") and self.passages and not self.corpus_langs:
             raise ValueError("corpus_langs: give the passage collection's language (e.g. "
                              "[en] for psgs_w100)")
+        if self.format == "qas" and not self.passages:
+            raise ValueError("passages: a qas file holds questions and answers only: give the "
+                             "passage collection they are answered from (psgs_w100.tsv)")
         return self
 
 
@@ -401,16 +404,20 @@ class EvalConfig(Section):
     students_from: str | None = None
     pairs: bool = True  # also search each corpus language alone: per (query, corpus) lang pair
     answer_recall: bool = True  # R@2kt / R@5kt when the split has answers (XOR-TyDi, MKQA)
+    # acc@k for each k: DPR's top-k retrieval accuracy (an answer in the text of one of the
+    # first k passages) when the split has answers, with this answer match
+    # (qgscale.retrieval.answers; dpr-chars for corpora written without spaces); off: none
+    answer_accuracy: Literal["dpr", "dpr-chars", "off"] = "dpr"
     chart_metric: str = "mrr@10"  # metric of the per-pair bar chart
 
     @model_validator(mode="after")
     def _metrics(self) -> EvalConfig:
-        from qgscale.eval.metrics import metric_names
+        from qgscale.eval.metrics import report_names
 
         if self.k and max(self.k) > self.top_k:
             raise ValueError(f"k: recall@{max(self.k)} needs top_k >= {max(self.k)} passages "
                              f"per query (top_k={self.top_k})")
-        names = [*metric_names(self.k), "r@2kt", "r@5kt"]
+        names = report_names(self.k)
         if self.chart_metric not in names:
             raise ValueError(f"chart_metric: {self.chart_metric!r} is not one of {names}")
         return self
@@ -438,10 +445,11 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _dpr_eval_data(self) -> Config:
-        if self.data.format == "dpr" and not (self.eval.data or self.eval.students_from):
-            raise ValueError("eval.data: a DPR file is training data with no eval split: "
-                             "set eval.data to a prepared eval set (e.g. `qgscale data "
-                             "prepare` of the dev file)")
+        if self.data.format in ("dpr", "qas") and not (self.eval.data or
+                                                       self.eval.students_from):
+            raise ValueError(f"eval.data: a {self.data.format} file is training data with no "
+                             "eval split: set eval.data to a prepared eval set (e.g. `qgscale "
+                             "data prepare --format qas` of DPR's nq-test.qas.csv)")
         return self
 
 

@@ -32,7 +32,7 @@ STUDENTS = ("init", "warmup", "distill")
 BASELINE = "bm25"  # the eval tables' first row (eval/bm25/<split>/)
 # data formats whose readers write answers and no positives: training examples come from
 # BM25 + answer match (the bm25 stage) unless bm25.positives says otherwise
-ANSWER_FORMATS = ("xor-tydi", "mkqa")
+ANSWER_FORMATS = ("xor-tydi", "mkqa", "qas")
 
 
 def answer_positives(cfg: Any) -> bool:

@@ -536,10 +536,10 @@ def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[
 def summary_table(results: dict[str, dict], metrics: tuple[str, ...] = (
         "mrr@10", "recall@1", "recall@10", "ndcg@10")) -> str:
     """Markdown table: macro metrics of each student on each split, side by side (plus
-    R@2kt / R@5kt where answers were scored)."""
+    R@2kt / R@5kt and DPR's acc@20 / acc@100 where answers were scored)."""
     macros = [r.get("query_langs_macro") or r.get("macro") or {}
               for by_split in results.values() for r in by_split.values()]
-    metrics = tuple(metrics) + tuple(m for m in ("r@2kt", "r@5kt")
+    metrics = tuple(metrics) + tuple(m for m in ("r@2kt", "r@5kt", "acc@20", "acc@100")
                                      if m not in metrics and any(m in x for x in macros))
     rows = ["| student | split | " + " | ".join(metrics) + " |",
             "|---|---|" + "---|" * len(metrics)]

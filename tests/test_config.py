@@ -52,7 +52,12 @@ def test_every_shipped_config_validates():
     ("data:\n  {format: dpr, corpus_langs: [en, de]}\n", r"a DPR file's passages carry no"),
     ("data:\n  {format: dpr, passages: p.tsv}\n", r"corpus_langs: give the passage "
      r"collection's language"),
-    ("data:\n  {format: dpr}\n", r"eval.data: a DPR file is training data with no eval"),
+    ("data:\n  {format: dpr}\n", r"eval.data: a dpr file is training data with no eval"),
+    ("data:\n  {format: qas, passages: p.tsv, corpus_langs: [en]}\n",
+     r"eval.data: a qas file is training data with no eval"),
+    ("data:\n  {format: qas}\n", r"passages: a qas file holds questions and answers only"),
+    ("data:\n  {format: qas, passages: p.tsv}\n", r"corpus_langs: give the passage "),
+    ("data:\n  {format: qas, query_langs: [en]}\n", r"query_langs: format qas reads every"),
     ("distill:\n  batch_size: 0\n", r"c.yaml: distill.batch_size: Input should be greater"),
     ("distill:\n  loss: {tau_t: 0}\n", r"c.yaml: distill.loss.tau_t: Input should be greater"),
     ("teacher:\n  score: {num_actors: 0}\n", r"c.yaml: teacher.score.num_actors: Input should"),

@@ -129,10 +129,12 @@ def test_evaluate_split(run_root):
     from qgscale.eval import metrics as M
     from qgscale.eval.evaluate import evaluate_split, load_split
     from qgscale.index.search import load_index
+    from qgscale.retrieval.answers import has_answer
 
     _, b = run_root
     data = load_split(b["data"], "test", storage.join(b["data"], "test", "corpus"))
     assert len(data.qids) == 2 * N_QUERIES and data.answers
+    body = {c["pid"]: c["text"] for c in b["corpus"]}
     out = evaluate_split(b["encoder"], load_index(b["index"]), data, top_k=5, ks=[1, 5])
     assert set(out["pairs"]) == {"en->en", "en->de", "de->en", "de->de"}
     assert out["corpus_langs"] == sorted(LANGS) and out["n_queries"] == 2 * N_QUERIES
@@ -147,6 +149,12 @@ def test_evaluate_split(run_root):
             pair = out["pairs"][f"{ql}->{cl}"]
             assert pair["n"] == N_QUERIES
             assert pair["recall@5"] == pytest.approx(np.mean(hits))
+            # acc@k: DPR's has_answer on the text of the first k, titles left out
+            for k in (1, 5):
+                found = [any(has_answer(data.answers[data.qids[i]], body[p]) for p in t[:k])
+                         for i, t in zip(rows, top, strict=True)]
+                assert pair[f"acc@{k}"] == pytest.approx(np.mean(found)), (ql, cl, k)
+            assert pair["n_acc"] == N_QUERIES
     # pooled view: every query's top 5 over both languages; recall over both relevant passages
     assert all(len(r) == 5 for r in out["run"].values())
     direct = M.evaluate(out["run"], data.qrels, ["recall@5"])

@@ -17,13 +17,15 @@ from qgscale.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "dpr", "passages", "jsonl")
+FORMATS = ("xquad", "xor-tydi", "mkqa", "tatoeba", "beir", "dpr", "qas", "passages",
+           "jsonl")
 # the keyword arguments of :func:`read` that each format uses (it ignores the others)
 READ_ARGS = {"xquad": ("query_langs", "corpus_langs", "test_mod"),
              "xor-tydi": ("passages", "query_langs", "corpus_langs"),
              "mkqa": ("query_langs", "answer_lang"), "tatoeba": ("query_langs",),
              "beir": ("lang",), "dpr": ("passages", "lang", "corpus_langs"),
-             "passages": ("lang",), "jsonl": ("kind",)}
+             "qas": ("passages", "lang", "corpus_langs"), "passages": ("lang",),
+             "jsonl": ("kind",)}
 
 
 def _is_folder_or_zip(path: str) -> bool:
@@ -49,6 +51,9 @@ def read(fmt: str, input: str, *, passages: str | None = None,
       ``corpus_langs=[x]``: the passages' language (default ``lang``; required with
       ``passages``); ``passages``: the collection the passages come from (psgs_w100) as the
       corpus instead, streamed, every passage the file names checked to be in it.
+    - ``qas``: DPR's question-answer files (``nq-test.qas.csv``): queries + answers in
+      language ``lang``; ``passages``: a collection (language ``corpus_langs=[x]``) as the
+      corpus.
     - ``passages``: a passage collection alone (psgs_w100.tsv, pyserini / BEIR JSONL), in
       language ``lang``.
 
@@ -80,6 +85,12 @@ def read(fmt: str, input: str, *, passages: str | None = None,
         rows = readers.iter_passages(passages, plang, rejects, unique)
         streams = readers.dpr_on_collection(input, passages, rows, lang, rejects)
         return streams if stream else {k: list(v) for k, v in streams.items()}  # corpus first
+    if fmt == "qas":
+        tables = readers.read_qas(input, lang, rejects)
+        if passages:
+            rows = readers.iter_passages(passages, corpus_langs[0], rejects, unique)
+            tables["corpus"] = rows if stream else list(rows)
+        return tables
     if fmt == "mkqa":
         if _is_folder_or_zip(input):
             return readers.read_mkqa_per_language(input, query_langs, answer_lang, rejects)
@@ -104,12 +115,15 @@ def check_args(fmt: str, *, passages: str | None = None,
     if fmt == "xor-tydi" and corpus_langs and corpus_langs != ["en"]:
         raise ConfigError(f"data.corpus_langs={corpus_langs}: the XOR-Retrieve corpus is "
                           "English Wikipedia (psgs_w100): leave it out or give [en]")
-    if fmt == "dpr" and corpus_langs and len(corpus_langs) > 1:
+    if fmt in ("dpr", "qas") and corpus_langs and len(corpus_langs) > 1:
         raise ConfigError(f"data.corpus_langs={corpus_langs}: a DPR file's passages carry no "
                           "language, so give one (the language of all its passages)")
-    if fmt == "dpr" and passages and not corpus_langs:
+    if fmt in ("dpr", "qas") and passages and not corpus_langs:
         raise ConfigError(f"data.passages={passages}: give the collection's language as "
                           "data.corpus_langs (--corpus-langs), e.g. [en] for psgs_w100")
+    if fmt == "qas" and corpus_langs and not passages:
+        raise ConfigError(f"data.corpus_langs={corpus_langs}: a qas file holds no passages; "
+                          "it is the language of data.passages (--passages), if given")
     if fmt == "jsonl" and kind not in SCHEMAS:
         raise ConfigError(f"--kind must be one of {sorted(SCHEMAS)} for --format jsonl, "
                           f"got {kind!r}")

@@ -10,6 +10,7 @@ empty file, corrupt or truncated gzip data, a missing file) always raises.
 
 from __future__ import annotations
 
+import ast
 import codecs
 import csv
 import gzip
@@ -378,6 +379,53 @@ def read_xor_queries(path: str, rejects: Rejects | None = None,
             continue
         queries.append({"qid": qid, "lang": lang.strip(), "text": text.strip()})
         answers.append({"qid": qid, "answers": ans})
+    return {"queries": queries, "answers": answers}
+
+
+def read_qas(path: str, lang: str = "und", rejects: Rejects | None = None) -> Tables:
+    """DPR's question-answer files (``nq-test.qas.csv``, ``trivia-test.qas.csv``, ...; the
+    retrieval eval sets of DPR, ``dpr.data.retriever_data.CsvQASrc``): one question per line,
+    ``question<TAB>answers`` with ``answers`` a Python list literal (``['Wilhelm Conrad
+    Röntgen']``), CSV quoting, no header. ``.gz`` allowed.
+
+    Tables ``queries`` (qid: the 0-based line number, ``line - 1``, as DPR's rows have no id;
+    lang: ``lang``) and ``answers``. A line without two columns, a question that is empty, or
+    answers that are not a non-empty list of strings is a row defect, named by line and field.
+    """
+    rejects = rejects or Rejects()
+    queries, answers = [], []
+    read = 0
+    for n, line in _open_text_lines(path, rejects):
+        if not line.strip():
+            continue
+        read += 1
+        cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
+        if len(cells) != 2:
+            rejects.bad(path, n, None, "expected 2 tab-separated columns (question, answers), "
+                        f"got {len(cells)}", line)
+            continue
+        question, literal = cells
+        if not question.strip():
+            rejects.bad(path, n, "question", "empty text", line)
+            continue
+        try:
+            ans = ast.literal_eval(literal.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+            rejects.bad(path, n, "answers", f"not a Python list literal ({type(e).__name__}): "
+                        f"{literal[:80]!r}", line)
+            continue
+        if not isinstance(ans, list | tuple) or not all(isinstance(a, str) for a in ans):
+            rejects.bad(path, n, "answers", "wrong type: expected a list of strings, got "
+                        f"{literal[:80]!r}", line)
+            continue
+        if not any(a.strip() for a in ans):
+            rejects.bad(path, n, "answers", "no answer (an eval question needs one)", line)
+            continue
+        qid = str(n - 1)
+        queries.append({"qid": qid, "lang": lang, "text": question.strip()})
+        answers.append({"qid": qid, "answers": list(ans)})
+    if read == 0:
+        raise no_rows(path)
     return {"queries": queries, "answers": answers}
 
 

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from qgscale import storage
 from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.eval import metrics as M
-from qgscale.eval.metrics import metric_names
+from qgscale.eval.metrics import report_names
 
 log = logging.getLogger("qgscale")
 
@@ -132,18 +132,17 @@ def corpus_langs(corpus_uri: str) -> list[str]:
 
 
 def passage_fields(corpus_uri: str, pids: set[str] | None, text: bool) -> tuple[dict, dict]:
-    """``(pid -> lang, pid -> "title text")`` for ``pids`` (all when None), shard by shard
+    """``(pid -> lang, pid -> (title, text))`` for ``pids`` (all when None), shard by shard
     (:func:`qgscale.data.corpus.scan`)."""
     from qgscale.data.corpus import scan
-    from qgscale.data.schema import passage_text
 
     cols = ("pid", "lang") + (("title", "text") if text else ())
     lang: dict[str, str] = {}
-    texts: dict[str, str] = {}
+    texts: dict[str, tuple[str, str]] = {}
     for t in scan(corpus_uri, pids, cols):
         lang.update(zip(t.column("pid").to_pylist(), t.column("lang").to_pylist(), strict=True))
         if text:
-            texts.update((p, passage_text(a, b)) for p, a, b in zip(
+            texts.update((p, (a, b)) for p, a, b in zip(
                 *(t.column(c).to_pylist() for c in ("pid", "title", "text")), strict=True))
     return lang, texts
 
@@ -216,15 +215,24 @@ EVAL_BLOCK = 16_384  # queries encoded, searched and scored at a time
 class BlockScorer:
     """Every metric of a split's runs, added a block of queries at a time
     (:class:`qgscale.eval.metrics.LanguageMetrics`): per block, the fields (language; text
-    for answer recall) of the passages its runs and qrels name are read from the corpus
+    for the answer metrics) of the passages its runs and qrels name are read from the corpus
     (:func:`passage_fields`; not the languages when the caller holds every passage's, and no
     text is needed): it holds one block's passage fields and running sums, not the runs'
-    (the caller may hold a run)."""
+    (the caller may hold a run).
 
-    def __init__(self, data: EvalData, ks: list[int] | None = None) -> None:
+    With answers (``data.answers``): R@2kt / R@5kt when ``answer_recall``, and acc@k for
+    each of ``ks`` with the answer match ``answer_accuracy`` unless it is ``"off"``."""
+
+    def __init__(self, data: EvalData, ks: list[int] | None = None, *,
+                 answer_recall: bool = True, answer_accuracy: str = "dpr") -> None:
         self.data = data
-        self.acc = M.LanguageMetrics(metric_names(ks or [1, 5, 10, 20, 100]),
-                                     with_answers=data.answers is not None)
+        ks = ks or [1, 5, 10, 20, 100]
+        self.recall = answer_recall and data.answers is not None
+        accuracy = answer_accuracy != "off" and data.answers is not None
+        self.accuracy = accuracy
+        self.acc = M.LanguageMetrics(M.metric_names(ks), self.recall,
+                                     accuracy_ks=ks if accuracy else (),
+                                     match=answer_accuracy if accuracy else "dpr")
         self.n_gone = 0  # positives not in the corpus, and the first of them
         self.first_gone: tuple[str, str] | None = None
 
@@ -238,11 +246,11 @@ class BlockScorer:
         runs = {id(r): r for r in [pooled, *pair_runs.values()]}.values()
         needed = {p for r in runs for q in qids for p in r.get(q, ())}
         needed |= {p for rels in qrels.values() for p in rels}
-        want_text = d.answers is not None
+        want_text = self.recall or self.accuracy
         if plang_all is not None and not want_text:  # held: no corpus scan
-            plang, ptext = plang_all, {}
+            plang, fields = plang_all, {}
         else:
-            plang, ptext = passage_fields(d.corpus_uri, needed, text=want_text)
+            plang, fields = passage_fields(d.corpus_uri, needed, text=want_text)
         gone = [(q, p) for q, rels in qrels.items() for p, r in rels.items()
                 if r > 0 and p not in plang]
         self.n_gone += len(gone)
@@ -250,8 +258,12 @@ class BlockScorer:
         if plang_all is not None:  # every indexed passage (plang: this block's)
             plang = plang_all
         # queries with neither qrels nor answers cannot be scored; keep only scored ones
+        from qgscale.data.schema import passage_text
+
         self.acc.add(pair_runs, qrels, {q: d.query_lang[q] for q in qids}, plang, pooled,
-                     d.answers, ptext if want_text else None)
+                     d.answers,
+                     {p: passage_text(*f) for p, f in fields.items()} if self.recall else None,
+                     {p: f[1] for p, f in fields.items()} if self.accuracy else None)
 
     def result(self) -> dict:
         if self.n_gone:  # a positive no index can return: every metric counts it as a miss
@@ -266,7 +278,8 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
                    ks: list[int] | None = None, batch_size: int = 128, pairs: bool = True,
                    nprobe: int | None = None, ef_search: int | None = None,
                    device: str = "cpu", precision: str = "fp32", run_uri: str | None = None,
-                   block: int = EVAL_BLOCK) -> dict:
+                   block: int = EVAL_BLOCK, answer_recall: bool = True,
+                   answer_accuracy: str = "dpr") -> dict:
     """Encode ``data``'s queries with ``encoder``, search ``loaded``, compute every metric.
 
     ``loaded``: an index held here (``qgscale.index.search.LoadedIndex``), or a
@@ -275,7 +288,8 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
     Queries go ``block`` at a time (:class:`BlockScorer`): this process holds one block's
     vectors and top-k, and running sums of the metrics, never the whole run. The pooled
     top-k goes to ``run_uri`` (parquet, :func:`run_table` rows) when given, else into the
-    result as ``run`` (``{qid: {pid: score}}``).
+    result as ``run`` (``{qid: {pid: score}}``). ``answer_recall``, ``answer_accuracy``: the
+    answer metrics of a split with answers (:class:`BlockScorer`).
 
     Returns ``{pairs, query_langs, query_langs_macro, macro, n_queries, corpus_langs, top_k,
     timings}`` (and ``run``).
@@ -292,7 +306,8 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
         plang_all, _ = passage_fields(data.corpus_uri, None, text=False)  # a local index
         index_langs = np.array([plang_all.get(p) for p in loaded.pids], dtype=object)
         lang_ids = {cl: np.flatnonzero(index_langs == cl).astype(np.int64) for cl in langs}
-    scorer = BlockScorer(data, ks)
+    scorer = BlockScorer(data, ks, answer_recall=answer_recall,
+                         answer_accuracy=answer_accuracy)
     with run_sink(run_uri) as (add_run, run):
         for start in range(0, len(data.qids), block):
             qids = data.qids[start:start + block]
@@ -347,10 +362,11 @@ def evaluate_baseline(cfg: Any, run_uri: str, data_uri: str, split: str, corpus_
 
     ec = cfg.eval
     t0 = time.time()
-    data = load_split(data_uri, split, corpus_uri, ec.answer_recall)
+    data = load_split(data_uri, split, corpus_uri, answers_wanted(ec))
     wanted, seen = set(data.qids), set()
     langs = corpus_langs(data.corpus_uri)
-    scorer = BlockScorer(data, ec.k)
+    scorer = BlockScorer(data, ec.k, answer_recall=ec.answer_recall,
+                         answer_accuracy=ec.answer_accuracy)
     with run_sink(storage.join(out_uri, split, "run.parquet")) as (add_run, _):
         for pooled, per_lang in read_run(run_uri, block):
             qids = [q for q in pooled if q in wanted]
@@ -374,8 +390,13 @@ def evaluate_baseline(cfg: Any, run_uri: str, data_uri: str, split: str, corpus_
     out.update(n_queries=len(data.qids), corpus_langs=langs, top_k=ec.top_k,
                timings={"total_s": time.time() - t0}, model="bm25", bm25_run=run_uri,
                split=split, sources=data.source)
-    write_reports(out, storage.join(out_uri, split), metric_names(ec.k), ec.chart_metric)
+    write_reports(out, storage.join(out_uri, split), report_names(ec.k), ec.chart_metric)
     return out
+
+
+def answers_wanted(ec: Any) -> bool:
+    """Whether the eval settings ``ec`` use a split's answers (R@kt or acc@k)."""
+    return ec.answer_recall or ec.answer_accuracy != "off"
 
 
 def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
@@ -394,7 +415,8 @@ def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
     manifest = storage.read_manifest(index_uri) or {}
     if corpus_uri is None and manifest.get("embeddings"):
         corpus_uri = (storage.read_manifest(manifest["embeddings"]) or {}).get("corpus")
-    data = load_split(data_uri, split, corpus_uri, kw.pop("answers", True))
+    answers = kw.get("answer_recall", True) or kw.get("answer_accuracy", "dpr") != "off"
+    data = load_split(data_uri, split, corpus_uri, answers)
     device = device or default_device()
     encoder = load_dual_encoder(model_uri, device)
     searcher = ShardedSearcher(index_uri, kw.get("nprobe"), kw.get("ef_search"),
@@ -416,7 +438,8 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(result: dict, metrics: list[str]) -> str:
-    """One table: language pairs, then macro averages, then query languages (pooled corpus)."""
+    """One table: language pairs, then macro averages, then query languages (pooled corpus);
+    ``n``: the queries scored (the most of any metric family), or the pairs of a macro."""
     cols = [m for m in metrics if any(m in r for r in result["pairs"].values())]
     rows: list[tuple[str, dict]] = [(k, v) for k, v in result["pairs"].items()]
     rows += [(f"**macro {k}**", v) for k, v in result["macro"].items() if v.get("groups")]
@@ -426,7 +449,7 @@ def markdown_table(result: dict, metrics: list[str]) -> str:
     head = "| pair | n | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for name, r in rows:
-        n = r.get("n", r.get("groups", ""))
+        n = max((r[c] for c in M.COUNTS if c in r), default=r.get("groups", ""))
         lines.append(f"| {name} | {n} | " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
@@ -519,12 +542,13 @@ def comparison_table(results: dict[str, dict], metric: str) -> str:
 
 
 def write_reports(result: dict, out_uri: str, metrics: list[str], chart_metric: str) -> dict:
-    """Write ``metrics.json``, ``metrics.md``, ``pairs.png``, and ``run.parquet`` (pooled
-    top-k) when ``result`` holds its ``run`` (else :func:`evaluate_split` wrote it)."""
+    """Write ``metrics.json``, ``metrics.md`` (the columns of ``metrics`` the result has),
+    ``pairs.png``, and ``run.parquet`` (pooled top-k) when ``result`` holds its ``run``
+    (else :func:`evaluate_split` wrote it)."""
     run = result.pop("run", None)
     storage.write_json(storage.join(out_uri, "metrics.json"), result)
     storage.write_bytes(storage.join(out_uri, "metrics.md"),
-                        markdown_table(result, metrics + ["r@2kt", "r@5kt"]).encode())
+                        markdown_table(result, metrics).encode())
     storage.write_bytes(storage.join(out_uri, "pairs.png"), bar_chart(result, chart_metric))
     if run is not None:
         storage.write_parquet(storage.join(out_uri, "run.parquet"), run_table(run))
@@ -570,7 +594,7 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
     sc = cfg.index.search
     res = actor_resources("index.search", 1, sc.cpus_per_actor, sc.gpus_per_actor)
     task = ray.remote(_evaluate_task).options(**res.options())
-    names = metric_names(ec.k)
+    names = report_names(ec.k)
     results = {}
     for split in splits:
         t0 = time.time()
@@ -580,7 +604,8 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
                 res.num_gpus, model_uri, index_uri, data_uri, split,
                 top_k=ec.top_k, ks=ec.k, batch_size=sc.batch_size, pairs=ec.pairs,
                 nprobe=sc.nprobe, ef_search=sc.ef_search, refine=sc.refine,
-                k_factor=sc.k_factor, precision=sc.precision, answers=ec.answer_recall,
+                k_factor=sc.k_factor, precision=sc.precision, answer_recall=ec.answer_recall,
+                answer_accuracy=ec.answer_accuracy,
                 search_cpus=sc.cpus_per_actor,
                 run_uri=storage.join(out_uri, split, "run.parquet")))
         result["timings"]["total_s"] = time.time() - t0
@@ -589,7 +614,7 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
                          "job_id": ray.get_runtime_context().get_job_id()}
         write_reports(result, storage.join(out_uri, split), names, ec.chart_metric)
         results[split] = result
-        print(markdown_table(result, names + ["r@2kt", "r@5kt"]), flush=True)
+        print(markdown_table(result, names), flush=True)
     storage.write_manifest(out_uri, storage.config_hash(
         {"eval": ec, "model": model_uri, "index": index_uri}), model=model_uri, index=index_uri,
         data=data_uri,

@@ -14,6 +14,12 @@ order. As in the official ``eval_xor_retrieve.py``: answers "yes"/"no" are skipp
 with no other answer is not counted, the match is a case-sensitive substring test on the
 tokens joined by single spaces.
 
+``acc@k`` is DPR's top-k retrieval accuracy (the NQ / TriviaQA number of the DPR paper): the
+fraction of queries for which one of the first k passages contains an answer by DPR's
+``has_answer`` (:mod:`qgscale.retrieval.answers`: NFD, DPR's tokens, lower-cased, a contiguous
+token match) on the passage text without its title, as DPR's ``calculate_matches``. A query
+with no usable answer (blank, or only yes / no) is not counted; DPR counts it as a miss.
+
 Tokens: NLTK's ``word_tokenize``, as the official script (:mod:`qgscale.eval.wordtok`: the
 same function with NLTK's English Punkt parameters shipped in the package, no download). It
 splits punctuation off words (``"Portland, Oregon."`` -> ``Portland , Oregon .``; quotes
@@ -52,6 +58,12 @@ def metric_names(ks: list[int]) -> list[str]:
     """The ranking metrics of every eval table, for the recall cut-offs ``ks``
     (``eval.k``); splits with answers add ``r@2kt`` and ``r@5kt``."""
     return [f"recall@{k}" for k in ks] + ["mrr@10", "ndcg@10", "map"]
+
+
+def report_names(ks: list[int]) -> list[str]:
+    """Every column an eval table may show, in order: :func:`metric_names`, then the answer
+    metrics (R@2kt, R@5kt, ``acc@k`` for each of ``ks``) of the splits that have them."""
+    return metric_names(ks) + ["r@2kt", "r@5kt"] + [f"acc@{k}" for k in ks]
 
 
 def ranking(scores: Mapping[str, float], k: int | None = None) -> list[str]:
@@ -182,6 +194,40 @@ def answer_recall_per_query(run: Run, passages: Mapping[str, str],
     return out
 
 
+def answer_accuracy_per_query(run: Run, passages: Mapping[str, str],
+                              answers: Mapping[str, Iterable[str]], ks: Iterable[int],
+                              match: str = "dpr", qids: Iterable[str] | None = None,
+                              tokens: Callable[[str], tuple[str, ...]] | None = None
+                              ) -> dict[str, dict[str, float]]:
+    """``{qid: {"acc@k": 0/1 for k in ks}}`` over the queries of ``answers`` (or ``qids``)
+    that have a usable answer: DPR's top-k retrieval accuracy (module docstring).
+
+    ``passages`` maps pid -> passage text without its title (DPR matches the text only);
+    ``tokens``: text -> DPR tokens (:func:`qgscale.retrieval.answers.dpr_tokens` with
+    ``match``, cached here when not given: passages recur across queries). A query's ranking
+    is scanned only up to its first passage with an answer."""
+    from qgscale.retrieval.answers import answer_tokens, contains, dpr_tokens
+
+    ks = sorted(set(ks))
+    tokens = tokens or lru_cache(maxsize=20_000)(lambda text: dpr_tokens(text, match))
+    out: dict[str, dict[str, float]] = {}
+    for qid in answers if qids is None else qids:
+        want = answer_tokens(answers.get(qid, ()), match)
+        if not want:
+            continue
+        first = None
+        for rank, pid in enumerate(ranking(run.get(qid, {}), ks[-1])):
+            if pid not in passages:
+                raise KeyError(f"answer accuracy: no text for retrieved passage {pid!r} "
+                               f"(query {qid}); is the index built from this corpus?")
+            toks = tokens(passages[pid])
+            if any(contains(toks, a) for a in want):
+                first = rank
+                break
+        out[qid] = {f"acc@{k}": float(first is not None and first < k) for k in ks}
+    return out
+
+
 def _merge_rows(a: dict[str, dict[str, float]],
                 b: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Per-query rows of both (a query keeps the metrics it has)."""
@@ -191,31 +237,45 @@ def _merge_rows(a: dict[str, dict[str, float]],
     return out
 
 
+def _count(metric: str) -> str:
+    """The count of a metric's family: ``n`` (ranking metrics: queries with qrels), ``n_kt``
+    (answer recall) or ``n_acc`` (answer accuracy)."""
+    return "n_kt" if metric.endswith("kt") else "n_acc" if metric.startswith("acc@") else "n"
+
+
+COUNTS = ("n", "n_kt", "n_acc")
+
+
 class Means:
     """Running means of per-query metric rows, block by block: each metric's mean over the
-    queries that have it; ``n`` (ranking metrics) and ``n_kt`` (answer recall) count the
-    queries of each family. Holds two numbers per metric, not the rows."""
+    queries that have it; ``n``, ``n_kt`` and ``n_acc`` count the queries of each family
+    (:func:`_count`). Holds two numbers per metric, not the rows."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
-        self.n = self.n_kt = 0
+        self.n = dict.fromkeys(COUNTS, 0)
 
     def add(self, rows: Mapping[str, Mapping[str, float]]) -> None:
         for r in rows.values():
             for m, v in r.items():
                 self.sums[m] += v
                 self.counts[m] += 1
-            self.n += any(not m.endswith("kt") for m in r)
-            self.n_kt += any(m.endswith("kt") for m in r)
+            for c in {_count(m) for m in r}:
+                self.n[c] += 1
 
     def result(self, metrics: list[str]) -> dict:
         out: dict[str, float] = {m: self.sums[m] / self.counts[m] for m in metrics
                                  if self.counts.get(m)}
-        out["n"] = self.n
-        if any(m.endswith("kt") for m in metrics):
-            out["n_kt"] = self.n_kt
+        out["n"] = self.n["n"]
+        for c in {_count(m) for m in metrics} - {"n"}:
+            out[c] = self.n[c]
         return out
+
+
+def evaluated(v: Mapping[str, float]) -> bool:
+    """Whether a view's result counted any query (in any metric family)."""
+    return any(v.get(c) for c in COUNTS)
 
 
 def macro(values: Iterable[Mapping[str, float]]) -> dict[str, float]:
@@ -225,7 +285,7 @@ def macro(values: Iterable[Mapping[str, float]]) -> dict[str, float]:
     only some groups have."""
     values = list(values)
     out: dict[str, float] = {}
-    names = sorted({k for v in values for k in v} - {"n", "n_kt", "groups"})
+    names = sorted({k for v in values for k in v} - {*COUNTS, "groups"})
     for m in names:
         have = [v[m] for v in values if m in v]
         out[m] = sum(have) / len(have)
@@ -246,16 +306,25 @@ class LanguageMetrics:
     ``pair_runs[(ql, cl)]`` ranks passages of language ``cl`` for the queries of language
     ``ql``; its qrels are those of ``qrels`` restricted to ``cl`` passages. ``pooled_run``
     (optional) ranks the whole multilingual corpus for every query: the per-query-language
-    view. ``with_answers``: :meth:`add` gets answers and passages (pid -> text), and R@2kt /
-    R@5kt are added (``tokenize``: their tokens, see the module docstring).
+    view. ``with_answers``: :meth:`add` gets answers and passages (pid -> title and text),
+    and R@2kt / R@5kt are added (``tokenize``: their tokens, see the module docstring).
+    ``accuracy_ks``: :meth:`add` gets answers and bodies (pid -> text without the title), and
+    ``acc@k`` is added for each k, with the answer match ``match``.
     """
 
     def __init__(self, metrics: Iterable[str] = DEFAULT_METRICS, with_answers: bool = False,
-                 tokenize: Tokenizer = word_tokenize) -> None:
+                 tokenize: Tokenizer = word_tokenize, accuracy_ks: Iterable[int] = (),
+                 match: str = "dpr") -> None:
+        from qgscale.retrieval.answers import dpr_tokens
+
         self.metrics = list(metrics)
-        self.names = self.metrics + (["r@2kt", "r@5kt"] if with_answers else [])
+        self.accuracy_ks = sorted(set(accuracy_ks))
+        self.names = (self.metrics + (["r@2kt", "r@5kt"] if with_answers else [])
+                      + [f"acc@{k}" for k in self.accuracy_ks])
         self.with_answers = with_answers
         self.tokenize = tokenize
+        self.match = match
+        self._dpr_tokens = lru_cache(maxsize=20_000)(lambda text: dpr_tokens(text, match))
         self.pairs: dict[tuple[str, str], Means] = defaultdict(Means)
         self.query_langs: dict[str, Means] | None = None
 
@@ -263,10 +332,13 @@ class LanguageMetrics:
             query_lang: Mapping[str, str], passage_lang: Mapping[str, str],
             pooled_run: Run | None = None,
             answers: Mapping[str, Iterable[str]] | None = None,
-            passages: Mapping[str, str] | None = None) -> None:
+            passages: Mapping[str, str] | None = None,
+            bodies: Mapping[str, str] | None = None) -> None:
         """Add the queries of ``query_lang`` (qid -> language): a block of the split."""
         if self.with_answers and (answers is None or passages is None):
             raise ValueError("answer recall needs answers and passages (pid -> text)")
+        if self.accuracy_ks and (answers is None or bodies is None):
+            raise ValueError("answer accuracy needs answers and bodies (pid -> text)")
 
         def rows_for(run: Run, qids: list[str], corpus_lang: str | None) -> dict:
             sub = {q: ({p: r for p, r in qrels.get(q, {}).items()
@@ -276,6 +348,9 @@ class LanguageMetrics:
             if self.with_answers:
                 rows = _merge_rows(rows, answer_recall_per_query(
                     run, passages, answers, qids=qids, tokenize=self.tokenize))
+            if self.accuracy_ks:
+                rows = _merge_rows(rows, answer_accuracy_per_query(
+                    run, bodies, answers, self.accuracy_ks, self.match, qids, self._dpr_tokens))
             return rows
 
         by_lang: dict[str, list[str]] = {}
@@ -298,15 +373,14 @@ class LanguageMetrics:
             out["query_langs"] = {ql: m.result(self.names)
                                   for ql, m in sorted(self.query_langs.items())}
             out["query_langs_macro"] = macro(v for v in out["query_langs"].values()
-                                             if v["n"] or v.get("n_kt"))
-        evaluated = {k: v for k, v in pairs.items() if v["n"] or v.get("n_kt")}
-        split = {k: k.split("->") for k in evaluated}
+                                             if evaluated(v))
+        scored = {k: v for k, v in pairs.items() if evaluated(v)}
+        split = {k: k.split("->") for k in scored}
         out["macro"] = {
-            "x->en": macro(v for k, v in evaluated.items() if split[k][1] == "en"
+            "x->en": macro(v for k, v in scored.items() if split[k][1] == "en"
                            and split[k][0] != "en"),
-            "cross_lingual": macro(v for k, v in evaluated.items()
-                                   if split[k][0] != split[k][1]),
-            "monolingual": macro(v for k, v in evaluated.items() if split[k][0] == split[k][1]),
+            "cross_lingual": macro(v for k, v in scored.items() if split[k][0] != split[k][1]),
+            "monolingual": macro(v for k, v in scored.items() if split[k][0] == split[k][1]),
         }
         return out
 
@@ -321,8 +395,10 @@ def evaluate_languages(
     answers: Mapping[str, Iterable[str]] | None = None,
     passages: Mapping[str, str] | None = None,
     tokenize: Tokenizer = word_tokenize,
+    bodies: Mapping[str, str] | None = None,
+    accuracy_ks: Iterable[int] = (),
 ) -> dict:
     """:class:`LanguageMetrics` of one block: every query of ``query_lang``."""
-    acc = LanguageMetrics(metrics, answers is not None, tokenize)
-    acc.add(pair_runs, qrels, query_lang, passage_lang, pooled_run, answers, passages)
+    acc = LanguageMetrics(metrics, answers is not None, tokenize, accuracy_ks)
+    acc.add(pair_runs, qrels, query_lang, passage_lang, pooled_run, answers, passages, bodies)
     return acc.result()

@@ -53,7 +53,8 @@ def dpr_tokens(text: str, match: str = "dpr") -> tuple[str, ...]:
     return tuple(words)
 
 
-def _contains(text: tuple[str, ...], answer: tuple[str, ...]) -> bool:
+def contains(text: tuple[str, ...], answer: tuple[str, ...]) -> bool:
+    """Whether the token sequence ``answer`` occurs contiguously in ``text``."""
     n = len(answer)
     first = answer[0]
     return any(text[i:i + n] == answer
@@ -63,10 +64,11 @@ def _contains(text: tuple[str, ...], answer: tuple[str, ...]) -> bool:
 def has_answer(answers: Iterable[str], text: str, match: str = "dpr") -> bool:
     """DPR's ``has_answer(answers, text, SimpleTokenizer(), "string")`` (module docstring)."""
     toks = dpr_tokens(text, match)
-    return any(_contains(toks, a) for a in _answer_tokens(answers, match))
+    return any(contains(toks, a) for a in answer_tokens(answers, match))
 
 
-def _answer_tokens(answers: Iterable[str], match: str) -> list[tuple[str, ...]]:
+def answer_tokens(answers: Iterable[str], match: str) -> list[tuple[str, ...]]:
+    """The usable answers' tokens (blank ones and yes / no left out: module docstring)."""
     out = []
     for a in answers:
         if a.strip().lower() in YES_NO:
@@ -94,7 +96,7 @@ def answer_match_examples(queries: Iterable[str], answers: Mapping[str, Sequence
     tokens = lru_cache(maxsize=cache_size)(lambda pid: dpr_tokens(passage_texts[pid], match))
     rows = []
     for qid in queries:
-        ans = _answer_tokens(answers.get(qid, ()), match)
+        ans = answer_tokens(answers.get(qid, ()), match)
         if not ans:
             continue
         pos: list[str] = []
@@ -104,7 +106,7 @@ def answer_match_examples(queries: Iterable[str], answers: Mapping[str, Sequence
                 raise KeyError(f"answer match: no text for retrieved passage {pid!r} "
                                f"(query {qid})")
             toks = tokens(pid)
-            if any(_contains(toks, a) for a in ans):
+            if any(contains(toks, a) for a in ans):
                 if n_pos is None or len(pos) < n_pos:
                     pos.append(pid)
             elif len(neg) < n_neg:
