@@ -111,15 +111,16 @@ def _given(ctx: typer.Context, names: Iterable[str]) -> list[str]:
 def data_prepare(
     ctx: typer.Context,
     format: Annotated[str | None, typer.Option(help="xquad, xor-tydi, mkqa, tatoeba, beir, "
-                                                    "dpr, passages, jsonl")] = None,
+                                                    "dpr, qas, passages, jsonl")] = None,
     input: Annotated[str | None, typer.Option(help="Raw file or folder (path or URI).")] = None,
     output: Annotated[str | None, typer.Option(help="Output folder (path or URI).")] = None,
     passages: Annotated[str | None, typer.Option(
-        help="Passage collection (xor-tydi; dpr: the corpus instead of inline passages).")] = None,
+        help="Passage collection (xor-tydi, qas; dpr: the corpus instead of inline passages)."
+    )] = None,
     query_langs: Annotated[str | None, typer.Option(help="Comma-separated.")] = None,
     corpus_langs: Annotated[str | None, typer.Option(help="Comma-separated.")] = None,
     kind: Annotated[str | None, typer.Option(help="Canonical kind for --format jsonl.")] = None,
-    lang: Annotated[str, typer.Option(help="Language of a beir, dpr or passages dataset."
+    lang: Annotated[str, typer.Option(help="Language of a beir, dpr, qas or passages dataset."
                                       )] = "und",
     test_mod: Annotated[int, typer.Option(help="xquad: article % N == 0 -> test.", min=1)
                         ] = 4,

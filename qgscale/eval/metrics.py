@@ -340,29 +340,38 @@ class LanguageMetrics:
         if self.accuracy_ks and (answers is None or bodies is None):
             raise ValueError("answer accuracy needs answers and bodies (pid -> text)")
 
-        def rows_for(run: Run, qids: list[str], corpus_lang: str | None) -> dict:
+        # the answer metrics of a run's queries of one language, once: they do not depend on
+        # qrels, and one run is both the pair's and the pooled view with one corpus language
+        answer_rows: dict[tuple[int, str], dict] = {}
+
+        def rows_for(run: Run, ql: str, corpus_lang: str | None) -> dict:
+            qids = by_lang.get(ql, [])
             sub = {q: ({p: r for p, r in qrels.get(q, {}).items()
                         if corpus_lang is None or passage_lang.get(p) == corpus_lang})
                    for q in qids}
             rows = per_query(run, sub, self.metrics)
-            if self.with_answers:
-                rows = _merge_rows(rows, answer_recall_per_query(
-                    run, passages, answers, qids=qids, tokenize=self.tokenize))
-            if self.accuracy_ks:
-                rows = _merge_rows(rows, answer_accuracy_per_query(
-                    run, bodies, answers, self.accuracy_ks, self.match, qids, self._dpr_tokens))
-            return rows
+            if (id(run), ql) not in answer_rows:
+                got: dict = {}
+                if self.with_answers:
+                    got = answer_recall_per_query(run, passages, answers, qids=qids,
+                                                  tokenize=self.tokenize)
+                if self.accuracy_ks:
+                    got = _merge_rows(got, answer_accuracy_per_query(
+                        run, bodies, answers, self.accuracy_ks, self.match, qids,
+                        self._dpr_tokens))
+                answer_rows[(id(run), ql)] = got
+            return _merge_rows(rows, answer_rows[(id(run), ql)])
 
         by_lang: dict[str, list[str]] = {}
         for qid, lang in query_lang.items():
             by_lang.setdefault(lang, []).append(qid)
         for (ql, cl), run in sorted(pair_runs.items()):
-            self.pairs[(ql, cl)].add(rows_for(run, by_lang.get(ql, []), cl))
+            self.pairs[(ql, cl)].add(rows_for(run, ql, cl))
         if pooled_run is not None:
             if self.query_langs is None:
                 self.query_langs = defaultdict(Means)
-            for ql, qids in sorted(by_lang.items()):
-                self.query_langs[ql].add(rows_for(pooled_run, qids, None))
+            for ql in sorted(by_lang):
+                self.query_langs[ql].add(rows_for(pooled_run, ql, None))
 
     def result(self) -> dict:
         """``{pairs, query_langs, query_langs_macro, macro}`` over every query added."""
