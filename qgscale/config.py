@@ -53,8 +53,11 @@ class Section(BaseModel):
     @classmethod
     def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """A boolean is an error where a number is expected (a number field, or a list of
-        numbers): pydantic would read YAML's ``true`` as 1 (``batch_size: yes`` -> 1)."""
+        numbers): pydantic would read YAML's ``true`` as 1 (``batch_size: yes`` -> 1). YAML
+        reads an unquoted ``off`` as false: it is ``"off"`` where that is a choice."""
         ann = _unwrap(cls.model_fields[info.field_name].annotation)
+        if value is False and get_origin(ann) is Literal and "off" in get_args(ann):
+            return "off"
         items = value if isinstance(value, list) and get_origin(ann) is list else [value]
         if get_origin(ann) is list:
             ann = get_args(ann)[0]
@@ -104,9 +107,10 @@ class DataConfig(Section):
     format: DATA_FORMATS = "xquad"
     input: str = ""  # raw input (file or folder); a relative path resolves against the working dir
     # the passage collection (psgs_w100.tsv, pyserini / BEIR JSONL), streamed as the corpus:
-    # xor-tydi; dpr (instead of the training file's inline passages, each of them checked)
+    # xor-tydi, qas; dpr (instead of the training file's inline passages, each one checked)
     passages: str | None = None
-    lang: str = "und"  # dpr: the questions' language where a record has none; beir: all text
+    # dpr: the questions' language where a record has none; qas: the questions'; beir: all
+    lang: str = "und"
     query_langs: list[str] | None = None  # None: every language in the input
     corpus_langs: list[str] | None = None
     test_mod: int = Field(4, ge=1)  # xquad: article_idx % test_mod == 0 -> test split
@@ -372,7 +376,7 @@ class BM25Config(Actors):
 
     # training positives: "answers" (answer match over BM25's top_k), "off" (the data's own
     # qrels / examples), "auto": "answers" for the formats whose readers write answers and no
-    # positives (xor-tydi, mkqa), else "off"
+    # positives (xor-tydi, mkqa, qas), else "off"
     positives: Literal["auto", "answers", "off"] = "auto"
     # the training split's BM25 query: the question alone, or the question followed by its
     # answers (distant supervision: a question in another language than the corpus shares
@@ -408,7 +412,9 @@ class EvalConfig(Section):
     # first k passages) when the split has answers, with this answer match
     # (qgscale.retrieval.answers; dpr-chars for corpora written without spaces); off: none
     answer_accuracy: Literal["dpr", "dpr-chars", "off"] = "dpr"
-    chart_metric: str = "mrr@10"  # metric of the per-pair bar chart
+    # metric of the per-pair bar chart; None: mrr@10, or on a split without qrels (answers
+    # only: XOR-TyDi, MKQA, DPR's qas files) its first answer metric (r@2kt, else acc@k)
+    chart_metric: str | None = None
 
     @model_validator(mode="after")
     def _metrics(self) -> EvalConfig:
@@ -417,8 +423,8 @@ class EvalConfig(Section):
         if self.k and max(self.k) > self.top_k:
             raise ValueError(f"k: recall@{max(self.k)} needs top_k >= {max(self.k)} passages "
                              f"per query (top_k={self.top_k})")
-        names = report_names(self.k)
-        if self.chart_metric not in names:
+        names = report_names(self.k, self.answer_recall, self.answer_accuracy != "off")
+        if self.chart_metric is not None and self.chart_metric not in names:
             raise ValueError(f"chart_metric: {self.chart_metric!r} is not one of {names}")
         return self
 
@@ -445,6 +451,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _dpr_eval_data(self) -> Config:
+        if self.data.format == "qas" and self.bm25.positives == "off":
+            raise ValueError("bm25.positives: off leaves a qas file without training "
+                             "positives (it has answers only): use auto or answers")
         if self.data.format in ("dpr", "qas") and not (self.eval.data or
                                                        self.eval.students_from):
             raise ValueError(f"eval.data: a {self.data.format} file is training data with no "

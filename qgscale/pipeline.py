@@ -185,6 +185,7 @@ def _eval(cfg: Config, lay: Layout, key: str) -> dict:
     """Each student (and the untrained starting checkpoint) on each eval split, against the
     index of that split's corpus; per split a side-by-side table and chart of all of them."""
     from qgscale.eval.evaluate import (
+        chart_metric,
         comparison_chart,
         comparison_table,
         evaluate_baseline,
@@ -203,7 +204,7 @@ def _eval(cfg: Config, lay: Layout, key: str) -> dict:
                 cfg, lay.model(student), lay.faiss(student, split), data,
                 lay.eval_dir(student), [split]))
         by_student = {s: out[s][split] for s in _compared(cfg)}
-        metric = cfg.eval.chart_metric
+        metric = chart_metric(next(iter(by_student.values())), cfg.eval.chart_metric)
         storage.write_bytes(lay.comparison(split, "png"), comparison_chart(by_student, metric))
         storage.write_bytes(lay.comparison(split, "md"),
                             comparison_table(by_student, metric).encode())

@@ -200,7 +200,8 @@ def test_bm25_eval_run_per_language_scored_in_blocks(tmp_path, ray_local):
     from qgscale import config, storage
     from qgscale.data.schema import CORPUS, QRELS, QUERIES
     from qgscale.eval import metrics
-    from qgscale.eval.evaluate import evaluate_baseline, metric_names
+    from qgscale.eval.evaluate import evaluate_baseline
+    from qgscale.eval.metrics import metric_names
     from qgscale.retrieval.sharded import run_bm25_eval
 
     t = readers.read_xquad(readers.bundled("xquad"), LANGS, LANGS)

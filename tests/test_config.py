@@ -68,6 +68,12 @@ def test_every_shipped_config_validates():
      r"per query \(top_k=100\)"),
     ("eval:\n  chart_metric: mrr@100\n", r"c.yaml: eval(.|\n)*chart_metric: 'mrr@100' is not "
      r"one of \['recall@1'"),
+    ("eval:\n  {chart_metric: acc@20, answer_accuracy: off}\n",
+     r"chart_metric: 'acc@20' is not one of"),
+    ("eval:\n  {chart_metric: r@2kt, answer_recall: false}\n",
+     r"chart_metric: 'r@2kt' is not one of"),
+    ("data:\n  {format: qas, passages: p.tsv, corpus_langs: [en]}\neval: {data: d}\n"
+     "bm25: {positives: off}\n", r"bm25.positives: off leaves a qas file without"),
     ("ray:\n  num_cpus: -2\n", r"c.yaml: ray.num_cpus: Input should be greater"),
     ("distill:\n  lr: .inf\n", r"c.yaml: distill.lr: Input should be a finite number"),
     ("distill:\n  loss: {alpha: .nan}\n", r"c.yaml: distill.loss.alpha: Input should be a "

@@ -155,6 +155,8 @@ def test_evaluate_split(run_root):
                          for i, t in zip(rows, top, strict=True)]
                 assert pair[f"acc@{k}"] == pytest.approx(np.mean(found)), (ql, cl, k)
             assert pair["n_acc"] == N_QUERIES
+            if ql == cl:  # a question's answer is in its own language's paragraph
+                assert pair["acc@5"] > 0
     # pooled view: every query's top 5 over both languages; recall over both relevant passages
     assert all(len(r) == 5 for r in out["run"].values())
     direct = M.evaluate(out["run"], data.qrels, ["recall@5"])
@@ -163,6 +165,10 @@ def test_evaluate_split(run_root):
     assert out["macro"]["x->en"]["groups"] == 1 and out["macro"]["monolingual"]["groups"] == 2
     assert out["macro"]["x->en"]["mrr@10"] == out["pairs"]["de->en"]["mrr@10"]
     assert out["pairs"]["de->de"]["n_kt"] == N_QUERIES and "r@5kt" in out["pairs"]["en->de"]
+    for lang in LANGS:  # the pooled view: over both languages' passages
+        found = [any(has_answer(data.answers[q], body[p]) for p in M.ranking(out["run"][q], 5))
+                 for q in data.qids if data.query_lang[q] == lang]
+        assert out["query_langs"][lang]["acc@5"] == pytest.approx(np.mean(found))
 
 
 def test_qrels_defects_are_named(run_root, tmp_path, caplog):
@@ -199,18 +205,20 @@ def test_qrels_defects_are_named(run_root, tmp_path, caplog):
 
 
 def test_reports_written_to_s3(run_root, s3_bucket):
-    from qgscale.eval.evaluate import evaluate_split, load_split, metric_names, write_reports
+    from qgscale.eval.evaluate import evaluate_split, load_split, report_names, write_reports
     from qgscale.index.search import load_index
 
     _, b = run_root
     data = load_split(b["data"], "test")
     out = evaluate_split(b["encoder"], load_index(b["index"]), data, top_k=10, ks=[1, 10])
     out_uri = f"{s3_bucket}/eval/test"
-    write_reports(out, out_uri, metric_names([1, 10]), "mrr@10")
+    write_reports(out, out_uri, report_names([1, 10]), "mrr@10")
     got = storage.read_json(f"{out_uri}/metrics.json")
     assert got["pairs"]["de->en"]["mrr@10"] == out["pairs"]["de->en"]["mrr@10"]
     md = storage.read_bytes(f"{out_uri}/metrics.md").decode()
-    assert "| de->en |" in md and "macro x->en" in md and "r@2kt" in md
+    assert "| de->en |" in md and "macro x->en" in md
+    assert "| recall@1 | recall@10 | mrr@10 | ndcg@10 | map | r@2kt | r@5kt | acc@1 | acc@10 |" \
+        in md
     assert storage.read_bytes(f"{out_uri}/pairs.png")[:8] == b"\x89PNG\r\n\x1a\n"
     run = storage.read_parquet(f"{out_uri}/run.parquet")
     assert run.num_rows == 2 * N_QUERIES and len(run.column("pids")[0]) == 10

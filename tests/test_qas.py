@@ -71,6 +71,23 @@ def test_qas_rows_and_every_defect_named(tmp_path):
                                                      enumerate(bad.values())]
     for (_, _, reason), (_, want) in zip(got, bad.values(), strict=True):
         assert want in reason
+    # as DPR's csv.reader over the file: a quoted field may span lines (the row is named by
+    # its first line), empty columns after the answers are no column, CRLF line ends; blank
+    # answers beside a real one are kept (the metrics ignore them)
+    path.write_bytes(b'"who wrote\nthis"\t["Anne"]\t\r\nq2\t["", "B"]\r\n\t\nq4\t["C"]\n')
+    rejects = readers.Rejects("skip")
+    t = readers.read_qas(str(path), "en", rejects)
+    assert t["queries"] == [{"qid": "0", "lang": "en", "text": "who wrote\nthis"},
+                            {"qid": "2", "lang": "en", "text": "q2"},
+                            {"qid": "4", "lang": "en", "text": "q4"}]
+    assert t["answers"][1] == {"qid": "2", "answers": ["", "B"]}
+    assert [(r["line"], r["field"]) for r in rejects.rows] == [(4, "question")]  # a bare tab
+    path.write_text("q\t['a']\n" + "q2\t['" + "x" * 200_000 + "']\nq3\t['c']\n",
+                    encoding="utf-8")
+    rejects = readers.Rejects("skip")
+    t = readers.read_qas(str(path), "en", rejects)
+    assert [q["qid"] for q in t["queries"]] == ["0", "2"]
+    assert rejects.rows[0]["line"] == 2 and "unreadable CSV row" in rejects.rows[0]["reason"]
     path.write_bytes(b"q\t['a']\nq2\t['\xff']\n")
     with pytest.raises(DataError, match=r":2: undecodable bytes"):
         readers.read_qas(str(path))
@@ -93,16 +110,20 @@ def test_qas_prepare_from_the_cli(tmp_path):
     assert storage.read_parquet(str(out / "answers")).to_pylist()[2] == {
         "qid": "2", "answers": records[2]["answers"]}
     res = run(cli.app, ["data", "prepare", "--format", "qas", "--input", str(qas), "--output",
-                        str(tmp_path / "with"), "--passages", str(coll), "--corpus-langs", "en"])
+                        str(tmp_path / "with"), "--passages", str(coll), "--corpus-langs", "en",
+                        "--lang", "en"])
     assert res.exit_code == 0, res.output
     corpus = storage.read_parquet(str(tmp_path / "with" / "corpus")).to_pylist()
     assert {r["pid"]: (r["title"], r["text"]) for r in corpus} == texts
     assert {r["lang"] for r in corpus} == {"en"}
     for args, why in (
-            (["--passages", str(coll)], "give the collection's language as data.corpus_langs"),
-            (["--corpus-langs", "en"], "a qas file holds no passages"),
-            (["--corpus-langs", "en,de", "--passages", str(coll)], "carry no language"),
-            (["--query-langs", "en"], "--format qas does not use --query-langs")):
+            ([], "data.lang: a qas file's questions carry no language"),
+            (["--lang", "en", "--passages", str(coll)],
+             "give the collection's language as data.corpus_langs"),
+            (["--lang", "en", "--corpus-langs", "en"], "a qas file holds no passages"),
+            (["--lang", "en", "--corpus-langs", "en,de", "--passages", str(coll)],
+             "carry no language"),
+            (["--lang", "en", "--query-langs", "en"], "--format qas does not use --query-langs")):
         res = run(cli.app, ["data", "prepare", "--format", "qas", "--input", str(qas),
                             "--output", str(tmp_path / "x"), *args])
         assert res.exit_code != 0 and why in " ".join(res.output.split()), res.output
@@ -121,6 +142,10 @@ def test_answer_accuracy_is_dprs_top_k_accuracy():
         "q": {"acc@2": 1.0}}
     # not counted: no usable answer (blank, yes / no); the scan stops at the first hit
     assert M.answer_accuracy_per_query(run, texts, {"q": ["yes", " "]}, [1]) == {}
+    yes_no = {"a": "yes, it went to him", "b": "Röntgen"}
+    assert M.answer_accuracy_per_query({"q": {"a": 2.0, "b": 1.0}}, yes_no,
+                                       {"q": ["yes", "", "Röntgen"]}, [1, 2]) == {
+        "q": {"acc@1": 0.0, "acc@2": 1.0}}
     assert M.answer_accuracy_per_query({"q": {"b": 2.0, "zz": 1.0}}, texts, {"q": ["won"]},
                                        [2]) == {"q": {"acc@2": 1.0}}
     with pytest.raises(KeyError, match="no text for retrieved passage 'zz'"):
@@ -155,6 +180,7 @@ def test_answer_accuracy_in_the_language_views():
     out = acc.result()
     pair = out["pairs"]["en->en"]
     assert pair == {"mrr@10": 0.5, "acc@1": 0.5, "acc@2": 1.0, "n": 1, "n_acc": 2}
+    assert out["query_langs"]["en"] == pair  # the pooled view: the same run
     assert out["macro"]["monolingual"] == {"acc@1": 0.5, "acc@2": 1.0, "mrr@10": 0.5,
                                            "groups": 1}
     with pytest.raises(ValueError, match="answer accuracy needs answers and bodies"):
@@ -171,6 +197,45 @@ def test_answer_accuracy_in_the_language_views():
     assert "| pair | n | acc@1 |" in table and "| en->en | 2 | 0.5000 |" in table
 
 
+def test_answer_metrics_once_per_run_and_language(monkeypatch):
+    """With one corpus language the pair's run is the pooled one: its answer metrics are
+    computed once per query language, not once per view; two runs are two computations."""
+    calls = []
+    real = M.answer_accuracy_per_query
+    monkeypatch.setattr(M, "answer_accuracy_per_query",
+                        lambda run, *a, **k: calls.append(id(run)) or real(run, *a, **k))
+    qlang = {"q1": "en", "q2": "de"}
+    run = {"q1": {"a": 1.0}, "q2": {"a": 1.0}}
+    bodies, answers = {"a": "Rome"}, {"q1": ["Rome"], "q2": ["Paris"]}
+    acc = M.LanguageMetrics([], accuracy_ks=[1])
+    acc.add({("en", "en"): run, ("de", "en"): run}, {}, qlang, {"a": "en"}, run, answers,
+            bodies=bodies)
+    assert sorted(calls) == [id(run)] * 2  # en and de, each once for two views
+    out = acc.result()
+    assert out["query_langs"]["en"]["acc@1"] == out["pairs"]["en->en"]["acc@1"] == 1.0
+    assert out["query_langs"]["de"]["acc@1"] == out["pairs"]["de->en"]["acc@1"] == 0.0
+    calls.clear()
+    other = {q: dict(r) for q, r in run.items()}
+    acc.add({("en", "en"): other}, {}, {"q1": "en"}, {"a": "en"}, run, answers, bodies=bodies)
+    assert calls == [id(other), id(run)]
+
+
+def test_summary_and_chart_show_the_answer_metrics_a_split_has():
+    from qgscale.eval.evaluate import chart_metric
+
+    qas = {"pairs": {"en->en": {"acc@1": 0.4, "acc@20": 0.7, "n": 0, "n_acc": 9}}}
+    xor = {"pairs": {"te->en": {"r@2kt": 0.3, "acc@20": 0.5, "n": 0, "n_kt": 4, "n_acc": 4}}}
+    xquad = {"pairs": {"de->en": {"mrr@10": 0.6, "n": 5}}}
+    assert [chart_metric(r, None) for r in (qas, xor, xquad)] == ["acc@20", "r@2kt", "mrr@10"]
+    assert chart_metric(qas, "acc@1") == "acc@1"
+    macro = {"acc@20": 0.7, "acc@100": 0.9, "r@2kt": 0.3, "groups": 1}
+    table = pipeline.summary_table({"distill": {"test": {"macro": {"x->en": macro},
+                                                         "query_langs_macro": macro}}})
+    assert table.splitlines()[0] == ("| student | split | mrr@10 | recall@1 | recall@10 | "
+                                     "ndcg@10 | r@2kt | acc@20 | acc@100 |")
+    assert table.splitlines()[2] == "| distill | test | - | - | - | - | 0.3000 | 0.7000 | 0.9000 |"
+
+
 def test_block_scorer_matches_answers_in_the_text_not_the_title(tmp_path):
     """acc@k reads each passage's text without its title (DPR), R@kt both; answer metrics
     follow eval.answer_recall / eval.answer_accuracy."""
@@ -184,7 +249,7 @@ def test_block_scorer_matches_answers_in_the_text_not_the_title(tmp_path):
                     {"q": ["Kyoto"]})
     run = {"q": {"a": 2.0, "b": 1.0}}
     results = {}
-    for recall, accuracy in ((True, "dpr"), (False, "dpr"), (True, "off")):
+    for recall, accuracy in ((True, "dpr"), (False, "dpr"), (True, "off"), (False, "off")):
         scorer = BlockScorer(data, [1, 2], answer_recall=recall, answer_accuracy=accuracy)
         scorer.add(["q"], run, {("en", "en"): run})
         results[recall, accuracy] = scorer.result()["pairs"]["en->en"]
@@ -192,6 +257,7 @@ def test_block_scorer_matches_answers_in_the_text_not_the_title(tmp_path):
                                     "n": 0, "n_kt": 1, "n_acc": 1}
     assert results[False, "dpr"] == {"acc@1": 0.0, "acc@2": 1.0, "n": 0, "n_acc": 1}
     assert results[True, "off"] == {"r@2kt": 1.0, "r@5kt": 1.0, "n": 0, "n_kt": 1}
+    assert results[False, "off"] == {"n": 0}  # no answer metric: the texts are not read
 
 
 @pytest.mark.slow

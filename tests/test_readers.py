@@ -355,6 +355,18 @@ def _dpr(ext: str):
     return write
 
 
+def _qas(tmp, ids, gz):
+    path = _gz(tmp / "nq.qas.csv", "".join(f"Question {i} {k}?\t['a{i}']\n"
+                                           for i, k in enumerate(ids)), gz)
+    return "qas", path, {"lang": "en"}, path
+
+
+def _qas_passages(tmp, ids, gz):
+    _, _, kw, path = _xor_passages("tsv")(tmp, ids, gz)
+    return ("qas", _write(tmp / "nq.qas.csv", "q\t['a']\n"),
+            {**kw, "lang": "en", "corpus_langs": ["en"]}, path)
+
+
 def _mkqa_mia(tmp, ids, gz):
     path = _gz(tmp / "mia" / "mkqa-de.jsonl", _jsonl(
         {"id": f"{k}_de", "lang": "de", "question": f"Frage {i}?", "answers": ["a"]}
@@ -413,6 +425,10 @@ READERS = {
     "dpr-jsonl": Reader(
         _dpr("jsonl"), _n("queries"),
         r"dpr.jsonl:4: field 'id': duplicate question id 'k0' \(first at line 1\)"),
+    "qas": Reader(_qas, _n("queries"), None),  # qids are line numbers: never repeat
+    "qas-passages": Reader(
+        _qas_passages, _n("corpus"),
+        r"psgs.tsv:5: field 'id': duplicate passage id 'k0' \(first at line 2\)", header=1),
     "passages-tsv": Reader(
         _passages("tsv"), _n("corpus"),
         r"psgs.tsv:5: field 'id': duplicate passage id 'k0' \(first at line 2\)", header=1),

@@ -63,7 +63,7 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     are checked for duplicates in memory, or, given ``ids``, recorded there to be checked
     after the stream (:func:`write_tables`).
     """
-    check_args(fmt, passages=passages, corpus_langs=corpus_langs, kind=kind)
+    check_args(fmt, passages=passages, corpus_langs=corpus_langs, kind=kind, lang=lang)
     rejects = rejects or readers.Rejects()
     unique: bool | SpilledIds = ids if ids is not None else True
     if fmt == "xquad":
@@ -107,7 +107,8 @@ def read(fmt: str, input: str, *, passages: str | None = None,
 
 
 def check_args(fmt: str, *, passages: str | None = None,
-               corpus_langs: list[str] | None = None, kind: str | None = None) -> None:
+               corpus_langs: list[str] | None = None, kind: str | None = None,
+               lang: str | None = None) -> None:
     """The arguments of :func:`read` that no reader could use: a ConfigError before anything
     is read or cleared."""
     if fmt not in FORMATS:
@@ -121,6 +122,9 @@ def check_args(fmt: str, *, passages: str | None = None,
     if fmt in ("dpr", "qas") and passages and not corpus_langs:
         raise ConfigError(f"data.passages={passages}: give the collection's language as "
                           "data.corpus_langs (--corpus-langs), e.g. [en] for psgs_w100")
+    if fmt == "qas" and (lang or "und") == "und":
+        raise ConfigError("data.lang: a qas file's questions carry no language: give it "
+                          "(--lang, e.g. en for NQ), or its pairs are und -> ...")
     if fmt == "qas" and corpus_langs and not passages:
         raise ConfigError(f"data.corpus_langs={corpus_langs}: a qas file holds no passages; "
                           "it is the language of data.passages (--passages), if given")
@@ -203,7 +207,7 @@ def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
     re-run with the same one resumes, keeping finished shards; ``output`` holding a prepare
     of another one is cleared first, so that no shard of other input or arguments is kept.
     """
-    check_args(fmt, **{k: kw.get(k) for k in ("passages", "corpus_langs", "kind")})
+    check_args(fmt, **{k: kw.get(k) for k in ("passages", "corpus_langs", "kind", "lang")})
     record = storage.join(output, "_prepare.json")  # after the checks: nothing cleared yet
     if storage.exists(record) and storage.read_json(record)["config_hash"] != config_hash:
         log.info("%s held a prepare of other input or arguments: cleared", output)

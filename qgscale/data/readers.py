@@ -384,42 +384,63 @@ def read_xor_queries(path: str, rejects: Rejects | None = None,
 
 def read_qas(path: str, lang: str = "und", rejects: Rejects | None = None) -> Tables:
     """DPR's question-answer files (``nq-test.qas.csv``, ``trivia-test.qas.csv``, ...; the
-    retrieval eval sets of DPR, ``dpr.data.retriever_data.CsvQASrc``): one question per line,
-    ``question<TAB>answers`` with ``answers`` a Python list literal (``['Wilhelm Conrad
-    Röntgen']``), CSV quoting, no header. ``.gz`` allowed.
+    retrieval eval sets of DPR, read by ``dpr.data.retriever_data.CsvQASrc``): one question a
+    row, ``question<TAB>answers`` with ``answers`` a Python list literal (``['Wilhelm Conrad
+    Röntgen']``), CSV-quoted as DPR's ``csv.reader(f, delimiter="\\t")`` reads them (a
+    quoted field may span lines), no header. ``.gz`` allowed. The answers are strings, matched
+    as strings (CuratedTREC's regular-expression answers are not supported).
 
-    Tables ``queries`` (qid: the 0-based line number, ``line - 1``, as DPR's rows have no id;
-    lang: ``lang``) and ``answers``. A line without two columns, a question that is empty, or
-    answers that are not a non-empty list of strings is a row defect, named by line and field.
+    Tables ``queries`` (qid: the row's first line number - 1, as DPR's rows have no id;
+    lang: ``lang``) and ``answers``. A row without two columns (empty columns after them
+    aside), an empty question, answers that are not a list of strings with a non-blank one,
+    or a row the CSV reader cannot parse is a row defect, named by line and field.
     """
     rejects = rejects or Rejects()
     queries, answers = [], []
+    lines: list[int] = []  # the numbers of the lines the CSV reader took for the row
+
+    def feed() -> Iterator[str]:
+        for n, line in _open_text_lines(path, rejects):
+            lines.append(n)
+            yield line + "\n"
+
+    rows = csv.reader(feed(), delimiter="\t")
     read = 0
-    for n, line in _open_text_lines(path, rejects):
-        if not line.strip():
+    while True:
+        lines.clear()
+        try:
+            cells = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            rejects.bad(path, lines[0] if lines else None, None, f"unreadable CSV row: {e}")
             continue
+        if not cells:  # a blank line
+            continue
+        n, raw = lines[0], "\t".join(cells)
         read += 1
-        cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
+        while len(cells) > 2 and not cells[-1]:
+            cells.pop()
         if len(cells) != 2:
             rejects.bad(path, n, None, "expected 2 tab-separated columns (question, answers), "
-                        f"got {len(cells)}", line)
+                        f"got {len(cells)}", raw)
             continue
         question, literal = cells
         if not question.strip():
-            rejects.bad(path, n, "question", "empty text", line)
+            rejects.bad(path, n, "question", "empty text", raw)
             continue
         try:
             ans = ast.literal_eval(literal.strip())
         except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
             rejects.bad(path, n, "answers", f"not a Python list literal ({type(e).__name__}): "
-                        f"{literal[:80]!r}", line)
+                        f"{literal[:80]!r}", raw)
             continue
         if not isinstance(ans, list | tuple) or not all(isinstance(a, str) for a in ans):
             rejects.bad(path, n, "answers", "wrong type: expected a list of strings, got "
-                        f"{literal[:80]!r}", line)
+                        f"{literal[:80]!r}", raw)
             continue
         if not any(a.strip() for a in ans):
-            rejects.bad(path, n, "answers", "no answer (an eval question needs one)", line)
+            rejects.bad(path, n, "answers", "no answer (an eval question needs one)", raw)
             continue
         qid = str(n - 1)
         queries.append({"qid": qid, "lang": lang, "text": question.strip()})

@@ -19,7 +19,12 @@ def baseline_beside(cfg: Any, result: dict, data_uri: str, split: str, out_uri: 
     """The BM25 baseline of ``split`` over the evaluated index's corpus (``bm25-eval``'s run
     written under ``out_uri/bm25/run/<split>``, resumable), its reports in
     ``out_uri/bm25/<split>/`` and ``out_uri/<split>.md``: BM25 and the student side by side."""
-    from qgscale.eval.evaluate import _queries_uri, comparison_table, evaluate_baseline
+    from qgscale.eval.evaluate import (
+        _queries_uri,
+        chart_metric,
+        comparison_table,
+        evaluate_baseline,
+    )
     from qgscale.retrieval.sharded import run_bm25_eval
 
     corpus = result["sources"]["corpus"]
@@ -32,7 +37,8 @@ def baseline_beside(cfg: Any, result: dict, data_uri: str, split: str, out_uri: 
         run_bm25_eval(cfg, queries, corpus, run_dir, key)
     base = evaluate_baseline(cfg, storage.join(run_dir, "run.parquet"), data_uri, split,
                              corpus, storage.join(out_uri, "bm25"))
-    table = comparison_table({"bm25": base, "student": result}, cfg.eval.chart_metric)
+    table = comparison_table({"bm25": base, "student": result},
+                             chart_metric(result, cfg.eval.chart_metric))
     storage.write_bytes(storage.join(out_uri, f"{split}.md"), table.encode())
     print(table, flush=True)
 

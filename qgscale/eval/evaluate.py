@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,6 +212,27 @@ def run_sink(uri: str | None) -> Iterator[tuple[Callable[[dict], None], dict | N
 EVAL_BLOCK = 16_384  # queries encoded, searched and scored at a time
 
 
+class _View(Mapping[str, str]):
+    """pid -> one text made from :func:`passage_fields`' ``(title, text)`` on access: the
+    answer metrics read what they need without a second dict of the block's texts."""
+
+    def __init__(self, fields: dict[str, tuple[str, str]],
+                 make: Callable[[tuple[str, str]], str]) -> None:
+        self.fields, self.make = fields, make
+
+    def __getitem__(self, pid: str) -> str:
+        return self.make(self.fields[pid])
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self.fields
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+
 class BlockScorer:
     """Every metric of a split's runs, added a block of queries at a time
     (:class:`qgscale.eval.metrics.LanguageMetrics`): per block, the fields (language; text
@@ -261,9 +282,8 @@ class BlockScorer:
         from qgscale.data.schema import passage_text
 
         self.acc.add(pair_runs, qrels, {q: d.query_lang[q] for q in qids}, plang, pooled,
-                     d.answers,
-                     {p: passage_text(*f) for p, f in fields.items()} if self.recall else None,
-                     {p: f[1] for p, f in fields.items()} if self.accuracy else None)
+                     d.answers, _View(fields, lambda f: passage_text(*f)),
+                     _View(fields, lambda f: f[1]))
 
     def result(self) -> dict:
         if self.n_gone:  # a positive no index can return: every metric counts it as a miss
@@ -362,7 +382,8 @@ def evaluate_baseline(cfg: Any, run_uri: str, data_uri: str, split: str, corpus_
 
     ec = cfg.eval
     t0 = time.time()
-    data = load_split(data_uri, split, corpus_uri, answers_wanted(ec))
+    data = load_split(data_uri, split, corpus_uri,
+                      answers_wanted(ec.answer_recall, ec.answer_accuracy))
     wanted, seen = set(data.qids), set()
     langs = corpus_langs(data.corpus_uri)
     scorer = BlockScorer(data, ec.k, answer_recall=ec.answer_recall,
@@ -394,9 +415,9 @@ def evaluate_baseline(cfg: Any, run_uri: str, data_uri: str, split: str, corpus_
     return out
 
 
-def answers_wanted(ec: Any) -> bool:
-    """Whether the eval settings ``ec`` use a split's answers (R@kt or acc@k)."""
-    return ec.answer_recall or ec.answer_accuracy != "off"
+def answers_wanted(answer_recall: bool, answer_accuracy: str) -> bool:
+    """Whether the eval settings use a split's answers (R@kt or acc@k)."""
+    return answer_recall or answer_accuracy != "off"
 
 
 def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
@@ -415,8 +436,8 @@ def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
     manifest = storage.read_manifest(index_uri) or {}
     if corpus_uri is None and manifest.get("embeddings"):
         corpus_uri = (storage.read_manifest(manifest["embeddings"]) or {}).get("corpus")
-    answers = kw.get("answer_recall", True) or kw.get("answer_accuracy", "dpr") != "off"
-    data = load_split(data_uri, split, corpus_uri, answers)
+    data = load_split(data_uri, split, corpus_uri, answers_wanted(
+        kw.get("answer_recall", True), kw.get("answer_accuracy", "dpr")))
     device = device or default_device()
     encoder = load_dual_encoder(model_uri, device)
     searcher = ShardedSearcher(index_uri, kw.get("nprobe"), kw.get("ef_search"),
@@ -452,6 +473,19 @@ def markdown_table(result: dict, metrics: list[str]) -> str:
         n = max((r[c] for c in M.COUNTS if c in r), default=r.get("groups", ""))
         lines.append(f"| {name} | {n} | " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+CHART_DEFAULTS = ("mrr@10", "r@2kt", "acc@20", "acc@100")
+
+
+def chart_metric(result: dict, wanted: str | None) -> str:
+    """``wanted`` (``eval.chart_metric``), or when None the first of :data:`CHART_DEFAULTS`
+    that a pair of ``result`` has (a split without qrels has only answer metrics), else the
+    first metric a pair has."""
+    if wanted:
+        return wanted
+    have = [m for r in result["pairs"].values() for m in r if m not in M.COUNTS]
+    return next((m for m in CHART_DEFAULTS if m in have), have[0] if have else "mrr@10")
 
 
 def bar_chart(result: dict, metric: str) -> bytes:
@@ -541,15 +575,16 @@ def comparison_table(results: dict[str, dict], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(result: dict, out_uri: str, metrics: list[str], chart_metric: str) -> dict:
+def write_reports(result: dict, out_uri: str, metrics: list[str], chart: str | None) -> dict:
     """Write ``metrics.json``, ``metrics.md`` (the columns of ``metrics`` the result has),
-    ``pairs.png``, and ``run.parquet`` (pooled top-k) when ``result`` holds its ``run``
-    (else :func:`evaluate_split` wrote it)."""
+    ``pairs.png`` (of :func:`chart_metric`), and ``run.parquet`` (pooled top-k) when
+    ``result`` holds its ``run`` (else :func:`evaluate_split` wrote it)."""
     run = result.pop("run", None)
     storage.write_json(storage.join(out_uri, "metrics.json"), result)
     storage.write_bytes(storage.join(out_uri, "metrics.md"),
                         markdown_table(result, metrics).encode())
-    storage.write_bytes(storage.join(out_uri, "pairs.png"), bar_chart(result, chart_metric))
+    storage.write_bytes(storage.join(out_uri, "pairs.png"),
+                        bar_chart(result, chart_metric(result, chart)))
     if run is not None:
         storage.write_parquet(storage.join(out_uri, "run.parquet"), run_table(run))
     return result

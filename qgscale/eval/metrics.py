@@ -17,8 +17,11 @@ tokens joined by single spaces.
 ``acc@k`` is DPR's top-k retrieval accuracy (the NQ / TriviaQA number of the DPR paper): the
 fraction of queries for which one of the first k passages contains an answer by DPR's
 ``has_answer`` (:mod:`qgscale.retrieval.answers`: NFD, DPR's tokens, lower-cased, a contiguous
-token match) on the passage text without its title, as DPR's ``calculate_matches``. A query
-with no usable answer (blank, or only yes / no) is not counted; DPR counts it as a miss.
+token match) on the passage text without its title, as DPR's ``calculate_matches``.
+Deviations, on purpose, as in :mod:`qgscale.retrieval.answers`: blank answers are ignored (DPR
+counts one as a hit at rank 1) and so are ``yes`` / ``no`` (XOR-TyDi's boolean answers: DPR
+would match the word), and a query left with no answer is not counted (DPR's denominator is
+every question).
 
 Tokens: NLTK's ``word_tokenize``, as the official script (:mod:`qgscale.eval.wordtok`: the
 same function with NLTK's English Punkt parameters shipped in the package, no download). It
@@ -56,14 +59,17 @@ YES_NO = frozenset({"yes", "no"})
 
 def metric_names(ks: list[int]) -> list[str]:
     """The ranking metrics of every eval table, for the recall cut-offs ``ks``
-    (``eval.k``); splits with answers add ``r@2kt`` and ``r@5kt``."""
+    (``eval.k``); splits with answers add the answer metrics (:func:`report_names`)."""
     return [f"recall@{k}" for k in ks] + ["mrr@10", "ndcg@10", "map"]
 
 
-def report_names(ks: list[int]) -> list[str]:
+def report_names(ks: list[int], answer_recall: bool = True, answer_accuracy: bool = True
+                 ) -> list[str]:
     """Every column an eval table may show, in order: :func:`metric_names`, then the answer
-    metrics (R@2kt, R@5kt, ``acc@k`` for each of ``ks``) of the splits that have them."""
-    return metric_names(ks) + ["r@2kt", "r@5kt"] + [f"acc@{k}" for k in ks]
+    metrics that are on (R@2kt, R@5kt; ``acc@k`` for each of ``ks``) for the splits that have
+    answers."""
+    return (metric_names(ks) + (["r@2kt", "r@5kt"] if answer_recall else [])
+            + ([f"acc@{k}" for k in ks] if answer_accuracy else []))
 
 
 def ranking(scores: Mapping[str, float], k: int | None = None) -> list[str]:
@@ -406,8 +412,11 @@ def evaluate_languages(
     tokenize: Tokenizer = word_tokenize,
     bodies: Mapping[str, str] | None = None,
     accuracy_ks: Iterable[int] = (),
+    match: str = "dpr",
 ) -> dict:
-    """:class:`LanguageMetrics` of one block: every query of ``query_lang``."""
-    acc = LanguageMetrics(metrics, answers is not None, tokenize, accuracy_ks)
+    """:class:`LanguageMetrics` of one block: every query of ``query_lang``; with ``answers``,
+    R@kt over ``passages`` (pid -> title and text) and, for ``accuracy_ks``, acc@k over
+    ``bodies`` (pid -> text) with the answer match ``match``."""
+    acc = LanguageMetrics(metrics, answers is not None, tokenize, accuracy_ks, match)
     acc.add(pair_runs, qrels, query_lang, passage_lang, pooled_run, answers, passages, bodies)
     return acc.result()
