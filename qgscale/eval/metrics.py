@@ -200,6 +200,11 @@ def answer_recall_per_query(run: Run, passages: Mapping[str, str],
     return out
 
 
+# passages whose DPR tokens acc@k keeps (about 7 KB each for a 100-word passage): tokenising
+# one takes ~0.1 ms, so the cache is for passages many queries of a block retrieve
+ACC_CACHE = 4096
+
+
 def answer_accuracy_per_query(run: Run, passages: Mapping[str, str],
                               answers: Mapping[str, Iterable[str]], ks: Iterable[int],
                               match: str = "dpr", qids: Iterable[str] | None = None,
@@ -215,7 +220,7 @@ def answer_accuracy_per_query(run: Run, passages: Mapping[str, str],
     from qgscale.retrieval.answers import answer_tokens, contains, dpr_tokens
 
     ks = sorted(set(ks))
-    tokens = tokens or lru_cache(maxsize=20_000)(lambda text: dpr_tokens(text, match))
+    tokens = tokens or lru_cache(maxsize=ACC_CACHE)(lambda text: dpr_tokens(text, match))
     out: dict[str, dict[str, float]] = {}
     for qid in answers if qids is None else qids:
         want = answer_tokens(answers.get(qid, ()), match)
@@ -330,7 +335,7 @@ class LanguageMetrics:
         self.with_answers = with_answers
         self.tokenize = tokenize
         self.match = match
-        self._dpr_tokens = lru_cache(maxsize=20_000)(lambda text: dpr_tokens(text, match))
+        self._dpr_tokens = lru_cache(maxsize=ACC_CACHE)(lambda text: dpr_tokens(text, match))
         self.pairs: dict[tuple[str, str], Means] = defaultdict(Means)
         self.query_langs: dict[str, Means] | None = None
 
