@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
+from qgscale.data.schema import passage_text
 from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.eval import metrics as M
 from qgscale.eval.metrics import report_names
@@ -249,11 +250,10 @@ class BlockScorer:
         self.data = data
         ks = ks or [1, 5, 10, 20, 100]
         self.recall = answer_recall and data.answers is not None
-        accuracy = answer_accuracy != "off" and data.answers is not None
-        self.accuracy = accuracy
+        self.accuracy = answer_accuracy != "off" and data.answers is not None
         self.acc = M.LanguageMetrics(M.metric_names(ks), self.recall,
-                                     accuracy_ks=ks if accuracy else (),
-                                     match=answer_accuracy if accuracy else "dpr")
+                                     accuracy_ks=ks if self.accuracy else (),
+                                     match=answer_accuracy if self.accuracy else "dpr")
         self.n_gone = 0  # positives not in the corpus, and the first of them
         self.first_gone: tuple[str, str] | None = None
 
@@ -279,8 +279,6 @@ class BlockScorer:
         if plang_all is not None:  # every indexed passage (plang: this block's)
             plang = plang_all
         # queries with neither qrels nor answers cannot be scored; keep only scored ones
-        from qgscale.data.schema import passage_text
-
         self.acc.add(pair_runs, qrels, {q: d.query_lang[q] for q in qids}, plang, pooled,
                      d.answers, _View(fields, lambda f: passage_text(*f)),
                      _View(fields, lambda f: f[1]))
