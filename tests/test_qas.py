@@ -259,6 +259,18 @@ def test_block_scorer_matches_answers_in_the_text_not_the_title(tmp_path):
     assert results[True, "off"] == {"r@2kt": 1.0, "r@5kt": 1.0, "n": 0, "n_kt": 1}
     assert results[False, "off"] == {"n": 0}  # no answer metric: the texts are not read
 
+    # a corpus written without spaces: DPR's tokens are whole clauses, dpr-chars splits them
+    write_tables({"corpus": [{"pid": "z", "lang": "ja", "title": "",
+                              "text": "東京は日本の首都です"}]}, str(tmp_path / "ja"))
+    ja = EvalData(["q"], ["首都は"], {"q": "ja"}, {}, str(tmp_path / "ja" / "corpus"),
+                  {"q": ["東京"]})
+    found = {}
+    for match in ("dpr", "dpr-chars"):
+        scorer = BlockScorer(ja, [1], answer_recall=False, answer_accuracy=match)
+        scorer.add(["q"], {"q": {"z": 1.0}}, {("ja", "ja"): {"q": {"z": 1.0}}})
+        found[match] = scorer.result()["pairs"]["ja->ja"]["acc@1"]
+    assert found == {"dpr": 0.0, "dpr-chars": 1.0}
+
 
 @pytest.mark.slow
 def test_pipeline_on_qas_data_bm25_positives_and_accuracy(tmp_path, ray_local):
