@@ -1,9 +1,9 @@
 """DPR's question-answer eval files (``--format qas``: ``nq-test.qas.csv``) and DPR's top-k
 retrieval accuracy (``acc@k``), as a user evaluating on NQ / TriviaQA runs them.
 
-The rows of the qas files here are the questions and answers of the 5 real NQ-dev records of
-haystack's DPR sample (tests/data/dpr; DPR's ``nq-dev.qas.csv`` holds the same questions),
-written as DPR's files are: ``question<TAB>answers`` with a Python list literal."""
+The CLI and pipeline tests write the questions and answers of the 5 real NQ-dev records of
+haystack's DPR sample (tests/data/dpr) as DPR's files are: ``question<TAB>answers`` with a
+Python list literal; the reader's own test uses rows written by hand for each case."""
 
 from __future__ import annotations
 
