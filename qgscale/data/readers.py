@@ -435,16 +435,16 @@ def read_qas(path: str, lang: str = "und", rejects: Rejects | None = None) -> Ta
             rejects.bad(path, n, "answers", f"not a Python list literal ({type(e).__name__}): "
                         f"{literal[:80]!r}", raw)
             continue
-        if not isinstance(ans, list | tuple) or not all(isinstance(a, str) for a in ans):
-            rejects.bad(path, n, "answers", "wrong type: expected a list of strings, got "
-                        f"{literal[:80]!r}", raw)
+        ans = _answers(list(ans) if isinstance(ans, tuple) else ans, path, n, "answers",
+                       rejects)
+        if ans is None:
             continue
         if not any(a.strip() for a in ans):
             rejects.bad(path, n, "answers", "no answer (an eval question needs one)", raw)
             continue
         qid = str(n - 1)
         queries.append({"qid": qid, "lang": lang, "text": question.strip()})
-        answers.append({"qid": qid, "answers": list(ans)})
+        answers.append({"qid": qid, "answers": ans})
     if read == 0:
         raise no_rows(path)
     return {"queries": queries, "answers": answers}

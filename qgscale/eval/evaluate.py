@@ -421,7 +421,7 @@ def answers_wanted(answer_recall: bool, answer_accuracy: str) -> bool:
 def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
                   corpus_uri: str | None = None, device: str | None = None,
                   search_cpus: float = 1.0, refine: str = "none", k_factor: float = 4.0,
-                  **kw: Any) -> dict:
+                  answer_recall: bool = True, answer_accuracy: str = "dpr", **kw: Any) -> dict:
     """Load the student and the split from storage and evaluate, searching the index with
     one Ray actor per index shard of ``search_cpus`` CPUs, which re-rank with their shard's
     exact vectors under ``refine`` (a Ray task body: it holds one block of queries' top-k,
@@ -434,14 +434,15 @@ def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
     manifest = storage.read_manifest(index_uri) or {}
     if corpus_uri is None and manifest.get("embeddings"):
         corpus_uri = (storage.read_manifest(manifest["embeddings"]) or {}).get("corpus")
-    data = load_split(data_uri, split, corpus_uri, answers_wanted(
-        kw.get("answer_recall", True), kw.get("answer_accuracy", "dpr")))
+    data = load_split(data_uri, split, corpus_uri,
+                      answers_wanted(answer_recall, answer_accuracy))
     device = device or default_device()
     encoder = load_dual_encoder(model_uri, device)
     searcher = ShardedSearcher(index_uri, kw.get("nprobe"), kw.get("ef_search"),
                                search_cpus, refine, k_factor, corpus_uri=data.corpus_uri)
     try:
-        out = evaluate_split(encoder, searcher, data, device=device, **kw)
+        out = evaluate_split(encoder, searcher, data, device=device,
+                             answer_recall=answer_recall, answer_accuracy=answer_accuracy, **kw)
     finally:
         searcher.close()
     out.update(model=model_uri, index=index_uri, split=split, sources=data.source,

@@ -63,13 +63,17 @@ def metric_names(ks: list[int]) -> list[str]:
     return [f"recall@{k}" for k in ks] + ["mrr@10", "ndcg@10", "map"]
 
 
+def answer_names(answer_recall: bool, accuracy_ks: Iterable[int]) -> list[str]:
+    """The answer metrics, in table order: R@2kt, R@5kt (``answer_recall``), then ``acc@k``
+    for each of ``accuracy_ks``."""
+    return (["r@2kt", "r@5kt"] if answer_recall else []) + [f"acc@{k}" for k in accuracy_ks]
+
+
 def report_names(ks: list[int], answer_recall: bool = True, answer_accuracy: bool = True
                  ) -> list[str]:
     """Every column an eval table may show, in order: :func:`metric_names`, then the answer
-    metrics that are on (R@2kt, R@5kt; ``acc@k`` for each of ``ks``) for the splits that have
-    answers."""
-    return (metric_names(ks) + (["r@2kt", "r@5kt"] if answer_recall else [])
-            + ([f"acc@{k}" for k in ks] if answer_accuracy else []))
+    metrics that are on (:func:`answer_names`) for the splits that have answers."""
+    return metric_names(ks) + answer_names(answer_recall, ks if answer_accuracy else ())
 
 
 def ranking(scores: Mapping[str, float], k: int | None = None) -> list[str]:
@@ -330,8 +334,7 @@ class LanguageMetrics:
 
         self.metrics = list(metrics)
         self.accuracy_ks = sorted(set(accuracy_ks))
-        self.names = (self.metrics + (["r@2kt", "r@5kt"] if with_answers else [])
-                      + [f"acc@{k}" for k in self.accuracy_ks])
+        self.names = self.metrics + answer_names(with_answers, self.accuracy_ks)
         self.with_answers = with_answers
         self.tokenize = tokenize
         self.match = match
