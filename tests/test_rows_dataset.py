@@ -162,19 +162,19 @@ def test_qg_and_qg_rank_rows_equal_the_driver_join(data, tmp_path, ray_local):  
 
 def test_the_corpus_rows_a_join_shuffles_are_the_needed_ones(data, ray_local):  # noqa: F811
     """The corpus side of a row join is read through the needed pids' Bloom filter
-    (:func:`~qgscale.train.rows_dataset.pid_filter`): every needed passage, with its text,
+    (:func:`~qgscale.data.joins.pid_filter`): every needed passage, with its text,
     and about 1% of the others, instead of all 500."""
     import ray
 
-    from qgscale.train.rows_dataset import _passages, pid_filter
+    from qgscale.data.joins import passages_dataset, pid_filter
 
     corpus = storage.read_parquet(data["corpus"], ["pid", "title", "text"]).to_pylist()
     pids = [r["pid"] for r in corpus]
     need = pids[::10]
     ds = ray.data.from_items([{"qid": f"q{i % 3}", "pid": p} for i, p in enumerate(need)])
-    got = {r["pid"]: r["passage"] for r in _passages(data["corpus"],
-                                                     pid_filter(ds.materialize())).take_all()}
+    got = {r["pid"]: r["passage"] for r in passages_dataset(
+        data["corpus"], pid_filter(ds.materialize())).take_all()}
     text = {r["pid"]: passage_text(r["title"], r["text"]) for r in corpus}
     assert set(need) <= set(got) and all(got[p] == text[p] for p in need)
     assert len(got) <= len(need) + 10  # 450 others: ~5 expected to pass
-    assert len(_passages(data["corpus"]).take_all()) == len(pids)  # unfiltered: the corpus
+    assert len(passages_dataset(data["corpus"]).take_all()) == len(pids)  # unfiltered: the corpus

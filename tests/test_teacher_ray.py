@@ -544,3 +544,118 @@ def test_candidate_pairs_across_files(tmp_path):
     with pytest.raises(DataError, match=r"b/part-00000.parquet: row 1 \(qid=q1\): qid also in "
                                         r"\S*a/part-00000.parquet row 1"):
         candidate_pairs([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def _pair_inputs(root: str, n_pass: int = 30, n_q: int = 40, k: int = 6) -> dict[str, str]:
+    """Corpus (2 shards), queries (2 files) and candidate lists (3 files) without a model."""
+    rng = random.Random(2)
+    corpus = [{"pid": f"p{i}", "lang": "en", "title": f"T{i}" if i % 3 else "",
+               "text": f"passage {i} text"} for i in range(n_pass)]
+    queries = [{"qid": f"q{i}", "lang": rng.choice(["de", "es"]), "text": f"query {i}"}
+               for i in range(n_q)]
+    cands = [{"qid": q["qid"], "pids": rng.sample([c["pid"] for c in corpus], k),
+              "scores": None} for q in queries]
+    out = {name: storage.join(root, name) for name in ("corpus", "queries", "cands")}
+    for i in range(2):
+        storage.write_parquet(storage.join(out["corpus"], f"part-{i:05d}.parquet"),
+                              pa.Table.from_pylist(corpus[i::2], schema=CORPUS))
+        storage.write_parquet(storage.join(out["queries"], f"part-{i:05d}.parquet"),
+                              pa.Table.from_pylist(queries[i::2], schema=QUERIES))
+    for i in range(3):
+        storage.write_parquet(storage.join(out["cands"], f"part-{i:05d}.parquet"),
+                              pa.Table.from_pylist(cands[i::3], schema=CANDIDATES))
+    return out
+
+
+def test_ray_data_pair_join_equals_the_actor_join(ray_local, tmp_path):
+    """Above ``ray_from`` candidate lists Ray Data workers write the pairs the actors' join
+    writes (each list's first ``first``), every shard sorted so that a passage's pairs are
+    adjacent; the manifests count the same pairs; a finished join is reused."""
+    from qgscale.teacher.scoring import join_pairs
+
+    d = _pair_inputs(str(tmp_path))
+    sc = ScoreConfig(num_actors=1, cpus_per_actor=0.5)
+    args = (d["cands"], d["queries"], d["corpus"])
+    actors = join_pairs(*args, str(tmp_path / "a"), "k1", sc, 4, ray_from=10_000)
+    ray_data = join_pairs(*args, str(tmp_path / "r"), "k1", sc, 4, ray_from=40,
+                          num_partitions=3)
+    assert ray_data["run"]["joined_by"] == "ray-data" and "joined_by" not in actors["run"]
+    assert actors["rows"] == ray_data["rows"] == ray_data["pairs"] == 160
+    want = storage.read_parquet(str(tmp_path / "a")).to_pylist()
+    got_shards = [storage.read_parquet(storage.join(str(tmp_path / "r"), s["file"]))
+                  for s in ray_data["shards"]]
+    got = [r for t in got_shards for r in t.to_pylist()]
+    assert sorted(got, key=str) == sorted(want, key=str)
+    for t in got_shards:  # a passage's pairs adjacent: one run per pid
+        pids = t.column("pid").to_pylist()
+        assert len({p for p in pids}) == sum(1 for i, p in enumerate(pids)
+                                             if i == 0 or p != pids[i - 1])
+    cands = storage.read_parquet(d["cands"]).to_pylist()
+    assert {(r["qid"], r["pid"]) for r in got} == {(c["qid"], p) for c in cands
+                                                   for p in c["pids"][:4]}
+    again = join_pairs(*args, str(tmp_path / "r"), "k1", sc, 4, ray_from=0)
+    assert again == ray_data  # its manifest, not a second join
+    other = join_pairs(*args, str(tmp_path / "r"), "k2", sc, None, ray_from=0,
+                       num_partitions=2)  # another key: joined again, every candidate
+    assert other["rows"] == 240 and other["config_hash"] == "k2"
+
+
+def test_ray_data_pair_join_names_bad_input(ray_local, tmp_path):
+    """The Ray Data join raises the actors' join's errors: a list defect, a qid listed in two
+    files, a qid not in the queries, a pid not in the corpus (file and row of the list), a
+    query on two rows, a passage on two corpus rows; nothing is finalized."""
+    from qgscale.teacher.scoring import join_pairs
+
+    d = _pair_inputs(str(tmp_path / "in"), n_q=6)
+    sc = ScoreConfig(num_actors=1, cpus_per_actor=0.5)
+    cand = storage.join(d["cands"], "part-00001.parquet")
+    good = storage.read_parquet(cand).to_pylist()
+
+    def fails(rows, match, **kw):
+        storage.write_parquet(cand, pa.Table.from_pylist(rows, schema=CANDIDATES))
+        out = str(tmp_path / "out")
+        with pytest.raises(DataError, match=match):
+            join_pairs(kw.get("cands", d["cands"]), kw.get("queries", d["queries"]),
+                       kw.get("corpus", d["corpus"]), out, "k", sc, ray_from=0,
+                       num_partitions=2)
+        assert not storage.exists(storage.join(out, storage.MANIFEST))
+
+    fails([good[0], {**good[1], "pids": ["p1", "p2", "p1"]}],
+          r"cands/part-00001.parquet: row 1 \(qid=q4\): field 'pids' lists a pid twice")
+    fails([good[0], {**good[1], "qid": "q0"}], r"cands/part-00001.parquet: row 1 \(qid=q0\): "
+          r"qid also in \S*cands/part-00000.parquet row 0")
+    fails([good[0], {**good[1], "qid": "zz"}],
+          r"cands/part-00001.parquet: row 1: qid=zz not in queries")
+    fails([good[0], {**good[1], "pids": ["p1", "nope"]}],
+          r"cands/part-00001.parquet: row 1 \(qid=q4\): pid=nope not in corpus")
+    queries = storage.read_parquet(d["queries"]).to_pylist()
+    twice = storage.join(str(tmp_path), "queries2.parquet")
+    storage.write_parquet(twice, pa.Table.from_pylist(queries + queries[:1], schema=QUERIES))
+    fails(good, r"queries2.parquet: row 6 \(qid=q0\): qid also in \S*queries2.parquet row 0",
+          queries=twice)
+    corpus2 = storage.join(str(tmp_path), "corpus2")
+    for k in range(2):  # every passage on two shards
+        storage.write_parquet(storage.join(corpus2, f"part-{k:05d}.parquet"),
+                              storage.read_parquet(d["corpus"]))
+    fails(good, r"corpus2: pid=p\d+ \(a candidate of qid=q\d\) is on 2 corpus rows",
+          corpus=corpus2)
+
+
+def test_score_stage_on_the_ray_data_join(ray_local, tokenizer, tmp_path):
+    """``ray_from`` reaches the join from the stage: the scores equal the actors' join's."""
+    root = str(tmp_path / "run")
+    _, spec, *_ = _write_inputs(root, tokenizer, n_pass=6, n_q=8, k=3)
+    args = (spec, storage.join(root, "cands"), storage.join(root, "queries.parquet"),
+            storage.join(root, "corpus.parquet"))
+    sc = ScoreConfig(num_actors=1, cpus_per_actor=0.5, batch_tokens=2000, precision="fp32")
+    a = score_candidates(*args, storage.join(root, "a"), "k1", sc, 2)
+    r = score_candidates(*args, storage.join(root, "r"), "k1", sc, 2, ray_from=0,
+                         num_partitions=2)
+    pairs = storage.read_manifest(storage.join(root, "r", "_pairs"))
+    assert pairs["run"]["joined_by"] == "ray-data" and a["rows"] == r["rows"] == 16
+
+    def scores(uri):
+        return {(x["qid"], x["pid"]): x["score"] for x in storage.read_parquet(uri).to_pylist()}
+    want, got = scores(storage.join(root, "a")), scores(storage.join(root, "r"))
+    assert want.keys() == got.keys()
+    assert all(abs(want[k] - got[k]) < 1e-5 for k in want)

@@ -46,6 +46,24 @@ def _files(uri: str) -> list[str]:
     return storage.parquet_files(uri)
 
 
+def candidate_files(candidates_uri: str | list[str]) -> list[str]:
+    """The parquet files of one or several candidate sets, in order."""
+    uris = [candidates_uri] if isinstance(candidates_uri, str) else candidates_uri
+    return [f for u in uris for f in _files(u)]
+
+
+def candidate_lists(candidates_uri: str | list[str]) -> int:
+    """How many candidate lists (queries) there are, from the parquet footers."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    for f in candidate_files(candidates_uri):
+        fs, path = storage.url_to_fs(f)
+        with fs.open(path, "rb") as fh:
+            n += pq.ParquetFile(fh).metadata.num_rows
+    return n
+
+
 def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -> pa.Table:
     """Every (qid, pid) candidate pair, with the file and row it came from (for errors);
     with ``first``, only the first ``first`` of each list (the ones training rows read:
@@ -54,8 +72,7 @@ def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -
     Validates the lists on the way, naming file, row and field: :func:`check_lists` file by
     file, then a qid on two rows over all files. O(queries x k) in Arrow, never the corpus.
     """
-    uris = [candidates_uri] if isinstance(candidates_uri, str) else candidates_uri
-    files = [f for u in uris for f in _files(u)]
+    files = candidate_files(candidates_uri)
     parts, lists = [], []
     for n, f in enumerate(files):
         t = storage.read_parquet(f, ["qid", "pids"]).combine_chunks()
@@ -67,7 +84,7 @@ def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -
                                    pa.array(np.zeros(len(rows), np.int32)), pa.array([f])),
                                "row": rows}))
         lists.append(_lists(t, n))
-    repeat = _repeated_qid(pa.concat_tables(lists), files)
+    repeat = repeated_qid(pa.concat_tables(lists), files)
     if repeat:
         raise DataError(repeat[1])
     return pa.concat_tables(parts).combine_chunks()
@@ -79,7 +96,7 @@ def _lists(t: pa.Table, n: int) -> pa.Table:
                      "row": np.arange(t.num_rows)})
 
 
-def _repeated_qid(lists: pa.Table, files: list[str]) -> tuple[int, str] | None:
+def repeated_qid(lists: pa.Table, files: list[str]) -> tuple[int, str] | None:
     """The first row of ``lists`` (:func:`_lists`, in file and row order) whose qid an
     earlier row has, as ``(row, message naming both)``; None when every qid is once."""
     if pc.count_distinct(lists.column("qid")).as_py() == lists.num_rows:
@@ -114,7 +131,7 @@ def check_lists(t: pa.Table, f: str) -> None:
     if pc.any(bad).as_py():
         i = pc.index(bad, True).as_py()
         found.append((i, f"{f}: row {i}: empty field 'qid'"))
-    elif repeat := _repeated_qid(_lists(t, 0), [f]):
+    elif repeat := repeated_qid(_lists(t, 0), [f]):
         found.append(repeat)
     first(pc.is_null(pids), "is null")
     flat, parent = pc.list_flatten(pids), pc.list_parent_indices(pids)
@@ -241,33 +258,54 @@ class ScoreJob:
 
 def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
                corpus_uri: str, out_uri: str, config_hash: str, sc: ScoreConfig,
-               first: int | None = None) -> dict:
+               first: int | None = None, *, ray_from: int | None = None,
+               num_partitions: int = 64) -> dict:
     """Write the scoring work units: pair shards ``{qid, lang, query, pid, passage}`` under
-    ``out_uri`` (one per corpus shard, :class:`PairJob`, resumable) of each list's first
-    ``first`` candidates (all without it); returns their manifest.
+    ``out_uri`` of each list's first ``first`` candidates (all without it); returns their
+    manifest. A finished join (its manifest, with ``config_hash``) is reused.
+
+    Up to ``ray_from`` candidate lists (None: any number) the pairs are indexed here and
+    joined on actors, one corpus shard a unit (:class:`PairJob`, resumable shard by shard);
+    above it by Ray Data workers (:mod:`qgscale.teacher.pairs_dataset`, ``num_partitions``
+    hash partitions), so that no process holds the pairs.
     A candidate whose qid is not in the queries, or whose pid is not in the corpus, is a
     DataError naming the candidate file, row and id."""
+    done = storage.read_manifest(out_uri)
+    if done and done.get("config_hash") == config_hash:
+        return done
+    if ray_from is not None and candidate_lists(candidates_uri) >= ray_from:
+        from qgscale.teacher.pairs_dataset import join_pairs_dataset
+
+        return join_pairs_dataset(candidates_uri, queries_uri, corpus_uri, out_uri,
+                                  config_hash, first=first, num_partitions=num_partitions)
     job, n_pairs = pair_job(candidates_uri, queries_uri, first)
     units = [Shard(f"part-{i:05d}", 1, uri) for i, uri in enumerate(corpus_shards(corpus_uri))]
     stats = run_shards(job, units, out_uri, config_hash,
                        sc.model_copy(update={"gpus_per_actor": 0}), stage="teacher.score",
                        desc="join pairs", unit="corpus shard")
-    manifest = storage.ShardWriter(out_uri, config_hash).finalize(
-        [u.name for u in units], pairs=n_pairs, run=stats)
-    if manifest["rows"] != n_pairs:  # a candidate passage not in the corpus, or twice
-        pairs = candidate_pairs(candidates_uri, first)  # with their file and row
-        got = storage.read_parquet(out_uri, ["qid", "pid"])
-        missing = pc.invert(pc.is_in(pairs.column("pid"), value_set=got.column("pid")))
-        if pc.any(missing).as_py():
-            i = pc.index(missing, True).as_py()
-            raise DataError(f"{pairs['file'][i]}: row {pairs['row'][i]} "
-                            f"(qid={pairs['qid'][i]}): pid={pairs['pid'][i]} not in corpus "
-                            f"{corpus_uri}")
-        n = got.group_by(["qid", "pid"]).aggregate([([], "count_all")])
-        dup = n.filter(pc.greater(n.column("count_all"), 1)).slice(0, 1).to_pylist()[0]
-        raise DataError(f"{corpus_uri}: pid={dup['pid']} (a candidate of qid={dup['qid']}) "
-                        f"is on {dup['count_all']} corpus rows: a pid names one passage")
-    return manifest
+    writer = storage.ShardWriter(out_uri, config_hash)
+    markers = writer.markers()
+    if sum(markers[u.name]["rows"] for u in units) != n_pairs:  # checked before the manifest
+        _name_missing_or_twice(candidates_uri, first, out_uri, corpus_uri)
+    return writer.finalize([u.name for u in units], markers, pairs=n_pairs, run=stats)
+
+
+def _name_missing_or_twice(candidates_uri: str | list[str], first: int | None, out_uri: str,
+                           corpus_uri: str) -> None:
+    """The DataError of joined pairs that are not the candidate pairs: the first candidate
+    (in file order) whose pid is not in the corpus, else a pid on two corpus rows."""
+    pairs = candidate_pairs(candidates_uri, first)  # with their file and row
+    got = storage.read_parquet(out_uri, ["qid", "pid"])
+    missing = pc.invert(pc.is_in(pairs.column("pid"), value_set=got.column("pid")))
+    if pc.any(missing).as_py():
+        i = pc.index(missing, True).as_py()
+        raise DataError(f"{pairs['file'][i]}: row {pairs['row'][i]} "
+                        f"(qid={pairs['qid'][i]}): pid={pairs['pid'][i]} not in corpus "
+                        f"{corpus_uri}")
+    n = got.group_by(["qid", "pid"]).aggregate([([], "count_all")])
+    dup = n.filter(pc.greater(n.column("count_all"), 1)).slice(0, 1).to_pylist()[0]
+    raise DataError(f"{corpus_uri}: pid={dup['pid']} (a candidate of qid={dup['qid']}) "
+                    f"is on {dup['count_all']} corpus rows: a pid names one passage")
 
 
 def plan_units(pairs_manifest: dict, pairs_uri: str, unit_pairs: int) -> list[Shard]:
@@ -329,10 +367,12 @@ def read_table_rows(uri: str, what: str) -> list[dict[str, Any]]:
 def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
                      queries_uri: str | list[str], corpus_uri: str, out_uri: str,
                      config_hash: str, sc: ScoreConfig | None = None,
-                     first: int | None = None) -> dict[str, Any]:
+                     first: int | None = None, *, ray_from: int | None = None,
+                     num_partitions: int = 64) -> dict[str, Any]:
     """Plain API: score every candidate pair (or the first ``first`` of each list) into
     ``out_uri`` (settings ``sc``, the ``teacher.score`` section; defaults if None); returns
-    the manifest.
+    the manifest. ``ray_from``, ``num_partitions``: where the join moves to Ray Data
+    (:func:`join_pairs`).
 
     Skips every shard with a done marker of the same ``config_hash`` (resume). Needs a
     running Ray (or starts a local one); actors as :func:`qgscale.runtime.run_shards`.
@@ -343,7 +383,7 @@ def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
     inputs = {"candidates": candidates_uri, "queries": queries_uri, "corpus": corpus_uri}
     pairs_uri = storage.join(out_uri, PAIRS_DIR)
     joined = join_pairs(candidates_uri, queries_uri, corpus_uri, pairs_uri, config_hash, sc,
-                        first)
+                        first, ray_from=ray_from, num_partitions=num_partitions)
     rows = planned_unit_rows(out_uri, config_hash, joined["rows"], sc.shard_pairs, sc,
                              "teacher.score")  # sized to the actor pool, kept on resume
     units = plan_units(joined, pairs_uri, rows)
@@ -386,4 +426,5 @@ def run_score(cfg: Any, model: Any, *, candidates_uri: str, queries_uri: str, co
         queries.append(q)
     return score_candidates(
         qg_spec(cfg, model), cands if len(cands) > 1 else cands[0],
-        queries if len(queries) > 1 else queries[0], corpus_uri, out_uri, key, sc, first)
+        queries if len(queries) > 1 else queries[0], corpus_uri, out_uri, key, sc, first,
+        ray_from=cfg.data.ray_rows_from, num_partitions=cfg.data.ray_rows_partitions)

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from qgscale import storage
 from qgscale.config import LossConfig
 from qgscale.data.corpus import read_passages, sample_pids
+from qgscale.data.joins import ORDER  # the column rows are sorted by before they are written
 from qgscale.data.keyindex import KeyIndex
 from qgscale.data.schema import blank
 from qgscale.errors import DataError
@@ -62,7 +63,6 @@ def generated_qid(pid: str, lang: str, query: str) -> str:
     return "gen-" + hashlib.sha1(f"{pid}\t{lang}\t{query}".encode()).hexdigest()[:16]
 
 
-ORDER = "order"  # the column training rows are sorted by before they are written
 
 
 def order_key(*ids: str) -> int:

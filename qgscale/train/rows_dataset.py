@@ -31,27 +31,30 @@ query's id) are materialized in the object store (spilled to disk when large). I
 are read by the workers from their shard URIs (no filesystem object, so no credentials,
 travels in the dataset). Bad input raises the same DataError as the driver join, with two
 differences: a qid on two query rows is found only where the rows use it (after they are
-written: :func:`_check_duplicate`), and every generated-query row is checked where the
+written: :func:`check_duplicate`), and every generated-query row is checked where the
 driver checks those of the positive passages.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import re
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
 from qgscale.config import LossConfig
-from qgscale.data.corpus import check as check_corpus
-from qgscale.data.corpus import corpus_shards
-from qgscale.data.pidfilter import PidFilter, key_hashes
-from qgscale.data.schema import blank, passage_text
+from qgscale.data.joins import (
+    check_duplicate,
+    check_text,
+    dataset,
+    kept,
+    passages_dataset,
+    pid_filter,
+    queries_dataset,
+    unwrapped,
+    write_sorted,
+)
 from qgscale.errors import DataError
 from qgscale.train import data as tdata
 
@@ -65,43 +68,6 @@ SCORED = PLAN.append(pa.field("cand_scores", pa.list_(pa.float32()))).append(
     pa.field("gen_scores", pa.list_(pa.float32()))).append(pa.field("added", pa.int64()))
 ROWS_AND_COUNTS = tdata.STUDENT_ROWS.append(pa.field("_added", pa.int64())).append(
     pa.field("_generated", pa.bool_()))
-
-
-def _dataset(uri: str, what: str, columns: list[str], check: Any = None) -> Any:
-    """A dataset of the parquet shards of ``uri``, read by the workers (one shard a block),
-    with ``_row`` = (shard index, row) for errors and ordering; ``check(table, uri)`` raises
-    on bad rows."""
-    import ray
-
-    files = corpus_shards(uri) if what == "corpus" else storage.list_files(uri, ".parquet")
-    if not files:
-        raise DataError(f"{uri}: {what} not found")
-
-    def read(batch: dict[str, Any]) -> pa.Table:
-        out = []
-        for i, u in zip(batch["i"], batch["uri"], strict=True):
-            t = storage.read_parquet(str(u), columns)
-            if check is not None:
-                check(t, str(u))
-            out.append(t.append_column("_row", pa.array(
-                int(i) * (1 << 32) + np.arange(t.num_rows, dtype=np.int64))))
-        return pa.concat_tables(out)
-
-    items = [{"i": i, "uri": f} for i, f in enumerate(files)]
-    return ray.data.from_items(items, override_num_blocks=len(files)).map_batches(
-        read, batch_size=1, batch_format="numpy")
-
-
-def _check_text(key: str, fields: tuple[str, ...]) -> Any:
-    """A check that no ``fields`` value is empty, naming the row by ``key``."""
-    def check(t: pa.Table, uri: str) -> None:
-        for field in fields:
-            bad = blank(t.column(field))
-            if pc.any(bad).as_py():
-                i = pc.index(bad, True).as_py()
-                raise DataError(f"{uri}: row {i} ({key}={t.column(key)[i].as_py()}): empty "
-                                f"field {field!r}")
-    return check
 
 
 def _check_nonempty_list(key: str, field: str, what: str) -> Any:
@@ -128,7 +94,7 @@ def _positives(examples_uri: str | None, qrels_uri: str | None, parts: int
     """``{qid, pos, neg}`` per training query (lists concatenated in table order, as
     :func:`~qgscale.train.data.positives_from`) and the source table's URI."""
     if examples_uri and storage.exists(examples_uri):
-        ds = _dataset(examples_uri, "training examples", ["qid", "pos_pids", "neg_pids"],
+        ds = dataset(examples_uri, "training examples", ["qid", "pos_pids", "neg_pids"],
                       tdata.check_examples)
 
         def flat(t: pa.Table) -> pa.Table:
@@ -158,7 +124,7 @@ def build_student_rows_dataset(queries_uri: str, corpus_uri: str, out_uri: str,
     as parquet shards under ``out_uri`` (in the same order, ``shard_rows`` rows each, with the
     shard writer's markers and manifest); returns the counts. ``num_partitions``: hash
     partitions of each join."""
-    return _unwrapped(_build, queries_uri, corpus_uri, out_uri, config_hash,
+    return unwrapped(_build, queries_uri, corpus_uri, out_uri, config_hash,
                       loss or LossConfig(), qrels_uri=qrels_uri, examples_uri=examples_uri,
                       candidates_uri=candidates_uri, scores_uri=scores_uri,
                       generated_uri=generated_uri, seed=seed, parts=num_partitions,
@@ -172,7 +138,7 @@ def build_qg_rows_dataset(queries_uri: str, corpus_uri: str, qrels_uri: str, out
     positive qrels pair: the query, its language, the passage) written by Ray Data workers
     under ``out_uri``, sorted by (:func:`~qgscale.train.data.order_key` of qid and pid, qid,
     pid); returns the counts."""
-    return _unwrapped(_build_qg, queries_uri, corpus_uri, qrels_uri, out_uri, config_hash,
+    return unwrapped(_build_qg, queries_uri, corpus_uri, qrels_uri, out_uri, config_hash,
                       parts=num_partitions, shard_rows=shard_rows)
 
 
@@ -182,42 +148,9 @@ def build_qg_rank_rows_dataset(queries_uri: str, corpus_uri: str, examples_uri: 
                                shard_rows: int = 2000) -> dict[str, Any]:
     """The rows of :func:`qgscale.train.data.build_qg_rank_rows` written by Ray Data workers
     under ``out_uri`` (in the same order); returns the counts."""
-    return _unwrapped(_build_qg_rank, queries_uri, corpus_uri, examples_uri, n_negatives,
+    return unwrapped(_build_qg_rank, queries_uri, corpus_uri, examples_uri, n_negatives,
                       out_uri, config_hash, seed=seed, parts=num_partitions,
                       shard_rows=shard_rows)
-
-
-def _unwrapped(build: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``build(*args, **kwargs)``, a worker's DataError re-raised as itself."""
-    try:
-        return build(*args, **kwargs)
-    except DataError:
-        raise
-    except Exception as e:  # a worker's DataError arrives wrapped by Ray
-        cause = _data_error(e)
-        if cause is None:
-            raise
-        raise cause from None
-
-
-def _data_error(e: BaseException) -> DataError | None:
-    """The worker's DataError inside Ray Data's wrapping (its exception chain, or the text
-    of the worker's traceback, which Ray Data passes on as a string)."""
-    todo: list[Any] = [e]
-    seen: set[int] = set()
-    while todo:
-        x = todo.pop(0)
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, DataError):
-            return DataError(str(x.args[0]) if x.args else str(x))
-        found = re.search(r"qgscale\.errors\.DataError: ([^\n]+)",
-                          f"{x}\n{getattr(x, 'traceback_str', '')}")
-        if found:
-            return DataError(found.group(1))
-        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
-    return None
 
 
 def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
@@ -233,17 +166,17 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
     pos, pos_uri = _positives(examples_uri, qrels_uri, parts)
     if generated_uri:  # read twice: joined with the queries, and its positives' pids
         pos = pos.materialize()
-    rows = join(pos, _queries(queries_uri), "qid")
+    rows = join(pos, queries_dataset(queries_uri), "qid")
     if candidates_uri:
-        cands = _dataset(candidates_uri, "candidates", ["qid", "pids"], _check_nonempty_list(
+        cands = dataset(candidates_uri, "candidates", ["qid", "pids"], _check_nonempty_list(
             "qid", "pids", "empty candidate list")).drop_columns(["_row"])
         rows = join(rows, cands, "qid")
     if generated_uri:  # the generated queries of each training query's positive passages
         qp = pos.flat_map(lambda r: [{"qid": r["qid"], "pid": p} for p in sorted(set(r["pos"]))]
                           ).materialize()
-        gen = _dataset(generated_uri, "generated queries", ["pid", "lang", "query"],
-                       _check_text("pid", ("lang", "query"))).map_batches(
-            _kept, fn_args=(pid_filter(qp),), batch_format="pyarrow"
+        gen = dataset(generated_uri, "generated queries", ["pid", "lang", "query"],
+                       check_text("pid", ("lang", "query"))).map_batches(
+            kept, fn_args=(pid_filter(qp),), batch_format="pyarrow"
         ).rename_columns({"lang": "glang", "query": "gquery"})  # those of the positives
         pairs = qp.join(gen, join_type="inner", num_partitions=parts, on=("pid",))
         rows = join(rows, _grouped(pairs, "qid", {"g_pid": "pid", "g_lang": "glang",
@@ -265,7 +198,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
 
     plans = rows.map_batches(plan, batch_format="pyarrow")
     if scores_uri:
-        scores = _grouped(_dataset(scores_uri, "teacher scores", ["qid", "pid", "score"],
+        scores = _grouped(dataset(scores_uri, "teacher scores", ["qid", "pid", "score"],
                                    tdata.check_scores), "qid", {"s_pid": "pid", "s_score": "score"},
                           parts).materialize()  # joined twice: on qid and on gen_qid
         plans = join(plans, scores, "qid")
@@ -302,9 +235,9 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
             out.append(row | {"_added": r["added"], "_generated": r["has_generated"]})
         return pa.Table.from_pylist(out, schema=ROWS_AND_COUNTS)
 
-    done = _write(_in_row_order(full.map_batches(assemble, batch_format="pyarrow")), out_uri,
-                  config_hash, shard_rows, tdata.STUDENT_ROWS.names)
-    _check_duplicate(done, queries_uri, candidates_uri)
+    done = write_sorted(_in_row_order(full.map_batches(assemble, batch_format="pyarrow")),
+                        out_uri, config_hash, shard_rows, tdata.STUDENT_ROWS.names)
+    check_duplicate(done, queries_uri, candidates_uri)
     counts = {"rows": done["rows"], "random_negatives": done.get("_added", 0),
               "without_generated": (done["rows"] - done.get("_generated", 0)
                                     if generated_uri else 0),
@@ -320,77 +253,17 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
 
 def _positive_qrels(qrels_uri: str) -> Any:
     """The qrels rows with ``rel > 0``."""
-    return _dataset(qrels_uri, "qrels", ["qid", "pid", "rel"],
+    return dataset(qrels_uri, "qrels", ["qid", "pid", "rel"],
                     tdata.check_positive_qrels).map_batches(
         lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)),
         batch_format="pyarrow")
-
-
-def _queries(queries_uri: str) -> Any:
-    """``{qid, lang, text}`` of the queries (empty fields are DataErrors; a qid on two rows
-    is found in the written rows, :func:`_check_duplicate`)."""
-    return _dataset(queries_uri, "queries", ["qid", "lang", "text"],
-                    _check_text("qid", ("qid", "lang", "text"))).drop_columns(["_row"])
-
-
-def _check_duplicate(done: dict[str, Any], queries_uri: str, lists_uri: str | None) -> None:
-    """The row keys :func:`_write` found twice: a qid on two rows of the queries is a
-    DataError naming both (file and row), as :func:`~qgscale.teacher.common.load_queries`;
-    otherwise, with ``lists_uri`` (the candidates: one list per qid), one naming it. Only
-    then are the query files scanned (qid column). The Ray path checks the qids its rows
-    use; the driver's ``load_queries`` checks every row."""
-    if not done["duplicates"]:
-        return
-    qids = sorted({k.split("\t")[0] for k in done["duplicates"]})
-    seen: dict[str, tuple[str, int]] = {}
-    for f in storage.list_files(queries_uri, ".parquet"):
-        col = storage.read_parquet(f, ["qid"]).column("qid")
-        for i in pc.indices_nonzero(pc.is_in(col, value_set=pa.array(qids))).to_pylist():
-            q = col[i].as_py()
-            if q in seen:
-                raise DataError(f"{f}: row {i} (qid={q}): qid also in {seen[q][0]} row "
-                                f"{seen[q][1]} (one row per qid)")
-            seen[q] = (f, i)
-    if lists_uri:
-        raise DataError(f"{lists_uri}: qid={qids[0]} has two rows (one candidate list per qid)")
-
-
-def pid_filter(ds: Any) -> PidFilter:
-    """A :class:`~qgscale.data.pidfilter.PidFilter` of the ``pid`` column of ``ds`` (a
-    materialized dataset: counted, then its hashes streamed here). Passed to a map as an
-    argument, Ray Data ships it once per operator (in the object store with the map)."""
-    n = ds.count()  # pairs: at least the distinct pids (a filter a little larger)
-    if not n:
-        return PidFilter.build(0, [])
-    hashes = ds.select_columns(["pid"]).map_batches(
-        lambda t: pa.table({"h": key_hashes(t.column("pid"))}), batch_format="pyarrow")
-    return PidFilter.build(n, (b["h"] for b in hashes.iter_batches(
-        batch_format="numpy", batch_size=1 << 20)))
-
-
-def _kept(t: pa.Table, keep: PidFilter | None, column: str = "pid") -> pa.Table:
-    return t if keep is None else t.filter(pa.array(keep.contains(t.column(column))))
-
-
-def _passages(corpus_uri: str, keep: PidFilter | None = None) -> Any:
-    """``{pid, passage}`` of the corpus (title and text joined, as the models read them);
-    ``keep`` (:func:`pid_filter`): only the rows whose pid it may hold (every row is still
-    checked), so a join shuffles the passages it needs, not the corpus."""
-    corpus = _dataset(corpus_uri, "corpus", ["pid", "title", "text"], check_corpus)
-
-    def passages(t: pa.Table, keep: PidFilter | None) -> pa.Table:
-        t = _kept(t, keep)
-        return pa.table({"pid": t.column("pid"), "passage": [
-            passage_text(a, b) for a, b in zip(t.column("title").to_pylist(),
-                                               t.column("text").to_pylist(), strict=True)]})
-    return corpus.map_batches(passages, fn_args=(keep,), batch_format="pyarrow")
 
 
 def _texts(need: Any, corpus_uri: str, parts: int) -> Any:
     """Per qid of ``need`` (``{qid, pid}`` rows, materialized): ``t_pid`` and ``t_text``
     (None where the pid is not in the corpus), joined on a hash-partitioned pid with the
     corpus rows of ``need``'s pids (:func:`pid_filter`)."""
-    texts = need.join(_passages(corpus_uri, pid_filter(need)), join_type="left_outer",
+    texts = need.join(passages_dataset(corpus_uri, pid_filter(need)), join_type="left_outer",
                       num_partitions=parts, on=("pid",))
     return texts.groupby("qid", num_partitions=parts).map_groups(lambda t: pa.table({
         "qid": [t.column("qid")[0].as_py()], "t_pid": [t.column("pid").to_pylist()],
@@ -400,9 +273,9 @@ def _texts(need: Any, corpus_uri: str, parts: int) -> Any:
 def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
               config_hash: str, *, parts: int, shard_rows: int) -> dict[str, Any]:
     pairs = _positive_qrels(qrels_uri).materialize()
-    rows = pairs.join(_queries(queries_uri), join_type="left_outer", num_partitions=parts,
+    rows = pairs.join(queries_dataset(queries_uri), join_type="left_outer", num_partitions=parts,
                       on=("qid",))
-    rows = rows.join(_passages(corpus_uri, pid_filter(pairs)), join_type="left_outer",
+    rows = rows.join(passages_dataset(corpus_uri, pid_filter(pairs)), join_type="left_outer",
                      num_partitions=parts, on=("pid",))
 
     def check(t: pa.Table) -> pa.Table:
@@ -416,9 +289,10 @@ def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
         return t.select(["qid", "pid", "lang", "passage"]).append_column(
             "query", t.column("text"))
 
-    done = _write(_in_row_order(rows.map_batches(check, batch_format="pyarrow"), ("qid", "pid")),
-                  out_uri, config_hash, shard_rows, tdata.QG_ROWS.names)
-    _check_duplicate(done, queries_uri, None)  # a query twice
+    done = write_sorted(_in_row_order(rows.map_batches(check, batch_format="pyarrow"),
+                                      ("qid", "pid")),
+                        out_uri, config_hash, shard_rows, tdata.QG_ROWS.names)
+    check_duplicate(done, queries_uri, None)  # a query twice
     if done["duplicates"]:  # else a qrels pair twice, or its passage on two corpus rows
         qid, pid = done["duplicates"][0].split("\t")
         pairs = storage.read_parquet(qrels_uri, ["qid", "pid", "rel"])
@@ -440,7 +314,7 @@ def _build_qg_rank(queries_uri: str, corpus_uri: str, examples_uri: str, n_negat
                    out_uri: str, config_hash: str, *, seed: int, parts: int,
                    shard_rows: int) -> dict[str, Any]:
     pos, pos_uri = _positives(examples_uri, None, parts)
-    rows = pos.join(_queries(queries_uri), join_type="left_outer", num_partitions=parts,
+    rows = pos.join(queries_dataset(queries_uri), join_type="left_outer", num_partitions=parts,
                     on=("qid",))
 
     def plan(r: dict[str, Any]) -> dict[str, Any]:
@@ -472,9 +346,9 @@ def _build_qg_rank(queries_uri: str, corpus_uri: str, examples_uri: str, n_negat
         return pa.Table.from_pylist(out, schema=tdata.QG_RANK_ROWS.append(
             pa.field("_short", pa.int64())).append(pa.field("_none", pa.int64())))
 
-    done = _write(_in_row_order(full.map_batches(assemble, batch_format="pyarrow")), out_uri,
-                  config_hash, shard_rows, tdata.QG_RANK_ROWS.names)
-    _check_duplicate(done, queries_uri, None)
+    done = write_sorted(_in_row_order(full.map_batches(assemble, batch_format="pyarrow")),
+                        out_uri, config_hash, shard_rows, tdata.QG_RANK_ROWS.names)
+    check_duplicate(done, queries_uri, None)
     if not done["rows"]:
         raise DataError(f"{pos_uri}: no training examples")
     counts = {"rows": done["rows"], "short_lists": done.get("_short", 0),
@@ -488,47 +362,3 @@ def _in_row_order(ds: Any, keys: tuple[str, ...] = ("qid",)) -> Any:
     column of each row's ``keys``, then ``keys``."""
     return ds.map_batches(tdata.with_order, fn_args=(keys,), batch_format="pyarrow").sort(
         [tdata.ORDER, *keys])
-
-
-MAX_REPORTED = 100  # duplicated row keys kept for the error
-
-
-def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
-           columns: list[str]) -> dict[str, Any]:
-    """Workers write ``columns`` of ``ds`` (:func:`_in_row_order`) as shards of
-    ``shard_rows`` rows, named in that order by their first row's order key, then a hash of
-    all its row keys (two shards share a name only if they hold the same keys); returns the
-    rows, the shard names, the sum of every ``_``-prefixed count column and ``duplicates``:
-    row keys (qid, or qid and pid) found on two rows (adjacent in the sorted rows: in one
-    shard or at the end of one and the start of the next), at most :data:`MAX_REPORTED`. The
-    rows dir is cleared first (rows are rebuilt whole, never mixed with an interrupted
-    build's shards)."""
-    storage.remove(out_uri, recursive=True)
-
-    def write(t: pa.Table) -> pa.Table:
-        keys = t.column("qid").to_pylist()
-        if "pid" in t.column_names:  # a qid of many rows
-            keys = [f"{q}\t{p}" for q, p in zip(keys, t.column("pid").to_pylist(), strict=True)]
-        order = t.column(tdata.ORDER)[0].as_py()  # >= 0: its hex sorts as the number
-        digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:8]
-        name = f"part-{order:016x}-{digest}"
-        storage.ShardWriter(out_uri, config_hash).write(name, t.select(columns))
-        twice = sorted({a for a, b in itertools.pairwise(keys) if a == b})[:MAX_REPORTED]
-        return pa.table({"name": [name], "rows": [t.num_rows], "first": [keys[0]],
-                         "last": [keys[-1]], "twice": pa.array([twice], pa.list_(pa.string())),
-                         **{
-            c: [pc.sum(pc.cast(t.column(c), pa.int64())).as_py() or 0]
-            for c in t.column_names if c.startswith("_")}})
-
-    done = sorted(ds.map_batches(write, batch_size=shard_rows, batch_format="pyarrow"
-                                 ).take_all(), key=lambda r: r["name"])
-    # rows are sorted by key: a key twice is on adjacent rows, of one shard or two
-    twice = {k for r in done for k in r["twice"]} | {
-        a["last"] for a, b in itertools.pairwise(done) if a["last"] == b["first"]}
-    counts: dict[str, Any] = {"rows": sum(r["rows"] for r in done),
-                              "shards": [r["name"] for r in done],
-                              "duplicates": sorted(twice)[:MAX_REPORTED]}
-    for c in (done[0] if done else {}):
-        if c.startswith("_"):
-            counts[c] = sum(r[c] for r in done)
-    return counts

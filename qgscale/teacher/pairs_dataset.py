@@ -1,0 +1,165 @@
+"""The teacher's scoring join with Ray Data, for candidate sets too large for one process.
+
+:func:`qgscale.teacher.scoring.join_pairs` runs the join on actors that each hold every
+candidate (qid, pid) pair and every query, which the driver reads, checks and indexes first:
+O(training queries x candidates) in the driver and on every node (about 1.1 GB at 9M pairs).
+Above ``data.ray_rows_from`` candidate lists the same pair shards ``{qid, lang, query, pid,
+passage}`` come from hash-partitioned Ray Data joins instead, as the training rows do
+(:mod:`qgscale.train.rows_dataset`):
+
+1. the workers read the candidate lists file by file, check them
+   (:func:`~qgscale.teacher.scoring.check_lists`) and flatten each list's first ``first``
+   pids to pairs that keep their file and row; a qid listed in two files is found by a count
+   per qid;
+2. the pairs join the queries on qid, then the corpus on pid; the corpus is filtered as it is
+   read by a Bloom filter of the pairs' pids (:func:`~qgscale.data.joins.pid_filter`), so the
+   shuffle carries the candidate passages, not the corpus;
+3. the pairs, sorted by a hash of the pid (then pid, qid: the pairs of a passage are
+   adjacent, so scoring encodes it once), are written by the workers as shards of
+   ``shard_rows`` pairs.
+
+No process holds the pairs: the driver holds the file list and the Bloom filter (1.25 bytes a
+pair); a worker holds a block of one join partition. The pairs are materialized in the object
+store (spilled to disk when large): the filter is built from them before they are joined.
+Bad input raises the driver join's DataErrors, naming the candidate file, row and id; where
+several rows are bad, the one named is the first a worker meets, not the first in file order.
+The join is not resumable part way (its shards are rebuilt whole); once its manifest is
+written, a re-run of the stage reuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qgscale import storage
+from qgscale.data.corpus import corpus_shards
+from qgscale.data.joins import (
+    MAX_REPORTED,
+    ORDER,
+    check_duplicate,
+    dataset,
+    passages_dataset,
+    pid_filter,
+    queries_dataset,
+    unwrapped,
+    write_sorted,
+)
+from qgscale.data.pidfilter import key_hashes
+from qgscale.errors import DataError
+
+SHARD_PAIRS = 50_000  # pairs per written shard (scoring units are row ranges of them)
+
+
+def join_pairs_dataset(candidates_uri: str | list[str], queries_uri: str | list[str],
+                       corpus_uri: str, out_uri: str, config_hash: str, *,
+                       first: int | None = None, num_partitions: int = 64,
+                       shard_rows: int = SHARD_PAIRS) -> dict[str, Any]:
+    """The pair shards of :func:`qgscale.teacher.scoring.join_pairs` (each list's first
+    ``first`` candidates, all without it), written by Ray Data workers under ``out_uri`` with
+    the shard writer's markers and manifest; returns the manifest. ``num_partitions``: hash
+    partitions of each join."""
+    return unwrapped(_join, candidates_uri, queries_uri, corpus_uri, out_uri, config_hash,
+                     first=first, parts=num_partitions, shard_rows=shard_rows)
+
+
+def _join(candidates_uri: str | list[str], queries_uri: str | list[str], corpus_uri: str,
+          out_uri: str, config_hash: str, *, first: int | None, parts: int,
+          shard_rows: int) -> dict[str, Any]:
+    from qgscale.teacher.scoring import PAIRS, candidate_files, check_lists
+
+    files = candidate_files(candidates_uri)
+    if len(files) > 1:  # within a file, check_lists finds a qid twice
+        _checkrepeated_qids(files)
+    pairs = dataset(files, "candidates", ["qid", "pids"], check_lists).map_batches(
+        _flatten, fn_args=(first,), batch_format="pyarrow").materialize()  # read twice
+    n_pairs = pairs.count()
+    if not n_pairs:  # only empty lists: nothing to score
+        storage.remove(out_uri, recursive=True)
+        return storage.ShardWriter(out_uri, config_hash).finalize(
+            [], pairs=0, run={"joined_by": "ray-data", "partitions": parts})
+
+    def with_query(t: pa.Table) -> pa.Table:
+        _missing(t, "lang", lambda q, p, where: f"{where}: qid={q} not in queries "
+                 f"{queries_uri}", files)
+        return t.rename_columns({"text": "query"} if "text" in t.column_names else {})
+
+    def with_passage(t: pa.Table) -> pa.Table:
+        _missing(t, "passage", lambda q, p, where: f"{where} (qid={q}): pid={p} not in corpus "
+                 f"{corpus_uri}", files)
+        h = key_hashes(t.column("pid")) >> np.uint64(1)  # >= 0 as int64: names sort as rows
+        return t.select(PAIRS.names).cast(PAIRS).append_column(ORDER,
+                                                                pa.array(h.astype(np.int64)))
+
+    joined = pairs.join(queries_dataset(queries_uri), join_type="left_outer",
+                        num_partitions=parts, on=("qid",)).map_batches(
+        with_query, batch_format="pyarrow")
+    joined = joined.join(passages_dataset(corpus_uri, pid_filter(pairs)),
+                         join_type="left_outer", num_partitions=parts, on=("pid",)
+                         ).map_batches(with_passage, batch_format="pyarrow")
+    done = write_sorted(joined.sort([ORDER, "pid", "qid"]), out_uri, config_hash, shard_rows,
+                        PAIRS.names)
+    check_duplicate(done, queries_uri, None)  # a query on two rows
+    if done["duplicates"]:  # else a passage on two corpus rows (lists are checked above)
+        qid, pid = done["duplicates"][0].split("\t")
+        n = sum(pc.sum(pc.equal(storage.read_parquet(f, ["pid"]).column("pid"), pid)).as_py()
+                or 0 for f in corpus_shards(corpus_uri))
+        raise DataError(f"{corpus_uri}: pid={pid} (a candidate of qid={qid}) is on {n} corpus "
+                        "rows: a pid names one passage")
+    if done["rows"] != n_pairs:
+        raise RuntimeError(f"{out_uri}: {done['rows']} joined pairs for {n_pairs}")
+    return storage.ShardWriter(out_uri, config_hash).finalize(
+        done["shards"], pairs=n_pairs, run={"joined_by": "ray-data", "partitions": parts})
+
+
+def _flatten(t: pa.Table, first: int | None) -> pa.Table:
+    """``{qid, pid, _row}``: a pair per candidate (the first ``first`` of each list), with its
+    list's ``_row``."""
+    t = t.combine_chunks()
+    pids = t.column("pids").chunk(0) if t.num_rows else pa.array([], pa.list_(pa.string()))
+    kept = pc.list_slice(pids, 0, first) if first else pids
+    rows = pc.list_parent_indices(kept)
+    return pa.table({"qid": t.column("qid").take(rows), "pid": pc.list_flatten(kept),
+                     "_row": t.column("_row").take(rows)})
+
+
+def _where(row: int, files: list[str]) -> str:
+    """``file: row r`` of a ``_row`` number (:func:`~qgscale.data.joins.dataset`)."""
+    return f"{files[row >> 32]}: row {row & 0xFFFFFFFF}"
+
+
+def _missing(t: pa.Table, field: str, message: Any, files: list[str]) -> None:
+    """A DataError (``message(qid, pid, where)``) for the first pair of ``t`` whose joined
+    ``field`` is null: its qid or pid is not on the other side."""
+    null = pc.is_null(t.column(field))
+    if pc.any(null).as_py():
+        i = pc.index(null, True).as_py()
+        raise DataError(message(t.column("qid")[i].as_py(), t.column("pid")[i].as_py(),
+                                _where(t.column("_row")[i].as_py(), files)))
+
+
+def _checkrepeated_qids(files: list[str]) -> None:
+    """A qid on lists in two files is a DataError naming both (file and row), as the driver
+    join's: a count per qid, then the rows of the repeated qids (at most
+    :data:`~qgscale.data.joins.MAX_REPORTED` of them) read again."""
+    from qgscale.teacher.scoring import repeated_qid
+
+    lists = dataset(files, "candidates", ["qid"])
+    counts = lists.groupby("qid").count()
+    col = [c for c in counts.columns() if c != "qid"][0]
+    twice = counts.map_batches(lambda t: t.filter(pc.greater(t.column(col), 1)).select(["qid"]),
+                               batch_format="pyarrow").take(MAX_REPORTED)
+    if not twice:
+        return
+    qids = pa.array([r["qid"] for r in twice])
+    found = pa.Table.from_pylist(lists.map_batches(
+        lambda t: t.filter(pc.is_in(t.column("qid"), value_set=qids)),
+        batch_format="pyarrow").take_all()).sort_by("_row")
+    row = found.column("_row").to_numpy()
+    repeat = repeated_qid(pa.table({"qid": found.column("qid"), "file": row >> 32,
+                                     "row": row & 0xFFFFFFFF}), files)
+    if repeat:
+        raise DataError(repeat[1])
