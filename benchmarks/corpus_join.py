@@ -2,6 +2,7 @@
 
     python benchmarks/corpus_join.py --out benchmarks/results/corpus_join.json \
         [--baseline-src DIR]   # DIR: a checkout of an older qgscale, run the same way
+        [--phases stage ray]   # the actors' join beside the Ray Data join
 
 Every stage that needs passage text scans the corpus shard by shard for the pids it needs
 (``qgscale.data.corpus.scan``), and the teacher's scoring join does it on Ray actors for
@@ -16,13 +17,16 @@ queries with 30 candidate pids each. Per (source tree, size), three child proces
 - ``join``: one ``PairJob`` (built as the tree's ``join_pairs`` builds it) run on every
   shard in the child (a local Ray of 1 CPU holds its inputs): setup (reading and checking
   the candidates, what the driver puts, the actor's setup) and wall per shard;
-- ``stage``: ``join_pairs`` itself on a local Ray of 2 CPUs and 2 actors: wall and memory.
+- ``stage``: ``join_pairs`` itself on a local Ray of 2 CPUs and 2 actors: wall and memory;
+- ``ray``: ``join_pairs`` on the Ray Data path (``ray_from=0``, 8 hash partitions), the same
+  pairs on the same local Ray: the join that no process holds the pairs of.
 
 For ``scan`` and ``join`` the candidates are drawn from a notional corpus ``--notional``
 times larger (the shards here are its first ones), so a shard matches what a shard of a
-large corpus matches while the needed set grows; ``stage`` draws them from the corpus here
-(it checks that every candidate is in the corpus). A sampler thread here reads every 0.1 s
-the resident memory (RSS, psutil) of the child and of its largest ``ray::`` worker.
+large corpus matches while the needed set grows; ``stage`` and ``ray`` draw them from the
+corpus here (they check that every candidate is in the corpus). A sampler thread here reads
+every 0.1 s the resident memory (RSS, psutil) of the child and of its largest ``ray::``
+worker.
 ``--baseline-src`` runs the same children with another tree first on ``PYTHONPATH`` (its
 commit recorded): before/after in one run. Prints a table; writes JSON.
 """
@@ -91,7 +95,7 @@ def child(phase: str, data: str, out: str) -> None:
 
     corpus = str(Path(data).parent / "corpus")
     shards = corpus_shards(corpus)
-    cands = f"{data}/candidates/" + ("in_corpus" if phase == "stage" else "notional")
+    cands = f"{data}/candidates/" + ("in_corpus" if phase in ("stage", "ray") else "notional")
     extra = {}
     if phase == "scan":
         needed = pc.unique(pc.list_flatten(storage.read_parquet(cands, ["pids"])
@@ -125,9 +129,10 @@ def child(phase: str, data: str, out: str) -> None:
 
         connect(type("R", (), {"num_cpus": 2})())
         t0 = time.time()
+        kw = {"ray_from": 0, "num_partitions": 8} if phase == "ray" else {}
         m = join_pairs(cands, f"{data}/queries", corpus, f"{out}/pairs", "bench",
-                       ScoreConfig(num_actors=2))
-        extra = {"rows": m["rows"]}
+                       ScoreConfig(num_actors=2), **kw)
+        extra = {"rows": m["rows"], "shards_written": len(m["shards"])}
     wall = time.time() - t0
     print(json.dumps({"wall_s": round(wall, 2), "per_shard_s": round(wall / len(shards), 3),
                       **extra}), flush=True)
@@ -139,6 +144,8 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=50_000)
     ap.add_argument("--queries", type=int, nargs="+", default=[10_000, 100_000, 300_000])
     ap.add_argument("--notional", type=int, default=25)
+    ap.add_argument("--phases", nargs="+", default=["scan", "join", "stage"],
+                    choices=["scan", "join", "stage", "ray"])
     args = parse(ap, child)
     rows, load = [], os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qgs-corpus-join-") as tmp:
@@ -149,7 +156,7 @@ def main() -> None:
             data = Path(tmp) / f"q{nq}"
             write_pairs(data, n * args.notional, nq)
             for name, src in trees(args.baseline_src):
-                for phase in ("scan", "join", "stage"):
+                for phase in args.phases:
                     r = measure(src, phase, data, Path(tmp) / f"{name}-{phase}-q{nq}", __file__)
                     rows.append({"tree": name, "commit": commit(src), "queries": nq,
                                  "pairs": nq * K, "phase": phase, **r})

@@ -119,9 +119,10 @@ class DataConfig(Section):
     answer_lang: str | None = None
     shard_rows: int = Field(2000, ge=1)
     on_error: Literal["fail", "skip"] = "fail"
-    # Training rows are joined on the driver up to this many training queries, above it by
-    # Ray Data workers (qgscale.train.rows_dataset: the same rows; 0 = always Ray Data).
-    # A runtime setting: not part of any stage's key.
+    # Training rows, and the teacher's scoring pairs, are joined on the driver (scoring: on
+    # actors holding every pair) up to this many training queries (candidate lists), above it
+    # by Ray Data workers (qgscale.train.rows_dataset, qgscale.teacher.pairs_dataset: the same
+    # rows; 0 = always Ray Data). A runtime setting: not part of any stage's key.
     ray_rows_from: int = Field(1_000_000, ge=0)
     ray_rows_partitions: int = Field(64, ge=1)  # hash partitions of each Ray Data join
 
