@@ -157,6 +157,8 @@ def main() -> None:
             write_pairs(data, n * args.notional, nq)
             for name, src in trees(args.baseline_src):
                 for phase in args.phases:
+                    if phase == "ray" and not (src / "qgscale/teacher/pairs_dataset.py").exists():
+                        continue  # a tree before the Ray Data join
                     r = measure(src, phase, data, Path(tmp) / f"{name}-{phase}-q{nq}", __file__)
                     rows.append({"tree": name, "commit": commit(src), "queries": nq,
                                  "pairs": nq * K, "phase": phase, **r})

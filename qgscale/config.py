@@ -119,10 +119,11 @@ class DataConfig(Section):
     answer_lang: str | None = None
     shard_rows: int = Field(2000, ge=1)
     on_error: Literal["fail", "skip"] = "fail"
-    # Training rows, and the teacher's scoring pairs, are joined on the driver (scoring: on
-    # actors holding every pair) up to this many training queries (candidate lists), above it
-    # by Ray Data workers (qgscale.train.rows_dataset, qgscale.teacher.pairs_dataset: the same
-    # rows; 0 = always Ray Data). A runtime setting: not part of any stage's key.
+    # Training rows are joined on the driver below this many training queries, and the
+    # teacher's scoring pairs on actors that hold every pair below this many candidate lists
+    # (with kd_on_generated, the generated queries' too); from it on, Ray Data workers join
+    # them (qgscale.train.rows_dataset, qgscale.teacher.pairs_dataset: the same rows; 0 =
+    # always Ray Data). A runtime setting: not part of any stage's key.
     ray_rows_from: int = Field(1_000_000, ge=0)
     ray_rows_partitions: int = Field(64, ge=1)  # hash partitions of each Ray Data join
 

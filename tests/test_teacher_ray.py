@@ -205,6 +205,8 @@ def test_bad_candidates_named(ray_local, tokenizer, tmp_path):
                          storage.join(root, "corpus.parquet"), storage.join(root, "out"), "k1",
                          ScoreConfig(num_actors=1, cpus_per_actor=0.5))
     assert not storage.exists(storage.join(root, "out", storage.MANIFEST))
+    # the join's manifest neither: a re-run joins again (and fails again) instead of reusing it
+    assert not storage.exists(storage.join(root, "out", "_pairs", storage.MANIFEST))
     # a candidate's pid on two corpus rows (two shards): named, not blamed on another pair
     corpus = storage.read_parquet(storage.join(root, "corpus.parquet"))
     for k in range(2):
@@ -598,6 +600,12 @@ def test_ray_data_pair_join_equals_the_actor_join(ray_local, tmp_path):
     other = join_pairs(*args, str(tmp_path / "r"), "k2", sc, None, ray_from=0,
                        num_partitions=2)  # another key: joined again, every candidate
     assert other["rows"] == 240 and other["config_hash"] == "k2"
+    lost = storage.join(str(tmp_path / "r"), other["shards"][0]["file"])
+    storage.remove(lost)  # a listed shard gone: joined again, not reused
+    rebuilt = join_pairs(*args, str(tmp_path / "r"), "k2", sc, None, ray_from=0,
+                         num_partitions=2)
+    assert rebuilt["time"] > other["time"] and rebuilt["shards"] == other["shards"]
+    assert storage.exists(lost)
 
 
 def test_ray_data_pair_join_names_bad_input(ray_local, tmp_path):
@@ -622,6 +630,8 @@ def test_ray_data_pair_join_names_bad_input(ray_local, tmp_path):
 
     fails([good[0], {**good[1], "pids": ["p1", "p2", "p1"]}],
           r"cands/part-00001.parquet: row 1 \(qid=q4\): field 'pids' lists a pid twice")
+    fails([good[0], {**good[1], "qid": " "}], r"cands/part-00001.parquet: row 1: empty field "
+          r"'qid'")  # not "qid also in": the lists are checked before the qid count
     fails([good[0], {**good[1], "qid": "q0"}], r"cands/part-00001.parquet: row 1 \(qid=q0\): "
           r"qid also in \S*cands/part-00000.parquet row 0")
     fails([good[0], {**good[1], "qid": "zz"}],
@@ -639,6 +649,9 @@ def test_ray_data_pair_join_names_bad_input(ray_local, tmp_path):
                               storage.read_parquet(d["corpus"]))
     fails(good, r"corpus2: pid=p\d+ \(a candidate of qid=q\d\) is on 2 corpus rows",
           corpus=corpus2)
+    with pytest.raises(MissingInputError, match="nowhere: queries not found"):
+        join_pairs(d["cands"], str(tmp_path / "nowhere"), d["corpus"], str(tmp_path / "o"),
+                   "k", sc, ray_from=0)
 
 
 def test_score_stage_on_the_ray_data_join(ray_local, tokenizer, tmp_path):

@@ -143,11 +143,14 @@ def check_duplicate(done: dict[str, Any], queries_uri: str | list[str],
         raise DataError(f"{lists_uri}: qid={qids[0]} has two rows (one candidate list per qid)")
 
 
-def pid_filter(ds: Any) -> PidFilter:
+def pid_filter(ds: Any, at_most: int | None = None) -> PidFilter:
     """A :class:`~qgscale.data.pidfilter.PidFilter` of the ``pid`` column of ``ds`` (a
-    materialized dataset: counted, then its hashes streamed here). Passed to a map as an
+    materialized dataset: counted, then its hashes streamed here), sized for its rows or for
+    ``at_most`` distinct pids if fewer (e.g. the corpus rows). Passed to a map as an
     argument, Ray Data ships it once per operator (in the object store with the map)."""
-    n = ds.count()  # pairs: at least the distinct pids (a filter a little larger)
+    n = ds.count()  # rows: at least the distinct pids (a filter a little larger)
+    if at_most is not None:
+        n = min(n, at_most)
     if not n:
         return PidFilter.build(0, [])
     hashes = ds.select_columns(["pid"]).map_batches(
@@ -178,16 +181,15 @@ MAX_REPORTED = 100  # duplicated row keys kept for the error
 
 
 def write_sorted(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
-                 columns: list[str]) -> dict[str, Any]:
-    """Workers write ``columns`` of ``ds`` (sorted by its int64 :data:`ORDER` column, then its
-    row keys) as shards of
-    ``shard_rows`` rows, named in that order by their first row's order key, then a hash of
-    all its row keys (two shards share a name only if they hold the same keys); returns the
-    rows, the shard names, the sum of every ``_``-prefixed count column and ``duplicates``:
-    row keys (qid, or qid and pid) found on two rows (adjacent in the sorted rows: in one
-    shard or at the end of one and the start of the next), at most :data:`MAX_REPORTED`. The
-    rows dir is cleared first (rows are rebuilt whole, never mixed with an interrupted
-    build's shards)."""
+                 columns: list[str], sort_keys: tuple[str, ...] = ("qid",)) -> dict[str, Any]:
+    """Workers write ``columns`` of ``ds`` (sorted by its int64 :data:`ORDER` column, then
+    ``sort_keys``) as shards of at most ``shard_rows`` rows, named by their first row's order
+    key, then a hash of all its row keys (two shards share a name only if they hold the same
+    keys); returns the rows, the shard names, the sum of every ``_``-prefixed count column
+    and ``duplicates``: row keys (qid, or qid and pid) found on two rows (adjacent in the
+    sorted rows: in one shard or at the end of one and the start of the next), at most
+    :data:`MAX_REPORTED`. The rows dir is cleared first (rows are rebuilt whole, never mixed
+    with an interrupted build's shards)."""
     storage.remove(out_uri, recursive=True)
 
     def write(t: pa.Table) -> pa.Table:
@@ -201,12 +203,14 @@ def write_sorted(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
         twice = sorted({a for a, b in itertools.pairwise(keys) if a == b})[:MAX_REPORTED]
         return pa.table({"name": [name], "rows": [t.num_rows], "first": [keys[0]],
                          "last": [keys[-1]], "twice": pa.array([twice], pa.list_(pa.string())),
-                         **{
-            c: [pc.sum(pc.cast(t.column(c), pa.int64())).as_py() or 0]
-            for c in t.column_names if c.startswith("_")}})
+                         "order": [order],
+                         "at": [[str(t.column(k)[0].as_py()) for k in sort_keys]],
+                         **{c: [pc.sum(pc.cast(t.column(c), pa.int64())).as_py() or 0]
+                            for c in t.column_names if c.startswith("_")}})
 
+    # in row order (shards that start with the same order key: by their first row's keys)
     done = sorted(ds.map_batches(write, batch_size=shard_rows, batch_format="pyarrow"
-                                 ).take_all(), key=lambda r: r["name"])
+                                 ).take_all(), key=lambda r: (r["order"], list(r["at"])))
     # rows are sorted by key: a key twice is on adjacent rows, of one shard or two
     twice = {k for r in done for k in r["twice"]} | {
         a["last"] for a, b in itertools.pairwise(done) if a["last"] == b["first"]}

@@ -18,17 +18,22 @@ passage}`` come from hash-partitioned Ray Data joins instead, as the training ro
    adjacent, so scoring encodes it once), are written by the workers as shards of
    ``shard_rows`` pairs.
 
-No process holds the pairs: the driver holds the file list and the Bloom filter (1.25 bytes a
-pair); a worker holds a block of one join partition. The pairs are materialized in the object
-store (spilled to disk when large): the filter is built from them before they are joined.
-Bad input raises the driver join's DataErrors, naming the candidate file, row and id; where
+No process holds every pair: the driver holds the file list and the Bloom filter (1.25
+bytes a distinct pid, at most a pair); each join and sort task holds one partition's pairs
+with their texts (pairs / ``data.ray_rows_partitions``: raise it as the pairs grow). The
+pairs are materialized in the object store (spilled to disk when large): the filter is built
+from them before they are joined.
+
+Bad input raises the actors' join's errors, naming the candidate file, row and id; where
 several rows are bad, the one named is the first a worker meets, not the first in file order.
-The join is not resumable part way (its shards are rebuilt whole); once its manifest is
-written, a re-run of the stage reuses it.
+Unlike the actors' join, a qid on two query rows is an error only where a pair uses it, and
+every corpus row is checked (not only the candidates'). The join is not resumable part way
+(its shards are rebuilt whole); once its manifest is written, a re-run of the stage reuses it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,7 +54,7 @@ from qgscale.data.joins import (
     write_sorted,
 )
 from qgscale.data.pidfilter import key_hashes
-from qgscale.errors import DataError
+from qgscale.errors import DataError, MissingInputError
 
 SHARD_PAIRS = 50_000  # pairs per written shard (scoring units are row ranges of them)
 
@@ -72,10 +77,13 @@ def _join(candidates_uri: str | list[str], queries_uri: str | list[str], corpus_
     from qgscale.teacher.scoring import PAIRS, candidate_files, check_lists
 
     files = candidate_files(candidates_uri)
-    if len(files) > 1:  # within a file, check_lists finds a qid twice
-        _checkrepeated_qids(files)
+    for uri in [queries_uri] if isinstance(queries_uri, str) else queries_uri:
+        if not storage.exists(uri):  # as the actors' join (load_queries)
+            raise MissingInputError(f"{uri}: queries not found")
     pairs = dataset(files, "candidates", ["qid", "pids"], check_lists).map_batches(
         _flatten, fn_args=(first,), batch_format="pyarrow").materialize()  # read twice
+    if len(files) > 1:  # every list is checked; within a file, check_lists finds a qid twice
+        _check_repeated_qids(files)
     n_pairs = pairs.count()
     if not n_pairs:  # only empty lists: nothing to score
         storage.remove(out_uri, recursive=True)
@@ -97,11 +105,12 @@ def _join(candidates_uri: str | list[str], queries_uri: str | list[str], corpus_
     joined = pairs.join(queries_dataset(queries_uri), join_type="left_outer",
                         num_partitions=parts, on=("qid",)).map_batches(
         with_query, batch_format="pyarrow")
-    joined = joined.join(passages_dataset(corpus_uri, pid_filter(pairs)),
+    keep = pid_filter(pairs, (storage.read_manifest(corpus_uri) or {}).get("rows"))
+    joined = joined.join(passages_dataset(corpus_uri, keep),
                          join_type="left_outer", num_partitions=parts, on=("pid",)
                          ).map_batches(with_passage, batch_format="pyarrow")
     done = write_sorted(joined.sort([ORDER, "pid", "qid"]), out_uri, config_hash, shard_rows,
-                        PAIRS.names)
+                        PAIRS.names, ("pid", "qid"))
     check_duplicate(done, queries_uri, None)  # a query on two rows
     if done["duplicates"]:  # else a passage on two corpus rows (lists are checked above)
         qid, pid = done["duplicates"][0].split("\t")
@@ -131,7 +140,8 @@ def _where(row: int, files: list[str]) -> str:
     return f"{files[row >> 32]}: row {row & 0xFFFFFFFF}"
 
 
-def _missing(t: pa.Table, field: str, message: Any, files: list[str]) -> None:
+def _missing(t: pa.Table, field: str, message: Callable[[str, str, str], str],
+             files: list[str]) -> None:
     """A DataError (``message(qid, pid, where)``) for the first pair of ``t`` whose joined
     ``field`` is null: its qid or pid is not on the other side."""
     null = pc.is_null(t.column(field))
@@ -141,16 +151,17 @@ def _missing(t: pa.Table, field: str, message: Any, files: list[str]) -> None:
                                 _where(t.column("_row")[i].as_py(), files)))
 
 
-def _checkrepeated_qids(files: list[str]) -> None:
+def _check_repeated_qids(files: list[str]) -> None:
     """A qid on lists in two files is a DataError naming both (file and row), as the driver
     join's: a count per qid, then the rows of the repeated qids (at most
     :data:`~qgscale.data.joins.MAX_REPORTED` of them) read again."""
+    from ray.data.aggregate import Count
+
     from qgscale.teacher.scoring import repeated_qid
 
     lists = dataset(files, "candidates", ["qid"])
-    counts = lists.groupby("qid").count()
-    col = [c for c in counts.columns() if c != "qid"][0]
-    twice = counts.map_batches(lambda t: t.filter(pc.greater(t.column(col), 1)).select(["qid"]),
+    counts = lists.groupby("qid").aggregate(Count(alias_name="n"))
+    twice = counts.map_batches(lambda t: t.filter(pc.greater(t.column("n"), 1)).select(["qid"]),
                                batch_format="pyarrow").take(MAX_REPORTED)
     if not twice:
         return

@@ -271,7 +271,8 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
     A candidate whose qid is not in the queries, or whose pid is not in the corpus, is a
     DataError naming the candidate file, row and id."""
     done = storage.read_manifest(out_uri)
-    if done and done.get("config_hash") == config_hash:
+    if (done and done.get("config_hash") == config_hash and done["rows"] == done.get("pairs")
+            and storage.fingerprint(out_uri) is not None):  # every listed shard is there
         return done
     if ray_from is not None and candidate_lists(candidates_uri) >= ray_from:
         from qgscale.teacher.pairs_dataset import join_pairs_dataset
@@ -285,17 +286,21 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
                        desc="join pairs", unit="corpus shard")
     writer = storage.ShardWriter(out_uri, config_hash)
     markers = writer.markers()
-    if sum(markers[u.name]["rows"] for u in units) != n_pairs:  # checked before the manifest
-        _name_missing_or_twice(candidates_uri, first, out_uri, corpus_uri)
+    rows = sum(markers[u.name]["rows"] for u in units)
+    if rows != n_pairs:  # checked before the manifest
+        _name_missing_or_twice(candidates_uri, first, [writer.shard_uri(u.name) for u in units],
+                               corpus_uri)
+        raise RuntimeError(f"{out_uri}: {rows} joined pairs for {n_pairs} candidate pairs")
     return writer.finalize([u.name for u in units], markers, pairs=n_pairs, run=stats)
 
 
-def _name_missing_or_twice(candidates_uri: str | list[str], first: int | None, out_uri: str,
-                           corpus_uri: str) -> None:
-    """The DataError of joined pairs that are not the candidate pairs: the first candidate
-    (in file order) whose pid is not in the corpus, else a pid on two corpus rows."""
+def _name_missing_or_twice(candidates_uri: str | list[str], first: int | None,
+                           shards: list[str], corpus_uri: str) -> None:
+    """The DataError of joined pairs (``shards``) that are not the candidate pairs: the first
+    candidate (in file order) whose pid is not in the corpus, else a pid on two corpus
+    rows."""
     pairs = candidate_pairs(candidates_uri, first)  # with their file and row
-    got = storage.read_parquet(out_uri, ["qid", "pid"])
+    got = pa.concat_tables([storage.read_parquet(f, ["qid", "pid"]) for f in shards])
     missing = pc.invert(pc.is_in(pairs.column("pid"), value_set=got.column("pid")))
     if pc.any(missing).as_py():
         i = pc.index(missing, True).as_py()
@@ -303,7 +308,10 @@ def _name_missing_or_twice(candidates_uri: str | list[str], first: int | None, o
                         f"(qid={pairs['qid'][i]}): pid={pairs['pid'][i]} not in corpus "
                         f"{corpus_uri}")
     n = got.group_by(["qid", "pid"]).aggregate([([], "count_all")])
-    dup = n.filter(pc.greater(n.column("count_all"), 1)).slice(0, 1).to_pylist()[0]
+    twice = n.filter(pc.greater(n.column("count_all"), 1)).slice(0, 1).to_pylist()
+    if not twice:
+        return
+    dup = twice[0]
     raise DataError(f"{corpus_uri}: pid={dup['pid']} (a candidate of qid={dup['qid']}) "
                     f"is on {dup['count_all']} corpus rows: a pid names one passage")
 

@@ -63,8 +63,6 @@ def generated_qid(pid: str, lang: str, query: str) -> str:
     return "gen-" + hashlib.sha1(f"{pid}\t{lang}\t{query}".encode()).hexdigest()[:16]
 
 
-
-
 def order_key(*ids: str) -> int:
     """Where a training row goes among the written rows: a stable 63-bit hash (blake2b) of
     the ids that name it (its ``qid``; ``qid, pid`` for the QG's rows, several per query).

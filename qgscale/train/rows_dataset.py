@@ -95,7 +95,7 @@ def _positives(examples_uri: str | None, qrels_uri: str | None, parts: int
     :func:`~qgscale.train.data.positives_from`) and the source table's URI."""
     if examples_uri and storage.exists(examples_uri):
         ds = dataset(examples_uri, "training examples", ["qid", "pos_pids", "neg_pids"],
-                      tdata.check_examples)
+                     tdata.check_examples)
 
         def flat(t: pa.Table) -> pa.Table:
             t = t.sort_by("_row")
@@ -125,10 +125,10 @@ def build_student_rows_dataset(queries_uri: str, corpus_uri: str, out_uri: str,
     shard writer's markers and manifest); returns the counts. ``num_partitions``: hash
     partitions of each join."""
     return unwrapped(_build, queries_uri, corpus_uri, out_uri, config_hash,
-                      loss or LossConfig(), qrels_uri=qrels_uri, examples_uri=examples_uri,
-                      candidates_uri=candidates_uri, scores_uri=scores_uri,
-                      generated_uri=generated_uri, seed=seed, parts=num_partitions,
-                      shard_rows=shard_rows)
+                     loss or LossConfig(), qrels_uri=qrels_uri, examples_uri=examples_uri,
+                     candidates_uri=candidates_uri, scores_uri=scores_uri,
+                     generated_uri=generated_uri, seed=seed, parts=num_partitions,
+                     shard_rows=shard_rows)
 
 
 def build_qg_rows_dataset(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
@@ -139,7 +139,7 @@ def build_qg_rows_dataset(queries_uri: str, corpus_uri: str, qrels_uri: str, out
     under ``out_uri``, sorted by (:func:`~qgscale.train.data.order_key` of qid and pid, qid,
     pid); returns the counts."""
     return unwrapped(_build_qg, queries_uri, corpus_uri, qrels_uri, out_uri, config_hash,
-                      parts=num_partitions, shard_rows=shard_rows)
+                     parts=num_partitions, shard_rows=shard_rows)
 
 
 def build_qg_rank_rows_dataset(queries_uri: str, corpus_uri: str, examples_uri: str,
@@ -149,8 +149,8 @@ def build_qg_rank_rows_dataset(queries_uri: str, corpus_uri: str, examples_uri: 
     """The rows of :func:`qgscale.train.data.build_qg_rank_rows` written by Ray Data workers
     under ``out_uri`` (in the same order); returns the counts."""
     return unwrapped(_build_qg_rank, queries_uri, corpus_uri, examples_uri, n_negatives,
-                      out_uri, config_hash, seed=seed, parts=num_partitions,
-                      shard_rows=shard_rows)
+                     out_uri, config_hash, seed=seed, parts=num_partitions,
+                     shard_rows=shard_rows)
 
 
 def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
@@ -175,7 +175,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
         qp = pos.flat_map(lambda r: [{"qid": r["qid"], "pid": p} for p in sorted(set(r["pos"]))]
                           ).materialize()
         gen = dataset(generated_uri, "generated queries", ["pid", "lang", "query"],
-                       check_text("pid", ("lang", "query"))).map_batches(
+                      check_text("pid", ("lang", "query"))).map_batches(
             kept, fn_args=(pid_filter(qp),), batch_format="pyarrow"
         ).rename_columns({"lang": "glang", "query": "gquery"})  # those of the positives
         pairs = qp.join(gen, join_type="inner", num_partitions=parts, on=("pid",))
@@ -199,7 +199,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
     plans = rows.map_batches(plan, batch_format="pyarrow")
     if scores_uri:
         scores = _grouped(dataset(scores_uri, "teacher scores", ["qid", "pid", "score"],
-                                   tdata.check_scores), "qid", {"s_pid": "pid", "s_score": "score"},
+                                  tdata.check_scores), "qid", {"s_pid": "pid", "s_score": "score"},
                           parts).materialize()  # joined twice: on qid and on gen_qid
         plans = join(plans, scores, "qid")
         plans = join(plans, scores.rename_columns(
@@ -254,7 +254,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
 def _positive_qrels(qrels_uri: str) -> Any:
     """The qrels rows with ``rel > 0``."""
     return dataset(qrels_uri, "qrels", ["qid", "pid", "rel"],
-                    tdata.check_positive_qrels).map_batches(
+                   tdata.check_positive_qrels).map_batches(
         lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)),
         batch_format="pyarrow")
 
@@ -291,7 +291,7 @@ def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
 
     done = write_sorted(_in_row_order(rows.map_batches(check, batch_format="pyarrow"),
                                       ("qid", "pid")),
-                        out_uri, config_hash, shard_rows, tdata.QG_ROWS.names)
+                        out_uri, config_hash, shard_rows, tdata.QG_ROWS.names, ("qid", "pid"))
     check_duplicate(done, queries_uri, None)  # a query twice
     if done["duplicates"]:  # else a qrels pair twice, or its passage on two corpus rows
         qid, pid = done["duplicates"][0].split("\t")
