@@ -604,8 +604,11 @@ def test_ray_data_pair_join_equals_the_actor_join(ray_local, tmp_path):
     storage.remove(lost)  # a listed shard gone: joined again, not reused
     rebuilt = join_pairs(*args, str(tmp_path / "r"), "k2", sc, None, ray_from=0,
                          num_partitions=2)
-    assert rebuilt["time"] > other["time"] and rebuilt["shards"] == other["shards"]
-    assert storage.exists(lost)
+    assert rebuilt["time"] > other["time"] and rebuilt["rows"] == 240
+    every = join_pairs(*args, str(tmp_path / "a6"), "k2", sc, None, ray_from=10_000)
+    assert every["rows"] == 240 and sorted(storage.read_parquet(str(tmp_path / "r")).to_pylist(),
+                                           key=str) == sorted(
+        storage.read_parquet(str(tmp_path / "a6")).to_pylist(), key=str)
 
 
 def test_ray_data_pair_join_names_bad_input(ray_local, tmp_path):

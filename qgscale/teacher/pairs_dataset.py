@@ -14,13 +14,14 @@ passage}`` come from hash-partitioned Ray Data joins instead, as the training ro
 2. the pairs join the queries on qid, then the corpus on pid; the corpus is filtered as it is
    read by a Bloom filter of the pairs' pids (:func:`~qgscale.data.joins.pid_filter`), so the
    shuffle carries the candidate passages, not the corpus;
-3. the pairs, sorted by a hash of the pid (then pid, qid: the pairs of a passage are
-   adjacent, so scoring encodes it once), are written by the workers as shards of
-   ``shard_rows`` pairs.
+3. the workers write the joined pairs in shards of at most ``shard_rows``, each sorted by a
+   hash of the pid (then pid, qid: the pairs of a passage are adjacent, so scoring encodes
+   it once; the join partitions by pid, so a passage's pairs are in one shard unless its
+   partition's blocks split them).
 
 No process holds every pair: the driver holds the file list and the Bloom filter (1.25
-bytes a distinct pid, at most a pair); each join and sort task holds one partition's pairs
-with their texts (pairs / ``data.ray_rows_partitions``: raise it as the pairs grow). The
+bytes a distinct pid, at most a pair); each join task holds one partition's pairs with
+their texts (pairs / ``data.ray_rows_partitions``: raise it as the pairs grow). The
 pairs are materialized in the object store (spilled to disk when large): the filter is built
 from them before they are joined.
 
@@ -33,6 +34,7 @@ every corpus row is checked (not only the candidates'). The join is not resumabl
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -51,10 +53,10 @@ from qgscale.data.joins import (
     pid_filter,
     queries_dataset,
     unwrapped,
-    write_sorted,
 )
 from qgscale.data.pidfilter import key_hashes
 from qgscale.errors import DataError, MissingInputError
+from qgscale.teacher.scoring import PAIRS, candidate_files, check_lists, repeated_qid
 
 SHARD_PAIRS = 50_000  # pairs per written shard (scoring units are row ranges of them)
 
@@ -74,8 +76,6 @@ def join_pairs_dataset(candidates_uri: str | list[str], queries_uri: str | list[
 def _join(candidates_uri: str | list[str], queries_uri: str | list[str], corpus_uri: str,
           out_uri: str, config_hash: str, *, first: int | None, parts: int,
           shard_rows: int) -> dict[str, Any]:
-    from qgscale.teacher.scoring import PAIRS, candidate_files, check_lists
-
     files = candidate_files(candidates_uri)
     for uri in [queries_uri] if isinstance(queries_uri, str) else queries_uri:
         if not storage.exists(uri):  # as the actors' join (load_queries)
@@ -109,19 +109,52 @@ def _join(candidates_uri: str | list[str], queries_uri: str | list[str], corpus_
     joined = joined.join(passages_dataset(corpus_uri, keep),
                          join_type="left_outer", num_partitions=parts, on=("pid",)
                          ).map_batches(with_passage, batch_format="pyarrow")
-    done = write_sorted(joined.sort([ORDER, "pid", "qid"]), out_uri, config_hash, shard_rows,
-                        PAIRS.names, ("pid", "qid"))
-    check_duplicate(done, queries_uri, None)  # a query on two rows
-    if done["duplicates"]:  # else a passage on two corpus rows (lists are checked above)
-        qid, pid = done["duplicates"][0].split("\t")
-        n = sum(pc.sum(pc.equal(storage.read_parquet(f, ["pid"]).column("pid"), pid)).as_py()
-                or 0 for f in corpus_shards(corpus_uri))
-        raise DataError(f"{corpus_uri}: pid={pid} (a candidate of qid={qid}) is on {n} corpus "
-                        "rows: a pid names one passage")
-    if done["rows"] != n_pairs:
+    done = _write(joined, out_uri, config_hash, shard_rows)
+    if done["rows"] != n_pairs:  # a pair twice: a query on two rows, or a passage
+        _name_twice(out_uri, queries_uri, corpus_uri)
         raise RuntimeError(f"{out_uri}: {done['rows']} joined pairs for {n_pairs}")
     return storage.ShardWriter(out_uri, config_hash).finalize(
         done["shards"], pairs=n_pairs, run={"joined_by": "ray-data", "partitions": parts})
+
+
+def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int) -> dict[str, Any]:
+    """Workers write the joined pairs as shards of at most ``shard_rows``, each sorted by a
+    hash of the pid, then pid and qid (a passage's pairs adjacent: the join partitions by
+    pid), named by its first order key and a hash of its pairs; returns the rows and the
+    shard names. The folder is cleared first (never mixed with an interrupted join's shards).
+    No global sort: its map tasks held whole join partitions (1.7 GB at 9M pairs)."""
+    storage.remove(out_uri, recursive=True)
+
+    def write(t: pa.Table) -> pa.Table:
+        t = t.sort_by([(ORDER, "ascending"), ("pid", "ascending"), ("qid", "ascending")])
+        keys = "\n".join(f"{q}\t{p}" for q, p in zip(t.column("qid").to_pylist(),
+                                                    t.column("pid").to_pylist(), strict=True))
+        name = (f"part-{t.column(ORDER)[0].as_py():016x}-"
+                f"{hashlib.sha1(keys.encode()).hexdigest()[:8]}")
+        storage.ShardWriter(out_uri, config_hash).write(name, t.select(PAIRS.names))
+        return pa.table({"name": [name], "rows": [t.num_rows]})
+
+    done = ds.map_batches(write, batch_size=shard_rows, batch_format="pyarrow").take_all()
+    return {"rows": sum(r["rows"] for r in done), "shards": sorted(r["name"] for r in done)}
+
+
+def _name_twice(out_uri: str, queries_uri: str | list[str], corpus_uri: str) -> None:
+    """The DataError of a (qid, pid) pair written twice (the lists are checked: one list per
+    qid, a pid once in it): its qid on two query rows (both named), else its passage on two
+    corpus rows. Found by a count per pair over the written shards (the error path only)."""
+    from ray.data.aggregate import Count
+
+    pairs = dataset(out_uri, "joined pairs", ["qid", "pid"]).drop_columns(["_row"])
+    twice = pairs.groupby(["qid", "pid"]).aggregate(Count(alias_name="n")).map_batches(
+        lambda t: t.filter(pc.greater(t.column("n"), 1)), batch_format="pyarrow").take(1)
+    if not twice:
+        return
+    qid, pid = twice[0]["qid"], twice[0]["pid"]
+    check_duplicate({"duplicates": [f"{qid}\t{pid}"]}, queries_uri, None)
+    n = sum(pc.sum(pc.equal(storage.read_parquet(f, ["pid"]).column("pid"), pid)).as_py()
+            or 0 for f in corpus_shards(corpus_uri))
+    raise DataError(f"{corpus_uri}: pid={pid} (a candidate of qid={qid}) is on {n} corpus "
+                    "rows: a pid names one passage")
 
 
 def _flatten(t: pa.Table, first: int | None) -> pa.Table:
@@ -157,7 +190,6 @@ def _check_repeated_qids(files: list[str]) -> None:
     :data:`~qgscale.data.joins.MAX_REPORTED` of them) read again."""
     from ray.data.aggregate import Count
 
-    from qgscale.teacher.scoring import repeated_qid
 
     lists = dataset(files, "candidates", ["qid"])
     counts = lists.groupby("qid").aggregate(Count(alias_name="n"))
