@@ -19,6 +19,7 @@ from qgscale.models.generator import QueryGenerator
 from qgscale.models.tiny import tiny_t5_config, xquad_texts
 from qgscale.teacher.common import QGSpec
 from qgscale.teacher.generation import generate_queries, plan_units
+from qgscale.teacher.pairs_dataset import generated_candidates_dataset
 from qgscale.teacher.scoring import candidate_pairs, generated_candidates, score_candidates
 from qgscale.train.data import generated_qid
 from tests.faults import KillShardActorAfter
@@ -160,6 +161,14 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
              for p in c["pids"][:2]}
     got2 = {(r["qid"], p) for r in storage.read_parquet(c2).to_pylist() for p in r["pids"]}
     assert got2 == want2 and got2 < want
+    c2r, q2r = generated_candidates_dataset(  # the same with Ray Data
+        storage.join(root, "cands"), storage.join(root, "queries.parquet"),
+        storage.join(root, "qrels.parquet"), out, storage.join(root, "gen_pairs2r"), first=2,
+        num_partitions=2)
+    assert sorted(storage.read_parquet(c2r).to_pylist(), key=str) == sorted(
+        storage.read_parquet(c2).to_pylist(), key=str)
+    assert sorted(storage.read_parquet(q2r).to_pylist(), key=str) == sorted(
+        storage.read_parquet(storage.join(root, "gen_pairs2", "queries")).to_pylist(), key=str)
     # generated from every corpus passage: only the queries that get a list are written
     c3, q3 = generated_candidates(
         storage.join(root, "cands"), storage.join(root, "queries.parquet"),
@@ -171,6 +180,14 @@ def test_generate_resumable(ray_local, tokenizer, tmp_path):
     assert set(storage.read_parquet(q3)["qid"].to_pylist()) == listed
     assert set(storage.read_parquet(c3)["qid"].to_pylist()) == listed
     assert 0 < len(listed) < len(every_gen)
+    c3r, q3r = generated_candidates_dataset(
+        storage.join(root, "cands"), storage.join(root, "queries.parquet"),
+        storage.join(root, "qrels.parquet"), storage.join(root, "gen-all"),
+        storage.join(root, "gen_pairs3r"), num_partitions=3)
+    assert {r["qid"]: set(r["pids"]) for r in storage.read_parquet(c3r).to_pylist()} == {
+        r["qid"]: set(r["pids"]) for r in storage.read_parquet(c3).to_pylist()}
+    assert sorted(storage.read_parquet(q3r).to_pylist(), key=str) == sorted(
+        storage.read_parquet(q3).to_pylist(), key=str)
     sm = score_candidates(spec, [storage.join(root, "cands"), c_uri],
                           [storage.join(root, "queries.parquet"), q_uri],
                           storage.join(root, "corpus.parquet"), storage.join(root, "scores"),
@@ -272,10 +289,12 @@ def test_duplicate_or_empty_query_named_by_file_and_row(tmp_path):
         load_queries(write("d", ["q0", "q1", "q2", "q3"], ["x", "y", "z", " "]))
 
 
-def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
+@pytest.mark.parametrize("ray_from", [1_000_000, 0])
+def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path, ray_from):
     """The stage function the pipeline calls, on the run layout's locations: it scores the
     first ``distill.loss.n_candidates`` of each list (2 of 3), the pairs rows read; a second
-    call with the same key finds every shard done and scores nothing again."""
+    call with the same key finds every shard done and scores nothing again. From
+    ``data.ray_rows_from`` lists on, Ray Data joins the pairs."""
     from qgscale.config import parse
     from qgscale.layout import Layout
     from qgscale.teacher.common import qg_spec
@@ -286,7 +305,8 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
                  "qg_rank": {"enabled": False},  # the QG itself is the teacher
                  "teacher": {"score": {"num_actors": 1, "cpus_per_actor": 0.5,
                                        "shard_pairs": 8}},
-                 "distill": {"loss": {"n_candidates": 2}}})
+                 "distill": {"loss": {"n_candidates": 2}},
+                 "data": {"ray_rows_from": ray_from, "ray_rows_partitions": 2}})
     lay = Layout(cfg)
     with pytest.raises(MissingInputError, match=r"train/qg/model: no query generator here; "
                                                 r"run `qgscale train qg` first"):
@@ -313,14 +333,16 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path):
     assert sorted(zip(scored["qid"].to_pylist(), scored["pid"].to_pylist(), strict=True)) == \
         sorted((c["qid"], p) for c in cands for p in c["pids"][:2])
     assert m["first_candidates"] == 2
+    joined = storage.read_manifest(storage.join(cfg.uri("teacher", "scores"), "_pairs"))
+    assert (joined["run"].get("joined_by") == "ray-data") == (ray_from == 0)
     again = score()
     assert again["rows"] == 8 and again["run"]["shards_run"] == 0
 
 
 def test_s3_credentials_never_reach_ray(ray_local, tokenizer, s3_bucket, monkeypatch):
-    """A teacher scoring job on the S3 endpoint. The S3 credentials appear in no argument the
-    driver serialized for Ray (actor/task arguments, ``ray.put``), in no runtime env of the
-    job's actors and tasks (the GCS task events and actor table: what the dashboard and
+    """A teacher scoring job on the S3 endpoint (its pairs joined by actors, then by Ray Data
+    tasks). The S3 credentials appear in no argument the driver serialized for Ray
+    (actor/task arguments, ``ray.put``), in no runtime env of the job's actors and tasks (the GCS task events and actor table: what the dashboard and
     ``ray.util.state`` list) and not in the job's runtime env; the endpoint does travel. A
     control task given the secret the old way (argument + runtime env) is caught by the same
     checks, so they can fail."""
@@ -376,6 +398,12 @@ def test_s3_credentials_never_reach_ray(ray_local, tokenizer, s3_bucket, monkeyp
                          storage.join(root, "corpus.parquet"), storage.join(root, "scores"), "k1",
                          ScoreConfig(num_actors=1, cpus_per_actor=0.5, precision="fp32"))
     assert m["rows"] == 8 and storage.read_parquet(storage.join(root, "scores")).num_rows == 8
+    r = score_candidates(spec, storage.join(root, "cands"), storage.join(root, "queries.parquet"),
+                         storage.join(root, "corpus.parquet"), storage.join(root, "scores-r"),
+                         "k1", ScoreConfig(num_actors=1, cpus_per_actor=0.5, precision="fp32"),
+                         ray_from=0, num_partitions=2)  # the pairs joined by Ray Data tasks
+    assert r["rows"] == 8 and storage.read_manifest(storage.join(
+        root, "scores-r", "_pairs"))["run"]["joined_by"] == "ray-data"
     events = task_events(("ShardActor.__init__", "ShardActor.run"))
     assert sent and not leaks(events), leaks(events)
     endpoint = os.environ["AWS_ENDPOINT_URL"]

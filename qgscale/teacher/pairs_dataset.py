@@ -206,3 +206,85 @@ def _check_repeated_qids(files: list[str]) -> None:
                                      "row": row & 0xFFFFFFFF}), files)
     if repeat:
         raise DataError(repeat[1])
+
+
+def generated_candidates_dataset(candidates_uri: str, queries_uri: str, qrels_uri: str,
+                                 generated_uri: str, out_uri: str, first: int | None = None,
+                                 *, num_partitions: int = 64) -> tuple[str, str]:
+    """The inputs of :func:`qgscale.teacher.scoring.generated_candidates` (KD on generated
+    queries: each generated query of a positive passage with the union of the candidate
+    lists, their first ``first``, of the training queries in other languages that have that
+    positive), built by Ray Data workers: the positive qrels join the candidate lists and
+    the queries' languages on qid, then the generated queries (filtered as read by a Bloom
+    filter of the positives' pids) on pid; the lists are united per generated query and
+    written as ``out_uri/{candidates, queries}/part-*.parquet``. Returns their URIs."""
+    return unwrapped(_generated, candidates_uri, queries_uri, qrels_uri, generated_uri,
+                     out_uri, first=first, parts=num_partitions)
+
+
+def _generated(candidates_uri: str, queries_uri: str, qrels_uri: str, generated_uri: str,
+               out_uri: str, *, first: int | None, parts: int) -> tuple[str, str]:
+    from qgscale.data.joins import check_text, kept
+    from qgscale.data.schema import CANDIDATES, QUERIES
+    from qgscale.teacher.scoring import candidate_files
+    from qgscale.train.data import check_positive_qrels, generated_qid
+
+    if not storage.exists(generated_uri):
+        raise MissingInputError(f"{generated_uri}: generated queries not found")
+    pos = dataset(qrels_uri, "qrels", ["qid", "pid", "rel"], check_positive_qrels).map_batches(
+        lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)).select(
+            ["qid", "pid", "_row"]).rename_columns(["qid", "pid", "_qrel"]),
+        batch_format="pyarrow")
+
+    def sliced(t: pa.Table) -> pa.Table:
+        return pa.table({"qid": t.column("qid"), "pids": pc.list_slice(t.column("pids"), 0, first)
+                         if first else t.column("pids")})
+
+    lists = dataset(candidate_files(candidates_uri), "candidates", ["qid", "pids"]).map_batches(
+        sliced, batch_format="pyarrow")
+    langs = queries_dataset(queries_uri).select_columns(["qid", "lang"])
+    pos = pos.join(lists, join_type="inner", num_partitions=parts, on=("qid",)).join(
+        langs, join_type="left_outer", num_partitions=parts, on=("qid",)).materialize()
+    gen = dataset(generated_uri, "generated queries", ["pid", "lang", "query"],
+                  check_text("pid", ("lang", "query"))).map_batches(
+        lambda t, keep: kept(t, keep).select(["pid", "lang", "query"]).rename_columns(
+            ["pid", "glang", "gquery"]), fn_args=(pid_filter(pos),), batch_format="pyarrow")
+
+    def other_language(t: pa.Table) -> pa.Table:
+        t = t.filter(pc.fill_null(pc.not_equal(t.column("lang"), t.column("glang")), True))
+        return t.append_column("gid", pa.array([generated_qid(p, g, q) for p, g, q in zip(
+            *(t.column(c).to_pylist() for c in ("pid", "glang", "gquery")), strict=True)],
+            pa.string()))
+
+    def united(t: pa.Table) -> pa.Table:
+        t = t.sort_by("_qrel")  # the positives' table order, as the driver's union
+        pids = dict.fromkeys(p for ps in t.column("pids").to_pylist() for p in ps)
+        return pa.table({"qid": [t.column("gid")[0].as_py()],
+                         "lang": [t.column("glang")[0].as_py()],
+                         "text": [t.column("gquery")[0].as_py()], "pids": [list(pids)]})
+
+    rows = gen.join(pos, join_type="inner", num_partitions=parts, on=("pid",)).map_batches(
+        other_language, batch_format="pyarrow")
+    grouped = rows.groupby("gid", num_partitions=parts).map_groups(united,
+                                                                   batch_format="pyarrow")
+    q_uri, c_uri = storage.join(out_uri, "queries"), storage.join(out_uri, "candidates")
+    storage.remove(out_uri, recursive=True)
+
+    def write(t: pa.Table) -> pa.Table:
+        t = t.filter(pc.greater(pc.list_value_length(t.column("pids")), 0)).sort_by("qid")
+        if not t.num_rows:
+            return pa.table({"rows": [0]})
+        name = f"part-{t.column('qid')[0].as_py()}.parquet"  # gids are distinct
+        storage.write_parquet(storage.join(q_uri, name), t.select(["qid", "lang", "text"]).cast(
+            QUERIES))
+        storage.write_parquet(storage.join(c_uri, name), pa.table({
+            "qid": t.column("qid"), "pids": t.column("pids"),
+            "scores": pa.nulls(t.num_rows, CANDIDATES.field("scores").type)}).cast(CANDIDATES))
+        return pa.table({"rows": [t.num_rows]})
+
+    n = sum(r["rows"] for r in grouped.map_batches(write, batch_format="pyarrow").take_all())
+    if not n:  # no generated query gets a list: empty tables, readable
+        storage.write_parquet(storage.join(q_uri, "part-00000.parquet"), QUERIES.empty_table())
+        storage.write_parquet(storage.join(c_uri, "part-00000.parquet"),
+                              CANDIDATES.empty_table())
+    return c_uri, q_uri

@@ -336,7 +336,9 @@ def generated_candidates(candidates_uri: str, queries_uri: str, qrels_uri: str,
     A generated query g (language l) from passage p gets qid ``generated_qid(p, l, g)`` and, as
     candidate list, the union of C(q) (its first ``first``) over the training queries q with
     positive p and language != l (the lists the student pairs it with). Writes
-    ``out_uri/{candidates, queries}/part-00000.parquet``; returns their URIs.
+    ``out_uri/{candidates, queries}/part-00000.parquet``; returns their URIs. Holds every
+    candidate list: from ``data.ray_rows_from`` lists on, the score stage builds the same
+    with Ray Data (:func:`~qgscale.teacher.pairs_dataset.generated_candidates_dataset`).
     """
     from qgscale.data.schema import CANDIDATES, QUERIES
     from qgscale.train.data import generated_qid
@@ -428,8 +430,15 @@ def run_score(cfg: Any, model: Any, *, candidates_uri: str, queries_uri: str, co
                                     "kd_on_generated run `qgscale teacher generate` first")
         if not (qrels_uri and pairs_uri):
             raise ValueError("scoring generated queries needs qrels_uri and pairs_uri")
-        c, q = generated_candidates(cands[0], queries[0], qrels_uri, generated_uri, pairs_uri,
-                                    first)
+        if candidate_lists(cands[0]) >= cfg.data.ray_rows_from:  # no lists held here
+            from qgscale.teacher.pairs_dataset import generated_candidates_dataset
+
+            c, q = generated_candidates_dataset(cands[0], queries[0], qrels_uri, generated_uri,
+                                                pairs_uri, first,
+                                                num_partitions=cfg.data.ray_rows_partitions)
+        else:
+            c, q = generated_candidates(cands[0], queries[0], qrels_uri, generated_uri,
+                                        pairs_uri, first)
         cands.append(c)
         queries.append(q)
     return score_candidates(
