@@ -342,10 +342,10 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path, ray_from):
 def test_s3_credentials_never_reach_ray(ray_local, tokenizer, s3_bucket, monkeypatch):
     """A teacher scoring job on the S3 endpoint (its pairs joined by actors, then by Ray Data
     tasks). The S3 credentials appear in no argument the driver serialized for Ray
-    (actor/task arguments, ``ray.put``), in no runtime env of the job's actors and tasks (the GCS task events and actor table: what the dashboard and
-    ``ray.util.state`` list) and not in the job's runtime env; the endpoint does travel. A
-    control task given the secret the old way (argument + runtime env) is caught by the same
-    checks, so they can fail."""
+    (actor/task arguments, ``ray.put``), in no runtime env of the job's actors and tasks
+    (the GCS task events and actor table: what the dashboard and ``ray.util.state`` list) and
+    not in the job's runtime env; the endpoint does travel. A control task given the secret
+    the old way (argument + runtime env) is caught by the same checks, so they can fail."""
     import json
     import time
 
