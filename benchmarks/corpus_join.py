@@ -11,7 +11,8 @@ must not grow with what is needed: at 1B passages there are 10k shards or more.
 
 Data (synthetic, written once): a corpus of ``--shards`` x ``--shard-rows`` passages of 12
 words (``benchmarks/scale.py``'s word frequencies); for each ``--queries`` size, that many
-queries with 30 candidate pids each. Per (source tree, size), three child processes:
+queries with 30 candidate pids each, in files of 5,000 lists. Per (source tree, size), a
+child process per phase (``--phases``):
 
 - ``scan``: ``list(scan(corpus, needed pids))``: wall time per shard;
 - ``join``: one ``PairJob`` (built as the tree's ``join_pairs`` builds it) run on every
@@ -26,7 +27,8 @@ times larger (the shards here are its first ones), so a shard matches what a sha
 large corpus matches while the needed set grows; ``stage`` and ``ray`` draw them from the
 corpus here (they check that every candidate is in the corpus). A sampler thread here reads
 every 0.1 s the resident memory (RSS, psutil) of the child and of its largest ``ray::``
-worker.
+worker, and every 0.5 s their USS (RSS less the pages shared with other processes, e.g. the
+object store's).
 ``--baseline-src`` runs the same children with another tree first on ``PYTHONPATH`` (its
 commit recorded): before/after in one run. Prints a table; writes JSON.
 """
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from before_after import commit, measure, parse, parser, save, trees  # noqa: E402
 
 K = 30  # candidates per query
+LISTS_PER_FILE = 5000  # candidate lists per file (mine.shard_rows' default)
 
 
 def write_corpus(root: Path, shards: int, shard_rows: int, seed: int = 0) -> None:
@@ -79,10 +82,12 @@ def write_pairs(root: Path, n_passages: int, n_queries: int, seed: int = 1) -> N
     for name, n in (("notional", n_passages), ("in_corpus", None)):
         n = n or int(storage.read_json(str(root.parent / "corpus_size.json"))["passages"])
         pids = [[f"en:{p}" for p in rng.choice(n, K, replace=False)] for _ in qids]
-        storage.write_parquet(str(root / "candidates" / name / "part-00000.parquet"), pa.table(
-            {"qid": qids, "pids": pids, "scores": pa.nulls(n_queries,
-                                                           CANDIDATES.field("scores").type)},
-            schema=CANDIDATES))
+        for i in range(0, n_queries, LISTS_PER_FILE):  # shards, as mine writes them
+            m = min(LISTS_PER_FILE, n_queries - i)
+            storage.write_parquet(str(root / "candidates" / name / f"part-{i:08d}.parquet"),
+                                  pa.table({"qid": qids[i:i + m], "pids": pids[i:i + m],
+                                            "scores": pa.nulls(m, CANDIDATES.field(
+                                                "scores").type)}, schema=CANDIDATES))
 
 
 def child(phase: str, data: str, out: str) -> None:
@@ -164,11 +169,12 @@ def main() -> None:
                                  "pairs": nq * K, "phase": phase, **r})
                     print(rows[-1], flush=True)
     print(f"\n{'tree':9} {'commit':8} {'pairs':>9} {'phase':5} {'wall s':>7} {'s/shard':>8} "
-          f"{'driver MB':>10} {'actor MB':>9}")
+          f"{'driver MB':>10} {'actor MB':>9} {'driver USS':>10} {'actor USS':>9}")
     for r in rows:
         print(f"{r['tree']:9} {r['commit']:8} {r['pairs']:9d} {r['phase']:5} {r['wall_s']:7.1f} "
               f"{r['per_shard_s']:8.3f} {r['driver_peak_rss_mb']:10.1f} "
-              f"{r['actor_peak_rss_mb']:9.1f}")
+              f"{r['actor_peak_rss_mb']:9.1f} {r['driver_peak_uss_mb']:10.1f} "
+              f"{r['actor_peak_uss_mb']:9.1f}")
     save(args.out, {"passages": n, "shards": args.shards, "notional_passages": n * args.notional,
                     "candidates_per_query": K, "cpus": 2, "rows": rows, "load_avg_start": load,
                     "load_avg_end": os.getloadavg()})

@@ -226,7 +226,6 @@ def _generated(candidates_uri: str, queries_uri: str, qrels_uri: str, generated_
                out_uri: str, *, first: int | None, parts: int) -> tuple[str, str]:
     from qgscale.data.joins import check_text, kept
     from qgscale.data.schema import CANDIDATES, QUERIES
-    from qgscale.teacher.scoring import candidate_files
     from qgscale.train.data import check_positive_qrels, generated_qid
 
     if not storage.exists(generated_uri):
