@@ -98,7 +98,7 @@ def _join(candidates_uri: str | list[str], queries_uri: str | list[str], corpus_
     def with_passage(t: pa.Table) -> pa.Table:
         _missing(t, "passage", lambda q, p, where: f"{where} (qid={q}): pid={p} not in corpus "
                  f"{corpus_uri}", files)
-        h = key_hashes(t.column("pid")) >> np.uint64(1)  # >= 0 as int64: names sort as rows
+        h = key_hashes(t.column("pid")) >> np.uint64(1)  # >= 0 as int64
         return t.select(PAIRS.names).cast(PAIRS).append_column(ORDER,
                                                                 pa.array(h.astype(np.int64)))
 
