@@ -122,7 +122,8 @@ def queries_dataset(queries_uri: str | list[str]) -> Any:
 
 def check_duplicate(done: dict[str, Any], queries_uri: str | list[str],
                     lists_uri: str | None) -> None:
-    """The row keys :func:`write_sorted` found twice: a qid on two rows of the queries is a
+    """The row keys found twice (``done["duplicates"]``: a qid, or a qid and a pid joined by
+    a tab; from :func:`write_sorted` or a pair join): a qid on two rows of the queries is a
     DataError naming both (file and row), as :func:`~qgscale.teacher.common.load_queries`;
     otherwise, with ``lists_uri`` (the candidates: one list per qid), one naming it. Only
     then are the query files scanned (qid column). The Ray path checks the qids its rows

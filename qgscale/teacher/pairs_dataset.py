@@ -111,10 +111,14 @@ def _join(candidates_uri: str | list[str], queries_uri: str | list[str], corpus_
                          ).map_batches(with_passage, batch_format="pyarrow")
     done = _write(joined, out_uri, config_hash, shard_rows)
     if done["rows"] != n_pairs:  # a pair twice: a query on two rows, or a passage
-        _name_twice(out_uri, queries_uri, corpus_uri)
+        _name_twice(out_uri, queries_uri, corpus_uri, done["twice"])
         raise RuntimeError(f"{out_uri}: {done['rows']} joined pairs for {n_pairs}")
-    return storage.ShardWriter(out_uri, config_hash).finalize(
+    manifest = storage.ShardWriter(out_uri, config_hash).finalize(
         done["shards"], pairs=n_pairs, run={"joined_by": "ray-data", "partitions": parts})
+    if manifest["rows"] != n_pairs:  # a shard written over by another of the same name
+        storage.remove(storage.join(out_uri, storage.MANIFEST))
+        raise RuntimeError(f"{out_uri}: {manifest['rows']} pairs in the shards for {n_pairs}")
+    return manifest
 
 
 def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int) -> dict[str, Any]:
@@ -132,24 +136,34 @@ def _write(ds: Any, out_uri: str, config_hash: str, shard_rows: int) -> dict[str
         name = (f"part-{t.column(ORDER)[0].as_py():016x}-"
                 f"{hashlib.sha1(keys.encode()).hexdigest()[:8]}")
         storage.ShardWriter(out_uri, config_hash).write(name, t.select(PAIRS.names))
-        return pa.table({"name": [name], "rows": [t.num_rows]})
+        return pa.table({"name": [name], "rows": [t.num_rows],
+                         "first": [[t.column("qid")[0].as_py(), t.column("pid")[0].as_py()]]})
 
     done = ds.map_batches(write, batch_size=shard_rows, batch_format="pyarrow").take_all()
-    return {"rows": sum(r["rows"] for r in done), "shards": sorted(r["name"] for r in done)}
+    names = sorted(r["name"] for r in done)
+    # the same name twice: two batches of the same pairs (each of them twice), one file left
+    twice = [r["first"] for r in done if names.count(r["name"]) > 1][:1]
+    return {"rows": sum(r["rows"] for r in done), "shards": sorted(set(names)),
+            "twice": twice}
 
 
-def _name_twice(out_uri: str, queries_uri: str | list[str], corpus_uri: str) -> None:
+def _name_twice(out_uri: str, queries_uri: str | list[str], corpus_uri: str,
+                known: list[list[str]]) -> None:
     """The DataError of a (qid, pid) pair written twice (the lists are checked: one list per
     qid, a pid once in it): its qid on two query rows (both named), else its passage on two
-    corpus rows. Found by a count per pair over the written shards (the error path only)."""
+    corpus rows. The pair is one of ``known`` (``[qid, pid]``, from shards written over by
+    another of the same name), else found by a count per pair over the written shards (the
+    error path only)."""
     from ray.data.aggregate import Count
 
-    pairs = dataset(out_uri, "joined pairs", ["qid", "pid"]).drop_columns(["_row"])
-    twice = pairs.groupby(["qid", "pid"]).aggregate(Count(alias_name="n")).map_batches(
-        lambda t: t.filter(pc.greater(t.column("n"), 1)), batch_format="pyarrow").take(1)
-    if not twice:
+    if not known:
+        pairs = dataset(out_uri, "joined pairs", ["qid", "pid"]).drop_columns(["_row"])
+        known = [[r["qid"], r["pid"]] for r in pairs.groupby(["qid", "pid"]).aggregate(
+            Count(alias_name="n")).map_batches(lambda t: t.filter(pc.greater(t.column("n"), 1)),
+                                               batch_format="pyarrow").take(1)]
+    if not known:
         return
-    qid, pid = twice[0]["qid"], twice[0]["pid"]
+    qid, pid = known[0]
     check_duplicate({"duplicates": [f"{qid}\t{pid}"]}, queries_uri, None)
     n = sum(pc.sum(pc.equal(storage.read_parquet(f, ["pid"]).column("pid"), pid)).as_py()
             or 0 for f in corpus_shards(corpus_uri))
@@ -228,8 +242,10 @@ def _generated(candidates_uri: str, queries_uri: str, qrels_uri: str, generated_
     from qgscale.data.schema import CANDIDATES, QUERIES
     from qgscale.train.data import check_positive_qrels, generated_qid
 
-    if not storage.exists(generated_uri):
-        raise MissingInputError(f"{generated_uri}: generated queries not found")
+    for uri, what in ((generated_uri, "generated queries"), (queries_uri, "queries"),
+                      (qrels_uri, "qrels")):
+        if not storage.exists(uri):  # as the driver's
+            raise MissingInputError(f"{uri}: {what} not found")
     pos = dataset(qrels_uri, "qrels", ["qid", "pid", "rel"], check_positive_qrels).map_batches(
         lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)).select(
             ["qid", "pid", "_row"]).rename_columns(["qid", "pid", "_qrel"]),
@@ -239,8 +255,8 @@ def _generated(candidates_uri: str, queries_uri: str, qrels_uri: str, generated_
         return pa.table({"qid": t.column("qid"), "pids": pc.list_slice(t.column("pids"), 0, first)
                          if first else t.column("pids")})
 
-    lists = dataset(candidate_files(candidates_uri), "candidates", ["qid", "pids"]).map_batches(
-        sliced, batch_format="pyarrow")
+    lists = dataset(candidate_files(candidates_uri), "candidates", ["qid", "pids"],
+                    check_lists).map_batches(sliced, batch_format="pyarrow")
     langs = queries_dataset(queries_uri).select_columns(["qid", "lang"])
     pos = pos.join(lists, join_type="inner", num_partitions=parts, on=("qid",)).join(
         langs, join_type="left_outer", num_partitions=parts, on=("qid",)).materialize()

@@ -359,6 +359,7 @@ def generated_candidates(candidates_uri: str, queries_uri: str, qrels_uri: str,
         if pids:  # a query with no list is neither scored nor trained on
             listed[generated_qid(pid, glang, query)] = (glang, query, list(pids))
     q_uri, c_uri = storage.join(out_uri, "queries"), storage.join(out_uri, "candidates")
+    storage.remove(out_uri, recursive=True)  # never mixed with an earlier build's files
     storage.write_parquet(storage.join(q_uri, "part-00000.parquet"), pa.Table.from_pylist(
         [{"qid": g, "lang": lt, "text": t} for g, (lt, t, _) in listed.items()],
         schema=QUERIES))
@@ -418,8 +419,9 @@ def run_score(cfg: Any, model: Any, *, candidates_uri: str, queries_uri: str, co
     ``ModelConfig``) into ``out_uri``.
 
     With ``generated_uri`` (``distill.loss.kd_on_generated``) the generated queries are scored
-    as well, on the candidate lists of :func:`generated_candidates` (written to ``pairs_uri``,
-    using the positives of ``qrels_uri``), into the same output.
+    as well, on the candidate lists of :func:`generated_candidates` (from ``data.ray_rows_from``
+    lists on, :func:`~qgscale.teacher.pairs_dataset.generated_candidates_dataset`; written to
+    ``pairs_uri``, using the positives of ``qrels_uri``), into the same output.
     """
     sc, first = cfg.teacher.score, cfg.distill.loss.n_candidates
     connect(cfg.ray)
