@@ -3,7 +3,7 @@
 :func:`qgscale.teacher.scoring.join_pairs` runs the join on actors that each hold every
 candidate (qid, pid) pair and every query, which the driver reads, checks and indexes first:
 O(training queries x candidates) in the driver and on every node (about 1.1 GB at 9M pairs).
-Above ``data.ray_rows_from`` candidate lists the same pair shards ``{qid, lang, query, pid,
+From ``data.ray_rows_from`` candidate lists on, the same pair shards ``{qid, lang, query, pid,
 passage}`` come from hash-partitioned Ray Data joins instead, as the training rows do
 (:mod:`qgscale.train.rows_dataset`):
 
@@ -20,10 +20,12 @@ passage}`` come from hash-partitioned Ray Data joins instead, as the training ro
    partition's blocks split them).
 
 No process holds every pair: the driver holds the file list and the Bloom filter (1.25
-bytes a distinct pid, at most a pair); each join task holds one partition's pairs with
-their texts (pairs / ``data.ray_rows_partitions``: raise it as the pairs grow). The
-pairs are materialized in the object store (spilled to disk when large): the filter is built
-from them before they are joined.
+bytes a distinct pid, at most a pair); each of Ray Data's hash-join aggregators (min(cluster
+CPUs, 128) of them) holds its share of the pairs with their texts, whatever
+``data.ray_rows_partitions`` is (measured: the largest worker at 1.0 GB for 9M pairs on 2
+CPUs with 8, 32 or 64 partitions, ``benchmarks/corpus_join.py``). The pairs are materialized
+in the object store (spilled to disk when large): the filter is built from them before they
+are joined.
 
 Bad input raises the actors' join's errors, naming the candidate file, row and id; where
 several rows are bad, the one named is the first a worker meets, not the first in file order.
@@ -203,7 +205,6 @@ def _check_repeated_qids(files: list[str]) -> None:
     join's: a count per qid, then the rows of the repeated qids (at most
     :data:`~qgscale.data.joins.MAX_REPORTED` of them) read again."""
     from ray.data.aggregate import Count
-
 
     lists = dataset(files, "candidates", ["qid"])
     counts = lists.groupby("qid").aggregate(Count(alias_name="n"))

@@ -264,10 +264,10 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
     ``out_uri`` of each list's first ``first`` candidates (all without it); returns their
     manifest. A finished join (its manifest, with ``config_hash``) is reused.
 
-    Up to ``ray_from`` candidate lists (None: any number) the pairs are indexed here and
+    Below ``ray_from`` candidate lists (None: any number) the pairs are indexed here and
     joined on actors, one corpus shard a unit (:class:`PairJob`, resumable shard by shard);
-    above it by Ray Data workers (:mod:`qgscale.teacher.pairs_dataset`, ``num_partitions``
-    hash partitions), so that no process holds the pairs.
+    from it on by Ray Data workers (:mod:`qgscale.teacher.pairs_dataset`, ``num_partitions``
+    hash partitions), so that no process holds every pair.
     A candidate whose qid is not in the queries, or whose pid is not in the corpus, is a
     DataError naming the candidate file, row and id."""
     done = storage.read_manifest(out_uri)
