@@ -684,23 +684,3 @@ def test_ray_data_pair_join_names_bad_input(ray_local, tmp_path):
     with pytest.raises(MissingInputError, match="nowhere: queries not found"):
         join_pairs(d["cands"], str(tmp_path / "nowhere"), d["corpus"], str(tmp_path / "o"),
                    "k", sc, ray_from=0)
-
-
-def test_score_stage_on_the_ray_data_join(ray_local, tokenizer, tmp_path):
-    """``ray_from`` reaches the join from the stage: the scores equal the actors' join's."""
-    root = str(tmp_path / "run")
-    _, spec, *_ = _write_inputs(root, tokenizer, n_pass=6, n_q=8, k=3)
-    args = (spec, storage.join(root, "cands"), storage.join(root, "queries.parquet"),
-            storage.join(root, "corpus.parquet"))
-    sc = ScoreConfig(num_actors=1, cpus_per_actor=0.5, batch_tokens=2000, precision="fp32")
-    a = score_candidates(*args, storage.join(root, "a"), "k1", sc, 2)
-    r = score_candidates(*args, storage.join(root, "r"), "k1", sc, 2, ray_from=0,
-                         num_partitions=2)
-    pairs = storage.read_manifest(storage.join(root, "r", "_pairs"))
-    assert pairs["run"]["joined_by"] == "ray-data" and a["rows"] == r["rows"] == 16
-
-    def scores(uri):
-        return {(x["qid"], x["pid"]): x["score"] for x in storage.read_parquet(uri).to_pylist()}
-    want, got = scores(storage.join(root, "a")), scores(storage.join(root, "r"))
-    assert want.keys() == got.keys()
-    assert all(abs(want[k] - got[k]) < 1e-5 for k in want)
