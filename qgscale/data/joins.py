@@ -123,7 +123,7 @@ def queries_dataset(queries_uri: str | list[str]) -> Any:
 def check_duplicate(done: dict[str, Any], queries_uri: str | list[str],
                     lists_uri: str | None) -> None:
     """The row keys found twice (``done["duplicates"]``: a qid, or a qid and a pid joined by
-    a tab; from :func:`write_sorted` or a pair join): a qid on two rows of the queries is a
+    a tab, as :func:`write_sorted` reports them): a qid on two rows of the queries is a
     DataError naming both (file and row), as :func:`~qgscale.teacher.common.load_queries`;
     otherwise, with ``lists_uri`` (the candidates: one list per qid), one naming it. Only
     then are the query files scanned (qid column). The Ray path checks the qids its rows
@@ -182,13 +182,13 @@ MAX_REPORTED = 100  # duplicated row keys kept for the error
 
 
 def write_sorted(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
-                 columns: list[str], sort_keys: tuple[str, ...] = ("qid",)) -> dict[str, Any]:
-    """Workers write ``columns`` of ``ds`` (sorted by its int64 :data:`ORDER` column, then
-    ``sort_keys``) as shards of at most ``shard_rows`` rows, named by their first row's order
-    key, then a hash of all its row keys (two shards share a name only if they hold the same
-    keys); returns the rows, the shard names, the sum of every ``_``-prefixed count column
-    and ``duplicates``: row keys (qid, or qid and pid) found on two rows (adjacent in the
-    sorted rows: in one shard or at the end of one and the start of the next), at most
+                 columns: list[str]) -> dict[str, Any]:
+    """Workers write ``columns`` of ``ds`` (sorted by its int64 :data:`ORDER` column, then its
+    row keys) as shards of ``shard_rows`` rows, named in that order by their first row's
+    order key, then a hash of all its row keys (two shards share a name only if they hold the
+    same keys); returns the rows, the shard names, the sum of every ``_``-prefixed count
+    column and ``duplicates``: row keys (qid, or qid and pid) found on two rows (adjacent in
+    the sorted rows: in one shard or at the end of one and the start of the next), at most
     :data:`MAX_REPORTED`. The rows dir is cleared first (rows are rebuilt whole, never mixed
     with an interrupted build's shards)."""
     storage.remove(out_uri, recursive=True)
@@ -204,14 +204,12 @@ def write_sorted(ds: Any, out_uri: str, config_hash: str, shard_rows: int,
         twice = sorted({a for a, b in itertools.pairwise(keys) if a == b})[:MAX_REPORTED]
         return pa.table({"name": [name], "rows": [t.num_rows], "first": [keys[0]],
                          "last": [keys[-1]], "twice": pa.array([twice], pa.list_(pa.string())),
-                         "order": [order],
-                         "at": [[str(t.column(k)[0].as_py()) for k in sort_keys]],
-                         **{c: [pc.sum(pc.cast(t.column(c), pa.int64())).as_py() or 0]
-                            for c in t.column_names if c.startswith("_")}})
+                         **{
+            c: [pc.sum(pc.cast(t.column(c), pa.int64())).as_py() or 0]
+            for c in t.column_names if c.startswith("_")}})
 
-    # in row order (shards that start with the same order key: by their first row's keys)
     done = sorted(ds.map_batches(write, batch_size=shard_rows, batch_format="pyarrow"
-                                 ).take_all(), key=lambda r: (r["order"], list(r["at"])))
+                                 ).take_all(), key=lambda r: r["name"])
     # rows are sorted by key: a key twice is on adjacent rows, of one shard or two
     twice = {k for r in done for k in r["twice"]} | {
         a["last"] for a, b in itertools.pairwise(done) if a["last"] == b["first"]}

@@ -50,13 +50,16 @@ from qgscale.data.joins import (
     MAX_REPORTED,
     ORDER,
     check_duplicate,
+    check_text,
     dataset,
+    kept,
     passages_dataset,
     pid_filter,
     queries_dataset,
     unwrapped,
 )
 from qgscale.data.pidfilter import key_hashes
+from qgscale.data.schema import CANDIDATES, QUERIES
 from qgscale.errors import DataError, MissingInputError
 from qgscale.teacher.scoring import PAIRS, candidate_files, check_lists, repeated_qid
 
@@ -95,7 +98,7 @@ def _join(candidates_uri: str | list[str], queries_uri: str | list[str], corpus_
     def with_query(t: pa.Table) -> pa.Table:
         _missing(t, "lang", lambda q, p, where: f"{where}: qid={q} not in queries "
                  f"{queries_uri}", files)
-        return t.rename_columns({"text": "query"} if "text" in t.column_names else {})
+        return t.rename_columns({"text": "query"})
 
     def with_passage(t: pa.Table) -> pa.Table:
         _missing(t, "passage", lambda q, p, where: f"{where} (qid={q}): pid={p} not in corpus "
@@ -239,17 +242,15 @@ def generated_candidates_dataset(candidates_uri: str, queries_uri: str, qrels_ur
 
 def _generated(candidates_uri: str, queries_uri: str, qrels_uri: str, generated_uri: str,
                out_uri: str, *, first: int | None, parts: int) -> tuple[str, str]:
-    from qgscale.data.joins import check_text, kept
-    from qgscale.data.schema import CANDIDATES, QUERIES
-    from qgscale.train.data import check_positive_qrels, generated_qid
+    from qgscale.train.data import generated_qid
+    from qgscale.train.rows_dataset import positive_qrels
 
     for uri, what in ((generated_uri, "generated queries"), (queries_uri, "queries"),
                       (qrels_uri, "qrels")):
         if not storage.exists(uri):  # as the driver's
             raise MissingInputError(f"{uri}: {what} not found")
-    pos = dataset(qrels_uri, "qrels", ["qid", "pid", "rel"], check_positive_qrels).map_batches(
-        lambda t: t.filter(pc.fill_null(pc.greater(t.column("rel"), 0), False)).select(
-            ["qid", "pid", "_row"]).rename_columns(["qid", "pid", "_qrel"]),
+    pos = positive_qrels(qrels_uri).map_batches(
+        lambda t: t.select(["qid", "pid", "_row"]).rename_columns(["qid", "pid", "_qrel"]),
         batch_format="pyarrow")
 
     def sliced(t: pa.Table) -> pa.Table:

@@ -107,7 +107,7 @@ def _positives(examples_uri: str | None, qrels_uri: str | None, parts: int
         return grouped.map_groups(flat, batch_format="pyarrow"), examples_uri
     if not qrels_uri:
         raise DataError("training data needs training examples or qrels")
-    grouped = _grouped(_positive_qrels(qrels_uri), "qid", {"pos": "pid"}, parts)
+    grouped = _grouped(positive_qrels(qrels_uri), "qid", {"pos": "pid"}, parts)
     return grouped.map_batches(lambda t: t.append_column(
         "neg", pa.array([[]] * t.num_rows, pa.list_(pa.string()))), batch_format="pyarrow"), \
         qrels_uri
@@ -251,7 +251,7 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
     return counts
 
 
-def _positive_qrels(qrels_uri: str) -> Any:
+def positive_qrels(qrels_uri: str) -> Any:
     """The qrels rows with ``rel > 0``."""
     return dataset(qrels_uri, "qrels", ["qid", "pid", "rel"],
                    tdata.check_positive_qrels).map_batches(
@@ -272,7 +272,7 @@ def _texts(need: Any, corpus_uri: str, parts: int) -> Any:
 
 def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
               config_hash: str, *, parts: int, shard_rows: int) -> dict[str, Any]:
-    pairs = _positive_qrels(qrels_uri).materialize()
+    pairs = positive_qrels(qrels_uri).materialize()
     rows = pairs.join(queries_dataset(queries_uri), join_type="left_outer", num_partitions=parts,
                       on=("qid",))
     rows = rows.join(passages_dataset(corpus_uri, pid_filter(pairs)), join_type="left_outer",
@@ -291,7 +291,7 @@ def _build_qg(queries_uri: str, corpus_uri: str, qrels_uri: str, out_uri: str,
 
     done = write_sorted(_in_row_order(rows.map_batches(check, batch_format="pyarrow"),
                                       ("qid", "pid")),
-                        out_uri, config_hash, shard_rows, tdata.QG_ROWS.names, ("qid", "pid"))
+                        out_uri, config_hash, shard_rows, tdata.QG_ROWS.names)
     check_duplicate(done, queries_uri, None)  # a query twice
     if done["duplicates"]:  # else a qrels pair twice, or its passage on two corpus rows
         qid, pid = done["duplicates"][0].split("\t")
