@@ -110,11 +110,10 @@ def _mine(cfg: Config, lay: Layout, key: str) -> dict:
     """Hard negatives from the warm-up index; with answer-match positives (the bm25 stage),
     passages that contain an answer are not negatives."""
     from qgscale.index.mine import AnswerFilter, run_mine
-    from qgscale.retrieval.answers import read_answers
 
     split = cfg.mine.split
-    answers = (AnswerFilter(read_answers(lay.data(split, "answers")), lay.data("train", "corpus"),
-                            cfg.bm25.match) if answer_positives(cfg) else None)
+    answers = (AnswerFilter.read(lay.data(split, "answers"), lay.data("train", "corpus"),
+                                 cfg.bm25.match) if answer_positives(cfg) else None)
     return run_mine(cfg, lay.model("warmup"), lay.faiss("warmup", "train"),
                     lay.data(split, "queries"), lay.train("qrels", split), lay.mine_dir, key,
                     answers)

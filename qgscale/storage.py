@@ -299,6 +299,21 @@ def read_rows(uri: str, start: int, stop: int, columns: list[str] | None = None)
     return t.slice(start - first, stop - start)
 
 
+def footers(files: Iterable[str]) -> list[pq.FileMetaData]:
+    """The parquet footers of ``files`` (row counts, schemas), reading no rows."""
+    out = []
+    for uri in files:
+        fs, path = url_to_fs(uri)
+        try:
+            with fs.open(path, "rb") as f:
+                out.append(pq.ParquetFile(f).metadata)
+        except FileNotFoundError:
+            raise MissingInputError(f"{uri}: parquet file not found") from None
+        except (pa.ArrowInvalid, OSError) as e:
+            raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
+    return out
+
+
 def parquet_files(uri: str) -> list[str]:
     """``[uri]`` for a parquet file, its ``*.parquet`` shards for a folder; an empty folder is
     a :class:`MissingInputError`."""

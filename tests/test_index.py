@@ -28,7 +28,7 @@ from qgscale.index.encode import (
     length_batches,
     load_dual_encoder,
 )
-from qgscale.index.mine import AnswerFilter, mine, read_positives, select
+from qgscale.index.mine import AnswerFilter, Positives, Queries, mine, select
 from qgscale.index.search import ShardedSearcher, index_ids, load_index, search
 from qgscale.index.vectors import read_vectors
 from tests.faults import KillShardActorAfter
@@ -533,7 +533,10 @@ def test_answer_passages_are_not_negatives(tmp_path):
         storage.write_parquet(f"{corpus}/part-{i:05d}.parquet", pa.table(
             {k: [r[j] for r in rows[i * 3:i * 3 + 3]] for j, k in
              enumerate(("pid", "title", "text"))} | {"lang": ["en"] * 3}))
-    filt = AnswerFilter({"q1": ["Paris"], "q2": ["warsaw"], "q3": []}, corpus)
+    answers = str(tmp_path / "answers.parquet")
+    storage.write_parquet(answers, pa.table({"qid": ["q1", "q2", "q3"], "answers": [
+        ["Paris"], ["warsaw"], []]}))
+    filt = AnswerFilter.read(answers, corpus)
     lists = [["a", "p", "b", "c", "d"], ["b", "c", "e", None, None], ["a", "b", "c", "d", "e"]]
     hits = filt.hits(["q1", "q2", "q3"], lists)
     assert hits == {("q1", "a"), ("q1", "p"), ("q2", "c")}  # title matches too; q3: no answers
@@ -562,35 +565,78 @@ def test_mining_never_returns_a_positive(ray_local, tmp_path):
     qvecs = {f"q{i}": xb[r[0]] + 0.01 for i, r in enumerate(pos_rows)}
     qrels_rows = [(f"q{i}", pids[r], 1) for i, rs in enumerate(pos_rows) for r in rs]
     qrels_rows.append(("q0", next(p for i, p in enumerate(pids) if i not in pos_rows[0]), 0))
-    qrels_uri = str(tmp_path / "qrels.parquet")
-    storage.write_parquet(qrels_uri, pa.table({
-        "qid": [r[0] for r in qrels_rows], "pid": [r[1] for r in qrels_rows],
-        "rel": pa.array([r[2] for r in qrels_rows], pa.int32())}))
-    positives = read_positives(qrels_uri)
-    assert positives["q0"] == {pids[r] for r in pos_rows[0]}  # the rel=0 row is not positive
-    queries = pa.table({"qid": list(qvecs) + ["q_nopos"], "lang": ["en"] * (n_q + 1),
-                        "text": list(qvecs) + ["q_nopos"]}, schema=QUERIES)
+    qrels_rows.append(qrels_rows[0])  # a pair twice is one positive
+    qrels_uri = str(tmp_path / "qrels")
+    for j, part in enumerate((qrels_rows[::2], qrels_rows[1::2])):
+        storage.write_parquet(f"{qrels_uri}/part-{j:05d}.parquet", pa.table({
+            "qid": [r[0] for r in part], "pid": [r[1] for r in part],
+            "rel": pa.array([r[2] for r in part], pa.int32())}))
+    positives = Positives.read(qrels_uri)
+    assert positives.most == 2 and len(positives.index) == 2 * n_q
+    # the rel=0 row is not positive; a query without a row has none
+    assert positives.of(["q0", "q_nopos"]) == [sorted(pids[r] for r in pos_rows[0]), []]
+    pos = {q: set(p) for q, p in zip(qvecs, positives.of(list(qvecs)), strict=True)}
+    # queries in two files of 70 and 51 rows: the shards of 50 cross a file boundary
+    qids = list(qvecs) + ["q_nopos"]
+    queries = str(tmp_path / "queries")
+    for j, (a, b) in enumerate(((0, 70), (70, n_q + 1))):
+        storage.write_parquet(f"{queries}/part-{j:05d}.parquet", pa.table(
+            {"qid": qids[a:b], "lang": ["en"] * (b - a), "text": qids[a:b]}, schema=QUERIES))
     qvecs["q_nopos"] = xb[0]
     raw = search(idx, np.stack(list(qvecs.values())), 5, nprobe=16)[0]
-    assert sum(len(set(r) & positives.get(q, set())) for q, r in zip(qvecs, raw, strict=True)
+    assert sum(len(set(r) & pos.get(q, set())) for q, r in zip(qvecs, raw, strict=True)
                ) >= 0.9 * n_q  # positives are really retrieved, so dropping them is tested
+    encoded: list[str] = []
 
     def encode(texts):
+        encoded.extend(texts)
         return np.stack([qvecs[t] for t in texts])
 
-    m = mine(queries, positives, encode, out,
-             functools.partial(search, idx, nprobe=16), top_k=10, n_negatives=4,
-             shard_rows=50, config_hash="m1")
+    def run():
+        return mine(queries, positives, encode, out, functools.partial(search, idx, nprobe=16),
+                    top_k=10, n_negatives=4, shard_rows=50, config_hash="m1")
+
+    m = run()
+    assert encoded == qids  # every query once, in order, across the file boundary
     assert m["queries"] == n_q + 1 and m["train_examples"] == n_q and m["no_positive"] == 1
     cand = storage.read_parquet(f"{out}/candidates").to_pylist()
     train = storage.read_parquet(f"{out}/train").to_pylist()
-    assert len(cand) == n_q + 1 and all(len(c["pids"]) == 10 for c in cand)
+    assert [c["qid"] for c in cand] == qids and all(len(c["pids"]) == 10 for c in cand)
     for c in cand:
-        assert not set(c["pids"]) & positives.get(c["qid"], set())
+        assert not set(c["pids"]) & pos.get(c["qid"], set())
         assert c["scores"] == sorted(c["scores"], reverse=True)
     for t in train:
-        assert set(t["pos_pids"]) == positives[t["qid"]]
+        assert set(t["pos_pids"]) == pos[t["qid"]]
         assert len(t["neg_pids"]) == 4 and not set(t["neg_pids"]) & set(t["pos_pids"])
+    # a lost shard (the one across the file boundary) is mined again, and only it
+    os.remove(f"{out}/candidates/part-00001.parquet")
+    encoded.clear()
+    assert run()["candidates"] == n_q + 1 and encoded == qids[50:100]
+    assert storage.read_parquet(f"{out}/candidates").to_pylist() == cand
+
+
+def test_mining_names_bad_queries_and_qrels(tmp_path):
+    """Bad queries and qrels are named by file and row before anything is searched."""
+    def write(uri, **cols):
+        storage.write_parquet(uri, pa.table(cols))
+
+    qrels = str(tmp_path / "qrels.parquet")
+    write(qrels, qid=["a", "", "c"], pid=["p", "p", ""], rel=pa.array([1, 0, 1], pa.int32()))
+    with pytest.raises(DataError, match=r"qrels.parquet: row 2: empty field 'pid' of a posi"):
+        Positives.read(qrels)  # the empty qid is on a rel=0 row: not a positive
+    write(qrels, qid=["a"], pid=["p"])
+    with pytest.raises(DataError, match=r"qrels.parquet: qrels lack field\(s\) \['rel'\]"):
+        Positives.read(qrels)
+    queries = str(tmp_path / "queries")
+    write(f"{queries}/part-00000.parquet", qid=["a", "b"], text=["x", "y"])
+    write(f"{queries}/part-00001.parquet", qid=["c", "d", "e"], text=["z", " ", "w"])
+    q = Queries.open(queries)
+    assert len(q) == 5 and q.read(slice(1, 3)) == (["b", "c"], ["y", "z"])
+    with pytest.raises(DataError, match=r"part-00001.parquet: row 1: empty field 'text'"):
+        q.read(slice(0, 5))
+    write(f"{queries}/part-00001.parquet", qid=["c"], query=["z"])
+    with pytest.raises(DataError, match=r"part-00001.parquet: queries lack field\(s\) \['tex"):
+        Queries.open(queries)
 
 
 # ---------------------------------------------------------------- stages with a Config

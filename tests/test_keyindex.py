@@ -80,3 +80,9 @@ def test_scan_takes_any_form_of_the_pids(tmp_path):
                  KeyIndex.of(asked)):
         got = [p for t in scan(str(tmp_path), pids, ("pid", "text")) for p in t["pid"].to_pylist()]
         assert got == want, type(pids)
+
+
+def test_values_are_every_row_of_a_key_in_table_order():
+    idx = KeyIndex.build(pa.table({"qid": ["a", "b", "a", "c", None], "v": [1, 2, 3, 4, 5]}),
+                         "qid")
+    assert idx.values(pa.array(["a", "z", "c", "a", None]), "v") == [[1, 3], [], [4], [1, 3], []]

@@ -74,3 +74,13 @@ class KeyIndex:
         mask = np.zeros(len(probe), dtype=bool)
         mask[self.find(probe)[0]] = True
         return mask
+
+    def values(self, probe: Keys, column: str) -> list[list]:
+        """Each probe key's values of ``column``, one per table row of the key (in the table's
+        order; none for a key the table lacks)."""
+        rows, at = self.find(probe)
+        out: list[list] = [[] for _ in range(len(probe))]
+        for r, v in zip(rows.tolist(), self.table.column(column).take(pa.array(at)).to_pylist(),
+                        strict=True):
+            out[r].append(v)
+        return out
