@@ -624,6 +624,9 @@ def test_mining_names_bad_queries_and_qrels(tmp_path):
     write(qrels, qid=["a", "", "c"], pid=["p", "p", ""], rel=pa.array([1, 0, 1], pa.int32()))
     with pytest.raises(DataError, match=r"qrels.parquet: row 2: empty field 'pid' of a posi"):
         Positives.read(qrels)  # the empty qid is on a rel=0 row: not a positive
+    write(qrels, qid=["a", "b"], pid=["p", "p"], rel=pa.array([0, None], pa.int32()))
+    none = Positives.read(qrels)
+    assert none.most == 0 and none.of(["a", "b"]) == [[], []]
     write(qrels, qid=["a"], pid=["p"])
     with pytest.raises(DataError, match=r"qrels.parquet: qrels lack field\(s\) \['rel'\]"):
         Positives.read(qrels)

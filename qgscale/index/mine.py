@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from qgscale import storage
 from qgscale.data.keyindex import KeyIndex
+from qgscale.data.pidfilter import key_hashes
 from qgscale.data.schema import ANSWERS, CANDIDATES, QRELS, TRAIN_EXAMPLES, blank
 from qgscale.errors import DataError
 from qgscale.runtime import actor_resources, bundles, requesting
@@ -39,9 +40,9 @@ from qgscale.runtime import actor_resources, bundles, requesting
 
 @dataclass(frozen=True)
 class Positives:
-    """The positive pids (rel > 0) of QRELS shards by qid, held in Arrow columns (about 60
-    bytes a distinct (qid, pid) pair, where a dict of Python sets took about 500), looked
-    up a query shard at a time."""
+    """The positive pids (rel > 0) of QRELS shards by qid, held in Arrow columns (about 40
+    bytes a distinct (qid, pid) pair, with its qid's hash), looked up a query shard at a
+    time."""
 
     index: KeyIndex  # distinct positive (qid, pid) pairs, by qid
     most: int  # the most positives of one query
@@ -64,14 +65,26 @@ class Positives:
                     i = pc.index(bad, True).as_py()
                     raise DataError(f"{f}: row {i}: empty field {field!r} of a positive")
             parts.append(t.filter(pos).select(["qid", "pid"]))
-        pairs = pa.concat_tables(parts, promote_options="permissive").group_by(
-            ["qid", "pid"]).aggregate([])
-        per_query = pairs.group_by("qid").aggregate([("pid", "count")]).column("pid_count")
-        return cls(KeyIndex.build(pairs, "qid"), int(pc.max(per_query).as_py() or 0))
+        pairs = pa.concat_tables(parts, promote_options="permissive")
+        q, p = pairs.column("qid"), pairs.column("pid")
+        hq, hp = key_hashes(q), key_hashes(p)
+        order = np.lexsort((hp, hq))  # by qid hash, then pid hash: a pair twice is adjacent
+        hq, hp = hq[order], hp[order]
+        dup = np.flatnonzero((hq[1:] == hq[:-1]) & (hp[1:] == hp[:-1])) + 1
+        if len(dup):  # the same hashes: the same pair unless the strings differ
+            a, b = pa.array(order[dup]), pa.array(order[dup - 1])
+            same = pc.and_(pc.equal(q.take(a), q.take(b)), pc.equal(p.take(a), p.take(b)))
+            dup = dup[same.to_numpy(zero_copy_only=False)]
+        keep = np.ones(len(order), dtype=bool)
+        keep[dup] = False
+        hq = hq[keep]
+        runs = np.diff(np.flatnonzero(np.r_[True, hq[1:] != hq[:-1], True]))  # per qid
+        return cls(KeyIndex(pairs.take(pa.array(order[keep])), "qid", hq),
+                   int(runs.max()) if len(hq) else 0)
 
     def of(self, qids: Sequence[str]) -> list[list[str]]:
         """Each query's positive pids, sorted (none for a query without)."""
-        return [sorted(p) for p in self.index.values(pa.array(qids, pa.string()), "pid")]
+        return [sorted(set(p)) for p in self.index.values(pa.array(qids, pa.string()), "pid")]
 
 
 @dataclass(frozen=True)
