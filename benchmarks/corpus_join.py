@@ -117,7 +117,7 @@ def child(phase: str, data: str, out: str) -> None:
         connect(type("R", (), {"num_cpus": 1})())
         t_setup = time.time()  # the driver's part and the actor's setup
         if hasattr(scoring, "pair_job"):
-            job, _ = scoring.pair_job(cands, f"{data}/queries")
+            job = scoring.pair_job(cands, f"{data}/queries")[0]
         else:  # trees before the KeyIndex: the pairs and queries put as they are
             pairs = scoring.candidate_pairs(cands)
             job = scoring.PairJob(ray.put(pairs.select(["qid", "pid"])),
@@ -125,8 +125,8 @@ def child(phase: str, data: str, out: str) -> None:
             del pairs
         st = job.setup("cpu", 1)
         t0 = time.time()
-        rows = sum(job.run(st, Shard(f"part-{i:05d}", 1, u)).num_rows
-                   for i, u in enumerate(shards))
+        outs = [job.run(st, Shard(f"part-{i:05d}", 1, u)) for i, u in enumerate(shards)]
+        rows = sum((o[0] if isinstance(o, tuple) else o).num_rows for o in outs)
         extra = {"setup_s": round(t0 - t_setup, 2), "rows": rows}
     else:
         from qgscale.config import ScoreConfig

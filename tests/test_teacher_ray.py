@@ -234,6 +234,14 @@ def test_bad_candidates_named(ray_local, tokenizer, tmp_path):
         score_candidates(spec, bad, storage.join(root, "queries.parquet"),
                          storage.join(root, "corpus2"), storage.join(root, "out2"), "k1",
                          ScoreConfig(num_actors=1, cpus_per_actor=0.5))
+    # a pid missing and another on two corpus rows: as many rows as pairs, still named
+    storage.write_parquet(bad, pa.Table.from_pylist(
+        [{"qid": "q1", "pids": ["p1", "nope"], "scores": None}], schema=CANDIDATES))
+    with pytest.raises(DataError, match=r"bad.parquet: row 0 \(qid=q1\): pid=nope not in corp"):
+        score_candidates(spec, bad, storage.join(root, "queries.parquet"),
+                         storage.join(root, "corpus2"), storage.join(root, "out3"), "k1",
+                         ScoreConfig(num_actors=1, cpus_per_actor=0.5))
+    assert not storage.exists(storage.join(root, "out3", "_pairs", storage.MANIFEST))
 
 
 def test_non_finite_teacher_score_is_never_written(tokenizer, tmp_path):
@@ -503,7 +511,7 @@ def test_pair_join_equals_the_hash_join(ray_local, tmp_path):
 
     from qgscale.data.keyindex import KeyIndex
     from qgscale.runtime import Shard
-    from qgscale.teacher.scoring import PAIRS, PairJob
+    from qgscale.teacher.scoring import PAIRS, PairJob, pid_sum
 
     rng = random.Random(1)
     corpus = [{"pid": f"p{i}", "lang": "en", "title": f"T{i}", "text": f"text {i}"}
@@ -521,8 +529,12 @@ def test_pair_join_equals_the_hash_join(ray_local, tmp_path):
         [("pid", "ascending"), ("qid", "ascending")])
     refs = [ray.put(KeyIndex.build(pairs, "pid")), ray.put(KeyIndex.build(queries, "qid"))]
     job = PairJob(*refs)
-    got = job.run(job.setup("cpu", 1), Shard("part-00000", 1, uri))
+    got, extra = job.run(job.setup("cpu", 1), Shard("part-00000", 1, uri))
     assert got.num_rows == want.num_rows > 20
+    # the hash sum of the corpus rows found: p7 counts twice, a pid of another shard never
+    needed = set(pairs["pid"].to_pylist())
+    assert extra["pid_sum"] == pid_sum(pa.array([c["pid"] for c in corpus if c["pid"] in needed]))
+    assert extra["pid_sum"] != pid_sum(pa.array(sorted(needed & {c["pid"] for c in corpus})))
     assert sorted(got.to_pylist(), key=str) == sorted(want.to_pylist(), key=str)
     assert got.select(["pid", "qid"]).to_pylist() == want.select(["pid", "qid"]).to_pylist()
     assert sum(r["pid"] == "p7" for r in got.to_pylist()) == 2 * pairs["pid"].to_pylist().count(
@@ -681,6 +693,8 @@ def test_ray_data_pair_join_names_bad_input(ray_local, tmp_path):
                               storage.read_parquet(d["corpus"]))
     fails(good, r"corpus2: pid=p\d+ \(a candidate of qid=q\d\) is on 2 corpus rows",
           corpus=corpus2)
+    fails([good[0], {**good[1], "pids": [good[1]["pids"][0], "nope"]}], r"cands/part-00001"
+          r".parquet: row 1 \(qid=q4\): pid=nope not in corpus", corpus=corpus2)
     with pytest.raises(MissingInputError, match="nowhere: queries not found"):
         join_pairs(d["cands"], str(tmp_path / "nowhere"), d["corpus"], str(tmp_path / "o"),
                    "k", sc, ray_from=0)

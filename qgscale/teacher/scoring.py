@@ -29,6 +29,7 @@ from qgscale import storage
 from qgscale.config import ScoreConfig
 from qgscale.data.corpus import corpus_shards, scan
 from qgscale.data.keyindex import KeyIndex
+from qgscale.data.pidfilter import key_hashes
 from qgscale.data.schema import SCORES, blank, passage_text
 from qgscale.errors import DataError, MissingInputError
 from qgscale.runtime import Shard, connect, planned_unit_rows, run_shards
@@ -173,11 +174,13 @@ class PairJob:
         pairs, queries = ray.get([self.pairs, self.queries])
         return pairs, queries
 
-    def run(self, st: tuple[KeyIndex, KeyIndex], shard: Shard) -> pa.Table:
+    def run(self, st: tuple[KeyIndex, KeyIndex], shard: Shard) -> tuple[pa.Table, dict]:
+        """The shard's pairs, and the hash sum of the corpus rows it matched (``pid_sum``:
+        :func:`pid_sum`)."""
         pairs, queries = st
         found = list(scan(shard.payload, pairs, ("pid", "title", "text")))
         if not found:
-            return PAIRS.empty_table()
+            return PAIRS.empty_table(), {"pid_sum": 0}
         t = pa.concat_tables(found)
         passages = pa.array([passage_text(a, b) for a, b in zip(
             t.column("title").to_pylist(), t.column("text").to_pylist(), strict=True)])
@@ -189,12 +192,21 @@ class PairJob:
                            "lang": queries.table.column("lang").take(pa.array(q)),
                            "query": queries.table.column("query").take(pa.array(q)),
                            "pid": t.column("pid").take(at), "passage": passages.take(at)})
-        return joined.cast(PAIRS).sort_by([("pid", "ascending"), ("qid", "ascending")])
+        return (joined.cast(PAIRS).sort_by([("pid", "ascending"), ("qid", "ascending")]),
+                {"pid_sum": pid_sum(t.column("pid"))})
+
+
+def pid_sum(pids: pa.Array | pa.ChunkedArray) -> int:
+    """The sum of the pids' 64-bit hashes, mod 2^64: the corpus rows a join found sum to the
+    candidates' distinct pids' only if each was found once (a count alone lets one missing
+    pid and another on two corpus rows cancel out)."""
+    return int(np.sum(key_hashes(pids), dtype=np.uint64)) if len(pids) else 0
 
 
 def pair_job(candidates_uri: str | list[str], queries_uri: str | list[str],
-             first: int | None = None) -> tuple[PairJob, int]:
-    """The join's job and its number of pairs: the candidate pairs (:func:`candidate_pairs`)
+             first: int | None = None) -> tuple[PairJob, int, int]:
+    """The join's job, its number of pairs and the :func:`pid_sum` of their distinct pids:
+    the candidate pairs (:func:`candidate_pairs`)
     indexed by pid and the queries by qid, each put in the object store once; this process
     keeps no copy of its own. A candidate qid not in the queries is a DataError naming the
     candidate file and row."""
@@ -209,10 +221,11 @@ def pair_job(candidates_uri: str | list[str], queries_uri: str | list[str],
                         f"not in queries {queries_uri}")
     pairs = pairs.select(["qid", "pid"])  # file and row: read again on an error only
     n, by_pid = pairs.num_rows, KeyIndex.build(pairs, "pid")
+    expected = pid_sum(pc.unique(pairs.column("pid")))
     del pairs  # before the put: one copy here at a time
     by_qid = KeyIndex.build(queries, "qid")
     del queries
-    return PairJob(ray.put(by_pid), ray.put(by_qid)), n
+    return PairJob(ray.put(by_pid), ray.put(by_qid)), n, expected
 
 
 PAIRS_DIR = "_pairs"  # under the scores folder: the joined work units
@@ -279,7 +292,7 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
 
         return join_pairs_dataset(candidates_uri, queries_uri, corpus_uri, out_uri,
                                   config_hash, first=first, num_partitions=num_partitions)
-    job, n_pairs = pair_job(candidates_uri, queries_uri, first)
+    job, n_pairs, expected = pair_job(candidates_uri, queries_uri, first)
     units = [Shard(f"part-{i:05d}", 1, uri) for i, uri in enumerate(corpus_shards(corpus_uri))]
     stats = run_shards(job, units, out_uri, config_hash,
                        sc.model_copy(update={"gpus_per_actor": 0}), stage="teacher.score",
@@ -287,7 +300,11 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
     writer = storage.ShardWriter(out_uri, config_hash)
     markers = writer.markers()
     rows = sum(markers[u.name]["rows"] for u in units)
-    if rows != n_pairs:  # checked before the manifest
+    # every candidate pid found on exactly one corpus row (markers of an older version
+    # have no sum: their count alone is checked)
+    sums = [markers[u.name].get("pid_sum") for u in units]
+    found = sum(sums) % (1 << 64) if None not in sums else expected
+    if rows != n_pairs or found != expected:  # checked before the manifest
         _name_missing_or_twice(candidates_uri, first, [writer.shard_uri(u.name) for u in units],
                                corpus_uri)
         raise RuntimeError(f"{out_uri}: {rows} joined pairs for {n_pairs} candidate pairs")
