@@ -113,7 +113,7 @@ def _mine(cfg: Config, lay: Layout, key: str) -> dict:
 
     split = cfg.mine.split
     answers = (AnswerFilter.read(lay.data(split, "answers"), lay.data("train", "corpus"),
-                                 cfg.bm25.match) if answer_positives(cfg) else None)
+                                 cfg.bm25.match, cfg.bm25) if answer_positives(cfg) else None)
     return run_mine(cfg, lay.model("warmup"), lay.faiss("warmup", "train"),
                     lay.data(split, "queries"), lay.train("qrels", split), lay.mine_dir, key,
                     answers)

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 
 from qgscale import storage
-from qgscale.config import BuildConfig, EncodeConfig
+from qgscale.config import BM25Config, BuildConfig, EncodeConfig
 from qgscale.data.schema import CORPUS, QUERIES, passage_text
 from qgscale.errors import DataError
 from qgscale.index import build as B
@@ -28,7 +28,14 @@ from qgscale.index.encode import (
     length_batches,
     load_dual_encoder,
 )
-from qgscale.index.mine import AnswerFilter, Positives, Queries, mine, select
+from qgscale.index.mine import (
+    AnswerFilter,
+    Positives,
+    Queries,
+    mine,
+    ranked_lists,
+    select,
+)
 from qgscale.index.search import ShardedSearcher, index_ids, load_index, search
 from qgscale.index.vectors import read_vectors
 from tests.faults import KillShardActorAfter
@@ -514,17 +521,19 @@ def test_search_actor_searches_at_nprobe_on_cpu_and_gpu(ray_local, tmp_path, mon
 def test_select_drops_positives_and_windows_negatives():
     pids = np.array([["a", "p", "b", "c", None]], dtype=object)
     scores = np.array([[5, 4, 3, 2, np.nan]], dtype=np.float32)
-    cand, train, no_pos, dropped = select(["q"], pids, scores, {"q": {"p"}}, top_k=2,
-                                          n_negatives=2, skip_top=1)
+    ranked = ranked_lists(["q"], pids, scores, [["p"]])
+    assert ranked.to_pylist() == [{"qid": "q", "pids": ["a", "b", "c"], "scores": [5, 3, 2]}]
+    cand, train, no_pos, dropped = select(ranked, [["p"]], top_k=2, n_negatives=2, skip_top=1)
     assert cand.to_pylist() == [{"qid": "q", "pids": ["a", "b"], "scores": [5.0, 3.0]}]
     assert train.to_pylist() == [{"qid": "q", "pos_pids": ["p"], "neg_pids": ["b", "c"]}]
     assert no_pos == 0 and dropped == 0
 
 
-def test_answer_passages_are_not_negatives(tmp_path):
+def test_answer_passages_are_not_negatives(ray_local, tmp_path):
     """With answer-match positives, a retrieved passage containing the query's answer is kept
     out of the hard negatives (the next ones fill the window) but stays a candidate; the
-    corpus is read over several shards; a pid missing from it is an error."""
+    check runs on actors over two corpus shards, for the queries with positives and answers;
+    a pid the corpus lacks, or has twice, is an error."""
     corpus = str(tmp_path / "corpus")
     rows = [("a", "Paris", "the capital of France"), ("b", "Lyon", "a city on the Rhone"),
             ("c", "", "Marie Curie was born in Warsaw"), ("d", "Nice", "on the coast"),
@@ -534,22 +543,40 @@ def test_answer_passages_are_not_negatives(tmp_path):
             {k: [r[j] for r in rows[i * 3:i * 3 + 3]] for j, k in
              enumerate(("pid", "title", "text"))} | {"lang": ["en"] * 3}))
     answers = str(tmp_path / "answers.parquet")
-    storage.write_parquet(answers, pa.table({"qid": ["q1", "q2", "q3"], "answers": [
-        ["Paris"], ["warsaw"], []]}))
-    filt = AnswerFilter.read(answers, corpus)
-    lists = [["a", "p", "b", "c", "d"], ["b", "c", "e", None, None], ["a", "b", "c", "d", "e"]]
-    hits = filt.hits(["q1", "q2", "q3"], lists)
-    assert hits == {("q1", "a"), ("q1", "p"), ("q2", "c")}  # title matches too; q3: no answers
-    scores = np.tile(np.arange(5, 0, -1, dtype=np.float32), (3, 1))
-    cand, train, no_pos, dropped = select(
-        ["q1", "q2", "q3"], np.array(lists, dtype=object), scores,
-        {"q1": {"p"}, "q2": {"e"}, "q3": {"e"}}, top_k=4, n_negatives=2, answer_hits=hits)
+    storage.write_parquet(answers, pa.table({"qid": ["q1", "q2", "q3", "q4"], "answers": [
+        ["Paris"], ["warsaw"], [], ["Paris"]]}))
+    actors = BM25Config(num_actors=1, cpus_per_actor=0.5)
+    filt = AnswerFilter.read(answers, corpus, actors=actors)
+    qrels = str(tmp_path / "qrels.parquet")
+    storage.write_parquet(qrels, pa.table({"qid": ["q1", "q2", "q3"], "pid": ["p", "e", "e"],
+                                           "rel": pa.array([1, 1, 1], pa.int32())}))
+    positives = Positives.read(qrels)
+    qids = ["q1", "q2", "q3", "q4"]  # q4: answers, no positive
+    lists = [["a", "p", "b", "c", "d"], ["b", "c", "e", None, None], ["a", "b", "c", "d", "e"],
+             ["a", "b"]]
+    scores = [np.arange(len(r), 0, -1, dtype=np.float32) for r in lists]
+    ranked = ranked_lists(qids, lists, scores, positives.of(qids))
+    ranked_uri = str(tmp_path / "ranked.parquet")
+    storage.write_parquet(ranked_uri, ranked)
+    hits = filt.hits([ranked_uri], positives, str(tmp_path / "work"), "k")
+    found = set(zip(hits.table["qid"].to_pylist(), hits.table["pid"].to_pylist(), strict=True))
+    # a title matches too; q1's positive "p" is not in its list, so not checked; q3 has no
+    # answers, q4 no positive
+    assert found == {("q1", "a"), ("q2", "c")}
+    assert hits.values(pa.array(["q2", "q3"]), "pid") == [["c"], []]
+    cand, train, no_pos, dropped = select(ranked, positives.of(qids), top_k=4, n_negatives=2,
+                                          answer_hits=found)
     assert [c["pids"] for c in cand.to_pylist()] == [["a", "b", "c", "d"], ["b", "c"],
-                                                     ["a", "b", "c", "d"]]
+                                                     ["a", "b", "c", "d"], ["a", "b"]]
     assert [t["neg_pids"] for t in train.to_pylist()] == [["b", "c"], ["b"], ["a", "b"]]
-    assert no_pos == 0 and dropped == 2  # q1's "a", q2's "c"
+    assert no_pos == 1 and dropped == 2  # q1's "a", q2's "c"
+    storage.write_parquet(ranked_uri, ranked_lists(["q1"], [["a", "zz"]], [[2.0, 1.0]], [[]]))
     with pytest.raises(DataError, match=r"1 retrieved pid\(s\) not in the corpus .*'zz'"):
-        filt.hits(["q1"], [["a", "zz"]])
+        filt.hits([ranked_uri], positives, str(tmp_path / "work2"), "k")
+    storage.write_parquet(f"{corpus}/part-00001.parquet", pa.table(
+        {"pid": ["a", "zz"], "title": ["", ""], "text": ["x", "y"], "lang": ["en"] * 2}))
+    with pytest.raises(DataError, match=r"pid=a is on several corpus rows"):
+        filt.hits([ranked_uri], positives, str(tmp_path / "work3"), "k")
 
 
 def test_mining_never_returns_a_positive(ray_local, tmp_path):
@@ -608,11 +635,14 @@ def test_mining_never_returns_a_positive(ray_local, tmp_path):
     for t in train:
         assert set(t["pos_pids"]) == pos[t["qid"]]
         assert len(t["neg_pids"]) == 4 and not set(t["neg_pids"]) & set(t["pos_pids"])
-    # a lost shard (the one across the file boundary) is mined again, and only it
-    os.remove(f"{out}/candidates/part-00001.parquet")
+    # a lost ranked list shard (the one across the file boundary) is retrieved again, and
+    # only it; a lost candidates shard is selected again from its ranked lists
+    os.remove(f"{out}/_ranked/part-00001.parquet")
+    os.remove(f"{out}/candidates/part-00002.parquet")
     encoded.clear()
     assert run()["candidates"] == n_q + 1 and encoded == qids[50:100]
     assert storage.read_parquet(f"{out}/candidates").to_pylist() == cand
+    assert storage.read_parquet(f"{out}/train").to_pylist() == train
 
 
 def test_mining_names_bad_queries_and_qrels(tmp_path):

@@ -510,8 +510,9 @@ def test_pair_join_equals_the_hash_join(ray_local, tmp_path):
     import ray
 
     from qgscale.data.keyindex import KeyIndex
+    from qgscale.data.pidfilter import pid_sum
     from qgscale.runtime import Shard
-    from qgscale.teacher.scoring import PAIRS, PairJob, pid_sum
+    from qgscale.teacher.scoring import PAIRS, PairJob
 
     rng = random.Random(1)
     corpus = [{"pid": f"p{i}", "lang": "en", "title": f"T{i}", "text": f"text {i}"}

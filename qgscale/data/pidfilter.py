@@ -43,6 +43,13 @@ def key_hashes(keys: Keys) -> np.ndarray:
     return out
 
 
+def pid_sum(pids: Keys) -> int:
+    """The sum of the pids' :func:`key_hashes`, mod 2^64: the corpus rows a join found sum to
+    its needed distinct pids' only if each was found once (a count alone lets one missing
+    pid and another on two corpus rows cancel out)."""
+    return int(np.sum(key_hashes(pids), dtype=np.uint64)) if len(pids) else 0
+
+
 def _positions(h: np.ndarray, m: int) -> np.ndarray:
     """The ``HASHES`` bit positions (shape ``HASHES x len(h)``) of hashes ``h`` in ``m``."""
     h = np.asarray(h, dtype=np.uint64)

@@ -4,24 +4,25 @@ Outputs under ``out_uri``:
 ``candidates/`` CANDIDATES ``{qid, pids, scores}`` (top-k, positives removed; the teacher
 scores these) and ``train/`` TRAIN_EXAMPLES ``{qid, pos_pids, neg_pids}`` (hard negatives =
 candidates ranked ``skip_top .. skip_top + n_negatives``; queries without a positive get
-candidates but no training example, and are counted in the manifest).
+candidates but no training example, and are counted in the manifest); work files: each
+query's ranked list (``_ranked/``) and the answer check's pairs (``_answer_hits/``).
 
 For answer-supervised data (XOR-TyDi, MKQA: positives made by answer match, the ``bm25``
 stage) an :class:`AnswerFilter` keeps retrieved passages that contain one of the query's
 answers out of the hard negatives: the dense index finds answer passages beyond BM25's top-k
 (and ``bm25.n_positives`` keeps only the first few), and training would push them away as
-negatives. They stay among the candidates, which the teacher scores.
+negatives. They stay among the candidates, which the teacher scores. The check reads the
+corpus once, a corpus shard per actor job, after every query is retrieved.
 
 The driver reads the queries a shard at a time (:class:`Queries`) and holds the positives and
-answers in Arrow columns looked up by qid hash (:class:`Positives`, :class:`AnswerFilter`):
-O(qrels) bytes in columns, where it held the query table and Python sets of every query's
-positives (about 1 KB a query).
+answers in Arrow columns looked up by qid hash (:class:`Positives`, :class:`AnswerFilter`),
+never the query table.
 """
 
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
+import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +32,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
+from qgscale.config import BM25Config
+from qgscale.data.corpus import corpus_shards, scan
 from qgscale.data.keyindex import KeyIndex
-from qgscale.data.pidfilter import key_hashes
-from qgscale.data.schema import ANSWERS, CANDIDATES, QRELS, TRAIN_EXAMPLES, blank
+from qgscale.data.pidfilter import key_hashes, pid_sum
+from qgscale.data.schema import ANSWERS, CANDIDATES, QRELS, TRAIN_EXAMPLES, blank, passage_text
 from qgscale.errors import DataError
-from qgscale.runtime import actor_resources, bundles, requesting
+from qgscale.runtime import Shard, actor_resources, bundles, requesting, run_shards
+
+RANKED_DIR = "_ranked"  # under the mine folder: each query's retrieved list, positives dropped
+ANSWERS_DIR = "_answer_hits"  # the answer check's (qid, pid) pairs, a shard per corpus shard
+HITS = pa.schema([("qid", pa.string()), ("pid", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -87,81 +94,167 @@ class Positives:
         return [sorted(set(p)) for p in self.index.values(pa.array(qids, pa.string()), "pid")]
 
 
+@dataclass
+class AnswerJob:
+    """The answer check as a shard job per corpus shard: the (qid, pid) pairs whose passage
+    contains one of the query's answers. The pairs (by pid) and the answers (by qid) come
+    indexed from the driver, put in the object store once; an actor holds them and one
+    corpus shard."""
+
+    pairs: Any  # ObjectRef of a KeyIndex of {qid, pid} by pid
+    answers: Any  # ObjectRef of a KeyIndex of ANSWERS rows by qid
+    match: str = "dpr"
+
+    def setup(self, device: str, threads: int) -> tuple[KeyIndex, KeyIndex]:
+        import ray
+
+        pairs, answers = ray.get([self.pairs, self.answers])
+        return pairs, answers
+
+    def run(self, st: tuple[KeyIndex, KeyIndex], shard: Shard) -> tuple[pa.Table, dict]:
+        """The shard's answer pairs, and the :func:`pid_sum` of the corpus rows it matched."""
+        from qgscale.retrieval.answers import answer_tokens, contains, dpr_tokens
+
+        pairs, answers = st
+        hits: dict[str, list[str]] = {"qid": [], "pid": []}
+        found = []
+        for t in scan(shard.payload, pairs, ("pid", "title", "text")):
+            found.append(t.column("pid"))
+            pids = t.column("pid").to_pylist()
+            bodies = [passage_text(a, b) for a, b in zip(
+                t.column("title").to_pylist(), t.column("text").to_pylist(), strict=True)]
+            tokens: dict[int, tuple[str, ...]] = {}  # a passage's, once for all its queries
+            at, pair = pairs.find(t.column("pid"))  # corpus row, pair row
+            qids = pairs.table.column("qid").take(pa.array(pair))
+            for a, q, rows in zip(at.tolist(), qids.to_pylist(), answers.values(qids, "answers"),
+                                  strict=True):
+                wanted = answer_tokens([x for row in rows for x in row or ()], self.match)
+                if not wanted:
+                    continue
+                if a not in tokens:
+                    tokens[a] = dpr_tokens(bodies[a], self.match)
+                if any(contains(tokens[a], w) for w in wanted):  # DPR's has_answer
+                    hits["qid"].append(q)
+                    hits["pid"].append(pids[a])
+        sums = pid_sum(pa.chunked_array([c for f in found for c in f.chunks], pa.string()))
+        return pa.table(hits, schema=HITS), {"pid_sum": sums}
+
+
 @dataclass(frozen=True)
 class AnswerFilter:
     """The retrieved passages that contain one of their query's answers (DPR's match on
     "title text", ``qgscale.retrieval.answers``): not hard negatives. ``answers``: ANSWERS
-    rows by qid (:meth:`read`)."""
+    rows by qid (:meth:`read`); ``actors``: the check's actor pool (``cfg.bm25``)."""
 
     answers: KeyIndex
     corpus_uri: str
     match: str = "dpr"
+    actors: Any = None
 
     @classmethod
-    def read(cls, answers_uri: str, corpus_uri: str, match: str = "dpr") -> AnswerFilter:
+    def read(cls, answers_uri: str, corpus_uri: str, match: str = "dpr", actors: Any = None
+             ) -> AnswerFilter:
         """The filter of a prepared split's ``answers`` table, held in Arrow columns."""
         table = storage.read_parquet(answers_uri)
         missing = [c for c in ANSWERS.names if c not in table.column_names]
         if missing:
             raise DataError(f"{answers_uri}: missing field(s) {missing}")
-        return cls(KeyIndex.build(table.select(ANSWERS.names), "qid"), corpus_uri, match)
+        return cls(KeyIndex.build(table.select(ANSWERS.names), "qid"), corpus_uri, match,
+                   actors)
 
-    def hits(self, qids: Sequence[str], lists: Sequence[Sequence[str | None]]
-             ) -> set[tuple[str, str]]:
-        """The (qid, pid) pairs of the lists whose passage contains an answer; the corpus is
-        streamed shard by shard (only the listed pids' rows are read, no text is kept)."""
-        from qgscale.data.corpus import iter_passages
-        from qgscale.retrieval.answers import has_answer
+    def hits(self, ranked_uris: Sequence[str], positives: Positives, work_uri: str,
+             config_hash: str = "") -> KeyIndex:
+        """The (qid, pid) pairs (by qid) of the ranked lists (:func:`ranked_lists` shards) of
+        the queries with positives and answers whose passage contains an answer: one pass over
+        the corpus, a shard job per corpus shard on Ray actors (:class:`AnswerJob`, its
+        outputs under ``work_uri``, resumable with ``config_hash``). A listed pid the corpus
+        lacks, or has twice, is a DataError."""
+        import ray
 
-        answers = {q: [a for row in rows for a in row or ()] for q, rows in zip(
-            qids, self.answers.values(pa.array(qids, pa.string()), "answers"), strict=True)}
-        asked: dict[str, list[str]] = defaultdict(list)  # pid -> qids with answers
-        for qid, row in zip(qids, lists, strict=True):
-            if answers[qid]:
-                for p in dict.fromkeys(p for p in row if p is not None):
-                    asked[p].append(qid)
-        out: set[tuple[str, str]] = set()
-        seen: set[str] = set()
-        for pid, body in iter_passages(self.corpus_uri, asked):
-            seen.add(pid)
-            out.update((q, pid) for q in asked[pid] if has_answer(answers[q], body,
-                                                                  self.match))
-        if len(seen) < len(asked):
-            lost = sorted(set(asked) - seen)
+        parts = [HITS.empty_table()]
+        for uri in ranked_uris:
+            t = storage.read_parquet(uri, ["qid", "pids"])
+            q = t.column("qid")
+            t = t.filter(pa.array(positives.index.contains(q) & self.answers.contains(q)))
+            lists = t.column("pids")
+            parts.append(pa.table({"qid": t.column("qid").take(pc.list_parent_indices(lists)),
+                                   "pid": pc.list_flatten(lists)}, schema=HITS))
+        pairs = pa.concat_tables(parts)
+        if not pairs.num_rows:
+            return KeyIndex.build(pairs, "qid")
+        needed = pc.unique(pairs.column("pid"))
+        expected = pid_sum(needed)
+        # other pairs (a list shard retrieved again, another top-k): checked again
+        key = f"{config_hash}/{pid_sum(pc.binary_join_element_wise(*pairs.columns, '|'))}"
+        job = AnswerJob(ray.put(KeyIndex.build(pairs, "pid")), ray.put(self.answers),
+                        self.match)
+        del pairs
+        units = [Shard(f"part-{i:05d}", 1, uri)
+                 for i, uri in enumerate(corpus_shards(self.corpus_uri))]
+        actors = self.actors or BM25Config()
+        run_shards(job, units, work_uri, key, actors.model_copy(update={"gpus_per_actor": 0}),
+                   stage="bm25", desc="answer check", unit="corpus shard")
+        writer = storage.ShardWriter(work_uri, key)
+        markers = writer.markers()
+        if sum(markers[u.name]["pid_sum"] for u in units) % (1 << 64) != expected:
+            self._name_lost(needed)
+        return KeyIndex.build(pa.concat_tables(
+            [storage.read_parquet(writer.shard_uri(u.name)) for u in units]), "qid")
+
+    def _name_lost(self, needed: pa.Array) -> None:
+        """The DataError of retrieved pids the corpus lacks, or has on two rows."""
+        found = pa.concat_tables([HITS.empty_table().select(["pid"]),
+                                  *scan(self.corpus_uri, needed, ("pid",))])
+        lost = pc.filter(needed, pc.invert(pc.is_in(needed, value_set=found.column("pid"))))
+        if len(lost):
             raise DataError(f"{self.corpus_uri}: {len(lost)} retrieved pid(s) not in the corpus "
-                            f"the answers are matched on (e.g. {lost[:3]}): the index was "
-                            "built from another corpus")
-        return out
+                            f"the answers are matched on (e.g. {sorted(lost.to_pylist())[:3]}): "
+                            "the index was built from another corpus")
+        n = found.group_by("pid").aggregate([([], "count_all")])
+        twice = n.filter(pc.greater(n.column("count_all"), 1)).column("pid")
+        raise DataError(f"{self.corpus_uri}: pid={twice[0] if len(twice) else '?'} is on "
+                        "several corpus rows: a pid names one passage")
 
 
-def select(qids: list[str], pids: np.ndarray, scores: np.ndarray,
-           positives: dict[str, set[str]], top_k: int, n_negatives: int,
-           skip_top: int = 0, answer_hits: set[tuple[str, str]] = frozenset()
+def ranked_lists(qids: Sequence[str], pids: np.ndarray, scores: np.ndarray,
+                 positives: Sequence[Sequence[str]]) -> pa.Table:
+    """Each query's retrieved ``(pids, scores)`` in rank order, its positives and missing hits
+    (None) dropped (:data:`CANDIDATES` rows)."""
+    out: dict[str, list] = {"qid": [], "pids": [], "scores": []}
+    for qid, row_p, row_s, pos in zip(qids, pids, scores, positives, strict=True):
+        kept = [(p, float(s)) for p, s in zip(row_p, row_s, strict=True)
+                if p is not None and p not in pos]
+        out["qid"].append(qid)
+        out["pids"].append([p for p, _ in kept])
+        out["scores"].append([s for _, s in kept])
+    return pa.Table.from_pydict(out, schema=CANDIDATES)
+
+
+def select(ranked: pa.Table, positives: Sequence[Sequence[str]], top_k: int,
+           n_negatives: int, skip_top: int = 0,
+           answer_hits: set[tuple[str, str]] = frozenset()
            ) -> tuple[pa.Table, pa.Table, int, int]:
-    """Retrieved lists -> (CANDIDATES, TRAIN_EXAMPLES, #queries without positive, #answer
-    passages kept out of the negatives).
+    """Ranked lists (:func:`ranked_lists`) and each query's positives -> (CANDIDATES,
+    TRAIN_EXAMPLES, #queries without positive, #answer passages kept out of the negatives).
 
-    Positives and missing hits are dropped first; candidates are the first ``top_k`` left,
-    negatives the first ``n_negatives`` after the first ``skip_top`` that are not in
-    ``answer_hits`` (:meth:`AnswerFilter.hits`).
+    Candidates are the first ``top_k`` of a list, negatives the first ``n_negatives`` after
+    the first ``skip_top`` that are not in ``answer_hits`` (:meth:`AnswerFilter.hits`).
     """
-    cand = {"qid": [], "pids": [], "scores": []}
-    train = {"qid": [], "pos_pids": [], "neg_pids": []}
+    cand: dict[str, list] = {"qid": [], "pids": [], "scores": []}
+    train: dict[str, list] = {"qid": [], "pos_pids": [], "neg_pids": []}
     no_pos = dropped = 0
-    for qid, row_p, row_s in zip(qids, pids, scores, strict=True):
-        pos = positives.get(qid, set())
-        ranked = [(p, float(s)) for p, s in zip(row_p, row_s, strict=True)
-                  if p is not None and p not in pos]
+    for qid, pids, scores, pos in zip(*(ranked.column(c).to_pylist() for c in CANDIDATES.names),
+                                      positives, strict=True):
         cand["qid"].append(qid)
-        cand["pids"].append([p for p, _ in ranked[:top_k]])
-        cand["scores"].append([s for _, s in ranked[:top_k]])
+        cand["pids"].append(pids[:top_k])
+        cand["scores"].append(scores[:top_k])
         if not pos:
             no_pos += 1
             continue
         train["qid"].append(qid)
-        train["pos_pids"].append(sorted(pos))
+        train["pos_pids"].append(sorted(set(pos)))
         negs: list[str] = []
-        for p, _ in ranked[skip_top:]:
+        for p in pids[skip_top:]:
             if len(negs) == n_negatives:
                 break
             if (qid, p) in answer_hits:
@@ -218,61 +311,93 @@ class Queries:
         return qids, texts
 
 
-def mine(queries_uri: str, positives: Positives, encode: Callable, out_uri: str,
-         search_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], *,
-         top_k: int = 30, n_negatives: int = 8, skip_top: int = 0, shard_rows: int = 5000,
-         config_hash: str = "", answers: AnswerFilter | None = None) -> dict:
-    """Mine the queries of ``queries_uri`` in shards of ``shard_rows`` (resumable), each read
-    when it is mined; ``encode(texts) -> float32 matrix``, ``search_fn(vectors, k) -> (pids,
-    scores)``; ``answers``: keep answer passages out of the negatives (one streamed pass over
-    the corpus per query shard). The driver holds the positives in columns and one query
-    shard in Python, never the query table. Returns the manifest."""
-    queries = Queries.open(queries_uri)
-    k = max(top_k, skip_top + n_negatives) + positives.most
-    cand_w = storage.ShardWriter(storage.join(out_uri, "candidates"), config_hash)
-    train_w = storage.ShardWriter(storage.join(out_uri, "train"), config_hash)
+def retrieve(queries: Queries, positives: Positives, encode: Callable, out_uri: str,
+             search_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], k: int,
+             shard_rows: int = 5000, config_hash: str = "") -> list[str]:
+    """Each query shard's ranked lists (``out_uri/_ranked``, :func:`ranked_lists` of the top
+    ``k``), a shard of ``shard_rows`` queries read, encoded (``encode(texts) -> float32
+    matrix``) and searched (``search_fn(vectors, k) -> (pids, scores)``) at a time, resumable
+    shard by shard; returns the shards' URIs."""
+    writer = storage.ShardWriter(storage.join(out_uri, RANKED_DIR), config_hash)
 
     def shard(name: str, rows: slice) -> pa.Table:
-        """Both outputs of one query shard: the training examples first, so that a done
-        candidates shard means both are done."""
         batch, texts = queries.read(rows)
         # no queries: one empty shard, nothing to search
         pids, scores = search_fn(encode(texts), k) if batch else ([], [])
-        pos = {q: set(p) for q, p in zip(batch, positives.of(batch), strict=True) if p}
-        # only queries with a positive get negatives (select), so only theirs are matched
-        with_pos = [i for i, q in enumerate(batch) if q in pos]
-        hits = (answers.hits([batch[i] for i in with_pos], [pids[i] for i in with_pos])
-                if answers and with_pos else set())
-        cand, train, n, dropped = select(batch, pids, scores, pos, top_k, n_negatives,
-                                         skip_top, hits)
-        train_w.write(name, train, no_positive=n, answer_negatives_dropped=dropped)
-        return cand
+        return ranked_lists(batch, pids, scores, positives.of(batch))
 
-    m_cand = cand_w.write_shards(len(queries), shard_rows, shard, desc="mine")
-    names = [s["name"] for s in m_cand["shards"]]
+    m = writer.write_shards(len(queries), shard_rows, shard, desc="mine")
+    return [writer.shard_uri(s["name"]) for s in m["shards"]]
+
+
+def examples(ranked_uris: list[str], positives: Positives, out_uri: str, *, top_k: int = 30,
+             n_negatives: int = 8, skip_top: int = 0, config_hash: str = "",
+             answers: AnswerFilter | None = None) -> dict:
+    """The candidates and training examples of every ranked list shard (:func:`select`),
+    resumable shard by shard; with ``answers``, after the answer check
+    (:meth:`AnswerFilter.hits`). Writes and returns the stage's manifest."""
+    cand_w = storage.ShardWriter(storage.join(out_uri, "candidates"), config_hash)
+    train_w = storage.ShardWriter(storage.join(out_uri, "train"), config_hash)
+    hits = (answers.hits(ranked_uris, positives, storage.join(out_uri, ANSWERS_DIR),
+                         config_hash) if answers else None)
+    names = [posixpath.basename(uri)[:-len(".parquet")] for uri in ranked_uris]
+    done = cand_w.markers()
+    for name, uri in zip(names, ranked_uris, strict=True):
+        if name in done:
+            continue
+        ranked = storage.read_parquet(uri)
+        qids = ranked.column("qid")
+        found = set() if hits is None else {
+            (q, p) for q, ps in zip(qids.to_pylist(), hits.values(qids, "pid"), strict=True)
+            for p in ps}
+        cand, train, n, dropped = select(ranked, positives.of(qids.to_pylist()), top_k,
+                                         n_negatives, skip_top, found)
+        # the training examples first: a done candidates shard means both are done
+        train_w.write(name, train, no_positive=n, answer_negatives_dropped=dropped)
+        cand_w.write(name, cand)
+    m_cand = cand_w.finalize(names)
     done = train_w.markers()
     marks = [done.get(name, {}) for name in names]  # finalize names a missing one
     no_pos = sum(m.get("no_positive", 0) for m in marks)
     dropped = sum(m.get("answer_negatives_dropped", 0) for m in marks)
     m_train = train_w.finalize(names, done, no_positive=no_pos,
                                answer_negatives_dropped=dropped)
-    return storage.write_manifest(out_uri, config_hash, queries=len(queries),
+    return storage.write_manifest(out_uri, config_hash, queries=m_cand["rows"],
                                   candidates=m_cand["rows"], train_examples=m_train["rows"],
                                   no_positive=no_pos, answer_negatives_dropped=dropped,
                                   answer_filter=answers is not None)
+
+
+def mine(queries_uri: str, positives: Positives, encode: Callable, out_uri: str,
+         search_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], *,
+         top_k: int = 30, n_negatives: int = 8, skip_top: int = 0, shard_rows: int = 5000,
+         config_hash: str = "", answers: AnswerFilter | None = None) -> dict:
+    """Mine the queries of ``queries_uri``: their ranked lists (:func:`retrieve`, top
+    ``max(top_k, skip_top + n_negatives)`` + the most positives of a query), then their
+    candidates and training examples (:func:`examples`; ``answers``: keep answer passages
+    out of the negatives). The driver holds the positives in columns and one query shard in
+    Python, never the query table. Returns the manifest."""
+    k = max(top_k, skip_top + n_negatives) + positives.most
+    ranked = retrieve(Queries.open(queries_uri), positives, encode, out_uri, search_fn, k,
+                      shard_rows, config_hash)
+    return examples(ranked, positives, out_uri, top_k=top_k, n_negatives=n_negatives,
+                    skip_top=skip_top, config_hash=config_hash, answers=answers)
 
 
 def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_uri: str,
              out_uri: str, key: str, answers: AnswerFilter | None = None) -> dict:
     """Stage function ``index mine``: encode the queries with ``model_uri``, search
     ``index_uri``, write ``out_uri/{candidates,train}`` (``cfg.mine``, ``cfg.index.search``;
-    ``answers``: see :class:`AnswerFilter`)."""
+    ``answers``: see :class:`AnswerFilter`, checked once the encoder and search actors are
+    gone, so that its actors get their CPUs)."""
     import ray
 
     from qgscale.index.encode import QueryEncoder, load_dual_encoder
     from qgscale.index.search import ShardedSearcher, search_bundles
 
     mc, ic = cfg.mine, cfg.index.search
+    positives = Positives.read(qrels_uri)
+    k = max(mc.top_k, mc.skip_top + mc.n_negatives) + positives.most
     res = actor_resources("index.search", 1, ic.cpus_per_actor, ic.gpus_per_actor)
     with requesting("index.search",
                     bundles(res) + search_bundles(index_uri, ic.cpus_per_actor)):
@@ -283,11 +408,11 @@ def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_u
                                    ic.refine, ic.k_factor, num_gpus=res.num_gpus,
                                    gpus_explicit=bool(ic.gpus_per_actor))
         try:
-            return mine(queries_uri, Positives.read(qrels_uri),
-                        lambda texts: ray.get(actor.encode_queries.remote(texts)), out_uri,
-                        searcher.search, top_k=mc.top_k, n_negatives=mc.n_negatives,
-                        skip_top=mc.skip_top, shard_rows=mc.shard_rows, config_hash=key,
-                        answers=answers)
+            ranked = retrieve(Queries.open(queries_uri), positives,
+                              lambda texts: ray.get(actor.encode_queries.remote(texts)),
+                              out_uri, searcher.search, k, mc.shard_rows, key)
         finally:
             ray.kill(actor)
             searcher.close()
+    return examples(ranked, positives, out_uri, top_k=mc.top_k, n_negatives=mc.n_negatives,
+                    skip_top=mc.skip_top, config_hash=key, answers=answers)

@@ -29,7 +29,7 @@ from qgscale import storage
 from qgscale.config import ScoreConfig
 from qgscale.data.corpus import corpus_shards, scan
 from qgscale.data.keyindex import KeyIndex
-from qgscale.data.pidfilter import key_hashes
+from qgscale.data.pidfilter import pid_sum
 from qgscale.data.schema import SCORES, blank, passage_text
 from qgscale.errors import DataError, MissingInputError
 from qgscale.runtime import Shard, connect, planned_unit_rows, run_shards
@@ -194,13 +194,6 @@ class PairJob:
                            "pid": t.column("pid").take(at), "passage": passages.take(at)})
         return (joined.cast(PAIRS).sort_by([("pid", "ascending"), ("qid", "ascending")]),
                 {"pid_sum": pid_sum(t.column("pid"))})
-
-
-def pid_sum(pids: pa.Array | pa.ChunkedArray) -> int:
-    """The sum of the pids' 64-bit hashes, mod 2^64: the corpus rows a join found sum to the
-    candidates' distinct pids' only if each was found once (a count alone lets one missing
-    pid and another on two corpus rows cancel out)."""
-    return int(np.sum(key_hashes(pids), dtype=np.uint64)) if len(pids) else 0
 
 
 def pair_job(candidates_uri: str | list[str], queries_uri: str | list[str],
