@@ -5,8 +5,8 @@
 
 Data (synthetic, written once): ``--passages`` passages of 100 words drawn from the word
 frequencies of the bundled XQuAD English paragraphs (as ``benchmarks/scale.py``) in shards of
-10,000; ``--queries`` training queries, each with one positive passage and as answer a word
-of it (so that other retrieved passages contain it too, as real answers do). The retrieval is
+10,000; ``--queries`` training queries, each with one positive passage and as answer its
+rarest word (which some other passages contain too, as real answers are). The retrieval is
 a stand-in (random query vectors, an exact FAISS index over ``--index-passages`` passages
 spread evenly over the corpus), so that what is measured is the answer check: which
 retrieved passages (top 30 + 8 negatives, query shards of ``--shard-rows``) contain their
@@ -61,7 +61,8 @@ def write_data(root: Path, n_passages: int, n_queries: int, n_index: int, seed: 
     (root / "index_pids.txt").write_text("\n".join(f"en:{i * stride}" for i in range(n_index)))
     pos = rng.integers(n_index, size=n_queries) * stride
     ids = [f"en:train-{j}" for j in range(n_queries)]
-    answers = [[texts[p].split()[rng.integers(100)]] for p in pos]
+    rank = {w: r for r, w in enumerate(words[np.argsort(-probs)])}  # 0: the most frequent
+    answers = [[max(texts[p].split(), key=rank.__getitem__)] for p in pos]  # its rarest word
     storage.write_parquet(str(root / "queries" / "part-00000.parquet"), pa.table(
         {"qid": ids, "lang": ["en"] * n_queries, "text": [a[0] for a in answers]},
         schema=QUERIES))
