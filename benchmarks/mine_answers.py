@@ -142,10 +142,13 @@ def main() -> None:
         print(f"{r['tree']:9} {r['commit']:8} {r['wall_s']:7.1f} {r['driver_peak_uss_mb']:14.1f} "
               f"{r['actor_peak_uss_mb']:14.1f} {r['answer_negatives_dropped']:8d} "
               f"{r['outputs_sha256']:>17}")
+    same = len({r["outputs_sha256"] for r in rows}) == 1
     save(args.out, {"passages": args.passages, "index_passages": args.index_passages,
                     "queries": args.queries, "shard_rows": args.shard_rows, "top_k": 30,
-                    "n_negatives": 8, "cpus": 2, "rows": rows, "load_avg_start": load,
-                    "load_avg_end": os.getloadavg()})
+                    "n_negatives": 8, "cpus": 2, "rows": rows, "same_outputs": same,
+                    "load_avg_start": load, "load_avg_end": os.getloadavg()})
+    if not same:
+        sys.exit("the trees wrote different shards")
 
 
 if __name__ == "__main__":

@@ -132,8 +132,13 @@ def main() -> None:
         print(f"{r['tree']:9} {r['commit']:8} {r['queries']:9d} {r['wall_s']:7.1f} "
               f"{r['driver_peak_rss_mb']:14.1f} {r['driver_peak_uss_mb']:14.1f} "
               f"{r['outputs_sha256']:>17}")
+    same = all(len({r["outputs_sha256"] for r in rows if r["queries"] == nq}) == 1
+               for nq in args.queries)
     save(args.out, {"top_k": 30, "n_negatives": 8, "shard_rows": 5_000, "rows": rows,
-                    "load_avg_start": load, "load_avg_end": os.getloadavg()})
+                    "same_outputs": same, "load_avg_start": load,
+                    "load_avg_end": os.getloadavg()})
+    if not same:
+        sys.exit("the trees wrote different shards")
 
 
 if __name__ == "__main__":

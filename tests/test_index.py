@@ -32,6 +32,7 @@ from qgscale.index.mine import (
     AnswerFilter,
     Positives,
     Queries,
+    examples,
     mine,
     ranked_lists,
     select,
@@ -553,8 +554,8 @@ def test_answer_passages_are_not_negatives(ray_local, tmp_path):
     positives = Positives.read(qrels)
     qids = ["q1", "q2", "q3", "q4"]  # q4: answers, no positive
     lists = [["a", "p", "b", "c", "d"], ["b", "c", "e", None, None], ["a", "b", "c", "d", "e"],
-             ["a", "b"]]
-    scores = [np.arange(len(r), 0, -1, dtype=np.float32) for r in lists]
+             ["a", "b", None, None, None]]
+    scores = np.tile(np.arange(5, 0, -1, dtype=np.float32), (4, 1))
     ranked = ranked_lists(qids, lists, scores, positives.of(qids))
     ranked_uri = str(tmp_path / "ranked.parquet")
     storage.write_parquet(ranked_uri, ranked)
@@ -570,9 +571,20 @@ def test_answer_passages_are_not_negatives(ray_local, tmp_path):
                                                      ["a", "b", "c", "d"], ["a", "b"]]
     assert [t["neg_pids"] for t in train.to_pylist()] == [["b", "c"], ["b"], ["a", "b"]]
     assert no_pos == 1 and dropped == 2  # q1's "a", q2's "c"
+    # through examples(): the same negatives and counts, the check's work reused by key
+    out = str(tmp_path / "mine")
+    retrieved = storage.ShardWriter(f"{out}/_ranked", "k").write_table(ranked, 10)
+    m = examples(retrieved, positives, out, top_k=4, n_negatives=2, config_hash="k",
+                 answers=filt)
+    assert (m["answer_negatives_dropped"], m["no_positive"], m["train_examples"]) == (2, 1, 3)
+    assert storage.read_parquet(f"{out}/train").to_pylist() == train.to_pylist()
+    os.remove(f"{out}/train/part-00000.parquet")  # a lost training shard is cut again
+    assert examples(retrieved, positives, out, top_k=4, n_negatives=2, config_hash="k",
+                    answers=filt)["answer_negatives_dropped"] == 2
+    # other lists under another key in the same work folder: checked again, not reused
     storage.write_parquet(ranked_uri, ranked_lists(["q1"], [["a", "zz"]], [[2.0, 1.0]], [[]]))
     with pytest.raises(DataError, match=r"1 retrieved pid\(s\) not in the corpus .*'zz'"):
-        filt.hits([ranked_uri], positives, str(tmp_path / "work2"), "k")
+        filt.hits([ranked_uri], positives, str(tmp_path / "work"), "k2")
     storage.write_parquet(f"{corpus}/part-00001.parquet", pa.table(
         {"pid": ["a", "zz"], "title": ["", ""], "text": ["x", "y"], "lang": ["en"] * 2}))
     with pytest.raises(DataError, match=r"pid=a is on several corpus rows"):

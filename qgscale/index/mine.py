@@ -22,7 +22,7 @@ never the query table.
 from __future__ import annotations
 
 import functools
-import posixpath
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +118,7 @@ class AnswerJob:
         pairs, answers = st
         hits: dict[str, list[str]] = {"qid": [], "pid": []}
         found = []
+        wanted_of: dict[str, list[tuple[str, ...]]] = {}  # a query's answers' tokens, once
         for t in scan(shard.payload, pairs, ("pid", "title", "text")):
             found.append(t.column("pid"))
             pids = t.column("pid").to_pylist()
@@ -128,7 +129,10 @@ class AnswerJob:
             qids = pairs.table.column("qid").take(pa.array(pair))
             for a, q, rows in zip(at.tolist(), qids.to_pylist(), answers.values(qids, "answers"),
                                   strict=True):
-                wanted = answer_tokens([x for row in rows for x in row or ()], self.match)
+                if q not in wanted_of:
+                    wanted_of[q] = answer_tokens([x for row in rows for x in row or ()],
+                                                 self.match)
+                wanted = wanted_of[q]
                 if not wanted:
                     continue
                 if a not in tokens:
@@ -159,16 +163,19 @@ class AnswerFilter:
         missing = [c for c in ANSWERS.names if c not in table.column_names]
         if missing:
             raise DataError(f"{answers_uri}: missing field(s) {missing}")
-        return cls(KeyIndex.build(table.select(ANSWERS.names), "qid"), corpus_uri, match,
-                   actors)
+        table = table.select(ANSWERS.names)  # a query without answers is never checked
+        has = pc.fill_null(pc.greater(pc.list_value_length(table.column("answers")), 0), False)
+        return cls(KeyIndex.build(table.filter(has), "qid"), corpus_uri, match, actors)
 
     def hits(self, ranked_uris: Sequence[str], positives: Positives, work_uri: str,
-             config_hash: str = "") -> KeyIndex:
-        """The (qid, pid) pairs (by qid) of the ranked lists (:func:`ranked_lists` shards) of
-        the queries with positives and answers whose passage contains an answer: one pass over
-        the corpus, a shard job per corpus shard on Ray actors (:class:`AnswerJob`, its
-        outputs under ``work_uri``, resumable with ``config_hash``). A listed pid the corpus
-        lacks, or has twice, is a DataError."""
+             key: str = "", skip_top: int = 0) -> KeyIndex:
+        """The (qid, pid) pairs (by qid) of the ranked lists (:func:`ranked_lists` shards,
+        from rank ``skip_top`` on: the ones that can be negatives) of the queries with
+        positives and answers whose passage contains an answer: one pass over the corpus, a
+        shard job per corpus shard on Ray actors (:class:`AnswerJob`, its outputs under
+        ``work_uri``, resumable with ``key``: give one that changes with the lists). The
+        driver holds those pairs in Arrow (O(queries with answers x k), as the teacher's
+        pair join). A listed pid the corpus lacks, or has twice, is a DataError."""
         import ray
 
         parts = [HITS.empty_table()]
@@ -176,7 +183,7 @@ class AnswerFilter:
             t = storage.read_parquet(uri, ["qid", "pids"])
             q = t.column("qid")
             t = t.filter(pa.array(positives.index.contains(q) & self.answers.contains(q)))
-            lists = t.column("pids")
+            lists = pc.list_slice(t.column("pids"), skip_top)
             parts.append(pa.table({"qid": t.column("qid").take(pc.list_parent_indices(lists)),
                                    "pid": pc.list_flatten(lists)}, schema=HITS))
         pairs = pa.concat_tables(parts)
@@ -184,8 +191,6 @@ class AnswerFilter:
             return KeyIndex.build(pairs, "qid")
         needed = pc.unique(pairs.column("pid"))
         expected = pid_sum(needed)
-        # other pairs (a list shard retrieved again, another top-k): checked again
-        key = f"{config_hash}/{pid_sum(pc.binary_join_element_wise(*pairs.columns, '|'))}"
         job = AnswerJob(ray.put(KeyIndex.build(pairs, "pid")), ray.put(self.answers),
                         self.match)
         del pairs
@@ -197,11 +202,11 @@ class AnswerFilter:
         writer = storage.ShardWriter(work_uri, key)
         markers = writer.markers()
         if sum(markers[u.name]["pid_sum"] for u in units) % (1 << 64) != expected:
-            self._name_lost(needed)
+            self._name_lost(needed, work_uri)
         return KeyIndex.build(pa.concat_tables(
             [storage.read_parquet(writer.shard_uri(u.name)) for u in units]), "qid")
 
-    def _name_lost(self, needed: pa.Array) -> None:
+    def _name_lost(self, needed: pa.Array, work_uri: str) -> None:
         """The DataError of retrieved pids the corpus lacks, or has on two rows."""
         found = pa.concat_tables([HITS.empty_table().select(["pid"]),
                                   *scan(self.corpus_uri, needed, ("pid",))])
@@ -212,22 +217,41 @@ class AnswerFilter:
                             "the index was built from another corpus")
         n = found.group_by("pid").aggregate([([], "count_all")])
         twice = n.filter(pc.greater(n.column("count_all"), 1)).column("pid")
-        raise DataError(f"{self.corpus_uri}: pid={twice[0] if len(twice) else '?'} is on "
-                        "several corpus rows: a pid names one passage")
+        if len(twice):
+            raise DataError(f"{self.corpus_uri}: pid={twice[0]} is on several corpus rows: a "
+                            "pid names one passage")
+        raise RuntimeError(f"{work_uri}: the answer check's shards do not match the corpus "
+                           f"{self.corpus_uri} (its shards changed under the same key?): "
+                           "remove that folder and rerun")
+
+
+def _lists(values: pa.Array, counts: np.ndarray) -> pa.ListArray:
+    """``values`` cut into consecutive lists of ``counts`` values."""
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
 def ranked_lists(qids: Sequence[str], pids: np.ndarray, scores: np.ndarray,
                  positives: Sequence[Sequence[str]]) -> pa.Table:
-    """Each query's retrieved ``(pids, scores)`` in rank order, its positives and missing hits
-    (None) dropped (:data:`CANDIDATES` rows)."""
-    out: dict[str, list] = {"qid": [], "pids": [], "scores": []}
-    for qid, row_p, row_s, pos in zip(qids, pids, scores, positives, strict=True):
-        kept = [(p, float(s)) for p, s in zip(row_p, row_s, strict=True)
-                if p is not None and p not in pos]
-        out["qid"].append(qid)
-        out["pids"].append([p for p, _ in kept])
-        out["scores"].append([s for _, s in kept])
-    return pa.Table.from_pydict(out, schema=CANDIDATES)
+    """Each query's retrieved ``(pids, scores)`` (rows of equal length) in rank order, its
+    positives and missing hits (None) dropped (:data:`CANDIDATES` rows)."""
+    if not len(qids):
+        return CANDIDATES.empty_table()
+    p = np.asarray(pids, dtype=object)
+    drop = np.equal(p, None)
+    most = max(map(len, positives))
+    table = np.full((len(p), max(most, 1)), None, dtype=object)  # each row's positives
+    for i, pos in enumerate(positives):
+        table[i, :len(pos)] = pos
+    for j in range(most):  # elementwise string compares, a column of positives at a time
+        col = table[:, j:j + 1]
+        drop |= np.not_equal(col, None) & np.equal(p, col)
+    keep = ~drop
+    counts = keep.sum(axis=1)
+    return pa.table({"qid": pa.array(qids, pa.string()),
+                     "pids": _lists(pa.array(p[keep], pa.string()), counts),
+                     "scores": _lists(pa.array(np.asarray(scores, np.float32)[keep]), counts)},
+                    schema=CANDIDATES)
 
 
 def select(ranked: pa.Table, positives: Sequence[Sequence[str]], top_k: int,
@@ -238,32 +262,40 @@ def select(ranked: pa.Table, positives: Sequence[Sequence[str]], top_k: int,
     TRAIN_EXAMPLES, #queries without positive, #answer passages kept out of the negatives).
 
     Candidates are the first ``top_k`` of a list, negatives the first ``n_negatives`` after
-    the first ``skip_top`` that are not in ``answer_hits`` (:meth:`AnswerFilter.hits`).
+    the first ``skip_top`` that are not in ``answer_hits`` (:meth:`AnswerFilter.hits`); an
+    answer passage counts as dropped when it comes before the window is full. Arrow and numpy
+    over the whole shard, no loop over candidates.
     """
-    cand: dict[str, list] = {"qid": [], "pids": [], "scores": []}
-    train: dict[str, list] = {"qid": [], "pos_pids": [], "neg_pids": []}
-    no_pos = dropped = 0
-    for qid, pids, scores, pos in zip(*(ranked.column(c).to_pylist() for c in CANDIDATES.names),
-                                      positives, strict=True):
-        cand["qid"].append(qid)
-        cand["pids"].append(pids[:top_k])
-        cand["scores"].append(scores[:top_k])
-        if not pos:
-            no_pos += 1
-            continue
-        train["qid"].append(qid)
-        train["pos_pids"].append(sorted(set(pos)))
-        negs: list[str] = []
-        for p in pids[skip_top:]:
-            if len(negs) == n_negatives:
-                break
-            if (qid, p) in answer_hits:
-                dropped += 1
-            else:
-                negs.append(p)
-        train["neg_pids"].append(negs)
-    return (pa.Table.from_pydict(cand, schema=CANDIDATES),
-            pa.Table.from_pydict(train, schema=TRAIN_EXAMPLES), no_pos, dropped)
+    ranked = ranked.combine_chunks()
+    qid, pids, scores = (ranked.column(c).chunk(0) if ranked.num_rows else
+                         pa.array([], CANDIDATES.field(c).type) for c in CANDIDATES.names)
+    cand = pa.table({"qid": qid, "pids": pc.list_slice(pids, 0, top_k),
+                     "scores": pc.list_slice(scores, 0, top_k)}).cast(CANDIDATES)
+    has = np.array([bool(p) for p in positives], dtype=bool)
+    window = pc.list_slice(pids.filter(pa.array(has)), skip_top)
+    qids = qid.filter(pa.array(has))
+    flat = pc.list_flatten(window)
+    row = pc.list_parent_indices(window).to_numpy(zero_copy_only=False)
+    if answer_hits:
+        keys = pc.binary_join_element_wise(qids.take(pa.array(row)), flat, "\x1f")
+        hit = pc.is_in(keys, value_set=pa.array([f"{q}\x1f{p}" for q, p in answer_hits],
+                                                pa.string()))
+        hit = hit.to_numpy(zero_copy_only=False).astype(bool)
+    else:
+        hit = np.zeros(len(flat), dtype=bool)
+    # the non-answer passages before each one in its list: it is looked at while < n
+    before = np.cumsum(~hit) - ~hit
+    starts = np.searchsorted(row, np.arange(len(qids)))
+    before -= before[starts[row]] if len(row) else 0
+    seen = before < n_negatives
+    keep = seen & ~hit
+    train = pa.table({"qid": qids,
+                      "pos_pids": pa.array([sorted(set(p)) for p in positives if p],
+                                           pa.list_(pa.string())),
+                      "neg_pids": _lists(flat.filter(pa.array(keep)),
+                                         np.bincount(row[keep], minlength=len(qids)))},
+                     schema=TRAIN_EXAMPLES)
+    return cand, train, int((~has).sum()), int((seen & hit).sum())
 
 
 @dataclass(frozen=True)
@@ -313,11 +345,11 @@ class Queries:
 
 def retrieve(queries: Queries, positives: Positives, encode: Callable, out_uri: str,
              search_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], k: int,
-             shard_rows: int = 5000, config_hash: str = "") -> list[str]:
+             shard_rows: int = 5000, config_hash: str = "") -> dict:
     """Each query shard's ranked lists (``out_uri/_ranked``, :func:`ranked_lists` of the top
     ``k``), a shard of ``shard_rows`` queries read, encoded (``encode(texts) -> float32
     matrix``) and searched (``search_fn(vectors, k) -> (pids, scores)``) at a time, resumable
-    shard by shard; returns the shards' URIs."""
+    shard by shard; returns their manifest."""
     writer = storage.ShardWriter(storage.join(out_uri, RANKED_DIR), config_hash)
 
     def shard(name: str, rows: slice) -> pa.Table:
@@ -326,31 +358,35 @@ def retrieve(queries: Queries, positives: Positives, encode: Callable, out_uri: 
         pids, scores = search_fn(encode(texts), k) if batch else ([], [])
         return ranked_lists(batch, pids, scores, positives.of(batch))
 
-    m = writer.write_shards(len(queries), shard_rows, shard, desc="mine")
-    return [writer.shard_uri(s["name"]) for s in m["shards"]]
+    return writer.write_shards(len(queries), shard_rows, shard, desc="mine")
 
 
-def examples(ranked_uris: list[str], positives: Positives, out_uri: str, *, top_k: int = 30,
+def examples(ranked: dict, positives: Positives, out_uri: str, *, top_k: int = 30,
              n_negatives: int = 8, skip_top: int = 0, config_hash: str = "",
              answers: AnswerFilter | None = None) -> dict:
-    """The candidates and training examples of every ranked list shard (:func:`select`),
-    resumable shard by shard; with ``answers``, after the answer check
-    (:meth:`AnswerFilter.hits`). Writes and returns the stage's manifest."""
+    """The candidates and training examples of every ranked list shard (``ranked``: their
+    manifest, :func:`retrieve`) by :func:`select`, resumable shard by shard (a shard is done
+    when both its outputs are); with ``answers``, the answer check
+    (:meth:`AnswerFilter.hits`) of the shards left to do first. Writes and returns the
+    stage's manifest."""
     cand_w = storage.ShardWriter(storage.join(out_uri, "candidates"), config_hash)
     train_w = storage.ShardWriter(storage.join(out_uri, "train"), config_hash)
-    hits = (answers.hits(ranked_uris, positives, storage.join(out_uri, ANSWERS_DIR),
-                         config_hash) if answers else None)
-    names = [posixpath.basename(uri)[:-len(".parquet")] for uri in ranked_uris]
-    done = cand_w.markers()
-    for name, uri in zip(names, ranked_uris, strict=True):
-        if name in done:
-            continue
-        ranked = storage.read_parquet(uri)
-        qids = ranked.column("qid")
+    names = [s["name"] for s in ranked["shards"]]
+    done_c, done_t = cand_w.markers(), train_w.markers()
+    todo = [s for s in ranked["shards"] if s["name"] not in done_c or s["name"] not in done_t]
+    uris = [storage.join(out_uri, RANKED_DIR, s["file"]) for s in todo]
+    # the answer pairs follow from those lists: keyed by their contents
+    lists = hashlib.sha256("".join(s["sha256"] for s in todo).encode()).hexdigest()[:16]
+    hits = (answers.hits(uris, positives, storage.join(out_uri, ANSWERS_DIR),
+                         f"{config_hash}/{lists}", skip_top) if answers and todo else None)
+    for s, uri in zip(todo, uris, strict=True):
+        name = s["name"]
+        ranked_rows = storage.read_parquet(uri)
+        qids = ranked_rows.column("qid")
         found = set() if hits is None else {
             (q, p) for q, ps in zip(qids.to_pylist(), hits.values(qids, "pid"), strict=True)
             for p in ps}
-        cand, train, n, dropped = select(ranked, positives.of(qids.to_pylist()), top_k,
+        cand, train, n, dropped = select(ranked_rows, positives.of(qids.to_pylist()), top_k,
                                          n_negatives, skip_top, found)
         # the training examples first: a done candidates shard means both are done
         train_w.write(name, train, no_positive=n, answer_negatives_dropped=dropped)

@@ -300,7 +300,9 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
     if rows != n_pairs or found != expected:  # checked before the manifest
         _name_missing_or_twice(candidates_uri, first, [writer.shard_uri(u.name) for u in units],
                                corpus_uri)
-        raise RuntimeError(f"{out_uri}: {rows} joined pairs for {n_pairs} candidate pairs")
+        raise RuntimeError(f"{out_uri}: {rows} joined pairs for {n_pairs} candidate pairs, "
+                           "their passages' hash sums differing when the counts agree (shards "
+                           "of another corpus under the same key?): remove it and rerun")
     return writer.finalize([u.name for u in units], markers, pairs=n_pairs, run=stats)
 
 
