@@ -12,6 +12,7 @@ for paths; no stage function has path defaults of its own::
     index/<student>-<corpus>/{embeddings,faiss}     corpus embeddings and FAISS index
                                                     (<corpus>: the split, or all if unsplit)
     mine/{candidates,train}                         mined candidate lists, training examples
+                                                    (work files: _ranked, _answer_hits)
     teacher/{generated,scores,generated_pairs}      teacher outputs
     eval/<student>/<split>/                         metrics.{json,md}, pairs.png
     eval/<split>.{md,png}                           all students side by side per lang pair
