@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from before_after import REPO, commit, measure, parse, parser, save, trees  # noqa: E402
-from mine_memory import DIM, digest  # noqa: E402
+from before_after import REPO, parse, parser, save  # noqa: E402
+from mine_memory import DIM, in_trees  # noqa: E402
 
 
 def write_data(root: Path, n_passages: int, n_queries: int, n_index: int, seed: int = 0
@@ -126,16 +126,11 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=2_500)
     args = parse(ap, child)
     os.environ["MINE_SHARD_ROWS"] = str(args.shard_rows)
-    rows, load = [], os.getloadavg()
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qgs-mine-ans-") as tmp:
         data = Path(tmp) / "data"
         write_data(data, args.passages, args.queries, args.index_passages)
-        for name, src in trees(args.baseline_src):
-            out = Path(tmp) / name
-            r = measure(src, "mine", data, out, __file__)
-            rows.append({"tree": name, "commit": commit(src), **r,
-                         "outputs_sha256": digest(out)})
-            print(rows[-1], flush=True)
+        rows = in_trees(args.baseline_src, data, Path(tmp) / "mine", __file__)
     print(f"\n{'tree':9} {'commit':8} {'wall s':>7} {'driver USS MB':>14} "
           f"{'worker USS MB':>14} {'dropped':>8} {'outputs':>17}")
     for r in rows:

@@ -111,6 +111,18 @@ def digest(out: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def in_trees(baseline_src: Path | None, data: Path, out: Path, script: str) -> list[dict]:
+    """``script``'s ``mine`` child on ``data`` with each tree (``before_after.trees``),
+    measured from outside, each output under ``out-<tree>`` and digested."""
+    rows = []
+    for name, src in trees(baseline_src):
+        r = measure(src, "mine", data, Path(f"{out}-{name}"), script)
+        rows.append({"tree": name, "commit": commit(src), **r,
+                     "outputs_sha256": digest(Path(f"{out}-{name}"))})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = parser(__doc__, "mine_memory.json")
     ap.add_argument("--queries", type=int, nargs="+", default=[300_000, 1_000_000, 3_000_000])
@@ -120,12 +132,7 @@ def main() -> None:
         for nq in args.queries:
             data = Path(tmp) / f"data-q{nq}"
             write_data(data, nq)
-            for name, src in trees(args.baseline_src):
-                out = Path(tmp) / f"{name}-q{nq}"
-                r = measure(src, "mine", data, out, __file__)
-                rows.append({"tree": name, "commit": commit(src), **r,
-                             "outputs_sha256": digest(out)})
-                print(rows[-1], flush=True)
+            rows += in_trees(args.baseline_src, data, Path(tmp) / f"q{nq}", __file__)
     print(f"\n{'tree':9} {'commit':8} {'queries':>9} {'wall s':>7} {'driver RSS MB':>14} "
           f"{'driver USS MB':>14} {'outputs':>17}")
     for r in rows:
