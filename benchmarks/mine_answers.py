@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from before_after import REPO, parse, parser, save  # noqa: E402
-from mine_memory import DIM, in_trees  # noqa: E402
+from mine_memory import in_trees, stand_ins  # noqa: E402
 
 
 def write_data(root: Path, n_passages: int, n_queries: int, n_index: int, seed: int = 0
@@ -77,27 +77,14 @@ def child(phase: str, data: str, out: str) -> None:
     """Mine with the answer check in this process (``--child``): prints JSON."""
     import json
 
-    import faiss
-
     from qgscale import storage
     from qgscale.config import BM25Config
     from qgscale.index import mine as M
     from qgscale.runtime import connect
 
     connect(type("R", (), {"num_cpus": 2})())
-    pids = np.array(Path(data, "index_pids.txt").read_text().split("\n"), dtype=object)
-    xb = np.random.default_rng(1).standard_normal((len(pids), DIM)).astype(np.float32)
-    index = faiss.IndexFlatIP(DIM)
-    index.add(xb)
-
-    def encode(texts: list[str]) -> np.ndarray:
-        rng = np.random.default_rng(len(texts) + len(texts[0]))
-        return rng.standard_normal((len(texts), DIM)).astype(np.float32)
-
-    def search(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = index.search(x, k)
-        return pids[ids], scores
-
+    encode, search = stand_ins(np.array(Path(data, "index_pids.txt").read_text().split("\n"),
+                                        dtype=object))
     t0 = time.time()
     queries, qrels = f"{data}/queries", f"{data}/qrels"
     answers, corpus = f"{data}/answers", f"{data}/corpus"

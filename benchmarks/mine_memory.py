@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,17 +68,14 @@ def write_data(root: Path, n_queries: int, seed: int = 0) -> None:
              "rel": pa.array([r[2] for r in rows], pa.int32())}, schema=QRELS))
 
 
-def child(phase: str, data: str, out: str) -> None:
-    """Mine in this process (``--child``): prints its wall time and counts as JSON."""
+def stand_ins(pids: np.ndarray) -> tuple[Callable, Callable]:
+    """``(encode, search)``: random query vectors seeded by a shard's first text, and an
+    exact FAISS index of random vectors, one per pid."""
     import faiss
 
-    from qgscale import storage
-    from qgscale.index import mine as M
-
-    xb = np.random.default_rng(1).standard_normal((PASSAGES, DIM)).astype(np.float32)
+    xb = np.random.default_rng(1).standard_normal((len(pids), DIM)).astype(np.float32)
     index = faiss.IndexFlatIP(DIM)
     index.add(xb)
-    pids = np.array([f"en:{i}" for i in range(PASSAGES)], dtype=object)
 
     def encode(texts: list[str]) -> np.ndarray:
         rng = np.random.default_rng(zlib.crc32(texts[0].encode()))
@@ -87,6 +85,15 @@ def child(phase: str, data: str, out: str) -> None:
         scores, ids = index.search(x, k)
         return pids[ids], scores
 
+    return encode, search
+
+
+def child(phase: str, data: str, out: str) -> None:
+    """Mine in this process (``--child``): prints its wall time and counts as JSON."""
+    from qgscale import storage
+    from qgscale.index import mine as M
+
+    encode, search = stand_ins(np.array([f"en:{i}" for i in range(PASSAGES)], dtype=object))
     t0 = time.time()
     queries, qrels = f"{data}/queries", f"{data}/qrels"
     if hasattr(M, "Positives"):  # as run_mine reads them in each tree
