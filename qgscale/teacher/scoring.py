@@ -198,11 +198,11 @@ class PairJob:
 
 def pair_job(candidates_uri: str | list[str], queries_uri: str | list[str],
              first: int | None = None) -> tuple[PairJob, int, int]:
-    """The join's job, its number of pairs and the :func:`pid_sum` of their distinct pids:
-    the candidate pairs (:func:`candidate_pairs`)
-    indexed by pid and the queries by qid, each put in the object store once; this process
-    keeps no copy of its own. A candidate qid not in the queries is a DataError naming the
-    candidate file and row."""
+    """The join's job, its number of pairs and the :func:`pid_sum` of their distinct pids.
+    The job holds the candidate pairs (:func:`candidate_pairs`) indexed by pid and the
+    queries by qid, each put in the object store once; this process keeps no copy of its
+    own. A candidate qid not in the queries is a DataError naming the candidate file and
+    row."""
     import ray
 
     pairs = candidate_pairs(candidates_uri, first)
@@ -300,9 +300,9 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
     if rows != n_pairs or found != expected:  # checked before the manifest
         _name_missing_or_twice(candidates_uri, first, [writer.shard_uri(u.name) for u in units],
                                corpus_uri)
-        raise RuntimeError(f"{out_uri}: {rows} joined pairs for {n_pairs} candidate pairs, "
-                           "their passages' hash sums differing when the counts agree (shards "
-                           "of another corpus under the same key?): remove it and rerun")
+        raise RuntimeError(f"{out_uri}: the joined pairs ({rows}) are not the candidate "
+                           f"pairs ({n_pairs}) and no pid is to blame (shards of another "
+                           "corpus under the same key?): remove the folder and rerun")
     return writer.finalize([u.name for u in units], markers, pairs=n_pairs, run=stats)
 
 
