@@ -528,6 +528,12 @@ def test_select_drops_positives_and_windows_negatives():
     assert cand.to_pylist() == [{"qid": "q", "pids": ["a", "b"], "scores": [5.0, 3.0]}]
     assert train.to_pylist() == [{"qid": "q", "pos_pids": ["p"], "neg_pids": ["b", "c"]}]
     assert no_pos == 0 and dropped == 0
+    # ids are matched as pairs, never as joined strings: ("q\x1fa", "b") is not ("q", "a\x1fb")
+    qids, lists = ["q\x1fa", "q"], np.array([["b", "a\x1fb", "c"], ["a\x1fb", "b", "c"]], object)
+    ranked = ranked_lists(qids, lists, np.ones((2, 3), np.float32), [["c"], ["c"]])
+    _, train, _, dropped = select(ranked, [["c"], ["c"]], top_k=3, n_negatives=3,
+                                  answer_hits={("q", "a\x1fb")})
+    assert [t["neg_pids"] for t in train.to_pylist()] == [["b", "a\x1fb"], ["b"]] and dropped == 1
 
 
 def test_answer_passages_are_not_negatives(ray_local, tmp_path):

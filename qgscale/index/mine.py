@@ -231,26 +231,38 @@ def _lists(values: pa.Array, counts: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
+def _found(probe: pa.Table, known: pa.Table) -> np.ndarray:
+    """Whether each row of ``probe`` is a row of ``known`` (the same columns): exact, by
+    Arrow's hash semi-join (a null matches nothing)."""
+    hit = np.zeros(probe.num_rows, dtype=bool)
+    if probe.num_rows and known.num_rows:
+        i = pa.array(np.arange(probe.num_rows))
+        found = probe.append_column("_i", i).join(known, keys=known.column_names,
+                                                   join_type="left semi")
+        hit[found.column("_i").to_numpy()] = True
+    return hit
+
+
 def ranked_lists(qids: Sequence[str], pids: np.ndarray, scores: np.ndarray,
                  positives: Sequence[Sequence[str]]) -> pa.Table:
     """Each query's retrieved ``(pids, scores)`` (rows of equal length) in rank order, its
     positives and missing hits (None) dropped (:data:`CANDIDATES` rows)."""
+    if len(positives) != len(qids):
+        raise ValueError(f"{len(qids)} queries, {len(positives)} lists of positives")
     if not len(qids):
         return CANDIDATES.empty_table()
     p = np.asarray(pids, dtype=object)
-    drop = np.equal(p, None)
-    most = max(map(len, positives))
-    table = np.full((len(p), max(most, 1)), None, dtype=object)  # each row's positives
-    for i, pos in enumerate(positives):
-        table[i, :len(pos)] = pos
-    for j in range(most):  # elementwise string compares, a column of positives at a time
-        col = table[:, j:j + 1]
-        drop |= np.not_equal(col, None) & np.equal(p, col)
-    keep = ~drop
-    counts = keep.sum(axis=1)
+    row = np.repeat(np.arange(len(p)), p.shape[1])
+    flat = pa.array(p.ravel(), pa.string())  # None: null, dropped
+    known = pa.table({"row": np.repeat(np.arange(len(p)), [len(x) for x in positives]),
+                      "pid": pa.array([x for xs in positives for x in xs], pa.string())})
+    keep = flat.is_valid().to_numpy(zero_copy_only=False) & ~_found(
+        pa.table({"row": row, "pid": flat}), known)
+    counts = np.bincount(row[keep], minlength=len(p))
     return pa.table({"qid": pa.array(qids, pa.string()),
-                     "pids": _lists(pa.array(p[keep], pa.string()), counts),
-                     "scores": _lists(pa.array(np.asarray(scores, np.float32)[keep]), counts)},
+                     "pids": _lists(flat.filter(pa.array(keep)), counts),
+                     "scores": _lists(pa.array(np.asarray(scores, np.float32).ravel()[keep]),
+                                      counts)},
                     schema=CANDIDATES)
 
 
@@ -276,13 +288,9 @@ def select(ranked: pa.Table, positives: Sequence[Sequence[str]], top_k: int,
     qids = qid.filter(pa.array(has))
     flat = pc.list_flatten(window)
     row = pc.list_parent_indices(window).to_numpy(zero_copy_only=False)
-    if answer_hits:
-        keys = pc.binary_join_element_wise(qids.take(pa.array(row)), flat, "\x1f")
-        hit = pc.is_in(keys, value_set=pa.array([f"{q}\x1f{p}" for q, p in answer_hits],
-                                                pa.string()))
-        hit = hit.to_numpy(zero_copy_only=False).astype(bool)
-    else:
-        hit = np.zeros(len(flat), dtype=bool)
+    hit = _found(pa.table({"qid": qids.take(pa.array(row)), "pid": flat}),
+                 pa.table({"qid": [q for q, _ in answer_hits], "pid": [p for _, p in answer_hits]},
+                          schema=HITS))
     # the non-answer passages before each one in its list: it is looked at while < n
     before = np.cumsum(~hit) - ~hit
     starts = np.searchsorted(row, np.arange(len(qids)))
@@ -378,7 +386,8 @@ def examples(ranked: dict, positives: Positives, out_uri: str, *, top_k: int = 3
     # the answer pairs follow from those lists: keyed by their contents
     lists = hashlib.sha256("".join(s["sha256"] for s in todo).encode()).hexdigest()[:16]
     hits = (answers.hits(uris, positives, storage.join(out_uri, ANSWERS_DIR),
-                         f"{config_hash}/{lists}", skip_top) if answers and todo else None)
+                         f"{config_hash}/{lists}/{skip_top}/{answers.match}", skip_top)
+            if answers and todo else None)
     for s, uri in zip(todo, uris, strict=True):
         name = s["name"]
         ranked_rows = storage.read_parquet(uri)
