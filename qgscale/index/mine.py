@@ -352,12 +352,15 @@ class Queries:
 
 
 def retrieve(queries: Queries, positives: Positives, encode: Callable, out_uri: str,
-             search_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], k: int,
+             search_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], *,
+             top_k: int = 30, n_negatives: int = 8, skip_top: int = 0,
              shard_rows: int = 5000, config_hash: str = "") -> dict:
     """Each query shard's ranked lists (``out_uri/_ranked``, :func:`ranked_lists` of the top
-    ``k``), a shard of ``shard_rows`` queries read, encoded (``encode(texts) -> float32
-    matrix``) and searched (``search_fn(vectors, k) -> (pids, scores)``) at a time, resumable
-    shard by shard; returns their manifest."""
+    ``max(top_k, skip_top + n_negatives)`` + the most positives of a query, so that as many
+    are left once positives are dropped), a shard of ``shard_rows`` queries read, encoded
+    (``encode(texts) -> float32 matrix``) and searched (``search_fn(vectors, k) -> (pids,
+    scores)``) at a time, resumable shard by shard; returns their manifest."""
+    k = max(top_k, skip_top + n_negatives) + positives.most
     writer = storage.ShardWriter(storage.join(out_uri, RANKED_DIR), config_hash)
 
     def shard(name: str, rows: slice) -> pa.Table:
@@ -417,14 +420,13 @@ def mine(queries_uri: str, positives: Positives, encode: Callable, out_uri: str,
          search_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], *,
          top_k: int = 30, n_negatives: int = 8, skip_top: int = 0, shard_rows: int = 5000,
          config_hash: str = "", answers: AnswerFilter | None = None) -> dict:
-    """Mine the queries of ``queries_uri``: their ranked lists (:func:`retrieve`, top
-    ``max(top_k, skip_top + n_negatives)`` + the most positives of a query), then their
+    """Mine the queries of ``queries_uri``: their ranked lists (:func:`retrieve`), then their
     candidates and training examples (:func:`examples`; ``answers``: keep answer passages
     out of the negatives). The driver holds the positives in columns and one query shard in
     Python, never the query table. Returns the manifest."""
-    k = max(top_k, skip_top + n_negatives) + positives.most
-    ranked = retrieve(Queries.open(queries_uri), positives, encode, out_uri, search_fn, k,
-                      shard_rows, config_hash)
+    ranked = retrieve(Queries.open(queries_uri), positives, encode, out_uri, search_fn,
+                      top_k=top_k, n_negatives=n_negatives, skip_top=skip_top,
+                      shard_rows=shard_rows, config_hash=config_hash)
     return examples(ranked, positives, out_uri, top_k=top_k, n_negatives=n_negatives,
                     skip_top=skip_top, config_hash=config_hash, answers=answers)
 
@@ -442,7 +444,6 @@ def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_u
 
     mc, ic = cfg.mine, cfg.index.search
     positives = Positives.read(qrels_uri)
-    k = max(mc.top_k, mc.skip_top + mc.n_negatives) + positives.most
     res = actor_resources("index.search", 1, ic.cpus_per_actor, ic.gpus_per_actor)
     with requesting("index.search",
                     bundles(res) + search_bundles(index_uri, ic.cpus_per_actor)):
@@ -455,7 +456,9 @@ def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_u
         try:
             ranked = retrieve(Queries.open(queries_uri), positives,
                               lambda texts: ray.get(actor.encode_queries.remote(texts)),
-                              out_uri, searcher.search, k, mc.shard_rows, key)
+                              out_uri, searcher.search, top_k=mc.top_k,
+                              n_negatives=mc.n_negatives, skip_top=mc.skip_top,
+                              shard_rows=mc.shard_rows, config_hash=key)
         finally:
             ray.kill(actor)
             searcher.close()

@@ -55,14 +55,7 @@ def candidate_files(candidates_uri: str | list[str]) -> list[str]:
 
 def candidate_lists(candidates_uri: str | list[str]) -> int:
     """How many candidate lists (queries) there are, from the parquet footers."""
-    import pyarrow.parquet as pq
-
-    n = 0
-    for f in candidate_files(candidates_uri):
-        fs, path = storage.url_to_fs(f)
-        with fs.open(path, "rb") as fh:
-            n += pq.ParquetFile(fh).metadata.num_rows
-    return n
+    return sum(m.num_rows for m in storage.footers(candidate_files(candidates_uri)))
 
 
 def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -> pa.Table:
