@@ -326,8 +326,8 @@ def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
     Ray actor per index shard (``ray.address``; this process holds neither the index nor its
     id map)."""
     from qgscale.index.encode import load_dual_encoder
-    from qgscale.index.search import ShardedSearcher, search_bundles
-    from qgscale.runtime import connect, requesting
+    from qgscale.index.search import ShardedSearcher, search_resources
+    from qgscale.runtime import bundles, connect, requesting
 
     cfg = load(config, set)
     lay = Layout(cfg)
@@ -336,9 +336,11 @@ def index_search(config: ConfigArg, query: Annotated[list[str], typer.Option(
     sc = cfg.index.search
     vecs = enc.encode_queries(query, sc.batch_size).float().numpy()
     connect(cfg.ray)
-    with requesting("index.search", search_bundles(index_uri, sc.cpus_per_actor)):
-        searcher = ShardedSearcher(index_uri, sc.nprobe, sc.ef_search, sc.cpus_per_actor,
-                                   sc.refine, sc.k_factor)
+    shards, _ = search_resources(index_uri, sc, encoder=False)
+    with requesting("index.search", bundles(shards)):
+        searcher = ShardedSearcher(index_uri, sc.nprobe, sc.ef_search, shards.num_cpus,
+                                   sc.refine, sc.k_factor, num_gpus=shards.num_gpus,
+                                   gpus_explicit=bool(sc.gpus_per_actor))
         try:
             pids, scores = searcher.search(vecs, k)
         finally:

@@ -336,11 +336,12 @@ class BuildConfig(Actors):
 
 
 class SearchConfig(Section):
-    """``index.search``: searching a built index (mine, eval, ``qgscale search``), with the
-    queries encoded by one actor of ``cpus_per_actor`` / ``gpus_per_actor``. Mining searches
-    with one Ray actor per index shard (of ``cpus_per_actor`` and the same GPUs as the
-    encoder: FAISS on GPU there, the shard in fp16 for Flat), each holding its shard and the
-    pids of its ids."""
+    """``index.search``: searching a built index (mine, eval, ``qgscale search``): one Ray
+    actor per index shard, each holding its shard and the pids of its ids (FAISS on its GPUs
+    when it has some, a Flat shard in fp16), alive beside the query encoder (an actor or
+    task); each of them gets ``cpus_per_actor`` CPUs and ``gpus_per_actor`` GPUs. Unset: a GPU
+    each when the cluster has GPUs, shared when they are fewer than the actors
+    (:func:`qgscale.index.search.search_resources`)."""
 
     nprobe: int = Field(16, ge=1)
     ef_search: int = Field(64, ge=1)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import sys
 from collections import deque
@@ -272,6 +273,32 @@ def actor_resources(stage: str, num_actors: int | None = None, cpus_per_actor: f
     else:  # leave one CPU to the driver
         n = num_actors or max(1, int(max(cpus_now - 1, cpus_per_actor) // cpus_per_actor))
     return Resources(stage, n, float(cpus_per_actor), gpus)
+
+
+def gpus_taken(n: int, gpus: float) -> int:
+    """Whole GPUs that ``n`` actors of ``gpus`` GPUs each occupy: Ray packs ``floor(1 /
+    gpus)`` actors of a fraction on one GPU, and gives an actor of more than one whole GPUs."""
+    if gpus <= 0 or n <= 0:
+        return 0
+    if gpus > 1:
+        return int(math.ceil(n * gpus))
+    return -(-n // int(1 / gpus + 1e-9))
+
+
+def check_fits(res: Resources, what: str, advice: str) -> None:
+    """A :class:`ResourceError` when the ``res.num_actors`` actors of ``res``, which
+    must all run at once (``what``: who they are), can never fit the cluster at its largest
+    (:func:`cluster_capacity`; not checked where that is unknown): they would wait forever."""
+    n = res.num_actors
+    for kind, each, taken in (("CPU", res.num_cpus, n * res.num_cpus),
+                              ("GPU", res.num_gpus, gpus_taken(n, res.num_gpus))):
+        _, most = cluster_capacity(kind)
+        if each and most is not None and taken > most + 1e-9:
+            field = "cpus" if kind == "CPU" else "gpus"
+            raise ResourceError(
+                f"{res.stage}: {what}, {n} actors of {res.stage}.{field}_per_actor={each:g} "
+                f"{kind}s ({taken:g} {kind}s in all), and the Ray cluster has at most "
+                f"{most:g} {kind}s: {advice}")
 
 
 def bundles(res: Resources, n: int | None = None) -> list[dict[str, float]]:

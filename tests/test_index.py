@@ -218,13 +218,22 @@ def test_exact_sharded_search_equals_single_process(ray_local, tmp_path, factory
     np.testing.assert_array_equal(blocked_scores, d_ref)
     got2, scores2 = search(idx, xq, 10)  # IndexShards in this process: the same
     assert got2.tolist() == got.tolist()
-    if factory == "Flat":  # 2 shards x 1.5 CPUs on a 2-CPU Ray: an error, not a hang
+    if factory == "Flat":  # actors that cannot all fit a 2-CPU Ray: an error, not a hang
+        from qgscale.config import SearchConfig
         from qgscale.runtime import ResourceError
 
-        with pytest.raises(ResourceError, match=r"has 2 shards, one search actor each of "
-                                                r"index.search.cpus_per_actor=1.5 CPUs \(3 in "
-                                                r"all\), and the Ray cluster has at most 2 CPUs"):
+        with pytest.raises(ResourceError, match=r"has 2 shards, one search actor each, 2 "
+                                                r"actors of index.search.cpus_per_actor=1.5 "
+                                                r"CPUs \(3 CPUs in all\), and the Ray cluster "
+                                                r"has at most 2 CPUs"):
             ShardedSearcher(idx, num_cpus=1.5)
+        # the stage's query encoder counts too: 2 shards + it at 1 CPU each
+        with pytest.raises(ResourceError, match=r"one search actor each, and a query encoder, "
+                                                r"3 actors .* \(3 CPUs in all\)"):
+            S.search_resources(idx, SearchConfig(cpus_per_actor=1))
+        shards, coder = S.search_resources(idx, SearchConfig(cpus_per_actor=0.5))
+        assert (shards.num_actors, coder.num_actors, shards.num_gpus, coder.num_gpus) == \
+            (2, 1, 0, 0)  # a Ray without GPUs: CPU actors
     np.testing.assert_array_equal(scores2, d_ref)
 
 
@@ -477,6 +486,81 @@ def test_s3_build_resumes_after_killed_add_actor(ray_local, s3_bucket):
     # every vector is found under its own pid
     got, scores = search(idx, xb[::97], 1, nprobe=16)
     assert got[:, 0].tolist() == pids[::97] and np.all(scores == 0)  # l2: -distance
+
+
+def test_gpu_shares_fit_every_search_actor_and_the_encoder():
+    """Unset GPUs: a GPU each while there are enough, else search actors share GPUs and the
+    encoder takes a free slot or a tenth of a share; whole GPUs taken as Ray packs them."""
+    from qgscale.runtime import gpus_taken
+
+    assert S.gpu_shares(4, 8) == (1.0, 1.0)
+    assert S.gpu_shares(8, 8) == (0.9, pytest.approx(0.1))  # the paper's 8 shards, 8 GPUs
+    assert S.gpu_shares(15, 8) == (0.5, 0.5)  # a free half for the encoder
+    assert S.gpu_shares(16, 8) == (0.45, pytest.approx(0.05))
+    assert S.gpu_shares(16, 8, encoder=False) == (0.5, 0.5)
+    assert S.gpu_shares(288, 288) == (0.9, pytest.approx(0.1))  # 1B Flat preset: no GPU idle
+    for shards, gpus in [(1, 1), (8, 8), (9, 8), (15, 8), (16, 8), (17, 8), (30, 4)]:
+        each, coder = S.gpu_shares(shards, gpus)
+        assert gpus_taken(shards, each) <= gpus
+        free = [1.0] * gpus  # every actor placed on a GPU with room left, as Ray packs them
+        for need in [each] * shards + [coder]:
+            at = next(i for i, f in enumerate(free) if f >= need - 1e-9)  # else: no room
+            free[at] -= need
+    assert [gpus_taken(n, g) for n, g in [(3, 1.0), (3, 0.5), (4, 0.5), (3, 0.3), (2, 2.0),
+                                          (5, 0.0)]] == [3, 2, 2, 1, 4, 0]
+
+
+_GPU_RAY = """
+import sys, ray
+from qgscale.config import SearchConfig
+from qgscale.index.search import ShardedSearcher, search_resources
+from qgscale.runtime import ResourceError
+import numpy as np
+
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+         log_to_driver=False)
+shards, coder = search_resources(sys.argv[1], SearchConfig())
+print("auto", shards.num_actors, shards.num_gpus, coder.num_actors, coder.num_gpus)
+
+@ray.remote
+class Encoder:  # holds the query encoder's place on the GPU while the search runs
+    def gpus(self):
+        return ray.get_gpu_ids()
+
+enc = Encoder.options(**coder.options()).remote()
+print("encoder", ray.get(enc.gpus.remote(), timeout=60))
+searcher = ShardedSearcher(sys.argv[1], num_cpus=shards.num_cpus, num_gpus=shards.num_gpus)
+pids, _ = searcher.search(np.eye(1, 8, dtype=np.float32), 3)
+print("found", len(pids[0]))
+try:
+    search_resources(sys.argv[1], SearchConfig(gpus_per_actor=1))
+except ResourceError as e:
+    print("explicit", e)
+ray.shutdown()
+"""
+
+
+def test_search_actors_share_a_gpu_with_the_encoder(ray_local, tmp_path):
+    """A Ray of 1 GPU (declared: Ray schedules it, faiss-cpu searches on the CPU): a 1-shard
+    search and its query encoder both run, 0.9 and 0.1 of the GPU (each asked for a whole GPU
+    before, and the second waited forever); asked for 1 GPU each explicitly, the same stage is
+    a ResourceError that says what to lower. The GPU FAISS path itself is not run here."""
+    import subprocess
+    import sys
+
+    emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
+    write_embeddings(emb, clustered(300, 8, seed=3), 1)
+    B.build_index(emb, idx, BuildConfig(factory="Flat", cpus_per_actor=0.5))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-c", _GPU_RAY, idx], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
+    assert out["auto"] == "1 0.9 1 0.1"
+    assert out["encoder"] == "[0]" and out["found"] == "3"
+    assert re.search(r"one search actor each, and a query encoder, 2 actors of "
+                     r"index.search.gpus_per_actor=1 GPUs \(2 GPUs in all\), and the Ray "
+                     r"cluster has at most 1 GPUs: lower", out["explicit"]), out["explicit"]
 
 
 def test_search_actor_searches_at_nprobe_on_cpu_and_gpu(ray_local, tmp_path, monkeypatch):

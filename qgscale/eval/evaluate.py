@@ -420,10 +420,13 @@ def answers_wanted(answer_recall: bool, answer_accuracy: str) -> bool:
 
 def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
                   corpus_uri: str | None = None, device: str | None = None,
-                  search_cpus: float = 1.0, refine: str = "none", k_factor: float = 4.0,
+                  search_cpus: float = 1.0, search_gpus: float = 0.0,
+                  gpus_explicit: bool = False, refine: str = "none", k_factor: float = 4.0,
                   answer_recall: bool = True, answer_accuracy: str = "dpr", **kw: Any) -> dict:
     """Load the student and the split from storage and evaluate, searching the index with
-    one Ray actor per index shard of ``search_cpus`` CPUs, which re-rank with their shard's
+    one Ray actor per index shard of ``search_cpus`` CPUs and ``search_gpus`` GPUs (FAISS on
+    them; ``gpus_explicit``: asked for in the config, so a faiss without GPU support is an
+    error, :func:`qgscale.index.gpu.use_gpu`), which re-rank with their shard's
     exact vectors under ``refine`` (a Ray task body: it holds one block of queries' top-k,
     not the index nor its vectors, and writes the run to ``run_uri`` when given; ``device``:
     torch's default when not given)."""
@@ -439,7 +442,8 @@ def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
     device = device or default_device()
     encoder = load_dual_encoder(model_uri, device)
     searcher = ShardedSearcher(index_uri, kw.get("nprobe"), kw.get("ef_search"),
-                               search_cpus, refine, k_factor, corpus_uri=data.corpus_uri)
+                               search_cpus, refine, k_factor, num_gpus=search_gpus,
+                               gpus_explicit=gpus_explicit, corpus_uri=data.corpus_uri)
     try:
         out = evaluate_split(encoder, searcher, data, device=device,
                              answer_recall=answer_recall, answer_accuracy=answer_accuracy, **kw)
@@ -617,8 +621,8 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
     Writes one report folder per split under ``out_uri`` (``out_uri/<split>/``) and a
     ``_manifest.json``; returns ``{split: metrics}``.
     """
-    from qgscale.index.search import search_bundles
-    from qgscale.runtime import actor_resources, bundles, connect, requesting
+    from qgscale.index.search import search_resources
+    from qgscale.runtime import bundles, connect, requesting
 
     ec = cfg.eval
     check_inputs(model_uri, index_uri, data_uri, splits)
@@ -626,21 +630,21 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
 
     connect(cfg.ray)
     sc = cfg.index.search
-    res = actor_resources("index.search", 1, sc.cpus_per_actor, sc.gpus_per_actor)
-    task = ray.remote(_evaluate_task).options(**res.options())
+    shards, coder = search_resources(index_uri, sc)
+    task = ray.remote(_evaluate_task).options(**coder.options())
     names = report_names(ec.k)
     results = {}
     for split in splits:
         t0 = time.time()
-        with requesting("index.search",
-                        bundles(res) + search_bundles(index_uri, sc.cpus_per_actor)):
+        with requesting("index.search", bundles(shards) + bundles(coder)):
             result = ray.get(task.remote(
-                res.num_gpus, model_uri, index_uri, data_uri, split,
+                coder.num_gpus, model_uri, index_uri, data_uri, split,
                 top_k=ec.top_k, ks=ec.k, batch_size=sc.batch_size, pairs=ec.pairs,
                 nprobe=sc.nprobe, ef_search=sc.ef_search, refine=sc.refine,
                 k_factor=sc.k_factor, precision=sc.precision, answer_recall=ec.answer_recall,
                 answer_accuracy=ec.answer_accuracy,
-                search_cpus=sc.cpus_per_actor,
+                search_cpus=shards.num_cpus, search_gpus=shards.num_gpus,
+                gpus_explicit=bool(sc.gpus_per_actor),
                 run_uri=storage.join(out_uri, split, "run.parquet")))
         result["timings"]["total_s"] = time.time() - t0
         result["job"] = {"driver_python": sys.executable, "driver_host": os.uname().nodename,

@@ -38,7 +38,7 @@ from qgscale.data.keyindex import KeyIndex
 from qgscale.data.pidfilter import key_hashes, pid_sum
 from qgscale.data.schema import ANSWERS, CANDIDATES, QRELS, TRAIN_EXAMPLES, blank, passage_text
 from qgscale.errors import DataError
-from qgscale.runtime import Shard, actor_resources, bundles, requesting, run_shards
+from qgscale.runtime import Shard, bundles, requesting, run_shards
 
 RANKED_DIR = "_ranked"  # under the mine folder: each query's retrieved list, positives dropped
 ANSWERS_DIR = "_answer_hits"  # the answer check's (qid, pid) pairs, a shard per corpus shard
@@ -440,18 +440,17 @@ def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_u
     import ray
 
     from qgscale.index.encode import QueryEncoder, load_dual_encoder
-    from qgscale.index.search import ShardedSearcher, search_bundles
+    from qgscale.index.search import ShardedSearcher, search_resources
 
     mc, ic = cfg.mine, cfg.index.search
     positives = Positives.read(qrels_uri)
-    res = actor_resources("index.search", 1, ic.cpus_per_actor, ic.gpus_per_actor)
-    with requesting("index.search",
-                    bundles(res) + search_bundles(index_uri, ic.cpus_per_actor)):
-        actor = ray.remote(QueryEncoder).options(**res.options()).remote(
+    shards, coder = search_resources(index_uri, ic)
+    with requesting("index.search", bundles(shards) + bundles(coder)):
+        actor = ray.remote(QueryEncoder).options(**coder.options()).remote(
             functools.partial(load_dual_encoder, model_uri), ic.batch_size, ic.precision,
-            res.num_gpus, res.threads)
-        searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, ic.cpus_per_actor,
-                                   ic.refine, ic.k_factor, num_gpus=res.num_gpus,
+            coder.num_gpus, coder.threads)
+        searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, shards.num_cpus,
+                                   ic.refine, ic.k_factor, num_gpus=shards.num_gpus,
                                    gpus_explicit=bool(ic.gpus_per_actor))
         try:
             ranked = retrieve(Queries.open(queries_uri), positives,

@@ -1,9 +1,10 @@
 """Search a built index: fan out over its shards, merge top-k by score, map ids to pids.
 
 Two fan-outs: ``faiss.IndexShards`` in this process (:func:`search`, for a process whose job
-is to hold the index: an eval task, ``qgscale search``), or one Ray actor per shard
-(:class:`ShardedSearcher`, mining) that also holds the pids of its shard's ids, with the top-k
-merged by ``faiss.ResultHeap``: there the caller holds neither index nor id map. Scores are
+is to hold the index), or one Ray actor per shard (:class:`ShardedSearcher`: mining, eval,
+``qgscale search``; its actors' resources: :func:`search_resources`) that also holds the pids
+of its shard's ids, with the top-k merged by ``faiss.ResultHeap``: there the caller holds
+neither index nor id map. Scores are
 higher-is-better: inner products, or negated squared L2 distances.
 
 Optional re-ranking (``refine="flat"|"fp16"``): the top ``k * k_factor`` candidates of the
@@ -16,6 +17,7 @@ every vector), and the exact scores are merged.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +28,15 @@ import pyarrow.compute as pc
 
 from qgscale import storage
 from qgscale.index.vectors import iter_vectors
-from qgscale.runtime import ResourceError, cluster_capacity, remote_options
+from qgscale.runtime import (
+    Resources,
+    actor_resources,
+    check_fits,
+    cluster_capacity,
+    remote_options,
+)
+
+log = logging.getLogger("qgscale")
 
 REFINE_KINDS = ("none", "flat", "fp16")
 
@@ -385,11 +395,52 @@ class ShardSearcher:
         return dist, ids, self.pid_map.lookup(ids)
 
 
-def search_bundles(index_uri: str, num_cpus: float = 1.0) -> list[dict[str, float]]:
-    """The resource shapes of a :class:`ShardedSearcher`'s actors (one per index shard), for
-    :func:`qgscale.runtime.requesting`."""
-    n = len((storage.read_manifest(index_uri) or {}).get("shards", []))
-    return [{"CPU": float(num_cpus)} for _ in range(n)]
+def gpu_shares(shards: int, gpus: int, encoder: bool = True) -> tuple[float, float]:
+    """``(each search actor's, the query encoder's)`` GPUs when ``shards`` search actors and
+    the ``encoder`` share ``gpus`` GPUs: a GPU each while there are enough; else as many
+    search actors on each GPU as needed (1/2, 1/3, ... each); and when they fill every GPU,
+    the encoder takes a tenth of a search actor's share beside them (queries are encoded
+    between searches) rather than every search actor giving up half its GPU for it."""
+    per = -(-shards // max(1, gpus))  # search actors per GPU
+    share = 1.0 / per
+    if not encoder or shards < gpus * per:  # a free slot left for the encoder
+        return share, share
+    return 0.9 * share, 0.1 * share
+
+
+def search_resources(index_uri: str, sc: Any, encoder: bool = True
+                     ) -> tuple[Resources, Resources]:
+    """``(search actors, query encoder)`` of one search of ``index_uri`` with the
+    ``index.search`` settings ``sc``: one search actor per index shard, and the query encoder
+    (an actor or task; none for ``qgscale search``, which encodes in its own process: 0
+    actors), all alive at once, each of ``cpus_per_actor`` CPUs and ``gpus_per_actor`` GPUs
+    (:func:`qgscale.runtime.bundles` gives their shapes). Unset ``gpus_per_actor``: a GPU each
+    when the cluster has GPUs (:func:`~qgscale.runtime.actor_resources`), shared
+    (:func:`gpu_shares`) when there are more actors than GPUs. Actors that can never all fit
+    the cluster are a :class:`~qgscale.runtime.ResourceError`, not a stage waiting forever."""
+    m = storage.read_manifest(index_uri)
+    if m is None:
+        raise FileNotFoundError(f"{index_uri}: no {storage.MANIFEST}")
+    shards, coders = len(m["shards"]), int(encoder)
+    res = actor_resources("index.search", 1, sc.cpus_per_actor, sc.gpus_per_actor)
+    cpus, gpus = res.num_cpus, res.num_gpus
+    shard_gpus = coder_gpus = gpus
+    if gpus and sc.gpus_per_actor is None:
+        now, most = cluster_capacity("GPU")
+        if shards + coders > (can := int(now if most is None else most)):
+            shard_gpus, coder_gpus = gpu_shares(shards, can, encoder)
+            log.info("index.search: %d search actors on %d GPUs: %g GPU each%s", shards, can,
+                     shard_gpus, f", the query encoder {coder_gpus:g}" if encoder else "")
+    # explicit GPUs: every actor the same, checked as given; unset: they fit by construction
+    check_fits(Resources("index.search", shards + coders, cpus,
+                         gpus if sc.gpus_per_actor else 0.0),
+               f"{index_uri} has {shards} shards, one search actor each"
+               + (", and a query encoder" if encoder else ""),
+               "lower index.search.cpus_per_actor / gpus_per_actor (fractions are allowed: "
+               "actors then share a CPU or GPU) or build the index in fewer shards "
+               "(index.build.num_shards)")
+    return (Resources("index.search", shards, cpus, shard_gpus),
+            Resources("index.search", coders, cpus, coder_gpus))
 
 
 class ShardedSearcher:
@@ -409,13 +460,10 @@ class ShardedSearcher:
         if m is None:
             raise FileNotFoundError(f"{index_uri}: no {storage.MANIFEST}")
         self.metric = m["metric"]
-        need, (_, most) = len(m["shards"]) * num_cpus, cluster_capacity("CPU")
-        if most is not None and need > most:  # some actors would wait for CPUs forever
-            raise ResourceError(
-                f"index.search: {index_uri} has {len(m['shards'])} shards, one search actor "
-                f"each of index.search.cpus_per_actor={num_cpus:g} CPUs ({need:g} in all), and "
-                f"the Ray cluster has at most {most:g} CPUs: lower cpus_per_actor (fractions "
-                "are allowed) or build the index in fewer shards (index.build.num_shards)")
+        check_fits(Resources("index.search", len(m["shards"]), num_cpus, num_gpus),
+                   f"{index_uri} has {len(m['shards'])} shards, one search actor each",
+                   "lower index.search.cpus_per_actor / gpus_per_actor or build the index in "
+                   "fewer shards (index.build.num_shards)")
         actor = ray.remote(ShardSearcher).options(**remote_options(num_cpus, num_gpus))
         self.actors = [actor.remote(index_uri, rel, m.get("ondisk", False), nprobe, ef_search,
                                     max(1, int(num_cpus)), num_gpus, gpus_explicit,
