@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no OpenMP spinning on a shared 2-core box
 
@@ -721,12 +722,23 @@ def test_mining_never_returns_a_positive(ray_local, tmp_path):
         encoded.extend(texts)
         return np.stack([qvecs[t] for t in texts])
 
-    def run():
-        return mine(queries, positives, encode, out, functools.partial(search, idx, nprobe=16),
-                    top_k=10, n_negatives=4, shard_rows=50, config_hash="m1")
+    ahead: list[bool] = []
 
-    m = run()
+    def searching(x, k):  # waits (10 s at most) for the next shard's encoding to start
+        want = min(len(qids), (len(ahead) + 2) * 50)
+        deadline = time.monotonic() + 10
+        while len(encoded) < want and time.monotonic() < deadline:
+            time.sleep(0.005)
+        ahead.append(len(encoded) >= want)
+        return search(idx, x, k, nprobe=16)
+
+    def run(search_fn=functools.partial(search, idx, nprobe=16)):
+        return mine(queries, positives, encode, out, search_fn, top_k=10, n_negatives=4,
+                    shard_rows=50, config_hash="m1")
+
+    m = run(searching)
     assert encoded == qids  # every query once, in order, across the file boundary
+    assert ahead == [True] * 3  # a shard's queries encoded while the one before is searched
     assert m["queries"] == n_q + 1 and m["train_examples"] == n_q and m["no_positive"] == 1
     cand = storage.read_parquet(f"{out}/candidates").to_pylist()
     train = storage.read_parquet(f"{out}/train").to_pylist()

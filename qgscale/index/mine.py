@@ -16,7 +16,7 @@ corpus once, a corpus shard per actor job, after every query is retrieved.
 
 The driver reads the queries a shard at a time (:class:`Queries`) and holds the positives and
 answers in Arrow columns looked up by qid hash (:class:`Positives`, :class:`AnswerFilter`),
-never the query table.
+never the query table. A shard's queries are encoded while the shard before it is searched.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,17 +360,33 @@ def retrieve(queries: Queries, positives: Positives, encode: Callable, out_uri: 
     ``max(top_k, skip_top + n_negatives)`` + the most positives of a query, so that as many
     are left once positives are dropped), a shard of ``shard_rows`` queries read, encoded
     (``encode(texts) -> float32 matrix``) and searched (``search_fn(vectors, k) -> (pids,
-    scores)``) at a time, resumable shard by shard; returns their manifest."""
+    scores)``) at a time, resumable shard by shard; returns their manifest. The next shard
+    to do is read and encoded in a thread while this one is searched (on a cluster: the
+    encoder actor and the search actors work at once), so ``encode`` and ``search_fn`` run
+    concurrently, each called by one thread."""
     k = max(top_k, skip_top + n_negatives) + positives.most
     writer = storage.ShardWriter(storage.join(out_uri, RANKED_DIR), config_hash)
+    done = writer.markers()
+    todo = [rows for name, rows in storage.shard_slices(len(queries), shard_rows)
+            if name not in done]
+    after = {a.start: b for a, b in zip(todo[:-1], todo[1:], strict=True)}  # the next to do
 
-    def shard(name: str, rows: slice) -> pa.Table:
+    def encoded(rows: slice) -> tuple[list[str], np.ndarray | None]:
         batch, texts = queries.read(rows)
-        # no queries: one empty shard, nothing to search
-        pids, scores = search_fn(encode(texts), k) if batch else ([], [])
-        return ranked_lists(batch, pids, scores, positives.of(batch))
+        return batch, encode(texts) if batch else None  # no queries: nothing to encode
 
-    return writer.write_shards(len(queries), shard_rows, shard, desc="mine")
+    with ThreadPoolExecutor(1, thread_name_prefix="mine-encode") as pool:
+        ahead: dict[int, Future] = {}
+
+        def shard(name: str, rows: slice) -> pa.Table:
+            job = ahead.pop(rows.start, None) or pool.submit(encoded, rows)
+            if rows.start in after:
+                ahead[after[rows.start].start] = pool.submit(encoded, after[rows.start])
+            batch, vectors = job.result()
+            pids, scores = search_fn(vectors, k) if batch else ([], [])
+            return ranked_lists(batch, pids, scores, positives.of(batch))
+
+        return writer.write_shards(len(queries), shard_rows, shard, desc="mine")
 
 
 def examples(ranked: dict, positives: Positives, out_uri: str, *, top_k: int = 30,
