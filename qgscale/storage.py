@@ -438,15 +438,17 @@ class ShardWriter:
 
     def write_shards(self, n_rows: int, shard_rows: int,
                      make: Callable[[str, slice], pa.Table | tuple[pa.Table, dict]], *,
-                     desc: str | None = None, **manifest: Any) -> dict:
+                     desc: str | None = None, done: dict[str, dict] | None = None,
+                     **manifest: Any) -> dict:
         """Cut ``n_rows`` rows into shards (:func:`shard_slices`), write every shard not yet
-        done (``make(name, rows)`` builds it: its table, or ``(table, marker_extra)``), then
-        the manifest (with ``manifest`` fields); returns the manifest. A progress bar named
-        ``desc`` is shown for 10 shards or more."""
+        done (``make(name, rows)`` builds it: its table, or ``(table, marker_extra)``; ``done``:
+        the :meth:`markers` when the caller has read them), then the manifest (with
+        ``manifest`` fields); returns the manifest. A progress bar named ``desc`` is shown for
+        10 shards or more."""
         from tqdm import tqdm
 
         plan = shard_slices(n_rows, shard_rows)
-        done = self.markers()
+        done = self.markers() if done is None else done
         for name, rows in tqdm(plan, desc=desc, unit="shard",
                                disable=desc is None or len(plan) < 10):
             if name in done:

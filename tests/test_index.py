@@ -223,14 +223,14 @@ def test_exact_sharded_search_equals_single_process(ray_local, tmp_path, factory
         from qgscale.config import SearchConfig
         from qgscale.runtime import ResourceError
 
-        with pytest.raises(ResourceError, match=r"has 2 shards, one search actor each, 2 "
+        with pytest.raises(ResourceError, match=r"has 2 shards, one search actor each: 2 "
                                                 r"actors of index.search.cpus_per_actor=1.5 "
-                                                r"CPUs \(3 CPUs in all\), and the Ray cluster "
-                                                r"has at most 2 CPUs"):
+                                                r"each, and the Ray cluster's nodes can run at "
+                                                r"most 1 of them at once: lower"):
             ShardedSearcher(idx, num_cpus=1.5)
         # the stage's query encoder counts too: 2 shards + it at 1 CPU each
-        with pytest.raises(ResourceError, match=r"one search actor each, and a query encoder, "
-                                                r"3 actors .* \(3 CPUs in all\)"):
+        with pytest.raises(ResourceError, match=r"one search actor each, and a query encoder: "
+                                                r"3 actors .* at most 2 of them"):
             S.search_resources(idx, SearchConfig(cpus_per_actor=1))
         shards, coder = S.search_resources(idx, SearchConfig(cpus_per_actor=0.5))
         assert (shards.num_actors, coder.num_actors, shards.num_gpus, coder.num_gpus) == \
@@ -492,7 +492,7 @@ def test_s3_build_resumes_after_killed_add_actor(ray_local, s3_bucket):
 def test_gpu_shares_fit_every_search_actor_and_the_encoder():
     """Unset GPUs: a GPU each while there are enough, else search actors share GPUs and the
     encoder takes a free slot or a tenth of a share; whole GPUs taken as Ray packs them."""
-    from qgscale.runtime import gpus_taken
+    from qgscale.runtime import slots
 
     assert S.gpu_shares(4, 8) == (1.0, 1.0)
     assert S.gpu_shares(8, 8) == (0.9, pytest.approx(0.1))  # the paper's 8 shards, 8 GPUs
@@ -502,13 +502,17 @@ def test_gpu_shares_fit_every_search_actor_and_the_encoder():
     assert S.gpu_shares(288, 288) == (0.9, pytest.approx(0.1))  # 1B Flat preset: no GPU idle
     for shards, gpus in [(1, 1), (8, 8), (9, 8), (15, 8), (16, 8), (17, 8), (30, 4)]:
         each, coder = S.gpu_shares(shards, gpus)
-        assert gpus_taken(shards, each) <= gpus
+        assert slots(0, each, 0, gpus) >= shards
         free = [1.0] * gpus  # every actor placed on a GPU with room left, as Ray packs them
         for need in [each] * shards + [coder]:
             at = next(i for i, f in enumerate(free) if f >= need - 1e-9)  # else: no room
             free[at] -= need
-    assert [gpus_taken(n, g) for n, g in [(3, 1.0), (3, 0.5), (4, 0.5), (3, 0.3), (2, 2.0),
-                                          (5, 0.0)]] == [3, 2, 2, 1, 4, 0]
+    # shares in Ray's units of 1/10,000 GPU, rounded down: 6 of 1/6 fit a GPU
+    assert S.gpu_shares(6, 1, encoder=False) == (0.1666, 0.1666)
+    # actors a node runs: whole GPUs, fractions packed per GPU, and its CPUs
+    assert [slots(c, g, 8, 2) for c, g in [(1, 1.0), (1, 0.5), (1, 0.3), (1, 2.0), (3, 0.5),
+                                           (6, 0.1), (9, 0.0), (1, 0.0)]] == [2, 4, 6, 1, 2, 1,
+                                                                             0, 8]
 
 
 _GPU_RAY = """
@@ -559,9 +563,10 @@ def test_search_actors_share_a_gpu_with_the_encoder(ray_local, tmp_path):
     out = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
     assert out["auto"] == "1 0.9 1 0.1"
     assert out["encoder"] == "[0]" and out["found"] == "3"
-    assert re.search(r"one search actor each, and a query encoder, 2 actors of "
-                     r"index.search.gpus_per_actor=1 GPUs \(2 GPUs in all\), and the Ray "
-                     r"cluster has at most 1 GPUs: lower", out["explicit"]), out["explicit"]
+    assert re.search(r"one search actor each, and a query encoder: 2 actors of "
+                     r"index.search.cpus_per_actor=1 and gpus_per_actor=1 each, and the Ray "
+                     r"cluster's nodes can run at most 1 of them at once: lower",
+                     out["explicit"]), out["explicit"]
 
 
 def test_search_actor_searches_at_nprobe_on_cpu_and_gpu(ray_local, tmp_path, monkeypatch):

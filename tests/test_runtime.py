@@ -20,13 +20,54 @@ def test_gpu_stage_fails_fast_on_a_cluster_without_gpus(ray_local):
                        match=r"teacher\.score: gpus_per_actor=1 asks for GPUs but the Ray "
                              r"cluster has 0 GPUs"):
         runtime.actor_resources("teacher.score", None, 1.0, 1)
-    with pytest.raises(runtime.ResourceError, match=r"index\.cpus_per_actor=64: .* 2 CPUs"):
+    with pytest.raises(runtime.ResourceError, match=r"index: index\.num_actors=1: 1 actors of "
+                                                    r"index\.cpus_per_actor=64 each, and the "
+                                                    r"Ray cluster's nodes can run at most 0"):
         runtime.actor_resources("index", 1, 64, 0)
     # explicit CPU, and the automatic choice (logged) on a cluster without GPUs
     cpu = runtime.actor_resources("teacher.score", None, 0.5, 0)
     assert (cpu.num_gpus, cpu.num_cpus, cpu.num_actors) == (0, 0.5, 2)  # 1 CPU left
     assert runtime.actor_resources("index", None, 1.0, None).num_gpus == 0
     assert runtime.actor_device(0) == "cpu"
+
+
+def test_pools_fit_the_nodes_they_run_on(ray_local, tmp_path, monkeypatch):
+    """Actor counts and fit checks go node by node, on the k8s manifests' cluster (a 0-CPU
+    head, up to 8 GPU pods of 8 CPUs and 1 GPU, all up; declared: this machine has no GPUs
+    or second node): a total of 64 CPUs is not 10 six-CPU actors."""
+    from qgscale.config import SearchConfig
+    from qgscale.index.search import search_resources
+
+    pods = [(0.0, 0.0, 1), (8.0, 1.0, 8)]
+    monkeypatch.setattr(runtime, "node_shapes", lambda at_most=True: pods)
+    def capacity(kind):
+        return (64.0, 64.0) if kind == "CPU" else (8.0, 8.0)
+
+    monkeypatch.setattr(runtime, "cluster_capacity", capacity)
+    monkeypatch.setattr("qgscale.index.search.cluster_capacity", capacity)
+    # fractions pack floor(1 / g) actors a GPU: 0.3 -> 3 a GPU, 24 (the total's 26 never run)
+    assert runtime.actor_resources("teacher.score", None, 1.0, 0.3).num_actors == 24
+    # one 6-CPU actor a pod, GPU or not
+    assert runtime.actor_resources("index.encode", None, 6.0, 1).num_actors == 8
+    assert runtime.actor_resources("index.build", None, 6.0, 0).num_actors == 8
+    with pytest.raises(runtime.ResourceError, match=r"teacher\.score\.num_actors=16: 16 "
+                                                    r"actors .* at most 8 of them"):
+        runtime.actor_resources("teacher.score", 16, 1.0, 1)
+    with pytest.raises(runtime.ResourceError, match=r"one actor: .*gpus_per_actor=2 each, .* "
+                                                    r"at most 0"):  # 2 GPUs on 1-GPU pods
+        runtime.actor_resources("teacher.score", None, 1.0, 2)
+    with pytest.raises(runtime.ResourceError, match=r"gpus_per_actor=1.5: expected a fraction"):
+        runtime.actor_resources("teacher.score", None, 1.0, 1.5)
+    # the xor-tydi Flat preset: 8 index shards; the encoder shares a pod with a search actor
+    idx = str(tmp_path / "index")
+    storage.write_manifest(idx, "k", shards=[f"shard-{i}.faiss" for i in range(8)])
+    with pytest.raises(runtime.ResourceError, match=r"and a query encoder: 9 actors of "
+                                                    r"index\.search\.cpus_per_actor=6 .* at "
+                                                    r"most 8 of them"):
+        search_resources(idx, SearchConfig(cpus_per_actor=6))
+    shards, coder = search_resources(idx, SearchConfig(cpus_per_actor=3))
+    assert (shards.num_actors, shards.num_gpus, coder.num_actors, coder.num_gpus) == \
+        (8, 0.9, 1, 0.1)
 
 
 def test_stage_asking_for_gpus_fails_before_any_work(ray_local, tmp_path):

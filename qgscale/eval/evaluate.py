@@ -297,7 +297,7 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
                    nprobe: int | None = None, ef_search: int | None = None,
                    device: str = "cpu", precision: str = "fp32", run_uri: str | None = None,
                    block: int = EVAL_BLOCK, answer_recall: bool = True,
-                   answer_accuracy: str = "dpr") -> dict:
+                   answer_accuracy: str = "dpr", langs: list[str] | None = None) -> dict:
     """Encode ``data``'s queries with ``encoder``, search ``loaded``, compute every metric.
 
     ``loaded``: an index held here (``qgscale.index.search.LoadedIndex``), or a
@@ -307,7 +307,8 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
     vectors and top-k, and running sums of the metrics, never the whole run. The pooled
     top-k goes to ``run_uri`` (parquet, :func:`run_table` rows) when given, else into the
     result as ``run`` (``{qid: {pid: score}}``). ``answer_recall``, ``answer_accuracy``: the
-    answer metrics of a split with answers (:class:`BlockScorer`).
+    answer metrics of a split with answers (:class:`BlockScorer`). ``langs``: the corpus's
+    languages (:func:`corpus_langs`) when the caller has read them.
 
     Returns ``{pairs, query_langs, query_langs_macro, macro, n_queries, corpus_langs, top_k,
     timings}`` (and ``run``).
@@ -318,7 +319,7 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
     if not data.qids:
         raise DataError(f"{data.source.get('queries') or 'eval data'}: no queries")
     timings: dict[str, float] = defaultdict(float)
-    langs = corpus_langs(data.corpus_uri)
+    langs = corpus_langs(data.corpus_uri) if langs is None else langs
     plang_all, lang_ids = None, {}
     if pairs and len(langs) > 1 and not isinstance(loaded, ShardedSearcher):
         plang_all, _ = passage_fields(data.corpus_uri, None, text=False)  # a local index
@@ -441,11 +442,17 @@ def evaluate_uris(model_uri: str, index_uri: str, data_uri: str, split: str, *,
                       answers_wanted(answer_recall, answer_accuracy))
     device = device or default_device()
     encoder = load_dual_encoder(model_uri, device)
+    langs = corpus_langs(data.corpus_uri)
+    if search_gpus and kw.get("pairs", True) and len(langs) > 1:
+        log.warning("eval: per-language searches restrict FAISS with ID selectors, which GPU "
+                    "indexes do not take: the search actors run on CPUs (eval.pairs: false "
+                    "searches the pooled corpus on the GPUs)")
+        search_gpus = 0.0
     searcher = ShardedSearcher(index_uri, kw.get("nprobe"), kw.get("ef_search"),
                                search_cpus, refine, k_factor, num_gpus=search_gpus,
                                gpus_explicit=gpus_explicit, corpus_uri=data.corpus_uri)
     try:
-        out = evaluate_split(encoder, searcher, data, device=device,
+        out = evaluate_split(encoder, searcher, data, device=device, langs=langs,
                              answer_recall=answer_recall, answer_accuracy=answer_accuracy, **kw)
     finally:
         searcher.close()

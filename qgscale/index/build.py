@@ -525,7 +525,9 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
             samples = [sample.remote(u, q, seed * 100_003 + i) for i, (u, q) in
                        enumerate(zip(uris, sample_quotas(counts, k, seed), strict=True)) if q] \
                 if k else []
-            res = actor_resources("index.build", 1, bc.cpus_per_actor, bc.gpus_per_actor)
+            # a GPU for k-means only: nothing to train (Flat, HNSW) holds none
+            res = actor_resources("index.build", 1, bc.cpus_per_actor,
+                                  bc.gpus_per_actor if k else 0)
             train = ray.remote(train_index).options(**res.options())
             with requesting("index.build", bundles(res)):
                 info = ray.get(train.remote(factory, bc.metric, dim, trained_uri, *samples,

@@ -120,6 +120,8 @@ def embeddings_table(pids: list[str], vecs: np.ndarray, dtype: str = "float32") 
 
 
 def _on_device(loader: Callable[[], TextEncoder], device: str, threads: int) -> TextEncoder:
+    """``loader()``'s encoder on ``device``: a loader builds on the CPU (a CPU actor on a GPU
+    node sees the node's GPUs, which belong to other actors)."""
     if device == "cpu":
         torch.set_num_threads(threads)
     encoder = loader()
@@ -174,8 +176,9 @@ def encode_corpus(corpus_uri: str, out_uri: str, loader: Callable[[], TextEncode
     """Encode every ``*.parquet`` shard of ``corpus_uri`` into ``out_uri`` (resumable;
     settings ``ec``, the ``index.encode`` section; defaults if None).
 
-    ``loader`` builds the encoder inside each actor (e.g. ``functools.partial(
-    load_dual_encoder, path)``). Returns the manifest of the embedding shards.
+    ``loader`` builds the encoder on the CPU inside each actor (e.g. ``functools.partial(
+    load_dual_encoder, path, "cpu")``), which moves it to its device. Returns the manifest of
+    the embedding shards.
     """
     ec = ec or EncodeConfig()
     shards = storage.list_files(corpus_uri, ".parquet")
@@ -191,5 +194,6 @@ def encode_corpus(corpus_uri: str, out_uri: str, loader: Callable[[], TextEncode
 def run_encode(cfg: Any, model_uri: str, corpus_uri: str, out_uri: str, key: str) -> dict:
     """Stage function ``index encode``: ``corpus_uri`` shards -> embedding shards at
     ``out_uri`` with the dual encoder at ``model_uri`` (``cfg.index.encode``)."""
-    return encode_corpus(corpus_uri, out_uri, functools.partial(load_dual_encoder, model_uri),
+    return encode_corpus(corpus_uri, out_uri,
+                         functools.partial(load_dual_encoder, model_uri, "cpu"),
                          cfg.index.encode, key)

@@ -375,18 +375,20 @@ def retrieve(queries: Queries, positives: Positives, encode: Callable, out_uri: 
         batch, texts = queries.read(rows)
         return batch, encode(texts) if batch else None  # no queries: nothing to encode
 
-    with ThreadPoolExecutor(1, thread_name_prefix="mine-encode") as pool:
-        ahead: dict[int, Future] = {}
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mine-encode")
+    ahead: dict[int, Future] = {}
 
-        def shard(name: str, rows: slice) -> pa.Table:
-            job = ahead.pop(rows.start, None) or pool.submit(encoded, rows)
-            if rows.start in after:
-                ahead[after[rows.start].start] = pool.submit(encoded, after[rows.start])
-            batch, vectors = job.result()
-            pids, scores = search_fn(vectors, k) if batch else ([], [])
-            return ranked_lists(batch, pids, scores, positives.of(batch))
+    def shard(name: str, rows: slice) -> pa.Table:
+        batch, vectors = (ahead.pop(rows.start, None) or pool.submit(encoded, rows)).result()
+        if rows.start in after:  # encoded while this one is searched
+            ahead[after[rows.start].start] = pool.submit(encoded, after[rows.start])
+        pids, scores = search_fn(vectors, k) if batch else ([], [])
+        return ranked_lists(batch, pids, scores, positives.of(batch))
 
-        return writer.write_shards(len(queries), shard_rows, shard, desc="mine")
+    try:
+        return writer.write_shards(len(queries), shard_rows, shard, desc="mine", done=done)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def examples(ranked: dict, positives: Positives, out_uri: str, *, top_k: int = 30,
@@ -439,8 +441,8 @@ def mine(queries_uri: str, positives: Positives, encode: Callable, out_uri: str,
          config_hash: str = "", answers: AnswerFilter | None = None) -> dict:
     """Mine the queries of ``queries_uri``: their ranked lists (:func:`retrieve`), then their
     candidates and training examples (:func:`examples`; ``answers``: keep answer passages
-    out of the negatives). The driver holds the positives in columns and one query shard in
-    Python, never the query table. Returns the manifest."""
+    out of the negatives). The driver holds the positives in columns and two query shards in
+    Python (one searched, the next encoded), never the query table. Returns the manifest."""
     ranked = retrieve(Queries.open(queries_uri), positives, encode, out_uri, search_fn,
                       top_k=top_k, n_negatives=n_negatives, skip_top=skip_top,
                       shard_rows=shard_rows, config_hash=config_hash)
@@ -464,12 +466,13 @@ def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_u
     shards, coder = search_resources(index_uri, ic)
     with requesting("index.search", bundles(shards) + bundles(coder)):
         actor = ray.remote(QueryEncoder).options(**coder.options()).remote(
-            functools.partial(load_dual_encoder, model_uri), ic.batch_size, ic.precision,
+            functools.partial(load_dual_encoder, model_uri, "cpu"), ic.batch_size, ic.precision,
             coder.num_gpus, coder.threads)
-        searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, shards.num_cpus,
-                                   ic.refine, ic.k_factor, num_gpus=shards.num_gpus,
-                                   gpus_explicit=bool(ic.gpus_per_actor))
+        searcher = None
         try:
+            searcher = ShardedSearcher(index_uri, ic.nprobe, ic.ef_search, shards.num_cpus,
+                                       ic.refine, ic.k_factor, num_gpus=shards.num_gpus,
+                                       gpus_explicit=bool(ic.gpus_per_actor))
             ranked = retrieve(Queries.open(queries_uri), positives,
                               lambda texts: ray.get(actor.encode_queries.remote(texts)),
                               out_uri, searcher.search, top_k=mc.top_k,
@@ -477,6 +480,7 @@ def run_mine(cfg: Any, model_uri: str, index_uri: str, queries_uri: str, qrels_u
                               shard_rows=mc.shard_rows, config_hash=key)
         finally:
             ray.kill(actor)
-            searcher.close()
+            if searcher is not None:
+                searcher.close()
     return examples(ranked, positives, out_uri, top_k=mc.top_k, n_negatives=mc.n_negatives,
                     skip_top=mc.skip_top, config_hash=key, answers=answers)

@@ -18,6 +18,7 @@ every vector), and the exact scores are merged.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
+from qgscale.errors import ConfigError
 from qgscale.index.vectors import iter_vectors
 from qgscale.runtime import (
     Resources,
@@ -331,7 +333,14 @@ class ShardSearcher:
         # on the CPU index: the GPU clone copies nprobe (GpuIndexIVF::copyFrom)
         set_search_params(self.index, nprobe, ef_search)
         if on_gpu:
-            self.index = to_gpu(self.index)  # Flat: an fp16 copy (GpuIndexFlat useFloat16)
+            try:
+                self.index = to_gpu(self.index)  # Flat: an fp16 copy (GpuIndexFlat useFloat16)
+            except ConfigError as e:  # no GPU version (HNSW, fast-scan PQ)
+                if gpus_explicit:
+                    raise
+                log.warning("index.search: %s: searching on the CPU", e)
+                on_gpu = False
+        if on_gpu:
             set_search_params(self.index, nprobe)  # each GpuIndexIVF; raises if it can't
         self.nprobe, self.ef_search = nprobe, ef_search
         self.corpus_uri = corpus_uri
@@ -402,10 +411,13 @@ def gpu_shares(shards: int, gpus: int, encoder: bool = True) -> tuple[float, flo
     the encoder takes a tenth of a search actor's share beside them (queries are encoded
     between searches) rather than every search actor giving up half its GPU for it."""
     per = -(-shards // max(1, gpus))  # search actors per GPU
-    share = 1.0 / per
+
+    def units(x: float) -> float:  # Ray counts GPUs in 1/10,000ths: rounded down, they fit
+        return math.floor(x * 10_000) / 10_000
+
     if not encoder or shards < gpus * per:  # a free slot left for the encoder
-        return share, share
-    return 0.9 * share, 0.1 * share
+        return units(1 / per), units(1 / per)
+    return units(0.9 / per), units(0.1 / per)
 
 
 def search_resources(index_uri: str, sc: Any, encoder: bool = True
@@ -431,9 +443,9 @@ def search_resources(index_uri: str, sc: Any, encoder: bool = True
             shard_gpus, coder_gpus = gpu_shares(shards, can, encoder)
             log.info("index.search: %d search actors on %d GPUs: %g GPU each%s", shards, can,
                      shard_gpus, f", the query encoder {coder_gpus:g}" if encoder else "")
-    # explicit GPUs: every actor the same, checked as given; unset: they fit by construction
-    check_fits(Resources("index.search", shards + coders, cpus,
-                         gpus if sc.gpus_per_actor else 0.0),
+    # all of them with the encoder's share (the smaller one: with shares, every search actor
+    # has its GPU slot by construction, and this checks their CPUs fit the GPU nodes too)
+    check_fits(Resources("index.search", shards + coders, cpus, coder_gpus),
                f"{index_uri} has {shards} shards, one search actor each"
                + (", and a query encoder" if encoder else ""),
                "lower index.search.cpus_per_actor / gpus_per_actor (fractions are allowed: "
