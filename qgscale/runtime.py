@@ -273,7 +273,7 @@ def actor_resources(stage: str, num_actors: int | None = None, cpus_per_actor: f
         if not gpus:  # CPU actors: those of the CPUs there now, one left to the driver
             most = min(most or 1, int(max(cpus_now - 1, cpus_per_actor) // cpus_per_actor))
         res = Resources(stage, max(1, most or 1), res.num_cpus, gpus)
-    check_fits(res, f"{stage}.num_actors={num_actors}" if num_actors else "one actor",
+    check_fits(res, f"{stage}.num_actors={num_actors} actors" if num_actors else "actors",
                f"lower {stage}.num_actors, cpus_per_actor or gpus_per_actor, or add nodes "
                "that can run them")
     return res
@@ -331,11 +331,10 @@ def check_fits(res: Resources, what: str, advice: str) -> None:
     node (:func:`capacity`; not checked where that is unknown): they would wait forever."""
     most = capacity(res.num_cpus, res.num_gpus)
     if most is not None and res.num_actors > most:
-        gpus = f" and gpus_per_actor={res.num_gpus:g}" if res.num_gpus else ""
+        gpus = f" and {res.num_gpus:g} GPUs" if res.num_gpus else ""
         raise ResourceError(
-            f"{res.stage}: {what}: {res.num_actors} actors of {res.stage}.cpus_per_actor="
-            f"{res.num_cpus:g}{gpus} each, and the Ray cluster's nodes can run at most {most} "
-            f"of them at once: {advice}")
+            f"{res.stage}: {what}: {res.num_actors} of {res.num_cpus:g} CPUs{gpus} each, and "
+            f"the Ray cluster's nodes can run at most {most} of them at once: {advice}")
 
 
 def bundles(res: Resources, n: int | None = None) -> list[dict[str, float]]:

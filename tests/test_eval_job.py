@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import re
 import secrets
@@ -589,6 +590,29 @@ def test_sharded_search_eval_equals_the_loaded_index(run_root, ray_local, tmp_pa
             assert {lang[p] for row in pids for p in row} == {cl}
     finally:
         searcher.close()
+
+
+def test_per_language_eval_searches_on_cpus(run_root, ray_local, caplog):
+    """GPU index shards take no FAISS ID selector: an eval task given search GPUs searches a
+    two-language corpus per language on CPU actors (warned), with the same metrics; with
+    ``pairs`` off it asks for the GPUs (this Ray has none: an error, not a wait)."""
+    from qgscale.eval.evaluate import evaluate_split, evaluate_uris, load_split
+    from qgscale.index.search import load_index
+    from qgscale.runtime import ResourceError
+
+    _, b = run_root
+    local = evaluate_split(b["encoder"], load_index(b["index"]),
+                           load_split(b["data"], "test"), top_k=5, ks=[1, 5])
+    kw = dict(top_k=5, ks=[1, 5], search_cpus=0.5, search_gpus=1.0, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="qgscale"):
+        got = evaluate_uris(b["model"], b["index"], b["data"], "test", **kw)
+    assert "the search actors run on CPUs" in caplog.text
+    assert set(got["pairs"]) == set(local["pairs"]) == {"en->en", "en->de", "de->en",
+                                                         "de->de"}
+    for pair, row in local["pairs"].items():
+        assert got["pairs"][pair]["mrr@10"] == pytest.approx(row["mrr@10"], abs=1e-6)
+    with pytest.raises(ResourceError, match=r"0.5 CPUs and 1 GPUs each, .* at most 0 of them"):
+        evaluate_uris(b["model"], b["index"], b["data"], "test", pairs=False, **kw)
 
 
 def test_eval_refines_as_index_search_says(run_root, ray_local, tmp_path):

@@ -223,14 +223,13 @@ def test_exact_sharded_search_equals_single_process(ray_local, tmp_path, factory
         from qgscale.config import SearchConfig
         from qgscale.runtime import ResourceError
 
-        with pytest.raises(ResourceError, match=r"has 2 shards, one search actor each: 2 "
-                                                r"actors of index.search.cpus_per_actor=1.5 "
-                                                r"each, and the Ray cluster's nodes can run at "
-                                                r"most 1 of them at once: lower"):
+        with pytest.raises(ResourceError, match=r"has 2 shards: a search actor each: 2 of 1.5 "
+                                                r"CPUs each, and the Ray cluster's nodes can "
+                                                r"run at most 1 of them at once: lower"):
             ShardedSearcher(idx, num_cpus=1.5)
         # the stage's query encoder counts too: 2 shards + it at 1 CPU each
-        with pytest.raises(ResourceError, match=r"one search actor each, and a query encoder: "
-                                                r"3 actors .* at most 2 of them"):
+        with pytest.raises(ResourceError, match=r"a search actor each and a query encoder: 3 "
+                                                r"of 1 CPUs each, .* at most 2 of them"):
             S.search_resources(idx, SearchConfig(cpus_per_actor=1))
         shards, coder = S.search_resources(idx, SearchConfig(cpus_per_actor=0.5))
         assert (shards.num_actors, coder.num_actors, shards.num_gpus, coder.num_gpus) == \
@@ -457,6 +456,31 @@ def test_gpu_faiss_required_but_missing_is_a_config_error(tmp_path):
                       gpus_explicit=True)
 
 
+def test_index_without_a_gpu_version_searches_on_the_cpu(ray_local, tmp_path, monkeypatch):
+    """An HNSW shard given GPUs by default (faiss-gpu has no GPU HNSW: ``to_gpu``'s error,
+    stood in for here, faiss-cpu) searches on the CPU; asked for GPUs explicitly, it is the
+    error."""
+    from qgscale.errors import ConfigError
+    from qgscale.index import gpu
+    from qgscale.index.search import ShardSearcher
+
+    xb = clustered(500, 8, seed=4)
+    emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
+    write_embeddings(emb, xb, 1)
+    m = B.build_index(emb, idx, BuildConfig(factory="HNSW8", metric="l2", cpus_per_actor=0.5))
+
+    def no_gpu_version(index):
+        raise ConfigError("index IndexHNSWFlat has no FAISS GPU implementation")
+
+    monkeypatch.setattr(gpu, "use_gpu", lambda *a: True)
+    monkeypatch.setattr(gpu, "to_gpu", no_gpu_version)
+    searcher = ShardSearcher(idx, m["shards"][0], False, None, 64, gpus=1)
+    _, ids, _ = searcher.search(xb[:5], 1)
+    assert ids[:, 0].tolist() == list(range(5))
+    with pytest.raises(ConfigError, match="no FAISS GPU implementation"):
+        ShardSearcher(idx, m["shards"][0], False, None, 64, gpus=1, gpus_explicit=True)
+
+
 def test_s3_build_resumes_after_killed_add_actor(ray_local, s3_bucket):
     """An add actor SIGKILLed from outside (no retries): that part fails, the others finish;
     a re-run adds only the failed part, and the index holds every vector exactly once."""
@@ -563,10 +587,9 @@ def test_search_actors_share_a_gpu_with_the_encoder(ray_local, tmp_path):
     out = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
     assert out["auto"] == "1 0.9 1 0.1"
     assert out["encoder"] == "[0]" and out["found"] == "3"
-    assert re.search(r"one search actor each, and a query encoder: 2 actors of "
-                     r"index.search.cpus_per_actor=1 and gpus_per_actor=1 each, and the Ray "
-                     r"cluster's nodes can run at most 1 of them at once: lower",
-                     out["explicit"]), out["explicit"]
+    assert re.search(r"a search actor each and a query encoder: 2 of 1 CPUs and 1 GPUs "
+                     r"each, and the Ray cluster's nodes can run at most 1 of them at once: "
+                     r"lower", out["explicit"]), out["explicit"]
 
 
 def test_search_actor_searches_at_nprobe_on_cpu_and_gpu(ray_local, tmp_path, monkeypatch):

@@ -20,9 +20,9 @@ def test_gpu_stage_fails_fast_on_a_cluster_without_gpus(ray_local):
                        match=r"teacher\.score: gpus_per_actor=1 asks for GPUs but the Ray "
                              r"cluster has 0 GPUs"):
         runtime.actor_resources("teacher.score", None, 1.0, 1)
-    with pytest.raises(runtime.ResourceError, match=r"index: index\.num_actors=1: 1 actors of "
-                                                    r"index\.cpus_per_actor=64 each, and the "
-                                                    r"Ray cluster's nodes can run at most 0"):
+    with pytest.raises(runtime.ResourceError, match=r"index: index\.num_actors=1 actors: 1 of "
+                                                    r"64 CPUs each, and the Ray cluster's "
+                                                    r"nodes can run at most 0"):
         runtime.actor_resources("index", 1, 64, 0)
     # explicit CPU, and the automatic choice (logged) on a cluster without GPUs
     cpu = runtime.actor_resources("teacher.score", None, 0.5, 0)
@@ -35,8 +35,9 @@ def test_pools_fit_the_nodes_they_run_on(ray_local, tmp_path, monkeypatch):
     """Actor counts and fit checks go node by node, on the k8s manifests' cluster (a 0-CPU
     head, up to 8 GPU pods of 8 CPUs and 1 GPU, all up; declared: this machine has no GPUs
     or second node): a total of 64 CPUs is not 10 six-CPU actors."""
-    from qgscale.config import SearchConfig
+    from qgscale.config import SearchConfig, TrainConfig
     from qgscale.index.search import search_resources
+    from qgscale.train.trainer import check_workers  # imported before the patches below
 
     pods = [(0.0, 0.0, 1), (8.0, 1.0, 8)]
     monkeypatch.setattr(runtime, "node_shapes", lambda at_most=True: pods)
@@ -50,24 +51,29 @@ def test_pools_fit_the_nodes_they_run_on(ray_local, tmp_path, monkeypatch):
     # one 6-CPU actor a pod, GPU or not
     assert runtime.actor_resources("index.encode", None, 6.0, 1).num_actors == 8
     assert runtime.actor_resources("index.build", None, 6.0, 0).num_actors == 8
-    with pytest.raises(runtime.ResourceError, match=r"teacher\.score\.num_actors=16: 16 "
-                                                    r"actors .* at most 8 of them"):
+    with pytest.raises(runtime.ResourceError, match=r"teacher\.score\.num_actors=16 actors: 16 "
+                                                    r"of 1 CPUs and 1 GPUs each, .* at most 8 "):
         runtime.actor_resources("teacher.score", 16, 1.0, 1)
-    with pytest.raises(runtime.ResourceError, match=r"one actor: .*gpus_per_actor=2 each, .* "
-                                                    r"at most 0"):  # 2 GPUs on 1-GPU pods
+    with pytest.raises(runtime.ResourceError, match=r"teacher\.score: actors: 1 of 1 CPUs and 2 "
+                                                    r"GPUs each, .* at most 0"):  # 1-GPU pods
         runtime.actor_resources("teacher.score", None, 1.0, 2)
     with pytest.raises(runtime.ResourceError, match=r"gpus_per_actor=1.5: expected a fraction"):
         runtime.actor_resources("teacher.score", None, 1.0, 1.5)
     # the xor-tydi Flat preset: 8 index shards; the encoder shares a pod with a search actor
     idx = str(tmp_path / "index")
     storage.write_manifest(idx, "k", shards=[f"shard-{i}.faiss" for i in range(8)])
-    with pytest.raises(runtime.ResourceError, match=r"and a query encoder: 9 actors of "
-                                                    r"index\.search\.cpus_per_actor=6 .* at "
-                                                    r"most 8 of them"):
+    with pytest.raises(runtime.ResourceError, match=r"and a query encoder: 9 of 6 CPUs and 0.1 "
+                                                    r"GPUs each, .* at most 8 of them"):
         search_resources(idx, SearchConfig(cpus_per_actor=6))
     shards, coder = search_resources(idx, SearchConfig(cpus_per_actor=3))
     assert (shards.num_actors, shards.num_gpus, coder.num_actors, coder.num_gpus) == \
         (8, 0.9, 1, 0.1)
+    # Ray Train workers too: 9 x 6 CPUs is less than 64, but one a pod is 8
+    monkeypatch.setattr("qgscale.train.trainer.cluster_capacity", capacity)
+    check_workers(TrainConfig(num_workers=8, cpus_per_worker=6, use_gpu=True), "distill")
+    with pytest.raises(runtime.ResourceError, match=r"^distill: num_workers=9 Ray Train workers: "
+                                                    r"9 of 6 CPUs each, .* at most 8 of them"):
+        check_workers(TrainConfig(num_workers=9, cpus_per_worker=6), "distill")
 
 
 def test_stage_asking_for_gpus_fails_before_any_work(ray_local, tmp_path):

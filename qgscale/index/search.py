@@ -446,8 +446,8 @@ def search_resources(index_uri: str, sc: Any, encoder: bool = True
     # all of them with the encoder's share (the smaller one: with shares, every search actor
     # has its GPU slot by construction, and this checks their CPUs fit the GPU nodes too)
     check_fits(Resources("index.search", shards + coders, cpus, coder_gpus),
-               f"{index_uri} has {shards} shards, one search actor each"
-               + (", and a query encoder" if encoder else ""),
+               f"{index_uri} has {shards} shards: a search actor each"
+               + (" and a query encoder" if encoder else ""),
                "lower index.search.cpus_per_actor / gpus_per_actor (fractions are allowed: "
                "actors then share a CPU or GPU) or build the index in fewer shards "
                "(index.build.num_shards)")
@@ -473,7 +473,7 @@ class ShardedSearcher:
             raise FileNotFoundError(f"{index_uri}: no {storage.MANIFEST}")
         self.metric = m["metric"]
         check_fits(Resources("index.search", len(m["shards"]), num_cpus, num_gpus),
-                   f"{index_uri} has {len(m['shards'])} shards, one search actor each",
+                   f"{index_uri} has {len(m['shards'])} shards: a search actor each",
                    "lower index.search.cpus_per_actor / gpus_per_actor or build the index in "
                    "fewer shards (index.build.num_shards)")
         actor = ray.remote(ShardSearcher).options(**remote_options(num_cpus, num_gpus))

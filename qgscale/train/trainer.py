@@ -35,7 +35,14 @@ from qgscale import storage
 from qgscale.config import TrainConfig
 from qgscale.data.corpus import read_rows
 from qgscale.errors import ConfigError, DataError, MissingInputError
-from qgscale.runtime import ResourceError, cluster_capacity, connect, worker_env
+from qgscale.runtime import (
+    ResourceError,
+    Resources,
+    check_fits,
+    cluster_capacity,
+    connect,
+    worker_env,
+)
 from qgscale.teacher.scoring import query_table
 from qgscale.train import data as tdata
 from qgscale.train import tracking
@@ -116,6 +123,9 @@ def check_workers(tc: TrainConfig, stage: str) -> None:
                 f"{what}s but the Ray cluster has {now:g} (at most {most:g}); join a cluster "
                 f"with them (ray.address) or lower {stage}.num_workers"
                 + (f" or set {stage}.use_gpu: false" if what == "GPU" else ""))
+    check_fits(Resources(stage, n, tc.cpus_per_worker, 1.0 if tc.use_gpu else 0.0),
+               f"num_workers={n} Ray Train workers",
+               f"lower {stage}.num_workers or cpus_per_worker, or add nodes that can run them")
 
 
 @contextlib.contextmanager
