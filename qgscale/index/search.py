@@ -4,8 +4,8 @@ Two fan-outs: ``faiss.IndexShards`` in this process (:func:`search`, for a proce
 is to hold the index), or one Ray actor per shard (:class:`ShardedSearcher`: mining, eval,
 ``qgscale search``; its actors' resources: :func:`search_resources`) that also holds the pids
 of its shard's ids, with the top-k merged by ``faiss.ResultHeap``: there the caller holds
-neither index nor id map. Scores are
-higher-is-better: inner products, or negated squared L2 distances.
+neither index nor id map. Scores are higher-is-better: inner products, or negated squared L2
+distances.
 
 Optional re-ranking (``refine="flat"|"fp16"``): the top ``k * k_factor`` candidates of the
 (compressed) index are re-scored with the exact vectors, read back in id order from the
