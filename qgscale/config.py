@@ -269,10 +269,13 @@ class Actors(Section):
     settings change how fast a stage runs, not what it writes, so they are not part of any
     stage's key (:func:`key_values`): scaling out a crashed stage resumes it."""
 
-    num_actors: int | None = Field(None, ge=1)  # None: one per GPU, else one per spare CPU
+    # None: as many as the nodes run at once (GPU actors: as the cluster can scale up to; CPU
+    # actors: on the CPUs there now, one left to the driver): runtime.actor_resources
+    num_actors: int | None = Field(None, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)  # CPUs per actor (fractions allowed)
     # GPUs per actor: None = 1 when the Ray cluster has (or can scale up to) GPUs, else CPU
-    # only (logged); 0 = CPU only; > 0 = required (fails at once on a cluster without GPUs)
+    # only (logged); 0 = CPU only; > 0 = required (fails at once on a cluster without GPUs);
+    # a fraction shares a GPU, above 1 whole GPUs
     gpus_per_actor: float | None = Field(None, ge=0)
     max_retries: int = Field(3, ge=0)  # re-runs of a shard whose actor died
 

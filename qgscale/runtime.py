@@ -273,37 +273,33 @@ def actor_resources(stage: str, num_actors: int | None = None, cpus_per_actor: f
         if not gpus:  # CPU actors: those of the CPUs there now, one left to the driver
             most = min(most or 1, int(max(cpus_now - 1, cpus_per_actor) // cpus_per_actor))
         res = Resources(stage, max(1, most or 1), res.num_cpus, gpus)
-    check_fits(res, f"{stage}.num_actors={num_actors} actors" if num_actors else "actors",
-               f"lower {stage}.num_actors, cpus_per_actor or gpus_per_actor, or add nodes "
-               "that can run them")
+    check_fits(Resources(stage, 1, res.num_cpus, gpus), "one actor",
+               f"lower {stage}.cpus_per_actor or gpus_per_actor, or add nodes that can run it")
     return res
 
 
 def node_shapes(at_most: bool = True) -> list[tuple[float, float, int]] | None:
-    """``(CPUs, GPUs, how many)`` of each kind of node: ``at_most``, the autoscaler's node
-    groups at their maximum (the cluster config an autoscaler publishes; an unbounded group
-    counts ``sys.maxsize``), or the nodes alive now for a Ray started by this process, else
-    ``None`` (a joined cluster whose autoscaler, if any, publishes no limits); not
-    ``at_most``: the nodes alive now."""
+    """``(CPUs, GPUs, how many)`` of each kind of node: not ``at_most``, the nodes alive now;
+    ``at_most``, the autoscaler's node groups at their maximum (the cluster config an
+    autoscaler publishes; groups with resources and a maximum only; an unbounded one counts
+    ``sys.maxsize``), else ``None`` (no groups published)."""
     import ray
 
-    if at_most:
-        try:
-            from ray._private.state import state
+    if not at_most:
+        return [(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)), 1)
+                for n in ray.nodes() if n.get("Alive")]
+    try:
+        from ray._private.state import state
 
-            config = state.get_cluster_config()
-        except Exception as e:  # noqa: BLE001 - no autoscaler config readable
-            log.debug("no autoscaler node groups (%s)", e)
-            config = None
-        groups = [(float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)),
-                   sys.maxsize if g.max_count < 0 else int(g.max_count))
-                  for g in (config.node_group_configs if config is not None else [])]
-        if groups:
-            return groups
-        if not _started_here():
-            return None
-    return [(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)), 1)
-            for n in ray.nodes() if n.get("Alive")]
+        config = state.get_cluster_config()
+    except Exception as e:  # noqa: BLE001 - no autoscaler config readable
+        log.debug("no autoscaler node groups (%s)", e)
+        config = None
+    groups = [(float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)),
+               sys.maxsize if g.max_count < 0 else int(g.max_count))
+              for g in (config.node_group_configs if config is not None else [])
+              if g.max_count and (g.resources.get("CPU", 0) or g.resources.get("GPU", 0))]
+    return groups or None
 
 
 def slots(cpus: float, gpus: float, node_cpus: float, node_gpus: float) -> int:
@@ -317,12 +313,20 @@ def slots(cpus: float, gpus: float, node_cpus: float, node_gpus: float) -> int:
 
 
 def capacity(cpus: float, gpus: float, at_most: bool = True) -> int | None:
-    """How many actors of ``cpus`` / ``gpus`` the cluster runs at once, node by node
-    (:func:`node_shapes`; ``None``: unknown)."""
-    shapes = node_shapes(at_most)
-    if shapes is None:
-        return None
-    return min(sys.maxsize, sum(slots(cpus, gpus, c, g) * k for c, g, k in shapes))
+    """How many actors of ``cpus`` / ``gpus`` the cluster runs at once, node by node: on the
+    nodes there now, or ``at_most`` the most of those and of the autoscaler's node groups at
+    their maximum (:func:`node_shapes`); ``None`` where that is unknown (a cluster joined by
+    address whose autoscaler publishes no node groups)."""
+    def count(shapes: list[tuple[float, float, int]]) -> int:
+        return min(sys.maxsize, sum(slots(cpus, gpus, c, g) * k for c, g, k in shapes))
+
+    now = count(node_shapes(at_most=False))
+    if not at_most:
+        return now
+    groups = node_shapes(at_most=True)
+    if groups is not None:
+        return max(now, count(groups))
+    return now if _started_here() else None
 
 
 def check_fits(res: Resources, what: str, advice: str) -> None:
@@ -330,11 +334,15 @@ def check_fits(res: Resources, what: str, advice: str) -> None:
     run at once (``what``: who they are), can never fit the cluster at its largest, node by
     node (:func:`capacity`; not checked where that is unknown): they would wait forever."""
     most = capacity(res.num_cpus, res.num_gpus)
+    gpus = f" and {res.num_gpus:g} GPUs" if res.num_gpus else ""
     if most is not None and res.num_actors > most:
-        gpus = f" and {res.num_gpus:g} GPUs" if res.num_gpus else ""
         raise ResourceError(
             f"{res.stage}: {what}: {res.num_actors} of {res.num_cpus:g} CPUs{gpus} each, and "
             f"the Ray cluster's nodes can run at most {most} of them at once: {advice}")
+    if most is None and res.num_actors > (now := capacity(res.num_cpus, res.num_gpus, False)):
+        log.warning("%s: %s: %d of %g CPUs%s each, and the nodes there now run %d of them "
+                    "(the autoscaler publishes no limits): waiting for nodes; if none come, "
+                    "%s", res.stage, what, res.num_actors, res.num_cpus, gpus, now, advice)
 
 
 def bundles(res: Resources, n: int | None = None) -> list[dict[str, float]]:
@@ -516,6 +524,10 @@ def run_shards(job: ShardJob, shards: Sequence[Shard], out_uri: str, config_hash
                           actors.gpus_per_actor)
     max_retries = actors.max_retries
     n = min(res.num_actors, len(todo))
+    check_fits(Resources(stage, n, res.num_cpus, res.num_gpus),
+               f"{stage}.num_actors={actors.num_actors}, {len(todo)} shard(s) to do",
+               f"lower {stage}.num_actors, cpus_per_actor or gpus_per_actor, or add nodes "
+               "that can run them")
     log.info("%s: %d shard(s) to do on %d actor(s) x (%g CPU, %g GPU)", stage, len(todo), n,
              res.num_cpus, res.num_gpus)
     actor_cls = ray.remote(ShardActor).options(max_restarts=0, **res.options())

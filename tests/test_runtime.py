@@ -20,9 +20,8 @@ def test_gpu_stage_fails_fast_on_a_cluster_without_gpus(ray_local):
                        match=r"teacher\.score: gpus_per_actor=1 asks for GPUs but the Ray "
                              r"cluster has 0 GPUs"):
         runtime.actor_resources("teacher.score", None, 1.0, 1)
-    with pytest.raises(runtime.ResourceError, match=r"index: index\.num_actors=1 actors: 1 of "
-                                                    r"64 CPUs each, and the Ray cluster's "
-                                                    r"nodes can run at most 0"):
+    with pytest.raises(runtime.ResourceError, match=r"index: one actor: 1 of 64 CPUs each, and "
+                                                    r"the Ray cluster's nodes can run at most 0"):
         runtime.actor_resources("index", 1, 64, 0)
     # explicit CPU, and the automatic choice (logged) on a cluster without GPUs
     cpu = runtime.actor_resources("teacher.score", None, 0.5, 0)
@@ -51,11 +50,8 @@ def test_pools_fit_the_nodes_they_run_on(ray_local, tmp_path, monkeypatch):
     # one 6-CPU actor a pod, GPU or not
     assert runtime.actor_resources("index.encode", None, 6.0, 1).num_actors == 8
     assert runtime.actor_resources("index.build", None, 6.0, 0).num_actors == 8
-    with pytest.raises(runtime.ResourceError, match=r"teacher\.score\.num_actors=16 actors: 16 "
-                                                    r"of 1 CPUs and 1 GPUs each, .* at most 8 "):
-        runtime.actor_resources("teacher.score", 16, 1.0, 1)
-    with pytest.raises(runtime.ResourceError, match=r"teacher\.score: actors: 1 of 1 CPUs and 2 "
-                                                    r"GPUs each, .* at most 0"):  # 1-GPU pods
+    with pytest.raises(runtime.ResourceError, match=r"teacher\.score: one actor: 1 of 1 CPUs "
+                                                    r"and 2 GPUs each, .* at most 0"):  # 1-GPU pods
         runtime.actor_resources("teacher.score", None, 1.0, 2)
     with pytest.raises(runtime.ResourceError, match=r"gpus_per_actor=1.5: expected a fraction"):
         runtime.actor_resources("teacher.score", None, 1.0, 1.5)
@@ -140,6 +136,25 @@ def test_stage_requests_its_resources_from_the_autoscaler(ray_local, tmp_path):
     seen = storage.read_parquet(out).column("requested").to_pylist()
     assert [json.loads(x).count({"CPU": 0.375}) for x in seen] == [2, 2, 2]
     assert autoscaler_request().count({"CPU": 0.375}) == 0  # withdrawn
+
+
+def test_explicit_pool_that_cannot_fit_is_an_error(ray_local, tmp_path):
+    """``num_actors: 3`` of 1 CPU on this 2-CPU Ray: with 3 shards to do, an error naming the
+    stage before any actor starts (they would wait forever); with 2 left (a resume), 2 actors
+    run them."""
+    from qgscale.config import Actors
+
+    out = str(tmp_path / "out")
+    shards = [runtime.Shard(f"part-{i:05d}", 1, i) for i in range(3)]
+    three = Actors(num_actors=3, cpus_per_actor=1, gpus_per_actor=0)
+    with pytest.raises(runtime.ResourceError, match=r"^test\.pool: test\.pool\.num_actors=3, "
+                                                    r"3 shard\(s\) to do: 3 of 1 CPUs each, .* "
+                                                    r"at most 2 of them at once"):
+        runtime.run_shards(_RecordRequest(), shards, out, "k", three, stage="test.pool")
+    assert not storage.list_files(out, ".parquet")
+    runtime.run_shards(_RecordRequest(), shards[:1], out, "k", three, stage="test.pool")
+    stats = runtime.run_shards(_RecordRequest(), shards, out, "k", three, stage="test.pool")
+    assert stats["shards_run"] == 2
 
 
 def test_stage_requests_merge_with_other_requesters(ray_local, monkeypatch):

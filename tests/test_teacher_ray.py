@@ -13,7 +13,7 @@ import torch
 
 from qgscale import storage
 from qgscale.config import GenerateConfig, ScoreConfig
-from qgscale.data.schema import CANDIDATES, CORPUS, QRELS, QUERIES, passage_text
+from qgscale.data.schema import CANDIDATES, CORPUS, GENERATED, QRELS, QUERIES, passage_text
 from qgscale.errors import DataError, MissingInputError
 from qgscale.models.generator import QueryGenerator
 from qgscale.models.tiny import tiny_t5_config, xquad_texts
@@ -320,7 +320,7 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path, ray_from):
                                                 r"run `qgscale train qg` first"):
         qg_spec(cfg, lay.teacher_model())
     src = str(tmp_path / "inputs")
-    *_, cands = _write_inputs(src, tokenizer, n_pass=4, n_q=4, k=3)
+    _, spec, _, queries, cands = _write_inputs(src, tokenizer, n_pass=4, n_q=4, k=3)
     import shutil
 
     shutil.copytree(f"{src}/qg", cfg.uri("train", "qg", "model"))
@@ -346,6 +346,37 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path, ray_from):
     assert (joined["run"].get("joined_by") == "ray-data") == (ray_from == 0)
     again = score()
     assert again["rows"] == 8 and again["run"]["shards_run"] == 0
+    # with distill.loss.kd_on_generated the generated queries are scored too, on the lists of
+    # their source queries (generated_candidates; from data.ray_rows_from on, with Ray Data)
+    gen = str(tmp_path / "generated")
+    generate_queries(spec, f"{src}/corpus.parquet", gen, "g1",
+                     gc=GenerateConfig(langs=["de", "en"], num_queries=1, max_new_tokens=8,
+                                       do_sample=True,
+                                       num_actors=1, cpus_per_actor=0.5),
+                     qrels_uri=f"{src}/qrels.parquet")
+    m = run_score(cfg, lay.teacher_model(), candidates_uri=lay.candidates,
+                  queries_uri=lay.data("train", "queries"),
+                  corpus_uri=lay.data("train", "corpus"), out_uri=str(tmp_path / "scores-g"),
+                  key="k2", generated_uri=gen, qrels_uri=f"{src}/qrels.parquet",
+                  pairs_uri=str(tmp_path / "gen-pairs"))
+    lang = {q["qid"]: q["lang"] for q in queries}
+    want = {(generated_qid(r["pid"], r["lang"], r["query"]), p)
+            for r in storage.read_parquet(gen).to_pylist() for c in cands
+            if c["pids"][0] == r["pid"] and lang[c["qid"]] != r["lang"] for p in c["pids"][:2]}
+    scored = storage.read_parquet(str(tmp_path / "scores-g"))
+    got = set(zip(scored["qid"].to_pylist(), scored["pid"].to_pylist(), strict=True))
+    assert want and m["rows"] == 8 + len(want) == scored.num_rows
+    assert got == {(c["qid"], p) for c in cands for p in c["pids"][:2]} | want
+    # no generated query at all (every one empty or repeated, dropped): the lists' pairs only
+    none = storage.ShardWriter(str(tmp_path / "generated-none"), "g0")
+    none.write("part-00000", GENERATED.empty_table())
+    none.finalize(["part-00000"])
+    m = run_score(cfg, lay.teacher_model(), candidates_uri=lay.candidates,
+                  queries_uri=lay.data("train", "queries"),
+                  corpus_uri=lay.data("train", "corpus"), out_uri=str(tmp_path / "scores-0"),
+                  key="k3", generated_uri=none.root, qrels_uri=f"{src}/qrels.parquet",
+                  pairs_uri=str(tmp_path / "gen-pairs-0"))
+    assert m["rows"] == 8
 
 
 def test_s3_credentials_never_reach_ray(ray_local, tokenizer, s3_bucket, monkeypatch):

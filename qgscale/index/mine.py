@@ -388,7 +388,7 @@ def retrieve(queries: Queries, positives: Positives, encode: Callable, out_uri: 
     try:
         return writer.write_shards(len(queries), shard_rows, shard, desc="mine", done=done)
     finally:
-        pool.shutdown(cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)  # an error: not waiting for an encode
 
 
 def examples(ranked: dict, positives: Positives, out_uri: str, *, top_k: int = 30,

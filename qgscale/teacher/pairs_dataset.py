@@ -249,6 +249,19 @@ def _generated(candidates_uri: str, queries_uri: str, qrels_uri: str, generated_
                       (qrels_uri, "qrels")):
         if not storage.exists(uri):  # as the driver's
             raise MissingInputError(f"{uri}: {what} not found")
+    q_uri, c_uri = storage.join(out_uri, "queries"), storage.join(out_uri, "candidates")
+    storage.remove(out_uri, recursive=True)
+
+    def empty() -> tuple[str, str]:  # no generated query gets a list: empty tables, readable
+        storage.write_parquet(storage.join(q_uri, "part-00000.parquet"), QUERIES.empty_table())
+        storage.write_parquet(storage.join(c_uri, "part-00000.parquet"),
+                              CANDIDATES.empty_table())
+        return c_uri, q_uri
+
+    # no generated query at all (each one empty or repeated: dropped) leaves nothing to join
+    # (and an empty parquet file reads as blocks without columns, which a join cannot key)
+    if not sum(m.num_rows for m in storage.footers(storage.parquet_files(generated_uri))):
+        return empty()
     pos = positive_qrels(qrels_uri).map_batches(
         lambda t: t.select(["qid", "pid", "_row"]).rename_columns(["qid", "pid", "_qrel"]),
         batch_format="pyarrow")
@@ -284,8 +297,6 @@ def _generated(candidates_uri: str, queries_uri: str, qrels_uri: str, generated_
         other_language, batch_format="pyarrow")
     grouped = rows.groupby("gid", num_partitions=parts).map_groups(united,
                                                                    batch_format="pyarrow")
-    q_uri, c_uri = storage.join(out_uri, "queries"), storage.join(out_uri, "candidates")
-    storage.remove(out_uri, recursive=True)
 
     def write(t: pa.Table) -> pa.Table:
         t = t.filter(pc.greater(pc.list_value_length(t.column("pids")), 0)).sort_by("qid")
@@ -300,8 +311,4 @@ def _generated(candidates_uri: str, queries_uri: str, qrels_uri: str, generated_
         return pa.table({"rows": [t.num_rows]})
 
     n = sum(r["rows"] for r in grouped.map_batches(write, batch_format="pyarrow").take_all())
-    if not n:  # no generated query gets a list: empty tables, readable
-        storage.write_parquet(storage.join(q_uri, "part-00000.parquet"), QUERIES.empty_table())
-        storage.write_parquet(storage.join(c_uri, "part-00000.parquet"),
-                              CANDIDATES.empty_table())
-    return c_uri, q_uri
+    return (c_uri, q_uri) if n else empty()

@@ -478,8 +478,8 @@ def train_loop_per_worker(config: dict[str, TrainRun]) -> None:
     tc = run.config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.update(run.storage_env)
-    if not tc.use_gpu:  # on a GPU node it sees the node's GPUs (other workers'): not CUDA
-        os.environ.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    if not tc.use_gpu:  # DeepSpeed's accelerator: the CPU, not the GPUs of the node it is on
+        os.environ["DS_ACCELERATOR"] = "cpu"  # (other workers'; deepspeed is imported later)
     storage.configure()
     if sum(s.rows for s in run.shards) != run.rows:
         raise ValueError(f"TrainRun: {run.rows} rows, but its shards hold "
