@@ -332,7 +332,8 @@ def capacity(cpus: float, gpus: float, at_most: bool = True) -> int | None:
 def check_fits(res: Resources, what: str, advice: str) -> None:
     """A :class:`ResourceError` when the ``res.num_actors`` actors of ``res``, which must all
     run at once (``what``: who they are), can never fit the cluster at its largest, node by
-    node (:func:`capacity`; not checked where that is unknown): they would wait forever."""
+    node (:func:`capacity`): they would wait forever. Where its largest is unknown, a warning
+    when the nodes there now cannot run them."""
     most = capacity(res.num_cpus, res.num_gpus)
     gpus = f" and {res.num_gpus:g} GPUs" if res.num_gpus else ""
     if most is not None and res.num_actors > most:
