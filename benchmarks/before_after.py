@@ -52,13 +52,14 @@ def measure(src: Path, phase: str, data: Path, out: Path, script: str
             ) -> dict[str, Any]:
     """Run ``script --child phase data out`` with ``src`` first on PYTHONPATH, sampling its
     RSS and its largest Ray worker's every 0.1 s, and their USS (memory no other process
-    shares: not the object store pages a worker reads) every 0.5 s."""
+    shares: not the object store pages a worker reads) every 0.5 s, and the child's CPU
+    seconds (user + system, as last sampled)."""
     import psutil
 
     env = dict(os.environ, PYTHONPATH=f"{src}:{REPO}", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, script, "--child", phase, str(data), str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=src)
-    peak = {"driver": 0, "actor": 0, "driver_uss": 0, "actor_uss": 0}
+    peak = {"driver": 0, "actor": 0, "driver_uss": 0, "actor_uss": 0, "driver_cpu": 0.0}
     done = threading.Event()
 
     def sample() -> None:
@@ -69,6 +70,7 @@ def measure(src: Path, phase: str, data: Path, out: Path, script: str
             tick += 1
             try:
                 peak["driver"] = max(peak["driver"], p.memory_info().rss)
+                peak["driver_cpu"] = sum(p.cpu_times()[:2])  # user + system, last seen
                 if uss:
                     peak["driver_uss"] = max(peak["driver_uss"], p.memory_full_info().uss)
                 for c in p.children(recursive=True):
@@ -95,7 +97,8 @@ def measure(src: Path, phase: str, data: Path, out: Path, script: str
     return {**res, "driver_peak_rss_mb": round(peak["driver"] / MB, 1),
             "actor_peak_rss_mb": round(peak["actor"] / MB, 1),
             "driver_peak_uss_mb": round(peak["driver_uss"] / MB, 1),
-            "actor_peak_uss_mb": round(peak["actor_uss"] / MB, 1)}
+            "actor_peak_uss_mb": round(peak["actor_uss"] / MB, 1),
+            "driver_cpu_s": round(peak["driver_cpu"], 1)}
 
 
 def commit(src: Path) -> str:

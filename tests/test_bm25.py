@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from qgscale.data import readers
@@ -23,6 +24,19 @@ def xquad():
     pids = [p["pid"] for p in corpus]
     texts = [passage_text(p["title"], p["text"]) for p in corpus]
     return pids, texts, [q["text"] for q in queries[::len(queries) // 400]][:400]
+
+
+def merge_topk(results: list, k: int) -> tuple[list, list]:
+    """The shards' ``(pids, scores)`` of the same queries merged as the bm25 stages merge
+    them (``sharded.merge_rows``)."""
+    from qgscale.retrieval.sharded import HITS, merge_rows
+
+    t = merge_rows([pa.table({"qid": [str(i) for i in range(len(p))], "lang": [""] * len(p),
+                              "pids": p, "scores": [x.tolist() for x in s],
+                              "hits": [[False] * len(x) for x in p]}, schema=HITS)
+                    for p, s in results], k)
+    return t.column("pids").to_pylist(), [np.asarray(x, np.float32)
+                                          for x in t.column("scores").to_pylist()]
 
 
 def test_tokenize_by_script():
@@ -54,7 +68,7 @@ def test_three_shards_equal_one_index(xquad):
     assert (stats.df, stats.n_docs, stats.total_len) == (whole.df, whole.n_docs,
                                                          whole.total_len)
     per_shard = [bm25.search_shard(t, p, queries, stats, k) for t, p in shards]
-    got_pids, got_scores = bm25.merge_topk(per_shard, k)
+    got_pids, got_scores = merge_topk(per_shard, k)
     assert got_pids == one_pids
     for a, b in zip(got_scores, one_scores, strict=True):
         assert a.dtype == np.float32 and np.array_equal(a, b)  # bit for bit
@@ -65,12 +79,12 @@ def test_three_shards_equal_one_index(xquad):
     assert len(small.df) < len(stats.df) / 5 and small.n_docs == stats.n_docs
     assert small.df == {t: n for t, n in stats.df.items() if t in vocab}
     assert bm25.index_shard(texts, pids).stats(vocab).df == small.df
-    again = bm25.merge_topk([bm25.search_shard(t, p, queries, small, k) for t, p in shards], k)
+    again = merge_topk([bm25.search_shard(t, p, queries, small, k) for t, p in shards], k)
     assert again[0] == one_pids
     assert all(np.array_equal(a, b) for a, b in zip(again[1], one_scores, strict=True))
     # Each shard's own statistics give other scores: merging those is not one index.
     local = [bm25.search_shard(t, p, queries, bm25.shard_stats(t), k) for t, p in shards]
-    loc_pids, loc_scores = bm25.merge_topk(local, k)
+    loc_pids, loc_scores = merge_topk(local, k)
     assert loc_pids != one_pids
     assert not all(np.array_equal(a, b) for a, b in zip(loc_scores, one_scores, strict=True))
 
@@ -83,7 +97,7 @@ def test_ties_are_broken_by_pid_in_shards_and_merge():
     stats = bm25.shard_stats(texts)
     shards = [bm25.search_shard(texts[a:b], pids[a:b], ["apple pie"], stats, 4)
               for a, b in [(0, 3), (3, 5), (5, 8)]]
-    merged = bm25.merge_topk(shards, 4)
+    merged = merge_topk(shards, 4)
     assert merged[0] == one[0] and np.array_equal(merged[1][0], one[1][0])
 
 
@@ -127,7 +141,6 @@ def test_stats_that_miss_a_shard_are_refused():
 def test_no_match_and_empty_inputs():
     pids, scores = bm25.search(["alpha beta", ""], ["a", "b"], ["gamma", "", "beta"], 5)
     assert pids == [[], [], ["a"]] and [len(s) for s in scores] == [0, 0, 1]
-    assert bm25.merge_topk([], 3) == ([], [])
     empty = bm25.index_shard([], [])
     got = empty.search(["alpha"], bm25.shard_stats(["alpha"]), 3)
     assert got[0] == [[]] and len(got[1][0]) == 0
@@ -139,8 +152,10 @@ def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
     as Ray shard jobs over 4 parquet shards, folded top-k) gives one index's ranking; the
     per-language lists equal one index of that language searched with the whole corpus'
     statistics; answer hits are DPR's match on the passage text. Actors search in blocks of
-    9 queries and the driver folds blocks of 7 (short last blocks): the same lists, in the
-    queries' order."""
+    9 queries, merge the 10 shards' lists in a tree of fan-in 2 (10 -> 5 -> 3 -> 2 outputs,
+    a merge job folding blocks of 13 rows) and the driver folds blocks of 7 queries (short
+    last blocks): the same lists, in the queries' order. A rerun with the same key runs no
+    job again."""
     from qgscale import storage
     from qgscale.config import BM25Config
     from qgscale.data.schema import CORPUS
@@ -151,7 +166,7 @@ def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
     corpus = t["train/corpus"] + t["test/corpus"]
     queries = (t["train/queries"] + t["test/queries"])[::97][:40]
     uri = str(tmp_path / "corpus")
-    storage.ShardWriter(uri).write_rows(corpus, 250, CORPUS)
+    storage.ShardWriter(uri).write_rows(corpus, 100, CORPUS)
     qids, texts = [q["qid"] for q in queries], [q["text"] for q in queries]
     pids, ptexts = xquad[0], xquad[1]
     want_p, want_s = bm25.search(ptexts, pids, texts, 10)
@@ -164,8 +179,23 @@ def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
     assert any(x != set(LANGS) for x in shard_langs)  # a shard without some language
     cfg = BM25Config(num_actors=1)
     monkeypatch.setattr(sharded, "SEARCH_BLOCK", 9)
+    monkeypatch.setattr(sharded, "FOLD_ENTRIES", 130)  # a merge job's blocks: 13 rows
+    runs: list[tuple[str, int, int]] = []
+
+    def run_shards(job, units, *args, **kw):
+        stats = sharded_run_shards(job, units, *args, **kw)
+        runs.append((kw["desc"], len(units), stats["shards_run"]))
+        return stats
+
+    sharded_run_shards = sharded.run_shards
+    monkeypatch.setattr(sharded, "run_shards", run_shards)
     blocks = list(sharded.retrieve(uri, qids, texts, 10, str(tmp_path / "work"), "k", cfg,
-                                   langs=LANGS, answers=answers, block=7))
+                                   langs=LANGS, answers=answers, block=7, fan_in=2))
+    assert runs == [("bm25 statistics", 10, 10), ("bm25 search", 10, 10),
+                    ("bm25 merge 1", 5, 5), ("bm25 merge 2", 3, 3), ("bm25 merge 3", 2, 2)]
+    again = list(sharded.retrieve(uri, qids, texts, 10, str(tmp_path / "work"), "k", cfg,
+                                  langs=LANGS, answers=answers, block=7, fan_in=2))
+    assert again == blocks and [n for _, _, n in runs[5:]] == [0] * 5
     assert [len(b) for b in blocks] == [7 * (1 + len(LANGS))] * 5 + [5 * (1 + len(LANGS))]
     got = {key: ranked for b in blocks for key, ranked in b.items()}
     assert [q for q, lang in got if not lang] == qids  # the queries' order
@@ -287,3 +317,27 @@ def test_bm25_eval_run_per_language_scored_in_blocks(tmp_path, ray_local):
         run_bm25_train(cfg, str(data / "test" / "queries"), str(data / "answers"),
                        str(data / "test" / "corpus"), str(train_out), "k")
     assert not (train_out / "examples").exists() and not (train_out / "qrels").exists()
+
+
+def test_merge_job_refuses_outputs_of_another_search(tmp_path):
+    """A merge job's inputs must be the same (qid, lang) rows: another search's output, or
+    one with fewer rows, is a DataError naming it; the same rows merge (two of 3 entries)."""
+    from qgscale import storage
+    from qgscale.errors import DataError
+    from qgscale.retrieval.sharded import HITS, MergeJob
+    from qgscale.runtime import Shard
+
+    def output(name: str, qids: list[str], pids: list[str]) -> str:
+        uri = str(tmp_path / f"{name}.parquet")
+        storage.write_parquet(uri, pa.table({
+            "qid": qids, "lang": [""] * len(qids), "pids": [pids] * len(qids),
+            "scores": [[2.0, 1.0][:len(pids)]] * len(qids),
+            "hits": [[False] * len(pids)] * len(qids)}, schema=HITS))
+        return uri
+
+    a, b = output("a", ["q1", "q2"], ["p1", "p2"]), output("b", ["q1", "q2"], ["p0"])
+    merged = MergeJob(2, 2, 1).run(None, Shard("m", 2, (a, b)))
+    assert merged.column("pids").to_pylist() == [["p0", "p1"]] * 2
+    for bad in (output("c", ["q1", "q3"], ["p3"]), output("d", ["q1"], ["p3"])):
+        with pytest.raises(DataError, match=f"{bad}: its rows are not the queries x views"):
+            MergeJob(2, 2, 1).run(None, Shard("m", 2, (a, bad)))

@@ -7,7 +7,9 @@ one per shard) runs two passes::
     stats = merge_stats([shard_stats(texts, vocab) for texts in shards])   # pass 1
     per_shard = [search_shard(texts, pids, queries, stats, k)               # pass 2
                  for texts, pids in shards]
-    pids, scores = merge_topk(per_shard, k)
+
+and merges the shards' lists (score desc, ties by pid): ``qgscale.retrieval.sharded``'s
+``merge_rows`` on Arrow tables of them, as the bm25 stages do.
 
 Document frequencies, the number of passages and their total length are summed over the
 shards before any score is computed, so a passage's score does not depend on which shard it
@@ -52,7 +54,6 @@ stemming and no stopwords: both are per-language, and idf already weighs frequen
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 import unicodedata
@@ -261,25 +262,6 @@ def search_shard(shard_texts: Iterable[str], shard_pids: Sequence[str],
                  b: float = B) -> Ranked:
     """Pass 2: the top ``k`` of one shard for each query, scored with the merged ``stats``."""
     return ShardIndex(shard_texts, shard_pids).search(queries, stats, k, k1, b)
-
-
-def merge_topk(results: Iterable[Ranked], k: int) -> Ranked:
-    """Merge the shards' ``(pids, scores)`` for the same queries into the overall top ``k``
-    (descending score, ties by ascending pid: the order of a single index)."""
-    results = list(results)
-    if not results:
-        return [], []
-    n_queries = len(results[0][0])
-    if any(len(p) != n_queries or len(s) != n_queries for p, s in results):
-        raise ValueError("every shard's result must have one list per query")
-    out_pids, out_scores = [], []
-    for i in range(n_queries):
-        lists = ([(-float(s), p) for p, s in zip(pids[i], scores[i], strict=True)]
-                 for pids, scores in results)
-        best = list(itertools.islice(heapq.merge(*lists), k))
-        out_pids.append([p for _, p in best])
-        out_scores.append(np.asarray([-s for s, _ in best], dtype=np.float32))
-    return out_pids, out_scores
 
 
 def search(texts: Sequence[str], pids: Sequence[str], queries: Sequence[str], k: int,

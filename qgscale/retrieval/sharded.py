@@ -1,13 +1,12 @@
 """BM25 over a corpus' parquet shards on Ray, and what the ``bm25`` / ``bm25-eval`` stages
 make of it.
 
-Two shard jobs (:func:`qgscale.runtime.run_shards`: done markers, resume, a dead actor's
-shard retried) over the corpus shards, with the plain functions of
-:mod:`qgscale.retrieval.bm25`:
+Shard jobs (:func:`qgscale.runtime.run_shards`: done markers, resume, a dead actor's shard
+retried) over the corpus shards, with the plain functions of :mod:`qgscale.retrieval.bm25`:
 
 1. :class:`StatsJob`: a corpus shard's term statistics, restricted to the queries' tokens,
    as ``{token, df}`` (N and lengths in its done marker); the driver sums them
-   (``merge_stats``): the *global* statistics;
+   (:func:`_global_stats`): the *global* statistics;
 2. :class:`SearchJob`: the shard's top-k for every query, scored with the global statistics
    (per corpus language when asked: each language's passages indexed alone, same scores, an
    exact restriction like the dense eval's FAISS ID selector), and, when answers are given,
@@ -16,12 +15,16 @@ shard retried) over the corpus shards, with the plain functions of
 
 Every shard's search output has the same rows in the same order (query-major: each query's
 pooled row, or one row per corpus language, empty where the shard has none of it), so the
-driver folds the shards' lists into the overall top-k a block of queries at a time, reading
-each shard's rows of that block only (ties by pid, the order of one index over the whole
-corpus): it holds one block's lists (:data:`FOLD_ENTRIES`), never the corpus nor every
-query's top-k, and the stages stream the blocks to their output. An actor holds its shard
-and that shard's top-k for every query (Arrow, built :data:`SEARCH_BLOCK` queries at a
-time). The work folders are removed once the merged result is written.
+lists fold into the overall top-k row by row (ties by pid, the order of one index over the
+whole corpus; :func:`merge_rows`, one Arrow sort). A tree of :class:`MergeJob` shard jobs on
+the actors folds groups of :data:`FAN_IN` outputs, level by level, until at most that many
+are left; the driver folds those a block of queries at a time, reading each one's rows of
+that block only: it holds one block's lists (:data:`FOLD_ENTRIES` per output), never the
+corpus nor every query's top-k, and reads ``FAN_IN x queries x k`` entries in all, not
+``corpus shards x queries x k``; the stages stream the blocks to their output. An actor holds
+its shard and that shard's top-k for every query (Arrow, built :data:`SEARCH_BLOCK` queries
+at a time), or a merge's output. The work folder is removed once the merged result is
+written.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qgscale import storage
 from qgscale.data.schema import QRELS, TRAIN_EXAMPLES, passage_text
@@ -58,7 +62,9 @@ Ranked = list[tuple[float, str, bool]]  # (-score, pid, has answer), best first
 Block = dict[tuple[str, str], Ranked]  # {(qid, "" or corpus lang): ranked} of some queries
 
 SEARCH_BLOCK = 8192  # queries an actor searches before turning their lists into Arrow
-FOLD_ENTRIES = 1 << 20  # ranked entries the driver folds at a time (block x views x k)
+FOLD_ENTRIES = 1 << 20  # ranked entries of each input folded at a time (block x views x k)
+STATS_CHUNK = 256  # statistics shards summed at a time on the driver
+FAN_IN = 16  # search outputs a merge job (or the driver, at the end) folds
 WORK_FORMAT = "v2"  # search work rows: query-major, every view (older work is redone)
 
 
@@ -153,25 +159,129 @@ class SearchJob:
         return table.take(np.arange(nv * nq).reshape(nv, nq).T.ravel())
 
 
-def _fold(into: dict[tuple[str, str], Ranked], table: pa.Table, k: int) -> None:
-    """Merge one shard's lists into the running top ``k`` (score desc, pid asc)."""
-    for qid, lang, pids, scores, hits in zip(*(table.column(c).to_pylist() for c in HITS.names),
-                                             strict=True):
-        new = [(-float(s), p, h) for p, s, h in zip(pids, scores, hits, strict=True)]
-        old = into.get((qid, lang), [])
-        into[(qid, lang)] = list(itertools.islice(heapq.merge(old, new), k)) if old else new
+def _global_stats(uri: str, key: str, names: Sequence[str]) -> B.Stats:
+    """The corpus' statistics: the :class:`StatsJob` shards ``names`` under ``uri``, read by
+    a thread pool and summed in Arrow :data:`STATS_CHUNK` shards at a time (then
+    ``merge_stats``): at 10k corpus shards, seconds, not a round trip and a dict update per
+    token of each shard after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    writer = storage.ShardWriter(uri, key)
+    markers = writer.markers()
+
+    def chunk(part: Sequence[str], pool: ThreadPoolExecutor) -> B.Stats:
+        t = pa.concat_tables(list(pool.map(
+            lambda n: storage.read_parquet(writer.shard_uri(n)), part)))
+        t = t.group_by("token").aggregate([("df", "sum")])
+        tokenizers = sorted({markers[n]["tokenizer"] for n in part})
+        if len(tokenizers) > 1:
+            raise ValueError(f"{uri}: statistics of tokenizers {tokenizers} cannot be merged")
+        return B.Stats(dict(zip(t.column("token").to_pylist(), t.column("df_sum").to_pylist(),
+                                strict=True)), sum(markers[n]["n_docs"] for n in part),
+                       sum(markers[n]["total_len"] for n in part), tokenizers[0])
+
+    with ThreadPoolExecutor(16) as pool:
+        return B.merge_stats(chunk(names[i:i + STATS_CHUNK], pool)
+                             for i in range(0, len(names), STATS_CHUNK))
+
+
+def merge_rows(tables: Sequence[pa.Table], k: int) -> pa.Table:
+    """Row ``i`` of every table of :data:`HITS` rows merged into its top ``k`` (score desc,
+    pid asc: a single index's order), hits kept: the tables hold the same ``(qid, lang)``
+    rows in the same order (the caller checks). Vectorised: one Arrow sort of the lists."""
+    first = tables[0]
+    parts = []
+    for t in tables:
+        pids, scores, hits = (_one_chunk(t.column(c)) for c in ("pids", "scores", "hits"))
+        parts.append(pa.table({"row": pc.list_parent_indices(pids),
+                               "pid": pc.list_flatten(pids), "score": pc.list_flatten(scores),
+                               "hit": pc.list_flatten(hits)}))
+    flat = pa.concat_tables(parts)
+    order = pc.sort_indices(flat, sort_keys=[("row", "ascending"), ("score", "descending"),
+                                             ("pid", "ascending")])
+    counts = np.bincount(flat.column("row").to_numpy(), minlength=first.num_rows)
+    rank = np.arange(flat.num_rows) - np.repeat(np.cumsum(counts) - counts, counts)
+    flat = flat.take(order.filter(pa.array(rank < k)))  # the kept entries only
+    offsets = pa.array(np.concatenate([[0], np.cumsum(np.minimum(counts, k))]), pa.int32())
+    return pa.table({"qid": first.column("qid"), "lang": first.column("lang"),
+                     **{name: pa.ListArray.from_arrays(offsets, _one_chunk(flat.column(col)))
+                        for name, col in (("pids", "pid"), ("scores", "score"),
+                                          ("hits", "hit"))}}, schema=HITS)
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _read_block(uris: Sequence[str], start: int, stop: int) -> list[pa.Table]:
+    """Rows ``[start, stop)`` of every search output of ``uris``, which must be the same
+    ``(qid, lang)`` rows (the queries x views of one search)."""
+    tables = []
+    for uri in uris:
+        try:
+            t = storage.read_rows(uri, start, stop)
+        except ValueError:  # fewer rows than the queries x views of this search
+            t = None
+        if t is None or (tables and not all(t.column(c).equals(tables[0].column(c))
+                                             for c in ("qid", "lang"))):
+            raise DataError(f"{uri}: its rows are not the queries x views of this search "
+                            "(a work file of another run?): remove the stage's work folder "
+                            "and rerun")
+        tables.append(t)
+    return tables
+
+
+@dataclass
+class MergeJob:
+    """A group of search outputs (the same ``rows`` rows in the same order) merged into each
+    row's top ``k``, ``block`` rows at a time: a level of the tree of merges that leaves the
+    driver :data:`FAN_IN` outputs at most to fold, whatever the number of corpus shards."""
+
+    rows: int
+    k: int
+    block: int
+
+    def setup(self, device: str, threads: int) -> None:
+        return None
+
+    def run(self, state: None, shard: Shard) -> pa.Table:
+        parts = [merge_rows(_read_block(shard.payload, a, min(a + self.block, self.rows)),
+                            self.k) for a in range(0, self.rows, self.block)]
+        return pa.concat_tables(parts) if parts else HITS.empty_table()
+
+
+def merge_tree(uris: Sequence[str], rows: int, k: int, work_uri: str, key: str,
+               common: Mapping[str, Any], fan_in: int) -> list[str]:
+    """Search outputs merged on the actors, groups of at most ``fan_in`` per job and level by
+    level, until ``fan_in`` outputs at most are left (their uris): the driver then reads
+    ``fan_in x queries x k`` entries, not ``corpus shards x queries x k``. Every level is a
+    :func:`run_shards` pass of :class:`MergeJob` under ``work_uri/merge-<level>``
+    (resumable with ``key``)."""
+    uris, level = list(uris), 0
+    while len(uris) > fan_in:
+        level += 1
+        groups = np.array_split(np.arange(len(uris)), -(-len(uris) // fan_in))
+        units = [Shard(storage.shard_name(i), len(g), tuple(uris[j] for j in g))
+                 for i, g in enumerate(groups)]
+        out = storage.join(work_uri, f"merge-{level}")
+        run_shards(MergeJob(rows, k, max(1, FOLD_ENTRIES // k)), units, out, key,
+                   desc=f"bm25 merge {level}", **common)
+        writer = storage.ShardWriter(out, key)
+        uris = [writer.shard_uri(u.name) for u in units]
+    return uris
 
 
 def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: int,
              work_uri: str, key: str, bm25_cfg: Any, *, langs: Sequence[str] | None = None,
              answers: Mapping[str, Sequence[str]] | None = None, block: int | None = None,
-             ) -> Iterator[Block]:
+             fan_in: int = FAN_IN) -> Iterator[Block]:
     """Top ``k`` of every query over the corpus at ``corpus_uri`` (global statistics), in
     blocks of queries in the order given: ``{(qid, ""): ranked}``, plus ``{(qid, lang):
     ranked}`` for each corpus language of ``langs`` (each key in that order). ``block``:
-    queries per block (default: :data:`FOLD_ENTRIES` ranked entries). Work shards go under
-    ``work_uri`` (resumable with the same ``key``; the caller removes them: :func:`cleanup`).
-    """
+    queries per block (default: :data:`FOLD_ENTRIES` ranked entries). The corpus shards'
+    lists are merged on the actors (:func:`merge_tree`, ``fan_in``) before the driver folds
+    the last few. Work shards go under ``work_uri`` (resumable with the same ``key``; the
+    caller removes them: :func:`cleanup`).    """
     if len(set(qids)) != len(qids):
         raise DataError(f"BM25: duplicate query ids in {len(qids)} queries")
     shards = _corpus_shards(corpus_uri)
@@ -181,17 +291,7 @@ def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: in
     stats_uri, search_uri = storage.join(work_uri, "stats"), storage.join(work_uri, "search")
     run_shards(StatsJob(frozenset(B.query_vocab(queries))), shards, stats_uri, key,
                desc="bm25 statistics", **common)
-    writer = storage.ShardWriter(stats_uri, key)
-    markers = writer.markers()
-
-    def shard_stats(s: Shard) -> B.Stats:
-        marker = markers[s.name]
-        t = storage.read_parquet(writer.shard_uri(s.name))
-        return B.Stats(dict(zip(t.column("token").to_pylist(), t.column("df").to_pylist(),
-                                strict=True)), marker["n_docs"], marker["total_len"],
-                       marker["tokenizer"])
-
-    stats = B.merge_stats(shard_stats(s) for s in shards)  # one shard's counts at a time
+    stats = _global_stats(stats_uri, key, [s.name for s in shards])
     log.info("bm25: %d passages in %d shard(s), %d query tokens, avgdl %.1f", stats.n_docs,
              len(shards), len(stats.df), stats.avgdl)
     ans = {q: list(a) for q, a in answers.items()} if answers is not None else None
@@ -200,36 +300,33 @@ def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: in
     job = SearchJob(list(qids), list(queries), stats, k, bc.k1, bc.b, views, ans, bc.match,
                     SEARCH_BLOCK)
     run_shards(job, shards, search_uri, search_key, desc="bm25 search", **common)
-    uris = [storage.ShardWriter(search_uri, search_key).shard_uri(s.name) for s in shards]
     nv = len(views)
+    uris = merge_tree([storage.ShardWriter(search_uri, search_key).shard_uri(s.name)
+                       for s in shards], len(qids) * nv, k, work_uri, search_key, common,
+                      fan_in)
     block = block or max(1, FOLD_ENTRIES // (nv * k))
     for start in range(0, len(qids), block):
         part = list(qids[start:start + block])
-        want_q, want_v = [q for q in part for _ in views], views * len(part)
-        merged: Block = {}
-        for uri in uris:  # one shard's rows of this block at a time
-            try:
-                table = storage.read_rows(uri, start * nv, (start + len(part)) * nv)
-            except ValueError:  # fewer rows than the queries x views of this search
-                table = None
-            if table is None or table.column("qid").to_pylist() != want_q or \
-                    table.column("lang").to_pylist() != want_v:
-                raise DataError(f"{uri}: its rows are not the queries x views of this search "
-                                f"(a work file of another run?): remove {work_uri} and rerun")
-            _fold(merged, table, k)
+        merged = merge_rows(_read_block(uris, start * nv, (start + len(part)) * nv), k)
+        if merged.column("qid").to_pylist() != [q for q in part for _ in views] or \
+                merged.column("lang").to_pylist() != views * len(part):
+            raise DataError(f"{uris[0]}: its rows are not the queries x views of this search "
+                            f"(a work file of another run?): remove {work_uri} and rerun")
+        lists = [[(-s, p, h) for p, s, h in zip(*x, strict=True)] for x in zip(
+            *(merged.column(c).to_pylist() for c in ("pids", "scores", "hits")), strict=True)]
         out: Block = {}
-        for qid in part:
-            lists = [merged[(qid, v)] for v in views]
-            out[(qid, "")] = (list(itertools.islice(heapq.merge(*lists), k)) if langs
-                              else lists[0])
+        for i, qid in enumerate(part):
+            mine = lists[i * nv:(i + 1) * nv]
+            out[(qid, "")] = (list(itertools.islice(heapq.merge(*mine), k)) if langs
+                              else mine[0])
             if langs:
-                out.update({(qid, v): lst for v, lst in zip(views, lists, strict=True)})
+                out.update({(qid, v): lst for v, lst in zip(views, mine, strict=True)})
         yield out
 
 
 def cleanup(work_uri: str) -> None:
-    for part in ("stats", "search"):
-        storage.remove(storage.join(work_uri, part), recursive=True)
+    """Remove :func:`retrieve`'s work folder (statistics, search, merges)."""
+    storage.remove(work_uri, recursive=True)
 
 
 def _read_table(uri: str, what: str) -> pa.Table:
