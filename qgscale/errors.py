@@ -25,7 +25,7 @@ class MissingInputError(QgscaleError, FileNotFoundError):
     """An input file, or the output of an earlier stage, does not exist."""
 
 
-def _unwrap(e: BaseException) -> BaseException:
+def unwrap(e: BaseException) -> BaseException:
     """The original exception inside Ray's task-error wrappers (``RayTaskError.cause``)."""
     for _ in range(10):
         cause = getattr(e, "cause", None)
@@ -47,12 +47,12 @@ def user_error(exc: BaseException) -> BaseException | None:
     """
     from pydantic import ValidationError
 
-    top = _unwrap(exc)
+    top = unwrap(exc)
     e: BaseException | None = top
     for _ in range(20):
         if e is None:
             break
-        e = _unwrap(e)
+        e = unwrap(e)
         if isinstance(e, QgscaleError):
             return e
         e = e.__cause__

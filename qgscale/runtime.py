@@ -41,11 +41,12 @@ replaces it; a shard is written whole or not at all, so every output row exists 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -54,7 +55,7 @@ import pyarrow as pa
 
 from qgscale import storage
 from qgscale.config import Actors
-from qgscale.errors import QgscaleError
+from qgscale.errors import QgscaleError, unwrap
 
 log = logging.getLogger("qgscale")
 
@@ -594,3 +595,44 @@ def _run_pool(start: Any, n: int, todo: list[Shard], stats: dict[str, int],
         raise ShardsFailed(f"{desc} failed for {sorted(failed)} (re-run to resume; "
                            f"the other shards are done): {first}: {failed[first]}")
     return stats
+
+
+MAP_WINDOW = 2  # map_shards tasks in flight per CPU of the Ray cluster ...
+MAP_MOST = 256  # ... and at most this many
+
+
+def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any) -> Iterator[Any]:
+    """``fn(uri, *args)`` for each of ``uris``, the results in that order: on Ray tasks
+    where Ray is initialised and there are several (0 CPUs, spread over the nodes, ``args``
+    put in the object store once; :data:`MAP_WINDOW` tasks per cluster CPU in flight,
+    :data:`MAP_MOST` at most), else here one after another. A task's error is raised as
+    itself (a DataError naming its file). For the driver's passes over many files (corpus
+    lookups, statistics): each file's work goes where it is read, only ``fn``'s result
+    comes back, and the files' round trips overlap."""
+    import ray
+
+    if len(uris) < 2 or not ray.is_initialized():
+        for uri in uris:
+            yield fn(uri, *args)
+        return
+    from ray.exceptions import RayTaskError
+
+    task = ray.remote(fn).options(num_cpus=0, scheduling_strategy="SPREAD")
+    refs = [ray.put(a) for a in args]
+    window = min(MAP_MOST, max(2, MAP_WINDOW * int(ray.cluster_resources().get("CPU", 1))))
+    pending: deque[Any] = deque()
+    todo = iter(uris)
+    try:
+        for uri in itertools.islice(todo, window):
+            pending.append(task.remote(uri, *refs))
+        while pending:
+            try:
+                out = ray.get(pending.popleft())
+            except RayTaskError as e:
+                raise unwrap(e) from None
+            for uri in itertools.islice(todo, 1):
+                pending.append(task.remote(uri, *refs))
+            yield out
+    finally:
+        for ref in pending:  # a consumer that stops early: the rest is not needed
+            ray.cancel(ref)

@@ -153,7 +153,7 @@ def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
     per-language lists equal one index of that language searched with the whole corpus'
     statistics; answer hits are DPR's match on the passage text. Actors search in blocks of
     9 queries, merge the 10 shards' lists in a tree of fan-in 2 (10 -> 5 -> 3 -> 2 outputs,
-    a merge job folding blocks of 13 rows) and the driver folds blocks of 7 queries (short
+    a merge job folding blocks of 6 rows) and the driver folds blocks of 7 queries (short
     last blocks): the same lists, in the queries' order. A rerun with the same key runs no
     job again."""
     from qgscale import storage
@@ -179,7 +179,7 @@ def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
     assert any(x != set(LANGS) for x in shard_langs)  # a shard without some language
     cfg = BM25Config(num_actors=1)
     monkeypatch.setattr(sharded, "SEARCH_BLOCK", 9)
-    monkeypatch.setattr(sharded, "FOLD_ENTRIES", 130)  # a merge job's blocks: 13 rows
+    monkeypatch.setattr(sharded, "FOLD_ENTRIES", 130)  # a merge job's blocks: 6 rows
     runs: list[tuple[str, int, int]] = []
 
     def run_shards(job, units, *args, **kw):

@@ -59,7 +59,12 @@ def data(tmp_path):
 
 
 def _count_reads(monkeypatch) -> Counter:
-    """Rows read from corpus shards, per (shard, read of text columns or not)."""
+    """Rows read from corpus shards, per (shard, read of text columns or not), in this
+    process: ``scan`` reads its shards here, not on Ray tasks, even where an earlier test
+    started the session's Ray (``test_scan_on_ray_tasks`` covers those)."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     reads: Counter = Counter()
     read = storage.read_parquet
 
@@ -237,3 +242,45 @@ def test_empty_ids_in_training_positives_are_named(tmp_path):
         [{"qid": "q1", "pid": "a", "rel": 1}, {"qid": "q3", "pid": " ", "rel": 0}],
         schema=QRELS))
     assert tdata.positives_from(None, qr)[0] == {"q1": ["a"]}
+
+
+def test_scan_on_ray_tasks(data, tmp_path, ray_local, monkeypatch):
+    """With Ray initialised, ``scan`` reads and filters each shard in a Ray task and yields
+    the same tables in shard order as the serial scan here; its tasks ask for no CPU, so it
+    runs while an actor holds every CPU; a task's bad row is the DataError naming its shard
+    and row; a consumer may stop early."""
+    import ray
+
+    ids = {f"s{s}-{i}" for s in (1, 4, 9) for i in (0, 7)}
+    on_ray = [t.to_pylist() for t in C.scan(data["corpus"], ids)]
+    every = [t.num_rows for t in C.scan(data["corpus"], None, ("pid",))]
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert on_ray == [t.to_pylist() for t in C.scan(data["corpus"], ids)]  # shard order
+    monkeypatch.undo()
+    assert [len(t) for t in on_ray] == [2, 2, 2] and every == [PER_SHARD] * N_SHARDS
+
+    @ray.remote(num_cpus=2)
+    class Hold:  # every CPU of the session's Ray held, as by a stage's actors
+        def ready(self) -> bool:
+            return True
+
+    hold = Hold.remote()
+    ray.get(hold.ready.remote())
+    from qgscale import runtime
+
+    monkeypatch.setattr(runtime, "MAP_WINDOW", 1)  # 2 tasks in flight on 2 CPUs
+    assert C.read_passages(data["corpus"], ids) == {
+        r["pid"]: passage_text(r["title"], r["text"]) for t in on_ray
+        for r in t}
+    first = next(C.scan(data["corpus"], None, ("pid",)))
+    assert first.num_rows == PER_SHARD
+    bad = str(tmp_path / "bad")
+    for n in range(3):
+        storage.write_parquet(f"{bad}/part-{n:05d}.parquet", pa.Table.from_pylist(
+            [{"pid": f"{n}a", "lang": "en", "title": "", "text": "fine"},
+             {"pid": f"{n}b", "lang": "en", "title": "", "text": "" if n == 1 else "ok"}],
+            schema=CORPUS))
+    with pytest.raises(DataError, match=r"bad/part-00001.parquet: row 1 \(pid=1b\): empty "
+                                        r"field 'text'"):
+        C.read_passages(bad, {"0a", "1b", "2a"})
+    ray.kill(hold)

@@ -234,6 +234,22 @@ def test_exact_sharded_search_equals_single_process(ray_local, tmp_path, factory
         shards, coder = S.search_resources(idx, SearchConfig(cpus_per_actor=0.5))
         assert (shards.num_actors, coder.num_actors, shards.num_gpus, coder.num_gpus) == \
             (2, 1, 0, 0)  # a Ray without GPUs: CPU actors
+        # a search actor reads the id map files of its own ids only (3 files, 2 shards)
+        files = S.id_files(idx)
+        assert [(first, rows) for _, first, rows in files] == [(0, 1000), (1000, 1000),
+                                                               (2000, 1000)]
+        reads: list[str] = []
+        read = storage.read_parquet
+        monkeypatch.setattr(storage, "read_parquet", lambda uri, columns=None: (
+            reads.append(uri), read(uri, columns))[1])
+        for rel in m["shards"]:
+            ids = S.index_ids(S.read_index_file(idx, rel, False))
+            reads.clear()
+            pid_map = S.PidMap.read(idx, ids)
+            assert pid_map.lookup(ids).tolist() == [pids[i] for i in ids]
+            assert reads == [u for u, first, rows in files
+                             if ((ids >= first) & (ids < first + rows)).any()]
+            assert 0 < len(reads) < len(files)
     np.testing.assert_array_equal(scores2, d_ref)
 
 
@@ -284,7 +300,7 @@ def test_opq_merged_index_equals_single_process_index(ray_local, tmp_path):
     np.testing.assert_array_equal(d_got, d_ref)
 
 
-def test_refined_merged_index_equals_single_process_refine(ray_local, tmp_path):
+def test_refined_merged_index_equals_single_process_refine(ray_local, tmp_path, monkeypatch):
     """Search-time re-ranking with the exact vectors: merged, kept-shard and Ray-actor
     layouts give what faiss.IndexRefineFlat over one single-process index gives, and it lifts
     recall@10 of 4-bit PQ. (Not fast-scan PQ here: its quantized distances tie a lot, and
@@ -326,6 +342,14 @@ def test_refined_merged_index_equals_single_process_refine(ray_local, tmp_path):
     np.testing.assert_allclose(s3, np.einsum("qkd,qd->qk", xb[actor_ids], xq), rtol=1e-5)
     fanout = search(idx2, xq, 10, nprobe=8, refine="flat", k_factor=8)[1]
     assert (s3 >= fanout - 1e-5).all()  # rank by rank, never below the fan-out's refine
+
+    # a shard's exact vectors come from the embedding shards that hold its ids only
+    m2, seen, read = storage.read_manifest(idx2), [], S.iter_vectors
+    monkeypatch.setattr(S, "iter_vectors", lambda uri: (seen.append(uri), read(uri))[1])
+    pid_map = S.PidMap.read(idx2, index_ids(S.read_index_file(idx2, m2["shards"][1], False)))
+    store = S.load_refine_store(idx2, m2, pid_map.pids, "flat", pid_map.ids)
+    assert store.ntotal == len(pid_map.ids) == 2000 and len(seen) == 1
+    np.testing.assert_array_equal(store.reconstruct_n(0, 2000), xb[pid_map.ids])
 
     truth = exact_topk(xb, xq, 10)
 

@@ -260,13 +260,33 @@ def test_non_finite_teacher_score_is_never_written(tokenizer, tmp_path):
         [{"qid": f"q{i}", "lang": "en", "query": "Who wrote it?", "pid": f"p{i}",
           "passage": "A short passage about a book."} for i in range(3)], schema=PAIRS))
     job = ScoreJob(QGSpec({}, qg.prompt), precision="fp32")  # setup unused: qg is given
-    shard = Shard("part-00000-0000", 2, PairSlice(uri, 1, 3))
+    shard = Shard("part-00000", 2, (PairSlice(uri, 1, 3),))
     assert np.isfinite(job.run(qg, shard)[0]["score"].to_numpy()).all()
     with torch.no_grad():
         qg.model.lm_head.weight.fill_(float("inf"))
     with pytest.raises(DataError, match=r"_pairs/part-00000.parquet: row 1 \(qid=q1, pid=p1\): "
                                         r"teacher score is nan"):
         job.run(qg, shard)
+    with pytest.raises(DataError, match=r"_pairs/part-00000.parquet: row 2 \(qid=q2, pid=p2\): "
+                                        r"teacher score is nan \(3 non-finite of 3"):
+        job.run(qg, Shard("part-00001", 3, (PairSlice(uri, 2, 3), PairSlice(uri, 0, 2))))
+
+
+def test_score_units_span_small_pair_shards():
+    """Scoring units hold ``unit_pairs`` pairs, consecutive row ranges across pair shards
+    (empty ones skipped), the last unit the rest."""
+    from qgscale.teacher.scoring import PairSlice, plan_units
+
+    manifest = {"shards": [{"file": f"part-{i:05d}.parquet", "rows": n}
+                           for i, n in enumerate([3, 0, 5, 2])]}
+    units = plan_units(manifest, "p", 4)
+    assert [(u.name, u.size) for u in units] == [("part-00000", 4), ("part-00001", 4),
+                                                  ("part-00002", 2)]
+    assert [u.payload for u in units] == [
+        (PairSlice("p/part-00000.parquet", 0, 3), PairSlice("p/part-00002.parquet", 0, 1)),
+        (PairSlice("p/part-00002.parquet", 1, 5),),
+        (PairSlice("p/part-00003.parquet", 0, 2),)]
+    assert plan_units({"shards": [{"file": "a", "rows": 0}]}, "p", 4) == []
 
 
 def test_duplicate_or_empty_query_named_by_file_and_row(tmp_path):
@@ -334,10 +354,10 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path, ray_from):
                          corpus_uri=lay.data("train", "corpus"), out_uri=lay.scores, key="k1")
 
     m = score()
-    # the work units follow the corpus shards (one here), cut at teacher.score.shard_pairs
-    # or smaller, so that the one actor gets two units (runtime.unit_rows)
-    assert m["rows"] == 8 and m["run"]["shards_run"] == len(m["shards"])
-    assert len(m["shards"]) == 2 if ray_from else len(m["shards"]) >= 2  # (pair shards differ)
+    # the work units are consecutive row ranges of the pair shards (one per corpus shard, or
+    # per Ray Data partition), teacher.score.shard_pairs or fewer pairs each, so that the
+    # one actor gets two units (runtime.unit_rows), however many pair shards there are
+    assert m["rows"] == 8 and m["run"]["shards_run"] == len(m["shards"]) == 2
     scored = storage.read_parquet(cfg.uri("teacher", "scores"))
     assert sorted(zip(scored["qid"].to_pylist(), scored["pid"].to_pylist(), strict=True)) == \
         sorted((c["qid"], p) for c in cands for p in c["pids"][:2])

@@ -22,6 +22,7 @@ from qgscale.data.keyindex import KeyIndex
 from qgscale.data.pidfilter import Keys
 from qgscale.data.schema import CORPUS, blank, passage_text
 from qgscale.errors import DataError, MissingInputError
+from qgscale.runtime import map_shards
 
 
 def corpus_shards(corpus_uri: str) -> list[str]:
@@ -37,24 +38,39 @@ def corpus_shards(corpus_uri: str) -> list[str]:
 
 def scan(corpus_uri: str, pids: Iterable[str] | Keys | KeyIndex | None,
          columns: tuple[str, ...] = ("pid", "lang", "title", "text")) -> Iterator[pa.Table]:
-    """Per corpus shard, its rows whose pid is in ``pids`` (every row when None), with
-    ``columns``: one shard in memory at a time. With ``pids``, each shard's pid column is read
-    first and its other columns only when some pid matches; ``pids`` are indexed once per call
-    (:class:`~qgscale.data.keyindex.KeyIndex`; pass one to reuse it), so a shard costs
-    O(shard x log pids). Empty pid or text is a DataError naming the shard and row."""
+    """Per corpus shard, in shard order, its rows whose pid is in ``pids`` (every row when
+    None), with ``columns``: one shard's rows at a time in this process. With ``pids``, each
+    shard's pid column is read first and its other columns only when some pid matches;
+    ``pids`` are indexed once per call (:class:`~qgscale.data.keyindex.KeyIndex`; pass one to
+    reuse it), so a shard costs O(shard x log pids). Empty pid or text is a DataError naming
+    the shard and row.
+
+    Where Ray is initialised and the corpus has several shards, each shard is read and
+    filtered by a Ray task (:func:`qgscale.runtime.map_shards`: the filter goes where the
+    shard is read, the tasks spread over the nodes and ask for no CPU, so that stages whose
+    actors hold every CPU can still scan): only the matching rows come back, and the corpus
+    is read at the cluster's bandwidth, not one shard after another."""
     wanted = None if pids is None else KeyIndex.of(pids)
     cols = list(dict.fromkeys(("pid", *columns)))
-    for uri in corpus_shards(corpus_uri):
-        if wanted is None:
-            t, rows = storage.read_parquet(uri, cols), 0
-        else:
-            mask = wanted.contains(storage.read_parquet(uri, ["pid"]).column("pid"))
-            if not mask.any():
-                continue
-            rows = pa.array(np.flatnonzero(mask))
-            t = storage.read_parquet(uri, cols).take(rows)
-        check(t, uri, rows)
-        yield t.select(list(columns))
+    uris = corpus_shards(corpus_uri)
+    for t in map_shards(_scan_shard, uris, wanted, cols, list(columns)):
+        if t is not None:
+            yield t
+
+
+def _scan_shard(uri: str, wanted: KeyIndex | None, cols: list[str], columns: list[str]
+                ) -> pa.Table | None:
+    """One shard's part of :func:`scan` (None: no row matches)."""
+    if wanted is None:
+        t, rows = storage.read_parquet(uri, cols), 0
+    else:
+        mask = wanted.contains(storage.read_parquet(uri, ["pid"]).column("pid"))
+        if not mask.any():
+            return None
+        rows = pa.array(np.flatnonzero(mask))
+        t = storage.read_parquet(uri, cols).take(rows)
+    check(t, uri, rows)
+    return t.select(columns)
 
 
 def check(t: pa.Table, uri: str, rows: pa.Array | int = 0) -> None:

@@ -125,11 +125,16 @@ def load_split(data_uri: str, split: str, corpus_uri: str | None = None,
 
 
 def corpus_langs(corpus_uri: str) -> list[str]:
-    """Distinct passage languages (reads only the ``lang`` column)."""
-    langs: set[str] = set()
-    for uri in storage.list_files(corpus_uri, ".parquet") or [corpus_uri]:
-        langs.update(pc.unique(storage.read_parquet(uri, ["lang"]).column("lang")).to_pylist())
-    return sorted(langs)
+    """Distinct passage languages (reads only the ``lang`` column, a shard per Ray task:
+    :func:`qgscale.runtime.map_shards`)."""
+    from qgscale.runtime import map_shards
+
+    files = storage.list_files(corpus_uri, ".parquet") or [corpus_uri]
+    return sorted({x for langs in map_shards(_shard_langs, files) for x in langs})
+
+
+def _shard_langs(uri: str) -> list[str]:
+    return pc.unique(storage.read_parquet(uri, ["lang"]).column("lang")).to_pylist()
 
 
 def passage_fields(corpus_uri: str, pids: set[str] | None, text: bool) -> tuple[dict, dict]:

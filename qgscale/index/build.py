@@ -47,6 +47,7 @@ from qgscale.runtime import (
     actor_resources,
     bundles,
     connect,
+    map_shards,
     remote_options,
     requesting,
     run_shards,
@@ -259,7 +260,8 @@ class AddJob:
     """The shard job of the add step. Per group of embedding shards (the shard payload:
     ``(uris, offsets)``): a copy of the trained index with their vectors under global ids,
     written as ``parts/<name>.faiss``; the shard itself is its id map ``{id, pid}`` under
-    ``ids/`` (written with its done marker after the part)."""
+    ``ids/`` (written with its done marker after the part). Its ids are the contiguous range
+    that follows the earlier groups' (what ``qgscale.index.search.id_files`` reads back)."""
 
     trained_uri: str
     index_uri: str
@@ -452,19 +454,24 @@ def merge_block_lists(index: Any, parts: list) -> None:
 
 # ---------------------------------------------------------------- driver
 def shard_rows(uris: list[str]) -> tuple[list[int], int]:
-    """Row count of every embedding shard and the vector dimension (parquet footers only)."""
-    counts, dim = [], 0
-    for uri in uris:
-        fs, path = storage.url_to_fs(uri)
-        with fs.open(path, "rb") as f:
-            meta = pq.ParquetFile(f)
-            counts.append(meta.metadata.num_rows)
-            if not dim:
-                vec = meta.schema_arrow.field("vector").type
-                if not pa.types.is_fixed_size_list(vec):
-                    raise ValueError(f"{uri}: field 'vector' must be a fixed-size list")
-                dim = vec.list_size
-    return counts, dim
+    """Row count of every embedding shard and the vector dimension (parquet footers only,
+    a shard per Ray task: :func:`qgscale.runtime.map_shards`)."""
+    found = list(map_shards(_footer, uris))
+    dims = sorted({d for _, d in found})
+    if len(dims) > 1:
+        raise ValueError(f"{uris[0]}: embedding shards of dimensions {dims} in one folder")
+    return [n for n, _ in found], dims[0] if dims else 0
+
+
+def _footer(uri: str) -> tuple[int, int]:
+    """An embedding shard's rows and vector dimension, from its parquet footer."""
+    fs, path = storage.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f)
+        vec = meta.schema_arrow.field("vector").type
+        if not pa.types.is_fixed_size_list(vec):
+            raise ValueError(f"{uri}: field 'vector' must be a fixed-size list")
+        return meta.metadata.num_rows, vec.list_size
 
 
 def _groups(n: int, k: int) -> list[list[int]]:

@@ -39,7 +39,7 @@ from qgscale.data.keyindex import KeyIndex
 from qgscale.data.pidfilter import key_hashes, pid_sum
 from qgscale.data.schema import ANSWERS, CANDIDATES, QRELS, TRAIN_EXAMPLES, blank, passage_text
 from qgscale.errors import DataError
-from qgscale.runtime import Shard, bundles, requesting, run_shards
+from qgscale.runtime import Shard, bundles, map_shards, requesting, run_shards
 
 RANKED_DIR = "_ranked"  # under the mine folder: each query's retrieved list, positives dropped
 ANSWERS_DIR = "_answer_hits"  # the answer check's (qid, pid) pairs, a shard per corpus shard
@@ -204,8 +204,8 @@ class AnswerFilter:
         markers = writer.markers()
         if sum(markers[u.name]["pid_sum"] for u in units) % (1 << 64) != expected:
             self._name_lost(needed, work_uri)
-        return KeyIndex.build(pa.concat_tables(
-            [storage.read_parquet(writer.shard_uri(u.name)) for u in units]), "qid")
+        return KeyIndex.build(pa.concat_tables([HITS.empty_table(), *map_shards(
+            storage.read_parquet, [writer.shard_uri(u.name) for u in units])]), "qid")
 
     def _name_lost(self, needed: pa.Array, work_uri: str) -> None:
         """The DataError of retrieved pids the corpus lacks, or has on two rows."""

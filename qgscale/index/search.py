@@ -114,6 +114,21 @@ def read_pids(index_uri: str) -> np.ndarray:
     return np.asarray(table.column("pid").to_pylist(), dtype=object)[order]
 
 
+def id_files(index_uri: str) -> list[tuple[str, int, int]]:
+    """The id map's files as ``(uri, first id, rows)`` in id order, from its manifest: the
+    build gives file ``part-<i>`` (embedding shard ``i`` on, in the order of their names)
+    the ids that follow those of the files before it (:class:`qgscale.index.build.AddJob`).
+    :class:`PidMap` checks that the ids it reads are the ones it wants."""
+    ids_uri = storage.join(index_uri, "ids")
+    m = storage.read_manifest(ids_uri)
+    if m is None:
+        raise FileNotFoundError(f"{ids_uri}: no {storage.MANIFEST} (the build did not finish)")
+    shards = sorted(m["shards"], key=lambda s: int(s["name"].rsplit("-", 1)[1]))
+    firsts = np.concatenate([[0], np.cumsum([s["rows"] for s in shards])[:-1]])
+    return [(storage.join(ids_uri, s["file"]), int(f), s["rows"])
+            for s, f in zip(shards, firsts, strict=True)]
+
+
 def index_ids(index: Any) -> np.ndarray:
     """Every id stored in an index (IVF inverted lists, or an IDMap's id table)."""
     import faiss
@@ -137,10 +152,13 @@ class PidMap:
 
     @classmethod
     def read(cls, index_uri: str, ids: np.ndarray) -> PidMap:
-        """Read the id map shard by shard, keeping only ``ids``: memory O(this shard)."""
+        """Read the id map files that hold ``ids`` (:func:`id_files`), keeping only those
+        ids: reads and memory O(this shard), not the corpus's id map."""
         want = np.unique(ids)
         got_ids, got_pids = [], []
-        for uri in storage.list_files(storage.join(index_uri, "ids"), ".parquet"):
+        for uri, first, rows in id_files(index_uri):
+            if np.searchsorted(want, first + rows) == np.searchsorted(want, first):
+                continue  # none of its ids is wanted
             t = storage.read_parquet(uri)
             tid = t.column("id").to_numpy()
             pos = np.minimum(np.searchsorted(want, tid), max(len(want) - 1, 0))
@@ -168,12 +186,13 @@ def load_refine_store(index_uri: str, m: dict, pids: Any, kind: str,
                       ids: np.ndarray | None = None):
     """The exact vectors of ``ids`` (sorted global ids; None: every id) in id order
     (``IndexFlat``, or ``SQfp16`` for ``fp16``), streamed from the embedding shards of the
-    index's manifest (global id = row number across them), keeping only those rows: memory
-    O(len(ids)). ``pids``: the pids of ``ids`` (of every id when None), which the rows' pids
-    must match."""
+    index's manifest (global id = row number across them; their row counts from the parquet
+    footers, :func:`qgscale.index.build.shard_rows`), reading only the shards that hold
+    some of ``ids`` and keeping only those rows: reads and memory O(len(ids)). ``pids``: the
+    pids of ``ids`` (of every id when None), which the rows' pids must match."""
     import faiss
 
-    from qgscale.index.build import metric_type
+    from qgscale.index.build import metric_type, shard_rows
 
     if kind not in REFINE_KINDS[1:]:
         raise ValueError(f"index.refine: expected one of {REFINE_KINDS}, got {kind!r}")
@@ -184,8 +203,15 @@ def load_refine_store(index_uri: str, m: dict, pids: Any, kind: str,
     store = (faiss.IndexFlat(m["dim"], metric) if kind == "flat" else
              faiss.IndexScalarQuantizer(m["dim"], faiss.ScalarQuantizer.QT_fp16, metric))
     want = np.arange(len(pids)) if ids is None else ids
+    files = storage.list_files(emb, ".parquet")
+    counts, _ = shard_rows(files)
+    if sum(counts) != m["ntotal"]:
+        raise ValueError(f"{emb}: {sum(counts)} vectors, index {index_uri} has {m['ntotal']}")
     start = 0  # global id of the block's first row
-    for uri in storage.list_files(emb, ".parquet"):
+    for uri, n in zip(files, counts, strict=True):
+        if np.searchsorted(want, start + n) == np.searchsorted(want, start):
+            start += n  # none of its rows is wanted
+            continue
         for block_pids, vecs in iter_vectors(uri):
             lo, hi = np.searchsorted(want, [start, start + len(vecs)])
             rows = want[lo:hi] - start

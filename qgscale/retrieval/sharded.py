@@ -19,7 +19,7 @@ lists fold into the overall top-k row by row (ties by pid, the order of one inde
 whole corpus; :func:`merge_rows`, one Arrow sort). A tree of :class:`MergeJob` shard jobs on
 the actors folds groups of :data:`FAN_IN` outputs, level by level, until at most that many
 are left; the driver folds those a block of queries at a time, reading each one's rows of
-that block only: it holds one block's lists (:data:`FOLD_ENTRIES` per output), never the
+that block only: it holds one block's lists (:data:`FOLD_ENTRIES` in all), never the
 corpus nor every query's top-k, and reads ``FAN_IN x queries x k`` entries in all, not
 ``corpus shards x queries x k``; the stages stream the blocks to their output. An actor holds
 its shard and that shard's top-k for every query (Arrow, built :data:`SEARCH_BLOCK` queries
@@ -47,7 +47,7 @@ from qgscale.data.schema import QRELS, TRAIN_EXAMPLES, passage_text
 from qgscale.errors import DataError, MissingInputError
 from qgscale.retrieval import bm25 as B
 from qgscale.retrieval.answers import YES_NO, answer_match_examples, read_answers
-from qgscale.runtime import Shard, run_shards
+from qgscale.runtime import Shard, map_shards, run_shards
 
 log = logging.getLogger("qgscale")
 
@@ -62,7 +62,7 @@ Ranked = list[tuple[float, str, bool]]  # (-score, pid, has answer), best first
 Block = dict[tuple[str, str], Ranked]  # {(qid, "" or corpus lang): ranked} of some queries
 
 SEARCH_BLOCK = 8192  # queries an actor searches before turning their lists into Arrow
-FOLD_ENTRIES = 1 << 20  # ranked entries of each input folded at a time (block x views x k)
+FOLD_ENTRIES = 1 << 21  # ranked entries folded at a time, all inputs (inputs x rows x k)
 STATS_CHUNK = 256  # statistics shards summed at a time on the driver
 FAN_IN = 16  # search outputs a merge job (or the driver, at the end) folds
 WORK_FORMAT = "v2"  # search work rows: query-major, every view (older work is redone)
@@ -160,18 +160,16 @@ class SearchJob:
 
 
 def _global_stats(uri: str, key: str, names: Sequence[str]) -> B.Stats:
-    """The corpus' statistics: the :class:`StatsJob` shards ``names`` under ``uri``, read by
-    a thread pool and summed in Arrow :data:`STATS_CHUNK` shards at a time (then
-    ``merge_stats``): at 10k corpus shards, seconds, not a round trip and a dict update per
-    token of each shard after another."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """The corpus' statistics: the :class:`StatsJob` shards ``names`` under ``uri``, read
+    by Ray tasks (:func:`qgscale.runtime.map_shards`) and summed in Arrow
+    :data:`STATS_CHUNK` shards at a time (then ``merge_stats``): at 10k corpus shards,
+    seconds, not a round trip and a dict update per token of each shard after another."""
     writer = storage.ShardWriter(uri, key)
     markers = writer.markers()
+    tables = map_shards(storage.read_parquet, [writer.shard_uri(n) for n in names])
 
-    def chunk(part: Sequence[str], pool: ThreadPoolExecutor) -> B.Stats:
-        t = pa.concat_tables(list(pool.map(
-            lambda n: storage.read_parquet(writer.shard_uri(n)), part)))
+    def chunk(part: Sequence[str]) -> B.Stats:
+        t = pa.concat_tables([next(tables) for _ in part])
         t = t.group_by("token").aggregate([("df", "sum")])
         tokenizers = sorted({markers[n]["tokenizer"] for n in part})
         if len(tokenizers) > 1:
@@ -180,9 +178,8 @@ def _global_stats(uri: str, key: str, names: Sequence[str]) -> B.Stats:
                                 strict=True)), sum(markers[n]["n_docs"] for n in part),
                        sum(markers[n]["total_len"] for n in part), tokenizers[0])
 
-    with ThreadPoolExecutor(16) as pool:
-        return B.merge_stats(chunk(names[i:i + STATS_CHUNK], pool)
-                             for i in range(0, len(names), STATS_CHUNK))
+    return B.merge_stats(chunk(names[i:i + STATS_CHUNK])
+                         for i in range(0, len(names), STATS_CHUNK))
 
 
 def merge_rows(tables: Sequence[pa.Table], k: int) -> pa.Table:
@@ -264,7 +261,8 @@ def merge_tree(uris: Sequence[str], rows: int, k: int, work_uri: str, key: str,
         units = [Shard(storage.shard_name(i), len(g), tuple(uris[j] for j in g))
                  for i, g in enumerate(groups)]
         out = storage.join(work_uri, f"merge-{level}")
-        run_shards(MergeJob(rows, k, max(1, FOLD_ENTRIES // k)), units, out, key,
+        block = max(1, FOLD_ENTRIES // (max(len(g) for g in groups) * k))
+        run_shards(MergeJob(rows, k, block), units, out, key,
                    desc=f"bm25 merge {level}", **common)
         writer = storage.ShardWriter(out, key)
         uris = [writer.shard_uri(u.name) for u in units]
@@ -278,10 +276,10 @@ def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: in
     """Top ``k`` of every query over the corpus at ``corpus_uri`` (global statistics), in
     blocks of queries in the order given: ``{(qid, ""): ranked}``, plus ``{(qid, lang):
     ranked}`` for each corpus language of ``langs`` (each key in that order). ``block``:
-    queries per block (default: :data:`FOLD_ENTRIES` ranked entries). The corpus shards'
-    lists are merged on the actors (:func:`merge_tree`, ``fan_in``) before the driver folds
-    the last few. Work shards go under ``work_uri`` (resumable with the same ``key``; the
-    caller removes them: :func:`cleanup`).    """
+    queries per block (default: :data:`FOLD_ENTRIES` ranked entries of the outputs folded).
+    The corpus shards' lists are merged on the actors (:func:`merge_tree`, ``fan_in``)
+    before the driver folds the last few. Work shards go under ``work_uri`` (resumable with
+    the same ``key``; the caller removes them: :func:`cleanup`)."""
     if len(set(qids)) != len(qids):
         raise DataError(f"BM25: duplicate query ids in {len(qids)} queries")
     shards = _corpus_shards(corpus_uri)
@@ -304,7 +302,7 @@ def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: in
     uris = merge_tree([storage.ShardWriter(search_uri, search_key).shard_uri(s.name)
                        for s in shards], len(qids) * nv, k, work_uri, search_key, common,
                       fan_in)
-    block = block or max(1, FOLD_ENTRIES // (nv * k))
+    block = block or max(1, FOLD_ENTRIES // (len(uris) * nv * k))
     for start in range(0, len(qids), block):
         part = list(qids[start:start + block])
         merged = merge_rows(_read_block(uris, start * nv, (start + len(part)) * nv), k)

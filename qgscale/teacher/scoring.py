@@ -237,8 +237,9 @@ class ScoreJob:
         return self.qg.load(device, threads, self.precision)
 
     def run(self, qg: Any, shard: Shard) -> tuple[pa.Table, dict]:
-        sl: PairSlice = shard.payload
-        t = storage.read_rows(sl.uri, sl.start, sl.stop)  # its row groups, not the shard
+        slices: tuple[PairSlice, ...] = shard.payload
+        t = pa.concat_tables([storage.read_rows(sl.uri, sl.start, sl.stop)  # their row
+                              for sl in slices])                         # groups only
         cols = {c: t.column(c).to_pylist() for c in PAIRS.names}
         pairs = list(zip(cols["query"], cols["passage"], cols["lang"], strict=True))
         s = qg.score(pairs, batch_tokens=self.batch_tokens, precision=self.precision)
@@ -246,13 +247,16 @@ class ScoreJob:
         bad = np.flatnonzero(~np.isfinite(score))
         if bad.size:  # e.g. an fp16 overflow: never written, so never trained on
             i = int(bad[0])
-            raise DataError(f"{sl.uri}: row {sl.start + i} (qid={cols['qid'][i]}, "
-                            f"pid={cols['pid'][i]}): teacher score is {score[i]} ({bad.size} "
-                            f"non-finite of {len(score)} in rows {sl.start}-{sl.stop - 1}; "
-                            f"teacher.score.precision={self.precision})")
+            ends = np.cumsum([sl.stop - sl.start for sl in slices])
+            k = int(np.searchsorted(ends, i, side="right"))
+            sl = slices[k]
+            raise DataError(f"{sl.uri}: row {sl.start + i - (ends[k - 1] if k else 0)} "
+                            f"(qid={cols['qid'][i]}, pid={cols['pid'][i]}): teacher score is "
+                            f"{score[i]} ({bad.size} non-finite of {len(score)} in this "
+                            f"unit's pairs; teacher.score.precision={self.precision})")
         table = pa.table({"qid": cols["qid"], "pid": cols["pid"],
                           "score": score, "ntok": s.ntok.astype("int32")}, schema=SCORES)
-        return table, {"source": sl.uri, "rows_from": sl.start, "rows_to": sl.stop}
+        return table, {"slices": [[sl.uri, sl.start, sl.stop] for sl in slices]}
 
 
 def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
@@ -322,14 +326,24 @@ def _name_missing_or_twice(candidates_uri: str | list[str], first: int | None,
 
 
 def plan_units(pairs_manifest: dict, pairs_uri: str, unit_pairs: int) -> list[Shard]:
-    """Scoring units of at most ``unit_pairs`` pairs: row ranges of the pair shards."""
-    units = []
+    """Scoring units of ``unit_pairs`` pairs (the last one fewer): consecutive row ranges of
+    the pair shards, a unit spanning shards where they are small (one pair shard per
+    corpus shard: at 10k corpus shards and 120k pairs, 12 pairs each)."""
+    units: list[Shard] = []
+    held: list[PairSlice] = []
+    size = 0
     for sh in pairs_manifest["shards"]:
-        uri = storage.join(pairs_uri, sh["file"])
-        units += [Shard(f"{sh['name']}-{k:04d}", r.stop - r.start, PairSlice(uri, r.start,
-                                                                              r.stop))
-                  for k, (_, r) in enumerate(storage.shard_slices(sh["rows"], unit_pairs))
-                  if sh["rows"]]
+        uri, start = storage.join(pairs_uri, sh["file"]), 0
+        while start < sh["rows"]:
+            stop = min(sh["rows"], start + unit_pairs - size)
+            held.append(PairSlice(uri, start, stop))
+            size += stop - start
+            start = stop
+            if size == unit_pairs:
+                units.append(Shard(storage.shard_name(len(units)), size, tuple(held)))
+                held, size = [], 0
+    if held:
+        units.append(Shard(storage.shard_name(len(units)), size, tuple(held)))
     return units
 
 
