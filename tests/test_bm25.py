@@ -196,6 +196,14 @@ def test_ray_shard_jobs_equal_one_index_with_language_views_and_answer_hits(
     again = list(sharded.retrieve(uri, qids, texts, 10, str(tmp_path / "work"), "k", cfg,
                                   langs=LANGS, answers=answers, block=7, fan_in=2))
     assert again == blocks and [n for _, _, n in runs[5:]] == [0] * 5
+    # other groups (fan-in 3: 10 -> 4 -> 2) are merges of other inputs: redone, not reused
+    del runs[:]
+    other = list(sharded.retrieve(uri, qids, texts, 10, str(tmp_path / "work"), "k", cfg,
+                                  langs=LANGS, answers=answers, block=7, fan_in=3))
+    assert other == blocks and runs[2:] == [("bm25 merge 1", 4, 4), ("bm25 merge 2", 2, 2)]
+    with pytest.raises(ValueError, match="fan_in=1"):
+        list(sharded.retrieve(uri, qids, texts, 10, str(tmp_path / "work"), "k", cfg,
+                              fan_in=1))
     assert [len(b) for b in blocks] == [7 * (1 + len(LANGS))] * 5 + [5 * (1 + len(LANGS))]
     got = {key: ranked for b in blocks for key, ranked in b.items()}
     assert [q for q, lang in got if not lang] == qids  # the queries' order

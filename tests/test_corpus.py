@@ -264,16 +264,22 @@ def test_scan_on_ray_tasks(data, tmp_path, ray_local, monkeypatch):
         def ready(self) -> bool:
             return True
 
-    hold = Hold.remote()
-    ray.get(hold.ready.remote())
     from qgscale import runtime
 
-    monkeypatch.setattr(runtime, "MAP_WINDOW", 1)  # 2 tasks in flight on 2 CPUs
-    assert C.read_passages(data["corpus"], ids) == {
-        r["pid"]: passage_text(r["title"], r["text"]) for t in on_ray
-        for r in t}
-    first = next(C.scan(data["corpus"], None, ("pid",)))
-    assert first.num_rows == PER_SHARD
+    hold = Hold.remote()
+    try:
+        ray.get(hold.ready.remote(), timeout=120)
+        monkeypatch.setattr(runtime, "MAP_WINDOW", 1)  # 2 tasks in flight on 2 CPUs
+        assert C.read_passages(data["corpus"], ids) == {
+            r["pid"]: passage_text(r["title"], r["text"]) for t in on_ray for r in t}
+        first = next(C.scan(data["corpus"], None, ("pid",)))
+        assert first.num_rows == PER_SHARD
+    finally:
+        ray.kill(hold)
+    # the tasks get this process's storage settings (their runtime env), as actors do
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "qgs-test-region")
+    assert set(runtime.map_shards(_env, ["a", "b"], "AWS_DEFAULT_REGION")) == {
+        "qgs-test-region"}
     bad = str(tmp_path / "bad")
     for n in range(3):
         storage.write_parquet(f"{bad}/part-{n:05d}.parquet", pa.Table.from_pylist(
@@ -283,4 +289,9 @@ def test_scan_on_ray_tasks(data, tmp_path, ray_local, monkeypatch):
     with pytest.raises(DataError, match=r"bad/part-00001.parquet: row 1 \(pid=1b\): empty "
                                         r"field 'text'"):
         C.read_passages(bad, {"0a", "1b", "2a"})
-    ray.kill(hold)
+
+
+def _env(uri: str, name: str) -> str | None:
+    import os
+
+    return os.environ.get(name)

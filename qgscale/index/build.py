@@ -577,6 +577,7 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
              for p in ("add_s", "merge_s")}
     return storage.write_manifest(index_uri, chash, factory=factory, metric=bc.metric,
                                   dim=dim, ntotal=n, shards=shard_files, ondisk=ondisk,
+                                  embedding_rows=[int(c) for c in counts],
                                   estimate=est, memory_plan=plan, timings=timings | rates,
                                   embeddings=emb_uri)
 

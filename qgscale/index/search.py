@@ -186,8 +186,8 @@ def load_refine_store(index_uri: str, m: dict, pids: Any, kind: str,
                       ids: np.ndarray | None = None):
     """The exact vectors of ``ids`` (sorted global ids; None: every id) in id order
     (``IndexFlat``, or ``SQfp16`` for ``fp16``), streamed from the embedding shards of the
-    index's manifest (global id = row number across them; their row counts from the parquet
-    footers, :func:`qgscale.index.build.shard_rows`), reading only the shards that hold
+    index's manifest (global id = row number across them; their row counts from the
+    manifest's ``embedding_rows``, else the parquet footers), reading only the shards that hold
     some of ``ids`` and keeping only those rows: reads and memory O(len(ids)). ``pids``: the
     pids of ``ids`` (of every id when None), which the rows' pids must match."""
     import faiss
@@ -204,8 +204,8 @@ def load_refine_store(index_uri: str, m: dict, pids: Any, kind: str,
              faiss.IndexScalarQuantizer(m["dim"], faiss.ScalarQuantizer.QT_fp16, metric))
     want = np.arange(len(pids)) if ids is None else ids
     files = storage.list_files(emb, ".parquet")
-    counts, _ = shard_rows(files)
-    if sum(counts) != m["ntotal"]:
+    counts = m.get("embedding_rows") or shard_rows(files)[0]
+    if len(counts) != len(files) or sum(counts) != m["ntotal"]:
         raise ValueError(f"{emb}: {sum(counts)} vectors, index {index_uri} has {m['ntotal']}")
     start = 0  # global id of the block's first row
     for uri, n in zip(files, counts, strict=True):

@@ -221,9 +221,9 @@ def _read_block(uris: Sequence[str], start: int, stop: int) -> list[pa.Table]:
             t = None
         if t is None or (tables and not all(t.column(c).equals(tables[0].column(c))
                                              for c in ("qid", "lang"))):
+            work = posixpath.dirname(posixpath.dirname(uri))
             raise DataError(f"{uri}: its rows are not the queries x views of this search "
-                            "(a work file of another run?): remove the stage's work folder "
-                            "and rerun")
+                            f"(a work file of another run?): remove {work} and rerun")
         tables.append(t)
     return tables
 
@@ -247,26 +247,32 @@ class MergeJob:
         return pa.concat_tables(parts) if parts else HITS.empty_table()
 
 
-def merge_tree(uris: Sequence[str], rows: int, k: int, work_uri: str, key: str,
-               common: Mapping[str, Any], fan_in: int) -> list[str]:
-    """Search outputs merged on the actors, groups of at most ``fan_in`` per job and level by
-    level, until ``fan_in`` outputs at most are left (their uris): the driver then reads
-    ``fan_in x queries x k`` entries, not ``corpus shards x queries x k``. Every level is a
-    :func:`run_shards` pass of :class:`MergeJob` under ``work_uri/merge-<level>``
-    (resumable with ``key``)."""
-    uris, level = list(uris), 0
-    while len(uris) > fan_in:
+def merge_tree(in_uri: str, names: Sequence[str], rows: int, k: int, work_uri: str,
+               key: str, common: Mapping[str, Any], fan_in: int) -> list[str]:
+    """The search outputs ``names`` (shards under ``in_uri`` with ``key``) merged on the
+    actors, groups of at most ``fan_in`` per job and level by level, until ``fan_in``
+    outputs at most are left (their uris): the driver then reads ``fan_in x queries x k``
+    entries, not ``corpus shards x queries x k``. Every level is a :func:`run_shards` pass of
+    :class:`MergeJob` under ``work_uri/merge-<level>``, resumable under a key of its inputs'
+    sha256 and ``fan_in`` (a redone input, or other groups, redo the merges built on it)."""
+    if fan_in < 2:
+        raise ValueError(f"fan_in={fan_in}: a merge needs 2 inputs at least")
+    writer, names, level = storage.ShardWriter(in_uri, key), list(names), 0
+    while len(names) > fan_in:
         level += 1
-        groups = np.array_split(np.arange(len(uris)), -(-len(uris) // fan_in))
-        units = [Shard(storage.shard_name(i), len(g), tuple(uris[j] for j in g))
+        markers = writer.markers()
+        key = storage.config_hash({"fan_in": fan_in, "inputs": [markers[n]["sha256"]
+                                                                for n in names]})
+        groups = np.array_split(np.arange(len(names)), -(-len(names) // fan_in))
+        units = [Shard(storage.shard_name(i), len(g),
+                       tuple(writer.shard_uri(names[j]) for j in g))
                  for i, g in enumerate(groups)]
-        out = storage.join(work_uri, f"merge-{level}")
         block = max(1, FOLD_ENTRIES // (max(len(g) for g in groups) * k))
+        out = storage.join(work_uri, f"merge-{level}")
         run_shards(MergeJob(rows, k, block), units, out, key,
                    desc=f"bm25 merge {level}", **common)
-        writer = storage.ShardWriter(out, key)
-        uris = [writer.shard_uri(u.name) for u in units]
-    return uris
+        writer, names = storage.ShardWriter(out, key), [u.name for u in units]
+    return [writer.shard_uri(n) for n in names]
 
 
 def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: int,
@@ -299,9 +305,8 @@ def retrieve(corpus_uri: str, qids: Sequence[str], queries: Sequence[str], k: in
                     SEARCH_BLOCK)
     run_shards(job, shards, search_uri, search_key, desc="bm25 search", **common)
     nv = len(views)
-    uris = merge_tree([storage.ShardWriter(search_uri, search_key).shard_uri(s.name)
-                       for s in shards], len(qids) * nv, k, work_uri, search_key, common,
-                      fan_in)
+    uris = merge_tree(search_uri, [s.name for s in shards], len(qids) * nv, k, work_uri,
+                      search_key, common, fan_in)
     block = block or max(1, FOLD_ENTRIES // (len(uris) * nv * k))
     for start in range(0, len(qids), block):
         part = list(qids[start:start + block])

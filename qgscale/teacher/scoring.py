@@ -11,13 +11,15 @@ Two shard jobs (:func:`qgscale.runtime.run_shards`), both resumable:
 1. the join (:class:`PairJob`): per corpus shard, the candidate pairs of its passages with
    both texts, written under ``<out>/_pairs/`` sorted by pid: the work units carry their text,
    so no actor ever loads the corpus (each corpus shard is read once);
-2. scoring (:class:`ScoreJob`): per slice of a pair shard (``shard_pairs`` pairs, or fewer
-   so that every actor gets at least two slices), the passage-grouped fast path of
+2. scoring (:class:`ScoreJob`): per unit of ``shard_pairs`` pairs (or fewer, so that every
+   actor gets at least two units; consecutive row ranges of the pair shards, across shards
+   where they are small: :func:`plan_units`), the passage-grouped fast path of
    :func:`qgscale.models.generator.score_pairs`.
 """
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,9 +239,12 @@ class ScoreJob:
         return self.qg.load(device, threads, self.precision)
 
     def run(self, qg: Any, shard: Shard) -> tuple[pa.Table, dict]:
+        from concurrent.futures import ThreadPoolExecutor
+
         slices: tuple[PairSlice, ...] = shard.payload
-        t = pa.concat_tables([storage.read_rows(sl.uri, sl.start, sl.stop)  # their row
-                              for sl in slices])                         # groups only
+        with ThreadPoolExecutor(min(16, len(slices))) as pool:  # their row groups only
+            t = pa.concat_tables(list(pool.map(
+                lambda sl: storage.read_rows(sl.uri, sl.start, sl.stop), slices)))
         cols = {c: t.column(c).to_pylist() for c in PAIRS.names}
         pairs = list(zip(cols["query"], cols["passage"], cols["lang"], strict=True))
         s = qg.score(pairs, batch_tokens=self.batch_tokens, precision=self.precision)
@@ -420,6 +425,10 @@ def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
     job = ScoreJob(qg, sc.batch_tokens, sc.precision)
     stats = run_shards(job, units, out_uri, config_hash, sc, stage="teacher.score",
                        desc="teacher score", unit="pair")
+    planned = {f"{u.name}.parquet" for u in units}
+    for f in storage.list_files(out_uri, ".parquet"):  # e.g. units of an older plan: the
+        if posixpath.basename(f) not in planned:      # readers read every shard here
+            storage.remove(f)
     pairs = sum(u.size for u in units)
     manifest = storage.ShardWriter(out_uri, config_hash).finalize(
         [u.name for u in units], stage="teacher-score", inputs=inputs, pairs=pairs,
