@@ -99,9 +99,13 @@ def test_score_kill_actor_exactly_once_and_resume(ray_local, tokenizer, root):
     storage.remove(storage.join(out, storage.MANIFEST))
     lost = sorted(markers)[1]
     storage.remove(lost)
+    # a unit of an older plan (another name, here a copy of a shard): removed, not read twice
+    storage.write_parquet(storage.join(out, "part-00000-0000.parquet"),
+                          storage.read_parquet(storage.join(out, "part-00000.parquet")))
     third = score_candidates(*args, sc.model_copy(update={"num_actors": 1}))
     assert third["run"]["shards_run"] == 1 and third["rows"] == 64
     assert len(storage.read_parquet(out)) == 64
+    assert not storage.exists(storage.join(out, "part-00000-0000.parquet"))
 
 
 def test_generate_resumable(ray_local, tokenizer, tmp_path):
