@@ -15,8 +15,9 @@ search, merge, ``run.parquet``, top 100) on its own local Ray of 2 CPUs with one
 jobs (``run_shards`` wrapped in the stage's module: both trees call it), so
 ``after_search_s`` is the merge: the driver's fold before, the merge jobs and the driver's
 fold of at most 16 outputs after. From outside (``before_after.measure``): the driver's CPU
-seconds and peak RSS. Both trees must write the same run (its rows compared). Prints a
-table; writes JSON.
+seconds and peak RSS. Each tree runs ``--repeat`` times, the order alternating (the second
+of two runs here tends to be slower); the medians are compared. Every run must write the
+same run (its rows compared). Prints a table; writes JSON.
 """
 
 from __future__ import annotations
@@ -88,35 +89,42 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=64_000)
     ap.add_argument("--shards", type=int, default=160)
     ap.add_argument("--queries", type=int, default=4_000)
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each tree (median)")
     args = parse(ap, child)
     import pyarrow.parquet as pq
 
-    rows, runs, load = [], {}, os.getloadavg()
+    rows, runs, load = [], [], os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qgs-bm25-merge-") as tmp:
         data = Path(tmp) / "data"
         write_data(data, args.passages, args.shards, args.queries)
-        for name, src in trees(args.baseline_src):
-            out = Path(tmp) / name
-            r = measure(src, "bm25-eval", data, out, __file__)
-            rows.append({"tree": name, "commit": commit(src), **r})
-            runs[name] = pq.read_table(out / "bm25-eval" / "run.parquet")
-            print(rows[-1], flush=True)
-    same = all(t.equals(runs["this"]) for t in runs.values())
-    print(f"\n{'tree':9} {'commit':8} {'wall s':>7} {'search s':>9} {'after search s':>15} "
-          f"{'driver CPU s':>13} {'driver RSS MB':>14}")
+        for rep in range(args.repeat):
+            for name, src in trees(args.baseline_src)[::-1 if rep % 2 else 1]:
+                out = Path(tmp) / f"{name}-{rep}"
+                r = measure(src, "bm25-eval", data, out, __file__)
+                rows.append({"tree": name, "commit": commit(src), "run": rep, **r})
+                runs.append(pq.read_table(out / "bm25-eval" / "run.parquet"))
+                print(rows[-1], flush=True)
+    same = all(t.equals(runs[0]) for t in runs)
+    cols = ("wall_s", "search_s", "after_search_s", "driver_cpu_s", "driver_peak_rss_mb")
+    print(f"\n{'tree':9} {'commit':8} {'run':>3} {'wall s':>7} {'search s':>9} "
+          f"{'after search s':>15} {'driver CPU s':>13} {'driver RSS MB':>14}")
     for r in rows:
-        print(f"{r['tree']:9} {r['commit']:8} {r['wall_s']:7.1f} {r['search_s']:9.1f} "
-              f"{r['after_search_s']:15.1f} {r['driver_cpu_s']:13.1f} "
+        print(f"{r['tree']:9} {r['commit']:8} {r['run']:3d} {r['wall_s']:7.1f} "
+              f"{r['search_s']:9.1f} {r['after_search_s']:15.1f} {r['driver_cpu_s']:13.1f} "
               f"{r['driver_peak_rss_mb']:14.1f}")
+    median = {name: {c: float(np.median([r[c] for r in rows if r["tree"] == name]))
+                     for c in cols} for name, _ in trees(args.baseline_src)}
     result = {"passages": args.passages, "shards": args.shards, "queries": args.queries,
-              "top_k": 100, "cpus": 2, "bm25_actors": 1, "rows": rows, "same_run": same,
+              "top_k": 100, "cpus": 2, "bm25_actors": 1, "repeat": args.repeat,
+              "median": median, "rows": rows, "same_run": same,
               "load_avg_start": load, "load_avg_end": os.getloadavg()}
-    if len(rows) == 2:
-        b, t = rows
+    if len(median) == 2:
+        b, t = median["baseline"], median["this"]
         result["after_search_speedup"] = round(b["after_search_s"] / t["after_search_s"], 2)
         result["driver_cpu_ratio"] = round(b["driver_cpu_s"] / t["driver_cpu_s"], 2)
-        print(f"after the search: {result['after_search_speedup']}x faster; driver CPU "
-              f"{result['driver_cpu_ratio']}x less")
+        print(f"medians: after the search {result['after_search_speedup']}x faster; driver "
+              f"CPU {result['driver_cpu_ratio']}x less; wall {b['wall_s']:.1f} -> "
+              f"{t['wall_s']:.1f} s; search {b['search_s']:.1f} -> {t['search_s']:.1f} s")
     save(args.out, result)
     if not same:
         sys.exit("the trees wrote different runs")
