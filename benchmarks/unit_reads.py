@@ -1,9 +1,10 @@
 """What a work unit reads: its slice of a shard as the whole file sliced (before) vs only the
 parquet row groups that hold its rows (``qgscale.storage.read_rows``).
 
-A scoring or generation unit is a row range of one shard (``teacher.score.shard_pairs`` pairs,
-``teacher.generate.shard_rows`` passages). With shards far larger than a unit (a 100k-row pair
-shard, 2,000-pair units) each unit used to read the whole shard. This writes one pair shard of
+A generation unit is a row range of one shard (``teacher.generate.shard_rows`` passages), a
+scoring unit consecutive row ranges of the pair shards (``teacher.score.shard_pairs`` pairs).
+With shards far larger than a unit (a 100k-row pair shard, 2,000-pair units) each unit used to
+read the whole shard. This writes one pair shard of
 ``--rows`` rows (query + ~600-character passage, as the score join writes them) and reads every
 unit both ways, timing it and counting the bytes read from the file (an fsspec file wrapper).
 
