@@ -248,23 +248,30 @@ def test_scan_on_ray_tasks(data, tmp_path, ray_local, monkeypatch):
     """With Ray initialised, ``scan`` reads and filters each shard in a Ray task and yields
     the same tables in shard order as the serial scan here; its tasks ask for no CPU, so it
     runs while an actor holds every CPU; a task's bad row is the DataError naming its shard
-    and row; a consumer may stop early."""
+    and row; a consumer may stop early. Below ``MAP_FROM`` files it reads here."""
     import ray
 
+    from qgscale import runtime
+
+    ran = []
+    real_scan_shard = C._scan_shard
+    monkeypatch.setattr(C, "_scan_shard", lambda *a: ran.append(a[0]) or real_scan_shard(*a))
+    C.read_passages(data["corpus"], {"s1-0"})  # 10 shards, fewer than MAP_FROM: here
+    assert len(ran) == N_SHARDS
+    monkeypatch.undo()
+    monkeypatch.setattr(runtime, "MAP_FROM", 2)
     ids = {f"s{s}-{i}" for s in (1, 4, 9) for i in (0, 7)}
     on_ray = [t.to_pylist() for t in C.scan(data["corpus"], ids)]
     every = [t.num_rows for t in C.scan(data["corpus"], None, ("pid",))]
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    assert on_ray == [t.to_pylist() for t in C.scan(data["corpus"], ids)]  # shard order
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(ray, "is_initialized", lambda: False)
+        assert on_ray == [t.to_pylist() for t in C.scan(data["corpus"], ids)]  # shard order
     assert [len(t) for t in on_ray] == [2, 2, 2] and every == [PER_SHARD] * N_SHARDS
 
     @ray.remote(num_cpus=2)
     class Hold:  # every CPU of the session's Ray held, as by a stage's actors
         def ready(self) -> bool:
             return True
-
-    from qgscale import runtime
 
     hold = Hold.remote()
     try:
