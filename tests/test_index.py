@@ -115,6 +115,9 @@ def test_encode_corpus_matches_direct_and_resumes(ray_local, tmp_path, tiny_enco
     assert m["rows"] == len(pids) and len(m["shards"]) == 3
     got_pids, vecs = read_vectors(out)
     assert got_pids == pids
+    # each row carries its passage's language (for the index's id map)
+    assert storage.read_parquet(out, ["lang"]).column("lang").to_pylist() == \
+        storage.read_parquet(corpus, ["lang"]).column("lang").to_pylist()
     table = storage.read_parquet(corpus)
     direct = loader().encode_passages(
         [passage_text(t, x) for t, x in zip(table["title"].to_pylist(),
@@ -886,6 +889,56 @@ def test_stages_encode_build_mine_on_s3(ray_local, s3_bucket, tokenizer):
     pos = dict(zip(qids, pids[::2], strict=True))
     assert all(pos[c["qid"]] not in c["pids"] and len(c["pids"]) == 5 for c in cand)
     assert all(t["pos_pids"] == [pos[t["qid"]]] and len(t["neg_pids"]) == 2 for t in train)
+
+
+def test_search_actor_languages_come_from_the_id_map(ray_local, tmp_path, monkeypatch):
+    """Embeddings with ``lang``: the id map carries it, and a search actor restricts a search
+    to a language from its own id map files, reading no corpus; its results are the exact
+    top-k of that language. An index with an embedding shard written without ``lang`` has no
+    languages in that part of its id map: its actors fall back to the corpus scan."""
+    from qgscale.data import corpus as C
+
+    xb, xq = clustered(300, 8, seed=5), clustered(6, 8, seed=6)
+    langs = [("en", "de", "es")[i % 3] for i in range(len(xb))]
+    pids = [f"p{i}" for i in range(len(xb))]
+    emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
+    for j, (a, b) in enumerate([(0, 100), (100, 200), (200, 300)]):
+        storage.write_parquet(storage.join(emb, f"part-{j:05d}.parquet"),
+                              embeddings_table(pids[a:b], xb[a:b], langs=langs[a:b]))
+    m = B.build_index(emb, idx, BuildConfig(factory="Flat", num_shards=2,
+                                               cpus_per_actor=0.5))
+    monkeypatch.setattr(C, "scan", lambda *a, **k: pytest.fail("the corpus was read"))
+    for rel in m["shards"]:
+        actor = S.ShardSearcher(idx, rel, False, None, None)  # no corpus_uri
+        ids = actor.pid_map.ids
+        assert {k: v.tolist() for k, v in actor.lang_ids().items()} == {
+            lang: [i for i in ids.tolist() if langs[i] == lang] for lang in ("en", "de", "es")}
+        dist, got, got_pids = actor.search(xq, 5, lang="de")
+        de = np.array([i for i in ids.tolist() if langs[i] == "de"])
+        scores = xq @ xb[de].T
+        want = de[np.argsort(-scores, axis=1, kind="stable")[:, :5]]
+        assert got.tolist() == want.tolist()
+        assert got_pids.tolist() == [[pids[i] for i in row] for row in want]
+    monkeypatch.undo()
+    # one embedding shard from before ``lang`` was written: the corpus is scanned
+    storage.write_parquet(storage.join(emb, "part-00001.parquet"),
+                          embeddings_table(pids[100:200], xb[100:200]))
+    idx2 = str(tmp_path / "index2")
+    m2 = B.build_index(emb, idx2, BuildConfig(factory="Flat", num_shards=1,
+                                                 cpus_per_actor=0.5))
+    assert "lang" not in storage.read_parquet(
+        storage.join(idx2, "ids", "part-00001.parquet")).column_names
+    assert S.read_pids(idx2).tolist() == pids  # the local id map reads both kinds of part
+    with pytest.raises(ValueError, match="needs the corpus_uri"):
+        S.ShardSearcher(idx2, m2["shards"][0], False, None, None).lang_ids()
+    corpus = str(tmp_path / "corpus")
+    storage.write_parquet(f"{corpus}/part-00000.parquet", pa.table(
+        {"pid": pids, "lang": langs, "title": [""] * len(pids), "text": ["x"] * len(pids)},
+        schema=CORPUS))
+    got = S.ShardSearcher(idx2, m2["shards"][0], False, None, None,
+                          corpus_uri=corpus).lang_ids()
+    assert {k: v.tolist() for k, v in got.items()} == {
+        lang: [i for i in range(len(xb)) if langs[i] == lang] for lang in ("en", "de", "es")}
 
 
 def test_shard_language_ids_looked_up_in_groups(tmp_path, monkeypatch):

@@ -28,10 +28,13 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
-def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    """Embedding shards: ``{pid, vector}`` with a fixed-size list of ``dim`` floats."""
+def embeddings_schema(dim: int, dtype: str = "float32", lang: bool = True) -> pa.Schema:
+    """Embedding shards: ``{pid, lang, vector}`` with a fixed-size list of ``dim`` floats
+    (``lang``: the passage's language, carried into the index's id map; shards written
+    before it was added lack it)."""
     value = pa.float16() if dtype == "float16" else pa.float32()
-    return pa.schema([("pid", pa.string()), ("vector", pa.list_(value, dim))])
+    return pa.schema([("pid", pa.string())] + ([("lang", pa.string())] if lang else [])
+                     + [("vector", pa.list_(value, dim))])
 
 
 def passage_text(title: str | None, text: str | None) -> str:

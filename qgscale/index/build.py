@@ -18,7 +18,7 @@ Layout under ``index_uri``::
 
     trained.faiss  trained.json       trained empty index
     parts/part-00000.faiss            one index part per embedding shard (or group)
-    ids/part-00000.parquet            its id map {id, pid}; ids/_done/ = done markers
+    ids/part-00000.parquet            its id map {id, pid, lang}; ids/_done/ = done markers
     shards/shard-00000.faiss          final index shard(s) (+ .ivfdata when on disk)
     _manifest.json                    factory, metric, dim, ntotal, shard files, timings
 """
@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from qgscale import storage
 from qgscale.config import BuildConfig, key_values
-from qgscale.index.vectors import iter_vectors
+from qgscale.index.vectors import iter_batches, to_float32
 from qgscale.runtime import (
     Shard,
     actor_resources,
@@ -53,7 +53,7 @@ from qgscale.runtime import (
     run_shards,
 )
 
-IDS_SCHEMA = pa.schema([("id", pa.int64()), ("pid", pa.string())])
+IDS_SCHEMA = pa.schema([("id", pa.int64()), ("pid", pa.string()), ("lang", pa.string())])
 
 
 # ---------------------------------------------------------------- factory and estimates
@@ -259,9 +259,10 @@ def train_index(factory: str, metric: str, dim: int, out_uri: str,
 class AddJob:
     """The shard job of the add step. Per group of embedding shards (the shard payload:
     ``(uris, offsets)``): a copy of the trained index with their vectors under global ids,
-    written as ``parts/<name>.faiss``; the shard itself is its id map ``{id, pid}`` under
-    ``ids/`` (written with its done marker after the part). Its ids are the contiguous range
-    that follows the earlier groups' (what ``qgscale.index.search.id_files`` reads back)."""
+    written as ``parts/<name>.faiss``; the shard itself is its id map ``{id, pid, lang}``
+    under ``ids/`` (written with its done marker after the part; ``lang`` only when every
+    embedding shard of the group has it). Its ids are the contiguous range that follows the
+    earlier groups' (what ``qgscale.index.search.id_files`` reads back)."""
 
     trained_uri: str
     index_uri: str
@@ -282,21 +283,26 @@ class AddJob:
         index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
         if on_gpu:
             index = to_gpu(index, fp16=False)
-        all_ids, all_pids = [], []
+        all_ids, all_pids, all_langs = [], [], []
         for uri, offset in zip(*shard.payload, strict=True):
-            for pids, vecs in iter_vectors(uri):  # one float32 block at a time
-                ids = np.arange(offset, offset + len(pids), dtype=np.int64)
+            for batch in iter_batches(uri):  # one block at a time
+                vecs = to_float32(batch.column("vector"))
+                ids = np.arange(offset, offset + len(vecs), dtype=np.int64)
                 index.add_with_ids(vecs, ids)
                 all_ids.append(ids)
-                all_pids.append(pids.cast(pa.string()))
-                offset += len(pids)
+                all_pids.append(batch.column("pid").cast(pa.string()))
+                if "lang" in batch.schema.names:
+                    all_langs.append(batch.column("lang").cast(pa.string()))
+                offset += len(vecs)
                 del vecs
         if on_gpu:
             index = to_cpu(index)
         strip_quantizer(index)
         write_index(index, storage.join(self.index_uri, "parts", f"{shard.name}.faiss"))
-        return pa.table({"id": np.concatenate(all_ids),
-                         "pid": pa.chunked_array(all_pids, pa.string())}, schema=IDS_SCHEMA)
+        out = {"id": np.concatenate(all_ids), "pid": pa.chunked_array(all_pids, pa.string())}
+        if len(all_langs) == len(all_pids):  # every block: the id map carries languages
+            out["lang"] = pa.chunked_array(all_langs, pa.string())
+        return pa.table(out, schema=pa.schema([IDS_SCHEMA.field(c) for c in out]))
 
 
 def strip_quantizer(index: Any) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from qgscale import storage
@@ -82,7 +83,7 @@ def load_dual_encoder(path: str, device: str | None = None, **overrides: Any) ->
 # ---------------------------------------------------------------- one shard
 def encode_table(encoder: TextEncoder, table: pa.Table, batch_size: int, dtype: str = "float32",
                  device: str = "cpu", precision: str = "fp32", source: str = "") -> pa.Table:
-    """CORPUS rows -> embedding rows ``{pid, vector}`` (same order)."""
+    """CORPUS rows -> embedding rows ``{pid, lang, vector}`` (same order)."""
     missing = [c for c in CORPUS.names if c not in table.column_names]
     if missing:
         raise ValueError(f"{source}: corpus shard lacks field(s) {missing}")
@@ -102,7 +103,7 @@ def encode_table(encoder: TextEncoder, table: pa.Table, batch_size: int, dtype: 
         raise DataError(f"{source}: row {i} (pid={pids[i]}): non-finite embedding ({bad.size} "
                         f"of {len(pids)} rows; index.encode.precision={precision}, "
                         f"dtype={dtype})")
-    return embeddings_table(pids, vecs, dtype)
+    return embeddings_table(pids, vecs, dtype, table.column("lang"))
 
 
 def nonfinite_rows(vecs: np.ndarray) -> np.ndarray:
@@ -111,12 +112,17 @@ def nonfinite_rows(vecs: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isfinite(vecs).all(axis=1))
 
 
-def embeddings_table(pids: list[str], vecs: np.ndarray, dtype: str = "float32") -> pa.Table:
+def embeddings_table(pids: list[str], vecs: np.ndarray, dtype: str = "float32",
+                     langs: Any = None) -> pa.Table:
+    """Embedding rows ``{pid, lang, vector}`` (``{pid, vector}`` without ``langs``)."""
     np_dtype = np.float16 if dtype == "float16" else np.float32
     flat = pa.array(vecs.astype(np_dtype, copy=False).reshape(-1))
     vec = pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1])
-    return pa.Table.from_arrays([pa.array(pids, pa.string()), vec],
-                                schema=embeddings_schema(vecs.shape[1], dtype))
+    cols = [pa.array(pids, pa.string())]
+    if langs is not None:
+        cols.append(pc.cast(langs, pa.string()))
+    return pa.Table.from_arrays(cols + [vec], schema=embeddings_schema(
+        vecs.shape[1], dtype, lang=langs is not None))
 
 
 def _on_device(loader: Callable[[], TextEncoder], device: str, threads: int) -> TextEncoder:

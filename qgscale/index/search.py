@@ -106,7 +106,7 @@ def read_index_file(index_uri: str, rel: str, ondisk: bool):
 
 def read_pids(index_uri: str) -> np.ndarray:
     """The id map: ``pids[id]`` (ids are the contiguous row numbers 0..n-1)."""
-    table = storage.read_parquet(storage.join(index_uri, "ids"))
+    table = storage.read_parquet(storage.join(index_uri, "ids"), ["id", "pid"])
     ids = table.column("id").to_numpy()
     order = np.argsort(ids)
     if not np.array_equal(ids[order], np.arange(len(ids))):
@@ -145,17 +145,19 @@ def index_ids(index: Any) -> np.ndarray:
 @dataclass
 class PidMap:
     """The pids of some ids (one index shard's): sorted int64 ids and an Arrow string array of
-    their pids (no Python object per passage)."""
+    their pids (no Python object per passage); ``langs``, their passages' languages, when
+    the id map holds them (indexes built from embeddings with ``lang``)."""
 
     ids: np.ndarray
     pids: pa.Array
+    langs: pa.Array | None = None
 
     @classmethod
     def read(cls, index_uri: str, ids: np.ndarray) -> PidMap:
         """Read the id map files that hold ``ids`` (:func:`id_files`), keeping only those
         ids: reads and memory O(this shard), not the corpus's id map."""
         want = np.unique(ids)
-        got_ids, got_pids = [], []
+        got_ids, got_pids, got_langs = [], [], []
         for uri, first, rows in id_files(index_uri):
             if np.searchsorted(want, first + rows) == np.searchsorted(want, first):
                 continue  # none of its ids is wanted
@@ -165,13 +167,17 @@ class PidMap:
             keep = np.flatnonzero(want[pos] == tid) if len(want) else np.empty(0, int)
             got_ids.append(tid[keep])
             got_pids.append(pc.cast(t.column("pid").take(keep), pa.large_string()))
+            if "lang" in t.column_names:
+                got_langs.append(pc.cast(t.column("lang").take(keep), pa.string()))
         all_ids = np.concatenate(got_ids) if got_ids else np.empty(0, np.int64)
         order = np.argsort(all_ids)
         if not np.array_equal(all_ids[order], want):
             raise ValueError(f"{index_uri}/ids: the id map lacks or repeats ids of this shard")
         pids = (pa.chunked_array(got_pids, pa.large_string()).combine_chunks()
                 if got_pids else pa.array([], pa.large_string()))
-        return cls(all_ids[order], pids.take(pa.array(order)))
+        langs = (pa.chunked_array(got_langs, pa.string()).combine_chunks().take(
+            pa.array(order)) if len(got_langs) == len(got_pids) else None)
+        return cls(all_ids[order], pids.take(pa.array(order)), langs)
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Pids of ``ids`` (None for -1, no hit), as an object array shaped like ``ids``."""
@@ -334,9 +340,9 @@ SEARCH_BLOCK = 4096  # queries per fan-out of a sharded search
 
 class ShardSearcher:
     """Ray actor body: holds one index shard and the pids of its ids; returns raw
-    ``(dist, ids)`` with global ids and their pids. Given ``corpus_uri``, a search may be
-    restricted to the passages of one language (the ids of each language in this shard are
-    found by scanning the corpus's ``pid, lang`` columns shard by shard: O(this shard))."""
+    ``(dist, ids)`` with global ids and their pids. A search may be restricted to the
+    passages of one language: their ids come from the id map's ``lang`` column, or, for an
+    index built without it, from a scan of ``corpus_uri``'s ``pid, lang`` columns."""
 
     def __init__(self, index_uri: str, rel: str, ondisk: bool, nprobe: int | None,
                  ef_search: int | None, threads: int = 1, gpus: float = 0.0,
@@ -373,15 +379,24 @@ class ShardSearcher:
         self._lang_ids: dict[str, np.ndarray] | None = None
 
     def lang_ids(self) -> dict[str, np.ndarray]:
-        """``{lang: ids of this shard's passages in that language}`` (computed once). The
-        corpus's ``(pid, lang)`` columns are looked up in the shard's pids in groups of about
-        as many rows as the shard holds: each lookup hashes the shard's pids once, so the
-        work is O(corpus) in all, not O(corpus files x shard)."""
+        """``{lang: ids of this shard's passages in that language}`` (computed once): from
+        the id map's languages, read with this shard's ids (O(this shard)). Without them (an
+        index built from embeddings without ``lang``), the corpus's ``(pid, lang)`` columns
+        are looked up in the shard's pids in groups of about as many rows as the shard holds:
+        each lookup hashes the shard's pids once, so the work is O(corpus) in all, not
+        O(corpus files x shard); each search actor reads the whole corpus's two columns."""
+        if self._lang_ids is None and self.pid_map.langs is not None:
+            langs = self.pid_map.langs
+            self._lang_ids = {
+                value: self.pid_map.ids[pc.fill_null(pc.equal(langs, value), False)
+                                        .to_numpy(zero_copy_only=False)]
+                for value in pc.unique(langs).drop_null().to_pylist()}
         if self._lang_ids is None:
             from qgscale.data.corpus import scan
 
             if self.corpus_uri is None:
-                raise ValueError("a language-restricted search needs the corpus_uri")
+                raise ValueError("a language-restricted search of an index without passage "
+                                 "languages in its id map needs the corpus_uri")
             found: dict[str, list[np.ndarray]] = {}
             group: list[pa.Table] = []
 
@@ -510,7 +525,8 @@ class ShardedSearcher:
 
     def search(self, x: np.ndarray, k: int, lang: str | None = None):
         """Top-``k`` ``(pids, scores)`` as :func:`search`; ``lang``: among the passages of
-        that language only (exact restriction: ``corpus_uri`` must be given). Queries go out
+        that language only (exact restriction; ``corpus_uri`` must be given for an index whose
+        id map has no languages: :meth:`ShardSearcher.lang_ids`). Queries go out
         in blocks of :data:`SEARCH_BLOCK` (all submitted at once, so the actors never wait),
         and each block's shard results are merged one at a time: this process holds one
         shard's result for one block, not every shard's for every query."""

@@ -15,24 +15,30 @@ from qgscale import storage
 def read_vectors(uri: str) -> tuple[list[str], np.ndarray]:
     """An embedding shard as ``(pids, float32 matrix)``."""
     table = storage.read_parquet(uri)
-    return table.column("pid").to_pylist(), _float32(table.column("vector"))
+    return table.column("pid").to_pylist(), to_float32(table.column("vector"))
 
 
 def iter_vectors(uri: str, rows: int = 16384) -> Iterator[tuple[pa.Array, np.ndarray]]:
     """An embedding shard as ``(pids, float32 matrix)`` blocks of ``rows`` rows, streamed
-    from the file (``iter_batches``): one block is held, as stored and in float32."""
+    from the file: one block is held, as stored and in float32."""
+    for batch in iter_batches(uri, rows):
+        yield batch.column("pid"), to_float32(batch.column("vector"))
+
+
+def iter_batches(uri: str, rows: int = 16384) -> Iterator[pa.RecordBatch]:
+    """An embedding shard's record batches of ``rows`` rows (``pid``, ``vector``, and
+    ``lang`` where written), streamed from the file (``iter_batches``)."""
     fs, path = storage.url_to_fs(uri)
     try:
         with fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
-                yield (batch.column("pid"),
-                       _float32(pa.chunked_array([batch.column("vector")])))
+            yield from pq.ParquetFile(f).iter_batches(batch_size=rows)
     except (pa.ArrowInvalid, OSError) as e:
         raise OSError(f"{uri}: unreadable embedding shard: {e}") from e
 
 
-def _float32(column: pa.ChunkedArray) -> np.ndarray:
-    col = column.combine_chunks()
+def to_float32(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A ``vector`` column as a float32 matrix."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     dim = col.type.list_size
     vecs = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
     return np.ascontiguousarray(vecs, dtype=np.float32)
