@@ -4,6 +4,7 @@ mining. Real local Ray, real FAISS, real S3 endpoint (moto server over HTTP)."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import time
@@ -939,6 +940,22 @@ def test_search_actor_languages_come_from_the_id_map(ray_local, tmp_path, monkey
                           corpus_uri=corpus).lang_ids()
     assert {k: v.tolist() for k, v in got.items()} == {
         lang: [i for i in range(len(xb)) if langs[i] == lang] for lang in ("en", "de", "es")}
+
+
+def test_lang_ids_benchmark_reads_the_id_map_not_the_corpus(ray_local, tmp_path, capsys):
+    """benchmarks/lang_ids.py on a small corpus: both ways give the same ids; the id map
+    way reads only the actor's own id map file, the scan reads every corpus file."""
+    from tests.conftest import load_benchmark
+
+    bench = load_benchmark("lang_ids")
+    bench.write_data(tmp_path, 600, 6, 3)
+    got = {}
+    for way in bench.WAYS:
+        bench.child(way, str(tmp_path), "")
+        got[way] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["id_map"]["langs"] == got["corpus_scan"]["langs"]
+    assert sum(n for n, _ in got["id_map"]["langs"].values()) == got["id_map"]["shard_ids"]
+    assert got["id_map"]["files_read"] == 0 and got["corpus_scan"]["files_read"] == 6
 
 
 def test_shard_language_ids_looked_up_in_groups(tmp_path, monkeypatch):
