@@ -9,13 +9,12 @@ path an index built from embeddings without ``lang`` still takes; its code is un
 Data (synthetic, written once): ``--passages`` passages in ``--corpus-shards`` corpus files
 (12 languages at random), their 8-d embeddings twice (with and without ``lang``), and a Flat
 index of ``--index-shards`` shards built from each (``qgscale.index.build``, local Ray of 2
-CPUs). Per way, a child process opens one index shard's ``ShardSearcher`` (as a search actor
-does) and times ``lang_ids()``; it counts the parquet files and Arrow bytes that call reads
-and checks both ways give the same ids. Peak RSS and CPU seconds of the child come from
-outside (``before_after.measure``). Prints a table; writes JSON. At 1B passages in 288 index
-shards the scan is 288 reads of the corpus's two columns (each ~1B rows); the id map's is
-each actor's own ~3.5M rows, read at its start with its pids (``start_*``: the
-actor's start, both ways).
+CPUs). Per way, a child process opens index shard 0's ``ShardSearcher`` as a search actor
+does (``start_*``: its index shard and pids) and calls ``lang_ids()``, each timed, counting
+the parquet files and Arrow bytes read; both ways must give the same ids. Peak RSS and CPU
+seconds of the child come from outside (``before_after.measure``). Prints a table; writes
+JSON. At 1B passages in 288 index shards the scan is 288 reads of the corpus's two columns
+(~1B rows each); the id map's is each actor's own ~3.5M ids and languages.
 """
 
 from __future__ import annotations
@@ -81,15 +80,15 @@ def child(way: str, data: str, out: str) -> None:
     index = f"{data}/index-{way}"
     rel = storage.read_manifest(index)["shards"][0]
     reads = {"files": 0, "bytes": 0}
-    read = storage.read_parquet
+    read, read_columns = storage.read_parquet, storage.read_columns
 
-    def counted(uri: str, columns: list[str] | None = None):
-        t = read(uri, columns)
+    def counted(t):
         reads["files"] += 1
-        reads["bytes"] += t.nbytes
+        reads["bytes"] += t.nbytes if t is not None else 0
         return t
 
-    storage.read_parquet = counted
+    storage.read_parquet = lambda uri, columns=None: counted(read(uri, columns))
+    storage.read_columns = lambda uri, columns: counted(read_columns(uri, columns))
     try:
         t0 = time.perf_counter()  # the actor's start: its index shard and id map files
         actor = S.ShardSearcher(index, rel, False, None, None, corpus_uri=f"{data}/corpus")
@@ -99,7 +98,7 @@ def child(way: str, data: str, out: str) -> None:
         got = actor.lang_ids()
         seconds = time.perf_counter() - t0
     finally:
-        storage.read_parquet = read
+        storage.read_parquet, storage.read_columns = read, read_columns
     digest = {k: [int(v.size), int(v.sum())] for k, v in sorted(got.items())}
     mb = 1 << 20
     print(json.dumps({"start_s": round(start_s, 3), "start_files": start["files"],

@@ -273,6 +273,22 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
         raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
 
 
+def read_columns(uri: str, columns: list[str]) -> pa.Table | None:
+    """``columns`` of one parquet file, or None when it lacks one of them (one open: the
+    footer, then those columns)."""
+    fs, path = url_to_fs(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            if not set(columns) <= set(pf.schema_arrow.names):
+                return None
+            return pf.read(columns=columns)
+    except FileNotFoundError:
+        raise MissingInputError(f"{uri}: parquet file not found") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
+
+
 def read_rows(uri: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
     """Rows ``[start, stop)`` of one parquet file, reading only the row groups that hold them
     (a work unit's slice of a shard costs its own rows, not the shard: :data:`ROW_GROUP_ROWS`).

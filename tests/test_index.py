@@ -243,8 +243,8 @@ def test_exact_sharded_search_equals_single_process(ray_local, tmp_path, factory
         assert [(first, rows) for _, first, rows in files] == [(0, 1000), (1000, 1000),
                                                                (2000, 1000)]
         reads: list[str] = []
-        read = storage.read_parquet
-        monkeypatch.setattr(storage, "read_parquet", lambda uri, columns=None: (
+        read = storage.read_columns
+        monkeypatch.setattr(storage, "read_columns", lambda uri, columns: (
             reads.append(uri), read(uri, columns))[1])
         for rel in m["shards"]:
             ids = S.index_ids(S.read_index_file(idx, rel, False))
@@ -909,11 +909,20 @@ def test_search_actor_languages_come_from_the_id_map(ray_local, tmp_path, monkey
     m = B.build_index(emb, idx, BuildConfig(factory="Flat", num_shards=2,
                                                cpus_per_actor=0.5))
     monkeypatch.setattr(C, "scan", lambda *a, **k: pytest.fail("the corpus was read"))
+    reads: list[tuple[str, list]] = []
+    read = storage.read_columns
+    monkeypatch.setattr(storage, "read_columns", lambda uri, columns: (
+        reads.append((uri.rsplit("/", 1)[1], columns)), read(uri, columns))[1])
     for rel in m["shards"]:
         actor = S.ShardSearcher(idx, rel, False, None, None)  # no corpus_uri
         ids = actor.pid_map.ids
+        reads.clear()
         assert {k: v.tolist() for k, v in actor.lang_ids().items()} == {
             lang: [i for i in ids.tolist() if langs[i] == lang] for lang in ("en", "de", "es")}
+        # the lang column of its own id map files only (shard 0: ids 0-199, 1: 200-299)
+        assert reads == [(f, ["id", "lang"]) for f in (
+            ["part-00000.parquet", "part-00001.parquet"] if ids[0] == 0 else
+            ["part-00002.parquet"])]
         dist, got, got_pids = actor.search(xq, 5, lang="de")
         de = np.array([i for i in ids.tolist() if langs[i] == "de"])
         scores = xq @ xb[de].T
@@ -955,7 +964,9 @@ def test_lang_ids_benchmark_reads_the_id_map_not_the_corpus(ray_local, tmp_path,
         got[way] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["id_map"]["langs"] == got["corpus_scan"]["langs"]
     assert sum(n for n, _ in got["id_map"]["langs"].values()) == got["id_map"]["shard_ids"]
-    assert got["id_map"]["files_read"] == 0 and got["corpus_scan"]["files_read"] == 6
+    # the id map way: the actor's own id map files (shard 0 of 3: ids 0-199, files 0 and
+    # 1); the scan: the footer of its first id map file (no lang), then every corpus file
+    assert got["id_map"]["files_read"] == 2 and got["corpus_scan"]["files_read"] == 1 + 6
 
 
 def test_shard_language_ids_looked_up_in_groups(tmp_path, monkeypatch):

@@ -129,6 +129,34 @@ def id_files(index_uri: str) -> list[tuple[str, int, int]]:
             for s, f in zip(shards, firsts, strict=True)]
 
 
+def id_column(index_uri: str, ids: np.ndarray, column: str
+              ) -> tuple[np.ndarray, pa.Array] | None:
+    """``(sorted unique ids, their values of the id map's column)``, read from only the id
+    map files that hold ``ids`` (:func:`id_files`; columns ``id`` and ``column``); None when
+    one of those files lacks the column (``lang``: an index built before it was written)."""
+    want = np.sort(ids)  # np.unique's hashing costs ~1 s per million ids; a sort ~0.05
+    want = want[np.concatenate([[True], want[1:] != want[:-1]])] if len(want) else want
+    got_ids, got = [], []
+    for uri, first, rows in id_files(index_uri):
+        if np.searchsorted(want, first + rows) == np.searchsorted(want, first):
+            continue  # none of its ids is wanted
+        t = storage.read_columns(uri, ["id", column])
+        if t is None:
+            return None
+        tid = t.column("id").to_numpy()
+        pos = np.minimum(np.searchsorted(want, tid), max(len(want) - 1, 0))
+        keep = np.flatnonzero(want[pos] == tid) if len(want) else np.empty(0, int)
+        got_ids.append(tid[keep])
+        got.append(t.column(column).take(keep))
+    all_ids = np.concatenate(got_ids) if got_ids else np.empty(0, np.int64)
+    order = np.argsort(all_ids)
+    if not np.array_equal(all_ids[order], want):
+        raise ValueError(f"{index_uri}/ids: the id map lacks or repeats ids of this shard")
+    values = (pa.chunked_array([c for t in got for c in t.chunks]).combine_chunks()
+              if got else pa.array([], pa.string()))
+    return all_ids[order], values.take(pa.array(order))
+
+
 def index_ids(index: Any) -> np.ndarray:
     """Every id stored in an index (IVF inverted lists, or an IDMap's id table)."""
     import faiss
@@ -145,39 +173,19 @@ def index_ids(index: Any) -> np.ndarray:
 @dataclass
 class PidMap:
     """The pids of some ids (one index shard's): sorted int64 ids and an Arrow string array of
-    their pids (no Python object per passage); ``langs``, their passages' languages, when
-    the id map holds them (indexes built from embeddings with ``lang``)."""
+    their pids (no Python object per passage)."""
 
     ids: np.ndarray
     pids: pa.Array
-    langs: pa.Array | None = None
 
     @classmethod
     def read(cls, index_uri: str, ids: np.ndarray) -> PidMap:
         """Read the id map files that hold ``ids`` (:func:`id_files`), keeping only those
         ids: reads and memory O(this shard), not the corpus's id map."""
-        want = np.unique(ids)
-        got_ids, got_pids, got_langs = [], [], []
-        for uri, first, rows in id_files(index_uri):
-            if np.searchsorted(want, first + rows) == np.searchsorted(want, first):
-                continue  # none of its ids is wanted
-            t = storage.read_parquet(uri)
-            tid = t.column("id").to_numpy()
-            pos = np.minimum(np.searchsorted(want, tid), max(len(want) - 1, 0))
-            keep = np.flatnonzero(want[pos] == tid) if len(want) else np.empty(0, int)
-            got_ids.append(tid[keep])
-            got_pids.append(pc.cast(t.column("pid").take(keep), pa.large_string()))
-            if "lang" in t.column_names:
-                got_langs.append(pc.cast(t.column("lang").take(keep), pa.string()))
-        all_ids = np.concatenate(got_ids) if got_ids else np.empty(0, np.int64)
-        order = np.argsort(all_ids)
-        if not np.array_equal(all_ids[order], want):
-            raise ValueError(f"{index_uri}/ids: the id map lacks or repeats ids of this shard")
-        pids = (pa.chunked_array(got_pids, pa.large_string()).combine_chunks()
-                if got_pids else pa.array([], pa.large_string()))
-        langs = (pa.chunked_array(got_langs, pa.string()).combine_chunks().take(
-            pa.array(order)) if len(got_langs) == len(got_pids) else None)
-        return cls(all_ids[order], pids.take(pa.array(order)), langs)
+        got = id_column(index_uri, ids, "pid")
+        if got is None:
+            raise ValueError(f"{index_uri}/ids: an id map file has no 'pid' column")
+        return cls(got[0], pc.cast(got[1], pa.large_string()))
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Pids of ``ids`` (None for -1, no hit), as an object array shaped like ``ids``."""
@@ -375,21 +383,24 @@ class ShardSearcher:
         if on_gpu:
             set_search_params(self.index, nprobe)  # each GpuIndexIVF; raises if it can't
         self.nprobe, self.ef_search = nprobe, ef_search
-        self.corpus_uri = corpus_uri
+        self.index_uri, self.corpus_uri = index_uri, corpus_uri
         self._lang_ids: dict[str, np.ndarray] | None = None
 
     def lang_ids(self) -> dict[str, np.ndarray]:
         """``{lang: ids of this shard's passages in that language}`` (computed once): from
-        the id map's languages, read with this shard's ids (O(this shard)). Without them (an
-        index built from embeddings without ``lang``), the corpus's ``(pid, lang)`` columns
-        are looked up in the shard's pids in groups of about as many rows as the shard holds:
-        each lookup hashes the shard's pids once, so the work is O(corpus) in all, not
-        O(corpus files x shard); each search actor reads the whole corpus's two columns."""
-        if self._lang_ids is None and self.pid_map.langs is not None:
-            langs = self.pid_map.langs
+        the id map's ``lang`` column of this shard's ids (:func:`id_column`: its own files,
+        O(this shard)). Without it (an index built from embeddings without ``lang``), the
+        corpus's ``(pid, lang)`` columns are looked up in the shard's pids in groups of about
+        as many rows as the shard holds: each lookup hashes the shard's pids once, so the
+        work is O(corpus) in all, not O(corpus files x shard), but every search actor reads
+        the whole corpus's two columns."""
+        got = (id_column(self.index_uri, self.pid_map.ids, "lang")
+               if self._lang_ids is None else None)
+        if got is not None:
+            ids, langs = got
             self._lang_ids = {
-                value: self.pid_map.ids[pc.fill_null(pc.equal(langs, value), False)
-                                        .to_numpy(zero_copy_only=False)]
+                value: ids[pc.fill_null(pc.equal(langs, value), False).to_numpy(
+                    zero_copy_only=False)]
                 for value in pc.unique(langs).drop_null().to_pylist()}
         if self._lang_ids is None:
             from qgscale.data.corpus import scan
