@@ -597,7 +597,7 @@ def _run_pool(start: Any, n: int, todo: list[Shard], stats: dict[str, int],
     return stats
 
 
-MAP_FROM = 32  # map_shards runs on tasks from this many files (fewer: in this process) ...
+MAP_FROM = 32  # map_shards runs on tasks from this many local files (2 remote ones) ...
 MAP_WINDOW = 2  # ... with this many tasks in flight per CPU of the Ray cluster ...
 MAP_MOST = 256  # ... and at most this many from the driver,
 MAP_IN_WORKER = 4  # this many from an actor or task (its nodes' CPUs are the stages')
@@ -605,18 +605,20 @@ MAP_IN_WORKER = 4  # this many from an actor or task (its nodes' CPUs are the st
 
 def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any) -> Iterator[Any]:
     """``fn(uri, *args)`` for each of ``uris``, the results in that order: on Ray tasks
-    where Ray is initialised and there are :data:`MAP_FROM` or more (0 CPUs, spread over
+    where Ray is initialised and there are several remote files or :data:`MAP_FROM` local
+    ones (0 CPUs, spread over
     the nodes, with :func:`worker_env`; ``args`` put in the object store once;
     :data:`MAP_WINDOW` tasks per cluster CPU in flight, :data:`MAP_MOST` at most,
     :data:`MAP_IN_WORKER` from inside an actor or task), else here one after another. A
     task's error is raised as itself (a DataError naming its file). For the driver's
     passes over many files (corpus lookups, statistics): each file's work goes where it
     is read, only ``fn``'s result comes back, and the files' round trips overlap. Fewer
-    files are read here: the tasks' first call in a process costs seconds of worker
-    start-up (their runtime env), more than reading a few files one after another."""
+    local files are read here: the tasks' first call in a process costs seconds of worker
+    start-up (their runtime env), more than reading a few local files one after another."""
     import ray
 
-    if len(uris) < max(2, MAP_FROM) or not ray.is_initialized():
+    least = 2 if uris and not storage.is_local(uris[0]) else max(2, MAP_FROM)
+    if len(uris) < least or not ray.is_initialized():
         for uri in uris:
             yield fn(uri, *args)
         return

@@ -183,7 +183,10 @@ def test_random_negatives_from_a_sample_of_the_pid_column(data, monkeypatch):
     assert again.to_pylist() == table.to_pylist()  # seeded
 
 
-def test_sample_pids_uniform_bounded_and_seeded(data):
+def test_sample_pids_uniform_bounded_and_seeded(data, monkeypatch):
+    """A seeded uniform sample: each shard returns only its pids below a threshold (about
+    k + 6 sqrt(k) + 16 in all, not the pid column); a threshold too low takes another pass
+    and gives the same sample."""
     a = C.sample_pids(data["corpus"], 100, seed=1)
     assert len(a) == len(set(a)) == 100 and a == C.sample_pids(data["corpus"], 100, seed=1)
     assert a != C.sample_pids(data["corpus"], 100, seed=2)
@@ -191,6 +194,21 @@ def test_sample_pids_uniform_bounded_and_seeded(data):
     assert len(per_shard) == N_SHARDS and max(per_shard.values()) <= 25
     assert sorted(C.sample_pids(data["corpus"], 10_000, seed=1)) == sorted(
         f"s{s}-{i}" for s in range(N_SHARDS) for i in range(PER_SHARD))
+    returned: list[int] = []
+    real = C._sample_shard
+    monkeypatch.setattr(C, "_sample_shard", lambda *x: (
+        lambda r: returned.append(len(r[0])) or r)(real(*x)))
+    assert C.sample_pids(data["corpus"], 100, seed=1) == a
+    assert len(returned) == N_SHARDS and 100 <= sum(returned) <= 250  # of 500 pids
+    returned.clear()
+    monkeypatch.setattr(C, "SAMPLE_MARGIN", -6.0)  # (100 - 60 + 16) / 500: ~56 come back
+    assert C.sample_pids(data["corpus"], 100, seed=1) == a
+    assert len(returned) >= 2 * N_SHARDS
+    monkeypatch.undo()
+    # uniform: over 40 seeds each shard holds about a tenth of the samples (400 of 4,000)
+    totals = Counter(p.split("-")[0] for seed in range(40)
+                     for p in C.sample_pids(data["corpus"], 100, seed))
+    assert len(totals) == N_SHARDS and all(320 <= n <= 480 for n in totals.values()), totals
 
 
 def test_missing_or_empty_passages_are_named(data, tmp_path):
@@ -296,6 +314,28 @@ def test_scan_on_ray_tasks(data, tmp_path, ray_local, monkeypatch):
     with pytest.raises(DataError, match=r"bad/part-00001.parquet: row 1 \(pid=1b\): empty "
                                         r"field 'text'"):
         C.read_passages(bad, {"0a", "1b", "2a"})
+
+
+def test_remote_shards_are_read_on_tasks(data, ray_local, s3_bucket, monkeypatch):
+    """On object storage ``map_shards`` uses Ray tasks from 2 shards on (local files only
+    from ``MAP_FROM``): the same passages and the same sample as from the local copy."""
+    remote = f"{s3_bucket}/corpus"
+    for s in range(3):
+        name = f"part-{s:05d}.parquet"
+        storage.write_parquet(f"{remote}/{name}",
+                              storage.read_parquet(f"{data['corpus']}/{name}"))
+    ids = {"s0-1", "s2-3", "s2-4"}
+    ran: list[str] = []
+    real = C._scan_shard
+    monkeypatch.setattr(C, "_scan_shard", lambda *a: ran.append(a[0]) or real(*a))
+    assert C.read_passages(remote, ids) == C.read_passages(data["corpus"], ids)
+    assert len(ran) == N_SHARDS  # the local copy's 10 shards, here; the remote 3 on tasks
+    local3 = str(data["corpus"]) + "-3"
+    for s in range(3):
+        name = f"part-{s:05d}.parquet"
+        storage.write_parquet(f"{local3}/{name}",
+                              storage.read_parquet(f"{data['corpus']}/{name}"))
+    assert C.sample_pids(remote, 40, seed=5) == C.sample_pids(local3, 40, seed=5)
 
 
 def _env(uri: str, name: str) -> str | None:

@@ -923,6 +923,9 @@ def test_search_actor_languages_come_from_the_id_map(ray_local, tmp_path, monkey
         assert reads == [(f, ["id", "lang"]) for f in (
             ["part-00000.parquet", "part-00001.parquet"] if ids[0] == 0 else
             ["part-00002.parquet"])]
+        # joined as large strings: one actor's pids may pass 2 GiB
+        assert S.id_column(idx, ids, "lang")[1].type == actor.pid_map.pids.type == \
+            pa.large_string()
         dist, got, got_pids = actor.search(xq, 5, lang="de")
         de = np.array([i for i in ids.tolist() if langs[i] == "de"])
         scores = xq @ xb[de].T

@@ -11,6 +11,9 @@ texts (~100 MB).
 
 from __future__ import annotations
 
+import math
+import posixpath
+import zlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -45,11 +48,11 @@ def scan(corpus_uri: str, pids: Iterable[str] | Keys | KeyIndex | None,
     reuse it), so a shard costs O(shard x log pids). Empty pid or text is a DataError naming
     the shard and row.
 
-    Where Ray is initialised and the corpus has several shards, each shard is read and
-    filtered by a Ray task (:func:`qgscale.runtime.map_shards`: the filter goes where the
-    shard is read, the tasks spread over the nodes and ask for no CPU, so that stages whose
-    actors hold every CPU can still scan): only the matching rows come back, and the corpus
-    is read at the cluster's bandwidth, not one shard after another."""
+    Where Ray is initialised and the corpus has several remote shards (or many local ones),
+    each shard is read and filtered by a Ray task (:func:`qgscale.runtime.map_shards`: the
+    filter goes where the shard is read, the tasks spread over the nodes and ask for no CPU,
+    so that stages whose actors hold every CPU can still scan): only the matching rows come
+    back, and the corpus is read at the cluster's bandwidth, not one shard after another."""
     wanted = None if pids is None else KeyIndex.of(pids)
     cols = list(dict.fromkeys(("pid", *columns)))
     uris = corpus_shards(corpus_uri)
@@ -107,18 +110,43 @@ def read_passages(corpus_uri: str, pids: Iterable[str]) -> dict[str, str]:
     return dict(iter_passages(corpus_uri, pids))
 
 
+SAMPLE_MARGIN = 6.0  # standard deviations of slack in how many keys fall below the threshold
+
+
 def sample_pids(corpus_uri: str, k: int, seed: int) -> list[str]:
-    """``k`` pids drawn uniformly without replacement (all if the corpus is smaller), reading
-    only the pid column, one shard at a time: the bottom-k of seeded random keys, so memory
-    is O(k + shard) and the sample depends only on ``seed`` and the corpus."""
-    rng = np.random.default_rng(seed)
-    keys, kept = np.empty(0), pa.array([], pa.string())
+    """``k`` pids drawn uniformly without replacement (all if the corpus is smaller), in a
+    seeded order: every row gets a random key (its shard's generator seeded by ``seed`` and
+    the shard's file name) and the sample is the ``k`` smallest keys, so it depends only on
+    ``seed`` and the corpus. Each shard's keys are drawn where its pid column is read
+    (:func:`qgscale.runtime.map_shards`), and only the pids whose key is below a threshold
+    come back: set from the corpus's row count (parquet footers) so that about ``k + 6
+    sqrt(k)`` do, doubled in the rare case of fewer than ``k``. The caller receives O(k)
+    pids, not the corpus's pid column (1B strings at 1B passages); memory O(k + shard)."""
     if k <= 0:
         return []
-    for t in scan(corpus_uri, None, ("pid",)):
-        keys = np.concatenate([keys, rng.random(t.num_rows)])
-        kept = pa.concat_arrays([kept, t.column("pid").combine_chunks()])
-        if len(keys) > k:
-            top = np.argpartition(keys, k - 1)[:k]
-            keys, kept = keys[top], kept.take(pa.array(top))
-    return kept.take(pa.array(np.argsort(keys, kind="stable"))).to_pylist()
+    uris = corpus_shards(corpus_uri)
+    n = sum(map_shards(_shard_rows, uris))
+    below = 1.0 if k >= n else (k + SAMPLE_MARGIN * math.sqrt(k) + 16) / n
+    while True:
+        parts = list(map_shards(_sample_shard, uris, seed, below))
+        keys = np.concatenate([np.empty(0)] + [key for key, _ in parts])
+        if len(keys) >= min(k, n) or below >= 1.0:
+            break
+        below = min(1.0, 2 * below)
+    pids = pa.chunked_array([p for _, p in parts], pa.string()).combine_chunks()
+    return pids.take(pa.array(np.argsort(keys, kind="stable")[:k])).to_pylist()
+
+
+def _shard_rows(uri: str) -> int:
+    return storage.footers([uri])[0].num_rows
+
+
+def _sample_shard(uri: str, seed: int, below: float) -> tuple[np.ndarray, pa.Array]:
+    """One shard's part of :func:`sample_pids`: its pids whose key is below ``below``, with
+    their keys (an empty pid is a DataError naming the shard and row)."""
+    t = storage.read_parquet(uri, ["pid"])
+    check(t, uri)
+    rng = np.random.default_rng([seed, zlib.crc32(posixpath.basename(uri).encode())])
+    keys = rng.random(t.num_rows)
+    keep = np.flatnonzero(keys < below)
+    return keys[keep], pc.cast(t.column("pid").take(pa.array(keep)), pa.string()).combine_chunks()

@@ -125,8 +125,8 @@ def load_split(data_uri: str, split: str, corpus_uri: str | None = None,
 
 
 def corpus_langs(corpus_uri: str) -> list[str]:
-    """Distinct passage languages (reads only the ``lang`` column, a shard per Ray task:
-    :func:`qgscale.runtime.map_shards`)."""
+    """Distinct passage languages (reads only the ``lang`` column, shard by shard:
+    :func:`qgscale.runtime.map_shards`, on Ray tasks for remote or many files)."""
     from qgscale.runtime import map_shards
 
     files = storage.list_files(corpus_uri, ".parquet") or [corpus_uri]

@@ -461,7 +461,7 @@ def merge_block_lists(index: Any, parts: list) -> None:
 # ---------------------------------------------------------------- driver
 def shard_rows(uris: list[str]) -> tuple[list[int], int]:
     """Row count of every embedding shard and the vector dimension (parquet footers only,
-    a shard per Ray task: :func:`qgscale.runtime.map_shards`)."""
+    per shard: :func:`qgscale.runtime.map_shards`, on Ray tasks for remote or many files)."""
     found = list(map_shards(_footer, uris))
     dims = sorted({d for _, d in found})
     if len(dims) > 1:

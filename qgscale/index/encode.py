@@ -1,4 +1,5 @@
-"""Corpus encoding: Ray actors turn CORPUS shards into embedding shards ``{pid, vector}``.
+"""Corpus encoding: Ray actors turn CORPUS shards into embedding shards
+``{pid, lang, vector}`` (``lang`` goes on into the index's id map).
 
 The fast path is plain torch (:func:`encode_texts`: length bucketing + autocast) so a GPU box
 without Ray can run it; :class:`EncodeJob` wraps it for :func:`qgscale.runtime.run_shards`,

@@ -147,13 +147,14 @@ def id_column(index_uri: str, ids: np.ndarray, column: str
         pos = np.minimum(np.searchsorted(want, tid), max(len(want) - 1, 0))
         keep = np.flatnonzero(want[pos] == tid) if len(want) else np.empty(0, int)
         got_ids.append(tid[keep])
-        got.append(t.column(column).take(keep))
+        col = t.column(column).take(keep)  # strings as large_string: >2 GiB per actor
+        got.append(pc.cast(col, pa.large_string()) if pa.types.is_string(col.type) else col)
     all_ids = np.concatenate(got_ids) if got_ids else np.empty(0, np.int64)
     order = np.argsort(all_ids)
     if not np.array_equal(all_ids[order], want):
         raise ValueError(f"{index_uri}/ids: the id map lacks or repeats ids of this shard")
     values = (pa.chunked_array([c for t in got for c in t.chunks]).combine_chunks()
-              if got else pa.array([], pa.string()))
+              if got else pa.array([], pa.large_string()))
     return all_ids[order], values.take(pa.array(order))
 
 

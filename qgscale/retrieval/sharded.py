@@ -161,7 +161,8 @@ class SearchJob:
 
 def _global_stats(uri: str, key: str, names: Sequence[str]) -> B.Stats:
     """The corpus' statistics: the :class:`StatsJob` shards ``names`` under ``uri``, read
-    by Ray tasks (:func:`qgscale.runtime.map_shards`) and summed in Arrow
+    per shard (:func:`qgscale.runtime.map_shards`: on Ray tasks for remote or many files)
+    and summed in Arrow
     :data:`STATS_CHUNK` shards at a time (then ``merge_stats``): at 10k corpus shards,
     seconds, not a round trip and a dict update per token of each shard after another."""
     writer = storage.ShardWriter(uri, key)
