@@ -15,7 +15,9 @@ first-byte latency; the bandwidth and CPU of this machine are unchanged).
 
 Per (source tree, store), a child process on its own local Ray of 2 CPUs calls
 ``read_passages(corpus, needed)`` twice (``first_s`` includes starting Ray's task workers,
-``second_s`` reuses them) and checks it got every pid; the driver's peak RSS and CPU
+``second_s`` reuses them) and checks it got every pid, then ``sample_pids(corpus, --sample,
+0)`` (``sample_s``: random negatives' sample; before, every shard's pid column went to the
+driver, after only the pids below a threshold); the driver's peak RSS and CPU
 seconds come from outside (``before_after.measure``). Prints a table; writes JSON.
 """
 
@@ -62,8 +64,9 @@ def write_data(root: Path, n_shards: int, shard_rows: int, n_needed: int, s3: st
 
 
 def child(phase: str, data: str, out: str) -> None:
-    """``read_passages`` twice on the ``phase`` store (local, s3): prints the times."""
-    from qgscale.data.corpus import read_passages
+    """``read_passages`` twice on the ``phase`` store (local, s3), then ``sample_pids``:
+    prints the times."""
+    from qgscale.data.corpus import read_passages, sample_pids
     from qgscale.runtime import connect
 
     connect(type("R", (), {"num_cpus": 2})())
@@ -77,8 +80,13 @@ def child(phase: str, data: str, out: str) -> None:
         got = read_passages(corpus, needed)
         times.append(round(time.time() - t0, 2))
         assert set(got) == needed, "not every needed pid was found"
-    print(json.dumps({"wall_s": sum(times), "first_s": times[0], "second_s": times[1]}),
-          flush=True)
+    k = int(os.environ["BENCH_SAMPLE"])
+    t0 = time.time()
+    sample = sample_pids(corpus, k, 0)
+    sample_s = round(time.time() - t0, 2)
+    assert len(set(sample)) == k, "the sample is not k distinct pids"
+    print(json.dumps({"wall_s": sum(times), "first_s": times[0], "second_s": times[1],
+                      "sample_s": sample_s}), flush=True)
 
 
 def s3_server() -> tuple[subprocess.Popen, str]:
@@ -147,7 +155,9 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=5_000)
     ap.add_argument("--needed", type=int, default=20_000)
     ap.add_argument("--latency-ms", type=float, default=25.0)
+    ap.add_argument("--sample", type=int, default=100_000, help="sample_pids' k")
     args = parse(ap, child)
+    os.environ["BENCH_SAMPLE"] = str(args.sample)
     proc, bucket = s3_server()
     os.environ["BENCH_S3"] = bucket
     os.environ["BENCH_SLOW_ENDPOINT"] = latency_proxy(os.environ["AWS_ENDPOINT_URL"],
@@ -166,11 +176,13 @@ def main() -> None:
     finally:
         proc.terminate()
     print(f"\n{'tree':9} {'commit':8} {'store':10} {'first s':>8} {'second s':>9} "
-          f"{'driver CPU s':>13} {'driver RSS MB':>14}")
+          f"{'sample s':>9} {'driver CPU s':>13} {'driver RSS MB':>14}")
     for r in rows:
         print(f"{r['tree']:9} {r['commit']:8} {r['store']:10} {r['first_s']:8.1f} "
-              f"{r['second_s']:9.1f} {r['driver_cpu_s']:13.1f} {r['driver_peak_rss_mb']:14.1f}")
+              f"{r['second_s']:9.1f} {r.get('sample_s', float('nan')):9.1f} "
+              f"{r['driver_cpu_s']:13.1f} {r['driver_peak_rss_mb']:14.1f}")
     result = {"shards": args.shards, "shard_rows": args.shard_rows, "needed": args.needed,
+              "sample": args.sample,
               "latency_ms": args.latency_ms, "cpus": 2, "rows": rows, "load_avg_start": load,
               "load_avg_end": os.getloadavg()}
     if args.baseline_src:
@@ -179,6 +191,11 @@ def main() -> None:
             for store in STORES
             for b, t in [[r for r in rows if r["store"] == store]]}
         print("speedup (second call):", result["speedup_second"])
+        result["speedup_sample"] = {
+            store: round(b["sample_s"] / t["sample_s"], 2)
+            for store in STORES
+            for b, t in [[r for r in rows if r["store"] == store]]}
+        print("speedup (sample_pids):", result["speedup_sample"])
     save(args.out, result)
 
 
