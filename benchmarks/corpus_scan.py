@@ -17,8 +17,9 @@ Per (source tree, store), a child process on its own local Ray of 2 CPUs calls
 ``read_passages(corpus, needed)`` twice (``first_s`` includes starting Ray's task workers,
 ``second_s`` reuses them) and checks it got every pid, then ``sample_pids(corpus, --sample,
 0)`` (``sample_s``: random negatives' sample; before, every shard's pid column went to the
-driver, after only the pids below a threshold); the driver's peak RSS and CPU
-seconds come from outside (``before_after.measure``). Prints a table; writes JSON.
+driver, after only the pids below a threshold set from the corpus manifest's row count);
+the driver's peak RSS and CPU seconds come from outside (``before_after.measure``). Prints a
+table; writes JSON.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def write_data(root: Path, n_shards: int, shard_rows: int, n_needed: int, s3: st
                 "pid": [f"en:{s * shard_rows + i}" for i in range(shard_rows)],
                 "lang": ["en"] * shard_rows, "title": [""] * shard_rows,
                 "text": [" ".join(words[r]) for r in idx]}, schema=CORPUS))
+        writer.finalize()  # its manifest, as `qgscale data prepare` writes (row counts)
     needed = sorted(f"en:{i}" for i in rng.choice(n, n_needed, replace=False))
     (root / "needed.json").write_text(json.dumps(needed))
 

@@ -205,6 +205,19 @@ def test_sample_pids_uniform_bounded_and_seeded(data, monkeypatch):
     assert C.sample_pids(data["corpus"], 100, seed=1) == a
     assert len(returned) >= 2 * N_SHARDS
     monkeypatch.undo()
+    # the row count: from the corpus's manifest when it lists these files, else the footers
+    footers: list[str] = []
+    real_rows = C._shard_rows
+    monkeypatch.setattr(C, "_shard_rows", lambda u: footers.append(u) or real_rows(u))
+    storage.write_json(f"{data['corpus']}/_manifest.json", {"shards": [
+        {"file": f"part-{s:05d}.parquet", "rows": PER_SHARD} for s in range(N_SHARDS)]})
+    assert C.sample_pids(data["corpus"], 100, seed=1) == a and footers == []
+    storage.write_json(f"{data['corpus']}/_manifest.json", {"shards": [
+        {"file": f"part-{s:05d}.parquet", "rows": PER_SHARD} for s in range(N_SHARDS - 1)]})
+    assert C.corpus_rows(data["corpus"], C.corpus_shards(data["corpus"])) == 500
+    assert len(footers) == N_SHARDS  # a manifest of other files: every footer read
+    storage.remove(f"{data['corpus']}/_manifest.json")
+    monkeypatch.undo()
     # uniform: over 40 seeds each shard holds about a tenth of the samples (400 of 4,000)
     totals = Counter(p.split("-")[0] for seed in range(40)
                      for p in C.sample_pids(data["corpus"], 100, seed))

@@ -119,13 +119,14 @@ def sample_pids(corpus_uri: str, k: int, seed: int) -> list[str]:
     the shard's file name) and the sample is the ``k`` smallest keys, so it depends only on
     ``seed`` and the corpus. Each shard's keys are drawn where its pid column is read
     (:func:`qgscale.runtime.map_shards`), and only the pids whose key is below a threshold
-    come back: set from the corpus's row count (parquet footers) so that about ``k + 6
-    sqrt(k)`` do, doubled in the rare case of fewer than ``k``. The caller receives O(k)
+    come back: set from the corpus's row count (:func:`corpus_rows`) so that about ``k + 6
+    sqrt(k)`` do, doubled in the rare case of fewer than ``k`` (the sample is the same
+    whatever the threshold). The caller receives O(k)
     pids, not the corpus's pid column (1B strings at 1B passages); memory O(k + shard)."""
     if k <= 0:
         return []
     uris = corpus_shards(corpus_uri)
-    n = sum(map_shards(_shard_rows, uris))
+    n = corpus_rows(corpus_uri, uris)
     below = 1.0 if k >= n else (k + SAMPLE_MARGIN * math.sqrt(k) + 16) / n
     while True:
         parts = list(map_shards(_sample_shard, uris, seed, below))
@@ -135,6 +136,18 @@ def sample_pids(corpus_uri: str, k: int, seed: int) -> list[str]:
         below = min(1.0, 2 * below)
     pids = pa.chunked_array([p for _, p in parts], pa.string()).combine_chunks()
     return pids.take(pa.array(np.argsort(keys, kind="stable")[:k])).to_pylist()
+
+
+def corpus_rows(corpus_uri: str, uris: list[str]) -> int:
+    """The corpus's row count: from its ``_manifest.json`` when that lists exactly these
+    shard files (``qgscale data prepare`` writes it), else from their parquet footers
+    (:func:`qgscale.runtime.map_shards`)."""
+    m = storage.read_manifest(corpus_uri) if uris != [corpus_uri] else None
+    listed = {s.get("file"): s.get("rows") for s in (m or {}).get("shards", [])}
+    if listed and set(listed) == {posixpath.basename(u) for u in uris} and all(
+            isinstance(r, int) for r in listed.values()):
+        return sum(listed.values())
+    return sum(map_shards(_shard_rows, uris))
 
 
 def _shard_rows(uri: str) -> int:
