@@ -610,7 +610,8 @@ def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any) -> Itera
     the nodes, with :func:`worker_env`; ``args`` put in the object store once;
     :data:`MAP_WINDOW` tasks per cluster CPU in flight, :data:`MAP_MOST` at most,
     :data:`MAP_IN_WORKER` from inside an actor or task), else here one after another. A
-    task's error is raised as itself (a DataError naming its file). For the driver's
+    task's error is raised as itself (a DataError naming its file). ``memory://`` files
+    (this process's own) are always read here. For the driver's
     passes over many files (corpus lookups, statistics): each file's work goes where it
     is read, only ``fn``'s result comes back, and the files' round trips overlap. Fewer
     local files are read here: the tasks' first call in a process costs seconds of worker
@@ -618,7 +619,7 @@ def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any) -> Itera
     import ray
 
     least = 2 if uris and not storage.is_local(uris[0]) else max(2, MAP_FROM)
-    if len(uris) < least or not ray.is_initialized():
+    if len(uris) < least or not ray.is_initialized() or uris[0].startswith("memory://"):
         for uri in uris:
             yield fn(uri, *args)
         return

@@ -192,6 +192,10 @@ def test_sample_pids_uniform_bounded_and_seeded(data, monkeypatch):
     assert a != C.sample_pids(data["corpus"], 100, seed=2)
     per_shard = Counter(p.split("-")[0] for p in a)
     assert len(per_shard) == N_SHARDS and max(per_shard.values()) <= 25
+    # each shard draws its own keys: the rows it gives differ from the other shards'
+    rows_of = {s: frozenset(p.split("-")[1] for p in a if p.startswith(f"s{s}-"))
+               for s in range(N_SHARDS)}
+    assert len(set(rows_of.values())) == N_SHARDS
     assert sorted(C.sample_pids(data["corpus"], 10_000, seed=1)) == sorted(
         f"s{s}-{i}" for s in range(N_SHARDS) for i in range(PER_SHARD))
     returned: list[int] = []
@@ -216,6 +220,16 @@ def test_sample_pids_uniform_bounded_and_seeded(data, monkeypatch):
         {"file": f"part-{s:05d}.parquet", "rows": PER_SHARD} for s in range(N_SHARDS - 1)]})
     assert C.corpus_rows(data["corpus"], C.corpus_shards(data["corpus"])) == 500
     assert len(footers) == N_SHARDS  # a manifest of other files: every footer read
+    storage.write_json(f"{data['corpus']}/_manifest.json", ["not", "a", "manifest"])
+    assert C.corpus_rows(data["corpus"], C.corpus_shards(data["corpus"])) == 500
+    # a manifest that counts 10x the rows: ~18 come back, then one pass at the counted rows'
+    storage.write_json(f"{data['corpus']}/_manifest.json", {"shards": [
+        {"file": f"part-{s:05d}.parquet", "rows": 10 * PER_SHARD} for s in range(N_SHARDS)]})
+    monkeypatch.setattr(C, "_sample_shard", lambda *x: (
+        lambda r: returned.append(len(r[0])) or r)(real(*x)))
+    returned.clear()
+    assert C.sample_pids(data["corpus"], 100, seed=1) == a
+    assert len(returned) == 2 * N_SHARDS and sum(returned[:N_SHARDS]) < 100
     storage.remove(f"{data['corpus']}/_manifest.json")
     monkeypatch.undo()
     # uniform: over 40 seeds each shard holds about a tenth of the samples (400 of 4,000)
@@ -327,6 +341,11 @@ def test_scan_on_ray_tasks(data, tmp_path, ray_local, monkeypatch):
     with pytest.raises(DataError, match=r"bad/part-00001.parquet: row 1 \(pid=1b\): empty "
                                         r"field 'text'"):
         C.read_passages(bad, {"0a", "1b", "2a"})
+    # memory:// files are this process's own: read here, never on tasks
+    seen: list[str] = []
+    assert list(runtime.map_shards(lambda u: seen.append(u) or u, ["memory://q/a",
+                                                                   "memory://q/b"])) == \
+        ["memory://q/a", "memory://q/b"] == seen
 
 
 def test_remote_shards_are_read_on_tasks(data, ray_local, s3_bucket, monkeypatch):

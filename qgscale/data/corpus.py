@@ -11,9 +11,9 @@ texts (~100 MB).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import posixpath
-import zlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -120,22 +120,29 @@ def sample_pids(corpus_uri: str, k: int, seed: int) -> list[str]:
     ``seed`` and the corpus. Each shard's keys are drawn where its pid column is read
     (:func:`qgscale.runtime.map_shards`), and only the pids whose key is below a threshold
     come back: set from the corpus's row count (:func:`corpus_rows`) so that about ``k + 6
-    sqrt(k)`` do, doubled in the rare case of fewer than ``k`` (the sample is the same
-    whatever the threshold). The caller receives O(k)
-    pids, not the corpus's pid column (1B strings at 1B passages); memory O(k + shard)."""
+    sqrt(k)`` do; in the rare case of fewer than ``k``, another pass with the threshold of
+    the counted rows, at least doubled (the sample is the same whatever the threshold). The
+    caller receives O(k) pids, not the corpus's pid column (1B strings at 1B passages);
+    memory O(k + shard)."""
     if k <= 0:
         return []
     uris = corpus_shards(corpus_uri)
     n = corpus_rows(corpus_uri, uris)
-    below = 1.0 if k >= n else (k + SAMPLE_MARGIN * math.sqrt(k) + 16) / n
+    below = _threshold(k, n)
     while True:
         parts = list(map_shards(_sample_shard, uris, seed, below))
-        keys = np.concatenate([np.empty(0)] + [key for key, _ in parts])
+        keys = np.concatenate([np.empty(0)] + [key for key, _, _ in parts])
+        n = sum(rows for _, _, rows in parts)  # counted: a stale manifest costs one pass
         if len(keys) >= min(k, n) or below >= 1.0:
             break
-        below = min(1.0, 2 * below)
-    pids = pa.chunked_array([p for _, p in parts], pa.string()).combine_chunks()
+        below = max(_threshold(k, n), min(1.0, 2 * below))
+    pids = pa.chunked_array([p for _, p, _ in parts], pa.string()).combine_chunks()
     return pids.take(pa.array(np.argsort(keys, kind="stable")[:k])).to_pylist()
+
+
+def _threshold(k: int, n: int) -> float:
+    """The key below which about ``k + 6 sqrt(k) + 16`` of ``n`` uniform keys fall."""
+    return 1.0 if k >= n else min(1.0, (k + SAMPLE_MARGIN * math.sqrt(k) + 16) / n)
 
 
 def corpus_rows(corpus_uri: str, uris: list[str]) -> int:
@@ -143,7 +150,9 @@ def corpus_rows(corpus_uri: str, uris: list[str]) -> int:
     shard files (``qgscale data prepare`` writes it), else from their parquet footers
     (:func:`qgscale.runtime.map_shards`)."""
     m = storage.read_manifest(corpus_uri) if uris != [corpus_uri] else None
-    listed = {s.get("file"): s.get("rows") for s in (m or {}).get("shards", [])}
+    shards = m.get("shards") if isinstance(m, dict) else None
+    listed = {s.get("file"): s.get("rows") for s in shards if isinstance(s, dict)} \
+        if isinstance(shards, list) else {}
     if listed and set(listed) == {posixpath.basename(u) for u in uris} and all(
             isinstance(r, int) for r in listed.values()):
         return sum(listed.values())
@@ -154,12 +163,14 @@ def _shard_rows(uri: str) -> int:
     return storage.footers([uri])[0].num_rows
 
 
-def _sample_shard(uri: str, seed: int, below: float) -> tuple[np.ndarray, pa.Array]:
-    """One shard's part of :func:`sample_pids`: its pids whose key is below ``below``, with
-    their keys (an empty pid is a DataError naming the shard and row)."""
+def _sample_shard(uri: str, seed: int, below: float) -> tuple[np.ndarray, pa.Array, int]:
+    """One shard's part of :func:`sample_pids`: its pids whose key is below ``below``, their
+    keys and the shard's row count (an empty pid is a DataError naming the shard and row).
+    The keys' generator is seeded by ``seed`` and a 128-bit hash of the file's name."""
     t = storage.read_parquet(uri, ["pid"])
     check(t, uri)
-    rng = np.random.default_rng([seed, zlib.crc32(posixpath.basename(uri).encode())])
-    keys = rng.random(t.num_rows)
+    name = hashlib.sha256(posixpath.basename(uri).encode()).digest()[:16]
+    keys = np.random.default_rng([seed, int.from_bytes(name, "little")]).random(t.num_rows)
     keep = np.flatnonzero(keys < below)
-    return keys[keep], pc.cast(t.column("pid").take(pa.array(keep)), pa.string()).combine_chunks()
+    pids = pc.cast(t.column("pid").take(pa.array(keep)), pa.string()).combine_chunks()
+    return keys[keep], pids, t.num_rows
