@@ -643,5 +643,8 @@ def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any) -> Itera
                 pending.append(task.remote(uri, *refs))
             yield out
     finally:
-        for ref in pending:  # a consumer that stops early: the rest is not needed
-            ray.cancel(ref)
+        # a consumer that stops early: the window's tasks run to their end and their
+        # results are dropped. Not ray.cancel: in Ray 2.60 a cancel racing the task's
+        # completion aborts the driver ("Check failed: it != submissible_tasks_.end() Tried
+        # to complete task that was not pending", task_manager.cc; seen in a CI run here)
+        pending.clear()

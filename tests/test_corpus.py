@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 from collections import Counter
 
@@ -324,8 +325,17 @@ def test_scan_on_ray_tasks(data, tmp_path, ray_local, monkeypatch):
         monkeypatch.setattr(runtime, "MAP_WINDOW", 1)  # 2 tasks in flight on 2 CPUs
         assert C.read_passages(data["corpus"], ids) == {
             r["pid"]: passage_text(r["title"], r["text"]) for t in on_ray for r in t}
-        first = next(C.scan(data["corpus"], None, ("pid",)))
-        assert first.num_rows == PER_SHARD
+        # a consumer that stops early drops the other tasks' results, never ray.cancel
+        # (which can abort the driver when it races a task's completion)
+        cancels: list = []
+        with monkeypatch.context() as m:
+            m.setattr(ray, "cancel", lambda *a, **k: cancels.append(a))
+            scan = C.scan(data["corpus"], None, ("pid",))
+            first = next(scan)
+            scan.close()
+            del scan
+            gc.collect()  # the inner map_shards generator closed too
+        assert first.num_rows == PER_SHARD and cancels == []
     finally:
         ray.kill(hold)
     # the tasks get this process's storage settings (their runtime env), as actors do
