@@ -606,16 +606,16 @@ MAP_IN_WORKER = 4  # this many from an actor or task (its nodes' CPUs are the st
 def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any) -> Iterator[Any]:
     """``fn(uri, *args)`` for each of ``uris``, the results in that order: on Ray tasks
     where Ray is initialised and there are several remote files or :data:`MAP_FROM` local
-    ones (0 CPUs, spread over
-    the nodes, with :func:`worker_env`; ``args`` put in the object store once;
-    :data:`MAP_WINDOW` tasks per cluster CPU in flight, :data:`MAP_MOST` at most,
-    :data:`MAP_IN_WORKER` from inside an actor or task), else here one after another. A
-    task's error is raised as itself (a DataError naming its file). ``memory://`` files
-    (this process's own) are always read here. For the driver's
-    passes over many files (corpus lookups, statistics): each file's work goes where it
-    is read, only ``fn``'s result comes back, and the files' round trips overlap. Fewer
-    local files are read here: the tasks' first call in a process costs seconds of worker
-    start-up (their runtime env), more than reading a few local files one after another."""
+    ones (0 CPUs, spread over the nodes, with :func:`worker_env`; ``args`` put in the
+    object store once; :data:`MAP_WINDOW` tasks per cluster CPU in flight, :data:`MAP_MOST`
+    at most, :data:`MAP_IN_WORKER` from inside an actor or task), else here one after
+    another. A task's error is raised as itself (a DataError naming its file).
+
+    For the driver's passes over many files (corpus lookups, statistics): each file's work
+    goes where it is read, only ``fn``'s result comes back, and the files' round trips
+    overlap. Fewer local files are read here: the tasks' first call in a process costs
+    seconds of worker start-up (their runtime env), more than reading a few local files one
+    after another. ``memory://`` files (this process's own) are always read here."""
     import ray
 
     least = 2 if uris and not storage.is_local(uris[0]) else max(2, MAP_FROM)

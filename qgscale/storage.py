@@ -256,6 +256,20 @@ def write_parquet(uri: str, table: pa.Table) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@contextlib.contextmanager
+def parquet_file(uri: str) -> Iterator[Any]:
+    """One parquet file, open for reading: a missing file is a MissingInputError, an
+    unreadable one an OSError, both naming ``uri``."""
+    fs, path = url_to_fs(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            yield f
+    except FileNotFoundError:
+        raise MissingInputError(f"{uri}: parquet file not found") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
+
+
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read one parquet file, or every ``*.parquet`` shard of a folder, as one table."""
     fs, path = url_to_fs(uri)
@@ -264,54 +278,37 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
         if not files:
             raise MissingInputError(f"{uri}: no parquet shards in this folder")
         return pa.concat_tables([read_parquet(f, columns) for f in files])
-    try:
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
-    except FileNotFoundError:
-        raise MissingInputError(f"{uri}: parquet file not found") from None
-    except (pa.ArrowInvalid, OSError) as e:
-        raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
+    with parquet_file(uri) as f:
+        return pq.read_table(f, columns=columns)
 
 
 def read_columns(uri: str, columns: list[str]) -> pa.Table | None:
     """``columns`` of one parquet file, or None when it lacks one of them (one open: the
     footer, then those columns)."""
-    fs, path = url_to_fs(uri)
-    try:
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            if not set(columns) <= set(pf.schema_arrow.names):
-                return None
-            return pf.read(columns=columns)
-    except FileNotFoundError:
-        raise MissingInputError(f"{uri}: parquet file not found") from None
-    except (pa.ArrowInvalid, OSError) as e:
-        raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
+    with parquet_file(uri) as f:
+        pf = pq.ParquetFile(f)
+        if not set(columns) <= set(pf.schema_arrow.names):
+            return None
+        return pf.read(columns=columns)
 
 
 def read_rows(uri: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
     """Rows ``[start, stop)`` of one parquet file, reading only the row groups that hold them
     (a work unit's slice of a shard costs its own rows, not the shard: :data:`ROW_GROUP_ROWS`).
     A range past the file's end is an error naming the file."""
-    fs, path = url_to_fs(uri)
-    try:
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            groups, first, at = [], 0, 0
-            for i in range(pf.num_row_groups):
-                n = pf.metadata.row_group(i).num_rows
-                if at < stop and at + n > start:
-                    first = at if not groups else first
-                    groups.append(i)
-                at += n
-            if not 0 <= start <= stop <= at:
-                raise ValueError(f"{uri}: rows {start}-{stop} asked of a file with {at} rows")
-            t = pf.read_row_groups(groups, columns=columns) if groups else \
-                pf.schema_arrow.empty_table().select(columns or pf.schema_arrow.names)
-    except FileNotFoundError:
-        raise MissingInputError(f"{uri}: parquet file not found") from None
-    except (pa.ArrowInvalid, OSError) as e:
-        raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
+    with parquet_file(uri) as f:
+        pf = pq.ParquetFile(f)
+        groups, first, at = [], 0, 0
+        for i in range(pf.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if at < stop and at + n > start:
+                first = at if not groups else first
+                groups.append(i)
+            at += n
+        if not 0 <= start <= stop <= at:
+            raise ValueError(f"{uri}: rows {start}-{stop} asked of a file with {at} rows")
+        t = pf.read_row_groups(groups, columns=columns) if groups else \
+            pf.schema_arrow.empty_table().select(columns or pf.schema_arrow.names)
     return t.slice(start - first, stop - start)
 
 
@@ -319,14 +316,8 @@ def footers(files: Iterable[str]) -> list[pq.FileMetaData]:
     """The parquet footers of ``files`` (row counts, schemas), reading no rows."""
     out = []
     for uri in files:
-        fs, path = url_to_fs(uri)
-        try:
-            with fs.open(path, "rb") as f:
-                out.append(pq.ParquetFile(f).metadata)
-        except FileNotFoundError:
-            raise MissingInputError(f"{uri}: parquet file not found") from None
-        except (pa.ArrowInvalid, OSError) as e:
-            raise OSError(f"{uri}: unreadable parquet shard: {e}") from e
+        with parquet_file(uri) as f:
+            out.append(pq.ParquetFile(f).metadata)
     return out
 
 
