@@ -245,16 +245,48 @@ def test_evaluation_in_query_blocks_streams_the_run(run_root, s3_bucket):
 
 
 # ---------------------------------------------------------------------------- ray job submit
-def _free_ports(n: int) -> list[int]:
+WORKER_PORTS = 51  # --min-worker-port .. --max-worker-port, inclusive
+
+
+def _cluster_ports(n: int) -> tuple[list[int], int]:
+    """``n`` free ports for a cluster's components and the start of a block of
+    ``WORKER_PORTS`` free ports for its workers, disjoint from them: ``ray start`` refuses a
+    component port inside the worker range (CI once drew a dashboard agent port there)."""
+    import random
+
+    def bindable(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    rng = random.Random()
+    for _ in range(200):  # a block well below the kernel's ephemeral ports (32768 up)
+        start = rng.randrange(20000, 32000 - WORKER_PORTS)
+        if all(bindable(p) for p in range(start, start + WORKER_PORTS)):
+            break
+    else:
+        raise RuntimeError("no free block of worker ports in 20000-32000")
     socks, ports = [], []
-    for _ in range(n):
+    while len(ports) < n:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
+        socks.append(s)  # held open until all are drawn, so no port is drawn twice
+        port = s.getsockname()[1]
+        if not start <= port < start + WORKER_PORTS:
+            ports.append(port)
     for s in socks:
         s.close()
-    return ports
+    return ports, start
+
+
+def test_cluster_ports_keep_components_out_of_the_worker_range():
+    for _ in range(20):
+        ports, start = _cluster_ports(9)
+        assert len(set(ports)) == 9
+        assert not any(start <= p < start + WORKER_PORTS for p in ports)
 
 
 def _descendants(pid: int) -> set[int]:
@@ -297,8 +329,8 @@ def ray_head(tmp_path):
     venv_bin = os.path.dirname(sys.executable)
     ray_bin = os.path.join(venv_bin, "ray")
     temp_dir = f"/tmp/rayq-{os.getpid()}-{tmp_path.name[-12:]}"
-    (gcs, dash, client, node_mgr, obj_mgr, agent_grpc, agent_http, metrics, rt_env,
-     min_worker) = _free_ports(10)
+    (gcs, dash, client, node_mgr, obj_mgr, agent_grpc, agent_http, metrics,
+     rt_env), min_worker = _cluster_ports(9)
     token = tmp_path / "auth_token"  # Ray's token auth, with this cluster's own token
     token.write_text(secrets.token_hex(32))
     env = dict(os.environ, PATH=f"{venv_bin}:{os.environ.get('PATH', '')}",
@@ -313,7 +345,8 @@ def ray_head(tmp_path):
            "--dashboard-agent-grpc-port", str(agent_grpc),
            "--dashboard-agent-listen-port", str(agent_http),
            "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rt_env),
-           "--min-worker-port", str(min_worker), "--max-worker-port", str(min_worker + 50),
+           "--min-worker-port", str(min_worker),
+           "--max-worker-port", str(min_worker + WORKER_PORTS - 1),
            "--temp-dir", temp_dir, "--disable-usage-stats"]
     log = open(tmp_path / "ray-start.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -437,8 +470,8 @@ def test_readme_job_submit_recipe(run_root, tmp_path):
                                         "eval": {"k": [1, 5, 10], "top_k": 10}}))
     lines = _readme_job_recipe()
     assert lines[0] == "source .venv/bin/activate" and lines[-1].startswith("ray stop")
-    (gcs, dash, client, node_mgr, obj_mgr, agent_grpc, agent_http, metrics, rt_env,
-     min_worker) = _free_ports(10)
+    (gcs, dash, client, node_mgr, obj_mgr, agent_grpc, agent_http, metrics,
+     rt_env), min_worker = _cluster_ports(9)
     temp_dir = f"/tmp/rayr-{os.getpid()}-{tmp_path.name[-12:]}"
     script = ["set -e"]
     for line in lines:
@@ -451,7 +484,8 @@ def test_readme_job_submit_recipe(run_root, tmp_path):
                     f"--dashboard-agent-grpc-port {agent_grpc} "
                     f"--dashboard-agent-listen-port {agent_http} "
                     f"--metrics-export-port {metrics} --runtime-env-agent-port {rt_env} "
-                    f"--min-worker-port {min_worker} --max-worker-port {min_worker + 50} "
+                    f"--min-worker-port {min_worker} "
+                    f"--max-worker-port {min_worker + WORKER_PORTS - 1} "
                     f"--temp-dir {temp_dir} --disable-usage-stats")
         elif line.startswith("ray job submit"):
             line = (f"for i in 1 2 3 4 5 6 7 8 9 10; do out=$({line} 2>&1) "
