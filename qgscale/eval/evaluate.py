@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgscale import storage
-from qgscale.data.schema import passage_text
 from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.eval import metrics as M
 from qgscale.eval.metrics import report_names
@@ -137,20 +136,15 @@ def _shard_langs(uri: str) -> list[str]:
     return pc.unique(storage.read_parquet(uri, ["lang"]).column("lang")).to_pylist()
 
 
-def passage_fields(corpus_uri: str, pids: set[str] | None, text: bool) -> tuple[dict, dict]:
-    """``(pid -> lang, pid -> (title, text))`` for ``pids`` (all when None), shard by shard
+def passage_langs(corpus_uri: str, pids: set[str] | None) -> dict[str, str]:
+    """``pid -> lang`` for ``pids`` (all when None), shard by shard
     (:func:`qgscale.data.corpus.scan`)."""
     from qgscale.data.corpus import scan
 
-    cols = ("pid", "lang") + (("title", "text") if text else ())
     lang: dict[str, str] = {}
-    texts: dict[str, tuple[str, str]] = {}
-    for t in scan(corpus_uri, pids, cols):
+    for t in scan(corpus_uri, pids, ("pid", "lang")):
         lang.update(zip(t.column("pid").to_pylist(), t.column("lang").to_pylist(), strict=True))
-        if text:
-            texts.update((p, (a, b)) for p, a, b in zip(
-                *(t.column(c).to_pylist() for c in ("pid", "title", "text")), strict=True))
-    return lang, texts
+    return lang
 
 
 # ---------------------------------------------------------------------------- search
@@ -218,47 +212,33 @@ def run_sink(uri: str | None) -> Iterator[tuple[Callable[[dict], None], dict | N
 EVAL_BLOCK = 16_384  # queries encoded, searched and scored at a time
 
 
-class _View(Mapping[str, str]):
-    """pid -> one text made from :func:`passage_fields`' ``(title, text)`` on access: the
-    answer metrics read what they need without a second dict of the block's texts."""
-
-    def __init__(self, fields: dict[str, tuple[str, str]],
-                 make: Callable[[tuple[str, str]], str]) -> None:
-        self.fields, self.make = fields, make
-
-    def __getitem__(self, pid: str) -> str:
-        return self.make(self.fields[pid])
-
-    def __contains__(self, pid: object) -> bool:
-        return pid in self.fields
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.fields)
-
-    def __len__(self) -> int:
-        return len(self.fields)
-
-
 class BlockScorer:
     """Every metric of a split's runs, added a block of queries at a time
-    (:class:`qgscale.eval.metrics.LanguageMetrics`): per block, the fields (language; text
-    for the answer metrics) of the passages its runs and qrels name are read from the corpus
-    (:func:`passage_fields`; not the languages when the caller holds every passage's, and no
-    text is needed): it holds one block's passage fields and running sums, not the runs'
-    (the caller may hold a run).
+    (:class:`qgscale.eval.metrics.LanguageMetrics`, holding running sums): the ranking
+    metrics at once, with the languages of the split's qrels passages read from the corpus
+    once (:func:`passage_langs`; not when the caller holds every passage's); the answer
+    metrics at :meth:`result`, from one pass over the corpus for all blocks
+    (:class:`qgscale.eval.answer_metrics.AnswerRuns`, which keeps the blocks' rankings in a
+    scratch folder meanwhile). It holds neither the runs nor passage texts.
 
     With answers (``data.answers``): R@2kt / R@5kt when ``answer_recall``, and acc@k for
     each of ``ks`` with the answer match ``answer_accuracy`` unless it is ``"off"``."""
 
     def __init__(self, data: EvalData, ks: list[int] | None = None, *,
                  answer_recall: bool = True, answer_accuracy: str = "dpr") -> None:
+        from qgscale.eval.answer_metrics import AnswerRuns
+
         self.data = data
         ks = ks or [1, 5, 10, 20, 100]
-        self.recall = answer_recall and data.answers is not None
-        self.accuracy = answer_accuracy != "off" and data.answers is not None
-        self.acc = M.LanguageMetrics(M.metric_names(ks), self.recall,
-                                     accuracy_ks=ks if self.accuracy else (),
-                                     match=answer_accuracy if self.accuracy else "dpr")
+        recall = answer_recall and data.answers is not None
+        accuracy = answer_accuracy != "off" and data.answers is not None
+        match = answer_accuracy if accuracy else "dpr"
+        self.acc = M.LanguageMetrics(M.metric_names(ks), recall,
+                                     accuracy_ks=ks if accuracy else (), match=match)
+        self.answers = (AnswerRuns(data.answers, data.query_lang, data.corpus_uri, recall,
+                                   ks if accuracy else (), match)
+                        if recall or accuracy else None)
+        self.plang: dict[str, str] | None = None  # the qrels passages' languages
         self.n_gone = 0  # positives not in the corpus, and the first of them
         self.first_gone: tuple[str, str] | None = None
 
@@ -269,26 +249,27 @@ class BlockScorer:
         passage's language, when the caller holds it (a local index)."""
         d = self.data
         qrels = {q: d.qrels[q] for q in qids if q in d.qrels}
-        runs = {id(r): r for r in [pooled, *pair_runs.values()]}.values()
-        needed = {p for r in runs for q in qids for p in r.get(q, ())}
-        needed |= {p for rels in qrels.values() for p in rels}
-        want_text = self.recall or self.accuracy
-        if plang_all is not None and not want_text:  # held: no corpus scan
-            plang, fields = plang_all, {}
-        else:
-            plang, fields = passage_fields(d.corpus_uri, needed, text=want_text)
+        if plang_all is not None:
+            self.plang = plang_all
+        elif self.plang is None:  # every qrels passage of the split, in one corpus pass
+            needed = {p for rels in d.qrels.values() for p in rels}
+            self.plang = passage_langs(d.corpus_uri, needed) if needed else {}
         gone = [(q, p) for q, rels in qrels.items() for p, r in rels.items()
-                if r > 0 and p not in plang]
+                if r > 0 and p not in self.plang]
         self.n_gone += len(gone)
         self.first_gone = self.first_gone or (gone[0] if gone else None)
-        if plang_all is not None:  # every indexed passage (plang: this block's)
-            plang = plang_all
-        # queries with neither qrels nor answers cannot be scored; keep only scored ones
-        self.acc.add(pair_runs, qrels, {q: d.query_lang[q] for q in qids}, plang, pooled,
-                     d.answers, _View(fields, lambda f: passage_text(*f)),
-                     _View(fields, lambda f: f[1]))
+        self.acc.add(pair_runs, qrels, {q: d.query_lang[q] for q in qids}, self.plang, pooled)
+        if self.answers is not None:
+            self.answers.add(qids, pooled, pair_runs)
 
     def result(self) -> dict:
+        if self.answers is not None:
+            try:
+                for pair_rows, pooled_rows in self.answers.rows():
+                    self.acc.add_rows(pair_rows, pooled_rows)
+            finally:
+                self.answers.close()
+            self.answers = None
         if self.n_gone:  # a positive no index can return: every metric counts it as a miss
             log.warning("%s: %d positive qrels pair(s) of the evaluated queries name a passage "
                         "not in the corpus %s (e.g. qid=%s, pid=%s): they count as misses",
@@ -327,7 +308,7 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
     langs = corpus_langs(data.corpus_uri) if langs is None else langs
     plang_all, lang_ids = None, {}
     if pairs and len(langs) > 1 and not isinstance(loaded, ShardedSearcher):
-        plang_all, _ = passage_fields(data.corpus_uri, None, text=False)  # a local index
+        plang_all = passage_langs(data.corpus_uri, None)  # a local index
         index_langs = np.array([plang_all.get(p) for p in loaded.pids], dtype=object)
         lang_ids = {cl: np.flatnonzero(index_langs == cl).astype(np.int64) for cl in langs}
     scorer = BlockScorer(data, ks, answer_recall=answer_recall,

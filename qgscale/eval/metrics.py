@@ -42,9 +42,11 @@ and ``monolingual`` (the diagonal).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 
 from qgscale.eval.wordtok import word_tokenize
@@ -204,6 +206,66 @@ def answer_recall_per_query(run: Run, passages: Mapping[str, str],
     return out
 
 
+def crossing_reach(span: Iterable[str]) -> int:
+    """How far (in characters) a match of one of ``span`` that crosses the space joining two
+    passages can reach into either: a crossing match contains that space, so only answers
+    with a space cross, and each reaches at most its length - 1 into either side."""
+    return max((len(a) - 1 for a in span if " " in a), default=0)
+
+
+KtFeatures = tuple[int, int, list[str], str]
+
+
+def kt_features(tokens: Sequence[str], span: Sequence[str]) -> KtFeatures:
+    """A passage's part of :func:`answer_hit` for one query's span answers ``span`` (without
+    yes / no): ``(n, first, head, tail)``: its token count; the fewest leading tokens whose
+    joined text contains an answer (0: none does); its leading tokens and its joined text's
+    last characters that a match across a passage boundary can reach (:func:`crossing_reach`).
+    :func:`replay_hit` gives :func:`answer_hit` of a ranking from its passages' features, so
+    each can be computed where the passage is read."""
+    joined = " ".join(tokens)
+    ends = list(itertools.accumulate((len(t) + 1 for t in tokens), initial=-1))[1:]
+    first = 0
+    for a in span:
+        at = joined.find(a)
+        if at >= 0:
+            m = bisect.bisect_left(ends, at + len(a)) + 1
+            first = m if not first else min(first, m)
+    reach = crossing_reach(span)
+    if not reach:
+        return len(tokens), first, [], ""
+    head = list(tokens[:bisect.bisect_left(ends, reach) + 1])
+    return len(tokens), first, head, joined[-reach:]
+
+
+def replay_hit(features: Iterable[KtFeatures], span: Sequence[str], max_tokens: int
+               ) -> bool:
+    """:func:`answer_hit` of a ranking from its passages' :func:`kt_features` in rank order
+    (``span``: the query's answers without yes / no, not empty): a match inside one passage's
+    counted tokens, or across the space joining it to what came before."""
+    if "" in span:
+        return True  # in every text, as answer_hit's `in`
+    reach = crossing_reach(span)
+    crossing = [a for a in span if " " in a]
+    seen, tail = 0, ""  # tokens so far; the joined text's last `reach` characters
+    for n, first, head, end in features:
+        if seen >= max_tokens:
+            break
+        if not n:  # no token: nothing joined, not even a space
+            continue
+        c = min(n, max_tokens - seen)
+        if first and first <= c:
+            return True
+        if reach and seen and any(a in f"{tail} {' '.join(head[:c])}" for a in crossing):
+            return True
+        if c < n:
+            break
+        if reach:
+            tail = (f"{tail} {end}" if seen else end)[-reach:]
+        seen += n
+    return False
+
+
 # passages whose DPR tokens acc@k keeps (about 7 KB each for a 100-word passage): tokenising
 # one takes ~0.1 ms, so the cache is for passages many queries of a block retrieve
 ACC_CACHE = 4096
@@ -348,10 +410,12 @@ class LanguageMetrics:
             answers: Mapping[str, Iterable[str]] | None = None,
             passages: Mapping[str, str] | None = None,
             bodies: Mapping[str, str] | None = None) -> None:
-        """Add the queries of ``query_lang`` (qid -> language): a block of the split."""
-        if self.with_answers and (answers is None or passages is None):
+        """Add the queries of ``query_lang`` (qid -> language): a block of the split. Without
+        ``answers``, only their ranking metrics (the caller adds the answer metrics' rows:
+        :meth:`add_rows`)."""
+        if answers is not None and self.with_answers and passages is None:
             raise ValueError("answer recall needs answers and passages (pid -> text)")
-        if self.accuracy_ks and (answers is None or bodies is None):
+        if answers is not None and self.accuracy_ks and bodies is None:
             raise ValueError("answer accuracy needs answers and bodies (pid -> text)")
 
         # the answer metrics of a run's queries of one language, once: they do not depend on
@@ -364,6 +428,8 @@ class LanguageMetrics:
                         if corpus_lang is None or passage_lang.get(p) == corpus_lang})
                    for q in qids}
             rows = per_query(run, sub, self.metrics)
+            if answers is None:
+                return rows
             if (id(run), ql) not in answer_rows:
                 got: dict = {}
                 if self.with_answers:
@@ -386,6 +452,17 @@ class LanguageMetrics:
                 self.query_langs = defaultdict(Means)
             for ql in sorted(by_lang):
                 self.query_langs[ql].add(rows_for(pooled_run, ql, None))
+
+    def add_rows(self, pair_rows: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]],
+                 pooled_rows: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
+        """Add per-query metric rows computed elsewhere: ``{(query lang, corpus lang): rows}``
+        of the pair views, ``{query lang: rows}`` of the pooled view (only where
+        :meth:`add` got a pooled run)."""
+        for key, rows in sorted(pair_rows.items()):
+            self.pairs[key].add(rows)
+        if self.query_langs is not None:
+            for ql, rows in sorted(pooled_rows.items()):
+                self.query_langs[ql].add(rows)
 
     def result(self) -> dict:
         """``{pairs, query_langs, query_langs_macro, macro}`` over every query added."""

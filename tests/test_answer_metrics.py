@@ -1,0 +1,125 @@
+"""The answer metrics from per-passage features (one corpus pass) equal those on the texts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qgscale import storage
+from qgscale.data.prepare import write_tables
+from qgscale.data.schema import passage_text
+from qgscale.errors import DataError
+from qgscale.eval import metrics as M
+from qgscale.eval.evaluate import BlockScorer, EvalData
+
+WORDS = ["a", "b", "ab", "ba", "a,", ".", "aa", "b.", "Ab", "(b)"]
+ANSWERS = ["a b", "b a", "ab a", "a a b", "b", "a . a", "yes", "ba ab", "a, b", " a", "a ",
+           "b , a", "ab ba ab", "x", "a b a b a b a", "no", ""]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+@pytest.mark.parametrize("tokenize", [str.split, M.word_tokenize], ids=["split", "nltk"])
+def test_replay_of_passage_features_is_answer_hit(tokenize):
+    """Random rankings of short passages whose answers cross passage boundaries (across one,
+    two or more passages, some of no token), cut at every token count: the replay of each
+    passage's features gives answer_hit's verdict."""
+    rng = random.Random(7)
+    crossing = 0
+    for _ in range(3000):
+        texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(0, 5)))
+                 for _ in range(rng.randrange(0, 6))]
+        answers = rng.sample(ANSWERS, rng.randrange(1, 4))
+        span = [a for a in answers if a not in M.YES_NO]
+        feats = [M.kt_features(tokenize(t), span) for t in texts]
+        for max_tokens in (1, 2, 3, 5, 8, 2000):
+            want = M.answer_hit(texts, answers, max_tokens, tokenize)
+            if want is None:
+                assert not span
+                continue
+            assert M.replay_hit(feats, span, max_tokens) == want, (texts, answers, max_tokens)
+            crossing += want and not any(f[1] and f[1] <= max_tokens for f in feats)
+    assert crossing > 100  # hits that only a match across passages gives
+
+
+def _corpus_and_runs(n_passages: int = 60, n_queries: int = 30, seed: int = 3):
+    rng = random.Random(seed)
+    corpus = [{"pid": f"p{i}", "lang": "en" if i % 3 else "de", "title": rng.choice(WORDS),
+               "text": " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 6)))}
+              for i in range(n_passages)]
+    plang = {r["pid"]: r["lang"] for r in corpus}
+    qids = [f"q{i}" for i in range(n_queries)]
+    qlang = {q: "de" if i % 4 == 0 else "en" for i, q in enumerate(qids)}
+    answers = {q: rng.sample(ANSWERS, rng.randrange(1, 3)) for q in qids[:-3]}
+    qrels = {q: {f"p{rng.randrange(n_passages)}": 1} for q in qids[::2]}
+    pooled = {q: {f"p{p}": rng.random() for p in rng.sample(range(n_passages), 12)}
+              for q in qids}
+    pair_runs = {}
+    for ql in ("de", "en"):
+        for cl in ("de", "en"):
+            pair_runs[(ql, cl)] = {q: {p: s for p, s in pooled[q].items() if plang[p] == cl}
+                                   for q in qids if qlang[q] == ql}
+    return corpus, plang, qids, qlang, answers, qrels, pooled, pair_runs
+
+
+def test_block_scorer_answer_metrics_equal_the_metrics_on_texts(tmp_path, monkeypatch):
+    """Three blocks over a corpus of four shards, two corpus languages (pair and pooled
+    views): every metric equals evaluate_languages on the texts, and the corpus's text is
+    read once per shard, not once per block."""
+    corpus, plang, qids, qlang, answers, qrels, pooled, pair_runs = _corpus_and_runs()
+    write_tables({"corpus": corpus}, str(tmp_path / "data"), shard_rows=15)
+    corpus_uri = str(tmp_path / "data" / "corpus")
+    assert len(storage.list_files(corpus_uri, ".parquet")) == 4
+    ks = [1, 3, 12]
+    want = M.evaluate_languages(
+        pair_runs, qrels, qlang, plang, pooled, M.metric_names(ks), answers,
+        {r["pid"]: passage_text(r["title"], r["text"]) for r in corpus},
+        bodies={r["pid"]: r["text"] for r in corpus}, accuracy_ks=ks)
+    assert want["pairs"]["de->en"]["n_kt"] and want["pairs"]["en->de"]["n_acc"]
+
+    reads = []
+    real = storage.read_parquet
+
+    def counting(uri, columns=None, *a, **kw):
+        reads.append((uri, tuple(columns or ())))
+        return real(uri, columns, *a, **kw)
+
+    monkeypatch.setattr(storage, "read_parquet", counting)
+    data = EvalData(qids, qids, qlang, qrels, corpus_uri, answers)
+    scorer = BlockScorer(data, ks)
+    for start in range(0, len(qids), 10):
+        block = qids[start:start + 10]
+        scorer.add(block, {q: pooled[q] for q in block},
+                   {k: {q: r[q] for q in block if q in r} for k, r in pair_runs.items()})
+    scratch = scorer.answers.dir
+    assert len(list(scratch.iterdir())) == 3  # the blocks' rankings
+    got = scorer.result()
+    assert not scratch.exists()
+    assert _flat(got) == pytest.approx(_flat(want))
+    text_reads = [u for u, cols in reads if "text" in cols]
+    assert sorted(text_reads) == sorted(storage.list_files(corpus_uri, ".parquet"))
+
+
+def test_answer_metrics_name_a_missing_or_repeated_passage(tmp_path):
+    corpus, plang, qids, qlang, answers, qrels, pooled, pair_runs = _corpus_and_runs()
+    write_tables({"corpus": corpus[:50]}, str(tmp_path / "short"), shard_rows=25)
+    data = EvalData(qids, qids, qlang, {}, str(tmp_path / "short" / "corpus"), answers)
+    run = {"q0": {"p1": 2.0, "p55": 1.0}}
+    scorer = BlockScorer(data, [1])
+    scorer.add(["q0"], run, {("de", "en"): run})
+    with pytest.raises(KeyError, match="'p55' \\(query q0\\).*built from this corpus"):
+        scorer.result()
+
+    twice = corpus[:50] + [dict(corpus[7], text="another text")]
+    write_tables({"corpus": twice}, str(tmp_path / "twice"), shard_rows=25)
+    data = EvalData(qids, qids, qlang, {}, str(tmp_path / "twice" / "corpus"), answers)
+    scorer = BlockScorer(data, [1])
+    scorer.add(["q0"], {"q0": {"p7": 1.0}}, {("de", "en"): {"q0": {"p7": 1.0}}})
+    with pytest.raises(DataError, match="pid=p7 is on several corpus rows"):
+        scorer.result()
