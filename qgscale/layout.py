@@ -17,6 +17,8 @@ for paths; no stage function has path defaults of its own::
     eval/<student>/<split>/                         metrics.{json,md}, pairs.png
     eval/<split>.{md,png}                           all students side by side per lang pair
     rerank/<split>/metrics.{json,md}                teacher vs student order, same top-k
+                                                    (work files: candidates, scores,
+                                                    _answer_hits)
     _stages/<stage>.json                            the runner's record of each stage
 """
 

@@ -222,27 +222,45 @@ def test_teacher_rerank_compares_orders_of_the_same_lists():
     assert acc.result() == r
 
 
-def test_answer_qrels_of_a_run_name_a_passage_not_in_the_corpus(tmp_path):
-    """Answer-match relevance (XOR-TyDi, MKQA) reads the run's top-k passages: those with an
-    answer are relevant; a pid the corpus lacks (a run from another corpus) is an error."""
+def test_answer_qrels_of_a_run_name_a_passage_not_in_the_corpus(tmp_path, ray_local):
+    """Answer-match relevance (XOR-TyDi, MKQA) checks the run's top-k passages in one pass
+    over the corpus on the answer check's actors: those with an answer are relevant ("title
+    text"; queries without answers or hits left out); a pid the corpus lacks (a run from
+    another corpus) is an error."""
+    from types import SimpleNamespace
+
     import pyarrow as pa
 
     from qgscale import storage
+    from qgscale.config import BM25Config
     from qgscale.data.schema import CORPUS
     from qgscale.errors import DataError
     from qgscale.eval.evaluate import EvalData
     from qgscale.eval.rerank import answer_qrels
 
     corpus = str(tmp_path / "corpus")
-    storage.write_parquet(f"{corpus}/part-00000.parquet", pa.Table.from_pylist(
-        [{"pid": "a", "lang": "en", "title": "", "text": "Paris is in France"},
-         {"pid": "b", "lang": "en", "title": "", "text": "Berlin is in Germany"}],
-        schema=CORPUS))
-    data = EvalData(["q1"], ["Where?"], {"q1": "de"}, {}, corpus, {"q1": ["Paris"]})
-    assert answer_qrels([{"qid": "q1", "pids": ["b", "a"]}], 2, data) == {"q1": {"a": 1}}
-    with pytest.raises(DataError, match=r"corpus: pid=zz of the run's lists is not in the "
-                                        r"corpus \(1 missing\)"):
-        answer_qrels([{"qid": "q1", "pids": ["b", "zz"]}], 2, data)
+    rows = [{"pid": "a", "lang": "en", "title": "", "text": "Paris is in France"},
+            {"pid": "b", "lang": "en", "title": "", "text": "Berlin is in Germany"},
+            {"pid": "c", "lang": "en", "title": "Paris", "text": "a city"}]
+    for i in range(2):
+        storage.write_parquet(f"{corpus}/part-{i:05d}.parquet",
+                              pa.Table.from_pylist(rows[i * 2:i * 2 + 2], schema=CORPUS))
+    answers = str(tmp_path / "answers.parquet")
+    storage.write_parquet(answers, pa.table({"qid": ["q1", "q2", "q3"], "answers": [
+        ["Paris"], [], ["Rome"]]}))
+    data = EvalData(["q1", "q2", "q3"], ["Where?"] * 3, {"q1": "de", "q2": "de", "q3": "de"},
+                    {}, corpus, {"q1": ["Paris"], "q2": [], "q3": ["Rome"]},
+                    {"answers": answers})
+    cfg = SimpleNamespace(bm25=BM25Config(num_actors=1, cpus_per_actor=0.5))
+    run = str(tmp_path / "run.parquet")
+    storage.write_parquet(run, pa.table({"qid": ["q1", "q2", "q3"], "pids": [
+        ["b", "a", "c"], ["a", "b", "c"], ["a", "b", "c"]]}))
+    assert answer_qrels(cfg, run, 3, data, str(tmp_path / "w1"), "k") == {
+        "q1": {"a": 1, "c": 1}}
+    assert answer_qrels(cfg, run, 2, data, str(tmp_path / "w2"), "k") == {"q1": {"a": 1}}
+    storage.write_parquet(run, pa.table({"qid": ["q1"], "pids": [["b", "zz"]]}))
+    with pytest.raises(DataError, match=r"1 retrieved pid\(s\) not in the corpus .*\['zz'\]"):
+        answer_qrels(cfg, run, 2, data, str(tmp_path / "w3"), "k")
 
 
 def test_macro_averages_each_metric_over_the_groups_that_have_it():

@@ -38,6 +38,7 @@ def rerank_metric_names(k: int) -> list[str]:
 
 
 RERANK_BLOCK = 16_384  # queries whose orders are compared at a time
+ANSWER_HITS = "_answer_hits"  # under the output: the answer check's pairs, per corpus shard
 WHO = ("student", "teacher")
 
 
@@ -93,27 +94,21 @@ def markdown(result: dict[str, Any], names: list[str], k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def answer_qrels(run: list[dict], k: int, data: Any) -> dict[str, dict[str, int]]:
+def answer_qrels(cfg: Any, run_uri: str, k: int, data: Any, work_uri: str, key: str
+                 ) -> dict[str, dict[str, int]]:
     """For a split with answers and no qrels (XOR-TyDi, MKQA): the passages of each query's
-    top ``k`` that contain an answer (DPR's match, ``qgscale.retrieval.answers``, on "title
-    text") are its relevant ones; queries without any are left out."""
-    from qgscale.data.corpus import read_passages
-    from qgscale.retrieval.answers import has_answer
+    top ``k`` in ``run_uri`` that contain an answer (DPR's match, ``qgscale.retrieval.answers``,
+    on "title text") are its relevant ones; queries without any are left out. One pass over
+    the corpus on the answer check's actors (:meth:`qgscale.index.mine.AnswerFilter.hits`,
+    ``cfg.bm25``'s actors, resumable under ``work_uri`` with ``key``)."""
+    from qgscale.index.mine import AnswerFilter
 
-    answers = data.answers or {}
-    pids = {p for r in run if answers.get(r["qid"]) for p in r["pids"][:k]}
-    texts = read_passages(data.corpus_uri, pids)
-    if len(texts) < len(pids):  # the run retrieved from another corpus than this split's
-        missing = sorted(pids - set(texts))
-        raise DataError(f"{data.corpus_uri}: pid={missing[0]} of the run's lists is not in "
-                        f"the corpus ({len(missing)} missing)")
-    out: dict[str, dict[str, int]] = {}
-    for r in run:
-        rel = {p: 1 for p in r["pids"][:k] if answers.get(r["qid"])
-               and has_answer(answers[r["qid"]], texts[p])}
-        if rel:
-            out[r["qid"]] = rel
-    return out
+    check = AnswerFilter.read(data.source["answers"], data.corpus_uri, actors=cfg.bm25)
+    hits = check.hits([run_uri], None, work_uri, key, top=k).table
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    for q, p in zip(hits.column("qid").to_pylist(), hits.column("pid").to_pylist(), strict=True):
+        out[q][p] = 1
+    return dict(out)
 
 
 def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split: str,
@@ -132,11 +127,8 @@ def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split:
     data = load_split(data_uri, split, corpus_uri)
     run = pa.table({"qid": run.column("qid"), "pids": pc.list_slice(run.column("pids"), 0, k),
                     "scores": pc.list_slice(run.column("scores"), 0, k)})
-    qrels = data.qrels
-    if not qrels:  # answer match, a block's passages at a time
-        qrels = {}
-        for start in range(0, run.num_rows, RERANK_BLOCK):
-            qrels.update(answer_qrels(run.slice(start, RERANK_BLOCK).to_pylist(), k, data))
+    qrels = data.qrels or answer_qrels(cfg, run_uri, k, data,
+                                       storage.join(out_uri, ANSWER_HITS), key)
     lists = run.filter(pc.is_in(run.column("qid"), value_set=pa.array(list(qrels),
                                                                        pa.string())))
     del run

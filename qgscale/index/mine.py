@@ -168,11 +168,12 @@ class AnswerFilter:
         has = pc.fill_null(pc.greater(pc.list_value_length(table.column("answers")), 0), False)
         return cls(KeyIndex.build(table.filter(has), "qid"), corpus_uri, match, actors)
 
-    def hits(self, ranked_uris: Sequence[str], positives: Positives, work_uri: str,
-             key: str = "", skip_top: int = 0) -> KeyIndex:
-        """The (qid, pid) pairs (by qid) of the ranked lists (:func:`ranked_lists` shards,
-        from rank ``skip_top`` on: the ones that can be negatives) of the queries with
-        positives and answers whose passage contains an answer: one pass over the corpus, a
+    def hits(self, ranked_uris: Sequence[str], positives: Positives | None, work_uri: str,
+             key: str = "", skip_top: int = 0, top: int | None = None) -> KeyIndex:
+        """The (qid, pid) pairs (by qid) of the ranked lists (:func:`ranked_lists` shards, or
+        any ``{qid, pids}`` rows; from rank ``skip_top`` on: the ones that can be negatives;
+        before rank ``top`` when given) of the queries with answers (and with ``positives``
+        unless None) whose passage contains an answer: one pass over the corpus, a
         shard job per corpus shard on Ray actors (:class:`AnswerJob`, its outputs under
         ``work_uri``, resumable with ``key``: give one that changes with the lists). The
         driver holds those pairs in Arrow (O(queries with answers x k), as the teacher's
@@ -183,8 +184,11 @@ class AnswerFilter:
         for uri in ranked_uris:
             t = storage.read_parquet(uri, ["qid", "pids"])
             q = t.column("qid")
-            t = t.filter(pa.array(positives.index.contains(q) & self.answers.contains(q)))
-            lists = pc.list_slice(t.column("pids"), skip_top)
+            keep = self.answers.contains(q)
+            if positives is not None:
+                keep &= positives.index.contains(q)
+            t = t.filter(pa.array(keep))
+            lists = pc.list_slice(t.column("pids"), skip_top, top)
             parts.append(pa.table({"qid": t.column("qid").take(pc.list_parent_indices(lists)),
                                    "pid": pc.list_flatten(lists)}, schema=HITS))
         pairs = pa.concat_tables(parts)
