@@ -603,14 +603,14 @@ MAP_MOST = 256  # ... and at most this many from the driver,
 MAP_IN_WORKER = 4  # this many from an actor or task (its nodes' CPUs are the stages')
 
 
-def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any, wide: bool = False
-               ) -> Iterator[Any]:
+def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any,
+               cluster_window: bool = False) -> Iterator[Any]:
     """``fn(uri, *args)`` for each of ``uris``, the results in that order: on Ray tasks
     where Ray is initialised and there are several remote files or :data:`MAP_FROM` local
     ones (0 CPUs, spread over the nodes, with :func:`worker_env`; ``args`` put in the
     object store once; :data:`MAP_WINDOW` tasks per cluster CPU in flight, :data:`MAP_MOST`
-    at most, :data:`MAP_IN_WORKER` from inside an actor or task unless ``wide``: a task
-    whose stage's actors are idle meanwhile, such as eval's answer pass), else here one
+    at most; :data:`MAP_IN_WORKER` from inside an actor or task, unless ``cluster_window``:
+    for a task whose stage's actors wait meanwhile, as eval's answer pass), else here one
     after another. A task's error is raised as itself (a DataError naming its file).
 
     For the driver's passes over many files (corpus lookups, statistics): each file's work
@@ -630,7 +630,7 @@ def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any, wide: bo
     task = ray.remote(fn).options(**remote_options(0, scheduling_strategy="SPREAD"))
     refs = [ray.put(a) for a in args]
     window = (min(MAP_MOST, max(2, MAP_WINDOW * int(ray.cluster_resources().get("CPU", 1))))
-              if wide or ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
+              if cluster_window or ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
               else MAP_IN_WORKER)
     pending: deque[Any] = deque()
     todo = iter(uris)

@@ -15,7 +15,7 @@ from qgscale.eval.evaluate import BlockScorer, EvalData
 
 WORDS = ["a", "b", "ab", "ba", "a,", ".", "aa", "b.", "Ab", "(b)"]
 ANSWERS = ["a b", "b a", "ab a", "a a b", "b", "a . a", "yes", "ba ab", "a, b", " a", "a ",
-           "b , a", "ab ba ab", "x", "a b a b a b a", "no", ""]
+           "b , a", "ab ba ab", "x", "a b a b a b a", "no", "", " "]
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -37,7 +37,9 @@ def test_replay_of_passage_features_is_answer_hit(tokenize):
                  for _ in range(rng.randrange(0, 6))]
         answers = rng.sample(ANSWERS, rng.randrange(1, 4))
         span = [a for a in answers if a not in M.YES_NO]
-        feats = [M.kt_features(tokenize(t), span) for t in texts]
+        # each passage's edges cut for the largest reach of its queries: at least this one's
+        more = M.crossing_reach(span) + rng.choice([0, 0, 1, 5])
+        feats = [M.kt_features(tokenize(t), span, more) for t in texts]
         for max_tokens in (1, 2, 3, 5, 8, 2000):
             want = M.answer_hit(texts, answers, max_tokens, tokenize)
             if want is None:
@@ -97,7 +99,7 @@ def test_block_scorer_answer_metrics_equal_the_metrics_on_texts(tmp_path, monkey
         block = qids[start:start + 10]
         scorer.add(block, {q: pooled[q] for q in block},
                    {k: {q: r[q] for q in block if q in r} for k, r in pair_runs.items()})
-    scratch = scorer.answers.dir
+    scratch = scorer.answer_runs.dir
     assert len(list(scratch.iterdir())) == 3  # the blocks' rankings
     got = scorer.result()
     assert not scratch.exists()

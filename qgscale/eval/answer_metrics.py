@@ -7,16 +7,20 @@ Here each block's rankings go to a scratch folder instead (:meth:`AnswerRuns.add
 pairs where it is read (:func:`shard_features`, on Ray tasks through
 :func:`qgscale.runtime.map_shards`):
 
-- acc@k: whether DPR's match finds an answer in the passage text;
-- R@kt: :func:`qgscale.eval.metrics.kt_features`.
+- acc@k: whether DPR's match finds an answer in the passage text (per pair);
+- R@kt: the fewest leading tokens that contain an answer (per pair), and the passage's token
+  count and the edges a match across passages can reach (per passage;
+  :class:`qgscale.eval.metrics.Joined`).
 
-Only those small features come back, and each ranking is replayed from them
+Only those features come back, and each ranking is replayed from them
 (:func:`qgscale.eval.metrics.replay_hit`). The numbers are exactly those of
 :func:`~qgscale.eval.metrics.answer_recall_per_query` and
 :func:`~qgscale.eval.metrics.answer_accuracy_per_query` on the texts.
 
-Memory: the split's pairs and their features, O(queries x top_k x views), never the corpus.
-The tokenising (NLTK's words and DPR's tokens of each retrieved passage) runs on the tasks.
+Memory: the split's pairs (a query number and a pid each) and their features, O(queries x
+top_k x views), and the retrieved passages' edges (a few words each, only for queries with
+an answer of several words); never the corpus. The tokenising (NLTK's words and DPR's tokens
+of each retrieved passage) runs on the tasks.
 """
 
 from __future__ import annotations
@@ -40,12 +44,10 @@ from qgscale.errors import DataError
 from qgscale.eval import metrics as M
 
 Rows = dict[str, dict[str, float]]
-RANKINGS = pa.schema([("view", pa.int32()), ("qid", pa.string()),
-                      ("pids", pa.list_(pa.string()))])
-PAIRS = pa.schema([("block", pa.int32()), ("qid", pa.string()), ("pid", pa.string())])
-FEATURES = pa.schema([*PAIRS, ("n", pa.int32()), ("first", pa.int32()),
-                      ("head", pa.list_(pa.string())), ("tail", pa.string()),
-                      ("acc", pa.bool_())])
+RANKINGS = pa.schema([("view", pa.int32()), ("q", pa.int32()), ("pids", pa.list_(pa.string()))])
+PAIRS = pa.schema([("q", pa.int32()), ("pid", pa.string())])  # q: AnswerRuns.qids position
+EDGES = pa.schema([("pid", pa.string()), ("n", pa.int32()), ("head", pa.list_(pa.string())),
+                   ("tail", pa.string())])
 
 
 def span_answers(answers: Sequence[str] | None) -> list[str]:
@@ -53,52 +55,49 @@ def span_answers(answers: Sequence[str] | None) -> list[str]:
     return [a for a in answers or () if a not in M.YES_NO]
 
 
-def shard_features(uri: str, pairs: KeyIndex, answers: KeyIndex, recall: bool,
-                   match: str | None) -> pa.Table | None:
-    """The :data:`FEATURES` of the (query, passage) pairs of ``pairs`` (:data:`PAIRS` by pid)
-    whose passage is in corpus shard ``uri``, with the queries' answers of ``answers``
-    (``{qid, answers}`` by qid): R@kt's (:func:`qgscale.eval.metrics.kt_features` of the
-    words of "title text") when ``recall``, acc@k's (DPR's match ``match`` on the text)
-    unless it is None. None when no pair's passage is in the shard."""
+def shard_features(uri: str, pairs: KeyIndex, answers: pa.ListArray, recall: bool,
+                   match: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, pa.Table
+                                               ] | None:
+    """The features of the (query, passage) pairs of ``pairs`` (:data:`PAIRS` by pid) whose
+    passage is in corpus shard ``uri`` (``answers``: each query number's answers):
+    ``(pair rows, first, hit, edges)``: the pairs' rows in ``pairs.table``; R@kt's
+    :meth:`~qgscale.eval.metrics.Joined.first_match` of the words of "title text" (0 unless
+    ``recall``); acc@k's DPR match ``match`` on the text (False when None); and, when
+    ``recall``, each passage's :data:`EDGES` for the largest reach of its queries. None
+    when no pair's passage is in the shard."""
     from qgscale.eval.wordtok import word_tokenize
-    from qgscale.retrieval.answers import answer_tokens, contains, dpr_tokens
+    from qgscale.retrieval.answers import pair_hits
 
     cols = ["pid", "title", "text"]
     t = _scan_shard(uri, pairs, cols, cols)
     if t is None:
         return None
     at, row = pairs.find(t.column("pid"))
-    out = pairs.table.take(pa.array(row)).select(PAIRS.names)
+    qs = pairs.table.column("q").take(pa.array(row)).to_numpy()
+    distinct = np.unique(qs)
+    given = dict(zip(distinct.tolist(), answers.take(pa.array(distinct)).to_pylist(),
+                     strict=True))
     titles, texts = t.column("title").to_pylist(), t.column("text").to_pylist()
-    words: dict[int, list[str]] = {}  # a passage's, once for all its queries
-    dpr: dict[int, tuple[str, ...]] = {}
-    spans: dict[str, list[str]] = {}
-    wanted: dict[str, list[tuple[str, ...]]] = {}
-    feats: dict[str, list] = {c: [] for c in ("n", "first", "head", "tail", "acc")}
-    qids = out.column("qid").to_pylist()
-    for a, q, got in zip(at.tolist(), qids, answers.values(out.column("qid"), "answers"),
-                         strict=True):
-        given = [x for rows in got for x in rows or ()]
-        if recall:
-            if q not in spans:
-                spans[q] = span_answers(given)
-            if a not in words:
-                words[a] = word_tokenize(passage_text(titles[a], texts[a]))
-            n, first, head, tail = M.kt_features(words[a], spans[q])
-        else:
-            n, first, head, tail = None, None, None, None
-        hit = None
-        if match is not None:
-            if q not in wanted:
-                wanted[q] = answer_tokens(given, match)
-            if a not in dpr:
-                dpr[a] = dpr_tokens(texts[a], match)
-            hit = any(contains(dpr[a], w) for w in wanted[q])
-        for c, v in zip(feats, (n, first, head, tail, hit), strict=True):
-            feats[c].append(v)
-    for c, v in feats.items():
-        out = out.append_column(FEATURES.field(c), pa.array(v, FEATURES.field(c).type))
-    return out
+    hit = (pair_hits(texts, at.tolist(), qs.tolist(), given, match) if match is not None
+           else np.zeros(len(row), bool))
+    first = np.zeros(len(row), np.int32)
+    edges = EDGES.empty_table()
+    if recall:
+        spans = {q: span_answers(given[q]) for q in given}
+        reach = {q: M.crossing_reach(s) for q, s in spans.items()}
+        joined: dict[int, M.Joined] = {}  # a passage's words, once for all its queries
+        most: dict[int, int] = defaultdict(int)  # a passage's largest reach
+        for i, (a, q) in enumerate(zip(at.tolist(), qs.tolist(), strict=True)):
+            if a not in joined:
+                joined[a] = M.Joined(word_tokenize(passage_text(titles[a], texts[a])))
+            first[i] = joined[a].first_match(spans[q])
+            most[a] = max(most[a], reach[q])
+        cut = [joined[a].edges(most[a]) for a in joined]
+        edges = pa.table({"pid": t.column("pid").take(pa.array(list(joined))),
+                          "n": [len(joined[a].tokens) for a in joined],
+                          "head": [h for h, _ in cut], "tail": [e for _, e in cut]},
+                         schema=EDGES)
+    return row, first, hit, edges
 
 
 class AnswerRuns:
@@ -112,39 +111,50 @@ class AnswerRuns:
     def __init__(self, answers: Mapping[str, Sequence[str]], query_lang: Mapping[str, str],
                  corpus_uri: str, recall: bool, accuracy_ks: Sequence[int], match: str,
                  max_tokens: Sequence[int] = (2000, 5000)) -> None:
-        from qgscale.retrieval.answers import answer_tokens
-
         self.answers, self.query_lang, self.corpus_uri = answers, query_lang, corpus_uri
         self.recall, self.ks, self.match = recall, sorted(set(accuracy_ks)), match
         self.max_tokens = list(max_tokens)
-        self._usable = lambda q: bool((recall and span_answers(answers.get(q))) or (
-            self.ks and answer_tokens(answers.get(q) or (), match)))
         self.dir = Path(tempfile.mkdtemp(prefix="qgscale-answer-runs-"))
-        # removed by close(), or when this object goes (an eval that failed midway)
+        # removed by close(), or when this object is collected (an eval that failed midway)
         self.close = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
-        # per block: the view number of each pair run ({(ql, cl): v}) and the pooled run's
-        self.views: list[tuple[dict[tuple[str, str], int], int]] = []
-        self.qids: list[str] = []  # the queries with usable answers, in block order
+        self.views: list[dict[tuple[str, str], int]] = []  # per block: each pair's view
+        self.qids: list[str] = []  # the queries with usable answers; a pair's q indexes it
+        self.starts = [0]  # where each block's queries start in qids
+
+    def _usable(self, qid: str) -> bool:
+        from qgscale.retrieval.answers import answer_tokens
+
+        given = self.answers.get(qid)
+        return bool((self.recall and span_answers(given)) or (
+            self.ks and answer_tokens(given or (), self.match)))
 
     def add(self, qids: Sequence[str], pooled: M.Run, pair_runs: Mapping[tuple[str, str], M.Run]
             ) -> None:
-        """Keep the rankings of ``qids`` (those with usable answers): the pooled run's and each
-        pair run's (a run given for several views is kept once)."""
-        number: dict[int, int] = {}
-        runs = []
-        for run in [pooled, *pair_runs.values()]:
+        """Keep the rankings of ``qids`` (those with usable answers): the pooled run's (view
+        0) and each pair run's for the queries of its pair's language (a run given for
+        several pairs is kept once)."""
+        qids = [q for q in qids if self._usable(q)]
+        number: dict[int, int] = {id(pooled): 0}
+        runs, langs = [pooled], [None]  # a view's run and its query languages (None: all)
+        for (ql, _), run in pair_runs.items():
             if id(run) not in number:
                 number[id(run)] = len(runs)
                 runs.append(run)
-        qids = [q for q in qids if self._usable(q)]
+                langs.append(set())
+            if langs[number[id(run)]] is not None:
+                langs[number[id(run)]].add(ql)
+        self.views.append({key: number[id(run)] for key, run in pair_runs.items()})
+        first = len(self.qids)
         self.qids += qids
-        self.views.append(({key: number[id(run)] for key, run in pair_runs.items()}, 0))
-        cols: dict[str, list] = {"view": [], "qid": [], "pids": []}
-        for v, run in enumerate(runs):
-            for q in qids:
-                cols["view"].append(v)
-                cols["qid"].append(q)
-                cols["pids"].append(M.ranking(run.get(q, {})))
+        self.starts.append(len(self.qids))
+        cut = None if self.recall else self.ks[-1]  # acc@k alone reads the top max(k)
+        cols: dict[str, list] = {"view": [], "q": [], "pids": []}
+        for v, (run, these) in enumerate(zip(runs, langs, strict=True)):
+            for i, q in enumerate(qids):
+                if these is None or self.query_lang[q] in these:
+                    cols["view"].append(v)
+                    cols["q"].append(first + i)
+                    cols["pids"].append(M.ranking(run.get(q, {}), cut))
         pq.write_table(pa.table(cols, schema=RANKINGS), self._part(len(self.views) - 1))
 
     def _part(self, block: int) -> Path:
@@ -154,84 +164,96 @@ class AnswerRuns:
         """Every block's distinct (query, passage) pairs (:data:`PAIRS`)."""
         parts = [PAIRS.empty_table()]
         for b in range(len(self.views)):
-            t = pq.read_table(self._part(b), columns=["qid", "pids"])
-            qid = t.column("qid").take(pc.list_parent_indices(t.column("pids")))
-            parts.append(pa.table({"block": pa.array(np.full(len(qid), b, np.int32)),
-                                   "qid": qid, "pid": pc.list_flatten(t.column("pids"))},
-                                  schema=PAIRS))
-        pairs = pa.concat_tables(parts)
-        return pairs.group_by(PAIRS.names, use_threads=False).aggregate([]).select(PAIRS.names)
+            t = pq.read_table(self._part(b), columns=["q", "pids"])
+            parts.append(pa.table({
+                "q": t.column("q").take(pc.list_parent_indices(t.column("pids"))),
+                "pid": pc.list_flatten(t.column("pids"))}, schema=PAIRS))
+        return pa.concat_tables(parts).group_by(PAIRS.names, use_threads=False).aggregate([])
 
-    def features(self) -> pa.Table:
-        """The :data:`FEATURES` of every pair, one corpus pass (a shard per Ray task where
-        :func:`qgscale.runtime.map_shards` uses them), sorted by block. A retrieved pid the
-        corpus lacks is a KeyError, one on several corpus rows a DataError."""
+    def features(self) -> tuple[pa.Table, np.ndarray, np.ndarray, KeyIndex]:
+        """``(pairs, first, hit, edges)``: every pair (:data:`PAIRS`), its R@kt first match
+        and acc@k hit (arrays by pair row), and the retrieved passages' :data:`EDGES` by pid:
+        one corpus pass (a shard per Ray task where :func:`qgscale.runtime.map_shards` uses
+        them, with the driver's window: the eval's search actors wait meanwhile). A
+        retrieved pid the corpus lacks is a KeyError, one on several corpus rows a
+        DataError."""
         from qgscale.runtime import map_shards
 
-        pairs = self._pairs()
-        n_pairs, by_pid = pairs.num_rows, KeyIndex.build(pairs, "pid")
-        del pairs  # the index holds them (sorted by pid)
-        qids = sorted(set(self.qids))
-        answers = KeyIndex.build(pa.table({"qid": pa.array(qids, pa.string()), "answers": pa.array(
-            [list(self.answers.get(q) or ()) for q in qids], pa.list_(pa.string()))}), "qid")
-        found = [FEATURES.empty_table()] + [t for t in map_shards(
-            shard_features, corpus_shards(self.corpus_uri), by_pid, answers, self.recall,
-            self.match if self.ks else None, wide=True) if t is not None]
-        feats = pa.concat_tables(found)
-        if feats.num_rows != n_pairs:
-            self._name_bad(by_pid.table, feats)
-        return feats.sort_by([("block", "ascending")])
-
-    def _name_bad(self, pairs: pa.Table, feats: pa.Table) -> None:
-        n = feats.group_by(PAIRS.names).aggregate([([], "count_all")])
-        twice = n.filter(pc.greater(n.column("count_all"), 1))
-        if twice.num_rows:
-            raise DataError(f"{self.corpus_uri}: pid={twice.column('pid')[0]} is on several "
-                            "corpus rows: a pid names one passage")
-        lost = pairs.join(feats.select(PAIRS.names), PAIRS.names, join_type="left anti")
-        q, p = lost.column("qid")[0].as_py(), lost.column("pid")[0].as_py()
-        raise KeyError(f"answer metrics: no text for retrieved passage {p!r} (query {q}) in "
-                       f"{self.corpus_uri}; is the index built from this corpus? "
-                       f"({lost.num_rows} such pair(s))")
+        by_pid = KeyIndex.build(self._pairs(), "pid")
+        n = len(by_pid)
+        first, hit = np.zeros(n, np.int32), np.zeros(n, bool)
+        found = np.zeros(n, np.int32)
+        edges = [EDGES.empty_table()]
+        if n:
+            answers = pa.array([list(self.answers.get(q) or ()) for q in self.qids],
+                               pa.list_(pa.string()))
+            for out in map_shards(shard_features, corpus_shards(self.corpus_uri), by_pid,
+                                  answers, self.recall, self.match if self.ks else None,
+                                  cluster_window=True):
+                if out is not None:
+                    rows, f, h, e = out
+                    first[rows], hit[rows] = f, h
+                    np.add.at(found, rows, 1)
+                    edges.append(e)
+        pairs = by_pid.table
+        if (found != 1).any():
+            i = int(np.flatnonzero(found != 1)[0])
+            pid, q = pairs.column("pid")[i].as_py(), self.qids[pairs.column("q")[i].as_py()]
+            if found[i]:
+                raise DataError(f"{self.corpus_uri}: pid={pid} is on several corpus rows: a "
+                                "pid names one passage")
+            raise KeyError(f"answer metrics: no text for retrieved passage {pid!r} (query {q})"
+                           f" in {self.corpus_uri}; is the index built from this corpus? "
+                           f"({int((found == 0).sum())} such pair(s))")
+        return pairs, first, hit, KeyIndex.build(pa.concat_tables(edges), "pid")
 
     def rows(self) -> Iterator[tuple[dict[tuple[str, str], Rows], dict[str, Rows]]]:
         """Per block, the answer metrics' rows ``(pair rows, pooled rows)`` for
         :meth:`qgscale.eval.metrics.LanguageMetrics.add_rows`."""
-        if not self.qids:
-            return
-        feats = self.features()
-        bounds = np.searchsorted(feats.column("block").to_numpy(), np.arange(len(self.views) + 1))
-        for b, (pair_views, pooled_view) in enumerate(self.views):
-            block = feats.slice(bounds[b], bounds[b + 1] - bounds[b])
-            of = {(q, p): f for q, p, *f in zip(*(block.column(c).to_pylist() for c in (
-                "qid", "pid", "n", "first", "head", "tail", "acc")), strict=True)}
-            per_view: dict[int, Rows] = defaultdict(dict)
-            t = pq.read_table(self._part(b))
-            for v, q, pids in zip(*(t.column(c).to_pylist() for c in RANKINGS.names),
-                                  strict=True):
-                per_view[v][q] = self._row(self.answers.get(q), [of[q, p] for p in pids])
-            def by_lang(rows: Rows) -> dict[str, Rows]:
-                out: dict[str, Rows] = defaultdict(dict)
-                for q, r in rows.items():
-                    out[self.query_lang[q]][q] = r
-                return out
-
-            pair_rows = {(ql, cl): by_lang(per_view[v]).get(ql, {})
-                         for (ql, cl), v in pair_views.items()}
-            pooled = by_lang(per_view[pooled_view])
-            yield pair_rows, pooled
-
-    def _row(self, answers: Sequence[str] | None, feats: list[list]) -> dict[str, float]:
-        """One query's answer metrics from its ranking's features."""
         from qgscale.retrieval.answers import answer_tokens
 
+        if not self.qids:
+            return
+        pairs, first, hit, edges = self.features()
+        q_of = pairs.column("q").to_numpy()
+        order = np.argsort(q_of, kind="stable")
+        bounds = np.searchsorted(q_of[order], self.starts)
+        for b, pair_views in enumerate(self.views):
+            rows = order[bounds[b]:bounds[b + 1]]
+            pids = pairs.column("pid").take(pa.array(rows))
+            of = {(q, p): (f, h) for q, p, f, h in zip(
+                q_of[rows].tolist(), pids.to_pylist(), first[rows].tolist(),
+                hit[rows].tolist(), strict=True)}
+            distinct = pc.unique(pids)
+            at = edges.find(distinct)[1]
+            edge = dict(zip(edges.table.column("pid").take(pa.array(at)).to_pylist(), zip(
+                *(edges.table.column(c).take(pa.array(at)).to_pylist()
+                  for c in ("n", "head", "tail")), strict=True), strict=True)) \
+                if self.recall else {}
+            per_view: dict[int, dict[str, Rows]] = defaultdict(lambda: defaultdict(dict))
+            given: dict[int, tuple[list[str], bool]] = {}  # a query's span answers; acc@k's
+            t = pq.read_table(self._part(b))
+            for v, q, ranked in zip(*(t.column(c).to_pylist() for c in RANKINGS.names),
+                                    strict=True):
+                qid = self.qids[q]
+                if q not in given:
+                    given[q] = (span_answers(self.answers.get(qid)),
+                                bool(self.ks and answer_tokens(self.answers.get(qid) or (),
+                                                               self.match)))
+                per_view[v][self.query_lang[qid]][qid] = self._row(*given[q], [
+                    (*edge.get(p, (0, [], "")), *of[q, p]) for p in ranked])
+            yield ({(ql, cl): dict(per_view[v][ql]) for (ql, cl), v in pair_views.items()},
+                   {ql: dict(r) for ql, r in per_view[0].items()})
+
+    def _row(self, span: list[str], acc: bool, feats: list[tuple]) -> dict[str, float]:
+        """One query's answer metrics (``span``: its span answers; ``acc``: whether it has an
+        answer for acc@k) from its ranking's features ``(n, head, tail, first, hit)``."""
         row: dict[str, float] = {}
-        span = span_answers(answers)
         if self.recall and span:
             for t in self.max_tokens:
                 row[f"r@{t // 1000}kt"] = float(M.replay_hit(
-                    ((n, first, head, tail) for n, first, head, tail, _ in feats), span, t))
-        if self.ks and answer_tokens(answers or (), self.match):
+                    ((n, f, head, tail) for n, head, tail, f, _ in feats), span, t))
+        if acc:
             first = next((i for i, f in enumerate(feats[:self.ks[-1]]) if f[4]), None)
             row.update({f"acc@{k}": float(first is not None and first < k) for k in self.ks})
         return row

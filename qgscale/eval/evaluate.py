@@ -2,7 +2,8 @@
 
 Queries go :data:`EVAL_BLOCK` at a time (:class:`BlockScorer`, :func:`run_sink`): a block is
 encoded, searched and scored, and its pooled top-k written to ``run.parquet``, so the eval
-task never holds the whole run.
+task never holds the whole run with its scores (the answer metrics hold its (query,
+passage) pairs at the end: :mod:`qgscale.eval.answer_metrics`).
 
 Plain path (no Ray): :func:`evaluate_split` takes an encoder and a loaded index. The job
 (:func:`run_eval`, ``python -m qgscale.eval``) runs :func:`evaluate_uris` as one Ray task (on
@@ -235,9 +236,9 @@ class BlockScorer:
         match = answer_accuracy if accuracy else "dpr"
         self.acc = M.LanguageMetrics(M.metric_names(ks), recall,
                                      accuracy_ks=ks if accuracy else (), match=match)
-        self.answers = (AnswerRuns(data.answers, data.query_lang, data.corpus_uri, recall,
-                                   ks if accuracy else (), match)
-                        if recall or accuracy else None)
+        self.answer_runs = (AnswerRuns(data.answers, data.query_lang, data.corpus_uri,
+                                       recall, ks if accuracy else (), match)
+                            if recall or accuracy else None)
         self.plang: dict[str, str] | None = None  # the qrels passages' languages
         self.n_gone = 0  # positives not in the corpus, and the first of them
         self.first_gone: tuple[str, str] | None = None
@@ -258,18 +259,19 @@ class BlockScorer:
                 if r > 0 and p not in self.plang]
         self.n_gone += len(gone)
         self.first_gone = self.first_gone or (gone[0] if gone else None)
-        self.acc.add(pair_runs, qrels, {q: d.query_lang[q] for q in qids}, self.plang, pooled)
-        if self.answers is not None:
-            self.answers.add(qids, pooled, pair_runs)
+        self.acc.add(pair_runs, qrels, {q: d.query_lang[q] for q in qids}, self.plang, pooled,
+                     ranking_only=True)
+        if self.answer_runs is not None:
+            self.answer_runs.add(qids, pooled, pair_runs)
 
     def result(self) -> dict:
-        if self.answers is not None:
+        runs, self.answer_runs = self.answer_runs, None  # scored once
+        if runs is not None:
             try:
-                for pair_rows, pooled_rows in self.answers.rows():
+                for pair_rows, pooled_rows in runs.rows():
                     self.acc.add_rows(pair_rows, pooled_rows)
             finally:
-                self.answers.close()
-            self.answers = None
+                runs.close()
         if self.n_gone:  # a positive no index can return: every metric counts it as a miss
             log.warning("%s: %d positive qrels pair(s) of the evaluated queries name a passage "
                         "not in the corpus %s (e.g. qid=%s, pid=%s): they count as misses",
@@ -290,7 +292,8 @@ def evaluate_split(encoder: Any, loaded: Any, data: EvalData, *, top_k: int = 10
     ``ShardedSearcher`` (one Ray actor per index shard, built with the corpus: this process
     then holds neither the index, its id map nor a pid -> language map of the corpus).
     Queries go ``block`` at a time (:class:`BlockScorer`): this process holds one block's
-    vectors and top-k, and running sums of the metrics, never the whole run. The pooled
+    vectors and top-k, and running sums of the metrics (and, for the answer metrics, the
+    split's (query, passage) pairs at the end), never the whole run. The pooled
     top-k goes to ``run_uri`` (parquet, :func:`run_table` rows) when given, else into the
     result as ``run`` (``{qid: {pid: score}}``). ``answer_recall``, ``answer_accuracy``: the
     answer metrics of a split with answers (:class:`BlockScorer`). ``langs``: the corpus's

@@ -213,29 +213,47 @@ def crossing_reach(span: Iterable[str]) -> int:
     return max((len(a) - 1 for a in span if " " in a), default=0)
 
 
+class Joined:
+    """A passage's tokens as :func:`answer_hit` joins them: the text, and where each token
+    ends in it (``ends[i]``: the length of the first ``i + 1`` tokens joined)."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self.tokens = tokens
+        self.text = " ".join(tokens)
+        self.ends = list(itertools.accumulate((len(t) + 1 for t in tokens), initial=-1))[1:]
+
+    def first_match(self, span: Iterable[str]) -> int:
+        """The fewest leading tokens whose joined text contains one of ``span`` (0: none)."""
+        first = 0
+        for a in span:
+            at = self.text.find(a)
+            if at >= 0:
+                m = bisect.bisect_left(self.ends, at + len(a)) + 1
+                first = m if not first else min(first, m)
+        return first
+
+    def edges(self, reach: int) -> tuple[list[str], str]:
+        """The leading tokens and the joined text's last characters that a match across a
+        passage boundary can reach (``reach``: :func:`crossing_reach`, or more)."""
+        if not reach:
+            return [], ""
+        return list(self.tokens[:bisect.bisect_left(self.ends, reach) + 1]), self.text[-reach:]
+
+
 KtFeatures = tuple[int, int, list[str], str]
 
 
-def kt_features(tokens: Sequence[str], span: Sequence[str]) -> KtFeatures:
+def kt_features(tokens: Sequence[str], span: Sequence[str], reach: int | None = None
+                ) -> KtFeatures:
     """A passage's part of :func:`answer_hit` for one query's span answers ``span`` (without
-    yes / no): ``(n, first, head, tail)``: its token count; the fewest leading tokens whose
-    joined text contains an answer (0: none does); its leading tokens and its joined text's
-    last characters that a match across a passage boundary can reach (:func:`crossing_reach`).
-    :func:`replay_hit` gives :func:`answer_hit` of a ranking from its passages' features, so
-    each can be computed where the passage is read."""
-    joined = " ".join(tokens)
-    ends = list(itertools.accumulate((len(t) + 1 for t in tokens), initial=-1))[1:]
-    first = 0
-    for a in span:
-        at = joined.find(a)
-        if at >= 0:
-            m = bisect.bisect_left(ends, at + len(a)) + 1
-            first = m if not first else min(first, m)
-    reach = crossing_reach(span)
-    if not reach:
-        return len(tokens), first, [], ""
-    head = list(tokens[:bisect.bisect_left(ends, reach) + 1])
-    return len(tokens), first, head, joined[-reach:]
+    yes / no): ``(n, first, head, tail)``: its token count, :meth:`Joined.first_match` and
+    :meth:`Joined.edges` (``reach``: at least :func:`crossing_reach` of ``span``, the
+    default). :func:`replay_hit` gives :func:`answer_hit` of a ranking from its passages'
+    features, so each can be computed where the passage is read: ``first`` per (query,
+    passage), the rest per passage with the largest reach of its queries."""
+    j = Joined(tokens)
+    return (len(tokens), j.first_match(span),
+            *j.edges(crossing_reach(span) if reach is None else reach))
 
 
 def replay_hit(features: Iterable[KtFeatures], span: Sequence[str], max_tokens: int
@@ -256,7 +274,7 @@ def replay_hit(features: Iterable[KtFeatures], span: Sequence[str], max_tokens: 
         c = min(n, max_tokens - seen)
         if first and first <= c:
             return True
-        if reach and seen and any(a in f"{tail} {' '.join(head[:c])}" for a in crossing):
+        if crossing and seen and any(a in f"{tail} {' '.join(head[:c])}" for a in crossing):
             return True
         if c < n:
             break
@@ -409,13 +427,13 @@ class LanguageMetrics:
             pooled_run: Run | None = None,
             answers: Mapping[str, Iterable[str]] | None = None,
             passages: Mapping[str, str] | None = None,
-            bodies: Mapping[str, str] | None = None) -> None:
-        """Add the queries of ``query_lang`` (qid -> language): a block of the split. Without
-        ``answers``, only their ranking metrics (the caller adds the answer metrics' rows:
-        :meth:`add_rows`)."""
-        if answers is not None and self.with_answers and passages is None:
+            bodies: Mapping[str, str] | None = None, ranking_only: bool = False) -> None:
+        """Add the queries of ``query_lang`` (qid -> language): a block of the split.
+        ``ranking_only``: only their ranking metrics (the caller adds the answer metrics'
+        rows: :meth:`add_rows`)."""
+        if not ranking_only and self.with_answers and (answers is None or passages is None):
             raise ValueError("answer recall needs answers and passages (pid -> text)")
-        if answers is not None and self.accuracy_ks and bodies is None:
+        if not ranking_only and self.accuracy_ks and (answers is None or bodies is None):
             raise ValueError("answer accuracy needs answers and bodies (pid -> text)")
 
         # the answer metrics of a run's queries of one language, once: they do not depend on
@@ -428,7 +446,7 @@ class LanguageMetrics:
                         if corpus_lang is None or passage_lang.get(p) == corpus_lang})
                    for q in qids}
             rows = per_query(run, sub, self.metrics)
-            if answers is None:
+            if ranking_only:
                 return rows
             if (id(run), ql) not in answer_rows:
                 got: dict = {}

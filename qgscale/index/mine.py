@@ -114,35 +114,25 @@ class AnswerJob:
 
     def run(self, st: tuple[KeyIndex, KeyIndex], shard: Shard) -> tuple[pa.Table, dict]:
         """The shard's answer pairs, and the :func:`pid_sum` of the corpus rows it matched."""
-        from qgscale.retrieval.answers import answer_tokens, contains, dpr_tokens
+        from qgscale.retrieval.answers import pair_hits
 
         pairs, answers = st
-        hits: dict[str, list[str]] = {"qid": [], "pid": []}
+        hits = [HITS.empty_table()]
         found = []
-        wanted_of: dict[str, list[tuple[str, ...]]] = {}  # a query's answers' tokens, once
         for t in scan(shard.payload, pairs, ("pid", "title", "text")):
             found.append(t.column("pid"))
-            pids = t.column("pid").to_pylist()
             bodies = [passage_text(a, b) for a, b in zip(
                 t.column("title").to_pylist(), t.column("text").to_pylist(), strict=True)]
-            tokens: dict[int, tuple[str, ...]] = {}  # a passage's, once for all its queries
             at, pair = pairs.find(t.column("pid"))  # corpus row, pair row
             qids = pairs.table.column("qid").take(pa.array(pair))
-            for a, q, rows in zip(at.tolist(), qids.to_pylist(), answers.values(qids, "answers"),
-                                  strict=True):
-                if q not in wanted_of:
-                    wanted_of[q] = answer_tokens([x for row in rows for x in row or ()],
-                                                 self.match)
-                wanted = wanted_of[q]
-                if not wanted:
-                    continue
-                if a not in tokens:
-                    tokens[a] = dpr_tokens(bodies[a], self.match)
-                if any(contains(tokens[a], w) for w in wanted):  # DPR's has_answer
-                    hits["qid"].append(q)
-                    hits["pid"].append(pids[a])
+            distinct = pc.unique(qids)
+            given = {q: [x for row in rows for x in row or ()] for q, rows in zip(
+                distinct.to_pylist(), answers.values(distinct, "answers"), strict=True)}
+            hit = pair_hits(bodies, at.tolist(), qids.to_pylist(), given, self.match)
+            hits.append(pa.table({"qid": qids.filter(pa.array(hit)),
+                                  "pid": t.column("pid").take(pa.array(at[hit]))}, schema=HITS))
         sums = pid_sum(pa.chunked_array([c for f in found for c in f.chunks], pa.string()))
-        return pa.table(hits, schema=HITS), {"pid_sum": sums}
+        return pa.concat_tables(hits), {"pid_sum": sums}
 
 
 @dataclass(frozen=True)

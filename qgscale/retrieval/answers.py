@@ -25,10 +25,11 @@ test and for every other script is exactly ``match="dpr"``.
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import regex
 
 from qgscale import storage
@@ -65,6 +66,24 @@ def has_answer(answers: Iterable[str], text: str, match: str = "dpr") -> bool:
     """DPR's ``has_answer(answers, text, SimpleTokenizer(), "string")`` (module docstring)."""
     toks = dpr_tokens(text, match)
     return any(contains(toks, a) for a in answer_tokens(answers, match))
+
+
+def pair_hits(texts: Sequence[str], at: Iterable[int], queries: Iterable[Hashable],
+              answers_of: Mapping[Hashable, Iterable[str] | None], match: str = "dpr"
+              ) -> np.ndarray:
+    """:func:`has_answer` of each pair ``(texts[at[i]], answers_of[queries[i]])`` (bool
+    array): each text's tokens and each query's answers' tokens computed once, for the
+    answer checks over many (query, passage) pairs of a corpus shard."""
+    wanted: dict[Hashable, list[tuple[str, ...]]] = {}
+    tokens: dict[int, tuple[str, ...]] = {}
+    out = []
+    for a, q in zip(at, queries, strict=True):
+        if q not in wanted:
+            wanted[q] = answer_tokens(answers_of[q] or (), match)
+        if wanted[q] and a not in tokens:
+            tokens[a] = dpr_tokens(texts[a], match)
+        out.append(bool(wanted[q]) and any(contains(tokens[a], w) for w in wanted[q]))
+    return np.array(out, dtype=bool)
 
 
 def answer_tokens(answers: Iterable[str], match: str) -> list[tuple[str, ...]]:
