@@ -18,9 +18,10 @@ Only those features come back, and each ranking is replayed from them
 :func:`~qgscale.eval.metrics.answer_accuracy_per_query` on the texts.
 
 Memory: the split's pairs (a query number and a pid each) and their features, O(queries x
-top_k x views), and the retrieved passages' edges (a few words each, only for queries with
-an answer of several words); never the corpus. The tokenising (NLTK's words and DPR's tokens
-of each retrieved passage) runs on the tasks.
+top_k x views), and a row of edges per retrieved passage (its pid, its token count and, for
+queries with an answer of several words, a few of its words); never the corpus. The
+tokenising (NLTK's words and DPR's tokens of each retrieved passage) runs on the tasks, each
+holding one passage's tokens at a time.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from qgscale.eval import metrics as M
 Rows = dict[str, dict[str, float]]
 RANKINGS = pa.schema([("view", pa.int32()), ("q", pa.int32()), ("pids", pa.list_(pa.string()))])
 PAIRS = pa.schema([("q", pa.int32()), ("pid", pa.string())])  # q: AnswerRuns.qids position
+NO_EDGES = (0, [], "")  # acc@k alone: no R@kt features
 EDGES = pa.schema([("pid", pa.string()), ("n", pa.int32()), ("head", pa.list_(pa.string())),
                    ("tail", pa.string())])
 
@@ -78,6 +80,7 @@ def shard_features(uri: str, pairs: KeyIndex, answers: pa.ListArray, recall: boo
     given = dict(zip(distinct.tolist(), answers.take(pa.array(distinct)).to_pylist(),
                      strict=True))
     titles, texts = t.column("title").to_pylist(), t.column("text").to_pylist()
+    pids = t.column("pid").to_pylist()
     hit = (pair_hits(texts, at.tolist(), qs.tolist(), given, match) if match is not None
            else np.zeros(len(row), bool))
     first = np.zeros(len(row), np.int32)
@@ -85,18 +88,18 @@ def shard_features(uri: str, pairs: KeyIndex, answers: pa.ListArray, recall: boo
     if recall:
         spans = {q: span_answers(given[q]) for q in given}
         reach = {q: M.crossing_reach(s) for q, s in spans.items()}
-        joined: dict[int, M.Joined] = {}  # a passage's words, once for all its queries
-        most: dict[int, int] = defaultdict(int)  # a passage's largest reach
-        for i, (a, q) in enumerate(zip(at.tolist(), qs.tolist(), strict=True)):
-            if a not in joined:
-                joined[a] = M.Joined(word_tokenize(passage_text(titles[a], texts[a])))
-            first[i] = joined[a].first_match(spans[q])
-            most[a] = max(most[a], reach[q])
-        cut = [joined[a].edges(most[a]) for a in joined]
-        edges = pa.table({"pid": t.column("pid").take(pa.array(list(joined))),
-                          "n": [len(joined[a].tokens) for a in joined],
-                          "head": [h for h, _ in cut], "tail": [e for _, e in cut]},
-                         schema=EDGES)
+        out: dict[str, list] = {"pid": [], "n": [], "head": [], "tail": []}
+        # a passage's pairs are adjacent (find's order): its words are held while they're used
+        starts = np.flatnonzero(np.r_[True, at[1:] != at[:-1], True])
+        for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+            a = int(at[lo])
+            words = M.Joined(word_tokenize(passage_text(titles[a], texts[a])))
+            for i in range(lo, hi):
+                first[i] = words.first_match(spans[int(qs[i])])
+            head, tail = words.edges(max(reach[int(q)] for q in qs[lo:hi]))
+            for c, v in zip(out, (pids[a], len(words.tokens), head, tail), strict=True):
+                out[c].append(v)
+        edges = pa.table(out, schema=EDGES)
     return row, first, hit, edges
 
 
@@ -241,7 +244,7 @@ class AnswerRuns:
                                 bool(self.ks and answer_tokens(self.answers.get(qid) or (),
                                                                self.match)))
                 per_view[v][self.query_lang[qid]][qid] = self._row(*given[q], [
-                    (*edge.get(p, (0, [], "")), *of[q, p]) for p in ranked])
+                    (*(edge[p] if self.recall else NO_EDGES), *of[q, p]) for p in ranked])
             yield ({(ql, cl): dict(per_view[v][ql]) for (ql, cl), v in pair_views.items()},
                    {ql: dict(r) for ql, r in per_view[0].items()})
 

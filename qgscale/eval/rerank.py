@@ -100,11 +100,12 @@ def answer_qrels(cfg: Any, run_uri: str, k: int, data: Any, work_uri: str, key: 
     top ``k`` in ``run_uri`` that contain an answer (DPR's match, ``qgscale.retrieval.answers``,
     on "title text") are its relevant ones; queries without any are left out. One pass over
     the corpus on the answer check's actors (:meth:`qgscale.index.mine.AnswerFilter.hits`,
-    ``cfg.bm25``'s actors, resumable under ``work_uri`` with ``key``)."""
+    ``cfg.bm25``'s actors, resumable under ``work_uri`` with ``key``, which must change
+    with the run; ``k`` is added to it)."""
     from qgscale.index.mine import AnswerFilter
 
     check = AnswerFilter.read(data.source["answers"], data.corpus_uri, actors=cfg.bm25)
-    hits = check.hits([run_uri], None, work_uri, key, top=k).table
+    hits = check.hits([run_uri], None, work_uri, f"{key}-top{k}", top=k).table
     out: dict[str, dict[str, int]] = defaultdict(dict)
     for q, p in zip(hits.column("qid").to_pylist(), hits.column("pid").to_pylist(), strict=True):
         out[q][p] = 1
@@ -127,8 +128,9 @@ def run_rerank(cfg: Any, teacher_model: Any, run_uri: str, data_uri: str, split:
     data = load_split(data_uri, split, corpus_uri)
     run = pa.table({"qid": run.column("qid"), "pids": pc.list_slice(run.column("pids"), 0, k),
                     "scores": pc.list_slice(run.column("scores"), 0, k)})
-    qrels = data.qrels or answer_qrels(cfg, run_uri, k, data,
-                                       storage.join(out_uri, ANSWER_HITS), key)
+    qrels = data.qrels or (answer_qrels(cfg, run_uri, k, data,
+                                        storage.join(out_uri, ANSWER_HITS), key)
+                           if data.answers is not None else {})
     lists = run.filter(pc.is_in(run.column("qid"), value_set=pa.array(list(qrels),
                                                                        pa.string())))
     del run

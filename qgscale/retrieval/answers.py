@@ -72,17 +72,19 @@ def pair_hits(texts: Sequence[str], at: Iterable[int], queries: Iterable[Hashabl
               answers_of: Mapping[Hashable, Iterable[str] | None], match: str = "dpr"
               ) -> np.ndarray:
     """:func:`has_answer` of each pair ``(texts[at[i]], answers_of[queries[i]])`` (bool
-    array): each text's tokens and each query's answers' tokens computed once, for the
-    answer checks over many (query, passage) pairs of a corpus shard."""
+    array), for the answer checks over many (query, passage) pairs of a corpus shard: each
+    query's answers' tokens computed once, and a text's tokens once for its adjacent pairs
+    (group the pairs by text, as :meth:`qgscale.data.keyindex.KeyIndex.find` gives them:
+    only the current text's tokens are held)."""
     wanted: dict[Hashable, list[tuple[str, ...]]] = {}
-    tokens: dict[int, tuple[str, ...]] = {}
+    last, tokens = None, ()
     out = []
     for a, q in zip(at, queries, strict=True):
         if q not in wanted:
             wanted[q] = answer_tokens(answers_of[q] or (), match)
-        if wanted[q] and a not in tokens:
-            tokens[a] = dpr_tokens(texts[a], match)
-        out.append(bool(wanted[q]) and any(contains(tokens[a], w) for w in wanted[q]))
+        if wanted[q] and a != last:
+            last, tokens = a, dpr_tokens(texts[a], match)
+        out.append(bool(wanted[q]) and any(contains(tokens, w) for w in wanted[q]))
     return np.array(out, dtype=bool)
 
 
