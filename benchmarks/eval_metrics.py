@@ -43,7 +43,8 @@ SETTINGS = {"ranking": (False, "off"), "rkt": (True, "off"), "acc": (False, "dpr
             "both": (True, "dpr")}
 
 
-def write_data(root: Path, n_passages: int, n_queries: int, seed: int = 0) -> float:
+def write_data(root: Path, n_passages: int, n_queries: int, seed: int = 0,
+               shard_rows: int = 20_000) -> float:
     """The corpus, the split and its run under ``root``; returns the share of queries whose
     answer is in one of their passages."""
     from qgscale import storage
@@ -70,7 +71,7 @@ def write_data(root: Path, n_passages: int, n_queries: int, seed: int = 0) -> fl
         qrels.append({"qid": qid, "pid": str(rng.choice(pids)), "rel": 1})
         answers.append({"qid": qid, "answers": [answer]})
     write_tables({"test/corpus": corpus, "test/queries": queries, "test/answers": answers,
-                  "test/qrels": qrels}, str(root), shard_rows=20_000)
+                  "test/qrels": qrels}, str(root), shard_rows=shard_rows)
     storage.write_parquet(str(root / "run.parquet"), run_table(run))
     return sum(q % 2 == 0 for q in range(n_queries)) / n_queries
 
@@ -117,11 +118,12 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=2_000)
     ap.add_argument("--block", type=int, default=500, help="queries scored at a time")
+    ap.add_argument("--shard-rows", type=int, default=20_000, help="corpus rows per shard")
     args = parse(ap, child)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        found = write_data(data, args.passages, args.queries)
+        found = write_data(data, args.passages, args.queries, shard_rows=args.shard_rows)
         (data / "block.json").write_text(json.dumps(args.block))
         for name, src in trees(args.baseline_src):
             for setting in SETTINGS:
@@ -129,7 +131,7 @@ def main() -> None:
                 rows.append({"tree": name, "commit": commit(src), "setting": setting, **r})
                 print({k: v for k, v in rows[-1].items() if k != "metrics"}, flush=True)
     base = {r["tree"]: r["wall_s"] for r in rows if r["setting"] == "ranking"}
-    shards = -(-args.passages // 20_000)
+    shards = -(-args.passages // args.shard_rows)
     print(f"\n{args.queries} queries in blocks of {args.block} x top {TOP_K}, {args.passages} "
           f"passages in {shards} shards, one corpus language (pair and pooled view)")
     print(f"{'tree':9} {'commit':8} {'setting':8} {'wall s':>7} {'x ranking':>9} "

@@ -125,3 +125,27 @@ def test_answer_metrics_name_a_missing_or_repeated_passage(tmp_path):
     scorer.add(["q0"], {"q0": {"p7": 1.0}}, {("de", "en"): {"q0": {"p7": 1.0}}})
     with pytest.raises(DataError, match="pid=p7 is on several corpus rows"):
         scorer.result()
+
+
+def test_eval_metrics_benchmark_reads_each_shard_once(tmp_path, capsys, monkeypatch):
+    """benchmarks/eval_metrics.py on a small corpus of 3 shards, queries in 3 blocks: each
+    answer setting reads each shard's text once (a scan per block would read 9), the ranking
+    metrics read none, and both settings together give each one's numbers."""
+    import json
+
+    from tests.conftest import load_benchmark
+
+    monkeypatch.setattr(storage, "read_parquet", storage.read_parquet)  # the child wraps it
+    bench = load_benchmark("eval_metrics")
+    bench.write_data(tmp_path, 900, 24, shard_rows=300)
+    (tmp_path / "block.json").write_text("8")
+    got = {}
+    for setting in bench.SETTINGS:
+        bench.child(setting, str(tmp_path), "")
+        got[setting] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {s: r["text_reads"] for s, r in got.items()} == {
+        "ranking": 0, "rkt": 3, "acc": 3, "both": 3}
+    both = got["both"]["metrics"]
+    assert {k: both[k] for k in got["rkt"]["metrics"]} == got["rkt"]["metrics"]
+    assert {k: both[k] for k in got["acc"]["metrics"]} == got["acc"]["metrics"]
+    assert both["n_kt"] == both["n_acc"] == 24 and 0 < both["acc@100"] <= 1
