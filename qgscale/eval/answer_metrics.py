@@ -103,6 +103,13 @@ def shard_features(uri: str, pairs: KeyIndex, answers: pa.ListArray, recall: boo
     return row, first, hit, edges
 
 
+def _edges_of(edges: KeyIndex, pids: pa.Array) -> dict[str, tuple[int, list[str], str]]:
+    """pid -> ``(n, head, tail)`` of ``pids`` from the :data:`EDGES` index."""
+    t = edges.table.take(pa.array(edges.find(pids)[1]))
+    return dict(zip(t.column("pid").to_pylist(), zip(
+        *(t.column(c).to_pylist() for c in ("n", "head", "tail")), strict=True), strict=True))
+
+
 class AnswerRuns:
     """The answer metrics' rows of a split's runs, added a block at a time (:meth:`add`: its
     rankings go to a scratch folder of this process) and computed at the end with one pass
@@ -227,12 +234,7 @@ class AnswerRuns:
             of = {(q, p): (f, h) for q, p, f, h in zip(
                 q_of[rows].tolist(), pids.to_pylist(), first[rows].tolist(),
                 hit[rows].tolist(), strict=True)}
-            distinct = pc.unique(pids)
-            at = edges.find(distinct)[1]
-            edge = dict(zip(edges.table.column("pid").take(pa.array(at)).to_pylist(), zip(
-                *(edges.table.column(c).take(pa.array(at)).to_pylist()
-                  for c in ("n", "head", "tail")), strict=True), strict=True)) \
-                if self.recall else {}
+            edge = _edges_of(edges, pc.unique(pids)) if self.recall else {}
             per_view: dict[int, dict[str, Rows]] = defaultdict(lambda: defaultdict(dict))
             given: dict[int, tuple[list[str], bool]] = {}  # a query's span answers; acc@k's
             t = pq.read_table(self._part(b))
