@@ -12,7 +12,10 @@ qrels with no relevant passage is not evaluated; a query missing from the run sc
 string occurs in the first 2,000 / 5,000 tokens of the retrieved passages concatenated in rank
 order. As in the official ``eval_xor_retrieve.py``: answers "yes"/"no" are skipped, a query
 with no other answer is not counted, the match is a case-sensitive substring test on the
-tokens joined by single spaces.
+tokens joined by single spaces. The eval computes it from each passage's features, where the
+passage is read (:func:`kt_features`), and replays each ranking from them
+(:func:`replay_hit`, :mod:`qgscale.eval.answer_metrics`): the same verdict as
+:func:`answer_hit` on the texts.
 
 ``acc@k`` is DPR's top-k retrieval accuracy (the NQ / TriviaQA number of the DPR paper): the
 fraction of queries for which one of the first k passages contains an answer by DPR's
