@@ -171,14 +171,16 @@ class AnswerRuns:
         return self.dir / f"block-{block:05d}.parquet"
 
     def _pairs(self) -> pa.Table:
-        """Every block's distinct (query, passage) pairs (:data:`PAIRS`)."""
+        """Every block's distinct (query, passage) pairs (:data:`PAIRS`), deduplicated block
+        by block (a query number is in one block only)."""
         parts = [PAIRS.empty_table()]
         for b in range(len(self.views)):
             t = pq.read_table(self._part(b), columns=["q", "pids"])
-            parts.append(pa.table({
-                "q": t.column("q").take(pc.list_parent_indices(t.column("pids"))),
-                "pid": pc.list_flatten(t.column("pids"))}, schema=PAIRS))
-        return pa.concat_tables(parts).group_by(PAIRS.names, use_threads=False).aggregate([])
+            pairs = pa.table({"q": t.column("q").take(pc.list_parent_indices(t.column("pids"))),
+                              "pid": pc.list_flatten(t.column("pids"))}, schema=PAIRS)
+            parts.append(pairs.group_by(PAIRS.names, use_threads=False).aggregate([])
+                         .select(PAIRS.names).cast(PAIRS))
+        return pa.concat_tables(parts)
 
     def features(self) -> tuple[pa.Table, np.ndarray, np.ndarray, KeyIndex]:
         """``(pairs, first, hit, edges)``: every pair (:data:`PAIRS`), its R@kt first match
