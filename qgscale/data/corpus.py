@@ -40,7 +40,8 @@ def corpus_shards(corpus_uri: str) -> list[str]:
 
 
 def scan(corpus_uri: str, pids: Iterable[str] | Keys | KeyIndex | None,
-         columns: tuple[str, ...] = ("pid", "lang", "title", "text")) -> Iterator[pa.Table]:
+         columns: tuple[str, ...] = ("pid", "lang", "title", "text"),
+         cluster_window: bool = False) -> Iterator[pa.Table]:
     """Per corpus shard, in shard order, its rows whose pid is in ``pids`` (every row when
     None), with ``columns``: one shard's rows at a time in this process. With ``pids``, each
     shard's pid column is read first and its other columns only when some pid matches;
@@ -52,11 +53,13 @@ def scan(corpus_uri: str, pids: Iterable[str] | Keys | KeyIndex | None,
     each shard is read and filtered by a Ray task (:func:`qgscale.runtime.map_shards`: the
     filter goes where the shard is read, the tasks spread over the nodes and ask for no CPU,
     so that stages whose actors hold every CPU can still scan): only the matching rows come
-    back, and the corpus is read at the cluster's bandwidth, not one shard after another."""
+    back, and the corpus is read at the cluster's bandwidth, not one shard after another
+    (``cluster_window``: see :func:`~qgscale.runtime.map_shards`)."""
     wanted = None if pids is None else KeyIndex.of(pids)
     cols = list(dict.fromkeys(("pid", *columns)))
     uris = corpus_shards(corpus_uri)
-    for t in map_shards(_scan_shard, uris, wanted, cols, list(columns)):
+    for t in map_shards(_scan_shard, uris, wanted, cols, list(columns),
+                        cluster_window=cluster_window):
         if t is not None:
             yield t
 

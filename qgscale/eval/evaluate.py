@@ -126,11 +126,13 @@ def load_split(data_uri: str, split: str, corpus_uri: str | None = None,
 
 def corpus_langs(corpus_uri: str) -> list[str]:
     """Distinct passage languages (reads only the ``lang`` column, shard by shard:
-    :func:`qgscale.runtime.map_shards`, on Ray tasks for remote or many files)."""
+    :func:`qgscale.runtime.map_shards`, on Ray tasks for remote or many files, with the
+    driver's window from the eval task too: its search actors have not started or wait)."""
     from qgscale.runtime import map_shards
 
     files = storage.list_files(corpus_uri, ".parquet") or [corpus_uri]
-    return sorted({x for langs in map_shards(_shard_langs, files) for x in langs})
+    return sorted({x for langs in map_shards(_shard_langs, files, cluster_window=True)
+                   for x in langs})
 
 
 def _shard_langs(uri: str) -> list[str]:
@@ -139,11 +141,11 @@ def _shard_langs(uri: str) -> list[str]:
 
 def passage_langs(corpus_uri: str, pids: set[str] | None) -> dict[str, str]:
     """``pid -> lang`` for ``pids`` (all when None), shard by shard
-    (:func:`qgscale.data.corpus.scan`)."""
+    (:func:`qgscale.data.corpus.scan`, with the driver's window as :func:`corpus_langs`)."""
     from qgscale.data.corpus import scan
 
     lang: dict[str, str] = {}
-    for t in scan(corpus_uri, pids, ("pid", "lang")):
+    for t in scan(corpus_uri, pids, ("pid", "lang"), cluster_window=True):
         lang.update(zip(t.column("pid").to_pylist(), t.column("lang").to_pylist(), strict=True))
     return lang
 
