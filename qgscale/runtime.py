@@ -603,6 +603,17 @@ MAP_MOST = 256  # ... and at most this many from the driver,
 MAP_IN_WORKER = 4  # this many from an actor or task (its nodes' CPUs are the stages')
 
 
+def map_window(cluster_window: bool = False) -> int:
+    """How many of :func:`map_shards`' tasks are in flight: :data:`MAP_WINDOW` per cluster
+    CPU, at most :data:`MAP_MOST`, from the driver or with ``cluster_window``; else (from an
+    actor or task) :data:`MAP_IN_WORKER`."""
+    import ray
+
+    if cluster_window or ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE:
+        return min(MAP_MOST, max(2, MAP_WINDOW * int(ray.cluster_resources().get("CPU", 1))))
+    return MAP_IN_WORKER
+
+
 def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any,
                cluster_window: bool = False) -> Iterator[Any]:
     """``fn(uri, *args)`` for each of ``uris``, the results in that order: on Ray tasks
@@ -629,9 +640,7 @@ def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any,
 
     task = ray.remote(fn).options(**remote_options(0, scheduling_strategy="SPREAD"))
     refs = [ray.put(a) for a in args]
-    window = (min(MAP_MOST, max(2, MAP_WINDOW * int(ray.cluster_resources().get("CPU", 1))))
-              if cluster_window or ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
-              else MAP_IN_WORKER)
+    window = map_window(cluster_window)
     pending: deque[Any] = deque()
     todo = iter(uris)
     try:

@@ -384,3 +384,28 @@ def _env(uri: str, name: str) -> str | None:
     import os
 
     return os.environ.get(name)
+
+
+def test_map_window_in_a_task_is_small_unless_the_cluster_window_is_asked(ray_local):
+    """From the driver, or from a task with cluster_window (eval's corpus passes while its
+    search actors wait), map_shards keeps the cluster's window of tasks in flight; from a
+    task otherwise, MAP_IN_WORKER."""
+    import ray
+
+    from qgscale import runtime
+
+    cluster = min(runtime.MAP_MOST, max(2, runtime.MAP_WINDOW * int(
+        ray.cluster_resources()["CPU"])))
+    assert runtime.map_window() == runtime.map_window(True) == cluster
+
+    @ray.remote(num_cpus=0)
+    def windows() -> tuple[int, int]:
+        from qgscale import runtime
+
+        was, runtime.MAP_IN_WORKER = runtime.MAP_IN_WORKER, 1  # unlike the cluster's here
+        try:
+            return runtime.map_window(), runtime.map_window(cluster_window=True)
+        finally:
+            runtime.MAP_IN_WORKER = was
+
+    assert ray.get(windows.remote()) == (1, cluster)
