@@ -621,7 +621,7 @@ def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any,
     ones (0 CPUs, spread over the nodes, with :func:`worker_env`; ``args`` put in the
     object store once; :data:`MAP_WINDOW` tasks per cluster CPU in flight, :data:`MAP_MOST`
     at most; :data:`MAP_IN_WORKER` from inside an actor or task, unless ``cluster_window``:
-    for a task whose stage's actors wait meanwhile, as eval's answer pass), else here one
+    for a task whose stage's actors wait meanwhile, as eval's corpus passes), else here one
     after another. A task's error is raised as itself (a DataError naming its file).
 
     For the driver's passes over many files (corpus lookups, statistics): each file's work

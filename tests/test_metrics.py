@@ -257,7 +257,8 @@ def test_answer_qrels_of_a_run_name_a_passage_not_in_the_corpus(tmp_path, ray_lo
         ["b", "a", "c"], ["a", "b", "c"], ["a", "b", "c"]]}))
     assert answer_qrels(cfg, run, 3, data, str(tmp_path / "w1"), "k") == {
         "q1": {"a": 1, "c": 1}}
-    assert answer_qrels(cfg, run, 2, data, str(tmp_path / "w2"), "k") == {"q1": {"a": 1}}
+    # the same work folder and key: k is part of the hits' key, so k=3's are not reused
+    assert answer_qrels(cfg, run, 2, data, str(tmp_path / "w1"), "k") == {"q1": {"a": 1}}
     storage.write_parquet(run, pa.table({"qid": ["q1"], "pids": [["b", "zz"]]}))
     with pytest.raises(DataError, match=r"1 retrieved pid\(s\) not in the corpus .*\['zz'\]"):
         answer_qrels(cfg, run, 2, data, str(tmp_path / "w3"), "k")

@@ -18,8 +18,8 @@ Only those features come back, and each ranking is replayed from them
 :func:`~qgscale.eval.metrics.answer_accuracy_per_query` on the texts.
 
 Memory: the split's pairs (a query number and a pid each) and their features, O(queries x
-top_k x views), and a row of edges per retrieved passage (its pid, its token count and, for
-queries with an answer of several words, a few of its words); never the corpus. The
+top_k x views), and with R@kt a row of edges per retrieved passage (its pid, its token count
+and, for queries with an answer of several words, a few of its words); never the corpus. The
 tokenising (NLTK's words and DPR's tokens of each retrieved passage) runs on the tasks, each
 holding one passage's tokens at a time.
 """
@@ -75,12 +75,13 @@ def shard_features(uri: str, pairs: KeyIndex, answers: pa.ListArray, recall: boo
     if t is None:
         return None
     at, row = pairs.find(t.column("pid"))
+    order = np.argsort(at, kind="stable")  # a passage's pairs adjacent (find gives them so)
+    at, row = at[order], row[order]
     qs = pairs.table.column("q").take(pa.array(row)).to_numpy()
     distinct = np.unique(qs)
     given = dict(zip(distinct.tolist(), answers.take(pa.array(distinct)).to_pylist(),
                      strict=True))
     titles, texts = t.column("title").to_pylist(), t.column("text").to_pylist()
-    pids = t.column("pid").to_pylist()
     hit = (pair_hits(texts, at.tolist(), qs.tolist(), given, match) if match is not None
            else np.zeros(len(row), bool))
     first = np.zeros(len(row), np.int32)
@@ -88,8 +89,9 @@ def shard_features(uri: str, pairs: KeyIndex, answers: pa.ListArray, recall: boo
     if recall:
         spans = {q: span_answers(given[q]) for q in given}
         reach = {q: M.crossing_reach(s) for q, s in spans.items()}
+        pids = t.column("pid").to_pylist()
         out: dict[str, list] = {"pid": [], "n": [], "head": [], "tail": []}
-        # a passage's pairs are adjacent (find's order): its words are held while they're used
+        # a passage's pairs are adjacent: its words are held while they are used
         starts = np.flatnonzero(np.r_[True, at[1:] != at[:-1], True])
         for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
             a = int(at[lo])
