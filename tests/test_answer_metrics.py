@@ -149,3 +149,42 @@ def test_eval_metrics_benchmark_reads_each_shard_once(tmp_path, capsys, monkeypa
     assert {k: both[k] for k in got["rkt"]["metrics"]} == got["rkt"]["metrics"]
     assert {k: both[k] for k in got["acc"]["metrics"]} == got["acc"]["metrics"]
     assert both["n_kt"] == both["n_acc"] == 24 and 0 < both["acc@100"] <= 1
+
+
+def test_an_answers_table_with_a_qid_twice_is_an_error(tmp_path):
+    """Every reader of a split's answers sees one row per query: a repeated qid is named."""
+    import pyarrow as pa
+
+    from qgscale.index.mine import AnswerFilter
+    from qgscale.retrieval.answers import read_answers
+
+    uri = str(tmp_path / "answers.parquet")
+    storage.write_parquet(uri, pa.table({"qid": ["q1", "q2", "q1"],
+                                         "answers": [["a"], ["b"], ["c"]]}))
+    for read in (read_answers, lambda u: AnswerFilter.read(u, str(tmp_path))):
+        with pytest.raises(DataError, match=r"rows 0 and 2: qid 'q1' twice"):
+            read(uri)
+
+
+def test_rerank_of_a_split_with_empty_qrels_and_no_answers_compares_nothing(tmp_path):
+    """A split whose qrels folder is empty and that has no answers: no relevant passage, so
+    no teacher rerank (its metrics say so), and no answer check is attempted."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from qgscale.data.schema import QRELS
+    from qgscale.eval.rerank import run_rerank
+
+    corpus, _, qids, qlang, *_ = _corpus_and_runs()
+    data = tmp_path / "data"
+    write_tables({"test/corpus": corpus[:20], "test/queries": [
+        {"qid": q, "lang": qlang[q], "text": f"question {q}"} for q in qids[:3]]}, str(data))
+    storage.write_parquet(str(data / "test" / "qrels" / "part-00000.parquet"),
+                          QRELS.empty_table())
+    run = str(tmp_path / "run.parquet")
+    storage.write_parquet(run, pa.table({"qid": qids[:3], "pids": [["p1", "p2"]] * 3,
+                                         "scores": [[2.0, 1.0]] * 3}))
+    cfg = SimpleNamespace(teacher=SimpleNamespace(rerank_k=2, score=None), bm25=None)
+    out = run_rerank(cfg, None, run, str(data), "test", str(tmp_path / "rerank"), "k")
+    assert out["n_queries"] == 0 and not storage.exists(str(tmp_path / "rerank" / "_answer_hits"))

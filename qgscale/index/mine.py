@@ -39,6 +39,7 @@ from qgscale.data.keyindex import KeyIndex
 from qgscale.data.pidfilter import key_hashes, pid_sum
 from qgscale.data.schema import ANSWERS, CANDIDATES, QRELS, TRAIN_EXAMPLES, blank, passage_text
 from qgscale.errors import DataError
+from qgscale.retrieval.answers import check_answer_qids
 from qgscale.runtime import Shard, bundles, map_shards, requesting, run_shards
 
 RANKED_DIR = "_ranked"  # under the mine folder: each query's retrieved list, positives dropped
@@ -149,11 +150,13 @@ class AnswerFilter:
     @classmethod
     def read(cls, answers_uri: str, corpus_uri: str, match: str = "dpr", actors: Any = None
              ) -> AnswerFilter:
-        """The filter of a prepared split's ``answers`` table, held in Arrow columns."""
+        """The filter of a prepared split's ``answers`` table, held in Arrow columns (a qid on
+        two rows is a DataError)."""
         table = storage.read_parquet(answers_uri)
         missing = [c for c in ANSWERS.names if c not in table.column_names]
         if missing:
             raise DataError(f"{answers_uri}: missing field(s) {missing}")
+        check_answer_qids(table.column("qid"), answers_uri)
         table = table.select(ANSWERS.names)  # a query without answers is never checked
         has = pc.fill_null(pc.greater(pc.list_value_length(table.column("answers")), 0), False)
         return cls(KeyIndex.build(table.filter(has), "qid"), corpus_uri, match, actors)

@@ -30,6 +30,8 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import regex
 
 from qgscale import storage
@@ -140,10 +142,25 @@ def answer_match_examples(queries: Iterable[str], answers: Mapping[str, Sequence
 
 
 def read_answers(uri: str) -> dict[str, list[str]]:
-    """qid -> answers from a prepared split's ``answers`` table (ANSWERS)."""
+    """qid -> answers from a prepared split's ``answers`` table (ANSWERS; a qid on two rows
+    is a DataError: :func:`check_answer_qids`)."""
     table = storage.read_parquet(uri)
     missing = [c for c in ("qid", "answers") if c not in table.column_names]
     if missing:
         raise DataError(f"{uri}: missing field(s) {missing}")
+    check_answer_qids(table.column("qid"), uri)
     return dict(zip(table.column("qid").to_pylist(), table.column("answers").to_pylist(),
                     strict=True))
+
+
+def check_answer_qids(qids: pa.ChunkedArray | pa.Array, uri: str) -> None:
+    """One answers row per query: a qid on two rows is a DataError naming both (rows in the
+    table's file order), so that every reader of the table sees the same answers."""
+    if pc.count_distinct(qids).as_py() == len(qids):
+        return
+    first: dict[str, int] = {}
+    for i, q in enumerate(qids.to_pylist()):
+        if q in first:
+            raise DataError(f"{uri}: rows {first[q]} and {i}: qid {q!r} twice (one answers "
+                            "row per query)")
+        first[q] = i
