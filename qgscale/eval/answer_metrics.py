@@ -131,21 +131,26 @@ class AnswerRuns:
         self.close = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self.views: list[dict[tuple[str, str], int]] = []  # per block: each pair's view
         self.qids: list[str] = []  # the queries with usable answers; a pair's q indexes it
+        self.spans: list[list[str]] = []  # by q: its R@kt answers (none: R@kt off)
+        self.acc: list[bool] = []  # by q: whether it has an answer for acc@k
         self.starts = [0]  # where each block's queries start in qids
-
-    def _usable(self, qid: str) -> bool:
-        from qgscale.retrieval.answers import answer_tokens
-
-        given = self.answers.get(qid)
-        return bool((self.recall and span_answers(given)) or (
-            self.ks and answer_tokens(given or (), self.match)))
 
     def add(self, qids: Sequence[str], pooled: M.Run, pair_runs: Mapping[tuple[str, str], M.Run]
             ) -> None:
         """Keep the rankings of ``qids`` (those with usable answers): the pooled run's (view
         0) and each pair run's for the queries of its pair's language (a run given for
         several pairs is kept once)."""
-        qids = [q for q in qids if self._usable(q)]
+        from qgscale.retrieval.answers import answer_tokens
+
+        usable = []
+        for q in qids:
+            span = span_answers(self.answers.get(q)) if self.recall else []
+            acc = bool(self.ks and answer_tokens(self.answers.get(q) or (), self.match))
+            if span or acc:
+                usable.append(q)
+                self.spans.append(span)
+                self.acc.append(acc)
+        qids = usable
         number: dict[int, int] = {id(pooled): 0}
         runs, langs = [pooled], [None]  # a view's run and its query languages (None: all)
         for (ql, _), run in pair_runs.items():
@@ -224,8 +229,6 @@ class AnswerRuns:
     def rows(self) -> Iterator[tuple[dict[tuple[str, str], Rows], dict[str, Rows]]]:
         """Per block, the answer metrics' rows ``(pair rows, pooled rows)`` for
         :meth:`qgscale.eval.metrics.LanguageMetrics.add_rows`."""
-        from qgscale.retrieval.answers import answer_tokens
-
         if not self.qids:
             return
         pairs, first, hit, edges = self.features()
@@ -240,16 +243,11 @@ class AnswerRuns:
                 hit[rows].tolist(), strict=True)}
             edge = _edges_of(edges, pc.unique(pids)) if self.recall else {}
             per_view: dict[int, dict[str, Rows]] = defaultdict(lambda: defaultdict(dict))
-            given: dict[int, tuple[list[str], bool]] = {}  # a query's span answers; acc@k's
             t = pq.read_table(self._part(b))
             for v, q, ranked in zip(*(t.column(c).to_pylist() for c in RANKINGS.names),
                                     strict=True):
                 qid = self.qids[q]
-                if q not in given:
-                    given[q] = (span_answers(self.answers.get(qid)),
-                                bool(self.ks and answer_tokens(self.answers.get(qid) or (),
-                                                               self.match)))
-                per_view[v][self.query_lang[qid]][qid] = self._row(*given[q], [
+                per_view[v][self.query_lang[qid]][qid] = self._row(self.spans[q], self.acc[q], [
                     (*(edge[p] if self.recall else NO_EDGES), *of[q, p]) for p in ranked])
             yield ({(ql, cl): dict(per_view[v][ql]) for (ql, cl), v in pair_views.items()},
                    {ql: dict(r) for ql, r in per_view[0].items()})
@@ -258,7 +256,7 @@ class AnswerRuns:
         """One query's answer metrics (``span``: its span answers; ``acc``: whether it has an
         answer for acc@k) from its ranking's features ``(n, head, tail, first, hit)``."""
         row: dict[str, float] = {}
-        if self.recall and span:
+        if span:  # empty when R@kt is off
             for t in self.max_tokens:
                 row[f"r@{t // 1000}kt"] = float(M.replay_hit(
                     ((n, f, head, tail) for n, head, tail, f, _ in feats), span, t))
