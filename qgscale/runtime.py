@@ -614,15 +614,17 @@ def map_window(cluster_window: bool = False) -> int:
     return MAP_IN_WORKER
 
 
-def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any,
-               cluster_window: bool = False) -> Iterator[Any]:
+def map_shards(fn: Callable[..., Any], uris: Sequence[Any], *args: Any,
+               cluster_window: bool = False, num_cpus: float = 0) -> Iterator[Any]:
     """``fn(uri, *args)`` for each of ``uris``, the results in that order: on Ray tasks
     where Ray is initialised and there are several remote files or :data:`MAP_FROM` local
-    ones (0 CPUs, spread over the nodes, with :func:`worker_env`; ``args`` put in the
-    object store once; :data:`MAP_WINDOW` tasks per cluster CPU in flight, :data:`MAP_MOST`
-    at most; :data:`MAP_IN_WORKER` from inside an actor or task, unless ``cluster_window``:
-    for a task whose stage's actors wait meanwhile, as eval's corpus passes), else here one
-    after another. A task's error is raised as itself (a DataError naming its file).
+    ones (``num_cpus`` each, 0 by default; spread over the nodes, with :func:`worker_env`;
+    ``args`` put in the object store once; :data:`MAP_WINDOW` tasks per cluster CPU in
+    flight, :data:`MAP_MOST` at most; :data:`MAP_IN_WORKER` from inside an actor or task,
+    unless ``cluster_window``: for a task whose stage's actors wait meanwhile, as eval's
+    corpus passes), else here one after another. A task's error is raised as itself (a
+    DataError naming its file). ``uris`` may be other work units than file URIs (e.g.
+    byte ranges of a file, :mod:`qgscale.data.collection`): they count as remote ones.
 
     For the driver's passes over many files (corpus lookups, statistics): each file's work
     goes where it is read, only ``fn``'s result comes back, and the files' round trips
@@ -631,14 +633,16 @@ def map_shards(fn: Callable[..., Any], uris: Sequence[str], *args: Any,
     after another. ``memory://`` files (this process's own) are always read here."""
     import ray
 
-    least = 2 if uris and not storage.is_local(uris[0]) else max(2, MAP_FROM)
-    if len(uris) < least or not ray.is_initialized() or uris[0].startswith("memory://"):
-        for uri in uris:
-            yield fn(uri, *args)
+    first = uris[0] if uris else None
+    uri = first if isinstance(first, str) else ""
+    least = 2 if first is not None and not (uri and storage.is_local(uri)) else max(2, MAP_FROM)
+    if len(uris) < least or not ray.is_initialized() or uri.startswith("memory://"):
+        for u in uris:
+            yield fn(u, *args)
         return
     from ray.exceptions import RayTaskError
 
-    task = ray.remote(fn).options(**remote_options(0, scheduling_strategy="SPREAD"))
+    task = ray.remote(fn).options(**remote_options(num_cpus, scheduling_strategy="SPREAD"))
     refs = [ray.put(a) for a in args]
     window = map_window(cluster_window)
     pending: deque[Any] = deque()

@@ -7,13 +7,13 @@ import logging
 from typing import Any
 
 import fsspec
-import pyarrow as pa
 
 from qgscale import storage
 from qgscale.data import readers
+from qgscale.data.collection import write_collection
 from qgscale.data.schema import SCHEMAS
-from qgscale.data.unique import SpilledIds
-from qgscale.errors import ConfigError, DataError
+from qgscale.data.unique import SpilledIds, drop_duplicates
+from qgscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def read(fmt: str, input: str, *, passages: str | None = None,
          test_mod: int = 4, kind: str | None = None, lang: str = "und",
          answer_lang: str | None = None, stream: bool = False,
          rejects: readers.Rejects | None = None,
-         ids: SpilledIds | None = None) -> readers.Tables:
+         ids: SpilledIds | None = None, collection: bool = True) -> readers.Tables:
     """Read raw ``input`` of format ``fmt`` into canonical tables (kind path -> rows).
 
     - ``xor-tydi``: XOR-TyDi / MIA queries + answers; ``passages``: the English collection.
@@ -62,6 +62,9 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     read while they are written: the whole collection is never in memory. Their passage ids
     are checked for duplicates in memory, or, given ``ids``, recorded there to be checked
     after the stream (:func:`write_tables`).
+
+    ``collection=False`` leaves out the corpus that a passage collection is (of the formats
+    in :func:`collection_of`): :func:`prepare` reads it in parallel.
     """
     check_args(fmt, passages=passages, corpus_langs=corpus_langs, kind=kind, lang=lang)
     rejects = rejects or readers.Rejects()
@@ -70,11 +73,13 @@ def read(fmt: str, input: str, *, passages: str | None = None,
         return readers.read_xquad(input, query_langs, corpus_langs, test_mod, rejects)
     if fmt == "xor-tydi":
         tables = readers.read_xor_queries(input, rejects, query_langs)
-        if passages:
+        if passages and collection:
             rows = readers.iter_passages(passages, "en", rejects, unique)
             tables["corpus"] = rows if stream else list(rows)
         return tables
     if fmt == "passages":
+        if not collection:
+            return {}
         rows = readers.iter_passages(input, lang, rejects, unique)
         return {"corpus": rows if stream else list(rows)}
     if fmt == "dpr":
@@ -87,7 +92,7 @@ def read(fmt: str, input: str, *, passages: str | None = None,
         return streams if stream else {k: list(v) for k, v in streams.items()}  # corpus first
     if fmt == "qas":
         tables = readers.read_qas(input, lang, rejects)
-        if passages:
+        if passages and collection:
             rows = readers.iter_passages(passages, corpus_langs[0], rejects, unique)
             tables["corpus"] = rows if stream else list(rows)
         return tables
@@ -133,6 +138,21 @@ def check_args(fmt: str, *, passages: str | None = None,
                           f"got {kind!r}")
 
 
+def collection_of(fmt: str, input: str, passages: str | None = None,
+                  corpus_langs: list[str] | None = None, lang: str = "und", **_: Any
+                  ) -> tuple[str, str] | None:
+    """``(path, language)`` of the passage collection whose rows alone are the corpus
+    (format ``passages``; ``xor-tydi``'s and ``qas``' ``passages``), else None (the corpus
+    comes with the other tables, or is checked against them: ``dpr``)."""
+    if fmt == "passages":
+        return input, lang
+    if fmt == "xor-tydi" and passages:
+        return passages, "en"
+    if fmt == "qas" and passages:
+        return passages, (corpus_langs or ["und"])[0]
+    return None
+
+
 def _unknown(fmt: str) -> ConfigError:
     return ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
@@ -151,52 +171,13 @@ def write_tables(tables: readers.Tables, output: str, shard_rows: int = 2000,
         check = None
         if ids is not None and kind == "corpus":
             def check(names: list[str], writer: storage.ShardWriter = writer) -> None:
-                drop_duplicates(writer, names, shard_rows, ids, rejects or readers.Rejects())
+                drop_duplicates(writer, ids.duplicates(),
+                                lambda seq: (names[seq // shard_rows], seq % shard_rows),
+                                ids.reason, rejects or readers.Rejects())
         manifest = writer.write_rows(rows, shard_rows, SCHEMAS[kind.rsplit("/", 1)[-1]],
                                      desc=f"write {kind}", check=check)
         counts[kind] = manifest["rows"]
     return counts
-
-
-def drop_duplicates(writer: storage.ShardWriter, names: list[str], shard_rows: int,
-                    ids: SpilledIds, rejects: readers.Rejects) -> int:
-    """The duplicates ``ids`` found among the rows written as ``names`` (shards of
-    ``shard_rows`` rows, in stream order): in ``fail`` mode the first one in the stream
-    raises; in ``skip`` mode each is recorded in ``rejects`` and dropped from its shard.
-    Returns the number dropped. Memory: O(duplicates + one shard)."""
-    first = None
-    by_shard: dict[int, list[Any]] = {}
-    for d in ids.duplicates():
-        if rejects.mode != "skip":
-            first = d if first is None or d.seq < first.seq else first
-        else:
-            by_shard.setdefault(d.seq // shard_rows, []).append(d)
-    if first is not None:
-        rejects.bad(first.file, first.line, first.fld, ids.reason(first))
-    for i, dups in sorted(by_shard.items()):
-        dups.sort(key=lambda d: d.seq)
-        offsets = [d.seq - i * shard_rows for d in dups]
-        marker = storage.read_json(writer.marker_uri(names[i]))
-        table = None
-        if marker.get("dropped") != offsets:
-            table = storage.read_parquet(writer.shard_uri(names[i]))
-            if table.num_rows == marker["rows"] - len(offsets):
-                # filtered by a run that died before its marker: mark it, do not filter again
-                writer.write(names[i], table, dropped=offsets)
-                table = None
-            elif table.num_rows != marker["rows"]:
-                raise DataError(f"{writer.shard_uri(names[i])}: {table.num_rows} rows, its "
-                                f"marker says {marker['rows']}: remove {writer.root} and "
-                                "prepare again")
-        for d, at in zip(dups, offsets, strict=True):  # raw: the row as it was written
-            raw = None if table is None else json.dumps(table.slice(at, 1).to_pylist()[0],
-                                                        ensure_ascii=False)
-            rejects.bad(d.file, d.line, d.fld, ids.reason(d), raw)
-        if table is not None:  # not dropped yet (done by an interrupted run otherwise)
-            drop = set(offsets)
-            keep = pa.array([j not in drop for j in range(table.num_rows)])
-            writer.write(names[i], table.filter(keep), dropped=offsets)
-    return sum(len(d) for d in by_shard.values())
 
 
 def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
@@ -214,10 +195,16 @@ def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
         storage.remove(output, recursive=True)
     storage.write_json(record, {"config_hash": config_hash, "format": fmt, "input": input})
     rejects = readers.Rejects(on_error)
+    coll = collection_of(fmt, input, **kw)
     with SpilledIds("passage id") as ids:
-        tables = read(fmt, input, rejects=rejects, stream=True, ids=ids, **kw)
+        tables = read(fmt, input, rejects=rejects, stream=True, ids=ids,
+                      collection=coll is None, **kw)
         counts = write_tables(tables, output, shard_rows, config_hash, ids=ids,
                               rejects=rejects)
+    if coll is not None:  # its byte ranges on Ray tasks
+        counts["corpus"] = write_collection(*coll, storage.join(output, "corpus"),
+                                            storage.join(output, "_collection"), config_hash,
+                                            shard_rows, rejects)["rows"]
     rejected_uri = storage.join(output, "_rejected.jsonl")
     if rejects.rows:
         storage.write_bytes(rejected_uri, "".join(

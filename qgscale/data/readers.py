@@ -112,15 +112,24 @@ def _open(path: str):
     return fsspec.open(path, "rb", compression="infer")
 
 
-def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False
-                     ) -> Iterator[tuple[int, str | None]]:
+def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
+                     span: Span | None = None) -> Iterator[tuple[int, str | None]]:
     """(line number, decoded line) for a text file; gz by suffix; a UTF-8 byte-order mark
     on line 1 is dropped; bad bytes are reported (and, with ``keep_bad``, yielded as None);
-    corrupt or truncated gzip data raises :class:`DataError` with the last whole line read."""
+    corrupt or truncated gzip data raises :class:`DataError` with the last whole line read.
+
+    ``span``: only the lines that start in its byte range of an uncompressed file, numbered
+    from 1 within it (:class:`Span`; its ``lines`` counts them as they are read)."""
     n = 0
     with _open(path) as f:
-        lines = iter(f)
+        if span is not None and span.start:
+            f.seek(span.start - 1)
+            f.readline()  # the rest of the line that starts before the span
+        pos = f.tell() if span is not None else 0
+        lines = iter(f.readline, b"")
         while True:
+            if span is not None and span.end is not None and pos >= span.end:
+                return
             try:
                 raw = next(lines)
             except StopIteration:
@@ -128,6 +137,9 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False
             except _CORRUPT as e:
                 raise _corrupt(path, e, n) from None
             n += 1
+            if span is not None:
+                pos += len(raw)
+                span.lines = n
             try:
                 text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
@@ -136,17 +148,22 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False
                 if keep_bad:
                     yield n, None
                 continue
-            yield n, text.removeprefix("\ufeff") if n == 1 else text
+            first = n == 1 and (span is None or not span.start)
+            yield n, text.removeprefix("\ufeff") if first else text
 
 
-def iter_jsonl(path: str, rejects: Rejects) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(path: str, rejects: Rejects, span: Span | None = None
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSONL(.gz) file; a file without
-    any non-blank line raises :class:`DataError` ('no rows')."""
+    any non-blank line raises :class:`DataError` ('no rows'). ``span``: its lines only
+    (:func:`_open_text_lines`), non-blank ones counted in ``span.rows``, never 'no rows'."""
     rows = 0
-    for n, line in _open_text_lines(path, rejects):
+    for n, line in _open_text_lines(path, rejects, span=span):
         if not line.strip():
             continue
         rows += 1
+        if span is not None:
+            span.rows = rows
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -156,7 +173,7 @@ def iter_jsonl(path: str, rejects: Rejects) -> Iterator[tuple[int, dict[str, Any
             rejects.bad(path, n, None, f"expected a JSON object, got {type(obj).__name__}", line)
             continue
         yield n, obj
-    if rows == 0:
+    if rows == 0 and span is None:
         raise no_rows(path)
 
 
@@ -484,8 +501,29 @@ def _passage_from_json(obj: dict, path: str, n: int, lang: str,
     return key, {"pid": pid, "lang": row_lang, "title": title, "text": text}
 
 
+@dataclass
+class Span:
+    """A byte range ``[start, end)`` of an uncompressed text file (``end`` None: to its end):
+    the lines that start in it. Counted as they are read: ``lines`` (all of them) and
+    ``rows`` (those that are not blank, nor a TSV collection's header line)."""
+
+    start: int = 0
+    end: int | None = None
+    lines: int = 0
+    rows: int = 0
+
+
+def tsv_header(cells: list[str]) -> list[str] | None:
+    """A psgs_w100-style TSV's header line (its first non-blank one, starting ``id``) as
+    column names, or None when that line is a row: the columns are ``id, text, title``."""
+    return cells if cells and cells[0] == "id" else None
+
+
 def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
-                  unique: bool | SpilledIds = True) -> Iterator[dict[str, Any]]:
+                  unique: bool | SpilledIds = True, span: Span | None = None,
+                  header: list[str] | None = None,
+                  ids: Callable[[str, int, str], None] | None = None
+                  ) -> Iterator[dict[str, Any]]:
     """Corpus rows of a passage collection, streamed (a generator: one line in memory).
 
     Formats, by suffix (``.gz`` allowed): ``.jsonl`` -- BEIR ``corpus.jsonl`` (``_id``),
@@ -497,8 +535,13 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
     ``unique``: a passage id seen earlier in the file is a defect. ``True`` checks it in
     memory (every id read so far, about 100 bytes each: 2 GB for the 21M passages of
     psgs_w100); a :class:`~qgscale.data.unique.SpilledIds` records each yielded row's id,
-    file and line instead, checked after the stream in bounded memory (``qgscale data
-    prepare``); ``False`` does not check.
+    file and line instead, checked after the stream in bounded memory; ``False`` does not
+    check.
+
+    ``span``: the rows of one byte range of the file (:class:`Span`; lines numbered within
+    it), ``header`` the TSV's columns when the range does not hold the header line, ``ids``
+    called with each yielded row's id, line and field (the id check of
+    :mod:`qgscale.data.collection`, which reads a collection's ranges in parallel).
     """
     rejects = rejects or Rejects()
     spill = unique if isinstance(unique, SpilledIds) else None
@@ -507,25 +550,28 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
     def new(pid: str, n: int, fld: str | None, raw: Any) -> bool:
         if spill is not None:
             spill.add(pid, path, n, fld)
+        if ids is not None:
+            ids(pid, n, fld or "id")
         return seen is None or seen.new(pid, path, n, fld, rejects, raw)
 
     if re.search(r"\.jsonl(\.gz)?$", path):
-        for n, obj in iter_jsonl(path, rejects):
+        for n, obj in iter_jsonl(path, rejects, span):
             got = _passage_from_json(obj, path, n, lang, rejects)
             if got and new(got[1]["pid"], n, got[0], obj):
                 yield got[1]
         return
-    header: list[str] | None = None
     read = 0
-    for n, line in _open_text_lines(path, rejects):
+    for n, line in _open_text_lines(path, rejects, span=span):
         if not line.strip() and "\t" not in line:  # blank; a line of tabs is a row of blanks
             continue
         cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
         if header is None:
-            header = cells if cells and cells[0] == "id" else ["id", "text", "title"]
+            header = tsv_header(cells) or ["id", "text", "title"]
             if cells and cells[0] == "id":
                 continue
         read += 1
+        if span is not None:
+            span.rows = read
         if len(cells) != len(header):
             rejects.bad(path, n, None, f"expected {len(header)} tab-separated columns "
                         f"({', '.join(header)}), got {len(cells)}", line)
@@ -535,7 +581,7 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
         text = pid and get_str(obj, "text", path, n, rejects)
         if text is not None and new(pid, n, "id", line):
             yield {"pid": pid, "lang": lang, "title": obj.get("title", ""), "text": text}
-    if read == 0:
+    if read == 0 and span is None:
         raise no_rows(path, "only a header" if header else "empty file")
 
 

@@ -11,14 +11,22 @@ file and line, as :class:`FirstSeen` does.
 from __future__ import annotations
 
 import heapq
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from qgscale import storage
+from qgscale.errors import DataError
+
+if TYPE_CHECKING:
+    from qgscale.data.readers import Rejects
+    from qgscale.storage import ShardWriter
 
 _SORT = [("key", "ascending"), ("seq", "ascending")]
 
@@ -153,3 +161,42 @@ class SpilledIds:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def drop_duplicates(writer: ShardWriter, dups: Iterable[Dup],
+                    locate: Callable[[int], tuple[str, int]], reason: Callable[[Dup], str],
+                    rejects: Rejects) -> int:
+    """The duplicates ``dups`` among the rows of ``writer``'s shards (``locate(seq)``: the
+    shard name and row of stream position ``seq``): in ``fail`` mode the first one in the
+    stream raises; in ``skip`` mode each is recorded in ``rejects`` and dropped from its
+    shard. Returns the number dropped. Memory: O(duplicates + one shard)."""
+    by_shard: dict[str, list[tuple[int, Dup]]] = {}
+    for d in sorted(dups, key=lambda d: d.seq):
+        if rejects.mode != "skip":
+            rejects.bad(d.file, d.line, d.fld, reason(d))
+        name, at = locate(d.seq)
+        by_shard.setdefault(name, []).append((at, d))
+    for name, found in sorted(by_shard.items()):
+        found.sort(key=lambda x: x[0])
+        offsets = [at for at, _ in found]
+        marker = storage.read_json(writer.marker_uri(name))
+        table = None
+        if marker.get("dropped") != offsets:
+            table = storage.read_parquet(writer.shard_uri(name))
+            if table.num_rows == marker["rows"] - len(offsets):
+                # filtered by a run that died before its marker: mark it, do not filter again
+                writer.write(name, table, dropped=offsets)
+                table = None
+            elif table.num_rows != marker["rows"]:
+                raise DataError(f"{writer.shard_uri(name)}: {table.num_rows} rows, its "
+                                f"marker says {marker['rows']}: remove {writer.root} and "
+                                "prepare again")
+        for at, d in found:  # raw: the row as it was written
+            raw = None if table is None else json.dumps(table.slice(at, 1).to_pylist()[0],
+                                                        ensure_ascii=False)
+            rejects.bad(d.file, d.line, d.fld, reason(d), raw)
+        if table is not None:  # not dropped yet (done by an interrupted run otherwise)
+            drop = set(offsets)
+            keep = pa.array([j not in drop for j in range(table.num_rows)])
+            writer.write(name, table.filter(keep), dropped=offsets)
+    return sum(len(d) for d in by_shard.values())

@@ -1,0 +1,319 @@
+"""A passage collection (one TSV or JSONL file, e.g. psgs_w100) -> corpus shards, its byte
+ranges read in parallel.
+
+``qgscale data prepare`` of a collection (format ``passages``; ``xor-tydi``'s and ``qas``'
+``passages``) cuts an uncompressed file into :class:`Unit` byte ranges of
+:data:`UNIT_BYTES` (a unit: the lines that start in it; a compressed file is one unit) and
+reads them on Ray tasks of one CPU each (here one after another, without Ray or for one
+unit). A unit writes its own corpus shards (``part-<unit>-<j>``) and its passage ids, hashed
+into buckets, to a work folder, then a record (its rows, lines, rejected rows): a re-run
+skips the recorded units (and, once the ids are checked, reads the duplicates found). A unit numbers its lines from 1; the driver makes them the file's
+own from the earlier units' line counts. The passage-id check then runs per bucket (a task
+each: the bucket's ids of every unit, sorted in Arrow): a duplicate fails (fail mode: the
+first in file order), or it is dropped from its shard (skip mode), naming both lines, as
+:class:`~qgscale.data.unique.SpilledIds` does for the formats read in one stream.
+
+Memory: a unit task holds one shard of rows and at most :data:`ID_FLUSH` ids; a bucket task
+one bucket's ids (about :data:`BUCKET_BYTES` of input: 7M ids of psgs_w100); the driver the
+units' records (counts, shard names and rejected rows), never the collection.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import io
+import math
+import posixpath
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qgscale import storage
+from qgscale.data import readers
+from qgscale.data.schema import CORPUS
+from qgscale.data.unique import Dup, drop_duplicates, duplicate_reason
+from qgscale.errors import DataError, MissingInputError
+
+UNIT_BYTES = 256 << 20  # of an uncompressed collection per unit (psgs_w100: 52 units)
+BUCKET_BYTES = 4 << 30  # of input per id bucket (a compressed file: its size x 4)
+ID_FLUSH = 1 << 20  # ids a unit holds before it writes them
+TSV_COLUMNS = ["id", "text", "title"]  # psgs_w100's, when the file has no header line
+_IDS = pa.schema([("key", pa.string()), ("seq", pa.int64()), ("line", pa.int64()),
+                  ("fld", pa.string())])
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The lines of the collection that start in bytes ``[start, end)`` (``end`` None: to
+    the end of the file)."""
+
+    index: int
+    start: int
+    end: int | None
+
+    @property
+    def name(self) -> str:
+        return f"u{self.index:05d}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every unit of one collection shares."""
+
+    path: str
+    lang: str
+    out_uri: str  # the corpus folder
+    work_uri: str  # unit records and ids, removed at the end
+    config_hash: str
+    shard_rows: int
+    fail: bool  # on_error fail: a unit stops at its first rejected row
+    buckets: int
+    columns: list[str] | None  # a TSV's columns (from its header line); None for JSONL
+    seen: bool  # the file has a non-blank line (its 'no rows' error says which)
+
+
+class _Stop(Exception):
+    """A unit's first rejected row in fail mode: the unit stops there."""
+
+
+class _UnitRejects(readers.Rejects):
+    """A unit's rejected rows, lines within the unit: recorded, and in fail mode the first
+    one stops the unit (the driver raises it with the file's line number)."""
+
+    def __init__(self, stop: bool):
+        super().__init__("skip")
+        self.stop = stop
+
+    def bad(self, file: str, line: int | None, fld: str | None, reason: str,
+            raw: Any = None) -> None:
+        super().bad(file, line, fld, reason, raw)
+        if self.stop:
+            raise _Stop
+
+
+def _is_jsonl(path: str) -> bool:
+    return re.search(r"\.jsonl(\.gz)?$", path) is not None
+
+
+def plan(path: str, unit_bytes: int = UNIT_BYTES) -> tuple[list[Unit], list[str] | None, bool,
+                                                            int]:
+    """``(units, columns, seen, buckets)`` of the collection ``path``: its byte ranges (one
+    for a compressed or small file; a TSV's header line always in the first), a TSV's
+    columns, whether it has a non-blank line, and the id buckets for its size."""
+    fs, p = storage.url_to_fs(path)
+    if not fs.exists(p):
+        raise MissingInputError(f"{path}: input file not found")
+    if fs.isdir(p):
+        raise DataError(f"{path}: is a folder; this format reads a file")
+    size = fs.size(p)
+    compressed = fsspec.utils.infer_compression(path) is not None
+    columns, seen, body = None, False, 0
+    with fsspec.open(path, "rb", compression="infer") as f:
+        for raw in iter(f.readline, b""):  # the first non-blank line: a TSV's header?
+            body += len(raw)
+            text = raw.decode("utf-8", "replace").rstrip("\r\n").removeprefix("\ufeff")
+            if text.strip() or "\t" in text:
+                seen = True
+                if not _is_jsonl(path):
+                    cells = next(csv.reader(io.StringIO(text), delimiter="\t"))
+                    columns = readers.tsv_header(cells) or TSV_COLUMNS
+                break
+    buckets = max(1, math.ceil(size * (4 if compressed else 1) / BUCKET_BYTES))
+    if compressed or size <= unit_bytes:
+        return [Unit(0, 0, None)], columns, seen, buckets
+    starts = sorted({0, *(max(i * unit_bytes, body) for i in range(1, -(-size // unit_bytes)))})
+    starts = [s for s in starts if s < size]
+    ends: list[int | None] = [*starts[1:], None]
+    return [Unit(i, s, e) for i, (s, e) in enumerate(zip(starts, ends, strict=True))], \
+        columns, seen, buckets
+
+
+class _Ids:
+    """A unit's passage ids ``(key, seq, line, field)`` by bucket (crc32 of the id), written
+    to ``ids/b<bucket>/<unit>-<part>.parquet`` every :data:`ID_FLUSH` ids."""
+
+    def __init__(self, job: Job, unit: Unit):
+        self.job, self.unit = job, unit
+        self.parts = 0
+        self.seq = 0
+        self.buf: list[list[tuple[str, int, int, str]]] = [[] for _ in range(job.buckets)]
+        self.held = 0
+
+    def add(self, key: str, line: int, fld: str) -> None:
+        self.buf[zlib.crc32(key.encode()) % self.job.buckets].append((key, self.seq, line, fld))
+        self.seq += 1
+        self.held += 1
+        if self.held >= ID_FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        for b, rows in enumerate(self.buf):
+            if rows:
+                keys, seqs, lines, flds = zip(*rows, strict=True)
+                storage.write_parquet(
+                    storage.join(bucket_uri(self.job, b), f"{self.unit.name}-{self.parts:04d}"
+                                 ".parquet"),
+                    pa.table([pa.array(keys, pa.string()), pa.array(seqs, pa.int64()),
+                              pa.array(lines, pa.int64()), pa.array(flds, pa.string())],
+                             schema=_IDS))
+        self.buf = [[] for _ in range(self.job.buckets)]
+        self.held = 0
+        self.parts += 1
+
+
+def bucket_uri(job: Job, bucket: int) -> str:
+    return storage.join(job.work_uri, "ids", f"b{bucket:04d}")
+
+
+def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
+    """Read one unit into corpus shards and its ids; returns its record (written last, read
+    back on a re-run): ``{name, lines, read, rows, shards: [{name, rows}], rejects}``, or
+    ``{name, failed: rejected row}`` (fail mode: nothing recorded)."""
+    record_uri = storage.join(job.work_uri, "units", f"{unit.name}.json")
+    if storage.exists(record_uri):
+        return storage.read_json(record_uri)
+    rejects = _UnitRejects(job.fail)
+    span = readers.Span(unit.start, unit.end)
+    ids = _Ids(job, unit)
+    writer = storage.ShardWriter(job.out_uri, job.config_hash)
+    shards: list[dict[str, Any]] = []
+    chunk: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        name = f"part-{unit.index:05d}-{len(shards):05d}"
+        writer.write(name, pa.Table.from_pylist(chunk, schema=CORPUS))
+        shards.append({"name": name, "rows": len(chunk)})
+
+    rows = readers.iter_passages(job.path, job.lang, rejects, unique=False, span=span,
+                                 header=job.columns if unit.start else None, ids=ids.add)
+    try:
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == job.shard_rows:
+                flush()
+                chunk = []
+    except _Stop:
+        return {"name": unit.name, "failed": rejects.rows[0]}
+    if chunk:
+        flush()
+    ids.flush()
+    record = {"name": unit.name, "lines": span.lines, "read": span.rows,
+              "rows": sum(s["rows"] for s in shards), "shards": shards,
+              "rejects": rejects.rows}
+    storage.write_json(record_uri, record)
+    return record
+
+
+def bucket_duplicates(uri: str) -> list[dict[str, Any]]:
+    """The ids of one bucket (every unit's) that an earlier row had, in id order, each with
+    its first row: ``{key, unit, seq, line, fld, first_unit, first_line}``."""
+    tables = []
+    for f in storage.list_files(uri, ".parquet"):
+        t = storage.read_parquet(f)
+        unit = int(posixpath.basename(f)[1:6])
+        tables.append(t.append_column("unit", pa.array(np.full(len(t), unit, np.int32))))
+    if not tables:
+        return []
+    t = pa.concat_tables(tables).sort_by([("key", "ascending"), ("unit", "ascending"),
+                                          ("seq", "ascending")])
+    if t.num_rows < 2:
+        return []
+    keys = t.column("key")
+    same = np.concatenate([[False], pc.equal(keys.slice(1), keys.slice(0, t.num_rows - 1))
+                           .to_numpy(zero_copy_only=False)])
+    dup = np.flatnonzero(same)
+    if not dup.size:
+        return []
+    starts = np.flatnonzero(~same)
+    first = starts[np.searchsorted(starts, dup, side="right") - 1]
+    cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in ("unit", "seq", "line")}
+    flds = t.column("fld").take(pa.array(dup)).to_pylist()
+    return [{"key": keys[int(i)].as_py(), "unit": int(cols["unit"][i]),
+             "seq": int(cols["seq"][i]), "line": int(cols["line"][i]), "fld": fld,
+             "first_unit": int(cols["unit"][j]), "first_line": int(cols["line"][j])}
+            for i, j, fld in zip(dup, first, flds, strict=True)]
+
+
+def _job(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
+         shard_rows: int, fail: bool, unit_bytes: int) -> tuple[list[Unit], Job]:
+    """The plan of ``path``: made once and kept in the work folder, so that a re-run reads
+    the units its records name."""
+    plan_uri = storage.join(work_uri, "_plan.json")
+    if storage.exists(plan_uri):
+        saved = storage.read_json(plan_uri)
+        units = [Unit(*u) for u in saved["units"]]
+        columns, seen, buckets = saved["columns"], saved["seen"], saved["buckets"]
+    else:
+        units, columns, seen, buckets = plan(path, unit_bytes)
+        storage.write_json(plan_uri, {"units": [[u.index, u.start, u.end] for u in units],
+                                      "columns": columns, "seen": seen, "buckets": buckets})
+    return units, Job(path, lang, out_uri, work_uri, config_hash, shard_rows, fail, buckets,
+                      columns, seen)
+
+
+def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
+                     shard_rows: int, rejects: readers.Rejects,
+                     unit_bytes: int = UNIT_BYTES) -> dict[str, Any]:
+    """The collection ``path`` (language ``lang`` where a row has none) as corpus shards in
+    ``out_uri``, read unit by unit (on Ray tasks where Ray is initialised and there are
+    several units); returns the corpus manifest. Rejected rows go to ``rejects`` with the
+    file's line numbers (in fail mode the first raises); duplicate ids as in
+    :func:`~qgscale.data.unique.drop_duplicates`. ``work_uri`` keeps the plan, the units'
+    records and the duplicates found (the ids are removed once checked): a re-run of a
+    finished collection reads those, and reports the same rejected rows."""
+    from qgscale.runtime import map_shards  # runtime -> config -> prepare -> here
+
+    units, job = _job(path, lang, out_uri, work_uri, config_hash, shard_rows,
+                      rejects.mode != "skip", unit_bytes)
+    records: list[dict[str, Any]] = []
+    line_at: list[int] = []  # lines before each unit
+    row_at: list[int] = []  # rows written before each unit
+    lines = rows = 0
+    for rec in map_shards(read_unit, units, job, num_cpus=1):
+        if "failed" in rec:
+            r = rec["failed"]
+            rejects.bad(path, r["line"] and r["line"] + lines, r["field"], r["reason"], r["raw"])
+        line_at.append(lines)
+        row_at.append(rows)
+        lines, rows = lines + rec["lines"], rows + rec["rows"]
+        rejects.rows += [{**r, "line": r["line"] and r["line"] + line_at[-1]}
+                         for r in rec["rejects"]]
+        records.append(rec)
+    if not any(r["read"] for r in records):
+        raise readers.no_rows(path, "only a header" if job.seen and job.columns else
+                              "empty file")
+    done_uri = storage.join(work_uri, "duplicates.json")  # kept: a re-run reports them again
+    if storage.exists(done_uri):
+        found = storage.read_json(done_uri)
+    else:
+        found = [d for out in map_shards(bucket_duplicates, [bucket_uri(job, b) for b in
+                                                             range(job.buckets)], num_cpus=1)
+                 for d in out]
+        storage.write_json(done_uri, found)
+        storage.remove(storage.join(work_uri, "ids"), recursive=True)
+    dups = [Dup(d["key"], row_at[d["unit"]] + d["seq"], path, line_at[d["unit"]] + d["line"],
+                d["fld"], path, line_at[d["first_unit"]] + d["first_line"]) for d in found]
+    with_rows = [i for i, r in enumerate(records) if r["rows"]]
+    starts = [row_at[i] for i in with_rows]
+
+    def locate(seq: int) -> tuple[str, int]:
+        i = with_rows[bisect.bisect_right(starts, seq) - 1]
+        at = seq - row_at[i]
+        return records[i]["shards"][at // shard_rows]["name"], at % shard_rows
+
+    writer = storage.ShardWriter(out_uri, config_hash)
+    drop_duplicates(writer, dups, locate,
+                    lambda d: duplicate_reason("passage id", d.key, d.file, d.first_file,
+                                               d.first_line), rejects)
+    names = [s["name"] for r in records for s in r["shards"]]
+    if not names:  # every row rejected: one empty shard, a readable table
+        names = ["part-00000-00000"]
+        writer.write(names[0], CORPUS.empty_table())
+    return writer.finalize(names)
