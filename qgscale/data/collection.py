@@ -260,10 +260,11 @@ def _job(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
 
 def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
                      shard_rows: int, rejects: readers.Rejects,
-                     unit_bytes: int = UNIT_BYTES) -> dict[str, Any]:
+                     unit_bytes: int | None = None) -> dict[str, Any]:
     """The collection ``path`` (language ``lang`` where a row has none) as corpus shards in
     ``out_uri``, read unit by unit (on Ray tasks where Ray is initialised and there are
-    several units); returns the corpus manifest. Rejected rows go to ``rejects`` with the
+    several units of ``unit_bytes``, :data:`UNIT_BYTES` by default); returns the corpus
+    manifest. Rejected rows go to ``rejects`` with the
     file's line numbers (in fail mode the first raises); duplicate ids as in
     :func:`~qgscale.data.unique.drop_duplicates`. ``work_uri`` keeps the plan, the units'
     records and the duplicates found (the ids are removed once checked): a re-run of a
@@ -271,7 +272,7 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     from qgscale.runtime import map_shards  # runtime -> config -> prepare -> here
 
     units, job = _job(path, lang, out_uri, work_uri, config_hash, shard_rows,
-                      rejects.mode != "skip", unit_bytes)
+                      rejects.mode != "skip", unit_bytes or UNIT_BYTES)
     records: list[dict[str, Any]] = []
     line_at: list[int] = []  # lines before each unit
     row_at: list[int] = []  # rows written before each unit
@@ -309,9 +310,15 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
         return records[i]["shards"][at // shard_rows]["name"], at % shard_rows
 
     writer = storage.ShardWriter(out_uri, config_hash)
-    drop_duplicates(writer, dups, locate,
-                    lambda d: duplicate_reason("passage id", d.key, d.file, d.first_file,
-                                               d.first_line), rejects)
+    dropped_uri = storage.join(work_uri, "dropped.json")  # their rejected rows, raw included
+    if storage.exists(dropped_uri):
+        rejects.rows += storage.read_json(dropped_uri)
+    else:
+        before = len(rejects.rows)
+        drop_duplicates(writer, dups, locate,
+                        lambda d: duplicate_reason("passage id", d.key, d.file, d.first_file,
+                                                   d.first_line), rejects)
+        storage.write_json(dropped_uri, rejects.rows[before:])
     names = [s["name"] for r in records for s in r["shards"]]
     if not names:  # every row rejected: one empty shard, a readable table
         names = ["part-00000-00000"]

@@ -1,0 +1,125 @@
+"""Wall time and memory of ``qgscale data prepare --format passages`` of one large collection:
+one stream (the baseline) against its byte-range units on Ray tasks.
+
+A psgs_w100.tsv-style collection of ``--passages`` passages (~100 random words each, with
+``--dups`` later copies of earlier ids and ``--bad`` malformed rows, ``on_error: skip``) is
+prepared in child processes whose RSS is sampled from outside (psutil over the process tree,
+every 0.1 s; ``ray::`` workers reported apart): ``baseline`` -- the older checkout given as
+``--baseline-src`` (one stream, ids checked by sorted runs); ``units`` -- this checkout
+without Ray (the units one after another in the process); ``ray`` -- this checkout on a local
+Ray of ``--cpus`` CPUs (one task per unit; the Ray start-up is timed apart). Every run's
+corpus (its shards in manifest order) and rejected rows must be identical.
+
+    python benchmarks/prepare_collection.py --baseline-src /tmp/bl-src [--passages 2000000]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from before_after import REPO, commit, measure, parse, parser, save, trees  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(20_000)]
+SHARD_ROWS = 20_000
+
+
+def make_collection(path: Path, n: int, dups: int, bad: int, seed: int = 5) -> None:
+    rng = random.Random(seed)
+    copies = {rng.randrange(1, n): rng.randrange(0, n // 2) for _ in range(dups)}
+    broken = set(rng.sample(range(n), bad))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("id\ttext\ttitle\n")
+        for i in range(n):
+            if i in broken:
+                f.write(f"bad{i}\tonly two columns\n")
+            pid = copies.get(i, i) if copies.get(i, n) < i else i
+            f.write(f"{pid}\t{' '.join(rng.choices(WORDS, k=100))}\tTitle {i}\n")
+
+
+def child(phase: str, data: str, out: str) -> None:
+    cpus = int(phase.split(":")[1]) if phase.startswith("ray") else 0
+    ray_s = 0.0
+    if cpus:
+        import ray
+
+        t0 = time.perf_counter()
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray_s = time.perf_counter() - t0
+    from qgscale import storage
+    from qgscale.data.prepare import prepare
+
+    t0 = time.perf_counter()
+    summary = prepare("passages", str(Path(data) / "psgs.tsv"), out, lang="en",
+                      shard_rows=SHARD_ROWS, on_error="skip")
+    seconds = time.perf_counter() - t0
+    digest = hashlib.sha256()
+    corpus = f"{out}/corpus"
+    for shard in storage.read_manifest(corpus)["shards"]:
+        t = storage.read_parquet(f"{corpus}/{shard['file']}", ["pid", "text"])
+        for col in t.columns:
+            digest.update("\x1f".join(col.to_pylist()).encode())
+    rejected = Path(out, "_rejected.jsonl")
+    lines = sorted(rejected.read_text(encoding="utf-8").splitlines()) if rejected.exists() \
+        else []
+    rej = hashlib.sha256("\n".join(json.loads(x)["reason"] + str(json.loads(x)["line"])
+                                   for x in lines).encode()).hexdigest()[:16]
+    print(json.dumps({"seconds": round(seconds, 2), "ray_start_s": round(ray_s, 2),
+                      "rows": summary["rows"]["corpus"], "rejected": summary["rejected"],
+                      "corpus_sha": digest.hexdigest()[:16], "rejected_sha": rej}))
+
+
+def main() -> None:
+    ap = parser(__doc__, "prepare_collection.json")
+    ap.add_argument("--passages", type=int, default=2_000_000)
+    ap.add_argument("--dups", type=int, default=200)
+    ap.add_argument("--bad", type=int, default=20)
+    ap.add_argument("--cpus", type=int, default=2)
+    args = parse(ap, child)
+    script = str(Path(__file__).resolve())
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        t0 = time.perf_counter()
+        make_collection(data / "psgs.tsv", args.passages, args.dups, args.bad)
+        mb = round((data / "psgs.tsv").stat().st_size / (1 << 20), 1)
+        print(f"collection: {args.passages:,} passages, {mb} MB, made in "
+              f"{time.perf_counter() - t0:.0f} s")
+        phases = [("stream" if tree == "baseline" else "units", tree, src)
+                  for tree, src in trees(args.baseline_src)]
+        phases.append((f"ray:{args.cpus}", "this", REPO))
+        runs = []
+        for phase, tree, src in phases:
+            res = measure(src, phase, data, data / f"out-{phase.replace(':', '')}-{tree}",
+                          script)
+            res.update(phase=phase, tree=tree, commit=commit(src))
+            res["passages_per_s"] = round(res["rows"] / res["seconds"])
+            runs.append(res)
+            print(json.dumps(res))
+    base = runs[0]
+    same = all(r["corpus_sha"] == base["corpus_sha"] and r["rejected_sha"] ==
+               base["rejected_sha"] for r in runs)
+    print(f"\n{args.passages:,} passages ({mb} MB), {args.dups} duplicate ids, {args.bad} bad "
+          f"rows; shard_rows {SHARD_ROWS}; commit {commit(REPO)}\n")
+    print("| run | commit | wall s | passages/s | vs first | driver peak MB | "
+          "largest worker MB | rejected |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {r['phase']} | {r['commit']} | {r['seconds']} | {r['passages_per_s']:,} | "
+              f"{base['seconds'] / r['seconds']:.2f}x | {r['driver_peak_rss_mb']} | "
+              f"{r['actor_peak_rss_mb'] or '-'} | {r['rejected']} |")
+    print(f"\nidentical corpus and rejected rows in every run: {same}")
+    save(args.out, {"commit": commit(REPO), "passages": args.passages, "collection_mb": mb,
+                    "dups": args.dups, "bad": args.bad, "cpus": args.cpus,
+                    "shard_rows": SHARD_ROWS, "identical": same, "runs": runs})
+    if not same:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""A passage collection prepared in byte-range units (``qgscale.data.collection``): the same
+corpus rows, rejected rows and errors (with the file's line numbers) as one stream of the
+file, on Ray tasks and on S3, and a re-run keeps the finished units."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import pytest
+
+from qgscale import storage
+from qgscale.data import readers
+from qgscale.data.collection import plan, write_collection
+from qgscale.data.prepare import prepare
+from qgscale.errors import DataError
+
+
+def _lines(data: bytes, cuts: list[int]) -> list[list[tuple[int, str | None]]]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".tsv") as f:
+        f.write(data)
+        f.flush()
+        spans = [readers.Span(a, b) for a, b in zip([0, *cuts], [*cuts, None], strict=True)]
+        got = [list(readers._open_text_lines(f.name, readers.Rejects("skip"), True, s))
+               for s in spans]
+        whole = list(readers._open_text_lines(f.name, readers.Rejects("skip"), True))
+    assert [s.lines for s in spans] == [len(g) for g in got]
+    return got, whole
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_spans_read_every_line_once(seed):
+    """Cut anywhere (inside a line, between CR and LF, on a newline, twice at one byte),
+    the spans' lines are the file's lines, each once, in order and numbered within spans."""
+    rng = random.Random(seed)
+    parts = ["\ufeff" if rng.random() < 0.3 else ""]
+    for _ in range(rng.randrange(0, 30)):
+        parts.append(rng.choice(["", "a", "ab\tc", "ä" * rng.randrange(1, 40), "\t"]) +
+                     rng.choice(["\n", "\r\n", "\n\n"]))
+    if rng.random() < 0.5:
+        parts.append("no newline at the end")
+    data = "".join(parts).encode()
+    if rng.random() < 0.2:  # a bad byte: reported, kept as None (keep_bad)
+        data = data[: len(data) // 2] + b"\xff" + data[len(data) // 2:]
+    cuts = sorted(rng.randrange(0, len(data) + 1) for _ in range(rng.randrange(0, 6)))
+    got, whole = _lines(data, cuts)
+    assert [t for g in got for _, t in g] == [t for _, t in whole]
+    assert all([n for n, _ in g] == list(range(1, len(g) + 1)) for g in got)
+
+
+def _tsv(tmp_path, n=300, seed=0, bad=(), dups=0, header=True):
+    rng = random.Random(seed)
+    ids = [f"p{i}" for i in range(n)]
+    for _ in range(dups):  # a later copy of an earlier id
+        at = rng.randrange(1, len(ids))
+        ids.insert(at, ids[rng.randrange(at)])
+    lines = [f"{k}\t{'Passage ' * rng.randrange(1, 30)}{i}.\tT{i}\n" for i, k in enumerate(ids)]
+    for at in bad:  # a row with two columns, and a row with empty text
+        lines.insert(at, "broken\trow\n" if at % 2 else "empty\t \tT\n")
+    path = tmp_path / "psgs.tsv"
+    path.write_text(("id\ttext\ttitle\n" if header else "") + "".join(lines))
+    return str(path)
+
+
+def _one_stream(path, lang="en"):
+    rejects = readers.Rejects("skip")
+    rows = list(readers.iter_passages(path, lang, rejects))
+    return rows, sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows)
+
+
+def _collection(path, out, mode="skip", unit_bytes=1000, shard_rows=7, lang="en"):
+    rejects = readers.Rejects(mode)
+    m = write_collection(path, lang, f"{out}/corpus", f"{out}/_collection", "h", shard_rows,
+                         rejects, unit_bytes=unit_bytes)
+    return m, rejects
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_units_give_the_rows_and_rejects_of_one_stream(tmp_path, header):
+    path = _tsv(tmp_path, bad=(5, 120, 121, 250), dups=20, header=header)
+    units = plan(path, 1000)[0]
+    assert len(units) > 20 and units[0].start == 0
+    out = str(tmp_path / "out")
+    m, rejects = _collection(path, out)
+    want, want_rejects = _one_stream(path)
+    assert storage.read_parquet(f"{out}/corpus").to_pylist() == want
+    assert m["rows"] == len(want) == 300
+    assert sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows) == want_rejects
+    assert sum("duplicate passage id" in r[2] for r in want_rejects) == 20
+    for r in rejects.rows:  # raw: the rejected line or row as read
+        assert r["raw"].startswith(("broken", "{'id': 'empty'")) or json.loads(r["raw"])["pid"] in \
+            r["reason"]
+    again, rejects2 = _collection(path, out)  # finished: read back, the same rejected rows
+    assert again["rows"] == m["rows"] and rejects2.rows == rejects.rows
+    assert storage.read_parquet(f"{out}/corpus").to_pylist() == want
+
+
+def test_jsonl_units_and_a_file_without_rows(tmp_path):
+    rows = [{"_id" if i % 3 else "id": f"d{i % 40}", "title": "", "text": f"Text {i} " * (i % 9)}
+            for i in range(60)]  # d0..d19 twice; every 9th text empty
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\nnot json\n")
+    m, rejects = _collection(str(path), str(tmp_path / "out"), unit_bytes=300)
+    want, want_rejects = _one_stream(str(path))
+    assert storage.read_parquet(str(tmp_path / "out" / "corpus")).to_pylist() == want
+    assert sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows) == want_rejects
+    assert any(f == "_id" and "duplicate" in why for _, f, why in want_rejects)
+    for text, detail in (("", "empty file"), ("id\ttext\ttitle\n\n", "only a header")):
+        empty = tmp_path / f"e{len(text)}.tsv"
+        empty.write_text(text)
+        with pytest.raises(DataError, match=rf"e{len(text)}.tsv: no rows \({detail}\)"):
+            _collection(str(empty), str(tmp_path / f"out{len(text)}"), unit_bytes=4)
+
+
+@pytest.mark.parametrize("what", ["row", "duplicate"])
+def test_fail_names_the_file_line_of_the_first_defect(tmp_path, what):
+    path = _tsv(tmp_path, n=200, bad=(171, 180) if what == "row" else (),
+                dups=3 if what == "duplicate" else 0, seed=4)
+    with pytest.raises(DataError) as want:
+        list(readers.iter_passages(path, "en", readers.Rejects("fail")))
+    with pytest.raises(DataError) as got:
+        _collection(path, str(tmp_path / "out"), mode="fail")
+    assert str(got.value) == str(want.value)
+    assert ("tab-separated columns" if what == "row" else "duplicate passage id") in \
+        str(got.value)
+
+
+def test_a_rerun_keeps_the_units_done(tmp_path):
+    """A defect in a late unit fails the run; the units before it are recorded and are not
+    read again by the next run."""
+    path = _tsv(tmp_path, n=200, bad=(191,))
+    out = str(tmp_path / "out")
+    with pytest.raises(DataError, match=r"psgs.tsv:193: expected 3 tab-separated columns"):
+        _collection(path, out, mode="fail")
+    records = storage.list_files(f"{out}/_collection/units", ".json")
+    n_units = len(plan(path, 1000)[0])
+    assert 0 < len(records) < n_units
+    before = {u: storage.url_to_fs(u)[0].info(u)["mtime"] for u in records}
+    with pytest.raises(DataError, match=r"psgs.tsv:193:"):
+        _collection(path, out, mode="fail")
+    assert {u: storage.url_to_fs(u)[0].info(u)["mtime"] for u in records} == before
+
+
+def test_units_on_ray_tasks_over_s3(tmp_path, ray_local, s3_bucket):
+    """On Ray tasks (several units), reading the collection from S3 (seek + readline there)
+    and writing the corpus there, and a gzip file as one unit: the rows of one stream."""
+    path = _tsv(tmp_path, n=400, bad=(3, 333), dups=10, seed=7)
+    uri = f"{s3_bucket}/in/psgs.tsv"
+    storage.write_bytes(uri, open(path, "rb").read())
+    gz = tmp_path / "psgs.tsv.gz"
+    gz.write_bytes(gzip.compress(open(path, "rb").read()))
+    want, want_rejects = _one_stream(path)
+    for src, out in ((uri, f"{s3_bucket}/out"), (str(gz), str(tmp_path / "gz"))):
+        units = plan(src, 2000)[0]
+        assert len(units) == (1 if src.endswith(".gz") else len(plan(path, 2000)[0])) >= 1
+        m, rejects = _collection(src, out, unit_bytes=2000)
+        assert storage.read_parquet(f"{out}/corpus").to_pylist() == want
+        assert sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows) == [
+            (line, fld, why.replace(path, src)) for line, fld, why in want_rejects]
+        assert m["rows"] == 400
+
+
+def test_prepare_of_a_collection_in_units(tmp_path, monkeypatch):
+    """``prepare --format passages`` reads the collection in units: the corpus and
+    ``_rejected.jsonl`` of one stream."""
+    from qgscale.data import collection
+
+    monkeypatch.setattr(collection, "UNIT_BYTES", 1500)
+    path = _tsv(tmp_path, n=150, bad=(40,), dups=4, seed=2)
+    want, want_rejects = _one_stream(path, "sw")
+    out = str(tmp_path / "p")
+    summary = prepare("passages", path, out, on_error="skip", shard_rows=9, lang="sw")
+    assert len(storage.read_json(f"{out}/_collection/_plan.json")["units"]) > 3
+    assert storage.read_parquet(f"{out}/corpus").to_pylist() == want
+    rejected = [json.loads(x) for x in open(f"{out}/_rejected.jsonl", encoding="utf-8")]
+    assert sorted((r["line"], r["field"], r["reason"]) for r in rejected) == want_rejects
+    assert summary["rejected"] == 5 and summary["rows"]["corpus"] == 150
