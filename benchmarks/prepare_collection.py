@@ -63,8 +63,8 @@ def child(phase: str, data: str, out: str) -> None:
     corpus = f"{out}/corpus"
     for shard in storage.read_manifest(corpus)["shards"]:
         t = storage.read_parquet(f"{corpus}/{shard['file']}", ["pid", "text"])
-        for col in t.columns:
-            digest.update("\x1f".join(col.to_pylist()).encode())
+        for pid, text in zip(*(c.to_pylist() for c in t.columns), strict=True):
+            digest.update(f"{pid}\x1f{text}\x1e".encode())  # rows, whatever the shards
     rejected = Path(out, "_rejected.jsonl")
     lines = sorted(rejected.read_text(encoding="utf-8").splitlines()) if rejected.exists() \
         else []

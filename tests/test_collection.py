@@ -78,11 +78,17 @@ def _collection(path, out, mode="skip", unit_bytes=1000, shard_rows=7, lang="en"
     return m, rejects
 
 
-@pytest.mark.parametrize("header", [True, False])
-def test_units_give_the_rows_and_rejects_of_one_stream(tmp_path, header):
+@pytest.mark.parametrize("header,small", [(True, False), (False, False), (True, True)])
+def test_units_give_the_rows_and_rejects_of_one_stream(tmp_path, monkeypatch, header, small):
+    """``small``: ids packed 2 at a time and written every 4, in several buckets."""
+    from qgscale.data import collection
+
+    if small:
+        for name, value in (("PACK_ROWS", 2), ("ID_FLUSH", 4), ("BUCKET_BYTES", 5000)):
+            monkeypatch.setattr(collection, name, value)
     path = _tsv(tmp_path, bad=(5, 120, 121, 250), dups=20, header=header)
-    units = plan(path, 1000)[0]
-    assert len(units) > 20 and units[0].start == 0
+    units, _, _, buckets = plan(path, 1000)
+    assert len(units) > 20 and units[0].start == 0 and (buckets > 3) == small
     out = str(tmp_path / "out")
     m, rejects = _collection(path, out)
     want, want_rejects = _one_stream(path)

@@ -2,20 +2,22 @@
 ranges read in parallel.
 
 ``qgscale data prepare`` of a collection (format ``passages``; ``xor-tydi``'s and ``qas``'
-``passages``) cuts an uncompressed file into :class:`Unit` byte ranges of
-:data:`UNIT_BYTES` (a unit: the lines that start in it; a compressed file is one unit) and
-reads them on Ray tasks of one CPU each (here one after another, without Ray or for one
-unit). A unit writes its own corpus shards (``part-<unit>-<j>``) and its passage ids, hashed
-into buckets, to a work folder, then a record (its rows, lines, rejected rows): a re-run
-skips the recorded units (and, once the ids are checked, reads the duplicates found). A unit numbers its lines from 1; the driver makes them the file's
-own from the earlier units' line counts. The passage-id check then runs per bucket (a task
-each: the bucket's ids of every unit, sorted in Arrow): a duplicate fails (fail mode: the
-first in file order), or it is dropped from its shard (skip mode), naming both lines, as
+``passages``) cuts an uncompressed file into :class:`Unit` byte ranges (a unit: the lines
+that start in it; 4 units per cluster CPU, 32-256 MB each; a compressed file is one unit)
+and reads them on Ray tasks of one CPU each (here one after another, without Ray or for one
+unit). A unit writes its own corpus shards (``part-<unit>-<j>``) and its passage ids,
+hashed into buckets, to a work folder, then a record (its rows, lines, rejected rows): a
+re-run skips the recorded units, and once the ids are checked it reads the duplicates
+found. A unit numbers its lines from 1; the driver makes them the file's own from the
+earlier units' line counts. The passage-id check runs per bucket (a task each: the bucket's
+ids of every unit, sorted in Arrow): a duplicate fails (fail mode: the first in file order)
+or is dropped from its shard (skip mode), naming both lines, as
 :class:`~qgscale.data.unique.SpilledIds` does for the formats read in one stream.
 
-Memory: a unit task holds one shard of rows and at most :data:`ID_FLUSH` ids; a bucket task
-one bucket's ids (about :data:`BUCKET_BYTES` of input: 7M ids of psgs_w100); the driver the
-units' records (counts, shard names and rejected rows), never the collection.
+Memory: a unit task holds one shard of rows and at most :data:`ID_FLUSH` ids (about 36
+bytes each); a bucket task one bucket's ids (about :data:`BUCKET_BYTES` of input: 7M ids of
+psgs_w100); the driver the units' records (counts, shard names and rejected rows), never
+the collection.
 """
 
 from __future__ import annotations
@@ -41,12 +43,12 @@ from qgscale.data.schema import CORPUS
 from qgscale.data.unique import Dup, drop_duplicates, duplicate_reason
 from qgscale.errors import DataError, MissingInputError
 
-UNIT_BYTES = 256 << 20  # of an uncompressed collection per unit (psgs_w100: 52 units)
+UNIT_BYTES = 256 << 20  # of an uncompressed collection per unit, at most
 BUCKET_BYTES = 4 << 30  # of input per id bucket (a compressed file: its size x 4)
-ID_FLUSH = 1 << 20  # ids a unit holds before it writes them
+ID_FLUSH = 1 << 20  # ids a unit holds before it writes them ...
+PACK_ROWS = 1 << 14  # ... packed into Arrow this many at a time
+MIN_UNIT_BYTES = 32 << 20  # a unit's size on a cluster: 4 units per CPU, within these bounds
 TSV_COLUMNS = ["id", "text", "title"]  # psgs_w100's, when the file has no header line
-_IDS = pa.schema([("key", pa.string()), ("seq", pa.int64()), ("line", pa.int64()),
-                  ("fld", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -102,11 +104,24 @@ def _is_jsonl(path: str) -> bool:
     return re.search(r"\.jsonl(\.gz)?$", path) is not None
 
 
-def plan(path: str, unit_bytes: int = UNIT_BYTES) -> tuple[list[Unit], list[str] | None, bool,
-                                                            int]:
-    """``(units, columns, seen, buckets)`` of the collection ``path``: its byte ranges (one
-    for a compressed or small file; a TSV's header line always in the first), a TSV's
-    columns, whether it has a non-blank line, and the id buckets for its size."""
+def unit_bytes_for(size: int) -> int:
+    """Bytes per unit of a ``size``-byte collection: 4 units per CPU of the Ray cluster,
+    within :data:`MIN_UNIT_BYTES` and :data:`UNIT_BYTES` (psgs_w100's 13 GB on 64 CPUs: 52
+    MB, 256 units); :data:`UNIT_BYTES` without Ray (the units are read one after another)."""
+    import ray
+
+    if not ray.is_initialized():
+        return UNIT_BYTES
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return int(min(UNIT_BYTES, max(MIN_UNIT_BYTES, size / (4 * cpus))))
+
+
+def plan(path: str, unit_bytes: int | None = None
+         ) -> tuple[list[Unit], list[str] | None, bool, int]:
+    """``(units, columns, seen, buckets)`` of the collection ``path``: its byte ranges of
+    ``unit_bytes`` (:func:`unit_bytes_for` by default; one for a compressed or small file; a
+    TSV's header line always in the first), a TSV's columns, whether it has a non-blank
+    line, and the id buckets for its size."""
     fs, p = storage.url_to_fs(path)
     if not fs.exists(p):
         raise MissingInputError(f"{path}: input file not found")
@@ -126,6 +141,7 @@ def plan(path: str, unit_bytes: int = UNIT_BYTES) -> tuple[list[Unit], list[str]
                     columns = readers.tsv_header(cells) or TSV_COLUMNS
                 break
     buckets = max(1, math.ceil(size * (4 if compressed else 1) / BUCKET_BYTES))
+    unit_bytes = unit_bytes or unit_bytes_for(size)
     if compressed or size <= unit_bytes:
         return [Unit(0, 0, None)], columns, seen, buckets
     starts = sorted({0, *(max(i * unit_bytes, body) for i in range(1, -(-size // unit_bytes)))})
@@ -136,35 +152,58 @@ def plan(path: str, unit_bytes: int = UNIT_BYTES) -> tuple[list[Unit], list[str]
 
 
 class _Ids:
-    """A unit's passage ids ``(key, seq, line, field)`` by bucket (crc32 of the id), written
-    to ``ids/b<bucket>/<unit>-<part>.parquet`` every :data:`ID_FLUSH` ids."""
+    """A unit's passage ids ``(key, seq, line, field)``: packed into Arrow every
+    :data:`PACK_ROWS` (about 36 bytes an id), written by bucket (crc32 of the id) to
+    ``ids/b<bucket>/<unit>-<part>.parquet`` every :data:`ID_FLUSH` ids and at the end."""
 
     def __init__(self, job: Job, unit: Unit):
         self.job, self.unit = job, unit
+        self.keys: list[str] = []
+        self.lines: list[int] = []
+        self.flds: list[str] = []
+        self.packed: list[pa.Table] = []
+        self.held = 0  # ids packed
+        self.seq = 0  # ids packed or written
         self.parts = 0
-        self.seq = 0
-        self.buf: list[list[tuple[str, int, int, str]]] = [[] for _ in range(job.buckets)]
-        self.held = 0
 
     def add(self, key: str, line: int, fld: str) -> None:
-        self.buf[zlib.crc32(key.encode()) % self.job.buckets].append((key, self.seq, line, fld))
-        self.seq += 1
-        self.held += 1
-        if self.held >= ID_FLUSH:
-            self.flush()
+        self.keys.append(key)
+        self.lines.append(line)
+        self.flds.append(fld)
+        if len(self.keys) >= PACK_ROWS:
+            self._pack()
+            if self.held >= ID_FLUSH:
+                self.flush()
+
+    def _pack(self) -> None:
+        n = len(self.keys)
+        if not n:
+            return
+        buckets = [zlib.crc32(k.encode()) % self.job.buckets for k in self.keys]
+        self.packed.append(pa.table({
+            "key": pa.array(self.keys, pa.string()),
+            "seq": pa.array(np.arange(self.seq, self.seq + n, dtype=np.int64)),
+            "line": pa.array(self.lines, pa.int64()),
+            "fld": pa.array(self.flds, pa.string()).dictionary_encode(),
+            "bucket": pa.array(buckets, pa.int32())}))
+        self.keys, self.lines, self.flds = [], [], []
+        self.seq += n
+        self.held += n
 
     def flush(self) -> None:
-        for b, rows in enumerate(self.buf):
-            if rows:
-                keys, seqs, lines, flds = zip(*rows, strict=True)
-                storage.write_parquet(
-                    storage.join(bucket_uri(self.job, b), f"{self.unit.name}-{self.parts:04d}"
-                                 ".parquet"),
-                    pa.table([pa.array(keys, pa.string()), pa.array(seqs, pa.int64()),
-                              pa.array(lines, pa.int64()), pa.array(flds, pa.string())],
-                             schema=_IDS))
-        self.buf = [[] for _ in range(self.job.buckets)]
-        self.held = 0
+        self._pack()
+        if not self.packed:
+            return
+        t = pa.concat_tables(self.packed, promote_options="permissive").sort_by("bucket")
+        self.packed, self.held = [], 0
+        b = t.column("bucket").to_numpy()
+        cuts = np.flatnonzero(np.diff(b)) + 1
+        t = t.select(["key", "seq", "line"]).append_column(
+            "fld", t.column("fld").cast(pa.string()))
+        for lo, hi in zip([0, *cuts], [*cuts, len(b)], strict=True):
+            storage.write_parquet(storage.join(bucket_uri(self.job, int(b[lo])),
+                                               f"{self.unit.name}-{self.parts:04d}.parquet"),
+                                  t.slice(lo, hi - lo))
         self.parts += 1
 
 
@@ -214,11 +253,13 @@ def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
 def bucket_duplicates(uri: str) -> list[dict[str, Any]]:
     """The ids of one bucket (every unit's) that an earlier row had, in id order, each with
     its first row: ``{key, unit, seq, line, fld, first_unit, first_line}``."""
-    tables = []
-    for f in storage.list_files(uri, ".parquet"):
-        t = storage.read_parquet(f)
-        unit = int(posixpath.basename(f)[1:6])
-        tables.append(t.append_column("unit", pa.array(np.full(len(t), unit, np.int32))))
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = storage.list_files(uri, ".parquet")
+    with ThreadPoolExecutor(min(16, len(files) or 1)) as pool:  # every unit's part: on S3
+        tables = [t.append_column("unit", pa.array(np.full(len(t), int(posixpath.basename(f)[1:6]),
+                                                           np.int32)))
+                  for f, t in zip(files, pool.map(storage.read_parquet, files), strict=True)]
     if not tables:
         return []
     t = pa.concat_tables(tables).sort_by([("key", "ascending"), ("unit", "ascending"),
@@ -242,7 +283,7 @@ def bucket_duplicates(uri: str) -> list[dict[str, Any]]:
 
 
 def _job(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
-         shard_rows: int, fail: bool, unit_bytes: int) -> tuple[list[Unit], Job]:
+         shard_rows: int, fail: bool, unit_bytes: int | None) -> tuple[list[Unit], Job]:
     """The plan of ``path``: made once and kept in the work folder, so that a re-run reads
     the units its records name."""
     plan_uri = storage.join(work_uri, "_plan.json")
@@ -263,7 +304,7 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
                      unit_bytes: int | None = None) -> dict[str, Any]:
     """The collection ``path`` (language ``lang`` where a row has none) as corpus shards in
     ``out_uri``, read unit by unit (on Ray tasks where Ray is initialised and there are
-    several units of ``unit_bytes``, :data:`UNIT_BYTES` by default); returns the corpus
+    several units of ``unit_bytes``: :func:`unit_bytes_for` by default); returns the corpus
     manifest. Rejected rows go to ``rejects`` with the
     file's line numbers (in fail mode the first raises); duplicate ids as in
     :func:`~qgscale.data.unique.drop_duplicates`. ``work_uri`` keeps the plan, the units'
@@ -272,7 +313,7 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     from qgscale.runtime import map_shards  # runtime -> config -> prepare -> here
 
     units, job = _job(path, lang, out_uri, work_uri, config_hash, shard_rows,
-                      rejects.mode != "skip", unit_bytes or UNIT_BYTES)
+                      rejects.mode != "skip", unit_bytes)
     records: list[dict[str, Any]] = []
     line_at: list[int] = []  # lines before each unit
     row_at: list[int] = []  # rows written before each unit
