@@ -133,7 +133,8 @@ def data_prepare(
     set: Overrides = None,
 ) -> None:
     """Convert a raw dataset into canonical parquet shards."""
-    from qgscale.data.prepare import READ_ARGS, prepare
+    from qgscale.data.collection import UNIT_BYTES
+    from qgscale.data.prepare import READ_ARGS, collection_of, prepare
 
     if config:
         ignored = _given(ctx, (p.name for p in ctx.command.params
@@ -160,6 +161,12 @@ def data_prepare(
     key = storage.config_hash({"format": format, "on_error": on_error, "shard_rows": shard_rows,
                                **args, "input": input, "input_fp": storage.fingerprint(input),
                                "passages_fp": passages and storage.fingerprint(passages)})
+    coll = collection_of(format, input, **args)
+    fs, path = storage.url_to_fs(coll[0]) if coll else (None, "")
+    if fs is not None and fs.isfile(path) and fs.size(path) > UNIT_BYTES:
+        from qgscale import runtime
+
+        runtime.connect()  # its units on Ray tasks: RAY_ADDRESS's cluster, else a local Ray
     summary = prepare(format, input, output, on_error=on_error, shard_rows=shard_rows,
                       config_hash=key, **args)
     _print(summary)

@@ -615,7 +615,8 @@ def map_window(cluster_window: bool = False) -> int:
 
 
 def map_shards(fn: Callable[..., Any], uris: Sequence[Any], *args: Any,
-               cluster_window: bool = False, num_cpus: float = 0) -> Iterator[Any]:
+               cluster_window: bool = False, num_cpus: float = 0,
+               least: int | None = None) -> Iterator[Any]:
     """``fn(uri, *args)`` for each of ``uris``, the results in that order: on Ray tasks
     where Ray is initialised and there are several remote files or :data:`MAP_FROM` local
     ones (``num_cpus`` each, 0 by default; spread over the nodes, with :func:`worker_env`;
@@ -625,6 +626,7 @@ def map_shards(fn: Callable[..., Any], uris: Sequence[Any], *args: Any,
     corpus passes), else here one after another. A task's error is raised as itself (a
     DataError naming its file). ``uris`` may be other work units than file URIs (e.g.
     byte ranges of a file, :mod:`qgscale.data.collection`): they count as remote ones.
+    ``least``: on tasks from this many items (e.g. 1: work too large for this process).
 
     For the driver's passes over many files (corpus lookups, statistics): each file's work
     goes where it is read, only ``fn``'s result comes back, and the files' round trips
@@ -635,7 +637,9 @@ def map_shards(fn: Callable[..., Any], uris: Sequence[Any], *args: Any,
 
     first = uris[0] if uris else None
     uri = first if isinstance(first, str) else ""
-    least = 2 if first is not None and not (uri and storage.is_local(uri)) else max(2, MAP_FROM)
+    if least is None:
+        least = 2 if first is not None and not (uri and storage.is_local(uri)) else \
+            max(2, MAP_FROM)
     if len(uris) < least or not ray.is_initialized() or uri.startswith("memory://"):
         for u in uris:
             yield fn(u, *args)

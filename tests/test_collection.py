@@ -8,6 +8,7 @@ import gzip
 import json
 import random
 
+import pyarrow as pa
 import pytest
 
 from qgscale import storage
@@ -84,7 +85,7 @@ def test_units_give_the_rows_and_rejects_of_one_stream(tmp_path, monkeypatch, he
     from qgscale.data import collection
 
     if small:
-        for name, value in (("PACK_ROWS", 2), ("ID_FLUSH", 4), ("BUCKET_BYTES", 5000)):
+        for name, value in (("PACK_ROWS", 2), ("ID_FLUSH", 4), ("BUCKET_IDS", 40)):
             monkeypatch.setattr(collection, name, value)
     path = _tsv(tmp_path, bad=(5, 120, 121, 250), dups=20, header=header)
     units, _, _, buckets = plan(path, 1000)
@@ -184,3 +185,49 @@ def test_prepare_of_a_collection_in_units(tmp_path, monkeypatch):
     rejected = [json.loads(x) for x in open(f"{out}/_rejected.jsonl", encoding="utf-8")]
     assert sorted((r["line"], r["field"], r["reason"]) for r in rejected) == want_rejects
     assert summary["rejected"] == 5 and summary["rows"]["corpus"] == 150
+
+
+@pytest.mark.parametrize("prefix", [b"\xff junk\nid\ttitle\ttext\n", b"\n\n\xef\xbb\xbfid\ttitle\ttext\n",
+                                    b"id\ttitle\ttext\xff\n", b"a\rb\tc\n", b"id\ttitle\ttext\n"])
+def test_the_header_is_found_as_one_stream_finds_it(tmp_path, prefix):
+    """An undecodable first line, blank lines before a header with a byte-order mark, a bad
+    byte in the header, a line csv cannot read (a stray CR): every unit gets the columns
+    the stream takes, and the line is rejected with its number."""
+    rows = "".join(f"p{i}\tTitle {i}\t{'Text ' * (i % 7 + 1)}{i}\n" for i in range(80))
+    path = tmp_path / "c.tsv"
+    path.write_bytes(prefix + rows.encode())
+    want, want_rejects = _one_stream(str(path))
+    m, rejects = _collection(str(path), str(tmp_path / "out"), unit_bytes=200)
+    assert len(plan(str(path), 200)[0]) > 5
+    assert storage.read_parquet(str(tmp_path / "out" / "corpus")).to_pylist() == want
+    assert sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows) == want_rejects
+
+
+def test_a_lost_shard_and_an_older_layout(tmp_path):
+    """A shard removed after its unit was read is read again; the shards of an output written
+    before units (``part-00000``) are cleared, not read as more rows."""
+    path = _tsv(tmp_path, n=120, dups=5)
+    out = str(tmp_path / "out")
+    storage.write_parquet(f"{out}/corpus/part-00000.parquet", pa.table(
+        {"pid": ["old"], "lang": ["en"], "title": [""], "text": ["x"]}))
+    want, _ = _one_stream(path)
+    _collection(path, out)
+    assert storage.read_parquet(f"{out}/corpus").to_pylist() == want
+    shards = storage.list_files(f"{out}/corpus", ".parquet")
+    storage.remove(shards[3])
+    m, rejects = _collection(path, out)
+    assert storage.read_parquet(f"{out}/corpus").to_pylist() == want
+    assert storage.list_files(f"{out}/corpus", ".parquet") == shards and m["rows"] == 120
+    assert sum("duplicate" in r["reason"] for r in rejects.rows) == 5
+
+
+def test_memory_paths_are_read_here(ray_local):
+    """``memory://`` (this process's own store) is never handed to a Ray task."""
+    from qgscale.data import collection
+
+    rows = "".join(f"m{i}\tText {i}.\tT\n" for i in range(50))
+    storage.write_bytes("memory://coll/c.tsv", rows.encode())
+    m, _ = _collection("memory://coll/c.tsv", "memory://coll/out", unit_bytes=100)
+    assert len(collection.plan("memory://coll/c.tsv", 100)[0]) > 5
+    assert storage.read_parquet("memory://coll/out/corpus").column("pid").to_pylist() == [
+        f"m{i}" for i in range(50)] and m["rows"] == 50

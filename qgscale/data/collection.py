@@ -12,12 +12,16 @@ found. A unit numbers its lines from 1; the driver makes them the file's own fro
 earlier units' line counts. The passage-id check runs per bucket (a task each: the bucket's
 ids of every unit, sorted in Arrow): a duplicate fails (fail mode: the first in file order)
 or is dropped from its shard (skip mode), naming both lines, as
-:class:`~qgscale.data.unique.SpilledIds` does for the formats read in one stream.
+:class:`~qgscale.data.unique.SpilledIds` does for the formats read in one stream. As
+there, every row defect comes first: in fail mode a defect stops the read, and a duplicate
+id before it is reported once it is mended; in skip mode the duplicates follow the other
+rejected rows.
 
 Memory: a unit task holds one shard of rows and at most :data:`ID_FLUSH` ids (about 36
-bytes each); a bucket task one bucket's ids (about :data:`BUCKET_BYTES` of input: 7M ids of
-psgs_w100); the driver the units' records (counts, shard names and rejected rows), never
-the collection.
+bytes each); a bucket task one bucket's ids (about :data:`BUCKET_IDS`: 0.3 GB, and the
+sort's copies); the driver the units' records (counts, shard names and rejected rows),
+never the collection. The bucket check runs here only without Ray. Every node reads the
+collection and writes the corpus: on a cluster, paths that all nodes see (``s3://``).
 """
 
 from __future__ import annotations
@@ -25,17 +29,20 @@ from __future__ import annotations
 import bisect
 import csv
 import io
+import itertools
+import logging
 import math
 import posixpath
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from fsspec.utils import infer_compression
 
 from qgscale import storage
 from qgscale.data import readers
@@ -43,8 +50,10 @@ from qgscale.data.schema import CORPUS
 from qgscale.data.unique import Dup, drop_duplicates, duplicate_reason
 from qgscale.errors import DataError, MissingInputError
 
+log = logging.getLogger(__name__)
+
 UNIT_BYTES = 256 << 20  # of an uncompressed collection per unit, at most
-BUCKET_BYTES = 4 << 30  # of input per id bucket (a compressed file: its size x 4)
+BUCKET_IDS = 8 << 20  # ids per bucket, estimated from the first MiB's lines (gzip: x 4 text)
 ID_FLUSH = 1 << 20  # ids a unit holds before it writes them ...
 PACK_ROWS = 1 << 14  # ... packed into Arrow this many at a time
 MIN_UNIT_BYTES = 32 << 20  # a unit's size on a cluster: 4 units per CPU, within these bounds
@@ -72,7 +81,7 @@ class Job:
     path: str
     lang: str
     out_uri: str  # the corpus folder
-    work_uri: str  # unit records and ids, removed at the end
+    work_uri: str  # the plan, unit records, ids (removed once checked), duplicates found
     config_hash: str
     shard_rows: int
     fail: bool  # on_error fail: a unit stops at its first rejected row
@@ -121,26 +130,35 @@ def plan(path: str, unit_bytes: int | None = None
     """``(units, columns, seen, buckets)`` of the collection ``path``: its byte ranges of
     ``unit_bytes`` (:func:`unit_bytes_for` by default; one for a compressed or small file; a
     TSV's header line always in the first), a TSV's columns, whether it has a non-blank
-    line, and the id buckets for its size."""
+    line, and the id buckets for the ids it likely holds."""
     fs, p = storage.url_to_fs(path)
     if not fs.exists(p):
         raise MissingInputError(f"{path}: input file not found")
     if fs.isdir(p):
         raise DataError(f"{path}: is a folder; this format reads a file")
     size = fs.size(p)
-    compressed = fsspec.utils.infer_compression(path) is not None
+    compressed = infer_compression(path) is not None
     columns, seen, body = None, False, 0
-    with fsspec.open(path, "rb", compression="infer") as f:
-        for raw in iter(f.readline, b""):  # the first non-blank line: a TSV's header?
-            body += len(raw)
-            text = raw.decode("utf-8", "replace").rstrip("\r\n").removeprefix("\ufeff")
-            if text.strip() or "\t" in text:
-                seen = True
-                if not _is_jsonl(path):
-                    cells = next(csv.reader(io.StringIO(text), delimiter="\t"))
-                    columns = readers.tsv_header(cells) or TSV_COLUMNS
-                break
-    buckets = max(1, math.ceil(size * (4 if compressed else 1) / BUCKET_BYTES))
+    span = readers.Span()
+    lines = readers._open_text_lines(path, readers.Rejects("skip"), span=span)
+    for _, line in lines:  # the first row, as iter_passages finds it: a TSV's header?
+        if not line.strip() and "\t" not in line:
+            continue
+        if not _is_jsonl(path):
+            try:
+                cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
+            except csv.Error:
+                continue  # a rejected line
+            columns = readers.tsv_header(cells) or TSV_COLUMNS
+        seen, body = True, span.pos
+        break
+    for _ in lines:  # the mean line of the first MiB: the ids to check
+        if span.pos >= 1 << 20:
+            break
+    lines.close()
+    text_bytes = size * (4 if compressed else 1)
+    ids = text_bytes * max(1, span.lines) / max(1, span.pos)
+    buckets = max(1, math.ceil(ids / BUCKET_IDS))
     unit_bytes = unit_bytes or unit_bytes_for(size)
     if compressed or size <= unit_bytes:
         return [Unit(0, 0, None)], columns, seen, buckets
@@ -207,6 +225,10 @@ class _Ids:
         self.parts += 1
 
 
+def unit_record(job: Job, unit: Unit) -> str:
+    return storage.join(job.work_uri, "units", f"{unit.name}.json")
+
+
 def bucket_uri(job: Job, bucket: int) -> str:
     return storage.join(job.work_uri, "ids", f"b{bucket:04d}")
 
@@ -215,7 +237,7 @@ def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
     """Read one unit into corpus shards and its ids; returns its record (written last, read
     back on a re-run): ``{name, lines, read, rows, shards: [{name, rows}], rejects}``, or
     ``{name, failed: rejected row}`` (fail mode: nothing recorded)."""
-    record_uri = storage.join(job.work_uri, "units", f"{unit.name}.json")
+    record_uri = unit_record(job, unit)
     if storage.exists(record_uri):
         return storage.read_json(record_uri)
     rejects = _UnitRejects(job.fail)
@@ -291,7 +313,9 @@ def _job(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
         saved = storage.read_json(plan_uri)
         units = [Unit(*u) for u in saved["units"]]
         columns, seen, buckets = saved["columns"], saved["seen"], saved["buckets"]
-    else:
+    else:  # a fresh start: no shard of an earlier layout or plan is kept
+        storage.remove(out_uri, recursive=True)
+        storage.remove(work_uri, recursive=True)
         units, columns, seen, buckets = plan(path, unit_bytes)
         storage.write_json(plan_uri, {"units": [[u.index, u.start, u.end] for u in units],
                                       "columns": columns, "seen": seen, "buckets": buckets})
@@ -309,37 +333,53 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     file's line numbers (in fail mode the first raises); duplicate ids as in
     :func:`~qgscale.data.unique.drop_duplicates`. ``work_uri`` keeps the plan, the units'
     records and the duplicates found (the ids are removed once checked): a re-run of a
-    finished collection reads those, and reports the same rejected rows."""
+    finished collection reads those, and reports the same rejected rows; a unit whose shard
+    is gone is read again. A new plan (no ``_plan.json``) clears ``out_uri`` first.
+    ``memory://`` paths (this process's own) are read here."""
     from qgscale.runtime import map_shards  # runtime -> config -> prepare -> here
 
     units, job = _job(path, lang, out_uri, work_uri, config_hash, shard_rows,
                       rejects.mode != "skip", unit_bytes)
+    here = any(u.startswith("memory://") for u in (path, out_uri, work_uri))  # this process's
+
+    def read(todo: list[Unit]) -> Iterator[dict[str, Any]]:
+        return ((read_unit(u, job) for u in todo) if here else
+                map_shards(read_unit, todo, job, num_cpus=1))
+
     records: list[dict[str, Any]] = []
-    line_at: list[int] = []  # lines before each unit
-    row_at: list[int] = []  # rows written before each unit
-    lines = rows = 0
-    for rec in map_shards(read_unit, units, job, num_cpus=1):
+    lines = 0
+    for rec in read(units):
         if "failed" in rec:
             r = rec["failed"]
             rejects.bad(path, r["line"] and r["line"] + lines, r["field"], r["reason"], r["raw"])
-        line_at.append(lines)
-        row_at.append(rows)
-        lines, rows = lines + rec["lines"], rows + rec["rows"]
-        rejects.rows += [{**r, "line": r["line"] and r["line"] + line_at[-1]}
-                         for r in rec["rejects"]]
         records.append(rec)
+        lines += rec["lines"]
+    writer = storage.ShardWriter(out_uri, config_hash)
+    have = writer.markers()
+    lost = [i for i, r in enumerate(records) if any(s["name"] not in have for s in r["shards"])]
+    if lost:  # a shard removed after its unit was read: that unit is read again
+        log.warning("%s: %d corpus shard(s) gone since their units were read (e.g. unit %s): "
+                    "read again", out_uri, len(lost), units[lost[0]].name)
+        for i in lost:
+            storage.remove(unit_record(job, units[i]))
+        for i, rec in zip(lost, read([units[i] for i in lost]), strict=True):
+            records[i] = rec
+    line_at = list(itertools.accumulate((r["lines"] for r in records[:-1]), initial=0))
+    row_at = list(itertools.accumulate((r["rows"] for r in records[:-1]), initial=0))
+    for rec, at in zip(records, line_at, strict=True):
+        rejects.rows += [{**r, "line": r["line"] and r["line"] + at} for r in rec["rejects"]]
     if not any(r["read"] for r in records):
         raise readers.no_rows(path, "only a header" if job.seen and job.columns else
                               "empty file")
     done_uri = storage.join(work_uri, "duplicates.json")  # kept: a re-run reports them again
-    if storage.exists(done_uri):
-        found = storage.read_json(done_uri)
-    else:
-        found = [d for out in map_shards(bucket_duplicates, [bucket_uri(job, b) for b in
-                                                             range(job.buckets)], num_cpus=1)
+    if not storage.exists(done_uri):
+        buckets = [bucket_uri(job, b) for b in range(job.buckets)]
+        found = [d for out in ((bucket_duplicates(b) for b in buckets) if here else
+                               map_shards(bucket_duplicates, buckets, num_cpus=1, least=1))
                  for d in out]
         storage.write_json(done_uri, found)
-        storage.remove(storage.join(work_uri, "ids"), recursive=True)
+    found = storage.read_json(done_uri)
+    storage.remove(storage.join(work_uri, "ids"), recursive=True)
     dups = [Dup(d["key"], row_at[d["unit"]] + d["seq"], path, line_at[d["unit"]] + d["line"],
                 d["fld"], path, line_at[d["first_unit"]] + d["first_line"]) for d in found]
     with_rows = [i for i, r in enumerate(records) if r["rows"]]
@@ -350,16 +390,9 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
         at = seq - row_at[i]
         return records[i]["shards"][at // shard_rows]["name"], at % shard_rows
 
-    writer = storage.ShardWriter(out_uri, config_hash)
-    dropped_uri = storage.join(work_uri, "dropped.json")  # their rejected rows, raw included
-    if storage.exists(dropped_uri):
-        rejects.rows += storage.read_json(dropped_uri)
-    else:
-        before = len(rejects.rows)
-        drop_duplicates(writer, dups, locate,
-                        lambda d: duplicate_reason("passage id", d.key, d.file, d.first_file,
-                                                   d.first_line), rejects)
-        storage.write_json(dropped_uri, rejects.rows[before:])
+    drop_duplicates(writer, dups, locate,
+                    lambda d: duplicate_reason("passage id", d.key, d.file, d.first_file,
+                                               d.first_line), rejects)
     names = [s["name"] for r in records for s in r["shards"]]
     if not names:  # every row rejected: one empty shard, a readable table
         names = ["part-00000-00000"]

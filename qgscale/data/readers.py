@@ -34,7 +34,9 @@ import pyarrow as pa
 from qgscale.data.schema import SCHEMAS
 from qgscale.data.unique import SpilledIds, duplicate_reason
 from qgscale.errors import DataError, MissingInputError
+from qgscale.storage import is_local
 
+csv.field_size_limit(1 << 30)  # a passage may be longer than csv's default 131,072 chars
 XQUAD_LANGS = ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"]
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,9 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
     from 1 within it (:class:`Span`; its ``lines`` counts them as they are read)."""
     n = 0
     with _open(path) as f:
+        if not is_local(path) and fsspec.utils.infer_compression(path) is None:
+            # s3fs' readline reads (copies) a whole block, 5-50 MB, per line
+            f = io.BufferedReader(f, 1 << 20)
         if span is not None and span.start:
             f.seek(span.start - 1)
             f.readline()  # the rest of the line that starts before the span
@@ -139,7 +144,7 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
             n += 1
             if span is not None:
                 pos += len(raw)
-                span.lines = n
+                span.lines, span.pos = n, pos
             try:
                 text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
@@ -504,13 +509,14 @@ def _passage_from_json(obj: dict, path: str, n: int, lang: str,
 @dataclass
 class Span:
     """A byte range ``[start, end)`` of an uncompressed text file (``end`` None: to its end):
-    the lines that start in it. Counted as they are read: ``lines`` (all of them) and
-    ``rows`` (those that are not blank, nor a TSV collection's header line)."""
+    the lines that start in it. Counted as they are read: ``lines`` (all of them), ``rows``
+    (those that are not blank, nor a TSV collection's header line) and ``pos``."""
 
     start: int = 0
     end: int | None = None
     lines: int = 0
     rows: int = 0
+    pos: int = 0  # the end of the last line read
 
 
 def tsv_header(cells: list[str]) -> list[str] | None:
@@ -564,7 +570,11 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
     for n, line in _open_text_lines(path, rejects, span=span):
         if not line.strip() and "\t" not in line:  # blank; a line of tabs is a row of blanks
             continue
-        cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
+        try:
+            cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
+        except csv.Error as e:  # e.g. an unclosed quote at the end of the line
+            rejects.bad(path, n, None, f"malformed TSV line: {e}", line)
+            continue
         if header is None:
             header = tsv_header(cells) or ["id", "text", "title"]
             if cells and cells[0] == "id":

@@ -169,7 +169,8 @@ def drop_duplicates(writer: ShardWriter, dups: Iterable[Dup],
     """The duplicates ``dups`` among the rows of ``writer``'s shards (``locate(seq)``: the
     shard name and row of stream position ``seq``): in ``fail`` mode the first one in the
     stream raises; in ``skip`` mode each is recorded in ``rejects`` and dropped from its
-    shard. Returns the number dropped. Memory: O(duplicates + one shard)."""
+    shard, its marker keeping the dropped rows (a re-run reports them as they were).
+    Returns the number dropped. Memory: O(duplicates + one shard)."""
     by_shard: dict[str, list[tuple[int, Dup]]] = {}
     for d in sorted(dups, key=lambda d: d.seq):
         if rejects.mode != "skip":
@@ -191,12 +192,15 @@ def drop_duplicates(writer: ShardWriter, dups: Iterable[Dup],
                 raise DataError(f"{writer.shard_uri(name)}: {table.num_rows} rows, its "
                                 f"marker says {marker['rows']}: remove {writer.root} and "
                                 "prepare again")
-        for at, d in found:  # raw: the row as it was written
-            raw = None if table is None else json.dumps(table.slice(at, 1).to_pylist()[0],
-                                                        ensure_ascii=False)
+        if table is not None:  # raw: the row as it was written
+            raws = [json.dumps(table.slice(at, 1).to_pylist()[0], ensure_ascii=False)
+                    for at in offsets]
+        else:  # dropped by an earlier run: as it recorded them
+            raws = marker.get("dropped_raw") or [None] * len(offsets)
+        for (_, d), raw in zip(found, raws, strict=True):
             rejects.bad(d.file, d.line, d.fld, reason(d), raw)
         if table is not None:  # not dropped yet (done by an interrupted run otherwise)
             drop = set(offsets)
             keep = pa.array([j not in drop for j in range(table.num_rows)])
-            writer.write(name, table.filter(keep), dropped=offsets)
+            writer.write(name, table.filter(keep), dropped=offsets, dropped_raw=raws)
     return sum(len(d) for d in by_shard.values())
