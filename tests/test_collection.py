@@ -187,7 +187,8 @@ def test_prepare_of_a_collection_in_units(tmp_path, monkeypatch):
     assert summary["rejected"] == 5 and summary["rows"]["corpus"] == 150
 
 
-@pytest.mark.parametrize("prefix", [b"\xff junk\nid\ttitle\ttext\n", b"\n\n\xef\xbb\xbfid\ttitle\ttext\n",
+@pytest.mark.parametrize("prefix", [b"\xff junk\nid\ttitle\ttext\n",
+                                    b"\n\n\xef\xbb\xbfid\ttitle\ttext\n",
                                     b"id\ttitle\ttext\xff\n", b"a\rb\tc\n", b"id\ttitle\ttext\n"])
 def test_the_header_is_found_as_one_stream_finds_it(tmp_path, prefix):
     """An undecodable first line, blank lines before a header with a byte-order mark, a bad
