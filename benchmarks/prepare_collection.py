@@ -44,7 +44,12 @@ def make_collection(path: Path, n: int, dups: int, bad: int, seed: int = 5) -> N
 
 
 def child(phase: str, data: str, out: str) -> None:
-    cpus = int(phase.split(":")[1]) if phase.startswith("ray") else 0
+    name, *rest = phase.split(":")
+    cpus = int(rest[0]) if name == "ray" else 0
+    if rest[-1:] and rest[-1].startswith("u"):  # --unit-bytes: the units' size, not the default
+        from qgscale.data import collection
+
+        collection.UNIT_BYTES = collection.MIN_UNIT_BYTES = int(rest[-1][1:])
     ray_s = 0.0
     if cpus:
         import ray
@@ -62,14 +67,11 @@ def child(phase: str, data: str, out: str) -> None:
     digest = hashlib.sha256()
     corpus = f"{out}/corpus"
     for shard in storage.read_manifest(corpus)["shards"]:
-        t = storage.read_parquet(f"{corpus}/{shard['file']}", ["pid", "text"])
-        for pid, text in zip(*(c.to_pylist() for c in t.columns), strict=True):
-            digest.update(f"{pid}\x1f{text}\x1e".encode())  # rows, whatever the shards
+        for row in storage.read_parquet(f"{corpus}/{shard['file']}").to_pylist():
+            digest.update(json.dumps(row, sort_keys=True).encode())  # rows, whatever the shards
     rejected = Path(out, "_rejected.jsonl")
-    lines = sorted(rejected.read_text(encoding="utf-8").splitlines()) if rejected.exists() \
-        else []
-    rej = hashlib.sha256("\n".join(json.loads(x)["reason"] + str(json.loads(x)["line"])
-                                   for x in lines).encode()).hexdigest()[:16]
+    lines = rejected.read_text(encoding="utf-8").splitlines() if rejected.exists() else []
+    rej = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]  # in order, raw included
     print(json.dumps({"seconds": round(seconds, 2), "ray_start_s": round(ray_s, 2),
                       "rows": summary["rows"]["corpus"], "rejected": summary["rejected"],
                       "corpus_sha": digest.hexdigest()[:16], "rejected_sha": rej}))
@@ -81,6 +83,8 @@ def main() -> None:
     ap.add_argument("--dups", type=int, default=200)
     ap.add_argument("--bad", type=int, default=20)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--unit-bytes", type=int, default=None,
+                    help="bytes per unit (default: prepare's own, 4 units per CPU, 32-256 MB)")
     args = parse(ap, child)
     script = str(Path(__file__).resolve())
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,9 +94,10 @@ def main() -> None:
         mb = round((data / "psgs.tsv").stat().st_size / (1 << 20), 1)
         print(f"collection: {args.passages:,} passages, {mb} MB, made in "
               f"{time.perf_counter() - t0:.0f} s")
-        phases = [("stream" if tree == "baseline" else "units", tree, src)
+        unit = f":u{args.unit_bytes}" if args.unit_bytes else ""
+        phases = [("stream" if tree == "baseline" else "units" + unit, tree, src)
                   for tree, src in trees(args.baseline_src)]
-        phases.append((f"ray:{args.cpus}", "this", REPO))
+        phases.append((f"ray:{args.cpus}{unit}", "this", REPO))
         runs = []
         for phase, tree, src in phases:
             res = measure(src, phase, data, data / f"out-{phase.replace(':', '')}-{tree}",
@@ -115,6 +120,7 @@ def main() -> None:
               f"{r['actor_peak_rss_mb'] or '-'} | {r['rejected']} |")
     print(f"\nidentical corpus and rejected rows in every run: {same}")
     save(args.out, {"commit": commit(REPO), "passages": args.passages, "collection_mb": mb,
+                    "unit_bytes": args.unit_bytes,
                     "dups": args.dups, "bad": args.bad, "cpus": args.cpus,
                     "shard_rows": SHARD_ROWS, "identical": same, "runs": runs})
     if not same:
