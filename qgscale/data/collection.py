@@ -284,11 +284,12 @@ def bucket_duplicates(uri: str) -> list[dict[str, Any]]:
                   for f, t in zip(files, pool.map(storage.read_parquet, files), strict=True)]
     if not tables:
         return []
-    t = pa.concat_tables(tables).sort_by([("key", "ascending"), ("unit", "ascending"),
-                                          ("seq", "ascending")])
+    t = pa.concat_tables(tables)
     if t.num_rows < 2:
         return []
-    keys = t.column("key")
+    order = pc.sort_indices(t, [("key", "ascending"), ("unit", "ascending"),
+                                ("seq", "ascending")])
+    keys = t.column("key").take(order)  # the other columns only at the duplicates
     same = np.concatenate([[False], pc.equal(keys.slice(1), keys.slice(0, t.num_rows - 1))
                            .to_numpy(zero_copy_only=False)])
     dup = np.flatnonzero(same)
@@ -296,12 +297,12 @@ def bucket_duplicates(uri: str) -> list[dict[str, Any]]:
         return []
     starts = np.flatnonzero(~same)
     first = starts[np.searchsorted(starts, dup, side="right") - 1]
-    cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in ("unit", "seq", "line")}
-    flds = t.column("fld").take(pa.array(dup)).to_pylist()
-    return [{"key": keys[int(i)].as_py(), "unit": int(cols["unit"][i]),
-             "seq": int(cols["seq"][i]), "line": int(cols["line"][i]), "fld": fld,
-             "first_unit": int(cols["unit"][j]), "first_line": int(cols["line"][j])}
-            for i, j, fld in zip(dup, first, flds, strict=True)]
+    at = order.to_numpy()
+    rows = t.take(pa.array(at[dup])).to_pylist()
+    firsts = t.select(["unit", "line"]).take(pa.array(at[first])).to_pylist()
+    return [{"key": r["key"], "unit": r["unit"], "seq": r["seq"], "line": r["line"],
+             "fld": r["fld"], "first_unit": f["unit"], "first_line": f["line"]}
+            for r, f in zip(rows, firsts, strict=True)]
 
 
 def _job(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,

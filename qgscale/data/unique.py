@@ -169,38 +169,47 @@ def drop_duplicates(writer: ShardWriter, dups: Iterable[Dup],
     """The duplicates ``dups`` among the rows of ``writer``'s shards (``locate(seq)``: the
     shard name and row of stream position ``seq``): in ``fail`` mode the first one in the
     stream raises; in ``skip`` mode each is recorded in ``rejects`` and dropped from its
-    shard, its marker keeping the dropped rows (a re-run reports them as they were).
-    Returns the number dropped. Memory: O(duplicates + one shard)."""
+    shard (:func:`drop_rows`, on Ray tasks where Ray is initialised and several shards have
+    some). Returns the number dropped. Memory: O(duplicates), and one shard where it is
+    dropped from."""
+    from qgscale.runtime import map_shards
+
     by_shard: dict[str, list[tuple[int, Dup]]] = {}
     for d in sorted(dups, key=lambda d: d.seq):
         if rejects.mode != "skip":
             rejects.bad(d.file, d.line, d.fld, reason(d))
         name, at = locate(d.seq)
         by_shard.setdefault(name, []).append((at, d))
-    for name, found in sorted(by_shard.items()):
-        found.sort(key=lambda x: x[0])
-        offsets = [at for at, _ in found]
-        marker = storage.read_json(writer.marker_uri(name))
-        table = None
-        if marker.get("dropped") != offsets:
-            table = storage.read_parquet(writer.shard_uri(name))
-            if table.num_rows == marker["rows"] - len(offsets):
-                # filtered by a run that died before its marker: mark it, do not filter again
-                writer.write(name, table, dropped=offsets)
-                table = None
-            elif table.num_rows != marker["rows"]:
-                raise DataError(f"{writer.shard_uri(name)}: {table.num_rows} rows, its "
-                                f"marker says {marker['rows']}: remove {writer.root} and "
-                                "prepare again")
-        if table is not None:  # raw: the row as it was written
-            raws = [json.dumps(table.slice(at, 1).to_pylist()[0], ensure_ascii=False)
-                    for at in offsets]
-        else:  # dropped by an earlier run: as it recorded them
-            raws = marker.get("dropped_raw") or [None] * len(offsets)
-        for (_, d), raw in zip(found, raws, strict=True):
+    work = sorted(by_shard.items())
+    here = writer.root.startswith("memory://")  # this process's own store
+    items = [(name, [at for at, _ in found]) for name, found in work]
+    raws = ((drop_rows(i, writer) for i in items) if here else
+            map_shards(drop_rows, items, writer, num_cpus=1))
+    for (_, found), shard_raws in zip(work, raws, strict=True):
+        for (_, d), raw in zip(found, shard_raws, strict=True):
             rejects.bad(d.file, d.line, d.fld, reason(d), raw)
-        if table is not None:  # not dropped yet (done by an interrupted run otherwise)
-            drop = set(offsets)
-            keep = pa.array([j not in drop for j in range(table.num_rows)])
-            writer.write(name, table.filter(keep), dropped=offsets, dropped_raw=raws)
     return sum(len(d) for d in by_shard.values())
+
+
+def drop_rows(item: tuple[str, list[int]], writer: ShardWriter) -> list[str | None]:
+    """Drop rows ``offsets`` (sorted) of ``writer``'s shard ``name`` (``item``); returns them
+    as JSON (the rows as written). The shard's marker keeps them: a re-run (of a shard
+    dropped from already) returns them as they were."""
+    name, offsets = item
+    marker = storage.read_json(writer.marker_uri(name))
+    if marker.get("dropped") == offsets:
+        return marker.get("dropped_raw") or [None] * len(offsets)
+    table = storage.read_parquet(writer.shard_uri(name))
+    if table.num_rows == marker["rows"] - len(offsets):
+        # filtered by a run that died before its marker: mark it, do not filter again
+        writer.write(name, table, dropped=offsets)
+        return [None] * len(offsets)
+    if table.num_rows != marker["rows"]:
+        raise DataError(f"{writer.shard_uri(name)}: {table.num_rows} rows, its marker says "
+                        f"{marker['rows']}: remove {writer.root} and prepare again")
+    raws = [json.dumps(table.slice(at, 1).to_pylist()[0], ensure_ascii=False)
+            for at in offsets]
+    drop = set(offsets)
+    keep = pa.array([j not in drop for j in range(table.num_rows)])
+    writer.write(name, table.filter(keep), dropped=offsets, dropped_raw=raws)
+    return raws
