@@ -171,8 +171,8 @@ def test_units_on_ray_tasks_over_s3(tmp_path, ray_local, s3_bucket):
 
 
 def test_prepare_of_a_collection_in_units(tmp_path, monkeypatch):
-    """``prepare --format passages`` reads the collection in units: the corpus and
-    ``_rejected.jsonl`` of one stream."""
+    """``prepare --format passages`` and ``beir`` read the collection in units: the corpus
+    and ``_rejected.jsonl`` of one stream."""
     from qgscale.data import collection
 
     monkeypatch.setattr(collection, "UNIT_BYTES", 1500)
@@ -185,6 +185,22 @@ def test_prepare_of_a_collection_in_units(tmp_path, monkeypatch):
     rejected = [json.loads(x) for x in open(f"{out}/_rejected.jsonl", encoding="utf-8")]
     assert sorted((r["line"], r["field"], r["reason"]) for r in rejected) == want_rejects
     assert summary["rejected"] == 5 and summary["rows"]["corpus"] == 150
+    # a BEIR folder's corpus.jsonl too; its queries and qrels as before
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": r["pid"], "title": r["title"], "text": r["text"]}) + "\n"
+        for r in want) + json.dumps({"_id": "p3", "text": "again"}) + "\n")
+    (beir / "queries.jsonl").write_text('{"_id": "q1", "text": "a?"}\n')
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tp1\t1\n")
+    out = str(tmp_path / "b")
+    summary = prepare("beir", str(beir), out, on_error="skip", shard_rows=9, lang="sw")
+    assert len(storage.read_json(f"{out}/_collection/_plan.json")["units"]) > 3
+    assert storage.read_parquet(f"{out}/corpus").to_pylist() == want
+    assert storage.read_parquet(f"{out}/test/qrels").to_pylist() == [
+        {"qid": "q1", "pid": "p1", "rel": 1}]
+    assert summary["rejected"] == 1 and "duplicate passage id 'p3' (first at line 4)" in \
+        open(f"{out}/_rejected.jsonl", encoding="utf-8").read()
 
 
 @pytest.mark.parametrize("prefix", [b"\xff junk\nid\ttitle\ttext\n",

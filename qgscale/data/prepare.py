@@ -103,7 +103,8 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     if fmt == "tatoeba":
         return readers.read_tatoeba(input, query_langs, rejects)
     if fmt == "beir":
-        return readers.read_beir(input, lang, rejects, stream=stream, unique=unique)
+        return readers.read_beir(input, lang, rejects, stream=stream, unique=unique,
+                                 corpus=collection)
     if fmt == "jsonl":
         rows = readers.iter_canonical_jsonl(input, kind, rejects,
                                             unique if kind == "corpus" else True)
@@ -142,10 +143,13 @@ def collection_of(fmt: str, input: str, passages: str | None = None,
                   corpus_langs: list[str] | None = None, lang: str = "und", **_: Any
                   ) -> tuple[str, str] | None:
     """``(path, language)`` of the passage collection whose rows alone are the corpus
-    (format ``passages``; ``xor-tydi``'s and ``qas``' ``passages``), else None (the corpus
-    comes with the other tables, or is checked against them: ``dpr``)."""
+    (format ``passages``; ``xor-tydi``'s and ``qas``' ``passages``; ``beir``'s
+    ``corpus.jsonl``), else None (the corpus comes with the other tables, or is checked
+    against them: ``dpr``)."""
     if fmt == "passages":
         return input, lang
+    if fmt == "beir":
+        return readers.beir_file(input, "corpus.jsonl"), lang
     if fmt == "xor-tydi" and passages:
         return passages, "en"
     if fmt == "qas" and passages:

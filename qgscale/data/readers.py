@@ -1273,25 +1273,31 @@ def _iter_qrels_tsv(path: str, rejects: Rejects) -> Iterator[tuple[int, dict[str
         raise no_rows(path, "only a header" if header else "empty file")
 
 
+def beir_file(folder: str, name: str) -> str:
+    """``folder/name`` of a BEIR folder, or its ``.gz``; a missing one is an error."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    for n in (name, name + ".gz"):
+        if fs.exists(f"{root}/{n}"):
+            return f"{folder.rstrip('/')}/{n}"
+    raise MissingInputError(f"{folder}: {name} is missing")
+
+
 def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None,
-              stream: bool = False, unique: bool | SpilledIds = True) -> Tables:
+              stream: bool = False, unique: bool | SpilledIds = True,
+              corpus: bool = True) -> Tables:
     """A BEIR/MIRACL folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/{split}.tsv``.
     With ``stream`` the corpus is a generator (:func:`iter_passages`, which takes
-    ``unique``), read while it is written; queries and qrels are read at once."""
+    ``unique``), read while it is written; queries and qrels are read at once. ``corpus``
+    False: without the corpus (read in parallel by :mod:`qgscale.data.collection`)."""
     rejects = rejects or Rejects()
     fs, root = fsspec.core.url_to_fs(folder)
     base = folder.rstrip("/")
-
-    def find(name: str) -> str:
-        for n in (name, name + ".gz"):
-            if fs.exists(f"{root}/{n}"):
-                return f"{base}/{n}"
-        raise MissingInputError(f"{folder}: {name} is missing")
-
-    passages = iter_passages(find("corpus.jsonl"), lang, rejects, unique)
-    tables: Tables = {"corpus": passages if stream else list(passages)}
+    tables: Tables = {}
+    if corpus:
+        passages = iter_passages(beir_file(folder, "corpus.jsonl"), lang, rejects, unique)
+        tables["corpus"] = passages if stream else list(passages)
     queries = []
-    qpath = find("queries.jsonl")
+    qpath = beir_file(folder, "queries.jsonl")
     seen = FirstSeen("query id")
     for n, obj in iter_jsonl(qpath, rejects):
         key = "_id" if "_id" in obj else "id"
