@@ -133,6 +133,8 @@ def data_prepare(
     set: Overrides = None,
 ) -> None:
     """Convert a raw dataset into canonical parquet shards."""
+    from fsspec.utils import infer_compression
+
     from qgscale.data.collection import UNIT_BYTES
     from qgscale.data.prepare import READ_ARGS, collection_of, prepare
 
@@ -163,7 +165,8 @@ def data_prepare(
                                "passages_fp": passages and storage.fingerprint(passages)})
     coll = collection_of(format, input, **args)
     fs, path = storage.url_to_fs(coll[0]) if coll else (None, "")
-    if fs is not None and fs.isfile(path) and fs.size(path) > UNIT_BYTES:
+    if fs is not None and fs.isfile(path) and fs.size(path) > UNIT_BYTES and \
+            infer_compression(path) is None:  # a compressed file is one range
         from qgscale import runtime
 
         runtime.connect()  # its units on Ray tasks: RAY_ADDRESS's cluster, else a local Ray

@@ -4,6 +4,7 @@ file, on Ray tasks and on S3, and a re-run keeps the finished units."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import random
@@ -79,17 +80,21 @@ def _collection(path, out, mode="skip", unit_bytes=1000, shard_rows=7, lang="en"
     return m, rejects
 
 
-@pytest.mark.parametrize("header,small", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("header,small", [(True, ""), (False, ""), (True, "buckets"),
+                                          (True, "passes")])
 def test_units_give_the_rows_and_rejects_of_one_stream(tmp_path, monkeypatch, header, small):
-    """``small``: ids packed 2 at a time and written every 4, in several buckets."""
+    """``buckets``: ids packed 2 at a time and written every 4, in several buckets;
+    ``passes``: one bucket (as a first line far longer than the rest makes it) holding 30
+    times the ids a pass may hold, checked in passes."""
     from qgscale.data import collection
 
-    if small:
-        for name, value in (("PACK_ROWS", 2), ("ID_FLUSH", 4), ("BUCKET_IDS", 40)):
-            monkeypatch.setattr(collection, name, value)
+    settings = {"buckets": (("PACK_ROWS", 2), ("ID_FLUSH", 4), ("BUCKET_IDS", 40)),
+                "passes": (("BUCKET_IDS", 10), ("MAX_BUCKETS", 1))}.get(small, ())
+    for name, value in settings:
+        monkeypatch.setattr(collection, name, value)
     path = _tsv(tmp_path, bad=(5, 120, 121, 250), dups=20, header=header)
     units, _, _, buckets = plan(path, 1000)
-    assert len(units) > 20 and units[0].start == 0 and (buckets > 3) == small
+    assert len(units) > 20 and units[0].start == 0 and (buckets > 3) == (small == "buckets")
     out = str(tmp_path / "out")
     m, rejects = _collection(path, out)
     want, want_rejects = _one_stream(path)
@@ -151,7 +156,7 @@ def test_a_rerun_keeps_the_units_done(tmp_path):
     assert {u: storage.url_to_fs(u)[0].info(u)["mtime"] for u in records} == before
 
 
-def test_units_on_ray_tasks_over_s3(tmp_path, ray_local, s3_bucket):
+def test_units_on_ray_tasks_over_s3(tmp_path, monkeypatch, ray_local, s3_bucket):
     """On Ray tasks (several units), reading the collection from S3 (seek + readline there)
     and writing the corpus there, and a gzip file as one unit: the rows of one stream."""
     path = _tsv(tmp_path, n=400, bad=(3, 333), dups=10, seed=7)
@@ -160,13 +165,16 @@ def test_units_on_ray_tasks_over_s3(tmp_path, ray_local, s3_bucket):
     gz = tmp_path / "psgs.tsv.gz"
     gz.write_bytes(gzip.compress(open(path, "rb").read()))
     want, want_rejects = _one_stream(path)
-    for src, out in ((uri, f"{s3_bucket}/out"), (str(gz), str(tmp_path / "gz"))):
+    monkeypatch.chdir(tmp_path)  # relative paths: the tasks' working folder is another
+    for src, out in ((uri, f"{s3_bucket}/out"), (str(gz), str(tmp_path / "gz")),
+                     ("psgs.tsv", "rel")):
         units = plan(src, 2000)[0]
         assert len(units) == (1 if src.endswith(".gz") else len(plan(path, 2000)[0])) >= 1
         m, rejects = _collection(src, out, unit_bytes=2000)
         assert storage.read_parquet(f"{out}/corpus").to_pylist() == want
+        named = src if "://" in src else str(tmp_path / src)
         assert sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows) == [
-            (line, fld, why.replace(path, src)) for line, fld, why in want_rejects]
+            (line, fld, why.replace(path, named)) for line, fld, why in want_rejects]
         assert m["rows"] == 400
 
 
@@ -185,6 +193,9 @@ def test_prepare_of_a_collection_in_units(tmp_path, monkeypatch):
     rejected = [json.loads(x) for x in open(f"{out}/_rejected.jsonl", encoding="utf-8")]
     assert sorted((r["line"], r["field"], r["reason"]) for r in rejected) == want_rejects
     assert summary["rejected"] == 5 and summary["rows"]["corpus"] == 150
+    first = open(f"{out}/_rejected.jsonl", "rb").read()  # a re-run: the same bytes
+    prepare("passages", path, out, on_error="skip", shard_rows=9, lang="sw")
+    assert open(f"{out}/_rejected.jsonl", "rb").read() == first
     # a BEIR folder's corpus.jsonl too; its queries and qrels as before
     beir = tmp_path / "beir"
     (beir / "qrels").mkdir(parents=True)
@@ -273,3 +284,30 @@ def test_the_benchmarks_run(tmp_path):
                    cwd=REPO, capture_output=True)
     got = json.loads(out.read_text())
     assert got["reader_passages"] == 2000 and got["speedup"] > 3
+
+
+def test_a_full_bucket_is_checked_in_passes(tmp_path, monkeypatch):
+    """A bucket holding 30x the ids a pass may hold (its estimate missed): each pass reads
+    one share of the hashes, and every duplicate is found with its first row."""
+    from qgscale.data import collection
+
+    job = collection.Job("c.tsv", "en", str(tmp_path / "corpus"), str(tmp_path / "w"), "h", 10,
+                         False, 1, None, True, "p0")
+    ids = collection._Ids(job, collection.Unit(0, 0, None))
+    keys = [f"k{i}" for i in range(270)] + [f"k{i}" for i in range(0, 90, 3)]
+    for n, k in enumerate(keys, 1):
+        ids.add(k, n, "id")
+    ids.flush()
+    sizes = []
+    real = collection._duplicates
+    monkeypatch.setattr(collection, "_duplicates",
+                        lambda tables, first: sizes.append(sum(map(len, tables))) or
+                        real(tables, first))
+    monkeypatch.setattr(collection, "BUCKET_IDS", 10)
+    found = collection.bucket_duplicates((collection.bucket_uri(job, 0), len(keys)), job)
+    assert len(sizes) == 30 and sum(sizes) == 300 and max(sizes) < 30
+    assert sorted((d["key"], d["line"], d["first_line"]) for d in found) == sorted(
+        (f"k{i}", 271 + i // 3, i + 1) for i in range(0, 90, 3))
+    first = collection.bucket_duplicates((collection.bucket_uri(job, 0), len(keys)),
+                                         dataclasses.replace(job, fail=True))
+    assert [(d["key"], d["line"]) for d in first] == [("k0", 271)]  # fail mode: the first

@@ -100,3 +100,27 @@ def test_prepare_skip_drops_later_copies_across_shards(tmp_path):
     again = prepare("passages", path, out, on_error="skip", shard_rows=16)
     assert again["rows"] == summary["rows"]
     assert storage.read_parquet(f"{out}/corpus").to_pylist() == want
+
+
+def test_dropped_rows_survive_a_crash_between_a_shard_and_its_marker(tmp_path):
+    """``drop_rows`` keeps the rows it drops in the marker before it rewrites the shard: a
+    run that died after the shard (its old marker left) still reports them."""
+    import pyarrow as pa
+
+    from qgscale.data.unique import drop_rows
+
+    writer = storage.ShardWriter(str(tmp_path / "c"), "h")
+    table = pa.table({"pid": ["a", "b", "a", "c"], "text": ["1", "2", "3", "4"]})
+    writer.write("part-00000", table)
+    pre = storage.read_json(writer.marker_uri("part-00000"))
+    raws = drop_rows(("part-00000", [2]), writer)
+    assert json.loads(raws[0]) == {"pid": "a", "text": "3"}
+    assert drop_rows(("part-00000", [2]), writer) == raws  # done: from the marker
+    marker = storage.read_json(writer.marker_uri("part-00000"))
+    assert marker["rows"] == 3 and marker["dropped"] == [2]
+    # the crash: the shard rewritten, its marker the one written just before
+    storage.write_json(writer.marker_uri("part-00000"), {**pre, "dropping": [2],
+                                                        "dropped_raw": raws})
+    assert drop_rows(("part-00000", [2]), writer) == raws
+    assert storage.read_parquet(writer.shard_uri("part-00000")).column("pid").to_pylist() == [
+        "a", "b", "c"]

@@ -2,26 +2,27 @@
 ranges read in parallel.
 
 ``qgscale data prepare`` of a collection (format ``passages``; ``xor-tydi``'s and ``qas``'
-``passages``) cuts an uncompressed file into :class:`Unit` byte ranges (a unit: the lines
-that start in it; 4 units per cluster CPU, 32-256 MB each; a compressed file is one unit)
-and reads them on Ray tasks of one CPU each (here one after another, without Ray or for one
-unit). A unit writes its own corpus shards (``part-<unit>-<j>``) and its passage ids,
-hashed into buckets, to a work folder, then a record (its rows, lines, rejected rows): a
-re-run skips the recorded units, and once the ids are checked it reads the duplicates
-found. A unit numbers its lines from 1; the driver makes them the file's own from the
-earlier units' line counts. The passage-id check runs per bucket (a task each: the bucket's
-ids of every unit, sorted in Arrow): a duplicate fails (fail mode: the first in file order)
-or is dropped from its shard (skip mode), naming both lines, as
-:class:`~qgscale.data.unique.SpilledIds` does for the formats read in one stream. As
-there, every row defect comes first: in fail mode a defect stops the read, and a duplicate
-id before it is reported once it is mended; in skip mode the duplicates follow the other
-rejected rows.
+``passages``; ``beir``'s ``corpus.jsonl``) cuts an uncompressed file into :class:`Unit`
+byte ranges (a unit: the lines that start in it; 4 units per cluster CPU, 32-256 MB each;
+a compressed file is one unit) and reads them on Ray tasks of one CPU each (here one after
+another without Ray, or for one unit). A unit writes its own corpus shards
+(``part-<unit>-<j>``) and its passage ids, hashed into buckets, to a work folder, then a
+record (its rows, lines, rejected rows): a re-run skips the recorded units, and once the
+ids are checked it reads the duplicates found. A unit numbers its lines from 1; the driver
+makes them the file's own from the earlier units' line counts. The passage-id check runs
+per bucket (a task each: the bucket's ids of every unit, sorted in Arrow): a duplicate
+fails (fail mode: the first in file order) or is dropped from its shard (skip mode),
+naming both lines, as :class:`~qgscale.data.unique.SpilledIds` does for the formats read
+in one stream. As there, every row defect comes first: in fail mode a defect stops the
+read, and a duplicate id before it is reported once it is mended; in skip mode the
+duplicates follow the other rejected rows.
 
-Memory: a unit task holds one shard of rows and at most :data:`ID_FLUSH` ids (about 36
-bytes each); a bucket task one bucket's ids (about :data:`BUCKET_IDS`: 0.3 GB, and the
-sort's copies); the driver the units' records (counts, shard names and rejected rows),
-never the collection. The bucket check runs here only without Ray. Every node reads the
-collection and writes the corpus: on a cluster, paths that all nodes see (``s3://``).
+Memory: a unit task holds one shard of rows and at most :data:`ID_FLUSH` ids (about 30
+bytes each); a bucket task at most about :data:`BUCKET_IDS` ids at once (~1 GB with the
+sort and the parquet reads; 2M ids measured ~0.2 GB over the process's own); the driver
+the units' records (counts, shard names and rejected rows), never the collection. The
+bucket check runs here only without Ray. Every node reads the collection and writes the
+corpus: on a cluster, paths that all nodes see (``s3://``, a shared file system).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ import io
 import itertools
 import logging
 import math
+import os
 import posixpath
 import re
+import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,7 +51,7 @@ from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.schema import CORPUS
 from qgscale.data.unique import Dup, drop_duplicates, duplicate_reason
-from qgscale.errors import DataError, MissingInputError
+from qgscale.errors import ConfigError, DataError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ BUCKET_IDS = 8 << 20  # ids per bucket, estimated from the first MiB's lines (gz
 ID_FLUSH = 1 << 20  # ids a unit holds before it writes them ...
 PACK_ROWS = 1 << 14  # ... packed into Arrow this many at a time
 MIN_UNIT_BYTES = 32 << 20  # a unit's size on a cluster: 4 units per CPU, within these bounds
+MAX_UNITS = 99_999  # units and a unit's shards: names sort as the file's order (5 digits)
+MAX_BUCKETS = 4096
 TSV_COLUMNS = ["id", "text", "title"]  # psgs_w100's, when the file has no header line
 
 
@@ -88,6 +93,7 @@ class Job:
     buckets: int
     columns: list[str] | None  # a TSV's columns (from its header line); None for JSONL
     seen: bool  # the file has a non-blank line (its 'no rows' error says which)
+    plan_id: str  # a unit record or ids part of another plan (a late task's) is not read
 
 
 class _Stop(Exception):
@@ -158,8 +164,8 @@ def plan(path: str, unit_bytes: int | None = None
     lines.close()
     text_bytes = size * (4 if compressed else 1)
     ids = text_bytes * max(1, span.lines) / max(1, span.pos)
-    buckets = max(1, math.ceil(ids / BUCKET_IDS))
-    unit_bytes = unit_bytes or unit_bytes_for(size)
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(ids / BUCKET_IDS)))  # a fuller one: in passes
+    unit_bytes = max(unit_bytes or unit_bytes_for(size), -(-size // MAX_UNITS))
     if compressed or size <= unit_bytes:
         return [Unit(0, 0, None)], columns, seen, buckets
     starts = sorted({0, *(max(i * unit_bytes, body) for i in range(1, -(-size // unit_bytes)))})
@@ -170,9 +176,10 @@ def plan(path: str, unit_bytes: int | None = None
 
 
 class _Ids:
-    """A unit's passage ids ``(key, seq, line, field)``: packed into Arrow every
-    :data:`PACK_ROWS` (about 36 bytes an id), written by bucket (crc32 of the id) to
-    ``ids/b<bucket>/<unit>-<part>.parquet`` every :data:`ID_FLUSH` ids and at the end."""
+    """A unit's passage ids ``(key, seq, line, field, h)``, ``h`` the id's crc32: packed into
+    Arrow every :data:`PACK_ROWS` (about 30 bytes an id), written by bucket (``h`` modulo the
+    buckets) to ``ids-<plan>/b<bucket>/<unit>-<part>.parquet`` every :data:`ID_FLUSH` ids
+    and at the end, counted per bucket."""
 
     def __init__(self, job: Job, unit: Unit):
         self.job, self.unit = job, unit
@@ -183,6 +190,7 @@ class _Ids:
         self.held = 0  # ids packed
         self.seq = 0  # ids packed or written
         self.parts = 0
+        self.counts = [0] * job.buckets  # ids written per bucket
 
     def add(self, key: str, line: int, fld: str) -> None:
         self.keys.append(key)
@@ -197,13 +205,13 @@ class _Ids:
         n = len(self.keys)
         if not n:
             return
-        buckets = [zlib.crc32(k.encode()) % self.job.buckets for k in self.keys]
+        h = np.fromiter((zlib.crc32(k.encode()) for k in self.keys), np.uint32, n)
         self.packed.append(pa.table({
             "key": pa.array(self.keys, pa.string()),
             "seq": pa.array(np.arange(self.seq, self.seq + n, dtype=np.int64)),
             "line": pa.array(self.lines, pa.int64()),
             "fld": pa.array(self.flds, pa.string()).dictionary_encode(),
-            "bucket": pa.array(buckets, pa.int32())}))
+            "h": pa.array(h)}))
         self.keys, self.lines, self.flds = [], [], []
         self.seq += n
         self.held += n
@@ -212,16 +220,17 @@ class _Ids:
         self._pack()
         if not self.packed:
             return
-        t = pa.concat_tables(self.packed, promote_options="permissive").sort_by("bucket")
+        t = pa.concat_tables(self.packed, promote_options="permissive")
         self.packed, self.held = [], 0
-        b = t.column("bucket").to_numpy()
+        b = t.column("h").to_numpy() % self.job.buckets
+        order = np.argsort(b, kind="stable")
+        t, b = t.take(pa.array(order)), b[order]
         cuts = np.flatnonzero(np.diff(b)) + 1
-        t = t.select(["key", "seq", "line"]).append_column(
-            "fld", t.column("fld").cast(pa.string()))
         for lo, hi in zip([0, *cuts], [*cuts, len(b)], strict=True):
             storage.write_parquet(storage.join(bucket_uri(self.job, int(b[lo])),
                                                f"{self.unit.name}-{self.parts:04d}.parquet"),
                                   t.slice(lo, hi - lo))
+            self.counts[int(b[lo])] += int(hi - lo)
         self.parts += 1
 
 
@@ -229,17 +238,24 @@ def unit_record(job: Job, unit: Unit) -> str:
     return storage.join(job.work_uri, "units", f"{unit.name}.json")
 
 
+def ids_uri(job: Job) -> str:
+    return storage.join(job.work_uri, f"ids-{job.plan_id}")
+
+
 def bucket_uri(job: Job, bucket: int) -> str:
-    return storage.join(job.work_uri, "ids", f"b{bucket:04d}")
+    return storage.join(ids_uri(job), f"b{bucket:04d}")
 
 
 def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
     """Read one unit into corpus shards and its ids; returns its record (written last, read
-    back on a re-run): ``{name, lines, read, rows, shards: [{name, rows}], rejects}``, or
-    ``{name, failed: rejected row}`` (fail mode: nothing recorded)."""
+    back on a re-run of its plan): ``{name, plan, lines, read, rows, shards: [{name, rows}],
+    ids: [per bucket], rejects}``, or ``{name, failed: rejected row}`` (fail mode: nothing
+    recorded)."""
     record_uri = unit_record(job, unit)
     if storage.exists(record_uri):
-        return storage.read_json(record_uri)
+        record = storage.read_json(record_uri)
+        if record.get("plan") == job.plan_id:  # not a task of an earlier plan's, run late
+            return record
     rejects = _UnitRejects(job.fail)
     span = readers.Span(unit.start, unit.end)
     ids = _Ids(job, unit)
@@ -248,6 +264,9 @@ def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
     chunk: list[dict[str, Any]] = []
 
     def flush() -> None:
+        if len(shards) == MAX_UNITS:
+            raise ConfigError(f"data.shard_rows={job.shard_rows}: a byte range of {job.path} "
+                              f"would write over {MAX_UNITS:,} shards; raise shard_rows")
         name = f"part-{unit.index:05d}-{len(shards):05d}"
         writer.write(name, pa.Table.from_pylist(chunk, schema=CORPUS))
         shards.append({"name": name, "rows": len(chunk)})
@@ -265,27 +284,45 @@ def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
     if chunk:
         flush()
     ids.flush()
-    record = {"name": unit.name, "lines": span.lines, "read": span.rows,
-              "rows": sum(s["rows"] for s in shards), "shards": shards,
+    record = {"name": unit.name, "plan": job.plan_id, "lines": span.lines, "read": span.rows,
+              "rows": sum(s["rows"] for s in shards), "shards": shards, "ids": ids.counts,
               "rejects": rejects.rows}
     storage.write_json(record_uri, record)
     return record
 
 
-def bucket_duplicates(uri: str) -> list[dict[str, Any]]:
-    """The ids of one bucket (every unit's) that an earlier row had, in id order, each with
-    its first row: ``{key, unit, seq, line, fld, first_unit, first_line}``."""
+def bucket_duplicates(item: tuple[str, int], job: Job) -> list[dict[str, Any]]:
+    """The ids of one bucket (``item``: its folder, every unit's parts, and how many ids they
+    hold) that an earlier row had, each with its first row: ``{key, unit, seq, line, fld,
+    first_unit, first_line}``; in fail mode only the first in file order. A bucket of more
+    than :data:`BUCKET_IDS` ids is checked in passes, each over the ids of one share of its
+    hashes (all copies of an id share a hash), so that a pass holds about that many."""
     from concurrent.futures import ThreadPoolExecutor
 
+    uri, n = item
     files = storage.list_files(uri, ".parquet")
-    with ThreadPoolExecutor(min(16, len(files) or 1)) as pool:  # every unit's part: on S3
-        tables = [t.append_column("unit", pa.array(np.full(len(t), int(posixpath.basename(f)[1:6]),
-                                                           np.int32)))
-                  for f, t in zip(files, pool.map(storage.read_parquet, files), strict=True)]
-    if not tables:
-        return []
-    t = pa.concat_tables(tables)
-    if t.num_rows < 2:
+    units = [int(posixpath.basename(f).split("-")[0][1:]) for f in files]
+    passes = max(1, math.ceil(n / BUCKET_IDS))
+    found: list[dict[str, Any]] = []
+    for i in range(passes):
+        def part(f: str, i: int = i) -> pa.Table:
+            t = storage.read_parquet(f)
+            if passes == 1:
+                return t
+            keep = (t.column("h").to_numpy() // job.buckets) % passes == i
+            return t.filter(pa.array(keep))
+        with ThreadPoolExecutor(min(16, len(files) or 1)) as pool:  # every unit's part: S3
+            tables = [t.append_column("unit", pa.array(np.full(len(t), u, np.int32)))
+                      for u, t in zip(units, pool.map(part, files), strict=True)]
+        found += _duplicates(tables, job.fail)
+    if job.fail and found:
+        return [min(found, key=lambda d: (d["unit"], d["seq"]))]
+    return found
+
+
+def _duplicates(tables: list[pa.Table], first_only: bool) -> list[dict[str, Any]]:
+    t = pa.concat_tables(tables, promote_options="permissive") if tables else None
+    if t is None or t.num_rows < 2:
         return []
     order = pc.sort_indices(t, [("key", "ascending"), ("unit", "ascending"),
                                 ("seq", "ascending")])
@@ -298,10 +335,13 @@ def bucket_duplicates(uri: str) -> list[dict[str, Any]]:
     starts = np.flatnonzero(~same)
     first = starts[np.searchsorted(starts, dup, side="right") - 1]
     at = order.to_numpy()
-    rows = t.take(pa.array(at[dup])).to_pylist()
+    if first_only:  # the first in file order: (unit, seq) least
+        unit, seq = (t.column(c).to_numpy()[at[dup]] for c in ("unit", "seq"))
+        k = np.lexsort((seq, unit))[0]
+        dup, first = dup[k:k + 1], first[k:k + 1]
+    rows = t.select(["key", "unit", "seq", "line", "fld"]).take(pa.array(at[dup])).to_pylist()
     firsts = t.select(["unit", "line"]).take(pa.array(at[first])).to_pylist()
-    return [{"key": r["key"], "unit": r["unit"], "seq": r["seq"], "line": r["line"],
-             "fld": r["fld"], "first_unit": f["unit"], "first_line": f["line"]}
+    return [{**r, "first_unit": f["unit"], "first_line": f["line"]}
             for r, f in zip(rows, firsts, strict=True)]
 
 
@@ -310,18 +350,18 @@ def _job(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
     """The plan of ``path``: made once and kept in the work folder, so that a re-run reads
     the units its records name."""
     plan_uri = storage.join(work_uri, "_plan.json")
-    if storage.exists(plan_uri):
-        saved = storage.read_json(plan_uri)
-        units = [Unit(*u) for u in saved["units"]]
-        columns, seen, buckets = saved["columns"], saved["seen"], saved["buckets"]
-    else:  # a fresh start: no shard of an earlier layout or plan is kept
+    if not storage.exists(plan_uri) or "id" not in storage.read_json(plan_uri):
+        # a fresh start: no shard of an earlier plan (or code) is kept
         storage.remove(out_uri, recursive=True)
         storage.remove(work_uri, recursive=True)
         units, columns, seen, buckets = plan(path, unit_bytes)
-        storage.write_json(plan_uri, {"units": [[u.index, u.start, u.end] for u in units],
-                                      "columns": columns, "seen": seen, "buckets": buckets})
-    return units, Job(path, lang, out_uri, work_uri, config_hash, shard_rows, fail, buckets,
-                      columns, seen)
+        storage.write_json(plan_uri, {"id": uuid.uuid4().hex[:12], "columns": columns,
+                                      "seen": seen, "buckets": buckets,
+                                      "units": [[u.index, u.start, u.end] for u in units]})
+    saved = storage.read_json(plan_uri)
+    return [Unit(*u) for u in saved["units"]], Job(
+        path, lang, out_uri, work_uri, config_hash, shard_rows, fail, saved["buckets"],
+        saved["columns"], saved["seen"], saved["id"])
 
 
 def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
@@ -339,6 +379,9 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     ``memory://`` paths (this process's own) are read here."""
     from qgscale.runtime import map_shards  # runtime -> config -> prepare -> here
 
+    # tasks run elsewhere: a relative local path names the same file there
+    path, out_uri, work_uri = (os.path.abspath(u) if "://" not in u else u
+                               for u in (path, out_uri, work_uri))
     units, job = _job(path, lang, out_uri, work_uri, config_hash, shard_rows,
                       rejects.mode != "skip", unit_bytes)
     here = any(u.startswith("memory://") for u in (path, out_uri, work_uri))  # this process's
@@ -352,7 +395,8 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     for rec in read(units):
         if "failed" in rec:
             r = rec["failed"]
-            rejects.bad(path, r["line"] and r["line"] + lines, r["field"], r["reason"], r["raw"])
+            rejects.bad(r["file"], r["line"] and r["line"] + lines, r["field"], r["reason"],
+                        r["raw"])
         records.append(rec)
         lines += rec["lines"]
     writer = storage.ShardWriter(out_uri, config_hash)
@@ -367,20 +411,25 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
             records[i] = rec
     line_at = list(itertools.accumulate((r["lines"] for r in records[:-1]), initial=0))
     row_at = list(itertools.accumulate((r["rows"] for r in records[:-1]), initial=0))
-    for rec, at in zip(records, line_at, strict=True):
-        rejects.rows += [{**r, "line": r["line"] and r["line"] + at} for r in rec["rejects"]]
+    for rec, at in zip(records, line_at, strict=True):  # as Rejects has them: key order too
+        rejects.rows += [{"file": r["file"], "line": r["line"] and r["line"] + at,
+                          "field": r["field"], "reason": r["reason"], "raw": r["raw"]}
+                         for r in rec["rejects"]]
     if not any(r["read"] for r in records):
         raise readers.no_rows(path, "only a header" if job.seen and job.columns else
                               "empty file")
     done_uri = storage.join(work_uri, "duplicates.json")  # kept: a re-run reports them again
     if not storage.exists(done_uri):
-        buckets = [bucket_uri(job, b) for b in range(job.buckets)]
-        found = [d for out in ((bucket_duplicates(b) for b in buckets) if here else
-                               map_shards(bucket_duplicates, buckets, num_cpus=1, least=1))
+        counts = [sum(c) for c in zip(*(r["ids"] for r in records), strict=True)]
+        buckets = [(bucket_uri(job, b), n) for b, n in enumerate(counts) if n]
+        found = [d for out in ((bucket_duplicates(b, job) for b in buckets) if here else
+                               map_shards(bucket_duplicates, buckets, job, num_cpus=1, least=1))
                  for d in out]
+        if job.fail:  # the first in file order only
+            found = sorted(found, key=lambda d: (d["unit"], d["seq"]))[:1]
         storage.write_json(done_uri, found)
     found = storage.read_json(done_uri)
-    storage.remove(storage.join(work_uri, "ids"), recursive=True)
+    storage.remove(ids_uri(job), recursive=True)
     dups = [Dup(d["key"], row_at[d["unit"]] + d["seq"], path, line_at[d["unit"]] + d["line"],
                 d["fld"], path, line_at[d["first_unit"]] + d["first_line"]) for d in found]
     with_rows = [i for i, r in enumerate(records) if r["rows"]]

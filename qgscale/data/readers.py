@@ -36,7 +36,6 @@ from qgscale.data.unique import SpilledIds, duplicate_reason
 from qgscale.errors import DataError, MissingInputError
 from qgscale.storage import is_local
 
-csv.field_size_limit(1 << 30)  # a passage may be longer than csv's default 131,072 chars
 XQUAD_LANGS = ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"]
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,10 @@ def _open(path: str):
         raise MissingInputError(f"{path}: input file not found")
     if fs.isdir(p):
         raise DataError(f"{path}: is a folder; this format reads a file")
-    return fsspec.open(path, "rb", compression="infer")
+    if is_local(path) or fsspec.utils.infer_compression(path) is not None:
+        return fsspec.open(path, "rb", compression="infer")
+    # s3fs reads ahead a block (50 MB by default) past a byte range's end: 8 MiB at most
+    return fs.open(p, "rb", block_size=8 << 20)
 
 
 def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
@@ -572,7 +574,7 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
             continue
         try:
             cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
-        except csv.Error as e:  # e.g. an unclosed quote at the end of the line
+        except csv.Error as e:  # a stray CR; a field over csv's limit (131,072 characters)
             rejects.bad(path, n, None, f"malformed TSV line: {e}", line)
             continue
         if header is None:

@@ -168,19 +168,22 @@ def drop_duplicates(writer: ShardWriter, dups: Iterable[Dup],
                     rejects: Rejects) -> int:
     """The duplicates ``dups`` among the rows of ``writer``'s shards (``locate(seq)``: the
     shard name and row of stream position ``seq``): in ``fail`` mode the first one in the
-    stream raises; in ``skip`` mode each is recorded in ``rejects`` and dropped from its
-    shard (:func:`drop_rows`, on Ray tasks where Ray is initialised and several shards have
-    some). Returns the number dropped. Memory: O(duplicates), and one shard where it is
-    dropped from."""
+    stream raises (``dups`` streamed); in ``skip`` mode each is recorded in ``rejects`` and
+    dropped from its shard (:func:`drop_rows`, on Ray tasks where Ray is initialised and
+    several shards have some). Returns the number dropped. Memory: O(duplicates) in skip
+    mode, and one shard where it is dropped from."""
     from qgscale.runtime import map_shards
 
-    by_shard: dict[str, list[tuple[int, Dup]]] = {}
+    if rejects.mode != "skip":
+        first = min(dups, key=lambda d: d.seq, default=None)  # streamed: one held
+        if first is not None:
+            rejects.bad(first.file, first.line, first.fld, reason(first))
+        return 0
+    by_shard: dict[str, list[tuple[int, Dup]]] = {}  # in stream order
     for d in sorted(dups, key=lambda d: d.seq):
-        if rejects.mode != "skip":
-            rejects.bad(d.file, d.line, d.fld, reason(d))
         name, at = locate(d.seq)
         by_shard.setdefault(name, []).append((at, d))
-    work = sorted(by_shard.items())
+    work = list(by_shard.items())
     here = writer.root.startswith("memory://")  # this process's own store
     items = [(name, [at for at, _ in found]) for name, found in work]
     raws = ((drop_rows(i, writer) for i in items) if here else
@@ -202,13 +205,18 @@ def drop_rows(item: tuple[str, list[int]], writer: ShardWriter) -> list[str | No
     table = storage.read_parquet(writer.shard_uri(name))
     if table.num_rows == marker["rows"] - len(offsets):
         # filtered by a run that died before its marker: mark it, do not filter again
-        writer.write(name, table, dropped=offsets)
-        return [None] * len(offsets)
+        raws = marker.get("dropped_raw") if marker.get("dropping") == offsets else None
+        raws = raws or [None] * len(offsets)
+        writer.write(name, table, dropped=offsets, dropped_raw=raws)
+        return raws
     if table.num_rows != marker["rows"]:
         raise DataError(f"{writer.shard_uri(name)}: {table.num_rows} rows, its marker says "
                         f"{marker['rows']}: remove {writer.root} and prepare again")
     raws = [json.dumps(table.slice(at, 1).to_pylist()[0], ensure_ascii=False)
             for at in offsets]
+    # the rows first, so that a crash between the shard and its marker keeps them
+    storage.write_json(writer.marker_uri(name), {**marker, "dropping": offsets,
+                                                 "dropped_raw": raws})
     drop = set(offsets)
     keep = pa.array([j not in drop for j in range(table.num_rows)])
     writer.write(name, table.filter(keep), dropped=offsets, dropped_raw=raws)
