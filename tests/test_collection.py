@@ -16,6 +16,7 @@ from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.collection import plan, write_collection
 from qgscale.data.prepare import prepare
+from qgscale.data.readers import passage_digest
 from qgscale.errors import DataError
 
 
@@ -288,26 +289,31 @@ def test_the_benchmarks_run(tmp_path):
 
 def test_a_full_bucket_is_checked_in_passes(tmp_path, monkeypatch):
     """A bucket holding 30x the ids a pass may hold (its estimate missed): each pass reads
-    one share of the hashes, and every duplicate is found with its first row."""
+    one share of the hashes, and every duplicate is found with its first row, and every
+    named passage (a DPR file's) with its first copy."""
     from qgscale.data import collection
 
     job = collection.Job("c.tsv", "en", str(tmp_path / "corpus"), str(tmp_path / "w"), "h", 10,
-                         False, 1, None, True, "p0")
+                         False, 1, None, True, "p0", True)
     ids = collection._Ids(job, collection.Unit(0, 0, None))
     keys = [f"k{i}" for i in range(270)] + [f"k{i}" for i in range(0, 90, 3)]
     for n, k in enumerate(keys, 1):
         ids.add(k, n, "id")
+        ids.row({"title": "", "text": f"text {n}"})  # a copy's text: its line
     ids.flush()
+    named = {"k5": passage_digest("", "text 6"), "k6": passage_digest("", "other"),
+             "k9": passage_digest("", "text 274"), "k7": 0, "gone": 1}  # k9: its 2nd copy's
+    n_named = collection.write_named(job, named)[0]
     sizes = []
-    real = collection._duplicates
-    monkeypatch.setattr(collection, "_duplicates",
-                        lambda tables, first: sizes.append(sum(map(len, tables))) or
-                        real(tables, first))
+    real = collection._check
+    monkeypatch.setattr(collection, "_check", lambda tables, named, first, out: sizes.append(
+        sum(map(len, tables))) or real(tables, named, first, out))
     monkeypatch.setattr(collection, "BUCKET_IDS", 10)
-    found = collection.bucket_duplicates((collection.bucket_uri(job, 0), len(keys)), job)
-    assert len(sizes) == 30 and sum(sizes) == 300 and max(sizes) < 30
-    assert sorted((d["key"], d["line"], d["first_line"]) for d in found) == sorted(
+    got = collection.check_bucket((0, len(keys) + n_named), job)
+    assert len(sizes) == 31 and sum(sizes) == 300 and max(sizes) < 30
+    assert sorted((d["key"], d["line"], d["first_line"]) for d in got["dups"]) == sorted(
         (f"k{i}", 271 + i // 3, i + 1) for i in range(0, 90, 3))
-    first = collection.bucket_duplicates((collection.bucket_uri(job, 0), len(keys)),
-                                         dataclasses.replace(job, fail=True))
-    assert [(d["key"], d["line"]) for d in first] == [("k0", 271)]  # fail mode: the first
+    assert got["missing"] == ["gone"] and (got["compared"], got["other"]) == (3, 2)
+    assert got["first_other"] == [0, 6, "k6"]  # k6 before k9 in file order
+    first = collection.check_bucket((0, len(keys)), dataclasses.replace(job, fail=True))
+    assert [(d["key"], d["line"]) for d in first["dups"]] == [("k0", 271)]  # the first only

@@ -325,3 +325,49 @@ def test_dpr_collection_copies_spacing_other_texts_tevatron_and_checks_first(tmp
     with pytest.raises(ConfigError, match="give the collection's language"):
         prepare("dpr", str(DPR), str(out), passages=str(part), lang="en")
     assert storage.read_parquet(str(out / "examples")).num_rows == 5
+
+
+def test_dpr_over_a_collection_in_byte_ranges_as_in_one_stream(tmp_path, monkeypatch, caplog):
+    """``prepare`` reads the collection in byte ranges (``qgscale.data.collection``) and crosses
+    off the named passages in its id check: the tables, rejected rows, warning and errors of
+    one stream (``read``), whether passages are missing, retitled or all other."""
+    from qgscale.data import collection as units
+
+    monkeypatch.setattr(units, "UNIT_BYTES", 40_000)
+    monkeypatch.setattr(units, "MIN_UNIT_BYTES", 40_000)
+    records = _records()
+    neg, pos = _only_in(records, 2, "hard_negative_ctxs"), _only_in(records, 4, "positive_ctxs")
+    retitled = _only_in(records, 3, "negative_ctxs")
+    coll = tmp_path / "psgs_w100.tsv"
+    texts = collection(coll, records, drop={neg, pos}, retitle=retitled)
+    en = {"passages": str(coll), "lang": "en", "corpus_langs": ["en"]}
+    rejects = readers.Rejects("skip")
+    with caplog.at_level("WARNING", logger="qgscale.data.readers"):
+        want = read("dpr", str(DPR), **en, rejects=rejects)
+    warning = caplog.text
+    caplog.clear()
+    assert "1 of the 749 passages compared" in warning
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="qgscale.data.readers"):
+        prepare("dpr", str(DPR), str(out), **en, on_error="skip", shard_rows=50)
+    assert caplog.text.split("WARNING", 1)[-1].strip() in warning
+    assert len(storage.read_json(str(out / "_collection" / "_plan.json"))["units"]) > 3
+    for kind in ("corpus", "queries", "answers", "qrels", "examples"):
+        assert storage.read_parquet(str(out / kind)).to_pylist() == want[kind], kind
+    rejected = [json.loads(x) for x in (out / "_rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["field"], r["reason"]) for r in rejected] == [
+        (r["line"], r["field"], r["reason"]) for r in rejects.rows] and len(rejected) == 2
+    assert len(want["corpus"]) == len(texts)
+    with pytest.raises(DataError) as stream:  # fail: the first record naming a missing one
+        read("dpr", str(DPR), **en)
+    with pytest.raises(DataError) as ranges:
+        prepare("dpr", str(DPR), str(tmp_path / "fail"), **en, shard_rows=50)
+    assert str(ranges.value) == str(stream.value)
+    other = tmp_path / "other.tsv"  # every copy differs: the wrong collection
+    _tsv(other, {p: ("Other " + t, x) for p, (t, x) in texts.items()})
+    en["passages"] = str(other)
+    with pytest.raises(DataError) as stream:
+        read("dpr", str(DPR), **en)
+    with pytest.raises(DataError) as ranges:
+        prepare("dpr", str(DPR), str(tmp_path / "other"), **en, shard_rows=50)
+    assert str(ranges.value) == str(stream.value) and "is it the collection" in str(stream.value)

@@ -94,6 +94,7 @@ class Job:
     columns: list[str] | None  # a TSV's columns (from its header line); None for JSONL
     seen: bool  # the file has a non-blank line (its 'no rows' error says which)
     plan_id: str  # a unit record or ids part of another plan (a late task's) is not read
+    digests: bool = False  # each row's passage_digest beside its id (a DPR file's check)
 
 
 class _Stop(Exception):
@@ -186,6 +187,7 @@ class _Ids:
         self.keys: list[str] = []
         self.lines: list[int] = []
         self.flds: list[str] = []
+        self.digests: list[int] = []  # with job.digests: one per row, as read_unit adds it
         self.packed: list[pa.Table] = []
         self.held = 0  # ids packed
         self.seq = 0  # ids packed or written
@@ -196,6 +198,11 @@ class _Ids:
         self.keys.append(key)
         self.lines.append(line)
         self.flds.append(fld)
+
+    def row(self, row: dict[str, Any]) -> None:
+        """The row whose id was added last: its digest (``job.digests``); packs when due."""
+        if self.job.digests:
+            self.digests.append(readers.passage_digest(row["title"], row["text"]))
         if len(self.keys) >= PACK_ROWS:
             self._pack()
             if self.held >= ID_FLUSH:
@@ -211,8 +218,9 @@ class _Ids:
             "seq": pa.array(np.arange(self.seq, self.seq + n, dtype=np.int64)),
             "line": pa.array(self.lines, pa.int64()),
             "fld": pa.array(self.flds, pa.string()).dictionary_encode(),
-            "h": pa.array(h)}))
-        self.keys, self.lines, self.flds = [], [], []
+            "h": pa.array(h),
+            **({"digest": pa.array(self.digests, pa.uint64())} if self.job.digests else {})}))
+        self.keys, self.lines, self.flds, self.digests = [], [], [], []
         self.seq += n
         self.held += n
 
@@ -275,6 +283,7 @@ def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
                                  header=job.columns if unit.start else None, ids=ids.add)
     try:
         for row in rows:
+            ids.row(row)
             chunk.append(row)
             if len(chunk) == job.shard_rows:
                 flush()
@@ -291,62 +300,118 @@ def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
     return record
 
 
-def bucket_duplicates(item: tuple[str, int], job: Job) -> list[dict[str, Any]]:
-    """The ids of one bucket (``item``: its folder, every unit's parts, and how many ids they
-    hold) that an earlier row had, each with its first row: ``{key, unit, seq, line, fld,
-    first_unit, first_line}``; in fail mode only the first in file order. A bucket of more
-    than :data:`BUCKET_IDS` ids is checked in passes, each over the ids of one share of its
-    hashes (all copies of an id share a hash), so that a pass holds about that many."""
+def check_bucket(item: tuple[int, int], job: Job) -> dict[str, Any]:
+    """Check bucket ``item`` (its number, and the ids every unit wrote to it plus the named
+    passages in it): ``dups``, the ids an earlier row had, each with its first row
+    (``{key, unit, seq, line, fld, first_unit, first_line}``; in fail mode only the first in
+    file order); with a DPR file's named passages (``job.digests``, :func:`write_named`),
+    ``missing`` (those the collection lacks), ``compared`` (those with text, at the first
+    copy of their id) and ``other`` (those whose text differs; ``first_other``: the first in
+    file order, ``[unit, seq, pid]``). A bucket of more than :data:`BUCKET_IDS` is checked in
+    passes, each over one share of its hashes (all copies of an id share a hash), so that a
+    pass holds about that many."""
     from concurrent.futures import ThreadPoolExecutor
 
-    uri, n = item
-    files = storage.list_files(uri, ".parquet")
+    b, n = item
+    files = storage.list_files(bucket_uri(job, b), ".parquet")
     units = [int(posixpath.basename(f).split("-")[0][1:]) for f in files]
+    named_uri = named_part(job, b)
+    named = storage.read_parquet(named_uri) if job.digests and storage.exists(named_uri) \
+        else None
     passes = max(1, math.ceil(n / BUCKET_IDS))
-    found: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"dups": [], "missing": [], "compared": 0, "other": 0,
+                           "first_other": None}
+
+    def share(t: pa.Table, i: int) -> pa.Table:
+        return t if passes == 1 else t.filter(pa.array(
+            (t.column("h").to_numpy() // job.buckets) % passes == i))
+
     for i in range(passes):
-        def part(f: str, i: int = i) -> pa.Table:
-            t = storage.read_parquet(f)
-            if passes == 1:
-                return t
-            keep = (t.column("h").to_numpy() // job.buckets) % passes == i
-            return t.filter(pa.array(keep))
         with ThreadPoolExecutor(min(16, len(files) or 1)) as pool:  # every unit's part: S3
-            tables = [t.append_column("unit", pa.array(np.full(len(t), u, np.int32)))
-                      for u, t in zip(units, pool.map(part, files), strict=True)]
-        found += _duplicates(tables, job.fail)
-    if job.fail and found:
-        return [min(found, key=lambda d: (d["unit"], d["seq"]))]
-    return found
+            parts = [share(t, i) for t in pool.map(storage.read_parquet, files)]
+        tables = [t.append_column("unit", pa.array(np.full(len(t), u, np.int32)))
+                  for u, t in zip(units, parts, strict=True)]
+        _check(tables, None if named is None else share(named, i), job.fail, out)
+    if job.fail and out["dups"]:
+        out["dups"] = [min(out["dups"], key=lambda d: (d["unit"], d["seq"]))]
+    return out
 
 
-def _duplicates(tables: list[pa.Table], first_only: bool) -> list[dict[str, Any]]:
+def _check(tables: list[pa.Table], named: pa.Table | None, first_only: bool,
+           out: dict[str, Any]) -> None:
+    """One pass of :func:`check_bucket`, added to ``out``."""
     t = pa.concat_tables(tables, promote_options="permissive") if tables else None
-    if t is None or t.num_rows < 2:
-        return []
+    if t is None or t.num_rows == 0:
+        if named is not None:
+            out["missing"] += named.column("pid").to_pylist()
+        return
     order = pc.sort_indices(t, [("key", "ascending"), ("unit", "ascending"),
                                 ("seq", "ascending")])
-    keys = t.column("key").take(order)  # the other columns only at the duplicates
+    at = order.to_numpy()
+    keys = t.column("key").take(order)  # the other columns only where needed
     same = np.concatenate([[False], pc.equal(keys.slice(1), keys.slice(0, t.num_rows - 1))
                            .to_numpy(zero_copy_only=False)])
+    starts = np.flatnonzero(~same)  # each id's first copy, in file order
     dup = np.flatnonzero(same)
-    if not dup.size:
-        return []
-    starts = np.flatnonzero(~same)
-    first = starts[np.searchsorted(starts, dup, side="right") - 1]
-    at = order.to_numpy()
-    if first_only:  # the first in file order: (unit, seq) least
-        unit, seq = (t.column(c).to_numpy()[at[dup]] for c in ("unit", "seq"))
+    if dup.size:
+        first = starts[np.searchsorted(starts, dup, side="right") - 1]
+        if first_only:  # the first in file order: (unit, seq) least
+            unit, seq = (t.column(c).to_numpy()[at[dup]] for c in ("unit", "seq"))
+            k = np.lexsort((seq, unit))[0]
+            dup, first = dup[k:k + 1], first[k:k + 1]
+        rows = t.select(["key", "unit", "seq", "line", "fld"]).take(
+            pa.array(at[dup])).to_pylist()
+        firsts = t.select(["unit", "line"]).take(pa.array(at[first])).to_pylist()
+        out["dups"] += [{**r, "first_unit": f["unit"], "first_line": f["line"]}
+                        for r, f in zip(rows, firsts, strict=True)]
+    if named is None or not named.num_rows:
+        return
+    pos = pc.index_in(named.column("pid"), value_set=keys.take(pa.array(starts))
+                      .combine_chunks())
+    hit = pos.is_valid()
+    out["missing"] += named.column("pid").filter(pc.invert(hit)).to_pylist()
+    found = named.filter(hit)
+    rows = at[starts[pos.filter(hit).to_numpy()]]  # the first copy of each named passage
+    want = found.column("digest").to_numpy()
+    got = t.column("digest").to_numpy()[rows]
+    text = want != 0  # named with their text
+    other = np.flatnonzero(text & (want != got))
+    out["compared"] += int(text.sum())
+    out["other"] += int(other.size)
+    if other.size:
+        unit, seq = (t.column(c).to_numpy()[rows[other]] for c in ("unit", "seq"))
         k = np.lexsort((seq, unit))[0]
-        dup, first = dup[k:k + 1], first[k:k + 1]
-    rows = t.select(["key", "unit", "seq", "line", "fld"]).take(pa.array(at[dup])).to_pylist()
-    firsts = t.select(["unit", "line"]).take(pa.array(at[first])).to_pylist()
-    return [{**r, "first_unit": f["unit"], "first_line": f["line"]}
-            for r, f in zip(rows, firsts, strict=True)]
+        cand = [int(unit[k]), int(seq[k]), found.column("pid")[int(other[k])].as_py()]
+        out["first_other"] = min(out["first_other"] or cand, cand)
+
+
+def named_part(job: Job, bucket: int) -> str:
+    return storage.join(ids_uri(job), "named", f"b{bucket:04d}.parquet")
+
+
+def write_named(job: Job, named: dict[str, int]) -> list[int]:
+    """The passages a DPR file names (``pid -> passage_digest`` of its inline copy, 0 without
+    text) by bucket, as :class:`_Ids` buckets the collection's ids; returns the counts."""
+    counts = [0] * job.buckets
+    if not named:
+        return counts
+    pids = pa.array(list(named), pa.string())
+    h = np.fromiter((zlib.crc32(p.encode()) for p in named), np.uint32, len(named))
+    t = pa.table({"pid": pids, "digest": pa.array(np.fromiter(named.values(), np.uint64,
+                                                              len(named))), "h": h})
+    b = h % job.buckets
+    order = np.argsort(b, kind="stable")
+    t, b = t.take(pa.array(order)), b[order]
+    cuts = np.flatnonzero(np.diff(b)) + 1
+    for lo, hi in zip([0, *cuts], [*cuts, len(b)], strict=True):
+        storage.write_parquet(named_part(job, int(b[lo])), t.slice(lo, hi - lo))
+        counts[int(b[lo])] = int(hi - lo)
+    return counts
 
 
 def _job(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
-         shard_rows: int, fail: bool, unit_bytes: int | None) -> tuple[list[Unit], Job]:
+         shard_rows: int, fail: bool, unit_bytes: int | None, digests: bool
+         ) -> tuple[list[Unit], Job]:
     """The plan of ``path``: made once and kept in the work folder, so that a re-run reads
     the units its records name."""
     plan_uri = storage.join(work_uri, "_plan.json")
@@ -361,12 +426,13 @@ def _job(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
     saved = storage.read_json(plan_uri)
     return [Unit(*u) for u in saved["units"]], Job(
         path, lang, out_uri, work_uri, config_hash, shard_rows, fail, saved["buckets"],
-        saved["columns"], saved["seen"], saved["id"])
+        saved["columns"], saved["seen"], saved["id"], digests)
 
 
 def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
                      shard_rows: int, rejects: readers.Rejects,
-                     unit_bytes: int | None = None) -> dict[str, Any]:
+                     unit_bytes: int | None = None,
+                     named: readers.NamedPassages | None = None) -> dict[str, Any]:
     """The collection ``path`` (language ``lang`` where a row has none) as corpus shards in
     ``out_uri``, read unit by unit (on Ray tasks where Ray is initialised and there are
     several units of ``unit_bytes``: :func:`unit_bytes_for` by default); returns the corpus
@@ -376,14 +442,17 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     records and the duplicates found (the ids are removed once checked): a re-run of a
     finished collection reads those, and reports the same rejected rows; a unit whose shard
     is gone is read again. A new plan (no ``_plan.json``) clears ``out_uri`` first.
-    ``memory://`` paths (this process's own) are read here."""
+    ``memory://`` paths (this process's own) are read here. ``named``: a DPR file over the
+    collection, whose named passages are crossed off (:meth:`NamedPassages.crossed
+    <qgscale.data.readers.NamedPassages.crossed>`) by the bucket check, before the
+    duplicates are dropped."""
     from qgscale.runtime import map_shards  # runtime -> config -> prepare -> here
 
     # tasks run elsewhere: a relative local path names the same file there
     path, out_uri, work_uri = (os.path.abspath(u) if "://" not in u else u
                                for u in (path, out_uri, work_uri))
     units, job = _job(path, lang, out_uri, work_uri, config_hash, shard_rows,
-                      rejects.mode != "skip", unit_bytes)
+                      rejects.mode != "skip", unit_bytes, named is not None)
     here = any(u.startswith("memory://") for u in (path, out_uri, work_uri))  # this process's
 
     def read(todo: list[Unit]) -> Iterator[dict[str, Any]]:
@@ -418,18 +487,30 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     if not any(r["read"] for r in records):
         raise readers.no_rows(path, "only a header" if job.seen and job.columns else
                               "empty file")
-    done_uri = storage.join(work_uri, "duplicates.json")  # kept: a re-run reports them again
+    done_uri = storage.join(work_uri, "checked.json")  # kept: a re-run reports them again
     if not storage.exists(done_uri):
         counts = [sum(c) for c in zip(*(r["ids"] for r in records), strict=True)]
-        buckets = [(bucket_uri(job, b), n) for b, n in enumerate(counts) if n]
-        found = [d for out in ((bucket_duplicates(b, job) for b in buckets) if here else
-                               map_shards(bucket_duplicates, buckets, job, num_cpus=1, least=1))
-                 for d in out]
+        if named is not None:
+            counts = [a + b for a, b in zip(counts, write_named(job, named.named), strict=True)]
+        buckets = [(b, n) for b, n in enumerate(counts) if n]
+        checked = {"dups": [], "missing": [], "compared": 0, "other": 0, "first_other": None}
+        for out in ((check_bucket(b, job) for b in buckets) if here else
+                    map_shards(check_bucket, buckets, job, num_cpus=1, least=1)):
+            for k in ("dups", "missing", "compared", "other"):
+                checked[k] += out[k]
+            if out["first_other"]:
+                checked["first_other"] = min(checked["first_other"] or out["first_other"],
+                                             out["first_other"])
         if job.fail:  # the first in file order only
-            found = sorted(found, key=lambda d: (d["unit"], d["seq"]))[:1]
-        storage.write_json(done_uri, found)
-    found = storage.read_json(done_uri)
+            checked["dups"] = sorted(checked["dups"], key=lambda d: (d["unit"], d["seq"]))[:1]
+        storage.write_json(done_uri, checked)
+    checked = storage.read_json(done_uri)
     storage.remove(ids_uri(job), recursive=True)
+    if named is not None:  # before the duplicates, as when the collection is one stream
+        first = checked["first_other"]
+        named.crossed(checked["missing"], checked["compared"], checked["other"],
+                      first and first[2])
+    found = checked["dups"]
     dups = [Dup(d["key"], row_at[d["unit"]] + d["seq"], path, line_at[d["unit"]] + d["line"],
                 d["fld"], path, line_at[d["first_unit"]] + d["first_line"]) for d in found]
     with_rows = [i for i, r in enumerate(records) if r["rows"]]

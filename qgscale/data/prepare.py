@@ -63,8 +63,9 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     are checked for duplicates in memory, or, given ``ids``, recorded there to be checked
     after the stream (:func:`write_tables`).
 
-    ``collection=False`` leaves out the corpus that a passage collection is (of the formats
-    in :func:`collection_of`): :func:`prepare` reads it in parallel.
+    ``collection=False`` leaves out the corpus that a passage collection is (formats
+    ``passages``, ``xor-tydi``, ``qas``, ``beir``): :func:`prepare` reads it in parallel (and
+    ``dpr``'s with :class:`~qgscale.data.readers.NamedPassages`).
     """
     check_args(fmt, passages=passages, corpus_langs=corpus_langs, kind=kind, lang=lang)
     rejects = rejects or readers.Rejects()
@@ -143,9 +144,9 @@ def collection_of(fmt: str, input: str, passages: str | None = None,
                   corpus_langs: list[str] | None = None, lang: str = "und", **_: Any
                   ) -> tuple[str, str] | None:
     """``(path, language)`` of the passage collection whose rows alone are the corpus
-    (format ``passages``; ``xor-tydi``'s and ``qas``' ``passages``; ``beir``'s
-    ``corpus.jsonl``), else None (the corpus comes with the other tables, or is checked
-    against them: ``dpr``)."""
+    (format ``passages``; ``xor-tydi``'s, ``qas``' and ``dpr``'s ``passages``, the latter
+    checked against the passages the DPR file names; ``beir``'s ``corpus.jsonl``), else
+    None (the corpus comes with the other tables)."""
     if fmt == "passages":
         return input, lang
     if fmt == "beir":
@@ -153,6 +154,8 @@ def collection_of(fmt: str, input: str, passages: str | None = None,
     if fmt == "xor-tydi" and passages:
         return passages, "en"
     if fmt == "qas" and passages:
+        return passages, (corpus_langs or ["und"])[0]
+    if fmt == "dpr" and passages:
         return passages, (corpus_langs or ["und"])[0]
     return None
 
@@ -200,15 +203,25 @@ def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
     storage.write_json(record, {"config_hash": config_hash, "format": fmt, "input": input})
     rejects = readers.Rejects(on_error)
     coll = collection_of(fmt, input, **kw)
-    with SpilledIds("passage id") as ids:
-        tables = read(fmt, input, rejects=rejects, stream=True, ids=ids,
-                      collection=coll is None, **kw)
-        counts = write_tables(tables, output, shard_rows, config_hash, ids=ids,
-                              rejects=rejects)
-    if coll is not None:  # its byte ranges on Ray tasks
-        counts["corpus"] = write_collection(*coll, storage.join(output, "corpus"),
-                                            storage.join(output, "_collection"), config_hash,
-                                            shard_rows, rejects)["rows"]
+
+    def collection(named: readers.NamedPassages | None = None) -> int:  # on Ray tasks
+        return write_collection(*coll, storage.join(output, "corpus"),
+                                storage.join(output, "_collection"), config_hash, shard_rows,
+                                rejects, named=named)["rows"]
+
+    if fmt == "dpr" and coll is not None:  # the corpus first: it crosses off named passages
+        named = readers.NamedPassages(input, coll[0], kw.get("lang") or "und", rejects)
+        counts = {"corpus": collection(named)}
+        counts |= write_tables({k: named.checked(k) for k in named.tables}, output,
+                               shard_rows, config_hash, rejects=rejects)
+    else:
+        with SpilledIds("passage id") as ids:
+            tables = read(fmt, input, rejects=rejects, stream=True, ids=ids,
+                          collection=coll is None, **kw)
+            counts = write_tables(tables, output, shard_rows, config_hash, ids=ids,
+                                  rejects=rejects)
+        if coll is not None:
+            counts["corpus"] = collection()
     rejected_uri = storage.join(output, "_rejected.jsonl")
     if rejects.rows:
         storage.write_bytes(rejected_uri, "".join(

@@ -901,53 +901,83 @@ def dpr_on_collection(path: str, collection: str, rows: Iterable[dict[str, Any]]
     example, each reported. Memory: the file's query tables and a digest per passage it
     names (about 70 bytes), never the collection.
     """
-    rejects = rejects or Rejects()
-    positions: list[int] = []
-    named: dict[str, int] = {}  # the passages not yet seen in the collection -> digest
-    tables = read_dpr(path, lang, rejects, corpus=False, positions=positions, digests=named)
-    state: dict[str, Any] = {"read": False, "fixed": None}
+    return NamedPassages(path, collection, lang, rejects).streams(rows)
 
-    def corpus() -> Iterator[dict[str, Any]]:
+
+class NamedPassages:
+    """The DPR file ``path`` (its tables, the passages it names with the :func:`passage_digest`
+    of their inline copies) over the passage collection ``collection``: the passages are
+    crossed off as the collection is read, in one stream (:meth:`streams`) or by its byte
+    ranges (:meth:`crossed`, from :mod:`qgscale.data.collection`); then the other tables are
+    checked (:meth:`checked`). See :func:`dpr_on_collection`."""
+
+    def __init__(self, path: str, collection: str, lang: str = "und",
+                 rejects: Rejects | None = None):
+        self.path, self.collection = path, collection
+        self.rejects = rejects or Rejects()
+        self.positions: list[int] = []
+        self.named: dict[str, int] = {}  # the passages not yet seen in the collection
+        self.tables = read_dpr(path, lang, self.rejects, corpus=False,
+                               positions=self.positions, digests=self.named)
+        self.read = False
+        self._fixed: tuple[set[str], dict[str, list[str]]] | None = None
+
+    def streams(self, rows: Iterable[dict[str, Any]]) -> dict[str, Iterator[dict[str, Any]]]:
+        """The corpus (``rows``, passed through as they are crossed off) first, then the
+        other tables."""
+        return {"corpus": self._cross_off(rows), **{k: self.checked(k) for k in self.tables}}
+
+    def _cross_off(self, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         compared, other, first = 0, 0, None
         for row in rows:
-            digest = named.pop(row["pid"], 0)
+            digest = self.named.pop(row["pid"], 0)
             if digest:
                 compared += 1
                 if digest != passage_digest(row["title"], row["text"]):
                     other, first = other + 1, first or row["pid"]
             yield row
+        self.crossed(None, compared, other, first)
+
+    def crossed(self, missing: Iterable[str] | None, compared: int, other: int,
+                first: str | None) -> None:
+        """The collection is read: ``missing`` the named passages it lacks (None: those not
+        crossed off), ``compared`` the named ones with text whose first copy in it was
+        compared, ``other`` those that differ (``first``: the first of them in the
+        collection)."""
+        if missing is not None:
+            self.named = {p: self.named[p] for p in missing}
         if other:
-            msg = (f"{path}: {other} of the {compared} passages compared (those the file names "
-                   f"with their text) have another title or text in the collection "
-                   f"{collection} (first: {first!r})")
-            if 2 * other > compared and rejects.mode != "skip":
+            msg = (f"{self.path}: {other} of the {compared} passages compared (those the file "
+                   f"names with their text) have another title or text in the collection "
+                   f"{self.collection} (first: {first!r})")
+            if 2 * other > compared and self.rejects.mode != "skip":
                 raise DataError(f"{msg}: is it the collection the file's passage ids come "
                                 "from? (with on_error skip: a warning, the collection's "
                                 "copies kept)")
             log.warning("%s; the collection's copies are the corpus", msg)
-        state["read"] = True
+        self.read = True
 
-    def fixed() -> tuple[set[str], dict[str, list[str]]]:
+    def fixed(self) -> tuple[set[str], dict[str, list[str]]]:
         """The qids left out, and the qids whose negatives lose some (-> the lost ones)."""
-        if state["fixed"] is None:
-            if not state["read"]:
+        if self._fixed is None:
+            if not self.read:
                 raise RuntimeError("read the corpus before the other DPR tables")
-            state["fixed"] = _check_named(path, collection, tables["examples"], positions,
-                                          named, rejects)
-            named.clear()
-        return state["fixed"]
+            self._fixed = _check_named(self.path, self.collection, self.tables["examples"],
+                                       self.positions, self.named, self.rejects)
+            self.named.clear()
+        return self._fixed
 
-    def checked(kind: str) -> Iterator[dict[str, Any]]:
-        drop, lost = fixed()
-        for r in tables[kind]:
+    def checked(self, kind: str) -> Iterator[dict[str, Any]]:
+        """The rows of table ``kind`` left once the named passages the collection lacks
+        are reported (:func:`_check_named`)."""
+        drop, lost = self.fixed()
+        for r in self.tables[kind]:
             if r["qid"] in drop:
                 continue
             if kind == "examples" and r["qid"] in lost:
                 gone = set(lost[r["qid"]])
                 r = {**r, "neg_pids": [p for p in r["neg_pids"] if p not in gone]}
             yield r
-
-    return {"corpus": corpus(), **{k: checked(k) for k in tables}}
 
 
 def _check_named(path: str, collection: str, examples: list[dict[str, Any]],
