@@ -330,7 +330,9 @@ def test_dpr_collection_copies_spacing_other_texts_tevatron_and_checks_first(tmp
 def test_dpr_over_a_collection_in_byte_ranges_as_in_one_stream(tmp_path, monkeypatch, caplog):
     """``prepare`` reads the collection in byte ranges (``qgscale.data.collection``) and crosses
     off the named passages in its id check: the tables, rejected rows, warning and errors of
-    one stream (``read``), whether passages are missing, retitled or all other."""
+    one stream (``read``; the collection has no duplicate id, which ``read`` reports in file
+    order among the row defects), whether passages are missing, retitled or all other. A
+    plan of the same output made without the DPR file is not reused."""
     from qgscale.data import collection as units
 
     monkeypatch.setattr(units, "UNIT_BYTES", 40_000)
@@ -348,6 +350,7 @@ def test_dpr_over_a_collection_in_byte_ranges_as_in_one_stream(tmp_path, monkeyp
     caplog.clear()
     assert "1 of the 749 passages compared" in warning
     out = tmp_path / "out"
+    prepare("passages", str(coll), str(out), lang="en", shard_rows=50)  # no named passages
     with caplog.at_level("WARNING", logger="qgscale.data.readers"):
         prepare("dpr", str(DPR), str(out), **en, on_error="skip", shard_rows=50)
     assert caplog.text.split("WARNING", 1)[-1].strip() in warning

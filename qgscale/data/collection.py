@@ -1,21 +1,23 @@
 """A passage collection (one TSV or JSONL file, e.g. psgs_w100) -> corpus shards, its byte
 ranges read in parallel.
 
-``qgscale data prepare`` of a collection (format ``passages``; ``xor-tydi``'s and ``qas``'
-``passages``; ``beir``'s ``corpus.jsonl``) cuts an uncompressed file into :class:`Unit`
+``qgscale data prepare`` of a collection (format ``passages``; ``xor-tydi``'s, ``qas``' and
+``dpr``'s ``passages``; ``beir``'s ``corpus.jsonl``) cuts an uncompressed file into :class:`Unit`
 byte ranges (a unit: the lines that start in it; 4 units per cluster CPU, 32-256 MB each;
 a compressed file is one unit) and reads them on Ray tasks of one CPU each (here one after
 another without Ray, or for one unit). A unit writes its own corpus shards
 (``part-<unit>-<j>``) and its passage ids, hashed into buckets, to a work folder, then a
 record (its rows, lines, rejected rows): a re-run skips the recorded units, and once the
-ids are checked it reads the duplicates found. A unit numbers its lines from 1; the driver
+ids are checked it reads what the check found. A unit numbers its lines from 1; the driver
 makes them the file's own from the earlier units' line counts. The passage-id check runs
 per bucket (a task each: the bucket's ids of every unit, sorted in Arrow): a duplicate
 fails (fail mode: the first in file order) or is dropped from its shard (skip mode),
 naming both lines, as :class:`~qgscale.data.unique.SpilledIds` does for the formats read
 in one stream. As there, every row defect comes first: in fail mode a defect stops the
 read, and a duplicate id before it is reported once it is mended; in skip mode the
-duplicates follow the other rejected rows.
+duplicates follow the other rejected rows. A DPR file's named passages are crossed off in
+the same check (each bucket's first copies joined with the named ids and the digests of
+their inline copies), before the duplicates are handled.
 
 Memory: a unit task holds one shard of rows and at most :data:`ID_FLUSH` ids (about 30
 bytes each); a bucket task at most about :data:`BUCKET_IDS` ids at once (~1 GB with the
@@ -62,6 +64,7 @@ PACK_ROWS = 1 << 14  # ... packed into Arrow this many at a time
 MIN_UNIT_BYTES = 32 << 20  # a unit's size on a cluster: 4 units per CPU, within these bounds
 MAX_UNITS = 99_999  # units and a unit's shards: names sort as the file's order (5 digits)
 MAX_BUCKETS = 4096
+PLAN_VERSION = 1  # of the work folder's layout: another version's plan is started afresh
 TSV_COLUMNS = ["id", "text", "title"]  # psgs_w100's, when the file has no header line
 
 
@@ -86,7 +89,7 @@ class Job:
     path: str
     lang: str
     out_uri: str  # the corpus folder
-    work_uri: str  # the plan, unit records, ids (removed once checked), duplicates found
+    work_uri: str  # the plan, unit records, ids (removed once checked), what the check found
     config_hash: str
     shard_rows: int
     fail: bool  # on_error fail: a unit stops at its first rejected row
@@ -177,10 +180,11 @@ def plan(path: str, unit_bytes: int | None = None
 
 
 class _Ids:
-    """A unit's passage ids ``(key, seq, line, field, h)``, ``h`` the id's crc32: packed into
-    Arrow every :data:`PACK_ROWS` (about 30 bytes an id), written by bucket (``h`` modulo the
-    buckets) to ``ids-<plan>/b<bucket>/<unit>-<part>.parquet`` every :data:`ID_FLUSH` ids
-    and at the end, counted per bucket."""
+    """A unit's passage ids ``(key, seq, line, field, h)``, ``h`` the id's crc32 (and, with
+    ``job.digests``, each row's :func:`~qgscale.data.readers.passage_digest`, added by
+    :meth:`row`): packed into Arrow every :data:`PACK_ROWS` (about 30 bytes an id), written
+    by bucket (``h`` modulo the buckets) to ``ids-<plan>/b<bucket>/<unit>-<part>.parquet``
+    every :data:`ID_FLUSH` ids and at the end, counted per bucket."""
 
     def __init__(self, job: Job, unit: Unit):
         self.job, self.unit = job, unit
@@ -415,15 +419,16 @@ def _job(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
     """The plan of ``path``: made once and kept in the work folder, so that a re-run reads
     the units its records name."""
     plan_uri = storage.join(work_uri, "_plan.json")
-    if not storage.exists(plan_uri) or "id" not in storage.read_json(plan_uri):
-        # a fresh start: no shard of an earlier plan (or code) is kept
+    saved = storage.read_json(plan_uri) if storage.exists(plan_uri) else {}
+    if (saved.get("version"), saved.get("digests")) != (PLAN_VERSION, digests):
+        # a fresh start: no shard of another plan (or of older code) is kept
         storage.remove(out_uri, recursive=True)
         storage.remove(work_uri, recursive=True)
         units, columns, seen, buckets = plan(path, unit_bytes)
-        storage.write_json(plan_uri, {"id": uuid.uuid4().hex[:12], "columns": columns,
-                                      "seen": seen, "buckets": buckets,
-                                      "units": [[u.index, u.start, u.end] for u in units]})
-    saved = storage.read_json(plan_uri)
+        saved = {"version": PLAN_VERSION, "id": uuid.uuid4().hex[:12], "digests": digests,
+                 "columns": columns, "seen": seen, "buckets": buckets,
+                 "units": [[u.index, u.start, u.end] for u in units]}
+        storage.write_json(plan_uri, saved)
     return [Unit(*u) for u in saved["units"]], Job(
         path, lang, out_uri, work_uri, config_hash, shard_rows, fail, saved["buckets"],
         saved["columns"], saved["seen"], saved["id"], digests)
@@ -436,21 +441,28 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     """The collection ``path`` (language ``lang`` where a row has none) as corpus shards in
     ``out_uri``, read unit by unit (on Ray tasks where Ray is initialised and there are
     several units of ``unit_bytes``: :func:`unit_bytes_for` by default); returns the corpus
-    manifest. Rejected rows go to ``rejects`` with the
-    file's line numbers (in fail mode the first raises); duplicate ids as in
+    manifest. Rejected rows go to ``rejects`` with the file's line numbers (and ``path`` as
+    given; in fail mode the first raises); duplicate ids as in
     :func:`~qgscale.data.unique.drop_duplicates`. ``work_uri`` keeps the plan, the units'
-    records and the duplicates found (the ids are removed once checked): a re-run of a
+    records and what the check found (the ids are removed once checked): a re-run of a
     finished collection reads those, and reports the same rejected rows; a unit whose shard
-    is gone is read again. A new plan (no ``_plan.json``) clears ``out_uri`` first.
+    is gone is read again. A new plan (no ``_plan.json`` of this code's version and
+    ``named``) clears ``out_uri`` first.
     ``memory://`` paths (this process's own) are read here. ``named``: a DPR file over the
     collection, whose named passages are crossed off (:meth:`NamedPassages.crossed
     <qgscale.data.readers.NamedPassages.crossed>`) by the bucket check, before the
     duplicates are dropped."""
     from qgscale.runtime import map_shards  # runtime -> config -> prepare -> here
 
-    # tasks run elsewhere: a relative local path names the same file there
+    # tasks run elsewhere: a relative local path names the same file there (read from its
+    # absolute path, reported as given)
+    shown = path
     path, out_uri, work_uri = (os.path.abspath(u) if "://" not in u else u
                                for u in (path, out_uri, work_uri))
+
+    def named_as(file: str) -> str:
+        return shown if file == path else file
+
     units, job = _job(path, lang, out_uri, work_uri, config_hash, shard_rows,
                       rejects.mode != "skip", unit_bytes, named is not None)
     here = any(u.startswith("memory://") for u in (path, out_uri, work_uri))  # this process's
@@ -464,8 +476,8 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     for rec in read(units):
         if "failed" in rec:
             r = rec["failed"]
-            rejects.bad(r["file"], r["line"] and r["line"] + lines, r["field"], r["reason"],
-                        r["raw"])
+            rejects.bad(named_as(r["file"]), r["line"] and r["line"] + lines, r["field"],
+                        r["reason"], r["raw"])
         records.append(rec)
         lines += rec["lines"]
     writer = storage.ShardWriter(out_uri, config_hash)
@@ -481,11 +493,11 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     line_at = list(itertools.accumulate((r["lines"] for r in records[:-1]), initial=0))
     row_at = list(itertools.accumulate((r["rows"] for r in records[:-1]), initial=0))
     for rec, at in zip(records, line_at, strict=True):  # as Rejects has them: key order too
-        rejects.rows += [{"file": r["file"], "line": r["line"] and r["line"] + at,
+        rejects.rows += [{"file": named_as(r["file"]), "line": r["line"] and r["line"] + at,
                           "field": r["field"], "reason": r["reason"], "raw": r["raw"]}
                          for r in rec["rejects"]]
     if not any(r["read"] for r in records):
-        raise readers.no_rows(path, "only a header" if job.seen and job.columns else
+        raise readers.no_rows(shown, "only a header" if job.seen and job.columns else
                               "empty file")
     done_uri = storage.join(work_uri, "checked.json")  # kept: a re-run reports them again
     if not storage.exists(done_uri):
@@ -511,8 +523,8 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
         named.crossed(checked["missing"], checked["compared"], checked["other"],
                       first and first[2])
     found = checked["dups"]
-    dups = [Dup(d["key"], row_at[d["unit"]] + d["seq"], path, line_at[d["unit"]] + d["line"],
-                d["fld"], path, line_at[d["first_unit"]] + d["first_line"]) for d in found]
+    dups = [Dup(d["key"], row_at[d["unit"]] + d["seq"], shown, line_at[d["unit"]] + d["line"],
+                d["fld"], shown, line_at[d["first_unit"]] + d["first_line"]) for d in found]
     with_rows = [i for i, r in enumerate(records) if r["rows"]]
     starts = [row_at[i] for i in with_rows]
 

@@ -64,8 +64,9 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     after the stream (:func:`write_tables`).
 
     ``collection=False`` leaves out the corpus that a passage collection is (formats
-    ``passages``, ``xor-tydi``, ``qas``, ``beir``): :func:`prepare` reads it in parallel (and
-    ``dpr``'s with :class:`~qgscale.data.readers.NamedPassages`).
+    ``passages``, ``xor-tydi``, ``qas``, ``beir``): :func:`prepare` reads it in parallel.
+    (``dpr`` over a collection ignores it: :func:`prepare` reads that one in parallel with
+    :class:`~qgscale.data.readers.NamedPassages`, not through this function.)
     """
     check_args(fmt, passages=passages, corpus_langs=corpus_langs, kind=kind, lang=lang)
     rejects = rejects or readers.Rejects()
