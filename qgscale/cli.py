@@ -135,7 +135,7 @@ def data_prepare(
     """Convert a raw dataset into canonical parquet shards."""
     from fsspec.utils import infer_compression
 
-    from qgscale.data.collection import UNIT_BYTES
+    from qgscale.data.collection import UNIT_BYTES, collection_files
     from qgscale.data.prepare import READ_ARGS, collection_of, prepare
 
     if config:
@@ -164,9 +164,10 @@ def data_prepare(
                                **args, "input": input, "input_fp": storage.fingerprint(input),
                                "passages_fp": passages and storage.fingerprint(passages)})
     coll = collection_of(format, input, **args)
-    fs, path = storage.url_to_fs(coll[0]) if coll else (None, "")
-    if fs is not None and fs.isfile(path) and fs.size(path) > UNIT_BYTES and \
-            infer_compression(path) is None:  # a compressed file is one range
+    files = collection_files(coll[0]) if coll else []
+    fs = storage.url_to_fs(files[0])[0] if files else None
+    if len(files) > 1 or fs is not None and fs.size(files[0]) > UNIT_BYTES and \
+            infer_compression(files[0]) is None:  # several ranges (a compressed file: one)
         from qgscale import runtime
 
         runtime.connect()  # its units on Ray tasks: RAY_ADDRESS's cluster, else a local Ray

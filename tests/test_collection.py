@@ -94,7 +94,7 @@ def test_units_give_the_rows_and_rejects_of_one_stream(tmp_path, monkeypatch, he
     for name, value in settings:
         monkeypatch.setattr(collection, name, value)
     path = _tsv(tmp_path, bad=(5, 120, 121, 250), dups=20, header=header)
-    units, _, _, buckets = plan(path, 1000)
+    units, _, buckets = plan([path], 1000)
     assert len(units) > 20 and units[0].start == 0 and (buckets > 3) == (small == "buckets")
     out = str(tmp_path / "out")
     m, rejects = _collection(path, out)
@@ -149,7 +149,7 @@ def test_a_rerun_keeps_the_units_done(tmp_path):
     with pytest.raises(DataError, match=r"psgs.tsv:193: expected 3 tab-separated columns"):
         _collection(path, out, mode="fail")
     records = storage.list_files(f"{out}/_collection/units", ".json")
-    n_units = len(plan(path, 1000)[0])
+    n_units = len(plan([path], 1000)[0])
     assert 0 < len(records) < n_units
     before = {u: storage.url_to_fs(u)[0].info(u)["mtime"] for u in records}
     with pytest.raises(DataError, match=r"psgs.tsv:193:"):
@@ -169,8 +169,8 @@ def test_units_on_ray_tasks_over_s3(tmp_path, monkeypatch, ray_local, s3_bucket)
     monkeypatch.chdir(tmp_path)  # relative paths: the tasks' working folder is another
     for src, out in ((uri, f"{s3_bucket}/out"), (str(gz), str(tmp_path / "gz")),
                      ("psgs.tsv", "rel")):
-        units = plan(src, 2000)[0]
-        assert len(units) == (1 if src.endswith(".gz") else len(plan(path, 2000)[0])) >= 1
+        units = plan([src], 2000)[0]
+        assert len(units) == (1 if src.endswith(".gz") else len(plan([path], 2000)[0])) >= 1
         m, rejects = _collection(src, out, unit_bytes=2000)
         assert storage.read_parquet(f"{out}/corpus").to_pylist() == want
         assert sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows) == [
@@ -227,7 +227,7 @@ def test_the_header_is_found_as_one_stream_finds_it(tmp_path, prefix):
     path.write_bytes(prefix + rows.encode())
     want, want_rejects = _one_stream(str(path))
     m, rejects = _collection(str(path), str(tmp_path / "out"), unit_bytes=200)
-    assert len(plan(str(path), 200)[0]) > 5
+    assert len(plan([str(path)], 200)[0]) > 5
     assert storage.read_parquet(str(tmp_path / "out" / "corpus")).to_pylist() == want
     assert sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows) == want_rejects
 
@@ -257,7 +257,7 @@ def test_memory_paths_are_read_here(ray_local):
     rows = "".join(f"m{i}\tText {i}.\tT\n" for i in range(50))
     storage.write_bytes("memory://coll/c.tsv", rows.encode())
     m, _ = _collection("memory://coll/c.tsv", "memory://coll/out", unit_bytes=100)
-    assert len(collection.plan("memory://coll/c.tsv", 100)[0]) > 5
+    assert len(collection.plan(["memory://coll/c.tsv"], 100)[0]) > 5
     assert storage.read_parquet("memory://coll/out/corpus").column("pid").to_pylist() == [
         f"m{i}" for i in range(50)] and m["rows"] == 50
 
@@ -293,9 +293,9 @@ def test_a_full_bucket_is_checked_in_passes(tmp_path, monkeypatch):
     named passage (a DPR file's) with its first copy."""
     from qgscale.data import collection
 
-    job = collection.Job("c.tsv", "en", str(tmp_path / "corpus"), str(tmp_path / "w"), "h", 10,
-                         False, 1, None, True, "p0", True)
-    ids = collection._Ids(job, collection.Unit(0, 0, None))
+    job = collection.Job(["c.tsv"], "en", str(tmp_path / "corpus"), str(tmp_path / "w"), "h",
+                         10, False, 1, [None], "p0", True)
+    ids = collection._Ids(job, collection.Unit(0, 0, 0, None))
     keys = [f"k{i}" for i in range(270)] + [f"k{i}" for i in range(0, 90, 3)]
     for n, k in enumerate(keys, 1):
         ids.add(k, n, "id")
@@ -317,3 +317,42 @@ def test_a_full_bucket_is_checked_in_passes(tmp_path, monkeypatch):
     assert got["first_other"] == [0, 6, "k6"]  # k6 before k9 in file order
     first = collection.check_bucket((0, len(keys)), dataclasses.replace(job, fail=True))
     assert [(d["key"], d["line"]) for d in first["dups"]] == [("k0", 271)]  # the first only
+
+
+def test_a_folder_of_files_in_their_order(tmp_path):
+    """A folder collection: its files by name (TSV with and without a header, JSONL, gzip),
+    each numbered from its own line 1, an id repeated in a later file named with both files
+    and lines, as one stream of each file with one id check over them all."""
+    folder = tmp_path / "coll"
+    folder.mkdir()
+    (folder / "a.tsv").write_text("id\ttext\ttitle\n" + "".join(
+        f"a{i}\tText a{i} {'x ' * (i % 9)}\tT\n" for i in range(40)) + "bad\trow\n")
+    (folder / "b.jsonl").write_text("".join(json.dumps({"id": f"b{i}", "text": f"B {i}"}) + "\n"
+                                            for i in range(30)) + '{"id": "a3", "text": "x"}\n')
+    (folder / "c.tsv.gz").write_bytes(gzip.compress("".join(
+        f"c{i}\tC {i}\tT\n" for i in range(20)).encode() + b"b7\tagain\tT\n"))
+    (folder / "d.tsv").write_text("".join(f"d{i}\tD {i} {'y ' * 30}\tT\n" for i in range(30)))
+    files = [str(folder / n) for n in ("a.tsv", "b.jsonl", "c.tsv.gz", "d.tsv")]
+    seen, rejects, want = readers.FirstSeen("passage id"), readers.Rejects("skip"), []
+    for f in files:  # the reference: each file in one stream, one id check over all
+        got = []
+        rows = list(readers.iter_passages(f, "en", rejects, unique=False,
+                                          ids=lambda k, n, fld, got=got: got.append((k, n, fld))))
+        want += [r for r, (k, n, fld) in zip(rows, got, strict=True)
+                 if seen.new(k, f, n, fld, rejects, r)]
+    m, got_rejects = _collection(str(folder), str(tmp_path / "out"), unit_bytes=300)
+    assert len(plan(files, 300)[0]) > 10
+    assert storage.read_parquet(str(tmp_path / "out" / "corpus")).to_pylist() == want
+    assert sorted((r["file"], r["line"], r["field"], r["reason"]) for r in got_rejects.rows) \
+        == sorted((r["file"], r["line"], r["field"], r["reason"]) for r in rejects.rows)
+    assert any(f"first at {files[0]}:5" in r["reason"] for r in got_rejects.rows)  # a3
+    assert m["rows"] == 40 + 30 + 20 + 30
+    (folder / "e.tsv").write_text("id\ttext\ttitle\n")  # a file without rows: its own error
+    with pytest.raises(DataError, match=r"e.tsv: no rows \(only a header\)"):
+        _collection(str(folder), str(tmp_path / "out2"), unit_bytes=300)
+    (folder / "e.tsv").unlink()
+    summary = prepare("passages", str(folder), str(tmp_path / "p"), on_error="skip", lang="en")
+    assert summary["rows"]["corpus"] == m["rows"] and summary["rejected"] == len(rejects.rows)
+    (folder / "notes.md").write_text("about")
+    with pytest.raises(DataError, match=r"notes.md is not a passage collection file"):
+        _collection(str(folder), str(tmp_path / "out3"))

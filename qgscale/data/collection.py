@@ -70,10 +70,11 @@ TSV_COLUMNS = ["id", "text", "title"]  # psgs_w100's, when the file has no heade
 
 @dataclass(frozen=True)
 class Unit:
-    """The lines of the collection that start in bytes ``[start, end)`` (``end`` None: to
-    the end of the file)."""
+    """The lines of the collection's file ``file`` (its number) that start in bytes
+    ``[start, end)`` (``end`` None: to the end of the file)."""
 
     index: int
+    file: int
     start: int
     end: int | None
 
@@ -86,7 +87,7 @@ class Unit:
 class Job:
     """What every unit of one collection shares."""
 
-    path: str
+    paths: list[str]  # the collection's files (absolute, as tasks elsewhere open them)
     lang: str
     out_uri: str  # the corpus folder
     work_uri: str  # the plan, unit records, ids (removed once checked), what the check found
@@ -94,8 +95,7 @@ class Job:
     shard_rows: int
     fail: bool  # on_error fail: a unit stops at its first rejected row
     buckets: int
-    columns: list[str] | None  # a TSV's columns (from its header line); None for JSONL
-    seen: bool  # the file has a non-blank line (its 'no rows' error says which)
+    columns: list[list[str] | None]  # a cut TSV file's columns (its header line's)
     plan_id: str  # a unit record or ids part of another plan (a late task's) is not read
     digests: bool = False  # each row's passage_digest beside its id (a DPR file's check)
 
@@ -135,23 +135,37 @@ def unit_bytes_for(size: int) -> int:
     return int(min(UNIT_BYTES, max(MIN_UNIT_BYTES, size / (4 * cpus))))
 
 
-def plan(path: str, unit_bytes: int | None = None
-         ) -> tuple[list[Unit], list[str] | None, bool, int]:
-    """``(units, columns, seen, buckets)`` of the collection ``path``: its byte ranges of
-    ``unit_bytes`` (:func:`unit_bytes_for` by default; one for a compressed or small file; a
-    TSV's header line always in the first), a TSV's columns, whether it has a non-blank
-    line, and the id buckets for the ids it likely holds."""
-    fs, p = storage.url_to_fs(path)
+COLLECTION_FILE = re.compile(r"\.(tsv|jsonl)(\.(gz|bz2|xz|zst))?$")
+
+
+def collection_files(spec: str) -> list[str]:
+    """The files of the collection ``spec``: the file itself, or a folder's files (each a
+    ``.tsv`` or ``.jsonl`` file, maybe compressed; by name)."""
+    fs, p = storage.url_to_fs(spec)
     if not fs.exists(p):
-        raise MissingInputError(f"{path}: input file not found")
-    if fs.isdir(p):
-        raise DataError(f"{path}: is a folder; this format reads a file")
-    size = fs.size(p)
-    compressed = infer_compression(path) is not None
-    columns, seen, body = None, False, 0
+        raise MissingInputError(f"{spec}: input file not found")
+    if not fs.isdir(p):
+        return [spec]
+    fs.invalidate_cache(p)
+    names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(p, detail=True)
+                   if e["type"] == "file")
+    names = [n for n in names if not n.startswith(".")]
+    bad = [n for n in names if not COLLECTION_FILE.search(n)]
+    if bad:
+        raise DataError(f"{spec}: {bad[0]} is not a passage collection file (a folder "
+                        "collection holds .tsv and .jsonl files only, compressed or not)")
+    if not names:
+        raise DataError(f"{spec}: no passage collection file (.tsv, .jsonl) in the folder")
+    return [storage.join(spec, n) for n in names]
+
+
+def _probe(path: str, sample: bool) -> tuple[list[str] | None, int, float]:
+    """A file's TSV columns (of its first row, as iter_passages finds it), the end of that
+    line, and (``sample``) its lines per byte in the first MiB."""
+    columns, body = None, 0
     span = readers.Span()
     lines = readers._open_text_lines(path, readers.Rejects("skip"), span=span)
-    for _, line in lines:  # the first row, as iter_passages finds it: a TSV's header?
+    for _, line in lines:
         if not line.strip() and "\t" not in line:
             continue
         if not _is_jsonl(path):
@@ -160,23 +174,56 @@ def plan(path: str, unit_bytes: int | None = None
             except csv.Error:
                 continue  # a rejected line
             columns = readers.tsv_header(cells) or TSV_COLUMNS
-        seen, body = True, span.pos
+        body = span.pos
         break
-    for _ in lines:  # the mean line of the first MiB: the ids to check
+    for _ in lines if sample else ():
         if span.pos >= 1 << 20:
             break
     lines.close()
-    text_bytes = size * (4 if compressed else 1)
-    ids = text_bytes * max(1, span.lines) / max(1, span.pos)
-    buckets = min(MAX_BUCKETS, max(1, math.ceil(ids / BUCKET_IDS)))  # a fuller one: in passes
-    unit_bytes = max(unit_bytes or unit_bytes_for(size), -(-size // MAX_UNITS))
-    if compressed or size <= unit_bytes:
-        return [Unit(0, 0, None)], columns, seen, buckets
-    starts = sorted({0, *(max(i * unit_bytes, body) for i in range(1, -(-size // unit_bytes)))})
-    starts = [s for s in starts if s < size]
-    ends: list[int | None] = [*starts[1:], None]
-    return [Unit(i, s, e) for i, (s, e) in enumerate(zip(starts, ends, strict=True))], \
-        columns, seen, buckets
+    return columns, body, max(1, span.lines) / max(1, span.pos)
+
+
+def plan(paths: list[str], unit_bytes: int | None = None
+         ) -> tuple[list[Unit], list[list[str] | None], int]:
+    """``(units, columns, buckets)`` of the collection's files ``paths``: their byte ranges of
+    ``unit_bytes`` (:func:`unit_bytes_for` by default; one for a compressed or small file; a
+    TSV's header line always in its file's first), each cut TSV file's columns, and the id
+    buckets for the ids the files likely hold (from the first MiB of the first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sizes = []
+    for path in paths:
+        fs, p = storage.url_to_fs(path)
+        if not fs.exists(p):
+            raise MissingInputError(f"{path}: input file not found")
+        if fs.isdir(p):
+            raise DataError(f"{path}: is a folder; this format reads a file")
+        sizes.append(fs.size(p))
+    compressed = [infer_compression(path) is not None for path in paths]
+    total = sum(s * (4 if c else 1) for s, c in zip(sizes, compressed, strict=True))
+    unit_bytes = max(unit_bytes or unit_bytes_for(total), -(-total // MAX_UNITS))
+    cut = [i for i, (s, c) in enumerate(zip(sizes, compressed, strict=True))
+           if not c and s > unit_bytes]
+    with ThreadPoolExecutor(min(16, len(cut) + 1)) as pool:  # a first line each: on S3
+        probes = dict(zip([0, *cut], pool.map(_probe, [paths[0], *(paths[i] for i in cut)],
+                                              [True, *(False for _ in cut)]), strict=True))
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(total * probes[0][2] / BUCKET_IDS)))
+    units: list[Unit] = []
+    columns: list[list[str] | None] = [None] * len(paths)
+    for f, size in enumerate(sizes):
+        if f not in cut:
+            units.append(Unit(len(units), f, 0, None))
+            continue
+        columns[f], body, _ = probes[f]
+        starts = sorted({0, *(max(i * unit_bytes, body)
+                              for i in range(1, -(-size // unit_bytes)))})
+        starts = [s for s in starts if s < size]
+        for a, b in zip(starts, [*starts[1:], None], strict=True):
+            units.append(Unit(len(units), f, a, b))
+    if len(units) > MAX_UNITS:
+        raise ConfigError(f"{len(units):,} byte ranges in {len(paths):,} files: at most "
+                          f"{MAX_UNITS:,} (merge small files)")
+    return units, columns, buckets
 
 
 class _Ids:
@@ -260,8 +307,8 @@ def bucket_uri(job: Job, bucket: int) -> str:
 
 def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
     """Read one unit into corpus shards and its ids; returns its record (written last, read
-    back on a re-run of its plan): ``{name, plan, lines, read, rows, shards: [{name, rows}],
-    ids: [per bucket], rejects}``, or ``{name, failed: rejected row}`` (fail mode: nothing
+    back on a re-run of its plan): ``{name, plan, lines, read, header, rows, shards: [{name,
+    rows}], ids: [per bucket], rejects}``, or ``{name, failed: rejected row}`` (fail mode: nothing
     recorded)."""
     record_uri = unit_record(job, unit)
     if storage.exists(record_uri):
@@ -277,14 +324,16 @@ def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
 
     def flush() -> None:
         if len(shards) == MAX_UNITS:
-            raise ConfigError(f"data.shard_rows={job.shard_rows}: a byte range of {job.path} "
+            raise ConfigError(f"data.shard_rows={job.shard_rows}: a byte range of {path} "
                               f"would write over {MAX_UNITS:,} shards; raise shard_rows")
         name = f"part-{unit.index:05d}-{len(shards):05d}"
         writer.write(name, pa.Table.from_pylist(chunk, schema=CORPUS))
         shards.append({"name": name, "rows": len(chunk)})
 
-    rows = readers.iter_passages(job.path, job.lang, rejects, unique=False, span=span,
-                                 header=job.columns if unit.start else None, ids=ids.add)
+    path = job.paths[unit.file]
+    rows = readers.iter_passages(path, job.lang, rejects, unique=False, span=span,
+                                 header=job.columns[unit.file] if unit.start else None,
+                                 ids=ids.add)
     try:
         for row in rows:
             ids.row(row)
@@ -298,8 +347,8 @@ def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
         flush()
     ids.flush()
     record = {"name": unit.name, "plan": job.plan_id, "lines": span.lines, "read": span.rows,
-              "rows": sum(s["rows"] for s in shards), "shards": shards, "ids": ids.counts,
-              "rejects": rejects.rows}
+              "header": span.header, "rows": sum(s["rows"] for s in shards),
+              "shards": shards, "ids": ids.counts, "rejects": rejects.rows}
     storage.write_json(record_uri, record)
     return record
 
@@ -413,71 +462,74 @@ def write_named(job: Job, named: dict[str, int]) -> list[int]:
     return counts
 
 
-def _job(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
+def _job(paths: list[str], lang: str, out_uri: str, work_uri: str, config_hash: str,
          shard_rows: int, fail: bool, unit_bytes: int | None, digests: bool
          ) -> tuple[list[Unit], Job]:
-    """The plan of ``path``: made once and kept in the work folder, so that a re-run reads
-    the units its records name."""
+    """The plan of the files ``paths``: made once and kept in the work folder, so that a
+    re-run reads the units its records name."""
     plan_uri = storage.join(work_uri, "_plan.json")
     saved = storage.read_json(plan_uri) if storage.exists(plan_uri) else {}
     if (saved.get("version"), saved.get("digests")) != (PLAN_VERSION, digests):
         # a fresh start: no shard of another plan (or of older code) is kept
         storage.remove(out_uri, recursive=True)
         storage.remove(work_uri, recursive=True)
-        units, columns, seen, buckets = plan(path, unit_bytes)
+        units, columns, buckets = plan(paths, unit_bytes)
         saved = {"version": PLAN_VERSION, "id": uuid.uuid4().hex[:12], "digests": digests,
-                 "columns": columns, "seen": seen, "buckets": buckets,
-                 "units": [[u.index, u.start, u.end] for u in units]}
+                 "paths": paths, "columns": columns, "buckets": buckets,
+                 "units": [[u.index, u.file, u.start, u.end] for u in units]}
         storage.write_json(plan_uri, saved)
+    if saved["paths"] != paths:  # a file added or removed changes the input's fingerprint
+        raise DataError(f"{work_uri}: planned for other files than {len(paths)} now there: "
+                        "remove it to prepare again")
     return [Unit(*u) for u in saved["units"]], Job(
-        path, lang, out_uri, work_uri, config_hash, shard_rows, fail, saved["buckets"],
-        saved["columns"], saved["seen"], saved["id"], digests)
+        paths, lang, out_uri, work_uri, config_hash, shard_rows, fail, saved["buckets"],
+        saved["columns"], saved["id"], digests)
 
 
 def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
                      shard_rows: int, rejects: readers.Rejects,
                      unit_bytes: int | None = None,
                      named: readers.NamedPassages | None = None) -> dict[str, Any]:
-    """The collection ``path`` (language ``lang`` where a row has none) as corpus shards in
-    ``out_uri``, read unit by unit (on Ray tasks where Ray is initialised and there are
-    several units of ``unit_bytes``: :func:`unit_bytes_for` by default); returns the corpus
-    manifest. Rejected rows go to ``rejects`` with the file's line numbers (and ``path`` as
-    given; in fail mode the first raises); duplicate ids as in
+    """The collection ``path`` (a file, or a folder of them: :func:`collection_files`;
+    language ``lang`` where a row has none) as corpus shards in ``out_uri``, in the files'
+    order, read unit by unit (on Ray tasks where Ray is initialised and there are several
+    units of ``unit_bytes``: :func:`unit_bytes_for` by default); returns the corpus
+    manifest.
+
+    Rejected rows go to ``rejects`` with their file (as given) and its line numbers; in fail
+    mode the first raises. A file without rows fails, as in one stream. Duplicate ids as in
     :func:`~qgscale.data.unique.drop_duplicates`. ``work_uri`` keeps the plan, the units'
     records and what the check found (the ids are removed once checked): a re-run of a
     finished collection reads those, and reports the same rejected rows; a unit whose shard
     is gone is read again. A new plan (no ``_plan.json`` of this code's version and
-    ``named``) clears ``out_uri`` first.
-    ``memory://`` paths (this process's own) are read here. ``named``: a DPR file over the
-    collection, whose named passages are crossed off (:meth:`NamedPassages.crossed
-    <qgscale.data.readers.NamedPassages.crossed>`) by the bucket check, before the
-    duplicates are dropped."""
+    ``named``) clears ``out_uri`` first. ``memory://`` paths (this process's own) are read
+    here. ``named``: a DPR file over the collection, whose named passages are crossed off
+    (:meth:`NamedPassages.crossed <qgscale.data.readers.NamedPassages.crossed>`) by the
+    bucket check, before the duplicates are dropped."""
     from qgscale.runtime import map_shards  # runtime -> config -> prepare -> here
 
     # tasks run elsewhere: a relative local path names the same file there (read from its
     # absolute path, reported as given)
-    shown = path
-    path, out_uri, work_uri = (os.path.abspath(u) if "://" not in u else u
-                               for u in (path, out_uri, work_uri))
-
-    def named_as(file: str) -> str:
-        return shown if file == path else file
-
-    units, job = _job(path, lang, out_uri, work_uri, config_hash, shard_rows,
+    given = collection_files(path)
+    paths = [os.path.abspath(u) if "://" not in u else u for u in given]
+    shown = dict(zip(paths, given, strict=True))
+    out_uri, work_uri = (os.path.abspath(u) if "://" not in u else u for u in (out_uri, work_uri))
+    units, job = _job(paths, lang, out_uri, work_uri, config_hash, shard_rows,
                       rejects.mode != "skip", unit_bytes, named is not None)
-    here = any(u.startswith("memory://") for u in (path, out_uri, work_uri))  # this process's
+    here = any(u.startswith("memory://") for u in (*paths, out_uri, work_uri))  # this process's
 
     def read(todo: list[Unit]) -> Iterator[dict[str, Any]]:
         return ((read_unit(u, job) for u in todo) if here else
                 map_shards(read_unit, todo, job, num_cpus=1))
 
     records: list[dict[str, Any]] = []
-    lines = 0
-    for rec in read(units):
+    lines = 0  # of the unit's file before it
+    for unit, rec in zip(units, read(units), strict=True):
+        lines = 0 if unit.start == 0 else lines
         if "failed" in rec:
             r = rec["failed"]
-            rejects.bad(named_as(r["file"]), r["line"] and r["line"] + lines, r["field"],
-                        r["reason"], r["raw"])
+            rejects.bad(shown.get(r["file"], r["file"]), r["line"] and r["line"] + lines,
+                        r["field"], r["reason"], r["raw"])
         records.append(rec)
         lines += rec["lines"]
     writer = storage.ShardWriter(out_uri, config_hash)
@@ -490,15 +542,20 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
             storage.remove(unit_record(job, units[i]))
         for i, rec in zip(lost, read([units[i] for i in lost]), strict=True):
             records[i] = rec
-    line_at = list(itertools.accumulate((r["lines"] for r in records[:-1]), initial=0))
+    line_at = [0] * len(units)  # lines of its file before each unit
+    for i in range(1, len(units)):
+        if units[i].start:
+            line_at[i] = line_at[i - 1] + records[i - 1]["lines"]
     row_at = list(itertools.accumulate((r["rows"] for r in records[:-1]), initial=0))
     for rec, at in zip(records, line_at, strict=True):  # as Rejects has them: key order too
-        rejects.rows += [{"file": named_as(r["file"]), "line": r["line"] and r["line"] + at,
-                          "field": r["field"], "reason": r["reason"], "raw": r["raw"]}
-                         for r in rec["rejects"]]
-    if not any(r["read"] for r in records):
-        raise readers.no_rows(shown, "only a header" if job.seen and job.columns else
-                              "empty file")
+        rejects.rows += [{"file": shown.get(r["file"], r["file"]),
+                          "line": r["line"] and r["line"] + at, "field": r["field"],
+                          "reason": r["reason"], "raw": r["raw"]} for r in rec["rejects"]]
+    for f, p in enumerate(paths):  # every file has rows, as when it is read in one stream
+        mine = [r for u, r in zip(units, records, strict=True) if u.file == f]
+        if not any(r["read"] for r in mine):
+            raise readers.no_rows(shown[p], "only a header" if any(r["header"] for r in mine)
+                                  else "empty file")
     done_uri = storage.join(work_uri, "checked.json")  # kept: a re-run reports them again
     if not storage.exists(done_uri):
         counts = [sum(c) for c in zip(*(r["ids"] for r in records), strict=True)]
@@ -523,8 +580,12 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
         named.crossed(checked["missing"], checked["compared"], checked["other"],
                       first and first[2])
     found = checked["dups"]
-    dups = [Dup(d["key"], row_at[d["unit"]] + d["seq"], shown, line_at[d["unit"]] + d["line"],
-                d["fld"], shown, line_at[d["first_unit"]] + d["first_line"]) for d in found]
+    def file_of(unit: int) -> str:
+        return shown[paths[units[unit].file]]
+
+    dups = [Dup(d["key"], row_at[d["unit"]] + d["seq"], file_of(d["unit"]),
+                line_at[d["unit"]] + d["line"], d["fld"], file_of(d["first_unit"]),
+                line_at[d["first_unit"]] + d["first_line"]) for d in found]
     with_rows = [i for i, r in enumerate(records) if r["rows"]]
     starts = [row_at[i] for i in with_rows]
 

@@ -519,6 +519,7 @@ class Span:
     lines: int = 0
     rows: int = 0
     pos: int = 0  # the end of the last line read
+    header: bool = False  # a TSV's header line was read (and skipped)
 
 
 def tsv_header(cells: list[str]) -> list[str] | None:
@@ -580,6 +581,8 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
         if header is None:
             header = tsv_header(cells) or ["id", "text", "title"]
             if cells and cells[0] == "id":
+                if span is not None:
+                    span.header = True
                 continue
         read += 1
         if span is not None:
