@@ -64,7 +64,7 @@ PACK_ROWS = 1 << 14  # ... packed into Arrow this many at a time
 MIN_UNIT_BYTES = 32 << 20  # a unit's size on a cluster: 4 units per CPU, within these bounds
 MAX_UNITS = 99_999  # units and a unit's shards: names sort as the file's order (5 digits)
 MAX_BUCKETS = 4096
-PLAN_VERSION = 1  # of the work folder's layout: another version's plan is started afresh
+PLAN_VERSION = 2  # of the work folder's layout: another version's plan is started afresh
 TSV_COLUMNS = ["id", "text", "title"]  # psgs_w100's, when the file has no header line
 
 
