@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from qgscale import storage
-from qgscale.data import readers
+from qgscale.data import collection, readers
 from qgscale.data.collection import plan, write_collection
 from qgscale.data.prepare import prepare
 from qgscale.data.readers import passage_digest
@@ -87,8 +87,6 @@ def test_units_give_the_rows_and_rejects_of_one_stream(tmp_path, monkeypatch, he
     """``buckets``: ids packed 2 at a time and written every 4, in several buckets;
     ``passes``: one bucket (as a first line far longer than the rest makes it) holding 30
     times the ids a pass may hold, checked in passes."""
-    from qgscale.data import collection
-
     settings = {"buckets": (("PACK_ROWS", 2), ("ID_FLUSH", 4), ("BUCKET_IDS", 40)),
                 "passes": (("BUCKET_IDS", 10), ("MAX_BUCKETS", 1))}.get(small, ())
     for name, value in settings:
@@ -96,6 +94,8 @@ def test_units_give_the_rows_and_rejects_of_one_stream(tmp_path, monkeypatch, he
     path = _tsv(tmp_path, bad=(5, 120, 121, 250), dups=20, header=header)
     units, _, buckets = plan([path], 1000)
     assert len(units) > 20 and units[0].start == 0 and (buckets > 3) == (small == "buckets")
+    if small == "buckets":  # ~328 lines: about 8 buckets of 40, from the first MiB's lines
+        assert 6 <= buckets <= 12, buckets
     out = str(tmp_path / "out")
     m, rejects = _collection(path, out)
     want, want_rejects = _one_stream(path)
@@ -182,8 +182,6 @@ def test_units_on_ray_tasks_over_s3(tmp_path, monkeypatch, ray_local, s3_bucket)
 def test_prepare_of_a_collection_in_units(tmp_path, monkeypatch):
     """``prepare --format passages`` and ``beir`` read the collection in units: the corpus
     and ``_rejected.jsonl`` of one stream."""
-    from qgscale.data import collection
-
     monkeypatch.setattr(collection, "UNIT_BYTES", 1500)
     path = _tsv(tmp_path, n=150, bad=(40,), dups=4, seed=2)
     want, want_rejects = _one_stream(path, "sw")
@@ -252,8 +250,6 @@ def test_a_lost_shard_and_an_older_layout(tmp_path):
 
 def test_memory_paths_are_read_here(ray_local):
     """``memory://`` (this process's own store) is never handed to a Ray task."""
-    from qgscale.data import collection
-
     rows = "".join(f"m{i}\tText {i}.\tT\n" for i in range(50))
     storage.write_bytes("memory://coll/c.tsv", rows.encode())
     m, _ = _collection("memory://coll/c.tsv", "memory://coll/out", unit_bytes=100)
@@ -291,8 +287,6 @@ def test_a_full_bucket_is_checked_in_passes(tmp_path, monkeypatch):
     """A bucket holding 30x the ids a pass may hold (its estimate missed): each pass reads
     one share of the hashes, and every duplicate is found with its first row, and every
     named passage (a DPR file's) with its first copy."""
-    from qgscale.data import collection
-
     job = collection.Job(["c.tsv"], "en", str(tmp_path / "corpus"), str(tmp_path / "w"), "h",
                          10, False, 1, [None], "p0", True)
     ids = collection._Ids(job, collection.Unit(0, 0, 0, None))
@@ -356,3 +350,45 @@ def test_a_folder_of_files_in_their_order(tmp_path):
     (folder / "notes.md").write_text("about")
     with pytest.raises(DataError, match=r"notes.md is not a passage collection file"):
         _collection(str(folder), str(tmp_path / "out3"))
+    (folder / "notes.md").unlink()
+    (folder / "sub").mkdir()
+    with pytest.raises(DataError, match=r"sub is a folder: a folder collection holds files"):
+        _collection(str(folder), str(tmp_path / "out4"))
+
+
+def test_a_folder_named_as_given_fails_as_one_stream_would(tmp_path, monkeypatch):
+    """Relative names in errors; in fail mode a file without rows before a later file's bad
+    row is the error, as reading the files in order is; bz2 JSONL is JSONL."""
+    import bz2
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "a.tsv").write_text("id\ttext\ttitle\n")
+    (tmp_path / "f" / "b.tsv").write_text("b0\tB\tT\nbroken\n")
+    with pytest.raises(DataError, match=r"^f/a.tsv: no rows \(only a header\)$"):
+        _collection("f", "out", mode="fail")
+    (tmp_path / "f" / "a.tsv").write_text("a0\tA\tT\n")
+    with pytest.raises(DataError, match=r"^f/b.tsv:2: expected 3 tab-separated columns"):
+        _collection("f", "out2", mode="fail")
+    (tmp_path / "f" / "b.tsv").unlink()
+    (tmp_path / "f" / "c.jsonl.bz2").write_bytes(bz2.compress(b'{"id": "c0", "text": "C"}\n'))
+    (tmp_path / "f" / "d.tsv.gz").write_bytes(gzip.compress(b"d0\tD\tT\n" * 50)[:-12])
+    with pytest.raises(DataError, match=r"^f/d.tsv.gz: truncated compressed data"):
+        _collection("f", "out3")
+    (tmp_path / "f" / "d.tsv.gz").unlink()
+    m, _ = _collection("f", "out4")
+    assert storage.read_parquet("out4/corpus").column("pid").to_pylist() == ["a0", "c0"]
+
+
+def test_an_s3_folder_with_its_marker_object(s3_server, s3_bucket):
+    """An S3 "folder" made in the console has a zero-byte ``name/`` object: not a file."""
+    import boto3
+
+    bucket = s3_bucket.removeprefix("s3://")
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.put_object(Bucket=bucket, Key="coll/", Body=b"")
+    for name in ("b.tsv", "a.jsonl"):
+        client.put_object(Bucket=bucket, Key=f"coll/{name}", Body=b'{"id": "x", "text": "y"}\n'
+                          if name.endswith("jsonl") else b"z\tZ\tT\n")
+    assert collection.collection_files(f"{s3_bucket}/coll") == [
+        f"{s3_bucket}/coll/a.jsonl", f"{s3_bucket}/coll/b.tsv"]

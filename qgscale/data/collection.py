@@ -1,5 +1,5 @@
-"""A passage collection (one TSV or JSONL file, e.g. psgs_w100) -> corpus shards, its byte
-ranges read in parallel.
+"""A passage collection (a TSV or JSONL file, e.g. psgs_w100, or a folder of them) -> corpus
+shards, its files' byte ranges read in parallel.
 
 ``qgscale data prepare`` of a collection (format ``passages``; ``xor-tydi``'s, ``qas``' and
 ``dpr``'s ``passages``; ``beir``'s ``corpus.jsonl``) cuts an uncompressed file into :class:`Unit`
@@ -40,7 +40,7 @@ import posixpath
 import re
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,7 +120,7 @@ class _UnitRejects(readers.Rejects):
 
 
 def _is_jsonl(path: str) -> bool:
-    return re.search(r"\.jsonl(\.gz)?$", path) is not None
+    return readers.JSONL_FILE.search(path) is not None
 
 
 def unit_bytes_for(size: int) -> int:
@@ -135,28 +135,38 @@ def unit_bytes_for(size: int) -> int:
     return int(min(UNIT_BYTES, max(MIN_UNIT_BYTES, size / (4 * cpus))))
 
 
-COLLECTION_FILE = re.compile(r"\.(tsv|jsonl)(\.(gz|bz2|xz|zst))?$")
+COLLECTION_FILE = re.compile(r"\.(tsv|jsonl)(\.(gz|bz2|xz))?$")  # what readers can read
 
 
 def collection_files(spec: str) -> list[str]:
-    """The files of the collection ``spec``: the file itself, or a folder's files (each a
-    ``.tsv`` or ``.jsonl`` file, maybe compressed; by name)."""
+    """The files of the collection ``spec``: the file itself, or a folder's files by name
+    (each a ``.tsv`` or ``.jsonl`` file, maybe gzip, bz2 or xz; hidden ones skipped; another
+    file or a subfolder is an error)."""
     fs, p = storage.url_to_fs(spec)
     if not fs.exists(p):
         raise MissingInputError(f"{spec}: input file not found")
     if not fs.isdir(p):
         return [spec]
     fs.invalidate_cache(p)
-    names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(p, detail=True)
-                   if e["type"] == "file")
-    names = [n for n in names if not n.startswith(".")]
-    bad = [n for n in names if not COLLECTION_FILE.search(n)]
-    if bad:
-        raise DataError(f"{spec}: {bad[0]} is not a passage collection file (a folder "
-                        "collection holds .tsv and .jsonl files only, compressed or not)")
+    names = []
+    for e in fs.ls(p, detail=True):
+        name = e["name"].rstrip("/")
+        if name == p.rstrip("/") or e["name"].endswith("/") and e.get("size", 0) == 0:
+            continue  # the folder itself (an S3 folder-marker object)
+        base = posixpath.basename(name)
+        if base.startswith("."):
+            continue
+        if e["type"] == "directory" or not fs.isfile(name):
+            raise DataError(f"{spec}: {base} is a folder: a folder collection holds files "
+                            "only (.tsv, .jsonl)")
+        if not COLLECTION_FILE.search(base):
+            raise DataError(f"{spec}: {base} is not a passage collection file (a folder "
+                            "collection holds .tsv and .jsonl files only, plain or gzip, "
+                            "bz2 or xz)")
+        names.append(base)
     if not names:
         raise DataError(f"{spec}: no passage collection file (.tsv, .jsonl) in the folder")
-    return [storage.join(spec, n) for n in names]
+    return [storage.join(spec, n) for n in sorted(names)]
 
 
 def _probe(path: str, sample: bool) -> tuple[list[str] | None, int, float]:
@@ -188,7 +198,8 @@ def plan(paths: list[str], unit_bytes: int | None = None
     """``(units, columns, buckets)`` of the collection's files ``paths``: their byte ranges of
     ``unit_bytes`` (:func:`unit_bytes_for` by default; one for a compressed or small file; a
     TSV's header line always in its file's first), each cut TSV file's columns, and the id
-    buckets for the ids the files likely hold (from the first MiB of the first)."""
+    buckets for the ids the files likely hold (the lines per byte of the first file's first
+    MiB, times the bytes of text: a compressed file's x 4)."""
     from concurrent.futures import ThreadPoolExecutor
 
     sizes = []
@@ -201,12 +212,23 @@ def plan(paths: list[str], unit_bytes: int | None = None
         sizes.append(fs.size(p))
     compressed = [infer_compression(path) is not None for path in paths]
     total = sum(s * (4 if c else 1) for s, c in zip(sizes, compressed, strict=True))
-    unit_bytes = max(unit_bytes or unit_bytes_for(total), -(-total // MAX_UNITS))
-    cut = [i for i, (s, c) in enumerate(zip(sizes, compressed, strict=True))
-           if not c and s > unit_bytes]
-    with ThreadPoolExecutor(min(16, len(cut) + 1)) as pool:  # a first line each: on S3
-        probes = dict(zip([0, *cut], pool.map(_probe, [paths[0], *(paths[i] for i in cut)],
-                                              [True, *(False for _ in cut)]), strict=True))
+    unit_bytes = unit_bytes or unit_bytes_for(total)
+
+    def cut_at(ub: int) -> list[int]:
+        return [i for i, (s, c) in enumerate(zip(sizes, compressed, strict=True))
+                if not c and s > ub]
+
+    while len(paths) + sum(-(-sizes[i] // unit_bytes) - 1 for i in cut_at(unit_bytes)) > \
+            MAX_UNITS and cut_at(unit_bytes):
+        unit_bytes *= 2  # fewer, larger ranges: their names keep 5 digits
+    if len(paths) > MAX_UNITS:
+        raise ConfigError(f"{len(paths):,} files in the collection: at most {MAX_UNITS:,} "
+                          "(merge small files)")
+    cut = cut_at(unit_bytes)
+    probed = sorted({0, *(i for i in cut if not _is_jsonl(paths[i]))})  # a TSV's header
+    with ThreadPoolExecutor(min(16, len(probed))) as pool:  # a first line each: on S3
+        probes = dict(zip(probed, pool.map(_probe, [paths[i] for i in probed],
+                                           [i == 0 for i in probed]), strict=True))
     buckets = min(MAX_BUCKETS, max(1, math.ceil(total * probes[0][2] / BUCKET_IDS)))
     units: list[Unit] = []
     columns: list[list[str] | None] = [None] * len(paths)
@@ -214,15 +236,12 @@ def plan(paths: list[str], unit_bytes: int | None = None
         if f not in cut:
             units.append(Unit(len(units), f, 0, None))
             continue
-        columns[f], body, _ = probes[f]
+        columns[f], body, _ = probes.get(f, (None, 0, 0.0))  # JSONL: no header
         starts = sorted({0, *(max(i * unit_bytes, body)
                               for i in range(1, -(-size // unit_bytes)))})
         starts = [s for s in starts if s < size]
         for a, b in zip(starts, [*starts[1:], None], strict=True):
             units.append(Unit(len(units), f, a, b))
-    if len(units) > MAX_UNITS:
-        raise ConfigError(f"{len(units):,} byte ranges in {len(paths):,} files: at most "
-                          f"{MAX_UNITS:,} (merge small files)")
     return units, columns, buckets
 
 
@@ -469,7 +488,8 @@ def _job(paths: list[str], lang: str, out_uri: str, work_uri: str, config_hash: 
     re-run reads the units its records name."""
     plan_uri = storage.join(work_uri, "_plan.json")
     saved = storage.read_json(plan_uri) if storage.exists(plan_uri) else {}
-    if (saved.get("version"), saved.get("digests")) != (PLAN_VERSION, digests):
+    if (saved.get("version"), saved.get("digests"), saved.get("paths")) != (
+            PLAN_VERSION, digests, paths):
         # a fresh start: no shard of another plan (or of older code) is kept
         storage.remove(out_uri, recursive=True)
         storage.remove(work_uri, recursive=True)
@@ -478,9 +498,6 @@ def _job(paths: list[str], lang: str, out_uri: str, work_uri: str, config_hash: 
                  "paths": paths, "columns": columns, "buckets": buckets,
                  "units": [[u.index, u.file, u.start, u.end] for u in units]}
         storage.write_json(plan_uri, saved)
-    if saved["paths"] != paths:  # a file added or removed changes the input's fingerprint
-        raise DataError(f"{work_uri}: planned for other files than {len(paths)} now there: "
-                        "remove it to prepare again")
     return [Unit(*u) for u in saved["units"]], Job(
         paths, lang, out_uri, work_uri, config_hash, shard_rows, fail, saved["buckets"],
         saved["columns"], saved["id"], digests)
@@ -514,8 +531,17 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     paths = [os.path.abspath(u) if "://" not in u else u for u in given]
     shown = dict(zip(paths, given, strict=True))
     out_uri, work_uri = (os.path.abspath(u) if "://" not in u else u for u in (out_uri, work_uri))
-    units, job = _job(paths, lang, out_uri, work_uri, config_hash, shard_rows,
-                      rejects.mode != "skip", unit_bytes, named is not None)
+    def as_given(e: DataError) -> DataError:  # a file's error names it as given
+        msg = str(e)
+        for p, g in shown.items():
+            msg = msg.replace(p, g) if p != g else msg
+        return DataError(msg)
+
+    try:
+        units, job = _job(paths, lang, out_uri, work_uri, config_hash, shard_rows,
+                          rejects.mode != "skip", unit_bytes, named is not None)
+    except DataError as e:
+        raise as_given(e) from None
     here = any(u.startswith("memory://") for u in (*paths, out_uri, work_uri))  # this process's
 
     def read(todo: list[Unit]) -> Iterator[dict[str, Any]]:
@@ -523,15 +549,32 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
                 map_shards(read_unit, todo, job, num_cpus=1))
 
     records: list[dict[str, Any]] = []
+    read_any: dict[int, bool] = {}  # file -> a unit of it read a row; header: a header line
+    header: dict[int, bool] = {}
+
+    def check_rows(files: Iterable[int]) -> None:  # every file has rows, as in one stream
+        for f in files:
+            if not read_any.get(f):
+                raise readers.no_rows(shown[paths[f]], "only a header" if header.get(f)
+                                      else "empty file")
+
     lines = 0  # of the unit's file before it
-    for unit, rec in zip(units, read(units), strict=True):
-        lines = 0 if unit.start == 0 else lines
-        if "failed" in rec:
-            r = rec["failed"]
-            rejects.bad(shown.get(r["file"], r["file"]), r["line"] and r["line"] + lines,
-                        r["field"], r["reason"], r["raw"])
-        records.append(rec)
-        lines += rec["lines"]
+    try:
+        for unit, rec in zip(units, read(units), strict=True):
+            if unit.start == 0:  # a file's first unit: the file before it is read
+                check_rows(range(unit.file - 1, unit.file) if unit.file else ())
+                lines = 0
+            if "failed" in rec:
+                r = rec["failed"]
+                rejects.bad(shown.get(r["file"], r["file"]), r["line"] and r["line"] + lines,
+                            r["field"], r["reason"], r["raw"])
+            records.append(rec)
+            lines += rec["lines"]
+            read_any[unit.file] = read_any.get(unit.file, False) or rec["read"] > 0
+            header[unit.file] = header.get(unit.file, False) or rec["header"]
+    except DataError as e:
+        raise as_given(e) from None
+    check_rows(range(len(paths)))
     writer = storage.ShardWriter(out_uri, config_hash)
     have = writer.markers()
     lost = [i for i, r in enumerate(records) if any(s["name"] not in have for s in r["shards"])]
@@ -551,11 +594,6 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
         rejects.rows += [{"file": shown.get(r["file"], r["file"]),
                           "line": r["line"] and r["line"] + at, "field": r["field"],
                           "reason": r["reason"], "raw": r["raw"]} for r in rec["rejects"]]
-    for f, p in enumerate(paths):  # every file has rows, as when it is read in one stream
-        mine = [r for u, r in zip(units, records, strict=True) if u.file == f]
-        if not any(r["read"] for r in mine):
-            raise readers.no_rows(shown[p], "only a header" if any(r["header"] for r in mine)
-                                  else "empty file")
     done_uri = storage.join(work_uri, "checked.json")  # kept: a re-run reports them again
     if not storage.exists(done_uri):
         counts = [sum(c) for c in zip(*(r["ids"] for r in records), strict=True)]

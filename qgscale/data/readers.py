@@ -36,6 +36,7 @@ from qgscale.data.unique import SpilledIds, duplicate_reason
 from qgscale.errors import DataError, MissingInputError
 from qgscale.storage import is_local
 
+JSONL_FILE = re.compile(r"\.jsonl(\.(gz|bz2|xz))?$")  # a passage collection's JSONL
 XQUAD_LANGS = ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"]
 
 log = logging.getLogger(__name__)
@@ -563,7 +564,7 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
             ids(pid, n, fld or "id")
         return seen is None or seen.new(pid, path, n, fld, rejects, raw)
 
-    if re.search(r"\.jsonl(\.gz)?$", path):
+    if JSONL_FILE.search(path):
         for n, obj in iter_jsonl(path, rejects, span):
             got = _passage_from_json(obj, path, n, lang, rejects)
             if got and new(got[1]["pid"], n, got[0], obj):
@@ -1000,7 +1001,8 @@ def _check_named(path: str, collection: str, examples: list[dict[str, Any]],
     if not drop and not lost:
         return set(), {}
     hint = (" (or its row there was rejected: see the rejected rows)"
-            if any(r["file"] == collection for r in rejects.rows) else "")
+            if any(r["file"] == collection or r["file"].startswith(collection.rstrip("/") + "/")
+                   for r in rejects.rows) else "")
     totals = f"missing in all: {len(missing)} passages, named by {len(drop) + len(lost)} records"
     reported = 0
     for n, i, loc, obj in dpr_records(path, Rejects("skip")):  # reported by the first read
