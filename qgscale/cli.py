@@ -136,7 +136,13 @@ def data_prepare(
     from fsspec.utils import infer_compression
 
     from qgscale.data.collection import MIN_UNIT_BYTES, UNIT_BYTES, collection_files
-    from qgscale.data.prepare import READ_ARGS, check_args, collection_of, prepare
+    from qgscale.data.prepare import (
+        COLLECTION_FORMATS,
+        READ_ARGS,
+        check_args,
+        collection_of,
+        prepare,
+    )
 
     if config:
         ignored = _given(ctx, (p.name for p in ctx.command.params
@@ -163,8 +169,10 @@ def data_prepare(
     key = storage.config_hash({"format": format, "on_error": on_error, "shard_rows": shard_rows,
                                **args, "input": input, "input_fp": storage.fingerprint(input),
                                "passages_fp": passages and storage.fingerprint(passages)})
-    check_args(format, **{k: args[k] for k in ("passages", "corpus_langs", "kind", "lang")})
-    coll = collection_of(format, input, **args)
+    coll = None
+    if format in COLLECTION_FORMATS:  # a collection read in byte ranges, on Ray?
+        check_args(format, **{k: args[k] for k in ("passages", "corpus_langs", "kind", "lang")})
+        coll = collection_of(format, input, **args)
     files = collection_files(coll[0]) if coll else []
     sizes = [storage.url_to_fs(f)[0].size(storage.url_to_fs(f)[1]) for f in files]
     if len(files) > 1 and sum(sizes) > MIN_UNIT_BYTES or sizes and sizes[0] > UNIT_BYTES and \

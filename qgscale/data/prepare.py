@@ -141,6 +141,9 @@ def check_args(fmt: str, *, passages: str | None = None,
                           f"got {kind!r}")
 
 
+COLLECTION_FORMATS = ("passages", "xor-tydi", "qas", "dpr", "beir")  # see collection_of
+
+
 def collection_of(fmt: str, input: str, passages: str | None = None,
                   corpus_langs: list[str] | None = None, lang: str = "und", **_: Any
                   ) -> tuple[str, str] | None:
