@@ -40,7 +40,7 @@ import posixpath
 import re
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,21 +195,15 @@ def _probe(path: str, sample: bool) -> tuple[list[str] | None, int, float]:
 
 def plan(paths: list[str], unit_bytes: int | None = None
          ) -> tuple[list[Unit], list[list[str] | None], int]:
-    """``(units, columns, buckets)`` of the collection's files ``paths``: their byte ranges of
+    """``(units, columns, buckets)`` of the collection's files ``paths`` (as
+    :func:`collection_files` gives them): their byte ranges of
     ``unit_bytes`` (:func:`unit_bytes_for` by default; one for a compressed or small file; a
     TSV's header line always in its file's first), each cut TSV file's columns, and the id
     buckets for the ids the files likely hold (the lines per byte of the first file's first
     MiB, times the bytes of text: a compressed file's x 4)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    sizes = []
-    for path in paths:
-        fs, p = storage.url_to_fs(path)
-        if not fs.exists(p):
-            raise MissingInputError(f"{path}: input file not found")
-        if fs.isdir(p):
-            raise DataError(f"{path}: is a folder; this format reads a file")
-        sizes.append(fs.size(p))
+    sizes = [fs.size(p) for fs, p in map(storage.url_to_fs, paths)]  # collection_files'
     compressed = [infer_compression(path) is not None for path in paths]
     total = sum(s * (4 if c else 1) for s, c in zip(sizes, compressed, strict=True))
     unit_bytes = unit_bytes or unit_bytes_for(total)
@@ -300,16 +294,26 @@ class _Ids:
             return
         t = pa.concat_tables(self.packed, promote_options="permissive")
         self.packed, self.held = [], 0
-        b = t.column("h").to_numpy() % self.job.buckets
-        order = np.argsort(b, kind="stable")
-        t, b = t.take(pa.array(order)), b[order]
-        cuts = np.flatnonzero(np.diff(b)) + 1
-        for lo, hi in zip([0, *cuts], [*cuts, len(b)], strict=True):
-            storage.write_parquet(storage.join(bucket_uri(self.job, int(b[lo])),
-                                               f"{self.unit.name}-{self.parts:04d}.parquet"),
-                                  t.slice(lo, hi - lo))
-            self.counts[int(b[lo])] += int(hi - lo)
+        name = f"{self.unit.name}-{self.parts:04d}.parquet"
+        for b, n in _write_buckets(t, self.job.buckets,
+                                   lambda b: storage.join(bucket_uri(self.job, b), name)):
+            self.counts[b] += n
         self.parts += 1
+
+
+def _write_buckets(t: pa.Table, buckets: int, uri: Callable[[int], str]
+                   ) -> list[tuple[int, int]]:
+    """Write ``t``'s rows by bucket (column ``h`` modulo ``buckets``), bucket ``b``'s to
+    ``uri(b)``; returns ``(bucket, rows)`` of each written."""
+    b = t.column("h").to_numpy() % buckets
+    order = np.argsort(b, kind="stable")
+    t, b = t.take(pa.array(order)), b[order]
+    cuts = np.flatnonzero(np.diff(b)) + 1
+    out = []
+    for lo, hi in zip([0, *cuts], [*cuts, len(b)], strict=True):
+        storage.write_parquet(uri(int(b[lo])), t.slice(lo, hi - lo))
+        out.append((int(b[lo]), int(hi - lo)))
+    return out
 
 
 def unit_record(job: Job, unit: Unit) -> str:
@@ -471,13 +475,8 @@ def write_named(job: Job, named: dict[str, int]) -> list[int]:
     h = np.fromiter((zlib.crc32(p.encode()) for p in named), np.uint32, len(named))
     t = pa.table({"pid": pids, "digest": pa.array(np.fromiter(named.values(), np.uint64,
                                                               len(named))), "h": h})
-    b = h % job.buckets
-    order = np.argsort(b, kind="stable")
-    t, b = t.take(pa.array(order)), b[order]
-    cuts = np.flatnonzero(np.diff(b)) + 1
-    for lo, hi in zip([0, *cuts], [*cuts, len(b)], strict=True):
-        storage.write_parquet(named_part(job, int(b[lo])), t.slice(lo, hi - lo))
-        counts[int(b[lo])] = int(hi - lo)
+    for b, n in _write_buckets(t, job.buckets, lambda b: named_part(job, b)):
+        counts[b] = n
     return counts
 
 

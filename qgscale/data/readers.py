@@ -113,8 +113,9 @@ def _open(path: str):
         raise DataError(f"{path}: is a folder; this format reads a file")
     if is_local(path) or fsspec.utils.infer_compression(path) is not None:
         return fsspec.open(path, "rb", compression="infer")
-    # s3fs reads ahead a block (50 MB by default) past a byte range's end: 8 MiB at most
-    return fs.open(p, "rb", block_size=8 << 20)
+    # s3fs reads ahead a block (50 MB by default) past a byte range's end: 8 MiB at most;
+    # its readline reads (copies) a whole block per line: 1 MiB buffered here instead
+    return io.BufferedReader(fs.open(p, "rb", block_size=8 << 20), 1 << 20)
 
 
 def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
@@ -127,9 +128,6 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
     from 1 within it (:class:`Span`; its ``lines`` counts them as they are read)."""
     n = 0
     with _open(path) as f:
-        if not is_local(path) and fsspec.utils.infer_compression(path) is None:
-            # s3fs' readline reads (copies) a whole block, 5-50 MB, per line
-            f = io.BufferedReader(f, 1 << 20)
         if span is not None and span.start:
             f.seek(span.start - 1)
             f.readline()  # the rest of the line that starts before the span
