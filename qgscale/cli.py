@@ -173,7 +173,7 @@ def data_prepare(
     if format in COLLECTION_FORMATS:  # a collection read in byte ranges, on Ray?
         check_args(format, **{k: args[k] for k in ("passages", "corpus_langs", "kind", "lang")})
         coll = collection_of(format, input, **args)
-    files = collection_files(coll[0]) if coll else []
+    files = collection_files(coll[0], format == "jsonl") if coll else []
     sizes = [fs.size(p) for fs, p in map(storage.url_to_fs, files)]
     if len(files) > 1 and sum(sizes) > MIN_UNIT_BYTES or sizes and sizes[0] > UNIT_BYTES and \
             infer_compression(files[0]) is None:  # several ranges (a compressed file: one)

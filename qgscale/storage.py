@@ -473,13 +473,9 @@ class ShardWriter:
                                  desc=desc, **manifest)
 
     def write_rows(self, rows: Iterable[Mapping[str, Any]], shard_rows: int,
-                   schema: pa.Schema, *, desc: str | None = None,
-                   check: Callable[[list[str]], None] | None = None,
-                   **manifest: Any) -> dict:
+                   schema: pa.Schema, *, desc: str | None = None, **manifest: Any) -> dict:
         """Row dicts (a list or a stream: only one shard is held at a time) as shards of
-        ``shard_rows`` rows of ``schema``, done shards skipped; returns the manifest.
-        ``check(names)`` runs once every shard is written, before the manifest (it may
-        raise, or rewrite shards)."""
+        ``shard_rows`` rows of ``schema``, done shards skipped; returns the manifest."""
         from tqdm import tqdm
 
         if shard_rows < 1:
@@ -504,8 +500,6 @@ class ShardWriter:
         if chunk or not names:  # no rows at all: one empty shard, a readable table
             flush()
         bar.close()
-        if check is not None:
-            check(names)
         return self.finalize(names, **manifest)
 
     def finished(self, markers: dict[str, dict[str, Any]] | None = None) -> list[ShardInfo]:

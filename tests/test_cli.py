@@ -137,8 +137,8 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(prepare, "prepare", boom)
-    res = CliRunner().invoke(cli.app, ["data", "prepare", "--format", "jsonl", "--input", "x",
-                                       "--output", str(tmp_path)])
+    res = CliRunner().invoke(cli.app, ["data", "prepare", "--format", "jsonl", "--kind",
+                                       "queries", "--input", "x", "--output", str(tmp_path)])
     assert isinstance(res.exception, RuntimeError) and res.exit_code == 1
     assert "qgscale: error" not in res.output
 

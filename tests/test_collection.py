@@ -392,3 +392,71 @@ def test_an_s3_folder_with_its_marker_object(s3_server, s3_bucket):
                           if name.endswith("jsonl") else b"z\tZ\tT\n")
     assert collection.collection_files(f"{s3_bucket}/coll") == [
         f"{s3_bucket}/coll/a.jsonl", f"{s3_bucket}/coll/b.tsv"]
+
+
+def _canonical_rows(n: int, rng: random.Random, tag: str) -> list[str]:
+    """Canonical corpus JSONL lines with a defect of each kind and repeated pids."""
+    lines = [json.dumps({"pid": f"{tag}{i % (n - 6)}", "lang": "de" if i % 4 else "en",
+                         "title": f"T{i}" if i % 5 else None,
+                         "text": f"{'Wort ' * rng.randrange(1, 25)}{i}"}) + "\n"
+             for i in range(n)]  # the last 6 pids repeat the first 6
+    for at, bad in ((3, '{"pid": "x", "lang": "en", "text": "t", "Title": "T"}\n'),
+                    (17, '{"lang": "en", "text": "no pid"}\n'),
+                    (30, '{"pid": "y", "lang": "en", "text": 7}\n'),
+                    (44, '{"pid": "z", "lang": "en", "text": "  "}\n'),
+                    (51, "not json\n"), (52, "\n")):
+        lines.insert(at, bad)
+    return lines
+
+
+def test_canonical_jsonl_corpus_in_units(tmp_path):
+    """``--format jsonl --kind corpus`` is read in byte ranges as the collections are: each
+    row's own language, every defect and repeated pid rejected with the file's line, as one
+    stream of the file gives them; a folder's files in name order (a TSV there is an
+    error); a passage-collection plan of the same output is not reused."""
+    rng = random.Random(3)
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(_canonical_rows(120, rng, "p")))
+    stream = readers.Rejects("skip")  # the reference: one stream, ids in memory
+    want = list(readers.iter_canonical_jsonl(str(path), "corpus", stream))
+    want_rejects = sorted((r["line"], r["field"], r["reason"].replace("duplicate id",
+                                                                      "duplicate passage id"))
+                          for r in stream.rows)
+    assert len(want_rejects) == 5 + 6 and {r["lang"] for r in want} == {"de", "en"}
+    out = str(tmp_path / "out")
+    rejects = readers.Rejects("skip")
+    m = write_collection(str(path), "und", f"{out}/corpus", f"{out}/_collection", "h", 7,
+                         rejects, unit_bytes=400, canonical=True)
+    assert len(storage.read_json(f"{out}/_collection/_plan.json")["units"]) > 10
+    assert storage.read_parquet(f"{out}/corpus").to_pylist() == want and m["rows"] == 120 - 6
+    assert sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows) == want_rejects
+    # the same output as a passage collection: planned afresh (pyserini rows need an id)
+    again, other = _collection(str(path), out, unit_bytes=400)
+    assert again["rows"] == 0 and len(other.rows) == 120 + 5  # every non-blank line, read again
+    with pytest.raises(DataError) as one:  # fail mode: the stream's message
+        list(readers.iter_canonical_jsonl(str(path), "corpus"))
+    with pytest.raises(DataError) as units:
+        write_collection(str(path), "und", f"{out}f/corpus", f"{out}f/_collection", "h", 7,
+                         readers.Rejects("fail"), unit_bytes=400, canonical=True)
+    assert str(units.value) == str(one.value) and "corpus.jsonl:4: field 'Title'" in \
+        str(units.value)
+    folder = tmp_path / "rows"  # prepare of a folder: a gzip file, pids repeated across files
+    folder.mkdir()
+    (folder / "a.jsonl.gz").write_bytes(gzip.compress("".join(
+        json.dumps({"pid": f"a{i}", "lang": "sw", "text": f"A {i}"}) + "\n"
+        for i in range(30)).encode()))
+    (folder / "b.jsonl").write_text("".join(json.dumps({"pid": f"b{i}", "lang": "en", "text":
+                                                        f"B {'x ' * i}"}) + "\n"
+                                            for i in range(60)) +
+                                    json.dumps({"pid": "a5", "lang": "en", "text": "t"}) + "\n")
+    summary = prepare("jsonl", str(folder), str(tmp_path / "p"), kind="corpus",
+                      on_error="skip", shard_rows=8)
+    assert summary["rows"]["corpus"] == 90 and summary["rejected"] == 1
+    assert storage.read_parquet(str(tmp_path / "p" / "corpus")).column("pid").to_pylist() == [
+        *(f"a{i}" for i in range(30)), *(f"b{i}" for i in range(60))]
+    rejected = json.loads(open(tmp_path / "p" / "_rejected.jsonl", encoding="utf-8").read())
+    assert (rejected["file"], rejected["line"]) == (str(folder / "b.jsonl"), 61)
+    assert f"first at {folder / 'a.jsonl.gz'}:6" in rejected["reason"]
+    (folder / "c.tsv").write_text("c0\tC\tT\n")
+    with pytest.raises(DataError, match=r"c.tsv is not a JSONL file"):
+        prepare("jsonl", str(folder), str(tmp_path / "p2"), kind="corpus")

@@ -1031,8 +1031,8 @@ def test_prepare_again_on_other_input_starts_afresh(tmp_path):
 
 
 def test_canonical_jsonl_corpus_is_streamed(tmp_path):
-    """``--format jsonl --kind corpus``: rows streamed (one line in memory), written shard by
-    shard by prepare, the pids checked after the stream (a duplicate names both lines)."""
+    """``--format jsonl --kind corpus``: rows streamed (one line in memory); prepare writes
+    them shard by shard and checks the pids after the rows (a duplicate names both lines)."""
     import tracemalloc
 
     path = tmp_path / "corpus.jsonl"

@@ -1,19 +1,17 @@
-"""Prepare's passage-id check in bounded memory (``qgscale.data.unique``): sorted runs on
-disk and a k-way merge find the same duplicates as the in-memory check, name both rows, and
-``skip`` keeps the first copy."""
+"""Prepare's duplicate passage ids (``qgscale.data.unique``): the same duplicates as the
+in-memory check, both rows named, ``skip`` keeping the first copy, and the dropped rows kept
+through a crash."""
 
 from __future__ import annotations
 
 import json
 import random
-import tracemalloc
 
 import pytest
 
 from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.prepare import prepare, read
-from qgscale.data.unique import SpilledIds
 from qgscale.errors import DataError
 
 
@@ -31,35 +29,6 @@ def _in_memory(ids: list[str], file: str, first_line: int = 1) -> list[tuple]:
     for n, k in enumerate(ids, first_line):
         seen.new(k, file, n, "id", rejects)
     return [(r["line"], r["reason"]) for r in rejects.rows]
-
-
-@pytest.mark.parametrize("run_rows,fan_in", [(7, 3), (1000, 64)])  # 3: merged in rounds
-def test_spilled_ids_find_what_the_in_memory_check_finds(run_rows, fan_in):
-    ids = _ids(500, 40)
-    with SpilledIds("passage id", run_rows=run_rows, fan_in=fan_in, batch_rows=5) as s:
-        for n, k in enumerate(ids, 1):
-            s.add(k, "c.tsv", n, "id")
-        got = sorted((d.line, s.reason(d)) for d in s.duplicates())
-        if run_rows == 7:
-            assert len(s._runs) <= fan_in  # compacted
-    assert got == sorted(_in_memory(ids, "c.tsv"))
-    assert len(got) == 40 and all("(first at line " in r for _, r in got)
-
-
-def test_spilled_ids_memory_is_bounded_by_the_run():
-    def peak(n: int) -> int:
-        with SpilledIds(run_rows=2000, fan_in=8, batch_rows=256) as s:
-            tracemalloc.start()
-            for i in range(n):
-                s.add(f"passage-{i:09d}", "c.tsv", i + 1, "id")
-            assert list(s.duplicates()) == []
-            p = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-        return p
-    peak(2000)  # first-use imports
-    small, big = peak(20_000), peak(200_000)  # 10 and 100 runs: both merged in rounds
-    assert big < 1.25 * small, (small, big)  # an in-memory set grows ~10x
-    assert big < 4_000_000  # FirstSeen: 38 MB for these 200k ids
 
 
 def _tsv(tmp_path, ids):

@@ -2,7 +2,8 @@
 shards, its files' byte ranges read in parallel.
 
 ``qgscale data prepare`` of a collection (format ``passages``; ``xor-tydi``'s, ``qas``' and
-``dpr``'s ``passages``; ``beir``'s ``corpus.jsonl``) cuts an uncompressed file into :class:`Unit`
+``dpr``'s ``passages``; ``beir``'s ``corpus.jsonl``; ``jsonl`` of kind ``corpus``, canonical
+rows) cuts an uncompressed file into :class:`Unit`
 byte ranges (a unit: the lines that start in it; 4 units per cluster CPU, 32-256 MB each;
 a compressed file is one unit) and reads them on Ray tasks of one CPU each (here one after
 another without Ray, or for one unit). A unit writes its own corpus shards
@@ -12,8 +13,8 @@ ids are checked it reads what the check found. A unit numbers its lines from 1; 
 makes them the file's own from the earlier units' line counts. The passage-id check runs
 per bucket (a task each: the bucket's ids of every unit, sorted in Arrow): a duplicate
 fails (fail mode: the first in file order) or is dropped from its shard (skip mode),
-naming both lines, as :class:`~qgscale.data.unique.SpilledIds` does for the formats read
-in one stream. As there, every row defect comes first: in fail mode a defect stops the
+naming both lines (:func:`~qgscale.data.unique.drop_duplicates`). Every row defect comes
+first, as in one stream whose ids are checked after it: in fail mode a defect stops the
 read, and a duplicate id before it is reported once it is mended; in skip mode the
 duplicates follow the other rejected rows. A DPR file's named passages are crossed off in
 the same check (each bucket's first copies joined with the named ids and the digests of
@@ -98,6 +99,8 @@ class Job:
     columns: list[list[str] | None]  # a cut TSV file's columns (its header line's)
     plan_id: str  # a unit record or ids part of another plan (a late task's) is not read
     digests: bool = False  # each row's passage_digest beside its id (a DPR file's check)
+    canonical: bool = False  # canonical corpus JSONL rows (pid, lang, title, text), not a
+    # passage collection's (their language ``lang``)
 
 
 class _Stop(Exception):
@@ -138,10 +141,10 @@ def unit_bytes_for(size: int) -> int:
 COLLECTION_FILE = re.compile(r"\.(tsv|jsonl)(\.(gz|bz2|xz))?$")  # what readers can read
 
 
-def collection_files(spec: str) -> list[str]:
+def collection_files(spec: str, canonical: bool = False) -> list[str]:
     """The files of the collection ``spec``: the file itself, or a folder's files by name
-    (each a ``.tsv`` or ``.jsonl`` file, maybe gzip, bz2 or xz; hidden ones skipped; another
-    file or a subfolder is an error)."""
+    (each a ``.tsv`` or ``.jsonl`` file, ``.jsonl`` only for a ``canonical`` corpus, maybe
+    gzip, bz2 or xz; hidden ones skipped; another file or a subfolder is an error)."""
     fs, p = storage.url_to_fs(spec)
     if not fs.exists(p):
         raise MissingInputError(f"{spec}: input file not found")
@@ -159,6 +162,9 @@ def collection_files(spec: str) -> list[str]:
         if e["type"] == "directory" or not fs.isfile(name):
             raise DataError(f"{spec}: {base} is a folder: a folder collection holds files "
                             "only (.tsv, .jsonl)")
+        if canonical and not readers.JSONL_FILE.search(base):
+            raise DataError(f"{spec}: {base} is not a JSONL file (a folder of canonical "
+                            "corpus rows holds .jsonl files only, plain or gzip, bz2 or xz)")
         if not COLLECTION_FILE.search(base):
             raise DataError(f"{spec}: {base} is not a passage collection file (a folder "
                             "collection holds .tsv and .jsonl files only, plain or gzip, "
@@ -169,16 +175,17 @@ def collection_files(spec: str) -> list[str]:
     return [storage.join(spec, n) for n in sorted(names)]
 
 
-def _probe(path: str, sample: bool) -> tuple[list[str] | None, int, float]:
-    """A file's TSV columns (of its first row, as iter_passages finds it), the end of that
-    line, and (``sample``) its lines per byte in the first MiB."""
+def _probe(path: str, sample: bool, jsonl: bool) -> tuple[list[str] | None, int, float]:
+    """A file's TSV columns (of its first row, as iter_passages finds it; none for a
+    ``jsonl`` file), the end of that line, and (``sample``) its lines per byte in the first
+    MiB."""
     columns, body = None, 0
     span = readers.Span()
     lines = readers._open_text_lines(path, readers.Rejects("skip"), span=span)
     for _, line in lines:
         if not line.strip() and "\t" not in line:
             continue
-        if not _is_jsonl(path):
+        if not jsonl:
             try:
                 cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
             except csv.Error:
@@ -193,10 +200,11 @@ def _probe(path: str, sample: bool) -> tuple[list[str] | None, int, float]:
     return columns, body, max(1, span.lines) / max(1, span.pos)
 
 
-def plan(paths: list[str], unit_bytes: int | None = None
+def plan(paths: list[str], unit_bytes: int | None = None, jsonl: bool = False
          ) -> tuple[list[Unit], list[list[str] | None], int]:
     """``(units, columns, buckets)`` of the collection's files ``paths`` (as
-    :func:`collection_files` gives them): their byte ranges of
+    :func:`collection_files` gives them; all JSONL with ``jsonl``, else by name): their byte
+    ranges of
     ``unit_bytes`` (:func:`unit_bytes_for` by default; one for a compressed or small file; a
     TSV's header line always in its file's first), each cut TSV file's columns, and the id
     buckets for the ids the files likely hold (the lines per byte of the first file's first
@@ -219,10 +227,12 @@ def plan(paths: list[str], unit_bytes: int | None = None
         raise ConfigError(f"{len(paths):,} files in the collection: at most {MAX_UNITS:,} "
                           "(merge small files)")
     cut = cut_at(unit_bytes)
-    probed = sorted({0, *(i for i in cut if not _is_jsonl(paths[i]))})  # a TSV's header
+    is_jsonl = [jsonl or _is_jsonl(p) for p in paths]
+    probed = sorted({0, *(i for i in cut if not is_jsonl[i])})  # a TSV's header
     with ThreadPoolExecutor(min(16, len(probed))) as pool:  # a first line each: on S3
         probes = dict(zip(probed, pool.map(_probe, [paths[i] for i in probed],
-                                           [i == 0 for i in probed]), strict=True))
+                                           [i == 0 for i in probed],
+                                           [is_jsonl[i] for i in probed]), strict=True))
     buckets = min(MAX_BUCKETS, max(1, math.ceil(total * probes[0][2] / BUCKET_IDS)))
     units: list[Unit] = []
     columns: list[list[str] | None] = [None] * len(paths)
@@ -354,9 +364,11 @@ def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
         shards.append({"name": name, "rows": len(chunk)})
 
     path = job.paths[unit.file]
-    rows = readers.iter_passages(path, job.lang, rejects, unique=False, span=span,
-                                 header=job.columns[unit.file] if unit.start else None,
-                                 ids=ids.add)
+    rows = (readers.iter_canonical_jsonl(path, "corpus", rejects, unique=False, span=span,
+                                         ids=ids.add) if job.canonical else
+            readers.iter_passages(path, job.lang, rejects, unique=False, span=span,
+                                  header=job.columns[unit.file] if unit.start else None,
+                                  ids=ids.add))
     try:
         for row in rows:
             ids.row(row)
@@ -481,31 +493,32 @@ def write_named(job: Job, named: dict[str, int]) -> list[int]:
 
 
 def _job(paths: list[str], lang: str, out_uri: str, work_uri: str, config_hash: str,
-         shard_rows: int, fail: bool, unit_bytes: int | None, digests: bool
-         ) -> tuple[list[Unit], Job]:
+         shard_rows: int, fail: bool, unit_bytes: int | None, digests: bool,
+         canonical: bool) -> tuple[list[Unit], Job]:
     """The plan of the files ``paths``: made once and kept in the work folder, so that a
     re-run reads the units its records name."""
     plan_uri = storage.join(work_uri, "_plan.json")
     saved = storage.read_json(plan_uri) if storage.exists(plan_uri) else {}
-    if (saved.get("version"), saved.get("digests"), saved.get("paths")) != (
-            PLAN_VERSION, digests, paths):
+    if (saved.get("version"), saved.get("digests"), saved.get("canonical", False),
+            saved.get("paths")) != (PLAN_VERSION, digests, canonical, paths):
         # a fresh start: no shard of another plan (or of older code) is kept
         storage.remove(out_uri, recursive=True)
         storage.remove(work_uri, recursive=True)
-        units, columns, buckets = plan(paths, unit_bytes)
+        units, columns, buckets = plan(paths, unit_bytes, jsonl=canonical)
         saved = {"version": PLAN_VERSION, "id": uuid.uuid4().hex[:12], "digests": digests,
-                 "paths": paths, "columns": columns, "buckets": buckets,
+                 "canonical": canonical, "paths": paths, "columns": columns, "buckets": buckets,
                  "units": [[u.index, u.file, u.start, u.end] for u in units]}
         storage.write_json(plan_uri, saved)
     return [Unit(*u) for u in saved["units"]], Job(
         paths, lang, out_uri, work_uri, config_hash, shard_rows, fail, saved["buckets"],
-        saved["columns"], saved["id"], digests)
+        saved["columns"], saved["id"], digests, canonical)
 
 
 def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
                      shard_rows: int, rejects: readers.Rejects,
                      unit_bytes: int | None = None,
-                     named: readers.NamedPassages | None = None) -> dict[str, Any]:
+                     named: readers.NamedPassages | None = None,
+                     canonical: bool = False) -> dict[str, Any]:
     """The collection ``path`` (a file, or a folder of them: :func:`collection_files`;
     language ``lang`` where a row has none) as corpus shards in ``out_uri``, in the files'
     order, read unit by unit (on Ray tasks where Ray is initialised and there are several
@@ -521,12 +534,15 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     ``named``) clears ``out_uri`` first. ``memory://`` paths (this process's own) are read
     here. ``named``: a DPR file over the collection, whose named passages are crossed off
     (:meth:`NamedPassages.crossed <qgscale.data.readers.NamedPassages.crossed>`) by the
-    bucket check, before the duplicates are dropped."""
+    bucket check, before the duplicates are dropped. ``canonical``: the files hold canonical
+    corpus rows (``--format jsonl --kind corpus``,
+    :func:`~qgscale.data.readers.iter_canonical_jsonl`; each row has its language), not a
+    passage collection's."""
     from qgscale.runtime import map_shards  # runtime -> config -> prepare -> here
 
     # tasks run elsewhere: a relative local path names the same file there (read from its
     # absolute path, reported as given)
-    given = collection_files(path)
+    given = collection_files(path, canonical)
     paths = [os.path.abspath(u) if "://" not in u else u for u in given]
     shown = dict(zip(paths, given, strict=True))
     out_uri, work_uri = (os.path.abspath(u) if "://" not in u else u for u in (out_uri, work_uri))
@@ -538,7 +554,7 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
 
     try:
         units, job = _job(paths, lang, out_uri, work_uri, config_hash, shard_rows,
-                          rejects.mode != "skip", unit_bytes, named is not None)
+                          rejects.mode != "skip", unit_bytes, named is not None, canonical)
     except DataError as e:
         raise as_given(e) from None
     here = any(u.startswith("memory://") for u in (*paths, out_uri, work_uri))  # this process's

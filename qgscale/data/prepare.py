@@ -12,7 +12,6 @@ from qgscale import storage
 from qgscale.data import readers
 from qgscale.data.collection import write_collection
 from qgscale.data.schema import SCHEMAS
-from qgscale.data.unique import SpilledIds, drop_duplicates
 from qgscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -39,8 +38,8 @@ def read(fmt: str, input: str, *, passages: str | None = None,
          query_langs: list[str] | None = None, corpus_langs: list[str] | None = None,
          test_mod: int = 4, kind: str | None = None, lang: str = "und",
          answer_lang: str | None = None, stream: bool = False,
-         rejects: readers.Rejects | None = None,
-         ids: SpilledIds | None = None, collection: bool = True) -> readers.Tables:
+         rejects: readers.Rejects | None = None, collection: bool = True
+         ) -> readers.Tables:
     """Read raw ``input`` of format ``fmt`` into canonical tables (kind path -> rows).
 
     - ``xor-tydi``: XOR-TyDi / MIA queries + answers; ``passages``: the English collection.
@@ -60,42 +59,42 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     With ``stream``, passage collections (``passages``, ``xor-tydi``'s and ``dpr``'s
     ``passages``, ``beir``'s ``corpus.jsonl``, ``jsonl`` of kind ``corpus``) are generators,
     read while they are written: the whole collection is never in memory. Their passage ids
-    are checked for duplicates in memory, or, given ``ids``, recorded there to be checked
-    after the stream (:func:`write_tables`).
+    are checked for duplicates in memory (:func:`prepare` reads a collection in parallel
+    instead, and checks its ids in bounded memory: :mod:`qgscale.data.collection`).
 
     ``collection=False`` leaves out the corpus that a passage collection is (formats
-    ``passages``, ``xor-tydi``, ``qas``, ``beir``): :func:`prepare` reads it in parallel.
+    ``passages``, ``xor-tydi``, ``qas``, ``beir``, ``jsonl`` of kind ``corpus``):
+    :func:`prepare` reads it in parallel.
     (``dpr`` over a collection ignores it: :func:`prepare` reads that one in parallel with
     :class:`~qgscale.data.readers.NamedPassages`, not through this function.)
     """
     check_args(fmt, passages=passages, corpus_langs=corpus_langs, kind=kind, lang=lang)
     rejects = rejects or readers.Rejects()
-    unique: bool | SpilledIds = ids if ids is not None else True
     if fmt == "xquad":
         return readers.read_xquad(input, query_langs, corpus_langs, test_mod, rejects)
     if fmt == "xor-tydi":
         tables = readers.read_xor_queries(input, rejects, query_langs)
         if passages and collection:
-            rows = readers.iter_passages(passages, "en", rejects, unique)
+            rows = readers.iter_passages(passages, "en", rejects)
             tables["corpus"] = rows if stream else list(rows)
         return tables
     if fmt == "passages":
         if not collection:
             return {}
-        rows = readers.iter_passages(input, lang, rejects, unique)
+        rows = readers.iter_passages(input, lang, rejects)
         return {"corpus": rows if stream else list(rows)}
     if fmt == "dpr":
         plang = corpus_langs[0] if corpus_langs else None
         if not passages:
             tables = readers.read_dpr(input, lang, rejects, passage_lang=plang)
             return tables if stream else {**tables, "corpus": list(tables["corpus"])}
-        rows = readers.iter_passages(passages, plang, rejects, unique)
+        rows = readers.iter_passages(passages, plang, rejects)
         streams = readers.dpr_on_collection(input, passages, rows, lang, rejects)
         return streams if stream else {k: list(v) for k, v in streams.items()}  # corpus first
     if fmt == "qas":
         tables = readers.read_qas(input, lang, rejects)
         if passages and collection:
-            rows = readers.iter_passages(passages, corpus_langs[0], rejects, unique)
+            rows = readers.iter_passages(passages, corpus_langs[0], rejects)
             tables["corpus"] = rows if stream else list(rows)
         return tables
     if fmt == "mkqa":
@@ -105,11 +104,11 @@ def read(fmt: str, input: str, *, passages: str | None = None,
     if fmt == "tatoeba":
         return readers.read_tatoeba(input, query_langs, rejects)
     if fmt == "beir":
-        return readers.read_beir(input, lang, rejects, stream=stream, unique=unique,
-                                 corpus=collection)
+        return readers.read_beir(input, lang, rejects, stream=stream, corpus=collection)
     if fmt == "jsonl":
-        rows = readers.iter_canonical_jsonl(input, kind, rejects,
-                                            unique if kind == "corpus" else True)
+        if kind == "corpus" and not collection:
+            return {}
+        rows = readers.iter_canonical_jsonl(input, kind, rejects)
         return {kind: rows if stream else list(rows)}
     raise _unknown(fmt)
 
@@ -141,16 +140,19 @@ def check_args(fmt: str, *, passages: str | None = None,
                           f"got {kind!r}")
 
 
-COLLECTION_FORMATS = ("passages", "xor-tydi", "qas", "dpr", "beir")  # see collection_of
+COLLECTION_FORMATS = ("passages", "xor-tydi", "qas", "dpr", "beir", "jsonl")  # collection_of
 
 
 def collection_of(fmt: str, input: str, passages: str | None = None,
-                  corpus_langs: list[str] | None = None, lang: str = "und", **_: Any
-                  ) -> tuple[str, str] | None:
+                  corpus_langs: list[str] | None = None, lang: str = "und",
+                  kind: str | None = None, **_: Any) -> tuple[str, str] | None:
     """``(path, language)`` of the passage collection whose rows alone are the corpus
     (format ``passages``; ``xor-tydi``'s, ``qas``' and ``dpr``'s ``passages``, the latter
-    checked against the passages the DPR file names; ``beir``'s ``corpus.jsonl``), else
-    None (the corpus comes with the other tables)."""
+    checked against the passages the DPR file names; ``beir``'s ``corpus.jsonl``; ``jsonl``
+    of kind ``corpus``, canonical rows with their own language), else None (the corpus comes
+    with the other tables)."""
+    if fmt == "jsonl":
+        return (input, "und") if kind == "corpus" else None
     if fmt == "passages":
         return input, lang
     if fmt == "beir":
@@ -169,24 +171,14 @@ def _unknown(fmt: str) -> ConfigError:
 
 
 def write_tables(tables: readers.Tables, output: str, shard_rows: int = 2000,
-                 config_hash: str = "", *, ids: SpilledIds | None = None,
-                 rejects: readers.Rejects | None = None) -> dict[str, Any]:
+                 config_hash: str = "") -> dict[str, Any]:
     """Write each table as parquet shards under ``output/<kind>/`` with manifests. A table
-    may be a list or any iterable of rows (a generator is consumed shard by shard).
-    ``ids``: what the streamed ``corpus`` table's reader recorded (:func:`read`); once the
-    table is written its duplicate ids fail through ``rejects``, naming both rows, or (skip)
-    are recorded there and dropped from their shards, the first copy kept."""
+    may be a list or any iterable of rows (a generator is consumed shard by shard)."""
     counts = {}
     for kind, rows in tables.items():
         writer = storage.ShardWriter(storage.join(output, *kind.split("/")), config_hash)
-        check = None
-        if ids is not None and kind == "corpus":
-            def check(names: list[str], writer: storage.ShardWriter = writer) -> None:
-                drop_duplicates(writer, ids.duplicates(),
-                                lambda seq: (names[seq // shard_rows], seq % shard_rows),
-                                ids.reason, rejects or readers.Rejects())
         manifest = writer.write_rows(rows, shard_rows, SCHEMAS[kind.rsplit("/", 1)[-1]],
-                                     desc=f"write {kind}", check=check)
+                                     desc=f"write {kind}")
         counts[kind] = manifest["rows"]
     return counts
 
@@ -211,19 +203,16 @@ def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
     def collection(named: readers.NamedPassages | None = None) -> int:  # on Ray tasks
         return write_collection(*coll, storage.join(output, "corpus"),
                                 storage.join(output, "_collection"), config_hash, shard_rows,
-                                rejects, named=named)["rows"]
+                                rejects, named=named, canonical=fmt == "jsonl")["rows"]
 
     if fmt == "dpr" and coll is not None:  # the corpus first: it crosses off named passages
         named = readers.NamedPassages(input, coll[0], kw.get("lang") or "und", rejects)
         counts = {"corpus": collection(named)}
         counts |= write_tables({k: named.checked(k) for k in named.tables}, output,
-                               shard_rows, config_hash, rejects=rejects)
+                               shard_rows, config_hash)
     else:
-        with SpilledIds("passage id") as ids:
-            tables = read(fmt, input, rejects=rejects, stream=True, ids=ids,
-                          collection=coll is None, **kw)
-            counts = write_tables(tables, output, shard_rows, config_hash, ids=ids,
-                                  rejects=rejects)
+        tables = read(fmt, input, rejects=rejects, stream=True, collection=coll is None, **kw)
+        counts = write_tables(tables, output, shard_rows, config_hash)
         if coll is not None:
             counts["corpus"] = collection()
     rejected_uri = storage.join(output, "_rejected.jsonl")

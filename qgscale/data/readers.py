@@ -32,7 +32,7 @@ import fsspec
 import pyarrow as pa
 
 from qgscale.data.schema import SCHEMAS
-from qgscale.data.unique import SpilledIds, duplicate_reason
+from qgscale.data.unique import duplicate_reason
 from qgscale.errors import DataError, MissingInputError
 from qgscale.storage import is_local
 
@@ -528,7 +528,7 @@ def tsv_header(cells: list[str]) -> list[str] | None:
 
 
 def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
-                  unique: bool | SpilledIds = True, span: Span | None = None,
+                  unique: bool = True, span: Span | None = None,
                   header: list[str] | None = None,
                   ids: Callable[[str, int, str], None] | None = None
                   ) -> Iterator[dict[str, Any]]:
@@ -540,11 +540,10 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
     (``id<TAB>text<TAB>title``, CSV quoting; the header line is optional). A row's own
     ``lang`` field wins over ``lang``.
 
-    ``unique``: a passage id seen earlier in the file is a defect. ``True`` checks it in
-    memory (every id read so far, about 100 bytes each: 2 GB for the 21M passages of
-    psgs_w100); a :class:`~qgscale.data.unique.SpilledIds` records each yielded row's id,
-    file and line instead, checked after the stream in bounded memory; ``False`` does not
-    check.
+    ``unique``: a passage id seen earlier in the file is a defect, checked in memory (every
+    id read so far, about 100 bytes each: 2 GB for the 21M passages of psgs_w100; ``qgscale
+    data prepare`` checks a collection's ids in bounded memory instead,
+    :mod:`qgscale.data.collection`); ``False`` does not check.
 
     ``span``: the rows of one byte range of the file (:class:`Span`; lines numbered within
     it), ``header`` the TSV's columns when the range does not hold the header line, ``ids``
@@ -552,12 +551,9 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
     :mod:`qgscale.data.collection`, which reads a collection's ranges in parallel).
     """
     rejects = rejects or Rejects()
-    spill = unique if isinstance(unique, SpilledIds) else None
-    seen = FirstSeen("passage id") if unique is True else None
+    seen = FirstSeen("passage id") if unique else None
 
     def new(pid: str, n: int, fld: str | None, raw: Any) -> bool:
-        if spill is not None:
-            spill.add(pid, path, n, fld)
         if ids is not None:
             ids(pid, n, fld or "id")
         return seen is None or seen.new(pid, path, n, fld, rejects, raw)
@@ -1318,8 +1314,7 @@ def beir_file(folder: str, name: str) -> str:
 
 
 def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None,
-              stream: bool = False, unique: bool | SpilledIds = True,
-              corpus: bool = True) -> Tables:
+              stream: bool = False, unique: bool = True, corpus: bool = True) -> Tables:
     """A BEIR/MIRACL folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/{split}.tsv``.
     With ``stream`` the corpus is a generator (:func:`iter_passages`, which takes
     ``unique``), read while it is written; queries and qrels are read at once. ``corpus``
@@ -1399,20 +1394,22 @@ def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -
 
 
 def iter_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None,
-                         unique: bool | SpilledIds = True) -> Iterator[dict[str, Any]]:
+                         unique: bool = True, span: Span | None = None,
+                         ids: Callable[[str, int, str], None] | None = None
+                         ) -> Iterator[dict[str, Any]]:
     """JSONL rows already in a canonical format (``corpus``, ``queries``, ...), streamed (one
     line in memory); a field the kind does not have (a misspelt ``Title``) is a row defect,
     not left out. ``unique``: a row whose key (pid, qid, (qid, pid)) an earlier row had is a
-    defect, checked in memory (the keys read so far) with ``True``; for the corpus a
-    :class:`~qgscale.data.unique.SpilledIds` records the pids instead, checked after the
-    stream in bounded memory (``qgscale data prepare``: a 1B-passage corpus file)."""
+    defect, checked in memory (the keys read so far). ``span``: one byte range of the file
+    (:class:`Span`, as :func:`iter_passages`); ``ids``: called with each corpus row's ``(pid,
+    line, "pid")`` before it is yielded (``qgscale data prepare`` reads a corpus in byte
+    ranges and checks its pids in bounded memory: :mod:`qgscale.data.collection`)."""
     rejects = rejects or Rejects()
     schema = SCHEMAS[kind]
     keys = UNIQUE_KEYS.get(kind, ())
-    spill = unique if isinstance(unique, SpilledIds) and keys == ("pid",) else None
     seen = FirstSeen("id" if len(keys) == 1 else f"({', '.join(keys)})") \
-        if keys and spill is None and unique is not False else None
-    for n, obj in iter_jsonl(path, rejects):
+        if keys and unique else None
+    for n, obj in iter_jsonl(path, rejects, span):
         unknown = sorted(set(obj) - set(schema.names))
         if unknown:
             rejects.bad(path, n, unknown[0], f"unknown field for {kind} rows (fields: "
@@ -1457,9 +1454,9 @@ def iter_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None,
             if not ok:
                 break
             row[f.name] = value
-        if ok and spill is not None:
-            spill.add(row["pid"], path, n, "pid")
-        elif ok and seen is not None:
+        if ok and ids is not None and keys == ("pid",):
+            ids(row["pid"], n, "pid")
+        if ok and seen is not None:
             key = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
             ok = seen.new(key, path, n, keys[0] if len(keys) == 1 else None, rejects, obj)
         if ok:

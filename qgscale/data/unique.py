@@ -1,25 +1,17 @@
-"""Id uniqueness of a streamed table in bounded memory.
-
-:class:`FirstSeen <qgscale.data.readers.FirstSeen>` keeps every id read (about 100 bytes
-each, 2 GB for 21M passages). :class:`SpilledIds` keeps only a run of ids: each full run is
-sorted and written to a local temporary parquet file, and the duplicates are found at the
-end by a k-way merge of the runs (memory O(runs x batch), runs merged ``fan_in`` at a time so
-that no more than ``fan_in`` files are open). A duplicate names its own and the first copy's
-file and line, as :class:`FirstSeen` does.
+"""Duplicate ids of a written table: how they are reported, and dropping the later copies
+from their shards (``skip``). A passage collection's ids are found by
+:mod:`qgscale.data.collection` (bucket by bucket, on Ray tasks); a table read whole by
+:class:`FirstSeen <qgscale.data.readers.FirstSeen>`. A duplicate names its own and the first
+copy's file and line.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from qgscale import storage
 from qgscale.errors import DataError
@@ -27,8 +19,6 @@ from qgscale.errors import DataError
 if TYPE_CHECKING:
     from qgscale.data.readers import Rejects
     from qgscale.storage import ShardWriter
-
-_SORT = [("key", "ascending"), ("seq", "ascending")]
 
 
 class Dup(NamedTuple):
@@ -52,115 +42,6 @@ def duplicate_reason(what: str, key: object, file: str, first_file: str,
         first = (f"{first_file}:{first_where}" if isinstance(first_where, int)
                  else f"{first_file} {first_where}")
     return f"duplicate {what} {key!r} (first at {first})"
-
-
-def _rows(path: str, batch_rows: int) -> Iterator[tuple]:
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-        yield from zip(*(c.to_pylist() for c in batch.columns), strict=True)
-
-
-def _table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
-    cols = list(zip(*rows, strict=True))
-    return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(cols, schema, strict=True)],
-                                schema=schema)
-
-
-class SpilledIds:
-    """Records ``(id, file, line, field)`` of each streamed row (:meth:`add`, in stream
-    order); :meth:`duplicates` yields every row whose id an earlier row had, in id order.
-    Memory: ``run_rows`` ids while streaming, ``fan_in x batch_rows`` while merging the
-    runs (written in row groups of ``batch_rows``), ``fan_in x 8,192`` while merging merged
-    runs (more than ``fan_in x run_rows`` ids)."""
-
-    def __init__(self, what: str = "id", run_rows: int = 20_000, fan_in: int = 64,
-                 batch_rows: int = 1024):
-        self.what = what
-        self.run_rows, self.fan_in, self.batch_rows = run_rows, fan_in, batch_rows
-        self.n = 0  # rows added
-        self._dir = tempfile.mkdtemp(prefix="qgscale-ids-")
-        self._files: dict[str, int] = {}
-        self._flds: dict[str | None, int] = {}
-        self._buf: tuple[list, list, list, list, list] = ([], [], [], [], [])
-        self._runs: list[str] = []
-
-    def add(self, key: str, file: str, line: int | None, fld: str | None) -> None:
-        keys, seqs, files, lines, flds = self._buf
-        keys.append(key)
-        seqs.append(self.n)
-        files.append(self._files.setdefault(file, len(self._files)))
-        lines.append(line)
-        flds.append(self._flds.setdefault(fld, len(self._flds)))
-        self.n += 1
-        if len(keys) >= self.run_rows:
-            self._spill()
-
-    def reason(self, d: Dup) -> str:
-        return duplicate_reason(self.what, d.key, d.file, d.first_file, d.first_line)
-
-    def _path(self) -> str:
-        return os.path.join(self._dir, f"run-{len(self._runs):06d}.parquet")
-
-    def _spill(self) -> None:
-        keys, seqs, files, lines, flds = self._buf
-        if not keys:
-            return
-        table = pa.table({"key": pa.array(keys, pa.string()), "seq": pa.array(seqs, pa.int64()),
-                          "file": pa.array(files, pa.int32()),
-                          "line": pa.array(lines, pa.int64()),
-                          "fld": pa.array(flds, pa.int32())}).sort_by(_SORT)
-        path = self._path()
-        pq.write_table(table, path, row_group_size=self.batch_rows)  # what a merge reads
-        self._runs.append(path)
-        self._buf = ([], [], [], [], [])
-
-    def _merge(self, paths: list[str]) -> Iterator[tuple]:
-        return heapq.merge(*(_rows(p, self.batch_rows) for p in paths))
-
-    def _compact(self) -> list[str]:
-        """Merge runs ``fan_in`` at a time until at most ``fan_in`` are left."""
-        runs = self._runs
-        schema = pq.read_schema(runs[0]) if runs else None
-        while len(runs) > self.fan_in:
-            merged = []
-            for i in range(0, len(runs), self.fan_in):
-                group = runs[i:i + self.fan_in]
-                path = self._path() + f".m{i}"
-                with pq.ParquetWriter(path, schema) as out:
-                    chunk: list[tuple] = []
-                    for row in self._merge(group):
-                        chunk.append(row)
-                        if len(chunk) == 8192:
-                            out.write_table(_table(chunk, schema))
-                            chunk = []
-                    if chunk:
-                        out.write_table(_table(chunk, schema))
-                for p in group:
-                    os.remove(p)
-                merged.append(path)
-            runs = self._runs = merged
-        return runs
-
-    def duplicates(self) -> Iterator[Dup]:
-        """Every row whose id an earlier row had (each names the first row), in id order."""
-        self._spill()
-        files = {i: f for f, i in self._files.items()}
-        flds = {i: f for f, i in self._flds.items()}
-        first: tuple | None = None
-        for row in self._merge(self._compact()):
-            if first is not None and row[0] == first[0]:
-                yield Dup(row[0], row[1], files[row[2]], row[3], flds[row[4]],
-                          files[first[2]], first[3])
-            else:
-                first = row
-
-    def close(self) -> None:
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> SpilledIds:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def drop_duplicates(writer: ShardWriter, dups: Iterable[Dup],
