@@ -1,8 +1,10 @@
-"""Wall time and memory of ``qgscale data prepare --format passages`` of one large collection:
-one stream (the baseline) against its byte-range units on Ray tasks.
+"""Wall time and memory of ``qgscale data prepare --format passages`` (or ``--format jsonl
+--kind corpus``) of one large collection: one stream (the baseline) against its byte-range
+units on Ray tasks.
 
 A psgs_w100.tsv-style collection of ``--passages`` passages (~100 random words each, with
-``--dups`` later copies of earlier ids and ``--bad`` malformed rows, ``on_error: skip``) is
+``--dups`` later copies of earlier ids and ``--bad`` malformed rows, ``on_error: skip``; with
+``--format jsonl`` the same rows as canonical corpus JSONL, a bad row lacking its text) is
 prepared in child processes whose RSS is sampled from outside (psutil over the process tree,
 every 0.1 s; ``ray::`` workers reported apart): ``baseline`` -- the older checkout given as
 ``--baseline-src`` (one stream, ids checked by sorted runs); ``units`` -- this checkout
@@ -11,6 +13,7 @@ Ray of ``--cpus`` CPUs (one task per unit; the Ray start-up is timed apart). Eve
 corpus (its shards in manifest order) and rejected rows must be identical.
 
     python benchmarks/prepare_collection.py --baseline-src /tmp/bl-src [--passages 2000000]
+        [--format jsonl]  (writes results/prepare_collection_jsonl.json)
 """
 
 from __future__ import annotations
@@ -30,17 +33,26 @@ WORDS = [f"w{i}" for i in range(20_000)]
 SHARD_ROWS = 20_000
 
 
+FILES = {"passages": "psgs.tsv", "jsonl": "corpus.jsonl"}  # the collection, by format
+
+
 def make_collection(path: Path, n: int, dups: int, bad: int, seed: int = 5) -> None:
+    """A TSV with a header (``.tsv``) or canonical corpus JSONL (``.jsonl``)."""
     rng = random.Random(seed)
     copies = {rng.randrange(1, n): rng.randrange(0, n // 2) for _ in range(dups)}
     broken = set(rng.sample(range(n), bad))
+    jsonl = path.suffix == ".jsonl"
     with open(path, "w", encoding="utf-8") as f:
-        f.write("id\ttext\ttitle\n")
+        f.write("" if jsonl else "id\ttext\ttitle\n")
         for i in range(n):
             if i in broken:
-                f.write(f"bad{i}\tonly two columns\n")
+                f.write(json.dumps({"pid": f"bad{i}", "lang": "en"}) + "\n" if jsonl else
+                        f"bad{i}\tonly two columns\n")
             pid = copies.get(i, i) if copies.get(i, n) < i else i
-            f.write(f"{pid}\t{' '.join(rng.choices(WORDS, k=100))}\tTitle {i}\n")
+            text = " ".join(rng.choices(WORDS, k=100))
+            f.write(json.dumps({"pid": str(pid), "lang": "en", "title": f"Title {i}",
+                                "text": text}) + "\n" if jsonl else
+                    f"{pid}\t{text}\tTitle {i}\n")
 
 
 def child(phase: str, data: str, out: str) -> None:
@@ -60,9 +72,11 @@ def child(phase: str, data: str, out: str) -> None:
     from qgscale import storage
     from qgscale.data.prepare import prepare
 
+    fmt = next(f for f, name in FILES.items() if (Path(data) / name).exists())
     t0 = time.perf_counter()
-    summary = prepare("passages", str(Path(data) / "psgs.tsv"), out, lang="en",
-                      shard_rows=SHARD_ROWS, on_error="skip")
+    summary = prepare(fmt, str(Path(data) / FILES[fmt]), out, shard_rows=SHARD_ROWS,
+                      on_error="skip", **({"kind": "corpus"} if fmt == "jsonl" else
+                                          {"lang": "en"}))
     seconds = time.perf_counter() - t0
     digest = hashlib.sha256()
     corpus = f"{out}/corpus"
@@ -83,15 +97,19 @@ def main() -> None:
     ap.add_argument("--dups", type=int, default=200)
     ap.add_argument("--bad", type=int, default=20)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--format", choices=sorted(FILES), default="passages")
     ap.add_argument("--unit-bytes", type=int, default=None,
                     help="bytes per unit (default: prepare's own, 4 units per CPU, 32-256 MB)")
     args = parse(ap, child)
+    if args.format == "jsonl" and args.out == ap.get_default("out"):
+        args.out = args.out.replace(".json", "_jsonl.json")
     script = str(Path(__file__).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         t0 = time.perf_counter()
-        make_collection(data / "psgs.tsv", args.passages, args.dups, args.bad)
-        mb = round((data / "psgs.tsv").stat().st_size / (1 << 20), 1)
+        path = data / FILES[args.format]
+        make_collection(path, args.passages, args.dups, args.bad)
+        mb = round(path.stat().st_size / (1 << 20), 1)
         print(f"collection: {args.passages:,} passages, {mb} MB, made in "
               f"{time.perf_counter() - t0:.0f} s")
         unit = f":u{args.unit_bytes}" if args.unit_bytes else ""
@@ -109,7 +127,8 @@ def main() -> None:
     base = runs[0]
     same = all(r["corpus_sha"] == base["corpus_sha"] and r["rejected_sha"] ==
                base["rejected_sha"] for r in runs)
-    print(f"\n{args.passages:,} passages ({mb} MB), {args.dups} duplicate ids, {args.bad} bad "
+    print(f"\n--format {args.format}: {args.passages:,} passages ({mb} MB), {args.dups} "
+          f"duplicate ids, {args.bad} bad "
           f"rows; shard_rows {SHARD_ROWS}; commit {commit(REPO)}\n")
     print("| run | commit | wall s | passages/s | vs first | driver peak MB | "
           "largest worker MB | rejected |")
@@ -119,7 +138,8 @@ def main() -> None:
               f"{base['seconds'] / r['seconds']:.2f}x | {r['driver_peak_rss_mb']} | "
               f"{r['actor_peak_rss_mb'] or '-'} | {r['rejected']} |")
     print(f"\nidentical corpus and rejected rows in every run: {same}")
-    save(args.out, {"commit": commit(REPO), "passages": args.passages, "collection_mb": mb,
+    save(args.out, {"commit": commit(REPO), "format": args.format, "passages": args.passages,
+                    "collection_mb": mb,
                     "unit_bytes": args.unit_bytes,
                     "dups": args.dups, "bad": args.bad, "cpus": args.cpus,
                     "shard_rows": SHARD_ROWS, "identical": same, "runs": runs})

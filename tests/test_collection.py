@@ -259,22 +259,26 @@ def test_memory_paths_are_read_here(ray_local):
 
 
 def test_the_benchmarks_run(tmp_path):
-    """benchmarks/prepare_collection.py at a tiny size (units of 20 kB, on a Ray of its own),
-    and benchmarks/s3_lines.py: identical runs, the reader faster than s3fs's readline."""
+    """benchmarks/prepare_collection.py at a tiny size (units of 20 kB, on a Ray of its own;
+    a TSV and canonical JSONL), and benchmarks/s3_lines.py: identical runs, the reader faster
+    than s3fs's readline."""
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
-    out = tmp_path / "p.json"
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "prepare_collection.py"),
-                    "--passages", "600", "--dups", "9", "--bad", "3", "--unit-bytes", "20000",
-                    "--out", str(out)], check=True, cwd=REPO, capture_output=True)
-    got = json.loads(out.read_text())
-    assert got["identical"] and [r["phase"] for r in got["runs"]] == ["units:u20000",
-                                                                      "ray:2:u20000"]
-    assert all(r["rows"] + r["rejected"] == 600 + 3 for r in got["runs"])
-    assert got["runs"][1]["actor_peak_rss_mb"] > 0  # its units ran on Ray workers
+    for fmt in ("passages", "jsonl"):
+        out = tmp_path / f"p-{fmt}.json"
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "prepare_collection.py"),
+                        "--passages", "600", "--dups", "9", "--bad", "3", "--unit-bytes",
+                        "20000", "--format", fmt, "--out", str(out)], check=True, cwd=REPO,
+                       capture_output=True)
+        got = json.loads(out.read_text())
+        assert got["identical"] and [r["phase"] for r in got["runs"]] == ["units:u20000",
+                                                                          "ray:2:u20000"]
+        assert all(r["rows"] + r["rejected"] == 600 + 3 for r in got["runs"])
+        assert got["runs"][1]["actor_peak_rss_mb"] > 0  # its units ran on Ray workers
+        assert got["format"] == fmt and got["runs"][0]["rejected"] >= 3
     out = tmp_path / "s.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "s3_lines.py"), "--passages",
                     "2000", "--baseline-lines", "200", "--out", str(out)], check=True,
