@@ -102,7 +102,7 @@ def main() -> None:
                     help="bytes per unit (default: prepare's own, 4 units per CPU, 32-256 MB)")
     args = parse(ap, child)
     if args.format == "jsonl" and args.out == ap.get_default("out"):
-        args.out = args.out.replace(".json", "_jsonl.json")
+        args.out = str(Path(args.out).with_name("prepare_collection_jsonl.json"))
     script = str(Path(__file__).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)

@@ -464,3 +464,24 @@ def test_canonical_jsonl_corpus_in_units(tmp_path):
     (folder / "c.tsv").write_text("c0\tC\tT\n")
     with pytest.raises(DataError, match=r"c.tsv is not a JSONL file"):
         prepare("jsonl", str(folder), str(tmp_path / "p2"), kind="corpus")
+
+
+def test_a_unit_writes_up_to_max_shards_named_in_order(tmp_path, monkeypatch):
+    """A compressed file is one unit: its shards are numbered with 6 digits (a 1B-row gzip
+    file in shards of 2,000), in order; past :data:`MAX_SHARDS` the run stops naming the
+    setting to raise."""
+    from qgscale.errors import ConfigError
+
+    path = tmp_path / "big.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps({"pid": f"p{i}", "lang": "en", "text":
+                                                       f"T {i}"}) + "\n"
+                                           for i in range(25)).encode()))
+    m = write_collection(str(path), "und", f"{tmp_path}/o/corpus", f"{tmp_path}/o/w", "h", 2,
+                         readers.Rejects(), canonical=True)
+    names = [s["file"] for s in m["shards"]]
+    assert len(names) == 13 and names == sorted(names) and names[-1] == "part-00000-000012.parquet"
+    monkeypatch.setattr(collection, "MAX_SHARDS", 12)
+    with pytest.raises(ConfigError, match=r"data.shard_rows=2: a byte range of .*big.jsonl.gz "
+                                          r"would write over 12 shards; raise shard_rows"):
+        write_collection(str(path), "und", f"{tmp_path}/o2/corpus", f"{tmp_path}/o2/w", "h", 2,
+                         readers.Rejects(), canonical=True)

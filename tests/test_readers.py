@@ -1024,7 +1024,7 @@ def test_prepare_again_on_other_input_starts_afresh(tmp_path):
     corpus = storage.read_parquet(str(out / "corpus"))
     assert corpus.column("pid").to_pylist() == [f"p{i}" for i in range(6)]
     assert len(storage.list_files(str(out / "corpus"), ".parquet")) == 3
-    marker = str(out / "corpus" / "_done" / "part-00000-00000.json")
+    marker = str(out / "corpus" / "_done" / "part-00000-000000.json")
     started = storage.read_json(marker)["time"]
     assert CliRunner().invoke(cli.app, args).exit_code == 0  # the same again: resumed, kept
     assert storage.read_json(marker)["time"] == started

@@ -63,9 +63,10 @@ BUCKET_IDS = 8 << 20  # ids per bucket, estimated from the first MiB's lines (gz
 ID_FLUSH = 1 << 20  # ids a unit holds before it writes them ...
 PACK_ROWS = 1 << 14  # ... packed into Arrow this many at a time
 MIN_UNIT_BYTES = 32 << 20  # a unit's size on a cluster: 4 units per CPU, within these bounds
-MAX_UNITS = 99_999  # units and a unit's shards: names sort as the file's order (5 digits)
+MAX_UNITS = 99_999  # units (5 digits) and a unit's shards (6: a 1B-row gzip file in shards of
+MAX_SHARDS = 999_999  # 2,000): their names sort as the file's order
 MAX_BUCKETS = 4096
-PLAN_VERSION = 2  # of the work folder's layout: another version's plan is started afresh
+PLAN_VERSION = 3  # of the work folder's layout: another version's plan is started afresh
 TSV_COLUMNS = ["id", "text", "title"]  # psgs_w100's, when the file has no header line
 
 
@@ -356,10 +357,10 @@ def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
     chunk: list[dict[str, Any]] = []
 
     def flush() -> None:
-        if len(shards) == MAX_UNITS:
+        if len(shards) == MAX_SHARDS:
             raise ConfigError(f"data.shard_rows={job.shard_rows}: a byte range of {path} "
-                              f"would write over {MAX_UNITS:,} shards; raise shard_rows")
-        name = f"part-{unit.index:05d}-{len(shards):05d}"
+                              f"would write over {MAX_SHARDS:,} shards; raise shard_rows")
+        name = f"part-{unit.index:05d}-{len(shards):06d}"
         writer.write(name, pa.Table.from_pylist(chunk, schema=CORPUS))
         shards.append({"name": name, "rows": len(chunk)})
 
@@ -652,6 +653,6 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
                                                d.first_line), rejects)
     names = [s["name"] for r in records for s in r["shards"]]
     if not names:  # every row rejected: one empty shard, a readable table
-        names = ["part-00000-00000"]
+        names = ["part-00000-000000"]
         writer.write(names[0], CORPUS.empty_table())
     return writer.finalize(names)

@@ -554,9 +554,10 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
     seen = FirstSeen("passage id") if unique else None
 
     def new(pid: str, n: int, fld: str | None, raw: Any) -> bool:
-        if ids is not None:
+        keep = seen is None or seen.new(pid, path, n, fld, rejects, raw)
+        if keep and ids is not None:  # a row that is yielded
             ids(pid, n, fld or "id")
-        return seen is None or seen.new(pid, path, n, fld, rejects, raw)
+        return keep
 
     if JSONL_FILE.search(path):
         for n, obj in iter_jsonl(path, rejects, span):
@@ -1454,10 +1455,10 @@ def iter_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None,
             if not ok:
                 break
             row[f.name] = value
-        if ok and ids is not None and keys == ("pid",):
-            ids(row["pid"], n, "pid")
         if ok and seen is not None:
             key = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
             ok = seen.new(key, path, n, keys[0] if len(keys) == 1 else None, rejects, obj)
+        if ok and ids is not None and keys == ("pid",):
+            ids(row["pid"], n, "pid")
         if ok:
             yield row
