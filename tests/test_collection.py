@@ -485,3 +485,25 @@ def test_a_unit_writes_up_to_max_shards_named_in_order(tmp_path, monkeypatch):
                                           r"would write over 12 shards; raise shard_rows"):
         write_collection(str(path), "und", f"{tmp_path}/o2/corpus", f"{tmp_path}/o2/w", "h", 2,
                          readers.Rejects(), canonical=True)
+
+
+def test_rejected_rows_past_the_held_ones_wait_on_disk(tmp_path, monkeypatch):
+    """Past ``HELD_REJECTS`` a Rejects keeps its rows in a local file, in order: prepare of a
+    collection then holds that many and writes the same ``_rejected.jsonl`` (byte for byte)
+    and count as when it held them all."""
+    path = _tsv(tmp_path, n=300, bad=tuple(range(10, 290, 9)), dups=25, seed=6)
+    out = str(tmp_path / "all")
+    whole = prepare("passages", path, out, on_error="skip", shard_rows=9, lang="en")
+    want = open(f"{out}/_rejected.jsonl", "rb").read()
+    assert whole["rejected"] == 32 + 25 == len(want.splitlines())
+    monkeypatch.setattr(readers, "HELD_REJECTS", 4)
+    monkeypatch.setattr(collection, "UNIT_BYTES", 2000)
+    spill = prepare("passages", path, str(tmp_path / "spill"), on_error="skip", shard_rows=9,
+                    lang="en")
+    assert (spill["rows"], spill["rejected"]) == (whole["rows"], whole["rejected"])
+    assert open(tmp_path / "spill" / "_rejected.jsonl", "rb").read() == want
+    rejects = readers.Rejects("skip")
+    write_collection(path, "en", f"{tmp_path}/w/corpus", f"{tmp_path}/w/c", "h", 9, rejects,
+                     unit_bytes=2000)
+    assert len(rejects.rows) == 4 and rejects.count == 57 and rejects.spilled == 53
+    assert [json.dumps(r, ensure_ascii=False) for r in rejects] == want.decode().splitlines()

@@ -23,9 +23,11 @@ their inline copies), before the duplicates are handled.
 Memory: a unit task holds one shard of rows and at most :data:`ID_FLUSH` ids (about 30
 bytes each); a bucket task at most about :data:`BUCKET_IDS` ids at once (~1 GB with the
 sort and the parquet reads; 2M ids measured ~0.2 GB over the process's own); the driver
-the units' records (counts, shard names and rejected rows), never the collection. The
-bucket check runs here only without Ray. Every node reads the collection and writes the
-corpus: on a cluster, paths that all nodes see (``s3://``, a shared file system).
+the units' records (counts, shard names), the first
+:data:`~qgscale.data.readers.HELD_REJECTS` rejected rows (the later ones in a local file)
+and the duplicates the check found, never the collection. The bucket check runs here only
+without Ray. Every node reads the collection and writes the corpus: on a cluster, paths
+that all nodes see (``s3://``, a shared file system).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import math
 import os
 import posixpath
 import re
+import sys
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -109,11 +112,12 @@ class _Stop(Exception):
 
 
 class _UnitRejects(readers.Rejects):
-    """A unit's rejected rows, lines within the unit: recorded, and in fail mode the first
-    one stops the unit (the driver raises it with the file's line number)."""
+    """A unit's rejected rows, lines within the unit: recorded (all held: they go to the
+    unit's record), and in fail mode the first one stops the unit (the driver raises it with
+    the file's line number)."""
 
     def __init__(self, stop: bool):
-        super().__init__("skip")
+        super().__init__("skip", held=sys.maxsize)
         self.stop = stop
 
     def bad(self, file: str, line: int | None, fld: str | None, reason: str,
@@ -574,6 +578,12 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
                 raise readers.no_rows(shown[paths[f]], "only a header" if header.get(f)
                                       else "empty file")
 
+    def add_rejects(rec: dict[str, Any], at: int) -> None:  # the unit's lines + the file's
+        for r in rec.pop("rejects"):  # before it; not held here (Rejects may spill them)
+            rejects.add({"file": shown.get(r["file"], r["file"]),
+                         "line": r["line"] and r["line"] + at, "field": r["field"],
+                         "reason": r["reason"], "raw": r["raw"]})
+
     lines = 0  # of the unit's file before it
     try:
         for unit, rec in zip(units, read(units), strict=True):
@@ -584,6 +594,7 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
                 r = rec["failed"]
                 rejects.bad(shown.get(r["file"], r["file"]), r["line"] and r["line"] + lines,
                             r["field"], r["reason"], r["raw"])
+            add_rejects(rec, lines)
             records.append(rec)
             lines += rec["lines"]
             read_any[unit.file] = read_any.get(unit.file, False) or rec["read"] > 0
@@ -600,16 +611,13 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
         for i in lost:
             storage.remove(unit_record(job, units[i]))
         for i, rec in zip(lost, read([units[i] for i in lost]), strict=True):
+            rec.pop("rejects")  # the same rows as its first read's, added then
             records[i] = rec
     line_at = [0] * len(units)  # lines of its file before each unit
     for i in range(1, len(units)):
         if units[i].start:
             line_at[i] = line_at[i - 1] + records[i - 1]["lines"]
     row_at = list(itertools.accumulate((r["rows"] for r in records[:-1]), initial=0))
-    for rec, at in zip(records, line_at, strict=True):  # as Rejects has them: key order too
-        rejects.rows += [{"file": shown.get(r["file"], r["file"]),
-                          "line": r["line"] and r["line"] + at, "field": r["field"],
-                          "reason": r["reason"], "raw": r["raw"]} for r in rec["rejects"]]
     done_uri = storage.join(work_uri, "checked.json")  # kept: a re-run reports them again
     if not storage.exists(done_uri):
         counts = [sum(c) for c in zip(*(r["ids"] for r in records), strict=True)]

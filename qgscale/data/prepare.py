@@ -216,13 +216,12 @@ def prepare(fmt: str, input: str, output: str, *, on_error: str = "fail",
         if coll is not None:
             counts["corpus"] = collection()
     rejected_uri = storage.join(output, "_rejected.jsonl")
-    if rejects.rows:
-        storage.write_bytes(rejected_uri, "".join(
-            json.dumps(r, ensure_ascii=False) + "\n" for r in rejects.rows).encode())
+    if rejects.count:
+        rejects.write(rejected_uri)
     else:
         storage.remove(rejected_uri)
     return storage.write_manifest(output, config_hash, format=fmt, input=input, rows=counts,
-                                  rejected=len(rejects.rows))
+                                  rejected=rejects.count)
 
 
 def run_prepare(data_cfg: Any, out_uri: str, key: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
@@ -34,21 +35,29 @@ import pyarrow as pa
 from qgscale.data.schema import SCHEMAS
 from qgscale.data.unique import duplicate_reason
 from qgscale.errors import DataError, MissingInputError
-from qgscale.storage import is_local
+from qgscale.storage import is_local, writing_file
 
 JSONL_FILE = re.compile(r"\.jsonl(\.(gz|bz2|xz))?$")  # a passage collection's JSONL
 XQUAD_LANGS = ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"]
 
 log = logging.getLogger(__name__)
 Tables = dict[str, list[dict[str, Any]]]  # kind ("corpus", "train/queries", ...) -> rows
+HELD_REJECTS = 100_000  # rejected rows held in memory; the later ones wait in a local file
 
 
 @dataclass
 class Rejects:
-    """Collects bad rows: raises at once in ``fail`` mode, records them in ``skip`` mode."""
+    """Collects bad rows: raises at once in ``fail`` mode, records them in ``skip`` mode:
+    the first ``held`` in :attr:`rows`, the later ones in a local temporary file (a dirty
+    corpus of 1B passages may reject millions), all of them in order by iterating, counted
+    by :attr:`count`, written by :meth:`write`."""
 
     mode: str = "fail"
     rows: list[dict[str, Any]] = field(default_factory=list)
+    held: int = field(default_factory=lambda: HELD_REJECTS)
+    files: set[str] = field(default_factory=set)  # the files of the rejected rows
+    spilled: int = 0  # rows in the file
+    _spill: Any = field(default=None, repr=False, compare=False)
 
     def bad(self, file: str, line: int | None, fld: str | None, reason: str,
             raw: Any = None) -> None:
@@ -56,8 +65,38 @@ class Rejects:
         msg = f"{where}: field {fld!r}: {reason}" if fld else f"{where}: {reason}"
         if self.mode != "skip":
             raise DataError(msg)
-        self.rows.append({"file": file, "line": line, "field": fld, "reason": reason,
-                          "raw": raw if isinstance(raw, str | type(None)) else repr(raw)[:2000]})
+        self.add({"file": file, "line": line, "field": fld, "reason": reason,
+                  "raw": raw if isinstance(raw, str | type(None)) else repr(raw)[:2000]})
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Record a rejected row (``{file, line, field, reason, raw}``)."""
+        self.files.add(row["file"])
+        if len(self.rows) < self.held:
+            self.rows.append(row)
+            return
+        if self._spill is None:
+            self._spill = tempfile.TemporaryFile("w+", encoding="utf-8")
+        self._spill.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.spilled += 1
+
+    @property
+    def count(self) -> int:
+        return len(self.rows) + self.spilled
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from self.rows
+        if self._spill is not None:
+            self._spill.flush()
+            self._spill.seek(0)
+            for line in self._spill:
+                yield json.loads(line)
+            self._spill.seek(0, io.SEEK_END)
+
+    def write(self, uri: str) -> None:
+        """Every rejected row, in order, as JSONL to ``uri`` (streamed)."""
+        with writing_file(uri) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            for row in self:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 class FirstSeen:
@@ -996,8 +1035,8 @@ def _check_named(path: str, collection: str, examples: list[dict[str, Any]],
     if not drop and not lost:
         return set(), {}
     hint = (" (or its row there was rejected: see the rejected rows)"
-            if any(r["file"] == collection or r["file"].startswith(collection.rstrip("/") + "/")
-                   for r in rejects.rows) else "")
+            if any(f == collection or f.startswith(collection.rstrip("/") + "/")
+                   for f in rejects.files) else "")
     totals = f"missing in all: {len(missing)} passages, named by {len(drop) + len(lost)} records"
     reported = 0
     for n, i, loc, obj in dpr_records(path, Rejects("skip")):  # reported by the first read
