@@ -1055,3 +1055,22 @@ def test_canonical_jsonl_corpus_is_streamed(tmp_path):
     with pytest.raises(DataError, match=r"corpus.jsonl:40001: field 'pid': duplicate .*'7'.* "
                                         r"line 8"):
         prepare("jsonl", str(path), str(tmp_path / "out2"), kind="corpus", shard_rows=15000)
+
+
+def test_rejects_past_the_held_rows_in_order_and_written_whole(tmp_path):
+    """``Rejects(held=2)``: later rows wait in a local file; iterating (also between two
+    ``add``s, or stopped early) gives every row in order; ``write`` gives them as JSONL, a
+    lone surrogate from a JSON string written as its escape."""
+    r = readers.Rejects("skip", held=2)
+    for i in range(500):
+        r.bad("f.jsonl", i + 1, "text", "empty", "x" * 100)
+    assert len(r.rows) == 2 and r.spilled == 498 and r.count == 500 and r.files == {"f.jsonl"}
+    assert any(x["line"] == 3 for x in r)  # stopped early: the file keeps its rows
+    it = iter(r)
+    head = [next(it)["line"] for _ in range(4)]
+    r.bad("g.jsonl", 9, None, "malformed JSON", '"\ud800"')  # added while iterating
+    assert head + [x["line"] for x in it] == [*range(1, 501), 9]
+    r.write(str(tmp_path / "r.jsonl"))
+    lines = (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 501 and json.loads(lines[-1])["raw"] == '"\ud800"'
+    assert [json.loads(x) for x in lines] == list(r)

@@ -74,8 +74,10 @@ class Rejects:
         if len(self.rows) < self.held:
             self.rows.append(row)
             return
-        if self._spill is None:
-            self._spill = tempfile.TemporaryFile("w+", encoding="utf-8")
+        if self._spill is None:  # a lone surrogate (from a JSON string) written as its escape
+            self._spill = tempfile.TemporaryFile("w+", encoding="utf-8",
+                                                 errors="backslashreplace")
+        self._spill.seek(0, io.SEEK_END)
         self._spill.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.spilled += 1
 
@@ -87,14 +89,19 @@ class Rejects:
         yield from self.rows
         if self._spill is not None:
             self._spill.flush()
-            self._spill.seek(0)
-            for line in self._spill:
+            pos = 0  # its own place: add() (between two rows) writes at the end
+            while True:
+                self._spill.seek(pos)
+                line = self._spill.readline()
+                if not line:
+                    return
+                pos = self._spill.tell()
                 yield json.loads(line)
-            self._spill.seek(0, io.SEEK_END)
 
     def write(self, uri: str) -> None:
         """Every rejected row, in order, as JSONL to ``uri`` (streamed)."""
-        with writing_file(uri) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        with writing_file(uri) as tmp, open(tmp, "w", encoding="utf-8",
+                                            errors="backslashreplace") as out:
             for row in self:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
