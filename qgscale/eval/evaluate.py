@@ -620,13 +620,14 @@ def run_eval(cfg: Any, model_uri: str, index_uri: str, data_uri: str, out_uri: s
     ``_manifest.json``; returns ``{split: metrics}``.
     """
     from qgscale.index.search import search_resources
-    from qgscale.runtime import bundles, connect, requesting
+    from qgscale.runtime import bundles, check_shared, connect, requesting
 
     ec = cfg.eval
     check_inputs(model_uri, index_uri, data_uri, splits)
     import ray
 
     connect(cfg.ray)
+    check_shared({"model": model_uri, "index": index_uri, "data": data_uri}, {"out": out_uri})
     sc = cfg.index.search
     shards, coder = search_resources(index_uri, sc)
     task = ray.remote(_evaluate_task).options(**coder.options())
