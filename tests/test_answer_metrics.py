@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -188,3 +189,33 @@ def test_rerank_of_a_split_with_empty_qrels_and_no_answers_compares_nothing(tmp_
     cfg = SimpleNamespace(teacher=SimpleNamespace(rerank_k=2, score=None), bm25=None)
     out = run_rerank(cfg, None, run, str(data), "test", str(tmp_path / "rerank"), "k")
     assert out["n_queries"] == 0 and not storage.exists(str(tmp_path / "rerank" / "_answer_hits"))
+
+
+def test_a_killed_evals_scratch_folder_is_swept(tmp_path, monkeypatch):
+    """An eval worker killed mid-split (SIGKILL: no clean-up ran) leaves its scratch folder;
+    the next ``AnswerRuns`` on the node removes it, and keeps a live process's."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from qgscale.eval.answer_metrics import SCRATCH, AnswerRuns
+
+    code = ("from qgscale.eval.answer_metrics import AnswerRuns; import sys, time; "
+            "r = AnswerRuns({}, {}, 'c', True, (), 'dpr'); (r.dir / 'block').write_text('x'); "
+            "print(r.dir, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    left = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.isdir(left) and os.path.basename(left).startswith(f"{SCRATCH}{proc.pid}-")
+    other = tmp_path / "qgscale-answer-runs-notes"  # not a scratch folder's name
+    other.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = AnswerRuns({}, {}, "c", True, (), "dpr")
+    assert not os.path.exists(left) and other.is_dir() and mine.dir.is_dir()
+    again = AnswerRuns({}, {}, "c", True, (), "dpr")  # this live process's folder is kept
+    assert mine.dir.is_dir() and again.dir.is_dir()
+    mine.close()
+    again.close()

@@ -26,6 +26,7 @@ holding one passage's tokens at a time.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import weakref
@@ -112,6 +113,28 @@ def _edges_of(edges: KeyIndex, pids: pa.Array) -> dict[str, tuple[int, list[str]
         *(t.column(c).to_pylist() for c in ("n", "head", "tail")), strict=True), strict=True))
 
 
+SCRATCH = "qgscale-answer-runs-"  # + the owner's pid: a killed worker's folder is found
+
+
+def sweep_scratch(prefix: str, root: str | None = None) -> list[str]:
+    """Remove the scratch folders ``<root>/<prefix><pid>-*`` (``root``: the temp folder) whose
+    process is gone (a worker killed mid-eval never ran its clean-up); returns them."""
+    root = root or tempfile.gettempdir()
+    gone = []
+    for entry in os.scandir(root):
+        owner = entry.name.removeprefix(prefix).split("-", 1)[0]
+        if not (entry.name.startswith(prefix) and owner.isdigit() and entry.is_dir()):
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:  # no such process: its folder is stale
+            shutil.rmtree(entry.path, ignore_errors=True)
+            gone.append(entry.path)
+        except PermissionError:  # another user's live process
+            pass
+    return gone
+
+
 class AnswerRuns:
     """The answer metrics' rows of a split's runs, added a block at a time (:meth:`add`: its
     rankings go to a scratch folder of this process) and computed at the end with one pass
@@ -126,7 +149,8 @@ class AnswerRuns:
         self.answers, self.query_lang, self.corpus_uri = answers, query_lang, corpus_uri
         self.recall, self.ks, self.match = recall, sorted(set(accuracy_ks)), match
         self.max_tokens = list(max_tokens)
-        self.dir = Path(tempfile.mkdtemp(prefix="qgscale-answer-runs-"))
+        sweep_scratch(SCRATCH)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-"))
         # removed by close(), or when this object is collected (an eval that failed midway)
         self.close = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self.views: list[dict[tuple[str, str], int]] = []  # per block: each pair's view
