@@ -180,7 +180,8 @@ def data_prepare(
         from qgscale import runtime
 
         runtime.connect()  # its units on Ray tasks: RAY_ADDRESS's cluster, else a local Ray
-        runtime.check_shared({"--input": input, "--passages": passages}, {"--output": output})
+        runtime.check_shared({"--passages" if coll[0] == passages else "--input": coll[0]},
+                             {"--output": output})  # the collection: read on every node
     summary = prepare(format, input, output, on_error=on_error, shard_rows=shard_rows,
                       config_hash=key, **args)
     _print(summary)

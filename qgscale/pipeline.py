@@ -485,13 +485,25 @@ def _write_record(lay: Layout, stage: Stage, status: Status, **extra: Any) -> No
                         json.dumps(record, indent=1, default=str).encode())
 
 
-def shared_inputs(cfg: Config) -> dict[str, str | None]:
-    """The config's local input paths that the stages' tasks on every node read (what
-    :func:`qgscale.runtime.check_shared` checks): the raw data and local model folders."""
-    models = {f"{name}.model.{f}": getattr(m, f) for name, m in (
-        ("qg", cfg.qg.model), ("encoder", cfg.encoder.model), ("teacher", cfg.teacher.model))
-        if m is not None for f in ("name_or_path", "tokenizer")}
-    return {"data.input": cfg.data.input, "data.passages": cfg.data.passages, **models}
+def shared_inputs(cfg: Config, stage: Stage) -> dict[str, str]:
+    """The external inputs of ``stage`` that its tasks read on every node (what
+    :func:`qgscale.runtime.check_shared` checks before it runs), by setting: its ``raw``
+    inputs, except that ``prepare`` reads on tasks only the passage collection (its other
+    input files are read by the driver)."""
+    raw = stage.raw(cfg)
+    if stage.name == "prepare":
+        from qgscale.data.prepare import collection_of
+
+        d = cfg.data
+        coll = collection_of(d.format, d.input, passages=d.passages, corpus_langs=d.corpus_langs,
+                             lang=d.lang)
+        raw = [coll[0]] if coll else []
+    names = {"data.input": cfg.data.input, "data.passages": cfg.data.passages,
+             "eval.data": cfg.eval.data, "qg.model.name_or_path": cfg.qg.model.name_or_path,
+             "encoder.model.name_or_path": cfg.encoder.model.name_or_path,
+             "teacher.model.name_or_path": getattr(cfg.teacher.model, "name_or_path", None)}
+    return {next((k for k, v in names.items() if v == u), f"{stage.name} input"): u
+            for u in raw}
 
 
 def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[str, Any]:
@@ -523,8 +535,8 @@ def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[
             from qgscale import runtime
 
             runtime.connect(cfg.ray)
-            runtime.check_shared(shared_inputs(cfg), {"run.root": cfg.run.root})
             connected = True
+        runtime.check_shared(shared_inputs(cfg, stage), {"run.root": cfg.run.root})
         if status.state in ("stale", "missing"):
             for uri in stage.owns(cfg, lay):  # a new key starts from scratch
                 storage.remove(uri, recursive=True)

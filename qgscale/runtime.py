@@ -181,21 +181,25 @@ def connect(ray_cfg: Any = None) -> None:
 
 
 SHARED_CHECK_S = 120.0  # how long the per-node checks may take before they are skipped
+_shared_seen: set[tuple[str, frozenset[str]]] = set()  # (path, nodes) checked in this process
 
 
 def check_shared(inputs: dict[str, str | None], outputs: dict[str, str | None] | None = None
                  ) -> list[str]:
     """On a Ray cluster of several nodes, that every node sees each local path (setting name
-    -> path) of ``inputs`` (files or folders this process sees; others are left to the code
-    that reads them) and ``outputs`` (folders, made here if need be, each checked through a
-    probe file in it, so that a node-local folder that exists everywhere, ``/tmp/run``, is
-    found too); URIs such as ``s3://`` are not checked. One task of no CPU per alive node
-    checks them there, where the stages' tasks and actors read and write them. Raises
-    :class:`ConfigError` naming the setting, the path and a node that lacks it; returns the
-    node ids checked (none on one node)."""
+    -> path) of ``inputs`` (files or folders this process sees, which tasks read; others are
+    left to the code that reads them) and ``outputs`` (folders, made here if need be, each
+    checked through a probe file in it, so that a node-local folder that exists everywhere,
+    ``/tmp/run``, is found too); URIs such as ``s3://`` are not checked. One task of no CPU
+    per alive node checks them there, where the stages' tasks and actors read and write them;
+    a path checked on the same nodes before, in this process, is not checked again (a node
+    that joins later is). A node that does not answer in :data:`SHARED_CHECK_S` s, or that
+    left, is skipped with a warning. Raises :class:`ConfigError` naming the setting, the
+    path and a node that lacks it; returns the node ids checked (none on one node)."""
     import uuid
 
     import ray
+    from ray.exceptions import RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from qgscale.errors import ConfigError
@@ -203,38 +207,55 @@ def check_shared(inputs: dict[str, str | None], outputs: dict[str, str | None] |
     nodes = [n for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
     if len(nodes) < 2:
         return []
+    on = frozenset(n["NodeID"] for n in nodes)
     paths = {**inputs, **(outputs or {})}
 
     def local(given: dict[str, str | None]) -> dict[str, str]:  # absolute local paths
         return {k: os.path.abspath(p.removeprefix("file://")) for k, p in given.items()
                 if p and storage.is_local(p)}
 
-    wanted = {k: p for k, p in local(inputs).items() if os.path.exists(p)}
-    probes: dict[str, str] = {}
-    for k, p in local(outputs or {}).items():
-        os.makedirs(p, exist_ok=True)
-        probes[k] = wanted[k] = os.path.join(p, f".qgscale-shared-{uuid.uuid4().hex[:12]}")
-        open(probes[k], "w").close()
-    if not wanted:
+    checked = {k: p for k, p in local(inputs).items() if os.path.exists(p)}
+    outs = local(outputs or {})
+    if not checked and not outs:
         return []
+    checked, outs = ({k: p for k, p in d.items() if (p, on) not in _shared_seen}
+                     for d in (checked, outs))
+    if not checked and not outs:  # all seen on these nodes before
+        return sorted(on)
+    wanted, probes = dict(checked), {}
     check = ray.remote(num_cpus=0)(_missing_here)
     try:
+        for k, p in outs.items():
+            os.makedirs(p, exist_ok=True)
+            probes[k] = wanted[k] = os.path.join(p, f".qgscale-shared-{uuid.uuid4().hex[:12]}")
+            open(probes[k], "w").close()
         refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             n["NodeID"], soft=False)).remote(wanted) for n in nodes]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=SHARED_CHECK_S)
-        if len(ready) < len(refs):
-            log.warning("%d of %d Ray nodes did not answer within %.0f s whether they see %s: "
-                        "not checked", len(refs) - len(ready), len(refs), SHARED_CHECK_S,
-                        ", ".join(f"{k}={paths[k]}" for k in wanted))
+        skipped = []
         for node, ref in zip(nodes, refs, strict=True):
-            missing = ray.get(ref) if ref in ready else []
-            if missing:
+            try:
+                missing = ray.get(ref) if ref in ready else None
+            except RayError:  # the node left, or its worker could not start
+                missing = None
+            if missing is None:
+                skipped.append(node["NodeManagerAddress"])
+                ray.cancel(ref)
+            elif missing:
                 k = missing[0]
+                where = {**checked, **outs}[k]
                 raise ConfigError(
-                    f"{k}={paths[k]}: a local path that Ray node {node['NodeManagerAddress']} "
-                    f"does not see ({len(nodes)} nodes): on a cluster of several nodes the "
-                    "stages' tasks read and write it on every node; give an s3:// URI or a "
-                    "file system mounted at the same path on every node")
+                    f"{k}={paths[k]}{f' ({where})' if where != paths[k] else ''}: a local path "
+                    f"that Ray node {node['NodeManagerAddress']} does not see ({len(nodes)} "
+                    "nodes): on a cluster of several nodes the stages' tasks read and write it "
+                    "on every node; give an s3:// URI or a file system mounted at the same path "
+                    "on every node")
+        if skipped:
+            log.warning("Ray node(s) %s did not answer within %.0f s, or left, whether they "
+                        "see %s: not checked", ", ".join(skipped), SHARED_CHECK_S,
+                        ", ".join(f"{k}={paths[k]}" for k in wanted))
+        else:
+            _shared_seen.update((p, on) for p in (*checked.values(), *outs.values()))
     finally:
         for probe in probes.values():
             with contextlib.suppress(OSError):

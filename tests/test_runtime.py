@@ -270,11 +270,21 @@ def lacking_off_head(wanted):  # the fault: a node without the shared file syste
 
 
 runtime._missing_here = lacking_off_head
+out["cached"] = len(runtime.check_shared({"data.input": src}, {"run.root": run}))  # seen
+runtime._shared_seen.clear()
 try:
     runtime.check_shared({"data.input": src}, {"run.root": run})
 except ConfigError as e:
     out["error"] = str(e)
 out["left"] = os.listdir(run)
+alive = ray.nodes()  # a node that left after the list was read: skipped, with a warning
+ray.nodes = lambda: alive + [{**alive[0], "NodeID": "ab" * 28, "NodeManagerAddress": "10.9.9.9"}]
+runtime._missing_here = lambda wanted: []
+runtime._shared_seen.clear()
+import logging
+logging.basicConfig()
+out["gone"] = len(runtime.check_shared({"data.input": src}, {"run.root": run}))
+out["unseen"] = runtime._shared_seen == set()
 ray.shutdown()
 cluster.shutdown()
 print(json.dumps(out))
@@ -284,9 +294,10 @@ print(json.dumps(out))
 def test_every_node_must_see_local_paths(tmp_path):
     """``check_shared`` on a real Ray cluster of two nodes (``ray.cluster_utils.Cluster``, in
     a process of its own): one check per node, an output folder made and its probe removed,
-    URIs and paths this process lacks (a ``pkg:`` model) not checked; a node that lacks a
-    path (the fault, which two nodes of one machine cannot have, made by the check's own
-    function) fails naming the setting, the path and the node."""
+    URIs and paths this process lacks (a ``pkg:`` model) not checked, paths checked on the
+    same nodes not checked again; a node that lacks a path (the fault, which two nodes of
+    one machine cannot have, made by the check's own function) fails naming the setting,
+    the path and the node; a node that left is skipped with a warning."""
     import subprocess
     import sys
 
@@ -297,6 +308,9 @@ def test_every_node_must_see_local_paths(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["nodes"] == 2 and got["made"] and got["uris"] == [] and got["left"] == []
+    assert got["cached"] == 2  # checked on these nodes before: not again
+    assert got["gone"] == 3 and got["unseen"]  # not recorded as checked
+    assert re.search(r"Ray node\(s\) 10.9.9.9 did not answer .*, or left", res.stderr)
     assert re.match(rf"data.input={tmp_path}/in.tsv: a local path that Ray node [\d.]+ "
                     r"does not see \(2 nodes\)", got["error"]), got["error"]
     assert "s3://" in got["error"]
