@@ -260,8 +260,8 @@ def test_memory_paths_are_read_here(ray_local):
 
 def test_the_benchmarks_run(tmp_path):
     """benchmarks/prepare_collection.py at a tiny size (units of 20 kB, on a Ray of its own;
-    a TSV and canonical JSONL), and benchmarks/s3_lines.py: identical runs, the reader faster
-    than s3fs's readline."""
+    a TSV and canonical JSONL), benchmarks/bucket_check.py (its passes find every duplicate)
+    and benchmarks/s3_lines.py: identical runs, the reader faster than s3fs's readline."""
     import subprocess
     import sys
 
@@ -279,6 +279,13 @@ def test_the_benchmarks_run(tmp_path):
         assert all(r["rows"] + r["rejected"] == 600 + 3 for r in got["runs"])
         assert got["runs"][1]["actor_peak_rss_mb"] > 0  # its units ran on Ray workers
         assert got["format"] == fmt and got["runs"][0]["rejected"] >= 3
+    out = tmp_path / "b.json"  # the bucket check, in passes of 2,500 ids
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bucket_check.py"), "--ids",
+                    "3000,6000", "--bucket-ids", "2500", "--out", str(out)], check=True,
+                   cwd=REPO, capture_output=True)
+    got = json.loads(out.read_text())
+    assert [(r["ids"], r["passes"], r["dups"]) for r in got["runs"]] == [
+        (0, 1, 0), (3000, 2, 3), (6000, 3, 6)]
     out = tmp_path / "s.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "s3_lines.py"), "--passages",
                     "2000", "--baseline-lines", "200", "--out", str(out)], check=True,

@@ -403,7 +403,6 @@ def check_bucket(item: tuple[int, int], job: Job) -> dict[str, Any]:
     file order, ``[unit, seq, pid]``). A bucket of more than :data:`BUCKET_IDS` is checked in
     passes, each over one share of its hashes (all copies of an id share a hash), so that a
     pass holds about that many."""
-    from concurrent.futures import ThreadPoolExecutor
 
     b, n = item
     files = storage.list_files(bucket_uri(job, b), ".parquet")
@@ -420,14 +419,32 @@ def check_bucket(item: tuple[int, int], job: Job) -> dict[str, Any]:
             (t.column("h").to_numpy() // job.buckets) % passes == i))
 
     for i in range(passes):
-        with ThreadPoolExecutor(min(16, len(files) or 1)) as pool:  # every unit's part: S3
-            parts = [share(t, i) for t in pool.map(storage.read_parquet, files)]
+        parts = [share(t, i) for t in _read_ahead(files, 16 if passes == 1 else 4)]
         tables = [t.append_column("unit", pa.array(np.full(len(t), u, np.int32)))
                   for u, t in zip(units, parts, strict=True)]
         _check(tables, None if named is None else share(named, i), job.fail, out)
+        del parts, tables
+        pa.default_memory_pool().release_unused()  # a pass's buffers, before the next one's
     if job.fail and out["dups"]:
         out["dups"] = [min(out["dups"], key=lambda d: (d["unit"], d["seq"]))]
     return out
+
+
+def _read_ahead(files: list[str], window: int) -> Iterator[pa.Table]:
+    """The parquet ``files`` in order, ``window`` read at once (their round trips on S3
+    overlap), no more held than the window and the one being consumed."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, min(window, len(files)))) as pool:
+        todo = iter(files)
+        ahead = deque(pool.submit(storage.read_parquet, f)
+                      for f in itertools.islice(todo, window))
+        while ahead:
+            t = ahead.popleft().result()
+            ahead.extend(pool.submit(storage.read_parquet, f) for f in itertools.islice(todo, 1))
+            yield t
+            del t
 
 
 def _check(tables: list[pa.Table], named: pa.Table | None, first_only: bool,
