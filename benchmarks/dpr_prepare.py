@@ -5,7 +5,8 @@ negatives with their inline text) is prepared over collections of each size in `
 (psgs_w100.tsv layout, ~100-word passages of random words), each in a child process whose
 RSS is sampled from outside (psutil, every 0.1 s). ``collection``: ``--passages`` given, the
 corpus is the collection, streamed; ``inline``: the file's own passages, streamed from a
-second read of the file (with ``--baseline-src DIR`` also measured with that older checkout);
+second read of the file (with ``--baseline-src DIR`` also measured with that older checkout,
+as is ``collection`` over the largest collection);
 ``passages``, the baseline: the same collection prepared alone (``--format passages``, the
 streamed reader). The file names the same passages at every size, so over a streamed
 collection the driver's peak should grow as the collection alone does, not with its size.
@@ -97,6 +98,8 @@ def main() -> None:
         runs = []
         phases = [("inline", min(args.sizes), tree) for tree in trees(args.baseline_src)] + [
             (mode, n, ("this", REPO)) for n in args.sizes for mode in ("passages", "collection")]
+        if args.baseline_src:  # dpr over the largest collection, with the older checkout too
+            phases.append(("collection", max(args.sizes), trees(args.baseline_src)[0]))
         for mode, size, (tree, src) in phases:
             res = measure(src, f"{mode}:{size}", data, data / f"out-{mode}-{size}-{tree}", script)
             res.update(mode=mode, tree=tree, commit=commit(src),
@@ -105,10 +108,11 @@ def main() -> None:
             runs.append(res)
             print(json.dumps(res))
     def growth(mode: str) -> float:
-        peaks = [r["driver_peak_rss_mb"] for r in runs if r["mode"] == mode]
+        peaks = [r["driver_peak_rss_mb"] for r in runs if r["mode"] == mode and r["tree"] == "this"]
         return round(peaks[-1] / peaks[0], 3)
 
-    over = {r["collection"]: r["driver_peak_rss_mb"] for r in runs if r["mode"] == "collection"}
+    over = {r["collection"]: r["driver_peak_rss_mb"] for r in runs
+            if r["mode"] == "collection" and r["tree"] == "this"}
     alone = {r["collection"]: r["driver_peak_rss_mb"] for r in runs if r["mode"] == "passages"}
     print(f"\n{args.queries} queries x (1 + {args.negatives}) passages named; commit "
           f"{commit(REPO)}\n")

@@ -298,17 +298,19 @@ def test_a_full_bucket_is_checked_in_passes(tmp_path, monkeypatch):
     """A bucket holding 30x the ids a pass may hold (its estimate missed): each pass reads
     one share of the hashes, and every duplicate is found with its first row, and every
     named passage (a DPR file's) with its first copy."""
+    named = {"k5": passage_digest("", "text 6"), "k6": passage_digest("", "other"),
+             "k9": passage_digest("", "text 274"), "k7": 0, "gone": 1}  # k9: its 2nd copy's
     job = collection.Job(["c.tsv"], "en", str(tmp_path / "corpus"), str(tmp_path / "w"), "h",
-                         10, False, 1, [None], "p0", True)
+                         10, False, 1, [None], "p0", True, collection.named_hashes(named))
     ids = collection._Ids(job, collection.Unit(0, 0, 0, None))
     keys = [f"k{i}" for i in range(270)] + [f"k{i}" for i in range(0, 90, 3)]
     for n, k in enumerate(keys, 1):
         ids.add(k, n, "id")
         ids.row({"title": "", "text": f"text {n}"})  # a copy's text: its line
     ids.flush()
-    named = {"k5": passage_digest("", "text 6"), "k6": passage_digest("", "other"),
-             "k9": passage_digest("", "text 274"), "k7": 0, "gone": 1}  # k9: its 2nd copy's
-    n_named = collection.write_named(job, named)[0]
+    written = storage.read_parquet(collection.bucket_uri(job, 0)).to_pylist()
+    assert {r["key"] for r in written if r["digest"]} == {"k5", "k6", "k9"}  # the named with
+    n_named = collection.write_named(job, named)[0]  # text: no other row is digested
     sizes = []
     real = collection._check
     monkeypatch.setattr(collection, "_check", lambda tables, named, first, out: sizes.append(

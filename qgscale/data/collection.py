@@ -102,7 +102,9 @@ class Job:
     buckets: int
     columns: list[list[str] | None]  # a cut TSV file's columns (its header line's)
     plan_id: str  # a unit record or ids part of another plan (a late task's) is not read
-    digests: bool = False  # each row's passage_digest beside its id (a DPR file's check)
+    digests: bool = False  # a passage_digest beside each id (a DPR file's check) ...
+    named_h: np.ndarray | None = None  # ... of the rows whose id's crc32 is one of these
+    # (sorted): the passages the file names with their text; 0 for the other rows
     canonical: bool = False  # canonical corpus JSONL rows (pid, lang, title, text), not a
     # passage collection's (their language ``lang``)
 
@@ -256,8 +258,9 @@ def plan(paths: list[str], unit_bytes: int | None = None, jsonl: bool = False
 
 class _Ids:
     """A unit's passage ids ``(key, seq, line, field, h)``, ``h`` the id's crc32 (and, with
-    ``job.digests``, each row's :func:`~qgscale.data.readers.passage_digest`, added by
-    :meth:`row`): packed into Arrow every :data:`PACK_ROWS` (about 30 bytes an id), written
+    ``job.digests``, a :func:`~qgscale.data.readers.passage_digest` of each row that
+    ``job.named_h`` may name, from the text :meth:`row` adds; 0 for the others, which nothing
+    compares): packed into Arrow every :data:`PACK_ROWS` (about 30 bytes an id), written
     by bucket (``h`` modulo the buckets) to ``ids-<plan>/b<bucket>/<unit>-<part>.parquet``
     every :data:`ID_FLUSH` ids and at the end, counted per bucket."""
 
@@ -266,7 +269,7 @@ class _Ids:
         self.keys: list[str] = []
         self.lines: list[int] = []
         self.flds: list[str] = []
-        self.digests: list[int] = []  # with job.digests: one per row, as read_unit adds it
+        self.texts: list[tuple[str, str]] = []  # with job.digests: each row's title, text
         self.packed: list[pa.Table] = []
         self.held = 0  # ids packed
         self.seq = 0  # ids packed or written
@@ -279,9 +282,9 @@ class _Ids:
         self.flds.append(fld)
 
     def row(self, row: dict[str, Any]) -> None:
-        """The row whose id was added last: its digest (``job.digests``); packs when due."""
+        """The row whose id was added last: its text (``job.digests``); packs when due."""
         if self.job.digests:
-            self.digests.append(readers.passage_digest(row["title"], row["text"]))
+            self.texts.append((row["title"], row["text"]))
         if len(self.keys) >= PACK_ROWS:
             self._pack()
             if self.held >= ID_FLUSH:
@@ -292,14 +295,20 @@ class _Ids:
         if not n:
             return
         h = np.fromiter((zlib.crc32(k.encode()) for k in self.keys), np.uint32, n)
+        digest = np.zeros(n if self.job.digests else 0, np.uint64)
+        named = self.job.named_h
+        if digest.size and named is not None and named.size:  # a named passage's row (or
+            at = np.minimum(np.searchsorted(named, h), named.size - 1)  # a crc32 twin's)
+            for j in np.flatnonzero(named[at] == h):
+                digest[j] = readers.passage_digest(*self.texts[j])
         self.packed.append(pa.table({
             "key": pa.array(self.keys, pa.string()),
             "seq": pa.array(np.arange(self.seq, self.seq + n, dtype=np.int64)),
             "line": pa.array(self.lines, pa.int64()),
             "fld": pa.array(self.flds, pa.string()).dictionary_encode(),
             "h": pa.array(h),
-            **({"digest": pa.array(self.digests, pa.uint64())} if self.job.digests else {})}))
-        self.keys, self.lines, self.flds, self.digests = [], [], [], []
+            **({"digest": pa.array(digest)} if self.job.digests else {})}))
+        self.keys, self.lines, self.flds, self.texts = [], [], [], []
         self.seq += n
         self.held += n
 
@@ -514,9 +523,16 @@ def write_named(job: Job, named: dict[str, int]) -> list[int]:
     return counts
 
 
+def named_hashes(named: dict[str, int]) -> np.ndarray:
+    """The sorted distinct crc32 of the named passages that have their text (digest != 0):
+    the rows a unit digests (:class:`_Ids`); 4 bytes each, in the object store once."""
+    return np.unique(np.fromiter((zlib.crc32(p.encode()) for p, d in named.items() if d),
+                                 np.uint32))
+
+
 def _job(paths: list[str], lang: str, out_uri: str, work_uri: str, config_hash: str,
          shard_rows: int, fail: bool, unit_bytes: int | None, digests: bool,
-         canonical: bool) -> tuple[list[Unit], Job]:
+         canonical: bool, named_h: np.ndarray | None) -> tuple[list[Unit], Job]:
     """The plan of the files ``paths``: made once and kept in the work folder, so that a
     re-run reads the units its records name."""
     plan_uri = storage.join(work_uri, "_plan.json")
@@ -533,7 +549,7 @@ def _job(paths: list[str], lang: str, out_uri: str, work_uri: str, config_hash: 
         storage.write_json(plan_uri, saved)
     return [Unit(*u) for u in saved["units"]], Job(
         paths, lang, out_uri, work_uri, config_hash, shard_rows, fail, saved["buckets"],
-        saved["columns"], saved["id"], digests, canonical)
+        saved["columns"], saved["id"], digests, named_h, canonical)
 
 
 def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_hash: str,
@@ -576,7 +592,8 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
 
     try:
         units, job = _job(paths, lang, out_uri, work_uri, config_hash, shard_rows,
-                          rejects.mode != "skip", unit_bytes, named is not None, canonical)
+                          rejects.mode != "skip", unit_bytes, named is not None, canonical,
+                          None if named is None else named_hashes(named.named))
     except DataError as e:
         raise as_given(e) from None
     here = any(u.startswith("memory://") for u in (*paths, out_uri, work_uri))  # this process's
