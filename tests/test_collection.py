@@ -516,3 +516,22 @@ def test_rejected_rows_past_the_held_ones_wait_on_disk(tmp_path, monkeypatch):
                      unit_bytes=2000)
     assert len(rejects.rows) == 4 and rejects.count == 57 and rejects.spilled == 53
     assert [json.dumps(r, ensure_ascii=False) for r in rejects] == want.decode().splitlines()
+
+
+def test_a_plan_is_kept_for_the_same_named_passages_only(tmp_path):
+    """A DPR file's units digest its named passages' rows only: a re-run over the same
+    collection for another DPR file (other named passages) plans afresh, the same one
+    resumes."""
+    import numpy as np
+
+    path = _tsv(tmp_path, n=50)
+    args = (str(tmp_path / "o" / "corpus"), str(tmp_path / "o" / "w"), "h", 7, False, 1000,
+            True, False)
+
+    def plan_id(named: dict[str, int]) -> str:
+        return collection._job([path], "en", *args, collection.named_hashes(named))[1].plan_id
+
+    a = plan_id({"p1": 5, "p2": 0})
+    assert plan_id({"p1": 5}) == a  # the same passages with text
+    assert plan_id({"p1": 5, "p3": 9}) != a
+    assert collection.named_hashes({}).dtype == np.uint32

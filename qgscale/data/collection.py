@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import dataclasses
 import io
 import itertools
 import logging
@@ -441,7 +442,7 @@ def check_bucket(item: tuple[int, int], job: Job) -> dict[str, Any]:
 
 def _read_ahead(files: list[str], window: int) -> Iterator[pa.Table]:
     """The parquet ``files`` in order, ``window`` read at once (their round trips on S3
-    overlap), no more held than the window and the one being consumed."""
+    overlap), no more held than the window, the one being consumed and the one before it."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -535,17 +536,22 @@ def _job(paths: list[str], lang: str, out_uri: str, work_uri: str, config_hash: 
          canonical: bool, named_h: np.ndarray | None) -> tuple[list[Unit], Job]:
     """The plan of the files ``paths``: made once and kept in the work folder, so that a
     re-run reads the units its records name."""
+    import hashlib
+
     plan_uri = storage.join(work_uri, "_plan.json")
     saved = storage.read_json(plan_uri) if storage.exists(plan_uri) else {}
-    if (saved.get("version"), saved.get("digests"), saved.get("canonical", False),
-            saved.get("paths")) != (PLAN_VERSION, digests, canonical, paths):
+    # the named passages the units digest: a unit read for another DPR file is not reused
+    named = None if named_h is None else hashlib.sha256(named_h.tobytes()).hexdigest()[:16]
+    if (saved.get("version"), saved.get("digests"), saved.get("named"),
+            saved.get("canonical", False), saved.get("paths")) != (
+                PLAN_VERSION, digests, named, canonical, paths):
         # a fresh start: no shard of another plan (or of older code) is kept
         storage.remove(out_uri, recursive=True)
         storage.remove(work_uri, recursive=True)
         units, columns, buckets = plan(paths, unit_bytes, jsonl=canonical)
         saved = {"version": PLAN_VERSION, "id": uuid.uuid4().hex[:12], "digests": digests,
-                 "canonical": canonical, "paths": paths, "columns": columns, "buckets": buckets,
-                 "units": [[u.index, u.file, u.start, u.end] for u in units]}
+                 "named": named, "canonical": canonical, "paths": paths, "columns": columns,
+                 "buckets": buckets, "units": [[u.index, u.file, u.start, u.end] for u in units]}
         storage.write_json(plan_uri, saved)
     return [Unit(*u) for u in saved["units"]], Job(
         paths, lang, out_uri, work_uri, config_hash, shard_rows, fail, saved["buckets"],
@@ -660,7 +666,8 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
         buckets = [(b, n) for b, n in enumerate(counts) if n]
         checked = {"dups": [], "missing": [], "compared": 0, "other": 0, "first_other": None}
         for out in ((check_bucket(b, job) for b in buckets) if here else
-                    map_shards(check_bucket, buckets, job, num_cpus=1, least=1)):
+                    map_shards(check_bucket, buckets, dataclasses.replace(job, named_h=None),
+                               num_cpus=1, least=1)):
             for k in ("dups", "missing", "compared", "other"):
                 checked[k] += out[k]
             if out["first_other"]:
