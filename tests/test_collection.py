@@ -318,12 +318,16 @@ def test_a_full_bucket_is_checked_in_passes(tmp_path, monkeypatch):
     monkeypatch.setattr(collection, "BUCKET_IDS", 10)
     got = collection.check_bucket((0, len(keys) + n_named), job)
     assert len(sizes) == 31 and sum(sizes) == 300 and max(sizes) < 30
-    assert sorted((d["key"], d["line"], d["first_line"]) for d in got["dups"]) == sorted(
-        (f"k{i}", 271 + i // 3, i + 1) for i in range(0, 90, 3))
+    found = storage.read_parquet(collection.dups_uri(job)).to_pylist()
+    assert got["dups"] == len(found) == 30 and got["first_dup"]["key"] == "k0"
+    assert sorted((d["key"], d["line"], d["first_line"], d["fld"]) for d in found) == sorted(
+        (f"k{i}", 271 + i // 3, i + 1, "id") for i in range(0, 90, 3))
     assert got["missing"] == ["gone"] and (got["compared"], got["other"]) == (3, 2)
     assert got["first_other"] == [0, 6, "k6"]  # k6 before k9 in file order
+    storage.remove(collection.dups_uri(job), recursive=True)
     first = collection.check_bucket((0, len(keys)), dataclasses.replace(job, fail=True))
-    assert [(d["key"], d["line"]) for d in first["dups"]] == [("k0", 271)]  # the first only
+    assert (first["first_dup"]["key"], first["first_dup"]["line"]) == ("k0", 271)
+    assert not storage.exists(collection.dups_uri(job))  # fail mode: the first only
 
 
 def test_a_folder_of_files_in_their_order(tmp_path):

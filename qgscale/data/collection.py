@@ -32,7 +32,6 @@ that all nodes see (``s3://``, a shared file system; :func:`qgscale.runtime.chec
 
 from __future__ import annotations
 
-import bisect
 import csv
 import dataclasses
 import io
@@ -70,7 +69,7 @@ MIN_UNIT_BYTES = 32 << 20  # a unit's size on a cluster: 4 units per CPU, within
 MAX_UNITS = 99_999  # units (5 digits) and a unit's shards (6: a 1B-row gzip file in shards of
 MAX_SHARDS = 999_999  # 2,000): their names sort as the file's order
 MAX_BUCKETS = 4096
-PLAN_VERSION = 3  # of the work folder's layout: another version's plan is started afresh
+PLAN_VERSION = 4  # of the work folder's layout: another version's plan is started afresh
 TSV_COLUMNS = ["id", "text", "title"]  # psgs_w100's, when the file has no header line
 
 
@@ -405,9 +404,11 @@ def read_unit(unit: Unit, job: Job) -> dict[str, Any]:
 
 def check_bucket(item: tuple[int, int], job: Job) -> dict[str, Any]:
     """Check bucket ``item`` (its number, and the ids every unit wrote to it plus the named
-    passages in it): ``dups``, the ids an earlier row had, each with its first row
-    (``{key, unit, seq, line, fld, first_unit, first_line}``; in fail mode only the first in
-    file order); with a DPR file's named passages (``job.digests``, :func:`write_named`),
+    passages in it): ``dups``, the number of ids an earlier row had, ``first_dup``, the first
+    of them in file order (``{key, unit, seq, line, fld, first_unit, first_line}``, with its
+    first row); in skip mode all of them, as such rows, go to ``<work>/dups-<plan>/
+    b<bucket>.parquet`` (:func:`dups_uri`), not to the caller; with a DPR file's named
+    passages (``job.digests``, :func:`write_named`),
     ``missing`` (those the collection lacks), ``compared`` (those with text, at the first
     copy of their id) and ``other`` (those whose text differs; ``first_other``: the first in
     file order, ``[unit, seq, pid]``). A bucket of more than :data:`BUCKET_IDS` is checked in
@@ -422,7 +423,7 @@ def check_bucket(item: tuple[int, int], job: Job) -> dict[str, Any]:
         else None
     passes = max(1, math.ceil(n / BUCKET_IDS))
     out: dict[str, Any] = {"dups": [], "missing": [], "compared": 0, "other": 0,
-                           "first_other": None}
+                           "first_other": None}  # dups: Arrow tables of rows, until the end
 
     def share(t: pa.Table, i: int) -> pa.Table:
         return t if passes == 1 else t.filter(pa.array(
@@ -435,9 +436,20 @@ def check_bucket(item: tuple[int, int], job: Job) -> dict[str, Any]:
         _check(tables, None if named is None else share(named, i), job.fail, out)
         del parts, tables
         pa.default_memory_pool().release_unused()  # a pass's buffers, before the next one's
-    if job.fail and out["dups"]:
-        out["dups"] = [min(out["dups"], key=lambda d: (d["unit"], d["seq"]))]
+    dups = pa.concat_tables(out["dups"]) if out["dups"] else None
+    out["dups"], out["first_dup"] = 0, None
+    if dups is not None and dups.num_rows:
+        first = pc.sort_indices(dups, [("unit", "ascending"), ("seq", "ascending")])[0]
+        out["dups"], out["first_dup"] = dups.num_rows, dups.slice(first.as_py(), 1).to_pylist()[0]
+        if not job.fail:
+            storage.write_parquet(storage.join(dups_uri(job), f"b{b:04d}.parquet"), dups)
     return out
+
+
+def dups_uri(job: Job) -> str:
+    """The duplicate rows the bucket check found (skip mode): kept, so that a re-run
+    reports them again."""
+    return storage.join(job.work_uri, f"dups-{job.plan_id}")
 
 
 def _read_ahead(files: list[str], window: int) -> Iterator[pa.Table]:
@@ -479,11 +491,12 @@ def _check(tables: list[pa.Table], named: pa.Table | None, first_only: bool,
             unit, seq = (t.column(c).to_numpy()[at[dup]] for c in ("unit", "seq"))
             k = np.lexsort((seq, unit))[0]
             dup, first = dup[k:k + 1], first[k:k + 1]
-        rows = t.select(["key", "unit", "seq", "line", "fld"]).take(
-            pa.array(at[dup])).to_pylist()
-        firsts = t.select(["unit", "line"]).take(pa.array(at[first])).to_pylist()
-        out["dups"] += [{**r, "first_unit": f["unit"], "first_line": f["line"]}
-                        for r, f in zip(rows, firsts, strict=True)]
+        rows = t.select(["key", "unit", "seq", "line"]).take(pa.array(at[dup]))
+        firsts = t.select(["unit", "line"]).take(pa.array(at[first]))
+        out["dups"].append(rows.append_column(
+            "fld", t.column("fld").take(pa.array(at[dup])).cast(pa.string())).append_column(
+            "first_unit", firsts.column("unit")).append_column("first_line",
+                                                               firsts.column("line")))
     if named is None or not named.num_rows:
         return
     pos = pc.index_in(named.column("pid"), value_set=keys.take(pa.array(starts))
@@ -664,7 +677,8 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
         if named is not None:
             counts = [a + b for a, b in zip(counts, write_named(job, named.named), strict=True)]
         buckets = [(b, n) for b, n in enumerate(counts) if n]
-        checked = {"dups": [], "missing": [], "compared": 0, "other": 0, "first_other": None}
+        checked = {"dups": 0, "first_dup": None, "missing": [], "compared": 0, "other": 0,
+                   "first_other": None}
         for out in ((check_bucket(b, job) for b in buckets) if here else
                     map_shards(check_bucket, buckets, dataclasses.replace(job, named_h=None),
                                num_cpus=1, least=1)):
@@ -673,8 +687,11 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
             if out["first_other"]:
                 checked["first_other"] = min(checked["first_other"] or out["first_other"],
                                              out["first_other"])
-        if job.fail:  # the first in file order only
-            checked["dups"] = sorted(checked["dups"], key=lambda d: (d["unit"], d["seq"]))[:1]
+            first = checked["first_dup"]
+            if out["first_dup"] and (first is None or (out["first_dup"]["unit"],
+                                                       out["first_dup"]["seq"]) <
+                                     (first["unit"], first["seq"])):
+                checked["first_dup"] = out["first_dup"]
         storage.write_json(done_uri, checked)
     checked = storage.read_json(done_uri)
     storage.remove(ids_uri(job), recursive=True)
@@ -682,24 +699,31 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
         first = checked["first_other"]
         named.crossed(checked["missing"], checked["compared"], checked["other"],
                       first and first[2])
-    found = checked["dups"]
-    def file_of(unit: int) -> str:
-        return shown[paths[units[unit].file]]
+    def dup(d: dict[str, Any]) -> Dup:  # a duplicate row, its lines the file's
+        return Dup(d["key"], row_at[d["unit"]] + d["seq"], shown[paths[units[d["unit"]].file]],
+                   line_at[d["unit"]] + d["line"], d["fld"],
+                   shown[paths[units[d["first_unit"]].file]],
+                   line_at[d["first_unit"]] + d["first_line"])
 
-    dups = [Dup(d["key"], row_at[d["unit"]] + d["seq"], file_of(d["unit"]),
-                line_at[d["unit"]] + d["line"], d["fld"], file_of(d["first_unit"]),
-                line_at[d["first_unit"]] + d["first_line"]) for d in found]
-    with_rows = [i for i, r in enumerate(records) if r["rows"]]
-    starts = [row_at[i] for i in with_rows]
+    def reason(d: Dup) -> str:
+        return duplicate_reason("passage id", d.key, d.file, d.first_file, d.first_line)
 
-    def locate(seq: int) -> tuple[str, int]:
-        i = with_rows[bisect.bisect_right(starts, seq) - 1]
-        at = seq - row_at[i]
-        return records[i]["shards"][at // shard_rows]["name"], at % shard_rows
-
-    drop_duplicates(writer, dups, locate,
-                    lambda d: duplicate_reason("passage id", d.key, d.file, d.first_file,
-                                               d.first_line), rejects)
+    if checked["first_dup"] and rejects.mode != "skip":  # the first in file order fails
+        d = dup(checked["first_dup"])
+        rejects.bad(d.file, d.line, d.fld, reason(d))
+    elif checked["dups"]:  # each dropped from its shard, in file order
+        found = storage.read_parquet(dups_uri(job))  # ~60 bytes a duplicate
+        found = found.take(pc.sort_indices(found, [("unit", "ascending"), ("seq", "ascending")]))
+        unit, seq = (found.column(c).to_numpy() for c in ("unit", "seq"))
+        shard = seq // shard_rows  # a unit's shards hold shard_rows rows but its last
+        cuts = [0, *(np.flatnonzero((np.diff(unit) != 0) | (np.diff(shard) != 0)) + 1),
+                len(found)]
+        groups = list(zip(cuts[:-1], cuts[1:], strict=True))
+        drop_duplicates(writer, [(records[unit[a]]["shards"][shard[a]]["name"],
+                                  (seq[a:b] % shard_rows).tolist()) for a, b in groups],
+                        lambda i: [dup(d) for d in found.slice(
+                            groups[i][0], groups[i][1] - groups[i][0]).to_pylist()],
+                        reason, rejects)
     names = [s["name"] for r in records for s in r["shards"]]
     if not names:  # every row rejected: one empty shard, a readable table
         names = ["part-00000-000000"]

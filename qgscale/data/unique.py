@@ -8,7 +8,7 @@ copy's file and line.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
@@ -44,35 +44,24 @@ def duplicate_reason(what: str, key: object, file: str, first_file: str,
     return f"duplicate {what} {key!r} (first at {first})"
 
 
-def drop_duplicates(writer: ShardWriter, dups: Iterable[Dup],
-                    locate: Callable[[int], tuple[str, int]], reason: Callable[[Dup], str],
+def drop_duplicates(writer: ShardWriter, items: list[tuple[str, list[int]]],
+                    dups_of: Callable[[int], list[Dup]], reason: Callable[[Dup], str],
                     rejects: Rejects) -> int:
-    """The duplicates ``dups`` among the rows of ``writer``'s shards (``locate(seq)``: the
-    shard name and row of stream position ``seq``): in ``fail`` mode the first one in the
-    stream raises (``dups`` streamed); in ``skip`` mode each is recorded in ``rejects`` and
-    dropped from its shard (:func:`drop_rows`, on Ray tasks where Ray is initialised and
-    several shards have some). Returns the number dropped. Memory: O(duplicates) in skip
-    mode, and one shard where it is dropped from."""
+    """Drop duplicate rows from ``writer``'s shards: ``items``, each a shard name and the
+    sorted offsets of its rows to drop, in stream order (:func:`drop_rows`, on Ray tasks
+    where Ray is initialised and several shards have some), each row recorded in
+    ``rejects`` (skip mode) with its :class:`Dup` (``dups_of(i)``: item ``i``'s, in its
+    offsets' order, made when its shard is done) and its row as written. Returns the number
+    dropped. Memory: the offsets, and a shard where rows are dropped from."""
     from qgscale.runtime import map_shards
 
-    if rejects.mode != "skip":
-        first = min(dups, key=lambda d: d.seq, default=None)  # streamed: one held
-        if first is not None:
-            rejects.bad(first.file, first.line, first.fld, reason(first))
-        return 0
-    by_shard: dict[str, list[tuple[int, Dup]]] = {}  # in stream order
-    for d in sorted(dups, key=lambda d: d.seq):
-        name, at = locate(d.seq)
-        by_shard.setdefault(name, []).append((at, d))
-    work = list(by_shard.items())
     here = writer.root.startswith("memory://")  # this process's own store
-    items = [(name, [at for at, _ in found]) for name, found in work]
     raws = ((drop_rows(i, writer) for i in items) if here else
             map_shards(drop_rows, items, writer, num_cpus=1))
-    for (_, found), shard_raws in zip(work, raws, strict=True):
-        for (_, d), raw in zip(found, shard_raws, strict=True):
+    for i, shard_raws in enumerate(raws):
+        for d, raw in zip(dups_of(i), shard_raws, strict=True):
             rejects.bad(d.file, d.line, d.fld, reason(d), raw)
-    return sum(len(d) for d in by_shard.values())
+    return sum(len(offsets) for _, offsets in items)
 
 
 def drop_rows(item: tuple[str, list[int]], writer: ShardWriter) -> list[str | None]:
