@@ -25,7 +25,8 @@ bytes each); a bucket task at most about :data:`BUCKET_IDS` ids at once (~1 GB w
 sort and the parquet reads; 2M ids measured ~0.2 GB over the process's own); the driver
 the units' records (counts, shard names), the first
 :data:`~qgscale.data.readers.HELD_REJECTS` rejected rows (the later ones in a local file)
-and the duplicates the check found, never the collection. The bucket check runs here only
+and, in skip mode, the duplicates the check found as one Arrow table (about 60 bytes each),
+never the collection. The bucket check runs here only
 without Ray. Every node reads the collection and writes the corpus: on a cluster, paths
 that all nodes see (``s3://``, a shared file system; :func:`qgscale.runtime.check_shared`).
 """
