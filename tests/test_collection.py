@@ -327,6 +327,7 @@ def test_a_full_bucket_is_checked_in_passes(tmp_path, monkeypatch):
     storage.remove(collection.dups_uri(job), recursive=True)
     first = collection.check_bucket((0, len(keys)), dataclasses.replace(job, fail=True))
     assert (first["first_dup"]["key"], first["first_dup"]["line"]) == ("k0", 271)
+    assert first["dups"] == 30  # counted in fail mode too
     assert not storage.exists(collection.dups_uri(job))  # fail mode: the first only
 
 
@@ -539,3 +540,16 @@ def test_a_plan_is_kept_for_the_same_named_passages_only(tmp_path):
     assert plan_id({"p1": 5}) == a  # the same passages with text
     assert plan_id({"p1": 5, "p3": 9}) != a
     assert collection.named_hashes({}).dtype == np.uint32
+
+
+def test_fail_then_skip_on_the_same_output(tmp_path):
+    """A fail-mode run stopped by a duplicate, then a skip-mode run into the same output (the
+    same key, as a direct caller may give): planned afresh, every duplicate dropped."""
+    path = _tsv(tmp_path, n=120, dups=6, seed=8)
+    out = str(tmp_path / "out")
+    with pytest.raises(DataError, match="duplicate passage id"):
+        _collection(path, out, mode="fail")
+    m, rejects = _collection(path, out)
+    want, want_rejects = _one_stream(path)
+    assert storage.read_parquet(f"{out}/corpus").to_pylist() == want and m["rows"] == 120
+    assert sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows) == want_rejects

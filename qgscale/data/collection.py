@@ -3,17 +3,16 @@ shards, its files' byte ranges read in parallel.
 
 ``qgscale data prepare`` of a collection (format ``passages``; ``xor-tydi``'s, ``qas``' and
 ``dpr``'s ``passages``; ``beir``'s ``corpus.jsonl``; ``jsonl`` of kind ``corpus``, canonical
-rows) cuts an uncompressed file into :class:`Unit`
-byte ranges (a unit: the lines that start in it; 4 units per cluster CPU, 32-256 MB each;
-a compressed file is one unit) and reads them on Ray tasks of one CPU each (here one after
-another without Ray, or for one unit). A unit writes its own corpus shards
-(``part-<unit>-<j>``) and its passage ids, hashed into buckets, to a work folder, then a
-record (its rows, lines, rejected rows): a re-run skips the recorded units, and once the
-ids are checked it reads what the check found. A unit numbers its lines from 1; the driver
-makes them the file's own from the earlier units' line counts. The passage-id check runs
-per bucket (a task each: the bucket's ids of every unit, sorted in Arrow): a duplicate
-fails (fail mode: the first in file order) or is dropped from its shard (skip mode),
-naming both lines (:func:`~qgscale.data.unique.drop_duplicates`). Every row defect comes
+rows) cuts an uncompressed file into :class:`Unit` byte ranges (a unit: the lines that start
+in it; 4 units per cluster CPU, 32-256 MB each; a compressed file is one unit) and reads
+them on Ray tasks of one CPU each (here one after another without Ray, or for one unit). A
+unit writes its own corpus shards (``part-<unit>-<j>``) and its passage ids, hashed into
+buckets, to a work folder, then a record (its rows, lines, rejected rows): a re-run skips
+the recorded units, and once the ids are checked it reads what the check found. A unit
+numbers its lines from 1; the driver makes them the file's own from the earlier units' line
+counts. The passage-id check runs per bucket (a task each: the bucket's ids of every unit,
+sorted in Arrow): a duplicate fails (fail mode: the first in file order) or is dropped from
+its shard (skip mode), naming both lines (:func:`write_collection`). Every row defect comes
 first, as in one stream whose ids are checked after it: in fail mode a defect stops the
 read, and a duplicate id before it is reported once it is mended; in skip mode the
 duplicates follow the other rejected rows. A DPR file's named passages are crossed off in
@@ -25,8 +24,8 @@ bytes each); a bucket task at most about :data:`BUCKET_IDS` ids at once (~1 GB w
 sort and the parquet reads; 2M ids measured ~0.2 GB over the process's own); the driver
 the units' records (counts, shard names), the first
 :data:`~qgscale.data.readers.HELD_REJECTS` rejected rows (the later ones in a local file)
-and, in skip mode, the duplicates the check found as one Arrow table (about 60 bytes each),
-never the collection. The bucket check runs here only
+and, in skip mode, the duplicates the check found as one Arrow table and their shards' row
+offsets (about 120 bytes each), never the collection. The bucket check runs here only
 without Ray. Every node reads the collection and writes the corpus: on a cluster, paths
 that all nodes see (``s3://``, a shared file system; :func:`qgscale.runtime.check_shared`).
 """
@@ -438,10 +437,10 @@ def check_bucket(item: tuple[int, int], job: Job) -> dict[str, Any]:
         del parts, tables
         pa.default_memory_pool().release_unused()  # a pass's buffers, before the next one's
     dups = pa.concat_tables(out["dups"]) if out["dups"] else None
-    out["dups"], out["first_dup"] = 0, None
+    out["dups"], out["first_dup"] = out.pop("n_dups", 0), None
     if dups is not None and dups.num_rows:
         first = pc.sort_indices(dups, [("unit", "ascending"), ("seq", "ascending")])[0]
-        out["dups"], out["first_dup"] = dups.num_rows, dups.slice(first.as_py(), 1).to_pylist()[0]
+        out["first_dup"] = dups.slice(first.as_py(), 1).to_pylist()[0]
         if not job.fail:
             storage.write_parquet(storage.join(dups_uri(job), f"b{b:04d}.parquet"), dups)
     return out
@@ -487,6 +486,7 @@ def _check(tables: list[pa.Table], named: pa.Table | None, first_only: bool,
     starts = np.flatnonzero(~same)  # each id's first copy, in file order
     dup = np.flatnonzero(same)
     if dup.size:
+        out["n_dups"] = out.get("n_dups", 0) + int(dup.size)
         first = starts[np.searchsorted(starts, dup, side="right") - 1]
         if first_only:  # the first in file order: (unit, seq) least
             unit, seq = (t.column(c).to_numpy()[at[dup]] for c in ("unit", "seq"))
@@ -556,16 +556,17 @@ def _job(paths: list[str], lang: str, out_uri: str, work_uri: str, config_hash: 
     saved = storage.read_json(plan_uri) if storage.exists(plan_uri) else {}
     # the named passages the units digest: a unit read for another DPR file is not reused
     named = None if named_h is None else hashlib.sha256(named_h.tobytes()).hexdigest()[:16]
-    if (saved.get("version"), saved.get("digests"), saved.get("named"),
+    if (saved.get("version"), saved.get("digests"), saved.get("named"), saved.get("fail"),
             saved.get("canonical", False), saved.get("paths")) != (
-                PLAN_VERSION, digests, named, canonical, paths):
+                PLAN_VERSION, digests, named, fail, canonical, paths):  # fail: what is kept
         # a fresh start: no shard of another plan (or of older code) is kept
         storage.remove(out_uri, recursive=True)
         storage.remove(work_uri, recursive=True)
         units, columns, buckets = plan(paths, unit_bytes, jsonl=canonical)
         saved = {"version": PLAN_VERSION, "id": uuid.uuid4().hex[:12], "digests": digests,
-                 "named": named, "canonical": canonical, "paths": paths, "columns": columns,
-                 "buckets": buckets, "units": [[u.index, u.file, u.start, u.end] for u in units]}
+                 "named": named, "fail": fail, "canonical": canonical, "paths": paths,
+                 "columns": columns, "buckets": buckets,
+                 "units": [[u.index, u.file, u.start, u.end] for u in units]}
         storage.write_json(plan_uri, saved)
     return [Unit(*u) for u in saved["units"]], Job(
         paths, lang, out_uri, work_uri, config_hash, shard_rows, fail, saved["buckets"],
@@ -584,14 +585,15 @@ def write_collection(path: str, lang: str, out_uri: str, work_uri: str, config_h
     manifest.
 
     Rejected rows go to ``rejects`` with their file (as given) and its line numbers; in fail
-    mode the first raises. A file without rows fails, as in one stream. Duplicate ids as in
-    :func:`~qgscale.data.unique.drop_duplicates`. ``work_uri`` keeps the plan, the units'
-    records and what the check found (the ids are removed once checked): a re-run of a
-    finished collection reads those, and reports the same rejected rows; a unit whose shard
-    is gone is read again. A new plan (no ``_plan.json`` of this code's version and
-    ``named``) clears ``out_uri`` first. ``memory://`` paths (this process's own) are read
-    here. ``named``: a DPR file over the collection, whose named passages are crossed off
-    (:meth:`NamedPassages.crossed <qgscale.data.readers.NamedPassages.crossed>`) by the
+    mode the first raises. A file without rows fails, as in one stream. A duplicate id fails
+    (fail mode: the first in file order) or is dropped from its shard
+    (:func:`~qgscale.data.unique.drop_duplicates`), naming both rows. ``work_uri`` keeps the
+    plan, the units' records and what the check found (the ids are removed once checked): a
+    re-run of a finished collection reads those, and reports the same rejected rows; a unit
+    whose shard is gone is read again. A new plan (no ``_plan.json`` of this code's version
+    and ``named``) clears ``out_uri`` first. ``memory://`` paths (this process's own) are
+    read here. ``named``: a DPR file over the collection, whose named passages are crossed
+    off (:meth:`NamedPassages.crossed <qgscale.data.readers.NamedPassages.crossed>`) by the
     bucket check, before the duplicates are dropped. ``canonical``: the files hold canonical
     corpus rows (``--format jsonl --kind corpus``,
     :func:`~qgscale.data.readers.iter_canonical_jsonl`; each row has its language), not a
