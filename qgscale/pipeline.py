@@ -502,8 +502,8 @@ def shared_inputs(cfg: Config, stage: Stage) -> dict[str, str]:
              "eval.data": cfg.eval.data, "qg.model.name_or_path": cfg.qg.model.name_or_path,
              "encoder.model.name_or_path": cfg.encoder.model.name_or_path,
              "teacher.model.name_or_path": getattr(cfg.teacher.model, "name_or_path", None)}
-    return {next((k for k, v in names.items() if v == u), f"{stage.name} input"): u
-            for u in raw}
+    return {next((k for k, v in names.items() if v == u), f"{stage.name} input {i}"): u
+            for i, u in enumerate(raw)}
 
 
 def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[str, Any]:

@@ -238,9 +238,8 @@ def check_shared(inputs: dict[str, str | None], outputs: dict[str, str | None] |
                 missing = ray.get(ref) if ref in ready else None
             except RayError:  # the node left, or its worker could not start
                 missing = None
-            if missing is None:
-                skipped.append(node["NodeManagerAddress"])
-                ray.cancel(ref)
+            if missing is None:  # left to finish on its own: a cancel racing its end can
+                skipped.append(node["NodeManagerAddress"])  # abort the driver (map_shards)
             elif missing:
                 k = missing[0]
                 where = {**checked, **outs}[k]

@@ -396,6 +396,19 @@ class ShardInfo:
     sha256: str
 
 
+MARKER_ONLY = ("dropped_raw", "dropping")  # what a shard's own rewrite keeps in its marker:
+# the rows prepare dropped from it (qgscale.data.unique.drop_rows reads them there)
+
+
+def _marker(uri: str) -> dict[str, Any]:
+    """A done marker, less :data:`MARKER_ONLY` (a shard's dropped rows: not held for every
+    shard by :meth:`ShardWriter.markers`)."""
+    m = read_json(uri)
+    for k in MARKER_ONLY:
+        m.pop(k, None)
+    return m
+
+
 class ShardWriter:
     """Writes a stage's shards into ``root`` with done markers and a final manifest.
 
@@ -432,7 +445,7 @@ class ShardWriter:
         uris = [u for u in list_files(join(self.root, DONE_DIR), ".json")
                 if posixpath.basename(u)[: -len(".json")] + ".parquet" in files]
         with ThreadPoolExecutor(min(16, len(uris) or 1)) as pool:
-            found = list(pool.map(read_json, uris))
+            found = list(pool.map(_marker, uris))
         return {m["name"]: m for m in found if m.get("config_hash", "") == self.config_hash}
 
     def write(self, name: str, table: pa.Table, **extra: Any) -> ShardInfo:

@@ -193,8 +193,10 @@ def test_rerank_of_a_split_with_empty_qrels_and_no_answers_compares_nothing(tmp_
 
 def test_a_killed_evals_scratch_folder_is_swept(tmp_path, monkeypatch):
     """An eval worker killed mid-split (SIGKILL: no clean-up ran) leaves its scratch folder;
-    the next ``AnswerRuns`` on the node removes it, and keeps a live process's."""
+    the next ``AnswerRuns`` on the node removes it, and keeps a live process's and another
+    host's (a temp folder several hosts share)."""
     import signal
+    import socket
     import subprocess
     import sys
     import tempfile
@@ -209,12 +211,17 @@ def test_a_killed_evals_scratch_folder_is_swept(tmp_path, monkeypatch):
     left = proc.stdout.readline().strip()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert os.path.isdir(left) and os.path.basename(left).startswith(f"{SCRATCH}{proc.pid}-")
+    host = socket.gethostname().replace("-", "_")
+    assert os.path.isdir(left) and os.path.basename(left).startswith(
+        f"{SCRATCH}{host}-{proc.pid}-")
     other = tmp_path / "qgscale-answer-runs-notes"  # not a scratch folder's name
     other.mkdir()
+    elsewhere = tmp_path / f"{SCRATCH}otherhost-{proc.pid}-x"  # another host's (shared TMPDIR)
+    elsewhere.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     mine = AnswerRuns({}, {}, "c", True, (), "dpr")
     assert not os.path.exists(left) and other.is_dir() and mine.dir.is_dir()
+    assert elsewhere.is_dir()
     again = AnswerRuns({}, {}, "c", True, (), "dpr")  # this live process's folder is kept
     assert mine.dir.is_dir() and again.dir.is_dir()
     mine.close()

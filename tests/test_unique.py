@@ -85,6 +85,8 @@ def test_dropped_rows_survive_a_crash_between_a_shard_and_its_marker(tmp_path):
     raws = drop_rows(("part-00000", [2]), writer)
     assert json.loads(raws[0]) == {"pid": "a", "text": "3"}
     assert drop_rows(("part-00000", [2]), writer) == raws  # done: from the marker
+    held = writer.markers()["part-00000"]  # every shard's marker, without its dropped rows
+    assert "dropped_raw" not in held and held["rows"] == 3
     marker = storage.read_json(writer.marker_uri("part-00000"))
     assert marker["rows"] == 3 and marker["dropped"] == [2]
     # the crash: the shard rewritten, its marker the one written just before

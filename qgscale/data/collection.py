@@ -25,7 +25,9 @@ sort and the parquet reads; 2M ids measured ~0.2 GB over the process's own); the
 the units' records (counts, shard names), the first
 :data:`~qgscale.data.readers.HELD_REJECTS` rejected rows (the later ones in a local file)
 and, in skip mode, the duplicates the check found as one Arrow table and their shards' row
-offsets (about 120 bytes each), never the collection. The bucket check runs here only
+offsets (about 120 bytes each), and a done marker per corpus shard (a few hundred bytes,
+its dropped rows left out: 500k markers for 1B passages in shards of 2,000), never the
+collection. The bucket check runs here only
 without Ray. Every node reads the collection and writes the corpus: on a cluster, paths
 that all nodes see (``s3://``, a shared file system; :func:`qgscale.runtime.check_shared`).
 """

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import weakref
 from collections import defaultdict
@@ -113,13 +114,21 @@ def _edges_of(edges: KeyIndex, pids: pa.Array) -> dict[str, tuple[int, list[str]
         *(t.column(c).to_pylist() for c in ("n", "head", "tail")), strict=True), strict=True))
 
 
-SCRATCH = "qgscale-answer-runs-"  # + the owner's pid: a killed worker's folder is found
+SCRATCH = "qgscale-answer-runs-"  # + host and pid: a killed worker's folder is found
+
+
+def scratch_prefix() -> str:
+    """This process's scratch folders' prefix: its host (a temp folder several hosts or
+    containers share keeps theirs) and its pid."""
+    return f"{SCRATCH}{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
 
 
 def sweep_scratch(prefix: str, root: str | None = None) -> list[str]:
-    """Remove the scratch folders ``<root>/<prefix><pid>-*`` (``root``: the temp folder) whose
-    process is gone (a worker killed mid-eval never ran its clean-up); returns them."""
+    """Remove the scratch folders ``<root>/<prefix><host>-<pid>-*`` (``root``: the temp
+    folder) of this host whose process is gone (a worker killed mid-eval never ran its
+    clean-up); returns them."""
     root = root or tempfile.gettempdir()
+    prefix = f"{prefix}{socket.gethostname().replace('-', '_')}-"
     gone = []
     for entry in os.scandir(root):
         owner = entry.name.removeprefix(prefix).split("-", 1)[0]
@@ -150,7 +159,7 @@ class AnswerRuns:
         self.recall, self.ks, self.match = recall, sorted(set(accuracy_ks)), match
         self.max_tokens = list(max_tokens)
         sweep_scratch(SCRATCH)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=scratch_prefix()))
         # removed by close(), or when this object is collected (an eval that failed midway)
         self.close = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self.views: list[dict[tuple[str, str], int]] = []  # per block: each pair's view
