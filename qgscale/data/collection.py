@@ -296,7 +296,7 @@ class _Ids:
         n = len(self.keys)
         if not n:
             return
-        h = np.fromiter((zlib.crc32(k.encode()) for k in self.keys), np.uint32, n)
+        h = crc32s(self.keys)
         digest = np.zeros(n if self.job.digests else 0, np.uint64)
         named = self.job.named_h
         if digest.size and named is not None and named.size:  # a named passage's row (or
@@ -424,8 +424,8 @@ def check_bucket(item: tuple[int, int], job: Job) -> dict[str, Any]:
     named = storage.read_parquet(named_uri) if job.digests and storage.exists(named_uri) \
         else None
     passes = max(1, math.ceil(n / BUCKET_IDS))
-    out: dict[str, Any] = {"dups": [], "missing": [], "compared": 0, "other": 0,
-                           "first_other": None}  # dups: Arrow tables of rows, until the end
+    out: dict[str, Any] = {"dups": 0, "dup_rows": [], "missing": [], "compared": 0,
+                           "other": 0, "first_other": None}  # dup_rows: Arrow tables
 
     def share(t: pa.Table, i: int) -> pa.Table:
         return t if passes == 1 else t.filter(pa.array(
@@ -438,8 +438,9 @@ def check_bucket(item: tuple[int, int], job: Job) -> dict[str, Any]:
         _check(tables, None if named is None else share(named, i), job.fail, out)
         del parts, tables
         pa.default_memory_pool().release_unused()  # a pass's buffers, before the next one's
-    dups = pa.concat_tables(out["dups"]) if out["dups"] else None
-    out["dups"], out["first_dup"] = out.pop("n_dups", 0), None
+    rows = out.pop("dup_rows")
+    dups = pa.concat_tables(rows) if rows else None
+    out["first_dup"] = None
     if dups is not None and dups.num_rows:
         first = pc.sort_indices(dups, [("unit", "ascending"), ("seq", "ascending")])[0]
         out["first_dup"] = dups.slice(first.as_py(), 1).to_pylist()[0]
@@ -488,7 +489,7 @@ def _check(tables: list[pa.Table], named: pa.Table | None, first_only: bool,
     starts = np.flatnonzero(~same)  # each id's first copy, in file order
     dup = np.flatnonzero(same)
     if dup.size:
-        out["n_dups"] = out.get("n_dups", 0) + int(dup.size)
+        out["dups"] += int(dup.size)
         first = starts[np.searchsorted(starts, dup, side="right") - 1]
         if first_only:  # the first in file order: (unit, seq) least
             unit, seq = (t.column(c).to_numpy()[at[dup]] for c in ("unit", "seq"))
@@ -496,7 +497,7 @@ def _check(tables: list[pa.Table], named: pa.Table | None, first_only: bool,
             dup, first = dup[k:k + 1], first[k:k + 1]
         rows = t.select(["key", "unit", "seq", "line"]).take(pa.array(at[dup]))
         firsts = t.select(["unit", "line"]).take(pa.array(at[first]))
-        out["dups"].append(rows.append_column(
+        out["dup_rows"].append(rows.append_column(
             "fld", t.column("fld").take(pa.array(at[dup])).cast(pa.string())).append_column(
             "first_unit", firsts.column("unit")).append_column("first_line",
                                                                firsts.column("line")))
@@ -532,7 +533,7 @@ def write_named(job: Job, named: dict[str, int]) -> list[int]:
     if not named:
         return counts
     pids = pa.array(list(named), pa.string())
-    h = np.fromiter((zlib.crc32(p.encode()) for p in named), np.uint32, len(named))
+    h = crc32s(named)
     t = pa.table({"pid": pids, "digest": pa.array(np.fromiter(named.values(), np.uint64,
                                                               len(named))), "h": h})
     for b, n in _write_buckets(t, job.buckets, lambda b: named_part(job, b)):
@@ -543,8 +544,12 @@ def write_named(job: Job, named: dict[str, int]) -> list[int]:
 def named_hashes(named: dict[str, int]) -> np.ndarray:
     """The sorted distinct crc32 of the named passages that have their text (digest != 0):
     the rows a unit digests (:class:`_Ids`); 4 bytes each, in the object store once."""
-    return np.unique(np.fromiter((zlib.crc32(p.encode()) for p, d in named.items() if d),
-                                 np.uint32))
+    return np.unique(crc32s(p for p, d in named.items() if d))
+
+
+def crc32s(keys: Iterable[str]) -> np.ndarray:
+    """Each id's crc32 (what buckets ids and selects the rows to digest)."""
+    return np.fromiter((zlib.crc32(k.encode()) for k in keys), np.uint32)
 
 
 def _job(paths: list[str], lang: str, out_uri: str, work_uri: str, config_hash: str,
