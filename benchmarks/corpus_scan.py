@@ -117,22 +117,25 @@ def s3_server() -> tuple[subprocess.Popen, str]:
     return proc, f"s3://{bucket}"
 
 
-def latency_proxy(target: str, latency_s: float) -> str:
+def latency_proxy(target: str, latency_s: float, bandwidth: float = 0.0) -> str:
     """A TCP proxy on 127.0.0.1 (a daemon thread) that passes each chunk a client sends to
-    ``target`` (``http://host:port``) ``latency_s`` late, and the replies at once; its URL."""
+    ``target`` (``http://host:port``) ``latency_s`` late, and the replies at once, or paced
+    to ``bandwidth`` bytes/s per connection when given (one S3 GET stream's rate); its URL."""
     import asyncio
     import threading
 
     host, port = target.rsplit("/", 1)[1].split(":")
     ready: list[int] = []
 
-    async def pipe(reader, writer, delay: float) -> None:
+    async def pipe(reader, writer, delay: float, rate: float = 0.0) -> None:
         try:
             while data := await reader.read(1 << 16):
                 if delay:
                     await asyncio.sleep(delay)
                 writer.write(data)
                 await writer.drain()
+                if rate:
+                    await asyncio.sleep(len(data) / rate)
         except ConnectionError:
             pass
         finally:
@@ -140,7 +143,8 @@ def latency_proxy(target: str, latency_s: float) -> str:
 
     async def handle(c_reader, c_writer) -> None:
         s_reader, s_writer = await asyncio.open_connection(host, int(port))
-        await asyncio.gather(pipe(c_reader, s_writer, latency_s), pipe(s_reader, c_writer, 0))
+        await asyncio.gather(pipe(c_reader, s_writer, latency_s),
+                             pipe(s_reader, c_writer, 0, bandwidth))
 
     async def serve() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)

@@ -285,6 +285,70 @@ def test_fast_scan_merge_at_block_boundaries(tmp_path, factory, rows):
     np.testing.assert_array_equal(d_got, d_ref)
 
 
+def test_local_parts_reads_ahead_in_order_and_removes(s3_bucket, tmp_path):
+    """Remote parts come back in order, downloaded at most ``ahead`` past the one in use and
+    removed when the next is asked for; local ones are themselves; ``keep`` leaves them."""
+    uris = []
+    for i in range(6):
+        uri = f"{s3_bucket}/parts/p-{i}.bin" if i != 2 else str(tmp_path / "p-2.bin")
+        storage.write_bytes(uri, f"part {i}".encode() * 1000)
+        uris.append(uri)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    seen = []
+    with B.local_parts(uris, str(tmp), ahead=2) as paths:
+        for i, path in enumerate(paths):
+            with open(path, "rb") as f:
+                seen.append(f.read())
+            assert (path == uris[i]) == (i == 2)
+            assert len(os.listdir(tmp)) <= 3  # this one and at most 2 ahead
+    assert seen == [f"part {i}".encode() * 1000 for i in range(6)]
+    assert os.listdir(tmp) == [] and os.path.exists(uris[2])
+    with B.local_parts(uris, str(tmp), ahead=len(uris), keep=True) as paths:
+        assert len(list(paths)) == 6
+    assert len(os.listdir(tmp)) == 5
+    with pytest.raises(FileNotFoundError):  # a missing part is the error of its download
+        with B.local_parts([*uris[:2], f"{s3_bucket}/parts/none.bin"], str(tmp)) as paths:
+            list(paths)
+
+
+@pytest.mark.parametrize("factory,mode", [("IVF8,Flat", "memory"), ("IVF4,PQ16x4fs", "memory"),
+                                          ("IVF8,Flat", "ondisk")])
+def test_merge_of_parts_on_s3_equals_single_process(s3_bucket, tmp_path, factory, mode):
+    """merge_parts over parts in S3 (one local among them), read ahead: the index of one
+    process, in memory, fast-scan and on disk."""
+    x = clustered(3000, 32, seed=8)
+    trained = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
+    trained.train(clustered(4000, 32, seed=9))
+    tr = f"{s3_bucket}/trained.faiss"
+    B.write_index(trained, tr)
+    parts = []
+    for i in range(6):
+        part = faiss.clone_index(trained)
+        part.add_with_ids(x[i * 500:(i + 1) * 500], np.arange(i * 500, (i + 1) * 500))
+        B.strip_quantizer(part)
+        parts.append(f"{s3_bucket}/parts/part-{i}.faiss" if i != 3
+                     else str(tmp_path / "part-3.faiss"))
+        B.write_index(part, parts[-1])
+    out = f"{s3_bucket}/out/shard.faiss"
+    assert B.merge_parts(tr, parts, out, mode, 1) == len(x)
+    local = tmp_path / "got"
+    local.mkdir()
+    for suffix in (".ivfdata", "") if mode == "ondisk" else ("",):
+        storage.url_to_fs(out)[0].get_file(storage.url_to_fs(out + suffix)[1],
+                                           str(local / ("shard.faiss" + suffix)))
+    merged = faiss.read_index(str(local / "shard.faiss"),
+                              faiss.IO_FLAG_ONDISK_SAME_DIR if mode == "ondisk" else 0)
+    single = faiss.clone_index(trained)
+    single.add_with_ids(x, np.arange(len(x)))
+    for index in (merged, single):
+        faiss.extract_index_ivf(index).nprobe = 8
+    d_got, i_got = merged.search(x[:50], 10)
+    d_ref, i_ref = single.search(x[:50], 10)
+    np.testing.assert_array_equal(i_got, i_ref)
+    np.testing.assert_array_equal(d_got, d_ref)
+
+
 def test_opq_merged_index_equals_single_process_index(ray_local, tmp_path):
     """OPQ pre-transform + IVF-PQ: the merged index matches one built in a single process."""
     xb, xq = clustered(4000, 32, seed=6), clustered(100, 32, seed=7)
@@ -1004,3 +1068,20 @@ def test_shard_language_ids_looked_up_in_groups(tmp_path, monkeypatch):
     assert {k: v.tolist() for k, v in got.items()} == {
         lang: [i for i in mine_ids.tolist() if ("en", "de", "es")[i % 3] == lang]
         for lang in ("en", "de", "es")}
+
+
+def test_merge_reads_benchmark(s3_bucket, tmp_path, capsys, monkeypatch):
+    """benchmarks/merge_reads.py at a tiny size: its parts, read through its paced proxy,
+    merge to every vector."""
+    from tests.conftest import load_benchmark
+
+    bench = load_benchmark("merge_reads")
+    spec = bench.write_parts(s3_bucket, 3, 400)
+    (tmp_path / "parts.json").write_text(json.dumps(spec))
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # the child points it at the proxy
+    monkeypatch.setenv("BENCH_SLOW_ENDPOINT",
+                       load_benchmark("corpus_scan").latency_proxy(endpoint, 0.001, 20e6))
+    bench.child("s3", str(tmp_path), str(tmp_path / "out"))
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["ntotal"] == 1200 and (tmp_path / "out" / "shard.faiss").exists()

@@ -354,51 +354,91 @@ def read_index(uri: str, flags: int = 0) -> Any:
         return faiss.read_index(local, flags)
 
 
+PART_READ_AHEAD = 4  # remote index parts a merge task downloads ahead of the one it merges
+
+
+@contextlib.contextmanager
+def local_parts(uris: list[str], tmp: str, ahead: int = PART_READ_AHEAD, keep: bool = False
+                ) -> Iterator[Iterator[str]]:
+    """Local paths of ``uris``, in order: a local file is itself; a remote one is downloaded
+    into ``tmp`` by a thread pool ``ahead`` files ahead of the one being used, so a merge
+    task does not wait for each part's download in turn (S3: one stream per part), and
+    removed once the caller asks for the next one unless ``keep`` (then ``tmp``'s owner
+    removes it). Disk: at most ``ahead + 1`` parts, or all with ``keep``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def get(i: int, uri: str) -> str:
+        fs, path = storage.url_to_fs(uri)
+        dest = os.path.join(tmp, f"{i:06d}-{posixpath.basename(path)}")
+        fs.get_file(path, dest)
+        return dest
+
+    pool = ThreadPoolExecutor(min(max(1, ahead), 8), thread_name_prefix="qgs-part")
+
+    def paths() -> Iterator[str]:
+        pending: dict[int, Any] = {}
+        for i, uri in enumerate(uris):
+            if storage.is_local(uri):
+                yield storage.url_to_fs(uri)[1]
+                continue
+            for j in range(i, min(len(uris), i + ahead + 1)):
+                if j not in pending and not storage.is_local(uris[j]):
+                    pending[j] = pool.submit(get, j, uris[j])
+            path = pending.pop(i).result()
+            yield path
+            if not keep:
+                os.remove(path)
+
+    try:
+        yield paths()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def merge_parts(trained_uri: str, part_uris: list[str], out_uri: str, mode: str,
                 num_cpus: float) -> int:
     """Merge index parts into one index at ``out_uri``: their inverted lists appended to
     those of the trained index, one part in memory at a time (``memory``), or streamed through
     mmapped parts into an ``OnDiskInvertedLists`` file (``ondisk``,
     ``faiss.contrib.ondisk.merge_ondisk``: ``out_uri`` + ``.ivfdata``); the result is
-    streamed to storage from a local file."""
+    streamed to storage from a local file. Remote parts are downloaded ahead of the merge
+    (:func:`local_parts`)."""
     import faiss
 
     _limit_threads(num_cpus)
     index = read_index(trained_uri)
-    if mode == "ondisk":
-        from faiss.contrib.ondisk import merge_ondisk
+    with tempfile.TemporaryDirectory(prefix="qgs-merge-") as tmp:
+        if mode == "ondisk":
+            from faiss.contrib.ondisk import merge_ondisk
 
-        with tempfile.TemporaryDirectory(prefix="qgs-merge-") as tmp:
-            local = []
-            for uri in part_uris:  # merge_ondisk mmaps them: local files, never read whole
-                if storage.is_local(uri):
-                    local.append(storage.url_to_fs(uri)[1])
-                else:
-                    with storage.reading_file(uri, tmp) as path:
-                        local.append(path)
-            base = posixpath.basename(out_uri)
-            merge_ondisk(index, local, os.path.join(tmp, base + ".ivfdata"))
+            # merge_ondisk mmaps every part at once: all local files, never read whole
+            with local_parts(part_uris, tmp, ahead=len(part_uris), keep=True) as paths:
+                local = list(paths)
+                base = posixpath.basename(out_uri)
+                merge_ondisk(index, local, os.path.join(tmp, base + ".ivfdata"))
             faiss.write_index(index, os.path.join(tmp, base))
             ntotal = index.ntotal
             del index
             for suffix in (".ivfdata", ""):
                 storage.put_file(os.path.join(tmp, base + suffix), out_uri + suffix)
-        return ntotal
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and is_block_lists(ivf):
-        merge_block_lists(index, [read_index(uri) for uri in part_uris])
-    for uri in part_uris if not (ivf is not None and is_block_lists(ivf)) else []:
-        part = read_index(uri)
-        if ivf is not None:
-            p_ivf = faiss.extract_index_ivf(part)
-            if p_ivf.nlist != ivf.nlist or p_ivf.code_size != ivf.code_size:
-                raise ValueError(f"{uri}: index part does not match {trained_uri}")
-            ivf.invlists.merge_from(p_ivf.invlists, 0)
-            ivf.ntotal += p_ivf.ntotal
-            index.ntotal = ivf.ntotal
-        else:
-            index.merge_from(part, 0)
-        del part
+            return ntotal
+        ivf = faiss.try_extract_index_ivf(index)
+        with local_parts(part_uris, tmp) as paths:
+            if ivf is not None and is_block_lists(ivf):
+                merge_block_lists(index, [faiss.read_index(p) for p in paths])
+            else:
+                for uri, path in zip(part_uris, paths, strict=True):
+                    part = faiss.read_index(path)
+                    if ivf is not None:
+                        p_ivf = faiss.extract_index_ivf(part)
+                        if p_ivf.nlist != ivf.nlist or p_ivf.code_size != ivf.code_size:
+                            raise ValueError(f"{uri}: index part does not match {trained_uri}")
+                        ivf.invlists.merge_from(p_ivf.invlists, 0)
+                        ivf.ntotal += p_ivf.ntotal
+                        index.ntotal = ivf.ntotal
+                    else:
+                        index.merge_from(part, 0)
+                    del part
     write_index(index, out_uri)
     return index.ntotal
 
