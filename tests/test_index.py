@@ -1085,3 +1085,4 @@ def test_merge_reads_benchmark(s3_bucket, tmp_path, capsys, monkeypatch):
     bench.child("s3", str(tmp_path), str(tmp_path / "out"))
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["ntotal"] == 1200 and (tmp_path / "out" / "shard.faiss").exists()
+    assert got["shard_read_s"] >= 0

@@ -368,9 +368,8 @@ def local_parts(uris: list[str], tmp: str, ahead: int = PART_READ_AHEAD, keep: b
     from concurrent.futures import ThreadPoolExecutor
 
     def get(i: int, uri: str) -> str:
-        fs, path = storage.url_to_fs(uri)
-        dest = os.path.join(tmp, f"{i:06d}-{posixpath.basename(path)}")
-        fs.get_file(path, dest)
+        dest = os.path.join(tmp, f"{i:06d}-{posixpath.basename(uri)}")
+        storage.get_file(uri, dest)
         return dest
 
     pool = ThreadPoolExecutor(min(max(1, ahead), 8), thread_name_prefix="qgs-part")
