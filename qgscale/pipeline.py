@@ -262,6 +262,8 @@ class Stage:
     outputs: Callable[[Config, Layout], list[str]]  # what downstream reads (fingerprinted)
     owns: Callable[[Config, Layout], list[str]]  # folders cleared when the key changes
     raw: Callable[[Config], list[str]] = field(default=lambda cfg: [])  # external inputs
+    # in the key when not 0: a fix that changes what a stage writes for these settings
+    version: Callable[[Config], int] = field(default=lambda cfg: 0)
 
 
 TEACHER = ("teacher.model", "qg.prompt", "qg.max_passage_len", "qg.max_query_len")
@@ -310,7 +312,9 @@ STAGES = [
           lambda c: (*_positives(c), "mine", *_teacher_inputs(c),
                      *(("generate",) if c.distill.loss.kd_on_generated else ())),
           lambda c, lay: [lay.scores], lambda c, lay: [lay.scores, lay.generated_pairs],
-          raw=lambda c: _model_source(c.teacher.model)),
+          raw=lambda c: _model_source(c.teacher.model),
+          # 1: generated queries' lists are scored whole (they were cut to n_candidates)
+          version=lambda c: 1 if c.distill.loss.kd_on_generated else 0),
     Stage("distill", "contrastive + KD + alignment training of the dual encoder", _distill,
           ("encoder", "distill", "run.seed", "data.shard_rows"),
           lambda c: (*_positives(c), "warmup", "mine", "score",
@@ -410,6 +414,8 @@ def _what_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
     for kind, label in (("raw", "file"), ("inputs", "input")):
         o, n = old.get(kind, {}), new.get(kind, {})
         changes += [f"{label} {k} changed" for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
+    if old.get("version") != new.get("version"):
+        changes.append(f"code version {old.get('version', 0)} -> {new.get('version', 0)}")
     if not changes:
         return "key changed"
     return "; ".join(changes[:3]) + (f"; +{len(changes) - 3} more" if len(changes) > 3 else "")
@@ -432,6 +438,8 @@ def stage_status(stage: Stage, cfg: Config, lay: Layout, upstream: dict[str, Sta
              "raw": {u: _raw_fingerprint(u) for u in stage.raw(cfg)},
              "inputs": {u: upstream[u].outputs or outputs_fingerprint(BY_NAME[u], cfg, lay)
                         for u in stage.inputs(cfg)}}  # each listed once per planning pass
+    if stage.version(cfg):
+        parts["version"] = stage.version(cfg)
     key = storage.config_hash(parts)
     if record is None:
         return Status(stage.name, "missing", key=key, parts=parts)

@@ -629,15 +629,17 @@ def write_manifest(root: str, config_hash: str, **extra: Any) -> dict:
     return manifest
 
 
-def local_dir(uri: str, cache: str | None = None) -> str:
-    """A local folder holding the contents of folder ``uri`` (downloaded once if remote).
+def local_dir(uri: str, cache: str | None = None, names: list[str] | None = None) -> str:
+    """A local folder holding the contents of folder ``uri`` (downloaded once if remote), or
+    only its files ``names`` (an on-disk index shard and its ``.ivfdata``, not every shard's).
 
-    The cache is keyed by the URI *and* its :func:`fingerprint`, so a model retrained at the
-    same URI is downloaded again rather than served stale."""
+    The cache is keyed by the URI *and* its :func:`fingerprint` (of ``names`` when given), so
+    a model retrained at the same URI is downloaded again rather than served stale."""
     if is_local(uri):
         return url_to_fs(uri)[1]
     cache = cache or os.environ.get("QGSCALE_CACHE", os.path.expanduser("~/.cache/qgscale"))
-    key = f"{uri}\n{fingerprint(uri)}"
+    key = (f"{uri}\n{fingerprint(uri)}" if names is None else
+           f"{uri}\n{[[n, fingerprint(join(uri, n))] for n in names]}")
     dest = os.path.join(cache, hashlib.sha256(key.encode()).hexdigest()[:16])
     done = os.path.join(dest, ".complete")
     if os.path.exists(done):
@@ -648,7 +650,7 @@ def local_dir(uri: str, cache: str | None = None) -> str:
     tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
     root = path.rstrip("/")
     fs.invalidate_cache(root)
-    files = fs.find(root)
+    files = fs.find(root) if names is None else [posixpath.join(root, n) for n in names]
     if not files:
         raise FileNotFoundError(f"{uri}: no files in this folder")
     proto = uri.split("://", 1)[0]

@@ -314,9 +314,11 @@ def test_local_parts_reads_ahead_in_order_and_removes(s3_bucket, tmp_path):
 
 @pytest.mark.parametrize("factory,mode", [("IVF8,Flat", "memory"), ("IVF4,PQ16x4fs", "memory"),
                                           ("IVF8,Flat", "ondisk")])
-def test_merge_of_parts_on_s3_equals_single_process(s3_bucket, tmp_path, factory, mode):
+def test_merge_of_parts_on_s3_equals_single_process(s3_bucket, tmp_path, monkeypatch, factory,
+                                                    mode):
     """merge_parts over parts in S3 (one local among them), read ahead: the index of one
-    process, in memory, fast-scan and on disk."""
+    process, in memory, fast-scan and on disk; an on-disk shard is loaded from its own two
+    files."""
     x = clustered(3000, 32, seed=8)
     trained = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
     trained.train(clustered(4000, 32, seed=9))
@@ -347,6 +349,15 @@ def test_merge_of_parts_on_s3_equals_single_process(s3_bucket, tmp_path, factory
     d_ref, i_ref = single.search(x[:50], 10)
     np.testing.assert_array_equal(i_got, i_ref)
     np.testing.assert_array_equal(d_got, d_ref)
+    if mode == "ondisk":  # a search actor fetches its shard's two files, not the folder
+        storage.write_bytes(f"{s3_bucket}/out/shard-other.faiss.ivfdata", b"x" * 1000)
+        monkeypatch.setenv("QGSCALE_CACHE", str(tmp_path / "cache"))
+        loaded = S.read_index_file(f"{s3_bucket}/out", "shard.faiss", True)
+        faiss.extract_index_ivf(loaded).nprobe = 8
+        np.testing.assert_array_equal(loaded.search(x[:50], 10)[1], i_ref)
+        [folder] = os.listdir(tmp_path / "cache")
+        assert sorted(os.listdir(tmp_path / "cache" / folder)) == [
+            ".complete", "shard.faiss", "shard.faiss.ivfdata"]
 
 
 def test_opq_merged_index_equals_single_process_index(ray_local, tmp_path):
@@ -603,6 +614,18 @@ def test_s3_build_resumes_after_killed_add_actor(ray_local, s3_bucket):
     # every vector is found under its own pid
     got, scores = search(idx, xb[::97], 1, nprobe=16)
     assert got[:, 0].tolist() == pids[::97] and np.all(scores == 0)  # l2: -distance
+
+
+@pytest.mark.parametrize("factory,fp16", [("IVF16,PQ64", True), ("OPQ16,IVF16,PQ16", True),
+                                          ("IVF16,Flat", False), ("Flat", False),
+                                          ("IVF16,SQ8", False)])
+def test_gpu_add_uses_float16_tables_for_ivf_pq_only(factory, fp16):
+    """The add actors move IVF-PQ to GPUs with float16 lookup tables (faiss' GPU IVF-PQ
+    refuses PQ64 without them: the production factory IVF16384,PQ64), and a Flat or
+    IVF-Flat index with float32 storage (its vectors come back to the CPU exact)."""
+    from qgscale.index.gpu import fp16_for_add
+
+    assert fp16_for_add(faiss.index_factory(64, factory)) is fp16
 
 
 def test_gpu_shares_fit_every_search_actor_and_the_encoder():

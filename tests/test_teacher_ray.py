@@ -345,6 +345,20 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path, ray_from):
         qg_spec(cfg, lay.teacher_model())
     src = str(tmp_path / "inputs")
     _, spec, _, queries, cands = _write_inputs(src, tokenizer, n_pass=4, n_q=4, k=3)
+    # two English queries share the positive p0 with other candidates: a German query
+    # generated from p0 gets the union of their first 2 (3 pids, more than n_candidates)
+    for q, lang in zip(queries, ["en", "en", "de", "de"], strict=True):
+        q["lang"] = lang
+    for c, pids in zip(cands, [["p0", "p1", "p2"], ["p0", "p3", "p1"], ["p1", "p2", "p3"],
+                               ["p2", "p0", "p3"]], strict=True):
+        c["pids"] = pids
+    storage.write_parquet(f"{src}/queries.parquet", pa.Table.from_pylist(queries,
+                                                                         schema=QUERIES))
+    storage.write_parquet(f"{src}/qrels.parquet", pa.Table.from_pylist(
+        [{"qid": c["qid"], "pid": c["pids"][0], "rel": 1} for c in cands], schema=QRELS))
+    for i, part in enumerate([cands[:2], cands[2:]]):
+        storage.write_parquet(f"{src}/cands/part-{i:05d}.parquet",
+                              pa.Table.from_pylist(part, schema=CANDIDATES))
     import shutil
 
     shutil.copytree(f"{src}/qg", cfg.uri("train", "qg", "model"))
@@ -391,6 +405,10 @@ def test_run_score_stage_from_config(ray_local, tokenizer, tmp_path, ray_from):
     got = set(zip(scored["qid"].to_pylist(), scored["pid"].to_pylist(), strict=True))
     assert want and m["rows"] == 8 + len(want) == scored.num_rows
     assert got == {(c["qid"], p) for c in cands for p in c["pids"][:2]} | want
+    # the German queries of p0 are scored with p0, p1 (q0's) and p3 (q1's), not cut to 2
+    de_p0 = {g for g, _ in want if any(generated_qid("p0", "de", r["query"]) == g
+                                       for r in storage.read_parquet(gen).to_pylist())}
+    assert de_p0 and {p for g, p in got if g in de_p0} == {"p0", "p1", "p3"}
     # no generated query at all (every one empty or repeated, dropped): the lists' pairs only
     none = storage.ShardWriter(str(tmp_path / "generated-none"), "g0")
     none.write("part-00000", GENERATED.empty_table())

@@ -277,12 +277,12 @@ class AddJob:
     def run(self, state: tuple[bytes, bool], shard: Shard) -> pa.Table:
         import faiss
 
-        from qgscale.index.gpu import to_cpu, to_gpu
+        from qgscale.index.gpu import fp16_for_add, to_cpu, to_gpu
 
         trained, on_gpu = state
         index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
         if on_gpu:
-            index = to_gpu(index, fp16=False)
+            index = to_gpu(index, fp16=fp16_for_add(index))
         all_ids, all_pids, all_langs = [], [], []
         for uri, offset in zip(*shard.payload, strict=True):
             for batch in iter_batches(uri):  # one block at a time

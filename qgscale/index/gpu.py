@@ -44,6 +44,18 @@ def use_gpu(stage: str, gpus: float | None, explicit: bool) -> bool:
     return False
 
 
+def fp16_for_add(index: Any) -> bool:
+    """``useFloat16`` for an add on GPUs: on for IVF-PQ, where it makes the search's lookup
+    tables float16 (the codes are the same) and faiss' GPU IVF-PQ refuses more than 48 bytes
+    a code without it (``M x 256 x 4`` bytes of tables must fit 48 KiB of shared memory:
+    ``IVF16384,PQ64`` fails); off otherwise, where it would store a Flat index's vectors in
+    float16 and the part written back would lose precision."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ)
+
+
 def to_gpu(index: Any, fp16: bool = True) -> Any:
     """``index`` on this task's GPUs (sharded over them when several); ``fp16``: store
     vectors / codes lookup tables in float16 (``GpuMultipleClonerOptions.useFloat16``)."""

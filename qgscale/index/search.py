@@ -99,8 +99,10 @@ def read_index_file(index_uri: str, rel: str, ondisk: bool):
             index = restore_quantizer(index, read_index(storage.join(index_uri,
                                                                      "trained.faiss")))
         return index
-    folder = storage.local_dir(storage.join(index_uri, os.path.dirname(rel)))
-    return faiss.read_index(os.path.join(folder, os.path.basename(rel)),
+    name = os.path.basename(rel)  # this shard's two files, not the folder of every shard
+    folder = storage.local_dir(storage.join(index_uri, os.path.dirname(rel)),
+                               names=[name, name + ".ivfdata"])
+    return faiss.read_index(os.path.join(folder, name),
                             faiss.IO_FLAG_ONDISK_SAME_DIR)
 
 

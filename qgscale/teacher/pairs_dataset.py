@@ -61,14 +61,21 @@ from qgscale.data.joins import (
 from qgscale.data.pidfilter import key_hashes
 from qgscale.data.schema import CANDIDATES, QUERIES
 from qgscale.errors import DataError, MissingInputError
-from qgscale.teacher.scoring import PAIRS, candidate_files, check_lists, repeated_qid
+from qgscale.teacher.scoring import (
+    PAIRS,
+    Cut,
+    candidate_files,
+    check_lists,
+    file_cuts,
+    repeated_qid,
+)
 
 SHARD_PAIRS = 50_000  # pairs per written shard (scoring units are row ranges of them)
 
 
 def join_pairs_dataset(candidates_uri: str | list[str], queries_uri: str | list[str],
                        corpus_uri: str, out_uri: str, config_hash: str, *,
-                       first: int | None = None, num_partitions: int = 64,
+                       first: Cut = None, num_partitions: int = 64,
                        shard_rows: int = SHARD_PAIRS) -> dict[str, Any]:
     """The pair shards of :func:`qgscale.teacher.scoring.join_pairs` (each list's first
     ``first`` candidates, all without it), written by Ray Data workers under ``out_uri`` with
@@ -79,14 +86,15 @@ def join_pairs_dataset(candidates_uri: str | list[str], queries_uri: str | list[
 
 
 def _join(candidates_uri: str | list[str], queries_uri: str | list[str], corpus_uri: str,
-          out_uri: str, config_hash: str, *, first: int | None, parts: int,
+          out_uri: str, config_hash: str, *, first: Cut, parts: int,
           shard_rows: int) -> dict[str, Any]:
-    files = candidate_files(candidates_uri)
+    cuts = file_cuts(candidates_uri, first)
+    files = [f for f, _ in cuts]
     for uri in [queries_uri] if isinstance(queries_uri, str) else queries_uri:
         if not storage.exists(uri):  # as the actors' join (load_queries)
             raise MissingInputError(f"{uri}: queries not found")
     pairs = dataset(files, "candidates", ["qid", "pids"], check_lists).map_batches(
-        _flatten, fn_args=(first,), batch_format="pyarrow").materialize()  # read twice
+        _flatten, fn_args=([c for _, c in cuts],), batch_format="pyarrow").materialize()
     if len(files) > 1:  # every list is checked; within a file, check_lists finds a qid twice
         _check_repeated_qids(files)
     n_pairs = pairs.count()
@@ -176,15 +184,20 @@ def _name_twice(out_uri: str, queries_uri: str | list[str], corpus_uri: str,
                     "rows: a pid names one passage")
 
 
-def _flatten(t: pa.Table, first: int | None) -> pa.Table:
-    """``{qid, pid, _row}``: a pair per candidate (the first ``first`` of each list), with its
-    list's ``_row``."""
+def _flatten(t: pa.Table, cuts: list[int | None]) -> pa.Table:
+    """``{qid, pid, _row}``: a pair per candidate (the first ``cuts[file]`` of each list, all
+    where None; the file is the high half of ``_row``), with its list's ``_row``."""
     t = t.combine_chunks()
     pids = t.column("pids").chunk(0) if t.num_rows else pa.array([], pa.list_(pa.string()))
-    kept = pc.list_slice(pids, 0, first) if first else pids
-    rows = pc.list_parent_indices(kept)
-    return pa.table({"qid": t.column("qid").take(rows), "pid": pc.list_flatten(kept),
-                     "_row": t.column("_row").take(rows)})
+    row = t.column("_row").to_numpy()
+    stop = np.array([c or np.iinfo(np.int64).max for c in cuts], np.int64)[row >> 32]
+    lengths = pc.fill_null(pc.list_value_length(pids), 0).to_numpy().astype(np.int64)
+    parent = pc.list_parent_indices(pids).to_numpy()
+    pos = np.arange(len(parent)) - (np.cumsum(lengths) - lengths)[parent]
+    keep = np.flatnonzero(pos < stop[parent])
+    return pa.table({"qid": t.column("qid").take(parent[keep]),
+                     "pid": pc.list_flatten(pids).take(keep),
+                     "_row": t.column("_row").take(parent[keep])})
 
 
 def _where(row: int, files: list[str]) -> str:

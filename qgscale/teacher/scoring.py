@@ -49,10 +49,23 @@ def _files(uri: str) -> list[str]:
     return storage.parquet_files(uri)
 
 
+Cut = int | None | list[int | None]  # each list's first n (None: all), or one per set
+
+
 def candidate_files(candidates_uri: str | list[str]) -> list[str]:
     """The parquet files of one or several candidate sets, in order."""
+    return [f for f, _ in file_cuts(candidates_uri, None)]
+
+
+def file_cuts(candidates_uri: str | list[str], first: Cut) -> list[tuple[str, int | None]]:
+    """The parquet files of one or several candidate sets, in order, each with the cut of its
+    set: ``first`` for every set, or a list of one per set (the generated queries' lists are
+    unions of first-n lists already, and are scored whole)."""
     uris = [candidates_uri] if isinstance(candidates_uri, str) else candidates_uri
-    return [f for u in uris for f in _files(u)]
+    cuts = first if isinstance(first, list) else [first] * len(uris)
+    if len(cuts) != len(uris):
+        raise ValueError(f"{len(cuts)} cuts for {len(uris)} candidate sets")
+    return [(f, c) for u, c in zip(uris, cuts, strict=True) for f in _files(u)]
 
 
 def candidate_lists(candidates_uri: str | list[str]) -> int:
@@ -60,20 +73,21 @@ def candidate_lists(candidates_uri: str | list[str]) -> int:
     return sum(m.num_rows for m in storage.footers(candidate_files(candidates_uri)))
 
 
-def candidate_pairs(candidates_uri: str | list[str], first: int | None = None) -> pa.Table:
+def candidate_pairs(candidates_uri: str | list[str], first: Cut = None) -> pa.Table:
     """Every (qid, pid) candidate pair, with the file and row it came from (for errors);
     with ``first``, only the first ``first`` of each list (the ones training rows read:
-    ``distill.loss.n_candidates``).
+    ``distill.loss.n_candidates``; :func:`file_cuts`).
 
     Validates the lists on the way, naming file, row and field: :func:`check_lists` file by
     file, then a qid on two rows over all files. O(queries x k) in Arrow, never the corpus.
     """
-    files = candidate_files(candidates_uri)
+    cuts = file_cuts(candidates_uri, first)
+    files = [f for f, _ in cuts]
     parts, lists = [], []
-    for n, f in enumerate(files):
+    for n, (f, cut) in enumerate(cuts):
         t = storage.read_parquet(f, ["qid", "pids"]).combine_chunks()
         check_lists(t, f)
-        kept = pc.list_slice(t["pids"], 0, first) if first else t["pids"]
+        kept = pc.list_slice(t["pids"], 0, cut) if cut else t["pids"]
         rows = pc.list_parent_indices(kept)
         parts.append(pa.table({"qid": t["qid"].take(rows), "pid": pc.list_flatten(kept),
                                "file": pa.DictionaryArray.from_arrays(  # the URI once
@@ -192,7 +206,7 @@ class PairJob:
 
 
 def pair_job(candidates_uri: str | list[str], queries_uri: str | list[str],
-             first: int | None = None) -> tuple[PairJob, int, int]:
+             first: Cut = None) -> tuple[PairJob, int, int]:
     """The join's job, its number of pairs and the :func:`pid_sum` of their distinct pids.
     The job holds the candidate pairs (:func:`candidate_pairs`) indexed by pid and the
     queries by qid, each put in the object store once; this process keeps no copy of its
@@ -266,7 +280,7 @@ class ScoreJob:
 
 def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
                corpus_uri: str, out_uri: str, config_hash: str, sc: ScoreConfig,
-               first: int | None = None, *, ray_from: int | None = None,
+               first: Cut = None, *, ray_from: int | None = None,
                num_partitions: int = 64) -> dict:
     """Write the scoring work units: pair shards ``{qid, lang, query, pid, passage}`` under
     ``out_uri`` of each list's first ``first`` candidates (all without it); returns their
@@ -308,7 +322,7 @@ def join_pairs(candidates_uri: str | list[str], queries_uri: str | list[str],
     return writer.finalize([u.name for u in units], markers, pairs=n_pairs, run=stats)
 
 
-def _name_missing_or_twice(candidates_uri: str | list[str], first: int | None,
+def _name_missing_or_twice(candidates_uri: str | list[str], first: Cut,
                            shards: list[str], corpus_uri: str) -> None:
     """The DataError of joined pairs (``shards``) that are not the candidate pairs: the first
     candidate (in file order) whose pid is not in the corpus, else a pid on two corpus
@@ -402,9 +416,10 @@ def read_table_rows(uri: str, what: str) -> list[dict[str, Any]]:
 def score_candidates(qg: QGSpec, candidates_uri: str | list[str],
                      queries_uri: str | list[str], corpus_uri: str, out_uri: str,
                      config_hash: str, sc: ScoreConfig | None = None,
-                     first: int | None = None, *, ray_from: int | None = None,
+                     first: Cut = None, *, ray_from: int | None = None,
                      num_partitions: int = 64) -> dict[str, Any]:
-    """Plain API: score every candidate pair (or the first ``first`` of each list) into
+    """Plain API: score every candidate pair (or the first ``first`` of each list, one cut
+    for every candidate set or one per set: :func:`file_cuts`) into
     ``out_uri`` (settings ``sc``, the ``teacher.score`` section; defaults if None); returns
     the manifest. ``ray_from``, ``num_partitions``: where the join moves to Ray Data
     (:func:`join_pairs`).
@@ -471,7 +486,8 @@ def run_score(cfg: Any, model: Any, *, candidates_uri: str, queries_uri: str, co
                                         pairs_uri, first)
         cands.append(c)
         queries.append(q)
-    return score_candidates(
+    return score_candidates(  # the generated lists are unions of first-n lists: scored whole
         qg_spec(cfg, model), cands if len(cands) > 1 else cands[0],
-        queries if len(queries) > 1 else queries[0], corpus_uri, out_uri, key, sc, first,
+        queries if len(queries) > 1 else queries[0], corpus_uri, out_uri, key, sc,
+        [first, None] if len(cands) > 1 else first,
         ray_from=cfg.data.ray_rows_from, num_partitions=cfg.data.ray_rows_partitions)
