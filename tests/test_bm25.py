@@ -349,3 +349,23 @@ def test_merge_job_refuses_outputs_of_another_search(tmp_path):
     for bad in (output("c", ["q1", "q3"], ["p3"]), output("d", ["q1"], ["p3"])):
         with pytest.raises(DataError, match=f"{bad}: its rows are not the queries x views"):
             MergeJob(2, 2, 1).run(None, Shard("m", 2, (a, bad)))
+
+
+def test_eval_job_bm25_key_follows_the_corpus_files(tmp_path):
+    """The eval job's BM25 baseline run is redone when the corpus at the same path is
+    re-prepared (its key hashes the corpus's files), not only when its path changes."""
+    import time
+
+    from qgscale import storage
+    from qgscale.config import parse
+    from qgscale.eval.__main__ import bm25_run_key
+
+    cfg = parse({})
+    queries, corpus = str(tmp_path / "queries"), str(tmp_path / "corpus")
+    for uri in (queries, corpus):
+        storage.write_bytes(storage.join(uri, "part-00000.parquet"), b"a")
+    key = bm25_run_key(cfg, queries, corpus)
+    assert bm25_run_key(cfg, queries, corpus) == key
+    time.sleep(0.01)
+    storage.write_bytes(storage.join(corpus, "part-00000.parquet"), b"bb")
+    assert bm25_run_key(cfg, queries, corpus) != key

@@ -329,3 +329,15 @@ def test_a_random_init_teacher_keys_on_the_seed():
         assert pipeline.key_sections(stage, named) == stage.sections
     generate = pipeline.BY_NAME["generate"]  # keyed on the seed already: listed once
     assert pipeline.key_sections(generate, random).count("run.seed") == 1
+
+
+def test_a_code_version_in_the_key_marks_the_score_stage_stale():
+    """With kd_on_generated the score stage's key carries a code version (its generated lists
+    are scored whole since it): a record keyed before it is stale, and says why; without
+    kd_on_generated the key is as it was."""
+    score = pipeline.BY_NAME["score"]
+    on = config.parse({"distill": {"loss": {"kd_on_generated": True}}})
+    assert score.version(on) == 1 and score.version(config.parse({})) == 0
+    assert pipeline.BY_NAME["distill"].version(on) == 0
+    why = pipeline._what_changed({"config": {"a": 1}}, {"config": {"a": 1}, "version": 1})
+    assert why == "code version 0 -> 1"

@@ -15,6 +15,17 @@ from qgscale import storage
 from qgscale.errors import report
 
 
+def bm25_run_key(cfg: Any, queries: str, corpus: str) -> str:
+    """The key of a BM25 baseline run: the queries' and the corpus's files (a corpus
+    re-prepared at the same path is searched again), the tokenizer and the settings."""
+    from qgscale.retrieval.bm25 import TOKENIZER
+
+    return storage.config_hash({"queries": storage.fingerprint(queries), "corpus": corpus,
+                                "corpus_files": storage.fingerprint(corpus),
+                                "tokenizer": TOKENIZER, "bm25": [cfg.bm25.k1, cfg.bm25.b],
+                                "eval": [cfg.eval.top_k, cfg.eval.pairs]})
+
+
 def baseline_beside(cfg: Any, result: dict, data_uri: str, split: str, out_uri: str) -> None:
     """The BM25 baseline of ``split`` over the evaluated index's corpus (``bm25-eval``'s run
     written under ``out_uri/bm25/run/<split>``, resumable), its reports in
@@ -30,9 +41,7 @@ def baseline_beside(cfg: Any, result: dict, data_uri: str, split: str, out_uri: 
     corpus = result["sources"]["corpus"]
     queries = _queries_uri(data_uri, split)
     run_dir = storage.join(out_uri, "bm25", "run", split)
-    key = storage.config_hash({"queries": storage.fingerprint(queries), "corpus": corpus,
-                               "bm25": [cfg.bm25.k1, cfg.bm25.b],
-                               "eval": [cfg.eval.top_k, cfg.eval.pairs]})
+    key = bm25_run_key(cfg, queries, corpus)
     if not storage.stage_done(run_dir, key):
         run_bm25_eval(cfg, queries, corpus, run_dir, key)
     base = evaluate_baseline(cfg, storage.join(run_dir, "run.parquet"), data_uri, split,
