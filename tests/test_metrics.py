@@ -178,6 +178,40 @@ def test_evaluate_languages_pairs_and_macros():
     assert acc.result() == out
 
 
+def test_pair_view_of_one_corpus_language_is_the_pooled_view():
+    # ja:2's only positive is not in the corpus (no language): a miss in the pair view too,
+    # as in the pooled one, not a query dropped from it
+    qrels = {"ja:1": {"en:a": 1}, "ja:2": {"en:gone": 1}}
+    qlang = {"ja:1": "ja", "ja:2": "ja"}
+    run = {"ja:1": {"en:a": 1.0, "en:b": 0.5}, "ja:2": {"en:a": 1.0, "en:b": 0.5}}
+    out = M.evaluate_languages({("ja", "en"): run}, qrels, qlang, {"en:a": "en", "en:b": "en"},
+                               pooled_run=run, metrics=["recall@1", "mrr@10"])
+    assert out["pairs"]["ja->en"] == out["query_langs"]["ja"] == {
+        "recall@1": 0.5, "mrr@10": 0.5, "n": 2}
+    assert out["macro"]["x->en"]["mrr@10"] == out["query_langs_macro"]["mrr@10"] == 0.5
+
+
+QLANG2 = {"ja:1": "ja", "ja:2": "ja"}
+PLANG2 = {"en:a": "en", "de:a": "de"}
+PAIR_RUNS2 = {("ja", "en"): {"ja:1": {"en:a": 1.0}, "ja:2": {"en:a": 1.0}},
+              ("ja", "de"): {"ja:1": {"de:a": 1.0}, "ja:2": {"de:a": 1.0}}}
+
+
+def test_pair_views_keep_positives_missing_from_the_corpus():
+    # two corpus languages: en:gone (not in the corpus) stays in each pair's qrels, a miss
+    qrels = {"ja:1": {"en:a": 1, "en:gone": 1}, "ja:2": {"de:a": 1}}
+    out = M.evaluate_languages(PAIR_RUNS2, qrels, QLANG2, PLANG2, metrics=["recall@10"])
+    assert out["pairs"]["ja->en"] == {"recall@10": 0.5, "n": 1}  # en:a of {en:a, en:gone}
+    assert out["pairs"]["ja->de"] == {"recall@10": 0.5, "n": 2}  # ja:1 counted: 0 of 1
+
+
+def test_pair_views_drop_positives_of_another_corpus_language():
+    qrels = {"ja:1": {"en:a": 1, "de:a": 1}, "ja:2": {"de:a": 1}}
+    out = M.evaluate_languages(PAIR_RUNS2, qrels, QLANG2, PLANG2, metrics=["recall@10"])
+    assert out["pairs"]["ja->en"] == {"recall@10": 1.0, "n": 1}  # de:a is not the en pair's
+    assert out["pairs"]["ja->de"] == {"recall@10": 1.0, "n": 2}
+
+
 def test_evaluate_languages_with_answers():
     qrels = {"ja:1": {"en:a": 1}, "ja:2": {"en:b": 1}}
     qlang = {"ja:1": "ja", "ja:2": "ja"}

@@ -274,9 +274,10 @@ class BlockScorer:
                     self.acc.add_rows(pair_rows, pooled_rows)
             finally:
                 runs.close()
-        if self.n_gone:  # a positive no index can return: every metric counts it as a miss
+        if self.n_gone:  # a positive no index can return: every view counts it as a miss
             log.warning("%s: %d positive qrels pair(s) of the evaluated queries name a passage "
-                        "not in the corpus %s (e.g. qid=%s, pid=%s): they count as misses",
+                        "not in the corpus %s (e.g. qid=%s, pid=%s): they count as misses in "
+                        "the pooled view and in every language pair's",
                         self.data.source.get("qrels") or "qrels", self.n_gone,
                         self.data.corpus_uri, *self.first_gone)
         return self.acc.result()

@@ -402,7 +402,9 @@ class LanguageMetrics:
     queries at a time (:meth:`add`): it holds running sums per view, not the runs.
 
     ``pair_runs[(ql, cl)]`` ranks passages of language ``cl`` for the queries of language
-    ``ql``; its qrels are those of ``qrels`` restricted to ``cl`` passages. ``pooled_run``
+    ``ql``; its qrels are those of ``qrels`` less the passages of another language (a pid
+    not in ``passage_lang``, not in the corpus, stays in every pair's: a miss, as in the
+    pooled view; with one corpus language, a pair's qrels are ``qrels``). ``pooled_run``
     (optional) ranks the whole multilingual corpus for every query: the per-query-language
     view. ``with_answers``: :meth:`add` gets answers and passages (pid -> title and text),
     and R@2kt / R@5kt are added (``tokenize``: their tokens, see the module docstring).
@@ -446,7 +448,7 @@ class LanguageMetrics:
         def rows_for(run: Run, ql: str, corpus_lang: str | None) -> dict:
             qids = by_lang.get(ql, [])
             sub = {q: ({p: r for p, r in qrels.get(q, {}).items()
-                        if corpus_lang is None or passage_lang.get(p) == corpus_lang})
+                        if corpus_lang is None or passage_lang.get(p, corpus_lang) == corpus_lang})
                    for q in qids}
             rows = per_query(run, sub, self.metrics)
             if ranking_only:
