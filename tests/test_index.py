@@ -628,6 +628,23 @@ def test_gpu_add_uses_float16_tables_for_ivf_pq_only(factory, fp16):
     assert fp16_for_add(faiss.index_factory(64, factory)) is fp16
 
 
+def test_pids_of_finds_each_rows_ids():
+    """The merge's pid lookup: row by row (the same id in two rows may name different
+    candidates' slots), -1 gives None, an id in no result is an error."""
+    rng = np.random.default_rng(3)
+    ids = np.stack([rng.permutation(50)[:8] for _ in range(5)]).astype(np.int64)
+    ids[1, 3] = ids[2, 5] = -1
+    pids = np.vectorize(lambda i: f"p{i}", otypes=[object])(ids)
+    want = np.stack([rng.permutation(r[r >= 0])[:4] for r in ids])
+    want[0, 0] = -1
+    got = S.pids_of(want, ids, pids)
+    assert got[0, 0] is None
+    assert all(got[r, c] == f"p{want[r, c]}" for r in range(5) for c in range(4)
+               if want[r, c] >= 0)
+    with pytest.raises(RuntimeError, match="in no shard's result"):
+        S.pids_of(np.array([[99]]), ids[:1], pids[:1])
+
+
 def test_gpu_shares_fit_every_search_actor_and_the_encoder():
     """Unset GPUs: a GPU each while there are enough, else search actors share GPUs and the
     encoder takes a free slot or a tenth of a share; whole GPUs taken as Ray packs them."""

@@ -459,6 +459,25 @@ class ShardSearcher:
         return dist, ids, self.pid_map.lookup(ids)
 
 
+def pids_of(want: np.ndarray, ids: np.ndarray, pids: np.ndarray) -> np.ndarray:
+    """Row by row, the pids of ids ``want`` (None for -1), looked up among ``ids`` (same
+    rows; -1 for none) whose pids are ``pids``: one sort of ``(row, id)`` keys."""
+    if ids.size and ids.max() >= 1 << 40:
+        raise ValueError("ids of 2^40 and more are not supported")
+    rows = np.arange(len(ids), dtype=np.int64)[:, None] << 40
+    have = (rows | np.maximum(ids, 0))[ids >= 0]
+    order = np.argsort(have, kind="stable")
+    keys = have[order]
+    ok = want >= 0
+    wanted = (rows | np.maximum(want, 0))[ok]
+    pos = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    if len(wanted) and (not len(keys) or not np.array_equal(keys[pos], wanted)):
+        raise RuntimeError("a merged id is in no shard's result")
+    out = np.full(want.shape, None, dtype=object)
+    out[ok] = pids[ids >= 0][order[pos]]
+    return out
+
+
 def gpu_shares(shards: int, gpus: int, encoder: bool = True) -> tuple[float, float]:
     """``(each search actor's, the query encoder's)`` GPUs when ``shards`` search actors and
     the ``encoder`` share ``gpus`` GPUs: a GPU each while there are enough; else as many
@@ -556,22 +575,30 @@ class ShardedSearcher:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _merge(self, n: int, k: int, futures: list) -> tuple[np.ndarray, np.ndarray]:
+        """One block's top-``k`` over the shards' results (``faiss.ResultHeap``, whose ties
+        go as in one process's ``IndexShards``), folded in one at a time: the pids of the
+        heap's ids are carried along (:func:`pids_of`), so this process holds the heap's and
+        one shard's, whatever the number of shards (a dict of every shard's pids grew with
+        shards x block x k)."""
         import faiss
         import ray
 
         heap = faiss.ResultHeap(n, k, keep_max=self.metric == "ip")
-        pid_of: dict[int, str] = {}
+        ids_now = np.full((n, 0), -1, np.int64)
+        pids_now = np.empty((n, 0), dtype=object)
         for f in futures:
             dist, ids, pids = ray.get(f)
             heap.add_result(dist, ids)
-            pid_of.update(zip(ids[ids >= 0].tolist(), pids[ids >= 0].tolist(), strict=True))
+            held = heap.I.copy()  # the heap's ids now (-1: an empty slot)
+            pids_now = pids_of(held, np.concatenate([ids_now, ids], axis=1),
+                               np.concatenate([pids_now, pids], axis=1))
+            ids_now = held
+            del dist, ids, pids
         heap.finalize()
         dist, ids = heap.D, heap.I
         scores = dist if self.metric == "ip" else -dist
-        out = np.full(ids.shape, None, dtype=object)
-        ok = ids >= 0
-        out[ok] = [pid_of[i] for i in ids[ok].tolist()]
-        return out, np.where(ok, scores, np.nan).astype(np.float32)
+        return (pids_of(ids, ids_now, pids_now),
+                np.where(ids >= 0, scores, np.nan).astype(np.float32))
 
     def close(self) -> None:
         import ray
