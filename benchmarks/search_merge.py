@@ -52,7 +52,9 @@ def child(phase: str, data: str, out: str) -> None:
     from qgscale.index.search import ShardedSearcher
 
     shards, n, k = (int(x) for x in phase.split("x"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     task = ray.remote(shard_result)
     futures = [task.remote(j, shards, n, k) for j in range(shards)]
     ray.wait(futures, num_returns=len(futures), fetch_local=False)  # all in the object store
@@ -67,7 +69,8 @@ def child(phase: str, data: str, out: str) -> None:
         got = np.array([int(p.split("-")[1]) for p in pids[q]])
         assert np.array_equal(score(np.full(k, q), got), scores[q]), "a pid is not its score's"
     print(json.dumps({"merge_s": wall, "entries": shards * n * k}), flush=True)
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def main() -> None:

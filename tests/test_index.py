@@ -645,6 +645,16 @@ def test_pids_of_finds_each_rows_ids():
         S.pids_of(np.array([[99]]), ids[:1], pids[:1])
 
 
+def test_search_merge_benchmark(ray_local, capsys):
+    """benchmarks/search_merge.py at a tiny size: the merge of 5 shards' results is the exact
+    top-k, each pid beside its own score (the child checks both)."""
+    from tests.conftest import load_benchmark
+
+    load_benchmark("search_merge").child("5x40x7", "", "")
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["entries"] == 5 * 40 * 7
+
+
 def test_gpu_shares_fit_every_search_actor_and_the_encoder():
     """Unset GPUs: a GPU each while there are enough, else search actors share GPUs and the
     encoder takes a free slot or a tenth of a share; whole GPUs taken as Ray packs them."""
