@@ -349,6 +349,27 @@ def read_rows(uri: str, start: int, stop: int, columns: list[str] | None = None)
     return t.slice(start - first, stop - start)
 
 
+def read_take(uri: str, rows: Any) -> pa.Table:
+    """Rows ``rows`` (sorted row numbers) of one parquet file, in that order, read one row
+    group at a time and only those that hold some: memory of one group and the rows kept,
+    not the file. A row past the file's end is an error naming the file."""
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.int64)
+    with parquet_file(uri) as f:
+        pf = pq.ParquetFile(f)
+        parts, at = [], 0
+        for i in range(pf.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            lo, hi = np.searchsorted(rows, [at, at + n])
+            if hi > lo:
+                parts.append(pf.read_row_group(i).take(pa.array(rows[lo:hi] - at)))
+            at += n
+        if len(rows) and not 0 <= rows[0] <= rows[-1] < at:
+            raise ValueError(f"{uri}: rows {rows[0]}-{rows[-1]} asked of a file with {at} rows")
+        return pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table()
+
+
 def footers(files: Iterable[str]) -> list[pq.FileMetaData]:
     """The parquet footers of ``files`` (row counts, schemas), reading no rows."""
     out = []

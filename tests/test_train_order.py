@@ -16,7 +16,15 @@ from qgscale.data.schema import CORPUS, QRELS, QUERIES, TRAIN_EXAMPLES
 from qgscale.errors import ConfigError
 from qgscale.train import data as tdata
 from qgscale.train.loop import Position, deepspeed_config, plan_steps
-from qgscale.train.order import EpochOrder, Loader, Shard, epoch_order, list_shards, sample_seed
+from qgscale.train.order import (
+    EpochOrder,
+    Loader,
+    Shard,
+    ShardRows,
+    epoch_order,
+    list_shards,
+    sample_seed,
+)
 from qgscale.train.tracking import Tracker, event_file_bytes, mlflow_client
 
 
@@ -70,6 +78,35 @@ def test_workers_split_the_stream_the_same_for_any_worker_count(shards, prefetch
     assert stream(1, 0, 8) == order[:24]
     assert stream(2, 12, 2) == order[12:24]  # resumed at sample 12, e.g. after 2 steps
     assert stream(1, 12, 4) == order[12:24]  # ... on another worker count
+
+
+def test_a_worker_holds_only_its_rows_of_a_shard(tmp_path, monkeypatch):
+    """A worker holds, of the shard it reads, only the rows it takes in the epoch (read row
+    group by row group: 4-row groups here), and gets the rows of the stream all the same."""
+    monkeypatch.setattr(storage, "ROW_GROUP_ROWS", 4)
+    table = pa.table({"id": list(range(40)), "text": [f"row {j}" for j in range(40)]})
+    storage.write_parquet(str(tmp_path / "part-00000.parquet"), table)
+    shards = list_shards(str(tmp_path))
+    order = EpochOrder(shards, 3, 0)
+    mine = np.concatenate([order.take(s, s + 2) for s in range(2, 40, 8)])  # rank 1 of 4
+    rows = ShardRows(shards, np.sort(mine))
+    assert rows(mine[:2])["id"] == mine[:2].tolist()
+    assert rows._held[2].num_rows == 10  # 10 of the shard's 40 rows
+    assert rows(mine[::-1])["id"] == mine[::-1].tolist()
+    with pytest.raises(RuntimeError, match="rows asked that were not wanted"):
+        rows(np.array([int(np.setdiff1d(np.arange(40), mine)[0])]))
+    got = [mb.batch for mb in Loader(shards, 3, 1, 4, 2, lambda r: r["id"], 0).epoch(0, 0, 5)]
+    assert sum(got, []) == mine.tolist()
+
+
+def test_read_take_reads_rows_across_row_groups(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "ROW_GROUP_ROWS", 3)
+    uri = str(tmp_path / "t.parquet")
+    storage.write_parquet(uri, pa.table({"x": list(range(10))}))
+    assert storage.read_take(uri, [0, 2, 3, 9])["x"].to_pylist() == [0, 2, 3, 9]
+    assert storage.read_take(uri, []).num_rows == 0
+    with pytest.raises(ValueError, match=r"t.parquet: rows 5-10 asked of a file with 10 rows"):
+        storage.read_take(uri, [5, 10])
 
 
 def test_prefetch_stops_and_reraises(shards):
@@ -281,3 +318,14 @@ def test_mlflow_failed_stage_marked_by_the_driver(tmp_path):
     t2 = Tracker(out, mlflow_uri=uri, mlflow_run_id=t.mlflow_run_id, log=_log(2),
                  start_step=2)
     assert client.get_run(t2.mlflow_run_id).info.status == "RUNNING"
+
+
+def test_train_reads_benchmark(tmp_path, capsys):
+    """benchmarks/train_reads.py at a tiny size: worker 0 of 4 gets its share of the rows."""
+    from tests.conftest import load_benchmark
+
+    bench = load_benchmark("train_reads")
+    bench.write_data(tmp_path, 2, 300, 2)
+    bench.child("4", str(tmp_path), "")
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["rows"] == 600 // (4 * bench.BATCH) * bench.BATCH

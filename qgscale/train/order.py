@@ -12,8 +12,9 @@ sample stream stopped:
   of the epoch (the samples of an epoch's last, incomplete step are dropped);
 - the checkpoint records ``(epoch, offset)``: the samples of the epoch consumed so far.
 
-:class:`Loader` reads a worker's micro-batches from the shards (one cached shard table at a
-time, as the order is shard-major) and tokenises them with the task's collator; with
+:class:`Loader` reads a worker's micro-batches from the shards (one shard at a time, as the
+order is shard-major, and of it only the rows this worker takes in the epoch: about
+1/world of it, read row group by row group) and tokenises them with the task's collator; with
 ``prefetch`` > 0 a background thread does both ahead of the training step (HF tokenizers
 release the GIL), ``prefetch`` = 0 collates inside the step.
 """
@@ -108,6 +109,46 @@ class MicroBatch:
     batch: Any
 
 
+class ShardRows:
+    """Rows by global id from the shards, one shard held at a time (the order is shard-major)
+    and of it only the rows of ``wanted`` (sorted global ids: a worker's rows of an epoch,
+    about 1/world of each shard, read row group by row group)."""
+
+    def __init__(self, shards: tuple[Shard, ...], wanted: np.ndarray) -> None:
+        self.shards, self.wanted = shards, wanted
+        self.starts = np.cumsum([0] + [s.rows for s in shards])
+        self._held: tuple[int, np.ndarray, pa.Table] | None = None
+
+    def _shard(self, i: int) -> tuple[np.ndarray, pa.Table]:
+        """Shard ``i``'s rows held: their sorted row numbers and the rows."""
+        if self._held is None or self._held[0] != i:
+            self._held = None  # the last shard's rows go before the next one's come
+            lo, hi = self.starts[i], self.starts[i + 1]
+            a, b = np.searchsorted(self.wanted, [lo, hi])
+            rows = self.wanted[a:b] - lo
+            self._held = (i, rows, storage.read_take(self.shards[i].uri, rows))
+        return self._held[1], self._held[2]
+
+    def __call__(self, ids: np.ndarray) -> dict[str, list]:
+        """The rows with global ids ``ids``, in that order, as columns of Python lists."""
+        shard = np.searchsorted(self.starts, ids, side="right") - 1
+        parts = []
+        i = 0
+        while i < len(ids):  # runs of the same shard
+            j = i
+            while j < len(ids) and shard[j] == shard[i]:
+                j += 1
+            s = int(shard[i])
+            rows, table = self._shard(s)
+            local = ids[i:j] - self.starts[s]
+            pos = np.minimum(np.searchsorted(rows, local), max(len(rows) - 1, 0))
+            if not np.array_equal(rows[pos] if len(rows) else rows, local):
+                raise RuntimeError(f"{self.shards[s].uri}: rows asked that were not wanted")
+            parts.append(table.take(pa.array(pos)))
+            i = j
+        return pa.concat_tables(parts).to_pydict()
+
+
 class Loader:
     """One worker's micro-batches of an epoch, from a sample offset, collated.
 
@@ -120,39 +161,22 @@ class Loader:
                  prefetch: int = 2) -> None:
         self.shards, self.seed, self.rank, self.world = shards, seed, rank, world
         self.batch_size, self.collate, self.prefetch = batch_size, collate, prefetch
-        self._starts = np.cumsum([0] + [s.rows for s in shards])
-        self._cached: tuple[int, pa.Table] | None = None
 
     @property
     def rows(self) -> int:
-        return int(self._starts[-1])
-
-    def _table(self, i: int) -> pa.Table:
-        if self._cached is None or self._cached[0] != i:
-            self._cached = (i, storage.read_parquet(self.shards[i].uri))
-        return self._cached[1]
-
-    def rows_of(self, ids: np.ndarray) -> dict[str, list]:
-        """The rows with global ids ``ids``, in that order, as columns of Python lists."""
-        shard = np.searchsorted(self._starts, ids, side="right") - 1
-        parts = []
-        i = 0
-        while i < len(ids):  # runs of the same shard (the order is shard-major)
-            j = i
-            while j < len(ids) and shard[j] == shard[i]:
-                j += 1
-            s = int(shard[i])
-            parts.append(self._table(s).take(pa.array(ids[i:j] - self._starts[s])))
-            i = j
-        return pa.concat_tables(parts).to_pydict()
+        return sum(s.rows for s in self.shards)
 
     def _raw(self, epoch: int, offset: int, micro_batches: int
              ) -> Iterator[tuple[int, dict[str, list]]]:
         order = EpochOrder(self.shards, self.seed, epoch)
         b, w = self.batch_size, self.world
-        for j in range(micro_batches):
-            start = offset + (j * w + self.rank) * b
-            yield start, self.rows_of(order.take(start, start + b))
+        starts = [offset + (j * w + self.rank) * b for j in range(micro_batches)]
+        wanted = [order.take(start, start + b) for start in starts]  # 8 B a row of ours
+        rows_of = ShardRows(self.shards, np.sort(np.concatenate(wanted)) if wanted else
+                            np.zeros(0, np.int64))
+        del wanted
+        for start in starts:
+            yield start, rows_of(order.take(start, start + b))
 
     def epoch(self, epoch: int, offset: int, micro_batches: int) -> Iterator[MicroBatch]:
         """``micro_batches`` collated micro-batches of this worker in epoch ``epoch`` from
