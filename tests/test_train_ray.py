@@ -426,7 +426,8 @@ def test_bad_training_data_names_the_problem(toy, tmp_path):
                                  qrels_uri=inp["qrels_uri"], candidates_uri=twice,
                                  scores_uri=scores)
     empty = _write(tmp_path / "e", [{"qid": "q3", "pids": [], "scores": []}], CANDIDATES)
-    with pytest.raises(DataError, match=r"/e: row 0 \(qid=q3\): empty candidate list"):
+    with pytest.raises(DataError, match=r"/e/part-00000.parquet: row 0 \(qid=q3\): empty "
+                                         r"candidate list"):
         tdata.build_student_rows(inp["queries_uri"], inp["corpus_uri"],
                                  qrels_uri=inp["qrels_uri"], candidates_uri=empty,
                                  scores_uri=scores)
@@ -706,3 +707,14 @@ def test_fp32_export(toy, ray_local, tmp_path):
             assert torch.equal(v, exported["query_model." + k].bfloat16())
     assert DualEncoder.from_pretrained(os.path.join(out, "model-bf16")).encode_queries(
         ["x"]).shape == (1, 32)
+
+
+def test_candidate_lists_are_cut_to_what_rows_read(tmp_path):
+    """load_candidates keeps each list's head only when asked (a row reads its first
+    n_candidates and its negatives from the head less its positives), file by file."""
+    lists = [{"qid": f"q{i}", "pids": [f"p{j}" for j in range(100)], "scores": None}
+             for i in range(3)]
+    uri = _write(tmp_path / "c", lists, CANDIDATES)
+    assert tdata.load_candidates(uri)["q1"] == [f"p{j}" for j in range(100)]
+    assert tdata.load_candidates(uri, 4) == {f"q{i}": ["p0", "p1", "p2", "p3"]
+                                             for i in range(3)}

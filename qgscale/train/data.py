@@ -173,17 +173,26 @@ def positives_from(examples_uri: str | None, qrels_uri: str | None
     return dict(pos), dict(neg), qrels_uri
 
 
-def load_candidates(candidates_uri: str) -> dict[str, list[str]]:
-    """Each query's candidate list (none may be empty; one per qid)."""
+def load_candidates(candidates_uri: str, keep: int | None = None) -> dict[str, list[str]]:
+    """Each query's candidate list (none may be empty; one per qid), its first ``keep`` only
+    when given (cut in Arrow file by file: a row reads a list's head, and ``mine.top_k``
+    may keep 100)."""
+    if not storage.exists(candidates_uri):
+        raise DataError(f"{candidates_uri}: candidates not found")
     cands: dict[str, list[str]] = {}
-    for i, r in enumerate(_read(candidates_uri, "candidates", ["qid", "pids"]).to_pylist()):
-        if not r["pids"]:
-            raise DataError(f"{candidates_uri}: row {i} (qid={r['qid']}): empty candidate "
+    for f in storage.parquet_files(candidates_uri):
+        t = storage.read_parquet(f, ["qid", "pids"])
+        empty = pc.fill_null(pc.less_equal(pc.list_value_length(t.column("pids")), 0), True)
+        if pc.any(empty).as_py():
+            i = pc.index(empty, True).as_py()
+            raise DataError(f"{f}: row {i} (qid={t.column('qid')[i].as_py()}): empty candidate "
                             "list (field 'pids')")
-        if r["qid"] in cands:
-            raise DataError(f"{candidates_uri}: qid={r['qid']} has two rows (one candidate "
-                            "list per qid)")
-        cands[r["qid"]] = list(r["pids"])
+        pids = pc.list_slice(t.column("pids"), 0, keep) if keep else t.column("pids")
+        for q, ps in zip(t.column("qid").to_pylist(), pids.to_pylist(), strict=True):
+            if q in cands:
+                raise DataError(f"{candidates_uri}: qid={q} has two rows (one candidate list "
+                                "per qid)")
+            cands[q] = ps
     return cands
 
 
@@ -346,7 +355,10 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
     if candidates_uri or scores_uri:
         if not (candidates_uri and scores_uri):
             raise DataError("distillation needs both candidates and teacher scores")
-        cands = load_candidates(candidates_uri)
+        # a row reads its first n_candidates, and its negatives from the head of the list
+        # less its positives
+        cands = load_candidates(candidates_uri, max(
+            loss.n_candidates, loss.n_hard_negatives + max(map(len, pos.values()), default=0)))
     gens: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # pid -> [(pid, l, q)]
     if generated_uri:  # only those of the positive passages (not of the whole table)
         for g in generated_of(generated_uri, {p for ps in pos.values() for p in ps}):
