@@ -456,6 +456,14 @@ class Config(Section):
         return storage.join(self.run.root, *parts)
 
     @model_validator(mode="after")
+    def _l2_needs_normalized(self) -> Config:
+        if self.index.build.metric == "l2" and not self.encoder.normalize:
+            raise ValueError("index.build.metric: l2 ranks by distance, the student's "
+                             "dot-product order only for unit vectors: set encoder.normalize: "
+                             "true, or metric: ip")
+        return self
+
+    @model_validator(mode="after")
     def _dpr_eval_data(self) -> Config:
         if self.data.format == "qas" and self.bm25.positives == "off":
             raise ValueError("bm25.positives: off leaves a qas file without training "

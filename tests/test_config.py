@@ -180,3 +180,12 @@ def test_dpr_data_with_a_collection_validates(tmp_path):
         "dpr", "en", "dev")
     with pytest.raises(ConfigError, match="data.lang: Input should be a valid string"):
         config.load(_yaml(tmp_path, "data:\n  {format: dpr, lang: [en]}\neval: {data: d}\n"))
+
+
+def test_l2_index_needs_a_normalized_student():
+    """An L2 index ranks by distance, which is the student's dot-product order only for unit
+    vectors: with encoder.normalize false it is a config error, naming both settings."""
+    with pytest.raises(ConfigError, match="index.build.metric: l2 .* encoder.normalize"):
+        config.parse({"index": {"build": {"metric": "l2"}}})
+    assert config.parse({"index": {"build": {"metric": "l2"}},
+                         "encoder": {"normalize": True}}).index.build.metric == "l2"
