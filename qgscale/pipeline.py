@@ -72,8 +72,10 @@ def _bm25_eval(cfg: Config, lay: Layout, key: str) -> dict:
     if not cfg.bm25.baseline:
         return storage.write_manifest(lay.bm25_eval(), key, skipped="bm25.baseline: false")
     data = lay.eval_data()
-    out = {split: run_bm25_eval(cfg, _queries_uri(data, split),
-                                lay.data(split, "corpus"), lay.bm25_eval(split), key)
+    out = {split: storage.read_manifest(lay.bm25_eval(split))  # a split done before a crash
+           if storage.stage_done(lay.bm25_eval(split), key) else
+           run_bm25_eval(cfg, _queries_uri(data, split), lay.data(split, "corpus"),
+                         lay.bm25_eval(split), key)
            for split in cfg.eval.splits}
     storage.write_manifest(lay.bm25_eval(), key, splits=list(out))
     return out

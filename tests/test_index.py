@@ -360,6 +360,27 @@ def test_merge_of_parts_on_s3_equals_single_process(s3_bucket, tmp_path, monkeyp
             ".complete", "shard.faiss", "shard.faiss.ivfdata"]
 
 
+def test_a_rebuild_keeps_the_shards_it_merged(ray_local, tmp_path):
+    """A build re-run (a crash before its manifest) keeps each shard whose merge finished
+    under the same key and parts (its marker), and merges again only one without it."""
+    xb = clustered(3000, 16, seed=4)
+    emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
+    write_embeddings(emb, xb, 4)
+    opts = BuildConfig(factory="IVF8,Flat", metric="l2", train_samples=2000, num_shards=2,
+                       cpus_per_actor=0.5)
+    m = B.build_index(emb, idx, opts)
+    files = [os.path.join(idx, f) for f in m["shards"]]
+    stamps = [os.stat(f).st_mtime_ns for f in files]
+    os.remove(B.merge_marker(idx, m["shards"][1]))
+    again = B.build_index(emb, idx, opts)
+    assert again["ntotal"] == m["ntotal"] == 3000 and again["shards"] == m["shards"]
+    assert os.stat(files[0]).st_mtime_ns == stamps[0]  # kept
+    assert os.stat(files[1]).st_mtime_ns != stamps[1]  # merged again
+    assert storage.exists(B.merge_marker(idx, m["shards"][1]))
+    got, _ = search(idx, xb[:20], 1, nprobe=8)
+    assert got[:, 0].tolist() == [f"p{i}" for i in range(20)]
+
+
 def test_opq_merged_index_equals_single_process_index(ray_local, tmp_path):
     """OPQ pre-transform + IVF-PQ: the merged index matches one built in a single process."""
     xb, xq = clustered(4000, 32, seed=6), clustered(100, 32, seed=7)

@@ -341,3 +341,17 @@ def test_a_code_version_in_the_key_marks_the_score_stage_stale():
     assert pipeline.BY_NAME["distill"].version(on) == 0
     why = pipeline._what_changed({"config": {"a": 1}}, {"config": {"a": 1}, "version": 1})
     assert why == "code version 0 -> 1"
+
+
+@pytest.mark.slow
+def test_bm25_eval_keeps_the_splits_it_finished(finished_run):
+    """bm25-eval re-run after a crash (its record not written): a split whose run finished
+    under the stage's key is kept, not searched again."""
+    path, cfg, _ = finished_run
+    lay = Layout(cfg)
+    key = pipeline.read_record(lay, "bm25-eval")["key"]
+    runs = {s: storage.join(lay.bm25_eval(s), "run.parquet") for s in cfg.eval.splits}
+    before = {s: storage.url_to_fs(u)[0].info(u)["mtime"] for s, u in runs.items()}
+    out = pipeline.BY_NAME["bm25-eval"].run(cfg, lay, key)
+    assert set(out) == set(cfg.eval.splits)
+    assert {s: storage.url_to_fs(u)[0].info(u)["mtime"] for s, u in runs.items()} == before

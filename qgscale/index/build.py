@@ -442,6 +442,36 @@ def merge_parts(trained_uri: str, part_uris: list[str], out_uri: str, mode: str,
     return index.ntotal
 
 
+def merge_marker(index_uri: str, rel: str) -> str:
+    """The done marker of merged shard ``rel`` (``shards/_done/<name>.json``)."""
+    return storage.join(index_uri, posixpath.dirname(rel), storage.DONE_DIR,
+                        posixpath.basename(rel).removesuffix(".faiss") + ".json")
+
+
+def merged_before(index_uri: str, rel: str, job: dict) -> int | None:
+    """The vector count of shard ``rel`` when a merge of the same ``job`` (its parts, mode
+    and build key) finished it before (its marker, written after its files), else None."""
+    uri = merge_marker(index_uri, rel)
+    if not storage.exists(uri):
+        return None
+    m = storage.read_json(uri)
+    files = [rel] + ([rel + ".ivfdata"] if job["mode"] == "ondisk" else [])
+    if m.get("job") != job or not all(storage.exists(storage.join(index_uri, f))
+                                      for f in files):
+        return None
+    return int(m["ntotal"])
+
+
+def merge_shard(trained_uri: str, part_uris: list[str], index_uri: str, rel: str, job: dict,
+                num_cpus: float) -> int:
+    """:func:`merge_parts` into shard ``rel`` of ``index_uri``, then its done marker (a
+    re-run after a crash keeps the shards merged: :func:`merged_before`)."""
+    n = merge_parts(trained_uri, part_uris, storage.join(index_uri, rel), job["mode"],
+                    num_cpus)
+    storage.write_json(merge_marker(index_uri, rel), {"job": job, "ntotal": n})
+    return n
+
+
 def is_block_lists(ivf: Any) -> bool:
     """Fast-scan IVF (``PQ..x4fs``): codes packed in blocks (``BlockInvertedLists``)."""
     import faiss
@@ -611,11 +641,16 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
             groups = _groups(len(names), bc.num_shards)
             shard_files = [f"shards/shard-{j:05d}.faiss" for j in range(len(groups))]
             ondisk = bc.merge == "ondisk" and is_ivf(factory)
-            merge = ray.remote(merge_parts).options(**task_options)
-            merged = ray.get([merge.remote(trained_uri, [part_uris[i] for i in g],
-                                           storage.join(index_uri, f),
-                                           "ondisk" if ondisk else "memory", bc.cpus_per_actor)
-                              for f, g in zip(shard_files, groups, strict=True)])
+            merge = ray.remote(merge_shard).options(**task_options)
+            merged = []
+            for f, g in zip(shard_files, groups, strict=True):  # a merge done before a crash
+                job = {"parts": [names[i] for i in g], "mode": "ondisk" if ondisk else "memory",
+                       "config_hash": chash}  # is kept
+                done = merged_before(index_uri, f, job)
+                merged.append(done if done is not None else merge.remote(
+                    trained_uri, [part_uris[i] for i in g], index_uri, f, job,
+                    bc.cpus_per_actor))
+            merged = [m if isinstance(m, int) else ray.get(m) for m in merged]
             if sum(merged) != n:
                 raise RuntimeError(f"{index_uri}: merged {sum(merged)} != {n} vectors")
     rates = {f"{p[:-2]}_vectors_per_s": round(n / max(timings[p], 1e-9), 1)
