@@ -4,6 +4,7 @@ sinks, without Ray."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -329,3 +330,53 @@ def test_train_reads_benchmark(tmp_path, capsys):
     bench.child("4", str(tmp_path), "")
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["rows"] == 600 // (4 * bench.BATCH) * bench.BATCH
+
+
+DS_LOAD = """
+import os, shutil, sys, torch, deepspeed
+from qgscale.train.loop import CKPT_TAG, load_checkpoint
+ok, tmp, port = sys.argv[1:]
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=port)
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+model = torch.nn.Linear(4, 2)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+    "train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}},
+    "zero_optimization": {"stage": 1}})
+engine.save_checkpoint(ok, tag=CKPT_TAG)
+load_checkpoint(engine, ok, 3)
+print("LOADED", flush=True)
+no_optim = os.path.join(tmp, "no-optim")
+shutil.copytree(ok, no_optim)
+for name in os.listdir(os.path.join(no_optim, CKPT_TAG)):
+    if name.endswith("optim_states.pt"):
+        os.remove(os.path.join(no_optim, CKPT_TAG, name))
+for folder in (os.path.join(tmp, "empty"), no_optim):
+    try:
+        load_checkpoint(engine, folder, 3)
+    except RuntimeError as e:
+        print("ERROR", e, flush=True)
+"""
+
+
+def test_a_checkpoint_deepspeed_cannot_fully_load_is_an_error(tmp_path):
+    """Resuming from a checkpoint folder without the tag's files (DeepSpeed: a bare
+    assertion), or from a ZeRO checkpoint without its optimizer states (a bare
+    FileNotFoundError, or a fallback to the 16-bit weights where DeepSpeed's ZeRO load
+    reports failure) fails naming the folder and step; a saved one loads."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", DS_LOAD, str(tmp_path / "ok"), str(tmp_path),
+                          str(port)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    errors = [x for x in out.stdout.splitlines() if x.startswith(("LOADED", "ERROR"))]
+    assert errors == [
+        "LOADED",
+        f"ERROR {tmp_path / 'empty'}: no checkpoint 'ckpt' to resume step 3 from",
+        f"ERROR {tmp_path / 'no-optim' / 'ckpt'}: a ZeRO checkpoint without its optimizer "
+        "states (*optim_states.pt): resuming step 3 would lose them"]

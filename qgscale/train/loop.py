@@ -249,6 +249,27 @@ def setup_engine(run: TrainRun, plan: Plan, load_universal: bool = False,
     return engine, run.task.collator(model)
 
 
+def load_checkpoint(engine: Any, load_dir: str, step: int, universal: bool = False) -> None:
+    """``engine.load_checkpoint`` of tag :data:`CKPT_TAG`, failing with the folder and step
+    where DeepSpeed says less or nothing: a missing tag folder (DeepSpeed: a bare assertion),
+    a ZeRO checkpoint without its optimizer states (a bare FileNotFoundError with ZeRO-1
+    here; where its ZeRO load reports failure instead, it falls back to the 16-bit weights and
+    AdamW's moments are lost), no module state loaded (it returns no path: the run would go
+    on from step ``step`` with the initial weights). ``universal``: a universal checkpoint,
+    whose optimizer states live in its ``zero/`` folder."""
+    folder = os.path.join(load_dir, CKPT_TAG)
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        raise RuntimeError(f"{load_dir}: no checkpoint {CKPT_TAG!r} to resume step {step} from")
+    if engine.zero_optimization() and not universal and not any(
+            n.endswith("optim_states.pt") for n in os.listdir(folder)):
+        raise RuntimeError(f"{folder}: a ZeRO checkpoint without its optimizer states "
+                           f"(*optim_states.pt): resuming step {step} would lose them")
+    load_path, _ = engine.load_checkpoint(load_dir, tag=CKPT_TAG)
+    if load_path is None:
+        raise RuntimeError(f"{load_dir}: DeepSpeed loaded no checkpoint {CKPT_TAG!r} to resume "
+                           f"step {step} from (its module states are missing or unreadable)")
+
+
 def restore(run: TrainRun, world: int, restored: Restored | None, stack: contextlib.ExitStack
             ) -> tuple[Any, Callable[[dict[str, Any]], Any], Plan, Position, str | None]:
     """Engine, collator, plan, start position and resume mode (:func:`resume_mode`; after
@@ -284,7 +305,7 @@ def restore(run: TrainRun, world: int, restored: Restored | None, stack: context
     engine, collate = setup_engine(run, plan, load_universal=mode == "universal",
                                    weights=weights)
     if mode in ("same", "universal"):
-        engine.load_checkpoint(load_dir, tag=CKPT_TAG)
+        load_checkpoint(engine, load_dir, at.step, universal=mode == "universal")
         if mode == "universal":
             log.info("rank %d: resumed from the universal checkpoint of step %d (%s -> %d "
                      "workers)", engine.global_rank, at.step, restored.state.get("world"),
