@@ -380,3 +380,40 @@ def test_a_checkpoint_deepspeed_cannot_fully_load_is_an_error(tmp_path):
         f"ERROR {tmp_path / 'empty'}: no checkpoint 'ckpt' to resume step 3 from",
         f"ERROR {tmp_path / 'no-optim' / 'ckpt'}: a ZeRO checkpoint without its optimizer "
         "states (*optim_states.pt): resuming step 3 would lose them"]
+
+
+def test_universal_copy_is_made_once_per_node(tmp_path, monkeypatch):
+    """Workers of one node resuming on another worker count: the first to take the lock
+    converts the checkpoint (here a stand-in that writes a file), the others reuse its
+    complete copy; its maker's exit removes it."""
+    import contextlib
+    import threading
+    import time
+
+    from qgscale.train import loop
+
+    made = []
+
+    def convert(ckpt_dir, out_root):
+        made.append(out_root)
+        time.sleep(0.3)  # the others wait on the lock meanwhile
+        os.makedirs(out_root)
+        open(os.path.join(out_root, "weights"), "w").close()
+        return out_root
+
+    monkeypatch.setattr(loop, "to_universal", convert)
+    monkeypatch.setattr(loop.tempfile, "gettempdir", lambda: str(tmp_path))
+    restored = loop.Restored(str(tmp_path / "ckpt"), {"step": 4}, "s3://b/run/checkpoint_3")
+    stacks = [contextlib.ExitStack() for _ in range(4)]
+    roots: list[str] = []
+    threads = [threading.Thread(target=lambda s=s: roots.append(loop.universal_copy(restored, s)))
+               for s in stacks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len(set(roots)) == 1
+    assert sorted(os.listdir(roots[0])) == [".complete", "weights"]
+    for s in stacks:
+        s.close()
+    assert not os.path.exists(roots[0])

@@ -171,6 +171,7 @@ class Restored:
 
     dir: str
     state: dict[str, Any]
+    source: str = ""  # where the checkpoint is kept (Ray's path): the same for every worker
 
     @property
     def position(self) -> Position:
@@ -184,7 +185,7 @@ def open_checkpoint(checkpoint: Any, stack: contextlib.ExitStack) -> Restored | 
         return None
     d = stack.enter_context(checkpoint.as_directory())
     with open(os.path.join(d, STATE_FILE)) as f:
-        return Restored(d, json.load(f))
+        return Restored(d, json.load(f), str(getattr(checkpoint, "path", d)))
 
 
 def resume_mode(restored: Restored | None, world: int, tc: TrainConfig) -> str | None:
@@ -212,6 +213,35 @@ def to_universal(ckpt_dir: str, out_root: str) -> str:
         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     ds_to_universal.main(args)
     return out_root
+
+
+def universal_copy(restored: Restored, stack: contextlib.ExitStack) -> str:
+    """The universal conversion of ``restored``, made once per node: the workers of a node
+    take a file lock in turn, the first converts into the system temp folder (fp32 weights
+    and both AdamW moments: several GB for a base model, which every worker wrote before),
+    the others find it complete. Its maker removes it when its attempt ends (the others have
+    loaded it by then: the first step's all-reduce waits for them)."""
+    import fcntl
+    import hashlib
+    import shutil
+
+    key = hashlib.sha256(f"{restored.source or restored.dir}\n{restored.state.get('step')}"
+                         .encode()).hexdigest()[:16]
+    root = os.path.join(tempfile.gettempdir(), f"qgscale-universal-{key}")
+    with open(root + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not os.path.exists(os.path.join(root, ".complete")):
+            tmp = f"{root}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                to_universal(restored.dir, tmp)
+                open(os.path.join(tmp, ".complete"), "w").close()
+                shutil.rmtree(root, ignore_errors=True)  # an unfinished copy of a crashed one
+                os.rename(tmp, root)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            stack.callback(shutil.rmtree, root, True)
+    return root
 
 
 def fp32_weights(ckpt_dir: str) -> dict[str, torch.Tensor]:
@@ -287,8 +317,7 @@ def restore(run: TrainRun, world: int, restored: Restored | None, stack: context
     load_dir = restored.dir if restored else None
     if mode == "universal":
         try:
-            load_dir = to_universal(restored.dir, stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="qgscale-universal-")))
+            load_dir = universal_copy(restored, stack)
         except Exception as e:  # noqa: BLE001 -- any conversion failure: fall back below
             log.warning("converting the checkpoint of step %d to a DeepSpeed universal "
                         "checkpoint failed (%s: %s); falling back to its fp32 weights",
