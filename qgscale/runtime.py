@@ -703,6 +703,21 @@ def map_window(cluster_window: bool = False) -> int:
     return MAP_IN_WORKER
 
 
+def off_cpuless_head() -> dict[str, Any]:
+    """Task options that keep a task of no CPU off a head node started with no CPUs (the
+    KubeRay manifests' head: "no task or actor lands next to the driver"), which Ray would
+    otherwise find feasible for it: a label selector excluding the head, while some other
+    node has CPUs. Empty otherwise (a local Ray; a cluster scaled to its head alone)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    head = [n for n in alive if "node:__internal_head__" in n.get("Resources", {})]
+    if (len(head) != 1 or head[0]["Resources"].get("CPU", 0) > 0
+            or not any(n["Resources"].get("CPU", 0) > 0 for n in alive)):
+        return {}
+    return {"label_selector": {"ray.io/node-id": f"!{head[0]['NodeID']}"}}
+
+
 def map_shards(fn: Callable[..., Any], uris: Sequence[Any], *args: Any,
                cluster_window: bool = False, num_cpus: float = 0,
                least: int | None = None) -> Iterator[Any]:
@@ -716,6 +731,7 @@ def map_shards(fn: Callable[..., Any], uris: Sequence[Any], *args: Any,
     DataError naming its file). ``uris`` may be other work units than file URIs (e.g.
     byte ranges of a file, :mod:`qgscale.data.collection`): they count as remote ones.
     ``least``: on tasks from this many items (e.g. 1: work too large for this process).
+    Tasks of no CPU stay off a head started with no CPUs (:func:`off_cpuless_head`).
 
     For the driver's passes over many files (corpus lookups, statistics): each file's work
     goes where it is read, only ``fn``'s result comes back, and the files' round trips
@@ -735,7 +751,8 @@ def map_shards(fn: Callable[..., Any], uris: Sequence[Any], *args: Any,
         return
     from ray.exceptions import RayTaskError
 
-    task = ray.remote(fn).options(**remote_options(num_cpus, scheduling_strategy="SPREAD"))
+    task = ray.remote(fn).options(**remote_options(
+        num_cpus, scheduling_strategy="SPREAD", **(off_cpuless_head() if not num_cpus else {})))
     refs = [ray.put(a) for a in args]
     window = map_window(cluster_window)
     pending: deque[Any] = deque()

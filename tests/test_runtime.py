@@ -316,6 +316,49 @@ def test_every_node_must_see_local_paths(tmp_path):
     assert "s3://" in got["error"]
 
 
+CPULESS_HEAD = r'''
+import json
+import ray
+from ray.cluster_utils import Cluster
+from qgscale import runtime
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address, log_to_driver=False)
+cluster.wait_for_nodes()
+
+
+def where(uri):
+    import ray
+    return ray.get_runtime_context().get_node_id()
+
+
+head = ray.get_runtime_context().get_node_id()  # the driver's: the head
+ran = list(runtime.map_shards(where, [f"s3://b/part-{i}" for i in range(8)]))
+print(json.dumps({"selector": runtime.off_cpuless_head(), "head": head, "ran": ran}))
+ray.shutdown()
+cluster.shutdown()
+'''
+
+
+def test_tasks_of_no_cpu_stay_off_a_cpuless_head(tmp_path, ray_local):
+    """On a real two-node cluster whose head has no CPUs (as the KubeRay manifests start it),
+    map_shards' tasks of no CPU run on the worker node, never on the head (Ray finds a
+    0-CPU task feasible there); on a local Ray with CPUs nothing is excluded."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    assert runtime.off_cpuless_head() == {}
+    res = subprocess.run([sys.executable, "-c", CPULESS_HEAD], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["selector"] == {"label_selector": {"ray.io/node-id": f"!{got['head']}"}}
+    assert len(got["ran"]) == 8 and got["head"] not in got["ran"]
+
+
 def test_the_inputs_each_stage_checks_on_every_node():
     """What ``qgscale run`` checks before a stage (``pipeline.shared_inputs``): the inputs
     its tasks read, by setting; prepare's passage collection only (the driver reads XQuAD's
