@@ -1,8 +1,6 @@
 """An index merge task's reads of its parts from S3 (``qgscale.index.build.merge_parts``),
 before and after the parts are downloaded ahead of the merge (``local_parts``: 4 ahead)
-instead of one after another; and a search actor's read of one large index shard
-(``read_index``), before and after large files come down in ranges, 8 at once
-(``storage.get_file``), instead of in one stream.
+instead of one after another.
 
     python benchmarks/merge_reads.py --out benchmarks/results/merge_reads.json \
         [--baseline-src DIR]   # DIR: a checkout of an older qgscale, run the same way
@@ -14,8 +12,7 @@ each request ``--latency-ms`` and paces each connection's replies to ``--stream-
 (one S3 GET stream's rate; S3's aggregate over many streams is far higher, but this
 machine's 2 CPUs serve moto, the proxy and the merge, so the speed-up here is bounded by
 them). Per source tree, a child process merges the parts in memory into a local file
-(``memory`` mode) and checks the vector count, then reads the index of all the vectors, one
-file, from the bucket (``shard_read_s``); wall times are its own, peak RSS is measured from
+(``memory`` mode) and checks the vector count; its wall time and peak RSS are measured from
 outside (``before_after.measure``). Prints a table; writes JSON.
 """
 
@@ -40,7 +37,7 @@ DIM, NLIST = 128, 64
 def child(phase: str, data: str, out: str) -> None:
     """Merge the parts named in ``data/parts.json`` through the slow endpoint; prints the
     time."""
-    from qgscale.index.build import merge_parts, read_index
+    from qgscale.index.build import merge_parts
 
     os.environ["AWS_ENDPOINT_URL"] = os.environ["BENCH_SLOW_ENDPOINT"]
     spec = json.loads(Path(data, "parts.json").read_text())
@@ -49,16 +46,12 @@ def child(phase: str, data: str, out: str) -> None:
     n = merge_parts(spec["trained"], spec["parts"], str(Path(out) / "shard.faiss"), "memory", 2)
     wall = round(time.time() - t0, 2)
     assert n == spec["rows"], f"merged {n} != {spec['rows']} vectors"
-    t0 = time.time()
-    shard = read_index(spec["shard"])
-    read_s = round(time.time() - t0, 2)
-    assert shard.ntotal == spec["rows"], "the shard does not hold every vector"
-    print(json.dumps({"merge_s": wall, "ntotal": n, "shard_read_s": read_s}), flush=True)
+    print(json.dumps({"merge_s": wall, "ntotal": n}), flush=True)
 
 
 def write_parts(bucket: str, parts: int, rows: int) -> dict:
-    """A trained index, ``parts`` parts (quantizer stripped, as the add step writes them)
-    and one index of all their vectors (a merged shard) in the bucket."""
+    """A trained index and ``parts`` parts (quantizer stripped, as the add step writes
+    them) in the bucket."""
     import faiss
 
     from qgscale.index.build import strip_quantizer, write_index
@@ -67,19 +60,15 @@ def write_parts(bucket: str, parts: int, rows: int) -> dict:
     trained = faiss.index_factory(DIM, f"IVF{NLIST},Flat", faiss.METRIC_INNER_PRODUCT)
     trained.train(rng.normal(size=(40 * NLIST, DIM)).astype(np.float32))
     write_index(trained, f"{bucket}/trained.faiss")
-    uris, whole = [], faiss.clone_index(trained)
+    uris = []
     for i in range(parts):
         part = faiss.clone_index(trained)
-        x, ids = rng.normal(size=(rows, DIM)).astype(np.float32), np.arange(i * rows,
-                                                                             (i + 1) * rows)
-        part.add_with_ids(x, ids)
-        whole.add_with_ids(x, ids)
+        part.add_with_ids(rng.normal(size=(rows, DIM)).astype(np.float32),
+                          np.arange(i * rows, (i + 1) * rows))
         strip_quantizer(part)
         uris.append(f"{bucket}/parts/part-{i:05d}.faiss")
         write_index(part, uris[-1])
-    write_index(whole, f"{bucket}/shard.faiss")
-    return {"trained": f"{bucket}/trained.faiss", "parts": uris, "rows": parts * rows,
-            "shard": f"{bucket}/shard.faiss"}
+    return {"trained": f"{bucket}/trained.faiss", "parts": uris, "rows": parts * rows}
 
 
 def main() -> None:
@@ -109,22 +98,17 @@ def main() -> None:
     part_mb = args.part_rows * (DIM * 4 + 8) / 1e6
     print(f"\n{args.parts} parts of {part_mb:.1f} MB, {args.latency_ms:g} ms a request, "
           f"{args.stream_mbps:g} MB/s a connection")
-    print(f"{'tree':9} {'commit':8} {'merge s':>8} {'MB/s':>7} {'shard read s':>13} "
-          f"{'MB/s':>7} {'peak RSS MB':>12}")
+    print(f"{'tree':9} {'commit':8} {'merge s':>8} {'MB/s':>7} {'peak RSS MB':>12}")
     for r in rows:
-        mb = args.parts * part_mb
-        print(f"{r['tree']:9} {r['commit']:8} {r['merge_s']:8.1f} {mb / r['merge_s']:7.1f} "
-              f"{r['shard_read_s']:13.1f} {mb / r['shard_read_s']:7.1f} "
-              f"{r['driver_peak_rss_mb']:12.1f}")
+        print(f"{r['tree']:9} {r['commit']:8} {r['merge_s']:8.1f} "
+              f"{args.parts * part_mb / r['merge_s']:7.1f} {r['driver_peak_rss_mb']:12.1f}")
     result = {"parts": args.parts, "part_rows": args.part_rows, "dim": DIM,
               "part_mb": round(part_mb, 1), "latency_ms": args.latency_ms,
               "stream_mbps": args.stream_mbps, "cpus": 2, "rows": rows,
               "load_avg_start": load, "load_avg_end": os.getloadavg()}
     if args.baseline_src:
         result["speedup"] = round(rows[0]["merge_s"] / rows[-1]["merge_s"], 2)
-        result["speedup_shard_read"] = round(rows[0]["shard_read_s"] / rows[-1]["shard_read_s"],
-                                             2)
-        print("speedup: merge", result["speedup"], "shard read", result["speedup_shard_read"])
+        print("speedup:", result["speedup"])
     save(args.out, result)
 
 

@@ -216,45 +216,16 @@ def put_file(local: str, uri: str) -> None:
         shutil.copyfile(local, tmp)
 
 
-# a remote file larger than this is downloaded in ranges of this size, GET_THREADS at once:
-# one S3 GET stream runs at ~50-100 MB/s, a node's network at 10-100x that
-GET_RANGE = 32 << 20
-GET_THREADS = 8
-
-
 def get_file(uri: str, dest: str) -> None:
-    """Download remote file ``uri`` to local ``dest``: in one GET when it is small, else in
-    :data:`GET_RANGE` ranges, :data:`GET_THREADS` at a time, each written at its offset
-    (index shards and parts, model weights: one stream each was the bound). Holds at most
-    ``GET_THREADS`` ranges in memory."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Download remote file ``uri`` to local ``dest`` (s3fs downloads a file over its block
+    size, 50 MiB, in ranges, 10 at once)."""
     fs, path = url_to_fs(uri)
-    size = fs.size(path)
-    if size is None or size <= 2 * GET_RANGE:
-        fs.get_file(path, dest)
-        return
-    starts = range(0, size, GET_RANGE)
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, size)
-
-        def get(start: int) -> None:
-            data = fs.cat_file(path, start=start, end=min(start + GET_RANGE, size))
-            if len(data) != min(GET_RANGE, size - start):
-                raise OSError(f"{uri}: {len(data)} bytes at offset {start}, expected "
-                              f"{min(GET_RANGE, size - start)} (the file changed?)")
-            os.pwrite(fd, data, start)
-
-        with ThreadPoolExecutor(GET_THREADS, thread_name_prefix="qgs-get") as pool:
-            list(pool.map(get, starts))  # in order of submission; the first error raises
-    finally:
-        os.close(fd)
+    fs.get_file(path, dest)
 
 
 @contextlib.contextmanager
 def reading_file(uri: str, folder: str | None = None) -> Iterator[str]:
-    """A local path holding the file ``uri`` (itself if local, else downloaded by
+    """A local path holding the file ``uri`` (itself if local, else streamed by
     :func:`get_file` into ``folder`` or a temp folder, removed on exit unless ``folder`` was
     given)."""
     fs, path = url_to_fs(uri)
@@ -670,22 +641,17 @@ def local_dir(uri: str, cache: str | None = None, names: list[str] | None = None
     fs, path = url_to_fs(uri)
     tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
     root = path.rstrip("/")
-    fs.invalidate_cache(root)
-    files = fs.find(root) if names is None else [posixpath.join(root, n) for n in names]
-    if not files:
-        raise FileNotFoundError(f"{uri}: no files in this folder")
-    proto = uri.split("://", 1)[0]
-
-    def fetch(f: str) -> None:  # each file by get_file: a large one in ranges
-        local = os.path.join(tmp, *posixpath.relpath(f, root).split("/"))
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        get_file(f"{proto}://{f}", local)
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(GET_THREADS, thread_name_prefix="qgs-dir") as pool:
-        list(pool.map(fetch, files))
-    open(os.path.join(tmp, ".complete"), "w").close()
+    try:
+        if names is None:
+            fs.get(root + "/", tmp, recursive=True)
+        else:  # these files only, fetched together
+            os.makedirs(tmp)
+            fs.get([posixpath.join(root, n) for n in names],
+                   [os.path.join(tmp, *n.split("/")) for n in names])
+        open(os.path.join(tmp, ".complete"), "w").close()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial copy left in the cache
+        raise
     if os.path.isdir(dest) and not os.path.exists(done):  # an unfinished copy: set it aside
         trash = f"{dest}.old-{uuid.uuid4().hex}"
         with contextlib.suppress(FileNotFoundError):

@@ -285,14 +285,26 @@ def test_fast_scan_merge_at_block_boundaries(tmp_path, factory, rows):
     np.testing.assert_array_equal(d_got, d_ref)
 
 
-def test_local_parts_reads_ahead_in_order_and_removes(s3_bucket, tmp_path):
-    """Remote parts come back in order, downloaded at most ``ahead`` past the one in use and
-    removed when the next is asked for; local ones are themselves; ``keep`` leaves them."""
+def test_local_parts_reads_ahead_in_order_and_removes(s3_bucket, tmp_path, monkeypatch):
+    """Remote parts come back in order, the next ones already downloading while the caller
+    holds one (at most ``ahead`` past it), each removed when the next is asked for; local
+    ones are themselves; ``keep`` leaves them."""
+    import threading
+
     uris = []
     for i in range(6):
         uri = f"{s3_bucket}/parts/p-{i}.bin" if i != 2 else str(tmp_path / "p-2.bin")
         storage.write_bytes(uri, f"part {i}".encode() * 1000)
         uris.append(uri)
+    started = {i: threading.Event() for i in range(6)}
+    get = storage.get_file
+
+    def get_file(uri, dest):  # records which downloads began
+        if uri in uris:
+            started[uris.index(uri)].set()
+        get(uri, dest)
+
+    monkeypatch.setattr(storage, "get_file", get_file)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     seen = []
@@ -301,6 +313,8 @@ def test_local_parts_reads_ahead_in_order_and_removes(s3_bucket, tmp_path):
             with open(path, "rb") as f:
                 seen.append(f.read())
             assert (path == uris[i]) == (i == 2)
+            if i == 0:  # part 1 downloads while part 0 is used
+                assert started[1].wait(10)
             assert len(os.listdir(tmp)) <= 3  # this one and at most 2 ahead
     assert seen == [f"part {i}".encode() * 1000 for i in range(6)]
     assert os.listdir(tmp) == [] and os.path.exists(uris[2])
@@ -365,18 +379,21 @@ def test_a_rebuild_keeps_the_shards_it_merged(ray_local, tmp_path):
     under the same key and parts (its marker), and merges again only one without it."""
     xb = clustered(3000, 16, seed=4)
     emb, idx = str(tmp_path / "emb"), str(tmp_path / "index")
-    write_embeddings(emb, xb, 4)
-    opts = BuildConfig(factory="IVF8,Flat", metric="l2", train_samples=2000, num_shards=2,
+    opts = BuildConfig(factory="IVF8,Flat", metric="l2", train_samples=2000, num_shards=3,
                        cpus_per_actor=0.5)
+    write_embeddings(emb, xb, 6)
     m = B.build_index(emb, idx, opts)
     files = [os.path.join(idx, f) for f in m["shards"]]
     stamps = [os.stat(f).st_mtime_ns for f in files]
-    os.remove(B.merge_marker(idx, m["shards"][1]))
+    os.remove(B.merge_marker(idx, m["shards"][1]))  # shard 1: its merge never finished
+    marker = storage.read_json(B.merge_marker(idx, m["shards"][2]))
+    storage.write_json(B.merge_marker(idx, m["shards"][2]),  # shard 2: other parts
+                       {**marker, "job": {**marker["job"], "parts": marker["job"]["parts"][1:]}})
     again = B.build_index(emb, idx, opts)
     assert again["ntotal"] == m["ntotal"] == 3000 and again["shards"] == m["shards"]
     assert os.stat(files[0]).st_mtime_ns == stamps[0]  # kept
-    assert os.stat(files[1]).st_mtime_ns != stamps[1]  # merged again
-    assert storage.exists(B.merge_marker(idx, m["shards"][1]))
+    assert all(os.stat(files[j]).st_mtime_ns != stamps[j] for j in (1, 2))  # merged again
+    assert storage.read_json(B.merge_marker(idx, m["shards"][2]))["job"] == marker["job"]
     got, _ = search(idx, xb[:20], 1, nprobe=8)
     assert got[:, 0].tolist() == [f"p{i}" for i in range(20)]
 
@@ -1156,4 +1173,3 @@ def test_merge_reads_benchmark(s3_bucket, tmp_path, capsys, monkeypatch):
     bench.child("s3", str(tmp_path), str(tmp_path / "out"))
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["ntotal"] == 1200 and (tmp_path / "out" / "shard.faiss").exists()
-    assert got["shard_read_s"] >= 0

@@ -217,29 +217,20 @@ def test_local_dir_downloads_a_remote_folder(s3_bucket, tmp_path):
     assert storage.read_bytes(storage.join(s3_bucket, "copy", "sub", "w.bin")) == b"123"
 
 
-def test_large_remote_files_download_in_ranges(s3_bucket, tmp_path, monkeypatch):
-    """A file over 2 ranges comes down in ranges (a size no multiple of the range), byte for
-    byte, through reading_file and local_dir; a small one in one GET; a folder with no file
-    is an error, not an empty cached folder."""
-    monkeypatch.setattr(storage, "GET_RANGE", 1000)
-    gets = []
-    fs = storage.url_to_fs(s3_bucket)[0]  # the cached instance every call uses
-    cat = fs.cat_file
-    monkeypatch.setattr(fs, "cat_file", lambda path, start=None, end=None, **kw:
-                        gets.append(start) or cat(path, start=start, end=end, **kw))
-    big, small = os.urandom(10_500), os.urandom(1_900)
-    storage.write_bytes(f"{s3_bucket}/m/big.bin", big)
-    storage.write_bytes(f"{s3_bucket}/m/sub/small.bin", small)
-    with storage.reading_file(f"{s3_bucket}/m/big.bin") as path:
-        assert open(path, "rb").read() == big
-    assert sorted(gets) == list(range(0, 10_500, 1000))
-    gets.clear()
-    local = storage.local_dir(f"{s3_bucket}/m", cache=str(tmp_path))
-    assert open(os.path.join(local, "big.bin"), "rb").read() == big
-    assert open(os.path.join(local, "sub", "small.bin"), "rb").read() == small
-    assert len(gets) == 11  # the big file's ranges; the small one in one GET
-    with pytest.raises(FileNotFoundError, match="no files"):
-        storage.local_dir(f"{s3_bucket}/none", cache=str(tmp_path))
+def test_local_dir_of_some_files_and_no_partial_copy(s3_bucket, tmp_path):
+    """``local_dir(names=)`` fetches only those files of the folder (an on-disk index shard
+    and its .ivfdata), byte for byte; a failed fetch leaves nothing in the cache."""
+    big, other = os.urandom(3_000_000), os.urandom(1_000)
+    storage.write_bytes(f"{s3_bucket}/m/shard-0.faiss", other)
+    storage.write_bytes(f"{s3_bucket}/m/shard-0.faiss.ivfdata", big)
+    storage.write_bytes(f"{s3_bucket}/m/shard-1.faiss.ivfdata", big)
+    local = storage.local_dir(f"{s3_bucket}/m", cache=str(tmp_path / "c"),
+                              names=["shard-0.faiss", "shard-0.faiss.ivfdata"])
+    assert sorted(os.listdir(local)) == [".complete", "shard-0.faiss", "shard-0.faiss.ivfdata"]
+    assert open(os.path.join(local, "shard-0.faiss.ivfdata"), "rb").read() == big
+    with pytest.raises(FileNotFoundError):
+        storage.local_dir(f"{s3_bucket}/m", cache=str(tmp_path / "c"), names=["none.faiss"])
+    assert os.listdir(tmp_path / "c") == [os.path.basename(local)]  # no temp copy left
 
 
 LOAD_MODEL = """
