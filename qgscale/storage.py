@@ -159,6 +159,15 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def read_tail(uri: str, nbytes: int = 1 << 16) -> bytes:
+    """The last ``nbytes`` of file ``uri`` (all of it when shorter): one ranged read, not the
+    file (a poller of a growing log)."""
+    fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)
+    size = fs.size(path)
+    return fs.cat_file(path, start=max(0, size - nbytes), end=size) if size else b""
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` so that readers see either nothing or the whole file.
 

@@ -233,6 +233,20 @@ def test_local_dir_of_some_files_and_no_partial_copy(s3_bucket, tmp_path):
     assert os.listdir(tmp_path / "c") == [os.path.basename(local)]  # no temp copy left
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_read_tail_reads_the_end_of_a_file(where, tmp_path, s3_bucket):
+    """The training progress poller's read: the last bytes of a growing log, whole when
+    short, nothing for an empty file; a rewritten file's new end."""
+    uri = (str(tmp_path / "m.jsonl") if where == "local" else f"{s3_bucket}/m.jsonl")
+    storage.write_bytes(uri, b"".join(b'{"step": %d}\n' % i for i in range(5000)))
+    assert storage.read_tail(uri, 100).splitlines()[-1] == b'{"step": 4999}'
+    assert len(storage.read_tail(uri, 100)) == 100
+    storage.write_bytes(uri, b'{"step": 1}\n')
+    assert storage.read_tail(uri) == b'{"step": 1}\n'
+    storage.write_bytes(uri, b"")
+    assert storage.read_tail(uri) == b""
+
+
 LOAD_MODEL = """
 import os, sys, time, uuid
 from qgscale import storage

@@ -145,7 +145,8 @@ def _progress(run: TrainRun, every_s: float = 2.0) -> Iterator[None]:
     def poll() -> None:
         while not stop.wait(every_s):
             try:
-                lines = storage.read_bytes(run.metrics_uri).decode().splitlines()
+                # its last line only (the log grows with the steps; read every 2 s)
+                lines = storage.read_tail(run.metrics_uri).decode(errors="replace").splitlines()
                 last = json.loads(lines[-1]) if lines else None
             except (OSError, ValueError):
                 continue
