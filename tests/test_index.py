@@ -275,14 +275,20 @@ def test_fast_scan_merge_at_block_boundaries(tmp_path, factory, rows):
         parts.append(str(tmp_path / f"part-{i}.faiss"))
         B.write_index(part, parts[-1])
     assert B.merge_parts(tr, parts, str(tmp_path / "out.faiss"), "memory", 1) == 5 * rows
-    merged, single = faiss.read_index(str(tmp_path / "out.faiss")), faiss.read_index(tr)
+    same_search(faiss.read_index(str(tmp_path / "out.faiss")), faiss.read_index(tr), x, 4)
+
+
+def same_search(merged, single, x: np.ndarray, nprobe: int) -> np.ndarray:
+    """Asserts that ``merged`` searches as ``single`` (the trained index) with every vector
+    of ``x`` added in one process; returns the reference ids."""
     single.add_with_ids(x, np.arange(len(x)))
     for index in (merged, single):
-        faiss.extract_index_ivf(index).nprobe = 4
+        faiss.extract_index_ivf(index).nprobe = nprobe
     d_got, i_got = merged.search(x[:50], 10)
     d_ref, i_ref = single.search(x[:50], 10)
     np.testing.assert_array_equal(i_got, i_ref)
     np.testing.assert_array_equal(d_got, d_ref)
+    return i_ref
 
 
 def test_local_parts_reads_ahead_in_order_and_removes(s3_bucket, tmp_path, monkeypatch):
@@ -355,14 +361,7 @@ def test_merge_of_parts_on_s3_equals_single_process(s3_bucket, tmp_path, monkeyp
                                            str(local / ("shard.faiss" + suffix)))
     merged = faiss.read_index(str(local / "shard.faiss"),
                               faiss.IO_FLAG_ONDISK_SAME_DIR if mode == "ondisk" else 0)
-    single = faiss.clone_index(trained)
-    single.add_with_ids(x, np.arange(len(x)))
-    for index in (merged, single):
-        faiss.extract_index_ivf(index).nprobe = 8
-    d_got, i_got = merged.search(x[:50], 10)
-    d_ref, i_ref = single.search(x[:50], 10)
-    np.testing.assert_array_equal(i_got, i_ref)
-    np.testing.assert_array_equal(d_got, d_ref)
+    i_ref = same_search(merged, faiss.clone_index(trained), x, 8)
     if mode == "ondisk":  # a search actor fetches its shard's two files, not the folder
         storage.write_bytes(f"{s3_bucket}/out/shard-other.faiss.ivfdata", b"x" * 1000)
         monkeypatch.setenv("QGSCALE_CACHE", str(tmp_path / "cache"))

@@ -164,12 +164,20 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
         return left.join(right, join_type="left_outer", num_partitions=parts, on=(on,))
 
     pos, pos_uri = _positives(examples_uri, qrels_uri, parts)
-    if generated_uri:  # read twice: joined with the queries, and its positives' pids
+    if generated_uri or candidates_uri:  # read twice: joined, and its pids or list lengths
         pos = pos.materialize()
     rows = join(pos, queries_dataset(queries_uri), "qid")
     if candidates_uri:
+        # a row reads a list's first n_candidates, and its negatives from the head of the
+        # list less its positives: only that head goes through the join (mine.top_k: 100)
+        most = pos.map_batches(lambda t: pa.table({"n": [pc.max(pc.list_value_length(
+            t.column("pos"))).as_py() or 0]}), batch_format="pyarrow").max("n") or 0
+        keep = max(loss.n_candidates, loss.n_hard_negatives + most)
         cands = dataset(candidates_uri, "candidates", ["qid", "pids"], _check_nonempty_list(
-            "qid", "pids", "empty candidate list")).drop_columns(["_row"])
+            "qid", "pids", "empty candidate list")).map_batches(
+            lambda t: pa.table({"qid": t.column("qid"),
+                                "pids": pc.list_slice(t.column("pids"), 0, keep)}),
+            batch_format="pyarrow")
         rows = join(rows, cands, "qid")
     if generated_uri:  # the generated queries of each training query's positive passages
         qp = pos.flat_map(lambda r: [{"qid": r["qid"], "pid": p} for p in sorted(set(r["pos"]))]
