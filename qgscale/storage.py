@@ -160,8 +160,8 @@ def read_bytes(uri: str) -> bytes:
 
 
 def read_tail(uri: str, nbytes: int = 1 << 16) -> bytes:
-    """The last ``nbytes`` of file ``uri`` (all of it when shorter): one ranged read, not the
-    file (a poller of a growing log)."""
+    """The last ``nbytes`` of file ``uri`` (all of it when shorter): its size and one ranged
+    read, not the file (a poller of a growing log)."""
     fs, path = url_to_fs(uri)
     fs.invalidate_cache(path)
     size = fs.size(path)

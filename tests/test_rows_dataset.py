@@ -59,6 +59,14 @@ def test_distill_rows_equal_the_driver_join(data, tmp_path, ray_local):  # noqa:
     assert got == want and counts == want_counts
     assert len(got) == 20 and all(len(r["gen_scores"]) == 4 for r in got)
     assert counts["random_negatives"] > 0 and all(len(r["passages"]) == 7 for r in got)
+    # lists cut before the join on both paths (3 of the fixture's 6: n_hard_negatives + the
+    # one positive), the same rows
+    loss = LossConfig(n_hard_negatives=2, n_candidates=2, kd_on_generated=True)
+    want, want_counts, got, counts = _both(
+        data, tmp_path / "cut", loss, qrels_uri=data["qrels"], candidates_uri=data["cands"],
+        scores_uri=data["scores"], generated_uri=data["gen"])
+    assert got == want and counts == want_counts and len(got) == 20
+    assert all(len(r["passages"]) == 3 and len(r["gen_scores"]) == 2 for r in got)
 
 
 @pytest.mark.timeout(1500)
