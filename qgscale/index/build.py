@@ -642,15 +642,17 @@ def build_index(emb_uri: str, index_uri: str, bc: BuildConfig | None = None,
             shard_files = [f"shards/shard-{j:05d}.faiss" for j in range(len(groups))]
             ondisk = bc.merge == "ondisk" and is_ivf(factory)
             merge = ray.remote(merge_shard).options(**task_options)
-            merged = []
+            merged, running = [], []
             for f, g in zip(shard_files, groups, strict=True):  # a merge done before a crash
                 job = {"parts": [names[i] for i in g], "mode": "ondisk" if ondisk else "memory",
                        "config_hash": chash}  # is kept
                 done = merged_before(index_uri, f, job)
-                merged.append(done if done is not None else merge.remote(
-                    trained_uri, [part_uris[i] for i in g], index_uri, f, job,
-                    bc.cpus_per_actor))
-            merged = [m if isinstance(m, int) else ray.get(m) for m in merged]
+                if done is None:
+                    running.append(merge.remote(trained_uri, [part_uris[i] for i in g],
+                                                index_uri, f, job, bc.cpus_per_actor))
+                else:
+                    merged.append(done)
+            merged += ray.get(running)
             if sum(merged) != n:
                 raise RuntimeError(f"{index_uri}: merged {sum(merged)} != {n} vectors")
     rates = {f"{p[:-2]}_vectors_per_s": round(n / max(timings[p], 1e-9), 1)

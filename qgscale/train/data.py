@@ -173,6 +173,13 @@ def positives_from(examples_uri: str | None, qrels_uri: str | None
     return dict(pos), dict(neg), qrels_uri
 
 
+def candidates_read(loss: LossConfig, most_positives: int) -> int:
+    """How much of a candidate list a row reads (:func:`plan_row`): its first
+    ``n_candidates``, and its negatives from the head of the list less its positives (at most
+    ``most_positives`` of them)."""
+    return max(loss.n_candidates, loss.n_hard_negatives + most_positives)
+
+
 def load_candidates(candidates_uri: str, keep: int | None = None) -> dict[str, list[str]]:
     """Each query's candidate list (none may be empty; one per qid), its first ``keep`` only
     when given (cut in Arrow file by file: a row reads a list's head, and ``mine.top_k``
@@ -355,10 +362,8 @@ def build_student_rows(queries_uri: str, corpus_uri: str, loss: LossConfig | Non
     if candidates_uri or scores_uri:
         if not (candidates_uri and scores_uri):
             raise DataError("distillation needs both candidates and teacher scores")
-        # a row reads its first n_candidates, and its negatives from the head of the list
-        # less its positives
-        cands = load_candidates(candidates_uri, max(
-            loss.n_candidates, loss.n_hard_negatives + max(map(len, pos.values()), default=0)))
+        cands = load_candidates(candidates_uri, candidates_read(
+            loss, max(map(len, pos.values()), default=0)))
     gens: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # pid -> [(pid, l, q)]
     if generated_uri:  # only those of the positive passages (not of the whole table)
         for g in generated_of(generated_uri, {p for ps in pos.values() for p in ps}):

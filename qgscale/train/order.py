@@ -171,12 +171,11 @@ class Loader:
         order = EpochOrder(self.shards, self.seed, epoch)
         b, w = self.batch_size, self.world
         starts = [offset + (j * w + self.rank) * b for j in range(micro_batches)]
-        wanted = [order.take(start, start + b) for start in starts]  # 8 B a row of ours
-        rows_of = ShardRows(self.shards, np.sort(np.concatenate(wanted)) if wanted else
+        ids = [order.take(start, start + b) for start in starts]  # 8 B a row of ours
+        rows_of = ShardRows(self.shards, np.sort(np.concatenate(ids)) if ids else
                             np.zeros(0, np.int64))
-        del wanted
-        for start in starts:
-            yield start, rows_of(order.take(start, start + b))
+        for start, batch in zip(starts, ids, strict=True):
+            yield start, rows_of(batch)
 
     def epoch(self, epoch: int, offset: int, micro_batches: int) -> Iterator[MicroBatch]:
         """``micro_batches`` collated micro-batches of this worker in epoch ``epoch`` from

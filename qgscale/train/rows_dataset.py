@@ -168,11 +168,10 @@ def _build(queries_uri: str, corpus_uri: str, out_uri: str, config_hash: str,
         pos = pos.materialize()
     rows = join(pos, queries_dataset(queries_uri), "qid")
     if candidates_uri:
-        # a row reads a list's first n_candidates, and its negatives from the head of the
-        # list less its positives: only that head goes through the join (mine.top_k: 100)
+        # only the head of each list a row reads goes through the join (mine.top_k: 100)
         most = pos.map_batches(lambda t: pa.table({"n": [pc.max(pc.list_value_length(
             t.column("pos"))).as_py() or 0]}), batch_format="pyarrow").max("n") or 0
-        keep = max(loss.n_candidates, loss.n_hard_negatives + most)
+        keep = tdata.candidates_read(loss, most)
         cands = dataset(candidates_uri, "candidates", ["qid", "pids"], _check_nonempty_list(
             "qid", "pids", "empty candidate list")).map_batches(
             lambda t: pa.table({"qid": t.column("qid"),
