@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import tempfile
@@ -40,7 +41,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qgscale.errors import MissingInputError
+from qgscale.errors import DataError, MissingInputError
+
+logger = logging.getLogger("qgscale.storage")
 
 MANIFEST = "_manifest.json"
 DONE_DIR = "_done"
@@ -630,21 +633,45 @@ def write_manifest(root: str, config_hash: str, **extra: Any) -> dict:
     return manifest
 
 
+FETCH_TRIES = 3  # downloads of a folder that changes while it is fetched
+
+
 def local_dir(uri: str, cache: str | None = None, names: list[str] | None = None) -> str:
     """A local folder holding the contents of folder ``uri`` (downloaded once if remote), or
     only its files ``names`` (an on-disk index shard and its ``.ivfdata``, not every shard's).
 
     The cache is keyed by the URI *and* its :func:`fingerprint` (of ``names`` when given), so
-    a model retrained at the same URI is downloaded again rather than served stale."""
+    a model retrained at the same URI is downloaded again rather than served stale. The
+    fingerprint is taken again after the download: a file rewritten meanwhile (s3fs fetches
+    a large object in ranges, which could then come from two versions) means the copy is
+    thrown away and fetched again, at most :data:`FETCH_TRIES` times."""
     if is_local(uri):
         return url_to_fs(uri)[1]
     cache = cache or os.environ.get("QGSCALE_CACHE", os.path.expanduser("~/.cache/qgscale"))
-    key = (f"{uri}\n{fingerprint(uri)}" if names is None else
-           f"{uri}\n{[[n, fingerprint(join(uri, n))] for n in names]}")
-    dest = os.path.join(cache, hashlib.sha256(key.encode()).hexdigest()[:16])
-    done = os.path.join(dest, ".complete")
-    if os.path.exists(done):
-        return dest
+
+    def key() -> str:
+        return (f"{uri}\n{fingerprint(uri)}" if names is None else
+                f"{uri}\n{[[n, fingerprint(join(uri, n))] for n in names]}")
+
+    for _ in range(FETCH_TRIES):
+        before = key()
+        dest = os.path.join(cache, hashlib.sha256(before.encode()).hexdigest()[:16])
+        if os.path.exists(os.path.join(dest, ".complete")):
+            return dest
+        tmp = _fetch(uri, names, dest)
+        if key() == before:
+            return _settle(tmp, dest)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.warning("%s changed while it was downloaded: fetching it again", uri)
+    raise DataError(f"{uri} changed during each of {FETCH_TRIES} downloads: is another "
+                       "job rewriting it? Re-run once it is written")
+
+
+def _fetch(uri: str, names: list[str] | None, dest: str) -> str:
+    """Download folder ``uri`` (or its files ``names``) into a new temporary folder beside
+    ``dest``, marked complete; returns it. A failed fetch leaves no partial copy."""
     import shutil
 
     fs, path = url_to_fs(uri)
@@ -661,6 +688,14 @@ def local_dir(uri: str, cache: str | None = None, names: list[str] | None = None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no partial copy left in the cache
         raise
+    return tmp
+
+
+def _settle(tmp: str, dest: str) -> str:
+    """Move the complete download ``tmp`` to ``dest`` (the cache entry); returns ``dest``."""
+    import shutil
+
+    done = os.path.join(dest, ".complete")
     if os.path.isdir(dest) and not os.path.exists(done):  # an unfinished copy: set it aside
         trash = f"{dest}.old-{uuid.uuid4().hex}"
         with contextlib.suppress(FileNotFoundError):

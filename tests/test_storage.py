@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from qgscale import storage
+from qgscale.errors import DataError
 
 
 def _table(n: int, start: int = 0) -> pa.Table:
@@ -231,6 +232,35 @@ def test_local_dir_of_some_files_and_no_partial_copy(s3_bucket, tmp_path):
     with pytest.raises(FileNotFoundError):
         storage.local_dir(f"{s3_bucket}/m", cache=str(tmp_path / "c"), names=["none.faiss"])
     assert os.listdir(tmp_path / "c") == [os.path.basename(local)]  # no temp copy left
+
+
+@pytest.mark.parametrize("names", [None, ["shard-0.faiss"]])
+def test_local_dir_fetches_again_a_file_rewritten_while_it_downloads(s3_bucket, tmp_path,
+                                                                     monkeypatch, names):
+    """A file rewritten on S3 during the download (its ranges could come from two versions)
+    is fetched again: the copy holds the new bytes; a file rewritten during every try is an
+    error naming it, and nothing is left in the cache. The rewrite is real; only its timing
+    (right after the fetch) is arranged."""
+    uri = f"{s3_bucket}/m-{uuid.uuid4().hex}"
+    storage.write_bytes(f"{uri}/shard-0.faiss", b"v0")
+    fetch, rewrites = storage._fetch, []
+
+    def fetch_then_rewrite(*a):
+        out = fetch(*a)
+        if len(rewrites) < limit:
+            rewrites.append(1)
+            storage.write_bytes(f"{uri}/shard-0.faiss", b"v%d" % len(rewrites))
+        return out
+
+    monkeypatch.setattr(storage, "_fetch", fetch_then_rewrite)
+    limit = 1
+    local = storage.local_dir(uri, cache=str(tmp_path / "c"), names=names)
+    assert open(os.path.join(local, "shard-0.faiss"), "rb").read() == b"v1"
+    assert len(rewrites) == 1 and os.listdir(tmp_path / "c") == [os.path.basename(local)]
+    limit = 1 + storage.FETCH_TRIES
+    with pytest.raises(DataError, match=f"{uri} changed during each of 3 downloads"):
+        storage.local_dir(uri, cache=str(tmp_path / "d"), names=names)
+    assert os.listdir(tmp_path / "d") == []
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
