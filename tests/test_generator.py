@@ -160,14 +160,15 @@ def test_plan_slots_packs_each_target_once_beside_its_source():
         assert len(slot_src) == np.maximum(1, -(-counts // size)).sum()
 
 
-def _bert2bert(tokenizer, seed: int = 0):
-    """Tiny BERT encoder + BERT decoder with new cross-attention (EncoderDecoderModel)."""
+def _bert2bert(tokenizer, seed: int = 0, decoder_hidden: int = 64):
+    """Tiny BERT encoder + BERT decoder with new cross-attention (EncoderDecoderModel); a
+    decoder narrower than the encoder reads the encoder states through ``enc_to_dec_proj``."""
     from transformers import EncoderDecoderConfig, EncoderDecoderModel
 
     from qgscale.models.tiny import tiny_bert_config
 
     enc = tiny_bert_config(len(tokenizer))
-    dec = tiny_bert_config(len(tokenizer))
+    dec = tiny_bert_config(len(tokenizer), hidden=decoder_hidden)
     dec.is_decoder, dec.add_cross_attention = True, True
     for c in (enc, dec):
         c.initializer_range = 0.05
@@ -178,14 +179,17 @@ def _bert2bert(tokenizer, seed: int = 0):
     return EncoderDecoderModel(config=cfg).eval()
 
 
-def test_bert2bert_fast_path_exact_and_caches_cross_attention(tokenizer):
+@pytest.mark.parametrize("decoder_hidden", [64, 32])
+def test_bert2bert_fast_path_exact_and_caches_cross_attention(tokenizer, decoder_hidden):
     """The passage-grouped path with cross-attention K/V computed once per passage covers
-    EncoderDecoderModel (a BERT2BERT teacher) with the same exactness as T5."""
+    EncoderDecoderModel (a BERT2BERT teacher) with the same exactness as T5, also with a
+    decoder narrower than its encoder (the K/V read the projected encoder states)."""
     from qgscale.models.generator import _cross_attentions
 
-    qg = QueryGenerator(_bert2bert(tokenizer), tokenizer, max_passage_len=128,
-                        max_query_len=32)
+    qg = QueryGenerator(_bert2bert(tokenizer, decoder_hidden=decoder_hidden), tokenizer,
+                        max_passage_len=128, max_query_len=32)
     assert _cross_attentions(qg.model) is not None
+    assert hasattr(qg.model, "enc_to_dec_proj") == (decoder_hidden != 64)
     _assert_matches_reference(qg, _pairs(), [{}, {"group": False}, {"batch_tokens": 300}])
 
 

@@ -176,6 +176,10 @@ def _cross_cache(model: nn.Module, enc: torch.Tensor, index: torch.Tensor) -> An
         return None
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+    proj = getattr(model, "enc_to_dec_proj", None)  # an encoder wider or narrower than the
+    if proj is not None:  # decoder: EncoderDecoderModel.forward projects its states first
+        enc = proj(enc)
+
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     for i, key, value, head_dim in layers:
         shape = (*enc.shape[:-1], -1, head_dim)
@@ -650,12 +654,14 @@ class QGCollator:
 
 
 def qg_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """L = -(1/N) sum_{i,t} log P(y_it | x_i, y_i,<t) over the N non-pad target tokens."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                labels=batch["labels"], use_cache=False)
-    logits = out.logits.float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                       batch["labels"].reshape(-1), ignore_index=-100)
+    """L = -(1/N) sum_{i,t} log P(y_it | x_i, y_i,<t) over the N non-pad target tokens.
+
+    From :func:`sequence_logprobs`: the LM head runs on the N real positions only, and HF's
+    own loss over every (padded) position is not computed (with mT5's 250k vocabulary each
+    fp32 copy of the full logits is about 1 GB per 1,000 target positions)."""
+    sums, counts = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                     batch["labels"])
+    return -sums.sum() / counts.sum().clamp(min=1)
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
