@@ -254,7 +254,7 @@ class LossConfig(Section):
     tau_t: float = Field(1.0, gt=0)
     tau_s: float = Field(1.0, gt=0)
     align: Literal["student_kl", "teacher_kl", "mse", "cosine"] = "student_kl"
-    symmetric: bool = False
+    symmetric: bool = False  # False: only the generated query q' moves toward q (every kind)
     n_candidates: int = Field(8, ge=1)
     n_hard_negatives: int = Field(1, ge=0)
     kd_on_generated: bool = False  # KD also on generated queries (needs teacher scores for them)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -208,6 +211,26 @@ def test_prepare_for_inference_keeps_scores(tokenizer):
     assert len(qg.generate([pairs[0][1]], "de", max_new_tokens=4)[0]) == 1
 
 
+def test_fp16_with_a_t5_model_is_a_config_error(tokenizer, tmp_path):
+    """T5-family activations overflow fp16 (HF keeps ``wo`` fp32; its clamp hides the
+    overflow as large finite scores): refused, naming the setting; bf16 and fp32 are not."""
+    from qgscale.models.generator import check_precision
+
+    t5 = _t5(tokenizer)
+    with pytest.raises(ConfigError, match=r"teacher.score.precision=fp16 with a t5 model"):
+        prepare_for_inference(t5, "cpu", "fp16", "teacher.score.precision")
+    for precision in ("bf16", "fp32"):
+        check_precision(t5, precision, "qg.precision")
+    check_precision(_bert2bert(tokenizer), "fp16", "qg.precision")  # BERT: fp16 is fine
+    from qgscale.config import QGRankConfig
+    from qgscale.train.tasks import QGRankTask
+
+    QueryGenerator(t5, tokenizer).save_pretrained(str(tmp_path / "qg"))
+    with pytest.raises(ConfigError, match=r"qg_rank.precision=fp16 with a t5 model"):
+        QGRankTask(QGRankConfig(precision="fp16")).build_model(str(tmp_path / "qg"))
+    assert QGRankTask(QGRankConfig(precision="bf16")).build_model(str(tmp_path / "qg")).training
+
+
 def test_grouped_equals_plain_path_bart(tokenizer, tmp_path):
     """Non-T5 architecture (no cross-attention cache shortcut), built from ModelConfig.init."""
     tokenizer.save_pretrained(tmp_path / "tok")
@@ -380,3 +403,23 @@ def test_warm_start_bert2bert_from_the_demo_minilm(tmp_path):
                        .query.weight)  # the checkpoint's own
     with pytest.raises(ConfigError, match="cross_attention: 'copy': expected new or self"):
         QueryGenerator.build(ModelConfig(init={**mc.init, "cross_attention": "copy"}))
+
+
+TRAIN_TOKENIZER = """
+import sys
+from qgscale.models.loading import _trained_tokenizer
+print(_trained_tokenizer(int(sys.argv[1])))
+"""
+
+
+def test_trained_tokenizer_built_by_several_processes_at_once(tmp_path):
+    """Actors on one node may build the ``xquad-tokenizer:`` cache together: each gets the
+    same folder, and no process's temporary copy is left beside it."""
+    env = {**os.environ, "QGSCALE_CACHE": str(tmp_path)}
+    running = [subprocess.Popen([sys.executable, "-c", TRAIN_TOKENIZER, "300"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(3)]
+    outs = [p.communicate() for p in running]
+    assert [p.returncode for p in running] == [0, 0, 0], [err for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {str(tmp_path / "xquad-tokenizer-300")}
+    assert os.listdir(tmp_path) == ["xquad-tokenizer-300"]

@@ -374,15 +374,30 @@ def generate_ids(model: nn.Module, input_ids: torch.Tensor, pad_id: int, *, num_
             min_new_tokens=min_new_tokens)
 
 
+FP16_OVERFLOWS = ("t5", "mt5", "umt5")  # model types whose activations overflow fp16
+
+
+def check_precision(model: nn.Module, precision: str, setting: str) -> None:
+    """A ConfigError naming ``setting`` for fp16 with a T5-family model: their feed-forward
+    outputs overflow fp16 (HF keeps ``wo`` in fp32 for it; T5's clamp then turns the overflow
+    into large finite values, so scores would look normal and be wrong)."""
+    kind = getattr(getattr(model, "config", None), "model_type", "")
+    if precision == "fp16" and kind in FP16_OVERFLOWS:
+        raise ConfigError(f"{setting}=fp16 with a {kind} model: T5-family activations "
+                          "overflow fp16; use bf16, or fp32 on a GPU without bf16")
+
+
 def prepare_for_inference(model: nn.Module, device: torch.device | str,
-                          precision: str = "bf16") -> nn.Module:
+                          precision: str = "bf16", setting: str = "precision") -> nn.Module:
     """Ready a QG for scoring/generation: on ``device``, weights cast to bf16/fp16 on CUDA
     (autocast over fp32 weights re-casts every weight on every forward and keeps the residual
     stream in fp32), T5's RMSNorm and tanh-GELU swapped for PyTorch's fused kernels (the same
     functions: ``nn.RMSNorm``, ``nn.GELU(approximate="tanh")``). In place; returns ``model``.
+    fp16 with a T5-family model is a ConfigError naming ``setting`` (:func:`check_precision`).
     """
     from transformers.activations import NewGELUActivation
 
+    check_precision(model, precision, setting)
     device = torch.device(device)
     for parent in list(model.modules()):
         for name, child in parent.named_children():

@@ -44,11 +44,17 @@ def _trained_tokenizer(vocab_size: int) -> str:
     cache = os.environ.get("QGSCALE_CACHE", os.path.expanduser("~/.cache/qgscale"))
     dest = os.path.join(cache, f"xquad-tokenizer-{vocab_size}")
     if not os.path.exists(os.path.join(dest, "tokenizer.json")):
+        import shutil
+
         from qgscale.models.tiny import train_tokenizer, xquad_texts
 
         tmp = f"{dest}.tmp-{os.getpid()}"
         train_tokenizer(xquad_texts(), vocab_size).save_pretrained(tmp)
         os.makedirs(cache, exist_ok=True)
-        if not os.path.exists(dest):
-            os.replace(tmp, dest)
+        try:  # several actors on a node may train it at once: the first rename wins
+            os.rename(tmp, dest)
+        except OSError:
+            if not os.path.exists(os.path.join(dest, "tokenizer.json")):
+                raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -24,10 +24,11 @@ class QGSpec:
     max_query_len: int = 64
     seed: int = 0
 
-    def load(self, device: str, threads: int = 1, precision: str = "bf16"):
+    def load(self, device: str, threads: int = 1, precision: str = "bf16",
+             setting: str = "precision"):
         """The QG on ``device`` (the actor's, :func:`qgscale.runtime.actor_device`), its
-        weights cast to ``precision`` on GPU (benchmarks/gpu_check.py); on CPU fp32 with
-        ``threads`` torch threads."""
+        weights cast to ``precision`` (the config's ``setting``) on GPU
+        (benchmarks/gpu_check.py); on CPU fp32 with ``threads`` torch threads."""
         import torch
 
         from qgscale.config import ModelConfig
@@ -44,7 +45,7 @@ class QGSpec:
             torch.set_num_threads(threads)
         qg = QueryGenerator.build(ModelConfig(**self.model), self.prompt, self.max_passage_len,
                                   self.max_query_len, seed=self.seed)
-        prepare_for_inference(qg.model, device, precision)
+        prepare_for_inference(qg.model, device, precision, setting)
         return qg.eval()
 
 

@@ -75,7 +75,8 @@ class GenerateJob:
     seed: int = 0
 
     def setup(self, device: str, threads: int) -> Any:
-        return self.qg.load(device, threads, self.options.get("precision", "bf16"))
+        return self.qg.load(device, threads, self.options.get("precision", "bf16"),
+                            "teacher.generate.precision")
 
     def run(self, qg: Any, shard: Shard) -> tuple[pa.Table, dict]:
         pids, passages = shard.payload.read()

@@ -250,7 +250,7 @@ class ScoreJob:
     precision: str = "bf16"
 
     def setup(self, device: str, threads: int) -> Any:
-        return self.qg.load(device, threads, self.precision)
+        return self.qg.load(device, threads, self.precision, "teacher.score.precision")
 
     def run(self, qg: Any, shard: Shard) -> tuple[pa.Table, dict]:
         from concurrent.futures import ThreadPoolExecutor

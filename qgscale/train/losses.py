@@ -151,10 +151,12 @@ def align_student_kl(s_q: torch.Tensor, s_gen: torch.Tensor, tau_s: float = 1.0,
         L_{align} = KL\big(P_S(\cdot|q) \,\|\, P_S(\cdot|q')\big), \quad
         P_S(c|x) = \mathrm{softmax}_c(s_S(x, c)/\tau_S)
 
-    ``symmetric``: :math:`\frac12 [KL(P_S(.|q)||P_S(.|q')) + KL(P_S(.|q')||P_S(.|q))]`.
-    Both sides receive gradients.
+    ``symmetric=False`` treats P_S(.|q) as a fixed target (only q' moves, as in the
+    embedding-level kinds: the labelled query is not pulled toward its noisier generated
+    paraphrase); ``symmetric``: :math:`\frac12 [KL(P_S(.|q)||P_S(.|q')) +
+    KL(P_S(.|q')||P_S(.|q))]`, both sides receiving gradients.
     """
-    log_q = _log_softmax(s_q, tau_s, mask)
+    log_q = _log_softmax(s_q if symmetric else s_q.detach(), tau_s, mask)
     log_g = _log_softmax(s_gen, tau_s, mask)
     loss = _kl(log_q, log_g, mask)
     if symmetric:

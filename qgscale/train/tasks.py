@@ -150,11 +150,13 @@ class _QGColumns:
             [{k: str(batch[k][i]) for k in ("query", "lang", "passage")} for i in range(n)]))
 
 
-def _trainable_qg(init_uri: str) -> nn.Module:
-    """The query generator at ``init_uri``, in training mode (QG and qg-rank tasks)."""
-    from qgscale.models.generator import QueryGenerator
+def _trainable_qg(init_uri: str, precision: str, section: str) -> nn.Module:
+    """The query generator at ``init_uri``, in training mode (QG and qg-rank tasks; fp16
+    with a T5-family model is a ConfigError naming ``section.precision``)."""
+    from qgscale.models.generator import QueryGenerator, check_precision
 
     model = QueryGenerator.from_pretrained(init_uri)
+    check_precision(model.model, precision, f"{section}.precision")
     model.model.train()
     return model
 
@@ -166,7 +168,7 @@ class QGTask:
     config: QGTrainConfig
 
     def build_model(self, init_uri: str) -> nn.Module:
-        return _trainable_qg(init_uri)
+        return _trainable_qg(init_uri, self.config.precision, "qg")
 
     def collator(self, model: nn.Module) -> _QGColumns:
         from qgscale.models.generator import QGCollator
@@ -246,7 +248,7 @@ class QGRankTask:
     config: QGRankConfig
 
     def build_model(self, init_uri: str) -> nn.Module:
-        return _trainable_qg(init_uri)
+        return _trainable_qg(init_uri, self.config.precision, "qg_rank")
 
     def collator(self, model: nn.Module) -> QGRankCollator:
         c = self.config
