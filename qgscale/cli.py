@@ -55,16 +55,9 @@ app.add_typer(index_app, name="index")
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False
            ) -> None:
-    import os
-
     from qgscale import logs
 
     logs.console(verbose)
-    # Per-worker progress bars and weight-loading reports flood the console (workers inherit
-    # these variables); the stages' own progress bars remain.
-    for key, value in (("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
-        os.environ.setdefault(key, value)
 
 
 ConfigArg = Annotated[str, typer.Argument(help="YAML config file.")]

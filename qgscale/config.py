@@ -215,6 +215,13 @@ class QGTrainConfig(TrainConfig):
     model: ModelConfig = ModelConfig(name_or_path="google/mt5-base")
     prompt: str = "generate {lang} query: {passage}"
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_fields(cls, v: str) -> str:
+        if "{passage}" not in v or "{lang}" not in v:
+            raise ValueError(f"{v!r} must contain {{lang}} and {{passage}}")
+        return v
+
 
 class QGRankConfig(TrainConfig):
     """``train qg-rank``: the teacher's ranking fine-tune (the paper's QG-as-ranker step).
@@ -279,6 +286,14 @@ class Actors(Section):
     gpus_per_actor: float | None = Field(None, ge=0)
     max_retries: int = Field(3, ge=0)  # re-runs of a shard whose actor died
 
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _gpu_share_or_whole(cls, v: float | None) -> float | None:
+        if v is not None and v > 1 and v != int(v):
+            raise ValueError(f"{v:g}: expected a fraction of one GPU (0 to 1, shared) or whole "
+                             "GPUs")
+        return v
+
 
 class ScoreConfig(Actors):
     """``teacher.score``: log P(query | passage) / |query| of the candidate pairs that
@@ -303,6 +318,15 @@ class GenerateConfig(Actors):
     shard_rows: int = Field(500, ge=1)
     passages: Literal["positives", "corpus"] = "positives"  # qrels positives or every passage
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # QG weight dtype on GPU (CPU: fp32)
+
+    @model_validator(mode="after")
+    def _queries_possible(self) -> GenerateConfig:
+        if not self.langs:
+            raise ValueError("langs is empty: give the languages to generate queries in")
+        if not self.do_sample and self.num_beams < self.num_queries:
+            raise ValueError(f"num_queries={self.num_queries} needs num_beams >= num_queries "
+                             f"(num_beams={self.num_beams}) or do_sample: true")
+        return self
 
 
 class TeacherConfig(Section):
@@ -454,6 +478,14 @@ class Config(Section):
     def uri(self, *parts: str) -> str:
         """URI of a stage folder under the run root."""
         return storage.join(self.run.root, *parts)
+
+    @model_validator(mode="after")
+    def _qg_rank_negatives_mined(self) -> Config:
+        if self.qg_rank.enabled and self.qg_rank.n_negatives > self.mine.n_negatives:
+            raise ValueError(f"qg_rank.n_negatives={self.qg_rank.n_negatives} > mine.n_negatives="
+                             f"{self.mine.n_negatives}: the mined examples hold at most "
+                             f"{self.mine.n_negatives} hard negatives per query")
+        return self
 
     @model_validator(mode="after")
     def _l2_needs_normalized(self) -> Config:

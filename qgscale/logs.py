@@ -23,8 +23,18 @@ class _Console(logging.Filter):
         return record.levelno >= (self.own if own else logging.WARNING)
 
 
+#: Per-worker progress bars and weight-loading reports flood the console (workers inherit
+#: these variables); the stages' own progress bars remain.
+QUIET = (("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+         ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false"))
+
+
 def console(verbose: bool = False) -> None:
-    """Set up the console: one handler on the root logger with the filter above."""
+    """Set up the console: one handler on the root logger with the filter above, and the
+    :data:`QUIET` environment (unless already set). Every entry point calls it: the CLI and
+    the eval job (``python -m qgscale.eval``)."""
+    for key, value in QUIET:
+        os.environ.setdefault(key, value)
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for h in list(root.handlers):

@@ -88,6 +88,16 @@ def test_every_shipped_config_validates():
     ("run:\n  root: /tmp/r\n  seed: 5\ndata: {format: xquad}\nrun:\n  name: x\n",
      r"c.yaml: invalid YAML: key 'run' given twice \(first on line 1\)(.|\n)*line 5"),
     ("warmup:\n  lr: 0.1\n  lr: 0.2\n", r"key 'lr' given twice \(first on line 2\)"),
+    # found at load, not when the stage starts after hours of earlier stages
+    ("qg_rank: {n_negatives: 9}\nmine: {n_negatives: 8}\n",
+     r"qg_rank.n_negatives=9 > mine.n_negatives=8: the mined examples hold at most 8"),
+    ("qg:\n  prompt: 'query: {passage}'\n", r"c.yaml: qg.prompt: Value error, 'query: "
+     r"\{passage\}' must contain \{lang\} and \{passage\}"),
+    ("teacher:\n  generate: {num_queries: 3}\n", r"c.yaml: teacher.generate(.|\n)*"
+     r"num_queries=3 needs num_beams >= num_queries \(num_beams=1\) or do_sample: true"),
+    ("teacher:\n  generate: {langs: []}\n", r"teacher.generate(.|\n)*langs is empty"),
+    ("teacher:\n  score: {gpus_per_actor: 1.5}\n", r"c.yaml: teacher.score.gpus_per_actor: "
+     r"Value error, 1.5: expected a fraction of one GPU"),
 ])
 def test_errors_name_the_key_path(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected):

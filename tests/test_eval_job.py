@@ -427,6 +427,8 @@ def test_ray_job_submit_eval(run_root, s3_bucket, ray_head, tmp_path):
                          text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "succeeded" in (res.stdout + res.stderr).lower()
+    # the job sets up qgscale's console like the CLI: its INFO lines reach the job's log
+    assert "qgscale INFO joined the Ray cluster at" in res.stdout + res.stderr
 
     report = f"{s3_bucket}/eval/test"
     assert not os.path.exists(storage.join(root, "eval"))

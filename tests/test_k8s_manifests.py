@@ -157,3 +157,25 @@ def test_operator_accepts_idle_timeouts(path):
         for group in spec.get("workerGroupSpecs", []):
             assert v2 or "idleTimeoutSeconds" not in group, group["groupName"]
         assert (spec.get("autoscalerOptions") or {}).get("idleTimeoutSeconds") == 600
+
+
+@pytest.mark.parametrize("name", ["rayjob-pipeline.yaml", "rayjob-eval.yaml"])
+def test_job_cpu_actor_pools_fit_their_cluster(name):
+    """The BM25 actors a RayJob's entrypoint asks for (its config with its ``--set``
+    overrides) fit its cluster at its largest: the worker pods' CPUs (the head offers none).
+    The eval job's cluster has 2 GPU pods, not the pipeline's 8: with the config's 56 actors
+    its BM25 baseline failed (or waited forever) after the student eval."""
+    import shlex
+
+    from qgscale.config import load
+
+    (job,) = _docs(REPO / "k8s" / name)
+    words = shlex.split(job["spec"]["entrypoint"])
+    overrides = [words[i + 1] for i, w in enumerate(words) if w in ("--set", "-s")]
+    (path,) = [w for w in words if w.startswith("/app/configs/")]
+    cfg = load(str(REPO / path.removeprefix("/app/")), overrides)
+    cpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]
+                                      ["limits"]["cpu"])
+               for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    assert cfg.bm25.baseline and cfg.bm25.num_actors
+    assert cfg.bm25.num_actors * cfg.bm25.cpus_per_actor <= cpus

@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                     help="config override (repeatable); bare KEY=VALUE arguments work too")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    ap.add_argument("--verbose", "-v", action="store_true", help="debug logs")
     args = ap.parse_args(argv)
+    from qgscale import logs
+
+    logs.console(args.verbose)
     try:
         flags = [f"eval.{k}={v}" for k, v in (("model", args.model), ("index", args.index),
                                               ("out", args.out)) if v]  # = --set eval.KEY

@@ -32,7 +32,7 @@ from qgscale import storage
 from qgscale.config import GenerateConfig
 from qgscale.data.corpus import check, corpus_shards, iter_passages
 from qgscale.data.schema import GENERATED, passage_text
-from qgscale.errors import ConfigError, DataError
+from qgscale.errors import DataError
 from qgscale.runtime import Shard, connect, planned_unit_rows, run_shards, unit_rows
 from qgscale.teacher.common import QGSpec, qg_spec, read_table
 
@@ -175,11 +175,6 @@ def generate_queries(qg: QGSpec, corpus_uri: str, out_uri: str, config_hash: str
     (resume), like :mod:`scoring`."""
     gc = gc or GenerateConfig()
     langs = gc.langs
-    if not langs:
-        raise ConfigError("teacher.generate.langs is empty")
-    if not gc.do_sample and gc.num_beams < gc.num_queries:
-        raise ConfigError(f"teacher.generate: num_queries={gc.num_queries} needs num_beams >= "
-                          f"num_queries (num_beams={gc.num_beams}) or do_sample=true")
     options = gc.model_dump(include={"num_queries", "do_sample", "num_beams", "top_p",
                                      "max_new_tokens", "batch_size", "precision"})
     inputs = {"corpus": corpus_uri, "qrels": qrels_uri}

@@ -345,10 +345,6 @@ def run_train_qg_rank(cfg: Any, *, out_uri: str, key: str, qg_model: Any, exampl
     rc = cfg.qg_rank
     connect(cfg.ray)
     check_workers(rc, "qg_rank")  # fail fast, before the rows are built
-    if rc.n_negatives > cfg.mine.n_negatives:
-        raise ConfigError(f"qg_rank.n_negatives={rc.n_negatives} > mine.n_negatives="
-                          f"{cfg.mine.n_negatives}: the mined examples hold at most "
-                          f"{cfg.mine.n_negatives} hard negatives per query")
     if not storage.exists(examples_uri):
         raise MissingInputError(f"{examples_uri}: mined training examples not found (run "
                                 "`qgscale index mine` first)")
