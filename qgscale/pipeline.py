@@ -516,6 +516,23 @@ def shared_inputs(cfg: Config, stage: Stage) -> dict[str, str]:
             for i, u in enumerate(raw)}
 
 
+TRAINING = {"train-qg": "qg", "warmup": "warmup", "qg-rank": "qg_rank", "distill": "distill"}
+
+
+def preflight(cfg: Config, lay: Layout, selected: set[str]) -> None:
+    """Before the first stage runs: a ResourceError when a selected training stage cannot
+    get its Ray Train workers on this cluster at its largest (:func:`check_workers`), not
+    after the hours of the stages before it. A stage recorded done is left to its own check
+    (it runs again only when its key changed)."""
+    from qgscale.train.trainer import check_workers
+
+    for name, section in TRAINING.items():
+        if name not in selected or (name == "qg-rank" and not cfg.qg_rank.enabled):
+            continue
+        if (read_record(lay, name) or {}).get("state") != "done":
+            check_workers(getattr(cfg, section), section)
+
+
 def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[str, Any]:
     """Run the stages that are not done (all, from ``start``, or ``only`` one), in order.
 
@@ -546,6 +563,7 @@ def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[
 
             runtime.connect(cfg.ray)
             connected = True
+            preflight(cfg, lay, selected)
         runtime.check_shared(shared_inputs(cfg, stage), {"run.root": cfg.run.root})
         if status.state in ("stale", "missing"):
             for uri in stage.owns(cfg, lay):  # a new key starts from scratch

@@ -355,3 +355,18 @@ def test_bm25_eval_keeps_the_splits_it_finished(finished_run):
     out = pipeline.BY_NAME["bm25-eval"].run(cfg, lay, key)
     assert set(out) == set(cfg.eval.splits)
     assert {s: storage.url_to_fs(u)[0].info(u)["mtime"] for s, u in runs.items()} == before
+
+
+def test_training_workers_checked_before_the_first_stage(finished_run, tmp_path):
+    """A training stage that will run and whose workers the cluster (2 CPUs) can never hold
+    fails before the first stage, not after the stages before it; a stage recorded done is
+    not checked (a runtime setting changed on a finished run reruns nothing)."""
+    from qgscale.runtime import ResourceError
+
+    path, cfg, _ = finished_run
+    fresh = config.load(path, [f"run.root={tmp_path / 'fresh'}", "distill.cpus_per_worker=64"])
+    with pytest.raises(ResourceError, match=r"distill: num_workers=1 x cpus_per_worker=64"):
+        pipeline.run(fresh)
+    assert not storage.exists(Layout(fresh).data_root)  # prepare never ran
+    done = config.load(path, ["distill.cpus_per_worker=64"])
+    assert set(pipeline.run(done)) == set(pipeline.STAGE_NAMES)  # all skipped, no error
