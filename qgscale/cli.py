@@ -27,15 +27,20 @@ class _Group(TyperGroup):
     """The root command group: reports user errors of every subcommand as one line."""
 
     def invoke(self, ctx: click.Context):
+        from qgscale import logs
+
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as e:
+            logs.failed(e)
             code = report(e)
             if code is None:
                 raise
             raise typer.Exit(code) from None
+        finally:
+            logs.sync()  # a remote run root's log, with the error
 
 
 app = typer.Typer(help="Cross-lingual dense retrieval with a query-generator teacher, on Ray.",

@@ -1,6 +1,7 @@
 """What a user sees while qgscale runs: qgscale's own progress on the console, library noise
 (Ray, DeepSpeed, transformers) only from warnings up, and everything in a log file under
-the run root (``<run.root>/logs/qgscale.log``, local roots)."""
+the run root (``<run.root>/logs/qgscale.log``; for an ``s3://`` root one file per process,
+uploaded after each stage and when the command ends)."""
 
 from __future__ import annotations
 
@@ -49,19 +50,68 @@ def console(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO)  # to the file; the console filters
 
 
-def to_run_folder(root: str) -> str | None:
-    """Also write every record (all libraries, INFO and up) to ``<root>/logs/qgscale.log``
-    when the run root is local; returns the file's path (None for remote roots)."""
+def to_run_folder(root: str) -> str:
+    """Also write every record (all libraries, INFO and up) under the run root: appended to
+    ``<root>/logs/qgscale.log`` for a local root; for a remote one (``s3://``), to a local
+    temporary file uploaded whole (a log is small) to
+    ``<root>/logs/qgscale-<time>-<host>-<pid>.log`` by :func:`sync` (after each pipeline
+    stage, and when a command ends, with its error: :func:`failed`), so the log outlives the
+    cluster. Returns the log's path or URI."""
     if "://" in root and not root.startswith("file://"):
-        return None
+        return _to_remote(root)
     folder = os.path.join(root.removeprefix("file://"), "logs")
     path = os.path.join(folder, "qgscale.log")
-    if path in _FILE_HANDLERS:
-        return path
-    os.makedirs(folder, exist_ok=True)
+    if path not in _FILE_HANDLERS:
+        os.makedirs(folder, exist_ok=True)
+        _add_file_handler(path)
+    return path
+
+
+_REMOTE: dict[str, tuple[str, str]] = {}  # remote root -> (local file, its URI)
+
+
+def _add_file_handler(path: str) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(logging.INFO)
     logging.getLogger().addHandler(handler)
     _FILE_HANDLERS[path] = handler
-    return path
+
+
+def _to_remote(root: str) -> str:
+    import socket
+    import tempfile
+    import time
+
+    from qgscale import storage
+
+    if root not in _REMOTE:
+        fd, path = tempfile.mkstemp(prefix="qgscale-", suffix=".log")
+        os.close(fd)
+        name = (f"qgscale-{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-"
+                f"{os.getpid()}.log")
+        _REMOTE[root] = (path, storage.join(root, "logs", name))
+        _add_file_handler(path)
+    return _REMOTE[root][1]
+
+
+def failed(exc: BaseException) -> None:
+    """Record the error a command ends with (and its traceback) in the log files only: the
+    console gets it from the command's own report."""
+    record = logging.LogRecord("qgscale", logging.ERROR, __file__, 0, "failed: %s", (exc,),
+                               (type(exc), exc, exc.__traceback__))
+    for handler in _FILE_HANDLERS.values():
+        handler.handle(record)
+
+
+def sync() -> None:
+    """Upload the log files of remote run roots (:func:`to_run_folder`); a failed upload is
+    a warning (the run goes on)."""
+    from qgscale import storage
+
+    for path, uri in _REMOTE.values():
+        _FILE_HANDLERS[path].flush()
+        try:
+            storage.put_file(path, uri)
+        except Exception as e:  # noqa: BLE001 - a log upload must not stop a run
+            logging.getLogger("qgscale").warning("could not upload the log to %s: %s", uri, e)

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qgscale import storage
+from qgscale import logs, storage
 from qgscale.config import Config, key_values
 from qgscale.errors import ConfigError, MissingInputError
 from qgscale.layout import BASELINE, STUDENTS, Layout, answer_positives
@@ -580,6 +580,7 @@ def run(cfg: Config, start: str | None = None, only: str | None = None) -> dict[
                                       outputs=outputs)
         results[stage.name] = summary
         log.info("stage %s: done in %.1f s", stage.name, time.time() - t0)
+        logs.sync()  # a remote run root's log, so far
     return results
 
 

@@ -255,3 +255,19 @@ def test_index_search_before_its_inputs(tmp_path):
     res = CliRunner().invoke(cli.app, ["index", "search", str(cfg), "--query", "q", "--model",
                                        "bm25"])
     assert res.exit_code == 2 and "'--model'" in res.output and "'bm25'" in res.output
+
+
+def test_a_failed_command_leaves_its_error_in_a_remote_run_roots_log(tmp_path, s3_bucket):
+    """With an ``s3://`` run root the log is uploaded when a command ends, with the error it
+    ended with (the console shows the one error line only)."""
+    from qgscale import storage
+
+    cfg = _config(tmp_path, {"run": {"name": "r", "root": f"{s3_bucket}/run"}})
+    res = subprocess.run([sys.executable, "-m", "qgscale.cli", "run", str(cfg), "--only", "eval"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    _one_error_line(res, "stage eval needs stage prepare")
+    (log,) = storage.list_files(f"{s3_bucket}/run/logs")
+    text = storage.read_bytes(log).decode()
+    assert "qgscale ERROR failed: stage eval needs stage prepare" in text
+    assert "MissingInputError" in text  # its traceback, in the log only

@@ -357,3 +357,34 @@ def test_unit_reads_benchmark_reads_less_by_row_group(tmp_path):
     whole, groups = res["whole shard, sliced"], res["its row groups (read_rows)"]
     assert whole["units"] == groups["units"] == 12
     assert groups["mb_read"] * 4 < whole["mb_read"]  # 1-2 groups of ~12 per unit
+
+
+LOG_TO_S3 = """
+import logging, sys
+from qgscale import logs
+logs.console()
+uri = logs.to_run_folder(sys.argv[1])
+assert logs.to_run_folder(sys.argv[1]) == uri  # one log file per root and process
+logging.getLogger("qgscale").info("first line")
+logs.sync()
+print(uri, flush=True)
+sys.stdin.readline()  # the test reads the upload so far, then lets the process go on
+logging.getLogger("qgscale").info("last line")
+logs.sync()
+"""
+
+
+def test_a_remote_run_roots_log_is_uploaded_at_each_sync(s3_bucket):
+    """With an ``s3://`` run root the log outlives the cluster: each sync (after each
+    pipeline stage, at the end of a command) uploads it whole under ``<root>/logs/``."""
+    root = f"{s3_bucket}/run"
+    p = subprocess.Popen([sys.executable, "-c", LOG_TO_S3, root], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    uri = p.stdout.readline().strip()
+    assert uri.startswith(f"{root}/logs/qgscale-") and uri.endswith(f"-{p.pid}.log")
+    first = storage.read_bytes(uri).decode()
+    assert "qgscale INFO first line" in first and "last line" not in first
+    err = p.communicate("\n", timeout=60)[1]
+    assert p.returncode == 0 and "could not upload" not in err, err
+    storage.url_to_fs(uri)[0].invalidate_cache()  # this process read the first upload
+    assert "qgscale INFO last line" in storage.read_bytes(uri).decode()

@@ -78,22 +78,26 @@ def main(argv: list[str] | None = None) -> int:
         from qgscale.layout import Layout
 
         lay, ec = Layout(cfg), cfg.eval
+        out = ec.out or lay.uri("eval-job")
+        logs.to_run_folder(out)  # the job's log under its reports (kept after the cluster)
         src = lay.students()  # eval.students_from: another run's students (zero-shot)
         jobs = [(split, ec.model or src.model("distill"), ec.index or src.faiss("distill", split))
                 for split in ec.splits]
         data = lay.eval_data()
         for split, model, index in jobs:  # every input checked before Ray starts
             check_inputs(model, index, data, [split])
-        out = ec.out or lay.uri("eval-job")
         for split, model, index in jobs:
             result = run_eval(cfg, model, index, data, out, [split])[split]
             if cfg.bm25.baseline:
                 baseline_beside(cfg, result, data, split, out)
     except Exception as e:  # a user error: one line and exit 2; a bug: the traceback
+        logs.failed(e)
         code = report(e)
         if code is None:
             raise
         return code
+    finally:
+        logs.sync()
     return 0
 
 
