@@ -1074,3 +1074,53 @@ def test_rejects_past_the_held_rows_in_order_and_written_whole(tmp_path):
     lines = (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 501 and json.loads(lines[-1])["raw"] == '"\ud800"'
     assert [json.loads(x) for x in lines] == list(r)
+
+
+# A lone surrogate escape ("\ud800") parses as JSON but no UTF-8 writes it: a row defect.
+SURROGATE = "a\\ud800b"  # as written in the file: a JSON escape
+LONE = {  # name -> (format, file name, text, read arguments, field)
+    "passages": ("passages", "c.jsonl", f'{{"id": "1", "text": "{SURROGATE}"}}', {}, "text"),
+    "passages-title": ("passages", "c.jsonl", f'{{"id": "1", "title": "{SURROGATE}", '
+                       '"text": "x"}', {}, "title"),
+    "passages-id": ("passages", "c.jsonl", f'{{"id": "{SURROGATE}", "text": "x"}}', {}, "id"),
+    "jsonl-corpus": ("jsonl", "c.jsonl", f'{{"pid": "1", "lang": "en", "text": "{SURROGATE}"}}',
+                     {"kind": "corpus"}, "text"),
+    "jsonl-queries": ("jsonl", "q.jsonl", f'{{"qid": "1", "lang": "de", "text": "{SURROGATE}"}}',
+                      {"kind": "queries"}, "text"),
+    "jsonl-answers": ("jsonl", "a.jsonl", f'{{"qid": "1", "answers": ["x", "{SURROGATE}"]}}',
+                      {"kind": "answers"}, "answers"),
+    "xor-answers": ("xor-tydi", "x.jsonl", '{"id": "1", "lang": "ja", "question": "q", '
+                    f'"answers": ["{SURROGATE}"]}}', {}, "answers"),
+    "dpr-question": ("dpr", "d.jsonl", f'{{"question": "{SURROGATE}", "positive_ctxs": '
+                     '[{"passage_id": "1", "text": "x"}]}', {}, "question"),
+    "dpr-pid": ("dpr", "d.jsonl", '{"question": "q", "positive_ctxs": '
+                f'[{{"passage_id": "{SURROGATE}", "text": "x"}}]}}', {},
+                "positive_ctxs[0].passage_id"),
+    "mkqa-alias": ("mkqa", "m.jsonl", '{"example_id": 1, "queries": {"de": "q"}, "answers": '
+                   f'{{"de": [{{"text": "x", "aliases": ["{SURROGATE}"]}}]}}}}', {},
+                   "answers.de[0].aliases"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LONE))
+def test_lone_surrogate_is_a_row_defect(tmp_path, name):
+    fmt, file, line, kw, fld = LONE[name]
+    path = _write(tmp_path / file, line + "\n")
+    with pytest.raises(DataError, match=f"{re.escape(path)}:1: field {re.escape(repr(fld))}: "
+                                        r"invalid Unicode \(lone surrogate\)"):
+        read(fmt, path, **kw)
+    rejects = readers.Rejects("skip")
+    read(fmt, path, rejects=rejects, **kw)
+    assert [(r["line"], r["field"]) for r in rejects.rows] == [(1, fld)]
+
+
+def test_lone_surrogate_skipped_by_prepare(tmp_path):
+    path = _write(tmp_path / "corpus.jsonl", f'{{"id": "1", "text": "{SURROGATE}"}}\n'
+                                             '{"id": "2", "text": "fine"}\n')
+    out = str(tmp_path / "out")
+    summary = prepare("passages", path, out, on_error="skip")
+    assert summary["rows"] == {"corpus": 1} and summary["rejected"] == 1
+    (r,) = [json.loads(x) for x in open(f"{out}/_rejected.jsonl", encoding="utf-8")]
+    assert (r["file"], r["line"], r["field"], r["reason"]) == (
+        path, 1, "text", "invalid Unicode (lone surrogate)")
+    assert "\\ud800" in r["raw"]  # written as its escape

@@ -251,6 +251,19 @@ def load_json(path: str) -> Any:
 
 
 _MISSING = object()
+BAD_UNICODE = "invalid Unicode (lone surrogate)"
+
+
+def bad_unicode(value: str) -> bool:
+    """Whether ``value`` holds a lone surrogate (a JSON escape such as ``"\\ud800"``): no
+    UTF-8 encodes it, so writing it would fail later, far from its file."""
+    if value.isascii():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def get_lang(obj: dict, default: str, path: str, line: int | None, rejects: Rejects,
@@ -265,7 +278,7 @@ def get_lang(obj: dict, default: str, path: str, line: int | None, rejects: Reje
 
 def get_str(obj: dict, key: str, path: str, line: int | None, rejects: Rejects,
             allow_empty: bool = False, name: str | None = None) -> str | None:
-    """``obj[key]`` as a non-empty string, else report and return None."""
+    """``obj[key]`` as a non-empty string (valid Unicode), else report and return None."""
     value = obj.get(key, _MISSING)
     fld = name or key
     if value is _MISSING or value is None:
@@ -274,6 +287,9 @@ def get_str(obj: dict, key: str, path: str, line: int | None, rejects: Rejects,
     if not isinstance(value, str):
         rejects.bad(path, line, fld, f"wrong type: expected string, got {type(value).__name__}",
                     obj)
+        return None
+    if bad_unicode(value):
+        rejects.bad(path, line, fld, BAD_UNICODE, obj)
         return None
     if not allow_empty and not value.strip():
         rejects.bad(path, line, fld, "empty text", obj)
@@ -424,7 +440,16 @@ def _answers(value: Any, path: str, line: int, fld: str, rejects: Rejects) -> li
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         rejects.bad(path, line, fld, "wrong type: expected a list of strings", value)
         return None
-    return value
+    return None if _bad_item(value, path, line, fld, rejects) else value
+
+
+def _bad_item(value: list[str], path: str, line: int | None, fld: str,
+              rejects: Rejects) -> bool:
+    """Whether a string of ``value`` is :func:`bad_unicode` (reported, naming its position)."""
+    i = next((i for i, v in enumerate(value) if bad_unicode(v)), None)
+    if i is not None:
+        rejects.bad(path, line, fld, f"{BAD_UNICODE} at list position {i}", value)
+    return i is not None
 
 
 def read_xor_queries(path: str, rejects: Rejects | None = None,
@@ -1122,6 +1147,9 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
         for lang in sorted(per_lang):
             if query_langs and lang not in query_langs:
                 continue
+            if bad_unicode(lang):
+                rejects.bad(path, n, "queries", f"{BAD_UNICODE} in a language key", obj)
+                continue
             text = get_str(per_lang, lang, path, n, rejects, name=f"queries.{lang}")
             texts = text and _mkqa_answers(ans_by_lang, answer_lang or lang, path, n, rejects)
             if texts is None:
@@ -1146,6 +1174,12 @@ def _mkqa_answers(by_lang: dict, lang: str, path: str, n: int,
         rejects.bad(path, n, fld, "missing field" if items is None else "wrong type: expected "
                     'a list of {"text": string or null, "aliases": [string]}', by_lang)
         return None
+    for i, a in enumerate(items):
+        if a.get("text") and bad_unicode(a["text"]):
+            rejects.bad(path, n, f"{fld}[{i}].text", BAD_UNICODE, by_lang)
+            return None
+        if _bad_item(a.get("aliases", []), path, n, f"{fld}[{i}].aliases", rejects):
+            return None
     texts = [t for a in items for t in [a.get("text"), *a.get("aliases", [])] if t]
     return sorted(set(texts), key=texts.index)
 
@@ -1488,8 +1522,10 @@ def iter_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None,
                     isinstance(v, want) and not isinstance(v, bool) for v in value) else [
                     f"wrong type: expected a list of {item}"]
                 if not problems and want is str:
-                    problems = [f"empty string at list position {i}"
-                                for i, v in enumerate(value) if not v.strip()]
+                    problems = [f"empty string at list position {i}" if not v.strip() else
+                                f"{BAD_UNICODE} at list position {i}"
+                                for i, v in enumerate(value)
+                                if not v.strip() or bad_unicode(v)]
                 elif not problems:
                     problems = [f"list position {i}: {p}" for i, v in enumerate(value)
                                 if (p := _number_problem(v, item))]
