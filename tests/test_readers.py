@@ -1124,3 +1124,53 @@ def test_lone_surrogate_skipped_by_prepare(tmp_path):
     assert (r["file"], r["line"], r["field"], r["reason"]) == (
         path, 1, "text", "invalid Unicode (lone surrogate)")
     assert "\\ud800" in r["raw"]  # written as its escape
+
+
+def _xquad_doc(qas: list, title: object = "T") -> dict:
+    return {"data": [{"title": title, "paragraphs": [{"context": "Berlin is big.",
+                                                      "qas": qas}]}]}
+
+
+def test_xquad_rejected_question_goes_from_every_language(tmp_path):
+    """Skip mode: a question rejected in one file is left out of every language (reported
+    in each, naming the defective file and place); the files stay parallel."""
+    qas = [{"id": k, "question": f"Question {k}?"} for k in ("a", "b", "c")]
+    en = _write(tmp_path / "xquad.en.json", json.dumps(_xquad_doc(
+        [*qas[:2], {"id": None, "question": "Question c?"}])))
+    de = _write(tmp_path / "xquad.de.json", json.dumps(_xquad_doc(
+        [{"id": "a", "question": " "}, *qas[1:]])))
+    rejects = readers.Rejects("skip")
+    t = readers.read_xquad(str(tmp_path), ["de", "en"], ["de", "en"], test_mod=1,
+                           rejects=rejects)
+    assert [q["qid"] for q in t["test/queries"]] == ["de:b", "en:b"]
+    assert {(r["qid"], r["pid"]) for r in t["test/qrels"]} == {
+        (q, p) for q in ("de:b", "en:b") for p in ("de:0-0", "en:0-0")}
+    q = "data[0].paragraphs[0].qas"
+    got = sorted((r["file"], r["field"], r["reason"].split(" (")[0]) for r in rejects.rows)
+    assert got == [
+        (de, f"{q}[0].question", "empty text"),
+        (de, f"{q}[2]", f"left out: {q}[2] was rejected in {en}"),
+        (en, f"{q}[0]", f"left out: {q}[0] was rejected in {de}"),
+        (en, f"{q}[2].id", "missing field")]
+    # fail mode names the question; files that differ are still not parallel
+    with pytest.raises(DataError, match=rf"xquad.en.json: field '{re.escape(q)}\[2\]\.id': "
+                                        "missing field"):
+        readers.read_xquad(str(tmp_path), ["en"], ["en"])
+    _write(tmp_path / "xquad.de.json", json.dumps(_xquad_doc([*qas[:2], {"id": "x",
+                                                                         "question": "?"}])))
+    _write(tmp_path / "xquad.en.json", json.dumps(_xquad_doc(qas)))
+    with pytest.raises(DataError, match=r"xquad.en.json: articles/paragraphs/question ids are "
+                                        "not parallel"):
+        readers.read_xquad(str(tmp_path), ["de", "en"], ["de", "en"], rejects=rejects)
+
+
+def test_xquad_null_title_is_empty(tmp_path):
+    path = _write(tmp_path / "xquad.en.json", json.dumps(_xquad_doc(
+        [{"id": "a", "question": "Big?"}], title=None)))
+    t = readers.read_xquad(str(tmp_path), ["en"], ["en"], test_mod=1)
+    assert [p["title"] for p in t["test/corpus"]] == [""]  # not "None"
+    _write(tmp_path / "xquad.en.json", json.dumps(_xquad_doc([{"id": "a", "question": "?"}],
+                                                             title=7)))
+    with pytest.raises(DataError, match=rf"{re.escape(path)}: field 'data\[0\]\.title': wrong "
+                                        "type: expected string, got int"):
+        readers.read_xquad(str(tmp_path), ["en"], ["en"])

@@ -346,6 +346,25 @@ def _xquad_list(obj: Any, key: str, loc: str, path: str, rejects: Rejects) -> li
     return value
 
 
+def _xquad_parallel(a: Any, b: Any) -> bool:
+    """Whether two XQuAD files' shapes (article -> paragraph -> question ids) match; a part
+    rejected in either (None) matches anything."""
+    if a is None or b is None:
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_xquad_parallel, a, b))
+    return a == b
+
+
+def _xquad_merged(a: Any, b: Any) -> Any:
+    """The parts of two parallel shapes that either knows (not rejected in both)."""
+    if a is None:
+        return b
+    if isinstance(a, list) and b is not None:
+        return [_xquad_merged(x, y) for x, y in zip(a, b, strict=True)]
+    return a
+
+
 def read_xquad(folder: str, query_langs: list[str] | None = None,
                corpus_langs: list[str] | None = None, test_mod: int = 4,
                rejects: Rejects | None = None) -> Tables:
@@ -355,32 +374,48 @@ def read_xquad(folder: str, query_langs: list[str] | None = None,
     language, pid ``{lang}:{article}-{paragraph}``; qrels: a question -> its paragraph in every
     corpus language. Split by article: ``article_idx % test_mod == 0`` -> test, else train; the
     two splits share no article, so no test article ever reaches training data.
+
+    The files are parallel: a question (or article, or paragraph's question list) rejected in
+    one language's file is left out of every language, reported in each (skip mode), naming
+    the file and place (``data[0].paragraphs[1].qas[2]``) where it was rejected.
     """
     rejects = rejects or Rejects()
     query_langs = query_langs or XQUAD_LANGS
     corpus_langs = corpus_langs or XQUAD_LANGS
     tables: Tables = {f"{s}/{k}": [] for s in ("train", "test")
                       for k in ("corpus", "queries", "qrels")}
-    structure: list[list[list[str]]] | None = None  # article -> paragraph -> question ids
+    structure: Any = None  # article -> paragraph -> question ids; None: rejected in a file
     no_passage: dict[str, tuple[str, str]] = {}  # pid -> (file, field) of a rejected context
-    for lang in sorted(set(query_langs) | set(corpus_langs)):
+    gone: dict[tuple[int, ...], tuple[str, str]] = {}  # (a), (a, p), (a, p, q) -> file, place
+    asked: dict[str, tuple[str, list[tuple[int, int, int, str, str]]]] = {}  # lang -> (file,
+    for lang in sorted(set(query_langs) | set(corpus_langs)):  # [(a, p, q, id, question)])
         path = _xquad_file(folder, lang)
         doc = load_json(path)
         data = doc.get("data") if isinstance(doc, dict) else None
         if not isinstance(data, list):
             raise DataError(f"{path}: field 'data': missing or not a list (SQuAD v1.1 format)")
-        shape = []
+        shape: list[Any] = []
         seen = FirstSeen("question id")
         questions = 0
+        kept = asked.setdefault(lang, (path, []))[1] if lang in query_langs else []
         for a_idx, article in enumerate(data):
             split = "test" if a_idx % test_mod == 0 else "train"
-            ids = []
-            paras = _xquad_list(article, "paragraphs", f"data[{a_idx}]", path, rejects)
-            title = str(article.get("title", "")).replace("_", " ") if paras else ""
-            for p_idx, para in enumerate(paras or []):
-                loc = f"data[{a_idx}].paragraphs[{p_idx}]"
+            aloc = f"data[{a_idx}]"
+            paras = _xquad_list(article, "paragraphs", aloc, path, rejects)
+            title = None if paras is None else "" if article.get("title") is None else \
+                get_str(article, "title", path, None, rejects, allow_empty=True,
+                        name=f"{aloc}.title")
+            if title is None:
+                gone.setdefault((a_idx,), (path, aloc))
+                shape.append(None)
+                continue
+            title = title.replace("_", " ")
+            ids: list[Any] = []
+            for p_idx, para in enumerate(paras):
+                loc = f"{aloc}.paragraphs[{p_idx}]"
                 qas = _xquad_list(para, "qas", loc, path, rejects)
                 if qas is None:
+                    gone.setdefault((a_idx, p_idx), (path, f"{loc}.qas"))
                     ids.append(None)
                     continue
                 pid = f"{lang}:{a_idx}-{p_idx}"
@@ -390,39 +425,49 @@ def read_xquad(folder: str, query_langs: list[str] | None = None,
                         {"pid": pid, "lang": lang, "title": title, "text": context.strip()})
                 elif lang in corpus_langs:  # rejected (skip mode): no qrels may point at it
                     no_passage[pid] = (path, f"{loc}.context")
-                q_ids = []
+                q_ids: list[str | None] = []
                 for q_idx, qa in enumerate(qas):
                     questions += 1
                     qloc = f"{loc}.qas[{q_idx}]"
+                    qa_id = question = None
                     if not isinstance(qa, dict):
                         rejects.bad(path, None, qloc, "wrong type: expected an object, got "
                                     f"{type(qa).__name__}", qa)
-                        continue
-                    qa_id = get_id(qa, "id", path, None, rejects)
-                    question = qa_id and get_str(qa, "question", path, None, rejects,
-                                                 name=f"{qloc}.question")
-                    if qa_id is None or question is None:
+                    else:
+                        qa_id = get_id(qa, "id", path, None, rejects, name=f"{qloc}.id")
+                        question = qa_id and get_str(qa, "question", path, None, rejects,
+                                                     name=f"{qloc}.question")
+                    if question is not None and not seen.new(qa_id, path, None, f"{qloc}.id",
+                                                             rejects, qa, loc=qloc):
+                        question = None
+                    if question is None:
+                        gone.setdefault((a_idx, p_idx, q_idx), (path, qloc))
+                        q_ids.append(None)
                         continue
                     q_ids.append(qa_id)
-                    if not seen.new(qa_id, path, None, f"{qloc}.id", rejects, qa, loc=qloc):
-                        continue
-                    if lang not in query_langs:
-                        continue
-                    qid = f"{lang}:{qa_id}"
-                    tables[f"{split}/queries"].append(
-                        {"qid": qid, "lang": lang, "text": question.strip()})
-                    tables[f"{split}/qrels"].extend(
-                        {"qid": qid, "pid": f"{c}:{a_idx}-{p_idx}", "rel": 1}
-                        for c in corpus_langs)
+                    kept.append((a_idx, p_idx, q_idx, qa_id, question.strip()))
                 ids.append(q_ids)
             shape.append(ids)
         if questions == 0:
             raise no_rows(path, "no questions under 'data'")
-        if structure is None:
-            structure = shape
-        elif shape != structure:
+        if structure is not None and not _xquad_parallel(shape, structure):
             raise DataError(f"{path}: articles/paragraphs/question ids are not parallel to the "
                             "other languages' files (XQuAD files must be fully parallel)")
+        structure = _xquad_merged(structure, shape)
+    for lang, (path, kept) in asked.items():  # a question rejected in any file goes in all
+        for a_idx, p_idx, q_idx, qa_id, question in kept:
+            bad = gone.get((a_idx,)) or gone.get((a_idx, p_idx)) or \
+                gone.get((a_idx, p_idx, q_idx))
+            if bad:
+                rejects.bad(path, None, f"data[{a_idx}].paragraphs[{p_idx}].qas[{q_idx}]",
+                            f"left out: {bad[1]} was rejected in {bad[0]} (XQuAD files are "
+                            "parallel: a question goes from every language)")
+                continue
+            split = "test" if a_idx % test_mod == 0 else "train"
+            qid = f"{lang}:{qa_id}"
+            tables[f"{split}/queries"].append({"qid": qid, "lang": lang, "text": question})
+            tables[f"{split}/qrels"].extend(
+                {"qid": qid, "pid": f"{c}:{a_idx}-{p_idx}", "rel": 1} for c in corpus_langs)
     for split in ("train", "test"):  # skip mode: the qrels of a rejected paragraph go too
         rows = tables[f"{split}/qrels"]
         dropped = Counter(r["pid"] for r in rows if r["pid"] in no_passage)
