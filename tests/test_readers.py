@@ -1174,3 +1174,18 @@ def test_xquad_null_title_is_empty(tmp_path):
     with pytest.raises(DataError, match=rf"{re.escape(path)}: field 'data\[0\]\.title': wrong "
                                         "type: expected string, got int"):
         readers.read_xquad(str(tmp_path), ["en"], ["en"])
+
+
+@pytest.mark.parametrize("second", ["test.small.tsv", "test.tsv.gz"])
+def test_beir_two_qrels_files_of_one_split(tmp_path, second):
+    """Both would be split 'test': the second overwrote the first's qrels, silently."""
+    b = tmp_path / "b"
+    _write(b / "corpus.jsonl", '{"_id": "d1", "text": "alpha"}\n{"_id": "d2", "text": "b"}\n')
+    _write(b / "queries.jsonl", '{"_id": "q1", "text": "a?"}\n{"_id": "q2", "text": "b?"}\n')
+    _write(b / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    _gz(b / "qrels" / second.removesuffix(".gz"), "query-id\tcorpus-id\tscore\nq2\td2\t1\n",
+        second.endswith(".gz"))
+    first, then = sorted(["test.tsv", second])
+    with pytest.raises(DataError, match=rf"qrels/{re.escape(then)}: a second qrels file of "
+                                        rf"split 'test' \(the first: .*qrels/{re.escape(first)}"):
+        read("beir", str(b), rejects=readers.Rejects("skip"))

@@ -1467,9 +1467,14 @@ def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None,
     if not qrel_files:
         raise MissingInputError(f"{folder}: no qrels/*.tsv")
     split_of: dict[str, tuple[str, str, int]] = {}  # qid -> (split, file, line of 1st qrel)
+    file_of: dict[str, str] = {}  # split -> its qrels file
     for p in qrel_files:
         split = os.path.basename(p).split(".")[0]
         path = f"{base}/qrels/{os.path.basename(p)}"
+        if split in file_of:  # test.tsv and test.small.tsv (or test.tsv.gz): which one?
+            raise DataError(f"{path}: a second qrels file of split {split!r} (the first: "
+                            f"{file_of[split]}); keep one file per split in {base}/qrels")
+        file_of[split] = path
         rows = []
         for n, r in _iter_qrels_tsv(path, rejects):
             first = split_of.setdefault(r["qid"], (split, path, n))
