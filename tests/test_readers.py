@@ -1189,3 +1189,25 @@ def test_beir_two_qrels_files_of_one_split(tmp_path, second):
     with pytest.raises(DataError, match=rf"qrels/{re.escape(then)}: a second qrels file of "
                                         rf"split 'test' \(the first: .*qrels/{re.escape(first)}"):
         read("beir", str(b), rejects=readers.Rejects("skip"))
+
+
+@pytest.mark.parametrize("codec", ["bz2", "xz"])
+@pytest.mark.parametrize("fmt,name", [("passages", "p.jsonl"), ("passages", "p.tsv"),
+                                      ("dpr", "d.json"), ("jsonl", "q.jsonl")])
+def test_corrupt_bz2_or_xz_names_the_file(tmp_path, codec, fmt, name):
+    import bz2
+    import lzma
+
+    rows = [{"id": f"{i}", "qid": f"q{i}", "lang": "de", "text": f"Text {i} {i * i}."}
+            for i in range(3000)]
+    text = (json.dumps([{"question": "q", "positive_ctxs": [{"passage_id": "1", "text": "x"}]}])
+            if fmt == "dpr" else "".join(f"{r['id']}\t{r['text']}\tT\n" for r in rows)
+            if name.endswith(".tsv") else _jsonl({k: r[k] for k in ("qid", "lang", "text")}
+                                                 if fmt == "jsonl" else r for r in rows))
+    data = (bz2 if codec == "bz2" else lzma).compress(text.encode())
+    kw = {"kind": "queries"} if fmt == "jsonl" else {}
+    for bad in (b"not compressed data " * 10, data[: len(data) // 2] + bytes(200) +
+                data[len(data) // 2 + 200:]):
+        path = _write(tmp_path / f"{name}.{codec}", bad)
+        with pytest.raises(DataError, match=rf"{re.escape(path)}: corrupt compressed data"):
+            read(fmt, path, rejects=readers.Rejects("skip"), **kw)

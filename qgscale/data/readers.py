@@ -5,7 +5,7 @@ field, a wrong type, undecodable bytes, an id already seen earlier in the file) 
 through :class:`Rejects`: by default it raises :class:`~qgscale.errors.DataError` naming file,
 line and field; with ``on_error="skip"`` the row is kept aside with its reason (written to
 ``_rejected.jsonl``) and counted. Nothing is dropped silently. A defect of a whole file (an
-empty file, corrupt or truncated gzip data, a missing file) always raises.
+empty file, corrupt or truncated compressed data (gzip, bz2, xz), a missing file) always raises.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import re
@@ -133,7 +134,15 @@ def no_rows(path: str, detail: str = "empty file") -> DataError:
     return DataError(f"{path}: no rows ({detail})")
 
 
-_CORRUPT = (gzip.BadGzipFile, EOFError, zlib.error)  # bad or truncated compressed data
+_CORRUPT = (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError)  # bad or truncated data
+_READ_ERRORS = (OSError, *_CORRUPT)  # caught where a file is read: told apart by _is_corrupt
+
+
+def _is_corrupt(path: str, e: BaseException) -> bool:
+    """Whether ``e``, raised reading ``path``, is bad or truncated compressed data: bz2 raises
+    a bare ``OSError("Invalid data stream")``; any other OSError (a network's) is not."""
+    return isinstance(e, _CORRUPT) or (type(e) is OSError and e.errno is None
+                                       and fsspec.utils.infer_compression(path) == "bz2")
 
 
 def _corrupt(path: str, e: BaseException, lines: int | None = None) -> DataError:
@@ -168,7 +177,7 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
                      span: Span | None = None) -> Iterator[tuple[int, str | None]]:
     """(line number, decoded line) for a text file; gz by suffix; a UTF-8 byte-order mark
     on line 1 is dropped; bad bytes are reported (and, with ``keep_bad``, yielded as None);
-    corrupt or truncated gzip data raises :class:`DataError` with the last whole line read.
+    corrupt or truncated compressed data raises :class:`DataError` with the last whole line read.
 
     ``span``: only the lines that start in its byte range of an uncompressed file, numbered
     from 1 within it (:class:`Span`; its ``lines`` counts them as they are read)."""
@@ -186,7 +195,9 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
                 raw = next(lines)
             except StopIteration:
                 return
-            except _CORRUPT as e:
+            except _READ_ERRORS as e:
+                if not _is_corrupt(path, e):
+                    raise
                 raise _corrupt(path, e, n) from None
             n += 1
             if span is not None:
@@ -230,12 +241,14 @@ def iter_jsonl(path: str, rejects: Rejects, span: Span | None = None
 
 
 def load_json(path: str) -> Any:
-    """A whole JSON document (gz by suffix); bad bytes or syntax, corrupt gzip data or an
+    """A whole JSON document (gz by suffix); bad bytes or syntax, corrupt compressed data or an
     empty file fail with file (and line)."""
     with _open(path) as f:
         try:
             raw = f.read()
-        except _CORRUPT as e:
+        except _READ_ERRORS as e:
+            if not _is_corrupt(path, e):
+                raise
             raise _corrupt(path, e) from None
     if not raw.strip():
         raise no_rows(path)
@@ -726,7 +739,7 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
     """(line, index, object) for each element of a file holding one JSON list (DPR's
     ``nq-train.json``), streamed: one element in memory at a time, not the whole document.
     ``line`` is where the element starts. An element that is not an object is a row defect;
-    bad syntax, undecodable bytes, corrupt gzip data, a record over 256 MiB or a file without
+    bad syntax, undecodable bytes, corrupt compressed data, a record over 256 MiB or a file without
     any element raise :class:`DataError` (a syntax error cannot be skipped: the reader
     cannot find where the next element starts)."""
     decoder = json.JSONDecoder()
@@ -741,7 +754,9 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
                 return False
             try:
                 raw = f.read(size)
-            except _CORRUPT as e:
+            except _READ_ERRORS as e:
+                if not _is_corrupt(path, e):
+                    raise
                 raise _corrupt(path, e, lines_read) from None
             eof = not raw
             try:
