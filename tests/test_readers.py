@@ -1211,3 +1211,50 @@ def test_corrupt_bz2_or_xz_names_the_file(tmp_path, codec, fmt, name):
         path = _write(tmp_path / f"{name}.{codec}", bad)
         with pytest.raises(DataError, match=rf"{re.escape(path)}: corrupt compressed data"):
             read(fmt, path, rejects=readers.Rejects("skip"), **kw)
+
+
+def test_tsv_malformed_quoting_is_a_row_defect(tmp_path):
+    """csv's non-strict mode rewrote these: '"Hello" world' -> 'Hello world', and an open
+    quote took the tabs and fields after it into one field."""
+    good = '1\t"Aaron ""A"" is"\tT\n2\tAaron ""A"" is\tT\n'  # psgs_w100's quoting; literal
+    for bad, why in (('3\t"Hello" world\tT\n', r"'\\t' expected after '\"'"),
+                     ('3\t"open\tx\tT\n', "unexpected end of data")):
+        path = _write(tmp_path / "p.tsv", "id\ttext\ttitle\n" + good + bad)
+        with pytest.raises(DataError, match=rf"p.tsv:4: malformed TSV line: {why}"):
+            read("passages", path)
+        rejects = readers.Rejects("skip")
+        rows = read("passages", path, rejects=rejects)["corpus"]
+        assert [r["text"] for r in rows] == ['Aaron "A" is', 'Aaron ""A"" is']
+        assert [(r["line"], r["field"]) for r in rejects.rows] == [(4, None)]
+    # an open quote no longer takes the next field in silently (2 columns: the counts match)
+    path = _write(tmp_path / "two.tsv", 'id\ttext\n1\t"open\tx\n')
+    with pytest.raises(DataError, match=r"two.tsv:2: malformed TSV line: unexpected end"):
+        read("passages", path)
+
+
+@pytest.mark.parametrize("header", ["docid\ttitle\ttext", "_id\ttext\ttitle", "pid\ttext",
+                                    "doc_id\ttext\ttitle", "passage_id\ttitle\ttext",
+                                    "id\ttext\ttitle"])
+def test_tsv_header_names_and_a_header_again(tmp_path, header):
+    names = header.split("\t")
+    row = {"title": "T", "text": "Some text."}
+
+    def line(pid: str) -> str:
+        return "\t".join(pid if c == names[0] else row[c] for c in names) + "\n"
+
+    path = _write(tmp_path / "p.tsv", f"{header}\n{line('1')}{line('2')}{header}\n{line('3')}")
+    with pytest.raises(DataError, match=rf"p.tsv:4: a header line \({', '.join(names)}\) "
+                                        r"inside the file \(files concatenated\?\)"):
+        read("passages", path)
+    rejects = readers.Rejects("skip")
+    rows = read("passages", path, rejects=rejects)["corpus"]
+    assert rows == [{"pid": k, "lang": "und", "title": "T" if "title" in names else "",
+                     "text": "Some text."} for k in "123"]
+    assert [(r["line"], r["field"]) for r in rejects.rows] == [(4, None)]
+    path = _write(tmp_path / "q.tsv", f"{header}\n{line('1')}{line('1')}")
+    with pytest.raises(DataError, match=rf"q.tsv:3: field '{names[0]}': duplicate passage id"):
+        read("passages", path)
+    # a file without a header: a header line later is a defect too
+    path = _write(tmp_path / "r.tsv", f"1\tText.\tT\n{header}\n2\tText.\tT\n")
+    with pytest.raises(DataError, match=r"r.tsv:2: a header line"):
+        read("passages", path)

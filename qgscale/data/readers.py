@@ -650,10 +650,26 @@ class Span:
     header: bool = False  # a TSV's header line was read (and skipped)
 
 
+TSV_COLUMNS = ["id", "text", "title"]  # psgs_w100's, when the file has no header line
+TSV_ID_COLUMNS = ("id", "_id", "docid", "doc_id", "pid", "passage_id")  # a header's first
+
+
+def tsv_cells(line: str) -> list[str]:
+    """A TSV line's cells, CSV quoting undone (psgs_w100's ``"Aaron ""A"" is"``); malformed
+    quoting (text after a closing quote, a quote left open) raises :class:`csv.Error`, as
+    does a stray CR or a field over csv's limit (131,072 characters)."""
+    try:
+        return next(csv.reader((line,), delimiter="\t", strict=True))
+    except csv.Error as e:
+        raise csv.Error(str(e).replace("\t", "\\t")) from None  # a tab in the message
+
+
 def tsv_header(cells: list[str]) -> list[str] | None:
-    """A psgs_w100-style TSV's header line (its first non-blank one, starting ``id``) as
-    column names, or None when that line is a row: the columns are ``id, text, title``."""
-    return cells if cells and cells[0] == "id" else None
+    """A passage TSV's header line as column names: a line whose first column is named as an
+    id (:data:`TSV_ID_COLUMNS`: ``id``, ``docid``, ...); None for a row. Only a file's first
+    non-blank line is its header (else the columns are :data:`TSV_COLUMNS`); a header line
+    later in the file (files concatenated) is a row defect."""
+    return cells if cells and cells[0] in TSV_ID_COLUMNS else None
 
 
 def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
@@ -666,7 +682,8 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
     Formats, by suffix (``.gz`` allowed): ``.jsonl`` -- BEIR ``corpus.jsonl`` (``_id``),
     DPR / pyserini ``{"id", "title", "text"}`` or ``{"id", "contents": "title<TAB>text"}``,
     Tevatron / Mr. TyDi (``docid``); anything else -- DPR's ``psgs_w100.tsv``
-    (``id<TAB>text<TAB>title``, CSV quoting; the header line is optional). A row's own
+    (``id<TAB>text<TAB>title``, CSV quoting, malformed quoting a row defect; the header line
+    is optional, its first column ``id``, ``docid``, ... (:func:`tsv_header`)). A row's own
     ``lang`` field wins over ``lang``.
 
     ``unique``: a passage id seen earlier in the file is a defect, checked in memory (every
@@ -699,27 +716,32 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
         if not line.strip() and "\t" not in line:  # blank; a line of tabs is a row of blanks
             continue
         try:
-            cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
-        except csv.Error as e:  # a stray CR; a field over csv's limit (131,072 characters)
+            cells = tsv_cells(line)
+        except csv.Error as e:
             rejects.bad(path, n, None, f"malformed TSV line: {e}", line)
             continue
+        named = tsv_header(cells)
         if header is None:
-            header = tsv_header(cells) or ["id", "text", "title"]
-            if cells and cells[0] == "id":
+            header = named or TSV_COLUMNS
+            if named:
                 if span is not None:
                     span.header = True
                 continue
         read += 1
         if span is not None:
             span.rows = read
+        if named:
+            rejects.bad(path, n, None, f"a header line ({', '.join(cells)}) inside the file "
+                        "(files concatenated?), not a passage", line)
+            continue
         if len(cells) != len(header):
             rejects.bad(path, n, None, f"expected {len(header)} tab-separated columns "
                         f"({', '.join(header)}), got {len(cells)}", line)
             continue
         obj = dict(zip(header, cells, strict=True))
-        pid = get_str(obj, "id", path, n, rejects)
+        pid = get_str(obj, header[0], path, n, rejects)
         text = pid and get_str(obj, "text", path, n, rejects)
-        if text is not None and new(pid, n, "id", line):
+        if text is not None and new(pid, n, header[0], line):
             yield {"pid": pid, "lang": lang, "title": obj.get("title", ""), "text": text}
     if read == 0 and span is None:
         raise no_rows(path, "only a header" if header else "empty file")
