@@ -1258,3 +1258,13 @@ def test_tsv_header_names_and_a_header_again(tmp_path, header):
     path = _write(tmp_path / "r.tsv", f"1\tText.\tT\n{header}\n2\tText.\tT\n")
     with pytest.raises(DataError, match=r"r.tsv:2: a header line"):
         read("passages", path)
+
+
+def test_passage_jsonl_null_title_is_empty(tmp_path):
+    """As the DPR, XQuAD and canonical readers: a null title is none, not a missing field."""
+    path = _write(tmp_path / "c.jsonl", '{"id": "1", "title": null, "text": "x"}\n'
+                                        '{"id": "2", "title": 7, "text": "y"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:2: field 'title': wrong type"):
+        read("passages", path)
+    rows = read("passages", path, rejects=readers.Rejects("skip"))["corpus"]
+    assert rows == [{"pid": "1", "lang": "und", "title": "", "text": "x"}]

@@ -607,9 +607,10 @@ PASSAGE_ID_KEYS = ("_id", "docid", "id")  # BEIR, Tevatron / Mr. TyDi, DPR / pys
 
 def _passage_from_json(obj: dict, path: str, n: int, lang: str,
                        rejects: Rejects) -> tuple[str, dict[str, Any]] | None:
-    """A JSONL passage: ``{"id"|"_id"|"docid", "title"?, "text"}`` (BEIR, DPR, Tevatron) or
-    pyserini's ``{"id", "contents"}``, where ``contents`` is ``title<TAB>text`` (DPR's
-    psgs_w100 as pyserini JSONL) or, without a tab, the text alone. Returns (id key, row)."""
+    """A JSONL passage: ``{"id"|"_id"|"docid", "title"?, "text"}`` (BEIR, DPR, Tevatron; a
+    null title is ``""``) or pyserini's ``{"id", "contents"}``, where ``contents`` is
+    ``title<TAB>text`` (DPR's psgs_w100 as pyserini JSONL) or, without a tab, the text
+    alone. Returns (id key, row)."""
     key = next((k for k in PASSAGE_ID_KEYS if k in obj), "id")
     pid = get_id(obj, key, path, n, rejects)
     if pid is None:
@@ -627,7 +628,7 @@ def _passage_from_json(obj: dict, path: str, n: int, lang: str,
     else:
         text = get_str(obj, "text", path, n, rejects)
         title = (get_str(obj, "title", path, n, rejects, allow_empty=True)
-                 if "title" in obj else "") if text else None
+                 if obj.get("title") is not None else "") if text else None  # null: none
         if title is None:
             return None
     row_lang = get_lang(obj, lang, path, n, rejects)
