@@ -1268,3 +1268,14 @@ def test_passage_jsonl_null_title_is_empty(tmp_path):
         read("passages", path)
     rows = read("passages", path, rejects=readers.Rejects("skip"))["corpus"]
     assert rows == [{"pid": "1", "lang": "und", "title": "", "text": "x"}]
+
+
+@pytest.mark.parametrize("score", ["1_0", "\u0661", "+1", " 1", "1.0", "0x1", "2147483648"])
+def test_qrels_score_is_ascii_digits(tmp_path, score):
+    path = _write(tmp_path / "q.tsv", f"query-id\tcorpus-id\tscore\nq1\td1\t-1\nq2\td2\t{score}\n")
+    why = ("2147483648 is out of range for int32" if score == "2147483648" else
+           f"wrong type: expected an integer, got {score!r}")
+    with pytest.raises(DataError, match=rf"q.tsv:3: field 'score': {re.escape(why)}"):
+        readers.read_qrels_tsv(path)
+    rows = readers.read_qrels_tsv(path, readers.Rejects("skip"))
+    assert rows == [{"qid": "q1", "pid": "d1", "rel": -1}]

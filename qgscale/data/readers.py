@@ -1434,6 +1434,9 @@ def read_qrels_tsv(path: str, rejects: Rejects | None = None) -> list[dict[str, 
     return [row for _, row in _iter_qrels_tsv(path, rejects or Rejects())]
 
 
+QREL_SCORE = re.compile(r"-?[0-9]+")  # ASCII digits only
+
+
 def _iter_qrels_tsv(path: str, rejects: Rejects) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) of :func:`read_qrels_tsv`."""
     seen = FirstSeen("(query-id, corpus-id)")
@@ -1452,11 +1455,13 @@ def _iter_qrels_tsv(path: str, rejects: Rejects) -> Iterator[tuple[int, dict[str
             rejects.bad(path, n, None, f"expected 3 columns (query-id, corpus-id, score), "
                         f"got {len(cells)}", line)
             continue
-        try:
-            rel = int(cells[2])
-        except ValueError:
+        if not QREL_SCORE.fullmatch(cells[2]):  # int() takes "1_0" (10), " 1", "١" (1)
             rejects.bad(path, n, "score", f"wrong type: expected an integer, got {cells[2]!r}",
                         line)
+            continue
+        rel = int(cells[2])
+        if problem := _number_problem(rel, pa.int32()):  # the qrels' rel column
+            rejects.bad(path, n, "score", problem, line)
             continue
         if not cells[0] or not cells[1]:
             rejects.bad(path, n, "query-id" if not cells[0] else "corpus-id", "empty id", line)
