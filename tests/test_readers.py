@@ -1279,3 +1279,34 @@ def test_qrels_score_is_ascii_digits(tmp_path, score):
         readers.read_qrels_tsv(path)
     rows = readers.read_qrels_tsv(path, readers.Rejects("skip"))
     assert rows == [{"qid": "q1", "pid": "d1", "rel": -1}]
+
+
+def test_duplicate_json_key_is_a_row_defect(tmp_path):
+    """json keeps the last of two values silently: {"id": "1", "id": "2"} read as id 2."""
+    path = _write(tmp_path / "c.jsonl", '{"id": "0", "text": "a"}\n'
+                                        '{"id": "1", "text": "b", "id": "2"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:2: field 'id': duplicate key in a JSON "
+                                        r"object \(json keeps its last value only\)"):
+        read("passages", path)
+    path = _write(tmp_path / "q.jsonl", '{"qid": "1", "lang": "de", "text": "x", "text": "y"}\n')
+    with pytest.raises(DataError, match=r"q.jsonl:1: field 'text': duplicate key"):
+        read("jsonl", path, kind="queries")
+    # DPR: a key twice in a context, in JSONL and in a JSON list (streamed: the record's end
+    # is found; skip mode reads on)
+    ctx = '{"passage_id": "1", "text": "x", "passage_id": "2"}'
+    recs = [_dpr_record(0, "k0"), None, _dpr_record(2, "k2")]
+    text = ",\n".join(json.dumps(r) if r else f'{{"question": "q", "positive_ctxs": [{ctx}]}}'
+                      for r in recs)
+    with pytest.raises(DataError, match=r"d.jsonl:2: field 'passage_id': duplicate key"):
+        read("dpr", _write(tmp_path / "d.jsonl", text.replace(",\n", "\n")))
+    path = _write(tmp_path / "d.json", f"[{text}]")
+    with pytest.raises(DataError, match=r"d.json:2: field '\[1\]\.passage_id': duplicate key"):
+        read("dpr", path)
+    rejects = readers.Rejects("skip")
+    t = readers.read_dpr(path, rejects=rejects, corpus=False)
+    assert [q["qid"] for q in t["queries"]] == ["k0", "k2"]
+    assert [(r["line"], r["field"]) for r in rejects.rows] == [(2, "[1].passage_id")]
+    # a chunk boundary inside the record with the key twice
+    rejects = readers.Rejects("skip")
+    rows = list(readers.iter_json_list(path, rejects, chunk=8))
+    assert [i for _, i, _ in rows] == [0, 2] and rejects.count == 1

@@ -215,9 +215,31 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
             yield n, text.removeprefix("\ufeff") if first else text
 
 
+class _DuplicateKey(Exception):
+    """A JSON object holds ``key`` twice (json.loads would keep its last value silently)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The object of ``pairs`` (an ``object_pairs_hook``); a key twice raises _DuplicateKey."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+_JSON = json.JSONDecoder(object_pairs_hook=_unique_keys)  # as fast as json.loads (measured)
+DUPLICATE_KEY = "duplicate key in a JSON object (json keeps its last value only)"
+
+
 def iter_jsonl(path: str, rejects: Rejects, span: Span | None = None
                ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of a JSONL(.gz) file; a file without
+    """(line number, object) for each non-blank line of a JSONL(.gz) file; a key twice in an
+    object (at any depth) is a row defect naming the key; a file without
     any non-blank line raises :class:`DataError` ('no rows'). ``span``: its lines only
     (:func:`_open_text_lines`), non-blank ones counted in ``span.rows``, never 'no rows'."""
     rows = 0
@@ -228,9 +250,12 @@ def iter_jsonl(path: str, rejects: Rejects, span: Span | None = None
         if span is not None:
             span.rows = rows
         try:
-            obj = json.loads(line)
+            obj = _JSON.decode(line)
         except json.JSONDecodeError as e:
             rejects.bad(path, n, None, f"malformed JSON: {e.msg} (column {e.colno})", line)
+            continue
+        except _DuplicateKey as e:
+            rejects.bad(path, n, e.key, DUPLICATE_KEY, line)
             continue
         if not isinstance(obj, dict):
             rejects.bad(path, n, None, f"expected a JSON object, got {type(obj).__name__}", line)
@@ -761,11 +786,12 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
                    ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """(line, index, object) for each element of a file holding one JSON list (DPR's
     ``nq-train.json``), streamed: one element in memory at a time, not the whole document.
-    ``line`` is where the element starts. An element that is not an object is a row defect;
+    ``line`` is where the element starts. An element that is not an object, or that holds
+    a key twice in an object (at any depth; the field named ``[index].key``), is a row defect;
     bad syntax, undecodable bytes, corrupt compressed data, a record over 256 MiB or a file without
     any element raise :class:`DataError` (a syntax error cannot be skipped: the reader
     cannot find where the next element starts)."""
-    decoder = json.JSONDecoder()
+    plain = json.JSONDecoder()  # finds the end of a record with a key twice
     ws = re.compile(r"[ \t\n\r]*")
     utf8 = codecs.getincrementaldecoder("utf-8")()
     buf, pos, base_line, lines_read, eof = "", 0, 1, 0, False
@@ -832,11 +858,13 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
                 c = skip_ws()
             if c == "":
                 raise malformed("unexpected end of file", pos)
-            size = chunk
+            size, dup, decoder = chunk, None, _JSON
             while True:
                 try:
                     obj, end = decoder.raw_decode(buf, pos)
                     break
+                except _DuplicateKey as e:
+                    dup, decoder = e.key, plain
                 except json.JSONDecodeError as e:
                     if len(buf) - pos > 256 << 20:
                         raise malformed(f"{e.msg} (or a record over 256 MiB)", e.pos) from None
@@ -845,7 +873,10 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
                         raise malformed(e.msg, e.pos) from None
             line = line_at(pos)
             pos = end
-            if isinstance(obj, dict):
+            if dup is not None:
+                rejects.bad(path, line, f"[{index}].{dup}", DUPLICATE_KEY,
+                            json.dumps(obj)[:2000])
+            elif isinstance(obj, dict):
                 yield line, index, obj
             else:
                 rejects.bad(path, line, f"[{index}]", "expected a JSON object, got "
