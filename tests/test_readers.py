@@ -1310,3 +1310,31 @@ def test_duplicate_json_key_is_a_row_defect(tmp_path):
     rejects = readers.Rejects("skip")
     rows = list(readers.iter_json_list(path, rejects, chunk=8))
     assert [i for _, i, _ in rows] == [0, 2] and rejects.count == 1
+
+
+def test_json_documents_after_a_byte_order_mark(tmp_path):
+    """JSONL and TSV drop a leading UTF-8 BOM; DPR's JSON list and XQuAD's JSON do too."""
+    bom = "\ufeff"
+    recs = [_dpr_record(0, "k0"), _dpr_record(1, "k1")]
+    path = _write(tmp_path / "d.json", bom + "[" + ",\n".join(json.dumps(r) for r in recs) + "]")
+    assert [q["qid"] for q in read("dpr", path)["queries"]] == ["k0", "k1"]
+    path = _write(tmp_path / "d.json", bom + "[" + json.dumps(recs[0]) + ",\n{]")
+    with pytest.raises(DataError, match=r"d.json:2: malformed JSON"):  # lines as counted
+        read("dpr", path)
+    _write(tmp_path / "xq" / "xquad.en.json", bom + json.dumps(_xquad_doc(
+        [{"id": "a", "question": "Big?"}])))
+    assert len(readers.read_xquad(str(tmp_path / "xq"), ["en"], ["en"], 1)["test/queries"]) == 1
+    path = _write(tmp_path / "xq2" / "xquad.en.json", bom + "\n")
+    with pytest.raises(DataError, match=rf"{re.escape(path)}: no rows"):
+        readers.read_xquad(str(tmp_path / "xq2"), ["en"], ["en"])
+
+
+@pytest.mark.parametrize("codec", ["bz2", "xz"])
+def test_dpr_jsonl_bz2_or_xz_is_jsonl(tmp_path, codec):
+    """dpr_records took only .jsonl(.gz) for JSONL: .jsonl.bz2 was read as one JSON list."""
+    import bz2
+    import lzma
+
+    data = _jsonl([_dpr_record(0, "k0"), _dpr_record(1, "k1")]).encode()
+    path = _write(tmp_path / f"d.jsonl.{codec}", (bz2 if codec == "bz2" else lzma).compress(data))
+    assert [q["qid"] for q in read("dpr", path)["queries"]] == ["k0", "k1"]

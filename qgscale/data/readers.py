@@ -275,6 +275,7 @@ def load_json(path: str) -> Any:
             if not _is_corrupt(path, e):
                 raise
             raise _corrupt(path, e) from None
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte-order mark, as JSONL's is dropped
     if not raw.strip():
         raise no_rows(path)
     try:
@@ -794,11 +795,11 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
     plain = json.JSONDecoder()  # finds the end of a record with a key twice
     ws = re.compile(r"[ \t\n\r]*")
     utf8 = codecs.getincrementaldecoder("utf-8")()
-    buf, pos, base_line, lines_read, eof = "", 0, 1, 0, False
+    buf, pos, base_line, lines_read, eof, start = "", 0, 1, 0, False, True
 
     with _open(path) as f:
         def more(size: int) -> bool:
-            nonlocal buf, pos, base_line, eof, lines_read
+            nonlocal buf, pos, base_line, eof, lines_read, start
             if eof:
                 return False
             try:
@@ -814,6 +815,8 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
                 line = base_line + buf.count("\n") + raw[: max(e.start, 0)].count(b"\n")
                 raise DataError(f"{path}:{line}: undecodable bytes (not UTF-8): "
                                 f"{e.reason}") from None
+            if start and text:  # a byte-order mark, as JSONL's, is dropped
+                start, text = False, text.removeprefix("\ufeff")
             lines_read += text.count("\n")
             base_line += buf.count("\n", 0, pos)
             buf, pos = buf[pos:] + text, 0
@@ -943,8 +946,9 @@ def _no_text(text: Any) -> bool:
 def dpr_records(path: str, rejects: Rejects) -> Iterator[tuple[int, int, str, dict]]:
     """``(line, index, loc, record)`` of a DPR / Tevatron file, in file order: ``.json(.gz)``
     is one JSON list, streamed record by record (``loc`` ``"[index]."`` prefixes a field
-    name); ``.jsonl(.gz)`` one record per line (``loc`` ``""``, index = line - 1)."""
-    if re.search(r"\.jsonl(\.gz)?$", path):
+    name); ``.jsonl`` (:data:`JSONL_FILE`: plain, gz, bz2, xz) one record per line (``loc``
+    ``""``, index = line - 1)."""
+    if JSONL_FILE.search(path):
         for n, obj in iter_jsonl(path, rejects):
             yield n, n - 1, "", obj
     else:
@@ -963,7 +967,7 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
     "hard_negative_ctxs"}``, each context ``{"title", "text", "passage_id" | "psg_id"}``;
     Tevatron's ``{"query_id", "query", "positive_passages", "negative_passages"}`` with
     ``docid`` contexts is read too. ``.json(.gz)``: one JSON list, streamed record by record;
-    ``.jsonl(.gz)``: one record per line.
+    ``.jsonl`` (plain, gz, bz2, xz): one record per line.
 
     Tables: ``queries`` (qid: the record's ``id`` / ``qid`` / ``query_id`` / ``question_id``,
     else its 0-based position: the index in the list, or for JSONL the line number - 1;
