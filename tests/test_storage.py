@@ -357,3 +357,29 @@ def test_unit_reads_benchmark_reads_less_by_row_group(tmp_path):
     whole, groups = res["whole shard, sliced"], res["its row groups (read_rows)"]
     assert whole["units"] == groups["units"] == 12
     assert groups["mb_read"] * 4 < whole["mb_read"]  # 1-2 groups of ~12 per unit
+
+
+def test_a_folder_written_elsewhere_after_its_parent_was_listed(s3_server, s3_bucket):
+    """s3fs answers isdir/exists/isfile from a cached listing of the parent folder: a folder
+    another process wrote after this one listed the parent read as not found."""
+    import boto3
+
+    from qgscale.data.joins import shard_files
+
+    base = storage.join(s3_bucket, "run")
+    storage.write_parquet(storage.join(base, "a", "part-00000.parquet"), _table(2))
+    fs, path = storage.url_to_fs(base)
+    client = boto3.client("s3", endpoint_url=s3_server)  # another writer
+    readers = {"read_parquet": lambda u: storage.read_parquet(u).to_pylist(),
+               "parquet_files": storage.parquet_files,
+               "shard_files": lambda u: shard_files(u, "queries"),
+               "shard_files of a file": lambda u: shard_files(f"{u}/part-00000.parquet", "x")}
+    for name, read in readers.items():
+        child = storage.join(base, name.replace(" ", "-"))
+        assert storage.join(base, "a") in [f"s3://{p}" for p in fs.ls(path)]  # cached
+        client.put_object(Bucket=s3_bucket.removeprefix("s3://"),
+                          Key=f"run/{name.replace(' ', '-')}/part-00000.parquet",
+                          Body=storage.table_to_bytes(_table(3)))
+        want = _table(3).to_pylist() if name == "read_parquet" else [
+            storage.join(child, "part-00000.parquet")]
+        assert read(child) == want, name
