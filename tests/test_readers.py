@@ -1099,6 +1099,8 @@ LONE = {  # name -> (format, file name, text, read arguments, field)
     "mkqa-alias": ("mkqa", "m.jsonl", '{"example_id": 1, "queries": {"de": "q"}, "answers": '
                    f'{{"de": [{{"text": "x", "aliases": ["{SURROGATE}"]}}]}}}}', {},
                    "answers.de[0].aliases"),
+    "mkqa-lang-key": ("mkqa", "m.jsonl", f'{{"example_id": 1, "queries": {{"{SURROGATE}": '
+                      '"q"}, "answers": {}}', {}, "queries"),
 }
 
 
