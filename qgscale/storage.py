@@ -293,11 +293,16 @@ def parquet_file(uri: str) -> Iterator[Any]:
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read one parquet file, or every ``*.parquet`` shard of a folder, as one table."""
     fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)  # as exists(): written by another process since a listing?
     if fs.isdir(path):
         files = list_files(uri, ".parquet")
         if not files:
             raise MissingInputError(f"{uri}: no parquet shards in this folder")
-        return pa.concat_tables([read_parquet(f, columns) for f in files])
+        return pa.concat_tables([_read_table(f, columns) for f in files])
+    return _read_table(uri, columns)
+
+
+def _read_table(uri: str, columns: list[str] | None) -> pa.Table:
     with parquet_file(uri) as f:
         return pq.read_table(f, columns=columns)
 
@@ -366,6 +371,7 @@ def parquet_files(uri: str) -> list[str]:
     """``[uri]`` for a parquet file, its ``*.parquet`` shards for a folder; an empty folder is
     a :class:`MissingInputError`."""
     fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)  # as exists(): written by another process since a listing?
     if not fs.isdir(path):
         return [uri]
     files = list_files(uri, ".parquet")

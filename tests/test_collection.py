@@ -553,3 +553,26 @@ def test_fail_then_skip_on_the_same_output(tmp_path):
     want, want_rejects = _one_stream(path)
     assert storage.read_parquet(f"{out}/corpus").to_pylist() == want and m["rows"] == 120
     assert sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows) == want_rejects
+
+
+@pytest.mark.parametrize("header", ["docid\ttext\ttitle\n", ""])
+def test_units_read_quoting_and_headers_as_one_stream(tmp_path, header):
+    """Malformed CSV quoting and a header line again (files concatenated) are row defects in
+    every unit, as in one stream; psgs_w100's quoting is undone."""
+    rows = [f'p{i}\t"Text ""{i}"" {"w " * (i % 7)}"\tTitle {i}\n' for i in range(80)]
+    rows[10] = 'p10\t"Hello" world\tTitle\n'
+    rows[33] = 'p33\t"open\tTitle\n'
+    rows[50] = (header or "id\ttext\ttitle\n")
+    path = tmp_path / "c.tsv"
+    path.write_text(header + "".join(rows) + ("docid\ttext\ttitle\n" if header else ""))
+    want, want_rejects = _one_stream(str(path))
+    m, rejects = _collection(str(path), str(tmp_path / "out"), unit_bytes=200)
+    assert len(plan([str(path)], 200)[0]) > 5
+    assert storage.read_parquet(str(tmp_path / "out" / "corpus")).to_pylist() == want
+    assert sorted((r["line"], r["field"], r["reason"]) for r in rejects.rows) == want_rejects
+    assert len(want) == 77 and want[0]["text"] == 'Text "0" '
+    bad = [(line - bool(header), why.split(":")[0].split(" (")[0]) for line, _, why in
+           want_rejects]
+    assert bad[:3] == [(11, "malformed TSV line"), (34, "malformed TSV line"),
+                       (51, "a header line")]
+    assert bad[3:] == ([(81, "a header line")] if header else [])

@@ -1074,3 +1074,269 @@ def test_rejects_past_the_held_rows_in_order_and_written_whole(tmp_path):
     lines = (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 501 and json.loads(lines[-1])["raw"] == '"\ud800"'
     assert [json.loads(x) for x in lines] == list(r)
+
+
+# A lone surrogate escape ("\ud800") parses as JSON but no UTF-8 writes it: a row defect.
+SURROGATE = "a\\ud800b"  # as written in the file: a JSON escape
+LONE = {  # name -> (format, file name, text, read arguments, field)
+    "passages": ("passages", "c.jsonl", f'{{"id": "1", "text": "{SURROGATE}"}}', {}, "text"),
+    "passages-title": ("passages", "c.jsonl", f'{{"id": "1", "title": "{SURROGATE}", '
+                       '"text": "x"}', {}, "title"),
+    "passages-id": ("passages", "c.jsonl", f'{{"id": "{SURROGATE}", "text": "x"}}', {}, "id"),
+    "jsonl-corpus": ("jsonl", "c.jsonl", f'{{"pid": "1", "lang": "en", "text": "{SURROGATE}"}}',
+                     {"kind": "corpus"}, "text"),
+    "jsonl-queries": ("jsonl", "q.jsonl", f'{{"qid": "1", "lang": "de", "text": "{SURROGATE}"}}',
+                      {"kind": "queries"}, "text"),
+    "jsonl-answers": ("jsonl", "a.jsonl", f'{{"qid": "1", "answers": ["x", "{SURROGATE}"]}}',
+                      {"kind": "answers"}, "answers"),
+    "xor-answers": ("xor-tydi", "x.jsonl", '{"id": "1", "lang": "ja", "question": "q", '
+                    f'"answers": ["{SURROGATE}"]}}', {}, "answers"),
+    "dpr-question": ("dpr", "d.jsonl", f'{{"question": "{SURROGATE}", "positive_ctxs": '
+                     '[{"passage_id": "1", "text": "x"}]}', {}, "question"),
+    "dpr-pid": ("dpr", "d.jsonl", '{"question": "q", "positive_ctxs": '
+                f'[{{"passage_id": "{SURROGATE}", "text": "x"}}]}}', {},
+                "positive_ctxs[0].passage_id"),
+    "mkqa-alias": ("mkqa", "m.jsonl", '{"example_id": 1, "queries": {"de": "q"}, "answers": '
+                   f'{{"de": [{{"text": "x", "aliases": ["{SURROGATE}"]}}]}}}}', {},
+                   "answers.de[0].aliases"),
+    "mkqa-lang-key": ("mkqa", "m.jsonl", f'{{"example_id": 1, "queries": {{"{SURROGATE}": '
+                      '"q"}, "answers": {}}', {}, "queries"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LONE))
+def test_lone_surrogate_is_a_row_defect(tmp_path, name):
+    fmt, file, line, kw, fld = LONE[name]
+    path = _write(tmp_path / file, line + "\n")
+    with pytest.raises(DataError, match=f"{re.escape(path)}:1: field {re.escape(repr(fld))}: "
+                                        r"invalid Unicode \(lone surrogate\)"):
+        read(fmt, path, **kw)
+    rejects = readers.Rejects("skip")
+    read(fmt, path, rejects=rejects, **kw)
+    assert [(r["line"], r["field"]) for r in rejects.rows] == [(1, fld)]
+
+
+def test_lone_surrogate_skipped_by_prepare(tmp_path):
+    path = _write(tmp_path / "corpus.jsonl", f'{{"id": "1", "text": "{SURROGATE}"}}\n'
+                                             '{"id": "2", "text": "fine"}\n')
+    out = str(tmp_path / "out")
+    summary = prepare("passages", path, out, on_error="skip")
+    assert summary["rows"] == {"corpus": 1} and summary["rejected"] == 1
+    (r,) = [json.loads(x) for x in open(f"{out}/_rejected.jsonl", encoding="utf-8")]
+    assert (r["file"], r["line"], r["field"], r["reason"]) == (
+        path, 1, "text", "invalid Unicode (lone surrogate)")
+    assert "\\ud800" in r["raw"]  # written as its escape
+
+
+def _xquad_doc(qas: list, title: object = "T") -> dict:
+    return {"data": [{"title": title, "paragraphs": [{"context": "Berlin is big.",
+                                                      "qas": qas}]}]}
+
+
+def test_xquad_rejected_question_goes_from_every_language(tmp_path):
+    """Skip mode: a question rejected in one file is left out of every language (reported
+    in each, naming the defective file and place); the files stay parallel."""
+    qas = [{"id": k, "question": f"Question {k}?"} for k in ("a", "b", "c")]
+    en = _write(tmp_path / "xquad.en.json", json.dumps(_xquad_doc(
+        [*qas[:2], {"id": None, "question": "Question c?"}])))
+    de = _write(tmp_path / "xquad.de.json", json.dumps(_xquad_doc(
+        [{"id": "a", "question": " "}, *qas[1:]])))
+    rejects = readers.Rejects("skip")
+    t = readers.read_xquad(str(tmp_path), ["de", "en"], ["de", "en"], test_mod=1,
+                           rejects=rejects)
+    assert [q["qid"] for q in t["test/queries"]] == ["de:b", "en:b"]
+    assert {(r["qid"], r["pid"]) for r in t["test/qrels"]} == {
+        (q, p) for q in ("de:b", "en:b") for p in ("de:0-0", "en:0-0")}
+    q = "data[0].paragraphs[0].qas"
+    got = sorted((r["file"], r["field"], r["reason"].split(" (")[0]) for r in rejects.rows)
+    assert got == [
+        (de, f"{q}[0].question", "empty text"),
+        (de, f"{q}[2]", f"left out: {q}[2] was rejected in {en}"),
+        (en, f"{q}[0]", f"left out: {q}[0] was rejected in {de}"),
+        (en, f"{q}[2].id", "missing field")]
+    # fail mode names the question; files that differ are still not parallel
+    with pytest.raises(DataError, match=rf"xquad.en.json: field '{re.escape(q)}\[2\]\.id': "
+                                        "missing field"):
+        readers.read_xquad(str(tmp_path), ["en"], ["en"])
+    _write(tmp_path / "xquad.de.json", json.dumps(_xquad_doc([*qas[:2], {"id": "x",
+                                                                         "question": "?"}])))
+    _write(tmp_path / "xquad.en.json", json.dumps(_xquad_doc(qas)))
+    with pytest.raises(DataError, match=r"xquad.en.json: articles/paragraphs/question ids are "
+                                        "not parallel"):
+        readers.read_xquad(str(tmp_path), ["de", "en"], ["de", "en"], rejects=rejects)
+
+
+def test_xquad_null_title_is_empty(tmp_path):
+    path = _write(tmp_path / "xquad.en.json", json.dumps(_xquad_doc(
+        [{"id": "a", "question": "Big?"}], title=None)))
+    t = readers.read_xquad(str(tmp_path), ["en"], ["en"], test_mod=1)
+    assert [p["title"] for p in t["test/corpus"]] == [""]  # not "None"
+    _write(tmp_path / "xquad.en.json", json.dumps(_xquad_doc([{"id": "a", "question": "?"}],
+                                                             title=7)))
+    with pytest.raises(DataError, match=rf"{re.escape(path)}: field 'data\[0\]\.title': wrong "
+                                        "type: expected string, got int"):
+        readers.read_xquad(str(tmp_path), ["en"], ["en"])
+
+
+@pytest.mark.parametrize("second", ["test.small.tsv", "test.tsv.gz"])
+def test_beir_two_qrels_files_of_one_split(tmp_path, second):
+    """Both would be split 'test': the second overwrote the first's qrels, silently."""
+    b = tmp_path / "b"
+    _write(b / "corpus.jsonl", '{"_id": "d1", "text": "alpha"}\n{"_id": "d2", "text": "b"}\n')
+    _write(b / "queries.jsonl", '{"_id": "q1", "text": "a?"}\n{"_id": "q2", "text": "b?"}\n')
+    _write(b / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    _gz(b / "qrels" / second.removesuffix(".gz"), "query-id\tcorpus-id\tscore\nq2\td2\t1\n",
+        second.endswith(".gz"))
+    first, then = sorted(["test.tsv", second])
+    with pytest.raises(DataError, match=rf"qrels/{re.escape(then)}: a second qrels file of "
+                                        rf"split 'test' \(the first: .*qrels/{re.escape(first)}"):
+        read("beir", str(b), rejects=readers.Rejects("skip"))
+
+
+@pytest.mark.parametrize("codec", ["bz2", "xz"])
+@pytest.mark.parametrize("fmt,name", [("passages", "p.jsonl"), ("passages", "p.tsv"),
+                                      ("dpr", "d.json"), ("jsonl", "q.jsonl")])
+def test_corrupt_bz2_or_xz_names_the_file(tmp_path, codec, fmt, name):
+    import bz2
+    import lzma
+
+    rows = [{"id": f"{i}", "qid": f"q{i}", "lang": "de", "text": f"Text {i} {i * i}."}
+            for i in range(3000)]
+    text = (json.dumps([{"question": "q", "positive_ctxs": [{"passage_id": "1", "text": "x"}]}])
+            if fmt == "dpr" else "".join(f"{r['id']}\t{r['text']}\tT\n" for r in rows)
+            if name.endswith(".tsv") else _jsonl({k: r[k] for k in ("qid", "lang", "text")}
+                                                 if fmt == "jsonl" else r for r in rows))
+    data = (bz2 if codec == "bz2" else lzma).compress(text.encode())
+    kw = {"kind": "queries"} if fmt == "jsonl" else {}
+    for bad in (b"not compressed data " * 10, data[: len(data) // 2] + bytes(200) +
+                data[len(data) // 2 + 200:]):
+        path = _write(tmp_path / f"{name}.{codec}", bad)
+        with pytest.raises(DataError, match=rf"{re.escape(path)}: corrupt compressed data"):
+            read(fmt, path, rejects=readers.Rejects("skip"), **kw)
+
+
+def test_tsv_malformed_quoting_is_a_row_defect(tmp_path):
+    """csv's non-strict mode rewrote these: '"Hello" world' -> 'Hello world', and an open
+    quote took the tabs and fields after it into one field."""
+    good = '1\t"Aaron ""A"" is"\tT\n2\tAaron ""A"" is\tT\n'  # psgs_w100's quoting; literal
+    for bad, why in (('3\t"Hello" world\tT\n', r"'\\t' expected after '\"'"),
+                     ('3\t"open\tx\tT\n', "unexpected end of data")):
+        path = _write(tmp_path / "p.tsv", "id\ttext\ttitle\n" + good + bad)
+        with pytest.raises(DataError, match=rf"p.tsv:4: malformed TSV line: {why}"):
+            read("passages", path)
+        rejects = readers.Rejects("skip")
+        rows = read("passages", path, rejects=rejects)["corpus"]
+        assert [r["text"] for r in rows] == ['Aaron "A" is', 'Aaron ""A"" is']
+        assert [(r["line"], r["field"]) for r in rejects.rows] == [(4, None)]
+    # an open quote no longer takes the next field in silently (2 columns: the counts match)
+    path = _write(tmp_path / "two.tsv", 'id\ttext\n1\t"open\tx\n')
+    with pytest.raises(DataError, match=r"two.tsv:2: malformed TSV line: unexpected end"):
+        read("passages", path)
+
+
+@pytest.mark.parametrize("header", ["docid\ttitle\ttext", "_id\ttext\ttitle", "pid\ttext",
+                                    "doc_id\ttext\ttitle", "passage_id\ttitle\ttext",
+                                    "id\ttext\ttitle"])
+def test_tsv_header_names_and_a_header_again(tmp_path, header):
+    names = header.split("\t")
+    row = {"title": "T", "text": "Some text."}
+
+    def line(pid: str) -> str:
+        return "\t".join(pid if c == names[0] else row[c] for c in names) + "\n"
+
+    path = _write(tmp_path / "p.tsv", f"{header}\n{line('1')}{line('2')}{header}\n{line('3')}")
+    with pytest.raises(DataError, match=rf"p.tsv:4: a header line \({', '.join(names)}\) "
+                                        r"inside the file \(files concatenated\?\)"):
+        read("passages", path)
+    rejects = readers.Rejects("skip")
+    rows = read("passages", path, rejects=rejects)["corpus"]
+    assert rows == [{"pid": k, "lang": "und", "title": "T" if "title" in names else "",
+                     "text": "Some text."} for k in "123"]
+    assert [(r["line"], r["field"]) for r in rejects.rows] == [(4, None)]
+    path = _write(tmp_path / "q.tsv", f"{header}\n{line('1')}{line('1')}")
+    with pytest.raises(DataError, match=rf"q.tsv:3: field '{names[0]}': duplicate passage id"):
+        read("passages", path)
+    # a file without a header: a header line later is a defect too
+    path = _write(tmp_path / "r.tsv", f"1\tText.\tT\n{header}\n2\tText.\tT\n")
+    with pytest.raises(DataError, match=r"r.tsv:2: a header line"):
+        read("passages", path)
+
+
+def test_passage_jsonl_null_title_is_empty(tmp_path):
+    """As the DPR, XQuAD and canonical readers: a null title is none, not a missing field."""
+    path = _write(tmp_path / "c.jsonl", '{"id": "1", "title": null, "text": "x"}\n'
+                                        '{"id": "2", "title": 7, "text": "y"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:2: field 'title': wrong type"):
+        read("passages", path)
+    rows = read("passages", path, rejects=readers.Rejects("skip"))["corpus"]
+    assert rows == [{"pid": "1", "lang": "und", "title": "", "text": "x"}]
+
+
+@pytest.mark.parametrize("score", ["1_0", "\u0661", "+1", " 1", "1.0", "0x1", "2147483648"])
+def test_qrels_score_is_ascii_digits(tmp_path, score):
+    path = _write(tmp_path / "q.tsv", f"query-id\tcorpus-id\tscore\nq1\td1\t-1\nq2\td2\t{score}\n")
+    why = ("2147483648 is out of range for int32" if score == "2147483648" else
+           f"wrong type: expected an integer, got {score!r}")
+    with pytest.raises(DataError, match=rf"q.tsv:3: field 'score': {re.escape(why)}"):
+        readers.read_qrels_tsv(path)
+    rows = readers.read_qrels_tsv(path, readers.Rejects("skip"))
+    assert rows == [{"qid": "q1", "pid": "d1", "rel": -1}]
+
+
+def test_duplicate_json_key_is_a_row_defect(tmp_path):
+    """json keeps the last of two values silently: {"id": "1", "id": "2"} read as id 2."""
+    path = _write(tmp_path / "c.jsonl", '{"id": "0", "text": "a"}\n'
+                                        '{"id": "1", "text": "b", "id": "2"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:2: field 'id': duplicate key in a JSON "
+                                        r"object \(json keeps its last value only\)"):
+        read("passages", path)
+    path = _write(tmp_path / "q.jsonl", '{"qid": "1", "lang": "de", "text": "x", "text": "y"}\n')
+    with pytest.raises(DataError, match=r"q.jsonl:1: field 'text': duplicate key"):
+        read("jsonl", path, kind="queries")
+    # DPR: a key twice in a context, in JSONL and in a JSON list (streamed: the record's end
+    # is found; skip mode reads on)
+    ctx = '{"passage_id": "1", "text": "x", "passage_id": "2"}'
+    recs = [_dpr_record(0, "k0"), None, _dpr_record(2, "k2")]
+    text = ",\n".join(json.dumps(r) if r else f'{{"question": "q", "positive_ctxs": [{ctx}]}}'
+                      for r in recs)
+    with pytest.raises(DataError, match=r"d.jsonl:2: field 'passage_id': duplicate key"):
+        read("dpr", _write(tmp_path / "d.jsonl", text.replace(",\n", "\n")))
+    path = _write(tmp_path / "d.json", f"[{text}]")
+    with pytest.raises(DataError, match=r"d.json:2: field '\[1\]\.passage_id': duplicate key"):
+        read("dpr", path)
+    rejects = readers.Rejects("skip")
+    t = readers.read_dpr(path, rejects=rejects, corpus=False)
+    assert [q["qid"] for q in t["queries"]] == ["k0", "k2"]
+    assert [(r["line"], r["field"]) for r in rejects.rows] == [(2, "[1].passage_id")]
+    # a chunk boundary inside the record with the key twice
+    rejects = readers.Rejects("skip")
+    rows = list(readers.iter_json_list(path, rejects, chunk=8))
+    assert [i for _, i, _ in rows] == [0, 2] and rejects.count == 1
+
+
+def test_json_documents_after_a_byte_order_mark(tmp_path):
+    """JSONL and TSV drop a leading UTF-8 BOM; DPR's JSON list and XQuAD's JSON do too."""
+    bom = "\ufeff"
+    recs = [_dpr_record(0, "k0"), _dpr_record(1, "k1")]
+    path = _write(tmp_path / "d.json", bom + "[" + ",\n".join(json.dumps(r) for r in recs) + "]")
+    assert [q["qid"] for q in read("dpr", path)["queries"]] == ["k0", "k1"]
+    path = _write(tmp_path / "d.json", bom + "[" + json.dumps(recs[0]) + ",\n{]")
+    with pytest.raises(DataError, match=r"d.json:2: malformed JSON"):  # lines as counted
+        read("dpr", path)
+    _write(tmp_path / "xq" / "xquad.en.json", bom + json.dumps(_xquad_doc(
+        [{"id": "a", "question": "Big?"}])))
+    assert len(readers.read_xquad(str(tmp_path / "xq"), ["en"], ["en"], 1)["test/queries"]) == 1
+    path = _write(tmp_path / "xq2" / "xquad.en.json", bom + "\n")
+    with pytest.raises(DataError, match=rf"{re.escape(path)}: no rows"):
+        readers.read_xquad(str(tmp_path / "xq2"), ["en"], ["en"])
+
+
+@pytest.mark.parametrize("codec", ["bz2", "xz"])
+def test_dpr_jsonl_bz2_or_xz_is_jsonl(tmp_path, codec):
+    """dpr_records took only .jsonl(.gz) for JSONL: .jsonl.bz2 was read as one JSON list."""
+    import bz2
+    import lzma
+
+    data = _jsonl([_dpr_record(0, "k0"), _dpr_record(1, "k1")]).encode()
+    path = _write(tmp_path / f"d.jsonl.{codec}", (bz2 if codec == "bz2" else lzma).compress(data))
+    assert [q["qid"] for q in read("dpr", path)["queries"]] == ["k0", "k1"]

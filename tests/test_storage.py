@@ -388,3 +388,29 @@ def test_a_remote_run_roots_log_is_uploaded_at_each_sync(s3_bucket):
     assert p.returncode == 0 and "could not upload" not in err, err
     storage.url_to_fs(uri)[0].invalidate_cache()  # this process read the first upload
     assert "qgscale INFO last line" in storage.read_bytes(uri).decode()
+
+
+def test_a_folder_written_elsewhere_after_its_parent_was_listed(s3_server, s3_bucket):
+    """s3fs answers isdir/exists/isfile from a cached listing of the parent folder: a folder
+    another process wrote after this one listed the parent read as not found."""
+    import boto3
+
+    from qgscale.data.joins import shard_files
+
+    base = storage.join(s3_bucket, "run")
+    storage.write_parquet(storage.join(base, "a", "part-00000.parquet"), _table(2))
+    fs, path = storage.url_to_fs(base)
+    client = boto3.client("s3", endpoint_url=s3_server)  # another writer
+    readers = {"read_parquet": lambda u: storage.read_parquet(u).to_pylist(),
+               "parquet_files": storage.parquet_files,
+               "shard_files": lambda u: shard_files(u, "queries"),
+               "shard_files of a file": lambda u: shard_files(f"{u}/part-00000.parquet", "x")}
+    for name, read in readers.items():
+        child = storage.join(base, name.replace(" ", "-"))
+        assert storage.join(base, "a") in [f"s3://{p}" for p in fs.ls(path)]  # cached
+        client.put_object(Bucket=s3_bucket.removeprefix("s3://"),
+                          Key=f"run/{name.replace(' ', '-')}/part-00000.parquet",
+                          Body=storage.table_to_bytes(_table(3)))
+        want = _table(3).to_pylist() if name == "read_parquet" else [
+            storage.join(child, "part-00000.parquet")]
+        assert read(child) == want, name

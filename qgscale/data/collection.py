@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import itertools
 import logging
 import math
@@ -72,7 +71,7 @@ MAX_UNITS = 99_999  # units (5 digits) and a unit's shards (6: a 1B-row gzip fil
 MAX_SHARDS = 999_999  # 2,000): their names sort as the file's order
 MAX_BUCKETS = 4096
 PLAN_VERSION = 4  # of the work folder's layout: another version's plan is started afresh
-TSV_COLUMNS = ["id", "text", "title"]  # psgs_w100's, when the file has no header line
+TSV_COLUMNS = readers.TSV_COLUMNS  # psgs_w100's, when the file has no header line
 
 
 @dataclass(frozen=True)
@@ -196,7 +195,7 @@ def _probe(path: str, sample: bool, jsonl: bool) -> tuple[list[str] | None, int,
             continue
         if not jsonl:
             try:
-                cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
+                cells = readers.tsv_cells(line)
             except csv.Error:
                 continue  # a rejected line
             columns = readers.tsv_header(cells) or TSV_COLUMNS

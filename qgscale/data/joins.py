@@ -37,6 +37,7 @@ def shard_files(uri: str | list[str], what: str) -> list[str]:
     files = []
     for u in [uri] if isinstance(uri, str) else uri:
         fs, path = storage.url_to_fs(u)
+        fs.invalidate_cache(path)  # as storage.exists(): s3fs answers from a cached listing
         found = (corpus_shards(u) if what == "corpus" else storage.list_files(u, ".parquet")
                  if fs.isdir(path) else [u] if fs.exists(path) else [])
         if not found:

@@ -5,7 +5,7 @@ field, a wrong type, undecodable bytes, an id already seen earlier in the file) 
 through :class:`Rejects`: by default it raises :class:`~qgscale.errors.DataError` naming file,
 line and field; with ``on_error="skip"`` the row is kept aside with its reason (written to
 ``_rejected.jsonl``) and counted. Nothing is dropped silently. A defect of a whole file (an
-empty file, corrupt or truncated gzip data, a missing file) always raises.
+empty file, corrupt or truncated compressed data (gzip, bz2, xz), a missing file) always raises.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import re
@@ -133,7 +134,15 @@ def no_rows(path: str, detail: str = "empty file") -> DataError:
     return DataError(f"{path}: no rows ({detail})")
 
 
-_CORRUPT = (gzip.BadGzipFile, EOFError, zlib.error)  # bad or truncated compressed data
+_CORRUPT = (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError)  # bad or truncated data
+_READ_ERRORS = (OSError, *_CORRUPT)  # caught where a file is read: told apart by _is_corrupt
+
+
+def _is_corrupt(path: str, e: BaseException) -> bool:
+    """Whether ``e``, raised reading ``path``, is bad or truncated compressed data: bz2 raises
+    a bare ``OSError("Invalid data stream")``; any other OSError (a network's) is not."""
+    return isinstance(e, _CORRUPT) or (type(e) is OSError and e.errno is None
+                                       and fsspec.utils.infer_compression(path) == "bz2")
 
 
 def _corrupt(path: str, e: BaseException, lines: int | None = None) -> DataError:
@@ -168,7 +177,7 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
                      span: Span | None = None) -> Iterator[tuple[int, str | None]]:
     """(line number, decoded line) for a text file; gz by suffix; a UTF-8 byte-order mark
     on line 1 is dropped; bad bytes are reported (and, with ``keep_bad``, yielded as None);
-    corrupt or truncated gzip data raises :class:`DataError` with the last whole line read.
+    corrupt or truncated compressed data raises :class:`DataError` with the last whole line read.
 
     ``span``: only the lines that start in its byte range of an uncompressed file, numbered
     from 1 within it (:class:`Span`; its ``lines`` counts them as they are read)."""
@@ -186,7 +195,9 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
                 raw = next(lines)
             except StopIteration:
                 return
-            except _CORRUPT as e:
+            except _READ_ERRORS as e:
+                if not _is_corrupt(path, e):
+                    raise
                 raise _corrupt(path, e, n) from None
             n += 1
             if span is not None:
@@ -204,9 +215,31 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
             yield n, text.removeprefix("\ufeff") if first else text
 
 
+class _DuplicateKey(Exception):
+    """A JSON object holds ``key`` twice (json.loads would keep its last value silently)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The object of ``pairs`` (an ``object_pairs_hook``); a key twice raises _DuplicateKey."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+_JSON = json.JSONDecoder(object_pairs_hook=_unique_keys)  # as fast as json.loads (measured)
+DUPLICATE_KEY = "duplicate key in a JSON object (json keeps its last value only)"
+
+
 def iter_jsonl(path: str, rejects: Rejects, span: Span | None = None
                ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of a JSONL(.gz) file; a file without
+    """(line number, object) for each non-blank line of a JSONL(.gz) file; a key twice in an
+    object (at any depth) is a row defect naming the key; a file without
     any non-blank line raises :class:`DataError` ('no rows'). ``span``: its lines only
     (:func:`_open_text_lines`), non-blank ones counted in ``span.rows``, never 'no rows'."""
     rows = 0
@@ -217,9 +250,12 @@ def iter_jsonl(path: str, rejects: Rejects, span: Span | None = None
         if span is not None:
             span.rows = rows
         try:
-            obj = json.loads(line)
+            obj = _JSON.decode(line)
         except json.JSONDecodeError as e:
             rejects.bad(path, n, None, f"malformed JSON: {e.msg} (column {e.colno})", line)
+            continue
+        except _DuplicateKey as e:
+            rejects.bad(path, n, e.key, DUPLICATE_KEY, line)
             continue
         if not isinstance(obj, dict):
             rejects.bad(path, n, None, f"expected a JSON object, got {type(obj).__name__}", line)
@@ -230,13 +266,16 @@ def iter_jsonl(path: str, rejects: Rejects, span: Span | None = None
 
 
 def load_json(path: str) -> Any:
-    """A whole JSON document (gz by suffix); bad bytes or syntax, corrupt gzip data or an
+    """A whole JSON document (gz by suffix); bad bytes or syntax, corrupt compressed data or an
     empty file fail with file (and line)."""
     with _open(path) as f:
         try:
             raw = f.read()
-        except _CORRUPT as e:
+        except _READ_ERRORS as e:
+            if not _is_corrupt(path, e):
+                raise
             raise _corrupt(path, e) from None
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte-order mark, as JSONL's is dropped
     if not raw.strip():
         raise no_rows(path)
     try:
@@ -251,6 +290,19 @@ def load_json(path: str) -> Any:
 
 
 _MISSING = object()
+BAD_UNICODE = "invalid Unicode (lone surrogate)"
+
+
+def bad_unicode(value: str) -> bool:
+    """Whether ``value`` holds a lone surrogate (a JSON escape such as ``"\\ud800"``): no
+    UTF-8 encodes it, so writing it would fail later, far from its file."""
+    if value.isascii():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def get_lang(obj: dict, default: str, path: str, line: int | None, rejects: Rejects,
@@ -265,7 +317,7 @@ def get_lang(obj: dict, default: str, path: str, line: int | None, rejects: Reje
 
 def get_str(obj: dict, key: str, path: str, line: int | None, rejects: Rejects,
             allow_empty: bool = False, name: str | None = None) -> str | None:
-    """``obj[key]`` as a non-empty string, else report and return None."""
+    """``obj[key]`` as a non-empty string (valid Unicode), else report and return None."""
     value = obj.get(key, _MISSING)
     fld = name or key
     if value is _MISSING or value is None:
@@ -274,6 +326,9 @@ def get_str(obj: dict, key: str, path: str, line: int | None, rejects: Rejects,
     if not isinstance(value, str):
         rejects.bad(path, line, fld, f"wrong type: expected string, got {type(value).__name__}",
                     obj)
+        return None
+    if bad_unicode(value):
+        rejects.bad(path, line, fld, BAD_UNICODE, obj)
         return None
     if not allow_empty and not value.strip():
         rejects.bad(path, line, fld, "empty text", obj)
@@ -330,6 +385,25 @@ def _xquad_list(obj: Any, key: str, loc: str, path: str, rejects: Rejects) -> li
     return value
 
 
+def _xquad_parallel(a: Any, b: Any) -> bool:
+    """Whether two XQuAD files' shapes (article -> paragraph -> question ids) match; a part
+    rejected in either (None) matches anything."""
+    if a is None or b is None:
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_xquad_parallel, a, b))
+    return a == b
+
+
+def _xquad_merged(a: Any, b: Any) -> Any:
+    """The parts of two parallel shapes that either knows (not rejected in both)."""
+    if a is None:
+        return b
+    if isinstance(a, list) and b is not None:
+        return [_xquad_merged(x, y) for x, y in zip(a, b, strict=True)]
+    return a
+
+
 def read_xquad(folder: str, query_langs: list[str] | None = None,
                corpus_langs: list[str] | None = None, test_mod: int = 4,
                rejects: Rejects | None = None) -> Tables:
@@ -339,32 +413,48 @@ def read_xquad(folder: str, query_langs: list[str] | None = None,
     language, pid ``{lang}:{article}-{paragraph}``; qrels: a question -> its paragraph in every
     corpus language. Split by article: ``article_idx % test_mod == 0`` -> test, else train; the
     two splits share no article, so no test article ever reaches training data.
+
+    The files are parallel: a question (or article, or paragraph's question list) rejected in
+    one language's file is left out of every language, reported in each (skip mode), naming
+    the file and place (``data[0].paragraphs[1].qas[2]``) where it was rejected.
     """
     rejects = rejects or Rejects()
     query_langs = query_langs or XQUAD_LANGS
     corpus_langs = corpus_langs or XQUAD_LANGS
     tables: Tables = {f"{s}/{k}": [] for s in ("train", "test")
                       for k in ("corpus", "queries", "qrels")}
-    structure: list[list[list[str]]] | None = None  # article -> paragraph -> question ids
+    structure: Any = None  # article -> paragraph -> question ids; None: rejected in a file
     no_passage: dict[str, tuple[str, str]] = {}  # pid -> (file, field) of a rejected context
-    for lang in sorted(set(query_langs) | set(corpus_langs)):
+    gone: dict[tuple[int, ...], tuple[str, str]] = {}  # (a), (a, p), (a, p, q) -> file, place
+    asked: dict[str, tuple[str, list[tuple[int, int, int, str, str]]]] = {}  # lang -> (file,
+    for lang in sorted(set(query_langs) | set(corpus_langs)):  # [(a, p, q, id, question)])
         path = _xquad_file(folder, lang)
         doc = load_json(path)
         data = doc.get("data") if isinstance(doc, dict) else None
         if not isinstance(data, list):
             raise DataError(f"{path}: field 'data': missing or not a list (SQuAD v1.1 format)")
-        shape = []
+        shape: list[Any] = []
         seen = FirstSeen("question id")
         questions = 0
+        kept = asked.setdefault(lang, (path, []))[1] if lang in query_langs else []
         for a_idx, article in enumerate(data):
             split = "test" if a_idx % test_mod == 0 else "train"
-            ids = []
-            paras = _xquad_list(article, "paragraphs", f"data[{a_idx}]", path, rejects)
-            title = str(article.get("title", "")).replace("_", " ") if paras else ""
-            for p_idx, para in enumerate(paras or []):
-                loc = f"data[{a_idx}].paragraphs[{p_idx}]"
+            aloc = f"data[{a_idx}]"
+            paras = _xquad_list(article, "paragraphs", aloc, path, rejects)
+            title = None if paras is None else "" if article.get("title") is None else \
+                get_str(article, "title", path, None, rejects, allow_empty=True,
+                        name=f"{aloc}.title")
+            if title is None:
+                gone.setdefault((a_idx,), (path, aloc))
+                shape.append(None)
+                continue
+            title = title.replace("_", " ")
+            ids: list[Any] = []
+            for p_idx, para in enumerate(paras):
+                loc = f"{aloc}.paragraphs[{p_idx}]"
                 qas = _xquad_list(para, "qas", loc, path, rejects)
                 if qas is None:
+                    gone.setdefault((a_idx, p_idx), (path, f"{loc}.qas"))
                     ids.append(None)
                     continue
                 pid = f"{lang}:{a_idx}-{p_idx}"
@@ -374,39 +464,49 @@ def read_xquad(folder: str, query_langs: list[str] | None = None,
                         {"pid": pid, "lang": lang, "title": title, "text": context.strip()})
                 elif lang in corpus_langs:  # rejected (skip mode): no qrels may point at it
                     no_passage[pid] = (path, f"{loc}.context")
-                q_ids = []
+                q_ids: list[str | None] = []
                 for q_idx, qa in enumerate(qas):
                     questions += 1
                     qloc = f"{loc}.qas[{q_idx}]"
+                    qa_id = question = None
                     if not isinstance(qa, dict):
                         rejects.bad(path, None, qloc, "wrong type: expected an object, got "
                                     f"{type(qa).__name__}", qa)
-                        continue
-                    qa_id = get_id(qa, "id", path, None, rejects)
-                    question = qa_id and get_str(qa, "question", path, None, rejects,
-                                                 name=f"{qloc}.question")
-                    if qa_id is None or question is None:
+                    else:
+                        qa_id = get_id(qa, "id", path, None, rejects, name=f"{qloc}.id")
+                        question = qa_id and get_str(qa, "question", path, None, rejects,
+                                                     name=f"{qloc}.question")
+                    if question is not None and not seen.new(qa_id, path, None, f"{qloc}.id",
+                                                             rejects, qa, loc=qloc):
+                        question = None
+                    if question is None:
+                        gone.setdefault((a_idx, p_idx, q_idx), (path, qloc))
+                        q_ids.append(None)
                         continue
                     q_ids.append(qa_id)
-                    if not seen.new(qa_id, path, None, f"{qloc}.id", rejects, qa, loc=qloc):
-                        continue
-                    if lang not in query_langs:
-                        continue
-                    qid = f"{lang}:{qa_id}"
-                    tables[f"{split}/queries"].append(
-                        {"qid": qid, "lang": lang, "text": question.strip()})
-                    tables[f"{split}/qrels"].extend(
-                        {"qid": qid, "pid": f"{c}:{a_idx}-{p_idx}", "rel": 1}
-                        for c in corpus_langs)
+                    kept.append((a_idx, p_idx, q_idx, qa_id, question.strip()))
                 ids.append(q_ids)
             shape.append(ids)
         if questions == 0:
             raise no_rows(path, "no questions under 'data'")
-        if structure is None:
-            structure = shape
-        elif shape != structure:
+        if structure is not None and not _xquad_parallel(shape, structure):
             raise DataError(f"{path}: articles/paragraphs/question ids are not parallel to the "
                             "other languages' files (XQuAD files must be fully parallel)")
+        structure = _xquad_merged(structure, shape)
+    for lang, (path, kept) in asked.items():  # a question rejected in any file goes in all
+        for a_idx, p_idx, q_idx, qa_id, question in kept:
+            bad = gone.get((a_idx,)) or gone.get((a_idx, p_idx)) or \
+                gone.get((a_idx, p_idx, q_idx))
+            if bad:
+                rejects.bad(path, None, f"data[{a_idx}].paragraphs[{p_idx}].qas[{q_idx}]",
+                            f"left out: {bad[1]} was rejected in {bad[0]} (XQuAD files are "
+                            "parallel: a question goes from every language)")
+                continue
+            split = "test" if a_idx % test_mod == 0 else "train"
+            qid = f"{lang}:{qa_id}"
+            tables[f"{split}/queries"].append({"qid": qid, "lang": lang, "text": question})
+            tables[f"{split}/qrels"].extend(
+                {"qid": qid, "pid": f"{c}:{a_idx}-{p_idx}", "rel": 1} for c in corpus_langs)
     for split in ("train", "test"):  # skip mode: the qrels of a rejected paragraph go too
         rows = tables[f"{split}/qrels"]
         dropped = Counter(r["pid"] for r in rows if r["pid"] in no_passage)
@@ -424,7 +524,16 @@ def _answers(value: Any, path: str, line: int, fld: str, rejects: Rejects) -> li
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         rejects.bad(path, line, fld, "wrong type: expected a list of strings", value)
         return None
-    return value
+    return None if _bad_item(value, path, line, fld, rejects) else value
+
+
+def _bad_item(value: list[str], path: str, line: int | None, fld: str,
+              rejects: Rejects) -> bool:
+    """Whether a string of ``value`` is :func:`bad_unicode` (reported, naming its position)."""
+    i = next((i for i, v in enumerate(value) if bad_unicode(v)), None)
+    if i is not None:
+        rejects.bad(path, line, fld, f"{BAD_UNICODE} at list position {i}", value)
+    return i is not None
 
 
 def read_xor_queries(path: str, rejects: Rejects | None = None,
@@ -524,9 +633,10 @@ PASSAGE_ID_KEYS = ("_id", "docid", "id")  # BEIR, Tevatron / Mr. TyDi, DPR / pys
 
 def _passage_from_json(obj: dict, path: str, n: int, lang: str,
                        rejects: Rejects) -> tuple[str, dict[str, Any]] | None:
-    """A JSONL passage: ``{"id"|"_id"|"docid", "title"?, "text"}`` (BEIR, DPR, Tevatron) or
-    pyserini's ``{"id", "contents"}``, where ``contents`` is ``title<TAB>text`` (DPR's
-    psgs_w100 as pyserini JSONL) or, without a tab, the text alone. Returns (id key, row)."""
+    """A JSONL passage: ``{"id"|"_id"|"docid", "title"?, "text"}`` (BEIR, DPR, Tevatron; a
+    null title is ``""``) or pyserini's ``{"id", "contents"}``, where ``contents`` is
+    ``title<TAB>text`` (DPR's psgs_w100 as pyserini JSONL) or, without a tab, the text
+    alone. Returns (id key, row)."""
     key = next((k for k in PASSAGE_ID_KEYS if k in obj), "id")
     pid = get_id(obj, key, path, n, rejects)
     if pid is None:
@@ -544,7 +654,7 @@ def _passage_from_json(obj: dict, path: str, n: int, lang: str,
     else:
         text = get_str(obj, "text", path, n, rejects)
         title = (get_str(obj, "title", path, n, rejects, allow_empty=True)
-                 if "title" in obj else "") if text else None
+                 if obj.get("title") is not None else "") if text else None  # null: none
         if title is None:
             return None
     row_lang = get_lang(obj, lang, path, n, rejects)
@@ -567,10 +677,26 @@ class Span:
     header: bool = False  # a TSV's header line was read (and skipped)
 
 
+TSV_COLUMNS = ["id", "text", "title"]  # psgs_w100's, when the file has no header line
+TSV_ID_COLUMNS = ("id", "_id", "docid", "doc_id", "pid", "passage_id")  # a header's first
+
+
+def tsv_cells(line: str) -> list[str]:
+    """A TSV line's cells, CSV quoting undone (psgs_w100's ``"Aaron ""A"" is"``); malformed
+    quoting (text after a closing quote, a quote left open) raises :class:`csv.Error`, as
+    does a stray CR or a field over csv's limit (131,072 characters)."""
+    try:
+        return next(csv.reader((line,), delimiter="\t", strict=True))
+    except csv.Error as e:
+        raise csv.Error(str(e).replace("\t", "\\t")) from None  # a tab in the message
+
+
 def tsv_header(cells: list[str]) -> list[str] | None:
-    """A psgs_w100-style TSV's header line (its first non-blank one, starting ``id``) as
-    column names, or None when that line is a row: the columns are ``id, text, title``."""
-    return cells if cells and cells[0] == "id" else None
+    """A passage TSV's header line as column names: a line whose first column is named as an
+    id (:data:`TSV_ID_COLUMNS`: ``id``, ``docid``, ...); None for a row. Only a file's first
+    non-blank line is its header (else the columns are :data:`TSV_COLUMNS`); a header line
+    later in the file (files concatenated) is a row defect."""
+    return cells if cells and cells[0] in TSV_ID_COLUMNS else None
 
 
 def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
@@ -583,7 +709,8 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
     Formats, by suffix (``.gz`` allowed): ``.jsonl`` -- BEIR ``corpus.jsonl`` (``_id``),
     DPR / pyserini ``{"id", "title", "text"}`` or ``{"id", "contents": "title<TAB>text"}``,
     Tevatron / Mr. TyDi (``docid``); anything else -- DPR's ``psgs_w100.tsv``
-    (``id<TAB>text<TAB>title``, CSV quoting; the header line is optional). A row's own
+    (``id<TAB>text<TAB>title``, CSV quoting, malformed quoting a row defect; the header line
+    is optional, its first column ``id``, ``docid``, ... (:func:`tsv_header`)). A row's own
     ``lang`` field wins over ``lang``.
 
     ``unique``: a passage id seen earlier in the file is a defect, checked in memory (every
@@ -616,27 +743,32 @@ def iter_passages(path: str, lang: str = "en", rejects: Rejects | None = None,
         if not line.strip() and "\t" not in line:  # blank; a line of tabs is a row of blanks
             continue
         try:
-            cells = next(csv.reader(io.StringIO(line), delimiter="\t"))
-        except csv.Error as e:  # a stray CR; a field over csv's limit (131,072 characters)
+            cells = tsv_cells(line)
+        except csv.Error as e:
             rejects.bad(path, n, None, f"malformed TSV line: {e}", line)
             continue
+        named = tsv_header(cells)
         if header is None:
-            header = tsv_header(cells) or ["id", "text", "title"]
-            if cells and cells[0] == "id":
+            header = named or TSV_COLUMNS
+            if named:
                 if span is not None:
                     span.header = True
                 continue
         read += 1
         if span is not None:
             span.rows = read
+        if named:
+            rejects.bad(path, n, None, f"a header line ({', '.join(cells)}) inside the file "
+                        "(files concatenated?), not a passage", line)
+            continue
         if len(cells) != len(header):
             rejects.bad(path, n, None, f"expected {len(header)} tab-separated columns "
                         f"({', '.join(header)}), got {len(cells)}", line)
             continue
         obj = dict(zip(header, cells, strict=True))
-        pid = get_str(obj, "id", path, n, rejects)
+        pid = get_str(obj, header[0], path, n, rejects)
         text = pid and get_str(obj, "text", path, n, rejects)
-        if text is not None and new(pid, n, "id", line):
+        if text is not None and new(pid, n, header[0], line):
             yield {"pid": pid, "lang": lang, "title": obj.get("title", ""), "text": text}
     if read == 0 and span is None:
         raise no_rows(path, "only a header" if header else "empty file")
@@ -655,23 +787,26 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
                    ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """(line, index, object) for each element of a file holding one JSON list (DPR's
     ``nq-train.json``), streamed: one element in memory at a time, not the whole document.
-    ``line`` is where the element starts. An element that is not an object is a row defect;
-    bad syntax, undecodable bytes, corrupt gzip data, a record over 256 MiB or a file without
+    ``line`` is where the element starts. An element that is not an object, or that holds
+    a key twice in an object (at any depth; the field named ``[index].key``), is a row defect;
+    bad syntax, undecodable bytes, corrupt compressed data, a record over 256 MiB or a file without
     any element raise :class:`DataError` (a syntax error cannot be skipped: the reader
     cannot find where the next element starts)."""
-    decoder = json.JSONDecoder()
+    plain = json.JSONDecoder()  # finds the end of a record with a key twice
     ws = re.compile(r"[ \t\n\r]*")
     utf8 = codecs.getincrementaldecoder("utf-8")()
-    buf, pos, base_line, lines_read, eof = "", 0, 1, 0, False
+    buf, pos, base_line, lines_read, eof, start = "", 0, 1, 0, False, True
 
     with _open(path) as f:
         def more(size: int) -> bool:
-            nonlocal buf, pos, base_line, eof, lines_read
+            nonlocal buf, pos, base_line, eof, lines_read, start
             if eof:
                 return False
             try:
                 raw = f.read(size)
-            except _CORRUPT as e:
+            except _READ_ERRORS as e:
+                if not _is_corrupt(path, e):
+                    raise
                 raise _corrupt(path, e, lines_read) from None
             eof = not raw
             try:
@@ -680,6 +815,8 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
                 line = base_line + buf.count("\n") + raw[: max(e.start, 0)].count(b"\n")
                 raise DataError(f"{path}:{line}: undecodable bytes (not UTF-8): "
                                 f"{e.reason}") from None
+            if start and text:  # a byte-order mark, as JSONL's, is dropped
+                start, text = False, text.removeprefix("\ufeff")
             lines_read += text.count("\n")
             base_line += buf.count("\n", 0, pos)
             buf, pos = buf[pos:] + text, 0
@@ -724,11 +861,13 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
                 c = skip_ws()
             if c == "":
                 raise malformed("unexpected end of file", pos)
-            size = chunk
+            size, dup, decoder = chunk, None, _JSON
             while True:
                 try:
                     obj, end = decoder.raw_decode(buf, pos)
                     break
+                except _DuplicateKey as e:
+                    dup, decoder = e.key, plain
                 except json.JSONDecodeError as e:
                     if len(buf) - pos > 256 << 20:
                         raise malformed(f"{e.msg} (or a record over 256 MiB)", e.pos) from None
@@ -737,7 +876,10 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
                         raise malformed(e.msg, e.pos) from None
             line = line_at(pos)
             pos = end
-            if isinstance(obj, dict):
+            if dup is not None:
+                rejects.bad(path, line, f"[{index}].{dup}", DUPLICATE_KEY,
+                            json.dumps(obj)[:2000])
+            elif isinstance(obj, dict):
                 yield line, index, obj
             else:
                 rejects.bad(path, line, f"[{index}]", "expected a JSON object, got "
@@ -804,8 +946,9 @@ def _no_text(text: Any) -> bool:
 def dpr_records(path: str, rejects: Rejects) -> Iterator[tuple[int, int, str, dict]]:
     """``(line, index, loc, record)`` of a DPR / Tevatron file, in file order: ``.json(.gz)``
     is one JSON list, streamed record by record (``loc`` ``"[index]."`` prefixes a field
-    name); ``.jsonl(.gz)`` one record per line (``loc`` ``""``, index = line - 1)."""
-    if re.search(r"\.jsonl(\.gz)?$", path):
+    name); ``.jsonl`` (:data:`JSONL_FILE`: plain, gz, bz2, xz) one record per line (``loc``
+    ``""``, index = line - 1)."""
+    if JSONL_FILE.search(path):
         for n, obj in iter_jsonl(path, rejects):
             yield n, n - 1, "", obj
     else:
@@ -824,7 +967,7 @@ def read_dpr(path: str, lang: str = "und", rejects: Rejects | None = None,
     "hard_negative_ctxs"}``, each context ``{"title", "text", "passage_id" | "psg_id"}``;
     Tevatron's ``{"query_id", "query", "positive_passages", "negative_passages"}`` with
     ``docid`` contexts is read too. ``.json(.gz)``: one JSON list, streamed record by record;
-    ``.jsonl(.gz)``: one record per line.
+    ``.jsonl`` (plain, gz, bz2, xz): one record per line.
 
     Tables: ``queries`` (qid: the record's ``id`` / ``qid`` / ``query_id`` / ``question_id``,
     else its 0-based position: the index in the list, or for JSONL the line number - 1;
@@ -1122,6 +1265,9 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
         for lang in sorted(per_lang):
             if query_langs and lang not in query_langs:
                 continue
+            if bad_unicode(lang):
+                rejects.bad(path, n, "queries", f"{BAD_UNICODE} in a language key", obj)
+                continue
             text = get_str(per_lang, lang, path, n, rejects, name=f"queries.{lang}")
             texts = text and _mkqa_answers(ans_by_lang, answer_lang or lang, path, n, rejects)
             if texts is None:
@@ -1146,6 +1292,12 @@ def _mkqa_answers(by_lang: dict, lang: str, path: str, n: int,
         rejects.bad(path, n, fld, "missing field" if items is None else "wrong type: expected "
                     'a list of {"text": string or null, "aliases": [string]}', by_lang)
         return None
+    for i, a in enumerate(items):
+        if a.get("text") and bad_unicode(a["text"]):
+            rejects.bad(path, n, f"{fld}[{i}].text", BAD_UNICODE, by_lang)
+            return None
+        if _bad_item(a.get("aliases", []), path, n, f"{fld}[{i}].aliases", rejects):
+            return None
     texts = [t for a in items for t in [a.get("text"), *a.get("aliases", [])] if t]
     return sorted(set(texts), key=texts.index)
 
@@ -1317,6 +1469,9 @@ def read_qrels_tsv(path: str, rejects: Rejects | None = None) -> list[dict[str, 
     return [row for _, row in _iter_qrels_tsv(path, rejects or Rejects())]
 
 
+QREL_SCORE = re.compile(r"-?[0-9]+")  # ASCII digits only
+
+
 def _iter_qrels_tsv(path: str, rejects: Rejects) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) of :func:`read_qrels_tsv`."""
     seen = FirstSeen("(query-id, corpus-id)")
@@ -1335,11 +1490,13 @@ def _iter_qrels_tsv(path: str, rejects: Rejects) -> Iterator[tuple[int, dict[str
             rejects.bad(path, n, None, f"expected 3 columns (query-id, corpus-id, score), "
                         f"got {len(cells)}", line)
             continue
-        try:
-            rel = int(cells[2])
-        except ValueError:
+        if not QREL_SCORE.fullmatch(cells[2]):  # int() takes "1_0" (10), " 1", "١" (1)
             rejects.bad(path, n, "score", f"wrong type: expected an integer, got {cells[2]!r}",
                         line)
+            continue
+        rel = int(cells[2])
+        if problem := _number_problem(rel, pa.int32()):  # the qrels' rel column
+            rejects.bad(path, n, "score", problem, line)
             continue
         if not cells[0] or not cells[1]:
             rejects.bad(path, n, "query-id" if not cells[0] else "corpus-id", "empty id", line)
@@ -1388,9 +1545,14 @@ def read_beir(folder: str, lang: str = "und", rejects: Rejects | None = None,
     if not qrel_files:
         raise MissingInputError(f"{folder}: no qrels/*.tsv")
     split_of: dict[str, tuple[str, str, int]] = {}  # qid -> (split, file, line of 1st qrel)
+    file_of: dict[str, str] = {}  # split -> its qrels file
     for p in qrel_files:
         split = os.path.basename(p).split(".")[0]
         path = f"{base}/qrels/{os.path.basename(p)}"
+        if split in file_of:  # test.tsv and test.small.tsv (or test.tsv.gz): which one?
+            raise DataError(f"{path}: a second qrels file of split {split!r} (the first: "
+                            f"{file_of[split]}); keep one file per split in {base}/qrels")
+        file_of[split] = path
         rows = []
         for n, r in _iter_qrels_tsv(path, rejects):
             first = split_of.setdefault(r["qid"], (split, path, n))
@@ -1488,8 +1650,10 @@ def iter_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None,
                     isinstance(v, want) and not isinstance(v, bool) for v in value) else [
                     f"wrong type: expected a list of {item}"]
                 if not problems and want is str:
-                    problems = [f"empty string at list position {i}"
-                                for i, v in enumerate(value) if not v.strip()]
+                    problems = [f"empty string at list position {i}" if not v.strip() else
+                                f"{BAD_UNICODE} at list position {i}"
+                                for i, v in enumerate(value)
+                                if not v.strip() or bad_unicode(v)]
                 elif not problems:
                     problems = [f"list position {i}: {p}" for i, v in enumerate(value)
                                 if (p := _number_problem(v, item))]
