@@ -80,11 +80,15 @@ def test_block_scorer_answer_metrics_equal_the_metrics_on_texts(tmp_path, monkey
     corpus_uri = str(tmp_path / "data" / "corpus")
     assert len(storage.list_files(corpus_uri, ".parquet")) == 4
     ks = [1, 3, 12]
-    want = M.evaluate_languages(
-        pair_runs, qrels, qlang, plang, pooled, M.metric_names(ks), answers,
-        {r["pid"]: passage_text(r["title"], r["text"]) for r in corpus},
-        bodies={r["pid"]: r["text"] for r in corpus}, accuracy_ks=ks)
+    texts = {r["pid"]: r["text"] for r in corpus}  # R@kt matches texts without titles
+    want = M.evaluate_languages(pair_runs, qrels, qlang, plang, pooled, M.metric_names(ks),
+                                answers, texts, bodies=texts, accuracy_ks=ks)
     assert want["pairs"]["de->en"]["n_kt"] and want["pairs"]["en->de"]["n_acc"]
+    titled = M.evaluate_languages(  # what "title text" would give: other R@kt numbers
+        pair_runs, qrels, qlang, plang, pooled, M.metric_names(ks), answers,
+        {r["pid"]: passage_text(r["title"], r["text"]) for r in corpus}, bodies=texts,
+        accuracy_ks=ks)
+    assert any(titled["pairs"][p]["r@2kt"] != want["pairs"][p]["r@2kt"] for p in want["pairs"])
 
     reads = []
     real = storage.read_parquet

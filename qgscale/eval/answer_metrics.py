@@ -42,7 +42,6 @@ import pyarrow.parquet as pq
 
 from qgscale.data.corpus import _scan_shard, corpus_shards
 from qgscale.data.keyindex import KeyIndex
-from qgscale.data.schema import passage_text
 from qgscale.errors import DataError
 from qgscale.eval import metrics as M
 
@@ -65,14 +64,15 @@ def shard_features(uri: str, pairs: KeyIndex, answers: pa.ListArray, recall: boo
     """The features of the (query, passage) pairs of ``pairs`` (:data:`PAIRS` by pid) whose
     passage is in corpus shard ``uri`` (``answers``: each query number's answers):
     ``(pair rows, first, hit, edges)``: the pairs' rows in ``pairs.table``; R@kt's
-    :meth:`~qgscale.eval.metrics.Joined.first_match` of the words of "title text" (0 unless
-    ``recall``); acc@k's DPR match ``match`` on the text (False when None); and, when
-    ``recall``, each passage's :data:`EDGES` for the largest reach of its queries. None
-    when no pair's passage is in the shard."""
+    :meth:`~qgscale.eval.metrics.Joined.first_match` of the words of the text without its
+    title, as XOR-TyDi's official predictions hold it (0 unless ``recall``); acc@k's DPR
+    match ``match`` on the text (False when None); and, when ``recall``, each passage's
+    :data:`EDGES` for the largest reach of its queries. None when no pair's passage is in the
+    shard."""
     from qgscale.eval.wordtok import word_tokenize
     from qgscale.retrieval.answers import pair_hits
 
-    cols = ["pid", "title", "text"]
+    cols = ["pid", "text"]
     t = _scan_shard(uri, pairs, cols, cols)
     if t is None:
         return None
@@ -83,7 +83,7 @@ def shard_features(uri: str, pairs: KeyIndex, answers: pa.ListArray, recall: boo
     distinct = np.unique(qs)
     given = dict(zip(distinct.tolist(), answers.take(pa.array(distinct)).to_pylist(),
                      strict=True))
-    titles, texts = t.column("title").to_pylist(), t.column("text").to_pylist()
+    texts = t.column("text").to_pylist()
     hit = (pair_hits(texts, at.tolist(), qs.tolist(), given, match) if match is not None
            else np.zeros(len(row), bool))
     first = np.zeros(len(row), np.int32)
@@ -97,7 +97,7 @@ def shard_features(uri: str, pairs: KeyIndex, answers: pa.ListArray, recall: boo
         starts = np.flatnonzero(np.r_[True, at[1:] != at[:-1], True])
         for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
             a = int(at[lo])
-            words = M.Joined(word_tokenize(passage_text(titles[a], texts[a])))
+            words = M.Joined(word_tokenize(texts[a]))
             for i in range(lo, hi):
                 first[i] = words.first_match(spans[int(qs[i])])
             head, tail = words.edges(max(reach[int(q)] for q in qs[lo:hi]))

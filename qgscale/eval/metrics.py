@@ -10,7 +10,8 @@ qrels with no relevant passage is not evaluated; a query missing from the run sc
 
 ``r@2kt`` / ``r@5kt`` are XOR-TyDi's answer recall: the fraction of queries for which an answer
 string occurs in the first 2,000 / 5,000 tokens of the retrieved passages concatenated in rank
-order. As in the official ``eval_xor_retrieve.py``: answers "yes"/"no" are skipped, a query
+order (their texts, without titles: the official predictions hold ``ctx["text"]``). As in
+the official ``eval_xor_retrieve.py``: answers "yes"/"no" are skipped, a query
 with no other answer is not counted, the match is a case-sensitive substring test on the
 tokens joined by single spaces. The eval computes it from each passage's features, where the
 passage is read (:func:`kt_features`), and replays each ranking from them
@@ -184,8 +185,8 @@ def answer_recall_per_query(run: Run, passages: Mapping[str, str],
                             tokenize: Tokenizer = word_tokenize) -> dict[str, dict[str, float]]:
     """``{qid: {"r@2kt": 0/1, "r@5kt": 0/1}}`` over the queries of ``answers`` (or ``qids``).
 
-    ``passages`` maps pid -> text (title and text as the caller wants them matched; the
-    official XOR-Retrieve predictions hold the passage texts); ``tokenize``: see the module
+    ``passages`` maps pid -> text (without its title: the official XOR-Retrieve predictions
+    hold the passage texts only); ``tokenize``: see the module
     docstring (its tokens of a text are cached: passages recur across queries and cut-offs).
     """
     out: dict[str, dict[str, float]] = {}
@@ -406,7 +407,7 @@ class LanguageMetrics:
     not in ``passage_lang``, not in the corpus, stays in every pair's: a miss, as in the
     pooled view; with one corpus language, a pair's qrels are ``qrels``). ``pooled_run``
     (optional) ranks the whole multilingual corpus for every query: the per-query-language
-    view. ``with_answers``: :meth:`add` gets answers and passages (pid -> title and text),
+    view. ``with_answers``: :meth:`add` gets answers and passages (pid -> text, no title),
     and R@2kt / R@5kt are added (``tokenize``: their tokens, see the module docstring).
     ``accuracy_ks``: :meth:`add` gets answers and bodies (pid -> text without the title), and
     ``acc@k`` is added for each k, with the answer match ``match``.
@@ -523,7 +524,7 @@ def evaluate_languages(
     match: str = "dpr",
 ) -> dict:
     """:class:`LanguageMetrics` of one block: every query of ``query_lang``; with ``answers``,
-    R@kt over ``passages`` (pid -> title and text) and, for ``accuracy_ks``, acc@k over
+    R@kt over ``passages`` (pid -> text without its title) and, for ``accuracy_ks``, acc@k over
     ``bodies`` (pid -> text) with the answer match ``match``."""
     acc = LanguageMetrics(metrics, answers is not None, tokenize, accuracy_ks, match)
     acc.add(pair_runs, qrels, query_lang, passage_lang, pooled_run, answers, passages, bodies)
