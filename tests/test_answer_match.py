@@ -31,6 +31,12 @@ def test_dpr_tokens_and_match_rules():
     assert has_answer(["東京"], "東京タワーは高い。", match="dpr-chars")
     assert has_answer(["ทย"], "ภาษาไทย", match="dpr-chars")
     assert not has_answer(["Dav"], "Linda Davis", match="dpr-chars")  # Latin: as dpr
+    # digits and Latin words inside such a token stay whole: dates, numbers, names match
+    text = "iPhoneは2007年にAppleが発表した。"
+    assert dpr_tokens(text, "dpr-chars")[:6] == ("iphone", "は", "2007", "年", "に", "apple")
+    for answer in ("iPhone", "2007", "Apple", "2007年"):
+        assert has_answer([answer], text, match="dpr-chars"), answer
+    assert not has_answer(["200"], text, match="dpr-chars")  # a whole run, not a substring
     with pytest.raises(ValueError, match="unknown match"):
         dpr_tokens("x", "substring")
 

@@ -17,9 +17,11 @@ Deviations, each on purpose: answers that tokenise to nothing (blank or only spa
 ignored (DPR would match them everywhere), and so are ``yes`` / ``no`` (XOR-TyDi's boolean
 answers, which its evaluation skips too). ``match="dpr-chars"`` is an extension for text
 without spaces between words: DPR's tokens of Chinese, Japanese or Thai are whole clauses, so
-an answer almost never equals a token sequence there; this mode splits every token of those
-scripts into single characters (after NFD), on both sides, which for them is a substring
-test and for every other script is exactly ``match="dpr"``.
+an answer almost never equals a token sequence there; this mode splits each character of
+those scripts off its token (after NFD), on both sides, keeping the runs of other characters
+whole (``1964年`` -> ``1964``, ``年``: a Latin or digit answer beside them still matches),
+which for those scripts is a substring test and for every other script is exactly
+``match="dpr"``.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ from qgscale.errors import DataError
 # DPR's SimpleTokenizer (dpr/utils/tokenizers.py): ALPHA_NUM | NON_WS, same flags.
 _SIMPLE = regex.compile(r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])",
                         flags=regex.IGNORECASE + regex.UNICODE + regex.MULTILINE)
-_NOSPACE = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\p{Thai}\p{Lao}"
-                         r"\p{Khmer}\p{Myanmar}\u30FC\u3005]")
+_NOSPACE_CHARS = (r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\p{Thai}\p{Lao}"
+                  r"\p{Khmer}\p{Myanmar}\u30FC\u3005]")
+_NOSPACE = regex.compile(_NOSPACE_CHARS)
+# a DPR token split for dpr-chars: each character of those scripts, and each run of others
+_CHARS = regex.compile(rf"{_NOSPACE_CHARS}|(?:(?!{_NOSPACE_CHARS}).)+", flags=regex.DOTALL)
 MATCHES = ("dpr", "dpr-chars")
 YES_NO = frozenset({"yes", "no"})
 
@@ -52,7 +57,8 @@ def dpr_tokens(text: str, match: str = "dpr") -> tuple[str, ...]:
         raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
     words = [m.group().lower() for m in _SIMPLE.finditer(unicodedata.normalize("NFD", text))]
     if match == "dpr-chars":
-        words = [c for w in words for c in (w if _NOSPACE.search(w) else (w,))]
+        words = [c for w in words
+                 for c in (_CHARS.findall(w) if _NOSPACE.search(w) else (w,))]
     return tuple(words)
 
 
