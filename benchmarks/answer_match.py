@@ -64,9 +64,11 @@ def write_inputs(lang: str, folder: Path) -> tuple[Path, Path, dict[str, str]]:
     return queries, passages, gold
 
 
-def overrides(root: Path, queries: Path, passages: Path, num_cpus: int) -> list[str]:
+def overrides(root: Path, queries: Path, passages: Path, num_cpus: int, lang: str
+              ) -> list[str]:
     return [f"run.root={root}", "ray.address=null", f"ray.num_cpus={num_cpus}",
             f"data.input={queries}", f"data.passages={passages}", "data.shard_rows=80",
+            f"data.query_langs=[{lang}]",
             "bm25.num_actors=1", "eval.data=null"]
 
 
@@ -89,7 +91,7 @@ def language(lang: str, settings: list[tuple[int, str, str]], work: Path, num_cp
     folder = work / lang
     folder.mkdir(parents=True)
     queries, passages, gold = write_inputs(lang, folder)
-    base = overrides(folder / "run", queries, passages, num_cpus)
+    base = overrides(folder / "run", queries, passages, num_cpus, lang)
     yaml = REPO / "configs" / "xor-tydi.yaml"
     pipeline.run(config.load(yaml, base), only="prepare")
     out: dict = {"queries": len(gold), "passages": len(set(gold.values()))}
