@@ -86,7 +86,8 @@ def _worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -> None
                     **CONFIGS[args["config"]])
     model = DualEncoder(BertModel(hf, add_pooling_layer=False), pooling="cls")
     tc = TrainConfig(batch_size=args["batch"], zero_stage=args["stage"],
-                     precision="bf16" if gpu else "fp32", lr=1e-4,
+                     # ZeRO-0 runs fp32 (16-bit precision needs ZeRO: TrainConfig)
+                     precision="bf16" if gpu and args["stage"] else "fp32", lr=1e-4,
                      overlap_comm=args.get("overlap", True))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=deepspeed_config(tc, world, args["steps"] * 10))

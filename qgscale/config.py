@@ -210,6 +210,15 @@ class TrainConfig(Section):
     mlflow_uri: str | None = None
     mlflow_experiment: str = "qgscale"
 
+    @model_validator(mode="after")
+    def _low_precision_needs_zero(self) -> TrainConfig:
+        if self.precision != "fp32" and self.zero_stage == 0:
+            raise ValueError(f"precision: {self.precision} needs zero_stage >= 1: without "
+                             "ZeRO, DeepSpeed's 16-bit optimizer keeps no fp32 master weights "
+                             "that a checkpoint exports or resumes on another worker count "
+                             "(ZeRO-1 holds the same memory on one GPU)")
+        return self
+
 
 class QGTrainConfig(TrainConfig):
     model: ModelConfig = ModelConfig(name_or_path="google/mt5-base")

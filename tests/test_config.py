@@ -96,6 +96,8 @@ def test_every_shipped_config_validates():
     ("teacher:\n  generate: {num_queries: 3}\n", r"c.yaml: teacher.generate(.|\n)*"
      r"num_queries=3 needs num_beams >= num_queries \(num_beams=1\) or do_sample: true"),
     ("teacher:\n  generate: {langs: []}\n", r"teacher.generate(.|\n)*langs is empty"),
+    ("distill:\n  precision: bf16\n", r"c.yaml: distill(.|\n)*precision: bf16 needs "
+     r"zero_stage >= 1"),
     ("teacher:\n  score: {gpus_per_actor: 1.5}\n", r"c.yaml: teacher.score.gpus_per_actor: "
      r"Value error, 1.5: expected a fraction of one GPU"),
 ])

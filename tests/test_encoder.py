@@ -132,3 +132,21 @@ def test_nonfinite_embeddings_are_errors_naming_the_row(tok_dir):
         ln.bias[0] = float("nan")
     with pytest.raises(DataError, match=r"non-finite embedding \(4 of 4 rows"):
         encode_table(de, table, 2, "float32", source="c.parquet")
+
+
+def test_fp32_weights_load_as_fp32_whatever_dtype_the_config_names(tok_dir, tmp_path):
+    """A checkpoint whose config says bfloat16 (a bf16 base model) but whose files hold
+    fp32 (``save_pretrained`` after training) loads in fp32: transformers 5 would load the
+    config's dtype, and training (fp32 masters) and the export would round to bf16."""
+    import json
+
+    de = _build(tok_dir)
+    with torch.no_grad():
+        de.query_model.embeddings.word_embeddings.weight.add_(1e-4)  # not a bf16 value
+    de.save_pretrained(str(tmp_path / "de"))
+    cfg = tmp_path / "de" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "dtype": "bfloat16"}))
+    back = DualEncoder.from_pretrained(str(tmp_path / "de"))
+    assert {p.dtype for p in back.parameters()} == {torch.float32}
+    assert torch.equal(back.query_model.embeddings.word_embeddings.weight,
+                       de.query_model.embeddings.word_embeddings.weight)

@@ -382,10 +382,68 @@ def test_a_checkpoint_deepspeed_cannot_fully_load_is_an_error(tmp_path):
         "states (*optim_states.pt): resuming step 3 would lose them"]
 
 
+DS_LR = """
+import os, sys, torch, deepspeed
+from qgscale.config import TrainConfig
+from qgscale.train.loop import CKPT_TAG, lr_scheduler
+tmp, port = sys.argv[1:]
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=port)
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+tc = TrainConfig(lr=0.3, warmup_ratio=0.5)
+
+def engine():
+    model = torch.nn.Linear(4, 2)
+    return deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "AdamW", "params": {"lr": tc.lr}}},
+        lr_scheduler=lr_scheduler(tc, 6))[0]
+
+def steps(e, n):
+    out = []
+    for _ in range(n):
+        out.append(round(e.get_lr()[0], 6))  # the lr this step uses
+        e.backward(e(torch.ones(1, 4)).sum())
+        e.step()
+    return out
+
+e = engine()
+print("LR", steps(e, 3), flush=True)
+e.save_checkpoint(tmp, tag=CKPT_TAG)
+again = engine()
+again.load_checkpoint(tmp, tag=CKPT_TAG)
+print("LR", steps(again, 3), flush=True)
+"""
+
+
+def test_lr_schedule_on_a_deepspeed_engine(tmp_path):
+    """Linear warm-up from the first step (DeepSpeed's WarmupDecayLR gave steps 1 and 2 lr 0
+    and peaked two steps late), then linear decay; a checkpoint resumes the schedule where
+    it stopped. 6 steps, warm-up ratio 0.5: 3 warm-up steps."""
+    import socket
+    import subprocess
+
+    from qgscale.train.loop import lr_factor
+
+    assert [lr_factor(s, 4, 10) for s in range(10)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    assert lr_factor(0, 1, 5) == 1.0  # no warm-up: the full lr from the first step
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", DS_LR, str(tmp_path / "ck"), str(port)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = [x for x in out.stdout.splitlines() if x.startswith("LR")]
+    assert got == ["LR [0.1, 0.2, 0.3]", "LR [0.3, 0.2, 0.1]"]
+
+
 def test_universal_copy_is_made_once_per_node(tmp_path, monkeypatch):
     """Workers of one node resuming on another worker count: the first to take the lock
     converts the checkpoint (here a stand-in that writes a file), the others reuse its
-    complete copy; its maker's exit removes it."""
+    complete copy; it is removed when the workers' stacks close (after a barrier: every
+    worker has loaded it)."""
     import contextlib
     import threading
     import time
@@ -417,3 +475,72 @@ def test_universal_copy_is_made_once_per_node(tmp_path, monkeypatch):
     for s in stacks:
         s.close()
     assert not os.path.exists(roots[0])
+
+
+def test_a_failed_universal_conversion_is_not_repeated_on_the_node(tmp_path, monkeypatch):
+    """The first worker's conversion fails (a full disk): the others of the node fail at once
+    instead of converting again in turn (each falls back to the fp32 weights, and every
+    worker agrees on that fallback: :func:`loop.agreed_mode`); the marker goes with the
+    attempt."""
+    import contextlib
+    import threading
+
+    from qgscale.train import loop
+
+    made = []
+
+    def convert(ckpt_dir, out_root):
+        made.append(out_root)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop, "to_universal", convert)
+    monkeypatch.setattr(loop.tempfile, "gettempdir", lambda: str(tmp_path))
+    restored = loop.Restored(str(tmp_path / "ckpt"), {"step": 4}, "s3://b/run/checkpoint_3")
+    stacks = [contextlib.ExitStack() for _ in range(3)]
+    errors: list[str] = []
+
+    def worker(stack):
+        try:
+            loop.universal_copy(restored, stack)
+        except Exception as e:  # noqa: BLE001
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in stacks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len(errors) == 3
+    assert sum("another worker of this node failed to convert it: OSError" in e
+               for e in errors) == 2
+    assert loop.agreed_mode("universal") == "universal"  # no process group: its own mode
+    for s in stacks:
+        s.close()
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".failed")] == []
+
+
+AGREE = """
+import sys, torch.distributed as dist
+from qgscale.train.loop import agreed_mode
+rank, mode = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=sys.argv[3], rank=rank, world_size=3)
+print(agreed_mode(mode), flush=True)
+"""
+
+
+def test_workers_agree_on_the_resume_mode(tmp_path):
+    """Three workers on a real (gloo) process group: one failed its universal conversion, so
+    all three take the fp32 weights (loading different checkpoint kinds would run mismatched
+    collectives); when none failed, all keep the universal checkpoint."""
+    import subprocess
+    import sys
+
+    for modes, want in ((["universal", "weights", "universal"], "weights"),
+                        (["universal"] * 3, "universal")):
+        init = f"file://{tmp_path / ('pg-' + want)}"
+        procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(r), m, init],
+                                  stdout=subprocess.PIPE, text=True)
+                 for r, m in enumerate(modes)]
+        outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0]
+        assert outs == [want] * 3

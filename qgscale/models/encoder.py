@@ -49,11 +49,13 @@ def build_hf_model(model_cfg: Any, tokenizer: PreTrainedTokenizerBase | None = N
 
 def _no_pooler(load: Any, *args: Any) -> torch.nn.Module:
     """Build without BERT's unused pooler head when the class allows (ZeRO dislikes unused
-    parameters); other classes take no such argument."""
+    parameters); other classes take no such argument. Weights load in fp32 whatever dtype
+    the checkpoint's config names (transformers 5 loads that dtype by default): training
+    keeps fp32 masters, and inference casts or autocasts itself."""
     try:
-        return load(*args, add_pooling_layer=False)
+        return load(*args, add_pooling_layer=False, dtype=torch.float32)
     except TypeError:
-        return load(*args)
+        return load(*args, dtype=torch.float32)
 
 
 def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:

@@ -490,6 +490,7 @@ class QueryGenerator(nn.Module):
         meta = saved_meta(path)
         if prompt:
             meta["prompt"] = prompt
+        model_kwargs.setdefault("dtype", torch.float32)  # not the config's: fp32 masters
         model = AutoModelForSeq2SeqLM.from_pretrained(path, **model_kwargs).eval()
         tok = AutoTokenizer.from_pretrained(resolve(tokenizer) if tokenizer else path)
         return cls(model, tok, **meta)

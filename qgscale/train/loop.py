@@ -70,7 +70,7 @@ class TrainRun:
 def deepspeed_config(tc: TrainConfig, world_size: int, total_steps: int,
                      load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed config from a ``TrainConfig`` (ZeRO with its communication settings,
-    precision, accumulation, clipping, AdamW, linear warm-up then linear decay);
+    precision, accumulation, clipping, AdamW; the schedule is :func:`lr_scheduler`'s);
     ``load_universal``: the checkpoint to load is a universal one."""
     zero: dict[str, Any] = {"stage": tc.zero_stage}
     if tc.zero_stage:
@@ -89,10 +89,6 @@ def deepspeed_config(tc: TrainConfig, world_size: int, total_steps: int,
         "optimizer": {"type": "AdamW", "params": {
             "lr": tc.lr, "weight_decay": tc.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
             "torch_adam": True}},  # no CUDA extension build needed, works on CPU and GPU
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": max(total_steps, 1), "warmup_min_lr": 0.0,
-            "warmup_max_lr": tc.lr, "warmup_type": "linear",
-            "warmup_num_steps": max(1, int(tc.warmup_ratio * total_steps))}},
         "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -104,6 +100,24 @@ def deepspeed_config(tc: TrainConfig, world_size: int, total_steps: int,
     elif tc.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12}
     return cfg
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``lr``: linear
+    warm-up over the first ``warmup`` steps from 1/warmup (no step at 0), then linear decay
+    to 1/(total - warmup) at the last step. (DeepSpeed's WarmupDecayLR gave the first two
+    steps lr 0 and peaked two steps late.)"""
+    return max(0.0, min((step + 1) / warmup, (total - step) / max(1, total - warmup), 1.0))
+
+
+def lr_scheduler(tc: TrainConfig, total_steps: int) -> Callable[[Any], Any]:
+    """The scheduler ``deepspeed.initialize`` builds on its optimizer (:func:`lr_factor`;
+    warm-up: ``warmup_ratio`` of ``total_steps``, at least one step)."""
+    import functools
+
+    warmup = max(1, int(tc.warmup_ratio * total_steps))
+    factor = functools.partial(lr_factor, warmup=warmup, total=max(total_steps, 1))
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass(frozen=True)
@@ -194,7 +208,7 @@ def resume_mode(restored: Restored | None, world: int, tc: TrainConfig) -> str |
     if restored is None:
         return None
     saved = restored.state.get("world", world)
-    partitioned = tc.zero_stage > 0 or tc.precision != "fp32"
+    partitioned = tc.zero_stage > 0  # (16-bit precision needs ZeRO: TrainConfig)
     if saved == world or not partitioned:
         return "same"
     return tc.elastic_resume
@@ -215,12 +229,18 @@ def to_universal(ckpt_dir: str, out_root: str) -> str:
     return out_root
 
 
+FAILED_FOR_S = 600.0  # a failed conversion's marker holds for this attempt's workers only
+
+
 def universal_copy(restored: Restored, stack: contextlib.ExitStack) -> str:
     """The universal conversion of ``restored``, made once per node: the workers of a node
     take a file lock in turn, the first converts into the system temp folder (fp32 weights
     and both AdamW moments: several GB for a base model, which every worker wrote before),
-    the others find it complete. Its maker removes it when its attempt ends (the others have
-    loaded it by then: the first step's all-reduce waits for them)."""
+    the others find it complete; a failed conversion leaves a marker, so the others of this
+    attempt fail at once instead of converting again (it is ignored after
+    :data:`FAILED_FOR_S`). Every worker removes the copy when ``stack`` closes,
+    which :func:`train_loop_per_worker` does only after a barrier: every worker of the run
+    has loaded it by then (also a copy left by a crashed attempt)."""
     import fcntl
     import hashlib
     import shutil
@@ -228,8 +248,13 @@ def universal_copy(restored: Restored, stack: contextlib.ExitStack) -> str:
     key = hashlib.sha256(f"{restored.source or restored.dir}\n{restored.state.get('step')}"
                          .encode()).hexdigest()[:16]
     root = os.path.join(tempfile.gettempdir(), f"qgscale-universal-{key}")
+    stack.callback(shutil.rmtree, root, True)
     with open(root + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if os.path.exists(root + ".failed") and \
+                time.time() - os.path.getmtime(root + ".failed") < FAILED_FOR_S:
+            raise RuntimeError(f"another worker of this node failed to convert it: "
+                               f"{open(root + '.failed').read()}")
         if not os.path.exists(os.path.join(root, ".complete")):
             tmp = f"{root}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -238,10 +263,27 @@ def universal_copy(restored: Restored, stack: contextlib.ExitStack) -> str:
                 open(os.path.join(tmp, ".complete"), "w").close()
                 shutil.rmtree(root, ignore_errors=True)  # an unfinished copy of a crashed one
                 os.rename(tmp, root)
+            except Exception as e:
+                with open(root + ".failed", "w") as f:
+                    f.write(f"{type(e).__name__}: {e}")
+                stack.callback(os.remove, root + ".failed")
+                raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            stack.callback(shutil.rmtree, root, True)
     return root
+
+
+def agreed_mode(mode: str | None) -> str | None:
+    """The resume mode every worker takes: "weights" when any worker's universal conversion
+    failed (workers that loaded different kinds of checkpoint would run mismatched
+    collectives: a hang), else ``mode``."""
+    import torch.distributed as dist
+
+    if mode not in ("universal", "weights") or not dist.is_initialized():
+        return mode
+    modes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(modes, mode)
+    return "weights" if "weights" in modes else mode
 
 
 def fp32_weights(ckpt_dir: str) -> dict[str, torch.Tensor]:
@@ -275,7 +317,8 @@ def setup_engine(run: TrainRun, plan: Plan, load_universal: bool = False,
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=params,
-        config=deepspeed_config(run.config, plan.world, plan.total, load_universal))
+        config=deepspeed_config(run.config, plan.world, plan.total, load_universal),
+        lr_scheduler=lr_scheduler(run.config, plan.total))
     return engine, run.task.collator(model)
 
 
@@ -323,6 +366,11 @@ def restore(run: TrainRun, world: int, restored: Restored | None, stack: context
                         "checkpoint failed (%s: %s); falling back to its fp32 weights",
                         at.step, type(e).__name__, e)
             mode = "weights"
+    if agreed_mode(mode) != mode:
+        log.warning("another worker could not convert the checkpoint of step %d to a "
+                    "universal checkpoint: every worker falls back to its fp32 weights",
+                    at.step)
+        mode = "weights"
     if mode == "weights":
         weights = fp32_weights(restored.dir)
         log.warning(
@@ -342,8 +390,9 @@ def restore(run: TrainRun, world: int, restored: Restored | None, stack: context
     elif mode == "weights":
         engine.global_steps = at.step
         engine.global_samples = at.step * plan.samples_per_step
-        if engine.lr_scheduler is not None:
-            engine.lr_scheduler.step(at.step - 1)
+        if engine.lr_scheduler is not None:  # the lr of step at.step (0-based) next
+            engine.lr_scheduler.last_epoch = at.step - 1
+            engine.lr_scheduler.step()
     if restored:
         log.info("rank %d resumed from step %d (epoch %d, sample %d)", engine.global_rank,
                  at.step, at.epoch, at.offset)
@@ -376,6 +425,7 @@ def train(engine: Any, run: TrainRun, loader: Loader, plan: Plan, prog: Progress
                 torch.manual_seed(sample_seed(run.seed, mb.epoch, mb.sample))
                 loss, parts = run.task.step(engine, mb.batch.to(engine.device), plan.world)
                 boundary = engine.is_gradient_accumulation_boundary()
+                parts["lr"] = engine.get_lr()[0]  # the step's (read before it moves on)
                 engine.backward(loss)
                 engine.step()
                 prog.window.append(parts)
@@ -399,8 +449,8 @@ def _metrics(engine: Any, plan: Plan, prog: Progress) -> dict[str, Any]:
     window, prog.window = prog.window, []
     m: dict[str, Any] = {k: sum(w.get(k, 0.0) for w in window) / len(window)
                          for k in window[0]}
-    m.update(step=prog.step, epoch=prog.epoch, samples_per_s=rate,
-             lr=engine.get_lr()[0], eta_s=(plan.total - prog.step) * plan.samples_per_step
+    m.update(step=prog.step, epoch=prog.epoch, samples_per_s=rate, lr=window[-1]["lr"],
+             eta_s=(plan.total - prog.step) * plan.samples_per_step
              / max(rate, 1e-9), elapsed_s=elapsed, start_step=prog.start_step,
              world=plan.world, resume=prog.resume, time=time.time())
     return m
@@ -501,13 +551,12 @@ def export(run: TrainRun, state: dict[str, torch.Tensor]) -> None:
     """Write the fp32 master weights in HF format to ``<output>/model`` (rank 0), and with
     ``export_bf16`` a bf16 copy to ``<output>/model-bf16``."""
     uri = storage.join(run.output_uri, "model")
-    fresh = run.task.build_model(run.init_uri)
+    fresh = run.task.build_model(run.init_uri).float()  # fp32 before the fp32 masters go in
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     loaded = {t.data_ptr() for k, t in fresh.state_dict().items() if k in state}
     untied = [k for k in missing if fresh.state_dict()[k].data_ptr() not in loaded]
     if unexpected or untied:  # tied copies (e.g. T5 embeddings) are listed once
         raise RuntimeError(f"export: unexpected keys {unexpected[:5]}, missing {untied[:5]}")
-    fresh.float()
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "model")
         fresh.save_pretrained(local)
@@ -540,6 +589,8 @@ def train_loop_per_worker(config: dict[str, TrainRun]) -> None:
     with contextlib.ExitStack() as stack:
         restored = open_checkpoint(ray.train.get_checkpoint(), stack)
         engine, collate, plan, at, mode = restore(run, world, restored, stack)
+        if restored is not None and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every worker has loaded its files before any goes
     prog = Progress(step=at.step, epoch=at.epoch, offset=at.offset, start_step=at.step,
                     resume=mode)
     tracker = None
