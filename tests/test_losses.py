@@ -240,3 +240,39 @@ def test_shared_positives_across_workers_of_different_widths(tmp_path):
     mp.spawn(_two_workers, args=(port, str(tmp_path / "pairs")), nprocs=2)
     want = [(0, 0), (0, 4), (1, 2), (2, 0), (2, 4), (2, 7), (3, 6)]
     assert [torch.load(tmp_path / f"pairs.{r}") for r in (0, 1)] == [want, want]
+
+
+def _uneven_workers(rank: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        rows = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0])][rank].requires_grad_()
+        none = torch.zeros(())  # a term this worker has no rows of
+        (term, mean, n), (_, empty_mean, empty_n) = losses.mean_over_workers(
+            [(rows.sum(), len(rows)), (none, 0)])
+        term.backward()
+        torch.save({"mean": mean.item(), "n": n.item(), "grad": rows.grad.tolist(),
+                    "empty": (empty_mean.item(), empty_n.item())}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_mean_over_workers_of_uneven_rows(tmp_path):
+    """Two gloo workers with 3 rows and 1 row of a loss (KD rows, generated-query rows): both
+    log the mean over all 4 rows (2.5), and each row's gradient, after data-parallel
+    averaging (/ 2), is 1/4 on either worker: the global mean's (a per-worker mean gave the
+    lone row 3 times the weight of each other)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_uneven_workers, args=(port, str(tmp_path / "m")), nprocs=2)
+    got = [torch.load(tmp_path / f"m.{r}") for r in (0, 1)]
+    for g in got:
+        assert g["mean"] == pytest.approx(2.5) and g["n"] == 4 and g["empty"] == (0.0, 0.0)
+    assert [x / 2 for g in got for x in g["grad"]] == pytest.approx([0.25] * 4)

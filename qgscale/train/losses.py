@@ -41,6 +41,26 @@ def pad_across_workers(t: torch.Tensor, value: int = -1) -> torch.Tensor:
     return F.pad(t, (0, int(width.item()) - t.shape[1]), value=value)
 
 
+def mean_over_workers(terms: list[tuple[torch.Tensor, int]]
+                      ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each ``(sum over this worker's rows, with gradient; its row count)``: ``(term to
+    backpropagate, the mean over every worker's rows, their number)``, with one all-reduce
+    for all terms.
+    The term is ``sum x world / rows of every worker``: data-parallel averaging then gives
+    the gradient of the mean over the global batch (as :func:`contrastive_loss`), whatever
+    rows each worker has (a per-worker mean weighed a worker's few rows as much as another's
+    many). Every worker must call it with the same terms (a count of 0 where it has none)."""
+    sums = torch.stack([t.detach().float() for t, _ in terms])
+    counts = torch.tensor([float(n) for _, n in terms], device=sums.device)
+    world = 1
+    if not _one_worker():
+        both = torch.cat([sums, counts])
+        dist.all_reduce(both)
+        sums, counts, world = both[:len(terms)], both[len(terms):], dist.get_world_size()
+    n = counts.clamp(min=1)
+    return [(t * world / n[i], sums[i] / n[i], counts[i]) for i, (t, _) in enumerate(terms)]
+
+
 def shared_positives(positive_ids: torch.Tensor, passage_ids: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, cols)``: the passages ``passage_ids`` (N,) that are one of query b's

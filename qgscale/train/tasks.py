@@ -63,7 +63,8 @@ def student_step(engine: Any, batch: StudentBatch, loss_cfg: LossConfig, tempera
     and, where they have teacher scores, their generated queries; alignment the rows with a
     generated query. The contrastive term is backpropagated times ``world_size`` (negatives
     gathered from every worker, gradient through the local slice: see
-    :func:`losses.contrastive_loss`); the logged ``loss`` is the unscaled sum.
+    :func:`losses.contrastive_loss`); KD and alignment are means over the global batch's
+    rows (:func:`losses.mean_over_workers`); the logged ``loss`` is the unscaled sum.
     """
     queries, passages = batch.encoder_inputs()
     q_emb, p_emb = engine(query=queries.inputs(), passage=passages.inputs())
@@ -77,7 +78,8 @@ def student_step(engine: Any, batch: StudentBatch, loss_cfg: LossConfig, tempera
     all_q = losses.gather_across_workers(q)
     con = losses.contrastive_loss(all_q, losses.gather_across_workers(groups),
                                   batch.group_size, temperature, exclude)
-    kd = align = s_q = s_gen = None
+    terms: dict[str, tuple[torch.Tensor, int]] = {}  # sum over this worker's rows, rows
+    s_q = s_gen = None
     if cands is not None:
         s_q = losses.candidate_scores(q, cands, temperature)
         student, teacher, mask = s_q, batch.teacher_scores, batch.cand_mask
@@ -90,21 +92,34 @@ def student_step(engine: Any, batch: StudentBatch, loss_cfg: LossConfig, tempera
                 mask = torch.cat([mask, mask[kd_rows]])
         kd = losses.kd_loss(student, teacher, tau_s=loss_cfg.tau_s, tau_t=loss_cfg.tau_t,
                             mask=mask)
-    if gen is not None and loss_cfg.beta:  # without candidates: embedding-level kinds only
-        rows = batch.gen_mask
-        align = losses.alignment_loss(
-            loss_cfg.align, s_q=_rows(s_q, rows), s_gen=_rows(s_gen, rows),
-            t_q=_rows(batch.teacher_scores, rows), e_q=q[rows], e_gen=gen[rows],
-            tau_s=loss_cfg.tau_s, tau_t=loss_cfg.tau_t, symmetric=loss_cfg.symmetric,
-            mask=_rows(batch.cand_mask, rows))
+        terms["kd"] = (kd * student.shape[0], student.shape[0])
+    if loss_cfg.beta:  # every worker, with or without generated queries in this micro-batch
+        terms["align"] = (q.new_zeros(()), 0)
+        if gen is not None:  # without candidates: embedding-level kinds only
+            rows = batch.gen_mask
+            align = losses.alignment_loss(
+                loss_cfg.align, s_q=_rows(s_q, rows), s_gen=_rows(s_gen, rows),
+                t_q=_rows(batch.teacher_scores, rows), e_q=q[rows], e_gen=gen[rows],
+                tau_s=loss_cfg.tau_s, tau_t=loss_cfg.tau_t, symmetric=loss_cfg.symmetric,
+                mask=_rows(batch.cand_mask, rows))
+            n = int(rows.sum())
+            terms["align"] = (align * n, n)
+    means = dict(zip(terms, losses.mean_over_workers(list(terms.values())), strict=True)) \
+        if terms else {}
+    kd, kd_mean, kd_n = means.get("kd", (None, None, None))
+    align, align_mean, align_n = means.get("align", (None, None, None))
     rest = losses.total_loss(torch.zeros((), device=q.device), kd, align, loss_cfg.alpha,
                              loss_cfg.beta)
     parts = {"contrastive": con.item()}
     if exclude is not None:  # per query: in-batch copies of its positives (label excluded)
         rows, cols = exclude
         parts["shared_positives"] = (cols != rows * batch.group_size).sum().item() / len(all_q)
-    parts.update({k: v.item() for k, v in (("kd", kd), ("align", align)) if v is not None})
-    parts["loss"] = parts["contrastive"] + rest.item()
+    parts["loss"] = parts["contrastive"]
+    for name, mean, n, weight in (("kd", kd_mean, kd_n, loss_cfg.alpha),
+                                  ("align", align_mean, align_n, loss_cfg.beta)):
+        if n is not None and n.item() > 0:  # the global batch's mean, where it has rows
+            parts[name] = mean.item()
+            parts["loss"] += weight * parts[name]
     return con * world_size + rest, parts
 
 
