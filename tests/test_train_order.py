@@ -525,6 +525,8 @@ from qgscale.train.loop import agreed_mode
 rank, mode = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=sys.argv[3], rank=rank, world_size=3)
 print(agreed_mode(mode), flush=True)
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
@@ -539,8 +541,8 @@ def test_workers_agree_on_the_resume_mode(tmp_path):
                         (["universal"] * 3, "universal")):
         init = f"file://{tmp_path / ('pg-' + want)}"
         procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(r), m, init],
-                                  stdout=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for r, m in enumerate(modes)]
-        outs = [p.communicate(timeout=120)[0].strip() for p in procs]
-        assert [p.returncode for p in procs] == [0, 0, 0]
-        assert outs == [want] * 3
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+        assert [out.strip() for out, _ in outs] == [want] * 3
