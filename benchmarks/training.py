@@ -10,8 +10,10 @@
 
 Each runs the project's training step (``qgscale.train.tasks.student_step``: dual encoder,
 contrastive loss with negatives gathered across workers) under ``deepspeed.initialize`` with
-the config ``qgscale.train.loop.deepspeed_config`` generates. Ray Train adds scheduling around
-the same loop, not per-step cost, so it is left out here to keep the numbers about DeepSpeed.
+the config ``qgscale.train.loop.deepspeed_config`` generates (a constant learning rate: the
+schedule does not change a step's cost). Ray Train adds scheduling around the same loop, not
+per-step cost, so it is left out here to keep the numbers about DeepSpeed. On GPU, ZeRO-0
+runs in fp32 and ZeRO-1/2/3 in bf16 (16-bit precision needs ZeRO: ``TrainConfig``).
 
     python benchmarks/training.py --quick --sections input,overlap --out results/x.json
 
@@ -90,7 +92,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -> None
                      precision="bf16" if gpu and args["stage"] else "fp32", lr=1e-4,
                      overlap_comm=args.get("overlap", True))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=deepspeed_config(tc, world, args["steps"] * 10))
+                                      config=deepspeed_config(tc, world))
     loss_cfg = LossConfig(alpha=0, beta=0)
     g, b, lq, lp = 2, args["batch"], args["qlen"], args["plen"]
     gen = torch.Generator().manual_seed(rank)
@@ -227,7 +229,7 @@ def _input_worker(rank: int, world: int, port: int, args: dict, out: mp.Queue) -
                             max_passage_len=args["plen"],
                             loss=LossConfig(alpha=0, beta=0, n_hard_negatives=1))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=deepspeed_config(tc, world, 1000))
+                                      config=deepspeed_config(tc, world))
     collate = StudentCollator.for_config(tok, tc, distill=False)
     result: dict = {"rank": rank}
     for prefetch in args["order"]:

@@ -172,3 +172,52 @@ def test_train_run_pickles_and_hides_storage_secrets():
     assert (plan.per_epoch, plan.total, plan.samples_per_step) == (8, 8, 8)
     with pytest.raises(ValueError, match="too few"):
         plan_steps(4, 2, run.config)
+
+
+def _worker_step(rank: int, port: int, tok_dir: str, out: str) -> None:
+    import os
+
+    from transformers import AutoTokenizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        torch.manual_seed(0)
+        enc = EncoderConfig(model=ModelConfig(init=BERT), pooling="mean", normalize=True,
+                            temperature=0.05)
+        model = DualEncoder.build(enc, tokenizer=tok).eval()
+        lc = LossConfig(alpha=0.5, beta=0.25, n_candidates=3, kd_on_generated=True)
+        # worker 1's micro-batch has no generated query: it still joins the all-reduce
+        rows = _rows() if rank == 0 else _rows(gen=(0, 0, 0, 0), gen_scores=(0, 0, 0, 0))
+        batch = StudentCollator(tok, 16, 48, n_candidates=3)(rows)
+        _, parts = student_step(model, batch, lc, model.temperature, world_size=2)
+        local = {}
+        if rank == 0:  # its align alone: the only generated queries of the global batch
+            torch.distributed.destroy_process_group()
+            local = student_step(model, batch, lc, model.temperature, world_size=1)[1]
+        torch.save({"parts": parts, "local": local}, f"{out}.{rank}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_two_workers_one_without_generated_queries(tokenizer, tmp_path):
+    """Two gloo workers, one micro-batch with generated queries (3 with q', 2 with teacher
+    scores for them) and one without any: no hang (both join the KD / alignment reduction),
+    both log the same global means, and the alignment is worker 0's alone, as a single worker
+    computes it on its batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker_step, args=(port, str(tmp_path / "tok"), str(tmp_path / "p")), nprocs=2)
+    a, b = (torch.load(tmp_path / f"p.{r}") for r in (0, 1))
+    for key in ("kd", "align", "contrastive", "loss"):
+        assert a["parts"][key] == pytest.approx(b["parts"][key], abs=1e-6), key
+    assert a["parts"]["align"] == pytest.approx(a["local"]["align"], abs=1e-6)
+    assert a["parts"]["kd"] != pytest.approx(a["local"]["kd"], abs=1e-4)  # 6 + 4 rows vs 6

@@ -188,15 +188,15 @@ def test_plan_on_resume_with_another_worker_count():
 def test_deepspeed_config_comm_settings():
     tc = StudentTrainConfig(zero_stage=2, grad_accum=4, reduce_bucket_size=5_000_000,
                             overlap_comm=False)
-    z = deepspeed_config(tc, 8, 100)["zero_optimization"]
+    z = deepspeed_config(tc, 8)["zero_optimization"]
     assert z == {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
                  "reduce_bucket_size": 5_000_000, "allgather_bucket_size": 200_000_000}
-    assert deepspeed_config(tc, 8, 100)["train_batch_size"] == 8 * 8 * 4
-    z3 = deepspeed_config(tc.model_copy(update={"zero_stage": 3}), 8, 100)
+    assert deepspeed_config(tc, 8)["train_batch_size"] == 8 * 8 * 4
+    z3 = deepspeed_config(tc.model_copy(update={"zero_stage": 3}), 8)
     assert z3["zero_optimization"]["stage3_prefetch_bucket_size"] == 200_000_000
-    assert deepspeed_config(tc.model_copy(update={"zero_stage": 0}), 8, 100)[
+    assert deepspeed_config(tc.model_copy(update={"zero_stage": 0}), 8)[
         "zero_optimization"] == {"stage": 0}
-    assert deepspeed_config(tc, 1, 10, load_universal=True)["checkpoint"] == {
+    assert deepspeed_config(tc, 1, load_universal=True)["checkpoint"] == {
         "load_universal": True}
 
 
@@ -385,7 +385,7 @@ def test_a_checkpoint_deepspeed_cannot_fully_load_is_an_error(tmp_path):
 DS_LR = """
 import os, sys, torch, deepspeed
 from qgscale.config import TrainConfig
-from qgscale.train.loop import CKPT_TAG, lr_scheduler
+from qgscale.train.loop import CKPT_TAG, load_checkpoint, lr_scheduler, schedule_at
 tmp, port = sys.argv[1:]
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                   MASTER_PORT=port)
@@ -411,15 +411,31 @@ e = engine()
 print("LR", steps(e, 3), flush=True)
 e.save_checkpoint(tmp, tag=CKPT_TAG)
 again = engine()
-again.load_checkpoint(tmp, tag=CKPT_TAG)
+load_checkpoint(again, tmp, 3)
+schedule_at(again, 3)
 print("LR", steps(again, 3), flush=True)
+# a checkpoint of an older release: DeepSpeed's WarmupDecayLR state in it
+model = torch.nn.Linear(4, 2)
+old = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+    "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+    "optimizer": {"type": "AdamW", "params": {"lr": tc.lr}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 6,
+                  "warmup_max_lr": tc.lr, "warmup_num_steps": 3}}})[0]
+steps(old, 3)
+old.save_checkpoint(tmp + "-old", tag=CKPT_TAG)
+resumed = engine()
+load_checkpoint(resumed, tmp + "-old", 3)
+schedule_at(resumed, 3)
+print("LR", steps(resumed, 3), flush=True)
 """
 
 
 def test_lr_schedule_on_a_deepspeed_engine(tmp_path):
     """Linear warm-up from the first step (DeepSpeed's WarmupDecayLR gave steps 1 and 2 lr 0
-    and peaked two steps late), then linear decay; a checkpoint resumes the schedule where
-    it stopped. 6 steps, warm-up ratio 0.5: 3 warm-up steps."""
+    and peaked two steps late), then linear decay; a resume sets the schedule from its step
+    (not from the checkpoint's scheduler state): from this release's checkpoint and from one
+    that holds the old WarmupDecayLR state (LambdaLR cannot load it). 6 steps, warm-up ratio
+    0.5: 3 warm-up steps."""
     import socket
     import subprocess
 
@@ -436,14 +452,14 @@ def test_lr_schedule_on_a_deepspeed_engine(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     got = [x for x in out.stdout.splitlines() if x.startswith("LR")]
-    assert got == ["LR [0.1, 0.2, 0.3]", "LR [0.3, 0.2, 0.1]"]
+    assert got == ["LR [0.1, 0.2, 0.3]", "LR [0.3, 0.2, 0.1]", "LR [0.3, 0.2, 0.1]"]
 
 
 def test_universal_copy_is_made_once_per_node(tmp_path, monkeypatch):
     """Workers of one node resuming on another worker count: the first to take the lock
     converts the checkpoint (here a stand-in that writes a file), the others reuse its
-    complete copy; it is removed when the workers' stacks close (after a barrier: every
-    worker has loaded it)."""
+    complete copy; it is removed when the workers' stacks close (which
+    ``train_loop_per_worker`` does after a barrier: every worker has loaded it)."""
     import contextlib
     import threading
     import time
@@ -479,9 +495,9 @@ def test_universal_copy_is_made_once_per_node(tmp_path, monkeypatch):
 
 def test_a_failed_universal_conversion_is_not_repeated_on_the_node(tmp_path, monkeypatch):
     """The first worker's conversion fails (a full disk): the others of the node fail at once
-    instead of converting again in turn (each falls back to the fp32 weights, and every
-    worker agrees on that fallback: :func:`loop.agreed_mode`); the marker goes with the
-    attempt."""
+    instead of converting again in turn (each then falls back to the fp32 weights; that all
+    workers agree on it is :func:`test_workers_agree_on_the_resume_mode`); the marker goes
+    with the attempt."""
     import contextlib
     import threading
 
