@@ -5,6 +5,7 @@ uploaded after each stage and when the command ends)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -79,6 +80,7 @@ def _add_file_handler(path: str) -> None:
 
 
 def _to_remote(root: str) -> str:
+    import atexit
     import socket
     import tempfile
     import time
@@ -92,7 +94,13 @@ def _to_remote(root: str) -> str:
                 f"{os.getpid()}.log")
         _REMOTE[root] = (path, storage.join(root, "logs", name))
         _add_file_handler(path)
+        atexit.register(_remove, path)  # uploaded by then (sync)
     return _REMOTE[root][1]
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def failed(exc: BaseException) -> None:

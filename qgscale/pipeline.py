@@ -522,8 +522,9 @@ TRAINING = {"train-qg": "qg", "warmup": "warmup", "qg-rank": "qg_rank", "distill
 def preflight(cfg: Config, lay: Layout, selected: set[str]) -> None:
     """Before the first stage runs: a ResourceError when a selected training stage cannot
     get its Ray Train workers on this cluster at its largest (:func:`check_workers`), not
-    after the hours of the stages before it. A stage recorded done is left to its own check
-    (it runs again only when its key changed)."""
+    after the hours of the stages before it. A stage recorded done is not checked here (it
+    may still run again, when an upstream stage changes: its own check at its start then
+    stands)."""
     from qgscale.train.trainer import check_workers
 
     for name, section in TRAINING.items():

@@ -653,6 +653,8 @@ def local_dir(uri: str, cache: str | None = None, names: list[str] | None = None
     thrown away and fetched again, at most :data:`FETCH_TRIES` times."""
     if is_local(uri):
         return url_to_fs(uri)[1]
+    import shutil
+
     cache = cache or os.environ.get("QGSCALE_CACHE", os.path.expanduser("~/.cache/qgscale"))
 
     def key() -> str:
@@ -667,8 +669,6 @@ def local_dir(uri: str, cache: str | None = None, names: list[str] | None = None
         tmp = _fetch(uri, names, dest)
         if key() == before:
             return _settle(tmp, dest)
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         logger.warning("%s changed while it was downloaded: fetching it again", uri)
     raise DataError(f"{uri} changed during each of {FETCH_TRIES} downloads: is another "

@@ -218,7 +218,9 @@ def test_fp16_with_a_t5_model_is_a_config_error(tokenizer, tmp_path):
 
     t5 = _t5(tokenizer)
     with pytest.raises(ConfigError, match=r"teacher.score.precision=fp16 with a t5 model"):
-        prepare_for_inference(t5, "cpu", "fp16", "teacher.score.precision")
+        check_precision(t5, "fp16", "teacher.score.precision")  # what a CUDA actor checks
+    prepare_for_inference(t5, "cpu", "fp16", "teacher.score.precision")  # CPU: stays fp32
+    assert next(t5.parameters()).dtype == torch.float32
     for precision in ("bf16", "fp32"):
         check_precision(t5, precision, "qg.precision")
     check_precision(_bert2bert(tokenizer), "fp16", "qg.precision")  # BERT: fp16 is fine

@@ -142,6 +142,7 @@ def _is_corrupt(path: str, e: BaseException) -> bool:
     """Whether ``e``, raised reading ``path``, is bad or truncated compressed data: bz2 raises
     a bare ``OSError("Invalid data stream")``; any other OSError (a network's) is not."""
     return isinstance(e, _CORRUPT) or (type(e) is OSError and e.errno is None
+                                       and str(e) == "Invalid data stream"
                                        and fsspec.utils.infer_compression(path) == "bz2")
 
 

@@ -393,12 +393,14 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str,
     (autocast over fp32 weights re-casts every weight on every forward and keeps the residual
     stream in fp32), T5's RMSNorm and tanh-GELU swapped for PyTorch's fused kernels (the same
     functions: ``nn.RMSNorm``, ``nn.GELU(approximate="tanh")``). In place; returns ``model``.
-    fp16 with a T5-family model is a ConfigError naming ``setting`` (:func:`check_precision`).
+    On CUDA, fp16 with a T5-family model is a ConfigError naming ``setting``
+    (:func:`check_precision`); on CPU the weights stay fp32 whatever ``precision`` says.
     """
     from transformers.activations import NewGELUActivation
 
-    check_precision(model, precision, setting)
     device = torch.device(device)
+    if device.type == "cuda":
+        check_precision(model, precision, setting)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child).__name__ in ("T5LayerNorm", "MT5LayerNorm"):

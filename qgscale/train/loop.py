@@ -67,8 +67,8 @@ class TrainRun:
         return storage.join(self.output_uri, "metrics.jsonl")
 
 
-def deepspeed_config(tc: TrainConfig, world_size: int, total_steps: int,
-                     load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(tc: TrainConfig, world_size: int, load_universal: bool = False
+                     ) -> dict[str, Any]:
     """DeepSpeed config from a ``TrainConfig`` (ZeRO with its communication settings,
     precision, accumulation, clipping, AdamW; the schedule is :func:`lr_scheduler`'s);
     ``load_universal``: the checkpoint to load is a universal one."""
@@ -108,6 +108,15 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     to 1/(total - warmup) at the last step. (DeepSpeed's WarmupDecayLR gave the first two
     steps lr 0 and peaked two steps late.)"""
     return max(0.0, min((step + 1) / warmup, (total - step) / max(1, total - warmup), 1.0))
+
+
+def schedule_at(engine: Any, step: int) -> None:
+    """Set ``engine``'s :func:`lr_scheduler` to optimizer step ``step`` (0-based: the next
+    step it takes). A resume sets the schedule from its step, not from the checkpoint's
+    scheduler state, which checkpoints of older releases hold for another scheduler."""
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.last_epoch = step - 1
+        engine.lr_scheduler.step()
 
 
 def lr_scheduler(tc: TrainConfig, total_steps: int) -> Callable[[Any], Any]:
@@ -253,8 +262,9 @@ def universal_copy(restored: Restored, stack: contextlib.ExitStack) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         if os.path.exists(root + ".failed") and \
                 time.time() - os.path.getmtime(root + ".failed") < FAILED_FOR_S:
-            raise RuntimeError(f"another worker of this node failed to convert it: "
-                               f"{open(root + '.failed').read()}")
+            with open(root + ".failed") as f:
+                raise RuntimeError(f"another worker of this node failed to convert it: "
+                                   f"{f.read()}")
         if not os.path.exists(os.path.join(root, ".complete")):
             tmp = f"{root}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -317,7 +327,7 @@ def setup_engine(run: TrainRun, plan: Plan, load_universal: bool = False,
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=params,
-        config=deepspeed_config(run.config, plan.world, plan.total, load_universal),
+        config=deepspeed_config(run.config, plan.world, load_universal),
         lr_scheduler=lr_scheduler(run.config, plan.total))
     return engine, run.task.collator(model)
 
@@ -337,7 +347,8 @@ def load_checkpoint(engine: Any, load_dir: str, step: int, universal: bool = Fal
             n.endswith("optim_states.pt") for n in os.listdir(folder)):
         raise RuntimeError(f"{folder}: a ZeRO checkpoint without its optimizer states "
                            f"(*optim_states.pt): resuming step {step} would lose them")
-    load_path, _ = engine.load_checkpoint(load_dir, tag=CKPT_TAG)
+    load_path, _ = engine.load_checkpoint(load_dir, tag=CKPT_TAG,
+                                          load_lr_scheduler_states=False)  # schedule_at
     if load_path is None:
         raise RuntimeError(f"{load_dir}: DeepSpeed loaded no checkpoint {CKPT_TAG!r} to resume "
                            f"step {step} from (its module states are missing or unreadable)")
@@ -390,10 +401,8 @@ def restore(run: TrainRun, world: int, restored: Restored | None, stack: context
     elif mode == "weights":
         engine.global_steps = at.step
         engine.global_samples = at.step * plan.samples_per_step
-        if engine.lr_scheduler is not None:  # the lr of step at.step (0-based) next
-            engine.lr_scheduler.last_epoch = at.step - 1
-            engine.lr_scheduler.step()
     if restored:
+        schedule_at(engine, at.step)
         log.info("rank %d resumed from step %d (epoch %d, sample %d)", engine.global_rank,
                  at.step, at.epoch, at.offset)
     return engine, collate, plan, at, mode
