@@ -697,3 +697,18 @@ def test_eval_refines_as_index_search_says(run_root, ray_local, tmp_path):
         for m in ("recall@1", "recall@5", "mrr@10"):
             assert held["pairs"][pair][m] == pytest.approx(row[m], abs=1e-6), (pair, m)
             assert stage["pairs"][pair][m] == pytest.approx(row[m], abs=1e-6), (pair, m)
+
+
+def test_reports_of_a_split_without_pair_views():
+    """``eval.pairs: false`` (or one corpus language left out): the tables, the chart metric
+    and the chart come from the query languages' pooled rows (the table had no metric
+    column, and an answers-only split's chart failed after every metric was computed)."""
+    from qgscale.eval.evaluate import bar_chart, chart_metric, markdown_table
+
+    ranked = {"pairs": {}, "macro": {},
+              "query_langs": {"de": {"n": 3, "mrr@10": 0.5}, "es": {"n": 2, "mrr@10": 0.25}}}
+    table = markdown_table(ranked, ["recall@1", "mrr@10"])
+    assert "| pair | n | mrr@10 |" in table and "| de -> pooled | 3 | 0.5000 |" in table
+    answers = {"pairs": {}, "macro": {}, "query_langs": {"de": {"n_kt": 3, "r@2kt": 0.5}}}
+    assert chart_metric(ranked, None) == "mrr@10" and chart_metric(answers, None) == "r@2kt"
+    assert bar_chart(answers, chart_metric(answers, None))[:4] == b"\x89PNG"

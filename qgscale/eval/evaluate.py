@@ -463,7 +463,7 @@ def _fmt(v: Any) -> str:
 def markdown_table(result: dict, metrics: list[str]) -> str:
     """One table: language pairs, then macro averages, then query languages (pooled corpus);
     ``n``: the queries scored (the most of any metric family), or the pairs of a macro."""
-    cols = [m for m in metrics if any(m in r for r in result["pairs"].values())]
+    cols = [m for m in metrics if any(m in r for r in _groups(result).values())]
     rows: list[tuple[str, dict]] = [(k, v) for k, v in result["pairs"].items()]
     rows += [(f"**macro {k}**", v) for k, v in result["macro"].items() if v.get("groups")]
     rows += [(f"{k} -> pooled", v) for k, v in result.get("query_langs", {}).items()]
@@ -486,7 +486,7 @@ def chart_metric(result: dict, wanted: str | None) -> str:
     first metric a pair has."""
     if wanted:
         return wanted
-    have = [m for r in result["pairs"].values() for m in r if m not in M.COUNTS]
+    have = [m for r in _groups(result).values() for m in r if m not in M.COUNTS]
     return next((m for m in CHART_DEFAULTS if m in have), have[0] if have else "mrr@10")
 
 
@@ -527,10 +527,15 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _groups(result: dict) -> dict[str, dict]:
+    """The language pairs' metrics, or where there are none (``eval.pairs: false``) the
+    query languages' over the pooled corpus."""
+    return result["pairs"] or {f"{k}->pooled": v for k, v in
+                               result.get("query_langs", {}).items()}
+
+
 def _pair_metrics(result: dict, metric: str) -> dict[str, float]:
-    groups = result["pairs"] or {f"{k}->pooled": v for k, v in
-                                 result.get("query_langs", {}).items()}
-    return {k: v[metric] for k, v in groups.items() if metric in v}
+    return {k: v[metric] for k, v in _groups(result).items() if metric in v}
 
 
 def comparison_chart(results: dict[str, dict], metric: str) -> bytes:
