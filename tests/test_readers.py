@@ -231,6 +231,23 @@ def test_format_specific_defects(tmp_path):
         read("xquad", str(bad), query_langs=["de"], corpus_langs=["de"])
 
 
+@pytest.mark.parametrize("kind, line, expected", [
+    ("candidates", '{"qid": "q", "pids": ["a", "b", "c"], "scores": [1.0]}',
+     r"field 'scores': 1 scores for 3 pids"),
+    ("candidates", '{"qid": "q", "pids": ["a", "b", "a"]}', r"field 'pids': pid 'a' twice"),
+    ("train", '{"qid": "q", "pos_pids": ["a"], "neg_pids": ["b", "a"]}',
+     r"field 'neg_pids': pid 'a' is also a positive"),
+    ("queries", '{"qid": "q", "lang": " en ", "text": "x"}',
+     r"field 'lang': surrounding whitespace"),
+])
+def test_canonical_rows_whose_fields_disagree(tmp_path, kind, line, expected):
+    """Canonical JSONL rows whose fields disagree are row defects naming file, line and
+    field (a scores list shorter than its pids misaligned every teacher score after it)."""
+    path = _write(tmp_path / "c.jsonl", line + "\n")
+    with pytest.raises(DataError, match=r"c.jsonl:1: " + expected):
+        read("jsonl", path, kind=kind)
+
+
 def test_skip_mode_accounts_for_every_row(tmp_path):
     lines = [GOOD] + [DEFECTS[d][0] for d in sorted(DEFECTS)] + [GOOD.replace("q1", "q9")]
     path = _write(tmp_path / "mixed.jsonl", "\n".join(lines) + "\n")

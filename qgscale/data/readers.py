@@ -1603,6 +1603,25 @@ def read_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None) -
     return {kind: list(iter_canonical_jsonl(path, kind, rejects))}
 
 
+def _row_problem(row: dict[str, Any]) -> tuple[str, str] | None:
+    """``(field, reason)`` of a canonical row whose fields disagree: a language with
+    surrounding spaces, a pid twice in one list, a pid both positive and negative, scores not
+    one per candidate pid; None when they agree."""
+    if "lang" in row and row["lang"] != row["lang"].strip():
+        return "lang", "surrounding whitespace"
+    for name in ("pids", "pos_pids", "neg_pids"):
+        pids = row.get(name) or []
+        if len(set(pids)) < len(pids):
+            twice = next(p for i, p in enumerate(pids) if p in pids[:i])
+            return name, f"pid {twice!r} twice"
+    both = set(row.get("pos_pids") or ()) & set(row.get("neg_pids") or ())
+    if both:
+        return "neg_pids", f"pid {min(both)!r} is also a positive"
+    if row.get("scores") is not None and len(row["scores"]) != len(row.get("pids") or []):
+        return "scores", f"{len(row['scores'])} scores for {len(row.get('pids') or [])} pids"
+    return None
+
+
 def iter_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None,
                          unique: bool = True, span: Span | None = None,
                          ids: Callable[[str, int, str], None] | None = None
@@ -1666,6 +1685,11 @@ def iter_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None,
             if not ok:
                 break
             row[f.name] = value
+        if ok:
+            problem = _row_problem(row)
+            if problem:
+                rejects.bad(path, n, *problem, obj)
+                ok = False
         if ok and seen is not None:
             key = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
             ok = seen.new(key, path, n, keys[0] if len(keys) == 1 else None, rejects, obj)
