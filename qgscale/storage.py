@@ -388,6 +388,19 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def s3_region(uri: str, endpoint: str | None) -> str:
+    """The region pyarrow's S3 filesystem gets for ``uri``: ``AWS_DEFAULT_REGION``, else
+    ``AWS_REGION`` (what EKS sets for IRSA), else on AWS itself (no ``endpoint``) the
+    bucket's own (pyarrow asks S3), else ``us-east-1``."""
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if not region and not endpoint:
+        from pyarrow import fs as pafs
+
+        with contextlib.suppress(OSError):
+            region = pafs.resolve_s3_region(uri.split("://", 1)[1].split("/", 1)[0])
+    return region or "us-east-1"
+
+
 def pyarrow_filesystem(uri: str):
     """A pyarrow filesystem for ``uri`` (for Ray Data), with the S3 endpoint set explicitly.
 
@@ -406,7 +419,7 @@ def pyarrow_filesystem(uri: str):
             kwargs.update(endpoint_override=host, scheme=scheme)
         # credentials: the AWS default chain (environment, IAM role) wherever the filesystem
         # is used; explicit keys would be pickled into every Ray Data task that gets it
-        kwargs["region"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+        kwargs["region"] = s3_region(uri, endpoint)
         return pafs.S3FileSystem(**kwargs)
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 

@@ -414,3 +414,21 @@ def test_a_folder_written_elsewhere_after_its_parent_was_listed(s3_server, s3_bu
         want = _table(3).to_pylist() if name == "read_parquet" else [
             storage.join(child, "part-00000.parquet")]
         assert read(child) == want, name
+
+
+def test_pyarrow_filesystem_region(s3_bucket, monkeypatch):
+    """Ray Data's S3 filesystem takes AWS_DEFAULT_REGION, else AWS_REGION (EKS sets only it
+    for IRSA; us-east-1 was forced then), else us-east-1 with a custom endpoint; it reads
+    the bucket either way."""
+    storage.write_bytes(f"{s3_bucket}/r.txt", b"x")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    fs = storage.pyarrow_filesystem(f"{s3_bucket}/r.txt")
+    assert fs.region == "eu-west-1"
+    with fs.open_input_stream(storage.ray_path(f"{s3_bucket}/r.txt")) as f:
+        assert f.read() == b"x"
+    monkeypatch.delenv("AWS_REGION")
+    assert storage.pyarrow_filesystem(f"{s3_bucket}/r.txt").region == "us-east-1"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert storage.pyarrow_filesystem(f"{s3_bucket}/r.txt").region == "ap-south-1"
