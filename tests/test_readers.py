@@ -231,6 +231,19 @@ def test_format_specific_defects(tmp_path):
         read("xquad", str(bad), query_langs=["de"], corpus_langs=["de"])
 
 
+def test_xor_query_langs_matching_no_query_is_an_error(tmp_path):
+    """query_langs that select none of the file's queries (a config for other languages)
+    is an error naming the setting and the languages the file has: the stage wrote no
+    query at all before, without a word."""
+    path = _write(tmp_path / "x.jsonl", "".join(
+        json.dumps({"id": f"th{i}", "lang": "th", "question": "q", "answers": ["a"]}) + "\n"
+        for i in range(3)))
+    with pytest.raises(ConfigError, match=r"data.query_langs=\['ar', 'ja'\]: no query of "
+                                          r".*x.jsonl is in these languages \(it has th x 3\)"):
+        readers.read_xor_queries(path, query_langs=["ar", "ja"])
+    assert len(readers.read_xor_queries(path, query_langs=["th"])["queries"]) == 3
+
+
 @pytest.mark.parametrize("kind, line, expected", [
     ("candidates", '{"qid": "q", "pids": ["a", "b", "c"], "scores": [1.0]}',
      r"field 'scores': 1 scores for 3 pids"),

@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from qgscale.data.schema import SCHEMAS
 from qgscale.data.unique import duplicate_reason
-from qgscale.errors import DataError, MissingInputError
+from qgscale.errors import ConfigError, DataError, MissingInputError
 from qgscale.storage import is_local, writing_file
 
 JSONL_FILE = re.compile(r"\.jsonl(\.(gz|bz2|xz))?$")  # a passage collection's JSONL
@@ -546,6 +546,7 @@ def read_xor_queries(path: str, rejects: Rejects | None = None,
     rejects = rejects or Rejects()
     queries, answers = [], []
     seen = FirstSeen()
+    other: Counter[str] = Counter()  # languages left out by query_langs
     for n, obj in iter_jsonl(path, rejects):
         # one reason per rejected row: stop at its first defect
         qid = get_id(obj, "id", path, n, rejects)
@@ -555,9 +556,14 @@ def read_xor_queries(path: str, rejects: Rejects | None = None,
         if ans is None or not seen.new(qid, path, n, "id", rejects, obj):
             continue
         if query_langs and lang.strip() not in query_langs:
+            other[lang.strip()] += 1
             continue
         queries.append({"qid": qid, "lang": lang.strip(), "text": text.strip()})
         answers.append({"qid": qid, "answers": ans})
+    if other and not queries:
+        found = ", ".join(f"{k} x {v}" for k, v in other.most_common(8))
+        raise ConfigError(f"data.query_langs={query_langs}: no query of {path} is in these "
+                          f"languages (it has {found})")
     return {"queries": queries, "answers": answers}
 
 
