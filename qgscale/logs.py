@@ -98,9 +98,17 @@ def _to_remote(root: str) -> str:
     return _REMOTE[root][1]
 
 
+_UPLOADED: set[str] = set()  # local log files whose last sync succeeded
+
+
 def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.remove(path)
+    """Remove the local copy of a remote root's log if it is uploaded; else say where it is
+    (the only copy)."""
+    if path in _UPLOADED:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    else:
+        logging.getLogger("qgscale").warning("the log is not uploaded; it stays in %s", path)
 
 
 def failed(exc: BaseException) -> None:
@@ -121,5 +129,8 @@ def sync() -> None:
         _FILE_HANDLERS[path].flush()
         try:
             storage.put_file(path, uri)
+            _UPLOADED.add(path)
         except Exception as e:  # noqa: BLE001 - a log upload must not stop a run
-            logging.getLogger("qgscale").warning("could not upload the log to %s: %s", uri, e)
+            _UPLOADED.discard(path)
+            logging.getLogger("qgscale").warning("could not upload the log to %s (it stays "
+                                                 "in %s): %s", uri, path, e)

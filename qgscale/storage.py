@@ -402,7 +402,8 @@ def s3_region(uri: str, endpoint: str | None) -> str:
 
 
 def pyarrow_filesystem(uri: str):
-    """A pyarrow filesystem for ``uri`` (for Ray Data), with the S3 endpoint set explicitly.
+    """A pyarrow filesystem for ``uri`` (Ray Train's checkpoint storage), with the S3
+    endpoint set explicitly.
 
     pyarrow's S3 filesystem ignores ``AWS_ENDPOINT_URL``, so we pass ``endpoint_override``;
     it carries no credentials (each process finds its own, see :mod:`qgscale.runtime`).

@@ -238,7 +238,8 @@ def test_xor_query_langs_matching_no_query_is_an_error(tmp_path):
     path = _write(tmp_path / "x.jsonl", "".join(
         json.dumps({"id": f"th{i}", "lang": "th", "question": "q", "answers": ["a"]}) + "\n"
         for i in range(3)))
-    with pytest.raises(ConfigError, match=r"data.query_langs=\['ar', 'ja'\]: no query of "
+    with pytest.raises(ConfigError, match=r"data.query_langs=\['ar', 'ja'\] \(--query-langs\)"
+                                          r": no query of "
                                           r".*x.jsonl is in these languages \(it has th x 3\)"):
         readers.read_xor_queries(path, query_langs=["ar", "ja"])
     assert len(readers.read_xor_queries(path, query_langs=["th"])["queries"]) == 3

@@ -367,7 +367,7 @@ uri = logs.to_run_folder(sys.argv[1])
 assert logs.to_run_folder(sys.argv[1]) == uri  # one log file per root and process
 logging.getLogger("qgscale").info("first line")
 logs.sync()
-print(uri, flush=True)
+print(uri, logs._REMOTE[sys.argv[1]][0], flush=True)
 sys.stdin.readline()  # the test reads the upload so far, then lets the process go on
 logging.getLogger("qgscale").info("last line")
 logs.sync()
@@ -380,7 +380,7 @@ def test_a_remote_run_roots_log_is_uploaded_at_each_sync(s3_bucket):
     root = f"{s3_bucket}/run"
     p = subprocess.Popen([sys.executable, "-c", LOG_TO_S3, root], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    uri = p.stdout.readline().strip()
+    uri, local = p.stdout.readline().split()
     assert uri.startswith(f"{root}/logs/qgscale-") and uri.endswith(f"-{p.pid}.log")
     first = storage.read_bytes(uri).decode()
     assert "qgscale INFO first line" in first and "last line" not in first
@@ -388,6 +388,16 @@ def test_a_remote_run_roots_log_is_uploaded_at_each_sync(s3_bucket):
     assert p.returncode == 0 and "could not upload" not in err, err
     storage.url_to_fs(uri)[0].invalidate_cache()  # this process read the first upload
     assert "qgscale INFO last line" in storage.read_bytes(uri).decode()
+    assert not os.path.exists(local)  # uploaded: its local copy is gone
+    # a bucket that does not exist: the upload fails, the local copy stays and is named
+    p = subprocess.Popen([sys.executable, "-c", LOG_TO_S3, f"{s3_bucket}-missing/run"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    uri, local = p.stdout.readline().split()
+    err = p.communicate("\n", timeout=60)[1]
+    assert f"the log is not uploaded; it stays in {local}" in err, err
+    assert "qgscale INFO last line" in open(local).read()
+    os.remove(local)
 
 
 def test_a_folder_written_elsewhere_after_its_parent_was_listed(s3_server, s3_bucket):
@@ -417,7 +427,7 @@ def test_a_folder_written_elsewhere_after_its_parent_was_listed(s3_server, s3_bu
 
 
 def test_pyarrow_filesystem_region(s3_bucket, monkeypatch):
-    """Ray Data's S3 filesystem takes AWS_DEFAULT_REGION, else AWS_REGION (EKS sets only it
+    """Ray Train's S3 filesystem takes AWS_DEFAULT_REGION, else AWS_REGION (EKS sets only it
     for IRSA; us-east-1 was forced then), else us-east-1 with a custom endpoint; it reads
     the bucket either way."""
     storage.write_bytes(f"{s3_bucket}/r.txt", b"x")

@@ -542,7 +542,7 @@ def read_xor_queries(path: str, rejects: Rejects | None = None,
     """XOR-TyDi XOR-Retrieve queries: JSONL ``{"id", "lang", "question", "answers"}`` (also
     the MIA 2022 XOR files, same fields), only those in ``query_langs`` when given. ``lang``
     is stripped: the upstream train file has ``" ar"`` (a leading space) on every Arabic
-    row."""
+    row. ``query_langs`` that select none of the file's queries are a ConfigError."""
     rejects = rejects or Rejects()
     queries, answers = [], []
     seen = FirstSeen()
@@ -562,8 +562,8 @@ def read_xor_queries(path: str, rejects: Rejects | None = None,
         answers.append({"qid": qid, "answers": ans})
     if other and not queries:
         found = ", ".join(f"{k} x {v}" for k, v in other.most_common(8))
-        raise ConfigError(f"data.query_langs={query_langs}: no query of {path} is in these "
-                          f"languages (it has {found})")
+        raise ConfigError(f"data.query_langs={query_langs} (--query-langs): no query of "
+                          f"{path} is in these languages (it has {found})")
     return {"queries": queries, "answers": answers}
 
 
@@ -1634,10 +1634,11 @@ def iter_canonical_jsonl(path: str, kind: str, rejects: Rejects | None = None,
                          ) -> Iterator[dict[str, Any]]:
     """JSONL rows already in a canonical format (``corpus``, ``queries``, ...), streamed (one
     line in memory); a field the kind does not have (a misspelt ``Title``) is a row defect,
-    not left out. ``unique``: a row whose key (pid, qid, (qid, pid)) an earlier row had is a
-    defect, checked in memory (the keys read so far). ``span``: one byte range of the file
-    (:class:`Span`, as :func:`iter_passages`); ``ids``: called with each corpus row's ``(pid,
-    line, "pid")`` before it is yielded (``qgscale data prepare`` reads a corpus in byte
+    not left out, and so are rows whose fields disagree (:func:`_row_problem`). ``unique``: a
+    row whose key (pid, qid, (qid, pid)) an earlier row had is a defect, checked in memory
+    (the keys read so far). ``span``: one byte range of the file (:class:`Span`, as
+    :func:`iter_passages`); ``ids``: called with each corpus row's ``(pid, line, "pid")``
+    before it is yielded (``qgscale data prepare`` reads a corpus in byte
     ranges and checks its pids in bounded memory: :mod:`qgscale.data.collection`)."""
     rejects = rejects or Rejects()
     schema = SCHEMAS[kind]

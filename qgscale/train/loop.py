@@ -114,9 +114,13 @@ def schedule_at(engine: Any, step: int) -> None:
     """Set ``engine``'s :func:`lr_scheduler` to optimizer step ``step`` (0-based: the next
     step it takes). A resume sets the schedule from its step, not from the checkpoint's
     scheduler state, which checkpoints of older releases hold for another scheduler."""
+    import warnings
+
     if engine.lr_scheduler is not None:
         engine.lr_scheduler.last_epoch = step - 1
-        engine.lr_scheduler.step()
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()":
+            warnings.simplefilter("ignore", UserWarning)  # here it sets, it skips nothing
+            engine.lr_scheduler.step()
 
 
 def lr_scheduler(tc: TrainConfig, total_steps: int) -> Callable[[Any], Any]:
@@ -401,8 +405,8 @@ def restore(run: TrainRun, world: int, restored: Restored | None, stack: context
     elif mode == "weights":
         engine.global_steps = at.step
         engine.global_samples = at.step * plan.samples_per_step
-    if restored:
-        schedule_at(engine, at.step)
+    if restored:  # fp16: DeepSpeed does not move the schedule on an overflow-skipped step
+        schedule_at(engine, at.step - getattr(engine, "skipped_steps", 0))
         log.info("rank %d resumed from step %d (epoch %d, sample %d)", engine.global_rank,
                  at.step, at.epoch, at.offset)
     return engine, collate, plan, at, mode
