@@ -245,6 +245,17 @@ def test_xor_query_langs_matching_no_query_is_an_error(tmp_path):
     assert len(readers.read_xor_queries(path, query_langs=["th"])["queries"]) == 3
 
 
+def test_mkqa_query_lang_no_record_has_is_an_error(tmp_path):
+    """MKQA's Chinese is zh_cn / zh_hk / zh_tw: ``zh`` selected no query, silently."""
+    rec = {"example_id": 1, "queries": {"en": "q", "zh_cn": "问"},
+           "answers": {"en": [{"text": "a"}], "zh_cn": [{"text": "答"}]}}
+    path = _write(tmp_path / "mkqa.jsonl", json.dumps(rec, ensure_ascii=False) + "\n")
+    with pytest.raises(ConfigError, match=r"query_langs \(--query-langs\): zh is not a "
+                                          r"language of .*mkqa.jsonl \(it has en, zh_cn\)"):
+        readers.read_mkqa(path, ["en", "zh"])
+    assert [q["qid"] for q in readers.read_mkqa(path, ["zh_cn"])["queries"]] == ["zh_cn:1"]
+
+
 @pytest.mark.parametrize("kind, line, expected", [
     ("candidates", '{"qid": "q", "pids": ["a", "b", "c"], "scores": [1.0]}',
      r"field 'scores': 1 scores for 3 pids"),

@@ -1248,11 +1248,13 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
     them), in the query's language, or in ``answer_lang`` for every query (``"en"`` for an
     English corpus). Unanswerable questions (answers whose ``text`` is null) keep an empty
     answer list; a record without ``answers``, or without the answer language's list, is a
-    row defect.
+    row defect. A language of ``query_langs`` that no record has (``zh`` for ``zh_cn``) is a
+    ConfigError.
     """
     rejects = rejects or Rejects()
     queries, answers = [], []
     seen = FirstSeen("example_id")
+    langs: set[str] = set()  # of every record read
     for n, obj in iter_jsonl(path, rejects):
         ex_id = get_id(obj, "example_id", path, n, rejects)
         if ex_id is None:
@@ -1269,6 +1271,7 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
             continue
         if not seen.new(ex_id, path, n, "example_id", rejects, obj):
             continue
+        langs.update(per_lang)
         for lang in sorted(per_lang):
             if query_langs and lang not in query_langs:
                 continue
@@ -1282,6 +1285,10 @@ def read_mkqa(path: str, query_langs: list[str] | None = None,
             qid = f"{lang}:{ex_id}"
             queries.append({"qid": qid, "lang": lang, "text": text.strip()})
             answers.append({"qid": qid, "answers": texts})
+    unknown = sorted(set(query_langs or ()) - langs) if langs else []
+    if unknown:
+        raise ConfigError(f"data.query_langs (--query-langs): {', '.join(unknown)} is not a "
+                          f"language of {path} (it has {', '.join(sorted(langs))})")
     return {"queries": queries, "answers": answers}
 
 
