@@ -1008,7 +1008,8 @@ def test_stages_encode_build_mine_on_s3(ray_local, s3_bucket, tokenizer):
                   "build": {"factory": "IVF4,Flat", "train_samples": 500, "num_shards": 1,
                             "cpus_per_actor": 0.5, "num_actors": 1},
                   "search": {"nprobe": 4, "batch_size": 16, "cpus_per_actor": 0.5}},
-        "mine": {"top_k": 5, "n_negatives": 2, "shard_rows": 25}})
+        "mine": {"top_k": 5, "n_negatives": 2, "shard_rows": 25},
+        "qg_rank": {"n_negatives": 2}})  # at most the mined hard negatives
     model_uri = cfg.uri("train", "warmup", "model")
     DualEncoder(tiny_bert(tokenizer), None, tokenizer, pooling="mean",
                 normalize=True).save_pretrained(model_uri)

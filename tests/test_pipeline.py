@@ -357,13 +357,14 @@ def test_bm25_eval_keeps_the_splits_it_finished(finished_run):
     assert {s: storage.url_to_fs(u)[0].info(u)["mtime"] for s, u in runs.items()} == before
 
 
-def test_training_workers_checked_before_the_first_stage(finished_run, tmp_path):
+def test_training_workers_checked_before_the_first_stage(tiny_run, tmp_path):
     """A training stage that will run and whose workers the cluster (2 CPUs) can never hold
     fails before the first stage, not after the stages before it; a stage recorded done is
-    not checked (a runtime setting changed on a finished run reruns nothing)."""
+    not checked (a runtime setting changed on a finished run reruns nothing). On its own
+    copy of the session's run: the module's other tests change theirs."""
     from qgscale.runtime import ResourceError
 
-    path, cfg, _ = finished_run
+    path = copy_run(tiny_run[0], tmp_path / "copy")
     fresh = config.load(path, [f"run.root={tmp_path / 'fresh'}", "distill.cpus_per_worker=64"])
     with pytest.raises(ResourceError, match=r"distill: num_workers=1 x cpus_per_worker=64"):
         pipeline.run(fresh)
