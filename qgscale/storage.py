@@ -686,7 +686,7 @@ def local_dir(uri: str, cache: str | None = None, names: list[str] | None = None
         shutil.rmtree(tmp, ignore_errors=True)
         logger.warning("%s changed while it was downloaded: fetching it again", uri)
     raise DataError(f"{uri} changed during each of {FETCH_TRIES} downloads: is another "
-                       "job rewriting it? Re-run once it is written")
+                    "job rewriting it? Re-run once it is written")
 
 
 def _fetch(uri: str, names: list[str] | None, dest: str) -> str:

@@ -253,8 +253,8 @@ def _uneven_workers(rank: int, port: int, out: str) -> None:
         (term, mean, n), (_, empty_mean, empty_n) = losses.mean_over_workers(
             [(rows.sum(), len(rows)), (none, 0)])
         term.backward()
-        torch.save({"mean": mean.item(), "n": n.item(), "grad": rows.grad.tolist(),
-                    "empty": (empty_mean.item(), empty_n.item())}, f"{out}.{rank}")
+        torch.save({"mean": mean, "n": n, "grad": rows.grad.tolist(),
+                    "empty": (empty_mean, empty_n)}, f"{out}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
 

@@ -135,7 +135,7 @@ def no_rows(path: str, detail: str = "empty file") -> DataError:
 
 
 _CORRUPT = (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError)  # bad or truncated data
-_READ_ERRORS = (OSError, *_CORRUPT)  # caught where a file is read: told apart by _is_corrupt
+_READ_ERRORS = (OSError, *_CORRUPT)  # caught where a file is read: told apart by _read_error
 
 
 def _is_corrupt(path: str, e: BaseException) -> bool:
@@ -144,6 +144,12 @@ def _is_corrupt(path: str, e: BaseException) -> bool:
     return isinstance(e, _CORRUPT) or (type(e) is OSError and e.errno is None
                                        and str(e) == "Invalid data stream"
                                        and fsspec.utils.infer_compression(path) == "bz2")
+
+
+def _read_error(path: str, e: BaseException, lines: int | None = None) -> BaseException:
+    """What to raise for ``e`` (one of :data:`_READ_ERRORS`), raised reading ``path``:
+    :func:`_corrupt` for bad compressed data, else ``e`` itself."""
+    return _corrupt(path, e, lines) if _is_corrupt(path, e) else e
 
 
 def _corrupt(path: str, e: BaseException, lines: int | None = None) -> DataError:
@@ -197,9 +203,7 @@ def _open_text_lines(path: str, rejects: Rejects, keep_bad: bool = False,
             except StopIteration:
                 return
             except _READ_ERRORS as e:
-                if not _is_corrupt(path, e):
-                    raise
-                raise _corrupt(path, e, n) from None
+                raise _read_error(path, e, n) from None
             n += 1
             if span is not None:
                 pos += len(raw)
@@ -273,9 +277,7 @@ def load_json(path: str) -> Any:
         try:
             raw = f.read()
         except _READ_ERRORS as e:
-            if not _is_corrupt(path, e):
-                raise
-            raise _corrupt(path, e) from None
+            raise _read_error(path, e) from None
     raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte-order mark, as JSONL's is dropped
     if not raw.strip():
         raise no_rows(path)
@@ -812,9 +814,7 @@ def iter_json_list(path: str, rejects: Rejects, chunk: int = 1 << 16
             try:
                 raw = f.read(size)
             except _READ_ERRORS as e:
-                if not _is_corrupt(path, e):
-                    raise
-                raise _corrupt(path, e, lines_read) from None
+                raise _read_error(path, e, lines_read) from None
             eof = not raw
             try:
                 text = utf8.decode(raw, final=eof)

@@ -42,10 +42,10 @@ def pad_across_workers(t: torch.Tensor, value: int = -1) -> torch.Tensor:
 
 
 def mean_over_workers(terms: list[tuple[torch.Tensor, int]]
-                      ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                      ) -> list[tuple[torch.Tensor, float, int]]:
     """For each ``(sum over this worker's rows, with gradient; its row count)``: ``(term to
     backpropagate, the mean over every worker's rows, their number)``, with one all-reduce
-    for all terms.
+    and one read to the host for all terms.
     The term is ``sum x world / rows of every worker``: data-parallel averaging then gives
     the gradient of the mean over the global batch (as :func:`contrastive_loss`), whatever
     rows each worker has (a per-worker mean weighed a worker's few rows as much as another's
@@ -58,7 +58,8 @@ def mean_over_workers(terms: list[tuple[torch.Tensor, int]]
         dist.all_reduce(both)
         sums, counts, world = both[:len(terms)], both[len(terms):], dist.get_world_size()
     n = counts.clamp(min=1)
-    return [(t * world / n[i], sums[i] / n[i], counts[i]) for i, (t, _) in enumerate(terms)]
+    means, rows = torch.stack([sums / n, counts]).tolist()
+    return [(t * world / n[i], means[i], int(rows[i])) for i, (t, _) in enumerate(terms)]
 
 
 def shared_positives(positive_ids: torch.Tensor, passage_ids: torch.Tensor

@@ -117,9 +117,9 @@ def student_step(engine: Any, batch: StudentBatch, loss_cfg: LossConfig, tempera
     parts["loss"] = parts["contrastive"]
     for name, mean, n, weight in (("kd", kd_mean, kd_n, loss_cfg.alpha),
                                   ("align", align_mean, align_n, loss_cfg.beta)):
-        if n is not None and n.item() > 0:  # the global batch's mean, where it has rows
-            parts[name] = mean.item()
-            parts["loss"] += weight * parts[name]
+        if n:  # the global batch's mean, where it has rows
+            parts[name] = mean
+            parts["loss"] += weight * mean
     return con * world_size + rest, parts
 
 
